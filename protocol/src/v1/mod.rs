@@ -1,0 +1,340 @@
+//! Version 1 of the wire protocol: topic tree, message classes, envelopes and bodies.
+//!
+//! Control messages are JSON so `mosquitto_sub -v -t 'edge/#'` shows readable traffic; bulk
+//! payloads use the compact binary envelope in [`binary`]. Both carry a unique message id so a
+//! receiver can drop the duplicates that at-least-once delivery produces.
+
+pub mod binary;
+pub mod topics;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in every envelope (`"v": 1`).
+pub const VERSION: u8 = 1;
+
+/// Largest payload (bytes) any party publishes on the `edge/v1` tree. Brokers and clients are
+/// configured to accept at least this much plus MQTT framing; receivers drop anything larger.
+/// Kept well under the 128 KB cap common on cloud brokers; bigger artifacts are chunked.
+pub const MAX_PAYLOAD_BYTES: usize = 96 * 1024;
+
+/// Longest device id accepted anywhere.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// Errors from decoding or validating wire data.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed json envelope: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    #[error("malformed binary envelope: {0}")]
+    Binary(&'static str),
+    #[error("invalid device id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
+    DeviceId(String),
+    #[error("invalid message id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
+    MessageId(String),
+    #[error("invalid stream name {0:?}: use levels of [A-Za-z0-9_.-] separated by '/', at most 128 characters")]
+    Stream(String),
+    #[error("envelope device {envelope:?} does not match topic device {topic:?}")]
+    DeviceMismatch { envelope: String, topic: String },
+}
+
+/// Delivery class of an outbound message; also its priority (control is sent first) and the
+/// order in which a full outbox sheds load (only telemetry is ever evicted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Control,
+    Model,
+    Results,
+    Telemetry,
+}
+
+impl Class {
+    /// All classes, highest priority first.
+    pub const ALL: [Class; 4] = [Class::Control, Class::Model, Class::Results, Class::Telemetry];
+
+    /// Dense index, 0 = highest priority.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn from_index(i: u8) -> Option<Class> {
+        Class::ALL.get(i as usize).copied()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Control => "control",
+            Class::Model => "model",
+            Class::Results => "results",
+            Class::Telemetry => "telemetry",
+        }
+    }
+}
+
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Class {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Class::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown class {s:?}: use control, model, results or telemetry"))
+    }
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_DEVICE_ID_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Checks that a device id is safe to put in a topic level (no `/`, `+`, `#`, no spaces).
+pub fn validate_device_id(id: &str) -> Result<(), Error> {
+    if valid_token(id) { Ok(()) } else { Err(Error::DeviceId(id.to_owned())) }
+}
+
+/// Checks a message id's shape (ids are opaque otherwise).
+pub fn validate_message_id(id: &str) -> Result<(), Error> {
+    if valid_token(id) { Ok(()) } else { Err(Error::MessageId(id.to_owned())) }
+}
+
+/// Builds the id of an outbox message: the outbox's random incarnation (new whenever its store
+/// is created) and the message's sequence number. Unique across restarts and store wipes.
+pub fn message_id(incarnation: u64, seq: u64) -> String {
+    format!("{incarnation:016x}{seq:016x}")
+}
+
+/// The JSON envelope every control-plane message travels in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<B> {
+    /// Protocol version, always [`VERSION`].
+    pub v: u8,
+    /// Unique message id; receivers drop a second message with the same id.
+    pub id: String,
+    /// Sending device (or `coordinator`).
+    pub device: String,
+    /// Delivery class the sender queued it under.
+    pub class: Class,
+    /// Sender's per-outbox sequence number (increasing in enqueue order).
+    pub seq: u64,
+    /// Sender's wall clock when the message was accepted, ms since the Unix epoch.
+    pub created_ms: u64,
+    pub body: B,
+}
+
+impl<B: Serialize> Envelope<B> {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing our own plain structs cannot fail (no maps with non-string keys).
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl<B: serde::de::DeserializeOwned> Envelope<B> {
+    /// Decodes and validates an envelope received on `topic_device`'s topics.
+    pub fn from_json(payload: &[u8], topic_device: &str) -> Result<Self, Error> {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::TooLarge { size: payload.len(), limit: MAX_PAYLOAD_BYTES });
+        }
+        let env: Envelope<B> = serde_json::from_slice(payload)?;
+        if env.v != VERSION {
+            return Err(Error::Version(env.v));
+        }
+        validate_device_id(&env.device)?;
+        validate_message_id(&env.id)?;
+        if env.device != topic_device {
+            return Err(Error::DeviceMismatch { envelope: env.device, topic: topic_device.to_owned() });
+        }
+        Ok(env)
+    }
+}
+
+/// Retained on `edge/v1/{device}/status`; the agent's last will publishes `online: false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub v: u8,
+    pub device: String,
+    pub online: bool,
+    /// When the agent (re)connected, ms since the Unix epoch. The will carries the same stamp,
+    /// so an offline status can be matched to the session it ends.
+    pub since_ms: u64,
+    pub agent_version: String,
+}
+
+impl Status {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(payload: &[u8], topic_device: &str) -> Result<Self, Error> {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::TooLarge { size: payload.len(), limit: MAX_PAYLOAD_BYTES });
+        }
+        let s: Status = serde_json::from_slice(payload)?;
+        if s.v != VERSION {
+            return Err(Error::Version(s.v));
+        }
+        if s.device != topic_device {
+            return Err(Error::DeviceMismatch { envelope: s.device, topic: topic_device.to_owned() });
+        }
+        Ok(s)
+    }
+}
+
+/// Body of `edge/v1/{device}/register`, sent (class control) at every agent start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    /// Random per process start; lets the coordinator count restarts.
+    pub boot_id: String,
+    pub started_ms: u64,
+    /// Capabilities this agent build offers (e.g. `outbox`, `telemetry`).
+    pub capabilities: Vec<String>,
+}
+
+/// Body of `edge/v1/{device}/telemetry` (class telemetry).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// Whole-machine CPU use since the previous sample, percent of all cores.
+    pub cpu_percent: f32,
+    pub cpu_count: u32,
+    /// 1, 5 and 15 minute load averages.
+    pub load_avg: [f64; 3],
+    pub mem_total_bytes: u64,
+    pub mem_used_bytes: u64,
+    pub uptime_s: u64,
+    pub disks: Vec<DiskStat>,
+    pub temperatures: Vec<Temperature>,
+    pub networks: Vec<NetStat>,
+    /// Resident set size of the agent process itself.
+    pub agent_rss_bytes: u64,
+    pub outbox: OutboxStats,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskStat {
+    pub mount: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Temperature {
+    pub label: String,
+    pub celsius: f32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetStat {
+    pub iface: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Outbox accounting as reported in telemetry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxStats {
+    /// Messages waiting, per class in [`Class::ALL`] order.
+    pub depth: [u64; 4],
+    pub depth_bytes: u64,
+    pub capacity_bytes: u64,
+    /// Messages removed because their TTL passed before delivery.
+    pub expired: u64,
+    /// Telemetry messages evicted to make room (the only class ever evicted).
+    pub evicted: u64,
+    /// Messages refused because the outbox was full.
+    pub refused: u64,
+    /// Messages acknowledged by the broker since start.
+    pub delivered: u64,
+}
+
+/// Body of `edge/v1/{device}/data/{stream}`: an application message published through the
+/// agent's local API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    pub stream: String,
+    pub payload: serde_json::Value,
+}
+
+/// Milliseconds since the Unix epoch by the local wall clock (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_order_is_priority() {
+        assert!(Class::Control < Class::Model);
+        assert!(Class::Results < Class::Telemetry);
+        for c in Class::ALL {
+            assert_eq!(Class::from_index(c.index() as u8), Some(c));
+            assert_eq!(c.as_str().parse::<Class>(), Ok(c));
+        }
+        assert!("bulk".parse::<Class>().is_err());
+    }
+
+    #[test]
+    fn device_ids_that_would_break_topics_are_refused() {
+        for bad in ["", "a/b", "a+b", "#", "with space", &"x".repeat(65)] {
+            assert!(validate_device_id(bad).is_err(), "{bad:?}");
+        }
+        validate_device_id("pi-4.lab_01").expect("valid id");
+    }
+
+    #[test]
+    fn envelope_roundtrip_and_validation() {
+        let env = Envelope {
+            v: VERSION,
+            id: message_id(7, 42),
+            device: "d1".into(),
+            class: Class::Results,
+            seq: 42,
+            created_ms: 1,
+            body: Data { stream: "s".into(), payload: serde_json::json!({"x": 1}) },
+        };
+        let bytes = env.to_json();
+        let back: Envelope<Data> = Envelope::from_json(&bytes, "d1").expect("decodes");
+        assert_eq!(back, env);
+        assert!(matches!(
+            Envelope::<Data>::from_json(&bytes, "d2"),
+            Err(Error::DeviceMismatch { .. })
+        ));
+        assert!(matches!(Envelope::<Data>::from_json(b"{not json", "d1"), Err(Error::Json(_))));
+        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert!(matches!(Envelope::<Data>::from_json(&big, "d1"), Err(Error::TooLarge { .. })));
+        let v2 = String::from_utf8(bytes).expect("utf8").replace("\"v\":1", "\"v\":2");
+        assert!(matches!(Envelope::<Data>::from_json(v2.as_bytes(), "d1"), Err(Error::Version(2))));
+    }
+
+    #[test]
+    fn message_ids_are_unique_per_incarnation_and_seq() {
+        assert_ne!(message_id(1, 2), message_id(2, 1));
+        validate_message_id(&message_id(u64::MAX, u64::MAX)).expect("valid");
+    }
+}
