@@ -1,1 +1,12 @@
-//! placeholder
+//! The edge agent: durable outbox, MQTT uplink, telemetry and the local publish API.
+//!
+//! Entry point is [`agent::run`]; the binary in `main.rs` only parses the command line.
+
+pub mod agent;
+pub mod config;
+pub mod fsutil;
+pub mod identity;
+pub mod local_api;
+pub mod outbox;
+pub mod telemetry;
+pub mod uplink;

@@ -1,1 +1,130 @@
-fn main() {}
+//! `edge-agent` command line: run, generate-config, check-config, publish.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use edge_agent::config::{Config, DEFAULT_TOML};
+use edge_agent::local_api;
+
+#[derive(Parser)]
+#[command(name = "edge-agent", version, about = "Edge-node runtime agent")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the commented default configuration.
+    GenerateConfig,
+    /// Validate a configuration file and exit.
+    CheckConfig { file: PathBuf },
+    /// Publish one message through a running agent's local API.
+    Publish {
+        /// Socket of the running agent.
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this agent config instead.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stream name; the message goes to edge/v1/{device}/data/{stream}.
+        #[arg(long)]
+        stream: String,
+        /// control, model, results or telemetry.
+        #[arg(long, default_value = "results")]
+        class: protocol::v1::Class,
+        /// Time to live in seconds (0 = never expire); default is the class's TTL.
+        #[arg(long)]
+        ttl_s: Option<u64>,
+        /// JSON payload.
+        payload: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::GenerateConfig => print!("{DEFAULT_TOML}"),
+        Cmd::CheckConfig { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+        }
+        Cmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            edge_agent::agent::run(cfg, shutdown_signal()).await?;
+        }
+        Cmd::Publish { socket, config, stream, class, ttl_s, payload } => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => Config::load(&c)?.socket_path(),
+                (None, None) => Config::default().socket_path(),
+            };
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("payload must be JSON (quote strings: '\"text\"')")?;
+            let req = local_api::Request { stream, class: Some(class), payload, ttl_s };
+            let resp = local_api::publish(&socket, &req).await?;
+            match (resp.ok, resp.id) {
+                (true, Some(id)) => println!("{id}"),
+                _ => bail!("agent refused the message: {}", resp.error.unwrap_or_default()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "edge-agent failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Wires the agent's parts together and owns their lifetimes.
+//!
+//! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox) and the local API
+//! (socket -> outbox). Each is spawned here, told to stop through one watch channel, and
+//! joined before the outbox is made durable for the last time.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::v1::{Class, Registration, topics};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::outbox::{NewMessage, Outbox, OutboxError};
+use crate::{identity, local_api, telemetry, uplink};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    LocalApi(#[from] local_api::LocalApiError),
+    #[error(transparent)]
+    Uplink(#[from] uplink::UplinkError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir { path: String, source: std::io::Error },
+    #[error("a task panicked: {0}")]
+    Task(String),
+}
+
+/// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|source| AgentError::StateDir { path: cfg.state_dir.display().to_string(), source })?;
+    let device = identity::resolve(&cfg.device.id, &cfg.state_dir)?;
+    let outbox = {
+        let (dir, ocfg) = (cfg.state_dir.clone(), cfg.outbox.clone());
+        tokio::task::spawn_blocking(move || Outbox::open(&dir, &ocfg))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))??
+    };
+    let outbox = Arc::new(outbox);
+    let socket = cfg.socket_path();
+    let listener = local_api::bind(&socket).await?;
+    let uplink = uplink::Uplink::new(cfg.mqtt.clone(), device.clone(), AGENT_VERSION.into(), outbox.clone())?;
+
+    let boot_id = format!("{:016x}", rand::random::<u64>());
+    let registration = Registration {
+        agent_version: AGENT_VERSION.into(),
+        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        os: sysinfo::System::long_os_version().unwrap_or_else(|| std::env::consts::OS.into()),
+        arch: std::env::consts::ARCH.into(),
+        boot_id: boot_id.clone(),
+        started_ms: protocol::v1::now_ms(),
+        capabilities: vec!["outbox".into(), "telemetry".into(), "local-api".into()],
+    };
+    let reg = NewMessage {
+        class: Class::Control,
+        topic: topics::register(&device),
+        body: serde_json::to_vec(&registration).unwrap_or_default(),
+        ttl: None,
+    };
+    if let Err(e) = outbox.enqueue(reg).await {
+        tracing::warn!(error = %e, "registration not queued");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = tokio::spawn(local_api::serve(
+        listener,
+        device.clone(),
+        outbox.clone(),
+        cfg.local_api.max_message_bytes,
+        stop_rx.clone(),
+    ));
+    let telemetry = (cfg.telemetry.interval_s > 0).then(|| {
+        tokio::spawn(telemetry::run(
+            device.clone(),
+            Duration::from_secs(cfg.telemetry.interval_s),
+            outbox.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    let up = tokio::spawn(uplink.run(stop_rx));
+    let st = outbox.stats();
+    tracing::info!(
+        device = %device, broker = %cfg.mqtt.url, state_dir = %cfg.state_dir.display(),
+        socket = %socket.display(), queued = st.depth.iter().sum::<u64>(), boot_id = %boot_id,
+        "agent started"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing local API requests, then making the outbox durable");
+    let _ = stop_tx.send(true);
+    let mut panicked = None;
+    for (name, handle) in [("local-api", Some(api)), ("telemetry", telemetry), ("uplink", Some(up))] {
+        if let Some(h) = handle {
+            if let Err(e) = h.await {
+                tracing::error!(task = name, error = %e, "task ended abnormally");
+                panicked = Some(format!("{name}: {e}"));
+            }
+        }
+    }
+    outbox.close().await?;
+    let _ = std::fs::remove_file(&socket);
+    let st = outbox.stats();
+    tracing::info!(queued = st.depth.iter().sum::<u64>(), delivered = st.delivered, "agent stopped");
+    match panicked {
+        Some(p) => Err(AgentError::Task(p)),
+        None => Ok(()),
+    }
+}

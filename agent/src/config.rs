@@ -1,0 +1,285 @@
+//! The agent's configuration: one typed struct read from TOML.
+//!
+//! The commented default file `config/agent.toml` is embedded here, printed by
+//! `edge-agent generate-config`, and a test checks it parses to exactly [`Config::default`], so
+//! the documentation and the code cannot drift apart.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protocol::v1::Class;
+use serde::Deserialize;
+
+/// The commented default configuration file.
+pub const DEFAULT_TOML: &str = include_str!("../../config/agent.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The toml error message already names the key, line and column.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for durable state: the outbox database and the device identity.
+    pub state_dir: PathBuf,
+    pub device: DeviceConfig,
+    pub mqtt: MqttConfig,
+    pub outbox: OutboxConfig,
+    pub telemetry: TelemetryConfig,
+    pub local_api: LocalApiConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// Device id for MQTT topics; empty derives one from /etc/machine-id.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker address, `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+    pub url: String,
+    /// Seconds between keepalive pings.
+    pub keepalive_s: u64,
+    /// Username; empty sends no credentials.
+    pub username: String,
+    /// Password sent with `username`.
+    pub password: String,
+    /// PEM CA bundle for mqtts; empty uses the system trust store.
+    pub ca_file: PathBuf,
+    /// PEM client certificate for mutual TLS.
+    pub cert_file: PathBuf,
+    /// PEM private key for mutual TLS.
+    pub key_file: PathBuf,
+    /// First reconnect delay, milliseconds.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    pub reconnect_max_ms: u64,
+    /// QoS 1 publishes in flight before waiting for PUBACKs.
+    pub inflight: u16,
+    /// Largest MQTT packet accepted from the broker, bytes.
+    pub max_packet_bytes: usize,
+}
+
+/// What to do with an outbox database that cannot be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorruption {
+    /// Exit with an error naming the directory.
+    Refuse,
+    /// Move the directory aside, log an error, start empty.
+    Quarantine,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Disk budget for queued messages, bytes.
+    pub max_bytes: u64,
+    /// sled page cache, bytes.
+    pub cache_bytes: u64,
+    /// TTL of control messages, seconds (0 = no expiry).
+    pub ttl_control_s: u64,
+    /// TTL of model updates, seconds (0 = no expiry).
+    pub ttl_model_s: u64,
+    /// TTL of results, seconds (0 = no expiry).
+    pub ttl_results_s: u64,
+    /// TTL of telemetry, seconds (0 = no expiry).
+    pub ttl_telemetry_s: u64,
+    /// Policy for a corrupted database at start.
+    pub on_corruption: OnCorruption,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Seconds between samples; 0 disables telemetry.
+    pub interval_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalApiConfig {
+    /// Unix socket path; empty means `state_dir/agent.sock`.
+    pub socket: PathBuf,
+    /// Largest payload accepted, bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/edge-agent"),
+            device: DeviceConfig::default(),
+            mqtt: MqttConfig::default(),
+            outbox: OutboxConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            local_api: LocalApiConfig::default(),
+        }
+    }
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig { id: String::new() }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            keepalive_s: 30,
+            username: String::new(),
+            password: String::new(),
+            ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+            inflight: 64,
+            max_packet_bytes: 131_072,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_bytes: 64 * 1024 * 1024,
+            cache_bytes: 8 * 1024 * 1024,
+            ttl_control_s: 0,
+            ttl_model_s: 604_800,
+            ttl_results_s: 86_400,
+            ttl_telemetry_s: 7_200,
+            on_corruption: OnCorruption::Refuse,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { interval_s: 10 }
+    }
+}
+
+impl Default for LocalApiConfig {
+    fn default() -> Self {
+        LocalApiConfig { socket: PathBuf::new(), max_message_bytes: 65_536 }
+    }
+}
+
+impl OutboxConfig {
+    /// Default TTL for a class; `None` means the message never expires.
+    pub fn ttl(&self, class: Class) -> Option<Duration> {
+        let s = match class {
+            Class::Control => self.ttl_control_s,
+            Class::Model => self.ttl_model_s,
+            Class::Results => self.ttl_results_s,
+            Class::Telemetry => self.ttl_telemetry_s,
+        };
+        (s > 0).then(|| Duration::from_secs(s))
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.device.id.is_empty() {
+            protocol::v1::validate_device_id(&self.device.id).map_err(|e| format!("device.id: {e}"))?;
+        }
+        crate::uplink::BrokerAddr::parse(&self.mqtt.url).map_err(|e| format!("mqtt.url: {e}"))?;
+        if self.mqtt.cert_file.as_os_str().is_empty() != self.mqtt.key_file.as_os_str().is_empty() {
+            return Err("mqtt.cert_file and mqtt.key_file must be set together".into());
+        }
+        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms {
+            return Err("mqtt.reconnect_min_ms must be at least 1 and at most mqtt.reconnect_max_ms".into());
+        }
+        if self.mqtt.keepalive_s < 5 {
+            return Err("mqtt.keepalive_s must be at least 5".into());
+        }
+        if self.mqtt.inflight == 0 {
+            return Err("mqtt.inflight must be at least 1".into());
+        }
+        if self.mqtt.max_packet_bytes < 16 * 1024 {
+            return Err("mqtt.max_packet_bytes must be at least 16384".into());
+        }
+        if self.outbox.max_bytes < 64 * 1024 {
+            return Err("outbox.max_bytes must be at least 65536".into());
+        }
+        if self.local_api.max_message_bytes > protocol::v1::MAX_PAYLOAD_BYTES - 1024 {
+            return Err(format!(
+                "local_api.max_message_bytes must be at most {} (the wire limit less envelope room)",
+                protocol::v1::MAX_PAYLOAD_BYTES - 1024
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the local API socket lives.
+    pub fn socket_path(&self) -> PathBuf {
+        if self.local_api.socket.as_os_str().is_empty() {
+            self.state_dir.join("agent.sock")
+        } else {
+            self.local_api.socket.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_is_the_default_config() {
+        let parsed = Config::parse(DEFAULT_TOML, Path::new("agent.toml")).expect("default parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = "state_dir = \"/tmp/x\"\n[mqtt]\nurl = \"mqtt://h:1\"\nkeepalive = 3\n";
+        let err = Config::parse(text, Path::new("a.toml")).expect_err("unknown key").to_string();
+        assert!(err.contains("keepalive"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("a.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("[device]\nid = \"a/b\"\n", "device.id"),
+            ("[mqtt]\nurl = \"http://x\"\n", "mqtt.url"),
+            ("[mqtt]\ncert_file = \"c.pem\"\n", "key_file"),
+            ("[outbox]\non_corruption = \"ignore\"\n", "on_corruption"),
+            ("[outbox]\nmax_bytes = -1\n", "max_bytes"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::parse(text, Path::new("a.toml")).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

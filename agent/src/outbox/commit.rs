@@ -1,0 +1,116 @@
+//! Group commit: one thread makes the store durable for every waiter that queued meanwhile.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("sled flush failed: {0}")]
+    Flush(sled::Error),
+    #[error("fsync failed: {0}")]
+    Io(std::io::Error),
+    #[error("commit thread stopped")]
+    Stopped,
+}
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+pub struct Committer {
+    tx: Option<mpsc::Sender<Waiter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    /// Joins the thread so its handle on the database is gone when the outbox is dropped
+    /// (sled holds a file lock until the last handle goes).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Committer {
+    pub fn start(db: sled::Db, path: PathBuf) -> std::io::Result<Committer> {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let thread = std::thread::Builder::new().name("outbox-commit".into()).spawn(move || {
+            let mut synced_blobs = HashSet::new();
+            // Ends when every sender (the Outbox) is dropped.
+            while let Ok(first) = rx.recv() {
+                let mut waiters = vec![first];
+                waiters.extend(rx.try_iter());
+                let result = db
+                    .flush()
+                    .map_err(|e| CommitError::Flush(e).to_string())
+                    .and_then(|_| sync_files(&path, &mut synced_blobs).map_err(|e| CommitError::Io(e).to_string()));
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        })?;
+        Ok(Committer { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// Waits until everything written to the store before this call is durable.
+    pub async fn commit(&self) -> Result<(), CommitError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.as_ref().ok_or(CommitError::Stopped)?.send(tx).map_err(|_| CommitError::Stopped)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(CommitError::Io(reconstruct_io(msg))),
+            Err(_) => Err(CommitError::Stopped),
+        }
+    }
+}
+
+/// Keeps ENOSPC recognisable across the thread boundary (the error travels as text).
+fn reconstruct_io(msg: String) -> std::io::Error {
+    if msg.contains("No space left on device") || msg.contains("os error 28") {
+        std::io::Error::from_raw_os_error(libc::ENOSPC)
+    } else {
+        std::io::Error::other(msg)
+    }
+}
+
+/// fsyncs sled's log file and blob files not synced yet (sled writes blobs without fsync).
+fn sync_files(path: &Path, synced_blobs: &mut HashSet<std::ffi::OsString>) -> std::io::Result<()> {
+    std::fs::File::open(path.join("db"))?.sync_data()?;
+    let blobs = path.join("blobs");
+    let mut new_blob = false;
+    match std::fs::read_dir(&blobs) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if synced_blobs.insert(entry.file_name()) {
+                    std::fs::File::open(entry.path())?.sync_data()?;
+                    new_blob = true;
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if new_blob {
+        crate::fsutil::sync_dir(&blobs)?;
+    }
+    Ok(())
+}
+
+/// One-off full sync of a freshly created store (files and directory entries).
+pub fn sync_store(path: &Path) -> std::io::Result<()> {
+    sync_files(path, &mut HashSet::new())?;
+    for f in ["conf", "db"] {
+        if path.join(f).exists() {
+            std::fs::File::open(path.join(f))?.sync_all()?;
+        }
+    }
+    crate::fsutil::sync_dir(path)?;
+    if let Some(parent) = path.parent() {
+        crate::fsutil::sync_dir(parent)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! Durable outbox: every outbound message is stored here before it is sent, and removed only
+//! when the broker acknowledges it (PUBACK).
+//!
+//! Storage is one sled tree. Message keys are `[class u8][seq u64 BE]`, so iteration order is
+//! priority first, then enqueue order within a class. Meta keys start with `0xF0`.
+//!
+//! Durability: sled's `flush()` only starts write-back (`sync_file_range`) and fsyncs in a
+//! background thread every 500 ms (sled issue #1452), so an accepted message is made durable by
+//! `flush()` followed by `fsync` of the log file and any new blob files. One committer thread
+//! does this for every waiting enqueue at once (group commit): while it fsyncs, new enqueues
+//! queue up and share the next fsync, so throughput grows with concurrency.
+
+pub mod accounting;
+mod commit;
+mod record;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use protocol::v1::{Class, OutboxStats};
+use tokio::sync::Notify;
+
+use crate::config::{OnCorruption, OutboxConfig};
+use accounting::{Accounting, Admission, Refusal, Removal};
+use commit::Committer;
+pub use record::Record;
+
+/// Free disk space we never eat into: sled needs room to write segments and snapshots, and
+/// other processes on a small board need some too.
+const DISK_RESERVE_BYTES: u64 = 4 * 1024 * 1024;
+
+const META_INCARNATION: &[u8] = b"\xF0incarnation";
+const META_NEXT_SEQ: &[u8] = b"\xF0next_seq";
+/// Written beside the database at creation; if it exists but the database lost its meta keys,
+/// sled recovered an empty or truncated log from a damaged file and we must not carry on.
+const INCARNATION_FILE: &str = "outbox.incarnation";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox store {path} is corrupted: {reason}")]
+    Corrupted { path: PathBuf, reason: String },
+    #[error("outbox store {path}: {source}")]
+    Store { path: PathBuf, source: sled::Error },
+    #[error("outbox store {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("disk full: {available} bytes free on the filesystem of {path} (keeping {reserve} in reserve); message refused")]
+    DiskFull { path: PathBuf, available: u64, reserve: u64 },
+    #[error("outbox full: {used} of {capacity} bytes used by messages that may not be dropped; {class} message of {size} bytes refused")]
+    Full { used: u64, capacity: u64, class: Class, size: u64 },
+    #[error("message of {size} bytes is larger than the whole outbox ({capacity} bytes)")]
+    TooLarge { size: u64, capacity: u64 },
+    #[error("outbox store {path} is locked by another process: is another edge-agent running with this state_dir?")]
+    Locked { path: PathBuf },
+    #[error("outbox is shutting down")]
+    Closed,
+}
+
+/// A message to enqueue. `body` is the JSON body; the uplink wraps it in the envelope.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub class: Class,
+    pub topic: String,
+    pub body: Vec<u8>,
+    /// Overrides the class's default TTL; `Some(Duration::ZERO)` means never expire.
+    pub ttl: Option<Duration>,
+}
+
+/// A durably accepted message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    pub seq: u64,
+    pub class: Class,
+}
+
+/// Position of a message in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub class: Class,
+    pub seq: u64,
+}
+
+impl Key {
+    fn to_bytes(self) -> [u8; 9] {
+        let mut k = [0u8; 9];
+        k[0] = self.class.index() as u8;
+        k[1..].copy_from_slice(&self.seq.to_be_bytes());
+        k
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Key> {
+        if b.len() != 9 {
+            return None;
+        }
+        let class = Class::from_index(b[0])?;
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[1..]);
+        Some(Key { class, seq: u64::from_be_bytes(s) })
+    }
+}
+
+/// A stored message as read back for sending.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub key: Key,
+    pub record: Record,
+}
+
+struct Inner {
+    acct: Accounting,
+    next_seq: u64,
+}
+
+pub struct Outbox {
+    path: PathBuf,
+    tree: sled::Db,
+    cfg: OutboxConfig,
+    incarnation: u64,
+    inner: Mutex<Inner>,
+    committer: Committer,
+    notify: Arc<Notify>,
+    commits: AtomicU64,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `state_dir/outbox`, applying the corruption policy.
+    pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<Outbox, OutboxError> {
+        let path = state_dir.join("outbox");
+        match Self::open_at(&path, state_dir, cfg) {
+            Err(OutboxError::Corrupted { path, reason }) if cfg.on_corruption == OnCorruption::Quarantine => {
+                let aside = state_dir.join(format!("outbox.corrupt-{}", protocol::v1::now_ms()));
+                tracing::error!(
+                    path = %path.display(), moved_to = %aside.display(), reason = %reason,
+                    "outbox store corrupted; quarantined it and starting empty (its messages are not sent)"
+                );
+                let io = |source| OutboxError::Io { path: path.clone(), source };
+                std::fs::rename(&path, &aside).map_err(io)?;
+                let marker = state_dir.join(INCARNATION_FILE);
+                if marker.exists() {
+                    std::fs::rename(&marker, aside.join(INCARNATION_FILE)).map_err(io)?;
+                }
+                crate::fsutil::sync_dir(state_dir).map_err(io)?;
+                Self::open_at(&path, state_dir, cfg)
+            }
+            other => other,
+        }
+    }
+
+    fn open_at(path: &Path, state_dir: &Path, cfg: &OutboxConfig) -> Result<Outbox, OutboxError> {
+        let io = |source| OutboxError::Io { path: path.to_owned(), source };
+        let corrupted = |reason: String| OutboxError::Corrupted { path: path.to_owned(), reason };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let marker = state_dir.join(INCARNATION_FILE);
+        let expected_incarnation = match std::fs::read_to_string(&marker) {
+            Ok(s) => Some(
+                u64::from_str_radix(s.trim(), 16)
+                    .map_err(|_| corrupted(format!("{} is not a hex number", marker.display())))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+
+        // sled 0.34 panics on some kinds of damage instead of returning an error.
+        let sled_cfg = sled::Config::new()
+            .path(path)
+            .cache_capacity(cfg.cache_bytes)
+            .mode(sled::Mode::HighThroughput);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_cfg.open()))
+            .map_err(|_| corrupted("sled panicked while recovering the log".into()))?;
+        let tree = match opened {
+            Ok(t) => t,
+            Err(sled::Error::Corruption { at, .. }) => {
+                return Err(corrupted(format!("sled reports corruption at {at:?}")));
+            }
+            Err(sled::Error::Unsupported(m)) => return Err(corrupted(m)),
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(corrupted(e.to_string()));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(OutboxError::Locked { path: path.to_owned() });
+            }
+            Err(source) => return Err(OutboxError::Store { path: path.to_owned(), source }),
+        };
+        let store = |source| OutboxError::Store { path: path.to_owned(), source };
+
+        let stored_incarnation = tree.get(META_INCARNATION).map_err(store)?.map(|v| read_u64(&v));
+        let incarnation = match (expected_incarnation, stored_incarnation) {
+            (Some(e), Some(Some(s))) if e == s => s,
+            (Some(e), got) => {
+                return Err(corrupted(format!(
+                    "incarnation {e:016x} recorded in {} but the store holds {got:?}: the log was lost or truncated",
+                    marker.display()
+                )));
+            }
+            (None, Some(Some(s))) => {
+                // Created by a version without the marker, or the marker write was cut short.
+                crate::fsutil::write_durably(&marker, format!("{s:016x}").as_bytes()).map_err(io)?;
+                s
+            }
+            (None, Some(None)) => return Err(corrupted("incarnation key is malformed".into())),
+            (None, None) => {
+                if tree.iter().next().is_some() {
+                    return Err(corrupted("messages present but no incarnation key".into()));
+                }
+                let inc: u64 = rand::random();
+                tree.insert(META_INCARNATION, &inc.to_be_bytes()).map_err(store)?;
+                tree.insert(META_NEXT_SEQ, &0u64.to_be_bytes()).map_err(store)?;
+                tree.flush().map_err(store)?;
+                commit::sync_store(path).map_err(io)?;
+                crate::fsutil::write_durably(&marker, format!("{inc:016x}").as_bytes()).map_err(io)?;
+                inc
+            }
+        };
+        let next_seq = match tree.get(META_NEXT_SEQ).map_err(store)? {
+            Some(v) => read_u64(&v).ok_or_else(|| corrupted("next_seq key is malformed".into()))?,
+            None => return Err(corrupted("next_seq key is missing".into())),
+        };
+
+        // Rebuild the accounting, and check every record decodes.
+        let mut acct = Accounting::new(cfg.max_bytes);
+        let mut earliest: Option<u64> = None;
+        let mut max_seq = None::<u64>;
+        for item in tree.range(..[0xF0u8].as_slice()) {
+            let (k, v) = item.map_err(store)?;
+            let key = Key::from_bytes(&k).ok_or_else(|| corrupted(format!("malformed key {k:?}")))?;
+            let rec = Record::decode(&v)
+                .map_err(|e| corrupted(format!("record {}/{}: {e}", key.class, key.seq)))?;
+            acct.added(key.class, rec.charge(), rec.expires_ms);
+            if let Some(t) = rec.expires_ms {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+            max_seq = Some(max_seq.map_or(key.seq, |m| m.max(key.seq)));
+        }
+        acct.set_earliest_expiry(earliest);
+        if max_seq.is_some_and(|m| m >= next_seq) {
+            return Err(corrupted(format!("message seq {max_seq:?} is not below next_seq {next_seq}")));
+        }
+
+        let committer = Committer::start(tree.clone(), path.to_owned()).map_err(io)?;
+        tracing::info!(
+            path = %path.display(), messages = acct.depth(), bytes = acct.used(),
+            incarnation = %format!("{incarnation:016x}"), "outbox opened"
+        );
+        Ok(Outbox {
+            path: path.to_owned(),
+            tree,
+            cfg: cfg.clone(),
+            incarnation,
+            inner: Mutex::new(Inner { acct, next_seq }),
+            committer,
+            notify: Arc::new(Notify::new()),
+            commits: AtomicU64::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-update of counters; the
+        // store itself is still consistent, so carry on with the data we have.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store_err(&self, source: sled::Error) -> OutboxError {
+        match source {
+            sled::Error::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => OutboxError::DiskFull {
+                path: self.path.clone(),
+                available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
+                reserve: DISK_RESERVE_BYTES,
+            },
+            source => OutboxError::Store { path: self.path.clone(), source },
+        }
+    }
+
+    /// Stores one message durably.
+    pub async fn enqueue(&self, msg: NewMessage) -> Result<Accepted, OutboxError> {
+        self.enqueue_batch(vec![msg]).await.pop().unwrap_or(Err(OutboxError::Closed))
+    }
+
+    /// Stores messages durably with one group commit; one result per message, in order.
+    /// An `Ok` means the message survives a crash or power cut and will be delivered.
+    pub async fn enqueue_batch(&self, msgs: Vec<NewMessage>) -> Vec<Result<Accepted, OutboxError>> {
+        let (mut results, inserted) = self.insert_batch(msgs);
+        if inserted.is_empty() {
+            return results;
+        }
+        if let Err(e) = self.committer.commit().await {
+            // Not durable: undo what we can so the caller's "refused" is the truth, and report.
+            let err_text = e.to_string();
+            tracing::error!(path = %self.path.display(), error = %err_text, "outbox commit failed");
+            for (idx, key, size) in inserted {
+                if self.tree.remove(key.to_bytes()).is_ok() {
+                    self.lock().acct.removed(key.class, size, Removal::Evicted);
+                }
+                results[idx] = Err(match &e {
+                    commit::CommitError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
+                        OutboxError::DiskFull {
+                            path: self.path.clone(),
+                            available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
+                            reserve: DISK_RESERVE_BYTES,
+                        }
+                    }
+                    _ => OutboxError::Io { path: self.path.clone(), source: std::io::Error::other(err_text.clone()) },
+                });
+            }
+            return results;
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        // notify_one stores a permit, so a commit that lands while the uplink is busy is not missed.
+        self.notify.notify_one();
+        results
+    }
+
+    /// Admission and in-memory insert under the lock; returns per-message results and what was
+    /// inserted (index, key, charged size) for the commit step.
+    #[allow(clippy::type_complexity)]
+    fn insert_batch(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> (Vec<Result<Accepted, OutboxError>>, Vec<(usize, Key, u64)>) {
+        let mut results = Vec::with_capacity(msgs.len());
+        let mut inserted = Vec::new();
+        let batch_bytes: u64 = msgs.iter().map(|m| accounting::charge(m.topic.len(), m.body.len())).sum();
+        match crate::fsutil::available_bytes(&self.path) {
+            Ok(avail) if avail < DISK_RESERVE_BYTES + batch_bytes => {
+                let mut inner = self.lock();
+                for _ in &msgs {
+                    inner.acct.refused();
+                    results.push(Err(OutboxError::DiskFull {
+                        path: self.path.clone(),
+                        available: avail,
+                        reserve: DISK_RESERVE_BYTES,
+                    }));
+                }
+                return (results, inserted);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot read free disk space"),
+        }
+        let now = protocol::v1::now_ms();
+        let mut inner = self.lock();
+        for (idx, msg) in msgs.into_iter().enumerate() {
+            let ttl = msg.ttl.or_else(|| self.cfg.ttl(msg.class)).filter(|d| !d.is_zero());
+            let rec = Record {
+                created_ms: now,
+                expires_ms: ttl.map(|d| now.saturating_add(d.as_millis() as u64)),
+                topic: msg.topic,
+                body: msg.body,
+            };
+            let size = rec.charge();
+            if let Err(e) = self.make_room(&mut inner, msg.class, size, now) {
+                inner.acct.refused();
+                results.push(Err(e));
+                continue;
+            }
+            let key = Key { class: msg.class, seq: inner.next_seq };
+            let mut batch = sled::Batch::default();
+            batch.insert(&key.to_bytes(), rec.encode());
+            batch.insert(META_NEXT_SEQ, &(key.seq + 1).to_be_bytes());
+            match self.tree.apply_batch(batch) {
+                Ok(()) => {
+                    inner.next_seq += 1;
+                    inner.acct.added(key.class, size, rec.expires_ms);
+                    inserted.push((idx, key, size));
+                    results.push(Ok(Accepted {
+                        id: protocol::v1::message_id(self.incarnation, key.seq),
+                        seq: key.seq,
+                        class: key.class,
+                    }));
+                }
+                Err(e) => {
+                    inner.acct.refused();
+                    results.push(Err(self.store_err(e)));
+                }
+            }
+        }
+        (results, inserted)
+    }
+
+    /// Applies the full-outbox policy (see [`accounting`]) until `size` fits or it must refuse.
+    fn make_room(&self, inner: &mut Inner, class: Class, size: u64, now: u64) -> Result<(), OutboxError> {
+        loop {
+            match inner.acct.admit(size, now) {
+                Admission::Fits => return Ok(()),
+                Admission::PurgeExpired => self.purge_expired(inner, now)?,
+                Admission::EvictTelemetry { bytes } => self.evict_telemetry(inner, bytes)?,
+                Admission::Refuse(Refusal::LargerThanCapacity) => {
+                    return Err(OutboxError::TooLarge { size, capacity: self.cfg.max_bytes });
+                }
+                Admission::Refuse(Refusal::Full) => {
+                    return Err(OutboxError::Full {
+                        used: inner.acct.used(),
+                        capacity: self.cfg.max_bytes,
+                        class,
+                        size,
+                    });
+                }
+            }
+        }
+    }
+
+    fn purge_expired(&self, inner: &mut Inner, now: u64) -> Result<(), OutboxError> {
+        let mut earliest: Option<u64> = None;
+        let mut purged = 0u64;
+        for item in self.tree.range(..[0xF0u8].as_slice()) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let (Some(key), Ok(rec)) = (Key::from_bytes(&k), Record::decode(&v)) else { continue };
+            match rec.expires_ms {
+                Some(t) if t <= now => {
+                    if self.tree.remove(&k).map_err(|e| self.store_err(e))?.is_some() {
+                        inner.acct.removed(key.class, rec.charge(), Removal::Expired);
+                        purged += 1;
+                    }
+                }
+                Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+                None => {}
+            }
+        }
+        inner.acct.set_earliest_expiry(earliest);
+        if purged > 0 {
+            tracing::info!(purged, "outbox removed expired messages");
+        }
+        Ok(())
+    }
+
+    fn evict_telemetry(&self, inner: &mut Inner, mut bytes: u64) -> Result<(), OutboxError> {
+        let start = Key { class: Class::Telemetry, seq: 0 }.to_bytes();
+        let mut evicted = 0u64;
+        for item in self.tree.range(start.as_slice()..[0xF0u8].as_slice()) {
+            if bytes == 0 {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let charge = Record::decode(&v).map(|r| r.charge()).unwrap_or(v.len() as u64);
+            if self.tree.remove(&k).map_err(|e| self.store_err(e))?.is_some() {
+                inner.acct.removed(Class::Telemetry, charge, Removal::Evicted);
+                bytes = bytes.saturating_sub(charge);
+                evicted += 1;
+            }
+        }
+        tracing::warn!(evicted, "outbox full: evicted oldest telemetry to make room");
+        Ok(())
+    }
+
+    /// The next message of `class` after `after` (or the first), skipping and removing
+    /// expired ones. Used by the uplink to fill its send window.
+    pub fn next_in_class(&self, class: Class, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
+        let start = match after {
+            Some(seq) if seq == u64::MAX => return Ok(None),
+            Some(seq) => Key { class, seq: seq + 1 }.to_bytes(),
+            None => Key { class, seq: 0 }.to_bytes(),
+        };
+        let end = Key { class, seq: u64::MAX }.to_bytes();
+        let now = protocol::v1::now_ms();
+        for item in self.tree.range(start..=end) {
+            let (k, v) = item.map_err(|e| self.store_err(e))?;
+            let Some(key) = Key::from_bytes(&k) else { continue };
+            let record = match Record::decode(&v) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Checked at open, so this is damage since: drop the record loudly.
+                    tracing::error!(class = %key.class, seq = key.seq, error = %e, "dropping undecodable outbox record");
+                    self.remove(key, Removal::Evicted);
+                    continue;
+                }
+            };
+            if record.expires_ms.is_some_and(|t| t <= now) {
+                self.remove(key, Removal::Expired);
+                continue;
+            }
+            return Ok(Some(Stored { key, record }));
+        }
+        Ok(None)
+    }
+
+    /// Removes a message the broker acknowledged. Not fsync'd: if the removal is lost in a
+    /// crash the message is sent again and the coordinator drops the duplicate by id.
+    pub fn ack(&self, key: Key) {
+        self.remove(key, Removal::Delivered);
+    }
+
+    fn remove(&self, key: Key, why: Removal) {
+        match self.tree.remove(key.to_bytes()) {
+            Ok(Some(v)) => {
+                let charge = Record::decode(&v).map(|r| r.charge()).unwrap_or(v.len() as u64);
+                self.lock().acct.removed(key.class, charge, why);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(class = %key.class, seq = key.seq, error = %e, "outbox remove failed"),
+        }
+    }
+
+    /// Resolves after the next successful commit (new messages to send).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        self.lock().acct.stats()
+    }
+
+    /// Number of group commits so far (each one flush + fsync).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Makes everything (including acks) durable; call on shutdown.
+    pub async fn close(&self) -> Result<(), OutboxError> {
+        self.committer
+            .commit()
+            .await
+            .map_err(|e| OutboxError::Io { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })
+    }
+}
+
+fn read_u64(v: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = v.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod tests;

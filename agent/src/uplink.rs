@@ -1,0 +1,450 @@
+//! MQTT uplink: drains the outbox to the broker and keeps the device's online status.
+//!
+//! Each connection attempt gets a fresh rumqttc client and event loop with a clean session:
+//! the outbox, not rumqttc's in-memory state, is the source of truth, so after a reconnect
+//! every unacknowledged message is simply sent again from the outbox (the coordinator drops
+//! the duplicates by message id). A message leaves the outbox only on its PUBACK.
+//!
+//! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were handed to it, which
+//! is how a PUBACK's packet id is mapped back to an outbox key ([`SendWindow`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use protocol::v1::{self, Class, Envelope, Status, topics};
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS, Transport};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use crate::config::MqttConfig;
+use crate::outbox::{Key, Outbox, Stored};
+
+/// Parsed `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("{url:?} has an invalid port {p:?}"))?),
+            None => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{url:?} has no valid host"));
+        }
+        Ok(BrokerAddr { tls, host: host.to_owned(), port })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("cannot read TLS file {path}: {source}")]
+    TlsFile { path: String, source: std::io::Error },
+    #[error("invalid TLS setup: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Live counters shared with telemetry and logs.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub published: AtomicU64,
+    pub malformed_incoming: AtomicU64,
+}
+
+/// Tracks publishes handed to rumqttc until their PUBACK. No I/O.
+#[derive(Debug)]
+pub struct SendWindow {
+    capacity: usize,
+    /// Last seq handed out per class during this connection.
+    cursors: [Option<u64>; 4],
+    /// Publishes handed to rumqttc, not yet reported as written; `None` for non-outbox ones.
+    unsent: VecDeque<Option<Key>>,
+    /// Written publishes awaiting PUBACK, by packet id.
+    inflight: HashMap<u16, Key>,
+}
+
+impl SendWindow {
+    pub fn new(capacity: usize) -> Self {
+        SendWindow { capacity, cursors: [None; 4], unsent: VecDeque::new(), inflight: HashMap::new() }
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.unsent.iter().filter(|k| k.is_some()).count() + self.inflight.len() < self.capacity
+    }
+
+    pub fn cursor(&self, class: Class) -> Option<u64> {
+        self.cursors[class.index()]
+    }
+
+    /// An outbox message was handed to the client.
+    pub fn handed(&mut self, key: Key) {
+        self.cursors[key.class.index()] = Some(key.seq);
+        self.unsent.push_back(Some(key));
+    }
+
+    /// A publish that is not from the outbox (status) was handed to the client.
+    pub fn handed_other(&mut self) {
+        self.unsent.push_back(None);
+    }
+
+    /// The client wrote the next publish with this packet id.
+    pub fn written(&mut self, pkid: u16) {
+        if let Some(Some(key)) = self.unsent.pop_front() {
+            self.inflight.insert(pkid, key);
+        }
+    }
+
+    /// The broker acknowledged `pkid`: the outbox key to remove, if it was ours.
+    pub fn acked(&mut self, pkid: u16) -> Option<Key> {
+        self.inflight.remove(&pkid)
+    }
+}
+
+pub struct Uplink {
+    pub cfg: MqttConfig,
+    pub device: String,
+    pub agent_version: String,
+    pub outbox: Arc<Outbox>,
+    pub stats: Arc<UplinkStats>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    addr: BrokerAddr,
+}
+
+impl Uplink {
+    pub fn new(
+        cfg: MqttConfig,
+        device: String,
+        agent_version: String,
+        outbox: Arc<Outbox>,
+    ) -> Result<Uplink, UplinkError> {
+        let addr = BrokerAddr::parse(&cfg.url).map_err(UplinkError::Config)?;
+        let tls = if addr.tls { Some(Arc::new(tls_config(&cfg)?)) } else { None };
+        Ok(Uplink { cfg, device, agent_version, outbox, stats: Arc::default(), tls, addr })
+    }
+
+    fn options(&self, since_ms: u64) -> MqttOptions {
+        let mut o = MqttOptions::new(format!("edge-agent-{}", self.device), &self.addr.host, self.addr.port);
+        o.set_keep_alive(Duration::from_secs(self.cfg.keepalive_s))
+            .set_clean_session(true)
+            .set_inflight(self.cfg.inflight)
+            .set_request_channel_capacity(self.cfg.inflight as usize * 2 + 16)
+            .set_max_packet_size(self.cfg.max_packet_bytes, v1::MAX_PAYLOAD_BYTES + 4096)
+            .set_last_will(LastWill::new(
+                topics::status(&self.device),
+                self.status(false, since_ms),
+                QoS::AtLeastOnce,
+                true,
+            ));
+        if !self.cfg.username.is_empty() {
+            o.set_credentials(&self.cfg.username, &self.cfg.password);
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+        }
+        o
+    }
+
+    fn status(&self, online: bool, since_ms: u64) -> Vec<u8> {
+        Status {
+            v: v1::VERSION,
+            device: self.device.clone(),
+            online,
+            since_ms,
+            agent_version: self.agent_version.clone(),
+        }
+        .to_json()
+    }
+
+    /// Runs until `shutdown` turns true: connect, drain, reconnect with jittered backoff.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut attempt: u32 = 0;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let since_ms = v1::now_ms();
+            let (client, eventloop) = AsyncClient::new(self.options(since_ms), self.cfg.inflight as usize * 2 + 16);
+            let outcome = self.session(&client, eventloop, since_ms, &mut shutdown).await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            match outcome {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost { was_connected, error } => {
+                    if was_connected {
+                        attempt = 0;
+                        tracing::warn!(broker = %self.cfg.url, error = %error, "uplink disconnected; outbox keeps queueing");
+                    } else if attempt == 0 || attempt % 10 == 0 {
+                        tracing::warn!(broker = %self.cfg.url, error = %error, attempt, "broker unreachable; outbox keeps queueing");
+                    } else {
+                        tracing::debug!(broker = %self.cfg.url, error = %error, attempt, "connect failed");
+                    }
+                }
+            }
+            let delay = backoff(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms, attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        client: &AsyncClient,
+        mut eventloop: EventLoop,
+        since_ms: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut window = SendWindow::new(self.cfg.inflight as usize);
+        let mut connected = false;
+        loop {
+            if connected && window.has_room() {
+                if let Err(e) = self.fill(client, &mut window) {
+                    return SessionEnd::Lost { was_connected: true, error: e };
+                }
+            }
+            let idle = connected && window.has_room();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if connected {
+                        self.goodbye(client, eventloop, since_ms).await;
+                    }
+                    return SessionEnd::Shutdown;
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                        connected = true;
+                        self.stats.connected.store(true, Ordering::Relaxed);
+                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        let st = self.outbox.stats();
+                        tracing::info!(broker = %self.cfg.url, code = ?ack.code, queued = st.depth.iter().sum::<u64>(), "uplink connected");
+                        let online = self.status(true, since_ms);
+                        if client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, online).is_ok() {
+                            window.handed_other();
+                        }
+                        let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.written(pkid),
+                    Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                        if let Some(key) = window.acked(ack.pkid) {
+                            self.outbox.ack(key);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_command(&p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => return SessionEnd::Lost { was_connected: connected, error: e.to_string() },
+                },
+                _ = self.outbox.notified(), if idle => {}
+            }
+        }
+    }
+
+    /// Hands outbox messages to the client, highest class first, until the window is full.
+    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), String> {
+        for class in Class::ALL {
+            while window.has_room() {
+                let Some(stored) = self.outbox.next_in_class(class, window.cursor(class)).map_err(|e| e.to_string())?
+                else {
+                    break;
+                };
+                let key = stored.key;
+                match self.frame(&stored) {
+                    Some(payload) => {
+                        client
+                            .try_publish(&stored.record.topic, QoS::AtLeastOnce, false, payload)
+                            .map_err(|e| format!("mqtt client queue: {e}"))?;
+                        window.handed(key);
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        // Cannot be sent as stored; skip it so the queue keeps moving.
+                        window.handed_skip(key);
+                        self.outbox.ack(key);
+                    }
+                }
+            }
+            if !window.has_room() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wraps a stored body in the wire envelope.
+    fn frame(&self, s: &Stored) -> Option<Vec<u8>> {
+        let body = match std::str::from_utf8(&s.record.body).ok().and_then(|b| RawValue::from_string(b.to_owned()).ok()) {
+            Some(b) => b,
+            None => {
+                tracing::error!(class = %s.key.class, seq = s.key.seq, "dropping outbox message whose body is not json");
+                return None;
+            }
+        };
+        let env = Envelope {
+            v: v1::VERSION,
+            id: v1::message_id(self.outbox.incarnation(), s.key.seq),
+            device: self.device.clone(),
+            class: s.key.class,
+            seq: s.key.seq,
+            created_ms: s.record.created_ms,
+            body,
+        };
+        let payload = env.to_json();
+        if payload.len() > v1::MAX_PAYLOAD_BYTES {
+            tracing::error!(class = %s.key.class, seq = s.key.seq, size = payload.len(), "dropping outbox message over the wire limit");
+            return None;
+        }
+        Some(payload)
+    }
+
+    fn on_command(&self, topic: &str, payload: &[u8]) {
+        let Some(topics::DeviceTopic::Cmd { name, .. }) = topics::parse(topic) else {
+            self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic, "dropping message on an unexpected topic");
+            return;
+        };
+        match Envelope::<serde_json::Value>::from_json(payload, topics::COORDINATOR)
+            .or_else(|_| Envelope::<serde_json::Value>::from_json(payload, &self.device))
+        {
+            Ok(env) => tracing::info!(command = %name, id = %env.id, "command received; no handler in this version"),
+            Err(e) => {
+                self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic, size = payload.len(), error = %e, "dropping malformed command");
+            }
+        }
+    }
+
+    /// Clean shutdown: retained offline status, then disconnect, waiting briefly for both.
+    async fn goodbye(&self, client: &AsyncClient, mut eventloop: EventLoop, since_ms: u64) {
+        let _ = client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, self.status(false, since_ms));
+        let _ = client.try_disconnect();
+        let drain = async {
+            while let Ok(ev) = eventloop.poll().await {
+                if let Event::Outgoing(Outgoing::Disconnect) = ev {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+}
+
+impl SendWindow {
+    /// Advances the cursor past a message that was dropped instead of sent.
+    pub fn handed_skip(&mut self, key: Key) {
+        self.cursors[key.class.index()] = Some(key.seq);
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost { was_connected: bool, error: String },
+}
+
+/// Exponential backoff with jitter: uniform between `min` and `min * 2^attempt` (capped at
+/// `max`), so a fleet that lost its broker at once spreads its reconnects.
+pub fn backoff(min_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let cap = min_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms).max(min_ms);
+    Duration::from_millis(rand::thread_rng().gen_range(min_ms..=cap))
+}
+
+fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, UplinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| UplinkError::TlsFile { path: p.display().to_string(), source })
+    };
+    let ca_path = if cfg.ca_file.as_os_str().is_empty() {
+        std::path::PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
+    } else {
+        cfg.ca_file.clone()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(&ca_path)?) {
+        let cert = cert.map_err(|e| UplinkError::Tls(format!("{}: {e}", ca_path.display())))?;
+        roots.add(cert).map_err(|e| UplinkError::Tls(format!("{}: {e}", ca_path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(UplinkError::Tls(format!("{} holds no certificates", ca_path.display())));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UplinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    if cfg.cert_file.as_os_str().is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let certs = CertificateDer::pem_slice_iter(&read(&cfg.cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cfg.cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&cfg.key_file)?)
+        .map_err(|e| UplinkError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
+    builder.with_client_auth_cert(certs, key).map_err(|e| UplinkError::Tls(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            BrokerAddr::parse("mqtt://broker.lan:1884").expect("ok"),
+            BrokerAddr { tls: false, host: "broker.lan".into(), port: 1884 }
+        );
+        assert_eq!(BrokerAddr::parse("mqtts://b").expect("ok").port, 8883);
+        for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h:x"] {
+            assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn window_maps_pkids_to_keys_in_order() {
+        let k = |seq| Key { class: Class::Results, seq };
+        let mut w = SendWindow::new(2);
+        w.handed_other();
+        w.handed(k(1));
+        w.handed(k(2));
+        assert!(!w.has_room());
+        w.written(1); // the status publish
+        w.written(2);
+        w.written(3);
+        assert_eq!(w.acked(1), None);
+        assert_eq!(w.acked(3), Some(k(2)));
+        assert!(w.has_room());
+        assert_eq!(w.acked(2), Some(k(1)));
+        assert_eq!(w.cursor(Class::Results), Some(2));
+        assert_eq!(w.cursor(Class::Control), None);
+    }
+
+    #[test]
+    fn backoff_stays_in_bounds_and_grows() {
+        for attempt in 0..40 {
+            let d = backoff(100, 5_000, attempt).as_millis() as u64;
+            assert!((100..=5_000).contains(&d), "{attempt}: {d}");
+        }
+        assert_eq!(backoff(100, 5_000, 0).as_millis(), 100);
+    }
+}
