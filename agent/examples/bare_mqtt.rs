@@ -1,8 +1,9 @@
 //! Baseline for benchmarks: a bare tokio + rumqttc client, nothing else.
 //!
 //! `bare_mqtt idle HOST PORT`: connects and idles (for the idle RSS comparison).
-//! `bare_mqtt publish HOST PORT N SIZE`: publishes N QoS 1 messages of SIZE bytes to
-//! `bench/bare` and exits once every PUBACK is in, printing the elapsed seconds.
+//! `bare_mqtt publish HOST PORT N SIZE`: publishes N QoS 1 v1 data envelopes (payload of SIZE
+//! bytes) as device `bench-bare`, so the coordinator journals them exactly like agent traffic,
+//! and exits once every PUBACK is in, printing the elapsed seconds.
 
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,15 @@ async fn main() -> anyhow::Result<()> {
         "publish" => {
             let n: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(10_000);
             let size: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(200);
-            let payload = vec![b'x'; size];
+            let filler = "x".repeat(size);
             let start = Instant::now();
+            let run = std::process::id();
             let publisher = tokio::spawn(async move {
-                for _ in 0..n {
-                    client.publish("bench/bare", QoS::AtLeastOnce, false, payload.clone()).await?;
+                for i in 0..n {
+                    let payload = format!(
+                        r#"{{"v":1,"id":"{run:016x}{i:016x}","device":"bench-bare","class":"results","seq":{i},"created_ms":0,"body":{{"stream":"bench","payload":"{filler}"}}}}"#
+                    );
+                    client.publish("edge/v1/bench-bare/data/bench", QoS::AtLeastOnce, false, payload).await?;
                 }
                 anyhow::Ok(client)
             });
