@@ -1,1 +1,48 @@
-//! placeholder
+//! The edge coordinator: fleet registry, telemetry and the data journal, behind an embedded
+//! MQTT broker or an external one.
+//!
+//! ```text
+//! agents --MQTT--> broker (embedded rumqttd | external) --> transport pump --channel-->
+//!   service loop: core.handle (no I/O) -> journal line -> sled (seen id, registry) -> commit -> ack
+//! ```
+//!
+//! Entry point: [`run`] with a [`Config`] and a shutdown future; the binary adds the CLI.
+//!
+//! Code map:
+//! - [`config`]: the TOML schema and its validation.
+//!   Invariant: unknown keys are errors that name the key and line. Boundary: binary, tests.
+//! - [`core`]: what each message means; the in-memory registry.
+//!   Invariant: no I/O, no clock; never panics on input. Boundary: the service and tests.
+//! - [`store`]: sled trees for the registry and the seen-id set, group commit with fsync.
+//!   Invariant: a seen id and the record it touched are written in one transaction.
+//!   Boundary: the service, `devices`.
+//! - [`journal`]: the JSON-lines event journal (the contract tests and the demo tail).
+//!   Invariant: one whole line per write, rotated at a size cap. Boundary: the service.
+//! - [`event`]: the closed set of journal events; each also emits its log line.
+//! - [`transport`]: embedded broker link or rumqttc client behind one handle.
+//!   Invariant: the coordinator is subscribed before any device can connect to the embedded
+//!   broker; acks to an external broker only after commit. Boundary: the service.
+//! - [`service`]: the loop wiring them together.
+//!
+//! Errors: each module has its own `thiserror` enum whose message already contains the
+//! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
+//! `{:#}` and log lines print each cause once.
+//!
+//! Journal events (one JSON object per line; extra fields may appear):
+//! `ready {broker, embedded}`, `online {device, since_ms}`, `offline {device}`,
+//! `registered {device, boot_id, agent_version}`,
+//! `telemetry {device, id, seq, cpu_percent, mem_used_bytes, agent_rss_bytes, outbox_depth}`,
+//! `data {device, id, class, seq, stream, created_ms, payload}`, `duplicate {device, id}`,
+//! `rejected {topic, reason}`, `stopped`; every line has `ts_ms`.
+
+pub mod config;
+pub mod core;
+pub mod event;
+pub mod journal;
+pub mod registry;
+pub mod service;
+pub mod store;
+pub mod transport;
+
+pub use config::Config;
+pub use service::{ServiceError, run};

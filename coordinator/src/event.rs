@@ -1,0 +1,139 @@
+//! Operational events: each is one journal line and one log line, emitted together.
+//!
+//! The journal line shapes are a contract (tests and the demo tail the journal): the `event`
+//! tag and the fields named in the crate docs must not change; fields may be added.
+
+use protocol::v1::Class;
+use serde::Serialize;
+
+/// Why a device was marked offline without its own status message.
+pub const OFFLINE_BROKER_RESTART: &str = "embedded broker restarted";
+
+/// Everything the coordinator journals.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Subscribed (and, for the embedded broker, listening): devices can be served.
+    Ready { broker: String, embedded: bool },
+    /// A device's status says online (a new session).
+    Online {
+        device: String,
+        since_ms: u64,
+        agent_version: String,
+    },
+    /// A device's status (usually its last will) says offline, or the coordinator knows the
+    /// session ended (`reason`).
+    Offline {
+        device: String,
+        since_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+    },
+    /// A device announced itself (every agent start).
+    Registered {
+        device: String,
+        id: String,
+        boot_id: String,
+        agent_version: String,
+        hostname: String,
+        os: String,
+        arch: String,
+    },
+    /// A telemetry sample (summary; the full sample is in the registry).
+    Telemetry {
+        device: String,
+        id: String,
+        seq: u64,
+        created_ms: u64,
+        cpu_percent: f32,
+        mem_used_bytes: u64,
+        mem_total_bytes: u64,
+        agent_rss_bytes: u64,
+        outbox_depth: [u64; 4],
+    },
+    /// An application message from a device's local API.
+    Data {
+        device: String,
+        id: String,
+        class: Class,
+        seq: u64,
+        stream: String,
+        created_ms: u64,
+        payload: serde_json::Value,
+    },
+    /// A message id seen before (at-least-once redelivery); dropped.
+    Duplicate {
+        device: String,
+        id: String,
+        topic: String,
+    },
+    /// A malformed, oversized or misplaced message; dropped.
+    Rejected {
+        topic: String,
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+    },
+    /// Clean shutdown finished; nothing after this line until the next `ready`.
+    Stopped {},
+}
+
+impl Event {
+    /// Emits the log line for this event. Rejects are WARN (degraded input, processing goes
+    /// on); per-message events are DEBUG so a busy fleet does not flood the log.
+    pub fn log(&self) {
+        match self {
+            Event::Ready { broker, embedded } => {
+                tracing::info!(%broker, embedded, "coordinator ready")
+            }
+            Event::Online {
+                device,
+                since_ms,
+                agent_version,
+            } => {
+                tracing::info!(%device, since_ms, %agent_version, "device online")
+            }
+            Event::Offline {
+                device,
+                since_ms,
+                reason,
+            } => {
+                tracing::info!(%device, since_ms, reason = reason.unwrap_or("status"), "device offline")
+            }
+            Event::Registered {
+                device,
+                boot_id,
+                agent_version,
+                hostname,
+                ..
+            } => {
+                tracing::info!(%device, %boot_id, %agent_version, %hostname, "device registered")
+            }
+            Event::Telemetry {
+                device, id, seq, ..
+            } => {
+                tracing::debug!(%device, %id, seq, "telemetry")
+            }
+            Event::Data {
+                device,
+                id,
+                stream,
+                seq,
+                ..
+            } => {
+                tracing::debug!(%device, %id, %stream, seq, "data")
+            }
+            Event::Duplicate { device, id, topic } => {
+                tracing::debug!(%device, %id, %topic, "duplicate message dropped")
+            }
+            Event::Rejected {
+                topic,
+                reason,
+                device,
+            } => {
+                tracing::warn!(%topic, %reason, device = device.as_deref().unwrap_or("-"), "message rejected")
+            }
+            Event::Stopped {} => tracing::info!("coordinator stopped"),
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Connection to an external broker (mosquitto, EMQX, ...) with rumqttc.
+//!
+//! The session is persistent (`clean_session = false`, stable client id), so the broker keeps
+//! our subscriptions and queues QoS 1 messages while the coordinator is down. Acks are manual:
+//! a message is acknowledged only after the service has journaled and stored it, so a crash
+//! before that makes the broker redeliver it (and the seen-id set drops the copy if it was
+//! already processed).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, ClientError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport as MqttTransport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{AckToken, Inbound, Message, TransportError};
+use crate::config::MqttConfig;
+
+/// Requests the client queue can hold before we defer; far above one batch of acks.
+const REQUEST_CAPACITY: usize = 1024;
+/// The trust store used when no CA file is configured.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// How long a clean disconnect may take at shutdown.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A request the client's queue had no room for.
+#[derive(Debug)]
+enum Deferred {
+    Ack(u16),
+    Publish { topic: String, payload: Vec<u8> },
+}
+
+/// Connected (or reconnecting) client and its pump task.
+pub struct External {
+    broker: String,
+    client: AsyncClient,
+    deferred: VecDeque<Deferred>,
+    stopping: Arc<AtomicBool>,
+    pump: JoinHandle<()>,
+}
+
+/// What the pump needs to subscribe and reconnect.
+struct PumpConfig {
+    filters: Vec<String>,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    broker: String,
+}
+
+impl External {
+    /// Builds the client and starts the pump; connecting happens in the background (the
+    /// service learns about it through [`Inbound::Connected`] and [`Inbound::Subscribed`]).
+    pub fn start(
+        config: &MqttConfig,
+        tls: bool,
+        host: &str,
+        port: u16,
+        filters: Vec<String>,
+        will: (String, Vec<u8>),
+        tx: mpsc::Sender<Inbound>,
+    ) -> Result<External, TransportError> {
+        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+        options
+            .set_keep_alive(Duration::from_secs(config.keepalive_s.max(1)))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
+            .set_last_will(LastWill::new(will.0, will.1, QoS::AtLeastOnce, true));
+        if !config.username.is_empty() {
+            options.set_credentials(config.username.clone(), config.password.clone());
+        }
+        if tls {
+            options.set_transport(MqttTransport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls_config(config)?),
+            )));
+        }
+        let broker = format!("{}://{host}:{port}", if tls { "mqtts" } else { "mqtt" });
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let pump_config = PumpConfig {
+            filters,
+            reconnect_min: Duration::from_millis(config.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(config.reconnect_max_ms),
+            broker: broker.clone(),
+        };
+        let pump = tokio::spawn(pump(
+            eventloop,
+            client.clone(),
+            pump_config,
+            tx,
+            stopping.clone(),
+        ));
+        Ok(External {
+            broker,
+            client,
+            deferred: VecDeque::new(),
+            stopping,
+            pump,
+        })
+    }
+
+    /// `mqtt[s]://host:port`, without credentials.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    pub fn publish_retained(&mut self, topic: &str, payload: Vec<u8>) {
+        self.deferred.push_back(Deferred::Publish {
+            topic: topic.to_owned(),
+            payload,
+        });
+        self.retry_deferred();
+    }
+
+    pub fn ack(&mut self, pkid: u16) {
+        self.deferred.push_back(Deferred::Ack(pkid));
+        self.retry_deferred();
+    }
+
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Sends queued requests in order until the client's queue is full.
+    pub fn retry_deferred(&mut self) {
+        while let Some(request) = self.deferred.pop_front() {
+            let sent = match &request {
+                Deferred::Ack(pkid) => {
+                    let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+                    publish.pkid = *pkid;
+                    self.client.try_ack(&publish)
+                }
+                Deferred::Publish { topic, payload } => {
+                    self.client
+                        .try_publish(topic.as_str(), QoS::AtLeastOnce, true, payload.clone())
+                }
+            };
+            match sent {
+                Ok(()) => {}
+                Err(ClientError::TryRequest(_)) => {
+                    self.deferred.push_front(request);
+                    return;
+                }
+                // The event loop is gone (shutting down): nothing left to send to.
+                Err(ClientError::Request(_)) => return,
+            }
+        }
+    }
+
+    /// Flushes what is queued, disconnects cleanly and waits briefly for the pump to send it.
+    pub async fn shutdown(mut self) {
+        self.retry_deferred();
+        self.stopping.store(true, Ordering::SeqCst);
+        if self.client.try_disconnect().is_err() {
+            tracing::warn!(broker = %self.broker, "could not queue the disconnect; the broker will publish our will");
+        }
+        if tokio::time::timeout(DISCONNECT_TIMEOUT, &mut self.pump)
+            .await
+            .is_err()
+        {
+            tracing::warn!(broker = %self.broker, "disconnect did not complete in time");
+            self.pump.abort();
+        }
+    }
+}
+
+fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, TransportError> {
+    // Harmless if already installed (the binary does it at start-up); needed when the library
+    // is used on its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_path = if config.ca_file.as_os_str().is_empty() {
+        Path::new(SYSTEM_CA_BUNDLE)
+    } else {
+        &config.ca_file
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = read_certs("CA file", ca_path)?;
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TransportError::Tls(format!(
+            "no usable CA certificate in {}",
+            ca_path.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    if config.cert_file.as_os_str().is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let chain = read_certs("client certificate", &config.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&config.key_file).map_err(|e| {
+        TransportError::Tls(format!(
+            "no private key in {}: {e}",
+            config.key_file.display()
+        ))
+    })?;
+    builder.with_client_auth_cert(chain, key).map_err(|e| {
+        TransportError::Tls(format!(
+            "client certificate {} rejected: {e}",
+            config.cert_file.display()
+        ))
+    })
+}
+
+fn read_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let bytes = std::fs::read(path).map_err(|error| TransportError::TlsFile {
+        what,
+        path: path.to_owned(),
+        error,
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TransportError::Tls(format!("bad PEM in {what} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TransportError::Tls(format!(
+            "no certificate in {what} {}",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Drives the event loop: subscribes on every (re)connection, forwards publishes, and
+/// reconnects with capped exponential backoff after errors.
+async fn pump(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    config: PumpConfig,
+    tx: mpsc::Sender<Inbound>,
+    stopping: Arc<AtomicBool>,
+) {
+    let mut backoff = config.reconnect_min;
+    // After the service has gone, keep polling only to flush the disconnect.
+    let mut service_gone = false;
+    let filters: Vec<SubscribeFilter> = config
+        .filters
+        .iter()
+        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+        .collect();
+    loop {
+        let inbound = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = config.reconnect_min;
+                tracing::info!(broker = %config.broker, session_present = ack.session_present, "connected to broker");
+                // Resubscribing an existing persistent session is harmless and makes the broker
+                // resend retained device statuses, which the core treats as redeliveries.
+                // The queue holds 1024 requests, so this only fails if acks piled up; a
+                // persistent session keeps the previous subscriptions anyway.
+                if client.try_subscribe_many(filters.clone()).is_err() {
+                    tracing::warn!(broker = %config.broker, "could not queue subscriptions; relying on the persistent session");
+                }
+                Some(Inbound::Connected {
+                    session_present: ack.session_present,
+                })
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                for (filter, code) in config.filters.iter().zip(&ack.return_codes) {
+                    if *code == SubscribeReasonCode::Failure {
+                        // Not recoverable by retrying: the broker's ACL refuses us.
+                        tracing::error!(broker = %config.broker, %filter, "broker refused the subscription");
+                    }
+                }
+                Some(Inbound::Subscribed)
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let ack = if p.qos == QoS::AtMostOnce {
+                    AckToken::None
+                } else {
+                    AckToken::Mqtt { pkid: p.pkid }
+                };
+                Some(Inbound::Message(Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    ack,
+                }))
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Ordering::SeqCst) => return,
+            Ok(_) => None,
+            Err(e) => {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::warn!(broker = %config.broker, error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed; retrying");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(config.reconnect_max);
+                None
+            }
+        };
+        if let Some(inbound) = inbound.filter(|_| !service_gone) {
+            service_gone = tx.send(inbound).await.is_err();
+        }
+    }
+}
+
+/// Between half and all of `d`, so coordinator replicas that lost the broker together do not
+/// reconnect in lockstep. The clock's low bits are random enough for that.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    let half = d / 2;
+    half + Duration::from_nanos(u64::from(nanos) % (half.as_nanos() as u64).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        for ms in [1, 200, 30_000] {
+            let d = Duration::from_millis(ms);
+            let j = jitter(d);
+            assert!(j >= d / 2 && j <= d, "{j:?} for {d:?}");
+        }
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let config = MqttConfig {
+            ca_file: "/nonexistent/ca.pem".into(),
+            ..MqttConfig::default()
+        };
+        let err = tls_config(&config).expect_err("refused").to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}
