@@ -1,1 +1,200 @@
-fn main() {}
+//! `cargo xtask <verb>`: every project chore in one place (no shell scripts to remember).
+//!
+//! - `test`: provision what the suite needs (mosquitto, ...), build the binaries, run
+//!   `cargo test --workspace`. This is what CI runs.
+//! - `demo`: the README's one-command tour: a coordinator, two agents, a broker outage, and
+//!   every queued message delivered afterwards.
+//! - `soak`: the end-to-end crash loop with many kills.
+//! - `bench [outbox|e2e|rss]`: our code and a baseline side by side, medians and ratios.
+
+mod bench;
+mod demo;
+mod provision;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project chores for the edge runtime")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Provision tools (mosquitto, ...), build all binaries, run `cargo test --workspace`.
+    Test {
+        /// Passed on to `cargo test` (e.g. `-p edge-tests -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// One-command tour: coordinator + two agents, a broker outage, nothing lost.
+    Demo,
+    /// Crash loop: SIGKILL the agent under load many times, check nothing acknowledged is lost.
+    Soak {
+        /// How many times to SIGKILL the agent.
+        #[arg(long, default_value_t = 200)]
+        kills: u32,
+        /// Seed for the kill delays (default: from the clock, printed for replay).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Concurrent local API connections publishing.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Requests per pipelined batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Cap on the total publish rate, messages per second (default: as fast as accepted).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Shortest time (ms) between the agent being ready and the next kill.
+        #[arg(long, default_value_t = 50)]
+        min_delay_ms: u64,
+        /// Longest time (ms) between the agent being ready and the next kill.
+        #[arg(long, default_value_t = 400)]
+        max_delay_ms: u64,
+    },
+    /// Benchmarks against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: Option<Bench>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Durable enqueue rate vs an append+fdatasync loop on the same disk.
+    Outbox,
+    /// Publish rate through the agent's outbox vs a bare rumqttc client, same broker.
+    E2e,
+    /// Idle RSS/PSS of the agent vs a bare tokio+rumqttc process.
+    Rss,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => {
+            build_bins(&["edge-agent", "edge-coordinator"])?;
+            demo::run()
+        }
+        Cmd::Soak {
+            kills,
+            seed,
+            writers,
+            batch,
+            rate,
+            min_delay_ms,
+            max_delay_ms,
+        } => {
+            build_bins(&["edge-agent", "edge-coordinator"])?;
+            soak(edge_tests::CrashLoopOptions {
+                kills,
+                seed: seed.unwrap_or_else(clock_seed),
+                writers,
+                batch,
+                rate,
+                kill_delay_ms: (min_delay_ms, max_delay_ms),
+                verbose: true,
+                ..edge_tests::CrashLoopOptions::default()
+            })
+        }
+        Cmd::Bench { which } => {
+            let what = which.map(|w| format!("{w:?}").to_lowercase()).unwrap_or_else(|| "all".into());
+            bench::run(&root(), &what)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_owned()
+}
+
+/// `cargo` as invoked by `cargo xtask` (so the same toolchain), else from PATH.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build_bins(packages: &[&str]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--bins"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    run(cmd).context("building the binaries failed")
+}
+
+fn test(args: &[String]) -> Result<()> {
+    provision::provision()?;
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    run(build).context("building the binaries failed")?;
+    let mut test = cargo();
+    test.arg("test");
+    // `-p X` narrows the run; otherwise the whole workspace.
+    if !args.iter().any(|a| a == "-p" || a.starts_with("--package")) {
+        test.arg("--workspace");
+    }
+    test.args(args);
+    run(test).context("tests failed")
+}
+
+fn soak(opts: edge_tests::CrashLoopOptions) -> Result<()> {
+    let env = edge_tests::TestEnv::new("soak")?;
+    println!(
+        "soak: {} kills, seed {}, {} writers x {} per batch, kill delay {}-{} ms, in {}",
+        opts.kills,
+        opts.seed,
+        opts.writers,
+        opts.batch,
+        opts.kill_delay_ms.0,
+        opts.kill_delay_ms.1,
+        env.dir().display()
+    );
+    let report = edge_tests::crash_loop(env.dir(), &opts);
+    match report {
+        Ok(r) if r.is_ok() => {
+            println!("{r}");
+            Ok(())
+        }
+        Ok(r) => {
+            env.dump_logs();
+            println!("{r}");
+            bail!(
+                "soak failed (replay the kill delays with --seed {})",
+                opts.seed
+            )
+        }
+        Err(e) => {
+            env.dump_logs();
+            Err(e.context("soak could not run"))
+        }
+    }
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}

@@ -122,6 +122,10 @@ pub struct Outbox {
     committer: Committer,
     notify: Arc<Notify>,
     commits: AtomicU64,
+    /// Every seq below this is durable. Only those are handed to the uplink: a message sent
+    /// before its commit could be lost with its seq in a crash, and the seq (so the message
+    /// id) would then be reused for a different message after the restart.
+    durable_below: AtomicU64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -244,6 +248,11 @@ impl Outbox {
             return Err(corrupted(format!("message seq {max_seq:?} is not below next_seq {next_seq}")));
         }
 
+        // What sled recovered may include writes that reached the page cache but were never
+        // fsync'd (a killed process, not a power cut); make it durable before anything in it
+        // is sent, so a later power cut cannot take back a message that already went out.
+        tree.flush().map_err(store)?;
+        commit::sync_store(path).map_err(io)?;
         let committer = Committer::start(tree.clone(), path.to_owned()).map_err(io)?;
         tracing::info!(
             path = %path.display(), messages = acct.depth(), bytes = acct.used(),
@@ -258,6 +267,7 @@ impl Outbox {
             committer,
             notify: Arc::new(Notify::new()),
             commits: AtomicU64::new(0),
+            durable_below: AtomicU64::new(next_seq),
         })
     }
 
@@ -320,6 +330,11 @@ impl Outbox {
             return results;
         }
         self.commits.fetch_add(1, Ordering::Relaxed);
+        // Seqs are allocated and inserted under one lock, so a commit that covers our highest
+        // seq covers every lower one too (sled persists its log in order).
+        if let Some(max) = inserted.iter().map(|(_, k, _)| k.seq).max() {
+            self.durable_below.fetch_max(max + 1, Ordering::AcqRel);
+        }
         // notify_one stores a permit, so a commit that lands while the uplink is busy is not missed.
         self.notify.notify_one();
         results
@@ -464,11 +479,16 @@ impl Outbox {
             Some(seq) => Key { class, seq: seq + 1 }.to_bytes(),
             None => Key { class, seq: 0 }.to_bytes(),
         };
+        let durable_below = self.durable_below.load(Ordering::Acquire);
         let end = Key { class, seq: u64::MAX }.to_bytes();
         let now = protocol::v1::now_ms();
         for item in self.tree.range(start..=end) {
             let (k, v) = item.map_err(|e| self.store_err(e))?;
             let Some(key) = Key::from_bytes(&k) else { continue };
+            if key.seq >= durable_below {
+                // Not committed yet; seqs only grow within a class, so nothing later is either.
+                return Ok(None);
+            }
             let record = match Record::decode(&v) {
                 Ok(r) => r,
                 Err(e) => {

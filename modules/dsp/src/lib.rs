@@ -1,0 +1,386 @@
+//! Signal features for one window of sensor samples: time-domain statistics and FFT band
+//! energies.
+//!
+//! Plain Rust with no dependencies, so the same code compiles into the `feature-extractor`
+//! WASM module and natively (for unit tests and for the WASM-vs-native benchmark).
+//! [`Extractor`] owns its FFT plan and scratch buffers and reuses them across windows: after
+//! the first window of a given length, extracting allocates nothing but the output.
+#![forbid(unsafe_code)]
+
+mod fft;
+
+pub use fft::Fft;
+
+/// Window function applied before the FFT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Window {
+    /// No windowing. Band energies then sum exactly to the mean square of the window
+    /// (Parseval), but a tone between bins leaks into neighbouring bands.
+    Rect,
+    /// Periodic Hann window: much less leakage; band energies are normalised by the
+    /// window's power, so a stationary signal's bands still sum to about its mean square.
+    #[default]
+    Hann,
+}
+
+/// Time-domain statistics of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stats {
+    /// Arithmetic mean.
+    pub mean: f32,
+    /// Root mean square (includes the mean: RMS of a constant c is |c|).
+    pub rms: f32,
+    /// Largest absolute value.
+    pub peak: f32,
+    /// `peak / rms`; 0 when `rms` is 0 (silent window).
+    pub crest_factor: f32,
+}
+
+/// Computes [`Stats`]; all zero for an empty window.
+pub fn stats(samples: &[f32]) -> Stats {
+    if samples.is_empty() {
+        return Stats::default();
+    }
+    // f64 accumulators: a long f32 window would otherwise lose precision in the sums.
+    let mut sum = 0.0f64;
+    let mut sum_sq = 0.0f64;
+    let mut peak = 0.0f32;
+    for &x in samples {
+        let xf = f64::from(x);
+        sum += xf;
+        sum_sq += xf * xf;
+        peak = peak.max(x.abs());
+    }
+    let n = samples.len() as f64;
+    let rms = (sum_sq / n).sqrt() as f32;
+    Stats {
+        mean: (sum / n) as f32,
+        rms,
+        peak,
+        crest_factor: if rms > 0.0 { peak / rms } else { 0.0 },
+    }
+}
+
+/// Smallest power of two `>= n` (1 for 0).
+pub fn next_pow2(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// Settings of an [`Extractor`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExtractorConfig {
+    /// Sample rate of the windows in Hz; only scales frequencies in the output.
+    pub sample_rate_hz: f32,
+    /// Number of equal-width bands between 0 Hz and Nyquist (at least 1).
+    pub bands: usize,
+    /// Window function applied before the FFT.
+    pub window: Window,
+    /// Subtract the mean before the FFT, so the 0 Hz bin (and the first band) carries no DC
+    /// offset such as gravity on an accelerometer.
+    pub remove_dc: bool,
+}
+
+/// Everything extracted from one window.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Features {
+    /// Number of samples in the window (before zero-padding).
+    pub len: usize,
+    /// Time-domain statistics (of the raw samples, DC included).
+    pub stats: Stats,
+    /// Frequency of the strongest non-DC bin in Hz (0 for a window shorter than 2 samples
+    /// or a flat spectrum).
+    pub dominant_hz: f32,
+    /// Energy per band, band `i` covering `[i, i+1) * nyquist / bands` (the Nyquist bin
+    /// goes to the last band). Units are the square of the sample unit: with a rectangular
+    /// window and no DC removal they sum to `rms²`.
+    pub bands: Vec<f32>,
+}
+
+impl Features {
+    /// Width of one band in Hz.
+    pub fn band_width_hz(sample_rate_hz: f32, bands: usize) -> f32 {
+        sample_rate_hz / 2.0 / bands.max(1) as f32
+    }
+
+    /// Flattens into `[mean, rms, peak, crest_factor, dominant_hz, band_0, .., band_n-1]`,
+    /// the order of the `feature-extractor` tensor output.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(5 + self.bands.len());
+        v.extend_from_slice(&[
+            self.stats.mean,
+            self.stats.rms,
+            self.stats.peak,
+            self.stats.crest_factor,
+            self.dominant_hz,
+        ]);
+        v.extend_from_slice(&self.bands);
+        v
+    }
+}
+
+/// Reusable feature extractor: keeps the FFT plan, window table and scratch buffers for the
+/// last window length seen.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    config: ExtractorConfig,
+    fft: Option<Fft>,
+    /// Window coefficients for `window_len` samples, and their sum of squares.
+    window_len: usize,
+    window: Vec<f32>,
+    window_power: f64,
+    re: Vec<f32>,
+    im: Vec<f32>,
+    /// Band accumulators (f64, so thousands of small bins add up without loss).
+    acc: Vec<f64>,
+}
+
+impl Extractor {
+    /// `config.bands` is clamped to at least 1.
+    pub fn new(mut config: ExtractorConfig) -> Self {
+        config.bands = config.bands.max(1);
+        Self {
+            config,
+            fft: None,
+            window_len: 0,
+            window: Vec::new(),
+            window_power: 0.0,
+            re: Vec::new(),
+            im: Vec::new(),
+            acc: vec![0.0; config.bands],
+        }
+    }
+
+    /// The settings this extractor was built with.
+    pub fn config(&self) -> &ExtractorConfig {
+        &self.config
+    }
+
+    /// Extracts features from one window of any length (zero-padded to a power of two for
+    /// the FFT). An empty window gives all-zero features.
+    pub fn extract(&mut self, samples: &[f32]) -> Features {
+        let stats = stats(samples);
+        let mut bands = vec![0.0f32; self.config.bands];
+        if samples.is_empty() {
+            return Features { len: 0, stats, dominant_hz: 0.0, bands };
+        }
+        let dominant_bin = self.band_energies(samples, stats.mean, &mut bands);
+        let n = self.re.len();
+        Features {
+            len: samples.len(),
+            stats,
+            dominant_hz: dominant_bin as f32 * self.config.sample_rate_hz / n as f32,
+            bands,
+        }
+    }
+
+    /// Fills `bands` with band energies and returns the strongest non-DC bin.
+    fn band_energies(&mut self, samples: &[f32], mean: f32, bands: &mut [f32]) -> usize {
+        let len = samples.len();
+        let n = next_pow2(len);
+        if self.fft.as_ref().map(Fft::len) != Some(n) {
+            self.fft = Some(Fft::new(n));
+            self.re.resize(n, 0.0);
+            self.im.resize(n, 0.0);
+        }
+        if self.window_len != len {
+            self.prepare_window(len);
+        }
+        let offset = if self.config.remove_dc { mean } else { 0.0 };
+        for ((dst, &x), &w) in self.re.iter_mut().zip(samples).zip(&self.window) {
+            *dst = (x - offset) * w;
+        }
+        self.re[len..].fill(0.0);
+        self.im.fill(0.0);
+        if let Some(fft) = &self.fft {
+            fft.process(&mut self.re, &mut self.im);
+        }
+
+        // One-sided power spectrum: bins 1..n/2 stand for their negative-frequency mirror
+        // too, so they count twice; DC and Nyquist once. Dividing by n * sum(w²) makes the
+        // total the (window-weighted) mean square of the input, by Parseval.
+        let half = n / 2;
+        let norm = 1.0 / (n as f64 * self.window_power.max(f64::MIN_POSITIVE));
+        let nbands = bands.len();
+        let acc = &mut self.acc;
+        acc.clear();
+        acc.resize(nbands, 0.0);
+        let mut best = (0usize, -1.0f64);
+        for k in 0..=half {
+            let (re, im) = (f64::from(self.re[k]), f64::from(self.im[k]));
+            let power = re * re + im * im;
+            let weight = if k == 0 || k == half { 1.0 } else { 2.0 };
+            // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last.
+            let band = if half == 0 { 0 } else { (k * nbands / half).min(nbands - 1) };
+            acc[band] += weight * power * norm;
+            if k > 0 && power > best.1 {
+                best = (k, power);
+            }
+        }
+        for (dst, &e) in bands.iter_mut().zip(acc.iter()) {
+            *dst = e as f32;
+        }
+        if best.1 > 0.0 { best.0 } else { 0 }
+    }
+
+    fn prepare_window(&mut self, len: usize) {
+        self.window.clear();
+        match self.config.window {
+            Window::Rect => self.window.resize(len, 1.0),
+            // Periodic Hann (the spectral-analysis form, 2πi/len); a 1-sample window stays 1
+            // so it is not zeroed out.
+            Window::Hann if len > 1 => self.window.extend((0..len).map(|i| {
+                let phase = 2.0 * std::f64::consts::PI * i as f64 / len as f64;
+                (0.5 - 0.5 * phase.cos()) as f32
+            })),
+            Window::Hann => self.window.push(1.0),
+        }
+        self.window_power = self.window.iter().map(|&w| f64::from(w) * f64::from(w)).sum();
+        self.window_len = len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sine(freq: f32, rate: f32, len: usize, amp: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| amp * (2.0 * std::f32::consts::PI * freq * i as f32 / rate).sin())
+            .collect()
+    }
+
+    fn close(a: f32, b: f32, tol: f32) -> bool {
+        (a - b).abs() <= tol * b.abs().max(1.0)
+    }
+
+    fn config(bands: usize, window: Window) -> ExtractorConfig {
+        ExtractorConfig { sample_rate_hz: 1000.0, bands, window, remove_dc: false }
+    }
+
+    #[test]
+    fn stats_of_constant() {
+        let s = stats(&[3.0; 100]);
+        assert!(close(s.mean, 3.0, 1e-6));
+        assert!(close(s.rms, 3.0, 1e-6));
+        assert!(close(s.peak, 3.0, 1e-6));
+        assert!(close(s.crest_factor, 1.0, 1e-6));
+    }
+
+    #[test]
+    fn stats_of_negative_constant_use_absolute_peak() {
+        let s = stats(&[-2.0; 10]);
+        assert!(close(s.mean, -2.0, 1e-6));
+        assert!(close(s.rms, 2.0, 1e-6));
+        assert!(close(s.peak, 2.0, 1e-6));
+    }
+
+    #[test]
+    fn stats_of_sine() {
+        // Whole number of periods: RMS = A/√2, crest factor √2.
+        let s = stats(&sine(50.0, 1000.0, 1000, 2.0));
+        assert!(s.mean.abs() < 1e-4);
+        assert!(close(s.rms, 2.0 / 2f32.sqrt(), 1e-4));
+        assert!(close(s.peak, 2.0, 1e-3));
+        assert!(close(s.crest_factor, 2f32.sqrt(), 1e-3));
+    }
+
+    #[test]
+    fn empty_and_silent_windows_give_zeros_not_nan() {
+        assert_eq!(stats(&[]), Stats::default());
+        let mut ex = Extractor::new(config(4, Window::Hann));
+        let f = ex.extract(&[]);
+        assert_eq!(f.bands, vec![0.0; 4]);
+        let f = ex.extract(&[0.0; 64]);
+        assert_eq!(f.stats.crest_factor, 0.0);
+        assert_eq!(f.dominant_hz, 0.0);
+        assert!(f.bands.iter().all(|&b| b == 0.0));
+    }
+
+    #[test]
+    fn sine_energy_lands_in_its_band() {
+        // 1024 samples at 1 kHz, 8 bands of 62.5 Hz: 300 Hz belongs to band 4.
+        for window in [Window::Rect, Window::Hann] {
+            let mut ex = Extractor::new(config(8, window));
+            let f = ex.extract(&sine(300.0, 1000.0, 1024, 1.0));
+            let total: f32 = f.bands.iter().sum();
+            assert!(f.bands[4] / total > 0.95, "{window:?}: {:?}", f.bands);
+            assert!((f.dominant_hz - 300.0).abs() < 1000.0 / 1024.0 + 1e-3, "{}", f.dominant_hz);
+        }
+    }
+
+    #[test]
+    fn rect_band_energies_sum_to_mean_square() {
+        // Parseval, with a non-power-of-two length (zero-padded 1000 -> 1024).
+        let samples: Vec<f32> =
+            (0..1000).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0 + 0.3).collect();
+        let mut ex = Extractor::new(config(16, Window::Rect));
+        let f = ex.extract(&samples);
+        let total: f32 = f.bands.iter().sum();
+        assert!(close(total, f.stats.rms * f.stats.rms, 1e-4), "{total} vs {}", f.stats.rms);
+    }
+
+    #[test]
+    fn hann_bands_approximate_mean_square_of_stationary_signal() {
+        let samples = sine(123.0, 1000.0, 2048, 1.5);
+        let mut ex = Extractor::new(config(10, Window::Hann));
+        let f = ex.extract(&samples);
+        let total: f32 = f.bands.iter().sum();
+        assert!(close(total, 1.5 * 1.5 / 2.0, 0.02), "{total}");
+    }
+
+    #[test]
+    fn remove_dc_empties_the_dc_bin() {
+        let samples: Vec<f32> = sine(250.0, 1000.0, 512, 1.0).iter().map(|x| x + 9.81).collect();
+        let mut with_dc = Extractor::new(config(4, Window::Rect));
+        let mut without = Extractor::new(ExtractorConfig { remove_dc: true, ..config(4, Window::Rect) });
+        let a = with_dc.extract(&samples);
+        let b = without.extract(&samples);
+        assert!(a.bands[0] > 90.0, "{:?}", a.bands);
+        assert!(b.bands[0] < 1e-3, "{:?}", b.bands);
+        assert!(close(b.bands[2], 0.5, 1e-3), "{:?}", b.bands);
+        // Stats are of the raw samples either way.
+        assert!(close(b.stats.mean, 9.81, 1e-4));
+    }
+
+    #[test]
+    fn extractor_handles_changing_lengths_and_tiny_windows() {
+        let mut ex = Extractor::new(config(3, Window::Hann));
+        for len in [1usize, 2, 3, 5, 8, 100, 7, 1] {
+            let f = ex.extract(&vec![1.0; len]);
+            assert_eq!(f.len, len);
+            assert_eq!(f.bands.len(), 3);
+            assert!(f.bands.iter().all(|b| b.is_finite() && *b >= 0.0), "{len}: {:?}", f.bands);
+        }
+    }
+
+    #[test]
+    fn more_bands_than_bins_leaves_empty_bands() {
+        let mut ex = Extractor::new(config(16, Window::Rect));
+        let f = ex.extract(&[1.0, -1.0, 1.0, -1.0]);
+        assert_eq!(f.bands.len(), 16);
+        let total: f32 = f.bands.iter().sum();
+        assert!(close(total, 1.0, 1e-5));
+        // All energy at Nyquist, which goes to the last band.
+        assert!(close(f.bands[15], 1.0, 1e-5), "{:?}", f.bands);
+    }
+
+    #[test]
+    fn to_vec_order() {
+        let f = Features {
+            len: 4,
+            stats: Stats { mean: 1.0, rms: 2.0, peak: 3.0, crest_factor: 4.0 },
+            dominant_hz: 5.0,
+            bands: vec![6.0, 7.0],
+        };
+        assert_eq!(f.to_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(Features::band_width_hz(1000.0, 8), 62.5);
+    }
+
+    #[test]
+    fn next_pow2_rounds_up() {
+        assert_eq!(next_pow2(0), 1);
+        assert_eq!(next_pow2(1), 1);
+        assert_eq!(next_pow2(1000), 1024);
+        assert_eq!(next_pow2(1024), 1024);
+    }
+}

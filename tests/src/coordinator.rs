@@ -1,0 +1,214 @@
+//! An `edge-coordinator serve` process: with its embedded broker on a loopback port, or
+//! connected to an external broker.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::journal::Journal;
+use crate::net::{free_port, looks_like_port_collision};
+use crate::process::{ChildProc, ensure_dir, tail};
+
+#[derive(Debug, Clone)]
+enum Broker {
+    Embedded { port: u16 },
+    External { url: String },
+}
+
+/// A coordinator whose state dir, journal and log live under one directory.
+///
+/// Stopping and starting again keeps the port, the state dir and the journal file (the journal
+/// is appended to), as a restarted service would.
+#[derive(Debug)]
+pub struct Coordinator {
+    dir: PathBuf,
+    broker: Broker,
+    journal_path: PathBuf,
+    proc: ChildProc,
+    /// Journal reader used to notice each start's `ready` event.
+    journal: Journal,
+}
+
+impl Coordinator {
+    /// Starts with the embedded broker on a free loopback port.
+    pub fn start_embedded(dir: &Path) -> Result<Coordinator> {
+        let mut last_err = None;
+        for _ in 0..5 {
+            let mut c = Coordinator::new(dir, Broker::Embedded { port: free_port()? })?;
+            match c.start_once() {
+                Ok(()) => return Ok(c),
+                // Another process took the port between free_port() and our bind: try another.
+                Err(e) if looks_like_port_collision(&c.proc.last_log()) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err
+            .context("no attempts")?
+            .context("port collisions on 5 tries"))
+    }
+
+    /// Starts with the embedded broker on `port` (e.g. one an agent was already told to use).
+    pub fn start_embedded_at(dir: &Path, port: u16) -> Result<Coordinator> {
+        let mut c = Coordinator::new(dir, Broker::Embedded { port })?;
+        c.start()?;
+        Ok(c)
+    }
+
+    /// Starts connected to the broker at `broker_url` (`mqtt://127.0.0.1:PORT`).
+    pub fn start_external(dir: &Path, broker_url: &str) -> Result<Coordinator> {
+        let mut c = Coordinator::new(
+            dir,
+            Broker::External {
+                url: broker_url.to_owned(),
+            },
+        )?;
+        c.start()?;
+        Ok(c)
+    }
+
+    fn new(dir: &Path, broker: Broker) -> Result<Coordinator> {
+        ensure_dir(dir)?;
+        let state_dir = dir.join("state");
+        let journal_path = dir.join("journal.jsonl");
+        let mut args: Vec<String> = vec!["serve".into(), "--state-dir".into(), utf8(&state_dir)?];
+        match &broker {
+            Broker::Embedded { port } => {
+                args.extend(["--listen".into(), format!("127.0.0.1:{port}")])
+            }
+            Broker::External { url } => args.extend(["--broker".into(), url.clone()]),
+        }
+        args.extend(["--journal".into(), utf8(&journal_path)?]);
+        let proc = ChildProc::new(
+            "coordinator",
+            crate::bins::coordinator_bin()?,
+            args,
+            dir.join("coordinator.log"),
+        );
+        let journal = Journal::open(&journal_path);
+        Ok(Coordinator {
+            dir: dir.to_owned(),
+            broker,
+            journal_path,
+            proc,
+            journal,
+        })
+    }
+
+    /// Starts the process (again, same port and files) and waits for its `ready` event.
+    ///
+    /// On a restart the old listener's port can take a moment to be free again, so a bind
+    /// failure is retried on the same port until the start timeout.
+    pub fn start(&mut self) -> Result<()> {
+        let deadline = Instant::now() + crate::START_TIMEOUT;
+        loop {
+            match self.start_once() {
+                Err(_)
+                    if Instant::now() < deadline
+                        && looks_like_port_collision(&self.proc.last_log()) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(&mut self) -> Result<()> {
+        self.journal.refresh()?;
+        let readies_before = self.journal.count_kind("ready");
+        self.proc.spawn()?;
+        let deadline = Instant::now() + crate::START_TIMEOUT;
+        loop {
+            self.journal.refresh()?;
+            if self.journal.count_kind("ready") > readies_before {
+                return Ok(());
+            }
+            if let Some(status) = self.proc.exit_status() {
+                bail!(
+                    "coordinator exited with {status} before journaling \"ready\"; its log:\n{}",
+                    tail(&self.proc.last_log(), 40)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "coordinator did not journal \"ready\" in {} within {:?}; its log:\n{}",
+                    self.journal_path.display(),
+                    crate::START_TIMEOUT,
+                    tail(&self.proc.last_log(), 40)
+                );
+            }
+            std::thread::sleep(crate::POLL);
+        }
+    }
+
+    /// SIGTERM; errs unless it exits cleanly in time.
+    pub fn stop(&mut self) -> Result<()> {
+        let status = self.proc.terminate(crate::STOP_TIMEOUT)?;
+        if !status.success() {
+            bail!(
+                "coordinator exited with {status} after SIGTERM; its log:\n{}",
+                tail(&self.proc.last_log(), 40)
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.kill()
+    }
+
+    /// [`Coordinator::stop`] then [`Coordinator::start`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// The broker URL agents should use: the embedded listener, or the external broker.
+    pub fn url(&self) -> String {
+        match &self.broker {
+            Broker::Embedded { port } => format!("mqtt://127.0.0.1:{port}"),
+            Broker::External { url } => url.clone(),
+        }
+    }
+
+    /// The embedded broker's port (`None` with an external broker).
+    pub fn port(&self) -> Option<u16> {
+        match self.broker {
+            Broker::Embedded { port } => Some(port),
+            Broker::External { .. } => None,
+        }
+    }
+
+    /// A fresh reader of the journal, from its first line.
+    pub fn journal(&self) -> Journal {
+        Journal::open(&self.journal_path)
+    }
+
+    pub fn journal_path(&self) -> &Path {
+        &self.journal_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+}
+
+fn utf8(p: &Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}

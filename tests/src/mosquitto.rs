@@ -1,0 +1,196 @@
+//! A private mosquitto broker on a free loopback port, with persistence in the test dir.
+//!
+//! Persistence matters: the coordinator keeps a persistent session, and the messages queued
+//! for it must survive a broker restart just as they would in production.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::net::{free_port, looks_like_port_collision};
+use crate::process::{ChildProc, ensure_dir, tail};
+
+/// Largest MQTT packet the broker accepts: above [`protocol::v1::MAX_PAYLOAD_BYTES`] plus
+/// framing, so oversized-payload tests reach the clients.
+const MAX_PACKET_SIZE: usize = 200_000;
+
+/// Finds the mosquitto binary: `MOSQUITTO_BIN`, then `PATH`, then `/usr/sbin` (where Debian
+/// puts it, which is not on a non-root user's PATH).
+pub fn mosquitto_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MOSQUITTO_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("MOSQUITTO_BIN={} does not name a file", p.display());
+        }
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")]);
+    for dir in dirs {
+        let candidate = dir.join("mosquitto");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "the `mosquitto` binary is missing (not on PATH nor in /usr/sbin): install the Debian \
+         package `mosquitto` (`cargo xtask test` does this when run as root) or set MOSQUITTO_BIN"
+    )
+}
+
+/// A running (or stopped, restartable) mosquitto.
+#[derive(Debug)]
+pub struct Mosquitto {
+    dir: PathBuf,
+    port: u16,
+    conf_path: PathBuf,
+    proc: ChildProc,
+}
+
+impl Mosquitto {
+    /// Writes `DIR/mosquitto.conf` and starts the broker on a free port.
+    pub fn start(dir: &Path) -> Result<Mosquitto> {
+        let bin = mosquitto_bin()?;
+        ensure_dir(dir)?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            let mut m = Mosquitto::new(dir, &bin, free_port()?)?;
+            match m.start_once() {
+                Ok(()) => return Ok(m),
+                Err(e) if looks_like_port_collision(&m.proc.last_log()) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err
+            .context("no attempts")?
+            .context("port collisions on 5 tries"))
+    }
+
+    fn new(dir: &Path, bin: &Path, port: u16) -> Result<Mosquitto> {
+        let conf_path = dir.join("mosquitto.conf");
+        let persistence = dir.join("persistence");
+        ensure_dir(&persistence)?;
+        let persistence = persistence.to_str().context("test dir path is not UTF-8")?;
+        let conf = format!(
+            "# Written by the edge-tests harness.\n\
+             listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             persistence true\n\
+             persistence_location {persistence}/\n\
+             # Saved at SIGTERM; every second too, so a killed broker loses little.\n\
+             autosave_interval 1\n\
+             max_packet_size {MAX_PACKET_SIZE}\n\
+             # Room for everything a test queues for a disconnected persistent session.\n\
+             max_queued_messages 0\n\
+             max_queued_bytes 0\n\
+             # When run as root, stay root: the persistence dir is the test's, not mosquitto's.\n\
+             user root\n\
+             log_dest stderr\n\
+             log_type error\n\
+             log_type warning\n\
+             log_type notice\n\
+             log_type information\n\
+             connection_messages true\n\
+             log_timestamp_format %H:%M:%S\n"
+        );
+        std::fs::write(&conf_path, conf)
+            .with_context(|| format!("cannot write {}", conf_path.display()))?;
+        let args = vec![
+            "-c".to_owned(),
+            conf_path.to_str().context("path is not UTF-8")?.to_owned(),
+        ];
+        let proc = ChildProc::new("mosquitto", bin, args, dir.join("mosquitto.log"));
+        Ok(Mosquitto {
+            dir: dir.to_owned(),
+            port,
+            conf_path,
+            proc,
+        })
+    }
+
+    fn start_once(&mut self) -> Result<()> {
+        self.proc.spawn()?;
+        let deadline = Instant::now() + crate::START_TIMEOUT;
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.proc.exit_status() {
+                bail!(
+                    "mosquitto exited with {status} at start; its log:\n{}",
+                    tail(&self.proc.last_log(), 30)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "mosquitto did not listen on 127.0.0.1:{} within {:?}; its log:\n{}",
+                    self.port,
+                    crate::START_TIMEOUT,
+                    tail(&self.proc.last_log(), 30)
+                );
+            }
+            std::thread::sleep(crate::POLL);
+        }
+    }
+
+    /// SIGTERM, so it saves its persistence file; errs unless it exits cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        let status = self.proc.terminate(crate::STOP_TIMEOUT)?;
+        if !status.success() {
+            bail!(
+                "mosquitto exited with {status} after SIGTERM; its log:\n{}",
+                tail(&self.proc.last_log(), 30)
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port with the same persistence (retrying while the old
+    /// listener's port is not yet free).
+    pub fn start_again(&mut self) -> Result<()> {
+        let deadline = Instant::now() + crate::START_TIMEOUT;
+        loop {
+            match self.start_once() {
+                Err(_)
+                    if Instant::now() < deadline
+                        && looks_like_port_collision(&self.proc.last_log()) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Mosquitto::stop`] then [`Mosquitto::start_again`].
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn conf_path(&self) -> &Path {
+        &self.conf_path
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}

@@ -1,0 +1,116 @@
+//! A bare MQTT client for publishing hostile input (malformed or oversized payloads, forged
+//! topics) straight to the broker, bypassing the agent.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError};
+
+/// Big enough to send payloads above any limit under test; the broker decides what it takes.
+const MAX_PACKET: usize = 1024 * 1024;
+
+/// One connection; publishes with QoS 1 and waits for the broker's answer.
+///
+/// It does not reconnect: once the broker drops it (as it may for an oversized packet) it is
+/// spent, and a test opens a new one. That keeps a rejected packet from being re-sent forever.
+pub struct RawMqtt {
+    client: Client,
+    conn: Connection,
+    dead: Option<String>,
+}
+
+impl std::fmt::Debug for RawMqtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawMqtt")
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawOutcome {
+    /// The broker acknowledged it (so it was routed to subscribers).
+    Acked,
+    /// The connection failed before the acknowledgement, with the reason.
+    Dropped(String),
+}
+
+impl RawMqtt {
+    /// Connects to 127.0.0.1:`port` and waits for CONNACK.
+    pub fn connect(port: u16, client_id: &str, timeout: Duration) -> Result<RawMqtt> {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+        opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(true);
+        let (client, conn) = Client::new(opts, 16);
+        let mut raw = RawMqtt {
+            client,
+            conn,
+            dead: None,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match raw.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(raw),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("raw MQTT client cannot connect to 127.0.0.1:{port}: {e}"),
+                None => {
+                    bail!("raw MQTT client: no CONNACK from 127.0.0.1:{port} within {timeout:?}")
+                }
+            }
+        }
+    }
+
+    /// Publishes `payload` on `topic` (QoS 1, not retained) and waits for PUBACK or a failure.
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<RawOutcome> {
+        if let Some(why) = &self.dead {
+            bail!("raw MQTT connection already dropped: {why}");
+        }
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .with_context(|| format!("cannot queue a publish on {topic}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::PubAck(_)))) => return Ok(RawOutcome::Acked),
+                Some(Ok(Event::Incoming(Packet::Disconnect))) => {
+                    self.dead = Some("broker sent DISCONNECT".into());
+                    return Ok(RawOutcome::Dropped("broker sent DISCONNECT".into()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    self.dead = Some(e.to_string());
+                    return Ok(RawOutcome::Dropped(e.to_string()));
+                }
+                None => bail!("raw MQTT client: no PUBACK for {topic} within {timeout:?}"),
+            }
+        }
+    }
+
+    fn next(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<Result<Event, rumqttc::ConnectionError>>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match self.conn.recv_timeout(left) {
+            Ok(ev) => Ok(Some(ev)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => bail!("raw MQTT event loop stopped"),
+        }
+    }
+}
+
+impl Drop for RawMqtt {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+    }
+}

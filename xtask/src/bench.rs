@@ -1,0 +1,205 @@
+//! `cargo xtask bench [outbox|e2e|rss|all]`: our code and a baseline, side by side in one run.
+//!
+//! - outbox: durable enqueue rate vs an append+fdatasync loop (`cargo bench -p edge-agent --bench outbox`);
+//! - e2e: messages/s from the agent's local API through outbox, uplink, embedded broker and
+//!   coordinator, vs a bare rumqttc client publishing the same envelopes to the same broker,
+//!   both timed until the coordinator's journal holds every message;
+//! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker.
+//!
+//! Release builds. Figures are medians over rounds; the machines are shared and noisy, so
+//! quote the ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use edge_tests::{Agent, AgentOptions, Class, Coordinator, Journal, LocalApi, Publish};
+
+const E2E_MESSAGES: usize = 4000;
+const E2E_PAYLOAD: usize = 200;
+const ROUNDS: usize = 3;
+
+pub fn run(root: &Path, which: &str) -> Result<()> {
+    let all = which == "all";
+    if all || which == "outbox" {
+        let status = Command::new(cargo())
+            .current_dir(root)
+            .args(["bench", "-p", "edge-agent", "--bench", "outbox"])
+            .status()
+            .context("cannot run cargo bench")?;
+        if !status.success() {
+            bail!("outbox benchmark failed");
+        }
+    }
+    if all || which == "e2e" || which == "rss" {
+        build_release(root)?;
+        let dir = tempfile::Builder::new().prefix("edge-bench").tempdir_in(root.join("target"))?;
+        if all || which == "e2e" {
+            e2e(root, dir.path())?;
+        }
+        if all || which == "rss" {
+            rss(root, dir.path())?;
+        }
+    }
+    if !matches!(which, "all" | "outbox" | "e2e" | "rss") {
+        bail!("unknown benchmark {which:?}: use outbox, e2e, rss or all");
+    }
+    Ok(())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn build_release(root: &Path) -> Result<()> {
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(["build", "--release", "-p", "edge-agent", "-p", "edge-coordinator", "--bins", "--example", "bare_mqtt"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    let rel = root.join("target/release");
+    // The harness finds binaries through these (it would otherwise take target/debug).
+    unsafe_env("EDGE_AGENT_BIN", rel.join("edge-agent"));
+    unsafe_env("EDGE_COORDINATOR_BIN", rel.join("edge-coordinator"));
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn unsafe_env(key: &str, value: PathBuf) {
+    // Single-threaded at this point (no harness threads started yet).
+    unsafe { std::env::set_var(key, value) };
+}
+
+fn bare_bin(root: &Path) -> PathBuf {
+    root.join("target/release/examples/bare_mqtt")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn count_data(journal: &mut Journal, device: &str) -> Result<usize> {
+    journal.refresh()?;
+    Ok(journal.events().iter().filter(|e| e.is_for("data", device)).count())
+}
+
+fn wait_count(journal: &mut Journal, device: &str, n: usize, timeout: Duration) -> Result<()> {
+    journal.wait_for(&format!("{n} data events from {device}"), timeout, |events| {
+        events.iter().filter(|e| e.is_for("data", device)).count() >= n
+    })
+}
+
+fn e2e(root: &Path, dir: &Path) -> Result<()> {
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let rdir = dir.join(format!("e2e-{round}"));
+        std::fs::create_dir_all(&rdir)?;
+        let coord = Coordinator::start_embedded(&rdir.join("coordinator"))?;
+        let port = coord.port().context("coordinator port")?;
+        let mut journal = coord.journal();
+
+        // Baseline: bare rumqttc publishing the same envelopes.
+        let start = Instant::now();
+        let out = Command::new(bare_bin(root))
+            .args(["publish", "127.0.0.1", &port.to_string(), &E2E_MESSAGES.to_string(), &E2E_PAYLOAD.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run bare_mqtt")?;
+        if !out.success() {
+            bail!("bare_mqtt publish failed");
+        }
+        wait_count(&mut journal, "bench-bare", E2E_MESSAGES, Duration::from_secs(120))?;
+        bare.push(E2E_MESSAGES as f64 / start.elapsed().as_secs_f64());
+
+        // Ours: the agent's local API -> outbox -> uplink -> broker -> coordinator.
+        let mut opts = AgentOptions::new("bench-agent", format!("mqtt://127.0.0.1:{port}"));
+        opts.telemetry_interval_s = 0;
+        let agent = Agent::start(&rdir.join("agent"), opts)?;
+        journal.wait_registered("bench-agent", Duration::from_secs(60))?;
+        let before = count_data(&mut journal, "bench-agent")?;
+        let filler = serde_json::Value::String("x".repeat(E2E_PAYLOAD));
+        let msgs: Vec<Publish> =
+            (0..E2E_MESSAGES).map(|_| Publish::new("bench", Class::Results, filler.clone())).collect();
+        let socket = agent.socket_path();
+        let start = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = msgs
+                .chunks(E2E_MESSAGES / 4)
+                .map(|part| {
+                    let socket = socket.clone();
+                    s.spawn(move || -> Result<()> {
+                        let mut api = LocalApi::connect(&socket)?;
+                        api.publish_all(part, 256)?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        wait_count(&mut journal, "bench-agent", before + E2E_MESSAGES, Duration::from_secs(120))?;
+        ours.push(E2E_MESSAGES as f64 / start.elapsed().as_secs_f64());
+        drop(agent);
+        drop(coord);
+    }
+    let (o, b) = (median(ours), median(bare));
+    println!("end-to-end publish rate, {E2E_MESSAGES} messages of {E2E_PAYLOAD} bytes, median of {ROUNDS} rounds");
+    println!("  bare rumqttc client -> embedded broker -> coordinator : {b:>8.0} msg/s");
+    println!("  agent local API -> durable outbox -> uplink -> ...     : {o:>8.0} msg/s  ratio {:.2}x of bare", o / b);
+    Ok(())
+}
+
+fn rss_of(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = field_kb(&status, "VmRSS:").context("VmRSS")?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let pss = field_kb(&rollup, "Pss:").unwrap_or(0);
+    Ok((rss, pss))
+}
+
+fn field_kb(text: &str, key: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rss(root: &Path, dir: &Path) -> Result<()> {
+    const SETTLE: Duration = Duration::from_secs(5);
+    let coord = Coordinator::start_embedded(&dir.join("rss-coordinator"))?;
+    let port = coord.port().context("coordinator port")?;
+    let mut journal = coord.journal();
+    let (mut ours, mut ours_pss, mut bare, mut bare_pss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let device = format!("rss-{round}");
+        let opts = AgentOptions::new(device.clone(), format!("mqtt://127.0.0.1:{port}"));
+        let agent = Agent::start(&dir.join(&device), opts)?;
+        journal.wait_registered(&device, Duration::from_secs(60))?;
+        std::thread::sleep(SETTLE); // idle time before sampling: this is the measurement, not a sync
+        let (r, p) = rss_of(agent.pid().context("agent pid")?)?;
+        ours.push(r as f64);
+        ours_pss.push(p as f64);
+        drop(agent);
+
+        let mut child = Command::new(bare_bin(root))
+            .args(["idle", "127.0.0.1", &port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start bare_mqtt")?;
+        std::thread::sleep(SETTLE);
+        let (r, p) = rss_of(child.id())?;
+        let _ = child.kill();
+        let _ = child.wait();
+        bare.push(r as f64);
+        bare_pss.push(p as f64);
+    }
+    let (o, op, b, bp) = (median(ours), median(ours_pss), median(bare), median(bare_pss));
+    println!("idle memory after {}s connected, median of {ROUNDS} processes (KiB)", SETTLE.as_secs());
+    println!("  bare tokio+rumqttc : RSS {b:>7.0}  PSS {bp:>7.0}");
+    println!("  edge-agent         : RSS {o:>7.0}  PSS {op:>7.0}  ratio RSS {:.2}x, PSS {:.2}x", o / b, op / bp);
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! `cargo xtask demo`: the README's one-command tour, built from the test harness.
+//!
+//! A coordinator with its embedded broker and two agents (`edge-a`, `edge-b`) run as separate
+//! processes in a temp dir. The demo prints a timeline from the coordinator's journal as it
+//! goes: registrations, telemetry, a broker outage during which the agents keep queueing
+//! (telemetry, plus results published with `edge-agent publish`), the broker's return, and
+//! the count of everything queued during the outage that arrived. Processes are killed on
+//! every exit path (the harness kills children on drop).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use edge_tests::{Agent, AgentOptions, Coordinator, Event, Journal, TestEnv};
+
+const DEVICES: [&str; 2] = ["edge-a", "edge-b"];
+const TELEMETRY_S: u64 = 2;
+const ONLINE_STREAM: Duration = Duration::from_secs(5);
+const OUTAGE_TICKS: u32 = 6;
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn run() -> Result<()> {
+    let env = TestEnv::new("demo")?;
+    let result = tour(&env);
+    if let Err(e) = &result {
+        eprintln!("demo failed: {e:#}");
+        env.dump_logs();
+    }
+    result
+}
+
+/// Prints journal events with times relative to the start of the demo.
+struct Timeline {
+    t0_ms: u64,
+    started: Instant,
+    journal: Journal,
+    shown: usize,
+}
+
+impl Timeline {
+    fn note(&self, msg: &str) {
+        let t = self.started.elapsed().as_secs_f64();
+        println!("{t:6.1}s  == {msg}");
+    }
+
+    /// Prints what the journal gained since the last call.
+    fn pump(&mut self) -> Result<()> {
+        self.journal.refresh()?;
+        for e in &self.journal.events()[self.shown..] {
+            if let Some(line) = describe(e) {
+                let t = e.ts_ms.saturating_sub(self.t0_ms) as f64 / 1000.0;
+                println!("{t:6.1}s  {line}");
+            }
+        }
+        self.shown = self.journal.len();
+        Ok(())
+    }
+
+    /// Keeps printing for `d` (the demo's pacing; nothing waits on it for correctness).
+    fn show_for(&mut self, d: Duration) -> Result<()> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.pump()?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.pump()
+    }
+
+    /// Keeps printing until `pred` holds over the journal, or errs after `timeout`.
+    fn until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Journal) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump()?;
+            if pred(&self.journal) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn describe(e: &Event) -> Option<String> {
+    let dev = e.device.as_deref().unwrap_or("-");
+    let line = match e.event.as_str() {
+        "ready" => format!(
+            "coordinator ready, broker {}{}",
+            e.str_field("broker").unwrap_or("?"),
+            if e.raw.get("embedded").and_then(|v| v.as_bool()) == Some(true) {
+                " (embedded)"
+            } else {
+                ""
+            }
+        ),
+        "registered" => format!(
+            "{dev:<7} registered: agent {}, boot {}",
+            e.str_field("agent_version").unwrap_or("?"),
+            e.str_field("boot_id").map(short).unwrap_or("?")
+        ),
+        "online" => format!("{dev:<7} online"),
+        "offline" => format!("{dev:<7} offline"),
+        "telemetry" => format!(
+            "{dev:<7} telemetry #{:<4} cpu {:5.1}%  mem used {}  agent rss {}  outbox {}",
+            e.seq.unwrap_or(0),
+            e.f64_field("cpu_percent").unwrap_or(0.0),
+            mib(e.f64_field("mem_used_bytes")),
+            mib(e.f64_field("agent_rss_bytes")),
+            e.raw
+                .get("outbox_depth")
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        ),
+        "data" => {
+            let age_ms = e.ts_ms.saturating_sub(
+                e.raw
+                    .get("created_ms")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(e.ts_ms),
+            );
+            let queued = if age_ms >= 1000 {
+                format!(" (queued {:.1}s)", age_ms as f64 / 1000.0)
+            } else {
+                String::new()
+            };
+            format!(
+                "{dev:<7} data #{:<4} {} on {}: {}{queued}",
+                e.seq.unwrap_or(0),
+                e.class.as_deref().unwrap_or("?"),
+                e.str_field("stream").unwrap_or("?"),
+                e.raw
+                    .get("payload")
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            )
+        }
+        "duplicate" => format!(
+            "{dev:<7} duplicate dropped ({})",
+            e.id.as_deref().map(short).unwrap_or("?")
+        ),
+        "rejected" => format!(
+            "rejected message on {}: {}",
+            e.str_field("topic").unwrap_or("?"),
+            e.str_field("reason").unwrap_or("?")
+        ),
+        _ => return None,
+    };
+    Some(line)
+}
+
+fn short(s: &str) -> &str {
+    &s[..s.len().min(8)]
+}
+
+fn mib(bytes: Option<f64>) -> String {
+    format!("{:7.1} MiB", bytes.unwrap_or(0.0) / (1024.0 * 1024.0))
+}
+
+/// The seq inside a message id (`protocol::v1::message_id`: 16 hex digits of incarnation,
+/// then 16 of seq).
+fn seq_of(id: &str) -> Option<u64> {
+    if id.len() != 32 {
+        return None;
+    }
+    u64::from_str_radix(&id[16..], 16).ok()
+}
+
+/// Highest seq `device` had delivered (data or telemetry) so far.
+fn max_seq(journal: &Journal, device: &str) -> u64 {
+    journal
+        .events()
+        .iter()
+        .filter(|e| e.is_for("data", device) || e.is_for("telemetry", device))
+        .filter_map(|e| e.seq)
+        .max()
+        .unwrap_or(0)
+}
+
+/// `edge-agent publish`, as a local application would use it; returns the printed id.
+fn cli_publish(agent: &Agent, class: &str, payload: &serde_json::Value) -> Result<String> {
+    let out = Command::new(edge_tests::agent_bin()?)
+        .arg("publish")
+        .arg("--socket")
+        .arg(agent.socket_path())
+        .args(["--stream", "demo/results", "--class", class])
+        .arg(payload.to_string())
+        .output()
+        .context("cannot run edge-agent publish")?;
+    if !out.status.success() {
+        bail!(
+            "edge-agent publish failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if id.is_empty() {
+        bail!("edge-agent publish printed no id");
+    }
+    Ok(id)
+}
+
+fn tour(env: &TestEnv) -> Result<()> {
+    let started = Instant::now();
+    let t0_ms = protocol::v1::now_ms();
+    println!(
+        "edge runtime demo: files and logs in {}",
+        env.dir().display()
+    );
+    let mut coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+    let mut tl = Timeline {
+        t0_ms,
+        started,
+        journal: coord.journal(),
+        shown: 0,
+    };
+    tl.pump()?;
+
+    tl.note(&format!(
+        "starting agents {} (telemetry every {TELEMETRY_S} s)",
+        DEVICES.join(", ")
+    ));
+    let mut agents = Vec::new();
+    for d in DEVICES {
+        let mut o = AgentOptions::new(d, coord.url());
+        o.telemetry_interval_s = TELEMETRY_S;
+        agents.push(Agent::start(&env.path(d), o)?);
+    }
+    tl.until("both agents to register", CATCH_UP_TIMEOUT, |j| {
+        DEVICES.iter().all(|d| j.count("registered", d) > 0)
+    })?;
+    tl.show_for(ONLINE_STREAM)?;
+
+    tl.note("each agent publishes one result through `edge-agent publish` while online");
+    let mut online_ids = Vec::new();
+    for (i, a) in agents.iter().enumerate() {
+        online_ids.push((
+            DEVICES[i],
+            cli_publish(
+                a,
+                "results",
+                &serde_json::json!({"reading": 0, "online": true}),
+            )?,
+        ));
+    }
+    tl.until("the online results", CATCH_UP_TIMEOUT, |j| {
+        online_ids.iter().all(|(d, id)| {
+            j.data_events(d)
+                .iter()
+                .any(|e| e.id.as_deref() == Some(id.as_str()))
+        })
+    })?;
+
+    tl.note("stopping the coordinator (SIGTERM): the broker goes down with it");
+    coord.stop()?;
+    tl.pump()?;
+    let before: BTreeMap<&str, u64> = DEVICES
+        .iter()
+        .map(|d| (*d, max_seq(&tl.journal, d)))
+        .collect();
+
+    tl.note("agents keep running offline: telemetry and results queue in their outboxes");
+    let mut queued_results: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for tick in 1..=OUTAGE_TICKS {
+        std::thread::sleep(Duration::from_secs(1));
+        for (i, a) in agents.iter().enumerate() {
+            let id = cli_publish(
+                a,
+                "results",
+                &serde_json::json!({"reading": tick, "online": false}),
+            )?;
+            let seq = seq_of(&id).map(|s| format!(" seq {s}")).unwrap_or_default();
+            tl.note(&format!(
+                "{} queued result #{tick} via `edge-agent publish`: id {id}{seq}",
+                DEVICES[i]
+            ));
+            queued_results.entry(DEVICES[i]).or_default().push(id);
+        }
+    }
+    // Everything up to each agent's last offline publish was queued during the outage.
+    let mut window: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for d in DEVICES {
+        let last = queued_results
+            .get(d)
+            .and_then(|ids| ids.last())
+            .and_then(|id| seq_of(id));
+        let last = last.context("cannot read the seq from the agent's message id")?;
+        window.insert(d, (before[d], last));
+    }
+
+    tl.note("restarting the coordinator on the same port");
+    coord.start()?;
+    let arrived = |j: &Journal, d: &str| -> BTreeSet<u64> {
+        let (lo, hi) = window[d];
+        j.events()
+            .iter()
+            .filter(|e| e.is_for("data", d) || e.is_for("telemetry", d))
+            .filter_map(|e| e.seq)
+            .filter(|s| *s > lo && *s <= hi)
+            .collect()
+    };
+    let all_results_in = |j: &Journal| {
+        queued_results.iter().all(|(d, ids)| {
+            let got: BTreeSet<&str> = j
+                .data_events(d)
+                .iter()
+                .filter_map(|e| e.id.as_deref())
+                .collect();
+            ids.iter().all(|id| got.contains(id.as_str()))
+        })
+    };
+    tl.until(
+        "everything queued during the outage to arrive",
+        CATCH_UP_TIMEOUT,
+        |j| {
+            all_results_in(j)
+                && DEVICES
+                    .iter()
+                    .all(|d| arrived(j, d).len() as u64 == window[d].1 - window[d].0)
+        },
+    )?;
+    // A little more of the live stream, so the outbox depth is seen back at zero.
+    tl.show_for(Duration::from_secs(TELEMETRY_S + 1))?;
+
+    println!();
+    println!("summary of the outage:");
+    let mut ok = true;
+    for d in DEVICES {
+        let (lo, hi) = window[d];
+        let queued = hi - lo;
+        let delivered = arrived(&tl.journal, d).len() as u64;
+        let results = queued_results.get(d).map_or(0, Vec::len);
+        let duplicates = tl.journal.count("duplicate", d);
+        println!(
+            "  {d}: queued {queued} ({results} results via edge-agent publish, {} telemetry and other), \
+             delivered {delivered}, duplicates dropped {duplicates}",
+            queued.saturating_sub(results as u64)
+        );
+        ok &= delivered == queued;
+    }
+    for a in &mut agents {
+        a.stop()?;
+    }
+    coord.stop()?;
+    if !ok {
+        bail!("some messages queued during the outage did not arrive");
+    }
+    println!(
+        "every message queued during the outage was delivered ({:.0?} in all)",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Installs what the test suite needs beyond the Rust toolchain, so a fresh machine (or CI)
+//! passes with nothing done by hand.
+//!
+//! Debian packages come through apt-get as root; without root a missing package is an error
+//! that names it. Each provisioning step is idempotent and cheap when already satisfied.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Everything `cargo xtask test` needs.
+pub fn provision() -> Result<()> {
+    let mut apt = Apt::default();
+    ensure_mosquitto(&mut apt)?;
+    // Later steps go here, each as its own function: `rustup target add` for wasm32-wasip2 and
+    // the ARM targets, cross linkers and qemu-user (Debian packages through `apt`), and the
+    // ONNX Runtime shared library from the `onnxruntime` wheel on PyPI.
+    Ok(())
+}
+
+/// The end-to-end tests run private mosquitto brokers on free ports (never the system service
+/// on 1883, which the Debian package may start; it is left alone and does not matter).
+fn ensure_mosquitto(apt: &mut Apt) -> Result<()> {
+    if edge_tests::mosquitto_bin().is_ok() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: mosquitto is missing; installing the Debian packages mosquitto and mosquitto-clients"
+    );
+    apt.install(&["mosquitto", "mosquitto-clients"])?;
+    edge_tests::mosquitto_bin()
+        .context("apt-get installed mosquitto but its binary is still not found")?;
+    Ok(())
+}
+
+/// apt-get, with `apt-get update` run at most once per xtask run.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str]) -> Result<()> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!(
+                "missing Debian package(s) {}: install them (`sudo apt-get install -y {}`) or run \
+                 `cargo xtask test` as root so it can",
+                packages.join(", "),
+                packages.join(" ")
+            );
+        }
+        if !self.updated {
+            apt_get(&["update"])?;
+            self.updated = true;
+        }
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend_from_slice(packages);
+        apt_get(&args).with_context(|| format!("cannot install {}", packages.join(", ")))
+    }
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
