@@ -22,7 +22,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn baseline(dir: &std::path::Path, n: usize) -> f64 {
     let path = dir.join("baseline.log");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open baseline");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("open baseline");
     let rec = vec![b'x'; RECORD];
     let start = Instant::now();
     for _ in 0..n {
@@ -63,12 +67,28 @@ async fn outbox_rate(dir: &std::path::Path, n: usize, producers: usize) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rounds: usize = args.iter().position(|a| a == "ROUNDS").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let n: usize = args.iter().position(|a| a == "N").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "ROUNDS")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let n: usize = args
+        .iter()
+        .position(|a| a == "N")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     // Same disk as the repository's target dir (not /tmp, which may be tmpfs).
-    let base = std::env::var("EDGE_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let base = std::env::var("EDGE_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     std::fs::create_dir_all(&base).expect("bench dir");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let (mut b, mut s1, mut s16) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let dir = tempfile::tempdir_in(&base).expect("tempdir");
@@ -79,8 +99,17 @@ fn main() {
         s16.push(rt.block_on(outbox_rate(d16.path(), n * 4, 16)));
     }
     let (b, s1, s16) = (median(b), median(s1), median(s16));
-    println!("durable enqueue, {RECORD}-byte records, median of {rounds} rounds, dir {}", base.display());
+    println!(
+        "durable enqueue, {RECORD}-byte records, median of {rounds} rounds, dir {}",
+        base.display()
+    );
     println!("  baseline append+fdatasync loop : {b:>10.0} rec/s");
-    println!("  outbox, 1 producer             : {s1:>10.0} msg/s  ratio {:.2}x of baseline", s1 / b);
-    println!("  outbox, 16 producers (group)   : {s16:>10.0} msg/s  ratio {:.2}x of baseline", s16 / b);
+    println!(
+        "  outbox, 1 producer             : {s1:>10.0} msg/s  ratio {:.2}x of baseline",
+        s1 / b
+    );
+    println!(
+        "  outbox, 16 producers (group)   : {s16:>10.0} msg/s  ratio {:.2}x of baseline",
+        s16 / b
+    );
 }

@@ -17,14 +17,20 @@ async fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("usage: bare_mqtt idle|publish HOST PORT [N SIZE]"),
     };
     let mut opts = MqttOptions::new(format!("bare-{}", std::process::id()), host, port);
-    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(64).set_max_packet_size(131_072, 131_072);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(64)
+        .set_max_packet_size(131_072, 131_072);
     let (client, mut eventloop) = AsyncClient::new(opts, 256);
     match mode.as_str() {
         "idle" => loop {
             eventloop.poll().await?;
         },
         "publish" => {
-            let n: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(10_000);
+            let n: usize = args
+                .get(4)
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(10_000);
             let size: usize = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(200);
             let filler = "x".repeat(size);
             let start = Instant::now();
@@ -34,7 +40,14 @@ async fn main() -> anyhow::Result<()> {
                     let payload = format!(
                         r#"{{"v":1,"id":"{run:016x}{i:016x}","device":"bench-bare","class":"results","seq":{i},"created_ms":0,"body":{{"stream":"bench","payload":"{filler}"}}}}"#
                     );
-                    client.publish("edge/v1/bench-bare/data/bench", QoS::AtLeastOnce, false, payload).await?;
+                    client
+                        .publish(
+                            "edge/v1/bench-bare/data/bench",
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                        )
+                        .await?;
                 }
                 anyhow::Ok(client)
             });

@@ -28,15 +28,20 @@ pub enum AgentError {
     #[error(transparent)]
     Uplink(#[from] uplink::UplinkError),
     #[error("cannot create state directory {path}: {source}")]
-    StateDir { path: String, source: std::io::Error },
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("a task panicked: {0}")]
     Task(String),
 }
 
 /// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|source| AgentError::StateDir { path: cfg.state_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.display().to_string(),
+        source,
+    })?;
     let device = identity::resolve(&cfg.device.id, &cfg.state_dir)?;
     let outbox = {
         let (dir, ocfg) = (cfg.state_dir.clone(), cfg.outbox.clone());
@@ -47,7 +52,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let outbox = Arc::new(outbox);
     let socket = cfg.socket_path();
     let listener = local_api::bind(&socket).await?;
-    let uplink = uplink::Uplink::new(cfg.mqtt.clone(), device.clone(), AGENT_VERSION.into(), outbox.clone())?;
+    let uplink = uplink::Uplink::new(
+        cfg.mqtt.clone(),
+        device.clone(),
+        AGENT_VERSION.into(),
+        outbox.clone(),
+    )?;
 
     let boot_id = format!("{:016x}", rand::random::<u64>());
     let registration = Registration {
@@ -97,18 +107,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tracing::info!("shutting down: finishing local API requests, then making the outbox durable");
     let _ = stop_tx.send(true);
     let mut panicked = None;
-    for (name, handle) in [("local-api", Some(api)), ("telemetry", telemetry), ("uplink", Some(up))] {
-        if let Some(h) = handle {
-            if let Err(e) = h.await {
-                tracing::error!(task = name, error = %e, "task ended abnormally");
-                panicked = Some(format!("{name}: {e}"));
-            }
+    for (name, handle) in [
+        ("local-api", Some(api)),
+        ("telemetry", telemetry),
+        ("uplink", Some(up)),
+    ] {
+        if let Some(h) = handle
+            && let Err(e) = h.await
+        {
+            tracing::error!(task = name, error = %e, "task ended abnormally");
+            panicked = Some(format!("{name}: {e}"));
         }
     }
     outbox.close().await?;
     let _ = std::fs::remove_file(&socket);
     let st = outbox.stats();
-    tracing::info!(queued = st.depth.iter().sum::<u64>(), delivered = st.delivered, "agent stopped");
+    tracing::info!(
+        queued = st.depth.iter().sum::<u64>(),
+        delivered = st.delivered,
+        "agent stopped"
+    );
     match panicked {
         Some(p) => Err(AgentError::Task(p)),
         None => Ok(()),

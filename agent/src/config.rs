@@ -16,7 +16,10 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/agent.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The toml error message already names the key, line and column.
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -38,6 +41,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct DeviceConfig {
     /// Device id for MQTT topics; empty derives one from /etc/machine-id.
     pub id: String,
@@ -128,12 +132,6 @@ impl Default for Config {
     }
 }
 
-impl Default for DeviceConfig {
-    fn default() -> Self {
-        DeviceConfig { id: String::new() }
-    }
-}
-
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
@@ -174,7 +172,10 @@ impl Default for TelemetryConfig {
 
 impl Default for LocalApiConfig {
     fn default() -> Self {
-        LocalApiConfig { socket: PathBuf::new(), max_message_bytes: 65_536 }
+        LocalApiConfig {
+            socket: PathBuf::new(),
+            max_message_bytes: 65_536,
+        }
     }
 }
 
@@ -194,29 +195,41 @@ impl OutboxConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), String> {
         if !self.device.id.is_empty() {
-            protocol::v1::validate_device_id(&self.device.id).map_err(|e| format!("device.id: {e}"))?;
+            protocol::v1::validate_device_id(&self.device.id)
+                .map_err(|e| format!("device.id: {e}"))?;
         }
         crate::uplink::BrokerAddr::parse(&self.mqtt.url).map_err(|e| format!("mqtt.url: {e}"))?;
         if self.mqtt.cert_file.as_os_str().is_empty() != self.mqtt.key_file.as_os_str().is_empty() {
             return Err("mqtt.cert_file and mqtt.key_file must be set together".into());
         }
-        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms {
-            return Err("mqtt.reconnect_min_ms must be at least 1 and at most mqtt.reconnect_max_ms".into());
+        if self.mqtt.reconnect_min_ms == 0
+            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
+        {
+            return Err(
+                "mqtt.reconnect_min_ms must be at least 1 and at most mqtt.reconnect_max_ms".into(),
+            );
         }
         if self.mqtt.keepalive_s < 5 {
             return Err("mqtt.keepalive_s must be at least 5".into());
@@ -262,7 +275,9 @@ mod tests {
     #[test]
     fn unknown_key_is_named_with_its_line() {
         let text = "state_dir = \"/tmp/x\"\n[mqtt]\nurl = \"mqtt://h:1\"\nkeepalive = 3\n";
-        let err = Config::parse(text, Path::new("a.toml")).expect_err("unknown key").to_string();
+        let err = Config::parse(text, Path::new("a.toml"))
+            .expect_err("unknown key")
+            .to_string();
         assert!(err.contains("keepalive"), "{err}");
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("a.toml"), "{err}");
@@ -278,7 +293,9 @@ mod tests {
             ("[outbox]\nmax_bytes = -1\n", "max_bytes"),
         ];
         for (text, needle) in cases {
-            let err = Config::parse(text, Path::new("a.toml")).expect_err(text).to_string();
+            let err = Config::parse(text, Path::new("a.toml"))
+                .expect_err(text)
+                .to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
     }

@@ -10,9 +10,15 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read or write device id file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("device id file {path} holds an invalid id: {source}")]
-    Invalid { path: String, source: protocol::v1::Error },
+    Invalid {
+        path: String,
+        source: protocol::v1::Error,
+    },
 }
 
 const MACHINE_ID_FILES: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
@@ -23,10 +29,10 @@ pub fn resolve(configured: &str, state_dir: &Path) -> Result<String, IdentityErr
         return Ok(configured.to_owned());
     }
     for f in MACHINE_ID_FILES {
-        if let Ok(raw) = std::fs::read_to_string(f) {
-            if let Some(id) = from_machine_id(&raw) {
-                return Ok(id);
-            }
+        if let Ok(raw) = std::fs::read_to_string(f)
+            && let Some(id) = from_machine_id(&raw)
+        {
+            return Ok(id);
         }
     }
     persisted_random(state_dir)
@@ -45,12 +51,17 @@ pub fn from_machine_id(raw: &str) -> Option<String> {
 
 fn persisted_random(state_dir: &Path) -> Result<String, IdentityError> {
     let path = state_dir.join("device-id");
-    let io = |source| IdentityError::Io { path: path.display().to_string(), source };
+    let io = |source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(s) => {
             let id = s.trim().to_owned();
-            protocol::v1::validate_device_id(&id)
-                .map_err(|source| IdentityError::Invalid { path: path.display().to_string(), source })?;
+            protocol::v1::validate_device_id(&id).map_err(|source| IdentityError::Invalid {
+                path: path.display().to_string(),
+                source,
+            })?;
             Ok(id)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -76,8 +87,14 @@ mod tests {
     #[test]
     fn machine_id_derivation_is_stable_and_valid() {
         let a = from_machine_id("0123456789abcdef0123456789abcdef\n").expect("id");
-        assert_eq!(a, from_machine_id("0123456789abcdef0123456789abcdef").expect("id"));
-        assert_ne!(a, from_machine_id("fedcba9876543210fedcba9876543210").expect("id"));
+        assert_eq!(
+            a,
+            from_machine_id("0123456789abcdef0123456789abcdef").expect("id")
+        );
+        assert_ne!(
+            a,
+            from_machine_id("fedcba9876543210fedcba9876543210").expect("id")
+        );
         protocol::v1::validate_device_id(&a).expect("valid");
         assert_eq!(from_machine_id("  \n"), None);
     }

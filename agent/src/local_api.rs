@@ -27,7 +27,10 @@ pub enum LocalApiError {
     #[error("another agent is already serving the local API on {0}")]
     InUse(PathBuf),
     #[error("local API socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,13 +59,22 @@ pub struct Response {
 
 impl Response {
     fn err(e: impl std::fmt::Display) -> Response {
-        Response { ok: false, id: None, seq: None, class: None, error: Some(e.to_string()) }
+        Response {
+            ok: false,
+            id: None,
+            seq: None,
+            class: None,
+            error: Some(e.to_string()),
+        }
     }
 }
 
 /// Binds the socket, refusing to steal it from a running agent.
 pub async fn bind(path: &Path) -> Result<UnixListener, LocalApiError> {
-    let io = |source| LocalApiError::Io { path: path.to_owned(), source };
+    let io = |source| LocalApiError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             return Err(LocalApiError::InUse(path.to_owned()));
@@ -101,11 +113,19 @@ pub async fn serve(
         }
     }
     // Let requests already being stored finish, so their clients get an answer.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     conns.abort_all();
 }
 
-async fn connection(stream: UnixStream, device: Arc<str>, outbox: Arc<Outbox>, max_message_bytes: usize) {
+async fn connection(
+    stream: UnixStream,
+    device: Arc<str>,
+    outbox: Arc<Outbox>,
+    max_message_bytes: usize,
+) {
     let (rd, mut wr) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, rd);
     // Room for the payload plus the request's own fields.
@@ -115,7 +135,11 @@ async fn connection(stream: UnixStream, device: Arc<str>, outbox: Arc<Outbox>, m
         let mut fatal = None;
         loop {
             let mut buf = Vec::new();
-            let n = match (&mut reader).take(line_limit as u64 + 1).read_until(b'\n', &mut buf).await {
+            let n = match (&mut reader)
+                .take(line_limit as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .await
+            {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(error = %e, "local API read failed");
@@ -126,7 +150,9 @@ async fn connection(stream: UnixStream, device: Arc<str>, outbox: Arc<Outbox>, m
                 break;
             }
             if buf.last() != Some(&b'\n') && buf.len() > line_limit {
-                fatal = Some(format!("request longer than {line_limit} bytes; closing connection"));
+                fatal = Some(format!(
+                    "request longer than {line_limit} bytes; closing connection"
+                ));
                 break;
             }
             lines.push(buf);
@@ -153,7 +179,12 @@ async fn connection(stream: UnixStream, device: Arc<str>, outbox: Arc<Outbox>, m
     }
 }
 
-async fn handle_batch(lines: &[Vec<u8>], device: &str, outbox: &Outbox, max_message_bytes: usize) -> Vec<Response> {
+async fn handle_batch(
+    lines: &[Vec<u8>],
+    device: &str,
+    outbox: &Outbox,
+    max_message_bytes: usize,
+) -> Vec<Response> {
     let mut responses: Vec<Option<Response>> = vec![None; lines.len()];
     let mut msgs = Vec::new();
     let mut slots = Vec::new();
@@ -168,24 +199,44 @@ async fn handle_batch(lines: &[Vec<u8>], device: &str, outbox: &Outbox, max_mess
     }
     for (slot, res) in slots.into_iter().zip(outbox.enqueue_batch(msgs).await) {
         responses[slot] = Some(match res {
-            Ok(a) => Response { ok: true, id: Some(a.id), seq: Some(a.seq), class: Some(a.class), error: None },
+            Ok(a) => Response {
+                ok: true,
+                id: Some(a.id),
+                seq: Some(a.seq),
+                class: Some(a.class),
+                error: None,
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "local API message refused");
                 Response::err(e)
             }
         });
     }
-    responses.into_iter().map(|r| r.unwrap_or_else(|| Response::err("internal error"))).collect()
+    responses
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Response::err("internal error")))
+        .collect()
 }
 
-fn parse_request(line: &[u8], device: &str, max_message_bytes: usize) -> Result<NewMessage, String> {
-    let req: Request = serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+fn parse_request(
+    line: &[u8],
+    device: &str,
+    max_message_bytes: usize,
+) -> Result<NewMessage, String> {
+    let req: Request =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
     topics::validate_stream(&req.stream).map_err(|e| e.to_string())?;
     let class = req.class.unwrap_or(Class::Results);
-    let body = serde_json::to_vec(&Data { stream: req.stream.clone(), payload: req.payload })
-        .map_err(|e| format!("cannot encode payload: {e}"))?;
+    let body = serde_json::to_vec(&Data {
+        stream: req.stream.clone(),
+        payload: req.payload,
+    })
+    .map_err(|e| format!("cannot encode payload: {e}"))?;
     if body.len() > max_message_bytes {
-        return Err(format!("message of {} bytes exceeds local_api.max_message_bytes ({max_message_bytes})", body.len()));
+        return Err(format!(
+            "message of {} bytes exceeds local_api.max_message_bytes ({max_message_bytes})",
+            body.len()
+        ));
     }
     Ok(NewMessage {
         class,
@@ -197,15 +248,22 @@ fn parse_request(line: &[u8], device: &str, max_message_bytes: usize) -> Result<
 
 /// Client side, used by `edge-agent publish`: sends one request and returns the answer.
 pub async fn publish(socket: &Path, req: &Request) -> Result<Response, LocalApiError> {
-    let io = |source| LocalApiError::Io { path: socket.to_owned(), source };
+    let io = |source| LocalApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
     let stream = UnixStream::connect(socket).await.map_err(io)?;
     let (rd, mut wr) = stream.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| io(std::io::Error::other(e)))?;
     line.push(b'\n');
     wr.write_all(&line).await.map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(rd).read_line(&mut answer).await.map_err(io)?;
-    serde_json::from_str(&answer).map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    BufReader::new(rd)
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
+    serde_json::from_str(&answer)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 #[cfg(test)]
@@ -224,8 +282,12 @@ mod tests {
             let err = parse_request(line, "d1", 40).expect_err("refused");
             assert!(err.contains(needle), "{err}");
         }
-        let ok = parse_request(br#"{"stream":"a/b","payload":{"x":1},"class":"control","ttl_s":5}"#, "d1", 1000)
-            .expect("valid");
+        let ok = parse_request(
+            br#"{"stream":"a/b","payload":{"x":1},"class":"control","ttl_s":5}"#,
+            "d1",
+            1000,
+        )
+        .expect("valid");
         assert_eq!(ok.topic, "edge/v1/d1/data/a/b");
         assert_eq!(ok.class, Class::Control);
         assert_eq!(ok.ttl, Some(Duration::from_secs(5)));
@@ -252,12 +314,16 @@ mod tests {
         let mut lines = BufReader::new(rd).lines();
         let mut seqs = Vec::new();
         for _ in 0..50 {
-            let r: Response = serde_json::from_str(&lines.next_line().await.expect("read").expect("line")).expect("json");
+            let r: Response =
+                serde_json::from_str(&lines.next_line().await.expect("read").expect("line"))
+                    .expect("json");
             assert!(r.ok, "{r:?}");
             seqs.push(r.seq.expect("seq"));
         }
         assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-        let bad: Response = serde_json::from_str(&lines.next_line().await.expect("read").expect("line")).expect("json");
+        let bad: Response =
+            serde_json::from_str(&lines.next_line().await.expect("read").expect("line"))
+                .expect("json");
         assert!(!bad.ok);
         assert_eq!(outbox.stats().depth[Class::Results.index()], 50);
     }

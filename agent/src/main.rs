@@ -73,7 +73,10 @@ fn init_logging(format: LogFormat) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
         return std::future::pending().await;
     };
@@ -94,19 +97,34 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             edge_agent::agent::run(cfg, shutdown_signal()).await?;
         }
-        Cmd::Publish { socket, config, stream, class, ttl_s, payload } => {
+        Cmd::Publish {
+            socket,
+            config,
+            stream,
+            class,
+            ttl_s,
+            payload,
+        } => {
             let socket = match (socket, config) {
                 (Some(s), _) => s,
                 (None, Some(c)) => Config::load(&c)?.socket_path(),
                 (None, None) => Config::default().socket_path(),
             };
-            let payload: serde_json::Value =
-                serde_json::from_str(&payload).context("payload must be JSON (quote strings: '\"text\"')")?;
-            let req = local_api::Request { stream, class: Some(class), payload, ttl_s };
+            let payload: serde_json::Value = serde_json::from_str(&payload)
+                .context("payload must be JSON (quote strings: '\"text\"')")?;
+            let req = local_api::Request {
+                stream,
+                class: Some(class),
+                payload,
+                ttl_s,
+            };
             let resp = local_api::publish(&socket, &req).await?;
             match (resp.ok, resp.id) {
                 (true, Some(id)) => println!("{id}"),
-                _ => bail!("agent refused the message: {}", resp.error.unwrap_or_default()),
+                _ => bail!(
+                    "agent refused the message: {}",
+                    resp.error.unwrap_or_default()
+                ),
             }
         }
     }
@@ -116,7 +134,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::v1::{Class, DiskStat, NetStat, Telemetry, Temperature, topics};
-use sysinfo::{Components, CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System};
+use sysinfo::{
+    Components, CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
+};
 use tokio::sync::watch;
 
 use crate::outbox::{NewMessage, Outbox};
@@ -53,7 +55,11 @@ impl Sampler {
             .networks
             .list()
             .iter()
-            .map(|(name, n)| NetStat { iface: name.clone(), rx_bytes: n.total_received(), tx_bytes: n.total_transmitted() })
+            .map(|(name, n)| NetStat {
+                iface: name.clone(),
+                rx_bytes: n.total_received(),
+                tx_bytes: n.total_transmitted(),
+            })
             .collect();
         networks.sort_by(|a, b| a.iface.cmp(&b.iface));
         networks.truncate(MAX_ITEMS);
@@ -79,7 +85,12 @@ impl Sampler {
                 .components
                 .list()
                 .iter()
-                .filter_map(|c| Some(Temperature { label: c.label().to_owned(), celsius: c.temperature()? }))
+                .filter_map(|c| {
+                    Some(Temperature {
+                        label: c.label().to_owned(),
+                        celsius: c.temperature()?,
+                    })
+                })
                 .take(MAX_ITEMS)
                 .collect(),
             networks,
@@ -98,7 +109,12 @@ pub fn self_rss_bytes() -> Option<u64> {
 }
 
 /// Samples every `interval` and queues the sample; stops when `shutdown` turns true.
-pub async fn run(device: String, interval: Duration, outbox: Arc<Outbox>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    device: String,
+    interval: Duration,
+    outbox: Arc<Outbox>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut sampler = Sampler::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,7 +131,12 @@ pub async fn run(device: String, interval: Duration, outbox: Arc<Outbox>, mut sh
                 continue;
             }
         };
-        let msg = NewMessage { class: Class::Telemetry, topic: topics::telemetry(&device), body, ttl: None };
+        let msg = NewMessage {
+            class: Class::Telemetry,
+            topic: topics::telemetry(&device),
+            body,
+            ttl: None,
+        };
         if let Err(e) = outbox.enqueue(msg).await {
             tracing::warn!(error = %e, "telemetry sample not queued");
         }

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use protocol::v1::{self, Class, Envelope, Status, topics};
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS, Transport,
+};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
@@ -41,21 +43,32 @@ impl BrokerAddr {
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("{url:?} has an invalid port {p:?}"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("{url:?} has an invalid port {p:?}"))?,
+            ),
             None => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
             return Err(format!("{url:?} has no valid host"));
         }
-        Ok(BrokerAddr { tls, host: host.to_owned(), port })
+        Ok(BrokerAddr {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("cannot read TLS file {path}: {source}")]
-    TlsFile { path: String, source: std::io::Error },
+    TlsFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid TLS setup: {0}")]
     Tls(String),
     #[error("{0}")]
@@ -85,7 +98,12 @@ pub struct SendWindow {
 
 impl SendWindow {
     pub fn new(capacity: usize) -> Self {
-        SendWindow { capacity, cursors: [None; 4], unsent: VecDeque::new(), inflight: HashMap::new() }
+        SendWindow {
+            capacity,
+            cursors: [None; 4],
+            unsent: VecDeque::new(),
+            inflight: HashMap::new(),
+        }
     }
 
     pub fn has_room(&self) -> bool {
@@ -138,12 +156,28 @@ impl Uplink {
         outbox: Arc<Outbox>,
     ) -> Result<Uplink, UplinkError> {
         let addr = BrokerAddr::parse(&cfg.url).map_err(UplinkError::Config)?;
-        let tls = if addr.tls { Some(Arc::new(tls_config(&cfg)?)) } else { None };
-        Ok(Uplink { cfg, device, agent_version, outbox, stats: Arc::default(), tls, addr })
+        let tls = if addr.tls {
+            Some(Arc::new(tls_config(&cfg)?))
+        } else {
+            None
+        };
+        Ok(Uplink {
+            cfg,
+            device,
+            agent_version,
+            outbox,
+            stats: Arc::default(),
+            tls,
+            addr,
+        })
     }
 
     fn options(&self, since_ms: u64) -> MqttOptions {
-        let mut o = MqttOptions::new(format!("edge-agent-{}", self.device), &self.addr.host, self.addr.port);
+        let mut o = MqttOptions::new(
+            format!("edge-agent-{}", self.device),
+            &self.addr.host,
+            self.addr.port,
+        );
         o.set_keep_alive(Duration::from_secs(self.cfg.keepalive_s))
             .set_clean_session(true)
             .set_inflight(self.cfg.inflight)
@@ -159,7 +193,9 @@ impl Uplink {
             o.set_credentials(&self.cfg.username, &self.cfg.password);
         }
         if let Some(tls) = &self.tls {
-            o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+            o.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
         }
         o
     }
@@ -183,23 +219,33 @@ impl Uplink {
                 return;
             }
             let since_ms = v1::now_ms();
-            let (client, eventloop) = AsyncClient::new(self.options(since_ms), self.cfg.inflight as usize * 2 + 16);
-            let outcome = self.session(&client, eventloop, since_ms, &mut shutdown).await;
+            let (client, eventloop) =
+                AsyncClient::new(self.options(since_ms), self.cfg.inflight as usize * 2 + 16);
+            let outcome = self
+                .session(&client, eventloop, since_ms, &mut shutdown)
+                .await;
             self.stats.connected.store(false, Ordering::Relaxed);
             match outcome {
                 SessionEnd::Shutdown => return,
-                SessionEnd::Lost { was_connected, error } => {
+                SessionEnd::Lost {
+                    was_connected,
+                    error,
+                } => {
                     if was_connected {
                         attempt = 0;
                         tracing::warn!(broker = %self.cfg.url, error = %error, "uplink disconnected; outbox keeps queueing");
-                    } else if attempt == 0 || attempt % 10 == 0 {
+                    } else if attempt == 0 || attempt.is_multiple_of(10) {
                         tracing::warn!(broker = %self.cfg.url, error = %error, attempt, "broker unreachable; outbox keeps queueing");
                     } else {
                         tracing::debug!(broker = %self.cfg.url, error = %error, attempt, "connect failed");
                     }
                 }
             }
-            let delay = backoff(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms, attempt);
+            let delay = backoff(
+                self.cfg.reconnect_min_ms,
+                self.cfg.reconnect_max_ms,
+                attempt,
+            );
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -218,10 +264,14 @@ impl Uplink {
         let mut window = SendWindow::new(self.cfg.inflight as usize);
         let mut connected = false;
         loop {
-            if connected && window.has_room() {
-                if let Err(e) = self.fill(client, &mut window) {
-                    return SessionEnd::Lost { was_connected: true, error: e };
-                }
+            if connected
+                && window.has_room()
+                && let Err(e) = self.fill(client, &mut window)
+            {
+                return SessionEnd::Lost {
+                    was_connected: true,
+                    error: e,
+                };
             }
             let idle = connected && window.has_room();
             tokio::select! {
@@ -264,7 +314,10 @@ impl Uplink {
     fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), String> {
         for class in Class::ALL {
             while window.has_room() {
-                let Some(stored) = self.outbox.next_in_class(class, window.cursor(class)).map_err(|e| e.to_string())?
+                let Some(stored) = self
+                    .outbox
+                    .next_in_class(class, window.cursor(class))
+                    .map_err(|e| e.to_string())?
                 else {
                     break;
                 };
@@ -293,7 +346,10 @@ impl Uplink {
 
     /// Wraps a stored body in the wire envelope.
     fn frame(&self, s: &Stored) -> Option<Vec<u8>> {
-        let body = match std::str::from_utf8(&s.record.body).ok().and_then(|b| RawValue::from_string(b.to_owned()).ok()) {
+        let body = match std::str::from_utf8(&s.record.body)
+            .ok()
+            .and_then(|b| RawValue::from_string(b.to_owned()).ok())
+        {
             Some(b) => b,
             None => {
                 tracing::error!(class = %s.key.class, seq = s.key.seq, "dropping outbox message whose body is not json");
@@ -319,16 +375,22 @@ impl Uplink {
 
     fn on_command(&self, topic: &str, payload: &[u8]) {
         let Some(topics::DeviceTopic::Cmd { name, .. }) = topics::parse(topic) else {
-            self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .malformed_incoming
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(topic, "dropping message on an unexpected topic");
             return;
         };
         match Envelope::<serde_json::Value>::from_json(payload, topics::COORDINATOR)
             .or_else(|_| Envelope::<serde_json::Value>::from_json(payload, &self.device))
         {
-            Ok(env) => tracing::info!(command = %name, id = %env.id, "command received; no handler in this version"),
+            Ok(env) => {
+                tracing::info!(command = %name, id = %env.id, "command received; no handler in this version")
+            }
             Err(e) => {
-                self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .malformed_incoming
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic, size = payload.len(), error = %e, "dropping malformed command");
             }
         }
@@ -336,7 +398,12 @@ impl Uplink {
 
     /// Clean shutdown: retained offline status, then disconnect, waiting briefly for both.
     async fn goodbye(&self, client: &AsyncClient, mut eventloop: EventLoop, since_ms: u64) {
-        let _ = client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, self.status(false, since_ms));
+        let _ = client.try_publish(
+            topics::status(&self.device),
+            QoS::AtLeastOnce,
+            true,
+            self.status(false, since_ms),
+        );
         let _ = client.try_disconnect();
         let drain = async {
             while let Ok(ev) = eventloop.poll().await {
@@ -364,7 +431,10 @@ enum SessionEnd {
 /// Exponential backoff with jitter: uniform between `min` and `min * 2^attempt` (capped at
 /// `max`), so a fleet that lost its broker at once spreads its reconnects.
 pub fn backoff(min_ms: u64, max_ms: u64, attempt: u32) -> Duration {
-    let cap = min_ms.saturating_mul(1u64 << attempt.min(20)).min(max_ms).max(min_ms);
+    let cap = min_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(max_ms)
+        .max(min_ms);
     Duration::from_millis(rand::thread_rng().gen_range(min_ms..=cap))
 }
 
@@ -373,7 +443,10 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, UplinkError> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| UplinkError::TlsFile { path: p.display().to_string(), source })
+        std::fs::read(p).map_err(|source| UplinkError::TlsFile {
+            path: p.display().to_string(),
+            source,
+        })
     };
     let ca_path = if cfg.ca_file.as_os_str().is_empty() {
         std::path::PathBuf::from("/etc/ssl/certs/ca-certificates.crt")
@@ -383,10 +456,15 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, UplinkError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&read(&ca_path)?) {
         let cert = cert.map_err(|e| UplinkError::Tls(format!("{}: {e}", ca_path.display())))?;
-        roots.add(cert).map_err(|e| UplinkError::Tls(format!("{}: {e}", ca_path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| UplinkError::Tls(format!("{}: {e}", ca_path.display())))?;
     }
     if roots.is_empty() {
-        return Err(UplinkError::Tls(format!("{} holds no certificates", ca_path.display())));
+        return Err(UplinkError::Tls(format!(
+            "{} holds no certificates",
+            ca_path.display()
+        )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -401,7 +479,9 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, UplinkError> {
         .map_err(|e| UplinkError::Tls(format!("{}: {e}", cfg.cert_file.display())))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&cfg.key_file)?)
         .map_err(|e| UplinkError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
-    builder.with_client_auth_cert(certs, key).map_err(|e| UplinkError::Tls(e.to_string()))
+    builder
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| UplinkError::Tls(e.to_string()))
 }
 
 #[cfg(test)]
@@ -412,7 +492,11 @@ mod tests {
     fn urls() {
         assert_eq!(
             BrokerAddr::parse("mqtt://broker.lan:1884").expect("ok"),
-            BrokerAddr { tls: false, host: "broker.lan".into(), port: 1884 }
+            BrokerAddr {
+                tls: false,
+                host: "broker.lan".into(),
+                port: 1884
+            }
         );
         assert_eq!(BrokerAddr::parse("mqtts://b").expect("ok").port, 8883);
         for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h:x"] {
@@ -422,7 +506,10 @@ mod tests {
 
     #[test]
     fn window_maps_pkids_to_keys_in_order() {
-        let k = |seq| Key { class: Class::Results, seq };
+        let k = |seq| Key {
+            class: Class::Results,
+            seq,
+        };
         let mut w = SendWindow::new(2);
         w.handed_other();
         w.handed(k(1));

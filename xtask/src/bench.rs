@@ -34,7 +34,9 @@ pub fn run(root: &Path, which: &str) -> Result<()> {
     }
     if all || which == "e2e" || which == "rss" {
         build_release(root)?;
-        let dir = tempfile::Builder::new().prefix("edge-bench").tempdir_in(root.join("target"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("edge-bench")
+            .tempdir_in(root.join("target"))?;
         if all || which == "e2e" {
             e2e(root, dir.path())?;
         }
@@ -55,7 +57,17 @@ fn cargo() -> String {
 fn build_release(root: &Path) -> Result<()> {
     let status = Command::new(cargo())
         .current_dir(root)
-        .args(["build", "--release", "-p", "edge-agent", "-p", "edge-coordinator", "--bins", "--example", "bare_mqtt"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "edge-agent",
+            "-p",
+            "edge-coordinator",
+            "--bins",
+            "--example",
+            "bare_mqtt",
+        ])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
@@ -85,13 +97,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn count_data(journal: &mut Journal, device: &str) -> Result<usize> {
     journal.refresh()?;
-    Ok(journal.events().iter().filter(|e| e.is_for("data", device)).count())
+    Ok(journal
+        .events()
+        .iter()
+        .filter(|e| e.is_for("data", device))
+        .count())
 }
 
 fn wait_count(journal: &mut Journal, device: &str, n: usize, timeout: Duration) -> Result<()> {
-    journal.wait_for(&format!("{n} data events from {device}"), timeout, |events| {
-        events.iter().filter(|e| e.is_for("data", device)).count() >= n
-    })
+    journal.wait_for(
+        &format!("{n} data events from {device}"),
+        timeout,
+        |events| events.iter().filter(|e| e.is_for("data", device)).count() >= n,
+    )
 }
 
 fn e2e(root: &Path, dir: &Path) -> Result<()> {
@@ -106,14 +124,25 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
         // Baseline: bare rumqttc publishing the same envelopes.
         let start = Instant::now();
         let out = Command::new(bare_bin(root))
-            .args(["publish", "127.0.0.1", &port.to_string(), &E2E_MESSAGES.to_string(), &E2E_PAYLOAD.to_string()])
+            .args([
+                "publish",
+                "127.0.0.1",
+                &port.to_string(),
+                &E2E_MESSAGES.to_string(),
+                &E2E_PAYLOAD.to_string(),
+            ])
             .stdout(Stdio::null())
             .status()
             .context("cannot run bare_mqtt")?;
         if !out.success() {
             bail!("bare_mqtt publish failed");
         }
-        wait_count(&mut journal, "bench-bare", E2E_MESSAGES, Duration::from_secs(120))?;
+        wait_count(
+            &mut journal,
+            "bench-bare",
+            E2E_MESSAGES,
+            Duration::from_secs(120),
+        )?;
         bare.push(E2E_MESSAGES as f64 / start.elapsed().as_secs_f64());
 
         // Ours: the agent's local API -> outbox -> uplink -> broker -> coordinator.
@@ -123,8 +152,9 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
         journal.wait_registered("bench-agent", Duration::from_secs(60))?;
         let before = count_data(&mut journal, "bench-agent")?;
         let filler = serde_json::Value::String("x".repeat(E2E_PAYLOAD));
-        let msgs: Vec<Publish> =
-            (0..E2E_MESSAGES).map(|_| Publish::new("bench", Class::Results, filler.clone())).collect();
+        let msgs: Vec<Publish> = (0..E2E_MESSAGES)
+            .map(|_| Publish::new("bench", Class::Results, filler.clone()))
+            .collect();
         let socket = agent.socket_path();
         let start = Instant::now();
         std::thread::scope(|s| -> Result<()> {
@@ -140,19 +170,30 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
                 })
                 .collect();
             for h in handles {
-                h.join().map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
             }
             Ok(())
         })?;
-        wait_count(&mut journal, "bench-agent", before + E2E_MESSAGES, Duration::from_secs(120))?;
+        wait_count(
+            &mut journal,
+            "bench-agent",
+            before + E2E_MESSAGES,
+            Duration::from_secs(120),
+        )?;
         ours.push(E2E_MESSAGES as f64 / start.elapsed().as_secs_f64());
         drop(agent);
         drop(coord);
     }
     let (o, b) = (median(ours), median(bare));
-    println!("end-to-end publish rate, {E2E_MESSAGES} messages of {E2E_PAYLOAD} bytes, median of {ROUNDS} rounds");
+    println!(
+        "end-to-end publish rate, {E2E_MESSAGES} messages of {E2E_PAYLOAD} bytes, median of {ROUNDS} rounds"
+    );
     println!("  bare rumqttc client -> embedded broker -> coordinator : {b:>8.0} msg/s");
-    println!("  agent local API -> durable outbox -> uplink -> ...     : {o:>8.0} msg/s  ratio {:.2}x of bare", o / b);
+    println!(
+        "  agent local API -> durable outbox -> uplink -> ...     : {o:>8.0} msg/s  ratio {:.2}x of bare",
+        o / b
+    );
     Ok(())
 }
 
@@ -165,7 +206,12 @@ fn rss_of(pid: u32) -> Result<(u64, u64)> {
 }
 
 fn field_kb(text: &str, key: &str) -> Option<u64> {
-    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn rss(root: &Path, dir: &Path) -> Result<()> {
@@ -173,7 +219,8 @@ fn rss(root: &Path, dir: &Path) -> Result<()> {
     let coord = Coordinator::start_embedded(&dir.join("rss-coordinator"))?;
     let port = coord.port().context("coordinator port")?;
     let mut journal = coord.journal();
-    let (mut ours, mut ours_pss, mut bare, mut bare_pss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut ours_pss, mut bare, mut bare_pss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let device = format!("rss-{round}");
         let opts = AgentOptions::new(device.clone(), format!("mqtt://127.0.0.1:{port}"));
@@ -197,9 +244,21 @@ fn rss(root: &Path, dir: &Path) -> Result<()> {
         bare.push(r as f64);
         bare_pss.push(p as f64);
     }
-    let (o, op, b, bp) = (median(ours), median(ours_pss), median(bare), median(bare_pss));
-    println!("idle memory after {}s connected, median of {ROUNDS} processes (KiB)", SETTLE.as_secs());
+    let (o, op, b, bp) = (
+        median(ours),
+        median(ours_pss),
+        median(bare),
+        median(bare_pss),
+    );
+    println!(
+        "idle memory after {}s connected, median of {ROUNDS} processes (KiB)",
+        SETTLE.as_secs()
+    );
     println!("  bare tokio+rumqttc : RSS {b:>7.0}  PSS {bp:>7.0}");
-    println!("  edge-agent         : RSS {o:>7.0}  PSS {op:>7.0}  ratio RSS {:.2}x, PSS {:.2}x", o / b, op / bp);
+    println!(
+        "  edge-agent         : RSS {o:>7.0}  PSS {op:>7.0}  ratio RSS {:.2}x, PSS {:.2}x",
+        o / b,
+        op / bp
+    );
     Ok(())
 }

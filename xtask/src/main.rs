@@ -105,7 +105,9 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Bench { which } => {
-            let what = which.map(|w| format!("{w:?}").to_lowercase()).unwrap_or_else(|| "all".into());
+            let what = which
+                .map(|w| format!("{w:?}").to_lowercase())
+                .unwrap_or_else(|| "all".into());
             bench::run(&root(), &what)
         }
     }

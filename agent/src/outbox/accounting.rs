@@ -64,7 +64,10 @@ pub struct Accounting {
 
 impl Accounting {
     pub fn new(capacity: u64) -> Self {
-        Accounting { capacity, ..Default::default() }
+        Accounting {
+            capacity,
+            ..Default::default()
+        }
     }
 
     pub fn used(&self) -> u64 {
@@ -159,7 +162,10 @@ mod tests {
         a.added(Class::Results, 900, None);
         a.added(Class::Telemetry, 50, None);
         assert_eq!(a.admit(200, 0), Admission::Refuse(Refusal::Full));
-        assert_eq!(a.admit(1001, 0), Admission::Refuse(Refusal::LargerThanCapacity));
+        assert_eq!(
+            a.admit(1001, 0),
+            Admission::Refuse(Refusal::LargerThanCapacity)
+        );
         a.refused();
         assert_eq!(a.stats().refused, 1);
         assert_eq!(a.stats().depth, [0, 0, 1, 1]);
@@ -171,7 +177,10 @@ mod tests {
         a.added(Class::Results, 600, Some(5_000));
         a.added(Class::Telemetry, 400, None);
         // Before the expiry: evict telemetry.
-        assert_eq!(a.admit(100, 4_999), Admission::EvictTelemetry { bytes: 100 });
+        assert_eq!(
+            a.admit(100, 4_999),
+            Admission::EvictTelemetry { bytes: 100 }
+        );
         // After it: purge first.
         assert_eq!(a.admit(100, 5_000), Admission::PurgeExpired);
         a.removed(Class::Results, 600, Removal::Expired);

@@ -37,28 +37,40 @@ impl Drop for Committer {
 impl Committer {
     pub fn start(db: sled::Db, path: PathBuf) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let thread = std::thread::Builder::new().name("outbox-commit".into()).spawn(move || {
-            let mut synced_blobs = HashSet::new();
-            // Ends when every sender (the Outbox) is dropped.
-            while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                waiters.extend(rx.try_iter());
-                let result = db
-                    .flush()
-                    .map_err(|e| CommitError::Flush(e).to_string())
-                    .and_then(|_| sync_files(&path, &mut synced_blobs).map_err(|e| CommitError::Io(e).to_string()));
-                for w in waiters {
-                    let _ = w.send(result.clone());
+        let thread = std::thread::Builder::new()
+            .name("outbox-commit".into())
+            .spawn(move || {
+                let mut synced_blobs = HashSet::new();
+                // Ends when every sender (the Outbox) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(rx.try_iter());
+                    let result = db
+                        .flush()
+                        .map_err(|e| CommitError::Flush(e).to_string())
+                        .and_then(|_| {
+                            sync_files(&path, &mut synced_blobs)
+                                .map_err(|e| CommitError::Io(e).to_string())
+                        });
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
                 }
-            }
-        })?;
-        Ok(Committer { tx: Some(tx), thread: Some(thread) })
+            })?;
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Waits until everything written to the store before this call is durable.
     pub async fn commit(&self) -> Result<(), CommitError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.as_ref().ok_or(CommitError::Stopped)?.send(tx).map_err(|_| CommitError::Stopped)?;
+        self.tx
+            .as_ref()
+            .ok_or(CommitError::Stopped)?
+            .send(tx)
+            .map_err(|_| CommitError::Stopped)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(CommitError::Io(reconstruct_io(msg))),

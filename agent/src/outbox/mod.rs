@@ -44,14 +44,32 @@ pub enum OutboxError {
     #[error("outbox store {path}: {source}")]
     Store { path: PathBuf, source: sled::Error },
     #[error("outbox store {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("disk full: {available} bytes free on the filesystem of {path} (keeping {reserve} in reserve); message refused")]
-    DiskFull { path: PathBuf, available: u64, reserve: u64 },
-    #[error("outbox full: {used} of {capacity} bytes used by messages that may not be dropped; {class} message of {size} bytes refused")]
-    Full { used: u64, capacity: u64, class: Class, size: u64 },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "disk full: {available} bytes free on the filesystem of {path} (keeping {reserve} in reserve); message refused"
+    )]
+    DiskFull {
+        path: PathBuf,
+        available: u64,
+        reserve: u64,
+    },
+    #[error(
+        "outbox full: {used} of {capacity} bytes used by messages that may not be dropped; {class} message of {size} bytes refused"
+    )]
+    Full {
+        used: u64,
+        capacity: u64,
+        class: Class,
+        size: u64,
+    },
     #[error("message of {size} bytes is larger than the whole outbox ({capacity} bytes)")]
     TooLarge { size: u64, capacity: u64 },
-    #[error("outbox store {path} is locked by another process: is another edge-agent running with this state_dir?")]
+    #[error(
+        "outbox store {path} is locked by another process: is another edge-agent running with this state_dir?"
+    )]
     Locked { path: PathBuf },
     #[error("outbox is shutting down")]
     Closed,
@@ -97,7 +115,10 @@ impl Key {
         let class = Class::from_index(b[0])?;
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[1..]);
-        Some(Key { class, seq: u64::from_be_bytes(s) })
+        Some(Key {
+            class,
+            seq: u64::from_be_bytes(s),
+        })
     }
 }
 
@@ -130,7 +151,9 @@ pub struct Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Outbox")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,13 +162,18 @@ impl Outbox {
     pub fn open(state_dir: &Path, cfg: &OutboxConfig) -> Result<Outbox, OutboxError> {
         let path = state_dir.join("outbox");
         match Self::open_at(&path, state_dir, cfg) {
-            Err(OutboxError::Corrupted { path, reason }) if cfg.on_corruption == OnCorruption::Quarantine => {
+            Err(OutboxError::Corrupted { path, reason })
+                if cfg.on_corruption == OnCorruption::Quarantine =>
+            {
                 let aside = state_dir.join(format!("outbox.corrupt-{}", protocol::v1::now_ms()));
                 tracing::error!(
                     path = %path.display(), moved_to = %aside.display(), reason = %reason,
                     "outbox store corrupted; quarantined it and starting empty (its messages are not sent)"
                 );
-                let io = |source| OutboxError::Io { path: path.clone(), source };
+                let io = |source| OutboxError::Io {
+                    path: path.clone(),
+                    source,
+                };
                 std::fs::rename(&path, &aside).map_err(io)?;
                 let marker = state_dir.join(INCARNATION_FILE);
                 if marker.exists() {
@@ -159,8 +187,14 @@ impl Outbox {
     }
 
     fn open_at(path: &Path, state_dir: &Path, cfg: &OutboxConfig) -> Result<Outbox, OutboxError> {
-        let io = |source| OutboxError::Io { path: path.to_owned(), source };
-        let corrupted = |reason: String| OutboxError::Corrupted { path: path.to_owned(), reason };
+        let io = |source| OutboxError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let corrupted = |reason: String| OutboxError::Corrupted {
+            path: path.to_owned(),
+            reason,
+        };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         let marker = state_dir.join(INCARNATION_FILE);
         let expected_incarnation = match std::fs::read_to_string(&marker) {
@@ -177,8 +211,9 @@ impl Outbox {
             .path(path)
             .cache_capacity(cfg.cache_bytes)
             .mode(sled::Mode::HighThroughput);
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_cfg.open()))
-            .map_err(|_| corrupted("sled panicked while recovering the log".into()))?;
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_cfg.open()))
+                .map_err(|_| corrupted("sled panicked while recovering the log".into()))?;
         let tree = match opened {
             Ok(t) => t,
             Err(sled::Error::Corruption { at, .. }) => {
@@ -189,13 +224,26 @@ impl Outbox {
                 return Err(corrupted(e.to_string()));
             }
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                return Err(OutboxError::Locked { path: path.to_owned() });
+                return Err(OutboxError::Locked {
+                    path: path.to_owned(),
+                });
             }
-            Err(source) => return Err(OutboxError::Store { path: path.to_owned(), source }),
+            Err(source) => {
+                return Err(OutboxError::Store {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
-        let store = |source| OutboxError::Store { path: path.to_owned(), source };
+        let store = |source| OutboxError::Store {
+            path: path.to_owned(),
+            source,
+        };
 
-        let stored_incarnation = tree.get(META_INCARNATION).map_err(store)?.map(|v| read_u64(&v));
+        let stored_incarnation = tree
+            .get(META_INCARNATION)
+            .map_err(store)?
+            .map(|v| read_u64(&v));
         let incarnation = match (expected_incarnation, stored_incarnation) {
             (Some(e), Some(Some(s))) if e == s => s,
             (Some(e), got) => {
@@ -206,7 +254,8 @@ impl Outbox {
             }
             (None, Some(Some(s))) => {
                 // Created by a version without the marker, or the marker write was cut short.
-                crate::fsutil::write_durably(&marker, format!("{s:016x}").as_bytes()).map_err(io)?;
+                crate::fsutil::write_durably(&marker, format!("{s:016x}").as_bytes())
+                    .map_err(io)?;
                 s
             }
             (None, Some(None)) => return Err(corrupted("incarnation key is malformed".into())),
@@ -215,11 +264,14 @@ impl Outbox {
                     return Err(corrupted("messages present but no incarnation key".into()));
                 }
                 let inc: u64 = rand::random();
-                tree.insert(META_INCARNATION, &inc.to_be_bytes()).map_err(store)?;
-                tree.insert(META_NEXT_SEQ, &0u64.to_be_bytes()).map_err(store)?;
+                tree.insert(META_INCARNATION, &inc.to_be_bytes())
+                    .map_err(store)?;
+                tree.insert(META_NEXT_SEQ, &0u64.to_be_bytes())
+                    .map_err(store)?;
                 tree.flush().map_err(store)?;
                 commit::sync_store(path).map_err(io)?;
-                crate::fsutil::write_durably(&marker, format!("{inc:016x}").as_bytes()).map_err(io)?;
+                crate::fsutil::write_durably(&marker, format!("{inc:016x}").as_bytes())
+                    .map_err(io)?;
                 inc
             }
         };
@@ -234,7 +286,8 @@ impl Outbox {
         let mut max_seq = None::<u64>;
         for item in tree.range(..[0xF0u8].as_slice()) {
             let (k, v) = item.map_err(store)?;
-            let key = Key::from_bytes(&k).ok_or_else(|| corrupted(format!("malformed key {k:?}")))?;
+            let key =
+                Key::from_bytes(&k).ok_or_else(|| corrupted(format!("malformed key {k:?}")))?;
             let rec = Record::decode(&v)
                 .map_err(|e| corrupted(format!("record {}/{}: {e}", key.class, key.seq)))?;
             acct.added(key.class, rec.charge(), rec.expires_ms);
@@ -245,7 +298,9 @@ impl Outbox {
         }
         acct.set_earliest_expiry(earliest);
         if max_seq.is_some_and(|m| m >= next_seq) {
-            return Err(corrupted(format!("message seq {max_seq:?} is not below next_seq {next_seq}")));
+            return Err(corrupted(format!(
+                "message seq {max_seq:?} is not below next_seq {next_seq}"
+            )));
         }
 
         // What sled recovered may include writes that reached the page cache but were never
@@ -292,13 +347,19 @@ impl Outbox {
                 available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
                 reserve: DISK_RESERVE_BYTES,
             },
-            source => OutboxError::Store { path: self.path.clone(), source },
+            source => OutboxError::Store {
+                path: self.path.clone(),
+                source,
+            },
         }
     }
 
     /// Stores one message durably.
     pub async fn enqueue(&self, msg: NewMessage) -> Result<Accepted, OutboxError> {
-        self.enqueue_batch(vec![msg]).await.pop().unwrap_or(Err(OutboxError::Closed))
+        self.enqueue_batch(vec![msg])
+            .await
+            .pop()
+            .unwrap_or(Err(OutboxError::Closed))
     }
 
     /// Stores messages durably with one group commit; one result per message, in order.
@@ -324,7 +385,10 @@ impl Outbox {
                             reserve: DISK_RESERVE_BYTES,
                         }
                     }
-                    _ => OutboxError::Io { path: self.path.clone(), source: std::io::Error::other(err_text.clone()) },
+                    _ => OutboxError::Io {
+                        path: self.path.clone(),
+                        source: std::io::Error::other(err_text.clone()),
+                    },
                 });
             }
             return results;
@@ -349,7 +413,10 @@ impl Outbox {
     ) -> (Vec<Result<Accepted, OutboxError>>, Vec<(usize, Key, u64)>) {
         let mut results = Vec::with_capacity(msgs.len());
         let mut inserted = Vec::new();
-        let batch_bytes: u64 = msgs.iter().map(|m| accounting::charge(m.topic.len(), m.body.len())).sum();
+        let batch_bytes: u64 = msgs
+            .iter()
+            .map(|m| accounting::charge(m.topic.len(), m.body.len()))
+            .sum();
         match crate::fsutil::available_bytes(&self.path) {
             Ok(avail) if avail < DISK_RESERVE_BYTES + batch_bytes => {
                 let mut inner = self.lock();
@@ -364,12 +431,17 @@ impl Outbox {
                 return (results, inserted);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot read free disk space"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read free disk space")
+            }
         }
         let now = protocol::v1::now_ms();
         let mut inner = self.lock();
         for (idx, msg) in msgs.into_iter().enumerate() {
-            let ttl = msg.ttl.or_else(|| self.cfg.ttl(msg.class)).filter(|d| !d.is_zero());
+            let ttl = msg
+                .ttl
+                .or_else(|| self.cfg.ttl(msg.class))
+                .filter(|d| !d.is_zero());
             let rec = Record {
                 created_ms: now,
                 expires_ms: ttl.map(|d| now.saturating_add(d.as_millis() as u64)),
@@ -382,7 +454,10 @@ impl Outbox {
                 results.push(Err(e));
                 continue;
             }
-            let key = Key { class: msg.class, seq: inner.next_seq };
+            let key = Key {
+                class: msg.class,
+                seq: inner.next_seq,
+            };
             let mut batch = sled::Batch::default();
             batch.insert(&key.to_bytes(), rec.encode());
             batch.insert(META_NEXT_SEQ, &(key.seq + 1).to_be_bytes());
@@ -407,14 +482,23 @@ impl Outbox {
     }
 
     /// Applies the full-outbox policy (see [`accounting`]) until `size` fits or it must refuse.
-    fn make_room(&self, inner: &mut Inner, class: Class, size: u64, now: u64) -> Result<(), OutboxError> {
+    fn make_room(
+        &self,
+        inner: &mut Inner,
+        class: Class,
+        size: u64,
+        now: u64,
+    ) -> Result<(), OutboxError> {
         loop {
             match inner.acct.admit(size, now) {
                 Admission::Fits => return Ok(()),
                 Admission::PurgeExpired => self.purge_expired(inner, now)?,
                 Admission::EvictTelemetry { bytes } => self.evict_telemetry(inner, bytes)?,
                 Admission::Refuse(Refusal::LargerThanCapacity) => {
-                    return Err(OutboxError::TooLarge { size, capacity: self.cfg.max_bytes });
+                    return Err(OutboxError::TooLarge {
+                        size,
+                        capacity: self.cfg.max_bytes,
+                    });
                 }
                 Admission::Refuse(Refusal::Full) => {
                     return Err(OutboxError::Full {
@@ -433,13 +517,22 @@ impl Outbox {
         let mut purged = 0u64;
         for item in self.tree.range(..[0xF0u8].as_slice()) {
             let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let (Some(key), Ok(rec)) = (Key::from_bytes(&k), Record::decode(&v)) else { continue };
+            let (Some(key), Ok(rec)) = (Key::from_bytes(&k), Record::decode(&v)) else {
+                continue;
+            };
             match rec.expires_ms {
-                Some(t) if t <= now => {
-                    if self.tree.remove(&k).map_err(|e| self.store_err(e))?.is_some() {
-                        inner.acct.removed(key.class, rec.charge(), Removal::Expired);
-                        purged += 1;
-                    }
+                Some(t)
+                    if t <= now
+                        && self
+                            .tree
+                            .remove(&k)
+                            .map_err(|e| self.store_err(e))?
+                            .is_some() =>
+                {
+                    inner
+                        .acct
+                        .removed(key.class, rec.charge(), Removal::Expired);
+                    purged += 1;
                 }
                 Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
                 None => {}
@@ -453,38 +546,68 @@ impl Outbox {
     }
 
     fn evict_telemetry(&self, inner: &mut Inner, mut bytes: u64) -> Result<(), OutboxError> {
-        let start = Key { class: Class::Telemetry, seq: 0 }.to_bytes();
+        let start = Key {
+            class: Class::Telemetry,
+            seq: 0,
+        }
+        .to_bytes();
         let mut evicted = 0u64;
         for item in self.tree.range(start.as_slice()..[0xF0u8].as_slice()) {
             if bytes == 0 {
                 break;
             }
             let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let charge = Record::decode(&v).map(|r| r.charge()).unwrap_or(v.len() as u64);
-            if self.tree.remove(&k).map_err(|e| self.store_err(e))?.is_some() {
-                inner.acct.removed(Class::Telemetry, charge, Removal::Evicted);
+            let charge = Record::decode(&v)
+                .map(|r| r.charge())
+                .unwrap_or(v.len() as u64);
+            if self
+                .tree
+                .remove(&k)
+                .map_err(|e| self.store_err(e))?
+                .is_some()
+            {
+                inner
+                    .acct
+                    .removed(Class::Telemetry, charge, Removal::Evicted);
                 bytes = bytes.saturating_sub(charge);
                 evicted += 1;
             }
         }
-        tracing::warn!(evicted, "outbox full: evicted oldest telemetry to make room");
+        tracing::warn!(
+            evicted,
+            "outbox full: evicted oldest telemetry to make room"
+        );
         Ok(())
     }
 
     /// The next message of `class` after `after` (or the first), skipping and removing
     /// expired ones. Used by the uplink to fill its send window.
-    pub fn next_in_class(&self, class: Class, after: Option<u64>) -> Result<Option<Stored>, OutboxError> {
+    pub fn next_in_class(
+        &self,
+        class: Class,
+        after: Option<u64>,
+    ) -> Result<Option<Stored>, OutboxError> {
         let start = match after {
             Some(seq) if seq == u64::MAX => return Ok(None),
-            Some(seq) => Key { class, seq: seq + 1 }.to_bytes(),
+            Some(seq) => Key {
+                class,
+                seq: seq + 1,
+            }
+            .to_bytes(),
             None => Key { class, seq: 0 }.to_bytes(),
         };
         let durable_below = self.durable_below.load(Ordering::Acquire);
-        let end = Key { class, seq: u64::MAX }.to_bytes();
+        let end = Key {
+            class,
+            seq: u64::MAX,
+        }
+        .to_bytes();
         let now = protocol::v1::now_ms();
         for item in self.tree.range(start..=end) {
             let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let Some(key) = Key::from_bytes(&k) else { continue };
+            let Some(key) = Key::from_bytes(&k) else {
+                continue;
+            };
             if key.seq >= durable_below {
                 // Not committed yet; seqs only grow within a class, so nothing later is either.
                 return Ok(None);
@@ -516,11 +639,15 @@ impl Outbox {
     fn remove(&self, key: Key, why: Removal) {
         match self.tree.remove(key.to_bytes()) {
             Ok(Some(v)) => {
-                let charge = Record::decode(&v).map(|r| r.charge()).unwrap_or(v.len() as u64);
+                let charge = Record::decode(&v)
+                    .map(|r| r.charge())
+                    .unwrap_or(v.len() as u64);
                 self.lock().acct.removed(key.class, charge, why);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(class = %key.class, seq = key.seq, error = %e, "outbox remove failed"),
+            Err(e) => {
+                tracing::warn!(class = %key.class, seq = key.seq, error = %e, "outbox remove failed")
+            }
         }
     }
 
@@ -540,10 +667,10 @@ impl Outbox {
 
     /// Makes everything (including acks) durable; call on shutdown.
     pub async fn close(&self) -> Result<(), OutboxError> {
-        self.committer
-            .commit()
-            .await
-            .map_err(|e| OutboxError::Io { path: self.path.clone(), source: std::io::Error::other(e.to_string()) })
+        self.committer.commit().await.map_err(|e| OutboxError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
     }
 }
 

@@ -60,7 +60,9 @@ impl Record {
         if rest.len() < topic_len {
             return Err(RecordError::Truncated);
         }
-        let topic = std::str::from_utf8(&rest[..topic_len]).map_err(|_| RecordError::Topic)?.to_owned();
+        let topic = std::str::from_utf8(&rest[..topic_len])
+            .map_err(|_| RecordError::Topic)?
+            .to_owned();
         Ok(Record {
             created_ms,
             expires_ms: (expires != 0).then_some(expires),
@@ -76,13 +78,24 @@ mod tests {
 
     #[test]
     fn roundtrip_and_truncation() {
-        let r = Record { created_ms: 5, expires_ms: Some(9), topic: "edge/v1/d/data/x".into(), body: b"{}".to_vec() };
+        let r = Record {
+            created_ms: 5,
+            expires_ms: Some(9),
+            topic: "edge/v1/d/data/x".into(),
+            body: b"{}".to_vec(),
+        };
         let enc = r.encode();
         assert_eq!(Record::decode(&enc).expect("decodes"), r);
         for n in 0..HEADER + r.topic.len() {
             assert!(Record::decode(&enc[..n]).is_err(), "prefix {n}");
         }
-        let never = Record { expires_ms: None, ..r };
-        assert_eq!(Record::decode(&never.encode()).expect("decodes").expires_ms, None);
+        let never = Record {
+            expires_ms: None,
+            ..r
+        };
+        assert_eq!(
+            Record::decode(&never.encode()).expect("decodes").expires_ms,
+            None
+        );
     }
 }

@@ -4,7 +4,12 @@ use super::*;
 use crate::config::OutboxConfig;
 
 fn msg(class: Class, n: u32) -> NewMessage {
-    NewMessage { class, topic: format!("t/{class}"), body: format!("{{\"n\":{n}}}").into_bytes(), ttl: None }
+    NewMessage {
+        class,
+        topic: format!("t/{class}"),
+        body: format!("{{\"n\":{n}}}").into_bytes(),
+        ttl: None,
+    }
 }
 
 fn drain(ob: &Outbox) -> Vec<(Class, u64, String)> {
@@ -13,14 +18,21 @@ fn drain(ob: &Outbox) -> Vec<(Class, u64, String)> {
         let mut after = None;
         while let Some(s) = ob.next_in_class(class, after).expect("read") {
             after = Some(s.key.seq);
-            out.push((class, s.key.seq, String::from_utf8(s.record.body).expect("utf8")));
+            out.push((
+                class,
+                s.key.seq,
+                String::from_utf8(s.record.body).expect("utf8"),
+            ));
         }
     }
     out
 }
 
 fn cfg() -> OutboxConfig {
-    OutboxConfig { max_bytes: 64 * 1024, ..OutboxConfig::default() }
+    OutboxConfig {
+        max_bytes: 64 * 1024,
+        ..OutboxConfig::default()
+    }
 }
 
 #[tokio::test]
@@ -29,9 +41,16 @@ async fn priority_order_then_fifo_and_resume_after_reopen() {
     let ids = {
         let ob = Outbox::open(dir.path(), &cfg()).expect("open");
         let res = ob
-            .enqueue_batch(vec![msg(Class::Telemetry, 1), msg(Class::Results, 2), msg(Class::Control, 3), msg(Class::Results, 4)])
+            .enqueue_batch(vec![
+                msg(Class::Telemetry, 1),
+                msg(Class::Results, 2),
+                msg(Class::Control, 3),
+                msg(Class::Results, 4),
+            ])
             .await;
-        res.into_iter().map(|r| r.expect("accepted").id).collect::<Vec<_>>()
+        res.into_iter()
+            .map(|r| r.expect("accepted").id)
+            .collect::<Vec<_>>()
     };
     let ob = Outbox::open(dir.path(), &cfg()).expect("reopen");
     let order: Vec<_> = drain(&ob).into_iter().map(|(_, _, b)| b).collect();
@@ -54,15 +73,24 @@ async fn priority_order_then_fifo_and_resume_after_reopen() {
 async fn full_outbox_evicts_telemetry_and_refuses_the_rest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ob = Outbox::open(dir.path(), &cfg()).expect("open");
-    let big = |class| NewMessage { class, topic: "t".into(), body: vec![b'1'; 10_000], ttl: None };
+    let big = |class| NewMessage {
+        class,
+        topic: "t".into(),
+        body: vec![b'1'; 10_000],
+        ttl: None,
+    };
     for _ in 0..3 {
-        ob.enqueue(big(Class::Telemetry)).await.expect("telemetry fits");
+        ob.enqueue(big(Class::Telemetry))
+            .await
+            .expect("telemetry fits");
     }
     for _ in 0..3 {
         ob.enqueue(big(Class::Results)).await.expect("results fit");
     }
     // 6 x ~10 KB in 64 KiB: the next results message evicts the oldest telemetry.
-    ob.enqueue(big(Class::Results)).await.expect("evicts telemetry");
+    ob.enqueue(big(Class::Results))
+        .await
+        .expect("evicts telemetry");
     let s = ob.stats();
     assert!(s.evicted >= 1, "{s:?}");
     // Fill with results until no telemetry is left; then results are refused, not dropped.
@@ -74,20 +102,40 @@ async fn full_outbox_evicts_telemetry_and_refuses_the_rest() {
         }
     }
     let e = refused.expect("eventually refused");
-    assert!(matches!(e, OutboxError::Full { class: Class::Results, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            OutboxError::Full {
+                class: Class::Results,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("outbox full"), "{e}");
     let s = ob.stats();
     assert_eq!(s.depth[Class::Telemetry.index()], 0);
     assert_eq!(s.refused, 1);
-    let too_big = NewMessage { class: Class::Control, topic: "t".into(), body: vec![0; 70_000], ttl: None };
-    assert!(matches!(ob.enqueue(too_big).await, Err(OutboxError::TooLarge { .. })));
+    let too_big = NewMessage {
+        class: Class::Control,
+        topic: "t".into(),
+        body: vec![0; 70_000],
+        ttl: None,
+    };
+    assert!(matches!(
+        ob.enqueue(too_big).await,
+        Err(OutboxError::TooLarge { .. })
+    ));
 }
 
 #[tokio::test]
 async fn expired_messages_are_not_sent_and_free_room_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ob = Outbox::open(dir.path(), &cfg()).expect("open");
-    let short = NewMessage { ttl: Some(Duration::from_millis(1)), ..msg(Class::Results, 1) };
+    let short = NewMessage {
+        ttl: Some(Duration::from_millis(1)),
+        ..msg(Class::Results, 1)
+    };
     ob.enqueue(short).await.expect("accepted");
     ob.enqueue(msg(Class::Results, 2)).await.expect("accepted");
     std::thread::sleep(Duration::from_millis(5)); // lets the 1 ms TTL pass; not a synchronisation
@@ -111,15 +159,26 @@ async fn damaged_store_is_refused_or_quarantined() {
     std::fs::write(&db, vec![0xA5u8; len]).expect("overwrite");
     let err = Outbox::open(dir.path(), &cfg()).expect_err("refused");
     assert!(matches!(err, OutboxError::Corrupted { .. }), "{err}");
-    assert!(err.to_string().contains(&dir.path().join("outbox").display().to_string()), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&dir.path().join("outbox").display().to_string()),
+        "{err}"
+    );
 
-    let q = OutboxConfig { on_corruption: OnCorruption::Quarantine, ..cfg() };
+    let q = OutboxConfig {
+        on_corruption: OnCorruption::Quarantine,
+        ..cfg()
+    };
     let ob = Outbox::open(dir.path(), &q).expect("quarantined and reopened");
     assert_eq!(ob.stats().depth, [0; 4]);
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .expect("list")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("outbox.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outbox.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1);
 }
@@ -133,7 +192,9 @@ async fn concurrent_enqueues_share_commits() {
         let ob = ob.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
-                ob.enqueue(msg(Class::Results, t * 100 + i)).await.expect("accepted");
+                ob.enqueue(msg(Class::Results, t * 100 + i))
+                    .await
+                    .expect("accepted");
             }
         }));
     }

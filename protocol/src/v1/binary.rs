@@ -48,14 +48,20 @@ impl BinaryEnvelope {
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&self.body);
         if out.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::TooLarge { size: out.len(), limit: MAX_PAYLOAD_BYTES });
+            return Err(Error::TooLarge {
+                size: out.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
         }
         Ok(out)
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, Error> {
         if payload.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::TooLarge { size: payload.len(), limit: MAX_PAYLOAD_BYTES });
+            return Err(Error::TooLarge {
+                size: payload.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
         }
         let mut r = Reader(payload);
         if r.take(2)? != MAGIC {
@@ -78,7 +84,15 @@ impl BinaryEnvelope {
         }
         validate_message_id(&id)?;
         validate_device_id(&device)?;
-        Ok(BinaryEnvelope { id, device, class, seq, created_ms, kind, body })
+        Ok(BinaryEnvelope {
+            id,
+            device,
+            class,
+            seq,
+            created_ms,
+            kind,
+            body,
+        })
     }
 }
 

@@ -35,7 +35,9 @@ pub enum Error {
     DeviceId(String),
     #[error("invalid message id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
     MessageId(String),
-    #[error("invalid stream name {0:?}: use levels of [A-Za-z0-9_.-] separated by '/', at most 128 characters")]
+    #[error(
+        "invalid stream name {0:?}: use levels of [A-Za-z0-9_.-] separated by '/', at most 128 characters"
+    )]
     Stream(String),
     #[error("envelope device {envelope:?} does not match topic device {topic:?}")]
     DeviceMismatch { envelope: String, topic: String },
@@ -54,7 +56,12 @@ pub enum Class {
 
 impl Class {
     /// All classes, highest priority first.
-    pub const ALL: [Class; 4] = [Class::Control, Class::Model, Class::Results, Class::Telemetry];
+    pub const ALL: [Class; 4] = [
+        Class::Control,
+        Class::Model,
+        Class::Results,
+        Class::Telemetry,
+    ];
 
     /// Dense index, 0 = highest priority.
     pub fn index(self) -> usize {
@@ -94,17 +101,26 @@ impl std::str::FromStr for Class {
 fn valid_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_DEVICE_ID_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// Checks that a device id is safe to put in a topic level (no `/`, `+`, `#`, no spaces).
 pub fn validate_device_id(id: &str) -> Result<(), Error> {
-    if valid_token(id) { Ok(()) } else { Err(Error::DeviceId(id.to_owned())) }
+    if valid_token(id) {
+        Ok(())
+    } else {
+        Err(Error::DeviceId(id.to_owned()))
+    }
 }
 
 /// Checks a message id's shape (ids are opaque otherwise).
 pub fn validate_message_id(id: &str) -> Result<(), Error> {
-    if valid_token(id) { Ok(()) } else { Err(Error::MessageId(id.to_owned())) }
+    if valid_token(id) {
+        Ok(())
+    } else {
+        Err(Error::MessageId(id.to_owned()))
+    }
 }
 
 /// Builds the id of an outbox message: the outbox's random incarnation (new whenever its store
@@ -143,7 +159,10 @@ impl<B: serde::de::DeserializeOwned> Envelope<B> {
     /// Decodes and validates an envelope received on `topic_device`'s topics.
     pub fn from_json(payload: &[u8], topic_device: &str) -> Result<Self, Error> {
         if payload.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::TooLarge { size: payload.len(), limit: MAX_PAYLOAD_BYTES });
+            return Err(Error::TooLarge {
+                size: payload.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
         }
         let env: Envelope<B> = serde_json::from_slice(payload)?;
         if env.v != VERSION {
@@ -152,7 +171,10 @@ impl<B: serde::de::DeserializeOwned> Envelope<B> {
         validate_device_id(&env.device)?;
         validate_message_id(&env.id)?;
         if env.device != topic_device {
-            return Err(Error::DeviceMismatch { envelope: env.device, topic: topic_device.to_owned() });
+            return Err(Error::DeviceMismatch {
+                envelope: env.device,
+                topic: topic_device.to_owned(),
+            });
         }
         Ok(env)
     }
@@ -178,14 +200,20 @@ impl Status {
 
     pub fn from_json(payload: &[u8], topic_device: &str) -> Result<Self, Error> {
         if payload.len() > MAX_PAYLOAD_BYTES {
-            return Err(Error::TooLarge { size: payload.len(), limit: MAX_PAYLOAD_BYTES });
+            return Err(Error::TooLarge {
+                size: payload.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
         }
         let s: Status = serde_json::from_slice(payload)?;
         if s.v != VERSION {
             return Err(Error::Version(s.v));
         }
         if s.device != topic_device {
-            return Err(Error::DeviceMismatch { envelope: s.device, topic: topic_device.to_owned() });
+            return Err(Error::DeviceMismatch {
+                envelope: s.device,
+                topic: topic_device.to_owned(),
+            });
         }
         Ok(s)
     }
@@ -316,7 +344,10 @@ mod tests {
             class: Class::Results,
             seq: 42,
             created_ms: 1,
-            body: Data { stream: "s".into(), payload: serde_json::json!({"x": 1}) },
+            body: Data {
+                stream: "s".into(),
+                payload: serde_json::json!({"x": 1}),
+            },
         };
         let bytes = env.to_json();
         let back: Envelope<Data> = Envelope::from_json(&bytes, "d1").expect("decodes");
@@ -325,11 +356,22 @@ mod tests {
             Envelope::<Data>::from_json(&bytes, "d2"),
             Err(Error::DeviceMismatch { .. })
         ));
-        assert!(matches!(Envelope::<Data>::from_json(b"{not json", "d1"), Err(Error::Json(_))));
+        assert!(matches!(
+            Envelope::<Data>::from_json(b"{not json", "d1"),
+            Err(Error::Json(_))
+        ));
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-        assert!(matches!(Envelope::<Data>::from_json(&big, "d1"), Err(Error::TooLarge { .. })));
-        let v2 = String::from_utf8(bytes).expect("utf8").replace("\"v\":1", "\"v\":2");
-        assert!(matches!(Envelope::<Data>::from_json(v2.as_bytes(), "d1"), Err(Error::Version(2))));
+        assert!(matches!(
+            Envelope::<Data>::from_json(&big, "d1"),
+            Err(Error::TooLarge { .. })
+        ));
+        let v2 = String::from_utf8(bytes)
+            .expect("utf8")
+            .replace("\"v\":1", "\"v\":2");
+        assert!(matches!(
+            Envelope::<Data>::from_json(v2.as_bytes(), "d1"),
+            Err(Error::Version(2))
+        ));
     }
 
     #[test]

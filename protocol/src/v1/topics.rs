@@ -37,8 +37,12 @@ pub fn cmd(device: &str, name: &str) -> String {
 }
 
 /// Filters the coordinator subscribes to for everything devices send.
-pub const COORDINATOR_FILTERS: [&str; 4] =
-    ["edge/v1/+/status", "edge/v1/+/register", "edge/v1/+/telemetry", "edge/v1/+/data/#"];
+pub const COORDINATOR_FILTERS: [&str; 4] = [
+    "edge/v1/+/status",
+    "edge/v1/+/register",
+    "edge/v1/+/telemetry",
+    "edge/v1/+/data/#",
+];
 
 /// What a device-originated topic means.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,12 +81,14 @@ pub fn parse(topic: &str) -> Option<DeviceTopic> {
             "telemetry" => Some(DeviceTopic::Telemetry { device }),
             _ => None,
         },
-        Some(("data", stream)) if valid_stream(stream) => {
-            Some(DeviceTopic::Data { device, stream: stream.to_owned() })
-        }
-        Some(("cmd", name)) if valid_stream(name) => {
-            Some(DeviceTopic::Cmd { device, name: name.to_owned() })
-        }
+        Some(("data", stream)) if valid_stream(stream) => Some(DeviceTopic::Data {
+            device,
+            stream: stream.to_owned(),
+        }),
+        Some(("cmd", name)) if valid_stream(name) => Some(DeviceTopic::Cmd {
+            device,
+            name: name.to_owned(),
+        }),
         _ => None,
     }
 }
@@ -93,13 +99,19 @@ pub fn valid_stream(stream: &str) -> bool {
         && stream.len() <= 128
         && stream.split('/').all(|level| {
             !level.is_empty()
-                && level.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+                && level
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         })
 }
 
 /// Validates a stream name for the local API, with an error naming it.
 pub fn validate_stream(stream: &str) -> Result<(), Error> {
-    if valid_stream(stream) { Ok(()) } else { Err(Error::Stream(stream.to_owned())) }
+    if valid_stream(stream) {
+        Ok(())
+    } else {
+        Err(Error::Stream(stream.to_owned()))
+    }
 }
 
 #[cfg(test)]
@@ -108,12 +120,30 @@ mod tests {
 
     #[test]
     fn build_and_parse_agree() {
-        assert_eq!(parse(&status("d1")), Some(DeviceTopic::Status { device: "d1".into() }));
-        assert_eq!(parse(&telemetry("d1")), Some(DeviceTopic::Telemetry { device: "d1".into() }));
-        assert_eq!(parse(&register("d1")), Some(DeviceTopic::Register { device: "d1".into() }));
+        assert_eq!(
+            parse(&status("d1")),
+            Some(DeviceTopic::Status {
+                device: "d1".into()
+            })
+        );
+        assert_eq!(
+            parse(&telemetry("d1")),
+            Some(DeviceTopic::Telemetry {
+                device: "d1".into()
+            })
+        );
+        assert_eq!(
+            parse(&register("d1")),
+            Some(DeviceTopic::Register {
+                device: "d1".into()
+            })
+        );
         assert_eq!(
             parse(&data("d1", "vib/alerts")),
-            Some(DeviceTopic::Data { device: "d1".into(), stream: "vib/alerts".into() })
+            Some(DeviceTopic::Data {
+                device: "d1".into(),
+                stream: "vib/alerts".into()
+            })
         );
     }
 
