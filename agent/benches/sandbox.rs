@@ -1,0 +1,2 @@
+//! Sandbox benchmarks (being written).
+fn main() {}
