@@ -1,2 +1,0 @@
-//! Sandbox benchmarks (being written).
-fn main() {}
