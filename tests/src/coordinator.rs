@@ -13,7 +13,7 @@ use crate::process::{ChildProc, ensure_dir, tail};
 #[derive(Debug, Clone)]
 enum Broker {
     Embedded { port: u16 },
-    External { url: String },
+    External { url: String, args: Vec<String> },
 }
 
 /// A coordinator whose state dir, journal and log live under one directory.
@@ -57,10 +57,21 @@ impl Coordinator {
 
     /// Starts connected to the broker at `broker_url` (`mqtt://127.0.0.1:PORT`).
     pub fn start_external(dir: &Path, broker_url: &str) -> Result<Coordinator> {
+        Coordinator::start_external_with_args(dir, broker_url, Vec::new())
+    }
+
+    /// [`Coordinator::start_external`] with further `serve` flags, e.g. the TLS files of
+    /// [`crate::TlsFiles::coordinator_args`] for an `mqtts://` broker.
+    pub fn start_external_with_args(
+        dir: &Path,
+        broker_url: &str,
+        args: Vec<String>,
+    ) -> Result<Coordinator> {
         let mut c = Coordinator::new(
             dir,
             Broker::External {
                 url: broker_url.to_owned(),
+                args,
             },
         )?;
         c.start()?;
@@ -76,7 +87,10 @@ impl Coordinator {
             Broker::Embedded { port } => {
                 args.extend(["--listen".into(), format!("127.0.0.1:{port}")])
             }
-            Broker::External { url } => args.extend(["--broker".into(), url.clone()]),
+            Broker::External { url, args: extra } => {
+                args.extend(["--broker".into(), url.clone()]);
+                args.extend(extra.iter().cloned());
+            }
         }
         args.extend(["--journal".into(), utf8(&journal_path)?]);
         let proc = ChildProc::new(
@@ -173,7 +187,7 @@ impl Coordinator {
     pub fn url(&self) -> String {
         match &self.broker {
             Broker::Embedded { port } => format!("mqtt://127.0.0.1:{port}"),
-            Broker::External { url } => url.clone(),
+            Broker::External { url, .. } => url.clone(),
         }
     }
 

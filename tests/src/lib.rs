@@ -12,6 +12,7 @@
 //! - [`DeliveryReport`]: checks that every accepted message arrived once and in order;
 //! - [`crash_loop`]: the SIGKILL crash loop shared by the test suite and `cargo xtask soak`;
 //! - [`RawMqtt`]: a bare MQTT client for hostile input; [`Tmpfs`]: a small disk to fill;
+//! - [`TlsFiles`]: a throwaway CA with server and client certificates, for mqtts tests;
 //! - [`run_test`]/[`TestEnv`]: a temp dir per test whose child logs are printed on failure.
 //!
 //! Invariant: never binds a fixed port or a shared path; every wait has a deadline.
@@ -30,6 +31,7 @@ mod mosquitto;
 mod net;
 mod process;
 mod raw_mqtt;
+mod tls;
 mod tmpfs;
 
 use std::time::Duration;
@@ -47,6 +49,7 @@ pub use net::{free_port, wait_for_tcp};
 pub use process::ChildProc;
 pub use protocol::v1::Class;
 pub use raw_mqtt::{RawMqtt, RawOutcome};
+pub use tls::{CLIENT_CN, TlsFiles};
 pub use tmpfs::{Tmpfs, require_root};
 
 /// How long a process may take to become ready (socket up, journal "ready").

@@ -2,6 +2,9 @@
 //!
 //! Persistence matters: the coordinator keeps a persistent session, and the messages queued
 //! for it must survive a broker restart just as they would in production.
+//!
+//! [`Mosquitto::start_tls`] gives the same broker a mutual-TLS listener instead: clients must
+//! present a certificate signed by the test CA, and its common name is their username.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::net::{free_port, looks_like_port_collision};
 use crate::process::{ChildProc, ensure_dir, tail};
+use crate::tls::TlsFiles;
 
 /// Largest MQTT packet the broker accepts: above [`protocol::v1::MAX_PAYLOAD_BYTES`] plus
 /// framing, so oversized-payload tests reach the clients.
@@ -46,17 +50,30 @@ pub struct Mosquitto {
     dir: PathBuf,
     port: u16,
     conf_path: PathBuf,
+    /// The listener is mqtts (see [`Mosquitto::start_tls`]).
+    tls: bool,
     proc: ChildProc,
 }
 
 impl Mosquitto {
     /// Writes `DIR/mosquitto.conf` and starts the broker on a free port.
     pub fn start(dir: &Path) -> Result<Mosquitto> {
+        Mosquitto::start_with(dir, None)
+    }
+
+    /// Like [`Mosquitto::start`], with a mutual-TLS listener: the server certificate from
+    /// `tls`, and a client certificate signed by `tls`'s CA required of every client, whose
+    /// common name becomes its username (anonymous clients are refused).
+    pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Result<Mosquitto> {
+        Mosquitto::start_with(dir, Some(tls))
+    }
+
+    fn start_with(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
         let bin = mosquitto_bin()?;
         ensure_dir(dir)?;
         let mut last_err = None;
         for _ in 0..5 {
-            let mut m = Mosquitto::new(dir, &bin, free_port()?)?;
+            let mut m = Mosquitto::new(dir, &bin, free_port()?, tls)?;
             match m.start_once() {
                 Ok(()) => return Ok(m),
                 Err(e) if looks_like_port_collision(&m.proc.last_log()) => last_err = Some(e),
@@ -68,15 +85,37 @@ impl Mosquitto {
             .context("port collisions on 5 tries"))
     }
 
-    fn new(dir: &Path, bin: &Path, port: u16) -> Result<Mosquitto> {
+    fn new(dir: &Path, bin: &Path, port: u16, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
         let conf_path = dir.join("mosquitto.conf");
         let persistence = dir.join("persistence");
         ensure_dir(&persistence)?;
         let persistence = persistence.to_str().context("test dir path is not UTF-8")?;
+        let security = match tls {
+            None => "allow_anonymous true\n".to_owned(),
+            Some(tls) => {
+                let path = |p: &Path| {
+                    p.to_str()
+                        .map(str::to_owned)
+                        .with_context(|| format!("path {} is not UTF-8", p.display()))
+                };
+                format!(
+                    "cafile {}\n\
+                     certfile {}\n\
+                     keyfile {}\n\
+                     require_certificate true\n\
+                     # The certificate is the credential: its CN is the username.\n\
+                     use_identity_as_username true\n\
+                     allow_anonymous false\n",
+                    path(&tls.ca_cert)?,
+                    path(&tls.server_cert)?,
+                    path(&tls.server_key)?,
+                )
+            }
+        };
         let conf = format!(
             "# Written by the edge-tests harness.\n\
              listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             {security}\
              persistence true\n\
              persistence_location {persistence}/\n\
              # Saved at SIGTERM; every second too, so a killed broker loses little.\n\
@@ -106,6 +145,7 @@ impl Mosquitto {
             dir: dir.to_owned(),
             port,
             conf_path,
+            tls: tls.is_some(),
             proc,
         })
     }
@@ -178,8 +218,10 @@ impl Mosquitto {
         self.port
     }
 
+    /// `mqtt://127.0.0.1:PORT`, or `mqtts://` for a broker from [`Mosquitto::start_tls`].
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn dir(&self) -> &Path {

@@ -46,6 +46,8 @@ pub enum Removal {
     Delivered,
     Expired,
     Evicted,
+    /// Taken back because it could not be made durable (the caller was told it was refused).
+    Undone,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -114,6 +116,7 @@ impl Accounting {
             Removal::Delivered => self.delivered += 1,
             Removal::Expired => self.expired += 1,
             Removal::Evicted => self.evicted += 1,
+            Removal::Undone => {}
         }
     }
 

@@ -1,15 +1,13 @@
-//! Group commit: one thread makes the store durable for every waiter that queued meanwhile.
+//! Group commit: one thread fdatasyncs the write-ahead log for every waiter that queued meanwhile.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("sled flush failed: {0}")]
-    Flush(sled::Error),
     #[error("fsync failed: {0}")]
     Io(std::io::Error),
     #[error("commit thread stopped")]
@@ -35,23 +33,17 @@ impl Drop for Committer {
 }
 
 impl Committer {
-    pub fn start(db: sled::Db, path: PathBuf) -> std::io::Result<Committer> {
+    /// `log` is a handle on the write-ahead log file; its `sync_data` covers every append.
+    pub fn start(log: std::fs::File) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let thread = std::thread::Builder::new()
             .name("outbox-commit".into())
             .spawn(move || {
-                let mut synced_blobs = HashSet::new();
                 // Ends when every sender (the Outbox) is dropped.
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
-                    let result = db
-                        .flush()
-                        .map_err(|e| CommitError::Flush(e).to_string())
-                        .and_then(|_| {
-                            sync_files(&path, &mut synced_blobs)
-                                .map_err(|e| CommitError::Io(e).to_string())
-                        });
+                    let result = log.sync_data().map_err(|e| CommitError::Io(e).to_string());
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }

@@ -4,15 +4,18 @@
 //! Storage is one sled tree. Message keys are `[class u8][seq u64 BE]`, so iteration order is
 //! priority first, then enqueue order within a class. Meta keys start with `0xF0`.
 //!
-//! Durability: sled's `flush()` only starts write-back (`sync_file_range`) and fsyncs in a
-//! background thread every 500 ms (sled issue #1452), so an accepted message is made durable by
-//! `flush()` followed by `fsync` of the log file and any new blob files. One committer thread
-//! does this for every waiting enqueue at once (group commit): while it fsyncs, new enqueues
-//! queue up and share the next fsync, so throughput grows with concurrency.
+//! Durability: sled's `flush()` is not power-safe on its own (it uses `sync_file_range`; sled
+//! issue #1452) and costs several synchronous writes per call. So every change is also appended
+//! to a write-ahead log ([`wal`]) and an enqueue is durable once that log is `fdatasync`'d. One
+//! committer thread does that for every waiting enqueue at once (group commit): while it syncs,
+//! new enqueues queue up and share the next sync, so throughput grows with concurrency. sled
+//! reaches the disk at checkpoints (flush + fsync of its files), after which the log is emptied;
+//! at open the log is replayed into sled.
 
 pub mod accounting;
 mod commit;
 mod record;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +39,10 @@ const META_NEXT_SEQ: &[u8] = b"\xF0next_seq";
 /// Written beside the database at creation; if it exists but the database lost its meta keys,
 /// sled recovered an empty or truncated log from a damaged file and we must not carry on.
 const INCARNATION_FILE: &str = "outbox.incarnation";
+/// The write-ahead log, beside the sled directory.
+const WAL_FILE: &str = "outbox.wal";
+/// Checkpoint sled and empty the log once it holds this much.
+const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -71,6 +78,8 @@ pub enum OutboxError {
         "outbox store {path} is locked by another process: is another edge-agent running with this state_dir?"
     )]
     Locked { path: PathBuf },
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
     #[error("outbox is shutting down")]
     Closed,
 }
@@ -140,6 +149,8 @@ pub struct Outbox {
     cfg: OutboxConfig,
     incarnation: u64,
     inner: Mutex<Inner>,
+    /// Lock order: `inner` before `wal` wherever both are held.
+    wal: Mutex<wal::Wal>,
     committer: Committer,
     notify: Arc<Notify>,
     commits: AtomicU64,
@@ -175,9 +186,10 @@ impl Outbox {
                     source,
                 };
                 std::fs::rename(&path, &aside).map_err(io)?;
-                let marker = state_dir.join(INCARNATION_FILE);
-                if marker.exists() {
-                    std::fs::rename(&marker, aside.join(INCARNATION_FILE)).map_err(io)?;
+                for f in [INCARNATION_FILE, WAL_FILE] {
+                    if state_dir.join(f).exists() {
+                        std::fs::rename(state_dir.join(f), aside.join(f)).map_err(io)?;
+                    }
                 }
                 crate::fsutil::sync_dir(state_dir).map_err(io)?;
                 Self::open_at(&path, state_dir, cfg)
@@ -210,7 +222,10 @@ impl Outbox {
         let sled_cfg = sled::Config::new()
             .path(path)
             .cache_capacity(cfg.cache_bytes)
-            .mode(sled::Mode::HighThroughput);
+            .mode(sled::Mode::HighThroughput)
+            // Durability comes from the write-ahead log and our checkpoints; sled's own timer
+            // would only add writes competing with the log's fdatasync.
+            .flush_every_ms(None);
         let opened =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || sled_cfg.open()))
                 .map_err(|_| corrupted("sled panicked while recovering the log".into()))?;
@@ -275,10 +290,27 @@ impl Outbox {
                 inc
             }
         };
-        let next_seq = match tree.get(META_NEXT_SEQ).map_err(store)? {
+        let mut next_seq = match tree.get(META_NEXT_SEQ).map_err(store)? {
             Some(v) => read_u64(&v).ok_or_else(|| corrupted("next_seq key is malformed".into()))?,
             None => return Err(corrupted("next_seq key is missing".into())),
         };
+
+        // Replay what was committed to the log since the last checkpoint.
+        let (mut wal, ops) = wal::Wal::open(&state_dir.join(WAL_FILE))?;
+        let replayed = ops.len();
+        for op in ops {
+            match op {
+                wal::Op::Insert(key, rec) => {
+                    tree.insert(key.to_bytes(), rec).map_err(store)?;
+                    next_seq = next_seq.max(key.seq + 1);
+                }
+                wal::Op::Delete(key) => {
+                    tree.remove(key.to_bytes()).map_err(store)?;
+                }
+            }
+        }
+        tree.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())
+            .map_err(store)?;
 
         // Rebuild the accounting, and check every record decodes.
         let mut acct = Accounting::new(cfg.max_bytes);
@@ -303,12 +335,17 @@ impl Outbox {
             )));
         }
 
-        // What sled recovered may include writes that reached the page cache but were never
-        // fsync'd (a killed process, not a power cut); make it durable before anything in it
-        // is sent, so a later power cut cannot take back a message that already went out.
+        // Checkpoint: what sled recovered may include writes that reached the page cache but
+        // were never fsync'd (a killed process, not a power cut); make it and the replayed log
+        // durable before anything is sent, so a later power cut cannot take back a message
+        // that already went out. Then the log starts empty.
         tree.flush().map_err(store)?;
         commit::sync_store(path).map_err(io)?;
-        let committer = Committer::start(tree.clone(), path.to_owned()).map_err(io)?;
+        wal.truncate().map_err(io)?;
+        if replayed > 0 {
+            tracing::info!(path = %wal.path().display(), operations = replayed, "outbox replayed its write-ahead log");
+        }
+        let committer = Committer::start(wal.syncer().map_err(io)?).map_err(io)?;
         tracing::info!(
             path = %path.display(), messages = acct.depth(), bytes = acct.used(),
             incarnation = %format!("{incarnation:016x}"), "outbox opened"
@@ -319,6 +356,7 @@ impl Outbox {
             cfg: cfg.clone(),
             incarnation,
             inner: Mutex::new(Inner { acct, next_seq }),
+            wal: Mutex::new(wal),
             committer,
             notify: Arc::new(Notify::new()),
             commits: AtomicU64::new(0),
@@ -373,10 +411,8 @@ impl Outbox {
             // Not durable: undo what we can so the caller's "refused" is the truth, and report.
             let err_text = e.to_string();
             tracing::error!(path = %self.path.display(), error = %err_text, "outbox commit failed");
-            for (idx, key, size) in inserted {
-                if self.tree.remove(key.to_bytes()).is_ok() {
-                    self.lock().acct.removed(key.class, size, Removal::Evicted);
-                }
+            for (idx, key, _) in inserted {
+                self.remove(key, Removal::Undone);
                 results[idx] = Err(match &e {
                     commit::CommitError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
                         OutboxError::DiskFull {
@@ -401,7 +437,42 @@ impl Outbox {
         }
         // notify_one stores a permit, so a commit that lands while the uplink is busy is not missed.
         self.notify.notify_one();
+        if self.wal_lock().len() > CHECKPOINT_BYTES {
+            if let Err(e) = self.checkpoint() {
+                // The log keeps growing and stays correct; only replay at start gets longer.
+                tracing::warn!(path = %self.path.display(), error = %e, "outbox checkpoint failed");
+            }
+        }
         results
+    }
+
+    fn wal_lock(&self) -> MutexGuard<'_, wal::Wal> {
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings sled to disk (flush + fsync) and empties the write-ahead log. Holds the outbox
+    /// lock meanwhile so no insert lands in the log between the flush and the truncation; this
+    /// pauses enqueues for one sled flush every few MiB of traffic.
+    fn checkpoint(&self) -> Result<(), OutboxError> {
+        let _inner = self.lock();
+        let mut wal = self.wal_lock();
+        self.tree.flush().map_err(|e| self.store_err(e))?;
+        let io = |source| OutboxError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        commit::sync_store(&self.path).map_err(io)?;
+        wal.truncate().map_err(io)
+    }
+
+    /// Logs a removal so replay does not bring the message back. Not synced here: the next
+    /// commit or checkpoint carries it, and a lost delete only means a resend.
+    fn log_delete(&self, key: Key) {
+        let mut frame = Vec::with_capacity(32);
+        wal::encode(&wal::Op::Delete(key), &mut frame);
+        if let Err(e) = self.wal_lock().append(&frame) {
+            tracing::warn!(class = %key.class, seq = key.seq, error = %e, "cannot log outbox removal; the message may be sent again after a restart");
+        }
     }
 
     /// Admission and in-memory insert under the lock; returns per-message results and what was
@@ -437,6 +508,7 @@ impl Outbox {
         }
         let now = protocol::v1::now_ms();
         let mut inner = self.lock();
+        let mut frames = Vec::new();
         for (idx, msg) in msgs.into_iter().enumerate() {
             let ttl = msg
                 .ttl
@@ -458,11 +530,13 @@ impl Outbox {
                 class: msg.class,
                 seq: inner.next_seq,
             };
+            let encoded = rec.encode();
             let mut batch = sled::Batch::default();
-            batch.insert(&key.to_bytes(), rec.encode());
+            batch.insert(&key.to_bytes(), encoded.as_slice());
             batch.insert(META_NEXT_SEQ, &(key.seq + 1).to_be_bytes());
             match self.tree.apply_batch(batch) {
                 Ok(()) => {
+                    wal::encode(&wal::Op::Insert(key, encoded), &mut frames);
                     inner.next_seq += 1;
                     inner.acct.added(key.class, size, rec.expires_ms);
                     inserted.push((idx, key, size));
@@ -475,6 +549,29 @@ impl Outbox {
                 Err(e) => {
                     inner.acct.refused();
                     results.push(Err(self.store_err(e)));
+                }
+            }
+        }
+        if !frames.is_empty() {
+            if let Err(e) = self.wal_lock().append(&frames) {
+                // Not in the log, so not durable: take the batch back and say why.
+                tracing::error!(path = %self.path.display(), error = %e, "cannot append to the outbox write-ahead log");
+                for (idx, key, size) in inserted.drain(..) {
+                    let _ = self.tree.remove(key.to_bytes());
+                    inner.acct.removed(key.class, size, Removal::Undone);
+                    inner.acct.refused();
+                    results[idx] = Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                        OutboxError::DiskFull {
+                            path: self.path.clone(),
+                            available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
+                            reserve: DISK_RESERVE_BYTES,
+                        }
+                    } else {
+                        OutboxError::Io {
+                            path: self.path.clone(),
+                            source: std::io::Error::new(e.kind(), e.to_string()),
+                        }
+                    });
                 }
             }
         }
@@ -529,6 +626,7 @@ impl Outbox {
                             .map_err(|e| self.store_err(e))?
                             .is_some() =>
                 {
+                    self.log_delete(key);
                     inner
                         .acct
                         .removed(key.class, rec.charge(), Removal::Expired);
@@ -566,6 +664,9 @@ impl Outbox {
                 .map_err(|e| self.store_err(e))?
                 .is_some()
             {
+                if let Some(key) = Key::from_bytes(&k) {
+                    self.log_delete(key);
+                }
                 inner
                     .acct
                     .removed(Class::Telemetry, charge, Removal::Evicted);
@@ -639,6 +740,7 @@ impl Outbox {
     fn remove(&self, key: Key, why: Removal) {
         match self.tree.remove(key.to_bytes()) {
             Ok(Some(v)) => {
+                self.log_delete(key);
                 let charge = Record::decode(&v)
                     .map(|r| r.charge())
                     .unwrap_or(v.len() as u64);
@@ -660,17 +762,18 @@ impl Outbox {
         self.lock().acct.stats()
     }
 
-    /// Number of group commits so far (each one flush + fsync).
+    /// Number of group commits so far (each one fdatasync of the write-ahead log).
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Makes everything (including acks) durable; call on shutdown.
+    /// Makes everything (including acks) durable and checkpoints; call on shutdown.
     pub async fn close(&self) -> Result<(), OutboxError> {
         self.committer.commit().await.map_err(|e| OutboxError::Io {
             path: self.path.clone(),
             source: std::io::Error::other(e.to_string()),
-        })
+        })?;
+        self.checkpoint()
     }
 }
 
