@@ -69,7 +69,10 @@ pub struct State {
 
 impl Default for State {
     fn default() -> Self {
-        Self { v: STATE_VERSION, streams: BTreeMap::new() }
+        Self {
+            v: STATE_VERSION,
+            streams: BTreeMap::new(),
+        }
     }
 }
 
@@ -131,7 +134,11 @@ impl Detector {
     /// Starts from `state` (persisted earlier, or the default).
     pub fn new(settings: Settings, state: State) -> Self {
         let tracked = state.streams.values().map(BTreeMap::len).sum();
-        Self { settings, state, tracked }
+        Self {
+            settings,
+            state,
+            tracked,
+        }
     }
 
     pub fn state(&self) -> &State {
@@ -144,7 +151,12 @@ impl Detector {
     }
 
     /// Observes the numeric leaves of one input document (see [`numeric_leaves`]).
-    pub fn observe(&mut self, stream: &str, timestamp_ms: u64, leaves: &[(String, f64)]) -> Outcome {
+    pub fn observe(
+        &mut self,
+        stream: &str,
+        timestamp_ms: u64,
+        leaves: &[(String, f64)],
+    ) -> Outcome {
         let mut out = Outcome::default();
         let selected: Vec<(&str, f64)> = if self.settings.features.is_empty() {
             leaves.iter().map(|(k, v)| (k.as_str(), *v)).collect()
@@ -166,7 +178,11 @@ impl Detector {
                 out.missing += 1;
                 continue;
             }
-            let known = self.state.streams.get(stream).is_some_and(|m| m.contains_key(key));
+            let known = self
+                .state
+                .streams
+                .get(stream)
+                .is_some_and(|m| m.contains_key(key));
             if !known && self.tracked >= self.settings.max_keys {
                 out.untracked += 1;
                 continue;
@@ -174,7 +190,13 @@ impl Detector {
             if !known {
                 self.tracked += 1;
             }
-            let ks = self.state.streams.entry(stream.to_owned()).or_default().entry(key.to_owned()).or_default();
+            let ks = self
+                .state
+                .streams
+                .entry(stream.to_owned())
+                .or_default()
+                .entry(key.to_owned())
+                .or_default();
             step(&self.settings, key, ks, value, timestamp_ms, &mut out);
         }
         out
@@ -201,11 +223,21 @@ fn step(s: &Settings, key: &str, ks: &mut KeyState, value: f64, ts: u64, out: &m
     match (ks.active, trigger) {
         (false, Some((reason, limit))) => {
             ks.active = true;
-            let cooled = ks.last_alert_ms.is_none_or(|last| ts.saturating_sub(last) >= s.cooldown_ms);
+            let cooled = ks
+                .last_alert_ms
+                .is_none_or(|last| ts.saturating_sub(last) >= s.cooldown_ms);
             ks.alerted = cooled;
             if cooled {
                 ks.last_alert_ms = Some(ts);
-                out.alerts.push(Finding { feature: key.to_owned(), value, reason, limit, z, mean: ks.mean, std });
+                out.alerts.push(Finding {
+                    feature: key.to_owned(),
+                    value,
+                    reason,
+                    limit,
+                    z,
+                    mean: ks.mean,
+                    std,
+                });
             } else {
                 out.suppressed += 1;
             }
@@ -216,7 +248,10 @@ fn step(s: &Settings, key: &str, ks: &mut KeyState, value: f64, ts: u64, out: &m
             if calm {
                 ks.active = false;
                 if std::mem::take(&mut ks.alerted) {
-                    out.cleared.push(Cleared { feature: key.to_owned(), value });
+                    out.cleared.push(Cleared {
+                        feature: key.to_owned(),
+                        value,
+                    });
                 }
             }
         }
@@ -328,7 +363,12 @@ mod tests {
         leaves.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             leaves,
-            vec![("bands.0".into(), 1.0), ("bands.1".into(), 2.0), ("rms".into(), 1.5), ("x.ok".into(), 1.0)]
+            vec![
+                ("bands.0".into(), 1.0),
+                ("bands.1".into(), 2.0),
+                ("rms".into(), 1.5),
+                ("x.ok".into(), 1.0)
+            ]
         );
     }
 
@@ -393,7 +433,13 @@ mod tests {
     #[test]
     fn absolute_limits_apply_from_the_first_value() {
         let mut s = settings();
-        s.limits.insert("rms".into(), Limits { min: Some(0.5), max: Some(2.0) });
+        s.limits.insert(
+            "rms".into(),
+            Limits {
+                min: Some(0.5),
+                max: Some(2.0),
+            },
+        );
         let mut d = Detector::new(s, State::default());
         let o = d.observe("s", 0, &rms(3.0));
         assert_eq!(o.alerts[0].reason, Reason::AboveMax);
@@ -423,7 +469,10 @@ mod tests {
         let mut d = Detector::new(s, State::default());
         let o = d.observe("s", 0, &[("rms".into(), 1.0), ("mean".into(), 2.0)]);
         assert_eq!(o.missing, 1);
-        assert_eq!(d.state().streams["s"].keys().collect::<Vec<_>>(), vec!["rms"]);
+        assert_eq!(
+            d.state().streams["s"].keys().collect::<Vec<_>>(),
+            vec!["rms"]
+        );
     }
 
     #[test]
@@ -431,7 +480,10 @@ mod tests {
         let mut s = settings();
         s.alpha = 0.01; // 1/n dominates for the first 100 values
         let mut d = Detector::new(s, State::default());
-        for (i, v) in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0].into_iter().enumerate() {
+        for (i, v) in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]
+            .into_iter()
+            .enumerate()
+        {
             d.observe("s", i as u64, &rms(v));
         }
         let ks = &d.state().streams["s"]["rms"];
@@ -446,8 +498,14 @@ mod tests {
         let saved = serde_json::to_vec(d.state()).unwrap();
         let restored: State = serde_json::from_slice(&saved).unwrap();
         // serde_json may round the last bit of an f64; the statistics are what matters.
-        let (a, b) = (&restored.streams["s"]["rms"], &d.state().streams["s"]["rms"]);
-        assert_eq!((a.n, a.active, a.last_alert_ms), (b.n, b.active, b.last_alert_ms));
+        let (a, b) = (
+            &restored.streams["s"]["rms"],
+            &d.state().streams["s"]["rms"],
+        );
+        assert_eq!(
+            (a.n, a.active, a.last_alert_ms),
+            (b.n, b.active, b.last_alert_ms)
+        );
         assert!((a.mean - b.mean).abs() < 1e-12 && (a.var - b.var).abs() < 1e-12);
         // A restarted detector still knows the baseline: the spike alerts without warm-up.
         let mut d2 = Detector::new(settings(), restored);

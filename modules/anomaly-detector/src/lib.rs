@@ -12,7 +12,7 @@
 
 pub mod detector;
 
-use detector::{Cleared, Detector, Finding, Limits, Settings, State, STATE_VERSION};
+use detector::{Cleared, Detector, Finding, Limits, STATE_VERSION, Settings, State};
 use edge_guest::{Frame, Guest, Payload, config, counters, kv, payload_kind};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -101,26 +101,47 @@ fn settings_from_config(text: &str) -> Result<(Settings, Options), String> {
         return Err(config::invalid("stream", "must not be empty"));
     }
     if !(c.z_threshold.is_finite() && c.z_threshold >= 0.0) {
-        return Err(config::invalid("z_threshold", format!("must be 0 (off) or positive, got {}", c.z_threshold)));
+        return Err(config::invalid(
+            "z_threshold",
+            format!("must be 0 (off) or positive, got {}", c.z_threshold),
+        ));
     }
     let clear_z = c.clear_z.unwrap_or(0.75 * c.z_threshold);
     if !(clear_z.is_finite() && clear_z >= 0.0 && clear_z <= c.z_threshold) {
-        return Err(config::invalid("clear_z", format!("must be between 0 and z_threshold ({}), got {clear_z}", c.z_threshold)));
+        return Err(config::invalid(
+            "clear_z",
+            format!(
+                "must be between 0 and z_threshold ({}), got {clear_z}",
+                c.z_threshold
+            ),
+        ));
     }
     if !(finite_pos(c.alpha) && c.alpha <= 1.0) {
-        return Err(config::invalid("alpha", format!("must be in (0, 1], got {}", c.alpha)));
+        return Err(config::invalid(
+            "alpha",
+            format!("must be in (0, 1], got {}", c.alpha),
+        ));
     }
     if !(c.min_std.is_finite() && c.min_std >= 0.0) {
-        return Err(config::invalid("min_std", format!("must be zero or positive, got {}", c.min_std)));
+        return Err(config::invalid(
+            "min_std",
+            format!("must be zero or positive, got {}", c.min_std),
+        ));
     }
     if !(1..=MAX_KEYS_LIMIT).contains(&c.max_keys) {
-        return Err(config::invalid("max_keys", format!("must be between 1 and {MAX_KEYS_LIMIT}, got {}", c.max_keys)));
+        return Err(config::invalid(
+            "max_keys",
+            format!("must be between 1 and {MAX_KEYS_LIMIT}, got {}", c.max_keys),
+        ));
     }
     if c.persist_every == 0 {
         return Err(config::invalid("persist_every", "must be at least 1"));
     }
     if let Some(f) = c.features.iter().find(|f| f.is_empty()) {
-        return Err(config::invalid("features", format!("empty feature key {f:?}")));
+        return Err(config::invalid(
+            "features",
+            format!("empty feature key {f:?}"),
+        ));
     }
     for (key, l) in &c.limits {
         let name = format!("limits.{key}");
@@ -130,17 +151,27 @@ fn settings_from_config(text: &str) -> Result<(Settings, Options), String> {
         if l.min.is_some_and(|v| !v.is_finite()) || l.max.is_some_and(|v| !v.is_finite()) {
             return Err(config::invalid(&name, "limits must be finite numbers"));
         }
-        if let (Some(min), Some(max)) = (l.min, l.max)
-            && min > max
-        {
-            return Err(config::invalid(&name, format!("min {min} exceeds max {max}")));
+        // (No let-chains: they need Rust 1.88 and the workspace promises 1.85.)
+        if let (Some(min), Some(max)) = (l.min, l.max) {
+            if min > max {
+                return Err(config::invalid(
+                    &name,
+                    format!("min {min} exceeds max {max}"),
+                ));
+            }
         }
         if !c.features.is_empty() && !c.features.contains(key) {
-            return Err(config::invalid(&name, format!("`{key}` is not in features, so it is never checked")));
+            return Err(config::invalid(
+                &name,
+                format!("`{key}` is not in features, so it is never checked"),
+            ));
         }
     }
     if c.z_threshold == 0.0 && c.limits.is_empty() {
-        return Err(config::invalid("z_threshold", "is 0 and no limits are set: nothing would ever alert"));
+        return Err(config::invalid(
+            "z_threshold",
+            "is 0 and no limits are set: nothing would ever alert",
+        ));
     }
     let settings = Settings {
         features: c.features,
@@ -154,7 +185,14 @@ fn settings_from_config(text: &str) -> Result<(Settings, Options), String> {
         limits: c.limits,
         max_keys: c.max_keys as usize,
     };
-    Ok((settings, Options { stream: c.stream, emit_clear: c.emit_clear, persist_every: c.persist_every }))
+    Ok((
+        settings,
+        Options {
+            stream: c.stream,
+            emit_clear: c.emit_clear,
+            persist_every: c.persist_every,
+        },
+    ))
 }
 
 /// Stage options outside the detector core.
@@ -201,34 +239,77 @@ pub struct Stage {
 impl Stage {
     /// Builds the stage from config text and previously persisted state bytes (if any).
     /// Returns a warning when the persisted state could not be used.
-    pub fn new(config_text: &str, persisted: Option<&[u8]>) -> Result<(Self, Option<String>), String> {
+    pub fn new(
+        config_text: &str,
+        persisted: Option<&[u8]>,
+    ) -> Result<(Self, Option<String>), String> {
         let (settings, options) = settings_from_config(config_text)?;
         let (state, warning) = match persisted.map(serde_json::from_slice::<State>) {
             None => (State::default(), None),
             Some(Ok(s)) if s.v == STATE_VERSION => (s, None),
-            Some(Ok(s)) => (State::default(), Some(format!("discarding saved state of version {} (expected {STATE_VERSION})", s.v))),
-            Some(Err(e)) => (State::default(), Some(format!("discarding unreadable saved state: {e}"))),
+            Some(Ok(s)) => (
+                State::default(),
+                Some(format!(
+                    "discarding saved state of version {} (expected {STATE_VERSION})",
+                    s.v
+                )),
+            ),
+            Some(Err(e)) => (
+                State::default(),
+                Some(format!("discarding unreadable saved state: {e}")),
+            ),
         };
-        Ok((Self { detector: Detector::new(settings, state), options, since_persist: 0 }, warning))
+        Ok((
+            Self {
+                detector: Detector::new(settings, state),
+                options,
+                since_persist: 0,
+            },
+            warning,
+        ))
     }
 
     /// Runs one frame through the detector; returns alert frames and counter deltas.
     pub fn process(&mut self, frame: &Frame) -> Result<(Vec<Frame>, Counts), String> {
         let Payload::Json(text) = &frame.payload else {
-            return Err(format!("expected a json payload, got {}", payload_kind(&frame.payload)));
+            return Err(format!(
+                "expected a json payload, got {}",
+                payload_kind(&frame.payload)
+            ));
         };
-        let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid json payload: {e}"))?;
-        let outcome = self.detector.observe(&frame.stream, frame.timestamp_ms, &detector::numeric_leaves(&doc));
+        let doc: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("invalid json payload: {e}"))?;
+        let outcome = self.detector.observe(
+            &frame.stream,
+            frame.timestamp_ms,
+            &detector::numeric_leaves(&doc),
+        );
         self.since_persist += 1;
 
-        let labels: BTreeMap<&str, &str> = frame.meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let labels: BTreeMap<&str, &str> = frame
+            .meta
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut out = Vec::new();
         let mut emit = |kind, findings, cleared| -> Result<(), String> {
-            let doc = AlertJson { kind, source_stream: &frame.stream, timestamp_ms: frame.timestamp_ms, findings, cleared, labels: labels.clone() };
+            let doc = AlertJson {
+                kind,
+                source_stream: &frame.stream,
+                timestamp_ms: frame.timestamp_ms,
+                findings,
+                cleared,
+                labels: labels.clone(),
+            };
             let text = serde_json::to_string(&doc).map_err(|e| format!("encoding alert: {e}"))?;
             let mut meta = frame.meta.clone();
             meta.push(("source_stream".into(), frame.stream.clone()));
-            out.push(Frame { stream: self.options.stream.clone(), timestamp_ms: frame.timestamp_ms, payload: Payload::Json(text), meta });
+            out.push(Frame {
+                stream: self.options.stream.clone(),
+                timestamp_ms: frame.timestamp_ms,
+                payload: Payload::Json(text),
+                meta,
+            });
             Ok(())
         };
         if !outcome.alerts.is_empty() {
@@ -330,7 +411,9 @@ impl Guest for Component {
 /// Saves the state; a failure is logged and counted but does not fail the frame: detection
 /// goes on and the next save retries.
 fn save(stage: &mut Stage) {
-    let result = stage.state_bytes().and_then(|bytes| kv::set(STATE_KEY, &bytes).map_err(|e| kv_error(&e)));
+    let result = stage
+        .state_bytes()
+        .and_then(|bytes| kv::set(STATE_KEY, &bytes).map_err(|e| kv_error(&e)));
     let was_failing = KV_FAILING.with(|f| f.replace(result.is_err()));
     match result {
         Ok(()) => {
@@ -363,27 +446,46 @@ mod tests {
     use super::*;
 
     fn features(ts: u64, rms: f64) -> Frame {
-        let mut f = Frame::new("vibration/motor-1", ts, Payload::Json(format!(r#"{{"rms": {rms}, "bands": [0.1, 0.2]}}"#)));
+        let mut f = Frame::new(
+            "vibration/motor-1",
+            ts,
+            Payload::Json(format!(r#"{{"rms": {rms}, "bands": [0.1, 0.2]}}"#)),
+        );
         f.meta.push(("sensor".into(), "imu0".into()));
         f
     }
 
     #[test]
     fn alert_frame_shape() {
-        let (mut s, w) = Stage::new(r#"{"features": ["rms"], "warmup": 5, "stream": "alerts/motor"}"#, None).unwrap();
+        let (mut s, w) = Stage::new(
+            r#"{"features": ["rms"], "warmup": 5, "stream": "alerts/motor"}"#,
+            None,
+        )
+        .unwrap();
         assert!(w.is_none());
         for i in 0..20 {
-            let (out, _) = s.process(&features(i * 10, 1.0 + (i % 2) as f64 * 0.01)).unwrap();
+            let (out, _) = s
+                .process(&features(i * 10, 1.0 + (i % 2) as f64 * 0.01))
+                .unwrap();
             assert!(out.is_empty());
         }
         let (out, counts) = s.process(&features(1_000, 9.0)).unwrap();
-        assert_eq!(counts, Counts { alerts: 1, findings: 1, ..Counts::default() });
+        assert_eq!(
+            counts,
+            Counts {
+                alerts: 1,
+                findings: 1,
+                ..Counts::default()
+            }
+        );
         assert_eq!(out.len(), 1);
         let f = &out[0];
         assert_eq!(f.stream, "alerts/motor");
         assert_eq!(f.timestamp_ms, 1_000);
         assert_eq!(f.label("source_stream"), Some("vibration/motor-1"));
-        let Payload::Json(text) = &f.payload else { panic!() };
+        let Payload::Json(text) = &f.payload else {
+            panic!()
+        };
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(v["kind"], "anomaly");
         assert_eq!(v["labels"]["sensor"], "imu0");
@@ -397,7 +499,8 @@ mod tests {
         let cfg = r#"{"warmup": 5, "features": ["rms"]}"#;
         let (mut s, _) = Stage::new(cfg, None).unwrap();
         for i in 0..20 {
-            s.process(&features(i, 1.0 + (i % 2) as f64 * 0.01)).unwrap();
+            s.process(&features(i, 1.0 + (i % 2) as f64 * 0.01))
+                .unwrap();
         }
         let saved = s.state_bytes().unwrap();
         let (mut s2, w) = Stage::new(cfg, Some(&saved)).unwrap();
@@ -420,7 +523,9 @@ mod tests {
         assert_eq!(s.process(&features(0, 3.0)).unwrap().0.len(), 1);
         let (out, counts) = s.process(&features(1, 1.0)).unwrap();
         assert_eq!(counts.cleared, 1);
-        let Payload::Json(text) = &out[0].payload else { panic!() };
+        let Payload::Json(text) = &out[0].payload else {
+            panic!()
+        };
         assert!(text.contains(r#""kind":"cleared""#), "{text}");
     }
 
@@ -442,10 +547,19 @@ mod tests {
             (r#"{"alpha": 0}"#, "alpha:"),
             (r#"{"alpha": "x"}"#, "alpha:"),
             (r#"{"z_threshold": 3, "clear_z": 4}"#, "clear_z:"),
-            (r#"{"limits": {"rms": {"min": 3, "max": 1}}}"#, "limits.rms:"),
+            (
+                r#"{"limits": {"rms": {"min": 3, "max": 1}}}"#,
+                "limits.rms:",
+            ),
             (r#"{"limits": {"rms": {}}}"#, "limits.rms:"),
-            (r#"{"limits": {"rms": {"maximum": 1}}}"#, "limits.rms.maximum:"),
-            (r#"{"features": ["peak"], "limits": {"rms": {"max": 1}}}"#, "limits.rms:"),
+            (
+                r#"{"limits": {"rms": {"maximum": 1}}}"#,
+                "limits.rms.maximum:",
+            ),
+            (
+                r#"{"features": ["peak"], "limits": {"rms": {"max": 1}}}"#,
+                "limits.rms:",
+            ),
             (r#"{"max_keys": 0}"#, "max_keys:"),
             (r#"{"persist_every": 0}"#, "persist_every:"),
             (r#"{"z_threshold": 0}"#, "z_threshold:"),
@@ -454,13 +568,25 @@ mod tests {
             let e = Stage::new(cfg, None).unwrap_err();
             assert!(e.starts_with(key), "{cfg}: {e}");
         }
-        assert!(Stage::new(r#"{"treshold": 1}"#, None).unwrap_err().contains("treshold"));
+        assert!(
+            Stage::new(r#"{"treshold": 1}"#, None)
+                .unwrap_err()
+                .contains("treshold")
+        );
     }
 
     #[test]
     fn rejects_non_json_frames() {
         let (mut s, _) = Stage::new("", None).unwrap();
-        assert!(s.process(&Frame::new("x", 0, Payload::Samples(vec![]))).unwrap_err().contains("got samples"));
-        assert!(s.process(&Frame::new("x", 0, Payload::Json("{".into()))).unwrap_err().contains("invalid json"));
+        assert!(
+            s.process(&Frame::new("x", 0, Payload::Samples(vec![])))
+                .unwrap_err()
+                .contains("got samples")
+        );
+        assert!(
+            s.process(&Frame::new("x", 0, Payload::Json("{".into())))
+                .unwrap_err()
+                .contains("invalid json")
+        );
     }
 }

@@ -38,7 +38,12 @@ impl Fft {
                 }
             }
         }
-        Self { n, tw_re, tw_im, swaps }
+        Self {
+            n,
+            tw_re,
+            tw_im,
+            swaps,
+        }
     }
 
     /// The planned length.
@@ -56,7 +61,10 @@ impl Fft {
     /// # Panics
     /// If `re` or `im` is not exactly the planned length.
     pub fn process(&self, re: &mut [f32], im: &mut [f32]) {
-        assert!(re.len() == self.n && im.len() == self.n, "fft buffer length mismatch");
+        assert!(
+            re.len() == self.n && im.len() == self.n,
+            "fft buffer length mismatch"
+        );
         for &(i, j) in &self.swaps {
             re.swap(i as usize, j as usize);
             im.swap(i as usize, j as usize);
@@ -101,7 +109,9 @@ mod tests {
     #[test]
     fn matches_naive_dft() {
         for n in [1usize, 2, 4, 16, 64] {
-            let x: Vec<f32> = (0..n).map(|i| ((i * 37 + 11) % 17) as f32 / 8.0 - 1.0).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 + 11) % 17) as f32 / 8.0 - 1.0)
+                .collect();
             let (er, ei) = naive_dft(&x);
             let mut re = x.clone();
             let mut im = vec![0.0; n];

@@ -161,7 +161,12 @@ impl Extractor {
         let stats = stats(samples);
         let mut bands = vec![0.0f32; self.config.bands];
         if samples.is_empty() {
-            return Features { len: 0, stats, dominant_hz: 0.0, bands };
+            return Features {
+                len: 0,
+                stats,
+                dominant_hz: 0.0,
+                bands,
+            };
         }
         let dominant_bin = self.band_energies(samples, stats.mean, &mut bands);
         let n = self.re.len();
@@ -210,7 +215,10 @@ impl Extractor {
             let power = re * re + im * im;
             let weight = if k == 0 || k == half { 1.0 } else { 2.0 };
             // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last.
-            let band = if half == 0 { 0 } else { (k * nbands / half).min(nbands - 1) };
+            // (n = 1 has half = 0: its single bin goes to band 0.)
+            let band = (k * nbands)
+                .checked_div(half)
+                .map_or(0, |b| b.min(nbands - 1));
             acc[band] += weight * power * norm;
             if k > 0 && power > best.1 {
                 best = (k, power);
@@ -234,7 +242,11 @@ impl Extractor {
             })),
             Window::Hann => self.window.push(1.0),
         }
-        self.window_power = self.window.iter().map(|&w| f64::from(w) * f64::from(w)).sum();
+        self.window_power = self
+            .window
+            .iter()
+            .map(|&w| f64::from(w) * f64::from(w))
+            .sum();
         self.window_len = len;
     }
 }
@@ -254,7 +266,12 @@ mod tests {
     }
 
     fn config(bands: usize, window: Window) -> ExtractorConfig {
-        ExtractorConfig { sample_rate_hz: 1000.0, bands, window, remove_dc: false }
+        ExtractorConfig {
+            sample_rate_hz: 1000.0,
+            bands,
+            window,
+            remove_dc: false,
+        }
     }
 
     #[test]
@@ -304,19 +321,28 @@ mod tests {
             let f = ex.extract(&sine(300.0, 1000.0, 1024, 1.0));
             let total: f32 = f.bands.iter().sum();
             assert!(f.bands[4] / total > 0.95, "{window:?}: {:?}", f.bands);
-            assert!((f.dominant_hz - 300.0).abs() < 1000.0 / 1024.0 + 1e-3, "{}", f.dominant_hz);
+            assert!(
+                (f.dominant_hz - 300.0).abs() < 1000.0 / 1024.0 + 1e-3,
+                "{}",
+                f.dominant_hz
+            );
         }
     }
 
     #[test]
     fn rect_band_energies_sum_to_mean_square() {
         // Parseval, with a non-power-of-two length (zero-padded 1000 -> 1024).
-        let samples: Vec<f32> =
-            (0..1000).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0 + 0.3).collect();
+        let samples: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0 + 0.3)
+            .collect();
         let mut ex = Extractor::new(config(16, Window::Rect));
         let f = ex.extract(&samples);
         let total: f32 = f.bands.iter().sum();
-        assert!(close(total, f.stats.rms * f.stats.rms, 1e-4), "{total} vs {}", f.stats.rms);
+        assert!(
+            close(total, f.stats.rms * f.stats.rms, 1e-4),
+            "{total} vs {}",
+            f.stats.rms
+        );
     }
 
     #[test]
@@ -330,9 +356,15 @@ mod tests {
 
     #[test]
     fn remove_dc_empties_the_dc_bin() {
-        let samples: Vec<f32> = sine(250.0, 1000.0, 512, 1.0).iter().map(|x| x + 9.81).collect();
+        let samples: Vec<f32> = sine(250.0, 1000.0, 512, 1.0)
+            .iter()
+            .map(|x| x + 9.81)
+            .collect();
         let mut with_dc = Extractor::new(config(4, Window::Rect));
-        let mut without = Extractor::new(ExtractorConfig { remove_dc: true, ..config(4, Window::Rect) });
+        let mut without = Extractor::new(ExtractorConfig {
+            remove_dc: true,
+            ..config(4, Window::Rect)
+        });
         let a = with_dc.extract(&samples);
         let b = without.extract(&samples);
         assert!(a.bands[0] > 90.0, "{:?}", a.bands);
@@ -349,7 +381,11 @@ mod tests {
             let f = ex.extract(&vec![1.0; len]);
             assert_eq!(f.len, len);
             assert_eq!(f.bands.len(), 3);
-            assert!(f.bands.iter().all(|b| b.is_finite() && *b >= 0.0), "{len}: {:?}", f.bands);
+            assert!(
+                f.bands.iter().all(|b| b.is_finite() && *b >= 0.0),
+                "{len}: {:?}",
+                f.bands
+            );
         }
     }
 
@@ -368,7 +404,12 @@ mod tests {
     fn to_vec_order() {
         let f = Features {
             len: 4,
-            stats: Stats { mean: 1.0, rms: 2.0, peak: 3.0, crest_factor: 4.0 },
+            stats: Stats {
+                mean: 1.0,
+                rms: 2.0,
+                peak: 3.0,
+                crest_factor: 4.0,
+            },
             dominant_hz: 5.0,
             bands: vec![6.0, 7.0],
         };

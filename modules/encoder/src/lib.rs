@@ -117,8 +117,18 @@ impl Stage {
         let selector = match (c.fields.is_empty(), c.columns.is_empty()) {
             (false, true) => Selector::Names(c.fields),
             (true, false) => Selector::Columns(c.columns.iter().map(|&i| i as usize).collect()),
-            (true, true) => return Err(config::invalid("fields", "set `fields` (json paths or csv header names) or `columns` (csv indices)")),
-            (false, false) => return Err(config::invalid("columns", "set either `fields` or `columns`, not both")),
+            (true, true) => {
+                return Err(config::invalid(
+                    "fields",
+                    "set `fields` (json paths or csv header names) or `columns` (csv indices)",
+                ));
+            }
+            (false, false) => {
+                return Err(config::invalid(
+                    "columns",
+                    "set either `fields` or `columns`, not both",
+                ));
+            }
         };
         let n = match &selector {
             Selector::Names(v) => v.len(),
@@ -126,39 +136,77 @@ impl Stage {
         };
         if let Selector::Names(names) = &selector {
             if let Some(i) = names.iter().position(String::is_empty) {
-                return Err(config::invalid(&format!("fields[{i}]"), "must not be empty"));
+                return Err(config::invalid(
+                    &format!("fields[{i}]"),
+                    "must not be empty",
+                ));
             }
             if c.format == Format::Csv && !c.header {
-                return Err(config::invalid("fields", "csv fields by name need `header = true`; use `columns` for indices"));
+                return Err(config::invalid(
+                    "fields",
+                    "csv fields by name need `header = true`; use `columns` for indices",
+                ));
             }
         }
         if matches!(selector, Selector::Columns(_)) && c.format == Format::Json {
-            return Err(config::invalid("columns", "apply to csv input; use `fields` for json"));
+            return Err(config::invalid(
+                "columns",
+                "apply to csv input; use `fields` for json",
+            ));
         }
         let mut chars = c.delimiter.chars();
         let delimiter = match (chars.next(), chars.next()) {
             (Some(d), None) if d != '"' && d != '\n' && d != '\r' => d,
-            _ => return Err(config::invalid("delimiter", format!("must be one character other than a quote or newline, got {:?}", c.delimiter))),
+            _ => {
+                return Err(config::invalid(
+                    "delimiter",
+                    format!(
+                        "must be one character other than a quote or newline, got {:?}",
+                        c.delimiter
+                    ),
+                ));
+            }
         };
         if !(1..=MAX_ROWS_LIMIT).contains(&c.max_rows) {
-            return Err(config::invalid("max_rows", format!("must be between 1 and {MAX_ROWS_LIMIT}, got {}", c.max_rows)));
+            return Err(config::invalid(
+                "max_rows",
+                format!("must be between 1 and {MAX_ROWS_LIMIT}, got {}", c.max_rows),
+            ));
         }
         let scale = match c.scale {
             None => None,
             Some(s) => {
                 if s.mean.len() != n {
-                    return Err(config::invalid("scale.mean", format!("has {} values for {n} fields", s.mean.len())));
+                    return Err(config::invalid(
+                        "scale.mean",
+                        format!("has {} values for {n} fields", s.mean.len()),
+                    ));
                 }
                 if s.std.len() != n {
-                    return Err(config::invalid("scale.std", format!("has {} values for {n} fields", s.std.len())));
+                    return Err(config::invalid(
+                        "scale.std",
+                        format!("has {} values for {n} fields", s.std.len()),
+                    ));
                 }
                 if let Some(i) = s.mean.iter().position(|m| !m.is_finite()) {
-                    return Err(config::invalid(&format!("scale.mean[{i}]"), "must be a finite number"));
+                    return Err(config::invalid(
+                        &format!("scale.mean[{i}]"),
+                        "must be a finite number",
+                    ));
                 }
                 if let Some(i) = s.std.iter().position(|d| !(d.is_finite() && *d > 0.0)) {
-                    return Err(config::invalid(&format!("scale.std[{i}]"), format!("must be positive, got {}", s.std[i])));
+                    return Err(config::invalid(
+                        &format!("scale.std[{i}]"),
+                        format!("must be positive, got {}", s.std[i]),
+                    ));
                 }
-                Some(s.mean.into_iter().zip(s.std).map(|(m, d)| (m, 1.0 / d)).collect())
+                Some(
+                    s.mean
+                        .into_iter()
+                        .zip(s.std)
+                        .map(|(m, d)| (m, 1.0 / d))
+                        .collect(),
+                )
             }
         };
         let window = match c.shape {
@@ -170,28 +218,59 @@ impl Stage {
             }
             Some(shape) => {
                 if shape.is_empty() || shape.contains(&0) {
-                    return Err(config::invalid("shape", format!("dimensions must be positive, got {shape:?}")));
+                    return Err(config::invalid(
+                        "shape",
+                        format!("dimensions must be positive, got {shape:?}"),
+                    ));
                 }
-                let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)));
+                let elements = shape
+                    .iter()
+                    .try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)));
                 let elements = elements.filter(|&e| e <= u64::from(c.max_rows) * n as u64);
                 let Some(elements) = elements else {
-                    return Err(config::invalid("shape", format!("{shape:?} holds more than max_rows ({}) rows of {n} fields", c.max_rows)));
+                    return Err(config::invalid(
+                        "shape",
+                        format!(
+                            "{shape:?} holds more than max_rows ({}) rows of {n} fields",
+                            c.max_rows
+                        ),
+                    ));
                 };
                 if elements % n as u64 != 0 {
-                    return Err(config::invalid("shape", format!("{shape:?} holds {elements} values, not a multiple of {n} fields")));
+                    return Err(config::invalid(
+                        "shape",
+                        format!("{shape:?} holds {elements} values, not a multiple of {n} fields"),
+                    ));
                 }
                 let rows = (elements / n as u64) as usize;
                 let hop = c.hop.map_or(rows, |h| h as usize);
                 if !(1..=rows).contains(&hop) {
-                    return Err(config::invalid("hop", format!("must be between 1 and the window's {rows} rows, got {hop}")));
+                    return Err(config::invalid(
+                        "hop",
+                        format!("must be between 1 and the window's {rows} rows, got {hop}"),
+                    ));
                 }
-                Some(Windowing { shape, rows, hop, buf: VecDeque::new() })
+                Some(Windowing {
+                    shape,
+                    rows,
+                    hop,
+                    buf: VecDeque::new(),
+                })
             }
         };
         if c.stream.as_deref() == Some("") {
             return Err(config::invalid("stream", "must not be empty"));
         }
-        Ok(Self { format: c.format, selector, header: c.header, delimiter, scale, window, stream: c.stream, max_rows: c.max_rows as usize })
+        Ok(Self {
+            format: c.format,
+            selector,
+            header: c.header,
+            delimiter,
+            scale,
+            window,
+            stream: c.stream,
+            max_rows: c.max_rows as usize,
+        })
     }
 
     fn fields(&self) -> usize {
@@ -205,10 +284,13 @@ impl Stage {
     /// used, so windows never mix in half a frame.
     pub fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String> {
         let mut rows = match &frame.payload {
-            Payload::Json(_) if self.format == Format::Csv => return Err("format is csv but the payload is json".into()),
+            Payload::Json(_) if self.format == Format::Csv => {
+                return Err("format is csv but the payload is json".into());
+            }
             Payload::Json(text) => self.json_rows(text)?,
             Payload::Bytes(bytes) => {
-                let text = std::str::from_utf8(bytes).map_err(|e| format!("payload is not utf-8 text: {e}"))?;
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|e| format!("payload is not utf-8 text: {e}"))?;
                 if text.trim().is_empty() {
                     return Ok(Vec::new());
                 }
@@ -220,7 +302,12 @@ impl Stage {
                     Format::Auto => self.csv_rows(text)?,
                 }
             }
-            other => return Err(format!("expected a json or bytes payload, got {}", payload_kind(other))),
+            other => {
+                return Err(format!(
+                    "expected a json or bytes payload, got {}",
+                    payload_kind(other)
+                ));
+            }
         };
         if let Some(scale) = &self.scale {
             for row in rows.chunks_exact_mut(scale.len()) {
@@ -272,15 +359,21 @@ impl Stage {
             };
             for r in records {
                 if record >= self.max_rows {
-                    return Err(format!("more than max_rows ({}) records in one frame", self.max_rows));
+                    return Err(format!(
+                        "more than max_rows ({}) records in one frame",
+                        self.max_rows
+                    ));
                 }
                 if !r.is_object() {
                     return Err(format!("record {record}: expected a json object"));
                 }
                 for path in paths {
                     let x = match lookup(r, path) {
-                        None | Some(serde_json::Value::Null) => return Err(format!("record {record}: missing field `{path}`")),
-                        Some(v) => number(v).map_err(|why| format!("record {record}: field `{path}` {why}"))?,
+                        None | Some(serde_json::Value::Null) => {
+                            return Err(format!("record {record}: missing field `{path}`"));
+                        }
+                        Some(v) => number(v)
+                            .map_err(|why| format!("record {record}: field `{path}` {why}"))?,
                     };
                     rows.push(x);
                 }
@@ -292,10 +385,18 @@ impl Stage {
 
     /// Rows from CSV text, one per non-empty line (`#` starts a comment line).
     fn csv_rows(&self, text: &str) -> Result<Vec<f32>, String> {
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
         let header: Option<Vec<String>> = if self.header {
             match lines.next() {
-                Some((_, l)) => Some(split_csv(l, self.delimiter).into_iter().map(|c| c.trim().to_owned()).collect()),
+                Some((_, l)) => Some(
+                    split_csv(l, self.delimiter)
+                        .into_iter()
+                        .map(|c| c.trim().to_owned())
+                        .collect(),
+                ),
                 None => return Ok(Vec::new()),
             }
         } else {
@@ -305,7 +406,14 @@ impl Stage {
         let columns: Vec<(usize, String)> = match (&self.selector, &header) {
             (Selector::Columns(idx), h) => idx
                 .iter()
-                .map(|&i| (i, h.as_ref().and_then(|h| h.get(i)).map_or(format!("column {i}"), |n| format!("column {i} (`{n}`)"))))
+                .map(|&i| {
+                    (
+                        i,
+                        h.as_ref()
+                            .and_then(|h| h.get(i))
+                            .map_or(format!("column {i}"), |n| format!("column {i} (`{n}`)")),
+                    )
+                })
                 .collect(),
             (Selector::Names(names), Some(h)) => names
                 .iter()
@@ -314,19 +422,32 @@ impl Stage {
                     None => Err(format!("header has no column `{n}`")),
                 })
                 .collect::<Result<_, _>>()?,
-            (Selector::Names(_), None) => return Err("csv input with `fields` needs `header = true`; use `columns` for indices".into()),
+            (Selector::Names(_), None) => {
+                return Err(
+                    "csv input with `fields` needs `header = true`; use `columns` for indices"
+                        .into(),
+                );
+            }
         };
         let mut rows = Vec::new();
         for (count, (i, line)) in lines.enumerate() {
             let line_no = i + 1;
             if count >= self.max_rows {
-                return Err(format!("more than max_rows ({}) lines in one frame", self.max_rows));
+                return Err(format!(
+                    "more than max_rows ({}) lines in one frame",
+                    self.max_rows
+                ));
             }
             let cells = split_csv(line, self.delimiter);
             for (col, name) in &columns {
                 let cell = cells
                     .get(*col)
-                    .ok_or_else(|| format!("line {line_no}: missing {name} (line has {} columns)", cells.len()))?
+                    .ok_or_else(|| {
+                        format!(
+                            "line {line_no}: missing {name} (line has {} columns)",
+                            cells.len()
+                        )
+                    })?
                     .trim();
                 if cell.is_empty() {
                     return Err(format!("line {line_no}: {name} is empty"));
@@ -335,7 +456,9 @@ impl Stage {
                     .parse::<f32>()
                     .ok()
                     .filter(|x| x.is_finite())
-                    .ok_or_else(|| format!("line {line_no}: {name} is not a finite number: {cell:?}"))?;
+                    .ok_or_else(|| {
+                        format!("line {line_no}: {name} is not a finite number: {cell:?}")
+                    })?;
                 rows.push(x);
             }
         }
@@ -364,7 +487,8 @@ fn number(v: &serde_json::Value) -> Result<f32, String> {
         serde_json::Value::String(s) => s.trim().parse::<f32>().ok(),
         _ => None,
     };
-    x.filter(|x| x.is_finite()).ok_or_else(|| format!("is not a finite number: {v}"))
+    x.filter(|x| x.is_finite())
+        .ok_or_else(|| format!("is not a finite number: {v}"))
 }
 
 /// Splits one CSV line (RFC 4180 quoting within the line: `"a,b"` and `""` escapes).
@@ -417,7 +541,9 @@ mod tests {
     use super::*;
 
     fn tensor(f: &Frame) -> (Vec<u32>, Vec<f32>) {
-        let Payload::Tensor(t) = &f.payload else { panic!("not a tensor: {:?}", f.payload) };
+        let Payload::Tensor(t) = &f.payload else {
+            panic!("not a tensor: {:?}", f.payload)
+        };
         (t.shape.clone(), t.to_f32().unwrap())
     }
 
@@ -436,23 +562,37 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].stream, "sensors");
         assert_eq!(out[0].timestamp_ms, 42);
-        assert_eq!(tensor(&out[0]), (vec![2, 3], vec![20.5, -1.0, 1.0, 21.0, 2.0, 0.0]));
+        assert_eq!(
+            tensor(&out[0]),
+            (vec![2, 3], vec![20.5, -1.0, 1.0, 21.0, 2.0, 0.0])
+        );
     }
 
     #[test]
     fn ndjson_bytes_and_dotted_keys() {
         let mut s = Stage::from_config(r#"{"fields": ["a.b", "c.1"]}"#).unwrap();
-        let out = s.process(csv("{\"a.b\": 1, \"c\": [0, 5]}\n{\"a\": {\"b\": 2}, \"c\": [0, 6]}\n")).unwrap();
+        let out = s
+            .process(csv(
+                "{\"a.b\": 1, \"c\": [0, 5]}\n{\"a\": {\"b\": 2}, \"c\": [0, 6]}\n",
+            ))
+            .unwrap();
         assert_eq!(tensor(&out[0]), (vec![2, 2], vec![1.0, 5.0, 2.0, 6.0]));
     }
 
     #[test]
     fn json_errors_name_record_and_field() {
         let mut s = Stage::from_config(r#"{"fields": ["temp", "hum"]}"#).unwrap();
-        let e = s.process(json(r#"[{"temp": 1, "hum": 2}, {"temp": 1}]"#)).unwrap_err();
+        let e = s
+            .process(json(r#"[{"temp": 1, "hum": 2}, {"temp": 1}]"#))
+            .unwrap_err();
         assert_eq!(e, "record 1: missing field `hum`");
-        let e = s.process(json(r#"{"temp": "warm", "hum": 2}"#)).unwrap_err();
-        assert!(e.starts_with("record 0: field `temp` is not a finite number"), "{e}");
+        let e = s
+            .process(json(r#"{"temp": "warm", "hum": 2}"#))
+            .unwrap_err();
+        assert!(
+            e.starts_with("record 0: field `temp` is not a finite number"),
+            "{e}"
+        );
         let e = s.process(json(r#"{"temp": 1, "hum": null}"#)).unwrap_err();
         assert_eq!(e, "record 0: missing field `hum`");
     }
@@ -467,8 +607,12 @@ mod tests {
 
     #[test]
     fn csv_header_names_and_quotes() {
-        let mut s = Stage::from_config(r#"{"fields": ["b", "a"], "header": true, "delimiter": ";"}"#).unwrap();
-        let out = s.process(csv("a;\"note; with sep\";b\n1;\"x \"\"y\"\"\";3\n")).unwrap();
+        let mut s =
+            Stage::from_config(r#"{"fields": ["b", "a"], "header": true, "delimiter": ";"}"#)
+                .unwrap();
+        let out = s
+            .process(csv("a;\"note; with sep\";b\n1;\"x \"\"y\"\"\";3\n"))
+            .unwrap();
         assert_eq!(tensor(&out[0]), (vec![1, 2], vec![3.0, 1.0]));
         let e = s.process(csv("a;c\n1;2\n")).unwrap_err();
         assert_eq!(e, "header has no column `b`");
@@ -490,7 +634,10 @@ mod tests {
 
     #[test]
     fn windows_across_frames_with_hop() {
-        let mut s = Stage::from_config(r#"{"columns": [0], "shape": [1, 3, 1], "hop": 2, "stream": "model-in"}"#).unwrap();
+        let mut s = Stage::from_config(
+            r#"{"columns": [0], "shape": [1, 3, 1], "hop": 2, "stream": "model-in"}"#,
+        )
+        .unwrap();
         assert!(s.process(csv("1\n2\n")).unwrap().is_empty());
         let out = s.process(csv("3\n4\n5\n")).unwrap();
         assert_eq!(out.len(), 2);
@@ -518,8 +665,14 @@ mod tests {
             (r#"{"fields": ["a"], "columns": [1]}"#, "columns:"),
             (r#"{"fields": ["a"], "format": "csv"}"#, "fields:"),
             (r#"{"fields": ["a"], "delimiter": ",,"}"#, "delimiter:"),
-            (r#"{"fields": ["a", "b"], "scale": {"mean": [0], "std": [1, 1]}}"#, "scale.mean:"),
-            (r#"{"fields": ["a"], "scale": {"mean": [0], "std": [0]}}"#, "scale.std[0]:"),
+            (
+                r#"{"fields": ["a", "b"], "scale": {"mean": [0], "std": [1, 1]}}"#,
+                "scale.mean:",
+            ),
+            (
+                r#"{"fields": ["a"], "scale": {"mean": [0], "std": [0]}}"#,
+                "scale.std[0]:",
+            ),
             (r#"{"fields": ["a", "b"], "shape": [1, 3]}"#, "shape:"),
             (r#"{"fields": ["a"], "shape": [0, 1]}"#, "shape:"),
             (r#"{"fields": ["a"], "shape": [4], "hop": 5}"#, "hop:"),
@@ -536,7 +689,11 @@ mod tests {
     #[test]
     fn wrong_payload_and_empty_input() {
         let mut s = Stage::from_config(r#"{"fields": ["a"]}"#).unwrap();
-        assert!(s.process(Frame::new("x", 0, Payload::Samples(vec![1.0]))).unwrap_err().contains("got samples"));
+        assert!(
+            s.process(Frame::new("x", 0, Payload::Samples(vec![1.0])))
+                .unwrap_err()
+                .contains("got samples")
+        );
         assert!(s.process(csv("")).unwrap().is_empty());
         assert!(s.process(json("[]")).unwrap().is_empty());
     }

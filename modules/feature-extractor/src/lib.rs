@@ -93,15 +93,27 @@ impl Stage {
     pub fn from_config(text: &str) -> Result<Self, String> {
         let c: Config = config::parse(text)?;
         if !(c.sample_rate_hz.is_finite() && c.sample_rate_hz > 0.0) {
-            return Err(config::invalid("sample_rate_hz", format!("must be a positive number of hertz, got {}", c.sample_rate_hz)));
+            return Err(config::invalid(
+                "sample_rate_hz",
+                format!(
+                    "must be a positive number of hertz, got {}",
+                    c.sample_rate_hz
+                ),
+            ));
         }
         if !(1..=MAX_BANDS).contains(&c.bands) {
-            return Err(config::invalid("bands", format!("must be between 1 and {MAX_BANDS}, got {}", c.bands)));
+            return Err(config::invalid(
+                "bands",
+                format!("must be between 1 and {MAX_BANDS}, got {}", c.bands),
+            ));
         }
         if !(1..=MAX_SAMPLES_LIMIT).contains(&c.max_samples) {
             return Err(config::invalid(
                 "max_samples",
-                format!("must be between 1 and {MAX_SAMPLES_LIMIT}, got {}", c.max_samples),
+                format!(
+                    "must be between 1 and {MAX_SAMPLES_LIMIT}, got {}",
+                    c.max_samples
+                ),
             ));
         }
         if c.stream.as_deref() == Some("") {
@@ -127,16 +139,26 @@ impl Stage {
     /// Extracts features from one `samples` frame.
     pub fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String> {
         let Payload::Samples(samples) = &frame.payload else {
-            return Err(format!("expected a samples payload, got {}", payload_kind(&frame.payload)));
+            return Err(format!(
+                "expected a samples payload, got {}",
+                payload_kind(&frame.payload)
+            ));
         };
         if samples.is_empty() {
             return Err("empty samples window".into());
         }
         if samples.len() > self.max_samples {
-            return Err(format!("window of {} samples exceeds max_samples {}", samples.len(), self.max_samples));
+            return Err(format!(
+                "window of {} samples exceeds max_samples {}",
+                samples.len(),
+                self.max_samples
+            ));
         }
         if let Some(i) = samples.iter().position(|x| !x.is_finite()) {
-            return Err(format!("sample {i} is not a finite number ({})", samples[i]));
+            return Err(format!(
+                "sample {i} is not a finite number ({})",
+                samples[i]
+            ));
         }
         let features = self.extractor.extract(samples);
 
@@ -152,13 +174,24 @@ impl Stage {
                 dominant_hz: features.dominant_hz,
                 bands: &features.bands,
             };
-            let text = serde_json::to_string(&doc).map_err(|e| format!("encoding features: {e}"))?;
-            out.push(Frame { stream: stream.clone(), timestamp_ms: frame.timestamp_ms, payload: Payload::Json(text), meta: frame.meta.clone() });
+            let text =
+                serde_json::to_string(&doc).map_err(|e| format!("encoding features: {e}"))?;
+            out.push(Frame {
+                stream: stream.clone(),
+                timestamp_ms: frame.timestamp_ms,
+                payload: Payload::Json(text),
+                meta: frame.meta.clone(),
+            });
         }
         if matches!(self.output, Output::Tensor | Output::Both) {
             let values = features.to_vec();
             let tensor = Tensor::from_f32(vec![1, values.len() as u32], &values);
-            out.push(Frame { stream, timestamp_ms: frame.timestamp_ms, payload: Payload::Tensor(tensor), meta: frame.meta });
+            out.push(Frame {
+                stream,
+                timestamp_ms: frame.timestamp_ms,
+                payload: Payload::Tensor(tensor),
+                meta: frame.meta,
+            });
         }
         Ok(out)
     }
@@ -194,11 +227,17 @@ mod tests {
     use edge_guest::Dtype;
 
     fn window(freq: f32, rate: f32, len: usize) -> Vec<f32> {
-        (0..len).map(|i| (2.0 * std::f32::consts::PI * freq * i as f32 / rate).sin()).collect()
+        (0..len)
+            .map(|i| (2.0 * std::f32::consts::PI * freq * i as f32 / rate).sin())
+            .collect()
     }
 
     fn frame(samples: Vec<f32>) -> Frame {
-        let mut f = Frame::new("vibration/motor-1", 1_700_000_000_000, Payload::Samples(samples));
+        let mut f = Frame::new(
+            "vibration/motor-1",
+            1_700_000_000_000,
+            Payload::Samples(samples),
+        );
         f.meta.push(("sensor".into(), "imu0".into()));
         f
     }
@@ -212,24 +251,36 @@ mod tests {
         assert_eq!(f.stream, "vibration/motor-1");
         assert_eq!(f.timestamp_ms, 1_700_000_000_000);
         assert_eq!(f.label("sensor"), Some("imu0"));
-        let Payload::Json(text) = &f.payload else { panic!("not json") };
+        let Payload::Json(text) = &f.payload else {
+            panic!("not json")
+        };
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
         assert_eq!(v["n"], 1000);
         assert_eq!(v["bands"].as_array().unwrap().len(), 4);
         // 300 Hz with 125 Hz bands: band 2.
-        let bands: Vec<f64> = v["bands"].as_array().unwrap().iter().map(|b| b.as_f64().unwrap()).collect();
+        let bands: Vec<f64> = v["bands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_f64().unwrap())
+            .collect();
         let max = bands.iter().cloned().fold(0.0, f64::max);
         assert_eq!(bands[2], max);
-        assert!((v["rms"].as_f64().unwrap() - 0.7071).abs() < 1e-3);
+        assert!((v["rms"].as_f64().unwrap() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-3);
     }
 
     #[test]
     fn tensor_output_layout() {
-        let mut s = Stage::from_config(r#"{"sample_rate_hz": 100.0, "bands": 3, "output": "both", "stream": "features"}"#).unwrap();
+        let mut s = Stage::from_config(
+            r#"{"sample_rate_hz": 100.0, "bands": 3, "output": "both", "stream": "features"}"#,
+        )
+        .unwrap();
         let out = s.process(frame(vec![1.0; 16])).unwrap();
         assert_eq!(out.len(), 2);
         assert!(matches!(out[0].payload, Payload::Json(_)));
-        let Payload::Tensor(t) = &out[1].payload else { panic!("not a tensor") };
+        let Payload::Tensor(t) = &out[1].payload else {
+            panic!("not a tensor")
+        };
         assert_eq!(out[1].stream, "features");
         assert_eq!(t.dtype, Dtype::F32);
         assert_eq!(t.shape, vec![1, 8]);
@@ -254,10 +305,16 @@ mod tests {
     #[test]
     fn bad_frames_are_rejected_with_reasons() {
         let mut s = Stage::from_config(r#"{"sample_rate_hz": 100, "max_samples": 8}"#).unwrap();
-        let e = s.process(Frame::new("x", 0, Payload::Json("{}".into()))).unwrap_err();
+        let e = s
+            .process(Frame::new("x", 0, Payload::Json("{}".into())))
+            .unwrap_err();
         assert!(e.contains("got json"), "{e}");
         assert!(s.process(frame(vec![])).unwrap_err().contains("empty"));
-        assert!(s.process(frame(vec![0.0; 9])).unwrap_err().contains("max_samples"));
+        assert!(
+            s.process(frame(vec![0.0; 9]))
+                .unwrap_err()
+                .contains("max_samples")
+        );
         let e = s.process(frame(vec![0.0, f32::NAN])).unwrap_err();
         assert!(e.contains("sample 1"), "{e}");
     }

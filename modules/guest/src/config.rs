@@ -24,7 +24,11 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         // At the top level serde_path_to_error reports ".", which names nothing.
-        if path == "." { format!("config: {}", err.inner()) } else { format!("{path}: {}", err.inner()) }
+        if path == "." {
+            format!("config: {}", err.inner())
+        } else {
+            format!("{path}: {}", err.inner())
+        }
     })?;
     de.end().map_err(|e| format!("config: {e}"))?;
     Ok(value)
@@ -71,7 +75,13 @@ mod tests {
     fn nested_keys() {
         let a: Cfg = parse(r#"{"bands": 4, "limits": {"rms": {"max": 2.5}}}"#).unwrap();
         assert_eq!(a.bands, 4);
-        assert_eq!(a.limits["rms"], Limits { min: None, max: Some(2.5) });
+        assert_eq!(
+            a.limits["rms"],
+            Limits {
+                min: None,
+                max: Some(2.5)
+            }
+        );
         let b: Cfg = parse("{}").unwrap();
         assert_eq!(b.bands, 8);
     }

@@ -17,12 +17,20 @@ pub fn payload_kind(payload: &Payload) -> &'static str {
 impl Frame {
     /// A frame with no labels.
     pub fn new(stream: impl Into<String>, timestamp_ms: u64, payload: Payload) -> Self {
-        Self { stream: stream.into(), timestamp_ms, payload, meta: Vec::new() }
+        Self {
+            stream: stream.into(),
+            timestamp_ms,
+            payload,
+            meta: Vec::new(),
+        }
     }
 
     /// The value of label `key`, if present (first occurrence).
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -46,12 +54,21 @@ impl Tensor {
     /// bad input.
     pub fn from_f32(shape: Vec<u32>, values: &[f32]) -> Self {
         let elements: usize = shape.iter().map(|&d| d as usize).product();
-        assert_eq!(elements, values.len(), "tensor shape {shape:?} does not match {} values", values.len());
+        assert_eq!(
+            elements,
+            values.len(),
+            "tensor shape {shape:?} does not match {} values",
+            values.len()
+        );
         let mut data = Vec::with_capacity(values.len() * 4);
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        Self { dtype: Dtype::F32, shape, data }
+        Self {
+            dtype: Dtype::F32,
+            shape,
+            data,
+        }
     }
 
     /// Number of elements the shape describes (1 for a scalar).
@@ -95,9 +112,17 @@ mod tests {
 
     #[test]
     fn to_f32_rejects_wrong_dtype_and_length() {
-        let t = Tensor { dtype: Dtype::U8, shape: vec![1], data: vec![0] };
+        let t = Tensor {
+            dtype: Dtype::U8,
+            shape: vec![1],
+            data: vec![0],
+        };
         assert!(t.to_f32().is_err());
-        let t = Tensor { dtype: Dtype::F32, shape: vec![3], data: vec![0; 8] };
+        let t = Tensor {
+            dtype: Dtype::F32,
+            shape: vec![3],
+            data: vec![0; 8],
+        };
         assert!(t.to_f32().unwrap_err().contains("needs 3"));
     }
 

@@ -27,6 +27,8 @@ mod frame;
 
 /// Generated bindings for the `stage` world (everything below is re-exported at the
 /// crate root; use these paths only for what is not).
+// Generated lowering code passes each flattened field as an argument.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     // In a module rather than at the crate root: at the root, the `#[macro_export]`ed
     // helper macro collides with its own re-export.
@@ -41,9 +43,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::{Guest, export_stage};
 pub use bindings::edge::pipeline::types::{Dtype, Frame, Payload, Tensor};
 pub use bindings::edge::pipeline::{clock, counters, kv, log};
+pub use bindings::{Guest, export_stage};
 pub use frame::payload_kind;
 
 /// Logs `message` at `level` through the host (see the `log` interface).

@@ -38,38 +38,37 @@ enum Mode {
     Shadow,
 }
 
-/// Never true; read through black_box so the compiler cannot prove the recursion endless
-/// (and replace it with a trap or a loop).
-fn stop() -> bool {
-    black_box(false)
-}
-
+/// Recursion without any linear-memory use: `limit` is never reached (it is u64::MAX, hidden
+/// from the optimiser by the caller), and the result is combined after the call with two
+/// operations, so this is neither a tail call nor an accumulator LLVM could turn into a loop.
 #[inline(never)]
-fn native(depth: u64) -> u64 {
-    if stop() {
+fn native(depth: u64, limit: u64) -> u64 {
+    if depth == limit {
         return depth;
     }
-    // The result goes through black_box before use, so this is no tail call and not an
-    // accumulator LLVM could turn into a loop.
-    black_box(native(depth + 1)).rotate_left(1) ^ depth
+    native(depth + 1, limit).rotate_left(1) ^ depth
 }
 
+/// Recursion with a 4 KiB buffer per frame on the shadow stack.
 #[inline(never)]
-fn shadow(depth: u64) -> u64 {
+fn shadow(depth: u64, limit: u64) -> u64 {
     let mut buf = [0u8; 4096];
     buf[0] = depth as u8;
     // Taking the address forces the buffer into linear memory (the shadow stack).
     black_box(&mut buf);
-    if stop() {
+    if depth == limit {
         return depth;
     }
-    black_box(shadow(depth + 1)) ^ u64::from(buf[(depth % 4096) as usize])
+    shadow(depth + 1, limit) ^ u64::from(buf[(depth % 4096) as usize])
 }
 
 fn recurse(mode: Mode) -> u64 {
+    // Opaque to the compiler, so it cannot prove the recursion endless (and replace it
+    // with a trap or drop it).
+    let limit = black_box(u64::MAX);
     match mode {
-        Mode::Native => native(0),
-        Mode::Shadow => shadow(0),
+        Mode::Native => native(0, limit),
+        Mode::Shadow => shadow(0, limit),
     }
 }
 
@@ -103,7 +102,16 @@ mod tests {
 
     #[test]
     fn config_is_checked() {
-        assert_eq!(config::parse::<Config>(r#"{"mode": "shadow"}"#).unwrap().mode, Mode::Shadow);
-        assert!(config::parse::<Config>(r#"{"mode": "tail"}"#).unwrap_err().starts_with("mode:"));
+        assert_eq!(
+            config::parse::<Config>(r#"{"mode": "shadow"}"#)
+                .unwrap()
+                .mode,
+            Mode::Shadow
+        );
+        assert!(
+            config::parse::<Config>(r#"{"mode": "tail"}"#)
+                .unwrap_err()
+                .starts_with("mode:")
+        );
     }
 }

@@ -61,7 +61,10 @@ struct Report<'a> {
 fn parse(text: &str) -> Result<Config, String> {
     let c: Config = config::parse(text)?;
     if c.size_kib > 1 << 20 {
-        return Err(config::invalid("size_kib", format!("at most {} (1 GiB), got {}", 1 << 20, c.size_kib)));
+        return Err(config::invalid(
+            "size_kib",
+            format!("at most {} (1 GiB), got {}", 1 << 20, c.size_kib),
+        ));
     }
     Ok(c)
 }
@@ -70,9 +73,22 @@ thread_local! {
     static CONFIG: RefCell<Option<Config>> = const { RefCell::new(None) };
 }
 
-fn report(frame: &Frame, target: &str, done: u32, error: Option<String>) -> Result<Vec<Frame>, String> {
-    let text = serde_json::to_string(&Report { target, done, error }).map_err(|e| e.to_string())?;
-    Ok(vec![Frame { payload: Payload::Json(text), ..frame.clone() }])
+fn report(
+    frame: &Frame,
+    target: &str,
+    done: u32,
+    error: Option<String>,
+) -> Result<Vec<Frame>, String> {
+    let text = serde_json::to_string(&Report {
+        target,
+        done,
+        error,
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(vec![Frame {
+        payload: Payload::Json(text),
+        ..frame.clone()
+    }])
 }
 
 struct Component;
@@ -85,7 +101,9 @@ impl Guest for Component {
     }
 
     fn process(frame: Frame) -> Result<Vec<Frame>, String> {
-        let c = CONFIG.with(|s| s.borrow().clone()).ok_or("process called before init")?;
+        let c = CONFIG
+            .with(|s| s.borrow().clone())
+            .ok_or("process called before init")?;
         let size = c.size_kib as usize * 1024;
         match c.target {
             Target::Kv => {
@@ -112,11 +130,19 @@ impl Guest for Component {
                 report(&frame, "counters", c.count, None)
             }
             Target::Frames => Ok((0..c.count)
-                .map(|i| Frame { payload: Payload::Json(format!(r#"{{"i":{i}}}"#)), ..frame.clone() })
+                .map(|i| Frame {
+                    payload: Payload::Json(format!(r#"{{"i":{i}}}"#)),
+                    ..frame.clone()
+                })
                 .collect()),
-            Target::BigFrame => Ok(vec![Frame { payload: Payload::Bytes(vec![0x5A; size]), ..frame }]),
+            Target::BigFrame => Ok(vec![Frame {
+                payload: Payload::Bytes(vec![0x5A; size]),
+                ..frame
+            }]),
             Target::BigMeta => {
-                let meta = (0..c.count).map(|i| (format!("label_{i}"), "x".repeat(16))).collect();
+                let meta = (0..c.count)
+                    .map(|i| (format!("label_{i}"), "x".repeat(16)))
+                    .collect();
                 Ok(vec![Frame { meta, ..frame }])
             }
             Target::BigError => Err("e".repeat(size)),
@@ -133,8 +159,19 @@ mod tests {
     #[test]
     fn config_is_checked() {
         assert!(parse("").unwrap_err().contains("target"));
-        assert_eq!(parse(r#"{"target": "big-frame"}"#).unwrap().target, Target::BigFrame);
-        assert!(parse(r#"{"target": "disk"}"#).unwrap_err().starts_with("target:"));
-        assert!(parse(r#"{"target": "kv", "size_kib": 2000000}"#).unwrap_err().starts_with("size_kib:"));
+        assert_eq!(
+            parse(r#"{"target": "big-frame"}"#).unwrap().target,
+            Target::BigFrame
+        );
+        assert!(
+            parse(r#"{"target": "disk"}"#)
+                .unwrap_err()
+                .starts_with("target:")
+        );
+        assert!(
+            parse(r#"{"target": "kv", "size_kib": 2000000}"#)
+                .unwrap_err()
+                .starts_with("size_kib:")
+        );
     }
 }

@@ -42,7 +42,10 @@ enum When {
 fn parse(text: &str) -> Result<Config, String> {
     let c: Config = config::parse(text)?;
     if c.chunk_kib == 0 || c.chunk_kib > 1 << 20 {
-        return Err(config::invalid("chunk_kib", format!("must be between 1 and {}, got {}", 1 << 20, c.chunk_kib)));
+        return Err(config::invalid(
+            "chunk_kib",
+            format!("must be between 1 and {}, got {}", 1 << 20, c.chunk_kib),
+        ));
     }
     if c.max_mib == Some(0) {
         return Err(config::invalid("max_mib", "must be at least 1"));
@@ -96,9 +99,14 @@ impl Guest for Component {
     }
 
     fn process(frame: Frame) -> Result<Vec<Frame>, String> {
-        let c = CONFIG.with(|s| s.borrow().clone()).ok_or("process called before init")?;
+        let c = CONFIG
+            .with(|s| s.borrow().clone())
+            .ok_or("process called before init")?;
         let kib = hog(&c)?;
-        Ok(vec![Frame { payload: Payload::Json(format!(r#"{{"held_kib":{kib}}}"#)), ..frame }])
+        Ok(vec![Frame {
+            payload: Payload::Json(format!(r#"{{"held_kib":{kib}}}"#)),
+            ..frame
+        }])
     }
 }
 
@@ -116,8 +124,16 @@ mod tests {
 
     #[test]
     fn config_is_checked() {
-        assert!(parse(r#"{"chunk_kib": 0}"#).unwrap_err().starts_with("chunk_kib:"));
-        assert!(parse(r#"{"max_mib": 0}"#).unwrap_err().starts_with("max_mib:"));
+        assert!(
+            parse(r#"{"chunk_kib": 0}"#)
+                .unwrap_err()
+                .starts_with("chunk_kib:")
+        );
+        assert!(
+            parse(r#"{"max_mib": 0}"#)
+                .unwrap_err()
+                .starts_with("max_mib:")
+        );
         assert!(parse(r#"{"size": 1}"#).unwrap_err().contains("size"));
     }
 }

@@ -56,6 +56,10 @@ mod tests {
     #[test]
     fn config_is_checked() {
         assert_eq!(config::parse::<Config>("").unwrap().when, When::Process);
-        assert!(config::parse::<Config>(r#"{"when": "later"}"#).unwrap_err().starts_with("when:"));
+        assert!(
+            config::parse::<Config>(r#"{"when": "later"}"#)
+                .unwrap_err()
+                .starts_with("when:")
+        );
     }
 }

@@ -115,7 +115,11 @@ mod tests {
     #[test]
     fn config_is_checked() {
         assert!(parse(r#"{"every": 0}"#).unwrap_err().starts_with("every:"));
-        assert!(parse(r#"{"kind": "segfault"}"#).unwrap_err().starts_with("kind:"));
+        assert!(
+            parse(r#"{"kind": "segfault"}"#)
+                .unwrap_err()
+                .starts_with("kind:")
+        );
         assert_eq!(parse(r#"{"kind": "oob"}"#).unwrap().kind, Kind::Oob);
     }
 }
