@@ -2,6 +2,7 @@
 //!
 //! - `test`: provision what the suite needs (mosquitto, ...), build the binaries, run
 //!   `cargo test --workspace`. This is what CI runs.
+//! - `modules`: build every WASM guest module in `modules/` (wasm32-wasip2 components).
 //! - `demo`: the README's one-command tour: a coordinator, two agents, a broker outage, and
 //!   every queued message delivered afterwards.
 //! - `soak`: the end-to-end crash loop with many kills.
@@ -32,6 +33,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the WASM guest modules in modules/ (wasm32-wasip2 components, release).
+    Modules,
     /// One-command tour: coordinator + two agents, a broker outage, nothing lost.
     Demo,
     /// Crash loop: SIGKILL the agent under load many times, check nothing acknowledged is lost.
@@ -79,6 +82,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Test { args } => test(&args),
+        Cmd::Modules => {
+            provision::ensure_rust_target("wasm32-wasip2")?;
+            build_modules()
+        }
         Cmd::Demo => {
             build_bins(&["edge-agent", "edge-coordinator"])?;
             demo::run()
@@ -146,8 +153,28 @@ fn build_bins(packages: &[&str]) -> Result<()> {
     run(cmd).context("building the binaries failed")
 }
 
+/// Builds every guest module; the components land in
+/// `modules/target/wasm32-wasip2/release/*.wasm`, where the sandbox tests look for them.
+fn build_modules() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "--manifest-path",
+        "modules/Cargo.toml",
+    ]);
+    run(cmd).context("building the WASM modules failed")?;
+    // Their native unit tests (the dsp math, configs) run with the suite.
+    let mut tests = cargo();
+    tests.args(["test", "--manifest-path", "modules/Cargo.toml"]);
+    run(tests).context("WASM module unit tests failed")
+}
+
 fn test(args: &[String]) -> Result<()> {
     provision::provision()?;
+    build_modules()?;
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build).context("building the binaries failed")?;

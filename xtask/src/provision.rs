@@ -12,9 +12,30 @@ use anyhow::{Context, Result, bail};
 pub fn provision() -> Result<()> {
     let mut apt = Apt::default();
     ensure_mosquitto(&mut apt)?;
-    // Later steps go here, each as its own function: `rustup target add` for wasm32-wasip2 and
-    // the ARM targets, cross linkers and qemu-user (Debian packages through `apt`), and the
-    // ONNX Runtime shared library from the `onnxruntime` wheel on PyPI.
+    ensure_rust_target("wasm32-wasip2")?;
+    // Later steps go here, each as its own function: the ARM targets, cross linkers and
+    // qemu-user (Debian packages through `apt`), and the ONNX Runtime shared library from the
+    // `onnxruntime` wheel on PyPI.
+    Ok(())
+}
+
+/// `rustup target add`, only when the target's standard library is not installed yet.
+pub fn ensure_rust_target(target: &str) -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup (the Rust toolchain must come from rustup to add targets)")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Rust target {target}");
+    let status = Command::new("rustup")
+        .args(["target", "add", target])
+        .status()
+        .context("cannot run rustup")?;
+    if !status.success() {
+        bail!("rustup target add {target} failed with {status}");
+    }
     Ok(())
 }
 
