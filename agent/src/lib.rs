@@ -4,9 +4,11 @@
 
 pub mod agent;
 pub mod config;
+pub mod deploy;
 pub mod fsutil;
 pub mod identity;
 pub mod local_api;
 pub mod outbox;
+pub mod sandbox;
 pub mod telemetry;
 pub mod uplink;

@@ -145,12 +145,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = matches!(cli.log_format, LogFormat::Json);
     match rt.block_on(real_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "edge-agent failed");
-            eprintln!("error: {e:#}");
+            let msg = render(&e);
+            if json {
+                tracing::error!(error = %msg, "edge-agent failed");
+            } else {
+                eprintln!("error: {msg}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause its parent already quotes (our
+/// error messages name their cause, so anyhow's `{:#}` would print it twice).
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -23,6 +23,9 @@
 //!   Invariant: the coordinator is subscribed before any device can connect to the embedded
 //!   broker; acks to an external broker only after commit. Boundary: the service.
 //! - [`service`]: the loop wiring them together.
+//! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks) and the
+//!   per-device rollout tracker. Invariant: `package` and `rollout` do no network I/O.
+//!   Boundary: the binary (`keygen`, `deploy`), the service (later).
 //!
 //! Errors: each module has its own `thiserror` enum whose message already contains the
 //! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
@@ -37,6 +40,7 @@
 
 pub mod config;
 pub mod core;
+pub mod deploy;
 pub mod event;
 pub mod journal;
 pub mod registry;

@@ -2,7 +2,9 @@
 //!
 //! `serve` runs it (embedded broker by default, `--broker` for an external one);
 //! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
-//! registry while the coordinator is stopped.
+//! registry while the coordinator is stopped. `keygen` creates a deployment signing key;
+//! `deploy --dry-run` builds and signs a deployment and prints it (sending comes with the
+//! service wiring).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -49,6 +51,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create an ed25519 deployment signing key (mode 0600) and print its public key, the
+    /// value agents list in `trusted_keys`. Never overwrites an existing file.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build and sign a deployment of a pipeline description and the artifacts it names.
+    Deploy(DeployArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["device", "group"])))]
+struct DeployArgs {
+    /// The pipeline description (TOML); `.wasm`/`.onnx` paths in it are read relative to it.
+    pipeline: PathBuf,
+    /// Deploy to this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Deploy to every device of this group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Private key written by `keygen`.
+    #[arg(long)]
+    key: PathBuf,
+    /// Deployment version; must be higher than the target's installed one.
+    #[arg(long)]
+    version: u64,
+    /// Deployment id; defaults to one derived from the time.
+    #[arg(long)]
+    id: Option<String>,
+    /// How long agents accept the manifest, seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_secs: u64,
+    /// Health check: messages processed without error before commit (0: off).
+    #[arg(long, default_value_t = 100)]
+    health_messages: u32,
+    /// Health check: seconds without error before commit (0: off).
+    #[arg(long, default_value_t = 30)]
+    health_seconds: u32,
+    /// Data bytes per chunk.
+    #[arg(long, default_value_t = protocol::v1::deploy::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Print the signed manifest and the chunk plan instead of sending.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Flags override the config file's keys.
@@ -114,6 +162,8 @@ fn main() -> ExitCode {
             config,
             json,
         } => report(devices(state_dir, config, json)),
+        Command::Keygen { out } => report(keygen(&out)),
+        Command::Deploy(args) => report(deploy(args)),
     }
 }
 
@@ -251,5 +301,60 @@ fn devices(state_dir: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> R
             registry::render_table(&records, protocol::v1::now_ms())
         );
     }
+    Ok(())
+}
+
+fn keygen(out: &std::path::Path) -> Result<()> {
+    let public = edge_coordinator::deploy::generate_key_file(out)?;
+    eprintln!(
+        "wrote private key {} (mode 0600); add the public key below to the agents' trusted_keys",
+        out.display()
+    );
+    println!("{}", protocol::v1::deploy::public_key_hex(&public));
+    Ok(())
+}
+
+fn deploy(args: DeployArgs) -> Result<()> {
+    use edge_coordinator::deploy::{PackageSpec, load_signing_key, package};
+    use protocol::v1::deploy::{DeployKind, HealthCheck, Target};
+
+    let target = match (args.device, args.group) {
+        (Some(d), _) => Target::Device(d),
+        (None, Some(g)) => Target::Group(g),
+        (None, None) => anyhow::bail!("name a target with --device or --group"),
+    };
+    let key = load_signing_key(&args.key)?;
+    let now_ms = protocol::v1::now_ms();
+    let spec = PackageSpec {
+        deployment_id: args
+            .id
+            .unwrap_or_else(|| format!("dep-{now_ms:x}-{}", args.version)),
+        target,
+        version: args.version,
+        now_ms,
+        ttl_ms: args.ttl_secs.saturating_mul(1000),
+        kind: DeployKind::Pipeline,
+        pipeline_toml: None,
+        chunk_size: args.chunk_size,
+        health: HealthCheck {
+            messages: args.health_messages,
+            seconds: args.health_seconds,
+        },
+    };
+    let pkg = package::load(&args.pipeline, spec, &key)
+        .with_context(|| format!("cannot build a deployment from {}", args.pipeline.display()))?;
+    if !args.dry_run {
+        anyhow::bail!("sending deployments is not wired to MQTT yet; use --dry-run");
+    }
+    println!("{}", String::from_utf8_lossy(&pkg.manifest_payload()));
+    eprintln!(
+        "deployment {} version {} for {}: {} artifacts, {} bytes, {} chunks",
+        pkg.manifest.deployment_id,
+        pkg.manifest.version,
+        pkg.manifest.target,
+        pkg.manifest.artifacts.len(),
+        pkg.manifest.total_bytes(),
+        pkg.chunk_total()
+    );
     Ok(())
 }

@@ -25,7 +25,10 @@ pub fn ensure_rust_target(target: &str) -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup (the Rust toolchain must come from rustup to add targets)")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
         return Ok(());
     }
     eprintln!("xtask: installing the Rust target {target}");

@@ -437,11 +437,11 @@ impl Outbox {
         }
         // notify_one stores a permit, so a commit that lands while the uplink is busy is not missed.
         self.notify.notify_one();
-        if self.wal_lock().len() > CHECKPOINT_BYTES {
-            if let Err(e) = self.checkpoint() {
-                // The log keeps growing and stays correct; only replay at start gets longer.
-                tracing::warn!(path = %self.path.display(), error = %e, "outbox checkpoint failed");
-            }
+        if self.wal_lock().len() > CHECKPOINT_BYTES
+            && let Err(e) = self.checkpoint()
+        {
+            // The log keeps growing and stays correct; only replay at start gets longer.
+            tracing::warn!(path = %self.path.display(), error = %e, "outbox checkpoint failed");
         }
         results
     }
@@ -552,27 +552,27 @@ impl Outbox {
                 }
             }
         }
-        if !frames.is_empty() {
-            if let Err(e) = self.wal_lock().append(&frames) {
-                // Not in the log, so not durable: take the batch back and say why.
-                tracing::error!(path = %self.path.display(), error = %e, "cannot append to the outbox write-ahead log");
-                for (idx, key, size) in inserted.drain(..) {
-                    let _ = self.tree.remove(key.to_bytes());
-                    inner.acct.removed(key.class, size, Removal::Undone);
-                    inner.acct.refused();
-                    results[idx] = Err(if e.raw_os_error() == Some(libc::ENOSPC) {
-                        OutboxError::DiskFull {
-                            path: self.path.clone(),
-                            available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
-                            reserve: DISK_RESERVE_BYTES,
-                        }
-                    } else {
-                        OutboxError::Io {
-                            path: self.path.clone(),
-                            source: std::io::Error::new(e.kind(), e.to_string()),
-                        }
-                    });
-                }
+        if !frames.is_empty()
+            && let Err(e) = self.wal_lock().append(&frames)
+        {
+            // Not in the log, so not durable: take the batch back and say why.
+            tracing::error!(path = %self.path.display(), error = %e, "cannot append to the outbox write-ahead log");
+            for (idx, key, size) in inserted.drain(..) {
+                let _ = self.tree.remove(key.to_bytes());
+                inner.acct.removed(key.class, size, Removal::Undone);
+                inner.acct.refused();
+                results[idx] = Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                    OutboxError::DiskFull {
+                        path: self.path.clone(),
+                        available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
+                        reserve: DISK_RESERVE_BYTES,
+                    }
+                } else {
+                    OutboxError::Io {
+                        path: self.path.clone(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    }
+                });
             }
         }
         (results, inserted)

@@ -251,11 +251,10 @@ async fn write_ahead_log_is_replayed_at_open() {
             .seq,
         2
     );
-    assert_eq!(
+    assert!(
         std::fs::metadata(dir.path().join(WAL_FILE))
             .expect("log")
             .len()
-            > 0,
-        true
+            > 0
     );
 }

@@ -123,7 +123,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<(Vec<Op>, u64), WalError> {
             u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
         let crc = u32::from_be_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
         // A zero-length frame with a zero checksum is what a zero-filled tail looks like.
-        if len < BODY_HEADER || len > MAX_FRAME || bytes.len() - at - HEADER < len {
+        if !(BODY_HEADER..=MAX_FRAME).contains(&len) || bytes.len() - at - HEADER < len {
             bad("frame length past the end")?;
             break;
         }

@@ -5,6 +5,7 @@
 //! receiver can drop the duplicates that at-least-once delivery produces.
 
 pub mod binary;
+pub mod deploy;
 pub mod topics;
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,9 @@ pub enum Error {
     Version(u8),
     #[error("malformed binary envelope: {0}")]
     Binary(&'static str),
-    #[error("invalid device id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
+    #[error(
+        "invalid device id {0:?}: use 1-64 characters from [A-Za-z0-9_.-], not coordinator or group"
+    )]
     DeviceId(String),
     #[error("invalid message id {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
     MessageId(String),
@@ -107,12 +110,16 @@ fn valid_token(s: &str) -> bool {
 
 /// Checks that a device id is safe to put in a topic level (no `/`, `+`, `#`, no spaces).
 pub fn validate_device_id(id: &str) -> Result<(), Error> {
-    if valid_token(id) {
+    // `coordinator` and `group` stand in the device position of other topics.
+    if valid_token(id) && !RESERVED_DEVICE_IDS.contains(&id) {
         Ok(())
     } else {
         Err(Error::DeviceId(id.to_owned()))
     }
 }
+
+/// Names that cannot be device ids because the topic tree uses them.
+pub const RESERVED_DEVICE_IDS: [&str; 2] = ["coordinator", "group"];
 
 /// Checks a message id's shape (ids are opaque otherwise).
 pub fn validate_message_id(id: &str) -> Result<(), Error> {
@@ -168,7 +175,10 @@ impl<B: serde::de::DeserializeOwned> Envelope<B> {
         if env.v != VERSION {
             return Err(Error::Version(env.v));
         }
-        validate_device_id(&env.device)?;
+        // The coordinator signs its own messages with its reserved name.
+        if env.device != topics::COORDINATOR {
+            validate_device_id(&env.device)?;
+        }
         validate_message_id(&env.id)?;
         if env.device != topic_device {
             return Err(Error::DeviceMismatch {

@@ -7,7 +7,16 @@
 //! edge/v1/{device}/data/{stream}   Envelope<Data>, application messages from the local API
 //! edge/v1/{device}/cmd/{name}      coordinator -> device commands (later protocol additions)
 //! edge/v1/coordinator/status       retained coordinator status
+//! edge/v1/{device}/deploy/manifest SignedManifest, coordinator -> device
+//! edge/v1/{device}/deploy/chunk    deploy::Chunk (binary), coordinator -> device (and resends)
+//! edge/v1/{device}/deploy/status   Envelope<DeployStatus>, device -> coordinator
+//! edge/v1/{device}/deploy/resend   Envelope<ResendRequest>, device -> coordinator
+//! edge/v1/group/{group}/deploy/manifest  SignedManifest for every member of a group
+//! edge/v1/group/{group}/deploy/chunk     chunks broadcast once to a group; resends go per device
 //! ```
+//!
+//! `group` is reserved in the device position like `coordinator`: [`parse_deploy`] refuses it
+//! as a device id, so `edge/v1/group/...` always means a group.
 
 use super::{Error, validate_device_id};
 
@@ -114,6 +123,86 @@ pub fn validate_stream(stream: &str) -> Result<(), Error> {
     }
 }
 
+/// Name reserved for group-addressed topics in the device position of the tree.
+pub const GROUP: &str = "group";
+
+pub fn deploy_manifest(device: &str) -> String {
+    format!("{ROOT}/{device}/deploy/manifest")
+}
+
+pub fn deploy_chunk(device: &str) -> String {
+    format!("{ROOT}/{device}/deploy/chunk")
+}
+
+pub fn deploy_status(device: &str) -> String {
+    format!("{ROOT}/{device}/deploy/status")
+}
+
+pub fn deploy_resend(device: &str) -> String {
+    format!("{ROOT}/{device}/deploy/resend")
+}
+
+pub fn group_deploy_manifest(group: &str) -> String {
+    format!("{ROOT}/{GROUP}/{group}/deploy/manifest")
+}
+
+pub fn group_deploy_chunk(group: &str) -> String {
+    format!("{ROOT}/{GROUP}/{group}/deploy/chunk")
+}
+
+/// Filters the coordinator subscribes to for deployment traffic from devices.
+pub const COORDINATOR_DEPLOY_FILTERS: [&str; 2] =
+    ["edge/v1/+/deploy/status", "edge/v1/+/deploy/resend"];
+
+/// Filters an agent subscribes to for deployments: its own topics and each of its groups'.
+pub fn agent_deploy_filters(device: &str, groups: &[String]) -> Vec<String> {
+    let mut filters = vec![deploy_manifest(device), deploy_chunk(device)];
+    for g in groups {
+        filters.push(group_deploy_manifest(g));
+        filters.push(group_deploy_chunk(g));
+    }
+    filters
+}
+
+/// What a deployment topic means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployTopic {
+    Manifest { device: String },
+    Chunk { device: String },
+    Status { device: String },
+    Resend { device: String },
+    GroupManifest { group: String },
+    GroupChunk { group: String },
+}
+
+/// Parses a deployment topic; `None` for anything else (including invalid ids and a device
+/// named `group` or `coordinator`).
+pub fn parse_deploy(topic: &str) -> Option<DeployTopic> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+    let (first, rest) = rest.split_once('/')?;
+    if first == GROUP {
+        let (group, rest) = rest.split_once('/')?;
+        validate_device_id(group).ok()?;
+        let group = group.to_owned();
+        return match rest {
+            "deploy/manifest" => Some(DeployTopic::GroupManifest { group }),
+            "deploy/chunk" => Some(DeployTopic::GroupChunk { group }),
+            _ => None,
+        };
+    }
+    if validate_device_id(first).is_err() || first == COORDINATOR {
+        return None;
+    }
+    let device = first.to_owned();
+    match rest {
+        "deploy/manifest" => Some(DeployTopic::Manifest { device }),
+        "deploy/chunk" => Some(DeployTopic::Chunk { device }),
+        "deploy/status" => Some(DeployTopic::Status { device }),
+        "deploy/resend" => Some(DeployTopic::Resend { device }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +234,50 @@ mod tests {
                 stream: "vib/alerts".into()
             })
         );
+    }
+
+    #[test]
+    fn deploy_topics_build_and_parse_agree() {
+        let d = || "d1".to_owned();
+        assert_eq!(
+            parse_deploy(&deploy_manifest("d1")),
+            Some(DeployTopic::Manifest { device: d() })
+        );
+        assert_eq!(
+            parse_deploy(&deploy_chunk("d1")),
+            Some(DeployTopic::Chunk { device: d() })
+        );
+        assert_eq!(
+            parse_deploy(&deploy_status("d1")),
+            Some(DeployTopic::Status { device: d() })
+        );
+        assert_eq!(
+            parse_deploy(&deploy_resend("d1")),
+            Some(DeployTopic::Resend { device: d() })
+        );
+        assert_eq!(
+            parse_deploy(&group_deploy_manifest("lab")),
+            Some(DeployTopic::GroupManifest {
+                group: "lab".into()
+            })
+        );
+        assert_eq!(
+            parse_deploy(&group_deploy_chunk("lab")),
+            Some(DeployTopic::GroupChunk {
+                group: "lab".into()
+            })
+        );
+        for t in [
+            "edge/v1/group/deploy/status",
+            "edge/v1/coordinator/deploy/status",
+            "edge/v1/group/lab/deploy/status",
+            "edge/v1/group/a+b/deploy/manifest",
+            "edge/v1/d1/deploy/other",
+            "edge/v1/d1/status",
+        ] {
+            assert_eq!(parse_deploy(t), None, "{t}");
+        }
+        assert_eq!(agent_deploy_filters("d1", &["lab".into()]).len(), 4);
     }
 
     #[test]

@@ -1,0 +1,284 @@
+//! WASM sandbox costs, each against a baseline measured in the same run.
+//!
+//! - per-message overhead of a stage with instance reuse: a passthrough module on a tiny
+//!   frame (µs per call), against a native function call doing the same copy;
+//! - the feature extractor as a WASM stage against the same `dsp` code compiled natively
+//!   (extract + the same JSON output), on a 1024-sample window; ratio WASM / native;
+//! - throughput of that stage on one core (msgs/s);
+//! - pooled instantiation time (instance only, and instance + `init`);
+//! - memory per loaded module (compiled code size, RSS growth) and per live instance.
+//!
+//! Medians of several rounds. Needs the guest modules built (`cargo build --release
+//! --target wasm32-wasip2` in `modules/`). `cargo bench -p edge-agent --bench sandbox`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use edge_agent::sandbox::{
+    Frame, Payload, Sandbox, SandboxConfig, SledKv, StageContext, StageMetrics,
+};
+
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn module(artifact: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../modules/target/wasm32-wasip2/release")
+        .join(format!("{artifact}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the modules first: cargo build --release --target wasm32-wasip2 (in modules/)",
+            path.display()
+        )
+    })
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn samples(n: usize) -> Frame {
+    Frame {
+        stream: "vibration/motor-1".into(),
+        timestamp_ms: 1_700_000_000_000,
+        payload: Payload::Samples(
+            (0..n)
+                .map(|i| (2.0 * std::f32::consts::PI * 50.0 * i as f32 / 1000.0).sin())
+                .collect(),
+        ),
+        meta: vec![("sensor".into(), "imu0".into())],
+    }
+}
+
+/// Median seconds per call of `f` over `ROUNDS` rounds of `n` calls.
+fn per_call(n: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..n / 10 + 1 {
+        f();
+    }
+    median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / n as f64
+            })
+            .collect(),
+    )
+}
+
+#[derive(serde::Serialize)]
+struct FeaturesJson<'a> {
+    n: usize,
+    mean: f32,
+    rms: f32,
+    peak: f32,
+    crest_factor: f32,
+    dominant_hz: f32,
+    bands: &'a [f32],
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = SandboxConfig::default();
+    let sandbox = Sandbox::new(&cfg, dir.path()).expect("sandbox");
+    let db_dir: PathBuf = dir.path().join("kv");
+    let db = sled::Config::new()
+        .path(&db_dir)
+        .cache_capacity(1 << 20)
+        .open()
+        .expect("sled");
+    let ctx = |stage: &str| StageContext {
+        stage: stage.into(),
+        kv: Arc::new(SledKv::open(&db, &db_dir, stage).expect("kv")),
+        metrics: Arc::new(StageMetrics::new(64)),
+        grants: Default::default(),
+    };
+
+    // Compile every module (filling the cache), then measure loading them from the cache
+    // into a second sandbox: the steady-state memory of a loaded module, without the
+    // compiler's transient allocations.
+    let names = [
+        "feature_extractor",
+        "anomaly_detector",
+        "encoder",
+        "hostile_trap",
+        "hostile_spin",
+        "hostile_escape",
+    ];
+    let mut compile_ms = Vec::new();
+    for name in names {
+        let bytes = module(name);
+        let t = Instant::now();
+        sandbox.load(name, &bytes).expect("compile");
+        compile_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(sandbox);
+    let sandbox = Sandbox::new(&cfg, dir.path()).expect("sandbox");
+    let rss0 = rss_bytes();
+    let mut code = 0usize;
+    let mut cached_ms = Vec::new();
+    let mut modules = Vec::new();
+    for name in names {
+        let bytes = module(name);
+        let t = Instant::now();
+        let m = sandbox.load(name, &bytes).expect("cached load");
+        cached_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        code += m.code_bytes();
+        modules.push(m);
+    }
+    let rss_loaded = rss_bytes().saturating_sub(rss0);
+    let cached_ms = median(cached_ms);
+    let fx_module = &modules[0];
+    let trap_module = &modules[3];
+
+    // Per-message overhead: passthrough (hostile_trap that never traps) on a tiny frame.
+    let mut pass = sandbox
+        .instantiate(trap_module, &ctx("pass"))
+        .expect("instantiate");
+    pass.init(r#"{"every": 4294967295}"#).expect("init");
+    let tiny = samples(8);
+    let wasm_pass = per_call(20_000, || {
+        std::hint::black_box(pass.process(&tiny).expect("process"));
+    });
+    let native_pass = per_call(20_000, || {
+        std::hint::black_box(vec![std::hint::black_box(&tiny).clone()]);
+    });
+
+    // Feature extractor: WASM stage vs native dsp + the same JSON.
+    let fx_cfg = r#"{"sample_rate_hz": 1000, "bands": 8}"#;
+    let mut fx = sandbox
+        .instantiate(fx_module, &ctx("fx"))
+        .expect("instantiate");
+    fx.init(fx_cfg).expect("init");
+    let window = samples(1024);
+    let wasm_fx = per_call(2_000, || {
+        std::hint::black_box(fx.process(&window).expect("process"));
+    });
+    let mut native = dsp::Extractor::new(dsp::ExtractorConfig {
+        sample_rate_hz: 1000.0,
+        bands: 8,
+        window: dsp::Window::Hann,
+        remove_dc: false,
+    });
+    let Payload::Samples(values) = &window.payload else {
+        unreachable!()
+    };
+    let native_fx = per_call(2_000, || {
+        let f = native.extract(values);
+        let doc = FeaturesJson {
+            n: f.len,
+            mean: f.stats.mean,
+            rms: f.stats.rms,
+            peak: f.stats.peak,
+            crest_factor: f.stats.crest_factor,
+            dominant_hz: f.dominant_hz,
+            bands: &f.bands,
+        };
+        let text = serde_json::to_string(&doc).expect("json");
+        std::hint::black_box(Frame {
+            stream: window.stream.clone(),
+            timestamp_ms: window.timestamp_ms,
+            payload: Payload::Json(text),
+            meta: window.meta.clone(),
+        });
+    });
+    let tiny_fx = per_call(20_000, || {
+        std::hint::black_box(fx.process(&tiny).expect("process"));
+    });
+
+    // Pooled instantiation (store + WASI context + instance), with and without init.
+    let c = ctx("inst");
+    let inst_only = per_call(500, || {
+        std::hint::black_box(sandbox.instantiate(fx_module, &c).expect("instantiate"));
+    });
+    let inst_init = per_call(500, || {
+        let mut i = sandbox.instantiate(fx_module, &c).expect("instantiate");
+        i.init(fx_cfg).expect("init");
+        std::hint::black_box(i);
+    });
+
+    // Memory per live instance: 8 initialised extractors that have processed a window.
+    let rss1 = rss_bytes();
+    let live: Vec<_> = (0..8)
+        .map(|i| {
+            let mut inst = sandbox
+                .instantiate(fx_module, &ctx(&format!("live{i}")))
+                .expect("instantiate");
+            inst.init(fx_cfg).expect("init");
+            inst.process(&window).expect("process");
+            inst
+        })
+        .collect();
+    let per_instance = rss_bytes().saturating_sub(rss1) / live.len() as u64;
+    drop(live);
+
+    let us = |s: f64| s * 1e6;
+    println!(
+        "wasm sandbox (wasmtime 48, Cranelift, pooling allocator), medians of {ROUNDS} rounds:"
+    );
+    println!(
+        "  per-message overhead, passthrough, 8-sample frame : {:>8.2} us  (native clone {:.3} us)",
+        us(wasm_pass),
+        us(native_pass)
+    );
+    println!(
+        "  feature extractor, 8-sample frame                 : {:>8.2} us",
+        us(tiny_fx)
+    );
+    println!(
+        "  feature extractor, 1024-sample window  wasm       : {:>8.2} us",
+        us(wasm_fx)
+    );
+    println!(
+        "                                          native    : {:>8.2} us   wasm/native = {:.2}x",
+        us(native_fx),
+        wasm_fx / native_fx
+    );
+    println!(
+        "  throughput, 1 core, 1024-sample windows          : {:>8.0} msgs/s (native {:.0})",
+        1.0 / wasm_fx,
+        1.0 / native_fx
+    );
+    println!(
+        "  throughput, 1 core, 8-sample passthrough         : {:>8.0} msgs/s",
+        1.0 / wasm_pass
+    );
+    println!(
+        "  instantiate (pooled), instance only               : {:>8.2} us",
+        us(inst_only)
+    );
+    println!(
+        "  instantiate (pooled) + init                       : {:>8.2} us",
+        us(inst_init)
+    );
+    println!(
+        "  load: compile median {:.0} ms, from cache median {:.1} ms ({:.0}x)",
+        median(compile_ms.clone()),
+        cached_ms,
+        median(compile_ms) / cached_ms
+    );
+    println!(
+        "  memory: {} modules loaded from cache = {} KiB compiled code, RSS +{} KiB ({} KiB per module)",
+        names.len(),
+        code / 1024,
+        rss_loaded / 1024,
+        rss_loaded / 1024 / names.len() as u64
+    );
+    println!(
+        "  memory per live extractor instance (after one window): RSS +{} KiB",
+        per_instance / 1024
+    );
+}

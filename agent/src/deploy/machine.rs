@@ -1,0 +1,806 @@
+//! The deployment state machine: manifest checks, chunk assembly, health check, commit and
+//! rollback. Pure: time comes in as `now_ms`, effects go out as [`Action`]s; the only outside
+//! call is the injected [`ArtifactStore`].
+
+use std::collections::BTreeMap;
+
+use protocol::v1::deploy::{
+    Chunk, DeployError, DeployStatus, Manifest, MissingChunks, ResendRequest, SignedManifest, Step,
+    Target, TrustedKeys, sha256_hex, verify,
+};
+use serde::{Deserialize, Serialize};
+
+use super::store::ArtifactStore;
+
+/// Most chunks one artifact may travel in; bounds the per-chunk bookkeeping (a signed
+/// manifest could otherwise ask for one-byte chunks).
+const MAX_CHUNKS_PER_ARTIFACT: u32 = 1 << 16;
+
+/// Magic and format version of [`Deployer::to_bytes`].
+const STATE_MAGIC: &[u8; 4] = b"EDS1";
+
+/// What the deployer needs from the agent config.
+#[derive(Debug, Clone)]
+pub struct DeployConfig {
+    /// This device's id; manifests for another device are rejected.
+    pub device_id: String,
+    /// Groups this device belongs to; group manifests for other groups are rejected.
+    pub groups: Vec<String>,
+    /// Public keys manifests must be signed with. Empty: every manifest is rejected.
+    pub trusted_keys: TrustedKeys,
+    /// Largest single artifact accepted, bytes.
+    pub max_artifact_bytes: u64,
+    /// Most artifacts one manifest may list.
+    pub max_artifacts: usize,
+    /// Largest sum of artifact sizes one manifest may list, bytes (also bounds the memory a
+    /// download holds).
+    pub max_total_bytes: u64,
+    /// Ask for missing chunks after this long without a new chunk.
+    pub resend_after_ms: u64,
+    /// Give the deployment up after this many resend requests in a row brought nothing.
+    pub max_stalled_resends: u32,
+}
+
+/// What the caller must do, in the order returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Publish on `deploy/status` (class control).
+    Report(DeployStatus),
+    /// Publish on `deploy/resend`.
+    RequestResend(ResendRequest),
+    /// Start the manifest's pipeline beside (or instead of) the running one; every artifact is
+    /// in the store. Then feed [`Deployer::on_health`].
+    Start { manifest: Manifest },
+    /// The started pipeline passed its health check: it is now the installed one (stop the
+    /// old one, keep its artifacts: it is the rollback target).
+    Commit { manifest: Manifest },
+    /// Stop the started pipeline and run `to` again (`None`: nothing was installed before).
+    Rollback {
+        to: Option<Manifest>,
+        reason: String,
+    },
+    /// A chunk was dropped (log it at WARN); the deployment goes on and asks for it again.
+    ChunkRejected { reason: String },
+    /// Store [`Deployer::to_bytes`] now (a step worth resuming from was reached).
+    Persist,
+}
+
+/// What the caller observed about the started pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// `n` more messages went through without a trap or error.
+    Processed(u32),
+    /// The caller's own verdict that the check passed (commit now).
+    Passed,
+    /// Init failed, a stage trapped or errored: roll back.
+    Failed(String),
+}
+
+/// Errors from restoring persisted state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("persisted deploy state is malformed: {0}")]
+    Malformed(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Transfer {
+    name: String,
+    sha256: String,
+    size: u64,
+    total: u32,
+    received: Vec<bool>,
+    received_count: u32,
+    done: bool,
+    /// Assembly buffer, allocated at the first chunk; persisted raw after the JSON part.
+    #[serde(skip)]
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+impl Transfer {
+    fn received_bytes(&self, chunk_size: u32) -> u64 {
+        if self.done {
+            return self.size;
+        }
+        let cs = u64::from(chunk_size);
+        self.received
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r)
+            .map(|(i, _)| cs.min(self.size.saturating_sub(i as u64 * cs)))
+            .sum()
+    }
+
+    fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        self.received
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !**r)
+            .map(|(i, _)| i as u32)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Download {
+    manifest: Manifest,
+    transfers: Vec<Transfer>,
+    last_progress_ms: u64,
+    stalled_resends: u32,
+    /// Last progress tenth reported, so status goes out ~10 times per download.
+    reported_tenth: u8,
+}
+
+impl Download {
+    fn totals(&self) -> (u64, u64) {
+        let cs = self.manifest.chunk_size;
+        let received = self.transfers.iter().map(|t| t.received_bytes(cs)).sum();
+        let total = self.transfers.iter().map(|t| t.size).sum();
+        (received, total)
+    }
+
+    fn missing(&self) -> Vec<MissingChunks> {
+        let mut budget = protocol::v1::deploy::MAX_RESEND_INDEXES;
+        let mut out = Vec::new();
+        for t in self.transfers.iter().filter(|t| !t.done) {
+            let indexes: Vec<u32> = t.missing().take(budget).collect();
+            budget -= indexes.len();
+            if !indexes.is_empty() {
+                out.push(MissingChunks {
+                    sha256: t.sha256.clone(),
+                    indexes,
+                });
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Candidate {
+    manifest: Manifest,
+    started_ms: u64,
+    processed: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+enum Phase {
+    #[default]
+    Idle,
+    Downloading(Download),
+    Checking(Candidate),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    installed: Option<Manifest>,
+    previous: Option<Manifest>,
+    /// Highest committed version per target (`device:ID` / `group:NAME`).
+    committed: BTreeMap<String, u64>,
+    /// Highest version ever accepted for download per target, so a manifest that failed or
+    /// rolled back is not retried by replaying it.
+    attempted: BTreeMap<String, u64>,
+    phase: Phase,
+}
+
+/// The agent's deployment state machine. See the module docs of `deploy` for the flow.
+#[derive(Debug)]
+pub struct Deployer {
+    config: DeployConfig,
+    state: State,
+}
+
+fn target_key(t: &Target) -> String {
+    match t {
+        Target::Device(d) => format!("device:{d}"),
+        Target::Group(g) => format!("group:{g}"),
+    }
+}
+
+fn report(manifest: &Manifest, step: Step) -> Action {
+    Action::Report(DeployStatus {
+        deployment_id: manifest.deployment_id.clone(),
+        version: manifest.version,
+        step,
+    })
+}
+
+impl Deployer {
+    pub fn new(config: DeployConfig) -> Self {
+        Deployer {
+            config,
+            state: State::default(),
+        }
+    }
+
+    /// The pipeline that runs when no deployment is being checked.
+    pub fn installed(&self) -> Option<&Manifest> {
+        self.state.installed.as_ref()
+    }
+
+    /// The one installed before it, kept (with its artifacts) for a manual rollback.
+    pub fn previous(&self) -> Option<&Manifest> {
+        self.state.previous.as_ref()
+    }
+
+    /// The deployment being downloaded or health-checked, if any.
+    pub fn in_progress(&self) -> Option<&Manifest> {
+        match &self.state.phase {
+            Phase::Idle => None,
+            Phase::Downloading(d) => Some(&d.manifest),
+            Phase::Checking(c) => Some(&c.manifest),
+        }
+    }
+
+    /// Artifact digests that must stay in the store (installed, previous, in progress).
+    pub fn pinned_artifacts(&self) -> Vec<String> {
+        let mut out: Vec<String> = [self.state.installed.as_ref(), self.state.previous.as_ref()]
+            .into_iter()
+            .chain(std::iter::once(self.in_progress()))
+            .flatten()
+            .flat_map(|m| m.artifacts.iter().map(|a| a.sha256.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// A payload from `deploy/manifest` (device or group topic).
+    pub fn on_manifest_payload(
+        &mut self,
+        payload: &[u8],
+        now_ms: u64,
+        store: &dyn ArtifactStore,
+    ) -> Vec<Action> {
+        match SignedManifest::from_json(payload) {
+            Ok(signed) => self.on_manifest(&signed, now_ms, store),
+            Err(e) => vec![reject(None, &e.to_string())],
+        }
+    }
+
+    /// A decoded signed manifest.
+    pub fn on_manifest(
+        &mut self,
+        signed: &SignedManifest,
+        now_ms: u64,
+        store: &dyn ArtifactStore,
+    ) -> Vec<Action> {
+        let manifest = match verify(signed, &self.config.trusted_keys) {
+            Ok(m) => m,
+            Err(e) => {
+                // The unverified copy only labels the report; nothing acts on it.
+                let peek = match e {
+                    DeployError::Malformed(_) => None,
+                    _ => signed.peek_unverified(),
+                };
+                return vec![reject(peek.as_ref(), &e.to_string())];
+            }
+        };
+        if let Err(reason) = self.check_target(&manifest.target) {
+            return vec![reject(Some(&manifest), &reason)];
+        }
+        if now_ms >= manifest.expires_ms {
+            return vec![reject(
+                Some(&manifest),
+                &format!(
+                    "manifest expired at {} ms (now {now_ms} ms)",
+                    manifest.expires_ms
+                ),
+            )];
+        }
+        // Redelivery of what we are already doing or have done: answer, don't reject.
+        if let Some(current) = self.in_progress()
+            && same(current, &manifest)
+        {
+            return self.resume(now_ms);
+        }
+        if let Some(installed) = &self.state.installed
+            && same(installed, &manifest)
+        {
+            return vec![report(&manifest, Step::Healthy)];
+        }
+        let key = target_key(&manifest.target);
+        if let Some(&v) = self.state.committed.get(&key)
+            && manifest.version <= v
+        {
+            return vec![reject(
+                Some(&manifest),
+                &format!(
+                    "version {} is not newer than installed version {v} for {}",
+                    manifest.version, manifest.target
+                ),
+            )];
+        }
+        if let Some(&v) = self.state.attempted.get(&key)
+            && manifest.version <= v
+        {
+            return vec![reject(
+                Some(&manifest),
+                &format!(
+                    "version {} is not newer than version {v} already attempted for {}",
+                    manifest.version, manifest.target
+                ),
+            )];
+        }
+        if let Phase::Checking(c) = &self.state.phase {
+            return vec![reject(
+                Some(&manifest),
+                &format!(
+                    "busy: deployment {} version {} is in its health check",
+                    c.manifest.deployment_id, c.manifest.version
+                ),
+            )];
+        }
+        if let Err(reason) = self.check_limits(&manifest) {
+            return vec![reject(Some(&manifest), &reason)];
+        }
+
+        let mut actions = Vec::new();
+        if let Phase::Downloading(old) = &self.state.phase {
+            actions.push(report(
+                &old.manifest,
+                Step::Failed {
+                    reason: format!(
+                        "superseded by deployment {} version {}",
+                        manifest.deployment_id, manifest.version
+                    ),
+                },
+            ));
+        }
+        self.state.attempted.insert(key, manifest.version);
+        let mut transfers: Vec<Transfer> = Vec::new();
+        for a in &manifest.artifacts {
+            // A module used twice travels once; one already stored does not travel at all.
+            if transfers.iter().any(|t| t.sha256 == a.sha256)
+                || store.has(&a.sha256).unwrap_or(false)
+            {
+                continue;
+            }
+            let total = manifest.chunk_count(a.size);
+            transfers.push(Transfer {
+                name: a.name.clone(),
+                sha256: a.sha256.clone(),
+                size: a.size,
+                total,
+                received: vec![false; total as usize],
+                received_count: 0,
+                done: false,
+                data: Vec::new(),
+                has_data: false,
+            });
+        }
+        let download = Download {
+            manifest: manifest.clone(),
+            transfers,
+            last_progress_ms: now_ms,
+            stalled_resends: 0,
+            reported_tenth: 0,
+        };
+        let (received, total) = download.totals();
+        actions.push(report(&manifest, Step::Downloading { received, total }));
+        self.state.phase = Phase::Downloading(download);
+        actions.push(Action::Persist);
+        self.maybe_start(now_ms, store, &mut actions);
+        actions
+    }
+
+    /// A payload from `deploy/chunk`.
+    pub fn on_chunk_payload(
+        &mut self,
+        payload: &[u8],
+        now_ms: u64,
+        store: &dyn ArtifactStore,
+    ) -> Vec<Action> {
+        match Chunk::decode(payload) {
+            Ok(c) => self.on_chunk(&c, now_ms, store),
+            Err(e) => vec![Action::ChunkRejected {
+                reason: e.to_string(),
+            }],
+        }
+    }
+
+    /// A decoded chunk. Out-of-order chunks are fine; exact duplicates and chunks of
+    /// deployments not in progress are ignored silently (at-least-once delivery makes them).
+    pub fn on_chunk(
+        &mut self,
+        chunk: &Chunk,
+        now_ms: u64,
+        store: &dyn ArtifactStore,
+    ) -> Vec<Action> {
+        let Phase::Downloading(dl) = &mut self.state.phase else {
+            return Vec::new();
+        };
+        if dl.manifest.deployment_id != chunk.deployment_id {
+            return Vec::new();
+        }
+        let cs = u64::from(dl.manifest.chunk_size);
+        let Some(t) = dl.transfers.iter_mut().find(|t| t.sha256 == chunk.sha256) else {
+            // Artifacts we already had are not transferred; their chunks are harmless.
+            if dl
+                .manifest
+                .artifacts
+                .iter()
+                .any(|a| a.sha256 == chunk.sha256)
+            {
+                return Vec::new();
+            }
+            return vec![Action::ChunkRejected {
+                reason: format!(
+                    "chunk for artifact {} which deployment {} does not list",
+                    chunk.sha256, chunk.deployment_id
+                ),
+            }];
+        };
+        if t.done {
+            return Vec::new();
+        }
+        let expected_offset = u64::from(chunk.index) * cs;
+        let expected_len = cs.min(t.size.saturating_sub(expected_offset));
+        let bad = if chunk.total != t.total || chunk.index >= t.total {
+            Some(format!(
+                "chunk {}/{} of {}: expected {} chunks",
+                chunk.index, chunk.total, t.name, t.total
+            ))
+        } else if chunk.offset != expected_offset || chunk.data.len() as u64 != expected_len {
+            Some(format!(
+                "chunk {} of {}: offset {} and size {} do not match the expected offset \
+                 {expected_offset} and size {expected_len}",
+                chunk.index,
+                t.name,
+                chunk.offset,
+                chunk.data.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = bad {
+            return vec![Action::ChunkRejected { reason }];
+        }
+        let start = expected_offset as usize;
+        let end = start + chunk.data.len();
+        if t.received[chunk.index as usize] {
+            if t.data.get(start..end) == Some(chunk.data.as_slice()) {
+                return Vec::new();
+            }
+            return vec![Action::ChunkRejected {
+                reason: format!(
+                    "chunk {} of {} differs from the copy already received; keeping the first",
+                    chunk.index, t.name
+                ),
+            }];
+        }
+        if !t.has_data {
+            // Bounded: size passed max_artifact_bytes when the manifest was accepted.
+            t.data = vec![0; t.size as usize];
+            t.has_data = true;
+        }
+        t.data[start..end].copy_from_slice(&chunk.data);
+        t.received[chunk.index as usize] = true;
+        t.received_count += 1;
+        dl.last_progress_ms = now_ms;
+        dl.stalled_resends = 0;
+
+        let mut actions = Vec::new();
+        if t.received_count == t.total {
+            let data = std::mem::take(&mut t.data);
+            t.has_data = false;
+            let actual = sha256_hex(&data);
+            if actual != t.sha256 || data.len() as u64 != t.size {
+                let reason = format!(
+                    "hash mismatch for {}: expected {} got {actual}",
+                    t.name, t.sha256
+                );
+                let manifest = dl.manifest.clone();
+                self.state.phase = Phase::Idle;
+                return vec![
+                    report(&manifest, Step::Rejected { reason }),
+                    Action::Persist,
+                ];
+            }
+            if let Err(e) = store.put(&t.sha256, &data) {
+                let reason = format!("cannot store artifact {}: {e}", t.name);
+                let manifest = dl.manifest.clone();
+                self.state.phase = Phase::Idle;
+                return vec![report(&manifest, Step::Failed { reason }), Action::Persist];
+            }
+            t.done = true;
+            actions.push(Action::Persist);
+        }
+        let (received, total) = dl.totals();
+        let tenth = (received.saturating_mul(10) / total.max(1)).min(10) as u8;
+        if tenth > dl.reported_tenth {
+            dl.reported_tenth = tenth;
+            actions.push(report(&dl.manifest, Step::Downloading { received, total }));
+        }
+        self.maybe_start(now_ms, store, &mut actions);
+        actions
+    }
+
+    /// Time passes: asks for missing chunks after a stall (gives up after
+    /// `max_stalled_resends`), and passes a health check whose time window is over.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<Action> {
+        match &mut self.state.phase {
+            Phase::Idle => Vec::new(),
+            Phase::Downloading(dl) => {
+                if now_ms.saturating_sub(dl.last_progress_ms) < self.config.resend_after_ms {
+                    return Vec::new();
+                }
+                if dl.stalled_resends >= self.config.max_stalled_resends {
+                    let reason = format!(
+                        "transfer stalled: no chunk for {} ms after {} resend requests",
+                        now_ms.saturating_sub(dl.last_progress_ms),
+                        dl.stalled_resends
+                    );
+                    let manifest = dl.manifest.clone();
+                    self.state.phase = Phase::Idle;
+                    return vec![report(&manifest, Step::Failed { reason }), Action::Persist];
+                }
+                dl.stalled_resends += 1;
+                dl.last_progress_ms = now_ms;
+                vec![Action::RequestResend(ResendRequest {
+                    deployment_id: dl.manifest.deployment_id.clone(),
+                    artifacts: dl.missing(),
+                })]
+            }
+            Phase::Checking(c) => {
+                let window = u64::from(c.manifest.health.seconds) * 1000;
+                let both_off = c.manifest.health.seconds == 0 && c.manifest.health.messages == 0;
+                if both_off || (window > 0 && now_ms.saturating_sub(c.started_ms) >= window) {
+                    self.commit()
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    /// The uplink is back: ask at once for every chunk still missing.
+    pub fn on_reconnect(&mut self, now_ms: u64) -> Vec<Action> {
+        match &self.state.phase {
+            Phase::Downloading(_) => self.resume(now_ms),
+            _ => Vec::new(),
+        }
+    }
+
+    /// First call after [`Deployer::from_bytes`]: resumes a download; a health check that a
+    /// restart interrupted counts as failed (the candidate may be what brought the agent down).
+    pub fn on_restart(&mut self, now_ms: u64) -> Vec<Action> {
+        match &self.state.phase {
+            Phase::Idle => Vec::new(),
+            Phase::Downloading(_) => self.resume(now_ms),
+            Phase::Checking(_) => {
+                self.rollback("agent restarted during the health check".to_owned())
+            }
+        }
+    }
+
+    /// What the caller saw of the started pipeline.
+    pub fn on_health(&mut self, health: Health, _now_ms: u64) -> Vec<Action> {
+        let Phase::Checking(c) = &mut self.state.phase else {
+            return Vec::new();
+        };
+        match health {
+            Health::Passed => self.commit(),
+            Health::Processed(n) => {
+                c.processed = c.processed.saturating_add(u64::from(n));
+                let need = u64::from(c.manifest.health.messages);
+                let both_off = need == 0 && c.manifest.health.seconds == 0;
+                if both_off || (need > 0 && c.processed >= need) {
+                    self.commit()
+                } else {
+                    Vec::new()
+                }
+            }
+            Health::Failed(reason) => self.rollback(format!("health check failed: {reason}")),
+        }
+    }
+
+    /// Serialises the state: a JSON part, then the raw assembly buffers of unfinished
+    /// artifacts (so a restart does not download them again).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(&self.state).unwrap_or_default();
+        let mut out = Vec::with_capacity(8 + json.len());
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&(json.len() as u64).to_be_bytes());
+        out.extend_from_slice(&json);
+        if let Phase::Downloading(dl) = &self.state.phase {
+            for t in dl.transfers.iter().filter(|t| t.has_data) {
+                out.extend_from_slice(&t.data);
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Deployer::to_bytes`] wrote; call [`Deployer::on_restart`] next.
+    pub fn from_bytes(config: DeployConfig, bytes: &[u8]) -> Result<Self, StateError> {
+        let bad = |m: &str| StateError::Malformed(m.to_owned());
+        let rest = bytes
+            .strip_prefix(STATE_MAGIC.as_slice())
+            .ok_or_else(|| bad("bad magic"))?;
+        let (len, rest) = rest.split_at_checked(8).ok_or_else(|| bad("truncated"))?;
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(len);
+        let len = usize::try_from(u64::from_be_bytes(len_bytes)).map_err(|_| bad("too long"))?;
+        let (json, mut rest) = rest.split_at_checked(len).ok_or_else(|| bad("truncated"))?;
+        let mut state: State =
+            serde_json::from_slice(json).map_err(|e| StateError::Malformed(e.to_string()))?;
+        if let Phase::Downloading(dl) = &mut state.phase {
+            for t in dl.transfers.iter_mut() {
+                if t.received.len() != t.total as usize {
+                    return Err(bad("chunk map does not match the chunk count"));
+                }
+                if t.has_data {
+                    let (data, tail) = rest
+                        .split_at_checked(t.size as usize)
+                        .ok_or_else(|| bad("truncated artifact buffer"))?;
+                    t.data = data.to_vec();
+                    rest = tail;
+                }
+            }
+        }
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Deployer { config, state })
+    }
+
+    fn check_target(&self, target: &Target) -> Result<(), String> {
+        match target {
+            Target::Device(d) if *d == self.config.device_id => Ok(()),
+            Target::Device(d) => Err(format!(
+                "manifest is for device {d}, this is device {}",
+                self.config.device_id
+            )),
+            Target::Group(g) if self.config.groups.contains(g) => Ok(()),
+            Target::Group(g) => Err(format!(
+                "manifest is for group {g}, which device {} is not in",
+                self.config.device_id
+            )),
+        }
+    }
+
+    fn check_limits(&self, m: &Manifest) -> Result<(), String> {
+        let c = &self.config;
+        if m.artifacts.len() > c.max_artifacts {
+            return Err(format!(
+                "manifest lists {} artifacts, over the limit of {}",
+                m.artifacts.len(),
+                c.max_artifacts
+            ));
+        }
+        for a in &m.artifacts {
+            if a.size > c.max_artifact_bytes {
+                return Err(format!(
+                    "artifact {} is {} bytes, over the limit of {} bytes",
+                    a.name, a.size, c.max_artifact_bytes
+                ));
+            }
+            let chunks = m.chunk_count(a.size);
+            if chunks > MAX_CHUNKS_PER_ARTIFACT {
+                return Err(format!(
+                    "artifact {} would take {chunks} chunks, over the limit of \
+                     {MAX_CHUNKS_PER_ARTIFACT} (chunk_size {} is too small)",
+                    a.name, m.chunk_size
+                ));
+            }
+        }
+        let total = m
+            .artifacts
+            .iter()
+            .fold(0u64, |s, a| s.saturating_add(a.size));
+        if total > c.max_total_bytes {
+            return Err(format!(
+                "artifacts total {total} bytes, over the limit of {} bytes",
+                c.max_total_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Re-reports the current step and asks for everything missing.
+    fn resume(&mut self, now_ms: u64) -> Vec<Action> {
+        match &mut self.state.phase {
+            Phase::Idle => Vec::new(),
+            Phase::Downloading(dl) => {
+                dl.last_progress_ms = now_ms;
+                let (received, total) = dl.totals();
+                let mut actions = vec![report(&dl.manifest, Step::Downloading { received, total })];
+                let artifacts = dl.missing();
+                if !artifacts.is_empty() {
+                    actions.push(Action::RequestResend(ResendRequest {
+                        deployment_id: dl.manifest.deployment_id.clone(),
+                        artifacts,
+                    }));
+                }
+                actions
+            }
+            Phase::Checking(c) => vec![report(&c.manifest, Step::Starting)],
+        }
+    }
+
+    fn maybe_start(&mut self, now_ms: u64, store: &dyn ArtifactStore, actions: &mut Vec<Action>) {
+        let Phase::Downloading(dl) = &self.state.phase else {
+            return;
+        };
+        if dl.transfers.iter().any(|t| !t.done) {
+            return;
+        }
+        let manifest = dl.manifest.clone();
+        actions.push(report(&manifest, Step::Verifying));
+        // Every artifact was hash-checked on arrival or is in the content-addressed store; a
+        // store that lost one since is the only thing left to catch.
+        for a in &manifest.artifacts {
+            if !store.has(&a.sha256).unwrap_or(false) {
+                let reason = format!(
+                    "artifact {} ({}) is missing from the store",
+                    a.name, a.sha256
+                );
+                self.state.phase = Phase::Idle;
+                actions.push(report(&manifest, Step::Failed { reason }));
+                actions.push(Action::Persist);
+                return;
+            }
+        }
+        actions.push(report(&manifest, Step::Starting));
+        self.state.phase = Phase::Checking(Candidate {
+            manifest: manifest.clone(),
+            started_ms: now_ms,
+            processed: 0,
+        });
+        actions.push(Action::Persist);
+        actions.push(Action::Start { manifest });
+    }
+
+    fn commit(&mut self) -> Vec<Action> {
+        let Phase::Checking(c) = std::mem::take(&mut self.state.phase) else {
+            return Vec::new();
+        };
+        let m = c.manifest;
+        self.state
+            .committed
+            .insert(target_key(&m.target), m.version);
+        self.state.previous = self.state.installed.replace(m.clone());
+        vec![
+            report(&m, Step::Healthy),
+            Action::Commit { manifest: m },
+            Action::Persist,
+        ]
+    }
+
+    fn rollback(&mut self, reason: String) -> Vec<Action> {
+        let Phase::Checking(c) = std::mem::take(&mut self.state.phase) else {
+            return Vec::new();
+        };
+        vec![
+            Action::Rollback {
+                to: self.state.installed.clone(),
+                reason: reason.clone(),
+            },
+            report(&c.manifest, Step::RolledBack { reason }),
+            Action::Persist,
+        ]
+    }
+}
+
+fn same(a: &Manifest, b: &Manifest) -> bool {
+    a.deployment_id == b.deployment_id && a.version == b.version && a.target == b.target
+}
+
+fn reject(manifest: Option<&Manifest>, reason: &str) -> Action {
+    Action::Report(DeployStatus {
+        deployment_id: manifest
+            .map(|m| m.deployment_id.clone())
+            .unwrap_or_default(),
+        version: manifest.map(|m| m.version).unwrap_or(0),
+        step: Step::Rejected {
+            reason: reason.to_owned(),
+        },
+    })
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

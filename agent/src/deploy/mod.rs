@@ -1,0 +1,30 @@
+//! Signed deployments on the agent: the I/O-free [`Deployer`] state machine and the
+//! content-addressed artifact store it writes verified artifacts to.
+//!
+//! ```text
+//! deploy/manifest ─► Deployer::on_manifest_payload ─► verify key + signature, target, expiry,
+//!                                                     version, limits ─► Rejected | Downloading
+//! deploy/chunk    ─► Deployer::on_chunk_payload    ─► assemble, sha256 ─► ArtifactStore::put
+//!                                                     all present ─► Action::Start
+//! pipeline health ─► Deployer::on_health / on_tick ─► Action::Commit | Action::Rollback
+//! reconnect/stall ─► Deployer::on_reconnect / on_tick ─► Action::RequestResend
+//! ```
+//!
+//! The caller (the agent's deploy task, wired later) owns the MQTT client, the clock and the
+//! pipeline runner: it passes events in with the current time and executes the returned
+//! [`Action`]s in order. The state persists with [`Deployer::to_bytes`] whenever an
+//! [`Action::Persist`] comes out (and at shutdown); after a restart [`Deployer::from_bytes`]
+//! then [`Deployer::on_restart`] resume a download or roll back an unfinished health check.
+//!
+//! Code map:
+//! - `machine`: the state machine. Invariant: no I/O besides the injected store, no clock;
+//!   a rejection never emits Start, Commit or Rollback. Boundary: the agent's deploy task, tests.
+//! - `store`: [`ArtifactStore`] with the sled and in-memory implementations.
+//!   Invariant: a key is the sha256 of its value, checked on every put. Boundary: `machine`,
+//!   the pipeline loader.
+
+mod machine;
+pub mod store;
+
+pub use machine::{Action, DeployConfig, Deployer, Health, StateError};
+pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};

@@ -1,0 +1,415 @@
+//! The WASM sandbox: runs pipeline-stage modules (components of the `stage` world in
+//! `modules/wit/`) under wasmtime with bounded memory, time, output and capabilities.
+//!
+//! [`Sandbox`] is built once at start-up: one [`wasmtime::Engine`] (epoch interruption,
+//! pooling allocator sized from [`SandboxConfig`], Cranelift, or Pulley on 32-bit ARM), one
+//! `Linker` with WASI p2 and our host imports, the compiled-module cache and the epoch
+//! ticker thread. [`Sandbox::load`] turns module bytes into a [`Module`]; a [`StageRunner`]
+//! (or, by hand, [`Sandbox::instantiate`] and [`StageInstance`]) runs it as a stage.
+//!
+//! - `config`: [`SandboxConfig`] (`[sandbox]` in the agent config) and [`Grants`].
+//! - `engine`: engine settings, pooling plan, epoch ticker.
+//! - `cache` / `compile`: the digest-keyed artifact cache; time-bounded compilation.
+//! - `host/`: per-store state and the host imports (`log`, `clock`, `kv`, `counters`, WASI).
+//! - `instance`: one instance, typed call errors. `runner`: restart with backoff.
+//! - `metrics`: per-stage counters and the latency histogram.
+//!
+//! **Invariant:** bytes that came from outside (the network, a deployment) are always
+//! compiled, never deserialized; the only bytes ever deserialized are files in our own
+//! cache directory written by [`cache::Cache::write`] from an artifact this engine compiled,
+//! checked against their sha256 before wasmtime sees them. A module gets no filesystem,
+//! network, environment or arguments; a trap fails one frame and poisons only its instance.
+//! **Boundary:** the pipeline runner (stages) and deployment (loading modules).
+
+mod bindings;
+mod cache;
+mod compile;
+mod config;
+mod engine;
+mod error;
+mod host;
+mod instance;
+mod metrics;
+mod runner;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+pub use bindings::edge::pipeline::types::{Dtype, Frame, Payload, Tensor};
+pub use config::{Grants, SandboxConfig};
+pub use error::SandboxError;
+pub use host::kv::{KvStore, KvStoreError, SledKv};
+pub use instance::{StageContext, StageInstance, frame_bytes};
+pub use metrics::{CallOutcome, LatencySummary, MetricsSnapshot, StageMetrics};
+pub use runner::{AfterTrap, RestartPolicy, StageRunner};
+
+use bindings::StagePre;
+use host::HostState;
+
+/// A module's identity: the name it was deployed under and the sha256 of its bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ModuleId {
+    name: String,
+    digest: [u8; 32],
+    hex: String,
+}
+
+impl ModuleId {
+    fn new(name: &str, digest: [u8; 32]) -> Self {
+        ModuleId {
+            name: name.to_owned(),
+            digest,
+            hex: cache::hex(&digest),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// The digest in hex, all 64 characters.
+    pub fn digest_hex(&self) -> &str {
+        &self.hex
+    }
+
+    /// The first 12 hex characters of the digest, for log lines.
+    pub fn short_digest(&self) -> &str {
+        &self.hex[..12]
+    }
+}
+
+impl fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.short_digest())
+    }
+}
+
+impl fmt::Debug for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Where a loaded module's code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// Compiled from the bytes given to [`Sandbox::load`] (and written to the cache).
+    Compiled,
+    /// Deserialized from our own cache.
+    Cache,
+}
+
+/// A compiled module, ready to instantiate; cheap to clone.
+#[derive(Clone)]
+pub struct Module {
+    inner: Arc<ModuleInner>,
+}
+
+struct ModuleInner {
+    id: ModuleId,
+    pre: StagePre<HostState>,
+    source: ModuleSource,
+    code_bytes: usize,
+}
+
+impl fmt::Debug for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Module")
+            .field("id", &self.inner.id)
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Module {
+    pub fn id(&self) -> &ModuleId {
+        &self.inner.id
+    }
+
+    pub fn source(&self) -> ModuleSource {
+        self.inner.source
+    }
+
+    /// Size of the compiled artifact, bytes (what the module's code occupies once loaded).
+    pub fn code_bytes(&self) -> usize {
+        self.inner.code_bytes
+    }
+
+    pub(crate) fn pre(&self) -> &StagePre<HostState> {
+        &self.inner.pre
+    }
+}
+
+/// Counters of the sandbox as a whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxStats {
+    /// Loads served from the cache.
+    pub cache_hits: u64,
+    /// Loads that found no cache file.
+    pub cache_misses: u64,
+    /// Cache files that failed their checks or wasmtime's, deleted and recompiled.
+    pub cache_rejected: u64,
+    /// Successful compilations.
+    pub compiles: u64,
+    /// Modules refused for size, compile errors or timeouts.
+    pub load_failures: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_rejected: AtomicU64,
+    compiles: AtomicU64,
+    load_failures: AtomicU64,
+}
+
+/// The sandbox facade; cheap to clone (all clones share one engine, linker and cache).
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: SandboxConfig,
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: cache::Cache,
+    stats: Stats,
+    /// Set while a timed-out compilation is still running.
+    abandoned_compile: Arc<AtomicBool>,
+    /// One load at a time per digest is enough; serialising loads keeps two threads from
+    /// compiling the same module twice and bounds compile memory on small boards.
+    load_lock: Mutex<()>,
+    // Last: stopped (joined) when the sandbox goes away.
+    _ticker: engine::EpochTicker,
+}
+
+impl fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("cache_dir", &self.inner.cache.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine, linker, cache and epoch ticker. `state_dir` holds the cache unless
+    /// `cfg.cache_dir` names another directory.
+    pub fn new(cfg: &SandboxConfig, state_dir: &Path) -> Result<Sandbox, SandboxError> {
+        cfg.validate().map_err(SandboxError::Config)?;
+        let (engine, plan) = engine::build(cfg)?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker)
+            .map_err(|e| SandboxError::Engine(format!("adding host imports: {e:#}")))?;
+        let cache_dir = cfg.cache_dir_in(state_dir);
+        let cache =
+            cache::Cache::open(&cache_dir, cache::engine_key(&engine)).map_err(|source| {
+                SandboxError::Cache {
+                    path: cache_dir.clone(),
+                    source,
+                }
+            })?;
+        let ticker =
+            engine::EpochTicker::start(engine.clone(), Duration::from_millis(cfg.epoch_tick_ms))?;
+        tracing::info!(
+            cache_dir = %cache_dir.display(),
+            engine_key = %&cache::hex(cache.engine_key())[..16],
+            max_instances = cfg.max_instances,
+            memory_slots = plan.memories,
+            reserved_mib = plan.reserved_bytes() >> 20,
+            target = if cfg!(target_arch = "arm") { "pulley32" } else { "native" },
+            "wasm sandbox ready"
+        );
+        Ok(Sandbox {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                engine,
+                linker,
+                cache,
+                stats: Stats::default(),
+                abandoned_compile: Arc::new(AtomicBool::new(false)),
+                load_lock: Mutex::new(()),
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.cfg
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The directory of compiled modules.
+    pub fn cache_dir(&self) -> &Path {
+        self.inner.cache.dir()
+    }
+
+    /// The cache file a module with `digest` has under this engine's settings.
+    pub fn cache_path(&self, digest: &[u8; 32]) -> PathBuf {
+        self.inner.cache.path(digest)
+    }
+
+    pub fn stats(&self) -> SandboxStats {
+        let s = &self.inner.stats;
+        SandboxStats {
+            cache_hits: s.cache_hits.load(Ordering::Relaxed),
+            cache_misses: s.cache_misses.load(Ordering::Relaxed),
+            cache_rejected: s.cache_rejected.load(Ordering::Relaxed),
+            compiles: s.compiles.load(Ordering::Relaxed),
+            load_failures: s.load_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Loads module bytes deployed as `name`: refuses more than `max_module_bytes` before
+    /// compiling, then uses the cached artifact for this digest and engine if there is a
+    /// sound one, else compiles (bounded by `compile_timeout_ms`) and caches the result.
+    /// `bytes` are never deserialized (see the module invariant).
+    pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Module, SandboxError> {
+        let result = self.load_inner(name, bytes);
+        if let Err(e) = &result {
+            self.inner
+                .stats
+                .load_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(module = %name, error = %e, "module load failed");
+        }
+        result
+    }
+
+    fn load_inner(&self, name: &str, bytes: &[u8]) -> Result<Module, SandboxError> {
+        let inner = &*self.inner;
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let id = ModuleId::new(name, digest);
+        let limit = inner.cfg.max_module_bytes;
+        if bytes.len() as u64 > limit {
+            return Err(SandboxError::TooLarge {
+                digest: id.digest_hex().to_owned(),
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        let _serial = inner.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let cache_err = |source| SandboxError::Cache {
+            path: inner.cache.path(&digest),
+            source,
+        };
+        match inner.cache.read(&digest).map_err(cache_err)? {
+            cache::Lookup::Hit(artifact) => match self.deserialize_own(&artifact) {
+                Ok(component) => {
+                    inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(module = %id, "module loaded from cache");
+                    return self.finish(id, component, ModuleSource::Cache, artifact.len());
+                }
+                Err(e) => self.reject_cached(&id, &format!("{e:#}"))?,
+            },
+            cache::Lookup::Corrupt(reason) => self.reject_cached(&id, &reason)?,
+            cache::Lookup::Missing => {
+                inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let started = Instant::now();
+        let compiled = compile::compile_bounded(
+            &inner.engine,
+            Arc::from(bytes),
+            id.digest_hex(),
+            Duration::from_millis(inner.cfg.compile_timeout_ms),
+            &inner.abandoned_compile,
+        )?;
+        inner.stats.compiles.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            module = %id, bytes = bytes.len(), code_bytes = compiled.artifact.len(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            "module compiled"
+        );
+        if let Err(e) = inner.cache.write(&digest, &compiled.artifact) {
+            // The module still runs; only the next start pays for compiling again.
+            tracing::warn!(module = %id, dir = %inner.cache.dir().display(), error = %e, "writing module cache failed");
+        }
+        let code = compiled.artifact.len();
+        self.finish(id, compiled.component, ModuleSource::Compiled, code)
+    }
+
+    /// Deserializes an artifact read from our cache directory.
+    #[allow(unsafe_code)]
+    fn deserialize_own(&self, artifact: &[u8]) -> wasmtime::Result<Component> {
+        // SAFETY: wasmtime requires that the bytes were produced by `serialize` of a
+        // compatible engine and are not tampered with. `artifact` comes only from
+        // `cache::Cache::read`, which returns files that `Cache::write` created in our
+        // private cache directory from `Component::serialize` of this engine's own
+        // compilation, and only after checking the module digest, this engine's
+        // compatibility key and the artifact's sha256 recorded at write time. Bytes from
+        // outside never reach this function (they are compiled by `load_inner`).
+        unsafe { Component::deserialize(&self.inner.engine, artifact) }
+    }
+
+    fn reject_cached(&self, id: &ModuleId, reason: &str) -> Result<(), SandboxError> {
+        let inner = &*self.inner;
+        inner.stats.cache_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            module = %id, path = %inner.cache.path(id.digest()).display(), reason = %reason,
+            "cached module artifact unusable; deleting it and recompiling"
+        );
+        inner
+            .cache
+            .remove(id.digest())
+            .map_err(|source| SandboxError::Cache {
+                path: inner.cache.path(id.digest()),
+                source,
+            })
+    }
+
+    fn finish(
+        &self,
+        id: ModuleId,
+        component: Component,
+        source: ModuleSource,
+        code_bytes: usize,
+    ) -> Result<Module, SandboxError> {
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .and_then(StagePre::new)
+            .map_err(|e| SandboxError::Instantiate {
+                module: id.clone(),
+                reason: format!("not a `stage` component of edge:pipeline@0.1.0 or imports something this host lacks: {e:#}"),
+            })?;
+        Ok(Module {
+            inner: Arc::new(ModuleInner {
+                id,
+                pre,
+                source,
+                code_bytes,
+            }),
+        })
+    }
+
+    /// Fresh metrics for a stage, with this sandbox's cap on module metric names.
+    pub fn new_stage_metrics(&self) -> Arc<StageMetrics> {
+        Arc::new(StageMetrics::new(self.inner.cfg.max_metric_names as usize))
+    }
+
+    /// Creates an instance of `module` for a stage (without calling `init`).
+    pub fn instantiate(
+        &self,
+        module: &Module,
+        ctx: &StageContext,
+    ) -> Result<StageInstance, SandboxError> {
+        StageInstance::new(self, module, ctx)
+    }
+}

@@ -1,0 +1,349 @@
+//! A deployment ready to send: the signed manifest and the artifact bytes its chunks (and any
+//! resends) are cut from.
+//!
+//! [`Package::build`] is pure; [`load`] is the I/O around it: it reads the pipeline TOML, finds
+//! the artifacts it names (string values ending in `.wasm` or `.onnx`, relative to the TOML's
+//! directory), reads them and builds the package.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use protocol::v1::deploy::{
+    Artifact, Chunk, DeployError, DeployKind, HealthCheck, Manifest, MediaType, ResendRequest,
+    SignedManifest, SigningKey, Target, artifact_chunk, sha256_hex, sign,
+};
+use protocol::v1::{MAX_PAYLOAD_BYTES, VERSION};
+
+/// Errors from building a package; each names the file or artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("cannot read {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("pipeline description {path} is not valid TOML: {error}")]
+    Toml { path: PathBuf, error: String },
+    #[error("artifact {name}: unknown media type (expected a .wasm or .onnx file)")]
+    MediaType { name: String },
+    #[error("signed manifest is {size} bytes, over the payload limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("invalid manifest: {0}")]
+    Invalid(#[from] DeployError),
+}
+
+/// What the manifest says besides the artifacts.
+#[derive(Debug, Clone)]
+pub struct PackageSpec {
+    pub deployment_id: String,
+    pub target: Target,
+    pub version: u64,
+    pub now_ms: u64,
+    /// How long agents accept the manifest.
+    pub ttl_ms: u64,
+    pub kind: DeployKind,
+    pub pipeline_toml: Option<String>,
+    pub chunk_size: u32,
+    pub health: HealthCheck,
+}
+
+/// One artifact's name (as the pipeline refers to it), version and bytes.
+#[derive(Debug, Clone)]
+pub struct ArtifactFile {
+    pub name: String,
+    pub version: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A built, signed deployment.
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub manifest: Manifest,
+    pub signed: SignedManifest,
+    /// Artifact bytes by sha256 (a module listed twice is kept and sent once).
+    blobs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Media type from a file name's extension.
+pub fn media_type_for(name: &str) -> Result<MediaType, PackageError> {
+    let lower = name.to_ascii_lowercase();
+    if lower.ends_with(".wasm") {
+        Ok(MediaType::WasmComponent)
+    } else if lower.ends_with(".onnx") {
+        Ok(MediaType::Onnx)
+    } else {
+        Err(PackageError::MediaType {
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Package {
+    /// Hashes the artifacts, builds the manifest, checks it and signs it.
+    pub fn build(
+        spec: PackageSpec,
+        files: Vec<ArtifactFile>,
+        key: &SigningKey,
+    ) -> Result<Package, PackageError> {
+        let mut blobs = BTreeMap::new();
+        let mut artifacts = Vec::with_capacity(files.len());
+        for f in files {
+            let sha256 = sha256_hex(&f.bytes);
+            artifacts.push(Artifact {
+                media_type: media_type_for(&f.name)?,
+                name: f.name,
+                sha256: sha256.clone(),
+                size: f.bytes.len() as u64,
+                version: f.version,
+            });
+            blobs.entry(sha256).or_insert(f.bytes);
+        }
+        let manifest = Manifest {
+            v: VERSION,
+            deployment_id: spec.deployment_id,
+            target: spec.target,
+            version: spec.version,
+            created_ms: spec.now_ms,
+            expires_ms: spec.now_ms.saturating_add(spec.ttl_ms),
+            kind: spec.kind,
+            pipeline_toml: spec.pipeline_toml,
+            chunk_size: spec.chunk_size,
+            artifacts,
+            health: spec.health,
+        };
+        manifest.validate()?;
+        let signed = sign(&manifest, key);
+        let size = signed.to_json().len();
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(PackageError::TooLarge {
+                size,
+                limit: MAX_PAYLOAD_BYTES,
+            });
+        }
+        Ok(Package {
+            manifest,
+            signed,
+            blobs,
+        })
+    }
+
+    /// The payload for `deploy/manifest`.
+    pub fn manifest_payload(&self) -> Vec<u8> {
+        self.signed.to_json()
+    }
+
+    /// Chunk `index` of the artifact with digest `sha256`, if both exist.
+    pub fn chunk(&self, sha256: &str, index: u32) -> Option<Chunk> {
+        let bytes = self.blobs.get(sha256)?;
+        artifact_chunk(
+            &self.manifest.deployment_id,
+            sha256,
+            bytes,
+            self.manifest.chunk_size,
+            index,
+        )
+    }
+
+    /// Every chunk of every distinct artifact, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = Chunk> + '_ {
+        self.blobs.iter().flat_map(move |(sha, bytes)| {
+            (0..self.manifest.chunk_count(bytes.len() as u64))
+                .filter_map(move |i| self.chunk(sha, i))
+        })
+    }
+
+    /// The chunks a resend request asks for; unknown digests and indexes are skipped.
+    pub fn resend(&self, request: &ResendRequest) -> Vec<Chunk> {
+        if request.deployment_id != self.manifest.deployment_id {
+            return Vec::new();
+        }
+        request
+            .artifacts
+            .iter()
+            .flat_map(|m| m.indexes.iter().filter_map(|&i| self.chunk(&m.sha256, i)))
+            .collect()
+    }
+
+    /// Total chunks to send to one device (distinct artifacts only).
+    pub fn chunk_total(&self) -> u32 {
+        self.blobs
+            .values()
+            .map(|b| self.manifest.chunk_count(b.len() as u64))
+            .sum()
+    }
+}
+
+/// Artifact references in a pipeline description: every string value ending in `.wasm` or
+/// `.onnx`, sorted, without repeats.
+pub fn artifact_refs(pipeline_toml: &str) -> Result<Vec<String>, String> {
+    let value: toml::Value = toml::from_str(pipeline_toml).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    collect_refs(&value, &mut out);
+    out.sort();
+    Ok(out)
+}
+
+fn collect_refs(v: &toml::Value, out: &mut Vec<String>) {
+    match v {
+        toml::Value::String(s) if media_type_for(s).is_ok() && !out.contains(s) => {
+            out.push(s.clone());
+        }
+        toml::Value::Array(items) => items.iter().for_each(|i| collect_refs(i, out)),
+        toml::Value::Table(t) => t.values().for_each(|i| collect_refs(i, out)),
+        _ => {}
+    }
+}
+
+/// Reads `pipeline` and the artifacts it names (relative to its directory), then builds and
+/// signs the package. Artifact versions are their digests' first 12 hex digits.
+pub fn load(
+    pipeline: &Path,
+    mut spec: PackageSpec,
+    key: &SigningKey,
+) -> Result<Package, PackageError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| PackageError::Read {
+            path: path.to_owned(),
+            error,
+        })
+    };
+    let text = String::from_utf8(read(pipeline)?).map_err(|_| PackageError::Toml {
+        path: pipeline.to_owned(),
+        error: "not utf-8".into(),
+    })?;
+    let refs = artifact_refs(&text).map_err(|error| PackageError::Toml {
+        path: pipeline.to_owned(),
+        error,
+    })?;
+    let base = pipeline.parent().unwrap_or(Path::new("."));
+    let mut files = Vec::with_capacity(refs.len());
+    for name in refs {
+        let bytes = read(&base.join(&name))?;
+        let version = sha256_hex(&bytes)[..12].to_owned();
+        files.push(ArtifactFile {
+            name,
+            version,
+            bytes,
+        });
+    }
+    spec.pipeline_toml = Some(text);
+    Package::build(spec, files, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::v1::deploy::{MissingChunks, TrustedKeys, verify};
+
+    fn spec() -> PackageSpec {
+        PackageSpec {
+            deployment_id: "dep-1".into(),
+            target: Target::Device("d1".into()),
+            version: 1,
+            now_ms: 1_000,
+            ttl_ms: 60_000,
+            kind: DeployKind::Pipeline,
+            pipeline_toml: Some("[x]\n".into()),
+            chunk_size: 8,
+            health: HealthCheck {
+                messages: 1,
+                seconds: 1,
+            },
+        }
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[3; 32])
+    }
+
+    #[test]
+    fn build_signs_what_it_hashes_and_chunks_reassemble() {
+        let a: Vec<u8> = (0..50).collect();
+        let files = vec![
+            ArtifactFile {
+                name: "a.wasm".into(),
+                version: "1".into(),
+                bytes: a.clone(),
+            },
+            ArtifactFile {
+                name: "again/a.wasm".into(),
+                version: "1".into(),
+                bytes: a.clone(),
+            },
+        ];
+        let p = Package::build(spec(), files, &key()).expect("builds");
+        let trusted = TrustedKeys::new([key().verifying_key()]);
+        let wire = SignedManifest::from_json(&p.manifest_payload()).expect("decodes");
+        let m = verify(&wire, &trusted).expect("verifies");
+        assert_eq!(m.artifacts.len(), 2);
+        assert_eq!(m.artifacts[0].sha256, sha256_hex(&a));
+        // The module listed twice travels once.
+        assert_eq!(p.chunk_total(), 7);
+        let mut joined = Vec::new();
+        for c in p.chunks() {
+            let c = Chunk::decode(&c.encode().expect("encodes")).expect("decodes");
+            assert_eq!(c.offset as usize, joined.len());
+            joined.extend(c.data);
+        }
+        assert_eq!(joined, a);
+        let again = p.resend(&ResendRequest {
+            deployment_id: "dep-1".into(),
+            artifacts: vec![MissingChunks {
+                sha256: sha256_hex(&a),
+                indexes: vec![6, 2, 99],
+            }],
+        });
+        assert_eq!(
+            again.iter().map(|c| c.index).collect::<Vec<_>>(),
+            vec![6, 2]
+        );
+    }
+
+    #[test]
+    fn unknown_media_type_and_oversized_manifest_are_errors() {
+        let files = vec![ArtifactFile {
+            name: "a.bin".into(),
+            version: "1".into(),
+            bytes: vec![1],
+        }];
+        assert!(matches!(
+            Package::build(spec(), files, &key()),
+            Err(PackageError::MediaType { .. })
+        ));
+        let mut big = spec();
+        big.pipeline_toml = Some("#".repeat(MAX_PAYLOAD_BYTES));
+        assert!(matches!(
+            Package::build(big, Vec::new(), &key()),
+            Err(PackageError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn load_finds_artifacts_named_in_the_pipeline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("modules")).expect("mkdir");
+        std::fs::write(dir.path().join("modules/features.wasm"), b"\0asm1").expect("write");
+        std::fs::write(dir.path().join("vad.onnx"), b"onnx").expect("write");
+        let toml = "[[stages]]\nname = \"f\"\nmodule = \"modules/features.wasm\"\n\
+                    [[stages]]\nname = \"g\"\nmodule = \"modules/features.wasm\"\n\
+                    [inference]\nmodel = \"vad.onnx\"\n";
+        let path = dir.path().join("pipeline.toml");
+        std::fs::write(&path, toml).expect("write");
+        let p = load(&path, spec(), &key()).expect("loads");
+        let names: Vec<&str> = p
+            .manifest
+            .artifacts
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["modules/features.wasm", "vad.onnx"]);
+        assert_eq!(p.manifest.artifacts[1].media_type, MediaType::Onnx);
+        assert_eq!(p.manifest.pipeline_toml.as_deref(), Some(toml));
+
+        std::fs::remove_file(dir.path().join("vad.onnx")).expect("rm");
+        match load(&path, spec(), &key()) {
+            Err(PackageError::Read { path, .. }) => assert!(path.ends_with("vad.onnx")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
