@@ -273,7 +273,6 @@ fn spin_is_stopped_by_the_deadline_and_the_stage_restarts() {
 /// A guest that sleeps (a blocking WASI clock wait, which the epoch deadline cannot
 /// interrupt) is woken just after its deadline and stopped with a timeout.
 #[test]
-#[ignore = "needs modules/hostile/sleep (std::thread::sleep in process), not in modules/ yet"]
 fn sleep_is_cut_at_the_deadline() {
     let fx = fixture(test_config());
     let mut sleeper = fx.runner("hostile_sleep", "sleep", "{}");
