@@ -218,15 +218,7 @@ impl Agent {
 
     /// SIGTERM and wait; errs unless the agent exits cleanly (status 0).
     pub fn stop(&mut self) -> Result<()> {
-        let status = self.proc.terminate(crate::STOP_TIMEOUT)?;
-        if !status.success() {
-            bail!(
-                "{} exited with {status} after SIGTERM; its log:\n{}",
-                self.proc.name(),
-                crate::process::tail(&self.proc.last_log(), 40)
-            );
-        }
-        Ok(())
+        self.proc.stop_clean()
     }
 
     /// SIGTERM and wait, returning whatever status it exits with.

@@ -158,14 +158,7 @@ impl Coordinator {
 
     /// SIGTERM; errs unless it exits cleanly in time.
     pub fn stop(&mut self) -> Result<()> {
-        let status = self.proc.terminate(crate::STOP_TIMEOUT)?;
-        if !status.success() {
-            bail!(
-                "coordinator exited with {status} after SIGTERM; its log:\n{}",
-                tail(&self.proc.last_log(), 40)
-            );
-        }
-        Ok(())
+        self.proc.stop_clean()
     }
 
     /// SIGKILL.

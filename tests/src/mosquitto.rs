@@ -177,14 +177,7 @@ impl Mosquitto {
 
     /// SIGTERM, so it saves its persistence file; errs unless it exits cleanly.
     pub fn stop(&mut self) -> Result<()> {
-        let status = self.proc.terminate(crate::STOP_TIMEOUT)?;
-        if !status.success() {
-            bail!(
-                "mosquitto exited with {status} after SIGTERM; its log:\n{}",
-                tail(&self.proc.last_log(), 30)
-            );
-        }
-        Ok(())
+        self.proc.stop_clean()
     }
 
     /// Starts it again on the same port with the same persistence (retrying while the old

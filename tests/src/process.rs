@@ -142,6 +142,20 @@ impl ChildProc {
         }
     }
 
+    /// SIGTERM and require a clean exit (status 0) within [`crate::STOP_TIMEOUT`]; the error
+    /// shows the end of the process's log.
+    pub fn stop_clean(&mut self) -> Result<()> {
+        let status = self.terminate(crate::STOP_TIMEOUT)?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM; its log:\n{}",
+                self.name,
+                tail(&self.last_log(), 40)
+            );
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
