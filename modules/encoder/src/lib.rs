@@ -7,9 +7,8 @@
 //! collected across frames (e.g. `[1, 32, 3]`: 32 time steps of 3 features) emitted every
 //! `hop` rows. Errors name the record or line and the missing field or column.
 
-use edge_guest::{Frame, Guest, Payload, Tensor, config, payload_kind};
+use edge_guest::{Frame, Payload, Tensor, config, payload_kind};
 use serde::Deserialize;
-use std::cell::RefCell;
 use std::collections::VecDeque;
 
 /// Stage configuration (JSON object text, see `modules/README.md`).
@@ -512,29 +511,17 @@ fn split_csv(line: &str, delimiter: char) -> Vec<String> {
     cells
 }
 
-thread_local! {
-    // A component instance is single-threaded; the host calls init before process.
-    static STAGE: RefCell<Option<Stage>> = const { RefCell::new(None) };
-}
-
-struct Component;
-
-impl Guest for Component {
-    fn init(config: String) -> Result<(), String> {
-        let stage = Stage::from_config(&config)?;
-        STAGE.with(|s| *s.borrow_mut() = Some(stage));
-        Ok(())
+impl edge_guest::Stage for Stage {
+    fn from_config(config: &str) -> Result<Self, String> {
+        Stage::from_config(config)
     }
 
-    fn process(frame: Frame) -> Result<Vec<Frame>, String> {
-        STAGE.with(|s| match s.borrow_mut().as_mut() {
-            Some(stage) => stage.process(frame),
-            None => Err("process called before init".into()),
-        })
+    fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String> {
+        Stage::process(self, frame)
     }
 }
 
-edge_guest::export_stage!(Component);
+edge_guest::export_stateful_stage!(Stage);
 
 #[cfg(test)]
 mod tests {

@@ -6,9 +6,8 @@
 //! `mean, rms, peak, crest_factor, dominant_hz, band_0..`, for an ONNX stage. The math is
 //! the `dsp` crate; this file is config, validation and frame plumbing.
 
-use edge_guest::{Frame, Guest, Payload, Tensor, config, payload_kind};
+use edge_guest::{Frame, Payload, Tensor, config, payload_kind};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 
 /// Stage configuration (JSON object text, see `modules/README.md`).
 #[derive(Debug, Deserialize)]
@@ -197,29 +196,17 @@ impl Stage {
     }
 }
 
-thread_local! {
-    // A component instance is single-threaded; the host calls init before process.
-    static STAGE: RefCell<Option<Stage>> = const { RefCell::new(None) };
-}
-
-struct Component;
-
-impl Guest for Component {
-    fn init(config: String) -> Result<(), String> {
-        let stage = Stage::from_config(&config)?;
-        STAGE.with(|s| *s.borrow_mut() = Some(stage));
-        Ok(())
+impl edge_guest::Stage for Stage {
+    fn from_config(config: &str) -> Result<Self, String> {
+        Stage::from_config(config)
     }
 
-    fn process(frame: Frame) -> Result<Vec<Frame>, String> {
-        STAGE.with(|s| match s.borrow_mut().as_mut() {
-            Some(stage) => stage.process(frame),
-            None => Err("process called before init".into()),
-        })
+    fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String> {
+        Stage::process(self, frame)
     }
 }
 
-edge_guest::export_stage!(Component);
+edge_guest::export_stateful_stage!(Stage);
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,9 @@
 //! edge_guest::export_stage!(MyStage);
 //! ```
 //!
+//! A stage that keeps state between frames implements [`Stage`] instead and exports it with
+//! [`export_stateful_stage!`], which holds the instance built by `init` for `process`.
+//!
 //! Host imports (`log`, `clock`, `kv`, `counters`) only work inside a component. Compiled
 //! natively (unit tests), calling one panics, so keep a module's logic in functions that
 //! take and return plain values and test those.
@@ -66,4 +69,48 @@ pub fn warn(message: &str) {
 /// Logs at `error`.
 pub fn error(message: &str) {
     log::log(log::Level::Error, message);
+}
+
+/// A stage with state between frames: built from its config by `init`, then given every frame.
+pub trait Stage: Sized + 'static {
+    /// Parses the stage's JSON config; the error names the bad key.
+    fn from_config(config: &str) -> Result<Self, String>;
+    /// Handles one frame (see `process` in the `stage` world).
+    fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String>;
+}
+
+/// Exports a [`Stage`] type as the component's `stage` world: `init` builds it, `process`
+/// feeds it, and a `process` before a successful `init` is an error.
+#[macro_export]
+macro_rules! export_stateful_stage {
+    ($stage:ty) => {
+        ::std::thread_local! {
+            // A component instance is single-threaded; the host calls init before process.
+            static __EDGE_STAGE: ::std::cell::RefCell<::std::option::Option<$stage>> =
+                const { ::std::cell::RefCell::new(None) };
+        }
+
+        struct __EdgeComponent;
+
+        impl $crate::Guest for __EdgeComponent {
+            fn init(
+                config: ::std::string::String,
+            ) -> ::std::result::Result<(), ::std::string::String> {
+                let stage = <$stage as $crate::Stage>::from_config(&config)?;
+                __EDGE_STAGE.with(|s| *s.borrow_mut() = Some(stage));
+                Ok(())
+            }
+
+            fn process(
+                frame: $crate::Frame,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::Frame>, ::std::string::String> {
+                __EDGE_STAGE.with(|s| match s.borrow_mut().as_mut() {
+                    Some(stage) => <$stage as $crate::Stage>::process(stage, frame),
+                    None => Err("process called before init".into()),
+                })
+            }
+        }
+
+        $crate::export_stage!(__EdgeComponent);
+    };
 }
