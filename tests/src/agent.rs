@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 
 use crate::local_api::LocalApi;
@@ -171,32 +171,13 @@ impl Agent {
 
     /// Waits until the local API accepts a connection; errs early if the agent exits.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
         let socket = self.socket_path();
-        loop {
-            // A socket file left by a killed agent refuses connections until the new one
-            // replaces it, so a successful connect means this start is ready.
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.proc.exit_status() {
-                bail!(
-                    "{} exited with {status} before its local API at {} was up; its log:\n{}",
-                    self.proc.name(),
-                    socket.display(),
-                    crate::process::tail(&self.proc.last_log(), 40)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{}: local API at {} not up within {timeout:?}; its log:\n{}",
-                    self.proc.name(),
-                    socket.display(),
-                    crate::process::tail(&self.proc.last_log(), 40)
-                );
-            }
-            std::thread::sleep(crate::POLL);
-        }
+        // A socket file left by a killed agent refuses connections until the new one
+        // replaces it, so a successful connect means this start is ready.
+        let what = format!("its local API at {} was up", socket.display());
+        self.proc.wait_until(&what, timeout, || {
+            Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
+        })
     }
 
     /// Starts the agent again (it must have exited) and waits until it is ready.

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::journal::Journal;
 use crate::net::{free_port, looks_like_port_collision};
-use crate::process::{ChildProc, ensure_dir, tail};
+use crate::process::{ChildProc, ensure_dir};
 
 #[derive(Debug, Clone)]
 enum Broker {
@@ -132,28 +132,12 @@ impl Coordinator {
         self.journal.refresh()?;
         let readies_before = self.journal.count_kind("ready");
         self.proc.spawn()?;
-        let deadline = Instant::now() + crate::START_TIMEOUT;
-        loop {
-            self.journal.refresh()?;
-            if self.journal.count_kind("ready") > readies_before {
-                return Ok(());
-            }
-            if let Some(status) = self.proc.exit_status() {
-                bail!(
-                    "coordinator exited with {status} before journaling \"ready\"; its log:\n{}",
-                    tail(&self.proc.last_log(), 40)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "coordinator did not journal \"ready\" in {} within {:?}; its log:\n{}",
-                    self.journal_path.display(),
-                    crate::START_TIMEOUT,
-                    tail(&self.proc.last_log(), 40)
-                );
-            }
-            std::thread::sleep(crate::POLL);
-        }
+        let what = format!("journaling \"ready\" in {}", self.journal_path.display());
+        let journal = &mut self.journal;
+        self.proc.wait_until(&what, crate::START_TIMEOUT, || {
+            journal.refresh()?;
+            Ok(journal.count_kind("ready") > readies_before)
+        })
     }
 
     /// SIGTERM; errs unless it exits cleanly in time.

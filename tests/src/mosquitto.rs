@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::net::{free_port, looks_like_port_collision};
-use crate::process::{ChildProc, ensure_dir, tail};
+use crate::process::{ChildProc, ensure_dir};
 use crate::tls::TlsFiles;
 
 /// Largest MQTT packet the broker accepts: above [`protocol::v1::MAX_PAYLOAD_BYTES`] plus
@@ -152,27 +152,11 @@ impl Mosquitto {
 
     fn start_once(&mut self) -> Result<()> {
         self.proc.spawn()?;
-        let deadline = Instant::now() + crate::START_TIMEOUT;
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.proc.exit_status() {
-                bail!(
-                    "mosquitto exited with {status} at start; its log:\n{}",
-                    tail(&self.proc.last_log(), 30)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "mosquitto did not listen on 127.0.0.1:{} within {:?}; its log:\n{}",
-                    self.port,
-                    crate::START_TIMEOUT,
-                    tail(&self.proc.last_log(), 30)
-                );
-            }
-            std::thread::sleep(crate::POLL);
-        }
+        let port = self.port;
+        let what = format!("listening on 127.0.0.1:{port}");
+        self.proc.wait_until(&what, crate::START_TIMEOUT, || {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })
     }
 
     /// SIGTERM, so it saves its persistence file; errs unless it exits cleanly.

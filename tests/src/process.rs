@@ -142,6 +142,37 @@ impl ChildProc {
         }
     }
 
+    /// Polls `ready` until it holds; errs naming `what` if the process exits first or
+    /// `timeout` passes, with the end of its log.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if ready()? {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                bail!(
+                    "{} exited with {status} before {what}; its log:\n{}",
+                    self.name,
+                    tail(&self.last_log(), 40)
+                );
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "{}: no {what} within {timeout:?}; its log:\n{}",
+                    self.name,
+                    tail(&self.last_log(), 40)
+                );
+            }
+            std::thread::sleep(crate::POLL);
+        }
+    }
+
     /// SIGTERM and require a clean exit (status 0) within [`crate::STOP_TIMEOUT`]; the error
     /// shows the end of the process's log.
     pub fn stop_clean(&mut self) -> Result<()> {
