@@ -2,12 +2,11 @@
 //! connected to an external broker.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 
 use crate::journal::Journal;
-use crate::net::{free_port, looks_like_port_collision};
+use crate::net::{free_port, looks_like_port_collision, retry_while_port_busy};
 use crate::process::{ChildProc, ensure_dir};
 
 #[derive(Debug, Clone)]
@@ -114,18 +113,7 @@ impl Coordinator {
     /// On a restart the old listener's port can take a moment to be free again, so a bind
     /// failure is retried on the same port until the start timeout.
     pub fn start(&mut self) -> Result<()> {
-        let deadline = Instant::now() + crate::START_TIMEOUT;
-        loop {
-            match self.start_once() {
-                Err(_)
-                    if Instant::now() < deadline
-                        && looks_like_port_collision(&self.proc.last_log()) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                }
-                other => return other,
-            }
-        }
+        retry_while_port_busy(self, Self::start_once, |p| p.proc.last_log())
     }
 
     fn start_once(&mut self) -> Result<()> {

@@ -7,11 +7,10 @@
 //! present a certificate signed by the test CA, and its common name is their username.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::net::{free_port, looks_like_port_collision};
+use crate::net::{free_port, looks_like_port_collision, retry_while_port_busy};
 use crate::process::{ChildProc, ensure_dir};
 use crate::tls::TlsFiles;
 
@@ -167,18 +166,7 @@ impl Mosquitto {
     /// Starts it again on the same port with the same persistence (retrying while the old
     /// listener's port is not yet free).
     pub fn start_again(&mut self) -> Result<()> {
-        let deadline = Instant::now() + crate::START_TIMEOUT;
-        loop {
-            match self.start_once() {
-                Err(_)
-                    if Instant::now() < deadline
-                        && looks_like_port_collision(&self.proc.last_log()) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                }
-                other => return other,
-            }
-        }
+        retry_while_port_busy(self, Self::start_once, |p| p.proc.last_log())
     }
 
     /// [`Mosquitto::stop`] then [`Mosquitto::start_again`].

@@ -52,3 +52,25 @@ pub(crate) fn looks_like_port_collision(log: &str) -> bool {
     let l = log.to_ascii_lowercase();
     l.contains("address already in use") || l.contains("addrinuse") || l.contains("os error 98")
 }
+
+/// Runs `start` on `target` again while it fails because the port is still held (an old
+/// listener going away on a restart), until it succeeds, fails otherwise, or the start timeout
+/// passes. `log` reads the process log that tells a port collision apart.
+pub(crate) fn retry_while_port_busy<T>(
+    target: &mut T,
+    start: impl Fn(&mut T) -> anyhow::Result<()>,
+    log: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + crate::START_TIMEOUT;
+    loop {
+        match start(target) {
+            Err(_)
+                if std::time::Instant::now() < deadline
+                    && looks_like_port_collision(&log(target)) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
