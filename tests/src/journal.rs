@@ -235,6 +235,17 @@ impl Journal {
         }
     }
 
+    /// Waits until every `expected` message from `device` arrived, then requires each exactly
+    /// once as data, in order per class and unaltered ([`DeliveryReport`]).
+    pub fn expect_delivered(&mut self, device: &str, expected: &[crate::Expected]) -> Result<()> {
+        self.wait_for_data_ids(
+            device,
+            expected.iter().map(|x| x.id.as_str()),
+            crate::DELIVERY_TIMEOUT,
+        )?;
+        crate::DeliveryReport::check(self, device, expected).ensure_ok()
+    }
+
     /// `data` events from `device`, in journal order.
     pub fn data_events(&self, device: &str) -> Vec<&Event> {
         self.events

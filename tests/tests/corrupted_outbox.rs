@@ -7,8 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
 use edge_tests::{
-    Agent, AgentOptions, Class, Coordinator, DELIVERY_TIMEOUT, DeliveryReport, START_TIMEOUT,
-    TestEnv, run_test, test_messages,
+    Agent, AgentOptions, Class, Coordinator, START_TIMEOUT, TestEnv, run_test, test_messages,
 };
 
 /// What `conf` is overwritten with: no `key: value` lines, so sled cannot parse it.
@@ -104,11 +103,6 @@ fn corrupted_outbox_quarantine_moves_it_aside() {
         let msgs = test_messages("after", 10, &[Class::Control, Class::Results]);
         let expected = agent.api()?.publish_all(&msgs, 10)?;
         let mut journal = coord.journal();
-        journal.wait_for_data_ids(
-            "d1",
-            expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d1", &expected).ensure_ok()
+        journal.expect_delivered("d1", &expected)
     });
 }

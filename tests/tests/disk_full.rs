@@ -4,8 +4,8 @@
 
 use anyhow::{Context, bail, ensure};
 use edge_tests::{
-    Agent, AgentOptions, Class, Coordinator, DELIVERY_TIMEOUT, DeliveryReport, Expected, Publish,
-    Tmpfs, free_port, require_root, run_test,
+    Agent, AgentOptions, Class, Coordinator, Expected, Publish, Tmpfs, free_port, require_root,
+    run_test,
 };
 
 /// Size of the agent's disk. Big enough that the agent accepts messages before refusing (it
@@ -85,11 +85,6 @@ fn outbox_disk_full_refuses_then_delivers_everything_accepted() {
         let coord = Coordinator::start_embedded_at(&env.path("coordinator"), port)?;
         agent.restart()?;
         let mut journal = coord.journal();
-        journal.wait_for_data_ids(
-            "d1",
-            expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d1", &expected).ensure_ok()
+        journal.expect_delivered("d1", &expected)
     });
 }

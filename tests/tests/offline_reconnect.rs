@@ -5,8 +5,7 @@
 //! up; only the broker restarts, with its persistence).
 
 use edge_tests::{
-    Agent, AgentOptions, Class, Coordinator, DELIVERY_TIMEOUT, DeliveryReport, Mosquitto,
-    START_TIMEOUT, run_test, test_messages,
+    Agent, AgentOptions, Class, Coordinator, Mosquitto, START_TIMEOUT, run_test, test_messages,
 };
 
 /// Messages published while the broker is down.
@@ -26,12 +25,7 @@ fn offline_reconnect_embedded_broker() {
         let expected = agent.api()?.publish_all(&msgs, 25)?;
 
         coord.start()?;
-        journal.wait_for_data_ids(
-            "d1",
-            expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d1", &expected).ensure_ok()
+        journal.expect_delivered("d1", &expected)
     });
 }
 
@@ -50,11 +44,6 @@ fn offline_reconnect_mosquitto() {
         let expected = agent.api()?.publish_all(&msgs, 25)?;
 
         broker.start_again()?;
-        journal.wait_for_data_ids(
-            "d1",
-            expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d1", &expected).ensure_ok()
+        journal.expect_delivered("d1", &expected)
     });
 }

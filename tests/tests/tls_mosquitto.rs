@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use edge_tests::{
-    Agent, AgentOptions, Class, Coordinator, DELIVERY_TIMEOUT, DeliveryReport, Mosquitto,
-    START_TIMEOUT, TlsFiles, run_test, test_messages,
+    Agent, AgentOptions, Class, Coordinator, DeliveryReport, Mosquitto, START_TIMEOUT, TlsFiles,
+    run_test, test_messages,
 };
 
 /// Messages published by each agent.
@@ -64,12 +64,7 @@ fn tls_mosquitto_mutual_auth() {
         journal.wait_registered("d1", START_TIMEOUT)?;
         let msgs = test_messages("tls", M, &CLASSES);
         let expected = agent.api()?.publish_all(&msgs, 25)?;
-        journal.wait_for_data_ids(
-            "d1",
-            expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d1", &expected).ensure_ok()?;
+        journal.expect_delivered("d1", &expected)?;
 
         let leaked = journal.wait_for("any event from d-nocert", ABSENCE_WINDOW, |events| {
             events
@@ -104,12 +99,7 @@ fn tls_mosquitto_mutual_auth() {
             o.extra.insert("mqtt".into(), toml::Value::Table(with_cert));
         })?;
         refused.restart()?;
-        journal.wait_for_data_ids(
-            "d-nocert",
-            refused_expected.iter().map(|x| x.id.as_str()),
-            DELIVERY_TIMEOUT,
-        )?;
-        DeliveryReport::check(&journal, "d-nocert", &refused_expected).ensure_ok()
+        journal.expect_delivered("d-nocert", &refused_expected)
     });
 }
 
