@@ -68,6 +68,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         boot_id: boot_id.clone(),
         started_ms: protocol::v1::now_ms(),
         capabilities: vec!["outbox".into(), "telemetry".into(), "local-api".into()],
+        groups: Vec::new(),
     };
     let reg = NewMessage {
         class: Class::Control,

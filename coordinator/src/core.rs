@@ -392,6 +392,7 @@ mod tests {
             boot_id: "boot-1".into(),
             started_ms: 5,
             capabilities: vec!["outbox".into()],
+            groups: Vec::new(),
         }
     }
 

@@ -237,6 +237,7 @@ fn embedded_broker_end_to_end() {
             boot_id: "boot-1".into(),
             started_ms: 1_000,
             capabilities: vec!["outbox".into()],
+            groups: Vec::new(),
         },
     };
     device.publish(&topics::register("d1"), registration.to_json(), false);

@@ -242,6 +242,10 @@ pub struct Registration {
     pub started_ms: u64,
     /// Capabilities this agent build offers (e.g. `outbox`, `telemetry`).
     pub capabilities: Vec<String>,
+    /// Deployment groups the device belongs to (`[deploy] groups`); the coordinator resolves
+    /// `deploy --group` from these. Absent in messages from older agents.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// Body of `edge/v1/{device}/telemetry` (class telemetry).
