@@ -12,7 +12,12 @@ use protocol::v1::{Class, Registration, topics};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::dataset::{Dataset, DatasetError};
+use crate::deploy::task::{self, DeployTask, TaskError};
 use crate::outbox::{NewMessage, Outbox, OutboxError};
+use crate::pipeline::{Deps, LocalFiles, PipelineSpec, RunningSlot};
+use crate::sandbox::{Sandbox, SandboxError};
+use crate::statedb::{StateDb, StateDbError};
 use crate::{identity, local_api, telemetry, uplink};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,6 +37,16 @@ pub enum AgentError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    StateDb(#[from] StateDbError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("cannot start the WASM sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Deploy(#[from] TaskError),
+    #[error("local pipeline {path}: {reason}")]
+    LocalPipeline { path: String, reason: String },
     #[error("a task panicked: {0}")]
     Task(String),
 }
@@ -67,8 +82,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         arch: std::env::consts::ARCH.into(),
         boot_id: boot_id.clone(),
         started_ms: protocol::v1::now_ms(),
-        capabilities: vec!["outbox".into(), "telemetry".into(), "local-api".into()],
-        groups: Vec::new(),
+        capabilities: vec![
+            "outbox".into(),
+            "telemetry".into(),
+            "local-api".into(),
+            "pipeline".into(),
+            "deploy".into(),
+        ],
+        groups: cfg.deploy.groups.clone(),
     };
     let reg = NewMessage {
         class: Class::Control,
@@ -80,7 +101,49 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tracing::warn!(error = %e, "registration not queued");
     }
 
+    let local = local_pipeline(&cfg)?;
+    let state = StateDb::open(&cfg.state_dir)?;
+    let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
+    let sandbox = Sandbox::new(&cfg.sandbox, &cfg.state_dir)?;
+    let deploy_cfg = crate::deploy::DeployConfig {
+        device_id: device.clone(),
+        groups: cfg.deploy.groups.clone(),
+        // Validated with the config.
+        trusted_keys: protocol::v1::deploy::TrustedKeys::from_hex(&cfg.deploy.trusted_keys)
+            .unwrap_or_else(|_| protocol::v1::deploy::TrustedKeys::new([])),
+        max_artifact_bytes: cfg.deploy.max_artifact_bytes,
+        max_artifacts: cfg.deploy.max_artifacts as usize,
+        max_total_bytes: cfg.deploy.max_total_bytes,
+        resend_after_ms: cfg.deploy.resend_after_ms,
+        max_stalled_resends: cfg.deploy.max_stalled_resends,
+    };
+    let (deployer, store, restored) = task::open_deployer(&state, deploy_cfg)?;
+    let deploy_sub = uplink.inbox.subscribe_all(
+        &topics::agent_deploy_filters(&device, &cfg.deploy.groups),
+        task::INBOX_CAPACITY,
+    );
+    let slot = RunningSlot::default();
+    let deps = Deps {
+        sandbox,
+        state: state.clone(),
+        outbox: outbox.clone(),
+        inbox: uplink.inbox.clone(),
+        dataset,
+        device: device.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let deploy_task = DeployTask::new(
+        deployer,
+        store,
+        state.clone(),
+        deps,
+        slot.clone(),
+        uplink.stats.clone(),
+        local,
+    );
+
     let (stop_tx, stop_rx) = watch::channel(false);
+    let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let api = tokio::spawn(local_api::serve(
         listener,
         device.clone(),
@@ -93,6 +156,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             device.clone(),
             Duration::from_secs(cfg.telemetry.interval_s),
             outbox.clone(),
+            slot.clone(),
             stop_rx.clone(),
         ))
     });
@@ -109,6 +173,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _ = stop_tx.send(true);
     let mut panicked = None;
     for (name, handle) in [
+        ("deploy", Some(deploy)),
         ("local-api", Some(api)),
         ("telemetry", telemetry),
         ("uplink", Some(up)),
@@ -121,6 +186,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }
     }
     outbox.close().await?;
+    if let Err(e) = state.sync() {
+        tracing::error!(dir = %state.dir.display(), error = %e, "cannot make the state database durable");
+    }
     let _ = std::fs::remove_file(&socket);
     let st = outbox.stats();
     tracing::info!(
@@ -132,4 +200,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Some(p) => Err(AgentError::Task(p)),
         None => Ok(()),
     }
+}
+
+/// Reads and checks `[pipeline] file`, so a broken local pipeline stops the agent at start
+/// with the reason instead of leaving a device silently idle.
+fn local_pipeline(cfg: &Config) -> Result<Option<(PipelineSpec, LocalFiles)>, AgentError> {
+    let path = &cfg.pipeline.file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let err = |reason: String| AgentError::LocalPipeline {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let spec = PipelineSpec::parse(&text).map_err(|e| err(e.to_string()))?;
+    let dir = path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    Ok(Some((spec, LocalFiles { dir })))
 }

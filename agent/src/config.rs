@@ -37,6 +37,74 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub telemetry: TelemetryConfig,
     pub local_api: LocalApiConfig,
+    pub sandbox: crate::sandbox::SandboxConfig,
+    pub pipeline: PipelineConfig,
+    pub deploy: DeployConfig,
+    pub dataset: DatasetConfig,
+}
+
+/// The pipeline the agent runs when no deployment has installed one.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Pipeline description (TOML) to run from local files; module paths in it are relative
+    /// to its directory. Empty: none. A pipeline deployed over MQTT takes precedence.
+    pub file: PathBuf,
+}
+
+/// Signed deployments over MQTT.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeployConfig {
+    /// Hex ed25519 public keys (from `edge-coordinator keygen`) a manifest must be signed
+    /// with. Empty: every deployment is rejected.
+    pub trusted_keys: Vec<String>,
+    /// Deployment groups this device belongs to (`edge-coordinator deploy --group NAME`).
+    pub groups: Vec<String>,
+    /// Largest single artifact (module or model) accepted, bytes.
+    pub max_artifact_bytes: u64,
+    /// Most artifacts one deployment may list.
+    pub max_artifacts: u32,
+    /// Largest sum of artifact sizes of one deployment, bytes; also bounds the memory a
+    /// download holds.
+    pub max_total_bytes: u64,
+    /// Ask the coordinator again for missing chunks after this long without one, ms.
+    pub resend_after_ms: u64,
+    /// Give a download up after this many resend requests in a row brought nothing.
+    pub max_stalled_resends: u32,
+}
+
+/// The local dataset store fed by pipeline `dataset` sinks (training samples).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    /// Most samples kept; the oldest go first beyond it.
+    pub max_samples: u64,
+    /// Most bytes of samples kept; the oldest go first beyond it.
+    pub max_bytes: u64,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            trusted_keys: Vec::new(),
+            groups: Vec::new(),
+            max_artifact_bytes: 16 * 1024 * 1024,
+            max_artifacts: 16,
+            max_total_bytes: 32 * 1024 * 1024,
+            resend_after_ms: 10_000,
+            max_stalled_resends: 10,
+        }
+    }
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        DatasetConfig {
+            max_samples: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -128,6 +196,10 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             telemetry: TelemetryConfig::default(),
             local_api: LocalApiConfig::default(),
+            sandbox: crate::sandbox::SandboxConfig::default(),
+            pipeline: PipelineConfig::default(),
+            deploy: DeployConfig::default(),
+            dataset: DatasetConfig::default(),
         }
     }
 }
@@ -242,6 +314,29 @@ impl Config {
         }
         if self.outbox.max_bytes < 64 * 1024 {
             return Err("outbox.max_bytes must be at least 65536".into());
+        }
+        self.sandbox.validate()?;
+        protocol::v1::deploy::TrustedKeys::from_hex(&self.deploy.trusted_keys)
+            .map_err(|e| format!("deploy.trusted_keys: {e}"))?;
+        for g in &self.deploy.groups {
+            protocol::v1::validate_device_id(g)
+                .map_err(|e| format!("deploy.groups: invalid group {g:?}: {e}"))?;
+        }
+        if self.deploy.max_artifacts == 0 || self.deploy.max_artifact_bytes == 0 {
+            return Err(
+                "deploy.max_artifacts and deploy.max_artifact_bytes must be at least 1".into(),
+            );
+        }
+        if self.deploy.max_total_bytes < self.deploy.max_artifact_bytes {
+            return Err("deploy.max_total_bytes must be at least deploy.max_artifact_bytes".into());
+        }
+        if self.deploy.resend_after_ms < 100 {
+            return Err("deploy.resend_after_ms must be at least 100".into());
+        }
+        if self.dataset.max_samples == 0 || self.dataset.max_bytes < 1024 {
+            return Err(
+                "dataset.max_samples must be at least 1 and dataset.max_bytes at least 1024".into(),
+            );
         }
         if self.local_api.max_message_bytes > protocol::v1::MAX_PAYLOAD_BYTES - 1024 {
             return Err(format!(

@@ -29,3 +29,18 @@ pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
+
+/// Makes what sled wrote to the database in `dir` power-safe: sled's `flush` only reaches
+/// the OS (`sync_file_range`), so fsync its data file and the blob files it writes large
+/// values to. Call after `flush`.
+pub fn sync_sled(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join("db")).and_then(|f| f.sync_data())?;
+    let blobs = dir.join("blobs");
+    if let Ok(entries) = std::fs::read_dir(&blobs) {
+        for entry in entries.flatten() {
+            std::fs::File::open(entry.path()).and_then(|f| f.sync_data())?;
+        }
+        sync_dir(&blobs)?;
+    }
+    Ok(())
+}

@@ -4,11 +4,15 @@
 
 pub mod agent;
 pub mod config;
+pub mod dataset;
 pub mod deploy;
 pub mod fsutil;
 pub mod identity;
+pub mod inbox;
 pub mod local_api;
 pub mod outbox;
+pub mod pipeline;
 pub mod sandbox;
+pub mod statedb;
 pub mod telemetry;
 pub mod uplink;

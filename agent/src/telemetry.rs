@@ -1,5 +1,5 @@
 //! Periodic telemetry: machine figures from sysinfo plus the agent's own RSS and outbox depth,
-//! queued through the outbox (class telemetry, so it is the first thing shed when full).
+//! and the running pipeline's per-stage counters and latency percentiles, queued through the outbox (class telemetry, so it is the first thing shed when full).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use sysinfo::{
 use tokio::sync::watch;
 
 use crate::outbox::{NewMessage, Outbox};
+use crate::pipeline::RunningSlot;
 
 /// Caps on list lengths so one sample stays small on a board with many mounts or interfaces.
 const MAX_ITEMS: usize = 16;
@@ -44,7 +45,11 @@ impl Sampler {
     }
 
     /// Takes one sample. CPU use is measured since the previous call.
-    pub fn sample(&mut self, outbox: protocol::v1::OutboxStats) -> Telemetry {
+    pub fn sample(
+        &mut self,
+        outbox: protocol::v1::OutboxStats,
+        pipeline: Option<protocol::v1::PipelineTelemetry>,
+    ) -> Telemetry {
         self.sys.refresh_cpu_usage();
         self.sys.refresh_memory();
         self.disks.refresh(true);
@@ -96,6 +101,7 @@ impl Sampler {
             networks,
             agent_rss_bytes: self_rss_bytes().unwrap_or(0),
             outbox,
+            pipeline,
         }
     }
 }
@@ -113,6 +119,7 @@ pub async fn run(
     device: String,
     interval: Duration,
     outbox: Arc<Outbox>,
+    pipeline: RunningSlot,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Sampler::new();
@@ -123,7 +130,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let t = sampler.sample(outbox.stats());
+        let t = sampler.sample(outbox.stats(), pipeline.telemetry());
         let body = match serde_json::to_vec(&t) {
             Ok(b) => b,
             Err(e) => {
@@ -150,7 +157,7 @@ mod tests {
     #[test]
     fn sample_has_real_figures() {
         let mut s = Sampler::new();
-        let t = s.sample(Default::default());
+        let t = s.sample(Default::default(), None);
         assert!(t.mem_total_bytes > 0);
         assert!(t.cpu_count > 0);
         assert!(t.agent_rss_bytes > 0);

@@ -8,7 +8,7 @@
 //! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were handed to it, which
 //! is how a PUBACK's packet id is mapped back to an outbox key ([`SendWindow`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use crate::config::MqttConfig;
+use crate::inbox::{Inbox, Incoming as InboxMessage};
 use crate::outbox::{Key, Outbox, Stored};
 
 /// Parsed `mqtt.url`.
@@ -144,6 +145,8 @@ pub struct Uplink {
     pub agent_version: String,
     pub outbox: Arc<Outbox>,
     pub stats: Arc<UplinkStats>,
+    /// Where incoming messages go; its filters are subscribed on every connection.
+    pub inbox: Inbox,
     tls: Option<Arc<rustls::ClientConfig>>,
     addr: BrokerAddr,
 }
@@ -167,6 +170,7 @@ impl Uplink {
             agent_version,
             outbox,
             stats: Arc::default(),
+            inbox: Inbox::default(),
             tls,
             addr,
         })
@@ -263,6 +267,8 @@ impl Uplink {
     ) -> SessionEnd {
         let mut window = SendWindow::new(self.cfg.inflight as usize);
         let mut connected = false;
+        // Filters subscribed on this connection (clean session: none at connect).
+        let mut subscribed = BTreeSet::new();
         loop {
             if connected
                 && window.has_room()
@@ -294,6 +300,7 @@ impl Uplink {
                             window.handed_other();
                         }
                         let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
+                        self.sync_subscriptions(client, &mut subscribed);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.written(pkid),
                     Ok(Event::Incoming(Incoming::PubAck(ack))) => {
@@ -301,11 +308,12 @@ impl Uplink {
                             self.outbox.ack(key);
                         }
                     }
-                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_command(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_publish(p),
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost { was_connected: connected, error: e.to_string() },
                 },
                 _ = self.outbox.notified(), if idle => {}
+                _ = self.inbox.changed(), if connected => self.sync_subscriptions(client, &mut subscribed),
             }
         }
     }
@@ -371,6 +379,36 @@ impl Uplink {
             return None;
         }
         Some(payload)
+    }
+
+    /// Subscribes to inbox filters not yet subscribed on this connection, unsubscribes from
+    /// the ones nobody wants any more.
+    fn sync_subscriptions(&self, client: &AsyncClient, subscribed: &mut BTreeSet<String>) {
+        let wanted = self.inbox.filters();
+        for f in wanted.difference(subscribed) {
+            if let Err(e) = client.try_subscribe(f.as_str(), QoS::AtLeastOnce) {
+                tracing::warn!(filter = %f, error = %e, "subscribe not queued");
+            }
+        }
+        for f in subscribed.difference(&wanted) {
+            let _ = client.try_unsubscribe(f.as_str());
+        }
+        *subscribed = wanted;
+    }
+
+    fn on_publish(&self, p: rumqttc::Publish) {
+        let topic = p.topic;
+        if matches!(topics::parse(&topic), Some(topics::DeviceTopic::Cmd { .. })) {
+            return self.on_command(&topic, &p.payload);
+        }
+        let matched = self.inbox.deliver(InboxMessage {
+            topic,
+            payload: p.payload,
+            retain: p.retain,
+        });
+        if matched == 0 {
+            tracing::debug!("incoming message matched no subscription");
+        }
     }
 
     fn on_command(&self, topic: &str, payload: &[u8]) {

@@ -2,53 +2,16 @@
 //! `cargo build --release --target wasm32-wasip2` in `modules/`), including the hostile ones:
 //! each misbehaves in one way and the host must contain it.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use edge_agent::sandbox::{
     Frame, KvStore, ModuleSource, Payload, Sandbox, SandboxConfig, SandboxError, SledKv,
     StageContext, StageMetrics, StageRunner,
 };
 
-const BUILD_COMMAND: &str = "cargo build --release --target wasm32-wasip2 (in modules/)";
-
-fn modules_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules")
-}
-
-/// Bytes of `modules/target/wasm32-wasip2/release/<artifact>.wasm`, building the modules
-/// workspace once if any artifact is missing.
-fn module(artifact: &str) -> Vec<u8> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let path = modules_dir()
-        .join("target/wasm32-wasip2/release")
-        .join(format!("{artifact}.wasm"));
-    if !path.exists() {
-        let built = BUILT.get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--release", "--target", "wasm32-wasip2"])
-                .current_dir(modules_dir())
-                .env_remove("CARGO_TARGET_DIR")
-                .env_remove("RUSTFLAGS")
-                .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!("exit status {status}"))
-            }
-        });
-        if let Err(e) = built {
-            panic!(
-                "guest modules missing and building them failed ({e}); run `{BUILD_COMMAND}` \
-                 (needs `rustup target add wasm32-wasip2`)"
-            );
-        }
-    }
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}; run `{BUILD_COMMAND}`", path.display()))
-}
+mod common;
+use common::module;
 
 /// A sandbox in a temp state dir plus a sled db for kv, both dropped with it.
 struct Fixture {

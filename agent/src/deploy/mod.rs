@@ -10,7 +10,7 @@
 //! reconnect/stall ─► Deployer::on_reconnect / on_tick ─► Action::RequestResend
 //! ```
 //!
-//! The caller (the agent's deploy task, wired later) owns the MQTT client, the clock and the
+//! The caller (the agent's deploy task, `task`) owns the MQTT client, the clock and the
 //! pipeline runner: it passes events in with the current time and executes the returned
 //! [`Action`]s in order. The state persists with [`Deployer::to_bytes`] whenever an
 //! [`Action::Persist`] comes out (and at shutdown); after a restart [`Deployer::from_bytes`]
@@ -19,12 +19,16 @@
 //! Code map:
 //! - `machine`: the state machine. Invariant: no I/O besides the injected store, no clock;
 //!   a rejection never emits Start, Commit or Rollback. Boundary: the agent's deploy task, tests.
+//! - `task`: the async owner of the running pipeline: MQTT messages in, actions executed,
+//!   candidate pipelines started in shadow, committed or rolled back. Invariant: only a
+//!   passed health check replaces the running pipeline. Boundary: `agent::run`.
 //! - `store`: [`ArtifactStore`] with the sled and in-memory implementations.
 //!   Invariant: a key is the sha256 of its value, checked on every put. Boundary: `machine`,
 //!   the pipeline loader.
 
 mod machine;
 pub mod store;
+pub mod task;
 
 pub use machine::{Action, DeployConfig, Deployer, Health, StateError};
 pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};

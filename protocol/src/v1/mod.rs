@@ -266,6 +266,63 @@ pub struct Telemetry {
     /// Resident set size of the agent process itself.
     pub agent_rss_bytes: u64,
     pub outbox: OutboxStats,
+    /// The running pipeline; absent when none runs (or from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineTelemetry>,
+}
+
+/// The running pipeline in telemetry. Counters are totals since the pipeline started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineTelemetry {
+    pub name: String,
+    /// The deployment that installed it; empty for a pipeline from the local config.
+    pub deployment_id: String,
+    pub version: u64,
+    pub started_ms: u64,
+    pub sources: Vec<NodeTelemetry>,
+    pub stages: Vec<StageTelemetry>,
+    pub sinks: Vec<NodeTelemetry>,
+}
+
+/// A source (frames emitted) or sink (frames written).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTelemetry {
+    pub name: String,
+    pub frames: u64,
+    /// Dropped because the next channel was full.
+    pub dropped: u64,
+    pub errors: u64,
+}
+
+/// One WASM stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageTelemetry {
+    pub name: String,
+    /// Module name and the first 12 hex digits of its sha256.
+    pub module: String,
+    /// `process` calls and how they ended.
+    pub calls: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub memory_limits: u64,
+    pub restarts: u64,
+    /// Frames refused while the stage waited to restart or after it failed.
+    pub refused: u64,
+    /// Frames the stage emitted.
+    pub frames_out: u64,
+    /// Call latency percentiles, microseconds.
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Why the stage was marked failed, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -103,21 +103,8 @@ impl KvStore for SledKv {
     }
 
     fn sync(&self) -> Result<(), KvStoreError> {
-        let io = |e: std::io::Error| KvStoreError(format!("fsync {}: {e}", self.db_dir.display()));
-        std::fs::File::open(self.db_dir.join("db"))
-            .and_then(|f| f.sync_data())
-            .map_err(io)?;
-        // Large values live in blob files that sled writes without fsync.
-        let blobs = self.db_dir.join("blobs");
-        if let Ok(entries) = std::fs::read_dir(&blobs) {
-            for entry in entries.flatten() {
-                std::fs::File::open(entry.path())
-                    .and_then(|f| f.sync_data())
-                    .map_err(io)?;
-            }
-            crate::fsutil::sync_dir(&blobs).map_err(io)?;
-        }
-        Ok(())
+        crate::fsutil::sync_sled(&self.db_dir)
+            .map_err(|e| KvStoreError(format!("fsync {}: {e}", self.db_dir.display())))
     }
 }
 

@@ -1,0 +1,495 @@
+//! The agent's deploy task: the one owner of the running pipeline. It feeds deployment
+//! messages from MQTT into the [`Deployer`], executes its actions (reports and resend
+//! requests through the outbox, artifacts into the state database, pipelines started in
+//! shadow for the health check, then committed or rolled back), and runs the installed or
+//! local pipeline.
+//!
+//! The pipeline that runs, in order of precedence: the installed deployment, else the local
+//! `[pipeline] file`, else none. A candidate runs in shadow beside it until the health check
+//! decides; only a passed check replaces the running pipeline.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::v1::deploy::{DeployKind, Manifest};
+use protocol::v1::{Class, topics};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
+use crate::inbox::{Incoming, Subscription};
+use crate::outbox::{NewMessage, Outbox};
+use crate::pipeline::{
+    Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot,
+};
+use crate::statedb::StateDb;
+use crate::uplink::UplinkStats;
+
+/// Tree and key of the persisted deployer state in the state database.
+const STATE_TREE: &str = "deploy";
+const STATE_KEY: &[u8] = b"state";
+/// How often time-based checks run (resend after a stall, health window, health counters).
+const TICK: Duration = Duration::from_millis(250);
+/// Deployment messages buffered between the uplink and this task (chunks are up to 64 KiB;
+/// a lost one is asked for again).
+pub const INBOX_CAPACITY: usize = 64;
+/// Resend requests are only useful while the download is going on.
+const RESEND_TTL: Duration = Duration::from_secs(60);
+
+/// A pipeline from a deployment: modules come from the artifact store by manifest name.
+struct Deployed {
+    by_name: BTreeMap<String, String>,
+    store: Arc<SledStore>,
+}
+
+impl Deployed {
+    fn new(m: &Manifest, store: Arc<SledStore>) -> Deployed {
+        Deployed {
+            by_name: m
+                .artifacts
+                .iter()
+                .map(|a| (a.name.clone(), a.sha256.clone()))
+                .collect(),
+            store,
+        }
+    }
+}
+
+impl Artifacts for Deployed {
+    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+        let sha = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| format!("{name} is not an artifact of the deployment manifest"))?;
+        let bytes = self
+            .store
+            .get(sha)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("artifact {sha} is missing from the store"))?;
+        // The store checked the digest on put; check again what comes back from disk.
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if &actual != sha {
+            return Err(format!(
+                "stored artifact {sha} is corrupted (sha256 {actual})"
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn base_dir(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// What the task needs, built by `agent::run`.
+pub struct DeployTask {
+    pub deployer: Deployer,
+    pub store: Arc<SledStore>,
+    pub state: StateDb,
+    pub deps: Deps,
+    pub outbox: Arc<Outbox>,
+    pub device: String,
+    pub slot: RunningSlot,
+    pub uplink: Arc<UplinkStats>,
+    /// The local pipeline, parsed at start-up.
+    pub local: Option<(PipelineSpec, LocalFiles)>,
+    running: Option<Pipeline>,
+    candidate: Option<Pipeline>,
+    reported_processed: u64,
+    last_rejected: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for DeployTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployTask")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("deploy state in {path}: {reason}")]
+    State { path: String, reason: String },
+}
+
+/// Loads the persisted deployer (or a fresh one) and the artifact store.
+pub fn open_deployer(
+    state: &StateDb,
+    config: DeployConfig,
+) -> Result<(Deployer, Arc<SledStore>, bool), TaskError> {
+    let err = |reason: String| TaskError::State {
+        path: state.dir.display().to_string(),
+        reason,
+    };
+    let store = SledStore::open(&state.db).map_err(|e| err(e.to_string()))?;
+    let tree = state
+        .db
+        .open_tree(STATE_TREE)
+        .map_err(|e| err(e.to_string()))?;
+    let (deployer, restored) = match tree.get(STATE_KEY).map_err(|e| err(e.to_string()))? {
+        Some(bytes) => (
+            Deployer::from_bytes(config, &bytes).map_err(|e| err(e.to_string()))?,
+            true,
+        ),
+        None => (Deployer::new(config), false),
+    };
+    Ok((deployer, Arc::new(store), restored))
+}
+
+impl DeployTask {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        deployer: Deployer,
+        store: Arc<SledStore>,
+        state: StateDb,
+        deps: Deps,
+        slot: RunningSlot,
+        uplink: Arc<UplinkStats>,
+        local: Option<(PipelineSpec, LocalFiles)>,
+    ) -> DeployTask {
+        DeployTask {
+            deployer,
+            store,
+            state,
+            outbox: deps.outbox.clone(),
+            device: deps.device.clone(),
+            deps,
+            slot,
+            uplink,
+            local,
+            running: None,
+            candidate: None,
+            reported_processed: 0,
+            last_rejected: None,
+        }
+    }
+
+    /// Runs until `shutdown`; then stops the pipelines (draining them) and persists state.
+    pub async fn run(
+        mut self,
+        restored: bool,
+        mut sub: Subscription,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        if restored {
+            let actions = self.deployer.on_restart(protocol::v1::now_ms());
+            self.execute(actions).await;
+        }
+        self.start_installed().await;
+        let mut connects = self
+            .uplink
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = sub.rx.recv() => match msg {
+                    Some(m) => self.on_message(m).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let now = protocol::v1::now_ms();
+                    let c = self.uplink.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    if c != connects {
+                        connects = c;
+                        let actions = self.deployer.on_reconnect(now);
+                        self.execute(actions).await;
+                    }
+                    self.poll_health().await;
+                    let actions = self.deployer.on_tick(now);
+                    self.execute(actions).await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        drop(sub);
+        self.persist().await;
+        let (candidate, running) = (self.candidate.take(), self.running.take());
+        self.slot.set(None);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(c) = candidate {
+                c.stop();
+            }
+            if let Some(r) = running {
+                r.stop();
+            }
+        })
+        .await;
+    }
+
+    async fn on_message(&mut self, m: Incoming) {
+        let now = protocol::v1::now_ms();
+        let actions = match topics::parse_deploy(&m.topic) {
+            Some(
+                topics::DeployTopic::Manifest { .. } | topics::DeployTopic::GroupManifest { .. },
+            ) => {
+                if m.payload.is_empty() {
+                    // A retained manifest being cleared.
+                    return;
+                }
+                let digest: [u8; 32] = Sha256::digest(&m.payload).into();
+                let actions =
+                    self.deployer
+                        .on_manifest_payload(&m.payload, now, self.store.as_ref());
+                let rejected_only = actions.iter().all(|a| {
+                    matches!(a, Action::Report(s) if matches!(s.step, protocol::v1::deploy::Step::Rejected { .. }))
+                });
+                if rejected_only {
+                    // The same retained manifest comes back on every reconnect: say why
+                    // it is refused once, not every time.
+                    if self.last_rejected == Some(digest) {
+                        return;
+                    }
+                    self.last_rejected = Some(digest);
+                }
+                actions
+            }
+            Some(topics::DeployTopic::Chunk { .. } | topics::DeployTopic::GroupChunk { .. }) => {
+                self.deployer
+                    .on_chunk_payload(&m.payload, now, self.store.as_ref())
+            }
+            _ => {
+                tracing::warn!(topic = %m.topic, "ignoring a message on an unexpected deploy topic");
+                return;
+            }
+        };
+        self.execute(actions).await;
+    }
+
+    /// Executes actions; health and start results can produce more, handled in turn.
+    async fn execute(&mut self, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let more = self.execute_one(action).await;
+            queue.extend(more);
+        }
+    }
+
+    async fn execute_one(&mut self, action: Action) -> Vec<Action> {
+        match action {
+            Action::Report(status) => {
+                match &status.step {
+                    protocol::v1::deploy::Step::Rejected { reason }
+                    | protocol::v1::deploy::Step::Failed { reason }
+                    | protocol::v1::deploy::Step::RolledBack { reason } => {
+                        tracing::warn!(deployment = %status.deployment_id, version = status.version, step = ?status.step, reason = %reason, "deployment did not go through");
+                    }
+                    step => {
+                        tracing::info!(deployment = %status.deployment_id, version = status.version, step = ?step, "deployment step");
+                    }
+                }
+                self.send(topics::deploy_status(&self.device), &status, None)
+                    .await;
+                Vec::new()
+            }
+            Action::RequestResend(req) => {
+                let n: usize = req.artifacts.iter().map(|a| a.indexes.len()).sum();
+                tracing::info!(deployment = %req.deployment_id, chunks = n, "asking for missing chunks");
+                self.send(topics::deploy_resend(&self.device), &req, Some(RESEND_TTL))
+                    .await;
+                Vec::new()
+            }
+            Action::ChunkRejected { reason } => {
+                tracing::warn!(reason = %reason, "deployment chunk rejected");
+                Vec::new()
+            }
+            Action::Persist => {
+                self.persist().await;
+                Vec::new()
+            }
+            Action::Start { manifest } => match self.start(&manifest, Mode::Shadow).await {
+                Ok(p) => {
+                    self.reported_processed = 0;
+                    if let Some(old) = self.candidate.replace(p) {
+                        stop_blocking(old).await;
+                    }
+                    Vec::new()
+                }
+                Err(reason) => self
+                    .deployer
+                    .on_health(Health::Failed(reason), protocol::v1::now_ms()),
+            },
+            Action::Commit { manifest } => {
+                if let Some(c) = self.candidate.take() {
+                    stop_blocking(c).await;
+                }
+                self.replace_running(&manifest).await;
+                self.persist().await;
+                self.collect_garbage();
+                Vec::new()
+            }
+            Action::Rollback { to, reason } => {
+                if let Some(c) = self.candidate.take() {
+                    stop_blocking(c).await;
+                }
+                tracing::warn!(reason = %reason, back_to = ?to.as_ref().map(|m| &m.deployment_id), "deployment rolled back; the running pipeline stays");
+                if self.running.is_none() {
+                    self.start_installed().await;
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    async fn send<T: serde::Serialize>(&self, topic: String, body: &T, ttl: Option<Duration>) {
+        let msg = NewMessage {
+            class: Class::Control,
+            topic: topic.clone(),
+            body: serde_json::to_vec(body).unwrap_or_default(),
+            ttl,
+        };
+        if let Err(e) = self.outbox.enqueue(msg).await {
+            tracing::error!(topic = %topic, error = %e, "deployment report not queued");
+        }
+    }
+
+    async fn persist(&self) {
+        let bytes = self.deployer.to_bytes();
+        let state = self.state.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let tree = state.db.open_tree(STATE_TREE).map_err(|e| e.to_string())?;
+            tree.insert(STATE_KEY, bytes).map_err(|e| e.to_string())?;
+            state.sync().map_err(|e| e.to_string())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(dir = %self.state.dir.display(), error = %e, "cannot persist deployment state")
+            }
+            Err(e) => tracing::error!(error = %e, "persisting deployment state panicked"),
+        }
+    }
+
+    /// Removes stored artifacts no manifest the deployer keeps refers to.
+    fn collect_garbage(&self) {
+        let pinned = self.deployer.pinned_artifacts();
+        for d in self.store.digests() {
+            if !pinned.contains(&d)
+                && let Err(e) = self.store.remove(&d)
+            {
+                tracing::warn!(artifact = %d, error = %e, "cannot remove an unused artifact");
+            }
+        }
+    }
+
+    /// Starts a deployment's pipeline.
+    async fn start(&self, manifest: &Manifest, mode: Mode) -> Result<Pipeline, String> {
+        if manifest.kind != DeployKind::Pipeline {
+            return Err(format!(
+                "{:?} deployments are not supported by this agent version",
+                manifest.kind
+            ));
+        }
+        let text = manifest
+            .pipeline_toml
+            .clone()
+            .ok_or("manifest carries no pipeline description")?;
+        let spec = PipelineSpec::parse(&text).map_err(|e| format!("pipeline description: {e}"))?;
+        let artifacts = Deployed::new(manifest, self.store.clone());
+        let origin = Origin {
+            deployment_id: manifest.deployment_id.clone(),
+            version: manifest.version,
+        };
+        run_start(spec, Box::new(artifacts), self.deps.clone(), mode, origin)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// After a commit: the new pipeline goes live in place of the old one.
+    async fn replace_running(&mut self, manifest: &Manifest) {
+        if let Some(old) = self.running.take() {
+            self.slot.set(None);
+            stop_blocking(old).await;
+        }
+        match self.start(manifest, Mode::Live).await {
+            Ok(p) => {
+                self.slot.set(Some(p.stats()));
+                self.running = Some(p);
+            }
+            Err(e) => {
+                // It passed its health check a moment ago; a failure now is unexpected.
+                tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline failed to start live; no pipeline is running");
+            }
+        }
+    }
+
+    /// Runs the installed deployment, else the local pipeline, if nothing runs yet.
+    async fn start_installed(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        if let Some(m) = self.deployer.installed().cloned() {
+            match self.start(&m, Mode::Live).await {
+                Ok(p) => {
+                    self.slot.set(Some(p.stats()));
+                    self.running = Some(p);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(deployment = %m.deployment_id, version = m.version, error = %e, "installed pipeline does not start; falling back to the local pipeline");
+                }
+            }
+        }
+        if let Some((spec, files)) = self.local.clone() {
+            match run_start(
+                spec,
+                Box::new(files),
+                self.deps.clone(),
+                Mode::Live,
+                Origin::default(),
+            )
+            .await
+            {
+                Ok(p) => {
+                    self.slot.set(Some(p.stats()));
+                    self.running = Some(p);
+                }
+                Err(e) => tracing::error!(error = %e, "local pipeline does not start"),
+            }
+        }
+    }
+
+    async fn poll_health(&mut self) {
+        let Some(c) = &self.candidate else { return };
+        let (processed, failure) = c.stats().health();
+        let now = protocol::v1::now_ms();
+        let actions = if let Some(reason) = failure {
+            self.deployer.on_health(Health::Failed(reason), now)
+        } else if processed > self.reported_processed {
+            let delta = u32::try_from(processed - self.reported_processed).unwrap_or(u32::MAX);
+            self.reported_processed = processed;
+            self.deployer.on_health(Health::Processed(delta), now)
+        } else {
+            Vec::new()
+        };
+        self.execute(actions).await;
+    }
+}
+
+/// Starts a pipeline on a blocking thread (module compilation and `init` block).
+pub async fn run_start(
+    spec: PipelineSpec,
+    artifacts: Box<dyn Artifacts>,
+    deps: Deps,
+    mode: Mode,
+    origin: Origin,
+) -> Result<Pipeline, PipelineError> {
+    tokio::task::spawn_blocking(move || {
+        Pipeline::start(&spec, artifacts.as_ref(), &deps, mode, origin)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(PipelineError::Thread(std::io::Error::other(format!(
+            "pipeline start panicked: {e}"
+        ))))
+    })
+}
+
+async fn stop_blocking(p: Pipeline) {
+    let _ = tokio::task::spawn_blocking(move || p.stop()).await;
+}

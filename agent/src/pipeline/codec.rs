@@ -1,0 +1,183 @@
+//! Frames to and from JSON: what an outbox sink publishes, what file and MQTT sources read.
+//!
+//! A `json` frame is published as its document; other payloads are wrapped so the receiver
+//! can tell them apart: `{"samples": [..]}`, `{"text": ".."}` (UTF-8 bytes),
+//! `{"bytes_b64": ".."}`, `{"tensor": {"dtype": "f32", "shape": [..], "data_b64": ".."}}`.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+
+use crate::sandbox::{Dtype, Frame, Payload};
+
+/// The JSON value an outbox sink publishes for a frame's payload.
+pub fn payload_json(p: &Payload) -> Value {
+    match p {
+        Payload::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        Payload::Samples(v) => json!({ "samples": v }),
+        Payload::Bytes(b) => match std::str::from_utf8(b) {
+            Ok(s) => json!({ "text": s }),
+            Err(_) => json!({ "bytes_b64": B64.encode(b) }),
+        },
+        Payload::Tensor(t) => json!({
+            "tensor": {
+                "dtype": dtype_name(t.dtype),
+                "shape": t.shape,
+                "data_b64": B64.encode(&t.data),
+            }
+        }),
+    }
+}
+
+pub fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::I64 => "i64",
+        Dtype::I32 => "i32",
+        Dtype::U8 => "u8",
+        Dtype::Bool => "bool",
+    }
+}
+
+/// A frame from a line of comma-separated numbers.
+pub fn samples_from_line(line: &str) -> Result<Vec<f32>, String> {
+    line.split([',', ' ', '\t'])
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("{t:?} is not a finite number"))
+        })
+        .collect()
+}
+
+/// Short description of a frame for log lines (never the whole payload).
+pub fn summary(f: &Frame) -> String {
+    const MAX: usize = 200;
+    let mut s = match &f.payload {
+        Payload::Json(j) => j.clone(),
+        Payload::Samples(v) => format!("{} samples", v.len()),
+        Payload::Bytes(b) => format!("{} bytes", b.len()),
+        Payload::Tensor(t) => format!("tensor {} {:?}", dtype_name(t.dtype), t.shape),
+    };
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+/// Features and label of a frame for the dataset store: samples, an f32 tensor, or a JSON
+/// object with a numeric `features` array (and optionally a numeric `label`).
+pub fn sample_parts(f: &Frame, label_key: &str) -> Result<(Vec<f32>, Option<i64>), String> {
+    let meta_label = f
+        .meta
+        .iter()
+        .find(|(k, _)| k == label_key)
+        .map(|(_, v)| {
+            v.parse::<i64>()
+                .map_err(|_| format!("label {label_key}={v:?} is not an integer"))
+        })
+        .transpose()?;
+    let (features, json_label) = match &f.payload {
+        Payload::Samples(v) => (v.clone(), None),
+        Payload::Tensor(t) if t.dtype == Dtype::F32 => (
+            t.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            None,
+        ),
+        Payload::Json(s) => {
+            let v: Value =
+                serde_json::from_str(s).map_err(|e| format!("json payload does not parse: {e}"))?;
+            let feats = v
+                .get("features")
+                .and_then(Value::as_array)
+                .ok_or("json payload has no `features` array")?
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or("`features` holds a value that is not a number")?;
+            (feats, v.get(label_key).and_then(Value::as_i64))
+        }
+        other => {
+            return Err(format!(
+                "a {} payload is not a sample (need samples, an f32 tensor or json with features)",
+                match other {
+                    Payload::Bytes(_) => "bytes",
+                    _ => "non-f32 tensor",
+                }
+            ));
+        }
+    };
+    if features.iter().any(|x| !x.is_finite()) {
+        return Err("sample has a feature that is not a finite number".into());
+    }
+    Ok((features, meta_label.or(json_label)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Tensor;
+
+    fn frame(payload: Payload) -> Frame {
+        Frame {
+            stream: "s".into(),
+            timestamp_ms: 1,
+            payload,
+            meta: vec![("label".into(), "3".into())],
+        }
+    }
+
+    #[test]
+    fn payloads_to_json() {
+        assert_eq!(
+            payload_json(&Payload::Json("{\"a\":1}".into())),
+            json!({"a": 1})
+        );
+        assert_eq!(payload_json(&Payload::Json("nope".into())), json!("nope"));
+        assert_eq!(
+            payload_json(&Payload::Samples(vec![1.0])),
+            json!({"samples": [1.0]})
+        );
+        assert_eq!(
+            payload_json(&Payload::Bytes(b"hi".to_vec())),
+            json!({"text": "hi"})
+        );
+        assert_eq!(
+            payload_json(&Payload::Bytes(vec![0xff])),
+            json!({"bytes_b64": "/w=="})
+        );
+        let t = Payload::Tensor(Tensor {
+            dtype: Dtype::U8,
+            shape: vec![1],
+            data: vec![7],
+        });
+        assert_eq!(payload_json(&t)["tensor"]["dtype"], "u8");
+    }
+
+    #[test]
+    fn samples_lines_and_dataset_parts() {
+        assert_eq!(
+            samples_from_line("1, 2.5,3").expect("ok"),
+            vec![1.0, 2.5, 3.0]
+        );
+        assert!(samples_from_line("1,x").is_err());
+        assert!(samples_from_line("1,NaN").is_err());
+        let (f, l) = sample_parts(&frame(Payload::Samples(vec![1.0, 2.0])), "label").expect("ok");
+        assert_eq!((f, l), (vec![1.0, 2.0], Some(3)));
+        let mut j = frame(Payload::Json("{\"features\":[1,2],\"label\":4}".into()));
+        j.meta.clear();
+        assert_eq!(sample_parts(&j, "label").expect("ok").1, Some(4));
+        assert!(sample_parts(&frame(Payload::Bytes(vec![1])), "label").is_err());
+        assert!(sample_parts(&frame(Payload::Json("{}".into())), "label").is_err());
+    }
+}

@@ -1,0 +1,654 @@
+//! Pipelines: sources -> WASM stages -> sinks, described in TOML ([`spec`]), wired with
+//! bounded channels and run until stopped.
+//!
+//! ```text
+//! synthetic | file | mqtt ──► stage (thread, StageRunner) ──► stage ──► outbox | log | dataset
+//!             (sources)         bounded channel, blocking send          (sinks, tokio tasks)
+//! ```
+//!
+//! [`Pipeline::start`] loads every module (compiling or from the cache), starts each stage
+//! on its own thread and calls `init`; any failure there is returned and nothing keeps
+//! running. [`Pipeline::stop`] stops the sources and lets the rest drain. A pipeline started
+//! in [`Mode::Shadow`] (a deployment under health check) runs its stages on live input but
+//! its outbox and dataset sinks only count, and its stages get a scratch kv namespace.
+//!
+//! - `spec`: the description and its validation (pure).
+//! - `nodes`: sources, the stage loop, sinks, counters.
+//! - `codec`: frames to/from JSON for sinks and sources.
+//!
+//! **Invariant:** no unbounded queue: every channel has `channel_capacity` slots; sources
+//! that cannot wait (sensors, MQTT) drop and count. A stage failure never stops the other
+//! stages or the agent. **Boundary:** the agent's pipeline owner (`deploy::task`) starts and
+//! stops pipelines; telemetry reads [`RunningSlot`].
+
+pub mod codec;
+mod nodes;
+pub mod spec;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
+use tokio::sync::mpsc;
+
+pub use nodes::{HealthCounters, NodeCounters};
+pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageSpec};
+
+use crate::dataset::Dataset;
+use crate::inbox::Inbox;
+use crate::outbox::Outbox;
+use crate::sandbox::{
+    Frame, Grants, Sandbox, SandboxError, SledKv, StageContext, StageMetrics, StageRunner,
+};
+use crate::statedb::StateDb;
+use nodes::{Outputs, SinkKind, Stop};
+
+/// Longest [`Pipeline::stop`] waits for the pipeline to drain before it gives up on it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("invalid pipeline description: {0}")]
+    Spec(#[from] SpecError),
+    #[error("stage {stage}: cannot get module {module}: {reason}")]
+    Module {
+        stage: String,
+        module: String,
+        reason: String,
+    },
+    #[error("stage {stage}: {source}")]
+    Stage {
+        stage: String,
+        #[source]
+        source: Box<SandboxError>,
+    },
+    #[error("stage {stage}: kv namespace: {reason}")]
+    Kv { stage: String, reason: String },
+    #[error("source {source_name}: {reason}")]
+    Source { source_name: String, reason: String },
+    #[error("cannot start a pipeline thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where a pipeline's module bytes and files come from.
+pub trait Artifacts: Send + Sync {
+    /// The bytes of the module the description names `name`.
+    fn module(&self, name: &str) -> Result<Vec<u8>, String>;
+    /// Directory that relative file paths in the description are relative to (`None`:
+    /// only absolute paths are allowed).
+    fn base_dir(&self) -> Option<&Path>;
+}
+
+/// A pipeline from local files: modules and replay files relative to the description.
+#[derive(Debug, Clone)]
+pub struct LocalFiles {
+    pub dir: PathBuf,
+}
+
+impl Artifacts for LocalFiles {
+    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+        let path = self.dir.join(name);
+        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn base_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+/// Everything a pipeline runs against; built once by the agent.
+#[derive(Clone)]
+pub struct Deps {
+    pub sandbox: Sandbox,
+    pub state: StateDb,
+    pub outbox: Arc<Outbox>,
+    pub inbox: Inbox,
+    pub dataset: Arc<Dataset>,
+    pub device: String,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Deps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deps")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the pipeline's output counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    /// Health check of a deployment: outbox and dataset sinks count but do not write, and
+    /// stages get a fresh scratch kv namespace.
+    Shadow,
+}
+
+/// Which deployment a pipeline came from (empty id: local config).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub deployment_id: String,
+    pub version: u64,
+}
+
+struct StageStats {
+    name: String,
+    module: String,
+    metrics: Arc<StageMetrics>,
+    counters: Arc<NodeCounters>,
+}
+
+/// Live counters of a running pipeline, shared with telemetry.
+pub struct Stats {
+    name: String,
+    origin: Origin,
+    started_ms: u64,
+    sources: Vec<(String, Arc<NodeCounters>)>,
+    stages: Vec<StageStats>,
+    sinks: Vec<(String, Arc<NodeCounters>)>,
+    health: Arc<HealthCounters>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stats")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn node(name: &str, c: &NodeCounters) -> NodeTelemetry {
+    NodeTelemetry {
+        name: name.to_owned(),
+        frames: c.frames.load(Ordering::Relaxed),
+        dropped: c.dropped.load(Ordering::Relaxed),
+        errors: c.errors.load(Ordering::Relaxed),
+    }
+}
+
+impl Stats {
+    pub fn telemetry(&self) -> PipelineTelemetry {
+        PipelineTelemetry {
+            name: self.name.clone(),
+            deployment_id: self.origin.deployment_id.clone(),
+            version: self.origin.version,
+            started_ms: self.started_ms,
+            sources: self.sources.iter().map(|(n, c)| node(n, c)).collect(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| {
+                    let m = s.metrics.snapshot();
+                    StageTelemetry {
+                        name: s.name.clone(),
+                        module: s.module.clone(),
+                        calls: m.calls,
+                        ok: m.ok,
+                        errors: m.guest_errors + m.output_limits,
+                        traps: m.traps,
+                        timeouts: m.timeouts,
+                        memory_limits: m.memory_limits,
+                        restarts: m.restarts,
+                        refused: m.refused,
+                        frames_out: s.counters.frames.load(Ordering::Relaxed),
+                        p50_us: m.latency.p50_us,
+                        p95_us: m.latency.p95_us,
+                        p99_us: m.latency.p99_us,
+                        max_us: m.latency.max_us,
+                        failed: m.failed,
+                    }
+                })
+                .collect(),
+            sinks: self.sinks.iter().map(|(n, c)| node(n, c)).collect(),
+        }
+    }
+
+    /// Frames processed by stages (or written by sinks, for a pipeline without stages) and
+    /// the first failure of any stage.
+    pub fn health(&self) -> (u64, Option<String>) {
+        let processed = if self.stages.is_empty() {
+            self.sinks
+                .iter()
+                .map(|(_, c)| c.frames.load(Ordering::Relaxed))
+                .sum()
+        } else {
+            self.health.processed.load(Ordering::Relaxed)
+        };
+        let failure = self
+            .health
+            .first_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (processed, failure)
+    }
+}
+
+/// The pipeline whose figures telemetry reports.
+#[derive(Clone, Default)]
+pub struct RunningSlot(Arc<Mutex<Option<Arc<Stats>>>>);
+
+impl std::fmt::Debug for RunningSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunningSlot")
+    }
+}
+
+impl RunningSlot {
+    pub fn set(&self, stats: Option<Arc<Stats>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+    }
+
+    pub fn telemetry(&self) -> Option<PipelineTelemetry> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.telemetry())
+    }
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    stats: Arc<Stats>,
+    stop: Arc<Stop>,
+    threads: Vec<(String, std::thread::JoinHandle<()>)>,
+    tasks: Vec<(String, tokio::task::JoinHandle<()>)>,
+    mode: Mode,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.stats.name)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Loads the modules, starts and initialises every stage, then the sinks and sources.
+    /// Blocking (compiles modules): call from a blocking thread.
+    pub fn start(
+        spec: &PipelineSpec,
+        artifacts: &dyn Artifacts,
+        deps: &Deps,
+        mode: Mode,
+        origin: Origin,
+    ) -> Result<Pipeline, PipelineError> {
+        let mut p = Pipeline {
+            stats: Arc::new(Stats {
+                name: spec.name.clone(),
+                origin,
+                started_ms: protocol::v1::now_ms(),
+                sources: Vec::new(),
+                stages: Vec::new(),
+                sinks: Vec::new(),
+                health: Arc::default(),
+            }),
+            stop: Stop::new(),
+            threads: Vec::new(),
+            tasks: Vec::new(),
+            mode,
+        };
+        match p.wire(spec, artifacts, deps) {
+            Ok(()) => {
+                tracing::info!(pipeline = %spec.name, mode = ?mode, sources = spec.sources.len(), stages = spec.stages.len(), sinks = spec.sinks.len(), "pipeline started");
+                Ok(p)
+            }
+            Err(e) => {
+                p.stop_and_join();
+                Err(e)
+            }
+        }
+    }
+
+    fn wire(
+        &mut self,
+        spec: &PipelineSpec,
+        artifacts: &dyn Artifacts,
+        deps: &Deps,
+    ) -> Result<(), PipelineError> {
+        let shadow = self.mode == Mode::Shadow;
+        let cap = spec.channel_capacity;
+        // Load every module first: a missing or broken module fails before anything runs.
+        let mut modules = BTreeMap::new();
+        for st in &spec.stages {
+            let bytes = artifacts
+                .module(&st.module)
+                .map_err(|reason| PipelineError::Module {
+                    stage: st.name.clone(),
+                    module: st.module.clone(),
+                    reason,
+                })?;
+            let module =
+                deps.sandbox
+                    .load(&st.module, &bytes)
+                    .map_err(|source| PipelineError::Stage {
+                        stage: st.name.clone(),
+                        source: Box::new(source),
+                    })?;
+            modules.insert(st.name.clone(), module);
+        }
+        // One input channel per consumer; producers get a sender to each consumer.
+        let mut outputs: BTreeMap<String, Outputs> = BTreeMap::new();
+        let mut inputs: BTreeMap<String, mpsc::Receiver<Frame>> = BTreeMap::new();
+        let sink_names = spec.sink_names();
+        let consumers = spec
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), s.input.names()))
+            .chain(
+                spec.sinks
+                    .iter()
+                    .zip(&sink_names)
+                    .map(|(s, n)| (n.clone(), s.inputs().names())),
+            );
+        for (name, ins) in consumers {
+            let (tx, rx) = mpsc::channel(cap);
+            inputs.insert(name, rx);
+            for i in ins {
+                outputs.entry(i.to_owned()).or_default().push(tx.clone());
+            }
+        }
+        let health = self.stats.health.clone();
+        let (mut sources, mut stages, mut sinks) = (Vec::new(), Vec::new(), Vec::new());
+
+        // Sinks first, so nothing upstream ever waits on a consumer that does not exist.
+        for (sink, name) in spec.sinks.iter().zip(&sink_names) {
+            let Some(rx) = inputs.remove(name) else {
+                continue;
+            };
+            let c = Arc::new(NodeCounters::default());
+            sinks.push((name.clone(), c.clone()));
+            let kind = match sink {
+                SinkSpec::Outbox {
+                    class,
+                    stream,
+                    ttl_s,
+                    ..
+                } => SinkKind::Outbox {
+                    outbox: deps.outbox.clone(),
+                    device: deps.device.clone(),
+                    class: *class,
+                    stream: stream.clone(),
+                    ttl: ttl_s.map(Duration::from_secs),
+                },
+                SinkSpec::Log { every, .. } => SinkKind::Log { every: *every },
+                SinkSpec::Dataset {
+                    dataset,
+                    label_key,
+                    require_label,
+                    ..
+                } => SinkKind::Dataset {
+                    store: deps.dataset.clone(),
+                    dataset: dataset.clone(),
+                    label_key: label_key.clone(),
+                    require_label: *require_label,
+                },
+            };
+            let task = deps.runtime.spawn(nodes::run_sink(
+                spec.name.clone(),
+                name.clone(),
+                kind,
+                rx,
+                c,
+                shadow,
+            ));
+            self.tasks.push((name.clone(), task));
+        }
+
+        // Stages, downstream first is not needed: each thread only blocks on its own input.
+        let mut inits = Vec::new();
+        for idx in spec.stage_order() {
+            let st = &spec.stages[idx];
+            let Some(rx) = inputs.remove(&st.name) else {
+                continue;
+            };
+            let outs = outputs.remove(&st.name).unwrap_or_default();
+            let module = modules
+                .remove(&st.name)
+                .ok_or_else(|| PipelineError::Module {
+                    stage: st.name.clone(),
+                    module: st.module.clone(),
+                    reason: "module not loaded".into(),
+                })?;
+            let ns = if shadow {
+                format!("shadow/{}/{}", spec.name, st.name)
+            } else {
+                format!("{}/{}", spec.name, st.name)
+            };
+            if shadow {
+                let _ = deps.state.db.drop_tree(format!("kv/{ns}"));
+            }
+            let kv = SledKv::open(&deps.state.db, &deps.state.dir, &ns).map_err(|e| {
+                PipelineError::Kv {
+                    stage: st.name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let metrics = deps.sandbox.new_stage_metrics();
+            let counters = Arc::new(NodeCounters::default());
+            stages.push(StageStats {
+                name: st.name.clone(),
+                module: format!("{}@{}", st.module, module.id().short_digest()),
+                metrics: metrics.clone(),
+                counters: counters.clone(),
+            });
+            let ctx = StageContext {
+                stage: st.name.clone(),
+                kv: Arc::new(kv),
+                metrics,
+                grants: Grants::default(),
+            };
+            let config_json = serde_json::to_string(&st.config).unwrap_or_else(|_| "{}".into());
+            let (init_tx, init_rx) = std::sync::mpsc::sync_channel(1);
+            let sandbox = deps.sandbox.clone();
+            let health = health.clone();
+            let stop = self.stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("stage-{}", st.name))
+                .spawn(move || {
+                    // The runner lives and dies on this thread: its calls block.
+                    match StageRunner::start(&sandbox, &module, ctx, &config_json) {
+                        Ok(runner) => {
+                            let _ = init_tx.send(Ok(()));
+                            nodes::run_stage(runner, rx, outs, counters, health, stop);
+                        }
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(PipelineError::Thread)?;
+            self.threads.push((st.name.clone(), thread));
+            inits.push((st.name.clone(), init_rx));
+        }
+        for (stage, rx) in inits {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    return Err(PipelineError::Stage {
+                        stage,
+                        source: Box::new(source),
+                    });
+                }
+                Err(_) => {
+                    return Err(PipelineError::Thread(std::io::Error::other(format!(
+                        "stage thread of {stage} ended during init"
+                    ))));
+                }
+            }
+        }
+
+        // Sources last.
+        for src in &spec.sources {
+            let name = src.name().to_owned();
+            let outs = outputs.remove(&name).unwrap_or_default();
+            let c = Arc::new(NodeCounters::default());
+            sources.push((name.clone(), c.clone()));
+            let stop = self.stop.clone();
+            match src {
+                SourceSpec::Synthetic {
+                    stream,
+                    rate_hz,
+                    window,
+                    sample_rate_hz,
+                    tones,
+                    noise,
+                    anomaly_every,
+                    anomaly_gain,
+                    count,
+                    seed,
+                    on_full,
+                    ..
+                } => {
+                    let s = nodes::Synthetic {
+                        stream: stream.clone().unwrap_or_else(|| name.clone()),
+                        rate_hz: *rate_hz,
+                        window: *window,
+                        sample_rate_hz: *sample_rate_hz,
+                        tones: tones.clone(),
+                        noise: *noise,
+                        anomaly_every: *anomaly_every,
+                        anomaly_gain: *anomaly_gain,
+                        count: *count,
+                        seed: *seed,
+                        on_full: *on_full,
+                    };
+                    self.spawn_thread(&name, move || nodes::run_synthetic(s, outs, stop, c))?;
+                }
+                SourceSpec::File {
+                    path,
+                    format,
+                    stream,
+                    rate_hz,
+                    repeat,
+                    on_full,
+                    ..
+                } => {
+                    let path = resolve(path, artifacts.base_dir()).map_err(|reason| {
+                        PipelineError::Source {
+                            source_name: name.clone(),
+                            reason,
+                        }
+                    })?;
+                    std::fs::File::open(&path).map_err(|e| PipelineError::Source {
+                        source_name: name.clone(),
+                        reason: format!("cannot open {}: {e}", path.display()),
+                    })?;
+                    let f = nodes::FileReplay {
+                        name: name.clone(),
+                        path,
+                        format: *format,
+                        stream: stream.clone().unwrap_or_else(|| name.clone()),
+                        rate_hz: *rate_hz,
+                        repeat: *repeat,
+                        on_full: *on_full,
+                    };
+                    self.spawn_thread(&name, move || nodes::run_file(f, outs, stop, c))?;
+                }
+                SourceSpec::Mqtt {
+                    topic,
+                    payload,
+                    stream,
+                    on_full,
+                    ..
+                } => {
+                    let sub = deps.inbox.subscribe(topic, cap);
+                    let m = nodes::MqttSource {
+                        name: name.clone(),
+                        payload: *payload,
+                        stream: stream.clone(),
+                        on_full: *on_full,
+                    };
+                    let task = deps.runtime.spawn(nodes::run_mqtt(m, sub, outs, stop, c));
+                    self.tasks.push((name.clone(), task));
+                }
+            }
+        }
+        if let Some(stats) = Arc::get_mut(&mut self.stats) {
+            (stats.sources, stats.stages, stats.sinks) = (sources, stages, sinks);
+        }
+        Ok(())
+    }
+
+    fn spawn_thread(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), PipelineError> {
+        let t = std::thread::Builder::new()
+            .name(format!("source-{name}"))
+            .spawn(f)
+            .map_err(PipelineError::Thread)?;
+        self.threads.push((name.to_owned(), t));
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.stats.name
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.stats.origin
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// True once every source ended and everything drained (a finite replay is done).
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(|(_, t)| t.is_finished())
+            && self.tasks.iter().all(|(_, t)| t.is_finished())
+    }
+
+    /// Stops the sources and waits (bounded) for the rest to drain. Blocking.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+        tracing::info!(pipeline = %self.stats.name, mode = ?self.mode, "pipeline stopped");
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.stop();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !self.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (name, t) in self.threads.drain(..) {
+            if t.is_finished() {
+                if t.join().is_err() {
+                    tracing::error!(pipeline = %self.stats.name, node = %name, "pipeline thread panicked");
+                }
+            } else {
+                tracing::error!(pipeline = %self.stats.name, node = %name, "pipeline thread did not stop in time; abandoning it");
+            }
+        }
+        for (name, t) in self.tasks.drain(..) {
+            if !t.is_finished() {
+                tracing::error!(pipeline = %self.stats.name, node = %name, "pipeline task did not stop in time; aborting it");
+                t.abort();
+            }
+        }
+    }
+}
+
+/// A relative path against the description's directory; deployed descriptions (no
+/// directory) may only name absolute paths.
+fn resolve(path: &Path, base: Option<&Path>) -> Result<PathBuf, String> {
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    match base {
+        Some(dir) => Ok(dir.join(path)),
+        None => Err(format!(
+            "relative path {} in a deployed pipeline; use an absolute path",
+            path.display()
+        )),
+    }
+}

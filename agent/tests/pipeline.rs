@@ -1,0 +1,353 @@
+//! Pipeline runtime tests with the real guest modules, a real outbox, state database and
+//! dataset store in a temp dir: sources -> WASM stages -> sinks, failures contained.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edge_agent::config::{DatasetConfig, OutboxConfig};
+use edge_agent::dataset::Dataset;
+use edge_agent::deploy::task::run_start;
+use edge_agent::inbox::{Inbox, Incoming};
+use edge_agent::outbox::Outbox;
+use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
+use edge_agent::sandbox::{Sandbox, SandboxConfig};
+use edge_agent::statedb::StateDb;
+use protocol::v1::{Class, PipelineTelemetry};
+
+struct Fixture {
+    deps: Deps,
+    files: LocalFiles,
+    dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = StateDb::open(dir.path()).expect("state db");
+    let dataset = Arc::new(Dataset::open(&state.db, &DatasetConfig::default()).expect("dataset"));
+    let outbox = Arc::new(Outbox::open(dir.path(), &OutboxConfig::default()).expect("outbox"));
+    let cfg = SandboxConfig {
+        restart_backoff_min_ms: 1,
+        restart_backoff_max_ms: 5,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(&cfg, dir.path()).expect("sandbox");
+    Fixture {
+        deps: Deps {
+            sandbox,
+            state,
+            outbox,
+            inbox: Inbox::default(),
+            dataset,
+            device: "dev-1".into(),
+            runtime: tokio::runtime::Handle::current(),
+        },
+        files: LocalFiles {
+            dir: common::wasm_dir(),
+        },
+        dir,
+    }
+}
+
+impl Fixture {
+    async fn start(&self, toml: &str, mode: Mode) -> Result<Pipeline, PipelineError> {
+        let spec = PipelineSpec::parse(toml).expect("valid description");
+        run_start(
+            spec,
+            Box::new(self.files.clone()),
+            self.deps.clone(),
+            mode,
+            Origin::default(),
+        )
+        .await
+    }
+
+    /// Published data messages: (topic, body JSON).
+    fn outbox_data(&self) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        while let Some(s) = self
+            .deps
+            .outbox
+            .next_in_class(Class::Results, cursor)
+            .expect("read outbox")
+        {
+            cursor = Some(s.key.seq);
+            let body = serde_json::from_slice(&s.record.body).expect("json body");
+            out.push((s.record.topic.clone(), body));
+        }
+        out
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn finish(p: Pipeline) -> PipelineTelemetry {
+    wait_until("the pipeline to drain", || p.is_finished()).await;
+    let t = p.stats().telemetry();
+    tokio::task::spawn_blocking(move || p.stop())
+        .await
+        .expect("stop");
+    t
+}
+
+const VIBRATION: &str = r#"
+name = "vibration"
+[[source]]
+name = "imu"
+kind = "synthetic"
+stream = "motor-1"
+rate_hz = 0
+count = 60
+window = 256
+anomaly_every = 20
+anomaly_gain = 10.0
+[[stage]]
+name = "features"
+module = "feature_extractor.wasm"
+input = "imu"
+config = { sample_rate_hz = 1000.0, bands = 4 }
+[[stage]]
+name = "detect"
+module = "anomaly_detector.wasm"
+input = "features"
+config = { features = ["rms"], warmup = 5, z_threshold = 4.0, cooldown_ms = 0 }
+[[sink]]
+kind = "outbox"
+input = "detect"
+[[sink]]
+kind = "log"
+input = "features"
+every = 50
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_sensor_through_features_and_detector_reaches_the_outbox() {
+    let fx = fixture();
+    let p = fx.start(VIBRATION, Mode::Live).await.expect("starts");
+    let t = finish(p).await;
+    assert_eq!(t.sources[0].frames, 60);
+    let features = &t.stages[0];
+    assert_eq!(
+        (features.calls, features.ok, features.frames_out),
+        (60, 60, 60)
+    );
+    assert!(
+        features.module.starts_with("feature_extractor.wasm@"),
+        "{}",
+        features.module
+    );
+    assert!(features.p50_us > 0 && features.max_us >= features.p99_us);
+    assert_eq!(t.stages[1].calls, 60);
+    let data = fx.outbox_data();
+    assert!(
+        !data.is_empty(),
+        "the 10x bursts at frames 20 and 40 raise alerts"
+    );
+    assert_eq!(data.len() as u64, t.sinks[0].frames);
+    for (topic, body) in &data {
+        assert_eq!(
+            topic,
+            &format!(
+                "edge/v1/dev-1/data/{}",
+                body["stream"].as_str().unwrap_or("")
+            )
+        );
+        assert!(body["payload"].is_object(), "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_runs_the_stages_but_writes_nothing() {
+    let fx = fixture();
+    let p = fx.start(VIBRATION, Mode::Shadow).await.expect("starts");
+    let t = finish(p).await;
+    assert_eq!(t.stages[1].calls, 60);
+    assert!(t.sinks[0].frames > 0, "would-be writes are counted");
+    assert!(
+        fx.outbox_data().is_empty(),
+        "a shadow pipeline publishes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_replay_skips_bad_lines_and_fills_the_dataset() {
+    let fx = fixture();
+    let file = fx.dir.path().join("recording.txt");
+    std::fs::write(&file, "1,2,3,4\nnot,a,number\n\n5, 6, 7, 8\n").expect("write");
+    let toml = format!(
+        r#"
+name = "replay"
+[[source]]
+name = "rec"
+kind = "file"
+format = "samples"
+path = "{}"
+[[sink]]
+kind = "dataset"
+input = "rec"
+dataset = "vib"
+"#,
+        file.display()
+    );
+    let p = fx.start(&toml, Mode::Live).await.expect("starts");
+    let t = finish(p).await;
+    assert_eq!((t.sources[0].frames, t.sources[0].errors), (2, 1));
+    let samples = fx.deps.dataset.samples("vib").expect("read");
+    assert_eq!(samples.len(), 2);
+    assert_eq!(samples[1].features, vec![5.0, 6.0, 7.0, 8.0]);
+    assert_eq!(samples[1].label, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_source_takes_json_and_counts_what_is_not() {
+    let fx = fixture();
+    let toml = r#"
+name = "labels"
+[[source]]
+name = "in"
+kind = "mqtt"
+topic = "lab/+/sample"
+[[sink]]
+kind = "dataset"
+input = "in"
+"#;
+    let p = fx.start(toml, Mode::Live).await.expect("starts");
+    assert!(fx.deps.inbox.filters().contains("lab/+/sample"));
+    let msg = |payload: &'static str| Incoming {
+        topic: "lab/a/sample".into(),
+        payload: bytes::Bytes::from_static(payload.as_bytes()),
+        retain: false,
+    };
+    assert_eq!(fx.deps.inbox.deliver(msg("not json")), 1);
+    assert_eq!(
+        fx.deps
+            .inbox
+            .deliver(msg(r#"{"features": [0.5, 1.5], "label": 7}"#)),
+        1
+    );
+    let ds = fx.deps.dataset.clone();
+    wait_until("the sample", || ds.len() == 1).await;
+    let t = p.stats().telemetry();
+    assert_eq!((t.sources[0].frames, t.sources[0].errors), (1, 1));
+    tokio::task::spawn_blocking(move || p.stop())
+        .await
+        .expect("stop");
+    assert!(fx.deps.inbox.filters().is_empty(), "stopping unsubscribes");
+    assert_eq!(ds.samples("default").expect("read")[0].label, Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_stage_is_restarted_and_reported_while_frames_keep_flowing() {
+    let fx = fixture();
+    let toml = r#"
+name = "fragile"
+[[source]]
+name = "imu"
+kind = "synthetic"
+rate_hz = 0
+count = 30
+window = 8
+on_full = "block"
+[[stage]]
+name = "flaky"
+module = "hostile_trap.wasm"
+input = "imu"
+config = { every = 3 }
+[[sink]]
+kind = "log"
+input = "flaky"
+every = 1000
+"#;
+    let p = fx.start(toml, Mode::Live).await.expect("starts");
+    let stats = p.stats();
+    let t = finish(p).await;
+    let st = &t.stages[0];
+    assert!(st.traps >= 1, "{st:?}");
+    assert!(st.restarts >= 1, "{st:?}");
+    assert!(
+        t.sinks[0].frames >= 10,
+        "frames between traps still flow: {t:?}"
+    );
+    let (processed, failure) = stats.health();
+    assert!(processed >= 10);
+    let failure = failure.expect("the trap is a health failure");
+    assert!(failure.contains("stage flaky"), "{failure}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_channels_conserve_frames_under_backpressure() {
+    let fx = fixture();
+    let toml = |on_full: &str| {
+        format!(
+            r#"
+name = "pressure"
+channel_capacity = 2
+[[source]]
+name = "imu"
+kind = "synthetic"
+rate_hz = 0
+count = 500
+window = 1024
+on_full = "{on_full}"
+[[stage]]
+name = "features"
+module = "feature_extractor.wasm"
+input = "imu"
+config = {{ sample_rate_hz = 1000.0 }}
+[[sink]]
+kind = "log"
+input = "features"
+every = 100000
+"#
+        )
+    };
+    // Blocking: the source waits, nothing is lost.
+    let t = finish(fx.start(&toml("block"), Mode::Live).await.expect("starts")).await;
+    assert_eq!((t.sources[0].frames, t.sources[0].dropped), (500, 0));
+    assert_eq!(t.stages[0].calls, 500);
+    // Dropping: whatever did not fit was counted, never queued without bound.
+    let t = finish(fx.start(&toml("drop"), Mode::Live).await.expect("starts")).await;
+    assert_eq!(t.sources[0].frames, 500);
+    assert_eq!(t.stages[0].calls + t.sources[0].dropped, 500, "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_module_or_refused_config_fails_the_start_naming_the_stage() {
+    let fx = fixture();
+    let err = fx
+        .start(
+            &VIBRATION.replace("anomaly_detector.wasm", "nope.wasm"),
+            Mode::Live,
+        )
+        .await
+        .expect_err("missing module");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stage detect") && msg.contains("nope.wasm"),
+        "{msg}"
+    );
+
+    let err = fx
+        .start(
+            &VIBRATION.replace(
+                "config = { sample_rate_hz = 1000.0, bands = 4 }",
+                "config = { bands = 4 }",
+            ),
+            Mode::Live,
+        )
+        .await
+        .expect_err("init refuses a config without sample_rate_hz");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stage features") && msg.contains("sample_rate_hz"),
+        "{msg}"
+    );
+}
