@@ -74,6 +74,48 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         device: Option<String>,
     },
+    /// A spooled deployment was picked up (or resumed after a restart) and its manifest
+    /// published; `devices` are the targets known so far.
+    DeploymentStarted {
+        deployment_id: String,
+        version: u64,
+        target: String,
+        devices: Vec<String>,
+        resumed: bool,
+    },
+    /// A device reported a deployment step (`step` is the wire name: downloading, verifying,
+    /// starting, healthy, rolled_back, failed, rejected).
+    Deploy {
+        device: String,
+        id: String,
+        deployment_id: String,
+        version: u64,
+        step: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        received: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+    },
+    /// A device asked for chunks again: how many are being resent, how many asked-for entries
+    /// were ignored (unknown deployment, digest or index, or over the per-request bound).
+    DeployResend {
+        device: String,
+        deployment_id: String,
+        chunks: u32,
+        ignored: u32,
+    },
+    /// A deployment ended: every target device is final, the manifest expired, a newer
+    /// deployment replaced it on the same topic, or its package was invalid.
+    DeploymentFinished {
+        deployment_id: String,
+        version: u64,
+        reason: String,
+        healthy: usize,
+        failed: usize,
+        in_progress: usize,
+    },
     /// Clean shutdown finished; nothing after this line until the next `ready`.
     Stopped {},
 }
@@ -132,6 +174,50 @@ impl Event {
                 device,
             } => {
                 tracing::warn!(%topic, %reason, device = device.as_deref().unwrap_or("-"), "message rejected")
+            }
+            Event::DeploymentStarted {
+                deployment_id,
+                version,
+                target,
+                devices,
+                resumed,
+            } => {
+                tracing::info!(%deployment_id, version, %target, devices = devices.len(), resumed, "deployment started")
+            }
+            Event::Deploy {
+                device,
+                deployment_id,
+                version,
+                step,
+                reason,
+                ..
+            } => match reason {
+                Some(reason) => {
+                    tracing::warn!(%device, %deployment_id, version, step, %reason, "deployment step")
+                }
+                None => tracing::info!(%device, %deployment_id, version, step, "deployment step"),
+            },
+            Event::DeployResend {
+                device,
+                deployment_id,
+                chunks,
+                ignored,
+            } => {
+                if *ignored > 0 {
+                    tracing::warn!(%device, %deployment_id, chunks, ignored, "resend request partly ignored")
+                } else {
+                    tracing::debug!(%device, %deployment_id, chunks, "resending chunks")
+                }
+            }
+            Event::DeploymentFinished {
+                deployment_id,
+                version,
+                reason,
+                healthy,
+                failed,
+                in_progress,
+            } => {
+                tracing::info!(%deployment_id, version, %reason, healthy, failed, in_progress, "deployment finished")
             }
             Event::Stopped {} => tracing::info!("coordinator stopped"),
         }

@@ -143,7 +143,7 @@ pub fn scan_tail(
             };
             let processed = matches!(
                 value["event"].as_str(),
-                Some("data" | "telemetry" | "registered")
+                Some("data" | "telemetry" | "registered" | "deploy")
             );
             let (Some(device), Some(id)) = (value["device"].as_str(), value["id"].as_str()) else {
                 continue;

@@ -23,9 +23,10 @@
 //!   Invariant: the coordinator is subscribed before any device can connect to the embedded
 //!   broker; acks to an external broker only after commit. Boundary: the service.
 //! - [`service`]: the loop wiring them together.
-//! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks) and the
-//!   per-device rollout tracker. Invariant: `package` and `rollout` do no network I/O.
-//!   Boundary: the binary (`keygen`, `deploy`), the service (later).
+//! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks), the spool
+//!   `deploy` writes and `serve` takes, the rollout engine (retained manifest, paced chunks,
+//!   bounded resends, status tracking) and per-rollout progress files. Invariant: `package`,
+//!   `rollout` and `engine` do no I/O. Boundary: the binary (`keygen`, `deploy`), the service.
 //!
 //! Errors: each module has its own `thiserror` enum whose message already contains the
 //! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
@@ -36,7 +37,12 @@
 //! `registered {device, boot_id, agent_version}`,
 //! `telemetry {device, id, seq, cpu_percent, mem_used_bytes, agent_rss_bytes, outbox_depth}`,
 //! `data {device, id, class, seq, stream, created_ms, payload}`, `duplicate {device, id}`,
-//! `rejected {topic, reason}`, `stopped`; every line has `ts_ms`.
+//! `rejected {topic, reason}`, `stopped`,
+//! `deployment_started {deployment_id, version, target, devices, resumed}`,
+//! `deploy {device, id, deployment_id, version, step, reason?, received?, total?}`,
+//! `deploy_resend {device, deployment_id, chunks, ignored}`,
+//! `deployment_finished {deployment_id, version, reason, healthy, failed, in_progress}`;
+//! every line has `ts_ms`.
 
 pub mod config;
 pub mod core;

@@ -3,8 +3,9 @@
 //! `serve` runs it (embedded broker by default, `--broker` for an external one);
 //! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
 //! registry while the coordinator is stopped. `keygen` creates a deployment signing key;
-//! `deploy --dry-run` builds and signs a deployment and prints it (sending comes with the
-//! service wiring).
+//! `deploy` builds and signs a deployment, spools it for the running `serve` (which sends it
+//! and owns the rollout) and draws its progress from the rollout's progress file until every
+//! device is final; `deploy --dry-run` only prints the signed manifest.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -97,7 +98,25 @@ struct DeployArgs {
     /// Print the signed manifest and the chunk plan instead of sending.
     #[arg(long)]
     dry_run: bool,
+    /// Spool the deployment for `serve` and exit without waiting for the devices.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up waiting after this many seconds (the rollout goes on in `serve`).
+    #[arg(long, default_value_t = 900)]
+    timeout_s: u64,
+    /// State directory of the running `serve`; defaults to the one in --config, or the
+    /// built-in default.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Configuration file to take state_dir from.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
+
+/// How long `deploy` waits for `serve` to take a spooled deployment.
+const PICKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often `deploy` rereads the progress file.
+const PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Flags override the config file's keys.
 #[derive(Debug, Args)]
@@ -279,12 +298,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn devices(state_dir: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Result<()> {
-    let state_dir = match (state_dir, config) {
+/// `--state-dir`, else the config file's `state_dir`, else the default.
+fn resolve_state_dir(state_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match (state_dir, config) {
         (Some(dir), _) => dir,
         (None, Some(path)) => Config::load(&path)?.state_dir,
         (None, None) => Config::default().state_dir,
-    };
+    })
+}
+
+fn devices(state_dir: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Result<()> {
+    let state_dir = resolve_state_dir(state_dir, config)?;
     // A small cache: this is a one-shot read.
     let store = Store::open_existing(&config::db_path(&state_dir), 8 * 1024 * 1024)?;
     let records = store.load_devices()?;
@@ -343,11 +367,7 @@ fn deploy(args: DeployArgs) -> Result<()> {
     };
     let pkg = package::load(&args.pipeline, spec, &key)
         .with_context(|| format!("cannot build a deployment from {}", args.pipeline.display()))?;
-    if !args.dry_run {
-        anyhow::bail!("sending deployments is not wired to MQTT yet; use --dry-run");
-    }
-    println!("{}", String::from_utf8_lossy(&pkg.manifest_payload()));
-    eprintln!(
+    let plan = format!(
         "deployment {} version {} for {}: {} artifacts, {} bytes, {} chunks",
         pkg.manifest.deployment_id,
         pkg.manifest.version,
@@ -355,6 +375,138 @@ fn deploy(args: DeployArgs) -> Result<()> {
         pkg.manifest.artifacts.len(),
         pkg.manifest.total_bytes(),
         pkg.chunk_total()
+    );
+    if args.dry_run {
+        println!("{}", String::from_utf8_lossy(&pkg.manifest_payload()));
+        eprintln!("{plan}");
+        return Ok(());
+    }
+    let state_dir = resolve_state_dir(args.state_dir, args.config)?;
+    let spooled = edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
+        .context("cannot spool the deployment")?;
+    eprintln!("{plan}; spooled in {}", spooled.display());
+    if args.no_wait {
+        return Ok(());
+    }
+    let id = &pkg.manifest.deployment_id;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
+    wait_for_pickup(&state_dir, id, &spooled)?;
+    watch(&state_dir, id, deadline)
+}
+
+fn wait_for_pickup(state_dir: &std::path::Path, id: &str, spooled: &std::path::Path) -> Result<()> {
+    use edge_coordinator::deploy::spool;
+    let start = std::time::Instant::now();
+    loop {
+        if spool::read_progress(state_dir, id)?.is_some() {
+            return Ok(());
+        }
+        if start.elapsed() > PICKUP_TIMEOUT {
+            anyhow::bail!(
+                "no coordinator picked up deployment {id} from {} within {} s; is `edge-coordinator serve` running with state_dir {}? It will be sent when it starts",
+                spooled.display(),
+                PICKUP_TIMEOUT.as_secs(),
+                state_dir.display()
+            );
+        }
+        std::thread::sleep(PROGRESS_POLL);
+    }
+}
+
+/// Draws one bar per device from the progress file until the rollout finishes, then prints
+/// each device's outcome. Fails unless every device ended healthy.
+fn watch(state_dir: &std::path::Path, id: &str, deadline: std::time::Instant) -> Result<()> {
+    use edge_coordinator::deploy::progress::{Outcome, outcome};
+    use edge_coordinator::deploy::spool;
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+    let multi = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>16} [{bar:30}] {bytes:>10}/{total_bytes:10} {msg}")
+            .context("bad progress bar template")?
+            .progress_chars("=> ");
+    let mut bars: std::collections::BTreeMap<String, ProgressBar> = Default::default();
+    let final_progress = loop {
+        let Some(progress) = spool::read_progress(state_dir, id)? else {
+            anyhow::bail!("progress file of deployment {id} disappeared");
+        };
+        for (device, p) in &progress.devices {
+            let bar = bars.entry(device.clone()).or_insert_with(|| {
+                let bar = multi.add(ProgressBar::new(progress.total_bytes));
+                bar.set_style(style.clone());
+                bar.set_prefix(device.clone());
+                bar
+            });
+            if p.agent_total > 0 {
+                bar.set_length(p.agent_total);
+                bar.set_position(p.agent_received);
+            }
+            let msg = match outcome(p) {
+                Outcome::Healthy => {
+                    bar.set_position(bar.length().unwrap_or(0));
+                    "healthy".to_owned()
+                }
+                Outcome::Failed(m) | Outcome::Pending(m) => m,
+            };
+            bar.set_message(msg);
+        }
+        if progress.finished.is_some() {
+            break progress;
+        }
+        if std::time::Instant::now() > deadline {
+            for bar in bars.values() {
+                bar.abandon();
+            }
+            let waiting: Vec<String> = progress
+                .devices
+                .iter()
+                .filter_map(|(d, p)| match outcome(p) {
+                    Outcome::Pending(m) => Some(format!("{d} ({m})")),
+                    _ => None,
+                })
+                .collect();
+            anyhow::bail!(
+                "timed out waiting for deployment {id}; not finished: {} (the rollout goes on in `serve`)",
+                if waiting.is_empty() {
+                    "no target device known yet".to_owned()
+                } else {
+                    waiting.join(", ")
+                }
+            );
+        }
+        std::thread::sleep(PROGRESS_POLL);
+    };
+    for bar in bars.values() {
+        bar.finish();
+    }
+    let _ = multi.clear();
+    let mut not_healthy = 0;
+    for (device, p) in &final_progress.devices {
+        match outcome(p) {
+            Outcome::Healthy => println!("{device}: healthy"),
+            Outcome::Failed(m) => {
+                not_healthy += 1;
+                println!("{device}: {m}");
+            }
+            Outcome::Pending(m) => {
+                not_healthy += 1;
+                println!("{device}: not finished ({m})");
+            }
+        }
+    }
+    let reason = final_progress.finished.unwrap_or_default();
+    if final_progress.devices.is_empty() {
+        anyhow::bail!("deployment {id} ended without any target device: {reason}");
+    }
+    if not_healthy > 0 {
+        anyhow::bail!(
+            "deployment {id}: {not_healthy} of {} devices did not end healthy ({reason})",
+            final_progress.devices.len()
+        );
+    }
+    eprintln!(
+        "deployment {id}: all {} devices healthy",
+        final_progress.devices.len()
     );
     Ok(())
 }

@@ -4,15 +4,26 @@
 //! registry records go to sled. Messages are taken in batches (whatever is already queued, up
 //! to [`MAX_BATCH`]); each batch ends with a group commit (journal fsync, sled flush + fsync)
 //! and only then are its messages acknowledged to the broker.
+//!
+//! Deployments: the service owns every rollout. It picks up packages that `deploy` spooled
+//! under the state directory (at start-up and every [`SPOOL_POLL`]), resumes unfinished
+//! rollouts after a restart, feeds deployment statuses and resend requests to the
+//! [`Engine`] (no I/O) and does what it returns: publishes (manifest retained, chunks paced at
+//! [`CHUNKS_PER_TICK`] per [`DEPLOY_TICK`]), journals, and rewrites each rollout's progress
+//! file every [`PROGRESS_INTERVAL`].
 
 use std::future::Future;
 use std::time::Duration;
 
-use protocol::v1::{self, Status, topics};
+use protocol::v1::deploy::{DeployStatus, ResendRequest};
+use protocol::v1::topics::DeployTopic;
+use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
 use crate::config::{BrokerMode, Config};
-use crate::core::{Core, Outcome};
+use crate::core::{Core, Outcome, SeenIds};
+use crate::deploy::engine::{Action, Engine};
+use crate::deploy::spool;
 use crate::event::Event;
 use crate::journal::{Journal, JournalError};
 use crate::registry::DeviceRecord;
@@ -28,6 +39,16 @@ const MAX_BATCH: usize = 256;
 const RECOVERY_WINDOW_BYTES: u64 = (MAX_BATCH as u64) * (v1::MAX_PAYLOAD_BYTES as u64 + 4096);
 /// How often deferred client requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// How often queued deployment chunks are published, [`CHUNKS_PER_TICK`] at a time: at most
+/// 160 chunks (10 MiB at the default chunk size) a second over all rollouts, so neither the
+/// broker's per-subscription buffers nor slow device links are flooded; whatever a device
+/// still misses it asks for again.
+const DEPLOY_TICK: Duration = Duration::from_millis(50);
+const CHUNKS_PER_TICK: usize = 8;
+/// How often the spool is checked for new deployments.
+const SPOOL_POLL: Duration = Duration::from_millis(500);
+/// How often changed rollout progress files are rewritten.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     } else {
         topics::COORDINATOR_FILTERS
             .iter()
+            .chain(topics::COORDINATOR_DEPLOY_FILTERS.iter())
             .map(|f| (*f).to_owned())
             .collect()
     };
@@ -87,6 +109,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rx,
         ready: false,
         started_ms,
+        engine: Engine::default(),
+        publishes: Vec::new(),
     };
     service.recover_seen_ids()?;
     service.prune()?;
@@ -131,6 +155,9 @@ struct Service {
     rx: mpsc::Receiver<Inbound>,
     ready: bool,
     started_ms: u64,
+    engine: Engine,
+    /// Publishes the engine asked for while handling a batch; sent after its commit.
+    publishes: Vec<(String, Vec<u8>, bool)>,
 }
 
 impl Service {
@@ -148,6 +175,13 @@ impl Service {
             tokio::time::interval_at(tokio::time::Instant::now() + prune_every, prune_every);
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         let own_status = topics::status(topics::COORDINATOR);
+        let mut deploy_tick = tokio::time::interval(DEPLOY_TICK);
+        deploy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut spool_poll = tokio::time::interval(SPOOL_POLL);
+        spool_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.resume_rollouts(&mut transport).await?;
 
         let result = loop {
             tokio::select! {
@@ -162,11 +196,15 @@ impl Service {
                     }
                 }
                 _ = retry.tick(), if transport.has_deferred() => transport.retry_deferred(),
+                _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
+                _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
+                _ = progress.tick() => self.write_progress(),
                 _ = stats.tick(), if self.config.stats_interval_s > 0 => self.log_stats(),
                 _ = prune.tick() => if let Err(e) = self.prune() { break Err(e) },
             }
         };
 
+        self.write_progress();
         // Stop taking messages first, so the pump is never stuck sending to us while the
         // transport flushes its disconnect.
         drop(self.rx);
@@ -233,6 +271,7 @@ impl Service {
         for ack in acks {
             transport.ack(ack);
         }
+        self.flush_publishes(transport).await?;
         match closed {
             Some(reason) => Err(ServiceError::TransportClosed(reason)),
             None => Ok(()),
@@ -241,10 +280,303 @@ impl Service {
 
     fn message(&mut self, message: Message) -> Result<(), ServiceError> {
         let now = v1::now_ms();
+        if let Some(t) = topics::parse_deploy(&message.topic) {
+            return self.deploy_message(t, &message.topic, &message.payload, now);
+        }
         let out = self
             .core
             .handle(&message.topic, &message.payload, now, &self.store)?;
-        self.apply(out, now)
+        let registered = out.events.iter().find_map(|e| match e {
+            Event::Registered { device, .. } => Some(device.clone()),
+            _ => None,
+        });
+        self.apply(out, now)?;
+        if let Some(device) = registered {
+            let groups = self
+                .core
+                .device(&device)
+                .and_then(|r| r.registration.as_ref())
+                .map(|r| r.groups.clone())
+                .unwrap_or_default();
+            self.engine.on_registered(&device, &groups);
+        }
+        Ok(())
+    }
+
+    /// Deployment traffic: statuses and resend requests from devices (deduplicated by
+    /// envelope id like every other envelope), and the echo of our own manifests and chunks
+    /// (ignored).
+    fn deploy_message(
+        &mut self,
+        parsed: DeployTopic,
+        topic: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), ServiceError> {
+        let device = match parsed {
+            DeployTopic::Status { device } | DeployTopic::Resend { device } => device,
+            // Our own publishes, delivered back by the catch-all subscription.
+            DeployTopic::Manifest { .. }
+            | DeployTopic::Chunk { .. }
+            | DeployTopic::GroupManifest { .. }
+            | DeployTopic::GroupChunk { .. } => return Ok(()),
+        };
+        let is_status = topic == topics::deploy_status(&device);
+        let reject = |reason: String| Event::Rejected {
+            topic: topic.to_owned(),
+            reason,
+            device: Some(device.clone()),
+        };
+        let decoded: Result<(String, Option<DeployStatus>, Option<ResendRequest>), Event> =
+            if payload.len() > v1::MAX_PAYLOAD_BYTES {
+                Err(reject(format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    payload.len(),
+                    v1::MAX_PAYLOAD_BYTES
+                )))
+            } else if binary::is_binary(payload) {
+                Err(reject("binary envelope on a json topic".into()))
+            } else if is_status {
+                Envelope::<DeployStatus>::from_json(payload, &device)
+                    .map(|e| (e.id, Some(e.body), None))
+                    .map_err(|e| reject(e.to_string()))
+            } else {
+                Envelope::<ResendRequest>::from_json(payload, &device)
+                    .map(|e| (e.id, None, Some(e.body)))
+                    .map_err(|e| reject(e.to_string()))
+            };
+        let (id, status, resend) = match decoded {
+            Ok(d) => d,
+            Err(event) => return self.journal_events(now, [event]),
+        };
+        if SeenIds::contains(&self.store, &device, &id)? {
+            let event = Event::Duplicate {
+                device: device.clone(),
+                id,
+                topic: topic.to_owned(),
+            };
+            return self.journal_events(now, [event]);
+        }
+        let actions = match (status, resend) {
+            (Some(status), _) => self.engine.on_status(&device, &id, &status, now),
+            (_, Some(request)) => self.engine.on_resend(&device, &request),
+            _ => Vec::new(),
+        };
+        self.actions(actions, now)?;
+        // Journaled first, remembered second: a crash in between repeats a line, never loses one.
+        self.store.record(Some((&device, &id, now)), &[])?;
+        Ok(())
+    }
+
+    fn journal_events(
+        &mut self,
+        now: u64,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Result<(), ServiceError> {
+        for event in events {
+            self.journal.append(now, &event)?;
+            event.log();
+        }
+        Ok(())
+    }
+
+    /// Journals the engine's events now and keeps its publishes for after the commit.
+    fn actions(&mut self, actions: Vec<Action>, now: u64) -> Result<(), ServiceError> {
+        for action in actions {
+            match action {
+                Action::Event(event) => self.journal_events(now, [event])?,
+                Action::Publish {
+                    topic,
+                    payload,
+                    retain,
+                } => self.publishes.push((topic, payload, retain)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_publishes(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        for (topic, payload, retain) in std::mem::take(&mut self.publishes) {
+            transport.publish(&topic, payload, retain).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the next paced chunks (none while an external client's queue is backed up)
+    /// and ends expired rollouts.
+    async fn deploy_tick(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let budget = if transport.backlog() == 0 {
+            CHUNKS_PER_TICK
+        } else {
+            0
+        };
+        let now = v1::now_ms();
+        let actions = self.engine.tick(now, budget);
+        if actions.is_empty() {
+            return Ok(());
+        }
+        self.actions(actions, now)?;
+        self.flush_publishes(transport).await
+    }
+
+    /// Registered devices that belong to `group`.
+    fn group_members(&self, group: &str) -> Vec<String> {
+        self.core
+            .devices()
+            .filter(|r| {
+                r.registration
+                    .as_ref()
+                    .is_some_and(|g| g.groups.iter().any(|x| x == group))
+            })
+            .map(|r| r.device.clone())
+            .collect()
+    }
+
+    /// Start-up: resumes every rollout whose progress file says it is not finished, then
+    /// picks up the spool.
+    async fn resume_rollouts(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let state_dir = self.config.state_dir.clone();
+        let ids = match spool::rollouts(&state_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list rollouts; none resumed");
+                Vec::new()
+            }
+        };
+        let now = v1::now_ms();
+        for id in ids {
+            let progress = match spool::read_progress(&state_dir, &id) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(deployment_id = %id, error = %e, "cannot read rollout progress; not resumed");
+                    continue;
+                }
+            };
+            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
+                continue;
+            }
+            let dir = spool::rollout_dir(&state_dir, &id);
+            let actions = match (spool::load_package(&dir), progress) {
+                (Ok(package), Some(progress)) => self.engine.resume(package, progress, now),
+                // Taken from the spool but stopped before the first progress file: start over.
+                (Ok(package), None) => {
+                    let members = match &package.manifest.target {
+                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
+                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
+                    };
+                    self.engine.start(package, members, now)
+                }
+                (Err(e), _) => {
+                    self.invalid_package(&id, &e.to_string(), now)?;
+                    continue;
+                }
+            };
+            self.actions(actions, now)?;
+        }
+        self.write_progress();
+        self.flush_publishes(transport).await?;
+        self.pickup(transport).await
+    }
+
+    /// Takes new deployments from the spool and starts them.
+    async fn pickup(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let state_dir = self.config.state_dir.clone();
+        let ids = match spool::pending(&state_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the deployment spool");
+                return Ok(());
+            }
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now = v1::now_ms();
+        for id in ids {
+            let dir = match spool::take(&state_dir, &id) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    tracing::error!(deployment_id = %id, error = %e, "cannot take deployment from the spool; moving it aside");
+                    let from = spool::spool_dir(&state_dir).join(&id);
+                    let to = spool::spool_dir(&state_dir).join(format!(".refused-{id}-{now}"));
+                    if let Err(e) = std::fs::rename(&from, &to) {
+                        tracing::error!(deployment_id = %id, error = %e, "cannot move refused deployment aside");
+                    }
+                    continue;
+                }
+            };
+            match spool::load_package(&dir) {
+                Ok(package) => {
+                    let members = match &package.manifest.target {
+                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
+                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
+                    };
+                    let actions = self.engine.start(package, members, now);
+                    self.actions(actions, now)?;
+                }
+                Err(e) => self.invalid_package(&id, &e.to_string(), now)?,
+            }
+        }
+        self.journal.sync()?;
+        // At once, so `deploy` sees the pick-up without waiting for the next interval.
+        self.write_progress();
+        self.flush_publishes(transport).await
+    }
+
+    /// A package that fails its checks is never sent; its progress file says why.
+    fn invalid_package(&mut self, id: &str, error: &str, now: u64) -> Result<(), ServiceError> {
+        let dir = spool::rollout_dir(&self.config.state_dir, id);
+        let manifest = std::fs::read(dir.join("manifest.json"))
+            .ok()
+            .and_then(|b| protocol::v1::deploy::SignedManifest::from_json(&b).ok())
+            .and_then(|s| s.peek_unverified());
+        let reason = format!("invalid package: {error}");
+        let progress = crate::deploy::progress::ProgressFile {
+            deployment_id: id.to_owned(),
+            version: manifest.as_ref().map_or(0, |m| m.version),
+            target: manifest.as_ref().map_or_else(
+                || protocol::v1::deploy::Target::Device(String::new()),
+                |m| m.target.clone(),
+            ),
+            expires_ms: manifest.as_ref().map_or(0, |m| m.expires_ms),
+            total_bytes: 0,
+            chunk_total: 0,
+            devices: Default::default(),
+            resends_ignored: 0,
+            finished: Some(reason.clone()),
+            updated_ms: now,
+        };
+        if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
+            tracing::warn!(deployment_id = %id, error = %e, "cannot write rollout progress");
+        }
+        self.journal_events(
+            now,
+            [Event::DeploymentFinished {
+                deployment_id: id.to_owned(),
+                version: progress.version,
+                reason,
+                healthy: 0,
+                failed: 0,
+                in_progress: 0,
+            }],
+        )
+    }
+
+    /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
+    /// copies are deleted once its final progress is on disk.
+    fn write_progress(&mut self) {
+        for progress in self.engine.take_dirty(v1::now_ms()) {
+            if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
+                tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
+                continue;
+            }
+            if progress.finished.is_some() {
+                let dir = spool::rollout_dir(&self.config.state_dir, &progress.deployment_id);
+                if let Err(e) = spool::remove_artifacts(&dir) {
+                    tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
+                }
+            }
+        }
     }
 
     /// Journals the events, then records the seen id and changed records (see crate docs for
@@ -348,6 +680,11 @@ impl Service {
             rejected = t.rejected,
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
+            deployments = self.engine.active_count(),
+            chunks_queued = self.engine.queued(),
+            chunks_sent = self.engine.totals().chunks_sent,
+            chunks_resent = self.engine.totals().chunks_resent,
+            resend_entries_ignored = self.engine.totals().resend_entries_ignored,
             "stats"
         );
     }

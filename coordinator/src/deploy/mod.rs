@@ -8,19 +8,34 @@
 //! deploy/status ─► Rollout::on_status ─► per-device progress (progress bar, journal)
 //! ```
 //!
+//! Process split: `edge-coordinator deploy` builds and signs the package and writes it to the
+//! spool under the state directory; the long-running `serve` takes it from there, owns the
+//! rollout (publishes, answers resends, tracks status, survives restarts) and rewrites the
+//! rollout's progress file, which `deploy` reads to draw its progress bars.
+//!
 //! Code map:
 //! - `keys`: key generation and loading. Invariant: never overwrites a key file, never reads a
 //!   key file others can read. Boundary: the binary.
 //! - `package`: building and signing a deployment (pure) plus [`package::load`], which reads the
 //!   pipeline TOML and the artifact files it names. Invariant: the signed manifest fits one
 //!   MQTT payload; chunks are derived from the same bytes the manifest hashes.
-//!   Boundary: the binary, the service (later).
+//!   Boundary: the binary, the service.
 //! - `rollout`: what was sent to and reported by each device. Invariant: no I/O, no clock;
-//!   ignores reports for other deployments. Boundary: the service (later), tests.
+//!   ignores reports for other deployments. Boundary: the engine, tests.
+//! - `engine`: every active rollout, the paced chunk queue, resend and status handling; says
+//!   what to publish and journal. Invariant: no I/O, no clock; at most `MAX_RESEND_CHUNKS`
+//!   chunks per resend request; never sends for a finished rollout. Boundary: the service.
+//! - `progress`: the progress file's shape (persisted rollout state, read by `deploy`).
+//! - `spool`: the spool and rollout directories on disk. Invariant: every file appears whole
+//!   (temporary name, fsync, rename); a package is checked against its signed manifest when
+//!   read. Boundary: the binary (writes the spool, reads progress), the service.
 
+pub mod engine;
 pub mod keys;
 pub mod package;
+pub mod progress;
 pub mod rollout;
+pub mod spool;
 
 pub use keys::{KeyError, generate_key_file, load_signing_key};
 pub use package::{ArtifactFile, Package, PackageError, PackageSpec};

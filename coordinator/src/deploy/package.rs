@@ -30,6 +30,12 @@ pub enum PackageError {
     TooLarge { size: usize, limit: usize },
     #[error("invalid manifest: {0}")]
     Invalid(#[from] DeployError),
+    #[error("artifact {name} ({sha256}): {reason}")]
+    Artifact {
+        name: String,
+        sha256: String,
+        reason: String,
+    },
 }
 
 /// What the manifest says besides the artifacts.
@@ -125,6 +131,57 @@ impl Package {
             signed,
             blobs,
         })
+    }
+
+    /// A package from a signed manifest and the artifact bytes (a spooled deployment): checks
+    /// the manifest's structure and that every artifact it lists is there with the signed
+    /// size and sha256. The signature itself is the agents' to check (the coordinator holds no
+    /// list of trusted keys).
+    pub fn from_signed(
+        signed: SignedManifest,
+        mut blobs: BTreeMap<String, Vec<u8>>,
+    ) -> Result<Package, PackageError> {
+        let manifest: Manifest = serde_json::from_str(&signed.manifest_json)
+            .map_err(|e| DeployError::Malformed(e.to_string()))?;
+        manifest.validate()?;
+        let size = signed.to_json().len();
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(PackageError::TooLarge {
+                size,
+                limit: MAX_PAYLOAD_BYTES,
+            });
+        }
+        let bad = |a: &Artifact, reason: String| PackageError::Artifact {
+            name: a.name.clone(),
+            sha256: a.sha256.clone(),
+            reason,
+        };
+        for a in &manifest.artifacts {
+            let Some(bytes) = blobs.get(&a.sha256) else {
+                return Err(bad(a, "missing".into()));
+            };
+            if bytes.len() as u64 != a.size {
+                return Err(bad(
+                    a,
+                    format!("{} bytes, the manifest says {}", bytes.len(), a.size),
+                ));
+            }
+            let actual = sha256_hex(bytes);
+            if actual != a.sha256 {
+                return Err(bad(a, format!("content has sha256 {actual}")));
+            }
+        }
+        blobs.retain(|sha, _| manifest.artifacts.iter().any(|a| &a.sha256 == sha));
+        Ok(Package {
+            manifest,
+            signed,
+            blobs,
+        })
+    }
+
+    /// Distinct artifact bytes by sha256.
+    pub fn blobs(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.blobs.iter().map(|(s, b)| (s.as_str(), b.as_slice()))
     }
 
     /// The payload for `deploy/manifest`.

@@ -4,9 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::v1::deploy::{DeployStatus, Manifest, ResendRequest, Step};
+use serde::{Deserialize, Serialize};
 
-/// What is known about one device's part of a rollout.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What is known about one device's part of a rollout. Persisted in the rollout's progress
+/// file (all but the set of sent chunks, which only feeds `chunks_sent`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeviceProgress {
     /// Distinct chunks sent at least once.
     pub chunks_sent: u32,
@@ -18,6 +21,7 @@ pub struct DeviceProgress {
     pub agent_total: u64,
     /// The agent's last reported step (`None`: nothing heard yet).
     pub last: Option<Step>,
+    #[serde(skip)]
     sent: BTreeSet<(String, u32)>,
 }
 
@@ -81,6 +85,17 @@ impl Rollout {
         r
     }
 
+    /// A rollout from persisted per-device progress (a coordinator restart).
+    pub fn restore(manifest: &Manifest, devices: BTreeMap<String, DeviceProgress>) -> Self {
+        let mut r = Rollout::new(manifest, std::iter::empty());
+        r.devices = devices;
+        r
+    }
+
+    pub fn has_device(&self, device: &str) -> bool {
+        self.devices.contains_key(device)
+    }
+
     pub fn deployment_id(&self) -> &str {
         &self.deployment_id
     }
@@ -124,8 +139,14 @@ impl Rollout {
         true
     }
 
-    /// Which chunks to send again for a device's request: only ones that exist, each once.
-    pub fn on_resend(&mut self, device: &str, request: &ResendRequest) -> Vec<(String, u32)> {
+    /// Which chunks to send again for a device's request: only ones that exist, each once,
+    /// at most `limit` of them (the agent asks again for the rest).
+    pub fn on_resend(
+        &mut self,
+        device: &str,
+        request: &ResendRequest,
+        limit: usize,
+    ) -> Vec<(String, u32)> {
         if request.deployment_id != self.deployment_id {
             return Vec::new();
         }
@@ -144,8 +165,9 @@ impl Rollout {
                     .map(|&i| (m.sha256.clone(), i)),
             );
         }
+        let out: Vec<(String, u32)> = out.into_iter().take(limit).collect();
         p.resent = p.resent.saturating_add(out.len() as u32);
-        out.into_iter().collect()
+        out
     }
 
     pub fn progress(&self, device: &str) -> Option<&DeviceProgress> {
@@ -248,6 +270,7 @@ mod tests {
                     indexes: vec![3, 1, 3, 7],
                 }],
             },
+            usize::MAX,
         );
         assert_eq!(again, vec![(sha.clone(), 1), (sha, 3)]);
         assert_eq!(r.progress("d2").expect("known").resent, 2);

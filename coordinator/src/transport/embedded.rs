@@ -89,13 +89,16 @@ impl Embedded {
         format!("mqtt://{}", connect_addr(self.addr))
     }
 
-    /// Publishes a retained message (`LinkTx::publish` cannot set the retain flag).
-    pub async fn publish_retained(
+    /// Publishes a message, retained or not (`LinkTx::publish` cannot set the retain flag).
+    /// The link's publish is QoS 0, but rumqttd forwards at the subscriber's QoS, so devices
+    /// subscribed at QoS 1 get it at QoS 1. `send` waits while the router's queue is full.
+    pub async fn publish(
         &mut self,
         topic: &str,
         payload: Vec<u8>,
+        retain: bool,
     ) -> Result<(), TransportError> {
-        let publish = Publish::new(topic.as_bytes().to_vec(), payload, true);
+        let publish = Publish::new(topic.as_bytes().to_vec(), payload, retain);
         self.link_tx
             .send(Packet::Publish(publish, None))
             .await

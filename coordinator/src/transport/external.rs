@@ -35,7 +35,11 @@ const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 enum Deferred {
     Ack(u16),
-    Publish { topic: String, payload: Vec<u8> },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
 }
 
 /// Connected (or reconnecting) client and its pump task.
@@ -112,10 +116,12 @@ impl External {
         &self.broker
     }
 
-    pub fn publish_retained(&mut self, topic: &str, payload: Vec<u8>) {
+    /// Queues a QoS 1 publish (retained or not); deferred while the client's queue is full.
+    pub fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
         self.deferred.push_back(Deferred::Publish {
             topic: topic.to_owned(),
             payload,
+            retain,
         });
         self.retry_deferred();
     }
@@ -129,6 +135,11 @@ impl External {
         !self.deferred.is_empty()
     }
 
+    /// Requests waiting for room in the client's queue.
+    pub fn deferred_len(&self) -> usize {
+        self.deferred.len()
+    }
+
     /// Sends queued requests in order until the client's queue is full.
     pub fn retry_deferred(&mut self) {
         while let Some(request) = self.deferred.pop_front() {
@@ -138,10 +149,16 @@ impl External {
                     publish.pkid = *pkid;
                     self.client.try_ack(&publish)
                 }
-                Deferred::Publish { topic, payload } => {
-                    self.client
-                        .try_publish(topic.as_str(), QoS::AtLeastOnce, true, payload.clone())
-                }
+                Deferred::Publish {
+                    topic,
+                    payload,
+                    retain,
+                } => self.client.try_publish(
+                    topic.as_str(),
+                    QoS::AtLeastOnce,
+                    *retain,
+                    payload.clone(),
+                ),
             };
             match sent {
                 Ok(()) => {}

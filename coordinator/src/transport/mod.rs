@@ -3,7 +3,8 @@
 //!
 //! Each transport runs a pump task that turns broker activity into [`Inbound`] values on a
 //! bounded channel (its capacity is the backpressure), and a [`Transport`] handle through which
-//! the service publishes its own status and acknowledges processed messages. The handle never
+//! the service publishes (its own status, deployment manifests and chunks) and acknowledges
+//! processed messages. The handle never
 //! blocks on the pump: requests the client cannot take right now are deferred and retried, so
 //! the pump (which drains those requests) and the service (which drains the channel) cannot
 //! wait on each other.
@@ -85,18 +86,37 @@ impl std::fmt::Debug for Transport {
 }
 
 impl Transport {
-    /// Publishes a retained QoS 1 message (our status).
+    /// Publishes a retained QoS 1 message (our status, deployment manifests).
     pub async fn publish_retained(
         &mut self,
         topic: &str,
         payload: Vec<u8>,
     ) -> Result<(), TransportError> {
+        self.publish(topic, payload, true).await
+    }
+
+    /// Publishes a QoS 1 message (JSON or binary), retained or not.
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), TransportError> {
         match self {
-            Transport::Embedded(e) => e.publish_retained(topic, payload).await,
+            Transport::Embedded(e) => e.publish(topic, payload, retain).await,
             Transport::External(e) => {
-                e.publish_retained(topic, payload);
+                e.publish(topic, payload, retain);
                 Ok(())
             }
+        }
+    }
+
+    /// Publishes waiting in this handle for the client's queue (0 for the embedded link, whose
+    /// `publish` waits instead). The deployment pacer sends no more chunks while any wait.
+    pub fn backlog(&self) -> usize {
+        match self {
+            Transport::Embedded(_) => 0,
+            Transport::External(e) => e.deferred_len(),
         }
     }
 

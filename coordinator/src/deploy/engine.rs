@@ -1,0 +1,724 @@
+//! The rollout engine: every active deployment, the paced queue of chunks to publish, resend
+//! requests and status reports. No I/O, no clock: the service passes the time, publishes the
+//! returned [`Action`]s, journals their events and persists [`Engine::take_dirty`]'s progress.
+//!
+//! Wire behaviour it decides:
+//! - the signed manifest is published retained on the device's (or group's) manifest topic,
+//!   so a device that connects later still gets it; a newer deployment on the same topic
+//!   replaces it (the older rollout ends as superseded), and when a rollout ends its manifest
+//!   is cleared (an empty retained message) unless a newer one took the topic;
+//! - chunks go out once, not retained, on the device's chunk topic (a group's: once on the
+//!   group chunk topic), at most `budget` per [`Engine::tick`], resends first;
+//! - a resend request is answered on the requesting device's chunk topic, with at most
+//!   [`MAX_RESEND_CHUNKS`] chunks; entries for unknown deployments, digests or indexes, and
+//!   any beyond the bound, are ignored and counted;
+//! - a rollout ends when every target device reported a final step, or when its manifest
+//!   expires.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use protocol::v1::deploy::{DeployStatus, ResendRequest, Target};
+use protocol::v1::topics;
+
+use super::package::Package;
+use super::progress::{ProgressFile, step_name, step_reason};
+use super::rollout::{DeviceProgress, Rollout};
+use crate::event::Event;
+
+/// Most chunks one resend request makes us publish. A request may list up to
+/// `MAX_RESEND_INDEXES` (2048) indexes; the agent asks again for whatever is still missing.
+pub const MAX_RESEND_CHUNKS: usize = 256;
+
+/// Something the service must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish at QoS 1. An empty retained payload clears the topic's retained message.
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    /// Journal and log.
+    Event(Event),
+}
+
+/// One chunk waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Queued {
+    deployment_id: String,
+    topic: String,
+    /// The device it is for; `None` for a group broadcast (counts for every known member).
+    device: Option<String>,
+    sha256: String,
+    index: u32,
+}
+
+struct Active {
+    package: Package,
+    rollout: Rollout,
+    manifest_topic: String,
+    /// Set for group deployments: devices of this group join the rollout.
+    group: Option<String>,
+    resends_ignored: u64,
+    finished: Option<String>,
+    /// Progress changed since the last [`Engine::take_dirty`].
+    dirty: bool,
+}
+
+/// Counts since start, for the stats line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineTotals {
+    pub chunks_sent: u64,
+    pub chunks_resent: u64,
+    pub resend_entries_ignored: u64,
+}
+
+/// Every active deployment and what is queued for them.
+#[derive(Default)]
+pub struct Engine {
+    active: BTreeMap<String, Active>,
+    /// Resend answers, sent before `initial`.
+    resends: VecDeque<Queued>,
+    initial: VecDeque<Queued>,
+    queued: HashSet<Queued>,
+    /// Manifest topic -> the deployment whose manifest is retained there.
+    retained: BTreeMap<String, String>,
+    totals: EngineTotals,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("active", &self.active.keys().collect::<Vec<_>>())
+            .field("queued", &self.queued.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// True while the deployment is known (active, or finished but not yet persisted).
+    pub fn contains(&self, deployment_id: &str) -> bool {
+        self.active.contains_key(deployment_id)
+    }
+
+    /// Deployments not finished.
+    pub fn active_count(&self) -> usize {
+        self.active
+            .values()
+            .filter(|a| a.finished.is_none())
+            .count()
+    }
+
+    /// Chunks waiting to be published.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    pub fn totals(&self) -> EngineTotals {
+        self.totals
+    }
+
+    /// Starts a new deployment: `members` are the registered devices of its group (ignored
+    /// for a device target). Publishes the retained manifest and queues every chunk once.
+    pub fn start(&mut self, package: Package, members: Vec<String>, now_ms: u64) -> Vec<Action> {
+        let id = package.manifest.deployment_id.clone();
+        if self.active.contains_key(&id) {
+            return Vec::new();
+        }
+        let (devices, chunk_topic, group) = match &package.manifest.target {
+            Target::Device(d) => (vec![d.clone()], topics::deploy_chunk(d), None),
+            Target::Group(g) => (members, topics::group_deploy_chunk(g), Some(g.clone())),
+        };
+        let rollout = Rollout::new(&package.manifest, devices);
+        let chunks: Vec<(String, u32)> = package
+            .chunks()
+            .map(|c| (c.sha256.clone(), c.index))
+            .collect();
+        let mut out = self.insert(package, rollout, group, 0, false);
+        for (sha256, index) in chunks {
+            self.enqueue(
+                false,
+                Queued {
+                    deployment_id: id.clone(),
+                    topic: chunk_topic.clone(),
+                    device: None,
+                    sha256,
+                    index,
+                },
+            );
+        }
+        out.extend(self.check_expiry(&id, now_ms));
+        out
+    }
+
+    /// Resumes a deployment after a restart from its progress file: republishes the retained
+    /// manifest (an embedded broker forgot it) but no chunks; agents ask for what they lack.
+    pub fn resume(&mut self, package: Package, progress: ProgressFile, now_ms: u64) -> Vec<Action> {
+        let id = package.manifest.deployment_id.clone();
+        if self.active.contains_key(&id) {
+            return Vec::new();
+        }
+        let group = match &package.manifest.target {
+            Target::Group(g) => Some(g.clone()),
+            Target::Device(_) => None,
+        };
+        let rollout = Rollout::restore(&package.manifest, progress.devices);
+        let mut out = self.insert(package, rollout, group, progress.resends_ignored, true);
+        out.extend(self.check_expiry(&id, now_ms));
+        out
+    }
+
+    fn insert(
+        &mut self,
+        package: Package,
+        rollout: Rollout,
+        group: Option<String>,
+        resends_ignored: u64,
+        resumed: bool,
+    ) -> Vec<Action> {
+        let id = package.manifest.deployment_id.clone();
+        let manifest_topic = match &package.manifest.target {
+            Target::Device(d) => topics::deploy_manifest(d),
+            Target::Group(g) => topics::group_deploy_manifest(g),
+        };
+        let mut out = Vec::new();
+        // The topic's retained manifest is about to be replaced: the older rollout ends
+        // without clearing it.
+        if let Some(older) = self.retained.insert(manifest_topic.clone(), id.clone())
+            && older != id
+        {
+            out.extend(self.finish(&older, format!("superseded by deployment {id}")));
+        }
+        out.push(Action::Publish {
+            topic: manifest_topic.clone(),
+            payload: package.manifest_payload(),
+            retain: true,
+        });
+        out.push(Action::Event(Event::DeploymentStarted {
+            deployment_id: id.clone(),
+            version: package.manifest.version,
+            target: package.manifest.target.to_string(),
+            devices: rollout.devices().map(|(d, _)| d.to_owned()).collect(),
+            resumed,
+        }));
+        self.active.insert(
+            id,
+            Active {
+                package,
+                rollout,
+                manifest_topic,
+                group,
+                resends_ignored,
+                finished: None,
+                dirty: true,
+            },
+        );
+        out
+    }
+
+    /// A device registered with `groups`: it joins the active rollouts to those groups (its
+    /// agent gets the retained group manifest by itself).
+    pub fn on_registered(&mut self, device: &str, groups: &[String]) {
+        for a in self.active.values_mut() {
+            if a.finished.is_none()
+                && a.group.as_ref().is_some_and(|g| groups.contains(g))
+                && !a.rollout.has_device(device)
+            {
+                a.rollout.add_device(device.to_owned());
+                a.dirty = true;
+            }
+        }
+    }
+
+    /// A (not duplicate) status report with envelope id `id`. Always journaled; it moves the
+    /// rollout only if the deployment is active and the device is (or may become) a target.
+    pub fn on_status(
+        &mut self,
+        device: &str,
+        id: &str,
+        status: &DeployStatus,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let (received, total) = match status.step {
+            protocol::v1::deploy::Step::Downloading { received, total } => {
+                (Some(received), Some(total))
+            }
+            _ => (None, None),
+        };
+        let mut out = vec![Action::Event(Event::Deploy {
+            device: device.to_owned(),
+            id: id.to_owned(),
+            deployment_id: status.deployment_id.clone(),
+            version: status.version,
+            step: step_name(&status.step),
+            reason: step_reason(&status.step).map(str::to_owned),
+            received,
+            total,
+        })];
+        let Some(a) = self
+            .active
+            .get_mut(&status.deployment_id)
+            .filter(|a| a.finished.is_none())
+        else {
+            return out;
+        };
+        if a.group.is_some() && !a.rollout.has_device(device) {
+            a.rollout.add_device(device.to_owned());
+        }
+        if a.rollout.on_status(device, status) {
+            a.dirty = true;
+        }
+        if a.rollout.is_finished() {
+            out.extend(self.finish(&status.deployment_id, "every device is final".into()));
+        }
+        out.extend(self.check_expiry(&status.deployment_id, now_ms));
+        out
+    }
+
+    /// A resend request from `device`: queues the valid chunks (bounded) on its chunk topic.
+    pub fn on_resend(&mut self, device: &str, request: &ResendRequest) -> Vec<Action> {
+        let asked: usize = request.artifacts.iter().map(|m| m.indexes.len()).sum();
+        let id = request.deployment_id.clone();
+        let chunks = match self.active.get_mut(&id).filter(|a| a.finished.is_none()) {
+            Some(a) if a.group.is_some() || a.rollout.has_device(device) => {
+                if !a.rollout.has_device(device) {
+                    a.rollout.add_device(device.to_owned());
+                }
+                let chunks = a.rollout.on_resend(device, request, MAX_RESEND_CHUNKS);
+                a.resends_ignored += (asked - chunks.len()) as u64;
+                a.dirty = true;
+                chunks
+            }
+            // Unknown or finished deployment, or a device that is not its target.
+            _ => Vec::new(),
+        };
+        let ignored = asked - chunks.len();
+        self.totals.resend_entries_ignored += ignored as u64;
+        let topic = topics::deploy_chunk(device);
+        let count = chunks.len();
+        for (sha256, index) in chunks {
+            self.enqueue(
+                true,
+                Queued {
+                    deployment_id: id.clone(),
+                    topic: topic.clone(),
+                    device: Some(device.to_owned()),
+                    sha256,
+                    index,
+                },
+            );
+        }
+        vec![Action::Event(Event::DeployResend {
+            device: device.to_owned(),
+            deployment_id: id,
+            chunks: count as u32,
+            ignored: ignored as u32,
+        })]
+    }
+
+    fn enqueue(&mut self, resend: bool, q: Queued) {
+        // Already waiting (a repeated request): one publish answers both.
+        if self.queued.insert(q.clone()) {
+            if resend {
+                self.resends.push_back(q);
+            } else {
+                self.initial.push_back(q);
+            }
+        }
+    }
+
+    /// Ends expired rollouts, then publishes at most `budget` queued chunks, resends first.
+    pub fn tick(&mut self, now_ms: u64, budget: usize) -> Vec<Action> {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in &ids {
+            out.extend(self.check_expiry(id, now_ms));
+        }
+        let mut sent = 0;
+        while sent < budget {
+            let (q, resend) = match self.resends.pop_front() {
+                Some(q) => (q, true),
+                None => match self.initial.pop_front() {
+                    Some(q) => (q, false),
+                    None => break,
+                },
+            };
+            self.queued.remove(&q);
+            let Some(a) = self
+                .active
+                .get_mut(&q.deployment_id)
+                .filter(|a| a.finished.is_none())
+            else {
+                continue;
+            };
+            // Our own package: a chunk that cannot be built or encoded is skipped, never sent
+            // malformed (it does not happen for a package that passed `from_signed`).
+            let Some(payload) = a
+                .package
+                .chunk(&q.sha256, q.index)
+                .and_then(|c| c.encode().ok())
+            else {
+                continue;
+            };
+            match &q.device {
+                Some(d) => a.rollout.on_chunk_sent(d, &q.sha256, q.index),
+                None => {
+                    let devices: Vec<String> =
+                        a.rollout.devices().map(|(d, _)| d.to_owned()).collect();
+                    for d in devices {
+                        a.rollout.on_chunk_sent(&d, &q.sha256, q.index);
+                    }
+                }
+            }
+            a.dirty = true;
+            if resend {
+                self.totals.chunks_resent += 1;
+            } else {
+                self.totals.chunks_sent += 1;
+            }
+            sent += 1;
+            out.push(Action::Publish {
+                topic: q.topic,
+                payload,
+                retain: false,
+            });
+        }
+        out
+    }
+
+    fn check_expiry(&mut self, id: &str, now_ms: u64) -> Vec<Action> {
+        match self.active.get(id) {
+            Some(a) if a.finished.is_none() && now_ms >= a.package.manifest.expires_ms => {
+                self.finish(id, "the manifest expired".into())
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn finish(&mut self, id: &str, reason: String) -> Vec<Action> {
+        let Some(a) = self.active.get_mut(id).filter(|a| a.finished.is_none()) else {
+            return Vec::new();
+        };
+        a.finished = Some(reason.clone());
+        a.dirty = true;
+        let summary = a.rollout.summary();
+        let mut out = Vec::new();
+        if self.retained.get(&a.manifest_topic).map(String::as_str) == Some(id) {
+            self.retained.remove(&a.manifest_topic);
+            out.push(Action::Publish {
+                topic: a.manifest_topic.clone(),
+                payload: Vec::new(),
+                retain: true,
+            });
+        }
+        out.push(Action::Event(Event::DeploymentFinished {
+            deployment_id: id.to_owned(),
+            version: a.package.manifest.version,
+            reason,
+            healthy: summary.healthy,
+            failed: summary.failed,
+            in_progress: summary.in_progress,
+        }));
+        self.resends.retain(|q| q.deployment_id != id);
+        self.initial.retain(|q| q.deployment_id != id);
+        self.queued.retain(|q| q.deployment_id != id);
+        out
+    }
+
+    /// Progress of every rollout that changed since the last call; finished rollouts are
+    /// forgotten once returned here.
+    pub fn take_dirty(&mut self, now_ms: u64) -> Vec<ProgressFile> {
+        let mut out = Vec::new();
+        for a in self.active.values_mut().filter(|a| a.dirty) {
+            a.dirty = false;
+            out.push(progress_file(a, now_ms));
+        }
+        self.active.retain(|_, a| a.finished.is_none());
+        out
+    }
+}
+
+fn progress_file(a: &Active, now_ms: u64) -> ProgressFile {
+    let m = &a.package.manifest;
+    ProgressFile {
+        deployment_id: m.deployment_id.clone(),
+        version: m.version,
+        target: m.target.clone(),
+        expires_ms: m.expires_ms,
+        total_bytes: a.package.blobs().map(|(_, b)| b.len() as u64).sum(),
+        chunk_total: a.package.chunk_total(),
+        devices: a
+            .rollout
+            .devices()
+            .map(|(d, p): (&str, &DeviceProgress)| (d.to_owned(), p.clone()))
+            .collect(),
+        resends_ignored: a.resends_ignored,
+        finished: a.finished.clone(),
+        updated_ms: now_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::package::{ArtifactFile, PackageSpec};
+    use protocol::v1::deploy::{
+        Chunk, DeployKind, HealthCheck, MissingChunks, SigningKey, Step, sha256_hex,
+    };
+
+    const BYTES: [u8; 35] = [7; 35];
+
+    fn package(id: &str, target: Target) -> Package {
+        Package::build(
+            PackageSpec {
+                deployment_id: id.into(),
+                target,
+                version: 2,
+                now_ms: 0,
+                ttl_ms: 10_000,
+                kind: DeployKind::Pipeline,
+                pipeline_toml: Some(String::new()),
+                chunk_size: 10,
+                health: HealthCheck {
+                    messages: 0,
+                    seconds: 0,
+                },
+            },
+            vec![ArtifactFile {
+                name: "a.wasm".into(),
+                version: "1".into(),
+                bytes: BYTES.to_vec(),
+            }],
+            &SigningKey::from_bytes(&[9; 32]),
+        )
+        .expect("builds")
+    }
+
+    fn publishes(actions: &[Action]) -> Vec<(String, usize, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish {
+                    topic,
+                    payload,
+                    retain,
+                } => Some((topic.clone(), payload.len(), *retain)),
+                Action::Event(_) => None,
+            })
+            .collect()
+    }
+
+    fn chunk_indexes(actions: &[Action]) -> Vec<u32> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish {
+                    payload,
+                    retain: false,
+                    ..
+                } => Chunk::decode(payload).ok().map(|c| c.index),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn status(id: &str, step: Step) -> DeployStatus {
+        DeployStatus {
+            deployment_id: id.into(),
+            version: 2,
+            step,
+        }
+    }
+
+    fn resend(id: &str, sha: &str, indexes: Vec<u32>) -> ResendRequest {
+        ResendRequest {
+            deployment_id: id.into(),
+            artifacts: vec![MissingChunks {
+                sha256: sha.into(),
+                indexes,
+            }],
+        }
+    }
+
+    #[test]
+    fn device_rollout_publishes_retained_manifest_paces_chunks_and_finishes() {
+        let mut e = Engine::default();
+        let out = e.start(package("dep-1", Target::Device("d1".into())), vec![], 0);
+        let p = publishes(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, topics::deploy_manifest("d1"));
+        assert!(p[0].2, "manifest is retained");
+        assert_eq!(e.queued(), 4);
+
+        let first = e.tick(1, 3);
+        assert_eq!(chunk_indexes(&first), vec![0, 1, 2]);
+        assert!(
+            publishes(&first)
+                .iter()
+                .all(|(t, _, r)| *t == topics::deploy_chunk("d1") && !r)
+        );
+        assert_eq!(chunk_indexes(&e.tick(2, 3)), vec![3]);
+        assert!(e.tick(3, 3).is_empty());
+
+        let out = e.on_status(
+            "d1",
+            "m1",
+            &status(
+                "dep-1",
+                Step::RolledBack {
+                    reason: "trap".into(),
+                },
+            ),
+            4,
+        );
+        // Journaled, the retained manifest cleared, the rollout finished.
+        assert!(
+            matches!(&out[0], Action::Event(Event::Deploy { step: "rolled_back", reason: Some(r), .. }) if r == "trap")
+        );
+        assert_eq!(
+            publishes(&out),
+            vec![(topics::deploy_manifest("d1"), 0, true)]
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Action::Event(Event::DeploymentFinished { failed: 1, .. }))
+        ));
+        let dirty = e.take_dirty(5);
+        assert_eq!(dirty.len(), 1);
+        assert_eq!(dirty[0].finished.as_deref(), Some("every device is final"));
+        assert!(!e.contains("dep-1"));
+        // A late duplicate-free report is still journaled, nothing else.
+        assert_eq!(
+            e.on_status("d1", "m2", &status("dep-1", Step::Healthy), 6)
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn resends_are_validated_bounded_and_go_first_to_the_device() {
+        let mut e = Engine::default();
+        let sha = sha256_hex(&BYTES);
+        e.start(
+            package("dep-1", Target::Group("lab".into())),
+            vec!["d1".into()],
+            0,
+        );
+        // Group chunks go once to the group topic.
+        let out = e.tick(1, 1);
+        assert_eq!(publishes(&out)[0].0, topics::group_deploy_chunk("lab"));
+
+        let out = e.on_resend("d2", &resend("dep-1", &sha, vec![3, 1, 1, 99]));
+        // d2 is not known yet but may be a group member; 99 and the repeat are ignored.
+        assert!(matches!(
+            &out[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 2,
+                ignored: 2,
+                ..
+            })]
+        ));
+        let out = e.tick(2, 2);
+        assert_eq!(chunk_indexes(&out), vec![1, 3]);
+        assert!(
+            publishes(&out)
+                .iter()
+                .all(|(t, _, _)| *t == topics::deploy_chunk("d2"))
+        );
+        for bad in [
+            resend("dep-0", &sha, vec![0]),
+            resend("dep-1", &"0".repeat(64), vec![0]),
+        ] {
+            assert!(matches!(
+                &e.on_resend("d1", &bad)[..],
+                [Action::Event(Event::DeployResend {
+                    chunks: 0,
+                    ignored: 1,
+                    ..
+                })]
+            ));
+        }
+        let many: Vec<u32> = (0..5000).map(|i| i % 4).collect();
+        assert!(matches!(
+            &e.on_resend("d1", &resend("dep-1", &sha, many))[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 4,
+                ignored: 4996,
+                ..
+            })]
+        ));
+        let progress = e.take_dirty(3);
+        assert_eq!(progress[0].resends_ignored, 2 + 1 + 4996);
+        assert_eq!(
+            progress[0].devices.keys().collect::<Vec<_>>(),
+            vec!["d1", "d2"]
+        );
+        assert_eq!(e.totals().resend_entries_ignored, 2 + 2 + 4996);
+    }
+
+    #[test]
+    fn device_target_ignores_other_devices_and_expires() {
+        let mut e = Engine::default();
+        let sha = sha256_hex(&BYTES);
+        e.start(package("dep-1", Target::Device("d1".into())), vec![], 0);
+        assert!(matches!(
+            &e.on_resend("d9", &resend("dep-1", &sha, vec![0]))[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 0,
+                ignored: 1,
+                ..
+            })]
+        ));
+        let out = e.tick(10_000, 8);
+        assert!(chunk_indexes(&out).is_empty(), "nothing sent after expiry");
+        assert!(out.iter().any(|a| matches!(a, Action::Event(Event::DeploymentFinished { reason, .. }) if reason.contains("expired"))));
+    }
+
+    #[test]
+    fn group_members_join_and_a_newer_deployment_supersedes() {
+        let mut e = Engine::default();
+        e.start(package("dep-1", Target::Group("lab".into())), vec![], 0);
+        e.on_registered("d1", &["lab".into()]);
+        e.on_registered("d2", &["other".into()]);
+        e.on_status("d3", "m1", &status("dep-1", Step::Verifying), 1);
+        let p = e.take_dirty(1);
+        assert_eq!(p[0].devices.keys().collect::<Vec<_>>(), vec!["d1", "d3"]);
+
+        let out = e.start(package("dep-2", Target::Group("lab".into())), vec![], 2);
+        // The older one ends without clearing the topic the newer manifest now holds.
+        assert_eq!(
+            publishes(&out),
+            vec![(
+                topics::group_deploy_manifest("lab"),
+                publishes(&out)[0].1,
+                true
+            )]
+        );
+        assert!(out.iter().any(|a| matches!(a, Action::Event(Event::DeploymentFinished { deployment_id, .. }) if deployment_id == "dep-1")));
+        assert_eq!(e.active_count(), 1);
+        // Only dep-2's chunks remain queued.
+        assert_eq!(e.queued(), 4);
+    }
+
+    #[test]
+    fn resume_republishes_the_manifest_without_chunks() {
+        let mut e = Engine::default();
+        e.start(package("dep-1", Target::Device("d1".into())), vec![], 0);
+        e.tick(1, 2);
+        let saved = e.take_dirty(1).remove(0);
+        assert_eq!(saved.devices["d1"].chunks_sent, 2);
+
+        let mut e = Engine::default();
+        let out = e.resume(package("dep-1", Target::Device("d1".into())), saved, 2);
+        assert_eq!(publishes(&out).len(), 1);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event::DeploymentStarted { resumed: true, .. })
+        )));
+        assert_eq!(e.queued(), 0);
+        let sha = sha256_hex(&BYTES);
+        e.on_resend("d1", &resend("dep-1", &sha, vec![2, 3]));
+        assert_eq!(chunk_indexes(&e.tick(3, 8)), vec![2, 3]);
+        assert_eq!(e.take_dirty(4)[0].devices["d1"].chunks_sent, 4);
+    }
+}
