@@ -320,6 +320,7 @@ impl Core {
             mem_total_bytes: t.mem_total_bytes,
             agent_rss_bytes: t.agent_rss_bytes,
             outbox_depth: t.outbox.depth,
+            pipeline: t.pipeline.clone().map(Box::new),
         };
         // After an outage the outbox replays old samples; keep the newest by the device clock.
         if r.telemetry

@@ -50,6 +50,9 @@ pub enum Event {
         mem_total_bytes: u64,
         agent_rss_bytes: u64,
         outbox_depth: [u64; 4],
+        /// The running pipeline's per-stage figures, when one runs.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pipeline: Option<Box<protocol::v1::PipelineTelemetry>>,
     },
     /// An application message from a device's local API.
     Data {

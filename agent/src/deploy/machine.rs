@@ -216,6 +216,10 @@ impl Deployer {
         }
     }
 
+    pub fn config(&self) -> &DeployConfig {
+        &self.config
+    }
+
     /// The pipeline that runs when no deployment is being checked.
     pub fn installed(&self) -> Option<&Manifest> {
         self.state.installed.as_ref()
@@ -302,26 +306,27 @@ impl Deployer {
         {
             return vec![report(&manifest, Step::Healthy)];
         }
-        let key = target_key(&manifest.target);
-        if let Some(&v) = self.state.committed.get(&key)
+        // One version sequence per device, whatever the target: a device deployment must
+        // not downgrade what a group deployment installed, nor retry a failed version.
+        if let Some((t, &v)) = self.state.committed.iter().max_by_key(|(_, v)| **v)
             && manifest.version <= v
         {
             return vec![reject(
                 Some(&manifest),
                 &format!(
-                    "version {} is not newer than installed version {v} for {}",
-                    manifest.version, manifest.target
+                    "version {} is not newer than installed version {v} (deployed to {t})",
+                    manifest.version
                 ),
             )];
         }
-        if let Some(&v) = self.state.attempted.get(&key)
+        if let Some((t, &v)) = self.state.attempted.iter().max_by_key(|(_, v)| **v)
             && manifest.version <= v
         {
             return vec![reject(
                 Some(&manifest),
                 &format!(
-                    "version {} is not newer than version {v} already attempted for {}",
-                    manifest.version, manifest.target
+                    "version {} is not newer than version {v} already attempted (deployed to {t})",
+                    manifest.version
                 ),
             )];
         }
@@ -350,7 +355,9 @@ impl Deployer {
                 },
             ));
         }
-        self.state.attempted.insert(key, manifest.version);
+        self.state
+            .attempted
+            .insert(target_key(&manifest.target), manifest.version);
         let mut transfers: Vec<Transfer> = Vec::new();
         for a in &manifest.artifacts {
             // A module used twice travels once; one already stored does not travel at all.

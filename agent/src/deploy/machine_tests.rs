@@ -292,7 +292,22 @@ fn version_lower_or_equal_to_the_installed_one_is_rejected() {
     let equal = deployment("dep-3b", 3, &[("a.wasm", &a)]);
     assert_rejected(
         &d.on_manifest(&sign(&equal, &key()), NOW, &store),
-        "version 3 is not newer than installed version 3 for device d1",
+        "version 3 is not newer than installed version 3 (deployed to device:d1)",
+    );
+    // The floor holds across targets: a group deployment cannot downgrade the device.
+    let mut via_group = deployment("dep-2g", 2, &[("a.wasm", &a)]);
+    via_group.target = Target::Group("lab".into());
+    let mut d_lab = Deployer::from_bytes(
+        DeployConfig {
+            groups: vec!["lab".into()],
+            ..d.config().clone()
+        },
+        &d.to_bytes(),
+    )
+    .expect("state round trip");
+    assert_rejected(
+        &d_lab.on_manifest(&sign(&via_group, &key()), NOW, &store),
+        "not newer than installed version 3",
     );
     let lower = deployment("dep-2", 2, &[("a.wasm", &a)]);
     assert_rejected(

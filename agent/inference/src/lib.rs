@@ -1,0 +1,36 @@
+//! ONNX inference for the edge agent, on ONNX Runtime through `ort` (`load-dynamic`).
+//!
+//! The facade, in the order the agent uses it:
+//!
+//! 1. [`Runtime::load`] finds and loads `libonnxruntime.so` ([`InferenceConfig::library`],
+//!    `ORT_DYLIB_PATH`, next to the executable, the workspace's `target/ort/`). Without it, a
+//!    typed [`RuntimeError::Unavailable`] lists every path tried; the agent keeps running WASM
+//!    pipelines and reports inference as unavailable.
+//! 2. [`ModelRegistry::install`] loads a model on the first preferred [`Provider`] that really
+//!    takes it, health-checks it, and swaps it in without dropping requests in flight;
+//!    [`Model::provider_report`] says where it runs and why the others were skipped.
+//! 3. [`ModelRegistry::run`] / [`Model::run`] take and return [`Tensor`]s, the WIT contract's
+//!    tensor record (`modules/wit/types.wit`).
+//! 4. [`patch_initializers`] applies new weights (federated learning); [`read_initializers`]
+//!    reads them.
+//!
+//! [`Batcher`] is the pure batching core of the pipeline's inference stage; [`onnx_builder`]
+//! builds small models for tests and benchmarks.
+
+mod batcher;
+mod model;
+pub mod onnx;
+pub mod onnx_builder;
+mod patch;
+mod provider;
+mod registry;
+mod runtime;
+mod tensor;
+
+pub use batcher::Batcher;
+pub use model::{IoInfo, Model, ModelError};
+pub use patch::{PatchError, patch_initializers, read_initializers};
+pub use provider::{Placement, Provider, ProviderReport, Skipped};
+pub use registry::{Installed, ModelRegistry, RegistryError};
+pub use runtime::{Attempt, InferenceConfig, Runtime, RuntimeError, workspace_library};
+pub use tensor::{DType, Tensor, TensorError};

@@ -1,0 +1,153 @@
+//! Weight patching: replace named initializers of an ONNX model with new tensors (federated
+//! learning applies each new global model this way), and read them back.
+//!
+//! Invariant: everything but the replaced initializers is copied byte for byte. The model is
+//! split into raw protobuf fields ([`crate::onnx::raw_fields`]); only the graph's initializer
+//! fields are decoded, and only those being replaced are re-encoded. Decoding the whole model
+//! through our partial prost structs would silently drop the fields they do not declare.
+//! Only the main graph's initializers are patchable (not those inside If/Loop subgraphs).
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::onnx::{self, GRAPH_INITIALIZER_FIELD, MODEL_GRAPH_FIELD, TensorProto};
+use crate::tensor::{DType, Tensor, TensorError};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    #[error("model is not valid onnx: {0}")]
+    Decode(String),
+    #[error("model has no graph")]
+    NoGraph,
+    #[error("initializer {name} is not in the model (it has: {available})")]
+    UnknownName { name: String, available: String },
+    #[error("initializer {name} given twice")]
+    Duplicate { name: String },
+    #[error("initializer {name}: the model has dtype {expected}, the update has {got}")]
+    DType {
+        name: String,
+        expected: String,
+        got: DType,
+    },
+    #[error("initializer {name}: the model has shape {expected:?}, the update has {got:?}")]
+    Shape {
+        name: String,
+        expected: Vec<i64>,
+        got: Vec<u32>,
+    },
+    #[error("initializer {name}: {source}")]
+    Tensor { name: String, source: TensorError },
+}
+
+fn decode_err(e: prost::DecodeError) -> PatchError {
+    PatchError::Decode(e.to_string())
+}
+
+/// Returns `model` with each named initializer replaced by its tensor. Names must exist, and
+/// dtype and shape must match the initializer being replaced; nothing is written on any error.
+pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Vec<u8>, PatchError> {
+    let mut pending: BTreeMap<&str, &Tensor> = BTreeMap::new();
+    for (name, t) in updates {
+        if pending.insert(name, t).is_some() {
+            return Err(PatchError::Duplicate {
+                name: (*name).to_owned(),
+            });
+        }
+    }
+    let mut seen_names = Vec::new();
+    let mut out = Vec::with_capacity(model.len());
+    let mut saw_graph = false;
+    for field in onnx::raw_fields(model).map_err(PatchError::Decode)? {
+        if field.number != MODEL_GRAPH_FIELD {
+            out.extend_from_slice(field.bytes);
+            continue;
+        }
+        saw_graph = true;
+        let mut graph = Vec::with_capacity(field.payload.len());
+        for g in onnx::raw_fields(field.payload).map_err(PatchError::Decode)? {
+            if g.number != GRAPH_INITIALIZER_FIELD {
+                graph.extend_from_slice(g.bytes);
+                continue;
+            }
+            let init = TensorProto::decode(g.payload).map_err(decode_err)?;
+            match pending.remove(init.name.as_str()) {
+                Some(update) => {
+                    check(&init, update)?;
+                    onnx::put_len_field(
+                        &mut graph,
+                        GRAPH_INITIALIZER_FIELD,
+                        &update.to_onnx(&init.name).encode_to_vec(),
+                    );
+                }
+                None => graph.extend_from_slice(g.bytes),
+            }
+            seen_names.push(init.name);
+        }
+        onnx::put_len_field(&mut out, MODEL_GRAPH_FIELD, &graph);
+    }
+    if !saw_graph {
+        return Err(PatchError::NoGraph);
+    }
+    if let Some(name) = pending.keys().next() {
+        let mut available = seen_names[..seen_names.len().min(20)].join(", ");
+        if seen_names.len() > 20 {
+            available.push_str(&format!(", ... ({} in all)", seen_names.len()));
+        }
+        return Err(PatchError::UnknownName {
+            name: (*name).to_owned(),
+            available,
+        });
+    }
+    Ok(out)
+}
+
+fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {
+    if init.data_type != update.dtype().onnx_code() {
+        return Err(PatchError::DType {
+            name: init.name.clone(),
+            expected: DType::from_onnx_code(init.data_type).map_or_else(
+                || format!("onnx type {}", init.data_type),
+                |d| d.to_string(),
+            ),
+            got: update.dtype(),
+        });
+    }
+    let same_shape = init.dims.len() == update.shape().len()
+        && init
+            .dims
+            .iter()
+            .zip(update.shape())
+            .all(|(&a, &b)| a == i64::from(b));
+    if !same_shape {
+        return Err(PatchError::Shape {
+            name: init.name.clone(),
+            expected: init.dims.clone(),
+            got: update.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// The main graph's initializers, in file order (e.g. to send the local weights in a
+/// federated round).
+pub fn read_initializers(model: &[u8]) -> Result<Vec<(String, Tensor)>, PatchError> {
+    let mut found = Vec::new();
+    for field in onnx::raw_fields(model).map_err(PatchError::Decode)? {
+        if field.number != MODEL_GRAPH_FIELD {
+            continue;
+        }
+        for g in onnx::raw_fields(field.payload).map_err(PatchError::Decode)? {
+            if g.number != GRAPH_INITIALIZER_FIELD {
+                continue;
+            }
+            let init = TensorProto::decode(g.payload).map_err(decode_err)?;
+            let t = Tensor::from_onnx(&init).map_err(|source| PatchError::Tensor {
+                name: init.name.clone(),
+                source,
+            })?;
+            found.push((init.name, t));
+        }
+    }
+    Ok(found)
+}

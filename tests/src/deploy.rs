@@ -1,0 +1,124 @@
+//! Deployments from the test side: a signing key from `edge-coordinator keygen`, a pipeline
+//! directory with real modules copied in, and `edge-coordinator deploy` runs whose exit status
+//! and per-device lines the test reads.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::bins::coordinator_bin;
+use crate::coordinator::Coordinator;
+use crate::process::ensure_dir;
+
+/// The built guest modules (`cargo xtask modules` builds them; so does `cargo xtask test`).
+pub fn wasm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/target/wasm32-wasip2/release")
+}
+
+/// A private key file and its public key (hex, for the agents' `trusted_keys`).
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    pub path: PathBuf,
+    pub public_hex: String,
+}
+
+impl SigningKey {
+    /// Runs `edge-coordinator keygen --out PATH`.
+    pub fn generate(path: &Path) -> Result<SigningKey> {
+        if let Some(dir) = path.parent() {
+            ensure_dir(dir)?;
+        }
+        let out = Command::new(coordinator_bin()?)
+            .args(["keygen", "--out"])
+            .arg(path)
+            .output()
+            .context("cannot run edge-coordinator keygen")?;
+        if !out.status.success() {
+            bail!("keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let public_hex = String::from_utf8(out.stdout)?.trim().to_owned();
+        Ok(SigningKey {
+            path: path.to_owned(),
+            public_hex,
+        })
+    }
+}
+
+/// A directory with a pipeline description and the modules it names (copied from the
+/// built modules, under the names the description uses).
+#[derive(Debug, Clone)]
+pub struct PipelineDir {
+    pub toml: PathBuf,
+}
+
+impl PipelineDir {
+    /// Writes `text` as `DIR/pipeline.toml` and copies each `(artifact, name)` module:
+    /// `modules/target/.../ARTIFACT.wasm` to `DIR/NAME`.
+    pub fn create(dir: &Path, text: &str, modules: &[(&str, &str)]) -> Result<PipelineDir> {
+        ensure_dir(dir)?;
+        for (artifact, name) in modules {
+            let from = wasm_dir().join(format!("{artifact}.wasm"));
+            let to = dir.join(name);
+            if let Some(parent) = to.parent() {
+                ensure_dir(parent)?;
+            }
+            std::fs::copy(&from, &to).with_context(|| {
+                format!(
+                    "cannot copy {} (build the modules: cargo xtask modules)",
+                    from.display()
+                )
+            })?;
+        }
+        let toml = dir.join("pipeline.toml");
+        std::fs::write(&toml, text).with_context(|| format!("cannot write {}", toml.display()))?;
+        Ok(PipelineDir { toml })
+    }
+}
+
+/// What one `edge-coordinator deploy` run printed.
+#[derive(Debug)]
+pub struct DeployRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl DeployRun {
+    /// The final line the command printed for `device` (`DEV: healthy`, `DEV: rolled back: ..`).
+    pub fn outcome(&self, device: &str) -> Option<&str> {
+        let prefix = format!("{device}: ");
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+}
+
+/// Runs `edge-coordinator deploy TARGET PIPELINE --key K --version V ARGS..` against the
+/// coordinator's state dir and waits for it (it waits for the rollout, bounded by
+/// `--timeout-s`, which callers should pass).
+pub fn deploy(
+    coord: &Coordinator,
+    target: &[&str],
+    pipeline: &PipelineDir,
+    key: &SigningKey,
+    version: u64,
+    args: &[&str],
+) -> Result<DeployRun> {
+    let out = Command::new(coordinator_bin()?)
+        .arg("deploy")
+        .args(target)
+        .arg(&pipeline.toml)
+        .arg("--key")
+        .arg(&key.path)
+        .args(["--version", &version.to_string(), "--state-dir"])
+        .arg(coord.state_dir())
+        .args(args)
+        .output()
+        .context("cannot run edge-coordinator deploy")?;
+    Ok(DeployRun {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
