@@ -1,7 +1,8 @@
 //! Wires the agent's parts together and owns their lifetimes.
 //!
-//! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox) and the local API
-//! (socket -> outbox). Each is spawned here, told to stop through one watch channel, and
+//! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox), the local API
+//! (socket -> outbox) and the deploy task (pipelines, models). ONNX Runtime is loaded once
+//! here, before any of them. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time.
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::dataset::{Dataset, DatasetError};
 use crate::deploy::task::{self, DeployTask, TaskError};
+use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox, OutboxError};
 use crate::pipeline::{Deps, LocalFiles, PipelineSpec, RunningSlot};
 use crate::sandbox::{Sandbox, SandboxError};
@@ -74,23 +76,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         outbox.clone(),
     )?;
 
-    let boot_id = format!("{:016x}", rand::random::<u64>());
-    let registration = Registration {
-        agent_version: AGENT_VERSION.into(),
-        hostname: sysinfo::System::host_name().unwrap_or_default(),
-        os: sysinfo::System::long_os_version().unwrap_or_else(|| std::env::consts::OS.into()),
-        arch: std::env::consts::ARCH.into(),
-        boot_id: boot_id.clone(),
-        started_ms: protocol::v1::now_ms(),
-        capabilities: vec![
-            "outbox".into(),
-            "telemetry".into(),
-            "local-api".into(),
-            "pipeline".into(),
-            "deploy".into(),
-        ],
-        groups: cfg.deploy.groups.clone(),
+    // Loaded once, on a blocking thread (dlopen and the ort environment); without a library
+    // the agent goes on with WASM pipelines and says why in its registration and telemetry.
+    let inference = {
+        let icfg = cfg.inference.clone();
+        tokio::task::spawn_blocking(move || Inference::load(&icfg))
+            .await
+            .unwrap_or_else(|e| {
+                Inference::unavailable(format!("loading the runtime panicked: {e}"))
+            })
     };
+    let boot_id = format!("{:016x}", rand::random::<u64>());
+    let registration = registration(&cfg, &inference, &boot_id);
     let reg = NewMessage {
         class: Class::Control,
         topic: topics::register(&device),
@@ -131,6 +128,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         dataset,
         device: device.clone(),
         runtime: tokio::runtime::Handle::current(),
+        inference: inference.clone(),
     };
     let deploy_task = DeployTask::new(
         deployer,
@@ -157,6 +155,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             Duration::from_secs(cfg.telemetry.interval_s),
             outbox.clone(),
             slot.clone(),
+            inference.clone(),
             stop_rx.clone(),
         ))
     });
@@ -202,6 +201,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
 }
 
+/// What the agent says about itself at every start.
+fn registration(cfg: &Config, inference: &Inference, boot_id: &str) -> Registration {
+    let mut capabilities: Vec<String> = ["outbox", "telemetry", "local-api", "pipeline", "deploy"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if inference.status().available {
+        capabilities.push("inference".into());
+    }
+    Registration {
+        agent_version: AGENT_VERSION.into(),
+        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        os: sysinfo::System::long_os_version().unwrap_or_else(|| std::env::consts::OS.into()),
+        arch: std::env::consts::ARCH.into(),
+        boot_id: boot_id.to_owned(),
+        started_ms: protocol::v1::now_ms(),
+        capabilities,
+        groups: cfg.deploy.groups.clone(),
+        inference: inference.status().clone(),
+    }
+}
+
 /// Reads and checks `[pipeline] file`, so a broken local pipeline stops the agent at start
 /// with the reason instead of leaving a device silently idle.
 fn local_pipeline(cfg: &Config) -> Result<Option<(PipelineSpec, LocalFiles)>, AgentError> {
@@ -220,4 +241,23 @@ fn local_pipeline(cfg: &Config) -> Result<Option<(PipelineSpec, LocalFiles)>, Ag
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
     Ok(Some((spec, LocalFiles { dir })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_says_why_inference_is_unavailable() {
+        let inf = Inference::unavailable(
+            "onnx runtime unavailable: /bogus.so (inference.library): no such file",
+        );
+        let r = registration(&Config::default(), &inf, "b1");
+        assert!(!r.inference.available);
+        assert!(r.inference.reason.contains("/bogus.so"));
+        assert!(!r.capabilities.iter().any(|c| c == "inference"));
+        let json = serde_json::to_string(&r).expect("encodes");
+        let back: Registration = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, r);
+    }
 }

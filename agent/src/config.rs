@@ -41,6 +41,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub deploy: DeployConfig,
     pub dataset: DatasetConfig,
+    /// ONNX inference: where the runtime library is, which execution providers to try.
+    pub inference: edge_inference::InferenceConfig,
 }
 
 /// The pipeline the agent runs when no deployment has installed one.
@@ -200,6 +202,7 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             deploy: DeployConfig::default(),
             dataset: DatasetConfig::default(),
+            inference: edge_inference::InferenceConfig::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod deploy;
 pub mod fsutil;
 pub mod identity;
+pub mod inference;
 pub mod inbox;
 pub mod local_api;
 pub mod outbox;

@@ -1,5 +1,6 @@
 //! Periodic telemetry: machine figures from sysinfo plus the agent's own RSS and outbox depth,
-//! and the running pipeline's per-stage counters and latency percentiles, queued through the outbox (class telemetry, so it is the first thing shed when full).
+//! the running pipeline's per-stage counters and latency percentiles, and inference (runtime
+//! status, per-model provider, runs, errors, latency), queued through the outbox (class telemetry, so it is the first thing shed when full).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use sysinfo::{
 };
 use tokio::sync::watch;
 
+use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::RunningSlot;
 
@@ -102,6 +104,7 @@ impl Sampler {
             agent_rss_bytes: self_rss_bytes().unwrap_or(0),
             outbox,
             pipeline,
+            inference: None,
         }
     }
 }
@@ -120,6 +123,7 @@ pub async fn run(
     interval: Duration,
     outbox: Arc<Outbox>,
     pipeline: RunningSlot,
+    inference: Inference,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Sampler::new();
@@ -130,7 +134,10 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let t = sampler.sample(outbox.stats(), pipeline.telemetry());
+        let mut t = sampler.sample(outbox.stats(), pipeline.telemetry());
+        let mut inf = inference.telemetry();
+        inf.models.truncate(MAX_ITEMS);
+        t.inference = Some(inf);
         let body = match serde_json::to_vec(&t) {
             Ok(b) => b,
             Err(e) => {

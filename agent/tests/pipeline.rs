@@ -42,6 +42,7 @@ fn fixture() -> Fixture {
             dataset,
             device: "dev-1".into(),
             runtime: tokio::runtime::Handle::current(),
+            inference: edge_agent::inference::Inference::unavailable("not used by these tests"),
         },
         files: LocalFiles {
             dir: common::wasm_dir(),

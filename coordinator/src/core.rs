@@ -394,6 +394,7 @@ mod tests {
             started_ms: 5,
             capabilities: vec!["outbox".into()],
             groups: Vec::new(),
+            inference: Default::default(),
         }
     }
 

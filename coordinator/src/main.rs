@@ -59,7 +59,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Build and sign a deployment of a pipeline description and the artifacts it names.
+    /// Build and sign a deployment of a pipeline description and the artifacts it names, or
+    /// (`--model NAME=FILE`) of new versions of models in the running pipeline.
     Deploy(DeployArgs),
 }
 
@@ -67,7 +68,13 @@ enum Command {
 #[command(group(clap::ArgGroup::new("target").required(true).args(["device", "group"])))]
 struct DeployArgs {
     /// The pipeline description (TOML); `.wasm`/`.onnx` paths in it are read relative to it.
-    pipeline: PathBuf,
+    #[arg(required_unless_present = "model", conflicts_with = "model")]
+    pipeline: Option<PathBuf>,
+    /// Instead of a pipeline: a model deployment replacing model NAME (an inference stage's
+    /// `model =` path) in the running pipeline with FILE; repeatable. The agent health-checks
+    /// the new version and keeps the old one if it fails.
+    #[arg(long = "model", value_name = "NAME=FILE")]
+    model: Vec<String>,
     /// Deploy to this device.
     #[arg(long)]
     device: Option<String>,
@@ -365,8 +372,23 @@ fn deploy(args: DeployArgs) -> Result<()> {
             seconds: args.health_seconds,
         },
     };
-    let pkg = package::load(&args.pipeline, spec, &key)
-        .with_context(|| format!("cannot build a deployment from {}", args.pipeline.display()))?;
+    let pkg = match &args.pipeline {
+        Some(pipeline) => package::load(pipeline, spec, &key)
+            .with_context(|| format!("cannot build a deployment from {}", pipeline.display()))?,
+        None => {
+            let models = args
+                .model
+                .iter()
+                .map(|m| match m.split_once('=') {
+                    Some((name, file)) if !name.is_empty() && !file.is_empty() => {
+                        Ok((name.to_owned(), PathBuf::from(file)))
+                    }
+                    _ => anyhow::bail!("--model {m:?}: expected NAME=FILE"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            package::load_models(&models, spec, &key).context("cannot build a model deployment")?
+        }
+    };
     let plan = format!(
         "deployment {} version {} for {}: {} artifacts, {} bytes, {} chunks",
         pkg.manifest.deployment_id,

@@ -247,6 +247,7 @@ impl Device {
             started_ms: 1,
             capabilities: vec!["deploy".into()],
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            inference: Default::default(),
         });
         self.publish(topics::register(&self.id), payload);
     }

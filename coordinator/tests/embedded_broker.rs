@@ -238,6 +238,7 @@ fn embedded_broker_end_to_end() {
             started_ms: 1_000,
             capabilities: vec!["outbox".into()],
             groups: Vec::new(),
+            inference: Default::default(),
         },
     };
     device.publish(&topics::register("d1"), registration.to_json(), false);

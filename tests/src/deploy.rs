@@ -122,3 +122,49 @@ pub fn deploy(
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
 }
+
+impl PipelineDir {
+    /// Writes `bytes` as `DIR/NAME` beside the description (a model file, for instance).
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let dir = self
+            .toml
+            .parent()
+            .context("pipeline.toml has no directory")?;
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            ensure_dir(parent)?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// Runs `edge-coordinator deploy TARGET --model NAME=FILE.. --key K --version V ARGS..`: a
+/// model deployment swapping models of the running pipeline.
+pub fn deploy_models(
+    coord: &Coordinator,
+    target: &[&str],
+    models: &[(&str, &Path)],
+    key: &SigningKey,
+    version: u64,
+    args: &[&str],
+) -> Result<DeployRun> {
+    let mut cmd = Command::new(coordinator_bin()?);
+    cmd.arg("deploy").args(target);
+    for (name, file) in models {
+        cmd.arg("--model").arg(format!("{name}={}", file.display()));
+    }
+    let out = cmd
+        .arg("--key")
+        .arg(&key.path)
+        .args(["--version", &version.to_string(), "--state-dir"])
+        .arg(coord.state_dir())
+        .args(args)
+        .output()
+        .context("cannot run edge-coordinator deploy --model")?;
+    Ok(DeployRun {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

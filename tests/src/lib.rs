@@ -43,7 +43,7 @@ pub use bins::{agent_bin, coordinator_bin};
 pub use coordinator::Coordinator;
 pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};
-pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, wasm_dir};
+pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, deploy_models, wasm_dir};
 pub use env::{TestEnv, run_test};
 pub use journal::{Event, Journal};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};

@@ -4,15 +4,20 @@
 //! processes in a temp dir. The demo prints a timeline from the coordinator's journal as it
 //! goes: registrations, telemetry, a broker outage during which the agents keep queueing
 //! (telemetry, plus results published with `edge-agent publish`), the broker's return, and
-//! the count of everything queued during the outage that arrived. Processes are killed on
-//! every exit path (the harness kills children on drop).
+//! the count of everything queued during the outage that arrived. Before the outage it deploys
+//! a signed WASM pipeline to both agents over MQTT (a simulated vibration sensor -> FFT features
+//! -> anomaly alerts), whose alerts keep flowing through the outage, then a broken version that
+//! the agents roll back. Processes are killed on every exit path (the harness kills children
+//! on drop).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use edge_tests::{Agent, AgentOptions, Coordinator, Event, Journal, TestEnv};
+use edge_tests::{
+    Agent, AgentOptions, Coordinator, Event, Journal, PipelineDir, SigningKey, TestEnv, deploy,
+};
 
 const DEVICES: [&str; 2] = ["edge-a", "edge-b"];
 const TELEMETRY_S: u64 = 2;
@@ -137,13 +142,47 @@ fn describe(e: &Event) -> Option<String> {
                 e.str_field("stream").unwrap_or("?"),
                 e.raw
                     .get("payload")
-                    .map(|p| p.to_string())
+                    .map(|p| p.to_string().chars().take(110).collect::<String>())
                     .unwrap_or_default()
             )
         }
         "duplicate" => format!(
             "{dev:<7} duplicate dropped ({})",
             e.id.as_deref().map(short).unwrap_or("?")
+        ),
+        "deployment_started" => format!(
+            "deployment {} v{} started for {} ({} devices known)",
+            e.str_field("deployment_id").unwrap_or("?"),
+            e.raw.get("version").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.str_field("target").unwrap_or("?"),
+            e.raw
+                .get("devices")
+                .and_then(|v| v.as_array())
+                .map_or(0, Vec::len)
+        ),
+        "deploy" => {
+            let step = e.str_field("step").unwrap_or("?");
+            let detail = match (
+                e.raw.get("received"),
+                e.raw.get("total"),
+                e.str_field("reason"),
+            ) {
+                (_, _, Some(reason)) => format!(": {reason}"),
+                (Some(r), Some(t), None) => format!(" {r}/{t} bytes"),
+                _ => String::new(),
+            };
+            format!(
+                "{dev:<7} deployment v{} {step}{detail}",
+                e.raw.get("version").and_then(|v| v.as_u64()).unwrap_or(0)
+            )
+        }
+        "deployment_finished" => format!(
+            "deployment {} v{} finished: {} healthy, {} failed ({})",
+            e.str_field("deployment_id").unwrap_or("?"),
+            e.raw.get("version").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.raw.get("healthy").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.raw.get("failed").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.str_field("reason").unwrap_or("?")
         ),
         "rejected" => format!(
             "rejected message on {}: {}",
@@ -207,6 +246,120 @@ fn cli_publish(agent: &Agent, class: &str, payload: &serde_json::Value) -> Resul
     Ok(id)
 }
 
+/// The vibration pipeline; `flaky` puts a stage that traps on every 7th frame between the
+/// feature extractor and the detector (v2).
+fn pipeline_toml(flaky: bool) -> String {
+    let (detect_input, flaky_stage) = if flaky {
+        (
+            "flaky",
+            "[[stage]]\nname = \"flaky\"\nmodule = \"modules/trap.wasm\"\ninput = \"features\"\nconfig = { every = 7 }\n",
+        )
+    } else {
+        ("features", "")
+    };
+    format!(
+        r#"
+name = "vibration"
+[[source]]
+name = "imu"
+kind = "synthetic"
+stream = "vibration/motor-1"
+rate_hz = 20
+window = 256
+sample_rate_hz = 1000.0
+anomaly_every = 50
+anomaly_gain = 6.0
+[[stage]]
+name = "features"
+module = "modules/features.wasm"
+input = "imu"
+config = {{ sample_rate_hz = 1000.0, bands = 8, remove_dc = true }}
+{flaky_stage}
+[[stage]]
+name = "detect"
+module = "modules/detector.wasm"
+input = "{detect_input}"
+config = {{ stream = "alerts", features = ["rms"], z_threshold = 4.0, warmup = 20, cooldown_ms = 1000 }}
+[[sink]]
+kind = "outbox"
+input = "detect"
+"#
+    )
+}
+
+/// Deploys v1 to the group (alerts start flowing), then a broken v2 that is rolled back.
+fn deploy_pipelines(
+    env: &TestEnv,
+    coord: &Coordinator,
+    key: &SigningKey,
+    tl: &mut Timeline,
+) -> Result<()> {
+    let features = ("feature_extractor", "modules/features.wasm");
+    let detector = ("anomaly_detector", "modules/detector.wasm");
+    let v1 = PipelineDir::create(
+        &env.path("pipeline-v1"),
+        &pipeline_toml(false),
+        &[features, detector],
+    )?;
+    tl.note("deploying pipeline v1 to group `demo`: `edge-coordinator deploy --group demo pipeline.toml --key deploy.key --version 1`");
+    tl.note("  (synthetic vibration sensor -> feature_extractor.wasm -> anomaly_detector.wasm -> outbox; health check: 40 frames)");
+    let args = [
+        "--health-messages",
+        "40",
+        "--health-seconds",
+        "0",
+        "--timeout-s",
+        "120",
+    ];
+    let run = deploy(coord, &["--group", "demo"], &v1, key, 1, &args)?;
+    tl.pump()?;
+    for line in run.stdout.lines() {
+        tl.note(&format!("deploy v1: {line}"));
+    }
+    if !run.success {
+        bail!("deploying v1 failed:\n{}\n{}", run.stdout, run.stderr);
+    }
+    tl.until(
+        "an alert from each agent's pipeline",
+        CATCH_UP_TIMEOUT,
+        |j| {
+            DEVICES.iter().all(|d| {
+                j.data_events(d)
+                    .iter()
+                    .any(|e| e.str_field("stream") == Some("alerts"))
+            })
+        },
+    )?;
+
+    let v2 = PipelineDir::create(
+        &env.path("pipeline-v2"),
+        &pipeline_toml(true),
+        &[features, ("hostile_trap", "modules/trap.wasm"), detector],
+    )?;
+    tl.note("deploying v2, which adds a stage that traps on every 7th frame: the health check fails and both agents roll back to v1, which never stopped");
+    let run = deploy(coord, &["--group", "demo"], &v2, key, 2, &args)?;
+    tl.pump()?;
+    for line in run.stdout.lines() {
+        tl.note(&format!(
+            "deploy v2: {}",
+            line.chars().take(160).collect::<String>()
+        ));
+    }
+    if run.success
+        || DEVICES
+            .iter()
+            .any(|d| !run.outcome(d).is_some_and(|o| o.starts_with("rolled back")))
+    {
+        bail!(
+            "v2 should have been rolled back on every device:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    tl.show_for(Duration::from_secs(3))?;
+    Ok(())
+}
+
 fn tour(env: &TestEnv) -> Result<()> {
     let started = Instant::now();
     let t0_ms = protocol::v1::now_ms();
@@ -223,14 +376,23 @@ fn tour(env: &TestEnv) -> Result<()> {
     };
     tl.pump()?;
 
+    let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
     tl.note(&format!(
-        "starting agents {} (telemetry every {TELEMETRY_S} s)",
-        DEVICES.join(", ")
+        "starting agents {} (telemetry every {TELEMETRY_S} s, group `demo`, trusting deploy key {})",
+        DEVICES.join(", "),
+        short(&key.public_hex)
     ));
     let mut agents = Vec::new();
     for d in DEVICES {
         let mut o = AgentOptions::new(d, coord.url());
         o.telemetry_interval_s = TELEMETRY_S;
+        let mut deploy = toml::Table::new();
+        deploy.insert(
+            "trusted_keys".into(),
+            toml::Value::Array(vec![key.public_hex.clone().into()]),
+        );
+        deploy.insert("groups".into(), toml::Value::Array(vec!["demo".into()]));
+        o.extra.insert("deploy".into(), toml::Value::Table(deploy));
         agents.push(Agent::start(&env.path(d), o)?);
     }
     tl.until("both agents to register", CATCH_UP_TIMEOUT, |j| {
@@ -257,6 +419,8 @@ fn tour(env: &TestEnv) -> Result<()> {
                 .any(|e| e.id.as_deref() == Some(id.as_str()))
         })
     })?;
+
+    deploy_pipelines(env, &coord, &key, &mut tl)?;
 
     tl.note("stopping the coordinator (SIGTERM): the broker goes down with it");
     coord.stop()?;

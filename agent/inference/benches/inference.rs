@@ -3,16 +3,22 @@
 //! files and the same thread settings (one intra-op thread), measured in the same run.
 //! Models: silero VAD (real, from the `silero-vad` wheel) and the small CNN of `onnx_builder`.
 //!
+//! Then, on silero VAD: the longest request latency while new versions are hot-swapped in
+//! (requests running back to back on another thread), against the longest without swaps in
+//! the same run; and resident memory per loaded model (RSS growth over several loaded copies).
+//!
 //! Provisioning (library, model, Python venv) goes through `cargo xtask ort --models --venv`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use edge_inference::onnx_builder::SmallCnn;
-use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor};
+use edge_inference::{InferenceConfig, Model, ModelRegistry, Provider, Runtime, Tensor};
 
 const WARMUP: usize = 300;
 const ITERS: usize = 3000;
@@ -138,7 +144,7 @@ fn main() {
         "{:<8} {:>14} {:>16} {:>8}",
         "model", "ours (µs)", "python ort (µs)", "ratio"
     );
-    for (name, path, inputs) in cases {
+    for (name, path, inputs) in cases.iter().cloned() {
         let bytes = std::fs::read(path).expect("read model");
         let model = Model::load(&rt, name, "bench", &bytes).expect("model loads");
         let names: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
@@ -152,4 +158,141 @@ fn main() {
             ours as f64 / theirs as f64
         );
     }
+    let silero_bytes = std::fs::read(&silero).expect("read silero");
+    hot_swap(&rt, &silero_bytes, &cases[0].2);
+    memory_per_model(&rt, "silero", &silero_bytes, &cases[0].2);
+    memory_per_model(&rt, "cnn", &cnn.to_onnx(), &cases[1].2);
+}
+
+const SWAPS: usize = 10;
+const PHASE: Duration = Duration::from_secs(3);
+
+/// Request latencies (ns) of back-to-back runs on another thread while `during` runs.
+fn requests_while(
+    registry: &Arc<ModelRegistry>,
+    inputs: &[Tensor],
+    during: impl FnOnce(),
+) -> (Vec<u64>, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (registry, inputs, stop) = (registry.clone(), inputs.to_vec(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut lat, mut failed) = (Vec::new(), 0);
+            while !stop.load(Ordering::Relaxed) {
+                let a = Instant::now();
+                if registry.run("vad", &inputs).is_err() {
+                    failed += 1;
+                }
+                lat.push(a.elapsed().as_nanos() as u64);
+            }
+            (lat, failed)
+        })
+    };
+    during();
+    stop.store(true, Ordering::Relaxed);
+    let (mut lat, failed) = worker.join().expect("request thread");
+    lat.sort_unstable();
+    (lat, failed)
+}
+
+fn hot_swap(rt: &Runtime, bytes: &[u8], inputs: &[Tensor]) {
+    let registry = Arc::new(ModelRegistry::new(rt.clone()));
+    registry
+        .install("vad", "v0", bytes, Some(inputs))
+        .expect("v0 installs");
+    for _ in 0..WARMUP {
+        registry.run("vad", inputs).expect("warm-up");
+    }
+    let (base, base_failed) = requests_while(&registry, inputs, || std::thread::sleep(PHASE));
+    let mut installs = Vec::new();
+    let (swap, swap_failed) = requests_while(&registry, inputs, || {
+        let pause = PHASE / SWAPS as u32;
+        for i in 1..=SWAPS {
+            let a = Instant::now();
+            registry
+                .install("vad", &format!("v{i}"), bytes, Some(inputs))
+                .expect("new version installs");
+            installs.push(a.elapsed().as_nanos() as u64);
+            std::thread::sleep(pause.saturating_sub(a.elapsed()));
+        }
+    });
+    installs.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let med = |v: &[u64]| v[v.len() / 2];
+    let p999 = |v: &[u64]| v[(v.len() * 999 / 1000).min(v.len() - 1)];
+    println!();
+    println!(
+        "hot swap, silero: {SWAPS} new versions installed (load + probe, median {:.1} ms) while requests run back to back",
+        us(med(&installs)) / 1000.0
+    );
+    println!(
+        "{:<14} {:>9} {:>12} {:>12} {:>12} {:>7}",
+        "phase", "requests", "median (µs)", "p99.9 (µs)", "max (µs)", "failed"
+    );
+    for (name, lat, failed) in [
+        ("no swaps", &base, base_failed),
+        ("during swaps", &swap, swap_failed),
+    ] {
+        println!(
+            "{name:<14} {:>9} {:>12.1} {:>12.1} {:>12.1} {:>7}",
+            lat.len(),
+            us(med(lat)),
+            us(p999(lat)),
+            us(*lat.last().unwrap_or(&0)),
+            failed
+        );
+    }
+    println!(
+        "longest request during swaps / without: {:.2}x; median ratio {:.2}x",
+        *swap.last().unwrap_or(&0) as f64 / *base.last().unwrap_or(&1) as f64,
+        med(&swap) as f64 / med(&base) as f64
+    );
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+const COPIES: usize = 8;
+
+/// RSS growth per loaded (and once run) model, over `COPIES` copies under different names.
+fn memory_per_model(rt: &Runtime, name: &str, bytes: &[u8], inputs: &[Tensor]) {
+    let registry = ModelRegistry::new(rt.clone());
+    // One copy first, so one-time costs (allocator arenas, kernels) are not counted.
+    registry
+        .install("warm", "1", bytes, Some(inputs))
+        .expect("loads");
+    registry.run("warm", inputs).expect("runs");
+    let before = rss_bytes();
+    for i in 0..COPIES {
+        let n = format!("{name}-{i}");
+        registry
+            .install(&n, "1", bytes, Some(inputs))
+            .expect("loads");
+        registry.run(&n, inputs).expect("runs");
+    }
+    let after = rss_bytes();
+    for i in 0..COPIES {
+        registry.remove(&format!("{name}-{i}"));
+    }
+    let freed = rss_bytes();
+    let per = after.saturating_sub(before) as f64 / COPIES as f64;
+    println!(
+        "memory, {name}: {:.2} MiB RSS per loaded model ({COPIES} copies; file {:.2} MiB, {:.1}x the file); {:.2} MiB of {:.2} MiB returned after unloading",
+        per / 1048576.0,
+        bytes.len() as f64 / 1048576.0,
+        per / bytes.len() as f64,
+        after.saturating_sub(freed) as f64 / 1048576.0,
+        after.saturating_sub(before) as f64 / 1048576.0,
+    );
 }

@@ -78,6 +78,22 @@ impl ModelRegistry {
         Ok(Installed { model, replaced })
     }
 
+    /// Makes an already loaded (and checked) `model` the version serving its name: for
+    /// callers with checks of their own between [`Model::load`] and the swap (a model
+    /// deployment compares the new version's inputs and outputs with the old one's).
+    pub fn insert(&self, model: Arc<Model>) -> Installed {
+        let old = self
+            .models
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(model.name().to_owned(), Arc::clone(&model));
+        let replaced = old.as_ref().map(|m| m.version().to_owned());
+        if let Some(old) = &replaced {
+            tracing::info!(model = %model.name(), from = %old, to = %model.version(), "model swapped");
+        }
+        Installed { model, replaced }
+    }
+
     /// The version serving `name` now.
     pub fn get(&self, name: &str) -> Option<Arc<Model>> {
         self.models

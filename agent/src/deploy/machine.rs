@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use protocol::v1::deploy::{
-    Chunk, DeployError, DeployStatus, Manifest, MissingChunks, ResendRequest, SignedManifest, Step,
-    Target, TrustedKeys, sha256_hex, verify,
+    Chunk, DeployError, DeployKind, DeployStatus, Manifest, MissingChunks, ResendRequest,
+    SignedManifest, Step, Target, TrustedKeys, sha256_hex, verify,
 };
 use serde::{Deserialize, Serialize};
 
@@ -178,6 +178,11 @@ enum Phase {
 struct State {
     installed: Option<Manifest>,
     previous: Option<Manifest>,
+    /// Committed model deployments applying on top of `installed` (or the local pipeline),
+    /// oldest first; a later one wins for an artifact name both carry. Cleared when a
+    /// pipeline deployment commits (it brings its own models).
+    #[serde(default)]
+    models: Vec<Manifest>,
     /// Highest committed version per target (`device:ID` / `group:NAME`).
     committed: BTreeMap<String, u64>,
     /// Highest version ever accepted for download per target, so a manifest that failed or
@@ -225,6 +230,17 @@ impl Deployer {
         self.state.installed.as_ref()
     }
 
+    /// Model replacements committed since the installed pipeline: artifact name (the model's
+    /// name in the pipeline) to sha256, the latest deployment winning.
+    pub fn model_overrides(&self) -> BTreeMap<String, String> {
+        self.state
+            .models
+            .iter()
+            .flat_map(|m| m.artifacts.iter())
+            .map(|a| (a.name.clone(), a.sha256.clone()))
+            .collect()
+    }
+
     /// The one installed before it, kept (with its artifacts) for a manual rollback.
     pub fn previous(&self) -> Option<&Manifest> {
         self.state.previous.as_ref()
@@ -243,6 +259,7 @@ impl Deployer {
     pub fn pinned_artifacts(&self) -> Vec<String> {
         let mut out: Vec<String> = [self.state.installed.as_ref(), self.state.previous.as_ref()]
             .into_iter()
+            .chain(self.state.models.iter().map(Some))
             .chain(std::iter::once(self.in_progress()))
             .flatten()
             .flat_map(|m| m.artifacts.iter().map(|a| a.sha256.clone()))
@@ -301,8 +318,12 @@ impl Deployer {
         {
             return self.resume(now_ms);
         }
-        if let Some(installed) = &self.state.installed
-            && same(installed, &manifest)
+        if self
+            .state
+            .installed
+            .iter()
+            .chain(&self.state.models)
+            .any(|m| same(m, &manifest))
         {
             return vec![report(&manifest, Step::Healthy)];
         }
@@ -769,7 +790,19 @@ impl Deployer {
         self.state
             .committed
             .insert(target_key(&m.target), m.version);
-        self.state.previous = self.state.installed.replace(m.clone());
+        if m.kind == DeployKind::Model {
+            // Models swap inside the running pipeline; the installed pipeline stays the
+            // rollback target and keeps its artifacts.
+            self.state.models.retain(|old| {
+                !old.artifacts
+                    .iter()
+                    .any(|a| m.artifacts.iter().any(|b| b.name == a.name))
+            });
+            self.state.models.push(m.clone());
+        } else {
+            self.state.previous = self.state.installed.replace(m.clone());
+            self.state.models.clear();
+        }
         vec![
             report(&m, Step::Healthy),
             Action::Commit { manifest: m },

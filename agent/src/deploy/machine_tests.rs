@@ -696,3 +696,55 @@ fn end_to_end_over_wire_payloads_with_a_lost_chunk() {
     assert!(acts.contains(&Action::Commit { manifest: m }));
     assert_eq!(store.get(&sha256_hex(&a)).expect("get"), Some(a));
 }
+
+#[test]
+fn a_model_deployment_overrides_models_and_keeps_the_pipeline_installed() {
+    let a = module(1, 40);
+    let m1 = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let (mut d, store) = installed(&m1, &a);
+    let v2 = module(7, 30);
+    let mut model = deployment("model-2", 2, &[("models/x.onnx", &v2)]);
+    model.kind = DeployKind::Model;
+    model.pipeline_toml = None;
+    download(&mut d, &store, &model, &[&v2]);
+    let acts = d.on_health(Health::Passed, NOW);
+    assert!(acts.contains(&Action::Commit {
+        manifest: model.clone()
+    }));
+    assert_eq!(d.installed(), Some(&m1), "the pipeline stays installed");
+    assert_eq!(
+        d.model_overrides().get("models/x.onnx"),
+        Some(&sha256_hex(&v2))
+    );
+    assert!(d.pinned_artifacts().contains(&sha256_hex(&v2)));
+    assert!(d.pinned_artifacts().contains(&sha256_hex(&a)));
+    // Redelivered: healthy again, not a downgrade rejection.
+    let again = d.on_manifest(&sign(&model, &key()), NOW, &store);
+    assert_eq!(statuses(&again), vec![Step::Healthy]);
+    // Survives a restart.
+    let d2 = Deployer::from_bytes(config(), &d.to_bytes()).expect("restores");
+    assert_eq!(d2.model_overrides(), d.model_overrides());
+
+    // A failed model health check rolls back to the installed pipeline, overrides unchanged.
+    let v3 = module(8, 30);
+    let mut bad = deployment("model-3", 3, &[("models/x.onnx", &v3)]);
+    bad.kind = DeployKind::Model;
+    bad.pipeline_toml = None;
+    download(&mut d, &store, &bad, &[&v3]);
+    let acts = d.on_health(Health::Failed("nan".into()), NOW);
+    assert!(acts.contains(&Action::Rollback {
+        to: Some(m1.clone()),
+        reason: "health check failed: nan".into()
+    }));
+    assert_eq!(
+        d.model_overrides().get("models/x.onnx"),
+        Some(&sha256_hex(&v2))
+    );
+
+    // A new pipeline brings its own models: overrides go.
+    let b = module(9, 20);
+    let m4 = deployment("dep-4", 4, &[("b.wasm", &b)]);
+    download(&mut d, &store, &m4, &[&b]);
+    d.on_health(Health::Passed, NOW);
+    assert!(d.model_overrides().is_empty());
+}

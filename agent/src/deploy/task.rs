@@ -7,13 +7,20 @@
 //! The pipeline that runs, in order of precedence: the installed deployment, else the local
 //! `[pipeline] file`, else none. A candidate runs in shadow beside it until the health check
 //! decides; only a passed check replaces the running pipeline.
+//!
+//! A model deployment (kind `model`, `.onnx` artifacts named like the pipeline's `model =`
+//! paths) does not restart anything: each model is loaded beside the serving version, probed
+//! and compared with it (inputs, outputs); if all pass, the health check passes and the commit
+//! swaps them into the registry under the running pipeline (requests in flight finish on the
+//! old version); if one fails, the rollback leaves the old versions serving. Committed models
+//! also apply when the pipeline starts again (restart, fallback).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::v1::deploy::{DeployKind, Manifest};
+use protocol::v1::deploy::{DeployKind, Manifest, MediaType};
 use protocol::v1::{Class, topics};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -57,29 +64,53 @@ impl Deployed {
     }
 }
 
+/// Bytes of a stored artifact, its digest checked again.
+fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, String> {
+    let bytes = store
+        .get(sha)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("artifact {sha} is missing from the store"))?;
+    // The store checked the digest on put; check again what comes back from disk.
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != sha {
+        return Err(format!(
+            "stored artifact {sha} is corrupted (sha256 {actual})"
+        ));
+    }
+    Ok(bytes)
+}
+
 impl Artifacts for Deployed {
     fn module(&self, name: &str) -> Result<Vec<u8>, String> {
         let sha = self
             .by_name
             .get(name)
             .ok_or_else(|| format!("{name} is not an artifact of the deployment manifest"))?;
-        let bytes = self
-            .store
-            .get(sha)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("artifact {sha} is missing from the store"))?;
-        // The store checked the digest on put; check again what comes back from disk.
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if &actual != sha {
-            return Err(format!(
-                "stored artifact {sha} is corrupted (sha256 {actual})"
-            ));
-        }
-        Ok(bytes)
+        read_artifact(&self.store, sha)
     }
 
     fn base_dir(&self) -> Option<&Path> {
         None
+    }
+}
+
+/// A pipeline's artifacts with the models committed by model deployments put in place.
+struct WithModels {
+    inner: Box<dyn Artifacts>,
+    overrides: BTreeMap<String, String>,
+    store: Arc<SledStore>,
+}
+
+impl Artifacts for WithModels {
+    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+        match self.overrides.get(name) {
+            Some(sha) => read_artifact(&self.store, sha),
+            None => self.inner.module(name),
+        }
+    }
+
+    fn base_dir(&self) -> Option<&Path> {
+        self.inner.base_dir()
     }
 }
 
@@ -97,6 +128,8 @@ pub struct DeployTask {
     pub local: Option<(PipelineSpec, LocalFiles)>,
     running: Option<Pipeline>,
     candidate: Option<Pipeline>,
+    /// Models of a model deployment that passed their checks, swapped in at commit.
+    checked_models: Vec<Arc<edge_inference::Model>>,
     reported_processed: u64,
     last_rejected: Option<[u8; 32]>,
 }
@@ -162,6 +195,7 @@ impl DeployTask {
             local,
             running: None,
             candidate: None,
+            checked_models: Vec::new(),
             reported_processed: 0,
             last_rejected: None,
         }
@@ -301,6 +335,25 @@ impl DeployTask {
                 self.persist().await;
                 Vec::new()
             }
+            Action::Start { manifest } if manifest.kind == DeployKind::Model => {
+                let now = protocol::v1::now_ms();
+                match self.check_models(&manifest).await {
+                    Ok(models) => {
+                        self.checked_models = models;
+                        self.deployer.on_health(Health::Passed, now)
+                    }
+                    Err(reason) => self.deployer.on_health(Health::Failed(reason), now),
+                }
+            }
+            Action::Commit { manifest } if manifest.kind == DeployKind::Model => {
+                for m in self.checked_models.drain(..) {
+                    tracing::info!(model = %m.name(), version = %m.version(), deployment = %manifest.deployment_id, "model deployment swapped in");
+                    self.deps.inference.commit(m);
+                }
+                self.persist().await;
+                self.collect_garbage();
+                Vec::new()
+            }
             Action::Start { manifest } => match self.start(&manifest, Mode::Shadow).await {
                 Ok(p) => {
                     self.reported_processed = 0;
@@ -323,6 +376,7 @@ impl DeployTask {
                 Vec::new()
             }
             Action::Rollback { to, reason } => {
+                self.checked_models.clear();
                 if let Some(c) = self.candidate.take() {
                     stop_blocking(c).await;
                 }
@@ -390,12 +444,17 @@ impl DeployTask {
             .clone()
             .ok_or("manifest carries no pipeline description")?;
         let spec = PipelineSpec::parse(&text).map_err(|e| format!("pipeline description: {e}"))?;
-        let artifacts = Deployed::new(manifest, self.store.clone());
+        let artifacts = Box::new(Deployed::new(manifest, self.store.clone()));
         let origin = Origin {
             deployment_id: manifest.deployment_id.clone(),
             version: manifest.version,
         };
-        run_start(spec, Box::new(artifacts), self.deps.clone(), mode, origin)
+        // A candidate under check runs its own models; the live one gets committed ones.
+        let artifacts = match mode {
+            Mode::Live => self.with_models(artifacts),
+            Mode::Shadow => artifacts,
+        };
+        run_start(spec, artifacts, self.deps.clone(), mode, origin)
             .await
             .map_err(|e| e.to_string())
     }
@@ -438,7 +497,7 @@ impl DeployTask {
         if let Some((spec, files)) = self.local.clone() {
             match run_start(
                 spec,
-                Box::new(files),
+                self.with_models(Box::new(files)),
                 self.deps.clone(),
                 Mode::Live,
                 Origin::default(),
@@ -452,6 +511,59 @@ impl DeployTask {
                 Err(e) => tracing::error!(error = %e, "local pipeline does not start"),
             }
         }
+    }
+
+    fn with_models(&self, inner: Box<dyn Artifacts>) -> Box<dyn Artifacts> {
+        let overrides = self.deployer.model_overrides();
+        if overrides.is_empty() {
+            return inner;
+        }
+        Box::new(WithModels {
+            inner,
+            overrides,
+            store: self.store.clone(),
+        })
+    }
+
+    /// Loads every model of a model deployment beside the version serving now and checks it
+    /// (loads, probe gives finite outputs of the declared shapes, same inputs and outputs).
+    async fn check_models(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<Vec<Arc<edge_inference::Model>>, String> {
+        let inference = self.deps.inference.clone();
+        let artifacts = Deployed::new(manifest, self.store.clone());
+        let listed: Vec<(String, MediaType)> = manifest
+            .artifacts
+            .iter()
+            .map(|a| (a.name.clone(), a.media_type))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(listed.len());
+            for (name, media) in listed {
+                if media != MediaType::Onnx {
+                    return Err(format!(
+                        "artifact {name}: a model deployment carries only onnx models"
+                    ));
+                }
+                if !inference.status().available {
+                    return Err(format!(
+                        "model {name}: onnx inference is unavailable on this device: {}",
+                        inference.status().reason
+                    ));
+                }
+                if inference.model(&name).is_none() {
+                    return Err(format!(
+                        "model {name} is not used by the running pipeline (no inference stage loads it)"
+                    ));
+                }
+                let bytes = artifacts.module(&name).map_err(|e| format!("model {name}: {e}"))?;
+                out.push(inference.prepare(&name, &bytes).map_err(|e| e.to_string())?);
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("model check panicked: {e}")))
     }
 
     async fn poll_health(&mut self) {

@@ -1,14 +1,16 @@
-//! Pipelines: sources -> WASM stages -> sinks, described in TOML ([`spec`]), wired with
-//! bounded channels and run until stopped.
+//! Pipelines: sources -> WASM and inference stages -> sinks, described in TOML ([`spec`]),
+//! wired with bounded channels and run until stopped.
 //!
 //! ```text
 //! synthetic | file | mqtt ──► stage (thread, StageRunner) ──► stage ──► outbox | log | dataset
 //!             (sources)         bounded channel, blocking send          (sinks, tokio tasks)
 //! ```
 //!
-//! [`Pipeline::start`] loads every module (compiling or from the cache), starts each stage
-//! on its own thread and calls `init`; any failure there is returned and nothing keeps
-//! running. [`Pipeline::stop`] stops the sources and lets the rest drain. A pipeline started
+//! [`Pipeline::start`] loads every module (compiling or from the cache) and every model
+//! (through the shared [`Inference`] registry), starts each stage on its own thread and calls
+//! `init`; any failure there is returned and nothing keeps running. An inference stage runs
+//! the registry's current version of its model on every frame, so a model deployment swaps it
+//! under a running pipeline. [`Pipeline::stop`] stops the sources and lets the rest drain. A pipeline started
 //! in [`Mode::Shadow`] (a deployment under health check) runs its stages on live input but
 //! its outbox and dataset sinks only count, and its stages get a scratch kv namespace.
 //!
@@ -35,10 +37,11 @@ use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
 use tokio::sync::mpsc;
 
 pub use nodes::{HealthCounters, NodeCounters};
-pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageSpec};
+pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec};
 
 use crate::dataset::Dataset;
 use crate::inbox::Inbox;
+use crate::inference::Inference;
 use crate::outbox::Outbox;
 use crate::sandbox::{
     Frame, Grants, Sandbox, SandboxError, SledKv, StageContext, StageMetrics, StageRunner,
@@ -65,6 +68,12 @@ pub enum PipelineError {
         #[source]
         source: Box<SandboxError>,
     },
+    #[error("stage {stage}: model {model}: {reason}")]
+    Model {
+        stage: String,
+        model: String,
+        reason: String,
+    },
     #[error("stage {stage}: kv namespace: {reason}")]
     Kv { stage: String, reason: String },
     #[error("source {source_name}: {reason}")]
@@ -75,7 +84,7 @@ pub enum PipelineError {
 
 /// Where a pipeline's module bytes and files come from.
 pub trait Artifacts: Send + Sync {
-    /// The bytes of the module the description names `name`.
+    /// The bytes of the module (or model) the description names `name`.
     fn module(&self, name: &str) -> Result<Vec<u8>, String>;
     /// Directory that relative file paths in the description are relative to (`None`:
     /// only absolute paths are allowed).
@@ -109,6 +118,8 @@ pub struct Deps {
     pub dataset: Arc<Dataset>,
     pub device: String,
     pub runtime: tokio::runtime::Handle,
+    /// ONNX Runtime and the loaded models (possibly unavailable).
+    pub inference: Inference,
 }
 
 impl std::fmt::Debug for Deps {
@@ -137,6 +148,10 @@ pub struct Origin {
 
 struct StageStats {
     name: String,
+    kind: StageKind,
+    /// Inference stages: the registry and the model's name there, so telemetry names the
+    /// version serving now (a model deployment swaps it under the running stage).
+    model: Option<(Inference, String, String)>,
     module: String,
     metrics: Arc<StageMetrics>,
     counters: Arc<NodeCounters>,
@@ -183,9 +198,20 @@ impl Stats {
                 .iter()
                 .map(|s| {
                     let m = s.metrics.snapshot();
+                    let module = match &s.model {
+                        Some((inf, registry_name, artifact)) => inf
+                            .model(registry_name)
+                            .map(|cur| format!("{artifact}@{}", cur.version()))
+                            .unwrap_or_else(|| s.module.clone()),
+                        None => s.module.clone(),
+                    };
                     StageTelemetry {
                         name: s.name.clone(),
-                        module: s.module.clone(),
+                        kind: match s.kind {
+                            StageKind::Wasm => String::new(),
+                            StageKind::Inference => "inference".into(),
+                        },
+                        module,
                         calls: m.calls,
                         ok: m.ok,
                         errors: m.guest_errors + m.output_limits,
@@ -259,6 +285,9 @@ pub struct Pipeline {
     threads: Vec<(String, std::thread::JoinHandle<()>)>,
     tasks: Vec<(String, tokio::task::JoinHandle<()>)>,
     mode: Mode,
+    /// Registry names of the models this pipeline loaded, unloaded when it stops.
+    models: Vec<String>,
+    inference: Inference,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -294,6 +323,8 @@ impl Pipeline {
             threads: Vec::new(),
             tasks: Vec::new(),
             mode,
+            models: Vec::new(),
+            inference: deps.inference.clone(),
         };
         match p.wire(spec, artifacts, deps) {
             Ok(()) => {
@@ -317,7 +348,16 @@ impl Pipeline {
         let cap = spec.channel_capacity;
         // Load every module first: a missing or broken module fails before anything runs.
         let mut modules = BTreeMap::new();
-        for st in &spec.stages {
+        let mut models = BTreeMap::new();
+        for st in spec
+            .stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Inference)
+        {
+            let model = self.load_model(st, artifacts, deps)?;
+            models.insert(st.name.clone(), model);
+        }
+        for st in spec.stages.iter().filter(|s| s.kind == StageKind::Wasm) {
             let bytes = artifacts
                 .module(&st.module)
                 .map_err(|reason| PipelineError::Module {
@@ -410,6 +450,39 @@ impl Pipeline {
                 continue;
             };
             let outs = outputs.remove(&st.name).unwrap_or_default();
+            if let Some((registry_name, model)) = models.remove(&st.name) {
+                let metrics = deps.sandbox.new_stage_metrics();
+                let counters = Arc::new(NodeCounters::default());
+                stages.push(StageStats {
+                    name: st.name.clone(),
+                    kind: StageKind::Inference,
+                    model: Some((
+                        deps.inference.clone(),
+                        registry_name.clone(),
+                        st.model.clone(),
+                    )),
+                    module: format!("{}@{}", st.model, model.version()),
+                    metrics: metrics.clone(),
+                    counters: counters.clone(),
+                });
+                let s = nodes::InferenceStage {
+                    stage: st.name.clone(),
+                    model: registry_name,
+                    inference: deps.inference.clone(),
+                    outputs: st.model_outputs.clone(),
+                    max_batch: st.max_batch as usize,
+                    max_wait: Duration::from_millis(st.max_wait_ms),
+                    metrics,
+                    runtime: deps.runtime.clone(),
+                };
+                let health = health.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("stage-{}", st.name))
+                    .spawn(move || nodes::run_inference_stage(s, rx, outs, counters, health))
+                    .map_err(PipelineError::Thread)?;
+                self.threads.push((st.name.clone(), thread));
+                continue;
+            }
             let module = modules
                 .remove(&st.name)
                 .ok_or_else(|| PipelineError::Module {
@@ -435,6 +508,8 @@ impl Pipeline {
             let counters = Arc::new(NodeCounters::default());
             stages.push(StageStats {
                 name: st.name.clone(),
+                kind: StageKind::Wasm,
+                model: None,
                 module: format!("{}@{}", st.module, module.id().short_digest()),
                 metrics: metrics.clone(),
                 counters: counters.clone(),
@@ -577,6 +652,62 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Loads an inference stage's model into the registry (a shadow pipeline's under its
+    /// own name, so a candidate never replaces what the running pipeline uses) and checks the
+    /// stage's input and output names against it.
+    fn load_model(
+        &mut self,
+        st: &StageSpec,
+        artifacts: &dyn Artifacts,
+        deps: &Deps,
+    ) -> Result<(String, Arc<edge_inference::Model>), PipelineError> {
+        let fail = |reason: String| PipelineError::Model {
+            stage: st.name.clone(),
+            model: st.model.clone(),
+            reason,
+        };
+        let registry_name = match self.mode {
+            Mode::Live => st.model.clone(),
+            Mode::Shadow => format!("shadow/{}/{}", self.stats.name, st.model),
+        };
+        let bytes = artifacts.module(&st.model).map_err(&fail)?;
+        let model = deps
+            .inference
+            .ensure(&registry_name, &bytes)
+            .map_err(|e| fail(e.to_string()))?;
+        if !self.models.contains(&registry_name) {
+            self.models.push(registry_name.clone());
+        }
+        let inputs: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
+        match (&st.model_input, inputs.as_slice()) {
+            (None, [_]) => {}
+            (Some(want), [only]) if want == only => {}
+            (None, _) => {
+                return Err(fail(format!(
+                    "the model takes {} inputs ({}); an inference stage feeds exactly one",
+                    inputs.len(),
+                    inputs.join(", ")
+                )));
+            }
+            (Some(want), _) => {
+                return Err(fail(format!(
+                    "model_input {want:?}: the model's inputs are {}; an inference stage feeds a model with exactly one",
+                    inputs.join(", ")
+                )));
+            }
+        }
+        for o in &st.model_outputs {
+            if !model.outputs().iter().any(|m| &m.name == o) {
+                let names: Vec<&str> = model.outputs().iter().map(|m| m.name.as_str()).collect();
+                return Err(fail(format!(
+                    "model_outputs names {o:?}, which is not one of its outputs ({})",
+                    names.join(", ")
+                )));
+            }
+        }
+        Ok((registry_name, model))
+    }
+
     fn spawn_thread(
         &mut self,
         name: &str,
@@ -634,6 +765,9 @@ impl Pipeline {
                 tracing::error!(pipeline = %self.stats.name, node = %name, "pipeline task did not stop in time; aborting it");
                 t.abort();
             }
+        }
+        for m in self.models.drain(..) {
+            self.inference.remove(&m);
         }
     }
 }

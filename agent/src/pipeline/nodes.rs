@@ -18,8 +18,10 @@ use super::codec;
 use super::spec::{FileFormat, MqttPayload, OnFull, SinkClass};
 use crate::dataset::{Dataset, Sample};
 use crate::inbox::Subscription;
+use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
-use crate::sandbox::{Frame, Payload, StageRunner};
+use crate::sandbox::{CallOutcome, Dtype, Frame, Payload, StageMetrics, StageRunner};
+use edge_inference::{DType, Tensor};
 
 /// Counters of one source, stage or sink.
 #[derive(Debug, Default)]
@@ -529,5 +531,255 @@ pub async fn run_sink(
                 }
             }
         }
+    }
+}
+
+/// Settings of an inference stage, resolved at start.
+pub struct InferenceStage {
+    pub stage: String,
+    /// Name of the model in the registry (a shadow pipeline's are prefixed).
+    pub model: String,
+    pub inference: Inference,
+    /// Model outputs to emit, in order; empty: all.
+    pub outputs: Vec<String>,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub metrics: Arc<StageMetrics>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Runs an inference stage until its inputs close: frames (tensor or samples payloads) in,
+/// one tensor frame per emitted model output out, keeping stream, timestamp and labels. A
+/// frame the model refuses (shape, dtype, NaN) fails alone: counted, logged, and the next
+/// frame goes on.
+pub fn run_inference_stage(
+    s: InferenceStage,
+    mut rx: mpsc::Receiver<Frame>,
+    outs: Outputs,
+    c: Arc<NodeCounters>,
+    health: Arc<HealthCounters>,
+) {
+    let mut batcher = edge_inference::Batcher::new(s.max_batch, s.max_wait);
+    loop {
+        let batch = if s.max_batch <= 1 {
+            match rx.blocking_recv() {
+                Some(f) => vec![f],
+                None => break,
+            }
+        } else {
+            // Wait for the next frame, but no longer than the open batch's deadline.
+            let next = match batcher.deadline() {
+                None => rx.blocking_recv().map(Some),
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    match s
+                        .runtime
+                        .block_on(async { tokio::time::timeout(wait, rx.recv()).await })
+                    {
+                        Ok(f) => f.map(Some),
+                        Err(_) => Some(None),
+                    }
+                }
+            };
+            let full = match next {
+                None => {
+                    if let Some(rest) = batcher.flush() {
+                        s.process(rest, &outs, &c, &health);
+                    }
+                    break;
+                }
+                Some(Some(f)) => batcher.push(f, Instant::now()),
+                Some(None) => batcher.poll(Instant::now()),
+            };
+            match full {
+                Some(b) => b,
+                None => continue,
+            }
+        };
+        s.process(batch, &outs, &c, &health);
+    }
+}
+
+impl InferenceStage {
+    fn process(&self, frames: Vec<Frame>, outs: &Outputs, c: &NodeCounters, h: &HealthCounters) {
+        let tensors: Vec<Result<Tensor, String>> = frames.iter().map(frame_tensor).collect();
+        // A batch runs as one call when every frame has a tensor of the same dtype and
+        // trailing dimensions; otherwise (or if the batched run fails) frame by frame, so one
+        // bad frame fails alone.
+        if frames.len() > 1
+            && let Some(joined) = concat(&tensors)
+        {
+            let start = Instant::now();
+            if let Ok((_, outputs)) = self.inference.run(&self.model, &[joined])
+                && let Some(split) = self.split(&tensors, outputs)
+            {
+                let per_frame = start.elapsed() / frames.len() as u32;
+                for (frame, outputs) in frames.iter().zip(split) {
+                    self.metrics.record_call(CallOutcome::Ok, per_frame);
+                    self.emit(frame, outputs, outs, c, h);
+                }
+                return;
+            }
+        }
+        for (frame, tensor) in frames.iter().zip(tensors) {
+            let start = Instant::now();
+            let result = tensor.and_then(|t| {
+                self.inference
+                    .run(&self.model, &[t])
+                    .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok((model, outputs)) => {
+                    self.metrics.record_call(CallOutcome::Ok, start.elapsed());
+                    let named = model
+                        .outputs()
+                        .iter()
+                        .map(|o| o.name.clone())
+                        .zip(outputs)
+                        .collect();
+                    self.emit(frame, named, outs, c, h);
+                }
+                Err(e) => {
+                    self.metrics
+                        .record_call(CallOutcome::GuestError, start.elapsed());
+                    let n = NodeCounters::bump(&c.errors);
+                    h.fail(format!("stage {}: {e}", self.stage));
+                    if worth_logging(n) {
+                        tracing::warn!(stage = %self.stage, error = %e, errors = n + 1, "inference stage rejected a frame");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts batched outputs back into each frame's rows; `None` if an output does not have
+    /// the batch's rows as its first dimension.
+    fn split(
+        &self,
+        inputs: &[Result<Tensor, String>],
+        outputs: Vec<Tensor>,
+    ) -> Option<Vec<Vec<(String, Tensor)>>> {
+        let model = self.inference.model(&self.model)?;
+        let rows: Vec<u32> = inputs
+            .iter()
+            .map(|t| t.as_ref().ok().and_then(|t| t.shape().first().copied()))
+            .collect::<Option<_>>()?;
+        let total: u32 = rows.iter().sum();
+        let mut per_frame: Vec<Vec<(String, Tensor)>> = vec![Vec::new(); rows.len()];
+        for (info, out) in model.outputs().iter().zip(outputs) {
+            if out.shape().first() != Some(&total) || total == 0 {
+                return None;
+            }
+            let (dtype, shape, data) = out.into_parts();
+            let row_bytes = data.len() / total as usize;
+            let mut at = 0;
+            for (i, &r) in rows.iter().enumerate() {
+                let len = row_bytes * r as usize;
+                let mut s = shape.clone();
+                s[0] = r;
+                let t = Tensor::new(dtype, s, data[at..at + len].to_vec()).ok()?;
+                per_frame[i].push((info.name.clone(), t));
+                at += len;
+            }
+        }
+        Some(per_frame)
+    }
+
+    fn emit(
+        &self,
+        frame: &Frame,
+        outputs: Vec<(String, Tensor)>,
+        outs: &Outputs,
+        c: &NodeCounters,
+        h: &HealthCounters,
+    ) {
+        h.processed.fetch_add(1, Ordering::Relaxed);
+        let chosen: Vec<(String, Tensor)> = if self.outputs.is_empty() {
+            outputs
+        } else {
+            let mut by_name: std::collections::BTreeMap<String, Tensor> =
+                outputs.into_iter().collect();
+            self.outputs
+                .iter()
+                .filter_map(|n| by_name.remove(n).map(|t| (n.clone(), t)))
+                .collect()
+        };
+        let label = chosen.len() > 1;
+        for (name, t) in chosen {
+            let mut meta = frame.meta.clone();
+            if label {
+                meta.push(("output".into(), name));
+            }
+            let (dtype, shape, data) = t.into_parts();
+            let out = Frame {
+                stream: frame.stream.clone(),
+                timestamp_ms: frame.timestamp_ms,
+                payload: Payload::Tensor(crate::sandbox::Tensor {
+                    dtype: wit_dtype(dtype),
+                    shape,
+                    data,
+                }),
+                meta,
+            };
+            NodeCounters::bump(&c.frames);
+            send_blocking(outs, out, OnFull::Block, c);
+        }
+    }
+}
+
+/// A frame's tensor: a tensor payload as is, a samples payload as f32 `[1, n]`.
+fn frame_tensor(f: &Frame) -> Result<Tensor, String> {
+    match &f.payload {
+        Payload::Tensor(t) => {
+            Tensor::new(inference_dtype(t.dtype), t.shape.clone(), t.data.clone())
+                .map_err(|e| format!("frame tensor: {e}"))
+        }
+        Payload::Samples(v) => {
+            Tensor::from_f32(vec![1, v.len() as u32], v).map_err(|e| format!("frame samples: {e}"))
+        }
+        Payload::Json(_) => Err("expected a tensor or samples payload, got json".into()),
+        Payload::Bytes(_) => Err("expected a tensor or samples payload, got bytes".into()),
+    }
+}
+
+/// Joins tensors along the first dimension; `None` unless all agree on dtype and the rest of
+/// the shape.
+fn concat(tensors: &[Result<Tensor, String>]) -> Option<Tensor> {
+    let first = tensors.first()?.as_ref().ok()?;
+    let (dtype, tail) = (first.dtype(), first.shape().get(1..)?);
+    let mut rows = 0u32;
+    let mut data = Vec::new();
+    for t in tensors {
+        let t = t.as_ref().ok()?;
+        if t.dtype() != dtype || t.shape().get(1..)? != tail {
+            return None;
+        }
+        rows = rows.checked_add(*t.shape().first()?)?;
+        data.extend_from_slice(t.data());
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(tail);
+    Tensor::new(dtype, shape, data).ok()
+}
+
+fn inference_dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::I64 => DType::I64,
+        Dtype::I32 => DType::I32,
+        Dtype::U8 => DType::U8,
+        Dtype::Bool => DType::Bool,
+    }
+}
+
+fn wit_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::I64 => Dtype::I64,
+        DType::I32 => Dtype::I32,
+        DType::U8 => Dtype::U8,
+        DType::Bool => Dtype::Bool,
     }
 }

@@ -215,18 +215,79 @@ impl SourceSpec {
     }
 }
 
-/// A WASM stage.
+/// What runs a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// A WASM component (`module`).
+    #[default]
+    Wasm,
+    /// An ONNX model (`model`) on ONNX Runtime: tensor (or samples) frames in, one tensor
+    /// frame per model output out.
+    Inference,
+}
+
+/// A stage: a WASM module, or an ONNX model with `kind = "inference"`:
+///
+/// ```toml
+/// [[stage]]
+/// name = "vad"
+/// kind = "inference"
+/// model = "models/vad.onnx"   # relative to the description, or the deployment's artifact
+/// input = "encoder"
+/// model_input = "x"           # optional: the model input frames feed (default: its only one)
+/// model_outputs = ["y"]       # optional: outputs to emit (default: all)
+/// max_batch = 8               # optional: frames run together (leading dimension)
+/// max_wait_ms = 5             # optional: longest a frame waits for a batch to fill
+/// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageSpec {
     pub name: String,
-    /// The module: a `.wasm` path relative to the description (local pipelines) or the
-    /// artifact name in the deployment manifest.
+    #[serde(default)]
+    pub kind: StageKind,
+    /// WASM stages: the module, a `.wasm` path relative to the description (local pipelines)
+    /// or the artifact name in the deployment manifest.
+    #[serde(default)]
     pub module: String,
+    /// Inference stages: the `.onnx` model, named like `module`. It is also the model's name
+    /// in telemetry and in model deployments (`edge-coordinator deploy --model NAME=FILE`).
+    #[serde(default)]
+    pub model: String,
     pub input: Inputs,
-    /// Handed to the module's `init` as JSON.
+    /// WASM stages: handed to the module's `init` as JSON.
     #[serde(default = "empty_table")]
     pub config: toml::Value,
+    /// Inference stages: the model input that frames feed; default: the model's only input.
+    #[serde(default)]
+    pub model_input: Option<String>,
+    /// Inference stages: the model outputs emitted as frames, in this order; default: all.
+    #[serde(default)]
+    pub model_outputs: Vec<String>,
+    /// Inference stages: most frames run as one batch (concatenated along the first
+    /// dimension, which the model must leave dynamic); 1: no batching.
+    #[serde(default = "one_u32")]
+    pub max_batch: u32,
+    /// Inference stages: longest a frame waits for its batch to fill, ms.
+    #[serde(default)]
+    pub max_wait_ms: u64,
+}
+
+/// Largest `max_batch` of an inference stage.
+pub const MAX_BATCH: u32 = 1024;
+
+fn one_u32() -> u32 {
+    1
+}
+
+impl StageSpec {
+    /// The artifact the stage runs: its module or its model.
+    pub fn artifact(&self) -> &str {
+        match self.kind {
+            StageKind::Wasm => &self.module,
+            StageKind::Inference => &self.model,
+        }
+    }
 }
 
 fn empty_table() -> toml::Value {
@@ -469,11 +530,49 @@ impl PipelineSpec {
             }
         }
         for s in &self.stages {
-            if s.module.trim().is_empty() {
-                return err(format!("stage {:?} has an empty module", s.name));
+            let n = &s.name;
+            match s.kind {
+                StageKind::Wasm => {
+                    if s.module.trim().is_empty() {
+                        return err(format!("stage {n:?} has an empty module"));
+                    }
+                    let inference_only = !s.model.is_empty()
+                        || s.model_input.is_some()
+                        || !s.model_outputs.is_empty()
+                        || s.max_batch != 1
+                        || s.max_wait_ms != 0;
+                    if inference_only {
+                        return err(format!(
+                            "stage {n:?}: model, model_input, model_outputs, max_batch and max_wait_ms are for kind = \"inference\""
+                        ));
+                    }
+                }
+                StageKind::Inference => {
+                    if s.model.trim().is_empty() {
+                        return err(format!("stage {n:?}: an inference stage needs a model"));
+                    }
+                    if !s.module.is_empty() {
+                        return err(format!(
+                            "stage {n:?}: an inference stage runs a model, not a module"
+                        ));
+                    }
+                    if s.config.as_table().is_some_and(|t| !t.is_empty()) {
+                        return err(format!(
+                            "stage {n:?}: config is for WASM stages; an inference stage takes none"
+                        ));
+                    }
+                    if s.max_batch == 0 || s.max_batch > MAX_BATCH {
+                        return err(format!(
+                            "stage {n:?}: max_batch must be between 1 and {MAX_BATCH}"
+                        ));
+                    }
+                    if s.max_wait_ms > 10_000 {
+                        return err(format!("stage {n:?}: max_wait_ms must be at most 10000"));
+                    }
+                }
             }
             if !s.config.is_table() {
-                return err(format!("stage {:?}: config must be a table", s.name));
+                return err(format!("stage {n:?}: config must be a table"));
             }
         }
         if self.stage_order().len() != self.stages.len() {
@@ -675,6 +774,53 @@ input = ["features", "imu"]
             ))
             .contains("topic filter")
         );
+    }
+
+    const MIXED: &str = r#"
+name = "mixed"
+[[source]]
+name = "imu"
+kind = "synthetic"
+[[stage]]
+name = "enc"
+module = "encoder.wasm"
+input = "imu"
+[[stage]]
+name = "vad"
+kind = "inference"
+model = "models/vad.onnx"
+input = "enc"
+max_batch = 8
+max_wait_ms = 5
+[[sink]]
+kind = "log"
+input = "vad"
+"#;
+
+    #[test]
+    fn inference_stages_parse_and_their_fields_are_checked() {
+        let spec = PipelineSpec::parse(MIXED).expect("valid");
+        assert_eq!(spec.stages[0].kind, StageKind::Wasm);
+        assert_eq!(spec.stages[1].kind, StageKind::Inference);
+        assert_eq!(spec.stages[1].artifact(), "models/vad.onnx");
+        assert_eq!(spec.stages[1].max_batch, 8);
+        assert!(err(&MIXED.replace("model = \"models/vad.onnx\"\n", "")).contains("needs a model"));
+        assert!(err(&MIXED.replace("max_batch = 8", "max_batch = 0")).contains("max_batch"));
+        assert!(
+            err(&MIXED.replace(
+                "module = \"encoder.wasm\"",
+                "module = \"encoder.wasm\"\nmax_batch = 2"
+            ))
+            .contains("kind = \"inference\"")
+        );
+        assert!(
+            err(&MIXED.replace(
+                "model = \"models/vad.onnx\"",
+                "model = \"m.onnx\"\nmodule = \"x.wasm\""
+            ))
+            .contains("not a module")
+        );
+        assert!(err(&MIXED.replace("kind = \"inference\"", "kind = \"gpu\"")).contains("gpu"));
     }
 
     #[test]

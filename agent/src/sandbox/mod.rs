@@ -47,7 +47,7 @@ pub use config::{Grants, SandboxConfig};
 pub use error::SandboxError;
 pub use host::kv::{KvStore, KvStoreError, SledKv};
 pub use instance::{StageContext, StageInstance, frame_bytes};
-pub use metrics::{CallOutcome, LatencySummary, MetricsSnapshot, StageMetrics};
+pub use metrics::{CallOutcome, LatencyHistogram, LatencySummary, MetricsSnapshot, StageMetrics};
 pub use runner::{AfterTrap, RestartPolicy, StageRunner};
 
 use bindings::StagePre;

@@ -51,3 +51,31 @@ pub fn wasm_dir() -> PathBuf {
     module("feature_extractor");
     modules_dir().join("target/wasm32-wasip2/release")
 }
+
+/// `target/ort/{host}/libonnxruntime.so`, provisioned with `cargo xtask ort` the first time.
+pub fn ort_library() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let lib = edge_inference::workspace_library();
+        if !lib.exists() {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            // Its own target dir: the outer `cargo test` may still hold the lock on ours.
+            let status = std::process::Command::new(
+                std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+            )
+            .current_dir(&root)
+            .env("CARGO_TARGET_DIR", root.join("target/provision"))
+            .args(["run", "--quiet", "-p", "xtask", "--", "ort"])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo to provision onnx runtime: {e}"));
+            assert!(status.success(), "cargo xtask ort failed: {status}");
+        }
+        assert!(
+            lib.exists(),
+            "{} missing after cargo xtask ort",
+            lib.display()
+        );
+        lib
+    })
+    .clone()
+}

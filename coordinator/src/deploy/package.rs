@@ -3,7 +3,8 @@
 //!
 //! [`Package::build`] is pure; [`load`] is the I/O around it: it reads the pipeline TOML, finds
 //! the artifacts it names (string values ending in `.wasm` or `.onnx`, relative to the TOML's
-//! directory), reads them and builds the package.
+//! directory), reads them and builds the package. [`load_models`] builds a model deployment
+//! (kind `model`): `.onnx` files under the names the running pipeline gives them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ pub enum PackageError {
     MediaType { name: String },
     #[error("signed manifest is {size} bytes, over the payload limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    #[error("model {name}: a model deployment carries .onnx files only")]
+    NotAModel { name: String },
     #[error("invalid manifest: {0}")]
     Invalid(#[from] DeployError),
     #[error("artifact {name} ({sha256}): {reason}")]
@@ -287,6 +290,34 @@ pub fn load(
     Package::build(spec, files, key)
 }
 
+/// Reads each `(name, file)` and builds a signed model deployment: the agent swaps model
+/// `name` (the `model =` path of an inference stage) in its running pipeline for the file's
+/// bytes, after a health check. Versions are the files' digests' first 12 hex digits.
+pub fn load_models(
+    models: &[(String, PathBuf)],
+    mut spec: PackageSpec,
+    key: &SigningKey,
+) -> Result<Package, PackageError> {
+    let mut files = Vec::with_capacity(models.len());
+    for (name, path) in models {
+        if media_type_for(name).ok() != Some(MediaType::Onnx) {
+            return Err(PackageError::NotAModel { name: name.clone() });
+        }
+        let bytes = std::fs::read(path).map_err(|error| PackageError::Read {
+            path: path.clone(),
+            error,
+        })?;
+        files.push(ArtifactFile {
+            name: name.clone(),
+            version: sha256_hex(&bytes)[..12].to_owned(),
+            bytes,
+        });
+    }
+    spec.kind = DeployKind::Model;
+    spec.pipeline_toml = None;
+    Package::build(spec, files, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +403,23 @@ mod tests {
         assert!(matches!(
             Package::build(big, Vec::new(), &key()),
             Err(PackageError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn load_models_builds_a_model_deployment() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("v2.onnx");
+        std::fs::write(&file, b"onnx v2").expect("write");
+        let p = load_models(&[("models/vad.onnx".into(), file.clone())], spec(), &key())
+            .expect("builds");
+        assert_eq!(p.manifest.kind, DeployKind::Model);
+        assert!(p.manifest.pipeline_toml.is_none());
+        assert_eq!(p.manifest.artifacts[0].name, "models/vad.onnx");
+        assert_eq!(p.manifest.artifacts[0].media_type, MediaType::Onnx);
+        assert!(matches!(
+            load_models(&[("features.wasm".into(), file)], spec(), &key()),
+            Err(PackageError::NotAModel { .. })
         ));
     }
 

@@ -246,6 +246,59 @@ pub struct Registration {
     /// `deploy --group` from these. Absent in messages from older agents.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Whether ONNX inference works on this device, and why not. Absent from older agents.
+    #[serde(default)]
+    pub inference: InferenceStatus,
+}
+
+/// The agent's ONNX Runtime, as found at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceStatus {
+    pub available: bool,
+    /// ONNX Runtime's version (`1.32.0`); empty when unavailable.
+    #[serde(default)]
+    pub version: String,
+    /// The library file in use; empty when unavailable.
+    #[serde(default)]
+    pub library: String,
+    /// Why inference is unavailable (every path tried); empty when available.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Inference in telemetry: the runtime and every loaded model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceTelemetry {
+    pub status: InferenceStatus,
+    #[serde(default)]
+    pub models: Vec<ModelTelemetry>,
+}
+
+/// One loaded model. Counters are totals since the agent started, over all its versions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTelemetry {
+    /// The model's name as pipelines and model deployments refer to it.
+    pub name: String,
+    /// The version serving now (first 12 hex digits of its sha256).
+    pub version: String,
+    /// Execution provider it actually runs on (`cpu`, `cuda`, ...).
+    pub provider: String,
+    /// `full`, or `partial` when the provider left some nodes to the CPU.
+    pub placement: String,
+    /// Preferred providers that were skipped, each `provider: reason`.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+    pub runs: u64,
+    pub errors: u64,
+    /// Versions swapped in after the first.
+    #[serde(default)]
+    pub swaps: u64,
+    /// Run latency percentiles, microseconds.
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
 /// Body of `edge/v1/{device}/telemetry` (class telemetry).
@@ -269,6 +322,9 @@ pub struct Telemetry {
     /// The running pipeline; absent when none runs (or from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<PipelineTelemetry>,
+    /// ONNX inference: runtime status and loaded models; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceTelemetry>,
 }
 
 /// The running pipeline in telemetry. Counters are totals since the pipeline started.
@@ -296,12 +352,15 @@ pub struct NodeTelemetry {
     pub errors: u64,
 }
 
-/// One WASM stage.
+/// One stage: a WASM module or an ONNX model (`kind = "inference"`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageTelemetry {
     pub name: String,
-    /// Module name and the first 12 hex digits of its sha256.
+    /// `inference` for an ONNX model stage; empty for a WASM stage (and from older agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    /// Module (or model) name and the first 12 hex digits of its sha256.
     pub module: String,
     /// `process` calls and how they ended.
     pub calls: u64,

@@ -1,0 +1,332 @@
+//! The agent's ONNX inference service: the runtime loaded once at start (or the reason it is
+//! unavailable), the registry of loaded models shared by every pipeline's inference stages
+//! and by model deployments, and per-model run statistics for telemetry.
+//!
+//! Models are named as pipelines refer to them (`models/vad.onnx`); a version is the first 12
+//! hex digits of the model file's sha256, so the same bytes load once.
+//!
+//! **Invariant:** never panics and never touches ort without a loaded library (an unavailable
+//! runtime answers every call with [`InferenceError::Unavailable`] and its reason); a model
+//! deployment swaps a model only after it loaded, passed its probe and matches the inputs and
+//! outputs of the version it replaces. **Boundary:** built by `agent::run`; used by the
+//! pipeline's inference stages, `deploy::task` and telemetry.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use edge_inference::{
+    InferenceConfig, IoInfo, Model, ModelError, ModelRegistry, Placement, Runtime, Tensor,
+};
+use protocol::v1::{InferenceStatus, InferenceTelemetry, ModelTelemetry};
+use sha2::{Digest, Sha256};
+
+use crate::sandbox::LatencyHistogram;
+
+/// Why a model could not be loaded, checked or run; every message names the model.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    #[error("model {model}: onnx inference is unavailable on this device: {reason}")]
+    Unavailable { model: String, reason: String },
+    #[error("model {0} is not loaded")]
+    NotLoaded(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("model {model}: version {version} does not match the loaded version {old}: {detail}")]
+    Incompatible {
+        model: String,
+        version: String,
+        old: String,
+        detail: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct ModelStats {
+    runs: AtomicU64,
+    errors: AtomicU64,
+    swaps: AtomicU64,
+    latency: Mutex<LatencyHistogram>,
+}
+
+struct Inner {
+    status: InferenceStatus,
+    registry: Option<ModelRegistry>,
+    stats: Mutex<BTreeMap<String, Arc<ModelStats>>>,
+}
+
+/// Cheap to clone; every clone shares the runtime, the models and their statistics.
+#[derive(Clone)]
+pub struct Inference {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Inference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inference")
+            .field("status", &self.inner.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A model's version: the first 12 hex digits of its file's sha256.
+pub fn version_of(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))[..12].to_owned()
+}
+
+impl Inference {
+    /// Loads ONNX Runtime as `config` says. Blocking (dlopen, environment start): call from a
+    /// blocking thread. Without a usable library it logs WARN with every path tried and
+    /// returns a service that reports itself unavailable.
+    pub fn load(config: &InferenceConfig) -> Inference {
+        match Runtime::load(config) {
+            Ok(rt) => {
+                let status = InferenceStatus {
+                    available: true,
+                    version: rt.version().to_owned(),
+                    library: rt.library().display().to_string(),
+                    reason: String::new(),
+                };
+                Inference::with(status, Some(ModelRegistry::new(rt)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "onnx inference unavailable; WASM pipelines keep running, inference stages will not start");
+                Inference::unavailable(e.to_string())
+            }
+        }
+    }
+
+    /// A service without a runtime (tests, or a build that must not load one).
+    pub fn unavailable(reason: impl Into<String>) -> Inference {
+        let status = InferenceStatus {
+            available: false,
+            reason: reason.into(),
+            ..InferenceStatus::default()
+        };
+        Inference::with(status, None)
+    }
+
+    fn with(status: InferenceStatus, registry: Option<ModelRegistry>) -> Inference {
+        Inference {
+            inner: Arc::new(Inner {
+                status,
+                registry,
+                stats: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn status(&self) -> &InferenceStatus {
+        &self.inner.status
+    }
+
+    fn registry(&self, model: &str) -> Result<&ModelRegistry, InferenceError> {
+        self.inner
+            .registry
+            .as_ref()
+            .ok_or_else(|| InferenceError::Unavailable {
+                model: model.to_owned(),
+                reason: self.inner.status.reason.clone(),
+            })
+    }
+
+    fn stats(&self, name: &str) -> Arc<ModelStats> {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// The version serving `name`, if loaded.
+    pub fn model(&self, name: &str) -> Option<Arc<Model>> {
+        self.inner.registry.as_ref()?.get(name)
+    }
+
+    /// Makes `bytes` the model serving `name` (loaded, health-checked with a zero probe);
+    /// bytes already serving it are reused. Blocking.
+    pub fn ensure(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
+        let registry = self.registry(name)?;
+        let version = version_of(bytes);
+        if let Some(m) = registry.get(name)
+            && m.version() == version
+        {
+            return Ok(m);
+        }
+        let installed = registry.install(name, &version, bytes, None)?;
+        if installed.replaced.is_some() {
+            self.stats(name).swaps.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(installed.model)
+    }
+
+    /// Loads and checks a new version of the loaded model `name` without swapping it in:
+    /// it must load, pass its probe (finite outputs of the declared shapes) and take and give
+    /// the same inputs and outputs as the version serving now. Blocking.
+    pub fn prepare(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
+        let registry = self.registry(name)?;
+        let old = registry
+            .get(name)
+            .ok_or_else(|| InferenceError::NotLoaded(name.to_owned()))?;
+        let version = version_of(bytes);
+        let model = Model::load(registry.runtime(), name, &version, bytes)?;
+        model.health_check(None)?;
+        let incompatible = |what: &str, old_io: &[IoInfo], new_io: &[IoInfo]| {
+            if same_io(old_io, new_io) {
+                return Ok(());
+            }
+            Err(InferenceError::Incompatible {
+                model: name.to_owned(),
+                version: version.clone(),
+                old: old.version().to_owned(),
+                detail: format!(
+                    "{what} {} instead of {}",
+                    describe_io(new_io),
+                    describe_io(old_io)
+                ),
+            })
+        };
+        incompatible("inputs", old.inputs(), model.inputs())?;
+        incompatible("outputs", old.outputs(), model.outputs())?;
+        Ok(Arc::new(model))
+    }
+
+    /// Swaps in a model [`Inference::prepare`] checked. Requests running on the old version
+    /// finish on it; the next ones use the new one.
+    pub fn commit(&self, model: Arc<Model>) {
+        if let Some(registry) = &self.inner.registry {
+            let name = model.name().to_owned();
+            if registry.insert(model).replaced.is_some() {
+                self.stats(&name).swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Unloads `name` (requests in flight finish first).
+    pub fn remove(&self, name: &str) {
+        if let Some(r) = &self.inner.registry {
+            r.remove(name);
+        }
+    }
+
+    /// Runs the version of `name` serving now, counting the run for telemetry. Blocking.
+    pub fn run(
+        &self,
+        name: &str,
+        inputs: &[Tensor],
+    ) -> Result<(Arc<Model>, Vec<Tensor>), InferenceError> {
+        let model = self
+            .registry(name)?
+            .get(name)
+            .ok_or_else(|| InferenceError::NotLoaded(name.to_owned()))?;
+        let stats = self.stats(name);
+        let start = Instant::now();
+        let out = model.run(inputs);
+        record(&stats, start.elapsed(), out.is_ok());
+        Ok((model, out?))
+    }
+
+    /// The runtime's status and every loaded model.
+    pub fn telemetry(&self) -> InferenceTelemetry {
+        let models = self
+            .inner
+            .registry
+            .as_ref()
+            .map(ModelRegistry::models)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let s = self.stats(m.name());
+                let latency = s
+                    .latency
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .summary();
+                let report = m.provider_report();
+                ModelTelemetry {
+                    name: m.name().to_owned(),
+                    version: m.version().to_owned(),
+                    provider: report.provider.as_str().to_owned(),
+                    placement: match report.placement {
+                        Placement::Full => "full".into(),
+                        Placement::Partial => "partial".into(),
+                    },
+                    skipped: report
+                        .skipped
+                        .iter()
+                        .map(|s| format!("{}: {}", s.provider.as_str(), s.reason))
+                        .collect(),
+                    runs: s.runs.load(Ordering::Relaxed),
+                    errors: s.errors.load(Ordering::Relaxed),
+                    swaps: s.swaps.load(Ordering::Relaxed),
+                    p50_us: latency.p50_us,
+                    p99_us: latency.p99_us,
+                }
+            })
+            .collect();
+        InferenceTelemetry {
+            status: self.inner.status.clone(),
+            models,
+        }
+    }
+}
+
+fn record(stats: &ModelStats, latency: Duration, ok: bool) {
+    stats.runs.fetch_add(1, Ordering::Relaxed);
+    if !ok {
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    stats
+        .latency
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .record(latency);
+}
+
+fn same_io(a: &[IoInfo], b: &[IoInfo]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.name == b.name && a.dtype == b.dtype && a.shape == b.shape)
+}
+
+fn describe_io(io: &[IoInfo]) -> String {
+    let parts: Vec<String> = io
+        .iter()
+        .map(|i| {
+            let ty = i
+                .dtype
+                .map_or_else(|| i.type_name.clone(), |d| d.to_string());
+            format!("{} {ty} {}", i.name, i.shape_string())
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_answers_with_its_reason_and_never_panics() {
+        let inf = Inference::unavailable("no library at /nowhere/libonnxruntime.so");
+        assert!(!inf.status().available);
+        let e = inf
+            .ensure("models/x.onnx", b"bytes")
+            .expect_err("no runtime");
+        assert!(e.to_string().contains("models/x.onnx"), "{e}");
+        assert!(e.to_string().contains("/nowhere"), "{e}");
+        assert!(inf.run("models/x.onnx", &[]).is_err());
+        assert!(inf.model("models/x.onnx").is_none());
+        let t = inf.telemetry();
+        assert!(!t.status.available && t.models.is_empty());
+    }
+
+    #[test]
+    fn versions_are_short_content_digests() {
+        assert_eq!(version_of(b"abc"), "ba7816bf8f01");
+    }
+}
