@@ -6,7 +6,10 @@
 //!   (extract + the same JSON output), on a 1024-sample window; ratio WASM / native;
 //! - throughput of that stage on one core (msgs/s);
 //! - pooled instantiation time (instance only, and instance + `init`);
-//! - memory per loaded module (compiled code size, RSS growth) and per live instance.
+//! - memory per loaded module (compiled code size, RSS growth) and per live instance;
+//! - pipeline throughput: synthetic source -> feature extractor -> log sink through the
+//!   pipeline runtime (threads, bounded channels), against the same stage called in a loop.
+//!   Run under `taskset -c 0` for the one-core figure.
 //!
 //! Medians of several rounds. Needs the guest modules built (`cargo build --release
 //! --target wasm32-wasip2` in `modules/`). `cargo bench -p edge-agent --bench sandbox`.
@@ -225,6 +228,10 @@ fn main() {
     let per_instance = rss_bytes().saturating_sub(rss1) / live.len() as u64;
     drop(live);
 
+    // Pipeline throughput: the runtime's threads and channels around the same stage.
+    let frames: u64 = 20_000;
+    let pipeline_rate = pipeline_msgs_per_s(dir.path(), frames);
+
     let us = |s: f64| s * 1e6;
     println!(
         "wasm sandbox (wasmtime 48, Cranelift, pooling allocator), medians of {ROUNDS} rounds:"
@@ -281,4 +288,78 @@ fn main() {
         "  memory per live extractor instance (after one window): RSS +{} KiB",
         per_instance / 1024
     );
+    println!(
+        "  pipeline synthetic -> extractor -> log, {frames} windows of 1024: {:>8.0} msgs/s \
+         (stage called in a loop {:.0}; pipeline/loop = {:.2})",
+        pipeline_rate,
+        1.0 / wasm_fx,
+        pipeline_rate * wasm_fx
+    );
+}
+
+/// Messages per second through a whole pipeline (median of 3 runs of `frames` windows).
+fn pipeline_msgs_per_s(dir: &Path, frames: u64) -> f64 {
+    use edge_agent::config::{DatasetConfig, OutboxConfig};
+    use edge_agent::dataset::Dataset;
+    use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineSpec};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let state_dir = dir.join("pipeline");
+    let state = edge_agent::statedb::StateDb::open(&state_dir).expect("state db");
+    let deps = Deps {
+        sandbox: Sandbox::new(&SandboxConfig::default(), &state_dir).expect("sandbox"),
+        dataset: Arc::new(Dataset::open(&state.db, &DatasetConfig::default()).expect("dataset")),
+        outbox: Arc::new(
+            edge_agent::outbox::Outbox::open(&state_dir, &OutboxConfig::default()).expect("outbox"),
+        ),
+        state,
+        inbox: Default::default(),
+        device: "bench".into(),
+        runtime: rt.handle().clone(),
+        inference: edge_agent::inference::Inference::unavailable("not used by this benchmark"),
+    };
+    let files = LocalFiles {
+        dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/target/wasm32-wasip2/release"),
+    };
+    let spec = PipelineSpec::parse(&format!(
+        r#"
+name = "bench"
+[[source]]
+name = "imu"
+kind = "synthetic"
+rate_hz = 0
+count = {frames}
+window = 1024
+on_full = "block"
+[[stage]]
+name = "features"
+module = "feature_extractor.wasm"
+input = "imu"
+config = {{ sample_rate_hz = 1000, bands = 8 }}
+[[sink]]
+kind = "log"
+input = "features"
+every = 1000000000
+"#
+    ))
+    .expect("spec");
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let p =
+            Pipeline::start(&spec, &files, &deps, Mode::Live, Origin::default()).expect("start");
+        while !p.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let elapsed = t.elapsed().as_secs_f64();
+        let calls = p.stats().telemetry().stages[0].ok;
+        p.stop();
+        assert_eq!(calls, frames, "every window processed");
+        rates.push(frames as f64 / elapsed);
+    }
+    median(rates)
 }

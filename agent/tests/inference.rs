@@ -4,19 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use edge_agent::config::{DatasetConfig, OutboxConfig};
-use edge_agent::dataset::Dataset;
 use edge_agent::deploy::task::run_start;
-use edge_agent::inbox::Inbox;
 use edge_agent::inference::Inference;
-use edge_agent::outbox::Outbox;
 use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
-use edge_agent::sandbox::{Sandbox, SandboxConfig};
-use edge_agent::statedb::StateDb;
+use edge_agent::sandbox::SandboxConfig;
 use edge_inference::onnx::GraphProto;
 use edge_inference::onnx_builder::{self, attr_int, node, value_info};
 use edge_inference::{DType, InferenceConfig, Provider};
@@ -40,21 +34,8 @@ fn inference() -> Inference {
 
 fn fixture_with(inference: Inference) -> Fixture {
     let dir = tempfile::tempdir().expect("tmp");
-    let state = StateDb::open(dir.path()).expect("state db");
-    let dataset = Arc::new(Dataset::open(&state.db, &DatasetConfig::default()).expect("dataset"));
-    let outbox = Arc::new(Outbox::open(dir.path(), &OutboxConfig::default()).expect("outbox"));
-    let sandbox = Sandbox::new(&SandboxConfig::default(), dir.path()).expect("sandbox");
     Fixture {
-        deps: Deps {
-            sandbox,
-            state,
-            outbox,
-            inbox: Inbox::default(),
-            dataset,
-            device: "dev-1".into(),
-            runtime: tokio::runtime::Handle::current(),
-            inference,
-        },
+        deps: common::pipeline_deps(dir.path(), &SandboxConfig::default(), inference),
         dir,
     }
 }

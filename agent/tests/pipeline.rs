@@ -3,17 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge_agent::config::{DatasetConfig, OutboxConfig};
-use edge_agent::dataset::Dataset;
 use edge_agent::deploy::task::run_start;
-use edge_agent::inbox::{Inbox, Incoming};
-use edge_agent::outbox::Outbox;
+use edge_agent::inbox::Incoming;
 use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
-use edge_agent::sandbox::{Sandbox, SandboxConfig};
-use edge_agent::statedb::StateDb;
+use edge_agent::sandbox::SandboxConfig;
 use protocol::v1::{Class, PipelineTelemetry};
 
 struct Fixture {
@@ -24,26 +19,14 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tmp");
-    let state = StateDb::open(dir.path()).expect("state db");
-    let dataset = Arc::new(Dataset::open(&state.db, &DatasetConfig::default()).expect("dataset"));
-    let outbox = Arc::new(Outbox::open(dir.path(), &OutboxConfig::default()).expect("outbox"));
     let cfg = SandboxConfig {
         restart_backoff_min_ms: 1,
         restart_backoff_max_ms: 5,
         ..SandboxConfig::default()
     };
-    let sandbox = Sandbox::new(&cfg, dir.path()).expect("sandbox");
+    let unused = edge_agent::inference::Inference::unavailable("not used by these tests");
     Fixture {
-        deps: Deps {
-            sandbox,
-            state,
-            outbox,
-            inbox: Inbox::default(),
-            dataset,
-            device: "dev-1".into(),
-            runtime: tokio::runtime::Handle::current(),
-            inference: edge_agent::inference::Inference::unavailable("not used by these tests"),
-        },
+        deps: common::pipeline_deps(dir.path(), &cfg, unused),
         files: LocalFiles {
             dir: common::wasm_dir(),
         },

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::agent::AgentOptions;
 use crate::bins::coordinator_bin;
 use crate::coordinator::Coordinator;
 use crate::process::ensure_dir;
@@ -105,10 +106,21 @@ pub fn deploy(
     version: u64,
     args: &[&str],
 ) -> Result<DeployRun> {
-    let out = Command::new(coordinator_bin()?)
-        .arg("deploy")
-        .args(target)
-        .arg(&pipeline.toml)
+    let mut cmd = Command::new(coordinator_bin()?);
+    cmd.arg("deploy").args(target).arg(&pipeline.toml);
+    run_deploy(cmd, coord, key, version, args)
+}
+
+/// `deploy` with the key, version and state dir every run needs; the outcome lines are read
+/// by the caller.
+fn run_deploy(
+    mut cmd: Command,
+    coord: &Coordinator,
+    key: &SigningKey,
+    version: u64,
+    args: &[&str],
+) -> Result<DeployRun> {
+    let out = cmd
         .arg("--key")
         .arg(&key.path)
         .args(["--version", &version.to_string(), "--state-dir"])
@@ -121,6 +133,34 @@ pub fn deploy(
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+impl AgentOptions {
+    /// Trusts `key` for deployments, joins `groups`, and asks for missing chunks after
+    /// `resend_after_ms` (short in tests, so a lost chunk is asked for again quickly).
+    pub fn trust_deployments(
+        &mut self,
+        key: &SigningKey,
+        groups: &[&str],
+        resend_after_ms: u64,
+    ) -> &mut AgentOptions {
+        use toml::Value;
+        let mut deploy = toml::Table::new();
+        deploy.insert(
+            "trusted_keys".into(),
+            Value::Array(vec![Value::String(key.public_hex.clone())]),
+        );
+        deploy.insert(
+            "groups".into(),
+            Value::Array(groups.iter().map(|g| Value::String((*g).into())).collect()),
+        );
+        deploy.insert(
+            "resend_after_ms".into(),
+            Value::Integer(i64::try_from(resend_after_ms).unwrap_or(i64::MAX)),
+        );
+        self.extra.insert("deploy".into(), Value::Table(deploy));
+        self
+    }
 }
 
 impl PipelineDir {
@@ -154,17 +194,5 @@ pub fn deploy_models(
     for (name, file) in models {
         cmd.arg("--model").arg(format!("{name}={}", file.display()));
     }
-    let out = cmd
-        .arg("--key")
-        .arg(&key.path)
-        .args(["--version", &version.to_string(), "--state-dir"])
-        .arg(coord.state_dir())
-        .args(args)
-        .output()
-        .context("cannot run edge-coordinator deploy --model")?;
-    Ok(DeployRun {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    run_deploy(cmd, coord, key, version, args)
 }

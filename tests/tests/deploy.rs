@@ -42,18 +42,7 @@ stream = "features"
 fn agent_options(coord: &Coordinator, device: &str, key: &SigningKey) -> AgentOptions {
     let mut o = AgentOptions::new(device, coord.url());
     o.telemetry_interval_s = 1;
-    let mut deploy = toml::Table::new();
-    deploy.insert(
-        "trusted_keys".into(),
-        toml::Value::Array(vec![toml::Value::String(key.public_hex.clone())]),
-    );
-    deploy.insert(
-        "groups".into(),
-        toml::Value::Array(vec![toml::Value::String("lab".into())]),
-    );
-    // A stalled transfer asks again quickly in tests.
-    deploy.insert("resend_after_ms".into(), toml::Value::Integer(1000));
-    o.extra.insert("deploy".into(), toml::Value::Table(deploy));
+    o.trust_deployments(key, &["lab"], 1000);
     o
 }
 

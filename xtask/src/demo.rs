@@ -386,13 +386,7 @@ fn tour(env: &TestEnv) -> Result<()> {
     for d in DEVICES {
         let mut o = AgentOptions::new(d, coord.url());
         o.telemetry_interval_s = TELEMETRY_S;
-        let mut deploy = toml::Table::new();
-        deploy.insert(
-            "trusted_keys".into(),
-            toml::Value::Array(vec![key.public_hex.clone().into()]),
-        );
-        deploy.insert("groups".into(), toml::Value::Array(vec!["demo".into()]));
-        o.extra.insert("deploy".into(), toml::Value::Table(deploy));
+        o.trust_deployments(&key, &["demo"], 2000);
         agents.push(Agent::start(&env.path(d), o)?);
     }
     tl.until("both agents to register", CATCH_UP_TIMEOUT, |j| {

@@ -373,13 +373,7 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
 fn agent_options(coord: &Coordinator, device: &str, key: &SigningKey) -> AgentOptions {
     let mut o = AgentOptions::new(device, coord.url());
     o.telemetry_interval_s = 1;
-    let mut deploy = toml::Table::new();
-    deploy.insert(
-        "trusted_keys".into(),
-        toml::Value::Array(vec![toml::Value::String(key.public_hex.clone())]),
-    );
-    deploy.insert("resend_after_ms".into(), toml::Value::Integer(2000));
-    o.extra.insert("deploy".into(), toml::Value::Table(deploy));
+    o.trust_deployments(key, &[], 2000);
     o
 }
 

@@ -79,3 +79,31 @@ pub fn ort_library() -> PathBuf {
     })
     .clone()
 }
+
+/// What a pipeline runs against, all in `dir`: state db, dataset store, outbox, a sandbox
+/// with `cfg`, an empty inbox, and `inference`. Call inside a tokio runtime.
+pub fn pipeline_deps(
+    dir: &Path,
+    cfg: &edge_agent::sandbox::SandboxConfig,
+    inference: edge_agent::inference::Inference,
+) -> edge_agent::pipeline::Deps {
+    use std::sync::Arc;
+
+    use edge_agent::config::{DatasetConfig, OutboxConfig};
+    let state = edge_agent::statedb::StateDb::open(dir).expect("state db");
+    let dataset = Arc::new(
+        edge_agent::dataset::Dataset::open(&state.db, &DatasetConfig::default()).expect("dataset"),
+    );
+    let outbox =
+        Arc::new(edge_agent::outbox::Outbox::open(dir, &OutboxConfig::default()).expect("outbox"));
+    edge_agent::pipeline::Deps {
+        sandbox: edge_agent::sandbox::Sandbox::new(cfg, dir).expect("sandbox"),
+        state,
+        outbox,
+        inbox: Default::default(),
+        dataset,
+        device: "dev-1".into(),
+        runtime: tokio::runtime::Handle::current(),
+        inference,
+    }
+}

@@ -7,9 +7,10 @@
 //! Sleeping: the epoch deadline only interrupts running wasm, not a blocking host call, and
 //! with synchronous WASI a guest's `sleep` (a monotonic-clock pollable) blocks the calling
 //! thread in the host. [`add_sleep_cap`] therefore replaces the two monotonic-clock
-//! `subscribe-*` functions with versions that end any wait just after the call's deadline;
-//! the guest then traps with a timeout as soon as it runs again, so a call ends within about
-//! two timeouts however it sleeps.
+//! `subscribe-*` functions with versions that end any wait just after the call's deadline and,
+//! when the wait asked for would cross the deadline, move the epoch deadline to now: the guest
+//! traps with a timeout as soon as it runs wasm again, whether or not the ticker thread kept
+//! up, so a call ends within about two timeouts however it sleeps.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -93,6 +94,12 @@ pub(crate) fn add_sleep_cap(linker: &mut Linker<HostState>) -> wasmtime::Result<
         "subscribe-duration",
         |mut store: StoreContextMut<'_, HostState>, (ns,): (u64,)| {
             let cap = store.data().sleep_cap_ns;
+            if ns > cap {
+                // The wait cannot end before the call's deadline: stop the call at the next
+                // epoch check rather than rely on the ticker having reached the deadline when
+                // the capped wait ends (a loaded machine can starve the ticker thread).
+                store.set_epoch_deadline(0);
+            }
             let r: Resource<DynPollable> =
                 store.data_mut().clocks().subscribe_duration(ns.min(cap))?;
             Ok((r,))
@@ -102,8 +109,12 @@ pub(crate) fn add_sleep_cap(linker: &mut Linker<HostState>) -> wasmtime::Result<
         "subscribe-instant",
         |mut store: StoreContextMut<'_, HostState>, (when,): (u64,)| {
             let cap = store.data().sleep_cap_ns;
+            let now = store.data_mut().clocks().now()?;
+            if when > now.saturating_add(cap) {
+                store.set_epoch_deadline(0);
+            }
             let mut clocks = store.data_mut().clocks();
-            let latest = clocks.now()?.saturating_add(cap);
+            let latest = now.saturating_add(cap);
             let r: Resource<DynPollable> = clocks.subscribe_instant(when.min(latest))?;
             Ok((r,))
         },
