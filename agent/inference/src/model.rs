@@ -197,7 +197,8 @@ impl Model {
                     }
                     Err(e) => skipped.push(Skipped {
                         provider: p,
-                        reason: e.to_string(),
+                        // ONNX Runtime's messages end with a newline; reports are one line each.
+                        reason: e.to_string().trim_end().to_owned(),
                     }),
                 },
             }
