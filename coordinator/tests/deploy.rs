@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -25,65 +25,13 @@ use protocol::v1::{Class, Envelope, Registration, VERSION, message_id, topics};
 use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::Value;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
+mod common;
+use common::{Coordinator, POLL, TIMEOUT};
 /// The test artifact: 10 chunks of 1 KiB.
 const MODULE_BYTES: usize = 10 * 1024;
 const CHUNK_SIZE: u32 = 1024;
 
-/// The coordinator process; killed on drop so a failing test leaks nothing.
-struct Coordinator {
-    child: Child,
-    log: PathBuf,
-    state: PathBuf,
-}
-
 impl Coordinator {
-    fn start(dir: &Path) -> Coordinator {
-        let log = dir.join(format!("coordinator-{}.log", protocol::v1::now_ms()));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let state = dir.join("state");
-        let child = Command::new(env!("CARGO_BIN_EXE_edge-coordinator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(&state)
-            .env("RUST_LOG", "debug,rumqttd=warn,sled=info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("coordinator starts");
-        Coordinator { child, log, state }
-    }
-
-    fn journal_path(&self) -> PathBuf {
-        self.state.join("journal.jsonl")
-    }
-
-    /// SIGTERM, then the exit status (must be 0).
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill failed");
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(exit) = self.child.try_wait().expect("wait") {
-                assert!(
-                    exit.success(),
-                    "coordinator exited with {exit}; log:\n{}",
-                    self.log_text()
-                );
-                return;
-            }
-            assert!(Instant::now() < deadline, "coordinator did not stop");
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
     /// Polls the journal until `done` holds, or fails with the journal and the log.
     fn wait_journal(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let deadline = Instant::now() + TIMEOUT;
@@ -141,13 +89,6 @@ impl Coordinator {
             );
             std::thread::sleep(POLL);
         }
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

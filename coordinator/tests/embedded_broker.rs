@@ -4,8 +4,8 @@
 //!
 //! Synchronisation is by polling the journal with a deadline, never by sleeping for a guess.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,71 +13,8 @@ use protocol::v1::{Class, Data, Envelope, Registration, Status, VERSION, topics}
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
-
-/// The coordinator process; killed on drop so a failing test leaks nothing.
-struct Coordinator {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Coordinator {
-    fn start(dir: &Path) -> Coordinator {
-        let log = dir.join(format!("coordinator-{}.log", crate_now_ms()));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_edge-coordinator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.join("state"))
-            .env("RUST_LOG", "debug,rumqttd=warn,sled=info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("coordinator starts");
-        Coordinator { child, log }
-    }
-
-    /// SIGTERM, then the exit status (must be 0).
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill failed");
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(exit) = self.child.try_wait().expect("wait") {
-                assert!(
-                    exit.success(),
-                    "coordinator exited with {exit}; log:\n{}",
-                    self.log_text()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not stop; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn crate_now_ms() -> u64 {
-    protocol::v1::now_ms()
-}
+mod common;
+use common::{Coordinator, POLL, TIMEOUT};
 
 fn journal(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
