@@ -107,12 +107,11 @@ impl Dataset {
 
     fn evict(&self, meta: &mut Meta) -> Result<(), DatasetError> {
         while meta.count > self.max_samples || meta.bytes > self.max_bytes {
-            let Some((k, v)) = self.tree.pop_min().map_err(backend)? else {
+            let Some((_, v)) = self.tree.pop_min().map_err(backend)? else {
                 meta.count = 0;
                 meta.bytes = 0;
                 break;
             };
-            let _ = k;
             meta.count -= 1;
             meta.bytes = meta.bytes.saturating_sub(v.len() as u64);
         }

@@ -168,31 +168,28 @@ fn scenario(env: &TestEnv) -> Result<()> {
     })?;
 
     // Forged and replayed deployments to one device: each rejected with its reason.
-    let target = ["--device", DEVICES[0]];
-    let short = ["--timeout-s", "60"];
-    let run = deploy(&coord, &target, &good, &stranger, 3, &short)?;
-    let outcome = run.outcome(DEVICES[0]).unwrap_or_default();
-    ensure!(
-        !run.success && outcome.contains("unknown key"),
-        "{outcome:?}\n{}{}",
-        run.stdout,
-        run.stderr
-    );
-    let run = deploy(&coord, &target, &good, &key, 1, &short)?;
-    let outcome = run.outcome(DEVICES[0]).unwrap_or_default();
-    ensure!(
-        !run.success && outcome.contains("not newer"),
-        "{outcome:?}\n{}{}",
-        run.stdout,
-        run.stderr
-    );
-    let run = deploy(&coord, &target, &good, &key, 2, &short)?;
-    let outcome = run.outcome(DEVICES[0]).unwrap_or_default();
-    ensure!(
-        !run.success && outcome.contains("already attempted"),
-        "a rolled-back version is not retried: {outcome:?}\n{}",
-        run.stdout
-    );
+    let rejected = |signer: &SigningKey, version: u64, needle: &str| -> Result<()> {
+        let run = deploy(
+            &coord,
+            &["--device", DEVICES[0]],
+            &good,
+            signer,
+            version,
+            &["--timeout-s", "60"],
+        )?;
+        let outcome = run.outcome(DEVICES[0]).unwrap_or_default();
+        ensure!(
+            !run.success && outcome.contains(needle),
+            "v{version}, expected a rejection naming {needle:?}: {outcome:?}\n{}{}",
+            run.stdout,
+            run.stderr
+        );
+        Ok(())
+    };
+    rejected(&stranger, 3, "unknown key")?;
+    rejected(&key, 1, "not newer")?;
+    // A rolled-back version is not retried.
+    rejected(&key, 2, "already attempted")?;
 
     // The installed pipeline comes back after an agent restart (from the state db).
     agents[0].stop()?;

@@ -147,41 +147,31 @@ fn scenario(env: &TestEnv) -> Result<()> {
 
     // A version that gives NaN on the probe, and one with other outputs: both rolled back
     // with the reason; v2 keeps serving.
+    let rolled_back = |file: &std::path::Path, version: u64, needle: &str| -> Result<()> {
+        let run = deploy_models(
+            &coord,
+            &target,
+            &[(MODEL, file)],
+            &key,
+            version,
+            &["--timeout-s", "60"],
+        )?;
+        let outcome = run.outcome(DEVICE).unwrap_or_default();
+        ensure!(
+            !run.success && outcome.starts_with("rolled back") && outcome.contains(needle),
+            "v{version}, expected a rollback naming {needle:?}: {outcome:?}\n{}{}",
+            run.stdout,
+            run.stderr
+        );
+        Ok(())
+    };
     let nan = dir.write("new/nan.onnx", &onnx_builder::nan_on_probe())?;
-    let run = deploy_models(
-        &coord,
-        &target,
-        &[(MODEL, &nan)],
-        &key,
-        3,
-        &["--timeout-s", "60"],
-    )?;
-    let outcome = run.outcome(DEVICE).unwrap_or_default();
-    ensure!(
-        !run.success && outcome.starts_with("rolled back") && outcome.contains("not finite"),
-        "NaN model: {outcome:?}\n{}{}",
-        run.stdout,
-        run.stderr
-    );
+    rolled_back(&nan, 3, "not finite")?;
     let narrow = dir.write(
         "new/narrow.onnx",
         &onnx_builder::linear(4, 2, &[1.0; 8], &[0.0; 2]),
     )?;
-    let run = deploy_models(
-        &coord,
-        &target,
-        &[(MODEL, &narrow)],
-        &key,
-        4,
-        &["--timeout-s", "60"],
-    )?;
-    let outcome = run.outcome(DEVICE).unwrap_or_default();
-    ensure!(
-        !run.success && outcome.starts_with("rolled back") && outcome.contains("outputs"),
-        "output shape mismatch: {outcome:?}\n{}{}",
-        run.stdout,
-        run.stderr
-    );
+    rolled_back(&narrow, 4, "outputs")?;
     journal.refresh()?;
     let mark = journal.len();
     journal.wait_for("scores from v2 after the rollbacks", WAIT, |j| {

@@ -97,14 +97,7 @@ pub fn send_blocking(outs: &Outputs, frame: Frame, on_full: OnFull, c: &NodeCoun
     let send = |tx: &mpsc::Sender<Frame>, f: Frame| -> bool {
         match on_full {
             OnFull::Block => tx.blocking_send(f).is_ok(),
-            OnFull::Drop => match tx.try_send(f) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    NodeCounters::bump(&c.dropped);
-                    true
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
+            OnFull::Drop => try_send_or_count(tx, f, c),
         }
     };
     let Some((last, rest)) = outs.split_last() else {
@@ -116,6 +109,19 @@ pub fn send_blocking(outs: &Outputs, frame: Frame, on_full: OnFull, c: &NodeCoun
     }
     // The last output takes the frame itself; the others got copies.
     send(last, frame) || open
+}
+
+/// The drop policy: sends if there is room, else drops the frame and counts it. Returns false
+/// only when the receiver is gone.
+fn try_send_or_count(tx: &mpsc::Sender<Frame>, f: Frame, c: &NodeCounters) -> bool {
+    match tx.try_send(f) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            NodeCounters::bump(&c.dropped);
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 /// Pacing for sources with a rate: sleeps until the next tick.
@@ -343,17 +349,10 @@ pub async fn run_mqtt(
         NodeCounters::bump(&c.frames);
         let mut open = false;
         for tx in &outs {
-            match m.on_full {
-                OnFull::Block => open |= tx.send(frame.clone()).await.is_ok(),
-                OnFull::Drop => match tx.try_send(frame.clone()) {
-                    Ok(()) => open = true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        open = true;
-                        NodeCounters::bump(&c.dropped);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                },
-            }
+            open |= match m.on_full {
+                OnFull::Block => tx.send(frame.clone()).await.is_ok(),
+                OnFull::Drop => try_send_or_count(tx, frame.clone(), &c),
+            };
         }
         if !open {
             break;
@@ -366,13 +365,11 @@ pub async fn run_mqtt(
 #[derive(Debug, Default)]
 pub struct HealthCounters {
     pub processed: AtomicU64,
-    pub failures: AtomicU64,
     pub first_failure: Mutex<Option<String>>,
 }
 
 impl HealthCounters {
     pub fn fail(&self, reason: String) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         let mut f = self.first_failure.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some(reason);
