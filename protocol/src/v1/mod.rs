@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod deploy;
+pub mod fl;
 pub mod topics;
 
 use serde::{Deserialize, Serialize};

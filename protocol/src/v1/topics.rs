@@ -13,6 +13,8 @@
 //! edge/v1/{device}/deploy/resend   Envelope<ResendRequest>, device -> coordinator
 //! edge/v1/group/{group}/deploy/manifest  SignedManifest for every member of a group
 //! edge/v1/group/{group}/deploy/chunk     chunks broadcast once to a group; resends go per device
+//! edge/v1/{device}/fl/round        retained signed fl::RoundMessage (global weights, train order)
+//! edge/v1/{device}/fl/update       BinaryEnvelope kind fl-update (compressed weight delta)
 //! ```
 //!
 //! `group` is reserved in the device position like `coordinator`: [`parse_deploy`] refuses it
@@ -203,6 +205,31 @@ pub fn parse_deploy(topic: &str) -> Option<DeployTopic> {
     }
 }
 
+/// Round orders with the global weights, coordinator -> device (retained: a device that was
+/// offline when the round opened still gets it on reconnect, and a late joiner gets the newest
+/// global model).
+pub fn fl_round(device: &str) -> String {
+    format!("{ROOT}/{device}/fl/round")
+}
+
+/// Compressed local updates, device -> coordinator (binary envelope, kind `fl-update`).
+pub fn fl_update(device: &str) -> String {
+    format!("{ROOT}/{device}/fl/update")
+}
+
+/// What the coordinator subscribes to for federated learning.
+pub const COORDINATOR_FL_FILTER: &str = "edge/v1/+/fl/update";
+
+/// The device of an `fl/update` topic; `None` for anything else.
+pub fn parse_fl_update(topic: &str) -> Option<String> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+    let device = rest.strip_suffix("/fl/update")?;
+    if validate_device_id(device).is_err() || device == COORDINATOR || device == GROUP {
+        return None;
+    }
+    Some(device.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +261,14 @@ mod tests {
                 stream: "vib/alerts".into()
             })
         );
+    }
+
+    #[test]
+    fn fl_topics_parse() {
+        assert_eq!(parse_fl_update(&fl_update("d1")), Some("d1".to_owned()));
+        assert_eq!(parse_fl_update("edge/v1/coordinator/fl/update"), None);
+        assert_eq!(parse_fl_update("edge/v1/a/b/fl/update"), None);
+        assert_eq!(parse_fl_update(&fl_round("d1")), None);
     }
 
     #[test]

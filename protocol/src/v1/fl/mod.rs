@@ -1,0 +1,462 @@
+//! Federated learning on the wire: signed round orders that carry the global weights, and the
+//! devices' compressed updates.
+//!
+//! ```text
+//! coordinator                                               agent
+//!   RoundMessage (binary, signed, retained) --fl/round-->   verify, apply weights to the model,
+//!                                                           train if ordered, encode the delta
+//!               <--fl/update--  BinaryEnvelope{kind fl-update, body = Update} via the outbox
+//! ```
+//!
+//! Round messages are signed with the same ed25519 keys as deployments: new weights change what
+//! a device's inference stage answers, so they need the same trust as new code. Updates are not
+//! signed (the broker's authentication names the device); the coordinator validates every one
+//! against the round it claims (task, round, length, finite values) before it counts.
+
+pub mod codec;
+
+use ed25519_dalek::{Signature, Signer};
+use serde::{Deserialize, Serialize};
+
+use super::deploy::{SigningKey, TrustedKeys, key_id};
+use super::{MAX_PAYLOAD_BYTES, validate_message_id};
+pub use codec::{Codec, CodecError};
+
+/// Binary envelope `kind` of an update.
+pub const UPDATE_KIND: &str = "fl-update";
+
+const ROUND_MAGIC: &[u8; 2] = b"FR";
+const UPDATE_MAGIC: &[u8; 2] = b"FU";
+const FORMAT: u8 = 1;
+
+/// Errors from encoding, verifying and decoding federated-learning messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlError {
+    #[error("malformed round message: {0}")]
+    Round(String),
+    #[error("round message is signed by unknown key {key_id}")]
+    UnknownKey { key_id: String },
+    #[error("bad signature on round message by key {key_id}")]
+    BadSignature { key_id: String },
+    #[error("malformed update: {0}")]
+    Update(String),
+    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
+}
+
+/// One named weight tensor of the model (an ONNX initializer), row-major.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<u32>,
+}
+
+impl ParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().map(|&d| d as usize).product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Total number of weights in `params`.
+pub fn weight_count(params: &[ParamSpec]) -> usize {
+    params.iter().map(ParamSpec::len).sum()
+}
+
+/// Hyperparameters and deadline of one round's local training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOrder {
+    /// Wall-clock deadline (ms since the Unix epoch) after which the update is late (see the
+    /// coordinator's late-update rule); the device still sends it.
+    pub deadline_ms: u64,
+    pub epochs: u32,
+    pub lr: f32,
+    pub batch_size: u32,
+    /// FedProx proximal term (0 = FedAvg's plain local SGD).
+    pub mu: f32,
+    pub codec: Codec,
+    /// Seed for shuffling and stochastic rounding (the coordinator derives one per device
+    /// and round, so a run can be replayed).
+    pub seed: u64,
+    /// Train on at most this many of the newest samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_samples: Option<u32>,
+}
+
+/// The signed JSON header of a round message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundHeader {
+    /// Task id (message-id charset).
+    pub task: String,
+    /// Round number, from 1. The weights are the global model *before* this round.
+    pub round: u32,
+    /// Version of the global weights carried (0 = the task's initial model; +1 per
+    /// aggregation).
+    pub version: u32,
+    /// Name of the model the weights patch (as the device's pipeline names it, e.g.
+    /// `models/digits.onnx`).
+    pub model: String,
+    /// The weight tensors, in the order their values follow the header.
+    pub params: Vec<ParamSpec>,
+    pub issued_ms: u64,
+    /// Present when this device is selected to train in this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainOrder>,
+    /// The task has ended: apply these final weights and drop the task's local state.
+    #[serde(default)]
+    pub done: bool,
+}
+
+impl RoundHeader {
+    fn validate(&self) -> Result<(), FlError> {
+        let bad = |m: String| Err(FlError::Round(m));
+        if validate_message_id(&self.task).is_err() {
+            return bad(format!("invalid task id {:?}", self.task));
+        }
+        if self.model.is_empty() || self.model.len() > 255 {
+            return bad("model name must be 1-255 bytes".into());
+        }
+        if self.params.is_empty() {
+            return bad("no params".into());
+        }
+        for p in &self.params {
+            if p.name.is_empty() || p.shape.is_empty() || p.is_empty() {
+                return bad(format!("param {:?} has an empty name or shape", p.name));
+            }
+        }
+        if let Some(t) = &self.train {
+            if t.epochs == 0 || t.batch_size == 0 || !(t.lr.is_finite() && t.lr > 0.0) {
+                return bad("train order needs epochs >= 1, batch_size >= 1 and lr > 0".into());
+            }
+            if !(t.mu.is_finite() && t.mu >= 0.0) {
+                return bad(format!("invalid mu {}", t.mu));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A verified round message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundMessage {
+    pub header: RoundHeader,
+    /// All weights, `params` concatenated in order.
+    pub weights: Vec<f32>,
+}
+
+impl RoundMessage {
+    /// The weights split per param, in header order.
+    pub fn tensors(&self) -> Vec<(&ParamSpec, &[f32])> {
+        let mut out = Vec::with_capacity(self.header.params.len());
+        let mut at = 0;
+        for p in &self.header.params {
+            out.push((p, &self.weights[at..at + p.len()]));
+            at += p.len();
+        }
+        out
+    }
+}
+
+/// Serialises and signs a round message:
+/// `"FR" | format u8 | key_id_len u8 | key_id | header_len u32 | header JSON | n u32 | n x f32
+/// | ed25519 signature (64) over everything before it` (integers little-endian).
+pub fn encode_round(header: &RoundHeader, weights: &[f32], key: &SigningKey) -> Result<Vec<u8>, FlError> {
+    header.validate()?;
+    if weight_count(&header.params) != weights.len() {
+        return Err(FlError::Round(format!(
+            "params declare {} weights, {} given",
+            weight_count(&header.params),
+            weights.len()
+        )));
+    }
+    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(FlError::Round(format!("non-finite global weight at {i}")));
+    }
+    let json = serde_json::to_vec(header).map_err(|e| FlError::Round(e.to_string()))?;
+    let kid = key_id(&key.verifying_key());
+    let mut out = Vec::with_capacity(16 + kid.len() + json.len() + weights.len() * 4 + 64);
+    out.extend_from_slice(ROUND_MAGIC);
+    out.push(FORMAT);
+    out.push(kid.len() as u8);
+    out.extend_from_slice(kid.as_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(weights.len() as u32).to_le_bytes());
+    for w in weights {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    let sig = key.sign(&out);
+    out.extend_from_slice(&sig.to_bytes());
+    if out.len() > MAX_PAYLOAD_BYTES {
+        return Err(FlError::TooLarge {
+            what: "round message",
+            size: out.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    err: fn(String) -> FlError,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], FlError> {
+        if self.buf.len() < n {
+            return Err((self.err)(format!("truncated at {what}")));
+        }
+        let (h, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(h)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, FlError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, FlError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn f32(&mut self, what: &str) -> Result<f32, FlError> {
+        Ok(f32::from_bits(self.u32(what)?))
+    }
+
+    fn str(&mut self, len: usize, what: &str) -> Result<&'a str, FlError> {
+        std::str::from_utf8(self.take(len, what)?).map_err(|_| (self.err)(format!("{what} is not utf-8")))
+    }
+}
+
+/// Verifies a round message's signature against `trusted`, then its structure (the header's
+/// params must account for exactly the weights carried, all finite).
+pub fn decode_round(payload: &[u8], trusted: &TrustedKeys) -> Result<RoundMessage, FlError> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(FlError::TooLarge {
+            what: "round message",
+            size: payload.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    let err = FlError::Round;
+    if payload.len() < 4 + 64 || &payload[..2] != ROUND_MAGIC {
+        return Err(err("not a round message".into()));
+    }
+    let (signed, sig) = payload.split_at(payload.len() - 64);
+    let mut c = Cursor { buf: &signed[2..], err };
+    if c.u8("format")? != FORMAT {
+        return Err(err("unsupported format".into()));
+    }
+    let kid_len = c.u8("key id length")? as usize;
+    let kid = c.str(kid_len, "key id")?.to_owned();
+    let key = trusted
+        .get(&kid)
+        .ok_or_else(|| FlError::UnknownKey { key_id: kid.clone() })?;
+    let sig = Signature::from_bytes(sig.try_into().map_err(|_| err("signature".into()))?);
+    key.verify_strict(signed, &sig)
+        .map_err(|_| FlError::BadSignature { key_id: kid.clone() })?;
+    let hlen = c.u32("header length")? as usize;
+    let header: RoundHeader =
+        serde_json::from_slice(c.take(hlen, "header")?).map_err(|e| err(format!("header: {e}")))?;
+    header.validate()?;
+    let n = c.u32("weight count")? as usize;
+    if n != weight_count(&header.params) {
+        return Err(err(format!(
+            "params declare {} weights, the message carries {n}",
+            weight_count(&header.params)
+        )));
+    }
+    let bytes = c.take(n * 4, "weights")?;
+    if !c.buf.is_empty() {
+        return Err(err(format!("{} bytes after the weights", c.buf.len())));
+    }
+    let weights: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+        return Err(err(format!("non-finite weight at {i}")));
+    }
+    Ok(RoundMessage { header, weights })
+}
+
+/// A device's update for one round, the body of a binary envelope of kind [`UPDATE_KIND`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub task: String,
+    pub round: u32,
+    /// Global version the device trained from.
+    pub base_version: u32,
+    /// Samples the local training used (FedAvg's weight).
+    pub samples: u32,
+    /// Mean training loss and accuracy of the last local epoch.
+    pub loss: f32,
+    pub accuracy: f32,
+    pub train_ms: u32,
+    /// The weight delta (new local - global), encoded by [`codec::encode`].
+    pub payload: Vec<u8>,
+}
+
+impl Update {
+    /// `"FU" | format u8 | task_len u8 | task | round u32 | base_version u32 | samples u32 |
+    /// loss f32 | accuracy f32 | train_ms u32 | payload` (little-endian; 24 bytes + task id).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28 + self.task.len() + self.payload.len());
+        out.extend_from_slice(UPDATE_MAGIC);
+        out.push(FORMAT);
+        out.push(self.task.len().min(255) as u8);
+        out.extend_from_slice(&self.task.as_bytes()[..self.task.len().min(255)]);
+        for v in [self.round, self.base_version, self.samples] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.loss.to_le_bytes());
+        out.extend_from_slice(&self.accuracy.to_le_bytes());
+        out.extend_from_slice(&self.train_ms.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Decodes the header; the payload is checked later by [`codec::decode`] against the
+    /// round's weight count.
+    pub fn decode(body: &[u8]) -> Result<Update, FlError> {
+        let err = FlError::Update;
+        if body.len() > MAX_PAYLOAD_BYTES {
+            return Err(FlError::TooLarge {
+                what: "update",
+                size: body.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
+        }
+        if !body.starts_with(UPDATE_MAGIC) {
+            return Err(err("not an update".into()));
+        }
+        let mut c = Cursor { buf: &body[2..], err };
+        if c.u8("format")? != FORMAT {
+            return Err(err("unsupported format".into()));
+        }
+        let tlen = c.u8("task length")? as usize;
+        let task = c.str(tlen, "task")?.to_owned();
+        if validate_message_id(&task).is_err() {
+            return Err(err(format!("invalid task id {task:?}")));
+        }
+        let round = c.u32("round")?;
+        let base_version = c.u32("base version")?;
+        let samples = c.u32("samples")?;
+        let loss = c.f32("loss")?;
+        let accuracy = c.f32("accuracy")?;
+        let train_ms = c.u32("train_ms")?;
+        if samples == 0 {
+            return Err(err("update trained on 0 samples".into()));
+        }
+        Ok(Update {
+            task,
+            round,
+            base_version,
+            samples,
+            loss,
+            accuracy,
+            train_ms,
+            payload: c.buf.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn header() -> RoundHeader {
+        RoundHeader {
+            task: "digits".into(),
+            round: 3,
+            version: 2,
+            model: "models/digits.onnx".into(),
+            params: vec![
+                ParamSpec { name: "fc1.weight".into(), shape: vec![3, 2] },
+                ParamSpec { name: "fc1.bias".into(), shape: vec![2] },
+            ],
+            issued_ms: 1,
+            train: Some(TrainOrder {
+                deadline_ms: 10,
+                epochs: 1,
+                lr: 0.1,
+                batch_size: 8,
+                mu: 0.0,
+                codec: Codec::TopK { fraction: 0.1 },
+                seed: 4,
+                max_samples: None,
+            }),
+            done: false,
+        }
+    }
+
+    #[test]
+    fn round_messages_verify_and_split() {
+        let k = key(1);
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let bytes = encode_round(&header(), &w, &k).unwrap();
+        let trusted = TrustedKeys::new([k.verifying_key()]);
+        let m = decode_round(&bytes, &trusted).unwrap();
+        assert_eq!(m.header, header());
+        assert_eq!(m.weights, w);
+        let t = m.tensors();
+        assert_eq!(t[1].1, &[6.0, 7.0]);
+    }
+
+    #[test]
+    fn forged_or_broken_round_messages_are_refused() {
+        let k = key(1);
+        let w = vec![0.5f32; 8];
+        let bytes = encode_round(&header(), &w, &k).unwrap();
+        let trusted = TrustedKeys::new([k.verifying_key()]);
+        let other = TrustedKeys::new([key(2).verifying_key()]);
+        assert!(matches!(decode_round(&bytes, &other), Err(FlError::UnknownKey { .. })));
+        let mut tampered = bytes.clone();
+        let at = tampered.len() - 70;
+        tampered[at] ^= 1;
+        assert!(matches!(decode_round(&tampered, &trusted), Err(FlError::BadSignature { .. })));
+        assert!(matches!(decode_round(&bytes[..40], &trusted), Err(FlError::Round(_) | FlError::BadSignature { .. })));
+        assert!(decode_round(b"{}", &trusted).is_err());
+        assert!(encode_round(&header(), &[0.0; 7], &k).is_err());
+        let mut nan = w.clone();
+        nan[2] = f32::NAN;
+        assert!(encode_round(&header(), &nan, &k).is_err());
+    }
+
+    #[test]
+    fn updates_round_trip_and_refuse_garbage() {
+        let u = Update {
+            task: "digits".into(),
+            round: 3,
+            base_version: 2,
+            samples: 120,
+            loss: 0.5,
+            accuracy: 0.9,
+            train_ms: 40,
+            payload: codec::encode(Codec::Fp16, &[0.1, 0.2], None, 0),
+        };
+        let bytes = u.encode();
+        assert_eq!(Update::decode(&bytes).unwrap(), u);
+        assert!(Update::decode(&bytes[..10]).is_err());
+        assert!(Update::decode(b"XX").is_err());
+        let mut zero = u.clone();
+        zero.samples = 0;
+        assert!(Update::decode(&zero.encode()).is_err());
+    }
+}
