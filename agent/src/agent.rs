@@ -1,7 +1,8 @@
 //! Wires the agent's parts together and owns their lifetimes.
 //!
 //! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox), the local API
-//! (socket -> outbox) and the deploy task (pipelines, models). ONNX Runtime is loaded once
+//! (socket -> outbox), the deploy task (pipelines, models) and federated learning (rounds ->
+//! local training -> outbox). ONNX Runtime is loaded once
 //! here, before any of them. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time.
 
@@ -102,12 +103,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let state = StateDb::open(&cfg.state_dir)?;
     let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
     let sandbox = Sandbox::new(&cfg.sandbox, &cfg.state_dir)?;
+    // Validated with the config. Round messages of federated learning change a model's
+    // weights, so they need the same trust as deployments.
+    let deploy_trust = protocol::v1::deploy::TrustedKeys::from_hex(&cfg.deploy.trusted_keys)
+        .unwrap_or_else(|_| protocol::v1::deploy::TrustedKeys::new([]));
     let deploy_cfg = crate::deploy::DeployConfig {
         device_id: device.clone(),
         groups: cfg.deploy.groups.clone(),
-        // Validated with the config.
-        trusted_keys: protocol::v1::deploy::TrustedKeys::from_hex(&cfg.deploy.trusted_keys)
-            .unwrap_or_else(|_| protocol::v1::deploy::TrustedKeys::new([])),
+        trusted_keys: deploy_trust.clone(),
         max_artifact_bytes: cfg.deploy.max_artifact_bytes,
         max_artifacts: cfg.deploy.max_artifacts as usize,
         max_total_bytes: cfg.deploy.max_total_bytes,
@@ -120,6 +123,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         task::INBOX_CAPACITY,
     );
     let slot = RunningSlot::default();
+    let training = crate::fl::TrainingSlot::default();
     let deps = Deps {
         sandbox,
         state: state.clone(),
@@ -129,7 +133,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         device: device.clone(),
         runtime: tokio::runtime::Handle::current(),
         inference: inference.clone(),
+        training: training.clone(),
     };
+    let fl_task = crate::fl::FlTask::new(crate::fl::FlDeps {
+        device: device.clone(),
+        trusted: deploy_trust.clone(),
+        state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
+        outbox: outbox.clone(),
+        dataset: deps.dataset.clone(),
+        sandbox: deps.sandbox.clone(),
+        inference: inference.clone(),
+        slot: training.clone(),
+    });
+    let fl_sub = uplink
+        .inbox
+        .subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
     let deploy_task = DeployTask::new(
         deployer,
         store,
@@ -142,6 +160,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
+    let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
     let api = tokio::spawn(local_api::serve(
         listener,
         device.clone(),
@@ -173,6 +192,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut panicked = None;
     for (name, handle) in [
         ("deploy", Some(deploy)),
+        ("federated-learning", Some(fl)),
         ("local-api", Some(api)),
         ("telemetry", telemetry),
         ("uplink", Some(up)),
@@ -203,10 +223,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
 /// What the agent says about itself at every start.
 fn registration(cfg: &Config, inference: &Inference, boot_id: &str) -> Registration {
-    let mut capabilities: Vec<String> = ["outbox", "telemetry", "local-api", "pipeline", "deploy"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let mut capabilities: Vec<String> = [
+        "outbox",
+        "telemetry",
+        "local-api",
+        "pipeline",
+        "deploy",
+        "federated-learning",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     if inference.status().available {
         capabilities.push("inference".into());
     }

@@ -352,8 +352,31 @@ impl Uplink {
         Ok(())
     }
 
-    /// Wraps a stored body in the wire envelope.
+    /// Wraps a stored body in the wire envelope (binary bodies in the binary envelope).
     fn frame(&self, s: &Stored) -> Option<Vec<u8>> {
+        let id = v1::message_id(self.outbox.incarnation(), s.key.seq);
+        if let Some((kind, bytes)) = crate::outbox::binary_body(&s.record.body) {
+            let env = v1::binary::BinaryEnvelope {
+                id,
+                device: self.device.clone(),
+                class: s.key.class,
+                seq: s.key.seq,
+                created_ms: s.record.created_ms,
+                kind: kind.to_owned(),
+                body: bytes.to_vec(),
+            };
+            return match env.encode() {
+                Ok(p) if p.len() <= v1::MAX_PAYLOAD_BYTES => Some(p),
+                Ok(p) => {
+                    tracing::error!(class = %s.key.class, seq = s.key.seq, size = p.len(), "dropping binary outbox message over the wire limit");
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(class = %s.key.class, seq = s.key.seq, error = %e, "dropping binary outbox message that cannot be framed");
+                    None
+                }
+            };
+        }
         let body = match std::str::from_utf8(&s.record.body)
             .ok()
             .and_then(|b| RawValue::from_string(b.to_owned()).ok())
@@ -366,7 +389,7 @@ impl Uplink {
         };
         let env = Envelope {
             v: v1::VERSION,
-            id: v1::message_id(self.outbox.incarnation(), s.key.seq),
+            id,
             device: self.device.clone(),
             class: s.key.class,
             seq: s.key.seq,

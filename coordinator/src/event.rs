@@ -119,6 +119,79 @@ pub enum Event {
         failed: usize,
         in_progress: usize,
     },
+    /// A federated task was picked up from the spool (or resumed after a restart).
+    FlTaskStarted {
+        task: String,
+        model: String,
+        members: String,
+        rounds: u32,
+        weights: usize,
+        round: u32,
+        version: u32,
+        resumed: bool,
+    },
+    /// A round opened: the selected devices got a train order, every member the weights.
+    FlRoundOpened {
+        task: String,
+        round: u32,
+        version: u32,
+        selected: Vec<String>,
+        deadline_ms: u64,
+        members: usize,
+    },
+    /// A round cannot open yet (too few members online); journaled when the reason changes.
+    FlRoundWaiting {
+        task: String,
+        round: u32,
+        reason: String,
+    },
+    /// The deadline passed with fewer than `min_updates` updates: the round goes on, with
+    /// `added` devices selected on top.
+    FlRoundExtended {
+        task: String,
+        round: u32,
+        received: u32,
+        min_updates: u32,
+        added: Vec<String>,
+        deadline_ms: u64,
+    },
+    /// An update was accepted into `applied_round` (later than `round` for a late update).
+    FlUpdate {
+        task: String,
+        device: String,
+        id: String,
+        round: u32,
+        applied_round: u32,
+        staleness: u32,
+        samples: u32,
+        loss: f32,
+        bytes: u64,
+    },
+    /// An update was refused (`reason`: malformed, unknown_task, task_finished, unregistered,
+    /// unknown_round, not_selected, duplicate, base_version, wrong_length, bad_payload,
+    /// non_finite, late_dropped); the aggregate is untouched.
+    FlUpdateRejected {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        task: Option<String>,
+        device: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        round: Option<u32>,
+        reason: &'static str,
+        detail: String,
+    },
+    /// A round was aggregated into a new global version; its metrics.
+    FlRoundClosed {
+        task: String,
+        #[serde(flatten)]
+        metrics: Box<crate::fl::RoundMetrics>,
+    },
+    /// A task ended (`completed` after its last round, or stopped).
+    FlTaskFinished {
+        task: String,
+        reason: String,
+        rounds_closed: u32,
+        version: u32,
+    },
     /// Clean shutdown finished; nothing after this line until the next `ready`.
     Stopped {},
 }
@@ -222,6 +295,89 @@ impl Event {
             } => {
                 tracing::info!(%deployment_id, version, %reason, healthy, failed, in_progress, "deployment finished")
             }
+            Event::FlTaskStarted {
+                task,
+                model,
+                members,
+                rounds,
+                weights,
+                round,
+                version,
+                resumed,
+            } => {
+                tracing::info!(%task, %model, %members, rounds, weights, round, version, resumed, "federated task started")
+            }
+            Event::FlRoundOpened {
+                task,
+                round,
+                version,
+                selected,
+                deadline_ms,
+                members,
+            } => {
+                tracing::info!(%task, round, version, selected = selected.len(), members, deadline_ms, "federated round opened")
+            }
+            Event::FlRoundWaiting {
+                task,
+                round,
+                reason,
+            } => tracing::warn!(%task, round, %reason, "federated round waiting"),
+            Event::FlRoundExtended {
+                task,
+                round,
+                received,
+                min_updates,
+                added,
+                ..
+            } => {
+                tracing::warn!(%task, round, received, min_updates, added = added.len(), "federated round deadline passed; extended")
+            }
+            Event::FlUpdate {
+                task,
+                device,
+                round,
+                staleness,
+                samples,
+                bytes,
+                ..
+            } => {
+                tracing::debug!(%task, %device, round, staleness, samples, bytes, "federated update accepted")
+            }
+            Event::FlUpdateRejected {
+                task,
+                device,
+                round,
+                reason,
+                detail,
+            } => {
+                tracing::warn!(task = task.as_deref().unwrap_or("-"), %device, round = round.unwrap_or(0), reason, %detail, "federated update rejected")
+            }
+            Event::FlRoundClosed { task, metrics: m } => {
+                tracing::info!(
+                    %task,
+                    round = m.round,
+                    version = m.new_version.unwrap_or(m.version),
+                    reason = m.close_reason.as_deref().unwrap_or("-"),
+                    selected = m.selected,
+                    received = m.received,
+                    late = m.late,
+                    rejected = m.rejected_total(),
+                    duplicates = m.duplicates,
+                    bytes_in = m.bytes_in,
+                    bytes_out = m.bytes_out,
+                    train_loss = m.train_loss.map(f64::from),
+                    eval_accuracy = m.eval_accuracy.map(f64::from),
+                    eval_loss = m.eval_loss.map(f64::from),
+                    eval_note = m.eval_note.as_deref(),
+                    "federated round closed"
+                )
+            }
+            Event::FlTaskFinished {
+                task,
+                reason,
+                rounds_closed,
+                version,
+            } => tracing::info!(%task, %reason, rounds_closed, version, "federated task finished"),
             Event::Stopped {} => tracing::info!("coordinator stopped"),
         }
     }

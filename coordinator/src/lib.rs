@@ -27,6 +27,11 @@
 //!   `deploy` writes and `serve` takes, the rollout engine (retained manifest, paced chunks,
 //!   bounded resends, status tracking) and per-rollout progress files. Invariant: `package`,
 //!   `rollout` and `engine` do no I/O. Boundary: the binary (`keygen`, `deploy`), the service.
+//! - [`fl`]: federated learning: task files, the spool `fl start` writes and `serve` takes,
+//!   the round engine (selection, deadlines, quorum, update validation, late-update rule),
+//!   aggregation and server optimizers, held-out evaluation with ONNX Runtime, per-task state
+//!   files that a restart resumes from. Invariant: `aggregate` and `engine` do no I/O; a
+//!   refused update never touches the aggregate. Boundary: the binary (`fl`), the service.
 //!
 //! Errors: each module has its own `thiserror` enum whose message already contains the
 //! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
@@ -41,13 +46,24 @@
 //! `deployment_started {deployment_id, version, target, devices, resumed}`,
 //! `deploy {device, id, deployment_id, version, step, reason?, received?, total?}`,
 //! `deploy_resend {device, deployment_id, chunks, ignored}`,
-//! `deployment_finished {deployment_id, version, reason, healthy, failed, in_progress}`;
+//! `deployment_finished {deployment_id, version, reason, healthy, failed, in_progress}`,
+//! `fl_task_started {task, model, members, rounds, weights, round, version, resumed}`,
+//! `fl_round_opened {task, round, version, selected, deadline_ms, members}`,
+//! `fl_round_waiting {task, round, reason}`,
+//! `fl_round_extended {task, round, received, min_updates, added, deadline_ms}`,
+//! `fl_update {task, device, id, round, applied_round, staleness, samples, loss, bytes}`,
+//! `fl_update_rejected {task?, device, round?, reason, detail}`,
+//! `fl_round_closed {task, round, version, new_version, opened_ms, closed_ms, close_reason,
+//! extensions, selected, received, on_time, late, rejected {reason: n}, duplicates, bytes_in,
+//! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`,
+//! `fl_task_finished {task, reason, rounds_closed, version}`;
 //! every line has `ts_ms`.
 
 pub mod config;
 pub mod core;
 pub mod deploy;
 pub mod event;
+pub mod fl;
 pub mod journal;
 pub mod registry;
 pub mod service;

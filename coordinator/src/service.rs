@@ -11,6 +11,12 @@
 //! [`Engine`] (no I/O) and does what it returns: publishes (manifest retained, chunks paced at
 //! [`CHUNKS_PER_TICK`] per [`DEPLOY_TICK`]), journals, and rewrites each rollout's progress
 //! file every [`PROGRESS_INTERVAL`].
+//!
+//! Federated learning: the service owns every task through [`FlHost`]: `fl/update` messages
+//! go to it (never to the core), registrations tell it about new members, and every
+//! [`FL_TICK`] it takes new tasks and stop requests and checks deadlines. Its state is
+//! written (`FlHost::persist`) before the batch's commit and acks, and before any round
+//! message it asks for is published, so a restart never finds less than devices were told.
 
 use std::future::Future;
 use std::time::Duration;
@@ -25,6 +31,8 @@ use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::engine::{Action, Engine};
 use crate::deploy::spool;
 use crate::event::Event;
+use crate::fl::FlHost;
+use crate::fl::files::FilesError;
 use crate::journal::{Journal, JournalError};
 use crate::registry::DeviceRecord;
 use crate::store::{Store, StoreError};
@@ -49,6 +57,8 @@ const CHUNKS_PER_TICK: usize = 8;
 const SPOOL_POLL: Duration = Duration::from_millis(500);
 /// How often changed rollout progress files are rewritten.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
+const FL_TICK: Duration = Duration::from_millis(250);
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +78,8 @@ pub enum ServiceError {
     Transport(#[from] TransportError),
     #[error("broker transport stopped: {0}")]
     TransportClosed(String),
+    #[error("federated learning state: {0}")]
+    Fl(#[from] FilesError),
 }
 
 /// Runs the coordinator until `shutdown` resolves (then stops cleanly and returns `Ok`) or a
@@ -97,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         topics::COORDINATOR_FILTERS
             .iter()
             .chain(topics::COORDINATOR_DEPLOY_FILTERS.iter())
+            .chain(std::iter::once(&topics::COORDINATOR_FL_FILTER))
             .map(|f| (*f).to_owned())
             .collect()
     };
@@ -111,6 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started_ms,
         engine: Engine::default(),
         publishes: Vec::new(),
+        fl: FlHost::new(&config.state_dir, config.store.fsync),
     };
     service.recover_seen_ids()?;
     service.prune()?;
@@ -158,6 +172,7 @@ struct Service {
     engine: Engine,
     /// Publishes the engine asked for while handling a batch; sent after its commit.
     publishes: Vec<(String, Vec<u8>, bool)>,
+    fl: FlHost,
 }
 
 impl Service {
@@ -181,7 +196,10 @@ impl Service {
         spool_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fl_tick = tokio::time::interval(FL_TICK);
+        fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.resume_rollouts(&mut transport).await?;
+        self.resume_fl(&mut transport).await?;
 
         let result = loop {
             tokio::select! {
@@ -199,6 +217,7 @@ impl Service {
                 _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
                 _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
                 _ = progress.tick() => self.write_progress(),
+                _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
                 _ = stats.tick(), if self.config.stats_interval_s > 0 => self.log_stats(),
                 _ = prune.tick() => if let Err(e) = self.prune() { break Err(e) },
             }
@@ -267,6 +286,8 @@ impl Service {
                 next = self.rx.try_recv().ok();
             }
         }
+        // Federated state first: the acks and the round messages below depend on it.
+        self.fl.persist()?;
         self.commit()?;
         for ack in acks {
             transport.ack(ack);
@@ -282,6 +303,18 @@ impl Service {
         let now = v1::now_ms();
         if let Some(t) = topics::parse_deploy(&message.topic) {
             return self.deploy_message(t, &message.topic, &message.payload, now);
+        }
+        if let Some(device) = topics::parse_fl_update(&message.topic) {
+            // Not deduplicated by envelope id: updates are idempotent by (task, round,
+            // device), and the engine counts a second copy as a duplicate.
+            let actions = self
+                .fl
+                .on_update(&device, &message.payload, now, &self.core);
+            return self.actions(actions, now);
+        }
+        if is_fl_round(&message.topic) {
+            // Our own round messages, delivered back by the catch-all subscription.
+            return Ok(());
         }
         let out = self
             .core
@@ -299,8 +332,31 @@ impl Service {
                 .map(|r| r.groups.clone())
                 .unwrap_or_default();
             self.engine.on_registered(&device, &groups);
+            let actions = self.fl.on_registered(&device, &groups, now);
+            self.actions(actions, now)?;
         }
         Ok(())
+    }
+
+    /// Start-up: resumes federated tasks (announcing open rounds again) and takes new ones.
+    async fn resume_fl(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let now = v1::now_ms();
+        let actions = self.fl.resume(now, &self.core)?;
+        self.actions(actions, now)?;
+        self.journal.sync()?;
+        self.flush_publishes(transport).await
+    }
+
+    /// New tasks, stop requests, deadlines and waiting rounds; publishes what they ask for
+    /// (their state is already on disk).
+    async fn fl_tick(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let now = v1::now_ms();
+        let actions = self.fl.tick(now, &self.core)?;
+        if actions.is_empty() {
+            return Ok(());
+        }
+        self.actions(actions, now)?;
+        self.flush_publishes(transport).await
     }
 
     /// Deployment traffic: statuses and resend requests from devices (deduplicated by
@@ -681,6 +737,7 @@ impl Service {
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
             deployments = self.engine.active_count(),
+            fl_tasks = self.fl.active_count(),
             chunks_queued = self.engine.queued(),
             chunks_sent = self.engine.totals().chunks_sent,
             chunks_resent = self.engine.totals().chunks_resent,
@@ -688,6 +745,15 @@ impl Service {
             "stats"
         );
     }
+}
+
+/// True for `edge/v1/{device}/fl/round`, the topics we publish round messages on.
+fn is_fl_round(topic: &str) -> bool {
+    topic
+        .strip_prefix(topics::ROOT)
+        .and_then(|t| t.strip_prefix('/'))
+        .and_then(|t| t.strip_suffix("/fl/round"))
+        .is_some_and(|device| topics::fl_round(device) == topic && !device.contains('/'))
 }
 
 fn broker_url(transport: &Transport) -> String {

@@ -4,7 +4,8 @@
 //! - e2e: messages/s from the agent's local API through outbox, uplink, embedded broker and
 //!   coordinator, vs a bare rumqttc client publishing the same envelopes to the same broker,
 //!   both timed until the coordinator's journal holds every message;
-//! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker.
+//! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker;
+//! - fl: federated learning on digits, every update codec against fp32 ([`fl`]).
 //!
 //! Release builds. Figures are medians over rounds; the machines are shared and noisy, so
 //! quote the ratios.
@@ -46,6 +47,22 @@ pub fn run(root: &Path, which: &str) -> Result<()> {
     }
     if !matches!(which, "all" | "outbox" | "e2e" | "rss") {
         bail!("unknown benchmark {which:?}: use outbox, e2e, rss or all");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench fl`: the federated-learning benchmark (`tests/benches/fl.rs`). Run
+/// through `cargo test --bench` (the dev profile): what it reports, accuracy and bytes, does not
+/// depend on the host code's optimisation (the training runs in the WASM module, compiled by
+/// Cranelift either way), and it spares a release build of the whole workspace.
+pub fn fl(root: &Path) -> Result<()> {
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(["test", "-p", "edge-tests", "--bench", "fl"])
+        .status()
+        .context("cannot run cargo test --bench fl")?;
+    if !status.success() {
+        bail!("federated-learning benchmark failed");
     }
     Ok(())
 }

@@ -139,6 +139,9 @@ enum Bench {
     E2e,
     /// Idle RSS/PSS of the agent vs a bare tokio+rumqttc process.
     Rss,
+    /// Federated learning on the digits data: accuracy and upload bytes per round of every
+    /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
+    Fl,
 }
 
 fn main() -> Result<()> {
@@ -205,6 +208,12 @@ fn main() -> Result<()> {
             args,
         } => qemu::run(&target, !no_e2e, &args).map(drop),
         Cmd::Dist { arm } => dist::run(arm.target.as_deref(), arm.board.as_deref()),
+        Cmd::Bench {
+            which: Some(Bench::Fl),
+        } => {
+            build_modules()?;
+            bench::fl(&root())
+        }
         Cmd::Bench { which } => {
             let what = which
                 .map(|w| format!("{w:?}").to_lowercase())

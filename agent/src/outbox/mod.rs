@@ -84,7 +84,8 @@ pub enum OutboxError {
     Closed,
 }
 
-/// A message to enqueue. `body` is the JSON body; the uplink wraps it in the envelope.
+/// A message to enqueue. `body` is the JSON body (the uplink wraps it in the JSON envelope),
+/// or a binary body made by [`NewMessage::binary`] (sent in the compact binary envelope).
 #[derive(Debug, Clone)]
 pub struct NewMessage {
     pub class: Class,
@@ -92,6 +93,51 @@ pub struct NewMessage {
     pub body: Vec<u8>,
     /// Overrides the class's default TTL; `Some(Duration::ZERO)` means never expire.
     pub ttl: Option<Duration>,
+}
+
+/// First byte of a stored binary body: `0 | kind_len u8 | kind | bytes`. A JSON body never
+/// starts with a zero byte, so records written before binary bodies existed read as before.
+const BINARY_BODY: u8 = 0;
+
+impl NewMessage {
+    /// A bulk message (e.g. a federated-learning update) sent as a
+    /// [`protocol::v1::binary::BinaryEnvelope`] of `kind` (at most 255 bytes).
+    pub fn binary(
+        class: Class,
+        topic: String,
+        kind: &str,
+        bytes: &[u8],
+        ttl: Option<Duration>,
+    ) -> NewMessage {
+        let kind = &kind.as_bytes()[..kind.len().min(255)];
+        let mut body = Vec::with_capacity(2 + kind.len() + bytes.len());
+        body.push(BINARY_BODY);
+        body.push(kind.len() as u8);
+        body.extend_from_slice(kind);
+        body.extend_from_slice(bytes);
+        NewMessage {
+            class,
+            topic,
+            body,
+            ttl,
+        }
+    }
+}
+
+/// Splits a stored body made by [`NewMessage::binary`] into kind and bytes; `None` for a JSON
+/// body (or a binary one too short to be well formed).
+pub fn binary_body(body: &[u8]) -> Option<(&str, &[u8])> {
+    let (&first, rest) = body.split_first()?;
+    if first != BINARY_BODY {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let len = len as usize;
+    if rest.len() < len {
+        return None;
+    }
+    let kind = std::str::from_utf8(&rest[..len]).ok()?;
+    Some((kind, &rest[len..]))
 }
 
 /// A durably accepted message.

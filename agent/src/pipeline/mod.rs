@@ -37,9 +37,10 @@ use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
 use tokio::sync::mpsc;
 
 pub use nodes::{HealthCounters, NodeCounters};
-pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec};
+pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec, TrainingSpec};
 
 use crate::dataset::Dataset;
+use crate::fl::{TrainingSetup, TrainingSlot};
 use crate::inbox::Inbox;
 use crate::inference::Inference;
 use crate::outbox::Outbox;
@@ -74,6 +75,8 @@ pub enum PipelineError {
         model: String,
         reason: String,
     },
+    #[error("training.trainer {module}: {reason}")]
+    Training { module: String, reason: String },
     #[error("stage {stage}: kv namespace: {reason}")]
     Kv { stage: String, reason: String },
     #[error("source {source_name}: {reason}")]
@@ -120,6 +123,8 @@ pub struct Deps {
     pub runtime: tokio::runtime::Handle,
     /// ONNX Runtime and the loaded models (possibly unavailable).
     pub inference: Inference,
+    /// Where a live pipeline with `[training]` tells federated learning what it trains.
+    pub training: TrainingSlot,
 }
 
 impl std::fmt::Debug for Deps {
@@ -288,6 +293,8 @@ pub struct Pipeline {
     /// Registry names of the models this pipeline loaded, unloaded when it stops.
     models: Vec<String>,
     inference: Inference,
+    /// What this live pipeline published for federated learning, withdrawn when it stops.
+    training: Option<(TrainingSlot, Arc<TrainingSetup>)>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -325,6 +332,7 @@ impl Pipeline {
             mode,
             models: Vec::new(),
             inference: deps.inference.clone(),
+            training: None,
         };
         match p.wire(spec, artifacts, deps) {
             Ok(()) => {
@@ -374,6 +382,10 @@ impl Pipeline {
                     })?;
             modules.insert(st.name.clone(), module);
         }
+        // Published only by a live pipeline: a candidate under check must not take rounds.
+        let training = self
+            .training_setup(spec, artifacts, deps)?
+            .filter(|_| !shadow);
         // One input channel per consumer; producers get a sender to each consumer.
         let mut outputs: BTreeMap<String, Outputs> = BTreeMap::new();
         let mut inputs: BTreeMap<String, mpsc::Receiver<Frame>> = BTreeMap::new();
@@ -649,7 +661,44 @@ impl Pipeline {
         if let Some(stats) = Arc::get_mut(&mut self.stats) {
             (stats.sources, stats.stages, stats.sinks) = (sources, stages, sinks);
         }
+        if let Some(t) = training {
+            deps.training.set(Some(t.clone()));
+            self.training = Some((deps.training.clone(), t));
+        }
         Ok(())
+    }
+
+    /// Reads and compiles what `[training]` names, so a missing or broken trainer fails the
+    /// start (and a deployment carrying it rolls back) instead of the first round.
+    fn training_setup(
+        &self,
+        spec: &PipelineSpec,
+        artifacts: &dyn Artifacts,
+        deps: &Deps,
+    ) -> Result<Option<Arc<TrainingSetup>>, PipelineError> {
+        let Some(t) = &spec.training else {
+            return Ok(None);
+        };
+        let fail = |reason: String| PipelineError::Training {
+            module: t.trainer.clone(),
+            reason,
+        };
+        let trainer_bytes = artifacts.module(&t.trainer).map_err(&fail)?;
+        deps.sandbox
+            .load_trainer(&t.trainer, &trainer_bytes)
+            .map_err(|e| fail(e.to_string()))?;
+        let model_bytes = artifacts.module(&t.model).map_err(&fail)?;
+        Ok(Some(Arc::new(TrainingSetup {
+            pipeline: spec.name.clone(),
+            model: match self.mode {
+                Mode::Live => t.model.clone(),
+                Mode::Shadow => format!("shadow/{}/{}", self.stats.name, t.model),
+            },
+            model_bytes,
+            trainer_name: t.trainer.clone(),
+            trainer_bytes,
+            dataset: t.dataset.clone(),
+        })))
     }
 
     /// Loads an inference stage's model into the registry (a shadow pipeline's under its
@@ -746,6 +795,9 @@ impl Pipeline {
     }
 
     fn stop_and_join(&mut self) {
+        if let Some((slot, t)) = self.training.take() {
+            slot.clear_if(&t);
+        }
         self.stop.stop();
         let deadline = Instant::now() + STOP_TIMEOUT;
         while !self.is_finished() && Instant::now() < deadline {

@@ -52,6 +52,27 @@ pub struct PipelineSpec {
     pub stages: Vec<StageSpec>,
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkSpec>,
+    /// What this pipeline can train in federated-learning rounds (optional).
+    #[serde(default)]
+    pub training: Option<TrainingSpec>,
+}
+
+/// `[training]`: the pipeline trains `model` (the model of one of its inference stages) with
+/// the `trainer` module on the samples its dataset sink stores in `dataset`. Each new global
+/// model of a federated task is patched into that model, so the inference stage serves it.
+///
+/// ```toml
+/// [training]
+/// model = "models/digits.onnx"
+/// trainer = "mlp_trainer.wasm"
+/// dataset = "digits"
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    pub model: String,
+    pub trainer: String,
+    pub dataset: String,
 }
 
 fn default_capacity() -> usize {
@@ -450,6 +471,38 @@ impl PipelineSpec {
         order
     }
 
+    fn validate_training(&self, t: &TrainingSpec) -> Result<(), SpecError> {
+        let err = |m: String| Err(SpecError(m));
+        if t.trainer.trim().is_empty() {
+            return err("training.trainer: empty module name".into());
+        }
+        if !self
+            .stages
+            .iter()
+            .any(|s| s.kind == StageKind::Inference && s.model == t.model)
+        {
+            return err(format!(
+                "training.model {:?} is not the model of an inference stage of this pipeline",
+                t.model
+            ));
+        }
+        let datasets: BTreeSet<&str> = self
+            .sinks
+            .iter()
+            .filter_map(|s| match s {
+                SinkSpec::Dataset { dataset, .. } => Some(dataset.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !datasets.contains(t.dataset.as_str()) {
+            return err(format!(
+                "training.dataset {:?} is not written by a dataset sink of this pipeline (they write {datasets:?})",
+                t.dataset
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), SpecError> {
         let err = |m: String| Err(SpecError(m));
         if !valid_name(&self.name) {
@@ -471,6 +524,9 @@ impl PipelineSpec {
         }
         if self.sources.is_empty() {
             return err("a pipeline needs at least one [[source]]".into());
+        }
+        if let Some(t) = &self.training {
+            self.validate_training(t)?;
         }
         if self.sinks.is_empty() {
             return err("a pipeline needs at least one [[sink]]".into());
@@ -740,6 +796,59 @@ input = ["features", "imu"]
 
     fn err(text: &str) -> String {
         PipelineSpec::parse(text).expect_err("invalid").0
+    }
+
+    const TRAINS: &str = r#"
+name = "digits"
+[[source]]
+name = "shard"
+kind = "file"
+path = "/data/shard.jsonl"
+format = "jsonl"
+[[stage]]
+name = "classify"
+kind = "inference"
+model = "models/digits.onnx"
+input = "shard"
+[[sink]]
+kind = "dataset"
+input = "shard"
+dataset = "digits"
+[[sink]]
+kind = "log"
+input = "classify"
+[training]
+model = "models/digits.onnx"
+trainer = "mlp_trainer.wasm"
+dataset = "digits"
+"#;
+
+    #[test]
+    fn training_names_a_model_and_a_dataset_of_the_pipeline() {
+        let p = PipelineSpec::parse(TRAINS).expect("valid");
+        let t = p.training.expect("training");
+        assert_eq!(
+            (t.model.as_str(), t.dataset.as_str()),
+            ("models/digits.onnx", "digits")
+        );
+        let (graph, _) = TRAINS.split_once("[training]").expect("section");
+        let training = |body: &str| format!("{graph}[training]\n{body}");
+        let e = err(&training(
+            "model = \"other.onnx\"\ntrainer = \"t.wasm\"\ndataset = \"digits\"",
+        ));
+        assert!(e.contains("training.model \"other.onnx\""), "{e}");
+        let e = err(&training(
+            "model = \"models/digits.onnx\"\ntrainer = \"t.wasm\"\ndataset = \"faces\"",
+        ));
+        assert!(e.contains("training.dataset \"faces\""), "{e}");
+        let e = err(&training(
+            "model = \"models/digits.onnx\"\ntrainer = \"\"\ndataset = \"digits\"",
+        ));
+        assert!(e.contains("training.trainer"), "{e}");
+        let e = err(&training(
+            "model = \"models/digits.onnx\"\ntrainer = \"t.wasm\"",
+        ));
+        assert!(e.contains("dataset"), "{e}");
     }
 
     #[test]

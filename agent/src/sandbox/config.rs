@@ -19,6 +19,10 @@ pub struct SandboxConfig {
     /// Wall-clock budget of one `init` or `process` call, milliseconds; a call still running
     /// after it is stopped and fails with a timeout.
     pub call_timeout_ms: u64,
+    /// Wall-clock budget of one `train` or `evaluate` call of a federated-learning trainer
+    /// module, milliseconds (several epochs in one call, so much longer than a stage's
+    /// `call_timeout_ms`); a call still running after it is stopped and fails with a timeout.
+    pub train_timeout_ms: u64,
     /// Period of the epoch ticker that enforces `call_timeout_ms`, milliseconds: a deadline
     /// fires between `call_timeout_ms` and `call_timeout_ms + epoch_tick_ms` after the call.
     pub epoch_tick_ms: u64,
@@ -75,6 +79,7 @@ impl Default for SandboxConfig {
             max_table_elements: 10_000,
             max_wasm_stack_bytes: 512 * 1024,
             call_timeout_ms: 1_000,
+            train_timeout_ms: 60_000,
             epoch_tick_ms: 10,
             max_instances: 16,
             memory_reservation_bytes: 0,
@@ -123,6 +128,9 @@ impl SandboxConfig {
         }
         if self.call_timeout_ms < self.epoch_tick_ms {
             return Err("sandbox.call_timeout_ms must be at least sandbox.epoch_tick_ms".into());
+        }
+        if self.train_timeout_ms < self.epoch_tick_ms {
+            return Err("sandbox.train_timeout_ms must be at least sandbox.epoch_tick_ms".into());
         }
         if self.max_instances == 0 || self.max_instances > 10_000 {
             return Err("sandbox.max_instances must be between 1 and 10000".into());
@@ -199,9 +207,10 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Edit = fn(&mut SandboxConfig);
-        let cases: [(Edit, &str); 4] = [
+        let cases: [(Edit, &str); 5] = [
             (|c| c.max_memory_bytes = 1, "max_memory_bytes"),
             (|c| c.epoch_tick_ms = 0, "epoch_tick_ms"),
+            (|c| c.train_timeout_ms = 0, "train_timeout_ms"),
             (|c| c.max_instances = 0, "max_instances"),
             (
                 |c| c.restart_backoff_min_ms = u64::MAX,

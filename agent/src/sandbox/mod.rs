@@ -6,6 +6,8 @@
 //! `Linker` with WASI p2 and our host imports, the compiled-module cache and the epoch
 //! ticker thread. [`Sandbox::load`] turns module bytes into a [`Module`]; a [`StageRunner`]
 //! (or, by hand, [`Sandbox::instantiate`] and [`StageInstance`]) runs it as a stage.
+//! Federated-learning trainers (world `trainer`) load with [`Sandbox::load_trainer`] and run
+//! one call per instance through [`Sandbox::train`] and [`Sandbox::evaluate`] ([`trainer`]).
 //!
 //! - `config`: [`SandboxConfig`] (`[sandbox]` in the agent config) and [`Grants`].
 //! - `engine`: engine settings, pooling plan, epoch ticker.
@@ -13,13 +15,15 @@
 //! - `host/`: per-store state and the host imports (`log`, `clock`, `kv`, `counters`, WASI).
 //! - `instance`: one instance, typed call errors. `runner`: restart with backoff.
 //! - `metrics`: per-stage counters and the latency histogram.
+//! - `trainer`: the `trainer` world: its bindings, the `samples` import, train/evaluate calls.
 //!
 //! **Invariant:** bytes that came from outside (the network, a deployment) are always
 //! compiled, never deserialized; the only bytes ever deserialized are files in our own
 //! cache directory written by [`cache::Cache::write`] from an artifact this engine compiled,
 //! checked against their sha256 before wasmtime sees them. A module gets no filesystem,
 //! network, environment or arguments; a trap fails one frame and poisons only its instance.
-//! **Boundary:** the pipeline runner (stages) and deployment (loading modules).
+//! **Boundary:** the pipeline runner (stages), deployment (loading modules) and federated
+//! learning (trainers).
 
 mod bindings;
 mod cache;
@@ -31,6 +35,7 @@ mod host;
 mod instance;
 mod metrics;
 mod runner;
+pub mod trainer;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -49,6 +54,7 @@ pub use host::kv::{KvStore, KvStoreError, SledKv};
 pub use instance::{StageContext, StageInstance, frame_bytes};
 pub use metrics::{CallOutcome, LatencyHistogram, LatencySummary, MetricsSnapshot, StageMetrics};
 pub use runner::{AfterTrap, RestartPolicy, StageRunner};
+pub use trainer::TrainerModule;
 
 use bindings::StagePre;
 use host::HostState;
@@ -185,6 +191,8 @@ struct Inner {
     cfg: SandboxConfig,
     engine: Engine,
     linker: Linker<HostState>,
+    /// The stage linker's imports plus `samples`, for `trainer` components only.
+    trainer_linker: Linker<HostState>,
     cache: cache::Cache,
     stats: Stats,
     /// Set while a timed-out compilation is still running.
@@ -213,6 +221,7 @@ impl Sandbox {
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker)
             .map_err(|e| SandboxError::Engine(format!("adding host imports: {e:#}")))?;
+        let trainer_linker = trainer::linker(&engine)?;
         let cache_dir = cfg.cache_dir_in(state_dir);
         let cache =
             cache::Cache::open(&cache_dir, cache::engine_key(&engine)).map_err(|source| {
@@ -237,6 +246,7 @@ impl Sandbox {
                 cfg: cfg.clone(),
                 engine,
                 linker,
+                trainer_linker,
                 cache,
                 stats: Stats::default(),
                 abandoned_compile: Arc::new(AtomicBool::new(false)),
@@ -280,7 +290,20 @@ impl Sandbox {
     /// sound one, else compiles (bounded by `compile_timeout_ms`) and caches the result.
     /// `bytes` are never deserialized (see the module invariant).
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Module, SandboxError> {
-        let result = self.load_inner(name, bytes);
+        self.load_as(name, bytes, |id, component, source, code| {
+            self.finish(id, component, source, code)
+        })
+    }
+
+    /// [`Sandbox::load`] for any world: `finish` turns the component into that world's
+    /// module type.
+    fn load_as<M>(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        finish: impl FnOnce(ModuleId, Component, ModuleSource, usize) -> Result<M, SandboxError>,
+    ) -> Result<M, SandboxError> {
+        let result = self.load_inner(name, bytes, finish);
         if let Err(e) = &result {
             self.inner
                 .stats
@@ -291,7 +314,12 @@ impl Sandbox {
         result
     }
 
-    fn load_inner(&self, name: &str, bytes: &[u8]) -> Result<Module, SandboxError> {
+    fn load_inner<M>(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        finish: impl FnOnce(ModuleId, Component, ModuleSource, usize) -> Result<M, SandboxError>,
+    ) -> Result<M, SandboxError> {
         let inner = &*self.inner;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let id = ModuleId::new(name, digest);
@@ -313,7 +341,7 @@ impl Sandbox {
                 Ok(component) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(module = %id, "module loaded from cache");
-                    return self.finish(id, component, ModuleSource::Cache, artifact.len());
+                    return finish(id, component, ModuleSource::Cache, artifact.len());
                 }
                 Err(e) => self.reject_cached(&id, &format!("{e:#}"))?,
             },
@@ -341,7 +369,7 @@ impl Sandbox {
             tracing::warn!(module = %id, dir = %inner.cache.dir().display(), error = %e, "writing module cache failed");
         }
         let code = compiled.artifact.len();
-        self.finish(id, compiled.component, ModuleSource::Compiled, code)
+        finish(id, compiled.component, ModuleSource::Compiled, code)
     }
 
     /// Deserializes an artifact read from our cache directory.

@@ -105,5 +105,6 @@ pub fn pipeline_deps(
         device: "dev-1".into(),
         runtime: tokio::runtime::Handle::current(),
         inference,
+        training: Default::default(),
     }
 }

@@ -205,7 +205,11 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
             push_header(&mut out, tag);
             for block in delta.chunks(BLOCK) {
                 let absmax = block.iter().map(|&x| clean(x).abs()).fold(0.0f32, f32::max);
-                let scale = if absmax > 0.0 { absmax / qmax as f32 } else { 0.0 };
+                let scale = if absmax > 0.0 {
+                    absmax / qmax as f32
+                } else {
+                    0.0
+                };
                 out.extend_from_slice(&scale.to_le_bytes());
                 let q = block.iter().map(|&x| {
                     if scale > 0.0 {
@@ -218,7 +222,11 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
                     out.extend(q.map(|v| v as i8 as u8));
                 } else {
                     let nibbles: Vec<u8> = q.map(|v| (v + 8) as u8).collect();
-                    out.extend(nibbles.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)));
+                    out.extend(
+                        nibbles
+                            .chunks(2)
+                            .map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)),
+                    );
                 }
             }
         }
@@ -327,7 +335,9 @@ pub fn decode(payload: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         return Err(CodecError::Length { expected, got: n });
     }
     if n > MAX_WEIGHTS {
-        return Err(CodecError::Invalid(format!("{n} weights exceeds {MAX_WEIGHTS}")));
+        return Err(CodecError::Invalid(format!(
+            "{n} weights exceeds {MAX_WEIGHTS}"
+        )));
     }
     let mut out = Vec::with_capacity(n);
     match tag {
@@ -363,7 +373,9 @@ pub fn decode(payload: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
         TAG_TOPK => {
             let k = r.u32("top-k count")? as usize;
             if k > n {
-                return Err(CodecError::Invalid(format!("top-k keeps {k} of {n} weights")));
+                return Err(CodecError::Invalid(format!(
+                    "top-k keeps {k} of {n} weights"
+                )));
             }
             let wide = n > 1 << 16;
             let idx_bytes = r.take(k * if wide { 4 } else { 2 }, "top-k indexes")?;
@@ -389,7 +401,9 @@ pub fn decode(payload: &[u8], expected: usize) -> Result<Vec<f32>, CodecError> {
             if let Some(&last) = indexes.last()
                 && last >= n
             {
-                return Err(CodecError::Invalid(format!("top-k index {last} out of range for {n} weights")));
+                return Err(CodecError::Invalid(format!(
+                    "top-k index {last} out of range for {n} weights"
+                )));
             }
             out.resize(n, 0.0);
             let values = r.take(k * 2, "top-k values")?;
@@ -442,11 +456,20 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for c in ALL {
-            assert_eq!(c.to_string().parse::<Codec>().unwrap(), c);
+            assert_eq!(c.to_string().parse::<Codec>().expect("ok"), c);
         }
-        assert!(matches!("topk:0".parse::<Codec>(), Err(CodecError::Fraction(_))));
-        assert!(matches!("topk:1.5".parse::<Codec>(), Err(CodecError::Fraction(_))));
-        assert!(matches!("gzip".parse::<Codec>(), Err(CodecError::Unknown(_))));
+        assert!(matches!(
+            "topk:0".parse::<Codec>(),
+            Err(CodecError::Fraction(_))
+        ));
+        assert!(matches!(
+            "topk:1.5".parse::<Codec>(),
+            Err(CodecError::Fraction(_))
+        ));
+        assert!(matches!(
+            "gzip".parse::<Codec>(),
+            Err(CodecError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -455,17 +478,28 @@ mod tests {
         for c in ALL {
             let mut residual = vec![0.0; delta.len()];
             let bytes = encode(c, &delta, Some(&mut residual), 7);
-            let back = decode(&bytes, delta.len()).unwrap();
+            let back = decode(&bytes, delta.len()).expect("ok");
             assert_eq!(back.len(), delta.len(), "{c}");
             match c {
                 Codec::Fp32 => assert_eq!(back, delta),
                 Codec::Fp16 => assert!(back.iter().zip(&delta).all(|(a, b)| (a - b).abs() < 1e-4)),
-                Codec::Int8 => assert!(back.iter().zip(&delta).all(|(a, b)| (a - b).abs() < 0.1 / 127.0 + 1e-6)),
-                Codec::Int4 => assert!(back.iter().zip(&delta).all(|(a, b)| (a - b).abs() < 0.1 / 7.0 + 1e-6)),
+                Codec::Int8 => assert!(
+                    back.iter()
+                        .zip(&delta)
+                        .all(|(a, b)| (a - b).abs() < 0.1 / 127.0 + 1e-6)
+                ),
+                Codec::Int4 => assert!(
+                    back.iter()
+                        .zip(&delta)
+                        .all(|(a, b)| (a - b).abs() < 0.1 / 7.0 + 1e-6)
+                ),
                 // Error feedback: what was sent plus what is left is exactly what was asked.
                 Codec::TopK { .. } | Codec::Sign => {
                     for i in 0..delta.len() {
-                        assert!((back[i] + residual[i] - delta[i]).abs() < 1e-5, "{c} at {i}");
+                        assert!(
+                            (back[i] + residual[i] - delta[i]).abs() < 1e-5,
+                            "{c} at {i}"
+                        );
                     }
                 }
             }
@@ -479,7 +513,7 @@ mod tests {
         delta[0] = 1.0; // sets the scale: step = 1/7
         let mut sum = 0.0f64;
         for seed in 0..400 {
-            let back = decode(&encode(Codec::Int4, &delta, None, seed), 256).unwrap();
+            let back = decode(&encode(Codec::Int4, &delta, None, seed), 256).expect("ok");
             sum += back[1..].iter().map(|&x| x as f64).sum::<f64>() / 255.0;
         }
         assert!((sum / 400.0 - 0.33).abs() < 0.005, "mean {}", sum / 400.0);
@@ -494,7 +528,8 @@ mod tests {
             let mut residual = vec![0.0; delta.len()];
             let mut sent = vec![0.0f32; delta.len()];
             for round in 0..50 {
-                let back = decode(&encode(c, &delta, Some(&mut residual), round), delta.len()).unwrap();
+                let back = decode(&encode(c, &delta, Some(&mut residual), round), delta.len())
+                    .expect("ok");
                 for (s, b) in sent.iter_mut().zip(back) {
                     *s += b;
                 }
@@ -523,24 +558,47 @@ mod tests {
     fn bad_payloads_are_refused_with_the_cause() {
         let delta = sample(300, 9);
         let good = encode(Codec::Fp32, &delta, None, 0);
-        assert!(matches!(decode(&good, 299), Err(CodecError::Length { expected: 299, got: 300 })));
-        assert!(matches!(decode(&good[..good.len() - 1], 300), Err(CodecError::Truncated(_))));
+        assert!(matches!(
+            decode(&good, 299),
+            Err(CodecError::Length {
+                expected: 299,
+                got: 300
+            })
+        ));
+        assert!(matches!(
+            decode(&good[..good.len() - 1], 300),
+            Err(CodecError::Truncated(_))
+        ));
         let mut long = good.clone();
         long.push(0);
-        assert!(matches!(decode(&long, 300), Err(CodecError::Trailing { extra: 1 })));
+        assert!(matches!(
+            decode(&long, 300),
+            Err(CodecError::Trailing { extra: 1 })
+        ));
         let mut nan = good.clone();
         nan[5 + 4 * 7..5 + 4 * 8].copy_from_slice(&f32::NAN.to_le_bytes());
-        assert!(matches!(decode(&nan, 300), Err(CodecError::NonFinite { index: 7 })));
+        assert!(matches!(
+            decode(&nan, 300),
+            Err(CodecError::NonFinite { index: 7 })
+        ));
         let mut tag = good.clone();
         tag[0] = 99;
         assert!(matches!(decode(&tag, 300), Err(CodecError::Tag(99))));
         let int8 = encode(Codec::Int8, &delta, None, 0);
         let mut bad_scale = int8.clone();
         bad_scale[5..9].copy_from_slice(&f32::INFINITY.to_le_bytes());
-        assert!(matches!(decode(&bad_scale, 300), Err(CodecError::NonFinite { index: 0 })));
+        assert!(matches!(
+            decode(&bad_scale, 300),
+            Err(CodecError::NonFinite { index: 0 })
+        ));
         // top-k with a duplicated index.
-        let mut topk = encode(Codec::TopK { fraction: 0.01 }, &delta, Some(&mut vec![0.0; 300]), 0);
-        let k = u32::from_le_bytes(topk[5..9].try_into().unwrap());
+        let mut topk = encode(
+            Codec::TopK { fraction: 0.01 },
+            &delta,
+            Some(&mut vec![0.0; 300]),
+            0,
+        );
+        let k = u32::from_le_bytes(topk[5..9].try_into().expect("ok"));
         assert_eq!(k, 3);
         let first = [topk[9], topk[10]];
         topk[11] = first[0];
@@ -554,7 +612,7 @@ mod tests {
         let delta = [1.0, f32::NAN, f32::INFINITY, -1.0];
         for c in ALL {
             let mut residual = vec![0.0; 4];
-            let back = decode(&encode(c, &delta, Some(&mut residual), 1), 4).unwrap();
+            let back = decode(&encode(c, &delta, Some(&mut residual), 1), 4).expect("ok");
             assert!(back.iter().all(|x| x.is_finite()), "{c}");
             assert!(residual.iter().all(|x| x.is_finite()), "{c}");
         }

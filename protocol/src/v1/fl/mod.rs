@@ -170,7 +170,11 @@ impl RoundMessage {
 /// Serialises and signs a round message:
 /// `"FR" | format u8 | key_id_len u8 | key_id | header_len u32 | header JSON | n u32 | n x f32
 /// | ed25519 signature (64) over everything before it` (integers little-endian).
-pub fn encode_round(header: &RoundHeader, weights: &[f32], key: &SigningKey) -> Result<Vec<u8>, FlError> {
+pub fn encode_round(
+    header: &RoundHeader,
+    weights: &[f32],
+    key: &SigningKey,
+) -> Result<Vec<u8>, FlError> {
     header.validate()?;
     if weight_count(&header.params) != weights.len() {
         return Err(FlError::Round(format!(
@@ -236,7 +240,8 @@ impl<'a> Cursor<'a> {
     }
 
     fn str(&mut self, len: usize, what: &str) -> Result<&'a str, FlError> {
-        std::str::from_utf8(self.take(len, what)?).map_err(|_| (self.err)(format!("{what} is not utf-8")))
+        std::str::from_utf8(self.take(len, what)?)
+            .map_err(|_| (self.err)(format!("{what} is not utf-8")))
     }
 }
 
@@ -255,18 +260,23 @@ pub fn decode_round(payload: &[u8], trusted: &TrustedKeys) -> Result<RoundMessag
         return Err(err("not a round message".into()));
     }
     let (signed, sig) = payload.split_at(payload.len() - 64);
-    let mut c = Cursor { buf: &signed[2..], err };
+    let mut c = Cursor {
+        buf: &signed[2..],
+        err,
+    };
     if c.u8("format")? != FORMAT {
         return Err(err("unsupported format".into()));
     }
     let kid_len = c.u8("key id length")? as usize;
     let kid = c.str(kid_len, "key id")?.to_owned();
-    let key = trusted
-        .get(&kid)
-        .ok_or_else(|| FlError::UnknownKey { key_id: kid.clone() })?;
+    let key = trusted.get(&kid).ok_or_else(|| FlError::UnknownKey {
+        key_id: kid.clone(),
+    })?;
     let sig = Signature::from_bytes(sig.try_into().map_err(|_| err("signature".into()))?);
     key.verify_strict(signed, &sig)
-        .map_err(|_| FlError::BadSignature { key_id: kid.clone() })?;
+        .map_err(|_| FlError::BadSignature {
+            key_id: kid.clone(),
+        })?;
     let hlen = c.u32("header length")? as usize;
     let header: RoundHeader =
         serde_json::from_slice(c.take(hlen, "header")?).map_err(|e| err(format!("header: {e}")))?;
@@ -342,7 +352,10 @@ impl Update {
         if !body.starts_with(UPDATE_MAGIC) {
             return Err(err("not an update".into()));
         }
-        let mut c = Cursor { buf: &body[2..], err };
+        let mut c = Cursor {
+            buf: &body[2..],
+            err,
+        };
         if c.u8("format")? != FORMAT {
             return Err(err("unsupported format".into()));
         }
@@ -388,8 +401,14 @@ mod tests {
             version: 2,
             model: "models/digits.onnx".into(),
             params: vec![
-                ParamSpec { name: "fc1.weight".into(), shape: vec![3, 2] },
-                ParamSpec { name: "fc1.bias".into(), shape: vec![2] },
+                ParamSpec {
+                    name: "fc1.weight".into(),
+                    shape: vec![3, 2],
+                },
+                ParamSpec {
+                    name: "fc1.bias".into(),
+                    shape: vec![2],
+                },
             ],
             issued_ms: 1,
             train: Some(TrainOrder {
@@ -410,9 +429,9 @@ mod tests {
     fn round_messages_verify_and_split() {
         let k = key(1);
         let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let bytes = encode_round(&header(), &w, &k).unwrap();
+        let bytes = encode_round(&header(), &w, &k).expect("ok");
         let trusted = TrustedKeys::new([k.verifying_key()]);
-        let m = decode_round(&bytes, &trusted).unwrap();
+        let m = decode_round(&bytes, &trusted).expect("ok");
         assert_eq!(m.header, header());
         assert_eq!(m.weights, w);
         let t = m.tensors();
@@ -423,15 +442,24 @@ mod tests {
     fn forged_or_broken_round_messages_are_refused() {
         let k = key(1);
         let w = vec![0.5f32; 8];
-        let bytes = encode_round(&header(), &w, &k).unwrap();
+        let bytes = encode_round(&header(), &w, &k).expect("ok");
         let trusted = TrustedKeys::new([k.verifying_key()]);
         let other = TrustedKeys::new([key(2).verifying_key()]);
-        assert!(matches!(decode_round(&bytes, &other), Err(FlError::UnknownKey { .. })));
+        assert!(matches!(
+            decode_round(&bytes, &other),
+            Err(FlError::UnknownKey { .. })
+        ));
         let mut tampered = bytes.clone();
         let at = tampered.len() - 70;
         tampered[at] ^= 1;
-        assert!(matches!(decode_round(&tampered, &trusted), Err(FlError::BadSignature { .. })));
-        assert!(matches!(decode_round(&bytes[..40], &trusted), Err(FlError::Round(_) | FlError::BadSignature { .. })));
+        assert!(matches!(
+            decode_round(&tampered, &trusted),
+            Err(FlError::BadSignature { .. })
+        ));
+        assert!(matches!(
+            decode_round(&bytes[..40], &trusted),
+            Err(FlError::Round(_) | FlError::BadSignature { .. })
+        ));
         assert!(decode_round(b"{}", &trusted).is_err());
         assert!(encode_round(&header(), &[0.0; 7], &k).is_err());
         let mut nan = w.clone();
@@ -452,7 +480,7 @@ mod tests {
             payload: codec::encode(Codec::Fp16, &[0.1, 0.2], None, 0),
         };
         let bytes = u.encode();
-        assert_eq!(Update::decode(&bytes).unwrap(), u);
+        assert_eq!(Update::decode(&bytes).expect("ok"), u);
         assert!(Update::decode(&bytes[..10]).is_err());
         assert!(Update::decode(b"XX").is_err());
         let mut zero = u.clone();

@@ -1,0 +1,458 @@
+//! Federated learning on the device: apply each new global model, train locally when selected,
+//! send the compressed weight delta through the outbox.
+//!
+//! ```text
+//! fl/round (retained, signed) ──► verify ──► patch the weights into the pipeline's model and
+//!                                            swap it in (the inference stage serves them)
+//!                                       └──► selected? train with the pipeline's trainer module on
+//!                                            its dataset ──► delta = local - global ──► codec
+//!                                            (+ error-feedback residual) ──► outbox ──► fl/update
+//! ```
+//!
+//! The running pipeline says what it can train (`[training]`: model, trainer module, dataset);
+//! it publishes that in the [`TrainingSlot`] when it starts live. Round messages for a model
+//! no running pipeline trains are kept and handled when one starts.
+//!
+//! **Invariants:** a round is trained and queued at most once per device (see [`state`]); the
+//! update is in the outbox (durable, sent when online, in order with the device's other
+//! model-class messages) before the round counts as submitted; the newest applied global
+//! weights are re-applied whenever the pipeline restarts (reboot, redeploy) from the stored
+//! round message. Forged, corrupted or malformed round messages are logged with the cause,
+//! counted, and change nothing.
+//! **Boundary:** the pipeline publishes [`TrainingSetup`]; the coordinator decides selection,
+//! deadlines and what a late update is worth.
+
+pub mod state;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use protocol::v1::deploy::TrustedKeys;
+use protocol::v1::fl::{self, RoundMessage, Update, codec};
+use protocol::v1::{Class, topics};
+use tokio::sync::watch;
+
+use crate::dataset::Dataset;
+use crate::inbox::Subscription;
+use crate::inference::Inference;
+use crate::outbox::{NewMessage, Outbox};
+use crate::sandbox::Sandbox;
+use crate::sandbox::trainer::{Param, SampleSource};
+pub use state::FlState;
+
+/// Round messages buffered between the uplink and this task (one per task is retained).
+pub const INBOX_CAPACITY: usize = 8;
+
+/// What the live pipeline can train, published when it starts.
+#[derive(Debug)]
+pub struct TrainingSetup {
+    pub pipeline: String,
+    /// The inference stage's model (registry name) the global weights patch.
+    pub model: String,
+    /// The model's bytes as the pipeline loaded them (the base every patch starts from).
+    pub model_bytes: Vec<u8>,
+    pub trainer_name: String,
+    pub trainer_bytes: Vec<u8>,
+    pub dataset: String,
+}
+
+/// The live pipeline's [`TrainingSetup`], watched by the federated-learning task.
+#[derive(Debug, Clone)]
+pub struct TrainingSlot(Arc<watch::Sender<Option<Arc<TrainingSetup>>>>);
+
+impl Default for TrainingSlot {
+    fn default() -> Self {
+        TrainingSlot(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl TrainingSlot {
+    pub fn set(&self, setup: Option<Arc<TrainingSetup>>) {
+        self.0.send_replace(setup);
+    }
+
+    /// Clears the slot if it still holds `setup` (a newer pipeline may have replaced it).
+    pub fn clear_if(&self, setup: &Arc<TrainingSetup>) {
+        self.0.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, setup)) {
+                *cur = None;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn get(&self) -> Option<Arc<TrainingSetup>> {
+        self.0.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<TrainingSetup>>> {
+        self.0.subscribe()
+    }
+}
+
+/// Counters for logs and telemetry.
+#[derive(Debug, Default)]
+pub struct FlStats {
+    pub rounds_received: AtomicU64,
+    pub rejected: AtomicU64,
+    pub applied: AtomicU64,
+    pub trained: AtomicU64,
+    pub queued: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Samples of one dataset, labeled ones only, as the trainer reads them.
+struct Samples(Vec<(Vec<f32>, i64)>);
+
+impl SampleSource for Samples {
+    fn count(&self) -> u32 {
+        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
+    fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)> {
+        let start = (start as usize).min(self.0.len());
+        let end = start.saturating_add(n as usize).min(self.0.len());
+        self.0[start..end].to_vec()
+    }
+}
+
+/// Why a round did not produce an update.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    #[error("dataset {dataset}: {reason}")]
+    Dataset { dataset: String, reason: String },
+    #[error("dataset {dataset} has no labeled samples to train on")]
+    NoSamples { dataset: String },
+    #[error("trainer {module}: {reason}")]
+    Trainer { module: String, reason: String },
+    #[error("cannot queue the update: {0}")]
+    Outbox(String),
+    #[error("{0}")]
+    State(#[from] state::StateError),
+}
+
+/// The task; see the module docs.
+pub struct FlTask {
+    pub device: String,
+    pub trusted: TrustedKeys,
+    pub state: FlState,
+    pub outbox: Arc<Outbox>,
+    pub dataset: Arc<Dataset>,
+    pub sandbox: Sandbox,
+    pub inference: Inference,
+    pub slot: TrainingSlot,
+    pub stats: Arc<FlStats>,
+    /// Per model: (task, global version, registry version) of the weights this process
+    /// applied. In memory on purpose: after a restart the pipeline loads its base model again
+    /// and the stored round message is applied anew.
+    applied: std::sync::Mutex<std::collections::HashMap<String, (String, u32, String)>>,
+}
+
+/// What [`FlTask::new`] needs.
+pub struct FlDeps {
+    pub device: String,
+    pub trusted: TrustedKeys,
+    pub state: FlState,
+    pub outbox: Arc<Outbox>,
+    pub dataset: Arc<Dataset>,
+    pub sandbox: Sandbox,
+    pub inference: Inference,
+    pub slot: TrainingSlot,
+}
+
+impl FlTask {
+    pub fn new(d: FlDeps) -> FlTask {
+        FlTask {
+            device: d.device,
+            trusted: d.trusted,
+            state: d.state,
+            outbox: d.outbox,
+            dataset: d.dataset,
+            sandbox: d.sandbox,
+            inference: d.inference,
+            slot: d.slot,
+            stats: Arc::default(),
+            applied: Default::default(),
+        }
+    }
+
+    pub async fn run(self, mut sub: Subscription, mut stop: watch::Receiver<bool>) {
+        let mut setups = self.slot.subscribe();
+        let me = Arc::new(self);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                msg = sub.rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    if msg.payload.is_empty() {
+                        continue; // a cleared retained message
+                    }
+                    me.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
+                    let payload = msg.payload.to_vec();
+                    if let Err(e) = me.clone().handle(payload, true, &mut stop).await {
+                        tracing::warn!(error = %e, "federated round not completed");
+                    }
+                }
+                changed = setups.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let has_setup = setups.borrow_and_update().is_some();
+                    if has_setup {
+                        // A pipeline (re)started: give it the newest global weights back.
+                        for m in me.state.rounds() {
+                            if let Err(e) = me.clone().handle(m, false, &mut stop).await {
+                                tracing::warn!(error = %e, "stored federated round not completed");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Verifies a round message, applies its weights, trains if ordered. `fresh` is false
+    /// for a stored message replayed after a pipeline start.
+    async fn handle(
+        self: Arc<Self>,
+        payload: Vec<u8>,
+        fresh: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), RoundError> {
+        let msg = match fl::decode_round(&payload, &self.trusted) {
+            Ok(m) => m,
+            Err(e) => {
+                if fresh {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "federated round message rejected");
+                }
+                return Ok(());
+            }
+        };
+        let h = &msg.header;
+        if fresh {
+            tracing::info!(task = %h.task, round = h.round, version = h.version, selected = h.train.is_some(), done = h.done, "federated round received");
+            self.state.save_round(&h.task, &payload)?;
+        }
+        let Some(setup) = self.slot.get() else {
+            tracing::info!(task = %h.task, model = %h.model, "no running pipeline trains this model yet; round kept for when one starts");
+            return Ok(());
+        };
+        if setup.model != h.model {
+            tracing::info!(task = %h.task, model = %h.model, pipeline = %setup.pipeline, trains = %setup.model, "round is for a model the running pipeline does not train; kept");
+            return Ok(());
+        }
+        let msg = Arc::new(msg);
+        let work = {
+            let me = self.clone();
+            let (msg, setup) = (msg.clone(), setup.clone());
+            tokio::task::spawn_blocking(move || me.work(&msg, &setup))
+        };
+        tokio::select! {
+            r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), reason: format!("training thread panicked: {e}") })),
+            _ = stop.changed() => Ok(()),
+        }
+    }
+
+    /// Blocking part of a round: apply, train, encode, queue, commit.
+    fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
+        let h = &msg.header;
+        self.apply(msg, setup);
+        if h.done {
+            self.state.finish(&h.task)?;
+            tracing::info!(task = %h.task, version = h.version, "federated task finished; final weights applied");
+            return Ok(());
+        }
+        let Some(order) = &h.train else {
+            return Ok(());
+        };
+        if self.state.submitted(&h.task).is_some_and(|r| r >= h.round) {
+            tracing::debug!(task = %h.task, round = h.round, "update for this round already queued");
+            return Ok(());
+        }
+        let result = self.train(msg, setup, order);
+        if let Err(e) = &result {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task = %h.task, round = h.round, error = %e, "local training failed; no update for this round");
+        }
+        result
+    }
+
+    /// Patches the global weights into the pipeline's model and swaps it in, unless the
+    /// version serving it already carries these (or newer) weights of this task. A failure
+    /// is logged; training goes on (it needs only the weights).
+    fn apply(&self, msg: &RoundMessage, setup: &TrainingSetup) {
+        let h = &msg.header;
+        let serving = self
+            .inference
+            .model(&setup.model)
+            .map(|m| m.version().to_owned());
+        {
+            let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((task, version, model_version)) = applied.get(&setup.model)
+                && *task == h.task
+                && *version >= h.version
+                && serving.as_deref() == Some(model_version.as_str())
+            {
+                return;
+            }
+        }
+        if !self.inference.status().available {
+            tracing::warn!(model = %setup.model, reason = %self.inference.status().reason, "global weights not applied: onnx inference unavailable");
+            return;
+        }
+        let tensors: Result<Vec<(&str, edge_inference::Tensor)>, _> = msg
+            .tensors()
+            .into_iter()
+            .map(|(p, data)| {
+                edge_inference::Tensor::from_f32(p.shape.clone(), data)
+                    .map(|t| (p.name.as_str(), t))
+            })
+            .collect();
+        let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
+            edge_inference::patch_initializers(&setup.model_bytes, &t).map_err(|e| e.to_string())
+        });
+        let result = patched.and_then(|bytes| {
+            let model = self
+                .inference
+                .prepare(&setup.model, &bytes)
+                .map_err(|e| e.to_string())?;
+            let version = model.version().to_owned();
+            self.inference.commit(model);
+            Ok(version)
+        });
+        match result {
+            Ok(model_version) => {
+                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                self.applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        setup.model.clone(),
+                        (h.task.clone(), h.version, model_version),
+                    );
+                tracing::info!(task = %h.task, version = h.version, model = %setup.model, "global weights applied");
+            }
+            Err(e) => {
+                tracing::warn!(task = %h.task, version = h.version, model = %setup.model, error = %e, "global weights not applied; the model keeps serving its previous weights");
+            }
+        }
+    }
+
+    fn train(
+        &self,
+        msg: &RoundMessage,
+        setup: &TrainingSetup,
+        order: &fl::TrainOrder,
+    ) -> Result<(), RoundError> {
+        let h = &msg.header;
+        let started = Instant::now();
+        let samples = self
+            .dataset
+            .samples(&setup.dataset)
+            .map_err(|e| RoundError::Dataset {
+                dataset: setup.dataset.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut labeled: Vec<(Vec<f32>, i64)> = samples
+            .into_iter()
+            .filter_map(|s| s.label.map(|l| (s.features, l)))
+            .collect();
+        if let Some(max) = order.max_samples {
+            let max = max as usize;
+            if labeled.len() > max {
+                labeled.drain(..labeled.len() - max);
+            }
+        }
+        if labeled.is_empty() {
+            return Err(RoundError::NoSamples {
+                dataset: setup.dataset.clone(),
+            });
+        }
+        let trainer_err = |reason: String| RoundError::Trainer {
+            module: setup.trainer_name.clone(),
+            reason,
+        };
+        let module = self
+            .sandbox
+            .load_trainer(&setup.trainer_name, &setup.trainer_bytes)
+            .map_err(|e| trainer_err(e.to_string()))?;
+        let weights: Vec<Param> = msg
+            .tensors()
+            .into_iter()
+            .map(|(p, data)| Param {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                data: data.to_vec(),
+            })
+            .collect();
+        let params = serde_json::json!({
+            "epochs": order.epochs,
+            "lr": order.lr,
+            "batch_size": order.batch_size,
+            "mu": order.mu,
+            "seed": order.seed,
+        })
+        .to_string();
+        let out = self
+            .sandbox
+            .train(&module, weights, &params, Arc::new(Samples(labeled)))
+            .map_err(|e| trainer_err(e.to_string()))?;
+        self.stats.trained.fetch_add(1, Ordering::Relaxed);
+        // The sandbox checked names, shapes and finiteness; flatten in the header's order.
+        let mut local = Vec::with_capacity(msg.weights.len());
+        for p in &h.params {
+            let t = out
+                .weights
+                .iter()
+                .find(|w| w.name == p.name)
+                .ok_or_else(|| trainer_err(format!("returned no tensor {}", p.name)))?;
+            local.extend_from_slice(&t.data);
+        }
+        if local.len() != msg.weights.len() {
+            return Err(trainer_err(format!(
+                "returned {} weights, the model has {}",
+                local.len(),
+                msg.weights.len()
+            )));
+        }
+        let delta: Vec<f32> = local.iter().zip(&msg.weights).map(|(l, g)| l - g).collect();
+        let ef = order.codec.uses_error_feedback();
+        let mut residual = ef.then(|| self.state.residual(&h.task, delta.len()));
+        let payload = codec::encode(order.codec, &delta, residual.as_deref_mut(), order.seed);
+        let update = Update {
+            task: h.task.clone(),
+            round: h.round,
+            base_version: h.version,
+            samples: out.samples,
+            loss: out.loss,
+            accuracy: out.accuracy,
+            train_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            payload,
+        };
+        let body = update.encode();
+        let message = NewMessage::binary(
+            Class::Model,
+            topics::fl_update(&self.device),
+            fl::UPDATE_KIND,
+            &body,
+            Some(Duration::ZERO),
+        );
+        let outbox = self.outbox.clone();
+        let queued = tokio::runtime::Handle::current()
+            .block_on(outbox.enqueue(message))
+            .map_err(|e| RoundError::Outbox(e.to_string()))?;
+        self.state
+            .commit_submitted(&h.task, h.round, residual.as_deref())?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            task = %h.task, round = h.round, samples = out.samples, loss = out.loss,
+            accuracy = out.accuracy, codec = %order.codec, bytes = body.len(), id = %queued.id,
+            ms = started.elapsed().as_millis() as u64, "federated update queued"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,874 @@
+//! Federated-learning trainers: components of the `trainer` world (`modules/wit/trainer.wit`)
+//! that take model parameters and hyperparameters, read the device's labeled samples through
+//! the `samples` import, and return new parameters ([`Sandbox::train`]) or metrics
+//! ([`Sandbox::evaluate`]).
+//!
+//! Same engine, cache, WASI denial, memory limit and epoch interruption as stages; what
+//! differs: every call gets a fresh instance that is dropped after it (a trainer keeps no
+//! state), the time budget is `sandbox.train_timeout_ms`, and both the weights going in and
+//! the result coming out are checked here (names, shapes, finite values), so a caller never
+//! sees a malformed model from a module.
+//!
+//! **Invariant:** a [`TrainResult`] returned to the caller has exactly the input's parameter
+//! names, shapes and order, and only finite values. **Boundary:** federated learning
+//! (`crate::fl`) and tests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::{Component, HasData, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, Store, Trap};
+
+use super::host::{HostState, clock, counters, kv, limits, log, wasi};
+use super::metrics::StageMetrics;
+use super::{Grants, ModuleId, ModuleSource, Sandbox, SandboxError};
+
+/// Host-side bindings of the `trainer` world. Its own module: the generated types must not
+/// mix with the `stage` world's; `log` and `clock` are the stage bindings' (one host
+/// implementation each).
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "trainer",
+        path: "../modules/wit",
+        with: {
+            "edge:pipeline/log": crate::sandbox::bindings::edge::pipeline::log,
+            "edge:pipeline/clock": crate::sandbox::bindings::edge::pipeline::clock,
+        },
+        // A read when the store has no sample source is a host bug; trap rather than lie.
+        imports: { "edge:pipeline/samples": trappable },
+        additional_derives: [PartialEq],
+    });
+}
+
+use bindings::edge::pipeline::samples as wit_samples;
+pub use bindings::edge::pipeline::training::{EvalResult, Param, TrainResult};
+use bindings::{Trainer, TrainerPre};
+
+/// Most samples one `samples.read` call returns (the WIT promises 1024).
+pub const MAX_READ_BATCH: u32 = 1024;
+
+/// Longest guest error or trap message kept, bytes.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Tags a trainer's log lines where a stage's would carry its stage name.
+const LOG_STAGE: &str = "trainer";
+
+/// The labeled samples a trainer reads; implemented by the dataset store (and by tests).
+/// `read` returns the samples from index `start` on, at most `n` (fewer at the end).
+pub trait SampleSource: Send + Sync {
+    fn count(&self) -> u32;
+    fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)>;
+}
+
+/// Why a train or evaluate call produced nothing usable.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The sandbox stopped the call: trap, timeout, memory limit, or no instance.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The weights given were unusable before any module saw them.
+    #[error("trainer {module}: weights given: {reason}")]
+    Input { module: ModuleId, reason: String },
+    /// The module returned `err` (bad hyperparameters, shapes, labels, no samples).
+    #[error("trainer {module} refused to {call}: {message}")]
+    Refused {
+        module: ModuleId,
+        call: &'static str,
+        message: String,
+    },
+    /// The module returned something that breaks the contract (other names or shapes,
+    /// non-finite values, more samples than there are); it is not used.
+    #[error("trainer {module}: {call} returned an invalid result: {reason}")]
+    InvalidResult {
+        module: ModuleId,
+        call: &'static str,
+        reason: String,
+    },
+}
+
+/// A compiled `trainer` component, ready to run; cheap to clone.
+#[derive(Clone)]
+pub struct TrainerModule {
+    inner: Arc<TrainerInner>,
+}
+
+struct TrainerInner {
+    id: ModuleId,
+    pre: TrainerPre<HostState>,
+    source: ModuleSource,
+}
+
+impl std::fmt::Debug for TrainerModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainerModule")
+            .field("id", &self.inner.id)
+            .field("source", &self.inner.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrainerModule {
+    pub fn id(&self) -> &ModuleId {
+        &self.inner.id
+    }
+
+    pub fn source(&self) -> ModuleSource {
+        self.inner.source
+    }
+}
+
+/// The linker for trainers: everything a stage gets (WASI denied, sleep cap, `log`,
+/// `clock`, `kv`, `counters`; the last two are not in the `trainer` world and so are never
+/// imported by a well-formed trainer) plus `samples`.
+pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>, SandboxError> {
+    let mut linker = Linker::new(engine);
+    super::host::add_to_linker(&mut linker)
+        .and_then(|()| {
+            wit_samples::add_to_linker::<HostState, HasSamples>(&mut linker, |s| SamplesView {
+                table: &s.table,
+            })
+        })
+        .map_err(|e| SandboxError::Engine(format!("adding trainer host imports: {e:#}")))?;
+    Ok(linker)
+}
+
+impl Sandbox {
+    /// Loads a `trainer` component deployed as `name`, like [`Sandbox::load`] (size limit,
+    /// cache, bounded compilation); refuses a component of another world.
+    pub fn load_trainer(&self, name: &str, bytes: &[u8]) -> Result<TrainerModule, SandboxError> {
+        self.load_as(name, bytes, |id, component, source, _code| {
+            self.finish_trainer(id, component, source)
+        })
+    }
+
+    fn finish_trainer(
+        &self,
+        id: ModuleId,
+        component: Component,
+        source: ModuleSource,
+    ) -> Result<TrainerModule, SandboxError> {
+        let pre = self
+            .inner
+            .trainer_linker
+            .instantiate_pre(&component)
+            .and_then(TrainerPre::new)
+            .map_err(|e| SandboxError::Instantiate {
+                module: id.clone(),
+                reason: format!("not a `trainer` component of edge:pipeline@0.1.0 or imports something this host lacks: {e:#}"),
+            })?;
+        Ok(TrainerModule {
+            inner: Arc::new(TrainerInner { id, pre, source }),
+        })
+    }
+
+    /// Trains from `weights` on `samples` with the hyperparameters `params_json` (a JSON
+    /// object, see `trainer.wit`) in a fresh instance of `module`, bounded by
+    /// `sandbox.train_timeout_ms` and the memory limit. The result has the input's names,
+    /// shapes and order and only finite values (checked here).
+    pub fn train(
+        &self,
+        module: &TrainerModule,
+        weights: Vec<Param>,
+        params_json: &str,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<TrainResult, TrainError> {
+        let id = module.id();
+        check_weights(&weights).map_err(|reason| TrainError::Input {
+            module: id.clone(),
+            reason,
+        })?;
+        let started = Instant::now();
+        let mut call = Call::new(self, module, samples)?;
+        let result = call
+            .trainer
+            .call_train(&mut call.store, &weights, params_json);
+        let out = match result {
+            Ok(Ok(out)) => out,
+            Ok(Err(message)) => {
+                return Err(TrainError::Refused {
+                    module: id.clone(),
+                    call: "train",
+                    message: log::truncate(&message, MAX_MESSAGE_BYTES).into_owned(),
+                });
+            }
+            Err(e) => return Err(call.trapped(e).into()),
+        };
+        let invalid = |reason: String| TrainError::InvalidResult {
+            module: id.clone(),
+            call: "train",
+            reason,
+        };
+        check_same_params(&weights, &out.weights).map_err(invalid)?;
+        check_metrics(out.loss, out.accuracy, out.samples, call.count).map_err(invalid)?;
+        tracing::debug!(
+            module = %id, samples = out.samples, loss = out.loss, accuracy = out.accuracy,
+            ms = started.elapsed().as_millis() as u64, "trainer call done"
+        );
+        Ok(out)
+    }
+
+    /// Loss and accuracy of `weights` over all of `samples`, computed by `module` in a fresh
+    /// instance (same bounds as [`Sandbox::train`]).
+    pub fn evaluate(
+        &self,
+        module: &TrainerModule,
+        weights: Vec<Param>,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<EvalResult, TrainError> {
+        let id = module.id();
+        check_weights(&weights).map_err(|reason| TrainError::Input {
+            module: id.clone(),
+            reason,
+        })?;
+        let mut call = Call::new(self, module, samples)?;
+        let out = match call.trainer.call_evaluate(&mut call.store, &weights) {
+            Ok(Ok(out)) => out,
+            Ok(Err(message)) => {
+                return Err(TrainError::Refused {
+                    module: id.clone(),
+                    call: "evaluate",
+                    message: log::truncate(&message, MAX_MESSAGE_BYTES).into_owned(),
+                });
+            }
+            Err(e) => return Err(call.trapped(e).into()),
+        };
+        check_metrics(out.loss, out.accuracy, out.samples, call.count).map_err(|reason| {
+            TrainError::InvalidResult {
+                module: id.clone(),
+                call: "evaluate",
+                reason,
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// One instance for one call.
+struct Call {
+    store: Store<HostState>,
+    trainer: Trainer,
+    module: ModuleId,
+    timeout_ms: u64,
+    /// The sample count the module sees (fixed for the call).
+    count: u32,
+}
+
+impl Call {
+    fn new(
+        sandbox: &Sandbox,
+        module: &TrainerModule,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<Call, SandboxError> {
+        let cfg = sandbox.config();
+        let id = module.id().clone();
+        let metrics = Arc::new(StageMetrics::new(cfg.max_metric_names as usize));
+        let line_cap = cfg.log_max_line_bytes as usize;
+        let sink = Arc::new(log::LogSink::new(
+            LOG_STAGE,
+            &id,
+            cfg.log_lines_per_s,
+            cfg.log_burst,
+            line_cap,
+            Arc::clone(&metrics),
+        ));
+        let stdout = wasi::GuestOutput::stdout(Arc::clone(&sink), line_cap);
+        let stderr = wasi::GuestOutput::stderr(Arc::clone(&sink), line_cap);
+        let count = samples.count();
+        let mut table = ResourceTable::new();
+        install_samples(
+            &mut table,
+            SampleSlot {
+                source: samples,
+                count,
+            },
+        )?;
+        let state = HostState {
+            wasi: wasi::context(&id, &Grants::default(), stdout, stderr.clone())?,
+            table,
+            limits: limits::Limits::new(cfg.max_memory_bytes, cfg.max_table_elements),
+            log: log::LogUnit { sink },
+            clock: clock::ClockUnit::new(),
+            kv: kv::KvUnit::new(
+                Arc::new(NoKv),
+                kv::KvQuotas {
+                    max_key: cfg.kv_max_key_bytes as usize,
+                    max_value: 0,
+                    max_total: 0,
+                    sync_interval: std::time::Duration::from_millis(cfg.kv_sync_interval_ms),
+                },
+            ),
+            counters: counters::CountersUnit { metrics },
+            stderr,
+            sleep_cap_ns: cfg
+                .train_timeout_ms
+                .saturating_add(2 * cfg.epoch_tick_ms)
+                .saturating_mul(1_000_000),
+        };
+        let mut store = Store::new(sandbox.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        // One deadline covers instantiation (start functions) and the call.
+        store.set_epoch_deadline(super::engine::deadline_ticks(
+            cfg.train_timeout_ms,
+            cfg.epoch_tick_ms,
+        ));
+        let timeout_ms = cfg.train_timeout_ms;
+        let trainer = match module.inner.pre.instantiate(&mut store) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(match classify(&mut store, &id, timeout_ms, e) {
+                    SandboxError::Trap { module, reason } => {
+                        SandboxError::Instantiate { module, reason }
+                    }
+                    other => other,
+                });
+            }
+        };
+        Ok(Call {
+            store,
+            trainer,
+            module: id,
+            timeout_ms,
+            count,
+        })
+    }
+
+    fn trapped(&mut self, e: wasmtime::Error) -> SandboxError {
+        classify(&mut self.store, &self.module, self.timeout_ms, e)
+    }
+}
+
+/// Maps a failed call to a typed error, as a stage instance does: epoch deadline -> timeout;
+/// a trap after the memory limit refused growth -> memory limit; anything else -> trap with
+/// wasmtime's reason and the guest's last stderr lines (a Rust panic message lands there).
+fn classify(
+    store: &mut Store<HostState>,
+    module: &ModuleId,
+    timeout_ms: u64,
+    e: wasmtime::Error,
+) -> SandboxError {
+    let denied = store.data_mut().limits.take_denied();
+    let stderr = store.data().stderr.take_tail();
+    let trap = e.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::Interrupt) {
+        return SandboxError::Timeout {
+            module: module.clone(),
+            timeout_ms,
+        };
+    }
+    if let Some(requested) = denied {
+        return SandboxError::MemoryLimit {
+            module: module.clone(),
+            limit: store.data().limits.max_memory(),
+            requested,
+        };
+    }
+    let mut reason = match trap {
+        Some(Trap::StackOverflow) => "stack overflow".to_owned(),
+        Some(t) => t.to_string(),
+        None => format!("{e:#}"),
+    };
+    if !stderr.is_empty() {
+        reason.push_str("; guest stderr: ");
+        reason.push_str(&stderr);
+    }
+    SandboxError::Trap {
+        module: module.clone(),
+        reason: log::truncate(&reason, MAX_MESSAGE_BYTES).into_owned(),
+    }
+}
+
+/// The sample source of one call. It lives in the store's resource table rather than in
+/// [`HostState`] (shared with stages, which have no samples) at a fixed index: the first
+/// entry of the call's fresh table. The guest cannot reach it: it only holds handles the
+/// host gave it, and the host never hands this one out.
+struct SampleSlot {
+    source: Arc<dyn SampleSource>,
+    count: u32,
+}
+
+const SAMPLE_SLOT: u32 = 0;
+
+fn install_samples(table: &mut ResourceTable, slot: SampleSlot) -> Result<(), SandboxError> {
+    let r = table
+        .push(slot)
+        .map_err(|e| SandboxError::Engine(format!("storing the sample source: {e}")))?;
+    if r.rep() != SAMPLE_SLOT {
+        return Err(SandboxError::Engine(format!(
+            "sample source stored at index {}, expected {SAMPLE_SLOT}",
+            r.rep()
+        )));
+    }
+    Ok(())
+}
+
+/// The `samples` import of one call.
+struct SamplesView<'a> {
+    table: &'a ResourceTable,
+}
+
+impl SamplesView<'_> {
+    fn slot(&self) -> wasmtime::Result<&SampleSlot> {
+        self.table
+            .get(&Resource::<SampleSlot>::new_borrow(SAMPLE_SLOT))
+            .map_err(|e| wasmtime::format_err!("samples: no sample source in this store ({e})"))
+    }
+}
+
+impl wit_samples::Host for SamplesView<'_> {
+    fn count(&mut self) -> wasmtime::Result<u32> {
+        Ok(self.slot()?.count)
+    }
+
+    fn read(&mut self, start: u32, n: u32) -> wasmtime::Result<Vec<wit_samples::Sample>> {
+        let slot = self.slot()?;
+        // Clamped to the count the call started with, whatever the source does meanwhile.
+        let n = n.min(MAX_READ_BATCH).min(slot.count.saturating_sub(start));
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(slot
+            .source
+            .read(start, n)
+            .into_iter()
+            .take(n as usize)
+            .map(|(features, label)| wit_samples::Sample { features, label })
+            .collect())
+    }
+}
+
+struct HasSamples;
+
+impl HasData for HasSamples {
+    type Data<'a> = SamplesView<'a>;
+}
+
+/// The `kv` a trainer's store must have but its world does not import: empty, refuses writes.
+struct NoKv;
+
+impl super::KvStore for NoKv {
+    fn get(&self, _key: &[u8]) -> Result<Option<Vec<u8>>, super::KvStoreError> {
+        Ok(None)
+    }
+
+    fn insert(&self, _key: &[u8], _value: &[u8]) -> Result<Option<usize>, super::KvStoreError> {
+        Err(super::KvStoreError("trainers have no kv".into()))
+    }
+
+    fn remove(&self, _key: &[u8]) -> Result<Option<usize>, super::KvStoreError> {
+        Ok(None)
+    }
+
+    fn used_bytes(&self) -> Result<u64, super::KvStoreError> {
+        Ok(0)
+    }
+
+    fn flush(&self) -> Result<(), super::KvStoreError> {
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), super::KvStoreError> {
+        Ok(())
+    }
+}
+
+/// Checks weights before a module sees them: unique non-empty names, data matching the
+/// shape, finite values.
+fn check_weights(weights: &[Param]) -> Result<(), String> {
+    if weights.is_empty() {
+        return Err("no parameters".into());
+    }
+    for (i, p) in weights.iter().enumerate() {
+        if p.name.is_empty() {
+            return Err(format!("parameter {i} has an empty name"));
+        }
+        if weights[..i].iter().any(|q| q.name == p.name) {
+            return Err(format!("{}: name given twice", p.name));
+        }
+        check_param(p)?;
+    }
+    Ok(())
+}
+
+fn check_param(p: &Param) -> Result<(), String> {
+    let elements = p
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
+    if elements != Some(p.data.len()) {
+        return Err(format!(
+            "{}: {} values do not fill shape {:?}",
+            p.name,
+            p.data.len(),
+            p.shape
+        ));
+    }
+    if let Some(k) = p.data.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "{}: value {k} is not finite ({})",
+            p.name, p.data[k]
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a module returned the parameters it was given, in kind: same count, names,
+/// shapes and order; sound values.
+fn check_same_params(given: &[Param], got: &[Param]) -> Result<(), String> {
+    if got.len() != given.len() {
+        return Err(format!(
+            "{} parameters, expected {}",
+            got.len(),
+            given.len()
+        ));
+    }
+    for (i, (g, w)) in got.iter().zip(given).enumerate() {
+        if g.name != w.name {
+            return Err(format!(
+                "parameter {i} is {:?}, expected {:?}",
+                g.name, w.name
+            ));
+        }
+        if g.shape != w.shape {
+            return Err(format!(
+                "{}: shape {:?}, expected {:?}",
+                g.name, g.shape, w.shape
+            ));
+        }
+        check_param(g)?;
+    }
+    Ok(())
+}
+
+fn check_metrics(loss: f32, accuracy: f32, samples: u32, count: u32) -> Result<(), String> {
+    if !loss.is_finite() {
+        return Err(format!("loss is not finite ({loss})"));
+    }
+    if !(0.0..=1.0).contains(&accuracy) {
+        return Err(format!("accuracy {accuracy} is outside 0..1"));
+    }
+    if samples > count {
+        return Err(format!(
+            "{samples} samples used, but only {count} were available"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::sandbox::SandboxConfig;
+
+    const BUILD_COMMAND: &str =
+        "cargo build --release --target wasm32-wasip2 -p mlp-trainer (in modules/)";
+
+    /// Bytes of `modules/target/wasm32-wasip2/release/mlp_trainer.wasm`, building it once if
+    /// missing (as the integration tests' `common::module` does for all modules).
+    fn trainer_wasm() -> Vec<u8> {
+        static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+        let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules");
+        let path: PathBuf = modules.join("target/wasm32-wasip2/release/mlp_trainer.wasm");
+        if !path.exists() {
+            let built = BUILT.get_or_init(|| {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = std::process::Command::new(cargo)
+                    .args([
+                        "build",
+                        "--release",
+                        "--target",
+                        "wasm32-wasip2",
+                        "-p",
+                        "mlp-trainer",
+                    ])
+                    .current_dir(&modules)
+                    .env_remove("CARGO_TARGET_DIR")
+                    .env_remove("RUSTFLAGS")
+                    .status()
+                    .map_err(|e| format!("cannot run cargo: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("exit status {status}"))
+                }
+            });
+            if let Err(e) = built {
+                panic!(
+                    "mlp_trainer.wasm missing and building it failed ({e}); run `{BUILD_COMMAND}`"
+                );
+            }
+        }
+        std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("cannot read {}: {e}; run `{BUILD_COMMAND}`", path.display())
+        })
+    }
+
+    fn sandbox(cfg: &SandboxConfig) -> (tempfile::TempDir, Sandbox, TrainerModule) {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(cfg, dir.path()).unwrap();
+        let module = sandbox
+            .load_trainer("mlp-trainer", &trainer_wasm())
+            .unwrap();
+        (dir, sandbox, module)
+    }
+
+    struct VecSource(Vec<(Vec<f32>, i64)>);
+
+    impl SampleSource for VecSource {
+        fn count(&self) -> u32 {
+            self.0.len() as u32
+        }
+
+        fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)> {
+            let start = (start as usize).min(self.0.len());
+            let end = (start + n as usize).min(self.0.len());
+            self.0[start..end].to_vec()
+        }
+    }
+
+    /// Deterministic weights of an MLP with layer sizes `dims`, named `fc{i}.weight/bias`.
+    fn mlp_weights(dims: &[u32]) -> Vec<Param> {
+        let wave = |n: u32, k: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 + 1.0) * k).sin() * 0.3).collect()
+        };
+        dims.windows(2)
+            .enumerate()
+            .flat_map(|(i, d)| {
+                [
+                    Param {
+                        name: format!("fc{i}.weight"),
+                        shape: vec![d[0], d[1]],
+                        data: wave(d[0] * d[1], 0.37 + i as f32),
+                    },
+                    Param {
+                        name: format!("fc{i}.bias"),
+                        shape: vec![d[1]],
+                        data: vec![0.0; d[1] as usize],
+                    },
+                ]
+            })
+            .collect()
+    }
+
+    /// `n` samples of `classes` separable clusters in `inputs` dimensions: class `c` has
+    /// feature `c` high, every feature gets a small deterministic jitter.
+    fn clusters(n: usize, inputs: usize, classes: usize) -> Arc<VecSource> {
+        let samples = (0..n)
+            .map(|i| {
+                let c = i % classes;
+                let x = (0..inputs)
+                    .map(|k| {
+                        let jitter = (((i * 31 + k * 17) % 13) as f32 / 13.0 - 0.5) * 0.4;
+                        if k == c { 1.0 + jitter } else { jitter }
+                    })
+                    .collect();
+                (x, c as i64)
+            })
+            .collect();
+        Arc::new(VecSource(samples))
+    }
+
+    const PARAMS: &str = r#"{"epochs": 20, "lr": 0.1, "batch_size": 8, "mu": 0.0, "seed": 7}"#;
+
+    #[test]
+    fn training_lowers_loss_and_raises_accuracy() {
+        let (_dir, sandbox, module) = sandbox(&SandboxConfig::default());
+        let weights = mlp_weights(&[4, 8, 3]);
+        let data = clusters(90, 4, 3);
+        let before = sandbox
+            .evaluate(&module, weights.clone(), data.clone())
+            .unwrap();
+        assert_eq!(before.samples, 90);
+        let out = sandbox
+            .train(&module, weights.clone(), PARAMS, data.clone())
+            .unwrap();
+        assert_eq!(out.samples, 90);
+        let shapes = |w: &[Param]| {
+            w.iter()
+                .map(|p| (p.name.clone(), p.shape.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shapes(&out.weights), shapes(&weights));
+        let after = sandbox
+            .evaluate(&module, out.weights.clone(), data.clone())
+            .unwrap();
+        assert!(
+            after.loss < before.loss * 0.5,
+            "loss {} -> {}",
+            before.loss,
+            after.loss
+        );
+        assert!(
+            after.accuracy > before.accuracy && after.accuracy >= 0.95,
+            "accuracy {} -> {}",
+            before.accuracy,
+            after.accuracy
+        );
+        // Same inputs, same seed: the same weights.
+        let again = sandbox.train(&module, weights, PARAMS, data).unwrap();
+        assert_eq!(again.weights, out.weights);
+    }
+
+    #[test]
+    fn a_bad_shape_is_refused_naming_the_param() {
+        let (_dir, sandbox, module) = sandbox(&SandboxConfig::default());
+        let mut weights = mlp_weights(&[4, 8, 3]);
+        weights[1] = Param {
+            name: "fc0.bias".into(),
+            shape: vec![5],
+            data: vec![0.0; 5],
+        };
+        let err = sandbox
+            .train(&module, weights, PARAMS, clusters(9, 4, 3))
+            .unwrap_err();
+        assert!(matches!(err, TrainError::Refused { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("mlp-trainer@") && text.contains("fc0.bias") && text.contains("[5]"),
+            "{text}"
+        );
+        // Features that do not fit the first layer.
+        let err = sandbox
+            .train(&module, mlp_weights(&[5, 3]), PARAMS, clusters(9, 4, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sample 0: 4 features"), "{err}");
+        // A shape the data does not fill never reaches the module.
+        let mut weights = mlp_weights(&[4, 3]);
+        weights[0].data.pop();
+        let err = sandbox
+            .train(&module, weights, PARAMS, clusters(9, 4, 3))
+            .unwrap_err();
+        assert!(matches!(err, TrainError::Input { .. }), "{err:?}");
+        assert!(err.to_string().contains("fc0.weight: 11 values"), "{err}");
+    }
+
+    #[test]
+    fn nan_weights_labels_out_of_range_and_no_samples_are_refused() {
+        let (_dir, sandbox, module) = sandbox(&SandboxConfig::default());
+        let mut weights = mlp_weights(&[4, 8, 3]);
+        weights[2].data[5] = f32::NAN;
+        let err = sandbox
+            .train(&module, weights, PARAMS, clusters(9, 4, 3))
+            .unwrap_err();
+        assert!(matches!(err, TrainError::Input { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("fc1.weight: value 5 is not finite"),
+            "{err}"
+        );
+        let err = sandbox
+            .train(&module, mlp_weights(&[4, 2]), PARAMS, clusters(9, 4, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sample 2: label 2 is outside 0..2"), "{err}");
+        let err = sandbox
+            .train(
+                &module,
+                mlp_weights(&[4, 3]),
+                PARAMS,
+                Arc::new(VecSource(vec![])),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no samples to train on"), "{err}");
+        let err = sandbox
+            .train(
+                &module,
+                mlp_weights(&[4, 3]),
+                r#"{"lr": -1}"#,
+                clusters(9, 4, 3),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lr: must be"), "{err}");
+    }
+
+    #[test]
+    fn reads_cross_the_batch_cap_and_max_samples_limits() {
+        let (_dir, sandbox, module) = sandbox(&SandboxConfig::default());
+        let data = clusters(2500, 4, 3);
+        let eval = sandbox
+            .evaluate(&module, mlp_weights(&[4, 3]), data.clone())
+            .unwrap();
+        assert_eq!(eval.samples, 2500);
+        let out = sandbox
+            .train(
+                &module,
+                mlp_weights(&[4, 3]),
+                r#"{"epochs": 1, "max_samples": 1500}"#,
+                data,
+            )
+            .unwrap();
+        assert_eq!(out.samples, 1500);
+    }
+
+    #[test]
+    fn a_long_training_is_stopped_at_train_timeout() {
+        let cfg = SandboxConfig {
+            train_timeout_ms: 50,
+            ..SandboxConfig::default()
+        };
+        let (_dir, sandbox, module) = sandbox(&cfg);
+        let err = sandbox
+            .train(
+                &module,
+                mlp_weights(&[16, 256, 10]),
+                r#"{"epochs": 10000, "lr": 0.001}"#,
+                clusters(2000, 16, 10),
+            )
+            .unwrap_err();
+        match &err {
+            TrainError::Sandbox(SandboxError::Timeout { timeout_ms, .. }) => {
+                assert_eq!(*timeout_ms, 50);
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(err.to_string().contains("mlp-trainer@"), "{err}");
+    }
+
+    #[test]
+    fn worlds_do_not_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::new(&SandboxConfig::default(), dir.path()).unwrap();
+        let err = sandbox.load("mlp-trainer", &trainer_wasm()).unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Instantiate { .. }),
+            "a trainer is not a stage: {err:?}"
+        );
+    }
+
+    #[test]
+    fn results_that_break_the_contract_are_named() {
+        let given = mlp_weights(&[2, 2]);
+        let mut renamed = given.clone();
+        renamed[1].name = "other".into();
+        assert!(
+            check_same_params(&given, &renamed)
+                .unwrap_err()
+                .contains("parameter 1 is \"other\", expected \"fc0.bias\"")
+        );
+        let mut reshaped = given.clone();
+        reshaped[0].shape = vec![4, 1];
+        assert!(
+            check_same_params(&given, &reshaped)
+                .unwrap_err()
+                .contains("fc0.weight: shape [4, 1], expected [2, 2]")
+        );
+        let mut inf = given.clone();
+        inf[0].data[0] = f32::INFINITY;
+        assert!(
+            check_same_params(&given, &inf)
+                .unwrap_err()
+                .contains("value 0 is not finite")
+        );
+        assert!(check_same_params(&given, &given[..1]).is_err());
+        assert!(check_metrics(f32::NAN, 0.5, 1, 1).is_err());
+        assert!(check_metrics(0.1, 1.5, 1, 1).is_err());
+        assert!(check_metrics(0.1, 0.5, 2, 1).is_err());
+        check_metrics(0.1, 0.5, 1, 1).unwrap();
+    }
+}

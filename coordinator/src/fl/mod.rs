@@ -1,0 +1,100 @@
+//! Federated learning on the coordinator: tasks, rounds, validation of device updates,
+//! aggregation, persistence and per-round metrics.
+//!
+//! ```text
+//! fl start TASK.toml ─► task::load (validate, read initial ONNX weights) ─► files: spool
+//! serve: host picks it up ─► engine: select ─► signed RoundMessage, retained, per member
+//!        fl/update ─► engine.on_update: validate ─► accept | reject by reason
+//!        quorum or deadline ─► aggregate + server optimizer ─► new global version
+//!        ─► eval (ONNX Runtime, held-out set) ─► fl_round_closed ─► next round | done
+//!        every change ─► files (state.json is the commit point) ─► then publish
+//! fl status ─► reads state.json
+//! ```
+//!
+//! Round rules:
+//! - A round opens when at least `min_clients` members are online (status online, registered,
+//!   in the task's group or device list); until then the task waits and `fl status` says why.
+//!   It selects `max(min_clients, ceil(fraction * online))` online members by a shuffle seeded
+//!   from the task's `seed`, the round and the task id (replayable), sets the deadline
+//!   `round_timeout_s` ahead and publishes a signed round message, retained, QoS 1, to every
+//!   registered member: with a train order for the selected, weights only for the others.
+//! - The round closes early when `ceil(quorum * selected)` updates trained for it are in. At
+//!   the deadline it closes if at least `min_updates` updates (on time or late) are in;
+//!   otherwise it is extended by another `round_timeout_s`, and online members not selected
+//!   yet are added (train orders to them only) until as many selected members are online as
+//!   a fresh selection would pick. Stragglers and devices that dropped out simply do not count
+//!   unless their update arrives; the extension repeats until `min_updates` is met.
+//! - Validation, in order; a refused update is counted by reason in the round's metrics and
+//!   journaled, and never reaches the aggregate: `malformed` (not a binary envelope of kind
+//!   fl-update from the topic's device, or an update header that does not decode),
+//!   `unknown_task`, `task_finished`, `unregistered` (the registry has no registration from
+//!   the device), `unknown_round` (round 0, not opened yet, or no longer known),
+//!   `late_dropped` (see below), `not_selected`, `duplicate` (an update for the same task,
+//!   round and device was already accepted; counted as a duplicate, not a rejection; updates
+//!   are idempotent by (task, round, device), so broker redeliveries and agent resends are
+//!   harmless), `base_version` (trained from another global version than the round sent),
+//!   `non_finite` (NaN or infinity in the loss, accuracy or delta), `wrong_length` and
+//!   `bad_payload` (the codec payload does not decode to the model's weight count).
+//! - **Late updates.** An update for round `r` that arrives after `r` closed, while round `o`
+//!   is current (open, or waiting to open), is applied to round `o` if `o - r <=
+//!   max_staleness`, with its aggregation weight multiplied by `1 / (1 + (o - r))` (its delta
+//!   was computed from an older global model); it must still come from a device selected in
+//!   `r` and name `r`'s global version. Late updates count for `min_updates` at the deadline
+//!   but not for the quorum (which counts updates trained for the round itself). Older ones
+//!   are dropped and counted as `late_dropped`. `max_staleness = 0` drops every late update.
+//! - Aggregation ([`aggregate()`]): FedAvg weights each delta by `samples / (1 + staleness)`;
+//!   trimmed mean and median are unweighted, stale deltas scaled by `1 / (1 + staleness)`.
+//!   The server optimizer (SGD, FedAvgM, FedAdam) then moves the global weights; its state is
+//!   persisted with each version.
+//! - After the last round, or `fl stop`, every member gets the final weights with `done`.
+//! - A device has one round topic, so a task whose members (registered devices, the same
+//!   group, or a shared listed device) overlap a running task's is refused when `serve`
+//!   takes it (it ends at once with the reason, publishing nothing); stop the other first.
+//!   Devices that join both groups later are not detected.
+//!
+//! Persistence and restart: every change is written under `state_dir/fl/tasks/{id}/`
+//! ([`files`]) before anything is published; a restarted coordinator reloads each task at the
+//! same round with its selection, deadline, optimizer state and the updates it had accepted,
+//! and announces the open round again (an embedded broker forgot its retained messages).
+//! Accepted updates are durable before the service commits the batch they came in, so with
+//! an external broker (acknowledged after the commit) none is lost; with the embedded broker
+//! the usual window applies (see ARCHITECTURE.md).
+//!
+//! Metrics per round ([`RoundMetrics`]): selected, received (on time + late), rejected by
+//! reason, duplicates, bytes in (update bodies) and out (round messages), the
+//! sample-weighted training loss and accuracy the devices reported, and the new global
+//! model's accuracy and cross-entropy on the optional held-out set ([`eval`]). Evaluation
+//! runs in the service loop when a round closes (held-out sets are capped at
+//! [`eval::MAX_HOLDOUT_ROWS`] rows); without an ONNX Runtime library it records
+//! `eval unavailable: REASON` and the task goes on.
+//!
+//! Code map:
+//! - `aggregate`: aggregation rules and server optimizers. Invariant: pure functions, no I/O;
+//!   never panics on mismatched lengths. Boundary: the engine, benchmarks.
+//! - `task`: the task file and its validation. Invariant: every error names the file and key.
+//!   Boundary: the binary (`fl start`), the host.
+//! - `engine`: rounds, selection, validation, aggregation, round messages. Invariant: no I/O,
+//!   no clock; a refused update never touches the aggregate; writes are handed out before the
+//!   actions that depend on them. Boundary: the host, tests.
+//! - `state`: persisted task state and round metrics (also the `fl status --json` shape).
+//! - `eval`: held-out sets and ONNX evaluation. Invariant: a missing runtime is a reason, never
+//!   a panic. Boundary: the engine (through the trait), the host.
+//! - `files`: spool, task directories, stop requests. Invariant: every file appears whole;
+//!   `state.json` is written after the files it names and before the ones it no longer needs
+//!   are deleted. Boundary: the binary, the host.
+//! - `host`: the service's glue (owns engine, evaluator, files). Boundary: the service.
+//! - `status`: the `fl status` table.
+
+pub mod aggregate;
+pub mod engine;
+pub mod eval;
+pub mod files;
+pub mod host;
+pub mod state;
+pub mod status;
+pub mod task;
+
+pub use aggregate::{ClientUpdate, Rule, ServerOptimizer, ServerState, aggregate};
+pub use host::FlHost;
+pub use state::{Phase, RoundMetrics, TaskState};
+pub use task::{LoadedTask, TaskError, TaskSpec};

@@ -1,0 +1,779 @@
+//! The federated task file (TOML) and its validation into a [`TaskSpec`].
+//!
+//! ```toml
+//! id = "digits"                     # task id (letters, digits, `-_.`), unique per coordinator
+//! model = "models/digits.onnx"      # the model's name in the devices' pipelines
+//! initial = "digits_mlp.onnx"       # ONNX file (relative to this file): initial global weights
+//! params = ["fc1.weight", "fc1.bias"]   # initializers trained (default: every f32 initializer)
+//! group = "fl"                      # members: a device group, or devices = ["a", "b"]
+//! rounds = 20
+//! fraction = 1.0                    # of the online members selected per round (default 1.0)
+//! min_clients = 3                   # no round opens with fewer online members (default 1)
+//! quorum = 0.7                      # of the selected whose on-time updates close a round (1.0)
+//! round_timeout_s = 60              # deadline after opening (default 60)
+//! round_interval_s = 0              # pause between a round's close and the next one (default 0):
+//!                                   # a cadence that spares devices' batteries and uplinks
+//! min_updates = 1                   # updates needed to close at the deadline (default 1)
+//! max_staleness = 1                 # late updates up to this many rounds old count (default 1)
+//! seed = 0                          # client selection and per-device training seeds (default 0)
+//! [train]                           # sent to the devices with each round
+//! epochs = 5                        # default 1
+//! lr = 0.1                          # default 0.05
+//! batch_size = 16                   # default 32
+//! mu = 0.0                          # FedProx proximal term (default 0)
+//! codec = "fp32"                    # fp32 | fp16 | int8 | int4 | topk:F | sign (default fp32)
+//! max_samples = 1000                # optional
+//! [aggregate]
+//! rule = "fedavg"                   # fedavg | trimmed-mean (trim, default 0.1) | median
+//! server_optimizer = "sgd"          # sgd | fedavgm | fedadam
+//! server_lr = 1.0                   # default 1.0 (sgd, fedavgm), 0.01 (fedadam)
+//! momentum = 0.9                    # fedavgm (default 0.9)
+//! beta1 = 0.9                       # fedadam (default 0.9)
+//! beta2 = 0.99                      # fedadam (default 0.99)
+//! tau = 0.001                       # fedadam (default 0.001)
+//! [eval]
+//! holdout = "holdout.csv"           # optional: rows of features..., label
+//! ```
+//!
+//! Every error names the file and the key. Keys that do not apply to the chosen rule or
+//! optimizer are refused rather than silently ignored.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use edge_inference::{DType, read_initializers};
+use protocol::v1::deploy::SigningKey;
+use protocol::v1::fl::{Codec, ParamSpec, RoundHeader, TrainOrder, encode_round, weight_count};
+use protocol::v1::{MAX_PAYLOAD_BYTES, validate_device_id, validate_message_id};
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{Rule, ServerOptimizer};
+use super::eval::Holdout;
+
+/// Errors from reading and validating a task file; each names the file, and the key where
+/// one is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("cannot read {what} {path}: {error}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The `toml` message carries the line, column and an excerpt; it is kept whole.
+    #[error("invalid task file {path}:\n{error}")]
+    Parse {
+        path: PathBuf,
+        error: toml::de::Error,
+    },
+    #[error("task file {path}: invalid {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Which devices take part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Members {
+    /// Every registered device whose registration lists this group.
+    Group(String),
+    /// These devices (once registered).
+    Devices(Vec<String>),
+}
+
+impl Members {
+    pub fn contains(&self, device: &str, groups: &[String]) -> bool {
+        match self {
+            Members::Group(g) => groups.iter().any(|x| x == g),
+            Members::Devices(d) => d.iter().any(|x| x == device),
+        }
+    }
+}
+
+impl std::fmt::Display for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Members::Group(g) => write!(f, "group {g}"),
+            Members::Devices(d) => write!(f, "devices {}", d.join(",")),
+        }
+    }
+}
+
+/// The local-training hyperparameters sent with every round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub epochs: u32,
+    pub lr: f32,
+    pub batch_size: u32,
+    pub mu: f32,
+    pub codec: Codec,
+    pub max_samples: Option<u32>,
+}
+
+/// A validated task: what `fl start` spools and `serve` runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: String,
+    pub model: String,
+    /// The trained initializers, in the order their weights are concatenated.
+    pub params: Vec<ParamSpec>,
+    pub members: Members,
+    pub rounds: u32,
+    pub fraction: f32,
+    pub min_clients: u32,
+    pub quorum: f32,
+    pub round_timeout_s: u32,
+    /// Least time between a round's close and the next round's opening, s (0: at once).
+    #[serde(default)]
+    pub round_interval_s: u32,
+    pub min_updates: u32,
+    pub max_staleness: u32,
+    pub seed: u64,
+    pub train: TrainSpec,
+    pub rule: Rule,
+    pub server_optimizer: ServerOptimizer,
+    /// True when the task has a held-out set (`holdout.csv` beside it).
+    pub holdout: bool,
+}
+
+impl TaskSpec {
+    pub fn weight_count(&self) -> usize {
+        weight_count(&self.params)
+    }
+
+    /// On-time updates from the selected devices that close a round early.
+    pub fn quorum_count(&self, selected: usize) -> usize {
+        ceil_fraction(self.quorum, selected).clamp(1, selected.max(1))
+    }
+
+    /// Devices to select from `online` members: `fraction` of them, at least `min_clients`.
+    pub fn selection_count(&self, online: usize) -> usize {
+        ceil_fraction(self.fraction, online)
+            .max(self.min_clients as usize)
+            .min(online)
+    }
+}
+
+/// `ceil(fraction * n)`, where a product within f32 rounding of an integer counts as that
+/// integer: 0.7 is 0.699999988 as f32 and must not make `0.7 * 10` round up to 8.
+fn ceil_fraction(fraction: f32, n: usize) -> usize {
+    let x = f64::from(fraction) * n as f64;
+    let nearest = x.round();
+    if (x - nearest).abs() <= 1e-6 * nearest.max(1.0) {
+        nearest as usize
+    } else {
+        x.ceil() as usize
+    }
+}
+
+/// A task file read and checked, with what it refers to.
+#[derive(Debug, Clone)]
+pub struct LoadedTask {
+    pub spec: TaskSpec,
+    /// The initial model file's bytes (kept: evaluation patches the global weights into it).
+    pub model_bytes: Vec<u8>,
+    /// Version 0 of the global weights: the params' initializers concatenated.
+    pub initial: Vec<f32>,
+    /// The held-out set's text, as read (copied beside the task for `serve`).
+    pub holdout_text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    id: String,
+    model: String,
+    initial: PathBuf,
+    params: Option<Vec<String>>,
+    group: Option<String>,
+    devices: Option<Vec<String>>,
+    rounds: u32,
+    fraction: Option<f32>,
+    min_clients: Option<u32>,
+    quorum: Option<f32>,
+    round_timeout_s: Option<u32>,
+    round_interval_s: Option<u32>,
+    min_updates: Option<u32>,
+    max_staleness: Option<u32>,
+    seed: Option<u64>,
+    #[serde(default)]
+    train: RawTrain,
+    #[serde(default)]
+    aggregate: RawAggregate,
+    #[serde(default)]
+    eval: RawEval,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrain {
+    epochs: Option<u32>,
+    lr: Option<f32>,
+    batch_size: Option<u32>,
+    mu: Option<f32>,
+    codec: Option<String>,
+    max_samples: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregate {
+    rule: Option<String>,
+    trim: Option<f32>,
+    server_optimizer: Option<String>,
+    server_lr: Option<f32>,
+    momentum: Option<f32>,
+    beta1: Option<f32>,
+    beta2: Option<f32>,
+    tau: Option<f32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEval {
+    holdout: Option<PathBuf>,
+}
+
+/// A task id: a message-id token (it travels in round messages and updates) that is also a
+/// safe directory name (no leading dot: `.` and `..` are tokens too).
+pub fn valid_task_id(id: &str) -> bool {
+    validate_message_id(id).is_ok() && !id.starts_with('.')
+}
+
+/// Reads `path`, the model and the held-out set it names, and validates everything.
+pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
+    let text = std::fs::read_to_string(path).map_err(|error| TaskError::Read {
+        what: "task file",
+        path: path.to_owned(),
+        error,
+    })?;
+    let raw: RawTask = toml::from_str(&text).map_err(|error| TaskError::Parse {
+        path: path.to_owned(),
+        error,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let invalid = |key: &str, reason: String| TaskError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason,
+    };
+    let read = |what: &'static str, file: &Path| {
+        let full = base.join(file);
+        std::fs::read(&full).map_err(|error| TaskError::Read {
+            what,
+            path: full,
+            error,
+        })
+    };
+    let model_bytes = read("initial model", &raw.initial)?;
+    let (params, initial) =
+        initial_weights(&model_bytes, raw.params.as_deref()).map_err(|reason| {
+            invalid(
+                if raw.params.is_some() {
+                    "params"
+                } else {
+                    "initial"
+                },
+                reason,
+            )
+        })?;
+    let holdout_text = match &raw.eval.holdout {
+        Some(file) => {
+            let bytes = read("held-out set", file)?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                invalid(
+                    "eval.holdout",
+                    format!("{} is not utf-8 text", file.display()),
+                )
+            })?;
+            Holdout::parse(&text).map_err(|reason| {
+                invalid("eval.holdout", format!("{}: {reason}", file.display()))
+            })?;
+            Some(text)
+        }
+        None => None,
+    };
+    let spec = validate(raw, params, holdout_text.is_some())
+        .map_err(|(key, reason)| invalid(key, reason))?;
+    check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason))?;
+    Ok(LoadedTask {
+        spec,
+        model_bytes,
+        initial,
+        holdout_text,
+    })
+}
+
+/// The trained params (named, or every f32 initializer) and their values, concatenated.
+pub fn initial_weights(
+    model: &[u8],
+    names: Option<&[String]>,
+) -> Result<(Vec<ParamSpec>, Vec<f32>), String> {
+    let inits = read_initializers(model)
+        .map_err(|e| format!("cannot read the model's initializers: {e}"))?;
+    let chosen: Vec<&(String, edge_inference::Tensor)> = match names {
+        Some(names) => {
+            if names.is_empty() {
+                return Err("lists no initializer".into());
+            }
+            let mut out = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                if names[..i].contains(name) {
+                    return Err(format!("{name} is listed twice"));
+                }
+                let found = inits.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                    let have: Vec<&str> = inits.iter().map(|(n, _)| n.as_str()).collect();
+                    format!(
+                        "the model has no initializer {name} (it has: {})",
+                        have.join(", ")
+                    )
+                })?;
+                if found.1.dtype() != DType::F32 {
+                    return Err(format!(
+                        "initializer {name} is {}, only f32 can be trained",
+                        found.1.dtype()
+                    ));
+                }
+                out.push(found);
+            }
+            out
+        }
+        None => inits
+            .iter()
+            .filter(|(_, t)| t.dtype() == DType::F32)
+            .collect(),
+    };
+    if chosen.is_empty() {
+        return Err("the model has no f32 initializer to train".into());
+    }
+    let mut params = Vec::new();
+    let mut weights = Vec::new();
+    for (name, t) in chosen {
+        if t.shape().is_empty() || t.is_empty() {
+            return Err(format!(
+                "initializer {name} is a scalar or empty; it cannot be trained"
+            ));
+        }
+        let values = t
+            .to_f32()
+            .ok_or_else(|| format!("initializer {name} is not f32"))?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!("initializer {name} has a non-finite value at {i}"));
+        }
+        params.push(ParamSpec {
+            name: name.clone(),
+            shape: t.shape().to_vec(),
+        });
+        weights.extend(values);
+    }
+    Ok((params, weights))
+}
+
+type Bad = (&'static str, String);
+
+fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskSpec, Bad> {
+    fn bad<T>(key: &'static str, reason: impl Into<String>) -> Result<T, Bad> {
+        Err((key, reason.into()))
+    }
+    fn in_range(key: &'static str, v: f32, ok: bool, what: &str) -> Result<f32, Bad> {
+        if v.is_finite() && ok {
+            Ok(v)
+        } else {
+            bad(key, format!("{v} must be {what}"))
+        }
+    }
+    if !valid_task_id(&raw.id) {
+        return bad(
+            "id",
+            format!(
+                "{:?}: use 1-64 letters, digits and -_. not starting with a dot",
+                raw.id
+            ),
+        );
+    }
+    if raw.model.is_empty() || raw.model.len() > 255 {
+        return bad("model", "must be 1-255 bytes");
+    }
+    let members = match (raw.group, raw.devices) {
+        (Some(_), Some(_)) => return bad("group", "give group or devices, not both"),
+        (None, None) => {
+            return bad(
+                "group",
+                "name the members with group = \"...\" or devices = [...]",
+            );
+        }
+        (Some(g), None) => {
+            if g.is_empty() || g.len() > 64 {
+                return bad("group", "must be 1-64 bytes");
+            }
+            Members::Group(g)
+        }
+        (None, Some(d)) => {
+            if d.is_empty() {
+                return bad("devices", "lists no device");
+            }
+            for (i, id) in d.iter().enumerate() {
+                if validate_device_id(id).is_err() {
+                    return bad("devices", format!("{id:?} is not a valid device id"));
+                }
+                if d[..i].contains(id) {
+                    return bad("devices", format!("{id} is listed twice"));
+                }
+            }
+            Members::Devices(d)
+        }
+    };
+    if raw.rounds == 0 {
+        return bad("rounds", "must be at least 1");
+    }
+    let fraction = raw.fraction.unwrap_or(1.0);
+    in_range(
+        "fraction",
+        fraction,
+        fraction > 0.0 && fraction <= 1.0,
+        "in (0, 1]",
+    )?;
+    let min_clients = raw.min_clients.unwrap_or(1);
+    if min_clients == 0 {
+        return bad("min_clients", "must be at least 1");
+    }
+    if let Members::Devices(d) = &members
+        && min_clients as usize > d.len()
+    {
+        return bad(
+            "min_clients",
+            format!("{min_clients} is more than the {} devices listed", d.len()),
+        );
+    }
+    let quorum = raw.quorum.unwrap_or(1.0);
+    in_range("quorum", quorum, quorum > 0.0 && quorum <= 1.0, "in (0, 1]")?;
+    let round_timeout_s = raw.round_timeout_s.unwrap_or(60);
+    if round_timeout_s == 0 {
+        return bad("round_timeout_s", "must be at least 1");
+    }
+    let min_updates = raw.min_updates.unwrap_or(1);
+    if min_updates == 0 {
+        return bad("min_updates", "must be at least 1");
+    }
+
+    let t = raw.train;
+    let epochs = t.epochs.unwrap_or(1);
+    if epochs == 0 {
+        return bad("train.epochs", "must be at least 1");
+    }
+    let lr = t.lr.unwrap_or(0.05);
+    in_range("train.lr", lr, lr > 0.0, "> 0")?;
+    let batch_size = t.batch_size.unwrap_or(32);
+    if batch_size == 0 {
+        return bad("train.batch_size", "must be at least 1");
+    }
+    let mu = t.mu.unwrap_or(0.0);
+    in_range("train.mu", mu, mu >= 0.0, ">= 0")?;
+    let codec = match t.codec.as_deref() {
+        None => Codec::Fp32,
+        Some(c) => Codec::from_str(c).map_err(|e| ("train.codec", e.to_string()))?,
+    };
+    if t.max_samples == Some(0) {
+        return bad("train.max_samples", "must be at least 1");
+    }
+
+    let a = raw.aggregate;
+    let rule = match a.rule.as_deref().unwrap_or("fedavg") {
+        "fedavg" | "median" if a.trim.is_some() => {
+            return bad("aggregate.trim", "only applies to rule = \"trimmed-mean\"");
+        }
+        "fedavg" => Rule::FedAvg,
+        "median" => Rule::Median,
+        "trimmed-mean" => {
+            let trim = a.trim.unwrap_or(0.1);
+            in_range(
+                "aggregate.trim",
+                trim,
+                (0.0..0.5).contains(&trim),
+                "in [0, 0.5)",
+            )?;
+            Rule::TrimmedMean { trim }
+        }
+        other => {
+            return bad(
+                "aggregate.rule",
+                format!("unknown rule {other:?}: use fedavg, trimmed-mean or median"),
+            );
+        }
+    };
+    let optimizer = a.server_optimizer.as_deref().unwrap_or("sgd");
+    let only = |key: &'static str, given: bool, applies: &[&str]| -> Result<(), Bad> {
+        if given && !applies.contains(&optimizer) {
+            return bad(
+                key,
+                format!(
+                    "does not apply to server_optimizer = {optimizer:?} (only to {})",
+                    applies.join(", ")
+                ),
+            );
+        }
+        Ok(())
+    };
+    only("aggregate.momentum", a.momentum.is_some(), &["fedavgm"])?;
+    only("aggregate.beta1", a.beta1.is_some(), &["fedadam"])?;
+    only("aggregate.beta2", a.beta2.is_some(), &["fedadam"])?;
+    only("aggregate.tau", a.tau.is_some(), &["fedadam"])?;
+    let server_lr = a
+        .server_lr
+        .unwrap_or(if optimizer == "fedadam" { 0.01 } else { 1.0 });
+    in_range("aggregate.server_lr", server_lr, server_lr > 0.0, "> 0")?;
+    let unit = |key, v: f32| in_range(key, v, (0.0..1.0).contains(&v), "in [0, 1)");
+    let server_optimizer = match optimizer {
+        "sgd" => ServerOptimizer::Sgd { lr: server_lr },
+        "fedavgm" => ServerOptimizer::FedAvgM {
+            lr: server_lr,
+            momentum: unit("aggregate.momentum", a.momentum.unwrap_or(0.9))?,
+        },
+        "fedadam" => {
+            let tau = a.tau.unwrap_or(1e-3);
+            ServerOptimizer::FedAdam {
+                lr: server_lr,
+                beta1: unit("aggregate.beta1", a.beta1.unwrap_or(0.9))?,
+                beta2: unit("aggregate.beta2", a.beta2.unwrap_or(0.99))?,
+                tau: in_range("aggregate.tau", tau, tau > 0.0, "> 0")?,
+            }
+        }
+        other => {
+            return bad(
+                "aggregate.server_optimizer",
+                format!("unknown optimizer {other:?}: use sgd, fedavgm or fedadam"),
+            );
+        }
+    };
+
+    Ok(TaskSpec {
+        id: raw.id,
+        model: raw.model,
+        params,
+        members,
+        rounds: raw.rounds,
+        fraction,
+        min_clients,
+        quorum,
+        round_timeout_s,
+        round_interval_s: raw.round_interval_s.unwrap_or(0),
+        min_updates,
+        max_staleness: raw.max_staleness.unwrap_or(1),
+        seed: raw.seed.unwrap_or(0),
+        train: TrainSpec {
+            epochs,
+            lr,
+            batch_size,
+            mu,
+            codec,
+            max_samples: t.max_samples,
+        },
+        rule,
+        server_optimizer,
+        holdout,
+    })
+}
+
+/// Refuses a model whose round message would not fit one MQTT payload.
+fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), String> {
+    let header = RoundHeader {
+        task: spec.id.clone(),
+        round: u32::MAX,
+        version: u32::MAX,
+        model: spec.model.clone(),
+        params: spec.params.clone(),
+        issued_ms: u64::MAX,
+        train: Some(TrainOrder {
+            deadline_ms: u64::MAX,
+            epochs: spec.train.epochs,
+            lr: spec.train.lr,
+            batch_size: spec.train.batch_size,
+            mu: spec.train.mu,
+            codec: spec.train.codec,
+            seed: u64::MAX,
+            max_samples: spec.train.max_samples,
+        }),
+        done: false,
+    };
+    match encode_round(&header, initial, &SigningKey::from_bytes(&[0; 32])) {
+        Ok(_) => Ok(()),
+        Err(protocol::v1::fl::FlError::TooLarge { size, .. }) => Err(format!(
+            "{} weights make a round message of {size} bytes, over the protocol's limit of {MAX_PAYLOAD_BYTES} bytes",
+            initial.len()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_inference::onnx_builder;
+
+    fn write_task(dir: &Path, toml: &str) -> PathBuf {
+        let model = onnx_builder::linear(4, 3, &[0.5; 12], &[0.1; 3]);
+        std::fs::write(dir.join("m.onnx"), model).expect("writes model");
+        std::fs::write(dir.join("holdout.csv"), "1,2,3,4,0\n0,0,0,1,2\n").expect("writes csv");
+        let path = dir.join("task.toml");
+        std::fs::write(&path, toml).expect("writes task");
+        path
+    }
+
+    const BASE: &str = "id = \"t1\"\nmodel = \"models/m.onnx\"\ninitial = \"m.onnx\"\ngroup = \"fl\"\nrounds = 3\n";
+
+    fn err(dir: &Path, toml: &str) -> String {
+        load(&write_task(dir, toml))
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_task_gets_defaults_and_every_f32_initializer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = load(&write_task(dir.path(), BASE)).expect("loads");
+        assert_eq!(t.spec.params.len(), 2);
+        assert_eq!(
+            t.spec.params[0],
+            ParamSpec {
+                name: "W".into(),
+                shape: vec![4, 3]
+            }
+        );
+        assert_eq!(t.initial.len(), 15);
+        assert_eq!(&t.initial[12..], &[0.1; 3]);
+        assert_eq!(t.spec.members, Members::Group("fl".into()));
+        assert_eq!(t.spec.rule, Rule::FedAvg);
+        assert_eq!(t.spec.server_optimizer, ServerOptimizer::Sgd { lr: 1.0 });
+        assert_eq!(
+            (t.spec.quorum, t.spec.min_clients, t.spec.max_staleness),
+            (1.0, 1, 1)
+        );
+        assert!(!t.spec.holdout);
+    }
+
+    #[test]
+    fn full_task_parses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = format!(
+            "{BASE}params = [\"B\"]\nfraction = 0.5\nmin_clients = 2\nquorum = 0.7\nround_timeout_s = 9\nmax_staleness = 2\nseed = 7\n\
+             [train]\nepochs = 5\nlr = 0.1\nbatch_size = 16\nmu = 0.01\ncodec = \"topk:0.1\"\nmax_samples = 100\n\
+             [aggregate]\nrule = \"trimmed-mean\"\ntrim = 0.2\nserver_optimizer = \"fedadam\"\nbeta2 = 0.9\n\
+             [eval]\nholdout = \"holdout.csv\"\n"
+        );
+        let t = load(&write_task(dir.path(), &toml)).expect("loads");
+        assert_eq!(
+            t.spec.params,
+            vec![ParamSpec {
+                name: "B".into(),
+                shape: vec![3]
+            }]
+        );
+        assert_eq!(t.initial, vec![0.1; 3]);
+        assert_eq!(t.spec.rule, Rule::TrimmedMean { trim: 0.2 });
+        assert_eq!(
+            t.spec.server_optimizer,
+            ServerOptimizer::FedAdam {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.9,
+                tau: 1e-3
+            }
+        );
+        assert_eq!(t.spec.train.codec, Codec::TopK { fraction: 0.1 });
+        assert!(t.spec.holdout && t.holdout_text.is_some());
+        assert_eq!(t.spec.selection_count(10), 5);
+        assert_eq!(t.spec.selection_count(3), 2);
+        assert_eq!(t.spec.selection_count(1), 1);
+        assert_eq!(t.spec.quorum_count(5), 4);
+        // No f32 rounding surprises: 0.7 of 10 is 7, 0.3 of 20 is 6.
+        assert_eq!(ceil_fraction(0.7, 10), 7);
+        assert_eq!(ceil_fraction(0.3, 20), 6);
+        assert_eq!(ceil_fraction(0.1, 10_000), 1_000);
+        assert_eq!(ceil_fraction(0.7, 3), 3);
+        assert_eq!(ceil_fraction(0.6, 3), 2);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let cases = [
+            (format!("{BASE}fraction = 0.0\n"), "fraction"),
+            (format!("{BASE}quorum = 1.5\n"), "quorum"),
+            (format!("{BASE}min_clients = 0\n"), "min_clients"),
+            (format!("{BASE}params = [\"nope\"]\n"), "params"),
+            (format!("{BASE}params = [\"W\", \"W\"]\n"), "params"),
+            (format!("{BASE}devices = [\"a\"]\n"), "group"),
+            (
+                BASE.replace("group = \"fl\"\n", "devices = [\"a\"]\nmin_clients = 2\n"),
+                "min_clients",
+            ),
+            (BASE.replace("rounds = 3", "rounds = 0"), "rounds"),
+            (BASE.replace("id = \"t1\"", "id = \"a b\""), "id"),
+            (BASE.replace("id = \"t1\"", "id = \"..\""), "id"),
+            (format!("{BASE}[train]\ncodec = \"zip\"\n"), "train.codec"),
+            (format!("{BASE}[train]\nlr = -1.0\n"), "train.lr"),
+            (
+                format!("{BASE}[aggregate]\nrule = \"mean\"\n"),
+                "aggregate.rule",
+            ),
+            (format!("{BASE}[aggregate]\ntrim = 0.1\n"), "aggregate.trim"),
+            (
+                format!("{BASE}[aggregate]\nrule = \"trimmed-mean\"\ntrim = 0.5\n"),
+                "aggregate.trim",
+            ),
+            (
+                format!("{BASE}[aggregate]\nmomentum = 0.9\n"),
+                "aggregate.momentum",
+            ),
+            (
+                format!("{BASE}[aggregate]\nserver_optimizer = \"fedavgm\"\nmomentum = 1.0\n"),
+                "aggregate.momentum",
+            ),
+            (
+                format!("{BASE}[aggregate]\nserver_optimizer = \"adagrad\"\n"),
+                "aggregate.server_optimizer",
+            ),
+        ];
+        for (toml, key) in cases {
+            let msg = err(d, &toml);
+            assert!(msg.contains(&format!("invalid {key}:")), "{key}: {msg}");
+            assert!(msg.contains("task.toml"), "{msg}");
+        }
+        let msg = err(d, &format!("{BASE}rounds_max = 3\n"));
+        assert!(
+            msg.contains("rounds_max") && msg.contains("line 6"),
+            "{msg}"
+        );
+        let msg = err(d, &BASE.replace("m.onnx\"\ngroup", "missing.onnx\"\ngroup"));
+        assert!(msg.contains("missing.onnx"), "{msg}");
+        std::fs::write(d.join("bad.csv"), "1,2,x\n").expect("writes");
+        let path = d.join("task.toml");
+        std::fs::write(&path, format!("{BASE}[eval]\nholdout = \"bad.csv\"\n")).expect("writes");
+        let msg = load(&path).expect_err("refused").to_string();
+        assert!(
+            msg.contains("eval.holdout") && msg.contains("bad.csv"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_model_too_large_for_one_message_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (i, o) = (200u32, 200u32);
+        let model =
+            onnx_builder::linear(i, o, &vec![0.0; (i * o) as usize], &vec![0.0; o as usize]);
+        std::fs::write(dir.path().join("big.onnx"), model).expect("writes");
+        let path = dir.path().join("task.toml");
+        std::fs::write(&path, BASE.replace("m.onnx\"\ngroup", "big.onnx\"\ngroup"))
+            .expect("writes");
+        let msg = load(&path).expect_err("refused").to_string();
+        assert!(
+            msg.contains("invalid initial") && msg.contains("over the protocol's limit"),
+            "{msg}"
+        );
+    }
+}

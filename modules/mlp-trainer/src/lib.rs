@@ -1,0 +1,143 @@
+//! `mlp-trainer`: the federated-learning trainer for a dense MLP (world `trainer` of
+//! `edge:pipeline@0.1.0`, `modules/wit/trainer.wit`).
+//!
+//! The parameters are `(weight [inputs, outputs], bias [outputs])` pairs in layer order,
+//! matching an ONNX model built as `MatMul` + `Add` per layer with `Relu` between and
+//! `Softmax` at the end (`edge_inference::onnx_builder::mlp`). `train` reads the samples,
+//! runs minibatch SGD (optionally FedProx) for `epochs` and returns the new parameters;
+//! `evaluate` returns loss and accuracy over all samples. The math is in [`mlp`] and
+//! [`hyper`]; this file is the glue to the host's `samples` import.
+
+pub mod hyper;
+pub mod mlp;
+pub mod rng;
+
+// Generated lowering code passes each flattened field as an argument.
+#[allow(clippy::too_many_arguments)]
+mod bindings {
+    wit_bindgen::generate!({
+        world: "trainer",
+        path: "../wit",
+    });
+}
+
+use bindings::edge::pipeline::log::{Level, log};
+use bindings::edge::pipeline::samples;
+use bindings::edge::pipeline::training::{EvalResult, Param, TrainResult};
+
+use hyper::Hyper;
+use mlp::{Mlp, Samples, Tally};
+
+/// Samples asked for per `read` call: the host's cap (see `samples.read`).
+const READ_BATCH: u32 = 1024;
+
+struct MlpTrainer;
+
+impl bindings::Guest for MlpTrainer {
+    fn train(weights: Vec<Param>, params: String) -> Result<TrainResult, String> {
+        let hyper = Hyper::parse(&params)?;
+        let weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
+        let mut model = Mlp::from_params(&weights)?;
+        let total = samples::count().min(hyper.max_samples.unwrap_or(u32::MAX));
+        if total == 0 {
+            return Err("no samples to train on".into());
+        }
+        let mut set = Samples::new(model.inputs());
+        read_range(total, |index, s| {
+            set.push(&model, index, &s.features, s.label)
+        })?;
+        let tally = mlp::train(&mut model, &set, &hyper);
+        model.check_finite(&weights)?;
+        log(
+            Level::Debug,
+            &format!(
+                "trained {} epochs on {total} samples: loss {:.4}, accuracy {:.3}",
+                hyper.epochs,
+                tally.mean_loss(),
+                tally.accuracy()
+            ),
+        );
+        Ok(TrainResult {
+            weights: model.to_params(&weights).into_iter().map(to_wit).collect(),
+            samples: total,
+            loss: tally.mean_loss(),
+            accuracy: tally.accuracy(),
+        })
+    }
+
+    fn evaluate(weights: Vec<Param>) -> Result<EvalResult, String> {
+        let weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
+        let model = Mlp::from_params(&weights)?;
+        let total = samples::count();
+        if total == 0 {
+            return Err("no samples to evaluate".into());
+        }
+        // Streamed batch by batch: evaluation holds no more than one batch of samples.
+        let mut tally = Tally::default();
+        read_batches(total, |start, got| {
+            let mut batch = Samples::new(model.inputs());
+            for (k, s) in got.iter().enumerate() {
+                batch.push(&model, start + k as u32, &s.features, s.label)?;
+            }
+            mlp::evaluate(&model, &batch, &mut tally);
+            Ok(())
+        })?;
+        Ok(EvalResult {
+            loss: tally.mean_loss(),
+            accuracy: tally.accuracy(),
+            samples: total,
+        })
+    }
+}
+
+/// Calls `each` with every sample `0..total` and its index.
+fn read_range(
+    total: u32,
+    mut each: impl FnMut(u32, &samples::Sample) -> Result<(), String>,
+) -> Result<(), String> {
+    read_batches(total, |start, batch| {
+        for (k, s) in batch.iter().enumerate() {
+            each(start + k as u32, s)?;
+        }
+        Ok(())
+    })
+}
+
+/// Calls `each` with consecutive batches covering `0..total` and the index of each
+/// batch's first sample.
+fn read_batches(
+    total: u32,
+    mut each: impl FnMut(u32, &[samples::Sample]) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut start = 0;
+    while start < total {
+        let batch = samples::read(start, (total - start).min(READ_BATCH));
+        if batch.is_empty() {
+            return Err(format!(
+                "the host returned no samples from index {start} of {total}"
+            ));
+        }
+        let n = batch.len().min((total - start) as usize);
+        each(start, &batch[..n])?;
+        start += n as u32;
+    }
+    Ok(())
+}
+
+fn from_wit(p: Param) -> mlp::Param {
+    mlp::Param {
+        name: p.name,
+        shape: p.shape,
+        data: p.data,
+    }
+}
+
+fn to_wit(p: mlp::Param) -> Param {
+    Param {
+        name: p.name,
+        shape: p.shape,
+        data: p.data,
+    }
+}
+
+bindings::export!(MlpTrainer with_types_in bindings);
