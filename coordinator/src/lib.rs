@@ -67,6 +67,7 @@ pub mod fl;
 pub mod journal;
 pub mod registry;
 pub mod service;
+pub mod spooldir;
 pub mod store;
 pub mod transport;
 

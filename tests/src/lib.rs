@@ -47,7 +47,7 @@ pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};
 pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, deploy_models, wasm_dir};
 pub use env::{TestEnv, run_test};
-pub use journal::{Event, Journal};
+pub use journal::{Event, Journal, served_model};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};
 pub use mosquitto::{Mosquitto, mosquitto_bin};
 pub use net::{free_port, wait_for_tcp};

@@ -144,25 +144,6 @@ fn start_task(
     Ok(())
 }
 
-/// The model (`name@version`) the device's inference stage ran in its latest telemetry.
-fn served_model(events: &[Event], device: &str) -> Option<String> {
-    let stages = events
-        .iter()
-        .rev()
-        .find(|e| e.is_for("telemetry", device))?
-        .raw
-        .get("pipeline")?
-        .get("stages")?
-        .as_array()?
-        .clone();
-    stages
-        .iter()
-        .find(|s| s.get("kind").and_then(|k| k.as_str()) == Some("inference"))?
-        .get("module")?
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// Accuracy of the last closed round of `task` on the held-out set.
 fn final_accuracy(events: &[Event], task: &str) -> Result<f64> {
     closed(events, task)
@@ -301,7 +282,8 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let initial_id = format!("{MODEL}@{}", &sha256_hex(&model)[..12]);
     journal.wait_for("every agent serving patched weights", WAIT, |j| {
         (0..AGENTS).all(|i| {
-            served_model(j, &device(i)).is_some_and(|m| m.starts_with(MODEL) && m != initial_id)
+            edge_tests::served_model(j, &device(i))
+                .is_some_and(|m| m.starts_with(MODEL) && m != initial_id)
         })
     })?;
     ensure!(

@@ -12,7 +12,7 @@ use anyhow::{Result, ensure};
 use edge_inference::onnx_builder;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy,
-    deploy_models, run_test,
+    deploy_models, run_test, served_model,
 };
 use protocol::v1::deploy::sha256_hex;
 
@@ -61,22 +61,6 @@ fn scores_after(events: &[Event], device: &str, from: usize) -> usize {
         .count()
 }
 
-/// The inference stage's `module` (`models/affine.onnx@VERSION`) in the latest telemetry.
-fn stage_model(events: &[Event], device: &str) -> Option<String> {
-    let stage = events
-        .iter()
-        .rev()
-        .find(|e| e.is_for("telemetry", device))?
-        .raw
-        .get("pipeline")?
-        .get("stages")?
-        .get(0)?
-        .clone();
-    (stage.get("kind")?.as_str()? == "inference")
-        .then(|| stage.get("module")?.as_str().map(str::to_owned))
-        .flatten()
-}
-
 #[test]
 fn pipeline_with_a_model_then_hot_swap_and_rollbacks() {
     run_test("inference_deploy", scenario);
@@ -115,7 +99,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     })?;
     let v1_id = format!("{MODEL}@{}", &sha256_hex(&v1)[..12]);
     journal.wait_for("telemetry naming model v1", WAIT, |j| {
-        stage_model(j, DEVICE).as_deref() == Some(v1_id.as_str())
+        served_model(j, DEVICE).as_deref() == Some(v1_id.as_str())
     })?;
 
     // A model deployment: v2 swaps in under the running pipeline, which keeps producing.
@@ -137,7 +121,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     );
     let v2_id = format!("{MODEL}@{}", &sha256_hex(&affine(3.0, 0.0))[..12]);
     journal.wait_for("telemetry naming model v2", WAIT, |j| {
-        stage_model(j, DEVICE).as_deref() == Some(v2_id.as_str())
+        served_model(j, DEVICE).as_deref() == Some(v2_id.as_str())
     })?;
     journal.refresh()?;
     let mark = journal.len();
@@ -176,7 +160,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let mark = journal.len();
     journal.wait_for("scores from v2 after the rollbacks", WAIT, |j| {
         scores_after(j, DEVICE, mark) >= 5
-            && stage_model(j, DEVICE).as_deref() == Some(v2_id.as_str())
+            && served_model(j, DEVICE).as_deref() == Some(v2_id.as_str())
     })?;
     Ok(())
 }

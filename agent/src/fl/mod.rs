@@ -136,14 +136,7 @@ pub enum RoundError {
 
 /// The task; see the module docs.
 pub struct FlTask {
-    pub device: String,
-    pub trusted: TrustedKeys,
-    pub state: FlState,
-    pub outbox: Arc<Outbox>,
-    pub dataset: Arc<Dataset>,
-    pub sandbox: Sandbox,
-    pub inference: Inference,
-    pub slot: TrainingSlot,
+    d: FlDeps,
     pub stats: Arc<FlStats>,
     /// Per model: (task, global version, registry version) of the weights this process
     /// applied. In memory on purpose: after a restart the pipeline loads its base model again
@@ -166,21 +159,14 @@ pub struct FlDeps {
 impl FlTask {
     pub fn new(d: FlDeps) -> FlTask {
         FlTask {
-            device: d.device,
-            trusted: d.trusted,
-            state: d.state,
-            outbox: d.outbox,
-            dataset: d.dataset,
-            sandbox: d.sandbox,
-            inference: d.inference,
-            slot: d.slot,
+            d,
             stats: Arc::default(),
             applied: Default::default(),
         }
     }
 
     pub async fn run(self, mut sub: Subscription, mut stop: watch::Receiver<bool>) {
-        let mut setups = self.slot.subscribe();
+        let mut setups = self.d.slot.subscribe();
         let me = Arc::new(self);
         loop {
             tokio::select! {
@@ -203,7 +189,7 @@ impl FlTask {
                     let has_setup = setups.borrow_and_update().is_some();
                     if has_setup {
                         // A pipeline (re)started: give it the newest global weights back.
-                        for m in me.state.rounds() {
+                        for m in me.d.state.rounds() {
                             if let Err(e) = me.clone().handle(m, false, &mut stop).await {
                                 tracing::warn!(error = %e, "stored federated round not completed");
                             }
@@ -222,7 +208,7 @@ impl FlTask {
         fresh: bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), RoundError> {
-        let msg = match fl::decode_round(&payload, &self.trusted) {
+        let msg = match fl::decode_round(&payload, &self.d.trusted) {
             Ok(m) => m,
             Err(e) => {
                 if fresh {
@@ -235,9 +221,9 @@ impl FlTask {
         let h = &msg.header;
         if fresh {
             tracing::info!(task = %h.task, round = h.round, version = h.version, selected = h.train.is_some(), done = h.done, "federated round received");
-            self.state.save_round(&h.task, &payload)?;
+            self.d.state.save_round(&h.task, &payload)?;
         }
-        let Some(setup) = self.slot.get() else {
+        let Some(setup) = self.d.slot.get() else {
             tracing::info!(task = %h.task, model = %h.model, "no running pipeline trains this model yet; round kept for when one starts");
             return Ok(());
         };
@@ -262,14 +248,19 @@ impl FlTask {
         let h = &msg.header;
         self.apply(msg, setup);
         if h.done {
-            self.state.finish(&h.task)?;
+            self.d.state.finish(&h.task)?;
             tracing::info!(task = %h.task, version = h.version, "federated task finished; final weights applied");
             return Ok(());
         }
         let Some(order) = &h.train else {
             return Ok(());
         };
-        if self.state.submitted(&h.task).is_some_and(|r| r >= h.round) {
+        if self
+            .d
+            .state
+            .submitted(&h.task)
+            .is_some_and(|r| r >= h.round)
+        {
             tracing::debug!(task = %h.task, round = h.round, "update for this round already queued");
             return Ok(());
         }
@@ -287,6 +278,7 @@ impl FlTask {
     fn apply(&self, msg: &RoundMessage, setup: &TrainingSetup) {
         let h = &msg.header;
         let serving = self
+            .d
             .inference
             .model(&setup.model)
             .map(|m| m.version().to_owned());
@@ -300,8 +292,8 @@ impl FlTask {
                 return;
             }
         }
-        if !self.inference.status().available {
-            tracing::warn!(model = %setup.model, reason = %self.inference.status().reason, "global weights not applied: onnx inference unavailable");
+        if !self.d.inference.status().available {
+            tracing::warn!(model = %setup.model, reason = %self.d.inference.status().reason, "global weights not applied: onnx inference unavailable");
             return;
         }
         let tensors: Result<Vec<(&str, edge_inference::Tensor)>, _> = msg
@@ -317,11 +309,12 @@ impl FlTask {
         });
         let result = patched.and_then(|bytes| {
             let model = self
+                .d
                 .inference
                 .prepare(&setup.model, &bytes)
                 .map_err(|e| e.to_string())?;
             let version = model.version().to_owned();
-            self.inference.commit(model);
+            self.d.inference.commit(model);
             Ok(version)
         });
         match result {
@@ -351,6 +344,7 @@ impl FlTask {
         let h = &msg.header;
         let started = Instant::now();
         let samples = self
+            .d
             .dataset
             .samples(&setup.dataset)
             .map_err(|e| RoundError::Dataset {
@@ -377,6 +371,7 @@ impl FlTask {
             reason,
         };
         let module = self
+            .d
             .sandbox
             .load_trainer(&setup.trainer_name, &setup.trainer_bytes)
             .map_err(|e| trainer_err(e.to_string()))?;
@@ -398,6 +393,7 @@ impl FlTask {
         })
         .to_string();
         let out = self
+            .d
             .sandbox
             .train(&module, weights, &params, Arc::new(Samples(labeled)))
             .map_err(|e| trainer_err(e.to_string()))?;
@@ -421,7 +417,7 @@ impl FlTask {
         }
         let delta: Vec<f32> = local.iter().zip(&msg.weights).map(|(l, g)| l - g).collect();
         let ef = order.codec.uses_error_feedback();
-        let mut residual = ef.then(|| self.state.residual(&h.task, delta.len()));
+        let mut residual = ef.then(|| self.d.state.residual(&h.task, delta.len()));
         let payload = codec::encode(order.codec, &delta, residual.as_deref_mut(), order.seed);
         let update = Update {
             task: h.task.clone(),
@@ -436,16 +432,17 @@ impl FlTask {
         let body = update.encode();
         let message = NewMessage::binary(
             Class::Model,
-            topics::fl_update(&self.device),
+            topics::fl_update(&self.d.device),
             fl::UPDATE_KIND,
             &body,
             Some(Duration::ZERO),
         );
-        let outbox = self.outbox.clone();
+        let outbox = self.d.outbox.clone();
         let queued = tokio::runtime::Handle::current()
             .block_on(outbox.enqueue(message))
             .map_err(|e| RoundError::Outbox(e.to_string()))?;
-        self.state
+        self.d
+            .state
             .commit_submitted(&h.task, h.round, residual.as_deref())?;
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(

@@ -260,8 +260,8 @@ fn outcome_of(err: &SandboxError) -> Option<CallOutcome> {
 
 /// Maps a failed call to a typed error: epoch deadline -> timeout; a trap after the memory
 /// limit refused growth -> memory limit; anything else -> trap with wasmtime's reason and
-/// the guest's last stderr lines (a Rust panic message lands there).
-fn classify(
+/// the guest's last stderr lines (a Rust panic message lands there). Trainer calls use it too.
+pub(crate) fn classify(
     store: &mut Store<HostState>,
     module: &ModuleId,
     timeout_ms: u64,

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::{Component, HasData, Linker, Resource, ResourceTable};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store};
 
 use super::host::{HostState, clock, counters, kv, limits, log, wasi};
+use super::instance::classify;
 use super::metrics::StageMetrics;
 use super::{Grants, ModuleId, ModuleSource, Sandbox, SandboxError};
 
@@ -334,46 +335,6 @@ impl Call {
 
     fn trapped(&mut self, e: wasmtime::Error) -> SandboxError {
         classify(&mut self.store, &self.module, self.timeout_ms, e)
-    }
-}
-
-/// Maps a failed call to a typed error, as a stage instance does: epoch deadline -> timeout;
-/// a trap after the memory limit refused growth -> memory limit; anything else -> trap with
-/// wasmtime's reason and the guest's last stderr lines (a Rust panic message lands there).
-fn classify(
-    store: &mut Store<HostState>,
-    module: &ModuleId,
-    timeout_ms: u64,
-    e: wasmtime::Error,
-) -> SandboxError {
-    let denied = store.data_mut().limits.take_denied();
-    let stderr = store.data().stderr.take_tail();
-    let trap = e.downcast_ref::<Trap>().copied();
-    if trap == Some(Trap::Interrupt) {
-        return SandboxError::Timeout {
-            module: module.clone(),
-            timeout_ms,
-        };
-    }
-    if let Some(requested) = denied {
-        return SandboxError::MemoryLimit {
-            module: module.clone(),
-            limit: store.data().limits.max_memory(),
-            requested,
-        };
-    }
-    let mut reason = match trap {
-        Some(Trap::StackOverflow) => "stack overflow".to_owned(),
-        Some(t) => t.to_string(),
-        None => format!("{e:#}"),
-    };
-    if !stderr.is_empty() {
-        reason.push_str("; guest stderr: ");
-        reason.push_str(&stderr);
-    }
-    SandboxError::Trap {
-        module: module.clone(),
-        reason: log::truncate(&reason, MAX_MESSAGE_BYTES).into_owned(),
     }
 }
 

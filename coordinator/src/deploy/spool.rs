@@ -114,40 +114,13 @@ pub fn rollouts(state_dir: &Path) -> Result<Vec<String>, SpoolError> {
 }
 
 fn list_dirs(dir: &Path) -> Result<Vec<String>, SpoolError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if name.starts_with('.') || !entry.path().is_dir() {
-            continue;
-        }
-        out.push(name);
-    }
-    out.sort();
-    Ok(out)
+    crate::spooldir::list_dirs(dir).map_err(from_spooldir)
 }
 
 /// Moves a spooled deployment to its rollout directory (same file system: atomic).
 pub fn take(state_dir: &Path, id: &str) -> Result<PathBuf, SpoolError> {
-    let rollouts = rollouts_dir(state_dir);
-    std::fs::create_dir_all(&rollouts).map_err(io(&rollouts))?;
-    let dest = rollouts.join(id);
-    if dest.exists() {
-        return Err(SpoolError::Exists {
-            id: id.to_owned(),
-            path: dest,
-        });
-    }
-    std::fs::rename(spool_dir(state_dir).join(id), &dest).map_err(io(&dest))?;
-    sync_dir(&rollouts)?;
-    Ok(dest)
+    crate::spooldir::take(&spool_dir(state_dir), &rollouts_dir(state_dir), id)
+        .map_err(from_spooldir)
 }
 
 /// Reads a package directory and checks every artifact against the signed manifest.
@@ -225,9 +198,20 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    crate::spooldir::sync_dir(dir).map_err(from_spooldir)
+}
+
+fn from_spooldir(e: crate::spooldir::SpoolDirError) -> SpoolError {
+    match e {
+        crate::spooldir::SpoolDirError::Io { path, error } => SpoolError::Io { path, error },
+        crate::spooldir::SpoolDirError::Exists { path } => SpoolError::Exists {
+            id: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path,
+        },
+    }
 }
 
 #[cfg(test)]

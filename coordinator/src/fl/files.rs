@@ -154,40 +154,12 @@ pub fn tasks(state_dir: &Path) -> Result<Vec<String>, FilesError> {
 }
 
 fn list_dirs(dir: &Path) -> Result<Vec<String>, FilesError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(dir))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if name.starts_with('.') || !entry.path().is_dir() {
-            continue;
-        }
-        out.push(name);
-    }
-    out.sort();
-    Ok(out)
+    crate::spooldir::list_dirs(dir).map_err(from_spooldir)
 }
 
 /// Moves a spooled task to its task directory (same file system: atomic).
 pub fn take(state_dir: &Path, id: &str) -> Result<PathBuf, FilesError> {
-    let tasks = tasks_dir(state_dir);
-    std::fs::create_dir_all(&tasks).map_err(io(&tasks))?;
-    let dest = tasks.join(id);
-    if dest.exists() {
-        return Err(FilesError::Exists {
-            id: id.to_owned(),
-            path: dest,
-        });
-    }
-    std::fs::rename(spool_dir(state_dir).join(id), &dest).map_err(io(&dest))?;
-    sync_dir(&tasks)?;
-    Ok(dest)
+    crate::spooldir::take(&spool_dir(state_dir), &tasks_dir(state_dir), id).map_err(from_spooldir)
 }
 
 /// What a task directory holds besides its state.
@@ -486,7 +458,18 @@ fn write_synced(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError
 }
 
 fn sync_dir(dir: &Path) -> Result<(), FilesError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    crate::spooldir::sync_dir(dir).map_err(from_spooldir)
+}
+
+fn from_spooldir(e: crate::spooldir::SpoolDirError) -> FilesError {
+    match e {
+        crate::spooldir::SpoolDirError::Io { path, error } => FilesError::Io { path, error },
+        crate::spooldir::SpoolDirError::Exists { path } => FilesError::Exists {
+            id: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path,
+        },
+    }
 }

@@ -1,0 +1,67 @@
+//! Directory spools shared by deployments (`deploy/spool.rs`) and federated tasks
+//! (`fl/files.rs`): a request is a directory written whole under a temporary `.name`, renamed
+//! into the spool, and moved by `serve` into its working directory.
+//!
+//! **Invariant:** entries starting with `.` (being written) are never listed or taken; a take
+//! is one rename on the same file system followed by an fsync of the destination's parent.
+
+use std::path::{Path, PathBuf};
+
+/// Why a spool operation failed; the callers turn it into their own error naming the path.
+#[derive(Debug)]
+pub enum SpoolDirError {
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The destination already exists (an id used twice).
+    Exists { path: PathBuf },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolDirError + '_ {
+    move |error| SpoolDirError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+/// Names of the complete subdirectories of `dir`, sorted; none when `dir` does not exist.
+pub fn list_dirs(dir: &Path) -> Result<Vec<String>, SpoolDirError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        out.push(name);
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Moves `spool/id` to `into/id` (atomic on one file system) and makes the move durable.
+pub fn take(spool: &Path, into: &Path, id: &str) -> Result<PathBuf, SpoolDirError> {
+    std::fs::create_dir_all(into).map_err(io(into))?;
+    let dest = into.join(id);
+    if dest.exists() {
+        return Err(SpoolDirError::Exists { path: dest });
+    }
+    std::fs::rename(spool.join(id), &dest).map_err(io(&dest))?;
+    sync_dir(into)?;
+    Ok(dest)
+}
+
+/// fsyncs a directory, so a rename or a new entry in it survives a power cut.
+pub fn sync_dir(dir: &Path) -> Result<(), SpoolDirError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
