@@ -289,6 +289,25 @@ impl Journal {
     }
 }
 
+/// The model (`name@version`) the device's inference stage ran in its latest telemetry.
+pub fn served_model(events: &[Event], device: &str) -> Option<String> {
+    let stages = events
+        .iter()
+        .rev()
+        .find(|e| e.is_for("telemetry", device))?
+        .raw
+        .get("pipeline")?
+        .get("stages")?
+        .as_array()?
+        .clone();
+    stages
+        .iter()
+        .find(|s| s.get("kind").and_then(|k| k.as_str()) == Some("inference"))?
+        .get("module")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,23 +342,4 @@ mod tests {
                 .is_err()
         );
     }
-}
-
-/// The model (`name@version`) the device's inference stage ran in its latest telemetry.
-pub fn served_model(events: &[Event], device: &str) -> Option<String> {
-    let stages = events
-        .iter()
-        .rev()
-        .find(|e| e.is_for("telemetry", device))?
-        .raw
-        .get("pipeline")?
-        .get("stages")?
-        .as_array()?
-        .clone();
-    stages
-        .iter()
-        .find(|s| s.get("kind").and_then(|k| k.as_str()) == Some("inference"))?
-        .get("module")?
-        .as_str()
-        .map(str::to_owned)
 }
