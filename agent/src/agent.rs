@@ -145,6 +145,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         inference: inference.clone(),
         slot: training.clone(),
     });
+    let fl_stats = fl_task.stats.clone();
     let fl_sub = uplink
         .inbox
         .subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
@@ -175,6 +176,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             outbox.clone(),
             slot.clone(),
             inference.clone(),
+            fl_stats.clone(),
             stop_rx.clone(),
         ))
     });

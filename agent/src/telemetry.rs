@@ -105,6 +105,7 @@ impl Sampler {
             outbox,
             pipeline,
             inference: None,
+            fl: None,
         }
     }
 }
@@ -124,6 +125,7 @@ pub async fn run(
     outbox: Arc<Outbox>,
     pipeline: RunningSlot,
     inference: Inference,
+    fl: Arc<crate::fl::FlStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Sampler::new();
@@ -138,6 +140,7 @@ pub async fn run(
         let mut inf = inference.telemetry();
         inf.models.truncate(MAX_ITEMS);
         t.inference = Some(inf);
+        t.fl = fl.telemetry();
         let body = match serde_json::to_vec(&t) {
             Ok(b) => b,
             Err(e) => {

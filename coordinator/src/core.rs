@@ -321,6 +321,7 @@ impl Core {
             agent_rss_bytes: t.agent_rss_bytes,
             outbox_depth: t.outbox.depth,
             pipeline: t.pipeline.clone().map(Box::new),
+            fl: t.fl.clone().map(Box::new),
         };
         // After an outage the outbox replays old samples; keep the newest by the device clock.
         if r.telemetry

@@ -53,6 +53,9 @@ pub enum Event {
         /// The running pipeline's per-stage figures, when one runs.
         #[serde(skip_serializing_if = "Option::is_none")]
         pipeline: Option<Box<protocol::v1::PipelineTelemetry>>,
+        /// Federated-learning counters, when the device has taken part in a task.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        fl: Option<Box<protocol::v1::FlTelemetry>>,
     },
     /// An application message from a device's local API.
     Data {

@@ -278,6 +278,19 @@ fn scenario(env: &TestEnv) -> Result<()> {
         late.iter().map(|e| &e.raw).collect::<Vec<_>>()
     );
     ensure!(acc_a >= 0.85, "task A reached only {acc_a:.3}");
+    // Each agent reports what it did in its telemetry.
+    journal.wait_for("federated-learning counters in telemetry", WAIT, |j| {
+        (0..AGENTS).all(|i| {
+            j.iter()
+                .rev()
+                .find(|e| e.is_for("telemetry", &device(i)))
+                .and_then(|e| e.raw.get("fl"))
+                .is_some_and(|fl| {
+                    fl.get("queued").and_then(|q| q.as_u64()).unwrap_or(0) >= 1
+                        && fl.get("rejected").and_then(|q| q.as_u64()) == Some(0)
+                })
+        })
+    })?;
     // The agents serve the final global weights: their inference stage runs a patched model.
     let initial_id = format!("{MODEL}@{}", &sha256_hex(&model)[..12]);
     journal.wait_for("every agent serving patched weights", WAIT, |j| {

@@ -102,6 +102,35 @@ pub struct FlStats {
     pub trained: AtomicU64,
     pub queued: AtomicU64,
     pub failed: AtomicU64,
+    /// Task, round and version of the last verified round message.
+    last: std::sync::Mutex<(String, u32, u32)>,
+}
+
+impl FlStats {
+    fn saw(&self, task: &str, round: u32, version: u32) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = (task.to_owned(), round, version);
+    }
+
+    /// `None` until the first round message arrived.
+    pub fn telemetry(&self) -> Option<protocol::v1::FlTelemetry> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let received = get(&self.rounds_received);
+        if received == 0 {
+            return None;
+        }
+        let (task, round, version) = self.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(protocol::v1::FlTelemetry {
+            rounds_received: received,
+            rejected: get(&self.rejected),
+            applied: get(&self.applied),
+            trained: get(&self.trained),
+            queued: get(&self.queued),
+            failed: get(&self.failed),
+            task,
+            round,
+            version,
+        })
+    }
 }
 
 /// Samples of one dataset, labeled ones only, as the trainer reads them.
@@ -220,6 +249,7 @@ impl FlTask {
         };
         let h = &msg.header;
         if fresh {
+            self.stats.saw(&h.task, h.round, h.version);
             tracing::info!(task = %h.task, round = h.round, version = h.version, selected = h.train.is_some(), done = h.done, "federated round received");
             self.d.state.save_round(&h.task, &payload)?;
         }
@@ -451,5 +481,22 @@ impl FlTask {
             ms = started.elapsed().as_millis() as u64, "federated update queued"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_appears_with_the_first_round_and_counts() {
+        let s = FlStats::default();
+        assert_eq!(s.telemetry(), None);
+        s.rounds_received.fetch_add(2, Ordering::Relaxed);
+        s.queued.fetch_add(1, Ordering::Relaxed);
+        s.saw("digits", 4, 3);
+        let t = s.telemetry().expect("after a round");
+        assert_eq!((t.rounds_received, t.queued, t.rejected), (2, 1, 0));
+        assert_eq!((t.task.as_str(), t.round, t.version), ("digits", 4, 3));
     }
 }

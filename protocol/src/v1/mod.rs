@@ -326,6 +326,34 @@ pub struct Telemetry {
     /// ONNX inference: runtime status and loaded models; absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<InferenceTelemetry>,
+    /// Federated learning on the device; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fl: Option<FlTelemetry>,
+}
+
+/// Federated learning counters of a device, totals since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlTelemetry {
+    /// Round messages received (before verification).
+    pub rounds_received: u64,
+    /// Round messages refused (signature, key, malformed).
+    pub rejected: u64,
+    /// Global weights patched into the served model.
+    pub applied: u64,
+    /// Local trainings that returned weights.
+    pub trained: u64,
+    /// Updates queued in the outbox.
+    pub queued: u64,
+    /// Rounds that produced no update (no samples, trainer error, outbox refusal).
+    pub failed: u64,
+    /// The last round message's task, round and global version.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub task: String,
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default)]
+    pub version: u32,
 }
 
 /// The running pipeline in telemetry. Counters are totals since the pipeline started.
