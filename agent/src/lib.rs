@@ -12,6 +12,7 @@ pub mod identity;
 pub mod inbox;
 pub mod inference;
 pub mod local_api;
+pub mod offload;
 pub mod outbox;
 pub mod pipeline;
 pub mod sandbox;
