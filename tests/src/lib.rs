@@ -14,6 +14,9 @@
 //! - [`SigningKey`], [`PipelineDir`], [`deploy`]: signed deployments through the coordinator's CLI;
 //! - [`RawMqtt`]: a bare MQTT client for hostile input; [`Tmpfs`]: a small disk to fill;
 //! - [`TlsFiles`]: a throwaway CA with server and client certificates, for mqtts tests;
+//! - [`LinkProxy`]: a fault-injecting TCP proxy (delay, jitter, bandwidth cap, stall of both
+//!   directions or only the uplink, resets, cut/restore) between a client and its broker;
+//! - [`digits`]: the digits data set and its federated splits (IID, Dirichlet, two classes);
 //! - [`run_test`]/[`TestEnv`]: a temp dir per test whose child logs are printed on failure.
 //!
 //! Invariant: never binds a fixed port or a shared path; every wait has a deadline.
