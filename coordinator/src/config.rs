@@ -3,6 +3,7 @@
 //! The commented default file `config/coordinator.toml` is embedded as [`DEFAULT_TOML`] and a
 //! test keeps it and [`Config::default`] identical, so the file is the documentation.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +59,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The JSON-lines event journal.
     pub journal: JournalConfig,
+    /// The inference service for offloaded requests.
+    pub offload: OffloadConfig,
 }
 
 /// The embedded rumqttd broker.
@@ -130,6 +133,37 @@ pub struct JournalConfig {
     pub max_bytes: u64,
 }
 
+/// The offload inference service (`crate::offload`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// Serve offload requests.
+    pub enabled: bool,
+    /// Models served: the name devices use (their pipeline path) -> the `.onnx` file here.
+    pub models: BTreeMap<String, PathBuf>,
+    /// Worker threads running models (each has its own session of every model).
+    pub workers: usize,
+    /// Most requests waiting for a worker; more are answered `overloaded`.
+    pub max_queue: usize,
+    /// This replica's id in its capacity advert topic; empty: `{hostname}-{pid}`.
+    pub replica: String,
+    /// Milliseconds between retained capacity adverts.
+    pub advertise_interval_ms: u64,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            enabled: false,
+            models: BTreeMap::new(),
+            workers: 2,
+            max_queue: 64,
+            replica: String::new(),
+            advertise_interval_ms: 1000,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -141,6 +175,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             journal: JournalConfig::default(),
+            offload: OffloadConfig::default(),
         }
     }
 }
@@ -299,6 +334,53 @@ impl Config {
         }
         if self.journal.max_bytes < 4096 {
             return invalid("journal.max_bytes", "must be at least 4096");
+        }
+        self.validate_offload()
+    }
+
+    fn validate_offload(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let o = &self.offload;
+        if o.workers == 0 || o.workers > 256 {
+            return invalid("offload.workers", "must be 1 to 256".into());
+        }
+        if o.max_queue == 0 || o.max_queue > 1_000_000 {
+            return invalid("offload.max_queue", "must be 1 to 1000000".into());
+        }
+        if o.advertise_interval_ms < 50 {
+            return invalid(
+                "offload.advertise_interval_ms",
+                "must be at least 50".into(),
+            );
+        }
+        if !o.replica.is_empty() && protocol::v1::validate_device_id(&o.replica).is_err() {
+            return invalid(
+                "offload.replica",
+                format!(
+                    "{:?}: use 1-64 characters from [A-Za-z0-9_.-] (it is a topic level)",
+                    o.replica
+                ),
+            );
+        }
+        if o.enabled && o.models.is_empty() {
+            return invalid(
+                "offload.models",
+                "must name at least one model when enabled".into(),
+            );
+        }
+        for (name, path) in &o.models {
+            if name.is_empty() || name.len() > u8::MAX as usize {
+                return invalid(
+                    "offload.models",
+                    format!("model name {name:?} must be 1 to 255 bytes (the wire format's limit)"),
+                );
+            }
+            if path.as_os_str().is_empty() {
+                return invalid(
+                    "offload.models",
+                    format!("model {name:?} has an empty path"),
+                );
+            }
         }
         Ok(())
     }

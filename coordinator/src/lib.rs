@@ -32,6 +32,11 @@
 //!   aggregation and server optimizers, held-out evaluation with ONNX Runtime, per-task state
 //!   files that a restart resumes from. Invariant: `aggregate` and `engine` do no I/O; a
 //!   refused update never touches the aggregate. Boundary: the binary (`fl`), the service.
+//! - [`offload`]: the inference service for offloaded requests: decode, admission (unknown
+//!   model, expired, queue full), a bounded queue to worker threads with their own model
+//!   sessions, answers at QoS 0, the retained capacity advert, counters. Invariant: never
+//!   blocks the service loop; every decoded request gets at most one answer. Boundary: the
+//!   service.
 //!
 //! Errors: each module has its own `thiserror` enum whose message already contains the
 //! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
@@ -65,6 +70,7 @@ pub mod deploy;
 pub mod event;
 pub mod fl;
 pub mod journal;
+pub mod offload;
 pub mod registry;
 pub mod service;
 pub mod spooldir;

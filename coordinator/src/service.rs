@@ -34,6 +34,7 @@ use crate::event::Event;
 use crate::fl::FlHost;
 use crate::fl::files::FilesError;
 use crate::journal::{Journal, JournalError};
+use crate::offload::{Offload, OffloadError};
 use crate::registry::DeviceRecord;
 use crate::store::{Store, StoreError};
 use crate::transport::embedded::Embedded;
@@ -80,6 +81,8 @@ pub enum ServiceError {
     TransportClosed(String),
     #[error("federated learning state: {0}")]
     Fl(#[from] FilesError),
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
 }
 
 /// Runs the coordinator until `shutdown` resolves (then stops cleanly and returns `Ok`) or a
@@ -113,6 +116,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map(|f| (*f).to_owned())
             .collect()
     };
+    let offload = Offload::start(&config.offload).await?;
+    let mut filters = filters;
+    let mut own_topics = vec![own_status.clone()];
+    if let Some(o) = &offload {
+        // The catch-all already delivers every request; a shared subscription beside it would
+        // deliver each twice.
+        if config.watch_unknown_topics {
+            tracing::warn!(
+                "watch_unknown_topics is on: offload requests are not shared with other replicas"
+            );
+        } else {
+            filters.push(topics::COORDINATOR_OFFLOAD_FILTER.to_owned());
+        }
+        own_topics.push(o.advert_topic());
+    }
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let mut service = Service {
         config: config.clone(),
@@ -125,6 +143,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         engine: Engine::default(),
         publishes: Vec::new(),
         fl: FlHost::new(&config.state_dir, config.store.fsync),
+        offload,
     };
     service.recover_seen_ids()?;
     service.prune()?;
@@ -135,8 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let out = service.core.broker_restarted();
             service.apply(out, v1::now_ms())?;
             service.commit()?;
-            let embedded =
-                Embedded::start(&config.embedded, filters, vec![own_status.clone()], tx).await?;
+            let embedded = Embedded::start(&config.embedded, filters, own_topics, tx).await?;
             let url = embedded.url();
             let mut transport = Transport::Embedded(embedded);
             transport
@@ -173,6 +191,7 @@ struct Service {
     /// Publishes the engine asked for while handling a batch; sent after its commit.
     publishes: Vec<(String, Vec<u8>, bool)>,
     fl: FlHost,
+    offload: Option<Offload>,
 }
 
 impl Service {
@@ -198,6 +217,12 @@ impl Service {
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fl_tick = tokio::time::interval(FL_TICK);
         fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let advert_every = self
+            .offload
+            .as_ref()
+            .map_or(Duration::from_secs(3600), Offload::advertise_interval);
+        let mut advert = tokio::time::interval(advert_every);
+        advert.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.resume_rollouts(&mut transport).await?;
         self.resume_fl(&mut transport).await?;
 
@@ -218,12 +243,30 @@ impl Service {
                 _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
                 _ = progress.tick() => self.write_progress(),
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
+                Some((topic, payload)) = next_answer(&mut self.offload) => {
+                    if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
+                }
+                _ = advert.tick(), if self.offload.is_some() => if let Some(o) = &self.offload
+                    && let Err(e) = transport.publish_retained(&o.advert_topic(), o.advert(v1::now_ms())).await
+                {
+                    break Err(e.into())
+                },
                 _ = stats.tick(), if self.config.stats_interval_s > 0 => self.log_stats(),
                 _ = prune.tick() => if let Err(e) = self.prune() { break Err(e) },
             }
         };
 
         self.write_progress();
+        if let Some(o) = self.offload.take() {
+            // An empty retained payload clears the advert: agents stop counting on us.
+            if let Err(e) = transport
+                .publish_retained(&o.advert_topic(), Vec::new())
+                .await
+            {
+                tracing::warn!(error = %e, "could not clear the offload capacity advert");
+            }
+            o.shutdown().await;
+        }
         // Stop taking messages first, so the pump is never stuck sending to us while the
         // transport flushes its disconnect.
         drop(self.rx);
@@ -311,6 +354,18 @@ impl Service {
                 .fl
                 .on_update(&device, &message.payload, now, &self.core);
             return self.actions(actions, now);
+        }
+        if let Some(device) = topics::parse_offload_request(&message.topic) {
+            if let Some(o) = &mut self.offload {
+                o.submit(&device, &message.payload, now);
+            }
+            return Ok(());
+        }
+        if topics::parse_offload_response(&message.topic).is_some()
+            || message.topic.starts_with(OFFLOAD_ADVERT_PREFIX)
+        {
+            // Our own answers and adverts, delivered back by the catch-all subscription.
+            return Ok(());
         }
         if is_fl_round(&message.topic) {
             // Our own round messages, delivered back by the catch-all subscription.
@@ -744,6 +799,20 @@ impl Service {
             resend_entries_ignored = self.engine.totals().resend_entries_ignored,
             "stats"
         );
+        if let Some(o) = &self.offload {
+            o.log_stats();
+        }
+    }
+}
+
+/// Prefix of every replica's capacity advert topic.
+const OFFLOAD_ADVERT_PREFIX: &str = "edge/v1/coordinator/offload/";
+
+/// The offload service's next answer; pending forever without one.
+async fn next_answer(offload: &mut Option<Offload>) -> Option<(String, Vec<u8>)> {
+    match offload {
+        Some(o) => o.next_answer().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -253,7 +253,11 @@ impl Policy {
         // when unobserved), minus an exploration bonus that grows as the arm's discounted count
         // decays, so an arm abandoned long ago is tried again.
         let arms = &self.arms[b];
-        let total: f64 = arms.iter().map(|a| a.n).sum::<f64>().max(std::f64::consts::E);
+        let total: f64 = arms
+            .iter()
+            .map(|a| a.n)
+            .sum::<f64>()
+            .max(std::f64::consts::E);
         let mean_of = |c: Choice, predicted: f64| arms[arm_index(c)].mean().unwrap_or(predicted);
         let scale = mean_of(Choice::Local, local_ms)
             .max(mean_of(Choice::Offload, remote_ms))
@@ -261,9 +265,17 @@ impl Policy {
         let score = |c: Choice, predicted: f64| {
             let a = arms[arm_index(c)];
             let mean = mean_of(c, predicted);
-            let n = if a.mean().is_some() { a.n.max(1e-6) } else { 1.0 };
+            let n = if a.mean().is_some() {
+                a.n.max(1e-6)
+            } else {
+                1.0
+            };
             let bonus = self.cfg.exploration * scale * (total.ln() / n).sqrt();
-            (self.cost(e, c, mean), self.cost(e, c, mean - bonus), a.mean().is_some())
+            (
+                self.cost(e, c, mean),
+                self.cost(e, c, mean - bonus),
+                a.mean().is_some(),
+            )
         };
         let (l_cost, l_lcb, _) = score(Choice::Local, local_ms);
         let (r_cost, r_lcb, _) = score(Choice::Offload, remote_ms);

@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod deploy;
 pub mod fl;
+pub mod offload;
 pub mod topics;
 
 use serde::{Deserialize, Serialize};

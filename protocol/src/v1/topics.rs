@@ -330,3 +330,81 @@ mod tests {
         }
     }
 }
+
+/// Offload requests, device -> coordinator (binary `offload::Request`, QoS 0).
+pub fn offload_request(device: &str) -> String {
+    format!("{ROOT}/{device}/offload/request")
+}
+
+/// Offload responses, coordinator -> device (binary `offload::Response`, QoS 0).
+pub fn offload_response(device: &str) -> String {
+    format!("{ROOT}/{device}/offload/response")
+}
+
+/// A replica's retained capacity advert (JSON `offload::Capacity`).
+pub fn offload_capacity(replica: &str) -> String {
+    format!("{ROOT}/{COORDINATOR}/offload/{replica}")
+}
+
+/// The shared-subscription group coordinator replicas use for offload requests.
+pub const OFFLOAD_SHARE_GROUP: &str = "edge-offload";
+
+/// Every device's offload requests (without the share prefix).
+pub const OFFLOAD_REQUEST_FILTER: &str = "edge/v1/+/offload/request";
+
+/// What replicas subscribe to: each request goes to one replica of the group (rumqttd 0.20,
+/// mosquitto, EMQX and VerneMQ support `$share`).
+pub const COORDINATOR_OFFLOAD_FILTER: &str = "$share/edge-offload/edge/v1/+/offload/request";
+
+/// Every replica's capacity advert (what agents subscribe to).
+pub const OFFLOAD_CAPACITY_FILTER: &str = "edge/v1/coordinator/offload/+";
+
+/// The device of an `offload/request` topic; `None` for anything else.
+pub fn parse_offload_request(topic: &str) -> Option<String> {
+    parse_device_suffix(topic, "/offload/request")
+}
+
+/// The device of an `offload/response` topic; `None` for anything else.
+pub fn parse_offload_response(topic: &str) -> Option<String> {
+    parse_device_suffix(topic, "/offload/response")
+}
+
+fn parse_device_suffix(topic: &str, suffix: &str) -> Option<String> {
+    let device = topic
+        .strip_prefix(ROOT)?
+        .strip_prefix('/')?
+        .strip_suffix(suffix)?;
+    if validate_device_id(device).is_err() || device == COORDINATOR || device == GROUP {
+        return None;
+    }
+    Some(device.to_owned())
+}
+
+#[cfg(test)]
+mod offload_tests {
+    use super::*;
+
+    #[test]
+    fn offload_topics_parse() {
+        assert_eq!(
+            parse_offload_request(&offload_request("d1")),
+            Some("d1".to_owned())
+        );
+        assert_eq!(
+            parse_offload_response(&offload_response("d1")),
+            Some("d1".to_owned())
+        );
+        assert_eq!(parse_offload_request(&offload_response("d1")), None);
+        assert_eq!(
+            parse_offload_request("edge/v1/coordinator/offload/request"),
+            None
+        );
+        assert_eq!(parse_offload_request("edge/v1/a/b/offload/request"), None);
+        assert_eq!(
+            COORDINATOR_OFFLOAD_FILTER,
+            format!("$share/{OFFLOAD_SHARE_GROUP}/{OFFLOAD_REQUEST_FILTER}")
+        );
+        assert_eq!(offload_capacity("r1"), "edge/v1/coordinator/offload/r1");
+        assert_eq!(parse(&offload_request("d1")), None);
+    }
+}
