@@ -47,6 +47,38 @@ pub fn list_dirs(dir: &Path) -> Result<Vec<String>, SpoolDirError> {
     Ok(out)
 }
 
+/// Writes a request into `spool/id` so that it appears whole: refuses an id already spooled or
+/// already taken into `taken/id`, lets `fill` write the files into a fresh temporary
+/// directory, fsyncs it, renames it into place and fsyncs the spool. Returns the spooled
+/// directory.
+pub fn write<E: From<SpoolDirError>>(
+    spool: &Path,
+    taken: &Path,
+    id: &str,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<PathBuf, E> {
+    std::fs::create_dir_all(spool).map_err(io(spool))?;
+    let dest = spool.join(id);
+    for existing in [&dest, &taken.join(id)] {
+        if existing.exists() {
+            return Err(SpoolDirError::Exists {
+                path: existing.clone(),
+            }
+            .into());
+        }
+    }
+    let tmp = spool.join(format!(".tmp-{id}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    fill(&tmp)?;
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    sync_dir(spool)?;
+    Ok(dest)
+}
+
 /// Moves `spool/id` to `into/id` (atomic on one file system) and makes the move durable.
 pub fn take(spool: &Path, into: &Path, id: &str) -> Result<PathBuf, SpoolDirError> {
     std::fs::create_dir_all(into).map_err(io(into))?;

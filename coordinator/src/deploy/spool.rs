@@ -77,30 +77,13 @@ pub fn progress_path(state_dir: &Path, id: &str) -> PathBuf {
 pub fn write_spool(state_dir: &Path, package: &Package) -> Result<PathBuf, SpoolError> {
     let id = &package.manifest.deployment_id;
     validate_message_id(id).map_err(|_| SpoolError::Id(id.clone()))?;
-    let spool = spool_dir(state_dir);
-    std::fs::create_dir_all(&spool).map_err(io(&spool))?;
-    let dest = spool.join(id);
-    for existing in [&dest, &rollout_dir(state_dir, id)] {
-        if existing.exists() {
-            return Err(SpoolError::Exists {
-                id: id.clone(),
-                path: existing.clone(),
-            });
+    crate::spooldir::write(&spool_dir(state_dir), &rollouts_dir(state_dir), id, |tmp| {
+        write_synced(&tmp.join(MANIFEST), &package.manifest_payload())?;
+        for (sha, bytes) in package.blobs() {
+            write_synced(&tmp.join(sha), bytes)?;
         }
-    }
-    let tmp = spool.join(format!(".tmp-{id}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    write_synced(&tmp.join(MANIFEST), &package.manifest_payload())?;
-    for (sha, bytes) in package.blobs() {
-        write_synced(&tmp.join(sha), bytes)?;
-    }
-    sync_dir(&tmp)?;
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-    sync_dir(&spool)?;
-    Ok(dest)
+        Ok(())
+    })
 }
 
 /// Deployment ids waiting in the spool, oldest name first (temporary entries skipped).
@@ -197,8 +180,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     f.sync_all().map_err(io(path))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    crate::spooldir::sync_dir(dir).map_err(from_spooldir)
+impl From<crate::spooldir::SpoolDirError> for SpoolError {
+    fn from(e: crate::spooldir::SpoolDirError) -> SpoolError {
+        from_spooldir(e)
+    }
 }
 
 fn from_spooldir(e: crate::spooldir::SpoolDirError) -> SpoolError {

@@ -97,36 +97,19 @@ pub fn write_spool(
     if !valid_task_id(id) {
         return Err(FilesError::Id(id.clone()));
     }
-    let spool = spool_dir(state_dir);
-    std::fs::create_dir_all(&spool).map_err(io(&spool))?;
-    let dest = spool.join(id);
-    for existing in [&dest, &task_dir(state_dir, id)] {
-        if existing.exists() {
-            return Err(FilesError::Exists {
-                id: id.clone(),
-                path: existing.clone(),
-            });
+    crate::spooldir::write(&spool_dir(state_dir), &tasks_dir(state_dir), id, |tmp| {
+        let spec = serde_json::to_vec_pretty(&task.spec).map_err(|e| FilesError::Corrupt {
+            path: tmp.join(TASK),
+            error: e.to_string(),
+        })?;
+        write_synced(&tmp.join(TASK), &spec, true)?;
+        write_synced(&tmp.join(MODEL), &task.model_bytes, true)?;
+        if let Some(text) = &task.holdout_text {
+            write_synced(&tmp.join(HOLDOUT), text.as_bytes(), true)?;
         }
-    }
-    let tmp = spool.join(format!(".tmp-{id}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let spec = serde_json::to_vec_pretty(&task.spec).map_err(|e| FilesError::Corrupt {
-        path: tmp.join(TASK),
-        error: e.to_string(),
-    })?;
-    write_synced(&tmp.join(TASK), &spec, true)?;
-    write_synced(&tmp.join(MODEL), &task.model_bytes, true)?;
-    if let Some(text) = &task.holdout_text {
-        write_synced(&tmp.join(HOLDOUT), text.as_bytes(), true)?;
-    }
-    write_key(&tmp.join(KEY), key)?;
-    sync_dir(&tmp)?;
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-    sync_dir(&spool)?;
-    Ok(dest)
+        write_key(&tmp.join(KEY), key)?;
+        Ok(())
+    })
 }
 
 fn write_key(path: &Path, key: &SigningKey) -> Result<(), FilesError> {
@@ -459,6 +442,12 @@ fn write_synced(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError
 
 fn sync_dir(dir: &Path) -> Result<(), FilesError> {
     crate::spooldir::sync_dir(dir).map_err(from_spooldir)
+}
+
+impl From<crate::spooldir::SpoolDirError> for FilesError {
+    fn from(e: crate::spooldir::SpoolDirError) -> FilesError {
+        from_spooldir(e)
+    }
 }
 
 fn from_spooldir(e: crate::spooldir::SpoolDirError) -> FilesError {
