@@ -215,14 +215,12 @@ impl FlTask {
                     if changed.is_err() {
                         return;
                     }
-                    let has_setup = setups.borrow_and_update().is_some();
-                    if has_setup {
-                        // A pipeline (re)started: give it the newest global weights back.
-                        for m in me.d.state.rounds() {
-                            if let Err(e) = me.clone().handle(m, false, &mut stop).await {
-                                tracing::warn!(error = %e, "stored federated round not completed");
-                            }
-                        }
+                    let model = setups.borrow_and_update().as_ref().map(|s| s.model.clone());
+                    // A pipeline (re)started: give it the newest global weights back.
+                    if let Some(m) = model.and_then(|m| me.d.state.round(&m))
+                        && let Err(e) = me.clone().handle(m, false, &mut stop).await
+                    {
+                        tracing::warn!(error = %e, "stored federated round not completed");
                     }
                 }
             }
@@ -251,7 +249,7 @@ impl FlTask {
         if fresh {
             self.stats.saw(&h.task, h.round, h.version);
             tracing::info!(task = %h.task, round = h.round, version = h.version, selected = h.train.is_some(), done = h.done, "federated round received");
-            self.d.state.save_round(&h.task, &payload)?;
+            self.d.state.save_round(&h.model, &payload)?;
         }
         let Some(setup) = self.d.slot.get() else {
             tracing::info!(task = %h.task, model = %h.model, "no running pipeline trains this model yet; round kept for when one starts");

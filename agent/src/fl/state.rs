@@ -1,9 +1,10 @@
 //! What federated learning keeps on the device, in the state database's `fl` tree.
 //!
 //! ```text
-//! round/{task}       the newest verified round message of the task (signed bytes, re-verified
-//!                    when read): replayed when the pipeline (re)starts, so a reboot or a new
-//!                    deployment gets the newest global weights back without the network
+//! round/{model}      the newest verified round message for the model, of whichever task
+//!                    (signed bytes, re-verified when read): replayed when a pipeline training
+//!                    that model (re)starts, so a reboot or a new deployment gets the newest
+//!                    global weights back without the network
 //! submitted/{task}   last round whose update is in the outbox (u32 BE): a round is trained
 //!                    and sent at most once, also across restarts
 //! residual/{task}    error-feedback residual, n x f32 LE
@@ -38,20 +39,16 @@ impl FlState {
         })
     }
 
-    pub fn save_round(&self, task: &str, message: &[u8]) -> Result<(), StateError> {
+    pub fn save_round(&self, model: &str, message: &[u8]) -> Result<(), StateError> {
         self.tree
-            .insert(format!("round/{task}"), message)
+            .insert(format!("round/{model}"), message)
             .map_err(err)?;
         Ok(())
     }
 
-    /// Every stored round message, newest task state per task.
-    pub fn rounds(&self) -> Vec<Vec<u8>> {
-        self.tree
-            .scan_prefix("round/")
-            .filter_map(Result::ok)
-            .map(|(_, v)| v.to_vec())
-            .collect()
+    /// The newest stored round message for `model`.
+    pub fn round(&self, model: &str) -> Option<Vec<u8>> {
+        Some(self.tree.get(format!("round/{model}")).ok()??.to_vec())
     }
 
     pub fn submitted(&self, task: &str) -> Option<u32> {
@@ -116,7 +113,8 @@ mod tests {
             assert_eq!(s.submitted("t"), None);
             s.commit_submitted("t", 4, Some(&[1.0, -2.0, 0.5]))
                 .expect("commit");
-            s.save_round("t", b"msg").expect("round");
+            s.save_round("m.onnx", b"old").expect("round");
+            s.save_round("m.onnx", b"msg").expect("round");
             db.flush().expect("flush");
         }
         let db = sled::open(dir.path()).expect("reopen");
@@ -128,7 +126,12 @@ mod tests {
             vec![0.0; 4],
             "a shape change starts from zero"
         );
-        assert_eq!(s.rounds(), vec![b"msg".to_vec()]);
+        assert_eq!(
+            s.round("m.onnx"),
+            Some(b"msg".to_vec()),
+            "the newest message per model"
+        );
+        assert_eq!(s.round("other.onnx"), None);
         s.finish("t").expect("finish");
         assert_eq!(s.residual("t", 3), vec![0.0; 3]);
     }

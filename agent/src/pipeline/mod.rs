@@ -690,10 +690,7 @@ impl Pipeline {
         let model_bytes = artifacts.module(&t.model).map_err(&fail)?;
         Ok(Some(Arc::new(TrainingSetup {
             pipeline: spec.name.clone(),
-            model: match self.mode {
-                Mode::Live => t.model.clone(),
-                Mode::Shadow => format!("shadow/{}/{}", self.stats.name, t.model),
-            },
+            model: t.model.clone(),
             model_bytes,
             trainer_name: t.trainer.clone(),
             trainer_bytes,
