@@ -322,6 +322,7 @@ fn pipeline_msgs_per_s(dir: &Path, frames: u64) -> f64 {
         runtime: rt.handle().clone(),
         inference: edge_agent::inference::Inference::unavailable("not used by this benchmark"),
         training: Default::default(),
+        offload: None,
     };
     let files = LocalFiles {
         dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/target/wasm32-wasip2/release"),

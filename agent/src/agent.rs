@@ -70,7 +70,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let outbox = Arc::new(outbox);
     let socket = cfg.socket_path();
     let listener = local_api::bind(&socket).await?;
-    let uplink = uplink::Uplink::new(
+    let mut uplink = uplink::Uplink::new(
         cfg.mqtt.clone(),
         device.clone(),
         AGENT_VERSION.into(),
@@ -124,6 +124,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     let slot = RunningSlot::default();
     let training = crate::fl::TrainingSlot::default();
+    // Offload: stages send requests on the uplink's direct path; responses and capacity
+    // adverts come back through the inbox to the router.
+    let offload = (cfg.offload.mode != crate::offload::policy::Mode::Local).then(|| {
+        let direct = uplink.direct_path(crate::offload::client::DIRECT_CAPACITY);
+        crate::offload::Offloader::new(
+            cfg.offload.clone(),
+            device.clone(),
+            uplink.stats.clone(),
+            direct,
+        )
+    });
+    let offload_sub = offload.as_ref().map(|_| {
+        uplink.inbox.subscribe_all(
+            &crate::offload::Offloader::filters(&device),
+            crate::offload::client::INBOX_CAPACITY,
+        )
+    });
     let deps = Deps {
         sandbox,
         state: state.clone(),
@@ -134,6 +151,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         runtime: tokio::runtime::Handle::current(),
         inference: inference.clone(),
         training: training.clone(),
+        offload: offload.clone(),
     };
     let fl_task = crate::fl::FlTask::new(crate::fl::FlDeps {
         device: device.clone(),
@@ -162,6 +180,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let (stop_tx, stop_rx) = watch::channel(false);
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
+    let offload_router = offload
+        .clone()
+        .zip(offload_sub)
+        .map(|(o, sub)| tokio::spawn(o.route(sub, stop_rx.clone())));
     let api = tokio::spawn(local_api::serve(
         listener,
         device.clone(),
@@ -177,6 +199,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             slot.clone(),
             inference.clone(),
             fl_stats.clone(),
+            offload.clone(),
             stop_rx.clone(),
         ))
     });
@@ -195,6 +218,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     for (name, handle) in [
         ("deploy", Some(deploy)),
         ("federated-learning", Some(fl)),
+        ("offload", offload_router),
         ("local-api", Some(api)),
         ("telemetry", telemetry),
         ("uplink", Some(up)),

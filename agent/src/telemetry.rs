@@ -106,6 +106,7 @@ impl Sampler {
             pipeline,
             inference: None,
             fl: None,
+            offload: None,
         }
     }
 }
@@ -126,6 +127,7 @@ pub async fn run(
     pipeline: RunningSlot,
     inference: Inference,
     fl: Arc<crate::fl::FlStats>,
+    offload: Option<crate::offload::Offloader>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Sampler::new();
@@ -141,6 +143,7 @@ pub async fn run(
         inf.models.truncate(MAX_ITEMS);
         t.inference = Some(inf);
         t.fl = fl.telemetry();
+        t.offload = offload.as_ref().map(crate::offload::Offloader::telemetry);
         let body = match serde_json::to_vec(&t) {
             Ok(b) => b,
             Err(e) => {

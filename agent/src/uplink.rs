@@ -19,10 +19,11 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS, Transport,
 };
 use serde_json::value::RawValue;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::MqttConfig;
 use crate::inbox::{Inbox, Incoming as InboxMessage};
+use crate::offload::Direct;
 use crate::outbox::{Key, Outbox, Stored};
 
 /// Parsed `mqtt.url`.
@@ -83,6 +84,10 @@ pub struct UplinkStats {
     pub connects: AtomicU64,
     pub published: AtomicU64,
     pub malformed_incoming: AtomicU64,
+    /// Direct (QoS 0, not from the outbox) publishes written, and dropped (expired, offline
+    /// or the client queue full).
+    pub direct_sent: AtomicU64,
+    pub direct_dropped: AtomicU64,
 }
 
 /// Tracks publishes handed to rumqttc until their PUBACK. No I/O.
@@ -147,6 +152,9 @@ pub struct Uplink {
     pub stats: Arc<UplinkStats>,
     /// Where incoming messages go; its filters are subscribed on every connection.
     pub inbox: Inbox,
+    /// QoS 0 publishes that skip the outbox (offload requests): written while connected,
+    /// dropped once expired.
+    direct: Option<mpsc::Receiver<Direct>>,
     tls: Option<Arc<rustls::ClientConfig>>,
     addr: BrokerAddr,
 }
@@ -171,9 +179,17 @@ impl Uplink {
             outbox,
             stats: Arc::default(),
             inbox: Inbox::default(),
+            direct: None,
             tls,
             addr,
         })
+    }
+
+    /// The sending end of the direct path (one per uplink; a second call replaces it).
+    pub fn direct_path(&mut self, capacity: usize) -> mpsc::Sender<Direct> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.direct = Some(rx);
+        tx
     }
 
     fn options(&self, since_ms: u64) -> MqttOptions {
@@ -216,8 +232,9 @@ impl Uplink {
     }
 
     /// Runs until `shutdown` turns true: connect, drain, reconnect with jittered backoff.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut attempt: u32 = 0;
+        let mut direct = self.direct.take();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -226,7 +243,7 @@ impl Uplink {
             let (client, eventloop) =
                 AsyncClient::new(self.options(since_ms), self.cfg.inflight as usize * 2 + 16);
             let outcome = self
-                .session(&client, eventloop, since_ms, &mut shutdown)
+                .session(&client, eventloop, since_ms, &mut shutdown, &mut direct)
                 .await;
             self.stats.connected.store(false, Ordering::Relaxed);
             match outcome {
@@ -264,6 +281,7 @@ impl Uplink {
         mut eventloop: EventLoop,
         since_ms: u64,
         shutdown: &mut watch::Receiver<bool>,
+        direct: &mut Option<mpsc::Receiver<Direct>>,
     ) -> SessionEnd {
         let mut window = SendWindow::new(self.cfg.inflight as usize);
         let mut connected = false;
@@ -314,6 +332,17 @@ impl Uplink {
                 },
                 _ = self.outbox.notified(), if idle => {}
                 _ = self.inbox.changed(), if connected => self.sync_subscriptions(client, &mut subscribed),
+                Some(d) = next_direct(direct), if connected => {
+                    if d.expires <= std::time::Instant::now() {
+                        self.stats.direct_dropped.fetch_add(1, Ordering::Relaxed);
+                    } else if client.try_publish(d.topic, QoS::AtMostOnce, false, d.payload).is_ok() {
+                        // QoS 0 publishes are reported written too (packet id 0).
+                        window.handed_other();
+                        self.stats.direct_sent.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.direct_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
@@ -481,6 +510,14 @@ impl SendWindow {
     /// Advances the cursor past a message that was dropped instead of sent.
     pub fn handed_skip(&mut self, key: Key) {
         self.cursors[key.class.index()] = Some(key.seq);
+    }
+}
+
+/// The next direct publish; never resolves without a direct path.
+async fn next_direct(direct: &mut Option<mpsc::Receiver<Direct>>) -> Option<Direct> {
+    match direct {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -322,6 +322,7 @@ impl Core {
             outbox_depth: t.outbox.depth,
             pipeline: t.pipeline.clone().map(Box::new),
             fl: t.fl.clone().map(Box::new),
+            offload: t.offload.clone().map(Box::new),
         };
         // After an outage the outbox replays old samples; keep the newest by the device clock.
         if r.telemetry

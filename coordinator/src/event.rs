@@ -56,6 +56,9 @@ pub enum Event {
         /// Federated-learning counters, when the device has taken part in a task.
         #[serde(skip_serializing_if = "Option::is_none")]
         fl: Option<Box<protocol::v1::FlTelemetry>>,
+        /// Offload decisions by side and reason, fallbacks, the measured link.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offload: Option<Box<protocol::v1::OffloadTelemetry>>,
     },
     /// An application message from a device's local API.
     Data {

@@ -11,7 +11,7 @@ use crate::process::{ChildProc, ensure_dir};
 
 #[derive(Debug, Clone)]
 enum Broker {
-    Embedded { port: u16 },
+    Embedded { port: u16, args: Vec<String> },
     External { url: String, args: Vec<String> },
 }
 
@@ -32,9 +32,19 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts with the embedded broker on a free loopback port.
     pub fn start_embedded(dir: &Path) -> Result<Coordinator> {
+        Coordinator::start_embedded_with_args(dir, Vec::new())
+    }
+
+    /// [`Coordinator::start_embedded`] with further `serve` flags, e.g. `--config FILE`
+    /// (the flags the harness passes override the file's state dir, listener and journal).
+    pub fn start_embedded_with_args(dir: &Path, args: Vec<String>) -> Result<Coordinator> {
         let mut last_err = None;
         for _ in 0..5 {
-            let mut c = Coordinator::new(dir, Broker::Embedded { port: free_port()? })?;
+            let broker = Broker::Embedded {
+                port: free_port()?,
+                args: args.clone(),
+            };
+            let mut c = Coordinator::new(dir, broker)?;
             match c.start_once() {
                 Ok(()) => return Ok(c),
                 // Another process took the port between free_port() and our bind: try another.
@@ -49,7 +59,11 @@ impl Coordinator {
 
     /// Starts with the embedded broker on `port` (e.g. one an agent was already told to use).
     pub fn start_embedded_at(dir: &Path, port: u16) -> Result<Coordinator> {
-        let mut c = Coordinator::new(dir, Broker::Embedded { port })?;
+        let broker = Broker::Embedded {
+            port,
+            args: Vec::new(),
+        };
+        let mut c = Coordinator::new(dir, broker)?;
         c.start()?;
         Ok(c)
     }
@@ -83,8 +97,9 @@ impl Coordinator {
         let journal_path = dir.join("journal.jsonl");
         let mut args: Vec<String> = vec!["serve".into(), "--state-dir".into(), utf8(&state_dir)?];
         match &broker {
-            Broker::Embedded { port } => {
-                args.extend(["--listen".into(), format!("127.0.0.1:{port}")])
+            Broker::Embedded { port, args: extra } => {
+                args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+                args.extend(extra.iter().cloned());
             }
             Broker::External { url, args: extra } => {
                 args.extend(["--broker".into(), url.clone()]);
@@ -144,6 +159,11 @@ impl Coordinator {
         self.start()
     }
 
+    /// Process id of the running coordinator.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
     }
@@ -151,7 +171,7 @@ impl Coordinator {
     /// The broker URL agents should use: the embedded listener, or the external broker.
     pub fn url(&self) -> String {
         match &self.broker {
-            Broker::Embedded { port } => format!("mqtt://127.0.0.1:{port}"),
+            Broker::Embedded { port, .. } => format!("mqtt://127.0.0.1:{port}"),
             Broker::External { url, .. } => url.clone(),
         }
     }
@@ -159,7 +179,7 @@ impl Coordinator {
     /// The embedded broker's port (`None` with an external broker).
     pub fn port(&self) -> Option<u16> {
         match self.broker {
-            Broker::Embedded { port } => Some(port),
+            Broker::Embedded { port, .. } => Some(port),
             Broker::External { .. } => None,
         }
     }

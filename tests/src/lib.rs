@@ -35,6 +35,7 @@ mod journal;
 mod local_api;
 mod mosquitto;
 mod net;
+mod offload;
 mod process;
 mod proxy;
 mod raw_mqtt;
@@ -54,6 +55,10 @@ pub use journal::{Event, Journal, served_model};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};
 pub use mosquitto::{Mosquitto, mosquitto_bin};
 pub use net::{free_port, wait_for_tcp};
+pub use offload::{
+    OFFLOAD_MODEL, OFFLOAD_PIPELINE, latest_offload, offload_coordinator_config, offload_count,
+    offloading_agent,
+};
 pub use process::ChildProc;
 pub use protocol::v1::Class;
 pub use proxy::{Link, LinkProxy, ProxyStats};

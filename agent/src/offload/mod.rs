@@ -1,5 +1,9 @@
-//! Offloading inference to the coordinator (issue 7). So far: the decision policy
-//! ([`policy`]), pure and unit-tested; the request client and its wiring into inference
-//! stages come next.
+//! Offloading inference to the coordinator (issue 7): the decision policy ([`policy`], pure),
+//! what it learns about both sides ([`estimate`], pure) and the client that runs a frame here
+//! or there ([`client`]).
 
+pub mod client;
+pub mod estimate;
 pub mod policy;
+
+pub use client::{Direct, Offloader};

@@ -125,6 +125,8 @@ pub struct Deps {
     pub inference: Inference,
     /// Where a live pipeline with `[training]` tells federated learning what it trains.
     pub training: TrainingSlot,
+    /// Offloading of inference stages with an `offload_model`; `None`: never.
+    pub offload: Option<crate::offload::Offloader>,
 }
 
 impl std::fmt::Debug for Deps {
@@ -486,6 +488,16 @@ impl Pipeline {
                     max_wait: Duration::from_millis(st.max_wait_ms),
                     metrics,
                     runtime: deps.runtime.clone(),
+                    // A shadow pipeline's health check measures the device's own model.
+                    offload: deps
+                        .offload
+                        .clone()
+                        .filter(|o| {
+                            self.mode == Mode::Live
+                                && !st.offload_model.is_empty()
+                                && o.mode() != crate::offload::policy::Mode::Local
+                        })
+                        .map(|o| (o, st.offload_model.clone())),
                 };
                 let health = health.clone();
                 let thread = std::thread::Builder::new()

@@ -543,6 +543,9 @@ pub struct InferenceStage {
     pub max_wait: Duration,
     pub metrics: Arc<StageMetrics>,
     pub runtime: tokio::runtime::Handle,
+    /// The offload client and the coordinator's name for the model, when frames may run
+    /// there (`offload_model`, live pipelines only).
+    pub offload: Option<(crate::offload::Offloader, String)>,
 }
 
 /// Runs an inference stage until its inputs close: frames (tensor or samples payloads) in,
@@ -581,7 +584,7 @@ pub fn run_inference_stage(
             let full = match next {
                 None => {
                     if let Some(rest) = batcher.flush() {
-                        s.process(rest, &outs, &c, &health);
+                        s.process(rest, 0, &outs, &c, &health);
                     }
                     break;
                 }
@@ -593,12 +596,54 @@ pub fn run_inference_stage(
                 None => continue,
             }
         };
-        s.process(batch, &outs, &c, &health);
+        s.process(batch, rx.len(), &outs, &c, &health);
     }
 }
 
+/// Runs `model` locally on one input, outputs named.
+fn run_local(
+    inference: &Inference,
+    model: &str,
+    input: Tensor,
+) -> Result<crate::offload::client::Outputs, String> {
+    let (m, outputs) = inference.run(model, &[input]).map_err(|e| e.to_string())?;
+    Ok(m.outputs()
+        .iter()
+        .map(|o| o.name.clone())
+        .zip(outputs)
+        .collect())
+}
+
 impl InferenceStage {
-    fn process(&self, frames: Vec<Frame>, outs: &Outputs, c: &NodeCounters, h: &HealthCounters) {
+    /// One model call, here or (when the stage may offload) on the coordinator.
+    fn call(
+        &self,
+        input: Tensor,
+        queued: usize,
+    ) -> Result<crate::offload::client::Outputs, String> {
+        match &self.offload {
+            Some((offloader, remote)) => {
+                let (inference, model) = (self.inference.clone(), self.model.clone());
+                offloader.run(
+                    &self.runtime,
+                    remote,
+                    input,
+                    u32::try_from(queued).unwrap_or(u32::MAX),
+                    move |t| run_local(&inference, &model, t),
+                )
+            }
+            None => run_local(&self.inference, &self.model, input),
+        }
+    }
+
+    fn process(
+        &self,
+        frames: Vec<Frame>,
+        queued: usize,
+        outs: &Outputs,
+        c: &NodeCounters,
+        h: &HealthCounters,
+    ) {
         let tensors: Vec<Result<Tensor, String>> = frames.iter().map(frame_tensor).collect();
         // A batch runs as one call when every frame has a tensor of the same dtype and
         // trailing dimensions; otherwise (or if the batched run fails) frame by frame, so one
@@ -607,8 +652,8 @@ impl InferenceStage {
             && let Some(joined) = concat(&tensors)
         {
             let start = Instant::now();
-            if let Ok((_, outputs)) = self.inference.run(&self.model, &[joined])
-                && let Some(split) = self.split(&tensors, outputs)
+            if let Ok(outputs) = self.call(joined, queued)
+                && let Some(split) = split(&tensors, outputs)
             {
                 let per_frame = start.elapsed() / frames.len() as u32;
                 for (frame, outputs) in frames.iter().zip(split) {
@@ -620,20 +665,9 @@ impl InferenceStage {
         }
         for (frame, tensor) in frames.iter().zip(tensors) {
             let start = Instant::now();
-            let result = tensor.and_then(|t| {
-                self.inference
-                    .run(&self.model, &[t])
-                    .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok((model, outputs)) => {
+            match tensor.and_then(|t| self.call(t, queued)) {
+                Ok(named) => {
                     self.metrics.record_call(CallOutcome::Ok, start.elapsed());
-                    let named = model
-                        .outputs()
-                        .iter()
-                        .map(|o| o.name.clone())
-                        .zip(outputs)
-                        .collect();
                     self.emit(frame, named, outs, c, h);
                 }
                 Err(e) => {
@@ -647,39 +681,6 @@ impl InferenceStage {
                 }
             }
         }
-    }
-
-    /// Cuts batched outputs back into each frame's rows; `None` if an output does not have
-    /// the batch's rows as its first dimension.
-    fn split(
-        &self,
-        inputs: &[Result<Tensor, String>],
-        outputs: Vec<Tensor>,
-    ) -> Option<Vec<Vec<(String, Tensor)>>> {
-        let model = self.inference.model(&self.model)?;
-        let rows: Vec<u32> = inputs
-            .iter()
-            .map(|t| t.as_ref().ok().and_then(|t| t.shape().first().copied()))
-            .collect::<Option<_>>()?;
-        let total: u32 = rows.iter().sum();
-        let mut per_frame: Vec<Vec<(String, Tensor)>> = vec![Vec::new(); rows.len()];
-        for (info, out) in model.outputs().iter().zip(outputs) {
-            if out.shape().first() != Some(&total) || total == 0 {
-                return None;
-            }
-            let (dtype, shape, data) = out.into_parts();
-            let row_bytes = data.len() / total as usize;
-            let mut at = 0;
-            for (i, &r) in rows.iter().enumerate() {
-                let len = row_bytes * r as usize;
-                let mut s = shape.clone();
-                s[0] = r;
-                let t = Tensor::new(dtype, s, data[at..at + len].to_vec()).ok()?;
-                per_frame[i].push((info.name.clone(), t));
-                at += len;
-            }
-        }
-        Some(per_frame)
     }
 
     fn emit(
@@ -722,6 +723,37 @@ impl InferenceStage {
             send_blocking(outs, out, OnFull::Block, c);
         }
     }
+}
+
+/// Cuts batched outputs back into each frame's rows; `None` if an output does not have the
+/// batch's rows as its first dimension.
+fn split(
+    inputs: &[Result<Tensor, String>],
+    outputs: crate::offload::client::Outputs,
+) -> Option<Vec<Vec<(String, Tensor)>>> {
+    let rows: Vec<u32> = inputs
+        .iter()
+        .map(|t| t.as_ref().ok().and_then(|t| t.shape().first().copied()))
+        .collect::<Option<_>>()?;
+    let total: u32 = rows.iter().sum();
+    let mut per_frame: Vec<Vec<(String, Tensor)>> = vec![Vec::new(); rows.len()];
+    for (name, out) in outputs {
+        if out.shape().first() != Some(&total) || total == 0 {
+            return None;
+        }
+        let (dtype, shape, data) = out.into_parts();
+        let row_bytes = data.len() / total as usize;
+        let mut at = 0;
+        for (i, &r) in rows.iter().enumerate() {
+            let len = row_bytes * r as usize;
+            let mut s = shape.clone();
+            s[0] = r;
+            let t = Tensor::new(dtype, s, data[at..at + len].to_vec()).ok()?;
+            per_frame[i].push((name.clone(), t));
+            at += len;
+        }
+    }
+    Some(per_frame)
 }
 
 /// A frame's tensor: a tensor payload as is, a samples payload as f32 `[1, n]`.

@@ -260,6 +260,7 @@ pub enum StageKind {
 /// model_outputs = ["y"]       # optional: outputs to emit (default: all)
 /// max_batch = 8               # optional: frames run together (leading dimension)
 /// max_wait_ms = 5             # optional: longest a frame waits for a batch to fill
+/// offload_model = "vad"       # optional: the coordinator's name for it; frames may run there
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +293,10 @@ pub struct StageSpec {
     /// Inference stages: longest a frame waits for its batch to fill, ms.
     #[serde(default)]
     pub max_wait_ms: u64,
+    /// Inference stages: the coordinator's name for the same model (a key of its
+    /// `[offload.models]`); set, the agent's `[offload]` policy may run frames there.
+    #[serde(default)]
+    pub offload_model: String,
 }
 
 /// Largest `max_batch` of an inference stage.
@@ -596,10 +601,11 @@ impl PipelineSpec {
                         || s.model_input.is_some()
                         || !s.model_outputs.is_empty()
                         || s.max_batch != 1
-                        || s.max_wait_ms != 0;
+                        || s.max_wait_ms != 0
+                        || !s.offload_model.is_empty();
                     if inference_only {
                         return err(format!(
-                            "stage {n:?}: model, model_input, model_outputs, max_batch and max_wait_ms are for kind = \"inference\""
+                            "stage {n:?}: model, model_input, model_outputs, max_batch, max_wait_ms and offload_model are for kind = \"inference\""
                         ));
                     }
                 }
@@ -624,6 +630,14 @@ impl PipelineSpec {
                     }
                     if s.max_wait_ms > 10_000 {
                         return err(format!("stage {n:?}: max_wait_ms must be at most 10000"));
+                    }
+                    if !s.offload_model.is_empty()
+                        && (s.offload_model.len() > 255
+                            || s.offload_model.trim() != s.offload_model)
+                    {
+                        return err(format!(
+                            "stage {n:?}: offload_model must be 1-255 characters without surrounding spaces"
+                        ));
                     }
                 }
             }

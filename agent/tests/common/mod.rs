@@ -106,5 +106,6 @@ pub fn pipeline_deps(
         runtime: tokio::runtime::Handle::current(),
         inference,
         training: Default::default(),
+        offload: None,
     }
 }

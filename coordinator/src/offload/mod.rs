@@ -253,8 +253,15 @@ impl Offload {
                 return;
             }
         };
-        self.shared.stats().counters.requests += 1;
         let id = request.correlation_id;
+        if request.is_probe() {
+            // A device measuring the link: answered at once, with the queue depth.
+            self.shared.stats().counters.probes += 1;
+            let mut response = Response::failed(id, Status::Ok, "");
+            response.queue_depth = self.shared.depth();
+            return self.send_answer(device, response);
+        }
+        self.shared.stats().counters.requests += 1;
         if !self.models.contains(&request.model) {
             let why = format!(
                 "model {:?} is not served by replica {}",
@@ -290,8 +297,12 @@ impl Offload {
         tracing::debug!(device, correlation_id = id, status = status.as_str(), reason = %why, "offload request refused");
         let mut response = Response::failed(id, status, why);
         response.queue_depth = self.shared.depth();
+        self.shared.stats().answered(status);
+        self.send_answer(device, response);
+    }
+
+    fn send_answer(&self, device: &str, response: Response) {
         let mut stats = self.shared.stats();
-        stats.answered(status);
         match response.encode() {
             Ok(bytes) => {
                 if self
@@ -325,6 +336,7 @@ impl Offload {
             expired = c.expired,
             unknown_model = c.unknown_model,
             garbage = c.garbage,
+            probes = c.probes,
             dropped = c.dropped,
             queue_depth = self.shared.depth(),
             compute_p50_ms = p50,

@@ -23,6 +23,8 @@ pub struct Counters {
     pub unknown_model: u64,
     /// Payloads that were not a request (ignored, never answered).
     pub garbage: u64,
+    /// Link probes (empty model, no inputs) answered at once.
+    pub probes: u64,
     /// Answers dropped because the publish queue was full or closed.
     pub dropped: u64,
 }

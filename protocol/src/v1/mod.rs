@@ -330,6 +330,44 @@ pub struct Telemetry {
     /// Federated learning on the device; absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fl: Option<FlTelemetry>,
+    /// Offload decisions and outcomes; absent from older agents and when no stage offloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadTelemetry>,
+}
+
+/// Offload decisions of a device, totals since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadTelemetry {
+    /// The configured mode (`local`, `offload`, `cost`, `adaptive`).
+    pub mode: String,
+    /// Decisions by `side/reason` (`local/offline`, `offload/learned`, ...).
+    pub decisions: std::collections::BTreeMap<String, u64>,
+    /// Offloaded frames that ran locally after all, by cause (`timeout`, `overloaded`,
+    /// `expired`, `unknown_model`, `error`, `not_sent`, `hedge`).
+    pub fallbacks: std::collections::BTreeMap<String, u64>,
+    /// Offloaded frames answered by the coordinator.
+    pub remote_ok: u64,
+    /// Answers that came after their frame was already done (late, or hedge lost).
+    pub late_answers: u64,
+    /// Link probes sent (when no offload measured the link for a while).
+    #[serde(default)]
+    pub probes: u64,
+    /// The link as measured: round trip (ms) and uplink throughput (bytes/s, 0: unknown).
+    pub rtt_ms: f64,
+    pub uplink_bps: f64,
+    /// Per offloadable model: moving averages of local and end-to-end remote latency, ms.
+    pub models: Vec<OffloadModelTelemetry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadModelTelemetry {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ms: Option<f64>,
 }
 
 /// Federated learning counters of a device, totals since the agent started.

@@ -174,6 +174,20 @@ pub struct Request {
 
 impl Request {
     /// True when the request has a deadline and `now_ms` is at or past it.
+    /// A link probe: no model, no inputs; a replica answers `ok` at once, without compute.
+    pub fn probe(correlation_id: u64, deadline_ms: u64) -> Request {
+        Request {
+            correlation_id,
+            deadline_ms,
+            model: String::new(),
+            inputs: Vec::new(),
+        }
+    }
+
+    pub fn is_probe(&self) -> bool {
+        self.model.is_empty() && self.inputs.is_empty()
+    }
+
     pub fn expired(&self, now_ms: u64) -> bool {
         self.deadline_ms != 0 && now_ms >= self.deadline_ms
     }

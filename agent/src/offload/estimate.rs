@@ -1,0 +1,290 @@
+//! What the offload policy knows about the two sides, learned from outcomes: moving averages
+//! of local and remote compute, and a link model (round-trip time and uplink throughput)
+//! fitted to the network part of every offloaded request.
+//!
+//! Pure: callers pass the measurements; the live client and the trace benchmark share it, so
+//! the benchmark evaluates exactly what the agent runs.
+
+/// Exponentially weighted moving average; `None` until the first sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ewma {
+    alpha: f64,
+    value: Option<f64>,
+}
+
+impl Ewma {
+    pub fn new(alpha: f64) -> Ewma {
+        Ewma {
+            alpha: alpha.clamp(0.01, 1.0),
+            value: None,
+        }
+    }
+
+    pub fn observe(&mut self, x: f64) {
+        if !x.is_finite() {
+            return;
+        }
+        self.value = Some(match self.value {
+            None => x,
+            Some(v) => v + self.alpha * (x - v),
+        });
+    }
+
+    pub fn get(&self) -> Option<f64> {
+        self.value
+    }
+}
+
+/// The link as the device sees it: `network_ms = rtt + bytes / throughput`, fitted by
+/// discounted least squares over the network part of offloaded requests (end-to-end time
+/// minus the coordinator's reported queue and compute time). With payloads of one size only
+/// the throughput cannot be separated from the round trip; the fit then reports the mean as
+/// the round trip and the throughput as unknown, which predicts that size correctly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkModel {
+    discount: f64,
+    n: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+}
+
+impl Default for LinkModel {
+    fn default() -> Self {
+        LinkModel::new(0.8)
+    }
+}
+
+impl LinkModel {
+    /// `discount`: weight kept by older samples per new one (0.8: about the last 5 count).
+    pub fn new(discount: f64) -> LinkModel {
+        LinkModel {
+            discount: discount.clamp(0.0, 0.999),
+            n: 0.0,
+            sx: 0.0,
+            sy: 0.0,
+            sxx: 0.0,
+            sxy: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, bytes: u64, network_ms: f64) {
+        if !network_ms.is_finite() || network_ms < 0.0 {
+            return;
+        }
+        let g = self.discount;
+        let x = bytes as f64;
+        self.n = self.n * g + 1.0;
+        self.sx = self.sx * g + x;
+        self.sy = self.sy * g + network_ms;
+        self.sxx = self.sxx * g + x * x;
+        self.sxy = self.sxy * g + x * network_ms;
+    }
+
+    pub fn known(&self) -> bool {
+        self.n > 1e-9
+    }
+
+    /// (round trip ms, ms per byte); the slope is 0 when sizes did not vary enough.
+    fn fit(&self) -> (f64, f64) {
+        if !self.known() {
+            return (0.0, 0.0);
+        }
+        let mx = self.sx / self.n;
+        let my = self.sy / self.n;
+        let var = self.sxx / self.n - mx * mx;
+        // Sizes must spread by at least ~10% of their mean for a slope to mean anything.
+        if var <= (0.1 * mx).powi(2) || var <= 1.0 {
+            return (my, 0.0);
+        }
+        let slope = (self.sxy / self.n - mx * my) / var;
+        if slope <= 0.0 {
+            return (my, 0.0);
+        }
+        let rtt = my - slope * mx;
+        if rtt < 0.0 {
+            // The line crosses below zero: all of it is throughput.
+            return (0.0, my / mx.max(1.0));
+        }
+        (rtt, slope)
+    }
+
+    /// Round trip, ms (0 when never measured).
+    pub fn rtt_ms(&self) -> f64 {
+        self.fit().0
+    }
+
+    /// Uplink throughput, bytes/s (0: unknown).
+    pub fn uplink_bps(&self) -> f64 {
+        match self.fit().1 {
+            s if s > 0.0 => 1000.0 / s,
+            _ => 0.0,
+        }
+    }
+
+    /// Expected network time of a request of `bytes`, ms.
+    pub fn predict_ms(&self, bytes: u64) -> f64 {
+        let (rtt, slope) = self.fit();
+        rtt + slope * bytes as f64
+    }
+}
+
+/// What the device learned about one offloadable model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelKnowledge {
+    /// Local run time, ms.
+    pub local_ms: Ewma,
+    /// End-to-end time of answered offloads, ms.
+    pub remote_ms: Ewma,
+    /// The coordinator's compute time, as its answers report it, ms.
+    pub remote_compute_ms: Ewma,
+}
+
+impl Default for ModelKnowledge {
+    fn default() -> Self {
+        ModelKnowledge {
+            local_ms: Ewma::new(0.2),
+            remote_ms: Ewma::new(0.2),
+            remote_compute_ms: Ewma::new(0.2),
+        }
+    }
+}
+
+/// What the policy cannot learn from outcomes: measured now, or advertised.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Context {
+    pub payload_bytes: u64,
+    pub local_queue: u32,
+    pub cpu_load: f64,
+    /// Connected, with a fresh capacity advert naming the model.
+    pub online: bool,
+    pub remote_workers: u32,
+    pub remote_queue: u32,
+    /// The adverts' compute time for the model, ms.
+    pub advert_compute_ms: Option<f64>,
+}
+
+/// Everything the device learned: the link and each model's two sides. The live client and
+/// the trace benchmark feed it the same way.
+#[derive(Debug, Clone, Default)]
+pub struct Knowledge {
+    pub link: LinkModel,
+    pub models: std::collections::BTreeMap<String, ModelKnowledge>,
+}
+
+impl Knowledge {
+    fn model(&mut self, model: &str) -> &mut ModelKnowledge {
+        self.models.entry(model.to_owned()).or_default()
+    }
+
+    pub fn observe_local(&mut self, model: &str, ms: f64) {
+        self.model(model).local_ms.observe(ms);
+    }
+
+    /// An answered offload: `total_ms` from sending to the answer, of which the coordinator
+    /// says it spent `queue_ms` queued and `compute_ms` computing.
+    pub fn observe_remote(
+        &mut self,
+        model: &str,
+        bytes: u64,
+        total_ms: f64,
+        queue_ms: f64,
+        compute_ms: f64,
+    ) {
+        self.link
+            .observe(bytes, (total_ms - queue_ms - compute_ms).max(0.0));
+        let m = self.model(model);
+        m.remote_ms.observe(total_ms);
+        m.remote_compute_ms.observe(compute_ms);
+    }
+
+    /// A request or probe with no answer within `timeout_ms`: the link cost at least that.
+    pub fn observe_timeout(&mut self, bytes: u64, timeout_ms: f64) {
+        self.link.observe(bytes, timeout_ms);
+    }
+
+    /// A probe's answer: only the link is measured.
+    pub fn observe_probe(&mut self, bytes: u64, total_ms: f64, queue_ms: f64) {
+        self.link.observe(bytes, (total_ms - queue_ms).max(0.0));
+    }
+
+    /// What the policy sees for `model` now.
+    pub fn estimates(&self, model: &str, c: &Context) -> super::policy::Estimates {
+        let m = self.models.get(model).copied().unwrap_or_default();
+        let local_ms = m.local_ms.get().unwrap_or(0.0);
+        super::policy::Estimates {
+            local_ms,
+            local_queue: c.local_queue,
+            cpu_load: c.cpu_load,
+            payload_bytes: c.payload_bytes,
+            online: c.online,
+            rtt_ms: self.link.rtt_ms(),
+            uplink_bps: self.link.uplink_bps(),
+            // Never measured: the advert's figure, else as fast as here (same model).
+            remote_ms: m
+                .remote_compute_ms
+                .get()
+                .or(c.advert_compute_ms)
+                .unwrap_or(local_ms),
+            remote_queue: c.remote_queue,
+            remote_workers: c.remote_workers,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ewma_starts_at_the_first_sample_and_follows() {
+        let mut e = Ewma::new(0.5);
+        assert_eq!(e.get(), None);
+        e.observe(10.0);
+        assert_eq!(e.get(), Some(10.0));
+        e.observe(20.0);
+        assert_eq!(e.get(), Some(15.0));
+        e.observe(f64::NAN);
+        assert_eq!(e.get(), Some(15.0));
+    }
+
+    #[test]
+    fn link_model_separates_round_trip_and_throughput() {
+        let mut l = LinkModel::new(0.95);
+        // 20 ms round trip, 100 kB/s: 0.01 ms per byte.
+        for i in 0..40u64 {
+            let bytes = 1_000 + (i % 5) * 2_000;
+            l.observe(bytes, 20.0 + bytes as f64 * 0.01);
+        }
+        assert!((l.rtt_ms() - 20.0).abs() < 0.5, "{}", l.rtt_ms());
+        assert!(
+            (l.uplink_bps() - 100_000.0).abs() < 2_000.0,
+            "{}",
+            l.uplink_bps()
+        );
+        assert!((l.predict_ms(50_000) - 520.0).abs() < 10.0);
+    }
+
+    #[test]
+    fn one_payload_size_predicts_that_size() {
+        let mut l = LinkModel::default();
+        for _ in 0..10 {
+            l.observe(4_000, 35.0);
+        }
+        assert!((l.predict_ms(4_000) - 35.0).abs() < 1e-6);
+        assert_eq!(l.uplink_bps(), 0.0);
+    }
+
+    #[test]
+    fn link_model_forgets_an_old_link() {
+        let mut l = LinkModel::new(0.8);
+        for _ in 0..20 {
+            l.observe(4_000, 5.0);
+        }
+        for _ in 0..20 {
+            l.observe(4_000, 200.0);
+        }
+        assert!(l.predict_ms(4_000) > 190.0, "{}", l.predict_ms(4_000));
+    }
+}
