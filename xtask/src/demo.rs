@@ -16,10 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, Event, Journal, PipelineDir, SigningKey, TestEnv, deploy,
+    Agent, AgentOptions, Coordinator, Event, Journal, Link, LinkProxy, OFFLOAD_PIPELINE,
+    PipelineDir, SigningKey, TestEnv, deploy, offload_coordinator_config, offload_count,
+    offloading_agent,
 };
 
 const DEVICES: [&str; 2] = ["edge-a", "edge-b"];
+/// The third agent, behind a link proxy, whose inference stage may offload.
+const OFFLOADER: &str = "edge-c";
 const TELEMETRY_S: u64 = 2;
 const ONLINE_STREAM: Duration = Duration::from_secs(5);
 const OUTAGE_TICKS: u32 = 6;
@@ -112,6 +116,27 @@ fn describe(e: &Event) -> Option<String> {
         ),
         "online" => format!("{dev:<7} online"),
         "offline" => format!("{dev:<7} offline"),
+        "telemetry" if e.raw.get("offload").is_some() => {
+            let o = &e.raw["offload"];
+            let sum = |side: &str| -> u64 {
+                o.get("decisions")
+                    .and_then(|d| d.as_object())
+                    .map(|d| {
+                        d.iter()
+                            .filter(|(k, _)| k.starts_with(side))
+                            .filter_map(|(_, v)| v.as_u64())
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            };
+            format!(
+                "{dev:<7} telemetry #{:<4} offload decisions so far: {} offloaded, {} local; link rtt {:.1} ms",
+                e.seq.unwrap_or(0),
+                sum("offload/"),
+                sum("local/"),
+                o.get("rtt_ms").and_then(|v| v.as_f64()).unwrap_or(0.0)
+            )
+        }
         "telemetry" => format!(
             "{dev:<7} telemetry #{:<4} cpu {:5.1}%  mem used {}  agent rss {}  outbox {}",
             e.seq.unwrap_or(0),
@@ -192,6 +217,72 @@ fn describe(e: &Event) -> Option<String> {
         _ => return None,
     };
     Some(line)
+}
+
+/// Offload: a third agent behind a link proxy runs an inference stage that may send frames
+/// to the coordinator. It decides by cost (energy, with a 150 ms deadline), so its decisions
+/// follow the link: offload while fast, local while slow (deadline) or cut (offline), offload
+/// again once link probes see it recover.
+fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<()> {
+    const KEYS: [&str; 4] = [
+        "decisions.offload/cost",
+        "decisions.local/deadline",
+        "decisions.local/offline",
+        "decisions.local/cost",
+    ];
+    let counts =
+        |j: &Journal| -> [u64; 4] { KEYS.map(|k| offload_count(j.events(), OFFLOADER, k)) };
+    let pipeline = env.path("offload").join("pipeline.toml");
+    std::fs::write(&pipeline, OFFLOAD_PIPELINE)?;
+    let proxy = LinkProxy::to_port(coord.port().context("coordinator port")?)?;
+    let mut o = AgentOptions::new(OFFLOADER, proxy.url());
+    o.telemetry_interval_s = TELEMETRY_S;
+    o.reconnect_max_ms = 500;
+    offloading_agent(&mut o, &pipeline)?;
+    tl.note(&format!(
+        "offload: starting {OFFLOADER} behind a link proxy; its inference stage (20 frames/s) may run on the \
+         coordinator, decided per frame by energy cost with a 150 ms deadline"
+    ));
+    let mut agent = Agent::start(&env.path(OFFLOADER), o)?;
+    let mut summary = Vec::new();
+    let mut phase = |tl: &mut Timeline, name: &str, key: usize, act: &dyn Fn()| -> Result<()> {
+        let before = counts(&tl.journal);
+        tl.note(name);
+        act();
+        tl.until(name, CATCH_UP_TIMEOUT, |j| {
+            counts(j)[key] >= before[key] + 20
+        })?;
+        let after = counts(&tl.journal);
+        let d: Vec<u64> = (0..4).map(|i| after[i] - before[i]).collect();
+        summary.push(format!(
+            "  {name:<34} offloaded {:>4}   local: deadline {:>4}, offline {:>4}, cost {:>4}",
+            d[0], d[1], d[2], d[3]
+        ));
+        Ok(())
+    };
+    phase(tl, "fast link (loopback)", 0, &|| {})?;
+    phase(tl, "slow link: 250 ms each way", 1, &|| {
+        proxy.set(Link {
+            delay: Duration::from_millis(250),
+            ..Link::default()
+        })
+    })?;
+    phase(tl, "link cut for 4 s, then back", 2, &|| {
+        proxy.cut();
+        std::thread::sleep(Duration::from_secs(4));
+        proxy.set(Link::default());
+        proxy.restore();
+    })?;
+    phase(tl, "fast link again (probes notice)", 0, &|| {})?;
+    agent.stop()?;
+    println!();
+    println!(
+        "offload decisions of {OFFLOADER} per phase (counted by the agent, from its telemetry):"
+    );
+    for line in summary {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn short(s: &str) -> &str {
@@ -367,7 +458,31 @@ fn tour(env: &TestEnv) -> Result<()> {
         "edge runtime demo: files and logs in {}",
         env.dir().display()
     );
-    let mut coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+    // The coordinator also serves an MLP for offloaded inference (the last act); ONNX Runtime
+    // comes from the onnxruntime wheel (`cargo xtask ort`), fetched here if missing.
+    let offload_files = env.path("offload");
+    let model_path = offload_files.join("models/mlp.onnx");
+    std::fs::create_dir_all(offload_files.join("models"))?;
+    std::fs::write(
+        &model_path,
+        edge_inference::onnx_builder::mlp(&edge_inference::onnx_builder::mlp_layers(
+            &[64, 32, 10],
+            1,
+        )),
+    )?;
+    let ort_ready = match crate::ort::ensure_ort(&crate::root(), crate::ort::host_triple(), false) {
+        Ok(_) => true,
+        Err(e) => {
+            println!("no ONNX Runtime library ({e:#}): the offload act will be skipped");
+            false
+        }
+    };
+    let coordinator_config = offload_files.join("coordinator.toml");
+    std::fs::write(&coordinator_config, offload_coordinator_config(&model_path))?;
+    let mut coord = Coordinator::start_embedded_with_args(
+        &env.path("coordinator"),
+        vec!["--config".into(), coordinator_config.display().to_string()],
+    )?;
     let mut tl = Timeline {
         t0_ms,
         started,
@@ -503,13 +618,17 @@ fn tour(env: &TestEnv) -> Result<()> {
         );
         ok &= delivered == queued;
     }
+    if !ok {
+        bail!("some messages queued during the outage did not arrive");
+    }
+    println!();
+    if ort_ready {
+        offload_act(env, &coord, &mut tl)?;
+    }
     for a in &mut agents {
         a.stop()?;
     }
     coord.stop()?;
-    if !ok {
-        bail!("some messages queued during the outage did not arrive");
-    }
     println!(
         "every message queued during the outage was delivered ({:.0?} in all)",
         started.elapsed()

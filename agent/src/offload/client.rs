@@ -37,6 +37,8 @@ pub const DIRECT_CAPACITY: usize = 64;
 pub const INBOX_CAPACITY: usize = 256;
 /// Bytes a request adds to its tensors (magic, ids, names, shapes), roughly.
 const REQUEST_OVERHEAD: u64 = 64;
+/// Largest padding of a link probe, bytes.
+const MAX_PROBE_PAD: u64 = 64 * 1024;
 
 /// A QoS 0 publish the uplink writes now, or drops once `expires` passed or while offline.
 #[derive(Debug)]
@@ -80,6 +82,8 @@ struct State {
     counters: Counters,
     /// When the link was last measured (answer, probe or timeout).
     last_measured: Option<Instant>,
+    /// Size of the last offload request, bytes.
+    last_request_bytes: u64,
 }
 
 struct Inner {
@@ -141,6 +145,7 @@ impl Offloader {
                     models: BTreeMap::new(),
                     counters: Counters::default(),
                     last_measured: None,
+                    last_request_bytes: 0,
                 }),
                 cpu_load: AtomicU32::new(0),
             }),
@@ -214,7 +219,7 @@ impl Offloader {
             return;
         }
         let now = Instant::now();
-        {
+        let pad = {
             let st = self.state();
             let max_age = Duration::from_millis(cfg.advert_max_age_ms);
             let due = st.last_measured.is_none_or(|at| {
@@ -227,10 +232,19 @@ impl Offloader {
             if !due || !coordinator || st.models.is_empty() {
                 return;
             }
-        }
+            // Every other probe is the size of the last request, so the link model sees
+            // both sizes at the same time and can tell round trip from throughput.
+            if st.counters.probes % 2 == 1 {
+                st.last_request_bytes
+                    .saturating_sub(REQUEST_OVERHEAD)
+                    .min(MAX_PROBE_PAD) as usize
+            } else {
+                0
+            }
+        };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let Ok(payload) = Request::probe(id, v1::now_ms() + cfg.timeout_ms).encode() else {
+        let Ok(payload) = Request::probe(id, v1::now_ms() + cfg.timeout_ms, pad).encode() else {
             return;
         };
         let bytes = payload.len() as u64;
@@ -262,7 +276,7 @@ impl Offloader {
                     st.last_measured = Some(at);
                 }
                 _ => {
-                    st.knowledge.observe_timeout(bytes, ms(timeout));
+                    st.knowledge.observe_timeout(ms(timeout));
                     st.last_measured = Some(Instant::now());
                 }
             }
@@ -453,6 +467,7 @@ impl Offloader {
         if self.pending().len() >= cfg.max_pending as usize {
             return fallback("busy", local);
         }
+        self.state().last_request_bytes = payload_bytes;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             correlation_id: id,
@@ -549,7 +564,7 @@ impl Offloader {
             (Waited::Timeout, local) => {
                 // What the link cost this time, as far as we know: at least the timeout.
                 let mut st = self.state();
-                st.knowledge.observe_timeout(payload_bytes, ms(timeout));
+                st.knowledge.observe_timeout(ms(timeout));
                 st.last_measured = Some(Instant::now());
                 drop(st);
                 match local {

@@ -48,6 +48,9 @@ pub struct LinkModel {
     sy: f64,
     sxx: f64,
     sxy: f64,
+    /// Discounted count and sum of lost requests' waits.
+    lost_n: f64,
+    lost_sum: f64,
 }
 
 impl Default for LinkModel {
@@ -66,6 +69,8 @@ impl LinkModel {
             sy: 0.0,
             sxx: 0.0,
             sxy: 0.0,
+            lost_n: 0.0,
+            lost_sum: 0.0,
         }
     }
 
@@ -73,22 +78,63 @@ impl LinkModel {
         if !network_ms.is_finite() || network_ms < 0.0 {
             return;
         }
-        let g = self.discount;
+        self.decay();
         let x = bytes as f64;
-        self.n = self.n * g + 1.0;
-        self.sx = self.sx * g + x;
-        self.sy = self.sy * g + network_ms;
-        self.sxx = self.sxx * g + x * x;
-        self.sxy = self.sxy * g + x * network_ms;
+        self.n += 1.0;
+        self.sx += x;
+        self.sy += network_ms;
+        self.sxx += x * x;
+        self.sxy += x * network_ms;
+    }
+
+    /// A request or probe without an answer within `ms`: the link got slower, but nothing
+    /// says whether the round trip or the throughput did. The sample counts towards every
+    /// size alike (not in the fit, where a lost large request next to answered small probes
+    /// would read as a throughput collapse only requests, which the policy then avoids, could
+    /// correct), and fades like the others.
+    pub fn observe_lost(&mut self, ms: f64) {
+        if !ms.is_finite() || ms < 0.0 {
+            return;
+        }
+        self.decay();
+        self.lost_n += 1.0;
+        self.lost_sum += ms;
+    }
+
+    fn decay(&mut self) {
+        let g = self.discount;
+        for v in [
+            &mut self.n,
+            &mut self.sx,
+            &mut self.sy,
+            &mut self.sxx,
+            &mut self.sxy,
+            &mut self.lost_n,
+            &mut self.lost_sum,
+        ] {
+            *v *= g;
+        }
     }
 
     pub fn known(&self) -> bool {
-        self.n > 1e-9
+        self.n + self.lost_n > 1e-9
     }
 
-    /// (round trip ms, ms per byte); the slope is 0 when sizes did not vary enough.
+    /// (round trip ms, ms per byte): the answered samples' fit, blended with the lost ones
+    /// by weight.
     fn fit(&self) -> (f64, f64) {
-        if !self.known() {
+        let (rtt, slope) = self.answered_fit();
+        let total = self.n + self.lost_n;
+        if total <= 1e-9 {
+            return (0.0, 0.0);
+        }
+        let w = self.n / total;
+        (w * rtt + self.lost_sum / total, w * slope)
+    }
+
+    /// The fit of answered samples; the slope is 0 when sizes did not vary enough.
+    fn answered_fit(&self) -> (f64, f64) {
+        if self.n <= 1e-9 {
             return (0.0, 0.0);
         }
         let mx = self.sx / self.n;
@@ -200,8 +246,8 @@ impl Knowledge {
     }
 
     /// A request or probe with no answer within `timeout_ms`: the link cost at least that.
-    pub fn observe_timeout(&mut self, bytes: u64, timeout_ms: f64) {
-        self.link.observe(bytes, timeout_ms);
+    pub fn observe_timeout(&mut self, timeout_ms: f64) {
+        self.link.observe_lost(timeout_ms);
     }
 
     /// A probe's answer: only the link is measured.
@@ -274,6 +320,21 @@ mod tests {
         }
         assert!((l.predict_ms(4_000) - 35.0).abs() < 1e-6);
         assert_eq!(l.uplink_bps(), 0.0);
+    }
+
+    #[test]
+    fn a_lost_request_slows_the_round_trip_not_the_throughput() {
+        let mut l = LinkModel::new(0.8);
+        for i in 0..20u64 {
+            l.observe(if i % 2 == 0 { 25 } else { 400 }, 2.0);
+        }
+        l.observe_lost(1000.0);
+        assert_eq!(l.uplink_bps(), 0.0, "no slope from a timeout");
+        // Small probes that come back fast bring the estimate down again for every size.
+        for _ in 0..20 {
+            l.observe(25, 2.0);
+        }
+        assert!(l.predict_ms(400) < 10.0, "{}", l.predict_ms(400));
     }
 
     #[test]

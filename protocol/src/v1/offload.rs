@@ -174,18 +174,30 @@ pub struct Request {
 
 impl Request {
     /// True when the request has a deadline and `now_ms` is at or past it.
-    /// A link probe: no model, no inputs; a replica answers `ok` at once, without compute.
-    pub fn probe(correlation_id: u64, deadline_ms: u64) -> Request {
+    /// A link probe: no model; a replica answers `ok` at once, without compute. `pad_bytes`
+    /// of zeros ride along (one u8 tensor) so the probe can be the size of a real request.
+    pub fn probe(correlation_id: u64, deadline_ms: u64, pad_bytes: usize) -> Request {
+        let inputs = if pad_bytes == 0 {
+            Vec::new()
+        } else {
+            vec![WireTensor {
+                name: "pad".into(),
+                dtype: 2,
+                shape: vec![u32::try_from(pad_bytes).unwrap_or(u32::MAX)],
+                data: vec![0; pad_bytes],
+            }]
+        };
         Request {
             correlation_id,
             deadline_ms,
             model: String::new(),
-            inputs: Vec::new(),
+            inputs,
         }
     }
 
+    /// A probe names no model (its inputs are padding).
     pub fn is_probe(&self) -> bool {
-        self.model.is_empty() && self.inputs.is_empty()
+        self.model.is_empty()
     }
 
     pub fn expired(&self, now_ms: u64) -> bool {
