@@ -195,11 +195,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tokio::spawn(telemetry::run(
             device.clone(),
             Duration::from_secs(cfg.telemetry.interval_s),
-            outbox.clone(),
-            slot.clone(),
-            inference.clone(),
-            fl_stats.clone(),
-            offload.clone(),
+            telemetry::Sources {
+                outbox: outbox.clone(),
+                pipeline: slot.clone(),
+                inference: inference.clone(),
+                fl: fl_stats.clone(),
+                offload: offload.clone(),
+            },
             stop_rx.clone(),
         ))
     });

@@ -119,17 +119,29 @@ pub fn self_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The agent's parts that report in each sample.
+pub struct Sources {
+    pub outbox: Arc<Outbox>,
+    pub pipeline: RunningSlot,
+    pub inference: Inference,
+    pub fl: Arc<crate::fl::FlStats>,
+    pub offload: Option<crate::offload::Offloader>,
+}
+
 /// Samples every `interval` and queues the sample; stops when `shutdown` turns true.
 pub async fn run(
     device: String,
     interval: Duration,
-    outbox: Arc<Outbox>,
-    pipeline: RunningSlot,
-    inference: Inference,
-    fl: Arc<crate::fl::FlStats>,
-    offload: Option<crate::offload::Offloader>,
+    sources: Sources,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Sources {
+        outbox,
+        pipeline,
+        inference,
+        fl,
+        offload,
+    } = sources;
     let mut sampler = Sampler::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -539,11 +539,7 @@ impl Offloader {
                         m.remote_queue = Some((r.queue_depth, at));
                     }
                     drop(st);
-                    return Ok(r
-                        .outputs
-                        .into_iter()
-                        .map(from_wire)
-                        .collect::<Result<_, _>>()?);
+                    return r.outputs.into_iter().map(from_wire).collect();
                 }
                 tracing::debug!(model, status = r.status.as_str(), error = %r.error, "offload refused; running locally");
                 {
