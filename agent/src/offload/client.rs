@@ -248,17 +248,9 @@ impl Offloader {
             return;
         };
         let bytes = payload.len() as u64;
-        let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, tx);
-        let direct = Direct {
-            topic: topics::offload_request(&self.inner.device),
-            payload,
-            expires: now + timeout,
-        };
-        if self.inner.tx.try_send(direct).is_err() {
-            self.pending().remove(&id);
+        let Some(rx) = self.send(id, payload, now + timeout) else {
             return;
-        }
+        };
         // Marked now so that one probe at a time is in flight.
         self.state().last_measured = Some(now);
         let this = self.clone();
@@ -282,6 +274,28 @@ impl Offloader {
             }
             st.counters.probes += 1;
         });
+    }
+
+    /// Registers `id` as waiting and hands the request to the uplink's direct path; `None`
+    /// when the path is full or gone.
+    fn send(
+        &self,
+        id: u64,
+        payload: Vec<u8>,
+        expires: Instant,
+    ) -> Option<oneshot::Receiver<(Response, Instant)>> {
+        let (tx, rx) = oneshot::channel();
+        self.pending().insert(id, tx);
+        let direct = Direct {
+            topic: topics::offload_request(&self.inner.device),
+            payload,
+            expires,
+        };
+        if self.inner.tx.try_send(direct).is_err() {
+            self.pending().remove(&id);
+            return None;
+        }
+        Some(rx)
     }
 
     fn on_response(&self, payload: &[u8]) {
@@ -482,17 +496,9 @@ impl Offloader {
                 return fallback("not_sent", local);
             }
         };
-        let (tx, mut rx) = oneshot::channel();
-        self.pending().insert(id, tx);
-        let direct = Direct {
-            topic: topics::offload_request(&self.inner.device),
-            payload,
-            expires: start + timeout,
-        };
-        if self.inner.tx.try_send(direct).is_err() {
-            self.pending().remove(&id);
+        let Some(mut rx) = self.send(id, payload, start + timeout) else {
             return fallback("not_sent", local);
-        }
+        };
         let hedge = (cfg.hedge_ms > 0).then(|| Duration::from_millis(cfg.hedge_ms));
         let waited = rt.block_on(async {
             let first = hedge.unwrap_or(timeout);
