@@ -53,13 +53,10 @@ pub struct Board {
     #[serde(default)]
     pub agent: toml::Table,
     /// Disk image settings; `None` for boards whose images come from the vendor.
-    #[allow(dead_code)]
     pub image: Option<BoardImage>,
 }
 
-/// `[image]` of a board profile.
-// Read by `cargo xtask image`, which is not written yet (see the README's ARM boards).
-#[allow(dead_code)]
+/// `[image]` of a board profile (`cargo xtask image`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BoardImage {

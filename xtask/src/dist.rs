@@ -19,8 +19,33 @@ use anyhow::{Context, Result, bail};
 
 use crate::cross::{Board, Build, Target, mib};
 
+/// What `dist` wrote.
+#[derive(Debug, Clone)]
+pub struct Dist {
+    pub deb: PathBuf,
+    pub tarball: PathBuf,
+    /// The staged tree both were made from.
+    pub tree: PathBuf,
+}
+
 /// `cargo xtask dist`.
 pub fn run(target: Option<&str>, board: Option<&str>) -> Result<()> {
+    let dist = build(target, board)?;
+    for f in [&dist.deb, &dist.tarball] {
+        let len = fs::metadata(f)
+            .with_context(|| format!("cannot stat {}", f.display()))?
+            .len();
+        println!("{}: {:.1} MiB", f.display(), mib(len));
+    }
+    println!(
+        "dist: staged tree (what both contain): {}",
+        dist.tree.display()
+    );
+    Ok(())
+}
+
+/// Builds the release agent and packages it; `cargo xtask image` installs the .deb.
+pub fn build(target: Option<&str>, board: Option<&str>) -> Result<Dist> {
     let board = board
         .map(|b| Board::load(b).map(|p| (b.to_owned(), p)))
         .transpose()?;
@@ -84,14 +109,7 @@ pub fn run(target: Option<&str>, board: Option<&str>) -> Result<()> {
         target.triple
     ));
     build_tarball(&tree, &tarball)?;
-    for f in [&deb, &tarball] {
-        let len = fs::metadata(f)
-            .with_context(|| format!("cannot stat {}", f.display()))?
-            .len();
-        println!("{}: {:.1} MiB", f.display(), mib(len));
-    }
-    println!("dist: staged tree (what both contain): {}", tree.display());
-    Ok(())
+    Ok(Dist { deb, tarball, tree })
 }
 
 /// The library files the wheel unpacked (`libonnxruntime.so.1.x`, providers), and the

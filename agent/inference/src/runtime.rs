@@ -64,15 +64,25 @@ pub enum RuntimeError {
 }
 
 fn describe(tried: &[Attempt]) -> String {
-    if tried.is_empty() {
-        return "no library path to try".into();
+    let mut text = if tried.is_empty() {
+        "no library path to try".to_owned()
+    } else {
+        tried
+            .iter()
+            .map(|a| format!("{} ({}): {}", a.path.display(), a.source, a.reason))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if cfg!(target_arch = "arm") {
+        text.push_str(ARMV7_HINT);
     }
-    tried
-        .iter()
-        .map(|a| format!("{} ({}): {}", a.path.display(), a.source, a.reason))
-        .collect::<Vec<_>>()
-        .join("; ")
+    text
 }
+
+/// The usual cause on 32-bit ARM, where the package ships no library: said in the error, so
+/// the operator does not go looking for a broken install.
+const ARMV7_HINT: &str = " (PyPI publishes no armv7 onnxruntime wheel, so armhf packages ship \
+                          no library: set inference.library to a vendor or source build)";
 
 /// A loaded ONNX Runtime: the library, its ort environment, and the config. Cheap to clone.
 #[derive(Clone)]
@@ -322,9 +332,16 @@ mod tests {
                 },
             ],
         };
+        let hint = if cfg!(target_arch = "arm") {
+            ARMV7_HINT
+        } else {
+            ""
+        };
         assert_eq!(
             e.to_string(),
-            "onnx runtime unavailable: /a.so (ORT_DYLIB_PATH): no such file; /b.so (workspace target/ort): bad elf"
+            format!(
+                "onnx runtime unavailable: /a.so (ORT_DYLIB_PATH): no such file; /b.so (workspace target/ort): bad elf{hint}"
+            )
         );
     }
 }

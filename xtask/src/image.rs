@@ -1,0 +1,643 @@
+//! `cargo xtask image --board NAME [--mqtt-url URL] [--smoke]`: a flashable Debian disk image
+//! for a board with the agent installed and enabled, under `target/image/`.
+//!
+//! 1. `dist` builds the board's .deb (release agent, ONNX Runtime, board config, unit).
+//! 2. debootstrap (`--foreign`) unpacks a minimal Debian for the board's architecture; the
+//!    second stage and every later step run in a chroot through qemu-user-static, registered
+//!    with binfmt_misc (the `F` flag: the emulator is opened at registration, so nothing is
+//!    copied into the image). The result is cached per suite, architecture and package list
+//!    in `target/image/cache/`, so a rerun only redoes the board-specific part.
+//! 3. In the chroot: the board's `[image] packages` (kernel, firmware), the .deb (its postinst
+//!    adds the service user and enables the unit), systemd-networkd with DHCP on wired
+//!    interfaces, timesyncd, an empty `/etc/machine-id` so each board makes its own (the agent
+//!    derives its device id from it).
+//! 4. The disk: an MBR with a FAT32 firmware partition (`RASPIFIRM`, `/boot/firmware`, what
+//!    Debian's raspi-firmware fills) and an ext4 root (`RASPIROOT`), both made from folders
+//!    (`mkfs.vfat` + `mcopy`, `mkfs.ext4 -d`) so no loop device or mount is needed.
+//! 5. `--smoke`: the host coordinator (embedded broker, port 0), a copy of the image whose
+//!    agent points at it through QEMU's user network (`10.0.2.2`), booted under
+//!    qemu-system-aarch64 (`virt` machine, the image's own kernel and initrd); passes when the
+//!    agent inside registers.
+//!
+//! Root has no password in the image: log in needs a key or password set after flashing (or
+//! a drop-in); the agent needs neither.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use sha2::{Digest, Sha256};
+
+use crate::cross::{Board, Target, mib, override_config};
+
+/// Host tools: debootstrap, the static emulators and their binfmt files, filesystem makers.
+const HOST_PACKAGES: &[&str] = &[
+    "debootstrap",
+    "qemu-user-static",
+    "dosfstools",
+    "mtools",
+    "e2fsprogs",
+    "fdisk",
+];
+/// Packages every image gets besides the board's: init, networking, time, certificates (mqtts).
+const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "systemd-timesyncd",
+    "udev",
+    "kmod",
+    "iproute2",
+    "netbase",
+    "ca-certificates",
+];
+/// Firmware partition size; raspi-firmware puts kernel, initrd, DTBs and the GPU blobs there.
+const BOOT_MIB: u64 = 256;
+/// Start of the first partition (1 MiB alignment and room for a bootloader).
+const FIRST_MIB: u64 = 4;
+/// The smoke test's boot, start-up under TCG emulation included.
+const SMOKE_WAIT: Duration = Duration::from_secs(540);
+
+/// Options of `cargo xtask image`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub board: String,
+    /// Debian suite.
+    pub suite: String,
+    pub mirror: String,
+    /// `[mqtt] url` in the image's agent config (default: the board config's).
+    pub mqtt_url: Option<String>,
+    /// Boot the image under qemu-system-aarch64 and wait for the agent to register.
+    pub smoke: bool,
+}
+
+/// `cargo xtask image`.
+pub fn run(opts: &Options) -> Result<()> {
+    let board = Board::load(&opts.board)?;
+    let image = board
+        .image
+        .clone()
+        .with_context(|| format!("board {} has no [image] section", opts.board))?;
+    let target = Target::load(&board.target)?;
+    ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "cargo xtask image must run as root (debootstrap, chroot, binfmt_misc)"
+    );
+    crate::provision::ensure_debian_packages(HOST_PACKAGES)?;
+    register_binfmt(&target)?;
+
+    let started = Instant::now();
+    let dist = crate::dist::build(None, Some(&opts.board))?;
+    let out = crate::root().join("target/image");
+    let work = out.join(format!("work-{}", opts.board));
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("cannot clear {}", work.display()))?;
+    }
+    mkdir(&work)?;
+    let rootfs = work.join("rootfs");
+
+    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    packages.extend(image.packages.iter().cloned());
+    base_system(opts, &target, &packages, &out.join("cache"), &rootfs)?;
+    configure(&rootfs, &opts.board, &image.console)?;
+    install_agent(&rootfs, &dist.deb)?;
+    let config = match &opts.mqtt_url {
+        Some(url) => with_mqtt_url(&board.agent_config()?, url)?,
+        None => board.agent_config()?,
+    };
+    write(&rootfs.join("etc/edge-agent/agent.toml"), &config)?;
+
+    let disk = out.join(format!("edge-{}.img", opts.board));
+    make_disk(&rootfs, &work, &disk)?;
+    let len = fs::metadata(&disk)
+        .with_context(|| format!("cannot stat {}", disk.display()))?
+        .len();
+    println!(
+        "image: {} ({:.0} MiB, Debian {} {}) in {:.0} s; flash with: dd if={} of=/dev/sdX bs=4M conv=fsync",
+        disk.display(),
+        mib(len),
+        opts.suite,
+        target.deb_arch,
+        started.elapsed().as_secs_f64(),
+        disk.display()
+    );
+    if opts.smoke {
+        smoke(&target, &rootfs, &work, &board)?;
+    }
+    Ok(())
+}
+
+/// `[mqtt] url` set in a commented config file.
+fn with_mqtt_url(config: &str, url: &str) -> Result<String> {
+    let mut mqtt = toml::Table::new();
+    mqtt.insert("url".into(), toml::Value::String(url.to_owned()));
+    let mut o = toml::Table::new();
+    o.insert("mqtt".into(), toml::Value::Table(mqtt));
+    override_config(config, &o)
+}
+
+/// Registers qemu-user-static for the target's executables with binfmt_misc (mounting it if
+/// needed), from the file the qemu-user-static package ships. Kept registered afterwards, as
+/// the package itself does on a machine with systemd.
+fn register_binfmt(target: &Target) -> Result<()> {
+    let fs_dir = Path::new("/proc/sys/fs/binfmt_misc");
+    if !fs_dir.join("register").exists() {
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "binfmt_misc", "binfmt_misc"]).arg(fs_dir);
+        crate::run(cmd).context("cannot mount binfmt_misc")?;
+    }
+    let name = &target.qemu;
+    if fs_dir.join(name).exists() {
+        return Ok(());
+    }
+    let conf = PathBuf::from(format!("/usr/lib/binfmt.d/{name}.conf"));
+    let text = fs::read_to_string(&conf)
+        .with_context(|| format!("cannot read {} (qemu-user-static)", conf.display()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .with_context(|| format!("{} has no binfmt line", conf.display()))?;
+    fs::write(fs_dir.join("register"), line)
+        .with_context(|| format!("cannot register {} with binfmt_misc", conf.display()))?;
+    Ok(())
+}
+
+/// Runs debootstrap into `rootfs`, or unpacks the cached result of an identical earlier run.
+fn base_system(
+    opts: &Options,
+    target: &Target,
+    packages: &[String],
+    cache: &Path,
+    rootfs: &Path,
+) -> Result<()> {
+    let key = {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{}\n{}\n{}\n{}",
+            opts.suite,
+            opts.mirror,
+            target.deb_arch,
+            packages.join(",")
+        ));
+        hex::encode(h.finalize())[..16].to_owned()
+    };
+    let cached = cache.join(format!("{}-{}-{key}.tar", opts.suite, target.deb_arch));
+    mkdir(rootfs)?;
+    if cached.exists() {
+        println!("image: base system from {}", cached.display());
+        let mut cmd = Command::new("tar");
+        cmd.arg("-C")
+            .arg(rootfs)
+            .args(["--numeric-owner", "-xpf"])
+            .arg(&cached);
+        return crate::run(cmd).context("cannot unpack the cached base system");
+    }
+    println!(
+        "image: debootstrap {} {} from {}",
+        opts.suite, target.deb_arch, opts.mirror
+    );
+    let mut cmd = Command::new("debootstrap");
+    cmd.args([
+        "--foreign",
+        "--variant=minbase",
+        "--components=main,non-free-firmware",
+        &format!("--arch={}", target.deb_arch),
+        &format!("--include={}", BASE_PACKAGES.join(",")),
+        &opts.suite,
+    ])
+    .arg(rootfs)
+    .arg(&opts.mirror);
+    crate::run(cmd).context("debootstrap (first stage) failed")?;
+    chroot(rootfs, &["/debootstrap/debootstrap", "--second-stage"])
+        .context("debootstrap second stage under qemu-user failed")?;
+    write(
+        &rootfs.join("etc/apt/sources.list"),
+        &format!(
+            "deb {} {} main non-free-firmware\n\
+             deb {} {}-updates main non-free-firmware\n\
+             deb http://security.debian.org/debian-security {}-security main non-free-firmware\n",
+            opts.mirror, opts.suite, opts.mirror, opts.suite, opts.suite
+        ),
+    )?;
+    // Nothing may start services inside the chroot.
+    let policy = rootfs.join("usr/sbin/policy-rc.d");
+    write(&policy, "#!/bin/sh\nexit 101\n")?;
+    chmod(&policy, 0o755)?;
+    // raspi-firmware writes the kernel command line from this at install time.
+    write(
+        &rootfs.join("etc/default/raspi-firmware"),
+        "# Written by cargo xtask image.\nROOTPART=LABEL=RASPIROOT\n",
+    )?;
+    mkdir(&rootfs.join("boot/firmware"))?;
+    chroot(rootfs, &["apt-get", "update", "-q"])?;
+    let extra: Vec<&str> = packages
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !BASE_PACKAGES.contains(p))
+        .collect();
+    // confold: keep our /etc/default/raspi-firmware over the package's copy.
+    let mut args = vec![
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+    ];
+    args.extend(extra);
+    chroot(rootfs, &args).context("installing the board's packages failed")?;
+    chroot(rootfs, &["apt-get", "clean"])?;
+
+    mkdir(cache)?;
+    let partial = cached.with_extension("partial");
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C")
+        .arg(rootfs)
+        .args(["--numeric-owner", "--xattrs", "-cpf"])
+        .arg(&partial)
+        .arg(".");
+    crate::run(cmd).context("cannot cache the base system")?;
+    fs::rename(&partial, &cached)
+        .with_context(|| format!("cannot rename {}", partial.display()))?;
+    Ok(())
+}
+
+/// Host name, fstab, network, console, first-boot identity.
+fn configure(rootfs: &Path, board: &str, console: &str) -> Result<()> {
+    let host = format!("edge-{board}");
+    write(&rootfs.join("etc/hostname"), &format!("{host}\n"))?;
+    write(
+        &rootfs.join("etc/hosts"),
+        &format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ),
+    )?;
+    write(
+        &rootfs.join("etc/fstab"),
+        "# Written by cargo xtask image.\n\
+         LABEL=RASPIROOT\t/\text4\trw,noatime\t0\t1\n\
+         LABEL=RASPIFIRM\t/boot/firmware\tvfat\trw,noatime,umask=0077\t0\t2\n",
+    )?;
+    write(
+        &rootfs.join("etc/systemd/network/10-wired.network"),
+        "# Written by cargo xtask image: DHCP on every wired interface.\n\
+         [Match]\nName=e*\n\n[Network]\nDHCP=yes\n",
+    )?;
+    // The serial console the kernel logs to on the board, kept in the firmware's cmdline.
+    let default = rootfs.join("etc/default/raspi-firmware");
+    if default.exists() {
+        let (tty, _) = console.split_once(',').unwrap_or((console, ""));
+        write(
+            &default,
+            &format!(
+                "# Written by cargo xtask image.\nROOTPART=LABEL=RASPIROOT\nCONSOLES=\"{console} tty0\"\n"
+            ),
+        )?;
+        chroot(
+            rootfs,
+            &[
+                "systemctl",
+                "enable",
+                &format!("serial-getty@{tty}.service"),
+            ],
+        )?;
+    }
+    chroot(
+        rootfs,
+        &[
+            "systemctl",
+            "enable",
+            "systemd-networkd",
+            "systemd-timesyncd",
+        ],
+    )?;
+    // Empty, not absent: systemd makes a new one at first boot, so every flashed board has
+    // its own id (and so its own agent device id).
+    write(&rootfs.join("etc/machine-id"), "")?;
+    let dbus_id = rootfs.join("var/lib/dbus/machine-id");
+    if dbus_id.exists() {
+        fs::remove_file(&dbus_id)
+            .with_context(|| format!("cannot remove {}", dbus_id.display()))?;
+    }
+    Ok(())
+}
+
+/// Installs the .deb (postinst: user, unit enabled) and refreshes the firmware partition's
+/// files for the final config.
+fn install_agent(rootfs: &Path, deb: &Path) -> Result<()> {
+    let inside = rootfs.join("tmp/edge-agent.deb");
+    fs::copy(deb, &inside).with_context(|| format!("cannot copy {}", deb.display()))?;
+    chroot(rootfs, &["dpkg", "-i", "/tmp/edge-agent.deb"])
+        .context("installing the agent's .deb in the image failed")?;
+    fs::remove_file(&inside).with_context(|| format!("cannot remove {}", inside.display()))?;
+    ensure!(
+        rootfs
+            .join("etc/systemd/system/multi-user.target.wants/edge-agent.service")
+            .exists(),
+        "the agent's unit is not enabled in the image"
+    );
+    // raspi-firmware's hook rewrites cmdline.txt/config.txt from /etc/default/raspi-firmware
+    // (the console set in `configure`).
+    if rootfs
+        .join("etc/kernel/postinst.d/z50-raspi-firmware")
+        .exists()
+    {
+        let kernel = newest_kernel(rootfs)?;
+        chroot(
+            rootfs,
+            &["/etc/kernel/postinst.d/z50-raspi-firmware", &kernel],
+        )?;
+    }
+    let policy = rootfs.join("usr/sbin/policy-rc.d");
+    if policy.exists() {
+        fs::remove_file(&policy).with_context(|| format!("cannot remove {}", policy.display()))?;
+    }
+    Ok(())
+}
+
+/// The version of the newest `/boot/vmlinuz-*`.
+fn newest_kernel(rootfs: &Path) -> Result<String> {
+    let mut versions: Vec<String> = fs::read_dir(rootfs.join("boot"))
+        .context("cannot list the image's /boot")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_owned)
+        })
+        .collect();
+    versions.sort();
+    versions.pop().context("the image has no kernel in /boot")
+}
+
+/// The disk image: MBR, FAT32 firmware partition from `/boot/firmware`, ext4 root from the
+/// rest of the tree.
+fn make_disk(rootfs: &Path, work: &Path, disk: &Path) -> Result<()> {
+    let firmware = rootfs.join("boot/firmware");
+    // The firmware files go to their own partition; the root keeps the empty mount point.
+    let boot_tree = work.join("firmware");
+    if boot_tree.exists() {
+        fs::remove_dir_all(&boot_tree)
+            .with_context(|| format!("cannot clear {}", boot_tree.display()))?;
+    }
+    fs::rename(&firmware, &boot_tree)
+        .with_context(|| format!("cannot move {}", firmware.display()))?;
+    mkdir(&firmware)?;
+    let result = make_partitions(rootfs, &boot_tree, work, disk);
+    // Put them back, so the tree stays whole for the smoke test's copy.
+    fs::remove_dir(&firmware).with_context(|| format!("cannot remove {}", firmware.display()))?;
+    fs::rename(&boot_tree, &firmware)
+        .with_context(|| format!("cannot move back {}", firmware.display()))?;
+    result
+}
+
+fn make_partitions(rootfs: &Path, boot_tree: &Path, work: &Path, disk: &Path) -> Result<()> {
+    let boot_img = work.join("boot.vfat");
+    let root_img = work.join("root.ext4");
+    for f in [&boot_img, &root_img, &disk.to_path_buf()] {
+        if f.exists() {
+            fs::remove_file(f).with_context(|| format!("cannot remove {}", f.display()))?;
+        }
+    }
+    let mut cmd = Command::new("mkfs.vfat");
+    cmd.args(["-F", "32", "-n", "RASPIFIRM", "-C"])
+        .arg(&boot_img)
+        .arg((BOOT_MIB * 1024).to_string());
+    crate::run(cmd).context("mkfs.vfat failed")?;
+    let entries: Vec<PathBuf> = fs::read_dir(boot_tree)
+        .with_context(|| format!("cannot list {}", boot_tree.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    if !entries.is_empty() {
+        let mut cmd = Command::new("mcopy");
+        cmd.arg("-s")
+            .arg("-i")
+            .arg(&boot_img)
+            .args(&entries)
+            .arg("::");
+        crate::run(cmd).context("mcopy into the firmware partition failed")?;
+    }
+
+    // Room for the tree plus a quarter and 512 MiB: logs, the outbox, module caches.
+    let used = du_bytes(rootfs)?;
+    let root_mib = (used + used / 4) / (1024 * 1024) + 512;
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-L", "RASPIROOT", "-d"])
+        .arg(rootfs)
+        .arg(&root_img)
+        .arg(format!("{root_mib}M"));
+    crate::run(cmd).context("mkfs.ext4 -d failed")?;
+
+    let total_mib = FIRST_MIB + BOOT_MIB + root_mib;
+    let f = fs::File::create(disk).with_context(|| format!("cannot create {}", disk.display()))?;
+    f.set_len(total_mib * 1024 * 1024)
+        .with_context(|| format!("cannot size {}", disk.display()))?;
+    drop(f);
+    let sectors = |m: u64| m * 2048;
+    let table = format!(
+        "label: dos\nunit: sectors\n\n\
+         start={}, size={}, type=c, bootable\n\
+         start={}, size={}, type=83\n",
+        sectors(FIRST_MIB),
+        sectors(BOOT_MIB),
+        sectors(FIRST_MIB + BOOT_MIB),
+        sectors(root_mib)
+    );
+    let mut sfdisk = Command::new("sfdisk");
+    sfdisk
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(disk);
+    run_with_stdin(sfdisk, &table).context("sfdisk failed")?;
+    for (img, at) in [(&boot_img, FIRST_MIB), (&root_img, FIRST_MIB + BOOT_MIB)] {
+        let mut dd = Command::new("dd");
+        dd.arg(format!("if={}", img.display()))
+            .arg(format!("of={}", disk.display()))
+            .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+            .arg(format!("seek={at}"));
+        crate::run(dd).with_context(|| format!("cannot write {} into the disk", img.display()))?;
+        fs::remove_file(img).with_context(|| format!("cannot remove {}", img.display()))?;
+    }
+    Ok(())
+}
+
+/// Boots a copy of the image (agent pointed at a coordinator on the host) under
+/// qemu-system-aarch64 and waits for the agent to register.
+fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<()> {
+    ensure!(
+        target.deb_arch == "arm64",
+        "the smoke test boots arm64 images only (qemu-system-aarch64 virt)"
+    );
+    crate::provision::ensure_debian_packages(&["qemu-system-arm"])?;
+    crate::build_bins(&["edge-coordinator"])?;
+    let env = edge_tests::TestEnv::new("image-smoke")?;
+    let coord = edge_tests::Coordinator::start_embedded(&env.path("coordinator"))?;
+    let mut journal = coord.journal();
+    let port = coord
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .with_context(|| format!("no port in {}", coord.url()))?;
+    // QEMU's user network shows the host's loopback as 10.0.2.2.
+    let config = with_mqtt_url(&board.agent_config()?, &format!("mqtt://10.0.2.2:{port}"))?;
+    let conf_path = rootfs.join("etc/edge-agent/agent.toml");
+    let original = fs::read_to_string(&conf_path)
+        .with_context(|| format!("cannot read {}", conf_path.display()))?;
+    write(&conf_path, &config)?;
+    let disk = work.join("smoke.img");
+    let made = make_disk(rootfs, work, &disk);
+    write(&conf_path, &original)?;
+    made?;
+
+    let kernel_version = newest_kernel(rootfs)?;
+    let kernel = rootfs.join(format!("boot/vmlinuz-{kernel_version}"));
+    let initrd = rootfs.join(format!("boot/initrd.img-{kernel_version}"));
+    let console_log = work.join("smoke-console.log");
+    let mut qemu = edge_tests::ChildProc::new(
+        "qemu-system-aarch64 (image)",
+        "qemu-system-aarch64",
+        [
+            "-M".into(),
+            "virt".into(),
+            "-cpu".into(),
+            "cortex-a72".into(),
+            "-smp".into(),
+            "2".into(),
+            "-m".into(),
+            "1024".into(),
+            "-nographic".into(),
+            "-kernel".into(),
+            path_str(&kernel)?,
+            "-initrd".into(),
+            path_str(&initrd)?,
+            "-append".into(),
+            "root=LABEL=RASPIROOT rw console=ttyAMA0 systemd.show_status=1".into(),
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", disk.display()),
+            "-netdev".into(),
+            "user,id=net0".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+        ],
+        console_log.clone(),
+    );
+    qemu.spawn()?;
+    let started = Instant::now();
+    let registered = journal.wait_for("the image's agent to register", SMOKE_WAIT, |ev| {
+        ev.iter().any(|e| e.event == "registered")
+    });
+    let elapsed = started.elapsed();
+    qemu.kill()?;
+    if let Err(e) = registered {
+        env.dump_logs();
+        bail!("smoke test: {e:#}; console log: {}", console_log.display());
+    }
+    println!(
+        "image: smoke test passed: booted under qemu-system-aarch64 and the agent registered after {:.0} s",
+        elapsed.as_secs_f64()
+    );
+    fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
+    Ok(())
+}
+
+fn chroot(rootfs: &Path, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(rootfs)
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("LC_ALL", "C.UTF-8")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    crate::run(cmd).with_context(|| format!("in the image: {} failed", args.join(" ")))
+}
+
+fn run_with_stdin(mut cmd: Command, input: &str) -> Result<()> {
+    use std::io::Write;
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {shown}"))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("cannot write to {shown}"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("cannot wait for {shown}"))?;
+    ensure!(status.success(), "{shown} failed with {status}");
+    Ok(())
+}
+
+fn du_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e?;
+        let meta = fs::symlink_metadata(e.path())?;
+        total += if meta.is_dir() {
+            4096 + du_bytes(&e.path())?
+        } else {
+            meta.len().div_ceil(4096) * 4096
+        };
+    }
+    Ok(total)
+}
+
+fn mkdir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        mkdir(dir)?;
+    }
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn chmod(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_url_override_keeps_the_rest_of_the_config() {
+        let text =
+            "# top\n[mqtt]\n# the broker\nurl = \"mqtt://127.0.0.1:1883\"\nkeepalive_s = 30\n";
+        let got = with_mqtt_url(text, "mqtt://10.0.2.2:4242").expect("overrides");
+        assert_eq!(
+            got,
+            "# top\n[mqtt]\n# the broker\nurl = \"mqtt://10.0.2.2:4242\"\nkeepalive_s = 30\n"
+        );
+    }
+
+    #[test]
+    fn every_image_board_names_packages_and_a_console() {
+        let dir = crate::root().join("cross/boards");
+        for e in fs::read_dir(&dir).expect("lists boards") {
+            let path = e.expect("entry").path();
+            let Some(name) = path.file_stem().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let board = Board::load(name).expect("parses");
+            if let Some(image) = board.image {
+                assert!(!image.packages.is_empty(), "{name}: no image packages");
+                assert!(!image.console.is_empty(), "{name}: no console");
+            }
+        }
+    }
+}
