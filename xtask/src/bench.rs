@@ -5,7 +5,9 @@
 //!   coordinator, vs a bare rumqttc client publishing the same envelopes to the same broker,
 //!   both timed until the coordinator's journal holds every message;
 //! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker;
-//! - fl: federated learning on digits, every update codec against fp32 ([`fl`]).
+//! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
+//! - offload: the agent's offload policy against always-local, always-offload and a hindsight
+//!   oracle over a measured trace of changing link and load ([`offload`]).
 //!
 //! Release builds. Figures are medians over rounds; the machines are shared and noisy, so
 //! quote the ratios.
@@ -63,6 +65,31 @@ pub fn fl(root: &Path) -> Result<()> {
         .context("cannot run cargo test --bench fl")?;
     if !status.success() {
         bail!("federated-learning benchmark failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench offload`: offload decisions over a measured mixed trace
+/// (`tests/benches/offload.rs`), with the real coordinator binary. The dev profile, like `fl`:
+/// the local side's time is ONNX Runtime's own (a prebuilt library), and the calibration line
+/// the benchmark prints shows what the debug-built broker and coordinator add to a round trip.
+pub fn offload(root: &Path) -> Result<()> {
+    crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(["build", "-p", "edge-coordinator", "--bin", "edge-coordinator"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("coordinator build failed");
+    }
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(["test", "-p", "edge-tests", "--bench", "offload"])
+        .status()
+        .context("cannot run cargo test --bench offload")?;
+    if !status.success() {
+        bail!("offload benchmark failed");
     }
     Ok(())
 }
