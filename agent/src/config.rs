@@ -78,7 +78,8 @@ pub struct OffloadConfig {
     /// Requests waiting for answers at once; beyond it frames run locally.
     pub max_pending: u32,
     /// Cost and adaptive modes: measure the link with a small probe when no request did for
-    /// this long, ms; 0: never (a link judged bad is then never re-measured).
+    /// this long (at most 1 s during an outage), and run one request locally when the device
+    /// did not for this long, ms; 0: never (a side judged worse is then never re-measured).
     pub probe_interval_ms: u64,
 }
 
@@ -116,6 +117,7 @@ impl OffloadConfig {
             radio_nj_per_byte: self.radio_nj_per_byte,
             exploration: self.exploration,
             discount: self.discount,
+            refresh_ms: self.probe_interval_ms as f64,
         }
     }
 

@@ -42,8 +42,6 @@
 //! better fixed policy's and to the oracle's (per trace, then the median), and per phase the
 //! measured medians and each policy's mean. Writes every step with its measurements and each
 //! policy's decision, reason and latency to offload.csv. Timings are printed, never asserted.
-//! The `cost-x` and `adaptive-x` rows are an EXPERIMENT, not the agent's code (see
-//! [`experiment`]): what two changes to the client's use of `Knowledge` would bring.
 //!
 //! Choices worth knowing when reading the figures:
 //! - The model is sized so a local run takes ~15 ms on one core: shorter runs escape the
@@ -77,8 +75,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use edge_agent::config::OffloadConfig;
-use edge_agent::offload::estimate::{Context as Ctx, Knowledge, LinkModel};
-use edge_agent::offload::policy::{Choice, Decision, Mode, Policy, PolicyConfig, Reason};
+use edge_agent::offload::estimate::{Context as Ctx, Knowledge};
+use edge_agent::offload::policy::{Choice, Decision, Mode, Policy, PolicyConfig};
 use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor, onnx_builder};
 use edge_tests::{Coordinator, Link, LinkProxy};
 use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
@@ -847,25 +845,7 @@ fn measure(traces: usize) -> Result<(Vec<Step>, String)> {
 // ---------------------------------------------------------------------------------------------
 // Replaying
 
-const POLICIES: [&str; 7] = [
-    "local",
-    "offload",
-    "oracle",
-    "cost",
-    "adaptive",
-    "cost-x",
-    "adaptive-x",
-];
-
-/// EXPERIMENT, not the agent's code: the `-x` policies are `cost` and `adaptive` fed with two
-/// changes to what the client does with `Knowledge` (through its public fields), to measure
-/// what they would bring: (1) the first answer (probe or request) after a lost one restarts
-/// the link model, so an outage's timeouts stop counting once the link answers again;
-/// (2) a local run is forced when the local side was not measured for `probe_interval_ms`
-/// (a "local probe"), so a local estimate taken under load does not outlive the load.
-fn experiment(name: &str) -> bool {
-    name.ends_with("-x")
-}
+const POLICIES: [&str; 5] = ["local", "offload", "oracle", "cost", "adaptive"];
 
 /// One policy's run over one trace.
 #[derive(Debug, Clone, Default)]
@@ -912,7 +892,7 @@ fn replay_all(steps: &[Step], payload_bytes: u64, settings: &str) -> Result<Vec<
                 let mode = match name {
                     "local" => Mode::Local,
                     "offload" => Mode::Offload,
-                    "cost" | "cost-x" => Mode::Cost,
+                    "cost" => Mode::Cost,
                     _ => Mode::Adaptive,
                 };
                 let mut cfg = OffloadConfig {
@@ -928,7 +908,6 @@ fn replay_all(steps: &[Step], payload_bytes: u64, settings: &str) -> Result<Vec<
                     &cfg.policy(),
                     cfg.probe_interval_ms as f64,
                     payload_bytes,
-                    experiment(name),
                 )
             };
             per_trace.push(run);
@@ -974,15 +953,8 @@ fn oracle(steps: &[Step]) -> Run {
 }
 
 /// One policy over one trace, fed as `agent/src/offload/client.rs` feeds it.
-fn replay(
-    steps: &[Step],
-    cfg: &PolicyConfig,
-    probe_interval_ms: f64,
-    payload_bytes: u64,
-    experiment: bool,
-) -> Run {
-    // Experiment only: a loss not yet followed by an answer; when local last ran.
-    let mut lost_since_answer = false;
+fn replay(steps: &[Step], cfg: &PolicyConfig, probe_interval_ms: f64, payload_bytes: u64) -> Run {
+    // When the model last ran locally (trace ms).
     let mut local_measured: Option<f64> = None;
     let probe_size = |pad: u64| {
         Request::probe(0, 0, pad as usize)
@@ -1016,6 +988,7 @@ fn replay(
             remote_workers: s.workers,
             remote_queue: s.advert_queue,
             advert_compute_ms: s.advert_compute_ms,
+            local_age_ms: local_measured.map_or(f64::INFINITY, |at| now - at),
         };
         if let Some((q, at)) = last_answer
             && now - at < 1000.0
@@ -1024,20 +997,6 @@ fn replay(
         }
         let e = knowledge.estimates(MODEL, &c);
         let d: Decision = policy.decide(&e);
-        let stale_local = local_measured.is_none_or(|at| now - at >= probe_interval_ms);
-        let d = if experiment
-            && d.choice == Choice::Offload
-            && stale_local
-            && probe_interval_ms > 0.0
-        {
-            Decision {
-                choice: Choice::Local,
-                reason: Reason::Explore,
-                ..d
-            }
-        } else {
-            d
-        };
         let latency = match d.choice {
             Choice::Local => {
                 local_measured = Some(now);
@@ -1053,10 +1012,6 @@ fn replay(
                         compute_ms,
                         queue_depth,
                     } => {
-                        if experiment && lost_since_answer {
-                            knowledge.link = LinkModel::default();
-                        }
-                        lost_since_answer = false;
                         knowledge.observe_remote(
                             MODEL,
                             payload_bytes,
@@ -1077,7 +1032,6 @@ fn replay(
                     }
                     Remote::Timeout => {
                         knowledge.observe_timeout(timeout);
-                        lost_since_answer = true;
                         last_measured = Some(now + timeout);
                         timeout + s.local_ms
                     }
@@ -1090,10 +1044,11 @@ fn replay(
         run.offloaded.push(d.choice == Choice::Offload);
         run.reason.push(d.reason.as_str());
         run.latency.push(latency);
-        // The client's probe: due when nothing measured the link for the interval, while
-        // connected with a fresh advert, in cost and adaptive modes. Its outcome is known
-        // after this step's request.
-        let due = last_measured.is_none_or(|at| now - at >= probe_interval_ms);
+        // The client's probe: due when nothing measured the link for the interval (shorter
+        // during an outage), while connected with a fresh advert, in cost and adaptive modes.
+        // Its outcome is known after this step's request.
+        let interval = knowledge.probe_interval_ms(probe_interval_ms);
+        let due = last_measured.is_none_or(|at| now - at >= interval);
         if probe_interval_ms > 0.0
             && matches!(cfg.mode, Mode::Cost | Mode::Adaptive)
             && online(s)
@@ -1116,17 +1071,12 @@ fn replay(
                 Remote::Ok {
                     total_ms, queue_ms, ..
                 } => {
-                    if experiment && lost_since_answer {
-                        knowledge.link = LinkModel::default();
-                    }
-                    lost_since_answer = false;
                     knowledge.observe_probe(probe_bytes, total_ms, queue_ms);
                     last_measured = Some(now + total_ms);
                 }
                 Remote::Refused { total_ms, .. } => last_measured = Some(now + total_ms),
                 Remote::Timeout => {
                     knowledge.observe_timeout(timeout);
-                    lost_since_answer = true;
                     last_measured = Some(now + timeout);
                 }
                 Remote::Offline => {}
@@ -1212,10 +1162,7 @@ fn report(steps: &[Step], runs: &[Vec<Run>], setup: &str, settings: &str) {
     };
     println!(
         "  (/best fixed: mean over the better of always-local and always-offload in the same \
-         trace, {better} here; aims: adaptive <= 0.80x of it, <= 1.10x of the oracle)\n  \
-         (cost-x, adaptive-x: EXPERIMENT, not the agent's code: the same policies with the link \
-         model restarted by the first answer after a loss and a local run forced when local \
-         was not measured for probe_interval_ms)"
+         trace, {better} here; aims: adaptive <= 0.80x of it, <= 1.10x of the oracle)"
     );
 
     // Per phase means.

@@ -57,6 +57,8 @@ pub type Outputs = Vec<(String, edge_inference::Tensor)>;
 struct ModelState {
     policy: Policy,
     remote_queue: Option<(u32, Instant)>,
+    /// When the model last ran here (the local estimate's age).
+    local_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -222,9 +224,10 @@ impl Offloader {
         let pad = {
             let st = self.state();
             let max_age = Duration::from_millis(cfg.advert_max_age_ms);
-            let due = st.last_measured.is_none_or(|at| {
-                now.duration_since(at) >= Duration::from_millis(cfg.probe_interval_ms)
-            });
+            let interval = st.knowledge.probe_interval_ms(cfg.probe_interval_ms as f64);
+            let due = st
+                .last_measured
+                .is_none_or(|at| ms(now.duration_since(at)) >= interval);
             let coordinator = st
                 .adverts
                 .values()
@@ -388,7 +391,11 @@ impl Offloader {
             .or_insert_with(|| ModelState {
                 policy: Policy::new(self.inner.cfg.policy()),
                 remote_queue: None,
+                local_at: None,
             });
+        c.local_age_ms = m
+            .local_at
+            .map_or(f64::INFINITY, |at| ms(now.duration_since(at)));
         // The freshest queue depth: an answer newer than the advert interval wins.
         if let Some((q, at)) = m.remote_queue
             && now.duration_since(at) < Duration::from_secs(1)
@@ -435,9 +442,11 @@ impl Offloader {
             Choice::Local => {
                 let r = local(input);
                 if r.is_ok() {
-                    self.state()
-                        .knowledge
-                        .observe_local(model, ms(start.elapsed()));
+                    let mut st = self.state();
+                    st.knowledge.observe_local(model, ms(start.elapsed()));
+                    if let Some(m) = st.models.get_mut(model) {
+                        m.local_at = Some(Instant::now());
+                    }
                 }
                 r
             }

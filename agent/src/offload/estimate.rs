@@ -35,11 +35,25 @@ impl Ewma {
     }
 }
 
+/// Memory of the loss rate, in attempts: an outage counts once, so the rate says how often
+/// the link starts failing, and one outage in this many attempts adds about `timeout / 50`
+/// to the expected cost of a request.
+const LOSS_MEMORY: f64 = 50.0;
+
 /// The link as the device sees it: `network_ms = rtt + bytes / throughput`, fitted by
-/// discounted least squares over the network part of offloaded requests (end-to-end time
-/// minus the coordinator's reported queue and compute time). With payloads of one size only
-/// the throughput cannot be separated from the round trip; the fit then reports the mean as
-/// the round trip and the throughput as unknown, which predicts that size correctly.
+/// discounted least squares over the network part of answered requests and probes (end-to-end
+/// time minus the coordinator's reported queue and compute time). With payloads of one size
+/// only the throughput cannot be separated from the round trip; the fit then reports the mean
+/// as the round trip and the throughput as unknown, which predicts that size correctly.
+///
+/// Unanswered attempts are kept apart from the fit. While the last attempt went unanswered the
+/// link is *out* and costs what the lost attempts waited; once something is answered the
+/// outage is over, and losses only weigh by how often the link starts failing (an outage counts
+/// once, over the last [`LOSS_MEMORY`] attempts or so). So a flaky link (losses scattered
+/// among answers) keeps a lasting penalty, while one outage stops counting as soon as the link
+/// answers again instead of fading over many answers: with probes every few seconds, that fade
+/// kept a recovered link looking slow for a minute. For the same reason the first answer after
+/// an outage starts the fit afresh.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkModel {
     discount: f64,
@@ -48,9 +62,12 @@ pub struct LinkModel {
     sy: f64,
     sxx: f64,
     sxy: f64,
-    /// Discounted count and sum of lost requests' waits.
-    lost_n: f64,
-    lost_sum: f64,
+    /// Mean wait of lost attempts, ms (the timeout, usually).
+    lost_ms: Ewma,
+    /// Outages started per attempt, discounted over about [`LOSS_MEMORY`] attempts.
+    loss_rate: f64,
+    /// The last attempt went unanswered.
+    out: bool,
 }
 
 impl Default for LinkModel {
@@ -60,7 +77,7 @@ impl Default for LinkModel {
 }
 
 impl LinkModel {
-    /// `discount`: weight kept by older samples per new one (0.8: about the last 5 count).
+    /// `discount`: weight kept by older answers per new one (0.8: about the last 5 count).
     pub fn new(discount: f64) -> LinkModel {
         LinkModel {
             discount: discount.clamp(0.0, 0.999),
@@ -69,8 +86,9 @@ impl LinkModel {
             sy: 0.0,
             sxx: 0.0,
             sxy: 0.0,
-            lost_n: 0.0,
-            lost_sum: 0.0,
+            lost_ms: Ewma::new(0.5),
+            loss_rate: 0.0,
+            out: false,
         }
     }
 
@@ -78,58 +96,71 @@ impl LinkModel {
         if !network_ms.is_finite() || network_ms < 0.0 {
             return;
         }
-        self.decay();
-        let x = bytes as f64;
-        self.n += 1.0;
-        self.sx += x;
-        self.sy += network_ms;
-        self.sxx += x * x;
-        self.sxy += x * network_ms;
-    }
-
-    /// A request or probe without an answer within `ms`: the link got slower, but nothing
-    /// says whether the round trip or the throughput did. The sample counts towards every
-    /// size alike (not in the fit, where a lost large request next to answered small probes
-    /// would read as a throughput collapse only requests, which the policy then avoids, could
-    /// correct), and fades like the others.
-    pub fn observe_lost(&mut self, ms: f64) {
-        if !ms.is_finite() || ms < 0.0 {
-            return;
-        }
-        self.decay();
-        self.lost_n += 1.0;
-        self.lost_sum += ms;
-    }
-
-    fn decay(&mut self) {
-        let g = self.discount;
+        // The first answer after an outage starts the fit afresh: a link that comes back may
+        // come back different (another route, another access point, the congestion gone), and
+        // the samples from before it would take several answers to fade.
+        let g = if self.out { 0.0 } else { self.discount };
         for v in [
             &mut self.n,
             &mut self.sx,
             &mut self.sy,
             &mut self.sxx,
             &mut self.sxy,
-            &mut self.lost_n,
-            &mut self.lost_sum,
         ] {
             *v *= g;
         }
+        let x = bytes as f64;
+        self.n += 1.0;
+        self.sx += x;
+        self.sy += network_ms;
+        self.sxx += x * x;
+        self.sxy += x * network_ms;
+        self.attempt(false);
+    }
+
+    /// A request or probe without an answer within `ms`: the link is out until something is
+    /// answered. Nothing says whether the round trip or the throughput failed, so the fit is
+    /// left alone (a lost large request next to answered small probes would otherwise read as
+    /// a throughput collapse that only requests, which the policy then avoids, could correct).
+    pub fn observe_lost(&mut self, ms: f64) {
+        if !ms.is_finite() || ms < 0.0 {
+            return;
+        }
+        self.lost_ms.observe(ms);
+        self.attempt(true);
+    }
+
+    fn attempt(&mut self, lost: bool) {
+        // An outage starts with its first loss; the ones after it are the same outage.
+        let started = lost && !self.out;
+        self.loss_rate += (f64::from(u8::from(started)) - self.loss_rate) / LOSS_MEMORY;
+        self.out = lost;
     }
 
     pub fn known(&self) -> bool {
-        self.n + self.lost_n > 1e-9
+        self.n > 1e-9 || self.lost_ms.get().is_some()
     }
 
-    /// (round trip ms, ms per byte): the answered samples' fit, blended with the lost ones
-    /// by weight.
+    /// The last attempt went unanswered (and nothing was answered since).
+    pub fn is_out(&self) -> bool {
+        self.out
+    }
+
+    /// How often an attempt starts an outage, 0..1.
+    pub fn loss_rate(&self) -> f64 {
+        self.loss_rate
+    }
+
+    /// (round trip ms, ms per byte): the answered samples' fit, with the cost of losses.
     fn fit(&self) -> (f64, f64) {
-        let (rtt, slope) = self.answered_fit();
-        let total = self.n + self.lost_n;
-        if total <= 1e-9 {
-            return (0.0, 0.0);
+        let lost = self.lost_ms.get().unwrap_or(0.0);
+        if self.out || self.n <= 1e-9 {
+            // Out, or never answered: what the lost attempts waited.
+            return (lost, 0.0);
         }
-        let w = self.n / total;
-        (w * rtt + self.lost_sum / total, w * slope)
+        let (rtt, slope) = self.answered_fit();
+        let p = self.loss_rate.clamp(0.0, 1.0);
+        ((1.0 - p) * rtt + p * lost, (1.0 - p) * slope)
     }
 
     /// The fit of answered samples; the slope is 0 when sizes did not vary enough.
@@ -198,7 +229,7 @@ impl Default for ModelKnowledge {
 }
 
 /// What the policy cannot learn from outcomes: measured now, or advertised.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Context {
     pub payload_bytes: u64,
     pub local_queue: u32,
@@ -209,7 +240,27 @@ pub struct Context {
     pub remote_queue: u32,
     /// The adverts' compute time for the model, ms.
     pub advert_compute_ms: Option<f64>,
+    /// Time since the model last ran here, ms (infinite: never).
+    pub local_age_ms: f64,
 }
+
+impl Default for Context {
+    fn default() -> Self {
+        Context {
+            payload_bytes: 0,
+            local_queue: 0,
+            cpu_load: 0.0,
+            online: false,
+            remote_workers: 0,
+            remote_queue: 0,
+            advert_compute_ms: None,
+            local_age_ms: f64::INFINITY,
+        }
+    }
+}
+
+/// Probe interval during an outage, ms.
+pub const OUTAGE_PROBE_MS: f64 = 1000.0;
 
 /// Everything the device learned: the link and each model's two sides. The live client and
 /// the trace benchmark feed it the same way.
@@ -250,6 +301,16 @@ impl Knowledge {
         self.link.observe_lost(timeout_ms);
     }
 
+    /// How long the link may go unmeasured before a probe (`interval_ms` from the config):
+    /// during an outage at most [`OUTAGE_PROBE_MS`], so its end is noticed within a second.
+    pub fn probe_interval_ms(&self, interval_ms: f64) -> f64 {
+        if self.link.is_out() {
+            interval_ms.min(OUTAGE_PROBE_MS)
+        } else {
+            interval_ms
+        }
+    }
+
     /// A probe's answer: only the link is measured.
     pub fn observe_probe(&mut self, bytes: u64, total_ms: f64, queue_ms: f64) {
         self.link.observe(bytes, (total_ms - queue_ms).max(0.0));
@@ -261,6 +322,7 @@ impl Knowledge {
         let local_ms = m.local_ms.get().unwrap_or(0.0);
         super::policy::Estimates {
             local_ms,
+            local_age_ms: c.local_age_ms,
             local_queue: c.local_queue,
             cpu_load: c.cpu_load,
             payload_bytes: c.payload_bytes,
@@ -323,18 +385,49 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_request_slows_the_round_trip_not_the_throughput() {
+    fn an_outage_costs_the_timeout_until_something_is_answered() {
         let mut l = LinkModel::new(0.8);
         for i in 0..20u64 {
             l.observe(if i % 2 == 0 { 25 } else { 400 }, 2.0);
         }
-        l.observe_lost(1000.0);
-        assert_eq!(l.uplink_bps(), 0.0, "no slope from a timeout");
-        // Small probes that come back fast bring the estimate down again for every size.
-        for _ in 0..20 {
-            l.observe(25, 2.0);
+        for _ in 0..10 {
+            l.observe_lost(1000.0);
         }
-        assert!(l.predict_ms(400) < 10.0, "{}", l.predict_ms(400));
+        assert!(l.is_out());
+        assert_eq!(l.uplink_bps(), 0.0, "no slope from a timeout");
+        assert!((l.predict_ms(400) - 1000.0).abs() < 1e-6);
+        // One answered probe ends it: ten losses in a row were one outage, which only adds
+        // its share of the timeout; the link that came back is measured afresh.
+        l.observe(400, 2.0);
+        assert!(!l.is_out());
+        assert!(l.predict_ms(400) < 25.0, "{}", l.predict_ms(400));
+        assert!(l.predict_ms(400) > 2.0, "an outage leaves a trace");
+    }
+
+    #[test]
+    fn a_flaky_link_keeps_its_penalty() {
+        let mut l = LinkModel::new(0.8);
+        // One attempt in five lost, for a long time (the last one answered).
+        for i in 0..301 {
+            if i % 5 == 4 {
+                l.observe_lost(1000.0);
+            } else {
+                l.observe(4_000, 2.0);
+            }
+        }
+        assert!(!l.is_out());
+        assert!((l.loss_rate() - 0.2).abs() < 0.05, "{}", l.loss_rate());
+        assert!(l.predict_ms(4_000) > 100.0, "{}", l.predict_ms(4_000));
+    }
+
+    #[test]
+    fn probes_come_faster_during_an_outage() {
+        let mut k = Knowledge::default();
+        assert_eq!(k.probe_interval_ms(5000.0), 5000.0);
+        k.observe_timeout(1000.0);
+        assert_eq!(k.probe_interval_ms(5000.0), OUTAGE_PROBE_MS);
+        k.observe_probe(40, 3.0, 0.0);
+        assert_eq!(k.probe_interval_ms(5000.0), 5000.0);
     }
 
     #[test]

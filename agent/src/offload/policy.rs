@@ -16,6 +16,12 @@
 //!   2011, "On Upper-Confidence Bound Policies for Switching Bandit Problems") forgets old
 //!   outcomes, so a link that changes is noticed.
 //! - Offline (no connection, or no fresh capacity advert naming the model) is always local.
+//! - Refresh: a local estimate only changes when the device runs the model, so while
+//!   offloading wins it would keep whatever the device measured last (under load, say) and
+//!   never see the device get faster. When the local side was not measured for `refresh_ms`,
+//!   a request the cost model (or the bandit) would offload runs locally instead, once, and
+//!   measures it; the link has its probes for the same purpose. Deadline decisions are not
+//!   overridden.
 //!
 //! **Invariant:** every decision carries a reason; the policy never offloads without a link.
 
@@ -51,6 +57,9 @@ pub struct PolicyConfig {
     pub exploration: f64,
     /// Per-step discount of old outcomes in adaptive mode (0.9-0.999).
     pub discount: f64,
+    /// A local estimate older than this is re-measured by running one request locally that
+    /// would have been offloaded (0 = never).
+    pub refresh_ms: f64,
 }
 
 impl Default for PolicyConfig {
@@ -65,6 +74,7 @@ impl Default for PolicyConfig {
             radio_nj_per_byte: 100.0,
             exploration: 0.3,
             discount: 0.97,
+            refresh_ms: 5000.0,
         }
     }
 }
@@ -74,6 +84,8 @@ impl Default for PolicyConfig {
 pub struct Estimates {
     /// Moving average of local inference latency for this model, ms (0: never run).
     pub local_ms: f64,
+    /// Time since the model last ran here, ms (infinite: never).
+    pub local_age_ms: f64,
     /// Requests waiting for the local model.
     pub local_queue: u32,
     /// Machine CPU load, 0..1.
@@ -112,6 +124,8 @@ pub enum Reason {
     Learned,
     /// The adaptive policy tries the side it knows less about.
     Explore,
+    /// The local estimate is stale: this request re-measures it.
+    Refresh,
 }
 
 impl Reason {
@@ -123,6 +137,7 @@ impl Reason {
             Reason::Cost => "cost",
             Reason::Learned => "learned",
             Reason::Explore => "explore",
+            Reason::Refresh => "refresh",
         }
     }
 }
@@ -164,10 +179,23 @@ pub struct Policy {
     arms: [[Arm; 2]; BUCKETS],
 }
 
+/// The context: the expected network time of this request (round trip and transfer of its
+/// payload, so a thin uplink is not mistaken for a fast one with the same round trip) and the
+/// CPU load.
 fn bucket(e: &Estimates) -> usize {
-    let rtt = RTT_CLASSES.iter().filter(|&&b| e.rtt_ms >= b).count();
+    let network_ms = e.rtt_ms + transfer_ms(e);
+    let rtt = RTT_CLASSES.iter().filter(|&&b| network_ms >= b).count();
     let load = LOAD_CLASSES.iter().filter(|&&b| e.cpu_load >= b).count();
     rtt * (LOAD_CLASSES.len() + 1) + load
+}
+
+/// Time to send the payload at the measured uplink throughput, ms (0: throughput unknown).
+fn transfer_ms(e: &Estimates) -> f64 {
+    if e.uplink_bps > 0.0 {
+        e.payload_bytes as f64 / e.uplink_bps * 1000.0
+    } else {
+        0.0
+    }
 }
 
 fn arm_index(c: Choice) -> usize {
@@ -192,14 +220,9 @@ impl Policy {
     /// Expected latency (ms) of each side under the cost model.
     pub fn expected(e: &Estimates) -> (f64, f64) {
         let local = e.local_ms.max(0.0) * (1.0 + f64::from(e.local_queue));
-        let transfer_ms = if e.uplink_bps > 0.0 {
-            e.payload_bytes as f64 / e.uplink_bps * 1000.0
-        } else {
-            0.0
-        };
         let workers = f64::from(e.remote_workers.max(1));
         let remote = e.rtt_ms.max(0.0)
-            + transfer_ms
+            + transfer_ms(e)
             + e.remote_ms.max(0.0) * (1.0 + f64::from(e.remote_queue) / workers);
         (local, remote)
     }
@@ -247,7 +270,7 @@ impl Policy {
                 Choice::Offload
             };
         if self.cfg.mode == Mode::Cost {
-            return decision(by_cost, Reason::Cost);
+            return self.refreshed(e, decision(by_cost, Reason::Cost));
         }
         // Adaptive: each arm's learned latency (the model's prediction, worth one observation,
         // when unobserved), minus an exploration bonus that grows as the arm's discounted count
@@ -296,7 +319,21 @@ impl Policy {
         } else {
             Reason::Cost
         };
-        decision(choice, reason)
+        self.refreshed(e, decision(choice, reason))
+    }
+
+    /// `d`, or a local run when it would offload while the local estimate is stale.
+    fn refreshed(&self, e: &Estimates, d: Decision) -> Decision {
+        let stale = self.cfg.refresh_ms > 0.0 && e.local_age_ms >= self.cfg.refresh_ms;
+        if d.choice == Choice::Offload && stale && e.local_ms > 0.0 {
+            Decision {
+                choice: Choice::Local,
+                reason: Reason::Refresh,
+                ..d
+            }
+        } else {
+            d
+        }
     }
 
     /// Records what a decision cost (end-to-end latency, including a fallback after a timeout).
@@ -448,6 +485,25 @@ mod tests {
         run(&mut p, &e, 30.0, 12.0, 200);
         let tail = run(&mut p, &e, 30.0, 12.0, 100);
         assert!(tail > 80, "offloaded {tail} of 100 after the change");
+    }
+
+    #[test]
+    fn a_stale_local_estimate_is_measured_again_once() {
+        let p = Policy::new(cfg(Mode::Cost));
+        // Measured slow under load, long ago: one request runs here to measure it again.
+        let mut e = online(50.0, 5.0);
+        e.local_age_ms = 6_000.0;
+        let d = p.decide(&e);
+        assert_eq!((d.choice, d.reason), (Choice::Local, Reason::Refresh));
+        // Just measured: offload as the model says.
+        e.local_age_ms = 10.0;
+        assert_eq!(p.decide(&e).choice, Choice::Offload);
+        // Never measured (0 ms estimate) is already local; a deadline is not overridden.
+        let mut c = cfg(Mode::Cost);
+        c.deadline_ms = 40.0;
+        e.local_age_ms = f64::INFINITY;
+        let d = Policy::new(c).decide(&e);
+        assert_eq!((d.choice, d.reason), (Choice::Offload, Reason::Deadline));
     }
 
     #[test]
