@@ -10,9 +10,12 @@
 //!   `idle_mw`; cost = `latency_weight * latency_ms + energy_weight * energy_mj`. A side whose
 //!   expected latency misses `deadline_ms` loses to one that meets it.
 //! - Adaptive: a discounted lower-confidence-bound bandit (minimising latency) per context
-//!   bucket (round-trip class x local-load class), its two arms seeded with the cost model's
-//!   prediction, so it starts where the model points and corrects the model where it is wrong
-//!   (e.g. a link whose delay the RTT probe under-states). Discounting (Garivier and Moulines
+//!   bucket (expected network time class x local-load class). Its arms learn the cost model's
+//!   error on each side (observed minus expected latency), so it starts where the model points
+//!   and corrects the model where it is wrong (e.g. a link whose delay the RTT probe
+//!   under-states), and what it learned in a bucket follows the model's prediction when the
+//!   conditions inside the bucket change (a latency learned on a slow link in the same class
+//!   would not). Discounting (Garivier and Moulines
 //!   2011, "On Upper-Confidence Bound Policies for Switching Bandit Problems") forgets old
 //!   outcomes, so a link that changes is noticed.
 //! - Offline (no connection, or no fresh capacity advert naming the model) is always local.
@@ -161,7 +164,7 @@ const BUCKETS: usize = (RTT_CLASSES.len() + 1) * (LOAD_CLASSES.len() + 1);
 /// Discounted statistics of one arm in one bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Arm {
-    /// Discounted count and sum of observed latencies.
+    /// Discounted count and sum of the cost model's errors (observed minus expected latency).
     n: f64,
     sum: f64,
 }
@@ -281,7 +284,10 @@ impl Policy {
             .map(|a| a.n)
             .sum::<f64>()
             .max(std::f64::consts::E);
-        let mean_of = |c: Choice, predicted: f64| arms[arm_index(c)].mean().unwrap_or(predicted);
+        // The arm's learned latency: the model's prediction now, corrected by how wrong it was
+        // on this side in this context before.
+        let mean_of =
+            |c: Choice, predicted: f64| predicted + arms[arm_index(c)].mean().unwrap_or(0.0);
         let scale = mean_of(Choice::Local, local_ms)
             .max(mean_of(Choice::Offload, remote_ms))
             .max(1.0);
@@ -336,7 +342,8 @@ impl Policy {
         }
     }
 
-    /// Records what a decision cost (end-to-end latency, including a fallback after a timeout).
+    /// Records what a decision cost (end-to-end latency, including a fallback after a timeout):
+    /// the chosen arm learns the cost model's error, observed minus expected.
     pub fn observe(&mut self, d: &Decision, latency_ms: f64) {
         if self.cfg.mode != Mode::Adaptive || !latency_ms.is_finite() || latency_ms < 0.0 {
             return;
@@ -346,9 +353,13 @@ impl Policy {
             arm.n *= g;
             arm.sum *= g;
         }
+        let expected = match d.choice {
+            Choice::Local => d.expected_local_ms,
+            Choice::Offload => d.expected_remote_ms,
+        };
         let arm = &mut self.arms[d.bucket][arm_index(d.choice)];
         arm.n += 1.0;
-        arm.sum += latency_ms;
+        arm.sum += latency_ms - expected;
     }
 }
 
