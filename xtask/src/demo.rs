@@ -224,14 +224,15 @@ fn describe(e: &Event) -> Option<String> {
 /// follow the link: offload while fast, local while slow (deadline) or cut (offline), offload
 /// again once link probes see it recover.
 fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<()> {
-    const KEYS: [&str; 4] = [
+    const KEYS: [&str; 5] = [
         "decisions.offload/cost",
         "decisions.local/deadline",
         "decisions.local/offline",
         "decisions.local/cost",
+        "decisions.local/refresh",
     ];
     let counts =
-        |j: &Journal| -> [u64; 4] { KEYS.map(|k| offload_count(j.events(), OFFLOADER, k)) };
+        |j: &Journal| -> [u64; 5] { KEYS.map(|k| offload_count(j.events(), OFFLOADER, k)) };
     let pipeline = env.path("offload").join("pipeline.toml");
     std::fs::write(&pipeline, OFFLOAD_PIPELINE)?;
     let proxy = LinkProxy::to_port(coord.port().context("coordinator port")?)?;
@@ -253,10 +254,11 @@ fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<
             counts(j)[key] >= before[key] + 20
         })?;
         let after = counts(&tl.journal);
-        let d: Vec<u64> = (0..4).map(|i| after[i] - before[i]).collect();
+        let d: Vec<u64> = (0..KEYS.len()).map(|i| after[i] - before[i]).collect();
         summary.push(format!(
-            "  {name:<34} offloaded {:>4}   local: deadline {:>4}, offline {:>4}, cost {:>4}",
-            d[0], d[1], d[2], d[3]
+            "  {name:<34} offloaded {:>4}   local: deadline {:>4}, offline {:>4}, cost {:>4}, \
+             refresh {:>3}",
+            d[0], d[1], d[2], d[3], d[4]
         ));
         Ok(())
     };

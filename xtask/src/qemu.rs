@@ -211,7 +211,13 @@ pub fn run(triple: &str, e2e: bool, test_args: &[String]) -> Result<Report> {
     );
 
     if e2e {
-        report.e2e = Some(end_to_end(&target, &runner)?);
+        // Building the agent's integration tests built its binary too, with the features the
+        // tests unify (a separate `cargo build --bins` would resolve them without the
+        // dev-dependencies and rebuild much of the tree).
+        let tests_built_agent = !test_args
+            .iter()
+            .any(|a| a == "-p" || a.starts_with("--package"));
+        report.e2e = Some(end_to_end(&target, &runner, tests_built_agent)?);
     }
     print!("{report}");
     Ok(report)
@@ -286,7 +292,7 @@ fn test_targets_without_ort() -> Result<Vec<String>> {
 }
 
 /// The end-to-end run; logs of every process are printed if it fails.
-fn end_to_end(target: &Target, runner: &Path) -> Result<E2e> {
+fn end_to_end(target: &Target, runner: &Path, tests_built_agent: bool) -> Result<E2e> {
     // The host coordinator and a host agent for the RSS comparison (xtask finds them next
     // to itself in target/debug/); the ARM agent in the profile the tests just built.
     // EDGE_AGENT_BIN and EDGE_COORDINATOR_BIN (the harness's overrides) skip that build.
@@ -295,6 +301,9 @@ fn end_to_end(target: &Target, runner: &Path) -> Result<E2e> {
     {
         crate::build_bins(&["edge-agent", "edge-coordinator"])?;
     }
+    let built = target
+        .out_dir(&crate::cross::cargo_target_dir(), false)
+        .join("edge-agent");
     let arm_agent = match std::env::var_os(ARM_AGENT_ENV) {
         Some(p) => {
             let p = PathBuf::from(p);
@@ -305,6 +314,7 @@ fn end_to_end(target: &Target, runner: &Path) -> Result<E2e> {
             );
             p
         }
+        None if tests_built_agent && built.is_file() => built,
         None => {
             let mut build = crate::cargo();
             build.args([
@@ -318,9 +328,7 @@ fn end_to_end(target: &Target, runner: &Path) -> Result<E2e> {
             target.cargo_env(&mut build);
             crate::run(build)
                 .with_context(|| format!("building edge-agent for {} failed", target.triple))?;
-            target
-                .out_dir(&crate::cross::cargo_target_dir(), false)
-                .join("edge-agent")
+            built
         }
     };
     println!("qemu-test: end to end with {}", arm_agent.display());
