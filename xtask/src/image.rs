@@ -471,7 +471,7 @@ fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<(
         "the smoke test boots arm64 images only (qemu-system-aarch64 virt)"
     );
     crate::provision::ensure_debian_packages(&["qemu-system-arm"])?;
-    crate::build_bins(&["edge-coordinator"])?;
+    crate::build_bins()?;
     let env = edge_tests::TestEnv::new("image-smoke")?;
     let coord = edge_tests::Coordinator::start_embedded(&env.path("coordinator"))?;
     let mut journal = coord.journal();

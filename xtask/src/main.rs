@@ -175,7 +175,7 @@ fn main() -> Result<()> {
             build_modules()
         }
         Cmd::Demo => {
-            build_bins(&["edge-agent", "edge-coordinator"])?;
+            build_bins()?;
             demo::run()
         }
         Cmd::Soak {
@@ -187,7 +187,7 @@ fn main() -> Result<()> {
             min_delay_ms,
             max_delay_ms,
         } => {
-            build_bins(&["edge-agent", "edge-coordinator"])?;
+            build_bins()?;
             soak(edge_tests::CrashLoopOptions {
                 kills,
                 seed: seed.unwrap_or_else(clock_seed),
@@ -285,12 +285,13 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-fn build_bins(packages: &[&str]) -> Result<()> {
+/// Builds the workspace's binaries (agent, coordinator), always as `--workspace`: cargo unifies
+/// dependency features over the packages it builds, so `-p edge-agent` would build wasmtime and
+/// friends with other features than `cargo xtask test` does, and each would rebuild much of the
+/// tree after the other.
+fn build_bins() -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--bins"]);
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
+    cmd.args(["build", "--workspace", "--bins"]);
     run(cmd).context("building the binaries failed")
 }
 
@@ -316,9 +317,7 @@ fn build_modules() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     provision::provision()?;
     build_modules()?;
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--bins"]);
-    run(build).context("building the binaries failed")?;
+    build_bins()?;
     let mut test = cargo();
     test.arg("test");
     // `-p X` narrows the run; otherwise the whole workspace.

@@ -299,7 +299,7 @@ fn end_to_end(target: &Target, runner: &Path, tests_built_agent: bool) -> Result
     if std::env::var_os("EDGE_AGENT_BIN").is_none()
         || std::env::var_os("EDGE_COORDINATOR_BIN").is_none()
     {
-        crate::build_bins(&["edge-agent", "edge-coordinator"])?;
+        crate::build_bins()?;
     }
     let built = target
         .out_dir(&crate::cross::cargo_target_dir(), false)
