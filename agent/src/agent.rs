@@ -4,7 +4,8 @@
 //! (socket -> outbox), the deploy task (pipelines, models) and federated learning (rounds ->
 //! local training -> outbox). ONNX Runtime is loaded once
 //! here, before any of them. Each is spawned here, told to stop through one watch channel, and
-//! joined before the outbox is made durable for the last time.
+//! joined before the outbox is made durable for the last time. systemd hears about it all
+//! through [`sd_notify`](crate::sd_notify): ready, alive (watchdog), stopping.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox, OutboxError};
 use crate::pipeline::{Deps, LocalFiles, PipelineSpec, RunningSlot};
 use crate::sandbox::{Sandbox, SandboxError};
+use crate::sd_notify::Notifier;
 use crate::statedb::{StateDb, StateDbError};
 use crate::{identity, local_api, telemetry, uplink};
 
@@ -55,7 +57,13 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+/// `notify` tells systemd when start-up is done, that the agent is alive, and when it stops
+/// ([`Notifier::disabled`] when not under systemd).
+pub async fn run(
+    cfg: Config,
+    notify: Notifier,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
         path: cfg.state_dir.display().to_string(),
         source,
@@ -205,6 +213,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             stop_rx.clone(),
         ))
     });
+    let uplink_stats = uplink.stats.clone();
     let up = tokio::spawn(uplink.run(stop_rx));
     let st = outbox.stats();
     tracing::info!(
@@ -212,9 +221,61 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         socket = %socket.display(), queued = st.depth.iter().sum::<u64>(), boot_id = %boot_id,
         "agent started"
     );
+    let status = || status_line(&uplink_stats, &slot, &outbox);
+    // Ready without waiting for the broker: an offline board is a working board (its outbox
+    // keeps everything), and systemd must not restart it for that.
+    notify.ready(&status());
 
-    shutdown.await;
+    let mut shutdown = std::pin::pin!(shutdown);
+    match notify.keepalive_interval() {
+        None => shutdown.await,
+        Some(every) => {
+            // The keep-alive comes from this loop, the one that owns every task, and not from
+            // a task of its own or a thread: the tick needs the runtime's timer, which the
+            // worker threads drive, and each ping first sends a probe task through those
+            // workers. A wedged runtime (workers blocked) or a task that ended on its own
+            // stops the pings, and systemd restarts the agent; a thread that pinged on its own
+            // would keep a hung agent "alive".
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut reported = false;
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    _ = tick.tick() => {}
+                }
+                let ended = [
+                    ("deploy", Some(&deploy)),
+                    ("federated-learning", Some(&fl)),
+                    ("offload", offload_router.as_ref()),
+                    ("local-api", Some(&api)),
+                    ("telemetry", telemetry.as_ref()),
+                    ("uplink", Some(&up)),
+                ]
+                .into_iter()
+                .find_map(|(name, h)| h.filter(|h| h.is_finished()).map(|_| name));
+                let probe = tokio::time::timeout(every, tokio::spawn(async {})).await;
+                match (ended, probe) {
+                    (None, Ok(Ok(()))) => {
+                        reported = false;
+                        notify.keepalive(&status());
+                    }
+                    (ended, _) if !reported => {
+                        reported = true;
+                        tracing::error!(
+                            task = ended.unwrap_or("(runtime)"),
+                            "agent unhealthy: a task ended or the runtime did not run a probe \
+                             task in time; watchdog keep-alives withheld, systemd restarts the \
+                             agent unless it recovers"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
     tracing::info!("shutting down: finishing local API requests, then making the outbox durable");
+    notify.stopping("stopping: draining, making the outbox durable");
     let _ = stop_tx.send(true);
     let mut panicked = None;
     for (name, handle) in [
@@ -247,6 +308,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Some(p) => Err(AgentError::Task(p)),
         None => Ok(()),
     }
+}
+
+/// The one line `systemctl status` shows: uplink, pipeline, backlog.
+fn status_line(uplink: &uplink::UplinkStats, slot: &RunningSlot, outbox: &Outbox) -> String {
+    let link = if uplink.connected.load(std::sync::atomic::Ordering::Relaxed) {
+        "connected"
+    } else {
+        "offline"
+    };
+    let pipeline = match slot.telemetry() {
+        Some(p) => format!("pipeline {} v{} running", p.name, p.version),
+        None => "no pipeline".to_owned(),
+    };
+    let queued = outbox.stats().depth.iter().sum::<u64>();
+    format!("{link}, {pipeline}, {queued} queued")
 }
 
 /// What the agent says about itself at every start.

@@ -16,6 +16,7 @@ pub mod offload;
 pub mod outbox;
 pub mod pipeline;
 pub mod sandbox;
+pub mod sd_notify;
 pub mod statedb;
 pub mod telemetry;
 pub mod uplink;

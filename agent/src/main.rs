@@ -95,7 +95,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
-            edge_agent::agent::run(cfg, shutdown_signal()).await?;
+            let notify = edge_agent::sd_notify::Notifier::from_env();
+            edge_agent::agent::run(cfg, notify, shutdown_signal()).await?;
         }
         Cmd::Publish {
             socket,

@@ -361,7 +361,10 @@ mod tests {
             assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
         }
         assert!(unit.lines().any(|l| l.starts_with("MemoryMax=")));
-        // No watchdog until the agent sends sd_notify keep-alives.
-        assert!(!unit.lines().any(|l| l.starts_with("WatchdogSec=")));
+        // The agent speaks sd_notify (agent/src/sd_notify.rs): readiness and a watchdog.
+        for line in ["Type=notify", "NotifyAccess=main"] {
+            assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+        }
+        assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")));
     }
 }
