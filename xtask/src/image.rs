@@ -5,8 +5,10 @@
 //! 2. debootstrap (`--foreign`) unpacks a minimal Debian for the board's architecture; the
 //!    second stage and every later step run in a chroot through qemu-user-static, registered
 //!    with binfmt_misc (the `F` flag: the emulator is opened at registration, so nothing is
-//!    copied into the image). The result is cached per suite, architecture and package list
-//!    in `target/image/cache/`, so a rerun only redoes the board-specific part.
+//!    copied into the image); each chroot command gets `/proc` mounted for its duration
+//!    (package scripts need it, see [`ProcMount`]). The result is cached per suite,
+//!    architecture and package list in `target/image/cache/`, so a rerun only redoes the
+//!    board-specific part.
 //! 3. In the chroot: the board's `[image] packages` (kernel, firmware), the .deb (its postinst
 //!    adds the service user and enables the unit), systemd-networkd with DHCP on wired
 //!    interfaces, timesyncd, an empty `/etc/machine-id` so each board makes its own (the agent
@@ -332,11 +334,13 @@ fn install_agent(rootfs: &Path, deb: &Path) -> Result<()> {
     chroot(rootfs, &["dpkg", "-i", "/tmp/edge-agent.deb"])
         .context("installing the agent's .deb in the image failed")?;
     fs::remove_file(&inside).with_context(|| format!("cannot remove {}", inside.display()))?;
+    // The link points at an absolute path inside the image (`/lib/systemd/...`), so only the
+    // link itself is checked here: following it would look on the host.
+    let wants = rootfs.join("etc/systemd/system/multi-user.target.wants/edge-agent.service");
     ensure!(
-        rootfs
-            .join("etc/systemd/system/multi-user.target.wants/edge-agent.service")
-            .exists(),
-        "the agent's unit is not enabled in the image"
+        fs::symlink_metadata(&wants).is_ok(),
+        "the agent's unit is not enabled in the image ({} missing)",
+        wants.display()
     );
     // raspi-firmware's hook rewrites cmdline.txt/config.txt from /etc/default/raspi-firmware
     // (the console set in `configure`).
@@ -345,9 +349,16 @@ fn install_agent(rootfs: &Path, deb: &Path) -> Result<()> {
         .exists()
     {
         let kernel = newest_kernel(rootfs)?;
+        // The hook does nothing unless told it runs for a package's configure step (the
+        // package's own postinst calls it the same way).
         chroot(
             rootfs,
-            &["/etc/kernel/postinst.d/z50-raspi-firmware", &kernel],
+            &[
+                "env",
+                "DEB_MAINT_PARAMS=configure",
+                "/etc/kernel/postinst.d/z50-raspi-firmware",
+                &kernel,
+            ],
         )?;
     }
     let policy = rootfs.join("usr/sbin/policy-rc.d");
@@ -544,6 +555,7 @@ fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<(
 }
 
 fn chroot(rootfs: &Path, args: &[&str]) -> Result<()> {
+    let _proc = ProcMount::new(&rootfs.join("proc"))?;
     let mut cmd = Command::new("chroot");
     cmd.arg(rootfs)
         .args(args)
@@ -551,6 +563,48 @@ fn chroot(rootfs: &Path, args: &[&str]) -> Result<()> {
         .env("LC_ALL", "C.UTF-8")
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     crate::run(cmd).with_context(|| format!("in the image: {} failed", args.join(" ")))
+}
+
+/// `/proc` in the image for one chroot command. Package scripts need it: raspi-firmware's
+/// postinst and kernel hook tell a chroot (where /boot/firmware is a plain folder) from a
+/// booted board (where it must be mounted) with ischroot(1), which reads `/proc/1/root`, and
+/// fail without it. Mounted per command and unmounted on drop, so a live `/proc` is never
+/// archived into the cache or copied onto the disk by `mkfs.ext4 -d`.
+struct ProcMount(PathBuf);
+
+impl ProcMount {
+    fn new(dir: &Path) -> Result<ProcMount> {
+        mkdir(dir)?;
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "proc", "proc"]).arg(dir);
+        crate::run(cmd).with_context(|| format!("cannot mount proc on {}", dir.display()))?;
+        Ok(ProcMount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for ProcMount {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("-l");
+            }
+            cmd.arg(&self.0).status().is_ok_and(|s| s.success())
+        };
+        // debootstrap's second stage mounts and unmounts /proc itself, taking ours along.
+        let mounted = Command::new("mountpoint")
+            .arg("-q")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        // Lazy as a fallback: a process the package scripts left behind keeps it busy.
+        if mounted && !umount(false) && !umount(true) {
+            eprintln!(
+                "image: cannot unmount {}; unmount it by hand",
+                self.0.display()
+            );
+        }
+    }
 }
 
 fn run_with_stdin(mut cmd: Command, input: &str) -> Result<()> {
