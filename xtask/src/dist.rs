@@ -210,7 +210,7 @@ fn build_deb(
             "@DEPENDS@",
             &format!("libc6 (>= {}), passwd", glibc_needed(target, agent)?),
         )
-        .replace("@INSTALLED_SIZE@", &(du_bytes(tree)? / 1024).to_string());
+        .replace("@INSTALLED_SIZE@", &(du_bytes(tree, 1)? / 1024).to_string());
     write(&debian.join("control"), &control, 0o644)?;
     copy(&src.join("conffiles"), &debian.join("conffiles"), 0o644)?;
     for script in ["postinst", "prerm", "postrm"] {
@@ -274,15 +274,18 @@ fn newest_glibc(objdump: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
-fn du_bytes(dir: &Path) -> Result<u64> {
+/// Bytes under `dir`: each file's size rounded up to `block` bytes, and `block` per folder
+/// when `block > 1` (a filesystem's usage); `block = 1`: the files' apparent sizes only.
+pub fn du_bytes(dir: &Path, block: u64) -> Result<u64> {
+    let block = block.max(1);
     let mut total = 0;
     for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let e = e?;
         let meta = fs::symlink_metadata(e.path())?;
         total += if meta.is_dir() {
-            du_bytes(&e.path())?
+            (if block > 1 { block } else { 0 }) + du_bytes(&e.path(), block)?
         } else {
-            meta.len()
+            meta.len().div_ceil(block) * block
         };
     }
     Ok(total)

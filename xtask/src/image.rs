@@ -433,7 +433,7 @@ fn make_partitions(rootfs: &Path, boot_tree: &Path, work: &Path, disk: &Path) ->
     }
 
     // Room for the tree plus a quarter and 512 MiB: logs, the outbox, module caches.
-    let used = du_bytes(rootfs)?;
+    let used = crate::dist::du_bytes(rootfs, 4096)?;
     let root_mib = (used + used / 4) / (1024 * 1024) + 512;
     let mut cmd = Command::new("mkfs.ext4");
     cmd.args(["-q", "-L", "RASPIROOT", "-d"])
@@ -625,20 +625,6 @@ fn run_with_stdin(mut cmd: Command, input: &str) -> Result<()> {
         .with_context(|| format!("cannot wait for {shown}"))?;
     ensure!(status.success(), "{shown} failed with {status}");
     Ok(())
-}
-
-fn du_bytes(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let e = e?;
-        let meta = fs::symlink_metadata(e.path())?;
-        total += if meta.is_dir() {
-            4096 + du_bytes(&e.path())?
-        } else {
-            meta.len().div_ceil(4096) * 4096
-        };
-    }
-    Ok(total)
 }
 
 fn mkdir(dir: &Path) -> Result<()> {
