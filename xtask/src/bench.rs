@@ -77,7 +77,13 @@ pub fn offload(root: &Path) -> Result<()> {
     crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
     let status = Command::new(cargo())
         .current_dir(root)
-        .args(["build", "-p", "edge-coordinator", "--bin", "edge-coordinator"])
+        .args([
+            "build",
+            "-p",
+            "edge-coordinator",
+            "--bin",
+            "edge-coordinator",
+        ])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
