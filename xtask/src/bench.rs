@@ -26,14 +26,9 @@ const ROUNDS: usize = 3;
 pub fn run(root: &Path, which: &str) -> Result<()> {
     let all = which == "all";
     if all || which == "outbox" {
-        let status = Command::new(cargo())
-            .current_dir(root)
-            .args(["bench", "-p", "edge-agent", "--bench", "outbox"])
-            .status()
-            .context("cannot run cargo bench")?;
-        if !status.success() {
-            bail!("outbox benchmark failed");
-        }
+        let mut bench = crate::cargo();
+        bench.args(["bench", "-p", "edge-agent", "--bench", "outbox"]);
+        crate::run(bench).context("outbox benchmark failed")?;
     }
     if all || which == "e2e" || which == "rss" {
         build_release(root)?;
@@ -57,16 +52,10 @@ pub fn run(root: &Path, which: &str) -> Result<()> {
 /// through `cargo test --bench` (the dev profile): what it reports, accuracy and bytes, does not
 /// depend on the host code's optimisation (the training runs in the WASM module, compiled by
 /// Cranelift either way), and it spares a release build of the whole workspace.
-pub fn fl(root: &Path) -> Result<()> {
-    let status = Command::new(cargo())
-        .current_dir(root)
-        .args(["test", "-p", "edge-tests", "--bench", "fl"])
-        .status()
-        .context("cannot run cargo test --bench fl")?;
-    if !status.success() {
-        bail!("federated-learning benchmark failed");
-    }
-    Ok(())
+pub fn fl() -> Result<()> {
+    let mut bench = crate::cargo();
+    bench.args(["test", "-p", "edge-tests", "--bench", "fl"]);
+    crate::run(bench).context("federated-learning benchmark failed")
 }
 
 /// `cargo xtask bench offload`: offload decisions over a measured mixed trace
@@ -75,54 +64,27 @@ pub fn fl(root: &Path) -> Result<()> {
 /// the benchmark prints shows what the debug-built broker and coordinator add to a round trip.
 pub fn offload(root: &Path) -> Result<()> {
     crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
-    let status = Command::new(cargo())
-        .current_dir(root)
-        .args([
-            "build",
-            "-p",
-            "edge-coordinator",
-            "--bin",
-            "edge-coordinator",
-        ])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("coordinator build failed");
-    }
-    let status = Command::new(cargo())
-        .current_dir(root)
-        .args(["test", "-p", "edge-tests", "--bench", "offload"])
-        .status()
-        .context("cannot run cargo test --bench offload")?;
-    if !status.success() {
-        bail!("offload benchmark failed");
-    }
-    Ok(())
-}
-
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+    // The coordinator binary the benchmark starts (target/debug, the workspace's features).
+    crate::build_bins()?;
+    let mut bench = crate::cargo();
+    bench.args(["test", "-p", "edge-tests", "--bench", "offload"]);
+    crate::run(bench).context("offload benchmark failed")
 }
 
 fn build_release(root: &Path) -> Result<()> {
-    let status = Command::new(cargo())
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "edge-agent",
-            "-p",
-            "edge-coordinator",
-            "--bins",
-            "--example",
-            "bare_mqtt",
-        ])
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("release build failed");
-    }
+    let mut build = crate::cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "edge-agent",
+        "-p",
+        "edge-coordinator",
+        "--bins",
+        "--example",
+        "bare_mqtt",
+    ]);
+    crate::run(build).context("release build failed")?;
     let rel = root.join("target/release");
     // The harness finds binaries through these (it would otherwise take target/debug).
     unsafe_env("EDGE_AGENT_BIN", rel.join("edge-agent"));

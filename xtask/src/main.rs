@@ -247,7 +247,7 @@ fn main() -> Result<()> {
             which: Some(Bench::Fl),
         } => {
             build_modules()?;
-            bench::fl(&root())
+            bench::fl()
         }
         Cmd::Bench {
             which: Some(Bench::Offload),
