@@ -315,6 +315,7 @@ fn build_modules() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    report_free_disk("before the tests");
     provision::provision()?;
     build_modules()?;
     build_bins()?;
@@ -330,9 +331,39 @@ fn test(args: &[String]) -> Result<()> {
     // narrowed run names what it wants). `EDGE_TEST_AARCH64=0` leaves it out (a cold aarch64
     // build of wasmtime and ort is the longest part of a fresh run on 2 cores).
     if args.is_empty() && std::env::var_os("EDGE_TEST_AARCH64").is_none_or(|v| v != "0") {
+        report_free_disk("before the aarch64 step");
         qemu::ci_step().context("the aarch64 qemu-user step failed")?;
     }
     Ok(())
+}
+
+/// Free space under target/, printed so that a run that dies of a full disk says how close it
+/// was (a fresh full run needs about 8 GB there; see the dev profile in Cargo.toml).
+fn report_free_disk(when: &str) {
+    let target = root().join("target");
+    let _ = std::fs::create_dir_all(&target);
+    let out = Command::new("df").args(["-Pk"]).arg(&target).output();
+    let free_kib = out.ok().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    });
+    match free_kib {
+        Some(kib) => {
+            let gib = kib as f64 / (1024.0 * 1024.0);
+            println!("xtask: {gib:.1} GiB free under target/ {when}");
+            if gib < 8.0 {
+                println!(
+                    "xtask: warning: under 8 GiB free; the build may fail with 'No space left on device'"
+                );
+            }
+        }
+        None => println!("xtask: could not read free disk space under target/ {when}"),
+    }
 }
 
 fn soak(opts: edge_tests::CrashLoopOptions) -> Result<()> {
