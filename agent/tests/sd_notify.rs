@@ -39,6 +39,21 @@ fn recv(sock: &UnixDatagram, log: &Path) -> String {
     }
 }
 
+/// The agent binary; under `cargo xtask qemu-test` it is built for another architecture, so it
+/// runs through the same qemu-user runner as this test (the runner names itself in
+/// `EDGE_TARGET_RUNNER`).
+fn agent_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_edge-agent");
+    match std::env::var_os("EDGE_TARGET_RUNNER") {
+        Some(runner) => {
+            let mut cmd = Command::new(runner);
+            cmd.arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
 #[test]
 fn agent_notifies_ready_keepalives_and_stopping_while_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -59,7 +74,7 @@ fn agent_notifies_ready_keepalives_and_stopping_while_offline() {
     let log = dir.path().join("agent.log");
     let stderr = std::fs::File::create(&log).expect("log file");
 
-    let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+    let child = agent_command()
         .args(["run", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify_path)

@@ -162,9 +162,13 @@ fn write_runner(target: &Target) -> Result<PathBuf> {
         format!("exec {qemu} \"$@\"\n")
     };
     let script = dir.join("run");
+    // Tests that start one of the target's programs themselves (the agent binary, say) find
+    // this script in EDGE_TARGET_RUNNER: a fresh machine has no binfmt_misc entry for it.
     let text = format!(
-        "#!/bin/sh\n# Written by `cargo xtask qemu-test`: runs a {} program under qemu-user.\n{body}",
-        target.triple
+        "#!/bin/sh\n# Written by `cargo xtask qemu-test`: runs a {} program under qemu-user.\n\
+         export EDGE_TARGET_RUNNER='{}'\n{body}",
+        target.triple,
+        script.display()
     );
     std::fs::write(&script, text).with_context(|| format!("cannot write {}", script.display()))?;
     use std::os::unix::fs::PermissionsExt;
