@@ -114,11 +114,18 @@ impl std::fmt::Debug for Offloader {
     }
 }
 
+/// Runs `f` and says how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}
+
 /// How an offloaded frame ended.
 enum Waited {
     Answer(Response, Instant),
-    /// The hedged local run finished first.
-    HedgeWon(Result<Outputs, String>),
+    /// The hedged local run finished first (its result and how long it ran).
+    HedgeWon((Result<Outputs, String>, Duration)),
     Timeout,
     /// The request was dropped before an answer could come (uplink gone).
     Dropped,
@@ -439,17 +446,7 @@ impl Offloader {
         };
         let start = Instant::now();
         let result = match decision.choice {
-            Choice::Local => {
-                let r = local(input);
-                if r.is_ok() {
-                    let mut st = self.state();
-                    st.knowledge.observe_local(model, ms(start.elapsed()));
-                    if let Some(m) = st.models.get_mut(model) {
-                        m.local_at = Some(Instant::now());
-                    }
-                }
-                r
-            }
+            Choice::Local => self.local_measured(model, timed(move || local(input))),
             Choice::Offload => {
                 let wire = WireTensor {
                     name: String::new(),
@@ -483,9 +480,11 @@ impl Offloader {
     {
         let cfg = &self.inner.cfg;
         let timeout = Duration::from_millis(cfg.timeout_ms);
+        // A fallback is a real run on this device: it feeds the local estimate as a chosen
+        // local run does (after an outage, the local latency is then fresh, not an hour old).
         let fallback = |cause: &str, local: F| {
             Self::count(&mut self.state().counters.fallbacks, cause.to_owned());
-            local()
+            self.local_measured(model, timed(local))
         };
         if self.pending().len() >= cfg.max_pending as usize {
             return fallback("busy", local);
@@ -518,19 +517,19 @@ impl Offloader {
                 Err(_) => {}
             }
             // Hedge: run locally as well; the first to finish wins.
-            let mut handle = tokio::task::spawn_blocking(local);
+            let mut handle = tokio::task::spawn_blocking(move || timed(local));
             let rest = timeout.saturating_sub(start.elapsed());
             tokio::select! {
                 r = tokio::time::timeout(rest, &mut rx) => match r {
                     Ok(Ok((r, at))) if r.status == Status::Ok => (Waited::Answer(r, at), None),
                     _ => {
                         // No usable answer: the local run decides.
-                        let l = (&mut handle).await.unwrap_or_else(|e| Err(format!("local run failed: {e}")));
+                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO));
                         (Waited::HedgeWon(l), None)
                     }
                 },
                 l = &mut handle => (
-                    Waited::HedgeWon(l.unwrap_or_else(|e| Err(format!("local run failed: {e}")))),
+                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO))),
                     None,
                 ),
             }
@@ -570,7 +569,7 @@ impl Offloader {
             }
             (Waited::HedgeWon(l), _) => {
                 Self::count(&mut self.state().counters.fallbacks, "hedge".into());
-                l
+                self.local_measured(model, l)
             }
             (Waited::Timeout, local) => {
                 // What the link cost this time, as far as we know: at least the timeout.
@@ -588,6 +587,22 @@ impl Offloader {
                 None => Err("offload request dropped".into()),
             },
         }
+    }
+
+    /// Records a finished local run of `model` (chosen or fallback) in the local estimate.
+    fn local_measured(
+        &self,
+        model: &str,
+        (result, took): (Result<Outputs, String>, Duration),
+    ) -> Result<Outputs, String> {
+        if result.is_ok() {
+            let mut st = self.state();
+            st.knowledge.observe_local(model, ms(took));
+            if let Some(m) = st.models.get_mut(model) {
+                m.local_at = Some(Instant::now());
+            }
+        }
+        result
     }
 
     /// Decision and fallback counters, the link and per-model latencies.
@@ -800,7 +815,10 @@ mod tests {
     fn silence_refusals_and_offline_end_in_a_local_run_counted_by_cause() {
         let (rt, off) = online(cfg(Mode::Offload), |_| None);
         assert_eq!(run_once(&rt, &off), 2.0, "local adds one");
-        assert_eq!(off.telemetry().fallbacks.get("timeout"), Some(&1));
+        let t = off.telemetry();
+        assert_eq!(t.fallbacks.get("timeout"), Some(&1));
+        // The fallback ran on the device, so it measured the local side.
+        assert!(t.models[0].local_ms.is_some(), "{:?}", t.models);
 
         let (rt, off) = online(cfg(Mode::Offload), |req| {
             Some(Response::failed(
@@ -850,6 +868,7 @@ mod tests {
         // Counted as a hedge win, not as a timeout: the local run did not wait for it.
         assert_eq!(off.telemetry().fallbacks.get("hedge"), Some(&1));
         assert_eq!(off.telemetry().fallbacks.get("timeout"), None);
+        assert!(off.telemetry().models[0].local_ms.is_some());
     }
 
     #[test]

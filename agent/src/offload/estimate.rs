@@ -137,10 +137,6 @@ impl LinkModel {
         self.out = lost;
     }
 
-    pub fn known(&self) -> bool {
-        self.n > 1e-9 || self.lost_ms.get().is_some()
-    }
-
     /// The last attempt went unanswered (and nothing was answered since).
     pub fn is_out(&self) -> bool {
         self.out
