@@ -232,13 +232,20 @@ fn base_system(
         "# Written by cargo xtask image.\nROOTPART=LABEL=RASPIROOT\n",
     )?;
     mkdir(&rootfs.join("boot/firmware"))?;
+    // The kernel's own hook builds the initrd (`update-initramfs -c`); without this the
+    // initramfs-tools trigger then builds the same one again (`-u`), about ten minutes each
+    // under qemu-user. Set back to the package's default after the install.
+    let initramfs_conf = rootfs.join("etc/initramfs-tools/update-initramfs.conf");
+    mkdir(&rootfs.join("etc/initramfs-tools"))?;
+    write(&initramfs_conf, &update_initramfs_conf(false))?;
     chroot(rootfs, &["apt-get", "update", "-q"])?;
     let extra: Vec<&str> = packages
         .iter()
         .map(String::as_str)
         .filter(|p| !BASE_PACKAGES.contains(p))
         .collect();
-    // confold: keep our /etc/default/raspi-firmware over the package's copy.
+    // confold: keep our /etc/default/raspi-firmware and update-initramfs.conf over the
+    // packages' copies.
     let mut args = vec![
         "apt-get",
         "install",
@@ -250,6 +257,7 @@ fn base_system(
     ];
     args.extend(extra);
     chroot(rootfs, &args).context("installing the board's packages failed")?;
+    write(&initramfs_conf, &update_initramfs_conf(true))?;
     chroot(rootfs, &["apt-get", "clean"])?;
 
     mkdir(cache)?;
@@ -264,6 +272,18 @@ fn base_system(
     fs::rename(&partial, &cached)
         .with_context(|| format!("cannot rename {}", partial.display()))?;
     Ok(())
+}
+
+/// initramfs-tools' `update-initramfs.conf` (kept by `--force-confold` when the package
+/// installs); `update = true` is the package's default.
+fn update_initramfs_conf(update: bool) -> String {
+    format!(
+        "# Written by cargo xtask image (the package's defaults).\n\
+         # update_initramfs: yes regenerates initrds on updates (\"update-initramfs -u\").\n\
+         update_initramfs={}\n\
+         backup_initramfs=no\n",
+        if update { "yes" } else { "no" }
+    )
 }
 
 /// Host name, fstab, network, console, first-boot identity.
