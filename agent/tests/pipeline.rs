@@ -22,6 +22,14 @@ fn fixture() -> Fixture {
     let cfg = SandboxConfig {
         restart_backoff_min_ms: 1,
         restart_backoff_max_ms: 5,
+        // No test here is about deadlines. ARM builds run these under qemu-user (a debug
+        // build on a shared CI machine), where a module's first call was seen to pass the
+        // 1 s default under load; the sandbox tests check the deadline itself.
+        call_timeout_ms: if cfg!(target_arch = "x86_64") {
+            SandboxConfig::default().call_timeout_ms
+        } else {
+            10_000
+        },
         ..SandboxConfig::default()
     };
     let unused = edge_agent::inference::Inference::unavailable("not used by these tests");
