@@ -48,6 +48,15 @@ impl TestEnv {
         self.path.join(name)
     }
 
+    /// Keeps the directory after this is dropped (a failed demo's logs stay for the user to
+    /// read); returns its path.
+    pub fn keep(&mut self) -> PathBuf {
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.keep();
+        }
+        self.path.clone()
+    }
+
     /// Prints the logs and the journal tail of everything under the dir to stderr.
     pub fn dump_logs(&self) {
         if self.dumped.replace(true) {

@@ -17,6 +17,7 @@
 //! - [`LinkProxy`]: a fault-injecting TCP proxy (delay, jitter, bandwidth cap, stall of both
 //!   directions or only the uplink, resets, cut/restore) between a client and its broker;
 //! - [`digits`]: the digits data set and its federated splits (IID, Dirichlet, two classes);
+//! - [`federated_agent`], [`FlTask`]: an agent training on its digits shard, a task, its rounds;
 //! - [`run_test`]/[`TestEnv`]: a temp dir per test whose child logs are printed on failure.
 //!
 //! Invariant: never binds a fixed port or a shared path; every wait has a deadline.
@@ -31,6 +32,7 @@ mod delivery;
 mod deploy;
 pub mod digits;
 mod env;
+mod fl;
 mod journal;
 mod local_api;
 mod mosquitto;
@@ -51,6 +53,10 @@ pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};
 pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, deploy_models, wasm_dir};
 pub use env::{TestEnv, run_test};
+pub use fl::{
+    FL_GROUP, FL_MODEL, FlTask, closed_rounds, federated_agent, federated_data, final_accuracy,
+    task_finished,
+};
 pub use journal::{Event, Journal, served_model};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};
 pub use mosquitto::{Mosquitto, mosquitto_bin};
@@ -59,7 +65,7 @@ pub use offload::{
     OFFLOAD_MODEL, OFFLOAD_PIPELINE, latest_offload, offload_coordinator_config, offload_count,
     offloading_agent,
 };
-pub use process::ChildProc;
+pub use process::{ChildProc, stop_all_children};
 pub use protocol::v1::Class;
 pub use proxy::{Link, LinkProxy, ProxyStats};
 pub use raw_mqtt::{RawMqtt, RawOutcome};

@@ -5,11 +5,52 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
+
+/// Pids of every [`ChildProc`] started and not yet seen to exit, so that an interrupted run
+/// (`cargo xtask demo` on Ctrl-C) can stop them all from its signal thread, where the owners'
+/// `Drop` never runs.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops every child process the harness started and has not seen exit: SIGTERM, then SIGKILL
+/// for those still running after `grace`. Reaps them; returns how many there were. For a
+/// signal handler's thread: the `ChildProc`s that own them are not touched and must not be used
+/// afterwards (the process is about to exit).
+pub fn stop_all_children(grace: Duration) -> usize {
+    let pids: Vec<Pid> = live()
+        .drain(..)
+        .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
+        .collect();
+    for &pid in &pids {
+        let _ = kill(pid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    let mut left = pids.clone();
+    while !left.is_empty() && Instant::now() < deadline {
+        left.retain(|&pid| {
+            matches!(
+                waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(nix::sys::wait::WaitStatus::StillAlive)
+            )
+        });
+        std::thread::sleep(crate::POLL);
+    }
+    for pid in left {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+    }
+    pids.len()
+}
 
 /// One program with fixed arguments that can be started, signalled and started again.
 ///
@@ -83,6 +124,7 @@ impl ChildProc {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("cannot start {} ({})", self.name, self.program.display()))?;
+        live().push(child.id());
         self.child = Some(child);
         Ok(())
     }
@@ -93,17 +135,25 @@ impl ChildProc {
 
     /// True while the last start has not exited (reaps it if it has).
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
+        let Some(c) = &mut self.child else {
+            return false;
+        };
+        match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(_)) => {
+                forget_pid(c.id());
+                false
+            }
+            Err(_) => false,
         }
     }
 
     /// Exit status of the last start if it has exited.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        let c = self.child.as_mut()?;
+        let status = c.try_wait().ok().flatten()?;
+        forget_pid(c.id());
+        Some(status)
     }
 
     /// Sends `sig` to the running process; no-op if it has exited.
@@ -123,6 +173,7 @@ impl ChildProc {
             let _ = c.kill();
             c.wait()
                 .with_context(|| format!("cannot reap {}", self.name))?;
+            forget_pid(c.id());
         }
         Ok(())
     }
@@ -198,6 +249,7 @@ impl ChildProc {
                 .try_wait()
                 .with_context(|| format!("cannot wait for {}", self.name))?
             {
+                forget_pid(child.id());
                 return Ok(status);
             }
             if Instant::now() >= deadline {
@@ -231,6 +283,11 @@ impl Drop for ChildProc {
     fn drop(&mut self) {
         let _ = self.kill();
     }
+}
+
+/// The child `pid` exited and was reaped: its number may be reused, never signal it again.
+fn forget_pid(pid: u32) {
+    live().retain(|&p| p != pid);
 }
 
 pub(crate) fn read_lossy(path: &Path) -> String {

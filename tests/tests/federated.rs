@@ -15,141 +15,29 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use edge_inference::onnx_builder;
-use edge_tests::digits::{self, Split};
+use edge_tests::digits::Split;
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, Event, Link, LinkProxy, SigningKey, TestEnv, coordinator_bin,
-    run_test, wasm_dir,
+    Agent, AgentOptions, Coordinator, Event, FL_MODEL, FlTask, Link, LinkProxy, SigningKey,
+    TestEnv, closed_rounds, federated_agent, federated_data, final_accuracy, run_test,
+    task_finished,
 };
 use protocol::v1::deploy::sha256_hex;
 
 const AGENTS: usize = 10;
 const DROPPED: usize = 3;
 const ROUNDS: u32 = 20;
-const MODEL: &str = "models/digits.onnx";
 const WAIT: Duration = Duration::from_secs(90);
-
-fn pipeline(shard: &str) -> String {
-    let fields: Vec<String> = (0..digits::FEATURES)
-        .map(|i| format!("\"features.{i}\""))
-        .collect();
-    format!(
-        r#"
-name = "digits"
-[[source]]
-name = "shard"
-kind = "file"
-path = "{shard}"
-format = "jsonl"
-rate_hz = 500
-[[stage]]
-name = "encode"
-module = "encoder.wasm"
-input = "shard"
-config = {{ fields = [{fields}] }}
-[[stage]]
-name = "classify"
-kind = "inference"
-model = "{MODEL}"
-input = "encode"
-[[sink]]
-kind = "dataset"
-input = "shard"
-dataset = "digits"
-require_label = true
-[[sink]]
-kind = "log"
-input = "classify"
-every = 100
-[training]
-model = "{MODEL}"
-trainer = "mlp_trainer.wasm"
-dataset = "digits"
-"#,
-        fields = fields.join(", ")
-    )
-}
-
-/// Task `id`; `quorum` 1.0 waits for every selected agent, 0.7 closes on the first seven.
-fn task(id: &str, quorum: f32) -> String {
-    format!(
-        r#"
-id = "{id}"
-model = "{MODEL}"
-initial = "initial.onnx"
-group = "fl"
-rounds = {ROUNDS}
-fraction = 1.0
-min_clients = {AGENTS}
-quorum = {quorum}
-round_timeout_s = 60
-round_interval_s = 2
-max_staleness = 1
-seed = 1
-[train]
-epochs = 2
-lr = 0.1
-batch_size = 16
-codec = "fp32"
-[aggregate]
-rule = "fedavg"
-server_optimizer = "sgd"
-[eval]
-holdout = "holdout.csv"
-"#
-    )
-}
 
 fn device(i: usize) -> String {
     format!("fl-{i:02}")
 }
 
-/// `fl_round_closed` events of `task`, in order.
-fn closed<'a>(events: &'a [Event], task: &str) -> Vec<&'a Event> {
-    events
-        .iter()
-        .filter(|e| e.is("fl_round_closed") && e.str_field("task") == Some(task))
-        .collect()
-}
-
-fn finished(events: &[Event], task: &str) -> bool {
-    events
-        .iter()
-        .any(|e| e.is("fl_task_finished") && e.str_field("task") == Some(task))
-}
-
-fn start_task(
-    coord: &Coordinator,
-    dir: &std::path::Path,
-    id: &str,
-    quorum: f32,
-    key: &SigningKey,
-) -> Result<()> {
-    let path = dir.join(format!("{id}.toml"));
-    std::fs::write(&path, task(id, quorum))?;
-    let out = std::process::Command::new(coordinator_bin()?)
-        .args(["fl", "start"])
-        .arg(&path)
-        .arg("--key")
-        .arg(&key.path)
-        .arg("--state-dir")
-        .arg(coord.state_dir())
-        .output()
-        .context("cannot run edge-coordinator fl start")?;
-    ensure!(
-        out.status.success(),
-        "fl start {id}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Accuracy of the last closed round of `task` on the held-out set.
-fn final_accuracy(events: &[Event], task: &str) -> Result<f64> {
-    closed(events, task)
-        .last()
-        .and_then(|e| e.f64_field("eval_accuracy"))
-        .with_context(|| format!("task {task}: no evaluated round"))
+/// Task `id`; `quorum` 1.0 waits for every selected agent, 0.7 closes on the first seven.
+fn task(id: &str, quorum: f32) -> FlTask {
+    FlTask {
+        quorum,
+        ..FlTask::new(id, ROUNDS, AGENTS)
+    }
 }
 
 #[test]
@@ -164,42 +52,18 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let broker = coord.port().context("coordinator port")?;
 
     // Data: a stratified hold-out for the coordinator, the rest dealt to the agents.
-    let d = digits::load()?;
-    let (train, test) = digits::holdout(&d, 0.2, 0);
-    let shards = digits::partition(&d, &train, AGENTS, Split::Iid, 1);
     let task_dir = env.path("task");
-    std::fs::create_dir_all(&task_dir)?;
-    digits::write_csv(&d, &test, &task_dir.join("holdout.csv"))?;
     let model = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 32, 10], 1));
-    std::fs::write(task_dir.join("initial.onnx"), &model)?;
+    let (d, shards) = federated_data(&task_dir, AGENTS, Split::Iid, &model)?;
 
     let mut proxies = Vec::new();
     let mut agents = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
-        let dir = env.path(&format!("pipelines/{}", device(i)));
-        std::fs::create_dir_all(dir.join("models"))?;
-        let shard_path = dir.join("shard.jsonl");
-        digits::write_jsonl(&d, shard, &shard_path)?;
-        for m in ["encoder", "mlp_trainer"] {
-            std::fs::copy(
-                wasm_dir().join(format!("{m}.wasm")),
-                dir.join(format!("{m}.wasm")),
-            )
-            .with_context(|| format!("{m}.wasm (build the modules: cargo xtask modules)"))?;
-        }
-        std::fs::write(dir.join(MODEL), &model)?;
-        let toml = dir.join("pipeline.toml");
-        std::fs::write(&toml, pipeline(shard_path.to_str().context("utf-8 path")?))?;
         let proxy = LinkProxy::to_port(broker)?;
         let mut o = AgentOptions::new(device(i), proxy.url());
-        o.trust_deployments(&key, &["fl"], 1000);
         o.reconnect_max_ms = 500;
-        let mut p = toml::Table::new();
-        p.insert(
-            "file".into(),
-            toml::Value::String(toml.to_str().context("utf-8")?.into()),
-        );
-        o.extra.insert("pipeline".into(), toml::Value::Table(p));
+        let dir = env.path(&format!("pipelines/{}", device(i)));
+        federated_agent(&mut o, &dir, &d, shard, &model, &key)?;
         agents.push(Agent::start(&env.path(&device(i)), o)?);
         proxies.push(proxy);
     }
@@ -208,9 +72,9 @@ fn scenario(env: &TestEnv) -> Result<()> {
     }
 
     // Task A: every link up, every agent in every round.
-    start_task(&coord, &task_dir, "digits-a", 1.0, &key)?;
+    task("digits-a", 1.0).start(&coord, &task_dir, &key)?;
     journal.wait_for("task digits-a finished", WAIT * 3, |j| {
-        finished(j, "digits-a")
+        task_finished(j, "digits-a")
     })?;
     let acc_a = final_accuracy(journal.events(), "digits-a")?;
 
@@ -236,23 +100,25 @@ fn scenario(env: &TestEnv) -> Result<()> {
         }
     };
     stall(&dropped(1), true);
-    start_task(&coord, &task_dir, "digits-b", 0.7, &key)?;
+    task("digits-b", 0.7).start(&coord, &task_dir, &key)?;
     for r in 1..=ROUNDS {
         journal.wait_for(&format!("digits-b round {r} closed"), WAIT, |j| {
-            closed(j, "digits-b").len() >= r as usize
+            closed_rounds(j, "digits-b").len() >= r as usize
         })?;
         stall(&dropped(r), false);
         if r < ROUNDS {
             stall(&dropped(r + 1), true);
         }
     }
-    journal.wait_for("task digits-b finished", WAIT, |j| finished(j, "digits-b"))?;
+    journal.wait_for("task digits-b finished", WAIT, |j| {
+        task_finished(j, "digits-b")
+    })?;
     let acc_b = final_accuracy(journal.events(), "digits-b")?;
 
     // Every round of B closed on the quorum of the agents whose links were up, without the
     // dropped ones' updates on time.
     let events = journal.events();
-    for (r, e) in closed(events, "digits-b").iter().enumerate() {
+    for (r, e) in closed_rounds(events, "digits-b").iter().enumerate() {
         let on_time = e.f64_field("on_time").unwrap_or(0.0);
         ensure!(
             e.str_field("close_reason") == Some("quorum") && on_time <= (AGENTS - DROPPED) as f64,
@@ -292,11 +158,11 @@ fn scenario(env: &TestEnv) -> Result<()> {
         })
     })?;
     // The agents serve the final global weights: their inference stage runs a patched model.
-    let initial_id = format!("{MODEL}@{}", &sha256_hex(&model)[..12]);
+    let initial_id = format!("{FL_MODEL}@{}", &sha256_hex(&model)[..12]);
     journal.wait_for("every agent serving patched weights", WAIT, |j| {
         (0..AGENTS).all(|i| {
             edge_tests::served_model(j, &device(i))
-                .is_some_and(|m| m.starts_with(MODEL) && m != initial_id)
+                .is_some_and(|m| m.starts_with(FL_MODEL) && m != initial_id)
         })
     })?;
     ensure!(

@@ -1,24 +1,34 @@
 //! `cargo xtask demo`: the README's one-command tour, built from the test harness.
 //!
-//! A coordinator with its embedded broker and two agents (`edge-a`, `edge-b`) run as separate
-//! processes in a temp dir. The demo prints a timeline from the coordinator's journal as it
-//! goes: registrations, telemetry, a broker outage during which the agents keep queueing
-//! (telemetry, plus results published with `edge-agent publish`), the broker's return, and
-//! the count of everything queued during the outage that arrived. Before the outage it deploys
-//! a signed WASM pipeline to both agents over MQTT (a simulated vibration sensor -> FFT features
-//! -> anomaly alerts), whose alerts keep flowing through the outage, then a broken version that
-//! the agents roll back. Processes are killed on every exit path (the harness kills children
-//! on drop).
+//! Provisioned like `cargo xtask test` (`provision::prepare`), then six steps, each named when
+//! it starts and when it fails (with the path of the logs, which a failed run keeps):
+//! 1. a coordinator with its embedded broker and two agents (`edge-a`, `edge-b`) as separate
+//!    processes in a temp dir; each publishes a result with `edge-agent publish`;
+//! 2. a signed WASM pipeline deployed to both over MQTT (a simulated vibration sensor -> FFT
+//!    features -> anomaly alerts), then a broken version that both roll back;
+//! 3. a broker outage during which the agents keep queueing (telemetry, alerts, results), and
+//!    the count of everything queued that arrived once it is back;
+//! 4. a federated-learning task on the digits data: four agents train on their non-IID shards,
+//!    the coordinator aggregates and evaluates each round on a held-out set;
+//! 5. a third agent behind a link proxy whose offload decisions follow the link;
+//! 6. a summary that reads in ten seconds.
+//!
+//! A timeline from the coordinator's journal is printed as it goes. The binaries are the debug
+//! build `cargo xtask test` also uses, and the memory figures say so. Ctrl-C (or SIGTERM) stops
+//! every process the demo started and removes its files; processes are also killed on every
+//! other exit path (the harness kills children on drop).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use edge_inference::onnx_builder;
+use edge_tests::digits::Split;
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, Event, Journal, Link, LinkProxy, OFFLOAD_PIPELINE,
-    PipelineDir, SigningKey, TestEnv, deploy, offload_coordinator_config, offload_count,
-    offloading_agent,
+    Agent, AgentOptions, Coordinator, Event, FlTask, Journal, Link, LinkProxy, OFFLOAD_PIPELINE,
+    PipelineDir, SigningKey, TestEnv, deploy, federated_agent, federated_data,
+    offload_coordinator_config, offload_count, offloading_agent, task_finished,
 };
 
 const DEVICES: [&str; 2] = ["edge-a", "edge-b"];
@@ -28,15 +38,146 @@ const TELEMETRY_S: u64 = 2;
 const ONLINE_STREAM: Duration = Duration::from_secs(5);
 const OUTAGE_TICKS: u32 = 6;
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The binaries' profile, for the figures that depend on it.
+static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The federated act: agents, rounds, the task's name and update codec.
+const FL_AGENTS: usize = 4;
+const FL_ROUNDS: u32 = 20;
+const FL_TASK: &str = "digits-demo";
+const FL_CODEC: &str = "int8";
+/// The steps, in order (their numbers are printed as they start and when one fails).
+const STEPS: [&str; 5] = [
+    "coordinator and two agents, results published online",
+    "signed pipeline deployed, broken version rolled back",
+    "broker outage: queue offline, deliver afterwards",
+    "federated learning on the digits data",
+    "offload decisions over a changing link",
+];
 
 pub fn run() -> Result<()> {
-    let env = TestEnv::new("demo")?;
-    let result = tour(&env);
+    let mut env = TestEnv::new("demo")?;
+    stop_everything_on_signal(env.dir().to_owned())?;
+    let mut summary = Summary::default();
+    let started = Instant::now();
+    let result = tour(&env, &mut summary);
     if let Err(e) = &result {
-        eprintln!("demo failed: {e:#}");
         env.dump_logs();
+        let dir = env.keep();
+        eprintln!();
+        eprintln!("demo failed: {e:#}");
+        eprintln!("logs (kept): {}", dir.display());
+        for log in logs_under(&dir) {
+            eprintln!("  {}", log.display());
+        }
+        return result;
     }
-    result
+    summary.print(started.elapsed());
+    Ok(())
+}
+
+/// Ctrl-C, SIGTERM or SIGHUP: stop every process the demo started (they may be mid-step, with
+/// no owner left to drop them), remove the demo's files, exit 130.
+///
+/// A handler (on ctrlc's own thread), not a blocked signal mask: children inherit a mask, and
+/// a coordinator with SIGTERM blocked never stops.
+fn stop_everything_on_signal(dir: std::path::PathBuf) -> Result<()> {
+    ctrlc::set_handler(move || {
+        eprintln!("\ndemo: interrupted: stopping every process it started");
+        let n = edge_tests::stop_all_children(Duration::from_secs(10));
+        let removed = std::fs::remove_dir_all(&dir).is_ok();
+        eprintln!(
+            "demo: stopped {n} processes{}",
+            if removed {
+                format!(", removed {}", dir.display())
+            } else {
+                String::new()
+            }
+        );
+        std::process::exit(130);
+    })
+    .context("cannot install the interrupt handler")
+}
+
+/// The `*.log` files under `dir`, sorted.
+fn logs_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs step `n` (1-based) of [`STEPS`], announcing it; an error names the step.
+fn step<T>(n: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let name = STEPS[n - 1];
+    println!();
+    println!("==== step {n}/{}: {name}", STEPS.len());
+    f().with_context(|| format!("step {n}/{} ({name}) failed", STEPS.len()))
+}
+
+/// `debug` or `release`: the profile of the binaries the demo runs (the folder they are in).
+fn build_profile() -> String {
+    edge_tests::agent_bin()
+        .ok()
+        .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// What the tour saw, for the closing summary.
+#[derive(Default)]
+struct Summary {
+    /// `target/debug` or `target/release`: where the binaries came from.
+    build: String,
+    processes: Vec<String>,
+    deployed: String,
+    rollback: Vec<String>,
+    /// How long the broker was down, and what each agent queued and delivered meanwhile.
+    outage_s: f64,
+    outage: Vec<String>,
+    lost: u64,
+    federated: String,
+    offload: String,
+}
+
+impl Summary {
+    fn print(&self, took: Duration) {
+        println!();
+        println!(
+            "==== summary: every step passed in {:.0} s ({} binaries) ====",
+            took.as_secs_f64(),
+            self.build
+        );
+        println!("ran         {}", self.processes.join(", "));
+        println!("deployed    {}", self.deployed);
+        for r in &self.rollback {
+            println!("rolled back {r}");
+        }
+        println!(
+            "outage      {:.0} s without a broker: {}",
+            self.outage_s,
+            self.outage.join("; ")
+        );
+        println!(
+            "lost        {} accepted messages{}",
+            self.lost,
+            if self.lost == 0 {
+                " (every one queued during the outage arrived)"
+            } else {
+                ""
+            }
+        );
+        println!("federated   {}", self.federated);
+        println!("offload     {}", self.offload);
+    }
 }
 
 /// Prints journal events with times relative to the start of the demo.
@@ -137,12 +278,15 @@ fn describe(e: &Event) -> Option<String> {
                 o.get("rtt_ms").and_then(|v| v.as_f64()).unwrap_or(0.0)
             )
         }
+        // The agent's memory is that of the build the demo runs, named so it is not taken
+        // for the release agent's footprint (`cargo xtask bench rss` measures that).
         "telemetry" => format!(
-            "{dev:<7} telemetry #{:<4} cpu {:5.1}%  mem used {}  agent rss {}  outbox {}",
+            "{dev:<7} telemetry #{:<4} cpu {:5.1}%  mem used {}  agent rss {} ({} build)  outbox {}",
             e.seq.unwrap_or(0),
             e.f64_field("cpu_percent").unwrap_or(0.0),
             mib(e.f64_field("mem_used_bytes")),
             mib(e.f64_field("agent_rss_bytes")),
+            BUILD.get().map_or("unknown", String::as_str),
             e.raw
                 .get("outbox_depth")
                 .map(|d| d.to_string())
@@ -209,6 +353,32 @@ fn describe(e: &Event) -> Option<String> {
             e.raw.get("failed").and_then(|v| v.as_u64()).unwrap_or(0),
             e.str_field("reason").unwrap_or("?")
         ),
+        "fl_task_started" => format!(
+            "federated task {} started: {} rounds over {}, {} weights",
+            e.str_field("task").unwrap_or("?"),
+            e.raw.get("rounds").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.str_field("members").unwrap_or("?"),
+            e.raw.get("weights").and_then(|v| v.as_u64()).unwrap_or(0)
+        ),
+        "fl_round_closed" => format!(
+            "federated round {:>2} closed ({}): {} updates, {} uploaded, held-out accuracy {}",
+            e.raw.get("round").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.str_field("close_reason").unwrap_or("?"),
+            e.raw.get("received").and_then(|v| v.as_u64()).unwrap_or(0),
+            kib(e.f64_field("bytes_in").unwrap_or(0.0)),
+            e.f64_field("eval_accuracy")
+                .map(|a| format!("{:.1}%", a * 100.0))
+                .unwrap_or_else(|| e.str_field("eval_note").unwrap_or("n/a").to_owned())
+        ),
+        "fl_task_finished" => format!(
+            "federated task {} finished: {} after {} rounds",
+            e.str_field("task").unwrap_or("?"),
+            e.str_field("reason").unwrap_or("?"),
+            e.raw
+                .get("rounds_closed")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        ),
         "rejected" => format!(
             "rejected message on {}: {}",
             e.str_field("topic").unwrap_or("?"),
@@ -223,7 +393,12 @@ fn describe(e: &Event) -> Option<String> {
 /// to the coordinator. It decides by cost (energy, with a 150 ms deadline), so its decisions
 /// follow the link: offload while fast, local while slow (deadline) or cut (offline), offload
 /// again once link probes see it recover.
-fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<()> {
+fn offload_act(
+    env: &TestEnv,
+    coord: &Coordinator,
+    tl: &mut Timeline,
+    summary: &mut Summary,
+) -> Result<()> {
     const KEYS: [&str; 5] = [
         "decisions.offload/cost",
         "decisions.local/deadline",
@@ -245,7 +420,8 @@ fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<
          coordinator, decided per frame by energy cost with a 150 ms deadline"
     ));
     let mut agent = Agent::start(&env.path(OFFLOADER), o)?;
-    let mut summary = Vec::new();
+    let first = counts(&tl.journal);
+    let mut phases = Vec::new();
     let mut phase = |tl: &mut Timeline, name: &str, key: usize, act: &dyn Fn()| -> Result<()> {
         let before = counts(&tl.journal);
         tl.note(name);
@@ -255,7 +431,7 @@ fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<
         })?;
         let after = counts(&tl.journal);
         let d: Vec<u64> = (0..KEYS.len()).map(|i| after[i] - before[i]).collect();
-        summary.push(format!(
+        phases.push(format!(
             "  {name:<34} offloaded {:>4}   local: deadline {:>4}, offline {:>4}, cost {:>4}, \
              refresh {:>3}",
             d[0], d[1], d[2], d[3], d[4]
@@ -281,14 +457,33 @@ fn offload_act(env: &TestEnv, coord: &Coordinator, tl: &mut Timeline) -> Result<
     println!(
         "offload decisions of {OFFLOADER} per phase (counted by the agent, from its telemetry):"
     );
-    for line in summary {
+    for line in phases {
         println!("{line}");
     }
+    let last = counts(&tl.journal);
+    let d: Vec<u64> = (0..KEYS.len()).map(|i| last[i] - first[i]).collect();
+    summary
+        .processes
+        .push(format!("{OFFLOADER} behind a link proxy"));
+    summary.offload = format!(
+        "{OFFLOADER}: {} frames offloaded, {} run locally (deadline {}, offline {}, cost {}, \
+         refresh {}) over a fast, slow, cut and fast-again link",
+        d[0],
+        d[1..].iter().sum::<u64>(),
+        d[1],
+        d[2],
+        d[3],
+        d[4]
+    );
     Ok(())
 }
 
 fn short(s: &str) -> &str {
     &s[..s.len().min(8)]
+}
+
+fn kib(bytes: f64) -> String {
+    format!("{:.1} KiB", bytes / 1024.0)
 }
 
 fn mib(bytes: Option<f64>) -> String {
@@ -386,6 +581,7 @@ fn deploy_pipelines(
     coord: &Coordinator,
     key: &SigningKey,
     tl: &mut Timeline,
+    summary: &mut Summary,
 ) -> Result<()> {
     let features = ("feature_extractor", "modules/features.wasm");
     let detector = ("anomaly_detector", "modules/detector.wasm");
@@ -412,6 +608,10 @@ fn deploy_pipelines(
     if !run.success {
         bail!("deploying v1 failed:\n{}\n{}", run.stdout, run.stderr);
     }
+    summary.deployed = format!(
+        "pipeline v1 (feature_extractor.wasm -> anomaly_detector.wasm), signed, healthy on {}",
+        DEVICES.join(" and ")
+    );
     tl.until(
         "an alert from each agent's pipeline",
         CATCH_UP_TIMEOUT,
@@ -449,90 +649,122 @@ fn deploy_pipelines(
             run.stderr
         );
     }
+    for d in DEVICES {
+        let outcome = run.outcome(d).unwrap_or("?");
+        summary.rollback.push(format!(
+            "v2 on {d}: {}",
+            outcome
+                .strip_prefix("rolled back: ")
+                .unwrap_or(outcome)
+                .chars()
+                .take(140)
+                .collect::<String>()
+        ));
+    }
     tl.show_for(Duration::from_secs(3))?;
     Ok(())
 }
 
-fn tour(env: &TestEnv) -> Result<()> {
+fn tour(env: &TestEnv, summary: &mut Summary) -> Result<()> {
     let started = Instant::now();
     let t0_ms = protocol::v1::now_ms();
+    summary.build = build_profile();
+    let _ = BUILD.set(summary.build.clone());
     println!(
         "edge runtime demo: files and logs in {}",
         env.dir().display()
     );
-    // The coordinator also serves an MLP for offloaded inference (the last act); ONNX Runtime
-    // comes from the onnxruntime wheel (`cargo xtask ort`), fetched here if missing.
+    println!(
+        "binaries: target/{} (memory figures below are this build's, not the release agent's \
+         footprint: `cargo xtask bench rss` measures that)",
+        summary.build
+    );
+    // The coordinator also serves an MLP for offloaded inference (step 5), with the ONNX Runtime
+    // library that provisioning fetched.
     let offload_files = env.path("offload");
     let model_path = offload_files.join("models/mlp.onnx");
     std::fs::create_dir_all(offload_files.join("models"))?;
     std::fs::write(
         &model_path,
-        edge_inference::onnx_builder::mlp(&edge_inference::onnx_builder::mlp_layers(
-            &[64, 32, 10],
-            1,
-        )),
+        onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 32, 10], 1)),
     )?;
-    let ort_ready = match crate::ort::ensure_ort(&crate::root(), crate::ort::host_triple(), false) {
-        Ok(_) => true,
-        Err(e) => {
-            println!("no ONNX Runtime library ({e:#}): the offload act will be skipped");
-            false
-        }
-    };
     let coordinator_config = offload_files.join("coordinator.toml");
     std::fs::write(&coordinator_config, offload_coordinator_config(&model_path))?;
-    let mut coord = Coordinator::start_embedded_with_args(
-        &env.path("coordinator"),
-        vec!["--config".into(), coordinator_config.display().to_string()],
-    )?;
-    let mut tl = Timeline {
-        t0_ms,
-        started,
-        journal: coord.journal(),
-        shown: 0,
-    };
-    tl.pump()?;
-
     let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
-    tl.note(&format!(
-        "starting agents {} (telemetry every {TELEMETRY_S} s, group `demo`, trusting deploy key {})",
-        DEVICES.join(", "),
-        short(&key.public_hex)
-    ));
-    let mut agents = Vec::new();
-    for d in DEVICES {
-        let mut o = AgentOptions::new(d, coord.url());
-        o.telemetry_interval_s = TELEMETRY_S;
-        o.trust_deployments(&key, &["demo"], 2000);
-        agents.push(Agent::start(&env.path(d), o)?);
-    }
-    tl.until("both agents to register", CATCH_UP_TIMEOUT, |j| {
-        DEVICES.iter().all(|d| j.count("registered", d) > 0)
-    })?;
-    tl.show_for(ONLINE_STREAM)?;
 
-    tl.note("each agent publishes one result through `edge-agent publish` while online");
-    let mut online_ids = Vec::new();
-    for (i, a) in agents.iter().enumerate() {
-        online_ids.push((
-            DEVICES[i],
-            cli_publish(
-                a,
-                "results",
-                &serde_json::json!({"reading": 0, "online": true}),
-            )?,
+    let (mut coord, mut tl, mut agents) = step(1, || {
+        let coord = Coordinator::start_embedded_with_args(
+            &env.path("coordinator"),
+            vec!["--config".into(), coordinator_config.display().to_string()],
+        )?;
+        let mut tl = Timeline {
+            t0_ms,
+            started,
+            journal: coord.journal(),
+            shown: 0,
+        };
+        tl.pump()?;
+        tl.note(&format!(
+            "starting agents {} (telemetry every {TELEMETRY_S} s, group `demo`, trusting deploy key {})",
+            DEVICES.join(", "),
+            short(&key.public_hex)
         ));
-    }
-    tl.until("the online results", CATCH_UP_TIMEOUT, |j| {
-        online_ids.iter().all(|(d, id)| {
-            j.data_events(d)
-                .iter()
-                .any(|e| e.id.as_deref() == Some(id.as_str()))
-        })
+        let mut agents = Vec::new();
+        for d in DEVICES {
+            let mut o = AgentOptions::new(d, coord.url());
+            o.telemetry_interval_s = TELEMETRY_S;
+            o.trust_deployments(&key, &["demo"], 2000);
+            agents.push(Agent::start(&env.path(d), o)?);
+        }
+        tl.until("both agents to register", CATCH_UP_TIMEOUT, |j| {
+            DEVICES.iter().all(|d| j.count("registered", d) > 0)
+        })?;
+        tl.show_for(ONLINE_STREAM)?;
+        tl.note("each agent publishes one result through `edge-agent publish` while online");
+        let mut online_ids = Vec::new();
+        for (i, a) in agents.iter().enumerate() {
+            online_ids.push((
+                DEVICES[i],
+                cli_publish(
+                    a,
+                    "results",
+                    &serde_json::json!({"reading": 0, "online": true}),
+                )?,
+            ));
+        }
+        tl.until("the online results", CATCH_UP_TIMEOUT, |j| {
+            online_ids.iter().all(|(d, id)| {
+                j.data_events(d)
+                    .iter()
+                    .any(|e| e.id.as_deref() == Some(id.as_str()))
+            })
+        })?;
+        Ok((coord, tl, agents))
     })?;
+    summary.processes.push(format!(
+        "coordinator with embedded broker, agents {}",
+        DEVICES.join(" and ")
+    ));
 
-    deploy_pipelines(env, &coord, &key, &mut tl)?;
+    step(2, || deploy_pipelines(env, &coord, &key, &mut tl, summary))?;
+    step(3, || outage(&mut coord, &agents, &mut tl, summary))?;
+    for a in &mut agents {
+        a.stop()?;
+    }
+    step(4, || federated_act(env, &coord, &key, &mut tl, summary))?;
+    step(5, || offload_act(env, &coord, &mut tl, summary))?;
+    coord.stop()?;
+    Ok(())
+}
 
+/// Stops the coordinator (and its broker) while the agents keep queueing, starts it again and
+/// waits until everything queued meanwhile has arrived.
+fn outage(
+    coord: &mut Coordinator,
+    agents: &[Agent],
+    tl: &mut Timeline,
+    summary: &mut Summary,
+) -> Result<()> {
     tl.note("stopping the coordinator (SIGTERM): the broker goes down with it");
     coord.stop()?;
     tl.pump()?;
@@ -540,8 +772,9 @@ fn tour(env: &TestEnv) -> Result<()> {
         .iter()
         .map(|d| (*d, max_seq(&tl.journal, d)))
         .collect();
+    let outage_started = Instant::now();
 
-    tl.note("agents keep running offline: telemetry and results queue in their outboxes");
+    tl.note("agents keep running offline: telemetry, alerts and results queue in their outboxes");
     let mut queued_results: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for tick in 1..=OUTAGE_TICKS {
         std::thread::sleep(Duration::from_secs(1));
@@ -572,6 +805,8 @@ fn tour(env: &TestEnv) -> Result<()> {
 
     tl.note("restarting the coordinator on the same port");
     coord.start()?;
+    let outage_s = outage_started.elapsed().as_secs_f64();
+    summary.outage_s = outage_s;
     let arrived = |j: &Journal, d: &str| -> BTreeSet<u64> {
         let (lo, hi) = window[d];
         j.events()
@@ -591,7 +826,7 @@ fn tour(env: &TestEnv) -> Result<()> {
             ids.iter().all(|id| got.contains(id.as_str()))
         })
     };
-    tl.until(
+    let waited = tl.until(
         "everything queued during the outage to arrive",
         CATCH_UP_TIMEOUT,
         |j| {
@@ -600,40 +835,121 @@ fn tour(env: &TestEnv) -> Result<()> {
                     .iter()
                     .all(|d| arrived(j, d).len() as u64 == window[d].1 - window[d].0)
         },
-    )?;
+    );
     // A little more of the live stream, so the outbox depth is seen back at zero.
-    tl.show_for(Duration::from_secs(TELEMETRY_S + 1))?;
+    if waited.is_ok() {
+        tl.show_for(Duration::from_secs(TELEMETRY_S + 1))?;
+    }
 
     println!();
-    println!("summary of the outage:");
-    let mut ok = true;
+    println!("the outage ({outage_s:.0} s):");
     for d in DEVICES {
         let (lo, hi) = window[d];
         let queued = hi - lo;
         let delivered = arrived(&tl.journal, d).len() as u64;
         let results = queued_results.get(d).map_or(0, Vec::len);
         let duplicates = tl.journal.count("duplicate", d);
-        println!(
-            "  {d}: queued {queued} ({results} results via edge-agent publish, {} telemetry and other), \
+        let line = format!(
+            "{d}: queued {queued} ({results} results via edge-agent publish, {} telemetry and alerts), \
              delivered {delivered}, duplicates dropped {duplicates}",
             queued.saturating_sub(results as u64)
         );
-        ok &= delivered == queued;
+        println!("  {line}");
+        summary
+            .outage
+            .push(format!("{d} queued {queued}, delivered {delivered}"));
+        summary.lost += queued.saturating_sub(delivered);
     }
-    if !ok {
-        bail!("some messages queued during the outage did not arrive");
+    waited.context("some messages queued during the outage did not arrive")
+}
+
+/// Four agents, each with a non-IID shard of the digits data, train the MLP for a few rounds;
+/// the coordinator aggregates (FedAvg) and evaluates each new global model on a held-out set.
+fn federated_act(
+    env: &TestEnv,
+    coord: &Coordinator,
+    key: &SigningKey,
+    tl: &mut Timeline,
+    summary: &mut Summary,
+) -> Result<()> {
+    let task_dir = env.path("fl-task");
+    let model = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 32, 10], 1));
+    let (d, shards) = federated_data(&task_dir, FL_AGENTS, Split::Dirichlet(0.5), &model)?;
+    let names: Vec<String> = (1..=FL_AGENTS).map(|i| format!("fl-{i}")).collect();
+    tl.note(&format!(
+        "starting agents {}: each replays its shard of the digits data (non-IID, Dirichlet 0.5: {} \
+         rows) into a local dataset and serves a 64-32-10 MLP; training runs in mlp_trainer.wasm",
+        names.join(", "),
+        shards
+            .iter()
+            .map(|s| s.len().to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    ));
+    let mut agents = Vec::new();
+    for (name, shard) in names.iter().zip(&shards) {
+        let mut o = AgentOptions::new(name.as_str(), coord.url());
+        o.telemetry_interval_s = TELEMETRY_S;
+        federated_agent(
+            &mut o,
+            &env.path(&format!("{name}-pipeline")),
+            &d,
+            shard,
+            &model,
+            key,
+        )?;
+        agents.push(Agent::start(&env.path(name), o)?);
     }
-    println!();
-    if ort_ready {
-        offload_act(env, &coord, &mut tl)?;
-    }
+    tl.until("the federated agents to register", CATCH_UP_TIMEOUT, |j| {
+        names.iter().all(|n| j.count("registered", n) > 0)
+    })?;
+    let task = FlTask {
+        round_interval_s: 0,
+        codec: FL_CODEC.into(),
+        ..FlTask::new(FL_TASK, FL_ROUNDS, FL_AGENTS)
+    };
+    tl.note(&format!(
+        "`edge-coordinator fl start {FL_TASK}.toml --key deploy.key`: {FL_ROUNDS} rounds, every agent \
+         trains 2 local epochs per round, updates travel {FL_CODEC}-coded, FedAvg"
+    ));
+    task.start(coord, &task_dir, key)?;
+    tl.until("the federated task to finish", CATCH_UP_TIMEOUT * 3, |j| {
+        task_finished(j.events(), FL_TASK)
+    })?;
+    let rounds = edge_tests::closed_rounds(tl.journal.events(), FL_TASK);
+    let accuracy = edge_tests::final_accuracy(tl.journal.events(), FL_TASK)?;
+    let first = rounds
+        .first()
+        .and_then(|e| e.f64_field("eval_accuracy"))
+        .unwrap_or(0.0);
+    let uploaded: f64 = rounds.iter().filter_map(|e| e.f64_field("bytes_in")).sum();
+    let updates: f64 = rounds.iter().filter_map(|e| e.f64_field("received")).sum();
+    // fp32 would send every weight as 4 bytes: what the codec saved.
+    let weights = tl
+        .journal
+        .events()
+        .iter()
+        .find(|e| e.is("fl_task_started") && e.str_field("task") == Some(FL_TASK))
+        .and_then(|e| e.f64_field("weights"))
+        .unwrap_or(0.0);
+    summary
+        .processes
+        .push(format!("{FL_AGENTS} federated agents"));
+    summary.federated = format!(
+        "{} rounds over {FL_AGENTS} agents: held-out accuracy {:.1}% after round 1, {:.1}% at the end; \
+         {} uploaded in {updates:.0} updates ({FL_CODEC}, {:.1}x fewer bytes than fp32)",
+        rounds.len(),
+        first * 100.0,
+        accuracy * 100.0,
+        kib(uploaded),
+        if uploaded > 0.0 {
+            updates * weights * 4.0 / uploaded
+        } else {
+            0.0
+        }
+    );
     for a in &mut agents {
         a.stop()?;
     }
-    coord.stop()?;
-    println!(
-        "every message queued during the outage was delivered ({:.0?} in all)",
-        started.elapsed()
-    );
     Ok(())
 }

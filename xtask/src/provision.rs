@@ -8,11 +8,22 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-/// Everything `cargo xtask test` needs.
-pub fn provision() -> Result<()> {
+/// Everything `cargo xtask demo` and `cargo xtask test` need before they start a process: the
+/// tools and libraries below, then the guest modules and the workspace's binaries. Both
+/// commands call this one function, so the README's first command never depends on a step
+/// that only the tests take (it once did: the demo failed on a fresh machine for want of the
+/// `wasm32-wasip2` target and the modules).
+pub fn prepare() -> Result<()> {
+    provision()?;
+    crate::build_modules()?;
+    crate::build_bins()
+}
+
+/// The tools and libraries: mosquitto, ONNX Runtime.
+fn provision() -> Result<()> {
     let mut apt = Apt::default();
     ensure_mosquitto(&mut apt)?;
-    ensure_rust_target("wasm32-wasip2")?;
+    // (The `wasm32-wasip2` target comes with the modules: `build_modules` installs it.)
     // The ONNX Runtime library from the `onnxruntime` wheel on PyPI (the inference tests
     // find it under target/ort/).
     crate::ort::ensure_ort(&crate::root(), crate::ort::host_triple(), false)?;

@@ -1,0 +1,231 @@
+//! The federated-learning scenario's parts, shared by `tests/tests/federated.rs` and
+//! `cargo xtask demo`: an agent whose local pipeline replays its shard of the digits data into a
+//! dataset sink and serves the MLP in an inference stage (trained by `mlp_trainer.wasm`), a task
+//! file, `edge-coordinator fl start`, and readers for the rounds the coordinator journals.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::deploy::{SigningKey, wasm_dir};
+use crate::digits::{self, Digits, Split};
+use crate::{AgentOptions, Coordinator, Event, coordinator_bin};
+
+/// Where the model sits, relative to the agent's pipeline file; also the task's model name.
+pub const FL_MODEL: &str = "models/digits.onnx";
+/// The group every federated agent joins and every task trains.
+pub const FL_GROUP: &str = "fl";
+
+/// The pipeline text: `shard` (a JSON-lines file) -> encoder.wasm -> the model, and the raw
+/// rows into the `digits` dataset the trainer reads.
+fn pipeline(shard: &str) -> String {
+    let fields: Vec<String> = (0..digits::FEATURES)
+        .map(|i| format!("\"features.{i}\""))
+        .collect();
+    format!(
+        r#"
+name = "digits"
+[[source]]
+name = "shard"
+kind = "file"
+path = "{shard}"
+format = "jsonl"
+rate_hz = 500
+[[stage]]
+name = "encode"
+module = "encoder.wasm"
+input = "shard"
+config = {{ fields = [{fields}] }}
+[[stage]]
+name = "classify"
+kind = "inference"
+model = "{FL_MODEL}"
+input = "encode"
+[[sink]]
+kind = "dataset"
+input = "shard"
+dataset = "digits"
+require_label = true
+[[sink]]
+kind = "log"
+input = "classify"
+every = 100
+[training]
+model = "{FL_MODEL}"
+trainer = "mlp_trainer.wasm"
+dataset = "digits"
+"#,
+        fields = fields.join(", ")
+    )
+}
+
+/// The coordinator's side of a federated run's data, in `task_dir`: a stratified 20% hold-out
+/// of the digits set as `holdout.csv` and `model` as `initial.onnx`. Returns the data and the
+/// rest of it dealt over `clients` by `split` (seeded, so reproducible).
+pub fn federated_data(
+    task_dir: &Path,
+    clients: usize,
+    split: Split,
+    model: &[u8],
+) -> Result<(Digits, Vec<Vec<usize>>)> {
+    let d = digits::load()?;
+    let (train, test) = digits::holdout(&d, 0.2, 0);
+    let shards = digits::partition(&d, &train, clients, split, 1);
+    std::fs::create_dir_all(task_dir)
+        .with_context(|| format!("cannot create {}", task_dir.display()))?;
+    digits::write_csv(&d, &test, &task_dir.join("holdout.csv"))?;
+    std::fs::write(task_dir.join("initial.onnx"), model)
+        .with_context(|| format!("cannot write {}", task_dir.display()))?;
+    Ok((d, shards))
+}
+
+/// Writes a federated agent's pipeline under `dir` (its shard of `d`, the modules, `model`)
+/// and sets `o` to run it, trust `key` for round messages and join [`FL_GROUP`].
+pub fn federated_agent(
+    o: &mut AgentOptions,
+    dir: &Path,
+    d: &Digits,
+    shard: &[usize],
+    model: &[u8],
+    key: &SigningKey,
+) -> Result<()> {
+    std::fs::create_dir_all(dir.join("models"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let shard_path = dir.join("shard.jsonl");
+    digits::write_jsonl(d, shard, &shard_path)?;
+    for m in ["encoder", "mlp_trainer"] {
+        let from = wasm_dir().join(format!("{m}.wasm"));
+        std::fs::copy(&from, dir.join(format!("{m}.wasm"))).with_context(|| {
+            format!(
+                "cannot copy {} (build the modules: cargo xtask modules)",
+                from.display()
+            )
+        })?;
+    }
+    std::fs::write(dir.join(FL_MODEL), model)?;
+    let toml = dir.join("pipeline.toml");
+    std::fs::write(&toml, pipeline(shard_path.to_str().context("utf-8 path")?))?;
+    o.trust_deployments(key, &[FL_GROUP], 1000);
+    let mut p = toml::Table::new();
+    p.insert(
+        "file".into(),
+        toml::Value::String(toml.to_str().context("utf-8 path")?.into()),
+    );
+    o.extra.insert("pipeline".into(), toml::Value::Table(p));
+    Ok(())
+}
+
+/// A federated task over [`FL_GROUP`] on the digits MLP (2 local epochs, lr 0.1, FedAvg, the
+/// hold-out set `holdout.csv` beside the task file).
+#[derive(Debug, Clone)]
+pub struct FlTask {
+    pub id: String,
+    pub rounds: u32,
+    /// Every round selects all of them (fraction 1.0).
+    pub clients: usize,
+    /// 1.0 waits for every selected agent; 0.7 closes on the first 70%.
+    pub quorum: f32,
+    pub round_interval_s: u32,
+    pub max_staleness: u32,
+    /// `fp32`, `int8`, `topk:0.01`, ... (`protocol::v1::fl::codec`).
+    pub codec: String,
+}
+
+impl FlTask {
+    pub fn new(id: &str, rounds: u32, clients: usize) -> FlTask {
+        FlTask {
+            id: id.into(),
+            rounds,
+            clients,
+            quorum: 1.0,
+            round_interval_s: 2,
+            max_staleness: 1,
+            codec: "fp32".into(),
+        }
+    }
+
+    fn to_toml(&self) -> String {
+        format!(
+            r#"
+id = "{id}"
+model = "{FL_MODEL}"
+initial = "initial.onnx"
+group = "{FL_GROUP}"
+rounds = {rounds}
+fraction = 1.0
+min_clients = {clients}
+quorum = {quorum}
+round_timeout_s = 60
+round_interval_s = {interval}
+max_staleness = {staleness}
+seed = 1
+[train]
+epochs = 2
+lr = 0.1
+batch_size = 16
+codec = "{codec}"
+[aggregate]
+rule = "fedavg"
+server_optimizer = "sgd"
+[eval]
+holdout = "holdout.csv"
+"#,
+            id = self.id,
+            rounds = self.rounds,
+            clients = self.clients,
+            quorum = self.quorum,
+            interval = self.round_interval_s,
+            staleness = self.max_staleness,
+            codec = self.codec,
+        )
+    }
+
+    /// Writes the task file into `dir` (which holds `initial.onnx` and `holdout.csv`) and runs
+    /// `edge-coordinator fl start` against `coord`'s state dir.
+    pub fn start(&self, coord: &Coordinator, dir: &Path, key: &SigningKey) -> Result<()> {
+        let path = dir.join(format!("{}.toml", self.id));
+        std::fs::write(&path, self.to_toml())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let out = Command::new(coordinator_bin()?)
+            .args(["fl", "start"])
+            .arg(&path)
+            .arg("--key")
+            .arg(&key.path)
+            .arg("--state-dir")
+            .arg(coord.state_dir())
+            .output()
+            .context("cannot run edge-coordinator fl start")?;
+        ensure!(
+            out.status.success(),
+            "fl start {}: {}\n{}",
+            self.id,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+/// `fl_round_closed` events of `task`, in order.
+pub fn closed_rounds<'a>(events: &'a [Event], task: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.is("fl_round_closed") && e.str_field("task") == Some(task))
+        .collect()
+}
+
+/// True once the coordinator journaled `fl_task_finished` for `task`.
+pub fn task_finished(events: &[Event], task: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e.is("fl_task_finished") && e.str_field("task") == Some(task))
+}
+
+/// Accuracy of the last closed round of `task` on the held-out set.
+pub fn final_accuracy(events: &[Event], task: &str) -> Result<f64> {
+    closed_rounds(events, task)
+        .last()
+        .and_then(|e| e.f64_field("eval_accuracy"))
+        .with_context(|| format!("task {task}: no evaluated round"))
+}
