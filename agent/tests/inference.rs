@@ -12,8 +12,8 @@ use edge_agent::inference::Inference;
 use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
 use edge_agent::sandbox::SandboxConfig;
 use edge_inference::onnx::GraphProto;
-use edge_inference::onnx_builder::{self, attr_int, node, value_info};
 use edge_inference::{DType, InferenceConfig, Provider};
+use edge_testmodels::onnx_builder::{self, attr_int, node, value_info};
 use protocol::v1::{Class, PipelineTelemetry};
 
 struct Fixture {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use edge_inference::DType;
 use edge_inference::onnx::GraphProto;
-use edge_inference::onnx_builder::{attr_int, init_f32, model, node, value_info};
+use edge_testmodels::onnx_builder::{attr_int, init_f32, model, node, value_info};
 use protocol::v1::binary::BinaryEnvelope;
 use protocol::v1::deploy::{SigningKey, TrustedKeys, VerifyingKey};
 use protocol::v1::fl::{self, Codec, RoundMessage, Update, codec, decode_round};

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use edge_inference::onnx_builder::linear;
+use edge_testmodels::onnx_builder::linear;
 use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
 use protocol::v1::topics;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};

@@ -209,7 +209,7 @@ pub type Param = (String, Vec<u32>, Vec<f32>);
 
 /// Initial weights of a dense MLP with `layers` widths (e.g. `[64, 32, 10]`): per layer
 /// `fc{i}.weight` `[in, out]` drawn from He-uniform(in) and `fc{i}.bias` `[out]` zero, the layout
-/// `mlp_trainer.wasm` trains and `edge_inference::onnx_builder::mlp` builds.
+/// `mlp_trainer.wasm` trains and `edge_testmodels::onnx_builder::mlp` builds.
 pub fn initial_mlp(layers: &[u32], seed: u64) -> Vec<Param> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::new();

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use edge_inference::onnx_builder;
+use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, FL_MODEL, FlTask, Link, LinkProxy, SigningKey,

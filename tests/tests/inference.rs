@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use edge_inference::onnx_builder;
+use edge_testmodels::onnx_builder;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy,
     deploy_models, run_test, served_model,

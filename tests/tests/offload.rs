@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use edge_inference::onnx_builder;
+use edge_testmodels::onnx_builder;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, Link, LinkProxy, OFFLOAD_PIPELINE, TestEnv,
     latest_offload, offload_coordinator_config, offload_count, offloading_agent, run_test,

@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use edge_inference::onnx_builder;
+use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, FlTask, Journal, Link, LinkProxy, OFFLOAD_PIPELINE,

@@ -11,7 +11,8 @@
 //!    RSS of both.
 //!
 //! On a target without an onnxruntime wheel (armv7) the test targets that need the library
-//! (`inference` in both crates, edge-inference's `onnx_builder` unit tests) are left out, and
+//! (`inference` in both crates) are left out (the model builders' own tests, in the dev-only
+//! `edge-testmodels`, run on the host only), and
 //! the end-to-end run checks that the agent reports inference unavailable with its reason
 //! while the WASM pipeline (Pulley there) still delivers.
 //!
@@ -39,11 +40,9 @@ const QEMU_PACKAGE: &str = "qemu-user";
 const WAIT: Duration = Duration::from_secs(300);
 /// Telemetry samples after registration before the agents count as idle.
 const IDLE_SAMPLES: usize = 3;
-/// Integration test targets (in `agent/tests/` and `agent/inference/tests/`) that load the
+/// Integration test targets (in `agent/tests/` and `inference/tests/`) that load the
 /// ONNX Runtime library; not run where no library exists for the target.
 const ORT_TEST_TARGETS: &[&str] = &["inference"];
-/// Unit tests that load the library (libtest `--skip` filters).
-const ORT_UNIT_TESTS: &[&str] = &["onnx_builder::tests::"];
 /// Overrides the ARM agent binary of the end-to-end run.
 const ARM_AGENT_ENV: &str = "EDGE_ARM_AGENT_BIN";
 
@@ -258,9 +257,6 @@ fn test_cmd(
     } else if without_ort {
         cmd.arg("--");
         cmd.args(args.iter().skip(split + 1));
-        for t in ORT_UNIT_TESTS {
-            cmd.args(["--skip", t]);
-        }
     } else {
         cmd.args(&args[split..]);
     }
@@ -273,7 +269,7 @@ fn test_cmd(
 /// Runtime, from the file names in their `tests/` (cargo's auto-discovery).
 fn test_targets_without_ort() -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for dir in ["agent/tests", "agent/inference/tests"] {
+    for dir in ["agent/tests", "inference/tests"] {
         let dir = crate::root().join(dir);
         for e in
             std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
@@ -569,7 +565,7 @@ fn score_model() -> Vec<u8> {
             w[i * 2 + 1] = 1.0 / 32.0;
         }
     }
-    edge_inference::onnx_builder::linear(64, 2, &w, &[0.0, 0.0])
+    edge_testmodels::onnx_builder::linear(64, 2, &w, &[0.0, 0.0])
 }
 
 /// Whether the agent's config has an `[inference]` table (the inference stage is wired).

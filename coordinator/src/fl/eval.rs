@@ -377,7 +377,7 @@ mod tests {
     /// computed by hand; without one, evaluation says why.
     #[test]
     fn onnx_evaluator_patches_and_scores_or_says_why_not() {
-        let model = edge_inference::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
+        let model = edge_testmodels::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
         let params = vec![
             ParamSpec {
                 name: "W".into(),

@@ -611,7 +611,7 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_inference::onnx_builder;
+    use edge_testmodels::onnx_builder;
 
     fn write_task(dir: &Path, toml: &str) -> PathBuf {
         let model = onnx_builder::linear(4, 3, &[0.5; 12], &[0.1; 3]);

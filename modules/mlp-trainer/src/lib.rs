@@ -3,7 +3,7 @@
 //!
 //! The parameters are `(weight [inputs, outputs], bias [outputs])` pairs in layer order,
 //! matching an ONNX model built as `MatMul` + `Add` per layer with `Relu` between and
-//! `Softmax` at the end (`edge_inference::onnx_builder::mlp`). `train` reads the samples,
+//! `Softmax` at the end (`edge_testmodels::onnx_builder::mlp`). `train` reads the samples,
 //! runs minibatch SGD (optionally FedProx) for `epochs` and returns the new parameters;
 //! `evaluate` returns loss and accuracy over all samples. The math is in [`mlp`] and
 //! [`hyper`]; this file is the glue to the host's `samples` import.

@@ -1,16 +1,22 @@
-//! Small ONNX models built in Rust for tests and benchmarks (no Python, no files checked in).
+//! Small ONNX models built in Rust for tests, benchmarks and the demo (no Python, no files
+//! checked in), as module `onnx_builder`.
 //!
-//! Boundary: test and benchmark support only; the agent never builds models.
+//! Boundary: a dev-dependency of the crates' tests and a dependency of xtask only; no shipped
+//! binary links it (the agent and the coordinator never build models).
 //! Every model uses IR version 8 and the default-domain opset 17, which every ONNX Runtime the
 //! agent accepts (1.24+) implements. A dimension of -1 is dynamic (named `N`).
 
 use prost::Message;
 
-use crate::onnx::{
+pub mod onnx_builder {
+    pub use super::*;
+}
+
+use edge_inference::onnx::{
     AttributeProto, AttributeType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
 };
-use crate::tensor::{DType, Tensor};
+use edge_inference::{DType, Tensor};
 
 pub const IR_VERSION: i64 = 8;
 pub const OPSET: i64 = 17;
@@ -475,12 +481,12 @@ impl SmallCnn {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::{InferenceConfig, Model, Provider, Runtime, patch_initializers};
+    use edge_inference::{InferenceConfig, Model, Provider, Runtime, patch_initializers};
 
     /// The runtime on the workspace's library (`cargo xtask ort` puts it there; the
     /// integration tests in `tests/` run that themselves when it is missing).
     fn runtime() -> Runtime {
-        let library = crate::workspace_library();
+        let library = edge_inference::workspace_library();
         assert!(
             library.exists(),
             "{} missing: run `cargo xtask ort` (or any `cargo test -p edge-inference --test inference`, which does)",

@@ -11,7 +11,7 @@ use edge_inference::{InferenceConfig, Provider, Runtime};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// `target/ort/{host}/libonnxruntime.so`, provisioned through xtask the first time.

@@ -257,7 +257,7 @@ pub fn workspace_library() -> PathBuf {
         "x86_64-unknown-linux-gnu"
     };
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/ort")
+        .join("../target/ort")
         .join(triple)
         .join("libonnxruntime.so")
 }

@@ -14,13 +14,12 @@
 //! 4. [`patch_initializers`] applies new weights (federated learning); [`read_initializers`]
 //!    reads them.
 //!
-//! [`Batcher`] is the pure batching core of the pipeline's inference stage; [`onnx_builder`]
-//! builds small models for tests and benchmarks.
+//! [`Batcher`] is the pure batching core of the pipeline's inference stage. Small models for
+//! tests and benchmarks come from the dev-only crate `edge-testmodels` (`inference/testmodels`).
 
 mod batcher;
 mod model;
 pub mod onnx;
-pub mod onnx_builder;
 mod patch;
 mod provider;
 mod registry;

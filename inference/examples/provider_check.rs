@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use edge_inference::onnx_builder::{self, SmallCnn};
 use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor};
+use edge_testmodels::onnx_builder::{self, SmallCnn};
 
 const WARMUP: usize = 20;
 const ITERS: usize = 200;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use edge_inference::onnx_builder::SmallCnn;
 use edge_inference::{InferenceConfig, Model, ModelRegistry, Provider, Runtime, Tensor};
+use edge_testmodels::onnx_builder::SmallCnn;
 
 const WARMUP: usize = 300;
 const ITERS: usize = 3000;
@@ -52,7 +52,7 @@ print(json.dumps({"median_ns": t[len(t) // 2], "version": ort.__version__}))
 "#;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Lines printed by `cargo xtask ort --models --venv`: library, model, python.

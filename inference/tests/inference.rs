@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use common::{assert_close, runtime, runtime_with};
-use edge_inference::onnx_builder::{self, SmallCnn};
 use edge_inference::{
     DType, Model, ModelError, ModelRegistry, PatchError, Placement, Provider, RegistryError,
     Tensor, patch_initializers, read_initializers,
 };
+use edge_testmodels::onnx_builder::{self, SmallCnn};
 use half::f16;
 
 fn linear_model() -> (Vec<f32>, Vec<f32>, Vec<u8>) {
