@@ -22,7 +22,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use protocol::v1::deploy::{DeployStatus, ResendRequest};
-use protocol::v1::topics::DeployTopic;
+use protocol::v1::topics::{DeployTopic, Topic};
 use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
@@ -342,35 +342,38 @@ impl Service {
         }
     }
 
+    /// Routes one message by what its topic means: one arm per kind, and one for the echoes
+    /// of our own publishes (manifests, chunks, round messages, offload answers and adverts,
+    /// our status), which a catch-all subscription delivers back.
     fn message(&mut self, message: Message) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        if let Some(t) = topics::parse_deploy(&message.topic) {
-            return self.deploy_message(t, &message.topic, &message.payload, now);
-        }
-        if let Some(device) = topics::parse_fl_update(&message.topic) {
-            // Not deduplicated by envelope id: updates are idempotent by (task, round,
-            // device), and the engine counts a second copy as a duplicate.
-            let actions = self
-                .fl
-                .on_update(&device, &message.payload, now, &self.core);
-            return self.actions(actions, now);
-        }
-        if let Some(device) = topics::parse_offload_request(&message.topic) {
-            if let Some(o) = &mut self.offload {
-                o.submit(&device, &message.payload, now);
+        match Topic::parse(&message.topic) {
+            Some(t) if t.from_coordinator() => Ok(()),
+            Some(Topic::Deploy(t)) => self.deploy_message(t, &message.topic, &message.payload, now),
+            Some(Topic::FlUpdate { device }) => {
+                // Not deduplicated by envelope id: updates are idempotent by (task, round,
+                // device), and the engine counts a second copy as a duplicate.
+                let actions = self
+                    .fl
+                    .on_update(&device, &message.payload, now, &self.core);
+                self.actions(actions, now)
             }
-            return Ok(());
+            Some(Topic::OffloadRequest { device }) => {
+                if let Some(o) = &mut self.offload {
+                    o.submit(&device, &message.payload, now);
+                }
+                Ok(())
+            }
+            // Status, registration, telemetry, data, and anything outside the tree (the core
+            // journals what it rejects, with the reason).
+            Some(Topic::Device(_)) | None => self.device_message(message, now),
+            // Every other kind is the coordinator's own (the first arm).
+            Some(_) => Ok(()),
         }
-        if topics::parse_offload_response(&message.topic).is_some()
-            || message.topic.starts_with(OFFLOAD_ADVERT_PREFIX)
-        {
-            // Our own answers and adverts, delivered back by the catch-all subscription.
-            return Ok(());
-        }
-        if is_fl_round(&message.topic) {
-            // Our own round messages, delivered back by the catch-all subscription.
-            return Ok(());
-        }
+    }
+
+    /// What the core decides for a device's status, registration, telemetry or data.
+    fn device_message(&mut self, message: Message, now: u64) -> Result<(), ServiceError> {
         let out = self
             .core
             .handle(&message.topic, &message.payload, now, &self.store)?;
@@ -805,24 +808,12 @@ impl Service {
     }
 }
 
-/// Prefix of every replica's capacity advert topic.
-const OFFLOAD_ADVERT_PREFIX: &str = "edge/v1/coordinator/offload/";
-
 /// The offload service's next answer; pending forever without one.
 async fn next_answer(offload: &mut Option<Offload>) -> Option<(String, Vec<u8>)> {
     match offload {
         Some(o) => o.next_answer().await,
         None => std::future::pending().await,
     }
-}
-
-/// True for `edge/v1/{device}/fl/round`, the topics we publish round messages on.
-fn is_fl_round(topic: &str) -> bool {
-    topic
-        .strip_prefix(topics::ROOT)
-        .and_then(|t| t.strip_prefix('/'))
-        .and_then(|t| t.strip_suffix("/fl/round"))
-        .is_some_and(|device| topics::fl_round(device) == topic && !device.contains('/'))
 }
 
 fn broker_url(transport: &Transport) -> String {

@@ -408,3 +408,217 @@ mod offload_tests {
         assert_eq!(parse(&offload_request("d1")), None);
     }
 }
+
+/// Every topic of the v1 tree, both directions, as one closed enum: the one place a topic
+/// string is turned into what it means (the per-kind parsers above are its parts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// Device -> coordinator: `{device}/status|register|telemetry|data/{stream}`.
+    Device(DeviceTopic),
+    /// Either way: manifests and chunks go out, statuses and resend requests come in.
+    Deploy(DeployTopic),
+    /// Coordinator -> device: a signed round message.
+    FlRound { device: String },
+    /// Device -> coordinator: a compressed update.
+    FlUpdate { device: String },
+    /// Device -> coordinator: an inference request to offload.
+    OffloadRequest { device: String },
+    /// Coordinator -> device: the answer to one.
+    OffloadResponse { device: String },
+    /// Coordinator replica -> devices: a retained capacity advert.
+    OffloadCapacity { replica: String },
+    /// The coordinator's own retained status.
+    CoordinatorStatus,
+}
+
+impl Topic {
+    /// What `topic` means; `None` for anything outside the v1 tree (or with an invalid id).
+    pub fn parse(topic: &str) -> Option<Topic> {
+        if topic == status(COORDINATOR) {
+            return Some(Topic::CoordinatorStatus);
+        }
+        if let Some(replica) = topic
+            .strip_prefix(ROOT)
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_prefix(COORDINATOR))
+            .and_then(|t| t.strip_prefix("/offload/"))
+        {
+            return (validate_device_id(replica).is_ok()).then(|| Topic::OffloadCapacity {
+                replica: replica.to_owned(),
+            });
+        }
+        if let Some(t) = parse_deploy(topic) {
+            return Some(Topic::Deploy(t));
+        }
+        if let Some(device) = parse_fl_update(topic) {
+            return Some(Topic::FlUpdate { device });
+        }
+        if let Some(device) = parse_device_suffix(topic, "/fl/round") {
+            return Some(Topic::FlRound { device });
+        }
+        if let Some(device) = parse_offload_request(topic) {
+            return Some(Topic::OffloadRequest { device });
+        }
+        if let Some(device) = parse_offload_response(topic) {
+            return Some(Topic::OffloadResponse { device });
+        }
+        parse(topic).map(Topic::Device)
+    }
+
+    /// True for what the coordinator publishes (and a catch-all subscription delivers back to
+    /// it): the coordinator ignores these as echoes, a device acts on them.
+    pub fn from_coordinator(&self) -> bool {
+        match self {
+            Topic::Device(DeviceTopic::Cmd { .. })
+            | Topic::Deploy(
+                DeployTopic::Manifest { .. }
+                | DeployTopic::Chunk { .. }
+                | DeployTopic::GroupManifest { .. }
+                | DeployTopic::GroupChunk { .. },
+            )
+            | Topic::FlRound { .. }
+            | Topic::OffloadResponse { .. }
+            | Topic::OffloadCapacity { .. }
+            | Topic::CoordinatorStatus => true,
+            Topic::Device(_)
+            | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
+            | Topic::FlUpdate { .. }
+            | Topic::OffloadRequest { .. } => false,
+        }
+    }
+
+    /// The device the topic is about; `None` for group, replica and coordinator topics.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Topic::Device(t) => Some(t.device()),
+            Topic::Deploy(
+                DeployTopic::Manifest { device }
+                | DeployTopic::Chunk { device }
+                | DeployTopic::Status { device }
+                | DeployTopic::Resend { device },
+            )
+            | Topic::FlRound { device }
+            | Topic::FlUpdate { device }
+            | Topic::OffloadRequest { device }
+            | Topic::OffloadResponse { device } => Some(device),
+            Topic::Deploy(DeployTopic::GroupManifest { .. } | DeployTopic::GroupChunk { .. })
+            | Topic::OffloadCapacity { .. }
+            | Topic::CoordinatorStatus => None,
+        }
+    }
+
+    /// The topic string (what [`Topic::parse`] reads back).
+    pub fn to_topic(&self) -> String {
+        match self {
+            Topic::Device(DeviceTopic::Status { device }) => status(device),
+            Topic::Device(DeviceTopic::Register { device }) => register(device),
+            Topic::Device(DeviceTopic::Telemetry { device }) => telemetry(device),
+            Topic::Device(DeviceTopic::Data { device, stream }) => data(device, stream),
+            Topic::Device(DeviceTopic::Cmd { device, name }) => cmd(device, name),
+            Topic::Deploy(DeployTopic::Manifest { device }) => deploy_manifest(device),
+            Topic::Deploy(DeployTopic::Chunk { device }) => deploy_chunk(device),
+            Topic::Deploy(DeployTopic::Status { device }) => deploy_status(device),
+            Topic::Deploy(DeployTopic::Resend { device }) => deploy_resend(device),
+            Topic::Deploy(DeployTopic::GroupManifest { group }) => group_deploy_manifest(group),
+            Topic::Deploy(DeployTopic::GroupChunk { group }) => group_deploy_chunk(group),
+            Topic::FlRound { device } => fl_round(device),
+            Topic::FlUpdate { device } => fl_update(device),
+            Topic::OffloadRequest { device } => offload_request(device),
+            Topic::OffloadResponse { device } => offload_response(device),
+            Topic::OffloadCapacity { replica } => offload_capacity(replica),
+            Topic::CoordinatorStatus => status(COORDINATOR),
+        }
+    }
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::*;
+
+    fn every_kind() -> Vec<Topic> {
+        let d = || "pi-1".to_owned();
+        vec![
+            Topic::Device(DeviceTopic::Status { device: d() }),
+            Topic::Device(DeviceTopic::Register { device: d() }),
+            Topic::Device(DeviceTopic::Telemetry { device: d() }),
+            Topic::Device(DeviceTopic::Data {
+                device: d(),
+                stream: "vib/alerts".into(),
+            }),
+            Topic::Device(DeviceTopic::Cmd {
+                device: d(),
+                name: "logs".into(),
+            }),
+            Topic::Deploy(DeployTopic::Manifest { device: d() }),
+            Topic::Deploy(DeployTopic::Chunk { device: d() }),
+            Topic::Deploy(DeployTopic::Status { device: d() }),
+            Topic::Deploy(DeployTopic::Resend { device: d() }),
+            Topic::Deploy(DeployTopic::GroupManifest {
+                group: "lab".into(),
+            }),
+            Topic::Deploy(DeployTopic::GroupChunk {
+                group: "lab".into(),
+            }),
+            Topic::FlRound { device: d() },
+            Topic::FlUpdate { device: d() },
+            Topic::OffloadRequest { device: d() },
+            Topic::OffloadResponse { device: d() },
+            Topic::OffloadCapacity {
+                replica: "r1".into(),
+            },
+            Topic::CoordinatorStatus,
+        ]
+    }
+
+    #[test]
+    fn every_topic_reads_back_as_itself() {
+        for t in every_kind() {
+            assert_eq!(
+                Topic::parse(&t.to_topic()),
+                Some(t.clone()),
+                "{}",
+                t.to_topic()
+            );
+        }
+    }
+
+    #[test]
+    fn echoes_are_what_the_coordinator_publishes() {
+        let from_devices: Vec<String> = every_kind()
+            .into_iter()
+            .filter(|t| !t.from_coordinator())
+            .map(|t| t.to_topic())
+            .collect();
+        assert_eq!(
+            from_devices,
+            [
+                "edge/v1/pi-1/status",
+                "edge/v1/pi-1/register",
+                "edge/v1/pi-1/telemetry",
+                "edge/v1/pi-1/data/vib/alerts",
+                "edge/v1/pi-1/deploy/status",
+                "edge/v1/pi-1/deploy/resend",
+                "edge/v1/pi-1/fl/update",
+                "edge/v1/pi-1/offload/request",
+            ]
+        );
+    }
+
+    #[test]
+    fn reserved_names_and_strangers_are_refused() {
+        for t in [
+            "edge/v1/coordinator/telemetry",
+            "edge/v1/group/fl/update",
+            "edge/v1/coordinator/fl/round",
+            "edge/v1/a/b/fl/round",
+            "edge/v1/pi-1/fl/other",
+            "edge/v1/coordinator/offload/a/b",
+            "edge/v2/pi-1/status",
+            "edge/v1/pi-1/data/",
+            "edge/v1/pi 1/status",
+            "",
+        ] {
+            assert_eq!(Topic::parse(t), None, "{t}");
+        }
+    }
+}
