@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod inbox;
 pub mod inference;
+pub mod link;
 pub mod local_api;
 pub mod offload;
 pub mod outbox;

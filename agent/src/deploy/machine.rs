@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use protocol::v1::deploy::{
     Chunk, DeployError, DeployKind, DeployStatus, Manifest, MissingChunks, ResendRequest,
-    SignedManifest, Step, Target, TrustedKeys, sha256_hex, verify,
+    SignedManifest, Step, Target, sha256_hex, verify,
 };
 use serde::{Deserialize, Serialize};
 
+use super::config::DeployConfig;
 use super::store::ArtifactStore;
 
 /// Most chunks one artifact may travel in; bounds the per-chunk bookkeeping (a signed
@@ -18,28 +19,6 @@ const MAX_CHUNKS_PER_ARTIFACT: u32 = 1 << 16;
 
 /// Magic and format version of [`Deployer::to_bytes`].
 const STATE_MAGIC: &[u8; 4] = b"EDS1";
-
-/// What the deployer needs from the agent config.
-#[derive(Debug, Clone)]
-pub struct DeployConfig {
-    /// This device's id; manifests for another device are rejected.
-    pub device_id: String,
-    /// Groups this device belongs to; group manifests for other groups are rejected.
-    pub groups: Vec<String>,
-    /// Public keys manifests must be signed with. Empty: every manifest is rejected.
-    pub trusted_keys: TrustedKeys,
-    /// Largest single artifact accepted, bytes.
-    pub max_artifact_bytes: u64,
-    /// Most artifacts one manifest may list.
-    pub max_artifacts: usize,
-    /// Largest sum of artifact sizes one manifest may list, bytes (also bounds the memory a
-    /// download holds).
-    pub max_total_bytes: u64,
-    /// Ask for missing chunks after this long without a new chunk.
-    pub resend_after_ms: u64,
-    /// Give the deployment up after this many resend requests in a row brought nothing.
-    pub max_stalled_resends: u32,
-}
 
 /// What the caller must do, in the order returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +173,8 @@ struct State {
 /// The agent's deployment state machine. See the module docs of `deploy` for the flow.
 #[derive(Debug)]
 pub struct Deployer {
+    /// This device's id; manifests for another device are rejected.
+    device_id: String,
     config: DeployConfig,
     state: State,
 }
@@ -214,8 +195,10 @@ fn report(manifest: &Manifest, step: Step) -> Action {
 }
 
 impl Deployer {
-    pub fn new(config: DeployConfig) -> Self {
+    /// `device_id`: this device (resolved at start, so not part of the config file).
+    pub fn new(device_id: impl Into<String>, config: DeployConfig) -> Self {
         Deployer {
+            device_id: device_id.into(),
             config,
             state: State::default(),
         }
@@ -289,7 +272,7 @@ impl Deployer {
         now_ms: u64,
         store: &dyn ArtifactStore,
     ) -> Vec<Action> {
-        let manifest = match verify(signed, &self.config.trusted_keys) {
+        let manifest = match verify(signed, self.config.trusted_keys.keys()) {
             Ok(m) => m,
             Err(e) => {
                 // The unverified copy only labels the report; nothing acts on it.
@@ -643,7 +626,11 @@ impl Deployer {
     }
 
     /// Restores what [`Deployer::to_bytes`] wrote; call [`Deployer::on_restart`] next.
-    pub fn from_bytes(config: DeployConfig, bytes: &[u8]) -> Result<Self, StateError> {
+    pub fn from_bytes(
+        device_id: impl Into<String>,
+        config: DeployConfig,
+        bytes: &[u8],
+    ) -> Result<Self, StateError> {
         let bad = |m: &str| StateError::Malformed(m.to_owned());
         let rest = bytes
             .strip_prefix(STATE_MAGIC.as_slice())
@@ -672,27 +659,31 @@ impl Deployer {
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        Ok(Deployer { config, state })
+        Ok(Deployer {
+            device_id: device_id.into(),
+            config,
+            state,
+        })
     }
 
     fn check_target(&self, target: &Target) -> Result<(), String> {
         match target {
-            Target::Device(d) if *d == self.config.device_id => Ok(()),
+            Target::Device(d) if *d == self.device_id => Ok(()),
             Target::Device(d) => Err(format!(
                 "manifest is for device {d}, this is device {}",
-                self.config.device_id
+                self.device_id
             )),
             Target::Group(g) if self.config.groups.contains(g) => Ok(()),
             Target::Group(g) => Err(format!(
                 "manifest is for group {g}, which device {} is not in",
-                self.config.device_id
+                self.device_id
             )),
         }
     }
 
     fn check_limits(&self, m: &Manifest) -> Result<(), String> {
         let c = &self.config;
-        if m.artifacts.len() > c.max_artifacts {
+        if m.artifacts.len() > c.max_artifacts as usize {
             return Err(format!(
                 "manifest lists {} artifacts, over the limit of {}",
                 m.artifacts.len(),

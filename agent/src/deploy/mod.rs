@@ -22,13 +22,17 @@
 //! - `task`: the async owner of the running pipeline: MQTT messages in, actions executed,
 //!   candidate pipelines started in shadow, committed or rolled back. Invariant: only a
 //!   passed health check replaces the running pipeline. Boundary: `agent::run`.
+//! - `config`: [`DeployConfig`], the `[deploy]` section; trusted keys parsed as the file is
+//!   read. Boundary: `crate::config` aggregates it, `agent::run` hands it to the deployer.
 //! - `store`: [`ArtifactStore`] with the sled and in-memory implementations.
 //!   Invariant: a key is the sha256 of its value, checked on every put. Boundary: `machine`,
 //!   the pipeline loader.
 
+pub mod config;
 mod machine;
 pub mod store;
 pub mod task;
 
-pub use machine::{Action, DeployConfig, Deployer, Health, StateError};
+pub use config::{DeployConfig, TrustedKeyList};
+pub use machine::{Action, Deployer, Health, StateError};
 pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};

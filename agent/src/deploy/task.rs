@@ -27,12 +27,12 @@ use tokio::sync::watch;
 
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
 use crate::inbox::{Incoming, Subscription};
+use crate::link::LinkWatch;
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::{
     Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot,
 };
 use crate::statedb::StateDb;
-use crate::uplink::UplinkStats;
 
 /// Tree and key of the persisted deployer state in the state database.
 const STATE_TREE: &str = "deploy";
@@ -123,7 +123,8 @@ pub struct DeployTask {
     pub outbox: Arc<Outbox>,
     pub device: String,
     pub slot: RunningSlot,
-    pub uplink: Arc<UplinkStats>,
+    /// The uplink's connection; a reconnect makes the deployer ask for missing chunks.
+    pub link: LinkWatch,
     /// The local pipeline, parsed at start-up.
     pub local: Option<(PipelineSpec, LocalFiles)>,
     running: Option<Pipeline>,
@@ -151,6 +152,7 @@ pub enum TaskError {
 /// Loads the persisted deployer (or a fresh one) and the artifact store.
 pub fn open_deployer(
     state: &StateDb,
+    device_id: &str,
     config: DeployConfig,
 ) -> Result<(Deployer, Arc<SledStore>, bool), TaskError> {
     let err = |reason: String| TaskError::State {
@@ -164,10 +166,10 @@ pub fn open_deployer(
         .map_err(|e| err(e.to_string()))?;
     let (deployer, restored) = match tree.get(STATE_KEY).map_err(|e| err(e.to_string()))? {
         Some(bytes) => (
-            Deployer::from_bytes(config, &bytes).map_err(|e| err(e.to_string()))?,
+            Deployer::from_bytes(device_id, config, &bytes).map_err(|e| err(e.to_string()))?,
             true,
         ),
-        None => (Deployer::new(config), false),
+        None => (Deployer::new(device_id, config), false),
     };
     Ok((deployer, Arc::new(store), restored))
 }
@@ -180,7 +182,7 @@ impl DeployTask {
         state: StateDb,
         deps: Deps,
         slot: RunningSlot,
-        uplink: Arc<UplinkStats>,
+        link: LinkWatch,
         local: Option<(PipelineSpec, LocalFiles)>,
     ) -> DeployTask {
         DeployTask {
@@ -191,7 +193,7 @@ impl DeployTask {
             device: deps.device.clone(),
             deps,
             slot,
-            uplink,
+            link,
             local,
             running: None,
             candidate: None,
@@ -213,10 +215,7 @@ impl DeployTask {
             self.execute(actions).await;
         }
         self.start_installed().await;
-        let mut connects = self
-            .uplink
-            .connects
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut connects = self.link.borrow().connects;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -227,7 +226,7 @@ impl DeployTask {
                 },
                 _ = tick.tick() => {
                     let now = protocol::v1::now_ms();
-                    let c = self.uplink.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    let c = self.link.borrow().connects;
                     if c != connects {
                         connects = c;
                         let actions = self.deployer.on_reconnect(now);

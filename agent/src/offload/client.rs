@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
 use protocol::v1::{self, OffloadModelTelemetry, OffloadTelemetry, topics};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
+use super::config::OffloadConfig;
 use super::estimate::{Context, Knowledge};
 use super::policy::{Choice, Estimates, Mode, Policy};
-use crate::config::OffloadConfig;
 use crate::inbox::Subscription;
+use crate::link::{Direct, DirectSender, LinkWatch};
 
 /// Queue between stages and the uplink's direct path.
 pub const DIRECT_CAPACITY: usize = 64;
@@ -39,14 +40,6 @@ pub const INBOX_CAPACITY: usize = 256;
 const REQUEST_OVERHEAD: u64 = 64;
 /// Largest padding of a link probe, bytes.
 const MAX_PROBE_PAD: u64 = 64 * 1024;
-
-/// A QoS 0 publish the uplink writes now, or drops once `expires` passed or while offline.
-#[derive(Debug)]
-pub struct Direct {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub expires: Instant,
-}
 
 /// Outputs of one model run, named.
 pub type Outputs = Vec<(String, edge_inference::Tensor)>;
@@ -91,8 +84,8 @@ struct State {
 struct Inner {
     cfg: OffloadConfig,
     device: String,
-    uplink: Arc<crate::uplink::UplinkStats>,
-    tx: mpsc::Sender<Direct>,
+    link: LinkWatch,
+    tx: DirectSender,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<(Response, Instant)>>>,
     state: Mutex<State>,
@@ -132,18 +125,13 @@ enum Waited {
 }
 
 impl Offloader {
-    /// `uplink`: the uplink's counters (its connection flag); `tx`: its direct path.
-    pub fn new(
-        cfg: OffloadConfig,
-        device: String,
-        uplink: Arc<crate::uplink::UplinkStats>,
-        tx: mpsc::Sender<Direct>,
-    ) -> Offloader {
+    /// `link`: whether the uplink is connected; `tx`: the uplink's direct path.
+    pub fn new(cfg: OffloadConfig, device: String, link: LinkWatch, tx: DirectSender) -> Offloader {
         Offloader {
             inner: Arc::new(Inner {
                 cfg,
                 device,
-                uplink,
+                link,
                 tx,
                 // Random start so answers to a previous run of the agent never match.
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
@@ -223,7 +211,7 @@ impl Offloader {
         let cfg = &self.inner.cfg;
         if cfg.probe_interval_ms == 0
             || !matches!(cfg.mode, Mode::Cost | Mode::Adaptive)
-            || !self.inner.uplink.connected.load(Ordering::Relaxed)
+            || !self.inner.link.borrow().connected
         {
             return;
         }
@@ -391,7 +379,7 @@ impl Offloader {
                 c.advert_compute_ms = Some(c.advert_compute_ms.map_or(ms, |m: f64| m.min(ms)));
             }
         }
-        c.online = self.inner.uplink.connected.load(Ordering::Relaxed) && c.remote_workers > 0;
+        c.online = self.inner.link.borrow().connected && c.remote_workers > 0;
         let m = st
             .models
             .entry(model.to_owned())
@@ -735,15 +723,24 @@ mod tests {
         cfg: OffloadConfig,
         answer: impl Fn(&Request) -> Option<Response> + Send + 'static,
     ) -> (tokio::runtime::Runtime, Offloader) {
+        let (rt, off, _link) = online_link(cfg, answer);
+        (rt, off)
+    }
+
+    /// [`online`], with the link-state sender to take the link down.
+    fn online_link(
+        cfg: OffloadConfig,
+        answer: impl Fn(&Request) -> Option<Response> + Send + 'static,
+    ) -> (tokio::runtime::Runtime, Offloader, crate::link::LinkSender) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        let stats = Arc::new(crate::uplink::UplinkStats::default());
-        stats.connected.store(true, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Direct>(DIRECT_CAPACITY);
-        let off = Offloader::new(cfg, "d1".into(), stats, tx);
+        let (link_tx, link) = crate::link::link_state();
+        link_tx.send_modify(|l| l.connected = true);
+        let (tx, mut rx) = crate::link::direct_path(DIRECT_CAPACITY);
+        let off = Offloader::new(cfg, "d1".into(), link, tx);
         let advert = Capacity {
             replica: "r1".into(),
             workers: 2,
@@ -764,7 +761,7 @@ mod tests {
                 }
             }
         });
-        (rt, off)
+        (rt, off, link_tx)
     }
 
     fn doubled(req: &Request) -> Option<Response> {
@@ -830,8 +827,8 @@ mod tests {
         assert_eq!(run_once(&rt, &off), 2.0);
         assert_eq!(off.telemetry().fallbacks.get("overloaded"), Some(&1));
 
-        let (rt, off) = online(cfg(Mode::Offload), doubled);
-        off.inner.uplink.connected.store(false, Ordering::Relaxed);
+        let (rt, off, link) = online_link(cfg(Mode::Offload), doubled);
+        link.send_modify(|l| l.connected = false);
         assert_eq!(run_once(&rt, &off), 2.0);
         assert_eq!(off.telemetry().decisions.get("local/offline"), Some(&1));
     }
