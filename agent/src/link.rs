@@ -32,6 +32,23 @@ pub fn link_state() -> (LinkSender, LinkWatch) {
     watch::channel(LinkState::default())
 }
 
+/// Waits until a connection newer than the one counted in `seen` is made, and counts it
+/// in `seen`; `false` once the uplink is gone and no connection can come any more. A
+/// disconnect alone does not wake it. Cancel-safe: a reconnect that happens while the
+/// caller is busy is still seen on the next call, because it compares counts.
+pub async fn next_connect(link: &mut LinkWatch, seen: &mut u64) -> bool {
+    loop {
+        let connects = link.borrow_and_update().connects;
+        if connects != *seen {
+            *seen = connects;
+            return true;
+        }
+        if link.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
 /// A QoS 0 publish the uplink writes now, or drops once `expires` passed or while offline.
 #[derive(Debug)]
 pub struct Direct {
@@ -46,4 +63,45 @@ pub type DirectReceiver = mpsc::Receiver<Direct>;
 /// A new direct-publish path holding at most `capacity` publishes (at least one).
 pub fn direct_path(capacity: usize) -> (DirectSender, DirectReceiver) {
     mpsc::channel(capacity.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Polls `f` once: `None` if it is still pending (no waiting on the clock).
+    async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
+        tokio::time::timeout(Duration::ZERO, f).await.ok()
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_is_an_event_and_a_disconnect_is_not() {
+        let (tx, mut rx) = link_state();
+        let mut seen = rx.borrow().connects;
+        assert_eq!(now(next_connect(&mut rx, &mut seen)).await, None);
+
+        tx.send_modify(|l| {
+            l.connected = true;
+            l.connects += 1;
+        });
+        assert_eq!(now(next_connect(&mut rx, &mut seen)).await, Some(true));
+        assert_eq!(seen, 1);
+
+        tx.send_modify(|l| l.connected = false);
+        assert_eq!(
+            now(next_connect(&mut rx, &mut seen)).await,
+            None,
+            "disconnect"
+        );
+
+        // Two connections while nobody waited: one wake-up, with the newest count.
+        tx.send_modify(|l| l.connects += 2);
+        assert_eq!(now(next_connect(&mut rx, &mut seen)).await, Some(true));
+        assert_eq!(seen, 3);
+
+        drop(tx);
+        assert_eq!(now(next_connect(&mut rx, &mut seen)).await, Some(false));
+    }
 }

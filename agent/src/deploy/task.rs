@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
 use crate::inbox::{Incoming, Subscription};
-use crate::link::LinkWatch;
+use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::{
     Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot,
@@ -37,7 +37,8 @@ use crate::statedb::StateDb;
 /// Tree and key of the persisted deployer state in the state database.
 const STATE_TREE: &str = "deploy";
 const STATE_KEY: &[u8] = b"state";
-/// How often time-based checks run (resend after a stall, health window, health counters).
+/// How often time-based checks run (resend after a stall, health window, health counters);
+/// reconnects are not among them, they come from the link-state watch.
 const TICK: Duration = Duration::from_millis(250);
 /// Deployment messages buffered between the uplink and this task (chunks are up to 64 KiB;
 /// a lost one is asked for again).
@@ -215,7 +216,12 @@ impl DeployTask {
             self.execute(actions).await;
         }
         self.start_installed().await;
-        let mut connects = self.link.borrow().connects;
+        // A reconnect is awaited on the link state, not polled: the deployer asks for the
+        // chunks it still misses as soon as the link is back. Its own clone, so the select
+        // below can borrow it while the handlers use `self`.
+        let mut link = self.link.clone();
+        let mut connects = link.borrow_and_update().connects;
+        let mut link_open = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -224,16 +230,18 @@ impl DeployTask {
                     Some(m) => self.on_message(m).await,
                     None => break,
                 },
-                _ = tick.tick() => {
-                    let now = protocol::v1::now_ms();
-                    let c = self.link.borrow().connects;
-                    if c != connects {
-                        connects = c;
-                        let actions = self.deployer.on_reconnect(now);
+                open = link::next_connect(&mut link, &mut connects), if link_open => {
+                    if open {
+                        let actions = self.deployer.on_reconnect(protocol::v1::now_ms());
                         self.execute(actions).await;
+                    } else {
+                        // The uplink is gone (shutting down): no reconnect can come.
+                        link_open = false;
                     }
+                }
+                _ = tick.tick() => {
                     self.poll_health().await;
-                    let actions = self.deployer.on_tick(now);
+                    let actions = self.deployer.on_tick(protocol::v1::now_ms());
                     self.execute(actions).await;
                 }
                 _ = shutdown.changed() => break,
