@@ -18,6 +18,7 @@ pub use crate::dataset::DatasetConfig;
 pub use crate::deploy::DeployConfig;
 pub use crate::offload::OffloadConfig;
 pub use crate::outbox::{OnCorruption, OutboxConfig};
+use crate::setting::InvalidSetting;
 pub use crate::uplink::MqttConfig;
 
 /// The commented default configuration file.
@@ -140,14 +141,14 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid {
+        cfg.validate().map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            message: e.to_string(),
         })?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidSetting> {
         if !self.device.id.is_empty() {
             protocol::v1::validate_device_id(&self.device.id)
                 .map_err(|e| format!("device.id: {e}"))?;
@@ -159,10 +160,10 @@ impl Config {
         self.deploy.validate()?;
         self.dataset.validate()?;
         if self.local_api.max_message_bytes > protocol::v1::MAX_PAYLOAD_BYTES - 1024 {
-            return Err(format!(
+            return Err(InvalidSetting(format!(
                 "local_api.max_message_bytes must be at most {} (the wire limit less envelope room)",
                 protocol::v1::MAX_PAYLOAD_BYTES - 1024
-            ));
+            )));
         }
         Ok(())
     }

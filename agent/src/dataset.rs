@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use serde::Deserialize;
 
+use crate::setting::InvalidSetting;
+
 const TREE: &str = "dataset";
 
 /// `[dataset]` of the agent config: the local dataset store fed by pipeline `dataset` sinks
@@ -38,7 +40,7 @@ impl Default for DatasetConfig {
 
 impl DatasetConfig {
     /// Checks the values serde cannot; the message names the keys (`dataset.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.max_samples == 0 || self.max_bytes < 1024 {
             return Err(
                 "dataset.max_samples must be at least 1 and dataset.max_bytes at least 1024".into(),

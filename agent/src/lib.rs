@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod sandbox;
 pub mod sd_notify;
+pub mod setting;
 pub mod statedb;
 pub mod telemetry;
 pub mod uplink;

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use crate::inbox::{Inbox, Incoming as InboxMessage};
 use crate::link::{Direct, DirectReceiver, LinkSender, LinkState};
 use crate::outbox::{Key, Outbox, Stored};
+use crate::setting::InvalidSetting;
 
 /// `[mqtt]`: the broker connection.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -75,7 +76,7 @@ impl Default for MqttConfig {
 
 impl MqttConfig {
     /// Checks the values serde cannot; the message names the key (`mqtt.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         BrokerAddr::parse(&self.url).map_err(|e| format!("mqtt.url: {e}"))?;
         if self.cert_file.as_os_str().is_empty() != self.key_file.as_os_str().is_empty() {
             return Err("mqtt.cert_file and mqtt.key_file must be set together".into());
@@ -107,26 +108,28 @@ pub struct BrokerAddr {
 }
 
 impl BrokerAddr {
-    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
+    pub fn parse(url: &str) -> Result<BrokerAddr, BrokerAddrError> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
             (true, r)
         } else {
-            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+            return Err(BrokerAddrError::Scheme(url.to_owned()));
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
                 h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("{url:?} has an invalid port {p:?}"))?,
+                p.parse::<u16>().map_err(|_| BrokerAddrError::Port {
+                    url: url.to_owned(),
+                    port: p.to_owned(),
+                })?,
             ),
             None => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
-            return Err(format!("{url:?} has no valid host"));
+            return Err(BrokerAddrError::Host(url.to_owned()));
         }
         Ok(BrokerAddr {
             tls,
@@ -134,6 +137,26 @@ impl BrokerAddr {
             port,
         })
     }
+}
+
+/// Why `mqtt.url` is not a broker address; each names the url.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerAddrError {
+    #[error("{0:?} must start with mqtt:// or mqtts://")]
+    Scheme(String),
+    #[error("{url:?} has an invalid port {port:?}")]
+    Port { url: String, port: String },
+    #[error("{0:?} has no valid host")]
+    Host(String),
+}
+
+/// Why the uplink cannot hand the next outbox message to the MQTT client; ends the session.
+#[derive(Debug, thiserror::Error)]
+enum FillError {
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error("mqtt client queue: {0}")]
+    Client(#[from] rumqttc::ClientError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +168,8 @@ pub enum UplinkError {
     },
     #[error("invalid TLS setup: {0}")]
     Tls(String),
-    #[error("{0}")]
-    Config(String),
+    #[error("mqtt.url: {0}")]
+    Url(#[from] BrokerAddrError),
 }
 
 /// Live counters for logs and debugging; whether the link is up is the [`LinkState`] watch.
@@ -250,7 +273,7 @@ impl Uplink {
         outbox: Arc<Outbox>,
         links: Links,
     ) -> Result<Uplink, UplinkError> {
-        let addr = BrokerAddr::parse(&cfg.url).map_err(UplinkError::Config)?;
+        let addr = BrokerAddr::parse(&cfg.url)?;
         let tls = if addr.tls {
             Some(Arc::new(tls_config(&cfg)?))
         } else {
@@ -373,7 +396,7 @@ impl Uplink {
             {
                 return SessionEnd::Lost {
                     was_connected: true,
-                    error: e,
+                    error: e.to_string(),
                 };
             }
             let idle = connected && window.has_room();
@@ -432,22 +455,21 @@ impl Uplink {
     }
 
     /// Hands outbox messages to the client, highest class first, until the window is full.
-    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), String> {
+    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), FillError> {
         for class in Class::ALL {
             while window.has_room() {
-                let Some(stored) = self
-                    .outbox
-                    .next_in_class(class, window.cursor(class))
-                    .map_err(|e| e.to_string())?
-                else {
+                let Some(stored) = self.outbox.next_in_class(class, window.cursor(class))? else {
                     break;
                 };
                 let key = stored.key;
                 match self.frame(&stored) {
                     Some(payload) => {
-                        client
-                            .try_publish(&stored.record.topic, QoS::AtLeastOnce, false, payload)
-                            .map_err(|e| format!("mqtt client queue: {e}"))?;
+                        client.try_publish(
+                            &stored.record.topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                        )?;
                         window.handed(key);
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
                     }

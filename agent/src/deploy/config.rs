@@ -7,6 +7,8 @@
 use protocol::v1::deploy::TrustedKeys;
 use serde::Deserialize;
 
+use crate::setting::InvalidSetting;
+
 /// `[deploy]`: signed deployments over MQTT.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,7 +48,7 @@ impl Default for DeployConfig {
 impl DeployConfig {
     /// Checks the values serde cannot (the keys were checked as they were parsed); the
     /// message names the key (`deploy.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         for g in &self.groups {
             protocol::v1::validate_device_id(g)
                 .map_err(|e| format!("deploy.groups: invalid group {g:?}: {e}"))?;
@@ -93,11 +95,16 @@ impl TrustedKeyList {
     }
 }
 
-impl TryFrom<Vec<String>> for TrustedKeyList {
-    type Error = String;
+/// A `deploy.trusted_keys` entry that is not an ed25519 public key.
+#[derive(Debug, thiserror::Error)]
+#[error("deploy.trusted_keys: {0}")]
+pub struct BadTrustedKey(#[from] protocol::v1::deploy::DeployError);
 
-    fn try_from(hex: Vec<String>) -> Result<Self, String> {
-        TrustedKeyList::from_hex(hex).map_err(|e| format!("deploy.trusted_keys: {e}"))
+impl TryFrom<Vec<String>> for TrustedKeyList {
+    type Error = BadTrustedKey;
+
+    fn try_from(hex: Vec<String>) -> Result<Self, BadTrustedKey> {
+        Ok(TrustedKeyList::from_hex(hex)?)
     }
 }
 

@@ -20,6 +20,31 @@ const MAX_CHUNKS_PER_ARTIFACT: u32 = 1 << 16;
 /// Magic and format version of [`Deployer::to_bytes`].
 const STATE_MAGIC: &[u8; 4] = b"EDS1";
 
+/// Why a verified manifest is not for this device or over its limits; the text is the
+/// rejection reason the coordinator sees in the deployment status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("manifest is for device {target}, this is device {device}")]
+    OtherDevice { target: String, device: String },
+    #[error("manifest is for group {group}, which device {device} is not in")]
+    OtherGroup { group: String, device: String },
+    #[error("manifest lists {count} artifacts, over the limit of {limit}")]
+    TooManyArtifacts { count: usize, limit: u32 },
+    #[error("artifact {name} is {size} bytes, over the limit of {limit} bytes")]
+    ArtifactTooLarge { name: String, size: u64, limit: u64 },
+    #[error(
+        "artifact {name} would take {chunks} chunks, over the limit of \
+         {MAX_CHUNKS_PER_ARTIFACT} (chunk_size {chunk_size} is too small)"
+    )]
+    TooManyChunks {
+        name: String,
+        chunks: u32,
+        chunk_size: u32,
+    },
+    #[error("artifacts total {total} bytes, over the limit of {limit} bytes")]
+    TooLarge { total: u64, limit: u64 },
+}
+
 /// What the caller must do, in the order returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -283,8 +308,8 @@ impl Deployer {
                 return vec![reject(peek.as_ref(), &e.to_string())];
             }
         };
-        if let Err(reason) = self.check_target(&manifest.target) {
-            return vec![reject(Some(&manifest), &reason)];
+        if let Err(refusal) = self.check_target(&manifest.target) {
+            return vec![reject(Some(&manifest), &refusal.to_string())];
         }
         if now_ms >= manifest.expires_ms {
             return vec![reject(
@@ -343,8 +368,8 @@ impl Deployer {
                 ),
             )];
         }
-        if let Err(reason) = self.check_limits(&manifest) {
-            return vec![reject(Some(&manifest), &reason)];
+        if let Err(refusal) = self.check_limits(&manifest) {
+            return vec![reject(Some(&manifest), &refusal.to_string())];
         }
 
         let mut actions = Vec::new();
@@ -666,44 +691,44 @@ impl Deployer {
         })
     }
 
-    fn check_target(&self, target: &Target) -> Result<(), String> {
+    fn check_target(&self, target: &Target) -> Result<(), Refusal> {
         match target {
             Target::Device(d) if *d == self.device_id => Ok(()),
-            Target::Device(d) => Err(format!(
-                "manifest is for device {d}, this is device {}",
-                self.device_id
-            )),
+            Target::Device(d) => Err(Refusal::OtherDevice {
+                target: d.clone(),
+                device: self.device_id.clone(),
+            }),
             Target::Group(g) if self.config.groups.contains(g) => Ok(()),
-            Target::Group(g) => Err(format!(
-                "manifest is for group {g}, which device {} is not in",
-                self.device_id
-            )),
+            Target::Group(g) => Err(Refusal::OtherGroup {
+                group: g.clone(),
+                device: self.device_id.clone(),
+            }),
         }
     }
 
-    fn check_limits(&self, m: &Manifest) -> Result<(), String> {
+    fn check_limits(&self, m: &Manifest) -> Result<(), Refusal> {
         let c = &self.config;
         if m.artifacts.len() > c.max_artifacts as usize {
-            return Err(format!(
-                "manifest lists {} artifacts, over the limit of {}",
-                m.artifacts.len(),
-                c.max_artifacts
-            ));
+            return Err(Refusal::TooManyArtifacts {
+                count: m.artifacts.len(),
+                limit: c.max_artifacts,
+            });
         }
         for a in &m.artifacts {
             if a.size > c.max_artifact_bytes {
-                return Err(format!(
-                    "artifact {} is {} bytes, over the limit of {} bytes",
-                    a.name, a.size, c.max_artifact_bytes
-                ));
+                return Err(Refusal::ArtifactTooLarge {
+                    name: a.name.clone(),
+                    size: a.size,
+                    limit: c.max_artifact_bytes,
+                });
             }
             let chunks = m.chunk_count(a.size);
             if chunks > MAX_CHUNKS_PER_ARTIFACT {
-                return Err(format!(
-                    "artifact {} would take {chunks} chunks, over the limit of \
-                     {MAX_CHUNKS_PER_ARTIFACT} (chunk_size {} is too small)",
-                    a.name, m.chunk_size
-                ));
+                return Err(Refusal::TooManyChunks {
+                    name: a.name.clone(),
+                    chunks,
+                    chunk_size: m.chunk_size,
+                });
             }
         }
         let total = m
@@ -711,10 +736,10 @@ impl Deployer {
             .iter()
             .fold(0u64, |s, a| s.saturating_add(a.size));
         if total > c.max_total_bytes {
-            return Err(format!(
-                "artifacts total {total} bytes, over the limit of {} bytes",
-                c.max_total_bytes
-            ));
+            return Err(Refusal::TooLarge {
+                total,
+                limit: c.max_total_bytes,
+            });
         }
         Ok(())
     }

@@ -144,6 +144,29 @@ impl std::fmt::Debug for DeployTask {
     }
 }
 
+/// Why the deployer's state could not be made durable (logged; the next persist retries).
+#[derive(Debug, thiserror::Error)]
+enum PersistError {
+    #[error("deploy state tree: {0}")]
+    Tree(#[from] sled::Error),
+    #[error("syncing the state database: {0}")]
+    Sync(#[from] std::io::Error),
+}
+
+/// Why a deployment's pipeline does not start; the text becomes the failed health check's
+/// reason in the deployment status.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0:?} deployments are not supported by this agent version")]
+    Unsupported(DeployKind),
+    #[error("manifest carries no pipeline description")]
+    NoDescription,
+    #[error("pipeline description: {0}")]
+    Description(crate::pipeline::SpecError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error("deploy state in {path}: {reason}")]
@@ -369,9 +392,9 @@ impl DeployTask {
                     }
                     Vec::new()
                 }
-                Err(reason) => self
+                Err(e) => self
                     .deployer
-                    .on_health(Health::Failed(reason), protocol::v1::now_ms()),
+                    .on_health(Health::Failed(e.to_string()), protocol::v1::now_ms()),
             },
             Action::Commit { manifest } => {
                 if let Some(c) = self.candidate.take() {
@@ -411,10 +434,10 @@ impl DeployTask {
     async fn persist(&self) {
         let bytes = self.deployer.to_bytes();
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let tree = state.db.open_tree(STATE_TREE).map_err(|e| e.to_string())?;
-            tree.insert(STATE_KEY, bytes).map_err(|e| e.to_string())?;
-            state.sync().map_err(|e| e.to_string())
+        let result = tokio::task::spawn_blocking(move || -> Result<(), PersistError> {
+            let tree = state.db.open_tree(STATE_TREE)?;
+            tree.insert(STATE_KEY, bytes)?;
+            Ok(state.sync()?)
         })
         .await;
         match result {
@@ -439,18 +462,15 @@ impl DeployTask {
     }
 
     /// Starts a deployment's pipeline.
-    async fn start(&self, manifest: &Manifest, mode: Mode) -> Result<Pipeline, String> {
+    async fn start(&self, manifest: &Manifest, mode: Mode) -> Result<Pipeline, StartError> {
         if manifest.kind != DeployKind::Pipeline {
-            return Err(format!(
-                "{:?} deployments are not supported by this agent version",
-                manifest.kind
-            ));
+            return Err(StartError::Unsupported(manifest.kind));
         }
         let text = manifest
             .pipeline_toml
             .clone()
-            .ok_or("manifest carries no pipeline description")?;
-        let spec = PipelineSpec::parse(&text).map_err(|e| format!("pipeline description: {e}"))?;
+            .ok_or(StartError::NoDescription)?;
+        let spec = PipelineSpec::parse(&text).map_err(StartError::Description)?;
         let artifacts = Box::new(Deployed::new(manifest, self.store.clone()));
         let origin = Origin {
             deployment_id: manifest.deployment_id.clone(),
@@ -461,9 +481,7 @@ impl DeployTask {
             Mode::Live => self.with_models(artifacts),
             Mode::Shadow => artifacts,
         };
-        run_start(spec, artifacts, self.deps.clone(), mode, origin)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(run_start(spec, artifacts, self.deps.clone(), mode, origin).await?)
     }
 
     /// After a commit: the new pipeline goes live in place of the old one.

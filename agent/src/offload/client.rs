@@ -30,6 +30,7 @@ use super::config::OffloadConfig;
 use super::estimate::{Context, Knowledge};
 use super::policy::{Choice, Estimates, Mode, Policy};
 use crate::inbox::Subscription;
+use crate::inference::InferenceError;
 use crate::link::{Direct, DirectSender, LinkWatch};
 
 /// Queue between stages and the uplink's direct path.
@@ -43,6 +44,34 @@ const MAX_PROBE_PAD: u64 = 64 * 1024;
 
 /// Outputs of one model run, named.
 pub type Outputs = Vec<(String, edge_inference::Tensor)>;
+
+/// Why a frame got no outputs. Remote failures end in a local run, so most of these are the
+/// local run's; the rest name what was wrong with the coordinator's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// The run on the device failed.
+    #[error(transparent)]
+    Local(#[from] InferenceError),
+    /// The hedged local run panicked or was cancelled.
+    #[error("local run failed: {0}")]
+    LocalTask(String),
+    #[error("offload answer: output {name:?} has unsupported dtype {dtype}")]
+    AnswerDtype { name: String, dtype: u8 },
+    #[error("offload answer: output {name:?}: {source}")]
+    AnswerTensor {
+        name: String,
+        source: edge_inference::TensorError,
+    },
+    #[error("offload refused and no local run")]
+    Refused,
+    #[error("offload timed out")]
+    TimedOut,
+    #[error("offload request dropped")]
+    Dropped,
+}
+
+/// What the local run of a frame returns.
+pub type LocalResult = Result<Outputs, InferenceError>;
 
 /// Per offloadable model (the coordinator's name for it): its policy, and the queue depth of
 /// the last answer with when it came.
@@ -118,7 +147,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 enum Waited {
     Answer(Response, Instant),
     /// The hedged local run finished first (its result and how long it ran).
-    HedgeWon((Result<Outputs, String>, Duration)),
+    HedgeWon((Result<Outputs, OffloadError>, Duration)),
     Timeout,
     /// The request was dropped before an answer could come (uplink gone).
     Dropped,
@@ -414,9 +443,9 @@ impl Offloader {
         input: edge_inference::Tensor,
         local_queue: u32,
         local: F,
-    ) -> Result<Outputs, String>
+    ) -> Result<Outputs, OffloadError>
     where
-        F: FnOnce(edge_inference::Tensor) -> Result<Outputs, String> + Send + 'static,
+        F: FnOnce(edge_inference::Tensor) -> LocalResult + Send + 'static,
     {
         let payload_bytes = input.data().len() as u64 + REQUEST_OVERHEAD;
         let decision = {
@@ -434,7 +463,7 @@ impl Offloader {
         };
         let start = Instant::now();
         let result = match decision.choice {
-            Choice::Local => self.local_measured(model, timed(move || local(input))),
+            Choice::Local => self.local_measured(model, timed(move || Ok(local(input)?))),
             Choice::Offload => {
                 let wire = WireTensor {
                     name: String::new(),
@@ -442,7 +471,9 @@ impl Offloader {
                     shape: input.shape().to_vec(),
                     data: input.data().to_vec(),
                 };
-                self.offload(rt, model, wire, payload_bytes, start, move || local(input))
+                self.offload(rt, model, wire, payload_bytes, start, move || {
+                    Ok(local(input)?)
+                })
             }
         };
         if result.is_ok() {
@@ -462,9 +493,9 @@ impl Offloader {
         payload_bytes: u64,
         start: Instant,
         local: F,
-    ) -> Result<Outputs, String>
+    ) -> Result<Outputs, OffloadError>
     where
-        F: FnOnce() -> Result<Outputs, String> + Send + 'static,
+        F: FnOnce() -> Result<Outputs, OffloadError> + Send + 'static,
     {
         let cfg = &self.inner.cfg;
         let timeout = Duration::from_millis(cfg.timeout_ms);
@@ -512,12 +543,12 @@ impl Offloader {
                     Ok(Ok((r, at))) if r.status == Status::Ok => (Waited::Answer(r, at), None),
                     _ => {
                         // No usable answer: the local run decides.
-                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO));
+                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO));
                         (Waited::HedgeWon(l), None)
                     }
                 },
                 l = &mut handle => (
-                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO))),
+                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO))),
                     None,
                 ),
             }
@@ -552,7 +583,7 @@ impl Offloader {
                 }
                 match local {
                     Some(local) => fallback(r.status.as_str(), local),
-                    None => Err("offload refused and no local run".into()),
+                    None => Err(OffloadError::Refused),
                 }
             }
             (Waited::HedgeWon(l), _) => {
@@ -567,12 +598,12 @@ impl Offloader {
                 drop(st);
                 match local {
                     Some(local) => fallback("timeout", local),
-                    None => Err("offload timed out".into()),
+                    None => Err(OffloadError::TimedOut),
                 }
             }
             (Waited::Dropped, local) => match local {
                 Some(local) => fallback("not_sent", local),
-                None => Err("offload request dropped".into()),
+                None => Err(OffloadError::Dropped),
             },
         }
     }
@@ -581,8 +612,8 @@ impl Offloader {
     fn local_measured(
         &self,
         model: &str,
-        (result, took): (Result<Outputs, String>, Duration),
-    ) -> Result<Outputs, String> {
+        (result, took): (Result<Outputs, OffloadError>, Duration),
+    ) -> Result<Outputs, OffloadError> {
         if result.is_ok() {
             let mut st = self.state();
             st.knowledge.observe_local(model, ms(took));
@@ -639,15 +670,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), String> {
+fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), OffloadError> {
     let dtype = edge_inference::DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| {
-        format!(
-            "offload answer: output {:?} has unsupported dtype {}",
-            t.name, t.dtype
-        )
+        OffloadError::AnswerDtype {
+            name: t.name.clone(),
+            dtype: t.dtype,
+        }
     })?;
-    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data)
-        .map_err(|e| format!("offload answer: output {:?}: {e}", t.name))?;
+    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data).map_err(|source| {
+        OffloadError::AnswerTensor {
+            name: t.name.clone(),
+            source,
+        }
+    })?;
     Ok((t.name, tensor))
 }
 
@@ -772,7 +807,7 @@ mod tests {
         Some(r)
     }
 
-    fn local_plus_one(t: Tensor) -> Result<Outputs, String> {
+    fn local_plus_one(t: Tensor) -> LocalResult {
         let y: Vec<f32> = t.to_f32().expect("f32").iter().map(|v| v + 1.0).collect();
         Ok(vec![(
             "y".into(),

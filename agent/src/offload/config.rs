@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use crate::setting::InvalidSetting;
+
 /// `[offload]`: when an inference stage with an `offload_model` runs a frame locally and when
 /// on the coordinator's inference service (see `crate::offload`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -78,7 +80,7 @@ impl OffloadConfig {
     }
 
     /// Checks the values serde cannot; the message names the key (`offload.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let finite_nonneg = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
@@ -98,19 +100,19 @@ impl OffloadConfig {
             return Err("offload.latency_weight and offload.energy_weight are both 0".into());
         }
         if !(0.5..=1.0).contains(&self.discount) {
-            return Err(format!(
+            return Err(InvalidSetting(format!(
                 "offload.discount must be between 0.5 and 1, not {}",
                 self.discount
-            ));
+            )));
         }
         if self.timeout_ms == 0 {
             return Err("offload.timeout_ms must be above 0".into());
         }
         if self.hedge_ms >= self.timeout_ms {
-            return Err(format!(
+            return Err(InvalidSetting(format!(
                 "offload.hedge_ms ({}) must be below offload.timeout_ms ({})",
                 self.hedge_ms, self.timeout_ms
-            ));
+            )));
         }
         if self.max_pending == 0 {
             return Err("offload.max_pending must be above 0".into());

@@ -6,6 +6,8 @@ use std::time::Duration;
 use protocol::v1::Class;
 use serde::Deserialize;
 
+use crate::setting::InvalidSetting;
+
 /// What to do with an outbox database that cannot be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,7 +64,7 @@ impl OutboxConfig {
     }
 
     /// Checks the values serde cannot; the message names the key (`outbox.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.max_bytes < 64 * 1024 {
             return Err("outbox.max_bytes must be at least 65536".into());
         }

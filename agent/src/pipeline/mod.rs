@@ -630,12 +630,11 @@ impl Pipeline {
                     on_full,
                     ..
                 } => {
-                    let path = resolve(path, artifacts.base_dir()).map_err(|reason| {
-                        PipelineError::Source {
+                    let path =
+                        resolve(path, artifacts.base_dir()).map_err(|e| PipelineError::Source {
                             source_name: name.clone(),
-                            reason,
-                        }
-                    })?;
+                            reason: e.to_string(),
+                        })?;
                     std::fs::File::open(&path).map_err(|e| PipelineError::Source {
                         source_name: name.clone(),
                         reason: format!("cannot open {}: {e}", path.display()),
@@ -835,15 +834,17 @@ impl Pipeline {
 
 /// A relative path against the description's directory; deployed descriptions (no
 /// directory) may only name absolute paths.
-fn resolve(path: &Path, base: Option<&Path>) -> Result<PathBuf, String> {
+fn resolve(path: &Path, base: Option<&Path>) -> Result<PathBuf, RelativePath> {
     if path.is_absolute() {
         return Ok(path.to_owned());
     }
     match base {
         Some(dir) => Ok(dir.join(path)),
-        None => Err(format!(
-            "relative path {} in a deployed pipeline; use an absolute path",
-            path.display()
-        )),
+        None => Err(RelativePath(path.to_owned())),
     }
 }
+
+/// A deployed description named a file relative to a directory it does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("relative path {} in a deployed pipeline; use an absolute path", .0.display())]
+struct RelativePath(PathBuf);
