@@ -30,7 +30,8 @@ use crate::inbox::{Incoming, Subscription};
 use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::{
-    Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot,
+    ArtifactError, Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError,
+    PipelineSpec, RunningSlot,
 };
 use crate::statedb::StateDb;
 
@@ -66,27 +67,28 @@ impl Deployed {
 }
 
 /// Bytes of a stored artifact, its digest checked again.
-fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, String> {
+fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, ArtifactError> {
     let bytes = store
         .get(sha)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("artifact {sha} is missing from the store"))?;
+        .map_err(|e| ArtifactError::Store(Box::new(e)))?
+        .ok_or_else(|| ArtifactError::Missing(sha.to_owned()))?;
     // The store checked the digest on put; check again what comes back from disk.
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != sha {
-        return Err(format!(
-            "stored artifact {sha} is corrupted (sha256 {actual})"
-        ));
+        return Err(ArtifactError::Corrupted {
+            sha: sha.to_owned(),
+            actual,
+        });
     }
     Ok(bytes)
 }
 
 impl Artifacts for Deployed {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         let sha = self
             .by_name
             .get(name)
-            .ok_or_else(|| format!("{name} is not an artifact of the deployment manifest"))?;
+            .ok_or_else(|| ArtifactError::NotListed(name.to_owned()))?;
         read_artifact(&self.store, sha)
     }
 
@@ -103,7 +105,7 @@ struct WithModels {
 }
 
 impl Artifacts for WithModels {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         match self.overrides.get(name) {
             Some(sha) => read_artifact(&self.store, sha),
             None => self.inner.module(name),
@@ -165,6 +167,24 @@ pub enum StartError {
     Description(crate::pipeline::SpecError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+}
+
+/// Why a model deployment's models fail their check; the text becomes the failed health
+/// check's reason in the deployment status.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelCheckError {
+    #[error("artifact {0}: a model deployment carries only onnx models")]
+    NotOnnx(String),
+    #[error("model {name}: onnx inference is unavailable on this device: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error("model {0} is not used by the running pipeline (no inference stage loads it)")]
+    NotUsed(String),
+    #[error("model {name}: {source}")]
+    Artifact { name: String, source: ArtifactError },
+    #[error(transparent)]
+    Prepare(#[from] crate::inference::InferenceError),
+    #[error("model check panicked: {0}")]
+    Panicked(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -372,7 +392,7 @@ impl DeployTask {
                         self.checked_models = models;
                         self.deployer.on_health(Health::Passed, now)
                     }
-                    Err(reason) => self.deployer.on_health(Health::Failed(reason), now),
+                    Err(e) => self.deployer.on_health(Health::Failed(e.to_string()), now),
                 }
             }
             Action::Commit { manifest } if manifest.kind == DeployKind::Model => {
@@ -555,7 +575,7 @@ impl DeployTask {
     async fn check_models(
         &self,
         manifest: &Manifest,
-    ) -> Result<Vec<Arc<edge_inference::Model>>, String> {
+    ) -> Result<Vec<Arc<edge_inference::Model>>, ModelCheckError> {
         let inference = self.deps.inference.clone();
         let artifacts = Deployed::new(manifest, self.store.clone());
         let listed: Vec<(String, MediaType)> = manifest
@@ -567,28 +587,30 @@ impl DeployTask {
             let mut out = Vec::with_capacity(listed.len());
             for (name, media) in listed {
                 if media != MediaType::Onnx {
-                    return Err(format!(
-                        "artifact {name}: a model deployment carries only onnx models"
-                    ));
+                    return Err(ModelCheckError::NotOnnx(name));
                 }
                 if !inference.status().available {
-                    return Err(format!(
-                        "model {name}: onnx inference is unavailable on this device: {}",
-                        inference.status().reason
-                    ));
+                    return Err(ModelCheckError::Unavailable {
+                        name,
+                        reason: inference.status().reason.clone(),
+                    });
                 }
                 if inference.model(&name).is_none() {
-                    return Err(format!(
-                        "model {name} is not used by the running pipeline (no inference stage loads it)"
-                    ));
+                    return Err(ModelCheckError::NotUsed(name));
                 }
-                let bytes = artifacts.module(&name).map_err(|e| format!("model {name}: {e}"))?;
-                out.push(inference.prepare(&name, &bytes).map_err(|e| e.to_string())?);
+                let bytes =
+                    artifacts
+                        .module(&name)
+                        .map_err(|source| ModelCheckError::Artifact {
+                            name: name.clone(),
+                            source,
+                        })?;
+                out.push(inference.prepare(&name, &bytes)?);
             }
             Ok(out)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("model check panicked: {e}")))
+        .unwrap_or_else(|e| Err(ModelCheckError::Panicked(e.to_string())))
     }
 
     async fn poll_health(&mut self) {

@@ -85,10 +85,30 @@ pub enum PipelineError {
     Thread(std::io::Error),
 }
 
+/// Why the bytes of a module or model a description names cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not an artifact of the deployment manifest")]
+    NotListed(String),
+    #[error("artifact {0} is missing from the store")]
+    Missing(String),
+    #[error("stored artifact {sha} is corrupted (sha256 {actual})")]
+    Corrupted { sha: String, actual: String },
+    /// The artifact store failed; boxed because the store's type belongs to `deploy`,
+    /// which depends on this module and not the other way round.
+    #[error(transparent)]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Where a pipeline's module bytes and files come from.
 pub trait Artifacts: Send + Sync {
     /// The bytes of the module (or model) the description names `name`.
-    fn module(&self, name: &str) -> Result<Vec<u8>, String>;
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError>;
     /// Directory that relative file paths in the description are relative to (`None`:
     /// only absolute paths are allowed).
     fn base_dir(&self) -> Option<&Path>;
@@ -101,9 +121,9 @@ pub struct LocalFiles {
 }
 
 impl Artifacts for LocalFiles {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         let path = self.dir.join(name);
-        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::read(&path).map_err(|source| ArtifactError::Read { path, source })
     }
 
     fn base_dir(&self) -> Option<&Path> {
@@ -370,10 +390,10 @@ impl Pipeline {
         for st in spec.stages.iter().filter(|s| s.kind == StageKind::Wasm) {
             let bytes = artifacts
                 .module(&st.module)
-                .map_err(|reason| PipelineError::Module {
+                .map_err(|e| PipelineError::Module {
                     stage: st.name.clone(),
                     module: st.module.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
             let module =
                 deps.sandbox
@@ -694,11 +714,15 @@ impl Pipeline {
             module: t.trainer.clone(),
             reason,
         };
-        let trainer_bytes = artifacts.module(&t.trainer).map_err(&fail)?;
+        let trainer_bytes = artifacts
+            .module(&t.trainer)
+            .map_err(|e| fail(e.to_string()))?;
         deps.sandbox
             .load_trainer(&t.trainer, &trainer_bytes)
             .map_err(|e| fail(e.to_string()))?;
-        let model_bytes = artifacts.module(&t.model).map_err(&fail)?;
+        let model_bytes = artifacts
+            .module(&t.model)
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Some(Arc::new(TrainingSetup {
             pipeline: spec.name.clone(),
             model: t.model.clone(),
@@ -727,7 +751,9 @@ impl Pipeline {
             Mode::Live => st.model.clone(),
             Mode::Shadow => format!("shadow/{}/{}", self.stats.name, st.model),
         };
-        let bytes = artifacts.module(&st.model).map_err(&fail)?;
+        let bytes = artifacts
+            .module(&st.model)
+            .map_err(|e| fail(e.to_string()))?;
         let model = deps
             .inference
             .ensure(&registry_name, &bytes)

@@ -265,7 +265,7 @@ pub fn run_file(f: FileReplay, outs: Outputs, stop: Arc<Stop>, c: Arc<NodeCounte
                 FileFormat::Samples => match codec::samples_from_line(&line) {
                     Ok(v) => Some(Payload::Samples(v)),
                     Err(e) => {
-                        bad_line(&f, lineno, &e, &c);
+                        bad_line(&f, lineno, &e.to_string(), &c);
                         None
                     }
                 },
@@ -513,7 +513,7 @@ pub async fn run_sink(
                         },
                     )
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.to_string()),
             },
         };
         match result {
