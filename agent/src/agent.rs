@@ -1,8 +1,8 @@
 //! Wires the agent's parts together and owns their lifetimes.
 //!
 //! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox), the local API
-//! (socket -> outbox), the deploy task (pipelines, models) and federated learning (rounds ->
-//! local training -> outbox). ONNX Runtime is loaded once
+//! (socket -> outbox), the deploy task (which pipeline and models run), the pipeline host
+//! (runs them) and federated learning (rounds -> local training -> outbox). ONNX Runtime is loaded once
 //! here, before any of them. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time. systemd hears about it all
 //! through [`sd_notify`](crate::sd_notify): ready, alive (watchdog), stopping.
@@ -16,12 +16,12 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::dataset::{Dataset, DatasetError};
-use crate::deploy::task::{self, DeployTask, TaskError};
+use crate::deploy::task::{self, DeployParts, DeployTask, TaskError};
 use crate::inbox::Inbox;
 use crate::inference::Inference;
 use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox, OutboxError};
-use crate::pipeline::{Deps, LocalFiles, PipelineSpec, RunningSlot};
+use crate::pipeline::{Deps, LocalFiles, PipelineHost, PipelineSpec, RunningSlot};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::sd_notify::Notifier;
 use crate::statedb::{StateDb, StateDbError};
@@ -175,17 +175,25 @@ pub async fn run(
     });
     let fl_stats = fl_task.stats.clone();
     let fl_sub = inbox.subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
+    // The host owns the pipelines and everything they run against; the deploy task holds
+    // the only handle, so the host stops the pipelines (draining them) once that task ends.
+    let (pipeline_host, host) = PipelineHost::new(deps, slot.clone());
     let deploy_task = DeployTask::new(
         deployer,
         store,
-        state.clone(),
-        deps,
-        slot.clone(),
-        link.clone(),
-        local,
+        DeployParts {
+            state: state.clone(),
+            outbox: outbox.clone(),
+            device: device.clone(),
+            inference: inference.clone(),
+            host,
+            link: link.clone(),
+            local,
+        },
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let pipelines = tokio::spawn(pipeline_host.run());
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
     let offload_router = offload
@@ -245,6 +253,7 @@ pub async fn run(
                 }
                 let ended = [
                     ("deploy", Some(&deploy)),
+                    ("pipeline-host", Some(&pipelines)),
                     ("federated-learning", Some(&fl)),
                     ("offload", offload_router.as_ref()),
                     ("local-api", Some(&api)),
@@ -277,8 +286,11 @@ pub async fn run(
     notify.stopping("stopping: draining, making the outbox durable");
     let _ = stop_tx.send(true);
     let mut panicked = None;
+    // The host after the deploy task: it stops the pipelines once that task dropped its
+    // handle, and their outbox sinks drain before the outbox closes.
     for (name, handle) in [
         ("deploy", Some(deploy)),
+        ("pipeline-host", Some(pipelines)),
         ("federated-learning", Some(fl)),
         ("offload", offload_router),
         ("local-api", Some(api)),

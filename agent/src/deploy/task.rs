@@ -1,12 +1,13 @@
-//! The agent's deploy task: the one owner of the running pipeline. It feeds deployment
-//! messages from MQTT into the [`Deployer`], executes its actions (reports and resend
-//! requests through the outbox, artifacts into the state database, pipelines started in
-//! shadow for the health check, then committed or rolled back), and runs the installed or
-//! local pipeline.
+//! The agent's deploy task: decides which pipeline runs. It feeds deployment messages from
+//! MQTT into the [`Deployer`], executes its actions (reports and resend requests through the
+//! outbox, artifacts into the state database, candidates started in shadow for the health
+//! check, then committed or rolled back), and has the installed or local pipeline run. The
+//! pipelines themselves belong to the pipeline host ([`HostHandle`]), which this task drives
+//! with commands: start, shadow, swap, discard.
 //!
 //! The pipeline that runs, in order of precedence: the installed deployment, else the local
 //! `[pipeline] file`, else none. A candidate runs in shadow beside it until the health check
-//! decides; only a passed check replaces the running pipeline.
+//! decides; only a passed check replaces the running pipeline (a swap).
 //!
 //! A model deployment (kind `model`, `.onnx` artifacts named like the pipeline's `model =`
 //! paths) does not restart anything: each model is loaded beside the serving version, probed
@@ -27,11 +28,11 @@ use tokio::sync::watch;
 
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
 use crate::inbox::{Incoming, Subscription};
+use crate::inference::Inference;
 use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::{
-    ArtifactError, Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError,
-    PipelineSpec, RunningSlot,
+    ArtifactError, Artifacts, HostError, HostHandle, Launch, LocalFiles, Mode, Origin, PipelineSpec,
 };
 use crate::statedb::StateDb;
 
@@ -117,21 +118,33 @@ impl Artifacts for WithModels {
     }
 }
 
-/// What the task needs, built by `agent::run`.
-pub struct DeployTask {
-    pub deployer: Deployer,
-    pub store: Arc<SledStore>,
+/// What the deploy task works with besides its deployer and artifact store; built by
+/// `agent::run`.
+pub struct DeployParts {
     pub state: StateDb,
-    pub deps: Deps,
     pub outbox: Arc<Outbox>,
     pub device: String,
-    pub slot: RunningSlot,
+    /// Model deployments load, check and swap models here.
+    pub inference: Inference,
+    /// The pipeline host: this task tells it what to run.
+    pub host: HostHandle,
     /// The uplink's connection; a reconnect makes the deployer ask for missing chunks.
     pub link: LinkWatch,
     /// The local pipeline, parsed at start-up.
     pub local: Option<(PipelineSpec, LocalFiles)>,
-    running: Option<Pipeline>,
-    candidate: Option<Pipeline>,
+}
+
+/// The deploy task; see the module docs.
+pub struct DeployTask {
+    deployer: Deployer,
+    store: Arc<SledStore>,
+    state: StateDb,
+    outbox: Arc<Outbox>,
+    device: String,
+    inference: Inference,
+    host: HostHandle,
+    link: LinkWatch,
+    local: Option<(PipelineSpec, LocalFiles)>,
     /// Models of a model deployment that passed their checks, swapped in at commit.
     checked_models: Vec<Arc<edge_inference::Model>>,
     reported_processed: u64,
@@ -166,7 +179,7 @@ pub enum StartError {
     #[error("pipeline description: {0}")]
     Description(crate::pipeline::SpecError),
     #[error(transparent)]
-    Pipeline(#[from] PipelineError),
+    Host(#[from] HostError),
 }
 
 /// Why a model deployment's models fail their check; the text becomes the failed health
@@ -219,35 +232,25 @@ pub fn open_deployer(
 }
 
 impl DeployTask {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        deployer: Deployer,
-        store: Arc<SledStore>,
-        state: StateDb,
-        deps: Deps,
-        slot: RunningSlot,
-        link: LinkWatch,
-        local: Option<(PipelineSpec, LocalFiles)>,
-    ) -> DeployTask {
+    pub fn new(deployer: Deployer, store: Arc<SledStore>, parts: DeployParts) -> DeployTask {
         DeployTask {
             deployer,
             store,
-            state,
-            outbox: deps.outbox.clone(),
-            device: deps.device.clone(),
-            deps,
-            slot,
-            link,
-            local,
-            running: None,
-            candidate: None,
+            state: parts.state,
+            outbox: parts.outbox,
+            device: parts.device,
+            inference: parts.inference,
+            host: parts.host,
+            link: parts.link,
+            local: parts.local,
             checked_models: Vec::new(),
             reported_processed: 0,
             last_rejected: None,
         }
     }
 
-    /// Runs until `shutdown`; then stops the pipelines (draining them) and persists state.
+    /// Runs until `shutdown`; then persists state. Its host handle goes with it, and the host
+    /// then stops the pipelines (draining them).
     pub async fn run(
         mut self,
         restored: bool,
@@ -292,17 +295,6 @@ impl DeployTask {
         }
         drop(sub);
         self.persist().await;
-        let (candidate, running) = (self.candidate.take(), self.running.take());
-        self.slot.set(None);
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(c) = candidate {
-                c.stop();
-            }
-            if let Some(r) = running {
-                r.stop();
-            }
-        })
-        .await;
     }
 
     async fn on_message(&mut self, m: Incoming) {
@@ -398,18 +390,15 @@ impl DeployTask {
             Action::Commit { manifest } if manifest.kind == DeployKind::Model => {
                 for m in self.checked_models.drain(..) {
                     tracing::info!(model = %m.name(), version = %m.version(), deployment = %manifest.deployment_id, "model deployment swapped in");
-                    self.deps.inference.commit(m);
+                    self.inference.commit(m);
                 }
                 self.persist().await;
                 self.collect_garbage();
                 Vec::new()
             }
-            Action::Start { manifest } => match self.start(&manifest, Mode::Shadow).await {
-                Ok(p) => {
+            Action::Start { manifest } => match self.start_shadow(&manifest).await {
+                Ok(()) => {
                     self.reported_processed = 0;
-                    if let Some(old) = self.candidate.replace(p) {
-                        stop_blocking(old).await;
-                    }
                     Vec::new()
                 }
                 Err(e) => self
@@ -417,9 +406,6 @@ impl DeployTask {
                     .on_health(Health::Failed(e.to_string()), protocol::v1::now_ms()),
             },
             Action::Commit { manifest } => {
-                if let Some(c) = self.candidate.take() {
-                    stop_blocking(c).await;
-                }
                 self.replace_running(&manifest).await;
                 self.persist().await;
                 self.collect_garbage();
@@ -427,13 +413,11 @@ impl DeployTask {
             }
             Action::Rollback { to, reason } => {
                 self.checked_models.clear();
-                if let Some(c) = self.candidate.take() {
-                    stop_blocking(c).await;
+                if let Err(e) = self.host.discard().await {
+                    tracing::error!(error = %e, "cannot stop the candidate pipeline");
                 }
                 tracing::warn!(reason = %reason, back_to = ?to.as_ref().map(|m| &m.deployment_id), "deployment rolled back; the running pipeline stays");
-                if self.running.is_none() {
-                    self.start_installed().await;
-                }
+                self.start_installed().await;
                 Vec::new()
             }
         }
@@ -481,8 +465,8 @@ impl DeployTask {
         }
     }
 
-    /// Starts a deployment's pipeline.
-    async fn start(&self, manifest: &Manifest, mode: Mode) -> Result<Pipeline, StartError> {
+    /// What the host needs to start a deployment's pipeline.
+    fn launch(&self, manifest: &Manifest, mode: Mode) -> Result<Launch, StartError> {
         if manifest.kind != DeployKind::Pipeline {
             return Err(StartError::Unsupported(manifest.kind));
         }
@@ -501,59 +485,66 @@ impl DeployTask {
             Mode::Live => self.with_models(artifacts),
             Mode::Shadow => artifacts,
         };
-        Ok(run_start(spec, artifacts, self.deps.clone(), mode, origin).await?)
+        Ok(Launch {
+            spec,
+            artifacts,
+            origin,
+        })
     }
 
-    /// After a commit: the new pipeline goes live in place of the old one.
+    /// Has the host start a deployment's pipeline in shadow, as the candidate.
+    async fn start_shadow(&self, manifest: &Manifest) -> Result<(), StartError> {
+        let launch = self.launch(manifest, Mode::Shadow)?;
+        Ok(self.host.shadow(launch).await?)
+    }
+
+    /// After a commit: the new pipeline goes live in place of the old one (the host stops
+    /// the candidate and the old one first).
     async fn replace_running(&mut self, manifest: &Manifest) {
-        if let Some(old) = self.running.take() {
-            self.slot.set(None);
-            stop_blocking(old).await;
-        }
-        match self.start(manifest, Mode::Live).await {
-            Ok(p) => {
-                self.slot.set(Some(p.stats()));
-                self.running = Some(p);
-            }
+        let launch = match self.launch(manifest, Mode::Live) {
+            Ok(l) => l,
             Err(e) => {
-                // It passed its health check a moment ago; a failure now is unexpected.
-                tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline failed to start live; no pipeline is running");
+                // It was prepared the same way for its health check a moment ago.
+                tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline cannot be prepared; the previous one keeps running");
+                return;
             }
+        };
+        if let Err(e) = self.host.swap(launch).await {
+            // It passed its health check a moment ago; a failure now is unexpected.
+            tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline failed to start live; no pipeline is running");
         }
     }
 
     /// Runs the installed deployment, else the local pipeline, if nothing runs yet.
     async fn start_installed(&mut self) {
-        if self.running.is_some() {
-            return;
+        match self.host.is_running().await {
+            Ok(false) => {}
+            Ok(true) | Err(HostError::Gone) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot ask the pipeline host what runs");
+                return;
+            }
         }
         if let Some(m) = self.deployer.installed().cloned() {
-            match self.start(&m, Mode::Live).await {
-                Ok(p) => {
-                    self.slot.set(Some(p.stats()));
-                    self.running = Some(p);
-                    return;
-                }
+            let started = match self.launch(&m, Mode::Live) {
+                Ok(launch) => self.host.start(launch).await.map_err(StartError::from),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(_) => return,
                 Err(e) => {
                     tracing::error!(deployment = %m.deployment_id, version = m.version, error = %e, "installed pipeline does not start; falling back to the local pipeline");
                 }
             }
         }
         if let Some((spec, files)) = self.local.clone() {
-            match run_start(
+            let launch = Launch {
                 spec,
-                self.with_models(Box::new(files)),
-                self.deps.clone(),
-                Mode::Live,
-                Origin::default(),
-            )
-            .await
-            {
-                Ok(p) => {
-                    self.slot.set(Some(p.stats()));
-                    self.running = Some(p);
-                }
-                Err(e) => tracing::error!(error = %e, "local pipeline does not start"),
+                artifacts: self.with_models(Box::new(files)),
+                origin: Origin::default(),
+            };
+            if let Err(e) = self.host.start(launch).await {
+                tracing::error!(error = %e, "local pipeline does not start");
             }
         }
     }
@@ -576,7 +567,7 @@ impl DeployTask {
         &self,
         manifest: &Manifest,
     ) -> Result<Vec<Arc<edge_inference::Model>>, ModelCheckError> {
-        let inference = self.deps.inference.clone();
+        let inference = self.inference.clone();
         let artifacts = Deployed::new(manifest, self.store.clone());
         let listed: Vec<(String, MediaType)> = manifest
             .artifacts
@@ -614,8 +605,9 @@ impl DeployTask {
     }
 
     async fn poll_health(&mut self) {
-        let Some(c) = &self.candidate else { return };
-        let (processed, failure) = c.stats().health();
+        let Ok(Some((processed, failure))) = self.host.candidate_health().await else {
+            return;
+        };
         let now = protocol::v1::now_ms();
         let actions = if let Some(reason) = failure {
             self.deployer.on_health(Health::Failed(reason), now)
@@ -628,27 +620,4 @@ impl DeployTask {
         };
         self.execute(actions).await;
     }
-}
-
-/// Starts a pipeline on a blocking thread (module compilation and `init` block).
-pub async fn run_start(
-    spec: PipelineSpec,
-    artifacts: Box<dyn Artifacts>,
-    deps: Deps,
-    mode: Mode,
-    origin: Origin,
-) -> Result<Pipeline, PipelineError> {
-    tokio::task::spawn_blocking(move || {
-        Pipeline::start(&spec, artifacts.as_ref(), &deps, mode, origin)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(PipelineError::Thread(std::io::Error::other(format!(
-            "pipeline start panicked: {e}"
-        ))))
-    })
-}
-
-async fn stop_blocking(p: Pipeline) {
-    let _ = tokio::task::spawn_blocking(move || p.stop()).await;
 }

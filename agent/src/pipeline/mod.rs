@@ -17,13 +17,16 @@
 //! - `spec`: the description and its validation (pure).
 //! - `nodes`: sources, the stage loop, sinks, counters.
 //! - `codec`: frames to/from JSON for sinks and sources.
+//! - `host`: [`PipelineHost`], the task that owns the running pipeline and the candidate,
+//!   driven by commands (start, shadow, swap, discard) from the deploy task.
 //!
 //! **Invariant:** no unbounded queue: every channel has `channel_capacity` slots; sources
 //! that cannot wait (sensors, MQTT) drop and count. A stage failure never stops the other
-//! stages or the agent. **Boundary:** the agent's pipeline owner (`deploy::task`) starts and
-//! stops pipelines; telemetry reads [`RunningSlot`].
+//! stages or the agent. **Boundary:** the pipeline host starts and stops pipelines (the deploy
+//! task tells it when); telemetry reads [`RunningSlot`].
 
 pub mod codec;
+pub mod host;
 mod nodes;
 pub mod spec;
 
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
 use tokio::sync::mpsc;
 
+pub use host::{HostError, HostHandle, Launch, PipelineHost, run_start};
 pub use nodes::{HealthCounters, NodeCounters};
 pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec, TrainingSpec};
 
