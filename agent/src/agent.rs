@@ -1,8 +1,8 @@
 //! Wires the agent's parts together and owns their lifetimes.
 //!
 //! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox), the local API
-//! (socket -> outbox), the deploy task (pipelines, models) and federated learning (rounds ->
-//! local training -> outbox). ONNX Runtime is loaded once
+//! (socket -> outbox), the deploy task (which pipeline and models run), the pipeline host
+//! (runs them) and federated learning (rounds -> local training -> outbox). ONNX Runtime is loaded once
 //! here, before any of them. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time. systemd hears about it all
 //! through [`sd_notify`](crate::sd_notify): ready, alive (watchdog), stopping.
@@ -16,10 +16,12 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::dataset::{Dataset, DatasetError};
-use crate::deploy::task::{self, DeployTask, TaskError};
+use crate::deploy::task::{self, DeployParts, DeployTask, TaskError};
+use crate::inbox::Inbox;
 use crate::inference::Inference;
+use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox, OutboxError};
-use crate::pipeline::{Deps, LocalFiles, PipelineSpec, RunningSlot};
+use crate::pipeline::{Deps, LocalFiles, PipelineHost, PipelineSpec, RunningSlot};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::sd_notify::Notifier;
 use crate::statedb::{StateDb, StateDbError};
@@ -78,13 +80,6 @@ pub async fn run(
     let outbox = Arc::new(outbox);
     let socket = cfg.socket_path();
     let listener = local_api::bind(&socket).await?;
-    let mut uplink = uplink::Uplink::new(
-        cfg.mqtt.clone(),
-        device.clone(),
-        AGENT_VERSION.into(),
-        outbox.clone(),
-    )?;
-
     // Loaded once, on a blocking thread (dlopen and the ort environment); without a library
     // the agent goes on with WASM pipelines and says why in its registration and telemetry.
     let inference = {
@@ -107,26 +102,37 @@ pub async fn run(
         tracing::warn!(error = %e, "registration not queued");
     }
 
+    // The shared pieces, created here and handed out, so no part has to reach into another
+    // for them: incoming messages (inbox), whether the broker is connected (link state) and
+    // the direct path for publishes that skip the outbox. Offload is the direct path's only
+    // user; without it the uplink gets no receiver.
+    let inbox = Inbox::default();
+    let (link_tx, link) = link::link_state();
+    let offloading = cfg.offload.mode != crate::offload::policy::Mode::Local;
+    let (direct_tx, direct_rx) = if offloading {
+        let (tx, rx) = link::direct_path(crate::offload::client::DIRECT_CAPACITY);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let uplink = uplink::Uplink::new(
+        cfg.mqtt.clone(),
+        device.clone(),
+        AGENT_VERSION.into(),
+        outbox.clone(),
+        uplink::Links {
+            inbox: inbox.clone(),
+            link: link_tx,
+            direct: direct_rx,
+        },
+    )?;
+
     let local = local_pipeline(&cfg)?;
     let state = StateDb::open(&cfg.state_dir)?;
     let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
     let sandbox = Sandbox::new(&cfg.sandbox, &cfg.state_dir)?;
-    // Validated with the config. Round messages of federated learning change a model's
-    // weights, so they need the same trust as deployments.
-    let deploy_trust = protocol::v1::deploy::TrustedKeys::from_hex(&cfg.deploy.trusted_keys)
-        .unwrap_or_else(|_| protocol::v1::deploy::TrustedKeys::new([]));
-    let deploy_cfg = crate::deploy::DeployConfig {
-        device_id: device.clone(),
-        groups: cfg.deploy.groups.clone(),
-        trusted_keys: deploy_trust.clone(),
-        max_artifact_bytes: cfg.deploy.max_artifact_bytes,
-        max_artifacts: cfg.deploy.max_artifacts as usize,
-        max_total_bytes: cfg.deploy.max_total_bytes,
-        resend_after_ms: cfg.deploy.resend_after_ms,
-        max_stalled_resends: cfg.deploy.max_stalled_resends,
-    };
-    let (deployer, store, restored) = task::open_deployer(&state, deploy_cfg)?;
-    let deploy_sub = uplink.inbox.subscribe_all(
+    let (deployer, store, restored) = task::open_deployer(&state, &device, cfg.deploy.clone())?;
+    let deploy_sub = inbox.subscribe_all(
         &topics::agent_deploy_filters(&device, &cfg.deploy.groups),
         task::INBOX_CAPACITY,
     );
@@ -134,17 +140,11 @@ pub async fn run(
     let training = crate::fl::TrainingSlot::default();
     // Offload: stages send requests on the uplink's direct path; responses and capacity
     // adverts come back through the inbox to the router.
-    let offload = (cfg.offload.mode != crate::offload::policy::Mode::Local).then(|| {
-        let direct = uplink.direct_path(crate::offload::client::DIRECT_CAPACITY);
-        crate::offload::Offloader::new(
-            cfg.offload.clone(),
-            device.clone(),
-            uplink.stats.clone(),
-            direct,
-        )
+    let offload = direct_tx.map(|direct| {
+        crate::offload::Offloader::new(cfg.offload.clone(), device.clone(), link.clone(), direct)
     });
     let offload_sub = offload.as_ref().map(|_| {
-        uplink.inbox.subscribe_all(
+        inbox.subscribe_all(
             &crate::offload::Offloader::filters(&device),
             crate::offload::client::INBOX_CAPACITY,
         )
@@ -153,7 +153,7 @@ pub async fn run(
         sandbox,
         state: state.clone(),
         outbox: outbox.clone(),
-        inbox: uplink.inbox.clone(),
+        inbox: inbox.clone(),
         dataset,
         device: device.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -163,7 +163,9 @@ pub async fn run(
     };
     let fl_task = crate::fl::FlTask::new(crate::fl::FlDeps {
         device: device.clone(),
-        trusted: deploy_trust.clone(),
+        // Round messages change a model's weights, so they need the same trust as
+        // deployments: the deploy section's keys, parsed once with the config.
+        trusted: cfg.deploy.trusted_keys.keys().clone(),
         state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),
@@ -172,20 +174,26 @@ pub async fn run(
         slot: training.clone(),
     });
     let fl_stats = fl_task.stats.clone();
-    let fl_sub = uplink
-        .inbox
-        .subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
+    let fl_sub = inbox.subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
+    // The host owns the pipelines and everything they run against; the deploy task holds
+    // the only handle, so the host stops the pipelines (draining them) once that task ends.
+    let (pipeline_host, host) = PipelineHost::new(deps, slot.clone());
     let deploy_task = DeployTask::new(
         deployer,
         store,
-        state.clone(),
-        deps,
-        slot.clone(),
-        uplink.stats.clone(),
-        local,
+        DeployParts {
+            state: state.clone(),
+            outbox: outbox.clone(),
+            device: device.clone(),
+            inference: inference.clone(),
+            host,
+            link: link.clone(),
+            local,
+        },
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let pipelines = tokio::spawn(pipeline_host.run());
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
     let offload_router = offload
@@ -213,7 +221,6 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
-    let uplink_stats = uplink.stats.clone();
     let up = tokio::spawn(uplink.run(stop_rx));
     let st = outbox.stats();
     tracing::info!(
@@ -221,7 +228,7 @@ pub async fn run(
         socket = %socket.display(), queued = st.depth.iter().sum::<u64>(), boot_id = %boot_id,
         "agent started"
     );
-    let status = || status_line(&uplink_stats, &slot, &outbox);
+    let status = || status_line(&link, &slot, &outbox);
     // Ready without waiting for the broker: an offline board is a working board (its outbox
     // keeps everything), and systemd must not restart it for that.
     notify.ready(&status());
@@ -246,6 +253,7 @@ pub async fn run(
                 }
                 let ended = [
                     ("deploy", Some(&deploy)),
+                    ("pipeline-host", Some(&pipelines)),
                     ("federated-learning", Some(&fl)),
                     ("offload", offload_router.as_ref()),
                     ("local-api", Some(&api)),
@@ -278,8 +286,11 @@ pub async fn run(
     notify.stopping("stopping: draining, making the outbox durable");
     let _ = stop_tx.send(true);
     let mut panicked = None;
+    // The host after the deploy task: it stops the pipelines once that task dropped its
+    // handle, and their outbox sinks drain before the outbox closes.
     for (name, handle) in [
         ("deploy", Some(deploy)),
+        ("pipeline-host", Some(pipelines)),
         ("federated-learning", Some(fl)),
         ("offload", offload_router),
         ("local-api", Some(api)),
@@ -311,8 +322,8 @@ pub async fn run(
 }
 
 /// The one line `systemctl status` shows: uplink, pipeline, backlog.
-fn status_line(uplink: &uplink::UplinkStats, slot: &RunningSlot, outbox: &Outbox) -> String {
-    let link = if uplink.connected.load(std::sync::atomic::Ordering::Relaxed) {
+fn status_line(link: &LinkWatch, slot: &RunningSlot, outbox: &Outbox) -> String {
+    let link = if link.borrow().connected {
         "connected"
     } else {
         "offline"

@@ -12,9 +12,43 @@
 
 use std::sync::Mutex;
 
-use crate::config::DatasetConfig;
+use serde::Deserialize;
+
+use crate::setting::InvalidSetting;
 
 const TREE: &str = "dataset";
+
+/// `[dataset]` of the agent config: the local dataset store fed by pipeline `dataset` sinks
+/// (training samples).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetConfig {
+    /// Most samples kept; the oldest go first beyond it.
+    pub max_samples: u64,
+    /// Most bytes of samples kept; the oldest go first beyond it.
+    pub max_bytes: u64,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        DatasetConfig {
+            max_samples: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl DatasetConfig {
+    /// Checks the values serde cannot; the message names the keys (`dataset.KEY`).
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.max_samples == 0 || self.max_bytes < 1024 {
+            return Err(
+                "dataset.max_samples must be at least 1 and dataset.max_bytes at least 1024".into(),
+            );
+        }
+        Ok(())
+    }
+}
 
 /// One training sample.
 #[derive(Debug, Clone, PartialEq)]

@@ -218,25 +218,37 @@ async fn handle_batch(
         .collect()
 }
 
+/// Why one request line is refused; the text is the client's answer.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("malformed request: {0}")]
+    Malformed(serde_json::Error),
+    #[error(transparent)]
+    Stream(protocol::v1::Error),
+    #[error("cannot encode payload: {0}")]
+    Encode(serde_json::Error),
+    #[error("message of {size} bytes exceeds local_api.max_message_bytes ({limit})")]
+    TooLarge { size: usize, limit: usize },
+}
+
 fn parse_request(
     line: &[u8],
     device: &str,
     max_message_bytes: usize,
-) -> Result<NewMessage, String> {
-    let req: Request =
-        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
-    topics::validate_stream(&req.stream).map_err(|e| e.to_string())?;
+) -> Result<NewMessage, RequestError> {
+    let req: Request = serde_json::from_slice(line).map_err(RequestError::Malformed)?;
+    topics::validate_stream(&req.stream).map_err(RequestError::Stream)?;
     let class = req.class.unwrap_or(Class::Results);
     let body = serde_json::to_vec(&Data {
         stream: req.stream.clone(),
         payload: req.payload,
     })
-    .map_err(|e| format!("cannot encode payload: {e}"))?;
+    .map_err(RequestError::Encode)?;
     if body.len() > max_message_bytes {
-        return Err(format!(
-            "message of {} bytes exceeds local_api.max_message_bytes ({max_message_bytes})",
-            body.len()
-        ));
+        return Err(RequestError::TooLarge {
+            size: body.len(),
+            limit: max_message_bytes,
+        });
     }
     Ok(NewMessage {
         class,
@@ -279,7 +291,9 @@ mod tests {
             (br#"{"stream":"a","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#, "exceeds"),
         ];
         for (line, needle) in cases {
-            let err = parse_request(line, "d1", 40).expect_err("refused");
+            let err = parse_request(line, "d1", 40)
+                .expect_err("refused")
+                .to_string();
             assert!(err.contains(needle), "{err}");
         }
         let ok = parse_request(

@@ -9,8 +9,9 @@
 //! is how a PUBACK's packet id is mapped back to an outbox key ([`SendWindow`]).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use protocol::v1::{self, Class, Envelope, Status, topics};
@@ -18,13 +19,85 @@ use rand::Rng;
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS, Transport,
 };
+use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::config::MqttConfig;
 use crate::inbox::{Inbox, Incoming as InboxMessage};
-use crate::offload::Direct;
+use crate::link::{Direct, DirectReceiver, LinkSender, LinkState};
 use crate::outbox::{Key, Outbox, Stored};
+use crate::setting::InvalidSetting;
+
+/// `[mqtt]`: the broker connection.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker address, `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+    pub url: String,
+    /// Seconds between keepalive pings.
+    pub keepalive_s: u64,
+    /// Username; empty sends no credentials.
+    pub username: String,
+    /// Password sent with `username`.
+    pub password: String,
+    /// PEM CA bundle for mqtts; empty uses the system trust store.
+    pub ca_file: PathBuf,
+    /// PEM client certificate for mutual TLS.
+    pub cert_file: PathBuf,
+    /// PEM private key for mutual TLS.
+    pub key_file: PathBuf,
+    /// First reconnect delay, milliseconds.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    pub reconnect_max_ms: u64,
+    /// QoS 1 publishes in flight before waiting for PUBACKs.
+    pub inflight: u16,
+    /// Largest MQTT packet accepted from the broker, bytes.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            keepalive_s: 30,
+            username: String::new(),
+            password: String::new(),
+            ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+            inflight: 64,
+            max_packet_bytes: 131_072,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Checks the values serde cannot; the message names the key (`mqtt.KEY`).
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        BrokerAddr::parse(&self.url).map_err(|e| format!("mqtt.url: {e}"))?;
+        if self.cert_file.as_os_str().is_empty() != self.key_file.as_os_str().is_empty() {
+            return Err("mqtt.cert_file and mqtt.key_file must be set together".into());
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            return Err(
+                "mqtt.reconnect_min_ms must be at least 1 and at most mqtt.reconnect_max_ms".into(),
+            );
+        }
+        if self.keepalive_s < 5 {
+            return Err("mqtt.keepalive_s must be at least 5".into());
+        }
+        if self.inflight == 0 {
+            return Err("mqtt.inflight must be at least 1".into());
+        }
+        if self.max_packet_bytes < 16 * 1024 {
+            return Err("mqtt.max_packet_bytes must be at least 16384".into());
+        }
+        Ok(())
+    }
+}
 
 /// Parsed `mqtt.url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,26 +108,28 @@ pub struct BrokerAddr {
 }
 
 impl BrokerAddr {
-    pub fn parse(url: &str) -> Result<BrokerAddr, String> {
+    pub fn parse(url: &str) -> Result<BrokerAddr, BrokerAddrError> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
             (false, r)
         } else if let Some(r) = url.strip_prefix("mqtts://") {
             (true, r)
         } else {
-            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+            return Err(BrokerAddrError::Scheme(url.to_owned()));
         };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
                 h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("{url:?} has an invalid port {p:?}"))?,
+                p.parse::<u16>().map_err(|_| BrokerAddrError::Port {
+                    url: url.to_owned(),
+                    port: p.to_owned(),
+                })?,
             ),
             None => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
-            return Err(format!("{url:?} has no valid host"));
+            return Err(BrokerAddrError::Host(url.to_owned()));
         }
         Ok(BrokerAddr {
             tls,
@@ -62,6 +137,26 @@ impl BrokerAddr {
             port,
         })
     }
+}
+
+/// Why `mqtt.url` is not a broker address; each names the url.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerAddrError {
+    #[error("{0:?} must start with mqtt:// or mqtts://")]
+    Scheme(String),
+    #[error("{url:?} has an invalid port {port:?}")]
+    Port { url: String, port: String },
+    #[error("{0:?} has no valid host")]
+    Host(String),
+}
+
+/// Why the uplink cannot hand the next outbox message to the MQTT client; ends the session.
+#[derive(Debug, thiserror::Error)]
+enum FillError {
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error("mqtt client queue: {0}")]
+    Client(#[from] rumqttc::ClientError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +168,13 @@ pub enum UplinkError {
     },
     #[error("invalid TLS setup: {0}")]
     Tls(String),
-    #[error("{0}")]
-    Config(String),
+    #[error("mqtt.url: {0}")]
+    Url(#[from] BrokerAddrError),
 }
 
-/// Live counters shared with telemetry and logs.
+/// Live counters for logs and debugging; whether the link is up is the [`LinkState`] watch.
 #[derive(Debug, Default)]
 pub struct UplinkStats {
-    pub connected: AtomicBool,
-    pub connects: AtomicU64,
     pub published: AtomicU64,
     pub malformed_incoming: AtomicU64,
     /// Direct (QoS 0, not from the outbox) publishes written, and dropped (expired, offline
@@ -151,12 +244,25 @@ pub struct Uplink {
     pub outbox: Arc<Outbox>,
     pub stats: Arc<UplinkStats>,
     /// Where incoming messages go; its filters are subscribed on every connection.
-    pub inbox: Inbox,
+    inbox: Inbox,
+    /// Tells the rest of the agent when the connection comes and goes.
+    link: LinkSender,
     /// QoS 0 publishes that skip the outbox (offload requests): written while connected,
     /// dropped once expired.
-    direct: Option<mpsc::Receiver<Direct>>,
+    direct: Option<DirectReceiver>,
     tls: Option<Arc<rustls::ClientConfig>>,
     addr: BrokerAddr,
+}
+
+/// The shared pieces `agent::run` creates and hands to the uplink.
+#[derive(Debug)]
+pub struct Links {
+    /// Incoming messages are delivered here; its filters are subscribed on every connection.
+    pub inbox: Inbox,
+    /// The uplink publishes every connection change on it.
+    pub link: LinkSender,
+    /// The receiving end of the direct path, if any part sends on it.
+    pub direct: Option<DirectReceiver>,
 }
 
 impl Uplink {
@@ -165,8 +271,9 @@ impl Uplink {
         device: String,
         agent_version: String,
         outbox: Arc<Outbox>,
+        links: Links,
     ) -> Result<Uplink, UplinkError> {
-        let addr = BrokerAddr::parse(&cfg.url).map_err(UplinkError::Config)?;
+        let addr = BrokerAddr::parse(&cfg.url)?;
         let tls = if addr.tls {
             Some(Arc::new(tls_config(&cfg)?))
         } else {
@@ -178,18 +285,12 @@ impl Uplink {
             agent_version,
             outbox,
             stats: Arc::default(),
-            inbox: Inbox::default(),
-            direct: None,
+            inbox: links.inbox,
+            link: links.link,
+            direct: links.direct,
             tls,
             addr,
         })
-    }
-
-    /// The sending end of the direct path (one per uplink; a second call replaces it).
-    pub fn direct_path(&mut self, capacity: usize) -> mpsc::Sender<Direct> {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        self.direct = Some(rx);
-        tx
     }
 
     fn options(&self, since_ms: u64) -> MqttOptions {
@@ -245,7 +346,8 @@ impl Uplink {
             let outcome = self
                 .session(&client, eventloop, since_ms, &mut shutdown, &mut direct)
                 .await;
-            self.stats.connected.store(false, Ordering::Relaxed);
+            self.link
+                .send_if_modified(|l| std::mem::replace(&mut l.connected, false));
             match outcome {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost {
@@ -281,7 +383,7 @@ impl Uplink {
         mut eventloop: EventLoop,
         since_ms: u64,
         shutdown: &mut watch::Receiver<bool>,
-        direct: &mut Option<mpsc::Receiver<Direct>>,
+        direct: &mut Option<DirectReceiver>,
     ) -> SessionEnd {
         let mut window = SendWindow::new(self.cfg.inflight as usize);
         let mut connected = false;
@@ -294,7 +396,7 @@ impl Uplink {
             {
                 return SessionEnd::Lost {
                     was_connected: true,
-                    error: e,
+                    error: e.to_string(),
                 };
             }
             let idle = connected && window.has_room();
@@ -309,8 +411,13 @@ impl Uplink {
                 ev = eventloop.poll() => match ev {
                     Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                         connected = true;
-                        self.stats.connected.store(true, Ordering::Relaxed);
-                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                        self.link.send_modify(|l| {
+                            *l = LinkState {
+                                connected: true,
+                                session_present: ack.session_present,
+                                connects: l.connects + 1,
+                            }
+                        });
                         let st = self.outbox.stats();
                         tracing::info!(broker = %self.cfg.url, code = ?ack.code, queued = st.depth.iter().sum::<u64>(), "uplink connected");
                         let online = self.status(true, since_ms);
@@ -348,22 +455,21 @@ impl Uplink {
     }
 
     /// Hands outbox messages to the client, highest class first, until the window is full.
-    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), String> {
+    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), FillError> {
         for class in Class::ALL {
             while window.has_room() {
-                let Some(stored) = self
-                    .outbox
-                    .next_in_class(class, window.cursor(class))
-                    .map_err(|e| e.to_string())?
-                else {
+                let Some(stored) = self.outbox.next_in_class(class, window.cursor(class))? else {
                     break;
                 };
                 let key = stored.key;
                 match self.frame(&stored) {
                     Some(payload) => {
-                        client
-                            .try_publish(&stored.record.topic, QoS::AtLeastOnce, false, payload)
-                            .map_err(|e| format!("mqtt client queue: {e}"))?;
+                        client.try_publish(
+                            &stored.record.topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                        )?;
                         window.handed(key);
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
                     }
@@ -514,7 +620,7 @@ impl SendWindow {
 }
 
 /// The next direct publish; never resolves without a direct path.
-async fn next_direct(direct: &mut Option<mpsc::Receiver<Direct>>) -> Option<Direct> {
+async fn next_direct(direct: &mut Option<DirectReceiver>) -> Option<Direct> {
     match direct {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

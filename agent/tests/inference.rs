@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use edge_agent::deploy::task::run_start;
 use edge_agent::inference::Inference;
+use edge_agent::pipeline::run_start;
 use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
 use edge_agent::sandbox::SandboxConfig;
 use edge_inference::onnx::GraphProto;

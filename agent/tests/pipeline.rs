@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use edge_agent::deploy::task::run_start;
 use edge_agent::inbox::Incoming;
+use edge_agent::pipeline::run_start;
 use edge_agent::pipeline::{Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec};
 use edge_agent::sandbox::SandboxConfig;
 use protocol::v1::{Class, PipelineTelemetry};
@@ -342,4 +342,104 @@ async fn a_missing_module_or_refused_config_fails_the_start_naming_the_stage() {
         msg.contains("stage features") && msg.contains("sample_rate_hz"),
         "{msg}"
     );
+}
+
+/// A pipeline that runs until stopped: a 200 Hz sensor through the feature extractor.
+fn endless(name: &str, module: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+[[source]]
+name = "imu"
+kind = "synthetic"
+stream = "motor-1"
+rate_hz = 200
+window = 64
+[[stage]]
+name = "features"
+module = "{module}"
+input = "imu"
+config = {{ sample_rate_hz = 1000.0, bands = 4 }}
+[[sink]]
+kind = "log"
+input = "features"
+every = 1000
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_runs_a_candidate_beside_the_live_pipeline_and_swaps_on_command() {
+    use edge_agent::pipeline::{Launch, PipelineHost, RunningSlot};
+
+    let fx = fixture();
+    let slot = RunningSlot::default();
+    let (host, handle) = PipelineHost::new(fx.deps.clone(), slot.clone());
+    let task = tokio::spawn(host.run());
+    let launch = |name: &str, module: &str| Launch {
+        spec: PipelineSpec::parse(&endless(name, module)).expect("valid description"),
+        artifacts: Box::new(fx.files.clone()),
+        origin: Origin::default(),
+    };
+    let live = |slot: &RunningSlot| slot.telemetry().map(|t| t.name);
+    const MODULE: &str = "feature_extractor.wasm";
+
+    assert!(!handle.is_running().await.expect("host answers"));
+    assert!(handle.start(launch("a", MODULE)).await.expect("a starts"));
+    assert!(
+        !handle
+            .start(launch("b", MODULE))
+            .await
+            .expect("host answers"),
+        "a start while a pipeline runs starts nothing"
+    );
+    assert_eq!(live(&slot).as_deref(), Some("a"));
+    assert_eq!(handle.candidate_health().await.expect("host answers"), None);
+
+    // A candidate runs in shadow beside the live pipeline and its health is reported.
+    handle.shadow(launch("b", MODULE)).await.expect("b starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = handle.candidate_health().await.expect("host answers");
+        let (processed, failure) = health.expect("a candidate runs");
+        assert_eq!(failure, None);
+        if processed > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the candidate processed nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        live(&slot).as_deref(),
+        Some("a"),
+        "a shadow replaces nothing"
+    );
+
+    // Rollback: the candidate goes, the live pipeline stays.
+    handle.discard().await.expect("host answers");
+    assert_eq!(handle.candidate_health().await.expect("host answers"), None);
+    assert_eq!(live(&slot).as_deref(), Some("a"));
+
+    // A candidate that fails to start leaves everything as it was.
+    let err = handle
+        .shadow(launch("broken", "missing.wasm"))
+        .await
+        .expect_err("a missing module fails the start");
+    assert!(err.to_string().contains("missing.wasm"), "{err}");
+    assert_eq!(live(&slot).as_deref(), Some("a"));
+
+    // Commit: the candidate and the old live pipeline stop, the new one runs live.
+    handle.shadow(launch("c", MODULE)).await.expect("c starts");
+    handle.swap(launch("c", MODULE)).await.expect("c goes live");
+    assert_eq!(live(&slot).as_deref(), Some("c"));
+    assert_eq!(handle.candidate_health().await.expect("host answers"), None);
+    assert!(handle.is_running().await.expect("host answers"));
+
+    // The last handle gone, the host stops its pipelines and ends.
+    drop(handle);
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the host ends")
+        .expect("the host does not panic");
+    assert_eq!(live(&slot), None);
 }

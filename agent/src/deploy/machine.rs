@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use protocol::v1::deploy::{
     Chunk, DeployError, DeployKind, DeployStatus, Manifest, MissingChunks, ResendRequest,
-    SignedManifest, Step, Target, TrustedKeys, sha256_hex, verify,
+    SignedManifest, Step, Target, sha256_hex, verify,
 };
 use serde::{Deserialize, Serialize};
 
+use super::config::DeployConfig;
 use super::store::ArtifactStore;
 
 /// Most chunks one artifact may travel in; bounds the per-chunk bookkeeping (a signed
@@ -19,26 +20,29 @@ const MAX_CHUNKS_PER_ARTIFACT: u32 = 1 << 16;
 /// Magic and format version of [`Deployer::to_bytes`].
 const STATE_MAGIC: &[u8; 4] = b"EDS1";
 
-/// What the deployer needs from the agent config.
-#[derive(Debug, Clone)]
-pub struct DeployConfig {
-    /// This device's id; manifests for another device are rejected.
-    pub device_id: String,
-    /// Groups this device belongs to; group manifests for other groups are rejected.
-    pub groups: Vec<String>,
-    /// Public keys manifests must be signed with. Empty: every manifest is rejected.
-    pub trusted_keys: TrustedKeys,
-    /// Largest single artifact accepted, bytes.
-    pub max_artifact_bytes: u64,
-    /// Most artifacts one manifest may list.
-    pub max_artifacts: usize,
-    /// Largest sum of artifact sizes one manifest may list, bytes (also bounds the memory a
-    /// download holds).
-    pub max_total_bytes: u64,
-    /// Ask for missing chunks after this long without a new chunk.
-    pub resend_after_ms: u64,
-    /// Give the deployment up after this many resend requests in a row brought nothing.
-    pub max_stalled_resends: u32,
+/// Why a verified manifest is not for this device or over its limits; the text is the
+/// rejection reason the coordinator sees in the deployment status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("manifest is for device {target}, this is device {device}")]
+    OtherDevice { target: String, device: String },
+    #[error("manifest is for group {group}, which device {device} is not in")]
+    OtherGroup { group: String, device: String },
+    #[error("manifest lists {count} artifacts, over the limit of {limit}")]
+    TooManyArtifacts { count: usize, limit: u32 },
+    #[error("artifact {name} is {size} bytes, over the limit of {limit} bytes")]
+    ArtifactTooLarge { name: String, size: u64, limit: u64 },
+    #[error(
+        "artifact {name} would take {chunks} chunks, over the limit of \
+         {MAX_CHUNKS_PER_ARTIFACT} (chunk_size {chunk_size} is too small)"
+    )]
+    TooManyChunks {
+        name: String,
+        chunks: u32,
+        chunk_size: u32,
+    },
+    #[error("artifacts total {total} bytes, over the limit of {limit} bytes")]
+    TooLarge { total: u64, limit: u64 },
 }
 
 /// What the caller must do, in the order returned.
@@ -194,6 +198,8 @@ struct State {
 /// The agent's deployment state machine. See the module docs of `deploy` for the flow.
 #[derive(Debug)]
 pub struct Deployer {
+    /// This device's id; manifests for another device are rejected.
+    device_id: String,
     config: DeployConfig,
     state: State,
 }
@@ -214,8 +220,10 @@ fn report(manifest: &Manifest, step: Step) -> Action {
 }
 
 impl Deployer {
-    pub fn new(config: DeployConfig) -> Self {
+    /// `device_id`: this device (resolved at start, so not part of the config file).
+    pub fn new(device_id: impl Into<String>, config: DeployConfig) -> Self {
         Deployer {
+            device_id: device_id.into(),
             config,
             state: State::default(),
         }
@@ -289,7 +297,7 @@ impl Deployer {
         now_ms: u64,
         store: &dyn ArtifactStore,
     ) -> Vec<Action> {
-        let manifest = match verify(signed, &self.config.trusted_keys) {
+        let manifest = match verify(signed, self.config.trusted_keys.keys()) {
             Ok(m) => m,
             Err(e) => {
                 // The unverified copy only labels the report; nothing acts on it.
@@ -300,8 +308,8 @@ impl Deployer {
                 return vec![reject(peek.as_ref(), &e.to_string())];
             }
         };
-        if let Err(reason) = self.check_target(&manifest.target) {
-            return vec![reject(Some(&manifest), &reason)];
+        if let Err(refusal) = self.check_target(&manifest.target) {
+            return vec![reject(Some(&manifest), &refusal.to_string())];
         }
         if now_ms >= manifest.expires_ms {
             return vec![reject(
@@ -360,8 +368,8 @@ impl Deployer {
                 ),
             )];
         }
-        if let Err(reason) = self.check_limits(&manifest) {
-            return vec![reject(Some(&manifest), &reason)];
+        if let Err(refusal) = self.check_limits(&manifest) {
+            return vec![reject(Some(&manifest), &refusal.to_string())];
         }
 
         let mut actions = Vec::new();
@@ -643,7 +651,11 @@ impl Deployer {
     }
 
     /// Restores what [`Deployer::to_bytes`] wrote; call [`Deployer::on_restart`] next.
-    pub fn from_bytes(config: DeployConfig, bytes: &[u8]) -> Result<Self, StateError> {
+    pub fn from_bytes(
+        device_id: impl Into<String>,
+        config: DeployConfig,
+        bytes: &[u8],
+    ) -> Result<Self, StateError> {
         let bad = |m: &str| StateError::Malformed(m.to_owned());
         let rest = bytes
             .strip_prefix(STATE_MAGIC.as_slice())
@@ -672,47 +684,51 @@ impl Deployer {
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        Ok(Deployer { config, state })
+        Ok(Deployer {
+            device_id: device_id.into(),
+            config,
+            state,
+        })
     }
 
-    fn check_target(&self, target: &Target) -> Result<(), String> {
+    fn check_target(&self, target: &Target) -> Result<(), Refusal> {
         match target {
-            Target::Device(d) if *d == self.config.device_id => Ok(()),
-            Target::Device(d) => Err(format!(
-                "manifest is for device {d}, this is device {}",
-                self.config.device_id
-            )),
+            Target::Device(d) if *d == self.device_id => Ok(()),
+            Target::Device(d) => Err(Refusal::OtherDevice {
+                target: d.clone(),
+                device: self.device_id.clone(),
+            }),
             Target::Group(g) if self.config.groups.contains(g) => Ok(()),
-            Target::Group(g) => Err(format!(
-                "manifest is for group {g}, which device {} is not in",
-                self.config.device_id
-            )),
+            Target::Group(g) => Err(Refusal::OtherGroup {
+                group: g.clone(),
+                device: self.device_id.clone(),
+            }),
         }
     }
 
-    fn check_limits(&self, m: &Manifest) -> Result<(), String> {
+    fn check_limits(&self, m: &Manifest) -> Result<(), Refusal> {
         let c = &self.config;
-        if m.artifacts.len() > c.max_artifacts {
-            return Err(format!(
-                "manifest lists {} artifacts, over the limit of {}",
-                m.artifacts.len(),
-                c.max_artifacts
-            ));
+        if m.artifacts.len() > c.max_artifacts as usize {
+            return Err(Refusal::TooManyArtifacts {
+                count: m.artifacts.len(),
+                limit: c.max_artifacts,
+            });
         }
         for a in &m.artifacts {
             if a.size > c.max_artifact_bytes {
-                return Err(format!(
-                    "artifact {} is {} bytes, over the limit of {} bytes",
-                    a.name, a.size, c.max_artifact_bytes
-                ));
+                return Err(Refusal::ArtifactTooLarge {
+                    name: a.name.clone(),
+                    size: a.size,
+                    limit: c.max_artifact_bytes,
+                });
             }
             let chunks = m.chunk_count(a.size);
             if chunks > MAX_CHUNKS_PER_ARTIFACT {
-                return Err(format!(
-                    "artifact {} would take {chunks} chunks, over the limit of \
-                     {MAX_CHUNKS_PER_ARTIFACT} (chunk_size {} is too small)",
-                    a.name, m.chunk_size
-                ));
+                return Err(Refusal::TooManyChunks {
+                    name: a.name.clone(),
+                    chunks,
+                    chunk_size: m.chunk_size,
+                });
             }
         }
         let total = m
@@ -720,10 +736,10 @@ impl Deployer {
             .iter()
             .fold(0u64, |s, a| s.saturating_add(a.size));
         if total > c.max_total_bytes {
-            return Err(format!(
-                "artifacts total {total} bytes, over the limit of {} bytes",
-                c.max_total_bytes
-            ));
+            return Err(Refusal::TooLarge {
+                total,
+                limit: c.max_total_bytes,
+            });
         }
         Ok(())
     }

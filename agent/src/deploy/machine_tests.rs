@@ -6,10 +6,11 @@
 use protocol::v1::VERSION;
 use protocol::v1::deploy::{
     Artifact, Chunk, DeployKind, DeployStatus, HealthCheck, Manifest, MediaType, SignedManifest,
-    SigningKey, Step, Target, TrustedKeys, chunk_artifact, sha256_hex, sign,
+    SigningKey, Step, Target, chunk_artifact, public_key_hex, sha256_hex, sign,
 };
 
 use super::*;
+use crate::deploy::TrustedKeyList;
 use crate::deploy::store::MemoryStore;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -20,9 +21,9 @@ fn key() -> SigningKey {
 
 fn config() -> DeployConfig {
     DeployConfig {
-        device_id: "d1".into(),
         groups: vec!["lab".into()],
-        trusted_keys: TrustedKeys::new([key().verifying_key()]),
+        trusted_keys: TrustedKeyList::from_hex(vec![public_key_hex(&key().verifying_key())])
+            .expect("a valid key"),
         max_artifact_bytes: 1024,
         max_artifacts: 4,
         max_total_bytes: 2048,
@@ -115,7 +116,7 @@ fn download(d: &mut Deployer, store: &MemoryStore, m: &Manifest, files: &[&[u8]]
 
 /// A deployer with `m` (over `bytes`) installed and committed.
 fn installed(m: &Manifest, bytes: &[u8]) -> (Deployer, MemoryStore) {
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     let acts = download(&mut d, &store, m, &[bytes]);
     assert!(acts.contains(&Action::Start {
@@ -133,7 +134,7 @@ fn happy_path_commits_then_failed_health_rolls_back_to_the_previous() {
     let a = module(1, 100);
     let b = module(2, 40);
     let m1 = deployment("dep-1", 1, &[("a.wasm", &a), ("b.wasm", &b)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
 
     let acts = d.on_manifest(&sign(&m1, &key()), NOW, &store);
@@ -209,7 +210,7 @@ fn happy_path_commits_then_failed_health_rolls_back_to_the_previous() {
 fn unsigned_manifest_is_rejected() {
     let a = module(1, 10);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     // Published bare, without the signature envelope.
     let acts = d.on_manifest_payload(m.to_json().as_bytes(), NOW, &store);
@@ -228,7 +229,7 @@ fn unsigned_manifest_is_rejected() {
 fn manifest_signed_by_an_unknown_key_is_rejected() {
     let a = module(1, 10);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let stranger = SigningKey::from_bytes(&[9; 32]);
     let acts = d.on_manifest(&sign(&m, &stranger), NOW, &MemoryStore::default());
     assert_rejected(&acts, "signed by unknown key");
@@ -240,7 +241,7 @@ fn manifest_signed_by_an_unknown_key_is_rejected() {
 fn manifest_with_a_bad_signature_is_rejected() {
     let a = module(1, 10);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let mut signed = sign(&m, &key());
     // Raise the version after signing.
     signed.manifest_json = signed
@@ -262,7 +263,7 @@ fn manifest_with_a_bad_signature_is_rejected() {
 fn tampered_artifact_is_rejected_with_the_hash_mismatch() {
     let a = module(1, 40);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let mut tampered = a.clone();
@@ -298,6 +299,7 @@ fn version_lower_or_equal_to_the_installed_one_is_rejected() {
     let mut via_group = deployment("dep-2g", 2, &[("a.wasm", &a)]);
     via_group.target = Target::Group("lab".into());
     let mut d_lab = Deployer::from_bytes(
+        "d1",
         DeployConfig {
             groups: vec!["lab".into()],
             ..d.config().clone()
@@ -338,7 +340,7 @@ fn replaying_a_rolled_back_version_is_rejected() {
 fn expired_manifest_is_rejected() {
     let a = module(1, 10);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let acts = d.on_manifest(&sign(&m, &key()), m.expires_ms, &MemoryStore::default());
     assert_rejected(&acts, "manifest expired at");
 }
@@ -348,7 +350,7 @@ fn manifest_for_another_device_or_group_is_rejected() {
     let a = module(1, 10);
     let mut m = deployment("dep-1", 1, &[("a.wasm", &a)]);
     m.target = Target::Device("d2".into());
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     assert_rejected(
         &d.on_manifest(&sign(&m, &key()), NOW, &store),
@@ -367,7 +369,7 @@ fn manifest_for_another_device_or_group_is_rejected() {
 
 #[test]
 fn oversized_artifact_too_many_and_too_large_in_total_are_rejected() {
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     let big = module(1, 1025);
     let m = deployment("dep-1", 1, &[("big.wasm", &big)]);
@@ -400,7 +402,7 @@ fn oversized_artifact_too_many_and_too_large_in_total_are_rejected() {
 fn chunks_out_of_order_assemble() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let mut cs = chunks(&m, &a);
@@ -421,7 +423,7 @@ fn chunks_out_of_order_assemble() {
 fn duplicated_chunks_are_ignored_and_conflicting_ones_rejected() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let cs = chunks(&m, &a);
@@ -451,7 +453,7 @@ fn duplicated_chunks_are_ignored_and_conflicting_ones_rejected() {
 fn chunks_with_wrong_offset_size_or_count_are_rejected() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let good = chunks(&m, &a)[2].clone();
@@ -511,7 +513,7 @@ fn chunks_with_wrong_offset_size_or_count_are_rejected() {
 fn missing_chunks_are_requested_after_a_stall_and_on_reconnect() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let cs = chunks(&m, &a);
@@ -538,7 +540,7 @@ fn missing_chunks_are_requested_after_a_stall_and_on_reconnect() {
 fn a_transfer_that_stays_stalled_fails() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     d.on_manifest(&sign(&m, &key()), NOW, &MemoryStore::default());
     let mut t = NOW;
     for _ in 0..3 {
@@ -556,7 +558,7 @@ fn state_persists_mid_download_and_resumes_after_restart() {
     let a = module(1, 100);
     let b = module(2, 30);
     let m = deployment("dep-1", 1, &[("a.wasm", &a), ("b.wasm", &b)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let ca = chunks(&m, &a);
@@ -566,7 +568,7 @@ fn state_persists_mid_download_and_resumes_after_restart() {
     let bytes = d.to_bytes();
     drop(d);
 
-    let mut d = Deployer::from_bytes(config(), &bytes).expect("restores");
+    let mut d = Deployer::from_bytes("d1", config(), &bytes).expect("restores");
     let acts = d.on_restart(NOW + 100);
     let want: Vec<u32> = (3..7).collect();
     assert!(
@@ -581,8 +583,8 @@ fn state_persists_mid_download_and_resumes_after_restart() {
     assert!(all.contains(&Action::Start { manifest: m }));
     assert_eq!(store.get(&sha256_hex(&a)).expect("get"), Some(a));
 
-    assert!(Deployer::from_bytes(config(), &bytes[..bytes.len() - 1]).is_err());
-    assert!(Deployer::from_bytes(config(), b"junk").is_err());
+    assert!(Deployer::from_bytes("d1", config(), &bytes[..bytes.len() - 1]).is_err());
+    assert!(Deployer::from_bytes("d1", config(), b"junk").is_err());
 }
 
 #[test]
@@ -593,7 +595,7 @@ fn restart_during_the_health_check_rolls_back() {
     let b = module(2, 10);
     let m2 = deployment("dep-2", 2, &[("b.wasm", &b)]);
     download(&mut d, &store, &m2, &[&b]);
-    let mut d = Deployer::from_bytes(config(), &d.to_bytes()).expect("restores");
+    let mut d = Deployer::from_bytes("d1", config(), &d.to_bytes()).expect("restores");
     let acts = d.on_restart(NOW);
     assert_eq!(
         acts[0],
@@ -609,7 +611,7 @@ fn restart_during_the_health_check_rolls_back() {
 fn a_module_used_twice_or_already_stored_travels_once() {
     let a = module(1, 40);
     let m = deployment("dep-1", 1, &[("a.wasm", &a), ("copy/a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     let acts = d.on_manifest(&sign(&m, &key()), NOW, &store);
     assert_eq!(
@@ -625,7 +627,7 @@ fn a_module_used_twice_or_already_stored_travels_once() {
     assert_eq!(store.len(), 1);
     // Another deployer (a later deployment) finds it stored: nothing to download.
     let m2 = deployment("dep-2", 2, &[("a.wasm", &a)]);
-    let acts = Deployer::new(config()).on_manifest(&sign(&m2, &key()), NOW, &store);
+    let acts = Deployer::new("d1", config()).on_manifest(&sign(&m2, &key()), NOW, &store);
     assert!(acts.contains(&Action::Start { manifest: m2 }), "{acts:?}");
     assert_eq!(store.len(), 1);
 }
@@ -634,7 +636,7 @@ fn a_module_used_twice_or_already_stored_travels_once() {
 fn manifest_redelivered_during_download_resumes_instead_of_rejecting() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let acts = d.on_manifest(&sign(&m, &key()), NOW + 1, &store);
@@ -653,7 +655,7 @@ fn manifest_redelivered_during_download_resumes_instead_of_rejecting() {
 fn a_rejection_while_downloading_leaves_the_download_alone() {
     let a = module(1, 100);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
     let mut other = deployment("dep-x", 5, &[("a.wasm", &a)]);
@@ -670,7 +672,7 @@ fn end_to_end_over_wire_payloads_with_a_lost_chunk() {
     // Exactly the bytes the coordinator publishes: signed manifest JSON and binary chunks.
     let a = module(1, 300);
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
-    let mut d = Deployer::new(config());
+    let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     let acts = d.on_manifest_payload(&sign(&m, &key()).to_json(), NOW, &store);
     assert!(matches!(statuses(&acts)[0], Step::Downloading { .. }));
@@ -722,7 +724,7 @@ fn a_model_deployment_overrides_models_and_keeps_the_pipeline_installed() {
     let again = d.on_manifest(&sign(&model, &key()), NOW, &store);
     assert_eq!(statuses(&again), vec![Step::Healthy]);
     // Survives a restart.
-    let d2 = Deployer::from_bytes(config(), &d.to_bytes()).expect("restores");
+    let d2 = Deployer::from_bytes("d1", config(), &d.to_bytes()).expect("restores");
     assert_eq!(d2.model_overrides(), d.model_overrides());
 
     // A failed model health check rolls back to the installed pipeline, overrides unchanged.

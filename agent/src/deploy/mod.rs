@@ -10,8 +10,8 @@
 //! reconnect/stall ─► Deployer::on_reconnect / on_tick ─► Action::RequestResend
 //! ```
 //!
-//! The caller (the agent's deploy task, `task`) owns the MQTT client, the clock and the
-//! pipeline runner: it passes events in with the current time and executes the returned
+//! The caller (the agent's deploy task, `task`) owns the clock and drives the MQTT side and
+//! the pipeline host: it passes events in with the current time and executes the returned
 //! [`Action`]s in order. The state persists with [`Deployer::to_bytes`] whenever an
 //! [`Action::Persist`] comes out (and at shutdown); after a restart [`Deployer::from_bytes`]
 //! then [`Deployer::on_restart`] resume a download or roll back an unfinished health check.
@@ -19,16 +19,21 @@
 //! Code map:
 //! - `machine`: the state machine. Invariant: no I/O besides the injected store, no clock;
 //!   a rejection never emits Start, Commit or Rollback. Boundary: the agent's deploy task, tests.
-//! - `task`: the async owner of the running pipeline: MQTT messages in, actions executed,
-//!   candidate pipelines started in shadow, committed or rolled back. Invariant: only a
-//!   passed health check replaces the running pipeline. Boundary: `agent::run`.
+//! - `task`: the async task that decides which pipeline runs: MQTT messages in, actions
+//!   executed, candidates started in shadow, committed (swapped in) or rolled back (discarded)
+//!   by commands to the pipeline host, which owns the pipelines. Invariant: only a passed
+//!   health check replaces the running pipeline. Boundary: `agent::run`.
+//! - `config`: [`DeployConfig`], the `[deploy]` section; trusted keys parsed as the file is
+//!   read. Boundary: `crate::config` aggregates it, `agent::run` hands it to the deployer.
 //! - `store`: [`ArtifactStore`] with the sled and in-memory implementations.
 //!   Invariant: a key is the sha256 of its value, checked on every put. Boundary: `machine`,
 //!   the pipeline loader.
 
+pub mod config;
 mod machine;
 pub mod store;
 pub mod task;
 
-pub use machine::{Action, DeployConfig, Deployer, Health, StateError};
+pub use config::{DeployConfig, TrustedKeyList};
+pub use machine::{Action, Deployer, Health, StateError};
 pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};

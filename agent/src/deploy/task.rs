@@ -1,12 +1,13 @@
-//! The agent's deploy task: the one owner of the running pipeline. It feeds deployment
-//! messages from MQTT into the [`Deployer`], executes its actions (reports and resend
-//! requests through the outbox, artifacts into the state database, pipelines started in
-//! shadow for the health check, then committed or rolled back), and runs the installed or
-//! local pipeline.
+//! The agent's deploy task: decides which pipeline runs. It feeds deployment messages from
+//! MQTT into the [`Deployer`], executes its actions (reports and resend requests through the
+//! outbox, artifacts into the state database, candidates started in shadow for the health
+//! check, then committed or rolled back), and has the installed or local pipeline run. The
+//! pipelines themselves belong to the pipeline host ([`HostHandle`]), which this task drives
+//! with commands: start, shadow, swap, discard.
 //!
 //! The pipeline that runs, in order of precedence: the installed deployment, else the local
 //! `[pipeline] file`, else none. A candidate runs in shadow beside it until the health check
-//! decides; only a passed check replaces the running pipeline.
+//! decides; only a passed check replaces the running pipeline (a swap).
 //!
 //! A model deployment (kind `model`, `.onnx` artifacts named like the pipeline's `model =`
 //! paths) does not restart anything: each model is loaded beside the serving version, probed
@@ -27,17 +28,19 @@ use tokio::sync::watch;
 
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
 use crate::inbox::{Incoming, Subscription};
+use crate::inference::Inference;
+use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::{
-    Artifacts, Deps, LocalFiles, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot,
+    ArtifactError, Artifacts, HostError, HostHandle, Launch, LocalFiles, Mode, Origin, PipelineSpec,
 };
 use crate::statedb::StateDb;
-use crate::uplink::UplinkStats;
 
 /// Tree and key of the persisted deployer state in the state database.
 const STATE_TREE: &str = "deploy";
 const STATE_KEY: &[u8] = b"state";
-/// How often time-based checks run (resend after a stall, health window, health counters).
+/// How often time-based checks run (resend after a stall, health window, health counters);
+/// reconnects are not among them, they come from the link-state watch.
 const TICK: Duration = Duration::from_millis(250);
 /// Deployment messages buffered between the uplink and this task (chunks are up to 64 KiB;
 /// a lost one is asked for again).
@@ -65,27 +68,28 @@ impl Deployed {
 }
 
 /// Bytes of a stored artifact, its digest checked again.
-fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, String> {
+fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, ArtifactError> {
     let bytes = store
         .get(sha)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("artifact {sha} is missing from the store"))?;
+        .map_err(|e| ArtifactError::Store(Box::new(e)))?
+        .ok_or_else(|| ArtifactError::Missing(sha.to_owned()))?;
     // The store checked the digest on put; check again what comes back from disk.
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != sha {
-        return Err(format!(
-            "stored artifact {sha} is corrupted (sha256 {actual})"
-        ));
+        return Err(ArtifactError::Corrupted {
+            sha: sha.to_owned(),
+            actual,
+        });
     }
     Ok(bytes)
 }
 
 impl Artifacts for Deployed {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         let sha = self
             .by_name
             .get(name)
-            .ok_or_else(|| format!("{name} is not an artifact of the deployment manifest"))?;
+            .ok_or_else(|| ArtifactError::NotListed(name.to_owned()))?;
         read_artifact(&self.store, sha)
     }
 
@@ -102,7 +106,7 @@ struct WithModels {
 }
 
 impl Artifacts for WithModels {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         match self.overrides.get(name) {
             Some(sha) => read_artifact(&self.store, sha),
             None => self.inner.module(name),
@@ -114,20 +118,33 @@ impl Artifacts for WithModels {
     }
 }
 
-/// What the task needs, built by `agent::run`.
-pub struct DeployTask {
-    pub deployer: Deployer,
-    pub store: Arc<SledStore>,
+/// What the deploy task works with besides its deployer and artifact store; built by
+/// `agent::run`.
+pub struct DeployParts {
     pub state: StateDb,
-    pub deps: Deps,
     pub outbox: Arc<Outbox>,
     pub device: String,
-    pub slot: RunningSlot,
-    pub uplink: Arc<UplinkStats>,
+    /// Model deployments load, check and swap models here.
+    pub inference: Inference,
+    /// The pipeline host: this task tells it what to run.
+    pub host: HostHandle,
+    /// The uplink's connection; a reconnect makes the deployer ask for missing chunks.
+    pub link: LinkWatch,
     /// The local pipeline, parsed at start-up.
     pub local: Option<(PipelineSpec, LocalFiles)>,
-    running: Option<Pipeline>,
-    candidate: Option<Pipeline>,
+}
+
+/// The deploy task; see the module docs.
+pub struct DeployTask {
+    deployer: Deployer,
+    store: Arc<SledStore>,
+    state: StateDb,
+    outbox: Arc<Outbox>,
+    device: String,
+    inference: Inference,
+    host: HostHandle,
+    link: LinkWatch,
+    local: Option<(PipelineSpec, LocalFiles)>,
     /// Models of a model deployment that passed their checks, swapped in at commit.
     checked_models: Vec<Arc<edge_inference::Model>>,
     reported_processed: u64,
@@ -142,6 +159,47 @@ impl std::fmt::Debug for DeployTask {
     }
 }
 
+/// Why the deployer's state could not be made durable (logged; the next persist retries).
+#[derive(Debug, thiserror::Error)]
+enum PersistError {
+    #[error("deploy state tree: {0}")]
+    Tree(#[from] sled::Error),
+    #[error("syncing the state database: {0}")]
+    Sync(#[from] std::io::Error),
+}
+
+/// Why a deployment's pipeline does not start; the text becomes the failed health check's
+/// reason in the deployment status.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0:?} deployments are not supported by this agent version")]
+    Unsupported(DeployKind),
+    #[error("manifest carries no pipeline description")]
+    NoDescription,
+    #[error("pipeline description: {0}")]
+    Description(crate::pipeline::SpecError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Why a model deployment's models fail their check; the text becomes the failed health
+/// check's reason in the deployment status.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelCheckError {
+    #[error("artifact {0}: a model deployment carries only onnx models")]
+    NotOnnx(String),
+    #[error("model {name}: onnx inference is unavailable on this device: {reason}")]
+    Unavailable { name: String, reason: String },
+    #[error("model {0} is not used by the running pipeline (no inference stage loads it)")]
+    NotUsed(String),
+    #[error("model {name}: {source}")]
+    Artifact { name: String, source: ArtifactError },
+    #[error(transparent)]
+    Prepare(#[from] crate::inference::InferenceError),
+    #[error("model check panicked: {0}")]
+    Panicked(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error("deploy state in {path}: {reason}")]
@@ -151,6 +209,7 @@ pub enum TaskError {
 /// Loads the persisted deployer (or a fresh one) and the artifact store.
 pub fn open_deployer(
     state: &StateDb,
+    device_id: &str,
     config: DeployConfig,
 ) -> Result<(Deployer, Arc<SledStore>, bool), TaskError> {
     let err = |reason: String| TaskError::State {
@@ -164,44 +223,34 @@ pub fn open_deployer(
         .map_err(|e| err(e.to_string()))?;
     let (deployer, restored) = match tree.get(STATE_KEY).map_err(|e| err(e.to_string()))? {
         Some(bytes) => (
-            Deployer::from_bytes(config, &bytes).map_err(|e| err(e.to_string()))?,
+            Deployer::from_bytes(device_id, config, &bytes).map_err(|e| err(e.to_string()))?,
             true,
         ),
-        None => (Deployer::new(config), false),
+        None => (Deployer::new(device_id, config), false),
     };
     Ok((deployer, Arc::new(store), restored))
 }
 
 impl DeployTask {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        deployer: Deployer,
-        store: Arc<SledStore>,
-        state: StateDb,
-        deps: Deps,
-        slot: RunningSlot,
-        uplink: Arc<UplinkStats>,
-        local: Option<(PipelineSpec, LocalFiles)>,
-    ) -> DeployTask {
+    pub fn new(deployer: Deployer, store: Arc<SledStore>, parts: DeployParts) -> DeployTask {
         DeployTask {
             deployer,
             store,
-            state,
-            outbox: deps.outbox.clone(),
-            device: deps.device.clone(),
-            deps,
-            slot,
-            uplink,
-            local,
-            running: None,
-            candidate: None,
+            state: parts.state,
+            outbox: parts.outbox,
+            device: parts.device,
+            inference: parts.inference,
+            host: parts.host,
+            link: parts.link,
+            local: parts.local,
             checked_models: Vec::new(),
             reported_processed: 0,
             last_rejected: None,
         }
     }
 
-    /// Runs until `shutdown`; then stops the pipelines (draining them) and persists state.
+    /// Runs until `shutdown`; then persists state. Its host handle goes with it, and the host
+    /// then stops the pipelines (draining them).
     pub async fn run(
         mut self,
         restored: bool,
@@ -213,10 +262,12 @@ impl DeployTask {
             self.execute(actions).await;
         }
         self.start_installed().await;
-        let mut connects = self
-            .uplink
-            .connects
-            .load(std::sync::atomic::Ordering::Relaxed);
+        // A reconnect is awaited on the link state, not polled: the deployer asks for the
+        // chunks it still misses as soon as the link is back. Its own clone, so the select
+        // below can borrow it while the handlers use `self`.
+        let mut link = self.link.clone();
+        let mut connects = link.borrow_and_update().connects;
+        let mut link_open = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -225,16 +276,18 @@ impl DeployTask {
                     Some(m) => self.on_message(m).await,
                     None => break,
                 },
-                _ = tick.tick() => {
-                    let now = protocol::v1::now_ms();
-                    let c = self.uplink.connects.load(std::sync::atomic::Ordering::Relaxed);
-                    if c != connects {
-                        connects = c;
-                        let actions = self.deployer.on_reconnect(now);
+                open = link::next_connect(&mut link, &mut connects), if link_open => {
+                    if open {
+                        let actions = self.deployer.on_reconnect(protocol::v1::now_ms());
                         self.execute(actions).await;
+                    } else {
+                        // The uplink is gone (shutting down): no reconnect can come.
+                        link_open = false;
                     }
+                }
+                _ = tick.tick() => {
                     self.poll_health().await;
-                    let actions = self.deployer.on_tick(now);
+                    let actions = self.deployer.on_tick(protocol::v1::now_ms());
                     self.execute(actions).await;
                 }
                 _ = shutdown.changed() => break,
@@ -242,17 +295,6 @@ impl DeployTask {
         }
         drop(sub);
         self.persist().await;
-        let (candidate, running) = (self.candidate.take(), self.running.take());
-        self.slot.set(None);
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(c) = candidate {
-                c.stop();
-            }
-            if let Some(r) = running {
-                r.stop();
-            }
-        })
-        .await;
     }
 
     async fn on_message(&mut self, m: Incoming) {
@@ -342,34 +384,28 @@ impl DeployTask {
                         self.checked_models = models;
                         self.deployer.on_health(Health::Passed, now)
                     }
-                    Err(reason) => self.deployer.on_health(Health::Failed(reason), now),
+                    Err(e) => self.deployer.on_health(Health::Failed(e.to_string()), now),
                 }
             }
             Action::Commit { manifest } if manifest.kind == DeployKind::Model => {
                 for m in self.checked_models.drain(..) {
                     tracing::info!(model = %m.name(), version = %m.version(), deployment = %manifest.deployment_id, "model deployment swapped in");
-                    self.deps.inference.commit(m);
+                    self.inference.commit(m);
                 }
                 self.persist().await;
                 self.collect_garbage();
                 Vec::new()
             }
-            Action::Start { manifest } => match self.start(&manifest, Mode::Shadow).await {
-                Ok(p) => {
+            Action::Start { manifest } => match self.start_shadow(&manifest).await {
+                Ok(()) => {
                     self.reported_processed = 0;
-                    if let Some(old) = self.candidate.replace(p) {
-                        stop_blocking(old).await;
-                    }
                     Vec::new()
                 }
-                Err(reason) => self
+                Err(e) => self
                     .deployer
-                    .on_health(Health::Failed(reason), protocol::v1::now_ms()),
+                    .on_health(Health::Failed(e.to_string()), protocol::v1::now_ms()),
             },
             Action::Commit { manifest } => {
-                if let Some(c) = self.candidate.take() {
-                    stop_blocking(c).await;
-                }
                 self.replace_running(&manifest).await;
                 self.persist().await;
                 self.collect_garbage();
@@ -377,13 +413,11 @@ impl DeployTask {
             }
             Action::Rollback { to, reason } => {
                 self.checked_models.clear();
-                if let Some(c) = self.candidate.take() {
-                    stop_blocking(c).await;
+                if let Err(e) = self.host.discard().await {
+                    tracing::error!(error = %e, "cannot stop the candidate pipeline");
                 }
                 tracing::warn!(reason = %reason, back_to = ?to.as_ref().map(|m| &m.deployment_id), "deployment rolled back; the running pipeline stays");
-                if self.running.is_none() {
-                    self.start_installed().await;
-                }
+                self.start_installed().await;
                 Vec::new()
             }
         }
@@ -404,10 +438,10 @@ impl DeployTask {
     async fn persist(&self) {
         let bytes = self.deployer.to_bytes();
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let tree = state.db.open_tree(STATE_TREE).map_err(|e| e.to_string())?;
-            tree.insert(STATE_KEY, bytes).map_err(|e| e.to_string())?;
-            state.sync().map_err(|e| e.to_string())
+        let result = tokio::task::spawn_blocking(move || -> Result<(), PersistError> {
+            let tree = state.db.open_tree(STATE_TREE)?;
+            tree.insert(STATE_KEY, bytes)?;
+            Ok(state.sync()?)
         })
         .await;
         match result {
@@ -431,19 +465,16 @@ impl DeployTask {
         }
     }
 
-    /// Starts a deployment's pipeline.
-    async fn start(&self, manifest: &Manifest, mode: Mode) -> Result<Pipeline, String> {
+    /// What the host needs to start a deployment's pipeline.
+    fn launch(&self, manifest: &Manifest, mode: Mode) -> Result<Launch, StartError> {
         if manifest.kind != DeployKind::Pipeline {
-            return Err(format!(
-                "{:?} deployments are not supported by this agent version",
-                manifest.kind
-            ));
+            return Err(StartError::Unsupported(manifest.kind));
         }
         let text = manifest
             .pipeline_toml
             .clone()
-            .ok_or("manifest carries no pipeline description")?;
-        let spec = PipelineSpec::parse(&text).map_err(|e| format!("pipeline description: {e}"))?;
+            .ok_or(StartError::NoDescription)?;
+        let spec = PipelineSpec::parse(&text).map_err(StartError::Description)?;
         let artifacts = Box::new(Deployed::new(manifest, self.store.clone()));
         let origin = Origin {
             deployment_id: manifest.deployment_id.clone(),
@@ -454,61 +485,66 @@ impl DeployTask {
             Mode::Live => self.with_models(artifacts),
             Mode::Shadow => artifacts,
         };
-        run_start(spec, artifacts, self.deps.clone(), mode, origin)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(Launch {
+            spec,
+            artifacts,
+            origin,
+        })
     }
 
-    /// After a commit: the new pipeline goes live in place of the old one.
+    /// Has the host start a deployment's pipeline in shadow, as the candidate.
+    async fn start_shadow(&self, manifest: &Manifest) -> Result<(), StartError> {
+        let launch = self.launch(manifest, Mode::Shadow)?;
+        Ok(self.host.shadow(launch).await?)
+    }
+
+    /// After a commit: the new pipeline goes live in place of the old one (the host stops
+    /// the candidate and the old one first).
     async fn replace_running(&mut self, manifest: &Manifest) {
-        if let Some(old) = self.running.take() {
-            self.slot.set(None);
-            stop_blocking(old).await;
-        }
-        match self.start(manifest, Mode::Live).await {
-            Ok(p) => {
-                self.slot.set(Some(p.stats()));
-                self.running = Some(p);
-            }
+        let launch = match self.launch(manifest, Mode::Live) {
+            Ok(l) => l,
             Err(e) => {
-                // It passed its health check a moment ago; a failure now is unexpected.
-                tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline failed to start live; no pipeline is running");
+                // It was prepared the same way for its health check a moment ago.
+                tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline cannot be prepared; the previous one keeps running");
+                return;
             }
+        };
+        if let Err(e) = self.host.swap(launch).await {
+            // It passed its health check a moment ago; a failure now is unexpected.
+            tracing::error!(deployment = %manifest.deployment_id, error = %e, "committed pipeline failed to start live; no pipeline is running");
         }
     }
 
     /// Runs the installed deployment, else the local pipeline, if nothing runs yet.
     async fn start_installed(&mut self) {
-        if self.running.is_some() {
-            return;
+        match self.host.is_running().await {
+            Ok(false) => {}
+            Ok(true) | Err(HostError::Gone) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot ask the pipeline host what runs");
+                return;
+            }
         }
         if let Some(m) = self.deployer.installed().cloned() {
-            match self.start(&m, Mode::Live).await {
-                Ok(p) => {
-                    self.slot.set(Some(p.stats()));
-                    self.running = Some(p);
-                    return;
-                }
+            let started = match self.launch(&m, Mode::Live) {
+                Ok(launch) => self.host.start(launch).await.map_err(StartError::from),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(_) => return,
                 Err(e) => {
                     tracing::error!(deployment = %m.deployment_id, version = m.version, error = %e, "installed pipeline does not start; falling back to the local pipeline");
                 }
             }
         }
         if let Some((spec, files)) = self.local.clone() {
-            match run_start(
+            let launch = Launch {
                 spec,
-                self.with_models(Box::new(files)),
-                self.deps.clone(),
-                Mode::Live,
-                Origin::default(),
-            )
-            .await
-            {
-                Ok(p) => {
-                    self.slot.set(Some(p.stats()));
-                    self.running = Some(p);
-                }
-                Err(e) => tracing::error!(error = %e, "local pipeline does not start"),
+                artifacts: self.with_models(Box::new(files)),
+                origin: Origin::default(),
+            };
+            if let Err(e) = self.host.start(launch).await {
+                tracing::error!(error = %e, "local pipeline does not start");
             }
         }
     }
@@ -530,8 +566,8 @@ impl DeployTask {
     async fn check_models(
         &self,
         manifest: &Manifest,
-    ) -> Result<Vec<Arc<edge_inference::Model>>, String> {
-        let inference = self.deps.inference.clone();
+    ) -> Result<Vec<Arc<edge_inference::Model>>, ModelCheckError> {
+        let inference = self.inference.clone();
         let artifacts = Deployed::new(manifest, self.store.clone());
         let listed: Vec<(String, MediaType)> = manifest
             .artifacts
@@ -542,33 +578,36 @@ impl DeployTask {
             let mut out = Vec::with_capacity(listed.len());
             for (name, media) in listed {
                 if media != MediaType::Onnx {
-                    return Err(format!(
-                        "artifact {name}: a model deployment carries only onnx models"
-                    ));
+                    return Err(ModelCheckError::NotOnnx(name));
                 }
                 if !inference.status().available {
-                    return Err(format!(
-                        "model {name}: onnx inference is unavailable on this device: {}",
-                        inference.status().reason
-                    ));
+                    return Err(ModelCheckError::Unavailable {
+                        name,
+                        reason: inference.status().reason.clone(),
+                    });
                 }
                 if inference.model(&name).is_none() {
-                    return Err(format!(
-                        "model {name} is not used by the running pipeline (no inference stage loads it)"
-                    ));
+                    return Err(ModelCheckError::NotUsed(name));
                 }
-                let bytes = artifacts.module(&name).map_err(|e| format!("model {name}: {e}"))?;
-                out.push(inference.prepare(&name, &bytes).map_err(|e| e.to_string())?);
+                let bytes =
+                    artifacts
+                        .module(&name)
+                        .map_err(|source| ModelCheckError::Artifact {
+                            name: name.clone(),
+                            source,
+                        })?;
+                out.push(inference.prepare(&name, &bytes)?);
             }
             Ok(out)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("model check panicked: {e}")))
+        .unwrap_or_else(|e| Err(ModelCheckError::Panicked(e.to_string())))
     }
 
     async fn poll_health(&mut self) {
-        let Some(c) = &self.candidate else { return };
-        let (processed, failure) = c.stats().health();
+        let Ok(Some((processed, failure))) = self.host.candidate_health().await else {
+            return;
+        };
         let now = protocol::v1::now_ms();
         let actions = if let Some(reason) = failure {
             self.deployer.on_health(Health::Failed(reason), now)
@@ -581,27 +620,4 @@ impl DeployTask {
         };
         self.execute(actions).await;
     }
-}
-
-/// Starts a pipeline on a blocking thread (module compilation and `init` block).
-pub async fn run_start(
-    spec: PipelineSpec,
-    artifacts: Box<dyn Artifacts>,
-    deps: Deps,
-    mode: Mode,
-    origin: Origin,
-) -> Result<Pipeline, PipelineError> {
-    tokio::task::spawn_blocking(move || {
-        Pipeline::start(&spec, artifacts.as_ref(), &deps, mode, origin)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(PipelineError::Thread(std::io::Error::other(format!(
-            "pipeline start panicked: {e}"
-        ))))
-    })
-}
-
-async fn stop_blocking(p: Pipeline) {
-    let _ = tokio::task::spawn_blocking(move || p.stop()).await;
 }

@@ -24,12 +24,14 @@ use std::time::{Duration, Instant};
 
 use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
 use protocol::v1::{self, OffloadModelTelemetry, OffloadTelemetry, topics};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
+use super::config::OffloadConfig;
 use super::estimate::{Context, Knowledge};
 use super::policy::{Choice, Estimates, Mode, Policy};
-use crate::config::OffloadConfig;
 use crate::inbox::Subscription;
+use crate::inference::InferenceError;
+use crate::link::{Direct, DirectSender, LinkWatch};
 
 /// Queue between stages and the uplink's direct path.
 pub const DIRECT_CAPACITY: usize = 64;
@@ -40,16 +42,36 @@ const REQUEST_OVERHEAD: u64 = 64;
 /// Largest padding of a link probe, bytes.
 const MAX_PROBE_PAD: u64 = 64 * 1024;
 
-/// A QoS 0 publish the uplink writes now, or drops once `expires` passed or while offline.
-#[derive(Debug)]
-pub struct Direct {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub expires: Instant,
-}
-
 /// Outputs of one model run, named.
 pub type Outputs = Vec<(String, edge_inference::Tensor)>;
+
+/// Why a frame got no outputs. Remote failures end in a local run, so most of these are the
+/// local run's; the rest name what was wrong with the coordinator's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// The run on the device failed.
+    #[error(transparent)]
+    Local(#[from] InferenceError),
+    /// The hedged local run panicked or was cancelled.
+    #[error("local run failed: {0}")]
+    LocalTask(String),
+    #[error("offload answer: output {name:?} has unsupported dtype {dtype}")]
+    AnswerDtype { name: String, dtype: u8 },
+    #[error("offload answer: output {name:?}: {source}")]
+    AnswerTensor {
+        name: String,
+        source: edge_inference::TensorError,
+    },
+    #[error("offload refused and no local run")]
+    Refused,
+    #[error("offload timed out")]
+    TimedOut,
+    #[error("offload request dropped")]
+    Dropped,
+}
+
+/// What the local run of a frame returns.
+pub type LocalResult = Result<Outputs, InferenceError>;
 
 /// Per offloadable model (the coordinator's name for it): its policy, and the queue depth of
 /// the last answer with when it came.
@@ -91,8 +113,8 @@ struct State {
 struct Inner {
     cfg: OffloadConfig,
     device: String,
-    uplink: Arc<crate::uplink::UplinkStats>,
-    tx: mpsc::Sender<Direct>,
+    link: LinkWatch,
+    tx: DirectSender,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<(Response, Instant)>>>,
     state: Mutex<State>,
@@ -125,25 +147,20 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 enum Waited {
     Answer(Response, Instant),
     /// The hedged local run finished first (its result and how long it ran).
-    HedgeWon((Result<Outputs, String>, Duration)),
+    HedgeWon((Result<Outputs, OffloadError>, Duration)),
     Timeout,
     /// The request was dropped before an answer could come (uplink gone).
     Dropped,
 }
 
 impl Offloader {
-    /// `uplink`: the uplink's counters (its connection flag); `tx`: its direct path.
-    pub fn new(
-        cfg: OffloadConfig,
-        device: String,
-        uplink: Arc<crate::uplink::UplinkStats>,
-        tx: mpsc::Sender<Direct>,
-    ) -> Offloader {
+    /// `link`: whether the uplink is connected; `tx`: the uplink's direct path.
+    pub fn new(cfg: OffloadConfig, device: String, link: LinkWatch, tx: DirectSender) -> Offloader {
         Offloader {
             inner: Arc::new(Inner {
                 cfg,
                 device,
-                uplink,
+                link,
                 tx,
                 // Random start so answers to a previous run of the agent never match.
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
@@ -223,7 +240,7 @@ impl Offloader {
         let cfg = &self.inner.cfg;
         if cfg.probe_interval_ms == 0
             || !matches!(cfg.mode, Mode::Cost | Mode::Adaptive)
-            || !self.inner.uplink.connected.load(Ordering::Relaxed)
+            || !self.inner.link.borrow().connected
         {
             return;
         }
@@ -391,7 +408,7 @@ impl Offloader {
                 c.advert_compute_ms = Some(c.advert_compute_ms.map_or(ms, |m: f64| m.min(ms)));
             }
         }
-        c.online = self.inner.uplink.connected.load(Ordering::Relaxed) && c.remote_workers > 0;
+        c.online = self.inner.link.borrow().connected && c.remote_workers > 0;
         let m = st
             .models
             .entry(model.to_owned())
@@ -426,9 +443,9 @@ impl Offloader {
         input: edge_inference::Tensor,
         local_queue: u32,
         local: F,
-    ) -> Result<Outputs, String>
+    ) -> Result<Outputs, OffloadError>
     where
-        F: FnOnce(edge_inference::Tensor) -> Result<Outputs, String> + Send + 'static,
+        F: FnOnce(edge_inference::Tensor) -> LocalResult + Send + 'static,
     {
         let payload_bytes = input.data().len() as u64 + REQUEST_OVERHEAD;
         let decision = {
@@ -446,7 +463,7 @@ impl Offloader {
         };
         let start = Instant::now();
         let result = match decision.choice {
-            Choice::Local => self.local_measured(model, timed(move || local(input))),
+            Choice::Local => self.local_measured(model, timed(move || Ok(local(input)?))),
             Choice::Offload => {
                 let wire = WireTensor {
                     name: String::new(),
@@ -454,7 +471,9 @@ impl Offloader {
                     shape: input.shape().to_vec(),
                     data: input.data().to_vec(),
                 };
-                self.offload(rt, model, wire, payload_bytes, start, move || local(input))
+                self.offload(rt, model, wire, payload_bytes, start, move || {
+                    Ok(local(input)?)
+                })
             }
         };
         if result.is_ok() {
@@ -474,9 +493,9 @@ impl Offloader {
         payload_bytes: u64,
         start: Instant,
         local: F,
-    ) -> Result<Outputs, String>
+    ) -> Result<Outputs, OffloadError>
     where
-        F: FnOnce() -> Result<Outputs, String> + Send + 'static,
+        F: FnOnce() -> Result<Outputs, OffloadError> + Send + 'static,
     {
         let cfg = &self.inner.cfg;
         let timeout = Duration::from_millis(cfg.timeout_ms);
@@ -524,12 +543,12 @@ impl Offloader {
                     Ok(Ok((r, at))) if r.status == Status::Ok => (Waited::Answer(r, at), None),
                     _ => {
                         // No usable answer: the local run decides.
-                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO));
+                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO));
                         (Waited::HedgeWon(l), None)
                     }
                 },
                 l = &mut handle => (
-                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(format!("local run failed: {e}")), Duration::ZERO))),
+                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO))),
                     None,
                 ),
             }
@@ -564,7 +583,7 @@ impl Offloader {
                 }
                 match local {
                     Some(local) => fallback(r.status.as_str(), local),
-                    None => Err("offload refused and no local run".into()),
+                    None => Err(OffloadError::Refused),
                 }
             }
             (Waited::HedgeWon(l), _) => {
@@ -579,12 +598,12 @@ impl Offloader {
                 drop(st);
                 match local {
                     Some(local) => fallback("timeout", local),
-                    None => Err("offload timed out".into()),
+                    None => Err(OffloadError::TimedOut),
                 }
             }
             (Waited::Dropped, local) => match local {
                 Some(local) => fallback("not_sent", local),
-                None => Err("offload request dropped".into()),
+                None => Err(OffloadError::Dropped),
             },
         }
     }
@@ -593,8 +612,8 @@ impl Offloader {
     fn local_measured(
         &self,
         model: &str,
-        (result, took): (Result<Outputs, String>, Duration),
-    ) -> Result<Outputs, String> {
+        (result, took): (Result<Outputs, OffloadError>, Duration),
+    ) -> Result<Outputs, OffloadError> {
         if result.is_ok() {
             let mut st = self.state();
             st.knowledge.observe_local(model, ms(took));
@@ -651,15 +670,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), String> {
+fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), OffloadError> {
     let dtype = edge_inference::DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| {
-        format!(
-            "offload answer: output {:?} has unsupported dtype {}",
-            t.name, t.dtype
-        )
+        OffloadError::AnswerDtype {
+            name: t.name.clone(),
+            dtype: t.dtype,
+        }
     })?;
-    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data)
-        .map_err(|e| format!("offload answer: output {:?}: {e}", t.name))?;
+    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data).map_err(|source| {
+        OffloadError::AnswerTensor {
+            name: t.name.clone(),
+            source,
+        }
+    })?;
     Ok((t.name, tensor))
 }
 
@@ -735,15 +758,24 @@ mod tests {
         cfg: OffloadConfig,
         answer: impl Fn(&Request) -> Option<Response> + Send + 'static,
     ) -> (tokio::runtime::Runtime, Offloader) {
+        let (rt, off, _link) = online_link(cfg, answer);
+        (rt, off)
+    }
+
+    /// [`online`], with the link-state sender to take the link down.
+    fn online_link(
+        cfg: OffloadConfig,
+        answer: impl Fn(&Request) -> Option<Response> + Send + 'static,
+    ) -> (tokio::runtime::Runtime, Offloader, crate::link::LinkSender) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        let stats = Arc::new(crate::uplink::UplinkStats::default());
-        stats.connected.store(true, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Direct>(DIRECT_CAPACITY);
-        let off = Offloader::new(cfg, "d1".into(), stats, tx);
+        let (link_tx, link) = crate::link::link_state();
+        link_tx.send_modify(|l| l.connected = true);
+        let (tx, mut rx) = crate::link::direct_path(DIRECT_CAPACITY);
+        let off = Offloader::new(cfg, "d1".into(), link, tx);
         let advert = Capacity {
             replica: "r1".into(),
             workers: 2,
@@ -764,7 +796,7 @@ mod tests {
                 }
             }
         });
-        (rt, off)
+        (rt, off, link_tx)
     }
 
     fn doubled(req: &Request) -> Option<Response> {
@@ -775,7 +807,7 @@ mod tests {
         Some(r)
     }
 
-    fn local_plus_one(t: Tensor) -> Result<Outputs, String> {
+    fn local_plus_one(t: Tensor) -> LocalResult {
         let y: Vec<f32> = t.to_f32().expect("f32").iter().map(|v| v + 1.0).collect();
         Ok(vec![(
             "y".into(),
@@ -830,8 +862,8 @@ mod tests {
         assert_eq!(run_once(&rt, &off), 2.0);
         assert_eq!(off.telemetry().fallbacks.get("overloaded"), Some(&1));
 
-        let (rt, off) = online(cfg(Mode::Offload), doubled);
-        off.inner.uplink.connected.store(false, Ordering::Relaxed);
+        let (rt, off, link) = online_link(cfg(Mode::Offload), doubled);
+        link.send_modify(|l| l.connected = false);
         assert_eq!(run_once(&rt, &off), 2.0);
         assert_eq!(off.telemetry().decisions.get("local/offline"), Some(&1));
     }

@@ -2,19 +2,20 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
+    /// Shared: one failed fdatasync fails every waiter of its round.
     #[error("fsync failed: {0}")]
-    Io(std::io::Error),
+    Io(Arc<std::io::Error>),
     #[error("commit thread stopped")]
     Stopped,
 }
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+type Waiter = oneshot::Sender<Result<(), Arc<std::io::Error>>>;
 
 pub struct Committer {
     tx: Option<mpsc::Sender<Waiter>>,
@@ -43,7 +44,7 @@ impl Committer {
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
-                    let result = log.sync_data().map_err(|e| CommitError::Io(e).to_string());
+                    let result = log.sync_data().map_err(Arc::new);
                     for w in waiters {
                         let _ = w.send(result.clone());
                     }
@@ -65,18 +66,9 @@ impl Committer {
             .map_err(|_| CommitError::Stopped)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(msg)) => Err(CommitError::Io(reconstruct_io(msg))),
+            Ok(Err(e)) => Err(CommitError::Io(e)),
             Err(_) => Err(CommitError::Stopped),
         }
-    }
-}
-
-/// Keeps ENOSPC recognisable across the thread boundary (the error travels as text).
-fn reconstruct_io(msg: String) -> std::io::Error {
-    if msg.contains("No space left on device") || msg.contains("os error 28") {
-        std::io::Error::from_raw_os_error(libc::ENOSPC)
-    } else {
-        std::io::Error::other(msg)
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod accounting;
 mod commit;
+pub mod config;
 mod record;
 pub mod wal;
 
@@ -25,9 +26,9 @@ use std::time::Duration;
 use protocol::v1::{Class, OutboxStats};
 use tokio::sync::Notify;
 
-use crate::config::{OnCorruption, OutboxConfig};
 use accounting::{Accounting, Admission, Refusal, Removal};
 use commit::Committer;
+pub use config::{OnCorruption, OutboxConfig};
 pub use record::Record;
 
 /// Free disk space we never eat into: sled needs room to write segments and snapshots, and

@@ -1,7 +1,6 @@
 //! Outbox tests on a real sled store in a temp dir.
 
 use super::*;
-use crate::config::OutboxConfig;
 
 fn msg(class: Class, n: u32) -> NewMessage {
     NewMessage {

@@ -41,16 +41,35 @@ pub fn dtype_name(d: Dtype) -> &'static str {
 }
 
 /// A frame from a line of comma-separated numbers.
-pub fn samples_from_line(line: &str) -> Result<Vec<f32>, String> {
+pub fn samples_from_line(line: &str) -> Result<Vec<f32>, CodecError> {
     line.split([',', ' ', '\t'])
         .filter(|t| !t.is_empty())
         .map(|t| {
             t.parse::<f32>()
                 .ok()
                 .filter(|x| x.is_finite())
-                .ok_or_else(|| format!("{t:?} is not a finite number"))
+                .ok_or_else(|| CodecError::NotANumber(t.to_owned()))
         })
         .collect()
+}
+
+/// Why a line or a frame is not a sample; each names the value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("{0:?} is not a finite number")]
+    NotANumber(String),
+    #[error("label {key}={value:?} is not an integer")]
+    Label { key: String, value: String },
+    #[error("json payload does not parse: {0}")]
+    Json(serde_json::Error),
+    #[error("json payload has no `features` array")]
+    NoFeatures,
+    #[error("`features` holds a value that is not a number")]
+    FeatureNotNumber,
+    #[error("a {0} payload is not a sample (need samples, an f32 tensor or json with features)")]
+    NotASample(&'static str),
+    #[error("sample has a feature that is not a finite number")]
+    NotFinite,
 }
 
 /// Short description of a frame for log lines (never the whole payload).
@@ -75,14 +94,16 @@ pub fn summary(f: &Frame) -> String {
 
 /// Features and label of a frame for the dataset store: samples, an f32 tensor, or a JSON
 /// object with a numeric `features` array (and optionally a numeric `label`).
-pub fn sample_parts(f: &Frame, label_key: &str) -> Result<(Vec<f32>, Option<i64>), String> {
+pub fn sample_parts(f: &Frame, label_key: &str) -> Result<(Vec<f32>, Option<i64>), CodecError> {
     let meta_label = f
         .meta
         .iter()
         .find(|(k, _)| k == label_key)
         .map(|(_, v)| {
-            v.parse::<i64>()
-                .map_err(|_| format!("label {label_key}={v:?} is not an integer"))
+            v.parse::<i64>().map_err(|_| CodecError::Label {
+                key: label_key.to_owned(),
+                value: v.clone(),
+            })
         })
         .transpose()?;
     let (features, json_label) = match &f.payload {
@@ -95,30 +116,26 @@ pub fn sample_parts(f: &Frame, label_key: &str) -> Result<(Vec<f32>, Option<i64>
             None,
         ),
         Payload::Json(s) => {
-            let v: Value =
-                serde_json::from_str(s).map_err(|e| format!("json payload does not parse: {e}"))?;
+            let v: Value = serde_json::from_str(s).map_err(CodecError::Json)?;
             let feats = v
                 .get("features")
                 .and_then(Value::as_array)
-                .ok_or("json payload has no `features` array")?
+                .ok_or(CodecError::NoFeatures)?
                 .iter()
                 .map(|x| x.as_f64().map(|x| x as f32))
                 .collect::<Option<Vec<f32>>>()
-                .ok_or("`features` holds a value that is not a number")?;
+                .ok_or(CodecError::FeatureNotNumber)?;
             (feats, v.get(label_key).and_then(Value::as_i64))
         }
         other => {
-            return Err(format!(
-                "a {} payload is not a sample (need samples, an f32 tensor or json with features)",
-                match other {
-                    Payload::Bytes(_) => "bytes",
-                    _ => "non-f32 tensor",
-                }
-            ));
+            return Err(CodecError::NotASample(match other {
+                Payload::Bytes(_) => "bytes",
+                _ => "non-f32 tensor",
+            }));
         }
     };
     if features.iter().any(|x| !x.is_finite()) {
-        return Err("sample has a feature that is not a finite number".into());
+        return Err(CodecError::NotFinite);
     }
     Ok((features, meta_label.or(json_label)))
 }

@@ -17,13 +17,16 @@
 //! - `spec`: the description and its validation (pure).
 //! - `nodes`: sources, the stage loop, sinks, counters.
 //! - `codec`: frames to/from JSON for sinks and sources.
+//! - `host`: [`PipelineHost`], the task that owns the running pipeline and the candidate,
+//!   driven by commands (start, shadow, swap, discard) from the deploy task.
 //!
 //! **Invariant:** no unbounded queue: every channel has `channel_capacity` slots; sources
 //! that cannot wait (sensors, MQTT) drop and count. A stage failure never stops the other
-//! stages or the agent. **Boundary:** the agent's pipeline owner (`deploy::task`) starts and
-//! stops pipelines; telemetry reads [`RunningSlot`].
+//! stages or the agent. **Boundary:** the pipeline host starts and stops pipelines (the deploy
+//! task tells it when); telemetry reads [`RunningSlot`].
 
 pub mod codec;
+pub mod host;
 mod nodes;
 pub mod spec;
 
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
 use tokio::sync::mpsc;
 
+pub use host::{HostError, HostHandle, Launch, PipelineHost, run_start};
 pub use nodes::{HealthCounters, NodeCounters};
 pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec, TrainingSpec};
 
@@ -85,10 +89,30 @@ pub enum PipelineError {
     Thread(std::io::Error),
 }
 
+/// Why the bytes of a module or model a description names cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not an artifact of the deployment manifest")]
+    NotListed(String),
+    #[error("artifact {0} is missing from the store")]
+    Missing(String),
+    #[error("stored artifact {sha} is corrupted (sha256 {actual})")]
+    Corrupted { sha: String, actual: String },
+    /// The artifact store failed; boxed because the store's type belongs to `deploy`,
+    /// which depends on this module and not the other way round.
+    #[error(transparent)]
+    Store(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Where a pipeline's module bytes and files come from.
 pub trait Artifacts: Send + Sync {
     /// The bytes of the module (or model) the description names `name`.
-    fn module(&self, name: &str) -> Result<Vec<u8>, String>;
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError>;
     /// Directory that relative file paths in the description are relative to (`None`:
     /// only absolute paths are allowed).
     fn base_dir(&self) -> Option<&Path>;
@@ -101,9 +125,9 @@ pub struct LocalFiles {
 }
 
 impl Artifacts for LocalFiles {
-    fn module(&self, name: &str) -> Result<Vec<u8>, String> {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         let path = self.dir.join(name);
-        std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::read(&path).map_err(|source| ArtifactError::Read { path, source })
     }
 
     fn base_dir(&self) -> Option<&Path> {
@@ -370,10 +394,10 @@ impl Pipeline {
         for st in spec.stages.iter().filter(|s| s.kind == StageKind::Wasm) {
             let bytes = artifacts
                 .module(&st.module)
-                .map_err(|reason| PipelineError::Module {
+                .map_err(|e| PipelineError::Module {
                     stage: st.name.clone(),
                     module: st.module.clone(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
             let module =
                 deps.sandbox
@@ -630,12 +654,11 @@ impl Pipeline {
                     on_full,
                     ..
                 } => {
-                    let path = resolve(path, artifacts.base_dir()).map_err(|reason| {
-                        PipelineError::Source {
+                    let path =
+                        resolve(path, artifacts.base_dir()).map_err(|e| PipelineError::Source {
                             source_name: name.clone(),
-                            reason,
-                        }
-                    })?;
+                            reason: e.to_string(),
+                        })?;
                     std::fs::File::open(&path).map_err(|e| PipelineError::Source {
                         source_name: name.clone(),
                         reason: format!("cannot open {}: {e}", path.display()),
@@ -695,11 +718,15 @@ impl Pipeline {
             module: t.trainer.clone(),
             reason,
         };
-        let trainer_bytes = artifacts.module(&t.trainer).map_err(&fail)?;
+        let trainer_bytes = artifacts
+            .module(&t.trainer)
+            .map_err(|e| fail(e.to_string()))?;
         deps.sandbox
             .load_trainer(&t.trainer, &trainer_bytes)
             .map_err(|e| fail(e.to_string()))?;
-        let model_bytes = artifacts.module(&t.model).map_err(&fail)?;
+        let model_bytes = artifacts
+            .module(&t.model)
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Some(Arc::new(TrainingSetup {
             pipeline: spec.name.clone(),
             model: t.model.clone(),
@@ -728,7 +755,9 @@ impl Pipeline {
             Mode::Live => st.model.clone(),
             Mode::Shadow => format!("shadow/{}/{}", self.stats.name, st.model),
         };
-        let bytes = artifacts.module(&st.model).map_err(&fail)?;
+        let bytes = artifacts
+            .module(&st.model)
+            .map_err(|e| fail(e.to_string()))?;
         let model = deps
             .inference
             .ensure(&registry_name, &bytes)
@@ -835,15 +864,17 @@ impl Pipeline {
 
 /// A relative path against the description's directory; deployed descriptions (no
 /// directory) may only name absolute paths.
-fn resolve(path: &Path, base: Option<&Path>) -> Result<PathBuf, String> {
+fn resolve(path: &Path, base: Option<&Path>) -> Result<PathBuf, RelativePath> {
     if path.is_absolute() {
         return Ok(path.to_owned());
     }
     match base {
         Some(dir) => Ok(dir.join(path)),
-        None => Err(format!(
-            "relative path {} in a deployed pipeline; use an absolute path",
-            path.display()
-        )),
+        None => Err(RelativePath(path.to_owned())),
     }
 }
+
+/// A deployed description named a file relative to a directory it does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("relative path {} in a deployed pipeline; use an absolute path", .0.display())]
+struct RelativePath(PathBuf);

@@ -265,7 +265,7 @@ pub fn run_file(f: FileReplay, outs: Outputs, stop: Arc<Stop>, c: Arc<NodeCounte
                 FileFormat::Samples => match codec::samples_from_line(&line) {
                     Ok(v) => Some(Payload::Samples(v)),
                     Err(e) => {
-                        bad_line(&f, lineno, &e, &c);
+                        bad_line(&f, lineno, &e.to_string(), &c);
                         None
                     }
                 },
@@ -513,7 +513,7 @@ pub async fn run_sink(
                         },
                     )
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.to_string()),
             },
         };
         match result {
@@ -605,8 +605,8 @@ fn run_local(
     inference: &Inference,
     model: &str,
     input: Tensor,
-) -> Result<crate::offload::client::Outputs, String> {
-    let (m, outputs) = inference.run(model, &[input]).map_err(|e| e.to_string())?;
+) -> crate::offload::client::LocalResult {
+    let (m, outputs) = inference.run(model, &[input])?;
     Ok(m.outputs()
         .iter()
         .map(|o| o.name.clone())
@@ -620,19 +620,20 @@ impl InferenceStage {
         &self,
         input: Tensor,
         queued: usize,
-    ) -> Result<crate::offload::client::Outputs, String> {
+    ) -> Result<crate::offload::client::Outputs, FrameError> {
         match &self.offload {
             Some((offloader, remote)) => {
                 let (inference, model) = (self.inference.clone(), self.model.clone());
-                offloader.run(
+                Ok(offloader.run(
                     &self.runtime,
                     remote,
                     input,
                     u32::try_from(queued).unwrap_or(u32::MAX),
                     move |t| run_local(&inference, &model, t),
-                )
+                )?)
             }
-            None => run_local(&self.inference, &self.model, input),
+            None => Ok(run_local(&self.inference, &self.model, input)
+                .map_err(crate::offload::client::OffloadError::Local)?),
         }
     }
 
@@ -644,7 +645,7 @@ impl InferenceStage {
         c: &NodeCounters,
         h: &HealthCounters,
     ) {
-        let tensors: Vec<Result<Tensor, String>> = frames.iter().map(frame_tensor).collect();
+        let tensors: Vec<Result<Tensor, FrameError>> = frames.iter().map(frame_tensor).collect();
         // A batch runs as one call when every frame has a tensor of the same dtype and
         // trailing dimensions; otherwise (or if the batched run fails) frame by frame, so one
         // bad frame fails alone.
@@ -728,7 +729,7 @@ impl InferenceStage {
 /// Cuts batched outputs back into each frame's rows; `None` if an output does not have the
 /// batch's rows as its first dimension.
 fn split(
-    inputs: &[Result<Tensor, String>],
+    inputs: &[Result<Tensor, FrameError>],
     outputs: crate::offload::client::Outputs,
 ) -> Option<Vec<Vec<(String, Tensor)>>> {
     let rows: Vec<u32> = inputs
@@ -757,23 +758,36 @@ fn split(
 }
 
 /// A frame's tensor: a tensor payload as is, a samples payload as f32 `[1, n]`.
-fn frame_tensor(f: &Frame) -> Result<Tensor, String> {
+fn frame_tensor(f: &Frame) -> Result<Tensor, FrameError> {
     match &f.payload {
         Payload::Tensor(t) => {
             Tensor::new(inference_dtype(t.dtype), t.shape.clone(), t.data.clone())
-                .map_err(|e| format!("frame tensor: {e}"))
+                .map_err(FrameError::Tensor)
         }
         Payload::Samples(v) => {
-            Tensor::from_f32(vec![1, v.len() as u32], v).map_err(|e| format!("frame samples: {e}"))
+            Tensor::from_f32(vec![1, v.len() as u32], v).map_err(FrameError::Samples)
         }
-        Payload::Json(_) => Err("expected a tensor or samples payload, got json".into()),
-        Payload::Bytes(_) => Err("expected a tensor or samples payload, got bytes".into()),
+        Payload::Json(_) => Err(FrameError::Payload("json")),
+        Payload::Bytes(_) => Err(FrameError::Payload("bytes")),
     }
+}
+
+/// Why an inference stage failed one frame; the stage's health check and log carry it.
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("frame tensor: {0}")]
+    Tensor(edge_inference::TensorError),
+    #[error("frame samples: {0}")]
+    Samples(edge_inference::TensorError),
+    #[error("expected a tensor or samples payload, got {0}")]
+    Payload(&'static str),
+    #[error(transparent)]
+    Run(#[from] crate::offload::client::OffloadError),
 }
 
 /// Joins tensors along the first dimension; `None` unless all agree on dtype and the rest of
 /// the shape.
-fn concat(tensors: &[Result<Tensor, String>]) -> Option<Tensor> {
+fn concat(tensors: &[Result<Tensor, FrameError>]) -> Option<Tensor> {
     let first = tensors.first()?.as_ref().ok()?;
     let (dtype, tail) = (first.dtype(), first.shape().get(1..)?);
     let mut rows = 0u32;

@@ -63,7 +63,24 @@ pub(crate) struct Cache {
 pub(crate) enum Lookup {
     Missing,
     Hit(Vec<u8>),
-    Corrupt(String),
+    Corrupt(CacheFileError),
+}
+
+/// Why a cache file does not hold the artifact it is named for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CacheFileError {
+    #[error("file of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("bad magic")]
+    Magic,
+    #[error("file is for another module")]
+    OtherModule,
+    #[error("file is for another engine configuration")]
+    OtherEngine,
+    #[error("artifact is {actual} bytes, header says {header}")]
+    Length { actual: usize, header: u64 },
+    #[error("artifact checksum mismatch")]
+    Checksum,
 }
 
 impl Cache {
@@ -116,34 +133,31 @@ impl Cache {
         })
     }
 
-    fn check(&self, digest: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
+    fn check(&self, digest: &[u8; 32], bytes: &[u8]) -> Result<(), CacheFileError> {
         if bytes.len() < HEADER {
-            return Err(format!(
-                "file of {} bytes is shorter than its header",
-                bytes.len()
-            ));
+            return Err(CacheFileError::Short(bytes.len()));
         }
         if &bytes[..8] != MAGIC {
-            return Err("bad magic".into());
+            return Err(CacheFileError::Magic);
         }
         if bytes[8..40] != digest[..] {
-            return Err("file is for another module".into());
+            return Err(CacheFileError::OtherModule);
         }
         if bytes[40..72] != self.engine_key {
-            return Err("file is for another engine configuration".into());
+            return Err(CacheFileError::OtherEngine);
         }
         let mut len = [0u8; 8];
         len.copy_from_slice(&bytes[104..112]);
         let len = u64::from_le_bytes(len);
         let artifact = &bytes[HEADER..];
         if artifact.len() as u64 != len {
-            return Err(format!(
-                "artifact is {} bytes, header says {len}",
-                artifact.len()
-            ));
+            return Err(CacheFileError::Length {
+                actual: artifact.len(),
+                header: len,
+            });
         }
         if Sha256::digest(artifact).as_slice() != &bytes[72..104] {
-            return Err("artifact checksum mismatch".into());
+            return Err(CacheFileError::Checksum);
         }
         Ok(())
     }
@@ -217,7 +231,9 @@ mod tests {
         ] {
             std::fs::write(&path, bytes).expect("write");
             match cache.read(&d).expect("read") {
-                Lookup::Corrupt(reason) => assert!(reason.contains(why), "{reason} / {why}"),
+                Lookup::Corrupt(reason) => {
+                    assert!(reason.to_string().contains(why), "{reason} / {why}")
+                }
                 other => panic!("{why}: {other:?}"),
             }
         }

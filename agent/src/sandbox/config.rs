@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::setting::InvalidSetting;
+
 /// Limits and policies of the WASM sandbox. Every limit is per instance (one stage) unless
 /// its doc says otherwise.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -105,12 +107,12 @@ impl Default for SandboxConfig {
 
 impl SandboxConfig {
     /// Checks value ranges; the message names the key (`sandbox.KEY`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let page = 64 * 1024;
         if self.max_memory_bytes < page || self.max_memory_bytes > 4 * 1024 * 1024 * 1024 {
-            return Err(format!(
+            return Err(InvalidSetting(format!(
                 "sandbox.max_memory_bytes must be between {page} (one wasm page) and 4 GiB"
-            ));
+            )));
         }
         if self.memory_reservation_bytes != 0
             && self.memory_reservation_bytes < self.max_memory_bytes
@@ -220,7 +222,7 @@ mod tests {
         for (edit, key) in cases {
             let mut c = SandboxConfig::default();
             edit(&mut c);
-            let err = c.validate().expect_err(key);
+            let err = c.validate().expect_err(key).to_string();
             assert!(err.contains(key), "{err}");
         }
     }

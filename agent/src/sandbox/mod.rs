@@ -216,7 +216,8 @@ impl Sandbox {
     /// Builds the engine, linker, cache and epoch ticker. `state_dir` holds the cache unless
     /// `cfg.cache_dir` names another directory.
     pub fn new(cfg: &SandboxConfig, state_dir: &Path) -> Result<Sandbox, SandboxError> {
-        cfg.validate().map_err(SandboxError::Config)?;
+        cfg.validate()
+            .map_err(|e| SandboxError::Config(e.to_string()))?;
         let (engine, plan) = engine::build(cfg)?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker)
@@ -345,7 +346,7 @@ impl Sandbox {
                 }
                 Err(e) => self.reject_cached(&id, &format!("{e:#}"))?,
             },
-            cache::Lookup::Corrupt(reason) => self.reject_cached(&id, &reason)?,
+            cache::Lookup::Corrupt(reason) => self.reject_cached(&id, &reason.to_string())?,
             cache::Lookup::Missing => {
                 inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
             }

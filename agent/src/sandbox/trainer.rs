@@ -69,7 +69,10 @@ pub enum TrainError {
     Sandbox(#[from] SandboxError),
     /// The weights given were unusable before any module saw them.
     #[error("trainer {module}: weights given: {reason}")]
-    Input { module: ModuleId, reason: String },
+    Input {
+        module: ModuleId,
+        reason: Box<ParamError>,
+    },
     /// The module returned `err` (bad hyperparameters, shapes, labels, no samples).
     #[error("trainer {module} refused to {call}: {message}")]
     Refused {
@@ -83,8 +86,52 @@ pub enum TrainError {
     InvalidResult {
         module: ModuleId,
         call: &'static str,
-        reason: String,
+        reason: Box<ParamError>,
     },
+}
+
+/// What is wrong with weights given to or returned by a trainer, or with its metrics; each
+/// names the parameter (or metric) at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    #[error("no parameters")]
+    Empty,
+    #[error("parameter {0} has an empty name")]
+    EmptyName(usize),
+    #[error("{0}: name given twice")]
+    Duplicate(String),
+    #[error("{name}: {values} values do not fill shape {shape:?}")]
+    Size {
+        name: String,
+        values: usize,
+        shape: Vec<u32>,
+    },
+    #[error("{name}: value {index} is not finite ({value})")]
+    NotFinite {
+        name: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("{got} parameters, expected {expected}")]
+    Count { got: usize, expected: usize },
+    #[error("parameter {index} is {got:?}, expected {expected:?}")]
+    Name {
+        index: usize,
+        got: String,
+        expected: String,
+    },
+    #[error("{name}: shape {got:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        got: Vec<u32>,
+        expected: Vec<u32>,
+    },
+    #[error("loss is not finite ({0})")]
+    Loss(f32),
+    #[error("accuracy {0} is outside 0..1")]
+    Accuracy(f32),
+    #[error("{samples} samples used, but only {count} were available")]
+    Samples { samples: u32, count: u32 },
 }
 
 /// A compiled `trainer` component, ready to run; cheap to clone.
@@ -176,7 +223,7 @@ impl Sandbox {
         let id = module.id();
         check_weights(&weights).map_err(|reason| TrainError::Input {
             module: id.clone(),
-            reason,
+            reason: Box::new(reason),
         })?;
         let started = Instant::now();
         let mut call = Call::new(self, module, samples)?;
@@ -194,10 +241,10 @@ impl Sandbox {
             }
             Err(e) => return Err(call.trapped(e).into()),
         };
-        let invalid = |reason: String| TrainError::InvalidResult {
+        let invalid = |reason: ParamError| TrainError::InvalidResult {
             module: id.clone(),
             call: "train",
-            reason,
+            reason: Box::new(reason),
         };
         check_same_params(&weights, &out.weights).map_err(invalid)?;
         check_metrics(out.loss, out.accuracy, out.samples, call.count).map_err(invalid)?;
@@ -219,7 +266,7 @@ impl Sandbox {
         let id = module.id();
         check_weights(&weights).map_err(|reason| TrainError::Input {
             module: id.clone(),
-            reason,
+            reason: Box::new(reason),
         })?;
         let mut call = Call::new(self, module, samples)?;
         let out = match call.trainer.call_evaluate(&mut call.store, &weights) {
@@ -237,7 +284,7 @@ impl Sandbox {
             TrainError::InvalidResult {
                 module: id.clone(),
                 call: "evaluate",
-                reason,
+                reason: Box::new(reason),
             }
         })?;
         Ok(out)
@@ -434,83 +481,82 @@ impl super::KvStore for NoKv {
 
 /// Checks weights before a module sees them: unique non-empty names, data matching the
 /// shape, finite values.
-fn check_weights(weights: &[Param]) -> Result<(), String> {
+fn check_weights(weights: &[Param]) -> Result<(), ParamError> {
     if weights.is_empty() {
-        return Err("no parameters".into());
+        return Err(ParamError::Empty);
     }
     for (i, p) in weights.iter().enumerate() {
         if p.name.is_empty() {
-            return Err(format!("parameter {i} has an empty name"));
+            return Err(ParamError::EmptyName(i));
         }
         if weights[..i].iter().any(|q| q.name == p.name) {
-            return Err(format!("{}: name given twice", p.name));
+            return Err(ParamError::Duplicate(p.name.clone()));
         }
         check_param(p)?;
     }
     Ok(())
 }
 
-fn check_param(p: &Param) -> Result<(), String> {
+fn check_param(p: &Param) -> Result<(), ParamError> {
     let elements = p
         .shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
     if elements != Some(p.data.len()) {
-        return Err(format!(
-            "{}: {} values do not fill shape {:?}",
-            p.name,
-            p.data.len(),
-            p.shape
-        ));
+        return Err(ParamError::Size {
+            name: p.name.clone(),
+            values: p.data.len(),
+            shape: p.shape.clone(),
+        });
     }
     if let Some(k) = p.data.iter().position(|v| !v.is_finite()) {
-        return Err(format!(
-            "{}: value {k} is not finite ({})",
-            p.name, p.data[k]
-        ));
+        return Err(ParamError::NotFinite {
+            name: p.name.clone(),
+            index: k,
+            value: p.data[k],
+        });
     }
     Ok(())
 }
 
 /// Checks that a module returned the parameters it was given, in kind: same count, names,
 /// shapes and order; sound values.
-fn check_same_params(given: &[Param], got: &[Param]) -> Result<(), String> {
+fn check_same_params(given: &[Param], got: &[Param]) -> Result<(), ParamError> {
     if got.len() != given.len() {
-        return Err(format!(
-            "{} parameters, expected {}",
-            got.len(),
-            given.len()
-        ));
+        return Err(ParamError::Count {
+            got: got.len(),
+            expected: given.len(),
+        });
     }
     for (i, (g, w)) in got.iter().zip(given).enumerate() {
         if g.name != w.name {
-            return Err(format!(
-                "parameter {i} is {:?}, expected {:?}",
-                g.name, w.name
-            ));
+            return Err(ParamError::Name {
+                index: i,
+                got: g.name.clone(),
+                expected: w.name.clone(),
+            });
         }
         if g.shape != w.shape {
-            return Err(format!(
-                "{}: shape {:?}, expected {:?}",
-                g.name, g.shape, w.shape
-            ));
+            return Err(ParamError::Shape {
+                name: g.name.clone(),
+                got: g.shape.clone(),
+                expected: w.shape.clone(),
+            });
         }
         check_param(g)?;
     }
     Ok(())
 }
 
-fn check_metrics(loss: f32, accuracy: f32, samples: u32, count: u32) -> Result<(), String> {
+fn check_metrics(loss: f32, accuracy: f32, samples: u32, count: u32) -> Result<(), ParamError> {
     if !loss.is_finite() {
-        return Err(format!("loss is not finite ({loss})"));
+        return Err(ParamError::Loss(loss));
     }
     if !(0.0..=1.0).contains(&accuracy) {
-        return Err(format!("accuracy {accuracy} is outside 0..1"));
+        return Err(ParamError::Accuracy(accuracy));
     }
     if samples > count {
-        return Err(format!(
-            "{samples} samples used, but only {count} were available"
-        ));
+        return Err(ParamError::Samples { samples, count });
     }
     Ok(())
 }
@@ -810,6 +856,7 @@ mod tests {
         assert!(
             check_same_params(&given, &renamed)
                 .unwrap_err()
+                .to_string()
                 .contains("parameter 1 is \"other\", expected \"fc0.bias\"")
         );
         let mut reshaped = given.clone();
@@ -817,6 +864,7 @@ mod tests {
         assert!(
             check_same_params(&given, &reshaped)
                 .unwrap_err()
+                .to_string()
                 .contains("fc0.weight: shape [4, 1], expected [2, 2]")
         );
         let mut inf = given.clone();
@@ -824,6 +872,7 @@ mod tests {
         assert!(
             check_same_params(&given, &inf)
                 .unwrap_err()
+                .to_string()
                 .contains("value 0 is not finite")
         );
         assert!(check_same_params(&given, &given[..1]).is_err());
