@@ -235,8 +235,8 @@ impl Package {
 
 /// Artifact references in a pipeline description: every string value ending in `.wasm` or
 /// `.onnx`, sorted, without repeats.
-pub fn artifact_refs(pipeline_toml: &str) -> Result<Vec<String>, String> {
-    let value: toml::Value = toml::from_str(pipeline_toml).map_err(|e| e.to_string())?;
+pub fn artifact_refs(pipeline_toml: &str) -> Result<Vec<String>, toml::de::Error> {
+    let value: toml::Value = toml::from_str(pipeline_toml)?;
     let mut out = Vec::new();
     collect_refs(&value, &mut out);
     out.sort();
@@ -271,9 +271,9 @@ pub fn load(
         path: pipeline.to_owned(),
         error: "not utf-8".into(),
     })?;
-    let refs = artifact_refs(&text).map_err(|error| PackageError::Toml {
+    let refs = artifact_refs(&text).map_err(|e| PackageError::Toml {
         path: pipeline.to_owned(),
-        error,
+        error: e.to_string(),
     })?;
     let base = pipeline.parent().unwrap_or(Path::new("."));
     let mut files = Vec::with_capacity(refs.len());

@@ -439,7 +439,7 @@ fn answer(job: &Job, shared: &Shared, models: &BTreeMap<String, Model>) -> Respo
     };
     let inputs = match to_inputs(model, &job.request.inputs) {
         Ok(i) => i,
-        Err(why) => return with_timing(Response::failed(id, Status::Error, why), 0),
+        Err(why) => return with_timing(Response::failed(id, Status::Error, why.to_string()), 0),
     };
     let started = Instant::now();
     let result = model.run(&inputs);
@@ -476,22 +476,39 @@ fn answer(job: &Job, shared: &Shared, models: &BTreeMap<String, Model>) -> Respo
     }
 }
 
+/// Why a request's tensors cannot be the model's inputs (the text goes back to the device in
+/// the response).
+#[derive(Debug, thiserror::Error)]
+enum InputError {
+    #[error("input {0:?} is missing")]
+    Missing(String),
+    #[error("model has no input {0:?}")]
+    Unknown(String),
+    #[error("input {name:?}: unsupported dtype code {code}")]
+    Dtype { name: String, code: u8 },
+    #[error("input {name:?}: {error}")]
+    Tensor {
+        name: String,
+        error: edge_inference::TensorError,
+    },
+}
+
 /// Wire tensors in the model's input order: by name when every tensor is named, else by
 /// position.
-fn to_inputs(model: &Model, wire: &[WireTensor]) -> Result<Vec<Tensor>, String> {
+fn to_inputs(model: &Model, wire: &[WireTensor]) -> Result<Vec<Tensor>, InputError> {
     let ordered: Vec<&WireTensor> = if wire.iter().all(|t| !t.name.is_empty()) {
         let mut ordered = Vec::with_capacity(wire.len());
         for info in model.inputs() {
             match wire.iter().find(|t| t.name == info.name) {
                 Some(t) => ordered.push(t),
-                None => return Err(format!("input {:?} is missing", info.name)),
+                None => return Err(InputError::Missing(info.name.clone())),
             }
         }
         if let Some(extra) = wire
             .iter()
             .find(|t| !model.inputs().iter().any(|i| i.name == t.name))
         {
-            return Err(format!("model has no input {:?}", extra.name));
+            return Err(InputError::Unknown(extra.name.clone()));
         }
         ordered
     } else {
@@ -500,10 +517,17 @@ fn to_inputs(model: &Model, wire: &[WireTensor]) -> Result<Vec<Tensor>, String> 
     ordered
         .into_iter()
         .map(|t| {
-            let dtype = DType::from_onnx_code(i32::from(t.dtype))
-                .ok_or_else(|| format!("input {:?}: unsupported dtype code {}", t.name, t.dtype))?;
-            Tensor::new(dtype, t.shape.clone(), t.data.clone())
-                .map_err(|e| format!("input {:?}: {e}", t.name))
+            let dtype =
+                DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| InputError::Dtype {
+                    name: t.name.clone(),
+                    code: t.dtype,
+                })?;
+            Tensor::new(dtype, t.shape.clone(), t.data.clone()).map_err(|error| {
+                InputError::Tensor {
+                    name: t.name.clone(),
+                    error,
+                }
+            })
         })
         .collect()
 }
