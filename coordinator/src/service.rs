@@ -17,6 +17,9 @@
 //! [`FL_TICK`] it takes new tasks and stop requests and checks deadlines. Its state is
 //! written (`FlHost::persist`) before the batch's commit and acks, and before any round
 //! message it asks for is published, so a restart never finds less than devices were told.
+//! Held-out evaluations run on the host's own thread; their outcomes arrive here as one more
+//! event of the loop (`FlHost::next_evaluated`), never inside a batch, so a round closing
+//! delays no ack.
 
 use std::future::Future;
 use std::time::Duration;
@@ -243,6 +246,7 @@ impl Service {
                 _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
                 _ = progress.tick() => self.write_progress(),
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
+                done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done]) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
                     if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
                 }
@@ -257,6 +261,11 @@ impl Service {
         };
 
         self.write_progress();
+        // Evaluations already running finish and are recorded; see FlHost::shutdown.
+        let evaluated = self.fl.shutdown().await;
+        if let Err(e) = self.fl_evaluated(evaluated) {
+            tracing::warn!(error = %e, "cannot record the last federated evaluations; they run again at the next start");
+        }
         if let Some(o) = self.offload.take() {
             // An empty retained payload clears the advert: agents stop counting on us.
             if let Err(e) = transport
@@ -412,6 +421,27 @@ impl Service {
         }
         self.actions(actions, now)?;
         self.flush_publishes(transport).await
+    }
+
+    /// Evaluation outcomes: their events are journaled (and synced) before the state that
+    /// says they are done is written, so a crash repeats a round's line, never loses it.
+    fn fl_evaluated(
+        &mut self,
+        done: Vec<crate::fl::worker::Evaluated>,
+    ) -> Result<(), ServiceError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let now = v1::now_ms();
+        for d in done {
+            let actions = self.fl.on_evaluated(d);
+            self.actions(actions, now)?;
+        }
+        if self.config.store.fsync {
+            self.journal.sync()?;
+        }
+        self.fl.persist()?;
+        Ok(())
     }
 
     /// Deployment traffic: statuses and resend requests from devices (deduplicated by

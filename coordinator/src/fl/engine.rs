@@ -2,7 +2,15 @@
 //! aggregation and the round messages. No I/O and no clock: the service passes the time and
 //! a [`Fleet`] view of the registry, publishes and journals the returned [`Action`]s, and
 //! persists [`Engine::take_writes`] before it publishes (so a round message never names a
-//! round the store does not know). Evaluation is injected ([`Evaluator`]).
+//! round the store does not know).
+//!
+//! Held-out evaluation is not run here: closing a round queues an [`EvalRequest`]
+//! ([`Engine::take_evaluations`]) and the host runs it off the service loop (ONNX Runtime on
+//! up to 10,000 rows would stall every ack and publish behind it). The next round opens at
+//! once; the closed round's `fl_round_closed` waits for its figures and is handed out by
+//! [`Engine::on_evaluated`], so the journal keeps one complete line per round (readers take
+//! `eval_accuracy` from it). A task that finishes meanwhile holds its `fl_task_finished`
+//! back until its last evaluation is in, so it still comes after every round's line.
 //!
 //! Rules it decides (the module docs of [`crate::fl`] state them for operators):
 //! - a round opens when at least `min_clients` members are online; it selects
@@ -22,7 +30,7 @@ use protocol::v1::fl::{self, CodecError, RoundHeader, TrainOrder, Update, codec}
 use protocol::v1::topics;
 
 use super::aggregate::{ClientUpdate, ServerState, aggregate};
-use super::eval::Evaluator;
+use super::eval::EvalMetrics;
 use super::state::{Phase, RecentRound, Reject, RoundMetrics, StoredUpdate, TaskState, Totals};
 use super::task::{Members, TaskSpec};
 use crate::deploy::engine::Action;
@@ -74,6 +82,45 @@ pub enum Write {
     },
 }
 
+/// Global weights to evaluate on a task's held-out set, asked for when a round closes.
+///
+/// Handed out through [`Engine::take_evaluations`] rather than as an [`Action`]: `Action` is
+/// what the service publishes and journals for every engine, and an evaluation must never
+/// reach it; a separate queue makes that a matter of types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRequest {
+    pub task: String,
+    pub version: u32,
+    pub weights: Vec<f32>,
+}
+
+/// What an evaluation gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EvalOutcome {
+    /// The task has no held-out set: the round carries no eval figures.
+    NoHoldout,
+    Metrics(EvalMetrics),
+    /// It could not run (no runtime, a model that does not run); recorded as
+    /// `eval unavailable: REASON`, and the task goes on.
+    Unavailable(String),
+}
+
+impl From<Option<Result<EvalMetrics, String>>> for EvalOutcome {
+    /// The [`super::eval::Evaluator`]'s answer.
+    fn from(r: Option<Result<EvalMetrics, String>>) -> EvalOutcome {
+        match r {
+            None => EvalOutcome::NoHoldout,
+            Some(Ok(m)) => EvalOutcome::Metrics(m),
+            Some(Err(why)) => EvalOutcome::Unavailable(why),
+        }
+    }
+}
+
+/// The note recorded for an evaluation that a restart cut short and that cannot be run again
+/// (its weights are no longer the current global model).
+pub const EVAL_LOST_ON_RESTART: &str =
+    "the coordinator restarted before it finished and a newer global version replaced it";
+
 struct Task {
     key: SigningKey,
     state: TaskState,
@@ -88,6 +135,7 @@ struct Task {
 pub struct Engine {
     tasks: BTreeMap<String, Task>,
     writes: Vec<Write>,
+    evaluations: Vec<EvalRequest>,
     dirty: BTreeSet<String>,
     /// Rejections that name no known task, by reason.
     unattributed: BTreeMap<String, u64>,
@@ -171,6 +219,58 @@ impl Engine {
         out
     }
 
+    /// Evaluations asked for since the last call, oldest first. The host runs each and hands
+    /// the outcome back through [`Engine::on_evaluated`].
+    pub fn take_evaluations(&mut self) -> Vec<EvalRequest> {
+        std::mem::take(&mut self.evaluations)
+    }
+
+    /// The outcome of an [`EvalRequest`]: fills the closed round's eval figures and hands out
+    /// its `fl_round_closed` (and the task's `fl_task_finished` if the task ended while its
+    /// last evaluation ran). An outcome nobody is waiting for (a replay) is ignored.
+    pub fn on_evaluated(&mut self, task: &str, version: u32, outcome: EvalOutcome) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(task) else {
+            return Vec::new();
+        };
+        let s = &mut t.state;
+        if !s.evaluating.remove(&version) {
+            return Vec::new();
+        }
+        self.dirty.insert(task.to_owned());
+        let Some(m) = s
+            .history
+            .iter_mut()
+            .find(|m| m.new_version == Some(version))
+        else {
+            tracing::error!(%task, version, "evaluated version has no closed round; result dropped");
+            return Vec::new();
+        };
+        match outcome {
+            EvalOutcome::Metrics(e) => {
+                m.eval_accuracy = Some(e.accuracy);
+                m.eval_loss = Some(e.loss);
+                m.eval_rows = Some(e.rows);
+            }
+            EvalOutcome::Unavailable(why) => m.eval_note = Some(format!("eval unavailable: {why}")),
+            EvalOutcome::NoHoldout => {}
+        }
+        let mut out = vec![Action::Event(Event::FlRoundClosed {
+            task: task.to_owned(),
+            metrics: Box::new(m.clone()),
+        })];
+        if let Phase::Finished { reason } = &s.phase
+            && s.evaluating.is_empty()
+        {
+            out.push(Action::Event(Event::FlTaskFinished {
+                task: task.to_owned(),
+                reason: reason.clone(),
+                rounds_closed: s.history.len() as u32,
+                version: s.version,
+            }));
+        }
+        out
+    }
+
     /// Starts a new task at round 1 from `initial` weights; opens the round if enough members
     /// are online. A task id already known is ignored.
     pub fn start(
@@ -205,6 +305,7 @@ impl Engine {
                 ..RoundMetrics::default()
             },
             history: Vec::new(),
+            evaluating: BTreeSet::new(),
             totals: Totals::default(),
             started_ms: now_ms,
             finished_ms: None,
@@ -293,6 +394,12 @@ impl Engine {
     /// Resumes a persisted task after a restart: an open round is announced again (the
     /// embedded broker forgot its retained messages) with its selection, deadline and the
     /// updates already accepted; a waiting one tries to open.
+    ///
+    /// Evaluations the restart cut short: the one of the current global version is asked for
+    /// again (its weights are at hand, and it is the figure readers want); an older one
+    /// (rounds closed faster than evaluations ran) is recorded as unavailable with
+    /// [`EVAL_LOST_ON_RESTART`] rather than reloading superseded weights. Either way every
+    /// closed round gets its `fl_round_closed`, and a finished task its `fl_task_finished`.
     #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &mut self,
@@ -320,6 +427,8 @@ impl Engine {
             .map(|u| ((u.device.clone(), u.origin), u))
             .collect();
         let finished = matches!(state.phase, Phase::Finished { .. });
+        let pending: Vec<u32> = state.evaluating.iter().copied().collect();
+        let current = state.version;
         self.tasks.insert(
             id.clone(),
             Task {
@@ -330,10 +439,31 @@ impl Engine {
                 accepted,
             },
         );
-        if finished {
-            return Vec::new();
+        let mut out: Vec<Action> = if finished {
+            Vec::new()
+        } else {
+            self.started_event(&id, true).into_iter().collect()
+        };
+        for version in pending {
+            if version == current
+                && let Some(t) = self.tasks.get(&id)
+            {
+                self.evaluations.push(EvalRequest {
+                    task: id.clone(),
+                    version,
+                    weights: t.global.clone(),
+                });
+            } else {
+                out.extend(self.on_evaluated(
+                    &id,
+                    version,
+                    EvalOutcome::Unavailable(EVAL_LOST_ON_RESTART.into()),
+                ));
+            }
         }
-        let mut out: Vec<Action> = self.started_event(&id, true).into_iter().collect();
+        if finished {
+            return out;
+        }
         let open = self
             .tasks
             .get(&id)
@@ -363,12 +493,7 @@ impl Engine {
     }
 
     /// Deadlines and waiting tasks.
-    pub fn tick(
-        &mut self,
-        now_ms: u64,
-        fleet: &dyn Fleet,
-        eval: &mut dyn Evaluator,
-    ) -> Vec<Action> {
+    pub fn tick(&mut self, now_ms: u64, fleet: &dyn Fleet) -> Vec<Action> {
         let ids: Vec<String> = self.tasks.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
@@ -379,7 +504,7 @@ impl Engine {
                 Phase::Waiting { .. } => out.extend(self.try_open(&id, now_ms, fleet)),
                 Phase::Open if now_ms >= t.state.deadline_ms => {
                     if t.accepted.len() >= t.state.spec.min_updates as usize {
-                        out.extend(self.close(&id, "deadline", now_ms, fleet, eval));
+                        out.extend(self.close(&id, "deadline", now_ms, fleet));
                     } else {
                         out.extend(self.extend(&id, now_ms, fleet));
                     }
@@ -432,7 +557,6 @@ impl Engine {
         payload: &[u8],
         now_ms: u64,
         fleet: &dyn Fleet,
-        eval: &mut dyn Evaluator,
     ) -> Vec<Action> {
         let envelope = match BinaryEnvelope::decode(payload) {
             Ok(e) => e,
@@ -485,7 +609,7 @@ impl Engine {
                     )
                     .into_iter()
                     .collect();
-                out.extend(self.check_quorum(&task_id, now_ms, fleet, eval));
+                out.extend(self.check_quorum(&task_id, now_ms, fleet));
                 out
             }
         }
@@ -674,20 +798,14 @@ impl Engine {
         }))
     }
 
-    fn check_quorum(
-        &mut self,
-        id: &str,
-        now_ms: u64,
-        fleet: &dyn Fleet,
-        eval: &mut dyn Evaluator,
-    ) -> Vec<Action> {
+    fn check_quorum(&mut self, id: &str, now_ms: u64, fleet: &dyn Fleet) -> Vec<Action> {
         let Some(t) = self.tasks.get(id) else {
             return Vec::new();
         };
         let s = &t.state;
         let on_time = t.accepted.keys().filter(|(_, r)| *r == s.round).count();
         if s.phase == Phase::Open && on_time >= s.spec.quorum_count(s.selected.len()) {
-            return self.close(id, "quorum", now_ms, fleet, eval);
+            return self.close(id, "quorum", now_ms, fleet);
         }
         Vec::new()
     }
@@ -894,16 +1012,9 @@ impl Engine {
         out
     }
 
-    /// Aggregates the current round, moves the global model, evaluates it, and opens the
-    /// next round (or finishes the task).
-    fn close(
-        &mut self,
-        id: &str,
-        reason: &str,
-        now_ms: u64,
-        fleet: &dyn Fleet,
-        eval: &mut dyn Evaluator,
-    ) -> Vec<Action> {
+    /// Aggregates the current round, moves the global model, asks for its evaluation (when
+    /// the task has a held-out set), and opens the next round (or finishes the task).
+    fn close(&mut self, id: &str, reason: &str, now_ms: u64, fleet: &dyn Fleet) -> Vec<Action> {
         let Some(t) = self.tasks.get_mut(id) else {
             return Vec::new();
         };
@@ -943,14 +1054,14 @@ impl Engine {
             s.current.train_loss = Some(mean(|u| u.loss));
             s.current.train_accuracy = Some(mean(|u| u.accuracy));
         }
-        match eval.evaluate(id, s.version, &t.global) {
-            Some(Ok(m)) => {
-                s.current.eval_accuracy = Some(m.accuracy);
-                s.current.eval_loss = Some(m.loss);
-                s.current.eval_rows = Some(m.rows);
-            }
-            Some(Err(why)) => s.current.eval_note = Some(format!("eval unavailable: {why}")),
-            None => {}
+        let evaluate = s.spec.holdout;
+        if evaluate {
+            s.evaluating.insert(s.version);
+            self.evaluations.push(EvalRequest {
+                task: id.to_owned(),
+                version: s.version,
+                weights: t.global.clone(),
+            });
         }
         s.current.new_version = Some(s.version);
         s.current.closed_ms = Some(now_ms);
@@ -1005,10 +1116,14 @@ impl Engine {
             round: closed_round,
         });
         self.dirty.insert(id.to_owned());
-        let mut out = vec![Action::Event(Event::FlRoundClosed {
-            task: id.to_owned(),
-            metrics: Box::new(metrics),
-        })];
+        // With an evaluation pending, the round's line waits for its figures (on_evaluated).
+        let mut out = Vec::new();
+        if !evaluate {
+            out.push(Action::Event(Event::FlRoundClosed {
+                task: id.to_owned(),
+                metrics: Box::new(metrics),
+            }));
+        }
         if finished {
             out.extend(self.finish(id, "completed".into(), now_ms, fleet));
         } else {
@@ -1044,12 +1159,17 @@ impl Engine {
             train: None,
             done: true,
         };
-        let mut out = vec![Action::Event(Event::FlTaskFinished {
-            task: id.to_owned(),
-            reason,
-            rounds_closed: s.history.len() as u32,
-            version: s.version,
-        })];
+        // While an evaluation runs, the last round's line is not out yet: on_evaluated hands
+        // this event out after it, so readers of the journal see every round before the end.
+        let mut out = Vec::new();
+        if s.evaluating.is_empty() {
+            out.push(Action::Event(Event::FlTaskFinished {
+                task: id.to_owned(),
+                reason,
+                rounds_closed: s.history.len() as u32,
+                version: s.version,
+            }));
+        }
         match fl::encode_round(&header, &t.global, &t.key) {
             Ok(payload) => {
                 for (device, _) in fleet.members(&s.spec.members) {
@@ -1073,7 +1193,7 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::fl::aggregate::{Rule, ServerOptimizer};
-    use crate::fl::eval::{EvalMetrics, NoEval};
+    use crate::fl::eval::EvalMetrics;
     use crate::fl::task::TrainSpec;
     use protocol::v1::deploy::TrustedKeys;
     use protocol::v1::fl::{Codec, ParamSpec, decode_round};
@@ -1106,23 +1226,40 @@ mod tests {
         }
     }
 
-    struct FixedEval;
-    impl Evaluator for FixedEval {
-        fn evaluate(
-            &mut self,
-            _: &str,
-            version: u32,
-            _: &[f32],
-        ) -> Option<Result<EvalMetrics, String>> {
-            if version == 1 {
-                Some(Err("onnx runtime unavailable: test".into()))
-            } else {
-                Some(Ok(EvalMetrics {
-                    accuracy: 0.5,
-                    loss: 1.0,
-                    rows: 4,
-                }))
-            }
+    /// What a host's evaluator would report: no runtime for version 1, figures after.
+    fn fixed_eval(version: u32) -> EvalOutcome {
+        if version == 1 {
+            EvalOutcome::Unavailable("onnx runtime unavailable: test".into())
+        } else {
+            EvalOutcome::Metrics(EvalMetrics {
+                accuracy: 0.5,
+                loss: 1.0,
+                rows: 4,
+            })
+        }
+    }
+
+    /// Runs every evaluation the engine asked for, as the host would, and returns what the
+    /// outcomes handed out.
+    fn run_evaluations(e: &mut Engine) -> Vec<Action> {
+        let mut out = Vec::new();
+        for r in e.take_evaluations() {
+            out.extend(e.on_evaluated(&r.task, r.version, fixed_eval(r.version)));
+        }
+        out
+    }
+
+    fn closed_metrics(actions: &[Action]) -> Option<RoundMetrics> {
+        events(actions).into_iter().find_map(|e| match e {
+            Event::FlRoundClosed { metrics, .. } => Some((**metrics).clone()),
+            _ => None,
+        })
+    }
+
+    fn spec_with_holdout() -> TaskSpec {
+        TaskSpec {
+            holdout: true,
+            ..spec()
         }
     }
 
@@ -1281,9 +1418,9 @@ mod tests {
             Phase::Waiting { .. }
         ));
         // Nothing changes, nothing new is said.
-        assert!(e.tick(2_000, &fleet, &mut NoEval).is_empty());
+        assert!(e.tick(2_000, &fleet).is_empty());
         fleet.0.insert("d1".into(), (true, true));
-        let out = e.tick(3_000, &fleet, &mut NoEval);
+        let out = e.tick(3_000, &fleet);
         let published = rounds_published(&out);
         assert_eq!(published.len(), 3, "every registered member gets the round");
         for (topic, h, w) in &published {
@@ -1312,7 +1449,8 @@ mod tests {
     #[test]
     fn quorum_closes_the_round_with_the_weighted_mean_and_opens_the_next() {
         let fleet = TestFleet::with(3);
-        let (mut e, out) = started(&fleet);
+        let mut e = Engine::default();
+        let out = e.start(spec_with_holdout(), key(), vec![0.0; N], 1_000, &fleet);
         assert_eq!(rounds_published(&out).len(), 3);
         let _ = e.take_writes();
         let out = e.on_update(
@@ -1320,7 +1458,6 @@ mod tests {
             &update_payload("d0", 1, 0, 10, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         assert!(matches!(
             events(&out)[..],
@@ -1337,22 +1474,27 @@ mod tests {
             &update_payload("d1", 1, 0, 30, &[3.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         let out = e.on_update(
             "d2",
             &update_payload("d2", 1, 0, 60, &[0.0; N]),
             2_000,
             &fleet,
-            &mut FixedEval,
         );
-        let closed = events(&out)
-            .into_iter()
-            .find_map(|e| match e {
-                Event::FlRoundClosed { metrics, .. } => Some(metrics.clone()),
-                _ => None,
-            })
-            .expect("round closed");
+        // The next round opened at once; the closed round's line waits for its evaluation.
+        assert!(closed_metrics(&out).is_none(), "held until evaluated");
+        assert_eq!(e.state("t").expect("known").evaluating, BTreeSet::from([1]));
+        let requests = e.take_evaluations();
+        assert_eq!(requests.len(), 1);
+        assert_eq!((requests[0].task.as_str(), requests[0].version), ("t", 1));
+        assert!(requests[0].weights.iter().all(|w| (w - 1.0).abs() < 1e-6));
+        let evaluated = e.on_evaluated("t", 1, fixed_eval(1));
+        let closed = closed_metrics(&evaluated).expect("round closed");
+        assert!(e.state("t").expect("known").evaluating.is_empty());
+        assert!(
+            e.on_evaluated("t", 1, fixed_eval(1)).is_empty(),
+            "a second outcome for the same version is ignored"
+        );
         assert_eq!(
             (closed.round, closed.version, closed.new_version),
             (1, 0, Some(1))
@@ -1407,22 +1549,16 @@ mod tests {
         sp.round_interval_s = 5;
         let _ = e.start(sp, key(), vec![0.0; N], 1_000, &fleet);
         for d in ["d0", "d1"] {
-            e.on_update(
-                d,
-                &update_payload(d, 1, 0, 10, &[1.0; N]),
-                2_000,
-                &fleet,
-                &mut NoEval,
-            );
+            e.on_update(d, &update_payload(d, 1, 0, 10, &[1.0; N]), 2_000, &fleet);
         }
         let s = e.state("t").expect("known");
         assert_eq!((s.round, s.not_before_ms), (2, 7_000));
         assert!(matches!(s.phase, Phase::Waiting { .. }), "{:?}", s.phase);
         assert!(
-            rounds_published(&e.tick(6_999, &fleet, &mut NoEval)).is_empty(),
+            rounds_published(&e.tick(6_999, &fleet)).is_empty(),
             "too early"
         );
-        let out = e.tick(7_000, &fleet, &mut NoEval);
+        let out = e.tick(7_000, &fleet);
         assert_eq!(rounds_published(&out).len(), 2);
         assert_eq!(e.state("t").expect("known").phase, Phase::Open);
     }
@@ -1513,14 +1649,14 @@ mod tests {
             ("d0", raw_update("d0", &wrong_task), "unknown_task"),
         ];
         for (device, payload, want) in &cases {
-            let out = e.on_update(device, payload, 2_000, &fleet, &mut NoEval);
+            let out = e.on_update(device, payload, 2_000, &fleet);
             assert_eq!(rejected_reason(&out), Some(*want), "{want}");
         }
         // The good one, then its replay.
         let good = update_payload("d0", 1, 0, 5, &[0.5; N]);
-        assert!(rejected_reason(&e.on_update("d0", &good, 2_000, &fleet, &mut NoEval)).is_none());
+        assert!(rejected_reason(&e.on_update("d0", &good, 2_000, &fleet)).is_none());
         assert_eq!(
-            rejected_reason(&e.on_update("d0", &good, 2_000, &fleet, &mut NoEval)),
+            rejected_reason(&e.on_update("d0", &good, 2_000, &fleet)),
             Some("duplicate")
         );
         let m = &e.state("t").expect("known").current;
@@ -1546,7 +1682,6 @@ mod tests {
             &update_payload("d1", 1, 0, 5, &[1.5; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         let g = e.global("t").expect("known");
         assert!(g.iter().all(|w| (w - 1.0).abs() < 1e-6), "{g:?}");
@@ -1570,7 +1705,6 @@ mod tests {
             &update_payload(&outsider, 1, 0, 5, &[0.5; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(rejected_reason(&out), Some("not_selected"));
     }
@@ -1588,19 +1722,17 @@ mod tests {
             &update_payload("d0", 1, 0, 10, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         e.on_update(
             "d1",
             &update_payload("d1", 1, 0, 10, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(e.state("t").expect("known").round, 2);
         // d2's round-1 update arrives during round 2: applied with staleness 1.
         let late = update_payload("d2", 1, 0, 10, &[4.0; N]);
-        let out = e.on_update("d2", &late, 3_000, &fleet, &mut NoEval);
+        let out = e.on_update("d2", &late, 3_000, &fleet);
         assert!(matches!(
             events(&out)[..],
             [Event::FlUpdate {
@@ -1612,7 +1744,7 @@ mod tests {
         ));
         // Its replay is a duplicate (not a second late update).
         assert_eq!(
-            rejected_reason(&e.on_update("d2", &late, 3_000, &fleet, &mut NoEval)),
+            rejected_reason(&e.on_update("d2", &late, 3_000, &fleet)),
             Some("duplicate")
         );
         // An on-time round-2 update from d0 (10 samples, delta 1) plus the late one (10
@@ -1622,7 +1754,6 @@ mod tests {
             &update_payload("d0", 2, 1, 10, &[1.0; N]),
             3_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(
             e.state("t").expect("known").round,
@@ -1634,7 +1765,6 @@ mod tests {
             &update_payload("d1", 2, 1, 10, &[1.0; N]),
             3_000,
             &fleet,
-            &mut NoEval,
         );
         let closed = events(&out)
             .into_iter()
@@ -1653,7 +1783,6 @@ mod tests {
             &update_payload("d2", 1, 0, 10, &[4.0; N]),
             4_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(rejected_reason(&out), Some("late_dropped"));
         // d2's round-2 update is one round late and it was selected then: accepted.
@@ -1662,7 +1791,6 @@ mod tests {
             &update_payload("d2", 2, 1, 10, &[0.0; N]),
             4_000,
             &fleet,
-            &mut NoEval,
         );
         assert!(rejected_reason(&out).is_none());
         assert_eq!(
@@ -1695,13 +1823,12 @@ mod tests {
             &update_payload(&selected[0], 1, 0, 5, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         // The other selected device went offline; before the deadline nothing happens.
         fleet.0.insert(selected[1].clone(), (true, false));
-        assert!(e.tick(10_999, &fleet, &mut NoEval).is_empty());
+        assert!(e.tick(10_999, &fleet).is_empty());
         // At the deadline, 1 < min_updates: extended, one fresh online member added.
-        let out = e.tick(11_000, &fleet, &mut NoEval);
+        let out = e.tick(11_000, &fleet);
         let added = events(&out)
             .into_iter()
             .find_map(|e| match e {
@@ -1720,14 +1847,8 @@ mod tests {
         assert_eq!((s.selected.len(), s.current.extensions, s.round), (3, 1, 1));
         // The added device delivers; at the new deadline the round closes with 2 updates.
         let d = &added.0[0];
-        e.on_update(
-            d,
-            &update_payload(d, 1, 0, 5, &[3.0; N]),
-            12_000,
-            &fleet,
-            &mut NoEval,
-        );
-        let out = e.tick(21_000, &fleet, &mut NoEval);
+        e.on_update(d, &update_payload(d, 1, 0, 5, &[3.0; N]), 12_000, &fleet);
+        let out = e.tick(21_000, &fleet);
         assert!(events(&out).iter().any(|e| matches!(e, Event::FlRoundClosed { metrics, .. } if metrics.close_reason.as_deref() == Some("deadline") && metrics.received == 2)));
         let g = e.global("t").expect("known");
         assert!(g.iter().all(|w| (w - 2.0).abs() < 1e-6), "{g:?}");
@@ -1745,14 +1866,12 @@ mod tests {
             &update_payload("d0", 1, 0, 5, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         let out = e.on_update(
             "d1",
             &update_payload("d1", 1, 0, 5, &[1.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         assert!(events(&out).iter().any(|e| matches!(e, Event::FlTaskFinished { reason, rounds_closed: 1, version: 1, .. } if reason == "completed")));
         let published = rounds_published(&out);
@@ -1772,7 +1891,6 @@ mod tests {
             &update_payload("d0", 1, 0, 5, &[1.0; N]),
             3_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(rejected_reason(&out), Some("task_finished"));
         assert!(
@@ -1805,7 +1923,6 @@ mod tests {
             &update_payload("d0", 1, 0, 10, &[3.0; N]),
             2_000,
             &fleet,
-            &mut NoEval,
         );
         // Persist as the service would, then rebuild a fresh engine from what was written.
         let mut state = None;
@@ -1859,7 +1976,6 @@ mod tests {
             &update_payload("d0", 1, 0, 10, &[3.0; N]),
             6_000,
             &fleet,
-            &mut NoEval,
         );
         assert_eq!(rejected_reason(&dup), Some("duplicate"));
         resumed.on_update(
@@ -1867,14 +1983,12 @@ mod tests {
             &update_payload("d1", 1, 0, 10, &[0.0; N]),
             6_000,
             &fleet,
-            &mut NoEval,
         );
         resumed.on_update(
             "d2",
             &update_payload("d2", 1, 0, 10, &[0.0; N]),
             6_000,
             &fleet,
-            &mut NoEval,
         );
         let g = resumed.global("t").expect("known");
         assert!(g.iter().all(|w| (w - 1.0).abs() < 1e-6), "{g:?}");
@@ -1914,5 +2028,182 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(p[0].0.ends_with("/d9/fl/round") && p[0].1.train.is_none());
         assert!(e.on_registered("d8", &["other".into()], 3_000).is_empty());
+    }
+
+    #[test]
+    fn a_task_without_holdout_closes_at_once_and_asks_for_no_evaluation() {
+        let fleet = TestFleet::with(2);
+        let (mut e, _) = started(&fleet);
+        e.on_update(
+            "d0",
+            &update_payload("d0", 1, 0, 5, &[1.0; N]),
+            2_000,
+            &fleet,
+        );
+        let out = e.on_update(
+            "d1",
+            &update_payload("d1", 1, 0, 5, &[1.0; N]),
+            2_000,
+            &fleet,
+        );
+        let closed = closed_metrics(&out).expect("closed at once");
+        assert_eq!(
+            (closed.eval_accuracy, closed.eval_note.as_deref()),
+            (None, None)
+        );
+        assert!(e.take_evaluations().is_empty());
+        assert!(e.state("t").expect("known").evaluating.is_empty());
+    }
+
+    #[test]
+    fn the_last_rounds_evaluation_comes_before_the_task_finished_line() {
+        let fleet = TestFleet::with(2);
+        let mut e = Engine::default();
+        let mut s = spec_with_holdout();
+        s.rounds = 2;
+        e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+        for round in 1..=2 {
+            for d in ["d0", "d1"] {
+                let p = update_payload(d, round, round - 1, 5, &[1.0; N]);
+                let out = e.on_update(d, &p, 2_000, &fleet);
+                if round == 2 && d == "d1" {
+                    // Final weights go out at once; the end waits for the evaluation.
+                    assert!(rounds_published(&out).iter().all(|(_, h, _)| h.done));
+                    assert_eq!(rounds_published(&out).len(), 2);
+                    assert!(events(&out).iter().all(|e| !matches!(
+                        e,
+                        Event::FlRoundClosed { .. } | Event::FlTaskFinished { .. }
+                    )));
+                    assert!(matches!(
+                        e.state("t").expect("known").phase,
+                        Phase::Finished { .. }
+                    ));
+                }
+            }
+        }
+        // Both rounds closed before either evaluation came back (rounds outran them).
+        assert_eq!(
+            e.state("t").expect("known").evaluating,
+            BTreeSet::from([1, 2])
+        );
+        let out = run_evaluations(&mut e);
+        let names: Vec<&str> = events(&out)
+            .into_iter()
+            .map(|e| match e {
+                Event::FlRoundClosed { metrics, .. } if metrics.round == 1 => "closed 1",
+                Event::FlRoundClosed { metrics, .. } if metrics.round == 2 => "closed 2",
+                Event::FlTaskFinished { .. } => "finished",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(names, ["closed 1", "closed 2", "finished"]);
+        let last = closed_metrics(&out[1..]).expect("round 2");
+        assert_eq!((last.eval_accuracy, last.eval_rows), (Some(0.5), Some(4)));
+        assert!(events(&out).iter().any(|e| matches!(
+            e,
+            Event::FlTaskFinished {
+                rounds_closed: 2,
+                version: 2,
+                ..
+            }
+        )));
+        let h = &e.state("t").expect("known").history;
+        assert_eq!(
+            h[1].eval_accuracy,
+            Some(0.5),
+            "the history has the figures too"
+        );
+        assert!(h[0].eval_note.is_some());
+        assert!(
+            e.take_writes()
+                .iter()
+                .any(|w| matches!(w, Write::State { state, .. } if state.evaluating.is_empty())),
+            "the state without pending evaluations is written"
+        );
+    }
+
+    /// A restart while evaluations run: the current version's is asked for again, an older
+    /// one is recorded unavailable; every closed round still gets its line, and a task that
+    /// finished meanwhile its end.
+    #[test]
+    fn restore_reruns_the_current_evaluation_and_gives_up_older_ones() {
+        let fleet = TestFleet::with(2);
+        let mut e = Engine::default();
+        let mut s = spec_with_holdout();
+        s.rounds = 2;
+        e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+        for round in 1..=2 {
+            for d in ["d0", "d1"] {
+                let p = update_payload(d, round, round - 1, 5, &[1.0; N]);
+                e.on_update(d, &p, 2_000, &fleet);
+            }
+        }
+        let asked = e.take_evaluations();
+        assert_eq!(asked.len(), 2);
+        let mut state = None;
+        let mut weights = None;
+        let mut server = None;
+        for w in e.take_writes() {
+            match w {
+                Write::State { state: s, .. } => state = Some(*s),
+                Write::Weights {
+                    version: 2,
+                    weights: v,
+                    ..
+                } => weights = Some(v),
+                Write::Server {
+                    version: 2,
+                    state: s,
+                    ..
+                } => server = Some(s),
+                _ => {}
+            }
+        }
+        let state = state.expect("state written");
+        assert_eq!(
+            state.evaluating,
+            BTreeSet::from([1, 2]),
+            "persisted as pending"
+        );
+        let mut resumed = Engine::default();
+        let out = resumed.restore(
+            state,
+            key(),
+            weights.expect("weights written"),
+            server.expect("server written"),
+            Vec::new(),
+            5_000,
+            &fleet,
+        );
+        // Round 1's evaluation is given up at once; round 2's runs again.
+        let closed = closed_metrics(&out).expect("round 1's line");
+        assert_eq!(closed.round, 1);
+        assert_eq!(
+            closed.eval_note,
+            Some(format!("eval unavailable: {EVAL_LOST_ON_RESTART}"))
+        );
+        assert!(
+            !events(&out)
+                .iter()
+                .any(|e| matches!(e, Event::FlTaskFinished { .. }))
+        );
+        assert!(
+            rounds_published(&out).is_empty(),
+            "a finished task announces nothing"
+        );
+        let again = resumed.take_evaluations();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].version, 2);
+        assert_eq!(again[0].weights, asked[1].weights);
+        let out = resumed.on_evaluated("t", 2, fixed_eval(2));
+        assert_eq!(
+            closed_metrics(&out).and_then(|m| m.eval_accuracy),
+            Some(0.5)
+        );
+        assert!(
+            events(&out)
+                .iter()
+                .any(|e| matches!(e, Event::FlTaskFinished { .. }))
+        );
     }
 }
