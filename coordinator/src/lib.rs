@@ -60,7 +60,9 @@
 //! `fl_update_rejected {task?, device, round?, reason, detail}`,
 //! `fl_round_closed {task, round, version, new_version, opened_ms, closed_ms, close_reason,
 //! extensions, selected, received, on_time, late, rejected {reason: n}, duplicates, bytes_in,
-//! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`,
+//! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`
+//! (for a task with a held-out set, journaled when its evaluation is in: `closed_ms` is the
+//! close, `ts_ms` the line),
 //! `fl_task_finished {task, reason, rounds_closed, version}`;
 //! every line has `ts_ms`.
 

@@ -246,7 +246,7 @@ impl Service {
                 _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
                 _ = progress.tick() => self.write_progress(),
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
-                done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done]) { break Err(e) },
+                done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done], false) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
                     if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
                 }
@@ -263,7 +263,7 @@ impl Service {
         self.write_progress();
         // Evaluations already running finish and are recorded; see FlHost::shutdown.
         let evaluated = self.fl.shutdown().await;
-        if let Err(e) = self.fl_evaluated(evaluated) {
+        if let Err(e) = self.fl_evaluated(evaluated, true) {
             tracing::warn!(error = %e, "cannot record the last federated evaluations; they run again at the next start");
         }
         if let Some(o) = self.offload.take() {
@@ -423,11 +423,16 @@ impl Service {
         self.flush_publishes(transport).await
     }
 
-    /// Evaluation outcomes: their events are journaled (and synced) before the state that
-    /// says they are done is written, so a crash repeats a round's line, never loses it.
+    /// Evaluation outcomes: their events are journaled now; the state that says they are
+    /// done is written by the next persist (the next batch or FL tick, at most [`FL_TICK`]
+    /// away; at once when `persist_now`, at shutdown). A crash in between leaves them pending
+    /// in `state.json`, so the restart evaluates again and the round's line repeats; it is
+    /// never lost. Not written here: a state write with fsync per evaluation is loop time,
+    /// which is what moving the evaluation off the loop was for.
     fn fl_evaluated(
         &mut self,
         done: Vec<crate::fl::worker::Evaluated>,
+        persist_now: bool,
     ) -> Result<(), ServiceError> {
         if done.is_empty() {
             return Ok(());
@@ -437,10 +442,9 @@ impl Service {
             let actions = self.fl.on_evaluated(d);
             self.actions(actions, now)?;
         }
-        if self.config.store.fsync {
-            self.journal.sync()?;
+        if persist_now {
+            self.fl.persist()?;
         }
-        self.fl.persist()?;
         Ok(())
     }
 

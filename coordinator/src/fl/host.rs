@@ -13,7 +13,7 @@
 //! [`FlHost::on_registered`] (called per message) after the caller's [`FlHost::persist`],
 //! which the service runs at its group commit, before it publishes. So a round message is
 //! never published for a state a restart would not find. Those of [`FlHost::on_evaluated`]
-//! (events only) are journaled before the caller's persist: see there.
+//! (events only) are journaled before the next persist: see there.
 //! Boundary: the service loop.
 
 use std::collections::BTreeSet;
@@ -128,7 +128,7 @@ impl FlHost {
     }
 
     /// An outcome from [`FlHost::next_evaluated`]: the closed round's `fl_round_closed` (and
-    /// `fl_task_finished` if it was the task's last). Journal them, then call
+    /// `fl_task_finished` if it was the task's last). Journal them before the next
     /// [`FlHost::persist`]: a crash in between leaves the evaluation pending in `state.json`,
     /// so a restart runs it again and the line repeats rather than goes missing.
     pub fn on_evaluated(&mut self, e: Evaluated) -> Vec<Action> {
