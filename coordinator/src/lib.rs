@@ -23,6 +23,8 @@
 //!   Invariant: the coordinator is subscribed before any device can connect to the embedded
 //!   broker; acks to an external broker only after commit. Boundary: the service.
 //! - [`service`]: the loop wiring them together.
+//! - [`action`]: what the I/O-free engines ask the service to do (publish, journal).
+//!   Boundary: the engines return it, only the service carries it out.
 //! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks), the spool
 //!   `deploy` writes and `serve` takes, the rollout engine (retained manifest, paced chunks,
 //!   bounded resends, status tracking) and per-rollout progress files. Invariant: `package`,
@@ -66,6 +68,7 @@
 //! `fl_task_finished {task, reason, rounds_closed, version}`;
 //! every line has `ts_ms`.
 
+pub mod action;
 pub mod config;
 pub mod core;
 pub mod deploy;

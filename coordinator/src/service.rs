@@ -29,9 +29,10 @@ use protocol::v1::topics::DeployTopic;
 use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
+use crate::action::Action;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
-use crate::deploy::engine::{Action, Engine};
+use crate::deploy::engine::Engine;
 use crate::deploy::spool;
 use crate::event::Event;
 use crate::fl::FlHost;

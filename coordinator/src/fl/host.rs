@@ -25,8 +25,8 @@ use super::engine::{Engine, EvalOutcome, EvalRequest, Fleet};
 use super::files::{self, FilesError};
 use super::task::{Members, initial_weights};
 use super::worker::{Evaluated, Worker, WorkerError};
+use crate::action::Action;
 use crate::core::Core;
-use crate::deploy::engine::Action;
 
 /// The registry as the round engine sees it: registered devices, their groups and whether
 /// their status says online.

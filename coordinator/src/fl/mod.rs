@@ -83,7 +83,8 @@
 //! - `engine`: rounds, selection, validation, aggregation, round messages, evaluation
 //!   requests and outcomes. Invariant: no I/O, no clock, no evaluation of its own; a refused
 //!   update never touches the aggregate; writes are handed out before the actions that depend
-//!   on them. Boundary: the host, tests.
+//!   on them. Boundary: the host, tests. Split by job: `engine/selection.rs`,
+//!   `admission.rs`, `rounds.rs`, `messages.rs`, tests under `engine/tests/`.
 //! - `state`: persisted task state and round metrics (also the `fl status --json` shape).
 //! - `eval`: held-out sets and ONNX evaluation. Invariant: a missing runtime is a reason, never
 //!   a panic. Boundary: the worker.
