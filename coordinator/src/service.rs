@@ -5,12 +5,13 @@
 //! to [`MAX_BATCH`]); each batch ends with a group commit (journal fsync, sled flush + fsync)
 //! and only then are its messages acknowledged to the broker.
 //!
-//! Deployments: the service owns every rollout. It picks up packages that `deploy` spooled
-//! under the state directory (at start-up and every [`SPOOL_POLL`]), resumes unfinished
-//! rollouts after a restart, feeds deployment statuses and resend requests to the
-//! [`Engine`] (no I/O) and does what it returns: publishes (manifest retained, chunks paced at
-//! [`CHUNKS_PER_TICK`] per [`DEPLOY_TICK`]), journals, and rewrites each rollout's progress
-//! file every [`PROGRESS_INTERVAL`].
+//! Deployments: the service owns every rollout through [`DeployHost`] (the engine, the spool,
+//! the progress files). It picks up packages that `deploy` spooled under the state directory
+//! (at start-up and every [`SPOOL_POLL`]), resumes unfinished rollouts after a restart, feeds
+//! deployment statuses and resend requests (decoded and deduplicated here) to the host and
+//! does what it returns: publishes (manifest retained, chunks paced at [`CHUNKS_PER_TICK`] per
+//! [`DEPLOY_TICK`]), journals, and has each rollout's progress file rewritten every
+//! [`PROGRESS_INTERVAL`].
 //!
 //! Federated learning: the service owns every task through [`FlHost`]: `fl/update` messages
 //! go to it (never to the core), registrations tell it about new members, and every
@@ -32,8 +33,7 @@ use tokio::sync::mpsc;
 use crate::action::Action;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
-use crate::deploy::engine::Engine;
-use crate::deploy::spool;
+use crate::deploy::host::DeployHost;
 use crate::event::Event;
 use crate::fl::FlHost;
 use crate::fl::files::FilesError;
@@ -144,7 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rx,
         ready: false,
         started_ms,
-        engine: Engine::default(),
+        deploy: DeployHost::new(&config.state_dir),
         publishes: Vec::new(),
         fl: FlHost::new(&config.state_dir, config.store.fsync),
         offload,
@@ -191,8 +191,8 @@ struct Service {
     rx: mpsc::Receiver<Inbound>,
     ready: bool,
     started_ms: u64,
-    engine: Engine,
-    /// Publishes the engine asked for while handling a batch; sent after its commit.
+    deploy: DeployHost,
+    /// Publishes the engines asked for while handling a batch; sent after its commit.
     publishes: Vec<(String, Vec<u8>, bool)>,
     fl: FlHost,
     offload: Option<Offload>,
@@ -396,7 +396,7 @@ impl Service {
                 .and_then(|r| r.registration.as_ref())
                 .map(|r| r.groups.clone())
                 .unwrap_or_default();
-            self.engine.on_registered(&device, &groups);
+            self.deploy.on_registered(&device, &groups);
             let actions = self.fl.on_registered(&device, &groups, now);
             self.actions(actions, now)?;
         }
@@ -504,8 +504,8 @@ impl Service {
             return self.journal_events(now, [event]);
         }
         let actions = match (status, resend) {
-            (Some(status), _) => self.engine.on_status(&device, &id, &status, now),
-            (_, Some(request)) => self.engine.on_resend(&device, &request),
+            (Some(status), _) => self.deploy.on_status(&device, &id, &status, now),
+            (_, Some(request)) => self.deploy.on_resend(&device, &request),
             _ => Vec::new(),
         };
         self.actions(actions, now)?;
@@ -557,7 +557,7 @@ impl Service {
             0
         };
         let now = v1::now_ms();
-        let actions = self.engine.tick(now, budget);
+        let actions = self.deploy.tick(now, budget);
         if actions.is_empty() {
             return Ok(());
         }
@@ -565,60 +565,12 @@ impl Service {
         self.flush_publishes(transport).await
     }
 
-    /// Registered devices that belong to `group`.
-    fn group_members(&self, group: &str) -> Vec<String> {
-        self.core
-            .devices()
-            .filter(|r| {
-                r.registration
-                    .as_ref()
-                    .is_some_and(|g| g.groups.iter().any(|x| x == group))
-            })
-            .map(|r| r.device.clone())
-            .collect()
-    }
-
     /// Start-up: resumes every rollout whose progress file says it is not finished, then
     /// picks up the spool.
     async fn resume_rollouts(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let state_dir = self.config.state_dir.clone();
-        let ids = match spool::rollouts(&state_dir) {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list rollouts; none resumed");
-                Vec::new()
-            }
-        };
         let now = v1::now_ms();
-        for id in ids {
-            let progress = match spool::read_progress(&state_dir, &id) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(deployment_id = %id, error = %e, "cannot read rollout progress; not resumed");
-                    continue;
-                }
-            };
-            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
-                continue;
-            }
-            let dir = spool::rollout_dir(&state_dir, &id);
-            let actions = match (spool::load_package(&dir), progress) {
-                (Ok(package), Some(progress)) => self.engine.resume(package, progress, now),
-                // Taken from the spool but stopped before the first progress file: start over.
-                (Ok(package), None) => {
-                    let members = match &package.manifest.target {
-                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
-                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
-                    };
-                    self.engine.start(package, members, now)
-                }
-                (Err(e), _) => {
-                    self.invalid_package(&id, &e.to_string(), now)?;
-                    continue;
-                }
-            };
-            self.actions(actions, now)?;
-        }
+        let actions = self.deploy.resume(now, &self.core);
+        self.actions(actions, now)?;
         self.write_progress();
         self.flush_publishes(transport).await?;
         self.pickup(transport).await
@@ -626,103 +578,20 @@ impl Service {
 
     /// Takes new deployments from the spool and starts them.
     async fn pickup(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let state_dir = self.config.state_dir.clone();
-        let ids = match spool::pending(&state_dir) {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the deployment spool");
-                return Ok(());
-            }
-        };
-        if ids.is_empty() {
+        let now = v1::now_ms();
+        let actions = self.deploy.pickup(now, &self.core);
+        if actions.is_empty() {
             return Ok(());
         }
-        let now = v1::now_ms();
-        for id in ids {
-            let dir = match spool::take(&state_dir, &id) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    tracing::error!(deployment_id = %id, error = %e, "cannot take deployment from the spool; moving it aside");
-                    let from = spool::spool_dir(&state_dir).join(&id);
-                    let to = spool::spool_dir(&state_dir).join(format!(".refused-{id}-{now}"));
-                    if let Err(e) = std::fs::rename(&from, &to) {
-                        tracing::error!(deployment_id = %id, error = %e, "cannot move refused deployment aside");
-                    }
-                    continue;
-                }
-            };
-            match spool::load_package(&dir) {
-                Ok(package) => {
-                    let members = match &package.manifest.target {
-                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
-                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
-                    };
-                    let actions = self.engine.start(package, members, now);
-                    self.actions(actions, now)?;
-                }
-                Err(e) => self.invalid_package(&id, &e.to_string(), now)?,
-            }
-        }
+        self.actions(actions, now)?;
         self.journal.sync()?;
         // At once, so `deploy` sees the pick-up without waiting for the next interval.
         self.write_progress();
         self.flush_publishes(transport).await
     }
 
-    /// A package that fails its checks is never sent; its progress file says why.
-    fn invalid_package(&mut self, id: &str, error: &str, now: u64) -> Result<(), ServiceError> {
-        let dir = spool::rollout_dir(&self.config.state_dir, id);
-        let manifest = std::fs::read(dir.join("manifest.json"))
-            .ok()
-            .and_then(|b| protocol::v1::deploy::SignedManifest::from_json(&b).ok())
-            .and_then(|s| s.peek_unverified());
-        let reason = format!("invalid package: {error}");
-        let progress = crate::deploy::progress::ProgressFile {
-            deployment_id: id.to_owned(),
-            version: manifest.as_ref().map_or(0, |m| m.version),
-            target: manifest.as_ref().map_or_else(
-                || protocol::v1::deploy::Target::Device(String::new()),
-                |m| m.target.clone(),
-            ),
-            expires_ms: manifest.as_ref().map_or(0, |m| m.expires_ms),
-            total_bytes: 0,
-            chunk_total: 0,
-            devices: Default::default(),
-            resends_ignored: 0,
-            finished: Some(reason.clone()),
-            updated_ms: now,
-        };
-        if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
-            tracing::warn!(deployment_id = %id, error = %e, "cannot write rollout progress");
-        }
-        self.journal_events(
-            now,
-            [Event::DeploymentFinished {
-                deployment_id: id.to_owned(),
-                version: progress.version,
-                reason,
-                healthy: 0,
-                failed: 0,
-                in_progress: 0,
-            }],
-        )
-    }
-
-    /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
-    /// copies are deleted once its final progress is on disk.
     fn write_progress(&mut self) {
-        for progress in self.engine.take_dirty(v1::now_ms()) {
-            if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
-                tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
-                continue;
-            }
-            if progress.finished.is_some() {
-                let dir = spool::rollout_dir(&self.config.state_dir, &progress.deployment_id);
-                if let Err(e) = spool::remove_artifacts(&dir) {
-                    tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
-                }
-            }
-        }
+        self.deploy.write_progress(v1::now_ms());
     }
 
     /// Journals the events, then records the seen id and changed records (see crate docs for
@@ -826,12 +695,12 @@ impl Service {
             rejected = t.rejected,
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
-            deployments = self.engine.active_count(),
+            deployments = self.deploy.active_count(),
             fl_tasks = self.fl.active_count(),
-            chunks_queued = self.engine.queued(),
-            chunks_sent = self.engine.totals().chunks_sent,
-            chunks_resent = self.engine.totals().chunks_resent,
-            resend_entries_ignored = self.engine.totals().resend_entries_ignored,
+            chunks_queued = self.deploy.queued(),
+            chunks_sent = self.deploy.totals().chunks_sent,
+            chunks_resent = self.deploy.totals().chunks_resent,
+            resend_entries_ignored = self.deploy.totals().resend_entries_ignored,
             "stats"
         );
         if let Some(o) = &self.offload {
