@@ -23,6 +23,8 @@
 //!   Invariant: the coordinator is subscribed before any device can connect to the embedded
 //!   broker; acks to an external broker only after commit. Boundary: the service.
 //! - [`service`]: the loop wiring them together.
+//! - [`action`]: what the I/O-free engines ask the service to do (publish, journal).
+//!   Boundary: the engines return it, only the service carries it out.
 //! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks), the spool
 //!   `deploy` writes and `serve` takes, the rollout engine (retained manifest, paced chunks,
 //!   bounded resends, status tracking) and per-rollout progress files. Invariant: `package`,
@@ -60,10 +62,13 @@
 //! `fl_update_rejected {task?, device, round?, reason, detail}`,
 //! `fl_round_closed {task, round, version, new_version, opened_ms, closed_ms, close_reason,
 //! extensions, selected, received, on_time, late, rejected {reason: n}, duplicates, bytes_in,
-//! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`,
+//! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`
+//! (for a task with a held-out set, journaled when its evaluation is in: `closed_ms` is the
+//! close, `ts_ms` the line),
 //! `fl_task_finished {task, reason, rounds_closed, version}`;
 //! every line has `ts_ms`.
 
+pub mod action;
 pub mod config;
 pub mod core;
 pub mod deploy;

@@ -5,18 +5,27 @@
 //! to [`MAX_BATCH`]); each batch ends with a group commit (journal fsync, sled flush + fsync)
 //! and only then are its messages acknowledged to the broker.
 //!
-//! Deployments: the service owns every rollout. It picks up packages that `deploy` spooled
-//! under the state directory (at start-up and every [`SPOOL_POLL`]), resumes unfinished
-//! rollouts after a restart, feeds deployment statuses and resend requests to the
-//! [`Engine`] (no I/O) and does what it returns: publishes (manifest retained, chunks paced at
-//! [`CHUNKS_PER_TICK`] per [`DEPLOY_TICK`]), journals, and rewrites each rollout's progress
-//! file every [`PROGRESS_INTERVAL`].
+//! Deployments: the service owns every rollout through [`DeployHost`] (the engine, the spool,
+//! the progress files). It picks up packages that `deploy` spooled under the state directory
+//! (at start-up and every `SPOOL_POLL_MS`), resumes unfinished rollouts after a restart,
+//! feeds deployment statuses and resend requests (decoded and deduplicated here) to the host
+//! and does what it returns: publishes (manifest retained, chunks paced at
+//! [`CHUNKS_PER_TICK`] per `DEPLOY_TICK_MS`), journals, and has each rollout's progress file
+//! rewritten every `PROGRESS_INTERVAL_MS` (the periods are the host's, in
+//! [`crate::deploy::host`]).
+//!
+//! Timers: both hosts say when their next chore is due (`next_deadline`, `take_due`), so
+//! the loop sleeps on one timer for chunk pacing, spool polls, progress files and FL ticks.
 //!
 //! Federated learning: the service owns every task through [`FlHost`]: `fl/update` messages
 //! go to it (never to the core), registrations tell it about new members, and every
-//! [`FL_TICK`] it takes new tasks and stop requests and checks deadlines. Its state is
+//! `FL_TICK_MS` ([`crate::fl::host`]) it takes new tasks and stop requests and checks
+//! deadlines. Its state is
 //! written (`FlHost::persist`) before the batch's commit and acks, and before any round
 //! message it asks for is published, so a restart never finds less than devices were told.
+//! Held-out evaluations run on the host's own thread; their outcomes arrive here as one more
+//! event of the loop (`FlHost::next_evaluated`), never inside a batch, so a round closing
+//! delays no ack.
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,10 +35,10 @@ use protocol::v1::topics::{DeployTopic, Topic};
 use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
+use crate::action::Action;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
-use crate::deploy::engine::{Action, Engine};
-use crate::deploy::spool;
+use crate::deploy::host::DeployHost;
 use crate::event::Event;
 use crate::fl::FlHost;
 use crate::fl::files::FilesError;
@@ -48,18 +57,11 @@ const MAX_BATCH: usize = 256;
 const RECOVERY_WINDOW_BYTES: u64 = (MAX_BATCH as u64) * (v1::MAX_PAYLOAD_BYTES as u64 + 4096);
 /// How often deferred client requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
-/// How often queued deployment chunks are published, [`CHUNKS_PER_TICK`] at a time: at most
-/// 160 chunks (10 MiB at the default chunk size) a second over all rollouts, so neither the
-/// broker's per-subscription buffers nor slow device links are flooded; whatever a device
-/// still misses it asks for again.
-const DEPLOY_TICK: Duration = Duration::from_millis(50);
+/// Queued deployment chunks published per `DEPLOY_TICK_MS` ([`crate::deploy::host`]): at
+/// most 160 chunks (10 MiB at the default chunk size) a second over all rollouts, so neither the broker's
+/// per-subscription buffers nor slow device links are flooded; whatever a device still misses
+/// it asks for again.
 const CHUNKS_PER_TICK: usize = 8;
-/// How often the spool is checked for new deployments.
-const SPOOL_POLL: Duration = Duration::from_millis(500);
-/// How often changed rollout progress files are rewritten.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
-/// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
-const FL_TICK: Duration = Duration::from_millis(250);
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +142,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rx,
         ready: false,
         started_ms,
-        engine: Engine::default(),
+        deploy: DeployHost::new(&config.state_dir),
         publishes: Vec::new(),
         fl: FlHost::new(&config.state_dir, config.store.fsync),
         offload,
@@ -187,8 +189,8 @@ struct Service {
     rx: mpsc::Receiver<Inbound>,
     ready: bool,
     started_ms: u64,
-    engine: Engine,
-    /// Publishes the engine asked for while handling a batch; sent after its commit.
+    deploy: DeployHost,
+    /// Publishes the engines asked for while handling a batch; sent after its commit.
     publishes: Vec<(String, Vec<u8>, bool)>,
     fl: FlHost,
     offload: Option<Offload>,
@@ -209,14 +211,6 @@ impl Service {
             tokio::time::interval_at(tokio::time::Instant::now() + prune_every, prune_every);
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         let own_status = topics::status(topics::COORDINATOR);
-        let mut deploy_tick = tokio::time::interval(DEPLOY_TICK);
-        deploy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut spool_poll = tokio::time::interval(SPOOL_POLL);
-        spool_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
-        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut fl_tick = tokio::time::interval(FL_TICK);
-        fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let advert_every = self
             .offload
             .as_ref()
@@ -227,6 +221,9 @@ impl Service {
         self.resume_fl(&mut transport).await?;
 
         let result = loop {
+            // The hosts' chores (chunk pacing, spool polls, progress files, FL ticks) share
+            // one timer: the earliest deadline either host names.
+            let wake = self.hosts_wake_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
@@ -239,10 +236,8 @@ impl Service {
                     }
                 }
                 _ = retry.tick(), if transport.has_deferred() => transport.retry_deferred(),
-                _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
-                _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
-                _ = progress.tick() => self.write_progress(),
-                _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
+                () = tokio::time::sleep_until(wake) => if let Err(e) = self.host_chores(&mut transport).await { break Err(e) },
+                done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done], false) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
                     if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
                 }
@@ -257,6 +252,11 @@ impl Service {
         };
 
         self.write_progress();
+        // Evaluations already running finish and are recorded; see FlHost::shutdown.
+        let evaluated = self.fl.shutdown().await;
+        if let Err(e) = self.fl_evaluated(evaluated, true) {
+            tracing::warn!(error = %e, "cannot record the last federated evaluations; they run again at the next start");
+        }
         if let Some(o) = self.offload.take() {
             // An empty retained payload clears the advert: agents stop counting on us.
             if let Err(e) = transport
@@ -389,9 +389,34 @@ impl Service {
                 .and_then(|r| r.registration.as_ref())
                 .map(|r| r.groups.clone())
                 .unwrap_or_default();
-            self.engine.on_registered(&device, &groups);
+            self.deploy.on_registered(&device, &groups);
             let actions = self.fl.on_registered(&device, &groups, now);
             self.actions(actions, now)?;
+        }
+        Ok(())
+    }
+
+    /// When the next host chore is due, on tokio's clock.
+    fn hosts_wake_at(&self) -> tokio::time::Instant {
+        let at = self.deploy.next_deadline().min(self.fl.next_deadline());
+        tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(v1::now_ms()))
+    }
+
+    /// Whatever the hosts say is due, in the order the separate timers ran them before.
+    async fn host_chores(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let now = v1::now_ms();
+        let due = self.deploy.take_due(now);
+        if due.chunks {
+            self.deploy_tick(transport).await?;
+        }
+        if due.spool {
+            self.pickup(transport).await?;
+        }
+        if due.progress {
+            self.write_progress();
+        }
+        if self.fl.take_due(now) {
+            self.fl_tick(transport).await?;
         }
         Ok(())
     }
@@ -415,6 +440,31 @@ impl Service {
         }
         self.actions(actions, now)?;
         self.flush_publishes(transport).await
+    }
+
+    /// Evaluation outcomes: their events are journaled now; the state that says they are
+    /// done is written by the next persist (the next batch or FL tick, at most [`FL_TICK`]
+    /// away; at once when `persist_now`, at shutdown). A crash in between leaves them pending
+    /// in `state.json`, so the restart evaluates again and the round's line repeats; it is
+    /// never lost. Not written here: a state write with fsync per evaluation is loop time,
+    /// which is what moving the evaluation off the loop was for.
+    fn fl_evaluated(
+        &mut self,
+        done: Vec<crate::fl::worker::Evaluated>,
+        persist_now: bool,
+    ) -> Result<(), ServiceError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let now = v1::now_ms();
+        for d in done {
+            let actions = self.fl.on_evaluated(d);
+            self.actions(actions, now)?;
+        }
+        if persist_now {
+            self.fl.persist()?;
+        }
+        Ok(())
     }
 
     /// Deployment traffic: statuses and resend requests from devices (deduplicated by
@@ -472,8 +522,8 @@ impl Service {
             return self.journal_events(now, [event]);
         }
         let actions = match (status, resend) {
-            (Some(status), _) => self.engine.on_status(&device, &id, &status, now),
-            (_, Some(request)) => self.engine.on_resend(&device, &request),
+            (Some(status), _) => self.deploy.on_status(&device, &id, &status, now),
+            (_, Some(request)) => self.deploy.on_resend(&device, &request),
             _ => Vec::new(),
         };
         self.actions(actions, now)?;
@@ -525,7 +575,7 @@ impl Service {
             0
         };
         let now = v1::now_ms();
-        let actions = self.engine.tick(now, budget);
+        let actions = self.deploy.tick(now, budget);
         if actions.is_empty() {
             return Ok(());
         }
@@ -533,60 +583,12 @@ impl Service {
         self.flush_publishes(transport).await
     }
 
-    /// Registered devices that belong to `group`.
-    fn group_members(&self, group: &str) -> Vec<String> {
-        self.core
-            .devices()
-            .filter(|r| {
-                r.registration
-                    .as_ref()
-                    .is_some_and(|g| g.groups.iter().any(|x| x == group))
-            })
-            .map(|r| r.device.clone())
-            .collect()
-    }
-
     /// Start-up: resumes every rollout whose progress file says it is not finished, then
     /// picks up the spool.
     async fn resume_rollouts(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let state_dir = self.config.state_dir.clone();
-        let ids = match spool::rollouts(&state_dir) {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list rollouts; none resumed");
-                Vec::new()
-            }
-        };
         let now = v1::now_ms();
-        for id in ids {
-            let progress = match spool::read_progress(&state_dir, &id) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(deployment_id = %id, error = %e, "cannot read rollout progress; not resumed");
-                    continue;
-                }
-            };
-            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
-                continue;
-            }
-            let dir = spool::rollout_dir(&state_dir, &id);
-            let actions = match (spool::load_package(&dir), progress) {
-                (Ok(package), Some(progress)) => self.engine.resume(package, progress, now),
-                // Taken from the spool but stopped before the first progress file: start over.
-                (Ok(package), None) => {
-                    let members = match &package.manifest.target {
-                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
-                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
-                    };
-                    self.engine.start(package, members, now)
-                }
-                (Err(e), _) => {
-                    self.invalid_package(&id, &e.to_string(), now)?;
-                    continue;
-                }
-            };
-            self.actions(actions, now)?;
-        }
+        let actions = self.deploy.resume(now, &self.core);
+        self.actions(actions, now)?;
         self.write_progress();
         self.flush_publishes(transport).await?;
         self.pickup(transport).await
@@ -594,103 +596,20 @@ impl Service {
 
     /// Takes new deployments from the spool and starts them.
     async fn pickup(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let state_dir = self.config.state_dir.clone();
-        let ids = match spool::pending(&state_dir) {
-            Ok(ids) => ids,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the deployment spool");
-                return Ok(());
-            }
-        };
-        if ids.is_empty() {
+        let now = v1::now_ms();
+        let actions = self.deploy.pickup(now, &self.core);
+        if actions.is_empty() {
             return Ok(());
         }
-        let now = v1::now_ms();
-        for id in ids {
-            let dir = match spool::take(&state_dir, &id) {
-                Ok(dir) => dir,
-                Err(e) => {
-                    tracing::error!(deployment_id = %id, error = %e, "cannot take deployment from the spool; moving it aside");
-                    let from = spool::spool_dir(&state_dir).join(&id);
-                    let to = spool::spool_dir(&state_dir).join(format!(".refused-{id}-{now}"));
-                    if let Err(e) = std::fs::rename(&from, &to) {
-                        tracing::error!(deployment_id = %id, error = %e, "cannot move refused deployment aside");
-                    }
-                    continue;
-                }
-            };
-            match spool::load_package(&dir) {
-                Ok(package) => {
-                    let members = match &package.manifest.target {
-                        protocol::v1::deploy::Target::Group(g) => self.group_members(g),
-                        protocol::v1::deploy::Target::Device(_) => Vec::new(),
-                    };
-                    let actions = self.engine.start(package, members, now);
-                    self.actions(actions, now)?;
-                }
-                Err(e) => self.invalid_package(&id, &e.to_string(), now)?,
-            }
-        }
+        self.actions(actions, now)?;
         self.journal.sync()?;
         // At once, so `deploy` sees the pick-up without waiting for the next interval.
         self.write_progress();
         self.flush_publishes(transport).await
     }
 
-    /// A package that fails its checks is never sent; its progress file says why.
-    fn invalid_package(&mut self, id: &str, error: &str, now: u64) -> Result<(), ServiceError> {
-        let dir = spool::rollout_dir(&self.config.state_dir, id);
-        let manifest = std::fs::read(dir.join("manifest.json"))
-            .ok()
-            .and_then(|b| protocol::v1::deploy::SignedManifest::from_json(&b).ok())
-            .and_then(|s| s.peek_unverified());
-        let reason = format!("invalid package: {error}");
-        let progress = crate::deploy::progress::ProgressFile {
-            deployment_id: id.to_owned(),
-            version: manifest.as_ref().map_or(0, |m| m.version),
-            target: manifest.as_ref().map_or_else(
-                || protocol::v1::deploy::Target::Device(String::new()),
-                |m| m.target.clone(),
-            ),
-            expires_ms: manifest.as_ref().map_or(0, |m| m.expires_ms),
-            total_bytes: 0,
-            chunk_total: 0,
-            devices: Default::default(),
-            resends_ignored: 0,
-            finished: Some(reason.clone()),
-            updated_ms: now,
-        };
-        if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
-            tracing::warn!(deployment_id = %id, error = %e, "cannot write rollout progress");
-        }
-        self.journal_events(
-            now,
-            [Event::DeploymentFinished {
-                deployment_id: id.to_owned(),
-                version: progress.version,
-                reason,
-                healthy: 0,
-                failed: 0,
-                in_progress: 0,
-            }],
-        )
-    }
-
-    /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
-    /// copies are deleted once its final progress is on disk.
     fn write_progress(&mut self) {
-        for progress in self.engine.take_dirty(v1::now_ms()) {
-            if let Err(e) = spool::write_progress(&self.config.state_dir, &progress) {
-                tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
-                continue;
-            }
-            if progress.finished.is_some() {
-                let dir = spool::rollout_dir(&self.config.state_dir, &progress.deployment_id);
-                if let Err(e) = spool::remove_artifacts(&dir) {
-                    tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
-                }
-            }
-        }
+        self.deploy.write_progress(v1::now_ms());
     }
 
     /// Journals the events, then records the seen id and changed records (see crate docs for
@@ -794,12 +713,12 @@ impl Service {
             rejected = t.rejected,
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
-            deployments = self.engine.active_count(),
+            deployments = self.deploy.active_count(),
             fl_tasks = self.fl.active_count(),
-            chunks_queued = self.engine.queued(),
-            chunks_sent = self.engine.totals().chunks_sent,
-            chunks_resent = self.engine.totals().chunks_resent,
-            resend_entries_ignored = self.engine.totals().resend_entries_ignored,
+            chunks_queued = self.deploy.queued(),
+            chunks_sent = self.deploy.totals().chunks_sent,
+            chunks_resent = self.deploy.totals().chunks_resent,
+            resend_entries_ignored = self.deploy.totals().resend_entries_ignored,
             "stats"
         );
         if let Some(o) = &self.offload {

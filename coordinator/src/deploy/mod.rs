@@ -24,13 +24,16 @@
 //!   ignores reports for other deployments. Boundary: the engine, tests.
 //! - `engine`: every active rollout, the paced chunk queue, resend and status handling; says
 //!   what to publish and journal. Invariant: no I/O, no clock; at most `MAX_RESEND_CHUNKS`
-//!   chunks per resend request; never sends for a finished rollout. Boundary: the service.
+//!   chunks per resend request; never sends for a finished rollout. Boundary: the host, tests.
+//! - `host`: the service's glue (owns the engine, takes the spool, resumes rollouts, writes
+//!   progress files), mirroring `fl::host`. Boundary: the service.
 //! - `progress`: the progress file's shape (persisted rollout state, read by `deploy`).
 //! - `spool`: the spool and rollout directories on disk. Invariant: every file appears whole
 //!   (temporary name, fsync, rename); a package is checked against its signed manifest when
 //!   read. Boundary: the binary (writes the spool, reads progress), the service.
 
 pub mod engine;
+pub mod host;
 pub mod keys;
 pub mod package;
 pub mod progress;

@@ -1,11 +1,13 @@
-//! Evaluation of a global model on a task's held-out set: the [`Evaluator`] trait the round
-//! engine calls when a round closes, the held-out CSV format, and [`OnnxEvaluator`], which
-//! patches the weights into the task's ONNX model and runs it with ONNX Runtime.
+//! Evaluation of a global model on a task's held-out set: the [`Evaluator`] trait the
+//! evaluation thread ([`super::worker`]) calls for each closed round, the held-out CSV format,
+//! and [`OnnxEvaluator`], which patches the weights into the task's ONNX model and runs it
+//! with ONNX Runtime.
 //!
 //! Held-out file: one sample per line, `feature,feature,...,label`; the label is a class index
 //! (a non-negative integer). Empty lines and lines starting with `#` are skipped, and so is a
 //! first line that does not parse as numbers (a header). At most [`MAX_HOLDOUT_ROWS`] rows:
-//! evaluation runs in the coordinator's service loop once per round.
+//! evaluation runs once per round, on one thread, and a slow one delays the round's journal
+//! line (not the service loop).
 //!
 //! Metrics: accuracy is argmax against the label; loss is the mean cross-entropy
 //! `-ln p[label]` of the model's first output. That output is taken as probabilities when every
@@ -34,7 +36,7 @@ pub struct EvalMetrics {
     pub rows: u32,
 }
 
-/// Evaluates global weights; injected into the engine so its tests need no ONNX Runtime.
+/// Evaluates global weights.
 pub trait Evaluator {
     /// `None` when the task has no held-out set; `Some(Err(reason))` when it cannot be
     /// evaluated (no runtime, a model that does not run).

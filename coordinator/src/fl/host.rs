@@ -1,22 +1,32 @@
-//! The service's side of federated learning: owns the round [`Engine`], the ONNX evaluator
-//! and the task files; takes tasks from the spool, stop requests, updates and registrations,
-//! and persists every change before handing back what to publish and journal.
+//! The service's side of federated learning: owns the round [`Engine`], the evaluation thread
+//! ([`Worker`]) and the task files; takes tasks from the spool, stop requests, updates,
+//! registrations and evaluation outcomes, and persists every change before handing back what
+//! to publish and journal.
+//!
+//! Evaluations the engine asks for go to the worker (tasks with a held-out set) or are
+//! answered at once (tasks without one, so their rounds' lines are not delayed); outcomes come
+//! back through [`FlHost::next_evaluated`], which the service loop selects on, and
+//! [`FlHost::on_evaluated`].
 //!
 //! Invariant: the actions of [`FlHost::resume`], [`FlHost::pickup`] and [`FlHost::tick`] are
 //! handed back after their writes are on disk; those of [`FlHost::on_update`] and
 //! [`FlHost::on_registered`] (called per message) after the caller's [`FlHost::persist`],
 //! which the service runs at its group commit, before it publishes. So a round message is
-//! never published for a state a restart would not find.
+//! never published for a state a restart would not find. Those of [`FlHost::on_evaluated`]
+//! (events only) are journaled before the next persist: see there.
 //! Boundary: the service loop.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::engine::{Engine, Fleet};
-use super::eval::OnnxEvaluator;
+use tokio::sync::mpsc;
+
+use super::engine::{Engine, EvalOutcome, EvalRequest, Fleet};
 use super::files::{self, FilesError};
 use super::task::{Members, initial_weights};
+use super::worker::{Evaluated, Worker, WorkerError};
+use crate::action::Action;
 use crate::core::Core;
-use crate::deploy::engine::Action;
 
 /// The registry as the round engine sees it: registered devices, their groups and whether
 /// their status says online.
@@ -38,12 +48,24 @@ impl Fleet for Core {
     }
 }
 
+/// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
+pub const FL_TICK_MS: u64 = 250;
+
 /// Federated learning inside `serve`.
 pub struct FlHost {
     state_dir: PathBuf,
     fsync: bool,
     engine: Engine,
-    eval: OnnxEvaluator,
+    /// Started with the first task that has a held-out set.
+    worker: Option<Worker>,
+    /// Tasks whose held-out set the worker has.
+    holdouts: BTreeSet<String>,
+    /// Kept so the channel never closes while the host lives: `next_evaluated` then waits
+    /// instead of ending when no worker runs.
+    results_tx: mpsc::UnboundedSender<Evaluated>,
+    results: mpsc::UnboundedReceiver<Evaluated>,
+    /// When [`FlHost::tick`] is next due, ms since the epoch (0: at once).
+    next_tick_ms: u64,
 }
 
 impl std::fmt::Debug for FlHost {
@@ -56,12 +78,96 @@ impl std::fmt::Debug for FlHost {
 
 impl FlHost {
     pub fn new(state_dir: &Path, fsync: bool) -> FlHost {
+        // Unbounded: at most one outcome per closed round, and the worker must never block
+        // on a full queue while the service loop waits on it at shutdown.
+        let (results_tx, results) = mpsc::unbounded_channel();
         FlHost {
             state_dir: state_dir.to_owned(),
             fsync,
             engine: Engine::default(),
-            eval: OnnxEvaluator::default(),
+            worker: None,
+            holdouts: BTreeSet::new(),
+            results_tx,
+            results,
+            next_tick_ms: 0,
         }
+    }
+
+    /// When [`FlHost::tick`] is next due (ms since the epoch), for the service's one timer.
+    pub fn next_deadline(&self) -> u64 {
+        self.next_tick_ms
+    }
+
+    /// True when [`FlHost::tick`] is due at `now`; the next one is then a full [`FL_TICK_MS`]
+    /// later (a late tick is not repeated to catch up).
+    pub fn take_due(&mut self, now: u64) -> bool {
+        let due = now >= self.next_tick_ms;
+        if due {
+            self.next_tick_ms = now + FL_TICK_MS;
+        }
+        due
+    }
+
+    /// Hands the engine's evaluation requests to the worker; answers those of tasks without
+    /// a held-out set (or when the worker cannot take them) at once.
+    fn dispatch(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        for request in self.engine.take_evaluations() {
+            let outcome = if self.holdouts.contains(&request.task) {
+                match self.send(request.clone()) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::error!(task = %request.task, error = %e, "federated evaluation not run");
+                        EvalOutcome::Unavailable(e.to_string())
+                    }
+                }
+            } else {
+                EvalOutcome::NoHoldout
+            };
+            out.extend(
+                self.engine
+                    .on_evaluated(&request.task, request.version, outcome),
+            );
+        }
+        out
+    }
+
+    fn send(&mut self, request: EvalRequest) -> Result<(), WorkerError> {
+        self.worker
+            .as_ref()
+            .ok_or(WorkerError::Stopped)?
+            .evaluate(request)
+    }
+
+    /// The next evaluation outcome; waits for ever while none is running.
+    pub async fn next_evaluated(&mut self) -> Evaluated {
+        match self.results.recv().await {
+            Some(e) => e,
+            // Not reached: we hold a sender.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// An outcome from [`FlHost::next_evaluated`]: the closed round's `fl_round_closed` (and
+    /// `fl_task_finished` if it was the task's last). Journal them before the next
+    /// [`FlHost::persist`]: a crash in between leaves the evaluation pending in `state.json`,
+    /// so a restart runs it again and the line repeats rather than goes missing.
+    pub fn on_evaluated(&mut self, e: Evaluated) -> Vec<Action> {
+        self.engine.on_evaluated(&e.task, e.version, e.outcome)
+    }
+
+    /// Stops the evaluation thread after the evaluations already asked for, and returns their
+    /// outcomes (the service journals and persists them before it exits; one that is still
+    /// missing stays pending in `state.json` and runs again at the next start).
+    pub async fn shutdown(&mut self) -> Vec<Evaluated> {
+        if let Some(mut w) = self.worker.take() {
+            w.shutdown().await;
+        }
+        let mut out = Vec::new();
+        while let Ok(e) = self.results.try_recv() {
+            out.push(e);
+        }
+        out
     }
 
     /// Tasks not finished.
@@ -104,9 +210,28 @@ impl FlHost {
         }
         let persisted = files::load_persisted(&self.state_dir, id)?;
         if let Some(h) = f.holdout {
-            self.eval.add(id, f.model.clone(), f.spec.params.clone(), h);
+            if self.worker.is_none() {
+                match Worker::start(self.results_tx.clone()) {
+                    Ok(w) => self.worker = Some(w),
+                    // Its evaluations are recorded as unavailable (dispatch); the task runs.
+                    Err(e) => tracing::error!(error = %e, "federated evaluation disabled"),
+                }
+            }
+            if let Some(w) = &self.worker {
+                match w.add(id, f.model.clone(), f.spec.params.clone(), h) {
+                    Ok(()) => {
+                        self.holdouts.insert(id.to_owned());
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %id, error = %e, "held-out set not registered")
+                    }
+                }
+            } else {
+                // dispatch() records its evaluations as unavailable (`WorkerError::Stopped`).
+                self.holdouts.insert(id.to_owned());
+            }
         }
-        Ok(match persisted {
+        let mut actions = match persisted {
             Some(p) => self
                 .engine
                 .restore(p.state, f.key, p.global, p.server, p.updates, now_ms, fleet),
@@ -127,7 +252,9 @@ impl FlHost {
                 }
                 self.engine.start(f.spec, f.key, initial, now_ms, fleet)
             }
-        })
+        };
+        actions.extend(self.dispatch());
+        Ok(actions)
     }
 
     /// Takes new tasks from the spool and starts them.
@@ -158,6 +285,7 @@ impl FlHost {
         for id in files::stop_requests(&self.state_dir)? {
             if self.engine.contains(&id) {
                 out.extend(self.engine.stop(&id, "stopped by fl stop", now_ms, fleet));
+                out.extend(self.dispatch());
                 self.persist()?;
             } else if files::spool_dir(&self.state_dir).join(&id).is_dir() {
                 // Not taken yet: the next pick-up starts it, and the stop ends it then.
@@ -165,7 +293,8 @@ impl FlHost {
             }
             files::clear_stop(&self.state_dir, &id)?;
         }
-        out.extend(self.engine.tick(now_ms, fleet, &mut self.eval));
+        out.extend(self.engine.tick(now_ms, fleet));
+        out.extend(self.dispatch());
         self.persist()?;
         Ok(out)
     }
@@ -179,8 +308,9 @@ impl FlHost {
         now_ms: u64,
         fleet: &dyn Fleet,
     ) -> Vec<Action> {
-        self.engine
-            .on_update(device, payload, now_ms, fleet, &mut self.eval)
+        let mut out = self.engine.on_update(device, payload, now_ms, fleet);
+        out.extend(self.dispatch());
+        out
     }
 
     /// A device registered (with these groups). Call [`FlHost::persist`] before publishing

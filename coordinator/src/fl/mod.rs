@@ -6,7 +6,9 @@
 //! serve: host picks it up ─► engine: select ─► signed RoundMessage, retained, per member
 //!        fl/update ─► engine.on_update: validate ─► accept | reject by reason
 //!        quorum or deadline ─► aggregate + server optimizer ─► new global version
-//!        ─► eval (ONNX Runtime, held-out set) ─► fl_round_closed ─► next round | done
+//!        ─► next round | done (at once)
+//!        ─► eval request ─► worker thread (ONNX Runtime, held-out set) ─► outcome event
+//!           ─► fl_round_closed (with eval figures) [─► fl_task_finished after the last]
 //!        every change ─► files (state.json is the commit point) ─► then publish
 //! fl status ─► reads state.json
 //! ```
@@ -64,8 +66,13 @@
 //! reason, duplicates, bytes in (update bodies) and out (round messages), the
 //! sample-weighted training loss and accuracy the devices reported, and the new global
 //! model's accuracy and cross-entropy on the optional held-out set ([`eval`]). Evaluation
-//! runs in the service loop when a round closes (held-out sets are capped at
-//! [`eval::MAX_HOLDOUT_ROWS`] rows); without an ONNX Runtime library it records
+//! runs on its own thread ([`worker`]), never in the service loop: a closing round opens the
+//! next one at once, and its `fl_round_closed` is journaled when the figures are in (so each
+//! round still has one complete line, and `fl_task_finished` still comes after the last one).
+//! Until then `state.json` lists the version under `evaluating`; a restart runs the current
+//! version's evaluation again and records older ones (only possible when rounds close faster
+//! than evaluations run) as `eval unavailable: ...restarted...`. Held-out sets are capped at
+//! [`eval::MAX_HOLDOUT_ROWS`] rows; without an ONNX Runtime library it records
 //! `eval unavailable: REASON` and the task goes on.
 //!
 //! Code map:
@@ -73,16 +80,20 @@
 //!   never panics on mismatched lengths. Boundary: the engine, benchmarks.
 //! - `task`: the task file and its validation. Invariant: every error names the file and key.
 //!   Boundary: the binary (`fl start`), the host.
-//! - `engine`: rounds, selection, validation, aggregation, round messages. Invariant: no I/O,
-//!   no clock; a refused update never touches the aggregate; writes are handed out before the
-//!   actions that depend on them. Boundary: the host, tests.
+//! - `engine`: rounds, selection, validation, aggregation, round messages, evaluation
+//!   requests and outcomes. Invariant: no I/O, no clock, no evaluation of its own; a refused
+//!   update never touches the aggregate; writes are handed out before the actions that depend
+//!   on them. Boundary: the host, tests. Split by job: `engine/selection.rs`,
+//!   `admission.rs`, `rounds.rs`, `messages.rs`, tests under `engine/tests/`.
 //! - `state`: persisted task state and round metrics (also the `fl status --json` shape).
 //! - `eval`: held-out sets and ONNX evaluation. Invariant: a missing runtime is a reason, never
-//!   a panic. Boundary: the engine (through the trait), the host.
+//!   a panic. Boundary: the worker.
+//! - `worker`: the evaluation thread. Invariant: one outcome per request, in order. Boundary:
+//!   the host.
 //! - `files`: spool, task directories, stop requests. Invariant: every file appears whole;
 //!   `state.json` is written after the files it names and before the ones it no longer needs
 //!   are deleted. Boundary: the binary, the host.
-//! - `host`: the service's glue (owns engine, evaluator, files). Boundary: the service.
+//! - `host`: the service's glue (owns engine, worker, files). Boundary: the service.
 //! - `status`: the `fl status` table.
 
 pub mod aggregate;
@@ -93,6 +104,7 @@ pub mod host;
 pub mod state;
 pub mod status;
 pub mod task;
+pub mod worker;
 
 pub use aggregate::{ClientUpdate, Rule, ServerOptimizer, ServerState, aggregate};
 pub use host::FlHost;

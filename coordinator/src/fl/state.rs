@@ -182,6 +182,11 @@ pub struct TaskState {
     pub current: RoundMetrics,
     /// Closed rounds, oldest first.
     pub history: Vec<RoundMetrics>,
+    /// Global versions whose held-out evaluation is still running: their rounds are in
+    /// `history` without eval figures, and their `fl_round_closed` is journaled when the
+    /// result comes back (see [`super::engine::Engine::on_evaluated`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub evaluating: BTreeSet<u32>,
     pub totals: Totals,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,

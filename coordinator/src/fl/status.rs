@@ -93,9 +93,14 @@ pub fn render(s: &TaskState, now_ms: u64) -> String {
         .map(str::to_owned),
     ];
     for m in &s.history {
+        let evaluating = m.new_version.is_some_and(|v| s.evaluating.contains(&v));
         rows.push(row(
             m,
-            format!("closed ({})", m.close_reason.as_deref().unwrap_or("-")),
+            format!(
+                "closed ({}){}",
+                m.close_reason.as_deref().unwrap_or("-"),
+                if evaluating { ", evaluating" } else { "" }
+            ),
         ));
     }
     if !matches!(s.phase, Phase::Finished { .. }) {
@@ -196,6 +201,7 @@ mod tests {
             round: 2,
             phase: Phase::Open,
             selected: Default::default(),
+            evaluating: Default::default(),
             deadline_ms: 10_500,
             not_before_ms: 0,
             recent: Default::default(),

@@ -1,0 +1,299 @@
+//! The service's side of deployments, as [`crate::fl::FlHost`] is for federated learning: owns
+//! the rollout [`Engine`] and the files around it (the spool `deploy` writes, each rollout's
+//! directory and progress file), and hands back what to publish and journal.
+//!
+//! Invariant: a package that fails its checks is never sent (its progress file says why); a
+//! finished rollout's artifact copies are deleted only after its final progress is on disk.
+//! Boundary: the service loop.
+
+use std::path::{Path, PathBuf};
+
+use protocol::v1::deploy::{DeployStatus, ResendRequest, SignedManifest, Target};
+
+use super::engine::{Engine, EngineTotals};
+use super::progress::ProgressFile;
+use super::spool;
+use crate::action::Action;
+use crate::core::Core;
+use crate::event::Event;
+
+/// How often queued chunks are published (and expiry checked) while a rollout is active.
+pub const DEPLOY_TICK_MS: u64 = 50;
+/// How often the spool is checked for new deployments.
+pub const SPOOL_POLL_MS: u64 = 500;
+/// How often changed rollout progress files are rewritten.
+pub const PROGRESS_INTERVAL_MS: u64 = 250;
+
+/// Which chores [`DeployHost::take_due`] found due.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeployDue {
+    /// Publish the next paced chunks and end expired rollouts ([`DeployHost::tick`]).
+    pub chunks: bool,
+    /// Take the spool ([`DeployHost::pickup`]).
+    pub spool: bool,
+    /// Rewrite changed progress files ([`DeployHost::write_progress`]).
+    pub progress: bool,
+}
+
+/// Deployments inside `serve`.
+#[derive(Debug)]
+pub struct DeployHost {
+    state_dir: PathBuf,
+    engine: Engine,
+    /// When each chore is next due, ms since the epoch (0: at once, as a new interval).
+    next_chunks_ms: u64,
+    next_spool_ms: u64,
+    next_progress_ms: u64,
+}
+
+impl DeployHost {
+    pub fn new(state_dir: &Path) -> DeployHost {
+        DeployHost {
+            state_dir: state_dir.to_owned(),
+            engine: Engine::default(),
+            next_chunks_ms: 0,
+            next_spool_ms: 0,
+            next_progress_ms: 0,
+        }
+    }
+
+    /// When the next chore is due (ms since the epoch), for the service's one timer. Chunk
+    /// pacing counts only while a rollout is active or chunks are queued: an idle
+    /// coordinator then wakes for the spool and progress only, not every 50 ms.
+    pub fn next_deadline(&self) -> u64 {
+        let chunks = if self.engine.active_count() > 0 || self.engine.queued() > 0 {
+            self.next_chunks_ms
+        } else {
+            u64::MAX
+        };
+        chunks.min(self.next_spool_ms).min(self.next_progress_ms)
+    }
+
+    /// The chores due at `now`; each is next due a full period later (as tokio's
+    /// `MissedTickBehavior::Delay`: a late chore is not repeated to catch up).
+    pub fn take_due(&mut self, now: u64) -> DeployDue {
+        let due = DeployDue {
+            chunks: now >= self.next_chunks_ms,
+            spool: now >= self.next_spool_ms,
+            progress: now >= self.next_progress_ms,
+        };
+        if due.chunks {
+            self.next_chunks_ms = now + DEPLOY_TICK_MS;
+        }
+        if due.spool {
+            self.next_spool_ms = now + SPOOL_POLL_MS;
+        }
+        if due.progress {
+            self.next_progress_ms = now + PROGRESS_INTERVAL_MS;
+        }
+        due
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.engine.active_count()
+    }
+
+    /// Chunks waiting to be published.
+    pub fn queued(&self) -> usize {
+        self.engine.queued()
+    }
+
+    pub fn totals(&self) -> EngineTotals {
+        self.engine.totals()
+    }
+
+    /// Start-up: resumes every rollout whose progress file says it is not finished. The
+    /// caller writes progress, publishes, then takes the spool ([`DeployHost::pickup`]).
+    pub fn resume(&mut self, now: u64, fleet: &Core) -> Vec<Action> {
+        let ids = match spool::rollouts(&self.state_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list rollouts; none resumed");
+                Vec::new()
+            }
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let progress = match spool::read_progress(&self.state_dir, &id) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(deployment_id = %id, error = %e, "cannot read rollout progress; not resumed");
+                    continue;
+                }
+            };
+            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
+                continue;
+            }
+            let dir = spool::rollout_dir(&self.state_dir, &id);
+            match (spool::load_package(&dir), progress) {
+                (Ok(package), Some(progress)) => {
+                    out.extend(self.engine.resume(package, progress, now));
+                }
+                // Taken from the spool but stopped before the first progress file: start over.
+                (Ok(package), None) => {
+                    let members = target_members(&package.manifest.target, fleet);
+                    out.extend(self.engine.start(package, members, now));
+                }
+                (Err(e), _) => out.push(self.invalid_package(&id, &e.to_string(), now)),
+            }
+        }
+        out
+    }
+
+    /// Takes new deployments from the spool and starts them; empty when there were none.
+    pub fn pickup(&mut self, now: u64, fleet: &Core) -> Vec<Action> {
+        let ids = match spool::pending(&self.state_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the deployment spool");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let dir = match spool::take(&self.state_dir, &id) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    tracing::error!(deployment_id = %id, error = %e, "cannot take deployment from the spool; moving it aside");
+                    let from = spool::spool_dir(&self.state_dir).join(&id);
+                    let to = spool::spool_dir(&self.state_dir).join(format!(".refused-{id}-{now}"));
+                    if let Err(e) = std::fs::rename(&from, &to) {
+                        tracing::error!(deployment_id = %id, error = %e, "cannot move refused deployment aside");
+                    }
+                    continue;
+                }
+            };
+            match spool::load_package(&dir) {
+                Ok(package) => {
+                    let members = target_members(&package.manifest.target, fleet);
+                    out.extend(self.engine.start(package, members, now));
+                }
+                Err(e) => out.push(self.invalid_package(&id, &e.to_string(), now)),
+            }
+        }
+        out
+    }
+
+    /// Statuses and resend requests already decoded and deduplicated by the service.
+    pub fn on_status(
+        &mut self,
+        device: &str,
+        id: &str,
+        status: &DeployStatus,
+        now: u64,
+    ) -> Vec<Action> {
+        self.engine.on_status(device, id, status, now)
+    }
+
+    pub fn on_resend(&mut self, device: &str, request: &ResendRequest) -> Vec<Action> {
+        self.engine.on_resend(device, request)
+    }
+
+    pub fn on_registered(&mut self, device: &str, groups: &[String]) {
+        self.engine.on_registered(device, groups);
+    }
+
+    /// The next `budget` paced chunks, and rollouts that expired.
+    pub fn tick(&mut self, now: u64, budget: usize) -> Vec<Action> {
+        self.engine.tick(now, budget)
+    }
+
+    /// A package that fails its checks is never sent; its progress file says why.
+    fn invalid_package(&mut self, id: &str, error: &str, now: u64) -> Action {
+        let dir = spool::rollout_dir(&self.state_dir, id);
+        let manifest = std::fs::read(dir.join("manifest.json"))
+            .ok()
+            .and_then(|b| SignedManifest::from_json(&b).ok())
+            .and_then(|s| s.peek_unverified());
+        let reason = format!("invalid package: {error}");
+        let progress = ProgressFile {
+            deployment_id: id.to_owned(),
+            version: manifest.as_ref().map_or(0, |m| m.version),
+            target: manifest
+                .as_ref()
+                .map_or_else(|| Target::Device(String::new()), |m| m.target.clone()),
+            expires_ms: manifest.as_ref().map_or(0, |m| m.expires_ms),
+            total_bytes: 0,
+            chunk_total: 0,
+            devices: Default::default(),
+            resends_ignored: 0,
+            finished: Some(reason.clone()),
+            updated_ms: now,
+        };
+        if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
+            tracing::warn!(deployment_id = %id, error = %e, "cannot write rollout progress");
+        }
+        Action::Event(Event::DeploymentFinished {
+            deployment_id: id.to_owned(),
+            version: progress.version,
+            reason,
+            healthy: 0,
+            failed: 0,
+            in_progress: 0,
+        })
+    }
+
+    /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
+    /// copies are deleted once its final progress is on disk.
+    pub fn write_progress(&mut self, now: u64) {
+        for progress in self.engine.take_dirty(now) {
+            if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
+                tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
+                continue;
+            }
+            if progress.finished.is_some() {
+                let dir = spool::rollout_dir(&self.state_dir, &progress.deployment_id);
+                if let Err(e) = spool::remove_artifacts(&dir) {
+                    tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
+                }
+            }
+        }
+    }
+}
+
+/// The devices known so far for a rollout's target: a group's registered members (others
+/// join as they register), nothing for a single device (its status adds it).
+fn target_members(target: &Target, fleet: &Core) -> Vec<String> {
+    match target {
+        Target::Group(g) => fleet
+            .devices()
+            .filter(|r| {
+                r.registration
+                    .as_ref()
+                    .is_some_and(|reg| reg.groups.iter().any(|x| x == g))
+            })
+            .map(|r| r.device.clone())
+            .collect(),
+        Target::Device(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chores_fall_due_once_per_period_and_idle_chunk_pacing_sleeps() {
+        let mut h = DeployHost::new(Path::new("/nonexistent"));
+        let all = DeployDue {
+            chunks: true,
+            spool: true,
+            progress: true,
+        };
+        assert_eq!(
+            h.take_due(1_000),
+            all,
+            "everything at once at start, like new intervals"
+        );
+        assert_eq!(h.take_due(1_000), DeployDue::default());
+        // No rollout: the next wake-up is the progress interval, not the chunk tick.
+        assert_eq!(h.next_deadline(), 1_000 + PROGRESS_INTERVAL_MS);
+        let due = h.take_due(1_000 + PROGRESS_INTERVAL_MS);
+        assert!(due.chunks && due.progress && !due.spool, "{due:?}");
+        // A late wake-up runs each chore once and counts the next period from then.
+        let due = h.take_due(10_000);
+        assert_eq!(due, all);
+        assert_eq!(h.next_chunks_ms, 10_000 + DEPLOY_TICK_MS);
+        assert_eq!(h.next_spool_ms, 10_000 + SPOOL_POLL_MS);
+    }
+}

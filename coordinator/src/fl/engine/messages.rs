@@ -1,0 +1,92 @@
+//! Signed round messages: the current round to every registered member (a train order for
+//! the selected whose update is not in yet, weights only for the others). Each is retained
+//! on the device's round topic, so a device that reconnects finds the round it missed.
+
+use std::collections::BTreeSet;
+
+use protocol::v1::fl::{self, RoundHeader, TrainOrder};
+use protocol::v1::topics;
+
+use super::selection::{hash_str, mix};
+use super::{Engine, Fleet};
+use crate::action::Action;
+
+impl Engine {
+    /// Publishes the current round's message to every registered member.
+    pub(super) fn announce(
+        &mut self,
+        id: &str,
+        members: Option<&[(String, bool)]>,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get(id) else {
+            return Vec::new();
+        };
+        let owned;
+        let members = match members {
+            Some(m) => m,
+            None => {
+                owned = fleet.members(&t.state.spec.members);
+                &owned
+            }
+        };
+        let devices: BTreeSet<String> = members
+            .iter()
+            .map(|(d, _)| d.clone())
+            .chain(t.state.selected.iter().cloned())
+            .collect();
+        let mut out = Vec::new();
+        for device in devices {
+            out.extend(self.publish_round(id, &device, now_ms));
+        }
+        out
+    }
+
+    /// The current round's message for one device: a train order if it is selected and its
+    /// update is not in yet.
+    pub(super) fn publish_round(&mut self, id: &str, device: &str, now_ms: u64) -> Option<Action> {
+        let t = self.tasks.get_mut(id)?;
+        let s = &t.state;
+        let train = (s.selected.contains(device)
+            && !t.accepted.contains_key(&(device.to_owned(), s.round)))
+        .then(|| TrainOrder {
+            deadline_ms: s.deadline_ms,
+            epochs: s.spec.train.epochs,
+            lr: s.spec.train.lr,
+            batch_size: s.spec.train.batch_size,
+            mu: s.spec.train.mu,
+            codec: s.spec.train.codec,
+            seed: mix(s.spec.seed ^ mix(u64::from(s.round)) ^ hash_str(device)),
+            max_samples: s.spec.train.max_samples,
+        });
+        let header = RoundHeader {
+            task: id.to_owned(),
+            round: s.round,
+            version: s.version,
+            model: s.spec.model.clone(),
+            params: s.spec.params.clone(),
+            issued_ms: now_ms,
+            train,
+            done: false,
+        };
+        let payload = match fl::encode_round(&header, &t.global, &t.key) {
+            Ok(p) => p,
+            Err(e) => {
+                // Checked when the task was loaded (size) and kept finite by the optimizer;
+                // a failure here is a bug, reported rather than sent malformed.
+                tracing::error!(task = %id, %device, error = %e, "cannot encode round message");
+                return None;
+            }
+        };
+        let bytes = payload.len() as u64;
+        t.state.current.bytes_out += bytes;
+        t.state.totals.bytes_out += bytes;
+        self.dirty.insert(id.to_owned());
+        Some(Action::Publish {
+            topic: topics::fl_round(device),
+            payload,
+            retain: true,
+        })
+    }
+}

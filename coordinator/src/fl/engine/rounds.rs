@@ -1,0 +1,273 @@
+//! A round's end: deadlines (close or extend), closing (aggregate, server optimizer, new
+//! global version, the evaluation request, the next round), evaluation outcomes (the closed
+//! round's journal line), and finishing a task with `done` messages.
+
+use std::collections::BTreeSet;
+
+use protocol::v1::fl::{self, RoundHeader};
+use protocol::v1::topics;
+
+use super::{Engine, EvalOutcome, EvalRequest, Fleet, KEEP_VERSIONS, Write};
+use crate::action::Action;
+use crate::event::Event;
+use crate::fl::aggregate::{ClientUpdate, aggregate};
+use crate::fl::state::{Phase, RecentRound, RoundMetrics, StoredUpdate};
+
+impl Engine {
+    /// Deadlines and waiting tasks.
+    pub fn tick(&mut self, now_ms: u64, fleet: &dyn Fleet) -> Vec<Action> {
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            match &t.state.phase {
+                Phase::Waiting { .. } => out.extend(self.try_open(&id, now_ms, fleet)),
+                Phase::Open if now_ms >= t.state.deadline_ms => {
+                    if t.accepted.len() >= t.state.spec.min_updates as usize {
+                        out.extend(self.close(&id, "deadline", now_ms, fleet));
+                    } else {
+                        out.extend(self.extend(&id, now_ms, fleet));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Aggregates the current round, moves the global model, asks for its evaluation (when
+    /// the task has a held-out set), and opens the next round (or finishes the task).
+    pub(super) fn close(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return Vec::new();
+        };
+        let accepted = std::mem::take(&mut t.accepted);
+        let updates: Vec<ClientUpdate> = accepted
+            .values()
+            .map(|u| ClientUpdate {
+                device: u.device.clone(),
+                samples: u.samples,
+                staleness: u.staleness,
+                delta: u.delta.clone(),
+            })
+            .collect();
+        let combined = aggregate(&t.state.spec.rule, &updates);
+        let optimizer = t.state.spec.server_optimizer;
+        let mut next = t.global.clone();
+        t.server.apply(&optimizer, &mut next, &combined);
+        if next.iter().all(|w| w.is_finite()) {
+            t.global = next;
+        } else {
+            // Every delta was finite, but a huge one can still overflow: keep the old model
+            // rather than publish infinities.
+            tracing::error!(task = %id, round = t.state.round, "aggregate overflowed; global model kept");
+        }
+        let s = &mut t.state;
+        let round_version = s.version;
+        s.version += 1;
+        let total: f64 = accepted.values().map(|u| f64::from(u.samples)).sum();
+        if total > 0.0 {
+            let mean = |f: fn(&StoredUpdate) -> f32| {
+                (accepted
+                    .values()
+                    .map(|u| f64::from(u.samples) * f64::from(f(u)))
+                    .sum::<f64>()
+                    / total) as f32
+            };
+            s.current.train_loss = Some(mean(|u| u.loss));
+            s.current.train_accuracy = Some(mean(|u| u.accuracy));
+        }
+        let evaluate = s.spec.holdout;
+        if evaluate {
+            s.evaluating.insert(s.version);
+            self.evaluations.push(EvalRequest {
+                task: id.to_owned(),
+                version: s.version,
+                weights: t.global.clone(),
+            });
+        }
+        s.current.new_version = Some(s.version);
+        s.current.closed_ms = Some(now_ms);
+        s.current.close_reason = Some(reason.to_owned());
+        // Remember the round for late updates, and who contributed to which round.
+        s.recent.insert(
+            s.round,
+            RecentRound {
+                version: round_version,
+                selected: std::mem::take(&mut s.selected),
+                contributed: BTreeSet::new(),
+            },
+        );
+        for (device, origin) in accepted.keys() {
+            if let Some(r) = s.recent.get_mut(origin) {
+                r.contributed.insert(device.clone());
+            }
+        }
+        let next_round = s.round + 1;
+        let window = s.spec.max_staleness;
+        s.recent.retain(|&r, _| next_round - r <= window);
+        let closed_round = s.round;
+        let metrics = std::mem::take(&mut s.current);
+        s.history.push(metrics.clone());
+        let finished = s.round >= s.spec.rounds;
+        s.round = if finished { s.round } else { next_round };
+        s.not_before_ms = now_ms + u64::from(s.spec.round_interval_s) * 1000;
+        s.current = RoundMetrics {
+            round: s.round,
+            version: s.version,
+            ..RoundMetrics::default()
+        };
+        let version = s.version;
+        self.writes.push(Write::Weights {
+            task: id.to_owned(),
+            version,
+            weights: t.global.clone(),
+        });
+        if let Some(old) = version.checked_sub(KEEP_VERSIONS) {
+            self.writes.push(Write::DropWeights {
+                task: id.to_owned(),
+                version: old,
+            });
+        }
+        self.writes.push(Write::Server {
+            task: id.to_owned(),
+            version,
+            state: t.server.clone(),
+        });
+        self.writes.push(Write::ClearUpdates {
+            task: id.to_owned(),
+            round: closed_round,
+        });
+        self.dirty.insert(id.to_owned());
+        // With an evaluation pending, the round's line waits for its figures (on_evaluated).
+        let mut out = Vec::new();
+        if !evaluate {
+            out.push(Action::Event(Event::FlRoundClosed {
+                task: id.to_owned(),
+                metrics: Box::new(metrics),
+            }));
+        }
+        if finished {
+            out.extend(self.finish(id, "completed".into(), now_ms, fleet));
+        } else {
+            out.extend(self.try_open(id, now_ms, fleet));
+        }
+        out
+    }
+
+    /// Marks the task finished and sends every member the final weights with `done`.
+    pub(super) fn finish(
+        &mut self,
+        id: &str,
+        reason: String,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return Vec::new();
+        };
+        let s = &mut t.state;
+        s.phase = Phase::Finished {
+            reason: reason.clone(),
+        };
+        s.finished_ms = Some(now_ms);
+        s.selected.clear();
+        t.accepted.clear();
+        self.writes.push(Write::ClearUpdates {
+            task: id.to_owned(),
+            round: s.round,
+        });
+        self.dirty.insert(id.to_owned());
+        let header = RoundHeader {
+            task: id.to_owned(),
+            round: s.round,
+            version: s.version,
+            model: s.spec.model.clone(),
+            params: s.spec.params.clone(),
+            issued_ms: now_ms,
+            train: None,
+            done: true,
+        };
+        // While an evaluation runs, the last round's line is not out yet: on_evaluated hands
+        // this event out after it, so readers of the journal see every round before the end.
+        let mut out = Vec::new();
+        if s.evaluating.is_empty() {
+            out.push(Action::Event(Event::FlTaskFinished {
+                task: id.to_owned(),
+                reason,
+                rounds_closed: s.history.len() as u32,
+                version: s.version,
+            }));
+        }
+        match fl::encode_round(&header, &t.global, &t.key) {
+            Ok(payload) => {
+                for (device, _) in fleet.members(&s.spec.members) {
+                    s.totals.bytes_out += payload.len() as u64;
+                    out.push(Action::Publish {
+                        topic: topics::fl_round(&device),
+                        payload: payload.clone(),
+                        retain: true,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(task = %id, error = %e, "cannot encode the final round message")
+            }
+        }
+        out
+    }
+
+    /// The outcome of an [`EvalRequest`]: fills the closed round's eval figures and hands out
+    /// its `fl_round_closed` (and the task's `fl_task_finished` if the task ended while its
+    /// last evaluation ran). An outcome nobody is waiting for (a replay) is ignored.
+    pub fn on_evaluated(&mut self, task: &str, version: u32, outcome: EvalOutcome) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(task) else {
+            return Vec::new();
+        };
+        let s = &mut t.state;
+        if !s.evaluating.remove(&version) {
+            return Vec::new();
+        }
+        self.dirty.insert(task.to_owned());
+        let Some(m) = s
+            .history
+            .iter_mut()
+            .find(|m| m.new_version == Some(version))
+        else {
+            tracing::error!(%task, version, "evaluated version has no closed round; result dropped");
+            return Vec::new();
+        };
+        match outcome {
+            EvalOutcome::Metrics(e) => {
+                m.eval_accuracy = Some(e.accuracy);
+                m.eval_loss = Some(e.loss);
+                m.eval_rows = Some(e.rows);
+            }
+            EvalOutcome::Unavailable(why) => m.eval_note = Some(format!("eval unavailable: {why}")),
+            EvalOutcome::NoHoldout => {}
+        }
+        let mut out = vec![Action::Event(Event::FlRoundClosed {
+            task: task.to_owned(),
+            metrics: Box::new(m.clone()),
+        })];
+        if let Phase::Finished { reason } = &s.phase
+            && s.evaluating.is_empty()
+        {
+            out.push(Action::Event(Event::FlTaskFinished {
+                task: task.to_owned(),
+                reason: reason.clone(),
+                rounds_closed: s.history.len() as u32,
+                version: s.version,
+            }));
+        }
+        out
+    }
+}

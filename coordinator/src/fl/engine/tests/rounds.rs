@@ -1,0 +1,583 @@
+//! Closing rounds, late updates, deadlines, evaluation outcomes, finishing and restarts.
+
+use super::*;
+
+#[test]
+fn quorum_closes_the_round_with_the_weighted_mean_and_opens_the_next() {
+    let fleet = TestFleet::with(3);
+    let mut e = Engine::default();
+    let out = e.start(spec_with_holdout(), key(), vec![0.0; N], 1_000, &fleet);
+    assert_eq!(rounds_published(&out).len(), 3);
+    let _ = e.take_writes();
+    let out = e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    assert!(matches!(
+        events(&out)[..],
+        [Event::FlUpdate { staleness: 0, .. }]
+    ));
+    let writes = e.take_writes();
+    assert!(
+        writes
+            .iter()
+            .any(|w| matches!(w, Write::Update { update, .. } if update.device == "d0"))
+    );
+    e.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 30, &[3.0; N]),
+        2_000,
+        &fleet,
+    );
+    let out = e.on_update(
+        "d2",
+        &update_payload("d2", 1, 0, 60, &[0.0; N]),
+        2_000,
+        &fleet,
+    );
+    // The next round opened at once; the closed round's line waits for its evaluation.
+    assert!(closed_metrics(&out).is_none(), "held until evaluated");
+    assert_eq!(e.state("t").expect("known").evaluating, BTreeSet::from([1]));
+    let requests = e.take_evaluations();
+    assert_eq!(requests.len(), 1);
+    assert_eq!((requests[0].task.as_str(), requests[0].version), ("t", 1));
+    assert!(requests[0].weights.iter().all(|w| (w - 1.0).abs() < 1e-6));
+    let evaluated = e.on_evaluated("t", 1, fixed_eval(1));
+    let closed = closed_metrics(&evaluated).expect("round closed");
+    assert!(e.state("t").expect("known").evaluating.is_empty());
+    assert!(
+        e.on_evaluated("t", 1, fixed_eval(1)).is_empty(),
+        "a second outcome for the same version is ignored"
+    );
+    assert_eq!(
+        (closed.round, closed.version, closed.new_version),
+        (1, 0, Some(1))
+    );
+    assert_eq!(
+        (
+            closed.selected,
+            closed.received,
+            closed.on_time,
+            closed.late
+        ),
+        (3, 3, 3, 0)
+    );
+    assert_eq!(closed.close_reason.as_deref(), Some("quorum"));
+    assert_eq!(closed.train_loss, Some(0.5));
+    assert!(
+        closed
+            .eval_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("eval unavailable: "))
+    );
+    assert!(closed.bytes_in > 0 && closed.bytes_out > 0);
+    // (10 * 1 + 30 * 3 + 60 * 0) / 100 = 1.0
+    let g = e.global("t").expect("known");
+    assert!(g.iter().all(|w| (w - 1.0).abs() < 1e-6), "{g:?}");
+    let published = rounds_published(&out);
+    assert_eq!(published.len(), 3);
+    assert!(
+        published
+            .iter()
+            .all(|(_, h, w)| h.round == 2 && h.version == 1 && w == &vec![1.0; N])
+    );
+    let writes = e.take_writes();
+    assert!(
+        writes
+            .iter()
+            .any(|w| matches!(w, Write::Weights { version: 1, .. }))
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|w| matches!(w, Write::ClearUpdates { .. }))
+    );
+    assert!(writes.iter().any(|w| matches!(w, Write::Server { .. })));
+}
+
+#[test]
+fn round_interval_holds_the_next_round_back() {
+    let fleet = TestFleet::with(2);
+    let mut e = Engine::default();
+    let mut sp = spec();
+    sp.round_interval_s = 5;
+    let _ = e.start(sp, key(), vec![0.0; N], 1_000, &fleet);
+    for d in ["d0", "d1"] {
+        e.on_update(d, &update_payload(d, 1, 0, 10, &[1.0; N]), 2_000, &fleet);
+    }
+    let s = e.state("t").expect("known");
+    assert_eq!((s.round, s.not_before_ms), (2, 7_000));
+    assert!(matches!(s.phase, Phase::Waiting { .. }), "{:?}", s.phase);
+    assert!(
+        rounds_published(&e.tick(6_999, &fleet)).is_empty(),
+        "too early"
+    );
+    let out = e.tick(7_000, &fleet);
+    assert_eq!(rounds_published(&out).len(), 2);
+    assert_eq!(e.state("t").expect("known").phase, Phase::Open);
+}
+
+#[test]
+fn late_updates_within_the_window_count_discounted_and_older_ones_are_dropped() {
+    let fleet = TestFleet::with(3);
+    let mut s = spec();
+    s.quorum = 0.6; // 2 of 3
+    s.rounds = 5;
+    let mut e = Engine::default();
+    e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    e.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 10, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    assert_eq!(e.state("t").expect("known").round, 2);
+    // d2's round-1 update arrives during round 2: applied with staleness 1.
+    let late = update_payload("d2", 1, 0, 10, &[4.0; N]);
+    let out = e.on_update("d2", &late, 3_000, &fleet);
+    assert!(matches!(
+        events(&out)[..],
+        [Event::FlUpdate {
+            staleness: 1,
+            round: 1,
+            applied_round: 2,
+            ..
+        }]
+    ));
+    // Its replay is a duplicate (not a second late update).
+    assert_eq!(
+        rejected_reason(&e.on_update("d2", &late, 3_000, &fleet)),
+        Some("duplicate")
+    );
+    // An on-time round-2 update from d0 (10 samples, delta 1) plus the late one (10
+    // samples at half weight, delta 4): (10 * 1 + 5 * 4) / 15 = 2. Quorum needs 2 on time.
+    e.on_update(
+        "d0",
+        &update_payload("d0", 2, 1, 10, &[1.0; N]),
+        3_000,
+        &fleet,
+    );
+    assert_eq!(
+        e.state("t").expect("known").round,
+        2,
+        "a late update does not count for the quorum"
+    );
+    let out = e.on_update(
+        "d1",
+        &update_payload("d1", 2, 1, 10, &[1.0; N]),
+        3_000,
+        &fleet,
+    );
+    let closed = events(&out)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::FlRoundClosed { metrics, .. } => Some(metrics.clone()),
+            _ => None,
+        })
+        .expect("closed");
+    assert_eq!((closed.received, closed.on_time, closed.late), (3, 2, 1));
+    // Round 1 moved the model by 1; round 2 by (10 + 10 + 5 * 4) / 25 = 1.6.
+    let g = e.global("t").expect("known");
+    assert!(g.iter().all(|w| (w - 2.6).abs() < 1e-5), "{g:?}");
+    // Round 3 is open; a round-1 update is now 2 rounds old.
+    let out = e.on_update(
+        "d2",
+        &update_payload("d2", 1, 0, 10, &[4.0; N]),
+        4_000,
+        &fleet,
+    );
+    assert_eq!(rejected_reason(&out), Some("late_dropped"));
+    // d2's round-2 update is one round late and it was selected then: accepted.
+    let out = e.on_update(
+        "d2",
+        &update_payload("d2", 2, 1, 10, &[0.0; N]),
+        4_000,
+        &fleet,
+    );
+    assert!(rejected_reason(&out).is_none());
+    assert_eq!(
+        e.state("t")
+            .expect("known")
+            .current
+            .rejected
+            .get("late_dropped"),
+        Some(&1)
+    );
+}
+
+#[test]
+fn deadline_closes_with_min_updates_or_extends_and_tops_up() {
+    let mut fleet = TestFleet::with(4);
+    let mut s = spec();
+    s.fraction = 0.5;
+    s.min_updates = 2;
+    let mut e = Engine::default();
+    e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    let selected: Vec<String> = e
+        .state("t")
+        .expect("known")
+        .selected
+        .iter()
+        .cloned()
+        .collect();
+    e.on_update(
+        &selected[0],
+        &update_payload(&selected[0], 1, 0, 5, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    // The other selected device went offline; before the deadline nothing happens.
+    fleet.0.insert(selected[1].clone(), (true, false));
+    assert!(e.tick(10_999, &fleet).is_empty());
+    // At the deadline, 1 < min_updates: extended, one fresh online member added.
+    let out = e.tick(11_000, &fleet);
+    let added = events(&out)
+        .into_iter()
+        .find_map(|e| match e {
+            Event::FlRoundExtended {
+                added, deadline_ms, ..
+            } => Some((added.clone(), *deadline_ms)),
+            _ => None,
+        })
+        .expect("extended");
+    assert_eq!(added.0.len(), 1);
+    assert_eq!(added.1, 21_000);
+    let published = rounds_published(&out);
+    assert_eq!(published.len(), 1);
+    assert!(published[0].1.train.is_some());
+    let s = e.state("t").expect("known");
+    assert_eq!((s.selected.len(), s.current.extensions, s.round), (3, 1, 1));
+    // The added device delivers; at the new deadline the round closes with 2 updates.
+    let d = &added.0[0];
+    e.on_update(d, &update_payload(d, 1, 0, 5, &[3.0; N]), 12_000, &fleet);
+    let out = e.tick(21_000, &fleet);
+    assert!(events(&out).iter().any(|e| matches!(e, Event::FlRoundClosed { metrics, .. } if metrics.close_reason.as_deref() == Some("deadline") && metrics.received == 2)));
+    let g = e.global("t").expect("known");
+    assert!(g.iter().all(|w| (w - 2.0).abs() < 1e-6), "{g:?}");
+}
+
+#[test]
+fn the_last_round_finishes_the_task_with_done_messages() {
+    let fleet = TestFleet::with(2);
+    let mut s = spec();
+    s.rounds = 1;
+    let mut e = Engine::default();
+    e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 5, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    let out = e.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 5, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    assert!(events(&out).iter().any(|e| matches!(e, Event::FlTaskFinished { reason, rounds_closed: 1, version: 1, .. } if reason == "completed")));
+    let published = rounds_published(&out);
+    assert_eq!(published.len(), 2);
+    assert!(
+        published
+            .iter()
+            .all(|(_, h, w)| h.done && h.train.is_none() && w == &vec![1.0; N])
+    );
+    assert!(matches!(
+        e.state("t").expect("known").phase,
+        Phase::Finished { .. }
+    ));
+    assert_eq!(e.active_count(), 0);
+    let out = e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 5, &[1.0; N]),
+        3_000,
+        &fleet,
+    );
+    assert_eq!(rejected_reason(&out), Some("task_finished"));
+    assert!(
+        e.stop("t", "stopped", 3_000, &fleet).is_empty(),
+        "already finished"
+    );
+}
+
+#[test]
+fn stop_sends_done_with_the_current_weights() {
+    let fleet = TestFleet::with(2);
+    let (mut e, _) = started(&fleet);
+    let out = e.stop("t", "stopped by fl stop", 5_000, &fleet);
+    assert!(
+        rounds_published(&out)
+            .iter()
+            .all(|(_, h, _)| h.done && h.version == 0)
+    );
+    assert!(
+        matches!(&e.state("t").expect("known").phase, Phase::Finished { reason } if reason == "stopped by fl stop")
+    );
+}
+
+#[test]
+fn restore_resumes_the_open_round_with_its_accepted_updates() {
+    let fleet = TestFleet::with(3);
+    let (mut e, _) = started(&fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[3.0; N]),
+        2_000,
+        &fleet,
+    );
+    // Persist as the service would, then rebuild a fresh engine from what was written.
+    let mut state = None;
+    let mut weights = None;
+    let mut server = None;
+    let mut updates = Vec::new();
+    for w in e.take_writes() {
+        match w {
+            Write::State { state: s, .. } => state = Some(*s),
+            Write::Weights { weights: v, .. } => weights = Some(v),
+            Write::Server { state: s, .. } => server = Some(s),
+            Write::Update { update, .. } => updates.push(update),
+            _ => {}
+        }
+    }
+    let mut resumed = Engine::default();
+    let out = resumed.restore(
+        state.expect("state written"),
+        key(),
+        weights.expect("weights written"),
+        server.expect("server written"),
+        updates,
+        5_000,
+        &fleet,
+    );
+    assert!(matches!(
+        events(&out)[0],
+        Event::FlTaskStarted {
+            resumed: true,
+            round: 1,
+            ..
+        }
+    ));
+    let published = rounds_published(&out);
+    assert_eq!(published.len(), 3, "the open round is announced again");
+    for (topic, h, _) in &published {
+        assert_eq!(
+            h.train.is_some(),
+            !topic.contains("/d0/"),
+            "{topic}: d0 already delivered"
+        );
+        assert_eq!(
+            h.train.as_ref().map(|t| t.deadline_ms),
+            h.train.as_ref().map(|_| 11_000),
+            "deadline kept"
+        );
+    }
+    // The replayed update is a duplicate; the other two close the round with all three.
+    let dup = resumed.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[3.0; N]),
+        6_000,
+        &fleet,
+    );
+    assert_eq!(rejected_reason(&dup), Some("duplicate"));
+    resumed.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 10, &[0.0; N]),
+        6_000,
+        &fleet,
+    );
+    resumed.on_update(
+        "d2",
+        &update_payload("d2", 1, 0, 10, &[0.0; N]),
+        6_000,
+        &fleet,
+    );
+    let g = resumed.global("t").expect("known");
+    assert!(g.iter().all(|w| (w - 1.0).abs() < 1e-6), "{g:?}");
+    assert_eq!(resumed.state("t").expect("known").history[0].received, 3);
+}
+
+#[test]
+fn a_task_without_holdout_closes_at_once_and_asks_for_no_evaluation() {
+    let fleet = TestFleet::with(2);
+    let (mut e, _) = started(&fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 5, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    let out = e.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 5, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    let closed = closed_metrics(&out).expect("closed at once");
+    assert_eq!(
+        (closed.eval_accuracy, closed.eval_note.as_deref()),
+        (None, None)
+    );
+    assert!(e.take_evaluations().is_empty());
+    assert!(e.state("t").expect("known").evaluating.is_empty());
+}
+
+#[test]
+fn the_last_rounds_evaluation_comes_before_the_task_finished_line() {
+    let fleet = TestFleet::with(2);
+    let mut e = Engine::default();
+    let mut s = spec_with_holdout();
+    s.rounds = 2;
+    e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    for round in 1..=2 {
+        for d in ["d0", "d1"] {
+            let p = update_payload(d, round, round - 1, 5, &[1.0; N]);
+            let out = e.on_update(d, &p, 2_000, &fleet);
+            if round == 2 && d == "d1" {
+                // Final weights go out at once; the end waits for the evaluation.
+                assert!(rounds_published(&out).iter().all(|(_, h, _)| h.done));
+                assert_eq!(rounds_published(&out).len(), 2);
+                assert!(events(&out).iter().all(|e| !matches!(
+                    e,
+                    Event::FlRoundClosed { .. } | Event::FlTaskFinished { .. }
+                )));
+                assert!(matches!(
+                    e.state("t").expect("known").phase,
+                    Phase::Finished { .. }
+                ));
+            }
+        }
+    }
+    // Both rounds closed before either evaluation came back (rounds outran them).
+    assert_eq!(
+        e.state("t").expect("known").evaluating,
+        BTreeSet::from([1, 2])
+    );
+    let out = run_evaluations(&mut e);
+    let names: Vec<&str> = events(&out)
+        .into_iter()
+        .map(|e| match e {
+            Event::FlRoundClosed { metrics, .. } if metrics.round == 1 => "closed 1",
+            Event::FlRoundClosed { metrics, .. } if metrics.round == 2 => "closed 2",
+            Event::FlTaskFinished { .. } => "finished",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(names, ["closed 1", "closed 2", "finished"]);
+    let last = closed_metrics(&out[1..]).expect("round 2");
+    assert_eq!((last.eval_accuracy, last.eval_rows), (Some(0.5), Some(4)));
+    assert!(events(&out).iter().any(|e| matches!(
+        e,
+        Event::FlTaskFinished {
+            rounds_closed: 2,
+            version: 2,
+            ..
+        }
+    )));
+    let h = &e.state("t").expect("known").history;
+    assert_eq!(
+        h[1].eval_accuracy,
+        Some(0.5),
+        "the history has the figures too"
+    );
+    assert!(h[0].eval_note.is_some());
+    assert!(
+        e.take_writes()
+            .iter()
+            .any(|w| matches!(w, Write::State { state, .. } if state.evaluating.is_empty())),
+        "the state without pending evaluations is written"
+    );
+}
+
+/// A restart while evaluations run: the current version's is asked for again, an older
+/// one is recorded unavailable; every closed round still gets its line, and a task that
+/// finished meanwhile its end.
+#[test]
+fn restore_reruns_the_current_evaluation_and_gives_up_older_ones() {
+    let fleet = TestFleet::with(2);
+    let mut e = Engine::default();
+    let mut s = spec_with_holdout();
+    s.rounds = 2;
+    e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    for round in 1..=2 {
+        for d in ["d0", "d1"] {
+            let p = update_payload(d, round, round - 1, 5, &[1.0; N]);
+            e.on_update(d, &p, 2_000, &fleet);
+        }
+    }
+    let asked = e.take_evaluations();
+    assert_eq!(asked.len(), 2);
+    let mut state = None;
+    let mut weights = None;
+    let mut server = None;
+    for w in e.take_writes() {
+        match w {
+            Write::State { state: s, .. } => state = Some(*s),
+            Write::Weights {
+                version: 2,
+                weights: v,
+                ..
+            } => weights = Some(v),
+            Write::Server {
+                version: 2,
+                state: s,
+                ..
+            } => server = Some(s),
+            _ => {}
+        }
+    }
+    let state = state.expect("state written");
+    assert_eq!(
+        state.evaluating,
+        BTreeSet::from([1, 2]),
+        "persisted as pending"
+    );
+    let mut resumed = Engine::default();
+    let out = resumed.restore(
+        state,
+        key(),
+        weights.expect("weights written"),
+        server.expect("server written"),
+        Vec::new(),
+        5_000,
+        &fleet,
+    );
+    // Round 1's evaluation is given up at once; round 2's runs again.
+    let closed = closed_metrics(&out).expect("round 1's line");
+    assert_eq!(closed.round, 1);
+    assert_eq!(
+        closed.eval_note,
+        Some(format!("eval unavailable: {EVAL_LOST_ON_RESTART}"))
+    );
+    assert!(
+        !events(&out)
+            .iter()
+            .any(|e| matches!(e, Event::FlTaskFinished { .. }))
+    );
+    assert!(
+        rounds_published(&out).is_empty(),
+        "a finished task announces nothing"
+    );
+    let again = resumed.take_evaluations();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].version, 2);
+    assert_eq!(again[0].weights, asked[1].weights);
+    let out = resumed.on_evaluated("t", 2, fixed_eval(2));
+    assert_eq!(
+        closed_metrics(&out).and_then(|m| m.eval_accuracy),
+        Some(0.5)
+    );
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| matches!(e, Event::FlTaskFinished { .. }))
+    );
+}
