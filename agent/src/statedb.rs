@@ -50,3 +50,24 @@ impl StateDb {
         crate::fsutil::sync_sled(&self.dir)
     }
 }
+
+/// Reopens a sled database in the same process, as the tests that check what survives a reopen
+/// do. sled's background flusher thread keeps the file, and its lock, for a moment after the
+/// last handle drops; under qemu-user on a loaded machine that moment reached the reopen, which
+/// then failed with "could not acquire lock". So retry while the lock is held, up to 30 s.
+#[cfg(test)]
+pub(crate) fn reopen_for_test(config: &sled::Config) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match config.open() {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen: {e:?}"),
+        }
+    }
+}

@@ -193,10 +193,7 @@ mod tests {
         drop(store);
         drop(db);
         // Survives reopening.
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .expect("reopens");
+        let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path().join("db")));
         let store = SledStore::open(&db).expect("tree");
         assert_eq!(store.get(&sha).expect("get"), Some(module));
         store.remove(&sha).expect("remove");

@@ -117,7 +117,7 @@ mod tests {
             s.save_round("m.onnx", b"msg").expect("round");
             db.flush().expect("flush");
         }
-        let db = sled::open(dir.path()).expect("reopen");
+        let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
         let s = FlState::open(&db).expect("state");
         assert_eq!(s.submitted("t"), Some(4));
         assert_eq!(s.residual("t", 3), vec![1.0, -2.0, 0.5]);
