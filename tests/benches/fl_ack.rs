@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use edge_inference::onnx_builder;
+use edge_testmodels::onnx_builder;
 use edge_tests::{Coordinator, FL_GROUP, FlTask, SigningKey, digits};
 use protocol::v1::binary::BinaryEnvelope;
 use protocol::v1::fl::{Codec, Update, codec};

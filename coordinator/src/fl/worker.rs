@@ -160,7 +160,7 @@ mod tests {
     async fn outcomes_come_back_in_order_one_per_request() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut w = Worker::start(tx).expect("thread starts");
-        let model = edge_inference::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
+        let model = edge_testmodels::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
         let params = vec![
             ParamSpec {
                 name: "W".into(),
