@@ -112,9 +112,17 @@ fn build_release(root: &Path) -> Result<()> {
     ]);
     crate::run(build).context("release build failed")?;
     let rel = root.join("target/release");
-    // The harness finds binaries through these (it would otherwise take target/debug).
-    unsafe_env("EDGE_AGENT_BIN", rel.join("edge-agent"));
-    unsafe_env("EDGE_COORDINATOR_BIN", rel.join("edge-coordinator"));
+    // The harness finds binaries through these (it would otherwise take target/debug). One
+    // already set is kept: `EDGE_AGENT_BIN=OTHER/edge-agent cargo xtask bench rss` measures
+    // another build (an earlier commit's, for a before/after) against the same baseline.
+    for (key, bin) in [
+        ("EDGE_AGENT_BIN", "edge-agent"),
+        ("EDGE_COORDINATOR_BIN", "edge-coordinator"),
+    ] {
+        if std::env::var_os(key).is_none() {
+            unsafe_env(key, rel.join(bin));
+        }
+    }
     Ok(())
 }
 
