@@ -7,20 +7,15 @@
 //!
 //! Deployments: the service owns every rollout through [`DeployHost`] (the engine, the spool,
 //! the progress files). It picks up packages that `deploy` spooled under the state directory
-//! (at start-up and every `SPOOL_POLL_MS`), resumes unfinished rollouts after a restart,
-//! feeds deployment statuses and resend requests (decoded and deduplicated here) to the host
-//! and does what it returns: publishes (manifest retained, chunks paced at
-//! [`CHUNKS_PER_TICK`] per `DEPLOY_TICK_MS`), journals, and has each rollout's progress file
-//! rewritten every `PROGRESS_INTERVAL_MS` (the periods are the host's, in
-//! [`crate::deploy::host`]).
-//!
-//! Timers: both hosts say when their next chore is due (`next_deadline`, `take_due`), so
-//! the loop sleeps on one timer for chunk pacing, spool polls, progress files and FL ticks.
+//! (at start-up and every [`SPOOL_POLL`]), resumes unfinished rollouts after a restart, feeds
+//! deployment statuses and resend requests (decoded and deduplicated here) to the host and
+//! does what it returns: publishes (manifest retained, chunks paced at [`CHUNKS_PER_TICK`] per
+//! [`DEPLOY_TICK`]), journals, and has each rollout's progress file rewritten every
+//! [`PROGRESS_INTERVAL`].
 //!
 //! Federated learning: the service owns every task through [`FlHost`]: `fl/update` messages
 //! go to it (never to the core), registrations tell it about new members, and every
-//! `FL_TICK_MS` ([`crate::fl::host`]) it takes new tasks and stop requests and checks
-//! deadlines. Its state is
+//! [`FL_TICK`] it takes new tasks and stop requests and checks deadlines. Its state is
 //! written (`FlHost::persist`) before the batch's commit and acks, and before any round
 //! message it asks for is published, so a restart never finds less than devices were told.
 //! Held-out evaluations run on the host's own thread; their outcomes arrive here as one more
@@ -57,11 +52,18 @@ const MAX_BATCH: usize = 256;
 const RECOVERY_WINDOW_BYTES: u64 = (MAX_BATCH as u64) * (v1::MAX_PAYLOAD_BYTES as u64 + 4096);
 /// How often deferred client requests are retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
-/// Queued deployment chunks published per `DEPLOY_TICK_MS` ([`crate::deploy::host`]): at
-/// most 160 chunks (10 MiB at the default chunk size) a second over all rollouts, so neither the broker's
-/// per-subscription buffers nor slow device links are flooded; whatever a device still misses
-/// it asks for again.
+/// How often queued deployment chunks are published, [`CHUNKS_PER_TICK`] at a time: at most
+/// 160 chunks (10 MiB at the default chunk size) a second over all rollouts, so neither the
+/// broker's per-subscription buffers nor slow device links are flooded; whatever a device
+/// still misses it asks for again.
+const DEPLOY_TICK: Duration = Duration::from_millis(50);
 const CHUNKS_PER_TICK: usize = 8;
+/// How often the spool is checked for new deployments.
+const SPOOL_POLL: Duration = Duration::from_millis(500);
+/// How often changed rollout progress files are rewritten.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
+const FL_TICK: Duration = Duration::from_millis(250);
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +213,14 @@ impl Service {
             tokio::time::interval_at(tokio::time::Instant::now() + prune_every, prune_every);
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         let own_status = topics::status(topics::COORDINATOR);
+        let mut deploy_tick = tokio::time::interval(DEPLOY_TICK);
+        deploy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut spool_poll = tokio::time::interval(SPOOL_POLL);
+        spool_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fl_tick = tokio::time::interval(FL_TICK);
+        fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let advert_every = self
             .offload
             .as_ref()
@@ -221,9 +231,6 @@ impl Service {
         self.resume_fl(&mut transport).await?;
 
         let result = loop {
-            // The hosts' chores (chunk pacing, spool polls, progress files, FL ticks) share
-            // one timer: the earliest deadline either host names.
-            let wake = self.hosts_wake_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
@@ -236,7 +243,10 @@ impl Service {
                     }
                 }
                 _ = retry.tick(), if transport.has_deferred() => transport.retry_deferred(),
-                () = tokio::time::sleep_until(wake) => if let Err(e) = self.host_chores(&mut transport).await { break Err(e) },
+                _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
+                _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
+                _ = progress.tick() => self.write_progress(),
+                _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
                 done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done], false) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
                     if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
@@ -392,31 +402,6 @@ impl Service {
             self.deploy.on_registered(&device, &groups);
             let actions = self.fl.on_registered(&device, &groups, now);
             self.actions(actions, now)?;
-        }
-        Ok(())
-    }
-
-    /// When the next host chore is due, on tokio's clock.
-    fn hosts_wake_at(&self) -> tokio::time::Instant {
-        let at = self.deploy.next_deadline().min(self.fl.next_deadline());
-        tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(v1::now_ms()))
-    }
-
-    /// Whatever the hosts say is due, in the order the separate timers ran them before.
-    async fn host_chores(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let now = v1::now_ms();
-        let due = self.deploy.take_due(now);
-        if due.chunks {
-            self.deploy_tick(transport).await?;
-        }
-        if due.spool {
-            self.pickup(transport).await?;
-        }
-        if due.progress {
-            self.write_progress();
-        }
-        if self.fl.take_due(now) {
-            self.fl_tick(transport).await?;
         }
         Ok(())
     }

@@ -17,33 +17,11 @@ use crate::action::Action;
 use crate::core::Core;
 use crate::event::Event;
 
-/// How often queued chunks are published (and expiry checked) while a rollout is active.
-pub const DEPLOY_TICK_MS: u64 = 50;
-/// How often the spool is checked for new deployments.
-pub const SPOOL_POLL_MS: u64 = 500;
-/// How often changed rollout progress files are rewritten.
-pub const PROGRESS_INTERVAL_MS: u64 = 250;
-
-/// Which chores [`DeployHost::take_due`] found due.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DeployDue {
-    /// Publish the next paced chunks and end expired rollouts ([`DeployHost::tick`]).
-    pub chunks: bool,
-    /// Take the spool ([`DeployHost::pickup`]).
-    pub spool: bool,
-    /// Rewrite changed progress files ([`DeployHost::write_progress`]).
-    pub progress: bool,
-}
-
 /// Deployments inside `serve`.
 #[derive(Debug)]
 pub struct DeployHost {
     state_dir: PathBuf,
     engine: Engine,
-    /// When each chore is next due, ms since the epoch (0: at once, as a new interval).
-    next_chunks_ms: u64,
-    next_spool_ms: u64,
-    next_progress_ms: u64,
 }
 
 impl DeployHost {
@@ -51,42 +29,7 @@ impl DeployHost {
         DeployHost {
             state_dir: state_dir.to_owned(),
             engine: Engine::default(),
-            next_chunks_ms: 0,
-            next_spool_ms: 0,
-            next_progress_ms: 0,
         }
-    }
-
-    /// When the next chore is due (ms since the epoch), for the service's one timer. Chunk
-    /// pacing counts only while a rollout is active or chunks are queued: an idle
-    /// coordinator then wakes for the spool and progress only, not every 50 ms.
-    pub fn next_deadline(&self) -> u64 {
-        let chunks = if self.engine.active_count() > 0 || self.engine.queued() > 0 {
-            self.next_chunks_ms
-        } else {
-            u64::MAX
-        };
-        chunks.min(self.next_spool_ms).min(self.next_progress_ms)
-    }
-
-    /// The chores due at `now`; each is next due a full period later (as tokio's
-    /// `MissedTickBehavior::Delay`: a late chore is not repeated to catch up).
-    pub fn take_due(&mut self, now: u64) -> DeployDue {
-        let due = DeployDue {
-            chunks: now >= self.next_chunks_ms,
-            spool: now >= self.next_spool_ms,
-            progress: now >= self.next_progress_ms,
-        };
-        if due.chunks {
-            self.next_chunks_ms = now + DEPLOY_TICK_MS;
-        }
-        if due.spool {
-            self.next_spool_ms = now + SPOOL_POLL_MS;
-        }
-        if due.progress {
-            self.next_progress_ms = now + PROGRESS_INTERVAL_MS;
-        }
-        due
     }
 
     pub fn active_count(&self) -> usize {
@@ -265,35 +208,5 @@ fn target_members(target: &Target, fleet: &Core) -> Vec<String> {
             .map(|r| r.device.clone())
             .collect(),
         Target::Device(_) => Vec::new(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chores_fall_due_once_per_period_and_idle_chunk_pacing_sleeps() {
-        let mut h = DeployHost::new(Path::new("/nonexistent"));
-        let all = DeployDue {
-            chunks: true,
-            spool: true,
-            progress: true,
-        };
-        assert_eq!(
-            h.take_due(1_000),
-            all,
-            "everything at once at start, like new intervals"
-        );
-        assert_eq!(h.take_due(1_000), DeployDue::default());
-        // No rollout: the next wake-up is the progress interval, not the chunk tick.
-        assert_eq!(h.next_deadline(), 1_000 + PROGRESS_INTERVAL_MS);
-        let due = h.take_due(1_000 + PROGRESS_INTERVAL_MS);
-        assert!(due.chunks && due.progress && !due.spool, "{due:?}");
-        // A late wake-up runs each chore once and counts the next period from then.
-        let due = h.take_due(10_000);
-        assert_eq!(due, all);
-        assert_eq!(h.next_chunks_ms, 10_000 + DEPLOY_TICK_MS);
-        assert_eq!(h.next_spool_ms, 10_000 + SPOOL_POLL_MS);
     }
 }

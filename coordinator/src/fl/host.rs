@@ -48,9 +48,6 @@ impl Fleet for Core {
     }
 }
 
-/// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
-pub const FL_TICK_MS: u64 = 250;
-
 /// Federated learning inside `serve`.
 pub struct FlHost {
     state_dir: PathBuf,
@@ -64,8 +61,6 @@ pub struct FlHost {
     /// instead of ending when no worker runs.
     results_tx: mpsc::UnboundedSender<Evaluated>,
     results: mpsc::UnboundedReceiver<Evaluated>,
-    /// When [`FlHost::tick`] is next due, ms since the epoch (0: at once).
-    next_tick_ms: u64,
 }
 
 impl std::fmt::Debug for FlHost {
@@ -89,23 +84,7 @@ impl FlHost {
             holdouts: BTreeSet::new(),
             results_tx,
             results,
-            next_tick_ms: 0,
         }
-    }
-
-    /// When [`FlHost::tick`] is next due (ms since the epoch), for the service's one timer.
-    pub fn next_deadline(&self) -> u64 {
-        self.next_tick_ms
-    }
-
-    /// True when [`FlHost::tick`] is due at `now`; the next one is then a full [`FL_TICK_MS`]
-    /// later (a late tick is not repeated to catch up).
-    pub fn take_due(&mut self, now: u64) -> bool {
-        let due = now >= self.next_tick_ms;
-        if due {
-            self.next_tick_ms = now + FL_TICK_MS;
-        }
-        due
     }
 
     /// Hands the engine's evaluation requests to the worker; answers those of tasks without
