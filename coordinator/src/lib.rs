@@ -8,37 +8,8 @@
 //!
 //! Entry point: [`run`] with a [`Config`] and a shutdown future; the binary adds the CLI.
 //!
-//! Code map:
-//! - [`config`]: the TOML schema and its validation.
-//!   Invariant: unknown keys are errors that name the key and line. Boundary: binary, tests.
-//! - [`core`]: what each message means; the in-memory registry.
-//!   Invariant: no I/O, no clock; never panics on input. Boundary: the service and tests.
-//! - [`store`]: sled trees for the registry and the seen-id set, group commit with fsync.
-//!   Invariant: a seen id and the record it touched are written in one transaction.
-//!   Boundary: the service, `devices`.
-//! - [`journal`]: the JSON-lines event journal (the contract tests and the demo tail).
-//!   Invariant: one whole line per write, rotated at a size cap. Boundary: the service.
-//! - [`event`]: the closed set of journal events; each also emits its log line.
-//! - [`transport`]: embedded broker link or rumqttc client behind one handle.
-//!   Invariant: the coordinator is subscribed before any device can connect to the embedded
-//!   broker; acks to an external broker only after commit. Boundary: the service.
-//! - [`service`]: the loop wiring them together.
-//! - [`action`]: what the I/O-free engines ask the service to do (publish, journal).
-//!   Boundary: the engines return it, only the service carries it out.
-//! - [`deploy`]: signing keys, signed deployment packages (manifest + chunks), the spool
-//!   `deploy` writes and `serve` takes, the rollout engine (retained manifest, paced chunks,
-//!   bounded resends, status tracking) and per-rollout progress files. Invariant: `package`,
-//!   `rollout` and `engine` do no I/O. Boundary: the binary (`keygen`, `deploy`), the service.
-//! - [`fl`]: federated learning: task files, the spool `fl start` writes and `serve` takes,
-//!   the round engine (selection, deadlines, quorum, update validation, late-update rule),
-//!   aggregation and server optimizers, held-out evaluation with ONNX Runtime, per-task state
-//!   files that a restart resumes from. Invariant: `aggregate` and `engine` do no I/O; a
-//!   refused update never touches the aggregate. Boundary: the binary (`fl`), the service.
-//! - [`offload`]: the inference service for offloaded requests: decode, admission (unknown
-//!   model, expired, queue full), a bounded queue to worker threads with their own model
-//!   sessions, answers at QoS 0, the retained capacity advert, counters. Invariant: never
-//!   blocks the service loop; every decoded request gets at most one answer. Boundary: the
-//!   service.
+//! The code map (each module with its Invariant and Boundary) is in ARCHITECTURE.md, section
+//! `coordinator/`; it is kept there only, so it cannot drift from a second copy here.
 //!
 //! Errors: each module has its own `thiserror` enum whose message already contains the
 //! underlying error (a field named `error`, deliberately not a `#[source]`), so the binary's
