@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -38,6 +39,8 @@ const TELEMETRY_S: u64 = 2;
 const ONLINE_STREAM: Duration = Duration::from_secs(5);
 const OUTAGE_TICKS: u32 = 6;
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Set by the interrupt handler: a step that fails after it was set failed because of it.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The binaries' profile, for the figures that depend on it.
 static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// The federated act: agents, rounds, the task's name and update codec.
@@ -60,6 +63,13 @@ pub fn run() -> Result<()> {
     let mut summary = Summary::default();
     let started = Instant::now();
     let result = tour(&env, &mut summary);
+    if result.is_err() && INTERRUPTED.load(Ordering::SeqCst) {
+        // A Ctrl-C in a terminal reaches the agents too, so a step fails as they stop: that is
+        // the interruption, not a failure to report. The handler stops the rest and exits.
+        loop {
+            std::thread::park();
+        }
+    }
     if let Err(e) = &result {
         env.dump_logs();
         let dir = env.keep();
@@ -82,6 +92,7 @@ pub fn run() -> Result<()> {
 /// a coordinator with SIGTERM blocked never stops.
 fn stop_everything_on_signal(dir: std::path::PathBuf) -> Result<()> {
     ctrlc::set_handler(move || {
+        INTERRUPTED.store(true, Ordering::SeqCst);
         eprintln!("\ndemo: interrupted: stopping every process it started");
         let n = edge_tests::stop_all_children(Duration::from_secs(10));
         let removed = std::fs::remove_dir_all(&dir).is_ok();
