@@ -48,6 +48,15 @@ impl TestEnv {
         self.path.join(name)
     }
 
+    /// Every `*.log` file under the dir (the processes' logs), sorted.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        collect_files(&self.path, &mut files);
+        files.retain(|f| f.extension().is_some_and(|x| x == "log"));
+        files.sort();
+        files
+    }
+
     /// Keeps the directory after this is dropped (a failed demo's logs stay for the user to
     /// read); returns its path.
     pub fn keep(&mut self) -> PathBuf {

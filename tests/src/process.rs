@@ -135,25 +135,25 @@ impl ChildProc {
 
     /// True while the last start has not exited (reaps it if it has).
     pub fn is_running(&mut self) -> bool {
-        let Some(c) = &mut self.child else {
-            return false;
-        };
-        match c.try_wait() {
-            Ok(None) => true,
-            Ok(Some(_)) => {
-                forget_pid(c.id());
-                false
-            }
-            Err(_) => false,
-        }
+        self.child.is_some() && matches!(self.poll(), Ok(None))
     }
 
     /// Exit status of the last start if it has exited.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        let c = self.child.as_mut()?;
-        let status = c.try_wait().ok().flatten()?;
-        forget_pid(c.id());
-        Some(status)
+        self.poll().ok().flatten()
+    }
+
+    /// The last start's exit status once it has exited (reaped, and its pid forgotten by the
+    /// registry [`stop_all_children`] reads); `None` while it runs or before any start.
+    fn poll(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        let Some(c) = &mut self.child else {
+            return Ok(None);
+        };
+        let status = c.try_wait()?;
+        if status.is_some() {
+            forget_pid(c.id());
+        }
+        Ok(status)
     }
 
     /// Sends `sig` to the running process; no-op if it has exited.
@@ -241,15 +241,14 @@ impl ChildProc {
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
-        let Some(child) = &mut self.child else {
+        if self.child.is_none() {
             bail!("{} was never started", self.name)
-        };
+        }
         loop {
-            if let Some(status) = child
-                .try_wait()
+            if let Some(status) = self
+                .poll()
                 .with_context(|| format!("cannot wait for {}", self.name))?
             {
-                forget_pid(child.id());
                 return Ok(status);
             }
             if Instant::now() >= deadline {

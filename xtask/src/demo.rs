@@ -76,7 +76,7 @@ pub fn run() -> Result<()> {
         eprintln!();
         eprintln!("demo failed: {e:#}");
         eprintln!("logs (kept): {}", dir.display());
-        for log in logs_under(&dir) {
+        for log in env.log_files() {
             eprintln!("  {}", log.display());
         }
         return result;
@@ -107,24 +107,6 @@ fn stop_everything_on_signal(dir: std::path::PathBuf) -> Result<()> {
         std::process::exit(130);
     })
     .context("cannot install the interrupt handler")
-}
-
-/// The `*.log` files under `dir`, sorted.
-fn logs_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if p.extension().is_some_and(|x| x == "log") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Runs step `n` (1-based) of [`STEPS`], announcing it; an error names the step.
