@@ -326,6 +326,24 @@ fn run_eval(
     score(&outputs, &t.holdout.labels)
 }
 
+/// A 2x2 linear model (weights `W` then bias `B`, all zero) and its trained parameters, for
+/// the evaluator's and the worker's tests.
+#[cfg(test)]
+pub(crate) fn linear_2x2_for_test() -> (Vec<u8>, Vec<ParamSpec>) {
+    let model = edge_testmodels::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
+    let params = vec![
+        ParamSpec {
+            name: "W".into(),
+            shape: vec![2, 2],
+        },
+        ParamSpec {
+            name: "B".into(),
+            shape: vec![2],
+        },
+    ];
+    (model, params)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,17 +397,7 @@ mod tests {
     /// computed by hand; without one, evaluation says why.
     #[test]
     fn onnx_evaluator_patches_and_scores_or_says_why_not() {
-        let model = edge_testmodels::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
-        let params = vec![
-            ParamSpec {
-                name: "W".into(),
-                shape: vec![2, 2],
-            },
-            ParamSpec {
-                name: "B".into(),
-                shape: vec![2],
-            },
-        ];
+        let (model, params) = crate::fl::eval::linear_2x2_for_test();
         let holdout = Holdout::parse("1,0,0\n0,1,1\n1,0,1\n").expect("parses");
         let mut e = OnnxEvaluator::default();
         assert!(e.evaluate("t", 1, &[0.0; 6]).is_none(), "unknown task");

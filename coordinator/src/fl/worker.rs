@@ -160,17 +160,7 @@ mod tests {
     async fn outcomes_come_back_in_order_one_per_request() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut w = Worker::start(tx).expect("thread starts");
-        let model = edge_testmodels::onnx_builder::linear(2, 2, &[0.0; 4], &[0.0; 2]);
-        let params = vec![
-            ParamSpec {
-                name: "W".into(),
-                shape: vec![2, 2],
-            },
-            ParamSpec {
-                name: "B".into(),
-                shape: vec![2],
-            },
-        ];
+        let (model, params) = crate::fl::eval::linear_2x2_for_test();
         let holdout = Holdout::parse("1,0,0\n0,1,1\n").expect("parses");
         w.add("t", model, params, holdout).expect("queued");
         for (task, version) in [("t", 1), ("other", 1), ("t", 2)] {

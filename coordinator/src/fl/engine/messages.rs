@@ -10,6 +10,7 @@ use protocol::v1::topics;
 use super::selection::{hash_str, mix};
 use super::{Engine, Fleet};
 use crate::action::Action;
+use crate::fl::state::TaskState;
 
 impl Engine {
     /// Publishes the current round's message to every registered member.
@@ -60,16 +61,7 @@ impl Engine {
             seed: mix(s.spec.seed ^ mix(u64::from(s.round)) ^ hash_str(device)),
             max_samples: s.spec.train.max_samples,
         });
-        let header = RoundHeader {
-            task: id.to_owned(),
-            round: s.round,
-            version: s.version,
-            model: s.spec.model.clone(),
-            params: s.spec.params.clone(),
-            issued_ms: now_ms,
-            train,
-            done: false,
-        };
+        let header = round_header(id, s, now_ms, train, false);
         let payload = match fl::encode_round(&header, &t.global, &t.key) {
             Ok(p) => p,
             Err(e) => {
@@ -88,5 +80,27 @@ impl Engine {
             payload,
             retain: true,
         })
+    }
+}
+
+/// The header of task `id`'s current round message: a member's train order (or none) and
+/// whether the task is done. One place, so a round message and a task's final one carry the
+/// same fields.
+pub(super) fn round_header(
+    id: &str,
+    s: &TaskState,
+    now_ms: u64,
+    train: Option<TrainOrder>,
+    done: bool,
+) -> RoundHeader {
+    RoundHeader {
+        task: id.to_owned(),
+        round: s.round,
+        version: s.version,
+        model: s.spec.model.clone(),
+        params: s.spec.params.clone(),
+        issued_ms: now_ms,
+        train,
+        done,
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use protocol::v1::fl::{self, RoundHeader};
+use protocol::v1::fl;
 use protocol::v1::topics;
 
 use super::{Engine, EvalOutcome, EvalRequest, Fleet, KEEP_VERSIONS, Write};
@@ -186,16 +186,7 @@ impl Engine {
             round: s.round,
         });
         self.dirty.insert(id.to_owned());
-        let header = RoundHeader {
-            task: id.to_owned(),
-            round: s.round,
-            version: s.version,
-            model: s.spec.model.clone(),
-            params: s.spec.params.clone(),
-            issued_ms: now_ms,
-            train: None,
-            done: true,
-        };
+        let header = super::messages::round_header(id, s, now_ms, None, true);
         // While an evaluation runs, the last round's line is not out yet: on_evaluated hands
         // this event out after it, so readers of the journal see every round before the end.
         let mut out = Vec::new();
