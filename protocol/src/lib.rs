@@ -5,4 +5,5 @@
 //! beside it and the topic tree carries the version (`edge/v1/...`), so old and new devices can
 //! share one broker during a fleet upgrade.
 
+pub mod keyfile;
 pub mod v1;

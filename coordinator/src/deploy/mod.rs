@@ -14,7 +14,7 @@
 //! rollout's progress file, which `deploy` reads to draw its progress bars.
 //!
 //! Code map:
-//! - `keys`: key generation and loading. Invariant: never overwrites a key file, never reads a
+//! - `protocol::keyfile`: key generation and loading (shared with the agent and the coordinator's other keys). Invariant: never overwrites a key file, never reads a
 //!   key file others can read. Boundary: the binary.
 //! - `package`: building and signing a deployment (pure) plus [`package::load`], which reads the
 //!   pipeline TOML and the artifact files it names. Invariant: the signed manifest fits one
@@ -34,12 +34,11 @@
 
 pub mod engine;
 pub mod host;
-pub mod keys;
 pub mod package;
 pub mod progress;
 pub mod rollout;
 pub mod spool;
 
-pub use keys::{KeyError, generate_key_file, load_signing_key};
 pub use package::{ArtifactFile, Package, PackageError, PackageSpec};
+pub use protocol::keyfile::{KeyError, generate_key_file, load_signing_key};
 pub use rollout::{DeviceProgress, Rollout};

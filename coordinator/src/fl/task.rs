@@ -581,6 +581,8 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
 fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), String> {
     let header = RoundHeader {
         task: spec.id.clone(),
+        // The longest id a device may have.
+        device: "d".repeat(protocol::v1::MAX_DEVICE_ID_LEN),
         round: u32::MAX,
         version: u32::MAX,
         model: spec.model.clone(),

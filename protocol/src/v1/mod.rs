@@ -4,8 +4,10 @@
 //! payloads use the compact binary envelope in [`binary`]. Both carry a unique message id so a
 //! receiver can drop the duplicates that at-least-once delivery produces.
 
+pub mod auth;
 pub mod binary;
 pub mod deploy;
+pub mod enroll;
 pub mod fl;
 pub mod offload;
 pub mod topics;

@@ -47,8 +47,19 @@ pub fn cmd(device: &str, name: &str) -> String {
     format!("{ROOT}/{device}/cmd/{name}")
 }
 
+/// Device -> coordinator: an enrollment request (`v1::enroll`).
+pub fn enroll(device: &str) -> String {
+    format!("{ROOT}/{device}/enroll")
+}
+
+/// Coordinator -> device: the signed, retained answer to an enrollment request.
+pub fn enroll_answer(device: &str) -> String {
+    format!("{ROOT}/{device}/enroll/answer")
+}
+
 /// Filters the coordinator subscribes to for everything devices send.
-pub const COORDINATOR_FILTERS: [&str; 4] = [
+pub const COORDINATOR_FILTERS: [&str; 5] = [
+    "edge/v1/+/enroll",
     "edge/v1/+/status",
     "edge/v1/+/register",
     "edge/v1/+/telemetry",
@@ -429,6 +440,10 @@ pub enum Topic {
     OffloadCapacity { replica: String },
     /// The coordinator's own retained status.
     CoordinatorStatus,
+    /// Device -> coordinator: an enrollment request.
+    Enroll { device: String },
+    /// Coordinator -> device: the signed answer (retained).
+    EnrollAnswer { device: String },
 }
 
 impl Topic {
@@ -459,6 +474,12 @@ impl Topic {
         if let Some(device) = parse_offload_request(topic) {
             return Some(Topic::OffloadRequest { device });
         }
+        if let Some(device) = parse_device_suffix(topic, "/enroll") {
+            return Some(Topic::Enroll { device });
+        }
+        if let Some(device) = parse_device_suffix(topic, "/enroll/answer") {
+            return Some(Topic::EnrollAnswer { device });
+        }
         if let Some(device) = parse_offload_response(topic) {
             return Some(Topic::OffloadResponse { device });
         }
@@ -479,8 +500,10 @@ impl Topic {
             | Topic::FlRound { .. }
             | Topic::OffloadResponse { .. }
             | Topic::OffloadCapacity { .. }
-            | Topic::CoordinatorStatus => true,
-            Topic::Device(_)
+            | Topic::CoordinatorStatus
+            | Topic::EnrollAnswer { .. } => true,
+            Topic::Enroll { .. }
+            | Topic::Device(_)
             | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
             | Topic::FlUpdate { .. }
             | Topic::OffloadRequest { .. } => false,
@@ -500,7 +523,9 @@ impl Topic {
             | Topic::FlRound { device }
             | Topic::FlUpdate { device }
             | Topic::OffloadRequest { device }
-            | Topic::OffloadResponse { device } => Some(device),
+            | Topic::OffloadResponse { device }
+            | Topic::Enroll { device }
+            | Topic::EnrollAnswer { device } => Some(device),
             Topic::Deploy(DeployTopic::GroupManifest { .. } | DeployTopic::GroupChunk { .. })
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus => None,
@@ -527,6 +552,8 @@ impl Topic {
             Topic::OffloadResponse { device } => offload_response(device),
             Topic::OffloadCapacity { replica } => offload_capacity(replica),
             Topic::CoordinatorStatus => status(COORDINATOR),
+            Topic::Enroll { device } => enroll(device),
+            Topic::EnrollAnswer { device } => enroll_answer(device),
         }
     }
 }
@@ -567,6 +594,8 @@ mod topic_tests {
                 replica: "r1".into(),
             },
             Topic::CoordinatorStatus,
+            Topic::Enroll { device: d() },
+            Topic::EnrollAnswer { device: d() },
         ]
     }
 
@@ -600,6 +629,7 @@ mod topic_tests {
                 "edge/v1/pi-1/deploy/resend",
                 "edge/v1/pi-1/fl/update",
                 "edge/v1/pi-1/offload/request",
+                "edge/v1/pi-1/enroll",
             ]
         );
     }

@@ -61,7 +61,7 @@ impl Engine {
             seed: mix(s.spec.seed ^ mix(u64::from(s.round)) ^ hash_str(device)),
             max_samples: s.spec.train.max_samples,
         });
-        let header = round_header(id, s, now_ms, train, false);
+        let header = round_header(id, device, s, now_ms, train, false);
         let payload = match fl::encode_round(&header, &t.global, &t.key) {
             Ok(p) => p,
             Err(e) => {
@@ -88,6 +88,7 @@ impl Engine {
 /// same fields.
 pub(super) fn round_header(
     id: &str,
+    device: &str,
     s: &TaskState,
     now_ms: u64,
     train: Option<TrainOrder>,
@@ -95,6 +96,7 @@ pub(super) fn round_header(
 ) -> RoundHeader {
     RoundHeader {
         task: id.to_owned(),
+        device: device.to_owned(),
         round: s.round,
         version: s.version,
         model: s.spec.model.clone(),

@@ -186,7 +186,6 @@ impl Engine {
             round: s.round,
         });
         self.dirty.insert(id.to_owned());
-        let header = super::messages::round_header(id, s, now_ms, None, true);
         // While an evaluation runs, the last round's line is not out yet: on_evaluated hands
         // this event out after it, so readers of the journal see every round before the end.
         let mut out = Vec::new();
@@ -198,19 +197,21 @@ impl Engine {
                 version: s.version,
             }));
         }
-        match fl::encode_round(&header, &t.global, &t.key) {
-            Ok(payload) => {
-                for (device, _) in fleet.members(&s.spec.members) {
+        // One message per member: each names its device, so none can be moved to another's topic.
+        for (device, _) in fleet.members(&s.spec.members) {
+            let header = super::messages::round_header(id, &device, s, now_ms, None, true);
+            match fl::encode_round(&header, &t.global, &t.key) {
+                Ok(payload) => {
                     s.totals.bytes_out += payload.len() as u64;
                     out.push(Action::Publish {
                         topic: topics::fl_round(&device),
-                        payload: payload.clone(),
+                        payload,
                         retain: true,
                     });
                 }
-            }
-            Err(e) => {
-                tracing::error!(task = %id, error = %e, "cannot encode the final round message")
+                Err(e) => tracing::error!(
+                    task = %id, %device, error = %e, "cannot encode the final round message"
+                ),
             }
         }
         out

@@ -98,6 +98,9 @@ pub struct TrainOrder {
 pub struct RoundHeader {
     /// Task id (message-id charset).
     pub task: String,
+    /// The device this message is for: a device refuses one addressed to another (a copy
+    /// moved to its topic).
+    pub device: String,
     /// Round number, from 1. The weights are the global model *before* this round.
     pub round: u32,
     /// Version of the global weights carried (0 = the task's initial model; +1 per
@@ -397,6 +400,7 @@ mod tests {
     fn header() -> RoundHeader {
         RoundHeader {
             task: "digits".into(),
+            device: "pi-1".into(),
             round: 3,
             version: 2,
             model: "models/digits.onnx".into(),
