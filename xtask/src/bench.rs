@@ -9,6 +9,8 @@
 //! - fl-ack: the coordinator's telemetry latency while federated rounds close on a 10,000-row
 //!   hold-out, against an idle phase of the same run, optionally for a second binary
 //!   ([`fl_ack`]);
+//! - auth: per-message cost of the MAC every device message carries vs an ed25519 signature, on
+//!   this machine and on aarch64 under qemu-user ([`auth`]);
 //! - offload: the agent's offload policy against always-local, always-offload and a hindsight
 //!   oracle over a measured trace of changing link and load ([`offload`]).
 //!
@@ -95,6 +97,34 @@ pub fn offload(root: &Path) -> Result<()> {
     let mut bench = crate::cargo();
     bench.args(["test", "-p", "edge-tests", "--bench", "offload"]);
     crate::run(bench).context("offload benchmark failed")
+}
+
+/// `cargo xtask bench auth [--host-only]`: `protocol/benches/auth.rs` on this machine, then
+/// cross-built for aarch64 and run under qemu-user, whose figures are marked emulated (only the
+/// ratios between its lines mean anything).
+pub fn auth(host_only: bool) -> Result<()> {
+    let mut bench = crate::cargo();
+    bench.args(["bench", "-p", "protocol", "--bench", "auth"]);
+    crate::run(bench).context("auth benchmark failed")?;
+    if host_only {
+        return Ok(());
+    }
+    let target = crate::cross::Target::load("aarch64-unknown-linux-gnu")?;
+    let runner = crate::qemu::prepare(&target)?;
+    let mut bench = crate::cargo();
+    bench.args([
+        "bench",
+        "-p",
+        "protocol",
+        "--bench",
+        "auth",
+        "--target",
+        &target.triple,
+    ]);
+    target.cargo_env(&mut bench);
+    bench.env(format!("CARGO_TARGET_{}_RUNNER", target.env_key()), runner);
+    bench.env("EDGE_BENCH_EMULATED", "1");
+    crate::run(bench).context("auth benchmark under qemu failed")
 }
 
 fn build_release(root: &Path) -> Result<()> {

