@@ -29,6 +29,12 @@ pub struct AgentOptions {
     pub outbox_max_bytes: Option<u64>,
     /// `--log-format json`.
     pub json_logs: bool,
+    /// The groups the agent is enrolled into: the harness's claim for this set (one of
+    /// [`crate::enroll::GROUP_SETS`]) goes into the agent's `[enrollment] claim_key_file`.
+    pub groups: Vec<String>,
+    /// Pins the coordinator's public identity (`[enrollment] coordinator`); without it the
+    /// agent trusts the coordinator key of its first signed answer.
+    pub coordinator_key: Option<protocol::v1::auth::PublicIdentity>,
     /// Further keys, merged over the generated config (tables are merged key by key), e.g.
     /// `[outbox] ttl_results_s`.
     pub extra: toml::Table,
@@ -46,6 +52,8 @@ impl AgentOptions {
             on_corruption: None,
             outbox_max_bytes: None,
             json_logs: false,
+            groups: Vec::new(),
+            coordinator_key: None,
             extra: toml::Table::new(),
         }
     }
@@ -86,10 +94,27 @@ impl AgentOptions {
             Value::Integer(to_i64(self.telemetry_interval_s)?),
         );
         root.insert("telemetry".into(), Value::Table(telemetry));
+        let mut enrollment = toml::Table::new();
+        enrollment.insert(
+            "claim_key_file".into(),
+            Value::String(path_str(&dir.join(CLAIM_KEY_FILE))?),
+        );
+        // Retry an unanswered request soon: tests start agents before their coordinator.
+        enrollment.insert("retry_ms".into(), Value::Integer(500));
+        if let Some(pin) = &self.coordinator_key {
+            let mut c = toml::Table::new();
+            c.insert("sign".into(), Value::String(pin.sign.clone()));
+            c.insert("agree".into(), Value::String(pin.agree.clone()));
+            enrollment.insert("coordinator".into(), Value::Table(c));
+        }
+        root.insert("enrollment".into(), Value::Table(enrollment));
         merge(&mut root, &self.extra);
         toml::to_string(&root).context("cannot encode agent config")
     }
 }
+
+/// The claim key file the harness writes beside each agent's config.
+const CLAIM_KEY_FILE: &str = "claim.key";
 
 fn path_str(p: &Path) -> Result<String> {
     p.to_str()
@@ -158,6 +183,8 @@ impl Agent {
     }
 
     fn write_config(&self) -> Result<()> {
+        let groups: Vec<&str> = self.opts.groups.iter().map(String::as_str).collect();
+        crate::enroll::write_claim_key(&self.dir.join(CLAIM_KEY_FILE), &groups)?;
         let text = self.opts.to_toml(&self.dir)?;
         std::fs::write(&self.config_path, text)
             .with_context(|| format!("cannot write {}", self.config_path.display()))

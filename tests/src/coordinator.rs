@@ -96,14 +96,28 @@ impl Coordinator {
         let state_dir = dir.join("state");
         let journal_path = dir.join("journal.jsonl");
         let mut args: Vec<String> = vec!["serve".into(), "--state-dir".into(), utf8(&state_dir)?];
-        match &broker {
+        let extra = match &broker {
             Broker::Embedded { port, args: extra } => {
                 args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
-                args.extend(extra.iter().cloned());
+                extra
             }
             Broker::External { url, args: extra } => {
                 args.extend(["--broker".into(), url.clone()]);
-                args.extend(extra.iter().cloned());
+                extra
+            }
+        };
+        args.extend(extra.iter().cloned());
+        // Every coordinator accepts the harness's fleet claims (crate::enroll): in the test's
+        // own config file if it passes one, else in one the harness writes.
+        match extra.iter().position(|a| a == "--config") {
+            Some(i) => {
+                let file = extra.get(i + 1).context("--config without a file")?;
+                crate::enroll::add_to_coordinator_config(Path::new(file))?;
+            }
+            None => {
+                let file = dir.join("coordinator.toml");
+                crate::enroll::add_to_coordinator_config(&file)?;
+                args.extend(["--config".into(), utf8(&file)?]);
             }
         }
         args.extend(["--journal".into(), utf8(&journal_path)?]);

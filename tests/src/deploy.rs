@@ -136,8 +136,9 @@ fn run_deploy(
 }
 
 impl AgentOptions {
-    /// Trusts `key` for deployments, joins `groups`, and asks for missing chunks after
-    /// `resend_after_ms` (short in tests, so a lost chunk is asked for again quickly).
+    /// Trusts `key` for deployments, enrolls into `groups` (the coordinator assigns them by the
+    /// claim the agent enrolls with), and asks for missing chunks after `resend_after_ms` (short
+    /// in tests, so a lost chunk is asked for again quickly).
     pub fn trust_deployments(
         &mut self,
         key: &SigningKey,
@@ -151,14 +152,11 @@ impl AgentOptions {
             Value::Array(vec![Value::String(key.public_hex.clone())]),
         );
         deploy.insert(
-            "groups".into(),
-            Value::Array(groups.iter().map(|g| Value::String((*g).into())).collect()),
-        );
-        deploy.insert(
             "resend_after_ms".into(),
             Value::Integer(i64::try_from(resend_after_ms).unwrap_or(i64::MAX)),
         );
         self.extra.insert("deploy".into(), Value::Table(deploy));
+        self.groups = groups.iter().map(|g| (*g).to_owned()).collect();
         self
     }
 }

@@ -31,6 +31,7 @@ mod crash;
 mod delivery;
 mod deploy;
 pub mod digits;
+pub mod enroll;
 mod env;
 mod fl;
 mod journal;

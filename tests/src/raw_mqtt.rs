@@ -93,6 +93,82 @@ impl RawMqtt {
         }
     }
 
+    /// Publishes `payload` on `topic` (QoS 1, retained as `retain` says) and waits for PUBACK.
+    pub fn publish_with(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+        timeout: Duration,
+    ) -> Result<RawOutcome> {
+        if !retain {
+            return self.publish(topic, payload, timeout);
+        }
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
+            .with_context(|| format!("cannot queue a publish on {topic}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::PubAck(_)))) => return Ok(RawOutcome::Acked),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Ok(RawOutcome::Dropped(e.to_string())),
+                None => bail!("raw MQTT client: no PUBACK for {topic} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Publishes every `(topic, payload)` at QoS 1 without waiting in between (the client keeps
+    /// its window full) and returns how many the broker acknowledged by `timeout`.
+    pub fn flood(&mut self, msgs: Vec<(String, Vec<u8>)>, timeout: Duration) -> Result<usize> {
+        let total = msgs.len();
+        let deadline = Instant::now() + timeout;
+        let mut queued = msgs.into_iter();
+        let (mut sent, mut acked) = (0usize, 0usize);
+        while acked < total {
+            // Keep a bounded number queued in the client's request channel.
+            while sent < total && sent - acked < 64 {
+                let Some((topic, payload)) = queued.next() else {
+                    break;
+                };
+                self.client
+                    .try_publish(&topic, QoS::AtLeastOnce, false, payload)
+                    .with_context(|| format!("cannot queue a publish on {topic}"))?;
+                sent += 1;
+            }
+            match self.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("flood connection failed after {acked} acks: {e}"),
+                None => break,
+            }
+        }
+        Ok(acked)
+    }
+
+    /// Subscribes to `filter` and returns the first message (a retained one counts): topic,
+    /// payload and whether it came as retained.
+    pub fn first_message(
+        &mut self,
+        filter: &str,
+        timeout: Duration,
+    ) -> Result<Option<(String, Vec<u8>, bool)>> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .with_context(|| format!("cannot subscribe to {filter}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    return Ok(Some((p.topic, p.payload.to_vec(), p.retain)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("subscription to {filter} failed: {e}"),
+                None => return Ok(None),
+            }
+        }
+    }
+
     fn next(
         &mut self,
         deadline: Instant,
