@@ -8,7 +8,8 @@
 //! `revoked`), then a MAC by the session's `up` key (`no_trailer`, `wrong_kind`, `bad_mac`),
 //! then, for `DeviceMac` topics, a counter the device's [`ReplayWindow`] has not seen
 //! (`replay`). The retained status and the will carry [`auth::STATUS_COUNTER`] and skip the
-//! window, but one from an older epoch than the window's is a replay too. What passes is
+//! window (a will of an earlier boot may well arrive after the new boot's first messages; the
+//! core already ignores a will whose `since_ms` is not the current session's). What passes is
 //! routed with its trailer cut off; a topic outside the tree has no rule and goes on to the
 //! core, which journals it as rejected.
 //!
@@ -247,27 +248,12 @@ impl Gate {
             Ok(p) => p,
             Err(e) => return Verdict::Dropped { reason: e.reason() },
         };
-        match rule {
-            Rule::DeviceMac => {
-                let window = self.windows.entry(device.to_owned()).or_default();
-                if let Err(e) = window.accept(stamp) {
-                    return Verdict::Dropped { reason: e.reason() };
-                }
-                self.moved.insert(device.to_owned());
+        if rule == Rule::DeviceMac {
+            let window = self.windows.entry(device.to_owned()).or_default();
+            if let Err(e) = window.accept(stamp) {
+                return Verdict::Dropped { reason: e.reason() };
             }
-            Rule::DeviceStatus => {
-                if self
-                    .windows
-                    .get(device)
-                    .is_some_and(|w| stamp.epoch < w.epoch())
-                {
-                    return Verdict::Dropped { reason: "replay" };
-                }
-            }
-            // Not reached: handled above or from the coordinator.
-            Rule::Enrollment | Rule::CoordinatorMac | Rule::CoordinatorSigned | Rule::Embedded => {
-                return Verdict::Echo;
-            }
+            self.moved.insert(device.to_owned());
         }
         Verdict::Route { len: payload.len() }
     }
@@ -614,7 +600,7 @@ mod tests {
     }
 
     #[test]
-    fn status_skips_the_window_but_not_the_epoch_and_echoes_are_ignored() {
+    fn status_skips_the_window_and_echoes_are_ignored() {
         let mut f = fixture();
         let status = topics::status("pi-1");
         let s = |epoch| Stamp {
@@ -643,8 +629,14 @@ mod tests {
         verify(&mut f, &data, &newer, 3);
         assert_eq!(
             verify(&mut f, &status, &sealed, 4),
-            Verdict::Dropped { reason: "replay" },
-            "a status of an older boot"
+            Verdict::Route { len: 2 },
+            "a will of an earlier boot still reaches the core, which compares since_ms"
+        );
+        let mut forged = sealed.clone();
+        forged[0] ^= 1;
+        assert_eq!(
+            verify(&mut f, &status, &forged, 4),
+            Verdict::Dropped { reason: "bad_mac" }
         );
         assert_eq!(verify(&mut f, &status, b"", 5), Verdict::Route { len: 0 });
         // Our own publishes, and enrollment requests (checked by the enrollment core).
