@@ -1072,3 +1072,171 @@ fn own_status_json(online: bool, since_ms: u64) -> Vec<u8> {
     }
     .to_json()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrollment::config::ClaimConfig;
+    use protocol::v1::auth::{Identity, SessionKeys, Stamp};
+    use protocol::v1::deploy::{SigningKey, public_key_hex};
+    use protocol::v1::enroll::{EnrollRequest, Hardware, seal_request};
+    use protocol::v1::{Class, Data};
+
+    /// A service without a transport: messages go in through `Service::message`.
+    fn service(dir: &std::path::Path, claim: &SigningKey) -> Service {
+        let mut config = Config {
+            state_dir: dir.to_owned(),
+            ..Config::default()
+        };
+        config.enrollment.claims = vec![ClaimConfig {
+            key: public_key_hex(&claim.verifying_key()),
+            groups: vec!["lab".into()],
+        }];
+        let identity = Identity::generate();
+        let store = Store::open(&config.db_path(), 1 << 20).expect("store");
+        let journal = Journal::open(&config.journal_path(), 1 << 20).expect("journal");
+        let (_tx, rx) = mpsc::channel(1);
+        Service {
+            enrollments: Enrollments::new(
+                config.enrollment.policy().expect("valid"),
+                identity.public(),
+                Vec::new(),
+            ),
+            gate: Gate::new(identity.clone(), 1, Vec::new()),
+            fl: FlHost::new(dir, false, identity.signing_key().clone()),
+            deploy: DeployHost::new(dir),
+            core: Core::default(),
+            store,
+            journal,
+            rx,
+            ready: true,
+            started_ms: 1,
+            publishes: Vec::new(),
+            offload: None,
+            snapshot_stale: false,
+            config,
+        }
+    }
+
+    fn message(topic: String, payload: Vec<u8>) -> Message {
+        Message {
+            topic,
+            payload: payload.into(),
+            ack: AckToken::None,
+        }
+    }
+
+    fn journal(s: &Service) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(s.journal.path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn data(id: &str) -> Vec<u8> {
+        Envelope {
+            v: v1::VERSION,
+            id: id.into(),
+            device: "pi-1".into(),
+            class: Class::Results,
+            seq: 1,
+            created_ms: 1,
+            body: Data {
+                stream: "s".into(),
+                payload: serde_json::json!({"x": 1}),
+            },
+        }
+        .to_json()
+    }
+
+    /// Enrolls pi-1 through the service; returns the device's session keys.
+    fn enroll(s: &mut Service, claim: &SigningKey) -> SessionKeys {
+        let device = Identity::generate();
+        let request = EnrollRequest {
+            v: v1::VERSION,
+            device: "pi-1".into(),
+            identity: device.public(),
+            hardware: Hardware::default(),
+            claim_key: Some(public_key_hex(&claim.verifying_key())),
+            issued_ms: 1,
+        };
+        let bytes = seal_request(&request, &device, Some(claim));
+        s.message(message(topics::enroll("pi-1"), bytes))
+            .expect("handled");
+        let coordinator = s.gate.public().clone();
+        device
+            .session_keys(&coordinator, "pi-1", &device.public(), &coordinator)
+            .expect("keys")
+    }
+
+    #[test]
+    fn messages_are_verified_at_the_entry_and_routed_without_their_trailer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let claim = SigningKey::from_bytes(&[4; 32]);
+        let mut s = service(dir.path(), &claim);
+        let topic = topics::data("pi-1", "s");
+
+        // Before enrollment: dropped, not journaled, not in the registry.
+        let stamp = |counter| Stamp { epoch: 5, counter };
+        s.message(message(topic.clone(), data("m0"))).expect("ok");
+        assert!(s.core.device("pi-1").is_none());
+
+        let keys = enroll(&mut s, &claim);
+        let lines = journal(&s);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["event"] == "device_enrolled" && l["groups"][0] == "lab"),
+            "{lines:?}"
+        );
+        assert!(matches!(
+            &s.publishes[..],
+            [Outgoing::Answer { retain: true, .. }]
+        ));
+        assert!(s.store.load_enrollments().expect("loads").len() == 1);
+
+        // A good message: the core sees the body alone (it would reject a trailer as bad json).
+        let sealed = keys.up.seal(&topic, &data("m1"), stamp(1));
+        s.message(message(topic.clone(), sealed.clone()))
+            .expect("ok");
+        // The same bytes again (a replay), a forged MAC, no trailer at all.
+        s.message(message(topic.clone(), sealed)).expect("ok");
+        let mut forged = keys.up.seal(&topic, &data("m2"), stamp(2));
+        forged[3] ^= 1;
+        s.message(message(topic.clone(), forged)).expect("ok");
+        s.message(message(topic.clone(), data("m3"))).expect("ok");
+        let lines = journal(&s);
+        let data_lines: Vec<&serde_json::Value> =
+            lines.iter().filter(|l| l["event"] == "data").collect();
+        assert_eq!(data_lines.len(), 1, "{lines:?}");
+        assert_eq!(data_lines[0]["id"], "m1");
+        assert_eq!(data_lines[0]["payload"], serde_json::json!({"x": 1}));
+        assert!(!lines.iter().any(|l| l["event"] == "rejected"), "{lines:?}");
+        let totals: Vec<(&str, u64)> = s.gate.drop_totals().iter().map(|(r, n)| (*r, *n)).collect();
+        assert_eq!(
+            totals,
+            vec![
+                ("bad_mac", 1),
+                ("no_trailer", 1),
+                ("replay", 1),
+                ("unenrolled", 1)
+            ]
+        );
+        // The batch's end journals them, and moves the replay window into the store.
+        s.auth_summary().expect("journals");
+        let summary = journal(&s)
+            .into_iter()
+            .find(|l| l["event"] == "auth_rejected")
+            .expect("summary");
+        assert_eq!(summary["total"], 4);
+        assert_eq!(s.gate.take_moved_windows(), vec![("pi-1".to_owned(), 5, 1)]);
+
+        // A revoked device's messages are refused from then on.
+        let out = s.enrollments.revoke("pi-1", v1::now_ms()).expect("known");
+        s.enrollment_outcome(out, v1::now_ms()).expect("ok");
+        let later = keys.up.seal(&topic, &data("m4"), stamp(3));
+        s.message(message(topic, later)).expect("ok");
+        assert_eq!(s.gate.drop_totals().get("revoked"), Some(&1));
+    }
+}

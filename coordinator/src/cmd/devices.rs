@@ -31,7 +31,8 @@ pub(crate) enum DevicesCommand {
     /// Enroll a device (pending, rejected or revoked), or change an enrolled device's groups.
     Approve {
         device: String,
-        /// Deployment group; repeatable. An enrolled device keeps its groups without any.
+        /// Deployment group; repeatable. Without any, an enrolled or revoked device keeps the
+        /// groups it had.
         #[arg(long = "group", value_name = "GROUP")]
         groups: Vec<String>,
         #[command(flatten)]

@@ -400,8 +400,8 @@ impl Enrollments {
         }
     }
 
-    /// `devices approve`: accepts a device in any state, with `groups` (an already accepted
-    /// device keeps its groups when none are given).
+    /// `devices approve`: accepts a device in any state, with `groups` (an accepted or revoked
+    /// device keeps the groups it had when none are given).
     pub fn approve(
         &mut self,
         device: &str,
@@ -421,11 +421,12 @@ impl Enrollments {
                 ..Outcome::default()
             });
         }
-        let groups = if groups.is_empty() && r.state == Decision::Accepted {
-            r.groups.clone()
-        } else {
-            groups
-        };
+        let groups =
+            if groups.is_empty() && matches!(r.state, Decision::Accepted | Decision::Revoked) {
+                r.groups.clone()
+            } else {
+                groups
+            };
         Ok(self.accept(device, groups, BY_OPERATOR, None, now_ms))
     }
 
@@ -844,6 +845,11 @@ mod tests {
         assert!(e.revoke("pi-7", 300).expect("known").events.is_empty());
         let o = e.approve("pi-7", vec![], 400).expect("known");
         assert_eq!(decision(&o), Some((Decision::Accepted, true)));
+        assert_eq!(
+            e.groups("pi-7"),
+            Some(&["lab".to_owned()][..]),
+            "its groups back"
+        );
     }
 
     #[test]

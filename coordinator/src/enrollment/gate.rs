@@ -570,6 +570,43 @@ mod tests {
     }
 
     #[test]
+    fn replay_windows_survive_a_store_reopen() {
+        let mut f = fixture();
+        let topic = topics::telemetry("pi-1");
+        let first = f.keys.up.seal(&topic, b"{}", stamp(1));
+        let second = f.keys.up.seal(&topic, b"{}", stamp(2));
+        assert_eq!(verify(&mut f, &topic, &first, 1), Verdict::Route { len: 2 });
+        assert_eq!(
+            verify(&mut f, &topic, &second, 2),
+            Verdict::Route { len: 2 }
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sled");
+        {
+            // What the service does at the end of a batch.
+            let store = crate::store::Store::open(&path, 1 << 20).expect("opens");
+            store
+                .save_replay_windows(&f.gate.take_moved_windows())
+                .expect("saves");
+            store.commit(true).expect("commits");
+        }
+        let store = crate::store::Store::open(&path, 1 << 20).expect("reopens");
+        let identity = f.gate.identity().clone();
+        f.gate = Gate::new(identity, 8, store.load_replay_windows().expect("loads"));
+        assert_eq!(
+            verify(&mut f, &topic, &second, 3),
+            Verdict::Dropped { reason: "replay" },
+            "replayed after the restart"
+        );
+        assert_eq!(
+            verify(&mut f, &topic, &first, 4),
+            Verdict::Dropped { reason: "replay" }
+        );
+        let third = f.keys.up.seal(&topic, b"{}", stamp(3));
+        assert_eq!(verify(&mut f, &topic, &third, 5), Verdict::Route { len: 2 });
+    }
+
+    #[test]
     fn pending_rejected_and_revoked_devices_are_refused() {
         let mut f = fixture();
         let topic = topics::telemetry("pi-1");
