@@ -9,8 +9,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::enrollment::config::{ClaimConfig, EnrollmentConfig, Mode as EnrollmentMode};
+
 /// The commented default configuration, printed by `edge-coordinator generate-config`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/coordinator.toml");
+
+/// The largest payload on the wire: a body of the protocol's limit and the largest
+/// authentication trailer.
+pub const MAX_WIRE_PAYLOAD: usize =
+    protocol::v1::MAX_PAYLOAD_BYTES + protocol::v1::auth::MAX_TRAILER_LEN;
 
 /// Errors from reading or validating a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,8 @@ pub struct Config {
     pub journal: JournalConfig,
     /// The inference service for offloaded requests.
     pub offload: OffloadConfig,
+    /// Which devices may join, and in which groups (`crate::enrollment::config`).
+    pub enrollment: EnrollmentConfig,
 }
 
 /// The embedded rumqttd broker.
@@ -176,6 +185,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             journal: JournalConfig::default(),
             offload: OffloadConfig::default(),
+            enrollment: EnrollmentConfig::default(),
         }
     }
 }
@@ -296,21 +306,19 @@ impl Config {
                 "must be at least 1 and at most reconnect_max_ms",
             );
         }
-        if self.mqtt.max_packet_bytes < protocol::v1::MAX_PAYLOAD_BYTES + 1024 {
+        if self.mqtt.max_packet_bytes < MAX_WIRE_PAYLOAD + 1024 {
             return invalid(
                 "mqtt.max_packet_bytes",
                 &format!(
-                    "must leave room for the protocol's {} byte payloads plus framing",
-                    protocol::v1::MAX_PAYLOAD_BYTES
+                    "must leave room for the protocol's {MAX_WIRE_PAYLOAD} byte payloads (body and authentication trailer) plus framing"
                 ),
             );
         }
-        if self.embedded.max_payload_bytes < protocol::v1::MAX_PAYLOAD_BYTES {
+        if self.embedded.max_payload_bytes < MAX_WIRE_PAYLOAD {
             return invalid(
                 "embedded.max_payload_bytes",
                 &format!(
-                    "must be at least the protocol's {} bytes",
-                    protocol::v1::MAX_PAYLOAD_BYTES
+                    "must be at least the protocol's {MAX_WIRE_PAYLOAD} bytes (body and authentication trailer)"
                 ),
             );
         }
@@ -335,6 +343,7 @@ impl Config {
         if self.journal.max_bytes < 4096 {
             return invalid("journal.max_bytes", "must be at least 4096");
         }
+        self.enrollment.validate()?;
         self.validate_offload()
     }
 
@@ -509,6 +518,28 @@ mod tests {
                 .to_string()
                 .contains("mqtt.url")
         );
+    }
+
+    #[test]
+    fn enrollment_section_parses() {
+        let key = protocol::v1::deploy::public_key_hex(
+            &protocol::v1::deploy::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        );
+        let text = format!(
+            "[enrollment]\nmode = \"manual\"\nmax_pending = 5\n\n[[enrollment.claims]]\nkey = \"{key}\"\ngroups = [\"lab\"]\n"
+        );
+        let c = Config::from_toml(&text, Path::new("c.toml")).expect("parses");
+        assert_eq!(c.enrollment.mode, EnrollmentMode::Manual);
+        assert_eq!(c.enrollment.max_pending, 5);
+        assert_eq!(c.enrollment.claims[0].groups, vec!["lab".to_owned()]);
+        let msg = Config::from_toml("[enrollment]\nmode = \"open\"\n", Path::new("c.toml"))
+            .expect_err("refused")
+            .to_string();
+        assert!(msg.contains("line 2") && msg.contains("open"), "{msg}");
+        let msg = Config::from_toml("[[enrollment.claims]]\nkey = \"00\"\n", Path::new("c.toml"))
+            .expect_err("refused")
+            .to_string();
+        assert!(msg.contains("enrollment.claims.key"), "{msg}");
     }
 
     #[test]

@@ -198,6 +198,60 @@ pub enum Event {
         rounds_closed: u32,
         version: u32,
     },
+    /// A device was enrolled (or its groups changed): its messages are accepted from now on.
+    /// `by` is `claim` (then `claim_key_id` names the key), `operator` or `allowlist`.
+    DeviceEnrolled {
+        device: String,
+        key_id: String,
+        by: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        claim_key_id: Option<String>,
+        groups: Vec<String>,
+        hardware: protocol::v1::enroll::Hardware,
+    },
+    /// A new enrollment request waits for an operator (`devices pending`, `devices approve`);
+    /// `claim_key` is a claim key the request named that this coordinator does not list.
+    EnrollmentPending {
+        device: String,
+        key_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        claim_key: Option<String>,
+        hardware: protocol::v1::enroll::Hardware,
+    },
+    /// An enrollment request was refused, by the policy (an id not in the allowlist) or by an
+    /// operator.
+    EnrollmentRejected {
+        device: String,
+        key_id: String,
+        by: &'static str,
+        reason: String,
+    },
+    /// A request for an id that is enrolled (or waiting) under another key: refused, the
+    /// record untouched.
+    EnrollmentConflict {
+        device: String,
+        key_id: String,
+        enrolled_key_id: String,
+        state: &'static str,
+        hardware: protocol::v1::enroll::Hardware,
+    },
+    /// An operator revoked a device: its messages are refused from now on.
+    DeviceRevoked {
+        device: String,
+        key_id: String,
+        previous: &'static str,
+        groups: Vec<String>,
+    },
+    /// Messages dropped at the service entry because they did not authenticate, by reason
+    /// (`unenrolled`, `not_enrolled`, `revoked`, `no_trailer`, `bad_mac`, `replay`,
+    /// `max_pending`, ...), since `since_ms` (0: since start); at most one line per 10 s.
+    /// `devices` names up to 16 of the devices concerned.
+    AuthRejected {
+        reasons: std::collections::BTreeMap<String, u64>,
+        total: u64,
+        devices: Vec<String>,
+        since_ms: u64,
+    },
     /// Clean shutdown finished; nothing after this line until the next `ready`.
     Stopped {},
 }
@@ -384,6 +438,51 @@ impl Event {
                 rounds_closed,
                 version,
             } => tracing::info!(%task, %reason, rounds_closed, version, "federated task finished"),
+            Event::DeviceEnrolled {
+                device,
+                key_id,
+                by,
+                groups,
+                ..
+            } => {
+                tracing::info!(%device, %key_id, by, groups = %groups.join(","), "device enrolled")
+            }
+            Event::EnrollmentPending {
+                device,
+                key_id,
+                hardware,
+                ..
+            } => {
+                tracing::warn!(%device, %key_id, arch = %hardware.arch, board = %hardware.board, "enrollment waits for an operator: edge-coordinator devices approve")
+            }
+            Event::EnrollmentRejected {
+                device,
+                key_id,
+                by,
+                reason,
+            } => tracing::warn!(%device, %key_id, by, %reason, "enrollment rejected"),
+            Event::EnrollmentConflict {
+                device,
+                key_id,
+                enrolled_key_id,
+                state,
+                ..
+            } => {
+                tracing::warn!(%device, %key_id, %enrolled_key_id, state, "enrollment refused: the device id belongs to another key")
+            }
+            Event::DeviceRevoked { device, key_id, .. } => {
+                tracing::warn!(%device, %key_id, "device revoked")
+            }
+            Event::AuthRejected {
+                reasons,
+                total,
+                devices,
+                ..
+            } => {
+                let reasons: Vec<String> =
+                    reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
+                tracing::warn!(total, reasons = %reasons.join(" "), devices = %devices.join(","), "messages dropped by authentication since the last summary")
+            }
             Event::Stopped {} => tracing::info!("coordinator stopped"),
         }
     }

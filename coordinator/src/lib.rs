@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! agents --MQTT--> broker (embedded rumqttd | external) --> transport pump --channel-->
-//!   service loop: core.handle (no I/O) -> journal line -> sled (seen id, registry) -> commit -> ack
+//!   service loop: gate (enrolled? MAC? replay?) -> core.handle (no I/O) -> journal line
+//!   -> sled (seen id, registry, replay windows) -> commit -> ack
 //! ```
 //!
 //! Entry point: [`run`] with a [`Config`] and a shutdown future; the binary adds the CLI.
@@ -36,13 +37,21 @@
 //! bytes_out, train_loss?, train_accuracy?, eval_accuracy?, eval_loss?, eval_rows?, eval_note?}`
 //! (for a task with a held-out set, journaled when its evaluation is in: `closed_ms` is the
 //! close, `ts_ms` the line),
-//! `fl_task_finished {task, reason, rounds_closed, version}`;
+//! `fl_task_finished {task, reason, rounds_closed, version}`,
+//! `device_enrolled {device, key_id, by, claim_key_id?, groups, hardware}` (`by`: claim,
+//! operator, allowlist),
+//! `enrollment_pending {device, key_id, claim_key?, hardware}`,
+//! `enrollment_rejected {device, key_id, by, reason}` (`by`: policy, operator),
+//! `enrollment_conflict {device, key_id, enrolled_key_id, state, hardware}`,
+//! `device_revoked {device, key_id, previous, groups}`,
+//! `auth_rejected {reasons {reason: n}, total, devices, since_ms}` (at most every 10 s);
 //! every line has `ts_ms`.
 
 pub mod action;
 pub mod config;
 pub mod core;
 pub mod deploy;
+pub mod enrollment;
 pub mod event;
 pub mod fl;
 pub mod journal;

@@ -2,7 +2,10 @@
 //!
 //! `serve` runs it (embedded broker by default, `--broker` for an external one);
 //! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
-//! registry while the coordinator is stopped. `keygen` creates a deployment signing key;
+//! registry while the coordinator is stopped; `devices pending|approve|reject|revoke` read and
+//! decide enrollment requests through the running `serve`'s state directory; `identity` prints
+//! the coordinator's public identity (creating it if needed). `keygen` creates a deployment or
+//! fleet claim key;
 //! `deploy` builds and signs a deployment, spools it for the running `serve` (which sends it
 //! and owns the rollout) and draws its progress from the rollout's progress file until every
 //! device is final; `deploy --dry-run` only prints the signed manifest. `fl start` validates a
@@ -18,10 +21,10 @@ use clap::{Parser, Subcommand};
 use edge_coordinator::config::{self, Config};
 
 use cmd::deploy::{DeployArgs, deploy};
-use cmd::devices::{devices, keygen};
+use cmd::devices::{DevicesCommand, devices, devices_command, identity, keygen};
 use cmd::fl::{FlCommand, fl};
-use cmd::report;
 use cmd::serve::{ServeArgs, serve};
+use cmd::{StateArgs, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,8 +48,12 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
-    /// Print the persisted device registry (the coordinator must not be running).
+    /// Print the persisted device registry with each device's enrollment (the coordinator
+    /// must not be running); or list and decide enrollment requests (while it runs).
+    #[command(args_conflicts_with_subcommands = true)]
     Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
         /// State directory; defaults to the one in --config, or the built-in default.
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -57,12 +64,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create an ed25519 deployment signing key (mode 0600) and print its public key, the
-    /// value agents list in `trusted_keys`. Never overwrites an existing file.
+    /// Create an ed25519 key (mode 0600) and print its public key: a deployment key (agents
+    /// list it in `trusted_keys`) or a fleet claim key (listed in `[[enrollment.claims]]`).
+    /// Never overwrites an existing file.
     Keygen {
         /// Where to write the private key.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print the coordinator's public identity as one JSON line (`{"sign":..,"agree":..}`, what
+    /// agents may pin), creating `state_dir/coordinator.key` if it does not exist yet.
+    Identity {
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Build and sign a deployment of a pipeline description and the artifacts it names, or
     /// (`--model NAME=FILE`) of new versions of models in the running pipeline.
@@ -94,11 +108,17 @@ fn main() -> ExitCode {
             }
         },
         Command::Devices {
+            command: Some(command),
+            ..
+        } => report(devices_command(command)),
+        Command::Devices {
+            command: None,
             state_dir,
             config,
             json,
         } => report(devices(state_dir, config, json)),
         Command::Keygen { out } => report(keygen(&out)),
+        Command::Identity { state } => report(identity(state)),
         Command::Deploy(args) => report(deploy(args)),
         Command::Fl { command } => report(fl(command)),
     }

@@ -1,11 +1,13 @@
 //! The device registry record (what the coordinator knows about one device) and its rendering
-//! for `edge-coordinator devices`.
+//! for `edge-coordinator devices` (beside each device's enrollment) and `devices pending`.
 //!
 //! Records are stored as JSON in sled. Every field has a serde default so a record written by
 //! an older coordinator still loads after fields are added.
 
 use protocol::v1::{Registration, Telemetry};
 use serde::{Deserialize, Serialize};
+
+use crate::enrollment::EnrollmentRecord;
 
 /// Everything the registry keeps per device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,11 +70,33 @@ impl DeviceRecord {
     }
 }
 
-/// Renders records as the `devices` table, one line per device, ages relative to `now_ms`.
-pub fn render_table(records: &[DeviceRecord], now_ms: u64) -> String {
+/// Renders records as the `devices` table, one line per device, ages relative to `now_ms`:
+/// every registry record with its enrollment state and groups, and enrolled or revoked devices
+/// that have not sent anything yet.
+pub fn render_table(
+    records: &[DeviceRecord],
+    enrollments: &[EnrollmentRecord],
+    now_ms: u64,
+) -> String {
+    let enrollment = |device: &str| enrollments.iter().find(|e| e.device == device);
+    let silent: Vec<DeviceRecord> = enrollments
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.state,
+                protocol::v1::enroll::Decision::Accepted | protocol::v1::enroll::Decision::Revoked
+            ) && !records.iter().any(|r| r.device == e.device)
+        })
+        .map(|e| DeviceRecord {
+            device: e.device.clone(),
+            ..DeviceRecord::default()
+        })
+        .collect();
     let mut rows = vec![
         [
             "DEVICE",
+            "ENROLLED",
+            "GROUPS",
             "ONLINE",
             "LAST SEEN",
             "AGENT",
@@ -86,10 +110,14 @@ pub fn render_table(records: &[DeviceRecord], now_ms: u64) -> String {
         ]
         .map(String::from),
     ];
-    for r in records {
+    for r in records.iter().chain(&silent) {
         let t = r.telemetry.as_ref().map(|t| &t.body);
+        let e = enrollment(&r.device);
         rows.push([
             r.device.clone(),
+            e.map_or("no".into(), |e| e.state.as_str().to_owned()),
+            e.filter(|e| !e.groups.is_empty())
+                .map_or("-".into(), |e| e.groups.join(",")),
             if r.online { "yes".into() } else { "no".into() },
             age(now_ms, r.last_seen_ms),
             if r.agent_version.is_empty() {
@@ -109,11 +137,57 @@ pub fn render_table(records: &[DeviceRecord], now_ms: u64) -> String {
             r.counters.rejected.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    columns(&rows)
+}
+
+/// Renders the enrollment requests waiting for an operator (`devices pending`).
+pub fn render_pending(records: &[EnrollmentRecord], now_ms: u64) -> String {
+    let mut rows = vec![
+        [
+            "DEVICE",
+            "KEY ID",
+            "REQUESTED",
+            "LAST REQUEST",
+            "CLAIM",
+            "ARCH",
+            "OS",
+            "BOARD",
+            "ACCELERATORS",
+            "AGENT",
+        ]
+        .map(String::from),
+    ];
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    for r in records {
+        let h = &r.hardware;
+        rows.push([
+            r.device.clone(),
+            r.key_id(),
+            age(now_ms, r.requested_ms),
+            age(now_ms, r.last_request_ms),
+            r.claim.clone().unwrap_or_else(|| "-".into()),
+            dash(&h.arch),
+            dash(&h.os),
+            dash(&h.board),
+            dash(&h.accelerators.join(",")),
+            dash(&h.agent_version),
+        ]);
+    }
+    columns(&rows)
+}
+
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)
@@ -160,14 +234,49 @@ mod tests {
             ..TelemetrySnapshot::default()
         });
         let b = DeviceRecord::new("pi-2", 1_000);
-        let table = render_table(&[a, b], 61_000);
+        let enrolled = |device: &str, state| EnrollmentRecord {
+            device: device.into(),
+            identity: protocol::v1::auth::Identity::generate().public(),
+            state,
+            groups: vec!["lab".into()],
+            hardware: Default::default(),
+            by: "operator".into(),
+            claim: None,
+            reason: String::new(),
+            requested_ms: 1_000,
+            last_request_ms: 1_000,
+            decided_ms: 1_000,
+        };
+        use protocol::v1::enroll::Decision;
+        let enrollments = [
+            enrolled("pi-1", Decision::Accepted),
+            enrolled("pi-3", Decision::Accepted),
+            enrolled("pi-4", Decision::Pending),
+        ];
+        let table = render_table(&[a, b], &enrollments, 61_000);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 3, "{table}");
+        assert_eq!(lines.len(), 4, "{table}");
         assert!(
-            lines[1].starts_with("pi-1") && lines[1].contains("yes") && lines[1].contains("12.5")
+            lines[1].starts_with("pi-1")
+                && lines[1].contains("accepted")
+                && lines[1].contains("lab")
+                && lines[1].contains("yes")
+                && lines[1].contains("12.5")
         );
         assert!(lines[1].contains("1m ago"), "{table}");
         assert!(lines[2].starts_with("pi-2") && lines[2].contains("no"));
+        assert!(
+            lines[3].starts_with("pi-3") && lines[3].contains("never"),
+            "{table}"
+        );
+        let pending = render_pending(&enrollments[2..], 61_000);
+        assert!(
+            pending
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("pi-4")),
+            "{pending}"
+        );
     }
 
     #[test]

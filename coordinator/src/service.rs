@@ -13,6 +13,16 @@
 //! [`DEPLOY_TICK`]), journals, and has each rollout's progress file rewritten every
 //! [`PROGRESS_INTERVAL`].
 //!
+//! Authentication: every inbound message meets the [`Gate`] first, before deduplication, the
+//! core, deployments, federated learning or offload (`Service::message`): an enrollment request
+//! goes to the enrollment core, a message from a device that is not enrolled, or whose MAC or
+//! counter does not check out, is dropped and counted, and everything else is routed without
+//! its trailer, so the size and format checks downstream see the body alone. The replay
+//! windows that moved are written with the batch's commit. Every publish goes through
+//! `Service::publish`, which seals it per topic (`Gate::seal`). Operator decisions
+//! (`devices approve|reject|revoke`) arrive through a spool polled with the deployment spool;
+//! their answers are published after their commit, like everything else.
+//!
 //! Federated learning: the service owns every task through [`FlHost`]: `fl/update` messages
 //! go to it (never to the core), registrations tell it about new members, and every
 //! [`FL_TICK`] it takes new tasks and stop requests and checks deadlines. Its state is
@@ -34,6 +44,8 @@ use crate::action::Action;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::host::DeployHost;
+use crate::enrollment::files::{self as enrollment_files, Command, CommandResult};
+use crate::enrollment::{EnrolledFleet, Enrollments, Gate, Outgoing, Verdict};
 use crate::event::Event;
 use crate::fl::FlHost;
 use crate::fl::files::FilesError;
@@ -64,6 +76,8 @@ const SPOOL_POLL: Duration = Duration::from_millis(500);
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
 const FL_TICK: Duration = Duration::from_millis(250);
+/// How often dropped-message counts may be journaled (`auth_rejected`).
+const AUTH_SUMMARY: Duration = Duration::from_millis(crate::enrollment::gate::SUMMARY_INTERVAL_MS);
 
 /// Errors that stop the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +101,8 @@ pub enum ServiceError {
     Fl(#[from] FilesError),
     #[error(transparent)]
     Offload(#[from] OffloadError),
+    #[error("coordinator identity: {0}")]
+    Identity(#[from] enrollment_files::FilesError),
 }
 
 /// Runs the coordinator until `shutdown` resolves (then stops cleanly and returns `Ok`) or a
@@ -98,13 +114,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         path: config.state_dir.clone(),
         error,
     })?;
+    let policy = config.enrollment.policy()?;
+    let (identity, created) = enrollment_files::load_or_create_identity(&config.state_dir)?;
+    let epoch = enrollment_files::raise_epoch(&config.state_dir)?;
+    tracing::info!(
+        key_id = %identity.public().key_id(),
+        created,
+        epoch,
+        path = %enrollment_files::identity_path(&config.state_dir).display(),
+        "coordinator identity"
+    );
     let store = Store::open(&config.db_path(), config.store.cache_bytes)?;
     let core = Core::new(store.load_devices()?);
+    let enrollments = Enrollments::new(policy, identity.public(), store.load_enrollments()?);
+    let gate = Gate::new(identity.clone(), epoch, store.load_replay_windows()?);
     let journal = Journal::open(&config.journal_path(), config.journal.max_bytes)?;
     tracing::info!(
         state_dir = %config.state_dir.display(),
         journal = %journal.path().display(),
         devices = core.devices().count(),
+        enrolled = enrollments.count(protocol::v1::enroll::Decision::Accepted),
+        pending = enrollments.count(protocol::v1::enroll::Decision::Pending),
+        enrollment_mode = config.enrollment.mode.as_str(),
         "state loaded"
     );
 
@@ -146,11 +177,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started_ms,
         deploy: DeployHost::new(&config.state_dir),
         publishes: Vec::new(),
-        fl: FlHost::new(&config.state_dir, config.store.fsync),
+        fl: FlHost::new(
+            &config.state_dir,
+            config.store.fsync,
+            identity.signing_key().clone(),
+        ),
         offload,
+        enrollments,
+        gate,
+        snapshot_stale: true,
     };
     service.recover_seen_ids()?;
     service.prune()?;
+    service.write_snapshot();
 
     let transport = match mode {
         BrokerMode::Embedded => {
@@ -161,13 +200,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let embedded = Embedded::start(&config.embedded, filters, own_topics, tx).await?;
             let url = embedded.url();
             let mut transport = Transport::Embedded(embedded);
-            transport
-                .publish_retained(&own_status, service.own_status(true))
-                .await?;
+            service.publish_own_status(&mut transport, true).await?;
             service.ready(url, true)?;
             transport
         }
         BrokerMode::External { tls, host, port } => {
+            // Signed now and published by the broker whenever it is: its counter is this time.
             let will = (own_status.clone(), service.own_status(false));
             Transport::External(External::start(
                 &config.mqtt,
@@ -192,10 +230,17 @@ struct Service {
     ready: bool,
     started_ms: u64,
     deploy: DeployHost,
-    /// Publishes the engines asked for while handling a batch; sent after its commit.
-    publishes: Vec<(String, Vec<u8>, bool)>,
+    /// Publishes the engines asked for while handling a batch; sealed and sent after its
+    /// commit.
+    publishes: Vec<Outgoing>,
     fl: FlHost,
     offload: Option<Offload>,
+    /// Enrollment records and the policy for new ones.
+    enrollments: Enrollments,
+    /// Inbound verification, outbound sealing.
+    gate: Gate,
+    /// The enrollment snapshot file lags the records.
+    snapshot_stale: bool,
 }
 
 impl Service {
@@ -212,7 +257,6 @@ impl Service {
         let mut prune =
             tokio::time::interval_at(tokio::time::Instant::now() + prune_every, prune_every);
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
-        let own_status = topics::status(topics::COORDINATOR);
         let mut deploy_tick = tokio::time::interval(DEPLOY_TICK);
         deploy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut spool_poll = tokio::time::interval(SPOOL_POLL);
@@ -221,6 +265,8 @@ impl Service {
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fl_tick = tokio::time::interval(FL_TICK);
         fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut auth_summary = tokio::time::interval(AUTH_SUMMARY);
+        auth_summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let advert_every = self
             .offload
             .as_ref()
@@ -238,24 +284,28 @@ impl Service {
                     let Some(first) = inbound else {
                         break Err(ServiceError::TransportClosed("message channel closed".into()));
                     };
-                    if let Err(e) = self.batch(first, &mut transport, &own_status).await {
+                    if let Err(e) = self.batch(first, &mut transport).await {
                         break Err(e);
                     }
                 }
                 _ = retry.tick(), if transport.has_deferred() => transport.retry_deferred(),
                 _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
-                _ = spool_poll.tick() => if let Err(e) = self.pickup(&mut transport).await { break Err(e) },
+                _ = spool_poll.tick() => {
+                    if let Err(e) = self.pickup(&mut transport).await { break Err(e) }
+                    if let Err(e) = self.enrollment_commands(&mut transport).await { break Err(e) }
+                }
                 _ = progress.tick() => self.write_progress(),
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
                 done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done], false) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
-                    if let Err(e) = transport.publish(&topic, payload, false).await { break Err(e.into()) }
+                    let out = Outgoing::Publish { topic, payload, retain: false };
+                    if let Err(e) = self.publish(&mut transport, out).await { break Err(e) }
                 }
-                _ = advert.tick(), if self.offload.is_some() => if let Some(o) = &self.offload
-                    && let Err(e) = transport.publish_retained(&o.advert_topic(), o.advert(v1::now_ms())).await
-                {
-                    break Err(e.into())
+                _ = advert.tick(), if self.offload.is_some() => if let Some(o) = &self.offload {
+                    let out = Outgoing::Publish { topic: o.advert_topic(), payload: o.advert(v1::now_ms()), retain: true };
+                    if let Err(e) = self.publish(&mut transport, out).await { break Err(e) }
                 },
+                _ = auth_summary.tick() => if let Err(e) = self.auth_summary() { break Err(e) },
                 _ = stats.tick(), if self.config.stats_interval_s > 0 => self.log_stats(),
                 _ = prune.tick() => if let Err(e) = self.prune() { break Err(e) },
             }
@@ -269,28 +319,35 @@ impl Service {
         }
         if let Some(o) = self.offload.take() {
             // An empty retained payload clears the advert: agents stop counting on us.
-            if let Err(e) = transport
-                .publish_retained(&o.advert_topic(), Vec::new())
-                .await
-            {
+            let clear = Outgoing::Publish {
+                topic: o.advert_topic(),
+                payload: Vec::new(),
+                retain: true,
+            };
+            if let Err(e) = self.publish(&mut transport, clear).await {
                 tracing::warn!(error = %e, "could not clear the offload capacity advert");
             }
             o.shutdown().await;
         }
+        if let Err(e) = self.auth_summary_now() {
+            tracing::warn!(error = %e, "cannot journal the last dropped-message counts");
+        }
         // Stop taking messages first, so the pump is never stuck sending to us while the
         // transport flushes its disconnect.
-        drop(self.rx);
+        drop(std::mem::replace(&mut self.rx, mpsc::channel(1).1));
         if result.is_ok() {
-            if let Err(e) = transport
-                .publish_retained(&own_status, own_status_json(false, self.started_ms))
-                .await
-            {
+            if let Err(e) = self.publish_own_status(&mut transport, false).await {
                 tracing::warn!(error = %e, "could not publish offline status");
             }
             self.journal.append(v1::now_ms(), &Event::Stopped {})?;
             Event::Stopped {}.log();
         }
-        let committed = commit(&self.journal, &self.store, self.config.store.fsync);
+        let committed = self
+            .store
+            .save_replay_windows(&self.gate.take_moved_windows())
+            .map_err(ServiceError::from)
+            .and_then(|()| commit(&self.journal, &self.store, self.config.store.fsync));
+        self.write_snapshot();
         transport.shutdown().await;
         result.and(committed)
     }
@@ -300,7 +357,6 @@ impl Service {
         &mut self,
         first: Inbound,
         transport: &mut Transport,
-        own_status: &str,
     ) -> Result<(), ServiceError> {
         let mut acks: Vec<AckToken> = Vec::new();
         let mut next = Some(first);
@@ -314,9 +370,7 @@ impl Service {
                 Inbound::Connected { session_present } => {
                     tracing::debug!(session_present, "publishing coordinator status");
                     // The broker may have published our will while we were away.
-                    transport
-                        .publish_retained(own_status, self.own_status(true))
-                        .await?;
+                    self.publish_own_status(transport, true).await?;
                     // A present session still has our subscriptions, and the messages queued
                     // for it follow right away: ready now, so `ready` precedes them.
                     if session_present && !self.ready {
@@ -339,6 +393,11 @@ impl Service {
                 next = self.rx.try_recv().ok();
             }
         }
+        self.auth_summary()?;
+        // Replay windows with the batch that moved them: after a restart, every counter an
+        // acknowledged message used counts as seen.
+        self.store
+            .save_replay_windows(&self.gate.take_moved_windows())?;
         // Federated state first: the acks and the round messages below depend on it.
         self.fl.persist()?;
         self.commit()?;
@@ -346,26 +405,50 @@ impl Service {
             transport.ack(ack);
         }
         self.flush_publishes(transport).await?;
+        self.write_snapshot();
         match closed {
             Some(reason) => Err(ServiceError::TransportClosed(reason)),
             None => Ok(()),
         }
     }
 
-    /// Routes one message by what its topic means: one arm per kind, and one for the echoes
-    /// of our own publishes (manifests, chunks, round messages, offload answers and adverts,
-    /// our status), which a catch-all subscription delivers back.
+    /// Verifies one message (the gate: echoes of our own publishes are ignored, enrollment
+    /// requests decided, unauthenticated messages dropped), then routes what passed, without
+    /// its trailer, by what its topic means.
     fn message(&mut self, message: Message) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        match Topic::parse(&message.topic) {
+        let parsed = Topic::parse(&message.topic);
+        let len = match self.gate.verify(
+            &self.enrollments,
+            parsed.as_ref(),
+            &message.topic,
+            &message.payload,
+            now,
+        ) {
+            Verdict::Echo | Verdict::Dropped { .. } => return Ok(()),
+            Verdict::Enrollment => {
+                return match &parsed {
+                    Some(Topic::Enroll { device }) => {
+                        self.enroll_request(device, &message.topic, &message.payload, now)
+                    }
+                    _ => Ok(()),
+                };
+            }
+            Verdict::Route { len } => len,
+        };
+        let message = Message {
+            payload: message.payload.slice(..len),
+            ..message
+        };
+        match parsed {
+            // Not reached: the gate ignores echoes and takes enrollment requests.
             Some(t) if t.from_coordinator() => Ok(()),
             Some(Topic::Deploy(t)) => self.deploy_message(t, &message.topic, &message.payload, now),
             Some(Topic::FlUpdate { device }) => {
                 // Not deduplicated by envelope id: updates are idempotent by (task, round,
                 // device), and the engine counts a second copy as a duplicate.
-                let actions = self
-                    .fl
-                    .on_update(&device, &message.payload, now, &self.core);
+                let fleet = EnrolledFleet::new(&self.core, &self.enrollments);
+                let actions = self.fl.on_update(&device, &message.payload, now, &fleet);
                 self.actions(actions, now)
             }
             Some(Topic::OffloadRequest { device }) => {
@@ -393,23 +476,197 @@ impl Service {
         });
         self.apply(out, now)?;
         if let Some(device) = registered {
-            let groups = self
-                .core
-                .device(&device)
-                .and_then(|r| r.registration.as_ref())
-                .map(|r| r.groups.clone())
-                .unwrap_or_default();
-            self.deploy.on_registered(&device, &groups);
-            let actions = self.fl.on_registered(&device, &groups, now);
-            self.actions(actions, now)?;
+            self.joined(&device, now)?;
         }
         Ok(())
+    }
+
+    /// A device registered or was (re)enrolled: rollouts to its groups and federated tasks
+    /// take it in, by the groups its enrollment gave it (the registration's own are ignored).
+    fn joined(&mut self, device: &str, now: u64) -> Result<(), ServiceError> {
+        let Some(groups) = EnrolledFleet::new(&self.core, &self.enrollments)
+            .groups(device)
+            .map(<[String]>::to_vec)
+        else {
+            return Ok(());
+        };
+        self.deploy.on_registered(device, &groups);
+        let actions = self.fl.on_registered(device, &groups, now);
+        self.actions(actions, now)
+    }
+
+    /// An enrollment request on `device`'s enroll topic.
+    fn enroll_request(
+        &mut self,
+        device: &str,
+        topic: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), ServiceError> {
+        let out = self.enrollments.on_request(device, payload, now);
+        if let Some(reason) = out.refused {
+            self.gate.count_drop(reason, Some(device), topic, now);
+        }
+        self.enrollment_outcome(out, now)
+    }
+
+    /// Journals an enrollment decision, persists the record it changed and queues its answer
+    /// for after the commit.
+    fn enrollment_outcome(
+        &mut self,
+        out: crate::enrollment::Outcome,
+        now: u64,
+    ) -> Result<(), ServiceError> {
+        self.journal_events(now, out.events)?;
+        if let Some(record) = out.changed.as_deref().and_then(|d| self.enrollments.get(d)) {
+            self.store.save_enrollment(record)?;
+            self.snapshot_stale = true;
+        }
+        if let Some(a) = out.answer {
+            self.publishes.push(Outgoing::Answer {
+                answer: a.answer,
+                retain: a.retain,
+            });
+        }
+        if let Some(device) = out.accepted {
+            self.joined(&device, now)?;
+        }
+        Ok(())
+    }
+
+    /// Operator decisions spooled by `devices approve|reject|revoke`: each is applied,
+    /// committed, its answer published, and then its result written for the waiting command.
+    async fn enrollment_commands(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let state_dir = self.config.state_dir.clone();
+        let ids = match enrollment_files::pending_commands(&state_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the enrollment command spool");
+                return Ok(());
+            }
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now = v1::now_ms();
+        let mut results = Vec::new();
+        for id in ids {
+            let command = match enrollment_files::take_command(&state_dir, &id) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(command = %id, error = %e, "enrollment command not applied");
+                    let spooled = enrollment_files::spool_dir(&state_dir).join(&id);
+                    if spooled.exists() {
+                        // Not taken: moved aside so it is not tried again every poll.
+                        let aside = spooled.with_file_name(format!(".refused-{id}"));
+                        if let Err(e) = std::fs::rename(&spooled, &aside) {
+                            tracing::error!(command = %id, error = %e, "cannot move the refused command aside");
+                        }
+                    } else {
+                        // Taken but unreadable: the waiting command learns why.
+                        let result = CommandResult {
+                            ok: false,
+                            state: None,
+                            message: e.to_string(),
+                        };
+                        results.push((id, result));
+                    }
+                    continue;
+                }
+            };
+            let device = command.device().to_owned();
+            let before = self.enrollments.get(&device).map(|r| r.state);
+            let decided = match &command {
+                Command::Approve { groups, .. } => {
+                    self.enrollments.approve(&device, groups.clone(), now)
+                }
+                Command::Reject { reason, .. } => self.enrollments.reject(&device, reason, now),
+                Command::Revoke { .. } => self.enrollments.revoke(&device, now),
+            };
+            let result = match decided {
+                Ok(out) => {
+                    let changed = out.changed.is_some();
+                    self.enrollment_outcome(out, now)?;
+                    let record = self.enrollments.get(&device);
+                    let state = record.map(|r| r.state);
+                    let groups = record.map(|r| r.groups.join(",")).unwrap_or_default();
+                    let what = state.map_or("unknown", |s| s.as_str());
+                    let message = match (changed, state) {
+                        (false, _) => format!(
+                            "device {device} was already {what}; its answer was published again"
+                        ),
+                        (true, Some(protocol::v1::enroll::Decision::Accepted)) => format!(
+                            "device {device} enrolled{}",
+                            if groups.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" in groups {groups}")
+                            }
+                        ),
+                        (true, _) => format!(
+                            "device {device} {what} (was {})",
+                            before.map_or("unknown", |s| s.as_str())
+                        ),
+                    };
+                    CommandResult {
+                        ok: true,
+                        state,
+                        message,
+                    }
+                }
+                Err(e) => CommandResult {
+                    ok: false,
+                    state: before,
+                    message: e.to_string(),
+                },
+            };
+            tracing::info!(command = %id, %device, ok = result.ok, message = %result.message, "enrollment command");
+            results.push((id, result));
+        }
+        self.fl.persist()?;
+        self.commit()?;
+        self.flush_publishes(transport).await?;
+        self.write_snapshot();
+        for (id, result) in results {
+            if let Err(e) = enrollment_files::write_result(&state_dir, &id, &result) {
+                tracing::warn!(command = %id, error = %e, "cannot write the enrollment command's result");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the enrollment snapshot (`devices pending` reads it) if records changed.
+    fn write_snapshot(&mut self) {
+        if !self.snapshot_stale {
+            return;
+        }
+        match enrollment_files::write_snapshot(&self.config.state_dir, self.enrollments.records()) {
+            Ok(()) => self.snapshot_stale = false,
+            Err(e) => tracing::warn!(error = %e, "cannot write the enrollment snapshot"),
+        }
+    }
+
+    /// Journals the dropped-message counts if the last summary is old enough.
+    fn auth_summary(&mut self) -> Result<(), ServiceError> {
+        match self.gate.summary(v1::now_ms()) {
+            Some(event) => self.journal_events(v1::now_ms(), [event]),
+            None => Ok(()),
+        }
+    }
+
+    /// At shutdown: the counts since the last summary, however recent it was.
+    fn auth_summary_now(&mut self) -> Result<(), ServiceError> {
+        match self.gate.summary(u64::MAX) {
+            Some(event) => self.journal_events(v1::now_ms(), [event]),
+            None => Ok(()),
+        }
     }
 
     /// Start-up: resumes federated tasks (announcing open rounds again) and takes new ones.
     async fn resume_fl(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        let actions = self.fl.resume(now, &self.core)?;
+        let fleet = EnrolledFleet::new(&self.core, &self.enrollments);
+        let actions = self.fl.resume(now, &fleet)?;
         self.actions(actions, now)?;
         self.journal.sync()?;
         self.flush_publishes(transport).await
@@ -419,7 +676,8 @@ impl Service {
     /// (their state is already on disk).
     async fn fl_tick(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        let actions = self.fl.tick(now, &self.core)?;
+        let fleet = EnrolledFleet::new(&self.core, &self.enrollments);
+        let actions = self.fl.tick(now, &fleet)?;
         if actions.is_empty() {
             return Ok(());
         }
@@ -538,17 +796,50 @@ impl Service {
                     topic,
                     payload,
                     retain,
-                } => self.publishes.push((topic, payload, retain)),
+                } => self.publishes.push(Outgoing::Publish {
+                    topic,
+                    payload,
+                    retain,
+                }),
             }
         }
         Ok(())
     }
 
     async fn flush_publishes(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        for (topic, payload, retain) in std::mem::take(&mut self.publishes) {
-            transport.publish(&topic, payload, retain).await?;
+        for out in std::mem::take(&mut self.publishes) {
+            self.publish(transport, out).await?;
         }
         Ok(())
+    }
+
+    /// The one way out: seals `out` per its topic's rule (`Gate::seal`) and publishes it. A
+    /// message that cannot be sealed (no session with its device) is not sent, and logged.
+    async fn publish(
+        &mut self,
+        transport: &mut Transport,
+        out: Outgoing,
+    ) -> Result<(), ServiceError> {
+        match self.gate.seal(&self.enrollments, out, v1::now_ms()) {
+            Ok((topic, payload, retain)) => Ok(transport.publish(&topic, payload, retain).await?),
+            Err(e) => {
+                tracing::warn!(error = %e, "message not sent");
+                Ok(())
+            }
+        }
+    }
+
+    async fn publish_own_status(
+        &mut self,
+        transport: &mut Transport,
+        online: bool,
+    ) -> Result<(), ServiceError> {
+        let out = Outgoing::Publish {
+            topic: topics::status(topics::COORDINATOR),
+            payload: own_status_json(online, self.started_ms),
+            retain: true,
+        };
+        self.publish(transport, out).await
     }
 
     /// Publishes the next paced chunks (none while an external client's queue is backed up)
@@ -572,7 +863,9 @@ impl Service {
     /// picks up the spool.
     async fn resume_rollouts(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        let actions = self.deploy.resume(now, &self.core);
+        let actions = self
+            .deploy
+            .resume(now, &EnrolledFleet::new(&self.core, &self.enrollments));
         self.actions(actions, now)?;
         self.write_progress();
         self.flush_publishes(transport).await?;
@@ -582,7 +875,9 @@ impl Service {
     /// Takes new deployments from the spool and starts them.
     async fn pickup(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
         let now = v1::now_ms();
-        let actions = self.deploy.pickup(now, &self.core);
+        let actions = self
+            .deploy
+            .pickup(now, &EnrolledFleet::new(&self.core, &self.enrollments));
         if actions.is_empty() {
             return Ok(());
         }
@@ -631,8 +926,19 @@ impl Service {
         Ok(())
     }
 
-    fn own_status(&self, online: bool) -> Vec<u8> {
-        own_status_json(online, self.started_ms)
+    /// Our status, signed (the will is signed at start and published by the broker later;
+    /// devices order statuses by `since_ms`, not by the signature's counter).
+    fn own_status(&mut self, online: bool) -> Vec<u8> {
+        let out = Outgoing::Publish {
+            topic: topics::status(topics::COORDINATOR),
+            payload: own_status_json(online, self.started_ms),
+            retain: true,
+        };
+        match self.gate.seal(&self.enrollments, out, v1::now_ms()) {
+            Ok((_, payload, _)) => payload,
+            // Not reached: a signed topic always seals.
+            Err(_) => Vec::new(),
+        }
     }
 
     /// After a crash the journal may name messages processed after the last database commit;
@@ -676,6 +982,15 @@ impl Service {
     fn prune(&mut self) -> Result<(), ServiceError> {
         let retention_ms = self.config.store.dedup_retention_s.saturating_mul(1000);
         let cutoff = v1::now_ms().saturating_sub(retention_ms);
+        let now = v1::now_ms();
+        match enrollment_files::prune_commands(
+            &self.config.state_dir,
+            now.saturating_sub(enrollment_files::KEEP_COMMANDS_MS),
+        ) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(pruned = n, "deleted old enrollment command results"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete old enrollment command results"),
+        }
         let pruned = self.store.prune_seen(cutoff)?;
         if pruned > 0 {
             self.store.commit(self.config.store.fsync)?;
@@ -704,6 +1019,16 @@ impl Service {
             chunks_sent = self.deploy.totals().chunks_sent,
             chunks_resent = self.deploy.totals().chunks_resent,
             resend_entries_ignored = self.deploy.totals().resend_entries_ignored,
+            enrolled = self.enrollments.count(protocol::v1::enroll::Decision::Accepted),
+            enrollment_pending = self.enrollments.count(protocol::v1::enroll::Decision::Pending),
+            auth_rejected = self.gate.drop_totals().values().sum::<u64>(),
+            auth_reasons = %self
+                .gate
+                .drop_totals()
+                .iter()
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect::<Vec<_>>()
+                .join(" "),
             "stats"
         );
         if let Some(o) = &self.offload {
@@ -746,4 +1071,172 @@ fn own_status_json(online: bool, since_ms: u64) -> Vec<u8> {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     }
     .to_json()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrollment::config::ClaimConfig;
+    use protocol::v1::auth::{Identity, SessionKeys, Stamp};
+    use protocol::v1::deploy::{SigningKey, public_key_hex};
+    use protocol::v1::enroll::{EnrollRequest, Hardware, seal_request};
+    use protocol::v1::{Class, Data};
+
+    /// A service without a transport: messages go in through `Service::message`.
+    fn service(dir: &std::path::Path, claim: &SigningKey) -> Service {
+        let mut config = Config {
+            state_dir: dir.to_owned(),
+            ..Config::default()
+        };
+        config.enrollment.claims = vec![ClaimConfig {
+            key: public_key_hex(&claim.verifying_key()),
+            groups: vec!["lab".into()],
+        }];
+        let identity = Identity::generate();
+        let store = Store::open(&config.db_path(), 1 << 20).expect("store");
+        let journal = Journal::open(&config.journal_path(), 1 << 20).expect("journal");
+        let (_tx, rx) = mpsc::channel(1);
+        Service {
+            enrollments: Enrollments::new(
+                config.enrollment.policy().expect("valid"),
+                identity.public(),
+                Vec::new(),
+            ),
+            gate: Gate::new(identity.clone(), 1, Vec::new()),
+            fl: FlHost::new(dir, false, identity.signing_key().clone()),
+            deploy: DeployHost::new(dir),
+            core: Core::default(),
+            store,
+            journal,
+            rx,
+            ready: true,
+            started_ms: 1,
+            publishes: Vec::new(),
+            offload: None,
+            snapshot_stale: false,
+            config,
+        }
+    }
+
+    fn message(topic: String, payload: Vec<u8>) -> Message {
+        Message {
+            topic,
+            payload: payload.into(),
+            ack: AckToken::None,
+        }
+    }
+
+    fn journal(s: &Service) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(s.journal.path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn data(id: &str) -> Vec<u8> {
+        Envelope {
+            v: v1::VERSION,
+            id: id.into(),
+            device: "pi-1".into(),
+            class: Class::Results,
+            seq: 1,
+            created_ms: 1,
+            body: Data {
+                stream: "s".into(),
+                payload: serde_json::json!({"x": 1}),
+            },
+        }
+        .to_json()
+    }
+
+    /// Enrolls pi-1 through the service; returns the device's session keys.
+    fn enroll(s: &mut Service, claim: &SigningKey) -> SessionKeys {
+        let device = Identity::generate();
+        let request = EnrollRequest {
+            v: v1::VERSION,
+            device: "pi-1".into(),
+            identity: device.public(),
+            hardware: Hardware::default(),
+            claim_key: Some(public_key_hex(&claim.verifying_key())),
+            issued_ms: 1,
+        };
+        let bytes = seal_request(&request, &device, Some(claim));
+        s.message(message(topics::enroll("pi-1"), bytes))
+            .expect("handled");
+        let coordinator = s.gate.public().clone();
+        device
+            .session_keys(&coordinator, "pi-1", &device.public(), &coordinator)
+            .expect("keys")
+    }
+
+    #[test]
+    fn messages_are_verified_at_the_entry_and_routed_without_their_trailer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let claim = SigningKey::from_bytes(&[4; 32]);
+        let mut s = service(dir.path(), &claim);
+        let topic = topics::data("pi-1", "s");
+
+        // Before enrollment: dropped, not journaled, not in the registry.
+        let stamp = |counter| Stamp { epoch: 5, counter };
+        s.message(message(topic.clone(), data("m0"))).expect("ok");
+        assert!(s.core.device("pi-1").is_none());
+
+        let keys = enroll(&mut s, &claim);
+        let lines = journal(&s);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["event"] == "device_enrolled" && l["groups"][0] == "lab"),
+            "{lines:?}"
+        );
+        assert!(matches!(
+            &s.publishes[..],
+            [Outgoing::Answer { retain: true, .. }]
+        ));
+        assert!(s.store.load_enrollments().expect("loads").len() == 1);
+
+        // A good message: the core sees the body alone (it would reject a trailer as bad json).
+        let sealed = keys.up.seal(&topic, &data("m1"), stamp(1));
+        s.message(message(topic.clone(), sealed.clone()))
+            .expect("ok");
+        // The same bytes again (a replay), a forged MAC, no trailer at all.
+        s.message(message(topic.clone(), sealed)).expect("ok");
+        let mut forged = keys.up.seal(&topic, &data("m2"), stamp(2));
+        forged[3] ^= 1;
+        s.message(message(topic.clone(), forged)).expect("ok");
+        s.message(message(topic.clone(), data("m3"))).expect("ok");
+        let lines = journal(&s);
+        let data_lines: Vec<&serde_json::Value> =
+            lines.iter().filter(|l| l["event"] == "data").collect();
+        assert_eq!(data_lines.len(), 1, "{lines:?}");
+        assert_eq!(data_lines[0]["id"], "m1");
+        assert_eq!(data_lines[0]["payload"], serde_json::json!({"x": 1}));
+        assert!(!lines.iter().any(|l| l["event"] == "rejected"), "{lines:?}");
+        let totals: Vec<(&str, u64)> = s.gate.drop_totals().iter().map(|(r, n)| (*r, *n)).collect();
+        assert_eq!(
+            totals,
+            vec![
+                ("bad_mac", 1),
+                ("no_trailer", 1),
+                ("replay", 1),
+                ("unenrolled", 1)
+            ]
+        );
+        // The batch's end journals them, and moves the replay window into the store.
+        s.auth_summary().expect("journals");
+        let summary = journal(&s)
+            .into_iter()
+            .find(|l| l["event"] == "auth_rejected")
+            .expect("summary");
+        assert_eq!(summary["total"], 4);
+        assert_eq!(s.gate.take_moved_windows(), vec![("pi-1".to_owned(), 5, 1)]);
+
+        // A revoked device's messages are refused from then on.
+        let out = s.enrollments.revoke("pi-1", v1::now_ms()).expect("known");
+        s.enrollment_outcome(out, v1::now_ms()).expect("ok");
+        let later = keys.up.seal(&topic, &data("m4"), stamp(3));
+        s.message(message(topic, later)).expect("ok");
+        assert_eq!(s.gate.drop_totals().get("revoked"), Some(&1));
+    }
 }

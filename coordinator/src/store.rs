@@ -4,7 +4,11 @@
 //! - `devices`: device id -> [`DeviceRecord`] as JSON;
 //! - `seen`: `device \0 id` -> first-seen time (u64 big-endian, ms);
 //! - `seen_by_time`: `time (u64 big-endian) device \0 id` -> empty, the index that makes pruning by age a
-//!   range scan instead of a full sweep.
+//!   range scan instead of a full sweep;
+//! - `enrollment`: device id -> [`EnrollmentRecord`] as JSON;
+//! - `replay`: device id -> the device's replay window as `epoch | top` (u64 big-endian each),
+//!   written with the batch whose messages moved it, so after a restart every counter the
+//!   acknowledged messages used counts as seen.
 //!
 //! sled's `flush()` is not power-safe on Linux (it uses `sync_file_range`), so [`Store::commit`]
 //! also fsyncs the database file. sled's own background flush is turned off: the database only
@@ -17,6 +21,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::core::SeenIds;
+use crate::enrollment::EnrollmentRecord;
 use crate::registry::DeviceRecord;
 
 /// Errors from the state database.
@@ -43,6 +48,12 @@ pub enum StoreError {
         device: String,
         error: serde_json::Error,
     },
+    #[error("corrupt enrollment record for device {device:?} in {path}: {error}")]
+    Enrollment {
+        path: PathBuf,
+        device: String,
+        error: String,
+    },
 }
 
 /// The open database.
@@ -52,6 +63,8 @@ pub struct Store {
     devices: sled::Tree,
     seen: sled::Tree,
     seen_by_time: sled::Tree,
+    enrollment: sled::Tree,
+    replay: sled::Tree,
     /// sled's data file, kept open to fsync it at every commit.
     data_file: File,
 }
@@ -80,6 +93,8 @@ impl Store {
         let devices = db.open_tree("devices").map_err(db_err)?;
         let seen = db.open_tree("seen").map_err(db_err)?;
         let seen_by_time = db.open_tree("seen_by_time").map_err(db_err)?;
+        let enrollment = db.open_tree("enrollment").map_err(db_err)?;
+        let replay = db.open_tree("replay").map_err(db_err)?;
         // sled 0.34 keeps everything in one log file named `db`.
         let data_path = path.join("db");
         let data_file = File::open(&data_path).map_err(|error| StoreError::Sync {
@@ -92,6 +107,8 @@ impl Store {
             devices,
             seen,
             seen_by_time,
+            enrollment,
+            replay,
             data_file,
         })
     }
@@ -168,6 +185,72 @@ impl Store {
             // We never abort our own transaction.
             Err(TransactionError::Abort(())) => Ok(()),
         }
+    }
+
+    /// Every enrollment record, ordered by device id.
+    pub fn load_enrollments(&self) -> Result<Vec<EnrollmentRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.enrollment.iter() {
+            let (key, value) = item.map_err(|e| self.db_err(e))?;
+            let record: EnrollmentRecord =
+                serde_json::from_slice(&value).map_err(|e| StoreError::Enrollment {
+                    path: self.path.clone(),
+                    device: String::from_utf8_lossy(&key).into_owned(),
+                    error: e.to_string(),
+                })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Writes one enrollment record (durable at the next [`Store::commit`]).
+    pub fn save_enrollment(&self, record: &EnrollmentRecord) -> Result<(), StoreError> {
+        // Serializing our own plain structs cannot fail.
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        self.enrollment
+            .insert(record.device.as_bytes(), value)
+            .map(drop)
+            .map_err(|e| self.db_err(e))
+    }
+
+    /// Every persisted replay window: `(device, epoch, top)`.
+    pub fn load_replay_windows(&self) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.replay.iter() {
+            let (key, value) = item.map_err(|e| self.db_err(e))?;
+            let device = String::from_utf8_lossy(&key).into_owned();
+            let word = |i: usize| {
+                value
+                    .get(i..i + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+            };
+            let (Some(epoch), Some(top)) = (word(0), word(8)) else {
+                return Err(StoreError::Enrollment {
+                    path: self.path.clone(),
+                    device,
+                    error: format!("replay window of {} bytes, expected 16", value.len()),
+                });
+            };
+            out.push((device, epoch, top));
+        }
+        Ok(out)
+    }
+
+    /// Writes replay windows `(device, epoch, top)` in one batch (durable at the next
+    /// [`Store::commit`], the one that covers the messages that moved them).
+    pub fn save_replay_windows(&self, windows: &[(String, u64, u64)]) -> Result<(), StoreError> {
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (device, epoch, top) in windows {
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&epoch.to_be_bytes());
+            value[8..].copy_from_slice(&top.to_be_bytes());
+            batch.insert(device.as_bytes(), &value[..]);
+        }
+        self.replay.apply_batch(batch).map_err(|e| self.db_err(e))
     }
 
     /// Forgets message ids first seen before `cutoff_ms`; returns how many.
@@ -360,6 +443,52 @@ mod tests {
         assert!(!store.contains("d1", "m2499").expect("reads"));
         assert!(store.contains("d1", "m2500").expect("reads"));
         assert_eq!(store.prune_seen(2500).expect("prunes"), 0);
+    }
+
+    #[test]
+    fn enrollments_and_replay_windows_survive_reopen() {
+        use protocol::v1::auth::{ReplayWindow, Stamp};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sled");
+        let record = EnrollmentRecord {
+            device: "pi-1".into(),
+            identity: protocol::v1::auth::Identity::generate().public(),
+            state: protocol::v1::enroll::Decision::Accepted,
+            groups: vec!["lab".into()],
+            hardware: Default::default(),
+            by: "operator".into(),
+            claim: None,
+            reason: String::new(),
+            requested_ms: 1,
+            last_request_ms: 2,
+            decided_ms: 3,
+        };
+        let s = |epoch, counter| Stamp { epoch, counter };
+        let mut window = ReplayWindow::default();
+        for c in [1, 2, 5] {
+            window.accept(s(4, c)).expect("fresh");
+        }
+        {
+            let store = Store::open(&path, 1 << 20).expect("opens");
+            store.save_enrollment(&record).expect("saves");
+            store
+                .save_replay_windows(&[("pi-1".into(), window.epoch(), window.top())])
+                .expect("saves");
+            store.commit(true).expect("commits");
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopens");
+        assert_eq!(store.load_enrollments().expect("loads"), vec![record]);
+        let windows = store.load_replay_windows().expect("loads");
+        assert_eq!(windows, vec![("pi-1".to_owned(), 4, 5)]);
+        // Restored, every counter up to the top counts as seen (3 and 4 included: the store
+        // keeps no bitmap), and the numbering goes on above it.
+        let (_, epoch, top) = &windows[0];
+        let mut restored = ReplayWindow::restore(*epoch, *top);
+        for c in [1, 3, 5] {
+            assert!(restored.accept(s(4, c)).is_err(), "{c}");
+        }
+        restored.accept(s(4, 6)).expect("next counter");
+        restored.accept(s(5, 1)).expect("next boot");
     }
 
     #[test]

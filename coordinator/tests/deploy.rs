@@ -1,5 +1,6 @@
 //! Signed deployments end to end: the real coordinator binary with its embedded broker, and
-//! raw MQTT clients playing devices (they decide each rollout's outcome).
+//! raw MQTT clients playing enrolled devices (they decide each rollout's outcome). A group's
+//! members are the devices enrolled in it; what a registration says about groups is ignored.
 //!
 //! - a group rollout: retained manifest (also for a device that connects later, and after a
 //!   coordinator restart), chunks, an invalid and a valid resend request, duplicate statuses,
@@ -26,7 +27,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::Value;
 
 mod common;
-use common::{Coordinator, POLL, TIMEOUT};
+use common::{Coordinator, DeviceAuth, POLL, TIMEOUT};
 /// The test artifact: 10 chunks of 1 KiB.
 const MODULE_BYTES: usize = 10 * 1024;
 const CHUNK_SIZE: u32 = 1024;
@@ -113,10 +114,14 @@ struct Device {
     /// Like the agent's outbox incarnation: new per connection here, so ids never repeat.
     incarnation: u64,
     seq: u64,
+    auth: std::sync::Arc<DeviceAuth>,
 }
 
 impl Device {
-    fn connect(port: u16, id: &str, groups: &[&str]) -> Device {
+    /// Enrolls `id` in `groups` (a device enrolled before keeps its groups) and connects,
+    /// subscribed to its own and `subscribed` groups' deployment topics.
+    fn connect(port: u16, id: &str, groups: &[&str], subscribed: &[&str]) -> Device {
+        let auth = DeviceAuth::enroll(port, id, groups);
         let mut options = MqttOptions::new(
             format!("dev-{id}-{}", protocol::v1::now_ms()),
             "127.0.0.1",
@@ -127,8 +132,8 @@ impl Device {
             .set_clean_session(true)
             .set_max_packet_size(512 * 1024, 512 * 1024);
         let (client, mut connection) = Client::new(options, 256);
-        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
-        for filter in topics::agent_deploy_filters(id, &groups) {
+        let subscribed: Vec<String> = subscribed.iter().map(|g| (*g).to_owned()).collect();
+        for filter in topics::agent_deploy_filters(id, &subscribed) {
             client
                 .subscribe(filter, QoS::AtLeastOnce)
                 .expect("subscribe queued");
@@ -154,6 +159,7 @@ impl Device {
             rx,
             incarnation: protocol::v1::now_ms() ^ u64::from(std::process::id()) << 40,
             seq: 0,
+            auth,
         }
     }
 
@@ -172,9 +178,11 @@ impl Device {
         (id, env.to_json())
     }
 
+    /// Publishes `payload` sealed as the agent's uplink does (a resend gets a new counter).
     fn publish(&self, topic: String, payload: Vec<u8>) {
+        let sealed = self.auth.seal(&topic, &payload);
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, false, sealed)
             .expect("queued");
     }
 
@@ -301,15 +309,19 @@ fn group_rollout_with_resends_duplicates_and_a_restart() {
     let coordinator = Coordinator::start(dir.path());
     let port = coordinator.wait_ready(1);
 
-    let mut d1 = Device::connect(port, "d1", &["lab"]);
-    d1.register(&["lab"]);
+    let mut d1 = Device::connect(port, "d1", &["lab"], &["lab"]);
+    d1.register(&[]);
     // d2 is a registered member that is offline when the deployment starts.
-    let mut d2 = Device::connect(port, "d2", &[]);
-    d2.register(&["lab"]);
-    coordinator.wait_journal("both registrations", |l| {
-        count(l, |x| x["event"] == "registered") == 2
+    let mut d2 = Device::connect(port, "d2", &["lab"], &[]);
+    d2.register(&[]);
+    // d3 says it is in lab, but its enrollment put it in no group: not a member.
+    let mut d3 = Device::connect(port, "d3", &[], &[]);
+    d3.register(&["lab"]);
+    coordinator.wait_journal("the registrations", |l| {
+        count(l, |x| x["event"] == "registered") == 3
     });
     drop(d2);
+    drop(d3);
 
     let id = "dep-e2e-1";
     let pkg = spool_group_deployment(dir.path(), &coordinator.state, id, "lab");
@@ -390,7 +402,7 @@ fn group_rollout_with_resends_duplicates_and_a_restart() {
             x["event"] == "deployment_started" && x["resumed"] == true
         }) == 1
     });
-    let mut d2 = Device::connect(port, "d2", &["lab"]);
+    let mut d2 = Device::connect(port, "d2", &["lab"], &["lab"]);
     let manifest = d2.manifest(&topics::group_deploy_manifest("lab"));
     assert_eq!(manifest.deployment_id, id);
     d2.resend(id, &sha, (0..10).collect());
@@ -515,10 +527,10 @@ fn deploy_command_reports_each_device_and_fails_unless_all_healthy() {
     let pipeline = pipeline.to_str().expect("utf-8");
     let key = key.to_str().expect("utf-8");
 
-    let mut good = Device::connect(port, "good", &["fleet"]);
-    good.register(&["fleet"]);
-    let mut bad = Device::connect(port, "bad", &["fleet"]);
-    bad.register(&["fleet"]);
+    let mut good = Device::connect(port, "good", &["fleet"], &["fleet"]);
+    good.register(&[]);
+    let mut bad = Device::connect(port, "bad", &["fleet"], &["fleet"]);
+    bad.register(&[]);
     coordinator.wait_journal("registrations", |l| {
         count(l, |x| x["event"] == "registered") == 2
     });
@@ -568,7 +580,7 @@ fn deploy_command_reports_each_device_and_fails_unless_all_healthy() {
     }
 
     // A device target that ends healthy: success.
-    let good = Device::connect(port, "good", &[]);
+    let good = Device::connect(port, "good", &[], &[]);
     let agent = fake_agent(good, topics::deploy_manifest("good"), Step::Healthy);
     let (ok, stdout, stderr) = run_cli(&[
         "deploy",

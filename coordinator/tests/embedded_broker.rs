@@ -1,6 +1,7 @@
-//! End to end through the built binary and its embedded broker: valid, duplicate, malformed,
-//! oversized and misplaced messages from a real MQTT client, checked in the journal; then a
-//! restart on the same state directory must still recognise the duplicate.
+//! End to end through the built binary and its embedded broker: an enrolled device's valid,
+//! duplicate, malformed, oversized and misplaced messages from a real MQTT client, checked in
+//! the journal, and one without authentication dropped and counted; then a restart on the same
+//! state directory must still recognise the duplicate.
 //!
 //! Synchronisation is by polling the journal with a deadline, never by sleeping for a guess.
 
@@ -14,7 +15,7 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
 mod common;
-use common::{Coordinator, POLL, TIMEOUT};
+use common::{Coordinator, DeviceAuth, POLL, TIMEOUT};
 
 fn journal(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -83,10 +84,13 @@ fn ready_port(lines: &[Value]) -> u16 {
 struct Device {
     client: Client,
     errors: Arc<Mutex<Vec<String>>>,
+    auth: Arc<DeviceAuth>,
 }
 
 impl Device {
+    /// Enrolls `device` (again, after a restart) and connects.
     fn connect(port: u16, device: &str) -> Device {
+        let auth = DeviceAuth::enroll(port, device, &[]);
         let mut options = MqttOptions::new(format!("test-{device}"), "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
@@ -109,10 +113,19 @@ impl Device {
                 }
             }
         });
-        Device { client, errors }
+        Device {
+            client,
+            errors,
+            auth,
+        }
     }
 
+    /// Publishes `payload` sealed as the agent's uplink does.
     fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.publish_raw(topic, self.auth.seal(topic, &payload), retain);
+    }
+
+    fn publish_raw(&self, topic: &str, payload: Vec<u8>, retain: bool) {
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .expect("queued");
@@ -189,6 +202,10 @@ fn embedded_broker_end_to_end() {
     );
     device.publish(&topics::telemetry("d1"), vec![b'x'; 150 * 1024], false);
     device.publish("edge/v1/d1/bogus", b"garbage".to_vec(), false);
+    // Without a trailer, or sealed by a device that never enrolled: dropped before the core.
+    let (_, unsealed) = data("d1", 9);
+    device.publish_raw(&topics::data("d1", "vib/alerts"), unsealed.clone(), false);
+    device.publish_raw(&topics::data("d9", "vib/alerts"), unsealed, false);
     // Sent after the bad ones on the same connection: proves the connection and the
     // coordinator both carried on.
     let (last_id, last) = data("d1", 3);
@@ -201,6 +218,25 @@ fn embedded_broker_end_to_end() {
         count(&lines, is_data(&first_id)),
         1,
         "exactly one data event for the first message"
+    );
+    assert_eq!(
+        count(&lines, |l| l["event"] == "device_enrolled"
+            && l["device"] == "d1"),
+        1
+    );
+    let lines = wait_for(&journal_path, &coordinator, "the dropped messages", |l| {
+        let dropped = |reason: &str| {
+            l.iter()
+                .filter(|x| x["event"] == "auth_rejected")
+                .filter_map(|x| x["reasons"][reason].as_u64())
+                .sum::<u64>()
+        };
+        dropped("no_trailer") == 1 && dropped("unenrolled") == 1
+    });
+    assert_eq!(
+        count(&lines, |l| l["event"] == "data" && l["seq"] == 9),
+        0,
+        "nothing unauthenticated reaches the core"
     );
     assert_eq!(
         count(&lines, |l| l["event"] == "duplicate" && l["id"] == first_id),
@@ -300,4 +336,5 @@ fn embedded_broker_end_to_end() {
         "the unknown topic is not counted against d1"
     );
     assert_eq!(d1["registration"]["boot_id"], "boot-1");
+    assert_eq!(d1["enrollment"]["state"], "accepted");
 }

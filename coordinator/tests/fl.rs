@@ -1,7 +1,8 @@
 //! Federated learning end to end: the real coordinator binary with its embedded broker, the
-//! `fl` command line, and raw MQTT clients playing devices (they register, receive and verify
-//! the retained round messages, and send updates: good, wrong length, NaN, replayed, for an
-//! unknown round, and from an unregistered device).
+//! `fl` command line, and raw MQTT clients playing enrolled devices (they register, receive and
+//! verify the retained round messages, signed with the coordinator's identity, and send
+//! updates: good, wrong length, NaN, replayed, for an unknown round, and from an unregistered
+//! device).
 //!
 //! - a three-round task: rejections counted by reason in `fl status --json`, the quorum
 //!   closing rounds, the global version and weights advancing, a late update applied with
@@ -20,14 +21,14 @@ use edge_inference::DType;
 use edge_inference::onnx::GraphProto;
 use edge_testmodels::onnx_builder::{attr_int, init_f32, model, node, value_info};
 use protocol::v1::binary::BinaryEnvelope;
-use protocol::v1::deploy::{SigningKey, TrustedKeys, VerifyingKey};
+use protocol::v1::deploy::{SigningKey, TrustedKeys};
 use protocol::v1::fl::{self, Codec, RoundMessage, Update, codec, decode_round};
 use protocol::v1::{Class, Envelope, Registration, Status, VERSION, message_id, topics};
 use rumqttc::{Client, Event, LastWill, MqttOptions, Packet, Publish, QoS};
 use serde_json::Value;
 
 mod common;
-use common::{Coordinator, POLL, TIMEOUT};
+use common::{Coordinator, DeviceAuth, POLL, TIMEOUT};
 
 const TASK: &str = "digits";
 /// The test model: 4 features -> 3 classes, `softmax(x W + B)`.
@@ -163,10 +164,14 @@ struct Device {
     rx: mpsc::Receiver<Publish>,
     incarnation: u64,
     seq: u64,
+    auth: std::sync::Arc<DeviceAuth>,
 }
 
 impl Device {
+    /// Enrolls `id` in group `fl` and connects: online by a retained status, sealed like its
+    /// will.
     fn connect(port: u16, id: &str) -> Device {
+        let auth = DeviceAuth::enroll(port, id, &["fl"]);
         let since = protocol::v1::now_ms();
         let status = |online| Status {
             v: VERSION,
@@ -182,7 +187,7 @@ impl Device {
             .set_max_packet_size(512 * 1024, 512 * 1024)
             .set_last_will(LastWill::new(
                 topics::status(id),
-                status(false).to_json(),
+                auth.seal(&topics::status(id), &status(false).to_json()),
                 QoS::AtLeastOnce,
                 true,
             ));
@@ -195,7 +200,7 @@ impl Device {
                 topics::status(id),
                 QoS::AtLeastOnce,
                 true,
-                status(true).to_json(),
+                auth.seal(&topics::status(id), &status(true).to_json()),
             )
             .expect("status queued");
         let (tx, rx) = mpsc::channel();
@@ -219,6 +224,7 @@ impl Device {
             rx,
             incarnation: since ^ (u64::from(std::process::id()) << 40),
             seq: 0,
+            auth,
         }
     }
 
@@ -251,9 +257,11 @@ impl Device {
         self.publish(topics::register(&self.id), env.to_json());
     }
 
+    /// Publishes `payload` sealed as the agent's uplink does (a resend gets a new counter).
     fn publish(&self, topic: String, payload: Vec<u8>) {
+        let sealed = self.auth.seal(&topic, &payload);
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, false, sealed)
             .expect("queued");
     }
 
@@ -329,10 +337,10 @@ fn connect_all(port: u16, ids: &[&str]) -> Vec<Device> {
         .collect()
 }
 
-fn public_key(dir: &Path) -> (PathBuf, VerifyingKey) {
-    let path = dir.join("fl.key");
-    let public = edge_coordinator::deploy::generate_key_file(&path).expect("key written");
-    (path, public)
+/// Round messages verify with the coordinator's identity (what devices pinned at enrollment).
+fn coordinator_trusted(state: &Path) -> TrustedKeys {
+    let public = common::coordinator_identity(state);
+    TrustedKeys::new([public.verifying_key().expect("coordinator key")])
 }
 
 fn close_to(a: &[f32], b: &[f32]) -> bool {
@@ -342,23 +350,13 @@ fn close_to(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn rounds_with_bad_updates_a_late_update_and_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = public_key(dir.path());
-    let trusted = TrustedKeys::new([public]);
     let task = write_task(dir.path(), "task.toml", "");
     let coordinator = Coordinator::start(dir.path());
     let port = wait_ready(&coordinator, 1);
     let state = coordinator.state.clone();
+    let trusted = coordinator_trusted(&state);
 
-    let out = cli(
-        &[
-            "fl",
-            "start",
-            task.to_str().expect("utf-8 path"),
-            "--key",
-            key.to_str().expect("utf-8"),
-        ],
-        &state,
-    );
+    let out = cli(&["fl", "start", task.to_str().expect("utf-8 path")], &state);
     assert!(
         out.status.success(),
         "fl start: {}",
@@ -630,11 +628,10 @@ fn rounds_with_bad_updates_a_late_update_and_a_restart() {
 #[test]
 fn start_refuses_a_bad_task_and_stop_ends_a_running_one() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = public_key(dir.path());
-    let trusted = TrustedKeys::new([public]);
     let coordinator = Coordinator::start(dir.path());
     let port = wait_ready(&coordinator, 1);
     let state = coordinator.state.clone();
+    let trusted = coordinator_trusted(&state);
 
     let bad = write_task(dir.path(), "bad.toml", "")
         .to_string_lossy()
@@ -646,10 +643,7 @@ fn start_refuses_a_bad_task_and_stop_ends_a_running_one() {
             .replace("quorum = 0.6", "quorum = 1.5"),
     )
     .expect("writes");
-    let out = cli(
-        &["fl", "start", &bad, "--key", key.to_str().expect("utf-8")],
-        &state,
-    );
+    let out = cli(&["fl", "start", &bad], &state);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -664,20 +658,14 @@ fn start_refuses_a_bad_task_and_stop_ends_a_running_one() {
         .expect("reads")
         .replace("min_clients = 3", "min_clients = 1");
     std::fs::write(&task, task_text).expect("writes");
-    let out = cli(
-        &["fl", "start", &task, "--key", key.to_str().expect("utf-8")],
-        &state,
-    );
+    let out = cli(&["fl", "start", &task], &state);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // The same id again is refused.
-    let out = cli(
-        &["fl", "start", &task, "--key", key.to_str().expect("utf-8")],
-        &state,
-    );
+    let out = cli(&["fl", "start", &task], &state);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 

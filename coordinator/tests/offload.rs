@@ -1,5 +1,7 @@
 //! The offload inference service end to end: the real coordinator binary with its embedded
-//! broker and a small linear ONNX model, and a raw MQTT client playing a device.
+//! broker and a small linear ONNX model, and a raw MQTT client playing an enrolled device
+//! (requests sealed with its session's `up` key, answers checked with its `down` key, the
+//! advert with the coordinator's signature).
 //!
 //! - requests answered with outputs equal to a reference computation, correlation ids echoed;
 //! - an unknown model answered `unknown_model`, a past deadline `expired`, a wrong shape
@@ -20,7 +22,7 @@ use protocol::v1::topics;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 mod common;
-use common::{Coordinator, POLL, TIMEOUT};
+use common::{Coordinator, DeviceAuth, POLL, TIMEOUT};
 
 const MODEL: &str = "models/lin.onnx";
 const IN: usize = 4;
@@ -49,7 +51,8 @@ fn write_config(dir: &Path, model: &Path) -> (PathBuf, PathBuf) {
             "state_dir = {state:?}\nwatch_unknown_topics = false\nstats_interval_s = 1\n\
              [store]\nfsync = false\n[embedded]\nlisten = \"127.0.0.1:0\"\n\
              [offload]\nenabled = true\nworkers = 2\nmax_queue = 16\nreplica = \"r1\"\n\
-             advertise_interval_ms = 100\n[offload.models]\n{MODEL:?} = {model:?}\n"
+             advertise_interval_ms = 100\n[offload.models]\n{MODEL:?} = {model:?}\n{}",
+            common::enrollment_toml()
         ),
     )
     .expect("config written");
@@ -105,6 +108,7 @@ fn wait_suback(rx: &mpsc::Receiver<Seen>) {
 /// Collects responses until every id in `ids` has one.
 fn wait_responses(
     c: &Coordinator,
+    auth: &DeviceAuth,
     rx: &mpsc::Receiver<Seen>,
     ids: &[u64],
 ) -> BTreeMap<u64, Response> {
@@ -115,7 +119,7 @@ fn wait_responses(
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(Seen::Publish(t, payload)) if t == topic => {
-                let r = Response::decode(&payload).expect("response decodes");
+                let r = Response::decode(&auth.open(&t, &payload)).expect("response decodes");
                 assert!(
                     got.insert(r.correlation_id, r).is_none(),
                     "one answer per request"
@@ -169,6 +173,7 @@ fn offload_service_answers_refuses_and_advertises() {
     let c = Coordinator::start_with_config(dir.path(), &config, state);
     let port = c.wait_ready_port();
 
+    let auth = DeviceAuth::enroll(port, "d1", &[]);
     let (client, rx) = connect(port, "dev");
     client
         .subscribe(topics::offload_response("d1"), QoS::AtMostOnce)
@@ -180,7 +185,7 @@ fn offload_service_answers_refuses_and_advertises() {
                 topics::offload_request("d1"),
                 QoS::AtMostOnce,
                 false,
-                payload,
+                auth.seal(&topics::offload_request("d1"), &payload),
             )
             .expect("publish queued");
     };
@@ -199,7 +204,7 @@ fn offload_service_answers_refuses_and_advertises() {
         send(request(*id, MODEL, x, *rows, 0));
     }
     let ids: Vec<u64> = inputs.iter().map(|(id, ..)| *id).collect();
-    let got = wait_responses(&c, &rx, &ids);
+    let got = wait_responses(&c, &auth, &rx, &ids);
     for (id, x, rows) in &inputs {
         let r = &got[id];
         assert_eq!(r.status, Status::Ok, "{id}: {}", r.error);
@@ -218,7 +223,7 @@ fn offload_service_answers_refuses_and_advertises() {
     send(request(200, "models/nope.onnx", &x, 1, 0));
     send(request(201, MODEL, &x, 1, 1));
     send(request(202, MODEL, &[1.0; 5], 1, 0));
-    let got = wait_responses(&c, &rx, &[200, 201, 202]);
+    let got = wait_responses(&c, &auth, &rx, &[200, 201, 202]);
     assert_eq!(got[&200].status, Status::UnknownModel);
     assert!(
         got[&200].error.contains("models/nope.onnx"),
@@ -232,7 +237,7 @@ fn offload_service_answers_refuses_and_advertises() {
     // Garbage is ignored (counted) and the service keeps answering.
     send(b"not an offload request".to_vec());
     send(request(300, MODEL, &x, 1, protocol::v1::now_ms() + 600_000));
-    let got = wait_responses(&c, &rx, &[300]);
+    let got = wait_responses(&c, &auth, &rx, &[300]);
     assert_eq!(got[&300].status, Status::Ok);
     wait_log(&c, "offload stats counting the garbage", |log| {
         log.lines()
@@ -248,7 +253,7 @@ fn offload_service_answers_refuses_and_advertises() {
     let capacity = loop {
         match adverts.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Seen::Publish(t, payload)) if t == topics::offload_capacity("r1") => {
-                break Capacity::from_json(&payload).expect("advert parses");
+                break Capacity::from_json(&auth.open(&t, &payload)).expect("advert parses");
             }
             Ok(_) => {}
             Err(e) => panic!("no capacity advert: {e}; log:\n{}", c.log_text()),

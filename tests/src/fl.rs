@@ -182,16 +182,15 @@ holdout = "holdout.csv"
     }
 
     /// Writes the task file into `dir` (which holds `initial.onnx` and `holdout.csv`) and runs
-    /// `edge-coordinator fl start` against `coord`'s state dir.
-    pub fn start(&self, coord: &Coordinator, dir: &Path, key: &SigningKey) -> Result<()> {
+    /// `edge-coordinator fl start` against `coord`'s state dir. `_key` is no longer used: the
+    /// coordinator signs rounds with its own identity (kept until the callers drop it).
+    pub fn start(&self, coord: &Coordinator, dir: &Path, _key: &SigningKey) -> Result<()> {
         let path = dir.join(format!("{}.toml", self.id));
         std::fs::write(&path, self.to_toml())
             .with_context(|| format!("cannot write {}", path.display()))?;
         let out = Command::new(coordinator_bin()?)
             .args(["fl", "start"])
             .arg(&path)
-            .arg("--key")
-            .arg(&key.path)
             .arg("--state-dir")
             .arg(coord.state_dir())
             .output()

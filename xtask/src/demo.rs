@@ -902,7 +902,7 @@ fn federated_act(
         ..FlTask::new(FL_TASK, FL_ROUNDS, FL_AGENTS)
     };
     tl.note(&format!(
-        "`edge-coordinator fl start {FL_TASK}.toml --key deploy.key`: {FL_ROUNDS} rounds, every agent \
+        "`edge-coordinator fl start {FL_TASK}.toml`: {FL_ROUNDS} rounds, every agent \
          trains 2 local epochs per round, updates travel {FL_CODEC}-coded, FedAvg"
     ));
     task.start(coord, &task_dir, key)?;

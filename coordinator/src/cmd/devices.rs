@@ -1,13 +1,89 @@
-//! `edge-coordinator devices` (the persisted registry) and `keygen` (a deployment signing key).
+//! `edge-coordinator devices` (the persisted registry with each device's enrollment), its
+//! enrollment subcommands (`pending`, `approve`, `reject`, `revoke`, which reach a running
+//! `serve` through its state directory), `keygen` (a deployment or fleet claim key) and
+//! `identity` (the coordinator's public identity).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use clap::Subcommand;
 use edge_coordinator::config;
+use edge_coordinator::enrollment::EnrollmentRecord;
+use edge_coordinator::enrollment::files::{self, Command, CommandResult};
 use edge_coordinator::registry;
 use edge_coordinator::store::Store;
+use protocol::v1::enroll::Decision;
 
-use super::resolve_state_dir;
+use super::{PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
+
+/// Enrollment decisions; each takes effect in the running `serve` (answer published, the
+/// device's messages accepted or refused from then on).
+#[derive(Debug, Subcommand)]
+pub(crate) enum DevicesCommand {
+    /// List enrollment requests waiting for an operator (also while `serve` runs).
+    Pending {
+        /// Print JSON (the full records) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Enroll a device (pending, rejected or revoked), or change an enrolled device's groups.
+    Approve {
+        device: String,
+        /// Deployment group; repeatable. Without any, an enrolled or revoked device keeps the
+        /// groups it had.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Spool the decision and exit without waiting for `serve` to apply it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Refuse a device's pending enrollment request.
+    Reject {
+        device: String,
+        /// Why, for the device's log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Take an enrolled device out of the fleet: its messages are refused from now on.
+    Revoke {
+        device: String,
+        #[command(flatten)]
+        state: StateArgs,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+pub(crate) fn devices_command(command: DevicesCommand) -> Result<()> {
+    match command {
+        DevicesCommand::Pending { json, state } => pending(json, state),
+        DevicesCommand::Approve {
+            device,
+            groups,
+            state,
+            no_wait,
+        } => decide(Command::Approve { device, groups }, state, no_wait),
+        DevicesCommand::Reject {
+            device,
+            reason,
+            state,
+            no_wait,
+        } => decide(Command::Reject { device, reason }, state, no_wait),
+        DevicesCommand::Revoke {
+            device,
+            state,
+            no_wait,
+        } => decide(Command::Revoke { device }, state, no_wait),
+    }
+}
 
 pub(crate) fn devices(
     state_dir: Option<PathBuf>,
@@ -18,28 +94,124 @@ pub(crate) fn devices(
     // A small cache: this is a one-shot read.
     let store = Store::open_existing(&config::db_path(&state_dir), 8 * 1024 * 1024)?;
     let records = store.load_devices()?;
+    let enrollments = store.load_enrollments()?;
+    if json {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            #[serde(flatten)]
+            record: &'a registry::DeviceRecord,
+            enrollment: Option<&'a EnrollmentRecord>,
+        }
+        let rows: Vec<Row> = records
+            .iter()
+            .map(|r| Row {
+                record: r,
+                enrollment: enrollments.iter().find(|e| e.device == r.device),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).context("cannot encode records")?
+        );
+    } else if records.is_empty() && enrollments.is_empty() {
+        println!("no devices registered in {}", state_dir.display());
+    } else {
+        print!(
+            "{}",
+            registry::render_table(&records, &enrollments, protocol::v1::now_ms())
+        );
+        let pending = enrollments
+            .iter()
+            .filter(|e| e.state == Decision::Pending)
+            .count();
+        if pending > 0 {
+            println!("{pending} enrollment request(s) pending: edge-coordinator devices pending");
+        }
+    }
+    Ok(())
+}
+
+fn pending(json: bool, state: StateArgs) -> Result<()> {
+    let state_dir = resolve_state_dir(state.state_dir, state.config)?;
+    let records: Vec<EnrollmentRecord> = files::read_snapshot(&state_dir)?
+        .into_iter()
+        .filter(|r| r.state == Decision::Pending)
+        .collect();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&records).context("cannot encode records")?
         );
     } else if records.is_empty() {
-        println!("no devices registered in {}", state_dir.display());
+        println!("no enrollment requests pending in {}", state_dir.display());
     } else {
         print!(
             "{}",
-            registry::render_table(&records, protocol::v1::now_ms())
+            registry::render_pending(&records, protocol::v1::now_ms())
         );
     }
     Ok(())
 }
 
+/// Spools an operator's decision for `serve` and (unless `no_wait`) waits for its result.
+fn decide(command: Command, state: StateArgs, no_wait: bool) -> Result<()> {
+    let device = command.device().to_owned();
+    protocol::v1::validate_device_id(&device)
+        .map_err(|e| anyhow::anyhow!("invalid device id {device:?}: {e}"))?;
+    if let Command::Approve { groups, .. } = &command {
+        edge_coordinator::enrollment::config::check_groups("--group", groups)?;
+    }
+    let state_dir = resolve_state_dir(state.state_dir, state.config)?;
+    let id = files::write_command(&state_dir, &command).context("cannot spool the decision")?;
+    if no_wait {
+        eprintln!("spooled for serve in {}", state_dir.display());
+        return Ok(());
+    }
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(CommandResult { ok, message, .. }) = files::read_result(&state_dir, &id)? {
+            if let Err(e) = files::remove_command(&state_dir, &id) {
+                eprintln!("warning: {e:#}");
+            }
+            anyhow::ensure!(ok, "{message}");
+            println!("{message}");
+            return Ok(());
+        }
+        if start.elapsed() > PICKUP_TIMEOUT {
+            anyhow::bail!(
+                "no coordinator applied the decision about {device} within {} s; is `edge-coordinator serve` running with state_dir {}? It stays spooled and takes effect when serve starts",
+                PICKUP_TIMEOUT.as_secs(),
+                state_dir.display()
+            );
+        }
+        std::thread::sleep(PROGRESS_POLL);
+    }
+}
+
 pub(crate) fn keygen(out: &std::path::Path) -> Result<()> {
     let public = edge_coordinator::deploy::generate_key_file(out)?;
     eprintln!(
-        "wrote private key {} (mode 0600); add the public key below to the agents' trusted_keys",
+        "wrote private key {} (mode 0600); the public key below goes into the agents' trusted_keys (a deploy key) or into [[enrollment.claims]] key (a fleet claim key)",
         out.display()
     );
     println!("{}", protocol::v1::deploy::public_key_hex(&public));
+    Ok(())
+}
+
+/// Prints the coordinator's public identity as one JSON line, creating the identity if the
+/// state directory has none yet.
+pub(crate) fn identity(state: StateArgs) -> Result<()> {
+    let state_dir = resolve_state_dir(state.state_dir, state.config)?;
+    let (identity, created) = files::load_or_create_identity(&state_dir)?;
+    if created {
+        eprintln!(
+            "created the coordinator identity {} (mode 0600)",
+            files::identity_path(&state_dir).display()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::to_string(&identity.public()).context("cannot encode the identity")?
+    );
     Ok(())
 }

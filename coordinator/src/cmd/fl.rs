@@ -11,14 +11,11 @@ use super::{PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
 #[derive(Debug, Subcommand)]
 pub(crate) enum FlCommand {
     /// Validate a task file (TOML), read its initial model, and spool it for the running
-    /// `serve`, which runs its rounds (signing each round message with --key).
+    /// `serve`, which runs its rounds (signing each round message with the coordinator's own
+    /// identity, the key devices pinned when they enrolled).
     Start {
         /// The task file; `initial` and `eval.holdout` paths are relative to it.
         task: PathBuf,
-        /// Private key written by `keygen` (the devices' trusted key). A copy (mode 0600)
-        /// goes to the state directory: `serve` signs every round with it.
-        #[arg(long)]
-        key: PathBuf,
         #[command(flatten)]
         state: StateArgs,
         /// Spool the task and exit without waiting for `serve` to take it.
@@ -51,10 +48,9 @@ pub(crate) fn fl(command: FlCommand) -> Result<()> {
     match command {
         FlCommand::Start {
             task,
-            key,
             state,
             no_wait,
-        } => fl_start(&task, &key, state, no_wait),
+        } => fl_start(&task, state, no_wait),
         FlCommand::Status { task, json, state } => fl_status(task.as_deref(), json, state),
         FlCommand::Stop {
             task,
@@ -64,17 +60,11 @@ pub(crate) fn fl(command: FlCommand) -> Result<()> {
     }
 }
 
-pub(crate) fn fl_start(
-    task: &std::path::Path,
-    key: &std::path::Path,
-    state: StateArgs,
-    no_wait: bool,
-) -> Result<()> {
+pub(crate) fn fl_start(task: &std::path::Path, state: StateArgs, no_wait: bool) -> Result<()> {
     use edge_coordinator::fl::{files, task as fl_task};
     let loaded = fl_task::load(task)?;
-    let key = edge_coordinator::deploy::load_signing_key(key)?;
     let state_dir = resolve_state_dir(state.state_dir, state.config)?;
-    let spooled = files::write_spool(&state_dir, &loaded, &key).context("cannot spool the task")?;
+    let spooled = files::write_spool(&state_dir, &loaded).context("cannot spool the task")?;
     let spec = &loaded.spec;
     eprintln!(
         "task {}: {} rounds over {}, {} params ({} weights), {} + {}; spooled in {}",

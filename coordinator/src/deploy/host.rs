@@ -14,7 +14,7 @@ use super::engine::{Engine, EngineTotals};
 use super::progress::ProgressFile;
 use super::spool;
 use crate::action::Action;
-use crate::core::Core;
+use crate::enrollment::EnrolledFleet;
 use crate::event::Event;
 
 /// Deployments inside `serve`.
@@ -47,7 +47,7 @@ impl DeployHost {
 
     /// Start-up: resumes every rollout whose progress file says it is not finished. The
     /// caller writes progress, publishes, then takes the spool ([`DeployHost::pickup`]).
-    pub fn resume(&mut self, now: u64, fleet: &Core) -> Vec<Action> {
+    pub fn resume(&mut self, now: u64, fleet: &EnrolledFleet<'_>) -> Vec<Action> {
         let ids = match spool::rollouts(&self.state_dir) {
             Ok(ids) => ids,
             Err(e) => {
@@ -84,7 +84,7 @@ impl DeployHost {
     }
 
     /// Takes new deployments from the spool and starts them; empty when there were none.
-    pub fn pickup(&mut self, now: u64, fleet: &Core) -> Vec<Action> {
+    pub fn pickup(&mut self, now: u64, fleet: &EnrolledFleet<'_>) -> Vec<Action> {
         let ids = match spool::pending(&self.state_dir) {
             Ok(ids) => ids,
             Err(e) => {
@@ -132,6 +132,7 @@ impl DeployHost {
         self.engine.on_resend(device, request)
     }
 
+    /// A device registered, or its enrollment (re)assigned its groups.
     pub fn on_registered(&mut self, device: &str, groups: &[String]) {
         self.engine.on_registered(device, groups);
     }
@@ -194,18 +195,15 @@ impl DeployHost {
     }
 }
 
-/// The devices known so far for a rollout's target: a group's registered members (others
-/// join as they register), nothing for a single device (its status adds it).
-fn target_members(target: &Target, fleet: &Core) -> Vec<String> {
+/// The devices known so far for a rollout's target: a group's registered members, by the
+/// groups their enrollment gave them (others join as they register), nothing for a single
+/// device (its status adds it).
+fn target_members(target: &Target, fleet: &EnrolledFleet<'_>) -> Vec<String> {
     match target {
         Target::Group(g) => fleet
-            .devices()
-            .filter(|r| {
-                r.registration
-                    .as_ref()
-                    .is_some_and(|reg| reg.groups.iter().any(|x| x == g))
-            })
-            .map(|r| r.device.clone())
+            .registered()
+            .filter(|(_, groups)| groups.iter().any(|x| x == g))
+            .map(|(r, _)| r.device.clone())
             .collect(),
         Target::Device(_) => Vec::new(),
     }

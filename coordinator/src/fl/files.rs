@@ -6,7 +6,6 @@
 //!     task.json                       the validated TaskSpec
 //!     model.onnx                      the initial model (evaluation patches weights into it)
 //!     holdout.csv                     the held-out set, when the task has one
-//!     signing.key                     copy of the signing key (mode 0600): serve signs each round
 //! state_dir/fl/tasks/{id}/            the spool entry, renamed when serve takes it
 //!     state.json                      TaskState: the commit point, and what `fl status` reads
 //!     weights/v{N}.f32                global weights of version N (the last few)
@@ -14,6 +13,10 @@
 //!     updates/r{R}-o{O}-{device}.bin  accepted updates of round R (trained for round O)
 //! state_dir/fl/stop/{id}              `fl stop` asks serve to end the task
 //! ```
+//!
+//! Round messages are signed with the coordinator's own identity (`state_dir/coordinator.key`,
+//! see `crate::enrollment`), so a task carries no key; a `signing.key` left in the directory of
+//! a task spooled by an older version is ignored.
 //!
 //! Why files rather than the registry's sled database: `fl status` reads the state while
 //! `serve` holds sled's lock, and sled does not fsync the blob files large values (weights)
@@ -23,22 +26,17 @@
 //! exist; files the state does not name are ignored and cleaned up.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-
-use protocol::v1::deploy::SigningKey;
 
 use super::aggregate::ServerState;
 use super::engine::Write;
 use super::eval::Holdout;
 use super::state::{StoredUpdate, TaskState, f32s_from_bytes, f32s_to_bytes};
 use super::task::{LoadedTask, TaskSpec, valid_task_id};
-use crate::deploy::load_signing_key;
 
 const TASK: &str = "task.json";
 const MODEL: &str = "model.onnx";
 const HOLDOUT: &str = "holdout.csv";
-const KEY: &str = "signing.key";
 const STATE: &str = "state.json";
 
 /// Errors from the spool and task directories; each names the path.
@@ -86,13 +84,8 @@ fn stop_dir(state_dir: &Path) -> PathBuf {
     fl_dir(state_dir).join("stop")
 }
 
-/// Spools a loaded task with a copy of its signing key. Refuses an id that is spooled or
-/// known already.
-pub fn write_spool(
-    state_dir: &Path,
-    task: &LoadedTask,
-    key: &SigningKey,
-) -> Result<PathBuf, FilesError> {
+/// Spools a loaded task. Refuses an id that is spooled or known already.
+pub fn write_spool(state_dir: &Path, task: &LoadedTask) -> Result<PathBuf, FilesError> {
     let id = &task.spec.id;
     if !valid_task_id(id) {
         return Err(FilesError::Id(id.clone()));
@@ -107,23 +100,8 @@ pub fn write_spool(
         if let Some(text) = &task.holdout_text {
             write_synced(&tmp.join(HOLDOUT), text.as_bytes(), true)?;
         }
-        write_key(&tmp.join(KEY), key)?;
         Ok(())
     })
-}
-
-fn write_key(path: &Path, key: &SigningKey) -> Result<(), FilesError> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io(path))?;
-    f.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes())
-        .map_err(io(path))?;
-    f.sync_all().map_err(io(path))
 }
 
 /// Task ids waiting in the spool (temporary entries skipped).
@@ -151,7 +129,6 @@ pub struct TaskFiles {
     pub spec: TaskSpec,
     pub model: Vec<u8>,
     pub holdout: Option<Holdout>,
-    pub key: SigningKey,
 }
 
 pub fn load_task_files(dir: &Path) -> Result<TaskFiles, FilesError> {
@@ -170,16 +147,10 @@ pub fn load_task_files(dir: &Path) -> Result<TaskFiles, FilesError> {
     } else {
         None
     };
-    let key_path = dir.join(KEY);
-    let key = load_signing_key(&key_path).map_err(|e| FilesError::Corrupt {
-        path: key_path,
-        error: e.to_string(),
-    })?;
     Ok(TaskFiles {
         spec,
         model,
         holdout,
-        key,
     })
 }
 

@@ -21,29 +21,26 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
+use protocol::v1::deploy::SigningKey;
+
 use super::engine::{Engine, EvalOutcome, EvalRequest, Fleet};
 use super::files::{self, FilesError};
 use super::task::{Members, initial_weights};
 use super::worker::{Evaluated, Worker, WorkerError};
 use crate::action::Action;
-use crate::core::Core;
+use crate::enrollment::EnrolledFleet;
 
-/// The registry as the round engine sees it: registered devices, their groups and whether
-/// their status says online.
-impl Fleet for Core {
+/// The registry as the round engine sees it: enrolled devices that registered, the groups
+/// their enrollment gave them and whether their status says online.
+impl Fleet for EnrolledFleet<'_> {
     fn is_registered(&self, device: &str) -> bool {
-        self.device(device)
-            .is_some_and(|r| r.registration.is_some())
+        self.groups(device).is_some()
     }
 
     fn members(&self, members: &Members) -> Vec<(String, bool)> {
-        self.devices()
-            .filter_map(|r| {
-                let reg = r.registration.as_ref()?;
-                members
-                    .contains(&r.device, &reg.groups)
-                    .then(|| (r.device.clone(), r.online))
-            })
+        self.registered()
+            .filter(|(r, groups)| members.contains(&r.device, groups))
+            .map(|(r, _)| (r.device.clone(), r.online))
             .collect()
     }
 }
@@ -52,6 +49,8 @@ impl Fleet for Core {
 pub struct FlHost {
     state_dir: PathBuf,
     fsync: bool,
+    /// The coordinator identity's signing key: every task's round messages are signed with it.
+    key: SigningKey,
     engine: Engine,
     /// Started with the first task that has a held-out set.
     worker: Option<Worker>,
@@ -72,13 +71,16 @@ impl std::fmt::Debug for FlHost {
 }
 
 impl FlHost {
-    pub fn new(state_dir: &Path, fsync: bool) -> FlHost {
+    /// `key` signs every round message (the coordinator identity's signing key, which devices
+    /// pinned at enrollment).
+    pub fn new(state_dir: &Path, fsync: bool, key: SigningKey) -> FlHost {
         // Unbounded: at most one outcome per closed round, and the worker must never block
         // on a full queue while the service loop waits on it at shutdown.
         let (results_tx, results) = mpsc::unbounded_channel();
         FlHost {
             state_dir: state_dir.to_owned(),
             fsync,
+            key,
             engine: Engine::default(),
             worker: None,
             holdouts: BTreeSet::new(),
@@ -211,9 +213,15 @@ impl FlHost {
             }
         }
         let mut actions = match persisted {
-            Some(p) => self
-                .engine
-                .restore(p.state, f.key, p.global, p.server, p.updates, now_ms, fleet),
+            Some(p) => self.engine.restore(
+                p.state,
+                self.key.clone(),
+                p.global,
+                p.server,
+                p.updates,
+                now_ms,
+                fleet,
+            ),
             None => {
                 let names: Vec<String> = f.spec.params.iter().map(|p| p.name.clone()).collect();
                 let (params, initial) =
@@ -229,7 +237,8 @@ impl FlHost {
                         error: "its initializers no longer match the task's params".into(),
                     });
                 }
-                self.engine.start(f.spec, f.key, initial, now_ms, fleet)
+                self.engine
+                    .start(f.spec, self.key.clone(), initial, now_ms, fleet)
             }
         };
         actions.extend(self.dispatch());

@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Round rules:
-//! - A round opens when at least `min_clients` members are online (status online, registered,
-//!   in the task's group or device list); until then the task waits and `fl status` says why.
+//! - A round opens when at least `min_clients` members are online (status online, enrolled and
+//!   registered, in the task's group (the groups enrollment gave the device) or device list);
+//!   until then the task waits and `fl status` says why.
 //!   It selects `max(min_clients, ceil(fraction * online))` online members by a shuffle seeded
 //!   from the task's `seed`, the round and the task id (replayable), sets the deadline
 //!   `round_timeout_s` ahead and publishes a signed round message, retained, QoS 1, to every
