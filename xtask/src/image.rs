@@ -1,5 +1,6 @@
-//! `cargo xtask image --board NAME [--mqtt-url URL] [--smoke]`: a flashable Debian disk image
-//! for a board with the agent installed and enabled, under `target/image/`.
+//! `cargo xtask image --board NAME [--mqtt-url URL] [--claim-key FILE]
+//! [--coordinator-identity FILE|JSON] [--smoke]`: a flashable Debian disk image for a board with
+//! the agent installed and enabled, under `target/image/`.
 //!
 //! 1. `dist` builds the board's .deb (release agent, ONNX Runtime, board config, unit).
 //! 2. debootstrap (`--foreign`) unpacks a minimal Debian for the board's architecture; the
@@ -12,14 +13,21 @@
 //! 3. In the chroot: the board's `[image] packages` (kernel, firmware), the .deb (its postinst
 //!    adds the service user and enables the unit), systemd-networkd with DHCP on wired
 //!    interfaces, timesyncd, an empty `/etc/machine-id` so each board makes its own (the agent
-//!    derives its device id from it).
+//!    derives its device id from it). With `--claim-key` the fleet claim key goes to
+//!    `/etc/edge-agent/claim.key` (0600, the service user's: the unit runs the agent as
+//!    `edge-agent`, which the .deb's postinst made, so its ids are read from the image's own
+//!    passwd and group files) and `[enrollment]` names it (and the pinned coordinator, with
+//!    `--coordinator-identity`): a board that boots enrolls itself with no one logging in.
 //! 4. The disk: an MBR with a FAT32 firmware partition (`RASPIFIRM`, `/boot/firmware`, what
 //!    Debian's raspi-firmware fills) and an ext4 root (`RASPIROOT`), both made from folders
 //!    (`mkfs.vfat` + `mcopy`, `mkfs.ext4 -d`) so no loop device or mount is needed.
 //! 5. `--smoke`: the host coordinator (embedded broker, port 0), a copy of the image whose
 //!    agent points at it through QEMU's user network (`10.0.2.2`), booted under
 //!    qemu-system-aarch64 (`virt` machine, the image's own kernel and initrd); passes when the
-//!    agent inside registers.
+//!    agent inside registers, which it does only once enrolled. The coordinator accepts the
+//!    test harness's claim, which the copy gets when the image has none; an image with
+//!    `--claim-key` keeps its own and the coordinator is configured to accept that one. A
+//!    pinned coordinator identity is replaced in the copy by the smoke coordinator's.
 //!
 //! Root has no password in the image: log in needs a key or password set after flashing (or
 //! a drop-in); the agent needs neither.
@@ -33,6 +41,7 @@ use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 
 use crate::cross::{Board, Target, mib, override_config};
+use crate::dist::{CLAIM_KEY_PATH, Enrollment, SERVICE_USER, in_tree, with_enrollment};
 
 /// Host tools: debootstrap, the static emulators and their binfmt files, filesystem makers.
 const HOST_PACKAGES: &[&str] = &[
@@ -73,8 +82,8 @@ pub struct Options {
     pub smoke: bool,
 }
 
-/// `cargo xtask image`.
-pub fn run(opts: &Options) -> Result<()> {
+/// `cargo xtask image`, baking in `enrollment` (checked flags).
+pub fn run(opts: &Options, enrollment: &Enrollment) -> Result<()> {
     let board = Board::load(&opts.board)?;
     let image = board
         .image
@@ -89,7 +98,8 @@ pub fn run(opts: &Options) -> Result<()> {
     register_binfmt(&target)?;
 
     let started = Instant::now();
-    let dist = crate::dist::build(None, Some(&opts.board))?;
+    // The package stays free of the fleet secret; the claim goes straight into the rootfs.
+    let dist = crate::dist::build(None, Some(&opts.board), &Enrollment::default())?;
     let out = crate::root().join("target/image");
     let work = out.join(format!("work-{}", opts.board));
     if work.exists() {
@@ -107,7 +117,16 @@ pub fn run(opts: &Options) -> Result<()> {
         Some(url) => with_mqtt_url(&board.agent_config()?, url)?,
         None => board.agent_config()?,
     };
-    write(&rootfs.join("etc/edge-agent/agent.toml"), &config)?;
+    write(
+        &rootfs.join("etc/edge-agent/agent.toml"),
+        &enrollment.agent_config(&config)?,
+    )?;
+    if let Some(claim) = &enrollment.claim {
+        claim.write(
+            &rootfs.join(in_tree(CLAIM_KEY_PATH)),
+            Some(service_ids(rootfs.as_path())?),
+        )?;
+    }
 
     let disk = out.join(format!("edge-{}.img", opts.board));
     make_disk(&rootfs, &work, &disk)?;
@@ -123,10 +142,45 @@ pub fn run(opts: &Options) -> Result<()> {
         started.elapsed().as_secs_f64(),
         disk.display()
     );
+    enrollment.print_notes("image");
+    if enrollment.claim.is_some() {
+        println!(
+            "image: {} holds the fleet claim key: keep it (and {}) like the key itself",
+            disk.display(),
+            work.display()
+        );
+    }
     if opts.smoke {
-        smoke(&target, &rootfs, &work, &board)?;
+        smoke(&target, &rootfs, &work, &board, enrollment)?;
     }
     Ok(())
+}
+
+/// The service user's uid and the service group's gid in the image (the unit's `User=` and
+/// `Group=`), from its own `/etc/passwd` and `/etc/group`: the .deb's postinst made them
+/// there, so the host's ids mean nothing.
+fn service_ids(rootfs: &Path) -> Result<(u32, u32)> {
+    let id = |file: &str| -> Result<u32> {
+        let path = rootfs.join(file);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        id_of(&text, SERVICE_USER).with_context(|| {
+            format!(
+                "{} has no {SERVICE_USER} (the .deb's postinst should have added it)",
+                path.display()
+            )
+        })
+    };
+    Ok((id("etc/passwd")?, id("etc/group")?))
+}
+
+/// The id (third field) of `name` in a passwd(5) or group(5) file's text.
+fn id_of(text: &str, name: &str) -> Option<u32> {
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// `[mqtt] url` set in a commented config file.
@@ -495,8 +549,14 @@ fn make_partitions(rootfs: &Path, boot_tree: &Path, work: &Path, disk: &Path) ->
 }
 
 /// Boots a copy of the image (agent pointed at a coordinator on the host) under
-/// qemu-system-aarch64 and waits for the agent to register.
-fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<()> {
+/// qemu-system-aarch64 and waits for the agent to enroll and register.
+fn smoke(
+    target: &Target,
+    rootfs: &Path,
+    work: &Path,
+    board: &Board,
+    enrollment: &Enrollment,
+) -> Result<()> {
     ensure!(
         target.deb_arch == "arm64",
         "the smoke test boots arm64 images only (qemu-system-aarch64 virt)"
@@ -504,7 +564,19 @@ fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<(
     crate::provision::ensure_debian_packages(&["qemu-system-arm"])?;
     crate::build_bins()?;
     let env = edge_tests::TestEnv::new("image-smoke")?;
-    let coord = edge_tests::Coordinator::start_embedded(&env.path("coordinator"))?;
+    let coord = match &enrollment.claim {
+        // The harness's coordinators accept the harness's claims.
+        None => edge_tests::Coordinator::start_embedded(&env.path("coordinator"))?,
+        // With a config of our own that has [enrollment], the harness adds none of its claims.
+        Some(claim) => {
+            let file = env.path("smoke-coordinator.toml");
+            write(&file, &smoke_coordinator_config(&claim.public_hex)?)?;
+            edge_tests::Coordinator::start_embedded_with_args(
+                &env.path("coordinator"),
+                vec!["--config".into(), path_str(&file)?],
+            )?
+        }
+    };
     let mut journal = coord.journal();
     let port = coord
         .url()
@@ -512,16 +584,44 @@ fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<(
         .next()
         .and_then(|p| p.parse::<u16>().ok())
         .with_context(|| format!("no port in {}", coord.url()))?;
+    // The real coordinator cannot answer here: a pinned identity becomes the smoke one's.
+    let pin = match &enrollment.coordinator {
+        Some(_) => Some(edge_tests::enroll::coordinator_identity(
+            &coord.state_dir(),
+        )?),
+        None => None,
+    };
     // QEMU's user network shows the host's loopback as 10.0.2.2.
     let config = with_mqtt_url(&board.agent_config()?, &format!("mqtt://10.0.2.2:{port}"))?;
+    let config = with_enrollment(&config, Some(CLAIM_KEY_PATH), pin.as_ref())?;
     let conf_path = rootfs.join("etc/edge-agent/agent.toml");
     let original = fs::read_to_string(&conf_path)
         .with_context(|| format!("cannot read {}", conf_path.display()))?;
-    write(&conf_path, &config)?;
+    let claim_path = rootfs.join(in_tree(CLAIM_KEY_PATH));
+    let harness_claim = enrollment.claim.is_none();
     let disk = work.join("smoke.img");
-    let made = make_disk(rootfs, work, &disk);
-    write(&conf_path, &original)?;
+    // The harness claim and the smoke config are for the copy only: the tree gets its own
+    // config back and loses the harness claim whatever happened.
+    let made = (|| {
+        if harness_claim {
+            edge_tests::enroll::write_claim_key(&claim_path, &[])?;
+            let (uid, gid) = service_ids(rootfs)?;
+            std::os::unix::fs::chown(&claim_path, Some(uid), Some(gid))
+                .with_context(|| format!("cannot chown {}", claim_path.display()))?;
+        }
+        write(&conf_path, &config)?;
+        make_disk(rootfs, work, &disk)
+    })();
+    let restored = write(&conf_path, &original);
+    let removed = if harness_claim && claim_path.exists() {
+        fs::remove_file(&claim_path)
+            .with_context(|| format!("cannot remove {}", claim_path.display()))
+    } else {
+        Ok(())
+    };
     made?;
+    restored?;
+    removed?;
 
     let kernel_version = newest_kernel(rootfs)?;
     let kernel = rootfs.join(format!("boot/vmlinuz-{kernel_version}"));
@@ -564,14 +664,67 @@ fn smoke(target: &Target, rootfs: &Path, work: &Path, board: &Board) -> Result<(
     qemu.kill()?;
     if let Err(e) = registered {
         env.dump_logs();
-        bail!("smoke test: {e:#}; console log: {}", console_log.display());
+        let _ = journal.refresh();
+        bail!(
+            "smoke test: {e:#}; enrollment: {}; console log: {}",
+            enrollment_summary(&journal),
+            console_log.display()
+        );
     }
     println!(
-        "image: smoke test passed: booted under qemu-system-aarch64 and the agent registered after {:.0} s",
+        "image: smoke test passed: booted under qemu-system-aarch64 and the agent enrolled ({} claim) \
+         and registered after {:.0} s",
+        if harness_claim {
+            "the test harness's"
+        } else {
+            "the image's"
+        },
         elapsed.as_secs_f64()
     );
     fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
     Ok(())
+}
+
+/// The smoke coordinator's config when the image has its own claim: claim mode, that claim
+/// (no groups) the only one accepted.
+fn smoke_coordinator_config(claim_public_hex: &str) -> Result<String> {
+    let mut claim = toml::Table::new();
+    claim.insert(
+        "key".into(),
+        toml::Value::String(claim_public_hex.to_owned()),
+    );
+    claim.insert("groups".into(), toml::Value::Array(Vec::new()));
+    let mut enrollment = toml::Table::new();
+    enrollment.insert("mode".into(), toml::Value::String("claim".into()));
+    enrollment.insert(
+        "claims".into(),
+        toml::Value::Array(vec![toml::Value::Table(claim)]),
+    );
+    let mut root = toml::Table::new();
+    root.insert("enrollment".into(), toml::Value::Table(enrollment));
+    toml::to_string(&root).context("cannot encode the smoke coordinator's config")
+}
+
+/// What the journal says about enrollment, for a failed smoke test: whether a request came in
+/// at all and what the coordinator decided.
+fn enrollment_summary(journal: &edge_tests::Journal) -> String {
+    let counts: Vec<String> = [
+        "device_enrolled",
+        "enrollment_pending",
+        "enrollment_rejected",
+        "enrollment_conflict",
+        "auth_rejected",
+    ]
+    .iter()
+    .map(|kind| (kind, journal.count_kind(kind)))
+    .filter(|(_, n)| *n > 0)
+    .map(|(kind, n)| format!("{kind} x{n}"))
+    .collect();
+    if counts.is_empty() {
+        "no enrollment request reached the coordinator".into()
+    } else {
+        counts.join(", ")
+    }
 }
 
 fn chroot(rootfs: &Path, args: &[&str]) -> Result<()> {
@@ -683,6 +836,30 @@ mod tests {
             got,
             "# top\n[mqtt]\n# the broker\nurl = \"mqtt://10.0.2.2:4242\"\nkeepalive_s = 30\n"
         );
+    }
+
+    #[test]
+    fn service_ids_come_from_the_images_own_files() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      edge-agentx:x:5:5::/:/bin/false\n\
+                      edge-agent:x:999:996:edge-node runtime agent:/var/lib/edge-agent:/usr/sbin/nologin\n";
+        assert_eq!(id_of(passwd, "edge-agent"), Some(999));
+        assert_eq!(id_of("edge-agent:x:996:\n", "edge-agent"), Some(996));
+        assert_eq!(id_of(passwd, "nobody"), None);
+        assert_eq!(id_of("edge-agent:x:notanumber:1\n", "edge-agent"), None);
+    }
+
+    #[test]
+    fn the_smoke_coordinator_accepts_exactly_the_images_claim() {
+        let text = smoke_coordinator_config(&"ab".repeat(32)).expect("encodes");
+        let t: toml::Table = toml::from_str(&text).expect("valid TOML");
+        let enrollment = t["enrollment"].as_table().expect("[enrollment]");
+        assert_eq!(enrollment["mode"].as_str(), Some("claim"));
+        let claims = enrollment["claims"].as_array().expect("claims");
+        assert_eq!(claims.len(), 1);
+        assert_eq!(claims[0]["key"].as_str(), Some("ab".repeat(32).as_str()));
+        assert_eq!(claims[0]["groups"].as_array().map(Vec::len), Some(0));
+        assert!(text.contains("[[enrollment.claims]]"), "{text}");
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
-//! - `dist --target T | --board B`: a .deb and a tarball (agent, ONNX Runtime, config, unit).
-//! - `image --board B [--mqtt-url U] [--smoke]`: a flashable Debian disk image with the agent.
+//! - `dist --target T | --board B [--claim-key F] [--coordinator-identity F|JSON]`: a .deb and a
+//!   tarball (agent, ONNX Runtime, config, unit; a fleet claim so devices enroll themselves).
+//! - `image --board B [--mqtt-url U] [--claim-key F] [--coordinator-identity F|JSON] [--smoke]`:
+//!   a flashable Debian disk image with the agent.
 
 mod bench;
 mod cross;
@@ -116,6 +118,8 @@ enum Cmd {
     Dist {
         #[command(flatten)]
         arm: ArmTarget,
+        #[command(flatten)]
+        enroll: EnrollFlags,
     },
     /// A flashable Debian disk image for a board, agent installed and enabled
     /// (target/image/edge-BOARD.img); `--smoke` boots it under qemu-system-aarch64.
@@ -130,6 +134,8 @@ enum Cmd {
         /// Broker URL written into the image's agent config.
         #[arg(long)]
         mqtt_url: Option<String>,
+        #[command(flatten)]
+        enroll: EnrollFlags,
         /// Boot the image and wait for its agent to register with a coordinator on the host.
         #[arg(long)]
         smoke: bool,
@@ -150,6 +156,31 @@ struct ArmTarget {
     /// A board profile (cross/boards/): rpi4, rpi5, jetson-orin, rk3588, armv7-generic.
     #[arg(long)]
     board: Option<String>,
+}
+
+/// What `dist` and `image` bake in so that a flashed board enrolls itself.
+#[derive(clap::Args)]
+struct EnrollFlags {
+    /// Fleet claim key (made by `edge-coordinator keygen --out claim.key`, mode 0600): installed
+    /// as /etc/edge-agent/claim.key for the agent alone and named in [enrollment]
+    /// claim_key_file, so a coordinator listing its public half enrolls devices at once.
+    /// Without it devices wait for `edge-coordinator devices approve`.
+    #[arg(long, value_name = "FILE")]
+    claim_key: Option<PathBuf>,
+    /// The coordinator's public identity to pin ([enrollment] coordinator): the JSON line
+    /// `edge-coordinator identity --state-dir DIR` prints, or a file holding it. Without it
+    /// devices trust the first coordinator that accepts them.
+    #[arg(long, value_name = "FILE|JSON")]
+    coordinator_identity: Option<String>,
+}
+
+impl EnrollFlags {
+    fn check(&self) -> Result<dist::Enrollment> {
+        dist::Enrollment::from_flags(
+            self.claim_key.as_deref(),
+            self.coordinator_identity.as_deref(),
+        )
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -246,20 +277,28 @@ fn main() -> Result<()> {
             no_e2e,
             args,
         } => qemu::run(&target, !no_e2e, &args).map(drop),
-        Cmd::Dist { arm } => dist::run(arm.target.as_deref(), arm.board.as_deref()),
+        Cmd::Dist { arm, enroll } => dist::run(
+            arm.target.as_deref(),
+            arm.board.as_deref(),
+            &enroll.check()?,
+        ),
         Cmd::Image {
             board,
             suite,
             mirror,
             mqtt_url,
+            enroll,
             smoke,
-        } => image::run(&image::Options {
-            board,
-            suite,
-            mirror,
-            mqtt_url,
-            smoke,
-        }),
+        } => image::run(
+            &image::Options {
+                board,
+                suite,
+                mirror,
+                mqtt_url,
+                smoke,
+            },
+            &enroll.check()?,
+        ),
         Cmd::Bench {
             which: Some(Bench::Fl),
         } => {
