@@ -115,10 +115,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     cfg.state_dir.join("identity").display()
                 );
             }
-            println!(
-                "{}",
-                serde_json::json!({ "device": device, "identity": public })
-            );
+            // A struct, not `json!`: keeps the fields in this order (the coordinator's
+            // `identity` prints sign before agree too).
+            #[derive(serde::Serialize)]
+            struct Printed<'a> {
+                device: &'a str,
+                identity: &'a protocol::v1::auth::PublicIdentity,
+            }
+            let printed = Printed {
+                device: &device,
+                identity: &public,
+            };
+            println!("{}", serde_json::to_string(&printed)?);
         }
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;

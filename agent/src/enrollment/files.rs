@@ -3,8 +3,9 @@
 //! ```text
 //! device.key       the device identity (ed25519 + x25519 secret, hex, 0600, create-new, fsync'd;
 //!                  protocol::keyfile): made at first start, never leaves the device
-//! epoch            the boot epoch (decimal): raised and fsync'd at every start, before anything
-//!                  is sealed, so (epoch, counter) never repeats under the key
+//! epoch            the boot epoch (decimal, 0 when the key is made): raised and fsync'd at
+//!                  every start, before anything is sealed, so (epoch, counter) never repeats
+//!                  under the key
 //! enrollment.bin   the newest signed enrollment answer about this key (re-verified at start)
 //! ```
 
@@ -40,7 +41,7 @@ pub enum FilesError {
 /// Where the epoch came from, for the start-up log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EpochSource {
-    /// The persisted epoch plus one (or 1 for a new identity).
+    /// The persisted epoch plus one (1 at the first start of a new identity).
     Raised,
     /// The file was missing beside an existing key, or unreadable as a number: the epoch
     /// restarts at the wall clock's seconds, far above any boot count, so the coordinator
@@ -76,9 +77,10 @@ impl Files {
         &self.dir
     }
 
-    /// The device identity, made now if there is none; `true` when it was just made. A key
-    /// file that exists but does not load (permissions, format) is an error, never replaced:
-    /// a new key would be a new device to the coordinator.
+    /// The device identity, made now if there is none; `true` when it was just made (with an
+    /// epoch file at 0: no epoch was ever used with the new key). A key file that exists but
+    /// does not load (permissions, format) is an error, never replaced: a new key would be a
+    /// new device to the coordinator.
     pub fn identity(&self) -> Result<(Identity, bool), FilesError> {
         let path = self.dir.join(KEY);
         match keyfile::load_identity(&path) {
@@ -87,21 +89,21 @@ impl Files {
             Err(e) => return Err(e.into()),
         }
         match keyfile::generate_identity_file(&path) {
-            Ok(id) => Ok((id, true)),
+            Ok(id) => {
+                let epoch = self.dir.join(EPOCH);
+                crate::fsutil::write_durably(&epoch, b"0\n")
+                    .map_err(|error| FilesError::Io { path: epoch, error })?;
+                Ok((id, true))
+            }
             // Made meanwhile by another process (`edge-agent identity` beside the agent).
             Err(KeyError::Exists { .. }) => Ok((keyfile::load_identity(&path)?, false)),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Raises the persisted epoch and makes it durable before returning it. `new_identity`:
-    /// the key was just made, so no epoch was ever used with it. `now_s`: the wall clock, for
-    /// the recovery of a lost or damaged file.
-    pub fn raise_epoch(
-        &self,
-        new_identity: bool,
-        now_s: u64,
-    ) -> Result<(u64, EpochSource), FilesError> {
+    /// Raises the persisted epoch and makes it durable before returning it. `now_s`: the wall
+    /// clock, for the recovery of a lost or damaged file.
+    pub fn raise_epoch(&self, now_s: u64) -> Result<(u64, EpochSource), FilesError> {
         let path = self.dir.join(EPOCH);
         let io = |error| FilesError::Io {
             path: path.clone(),
@@ -113,13 +115,7 @@ impl Files {
                 Ok(n) => (n.saturating_add(1), EpochSource::Raised),
                 Err(_) => recovered,
             },
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                if new_identity {
-                    (1, EpochSource::Raised)
-                } else {
-                    recovered
-                }
-            }
+            Err(e) if e.kind() == ErrorKind::NotFound => recovered,
             Err(e) => return Err(io(e)),
         };
         crate::fsutil::write_durably(&path, format!("{epoch}\n").as_bytes()).map_err(io)?;
@@ -183,29 +179,30 @@ mod tests {
     fn the_epoch_rises_at_every_start_and_recovers_from_a_lost_file() {
         let state = tempfile::tempdir().expect("tempdir");
         let files = Files::open(state.path()).expect("opens");
+        files.identity().expect("a new key, epoch 0");
         assert_eq!(
-            files.raise_epoch(true, 5_000).expect("1"),
+            files.raise_epoch(5_000).expect("1"),
             (1, EpochSource::Raised)
         );
         // A restart: a new Files over the same directory.
         let files = Files::open(state.path()).expect("reopens");
         assert_eq!(
-            files.raise_epoch(false, 5_000).expect("2"),
+            files.raise_epoch(5_000).expect("2"),
             (2, EpochSource::Raised)
         );
-        assert_eq!(files.raise_epoch(false, 5_000).expect("3").0, 3);
+        assert_eq!(files.raise_epoch(5_000).expect("3").0, 3);
         assert_eq!(
             std::fs::read_to_string(files.dir().join(EPOCH)).expect("persisted"),
             "3\n"
         );
         std::fs::remove_file(files.dir().join(EPOCH)).expect("lost");
         assert_eq!(
-            files.raise_epoch(false, 5_000).expect("recovered"),
+            files.raise_epoch(5_000).expect("recovered"),
             (5_000, EpochSource::Recovered)
         );
         std::fs::write(files.dir().join(EPOCH), "garbage").expect("damaged");
-        assert_eq!(files.raise_epoch(false, 6_000).expect("recovered").0, 6_000);
-        assert_eq!(files.raise_epoch(false, 0).expect("raised").0, 6_001);
+        assert_eq!(files.raise_epoch(6_000).expect("recovered").0, 6_000);
+        assert_eq!(files.raise_epoch(0).expect("raised").0, 6_001);
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Enrollment {
         if made {
             tracing::info!(device, key_id = %public.key_id(), dir = %files.dir().display(), "device identity created");
         }
-        let (epoch, source) = files.raise_epoch(made, protocol::v1::now_ms() / 1000)?;
+        let (epoch, source) = files.raise_epoch(protocol::v1::now_ms() / 1000)?;
         if source == EpochSource::Recovered {
             tracing::warn!(dir = %files.dir().display(), epoch, "boot epoch file missing or damaged beside an existing key; restarting the epoch from the clock");
         }
