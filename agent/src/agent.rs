@@ -257,7 +257,7 @@ pub async fn run(
         socket = %socket.display(), queued = st.depth.iter().sum::<u64>(), boot_id = %boot_id,
         "agent started"
     );
-    let status = || status_line(&link, &slot, &outbox);
+    let status = || status_line(&link, &sessions, &slot, &outbox);
     // Ready without waiting for the broker: an offline board is a working board (its outbox
     // keeps everything), and systemd must not restart it for that.
     notify.ready(&status());
@@ -352,12 +352,18 @@ pub async fn run(
     }
 }
 
-/// The one line `systemctl status` shows: uplink, pipeline, backlog.
-fn status_line(link: &LinkWatch, slot: &RunningSlot, outbox: &Outbox) -> String {
-    let link = if link.borrow().connected {
-        "connected"
-    } else {
-        "offline"
+/// The one line `systemctl status` shows: uplink, enrollment, pipeline, backlog.
+fn status_line(
+    link: &LinkWatch,
+    sessions: &enrollment::SessionWatch,
+    slot: &RunningSlot,
+    outbox: &Outbox,
+) -> String {
+    let link = match (link.borrow().connected, sessions.borrow().is_some()) {
+        (true, true) => "connected",
+        (true, false) => "connected, not enrolled",
+        (false, true) => "offline",
+        (false, false) => "offline, not enrolled",
     };
     let pipeline = match slot.telemetry() {
         Some(p) => format!("pipeline {} v{} running", p.name, p.version),
