@@ -293,6 +293,8 @@ impl FlTask {
                         waiting = Some(payload);
                         continue;
                     }
+                    // Newer than anything kept from before enrollment.
+                    waiting = None;
                     if let Err(e) = me.clone().handle(payload, true, &mut stop).await {
                         tracing::warn!(error = %e, "federated round not completed");
                     }
@@ -326,8 +328,9 @@ impl FlTask {
         }
     }
 
-    /// Verifies a round message, applies its weights, trains if ordered. `fresh` is false
-    /// for a stored message replayed after a pipeline start.
+    /// Admits a round message ([`admit`]), applies its weights, trains if ordered. `fresh` is
+    /// false for the stored message replayed after a pipeline start (verified again, already
+    /// admitted).
     async fn handle(
         self: Arc<Self>,
         payload: Vec<u8>,
