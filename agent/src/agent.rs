@@ -1,9 +1,11 @@
 //! Wires the agent's parts together and owns their lifetimes.
 //!
-//! Tasks: the uplink (outbox -> MQTT), telemetry (sysinfo -> outbox), the local API
-//! (socket -> outbox), the deploy task (which pipeline and models run), the pipeline host
-//! (runs them) and federated learning (rounds -> local training -> outbox). ONNX Runtime is loaded once
-//! here, before any of them. Each is spawned here, told to stop through one watch channel, and
+//! Tasks: the uplink (outbox -> MQTT), enrollment (device identity, the request/answer
+//! exchange, the session every message is sealed with), telemetry (sysinfo -> outbox), the
+//! local API (socket -> outbox), the deploy task (which pipeline and models run), the pipeline
+//! host (runs them) and federated learning (rounds -> local training -> outbox). ONNX Runtime
+//! is loaded once here, before any of them, and the identity files are opened (the boot epoch
+//! raised) before the uplink can seal anything. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time. systemd hears about it all
 //! through [`sd_notify`](crate::sd_notify): ready, alive (watchdog), stopping.
 
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::dataset::{Dataset, DatasetError};
 use crate::deploy::task::{self, DeployParts, DeployTask, TaskError};
+use crate::enrollment::{self, Enrollment, EnrollmentError};
 use crate::inbox::Inbox;
 use crate::inference::Inference;
 use crate::link::{self, LinkWatch};
@@ -33,6 +36,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum AgentError {
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Enrollment(#[from] EnrollmentError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(transparent)]
@@ -90,8 +95,19 @@ pub async fn run(
                 Inference::unavailable(format!("loading the runtime panicked: {e}"))
             })
     };
+    // The identity files before anything can be sealed: the epoch is raised (durably) here.
+    let enrolling = {
+        let hardware = enrollment::hardware(AGENT_VERSION, inference.accelerators());
+        Enrollment::open(&cfg.state_dir, &cfg.enrollment, &device, hardware)?
+    };
+    let sessions = enrolling.watch();
     let boot_id = format!("{:016x}", rand::random::<u64>());
-    let registration = registration(&cfg, &inference, &boot_id);
+    let groups = sessions
+        .borrow()
+        .as_ref()
+        .map(|s| s.groups().to_vec())
+        .unwrap_or_default();
+    let registration = registration(&inference, &boot_id, groups);
     let reg = NewMessage {
         class: Class::Control,
         topic: topics::register(&device),
@@ -103,11 +119,15 @@ pub async fn run(
     }
 
     // The shared pieces, created here and handed out, so no part has to reach into another
-    // for them: incoming messages (inbox), whether the broker is connected (link state) and
-    // the direct path for publishes that skip the outbox. Offload is the direct path's only
+    // for them: incoming messages (inbox), whether the broker is connected (link state), the
+    // direct path for publishes that skip the outbox, the enrollment-request path and the
+    // counts of incoming messages that did not authenticate. Offload is the direct path's only
     // user; without it the uplink gets no receiver.
     let inbox = Inbox::default();
     let (link_tx, link) = link::link_state();
+    let (enroll_tx, enroll_rx) = link::enroll_path();
+    let auth = Arc::new(link::AuthStats::default());
+    let answers = inbox.subscribe(&topics::enroll_answer(&device), enrollment::INBOX_CAPACITY);
     let offloading = cfg.offload.mode != crate::offload::policy::Mode::Local;
     let (direct_tx, direct_rx) = if offloading {
         let (tx, rx) = link::direct_path(crate::offload::client::DIRECT_CAPACITY);
@@ -124,6 +144,9 @@ pub async fn run(
             inbox: inbox.clone(),
             link: link_tx,
             direct: direct_rx,
+            session: sessions.clone(),
+            enroll: Some(enroll_rx),
+            auth: auth.clone(),
         },
     )?;
 
@@ -132,8 +155,9 @@ pub async fn run(
     let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
     let sandbox = Sandbox::new(&cfg.sandbox, &cfg.state_dir)?;
     let (deployer, store, restored) = task::open_deployer(&state, &device, cfg.deploy.clone())?;
+    // This device's own deploy topics; the deploy task follows the groups' from the session.
     let deploy_sub = inbox.subscribe_all(
-        &topics::agent_deploy_filters(&device, &cfg.deploy.groups),
+        &topics::agent_deploy_filters(&device, &[]),
         task::INBOX_CAPACITY,
     );
     let slot = RunningSlot::default();
@@ -163,9 +187,9 @@ pub async fn run(
     };
     let fl_task = crate::fl::FlTask::new(crate::fl::FlDeps {
         device: device.clone(),
-        // Round messages change a model's weights, so they need the same trust as
-        // deployments: the deploy section's keys, parsed once with the config.
-        trusted: cfg.deploy.trusted_keys.keys().clone(),
+        // Round messages are signed by the coordinator's online identity, which the
+        // enrollment session names (pinned or trusted at enrollment).
+        session: sessions.clone(),
         state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),
@@ -189,6 +213,8 @@ pub async fn run(
             host,
             link: link.clone(),
             local,
+            inbox: inbox.clone(),
+            session: sessions.clone(),
         },
     );
 
@@ -196,6 +222,7 @@ pub async fn run(
     let pipelines = tokio::spawn(pipeline_host.run());
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
+    let enroll = tokio::spawn(enrolling.run(answers, link.clone(), enroll_tx, stop_rx.clone()));
     let offload_router = offload
         .clone()
         .zip(offload_sub)
@@ -217,6 +244,8 @@ pub async fn run(
                 inference: inference.clone(),
                 fl: fl_stats.clone(),
                 offload: offload.clone(),
+                auth: auth.clone(),
+                session: sessions.clone(),
             },
             stop_rx.clone(),
         ))
@@ -228,7 +257,7 @@ pub async fn run(
         socket = %socket.display(), queued = st.depth.iter().sum::<u64>(), boot_id = %boot_id,
         "agent started"
     );
-    let status = || status_line(&link, &slot, &outbox);
+    let status = || status_line(&link, &sessions, &slot, &outbox);
     // Ready without waiting for the broker: an offline board is a working board (its outbox
     // keeps everything), and systemd must not restart it for that.
     notify.ready(&status());
@@ -255,6 +284,7 @@ pub async fn run(
                     ("deploy", Some(&deploy)),
                     ("pipeline-host", Some(&pipelines)),
                     ("federated-learning", Some(&fl)),
+                    ("enrollment", Some(&enroll)),
                     ("offload", offload_router.as_ref()),
                     ("local-api", Some(&api)),
                     ("telemetry", telemetry.as_ref()),
@@ -292,6 +322,7 @@ pub async fn run(
         ("deploy", Some(deploy)),
         ("pipeline-host", Some(pipelines)),
         ("federated-learning", Some(fl)),
+        ("enrollment", Some(enroll)),
         ("offload", offload_router),
         ("local-api", Some(api)),
         ("telemetry", telemetry),
@@ -321,12 +352,18 @@ pub async fn run(
     }
 }
 
-/// The one line `systemctl status` shows: uplink, pipeline, backlog.
-fn status_line(link: &LinkWatch, slot: &RunningSlot, outbox: &Outbox) -> String {
-    let link = if link.borrow().connected {
-        "connected"
-    } else {
-        "offline"
+/// The one line `systemctl status` shows: uplink, enrollment, pipeline, backlog.
+fn status_line(
+    link: &LinkWatch,
+    sessions: &enrollment::SessionWatch,
+    slot: &RunningSlot,
+    outbox: &Outbox,
+) -> String {
+    let link = match (link.borrow().connected, sessions.borrow().is_some()) {
+        (true, true) => "connected",
+        (true, false) => "connected, not enrolled",
+        (false, true) => "offline",
+        (false, false) => "offline, not enrolled",
     };
     let pipeline = match slot.telemetry() {
         Some(p) => format!("pipeline {} v{} running", p.name, p.version),
@@ -336,8 +373,9 @@ fn status_line(link: &LinkWatch, slot: &RunningSlot, outbox: &Outbox) -> String 
     format!("{link}, {pipeline}, {queued} queued")
 }
 
-/// What the agent says about itself at every start.
-fn registration(cfg: &Config, inference: &Inference, boot_id: &str) -> Registration {
+/// What the agent says about itself at every start. `groups`: the enrollment's, informational
+/// (the coordinator keeps its own record of what it assigned).
+fn registration(inference: &Inference, boot_id: &str, groups: Vec<String>) -> Registration {
     let mut capabilities: Vec<String> = [
         "outbox",
         "telemetry",
@@ -360,7 +398,7 @@ fn registration(cfg: &Config, inference: &Inference, boot_id: &str) -> Registrat
         boot_id: boot_id.to_owned(),
         started_ms: protocol::v1::now_ms(),
         capabilities,
-        groups: cfg.deploy.groups.clone(),
+        groups,
         inference: inference.status().clone(),
     }
 }
@@ -394,7 +432,8 @@ mod tests {
         let inf = Inference::unavailable(
             "onnx runtime unavailable: /bogus.so (inference.library): no such file",
         );
-        let r = registration(&Config::default(), &inf, "b1");
+        let r = registration(&inf, "b1", vec!["lab".into()]);
+        assert_eq!(r.groups, ["lab"]);
         assert!(!r.inference.available);
         assert!(r.inference.reason.contains("/bogus.so"));
         assert!(!r.capabilities.iter().any(|c| c == "inference"));

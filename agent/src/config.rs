@@ -5,8 +5,8 @@
 //! the documentation and the code cannot drift apart.
 //!
 //! Each part owns its section (type, defaults, checks): `[mqtt]` the uplink, `[outbox]` the
-//! outbox, `[offload]` the offloader, `[deploy]` the deployer, `[dataset]` the dataset store,
-//! `[sandbox]` the sandbox. This file only aggregates them, so dependencies run one way: the
+//! outbox, `[offload]` the offloader, `[deploy]` the deployer, `[enrollment]` enrollment,
+//! `[dataset]` the dataset store, `[sandbox]` the sandbox. This file only aggregates them, so dependencies run one way: the
 //! parts never import the root config. The section types are re-exported here for callers
 //! that build a config in code.
 
@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 pub use crate::dataset::DatasetConfig;
 pub use crate::deploy::DeployConfig;
+pub use crate::enrollment::{CoordinatorPin, EnrollmentConfig};
 pub use crate::offload::OffloadConfig;
 pub use crate::outbox::{OnCorruption, OutboxConfig};
 use crate::setting::InvalidSetting;
@@ -51,6 +52,8 @@ pub struct Config {
     pub sandbox: crate::sandbox::SandboxConfig,
     pub pipeline: PipelineConfig,
     pub deploy: DeployConfig,
+    /// Joining the fleet: claim key, coordinator pin, request retries.
+    pub enrollment: EnrollmentConfig,
     pub dataset: DatasetConfig,
     /// ONNX inference: where the runtime library is, which execution providers to try.
     pub inference: edge_inference::InferenceConfig,
@@ -103,6 +106,7 @@ impl Default for Config {
             sandbox: crate::sandbox::SandboxConfig::default(),
             pipeline: PipelineConfig::default(),
             deploy: DeployConfig::default(),
+            enrollment: EnrollmentConfig::default(),
             dataset: DatasetConfig::default(),
             inference: edge_inference::InferenceConfig::default(),
             offload: OffloadConfig::default(),
@@ -158,6 +162,7 @@ impl Config {
         self.sandbox.validate()?;
         self.offload.validate()?;
         self.deploy.validate()?;
+        self.enrollment.validate()?;
         self.dataset.validate()?;
         if self.local_api.max_message_bytes > protocol::v1::MAX_PAYLOAD_BYTES - 1024 {
             return Err(InvalidSetting(format!(
@@ -200,6 +205,20 @@ mod tests {
     }
 
     #[test]
+    fn deploy_groups_say_where_groups_come_from_now() {
+        let text = "[deploy]\ntrusted_keys = []\ngroups = [\"lab\"]\n";
+        let err = Config::parse(text, Path::new("a.toml"))
+            .expect_err("removed key")
+            .to_string();
+        assert!(err.contains("a.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(
+            err.contains("assigned by the coordinator at enrollment"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let cases = [
             ("[device]\nid = \"a/b\"\n", "device.id"),
@@ -207,6 +226,19 @@ mod tests {
             ("[mqtt]\ncert_file = \"c.pem\"\n", "key_file"),
             ("[outbox]\non_corruption = \"ignore\"\n", "on_corruption"),
             ("[outbox]\nmax_bytes = -1\n", "max_bytes"),
+            (
+                "[mqtt]\nmax_packet_bytes = 16384\n",
+                "mqtt.max_packet_bytes",
+            ),
+            ("[enrollment]\nretry_ms = 0\n", "enrollment.retry_ms"),
+            (
+                "[enrollment]\ncoordinator = { sign = \"ab\", agree = \"cd\" }\n",
+                "enrollment.coordinator",
+            ),
+            (
+                "[enrollment]\nclaim_key_file = \"\"\n",
+                "enrollment.claim_key_file",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::parse(text, Path::new("a.toml"))

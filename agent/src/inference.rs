@@ -121,6 +121,20 @@ impl Inference {
         &self.inner.status
     }
 
+    /// The accelerator execution providers the loaded library was built with (`cuda`,
+    /// `xnnpack`, ...; not cpu), for the enrollment request's hardware facts. Built in, not
+    /// proven: the device or its libraries may still be missing. Empty without a runtime.
+    pub fn accelerators(&self) -> Vec<String> {
+        self.inner.registry.as_ref().map_or_else(Vec::new, |r| {
+            r.runtime()
+                .built_in_providers()
+                .iter()
+                .filter(|p| **p != edge_inference::Provider::Cpu)
+                .map(|p| p.as_str().to_owned())
+                .collect()
+        })
+    }
+
     fn registry(&self, model: &str) -> Result<&ModelRegistry, InferenceError> {
         self.inner
             .registry

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod dataset;
 pub mod deploy;
+pub mod enrollment;
 pub mod fl;
 pub mod fsutil;
 pub mod identity;

@@ -1,11 +1,16 @@
 //! What the uplink shares with the parts that depend on the connection, without those parts
 //! knowing the uplink: the link state (a `watch`, so a reconnect is an event to await, not a
-//! counter to poll) and the direct-publish path (QoS 0 publishes that skip the outbox).
+//! counter to poll), the direct-publish path (QoS 0 publishes that skip the outbox), the
+//! enrollment-request path (the one thing an unenrolled device publishes) and the counts of
+//! incoming messages dropped because they did not authenticate.
 //!
-//! `agent::run` creates both ends and hands them out: the uplink gets the [`LinkSender`] and
-//! the [`DirectReceiver`]; offload, the deploy task and the status line get [`LinkWatch`]es
-//! and a [`DirectSender`]. So `uplink` and `offload` never import each other.
+//! `agent::run` creates both ends and hands them out: the uplink gets the [`LinkSender`], the
+//! [`DirectReceiver`] and the [`EnrollReceiver`]; offload, the deploy task, enrollment and the
+//! status line get [`LinkWatch`]es, a [`DirectSender`] or an [`EnrollSender`]; telemetry reads
+//! [`AuthStats`]. So `uplink` and `offload` never import each other.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
@@ -63,6 +68,44 @@ pub type DirectReceiver = mpsc::Receiver<Direct>;
 /// A new direct-publish path holding at most `capacity` publishes (at least one).
 pub fn direct_path(capacity: usize) -> (DirectSender, DirectReceiver) {
     mpsc::channel(capacity.max(1))
+}
+
+/// A sealed enrollment request (`v1::enroll::seal_request`), published by the uplink on
+/// `topics::enroll(device)` at QoS 1, not retained, as is: while connected at once, while
+/// offline dropped (the enrollment task sends a fresh one at the next connection).
+pub type EnrollSender = mpsc::Sender<Vec<u8>>;
+pub type EnrollReceiver = mpsc::Receiver<Vec<u8>>;
+
+/// A new enrollment-request path. One request waiting is enough: a newer one says the same.
+pub fn enroll_path() -> (EnrollSender, EnrollReceiver) {
+    mpsc::channel(1)
+}
+
+/// Incoming messages the uplink dropped because they did not authenticate, by reason
+/// (`auth::AuthError::reason`, or `not_enrolled`). Written by the uplink, read by telemetry.
+#[derive(Debug, Default)]
+pub struct AuthStats {
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl AuthStats {
+    /// Counts one drop; returns the total for `reason`.
+    pub fn reject(&self, reason: &'static str) -> u64 {
+        let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let n = r.entry(reason).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// Totals by reason since the agent started.
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
+    }
 }
 
 #[cfg(test)]

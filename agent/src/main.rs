@@ -1,4 +1,4 @@
-//! `edge-agent` command line: run, generate-config, check-config, publish.
+//! `edge-agent` command line: run, generate-config, check-config, publish, identity.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +35,15 @@ enum Cmd {
     GenerateConfig,
     /// Validate a configuration file and exit.
     CheckConfig { file: PathBuf },
+    /// Print this device's id and public identity as one line of JSON
+    /// (`{"device":..,"identity":{"sign":..,"agree":..}}`), making the identity if there is none
+    /// yet: for allowlists and images. Run it as the agent's user (it may create
+    /// state_dir/identity).
+    Identity {
+        /// Agent config to read state_dir and device.id from; default: the built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Publish one message through a running agent's local API.
     Publish {
         /// Socket of the running agent.
@@ -92,6 +101,32 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::CheckConfig { file } => {
             Config::load(&file)?;
             println!("{}: ok", file.display());
+        }
+        Cmd::Identity { config } => {
+            let cfg = match config {
+                Some(c) => Config::load(&c)?,
+                None => Config::default(),
+            };
+            let device = edge_agent::identity::resolve(&cfg.device.id, &cfg.state_dir)?;
+            let (public, made) = edge_agent::enrollment::device_identity(&cfg.state_dir)?;
+            if made {
+                eprintln!(
+                    "created the device identity in {}",
+                    cfg.state_dir.join("identity").display()
+                );
+            }
+            // A struct, not `json!`: keeps the fields in this order (the coordinator's
+            // `identity` prints sign before agree too).
+            #[derive(serde::Serialize)]
+            struct Printed<'a> {
+                device: &'a str,
+                identity: &'a protocol::v1::auth::PublicIdentity,
+            }
+            let printed = Printed {
+                device: &device,
+                identity: &public,
+            };
+            println!("{}", serde_json::to_string(&printed)?);
         }
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;

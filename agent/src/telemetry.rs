@@ -1,17 +1,21 @@
 //! Periodic telemetry: machine figures from sysinfo plus the agent's own RSS and outbox depth,
-//! the running pipeline's per-stage counters and latency percentiles, and inference (runtime
-//! status, per-model provider, runs, errors, latency), queued through the outbox (class telemetry, so it is the first thing shed when full).
+//! the running pipeline's per-stage counters and latency percentiles, inference (runtime
+//! status, per-model provider, runs, errors, latency) and authentication (enrolled or not,
+//! incoming messages dropped by reason), queued through the outbox (class telemetry, so it is
+//! the first thing shed when full).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::v1::{Class, DiskStat, NetStat, Telemetry, Temperature, topics};
+use protocol::v1::{AuthTelemetry, Class, DiskStat, NetStat, Telemetry, Temperature, topics};
 use sysinfo::{
     Components, CpuRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
 };
 use tokio::sync::watch;
 
+use crate::enrollment::SessionWatch;
 use crate::inference::Inference;
+use crate::link::AuthStats;
 use crate::outbox::{NewMessage, Outbox};
 use crate::pipeline::RunningSlot;
 
@@ -107,6 +111,7 @@ impl Sampler {
             inference: None,
             fl: None,
             offload: None,
+            auth: None,
         }
     }
 }
@@ -126,6 +131,10 @@ pub struct Sources {
     pub inference: Inference,
     pub fl: Arc<crate::fl::FlStats>,
     pub offload: Option<crate::offload::Offloader>,
+    /// Incoming messages the uplink dropped, by reason.
+    pub auth: Arc<AuthStats>,
+    /// The enrollment session (enrolled or not).
+    pub session: SessionWatch,
 }
 
 /// Samples every `interval` and queues the sample; stops when `shutdown` turns true.
@@ -141,6 +150,8 @@ pub async fn run(
         inference,
         fl,
         offload,
+        auth,
+        session,
     } = sources;
     let mut sampler = Sampler::new();
     let mut tick = tokio::time::interval(interval);
@@ -156,6 +167,10 @@ pub async fn run(
         t.inference = Some(inf);
         t.fl = fl.telemetry();
         t.offload = offload.as_ref().map(crate::offload::Offloader::telemetry);
+        t.auth = Some(AuthTelemetry {
+            enrolled: session.borrow().is_some(),
+            rejected: auth.rejected(),
+        });
         let body = match serde_json::to_vec(&t) {
             Ok(b) => b,
             Err(e) => {

@@ -7,6 +7,21 @@
 //!
 //! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were handed to it, which
 //! is how a PUBACK's packet id is mapped back to an outbox key ([`SendWindow`]).
+//!
+//! Authentication, per `Topic::auth_rule` (the one table, in `protocol::v1::auth`), against the
+//! enrollment session (a watch; `None` until enrolled):
+//! - Unenrolled: the enrollment request (already signed) is the only publish. Outbox messages
+//!   wait in the outbox, direct publishes are dropped, no status and no last will.
+//! - Enrolled: every outbox message and direct publish is sealed as it is handed to the client
+//!   (`Session::seal`: MAC, epoch, a new counter per publish, resends included); the status and
+//!   the will are sealed at the status counter. A connection made before enrollment has no
+//!   will, so the session's arrival ends it cleanly and the next one (at once) carries it.
+//! - Incoming ([`Ingress`]): coordinator MACs (offload responses, commands) are checked with the
+//!   session's `down` key and a replay window, coordinator signatures (capacity adverts, the
+//!   coordinator's status) with its key; the trailer is stripped before the inbox. Enrollment
+//!   answers go to the enrollment part as they are, messages signed inside their own format
+//!   (deployments, FL rounds) unchanged. Anything that fails is dropped, counted by reason
+//!   ([`AuthStats`]) and logged at WARN at most once per reason per 10 s.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -14,6 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use protocol::v1::auth::{self, ReplayWindow, Rule};
+use protocol::v1::topics::Topic;
 use protocol::v1::{self, Class, Envelope, Status, topics};
 use rand::Rng;
 use rumqttc::{
@@ -23,8 +40,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
+use crate::enrollment::{Session, SessionWatch};
 use crate::inbox::{Inbox, Incoming as InboxMessage};
-use crate::link::{Direct, DirectReceiver, LinkSender, LinkState};
+use crate::link::{AuthStats, Direct, DirectReceiver, EnrollReceiver, LinkSender, LinkState};
 use crate::outbox::{Key, Outbox, Stored};
 use crate::setting::InvalidSetting;
 
@@ -52,9 +70,14 @@ pub struct MqttConfig {
     pub reconnect_max_ms: u64,
     /// QoS 1 publishes in flight before waiting for PUBACKs.
     pub inflight: u16,
-    /// Largest MQTT packet accepted from the broker, bytes.
+    /// Largest MQTT packet accepted from the broker, bytes; at least the largest message
+    /// with its authentication trailer and the MQTT header (see [`MIN_PACKET_BYTES`]).
     pub max_packet_bytes: usize,
 }
+
+/// The smallest `mqtt.max_packet_bytes` that takes every message the coordinator may send:
+/// the largest body, the longest authentication trailer, and room for topic and header.
+pub const MIN_PACKET_BYTES: usize = v1::MAX_PAYLOAD_BYTES + auth::MAX_TRAILER_LEN + 1024;
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -92,8 +115,11 @@ impl MqttConfig {
         if self.inflight == 0 {
             return Err("mqtt.inflight must be at least 1".into());
         }
-        if self.max_packet_bytes < 16 * 1024 {
-            return Err("mqtt.max_packet_bytes must be at least 16384".into());
+        if self.max_packet_bytes < MIN_PACKET_BYTES {
+            return Err(format!(
+                "mqtt.max_packet_bytes must be at least {MIN_PACKET_BYTES} (the largest message, its authentication trailer and the MQTT header)"
+            )
+            .into());
         }
         Ok(())
     }
@@ -181,6 +207,9 @@ pub struct UplinkStats {
     /// or the client queue full).
     pub direct_sent: AtomicU64,
     pub direct_dropped: AtomicU64,
+    /// Enrollment requests written, and dropped (offline when they came).
+    pub enroll_sent: AtomicU64,
+    pub enroll_dropped: AtomicU64,
 }
 
 /// Tracks publishes handed to rumqttc until their PUBACK. No I/O.
@@ -247,9 +276,15 @@ pub struct Uplink {
     inbox: Inbox,
     /// Tells the rest of the agent when the connection comes and goes.
     link: LinkSender,
-    /// QoS 0 publishes that skip the outbox (offload requests): written while connected,
-    /// dropped once expired.
+    /// QoS 0 publishes that skip the outbox (offload requests): written while connected and
+    /// enrolled, dropped once expired.
     direct: Option<DirectReceiver>,
+    /// The enrollment session: what to seal with, and whether to send at all.
+    session: SessionWatch,
+    /// Enrollment requests, published as they are.
+    enroll: Option<EnrollReceiver>,
+    /// Incoming messages dropped by reason.
+    auth: Arc<AuthStats>,
     tls: Option<Arc<rustls::ClientConfig>>,
     addr: BrokerAddr,
 }
@@ -263,6 +298,12 @@ pub struct Links {
     pub link: LinkSender,
     /// The receiving end of the direct path, if any part sends on it.
     pub direct: Option<DirectReceiver>,
+    /// The enrollment session (`None` until enrolled).
+    pub session: SessionWatch,
+    /// The receiving end of the enrollment-request path.
+    pub enroll: Option<EnrollReceiver>,
+    /// Where incoming messages that do not authenticate are counted.
+    pub auth: Arc<AuthStats>,
 }
 
 impl Uplink {
@@ -288,12 +329,17 @@ impl Uplink {
             inbox: links.inbox,
             link: links.link,
             direct: links.direct,
+            session: links.session,
+            enroll: links.enroll,
+            auth: links.auth,
             tls,
             addr,
         })
     }
 
-    fn options(&self, since_ms: u64) -> MqttOptions {
+    /// Connection options; the last will only with a session to seal it (an unenrolled device
+    /// publishes no status).
+    fn options(&self, since_ms: u64, session: Option<&Session>) -> MqttOptions {
         let mut o = MqttOptions::new(
             format!("edge-agent-{}", self.device),
             &self.addr.host,
@@ -303,13 +349,18 @@ impl Uplink {
             .set_clean_session(true)
             .set_inflight(self.cfg.inflight)
             .set_request_channel_capacity(self.cfg.inflight as usize * 2 + 16)
-            .set_max_packet_size(self.cfg.max_packet_bytes, v1::MAX_PAYLOAD_BYTES + 4096)
-            .set_last_will(LastWill::new(
+            .set_max_packet_size(
+                self.cfg.max_packet_bytes,
+                v1::MAX_PAYLOAD_BYTES + auth::MAX_TRAILER_LEN + 4096,
+            );
+        if let Some(s) = session {
+            o.set_last_will(LastWill::new(
                 topics::status(&self.device),
-                self.status(false, since_ms),
+                self.status(s, false, since_ms),
                 QoS::AtLeastOnce,
                 true,
             ));
+        }
         if !self.cfg.username.is_empty() {
             o.set_credentials(&self.cfg.username, &self.cfg.password);
         }
@@ -321,35 +372,58 @@ impl Uplink {
         o
     }
 
-    fn status(&self, online: bool, since_ms: u64) -> Vec<u8> {
-        Status {
+    /// The retained status, sealed at the status counter.
+    fn status(&self, session: &Session, online: bool, since_ms: u64) -> Vec<u8> {
+        let json = Status {
             v: v1::VERSION,
             device: self.device.clone(),
             online,
             since_ms,
             agent_version: self.agent_version.clone(),
         }
-        .to_json()
+        .to_json();
+        session.seal_status(&topics::status(&self.device), &json)
     }
 
     /// Runs until `shutdown` turns true: connect, drain, reconnect with jittered backoff.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut attempt: u32 = 0;
-        let mut direct = self.direct.take();
+        let mut paths = Paths {
+            direct: self.direct.take(),
+            enroll: self.enroll.take(),
+            sessions: self.session.clone(),
+            sessions_open: true,
+            ingress: Ingress::new(self.auth.clone()),
+        };
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let since_ms = v1::now_ms();
-            let (client, eventloop) =
-                AsyncClient::new(self.options(since_ms), self.cfg.inflight as usize * 2 + 16);
+            let session = paths.sessions.borrow_and_update().clone();
+            let (client, eventloop) = AsyncClient::new(
+                self.options(since_ms, session.as_deref()),
+                self.cfg.inflight as usize * 2 + 16,
+            );
             let outcome = self
-                .session(&client, eventloop, since_ms, &mut shutdown, &mut direct)
+                .session(
+                    &client,
+                    eventloop,
+                    since_ms,
+                    session,
+                    &mut shutdown,
+                    &mut paths,
+                )
                 .await;
             self.link
                 .send_if_modified(|l| std::mem::replace(&mut l.connected, false));
             match outcome {
                 SessionEnd::Shutdown => return,
+                SessionEnd::Renew => {
+                    tracing::info!(broker = %self.cfg.url, "reconnecting with the enrollment session (status and last will)");
+                    attempt = 0;
+                    continue;
+                }
                 SessionEnd::Lost {
                     was_connected,
                     error,
@@ -377,34 +451,40 @@ impl Uplink {
         }
     }
 
+    /// One connection. `session` is the enrollment session the connection was made with (its
+    /// will is sealed with it); the current one follows the watch.
     async fn session(
         &self,
         client: &AsyncClient,
         mut eventloop: EventLoop,
         since_ms: u64,
+        will: Option<Arc<Session>>,
         shutdown: &mut watch::Receiver<bool>,
-        direct: &mut Option<DirectReceiver>,
+        paths: &mut Paths,
     ) -> SessionEnd {
         let mut window = SendWindow::new(self.cfg.inflight as usize);
         let mut connected = false;
+        let mut session = will.clone();
         // Filters subscribed on this connection (clean session: none at connect).
         let mut subscribed = BTreeSet::new();
         loop {
             if connected
+                && let Some(s) = &session
                 && window.has_room()
-                && let Err(e) = self.fill(client, &mut window)
+                && let Err(e) = self.fill(client, &mut window, s)
             {
                 return SessionEnd::Lost {
                     was_connected: true,
                     error: e.to_string(),
                 };
             }
-            let idle = connected && window.has_room();
+            // Unenrolled, the outbox keeps everything: nothing to wake up for.
+            let idle = connected && session.is_some() && window.has_room();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
                     if connected {
-                        self.goodbye(client, eventloop, since_ms).await;
+                        self.goodbye(client, eventloop, since_ms, session.as_deref()).await;
                     }
                     return SessionEnd::Shutdown;
                 }
@@ -420,9 +500,11 @@ impl Uplink {
                         });
                         let st = self.outbox.stats();
                         tracing::info!(broker = %self.cfg.url, code = ?ack.code, queued = st.depth.iter().sum::<u64>(), "uplink connected");
-                        let online = self.status(true, since_ms);
-                        if client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, online).is_ok() {
-                            window.handed_other();
+                        if let Some(s) = &session {
+                            let online = self.status(s, true, since_ms);
+                            if client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, online).is_ok() {
+                                window.handed_other();
+                            }
                         }
                         let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
                         self.sync_subscriptions(client, &mut subscribed);
@@ -433,16 +515,42 @@ impl Uplink {
                             self.outbox.ack(key);
                         }
                     }
-                    Ok(Event::Incoming(Incoming::Publish(p))) => self.on_publish(p),
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        self.on_publish(p, session.as_deref(), &mut paths.ingress);
+                    }
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost { was_connected: connected, error: e.to_string() },
                 },
                 _ = self.outbox.notified(), if idle => {}
                 _ = self.inbox.changed(), if connected => self.sync_subscriptions(client, &mut subscribed),
-                Some(d) = next_direct(direct), if connected => {
+                changed = paths.sessions.changed(), if paths.sessions_open => {
+                    if changed.is_err() {
+                        // Enrollment has stopped (shutting down): keep the last session.
+                        paths.sessions_open = false;
+                        continue;
+                    }
+                    session = paths.sessions.borrow_and_update().clone();
+                    if needs_new_will(will.as_deref(), session.as_deref()) {
+                        self.leave(client, eventloop).await;
+                        return SessionEnd::Renew;
+                    }
+                }
+                Some(request) = next_enroll(&mut paths.enroll) => {
+                    if connected && client.try_publish(topics::enroll(&self.device), QoS::AtLeastOnce, false, request).is_ok() {
+                        window.handed_other();
+                        self.stats.enroll_sent.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.enroll_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(d) = next_direct(&mut paths.direct), if connected => {
+                    let Some(s) = &session else {
+                        self.stats.direct_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
                     if d.expires <= std::time::Instant::now() {
                         self.stats.direct_dropped.fetch_add(1, Ordering::Relaxed);
-                    } else if client.try_publish(d.topic, QoS::AtMostOnce, false, d.payload).is_ok() {
+                    } else if client.try_publish(&d.topic, QoS::AtMostOnce, false, s.seal(&d.topic, &d.payload)).is_ok() {
                         // QoS 0 publishes are reported written too (packet id 0).
                         window.handed_other();
                         self.stats.direct_sent.fetch_add(1, Ordering::Relaxed);
@@ -454,15 +562,21 @@ impl Uplink {
         }
     }
 
-    /// Hands outbox messages to the client, highest class first, until the window is full.
-    fn fill(&self, client: &AsyncClient, window: &mut SendWindow) -> Result<(), FillError> {
+    /// Hands outbox messages to the client, highest class first, until the window is full,
+    /// each sealed with the session as it goes.
+    fn fill(
+        &self,
+        client: &AsyncClient,
+        window: &mut SendWindow,
+        session: &Session,
+    ) -> Result<(), FillError> {
         for class in Class::ALL {
             while window.has_room() {
                 let Some(stored) = self.outbox.next_in_class(class, window.cursor(class))? else {
                     break;
                 };
                 let key = stored.key;
-                match self.frame(&stored) {
+                match self.outgoing(&stored, session) {
                     Some(payload) => {
                         client.try_publish(
                             &stored.record.topic,
@@ -485,6 +599,13 @@ impl Uplink {
             }
         }
         Ok(())
+    }
+
+    /// What goes on the wire for a stored message: its envelope, sealed (Rule::DeviceMac). The
+    /// envelope stays within `MAX_PAYLOAD_BYTES`; the trailer comes on top.
+    fn outgoing(&self, s: &Stored, session: &Session) -> Option<Vec<u8>> {
+        let framed = self.frame(s)?;
+        Some(session.seal(&s.record.topic, &framed))
     }
 
     /// Wraps a stored body in the wire envelope (binary bodies in the binary envelope).
@@ -554,14 +675,18 @@ impl Uplink {
         *subscribed = wanted;
     }
 
-    fn on_publish(&self, p: rumqttc::Publish) {
+    fn on_publish(&self, p: rumqttc::Publish, session: Option<&Session>, ingress: &mut Ingress) {
         let topic = p.topic;
+        let Some(payload) = ingress.check(&topic, p.payload, session, std::time::Instant::now())
+        else {
+            return;
+        };
         if matches!(topics::parse(&topic), Some(topics::DeviceTopic::Cmd { .. })) {
-            return self.on_command(&topic, &p.payload);
+            return self.on_command(&topic, &payload);
         }
         let matched = self.inbox.deliver(InboxMessage {
             topic,
-            payload: p.payload,
+            payload,
             retain: p.retain,
         });
         if matched == 0 {
@@ -592,14 +717,28 @@ impl Uplink {
         }
     }
 
-    /// Clean shutdown: retained offline status, then disconnect, waiting briefly for both.
-    async fn goodbye(&self, client: &AsyncClient, mut eventloop: EventLoop, since_ms: u64) {
-        let _ = client.try_publish(
-            topics::status(&self.device),
-            QoS::AtLeastOnce,
-            true,
-            self.status(false, since_ms),
-        );
+    /// Clean shutdown: retained offline status (enrolled only), then disconnect, waiting
+    /// briefly for both.
+    async fn goodbye(
+        &self,
+        client: &AsyncClient,
+        eventloop: EventLoop,
+        since_ms: u64,
+        session: Option<&Session>,
+    ) {
+        if let Some(s) = session {
+            let _ = client.try_publish(
+                topics::status(&self.device),
+                QoS::AtLeastOnce,
+                true,
+                self.status(s, false, since_ms),
+            );
+        }
+        self.leave(client, eventloop).await;
+    }
+
+    /// Disconnects cleanly (no will is published), waiting briefly for the DISCONNECT to go.
+    async fn leave(&self, client: &AsyncClient, mut eventloop: EventLoop) {
         let _ = client.try_disconnect();
         let drain = async {
             while let Ok(ev) = eventloop.poll().await {
@@ -612,10 +751,143 @@ impl Uplink {
     }
 }
 
+/// The receiving ends and state that outlive one connection.
+struct Paths {
+    direct: Option<DirectReceiver>,
+    enroll: Option<EnrollReceiver>,
+    sessions: SessionWatch,
+    /// False once the enrollment task is gone (its watch then never changes again).
+    sessions_open: bool,
+    ingress: Ingress,
+}
+
+/// Whether the connection must be made again for its last will: it was made without a session
+/// (so without a will) or with other keys than the current session's. Losing the session
+/// (revoked) needs none: the old will is simply refused by the coordinator.
+fn needs_new_will(will: Option<&Session>, now: Option<&Session>) -> bool {
+    match (will, now) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(w), Some(n)) => !w.same_keys(n),
+    }
+}
+
+/// Checks incoming messages per `Topic::auth_rule`; see the module docs. No I/O but the WARN
+/// lines.
+pub struct Ingress {
+    /// Coordinator -> device MAC stamps seen (per process: the coordinator raises its epoch at
+    /// every start).
+    window: ReplayWindow,
+    log: RejectLog,
+    stats: Arc<AuthStats>,
+}
+
+impl Ingress {
+    pub fn new(stats: Arc<AuthStats>) -> Ingress {
+        Ingress {
+            window: ReplayWindow::default(),
+            log: RejectLog::default(),
+            stats,
+        }
+    }
+
+    /// The payload to deliver (trailer stripped where there is one), or `None` when the
+    /// message is dropped (counted and logged here).
+    pub fn check(
+        &mut self,
+        topic: &str,
+        payload: bytes::Bytes,
+        session: Option<&Session>,
+        now: std::time::Instant,
+    ) -> Option<bytes::Bytes> {
+        let Some(parsed) = Topic::parse(topic) else {
+            // Not the v1 tree: a pipeline `mqtt` source's topic, raw sensor input.
+            return Some(payload);
+        };
+        let rule = match parsed {
+            // The enrollment part verifies answers itself, before any session exists.
+            Topic::EnrollAnswer { .. } => return Some(payload),
+            t => t.auth_rule(),
+        };
+        let inner = match rule {
+            Rule::CoordinatorMac => match session {
+                None => Err(NOT_ENROLLED),
+                Some(s) => s
+                    .open_down(topic, &payload)
+                    .and_then(|(inner, stamp)| {
+                        self.window.accept(stamp)?;
+                        Ok(inner.len())
+                    })
+                    .map_err(|e| e.reason()),
+            },
+            Rule::CoordinatorSigned => match session {
+                None => Err(NOT_ENROLLED),
+                Some(s) => s
+                    .open_signed(topic, &payload)
+                    .map(|(inner, _)| inner.len())
+                    .map_err(|e| e.reason()),
+            },
+            // Signed inside its own format (deployments, FL rounds), or what devices send
+            // (another device's data read by a pipeline source): not ours to verify here.
+            Rule::Embedded | Rule::DeviceMac | Rule::DeviceStatus | Rule::Enrollment => {
+                return Some(payload);
+            }
+        };
+        match inner {
+            Ok(len) => Some(payload.slice(..len)),
+            Err(reason) => {
+                self.stats.reject(reason);
+                if let Some(dropped) = self.log.note(reason, now) {
+                    tracing::warn!(
+                        topic,
+                        reason,
+                        dropped,
+                        "dropping incoming messages that do not authenticate"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The drop reason of a coordinator message that arrives before enrollment (no keys yet).
+pub const NOT_ENROLLED: &str = "not_enrolled";
+
+/// One WARN line per reason per [`RejectLog::EVERY`], carrying how many drops it stands for.
+#[derive(Debug, Default)]
+struct RejectLog {
+    /// Per reason: when the last line went out, and drops since.
+    reasons: HashMap<&'static str, (Option<std::time::Instant>, u64)>,
+}
+
+impl RejectLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Counts a drop; `Some(n)` when a line is due now, `n` the drops it reports.
+    fn note(&mut self, reason: &'static str, now: std::time::Instant) -> Option<u64> {
+        let (last, pending) = self.reasons.entry(reason).or_default();
+        *pending += 1;
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(pending))
+    }
+}
+
 impl SendWindow {
     /// Advances the cursor past a message that was dropped instead of sent.
     pub fn handed_skip(&mut self, key: Key) {
         self.cursors[key.class.index()] = Some(key.seq);
+    }
+}
+
+/// The next enrollment request; never resolves without the path.
+async fn next_enroll(enroll: &mut Option<EnrollReceiver>) -> Option<Vec<u8>> {
+    match enroll {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -629,7 +901,12 @@ async fn next_direct(direct: &mut Option<DirectReceiver>) -> Option<Direct> {
 
 enum SessionEnd {
     Shutdown,
-    Lost { was_connected: bool, error: String },
+    /// The enrollment session arrived (or changed keys): connect again at once, with its will.
+    Renew,
+    Lost {
+        was_connected: bool,
+        error: String,
+    },
 }
 
 /// Exponential backoff with jitter: uniform between `min` and `min * 2^attempt` (capped at
@@ -690,7 +967,230 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, UplinkError> {
 
 #[cfg(test)]
 mod tests {
+    use protocol::v1::auth::{Identity, SessionKeys, Stamp};
+
     use super::*;
+    use crate::enrollment::session::Counter;
+    use crate::outbox::{NewMessage, OutboxConfig};
+
+    struct Pair {
+        device: Identity,
+        coord: Identity,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            Pair {
+                device: Identity::generate(),
+                coord: Identity::generate(),
+            }
+        }
+
+        /// The device's session (epoch 3), as enrollment would make it.
+        fn session(&self) -> Arc<Session> {
+            Arc::new(
+                Session::new(
+                    &self.device,
+                    "d1",
+                    self.coord.public(),
+                    vec![],
+                    3,
+                    Arc::new(Counter::default()),
+                )
+                .expect("session"),
+            )
+        }
+
+        /// The coordinator's side of the same keys.
+        fn coordinator_keys(&self) -> SessionKeys {
+            let (dp, cp) = (self.device.public(), self.coord.public());
+            self.coord
+                .session_keys(&dp, "d1", &dp, &cp)
+                .expect("coordinator side")
+        }
+    }
+
+    #[tokio::test]
+    async fn outbox_messages_go_out_sealed_for_the_coordinator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), &OutboxConfig::default()).expect("opens"));
+        let pair = Pair::new();
+        let session = pair.session();
+        let (_session_tx, sessions) = watch::channel(Some(session.clone()));
+        let (link, _) = crate::link::link_state();
+        let up = Uplink::new(
+            MqttConfig::default(),
+            "d1".into(),
+            "0.1.0".into(),
+            outbox.clone(),
+            Links {
+                inbox: Inbox::default(),
+                link,
+                direct: None,
+                session: sessions,
+                enroll: None,
+                auth: Arc::default(),
+            },
+        )
+        .expect("uplink");
+        let topic = topics::data("d1", "vib");
+        outbox
+            .enqueue(NewMessage {
+                class: Class::Results,
+                topic: topic.clone(),
+                body: br#"{"stream":"vib","payload":1}"#.to_vec(),
+                ttl: None,
+            })
+            .await
+            .expect("queued");
+        let stored = outbox
+            .next_in_class(Class::Results, None)
+            .expect("reads")
+            .expect("queued message");
+        let wire = up.outgoing(&stored, &session).expect("framed");
+
+        let keys = pair.coordinator_keys();
+        let (payload, stamp) = keys
+            .up
+            .open(&topic, &wire)
+            .expect("the coordinator verifies it");
+        let env = Envelope::<serde_json::Value>::from_json(payload, "d1").expect("an envelope");
+        assert_eq!(env.seq, stored.key.seq);
+        assert_eq!(
+            stamp,
+            Stamp {
+                epoch: 3,
+                counter: 1
+            }
+        );
+        // A resend is a new publish: a new counter, so the replay window takes it.
+        let again = up.outgoing(&stored, &session).expect("framed");
+        assert_eq!(keys.up.open(&topic, &again).expect("verifies").1.counter, 2);
+        // Moved to another topic, or checked with the other direction's key: refused.
+        assert!(keys.up.open(&topics::telemetry("d1"), &wire).is_err());
+        assert!(keys.down.open(&topic, &wire).is_err());
+        // The status and the will use the status counter.
+        let status = up.status(&session, false, 1);
+        let (_, stamp) = keys
+            .up
+            .open(&topics::status("d1"), &status)
+            .expect("verifies");
+        assert_eq!(stamp.counter, auth::STATUS_COUNTER);
+        outbox.close().await.expect("closes");
+    }
+
+    #[test]
+    fn ingress_drops_what_does_not_authenticate_and_strips_the_rest() {
+        let pair = Pair::new();
+        let session = pair.session();
+        let keys = pair.coordinator_keys();
+        let stats = Arc::new(AuthStats::default());
+        let mut ingress = Ingress::new(stats.clone());
+        let now = std::time::Instant::now();
+        let check = |ingress: &mut Ingress, topic: &str, bytes: Vec<u8>, s: Option<&Session>| {
+            ingress.check(topic, bytes::Bytes::from(bytes), s, now)
+        };
+        let response = topics::offload_response("d1");
+        let stamp = |counter| Stamp { epoch: 9, counter };
+
+        let good = keys.down.seal(&response, b"answer", stamp(1));
+        assert_eq!(
+            check(&mut ingress, &response, good.clone(), Some(&session)).as_deref(),
+            Some(&b"answer"[..]),
+            "trailer stripped"
+        );
+        // Replayed: refused by the window.
+        assert_eq!(
+            check(&mut ingress, &response, good.clone(), Some(&session)),
+            None
+        );
+        // Forged: sealed with a key that is not this device's session key.
+        let other = Pair::new().coordinator_keys();
+        let forged = other.down.seal(&response, b"answer", stamp(2));
+        assert_eq!(check(&mut ingress, &response, forged, Some(&session)), None);
+        // Sealed with the device's own (up) key, reflected back: refused.
+        let reflected = keys.up.seal(&response, b"answer", stamp(3));
+        assert_eq!(
+            check(&mut ingress, &response, reflected, Some(&session)),
+            None
+        );
+        // No trailer at all.
+        assert_eq!(
+            check(&mut ingress, &response, b"answer".to_vec(), Some(&session)),
+            None
+        );
+        // Before enrollment nothing from the coordinator can be checked.
+        let fresh = keys.down.seal(&response, b"answer", stamp(4));
+        assert_eq!(check(&mut ingress, &response, fresh.clone(), None), None);
+        assert!(check(&mut ingress, &response, fresh, Some(&session)).is_some());
+
+        // Capacity adverts: signed by the coordinator, or dropped.
+        let advert = topics::offload_capacity("r1");
+        let signed = pair.coord.seal(&advert, b"{}", 5);
+        assert_eq!(
+            check(&mut ingress, &advert, signed, Some(&session)).as_deref(),
+            Some(&b"{}"[..])
+        );
+        assert_eq!(
+            check(&mut ingress, &advert, b"{}".to_vec(), Some(&session)),
+            None
+        );
+        let by_stranger = Identity::generate().seal(&advert, b"{}", 5);
+        assert_eq!(
+            check(&mut ingress, &advert, by_stranger, Some(&session)),
+            None
+        );
+
+        // Enrollment answers, deployments and foreign topics pass as they are.
+        for topic in [
+            topics::enroll_answer("d1"),
+            topics::deploy_manifest("d1"),
+            topics::fl_round("d1"),
+            "sensors/room1".to_owned(),
+        ] {
+            assert_eq!(
+                check(&mut ingress, &topic, b"raw".to_vec(), None).as_deref(),
+                Some(&b"raw"[..]),
+                "{topic}"
+            );
+        }
+
+        let rejected = stats.rejected();
+        assert_eq!(rejected.get("replay"), Some(&1));
+        assert_eq!(rejected.get("bad_mac"), Some(&2));
+        assert_eq!(rejected.get("no_trailer"), Some(&2));
+        assert_eq!(rejected.get("not_enrolled"), Some(&1));
+        assert_eq!(rejected.get("unknown_key"), Some(&1));
+    }
+
+    #[test]
+    fn reject_lines_are_one_per_reason_per_ten_seconds() {
+        let mut log = RejectLog::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(log.note("bad_mac", t0), Some(1));
+        assert_eq!(log.note("bad_mac", t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.note("replay", t0 + Duration::from_secs(1)), Some(1));
+        assert_eq!(log.note("bad_mac", t0 + Duration::from_secs(9)), None);
+        assert_eq!(
+            log.note("bad_mac", t0 + Duration::from_secs(10)),
+            Some(3),
+            "the line counts the drops it stands for"
+        );
+    }
+
+    #[test]
+    fn only_a_new_session_or_new_keys_need_a_new_will() {
+        let pair = Pair::new();
+        let (a, b) = (pair.session(), pair.session());
+        assert!(needs_new_will(None, Some(&a)));
+        assert!(!needs_new_will(Some(&a), Some(&b)), "same keys, new groups");
+        assert!(
+            !needs_new_will(Some(&a), None),
+            "revoked: stop, no reconnect"
+        );
+        let other = Pair::new().session();
+        assert!(needs_new_will(Some(&a), Some(&other)));
+    }
 
     #[test]
     fn urls() {

@@ -1,6 +1,7 @@
 //! `[deploy]` of the agent config, owned by the deployment code and only aggregated by
 //! `crate::config`. The one deploy config type: the file's section is what the [`Deployer`]
-//! runs with, and the trusted keys are parsed once, when the file is read.
+//! runs with, and the trusted keys are parsed once, when the file is read. The device's
+//! groups are not here: the coordinator assigns them at enrollment.
 //!
 //! [`Deployer`]: super::Deployer
 
@@ -16,8 +17,10 @@ pub struct DeployConfig {
     /// Hex ed25519 public keys (from `edge-coordinator keygen`) a manifest must be signed
     /// with. Empty: every deployment is rejected.
     pub trusted_keys: TrustedKeyList,
-    /// Deployment groups this device belongs to (`edge-coordinator deploy --group NAME`).
-    pub groups: Vec<String>,
+    /// The removed `groups` key, kept only so a file that still has it gets an error saying
+    /// where groups come from now instead of "unknown field".
+    #[serde(rename = "groups")]
+    removed_groups: RemovedGroups,
     /// Largest single artifact (module or model) accepted, bytes.
     pub max_artifact_bytes: u64,
     /// Most artifacts one deployment may list.
@@ -35,7 +38,7 @@ impl Default for DeployConfig {
     fn default() -> Self {
         DeployConfig {
             trusted_keys: TrustedKeyList::default(),
-            groups: Vec::new(),
+            removed_groups: RemovedGroups,
             max_artifact_bytes: 16 * 1024 * 1024,
             max_artifacts: 16,
             max_total_bytes: 32 * 1024 * 1024,
@@ -49,10 +52,6 @@ impl DeployConfig {
     /// Checks the values serde cannot (the keys were checked as they were parsed); the
     /// message names the key (`deploy.KEY`).
     pub fn validate(&self) -> Result<(), InvalidSetting> {
-        for g in &self.groups {
-            protocol::v1::validate_device_id(g)
-                .map_err(|e| format!("deploy.groups: invalid group {g:?}: {e}"))?;
-        }
         if self.max_artifacts == 0 || self.max_artifact_bytes == 0 {
             return Err(
                 "deploy.max_artifacts and deploy.max_artifact_bytes must be at least 1".into(),
@@ -65,6 +64,19 @@ impl DeployConfig {
             return Err("deploy.resend_after_ms must be at least 100".into());
         }
         Ok(())
+    }
+}
+
+/// `deploy.groups`, which no longer exists: reading it is always an error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RemovedGroups;
+
+/// What a config that still sets `deploy.groups` is told.
+pub const GROUPS_REMOVED: &str = "deploy.groups was removed: deployment groups are assigned by the coordinator at enrollment (a claim key's groups, `edge-coordinator devices approve ID --group G`, or the allowlist's); delete the key";
+
+impl<'de> Deserialize<'de> for RemovedGroups {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(GROUPS_REMOVED))
     }
 }
 
@@ -133,5 +145,14 @@ mod tests {
             .to_string();
         assert!(err.contains("deploy.trusted_keys"), "{err}");
         assert!(err.contains("zz"), "{err}");
+    }
+
+    #[test]
+    fn groups_are_refused_with_where_they_come_from_now() {
+        let err = toml::from_str::<DeployConfig>("max_artifacts = 4\ngroups = [\"lab\"]\n")
+            .expect_err("removed key")
+            .to_string();
+        assert!(err.contains(GROUPS_REMOVED), "{err}");
+        assert!(err.contains("line 2"), "{err}");
     }
 }

@@ -201,6 +201,9 @@ pub struct Deployer {
     /// This device's id; manifests for another device are rejected.
     device_id: String,
     config: DeployConfig,
+    /// The groups the coordinator assigned at enrollment (not persisted with the state:
+    /// the enrollment session says them again at every start).
+    groups: Vec<String>,
     state: State,
 }
 
@@ -225,12 +228,22 @@ impl Deployer {
         Deployer {
             device_id: device_id.into(),
             config,
+            groups: Vec::new(),
             state: State::default(),
         }
     }
 
     pub fn config(&self) -> &DeployConfig {
         &self.config
+    }
+
+    /// The groups whose deployments this device takes (from its enrollment; none before).
+    pub fn set_groups(&mut self, groups: Vec<String>) {
+        self.groups = groups;
+    }
+
+    pub fn groups(&self) -> &[String] {
+        &self.groups
     }
 
     /// The pipeline that runs when no deployment is being checked.
@@ -687,6 +700,7 @@ impl Deployer {
         Ok(Deployer {
             device_id: device_id.into(),
             config,
+            groups: Vec::new(),
             state,
         })
     }
@@ -698,7 +712,7 @@ impl Deployer {
                 target: d.clone(),
                 device: self.device_id.clone(),
             }),
-            Target::Group(g) if self.config.groups.contains(g) => Ok(()),
+            Target::Group(g) if self.groups.contains(g) => Ok(()),
             Target::Group(g) => Err(Refusal::OtherGroup {
                 group: g.clone(),
                 device: self.device_id.clone(),

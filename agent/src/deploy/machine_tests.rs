@@ -20,16 +20,16 @@ fn key() -> SigningKey {
 }
 
 fn config() -> DeployConfig {
-    DeployConfig {
-        groups: vec!["lab".into()],
-        trusted_keys: TrustedKeyList::from_hex(vec![public_key_hex(&key().verifying_key())])
-            .expect("a valid key"),
-        max_artifact_bytes: 1024,
-        max_artifacts: 4,
-        max_total_bytes: 2048,
-        resend_after_ms: 5_000,
-        max_stalled_resends: 3,
-    }
+    // Field by field: the section has a private field (the removed `groups` key).
+    let mut c = DeployConfig::default();
+    c.trusted_keys = TrustedKeyList::from_hex(vec![public_key_hex(&key().verifying_key())])
+        .expect("a valid key");
+    c.max_artifact_bytes = 1024;
+    c.max_artifacts = 4;
+    c.max_total_bytes = 2048;
+    c.resend_after_ms = 5_000;
+    c.max_stalled_resends = 3;
+    c
 }
 
 fn module(tag: u8, len: usize) -> Vec<u8> {
@@ -298,15 +298,9 @@ fn version_lower_or_equal_to_the_installed_one_is_rejected() {
     // The floor holds across targets: a group deployment cannot downgrade the device.
     let mut via_group = deployment("dep-2g", 2, &[("a.wasm", &a)]);
     via_group.target = Target::Group("lab".into());
-    let mut d_lab = Deployer::from_bytes(
-        "d1",
-        DeployConfig {
-            groups: vec!["lab".into()],
-            ..d.config().clone()
-        },
-        &d.to_bytes(),
-    )
-    .expect("state round trip");
+    let mut d_lab =
+        Deployer::from_bytes("d1", d.config().clone(), &d.to_bytes()).expect("state round trip");
+    d_lab.set_groups(vec!["lab".into()]);
     assert_rejected(
         &d_lab.on_manifest(&sign(&via_group, &key()), NOW, &store),
         "not newer than installed version 3",
@@ -351,6 +345,7 @@ fn manifest_for_another_device_or_group_is_rejected() {
     let mut m = deployment("dep-1", 1, &[("a.wasm", &a)]);
     m.target = Target::Device("d2".into());
     let mut d = Deployer::new("d1", config());
+    d.set_groups(vec!["lab".into()]);
     let store = MemoryStore::default();
     assert_rejected(
         &d.on_manifest(&sign(&m, &key()), NOW, &store),
@@ -361,8 +356,13 @@ fn manifest_for_another_device_or_group_is_rejected() {
         &d.on_manifest(&sign(&m, &key()), NOW, &store),
         "manifest is for group other, which device d1 is not in",
     );
-    // Our own group is fine.
+    // Our own group (assigned at enrollment) is fine; without groups, no group is.
     m.target = Target::Group("lab".into());
+    let mut unenrolled = Deployer::new("d1", config());
+    assert_rejected(
+        &unenrolled.on_manifest(&sign(&m, &key()), NOW, &store),
+        "manifest is for group lab, which device d1 is not in",
+    );
     let acts = d.on_manifest(&sign(&m, &key()), NOW, &store);
     assert!(matches!(statuses(&acts)[0], Step::Downloading { .. }));
 }

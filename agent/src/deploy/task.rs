@@ -15,6 +15,10 @@
 //! swaps them into the registry under the running pipeline (requests in flight finish on the
 //! old version); if one fails, the rollback leaves the old versions serving. Committed models
 //! also apply when the pipeline starts again (restart, fallback).
+//!
+//! Groups come from the enrollment session: the task follows its watch, tells the deployer
+//! which groups' manifests to take and keeps one inbox subscription for those groups' topics
+//! (replaced when the groups change; the uplink follows the inbox's filters on the broker).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,7 +31,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
-use crate::inbox::{Incoming, Subscription};
+use crate::enrollment::SessionWatch;
+use crate::inbox::{Inbox, Incoming, Subscription};
 use crate::inference::Inference;
 use crate::link::{self, LinkWatch};
 use crate::outbox::{NewMessage, Outbox};
@@ -132,6 +137,10 @@ pub struct DeployParts {
     pub link: LinkWatch,
     /// The local pipeline, parsed at start-up.
     pub local: Option<(PipelineSpec, LocalFiles)>,
+    /// Where the group topics' subscription is made.
+    pub inbox: Inbox,
+    /// The enrollment session: its groups are this device's groups.
+    pub session: SessionWatch,
 }
 
 /// The deploy task; see the module docs.
@@ -145,6 +154,8 @@ pub struct DeployTask {
     host: HostHandle,
     link: LinkWatch,
     local: Option<(PipelineSpec, LocalFiles)>,
+    inbox: Inbox,
+    session: SessionWatch,
     /// Models of a model deployment that passed their checks, swapped in at commit.
     checked_models: Vec<Arc<edge_inference::Model>>,
     reported_processed: u64,
@@ -243,6 +254,8 @@ impl DeployTask {
             host: parts.host,
             link: parts.link,
             local: parts.local,
+            inbox: parts.inbox,
+            session: parts.session,
             checked_models: Vec::new(),
             reported_processed: 0,
             last_rejected: None,
@@ -250,13 +263,16 @@ impl DeployTask {
     }
 
     /// Runs until `shutdown`; then persists state. Its host handle goes with it, and the host
-    /// then stops the pipelines (draining them).
+    /// then stops the pipelines (draining them). `sub`: this device's own deploy topics.
     pub async fn run(
         mut self,
         restored: bool,
         mut sub: Subscription,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut sessions = self.session.clone();
+        let mut sessions_open = true;
+        let mut group_sub = self.follow_groups(&mut sessions, None);
         if restored {
             let actions = self.deployer.on_restart(protocol::v1::now_ms());
             self.execute(actions).await;
@@ -276,6 +292,14 @@ impl DeployTask {
                     Some(m) => self.on_message(m).await,
                     None => break,
                 },
+                Some(m) = next_message(&mut group_sub) => self.on_message(m).await,
+                changed = sessions.changed(), if sessions_open => {
+                    if changed.is_ok() {
+                        group_sub = self.follow_groups(&mut sessions, group_sub);
+                    } else {
+                        sessions_open = false;
+                    }
+                }
                 open = link::next_connect(&mut link, &mut connects), if link_open => {
                     if open {
                         let actions = self.deployer.on_reconnect(protocol::v1::now_ms());
@@ -294,7 +318,44 @@ impl DeployTask {
             }
         }
         drop(sub);
+        drop(group_sub);
         self.persist().await;
+    }
+
+    /// Takes the session's groups (none while not enrolled): the deployer's, and the group
+    /// topics' subscription, made anew only when the groups changed.
+    fn follow_groups(
+        &mut self,
+        sessions: &mut SessionWatch,
+        current: Option<Subscription>,
+    ) -> Option<Subscription> {
+        let groups: Vec<String> = sessions
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| s.groups().to_vec())
+            .unwrap_or_default();
+        if current.is_some() && groups == self.deployer.groups() {
+            return current;
+        }
+        if groups != self.deployer.groups() {
+            tracing::info!(groups = ?groups, "deployment groups (from enrollment)");
+        }
+        // The new routes before the old ones go, so a topic in both never lacks a route.
+        let next = (!groups.is_empty()).then(|| {
+            let filters: Vec<String> = groups
+                .iter()
+                .flat_map(|g| {
+                    [
+                        topics::group_deploy_manifest(g),
+                        topics::group_deploy_chunk(g),
+                    ]
+                })
+                .collect();
+            self.inbox.subscribe_all(&filters, INBOX_CAPACITY)
+        });
+        drop(current);
+        self.deployer.set_groups(groups);
+        next
     }
 
     async fn on_message(&mut self, m: Incoming) {
@@ -619,5 +680,13 @@ impl DeployTask {
             Vec::new()
         };
         self.execute(actions).await;
+    }
+}
+
+/// The next message of an optional subscription; never resolves without one.
+async fn next_message(sub: &mut Option<Subscription>) -> Option<Incoming> {
+    match sub {
+        Some(s) => s.rx.recv().await,
+        None => std::future::pending().await,
     }
 }

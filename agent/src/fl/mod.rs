@@ -2,7 +2,7 @@
 //! send the compressed weight delta through the outbox.
 //!
 //! ```text
-//! fl/round (retained, signed) ──► verify ──► patch the weights into the pipeline's model and
+//! fl/round (retained, signed) ──► admit ───► patch the weights into the pipeline's model and
 //!                                            swap it in (the inference stage serves them)
 //!                                       └──► selected? train with the pipeline's trainer module on
 //!                                            its dataset ──► delta = local - global ──► codec
@@ -12,6 +12,13 @@
 //! The running pipeline says what it can train (`[training]`: model, trainer module, dataset);
 //! it publishes that in the [`TrainingSlot`] when it starts live. Round messages for a model
 //! no running pipeline trains are kept and handled when one starts.
+//!
+//! Admission ([`admit`]): a round message must be signed by the coordinator key of the
+//! enrollment session (not the deploy keys: the coordinator's online identity signs rounds),
+//! name this device in its header, and be newer than the last one admitted for its task
+//! ([`state::Mark`], persisted, so a replay of an older round is refused after a reboot too).
+//! Before enrollment there is no key to verify with: the newest message waits until a session
+//! exists.
 //!
 //! **Invariants:** a round is trained and queued at most once per device (see [`state`]); the
 //! update is in the outbox (durable, sent when online, in order with the device's other
@@ -28,18 +35,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use protocol::v1::deploy::TrustedKeys;
+use protocol::v1::deploy::{TrustedKeys, VerifyingKey};
 use protocol::v1::fl::{self, RoundMessage, Update, codec};
 use protocol::v1::{Class, topics};
 use tokio::sync::watch;
 
 use crate::dataset::Dataset;
+use crate::enrollment::SessionWatch;
 use crate::inbox::Subscription;
 use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
 use crate::sandbox::Sandbox;
 use crate::sandbox::trainer::{Param, SampleSource};
 pub use state::FlState;
+use state::{Admission, Mark, StateError};
 
 /// Round messages buffered between the uplink and this task (one per task is retained).
 pub const INBOX_CAPACITY: usize = 8;
@@ -163,6 +172,73 @@ pub enum RoundError {
     State(#[from] state::StateError),
 }
 
+/// Why a round message is refused; counted in the FL telemetry's `rejected`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Message(#[from] fl::FlError),
+    #[error("round message for device {0:?}, not this one")]
+    OtherDevice(String),
+    #[error(
+        "task {task} round {round} version {version} is not newer than the last one admitted (round {held_round} version {held_version}): a replay"
+    )]
+    Replay {
+        task: String,
+        round: u32,
+        version: u32,
+        held_round: u32,
+        held_version: u32,
+    },
+}
+
+/// Checks a round message's signature (the coordinator's key) and that it is for `device`.
+pub fn verify(
+    payload: &[u8],
+    device: &str,
+    coordinator: VerifyingKey,
+) -> Result<RoundMessage, Refusal> {
+    let msg = fl::decode_round(payload, &TrustedKeys::new([coordinator]))?;
+    if msg.header.device != device {
+        return Err(Refusal::OtherDevice(msg.header.device));
+    }
+    Ok(msg)
+}
+
+/// [`verify`], then checks the message against its task's mark and, if it is newer, stores it
+/// and the new mark durably before returning it (an `Again` changes nothing stored).
+pub fn admit(
+    payload: &[u8],
+    device: &str,
+    coordinator: VerifyingKey,
+    state: &FlState,
+) -> Result<Result<(RoundMessage, Admission), Refusal>, StateError> {
+    let msg = match verify(payload, device, coordinator) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e)),
+    };
+    let h = &msg.header;
+    let mark = Mark::of(h.version, h.round, h.issued_ms, payload);
+    let admission = match state.mark(&h.task)? {
+        None => Admission::New,
+        Some(held) => match held.admits(&mark) {
+            Some(a) => a,
+            None => {
+                return Ok(Err(Refusal::Replay {
+                    task: h.task.clone(),
+                    round: h.round,
+                    version: h.version,
+                    held_round: held.round,
+                    held_version: held.version,
+                }));
+            }
+        },
+    };
+    if admission == Admission::New {
+        state.admit_round(&h.task, &h.model, payload, mark)?;
+    }
+    Ok(Ok((msg, admission)))
+}
+
 /// The task; see the module docs.
 pub struct FlTask {
     d: FlDeps,
@@ -176,7 +252,8 @@ pub struct FlTask {
 /// What [`FlTask::new`] needs.
 pub struct FlDeps {
     pub device: String,
-    pub trusted: TrustedKeys,
+    /// The enrollment session: its coordinator key verifies round messages.
+    pub session: SessionWatch,
     pub state: FlState,
     pub outbox: Arc<Outbox>,
     pub dataset: Arc<Dataset>,
@@ -196,6 +273,10 @@ impl FlTask {
 
     pub async fn run(self, mut sub: Subscription, mut stop: watch::Receiver<bool>) {
         let mut setups = self.d.slot.subscribe();
+        let mut sessions = self.d.session.clone();
+        let mut sessions_open = true;
+        // The newest round message that came before enrollment (nothing to verify it with).
+        let mut waiting: Option<Vec<u8>> = None;
         let me = Arc::new(self);
         loop {
             tokio::select! {
@@ -207,7 +288,27 @@ impl FlTask {
                     }
                     me.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
                     let payload = msg.payload.to_vec();
+                    if sessions.borrow_and_update().is_none() {
+                        tracing::info!("federated round message kept until the device is enrolled (no coordinator key to verify it yet)");
+                        waiting = Some(payload);
+                        continue;
+                    }
+                    // Newer than anything kept from before enrollment.
+                    waiting = None;
                     if let Err(e) = me.clone().handle(payload, true, &mut stop).await {
+                        tracing::warn!(error = %e, "federated round not completed");
+                    }
+                }
+                changed = sessions.changed(), if sessions_open => {
+                    if changed.is_err() {
+                        sessions_open = false;
+                        continue;
+                    }
+                    let enrolled = sessions.borrow_and_update().is_some();
+                    if enrolled
+                        && let Some(payload) = waiting.take()
+                        && let Err(e) = me.clone().handle(payload, true, &mut stop).await
+                    {
                         tracing::warn!(error = %e, "federated round not completed");
                     }
                 }
@@ -227,29 +328,48 @@ impl FlTask {
         }
     }
 
-    /// Verifies a round message, applies its weights, trains if ordered. `fresh` is false
-    /// for a stored message replayed after a pipeline start.
+    /// Admits a round message ([`admit`]), applies its weights, trains if ordered. `fresh` is
+    /// false for the stored message replayed after a pipeline start (verified again, already
+    /// admitted).
     async fn handle(
         self: Arc<Self>,
         payload: Vec<u8>,
         fresh: bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), RoundError> {
-        let msg = match fl::decode_round(&payload, &self.d.trusted) {
-            Ok(m) => m,
-            Err(e) => {
-                if fresh {
+        let key = self
+            .d
+            .session
+            .borrow()
+            .as_ref()
+            .map(|s| s.coordinator_key());
+        let Some(key) = key else {
+            tracing::info!("federated round message not handled: the device is not enrolled");
+            return Ok(());
+        };
+        let msg = if fresh {
+            match admit(&payload, &self.d.device, key, &self.d.state)? {
+                Ok((m, _)) => m,
+                Err(e) => {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "federated round message rejected");
+                    return Ok(());
                 }
-                return Ok(());
+            }
+        } else {
+            // Our own stored newest message: verified again, already admitted.
+            match verify(&payload, &self.d.device, key) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stored federated round message no longer verifies; waiting for the next one");
+                    return Ok(());
+                }
             }
         };
         let h = &msg.header;
         if fresh {
             self.stats.saw(&h.task, h.round, h.version);
             tracing::info!(task = %h.task, round = h.round, version = h.version, selected = h.train.is_some(), done = h.done, "federated round received");
-            self.d.state.save_round(&h.model, &payload)?;
         }
         let Some(setup) = self.d.slot.get() else {
             tracing::info!(task = %h.task, model = %h.model, "no running pipeline trains this model yet; round kept for when one starts");
@@ -484,7 +604,107 @@ impl FlTask {
 
 #[cfg(test)]
 mod tests {
+    use protocol::v1::auth::Identity;
+    use protocol::v1::fl::{ParamSpec, RoundHeader, encode_round};
+
     use super::*;
+
+    fn header(device: &str, round: u32, version: u32, issued_ms: u64) -> RoundHeader {
+        RoundHeader {
+            task: "digits".into(),
+            device: device.into(),
+            round,
+            version,
+            model: "models/digits.onnx".into(),
+            params: vec![ParamSpec {
+                name: "w".into(),
+                shape: vec![2],
+            }],
+            issued_ms,
+            train: None,
+            done: false,
+        }
+    }
+
+    fn round(coord: &Identity, h: &RoundHeader) -> Vec<u8> {
+        encode_round(h, &[0.5, -0.5], coord.signing_key()).expect("encodes")
+    }
+
+    #[test]
+    fn rounds_need_the_coordinator_key_this_device_and_a_newer_mark_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let coord = Identity::generate();
+        let key = coord.public().verifying_key().expect("key");
+        let r3 = round(&coord, &header("pi-1", 3, 2, 100));
+        let r2 = round(&coord, &header("pi-1", 2, 1, 50));
+        {
+            let db = sled::open(dir.path()).expect("open");
+            let state = FlState::open(&db).expect("state");
+            // Signed by someone else (the deploy key, a forger): refused.
+            let forged = round(&Identity::generate(), &header("pi-1", 9, 9, 1));
+            assert!(matches!(
+                admit(&forged, "pi-1", key, &state).expect("state"),
+                Err(Refusal::Message(fl::FlError::UnknownKey { .. }))
+            ));
+            // Another device's message moved to this one's topic: refused.
+            let theirs = round(&coord, &header("pi-2", 9, 9, 1));
+            assert!(matches!(
+                admit(&theirs, "pi-1", key, &state).expect("state"),
+                Err(Refusal::OtherDevice(_))
+            ));
+            let (m, a) = admit(&r3, "pi-1", key, &state)
+                .expect("state")
+                .expect("admitted");
+            assert_eq!((m.header.round, a), (3, Admission::New));
+            assert_eq!(state.round("models/digits.onnx"), Some(r3.clone()));
+            db.flush().expect("flush");
+        }
+        // After a restart: an older round is a replay, the held one comes back as `Again`, a
+        // re-issue of the same round (later issued_ms) and the next round are new.
+        let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
+        let state = FlState::open(&db).expect("state");
+        assert!(matches!(
+            admit(&r2, "pi-1", key, &state).expect("state"),
+            Err(Refusal::Replay { round: 2, .. })
+        ));
+        let twin = round(
+            &coord,
+            &RoundHeader {
+                done: true,
+                ..header("pi-1", 3, 2, 100)
+            },
+        );
+        assert!(matches!(
+            admit(&twin, "pi-1", key, &state).expect("state"),
+            Err(Refusal::Replay { .. })
+        ));
+        assert_eq!(
+            admit(&r3, "pi-1", key, &state)
+                .expect("state")
+                .expect("again")
+                .1,
+            Admission::Again
+        );
+        let reissued = round(
+            &coord,
+            &RoundHeader {
+                done: true,
+                ..header("pi-1", 3, 2, 101)
+            },
+        );
+        assert_eq!(
+            admit(&reissued, "pi-1", key, &state)
+                .expect("state")
+                .expect("new")
+                .1,
+            Admission::New
+        );
+        assert_eq!(state.round("models/digits.onnx"), Some(reissued));
+        assert!(matches!(
+            admit(&r3, "pi-1", key, &state).expect("state"),
+            Err(Refusal::Replay { .. })
+        ));
+    }
 
     #[test]
     fn telemetry_appears_with_the_first_round_and_counts() {

@@ -8,13 +8,19 @@
 //! submitted/{task}   last round whose update is in the outbox (u32 BE): a round is trained
 //!                    and sent at most once, also across restarts
 //! residual/{task}    error-feedback residual, n x f32 LE
+//! mark/{task}        the newest round message admitted for the task: version u32 BE, round
+//!                    u32 BE, issued_ms u64 BE, sha256 of the message (32 bytes); anything
+//!                    older is refused, also after a restart (see [`Mark::admits`])
 //! ```
 //!
 //! **Invariant:** `submitted` and `residual` change together in one sled transaction, after
 //! the update is durably in the outbox. A crash between the enqueue and that commit retrains
 //! the round from the old residual and sends a second update, which the coordinator drops as
 //! a duplicate of (task, round, device): the residual stays consistent with what counted.
+//! A round message and its task's mark are stored together, in one transaction, and flushed
+//! before the message is acted on.
 
+use sha2::{Digest, Sha256};
 use sled::Transactional;
 
 const TREE: &str = "fl";
@@ -25,6 +31,72 @@ pub struct StateError(String);
 
 fn err(e: impl std::fmt::Display) -> StateError {
     StateError(e.to_string())
+}
+
+/// Where the newest admitted round message of a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub version: u32,
+    pub round: u32,
+    pub issued_ms: u64,
+    pub digest: [u8; 32],
+}
+
+/// How a round message compares with its task's mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Newer: act on it and move the mark.
+    New,
+    /// The very message admitted last (its retained copy at a reconnect): act on it again,
+    /// which is idempotent (applied weights are skipped, a queued round is not trained twice).
+    Again,
+}
+
+impl Mark {
+    pub fn of(version: u32, round: u32, issued_ms: u64, message: &[u8]) -> Mark {
+        Mark {
+            version,
+            round,
+            issued_ms,
+            digest: Sha256::digest(message).into(),
+        }
+    }
+
+    /// Whether `new` may follow this mark: a higher (version, round), or the same (version,
+    /// round) issued later. The coordinator re-issues the current round's message with the
+    /// same (version, round) when a round is extended (a device added to the selection gets a
+    /// train order), when a member registers again and when a task is stopped (`done`); each
+    /// carries a newer `issued_ms`. Anything else (a lower (version, round), or the same one
+    /// issued no later, with other bytes) is a replay of an older message.
+    pub fn admits(&self, new: &Mark) -> Option<Admission> {
+        if new.digest == self.digest {
+            return Some(Admission::Again);
+        }
+        let (old_at, new_at) = ((self.version, self.round), (new.version, new.round));
+        (new_at > old_at || (new_at == old_at && new.issued_ms > self.issued_ms))
+            .then_some(Admission::New)
+    }
+
+    fn to_bytes(self) -> [u8; 48] {
+        let mut out = [0u8; 48];
+        out[..4].copy_from_slice(&self.version.to_be_bytes());
+        out[4..8].copy_from_slice(&self.round.to_be_bytes());
+        out[8..16].copy_from_slice(&self.issued_ms.to_be_bytes());
+        out[16..].copy_from_slice(&self.digest);
+        out
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Mark> {
+        let b: &[u8; 48] = b.try_into().ok()?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&b[16..]);
+        Some(Mark {
+            version: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            round: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            issued_ms: u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            digest,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -39,10 +111,33 @@ impl FlState {
         })
     }
 
-    pub fn save_round(&self, model: &str, message: &[u8]) -> Result<(), StateError> {
-        self.tree
-            .insert(format!("round/{model}"), message)
-            .map_err(err)?;
+    /// The newest round message admitted for `task`. A mark that does not decode (damaged)
+    /// reads as none, like a task never seen.
+    pub fn mark(&self, task: &str) -> Result<Option<Mark>, StateError> {
+        Ok(self
+            .tree
+            .get(format!("mark/{task}"))
+            .map_err(err)?
+            .and_then(|v| Mark::from_bytes(&v)))
+    }
+
+    /// Stores an admitted round message as the newest for `model` and moves `task`'s mark to
+    /// it, in one transaction, then flushes: a restart never admits anything older.
+    pub fn admit_round(
+        &self,
+        task: &str,
+        model: &str,
+        message: &[u8],
+        mark: Mark,
+    ) -> Result<(), StateError> {
+        (&self.tree,)
+            .transaction(|(t,)| {
+                t.insert(format!("round/{model}").as_bytes(), message)?;
+                t.insert(format!("mark/{task}").as_bytes(), &mark.to_bytes()[..])?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| err(format!("{e:?}")))?;
+        self.tree.flush().map_err(err)?;
         Ok(())
     }
 
@@ -113,8 +208,10 @@ mod tests {
             assert_eq!(s.submitted("t"), None);
             s.commit_submitted("t", 4, Some(&[1.0, -2.0, 0.5]))
                 .expect("commit");
-            s.save_round("m.onnx", b"old").expect("round");
-            s.save_round("m.onnx", b"msg").expect("round");
+            s.admit_round("t", "m.onnx", b"old", Mark::of(1, 1, 1, b"old"))
+                .expect("round");
+            s.admit_round("t", "m.onnx", b"msg", Mark::of(1, 2, 2, b"msg"))
+                .expect("round");
             db.flush().expect("flush");
         }
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
@@ -132,7 +229,33 @@ mod tests {
             "the newest message per model"
         );
         assert_eq!(s.round("other.onnx"), None);
+        assert_eq!(s.mark("t").expect("reads"), Some(Mark::of(1, 2, 2, b"msg")));
+        assert_eq!(s.mark("other").expect("reads"), None);
         s.finish("t").expect("finish");
         assert_eq!(s.residual("t", 3), vec![0.0; 3]);
+    }
+
+    #[test]
+    fn marks_order_rounds_and_let_reissues_through() {
+        let held = Mark::of(2, 3, 100, b"round 3");
+        assert_eq!(held.admits(&held), Some(Admission::Again));
+        assert_eq!(
+            held.admits(&Mark::of(2, 4, 50, b"round 4")),
+            Some(Admission::New)
+        );
+        assert_eq!(
+            held.admits(&Mark::of(3, 3, 50, b"v3")),
+            Some(Admission::New)
+        );
+        // The same round re-issued later (an extension's train order, `done`): newer.
+        assert_eq!(
+            held.admits(&Mark::of(2, 3, 101, b"extended")),
+            Some(Admission::New)
+        );
+        // Older, or the same round issued no later with other bytes: replays.
+        assert_eq!(held.admits(&Mark::of(2, 2, 200, b"round 2")), None);
+        assert_eq!(held.admits(&Mark::of(1, 9, 200, b"v1")), None);
+        assert_eq!(held.admits(&Mark::of(2, 3, 100, b"twin")), None);
+        assert_eq!(held.admits(&Mark::of(2, 3, 99, b"earlier")), None);
     }
 }

@@ -335,6 +335,21 @@ pub struct Telemetry {
     /// Offload decisions and outcomes; absent from older agents and when no stage offloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offload: Option<OffloadTelemetry>,
+    /// Enrollment and message authentication on the device; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthTelemetry>,
+}
+
+/// A device's view of message authentication, totals since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthTelemetry {
+    /// Whether the device holds an accepted enrollment (and so seals and sends).
+    pub enrolled: bool,
+    /// Incoming messages dropped because they did not authenticate, by reason
+    /// (`auth::AuthError::reason`, or `not_enrolled` for what arrived before enrollment).
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
 }
 
 /// Offload decisions of a device, totals since the agent started.
