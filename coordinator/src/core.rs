@@ -323,6 +323,7 @@ impl Core {
             pipeline: t.pipeline.clone().map(Box::new),
             fl: t.fl.clone().map(Box::new),
             offload: t.offload.clone().map(Box::new),
+            auth: t.auth.clone().map(Box::new),
         };
         // After an outage the outbox replays old samples; keep the newest by the device clock.
         if r.telemetry

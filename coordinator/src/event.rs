@@ -59,6 +59,10 @@ pub enum Event {
         /// Offload decisions by side and reason, fallbacks, the measured link.
         #[serde(skip_serializing_if = "Option::is_none")]
         offload: Option<Box<protocol::v1::OffloadTelemetry>>,
+        /// The device's own authentication refusals (forged answers, adverts) and whether it
+        /// is enrolled, so an attack on a device shows at the coordinator.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auth: Option<Box<protocol::v1::AuthTelemetry>>,
     },
     /// An application message from a device's local API.
     Data {
