@@ -97,7 +97,9 @@ pub enum Event {
         resumed: bool,
     },
     /// A device reported a deployment step (`step` is the wire name: downloading, verifying,
-    /// starting, healthy, rolled_back, failed, rejected).
+    /// starting, healthy, rolled_back, failed, rejected); `chunks_dropped`, when the agent
+    /// dropped any: chunks of this deployment it refused so far (forged or damaged data,
+    /// wrong length, unknown artifact or index), each asked for again.
     Deploy {
         device: String,
         id: String,
@@ -110,6 +112,8 @@ pub enum Event {
         received: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         total: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chunks_dropped: Option<u64>,
     },
     /// A device asked for chunks again: how many are being resent, how many asked-for entries
     /// were ignored (unknown deployment, digest or index, or over the per-request bound).
@@ -330,12 +334,20 @@ impl Event {
                 version,
                 step,
                 reason,
+                chunks_dropped,
                 ..
-            } => match reason {
-                Some(reason) => {
-                    tracing::warn!(%device, %deployment_id, version, step, %reason, "deployment step")
+            } => match (reason, chunks_dropped) {
+                (Some(reason), _) => {
+                    let chunks_dropped = chunks_dropped.unwrap_or(0);
+                    tracing::warn!(%device, %deployment_id, version, step, %reason, chunks_dropped, "deployment step")
                 }
-                None => tracing::info!(%device, %deployment_id, version, step, "deployment step"),
+                // Someone published bad chunks for this device (or the link damaged them).
+                (None, Some(chunks_dropped)) => {
+                    tracing::warn!(%device, %deployment_id, version, step, chunks_dropped, "deployment step; the device dropped bad chunks")
+                }
+                (None, None) => {
+                    tracing::info!(%device, %deployment_id, version, step, "deployment step")
+                }
             },
             Event::DeployResend {
                 device,

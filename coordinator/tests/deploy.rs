@@ -207,6 +207,7 @@ impl Device {
             deployment_id: deployment_id.into(),
             version,
             step,
+            chunks_dropped: 0,
         });
         self.publish(topics::deploy_status(&self.id), payload.clone());
         payload

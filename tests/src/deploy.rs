@@ -86,7 +86,8 @@ pub struct DeployRun {
 }
 
 impl DeployRun {
-    /// The final line the command printed for `device` (`DEV: healthy`, `DEV: rolled back: ..`).
+    /// The final line the command printed for `device` (`DEV: healthy`, `DEV: rolled back: ..`,
+    /// then ` (N bad chunks dropped)` if the agent dropped any), without the `DEV: `.
     pub fn outcome(&self, device: &str) -> Option<&str> {
         let prefix = format!("{device}: ");
         self.stdout

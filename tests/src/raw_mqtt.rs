@@ -1,10 +1,12 @@
 //! A bare MQTT client for publishing hostile input (malformed or oversized payloads, forged
-//! topics) straight to the broker, bypassing the agent.
+//! topics, forged deployment chunks) straight to the broker, bypassing the agent, and for
+//! watching what others publish (an attacker on the broker sees every topic it subscribes to).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError};
+use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS, RecvTimeoutError};
 
 /// Big enough to send payloads above any limit under test; the broker decides what it takes.
 const MAX_PACKET: usize = 1024 * 1024;
@@ -17,6 +19,8 @@ pub struct RawMqtt {
     client: Client,
     conn: Connection,
     dead: Option<String>,
+    /// Publishes on subscribed filters that arrived while waiting for something else.
+    received: VecDeque<Publish>,
 }
 
 impl std::fmt::Debug for RawMqtt {
@@ -48,6 +52,7 @@ impl RawMqtt {
             client,
             conn,
             dead: None,
+            received: VecDeque::new(),
         };
         let deadline = Instant::now() + timeout;
         loop {
@@ -79,6 +84,7 @@ impl RawMqtt {
         loop {
             match self.next(deadline)? {
                 Some(Ok(Event::Incoming(Packet::PubAck(_)))) => return Ok(RawOutcome::Acked),
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.received.push_back(p),
                 Some(Ok(Event::Incoming(Packet::Disconnect))) => {
                     self.dead = Some("broker sent DISCONNECT".into());
                     return Ok(RawOutcome::Dropped("broker sent DISCONNECT".into()));
@@ -152,19 +158,51 @@ impl RawMqtt {
         &mut self,
         filter: &str,
         timeout: Duration,
-    ) -> Result<Option<(String, Vec<u8>, bool)>> {
+    ) -> Result<(String, Vec<u8>, bool)> {
+        self.subscribe(filter, timeout)?;
+        self.wait_publish(&format!("a message on {filter}"), timeout, |p| {
+            Some((p.topic.clone(), p.payload.to_vec(), p.retain))
+        })
+    }
+
+    /// Subscribes to `filter` (QoS 1) and waits for the broker's SUBACK.
+    pub fn subscribe(&mut self, filter: &str, timeout: Duration) -> Result<()> {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
-            .with_context(|| format!("cannot subscribe to {filter}"))?;
+            .with_context(|| format!("cannot queue a subscription to {filter}"))?;
         let deadline = Instant::now() + timeout;
         loop {
             match self.next(deadline)? {
-                Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    return Ok(Some((p.topic, p.payload.to_vec(), p.retain)));
-                }
+                Some(Ok(Event::Incoming(Packet::SubAck(_)))) => return Ok(()),
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.received.push_back(p),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => bail!("subscription to {filter} failed: {e}"),
-                None => return Ok(None),
+                Some(Err(e)) => bail!("raw MQTT connection failed subscribing to {filter}: {e}"),
+                None => bail!("raw MQTT client: no SUBACK for {filter} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Waits for a publish on a subscribed filter for which `pick` returns `Some` (others are
+    /// skipped), within `timeout`; errs naming `what` when none comes.
+    pub fn wait_publish<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pick: impl FnMut(&Publish) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.received.pop_front() {
+                if let Some(t) = pick(&p) {
+                    return Ok(t);
+                }
+                continue;
+            }
+            match self.next(deadline)? {
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.received.push_back(p),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("raw MQTT connection failed waiting for {what}: {e}"),
+                None => bail!("raw MQTT client: no {what} within {timeout:?}"),
             }
         }
     }

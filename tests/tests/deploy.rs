@@ -1,17 +1,27 @@
-//! Signed deployments end to end: the real coordinator (embedded broker), real agents and
-//! real modules, driven through `edge-coordinator keygen` and `deploy`.
+//! Signed deployments end to end: the real coordinator, real agents and real modules, driven
+//! through `edge-coordinator keygen` and `deploy`.
 //!
-//! A group rollout installs a pipeline on two agents and its output reaches the coordinator;
-//! a broken version is rolled back with the reason while the installed one keeps running;
-//! forged, replayed and foreign deployments are rejected with a reason; an installed pipeline
-//! survives an agent restart.
+//! On the embedded broker: a group rollout installs a pipeline on two agents and its output
+//! reaches the coordinator; a broken version is rolled back with the reason while the
+//! installed one keeps running; forged, replayed and foreign deployments are rejected with a
+//! reason; an installed pipeline survives an agent restart.
+//!
+//! On mosquitto: an attacker on the broker publishes forged chunks (the real chunk envelope,
+//! random data) for the device during its rollout; the agent drops and reports them, and the
+//! rollout still ends healthy on the same version.
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy, run_test,
+    Agent, AgentOptions, Coordinator, Event, Mosquitto, PipelineDir, RawMqtt, RawOutcome,
+    SigningKey, TestEnv, deploy, run_test,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use protocol::v1::deploy::{Chunk, DeployStatus, Manifest, SignedManifest, Step, chunk_count};
+use protocol::v1::{Envelope, topics};
+use rand::Rng;
 
 const WAIT: Duration = Duration::from_secs(60);
 const DEVICES: [&str; 2] = ["dep-a", "dep-b"];
@@ -198,6 +208,200 @@ fn scenario(env: &TestEnv) -> Result<()> {
     agents[0].restart()?;
     journal.wait_for("v1 producing again after the restart", WAIT, |j| {
         features_after(j, DEVICES[0], mark) >= 5
+    })?;
+    Ok(())
+}
+
+/// SIGSTOP for as long as it lives, SIGCONT when dropped: a failing test never leaves the
+/// process frozen.
+struct Frozen(Pid);
+
+impl Frozen {
+    fn new(pid: u32) -> Result<Frozen> {
+        let pid = Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
+        kill(pid, Signal::SIGSTOP).context("cannot SIGSTOP the coordinator")?;
+        Ok(Frozen(pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// Every chunk of every artifact `manifest` lists, with the real header (deployment, artifact
+/// digest, index, total, offset, length) and random data: what anyone who can publish on the
+/// broker and read the retained manifest can send.
+fn forge_chunks(manifest: &Manifest) -> Result<Vec<Vec<u8>>> {
+    let mut rng = rand::thread_rng();
+    let cs = u64::from(manifest.chunk_size);
+    let mut out = Vec::new();
+    for a in &manifest.artifacts {
+        let total = chunk_count(a.size, manifest.chunk_size);
+        for index in 0..total {
+            let offset = u64::from(index) * cs;
+            let mut data = vec![0u8; usize::try_from(cs.min(a.size - offset))?];
+            rng.fill(&mut data[..]);
+            let chunk = Chunk {
+                deployment_id: manifest.deployment_id.clone(),
+                sha256: a.sha256.clone(),
+                index,
+                total,
+                offset,
+                data,
+            };
+            out.push(chunk.encode()?);
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn forged_chunks_during_a_rollout_are_dropped_and_it_ends_healthy() {
+    run_test("deploy_forged_chunks", forged_chunks_scenario);
+}
+
+/// Why this order makes the outcome certain rather than likely: the agent is offline while
+/// the coordinator sends the chunks (a clean session: they are lost), and the coordinator is
+/// frozen from before the agent comes back until every forged chunk is acknowledged by the
+/// broker. So each forged chunk reaches the agent after its manifest (the attacker waits for
+/// the agent's `downloading` report) and before any real chunk (those come only from the
+/// coordinator once it runs again: the rest of its first pass, its answers to the agent's
+/// resend requests); the broker keeps one subscriber's messages in order. Nothing here waits
+/// on time.
+fn forged_chunks_scenario(env: &TestEnv) -> Result<()> {
+    const DEVICE: &str = "dep-forge";
+    const VERSION: u64 = 1;
+    let broker = Mosquitto::start(&env.path("mosquitto"))?;
+    let coord = Coordinator::start_external(&env.path("coordinator"), &broker.url())?;
+    let mut journal = coord.journal();
+    let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+    // A stall (and the download's end after 10 of them) stays far off however long the
+    // coordinator is frozen; the resend requests for the dropped chunks fetch the real ones.
+    let mut options = AgentOptions::new(DEVICE, broker.url());
+    options.telemetry_interval_s = 1;
+    options.trust_deployments(&key, &[], 30_000);
+    let mut agent = Agent::start(&env.path(DEVICE), options)?;
+    journal.wait_registered(DEVICE, WAIT)?;
+    agent.stop()?;
+
+    // The attacker: one connection watches the device's deployment topics, one publishes.
+    let mut watch = RawMqtt::connect(broker.port(), "attacker-watch", WAIT)?;
+    for topic in [
+        topics::deploy_manifest(DEVICE),
+        topics::deploy_status(DEVICE),
+    ] {
+        watch.subscribe(&topic, WAIT)?;
+    }
+    let mut forge = RawMqtt::connect(broker.port(), "attacker-forge", WAIT)?;
+
+    let dir = PipelineDir::create(
+        &env.path("v1"),
+        &pipeline(
+            "imu",
+            "modules/features.wasm",
+            "{ sample_rate_hz = 1000.0, bands = 4 }",
+        ),
+        &[("feature_extractor", "modules/features.wasm")],
+    )?;
+    let coord_pid = coord.pid().context("the coordinator is not running")?;
+    let (run, forged) = std::thread::scope(|s| -> Result<_> {
+        // 16 KiB chunks: the module travels in a dozen of them.
+        let rollout = s.spawn(|| {
+            deploy(
+                &coord,
+                &["--device", DEVICE],
+                &dir,
+                &key,
+                VERSION,
+                &[
+                    "--chunk-size",
+                    "16384",
+                    "--health-messages",
+                    "5",
+                    "--health-seconds",
+                    "0",
+                    "--timeout-s",
+                    "180",
+                ],
+            )
+        });
+        let manifest = watch.wait_publish("the retained manifest", WAIT, |p| {
+            SignedManifest::from_json(&p.payload)
+                .ok()
+                .and_then(|m| m.peek_unverified())
+        })?;
+        let forged = {
+            let _frozen = Frozen::new(coord_pid)?;
+            agent.restart()?;
+            watch.wait_publish("the agent's downloading report", WAIT, |p| {
+                let status = Envelope::<DeployStatus>::from_json(&p.payload, DEVICE).ok()?;
+                (status.body.deployment_id == manifest.deployment_id
+                    && matches!(status.body.step, Step::Downloading { .. }))
+                .then_some(())
+            })?;
+            let chunks = forge_chunks(&manifest)?;
+            for c in &chunks {
+                let outcome = forge.publish(&topics::deploy_chunk(DEVICE), c.clone(), WAIT)?;
+                ensure!(
+                    outcome == RawOutcome::Acked,
+                    "forged chunk not taken: {outcome:?}"
+                );
+            }
+            chunks.len()
+        };
+        let run = rollout
+            .join()
+            .map_err(|_| anyhow::anyhow!("the deploy thread panicked"))??;
+        Ok((run, forged))
+    })?;
+
+    ensure!(forged >= 10, "only {forged} chunks forged");
+    ensure!(
+        run.success,
+        "the rollout failed under forged chunks:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let outcome = run.outcome(DEVICE).unwrap_or_default();
+    ensure!(
+        outcome == format!("healthy ({forged} bad chunks dropped)"),
+        "{outcome:?}\n{}",
+        run.stdout
+    );
+    // Healthy on the version that was sent, nothing failed or rejected on the way, and the
+    // agent's own reports carry the count.
+    journal.refresh()?;
+    let reports: Vec<&Event> = journal
+        .events()
+        .iter()
+        .filter(|e| e.is_for("deploy", DEVICE))
+        .collect();
+    for e in &reports {
+        ensure!(
+            e.raw.get("version").and_then(|v| v.as_u64()) == Some(VERSION),
+            "a report for another version: {:?}",
+            e.raw
+        );
+        let step = e.str_field("step").unwrap_or_default();
+        ensure!(
+            !matches!(step, "failed" | "rejected" | "rolled_back"),
+            "{step}: {:?}",
+            e.raw
+        );
+    }
+    let healthy = reports
+        .iter()
+        .find(|e| e.str_field("step") == Some("healthy"))
+        .context("no healthy report")?;
+    ensure!(
+        healthy.raw.get("chunks_dropped").and_then(|v| v.as_u64()) == Some(forged as u64),
+        "the healthy report should count {forged} dropped chunks: {:?}",
+        healthy.raw
+    );
+    journal.wait_for("telemetry naming pipeline version 1", WAIT, |j| {
+        telemetry_pipeline_version(j, DEVICE) == Some(VERSION)
     })?;
     Ok(())
 }

@@ -1,8 +1,19 @@
 //! The deployment state machine: manifest checks, chunk assembly, health check, commit and
 //! rollback. Pure: time comes in as `now_ms`, effects go out as [`Action`]s; the only outside
 //! call is the injected [`ArtifactStore`].
+//!
+//! Chunks are not signed, and anyone who can publish on the broker can send one. So a chunk is
+//! checked against the verified manifest before it touches the assembly buffer: its artifact
+//! and index must be listed, its offset and length must be the ones the signed `chunk_size`
+//! gives, and its data must hash to the signed chunk digest. A chunk that fails is dropped
+//! ([`Action::ChunkDropped`], counted per deployment and reported in every status after it)
+//! and asked for again; it never fails the deployment nor burns its version. Chunks are never
+//! kept ahead of their manifest: one that comes first is ignored, as before, and fetched again
+//! once the download runs, so every assembled chunk went through the check. The sha256 of the
+//! whole artifact is still checked at the end; it can only fail now if the signed manifest
+//! contradicts itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::v1::deploy::{
     Chunk, DeployError, DeployKind, DeployStatus, Manifest, MissingChunks, ResendRequest,
@@ -19,6 +30,10 @@ const MAX_CHUNKS_PER_ARTIFACT: u32 = 1 << 16;
 
 /// Magic and format version of [`Deployer::to_bytes`].
 const STATE_MAGIC: &[u8; 4] = b"EDS1";
+
+/// Least time between two resend requests caused by dropped chunks: a flood of forged chunks
+/// becomes at most one request a second (each index once), not one request per chunk.
+const REREQUEST_GAP_MS: u64 = 1_000;
 
 /// Why a verified manifest is not for this device or over its limits; the text is the
 /// rejection reason the coordinator sees in the deployment status.
@@ -63,10 +78,26 @@ pub enum Action {
         to: Option<Manifest>,
         reason: String,
     },
-    /// A chunk was dropped (log it at WARN); the deployment goes on and asks for it again.
+    /// A payload on a chunk topic that does not decode as a chunk (log it at WARN); it names
+    /// no deployment, so nothing counts it.
     ChunkRejected { reason: String },
+    /// A chunk of the deployment in progress failed its check and was dropped (log it at
+    /// WARN); the deployment goes on, and a chunk with a known index is asked for again.
+    ChunkDropped(DroppedChunk),
     /// Store [`Deployer::to_bytes`] now (a step worth resuming from was reached).
     Persist,
+}
+
+/// A chunk the deployer dropped: what it claimed to be and why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedChunk {
+    pub deployment_id: String,
+    /// The artifact's name, or the digest the chunk claimed if no artifact has it.
+    pub artifact: String,
+    pub index: u32,
+    pub reason: String,
+    /// Chunks of this deployment dropped so far, this one included.
+    pub dropped: u64,
 }
 
 /// What the caller observed about the started pipeline.
@@ -133,9 +164,90 @@ struct Download {
     stalled_resends: u32,
     /// Last progress tenth reported, so status goes out ~10 times per download.
     reported_tenth: u8,
+    /// Chunks of this deployment dropped so far (see the module docs).
+    #[serde(default)]
+    chunks_dropped: u64,
+    /// `(transfer, index)` of dropped chunks not received yet, to ask for again. Not
+    /// persisted: after a restart the resume asks for everything missing anyway.
+    #[serde(skip)]
+    rerequest: BTreeSet<(usize, u32)>,
+    #[serde(skip)]
+    last_rerequest_ms: Option<u64>,
 }
 
 impl Download {
+    /// Drops a chunk that failed its check: counts it, remembers its index to ask for again
+    /// (when its artifact is being transferred and the index is still missing) and asks if
+    /// the gap allows. `artifact`: the name, or the claimed digest if no artifact has it.
+    fn drop_chunk(
+        &mut self,
+        artifact: String,
+        chunk: &Chunk,
+        reason: String,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        self.chunks_dropped += 1;
+        if let Some(ti) = self.transfers.iter().position(|t| {
+            t.sha256 == chunk.sha256 && t.received.get(chunk.index as usize) == Some(&false)
+        }) {
+            self.rerequest.insert((ti, chunk.index));
+        }
+        let mut actions = vec![Action::ChunkDropped(DroppedChunk {
+            deployment_id: self.manifest.deployment_id.clone(),
+            artifact,
+            index: chunk.index,
+            reason,
+            dropped: self.chunks_dropped,
+        })];
+        actions.extend(self.rerequest_due(now_ms));
+        actions
+    }
+
+    /// A resend request for the dropped chunks still missing, unless one went out less than
+    /// [`REREQUEST_GAP_MS`] ago (then [`Deployer::on_tick`] sends it later).
+    fn rerequest_due(&mut self, now_ms: u64) -> Option<Action> {
+        if self.rerequest.is_empty()
+            || self
+                .last_rerequest_ms
+                .is_some_and(|last| now_ms.saturating_sub(last) < REREQUEST_GAP_MS)
+        {
+            return None;
+        }
+        let mut budget = protocol::v1::deploy::MAX_RESEND_INDEXES;
+        let mut artifacts: Vec<MissingChunks> = Vec::new();
+        let wanted = std::mem::take(&mut self.rerequest);
+        for (ti, index) in wanted {
+            let Some(t) = self.transfers.get(ti) else {
+                continue;
+            };
+            if t.done || t.received.get(index as usize) != Some(&false) {
+                // The real chunk came meanwhile.
+                continue;
+            }
+            if budget == 0 {
+                // Over one request's bound: the rest waits for the next gap.
+                self.rerequest.insert((ti, index));
+                continue;
+            }
+            budget -= 1;
+            match artifacts.last_mut() {
+                Some(m) if m.sha256 == t.sha256 => m.indexes.push(index),
+                _ => artifacts.push(MissingChunks {
+                    sha256: t.sha256.clone(),
+                    indexes: vec![index],
+                }),
+            }
+        }
+        if artifacts.is_empty() {
+            return None;
+        }
+        self.last_rerequest_ms = Some(now_ms);
+        Some(Action::RequestResend(ResendRequest {
+            deployment_id: self.manifest.deployment_id.clone(),
+            artifacts,
+        }))
+    }
+
     fn totals(&self) -> (u64, u64) {
         let cs = self.manifest.chunk_size;
         let received = self.transfers.iter().map(|t| t.received_bytes(cs)).sum();
@@ -168,6 +280,9 @@ struct Candidate {
     manifest: Manifest,
     started_ms: u64,
     processed: u64,
+    /// Carried over from the download, for the remaining status reports.
+    #[serde(default)]
+    chunks_dropped: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -215,10 +330,16 @@ fn target_key(t: &Target) -> String {
 }
 
 fn report(manifest: &Manifest, step: Step) -> Action {
+    report_dropped(manifest, step, 0)
+}
+
+/// A status report for the deployment in progress, with its count of dropped chunks.
+fn report_dropped(manifest: &Manifest, step: Step, chunks_dropped: u64) -> Action {
     Action::Report(DeployStatus {
         deployment_id: manifest.deployment_id.clone(),
         version: manifest.version,
         step,
+        chunks_dropped,
     })
 }
 
@@ -387,7 +508,7 @@ impl Deployer {
 
         let mut actions = Vec::new();
         if let Phase::Downloading(old) = &self.state.phase {
-            actions.push(report(
+            actions.push(report_dropped(
                 &old.manifest,
                 Step::Failed {
                     reason: format!(
@@ -395,6 +516,7 @@ impl Deployer {
                         manifest.deployment_id, manifest.version
                     ),
                 },
+                old.chunks_dropped,
             ));
         }
         self.state
@@ -427,6 +549,9 @@ impl Deployer {
             last_progress_ms: now_ms,
             stalled_resends: 0,
             reported_tenth: 0,
+            chunks_dropped: 0,
+            rerequest: BTreeSet::new(),
+            last_rerequest_ms: None,
         };
         let (received, total) = download.totals();
         actions.push(report(&manifest, Step::Downloading { received, total }));
@@ -452,7 +577,9 @@ impl Deployer {
     }
 
     /// A decoded chunk. Out-of-order chunks are fine; exact duplicates and chunks of
-    /// deployments not in progress are ignored silently (at-least-once delivery makes them).
+    /// deployments not in progress (or arriving before their manifest) are ignored silently
+    /// (at-least-once delivery makes them). A chunk of the deployment in progress that fails
+    /// its check against the signed manifest is dropped and asked for again (module docs).
     pub fn on_chunk(
         &mut self,
         chunk: &Chunk,
@@ -465,62 +592,68 @@ impl Deployer {
         if dl.manifest.deployment_id != chunk.deployment_id {
             return Vec::new();
         }
-        let cs = u64::from(dl.manifest.chunk_size);
-        let Some(t) = dl.transfers.iter_mut().find(|t| t.sha256 == chunk.sha256) else {
-            // Artifacts we already had are not transferred; their chunks are harmless.
-            if dl
-                .manifest
-                .artifacts
-                .iter()
-                .any(|a| a.sha256 == chunk.sha256)
-            {
-                return Vec::new();
-            }
-            return vec![Action::ChunkRejected {
-                reason: format!(
-                    "chunk for artifact {} which deployment {} does not list",
-                    chunk.sha256, chunk.deployment_id
-                ),
-            }];
+        // Checked against the signed manifest whether or not the artifact is still being
+        // transferred, so every bad chunk naming this deployment is counted.
+        let Some(a) = dl
+            .manifest
+            .artifacts
+            .iter()
+            .find(|a| a.sha256 == chunk.sha256)
+        else {
+            let reason = format!(
+                "chunk for artifact {} which deployment {} does not list",
+                chunk.sha256, chunk.deployment_id
+            );
+            let artifact = chunk.sha256.clone();
+            return dl.drop_chunk(artifact, chunk, reason, now_ms);
         };
-        if t.done {
-            return Vec::new();
-        }
+        let cs = u64::from(dl.manifest.chunk_size);
+        let total = dl.manifest.chunk_count(a.size);
         let expected_offset = u64::from(chunk.index) * cs;
-        let expected_len = cs.min(t.size.saturating_sub(expected_offset));
-        let bad = if chunk.total != t.total || chunk.index >= t.total {
+        let expected_len = cs.min(a.size.saturating_sub(expected_offset));
+        let bad = if chunk.total != total || chunk.index >= total {
             Some(format!(
-                "chunk {}/{} of {}: expected {} chunks",
-                chunk.index, chunk.total, t.name, t.total
+                "chunk {}/{} of {}: expected {total} chunks",
+                chunk.index, chunk.total, a.name
             ))
         } else if chunk.offset != expected_offset || chunk.data.len() as u64 != expected_len {
             Some(format!(
                 "chunk {} of {}: offset {} and size {} do not match the expected offset \
                  {expected_offset} and size {expected_len}",
                 chunk.index,
-                t.name,
+                a.name,
                 chunk.offset,
                 chunk.data.len()
+            ))
+        } else if a.chunk_sha256.get(chunk.index as usize).map(String::as_str)
+            != Some(sha256_hex(&chunk.data).as_str())
+        {
+            // Forged on the broker or damaged on the way: either way not the signed bytes.
+            Some(format!(
+                "chunk {} of {}: data does not match the signed chunk digest",
+                chunk.index, a.name
             ))
         } else {
             None
         };
         if let Some(reason) = bad {
-            return vec![Action::ChunkRejected { reason }];
+            let artifact = a.name.clone();
+            return dl.drop_chunk(artifact, chunk, reason, now_ms);
+        }
+        // Artifacts we already had are not transferred, finished ones are done: the same
+        // signed bytes again are harmless, as is a resend crossing the original.
+        let Some(t) = dl
+            .transfers
+            .iter_mut()
+            .find(|t| t.sha256 == chunk.sha256 && !t.done)
+        else {
+            return Vec::new();
+        };
+        if t.received.get(chunk.index as usize) != Some(&false) {
+            return Vec::new();
         }
         let start = expected_offset as usize;
         let end = start + chunk.data.len();
-        if t.received[chunk.index as usize] {
-            if t.data.get(start..end) == Some(chunk.data.as_slice()) {
-                return Vec::new();
-            }
-            return vec![Action::ChunkRejected {
-                reason: format!(
-                    "chunk {} of {} differs from the copy already received; keeping the first",
-                    chunk.index, t.name
-                ),
-            }];
-        }
         if !t.has_data {
             // Bounded: size passed max_artifact_bytes when the manifest was accepted.
             t.data = vec![0; t.size as usize];
@@ -538,22 +671,27 @@ impl Deployer {
             t.has_data = false;
             let actual = sha256_hex(&data);
             if actual != t.sha256 || data.len() as u64 != t.size {
+                // Every chunk matched its signed digest, so the signed manifest contradicts
+                // itself (chunk digests against the artifact's): the deployment is bad.
                 let reason = format!(
                     "hash mismatch for {}: expected {} got {actual}",
                     t.name, t.sha256
                 );
-                let manifest = dl.manifest.clone();
+                let (manifest, dropped) = (dl.manifest.clone(), dl.chunks_dropped);
                 self.state.phase = Phase::Idle;
                 return vec![
-                    report(&manifest, Step::Rejected { reason }),
+                    report_dropped(&manifest, Step::Rejected { reason }, dropped),
                     Action::Persist,
                 ];
             }
             if let Err(e) = store.put(&t.sha256, &data) {
                 let reason = format!("cannot store artifact {}: {e}", t.name);
-                let manifest = dl.manifest.clone();
+                let (manifest, dropped) = (dl.manifest.clone(), dl.chunks_dropped);
                 self.state.phase = Phase::Idle;
-                return vec![report(&manifest, Step::Failed { reason }), Action::Persist];
+                return vec![
+                    report_dropped(&manifest, Step::Failed { reason }, dropped),
+                    Action::Persist,
+                ];
             }
             t.done = true;
             actions.push(Action::Persist);
@@ -562,20 +700,25 @@ impl Deployer {
         let tenth = (received.saturating_mul(10) / total.max(1)).min(10) as u8;
         if tenth > dl.reported_tenth {
             dl.reported_tenth = tenth;
-            actions.push(report(&dl.manifest, Step::Downloading { received, total }));
+            actions.push(report_dropped(
+                &dl.manifest,
+                Step::Downloading { received, total },
+                dl.chunks_dropped,
+            ));
         }
         self.maybe_start(now_ms, store, &mut actions);
         actions
     }
 
-    /// Time passes: asks for missing chunks after a stall (gives up after
-    /// `max_stalled_resends`), and passes a health check whose time window is over.
+    /// Time passes: asks again for dropped chunks held back by the gap, asks for missing
+    /// chunks after a stall (gives up after `max_stalled_resends`), and passes a health check
+    /// whose time window is over.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Action> {
         match &mut self.state.phase {
             Phase::Idle => Vec::new(),
             Phase::Downloading(dl) => {
                 if now_ms.saturating_sub(dl.last_progress_ms) < self.config.resend_after_ms {
-                    return Vec::new();
+                    return dl.rerequest_due(now_ms).into_iter().collect();
                 }
                 if dl.stalled_resends >= self.config.max_stalled_resends {
                     let reason = format!(
@@ -583,12 +726,17 @@ impl Deployer {
                         now_ms.saturating_sub(dl.last_progress_ms),
                         dl.stalled_resends
                     );
-                    let manifest = dl.manifest.clone();
+                    let (manifest, dropped) = (dl.manifest.clone(), dl.chunks_dropped);
                     self.state.phase = Phase::Idle;
-                    return vec![report(&manifest, Step::Failed { reason }), Action::Persist];
+                    return vec![
+                        report_dropped(&manifest, Step::Failed { reason }, dropped),
+                        Action::Persist,
+                    ];
                 }
                 dl.stalled_resends += 1;
                 dl.last_progress_ms = now_ms;
+                // Everything missing, the dropped ones included.
+                dl.rerequest.clear();
                 vec![Action::RequestResend(ResendRequest {
                     deployment_id: dl.manifest.deployment_id.clone(),
                     artifacts: dl.missing(),
@@ -619,6 +767,22 @@ impl Deployer {
     pub fn on_restart(&mut self, now_ms: u64) -> Vec<Action> {
         match &self.state.phase {
             Phase::Idle => Vec::new(),
+            Phase::Downloading(dl)
+                if dl
+                    .manifest
+                    .artifacts
+                    .iter()
+                    .any(|a| a.chunk_sha256.len() != dl.manifest.chunk_count(a.size) as usize) =>
+            {
+                // Persisted by an agent version whose manifests had no chunk digests (they
+                // load as empty lists): its chunks cannot be checked, so it is not resumed.
+                let manifest = dl.manifest.clone();
+                self.state.phase = Phase::Idle;
+                let reason = "download started by an agent version without chunk digests; \
+                              deploy a newer version"
+                    .to_owned();
+                vec![report(&manifest, Step::Failed { reason }), Action::Persist]
+            }
             Phase::Downloading(_) => self.resume(now_ms),
             Phase::Checking(_) => {
                 self.rollback("agent restarted during the health check".to_owned())
@@ -765,7 +929,13 @@ impl Deployer {
             Phase::Downloading(dl) => {
                 dl.last_progress_ms = now_ms;
                 let (received, total) = dl.totals();
-                let mut actions = vec![report(&dl.manifest, Step::Downloading { received, total })];
+                let mut actions = vec![report_dropped(
+                    &dl.manifest,
+                    Step::Downloading { received, total },
+                    dl.chunks_dropped,
+                )];
+                // Everything missing, the dropped ones included.
+                dl.rerequest.clear();
                 let artifacts = dl.missing();
                 if !artifacts.is_empty() {
                     actions.push(Action::RequestResend(ResendRequest {
@@ -775,7 +945,11 @@ impl Deployer {
                 }
                 actions
             }
-            Phase::Checking(c) => vec![report(&c.manifest, Step::Starting)],
+            Phase::Checking(c) => vec![report_dropped(
+                &c.manifest,
+                Step::Starting,
+                c.chunks_dropped,
+            )],
         }
     }
 
@@ -786,8 +960,8 @@ impl Deployer {
         if dl.transfers.iter().any(|t| !t.done) {
             return;
         }
-        let manifest = dl.manifest.clone();
-        actions.push(report(&manifest, Step::Verifying));
+        let (manifest, dropped) = (dl.manifest.clone(), dl.chunks_dropped);
+        actions.push(report_dropped(&manifest, Step::Verifying, dropped));
         // Every artifact was hash-checked on arrival or is in the content-addressed store; a
         // store that lost one since is the only thing left to catch.
         for a in &manifest.artifacts {
@@ -797,16 +971,17 @@ impl Deployer {
                     a.name, a.sha256
                 );
                 self.state.phase = Phase::Idle;
-                actions.push(report(&manifest, Step::Failed { reason }));
+                actions.push(report_dropped(&manifest, Step::Failed { reason }, dropped));
                 actions.push(Action::Persist);
                 return;
             }
         }
-        actions.push(report(&manifest, Step::Starting));
+        actions.push(report_dropped(&manifest, Step::Starting, dropped));
         self.state.phase = Phase::Checking(Candidate {
             manifest: manifest.clone(),
             started_ms: now_ms,
             processed: 0,
+            chunks_dropped: dropped,
         });
         actions.push(Action::Persist);
         actions.push(Action::Start { manifest });
@@ -834,7 +1009,7 @@ impl Deployer {
             self.state.models.clear();
         }
         vec![
-            report(&m, Step::Healthy),
+            report_dropped(&m, Step::Healthy, c.chunks_dropped),
             Action::Commit { manifest: m },
             Action::Persist,
         ]
@@ -849,7 +1024,7 @@ impl Deployer {
                 to: self.state.installed.clone(),
                 reason: reason.clone(),
             },
-            report(&c.manifest, Step::RolledBack { reason }),
+            report_dropped(&c.manifest, Step::RolledBack { reason }, c.chunks_dropped),
             Action::Persist,
         ]
     }
@@ -868,6 +1043,7 @@ fn reject(manifest: Option<&Manifest>, reason: &str) -> Action {
         step: Step::Rejected {
             reason: reason.to_owned(),
         },
+        chunks_dropped: 0,
     })
 }
 

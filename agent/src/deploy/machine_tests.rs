@@ -1,13 +1,16 @@
 //! Unit tests of the deployment state machine: every forged or broken deployment from issue 4
 //! is rejected with its reason and leaves the running pipeline alone; the happy path commits,
-//! a failed health check rolls back. The coordinator side is played with `protocol` calls
-//! (sign, chunk), exactly what `edge-coordinator deploy` sends.
+//! a failed health check rolls back; a forged, damaged or misplaced chunk is dropped, counted
+//! and asked for again without failing the deployment or burning its version. The coordinator
+//! side is played with `protocol` calls (sign, chunk), exactly what `edge-coordinator deploy`
+//! sends.
 
-use protocol::v1::VERSION;
 use protocol::v1::deploy::{
-    Artifact, Chunk, DeployKind, DeployStatus, HealthCheck, Manifest, MediaType, SignedManifest,
-    SigningKey, Step, Target, chunk_artifact, public_key_hex, sha256_hex, sign,
+    Artifact, Chunk, DeployKind, DeployStatus, HealthCheck, MAX_CHUNK_DATA, Manifest, MediaType,
+    SignedManifest, SigningKey, Step, Target, chunk_artifact, chunk_digests, public_key_hex,
+    sha256_hex, sign,
 };
+use protocol::v1::{MAX_PAYLOAD_BYTES, VERSION};
 
 use super::*;
 use crate::deploy::TrustedKeyList;
@@ -56,6 +59,7 @@ fn deployment(id: &str, version: u64, files: &[(&str, &[u8])]) -> Manifest {
                 size: bytes.len() as u64,
                 version: "1.0.0".into(),
                 media_type: MediaType::WasmComponent,
+                chunk_sha256: chunk_digests(bytes, 16),
             })
             .collect(),
         health: HealthCheck {
@@ -67,6 +71,50 @@ fn deployment(id: &str, version: u64, files: &[(&str, &[u8])]) -> Manifest {
 
 fn chunks(m: &Manifest, bytes: &[u8]) -> Vec<Chunk> {
     chunk_artifact(&m.deployment_id, bytes, m.chunk_size)
+}
+
+/// The chunks the actions say were dropped.
+fn dropped(actions: &[Action]) -> Vec<&DroppedChunk> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ChunkDropped(d) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The (digest, indexes) the actions ask for again.
+fn resends(actions: &[Action]) -> Vec<(String, Vec<u32>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RequestResend(r) => Some(r),
+            _ => None,
+        })
+        .flat_map(|r| r.artifacts.iter())
+        .map(|m| (m.sha256.clone(), m.indexes.clone()))
+        .collect()
+}
+
+/// The counts of dropped chunks the status reports carry.
+fn dropped_counts(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(s) => Some(s.chunks_dropped),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A chunk with the real header and other bytes of the right length: what someone who can
+/// publish on the broker and read the (unencrypted) manifest can make.
+fn forged(real: &Chunk) -> Chunk {
+    Chunk {
+        data: real.data.iter().map(|b| b ^ 0x5a).collect(),
+        ..real.clone()
+    }
 }
 
 fn statuses(actions: &[Action]) -> Vec<Step> {
@@ -260,14 +308,17 @@ fn manifest_with_a_bad_signature_is_rejected() {
 }
 
 #[test]
-fn tampered_artifact_is_rejected_with_the_hash_mismatch() {
+fn a_manifest_whose_chunk_digests_contradict_its_artifact_digest_is_rejected_at_the_end() {
+    // Only the signer can make this: chunk digests over other bytes than the artifact's
+    // sha256. Every chunk passes its check; the whole-artifact check still catches it.
     let a = module(1, 40);
-    let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let mut tampered = a.clone();
+    tampered[20] ^= 1;
+    let mut m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    m.artifacts[0].chunk_sha256 = chunk_digests(&tampered, m.chunk_size);
     let mut d = Deployer::new("d1", config());
     let store = MemoryStore::default();
     d.on_manifest(&sign(&m, &key()), NOW, &store);
-    let mut tampered = a.clone();
-    tampered[20] ^= 1;
     let mut last = Vec::new();
     for mut c in chunks(&m, &tampered) {
         // Chunks name the artifact by its signed digest; only the bytes differ.
@@ -412,10 +463,7 @@ fn chunks_out_of_order_assemble() {
     for c in cs {
         all.extend(d.on_chunk(&c, NOW, &store));
     }
-    assert!(
-        !all.iter()
-            .any(|a| matches!(a, Action::ChunkRejected { .. }))
-    );
+    assert!(dropped(&all).is_empty());
     assert!(all.contains(&Action::Start { manifest: m }));
 }
 
@@ -431,9 +479,12 @@ fn duplicated_chunks_are_ignored_and_conflicting_ones_rejected() {
     assert!(d.on_chunk(&cs[0], NOW, &store).is_empty());
     let mut conflicting = cs[0].clone();
     conflicting.data[0] ^= 0xff;
+    // Already received: dropped and counted, nothing to ask for.
     let acts = d.on_chunk(&conflicting, NOW, &store);
-    assert!(matches!(&acts[..], [Action::ChunkRejected { reason }]
-        if reason.contains("differs from the copy already received")));
+    assert!(
+        matches!(&acts[..], [Action::ChunkDropped(DroppedChunk { reason, index: 0, dropped: 1, .. })]
+        if reason.contains("does not match the signed chunk digest"))
+    );
     let mut all = Vec::new();
     for c in &cs[1..] {
         all.extend(d.on_chunk(c, NOW, &store));
@@ -490,7 +541,7 @@ fn chunks_with_wrong_offset_size_or_count_are_rejected() {
     for (c, needle) in cases {
         let acts = d.on_chunk(&c, NOW, &store);
         assert!(
-            matches!(&acts[..], [Action::ChunkRejected { reason }] if reason.contains(needle)),
+            matches!(dropped(&acts)[..], [DroppedChunk { reason, .. }] if reason.contains(needle)),
             "{needle}: {acts:?}"
         );
     }
@@ -500,12 +551,7 @@ fn chunks_with_wrong_offset_size_or_count_are_rejected() {
     ));
     // The deployment is intact and the good chunk still lands.
     let acts = d.on_chunk(&good, NOW, &store);
-    assert!(
-        !acts
-            .iter()
-            .any(|a| matches!(a, Action::ChunkRejected { .. })),
-        "{acts:?}"
-    );
+    assert!(dropped(&acts).is_empty(), "{acts:?}");
     assert!(d.in_progress().is_some());
 }
 
@@ -749,4 +795,296 @@ fn a_model_deployment_overrides_models_and_keeps_the_pipeline_installed() {
     download(&mut d, &store, &m4, &[&b]);
     d.on_health(Health::Passed, NOW);
     assert!(d.model_overrides().is_empty());
+}
+
+#[test]
+fn a_forged_chunk_is_dropped_counted_and_asked_for_again_then_the_real_one_completes() {
+    let a = module(1, 100);
+    let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let mut d = Deployer::new("d1", config());
+    let store = MemoryStore::default();
+    d.on_manifest(&sign(&m, &key()), NOW, &store);
+    let cs = chunks(&m, &a);
+    for c in &cs[..3] {
+        d.on_chunk(c, NOW, &store);
+    }
+
+    let acts = d.on_chunk(&forged(&cs[3]), NOW + 1, &store);
+    assert_eq!(
+        dropped(&acts),
+        vec![&DroppedChunk {
+            deployment_id: "dep-1".into(),
+            artifact: "a.wasm".into(),
+            index: 3,
+            reason: "chunk 3 of a.wasm: data does not match the signed chunk digest".into(),
+            dropped: 1,
+        }]
+    );
+    // Asked for again at once through the resend path; nothing reported as failed.
+    assert_eq!(resends(&acts), vec![(sha256_hex(&a), vec![3])]);
+    assert!(statuses(&acts).is_empty(), "{acts:?}");
+    assert_eq!(d.in_progress(), Some(&m));
+
+    let mut all = Vec::new();
+    for c in &cs[3..] {
+        all.extend(d.on_chunk(c, NOW + 2, &store));
+    }
+    assert!(all.contains(&Action::Start {
+        manifest: m.clone()
+    }));
+    // Every report after the drop says so, up to the commit.
+    assert!(dropped_counts(&all).iter().all(|&n| n == 1), "{all:?}");
+    let acts = d.on_health(Health::Passed, NOW + 3);
+    assert!(acts.contains(&Action::Commit {
+        manifest: m.clone()
+    }));
+    assert_eq!(dropped_counts(&acts), vec![1]);
+    assert_eq!(store.get(&sha256_hex(&a)).expect("get"), Some(a));
+    assert_eq!(d.installed(), Some(&m), "installed on the same version");
+}
+
+#[test]
+fn a_forged_chunk_for_every_index_fails_nothing_and_burns_no_version() {
+    let a = module(1, 100);
+    let b = module(2, 30);
+    let m = deployment("dep-1", 1, &[("a.wasm", &a), ("b.wasm", &b)]);
+    let mut d = Deployer::new("d1", config());
+    let store = MemoryStore::default();
+    d.on_manifest(&sign(&m, &key()), NOW, &store);
+    let real: Vec<Chunk> = chunks(&m, &a).into_iter().chain(chunks(&m, &b)).collect();
+    assert_eq!(real.len(), 7 + 2);
+
+    // Every forged chunk before any real one: all dropped; the first is asked for at once,
+    // the rest once the gap has passed, each index once.
+    let mut acts = Vec::new();
+    for c in &real {
+        acts.extend(d.on_chunk(&forged(c), NOW, &store));
+    }
+    let drops = dropped(&acts);
+    assert_eq!(drops.len(), real.len());
+    assert_eq!(drops.last().map(|x| x.dropped), Some(real.len() as u64));
+    assert!(statuses(&acts).is_empty(), "{acts:?}");
+    assert_eq!(resends(&acts), vec![(sha256_hex(&a), vec![0])]);
+    assert!(d.on_tick(NOW + 999).is_empty(), "held back by the gap");
+    let later = d.on_tick(NOW + 1_000);
+    assert_eq!(
+        resends(&later),
+        vec![
+            (sha256_hex(&a), (1..7).collect()),
+            (sha256_hex(&b), vec![0, 1])
+        ]
+    );
+    assert!(
+        d.on_tick(NOW + 3_000).is_empty(),
+        "each drop is asked for once"
+    );
+
+    // The real chunks, each followed by another forgery of the same (now received) index:
+    // those are dropped too, but nothing is asked for.
+    let mut acts = Vec::new();
+    for c in &real {
+        acts.extend(d.on_chunk(c, NOW + 3_000, &store));
+        if matches!(d.state.phase, Phase::Downloading(_)) {
+            acts.extend(d.on_chunk(&forged(c), NOW + 3_000, &store));
+        }
+    }
+    assert!(resends(&acts).is_empty(), "{acts:?}");
+    assert!(acts.contains(&Action::Start {
+        manifest: m.clone()
+    }));
+    let acts = d.on_health(Health::Passed, NOW + 4_000);
+    let healthy = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::Report(s) if s.step == Step::Healthy => Some(s.clone()),
+            _ => None,
+        })
+        .expect("a healthy report");
+    // 9 forged before, 8 after (the last real chunk completed the download).
+    assert_eq!(healthy.chunks_dropped, 9 + 8);
+    assert_eq!(healthy.version, 1);
+    assert_eq!(d.installed(), Some(&m));
+    // The version floor is the committed version, as for any healthy deployment.
+    let next = deployment("dep-2", 2, &[("a.wasm", &a)]);
+    let acts = d.on_manifest(&sign(&next, &key()), NOW + 5_000, &store);
+    assert!(acts.contains(&Action::Start { manifest: next }), "{acts:?}");
+}
+
+#[test]
+fn chunks_of_the_wrong_length_or_for_an_unknown_artifact_or_index_are_dropped() {
+    let a = module(1, 100);
+    let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let mut d = Deployer::new("d1", config());
+    let store = MemoryStore::default();
+    d.on_manifest(&sign(&m, &key()), NOW, &store);
+    let cs = chunks(&m, &a);
+
+    // Too short, too long, and the last chunk (4 bytes) padded to a full one.
+    let short = Chunk {
+        data: cs[2].data[..8].to_vec(),
+        ..cs[2].clone()
+    };
+    let mut long = cs[2].clone();
+    long.data.push(0);
+    let mut padded = cs[6].clone();
+    padded.data.resize(16, 0);
+    let mut asked = Vec::new();
+    for (c, index) in [(short, 2), (long, 2), (padded, 6)] {
+        let acts = d.on_chunk(&c, NOW, &store);
+        assert!(
+            matches!(dropped(&acts)[..], [DroppedChunk { reason, index: i, .. }]
+                if *i == index && reason.contains("do not match the expected offset")),
+            "{acts:?}"
+        );
+        asked.extend(resends(&acts));
+    }
+    // The first at once, the others (2 came again after its request) after the gap.
+    assert_eq!(asked, vec![(sha256_hex(&a), vec![2])]);
+    assert_eq!(
+        resends(&d.on_tick(NOW + 1_000)),
+        vec![(sha256_hex(&a), vec![2, 6])]
+    );
+    let t = NOW + 1_000;
+
+    // An artifact the deployment does not list, an index past the end: dropped and counted,
+    // nothing to ask for.
+    let stranger = Chunk {
+        sha256: sha256_hex(b"other"),
+        ..cs[0].clone()
+    };
+    let past_end = Chunk {
+        index: 7,
+        total: 8,
+        offset: 112,
+        ..cs[0].clone()
+    };
+    for c in [stranger, past_end] {
+        let acts = d.on_chunk(&c, t, &store);
+        assert_eq!(dropped(&acts).len(), 1, "{acts:?}");
+        assert!(resends(&acts).is_empty(), "{acts:?}");
+    }
+    assert!(dropped(&d.on_chunk(&cs[0], t, &store)).is_empty());
+
+    // Still downloading; the real chunks finish it and the count went into the reports.
+    let mut all = Vec::new();
+    for c in &cs[1..] {
+        all.extend(d.on_chunk(c, t, &store));
+    }
+    assert!(all.contains(&Action::Start { manifest: m }));
+    assert!(dropped_counts(&all).iter().all(|&n| n == 5), "{all:?}");
+}
+
+#[test]
+fn chunks_before_their_manifest_are_ignored_and_checked_once_it_is_there() {
+    let a = module(1, 100);
+    let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let mut d = Deployer::new("d1", config());
+    let store = MemoryStore::default();
+    let cs = chunks(&m, &a);
+    // Nothing is downloading: real and forged chunks alike are ignored, as before (they are
+    // not kept, so none can skip the check later).
+    for c in &cs {
+        assert!(d.on_chunk(&forged(c), NOW, &store).is_empty());
+        assert!(d.on_chunk(c, NOW, &store).is_empty());
+    }
+    assert!(store.is_empty());
+    d.on_manifest(&sign(&m, &key()), NOW, &store);
+    // The same forgeries once the manifest is there: dropped.
+    let acts = d.on_chunk(&forged(&cs[0]), NOW, &store);
+    assert_eq!(dropped(&acts).len(), 1);
+    // Redelivery of the manifest asks for everything missing (the early real chunks too).
+    let acts = d.on_manifest(&sign(&m, &key()), NOW + 1, &store);
+    assert_eq!(resends(&acts), vec![(sha256_hex(&a), (0..7).collect())]);
+    let mut all = Vec::new();
+    for c in &cs {
+        all.extend(d.on_chunk(c, NOW + 2, &store));
+    }
+    assert!(all.contains(&Action::Start { manifest: m }));
+    assert_eq!(store.get(&sha256_hex(&a)).expect("get"), Some(a));
+}
+
+#[test]
+fn a_download_persisted_without_chunk_digests_is_not_resumed() {
+    let a = module(1, 100);
+    let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
+    let mut d = Deployer::new("d1", config());
+    let store = MemoryStore::default();
+    d.on_manifest(&sign(&m, &key()), NOW, &store);
+    d.on_chunk(&chunks(&m, &a)[0], NOW, &store);
+    // What an agent version before chunk digests persisted: the same state without them.
+    let bytes = d.to_bytes();
+    let len = usize::try_from(u64::from_be_bytes(
+        bytes[4..12].try_into().expect("8 bytes"),
+    ))
+    .expect("length");
+    let mut state: serde_json::Value = serde_json::from_slice(&bytes[12..12 + len]).expect("json");
+    let download = &mut state["phase"]["Downloading"];
+    for a in download["manifest"]["artifacts"]
+        .as_array_mut()
+        .expect("artifacts")
+    {
+        a.as_object_mut().expect("artifact").remove("chunk_sha256");
+    }
+    let json = serde_json::to_vec(&state).expect("json");
+    let mut old = b"EDS1".to_vec();
+    old.extend_from_slice(&(json.len() as u64).to_be_bytes());
+    old.extend_from_slice(&json);
+    old.extend_from_slice(&bytes[12 + len..]);
+
+    let mut d = Deployer::from_bytes("d1", config(), &old).expect("an older state loads");
+    let acts = d.on_restart(NOW + 1);
+    assert!(
+        matches!(&statuses(&acts)[..], [Step::Failed { reason }] if reason.contains("without chunk digests")),
+        "{acts:?}"
+    );
+    assert!(d.in_progress().is_none());
+}
+
+#[test]
+fn the_largest_default_deployment_fits_one_manifest() {
+    // The worst case for the chunk digest list under the default limits: every artifact as
+    // long a name and version as allowed, the most chunks 32 MiB can make in 16 artifacts
+    // (511 full 64 KiB chunks and a 1-byte last chunk in each: 527 digests).
+    let limits = DeployConfig::default();
+    let cs = MAX_CHUNK_DATA as u64;
+    let count = u64::from(limits.max_artifacts);
+    let full_chunks = limits.max_total_bytes / cs - 1;
+    let mut sizes: Vec<u64> = (0..count).map(|_| 1).collect();
+    let mut left = full_chunks;
+    for s in &mut sizes {
+        let k = left.min(limits.max_artifact_bytes / cs - 1);
+        *s += k * cs;
+        left -= k;
+    }
+    assert_eq!(left, 0);
+    assert!(sizes.iter().sum::<u64>() <= limits.max_total_bytes);
+    assert!(sizes.iter().all(|&s| s <= limits.max_artifact_bytes));
+    let mut m = deployment("d".repeat(64).as_str(), u64::MAX, &[]);
+    m.chunk_size = MAX_CHUNK_DATA as u32;
+    m.pipeline_toml = None;
+    m.kind = DeployKind::Model;
+    m.target = Target::Group("g".repeat(64));
+    m.artifacts = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| Artifact {
+            name: format!("{i:02}{}.onnx", "n".repeat(248)),
+            // Digests are fixed-width: any valid ones give the size.
+            sha256: sha256_hex(&[i as u8]),
+            size,
+            version: "v".repeat(255),
+            media_type: MediaType::Onnx,
+            chunk_sha256: (0..m.chunk_count(size))
+                .map(|j| sha256_hex(&j.to_be_bytes()))
+                .collect(),
+        })
+        .collect();
+    let digests: usize = m.artifacts.iter().map(|a| a.chunk_sha256.len()).sum();
+    assert_eq!(digests, 527);
+    m.validate().expect("a valid manifest");
+    let size = sign(&m, &key()).to_json().len();
+    // The rest of the payload is what a pipeline description may take.
+    let room = MAX_PAYLOAD_BYTES - size;
+    println!("worst-case signed manifest: {size} bytes, {room} bytes left of {MAX_PAYLOAD_BYTES}");
+    assert!(room > 40 * 1024, "{size} bytes leaves only {room}");
 }

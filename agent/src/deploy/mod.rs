@@ -4,7 +4,10 @@
 //! ```text
 //! deploy/manifest ─► Deployer::on_manifest_payload ─► verify key + signature, target, expiry,
 //!                                                     version, limits ─► Rejected | Downloading
-//! deploy/chunk    ─► Deployer::on_chunk_payload    ─► assemble, sha256 ─► ArtifactStore::put
+//! deploy/chunk    ─► Deployer::on_chunk_payload    ─► check against the signed chunk digest
+//!                                                     (bad: Action::ChunkDropped, asked for
+//!                                                     again) ─► assemble, sha256 of the whole
+//!                                                     ─► ArtifactStore::put
 //!                                                     all present ─► Action::Start
 //! pipeline health ─► Deployer::on_health / on_tick ─► Action::Commit | Action::Rollback
 //! reconnect/stall ─► Deployer::on_reconnect / on_tick ─► Action::RequestResend
@@ -18,7 +21,9 @@
 //!
 //! Code map:
 //! - `machine`: the state machine. Invariant: no I/O besides the injected store, no clock;
-//!   a rejection never emits Start, Commit or Rollback. Boundary: the agent's deploy task, tests.
+//!   a rejection never emits Start, Commit or Rollback; a chunk is assembled only after it
+//!   matched its signed digest, and a bad chunk never ends a deployment. Boundary: the
+//!   agent's deploy task, tests.
 //! - `task`: the async task that decides which pipeline runs: MQTT messages in, actions
 //!   executed, candidates started in shadow, committed (swapped in) or rolled back (discarded)
 //!   by commands to the pipeline host, which owns the pipelines. Invariant: only a passed
@@ -35,5 +40,5 @@ pub mod store;
 pub mod task;
 
 pub use config::{DeployConfig, TrustedKeyList};
-pub use machine::{Action, Deployer, Health, StateError};
+pub use machine::{Action, Deployer, DroppedChunk, Health, StateError};
 pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};

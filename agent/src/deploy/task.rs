@@ -431,7 +431,20 @@ impl DeployTask {
                 Vec::new()
             }
             Action::ChunkRejected { reason } => {
-                tracing::warn!(reason = %reason, "deployment chunk rejected");
+                tracing::warn!(reason = %reason, "payload on a deployment chunk topic rejected");
+                Vec::new()
+            }
+            Action::ChunkDropped(d) => {
+                // Forged on the broker or damaged: degraded, not failed (the deployment goes
+                // on and asks for the chunk again), so WARN.
+                tracing::warn!(
+                    deployment = %d.deployment_id,
+                    artifact = %d.artifact,
+                    index = d.index,
+                    dropped = d.dropped,
+                    reason = %d.reason,
+                    "deployment chunk dropped"
+                );
                 Vec::new()
             }
             Action::Persist => {

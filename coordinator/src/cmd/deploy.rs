@@ -43,7 +43,8 @@ pub(crate) struct DeployArgs {
     /// Health check: seconds without error before commit (0: off).
     #[arg(long, default_value_t = 30)]
     health_seconds: u32,
-    /// Data bytes per chunk.
+    /// Data bytes per chunk (at most 65536). The signed manifest lists every chunk's sha256,
+    /// so a smaller size makes it larger.
     #[arg(long, default_value_t = protocol::v1::deploy::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
     /// Print the signed manifest and the chunk plan instead of sending.
@@ -231,11 +232,17 @@ pub(crate) fn watch(
     let _ = multi.clear();
     let mut not_healthy = 0;
     for (device, p) in &final_progress.devices {
+        // Bad chunks (forged on the broker, or damaged) never fail a deployment, but an
+        // operator should hear that someone sent them.
+        let dropped = match p.chunks_dropped {
+            0 => String::new(),
+            n => format!(" ({n} bad chunks dropped)"),
+        };
         match outcome(p) {
-            Outcome::Healthy => println!("{device}: healthy"),
+            Outcome::Healthy => println!("{device}: healthy{dropped}"),
             Outcome::Failed(m) => {
                 not_healthy += 1;
-                println!("{device}: {m}");
+                println!("{device}: {m}{dropped}");
             }
             Outcome::Pending(m) => {
                 not_healthy += 1;

@@ -242,6 +242,7 @@ impl Engine {
             reason: step_reason(&status.step).map(str::to_owned),
             received,
             total,
+            chunks_dropped: (status.chunks_dropped > 0).then_some(status.chunks_dropped),
         })];
         let Some(a) = self
             .active
@@ -515,6 +516,7 @@ mod tests {
             deployment_id: id.into(),
             version: 2,
             step,
+            chunks_dropped: 0,
         }
     }
 
@@ -581,6 +583,38 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn dropped_chunks_an_agent_reports_are_journaled_and_kept_in_the_progress() {
+        let mut e = Engine::default();
+        e.start(package("dep-1", Target::Device("d1".into())), vec![], 0);
+        let mut s = status(
+            "dep-1",
+            Step::Downloading {
+                received: 10,
+                total: 35,
+            },
+        );
+        let out = e.on_status("d1", "m1", &s, 1);
+        assert!(matches!(
+            &out[0],
+            Action::Event(Event::Deploy {
+                chunks_dropped: None,
+                ..
+            })
+        ));
+        s.chunks_dropped = 3;
+        let out = e.on_status("d1", "m2", &s, 2);
+        assert!(matches!(
+            &out[0],
+            Action::Event(Event::Deploy {
+                chunks_dropped: Some(3),
+                ..
+            })
+        ));
+        let progress = e.take_dirty(3);
+        assert_eq!(progress[0].devices["d1"].chunks_dropped, 3);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! A deployment ready to send: the signed manifest and the artifact bytes its chunks (and any
-//! resends) are cut from.
+//! resends) are cut from. The manifest lists the sha256 of every chunk (`chunk_sha256`), so
+//! agents drop a forged chunk on arrival; both are cut from the same bytes at the same
+//! `chunk_size`, and a spooled package whose digests disagree with its bytes is refused.
 //!
 //! [`Package::build`] is pure; [`load`] is the I/O around it: it reads the pipeline TOML, finds
 //! the artifacts it names (string values ending in `.wasm` or `.onnx`, relative to the TOML's
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::v1::deploy::{
     Artifact, Chunk, DeployError, DeployKind, HealthCheck, Manifest, MediaType, ResendRequest,
-    SignedManifest, SigningKey, Target, artifact_chunk, sha256_hex, sign,
+    SignedManifest, SigningKey, Target, artifact_chunk, chunk_digests, sha256_hex, sign,
 };
 use protocol::v1::{MAX_PAYLOAD_BYTES, VERSION};
 
@@ -27,8 +29,17 @@ pub enum PackageError {
     Toml { path: PathBuf, error: String },
     #[error("artifact {name}: unknown media type (expected a .wasm or .onnx file)")]
     MediaType { name: String },
-    #[error("signed manifest is {size} bytes, over the payload limit of {limit} bytes")]
-    TooLarge { size: usize, limit: usize },
+    #[error(
+        "signed manifest is {size} bytes, over the payload limit of {limit} bytes (it lists \
+         the sha256 of each of the {chunks} chunks; a larger chunk size, up to {max_chunk} \
+         bytes, means fewer)"
+    )]
+    TooLarge {
+        size: usize,
+        limit: usize,
+        chunks: usize,
+        max_chunk: usize,
+    },
     #[error("model {name}: a model deployment carries .onnx files only")]
     NotAModel { name: String },
     #[error("invalid manifest: {0}")]
@@ -104,6 +115,7 @@ impl Package {
                 sha256: sha256.clone(),
                 size: f.bytes.len() as u64,
                 version: f.version,
+                chunk_sha256: chunk_digests(&f.bytes, spec.chunk_size),
             });
             blobs.entry(sha256).or_insert(f.bytes);
         }
@@ -122,13 +134,7 @@ impl Package {
         };
         manifest.validate()?;
         let signed = sign(&manifest, key);
-        let size = signed.to_json().len();
-        if size > MAX_PAYLOAD_BYTES {
-            return Err(PackageError::TooLarge {
-                size,
-                limit: MAX_PAYLOAD_BYTES,
-            });
-        }
+        check_size(&manifest, &signed)?;
         Ok(Package {
             manifest,
             signed,
@@ -147,13 +153,7 @@ impl Package {
         let manifest: Manifest = serde_json::from_str(&signed.manifest_json)
             .map_err(|e| DeployError::Malformed(e.to_string()))?;
         manifest.validate()?;
-        let size = signed.to_json().len();
-        if size > MAX_PAYLOAD_BYTES {
-            return Err(PackageError::TooLarge {
-                size,
-                limit: MAX_PAYLOAD_BYTES,
-            });
-        }
+        check_size(&manifest, &signed)?;
         let bad = |a: &Artifact, reason: String| PackageError::Artifact {
             name: a.name.clone(),
             sha256: a.sha256.clone(),
@@ -172,6 +172,17 @@ impl Package {
             let actual = sha256_hex(bytes);
             if actual != a.sha256 {
                 return Err(bad(a, format!("content has sha256 {actual}")));
+            }
+            // Agents would drop every chunk that disagrees and the rollout would stall.
+            if let Some(i) = chunk_digests(bytes, manifest.chunk_size)
+                .iter()
+                .zip(&a.chunk_sha256)
+                .position(|(actual, signed)| actual != signed)
+            {
+                return Err(bad(
+                    a,
+                    format!("chunk {i} does not match the manifest's chunk digest"),
+                ));
             }
         }
         blobs.retain(|sha, _| manifest.artifacts.iter().any(|a| &a.sha256 == sha));
@@ -231,6 +242,24 @@ impl Package {
             .map(|b| self.manifest.chunk_count(b.len() as u64))
             .sum()
     }
+}
+
+/// Refuses a signed manifest over the payload limit (agents could not take it).
+fn check_size(manifest: &Manifest, signed: &SignedManifest) -> Result<(), PackageError> {
+    let size = signed.to_json().len();
+    if size > MAX_PAYLOAD_BYTES {
+        return Err(PackageError::TooLarge {
+            size,
+            limit: MAX_PAYLOAD_BYTES,
+            chunks: manifest
+                .artifacts
+                .iter()
+                .map(|a| a.chunk_sha256.len())
+                .sum(),
+            max_chunk: protocol::v1::deploy::MAX_CHUNK_DATA,
+        });
+    }
+    Ok(())
 }
 
 /// Artifact references in a pipeline description: every string value ending in `.wasm` or
@@ -404,6 +433,78 @@ mod tests {
             Package::build(big, Vec::new(), &key()),
             Err(PackageError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn the_manifest_lists_every_chunk_digest_and_too_many_chunks_are_refused() {
+        let a: Vec<u8> = (0..50).collect();
+        let p = Package::build(
+            spec(),
+            vec![ArtifactFile {
+                name: "a.wasm".into(),
+                version: "1".into(),
+                bytes: a.clone(),
+            }],
+            &key(),
+        )
+        .expect("builds");
+        let digests = &p.manifest.artifacts[0].chunk_sha256;
+        assert_eq!(digests.len(), 7);
+        for c in p.chunks() {
+            assert_eq!(digests[c.index as usize], sha256_hex(&c.data));
+        }
+        // 2 MiB at 16-byte chunks: 131,072 digests cannot fit in one manifest; the error
+        // says why and what to change.
+        let mut tiny = spec();
+        tiny.chunk_size = 16;
+        let err = Package::build(
+            tiny,
+            vec![ArtifactFile {
+                name: "big.wasm".into(),
+                version: "1".into(),
+                bytes: vec![0; 2 << 20],
+            }],
+            &key(),
+        )
+        .expect_err("too many chunks");
+        assert!(
+            matches!(
+                err,
+                PackageError::TooLarge {
+                    chunks: 131_072,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("a larger chunk size"), "{err}");
+    }
+
+    #[test]
+    fn a_spooled_manifest_whose_chunk_digests_disagree_with_the_bytes_is_refused() {
+        let a: Vec<u8> = (0..50).collect();
+        let p = Package::build(
+            spec(),
+            vec![ArtifactFile {
+                name: "a.wasm".into(),
+                version: "1".into(),
+                bytes: a.clone(),
+            }],
+            &key(),
+        )
+        .expect("builds");
+        let blobs: BTreeMap<String, Vec<u8>> =
+            p.blobs().map(|(s, b)| (s.to_owned(), b.to_vec())).collect();
+        assert!(Package::from_signed(p.signed.clone(), blobs.clone()).is_ok());
+        let mut wrong = p.manifest.clone();
+        wrong.artifacts[0].chunk_sha256[3] = sha256_hex(b"not chunk 3");
+        match Package::from_signed(sign(&wrong, &key()), blobs) {
+            Err(PackageError::Artifact { name, reason, .. }) => {
+                assert_eq!(name, "a.wasm");
+                assert!(reason.contains("chunk 3"), "{reason}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct DeviceProgress {
     pub agent_total: u64,
     /// The agent's last reported step (`None`: nothing heard yet).
     pub last: Option<Step>,
+    /// Chunks the agent last said it dropped (forged or damaged, wrong length, unknown
+    /// artifact or index); they do not fail the deployment.
+    pub chunks_dropped: u64,
     #[serde(skip)]
     sent: BTreeSet<(String, u32)>,
 }
@@ -136,6 +139,9 @@ impl Rollout {
             p.agent_total = total;
         }
         p.last = Some(status.step.clone());
+        // A count only grows; a report without one (an older agent, a redelivery answered
+        // from state) leaves it.
+        p.chunks_dropped = p.chunks_dropped.max(status.chunks_dropped);
         true
     }
 
@@ -235,6 +241,7 @@ mod tests {
             deployment_id: "dep-1".into(),
             version: 4,
             step,
+            chunks_dropped: 0,
         }
     }
 
@@ -281,7 +288,8 @@ mod tests {
             &DeployStatus {
                 deployment_id: "dep-0".into(),
                 version: 3,
-                step: Step::Healthy
+                step: Step::Healthy,
+                chunks_dropped: 0,
             }
         ));
         assert!(r.on_status("d1", &status(Step::Healthy)));

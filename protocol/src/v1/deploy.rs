@@ -11,8 +11,22 @@
 //!
 //! The signature covers the exact bytes of `manifest_json` as transmitted, so nothing is ever
 //! re-serialised before verification and there is no canonical-JSON question to get wrong.
-//! Chunks are not signed: the signed manifest carries each artifact's sha256 and size, and the
-//! agent checks both once an artifact is complete.
+//! Chunks are not signed one by one: the signed manifest carries, for every artifact, its
+//! sha256 and size and the sha256 of each of its chunks in order (`chunk_sha256`). The agent
+//! checks every chunk against that list as it arrives, so a chunk forged by anyone who can
+//! publish on the broker is dropped and asked for again, never assembled; the whole-artifact
+//! check at the end stays.
+//!
+//! Why a plain list and not a Merkle root with a proof in every chunk: the list fits. One
+//! digest costs 69 bytes of the signed manifest (64 hex digits, quotes escaped inside
+//! `manifest_json`, a comma). The largest deployment the agent accepts by default (16
+//! artifacts, 32 MiB in all) at the default 64 KiB chunks is at most 527 chunks (511 full ones
+//! and a partial last one in each of the 16 artifacts), about 36 KB of digests, well inside
+//! [`MAX_PAYLOAD_BYTES`] (96 KiB) with room for the pipeline description (the agent's
+//! `deploy::machine` tests build that manifest and check it). What does not fit (from about 80
+//! MiB at 64 KiB chunks, depending on names and the description; proportionally less at a
+//! smaller `chunk_size`) is refused by the coordinator when it builds the package, with the
+//! manifest's size in the error; no manifest is ever sent without the list.
 
 use ed25519_dalek::{Signature, Signer};
 use serde::{Deserialize, Serialize};
@@ -103,6 +117,13 @@ pub struct Artifact {
     /// The artifact's own version, informational (shown in status and logs).
     pub version: String,
     pub media_type: MediaType,
+    /// Lowercase hex sha256 of each chunk's data, in chunk order: one entry per chunk at the
+    /// manifest's `chunk_size` (an empty artifact travels as one empty chunk, so it lists the
+    /// digest of no bytes). Signed with the rest, so the agent checks each chunk on arrival.
+    /// `default` only so that manifests persisted by an older agent still load; every manifest
+    /// that is verified must list them all ([`Manifest::validate`]).
+    #[serde(default)]
+    pub chunk_sha256: Vec<String>,
 }
 
 /// When a started deployment counts as healthy: after `messages` messages processed without
@@ -188,6 +209,36 @@ impl Manifest {
             if a.version.len() > MAX_ARTIFACT_NAME_LEN {
                 return bad(format!("artifact {:?} has an overlong version", a.name));
             }
+            let chunks = self.chunk_count(a.size);
+            if a.chunk_sha256.len() != chunks as usize {
+                return bad(format!(
+                    "artifact {:?} lists {} chunk digests, but {} bytes at chunk_size {} are \
+                     {chunks} chunks",
+                    a.name,
+                    a.chunk_sha256.len(),
+                    a.size,
+                    self.chunk_size
+                ));
+            }
+            if let Some(i) = a.chunk_sha256.iter().position(|d| !is_sha256_hex(d)) {
+                return bad(format!(
+                    "artifact {:?} has an invalid digest for chunk {i}",
+                    a.name
+                ));
+            }
+        }
+        // A module listed twice travels once, checked against the first listing's digests: a
+        // second listing that disagrees would be a signed contradiction.
+        for (i, a) in self.artifacts.iter().enumerate() {
+            if let Some(b) = self.artifacts[..i].iter().find(|b| b.sha256 == a.sha256)
+                && (b.size != a.size || b.chunk_sha256 != a.chunk_sha256)
+            {
+                return bad(format!(
+                    "artifacts {:?} and {:?} have the same sha256 but different sizes or chunk \
+                     digests",
+                    b.name, a.name
+                ));
+            }
         }
         Ok(())
     }
@@ -207,6 +258,16 @@ impl Manifest {
         // Our own plain structs: serialising cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// Lowercase hex sha256 of each chunk of `bytes` cut at `chunk_size` (clamped to
+/// 1..=[`MAX_CHUNK_DATA`], as [`artifact_chunk`] cuts them): an artifact's `chunk_sha256`.
+pub fn chunk_digests(bytes: &[u8], chunk_size: u32) -> Vec<String> {
+    let cs = (chunk_size as usize).clamp(1, MAX_CHUNK_DATA);
+    if bytes.is_empty() {
+        return vec![sha256_hex(&[])];
+    }
+    bytes.chunks(cs).map(sha256_hex).collect()
 }
 
 /// Chunks needed for `size` bytes at `chunk_size` data bytes each (at least one).
@@ -526,6 +587,16 @@ pub struct DeployStatus {
     pub deployment_id: String,
     pub version: u64,
     pub step: Step,
+    /// Chunks of this deployment the agent dropped so far: data that does not match the
+    /// signed chunk digest (forged or damaged), a wrong offset or length, an artifact or index
+    /// the manifest does not list. None of them fails the deployment; those with a known index
+    /// are asked for again. Left out when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunks_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One step of a deployment on the agent. JSON: `{"state": "downloading", "received": 10,
@@ -613,6 +684,7 @@ mod tests {
                 size: 5,
                 version: "1.0.0".into(),
                 media_type: MediaType::WasmComponent,
+                chunk_sha256: chunk_digests(b"hello", 4),
             }],
             health: HealthCheck {
                 messages: 10,
@@ -736,19 +808,119 @@ mod tests {
     }
 
     #[test]
+    fn chunk_digests_roundtrip_and_match_the_chunks() {
+        let k = key(1);
+        let trusted = TrustedKeys::new([k.verifying_key()]);
+        let m = manifest();
+        // "hello" at 4 bytes a chunk: "hell" and "o".
+        assert_eq!(
+            m.artifacts[0].chunk_sha256,
+            vec![sha256_hex(b"hell"), sha256_hex(b"o")]
+        );
+        let back = verify(
+            &SignedManifest::from_json(&sign(&m, &k).to_json()).expect("decodes"),
+            &trusted,
+        )
+        .expect("verifies");
+        assert_eq!(back.artifacts[0].chunk_sha256, m.artifacts[0].chunk_sha256);
+        let json = m.to_json();
+        assert!(json.contains("\"chunk_sha256\":["), "{json}");
+        for c in chunk_artifact("dep-1", b"hello", m.chunk_size) {
+            assert_eq!(
+                sha256_hex(&c.data),
+                m.artifacts[0].chunk_sha256[c.index as usize]
+            );
+        }
+        // An empty artifact is one empty chunk.
+        assert_eq!(chunk_digests(b"", 4), vec![sha256_hex(b"")]);
+        assert_eq!(
+            chunk_digests(&[1; 10], 0).len(),
+            10,
+            "clamped like the chunks"
+        );
+    }
+
+    #[test]
+    fn a_chunk_list_that_does_not_match_the_artifact_is_rejected_at_verification() {
+        let k = key(1);
+        let trusted = TrustedKeys::new([k.verifying_key()]);
+        let verify_err = |m: &Manifest| match verify(&sign(m, &k), &trusted) {
+            Err(DeployError::Malformed(reason)) => reason,
+            other => panic!("expected a malformed manifest, got {other:?}"),
+        };
+        // One digest short, one too many, none at all (a manifest from before the field).
+        let mut m = manifest();
+        m.artifacts[0].chunk_sha256.pop();
+        assert!(
+            verify_err(&m)
+                .contains("lists 1 chunk digests, but 5 bytes at chunk_size 4 are 2 chunks")
+        );
+        let mut m = manifest();
+        m.artifacts[0].chunk_sha256.push(sha256_hex(b"x"));
+        assert!(verify_err(&m).contains("lists 3 chunk digests"));
+        let mut m = manifest();
+        m.artifacts[0].chunk_sha256.clear();
+        assert!(verify_err(&m).contains("lists 0 chunk digests"));
+        let json = manifest().to_json();
+        let without: String = {
+            let mut v: serde_json::Value = serde_json::from_str(&json).expect("json");
+            v["artifacts"][0]
+                .as_object_mut()
+                .expect("object")
+                .remove("chunk_sha256");
+            v.to_string()
+        };
+        let signed = SignedManifest {
+            v: VERSION,
+            signature: hex::encode(k.sign(without.as_bytes()).to_bytes()),
+            manifest_json: without,
+            key_id: key_id(&k.verifying_key()),
+        };
+        assert!(matches!(
+            verify(&signed, &trusted),
+            Err(DeployError::Malformed(r)) if r.contains("lists 0 chunk digests")
+        ));
+        // The size says 3 chunks, the list has 2.
+        let mut m = manifest();
+        m.artifacts[0].size = 9;
+        assert!(verify_err(&m).contains("are 3 chunks"));
+        // A digest that is not lowercase hex.
+        let mut m = manifest();
+        m.artifacts[0].chunk_sha256[1] = "XYZ".into();
+        assert!(verify_err(&m).contains("invalid digest for chunk 1"));
+        // The same module listed twice with different chunk digests.
+        let mut m = manifest();
+        let mut again = m.artifacts[0].clone();
+        again.name = "copy/a.wasm".into();
+        again.chunk_sha256.swap(0, 1);
+        m.artifacts.push(again);
+        assert!(verify_err(&m).contains("same sha256 but different sizes or chunk digests"));
+    }
+
+    #[test]
     fn status_json_shape() {
-        let s = DeployStatus {
+        let mut s = DeployStatus {
             deployment_id: "dep-1".into(),
             version: 3,
             step: Step::Downloading {
                 received: 1,
                 total: 2,
             },
+            chunks_dropped: 0,
         };
         let json = serde_json::to_string(&s).expect("encodes");
         assert!(json.contains("\"state\":\"downloading\""), "{json}");
+        // Zero is left out, so a report without drops reads as before.
+        assert!(!json.contains("chunks_dropped"), "{json}");
         let back: DeployStatus = serde_json::from_str(&json).expect("decodes");
         assert_eq!(back, s);
+        s.chunks_dropped = 3;
+        let json = serde_json::to_string(&s).expect("encodes");
+        assert!(json.contains("\"chunks_dropped\":3"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<DeployStatus>(&json).expect("decodes"),
+            s
+        );
         let target = serde_json::to_string(&Target::Group("lab".into())).expect("encodes");
         assert_eq!(target, "{\"group\":\"lab\"}");
     }

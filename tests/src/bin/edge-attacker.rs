@@ -178,9 +178,7 @@ fn run(args: Vec<String>) -> Result<serde_json::Value> {
         }
         "capture" => {
             let (filter, file) = (arg(2)?, arg(3)?);
-            let Some((topic, payload, retain)) = mqtt.first_message(filter, WAIT)? else {
-                bail!("nothing arrived on {filter} within {WAIT:?}");
-            };
+            let (topic, payload, retain) = mqtt.first_message(filter, Duration::from_secs(180))?;
             let saved =
                 serde_json::json!({"topic": topic, "retain": retain, "payload": hex(&payload)});
             std::fs::write(file, saved.to_string())
