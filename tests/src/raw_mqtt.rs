@@ -132,8 +132,9 @@ impl RawMqtt {
         let mut queued = msgs.into_iter();
         let (mut sent, mut acked) = (0usize, 0usize);
         while acked < total {
-            // Keep a bounded number queued in the client's request channel.
-            while sent < total && sent - acked < 64 {
+            // Fewer in flight than the request channel holds (16, see `connect`), so a queued
+            // publish never finds it full: the channel drains only while we poll below.
+            while sent < total && sent - acked < 12 {
                 let Some((topic, payload)) = queued.next() else {
                     break;
                 };
