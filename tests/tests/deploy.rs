@@ -336,7 +336,9 @@ fn forged_chunks_scenario(env: &TestEnv) -> Result<()> {
             let _frozen = Frozen::new(coord_pid)?;
             agent.restart()?;
             watch.wait_publish("the agent's downloading report", WAIT, |p| {
-                let status = Envelope::<DeployStatus>::from_json(&p.payload, DEVICE).ok()?;
+                // The watcher holds no key: it reads the body past the agent's MAC.
+                let body = protocol::v1::auth::body_unverified(&p.payload);
+                let status = Envelope::<DeployStatus>::from_json(body, DEVICE).ok()?;
                 (status.body.deployment_id == manifest.deployment_id
                     && matches!(status.body.step, Step::Downloading { .. }))
                 .then_some(())

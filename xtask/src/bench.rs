@@ -197,9 +197,10 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
         let port = coord.port().context("coordinator port")?;
         let mut journal = coord.journal();
 
-        // Baseline: bare rumqttc publishing the same envelopes.
-        let start = Instant::now();
-        let out = Command::new(bare_bin(root))
+        // Baseline: bare rumqttc publishing the same envelopes (enrolled with the harness's
+        // claim and MAC'd: the least the coordinator accepts).
+        let claim = edge_tests::enroll::write_claim_key(&rdir.join("claim.key"), &[])?;
+        let mut child = Command::new(bare_bin(root))
             .args([
                 "publish",
                 "127.0.0.1",
@@ -207,10 +208,20 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
                 &E2E_MESSAGES.to_string(),
                 &E2E_PAYLOAD.to_string(),
             ])
-            .stdout(Stdio::null())
-            .status()
+            .arg(&claim)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
             .context("cannot run bare_mqtt")?;
-        if !out.success() {
+        let mut lines = std::io::BufReader::new(child.stdout.take().context("bare_mqtt stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut lines, &mut line)?;
+        if line.trim() != "ready" {
+            bail!("bare_mqtt did not enroll: {line:?}");
+        }
+        let start = Instant::now();
+        std::io::Write::write_all(&mut child.stdin.take().context("bare_mqtt stdin")?, b"go\n")?;
+        if !child.wait()?.success() {
             bail!("bare_mqtt publish failed");
         }
         wait_count(

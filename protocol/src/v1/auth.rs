@@ -377,6 +377,22 @@ impl MacKey {
     }
 }
 
+/// The body of an authenticated payload without checking anything: for observers that only
+/// read (a monitoring client, a test watching the broker). Never act on it. A payload without a
+/// trailer is returned whole.
+pub fn body_unverified(bytes: &[u8]) -> &[u8] {
+    let len = match bytes
+        .len()
+        .checked_sub(3)
+        .map(|i| (bytes[i], &bytes[i + 1..]))
+    {
+        Some((KIND_MAC, m)) if m == MAGIC => MAC_TRAILER_LEN,
+        Some((KIND_SIG, m)) if m == MAGIC => SIG_TRAILER_LEN,
+        _ => 0,
+    };
+    &bytes[..bytes.len().saturating_sub(len)]
+}
+
 /// The stamp of a MAC trailer, unverified (for routing before the key is known).
 pub fn peek_stamp(bytes: &[u8]) -> Result<Stamp, AuthError> {
     read_mac_trailer(bytes).map(|(_, s, _)| s)
