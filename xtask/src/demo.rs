@@ -372,6 +372,27 @@ fn describe(e: &Event) -> Option<String> {
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0)
         ),
+        "device_enrolled" => format!(
+            "enrolled: key {} by {}{}",
+            e.str_field("key_id").unwrap_or("?"),
+            e.str_field("by").unwrap_or("?"),
+            e.raw
+                .get("groups")
+                .and_then(|g| g.as_array())
+                .filter(|g| !g.is_empty())
+                .map(|g| format!(
+                    ", groups {}",
+                    g.iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ))
+                .unwrap_or_default()
+        ),
+        "auth_rejected" => format!(
+            "refused {} unauthenticated messages",
+            e.raw.get("total").and_then(|v| v.as_u64()).unwrap_or(0)
+        ),
         "rejected" => format!(
             "rejected message on {}: {}",
             e.str_field("topic").unwrap_or("?"),
