@@ -82,7 +82,8 @@ use edge_agent::offload::policy::{Choice, Mode};
 use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor};
 use edge_testmodels::onnx_builder;
 use edge_tests::{Coordinator, Link, LinkProxy};
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
 use protocol::v1::{self, topics};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 

@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
 use protocol::v1::{self, OffloadTelemetry, topics};
 use tokio::sync::{oneshot, watch};
 
@@ -57,8 +58,6 @@ pub enum OffloadError {
     /// The hedged local run panicked or was cancelled.
     #[error("local run failed: {0}")]
     LocalTask(#[from] tokio::task::JoinError),
-    #[error("offload answer: output {name:?} has unsupported dtype {dtype}")]
-    AnswerDtype { name: String, dtype: u8 },
     #[error("offload answer: output {name:?}: {source}")]
     AnswerTensor {
         name: String,
@@ -333,12 +332,7 @@ impl Offloader {
         let result = match decision.choice {
             Choice::Local => self.local_measured(model, timed(move || Ok(local(input)?))),
             Choice::Offload => {
-                let wire = WireTensor {
-                    name: String::new(),
-                    dtype: u8::try_from(input.dtype().onnx_code()).unwrap_or(0),
-                    shape: input.shape().to_vec(),
-                    data: input.data().to_vec(),
-                };
+                let wire = WireTensor::from(&input);
                 self.offload(rt, model, wire, payload_bytes, start, move || {
                     Ok(local(input)?)
                 })
@@ -483,20 +477,13 @@ impl Offloader {
     }
 }
 
+/// An output of the coordinator's answer, checked like every local tensor.
 fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), OffloadError> {
-    let dtype = edge_inference::DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| {
-        OffloadError::AnswerDtype {
-            name: t.name.clone(),
-            dtype: t.dtype,
-        }
-    })?;
-    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data).map_err(|source| {
-        OffloadError::AnswerTensor {
-            name: t.name.clone(),
-            source,
-        }
-    })?;
-    Ok((t.name, tensor))
+    let name = t.name.clone();
+    match edge_inference::Tensor::try_from(t) {
+        Ok(tensor) => Ok((name, tensor)),
+        Err(source) => Err(OffloadError::AnswerTensor { name, source }),
+    }
 }
 
 /// Load of the CPUs this process may run on (its affinity mask), 0..1, since the last sample.
