@@ -94,13 +94,18 @@ impl std::fmt::Display for Class {
     }
 }
 
+/// A class name that is none of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown class {0:?}: use control, model, results or telemetry")]
+pub struct UnknownClass(pub String);
+
 impl std::str::FromStr for Class {
-    type Err = String;
+    type Err = UnknownClass;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Class::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown class {s:?}: use control, model, results or telemetry"))
+            .ok_or_else(|| UnknownClass(s.to_owned()))
     }
 }
 
