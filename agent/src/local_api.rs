@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::v1::{Class, Data, topics};
+use protocol::v1::{Class, Data, DataPayload, topics};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -241,7 +241,7 @@ fn parse_request(
     let class = req.class.unwrap_or(Class::Results);
     let body = serde_json::to_vec(&Data {
         stream: req.stream.clone(),
-        payload: req.payload,
+        payload: DataPayload::Json(req.payload),
     })
     .map_err(RequestError::Encode)?;
     if body.len() > max_message_bytes {

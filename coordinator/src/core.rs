@@ -404,7 +404,7 @@ mod tests {
     fn data(stream: &str) -> Data {
         Data {
             stream: stream.into(),
-            payload: serde_json::json!({"temp": 21.5}),
+            payload: serde_json::json!({"temp": 21.5}).into(),
         }
     }
 

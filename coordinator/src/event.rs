@@ -72,7 +72,7 @@ pub enum Event {
         seq: u64,
         stream: String,
         created_ms: u64,
-        payload: serde_json::Value,
+        payload: protocol::v1::DataPayload,
     },
     /// A message id seen before (at-least-once redelivery); dropped.
     Duplicate {

@@ -257,7 +257,7 @@ mod tests {
             seq: i,
             stream: "s".into(),
             created_ms: 0,
-            payload: serde_json::json!("x".repeat(100)),
+            payload: serde_json::json!("x".repeat(100)).into(),
         };
         for i in 0..40 {
             j.append(i, &data(i)).expect("writes");

@@ -379,7 +379,7 @@ mod tests {
             created_ms: 1,
             body: Data {
                 stream: "s".into(),
-                payload: serde_json::json!(1),
+                payload: serde_json::json!(1).into(),
             },
         }
         .to_json()

@@ -147,7 +147,7 @@ fn data(device: &str, seq: u64) -> (String, Vec<u8>) {
         created_ms: 1_000 + seq,
         body: Data {
             stream: "vib/alerts".into(),
-            payload: serde_json::json!({"rms": seq}),
+            payload: serde_json::json!({"rms": seq}).into(),
         },
     };
     (id, env.to_json())

@@ -17,7 +17,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use edge_testmodels::onnx_builder::linear;
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
 use protocol::v1::topics;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 

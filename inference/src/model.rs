@@ -33,7 +33,7 @@ impl IoInfo {
                 ty: elem, shape, ..
             } => IoInfo {
                 name: name.to_owned(),
-                dtype: DType::from_ort(*elem),
+                dtype: crate::tensor::dtype_from_ort(*elem),
                 type_name: elem.to_string(),
                 shape: shape.iter().map(|&d| u32::try_from(d).ok()).collect(),
             },

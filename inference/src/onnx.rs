@@ -237,6 +237,21 @@ pub struct StringStringEntryProto {
     pub value: String,
 }
 
+/// Why bytes are not a protobuf message (or not one of our onnx.proto messages).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Message(#[from] prost::DecodeError),
+    #[error("field number {0} out of range")]
+    FieldNumber(u64),
+    #[error("field length {0} out of range")]
+    Length(u64),
+    #[error("unsupported wire type {0}")]
+    WireType(u64),
+    #[error("field truncated: {needed} bytes needed, {left} left")]
+    Truncated { needed: usize, left: usize },
+}
+
 /// One top-level field of an encoded message, as raw bytes: `tag..end` is the whole field
 /// (key included), `value` the payload of a length-delimited field.
 #[derive(Debug, Clone)]
@@ -250,14 +265,13 @@ pub(crate) struct RawField<'a> {
 
 /// Splits an encoded message into its top-level fields without decoding them, so the fields we
 /// do not touch can be written back byte for byte.
-pub(crate) fn raw_fields(mut buf: &[u8]) -> Result<Vec<RawField<'_>>, String> {
-    let decode_varint =
-        |b: &mut &[u8]| prost::encoding::decode_varint(b).map_err(|e| e.to_string());
+pub(crate) fn raw_fields(mut buf: &[u8]) -> Result<Vec<RawField<'_>>, DecodeError> {
+    let decode_varint = |b: &mut &[u8]| prost::encoding::decode_varint(b);
     let mut fields = Vec::new();
     while !buf.is_empty() {
         let start = buf;
         let key = decode_varint(&mut buf)?;
-        let number = u32::try_from(key >> 3).map_err(|_| "field number out of range".to_owned())?;
+        let number = u32::try_from(key >> 3).map_err(|_| DecodeError::FieldNumber(key >> 3))?;
         let mut payload: &[u8] = &[];
         match key & 7 {
             0 => {
@@ -265,15 +279,15 @@ pub(crate) fn raw_fields(mut buf: &[u8]) -> Result<Vec<RawField<'_>>, String> {
             }
             1 => buf = skip(buf, 8)?,
             2 => {
-                let len = usize::try_from(decode_varint(&mut buf)?)
-                    .map_err(|_| "length out of range".to_owned())?;
+                let len = decode_varint(&mut buf)?;
+                let len = usize::try_from(len).map_err(|_| DecodeError::Length(len))?;
                 let rest = skip(buf, len)?;
                 payload = &buf[..len];
                 buf = rest;
             }
             5 => buf = skip(buf, 4)?,
             // Groups (3, 4) are deprecated and never used by onnx.proto.
-            w => return Err(format!("unsupported wire type {w}")),
+            w => return Err(DecodeError::WireType(w)),
         }
         let used = start.len() - buf.len();
         fields.push(RawField {
@@ -285,8 +299,11 @@ pub(crate) fn raw_fields(mut buf: &[u8]) -> Result<Vec<RawField<'_>>, String> {
     Ok(fields)
 }
 
-fn skip(buf: &[u8], n: usize) -> Result<&[u8], String> {
-    buf.get(n..).ok_or_else(|| "buffer underflow".to_owned())
+fn skip(buf: &[u8], n: usize) -> Result<&[u8], DecodeError> {
+    buf.get(n..).ok_or(DecodeError::Truncated {
+        needed: n,
+        left: buf.len(),
+    })
 }
 
 /// Appends a length-delimited field `number` with `payload` to `out`.

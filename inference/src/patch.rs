@@ -17,7 +17,7 @@ use crate::tensor::{DType, Tensor, TensorError};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     #[error("model is not valid onnx: {0}")]
-    Decode(String),
+    Decode(onnx::DecodeError),
     #[error("model has no graph")]
     NoGraph,
     #[error("initializer {name} is not in the model (it has: {available})")]
@@ -41,7 +41,7 @@ pub enum PatchError {
 }
 
 fn decode_err(e: prost::DecodeError) -> PatchError {
-    PatchError::Decode(e.to_string())
+    PatchError::Decode(e.into())
 }
 
 /// Returns `model` with each named initializer replaced by its tensor. Names must exist, and

@@ -1,6 +1,7 @@
 //! [`Tensor`]: the dense tensor of the WIT contract (`modules/wit/types.wit`, `record tensor`),
-//! validated on construction, and its conversions to and from ort values and ONNX
-//! `TensorProto`s.
+//! validated on construction, and its conversions to and from ort values, ONNX `TensorProto`s
+//! and the wire's tensor ([`WireTensor`], the agent's offload requests and the coordinator's
+//! answers). [`DType`] is the wire's (`protocol::v1::tensor`).
 //!
 //! Encoding (as the WIT file documents it): `data` holds product(shape) elements, row-major,
 //! each little-endian, packed; bool is one byte, 0 or 1. A `Tensor` that exists is valid: the
@@ -10,85 +11,23 @@ use std::fmt;
 
 use half::f16;
 use ort::value::{DynValue, TensorElementType, ValueType};
+use protocol::v1::tensor::WireTensor;
 
-use crate::onnx::{self, data_type};
+use crate::onnx;
 
-/// Element type, as in the WIT `dtype` enum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F16,
-    I64,
-    I32,
-    U8,
-    Bool,
-}
+pub use protocol::v1::tensor::DType;
 
-impl DType {
-    /// Bytes per element in [`Tensor::data`].
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 | DType::I32 => 4,
-            DType::F16 => 2,
-            DType::I64 => 8,
-            DType::U8 | DType::Bool => 1,
-        }
-    }
-
-    /// The name used in the WIT file and in error messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::I64 => "i64",
-            DType::I32 => "i32",
-            DType::U8 => "u8",
-            DType::Bool => "bool",
-        }
-    }
-
-    /// The ONNX `TensorProto.DataType` code.
-    pub fn onnx_code(self) -> i32 {
-        match self {
-            DType::F32 => data_type::FLOAT,
-            DType::F16 => data_type::FLOAT16,
-            DType::I64 => data_type::INT64,
-            DType::I32 => data_type::INT32,
-            DType::U8 => data_type::UINT8,
-            DType::Bool => data_type::BOOL,
-        }
-    }
-
-    /// From an ONNX `TensorProto.DataType` code; `None` for types the WIT contract lacks.
-    pub fn from_onnx_code(code: i32) -> Option<DType> {
-        Some(match code {
-            data_type::FLOAT => DType::F32,
-            data_type::FLOAT16 => DType::F16,
-            data_type::INT64 => DType::I64,
-            data_type::INT32 => DType::I32,
-            data_type::UINT8 => DType::U8,
-            data_type::BOOL => DType::Bool,
-            _ => return None,
-        })
-    }
-
-    pub(crate) fn from_ort(ty: TensorElementType) -> Option<DType> {
-        Some(match ty {
-            TensorElementType::Float32 => DType::F32,
-            TensorElementType::Float16 => DType::F16,
-            TensorElementType::Int64 => DType::I64,
-            TensorElementType::Int32 => DType::I32,
-            TensorElementType::Uint8 => DType::U8,
-            TensorElementType::Bool => DType::Bool,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for DType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// The element type of an ort tensor; `None` for types the WIT contract lacks.
+pub(crate) fn dtype_from_ort(ty: TensorElementType) -> Option<DType> {
+    Some(match ty {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float16 => DType::F16,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Bool => DType::Bool,
+        _ => return None,
+    })
 }
 
 /// Why bytes do not make a [`Tensor`].
@@ -340,7 +279,7 @@ impl Tensor {
             other => return Err(TensorError::UnsupportedType(other.to_string())),
         };
         let dtype =
-            DType::from_ort(ty).ok_or_else(|| TensorError::UnsupportedType(ty.to_string()))?;
+            dtype_from_ort(ty).ok_or_else(|| TensorError::UnsupportedType(ty.to_string()))?;
         let err = |e: ort::Error| TensorError::Ort(e.to_string());
         let (shape, data): (&ort::value::Shape, Vec<u8>) = match dtype {
             DType::F32 => {
@@ -425,6 +364,44 @@ impl Tensor {
     }
 }
 
+/// A copy of `t` for the wire, without a name (inputs by position).
+impl From<&Tensor> for WireTensor {
+    fn from(t: &Tensor) -> WireTensor {
+        WireTensor::new("", t.dtype, t.shape.clone(), t.data.clone())
+    }
+}
+
+impl Tensor {
+    /// Into a wire tensor named `name`, without a copy.
+    pub fn into_wire(self, name: impl Into<String>) -> WireTensor {
+        WireTensor::new(name, self.dtype, self.shape, self.data)
+    }
+}
+
+/// The element type of a wire tensor, or why it has none we run.
+fn wire_dtype(t: &WireTensor) -> Result<DType, TensorError> {
+    t.dtype()
+        .ok_or_else(|| TensorError::UnsupportedType(format!("onnx data type {}", t.dtype)))
+}
+
+/// Checked like every [`Tensor`]; the name is dropped (the caller matches names).
+impl TryFrom<WireTensor> for Tensor {
+    type Error = TensorError;
+
+    fn try_from(t: WireTensor) -> Result<Tensor, TensorError> {
+        Tensor::new(wire_dtype(&t)?, t.shape, t.data)
+    }
+}
+
+/// As `TryFrom<WireTensor>`, copying the data.
+impl TryFrom<&WireTensor> for Tensor {
+    type Error = TensorError;
+
+    fn try_from(t: &WireTensor) -> Result<Tensor, TensorError> {
+        Tensor::new(wire_dtype(t)?, t.shape.clone(), t.data.clone())
+    }
+}
+
 fn decode<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
     bytes
         .chunks_exact(N)
@@ -440,6 +417,45 @@ fn decode<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::onnx::data_type;
+
+    #[test]
+    fn wire_codes_are_onnx_codes() {
+        for (d, code) in [
+            (DType::F32, data_type::FLOAT),
+            (DType::F16, data_type::FLOAT16),
+            (DType::I64, data_type::INT64),
+            (DType::I32, data_type::INT32),
+            (DType::U8, data_type::UINT8),
+            (DType::Bool, data_type::BOOL),
+        ] {
+            assert_eq!(d.onnx_code(), code, "{d}");
+        }
+    }
+
+    #[test]
+    fn wire_tensors_convert_both_ways_checked() {
+        let t = Tensor::from_i32(vec![2], &[7, -7]).unwrap();
+        let wire = WireTensor::from(&t);
+        assert_eq!((wire.name.as_str(), wire.dtype), ("", 6));
+        assert_eq!(Tensor::try_from(&wire).as_ref(), Ok(&t));
+        let named = t.clone().into_wire("y");
+        assert_eq!(named.name, "y");
+        assert_eq!(Tensor::try_from(named), Ok(t));
+        let string = WireTensor {
+            dtype: 8,
+            ..WireTensor::from(&Tensor::from_u8(vec![1], &[1]).unwrap())
+        };
+        assert!(matches!(
+            Tensor::try_from(string),
+            Err(TensorError::UnsupportedType(_))
+        ));
+        let bad_bool = WireTensor::new("b", DType::Bool, vec![1], vec![2]);
+        assert!(matches!(
+            Tensor::try_from(bad_bool),
+            Err(TensorError::Bool { .. })
+        ));
+    }
 
     #[test]
     fn length_must_match_shape() {

@@ -72,7 +72,7 @@ fn main() {
             created_ms: 1,
             body: Data {
                 stream: "vibration/features".into(),
-                payload: serde_json::Value::String(String::from_utf8_lossy(p).into_owned()),
+                payload: serde_json::Value::String(String::from_utf8_lossy(p).into_owned()).into(),
             },
         };
         env.to_json().len()

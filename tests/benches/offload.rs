@@ -23,11 +23,12 @@
 //!
 //! The recorded trace is then replayed through each policy: `local`, `offload` (a timeout costs
 //! the timeout plus a local run), `oracle` (per step the cheaper side, in hindsight), and the
-//! agent's `cost` and `adaptive` modes. The replay feeds `edge_agent::offload::estimate::Knowledge`
-//! and `policy::Policy` exactly as `agent/src/offload/client.rs` does: only what the chosen
-//! side revealed (a local run, an answer, a timeout), a probe whenever nothing measured the link
-//! for `probe_interval_ms` of trace time, `online` only while connected with a fresh advert.
-//! The policies are the agent's own code with the agent's config defaults
+//! agent's `cost` and `adaptive` modes. The replay runs the agent's own offload core
+//! (`edge_agent::offload::OffloadCore`, the client's decisions and bookkeeping without its I/O,
+//! on trace time) and tells it what the client would: only what the chosen side revealed (a
+//! local run, an answer, a refusal or timeout and the local run after it), the advert and the
+//! connection state of the step, and a probe's outcome whenever the core says one is due. The
+//! policies are the agent's own code with the agent's config defaults
 //! (`edge_agent::config::OffloadConfig::default()`), apart from `timeout_ms`.
 //!
 //! Environment: `OFFLOAD_TRACES` (default 3: the trace is measured that many times and every
@@ -75,12 +76,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use edge_agent::config::OffloadConfig;
-use edge_agent::offload::estimate::{Context as Ctx, Knowledge};
-use edge_agent::offload::policy::{Choice, Decision, Mode, Policy, PolicyConfig};
+use edge_agent::offload::OffloadCore;
+use edge_agent::offload::core::{Outcome, request_bytes};
+use edge_agent::offload::policy::{Choice, Mode};
 use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor};
 use edge_testmodels::onnx_builder;
 use edge_tests::{Coordinator, Link, LinkProxy};
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
 use protocol::v1::{self, topics};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
@@ -98,11 +101,8 @@ const ROWS: u32 = 64;
 const TIMEOUT_MS: u64 = 500;
 /// A new request every this many ms (or when the previous step is done, if later).
 const PERIOD_MS: u64 = 100;
-/// What `client.rs` adds to a request's tensor bytes for the link model (its
-/// `REQUEST_OVERHEAD`, private there).
-const REQUEST_OVERHEAD: u64 = 64;
-/// A capacity advert counts this long (the agent's `advert_max_age_ms` default).
-const ADVERT_MAX_AGE: Duration = Duration::from_secs(30);
+/// The replica name the replay gives the recorded adverts.
+const REPLICA: &str = "bench";
 /// Burners run this long before each local run, so the run starts on a loaded CPU.
 const LOAD_SETTLE: Duration = Duration::from_millis(10);
 /// How long setup steps (connect, first advert) may take.
@@ -245,6 +245,11 @@ struct Step {
     probe_pad: Remote,
 }
 
+/// Bytes of the request's input tensor (f32).
+fn tensor_bytes() -> usize {
+    (ROWS * DIMS[0]) as usize * 4
+}
+
 fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -261,7 +266,7 @@ fn main() -> Result<()> {
                 .unwrap_or(Path::new("."))
                 .join("target/bench")
         });
-    let payload_bytes = u64::from(ROWS * DIMS[0]) * 4 + REQUEST_OVERHEAD;
+    let payload_bytes = request_bytes(tensor_bytes());
     let (steps, setup) = match std::env::var_os("OFFLOAD_REPLAY") {
         Some(path) => {
             let path = PathBuf::from(path);
@@ -505,7 +510,9 @@ impl Uplink {
     fn advert(&self) -> Option<(u32, u32, Option<f64>)> {
         let a = self.advert.lock().unwrap_or_else(PoisonError::into_inner);
         let (c, at) = a.as_ref()?;
-        (at.elapsed() <= ADVERT_MAX_AGE).then(|| {
+        // As long as the agent counts one (its `advert_max_age_ms` default).
+        let max_age = Duration::from_millis(OffloadConfig::default().advert_max_age_ms);
+        (at.elapsed() <= max_age).then(|| {
             (
                 c.workers,
                 c.queue_depth,
@@ -742,7 +749,7 @@ fn measure(traces: usize) -> Result<(Vec<Step>, String)> {
         "MLP {DIMS:?} x {ROWS} rows, payload {} B; idle, clean link: local {:.1} ms, remote \
          {:.1} ms (compute {:.0} ms), probe {:.1} ms; with 3 burners on CPU 0: local {:.1} ms, \
          coordinator compute {:.0} ms, probe {:.1} ms (medians); timeout {TIMEOUT_MS} ms; {}{}",
-        u64::from(ROWS * DIMS[0]) * 4 + REQUEST_OVERHEAD,
+        request_bytes(tensor_bytes()),
         median(cal.0),
         median(cal.1),
         median(cal.2),
@@ -904,12 +911,7 @@ fn replay_all(steps: &[Step], payload_bytes: u64, settings: &str) -> Result<Vec<
                 if matches!(mode, Mode::Cost | Mode::Adaptive) {
                     apply_settings(&mut cfg, settings)?;
                 }
-                replay(
-                    t,
-                    &cfg.policy(),
-                    cfg.probe_interval_ms as f64,
-                    payload_bytes,
-                )
+                replay(t, &cfg, payload_bytes)
             };
             per_trace.push(run);
         }
@@ -953,133 +955,134 @@ fn oracle(steps: &[Step]) -> Run {
     run
 }
 
-/// One policy over one trace, fed as `agent/src/offload/client.rs` feeds it.
-fn replay(steps: &[Step], cfg: &PolicyConfig, probe_interval_ms: f64, payload_bytes: u64) -> Run {
-    // When the model last ran locally (trace ms).
-    let mut local_measured: Option<f64> = None;
-    let probe_size = |pad: u64| {
-        Request::probe(0, 0, pad as usize)
+/// One policy over one trace, through the agent's offload core as the client drives it, with
+/// the trace's time as the core's clock.
+fn replay(steps: &[Step], cfg: &OffloadConfig, payload_bytes: u64) -> Run {
+    let probe_size = |pad: usize| {
+        Request::probe(0, 0, pad)
             .encode()
             .map_or(0, |p| p.len() as u64)
     };
-    let mut probes = 0u64;
-    // The tensor bytes of the last request sent (0: none yet); odd-numbered probes carry as
-    // much padding.
-    let mut last_request_bytes = 0u64;
+    let origin = Instant::now();
+    let at = |trace_ms: f64| origin + Duration::from_secs_f64(trace_ms.max(0.0) / 1000.0);
+    let span = |ms: f64| Duration::from_secs_f64(ms.max(0.0) / 1000.0);
     let timeout = TIMEOUT_MS as f64;
-    let mut knowledge = Knowledge::default();
-    let mut policy = Policy::new(cfg.clone());
-    // When the link was last measured (answer, probe or timeout), trace ms.
-    let mut last_measured: Option<f64> = None;
-    // The queue depth of the last answer, and when (trace ms).
-    let mut last_answer: Option<(u32, f64)> = None;
-    let mut prev_load = 0.0;
+    let mut core = OffloadCore::new(cfg.clone());
     let mut run = Run::default();
     for s in steps {
-        let now = s.t_ms;
+        let now_ms = s.t_ms;
+        let now = at(now_ms);
         // The client samples the CPU load every 500 ms: what it knows is the last interval's.
         if s.cpu_load.is_finite() {
-            prev_load = s.cpu_load;
+            core.set_cpu_load(s.cpu_load);
         }
-        let mut c = Ctx {
-            payload_bytes,
-            local_queue: 0,
-            cpu_load: prev_load,
-            online: online(s),
-            remote_workers: s.workers,
-            remote_queue: s.advert_queue,
-            advert_compute_ms: s.advert_compute_ms,
-            local_age_ms: local_measured.map_or(f64::INFINITY, |at| now - at),
-        };
-        if let Some((q, at)) = last_answer
-            && now - at < 1000.0
-        {
-            c.remote_queue = q;
+        // The latest advert naming the model, if one was fresh when the step began.
+        if s.workers > 0 {
+            let advert = Capacity {
+                replica: REPLICA.to_owned(),
+                workers: s.workers,
+                queue_depth: s.advert_queue,
+                max_queue: 0,
+                models: vec![MODEL.to_owned()],
+                ewma_compute_ms: s
+                    .advert_compute_ms
+                    .map(|ms| BTreeMap::from([(MODEL.to_owned(), ms)]))
+                    .unwrap_or_default(),
+                ts_ms: 0,
+            };
+            core.advert(REPLICA, advert, false, now, 0);
+        } else {
+            core.advert_cleared(REPLICA);
         }
-        let e = knowledge.estimates(MODEL, &c);
-        let d: Decision = policy.decide(&e);
+        let d = core.decide(MODEL, payload_bytes, 0, s.connected, now);
         let latency = match d.choice {
             Choice::Local => {
-                local_measured = Some(now);
-                knowledge.observe_local(MODEL, s.local_ms);
+                core.local_ran(MODEL, span(s.local_ms), at(now_ms + s.local_ms));
                 s.local_ms
             }
             Choice::Offload => {
-                last_request_bytes = payload_bytes;
-                match s.remote {
+                // What the remote side took, and how the client saw it end.
+                let (remote_ms, outcome) = match s.remote {
                     Remote::Ok {
                         total_ms,
                         queue_ms,
                         compute_ms,
                         queue_depth,
-                    } => {
-                        knowledge.observe_remote(
-                            MODEL,
-                            payload_bytes,
-                            total_ms,
-                            queue_ms,
-                            compute_ms,
-                        );
-                        last_measured = Some(now + total_ms);
-                        last_answer = Some((queue_depth, now + total_ms));
-                        total_ms
-                    }
+                    } => (
+                        total_ms,
+                        Outcome::Answer {
+                            at: at(now_ms + total_ms),
+                            status: Status::Ok,
+                            queue_ms: queue_ms as u32,
+                            compute_ms: compute_ms as u32,
+                            queue_depth,
+                        },
+                    ),
+                    // The trace does not keep which refusal; the core treats them alike.
                     Remote::Refused {
                         total_ms,
                         queue_depth,
-                    } => {
-                        last_answer = Some((queue_depth, now + total_ms));
-                        total_ms + s.local_ms
+                    } => (
+                        total_ms,
+                        Outcome::Answer {
+                            at: at(now_ms + total_ms),
+                            status: Status::Overloaded,
+                            queue_ms: 0,
+                            compute_ms: 0,
+                            queue_depth,
+                        },
+                    ),
+                    Remote::Timeout => (
+                        timeout,
+                        Outcome::Timeout {
+                            at: at(now_ms + timeout),
+                        },
+                    ),
+                    // Connected at the step's start but not when sending: not sent.
+                    Remote::Offline => (0.0, Outcome::NotSent),
+                };
+                let answered = core
+                    .admit(0, payload_bytes)
+                    .and_then(|()| core.remote_outcome(MODEL, payload_bytes, now, outcome));
+                match answered {
+                    Ok(()) => remote_ms,
+                    // The fallback: the frame runs here after all.
+                    Err(_) => {
+                        let done = now_ms + remote_ms + s.local_ms;
+                        core.local_ran(MODEL, span(s.local_ms), at(done));
+                        remote_ms + s.local_ms
                     }
-                    Remote::Timeout => {
-                        knowledge.observe_timeout(timeout);
-                        last_measured = Some(now + timeout);
-                        timeout + s.local_ms
-                    }
-                    // Connected at the step's start but not when sending: not sent, local.
-                    Remote::Offline => s.local_ms,
                 }
             }
         };
-        policy.observe(&d, latency);
+        core.finished(MODEL, &d, span(latency));
         run.offloaded.push(d.choice == Choice::Offload);
         run.reason.push(d.reason.as_str());
         run.latency.push(latency);
-        // The client's probe: due when nothing measured the link for the interval (shorter
-        // during an outage), while connected with a fresh advert, in cost and adaptive modes.
-        // Its outcome is known after this step's request.
-        let interval = knowledge.probe_interval_ms(probe_interval_ms);
-        let due = last_measured.is_none_or(|at| now - at >= interval);
-        if probe_interval_ms > 0.0
-            && matches!(cfg.mode, Mode::Cost | Mode::Adaptive)
-            && online(s)
-            && due
-        {
-            let pad = if probes % 2 == 1 {
-                last_request_bytes.saturating_sub(REQUEST_OVERHEAD)
-            } else {
-                0
-            };
-            let (probe, probe_bytes) = if pad > 0 {
+        // The router's probe, when the core says one is due; its outcome is known after this
+        // step's request.
+        if let Some(pad) = core.probe_due(s.connected, now) {
+            let (probe, bytes) = if pad > 0 {
                 (s.probe_pad, probe_size(pad))
             } else {
                 (s.probe, probe_size(0))
             };
-            if probe != Remote::Offline {
-                probes += 1;
-            }
             match probe {
                 Remote::Ok {
                     total_ms, queue_ms, ..
                 } => {
-                    knowledge.observe_probe(probe_bytes, total_ms, queue_ms);
-                    last_measured = Some(now + total_ms);
+                    core.probe_sent(now);
+                    core.probe_answered(bytes, now, at(now_ms + total_ms), queue_ms as u32);
                 }
-                Remote::Refused { total_ms, .. } => last_measured = Some(now + total_ms),
+                Remote::Refused { total_ms, .. } => {
+                    core.probe_sent(now);
+                    core.probe_answered(bytes, now, at(now_ms + total_ms), 0);
+                }
                 Remote::Timeout => {
-                    knowledge.observe_timeout(timeout);
-                    last_measured = Some(now + timeout);
+                    core.probe_sent(now);
+                    core.probe_lost(at(now_ms + timeout));
                 }
+                // Disconnected meanwhile: not sent.
                 Remote::Offline => {}
             }
         }

@@ -16,6 +16,10 @@ use edge_tests::{
 
 const DEVICE: &str = "off-1";
 const WAIT: Duration = Duration::from_secs(90);
+/// Reconnects of the agent the proxy refuses before a cut ends.
+const REFUSED_PER_CUT: u64 = 8;
+/// Cuts before the test gives up on seeing 20 offline decisions.
+const MAX_CUTS: u32 = 10;
 
 fn count(events: &[Event], key: &str) -> u64 {
     offload_count(events, DEVICE, key)
@@ -33,6 +37,26 @@ fn stage_calls(events: &[Event]) -> Option<(u64, u64)> {
         .iter()
         .find(|n| n.get("name").and_then(|v| v.as_str()) == Some("classify"))?;
     Some((stage.get("ok")?.as_u64()?, stage.get("errors")?.as_u64()?))
+}
+
+/// True once the journal from `from` on holds the device's reconnect (`online`) and telemetry
+/// the agent sampled after it (so after the decisions it made while cut off).
+fn reported_after_reconnect(events: &[Event], from: usize) -> bool {
+    let after = events.get(from..).unwrap_or_default();
+    let Some(since) = after
+        .iter()
+        .find(|e| e.is_for("online", DEVICE))
+        .and_then(|e| e.raw.get("since_ms")?.as_u64())
+    else {
+        return false;
+    };
+    after.iter().any(|e| {
+        e.is_for("telemetry", DEVICE)
+            && e.raw
+                .get("created_ms")
+                .and_then(|v| v.as_u64())
+                .is_some_and(|created| created >= since)
+    })
 }
 
 #[test]
@@ -82,13 +106,34 @@ fn scenario(env: &TestEnv) -> Result<()> {
     })?;
 
     // Cut: the agent is offline and runs everything locally; the counts arrive with the
-    // telemetry kept in its outbox once the link is back.
+    // telemetry kept in its outbox once the link is back. So the link stays cut until the
+    // agent has noticed (a few of its reconnects were refused, at least reconnect_min_ms
+    // apart, with frames running offline meanwhile), then comes back until telemetry sampled
+    // after the reconnect is in; should it show fewer than 20 offline decisions, it is cut
+    // again.
     let offline_before = count(journal.events(), "decisions.local/offline");
-    proxy.cut();
-    std::thread::sleep(Duration::from_secs(4));
+    for cut in 1.. {
+        let refused = proxy.stats().refused;
+        proxy.cut();
+        proxy.wait_stats("the agent's reconnects refused while cut", WAIT, |s| {
+            s.refused >= refused + REFUSED_PER_CUT
+        })?;
+        let from = journal.len();
+        proxy.set(Link::default());
+        proxy.restore();
+        journal.wait_for("telemetry sampled after the reconnect", WAIT, |j| {
+            reported_after_reconnect(j, from)
+        })?;
+        if count(journal.events(), "decisions.local/offline") >= offline_before + 20 {
+            break;
+        }
+        ensure!(
+            cut < MAX_CUTS,
+            "fewer than 20 offline decisions after {cut} cuts: {:?}",
+            latest_offload(journal.events(), DEVICE)
+        );
+    }
     let offload_before = count(journal.events(), "decisions.offload/cost");
-    proxy.set(Link::default());
-    proxy.restore();
 
     // Back to fast: probes see the link recover and frames go to the coordinator again.
     journal.wait_for(

@@ -10,25 +10,30 @@
 //!                                                        pending[correlation id] -> stage
 //! ```
 //!
+//! This file is the I/O around [`OffloadCore`] (`core.rs`), which decides and keeps the
+//! books: here the requests go out on the uplink's direct path, the waits and timers run, the
+//! local runs happen, and the router task receives answers and adverts, samples the CPU load
+//! and owns the link probe in flight (one at a time, dropped with the router).
+//!
 //! Requests go out at QoS 0 on the uplink's direct path, not through the outbox: an answer
 //! that comes after its deadline is useless, so a request is never stored or sent again.
-//! Every decision and every fallback is counted by reason for telemetry.
 //!
 //! **Invariant:** a frame handed to [`Offloader::run`] always gets an answer or an error from
 //! one side: remote failures of any kind end in a local run.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
-use protocol::v1::{self, OffloadModelTelemetry, OffloadTelemetry, topics};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
+use protocol::v1::{self, OffloadTelemetry, topics};
 use tokio::sync::{oneshot, watch};
 
 use super::config::OffloadConfig;
-use super::estimate::{Context, Knowledge};
-use super::policy::{Choice, Estimates, Mode, Policy};
+use super::core::{OffloadCore, Outcome, request_bytes};
+use super::policy::{Choice, Mode};
 use crate::inbox::Subscription;
 use crate::inference::InferenceError;
 use crate::link::{Direct, DirectSender, LinkWatch};
@@ -37,10 +42,8 @@ use crate::link::{Direct, DirectSender, LinkWatch};
 pub const DIRECT_CAPACITY: usize = 64;
 /// Inbox queue for responses and capacity adverts.
 pub const INBOX_CAPACITY: usize = 256;
-/// Bytes a request adds to its tensors (magic, ids, names, shapes), roughly.
-const REQUEST_OVERHEAD: u64 = 64;
-/// Largest padding of a link probe, bytes.
-const MAX_PROBE_PAD: u64 = 64 * 1024;
+/// How often the router samples the CPU load and looks whether a link probe is due.
+const TICK: Duration = Duration::from_millis(500);
 
 /// Outputs of one model run, named.
 pub type Outputs = Vec<(String, edge_inference::Tensor)>;
@@ -54,9 +57,7 @@ pub enum OffloadError {
     Local(#[from] InferenceError),
     /// The hedged local run panicked or was cancelled.
     #[error("local run failed: {0}")]
-    LocalTask(String),
-    #[error("offload answer: output {name:?} has unsupported dtype {dtype}")]
-    AnswerDtype { name: String, dtype: u8 },
+    LocalTask(#[from] tokio::task::JoinError),
     #[error("offload answer: output {name:?}: {source}")]
     AnswerTensor {
         name: String,
@@ -73,42 +74,8 @@ pub enum OffloadError {
 /// What the local run of a frame returns.
 pub type LocalResult = Result<Outputs, InferenceError>;
 
-/// Per offloadable model (the coordinator's name for it): its policy, and the queue depth of
-/// the last answer with when it came.
-#[derive(Debug)]
-struct ModelState {
-    policy: Policy,
-    remote_queue: Option<(u32, Instant)>,
-    /// When the model last ran here (the local estimate's age).
-    local_at: Option<Instant>,
-}
-
-#[derive(Debug)]
-struct Advert {
-    capacity: Capacity,
-    received: Instant,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    decisions: BTreeMap<String, u64>,
-    fallbacks: BTreeMap<String, u64>,
-    remote_ok: u64,
-    late_answers: u64,
-    probes: u64,
-}
-
-#[derive(Debug)]
-struct State {
-    knowledge: Knowledge,
-    adverts: BTreeMap<String, Advert>,
-    models: BTreeMap<String, ModelState>,
-    counters: Counters,
-    /// When the link was last measured (answer, probe or timeout).
-    last_measured: Option<Instant>,
-    /// Size of the last offload request, bytes.
-    last_request_bytes: u64,
-}
+/// An answer and when it arrived.
+type Answer = (Response, Instant);
 
 struct Inner {
     cfg: OffloadConfig,
@@ -116,10 +83,8 @@ struct Inner {
     link: LinkWatch,
     tx: DirectSender,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<(Response, Instant)>>>,
-    state: Mutex<State>,
-    /// Load of the CPUs this process may run on, 0..1, as f32 bits.
-    cpu_load: AtomicU32,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    core: Mutex<OffloadCore>,
 }
 
 /// Cheap to clone; shared by every inference stage that may offload.
@@ -153,11 +118,31 @@ enum Waited {
     Dropped,
 }
 
+/// The link probe in flight; the router task owns it.
+struct Probe {
+    id: u64,
+    /// Size of the probe request.
+    bytes: u64,
+    sent: Instant,
+    deadline: tokio::time::Instant,
+    rx: oneshot::Receiver<Answer>,
+}
+
+/// The probe's answer, or `None` once its deadline passed (or its waiter was dropped).
+async fn probe_answer(probe: &mut Option<Probe>) -> Option<Answer> {
+    let p = probe.as_mut()?;
+    tokio::time::timeout_at(p.deadline, &mut p.rx)
+        .await
+        .ok()?
+        .ok()
+}
+
 impl Offloader {
     /// `link`: whether the uplink is connected; `tx`: the uplink's direct path.
     pub fn new(cfg: OffloadConfig, device: String, link: LinkWatch, tx: DirectSender) -> Offloader {
         Offloader {
             inner: Arc::new(Inner {
+                core: Mutex::new(OffloadCore::new(cfg.clone())),
                 cfg,
                 device,
                 link,
@@ -165,15 +150,6 @@ impl Offloader {
                 // Random start so answers to a previous run of the agent never match.
                 next_id: AtomicU64::new(rand::random::<u64>() >> 1),
                 pending: Mutex::default(),
-                state: Mutex::new(State {
-                    knowledge: Knowledge::default(),
-                    adverts: BTreeMap::new(),
-                    models: BTreeMap::new(),
-                    counters: Counters::default(),
-                    last_measured: None,
-                    last_request_bytes: 0,
-                }),
-                cpu_load: AtomicU32::new(0),
             }),
         }
     }
@@ -190,39 +166,50 @@ impl Offloader {
         ]
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn core(&self) -> MutexGuard<'_, OffloadCore> {
         self.inner
-            .state
+            .core
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<(Response, Instant)>>> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<Answer>>> {
         self.inner
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn connected(&self) -> bool {
+        self.inner.link.borrow().connected
+    }
+
     /// Routes responses to their waiting frames and records capacity adverts, until
-    /// `shutdown`; also samples the CPU load the policy sees.
+    /// `shutdown`; also samples the CPU load the policy sees and sends the link probes.
     pub async fn route(self, mut sub: Subscription, mut shutdown: watch::Receiver<bool>) {
         let mut cpu = CpuGauge::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let response_topic = topics::offload_response(&self.inner.device);
+        // Owned here and not by a task of its own, so no probe outlives the router.
+        let mut probe: Option<Probe> = None;
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => break,
                 _ = tick.tick() => {
                     let load = cpu.sample();
-                    self.inner.cpu_load.store(load.to_bits(), Ordering::Relaxed);
-                    self.maybe_probe();
+                    self.core().set_cpu_load(f64::from(load));
+                    if probe.is_none() {
+                        probe = self.start_probe();
+                    }
+                }
+                answer = probe_answer(&mut probe), if probe.is_some() => {
+                    if let Some(p) = probe.take() {
+                        self.probe_done(p, answer);
+                    }
                 }
                 msg = sub.rx.recv() => {
-                    let Some(msg) = msg else { return };
+                    let Some(msg) = msg else { break };
                     if msg.topic == response_topic {
                         self.on_response(&msg.payload);
                     } else {
@@ -231,76 +218,40 @@ impl Offloader {
                 }
             }
         }
+        if let Some(p) = probe {
+            self.pending().remove(&p.id);
+        }
     }
 
-    /// Measures the link with a probe when nothing else did for `probe_interval_ms`: a
-    /// policy that chose local because the link was bad would otherwise never see it
-    /// recover.
-    fn maybe_probe(&self) {
+    /// Sends a link probe when the core says one is due (see [`OffloadCore::probe_due`]).
+    fn start_probe(&self) -> Option<Probe> {
+        let (connected, now) = (self.connected(), Instant::now());
+        let pad = self.core().probe_due(connected, now)?;
         let cfg = &self.inner.cfg;
-        if cfg.probe_interval_ms == 0
-            || !matches!(cfg.mode, Mode::Cost | Mode::Adaptive)
-            || !self.inner.link.borrow().connected
-        {
-            return;
-        }
-        let now = Instant::now();
-        let pad = {
-            let st = self.state();
-            let max_age = Duration::from_millis(cfg.advert_max_age_ms);
-            let interval = st.knowledge.probe_interval_ms(cfg.probe_interval_ms as f64);
-            let due = st
-                .last_measured
-                .is_none_or(|at| ms(now.duration_since(at)) >= interval);
-            let coordinator = st
-                .adverts
-                .values()
-                .any(|a| now.duration_since(a.received) <= max_age);
-            if !due || !coordinator || st.models.is_empty() {
-                return;
-            }
-            // Every other probe is the size of the last request, so the link model sees
-            // both sizes at the same time and can tell round trip from throughput.
-            if st.counters.probes % 2 == 1 {
-                st.last_request_bytes
-                    .saturating_sub(REQUEST_OVERHEAD)
-                    .min(MAX_PROBE_PAD) as usize
-            } else {
-                0
-            }
-        };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let Ok(payload) = Request::probe(id, v1::now_ms() + cfg.timeout_ms, pad).encode() else {
-            return;
-        };
+        let payload = Request::probe(id, v1::now_ms() + cfg.timeout_ms, pad)
+            .encode()
+            .ok()?;
         let bytes = payload.len() as u64;
-        let Some(rx) = self.send(id, payload, now + timeout) else {
-            return;
-        };
-        // Marked now so that one probe at a time is in flight.
-        self.state().last_measured = Some(now);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let answer = tokio::time::timeout(timeout, rx).await;
-            this.pending().remove(&id);
-            let mut st = this.state();
-            match answer {
-                Ok(Ok((r, at))) => {
-                    st.knowledge.observe_probe(
-                        bytes,
-                        ms(at.duration_since(now)),
-                        f64::from(r.queue_ms),
-                    );
-                    st.last_measured = Some(at);
-                }
-                _ => {
-                    st.knowledge.observe_timeout(ms(timeout));
-                    st.last_measured = Some(Instant::now());
-                }
-            }
-            st.counters.probes += 1;
-        });
+        let rx = self.send(id, payload, now + timeout)?;
+        self.core().probe_sent(now);
+        Some(Probe {
+            id,
+            bytes,
+            sent: now,
+            deadline: tokio::time::Instant::from_std(now + timeout),
+            rx,
+        })
+    }
+
+    fn probe_done(&self, p: Probe, answer: Option<Answer>) {
+        self.pending().remove(&p.id);
+        let mut core = self.core();
+        match answer {
+            Some((r, at)) => core.probe_answered(p.bytes, p.sent, at, r.queue_ms),
+            None => core.probe_lost(Instant::now()),
+        }
     }
 
     /// Registers `id` as waiting and hands the request to the uplink's direct path; `None`
@@ -310,7 +261,7 @@ impl Offloader {
         id: u64,
         payload: Vec<u8>,
         expires: Instant,
-    ) -> Option<oneshot::Receiver<(Response, Instant)>> {
+    ) -> Option<oneshot::Receiver<Answer>> {
         let (tx, rx) = oneshot::channel();
         self.pending().insert(id, tx);
         let direct = Direct {
@@ -335,13 +286,9 @@ impl Offloader {
             }
         };
         let waiter = self.pending().remove(&r.correlation_id);
-        match waiter {
-            Some(tx) => {
-                if tx.send((r, at)).is_err() {
-                    self.state().counters.late_answers += 1;
-                }
-            }
-            None => self.state().counters.late_answers += 1,
+        let delivered = waiter.is_some_and(|tx| tx.send((r, at)).is_ok());
+        if !delivered {
+            self.core().late_answer();
         }
     }
 
@@ -349,88 +296,18 @@ impl Offloader {
         let Some(replica) = topic.rsplit('/').next().filter(|r| !r.is_empty()) else {
             return;
         };
-        let mut st = self.state();
         if payload.is_empty() {
             // A replica cleared its retained advert on shutdown.
-            st.adverts.remove(replica);
+            self.core().advert_cleared(replica);
             return;
         }
-        let capacity = match Capacity::from_json(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(topic, error = %e, "dropping malformed capacity advert");
-                return;
+        match Capacity::from_json(payload) {
+            Ok(capacity) => {
+                self.core()
+                    .advert(replica, capacity, retained, Instant::now(), v1::now_ms());
             }
-        };
-        // A retained advert may be the last word of a coordinator that died long ago: it
-        // counts only if its own timestamp is recent (live ones count from their arrival).
-        let max_age = self.inner.cfg.advert_max_age_ms;
-        let received = if retained {
-            let age = v1::now_ms().saturating_sub(capacity.ts_ms);
-            if age > max_age {
-                return;
-            }
-            Instant::now()
-                .checked_sub(Duration::from_millis(age))
-                .unwrap_or_else(Instant::now)
-        } else {
-            Instant::now()
-        };
-        st.adverts
-            .insert(replica.to_owned(), Advert { capacity, received });
-    }
-
-    /// What the policy sees for `model` now.
-    fn estimates(
-        &self,
-        st: &mut State,
-        model: &str,
-        payload_bytes: u64,
-        local_queue: u32,
-    ) -> Estimates {
-        let now = Instant::now();
-        let max_age = Duration::from_millis(self.inner.cfg.advert_max_age_ms);
-        let mut c = Context {
-            payload_bytes,
-            local_queue,
-            cpu_load: f64::from(f32::from_bits(self.inner.cpu_load.load(Ordering::Relaxed))),
-            ..Context::default()
-        };
-        for a in st.adverts.values() {
-            if now.duration_since(a.received) > max_age
-                || !a.capacity.models.iter().any(|m| m == model)
-            {
-                continue;
-            }
-            c.remote_workers += a.capacity.workers;
-            c.remote_queue += a.capacity.queue_depth;
-            if let Some(&ms) = a.capacity.ewma_compute_ms.get(model) {
-                c.advert_compute_ms = Some(c.advert_compute_ms.map_or(ms, |m: f64| m.min(ms)));
-            }
+            Err(e) => tracing::warn!(topic, error = %e, "dropping malformed capacity advert"),
         }
-        c.online = self.inner.link.borrow().connected && c.remote_workers > 0;
-        let m = st
-            .models
-            .entry(model.to_owned())
-            .or_insert_with(|| ModelState {
-                policy: Policy::new(self.inner.cfg.policy()),
-                remote_queue: None,
-                local_at: None,
-            });
-        c.local_age_ms = m
-            .local_at
-            .map_or(f64::INFINITY, |at| ms(now.duration_since(at)));
-        // The freshest queue depth: an answer newer than the advert interval wins.
-        if let Some((q, at)) = m.remote_queue
-            && now.duration_since(at) < Duration::from_secs(1)
-        {
-            c.remote_queue = q;
-        }
-        st.knowledge.estimates(model, &c)
-    }
-
-    fn count(map: &mut BTreeMap<String, u64>, key: String) {
-        *map.entry(key).or_default() += 1;
     }
 
     /// Runs one model call for `model` (the coordinator's name) with `input`, here or there.
@@ -447,40 +324,22 @@ impl Offloader {
     where
         F: FnOnce(edge_inference::Tensor) -> LocalResult + Send + 'static,
     {
-        let payload_bytes = input.data().len() as u64 + REQUEST_OVERHEAD;
-        let decision = {
-            let mut st = self.state();
-            let e = self.estimates(&mut st, model, payload_bytes, local_queue);
-            let d = match st.models.get(model) {
-                Some(m) => m.policy.decide(&e),
-                None => Policy::new(self.inner.cfg.policy()).decide(&e),
-            };
-            Self::count(
-                &mut st.counters.decisions,
-                format!("{}/{}", side(d.choice), d.reason.as_str()),
-            );
-            d
-        };
-        let start = Instant::now();
+        let payload_bytes = request_bytes(input.data().len());
+        let (connected, start) = (self.connected(), Instant::now());
+        let decision = self
+            .core()
+            .decide(model, payload_bytes, local_queue, connected, start);
         let result = match decision.choice {
             Choice::Local => self.local_measured(model, timed(move || Ok(local(input)?))),
             Choice::Offload => {
-                let wire = WireTensor {
-                    name: String::new(),
-                    dtype: u8::try_from(input.dtype().onnx_code()).unwrap_or(0),
-                    shape: input.shape().to_vec(),
-                    data: input.data().to_vec(),
-                };
+                let wire = WireTensor::from(&input);
                 self.offload(rt, model, wire, payload_bytes, start, move || {
                     Ok(local(input)?)
                 })
             }
         };
         if result.is_ok() {
-            let mut st = self.state();
-            if let Some(m) = st.models.get_mut(model) {
-                m.policy.observe(&decision, ms(start.elapsed()));
-            }
+            self.core().finished(model, &decision, start.elapsed());
         }
         result
     }
@@ -499,16 +358,11 @@ impl Offloader {
     {
         let cfg = &self.inner.cfg;
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        // A fallback is a real run on this device: it feeds the local estimate as a chosen
-        // local run does (after an outage, the local latency is then fresh, not an hour old).
-        let fallback = |cause: &str, local: F| {
-            Self::count(&mut self.state().counters.fallbacks, cause.to_owned());
-            self.local_measured(model, timed(local))
-        };
-        if self.pending().len() >= cfg.max_pending as usize {
-            return fallback("busy", local);
+        // Every fallback is a real run on this device and feeds the local estimate.
+        let pending = self.pending().len();
+        if self.core().admit(pending, payload_bytes).is_err() {
+            return self.local_measured(model, timed(local));
         }
-        self.state().last_request_bytes = payload_bytes;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             correlation_id: id,
@@ -516,15 +370,18 @@ impl Offloader {
             model: model.to_owned(),
             inputs: vec![wire],
         };
-        let payload = match request.encode() {
-            Ok(p) => p,
+        let sent = match request.encode() {
+            Ok(payload) => self.send(id, payload, start + timeout),
             Err(e) => {
                 tracing::debug!(model, error = %e, "offload request cannot be encoded");
-                return fallback("not_sent", local);
+                None
             }
         };
-        let Some(mut rx) = self.send(id, payload, start + timeout) else {
-            return fallback("not_sent", local);
+        let Some(mut rx) = sent else {
+            let _ = self
+                .core()
+                .remote_outcome(model, payload_bytes, start, Outcome::NotSent);
+            return self.local_measured(model, timed(local));
         };
         let hedge = (cfg.hedge_ms > 0).then(|| Duration::from_millis(cfg.hedge_ms));
         let waited = rt.block_on(async {
@@ -538,73 +395,67 @@ impl Offloader {
             // Hedge: run locally as well; the first to finish wins.
             let mut handle = tokio::task::spawn_blocking(move || timed(local));
             let rest = timeout.saturating_sub(start.elapsed());
+            let joined = |l: Result<_, tokio::task::JoinError>| {
+                l.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e)), Duration::ZERO))
+            };
             tokio::select! {
                 r = tokio::time::timeout(rest, &mut rx) => match r {
                     Ok(Ok((r, at))) if r.status == Status::Ok => (Waited::Answer(r, at), None),
-                    _ => {
-                        // No usable answer: the local run decides.
-                        let l = (&mut handle).await.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO));
-                        (Waited::HedgeWon(l), None)
-                    }
+                    // No usable answer: the local run decides.
+                    _ => (Waited::HedgeWon(joined((&mut handle).await)), None),
                 },
-                l = &mut handle => (
-                    Waited::HedgeWon(l.unwrap_or_else(|e| (Err(OffloadError::LocalTask(e.to_string())), Duration::ZERO))),
-                    None,
-                ),
+                l = &mut handle => (Waited::HedgeWon(joined(l)), None),
             }
         });
         self.pending().remove(&id);
+        let settle = |outcome| {
+            // Counted by the core; every outcome here but an `ok` answer is a fallback.
+            self.core()
+                .remote_outcome(model, payload_bytes, start, outcome)
+        };
         match waited {
             (Waited::Answer(r, at), local) => {
-                let elapsed = at.duration_since(start);
-                if r.status == Status::Ok {
-                    let mut st = self.state();
-                    st.knowledge.observe_remote(
-                        model,
-                        payload_bytes,
-                        ms(elapsed),
-                        f64::from(r.queue_ms),
-                        f64::from(r.compute_ms),
-                    );
-                    st.last_measured = Some(at);
-                    st.counters.remote_ok += 1;
-                    if let Some(m) = st.models.get_mut(model) {
-                        m.remote_queue = Some((r.queue_depth, at));
-                    }
-                    drop(st);
+                let answered = settle(Outcome::Answer {
+                    at,
+                    status: r.status,
+                    queue_ms: r.queue_ms,
+                    compute_ms: r.compute_ms,
+                    queue_depth: r.queue_depth,
+                });
+                if answered.is_ok() {
                     return r.outputs.into_iter().map(from_wire).collect();
                 }
                 tracing::debug!(model, status = r.status.as_str(), error = %r.error, "offload refused; running locally");
-                {
-                    let mut st = self.state();
-                    if let Some(m) = st.models.get_mut(model) {
-                        m.remote_queue = Some((r.queue_depth, at));
-                    }
-                }
-                match local {
-                    Some(local) => fallback(r.status.as_str(), local),
-                    None => Err(OffloadError::Refused),
-                }
+                self.fallback(model, local, OffloadError::Refused)
             }
-            (Waited::HedgeWon(l), _) => {
-                Self::count(&mut self.state().counters.fallbacks, "hedge".into());
-                self.local_measured(model, l)
+            (Waited::HedgeWon(ran), _) => {
+                let _ = settle(Outcome::HedgeWon);
+                self.local_measured(model, ran)
             }
             (Waited::Timeout, local) => {
-                // What the link cost this time, as far as we know: at least the timeout.
-                let mut st = self.state();
-                st.knowledge.observe_timeout(ms(timeout));
-                st.last_measured = Some(Instant::now());
-                drop(st);
-                match local {
-                    Some(local) => fallback("timeout", local),
-                    None => Err(OffloadError::TimedOut),
-                }
+                let _ = settle(Outcome::Timeout { at: Instant::now() });
+                self.fallback(model, local, OffloadError::TimedOut)
             }
-            (Waited::Dropped, local) => match local {
-                Some(local) => fallback("not_sent", local),
-                None => Err(OffloadError::Dropped),
-            },
+            (Waited::Dropped, local) => {
+                let _ = settle(Outcome::NotSent);
+                self.fallback(model, local, OffloadError::Dropped)
+            }
+        }
+    }
+
+    /// The local run after a remote failure; `missing` when it already ran as the hedge.
+    fn fallback<F>(
+        &self,
+        model: &str,
+        local: Option<F>,
+        missing: OffloadError,
+    ) -> Result<Outputs, OffloadError>
+    where
+        F: FnOnce() -> Result<Outputs, OffloadError>,
+    {
+        match local {
+            Some(local) => self.local_measured(model, timed(local)),
+            None => Err(missing),
         }
     }
 
@@ -615,75 +466,24 @@ impl Offloader {
         (result, took): (Result<Outputs, OffloadError>, Duration),
     ) -> Result<Outputs, OffloadError> {
         if result.is_ok() {
-            let mut st = self.state();
-            st.knowledge.observe_local(model, ms(took));
-            if let Some(m) = st.models.get_mut(model) {
-                m.local_at = Some(Instant::now());
-            }
+            self.core().local_ran(model, took, Instant::now());
         }
         result
     }
 
     /// Decision and fallback counters, the link and per-model latencies.
     pub fn telemetry(&self) -> OffloadTelemetry {
-        let st = self.state();
-        OffloadTelemetry {
-            mode: mode_name(self.inner.cfg.mode).to_owned(),
-            decisions: st.counters.decisions.clone(),
-            fallbacks: st.counters.fallbacks.clone(),
-            remote_ok: st.counters.remote_ok,
-            late_answers: st.counters.late_answers,
-            probes: st.counters.probes,
-            rtt_ms: st.knowledge.link.rtt_ms(),
-            uplink_bps: st.knowledge.link.uplink_bps(),
-            models: st
-                .knowledge
-                .models
-                .iter()
-                .map(|(name, m)| OffloadModelTelemetry {
-                    model: name.clone(),
-                    local_ms: m.local_ms.get(),
-                    remote_ms: m.remote_ms.get(),
-                })
-                .collect(),
-        }
+        self.core().telemetry()
     }
 }
 
-pub fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Local => "local",
-        Mode::Offload => "offload",
-        Mode::Cost => "cost",
-        Mode::Adaptive => "adaptive",
-    }
-}
-
-fn side(c: Choice) -> &'static str {
-    match c {
-        Choice::Local => "local",
-        Choice::Offload => "offload",
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
+/// An output of the coordinator's answer, checked like every local tensor.
 fn from_wire(t: WireTensor) -> Result<(String, edge_inference::Tensor), OffloadError> {
-    let dtype = edge_inference::DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| {
-        OffloadError::AnswerDtype {
-            name: t.name.clone(),
-            dtype: t.dtype,
-        }
-    })?;
-    let tensor = edge_inference::Tensor::new(dtype, t.shape, t.data).map_err(|source| {
-        OffloadError::AnswerTensor {
-            name: t.name.clone(),
-            source,
-        }
-    })?;
-    Ok((t.name, tensor))
+    let name = t.name.clone();
+    match edge_inference::Tensor::try_from(t) {
+        Ok(tensor) => Ok((name, tensor)),
+        Err(source) => Err(OffloadError::AnswerTensor { name, source }),
+    }
 }
 
 /// Load of the CPUs this process may run on (its affinity mask), 0..1, since the last sample.
@@ -751,6 +551,7 @@ fn parse_cpu_list(list: &str) -> Vec<usize> {
 mod tests {
     use super::*;
     use edge_inference::Tensor;
+    use std::collections::BTreeMap;
 
     /// An offloader that is online, with a "coordinator" thread answering each request as
     /// `answer` says (None: never answers).
@@ -912,6 +713,36 @@ mod tests {
         off.on_advert(&topics::offload_capacity("r2"), b"{not json", false);
         assert_eq!(off.telemetry().late_answers, 1);
         assert_eq!(run_once(&rt, &off), 2.0);
+    }
+
+    #[test]
+    fn the_router_sends_link_probes_and_ends_with_its_probe_on_shutdown() {
+        let mut c = cfg(Mode::Cost);
+        c.probe_interval_ms = 100;
+        let (rt, off) = online(c, |req| {
+            req.is_probe()
+                .then(|| Response::failed(req.correlation_id, Status::Ok, ""))
+        });
+        // A model to probe for: one frame decided by cost.
+        run_once(&rt, &off);
+        let inbox = crate::inbox::Inbox::default();
+        let sub = inbox.subscribe_all(&Offloader::filters("d1"), INBOX_CAPACITY);
+        let (stop, stopped) = watch::channel(false);
+        let router = rt.spawn(off.clone().route(sub, stopped));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while off.telemetry().probes < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no probes: {:?}",
+                off.telemetry()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.send(true).expect("router listens");
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), router).await })
+            .expect("the router ends on shutdown")
+            .expect("the router did not panic");
+        assert!(off.pending().is_empty(), "a probe outlived its router");
     }
 
     #[test]

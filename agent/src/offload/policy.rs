@@ -42,6 +42,18 @@ pub enum Mode {
     Adaptive,
 }
 
+impl Mode {
+    /// The config and telemetry name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Local => "local",
+            Mode::Offload => "offload",
+            Mode::Cost => "cost",
+            Mode::Adaptive => "adaptive",
+        }
+    }
+}
+
 /// Weights and limits, from the agent config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
@@ -110,6 +122,16 @@ pub struct Estimates {
 pub enum Choice {
     Local,
     Offload,
+}
+
+impl Choice {
+    /// The side's name in telemetry keys (`local/offline`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Choice::Local => "local",
+            Choice::Offload => "offload",
+        }
+    }
 }
 
 /// Why; counted per value in metrics.

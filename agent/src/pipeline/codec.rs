@@ -2,41 +2,29 @@
 //!
 //! A `json` frame is published as its document; other payloads are wrapped so the receiver
 //! can tell them apart: `{"samples": [..]}`, `{"text": ".."}` (UTF-8 bytes),
-//! `{"bytes_b64": ".."}`, `{"tensor": {"dtype": "f32", "shape": [..], "data_b64": ".."}}`.
+//! `{"bytes_b64": ".."}`, and a tensor as the typed `{"tensor": {..}}` of
+//! [`protocol::v1::DataPayload`] (`{"data_b64": "..", "dtype": "f32", "shape": [..]}`).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use protocol::v1::DataPayload;
+use protocol::v1::tensor::DType;
 use serde_json::{Value, json};
 
 use crate::sandbox::{Dtype, Frame, Payload};
 
-/// The JSON value an outbox sink publishes for a frame's payload.
-pub fn payload_json(p: &Payload) -> Value {
+/// The data body payload an outbox sink publishes for a frame's payload.
+pub fn data_payload(p: &Payload) -> DataPayload {
     match p {
-        Payload::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
-        Payload::Samples(v) => json!({ "samples": v }),
-        Payload::Bytes(b) => match std::str::from_utf8(b) {
+        Payload::Tensor(t) => DataPayload::Tensor(t.into()),
+        Payload::Json(s) => {
+            DataPayload::Json(serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())))
+        }
+        Payload::Samples(v) => DataPayload::Json(json!({ "samples": v })),
+        Payload::Bytes(b) => DataPayload::Json(match std::str::from_utf8(b) {
             Ok(s) => json!({ "text": s }),
             Err(_) => json!({ "bytes_b64": B64.encode(b) }),
-        },
-        Payload::Tensor(t) => json!({
-            "tensor": {
-                "dtype": dtype_name(t.dtype),
-                "shape": t.shape,
-                "data_b64": B64.encode(&t.data),
-            }
         }),
-    }
-}
-
-pub fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F32 => "f32",
-        Dtype::F16 => "f16",
-        Dtype::I64 => "i64",
-        Dtype::I32 => "i32",
-        Dtype::U8 => "u8",
-        Dtype::Bool => "bool",
     }
 }
 
@@ -79,7 +67,7 @@ pub fn summary(f: &Frame) -> String {
         Payload::Json(j) => j.clone(),
         Payload::Samples(v) => format!("{} samples", v.len()),
         Payload::Bytes(b) => format!("{} bytes", b.len()),
-        Payload::Tensor(t) => format!("tensor {} {:?}", dtype_name(t.dtype), t.shape),
+        Payload::Tensor(t) => format!("tensor {} {:?}", DType::from(t.dtype), t.shape),
     };
     if s.len() > MAX {
         let mut cut = MAX;
@@ -154,6 +142,11 @@ mod tests {
         }
     }
 
+    /// The JSON a payload is published as.
+    fn payload_json(p: &Payload) -> Value {
+        serde_json::to_value(data_payload(p)).expect("a data payload serializes")
+    }
+
     #[test]
     fn payloads_to_json() {
         assert_eq!(
@@ -179,6 +172,31 @@ mod tests {
             data: vec![7],
         });
         assert_eq!(payload_json(&t)["tensor"]["dtype"], "u8");
+    }
+
+    #[test]
+    fn a_tensor_body_is_byte_for_byte_what_the_json_macro_built() {
+        // The body as the sink built it before it was typed: a `json!` value (keys sorted).
+        let t = Tensor {
+            dtype: Dtype::F16,
+            shape: vec![1, 2],
+            data: vec![0, 60, 0, 188],
+        };
+        let before = json!({
+            "tensor": {
+                "dtype": "f16",
+                "shape": t.shape,
+                "data_b64": B64.encode(&t.data),
+            }
+        });
+        let body = |payload| protocol::v1::Data {
+            stream: "s".into(),
+            payload,
+        };
+        assert_eq!(
+            serde_json::to_vec(&body(data_payload(&Payload::Tensor(t)))).expect("encodes"),
+            serde_json::to_vec(&body(DataPayload::Json(before))).expect("encodes"),
+        );
     }
 
     #[test]

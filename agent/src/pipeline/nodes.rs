@@ -20,8 +20,8 @@ use crate::dataset::{Dataset, Sample};
 use crate::inbox::Subscription;
 use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
-use crate::sandbox::{CallOutcome, Dtype, Frame, Payload, StageMetrics, StageRunner};
-use edge_inference::{DType, Tensor};
+use crate::sandbox::{CallOutcome, Frame, Payload, StageMetrics, StageRunner};
+use edge_inference::Tensor;
 
 /// Counters of one source, stage or sink.
 #[derive(Debug, Default)]
@@ -472,7 +472,7 @@ pub async fn run_sink(
                     Ok(()) => {
                         let body = Data {
                             stream: stream.clone(),
-                            payload: codec::payload_json(&frame.payload),
+                            payload: codec::data_payload(&frame.payload),
                         };
                         let msg = NewMessage {
                             class: match class {
@@ -714,7 +714,7 @@ impl InferenceStage {
                 stream: frame.stream.clone(),
                 timestamp_ms: frame.timestamp_ms,
                 payload: Payload::Tensor(crate::sandbox::Tensor {
-                    dtype: wit_dtype(dtype),
+                    dtype: dtype.into(),
                     shape,
                     data,
                 }),
@@ -761,8 +761,7 @@ fn split(
 fn frame_tensor(f: &Frame) -> Result<Tensor, FrameError> {
     match &f.payload {
         Payload::Tensor(t) => {
-            Tensor::new(inference_dtype(t.dtype), t.shape.clone(), t.data.clone())
-                .map_err(FrameError::Tensor)
+            Tensor::new(t.dtype.into(), t.shape.clone(), t.data.clone()).map_err(FrameError::Tensor)
         }
         Payload::Samples(v) => {
             Tensor::from_f32(vec![1, v.len() as u32], v).map_err(FrameError::Samples)
@@ -803,26 +802,4 @@ fn concat(tensors: &[Result<Tensor, FrameError>]) -> Option<Tensor> {
     let mut shape = vec![rows];
     shape.extend_from_slice(tail);
     Tensor::new(dtype, shape, data).ok()
-}
-
-fn inference_dtype(d: Dtype) -> DType {
-    match d {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::I64 => DType::I64,
-        Dtype::I32 => DType::I32,
-        Dtype::U8 => DType::U8,
-        Dtype::Bool => DType::Bool,
-    }
-}
-
-fn wit_dtype(d: DType) -> Dtype {
-    match d {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::I64 => Dtype::I64,
-        DType::I32 => Dtype::I32,
-        DType::U8 => Dtype::U8,
-        DType::Bool => Dtype::Bool,
-    }
 }

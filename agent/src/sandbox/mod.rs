@@ -59,6 +59,43 @@ pub use trainer::TrainerModule;
 use bindings::StagePre;
 use host::HostState;
 
+// The WIT element types are the wire's six (`protocol::v1::tensor::DType`, which the inference
+// crate uses too); the generated enum converts here, once.
+impl From<Dtype> for protocol::v1::tensor::DType {
+    fn from(d: Dtype) -> Self {
+        use protocol::v1::tensor::DType;
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::I64 => DType::I64,
+            Dtype::I32 => DType::I32,
+            Dtype::U8 => DType::U8,
+            Dtype::Bool => DType::Bool,
+        }
+    }
+}
+
+impl From<protocol::v1::tensor::DType> for Dtype {
+    fn from(d: protocol::v1::tensor::DType) -> Self {
+        use protocol::v1::tensor::DType;
+        match d {
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::I64 => Dtype::I64,
+            DType::I32 => Dtype::I32,
+            DType::U8 => Dtype::U8,
+            DType::Bool => Dtype::Bool,
+        }
+    }
+}
+
+/// A copy of a frame's tensor for the wire (a data body), without a name.
+impl From<&Tensor> for protocol::v1::tensor::WireTensor {
+    fn from(t: &Tensor) -> Self {
+        protocol::v1::tensor::WireTensor::new("", t.dtype.into(), t.shape.clone(), t.data.clone())
+    }
+}
+
 /// A module's identity: the name it was deployed under and the sha256 of its bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ModuleId {

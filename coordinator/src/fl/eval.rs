@@ -19,7 +19,10 @@
 
 use std::collections::BTreeMap;
 
-use edge_inference::{InferenceConfig, Model, Provider, Runtime, Tensor, patch_initializers};
+use edge_inference::{
+    InferenceConfig, Model, ModelError, PatchError, Provider, Runtime, RuntimeError, Tensor,
+    TensorError, patch_initializers,
+};
 use protocol::v1::fl::ParamSpec;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +30,68 @@ use serde::{Deserialize, Serialize};
 pub const MAX_HOLDOUT_ROWS: usize = 10_000;
 /// Rows per model run.
 const EVAL_BATCH: usize = 256;
+
+/// Why a held-out set does not parse, or a global model could not be evaluated on it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EvalError {
+    #[error("line {line}: {error}")]
+    Number {
+        line: usize,
+        error: std::num::ParseFloatError,
+    },
+    #[error("line {line}: needs at least one feature and a label")]
+    NoFeature { line: usize },
+    #[error("line {line}: {columns} columns, earlier lines have {expected}")]
+    Columns {
+        line: usize,
+        columns: usize,
+        expected: usize,
+    },
+    #[error("line {line}: feature {feature} is not finite")]
+    NotFinite { line: usize, feature: usize },
+    #[error("line {line}: label {label} is not a class index")]
+    Label { line: usize, label: f32 },
+    #[error("held-out set has more than {MAX_HOLDOUT_ROWS} rows")]
+    TooManyRows,
+    #[error("held-out set has no rows")]
+    NoRows,
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{weights} weights do not cover param {param}")]
+    Weights { weights: usize, param: String },
+    #[error("param {param}: {error}")]
+    Param { param: String, error: TensorError },
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("model {model} has {inputs} inputs; evaluation needs exactly one")]
+    Inputs { model: String, inputs: usize },
+    #[error(
+        "model {model} input {input} has shape {shape}; the held-out set has {features} \
+         features per row"
+    )]
+    InputShape {
+        model: String,
+        input: String,
+        shape: String,
+        features: usize,
+    },
+    #[error("held-out batch of model {model}: {error}")]
+    Batch { model: String, error: TensorError },
+    #[error("model {model} has no f32 output")]
+    NoF32Output { model: String },
+    #[error("the model produced {values} values for {rows} rows")]
+    OutputSize { values: usize, rows: usize },
+    #[error("held-out row {row} has label {label} but the model outputs {classes} classes")]
+    LabelRange {
+        row: usize,
+        label: usize,
+        classes: usize,
+    },
+    #[error("the model output a non-finite value (row {row}, class {class})")]
+    NonFinite { row: usize, class: usize },
+}
 
 /// Accuracy and loss of one global model version on the held-out set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -45,7 +110,7 @@ pub trait Evaluator {
         task: &str,
         version: u32,
         weights: &[f32],
-    ) -> Option<Result<EvalMetrics, String>>;
+    ) -> Option<Result<EvalMetrics, EvalError>>;
 }
 
 /// An evaluator for tasks without held-out sets.
@@ -53,7 +118,7 @@ pub trait Evaluator {
 pub struct NoEval;
 
 impl Evaluator for NoEval {
-    fn evaluate(&mut self, _: &str, _: u32, _: &[f32]) -> Option<Result<EvalMetrics, String>> {
+    fn evaluate(&mut self, _: &str, _: u32, _: &[f32]) -> Option<Result<EvalMetrics, EvalError>> {
         None
     }
 }
@@ -73,57 +138,54 @@ impl Holdout {
     }
 
     /// Parses the CSV text; the error names the line.
-    pub fn parse(text: &str) -> Result<Holdout, String> {
+    pub fn parse(text: &str) -> Result<Holdout, EvalError> {
         let mut features = None;
         let mut x = Vec::new();
         let mut labels = Vec::new();
         let mut first = true;
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
+        for (i, text) in text.lines().enumerate() {
+            let line = i + 1;
+            let text = text.trim();
+            if text.is_empty() || text.starts_with('#') {
                 continue;
             }
             let fields: Result<Vec<f32>, _> =
-                line.split(',').map(|f| f.trim().parse::<f32>()).collect();
+                text.split(',').map(|f| f.trim().parse::<f32>()).collect();
             let was_first = std::mem::replace(&mut first, false);
             let fields = match fields {
                 Ok(f) => f,
                 Err(_) if was_first => continue,
-                Err(e) => return Err(format!("line {}: {e}", i + 1)),
+                Err(error) => return Err(EvalError::Number { line, error }),
             };
             if fields.len() < 2 {
-                return Err(format!(
-                    "line {}: needs at least one feature and a label",
-                    i + 1
-                ));
+                return Err(EvalError::NoFeature { line });
             }
             let n = fields.len() - 1;
             if *features.get_or_insert(n) != n {
-                return Err(format!(
-                    "line {}: {} columns, earlier lines have {}",
-                    i + 1,
-                    fields.len(),
-                    features.unwrap_or(0) + 1
-                ));
+                return Err(EvalError::Columns {
+                    line,
+                    columns: fields.len(),
+                    expected: features.unwrap_or(0) + 1,
+                });
             }
             if let Some(j) = fields[..n].iter().position(|v| !v.is_finite()) {
-                return Err(format!("line {}: feature {} is not finite", i + 1, j + 1));
+                return Err(EvalError::NotFinite {
+                    line,
+                    feature: j + 1,
+                });
             }
             let label = fields[n];
             if !(label >= 0.0 && label.fract() == 0.0 && label < 1e6) {
-                return Err(format!(
-                    "line {}: label {label} is not a class index",
-                    i + 1
-                ));
+                return Err(EvalError::Label { line, label });
             }
             if labels.len() == MAX_HOLDOUT_ROWS {
-                return Err(format!("more than {MAX_HOLDOUT_ROWS} rows"));
+                return Err(EvalError::TooManyRows);
             }
             x.extend_from_slice(&fields[..n]);
             labels.push(label as u32);
         }
         let Some(features) = features else {
-            return Err("no rows".into());
+            return Err(EvalError::NoRows);
         };
         Ok(Holdout {
             features,
@@ -134,13 +196,12 @@ impl Holdout {
 }
 
 /// Accuracy and mean cross-entropy of `outputs` (`rows x classes`) against `labels`.
-pub fn score(outputs: &[f32], labels: &[u32]) -> Result<EvalMetrics, String> {
+pub fn score(outputs: &[f32], labels: &[u32]) -> Result<EvalMetrics, EvalError> {
     if labels.is_empty() || outputs.is_empty() || !outputs.len().is_multiple_of(labels.len()) {
-        return Err(format!(
-            "the model produced {} values for {} rows",
-            outputs.len(),
-            labels.len()
-        ));
+        return Err(EvalError::OutputSize {
+            values: outputs.len(),
+            rows: labels.len(),
+        });
     }
     let classes = outputs.len() / labels.len();
     let distributions = outputs.chunks_exact(classes).all(|row| {
@@ -152,16 +213,14 @@ pub fn score(outputs: &[f32], labels: &[u32]) -> Result<EvalMetrics, String> {
     for (r, (row, &label)) in outputs.chunks_exact(classes).zip(labels).enumerate() {
         let label = label as usize;
         if label >= classes {
-            return Err(format!(
-                "held-out row {} has label {label} but the model outputs {classes} classes",
-                r + 1
-            ));
+            return Err(EvalError::LabelRange {
+                row: r + 1,
+                label,
+                classes,
+            });
         }
-        if let Some(j) = row.iter().position(|v| !v.is_finite()) {
-            return Err(format!(
-                "the model output a non-finite value (row {}, class {j})",
-                r + 1
-            ));
+        if let Some(class) = row.iter().position(|v| !v.is_finite()) {
+            return Err(EvalError::NonFinite { row: r + 1, class });
         }
         if distributions {
             probs.copy_from_slice(row);
@@ -203,7 +262,7 @@ struct EvalTask {
 /// first evaluation (`ORT_DYLIB_PATH`, next to the executable, the workspace's `target/ort`).
 #[derive(Default)]
 pub struct OnnxEvaluator {
-    runtime: Option<Result<Runtime, String>>,
+    runtime: Option<Result<Runtime, RuntimeError>>,
     tasks: BTreeMap<String, EvalTask>,
 }
 
@@ -232,7 +291,7 @@ impl OnnxEvaluator {
         self.tasks.remove(task);
     }
 
-    fn runtime(&mut self) -> Result<Runtime, String> {
+    fn runtime(&mut self) -> Result<Runtime, RuntimeError> {
         self.runtime
             .get_or_insert_with(|| {
                 let config = InferenceConfig {
@@ -240,7 +299,7 @@ impl OnnxEvaluator {
                     intra_threads: 1,
                     ..InferenceConfig::default()
                 };
-                Runtime::load(&config).map_err(|e| e.to_string())
+                Runtime::load(&config)
             })
             .clone()
     }
@@ -252,13 +311,13 @@ impl Evaluator for OnnxEvaluator {
         task: &str,
         version: u32,
         weights: &[f32],
-    ) -> Option<Result<EvalMetrics, String>> {
+    ) -> Option<Result<EvalMetrics, EvalError>> {
         if !self.tasks.contains_key(task) {
             return None;
         }
         let runtime = match self.runtime() {
             Ok(rt) => rt,
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Some(Err(e.into())),
         };
         let t = self.tasks.get(task)?;
         Some(run_eval(&runtime, task, version, t, weights))
@@ -271,27 +330,31 @@ fn run_eval(
     version: u32,
     t: &EvalTask,
     weights: &[f32],
-) -> Result<EvalMetrics, String> {
+) -> Result<EvalMetrics, EvalError> {
     let mut tensors = Vec::with_capacity(t.params.len());
     let mut at = 0;
     for p in &t.params {
         let values = weights
             .get(at..at + p.len())
-            .ok_or_else(|| format!("{} weights do not cover param {}", weights.len(), p.name))?;
+            .ok_or_else(|| EvalError::Weights {
+                weights: weights.len(),
+                param: p.name.clone(),
+            })?;
         at += p.len();
-        let tensor = Tensor::from_f32(p.shape.clone(), values)
-            .map_err(|e| format!("param {}: {e}", p.name))?;
+        let tensor =
+            Tensor::from_f32(p.shape.clone(), values).map_err(|error| EvalError::Param {
+                param: p.name.clone(),
+                error,
+            })?;
         tensors.push((p.name.as_str(), tensor));
     }
-    let patched = patch_initializers(&t.model, &tensors).map_err(|e| e.to_string())?;
-    let model =
-        Model::load(rt, task, &format!("v{version}"), &patched).map_err(|e| e.to_string())?;
+    let patched = patch_initializers(&t.model, &tensors)?;
+    let model = Model::load(rt, task, &format!("v{version}"), &patched)?;
     let [input] = model.inputs() else {
-        return Err(format!(
-            "model {} has {} inputs; evaluation needs exactly one",
-            model.id(),
-            model.inputs().len()
-        ));
+        return Err(EvalError::Inputs {
+            model: model.id().to_owned(),
+            inputs: model.inputs().len(),
+        });
     };
     // The batch dimension first; the rest must be fixed and hold one row's features.
     let rest: Option<Vec<u32>> = input.shape.iter().skip(1).copied().collect();
@@ -300,14 +363,11 @@ fn run_eval(
             !input.shape.is_empty()
                 && r.iter().map(|&d| d as usize).product::<usize>() == t.holdout.features
         })
-        .ok_or_else(|| {
-            format!(
-                "model {} input {} has shape {}; the held-out set has {} features per row",
-                model.id(),
-                input.name,
-                input.shape_string(),
-                t.holdout.features
-            )
+        .ok_or_else(|| EvalError::InputShape {
+            model: model.id().to_owned(),
+            input: input.name.clone(),
+            shape: input.shape_string(),
+            features: t.holdout.features,
         })?;
     let mut outputs = Vec::with_capacity(t.holdout.rows() * 10);
     let f = t.holdout.features;
@@ -315,12 +375,17 @@ fn run_eval(
         let n = (rows.len() / f) as u32;
         let mut shape = vec![n];
         shape.extend(&rest);
-        let x = Tensor::from_f32(shape, rows).map_err(|e| e.to_string())?;
-        let out = model.run(&[x]).map_err(|e| e.to_string())?;
+        let x = Tensor::from_f32(shape, rows).map_err(|error| EvalError::Batch {
+            model: model.id().to_owned(),
+            error,
+        })?;
+        let out = model.run(&[x])?;
         let first = out
             .first()
             .and_then(Tensor::to_f32)
-            .ok_or_else(|| format!("model {} has no f32 output", model.id()))?;
+            .ok_or_else(|| EvalError::NoF32Output {
+                model: model.id().to_owned(),
+            })?;
         outputs.extend(first);
     }
     score(&outputs, &t.holdout.labels)
@@ -368,7 +433,7 @@ mod tests {
             ("", "no rows"),
             ("h1,h2\n", "no rows"),
         ] {
-            let e = Holdout::parse(text).expect_err(text);
+            let e = Holdout::parse(text).expect_err(text).to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
     }
@@ -388,6 +453,7 @@ mod tests {
         assert!(
             score(&probs, &[0, 3])
                 .expect_err("label out of range")
+                .to_string()
                 .contains("label 3")
         );
         assert!(score(&probs[..5], &[0, 1]).is_err());
@@ -417,7 +483,7 @@ mod tests {
                     !edge_inference::workspace_library().exists() && ort_env_unset(),
                     "a library is there but evaluation failed: {reason}"
                 );
-                assert!(reason.contains("unavailable"), "{reason}");
+                assert!(reason.to_string().contains("unavailable"), "{reason}");
             }
             None => panic!("the task is registered"),
         }

@@ -143,7 +143,10 @@ pub fn load_task_files(dir: &Path) -> Result<TaskFiles, FilesError> {
     let holdout = if spec.holdout {
         let path = dir.join(HOLDOUT);
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        Some(Holdout::parse(&text).map_err(|error| FilesError::Corrupt { path, error })?)
+        Some(Holdout::parse(&text).map_err(|e| FilesError::Corrupt {
+            path,
+            error: e.to_string(),
+        })?)
     } else {
         None
     };

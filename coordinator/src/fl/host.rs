@@ -225,11 +225,9 @@ impl FlHost {
             None => {
                 let names: Vec<String> = f.spec.params.iter().map(|p| p.name.clone()).collect();
                 let (params, initial) =
-                    initial_weights(&f.model, Some(&names)).map_err(|error| {
-                        FilesError::Corrupt {
-                            path: dir.join("model.onnx"),
-                            error,
-                        }
+                    initial_weights(&f.model, Some(&names)).map_err(|e| FilesError::Corrupt {
+                        path: dir.join("model.onnx"),
+                        error: e.to_string(),
                     })?;
                 if params != f.spec.params {
                     return Err(FilesError::Corrupt {

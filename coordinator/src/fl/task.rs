@@ -74,6 +74,34 @@ pub enum TaskError {
     },
 }
 
+/// Why a model's initializers cannot be a task's trained weights.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WeightsError {
+    #[error("cannot read the model's initializers: {0}")]
+    Read(edge_inference::PatchError),
+    #[error("lists no initializer")]
+    NoneListed,
+    #[error("{name} is listed twice")]
+    Twice { name: String },
+    #[error("the model has no initializer {name} (it has: {have})")]
+    Missing { name: String, have: String },
+    #[error("initializer {name} is {dtype}, only f32 can be trained")]
+    NotF32 { name: String, dtype: DType },
+    #[error("the model has no f32 initializer to train")]
+    NoF32,
+    #[error("initializer {name} is a scalar or empty; it cannot be trained")]
+    Scalar { name: String },
+    #[error("initializer {name} has a non-finite value at {index}")]
+    NonFinite { name: String, index: usize },
+    #[error(
+        "{weights} weights make a round message of {size} bytes, over the protocol's limit of \
+         {MAX_PAYLOAD_BYTES} bytes"
+    )]
+    TooLarge { weights: usize, size: usize },
+    #[error(transparent)]
+    Round(protocol::v1::fl::FlError),
+}
+
 /// Which devices take part.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,7 +305,7 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
                 } else {
                     "initial"
                 },
-                reason,
+                reason.to_string(),
             )
         })?;
     let holdout_text = match &raw.eval.holdout {
@@ -298,7 +326,7 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
     };
     let spec = validate(raw, params, holdout_text.is_some())
         .map_err(|(key, reason)| invalid(key, reason))?;
-    check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason))?;
+    check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason.to_string()))?;
     Ok(LoadedTask {
         spec,
         model_bytes,
@@ -311,31 +339,30 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
 pub fn initial_weights(
     model: &[u8],
     names: Option<&[String]>,
-) -> Result<(Vec<ParamSpec>, Vec<f32>), String> {
-    let inits = read_initializers(model)
-        .map_err(|e| format!("cannot read the model's initializers: {e}"))?;
+) -> Result<(Vec<ParamSpec>, Vec<f32>), WeightsError> {
+    let inits = read_initializers(model).map_err(WeightsError::Read)?;
     let chosen: Vec<&(String, edge_inference::Tensor)> = match names {
         Some(names) => {
             if names.is_empty() {
-                return Err("lists no initializer".into());
+                return Err(WeightsError::NoneListed);
             }
             let mut out = Vec::new();
             for (i, name) in names.iter().enumerate() {
                 if names[..i].contains(name) {
-                    return Err(format!("{name} is listed twice"));
+                    return Err(WeightsError::Twice { name: name.clone() });
                 }
                 let found = inits.iter().find(|(n, _)| n == name).ok_or_else(|| {
                     let have: Vec<&str> = inits.iter().map(|(n, _)| n.as_str()).collect();
-                    format!(
-                        "the model has no initializer {name} (it has: {})",
-                        have.join(", ")
-                    )
+                    WeightsError::Missing {
+                        name: name.clone(),
+                        have: have.join(", "),
+                    }
                 })?;
                 if found.1.dtype() != DType::F32 {
-                    return Err(format!(
-                        "initializer {name} is {}, only f32 can be trained",
-                        found.1.dtype()
-                    ));
+                    return Err(WeightsError::NotF32 {
+                        name: name.clone(),
+                        dtype: found.1.dtype(),
+                    });
                 }
                 out.push(found);
             }
@@ -347,21 +374,23 @@ pub fn initial_weights(
             .collect(),
     };
     if chosen.is_empty() {
-        return Err("the model has no f32 initializer to train".into());
+        return Err(WeightsError::NoF32);
     }
     let mut params = Vec::new();
     let mut weights = Vec::new();
     for (name, t) in chosen {
         if t.shape().is_empty() || t.is_empty() {
-            return Err(format!(
-                "initializer {name} is a scalar or empty; it cannot be trained"
-            ));
+            return Err(WeightsError::Scalar { name: name.clone() });
         }
-        let values = t
-            .to_f32()
-            .ok_or_else(|| format!("initializer {name} is not f32"))?;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(format!("initializer {name} has a non-finite value at {i}"));
+        let values = t.to_f32().ok_or_else(|| WeightsError::NotF32 {
+            name: name.clone(),
+            dtype: t.dtype(),
+        })?;
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(WeightsError::NonFinite {
+                name: name.clone(),
+                index,
+            });
         }
         params.push(ParamSpec {
             name: name.clone(),
@@ -578,7 +607,7 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
 }
 
 /// Refuses a model whose round message would not fit one MQTT payload.
-fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), String> {
+fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
     let header = RoundHeader {
         task: spec.id.clone(),
         // The longest id a device may have.
@@ -602,11 +631,11 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), String> {
     };
     match encode_round(&header, initial, &SigningKey::from_bytes(&[0; 32])) {
         Ok(_) => Ok(()),
-        Err(protocol::v1::fl::FlError::TooLarge { size, .. }) => Err(format!(
-            "{} weights make a round message of {size} bytes, over the protocol's limit of {MAX_PAYLOAD_BYTES} bytes",
-            initial.len()
-        )),
-        Err(e) => Err(e.to_string()),
+        Err(protocol::v1::fl::FlError::TooLarge { size, .. }) => Err(WeightsError::TooLarge {
+            weights: initial.len(),
+            size,
+        }),
+        Err(e) => Err(WeightsError::Round(e)),
     }
 }
 

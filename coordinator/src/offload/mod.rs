@@ -30,8 +30,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use edge_inference::{DType, InferenceConfig, Model, Provider, Runtime, RuntimeError, Tensor};
-use protocol::v1::offload::{Capacity, Request, Response, Status, WireTensor};
+use edge_inference::{InferenceConfig, Model, Provider, Runtime, RuntimeError, Tensor};
+use protocol::v1::offload::{Capacity, Request, Response, Status};
+use protocol::v1::tensor::WireTensor;
 use protocol::v1::{self, topics};
 use tokio::sync::mpsc;
 
@@ -455,15 +456,7 @@ fn answer(job: &Job, shared: &Shared, models: &BTreeMap<String, Model>) -> Respo
                 .outputs()
                 .iter()
                 .zip(outputs)
-                .map(|(info, t)| {
-                    let (dtype, shape, data) = t.into_parts();
-                    WireTensor {
-                        name: info.name.clone(),
-                        dtype: u8::try_from(dtype.onnx_code()).unwrap_or(0),
-                        shape,
-                        data,
-                    }
-                })
+                .map(|(info, t)| t.into_wire(info.name.clone()))
                 .collect();
             let mut r = Response::failed(id, Status::Ok, "");
             r.outputs = outputs;
@@ -484,8 +477,6 @@ enum InputError {
     Missing(String),
     #[error("model has no input {0:?}")]
     Unknown(String),
-    #[error("input {name:?}: unsupported dtype code {code}")]
-    Dtype { name: String, code: u8 },
     #[error("input {name:?}: {error}")]
     Tensor {
         name: String,
@@ -517,16 +508,9 @@ fn to_inputs(model: &Model, wire: &[WireTensor]) -> Result<Vec<Tensor>, InputErr
     ordered
         .into_iter()
         .map(|t| {
-            let dtype =
-                DType::from_onnx_code(i32::from(t.dtype)).ok_or_else(|| InputError::Dtype {
-                    name: t.name.clone(),
-                    code: t.dtype,
-                })?;
-            Tensor::new(dtype, t.shape.clone(), t.data.clone()).map_err(|error| {
-                InputError::Tensor {
-                    name: t.name.clone(),
-                    error,
-                }
+            Tensor::try_from(t).map_err(|error| InputError::Tensor {
+                name: t.name.clone(),
+                error,
             })
         })
         .collect()

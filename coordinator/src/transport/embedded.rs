@@ -63,12 +63,14 @@ impl Embedded {
             .spawn(move || {
                 let mut broker = broker;
                 // Returns only if every server thread ended (e.g. it could not bind).
-                broker.start().map_err(|e| e.to_string())
+                broker
+                    .start()
+                    .map_err(|e| TransportError::Start(e.to_string()))
             })
             .map_err(|e| TransportError::Start(format!("cannot spawn broker thread: {e}")))?;
         wait_listening(addr, &server).await?;
         if server.is_finished() {
-            return Err(TransportError::Start(finished_reason(server)));
+            return Err(finished_reason(server));
         }
         let pump = tokio::spawn(pump(link_rx, tx));
         tracing::info!(listen = %addr, "embedded broker listening");
@@ -210,7 +212,7 @@ fn link_and_subscribe(
 /// Polls until the port accepts TCP connections or the broker thread gives up.
 async fn wait_listening(
     addr: SocketAddr,
-    server: &std::thread::JoinHandle<Result<(), String>>,
+    server: &std::thread::JoinHandle<Result<(), TransportError>>,
 ) -> Result<(), TransportError> {
     let target = connect_addr(addr);
     let deadline = Instant::now() + START_TIMEOUT;
@@ -235,13 +237,13 @@ async fn wait_listening(
     }
 }
 
-fn finished_reason(server: std::thread::JoinHandle<Result<(), String>>) -> String {
+fn finished_reason(server: std::thread::JoinHandle<Result<(), TransportError>>) -> TransportError {
     match server.join() {
-        Ok(Ok(())) => {
-            "the broker's server thread stopped (could it bind the listen address?)".into()
-        }
+        Ok(Ok(())) => TransportError::Start(
+            "the broker's server thread stopped (could it bind the listen address?)".into(),
+        ),
         Ok(Err(e)) => e,
-        Err(_) => "the broker thread panicked".into(),
+        Err(_) => TransportError::Start("the broker thread panicked".into()),
     }
 }
 

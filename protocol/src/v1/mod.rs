@@ -10,6 +10,7 @@ pub mod deploy;
 pub mod enroll;
 pub mod fl;
 pub mod offload;
+pub mod tensor;
 pub mod topics;
 
 use serde::{Deserialize, Serialize};
@@ -95,13 +96,18 @@ impl std::fmt::Display for Class {
     }
 }
 
+/// A class name that is none of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown class {0:?}: use control, model, results or telemetry")]
+pub struct UnknownClass(pub String);
+
 impl std::str::FromStr for Class {
-    type Err = String;
+    type Err = UnknownClass;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Class::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown class {s:?}: use control, model, results or telemetry"))
+            .ok_or_else(|| UnknownClass(s.to_owned()))
     }
 }
 
@@ -511,12 +517,71 @@ pub struct OutboxStats {
 }
 
 /// Body of `edge/v1/{device}/data/{stream}`: an application message published through the
-/// agent's local API.
+/// agent's local API, or a pipeline's outbox sink output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
     pub stream: String,
-    pub payload: serde_json::Value,
+    pub payload: DataPayload,
+}
+
+/// What a data message carries: a tensor (`{"tensor": {..}}`, an inference stage's output, in
+/// [`tensor::WireTensor`]'s JSON form) or any other JSON document (what apps publish through
+/// the local API, and the other frame kinds of pipelines: `{"samples": [..]}`, `{"text": ..}`,
+/// `{"bytes_b64": ..}`, a stage's own JSON).
+///
+/// On the wire it is the JSON itself, untagged. Decoding reads `{"tensor": {..}}` as a tensor
+/// only when it is exactly what encoding a tensor writes (the tensor's strict JSON form, no
+/// other key), and anything else as JSON, so decoding then encoding never changes a payload
+/// beyond what `serde_json::Value` normalises (the coordinator's journal writes it back).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataPayload {
+    Tensor(tensor::WireTensor),
+    Json(serde_json::Value),
+}
+
+impl From<serde_json::Value> for DataPayload {
+    /// Reads a tensor body as a tensor, as decoding does.
+    fn from(v: serde_json::Value) -> DataPayload {
+        if let serde_json::Value::Object(m) = &v
+            && m.len() == 1
+            && let Some(t) = m.get("tensor")
+            && let Ok(t) = tensor::WireTensor::deserialize(t)
+        {
+            return DataPayload::Tensor(t);
+        }
+        DataPayload::Json(v)
+    }
+}
+
+/// A payload equals the JSON document it is on the wire.
+impl PartialEq<serde_json::Value> for DataPayload {
+    fn eq(&self, other: &serde_json::Value) -> bool {
+        match self {
+            DataPayload::Json(v) => v == other,
+            DataPayload::Tensor(_) => serde_json::to_value(self).is_ok_and(|v| &v == other),
+        }
+    }
+}
+
+impl Serialize for DataPayload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            DataPayload::Tensor(t) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("tensor", t)?;
+                m.end()
+            }
+            DataPayload::Json(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DataPayload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(DataPayload::from)
+    }
 }
 
 /// Milliseconds since the Unix epoch by the local wall clock (0 if the clock is before 1970).
@@ -561,7 +626,7 @@ mod tests {
             created_ms: 1,
             body: Data {
                 stream: "s".into(),
-                payload: serde_json::json!({"x": 1}),
+                payload: serde_json::json!({"x": 1}).into(),
             },
         };
         let bytes = env.to_json();
@@ -587,6 +652,47 @@ mod tests {
             Envelope::<Data>::from_json(v2.as_bytes(), "d1"),
             Err(Error::Version(2))
         ));
+    }
+
+    #[test]
+    fn data_payloads_decode_and_encode_back_unchanged() {
+        let tensor = r#"{"tensor":{"data_b64":"AACAPw==","dtype":"f32","shape":[1]}}"#;
+        for text in [
+            tensor,
+            r#"{"tensor":{"data_b64":"AACAPw==","dtype":"f32","name":"y","shape":[1]}}"#,
+            // Not exactly a tensor body: kept as JSON.
+            r#"{"tensor":{"data_b64":"AACAPw==","dtype":"f32","shape":[2]}}"#,
+            r#"{"tensor":{"data_b64":"AACAPw==","dtype":"f32","name":"","shape":[1]}}"#,
+            r#"{"other":1,"tensor":{"data_b64":"AACAPw==","dtype":"f32","shape":[1]}}"#,
+            r#"{"tensor":{"data_b64":"AACAPw==","dtype":"f32","shape":[1.0]}}"#,
+            r#"{"tensor":"x"}"#,
+            r#"{"samples":[1,0.1,1e-7]}"#,
+            r#"{"text":"hi"}"#,
+            r#"[1,2]"#,
+            r#""nope""#,
+            "null",
+            "17",
+        ] {
+            let v: serde_json::Value = serde_json::from_str(text).expect("json");
+            let p: DataPayload = serde_json::from_str(text).expect("any json decodes");
+            assert_eq!(
+                serde_json::to_string(&p).expect("encodes"),
+                serde_json::to_string(&v).expect("encodes"),
+                "{text}"
+            );
+        }
+        match serde_json::from_str::<DataPayload>(tensor).expect("decodes") {
+            DataPayload::Tensor(t) => assert_eq!(t.to_f32(), Some(vec![1.0])),
+            other => panic!("not read as a tensor: {other:?}"),
+        }
+        let body = Data {
+            stream: "s".into(),
+            payload: DataPayload::Tensor(tensor::WireTensor::from_f32("", vec![1], &[1.0])),
+        };
+        assert_eq!(
+            serde_json::to_string(&body).expect("encodes"),
+            format!(r#"{{"stream":"s","payload":{tensor}}}"#)
+        );
     }
 
     #[test]

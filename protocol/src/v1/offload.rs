@@ -18,6 +18,8 @@
 //!           data_len:u32 data
 //! ```
 //!
+//! The tensors are [`WireTensor`]s (`tensor.rs`), the one tensor type of the protocol.
+//!
 //! Decoding never panics, refuses payloads over [`MAX_PAYLOAD_BYTES`], trailing bytes and, for
 //! the dtypes it knows, data whose length does not match the shape. Requests are
 //! latency-critical and sent at QoS 0 both ways: a lost one is a timeout, after which the agent
@@ -28,6 +30,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::MAX_PAYLOAD_BYTES;
+use super::tensor::WireTensor;
 
 /// First bytes of a [`Request`].
 pub const REQUEST_MAGIC: [u8; 2] = *b"OQ";
@@ -72,91 +75,6 @@ pub enum OffloadError {
     Status(u8),
     #[error("offload payload has {0} trailing bytes")]
     Trailing(usize),
-}
-
-/// A tensor as it travels: the ONNX element type code, row-major little-endian data.
-/// (`protocol` cannot depend on the inference crate; the coordinator and agent convert.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireTensor {
-    /// Input or output name; empty means "by position".
-    pub name: String,
-    /// ONNX `TensorProto.DataType` code (1 = f32, 10 = f16, 7 = i64, 6 = i32, 2 = u8, 9 = bool).
-    pub dtype: u8,
-    pub shape: Vec<u32>,
-    pub data: Vec<u8>,
-}
-
-/// Bytes per element of an ONNX dtype code; `None` for codes this protocol does not size.
-pub fn element_size(dtype: u8) -> Option<usize> {
-    match dtype {
-        1 | 6 | 12 => Some(4),      // float, int32, uint32
-        2 | 3 | 9 => Some(1),       // uint8, int8, bool
-        4 | 5 | 10 | 16 => Some(2), // uint16, int16, float16, bfloat16
-        7 | 11 | 13 => Some(8),     // int64, double, uint64
-        _ => None,
-    }
-}
-
-impl WireTensor {
-    /// An f32 tensor (ONNX code 1) from values.
-    pub fn from_f32(name: &str, shape: Vec<u32>, values: &[f32]) -> WireTensor {
-        WireTensor {
-            name: name.to_owned(),
-            dtype: 1,
-            shape,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
-    }
-
-    /// The values of an f32 tensor; `None` for another dtype or a ragged length.
-    pub fn to_f32(&self) -> Option<Vec<f32>> {
-        if self.dtype != 1 || !self.data.len().is_multiple_of(4) {
-            return None;
-        }
-        Some(
-            self.data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
-    }
-
-    /// Checks the rank, name length and, for known dtypes, the data length.
-    pub fn check(&self) -> Result<(), OffloadError> {
-        if self.name.len() > u8::MAX as usize {
-            return Err(OffloadError::TooLong {
-                what: "tensor name",
-                len: self.name.len(),
-                max: u8::MAX as usize,
-            });
-        }
-        if self.shape.len() > MAX_RANK {
-            return Err(OffloadError::Rank {
-                name: self.name.clone(),
-                rank: self.shape.len(),
-            });
-        }
-        if let Some(size) = element_size(self.dtype) {
-            let expected = self
-                .shape
-                .iter()
-                .try_fold(size, |n, &d| n.checked_mul(d as usize))
-                .filter(|n| *n <= MAX_PAYLOAD_BYTES)
-                .ok_or_else(|| OffloadError::ShapeOverflow {
-                    name: self.name.clone(),
-                    shape: self.shape.clone(),
-                })?;
-            if expected != self.data.len() {
-                return Err(OffloadError::DataLength {
-                    name: self.name.clone(),
-                    shape: self.shape.clone(),
-                    expected,
-                    got: self.data.len(),
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Device -> coordinator: run `model` on `inputs`.

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use protocol::v1::deploy::SigningKey;
 
 use super::aggregate::ServerState;
-use super::eval::EvalMetrics;
+use super::eval::{EvalError, EvalMetrics};
 use super::state::{Phase, RoundMetrics, StoredUpdate, TaskState, Totals};
 use super::task::{Members, TaskSpec};
 use crate::action::Action;
@@ -116,13 +116,13 @@ pub enum EvalOutcome {
     Unavailable(String),
 }
 
-impl From<Option<Result<EvalMetrics, String>>> for EvalOutcome {
+impl From<Option<Result<EvalMetrics, EvalError>>> for EvalOutcome {
     /// The [`super::eval::Evaluator`]'s answer.
-    fn from(r: Option<Result<EvalMetrics, String>>) -> EvalOutcome {
+    fn from(r: Option<Result<EvalMetrics, EvalError>>) -> EvalOutcome {
         match r {
             None => EvalOutcome::NoHoldout,
             Some(Ok(m)) => EvalOutcome::Metrics(m),
-            Some(Err(why)) => EvalOutcome::Unavailable(why),
+            Some(Err(why)) => EvalOutcome::Unavailable(why.to_string()),
         }
     }
 }
