@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::v1::VERSION;
-use protocol::v1::auth::{Identity, PublicIdentity};
+use protocol::v1::auth::{AuthError, Identity, PublicIdentity};
 use protocol::v1::deploy::{SigningKey, public_key_hex};
 use protocol::v1::enroll::{self, Decision, EnrollAnswer, EnrollError, EnrollRequest, Hardware};
 use rand::rngs::StdRng;
@@ -133,9 +133,8 @@ impl Machine {
     /// Starts from the answer persisted by an earlier run, verified again (pin, our key, our
     /// id); returns its decision. A file that does not verify (tampered, another pin, another
     /// key) is refused and the machine stays unenrolled.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<Decision, String> {
-        let answer = enroll::open_answer(&self.device, bytes, &self.public, self.trusted.as_ref())
-            .map_err(|e| e.to_string())?;
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<Decision, RestoreError> {
+        let answer = enroll::open_answer(&self.device, bytes, &self.public, self.trusted.as_ref())?;
         let decision = answer.decision;
         if decision == Decision::Accepted {
             self.session = Some(Arc::new(self.session_for(&answer)?));
@@ -246,7 +245,7 @@ impl Machine {
         }
         let session = match self.session_for(&answer) {
             Ok(s) => s,
-            Err(e) => return Verdict::Invalid(e),
+            Err(e) => return Verdict::Invalid(format!("coordinator identity in the answer: {e}")),
         };
         let renewed = self.session.replace(Arc::new(session)).is_some();
         self.attempt = 0;
@@ -266,7 +265,7 @@ impl Machine {
         self.persist = Some(bytes.to_vec());
     }
 
-    fn session_for(&self, answer: &EnrollAnswer) -> Result<Session, String> {
+    fn session_for(&self, answer: &EnrollAnswer) -> Result<Session, AuthError> {
         Session::new(
             &self.identity,
             &self.device,
@@ -275,13 +274,21 @@ impl Machine {
             self.epoch,
             self.counter.clone(),
         )
-        .map_err(|e| format!("coordinator identity in the answer: {e}"))
     }
 
     /// The signed answer to write to `enrollment.bin`, once per change of the held answer.
     pub fn take_persist(&mut self) -> Option<Vec<u8>> {
         self.persist.take()
     }
+}
+
+/// Why a persisted answer cannot be used at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the persisted answer does not verify: {0}")]
+    Answer(#[from] enroll::EnrollError),
+    #[error("coordinator identity in the persisted answer: {0}")]
+    Session(#[from] AuthError),
 }
 
 #[cfg(test)]
@@ -566,7 +573,7 @@ mod tests {
         let f = fleet();
         let bytes = signed(&f, Decision::Accepted, 10);
         let mut m = machine(&f, None);
-        assert_eq!(m.restore(&bytes), Ok(Decision::Accepted));
+        assert!(matches!(m.restore(&bytes), Ok(Decision::Accepted)));
         assert_eq!(m.session().expect("enrolled at once").groups(), ["lab"]);
         assert!(m.request(0).is_none());
         assert!(matches!(

@@ -1,0 +1,166 @@
+//! Tests of task files: parsing, validation, initial weights and the size check.
+use super::*;
+use edge_testmodels::onnx_builder;
+
+fn write_task(dir: &Path, toml: &str) -> PathBuf {
+    let model = onnx_builder::linear(4, 3, &[0.5; 12], &[0.1; 3]);
+    std::fs::write(dir.join("m.onnx"), model).expect("writes model");
+    std::fs::write(dir.join("holdout.csv"), "1,2,3,4,0\n0,0,0,1,2\n").expect("writes csv");
+    let path = dir.join("task.toml");
+    std::fs::write(&path, toml).expect("writes task");
+    path
+}
+
+const BASE: &str =
+    "id = \"t1\"\nmodel = \"models/m.onnx\"\ninitial = \"m.onnx\"\ngroup = \"fl\"\nrounds = 3\n";
+
+fn err(dir: &Path, toml: &str) -> String {
+    load(&write_task(dir, toml))
+        .expect_err("refused")
+        .to_string()
+}
+
+#[test]
+fn minimal_task_gets_defaults_and_every_f32_initializer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = load(&write_task(dir.path(), BASE)).expect("loads");
+    assert_eq!(t.spec.params.len(), 2);
+    assert_eq!(
+        t.spec.params[0],
+        ParamSpec {
+            name: "W".into(),
+            shape: vec![4, 3]
+        }
+    );
+    assert_eq!(t.initial.len(), 15);
+    assert_eq!(&t.initial[12..], &[0.1; 3]);
+    assert_eq!(t.spec.members, Members::Group("fl".into()));
+    assert_eq!(t.spec.rule, Rule::FedAvg);
+    assert_eq!(t.spec.server_optimizer, ServerOptimizer::Sgd { lr: 1.0 });
+    assert_eq!(
+        (t.spec.quorum, t.spec.min_clients, t.spec.max_staleness),
+        (1.0, 1, 1)
+    );
+    assert!(!t.spec.holdout);
+}
+
+#[test]
+fn full_task_parses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "{BASE}params = [\"B\"]\nfraction = 0.5\nmin_clients = 2\nquorum = 0.7\nround_timeout_s = 9\nmax_staleness = 2\nseed = 7\n\
+         [train]\nepochs = 5\nlr = 0.1\nbatch_size = 16\nmu = 0.01\ncodec = \"topk:0.1\"\nmax_samples = 100\n\
+         [aggregate]\nrule = \"trimmed-mean\"\ntrim = 0.2\nserver_optimizer = \"fedadam\"\nbeta2 = 0.9\n\
+         [eval]\nholdout = \"holdout.csv\"\n"
+    );
+    let t = load(&write_task(dir.path(), &toml)).expect("loads");
+    assert_eq!(
+        t.spec.params,
+        vec![ParamSpec {
+            name: "B".into(),
+            shape: vec![3]
+        }]
+    );
+    assert_eq!(t.initial, vec![0.1; 3]);
+    assert_eq!(t.spec.rule, Rule::TrimmedMean { trim: 0.2 });
+    assert_eq!(
+        t.spec.server_optimizer,
+        ServerOptimizer::FedAdam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.9,
+            tau: 1e-3
+        }
+    );
+    assert_eq!(t.spec.train.codec, Codec::TopK { fraction: 0.1 });
+    assert!(t.spec.holdout && t.holdout_text.is_some());
+    assert_eq!(t.spec.selection_count(10), 5);
+    assert_eq!(t.spec.selection_count(3), 2);
+    assert_eq!(t.spec.selection_count(1), 1);
+    assert_eq!(t.spec.quorum_count(5), 4);
+    // No f32 rounding surprises: 0.7 of 10 is 7, 0.3 of 20 is 6.
+    assert_eq!(ceil_fraction(0.7, 10), 7);
+    assert_eq!(ceil_fraction(0.3, 20), 6);
+    assert_eq!(ceil_fraction(0.1, 10_000), 1_000);
+    assert_eq!(ceil_fraction(0.7, 3), 3);
+    assert_eq!(ceil_fraction(0.6, 3), 2);
+}
+
+#[test]
+fn errors_name_the_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cases = [
+        (format!("{BASE}fraction = 0.0\n"), "fraction"),
+        (format!("{BASE}quorum = 1.5\n"), "quorum"),
+        (format!("{BASE}min_clients = 0\n"), "min_clients"),
+        (format!("{BASE}params = [\"nope\"]\n"), "params"),
+        (format!("{BASE}params = [\"W\", \"W\"]\n"), "params"),
+        (format!("{BASE}devices = [\"a\"]\n"), "group"),
+        (
+            BASE.replace("group = \"fl\"\n", "devices = [\"a\"]\nmin_clients = 2\n"),
+            "min_clients",
+        ),
+        (BASE.replace("rounds = 3", "rounds = 0"), "rounds"),
+        (BASE.replace("id = \"t1\"", "id = \"a b\""), "id"),
+        (BASE.replace("id = \"t1\"", "id = \"..\""), "id"),
+        (format!("{BASE}[train]\ncodec = \"zip\"\n"), "train.codec"),
+        (format!("{BASE}[train]\nlr = -1.0\n"), "train.lr"),
+        (
+            format!("{BASE}[aggregate]\nrule = \"mean\"\n"),
+            "aggregate.rule",
+        ),
+        (format!("{BASE}[aggregate]\ntrim = 0.1\n"), "aggregate.trim"),
+        (
+            format!("{BASE}[aggregate]\nrule = \"trimmed-mean\"\ntrim = 0.5\n"),
+            "aggregate.trim",
+        ),
+        (
+            format!("{BASE}[aggregate]\nmomentum = 0.9\n"),
+            "aggregate.momentum",
+        ),
+        (
+            format!("{BASE}[aggregate]\nserver_optimizer = \"fedavgm\"\nmomentum = 1.0\n"),
+            "aggregate.momentum",
+        ),
+        (
+            format!("{BASE}[aggregate]\nserver_optimizer = \"adagrad\"\n"),
+            "aggregate.server_optimizer",
+        ),
+    ];
+    for (toml, key) in cases {
+        let msg = err(d, &toml);
+        assert!(msg.contains(&format!("invalid {key}:")), "{key}: {msg}");
+        assert!(msg.contains("task.toml"), "{msg}");
+    }
+    let msg = err(d, &format!("{BASE}rounds_max = 3\n"));
+    assert!(
+        msg.contains("rounds_max") && msg.contains("line 6"),
+        "{msg}"
+    );
+    let msg = err(d, &BASE.replace("m.onnx\"\ngroup", "missing.onnx\"\ngroup"));
+    assert!(msg.contains("missing.onnx"), "{msg}");
+    std::fs::write(d.join("bad.csv"), "1,2,x\n").expect("writes");
+    let path = d.join("task.toml");
+    std::fs::write(&path, format!("{BASE}[eval]\nholdout = \"bad.csv\"\n")).expect("writes");
+    let msg = load(&path).expect_err("refused").to_string();
+    assert!(
+        msg.contains("eval.holdout") && msg.contains("bad.csv"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_model_too_large_for_one_message_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (i, o) = (200u32, 200u32);
+    let model = onnx_builder::linear(i, o, &vec![0.0; (i * o) as usize], &vec![0.0; o as usize]);
+    std::fs::write(dir.path().join("big.onnx"), model).expect("writes");
+    let path = dir.path().join("task.toml");
+    std::fs::write(&path, BASE.replace("m.onnx\"\ngroup", "big.onnx\"\ngroup")).expect("writes");
+    let msg = load(&path).expect_err("refused").to_string();
+    assert!(
+        msg.contains("invalid initial") && msg.contains("over the protocol's limit"),
+        "{msg}"
+    );
+}
