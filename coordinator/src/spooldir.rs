@@ -91,6 +91,28 @@ pub fn take(spool: &Path, into: &Path, id: &str) -> Result<PathBuf, SpoolDirErro
     Ok(dest)
 }
 
+/// Creates (or truncates) `path` with `bytes`, fsync'd when `fsync`: the one way the
+/// coordinator's state files are written.
+pub fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    if fsync {
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Replaces `path` in one step: `PATH.tmp` written with [`write_file`], then renamed over it.
+/// The directory's fsync is the caller's (some batch several replacements under one).
+pub fn replace_file(path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write_file(&tmp, bytes, fsync)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// fsyncs a directory, so a rename or a new entry in it survives a power cut.
 pub fn sync_dir(dir: &Path) -> Result<(), SpoolDirError> {
     std::fs::File::open(dir)

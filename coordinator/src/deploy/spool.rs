@@ -14,7 +14,6 @@
 //! restarted coordinator) sees a whole file or none.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use protocol::v1::deploy::{SignedManifest, is_sha256_hex};
@@ -175,9 +174,7 @@ pub fn read_progress(state_dir: &Path, id: &str) -> Result<Option<ProgressFile>,
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    crate::spooldir::write_file(path, bytes, true).map_err(io(path))
 }
 
 impl From<crate::spooldir::SpoolDirError> for SpoolError {

@@ -14,7 +14,6 @@
 //! Requests go through `crate::spooldir` like deployments and federated tasks: they appear
 //! whole or not at all, and serve applies each once (the take is a rename).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use protocol::keyfile::{self, KeyError};
@@ -278,11 +277,7 @@ pub fn read_snapshot(state_dir: &Path) -> Result<Vec<EnrollmentRecord>, FilesErr
 fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError> {
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write_synced(&tmp, bytes, fsync)?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    crate::spooldir::replace_file(path, bytes, fsync).map_err(io(path))?;
     if fsync {
         crate::spooldir::sync_dir(parent)?;
     }
@@ -290,12 +285,7 @@ fn write_atomic(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError
 }
 
 fn write_synced(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    if fsync {
-        f.sync_all().map_err(io(path))?;
-    }
-    Ok(())
+    crate::spooldir::write_file(path, bytes, fsync).map_err(io(path))
 }
 
 impl From<crate::spooldir::SpoolDirError> for FilesError {

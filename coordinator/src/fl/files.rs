@@ -25,7 +25,6 @@
 //! (the commit point), then deletions, so a crash at any point leaves a state whose files
 //! exist; files the state does not name are ignored and cleaned up.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::aggregate::ServerState;
@@ -396,22 +395,13 @@ fn write_atomic(
 ) -> Result<(), FilesError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write_synced(&tmp, bytes, fsync)?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    crate::spooldir::replace_file(path, bytes, fsync).map_err(io(path))?;
     dirs.insert(dir.to_owned());
     Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8], fsync: bool) -> Result<(), FilesError> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    if fsync {
-        f.sync_all().map_err(io(path))?;
-    }
-    Ok(())
+    crate::spooldir::write_file(path, bytes, fsync).map_err(io(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), FilesError> {
