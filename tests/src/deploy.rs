@@ -53,6 +53,34 @@ pub struct PipelineDir {
     pub toml: PathBuf,
 }
 
+/// A pipeline named `name`: a synthetic sensor on `stream` (20 Hz, windows of 64) into the
+/// feature extractor (`modules/features.wasm`, see [`FEATURES_MODULE`]), whose output goes to
+/// the outbox as stream `features`.
+pub fn features_pipeline(name: &str, stream: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[[source]]
+name = "imu"
+kind = "synthetic"
+stream = "{stream}"
+rate_hz = 20
+window = 64
+[[stage]]
+name = "features"
+module = "modules/features.wasm"
+input = "imu"
+config = {{ sample_rate_hz = 1000.0, bands = 4 }}
+[[sink]]
+kind = "outbox"
+input = "features"
+stream = "features"
+"#
+    )
+}
+
+/// The module [`features_pipeline`] names, as `PipelineDir::create` takes it.
+pub const FEATURES_MODULE: (&str, &str) = ("feature_extractor", "modules/features.wasm");
+
 impl PipelineDir {
     /// Writes `text` as `DIR/pipeline.toml` and copies each `(artifact, name)` module:
     /// `modules/target/.../ARTIFACT.wasm` to `DIR/NAME`.

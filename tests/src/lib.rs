@@ -52,7 +52,10 @@ pub use bins::{agent_bin, coordinator_bin};
 pub use coordinator::Coordinator;
 pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};
-pub use deploy::{DeployRun, PipelineDir, SigningKey, deploy, deploy_models, wasm_dir};
+pub use deploy::{
+    DeployRun, FEATURES_MODULE, PipelineDir, SigningKey, deploy, deploy_models, features_pipeline,
+    wasm_dir,
+};
 pub use env::{TestEnv, run_test};
 pub use fl::{
     FL_GROUP, FL_MODEL, FlTask, closed_rounds, federated_agent, federated_data, final_accuracy,

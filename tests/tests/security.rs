@@ -16,9 +16,10 @@ use anyhow::{Context, Result, bail, ensure};
 use edge_testmodels::onnx_builder;
 use edge_tests::enroll::{coordinator_enrollment, coordinator_identity, write_claim_key};
 use edge_tests::{
-    Agent, AgentOptions, Class, Coordinator, DeliveryReport, Event, FlTask, Journal, PipelineDir,
-    SigningKey, TestEnv, deploy, federated_agent, federated_data, offload_coordinator_config,
-    offloading_agent, run_test, task_finished, test_messages,
+    Agent, AgentOptions, Class, Coordinator, DeliveryReport, Event, FEATURES_MODULE, FlTask,
+    Journal, PipelineDir, SigningKey, TestEnv, deploy, features_pipeline, federated_agent,
+    federated_data, offload_coordinator_config, offloading_agent, run_test, task_finished,
+    test_messages,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -180,27 +181,6 @@ fn agent_refusals(events: &[Event], device: &str, from: usize) -> Option<u64> {
         })
 }
 
-fn pipeline() -> &'static str {
-    r#"
-name = "vibration"
-[[source]]
-name = "imu"
-kind = "synthetic"
-stream = "raw"
-rate_hz = 20
-window = 64
-[[stage]]
-name = "features"
-module = "modules/features.wasm"
-input = "imu"
-config = { sample_rate_hz = 1000.0, bands = 4 }
-[[sink]]
-kind = "outbox"
-input = "features"
-stream = "features"
-"#
-}
-
 fn scenario(env: &TestEnv) -> Result<()> {
     let mut m = Matrix(Vec::new());
     let files = env.path("files");
@@ -290,8 +270,8 @@ fn scenario(env: &TestEnv) -> Result<()> {
     .start(&coord, &task_dir, &key)?;
     let pdir = PipelineDir::create(
         &files.join("rollout"),
-        pipeline(),
-        &[("feature_extractor", "modules/features.wasm")],
+        &features_pipeline("vibration", "raw"),
+        &[FEATURES_MODULE],
     )?;
     let mut cap_round = start_capture(port, &protocol::v1::topics::fl_round(FL[0]), &round_file)?;
 

@@ -412,7 +412,7 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
     let v1 = PipelineDir::create(
         &env.path("v1"),
         &wasm_pipeline(),
-        &[("feature_extractor", "modules/features.wasm")],
+        &[edge_tests::FEATURES_MODULE],
     )?;
     deploy_healthy(&coord, arm_dev, &v1, &key, 1)?;
     let from = journal.len();
@@ -513,24 +513,7 @@ fn deploy_healthy(
 }
 
 fn wasm_pipeline() -> String {
-    r#"name = "qemu-vibration"
-[[source]]
-name = "imu"
-kind = "synthetic"
-stream = "imu"
-rate_hz = 20
-window = 64
-[[stage]]
-name = "features"
-module = "modules/features.wasm"
-input = "imu"
-config = { sample_rate_hz = 1000.0, bands = 4 }
-[[sink]]
-kind = "outbox"
-input = "features"
-stream = "features"
-"#
-    .to_owned()
+    edge_tests::features_pipeline("qemu-vibration", "imu")
 }
 
 /// Synthetic sensor windows straight into an ONNX model (64 samples -> 2 scores).
