@@ -260,6 +260,36 @@ pub enum Event {
         devices: Vec<String>,
         since_ms: u64,
     },
+    /// `identity rotate` applied: a new online key signs and MACs everything from now on; every
+    /// enrolled device was sent an answer naming it, signed with the old key (`devices`, the
+    /// ones told). Until the rotation finishes, each device's messages are accepted under either
+    /// key, and under the new one only once it used it.
+    CoordinatorKeyRotated {
+        old_key_id: String,
+        new_key_id: String,
+        devices_told: usize,
+        devices: Vec<String>,
+    },
+    /// A device sent its first message under the coordinator's new key: its old session keys
+    /// are refused from now on.
+    DeviceKeySwitched {
+        device: String,
+        key_id: String,
+        /// Enrolled devices still on the old key.
+        pending: usize,
+    },
+    /// The rotation ended (`identity rotate --finish`, or every device switched: `automatic`):
+    /// the old key file is deleted and nothing under the old key is accepted. `not_switched`
+    /// names the enrolled devices that never used the new key (they are refused until they
+    /// trust it). `old_key_accepted`: messages accepted under the old key during the transition.
+    CoordinatorKeyRotationFinished {
+        old_key_id: String,
+        new_key_id: String,
+        automatic: bool,
+        switched: usize,
+        not_switched: Vec<String>,
+        old_key_accepted: u64,
+    },
     /// Clean shutdown finished; nothing after this line until the next `ready`.
     Stopped {},
 }
@@ -488,6 +518,35 @@ impl Event {
             }
             Event::DeviceRevoked { device, key_id, .. } => {
                 tracing::warn!(%device, %key_id, "device revoked")
+            }
+            Event::CoordinatorKeyRotated {
+                old_key_id,
+                new_key_id,
+                devices_told,
+                ..
+            } => {
+                tracing::info!(%old_key_id, %new_key_id, devices_told, "coordinator key rotated: devices told, both keys accepted until each device switches")
+            }
+            Event::DeviceKeySwitched {
+                device,
+                key_id,
+                pending,
+            } => {
+                tracing::info!(%device, %key_id, pending, "device switched to the new coordinator key")
+            }
+            Event::CoordinatorKeyRotationFinished {
+                old_key_id,
+                new_key_id,
+                automatic,
+                switched,
+                not_switched,
+                old_key_accepted,
+            } => {
+                if not_switched.is_empty() {
+                    tracing::info!(%old_key_id, %new_key_id, automatic, switched, old_key_accepted, "coordinator key rotation finished: the old key is deleted")
+                } else {
+                    tracing::warn!(%old_key_id, %new_key_id, automatic, switched, not_switched = %not_switched.join(","), old_key_accepted, "coordinator key rotation finished with devices that never switched: they are refused until they trust the new key")
+                }
             }
             Event::AuthRejected {
                 reasons,

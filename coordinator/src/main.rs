@@ -4,7 +4,8 @@
 //! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
 //! registry while the coordinator is stopped; `devices pending|approve|reject|revoke` read and
 //! decide enrollment requests through the running `serve`'s state directory; `identity` prints
-//! the coordinator's public identity (creating it if needed). `keygen` creates a deployment or
+//! the coordinator's public identity (creating it if needed), `identity rotate [--finish]`
+//! replaces it through the running `serve` (devices are told with the old key). `keygen` creates a deployment or
 //! fleet claim key;
 //! `deploy` builds and signs a deployment, spools it for the running `serve` (which sends it
 //! and owns the rollout) and draws its progress from the rollout's progress file until every
@@ -21,7 +22,9 @@ use clap::{Parser, Subcommand};
 use edge_coordinator::config::{self, Config};
 
 use cmd::deploy::{DeployArgs, deploy};
-use cmd::devices::{DevicesCommand, devices, devices_command, identity, keygen};
+use cmd::devices::{
+    DevicesCommand, IdentityCommand, devices, devices_command, identity, identity_command, keygen,
+};
 use cmd::fl::{FlCommand, fl};
 use cmd::serve::{ServeArgs, serve};
 use cmd::{StateArgs, report};
@@ -73,8 +76,12 @@ enum Command {
         out: PathBuf,
     },
     /// Print the coordinator's public identity as one JSON line (`{"sign":..,"agree":..}`, what
-    /// agents may pin), creating `state_dir/coordinator.key` if it does not exist yet.
+    /// agents may pin), creating `state_dir/coordinator.key` if it does not exist yet; or
+    /// rotate it (`identity rotate`).
+    #[command(args_conflicts_with_subcommands = true)]
     Identity {
+        #[command(subcommand)]
+        command: Option<IdentityCommand>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -118,7 +125,14 @@ fn main() -> ExitCode {
             json,
         } => report(devices(state_dir, config, json)),
         Command::Keygen { out } => report(keygen(&out)),
-        Command::Identity { state } => report(identity(state)),
+        Command::Identity {
+            command: Some(command),
+            ..
+        } => report(identity_command(command)),
+        Command::Identity {
+            command: None,
+            state,
+        } => report(identity(state)),
         Command::Deploy(args) => report(deploy(args)),
         Command::Fl { command } => report(fl(command)),
     }

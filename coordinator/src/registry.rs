@@ -246,6 +246,8 @@ mod tests {
             requested_ms: 1_000,
             last_request_ms: 1_000,
             decided_ms: 1_000,
+            coordinator_key: String::new(),
+            announced_key: String::new(),
         };
         use protocol::v1::enroll::Decision;
         let enrollments = [

@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         error,
     })?;
     let policy = config.enrollment.policy()?;
-    let (identity, created) = enrollment_files::load_or_create_identity(&config.state_dir)?;
+    let (identity, previous, created) = enrollment_files::load_identities(&config.state_dir)?;
     let epoch = enrollment_files::raise_epoch(&config.state_dir)?;
     tracing::info!(
         key_id = %identity.public().key_id(),
@@ -127,7 +127,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let store = Store::open(&config.db_path(), config.store.cache_bytes)?;
     let core = Core::new(store.load_devices()?);
     let enrollments = Enrollments::new(policy, identity.public(), store.load_enrollments()?);
-    let gate = Gate::new(identity.clone(), epoch, store.load_replay_windows()?);
+    let gate =
+        Gate::new(identity.clone(), epoch, store.load_replay_windows()?).with_previous(previous);
     let journal = Journal::open(&config.journal_path(), config.journal.max_bytes)?;
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -188,6 +189,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         snapshot_stale: true,
     };
     service.recover_seen_ids()?;
+    service.resume_rotation()?;
     service.prune()?;
     service.write_snapshot();
 
@@ -394,6 +396,7 @@ impl Service {
             }
         }
         self.auth_summary()?;
+        let switched = self.key_switches()?;
         // Replay windows with the batch that moved them: after a restart, every counter an
         // acknowledged message used counts as seen.
         self.store
@@ -403,6 +406,9 @@ impl Service {
         self.commit()?;
         for ack in acks {
             transport.ack(ack);
+        }
+        if switched {
+            self.finish_if_all_switched()?;
         }
         self.flush_publishes(transport).await?;
         self.write_snapshot();
@@ -419,7 +425,7 @@ impl Service {
         let now = v1::now_ms();
         let parsed = Topic::parse(&message.topic);
         let len = match self.gate.verify(
-            &self.enrollments,
+            &mut self.enrollments,
             parsed.as_ref(),
             &message.topic,
             &message.payload,
@@ -574,7 +580,12 @@ impl Service {
                     continue;
                 }
             };
-            let device = command.device().to_owned();
+            let Some(device) = command.device().map(str::to_owned) else {
+                let result = self.key_command(&command, now)?;
+                tracing::info!(command = %id, ok = result.ok, message = %result.message, "coordinator key command");
+                results.push((id, result));
+                continue;
+            };
             let before = self.enrollments.get(&device).map(|r| r.state);
             let decided = match &command {
                 Command::Approve { groups, .. } => {
@@ -582,6 +593,8 @@ impl Service {
                 }
                 Command::Reject { reason, .. } => self.enrollments.reject(&device, reason, now),
                 Command::Revoke { .. } => self.enrollments.revoke(&device, now),
+                // Handled above.
+                Command::Rotate {} | Command::FinishRotation {} => continue,
             };
             let result = match decided {
                 Ok(out) => {
@@ -633,6 +646,173 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// `identity rotate [--finish]`, spooled like the enrollment decisions.
+    fn key_command(&mut self, command: &Command, now: u64) -> Result<CommandResult, ServiceError> {
+        let failed = |message: String| CommandResult {
+            ok: false,
+            state: None,
+            message,
+        };
+        match command {
+            Command::Rotate {} => {
+                let (next, previous) =
+                    match enrollment_files::rotate_identity(&self.config.state_dir) {
+                        Ok(ids) => ids,
+                        Err(e) => return Ok(failed(e.to_string())),
+                    };
+                let (old_key_id, new_key_id) = (previous.public().key_id(), next.public().key_id());
+                self.gate.rotate(next.clone());
+                self.fl.set_key(next.signing_key().clone());
+                let announced = self.enrollments.rotate(next.public(), now);
+                let devices: Vec<String> = announced
+                    .answers
+                    .iter()
+                    .map(|a| a.answer.device.clone())
+                    .collect();
+                self.announced(announced)?;
+                self.journal_events(
+                    now,
+                    [Event::CoordinatorKeyRotated {
+                        old_key_id: old_key_id.clone(),
+                        new_key_id: new_key_id.clone(),
+                        devices_told: devices.len(),
+                        devices: devices.clone(),
+                    }],
+                )?;
+                let mut message = format!(
+                    "coordinator key rotated from {old_key_id} to {new_key_id}; {} enrolled device(s) told",
+                    devices.len()
+                );
+                if self.finish_if_all_switched()? {
+                    message.push_str("; no device to wait for: the old key is deleted");
+                } else {
+                    message.push_str(
+                        "; the old key is accepted from each until it uses the new one (identity rotate --finish ends that)",
+                    );
+                }
+                Ok(CommandResult {
+                    ok: true,
+                    state: None,
+                    message,
+                })
+            }
+            Command::FinishRotation {} => {
+                if self.gate.previous().is_none() {
+                    return Ok(failed("no coordinator key rotation in progress".into()));
+                }
+                let (switched, not_switched) = self.enrollments.switch_counts();
+                self.finish_rotation(false)?;
+                Ok(CommandResult {
+                    ok: true,
+                    state: None,
+                    message: format!(
+                        "coordinator key rotation finished: old key deleted; {switched} device(s) switched{}",
+                        if not_switched.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                ", refused from now on as they never used the new key: {}",
+                                not_switched.join(",")
+                            )
+                        }
+                    ),
+                })
+            }
+            Command::Approve { .. } | Command::Reject { .. } | Command::Revoke { .. } => {
+                Ok(failed("not a coordinator key command".into()))
+            }
+        }
+    }
+
+    /// Persists the records a rotation's announcement changed and queues its answers (signed
+    /// with the old key by the gate) for after the commit.
+    fn announced(
+        &mut self,
+        announced: crate::enrollment::core::Announcement,
+    ) -> Result<(), ServiceError> {
+        for device in &announced.changed {
+            if let Some(record) = self.enrollments.get(device) {
+                self.store.save_enrollment(record)?;
+                self.snapshot_stale = true;
+            }
+        }
+        for a in announced.answers {
+            self.publishes.push(Outgoing::Answer {
+                answer: a.answer,
+                retain: a.retain,
+            });
+        }
+        Ok(())
+    }
+
+    /// Start-up during a rotation: the announcement once more (the same answers, or new ones
+    /// if a crash came between the key files and the records), unless every device switched.
+    fn resume_rotation(&mut self) -> Result<(), ServiceError> {
+        let Some(previous) = self.gate.previous() else {
+            return Ok(());
+        };
+        let old_key_id = previous.public().key_id();
+        if self.finish_if_all_switched()? {
+            return Ok(());
+        }
+        let announced = self.enrollments.announce(v1::now_ms());
+        let (switched, pending) = self.enrollments.switch_counts();
+        tracing::info!(old_key_id = %old_key_id, new_key_id = %self.gate.public().key_id(), switched, pending = pending.len(), "coordinator key rotation in progress: announcing the new key again");
+        self.announced(announced)?;
+        self.commit()
+    }
+
+    /// Persists and journals the devices the gate saw switch to the new key; `true` if any did.
+    fn key_switches(&mut self) -> Result<bool, ServiceError> {
+        let switched = self.gate.take_switched();
+        if switched.is_empty() {
+            return Ok(false);
+        }
+        let key_id = self.gate.public().key_id();
+        let pending = self.enrollments.switch_counts().1.len();
+        for device in switched {
+            if let Some(record) = self.enrollments.get(&device) {
+                self.store.save_enrollment(record)?;
+                self.snapshot_stale = true;
+            }
+            let event = Event::DeviceKeySwitched {
+                device,
+                key_id: key_id.clone(),
+                pending,
+            };
+            self.journal_events(v1::now_ms(), [event])?;
+        }
+        Ok(true)
+    }
+
+    /// Finishes the rotation in progress if no enrolled device is left on the old key; `true`
+    /// when it did.
+    fn finish_if_all_switched(&mut self) -> Result<bool, ServiceError> {
+        if self.gate.previous().is_none() || !self.enrollments.switch_counts().1.is_empty() {
+            return Ok(false);
+        }
+        self.finish_rotation(true)?;
+        Ok(true)
+    }
+
+    /// Deletes the old key (durably) and stops accepting anything under it.
+    fn finish_rotation(&mut self, automatic: bool) -> Result<(), ServiceError> {
+        enrollment_files::finish_rotation(&self.config.state_dir)?;
+        let Some(old) = self.gate.finish_rotation() else {
+            return Ok(());
+        };
+        let (switched, not_switched) = self.enrollments.switch_counts();
+        let event = Event::CoordinatorKeyRotationFinished {
+            old_key_id: old.key_id(),
+            new_key_id: self.gate.public().key_id(),
+            automatic,
+            switched,
+            not_switched,
+            old_key_accepted: self.gate.old_key_accepted(),
+        };
+        self.journal_events(v1::now_ms(), [event])
     }
 
     /// Rewrites the enrollment snapshot (`devices pending` reads it) if records changed.
@@ -1022,6 +1202,10 @@ impl Service {
             enrolled = self.enrollments.count(protocol::v1::enroll::Decision::Accepted),
             enrollment_pending = self.enrollments.count(protocol::v1::enroll::Decision::Pending),
             auth_rejected = self.gate.drop_totals().values().sum::<u64>(),
+            key_rotation = self.gate.previous().is_some(),
+            old_key_accepted = self.gate.old_key_accepted(),
+            key_switched = self.enrollments.switch_counts().0,
+            key_pending = self.enrollments.switch_counts().1.len(),
             auth_reasons = %self
                 .gate
                 .drop_totals()

@@ -462,6 +462,8 @@ mod tests {
             requested_ms: 1,
             last_request_ms: 2,
             decided_ms: 3,
+            coordinator_key: String::new(),
+            announced_key: String::new(),
         };
         let s = |epoch, counter| Stamp { epoch, counter };
         let mut window = ReplayWindow::default();

@@ -7,6 +7,9 @@
 //!                  every start, before anything is sealed, so (epoch, counter) never repeats
 //!                  under the key
 //! enrollment.bin   the newest signed enrollment answer about this key (re-verified at start)
+//! rotation.json    after the coordinator rotated its key: the key it rotated from and the
+//!                  answer, signed by that key, that named the new one (written before
+//!                  enrollment.bin; re-verified at start; the new key is trusted over any pin)
 //! ```
 
 use std::io::ErrorKind;
@@ -16,10 +19,13 @@ use std::path::{Path, PathBuf};
 use protocol::keyfile::{self, KeyError};
 use protocol::v1::auth::Identity;
 
+use super::machine::Rotation;
+
 const DIR: &str = "identity";
 const KEY: &str = "device.key";
 const EPOCH: &str = "epoch";
 const ANSWER: &str = "enrollment.bin";
+const ROTATION: &str = "rotation.json";
 
 /// Errors from the identity files; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,8 @@ pub enum FilesError {
     },
     #[error("device identity: {0}")]
     Key(#[from] KeyError),
+    #[error("{path}: {error}")]
+    Corrupt { path: PathBuf, error: String },
     #[error("cannot read or write {path}: {error}")]
     Io {
         path: PathBuf,
@@ -132,6 +140,31 @@ impl Files {
         }
     }
 
+    /// The persisted rotation, if the coordinator ever rotated its key.
+    pub fn rotation(&self) -> Result<Option<Rotation>, FilesError> {
+        let path = self.dir.join(ROTATION);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| FilesError::Corrupt {
+                    path,
+                    error: e.to_string(),
+                }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(FilesError::Io { path, error }),
+        }
+    }
+
+    /// Replaces the persisted rotation durably.
+    pub fn save_rotation(&self, rotation: &Rotation) -> Result<(), FilesError> {
+        let path = self.dir.join(ROTATION);
+        let json = serde_json::to_vec_pretty(rotation).map_err(|e| FilesError::Corrupt {
+            path: path.clone(),
+            error: e.to_string(),
+        })?;
+        crate::fsutil::write_durably(&path, &json).map_err(|error| FilesError::Io { path, error })
+    }
+
     /// Replaces the persisted answer durably.
     pub fn save_answer(&self, bytes: &[u8]) -> Result<(), FilesError> {
         let path = self.dir.join(ANSWER);
@@ -213,5 +246,20 @@ mod tests {
         files.save_answer(b"one").expect("saved");
         files.save_answer(b"two").expect("replaced");
         assert_eq!(files.answer().expect("read"), Some(b"two".to_vec()));
+    }
+
+    #[test]
+    fn the_rotation_is_kept_durably() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let files = Files::open(state.path()).expect("opens");
+        assert_eq!(files.rotation().expect("none"), None);
+        let r = Rotation {
+            previous: Identity::generate().public(),
+            answer: vec![0, 1, 0xfe],
+        };
+        files.save_rotation(&r).expect("saved");
+        assert_eq!(files.rotation().expect("read"), Some(r));
+        std::fs::write(files.dir().join(ROTATION), "{").expect("damaged");
+        assert!(matches!(files.rotation(), Err(FilesError::Corrupt { .. })));
     }
 }

@@ -8,8 +8,18 @@
 //!      │                                ├─ about another key ──────────► OtherKey (ignored)
 //!      │                                ├─ not newer than the held one ─► Stale (ignored)
 //!      │                                ├─ accepted ────────────────────► Session (enrolled)
+//!      │                                ├─ accepted, signed by the trusted key but naming
+//!      │                                │  another one ─────────────────► Rotated (re-pinned,
+//!      │                                │                                  new session keys)
 //!      └────────────────────────────────┴─ pending/rejected/revoked ───► no session
 //! ```
+//!
+//! Rotation: the coordinator replaces its key by announcing the new one in an accepted answer
+//! signed with the key the device trusts. The device trusts the new key from then on (and only
+//! it), keeps the announcing answer as the evidence of why ([`Rotation`], persisted beside the
+//! answer so a restart trusts the new key even when the configured pin names the old one), and
+//! derives new session keys. An answer naming another key signed by anything but the trusted
+//! key is refused like any forgery.
 //!
 //! Trust: the coordinator key that counts is the configured pin, else the key named in the
 //! first accepted answer about our key (trust on first use); from then on only answers signed by
@@ -30,6 +40,8 @@ use protocol::v1::enroll::{self, Decision, EnrollAnswer, EnrollError, EnrollRequ
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use serde::{Deserialize, Serialize};
+
 use super::config::MAX_RETRY_MS;
 use super::session::{Counter, Session};
 
@@ -49,9 +61,47 @@ pub struct Params {
     pub epoch: u64,
 }
 
+/// Why the device trusts the coordinator key it trusts, when that is not the pin or the first
+/// answer: the accepted answer, signed by the `previous` key, that named the current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// The key that signed the announcement (trusted before it, never since).
+    pub previous: PublicIdentity,
+    /// The signed announcement (an `EnrollAnswer`), hex.
+    #[serde(with = "hex_bytes")]
+    pub answer: Vec<u8>,
+}
+
+/// Bytes as a hex string in JSON.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// What an answer did.
 #[derive(Debug)]
 pub enum Verdict {
+    /// Accepted and signed by the trusted key, naming a new one: the coordinator rotated its
+    /// key. Trusted from now on (a new session), the previous one no more.
+    Rotated {
+        groups: Vec<String>,
+        /// Key id of the key trusted until now.
+        from: String,
+        /// Key id of the key trusted from now on.
+        to: String,
+        /// The configured pin (`enrollment.coordinator`) is another key than the one now
+        /// trusted: its key id.
+        stale_pin: Option<String>,
+    },
     /// Newer and accepted: the device is enrolled (a new session).
     Accepted {
         groups: Vec<String>,
@@ -92,8 +142,15 @@ pub struct Machine {
     public: PublicIdentity,
     claim: Option<SigningKey>,
     hardware: Hardware,
-    /// The coordinator whose answers count: the pin, else the one an accepted answer named.
+    /// The coordinator whose answers count: the pin, else the one an accepted answer named,
+    /// or the one a rotation announced.
     trusted: Option<PublicIdentity>,
+    /// `enrollment.coordinator`, for telling the operator it went stale.
+    pin: Option<PublicIdentity>,
+    /// How `trusted` came from a rotation, if it did.
+    rotation: Option<Rotation>,
+    /// A rotation to write (before the answer) so a restart trusts the new key.
+    persist_rotation: Option<Rotation>,
     /// The newest answer signed by `trusted`, with its signed bytes.
     held: Option<(EnrollAnswer, Vec<u8>)>,
     session: Option<Arc<Session>>,
@@ -118,7 +175,10 @@ impl Machine {
             identity: p.identity,
             claim: p.claim,
             hardware: p.hardware,
-            trusted: p.pin,
+            trusted: p.pin.clone(),
+            pin: p.pin,
+            rotation: None,
+            persist_rotation: None,
             held: None,
             session: None,
             epoch: p.epoch,
@@ -133,16 +193,88 @@ impl Machine {
     /// Starts from the answer persisted by an earlier run, verified again (pin, our key, our
     /// id); returns its decision. A file that does not verify (tampered, another pin, another
     /// key) is refused and the machine stays unenrolled.
+    ///
+    /// After a rotation ([`Machine::restore_rotation`] first), an answer file that does not
+    /// verify under the new key (a crash before it was rewritten) gives way to the rotation's
+    /// own answer.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<Decision, RestoreError> {
-        let answer = enroll::open_answer(&self.device, bytes, &self.public, self.trusted.as_ref())?;
+        let (answer, bytes) = match self.verify(bytes) {
+            Ok((answer, rotated_from)) => {
+                if let Some(previous) = rotated_from
+                    && answer.decision == Decision::Accepted
+                {
+                    // Trusted pin, rotation answer, no rotation file (its write failed): the
+                    // rotation counts now, and is written again.
+                    let r = Rotation {
+                        previous,
+                        answer: bytes.to_vec(),
+                    };
+                    self.rotation = Some(r.clone());
+                    self.persist_rotation = Some(r);
+                }
+                (answer, bytes.to_vec())
+            }
+            Err(e) => match &self.rotation {
+                Some(r) => {
+                    let answer = enroll::open_answer_signed_by(
+                        &self.device,
+                        &r.answer,
+                        &self.public,
+                        &r.previous,
+                    )?;
+                    (answer, r.answer.clone())
+                }
+                None => return Err(e.into()),
+            },
+        };
         let decision = answer.decision;
         if decision == Decision::Accepted {
             self.session = Some(Arc::new(self.session_for(&answer)?));
         }
         // Only answers under a trusted key were ever persisted: its signer is trusted again.
-        self.trusted = Some(answer.coordinator.clone());
-        self.held = Some((answer, bytes.to_vec()));
+        if decision == Decision::Accepted || self.trusted.is_none() {
+            self.trusted = Some(answer.coordinator.clone());
+        }
+        self.held = Some((answer, bytes));
         Ok(decision)
+    }
+
+    /// Starts from a rotation persisted by an earlier run: its answer must be signed by the
+    /// previous key, accept this device and name another key, which is trusted from now on
+    /// (over the configured pin). Returns the key id now trusted.
+    pub fn restore_rotation(&mut self, r: Rotation) -> Result<String, RestoreError> {
+        let answer =
+            enroll::open_answer_signed_by(&self.device, &r.answer, &self.public, &r.previous)?;
+        if answer.decision != Decision::Accepted || answer.coordinator == r.previous {
+            return Err(RestoreError::NotARotation);
+        }
+        let to = answer.coordinator.key_id();
+        self.trusted = Some(answer.coordinator);
+        self.rotation = Some(r);
+        Ok(to)
+    }
+
+    /// The configured pin, when it names another key than the one trusted (a rotation
+    /// superseded it): `(pin key id, trusted key id)`.
+    pub fn stale_pin(&self) -> Option<(String, String)> {
+        match (&self.pin, &self.trusted) {
+            (Some(p), Some(t)) if p != t => Some((p.key_id(), t.key_id())),
+            _ => None,
+        }
+    }
+
+    /// Verifies an answer against the trusted key (or, with none, the key it names); the key
+    /// it rotated from when it is signed by the trusted key and names another.
+    fn verify(&self, bytes: &[u8]) -> Result<(EnrollAnswer, Option<PublicIdentity>), EnrollError> {
+        let Some(trusted) = &self.trusted else {
+            return enroll::open_answer(&self.device, bytes, &self.public, None).map(|a| (a, None));
+        };
+        let answer = enroll::open_answer_signed_by(&self.device, bytes, &self.public, trusted)?;
+        if answer.coordinator == *trusted {
+            Ok((answer, None))
+        } else {
+            Ok((answer, Some(trusted.clone())))
+        }
     }
 
     /// The fleet claim key that co-signs the requests from now on.
@@ -205,14 +337,23 @@ impl Machine {
 
     /// An answer from `edge/v1/{device}/enroll/answer` (signed bytes as received).
     pub fn on_answer(&mut self, bytes: &[u8]) -> Verdict {
-        let answer =
-            match enroll::open_answer(&self.device, bytes, &self.public, self.trusted.as_ref()) {
-                Ok(a) => a,
-                Err(EnrollError::WrongKey { answer, .. }) => {
-                    return Verdict::OtherKey { key: answer };
-                }
-                Err(e) => return Verdict::Invalid(e.to_string()),
+        if let Some((held, held_bytes)) = &self.held
+            && held_bytes.as_slice() == bytes
+        {
+            // The retained copy again; after a rotation it is signed by a key no longer trusted.
+            return Verdict::Stale {
+                issued_ms: held.issued_ms,
+                held_ms: held.issued_ms,
+                same: true,
             };
+        }
+        let (answer, rotated_from) = match self.verify(bytes) {
+            Ok(a) => a,
+            Err(EnrollError::WrongKey { answer, .. }) => {
+                return Verdict::OtherKey { key: answer };
+            }
+            Err(e) => return Verdict::Invalid(e.to_string()),
+        };
         if let Some((held, held_bytes)) = &self.held
             && answer.issued_ms <= held.issued_ms
         {
@@ -250,6 +391,22 @@ impl Machine {
         let renewed = self.session.replace(Arc::new(session)).is_some();
         self.attempt = 0;
         self.trusted = Some(answer.coordinator.clone());
+        if let Some(previous) = rotated_from {
+            let r = Rotation {
+                previous,
+                answer: bytes.to_vec(),
+            };
+            let verdict = Verdict::Rotated {
+                groups: answer.groups.clone(),
+                from: r.previous.key_id(),
+                to: answer.coordinator.key_id(),
+                stale_pin: self.stale_pin().map(|(pin, _)| pin),
+            };
+            self.rotation = Some(r.clone());
+            self.persist_rotation = Some(r);
+            self.hold(answer, bytes);
+            return verdict;
+        }
         let verdict = Verdict::Accepted {
             groups: answer.groups.clone(),
             coordinator: answer.coordinator.key_id(),
@@ -280,6 +437,12 @@ impl Machine {
     pub fn take_persist(&mut self) -> Option<Vec<u8>> {
         self.persist.take()
     }
+
+    /// A rotation to write, once; before [`Machine::take_persist`]'s answer, so a crash in
+    /// between still trusts the new key.
+    pub fn take_persist_rotation(&mut self) -> Option<Rotation> {
+        self.persist_rotation.take()
+    }
 }
 
 /// Why a persisted answer cannot be used at start.
@@ -289,6 +452,10 @@ pub enum RestoreError {
     Answer(#[from] enroll::EnrollError),
     #[error("coordinator identity in the persisted answer: {0}")]
     Session(#[from] AuthError),
+    #[error(
+        "the rotation file's answer is not a rotation (it does not accept this device under another key)"
+    )]
+    NotARotation,
 }
 
 #[cfg(test)]
@@ -593,5 +760,168 @@ mod tests {
         let mut m = machine(&f, Some(Identity::generate().public()));
         assert!(m.restore(&bytes).is_err());
         assert!(m.session().is_none());
+    }
+
+    /// `answer(f, ..)` naming `to`, signed by `by`.
+    fn rotation(f: &Fleet, to: &Identity, by: &Identity, issued_ms: u64) -> Vec<u8> {
+        let mut a = answer(f, Decision::Accepted, issued_ms);
+        a.coordinator = to.public();
+        seal_answer(&a, by)
+    }
+
+    #[test]
+    fn a_rotation_signed_by_the_trusted_key_re_pins_and_derives_new_keys() {
+        let f = fleet();
+        let new = Identity::generate();
+        let mut m = machine(&f, Some(f.coord.public()));
+        m.on_answer(&signed(&f, Decision::Accepted, 10));
+        m.take_persist();
+        let before = m.session().expect("enrolled");
+        let announced = rotation(&f, &new, &f.coord, 20);
+        match m.on_answer(&announced) {
+            Verdict::Rotated {
+                groups,
+                from,
+                to,
+                stale_pin,
+            } => {
+                assert_eq!(groups, ["lab"]);
+                assert_eq!(from, f.coord.public().key_id());
+                assert_eq!(to, new.public().key_id());
+                assert_eq!(stale_pin, Some(f.coord.public().key_id()), "the config pin");
+            }
+            v => panic!("{v:?}"),
+        }
+        let r = m.take_persist_rotation().expect("a rotation to persist");
+        assert_eq!(
+            (r.previous.clone(), r.answer.clone()),
+            (f.coord.public(), announced.clone())
+        );
+        assert_eq!(m.take_persist(), Some(announced.clone()));
+        let s = m.session().expect("still enrolled");
+        assert!(!s.same_keys(&before));
+        assert_eq!(s.coordinator(), &new.public());
+        // The coordinator opens what the device seals under the new keys, not the old ones.
+        let topic = topics::telemetry(DEVICE);
+        let sealed = s.seal(&topic, b"{}");
+        let dp = f.device.public();
+        let keys = new
+            .session_keys(&dp, DEVICE, &dp, &new.public())
+            .expect("new keys");
+        assert!(keys.up.open(&topic, &sealed).is_ok());
+        let old_keys = f
+            .coord
+            .session_keys(&dp, DEVICE, &dp, &f.coord.public())
+            .expect("old keys");
+        assert!(old_keys.up.open(&topic, &sealed).is_err());
+        // Signatures: the new key's count, the old key's no more.
+        let advert = topics::offload_capacity("r1");
+        assert!(s.open_signed(&advert, &new.seal(&advert, b"{}", 1)).is_ok());
+        assert!(
+            s.open_signed(&advert, &f.coord.seal(&advert, b"{}", 1))
+                .is_err()
+        );
+        // The retained announcement redelivered: already held, not an error.
+        assert!(matches!(
+            m.on_answer(&announced),
+            Verdict::Stale { same: true, .. }
+        ));
+        // A newer answer by the old key is refused, even one naming the new key.
+        assert!(matches!(
+            m.on_answer(&signed(&f, Decision::Revoked, 30)),
+            Verdict::Invalid(_)
+        ));
+        assert!(matches!(
+            m.on_answer(&rotation(&f, &new, &f.coord, 31)),
+            Verdict::Invalid(_)
+        ));
+        assert!(m.session().is_some());
+        // The new key's own answers count.
+        let mut regroup = answer(&f, Decision::Accepted, 40);
+        regroup.coordinator = new.public();
+        regroup.groups = vec!["field".into()];
+        assert!(matches!(
+            m.on_answer(&seal_answer(&regroup, &new)),
+            Verdict::Accepted { renewed: true, .. }
+        ));
+    }
+
+    #[test]
+    fn a_forged_rotation_is_refused() {
+        let f = fleet();
+        let forger = Identity::generate();
+        for pin in [None, Some(f.coord.public())] {
+            let mut m = machine(&f, pin);
+            m.on_answer(&signed(&f, Decision::Accepted, 10));
+            m.take_persist();
+            // Names the forger's key, signed by it (or by a third key): not by the trusted one.
+            for by in [&forger, &Identity::generate()] {
+                assert!(matches!(
+                    m.on_answer(&rotation(&f, &forger, by, 20)),
+                    Verdict::Invalid(_)
+                ));
+            }
+            assert!(m.take_persist_rotation().is_none() && m.take_persist().is_none());
+            assert_eq!(m.session().expect("kept").coordinator(), &f.coord.public());
+        }
+        // A tampered rotation file is not trusted at the next start.
+        let mut m = machine(&f, Some(f.coord.public()));
+        let forged = Rotation {
+            previous: forger.public(),
+            answer: rotation(&f, &forger, &f.coord, 20),
+        };
+        assert!(m.restore_rotation(forged).is_err());
+        assert!(m.stale_pin().is_none());
+    }
+
+    #[test]
+    fn a_restart_after_a_rotation_trusts_the_new_key_only() {
+        let f = fleet();
+        let new = Identity::generate();
+        let first = signed(&f, Decision::Accepted, 10);
+        let announced = rotation(&f, &new, &f.coord, 20);
+        let mut m = machine(&f, Some(f.coord.public()));
+        m.on_answer(&first);
+        m.on_answer(&announced);
+        let r = m.take_persist_rotation().expect("rotation");
+
+        // The files as written (rotation, then the answer), and as a crash between the two
+        // leaves them (the answer before the rotation): both start under the new key.
+        for answer_file in [announced.clone(), first.clone()] {
+            let mut m = machine(&f, Some(f.coord.public()));
+            assert_eq!(
+                m.restore_rotation(r.clone()).expect("rotation restores"),
+                new.public().key_id()
+            );
+            assert_eq!(
+                m.stale_pin(),
+                Some((f.coord.public().key_id(), new.public().key_id()))
+            );
+            assert_eq!(
+                m.restore(&answer_file).expect("answer restores"),
+                Decision::Accepted
+            );
+            let s = m.session().expect("enrolled at once");
+            assert_eq!(s.coordinator(), &new.public());
+            let advert = topics::offload_capacity("r1");
+            assert!(
+                s.open_signed(&advert, &f.coord.seal(&advert, b"{}", 1))
+                    .is_err()
+            );
+            assert!(matches!(
+                m.on_answer(&signed(&f, Decision::Revoked, 30)),
+                Verdict::Invalid(_)
+            ));
+            assert!(m.session().is_some(), "the old key cannot revoke it");
+        }
+        // No rotation file (its write failed), the pin still the old key: the persisted
+        // rotation answer is taken as the rotation again, and to be written.
+        let mut m = machine(&f, Some(f.coord.public()));
+        assert_eq!(
+            m.restore(&announced).expect("announced answer restores"),
+            Decision::Accepted
+        );
+        assert_eq!(m.session().expect("enrolled").coordinator(), &new.public());
+        assert!(m.take_persist_rotation().is_some());
     }
 }

@@ -132,6 +132,20 @@ impl Enrollment {
             retry_ms: cfg.retry_ms,
             epoch,
         });
+        match files.rotation() {
+            Ok(Some(r)) => match machine.restore_rotation(r) {
+                Ok(to) => {
+                    tracing::info!(device, coordinator = %to, "trusting the coordinator key a rotation announced")
+                }
+                Err(e) => {
+                    tracing::error!(device, dir = %files.dir().display(), error = %e, "persisted coordinator key rotation does not verify; ignoring it")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(device, error = %e, "cannot read the persisted coordinator key rotation; ignoring it")
+            }
+        }
         if let Some(bytes) = files.answer()? {
             match machine.restore(&bytes) {
                 Ok(Decision::Accepted) => {}
@@ -142,6 +156,15 @@ impl Enrollment {
                     tracing::error!(device, dir = %files.dir().display(), error = %e, "persisted enrollment answer does not verify; ignoring it and asking again");
                 }
             }
+        }
+        // A pin-then-rotation whose rotation file was not written: written now.
+        if let Some(r) = machine.take_persist_rotation()
+            && let Err(e) = files.save_rotation(&r)
+        {
+            tracing::error!(error = %e, "cannot persist the coordinator key rotation");
+        }
+        if let Some((pin, trusted)) = machine.stale_pin() {
+            tracing::warn!(device, pin = %pin, trusted = %trusted, "enrollment.coordinator is stale: the coordinator rotated its key; update the pin to the key trusted now");
         }
         let enrolled = machine.session().is_some();
         if let Some(path) = &cfg.claim_key_file {
@@ -272,6 +295,17 @@ impl Enrollment {
                 }
                 tracing::info!(device, groups = ?groups, coordinator = %coordinator, renewed, "enrolled: messages are sealed and sent");
             }
+            Verdict::Rotated {
+                groups,
+                from,
+                to,
+                stale_pin,
+            } => {
+                tracing::info!(device, from = %from, to = %to, groups = ?groups, "coordinator key rotated: trusting the new key, session keys derived again");
+                if let Some(pin) = stale_pin {
+                    tracing::warn!(device, pin = %pin, trusted = %to, "enrollment.coordinator is stale: the coordinator rotated its key; update the pin to the key trusted now");
+                }
+            }
             Verdict::NotAccepted {
                 decision: Decision::Pending,
                 reason,
@@ -306,6 +340,15 @@ impl Enrollment {
             Verdict::Invalid(error) => {
                 tracing::warn!(device, error = %error, "dropping an enrollment answer that does not verify");
             }
+        }
+        // The rotation first: the answer that follows is signed by the new key, or is the
+        // rotation itself, and a restart between the two must trust the new key.
+        if let Some(r) = self.machine.take_persist_rotation()
+            && let Err(e) = self.files.save_rotation(&r)
+        {
+            // The session below holds for this run; the next start trusts the pin (the old key)
+            // and takes the persisted rotation answer as a rotation again.
+            tracing::error!(error = %e, "cannot persist the coordinator key rotation");
         }
         if let Some(bytes) = self.machine.take_persist()
             && let Err(e) = self.files.save_answer(&bytes)

@@ -153,11 +153,51 @@ fn pending(json: bool, state: StateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The coordinator's own key, changed through the running `serve`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum IdentityCommand {
+    /// Replace the coordinator's online key: `serve` makes a new one, keeps the old one as
+    /// `coordinator.key.old` and tells every enrolled device, in an answer signed with the old
+    /// key, to trust the new one. Each device's messages are accepted under either key until it
+    /// uses the new one; the old key is deleted when all have (or with `--finish`). Applied at
+    /// the next start if `serve` is not running.
+    Rotate {
+        /// End the rotation in progress now: the old key is deleted and refused, also from
+        /// devices that have not switched yet.
+        #[arg(long)]
+        finish: bool,
+        #[command(flatten)]
+        state: StateArgs,
+        /// Spool the command and exit without waiting for `serve` to apply it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+pub(crate) fn identity_command(command: IdentityCommand) -> Result<()> {
+    match command {
+        IdentityCommand::Rotate {
+            finish,
+            state,
+            no_wait,
+        } => {
+            let command = if finish {
+                Command::FinishRotation {}
+            } else {
+                Command::Rotate {}
+            };
+            decide(command, state, no_wait)
+        }
+    }
+}
+
 /// Spools an operator's decision for `serve` and (unless `no_wait`) waits for its result.
 fn decide(command: Command, state: StateArgs, no_wait: bool) -> Result<()> {
-    let device = command.device().to_owned();
-    protocol::v1::validate_device_id(&device)
-        .map_err(|e| anyhow::anyhow!("invalid device id {device:?}: {e}"))?;
+    let device = command.device().unwrap_or("the coordinator key").to_owned();
+    if command.device().is_some() {
+        protocol::v1::validate_device_id(&device)
+            .map_err(|e| anyhow::anyhow!("invalid device id {device:?}: {e}"))?;
+    }
     if let Command::Approve { groups, .. } = &command {
         edge_coordinator::enrollment::config::check_groups("--group", groups)?;
     }

@@ -19,6 +19,12 @@
 //! - Operator decisions (`approve`, `reject`, `revoke`) are retained answers; each decision's
 //!   `issued_ms` is above the previous one's, so a device always takes the newest even if the
 //!   clock stepped back.
+//! - Key rotation ([`Enrollments::rotate`]): every answer names the new coordinator key from
+//!   then on; each enrolled device that has not used it yet gets a new (retained) answer, which
+//!   the gate signs with the old key (the device's proof). A record remembers the coordinator
+//!   key its device's session is under (`coordinator_key`), set when it is first accepted and
+//!   when the gate sees its first message under a new key ([`Enrollments::switch`]); only that
+//!   key's session keys are accepted once a device switched.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +75,15 @@ pub struct EnrollmentRecord {
     /// The current decision's time: its answer's `issued_ms`.
     #[serde(default)]
     pub decided_ms: u64,
+    /// Key id of the coordinator key the device's session is under: set when it is accepted
+    /// and when it switches to a rotated key. Empty for records from before rotations existed
+    /// (the key current then).
+    #[serde(default)]
+    pub coordinator_key: String,
+    /// Key id of the coordinator key the latest rotation announced to the device (so a
+    /// rotation resumed after a restart announces with the same `issued_ms`).
+    #[serde(default)]
+    pub announced_key: String,
 }
 
 impl EnrollmentRecord {
@@ -98,6 +113,14 @@ pub struct Outcome {
     pub refused: Option<&'static str>,
     /// The device was accepted now (it joins deployments and federated tasks by its groups).
     pub accepted: Option<String>,
+}
+
+/// What a rotation asks for: the answers announcing the new key, the records that changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Announcement {
+    /// One retained answer per enrolled device not yet under the new key.
+    pub answers: Vec<Answer>,
+    pub changed: Vec<String>,
 }
 
 /// Why an operator's command was refused.
@@ -153,6 +176,83 @@ impl Enrollments {
 
     pub fn records(&self) -> impl Iterator<Item = &EnrollmentRecord> {
         self.records.values()
+    }
+
+    /// The coordinator key every answer names.
+    pub fn coordinator(&self) -> &PublicIdentity {
+        &self.coordinator
+    }
+
+    /// The coordinator's key is now `new`: every answer names it, and each enrolled device not
+    /// yet under it is sent an answer saying so (see [`Enrollments::announce`]).
+    pub fn rotate(&mut self, new: PublicIdentity, now_ms: u64) -> Announcement {
+        self.coordinator = new;
+        self.announce(now_ms)
+    }
+
+    /// The answers announcing the current key to every enrolled device not yet under it; a
+    /// device announced to already gets the same answer again (after a restart during a
+    /// rotation), the others a new decision time.
+    pub fn announce(&mut self, now_ms: u64) -> Announcement {
+        let current = self.coordinator.key_id();
+        let due: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.state == Decision::Accepted && r.coordinator_key != current)
+            .map(|r| r.device.clone())
+            .collect();
+        let mut out = Announcement::default();
+        for device in due {
+            let decided_ms = self.next_decision_ms(&device, now_ms);
+            if let Some(r) = self.records.get_mut(&device)
+                && r.announced_key != current
+            {
+                r.announced_key = current.clone();
+                r.decided_ms = decided_ms;
+                out.changed.push(device.clone());
+            }
+            out.answers.extend(self.retained(&device));
+        }
+        out
+    }
+
+    /// Whether `device` is enrolled and its session is under the current coordinator key.
+    pub fn switched(&self, device: &str) -> bool {
+        self.records
+            .get(device)
+            .is_some_and(|r| r.coordinator_key == self.coordinator.key_id())
+    }
+
+    /// `device` used the current coordinator key: its session is under it from now on. `true`
+    /// when that is news (persist the record).
+    pub fn switch(&mut self, device: &str) -> bool {
+        let current = self.coordinator.key_id();
+        match self.records.get_mut(device) {
+            Some(r) if r.coordinator_key != current => {
+                r.coordinator_key = current;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Enrolled devices under the current coordinator key, and those not yet (by id).
+    pub fn switch_counts(&self) -> (usize, Vec<String>) {
+        let current = self.coordinator.key_id();
+        let mut switched = 0;
+        let mut pending = Vec::new();
+        for r in self
+            .records
+            .values()
+            .filter(|r| r.state == Decision::Accepted)
+        {
+            if r.coordinator_key == current {
+                switched += 1;
+            } else {
+                pending.push(r.device.clone());
+            }
+        }
+        (switched, pending)
     }
 
     pub fn count(&self, state: Decision) -> usize {
@@ -368,9 +468,15 @@ impl Enrollments {
         now_ms: u64,
     ) -> Outcome {
         let decided_ms = self.next_decision_ms(device, now_ms);
+        let current = self.coordinator.key_id();
         let Some(r) = self.records.get_mut(device) else {
             return Outcome::default();
         };
+        if !matches!(r.state, Decision::Accepted | Decision::Revoked) {
+            // Its first session: under the current key. (An enrolled or revoked device keeps
+            // the key its session was under: a rotation still has to reach it.)
+            r.coordinator_key = current;
+        }
         r.state = Decision::Accepted;
         r.groups = groups;
         r.by = by.to_owned();
@@ -521,6 +627,8 @@ fn new_record(
         requested_ms: now_ms,
         last_request_ms: now_ms,
         decided_ms: now_ms,
+        coordinator_key: String::new(),
+        announced_key: String::new(),
     }
 }
 
@@ -868,5 +976,39 @@ mod tests {
             e.on_request("pi-7", b"{}", 100).refused,
             Some("malformed_request")
         );
+    }
+
+    #[test]
+    fn a_rotation_announces_the_new_key_to_enrolled_devices_once() {
+        let mut e = enrollments(Mode::Claim, 10);
+        let old = e.coordinator().key_id();
+        let (a, b) = (Identity::generate(), Identity::generate());
+        e.on_request("pi-a", &request("pi-a", &a, Some(&claim_key())), 100);
+        e.on_request("pi-b", &request("pi-b", &b, Some(&claim_key())), 100);
+        e.on_request("pi-p", &request("pi-p", &Identity::generate(), None), 100);
+        assert_eq!(e.get("pi-a").map(|r| r.coordinator_key.clone()), Some(old));
+        let new = Identity::generate().public();
+        let out = e.rotate(new.clone(), 50);
+        assert_eq!(out.changed, vec!["pi-a".to_owned(), "pi-b".to_owned()]);
+        assert_eq!(out.answers.len(), 2, "enrolled devices only");
+        for a in &out.answers {
+            assert!(a.retain);
+            assert_eq!(a.answer.coordinator, new);
+            assert_eq!(a.answer.decision, Decision::Accepted);
+            assert!(a.answer.issued_ms > 100, "newer than the acceptance");
+        }
+        // Resumed after a restart: the same answers, nothing to persist.
+        let again = e.announce(5_000);
+        assert_eq!(again.answers, out.answers);
+        assert!(again.changed.is_empty());
+        assert_eq!(e.switch_counts(), (0, vec!["pi-a".into(), "pi-b".into()]));
+        assert!(e.switch("pi-a"));
+        assert!(!e.switch("pi-a"), "once");
+        assert!(e.switched("pi-a") && !e.switched("pi-b"));
+        assert_eq!(e.switch_counts(), (1, vec!["pi-b".into()]));
+        assert_eq!(e.announce(6_000).answers.len(), 1);
+        // A device accepted now starts under the new key.
+        e.approve("pi-p", vec![], 7_000).expect("pending");
+        assert!(e.switched("pi-p"));
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! ```text
 //! state_dir/coordinator.key                 the online identity (protocol::keyfile, 0600)
+//! state_dir/coordinator.key.old             the identity before `identity rotate`, while the
+//!                                           rotation lasts (deleted when it finishes)
+//! state_dir/coordinator.key.new             a rotation's new identity being made (renamed
+//!                                           to coordinator.key, or deleted at start)
 //! state_dir/epoch                           this coordinator's boot counter, raised at every start
 //! state_dir/enrollment/spool/{id}/command.json     written whole by `devices approve|reject|revoke`
 //! state_dir/enrollment/commands/{id}/              taken by serve
@@ -42,6 +46,10 @@ pub enum FilesError {
     #[error("{path}: {error}")]
     Corrupt { path: PathBuf, error: String },
     #[error(
+        "a key rotation is in progress ({0} exists); finish it first: identity rotate --finish"
+    )]
+    Rotating(PathBuf),
+    #[error(
         "no enrollment snapshot in {0}; it is written by `edge-coordinator serve` (has it run with this state dir?)"
     )]
     NoSnapshot(PathBuf),
@@ -56,6 +64,83 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
 
 pub fn identity_path(state_dir: &Path) -> PathBuf {
     state_dir.join("coordinator.key")
+}
+
+pub fn old_identity_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("coordinator.key.old")
+}
+
+fn new_identity_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("coordinator.key.new")
+}
+
+/// The online identity and, while a rotation lasts, the one before it; first repairs what a
+/// crash in [`rotate_identity`] left: a new key without the old one kept is deleted (the
+/// rotation never happened), a new key beside the kept old one is put in place (it did).
+/// `true` when the identity was created now.
+pub fn load_identities(state_dir: &Path) -> Result<(Identity, Option<Identity>, bool), FilesError> {
+    let (key, old, new) = (
+        identity_path(state_dir),
+        old_identity_path(state_dir),
+        new_identity_path(state_dir),
+    );
+    if new.exists() {
+        if old.exists() {
+            std::fs::rename(&new, &key).map_err(io(&key))?;
+        } else {
+            std::fs::remove_file(&new).map_err(io(&new))?;
+        }
+        crate::spooldir::sync_dir(state_dir)?;
+    }
+    let (current, created) = load_or_create_identity(state_dir)?;
+    if !old.exists() {
+        return Ok((current, None, created));
+    }
+    let previous = keyfile::load_identity(&old)?;
+    if previous.public() == current.public() {
+        // Not reached by rotate_identity (the new key exists before the old one is kept).
+        std::fs::remove_file(&old).map_err(io(&old))?;
+        crate::spooldir::sync_dir(state_dir)?;
+        return Ok((current, None, created));
+    }
+    Ok((current, Some(previous), created))
+}
+
+/// Replaces the online identity: a new one is made (`coordinator.key.new`, 0600, fsync'd),
+/// the current one is kept as `coordinator.key.old` (a hard link, fsync'd), then the new one
+/// renamed over `coordinator.key` (fsync'd): every crash leaves a state
+/// [`load_identities`] starts from. Returns `(new, old)`. Refused while a rotation lasts.
+pub fn rotate_identity(state_dir: &Path) -> Result<(Identity, Identity), FilesError> {
+    let (key, old, new) = (
+        identity_path(state_dir),
+        old_identity_path(state_dir),
+        new_identity_path(state_dir),
+    );
+    if old.exists() {
+        return Err(FilesError::Rotating(old));
+    }
+    let previous = keyfile::load_identity(&key)?;
+    if new.exists() {
+        std::fs::remove_file(&new).map_err(io(&new))?;
+    }
+    let next = keyfile::generate_identity_file(&new)?;
+    std::fs::hard_link(&key, &old).map_err(io(&old))?;
+    crate::spooldir::sync_dir(state_dir)?;
+    std::fs::rename(&new, &key).map_err(io(&key))?;
+    crate::spooldir::sync_dir(state_dir)?;
+    Ok((next, previous))
+}
+
+/// Ends a rotation: the old identity file is deleted (durably); nothing is accepted under it
+/// after a restart either.
+pub fn finish_rotation(state_dir: &Path) -> Result<(), FilesError> {
+    let old = old_identity_path(state_dir);
+    match std::fs::remove_file(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(&old)(e)),
+    }
+    Ok(crate::spooldir::sync_dir(state_dir)?)
 }
 
 fn epoch_path(state_dir: &Path) -> PathBuf {
@@ -134,14 +219,20 @@ pub enum Command {
     Revoke {
         device: String,
     },
+    /// `identity rotate`: a new online key, announced to every enrolled device.
+    Rotate {},
+    /// `identity rotate --finish`: the old key is deleted and refused.
+    FinishRotation {},
 }
 
 impl Command {
-    pub fn device(&self) -> &str {
+    /// The device a decision is about; `None` for the coordinator's own key commands.
+    pub fn device(&self) -> Option<&str> {
         match self {
             Command::Approve { device, .. }
             | Command::Reject { device, .. }
-            | Command::Revoke { device } => device,
+            | Command::Revoke { device } => Some(device),
+            Command::Rotate {} | Command::FinishRotation {} => None,
         }
     }
 }
@@ -163,7 +254,7 @@ pub fn write_command(state_dir: &Path, command: &Command) -> Result<String, File
         "{}-{}-{}",
         protocol::v1::now_ms(),
         std::process::id(),
-        command.device()
+        command.device().unwrap_or("coordinator")
     );
     let json = serde_json::to_vec_pretty(command).map_err(|e| FilesError::Corrupt {
         path: spool_dir(state_dir).join(&id),
@@ -354,5 +445,39 @@ mod tests {
         ));
         write_snapshot(state, []).expect("writes");
         assert!(read_snapshot(state).expect("reads").is_empty());
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_old_key_until_it_finishes_and_survives_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path();
+        let (first, old, _) = load_identities(state).expect("creates");
+        assert!(old.is_none());
+        let (next, previous) = rotate_identity(state).expect("rotates");
+        assert_eq!(previous.public(), first.public());
+        let (current, old, created) = load_identities(state).expect("loads");
+        assert!(!created);
+        assert_eq!(current.public(), next.public());
+        assert_eq!(old.expect("kept").public(), first.public());
+        assert!(matches!(
+            rotate_identity(state),
+            Err(FilesError::Rotating(_))
+        ));
+        finish_rotation(state).expect("finishes");
+        assert!(load_identities(state).expect("loads").1.is_none());
+        finish_rotation(state).expect("twice is fine");
+
+        // A crash after the new key was made, before the old one was kept: no rotation.
+        let before = load_identities(state).expect("loads").0.public();
+        keyfile::generate_identity_file(&new_identity_path(state)).expect("made");
+        let (current, old, _) = load_identities(state).expect("repairs");
+        assert_eq!((current.public(), old.is_none()), (before.clone(), true));
+        assert!(!new_identity_path(state).exists());
+        // A crash after the old key was kept, before the new one was renamed: rolled forward.
+        let made = keyfile::generate_identity_file(&new_identity_path(state)).expect("made");
+        std::fs::hard_link(identity_path(state), old_identity_path(state)).expect("kept");
+        let (current, old, _) = load_identities(state).expect("repairs");
+        assert_eq!(current.public(), made.public());
+        assert_eq!(old.expect("kept").public(), before);
     }
 }

@@ -24,6 +24,16 @@
 //! rounds, signed in their own format) and empty payloads (clearing a retained topic) go out
 //! as they are.
 //!
+//! Key rotation ([`Gate::rotate`]): the gate holds the previous identity until the rotation
+//! finishes ([`Gate::finish_rotation`]). Meanwhile a device that has not used the new key yet
+//! ([`super::Enrollments::switched`]) is accepted under the session keys of either; its first
+//! message under the new ones switches it ([`super::Enrollments::switch`], persisted by the
+//! service, [`Gate::take_switched`]) and its old keys are refused from then on. Everything
+//! sealed goes out under the new key, except the answers to devices that have not switched
+//! (the rotation's announcement, and any later decision about them), which the old key signs:
+//! it is the key they trust. Messages accepted under the old key are counted
+//! ([`Gate::old_key_accepted`]).
+//!
 //! Replay windows live here per device; those that moved are handed to the store at every
 //! batch commit ([`Gate::take_moved_windows`]) and restored at start.
 
@@ -85,6 +95,8 @@ pub enum SealError {
 struct Session {
     device_key: String,
     keys: SessionKeys,
+    /// Under the previous coordinator identity, while a rotation lasts.
+    old_keys: Option<SessionKeys>,
 }
 
 /// Counts of dropped messages, and when each was last logged and journaled.
@@ -127,6 +139,12 @@ impl Drops {
 pub struct Gate {
     identity: Identity,
     public: PublicIdentity,
+    /// The identity before a rotation, until it finishes.
+    previous: Option<Identity>,
+    /// Messages accepted under the previous identity's session keys.
+    old_key_accepted: u64,
+    /// Devices that switched to the current key since the last [`Gate::take_switched`].
+    switched: Vec<String>,
     epoch: u64,
     counter: u64,
     sessions: HashMap<String, Session>,
@@ -155,6 +173,9 @@ impl Gate {
         Gate {
             public: identity.public(),
             identity,
+            previous: None,
+            old_key_accepted: 0,
+            switched: Vec::new(),
             epoch,
             counter: 0,
             sessions: HashMap::new(),
@@ -179,10 +200,46 @@ impl Gate {
         self.epoch
     }
 
+    /// A rotation in progress at start: `previous` is still accepted from devices that have not
+    /// switched.
+    pub fn with_previous(mut self, previous: Option<Identity>) -> Gate {
+        self.previous = previous;
+        self
+    }
+
+    /// The identity is now `next`; the current one becomes the previous (see module docs).
+    pub fn rotate(&mut self, next: Identity) {
+        let previous = std::mem::replace(&mut self.identity, next);
+        self.public = self.identity.public();
+        self.previous = Some(previous);
+        self.sessions.clear();
+    }
+
+    /// The rotation ends: nothing under the previous identity is accepted any more.
+    pub fn finish_rotation(&mut self) -> Option<PublicIdentity> {
+        self.sessions.clear();
+        self.previous.take().map(|p| p.public())
+    }
+
+    /// The identity before the rotation in progress, if one is.
+    pub fn previous(&self) -> Option<&Identity> {
+        self.previous.as_ref()
+    }
+
+    /// Messages accepted under the previous identity since start.
+    pub fn old_key_accepted(&self) -> u64 {
+        self.old_key_accepted
+    }
+
+    /// Devices whose records [`super::Enrollments::switch`] changed since the last call.
+    pub fn take_switched(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.switched)
+    }
+
     /// Checks one inbound message; counts and logs a drop.
     pub fn verify(
         &mut self,
-        enrollments: &Enrollments,
+        enrollments: &mut Enrollments,
         topic: Option<&Topic>,
         topic_str: &str,
         bytes: &[u8],
@@ -209,7 +266,7 @@ impl Gate {
 
     fn check(
         &mut self,
-        enrollments: &Enrollments,
+        enrollments: &mut Enrollments,
         topic: Option<&Topic>,
         topic_str: &str,
         bytes: &[u8],
@@ -233,20 +290,30 @@ impl Gate {
             // A retained status cleared by someone: the core ignores it.
             return Verdict::Route { len: 0 };
         }
-        let keys = match session(
+        // During a rotation, a device that has not used the new key may use either.
+        let transition = self.previous.is_some() && !enrollments.switched(device);
+        let session = match session(
             &mut self.sessions,
             &mut self.windows,
             &self.identity,
             &self.public,
+            self.previous.as_ref().filter(|_| transition),
             enrollments,
             device,
         ) {
-            Ok(k) => k,
+            Ok(s) => s,
             Err(reason) => return Verdict::Dropped { reason },
         };
-        let (payload, stamp) = match keys.up.open(topic_str, bytes) {
-            Ok(p) => p,
-            Err(e) => return Verdict::Dropped { reason: e.reason() },
+        let (payload, stamp, old) = match session.keys.up.open(topic_str, bytes) {
+            Ok((p, s)) => (p, s, false),
+            Err(e) => match session
+                .old_keys
+                .as_ref()
+                .map(|k| k.up.open(topic_str, bytes))
+            {
+                Some(Ok((p, s))) => (p, s, true),
+                _ => return Verdict::Dropped { reason: e.reason() },
+            },
         };
         if rule == Rule::DeviceMac {
             let window = self.windows.entry(device.to_owned()).or_default();
@@ -255,7 +322,17 @@ impl Gate {
             }
             self.moved.insert(device.to_owned());
         }
-        Verdict::Route { len: payload.len() }
+        let len = payload.len();
+        if old {
+            self.old_key_accepted += 1;
+        } else if transition && enrollments.switch(device) {
+            self.switched.push(device.to_owned());
+            // Its old keys are refused from now on.
+            if let Some(s) = self.sessions.get_mut(device) {
+                s.old_keys = None;
+            }
+        }
+        Verdict::Route { len }
     }
 
     /// Seals an outbound message per its topic's rule; `(topic, bytes, retain)` to publish.
@@ -268,7 +345,11 @@ impl Gate {
         let (topic, payload, retain) = match out {
             Outgoing::Answer { answer, retain } => {
                 let topic = topics::enroll_answer(&answer.device);
-                return Ok((topic, enroll::seal_answer(&answer, &self.identity), retain));
+                let signer = match &self.previous {
+                    Some(previous) if announces_to(enrollments, &answer) => previous,
+                    _ => &self.identity,
+                };
+                return Ok((topic, enroll::seal_answer(&answer, signer), retain));
             }
             Outgoing::Publish {
                 topic,
@@ -291,9 +372,11 @@ impl Gate {
                     &mut self.windows,
                     &self.identity,
                     &self.public,
+                    None,
                     enrollments,
                     device,
                 )
+                .map(|s| &s.keys)
                 .map_err(|reason| SealError::NoSession {
                     device: device.to_owned(),
                     topic: topic.clone(),
@@ -363,15 +446,27 @@ impl Gate {
     }
 }
 
-/// The session with `device` (derived once per device key), or why there is none.
+/// Whether an answer goes to a device that still trusts the previous coordinator key: about
+/// its enrolled (or revoked) key, and it has not used the current one yet.
+fn announces_to(enrollments: &Enrollments, answer: &EnrollAnswer) -> bool {
+    enrollments.get(&answer.device).is_some_and(|r| {
+        r.identity.sign == answer.device_key
+            && matches!(r.state, Decision::Accepted | Decision::Revoked)
+            && !enrollments.switched(&answer.device)
+    })
+}
+
+/// The session with `device` (derived once per device key; with its keys under `previous`
+/// too when given), or why there is none.
 fn session<'a>(
     sessions: &'a mut HashMap<String, Session>,
     windows: &mut HashMap<String, ReplayWindow>,
     identity: &Identity,
     public: &PublicIdentity,
+    previous: Option<&Identity>,
     enrollments: &Enrollments,
     device: &str,
-) -> Result<&'a SessionKeys, &'static str> {
+) -> Result<&'a Session, &'static str> {
     let record = enrollments.get(device).ok_or("unenrolled")?;
     match record.state {
         Decision::Accepted => {}
@@ -395,10 +490,25 @@ fn session<'a>(
             Session {
                 device_key: record.identity.sign.clone(),
                 keys,
+                old_keys: None,
             },
         );
     }
-    sessions.get(device).map(|s| &s.keys).ok_or("unenrolled")
+    let s = sessions.get_mut(device).ok_or("unenrolled")?;
+    if let Some(previous) = previous
+        && s.old_keys.is_none()
+    {
+        let keys = previous
+            .session_keys(
+                &record.identity,
+                device,
+                &record.identity,
+                &previous.public(),
+            )
+            .map_err(|e| auth::AuthError::reason(&e))?;
+        s.old_keys = Some(keys);
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -414,6 +524,14 @@ mod tests {
         gate: Gate,
         device: Identity,
         keys: SessionKeys,
+        /// The coordinator identity the fixture enrolled under.
+        coordinator: PublicIdentity,
+    }
+
+    impl Fixture {
+        fn keys_owner_public(&self) -> PublicIdentity {
+            self.coordinator.clone()
+        }
     }
 
     /// A coordinator with `pi-1` enrolled (claimed), and the device's view of the session.
@@ -447,6 +565,7 @@ mod tests {
             .expect("keys");
         Fixture {
             enrollments,
+            coordinator: cp,
             gate: Gate::new(coordinator, 7, Vec::new()),
             device,
             keys,
@@ -460,7 +579,7 @@ mod tests {
     fn verify(f: &mut Fixture, topic: &str, bytes: &[u8], now: u64) -> Verdict {
         let parsed = Topic::parse(topic);
         f.gate
-            .verify(&f.enrollments, parsed.as_ref(), topic, bytes, now)
+            .verify(&mut f.enrollments, parsed.as_ref(), topic, bytes, now)
     }
 
     #[test]
@@ -797,5 +916,140 @@ mod tests {
         let opened = enroll::open_answer("pi-1", &bytes, &f.device.public(), Some(f.gate.public()))
             .expect("device accepts it");
         assert_eq!(opened, answer);
+    }
+
+    #[test]
+    fn during_a_rotation_both_keys_count_until_the_device_uses_the_new_one() {
+        let mut f = fixture();
+        let old = f.gate.identity().clone();
+        let new = Identity::generate();
+        let (dp, np) = (f.device.public(), new.public());
+        let new_keys = f.device.session_keys(&np, "pi-1", &dp, &np).expect("keys");
+        f.gate.rotate(new.clone());
+        let announced = f.enrollments.rotate(np.clone(), 10);
+        assert_eq!(announced.answers.len(), 1);
+        // The announcement: signed by the old key, naming the new one.
+        let (_, bytes, _) = f
+            .gate
+            .seal(
+                &f.enrollments,
+                Outgoing::Answer {
+                    answer: announced.answers[0].answer.clone(),
+                    retain: true,
+                },
+                10,
+            )
+            .expect("sealed");
+        let opened = enroll::open_answer_signed_by("pi-1", &bytes, &dp, &old.public())
+            .expect("signed by the old key");
+        assert_eq!(opened.coordinator, np);
+        // Everything else goes out under the new key.
+        let response = topics::offload_response("pi-1");
+        let (_, sealed, _) = f
+            .gate
+            .seal(
+                &f.enrollments,
+                Outgoing::Publish {
+                    topic: response.clone(),
+                    payload: b"OR".to_vec(),
+                    retain: false,
+                },
+                11,
+            )
+            .expect("sealed");
+        assert!(new_keys.down.open(&response, &sealed).is_ok());
+        assert!(f.keys.down.open(&response, &sealed).is_err());
+
+        let topic = topics::telemetry("pi-1");
+        let under_old = f.keys.up.seal(&topic, b"{}", stamp(1));
+        assert_eq!(
+            verify(&mut f, &topic, &under_old, 12),
+            Verdict::Route { len: 2 }
+        );
+        assert_eq!(f.gate.old_key_accepted(), 1);
+        assert!(f.gate.take_switched().is_empty());
+        let under_new = new_keys.up.seal(&topic, b"{}", stamp(2));
+        assert_eq!(
+            verify(&mut f, &topic, &under_new, 13),
+            Verdict::Route { len: 2 }
+        );
+        assert_eq!(f.gate.take_switched(), vec!["pi-1".to_owned()]);
+        assert!(f.enrollments.switched("pi-1"));
+        // Switched: the old keys are refused.
+        let late = f.keys.up.seal(&topic, b"{}", stamp(3));
+        assert_eq!(
+            verify(&mut f, &topic, &late, 14),
+            Verdict::Dropped { reason: "bad_mac" }
+        );
+        assert_eq!(f.gate.old_key_accepted(), 1);
+
+        // The switch survives a store reopen: after a restart (rotation still in progress) the
+        // old keys stay refused for this device.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sled");
+        {
+            let store = crate::store::Store::open(&path, 1 << 20).expect("opens");
+            store
+                .save_enrollment(f.enrollments.get("pi-1").expect("enrolled"))
+                .expect("saves");
+            store
+                .save_replay_windows(&f.gate.take_moved_windows())
+                .expect("saves");
+            store.commit(true).expect("commits");
+        }
+        let store = crate::store::Store::open(&path, 1 << 20).expect("reopens");
+        f.enrollments = Enrollments::new(
+            EnrollmentConfig::default().policy().expect("valid"),
+            np.clone(),
+            store.load_enrollments().expect("loads"),
+        );
+        f.gate = Gate::new(new.clone(), 8, store.load_replay_windows().expect("loads"))
+            .with_previous(Some(old.clone()));
+        assert!(f.enrollments.switched("pi-1"));
+        let after = f.keys.up.seal(&topic, b"{}", stamp(4));
+        assert_eq!(
+            verify(&mut f, &topic, &after, 15),
+            Verdict::Dropped { reason: "bad_mac" }
+        );
+        let good = new_keys.up.seal(&topic, b"{}", stamp(5));
+        assert_eq!(verify(&mut f, &topic, &good, 16), Verdict::Route { len: 2 });
+    }
+
+    #[test]
+    fn after_a_rotation_finishes_nothing_under_the_old_key_is_accepted() {
+        let mut f = fixture();
+        let new = Identity::generate();
+        f.gate.rotate(new.clone());
+        f.enrollments.rotate(new.public(), 10);
+        let topic = topics::telemetry("pi-1");
+        let before = f.keys.up.seal(&topic, b"{}", stamp(1));
+        assert_eq!(
+            verify(&mut f, &topic, &before, 11),
+            Verdict::Route { len: 2 }
+        );
+        assert_eq!(f.gate.finish_rotation(), Some(f.keys_owner_public()));
+        assert!(f.gate.previous().is_none());
+        let after = f.keys.up.seal(&topic, b"{}", stamp(2));
+        assert_eq!(
+            verify(&mut f, &topic, &after, 12),
+            Verdict::Dropped { reason: "bad_mac" }
+        );
+        // Its answers are the new key's now.
+        let record = f.enrollments.get("pi-1").expect("enrolled").clone();
+        let answer = f.enrollments.answer(&record);
+        let (_, bytes, _) = f
+            .gate
+            .seal(
+                &f.enrollments,
+                Outgoing::Answer {
+                    answer,
+                    retain: true,
+                },
+                13,
+            )
+            .expect("sealed");
+        assert!(
+            enroll::open_answer("pi-1", &bytes, &f.device.public(), Some(&new.public())).is_ok()
+        );
     }
 }

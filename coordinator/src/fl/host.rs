@@ -89,6 +89,11 @@ impl FlHost {
         }
     }
 
+    /// Round messages are signed with `key` from now on (the coordinator rotated its identity).
+    pub fn set_key(&mut self, key: SigningKey) {
+        self.key = key;
+    }
+
     /// Hands the engine's evaluation requests to the worker; answers those of tasks without
     /// a held-out set (or when the worker cannot take them) at once.
     fn dispatch(&mut self) -> Vec<Action> {

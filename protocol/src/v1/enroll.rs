@@ -247,18 +247,34 @@ pub fn open_answer(
     our_key: &PublicIdentity,
     pinned: Option<&PublicIdentity>,
 ) -> Result<EnrollAnswer, EnrollError> {
-    if bytes.len() > MAX_PAYLOAD_BYTES + auth::MAX_TRAILER_LEN {
-        return Err(EnrollError::TooLarge {
-            size: bytes.len(),
-            limit: MAX_PAYLOAD_BYTES,
-        });
+    let answer = match pinned {
+        Some(p) => open_answer_signed_by(device, bytes, our_key, p)?,
+        None => {
+            let named = peek_answer(bytes)?.coordinator;
+            open_answer_signed_by(device, bytes, our_key, &named)?
+        }
+    };
+    if let Some(p) = pinned
+        && answer.coordinator != *p
+    {
+        return Err(EnrollError::CoordinatorSignature(AuthError::UnknownKey {
+            key_id: answer.coordinator.key_id(),
+        }));
     }
-    let json_end = bytes
-        .len()
-        .checked_sub(auth::SIG_TRAILER_LEN)
-        .ok_or(EnrollError::CoordinatorSignature(AuthError::NoTrailer))?;
-    let answer: EnrollAnswer = serde_json::from_slice(&bytes[..json_end])?;
-    let signer = pinned.unwrap_or(&answer.coordinator);
+    Ok(answer)
+}
+
+/// Checks an answer signed by `signer` (size, signature, version, device id, our key) without
+/// asking which coordinator key it names: when that is another key than `signer`, the answer is
+/// a key rotation, announced with the key the device already trusts, and what to do about it is
+/// the device's decision ([`open_answer`] refuses it).
+pub fn open_answer_signed_by(
+    device: &str,
+    bytes: &[u8],
+    our_key: &PublicIdentity,
+    signer: &PublicIdentity,
+) -> Result<EnrollAnswer, EnrollError> {
+    let answer = peek_answer(bytes)?;
     signer
         .open(&topics::enroll_answer(device), bytes)
         .map_err(EnrollError::CoordinatorSignature)?;
@@ -277,14 +293,22 @@ pub fn open_answer(
             ours: our_key.sign.clone(),
         });
     }
-    if let Some(p) = pinned
-        && answer.coordinator != *p
-    {
-        return Err(EnrollError::CoordinatorSignature(AuthError::UnknownKey {
-            key_id: answer.coordinator.key_id(),
-        }));
-    }
     Ok(answer)
+}
+
+/// The answer's JSON, before any signature is checked (size and decoding only).
+fn peek_answer(bytes: &[u8]) -> Result<EnrollAnswer, EnrollError> {
+    if bytes.len() > MAX_PAYLOAD_BYTES + auth::MAX_TRAILER_LEN {
+        return Err(EnrollError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    let json_end = bytes
+        .len()
+        .checked_sub(auth::SIG_TRAILER_LEN)
+        .ok_or(EnrollError::CoordinatorSignature(AuthError::NoTrailer))?;
+    Ok(serde_json::from_slice(&bytes[..json_end])?)
 }
 
 #[cfg(test)]
@@ -377,5 +401,31 @@ mod tests {
             open_answer("pi-1", &bytes, &other.public(), Some(&coord.public())),
             Err(EnrollError::WrongKey { .. })
         ));
+    }
+
+    #[test]
+    fn a_rotation_is_signed_by_the_old_key_and_names_the_new_one() {
+        let device = Identity::generate();
+        let (old, new) = (Identity::generate(), Identity::generate());
+        let rotation = EnrollAnswer {
+            v: VERSION,
+            device: "pi-1".into(),
+            device_key: device.public().sign,
+            decision: Decision::Accepted,
+            reason: String::new(),
+            groups: vec![],
+            coordinator: new.public(),
+            issued_ms: 9,
+        };
+        let bytes = seal_answer(&rotation, &old);
+        // Pinned to the old key: not an ordinary answer...
+        assert!(open_answer("pi-1", &bytes, &device.public(), Some(&old.public())).is_err());
+        // ...but verified with it, for the device to decide on.
+        let got = open_answer_signed_by("pi-1", &bytes, &device.public(), &old.public())
+            .expect("signed by the old key");
+        assert_eq!(got.coordinator, new.public());
+        // Nobody else's signature makes it one.
+        let forged = seal_answer(&rotation, &new);
+        assert!(open_answer_signed_by("pi-1", &forged, &device.public(), &old.public()).is_err());
     }
 }
