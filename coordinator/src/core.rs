@@ -381,6 +381,7 @@ mod tests {
             device: device.into(),
             class,
             seq,
+            prev: None,
             created_ms: 100 + seq,
             body,
         }

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use protocol::v1::deploy::{DeployStatus, ResendRequest};
 use protocol::v1::topics::{DeployTopic, Topic};
+use protocol::v1::ack::{AckSet, Header};
 use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
@@ -187,6 +188,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         enrollments,
         gate,
         snapshot_stale: true,
+        acks: Default::default(),
+        held_back: 0,
     };
     service.recover_seen_ids()?;
     service.resume_rotation()?;
@@ -243,6 +246,10 @@ struct Service {
     gate: Gate,
     /// The enrollment snapshot file lags the records.
     snapshot_stale: bool,
+    /// What this batch committed (or holds back), per device: acknowledged after the commit.
+    acks: std::collections::HashMap<String, AckSet>,
+    /// Messages held back for an earlier one of their class (a broker lost it), since start.
+    held_back: u64,
 }
 
 impl Service {
@@ -407,6 +414,16 @@ impl Service {
         for ack in acks {
             transport.ack(ack);
         }
+        // Committed: the devices may delete these from their outboxes.
+        for (device, set) in std::mem::take(&mut self.acks) {
+            for ack in set.into_acks() {
+                self.publishes.push(Outgoing::Publish {
+                    topic: topics::ack(&device),
+                    payload: ack.to_json(),
+                    retain: false,
+                });
+            }
+        }
         if switched {
             self.finish_if_all_switched()?;
         }
@@ -446,6 +463,48 @@ impl Service {
             payload: message.payload.slice(..len),
             ..message
         };
+        // An outbox message is acknowledged end to end once committed, and processed only
+        // after the previous one of its class that the device still held (`v1::ack`).
+        let header = match parsed.as_ref() {
+            Some(t) if t.from_outbox() => t
+                .device()
+                .zip(Header::peek(&message.payload))
+                .map(|(d, h)| (d.to_owned(), h)),
+            _ => None,
+        };
+        if let Some((device, h)) = &header
+            && let Some(prev) = h.prev
+            && !SeenIds::contains(&self.store, device, &v1::message_id(h.incarnation, prev))?
+        {
+            self.held_back += 1;
+            tracing::debug!(device = %device, id = %h.id, prev, "holding back a message until the one before it arrives");
+            self.acks
+                .entry(device.clone())
+                .or_default()
+                .resend(h.incarnation, h.class, prev);
+            return Ok(());
+        }
+        self.route(parsed, message, now)?;
+        if let Some((device, h)) = header {
+            // Core, deployments and refusals record the id already; updates do not.
+            if !SeenIds::contains(&self.store, &device, &h.id)? {
+                self.store.record(Some((&device, &h.id, now)), &[])?;
+            }
+            self.acks
+                .entry(device)
+                .or_default()
+                .committed(h.incarnation, h.class, h.seq);
+        }
+        Ok(())
+    }
+
+    /// Routes a message that passed the gate by what its topic means.
+    fn route(
+        &mut self,
+        parsed: Option<Topic>,
+        message: Message,
+        now: u64,
+    ) -> Result<(), ServiceError> {
         match parsed {
             // Not reached: the gate ignores echoes and takes enrollment requests.
             Some(t) if t.from_coordinator() => Ok(()),
@@ -1193,6 +1252,7 @@ impl Service {
             rejected = t.rejected,
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
+            held_back = self.held_back,
             deployments = self.deploy.active_count(),
             fl_tasks = self.fl.active_count(),
             chunks_queued = self.deploy.queued(),
@@ -1298,6 +1358,8 @@ mod tests {
             publishes: Vec::new(),
             offload: None,
             snapshot_stale: false,
+            acks: Default::default(),
+            held_back: 0,
             config,
         }
     }
@@ -1325,6 +1387,7 @@ mod tests {
             device: "pi-1".into(),
             class: Class::Results,
             seq: 1,
+            prev: None,
             created_ms: 1,
             body: Data {
                 stream: "s".into(),
@@ -1422,5 +1485,61 @@ mod tests {
         let later = keys.up.seal(&topic, &data("m4"), stamp(3));
         s.message(message(topic, later)).expect("ok");
         assert_eq!(s.gate.drop_totals().get("revoked"), Some(&1));
+    }
+
+    /// An outbox message: id from incarnation 7 and `seq`, naming `prev`.
+    fn outbox_data(seq: u64, prev: Option<u64>) -> Vec<u8> {
+        Envelope {
+            v: v1::VERSION,
+            id: v1::message_id(7, seq),
+            device: "pi-1".into(),
+            class: Class::Results,
+            seq,
+            prev,
+            created_ms: 1,
+            body: Data {
+                stream: "s".into(),
+                payload: serde_json::json!({"seq": seq}).into(),
+            },
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn outbox_messages_are_acknowledged_and_kept_in_order_per_class() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let claim = SigningKey::from_bytes(&[4; 32]);
+        let mut s = service(dir.path(), &claim);
+        let keys = enroll(&mut s, &claim);
+        let topic = topics::data("pi-1", "s");
+        let mut counter = 0;
+        let mut send = |s: &mut Service, seq, prev| {
+            counter += 1;
+            let sealed = keys.up.seal(
+                &topic,
+                &outbox_data(seq, prev),
+                Stamp { epoch: 5, counter },
+            );
+            s.message(message(topic.clone(), sealed)).expect("ok");
+        };
+        // 1 arrives, 2 is lost by the broker, 3 (sent while 2 was held) waits for 2.
+        send(&mut s, 1, None);
+        send(&mut s, 3, Some(2));
+        assert_eq!(s.held_back, 1);
+        // The device sends again from its oldest: 2, then 3, and a duplicate of 1 (acked again).
+        send(&mut s, 2, Some(1));
+        send(&mut s, 3, Some(2));
+        send(&mut s, 1, None);
+        let seqs: Vec<u64> = journal(&s)
+            .iter()
+            .filter(|l| l["event"] == "data")
+            .filter_map(|l| l["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3], "in order, once each");
+        let acks = s.acks.remove("pi-1").expect("acks for pi-1").into_acks();
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0].inc, format!("{:016x}", 7));
+        assert_eq!(acks[0].committed, vec![(Class::Results, 1, 3)]);
+        assert_eq!(acks[0].resend, vec![(Class::Results, 2)]);
     }
 }

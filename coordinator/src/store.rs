@@ -376,6 +376,7 @@ mod tests {
             device: "d1".into(),
             class: Class::Results,
             seq: 1,
+            prev: None,
             created_ms: 1,
             body: Data {
                 stream: "s".into(),

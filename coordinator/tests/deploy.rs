@@ -172,6 +172,7 @@ impl Device {
             device: self.id.clone(),
             class: Class::Control,
             seq: self.seq,
+            prev: None,
             created_ms: protocol::v1::now_ms(),
             body,
         };

@@ -144,6 +144,7 @@ fn data(device: &str, seq: u64) -> (String, Vec<u8>) {
         device: device.into(),
         class: Class::Results,
         seq,
+        prev: None,
         created_ms: 1_000 + seq,
         body: Data {
             stream: "vib/alerts".into(),
@@ -178,6 +179,7 @@ fn embedded_broker_end_to_end() {
         device: "d1".into(),
         class: Class::Control,
         seq: 1,
+        prev: None,
         created_ms: 1_001,
         body: Registration {
             agent_version: "0.1.0".into(),

@@ -241,6 +241,7 @@ impl Device {
             device: self.id.clone(),
             class: Class::Control,
             seq,
+            prev: None,
             created_ms: protocol::v1::now_ms(),
             body: Registration {
                 agent_version: "0.1.0".into(),

@@ -69,6 +69,7 @@ fn main() {
             device: "pi-1".into(),
             class: Class::Results,
             seq: 42,
+            prev: None,
             created_ms: 1,
             body: Data {
                 stream: "vibration/features".into(),

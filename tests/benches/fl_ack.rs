@@ -392,6 +392,7 @@ fn announce(client: &Client, device: &str, groups: &[&str]) -> Result<()> {
         device: device.to_owned(),
         class: Class::Control,
         seq: 0,
+        prev: None,
         created_ms: now,
         body: Registration {
             agent_version: "bench".into(),
@@ -440,6 +441,7 @@ fn telemetry_loop(client: &Client, stop: &AtomicBool) -> Result<usize> {
             device: "tel".into(),
             class: Class::Telemetry,
             seq,
+            prev: None,
             created_ms: v1::now_ms(),
             body: Telemetry::default(),
         };

@@ -3,6 +3,9 @@
 //! Persistence matters: the coordinator keeps a persistent session, and the messages queued
 //! for it must survive a broker restart just as they would in production.
 //!
+//! [`Mosquitto::start_volatile`] gives a broker without persistence, as many are run: a restart
+//! loses every session and what was queued in it, messages it already PUBACKed included.
+//!
 //! [`Mosquitto::start_tls`] gives the same broker a mutual-TLS listener instead: clients must
 //! present a certificate signed by the test CA, and its common name is their username.
 
@@ -57,22 +60,28 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Writes `DIR/mosquitto.conf` and starts the broker on a free port.
     pub fn start(dir: &Path) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None)
+        Mosquitto::start_with(dir, None, true)
+    }
+
+    /// Like [`Mosquitto::start`], without persistence: a restart loses every session and the
+    /// messages queued for them.
+    pub fn start_volatile(dir: &Path) -> Result<Mosquitto> {
+        Mosquitto::start_with(dir, None, false)
     }
 
     /// Like [`Mosquitto::start`], with a mutual-TLS listener: the server certificate from
     /// `tls`, and a client certificate signed by `tls`'s CA required of every client, whose
     /// common name becomes its username (anonymous clients are refused).
     pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, Some(tls))
+        Mosquitto::start_with(dir, Some(tls), true)
     }
 
-    fn start_with(dir: &Path, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
+    fn start_with(dir: &Path, tls: Option<&TlsFiles>, persist: bool) -> Result<Mosquitto> {
         let bin = mosquitto_bin()?;
         ensure_dir(dir)?;
         let mut last_err = None;
         for _ in 0..5 {
-            let mut m = Mosquitto::new(dir, &bin, free_port()?, tls)?;
+            let mut m = Mosquitto::new(dir, &bin, free_port()?, tls, persist)?;
             match m.start_once() {
                 Ok(()) => return Ok(m),
                 Err(e) if looks_like_port_collision(&m.proc.last_log()) => last_err = Some(e),
@@ -84,7 +93,13 @@ impl Mosquitto {
             .context("port collisions on 5 tries"))
     }
 
-    fn new(dir: &Path, bin: &Path, port: u16, tls: Option<&TlsFiles>) -> Result<Mosquitto> {
+    fn new(
+        dir: &Path,
+        bin: &Path,
+        port: u16,
+        tls: Option<&TlsFiles>,
+        persist: bool,
+    ) -> Result<Mosquitto> {
         let conf_path = dir.join("mosquitto.conf");
         let persistence = dir.join("persistence");
         ensure_dir(&persistence)?;
@@ -115,7 +130,7 @@ impl Mosquitto {
             "# Written by the edge-tests harness.\n\
              listener {port} 127.0.0.1\n\
              {security}\
-             persistence true\n\
+             persistence {persist}\n\
              persistence_location {persistence}/\n\
              # Saved at SIGTERM; every second too, so a killed broker loses little.\n\
              autosave_interval 1\n\

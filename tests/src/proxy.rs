@@ -17,6 +17,8 @@
 //! - loss: TCP never loses bytes inside a stream, so loss is modelled as the connection dying
 //!   part-way: after a chunk the connection is reset with some probability, or deterministically
 //!   once a byte budget is spent; the bytes that made it before the reset are delivered;
+//! - dropped downstream: what the upstream sends is read and discarded, the other direction
+//!   flows; clearing it resets the connections that lost bytes, since their streams have holes;
 //! - cut: every live connection is closed on both sides at once, queued data is dropped, and new
 //!   connections are accepted and closed at once until [`LinkProxy::restore`].
 //!
@@ -25,7 +27,7 @@
 //! `socket` feature); to an MQTT client either is the connection going away.
 //!
 //! Invariant: binds only 127.0.0.1:0; never reorders, duplicates or alters bytes (only delays
-//! them or ends the connection); every thread it starts is joined when the proxy is dropped.
+//! them, discards them under `drop_down`, or ends the connection); every thread it starts is joined when the proxy is dropped.
 //! Boundary: used by `tests/tests/*.rs` and `xtask`; knows nothing of MQTT.
 
 use std::collections::{HashMap, VecDeque};
@@ -71,6 +73,11 @@ pub struct Link {
     /// a device that still hears its broker but whose publishes, pings and reconnects go
     /// nowhere (a dead uplink). Held data flows on, intact, when cleared.
     pub stall_up: bool,
+    /// Discard what the upstream sends to the client (upstream -> client) while the other
+    /// direction flows: a device whose publishes arrive but that hears nothing back (no
+    /// acknowledgements, no ping answers). Connections that lost bytes this way are reset when
+    /// it is cleared (their stream has a hole); new ones then work.
+    pub drop_down: bool,
     /// Probability, per chunk read from either side (one `read`, up to 16 KiB, so it depends on
     /// how the sender writes), that the connection is reset after a random prefix of that chunk.
     pub reset_probability: f64,
@@ -182,7 +189,13 @@ impl LinkProxy {
     /// bandwidth cap take effect at once; a new delay or jitter applies to data read from now
     /// on (data already held keeps the release time it was given).
     pub fn set(&self, link: Link) {
-        self.shared.lock().link = link;
+        {
+            let mut st = self.shared.lock();
+            if st.link.drop_down && !link.drop_down {
+                st.teardown_all();
+            }
+            st.link = link;
+        }
         self.shared.wake.notify_all();
     }
 
@@ -624,6 +637,10 @@ fn enqueue(st: &mut State, id: u64, dir: Dir, data: &[u8]) -> bool {
     if c.closed || c.reset_queued {
         stats.bytes_dropped += data.len() as u64;
         return true;
+    }
+    if link.drop_down && dir == Dir::Down && !data.is_empty() {
+        stats.bytes_dropped += data.len() as u64;
+        return false;
     }
     let mut rng = rand::thread_rng();
     let jitter = if link.jitter.is_zero() {

@@ -218,6 +218,7 @@ fn forge_reading(
         device: device.into(),
         class: Class::Results,
         seq: u64::MAX / 2,
+        prev: None,
         created_ms: protocol::v1::now_ms(),
         body: Data {
             stream: "forged".into(),

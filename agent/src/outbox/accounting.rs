@@ -138,6 +138,7 @@ impl Accounting {
             evicted: self.evicted,
             refused: self.refused,
             delivered: self.delivered,
+            awaiting_ack: 0,
         }
     }
 }

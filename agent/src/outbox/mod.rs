@@ -1,5 +1,6 @@
 //! Durable outbox: every outbound message is stored here before it is sent, and removed only
-//! when the broker acknowledges it (PUBACK).
+//! when the coordinator acknowledges that it has committed it (`protocol::v1::ack`; the
+//! broker's PUBACK is not enough).
 //!
 //! Storage is one sled tree. Message keys are `[class u8][seq u64 BE]`, so iteration order is
 //! priority first, then enqueue order within a class. Meta keys start with `0xF0`.
@@ -205,6 +206,8 @@ pub struct Outbox {
     /// before its commit could be lost with its seq in a crash, and the seq (so the message
     /// id) would then be reused for a different message after the restart.
     durable_below: AtomicU64,
+    /// Messages the broker took that await the coordinator's ack (the uplink's gauge).
+    awaiting_ack: AtomicU64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -408,6 +411,7 @@ impl Outbox {
             notify: Arc::new(Notify::new()),
             commits: AtomicU64::new(0),
             durable_below: AtomicU64::new(next_seq),
+            awaiting_ack: AtomicU64::new(0),
         })
     }
 
@@ -778,8 +782,35 @@ impl Outbox {
         Ok(None)
     }
 
-    /// Removes a message the broker acknowledged. Not fsync'd: if the removal is lost in a
-    /// crash the message is sent again and the coordinator drops the duplicate by id.
+    /// Whether the message is still stored.
+    pub fn holds(&self, key: Key) -> bool {
+        self.tree.contains_key(key.to_bytes()).unwrap_or(false)
+    }
+
+    /// The seq the next accepted message gets.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// The seq of the stored message of `key`'s class just before it: what the device still
+    /// holds (unacknowledged) ahead of `key`. `None` when nothing earlier is stored.
+    pub fn prev_in_class(&self, key: Key) -> Option<u64> {
+        let start = Key {
+            class: key.class,
+            seq: 0,
+        }
+        .to_bytes();
+        let (k, _) = self
+            .tree
+            .range(start..key.to_bytes())
+            .next_back()?
+            .ok()?;
+        Key::from_bytes(&k).map(|k| k.seq)
+    }
+
+    /// Removes a message the coordinator has committed (its end-to-end ack). Not fsync'd: if
+    /// the removal is lost in a crash the message is sent again and the coordinator drops the
+    /// duplicate by id.
     pub fn ack(&self, key: Key) {
         self.remove(key, Removal::Delivered);
     }
@@ -806,7 +837,15 @@ impl Outbox {
     }
 
     pub fn stats(&self) -> OutboxStats {
-        self.lock().acct.stats()
+        let mut s = self.lock().acct.stats();
+        s.awaiting_ack = self.awaiting_ack.load(Ordering::Relaxed);
+        s
+    }
+
+    /// How many stored messages the broker took that await the coordinator's ack (set by the
+    /// uplink; reported in [`Outbox::stats`]).
+    pub fn set_awaiting_ack(&self, n: u64) {
+        self.awaiting_ack.store(n, Ordering::Relaxed);
     }
 
     /// Number of group commits so far (each one fdatasync of the write-ahead log).

@@ -263,6 +263,7 @@ async fn pump(
     let mut backoff = config.reconnect_min;
     // After the service has gone, keep polling only to flush the disconnect.
     let mut service_gone = false;
+    let mut connects = 0u64;
     let filters: Vec<SubscribeFilter> = config
         .filters
         .iter()
@@ -272,7 +273,16 @@ async fn pump(
         let inbound = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = config.reconnect_min;
-                tracing::info!(broker = %config.broker, session_present = ack.session_present, "connected to broker");
+                if ack.session_present || connects == 0 {
+                    tracing::info!(broker = %config.broker, session_present = ack.session_present, "connected to broker");
+                } else {
+                    // What devices published while we were away was queued in that session;
+                    // the broker dropped it (restarted without persistence, or could not save
+                    // it). Devices keep every message until our end-to-end ack, so they send it
+                    // again: a resend, not a loss.
+                    tracing::warn!(broker = %config.broker, "reconnected to broker without our session (session_present=false): it lost the messages queued for us while we were away; devices resend what we have not acknowledged");
+                }
+                connects += 1;
                 // Resubscribing an existing persistent session is harmless and makes the broker
                 // resend retained device statuses, which the core treats as redeliveries.
                 // The queue holds 1024 requests, so this only fails if acks piled up; a

@@ -546,9 +546,9 @@ impl super::topics::Topic {
             | Topic::FlUpdate { .. }
             | Topic::OffloadRequest { .. } => Rule::DeviceMac,
             Topic::Enroll { .. } => Rule::Enrollment,
-            Topic::Device(DeviceTopic::Cmd { .. }) | Topic::OffloadResponse { .. } => {
-                Rule::CoordinatorMac
-            }
+            Topic::Device(DeviceTopic::Cmd { .. })
+            | Topic::OffloadResponse { .. }
+            | Topic::Ack { .. } => Rule::CoordinatorMac,
             Topic::OffloadCapacity { .. }
             | Topic::EnrollAnswer { .. }
             | Topic::CoordinatorStatus => Rule::CoordinatorSigned,

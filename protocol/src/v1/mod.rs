@@ -4,6 +4,7 @@
 //! payloads use the compact binary envelope in [`binary`]. Both carry a unique message id so a
 //! receiver can drop the duplicates that at-least-once delivery produces.
 
+pub mod ack;
 pub mod auth;
 pub mod binary;
 pub mod deploy;
@@ -49,6 +50,8 @@ pub enum Error {
     Stream(String),
     #[error("envelope device {envelope:?} does not match topic device {topic:?}")]
     DeviceMismatch { envelope: String, topic: String },
+    #[error("malformed acknowledgement: {0}")]
+    Ack(&'static str),
 }
 
 /// Delivery class of an outbound message; also its priority (control is sent first) and the
@@ -160,6 +163,11 @@ pub struct Envelope<B> {
     pub class: Class,
     /// Sender's per-outbox sequence number (increasing in enqueue order).
     pub seq: u64,
+    /// The seq of the previous message of this class the sender still held, unacknowledged,
+    /// when it sent this one; the coordinator processes this one only after that one
+    /// ([`ack`]). Absent when nothing earlier was outstanding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
     /// Sender's wall clock when the message was accepted, ms since the Unix epoch.
     pub created_ms: u64,
     pub body: B,
@@ -512,8 +520,12 @@ pub struct OutboxStats {
     pub evicted: u64,
     /// Messages refused because the outbox was full.
     pub refused: u64,
-    /// Messages acknowledged by the broker since start.
+    /// Messages the coordinator acknowledged as committed since start (end-to-end acks).
     pub delivered: u64,
+    /// Messages the broker took that still await the coordinator's acknowledgement (kept,
+    /// and counted in `depth`, until it comes).
+    #[serde(default)]
+    pub awaiting_ack: u64,
 }
 
 /// Body of `edge/v1/{device}/data/{stream}`: an application message published through the
@@ -623,6 +635,7 @@ mod tests {
             device: "d1".into(),
             class: Class::Results,
             seq: 42,
+            prev: None,
             created_ms: 1,
             body: Data {
                 stream: "s".into(),

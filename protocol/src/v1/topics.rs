@@ -15,6 +15,7 @@
 //! edge/v1/group/{group}/deploy/chunk     chunks broadcast once to a group; resends go per device
 //! edge/v1/{device}/fl/round        retained signed fl::RoundMessage (global weights, train order)
 //! edge/v1/{device}/fl/update       BinaryEnvelope kind fl-update (compressed weight delta)
+//! edge/v1/{device}/ack             v1::ack::Ack, coordinator -> device: what it committed
 //! ```
 //!
 //! `group` is reserved in the device position like `coordinator`: [`parse_deploy`] refuses it
@@ -55,6 +56,11 @@ pub fn enroll(device: &str) -> String {
 /// Coordinator -> device: the signed, retained answer to an enrollment request.
 pub fn enroll_answer(device: &str) -> String {
     format!("{ROOT}/{device}/enroll/answer")
+}
+
+/// Coordinator -> device: end-to-end acknowledgements (`v1::ack`), MAC'd.
+pub fn ack(device: &str) -> String {
+    format!("{ROOT}/{device}/ack")
 }
 
 /// Filters the coordinator subscribes to for everything devices send.
@@ -444,6 +450,8 @@ pub enum Topic {
     Enroll { device: String },
     /// Coordinator -> device: the signed answer (retained).
     EnrollAnswer { device: String },
+    /// Coordinator -> device: what it has durably committed (`v1::ack`).
+    Ack { device: String },
 }
 
 impl Topic {
@@ -483,6 +491,9 @@ impl Topic {
         if let Some(device) = parse_offload_response(topic) {
             return Some(Topic::OffloadResponse { device });
         }
+        if let Some(device) = parse_device_suffix(topic, "/ack") {
+            return Some(Topic::Ack { device });
+        }
         parse(topic).map(Topic::Device)
     }
 
@@ -501,13 +512,28 @@ impl Topic {
             | Topic::OffloadResponse { .. }
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus
-            | Topic::EnrollAnswer { .. } => true,
+            | Topic::EnrollAnswer { .. }
+            | Topic::Ack { .. } => true,
             Topic::Enroll { .. }
             | Topic::Device(_)
             | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
             | Topic::FlUpdate { .. }
             | Topic::OffloadRequest { .. } => false,
         }
+    }
+
+    /// True for what a device sends from its outbox, in an envelope with an outbox id: the
+    /// coordinator acknowledges these end to end once committed (`v1::ack`).
+    pub fn from_outbox(&self) -> bool {
+        matches!(
+            self,
+            Topic::Device(
+                DeviceTopic::Register { .. }
+                    | DeviceTopic::Telemetry { .. }
+                    | DeviceTopic::Data { .. }
+            ) | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
+                | Topic::FlUpdate { .. }
+        )
     }
 
     /// The device the topic is about; `None` for group, replica and coordinator topics.
@@ -525,7 +551,8 @@ impl Topic {
             | Topic::OffloadRequest { device }
             | Topic::OffloadResponse { device }
             | Topic::Enroll { device }
-            | Topic::EnrollAnswer { device } => Some(device),
+            | Topic::EnrollAnswer { device }
+            | Topic::Ack { device } => Some(device),
             Topic::Deploy(DeployTopic::GroupManifest { .. } | DeployTopic::GroupChunk { .. })
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus => None,
@@ -554,6 +581,7 @@ impl Topic {
             Topic::CoordinatorStatus => status(COORDINATOR),
             Topic::Enroll { device } => enroll(device),
             Topic::EnrollAnswer { device } => enroll_answer(device),
+            Topic::Ack { device } => ack(device),
         }
     }
 }
@@ -596,6 +624,7 @@ mod topic_tests {
             Topic::CoordinatorStatus,
             Topic::Enroll { device: d() },
             Topic::EnrollAnswer { device: d() },
+            Topic::Ack { device: d() },
         ]
     }
 

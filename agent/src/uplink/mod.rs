@@ -3,10 +3,14 @@
 //! Each connection attempt gets a fresh rumqttc client and event loop with a clean session:
 //! the outbox, not rumqttc's in-memory state, is the source of truth, so after a reconnect
 //! every unacknowledged message is simply sent again from the outbox (the coordinator drops
-//! the duplicates by message id). A message leaves the outbox only on its PUBACK.
+//! the duplicates by message id).
 //!
-//! rumqttc reports `Outgoing::Publish(pkid)` in the order publishes were handed to it, which
-//! is how a PUBACK's packet id is mapped back to an outbox key ([`SendWindow`]).
+//! A message leaves the outbox only when the coordinator says it has durably committed it
+//! (`protocol::v1::ack`, on `edge/v1/{device}/ack`), never on the broker's PUBACK alone: the
+//! PUBACK paces the link, the coordinator's ack decides deletion, and what stays
+//! unacknowledged is sent again ([`window`]). Each JSON envelope names `prev`, the previous
+//! message of its class still held here, so the coordinator keeps each class in order even
+//! when a broker drops messages in the middle.
 //!
 //! Authentication, per `Topic::auth_rule` (the one table, in `protocol::v1::auth`), against the
 //! enrollment session (a watch; `None` until enrolled):
@@ -23,7 +27,7 @@
 //!   (deployments, FL rounds) unchanged. Anything that fails is dropped, counted by reason
 //!   ([`AuthStats`]) and logged at WARN at most once per reason per 10 s.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +49,9 @@ use crate::inbox::{Inbox, Incoming as InboxMessage};
 use crate::link::{AuthStats, Direct, DirectReceiver, EnrollReceiver, LinkSender, LinkState};
 use crate::outbox::{Key, Outbox, Stored};
 use crate::setting::InvalidSetting;
+
+pub mod window;
+use window::SendWindow;
 
 /// `[mqtt]`: the broker connection.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -73,6 +80,11 @@ pub struct MqttConfig {
     /// Largest MQTT packet accepted from the broker, bytes; at least the largest message
     /// with its authentication trailer and the MQTT header (see [`MIN_PACKET_BYTES`]).
     pub max_packet_bytes: usize,
+    /// Milliseconds a message the broker took may wait for the coordinator's end-to-end ack
+    /// before it is sent again (doubling while none comes, up to 5 minutes).
+    pub ack_timeout_ms: u64,
+    /// Messages sent but not yet acknowledged by the coordinator, at most; at least `inflight`.
+    pub max_unacked: u32,
 }
 
 /// The smallest `mqtt.max_packet_bytes` that takes every message the coordinator may send:
@@ -93,6 +105,8 @@ impl Default for MqttConfig {
             reconnect_max_ms: 30_000,
             inflight: 64,
             max_packet_bytes: 131_072,
+            ack_timeout_ms: 10_000,
+            max_unacked: 1024,
         }
     }
 }
@@ -114,6 +128,12 @@ impl MqttConfig {
         }
         if self.inflight == 0 {
             return Err("mqtt.inflight must be at least 1".into());
+        }
+        if self.ack_timeout_ms < 100 {
+            return Err("mqtt.ack_timeout_ms must be at least 100".into());
+        }
+        if self.max_unacked < u32::from(self.inflight) {
+            return Err("mqtt.max_unacked must be at least mqtt.inflight".into());
         }
         if self.max_packet_bytes < MIN_PACKET_BYTES {
             return Err(format!(
@@ -210,60 +230,11 @@ pub struct UplinkStats {
     /// Enrollment requests written, and dropped (offline when they came).
     pub enroll_sent: AtomicU64,
     pub enroll_dropped: AtomicU64,
-}
-
-/// Tracks publishes handed to rumqttc until their PUBACK. No I/O.
-#[derive(Debug)]
-pub struct SendWindow {
-    capacity: usize,
-    /// Last seq handed out per class during this connection.
-    cursors: [Option<u64>; 4],
-    /// Publishes handed to rumqttc, not yet reported as written; `None` for non-outbox ones.
-    unsent: VecDeque<Option<Key>>,
-    /// Written publishes awaiting PUBACK, by packet id.
-    inflight: HashMap<u16, Key>,
-}
-
-impl SendWindow {
-    pub fn new(capacity: usize) -> Self {
-        SendWindow {
-            capacity,
-            cursors: [None; 4],
-            unsent: VecDeque::new(),
-            inflight: HashMap::new(),
-        }
-    }
-
-    pub fn has_room(&self) -> bool {
-        self.unsent.iter().filter(|k| k.is_some()).count() + self.inflight.len() < self.capacity
-    }
-
-    pub fn cursor(&self, class: Class) -> Option<u64> {
-        self.cursors[class.index()]
-    }
-
-    /// An outbox message was handed to the client.
-    pub fn handed(&mut self, key: Key) {
-        self.cursors[key.class.index()] = Some(key.seq);
-        self.unsent.push_back(Some(key));
-    }
-
-    /// A publish that is not from the outbox (status) was handed to the client.
-    pub fn handed_other(&mut self) {
-        self.unsent.push_back(None);
-    }
-
-    /// The client wrote the next publish with this packet id.
-    pub fn written(&mut self, pkid: u16) {
-        if let Some(Some(key)) = self.unsent.pop_front() {
-            self.inflight.insert(pkid, key);
-        }
-    }
-
-    /// The broker acknowledged `pkid`: the outbox key to remove, if it was ours.
-    pub fn acked(&mut self, pkid: u16) -> Option<Key> {
-        self.inflight.remove(&pkid)
-    }
+    /// End-to-end acks received, and the messages they let the outbox delete.
+    pub acks: AtomicU64,
+    pub committed: AtomicU64,
+    /// Rewinds: ack timeouts and resend hints.
+    pub resends: AtomicU64,
 }
 
 pub struct Uplink {
@@ -462,7 +433,11 @@ impl Uplink {
         shutdown: &mut watch::Receiver<bool>,
         paths: &mut Paths,
     ) -> SessionEnd {
-        let mut window = SendWindow::new(self.cfg.inflight as usize);
+        let mut window = SendWindow::new(
+            self.cfg.inflight as usize,
+            self.cfg.max_unacked as usize,
+            Duration::from_millis(self.cfg.ack_timeout_ms),
+        );
         let mut connected = false;
         let mut session = will.clone();
         // Filters subscribed on this connection (clean session: none at connect).
@@ -480,6 +455,8 @@ impl Uplink {
             }
             // Unenrolled, the outbox keeps everything: nothing to wake up for.
             let idle = connected && session.is_some() && window.has_room();
+            let overdue = if connected { window.deadline() } else { None };
+            self.outbox.set_awaiting_ack(window.awaiting() as u64);
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -507,21 +484,28 @@ impl Uplink {
                             }
                         }
                         let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(topics::ack(&self.device), QoS::AtLeastOnce);
                         self.sync_subscriptions(client, &mut subscribed);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.written(pkid),
                     Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                        if let Some(key) = window.acked(ack.pkid) {
-                            self.outbox.ack(key);
-                        }
+                        // The broker has it; the outbox keeps it until the coordinator's ack.
+                        window.acked(ack.pkid, std::time::Instant::now(), |k| self.outbox.holds(k));
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
-                        self.on_publish(p, session.as_deref(), &mut paths.ingress);
+                        if let Some(ack) = self.on_publish(p, session.as_deref(), &mut paths.ingress) {
+                            self.on_ack(&ack, &mut window);
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => return SessionEnd::Lost { was_connected: connected, error: e.to_string() },
                 },
                 _ = self.outbox.notified(), if idle => {}
+                _ = sleep_until(overdue), if overdue.is_some() => {
+                    let waiting = window.timed_out(std::time::Instant::now());
+                    self.stats.resends.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(waiting, next_timeout_ms = window.ack_timeout().as_millis() as u64, "no end-to-end ack from the coordinator in time; sending the unacknowledged messages again");
+                }
                 _ = self.inbox.changed(), if connected => self.sync_subscriptions(client, &mut subscribed),
                 changed = paths.sessions.changed(), if paths.sessions_open => {
                     if changed.is_err() {
@@ -649,6 +633,7 @@ impl Uplink {
             device: self.device.clone(),
             class: s.key.class,
             seq: s.key.seq,
+            prev: self.outbox.prev_in_class(s.key),
             created_ms: s.record.created_ms,
             body,
         };
@@ -675,14 +660,22 @@ impl Uplink {
         *subscribed = wanted;
     }
 
-    fn on_publish(&self, p: rumqttc::Publish, session: Option<&Session>, ingress: &mut Ingress) {
+    /// Delivers an incoming message that authenticates; an end-to-end ack for this device is
+    /// returned instead, for the connection's window.
+    fn on_publish(
+        &self,
+        p: rumqttc::Publish,
+        session: Option<&Session>,
+        ingress: &mut Ingress,
+    ) -> Option<bytes::Bytes> {
         let topic = p.topic;
-        let Some(payload) = ingress.check(&topic, p.payload, session, std::time::Instant::now())
-        else {
-            return;
-        };
+        let payload = ingress.check(&topic, p.payload, session, std::time::Instant::now())?;
         if matches!(topics::parse(&topic), Some(topics::DeviceTopic::Cmd { .. })) {
-            return self.on_command(&topic, &payload);
+            self.on_command(&topic, &payload);
+            return None;
+        }
+        if topic == topics::ack(&self.device) {
+            return Some(payload);
         }
         let matched = self.inbox.deliver(InboxMessage {
             topic,
@@ -691,6 +684,44 @@ impl Uplink {
         });
         if matched == 0 {
             tracing::debug!("incoming message matched no subscription");
+        }
+        None
+    }
+
+    /// The coordinator committed messages: they leave the outbox. Resend hints rewind their
+    /// class. An ack for another incarnation (an outbox quarantined since) is ignored.
+    fn on_ack(&self, payload: &[u8], window: &mut SendWindow) {
+        let ack = match v1::ack::Ack::from_json(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "dropping malformed end-to-end ack");
+                return;
+            }
+        };
+        if ack.incarnation() != Some(self.outbox.incarnation()) {
+            tracing::debug!(inc = %ack.inc, "ack for another outbox incarnation");
+            return;
+        }
+        self.stats.acks.fetch_add(1, Ordering::Relaxed);
+        let mut committed = 0u64;
+        for &(class, from, to) in &ack.committed {
+            // Only seqs this outbox has handed out; a range past them is not ours.
+            let to = to.min(self.outbox.next_seq().saturating_sub(1));
+            for seq in from..=to {
+                let key = Key { class, seq };
+                self.outbox.ack(key);
+                window.committed(key);
+                committed += 1;
+            }
+        }
+        self.stats.committed.fetch_add(committed, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        for &(class, seq) in &ack.resend {
+            if window.resend_hint(class, now) {
+                self.stats.resends.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(class = %class, waiting_for = seq, "the coordinator is missing an earlier message; sending the class again from its oldest");
+            }
         }
     }
 
@@ -876,17 +907,18 @@ impl RejectLog {
     }
 }
 
-impl SendWindow {
-    /// Advances the cursor past a message that was dropped instead of sent.
-    pub fn handed_skip(&mut self, key: Key) {
-        self.cursors[key.class.index()] = Some(key.seq);
-    }
-}
-
 /// The next enrollment request; never resolves without the path.
 async fn next_enroll(enroll: &mut Option<EnrollReceiver>) -> Option<Vec<u8>> {
     match enroll {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
 }
@@ -1206,28 +1238,6 @@ mod tests {
         for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h:x"] {
             assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn window_maps_pkids_to_keys_in_order() {
-        let k = |seq| Key {
-            class: Class::Results,
-            seq,
-        };
-        let mut w = SendWindow::new(2);
-        w.handed_other();
-        w.handed(k(1));
-        w.handed(k(2));
-        assert!(!w.has_room());
-        w.written(1); // the status publish
-        w.written(2);
-        w.written(3);
-        assert_eq!(w.acked(1), None);
-        assert_eq!(w.acked(3), Some(k(2)));
-        assert!(w.has_room());
-        assert_eq!(w.acked(2), Some(k(1)));
-        assert_eq!(w.cursor(Class::Results), Some(2));
-        assert_eq!(w.cursor(Class::Control), None);
     }
 
     #[test]
