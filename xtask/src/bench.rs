@@ -3,7 +3,10 @@
 //! - outbox: durable enqueue rate vs an append+fdatasync loop (`cargo bench -p edge-agent --bench outbox`);
 //! - e2e: messages/s from the agent's local API through outbox, uplink, embedded broker and
 //!   coordinator, vs a bare rumqttc client publishing the same envelopes to the same broker,
-//!   both timed until the coordinator's journal holds every message;
+//!   both timed until the coordinator's journal holds every message (the agent deletes a
+//!   message only on the coordinator's end-to-end ack, so at most `mqtt.max_unacked` run
+//!   ahead); then a steady 1,000 msg/s through a link proxy for the downstream bytes per 1,000
+//!   messages (PUBACKs and end-to-end acks) and the outbox depth its telemetry reports;
 //! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker;
 //! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
 //! - fl-ack: the coordinator's telemetry latency while federated rounds close on a 10,000-row
@@ -281,6 +284,84 @@ fn e2e(root: &Path, dir: &Path) -> Result<()> {
         "  agent local API -> durable outbox -> uplink -> ...     : {o:>8.0} msg/s  ratio {:.2}x of bare",
         o / b
     );
+    steady(&dir.join("e2e-steady"))
+}
+
+/// Messages per second, and seconds, of the steady phase.
+const STEADY_RATE: usize = 1000;
+const STEADY_SECONDS: usize = 6;
+
+/// A steady 1,000 msg/s from the local API through a link proxy (clean link) to the embedded
+/// broker: what comes down per 1,000 messages, and how deep the outbox runs.
+fn steady(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let coord = Coordinator::start_embedded(&dir.join("coordinator"))?;
+    let port = coord.port().context("coordinator port")?;
+    let mut journal = coord.journal();
+    let proxy = edge_tests::LinkProxy::to_port(port)?;
+    let mut opts = AgentOptions::new("bench-steady", proxy.url());
+    opts.telemetry_interval_s = 1;
+    let agent = Agent::start(&dir.join("agent"), opts)?;
+    journal.wait_registered("bench-steady", Duration::from_secs(60))?;
+    // Settle: enrollment answer, retained statuses, the first telemetry.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = proxy.stats();
+    let since = journal.len();
+    let total = STEADY_RATE * STEADY_SECONDS;
+    let filler = serde_json::Value::String("x".repeat(E2E_PAYLOAD));
+    let batch: Vec<Publish> = (0..STEADY_RATE / 100)
+        .map(|_| Publish::new("steady", Class::Results, filler.clone()))
+        .collect();
+    let mut api = agent.api()?;
+    let start = Instant::now();
+    for tick in 0..(total / batch.len()) {
+        let due = start + Duration::from_millis(10 * tick as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait); // pacing the offered load, not a sync
+        }
+        api.publish_all(&batch, batch.len())?;
+    }
+    let offered_s = start.elapsed().as_secs_f64();
+    wait_count(&mut journal, "bench-steady", total, Duration::from_secs(120))?;
+    // The last acks follow the last commit.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = proxy.stats();
+    let down = after.bytes_down - before.bytes_down;
+    let up = after.bytes_up - before.bytes_up;
+    let per_k = |b: u64| b as f64 * 1000.0 / total as f64;
+    journal.refresh()?;
+    let mut depths: Vec<f64> = journal.events()[since.min(journal.len())..]
+        .iter()
+        .filter(|e| e.is_for("telemetry", "bench-steady"))
+        .filter_map(|e| e.raw.get("outbox_depth")?.as_array().cloned())
+        .map(|d| d.iter().filter_map(serde_json::Value::as_u64).sum::<u64>() as f64)
+        .collect();
+    depths.sort_by(|a, b| a.total_cmp(b));
+    let max_depth = depths.last().copied().unwrap_or(0.0);
+    let median_depth = if depths.is_empty() {
+        0.0
+    } else {
+        median(depths.clone())
+    };
+    println!(
+        "steady load: {total} messages of {E2E_PAYLOAD} bytes offered at {STEADY_RATE} msg/s ({:.0} msg/s achieved) through a link proxy",
+        total as f64 / offered_s
+    );
+    println!(
+        "  downstream bytes per 1,000 messages: {:>8.0} (PUBACKs alone would be 4,000; bare rumqttc gets only those)",
+        per_k(down)
+    );
+    println!(
+        "  of which end-to-end acks (total - PUBACKs): {:>8.0}   upstream per 1,000: {:>8.0}",
+        per_k(down.saturating_sub(4 * total as u64)),
+        per_k(up)
+    );
+    println!(
+        "  outbox depth in telemetry (messages, {} samples): median {median_depth:.0}, max {max_depth:.0}",
+        depths.len()
+    );
+    drop(agent);
+    drop(coord);
     Ok(())
 }
 
