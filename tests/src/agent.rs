@@ -113,6 +113,18 @@ impl AgentOptions {
     }
 }
 
+impl AgentOptions {
+    /// Writes what an agent under `dir` starts from: the claim key its config names
+    /// (`dir/claim.key`) and the config itself at `config_path`. Whoever starts the process
+    /// (the harness, or a runner such as qemu-user) needs both.
+    pub fn write_files(&self, dir: &Path, config_path: &Path) -> Result<()> {
+        let groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
+        crate::enroll::write_claim_key(&dir.join(CLAIM_KEY_FILE), &groups)?;
+        std::fs::write(config_path, self.to_toml(dir)?)
+            .with_context(|| format!("cannot write {}", config_path.display()))
+    }
+}
+
 /// The claim key file the harness writes beside each agent's config.
 const CLAIM_KEY_FILE: &str = "claim.key";
 
@@ -183,11 +195,7 @@ impl Agent {
     }
 
     fn write_config(&self) -> Result<()> {
-        let groups: Vec<&str> = self.opts.groups.iter().map(String::as_str).collect();
-        crate::enroll::write_claim_key(&self.dir.join(CLAIM_KEY_FILE), &groups)?;
-        let text = self.opts.to_toml(&self.dir)?;
-        std::fs::write(&self.config_path, text)
-            .with_context(|| format!("cannot write {}", self.config_path.display()))
+        self.opts.write_files(&self.dir, &self.config_path)
     }
 
     /// Changes the options; they take effect at the next start.

@@ -367,8 +367,7 @@ fn scenario(env: &TestEnv, target: &Target, runner: &Path, arm_agent: &Path) -> 
         opts.extra.insert("inference".into(), toml::Value::Table(t));
     }
     let config = dir.join("agent.toml");
-    std::fs::write(&config, opts.to_toml(&dir)?)
-        .with_context(|| format!("cannot write {}", config.display()))?;
+    opts.write_files(&dir, &config)?;
     let arm_log = dir.join(format!("agent-{arm_dev}.log"));
     let mut arm = ChildProc::new(
         format!("agent {arm_dev} (qemu)"),
