@@ -35,9 +35,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use protocol::v1::ack::{AckSet, Header};
 use protocol::v1::deploy::{DeployStatus, ResendRequest};
 use protocol::v1::topics::{DeployTopic, Topic};
-use protocol::v1::ack::{AckSet, Header};
 use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
@@ -77,6 +77,9 @@ const SPOOL_POLL: Duration = Duration::from_millis(500);
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
 const FL_TICK: Duration = Duration::from_millis(250);
+/// End-to-end acks wait at most this long after their commit, so that under load one ack
+/// covers the messages of several batches; an ack after a quiet spell goes out at once.
+const ACK_INTERVAL: Duration = Duration::from_millis(25);
 /// How often dropped-message counts may be journaled (`auth_rejected`).
 const AUTH_SUMMARY: Duration = Duration::from_millis(crate::enrollment::gate::SUMMARY_INTERVAL_MS);
 
@@ -246,7 +249,8 @@ struct Service {
     gate: Gate,
     /// The enrollment snapshot file lags the records.
     snapshot_stale: bool,
-    /// What this batch committed (or holds back), per device: acknowledged after the commit.
+    /// Committed messages (and resend hints) per device not yet acknowledged: sent by
+    /// `flush_acks` at most every [`ACK_INTERVAL`], never before their commit.
     acks: std::collections::HashMap<String, AckSet>,
     /// Messages held back for an earlier one of their class (a broker lost it), since start.
     held_back: u64,
@@ -274,6 +278,8 @@ impl Service {
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fl_tick = tokio::time::interval(FL_TICK);
         fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_flush = tokio::time::interval(ACK_INTERVAL);
+        ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut auth_summary = tokio::time::interval(AUTH_SUMMARY);
         auth_summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let advert_every = self
@@ -298,6 +304,7 @@ impl Service {
                     }
                 }
                 _ = retry.tick(), if transport.has_deferred() => transport.retry_deferred(),
+                _ = ack_flush.tick(), if !self.acks.is_empty() => if let Err(e) = self.flush_acks(&mut transport).await { break Err(e) },
                 _ = deploy_tick.tick() => if let Err(e) = self.deploy_tick(&mut transport).await { break Err(e) },
                 _ = spool_poll.tick() => {
                     if let Err(e) = self.pickup(&mut transport).await { break Err(e) }
@@ -340,6 +347,10 @@ impl Service {
         }
         if let Err(e) = self.auth_summary_now() {
             tracing::warn!(error = %e, "cannot journal the last dropped-message counts");
+        }
+        // Committed already: acknowledged now, or devices would send them again.
+        if let Err(e) = self.flush_acks(&mut transport).await {
+            tracing::warn!(error = %e, "could not send the last end-to-end acks; devices resend those messages");
         }
         // Stop taking messages first, so the pump is never stuck sending to us while the
         // transport flushes its disconnect.
@@ -414,16 +425,8 @@ impl Service {
         for ack in acks {
             transport.ack(ack);
         }
-        // Committed: the devices may delete these from their outboxes.
-        for (device, set) in std::mem::take(&mut self.acks) {
-            for ack in set.into_acks() {
-                self.publishes.push(Outgoing::Publish {
-                    topic: topics::ack(&device),
-                    payload: ack.to_json(),
-                    retain: false,
-                });
-            }
-        }
+        // `self.acks` now holds only committed messages; `flush_acks` sends them, at most
+        // every ACK_INTERVAL, so a busy device gets one ack for many messages.
         if switched {
             self.finish_if_all_switched()?;
         }
@@ -1068,6 +1071,22 @@ impl Service {
         }
     }
 
+    /// Publishes the end-to-end acks gathered since the last flush: committed messages (and
+    /// resend hints) per device, one `Ack` per outbox incarnation.
+    async fn flush_acks(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        for (device, set) in std::mem::take(&mut self.acks) {
+            for ack in set.into_acks() {
+                let out = Outgoing::Publish {
+                    topic: topics::ack(&device),
+                    payload: ack.to_json(),
+                    retain: false,
+                };
+                self.publish(transport, out).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn publish_own_status(
         &mut self,
         transport: &mut Transport,
@@ -1515,11 +1534,9 @@ mod tests {
         let mut counter = 0;
         let mut send = |s: &mut Service, seq, prev| {
             counter += 1;
-            let sealed = keys.up.seal(
-                &topic,
-                &outbox_data(seq, prev),
-                Stamp { epoch: 5, counter },
-            );
+            let sealed = keys
+                .up
+                .seal(&topic, &outbox_data(seq, prev), Stamp { epoch: 5, counter });
             s.message(message(topic.clone(), sealed)).expect("ok");
         };
         // 1 arrives, 2 is lost by the broker, 3 (sent while 2 was held) waits for 2.

@@ -175,7 +175,10 @@ fn lost_acks_keep_messages_until_the_link_is_back() {
         journal.expect_delivered("d1", &all)?;
         let duplicates = journal.count("duplicate", "d1");
         eprintln!("sent again and dropped as duplicates: {duplicates}");
-        anyhow::ensure!(duplicates > 0, "the device sent the unacknowledged messages again");
+        anyhow::ensure!(
+            duplicates > 0,
+            "the device sent the unacknowledged messages again"
+        );
         Ok(())
     });
 }

@@ -1,4 +1,4 @@
-//! The attack matrix: a separate attacker process (`edge-attacker`, holding nothing but the
+//! The attack matrix, on the coordinator's embedded broker and on mosquitto: a separate attacker process (`edge-attacker`, holding nothing but the
 //! network, the wire formats, what it captures and, for one row, a stolen fleet claim key) on the
 //! same broker as a real coordinator and five real, enrolled agents, while a group rollout and a
 //! federated task run and the agents publish readings. Every attempt must be refused and counted,
@@ -17,9 +17,9 @@ use edge_testmodels::onnx_builder;
 use edge_tests::enroll::{coordinator_enrollment, coordinator_identity, write_claim_key};
 use edge_tests::{
     Agent, AgentOptions, Class, Coordinator, DeliveryReport, Event, FEATURES_MODULE, FlTask,
-    Journal, PipelineDir, SigningKey, TestEnv, deploy, features_pipeline, federated_agent,
-    federated_data, offload_coordinator_config, offloading_agent, run_test, task_finished,
-    test_messages,
+    Journal, Mosquitto, PipelineDir, SigningKey, TestEnv, deploy, features_pipeline,
+    federated_agent, federated_data, offload_coordinator_config, offloading_agent, run_test,
+    task_finished, test_messages,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -32,7 +32,22 @@ const FLOOD: usize = 10_000;
 
 #[test]
 fn attacks_are_refused_and_counted_while_the_fleet_works() {
-    run_test("security_matrix", scenario);
+    run_test("security_matrix", |env| scenario(env, Broker::Embedded));
+}
+
+#[test]
+fn attacks_through_mosquitto_are_refused_and_counted() {
+    // Fails (does not skip) without mosquitto: `cargo xtask test` provisions it.
+    run_test("security_matrix_mosquitto", |env| {
+        scenario(env, Broker::Mosquitto)
+    });
+}
+
+/// Where the attacker, the agents and the coordinator meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broker {
+    Embedded,
+    Mosquitto,
 }
 
 /// One row of the printed matrix.
@@ -181,7 +196,7 @@ fn agent_refusals(events: &[Event], device: &str, from: usize) -> Option<u64> {
         })
 }
 
-fn scenario(env: &TestEnv) -> Result<()> {
+fn scenario(env: &TestEnv, kind: Broker) -> Result<()> {
     let mut m = Matrix(Vec::new());
     let files = env.path("files");
     std::fs::create_dir_all(files.join("models"))?;
@@ -204,11 +219,19 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let coord_dir = env.path("coordinator");
     // Made before the first start, so every agent pins it instead of trusting on first use.
     let pin = coordinator_identity(&coord_dir.join("state"))?;
-    let coord = Coordinator::start_embedded_with_args(
-        &coord_dir,
-        vec!["--config".into(), config.display().to_string()],
-    )?;
-    let port = coord.port().context("coordinator port")?;
+    let args = vec!["--config".into(), config.display().to_string()];
+    let broker = match kind {
+        Broker::Mosquitto => Some(Mosquitto::start(&env.path("mosquitto"))?),
+        Broker::Embedded => None,
+    };
+    let coord = match &broker {
+        Some(b) => Coordinator::start_external_with_args(&coord_dir, &b.url(), args)?,
+        None => Coordinator::start_embedded_with_args(&coord_dir, args)?,
+    };
+    let port = match &broker {
+        Some(b) => b.port(),
+        None => coord.port().context("coordinator port")?,
+    };
     let mut journal = coord.journal();
     let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
 
@@ -570,7 +593,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
         ensure!(a.is_running(), "{} exited during the attack", a.device_id());
     }
     drop(offloader);
-    let table = m.render();
+    let table = format!("broker: {kind:?}\n{}", m.render());
     println!("\n{table}");
     std::fs::write(env.path("security-matrix.txt"), &table)?;
     if m.0.iter().any(|r| !r.ok) {

@@ -322,7 +322,12 @@ fn steady(dir: &Path) -> Result<()> {
         api.publish_all(&batch, batch.len())?;
     }
     let offered_s = start.elapsed().as_secs_f64();
-    wait_count(&mut journal, "bench-steady", total, Duration::from_secs(120))?;
+    wait_count(
+        &mut journal,
+        "bench-steady",
+        total,
+        Duration::from_secs(120),
+    )?;
     // The last acks follow the last commit.
     std::thread::sleep(Duration::from_secs(2));
     let after = proxy.stats();

@@ -800,11 +800,7 @@ impl Outbox {
             seq: 0,
         }
         .to_bytes();
-        let (k, _) = self
-            .tree
-            .range(start..key.to_bytes())
-            .next_back()?
-            .ok()?;
+        let (k, _) = self.tree.range(start..key.to_bytes()).next_back()?.ok()?;
         Key::from_bytes(&k).map(|k| k.seq)
     }
 

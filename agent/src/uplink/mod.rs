@@ -694,7 +694,9 @@ impl Uplink {
         let ack = match v1::ack::Ack::from_json(payload) {
             Ok(a) => a,
             Err(e) => {
-                self.stats.malformed_incoming.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .malformed_incoming
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "dropping malformed end-to-end ack");
                 return;
             }

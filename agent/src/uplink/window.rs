@@ -233,9 +233,17 @@ mod tests {
         });
         assert_eq!(w.deadline(), Some(t0 + Duration::from_secs(10)));
         assert_eq!(w.timed_out(t0 + Duration::from_secs(10)), 3);
-        assert_eq!(w.cursor(Class::Results), None, "results sent again from the oldest");
+        assert_eq!(
+            w.cursor(Class::Results),
+            None,
+            "results sent again from the oldest"
+        );
         assert_eq!(w.cursor(Class::Telemetry), None);
-        assert_eq!(w.cursor(Class::Control), Some(2), "nothing waited in control");
+        assert_eq!(
+            w.cursor(Class::Control),
+            Some(2),
+            "nothing waited in control"
+        );
         assert_eq!(w.deadline(), None);
         assert_eq!(w.ack_timeout(), Duration::from_secs(20));
         w.committed(k(4));

@@ -276,7 +276,10 @@ mod tests {
             r#"{{"v":1,"id":"{id}","device":"d1","class":"results","seq":12,"prev":10,"created_ms":1,"body":{{}}}}"#
         );
         let h = Header::peek(json.as_bytes()).expect("json header");
-        assert_eq!((h.incarnation, h.class, h.seq, h.prev), (7, Class::Results, 12, Some(10)));
+        assert_eq!(
+            (h.incarnation, h.class, h.seq, h.prev),
+            (7, Class::Results, 12, Some(10))
+        );
         let bin = super::super::binary::BinaryEnvelope {
             id: id.clone(),
             device: "d1".into(),
@@ -289,7 +292,10 @@ mod tests {
         .encode()
         .expect("encodes");
         let h = Header::peek(&bin).expect("binary header");
-        assert_eq!((h.incarnation, h.class, h.seq, h.prev), (7, Class::Model, 12, None));
+        assert_eq!(
+            (h.incarnation, h.class, h.seq, h.prev),
+            (7, Class::Model, 12, None)
+        );
         // An id that does not name the seq, or a prev not before it, is not an outbox message.
         let other = json.replace(r#""seq":12"#, r#""seq":13"#);
         assert!(Header::peek(other.as_bytes()).is_none());
