@@ -192,6 +192,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         gate,
         snapshot_stale: true,
         acks: Default::default(),
+        last_ack_flush: std::time::Instant::now(),
         held_back: 0,
     };
     service.recover_seen_ids()?;
@@ -252,6 +253,7 @@ struct Service {
     /// Committed messages (and resend hints) per device not yet acknowledged: sent by
     /// `flush_acks` at most every [`ACK_INTERVAL`], never before their commit.
     acks: std::collections::HashMap<String, AckSet>,
+    last_ack_flush: std::time::Instant,
     /// Messages held back for an earlier one of their class (a broker lost it), since start.
     held_back: u64,
 }
@@ -425,8 +427,12 @@ impl Service {
         for ack in acks {
             transport.ack(ack);
         }
-        // `self.acks` now holds only committed messages; `flush_acks` sends them, at most
-        // every ACK_INTERVAL, so a busy device gets one ack for many messages.
+        // `self.acks` now holds only committed messages. Sent here once ACK_INTERVAL has passed
+        // (under load the loop always has a batch ready, so its timer arm alone would starve),
+        // otherwise by that timer: a busy device gets one ack for several batches.
+        if self.last_ack_flush.elapsed() >= ACK_INTERVAL {
+            self.flush_acks(transport).await?;
+        }
         if switched {
             self.finish_if_all_switched()?;
         }
@@ -1074,6 +1080,7 @@ impl Service {
     /// Publishes the end-to-end acks gathered since the last flush: committed messages (and
     /// resend hints) per device, one `Ack` per outbox incarnation.
     async fn flush_acks(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        self.last_ack_flush = std::time::Instant::now();
         for (device, set) in std::mem::take(&mut self.acks) {
             for ack in set.into_acks() {
                 let out = Outgoing::Publish {
@@ -1378,6 +1385,7 @@ mod tests {
             offload: None,
             snapshot_stale: false,
             acks: Default::default(),
+            last_ack_flush: std::time::Instant::now(),
             held_back: 0,
             config,
         }
