@@ -253,7 +253,15 @@ pub fn crash_loop(dir: &Path, opts: &CrashLoopOptions) -> Result<CrashLoopReport
     if min_delay > max_delay {
         bail!("kill delay range {min_delay}..{max_delay} ms is empty");
     }
-    let mut coord = Coordinator::start_embedded(&dir.join("coordinator"))?;
+    // A soak journals hundreds of MB: no rotation, so every event stays readable in one file.
+    let coord_dir = dir.join("coordinator");
+    std::fs::create_dir_all(&coord_dir)?;
+    let config = coord_dir.join("coordinator.toml");
+    std::fs::write(&config, "[journal]\nmax_bytes = 17179869184\n")?;
+    let mut coord = Coordinator::start_embedded_with_args(
+        &coord_dir,
+        vec!["--config".into(), config.display().to_string()],
+    )?;
     let mut agent_opts = AgentOptions::new(&opts.device_id, coord.url());
     agent_opts.telemetry_interval_s = 1;
     let mut agent = Agent::start(&dir.join("agent"), agent_opts)?;

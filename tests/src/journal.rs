@@ -68,6 +68,9 @@ impl Event {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
+    /// Inode of the file `offset` is in: the coordinator rotates a full journal by renaming it
+    /// to `PATH.1` and starting a new `PATH`.
+    inode: Option<u64>,
     offset: u64,
     partial: Vec<u8>,
     events: Vec<Event>,
@@ -79,6 +82,7 @@ impl Journal {
     pub fn open(path: impl Into<PathBuf>) -> Journal {
         Journal {
             path: path.into(),
+            inode: None,
             offset: 0,
             partial: Vec::new(),
             events: Vec::new(),
@@ -100,12 +104,32 @@ impl Journal {
                     .with_context(|| format!("cannot open journal {}", self.path.display()));
             }
         };
+        let inode = std::os::unix::fs::MetadataExt::ino(
+            &f.metadata()
+                .with_context(|| format!("cannot stat journal {}", self.path.display()))?,
+        );
+        let mut buf = Vec::new();
+        if self.inode.is_some_and(|i| i != inode) {
+            // Rotated since the last read: the rest of the old file is in `PATH.1` (unless it
+            // was rotated twice meanwhile, which a reader polling this seldom cannot recover).
+            let rotated = std::path::PathBuf::from(format!("{}.1", self.path.display()));
+            if let Ok(mut old) = File::open(&rotated)
+                && old
+                    .metadata()
+                    .is_ok_and(|m| Some(std::os::unix::fs::MetadataExt::ino(&m)) == self.inode)
+            {
+                old.seek(SeekFrom::Start(self.offset))?;
+                old.read_to_end(&mut buf)?;
+            }
+            self.offset = 0;
+        }
+        self.inode = Some(inode);
         f.seek(SeekFrom::Start(self.offset))
             .with_context(|| format!("cannot seek journal {}", self.path.display()))?;
-        let mut buf = Vec::new();
+        let before_len = buf.len();
         f.read_to_end(&mut buf)
             .with_context(|| format!("cannot read journal {}", self.path.display()))?;
-        self.offset += buf.len() as u64;
+        self.offset += (buf.len() - before_len) as u64;
         self.partial.extend_from_slice(&buf);
         let before = self.events.len();
         let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') else {
@@ -341,5 +365,33 @@ mod tests {
             j.wait_for_data_ids("d1", ["b"], Duration::from_millis(10))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_rotation_between_reads_loses_nothing() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal.jsonl");
+        let line = |n: u32| {
+            format!("{{\"ts_ms\":{n},\"event\":\"data\",\"device\":\"d1\",\"id\":\"m{n}\"}}\n")
+        };
+        let append = |p: &Path, n: u32| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("open");
+            f.write_all(line(n).as_bytes()).expect("write");
+        };
+        let mut j = Journal::open(&path);
+        append(&path, 1);
+        assert_eq!(j.refresh().expect("reads"), 1);
+        // Written after our read, then rotated as the coordinator does, then a new file.
+        append(&path, 2);
+        std::fs::rename(&path, dir.path().join("journal.jsonl.1")).expect("rotate");
+        append(&path, 3);
+        assert_eq!(j.refresh().expect("reads"), 2);
+        let ids: Vec<&str> = j.events().iter().filter_map(|e| e.id.as_deref()).collect();
+        assert_eq!(ids, ["m1", "m2", "m3"]);
     }
 }
