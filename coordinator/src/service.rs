@@ -194,6 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         acks: Default::default(),
         last_ack_flush: std::time::Instant::now(),
         held_back: 0,
+        chains: Default::default(),
     };
     service.recover_seen_ids()?;
     service.resume_rotation()?;
@@ -256,6 +257,8 @@ struct Service {
     last_ack_flush: std::time::Instant,
     /// Messages held back for an earlier one of their class (a broker lost it), since start.
     held_back: u64,
+    /// How far a duplicate's ack may reach (`chains`).
+    chains: crate::chains::Chains,
 }
 
 impl Service {
@@ -499,10 +502,13 @@ impl Service {
             if !SeenIds::contains(&self.store, &device, &h.id)? {
                 self.store.record(Some((&device, &h.id, now)), &[])?;
             }
-            self.acks
-                .entry(device)
-                .or_default()
-                .committed(h.incarnation, h.class, h.seq);
+            let through = self.chains.committed(&device, &h);
+            self.acks.entry(device).or_default().committed_through(
+                h.incarnation,
+                h.class,
+                h.seq,
+                through,
+            );
         }
         Ok(())
     }
@@ -1387,6 +1393,7 @@ mod tests {
             acks: Default::default(),
             last_ack_flush: std::time::Instant::now(),
             held_back: 0,
+            chains: Default::default(),
             config,
         }
     }

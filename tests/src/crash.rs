@@ -37,7 +37,8 @@ pub struct CrashLoopOptions {
     /// Range (ms) of the random time between the agent being ready and the next SIGKILL.
     pub kill_delay_ms: (u64, u64),
     pub device_id: String,
-    /// How long the journal may take to show every accepted message after the last restart.
+    /// How long delivery may stall (no accepted message reaching the journal) after the load
+    /// stops.
     pub delivery_timeout: Duration,
     /// Print a progress line every few kills (for `cargo xtask soak`).
     pub verbose: bool,

@@ -219,18 +219,21 @@ impl Journal {
         )
     }
 
-    /// Waits until every id in `ids` has a `data` event from `device`.
+    /// Waits until every id in `ids` has a `data` event from `device`, for as long as more of
+    /// them keep arriving: it fails once `stall` passes without a new one. A backlog of
+    /// hundreds of thousands (a soak) drains at its own pace; a lost message stalls.
     pub fn wait_for_data_ids<'a>(
         &mut self,
         device: &str,
         ids: impl IntoIterator<Item = &'a str>,
-        timeout: Duration,
+        stall: Duration,
     ) -> Result<()> {
         let mut missing: HashSet<String> = ids.into_iter().map(str::to_owned).collect();
         let total = missing.len();
         let mut scanned = 0;
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + stall;
         loop {
+            let before = missing.len();
             self.refresh()?;
             for e in &self.events[scanned..] {
                 if e.is_for("data", device)
@@ -243,12 +246,15 @@ impl Journal {
             if missing.is_empty() {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            if missing.len() < before {
+                deadline = Instant::now() + stall;
+            } else if Instant::now() >= deadline {
                 let mut sample: Vec<&String> = missing.iter().collect();
                 sample.sort();
                 sample.truncate(5);
                 bail!(
-                    "{} of {total} accepted messages from {device} did not arrive within {timeout:?} \
+                    "{} of {total} accepted messages from {device} have not arrived, and none came \
+                     in the last {stall:?} \
                      (e.g. {sample:?}); journal {} last events:\n{}",
                     missing.len(),
                     self.path.display(),

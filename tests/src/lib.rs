@@ -80,7 +80,8 @@ pub use tmpfs::{Tmpfs, require_root};
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long queued messages may take to reach the coordinator's journal.
+/// How long queued messages may go without one more of them reaching the coordinator's journal
+/// (a stall; a long backlog may take longer in all while it keeps moving).
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Poll interval for every wait in the harness: short enough not to slow tests down, long
 /// enough not to compete with the processes under test on a 2-core machine.

@@ -811,6 +811,23 @@ impl Outbox {
         self.remove(key, Removal::Delivered);
     }
 
+    /// Removes every stored message of `class` with a seq in `from..=to` (a range of an
+    /// end-to-end ack: seqs are numbered across classes, so it names only this class's).
+    /// Returns the keys removed.
+    pub fn ack_range(&self, class: Class, from: u64, to: u64) -> Vec<Key> {
+        let (start, end) = (Key { class, seq: from }, Key { class, seq: to });
+        let keys: Vec<Key> = self
+            .tree
+            .range(start.to_bytes()..=end.to_bytes())
+            .keys()
+            .filter_map(|k| Key::from_bytes(&k.ok()?))
+            .collect();
+        for &key in &keys {
+            self.ack(key);
+        }
+        keys
+    }
+
     fn remove(&self, key: Key, why: Removal) {
         match self.tree.remove(key.to_bytes()) {
             Ok(Some(v)) => {

@@ -47,7 +47,7 @@ use tokio::sync::watch;
 use crate::enrollment::{Session, SessionWatch};
 use crate::inbox::{Inbox, Incoming as InboxMessage};
 use crate::link::{AuthStats, Direct, DirectReceiver, EnrollReceiver, LinkSender, LinkState};
-use crate::outbox::{Key, Outbox, Stored};
+use crate::outbox::{Outbox, Stored};
 use crate::setting::InvalidSetting;
 
 pub mod window;
@@ -555,7 +555,7 @@ impl Uplink {
         session: &Session,
     ) -> Result<(), FillError> {
         for class in Class::ALL {
-            while window.has_room() {
+            while window.has_room() && window.may_hand(class) {
                 let Some(stored) = self.outbox.next_in_class(class, window.cursor(class))? else {
                     break;
                 };
@@ -710,9 +710,10 @@ impl Uplink {
         for &(class, from, to) in &ack.committed {
             // Only seqs this outbox has handed out; a range past them is not ours.
             let to = to.min(self.outbox.next_seq().saturating_sub(1));
-            for seq in from..=to {
-                let key = Key { class, seq };
-                self.outbox.ack(key);
+            if from > to {
+                continue;
+            }
+            for key in self.outbox.ack_range(class, from, to) {
                 window.committed(key);
                 committed += 1;
             }

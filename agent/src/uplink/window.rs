@@ -12,6 +12,13 @@
 //!    duplicates by id) and the timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack
 //!    comes. A resend hint from the coordinator (it holds back a message for an earlier one
 //!    it lacks) rewinds that class at once, at most once per [`HINT_HOLDOFF`].
+//! 3. Probing: a new connection (a restart or a reconnect) and an ack timeout send each class
+//!    one message, its oldest, and no more until the coordinator acknowledges it. The messages
+//!    an earlier connection left in the broker's queue reach the coordinator before the probe
+//!    (brokers keep a publisher's order per topic), so by the time the probe's ack comes,
+//!    their acks have deleted them, and the rest of the class goes out without resending what
+//!    was only slow. Without this, a device restarting while the coordinator is behind resends
+//!    up to `max_unacked` per class each time, which puts the coordinator further behind.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -42,6 +49,10 @@ pub struct SendWindow {
     /// stale and skipped.
     order: VecDeque<(Instant, Key)>,
     rewound: [Option<Instant>; 4],
+    /// Classes that send one message until the coordinator acknowledges it.
+    probing: [bool; 4],
+    /// The probe each probing class has out, if any.
+    probe: [Option<u64>; 4],
     base_timeout: Duration,
     timeout: Duration,
 }
@@ -57,6 +68,8 @@ impl SendWindow {
             awaiting: BTreeMap::new(),
             order: VecDeque::new(),
             rewound: [None; 4],
+            probing: [true; 4],
+            probe: [None; 4],
             base_timeout: ack_timeout,
             timeout: ack_timeout,
         }
@@ -72,9 +85,24 @@ impl SendWindow {
         self.cursors[class.index()]
     }
 
+    /// Whether `class` may hand out another message: not while its probe is out.
+    pub fn may_hand(&self, class: Class) -> bool {
+        let i = class.index();
+        !self.probing[i] || self.probe[i].is_none()
+    }
+
+    /// Whether `class` is probing (see the module docs).
+    pub fn probing(&self, class: Class) -> bool {
+        self.probing[class.index()]
+    }
+
     /// An outbox message was handed to the client.
     pub fn handed(&mut self, key: Key) {
-        self.cursors[key.class.index()] = Some(key.seq);
+        let i = key.class.index();
+        if self.probing[i] {
+            self.probe[i] = Some(key.seq);
+        }
+        self.cursors[i] = Some(key.seq);
         self.unsent.push_back(Some(key));
     }
 
@@ -108,7 +136,13 @@ impl SendWindow {
     }
 
     /// The coordinator committed `key`; an ack also resets the timeout's backoff.
+    /// The ack of a class's probe ends its probing.
     pub fn committed(&mut self, key: Key) {
+        let i = key.class.index();
+        if self.probe[i] == Some(key.seq) {
+            self.probing[i] = false;
+            self.probe[i] = None;
+        }
         self.awaiting.remove(&key);
         self.timeout = self.base_timeout;
     }
@@ -129,14 +163,16 @@ impl SendWindow {
         None
     }
 
-    /// Nothing was acknowledged in time: every class with waiting messages is sent again from
-    /// its oldest, and the timeout backs off. Returns how many were waiting.
+    /// Nothing was acknowledged in time: every class with waiting messages probes again from
+    /// its oldest (the coordinator may only be slow), and the timeout backs off. Returns how
+    /// many were waiting.
     pub fn timed_out(&mut self, now: Instant) -> usize {
         let waiting = self.awaiting.len();
         let mut classes: Vec<Class> = self.awaiting.keys().map(|k| k.class).collect();
         classes.dedup();
         for class in classes {
             self.rewind(class, now);
+            self.probing[class.index()] = true;
         }
         self.timeout = (self.timeout * 2).min(MAX_ACK_TIMEOUT.max(self.base_timeout));
         waiting
@@ -159,6 +195,7 @@ impl SendWindow {
 
     fn rewind(&mut self, class: Class, now: Instant) {
         self.cursors[class.index()] = None;
+        self.probe[class.index()] = None;
         self.awaiting.retain(|k, _| k.class != class);
         self.rewound[class.index()] = Some(now);
     }
@@ -252,6 +289,47 @@ mod tests {
             w.timed_out(t0);
         }
         assert_eq!(w.ack_timeout(), MAX_ACK_TIMEOUT);
+    }
+
+    #[test]
+    fn a_new_window_and_a_timeout_probe_each_class_with_one_message_until_it_is_acknowledged() {
+        let t0 = Instant::now();
+        let mut w = SendWindow::new(8, 100, Duration::from_secs(10));
+        let control = Key {
+            class: Class::Control,
+            seq: 1,
+        };
+        assert!(w.may_hand(Class::Results) && w.may_hand(Class::Control));
+        // An unframeable message skipped is not a probe.
+        w.handed_skip(k(2));
+        assert!(w.may_hand(Class::Results));
+        w.handed(k(3));
+        assert!(!w.may_hand(Class::Results), "the probe is out");
+        assert!(w.may_hand(Class::Control), "classes probe independently");
+        w.handed(control);
+        w.written(1);
+        w.written(2);
+        w.acked(1, t0, |_| true);
+        // Acks for later messages (left in the broker by an earlier connection) do not end it.
+        w.committed(k(4));
+        assert!(!w.may_hand(Class::Results));
+        w.committed(k(3));
+        assert!(w.may_hand(Class::Results) && !w.probing(Class::Results));
+        w.handed(k(5));
+        w.handed(k(6));
+        assert!(w.may_hand(Class::Results), "the window is open");
+        assert!(!w.may_hand(Class::Control));
+        // A timeout sends the oldest again as a new probe.
+        w.written(3);
+        w.written(4);
+        w.acked(3, t0, |_| true);
+        w.timed_out(t0 + Duration::from_secs(10));
+        assert!(w.probing(Class::Results));
+        assert_eq!(w.cursor(Class::Results), None);
+        w.handed(k(5));
+        assert!(!w.may_hand(Class::Results));
+        w.committed(k(5));
+        assert!(w.may_hand(Class::Results) && !w.probing(Class::Results));
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! Body (JSON): `{"v":1,"inc":"<16 hex>","committed":[["results",0,41],...],"resend":[["results",3]]}`:
 //! - `inc`: the outbox incarnation the seqs belong to (the first half of a message id);
 //! - `committed`: inclusive seq ranges per class, committed by the coordinator (processed,
-//!   recognised as a duplicate, or refused with the refusal journaled: either way done);
+//!   recognised as a duplicate, or refused with the refusal journaled: either way done).
+//!   Seqs are numbered across classes, so a range names every message *of its class* with a
+//!   seq in it; the device deletes those it holds. A range may reach past the message that
+//!   prompted it (see "Chains" below);
 //! - `resend`: per class, a seq the coordinator is waiting for: it held back a later message
 //!   whose `prev` it had not committed yet (the broker lost something in between), so the
 //!   device should send again from there rather than wait for its timeout.
@@ -20,6 +23,15 @@
 //! device still holds (sent, not yet acknowledged). The coordinator processes a message only
 //! when it has committed `prev`, so each class reaches the journal in seq order even when a
 //! broker drops messages in the middle of a stream.
+//!
+//! Chains: that rule also tells the coordinator more than the one message. A JSON message `m`
+//! committed with `prev` absent (nothing older was held) or with `prev` at or below a seq `w`
+//! for which this already held, means every message of the class the device held below `m`
+//! when it sent `m` is committed. The coordinator keeps the highest such seq per device and
+//! class (binary envelopes carry no `prev` and do not extend it), and answers a duplicate of
+//! `s` with the range `s..=w`: whatever the device still holds in it was held when `w` was
+//! sent. This is what lets a device that restarts, after its acks were published to nobody,
+//! learn with one resent message that everything it sent before is committed.
 
 use std::collections::BTreeMap;
 
@@ -97,13 +109,17 @@ pub struct Header {
     pub seq: u64,
     /// The previous message of the class the device still held when it sent this one.
     pub prev: Option<u64>,
+    /// A JSON envelope, whose `prev` is meaningful (absent = nothing older held). Binary
+    /// envelopes carry no `prev`.
+    pub chained: bool,
 }
 
 impl Header {
     /// Reads the header of a JSON or binary envelope; `None` if the payload is neither, or
     /// its id is not an outbox id (incarnation + seq) matching its seq.
     pub fn peek(payload: &[u8]) -> Option<Header> {
-        let (id, class, seq, prev) = if super::binary::is_binary(payload) {
+        let chained = !super::binary::is_binary(payload);
+        let (id, class, seq, prev) = if !chained {
             let env = super::binary::BinaryEnvelope::decode(payload).ok()?;
             (env.id, env.class, env.seq, None)
         } else {
@@ -128,6 +144,7 @@ impl Header {
             class,
             seq,
             prev,
+            chained,
         })
     }
 }
@@ -135,8 +152,8 @@ impl Header {
 /// Collects what one batch committed for one device, and turns it into acks.
 #[derive(Debug, Default, Clone)]
 pub struct AckSet {
-    /// incarnation -> class -> seqs committed.
-    committed: BTreeMap<u64, BTreeMap<Class, Vec<u64>>>,
+    /// incarnation -> class -> inclusive seq ranges committed.
+    committed: BTreeMap<u64, BTreeMap<Class, Vec<(u64, u64)>>>,
     /// incarnation -> class -> lowest seq to send again.
     resend: BTreeMap<u64, BTreeMap<Class, u64>>,
 }
@@ -147,12 +164,17 @@ impl AckSet {
     }
 
     pub fn committed(&mut self, incarnation: u64, class: Class, seq: u64) {
+        self.committed_through(incarnation, class, seq, seq);
+    }
+
+    /// Every message of `class` in `from..=to` is committed (a chain, see the module docs).
+    pub fn committed_through(&mut self, incarnation: u64, class: Class, from: u64, to: u64) {
         self.committed
             .entry(incarnation)
             .or_default()
             .entry(class)
             .or_default()
-            .push(seq);
+            .push((from.min(to), from.max(to)));
     }
 
     pub fn resend(&mut self, incarnation: u64, class: Class, seq: u64) {
@@ -166,7 +188,7 @@ impl AckSet {
     }
 
     /// The acks, one per incarnation (more if one has over [`MAX_RANGES`] ranges), ranges
-    /// coalesced.
+    /// merged where they overlap or touch.
     pub fn into_acks(self) -> Vec<Ack> {
         let mut incs: Vec<u64> = self.committed.keys().copied().collect();
         incs.extend(self.resend.keys().copied());
@@ -175,18 +197,18 @@ impl AckSet {
         let mut out = Vec::new();
         for inc in incs {
             let mut ranges = Vec::new();
-            for (class, mut seqs) in self.committed.get(&inc).cloned().unwrap_or_default() {
-                seqs.sort_unstable();
-                seqs.dedup();
-                let mut it = seqs.into_iter();
-                let Some(first) = it.next() else { continue };
-                let (mut from, mut to) = (first, first);
-                for s in it {
-                    if s == to + 1 {
-                        to = s;
+            for (class, mut spans) in self.committed.get(&inc).cloned().unwrap_or_default() {
+                spans.sort_unstable();
+                let mut it = spans.into_iter();
+                let Some((mut from, mut to)) = it.next() else {
+                    continue;
+                };
+                for (f, t) in it {
+                    if f <= to.saturating_add(1) {
+                        to = to.max(t);
                     } else {
                         ranges.push((class, from, to));
-                        (from, to) = (s, s);
+                        (from, to) = (f, t);
                     }
                 }
                 ranges.push((class, from, to));
@@ -246,6 +268,20 @@ mod tests {
     }
 
     #[test]
+    fn chain_ranges_merge_with_single_seqs() {
+        let mut set = AckSet::default();
+        set.committed(1, Class::Results, 3);
+        set.committed_through(1, Class::Results, 4, 40);
+        set.committed(1, Class::Results, 12);
+        set.committed_through(1, Class::Results, 50, 45);
+        let acks = set.into_acks();
+        assert_eq!(
+            acks[0].committed,
+            vec![(Class::Results, 3, 40), (Class::Results, 45, 50)]
+        );
+    }
+
+    #[test]
     fn many_ranges_split_over_acks() {
         let mut set = AckSet::default();
         for s in 0..(MAX_RANGES as u64 + 10) {
@@ -277,8 +313,8 @@ mod tests {
         );
         let h = Header::peek(json.as_bytes()).expect("json header");
         assert_eq!(
-            (h.incarnation, h.class, h.seq, h.prev),
-            (7, Class::Results, 12, Some(10))
+            (h.incarnation, h.class, h.seq, h.prev, h.chained),
+            (7, Class::Results, 12, Some(10), true)
         );
         let bin = super::super::binary::BinaryEnvelope {
             id: id.clone(),
@@ -293,8 +329,8 @@ mod tests {
         .expect("encodes");
         let h = Header::peek(&bin).expect("binary header");
         assert_eq!(
-            (h.incarnation, h.class, h.seq, h.prev),
-            (7, Class::Model, 12, None)
+            (h.incarnation, h.class, h.seq, h.prev, h.chained),
+            (7, Class::Model, 12, None, false)
         );
         // An id that does not name the seq, or a prev not before it, is not an outbox message.
         let other = json.replace(r#""seq":12"#, r#""seq":13"#);
