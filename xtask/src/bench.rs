@@ -130,7 +130,9 @@ pub fn auth(host_only: bool) -> Result<()> {
     crate::run(bench).context("auth benchmark under qemu failed")
 }
 
-fn build_release(root: &Path) -> Result<()> {
+/// Release builds of the agent and coordinator (and the bare-client baseline), which the
+/// harness then uses instead of target/debug: for benchmarks and `soak`.
+pub fn build_release(root: &Path) -> Result<()> {
     let mut build = crate::cargo();
     build.args([
         "build",
