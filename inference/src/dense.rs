@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 
 use prost::Message;
 
+use crate::DType;
 use crate::onnx::{self, ModelProto, NodeProto, data_type};
 
 /// Why a model's dense layers cannot be found.
@@ -172,8 +173,8 @@ pub fn dense_layers(model: &[u8]) -> Result<Vec<DenseLayer>, StructureError> {
                         prev.weight
                     )));
                 }
-                let (layer, out) = dense(n, &value, &f32_matrix, &only_consumer)
-                    .map_err(layer_err)?;
+                let (layer, out) =
+                    dense(n, &value, &f32_matrix, &only_consumer).map_err(layer_err)?;
                 if let Some(prev) = layers.last()
                     && prev.outputs != layer.inputs
                 {
@@ -313,6 +314,22 @@ fn dense<'a>(
     ))
 }
 
+/// The graph's outputs: name and element type (`None` for types outside [`DType`]), in order.
+pub fn graph_outputs(model: &[u8]) -> Result<Vec<(String, Option<DType>)>, StructureError> {
+    let m = ModelProto::decode(model).map_err(|e| StructureError::Decode(e.to_string()))?;
+    let g = m.graph.ok_or(StructureError::NoGraph)?;
+    Ok(g.output
+        .iter()
+        .map(|o| {
+            let dtype = match o.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(onnx::type_proto::Value::TensorType(t)) => DType::from_onnx_code(t.elem_type),
+                None => None,
+            };
+            (o.name.clone(), dtype)
+        })
+        .collect())
+}
+
 /// The trained initializers' names, in the order the trainer takes them (weight, bias per
 /// layer).
 pub fn trainable_names(layers: &[DenseLayer]) -> Vec<&str> {
@@ -417,4 +434,3 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     }
     out
 }
-

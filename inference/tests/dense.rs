@@ -13,7 +13,15 @@ use edge_testmodels::onnx_builder::{attr_int, init_f32, node, value_info};
 fn names(layers: &[DenseLayer]) -> Vec<(&str, Layout, &str, u32, u32)> {
     layers
         .iter()
-        .map(|l| (l.weight.as_str(), l.layout, l.bias.as_str(), l.inputs, l.outputs))
+        .map(|l| {
+            (
+                l.weight.as_str(),
+                l.layout,
+                l.bias.as_str(),
+                l.inputs,
+                l.outputs,
+            )
+        })
         .collect()
 }
 
@@ -33,7 +41,10 @@ fn sklearn_mlp_layers_by_structure_with_row_biases() {
 #[test]
 fn sklearn_sgd_is_one_layer_and_its_head_is_not_trained() {
     let layers = dense_layers(&exported("sklearn_sgd.onnx")).unwrap();
-    assert_eq!(names(&layers), [("coef", Layout::InOut, "intercept", 64, 10)]);
+    assert_eq!(
+        names(&layers),
+        [("coef", Layout::InOut, "intercept", 64, 10)]
+    );
 }
 
 #[test]
@@ -99,10 +110,16 @@ fn to_trainer_names_a_missing_or_reshaped_tensor() {
         data: vec![0.0; 1024],
     }];
     let err = to_trainer(&layers, &wrong).unwrap_err();
-    assert!(err.contains("[16, 64]") && err.contains("[64, 16]"), "{err}");
+    assert!(
+        err.contains("[16, 64]") && err.contains("[64, 16]"),
+        "{err}"
+    );
 }
 
-fn graph(nodes: Vec<edge_inference::onnx::NodeProto>, inits: Vec<edge_inference::onnx::TensorProto>) -> Vec<u8> {
+fn graph(
+    nodes: Vec<edge_inference::onnx::NodeProto>,
+    inits: Vec<edge_inference::onnx::TensorProto>,
+) -> Vec<u8> {
     b::model(GraphProto {
         name: "g".into(),
         node: nodes,
@@ -135,15 +152,17 @@ fn built_models_that_break_a_rule_are_named() {
             "uses the weight \"W2\"",
         ),
         (
-            graph(
-                vec![node("Conv", &["x", "W"], &["y"], vec![])],
-                vec![w()],
-            ),
+            graph(vec![node("Conv", &["x", "W"], &["y"], vec![])], vec![w()]),
             "(Conv) cannot be trained",
         ),
         (
             graph(
-                vec![node("Gemm", &["x", "W"], &["y"], vec![attr_int("transB", 1)])],
+                vec![node(
+                    "Gemm",
+                    &["x", "W"],
+                    &["y"],
+                    vec![attr_int("transB", 1)],
+                )],
                 vec![w()],
             ),
             "W has no bias",
@@ -166,5 +185,8 @@ fn built_models_that_break_a_rule_are_named() {
     // The builder's own MLP (MatMul + Add, [n] biases) is found as before.
     let layers = b::mlp_layers(&[4, 3, 2], 1);
     let found = dense_layers(&b::mlp(&layers)).unwrap();
-    assert_eq!(trainable_names(&found), ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"]);
+    assert_eq!(
+        trainable_names(&found),
+        ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"]
+    );
 }

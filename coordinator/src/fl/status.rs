@@ -196,6 +196,7 @@ mod tests {
                 rule: Rule::Median,
                 server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
                 holdout: true,
+                eval_output: None,
             },
             version: 1,
             round: 2,

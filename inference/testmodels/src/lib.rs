@@ -624,11 +624,26 @@ mod tests {
 /// The exported-model fixtures in `inference/testmodels/exported/`, made by the real
 /// exporters (skl2onnx, torch) with `make_fl_models.py` there: (file name, what made it).
 pub const EXPORTED: &[(&str, &str)] = &[
-    ("sklearn_mlp.onnx", "skl2onnx MLPClassifier 64-16-10, zipmap off"),
-    ("sklearn_sgd.onnx", "skl2onnx SGDClassifier(log_loss), zipmap off"),
-    ("sklearn_logreg.onnx", "skl2onnx LogisticRegression (ai.onnx.ml LinearClassifier)"),
-    ("torch_gemm.onnx", "torch.onnx.export(dynamo=False) of Linear(64,16), ReLU, Linear(16,10)"),
-    ("torch_dynamo.onnx", "torch.onnx.export(dynamo=True) of the same stack"),
+    (
+        "sklearn_mlp.onnx",
+        "skl2onnx MLPClassifier 64-16-10, zipmap off",
+    ),
+    (
+        "sklearn_sgd.onnx",
+        "skl2onnx SGDClassifier(log_loss), zipmap off",
+    ),
+    (
+        "sklearn_logreg.onnx",
+        "skl2onnx LogisticRegression (ai.onnx.ml LinearClassifier)",
+    ),
+    (
+        "torch_gemm.onnx",
+        "torch.onnx.export(dynamo=False) of Linear(64,16), ReLU, Linear(16,10)",
+    ),
+    (
+        "torch_dynamo.onnx",
+        "torch.onnx.export(dynamo=True) of the same stack",
+    ),
 ];
 
 /// The path of an exported-model fixture (see [`EXPORTED`]).
