@@ -389,6 +389,83 @@ impl Update {
     }
 }
 
+/// Binary envelope `kind` of a failure report: the device was selected but could not train.
+pub const FAILURE_KIND: &str = "fl-failure";
+
+/// Longest failure reason carried, in bytes (a longer one is cut at a char boundary).
+pub const MAX_FAILURE_REASON: usize = 1024;
+
+/// What a failed training step was up against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The model cannot be trained as given (unsupported layers, shapes the trainer refuses).
+    Model,
+    /// The device's data: no labeled samples, features that do not fit, labels out of range.
+    Data,
+    /// The sandbox ran out of memory, or the update could not be stored.
+    Resources,
+    /// The trainer ran past its time budget.
+    Timeout,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Model => "model",
+            FailureKind::Data => "data",
+            FailureKind::Resources => "resources",
+            FailureKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// A selected device's report that it could not train a round (JSON body of a binary
+/// envelope of kind [`FAILURE_KIND`], on the same `fl/update` topic and sealed like an update).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainFailure {
+    pub task: String,
+    pub round: u32,
+    /// Global version the device was to train from.
+    pub base_version: u32,
+    pub kind: FailureKind,
+    /// The device-side reason, as its log says it.
+    pub reason: String,
+}
+
+impl TrainFailure {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut f = self.clone();
+        if f.reason.len() > MAX_FAILURE_REASON {
+            let mut end = MAX_FAILURE_REASON;
+            while !f.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            f.reason.truncate(end);
+        }
+        serde_json::to_vec(&f).unwrap_or_default()
+    }
+
+    pub fn decode(body: &[u8]) -> Result<TrainFailure, FlError> {
+        let f: TrainFailure =
+            serde_json::from_slice(body).map_err(|e| FlError::Update(e.to_string()))?;
+        if validate_message_id(&f.task).is_err() || f.round == 0 {
+            return Err(FlError::Update(format!(
+                "failure report for task {:?} round {}",
+                f.task, f.round
+            )));
+        }
+        if f.reason.len() > MAX_FAILURE_REASON {
+            return Err(FlError::TooLarge {
+                what: "failure reason",
+                size: f.reason.len(),
+                limit: MAX_FAILURE_REASON,
+            });
+        }
+        Ok(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
