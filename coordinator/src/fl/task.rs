@@ -16,6 +16,8 @@
 //!                                   # a cadence that spares devices' batteries and uplinks
 //! min_updates = 1                   # updates needed to close at the deadline (default 1)
 //! max_staleness = 1                 # late updates up to this many rounds old count (default 1)
+//! max_failed_rounds = 3             # failed rounds in a row that stop the task (default 3)
+//! max_extensions = 10               # deadlines without min_updates before a round fails (10)
 //! seed = 0                          # client selection and per-device training seeds (default 0)
 //! [train]                           # sent to the devices with each round
 //! epochs = 5                        # default 1
@@ -177,6 +179,14 @@ pub struct TaskSpec {
     pub server_optimizer: ServerOptimizer,
     /// True when the task has a held-out set (`holdout.csv` beside it).
     pub holdout: bool,
+    /// Rounds in a row that may fail (every selected device failed, or no update within
+    /// `max_extensions` deadlines) before the task stops with their reasons.
+    #[serde(default = "default_max_failed_rounds")]
+    pub max_failed_rounds: u32,
+    /// Deadlines a round may pass with fewer than `min_updates` updates (each extending it)
+    /// before it fails.
+    #[serde(default = "default_max_extensions")]
+    pub max_extensions: u32,
     /// The output evaluation scores (`[eval] output`); `None`: the first f32 output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_output: Option<String>,
@@ -198,6 +208,14 @@ impl TaskSpec {
             .max(self.min_clients as usize)
             .min(online)
     }
+}
+
+fn default_max_failed_rounds() -> u32 {
+    3
+}
+
+fn default_max_extensions() -> u32 {
+    10
 }
 
 /// `ceil(fraction * n)`, where a product within f32 rounding of an integer counts as that
@@ -241,6 +259,8 @@ struct RawTask {
     round_interval_s: Option<u32>,
     min_updates: Option<u32>,
     max_staleness: Option<u32>,
+    max_failed_rounds: Option<u32>,
+    max_extensions: Option<u32>,
     seed: Option<u64>,
     #[serde(default)]
     train: RawTrain,
@@ -554,6 +574,13 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
     if min_updates == 0 {
         return bad("min_updates", "must be at least 1");
     }
+    let max_failed_rounds = raw
+        .max_failed_rounds
+        .unwrap_or_else(default_max_failed_rounds);
+    if max_failed_rounds == 0 {
+        return bad("max_failed_rounds", "must be at least 1");
+    }
+    let max_extensions = raw.max_extensions.unwrap_or_else(default_max_extensions);
 
     let t = raw.train;
     let epochs = t.epochs.unwrap_or(1);
@@ -670,6 +697,8 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         rule,
         server_optimizer,
         holdout,
+        max_failed_rounds,
+        max_extensions,
         eval_output: raw.eval.output,
     })
 }
