@@ -130,6 +130,10 @@ pub struct FlTask {
     pub max_staleness: u32,
     /// `fp32`, `int8`, `topk:0.01`, ... (`protocol::v1::fl::codec`).
     pub codec: String,
+    /// The initial model's file in the task directory.
+    pub initial: String,
+    /// Top-level keys added to the task file as they are (e.g. `max_failed_rounds = 1`).
+    pub extra: String,
 }
 
 impl FlTask {
@@ -142,6 +146,8 @@ impl FlTask {
             round_interval_s: 2,
             max_staleness: 1,
             codec: "fp32".into(),
+            initial: "initial.onnx".into(),
+            extra: String::new(),
         }
     }
 
@@ -150,7 +156,8 @@ impl FlTask {
             r#"
 id = "{id}"
 model = "{FL_MODEL}"
-initial = "initial.onnx"
+initial = "{initial}"
+{extra}
 group = "{FL_GROUP}"
 rounds = {rounds}
 fraction = 1.0
@@ -178,6 +185,8 @@ holdout = "holdout.csv"
             interval = self.round_interval_s,
             staleness = self.max_staleness,
             codec = self.codec,
+            initial = self.initial,
+            extra = self.extra,
         )
     }
 
@@ -204,6 +213,22 @@ holdout = "holdout.csv"
         );
         Ok(())
     }
+}
+
+/// `edge-coordinator fl status TASK` against `coord`'s state dir: its output, or why it failed.
+pub fn fl_status(coord: &Coordinator, task: &str) -> Result<String> {
+    let out = Command::new(coordinator_bin()?)
+        .args(["fl", "status", task])
+        .arg("--state-dir")
+        .arg(coord.state_dir())
+        .output()
+        .context("cannot run edge-coordinator fl status")?;
+    ensure!(
+        out.status.success(),
+        "fl status {task}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `fl_round_closed` events of `task`, in order.

@@ -569,3 +569,50 @@ mod tests {
         assert!(Update::decode(&zero.encode()).is_err());
     }
 }
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn failure_reports_round_trip_cut_long_reasons_and_refuse_bad_ones() {
+        let f = TrainFailure {
+            task: "digits".into(),
+            round: 3,
+            base_version: 2,
+            kind: FailureKind::Data,
+            reason: "sample 17: label 12 is outside 0..10".into(),
+        };
+        let body = f.encode();
+        assert_eq!(TrainFailure::decode(&body), Ok(f.clone()));
+        let text = String::from_utf8(body).expect("json");
+        assert!(text.contains("\"kind\":\"data\""), "{text}");
+        // A long reason is cut on a char boundary, not refused.
+        let long = TrainFailure {
+            reason: "é".repeat(MAX_FAILURE_REASON),
+            ..f.clone()
+        };
+        let back = TrainFailure::decode(&long.encode()).expect("decodes");
+        assert!(back.reason.len() <= MAX_FAILURE_REASON && back.reason.starts_with('é'));
+        for bad in [
+            TrainFailure {
+                round: 0,
+                ..f.clone()
+            },
+            TrainFailure {
+                task: "a b".into(),
+                ..f.clone()
+            },
+        ] {
+            let body = serde_json::to_vec(&bad).expect("json");
+            assert!(TrainFailure::decode(&body).is_err(), "{bad:?}");
+        }
+        assert!(TrainFailure::decode(b"{\"task\":\"t\"}").is_err());
+        assert!(
+            TrainFailure::decode(
+                br#"{"task":"t","round":1,"base_version":0,"kind":"disk","reason":""}"#
+            )
+            .is_err()
+        );
+    }
+}
