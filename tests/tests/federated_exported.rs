@@ -72,9 +72,17 @@ fn scenario(env: &TestEnv) -> Result<()> {
             "round without evaluation: {:?}",
             e.raw
         );
+        // An agent whose dataset had not filled yet when round 1 opened reports that (kind
+        // data) instead of training; either way every agent answered every round.
+        let failed = e
+            .raw
+            .get("failures")
+            .and_then(|f| f.as_array())
+            .map_or(0, Vec::len);
         ensure!(
-            e.f64_field("on_time") == Some(AGENTS as f64),
-            "every agent trained: {:?}",
+            e.f64_field("on_time").unwrap_or(0.0) as usize + failed == AGENTS
+                && e.str_field("close_reason") != Some("deadline"),
+            "every agent trained or said why not, before the deadline: {:?}",
             e.raw
         );
     }

@@ -230,29 +230,7 @@ impl Engine {
         });
         self.dirty.insert(id.clone());
         let mut out = vec![event];
-        let failed: BTreeSet<&str> = s
-            .current
-            .failures
-            .iter()
-            .map(|x| x.device.as_str())
-            .collect();
-        let contributed: BTreeSet<&str> = t.accepted.keys().map(|(d, _)| d.as_str()).collect();
-        let settled = s
-            .selected
-            .iter()
-            .all(|d| failed.contains(d.as_str()) || contributed.contains(d.as_str()));
-        if settled {
-            if t.accepted.len() >= s.spec.min_updates as usize {
-                out.extend(self.close(&id, "failures", now_ms, fleet));
-            } else {
-                out.extend(self.fail_round(
-                    &id,
-                    "every selected device failed".into(),
-                    now_ms,
-                    fleet,
-                ));
-            }
-        }
+        out.extend(self.check_settled(&id, now_ms, fleet));
         out
     }
 
@@ -354,6 +332,47 @@ impl Engine {
         if s.phase == Phase::Open && on_time >= s.spec.quorum_count(s.selected.len()) {
             return self.close(id, "quorum", now_ms, fleet);
         }
-        Vec::new()
+        self.check_settled(id, now_ms, fleet)
+    }
+
+    /// Once every selected device of the open round has either failed or sent an update for
+    /// it, nothing more will come: the round closes (`failures`) with `min_updates`, or fails.
+    pub(super) fn check_settled(
+        &mut self,
+        id: &str,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get(id) else {
+            return Vec::new();
+        };
+        let s = &t.state;
+        if s.phase != Phase::Open || s.current.failures.is_empty() {
+            return Vec::new();
+        }
+        let failed: BTreeSet<&str> = s
+            .current
+            .failures
+            .iter()
+            .map(|x| x.device.as_str())
+            .collect();
+        let trained: BTreeSet<&str> = t
+            .accepted
+            .keys()
+            .filter(|(_, r)| *r == s.round)
+            .map(|(d, _)| d.as_str())
+            .collect();
+        let settled = s
+            .selected
+            .iter()
+            .all(|d| failed.contains(d.as_str()) || trained.contains(d.as_str()));
+        if !settled {
+            return Vec::new();
+        }
+        if t.accepted.len() >= s.spec.min_updates as usize {
+            self.close(id, "failures", now_ms, fleet)
+        } else {
+            self.fail_round(id, "every selected device failed".into(), now_ms, fleet)
+        }
     }
 }

@@ -747,6 +747,22 @@ fn a_failure_with_enough_updates_closes_the_round_normally() {
     assert_eq!(m.close_reason.as_deref(), Some("failures"));
     assert_eq!(m.failures.len(), 1);
     assert_eq!(e.state("t").expect("task").version, 1);
+    // The other way round: the failure first, then the last update closes the round.
+    let a = e.on_update(
+        "d0",
+        &failure_payload("d0", 2, fl::FailureKind::Data, "no labeled samples"),
+        3_000,
+        &fleet,
+    );
+    assert!(closed_metrics(&a).is_none());
+    let a = e.on_update(
+        "d1",
+        &update_payload("d1", 2, 1, 10, &[0.5; N]),
+        3_000,
+        &fleet,
+    );
+    let m = closed_metrics(&a).expect("closed");
+    assert_eq!((m.round, m.close_reason.as_deref()), (2, Some("failures")));
 }
 
 /// With no update at all the round is not extended for ever: after `max_extensions`
