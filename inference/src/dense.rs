@@ -141,10 +141,7 @@ pub fn dense_layers(model: &[u8]) -> Result<Vec<DenseLayer>, StructureError> {
     let mut value = input.to_owned();
     let mut layers: Vec<DenseLayer> = Vec::new();
     let mut used: HashSet<String> = HashSet::new();
-    loop {
-        let Some(n) = only_consumer(&value) else {
-            break;
-        };
+    while let Some(n) = only_consumer(&value) {
         let layer_err = |reason: String| StructureError::Layer {
             node: n.name.clone(),
             op: n.op_type.clone(),

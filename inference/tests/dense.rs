@@ -27,7 +27,7 @@ fn names(layers: &[DenseLayer]) -> Vec<(&str, Layout, &str, u32, u32)> {
 
 #[test]
 fn sklearn_mlp_layers_by_structure_with_row_biases() {
-    let layers = dense_layers(&exported("sklearn_mlp.onnx")).unwrap();
+    let layers = dense_layers(&exported("sklearn_mlp.onnx")).expect("ok");
     assert_eq!(
         names(&layers),
         [
@@ -40,7 +40,7 @@ fn sklearn_mlp_layers_by_structure_with_row_biases() {
 
 #[test]
 fn sklearn_sgd_is_one_layer_and_its_head_is_not_trained() {
-    let layers = dense_layers(&exported("sklearn_sgd.onnx")).unwrap();
+    let layers = dense_layers(&exported("sklearn_sgd.onnx")).expect("ok");
     assert_eq!(
         names(&layers),
         [("coef", Layout::InOut, "intercept", 64, 10)]
@@ -50,7 +50,7 @@ fn sklearn_sgd_is_one_layer_and_its_head_is_not_trained() {
 #[test]
 fn torch_gemm_weights_are_out_in() {
     for f in ["torch_gemm.onnx", "torch_dynamo.onnx"] {
-        let layers = dense_layers(&exported(f)).unwrap();
+        let layers = dense_layers(&exported(f)).expect("ok");
         assert_eq!(
             names(&layers),
             [
@@ -65,7 +65,7 @@ fn torch_gemm_weights_are_out_in() {
 
 #[test]
 fn sklearn_logistic_regression_is_refused_naming_the_operator() {
-    let err = dense_layers(&exported("sklearn_logreg.onnx")).unwrap_err();
+    let err = dense_layers(&exported("sklearn_logreg.onnx")).expect_err("refused");
     let text = err.to_string();
     assert!(text.contains("LinearClassifier"), "{text}");
     assert!(text.contains("attributes"), "{text}");
@@ -74,8 +74,8 @@ fn sklearn_logistic_regression_is_refused_naming_the_operator() {
 #[test]
 fn to_trainer_and_back_is_the_identity_and_transposes_gemm_weights() {
     let model = exported("torch_gemm.onnx");
-    let layers = dense_layers(&model).unwrap();
-    let inits = read_initializers(&model).unwrap();
+    let layers = dense_layers(&model).expect("ok");
+    let inits = read_initializers(&model).expect("ok");
     // Reversed: the order the weights arrive in does not matter.
     let given: Vec<NamedWeights> = inits
         .iter()
@@ -83,33 +83,37 @@ fn to_trainer_and_back_is_the_identity_and_transposes_gemm_weights() {
         .map(|(n, t)| NamedWeights {
             name: n.clone(),
             shape: t.shape().to_vec(),
-            data: t.to_f32().unwrap(),
+            data: t.to_f32().expect("ok"),
         })
         .collect();
-    let trainer = to_trainer(&layers, &given).unwrap();
+    let trainer = to_trainer(&layers, &given).expect("ok");
     assert_eq!(trainer[0].shape, [64, 16]);
     assert_eq!(trainer[1].shape, [16]);
     // W[o][i] of the model is W'[i][o] for the trainer.
-    let w = &given.iter().find(|w| w.name == "0.weight").unwrap().data;
+    let w = &given
+        .iter()
+        .find(|w| w.name == "0.weight")
+        .expect("ok")
+        .data;
     assert_eq!(trainer[0].data[3 * 16 + 5], w[5 * 64 + 3]);
-    let back = from_trainer(&layers, trainer).unwrap();
+    let back = from_trainer(&layers, trainer).expect("ok");
     for b in &back {
-        let g = given.iter().find(|w| w.name == b.name).unwrap();
+        let g = given.iter().find(|w| w.name == b.name).expect("ok");
         assert_eq!((&b.shape, &b.data), (&g.shape, &g.data), "{}", b.name);
     }
 }
 
 #[test]
 fn to_trainer_names_a_missing_or_reshaped_tensor() {
-    let layers = dense_layers(&exported("sklearn_mlp.onnx")).unwrap();
-    let err = to_trainer(&layers, &[]).unwrap_err();
+    let layers = dense_layers(&exported("sklearn_mlp.onnx")).expect("ok");
+    let err = to_trainer(&layers, &[]).expect_err("refused");
     assert!(err.contains("coefficient"), "{err}");
     let wrong = vec![NamedWeights {
         name: "coefficient".into(),
         shape: vec![16, 64],
         data: vec![0.0; 1024],
     }];
-    let err = to_trainer(&layers, &wrong).unwrap_err();
+    let err = to_trainer(&layers, &wrong).expect_err("refused");
     assert!(
         err.contains("[16, 64]") && err.contains("[64, 16]"),
         "{err}"
@@ -179,12 +183,12 @@ fn built_models_that_break_a_rule_are_named() {
         ),
     ];
     for (model, want) in cases {
-        let err = dense_layers(&model).unwrap_err().to_string();
+        let err = dense_layers(&model).expect_err("refused").to_string();
         assert!(err.contains(want), "want {want:?}, got {err:?}");
     }
     // The builder's own MLP (MatMul + Add, [n] biases) is found as before.
     let layers = b::mlp_layers(&[4, 3, 2], 1);
-    let found = dense_layers(&b::mlp(&layers)).unwrap();
+    let found = dense_layers(&b::mlp(&layers)).expect("ok");
     assert_eq!(
         trainable_names(&found),
         ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"]

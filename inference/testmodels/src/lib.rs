@@ -479,6 +479,47 @@ impl SmallCnn {
     }
 }
 
+/// The exported-model fixtures in `inference/testmodels/exported/`, made by the real
+/// exporters (skl2onnx, torch) with `make_fl_models.py` there: (file name, what made it).
+pub const EXPORTED: &[(&str, &str)] = &[
+    (
+        "sklearn_mlp.onnx",
+        "skl2onnx MLPClassifier 64-16-10, zipmap off",
+    ),
+    (
+        "sklearn_sgd.onnx",
+        "skl2onnx SGDClassifier(log_loss), zipmap off",
+    ),
+    (
+        "sklearn_logreg.onnx",
+        "skl2onnx LogisticRegression (ai.onnx.ml LinearClassifier)",
+    ),
+    (
+        "torch_gemm.onnx",
+        "torch.onnx.export(dynamo=False) of Linear(64,16), ReLU, Linear(16,10)",
+    ),
+    (
+        "torch_dynamo.onnx",
+        "torch.onnx.export(dynamo=True) of the same stack",
+    ),
+];
+
+/// The path of an exported-model fixture (see [`EXPORTED`]).
+pub fn exported_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("exported")
+        .join(name)
+}
+
+/// The bytes of an exported-model fixture (see [`EXPORTED`]).
+///
+/// # Panics
+/// If the file is missing (test-support code: the fixtures are committed).
+pub fn exported(name: &str) -> Vec<u8> {
+    let path = exported_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -619,45 +660,4 @@ mod tests {
         // The same model as building it from the trained weights directly.
         assert_eq!(patched, mlp(&trained));
     }
-}
-
-/// The exported-model fixtures in `inference/testmodels/exported/`, made by the real
-/// exporters (skl2onnx, torch) with `make_fl_models.py` there: (file name, what made it).
-pub const EXPORTED: &[(&str, &str)] = &[
-    (
-        "sklearn_mlp.onnx",
-        "skl2onnx MLPClassifier 64-16-10, zipmap off",
-    ),
-    (
-        "sklearn_sgd.onnx",
-        "skl2onnx SGDClassifier(log_loss), zipmap off",
-    ),
-    (
-        "sklearn_logreg.onnx",
-        "skl2onnx LogisticRegression (ai.onnx.ml LinearClassifier)",
-    ),
-    (
-        "torch_gemm.onnx",
-        "torch.onnx.export(dynamo=False) of Linear(64,16), ReLU, Linear(16,10)",
-    ),
-    (
-        "torch_dynamo.onnx",
-        "torch.onnx.export(dynamo=True) of the same stack",
-    ),
-];
-
-/// The path of an exported-model fixture (see [`EXPORTED`]).
-pub fn exported_path(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("exported")
-        .join(name)
-}
-
-/// The bytes of an exported-model fixture (see [`EXPORTED`]).
-///
-/// # Panics
-/// If the file is missing (test-support code: the fixtures are committed).
-pub fn exported(name: &str) -> Vec<u8> {
-    let path = exported_path(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }

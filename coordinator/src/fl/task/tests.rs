@@ -179,7 +179,8 @@ fn a_model_too_large_for_one_message_is_refused() {
 #[test]
 fn exported_models_load_unchanged_and_unsupported_ones_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, &[(&str, &[u32])]); 4] = [
+    type Params<'a> = &'a [(&'a str, &'a [u32])];
+    let cases: [(&str, Params); 4] = [
         (
             "sklearn_mlp.onnx",
             &[
