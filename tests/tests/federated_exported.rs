@@ -8,7 +8,8 @@
 //! evaluation found `probabilities`, not `label`). Task B starts from torch's export of
 //! another network, which the agents do not serve: every agent's training step fails, each
 //! reports why, every round fails, and the task stops with those reasons, in the journal and
-//! in `fl status`, instead of extending for ever.
+//! in `fl status`, instead of extending for ever. Task C: three new agents serve torch's export
+//! (`Gemm` with `transB=1`) and train it unchanged.
 
 use std::time::Duration;
 
@@ -145,6 +146,58 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "fl status tb:\n{status}"
     );
     eprintln!("{status}");
+    drop(agents);
+
+    // Task C: three new agents serve torch's export (Gemm, transB=1, weights [out, in]) and
+    // train it unchanged; the first three are gone, so only the new ones are online members.
+    let torch = onnx_builder::exported("torch_gemm.onnx");
+    let mut agents = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = device(AGENTS + i);
+        let mut o = AgentOptions::new(name.clone(), coord.url());
+        let dir = env.path(&format!("pipelines/{name}"));
+        federated_agent(&mut o, &dir, &d, shard, &torch, &key)?;
+        agents.push(Agent::start(&env.path(&name), o)?);
+    }
+    for i in 0..AGENTS {
+        journal.wait_registered(&device(AGENTS + i), WAIT)?;
+    }
+    // Their shards replayed (telemetry counts the source's frames), so that round 1 finds data.
+    journal.wait_for("the new agents' shards replayed", WAIT, |j| {
+        shards.iter().enumerate().all(|(i, shard)| {
+            j.iter()
+                .rev()
+                .find(|e| e.is_for("telemetry", &device(AGENTS + i)))
+                .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|n| n >= shard.len() as u64)
+        })
+    })?;
+    let c = FlTask {
+        initial: "torch.onnx".into(),
+        ..FlTask::new("tc", ROUNDS, AGENTS)
+    };
+    c.start(&coord, &task_dir, &key)?;
+    journal.wait_for("task tc finished", WAIT * 2, |j| task_finished(j, "tc"))?;
+    let closed = closed_rounds(journal.events(), "tc");
+    ensure!(
+        closed.len() == ROUNDS as usize,
+        "rounds closed: {}",
+        closed.len()
+    );
+    let acc: Vec<f64> = closed
+        .iter()
+        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
+        .collect();
+    ensure!(
+        closed
+            .iter()
+            .all(|e| e.f64_field("on_time").unwrap_or(0.0) >= 1.0)
+            && acc[acc.len() - 1] >= 0.8
+            && acc[acc.len() - 1] > acc[0],
+        "torch Gemm model, held-out accuracy per round: {acc:?}"
+    );
+    eprintln!("torch Gemm stack as exported: held-out accuracy per round {acc:?}");
     drop(agents);
     Ok(())
 }
