@@ -90,6 +90,19 @@ pub fn federated_agent(
     model: &[u8],
     key: &SigningKey,
 ) -> Result<()> {
+    federated_agent_in(o, dir, d, shard, model, key, FL_GROUP)
+}
+
+/// [`federated_agent`] in another group than [`FL_GROUP`].
+pub fn federated_agent_in(
+    o: &mut AgentOptions,
+    dir: &Path,
+    d: &Digits,
+    shard: &[usize],
+    model: &[u8],
+    key: &SigningKey,
+    group: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir.join("models"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let shard_path = dir.join("shard.jsonl");
@@ -106,7 +119,7 @@ pub fn federated_agent(
     std::fs::write(dir.join(FL_MODEL), model)?;
     let toml = dir.join("pipeline.toml");
     std::fs::write(&toml, pipeline(shard_path.to_str().context("utf-8 path")?))?;
-    o.trust_deployments(key, &[FL_GROUP], 1000);
+    o.trust_deployments(key, &[group], 1000);
     let mut p = toml::Table::new();
     p.insert(
         "file".into(),
@@ -134,6 +147,8 @@ pub struct FlTask {
     pub initial: String,
     /// Top-level keys added to the task file as they are (e.g. `max_failed_rounds = 1`).
     pub extra: String,
+    /// The members' group.
+    pub group: String,
 }
 
 impl FlTask {
@@ -148,6 +163,7 @@ impl FlTask {
             codec: "fp32".into(),
             initial: "initial.onnx".into(),
             extra: String::new(),
+            group: FL_GROUP.into(),
         }
     }
 
@@ -158,7 +174,7 @@ id = "{id}"
 model = "{FL_MODEL}"
 initial = "{initial}"
 {extra}
-group = "{FL_GROUP}"
+group = "{group}"
 rounds = {rounds}
 fraction = 1.0
 min_clients = {clients}
@@ -187,6 +203,7 @@ holdout = "holdout.csv"
             codec = self.codec,
             initial = self.initial,
             extra = self.extra,
+            group = self.group,
         )
     }
 

@@ -18,7 +18,7 @@ use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, FlTask, SigningKey, TestEnv, closed_rounds, federated_agent,
-    federated_data, fl_status, run_test, task_finished,
+    federated_agent_in, federated_data, fl_status, run_test, task_finished,
 };
 
 const AGENTS: usize = 3;
@@ -149,14 +149,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
     drop(agents);
 
     // Task C: three new agents serve torch's export (Gemm, transB=1, weights [out, in]) and
-    // train it unchanged; the first three are gone, so only the new ones are online members.
+    // train it unchanged; they join their own group, the task's.
     let torch = onnx_builder::exported("torch_gemm.onnx");
     let mut agents = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let name = device(AGENTS + i);
         let mut o = AgentOptions::new(name.clone(), coord.url());
         let dir = env.path(&format!("pipelines/{name}"));
-        federated_agent(&mut o, &dir, &d, shard, &torch, &key)?;
+        federated_agent_in(&mut o, &dir, &d, shard, &torch, &key, "torch")?;
         agents.push(Agent::start(&env.path(&name), o)?);
     }
     for i in 0..AGENTS {
@@ -175,6 +175,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     })?;
     let c = FlTask {
         initial: "torch.onnx".into(),
+        group: "torch".into(),
         ..FlTask::new("tc", ROUNDS, AGENTS)
     };
     c.start(&coord, &task_dir, &key)?;
