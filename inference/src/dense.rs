@@ -344,10 +344,15 @@ pub fn to_trainer(
     weights: &[NamedWeights],
 ) -> Result<Vec<NamedWeights>, String> {
     let find = |name: &str, shape: &[u32]| -> Result<&NamedWeights, String> {
-        let w = weights
-            .iter()
-            .find(|w| w.name == name)
-            .ok_or_else(|| format!("the round carries no weights for {name}"))?;
+        let w = weights.iter().find(|w| w.name == name).ok_or_else(|| {
+            let carried: Vec<&str> = weights.iter().take(8).map(|w| w.name.as_str()).collect();
+            format!(
+                "the round carries no weights for {name}, a layer of this model (it carries: \
+                     {}{}); is the task's model the one this device serves?",
+                carried.join(", "),
+                if weights.len() > 8 { ", ..." } else { "" }
+            )
+        })?;
         if w.shape != shape {
             return Err(format!(
                 "{name}: the round's shape {:?} is not the model's {shape:?}",
