@@ -193,6 +193,23 @@ pub enum Event {
         reason: &'static str,
         detail: String,
     },
+    /// A selected device reported that it could not train a round (`kind`: model, data,
+    /// resources, timeout; `reason`: the device's own words).
+    FlTrainFailed {
+        task: String,
+        device: String,
+        round: u32,
+        kind: &'static str,
+        reason: String,
+    },
+    /// A round ended without a new global version: every selected device failed, or no
+    /// update came within `max_extensions` deadlines; the reasons per device.
+    FlRoundFailed {
+        task: String,
+        round: u32,
+        reason: String,
+        failures: Vec<crate::fl::state::DeviceFailure>,
+    },
     /// A round was aggregated into a new global version; its metrics.
     FlRoundClosed {
         task: String,
@@ -457,6 +474,24 @@ impl Event {
                 detail,
             } => {
                 tracing::warn!(task = task.as_deref().unwrap_or("-"), %device, round = round.unwrap_or(0), reason, %detail, "federated update rejected")
+            }
+            Event::FlTrainFailed {
+                task,
+                device,
+                round,
+                kind,
+                reason,
+            } => {
+                tracing::warn!(%task, %device, round, kind, %reason, "federated training failed on a device")
+            }
+            Event::FlRoundFailed {
+                task,
+                round,
+                reason,
+                failures,
+            } => {
+                let devices: Vec<String> = failures.iter().map(ToString::to_string).collect();
+                tracing::error!(%task, round, %reason, failures = %devices.join("; "), "federated round failed")
             }
             Event::FlRoundClosed { task, metrics: m } => {
                 tracing::info!(

@@ -12,12 +12,13 @@
 //! 3. [`ModelRegistry::run`] / [`Model::run`] take and return [`Tensor`]s, the WIT contract's
 //!    tensor record (`modules/wit/types.wit`).
 //! 4. [`patch_initializers`] applies new weights (federated learning); [`read_initializers`]
-//!    reads them.
+//!    reads them; [`dense_layers`] finds the layers a trainer trains from the graph's structure.
 //!
 //! [`Batcher`] is the pure batching core of the pipeline's inference stage. Small models for
 //! tests and benchmarks come from the dev-only crate `edge-testmodels` (`inference/testmodels`).
 
 mod batcher;
+pub mod dense;
 mod model;
 pub mod onnx;
 mod patch;
@@ -27,6 +28,7 @@ mod runtime;
 mod tensor;
 
 pub use batcher::Batcher;
+pub use dense::{DenseLayer, Layout, NamedWeights, StructureError, dense_layers};
 pub use model::{IoInfo, Model, ModelError};
 pub use patch::{PatchError, patch_initializers, read_initializers};
 pub use provider::{Placement, Provider, ProviderReport, Skipped};

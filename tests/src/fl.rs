@@ -90,6 +90,19 @@ pub fn federated_agent(
     model: &[u8],
     key: &SigningKey,
 ) -> Result<()> {
+    federated_agent_in(o, dir, d, shard, model, key, FL_GROUP)
+}
+
+/// [`federated_agent`] in another group than [`FL_GROUP`].
+pub fn federated_agent_in(
+    o: &mut AgentOptions,
+    dir: &Path,
+    d: &Digits,
+    shard: &[usize],
+    model: &[u8],
+    key: &SigningKey,
+    group: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir.join("models"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let shard_path = dir.join("shard.jsonl");
@@ -106,7 +119,7 @@ pub fn federated_agent(
     std::fs::write(dir.join(FL_MODEL), model)?;
     let toml = dir.join("pipeline.toml");
     std::fs::write(&toml, pipeline(shard_path.to_str().context("utf-8 path")?))?;
-    o.trust_deployments(key, &[FL_GROUP], 1000);
+    o.trust_deployments(key, &[group], 1000);
     let mut p = toml::Table::new();
     p.insert(
         "file".into(),
@@ -130,6 +143,12 @@ pub struct FlTask {
     pub max_staleness: u32,
     /// `fp32`, `int8`, `topk:0.01`, ... (`protocol::v1::fl::codec`).
     pub codec: String,
+    /// The initial model's file in the task directory.
+    pub initial: String,
+    /// Top-level keys added to the task file as they are (e.g. `max_failed_rounds = 1`).
+    pub extra: String,
+    /// The members' group.
+    pub group: String,
 }
 
 impl FlTask {
@@ -142,6 +161,9 @@ impl FlTask {
             round_interval_s: 2,
             max_staleness: 1,
             codec: "fp32".into(),
+            initial: "initial.onnx".into(),
+            extra: String::new(),
+            group: FL_GROUP.into(),
         }
     }
 
@@ -150,8 +172,9 @@ impl FlTask {
             r#"
 id = "{id}"
 model = "{FL_MODEL}"
-initial = "initial.onnx"
-group = "{FL_GROUP}"
+initial = "{initial}"
+{extra}
+group = "{group}"
 rounds = {rounds}
 fraction = 1.0
 min_clients = {clients}
@@ -178,6 +201,9 @@ holdout = "holdout.csv"
             interval = self.round_interval_s,
             staleness = self.max_staleness,
             codec = self.codec,
+            initial = self.initial,
+            extra = self.extra,
+            group = self.group,
         )
     }
 
@@ -204,6 +230,22 @@ holdout = "holdout.csv"
         );
         Ok(())
     }
+}
+
+/// `edge-coordinator fl status TASK` against `coord`'s state dir: its output, or why it failed.
+pub fn fl_status(coord: &Coordinator, task: &str) -> Result<String> {
+    let out = Command::new(coordinator_bin()?)
+        .args(["fl", "status", task])
+        .arg("--state-dir")
+        .arg(coord.state_dir())
+        .output()
+        .context("cannot run edge-coordinator fl status")?;
+    ensure!(
+        out.status.success(),
+        "fl status {task}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `fl_round_closed` events of `task`, in order.

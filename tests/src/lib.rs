@@ -58,8 +58,8 @@ pub use deploy::{
 };
 pub use env::{TestEnv, run_test};
 pub use fl::{
-    FL_GROUP, FL_MODEL, FlTask, closed_rounds, federated_agent, federated_data, final_accuracy,
-    task_finished,
+    FL_GROUP, FL_MODEL, FlTask, closed_rounds, federated_agent, federated_agent_in, federated_data,
+    final_accuracy, fl_status, task_finished,
 };
 pub use journal::{Event, Journal, served_model};
 pub use local_api::{Accepted, BatchOutcome, LocalApi, Publish, Reply, test_messages};

@@ -35,8 +35,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use edge_inference::dense::{self, NamedWeights};
 use protocol::v1::deploy::{TrustedKeys, VerifyingKey};
-use protocol::v1::fl::{self, RoundMessage, Update, codec};
+use protocol::v1::fl::{self, FailureKind, RoundMessage, TrainFailure, Update, codec};
 use protocol::v1::{Class, topics};
 use tokio::sync::watch;
 
@@ -46,7 +47,8 @@ use crate::inbox::Subscription;
 use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
 use crate::sandbox::Sandbox;
-use crate::sandbox::trainer::{Param, SampleSource};
+use crate::sandbox::SandboxError;
+use crate::sandbox::trainer::{Param, SampleSource, TrainError};
 pub use state::FlState;
 use state::{Admission, Mark, StateError};
 
@@ -164,12 +166,46 @@ pub enum RoundError {
     Dataset { dataset: String, reason: String },
     #[error("dataset {dataset} has no labeled samples to train on")]
     NoSamples { dataset: String },
+    #[error("model {model}: {reason}")]
+    Model { model: String, reason: String },
     #[error("trainer {module}: {reason}")]
-    Trainer { module: String, reason: String },
+    Trainer {
+        module: String,
+        kind: FailureKind,
+        reason: String,
+    },
     #[error("cannot queue the update: {0}")]
     Outbox(String),
     #[error("{0}")]
     State(#[from] state::StateError),
+}
+
+impl RoundError {
+    /// What the failure was up against, as reported to the coordinator.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            RoundError::Dataset { .. } | RoundError::NoSamples { .. } => FailureKind::Data,
+            RoundError::Model { .. } => FailureKind::Model,
+            RoundError::Trainer { kind, .. } => *kind,
+            RoundError::Outbox(_) | RoundError::State(_) => FailureKind::Resources,
+        }
+    }
+}
+
+/// The kind of a trainer's failure. A trainer's own refusals are text (the WIT contract has
+/// no error type); it names a sample by index for bad data (`sample 17: label 12 is outside
+/// 0..10`) or says `no samples`, and names a parameter otherwise.
+fn trainer_kind(e: &TrainError) -> FailureKind {
+    match e {
+        TrainError::Sandbox(SandboxError::Timeout { .. }) => FailureKind::Timeout,
+        TrainError::Sandbox(SandboxError::MemoryLimit { .. }) => FailureKind::Resources,
+        TrainError::Refused { message, .. }
+            if message.starts_with("sample ") || message.starts_with("no samples") =>
+        {
+            FailureKind::Data
+        }
+        _ => FailureKind::Model,
+    }
 }
 
 /// Why a round message is refused; counted in the FL telemetry's `rejected`.
@@ -386,7 +422,7 @@ impl FlTask {
             tokio::task::spawn_blocking(move || me.work(&msg, &setup))
         };
         tokio::select! {
-            r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), reason: format!("training thread panicked: {e}") })),
+            r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), kind: FailureKind::Model, reason: format!("training thread panicked: {e}") })),
             _ = stop.changed() => Ok(()),
         }
     }
@@ -415,9 +451,33 @@ impl FlTask {
         let result = self.train(msg, setup, order);
         if let Err(e) = &result {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task = %h.task, round = h.round, error = %e, "local training failed; no update for this round");
+            tracing::warn!(task = %h.task, round = h.round, kind = e.kind().as_str(), error = %e, "local training failed; no update for this round");
+            self.report_failure(h, e);
         }
         result
+    }
+
+    /// Tells the coordinator why this device has no update for the round (through the outbox,
+    /// sealed like an update), so that `fl status` shows it and a round nobody can train ends.
+    fn report_failure(&self, h: &fl::RoundHeader, e: &RoundError) {
+        let report = TrainFailure {
+            task: h.task.clone(),
+            round: h.round,
+            base_version: h.version,
+            kind: e.kind(),
+            reason: e.to_string(),
+        };
+        let message = NewMessage::binary(
+            Class::Model,
+            topics::fl_update(&self.d.device),
+            fl::FAILURE_KIND,
+            &report.encode(),
+            Some(Duration::ZERO),
+        );
+        let outbox = self.d.outbox.clone();
+        if let Err(e) = tokio::runtime::Handle::current().block_on(outbox.enqueue(message)) {
+            tracing::warn!(task = %h.task, round = h.round, error = %e, "training failure not reported: cannot queue the report");
+        }
     }
 
     /// Patches the global weights into the pipeline's model and swaps it in, unless the
@@ -516,22 +576,47 @@ impl FlTask {
         }
         let trainer_err = |reason: String| RoundError::Trainer {
             module: setup.trainer_name.clone(),
+            kind: FailureKind::Model,
             reason,
+        };
+        let train_err = |e: TrainError| RoundError::Trainer {
+            module: setup.trainer_name.clone(),
+            kind: trainer_kind(&e),
+            reason: e.to_string(),
         };
         let module = self
             .d
             .sandbox
             .load_trainer(&setup.trainer_name, &setup.trainer_bytes)
             .map_err(|e| trainer_err(e.to_string()))?;
-        let weights: Vec<Param> = msg
+        // The trainer takes (weight [inputs, outputs], bias [outputs]) pairs in layer order;
+        // the model may lay them out otherwise (torch's Gemm: [outputs, inputs]; skl2onnx's
+        // biases: [1, n]). The layers come from the graph, not from names or positions.
+        let model_err = |reason: String| RoundError::Model {
+            model: setup.model.clone(),
+            reason,
+        };
+        let layers = edge_inference::dense_layers(&setup.model_bytes)
+            .map_err(|e| model_err(e.to_string()))?;
+        let given: Vec<NamedWeights> = msg
             .tensors()
             .into_iter()
-            .map(|(p, data)| Param {
+            .map(|(p, data)| NamedWeights {
                 name: p.name.clone(),
                 shape: p.shape.clone(),
                 data: data.to_vec(),
             })
             .collect();
+        let weights: Vec<Param> = dense::to_trainer(&layers, &given)
+            .map_err(model_err)?
+            .into_iter()
+            .map(|w| Param {
+                name: w.name,
+                shape: w.shape,
+                data: w.data,
+            })
+            .collect();
+        drop(given);
         let params = serde_json::json!({
             "epochs": order.epochs,
             "lr": order.lr,
@@ -544,18 +629,31 @@ impl FlTask {
             .d
             .sandbox
             .train(&module, weights, &params, Arc::new(Samples(labeled)))
-            .map_err(|e| trainer_err(e.to_string()))?;
+            .map_err(train_err)?;
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
-        // The sandbox checked names, shapes and finiteness; flatten in the header's order.
+        // The sandbox checked names, shapes and finiteness; back to the model's layout, then
+        // flattened in the header's order.
+        let trained = dense::from_trainer(
+            &layers,
+            out.weights
+                .into_iter()
+                .map(|w| NamedWeights {
+                    name: w.name,
+                    shape: w.shape,
+                    data: w.data,
+                })
+                .collect(),
+        )
+        .map_err(trainer_err)?;
         let mut local = Vec::with_capacity(msg.weights.len());
         for p in &h.params {
-            let t = out
-                .weights
+            let t = trained
                 .iter()
                 .find(|w| w.name == p.name)
                 .ok_or_else(|| trainer_err(format!("returned no tensor {}", p.name)))?;
             local.extend_from_slice(&t.data);
         }
+        drop(trained);
         if local.len() != msg.weights.len() {
             return Err(trainer_err(format!(
                 "returned {} weights, the model has {}",

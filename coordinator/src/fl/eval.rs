@@ -79,8 +79,14 @@ pub enum EvalError {
     },
     #[error("held-out batch of model {model}: {error}")]
     Batch { model: String, error: TensorError },
-    #[error("model {model} has no f32 output")]
-    NoF32Output { model: String },
+    #[error("model {model} has no f32 output (its outputs: {outputs})")]
+    NoF32Output { model: String, outputs: String },
+    #[error("model {model} has no output {name} (its outputs: {outputs})")]
+    NoOutput {
+        model: String,
+        name: String,
+        outputs: String,
+    },
     #[error("the model produced {values} values for {rows} rows")]
     OutputSize { values: usize, rows: usize },
     #[error("held-out row {row} has label {label} but the model outputs {classes} classes")]
@@ -256,6 +262,7 @@ struct EvalTask {
     model: Vec<u8>,
     params: Vec<ParamSpec>,
     holdout: Holdout,
+    output: Option<String>,
 }
 
 /// Evaluates with ONNX Runtime on the CPU provider. The library is looked for once, at the
@@ -276,13 +283,23 @@ impl std::fmt::Debug for OnnxEvaluator {
 
 impl OnnxEvaluator {
     /// Registers a task's model (the file its initial weights came from) and held-out set.
-    pub fn add(&mut self, task: &str, model: Vec<u8>, params: Vec<ParamSpec>, holdout: Holdout) {
+    /// `output` names the class-scores output; without it, the first f32 output is taken
+    /// (skl2onnx puts the int64 `label` first and the f32 `probabilities` second).
+    pub fn add(
+        &mut self,
+        task: &str,
+        model: Vec<u8>,
+        params: Vec<ParamSpec>,
+        holdout: Holdout,
+        output: Option<String>,
+    ) {
         self.tasks.insert(
             task.to_owned(),
             EvalTask {
                 model,
                 params,
                 holdout,
+                output,
             },
         );
     }
@@ -369,6 +386,39 @@ fn run_eval(
             shape: input.shape_string(),
             features: t.holdout.features,
         })?;
+    let listed = || {
+        model
+            .outputs()
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {}",
+                    o.name,
+                    o.dtype.map_or("other".into(), |d| d.to_string())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let at = match &t.output {
+        Some(name) => model
+            .outputs()
+            .iter()
+            .position(|o| &o.name == name)
+            .ok_or_else(|| EvalError::NoOutput {
+                model: model.id().to_owned(),
+                name: name.clone(),
+                outputs: listed(),
+            })?,
+        None => model
+            .outputs()
+            .iter()
+            .position(|o| o.dtype == Some(edge_inference::DType::F32))
+            .ok_or_else(|| EvalError::NoF32Output {
+                model: model.id().to_owned(),
+                outputs: listed(),
+            })?,
+    };
     let mut outputs = Vec::with_capacity(t.holdout.rows() * 10);
     let f = t.holdout.features;
     for rows in t.holdout.x.chunks(EVAL_BATCH * f) {
@@ -380,13 +430,14 @@ fn run_eval(
             error,
         })?;
         let out = model.run(&[x])?;
-        let first = out
-            .first()
-            .and_then(Tensor::to_f32)
-            .ok_or_else(|| EvalError::NoF32Output {
-                model: model.id().to_owned(),
-            })?;
-        outputs.extend(first);
+        let scores =
+            out.get(at)
+                .and_then(Tensor::to_f32)
+                .ok_or_else(|| EvalError::NoF32Output {
+                    model: model.id().to_owned(),
+                    outputs: listed(),
+                })?;
+        outputs.extend(scores);
     }
     score(&outputs, &t.holdout.labels)
 }
@@ -467,7 +518,7 @@ mod tests {
         let holdout = Holdout::parse("1,0,0\n0,1,1\n1,0,1\n").expect("parses");
         let mut e = OnnxEvaluator::default();
         assert!(e.evaluate("t", 1, &[0.0; 6]).is_none(), "unknown task");
-        e.add("t", model, params, holdout);
+        e.add("t", model, params, holdout, None);
         // W = 2I: logits = 2x (not a distribution, so soft-maxed); rows 1 and 2 are right,
         // row 3 wrong.
         match e.evaluate("t", 1, &[2.0, 0.0, 0.0, 2.0, 0.0, 0.0]) {
@@ -487,6 +538,75 @@ mod tests {
             }
             None => panic!("the task is registered"),
         }
+    }
+
+    /// skl2onnx's MLP puts the int64 `label` first and the f32 `probabilities` second:
+    /// evaluation scores `probabilities` (its own argmax is `label`, so the accuracy must equal
+    /// the fraction of rows whose `label` output is right), or the output named.
+    #[test]
+    fn onnx_evaluator_scores_the_f32_output_of_an_sklearn_model() {
+        let model = edge_testmodels::onnx_builder::exported("sklearn_mlp.onnx");
+        let (params, weights) =
+            crate::fl::task::initial_weights(&model, None).expect("dense layers");
+        // Rows with a one-hot pixel pattern per class; labels the model's own predictions
+        // are checked against below.
+        let rows: Vec<Vec<f32>> = (0..20)
+            .map(|r| {
+                (0..64)
+                    .map(|k| ((r * 7 + k * 3) % 17) as f32 / 16.0)
+                    .collect()
+            })
+            .collect();
+        let text: String = rows
+            .iter()
+            .enumerate()
+            .map(|(r, x)| {
+                let f: Vec<String> = x.iter().map(f32::to_string).collect();
+                format!("{},{}\n", f.join(","), r % 10)
+            })
+            .collect();
+        let holdout = Holdout::parse(&text).expect("parses");
+        let mut e = OnnxEvaluator::default();
+        e.add("t", model.clone(), params.clone(), holdout.clone(), None);
+        let Some(Ok(m)) = e.evaluate("t", 0, &weights) else {
+            assert!(
+                !edge_inference::workspace_library().exists() && ort_env_unset(),
+                "a library is there but evaluation failed"
+            );
+            return;
+        };
+        let rt = edge_inference::Runtime::load(&Default::default()).expect("runtime");
+        let direct = Model::load(&rt, "m", "v", &model).expect("loads");
+        let x = Tensor::from_f32(vec![20, 64], &rows.concat()).expect("tensor");
+        let out = direct.run(&[x]).expect("runs");
+        let labels = out[0].to_i64().expect("label is int64");
+        let right = labels
+            .iter()
+            .enumerate()
+            .filter(|(r, l)| **l == (*r % 10) as i64)
+            .count();
+        assert_eq!(m.rows, 20);
+        assert!(
+            (m.accuracy - right as f32 / 20.0).abs() < 1e-6,
+            "{m:?} vs {right}"
+        );
+        e.add(
+            "u",
+            model.clone(),
+            params.clone(),
+            holdout.clone(),
+            Some("probabilities".into()),
+        );
+        assert_eq!(
+            e.evaluate("u", 0, &weights).expect("task").expect("scores"),
+            m
+        );
+        e.add("v", model, params, holdout, Some("nope".into()));
+        let err = e
+            .evaluate("v", 0, &weights)
+            .expect("task")
+            .expect_err("no such output");
+        assert!(err.to_string().contains("no output nope"), "{err}");
     }
 
     fn ort_env_unset() -> bool {

@@ -204,7 +204,13 @@ impl FlHost {
                 }
             }
             if let Some(w) = &self.worker {
-                match w.add(id, f.model.clone(), f.spec.params.clone(), h) {
+                match w.add(
+                    id,
+                    f.model.clone(),
+                    f.spec.params.clone(),
+                    h,
+                    f.spec.eval_output.clone(),
+                ) {
                     Ok(()) => {
                         self.holdouts.insert(id.to_owned());
                     }

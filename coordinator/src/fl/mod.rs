@@ -26,7 +26,18 @@
 //!   otherwise it is extended by another `round_timeout_s`, and online members not selected
 //!   yet are added (train orders to them only) until as many selected members are online as
 //!   a fresh selection would pick. Stragglers and devices that dropped out simply do not count
-//!   unless their update arrives; the extension repeats until `min_updates` is met.
+//!   unless their update arrives; the extension repeats until `min_updates` is met, at most
+//!   `max_extensions` times: at the next deadline the round fails (below).
+//! - **Failures.** A selected device that cannot train sends a failure report (envelope kind
+//!   `fl-failure` on its `fl/update` topic: task, round, kind `model|data|resources|timeout`,
+//!   reason). One per device and round is recorded in the round's metrics and journaled
+//!   (`fl_train_failed`); reports for another round are journaled only, ones from devices not
+//!   selected are refused `not_selected`. Once every selected device has either failed or
+//!   sent an update, the round closes (`failures`) if `min_updates` are in, and otherwise
+//!   **fails**: it ends without a new global version (`close_reason` `failed`, journaled as
+//!   `fl_round_failed` with every device's reason) and the next round opens. After
+//!   `max_failed_rounds` failed rounds in a row the task finishes with `failed: ...` and the
+//!   reasons; a round that closes normally resets the count.
 //! - Validation, in order; a refused update is counted by reason in the round's metrics and
 //!   journaled, and never reaches the aggregate: `malformed` (not a binary envelope of kind
 //!   fl-update from the topic's device, or an update header that does not decode),

@@ -84,6 +84,27 @@ pub struct RoundMetrics {
     /// `eval unavailable: REASON` when the held-out evaluation could not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_note: Option<String>,
+    /// Selected devices that reported they could not train this round, one entry each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<DeviceFailure>,
+    /// Why the round failed (`close_reason` is then `failed` and there is no new version).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+/// A device's report that it could not train a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFailure {
+    pub device: String,
+    /// `model`, `data`, `resources` or `timeout`.
+    pub kind: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for DeviceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.device, self.kind, self.reason)
+    }
 }
 
 impl RoundMetrics {
@@ -188,6 +209,9 @@ pub struct TaskState {
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub evaluating: BTreeSet<u32>,
     pub totals: Totals,
+    /// Rounds in a row that ended `failed` (reset by a round that closes normally).
+    #[serde(default)]
+    pub failed_in_a_row: u32,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
 }

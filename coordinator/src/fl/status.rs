@@ -135,6 +135,17 @@ pub fn render(s: &TaskState, now_ms: u64) -> String {
             s.totals.duplicates
         );
     }
+    // Failures per round and device: what each device said, so a stuck or failed task
+    // explains itself here rather than in the devices' logs.
+    let current = (!matches!(s.phase, Phase::Finished { .. })).then_some(&s.current);
+    for m in s.history.iter().chain(current) {
+        if let Some(why) = &m.failed {
+            let _ = writeln!(out, "round {} failed: {why}", m.round);
+        }
+        for f in &m.failures {
+            let _ = writeln!(out, "round {} device {f}", m.round);
+        }
+    }
     if let Some(note) = s.history.iter().rev().find_map(|m| m.eval_note.as_deref()) {
         let _ = writeln!(out, "{note}");
     }
@@ -196,6 +207,9 @@ mod tests {
                 rule: Rule::Median,
                 server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
                 holdout: true,
+                max_failed_rounds: 3,
+                max_extensions: 10,
+                eval_output: None,
             },
             version: 1,
             round: 2,
@@ -216,6 +230,7 @@ mod tests {
                 rejected: [("non_finite".to_owned(), 2)].into_iter().collect(),
                 ..Totals::default()
             },
+            failed_in_a_row: 0,
             started_ms: 0,
             finished_ms: None,
         };

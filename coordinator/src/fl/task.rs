@@ -4,7 +4,8 @@
 //! id = "digits"                     # task id (letters, digits, `-_.`), unique per coordinator
 //! model = "models/digits.onnx"      # the model's name in the devices' pipelines
 //! initial = "digits_mlp.onnx"       # ONNX file (relative to this file): initial global weights
-//! params = ["fc1.weight", "fc1.bias"]   # initializers trained (default: every f32 initializer)
+//! params = ["fc1.weight", "fc1.bias"]   # optional: every dense layer's weight and bias,
+//!                                   # found from the graph (the default); any order
 //! group = "fl"                      # members: a device group, or devices = ["a", "b"]
 //! rounds = 20
 //! fraction = 1.0                    # of the online members selected per round (default 1.0)
@@ -15,6 +16,8 @@
 //!                                   # a cadence that spares devices' batteries and uplinks
 //! min_updates = 1                   # updates needed to close at the deadline (default 1)
 //! max_staleness = 1                 # late updates up to this many rounds old count (default 1)
+//! max_failed_rounds = 3             # failed rounds in a row that stop the task (default 3)
+//! max_extensions = 10               # deadlines without min_updates before a round fails (10)
 //! seed = 0                          # client selection and per-device training seeds (default 0)
 //! [train]                           # sent to the devices with each round
 //! epochs = 5                        # default 1
@@ -33,6 +36,8 @@
 //! tau = 0.001                       # fedadam (default 0.001)
 //! [eval]
 //! holdout = "holdout.csv"           # optional: rows of features..., label
+//! output = "probabilities"          # optional: the class-scores output (default: the first
+//!                                   # f32 output, e.g. skl2onnx's `probabilities`, not `label`)
 //! ```
 //!
 //! Every error names the file and the key. Keys that do not apply to the chosen rule or
@@ -79,6 +84,15 @@ pub enum TaskError {
 pub enum WeightsError {
     #[error("cannot read the model's initializers: {0}")]
     Read(edge_inference::PatchError),
+    #[error("the trainer cannot train this model: {0}")]
+    Structure(edge_inference::StructureError),
+    #[error("{name} is not the weight or bias of a dense layer (the trainable ones: {trainable})")]
+    NotTrainable { name: String, trainable: String },
+    #[error(
+        "the trainer trains every dense layer, but {missing} is not listed (list all of: \
+         {trainable}, or leave params out)"
+    )]
+    Partial { missing: String, trainable: String },
     #[error("lists no initializer")]
     NoneListed,
     #[error("{name} is listed twice")]
@@ -165,6 +179,17 @@ pub struct TaskSpec {
     pub server_optimizer: ServerOptimizer,
     /// True when the task has a held-out set (`holdout.csv` beside it).
     pub holdout: bool,
+    /// Rounds in a row that may fail (every selected device failed, or no update within
+    /// `max_extensions` deadlines) before the task stops with their reasons.
+    #[serde(default = "default_max_failed_rounds")]
+    pub max_failed_rounds: u32,
+    /// Deadlines a round may pass with fewer than `min_updates` updates (each extending it)
+    /// before it fails.
+    #[serde(default = "default_max_extensions")]
+    pub max_extensions: u32,
+    /// The output evaluation scores (`[eval] output`); `None`: the first f32 output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_output: Option<String>,
 }
 
 impl TaskSpec {
@@ -183,6 +208,14 @@ impl TaskSpec {
             .max(self.min_clients as usize)
             .min(online)
     }
+}
+
+fn default_max_failed_rounds() -> u32 {
+    3
+}
+
+fn default_max_extensions() -> u32 {
+    10
 }
 
 /// `ceil(fraction * n)`, where a product within f32 rounding of an integer counts as that
@@ -226,6 +259,8 @@ struct RawTask {
     round_interval_s: Option<u32>,
     min_updates: Option<u32>,
     max_staleness: Option<u32>,
+    max_failed_rounds: Option<u32>,
+    max_extensions: Option<u32>,
     seed: Option<u64>,
     #[serde(default)]
     train: RawTrain,
@@ -263,6 +298,7 @@ struct RawAggregate {
 #[serde(deny_unknown_fields)]
 struct RawEval {
     holdout: Option<PathBuf>,
+    output: Option<String>,
 }
 
 /// A task id: a message-id token (it travels in round messages and updates) that is also a
@@ -308,6 +344,8 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
                 reason.to_string(),
             )
         })?;
+    check_output(&model_bytes, raw.eval.output.as_deref())
+        .map_err(|(key, reason)| invalid(key, reason))?;
     let holdout_text = match &raw.eval.holdout {
         Some(file) => {
             let bytes = read("held-out set", file)?;
@@ -335,44 +373,63 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
     })
 }
 
-/// The trained params (named, or every f32 initializer) and their values, concatenated.
+/// The trained params and their values, concatenated: the weight and bias of every dense
+/// layer in layer order, found from the graph's structure ([`edge_inference::dense_layers`]),
+/// whatever the exporter named them. `names`, when given, must list exactly those (in any
+/// order); the result is in layer order either way.
 pub fn initial_weights(
     model: &[u8],
     names: Option<&[String]>,
 ) -> Result<(Vec<ParamSpec>, Vec<f32>), WeightsError> {
     let inits = read_initializers(model).map_err(WeightsError::Read)?;
-    let chosen: Vec<&(String, edge_inference::Tensor)> = match names {
-        Some(names) => {
-            if names.is_empty() {
-                return Err(WeightsError::NoneListed);
-            }
-            let mut out = Vec::new();
-            for (i, name) in names.iter().enumerate() {
-                if names[..i].contains(name) {
-                    return Err(WeightsError::Twice { name: name.clone() });
-                }
-                let found = inits.iter().find(|(n, _)| n == name).ok_or_else(|| {
-                    let have: Vec<&str> = inits.iter().map(|(n, _)| n.as_str()).collect();
-                    WeightsError::Missing {
-                        name: name.clone(),
-                        have: have.join(", "),
-                    }
-                })?;
-                if found.1.dtype() != DType::F32 {
-                    return Err(WeightsError::NotF32 {
-                        name: name.clone(),
-                        dtype: found.1.dtype(),
-                    });
-                }
-                out.push(found);
-            }
-            out
+    let layers = edge_inference::dense_layers(model).map_err(WeightsError::Structure)?;
+    let trainable = edge_inference::dense::trainable_names(&layers);
+    if let Some(names) = names {
+        if names.is_empty() {
+            return Err(WeightsError::NoneListed);
         }
-        None => inits
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                return Err(WeightsError::Twice { name: name.clone() });
+            }
+            if !inits.iter().any(|(n, _)| n == name) {
+                let have: Vec<&str> = inits.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(WeightsError::Missing {
+                    name: name.clone(),
+                    have: have.join(", "),
+                });
+            }
+            if !trainable.contains(&name.as_str()) {
+                return Err(WeightsError::NotTrainable {
+                    name: name.clone(),
+                    trainable: trainable.join(", "),
+                });
+            }
+        }
+        if let Some(missing) = trainable.iter().find(|t| !names.iter().any(|n| n == *t)) {
+            return Err(WeightsError::Partial {
+                missing: (*missing).to_owned(),
+                trainable: trainable.join(", "),
+            });
+        }
+    }
+    let mut chosen: Vec<&(String, edge_inference::Tensor)> = Vec::with_capacity(trainable.len());
+    for name in &trainable {
+        let found = inits
             .iter()
-            .filter(|(_, t)| t.dtype() == DType::F32)
-            .collect(),
-    };
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| WeightsError::Missing {
+                name: (*name).to_owned(),
+                have: String::new(),
+            })?;
+        if found.1.dtype() != DType::F32 {
+            return Err(WeightsError::NotF32 {
+                name: (*name).to_owned(),
+                dtype: found.1.dtype(),
+            });
+        }
+        chosen.push(found);
+    }
     if chosen.is_empty() {
         return Err(WeightsError::NoF32);
     }
@@ -402,6 +459,36 @@ pub fn initial_weights(
 }
 
 type Bad = (&'static str, String);
+
+/// The output evaluation will score: the one named, which must be f32, or else the first
+/// f32 output (checked here so that `fl start` refuses a model evaluation would not read).
+fn check_output(model: &[u8], named: Option<&str>) -> Result<(), Bad> {
+    let outputs =
+        edge_inference::dense::graph_outputs(model).map_err(|e| ("initial", e.to_string()))?;
+    let listed = outputs
+        .iter()
+        .map(|(n, d)| format!("{n} {}", d.map_or("other".into(), |d| d.to_string())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match named {
+        Some(name) => match outputs.iter().find(|(n, _)| n == name) {
+            Some((_, Some(DType::F32))) => Ok(()),
+            Some(_) => Err((
+                "eval.output",
+                format!("output {name} is not f32 class scores (the outputs: {listed})"),
+            )),
+            None => Err((
+                "eval.output",
+                format!("the model has no output {name} (the outputs: {listed})"),
+            )),
+        },
+        None if outputs.iter().any(|(_, d)| *d == Some(DType::F32)) => Ok(()),
+        None => Err((
+            "initial",
+            format!("the model has no f32 output to evaluate (the outputs: {listed})"),
+        )),
+    }
+}
 
 fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskSpec, Bad> {
     fn bad<T>(key: &'static str, reason: impl Into<String>) -> Result<T, Bad> {
@@ -487,6 +574,13 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
     if min_updates == 0 {
         return bad("min_updates", "must be at least 1");
     }
+    let max_failed_rounds = raw
+        .max_failed_rounds
+        .unwrap_or_else(default_max_failed_rounds);
+    if max_failed_rounds == 0 {
+        return bad("max_failed_rounds", "must be at least 1");
+    }
+    let max_extensions = raw.max_extensions.unwrap_or_else(default_max_extensions);
 
     let t = raw.train;
     let epochs = t.epochs.unwrap_or(1);
@@ -603,6 +697,9 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         rule,
         server_optimizer,
         holdout,
+        max_failed_rounds,
+        max_extensions,
+        eval_output: raw.eval.output,
     })
 }
 

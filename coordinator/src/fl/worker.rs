@@ -35,6 +35,7 @@ enum Job {
         model: Vec<u8>,
         params: Vec<ParamSpec>,
         holdout: Holdout,
+        output: Option<String>,
     },
     Evaluate(EvalRequest),
 }
@@ -81,12 +82,14 @@ impl Worker {
         model: Vec<u8>,
         params: Vec<ParamSpec>,
         holdout: Holdout,
+        output: Option<String>,
     ) -> Result<(), WorkerError> {
         self.send(Job::Add {
             task: task.to_owned(),
             model,
             params,
             holdout,
+            output,
         })
     }
 
@@ -124,7 +127,8 @@ fn run(jobs: &mpsc::Receiver<Job>, results: &UnboundedSender<Evaluated>) {
                 model,
                 params,
                 holdout,
-            } => eval.add(&task, model, params, holdout),
+                output,
+            } => eval.add(&task, model, params, holdout, output),
             Job::Evaluate(r) => {
                 let started = std::time::Instant::now();
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -162,7 +166,7 @@ mod tests {
         let mut w = Worker::start(tx).expect("thread starts");
         let (model, params) = crate::fl::eval::linear_2x2_for_test();
         let holdout = Holdout::parse("1,0,0\n0,1,1\n").expect("parses");
-        w.add("t", model, params, holdout).expect("queued");
+        w.add("t", model, params, holdout, None).expect("queued");
         for (task, version) in [("t", 1), ("other", 1), ("t", 2)] {
             w.evaluate(EvalRequest {
                 task: task.into(),

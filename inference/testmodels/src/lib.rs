@@ -1,5 +1,7 @@
-//! Small ONNX models built in Rust for tests, benchmarks and the demo (no Python, no files
-//! checked in), as module `onnx_builder`.
+//! Small ONNX models built in Rust for tests, benchmarks and the demo, as module
+//! `onnx_builder`; and the few models made by real exporters (skl2onnx, torch) that federated
+//! learning must train unchanged, committed under `exported/` with the script that made them
+//! ([`exported`]).
 //!
 //! Boundary: a dev-dependency of the crates' tests and a dependency of xtask only; no shipped
 //! binary links it (the agent and the coordinator never build models).
@@ -475,6 +477,47 @@ impl SmallCnn {
         #[allow(clippy::expect_used)] // the shape is built from the same numbers as the data
         Tensor::from_f32(vec![n, 1, self.height, self.width], &values).expect("shape matches data")
     }
+}
+
+/// The exported-model fixtures in `inference/testmodels/exported/`, made by the real
+/// exporters (skl2onnx, torch) with `make_fl_models.py` there: (file name, what made it).
+pub const EXPORTED: &[(&str, &str)] = &[
+    (
+        "sklearn_mlp.onnx",
+        "skl2onnx MLPClassifier 64-16-10, zipmap off",
+    ),
+    (
+        "sklearn_sgd.onnx",
+        "skl2onnx SGDClassifier(log_loss), zipmap off",
+    ),
+    (
+        "sklearn_logreg.onnx",
+        "skl2onnx LogisticRegression (ai.onnx.ml LinearClassifier)",
+    ),
+    (
+        "torch_gemm.onnx",
+        "torch.onnx.export(dynamo=False) of Linear(64,16), ReLU, Linear(16,10)",
+    ),
+    (
+        "torch_dynamo.onnx",
+        "torch.onnx.export(dynamo=True) of the same stack",
+    ),
+];
+
+/// The path of an exported-model fixture (see [`EXPORTED`]).
+pub fn exported_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("exported")
+        .join(name)
+}
+
+/// The bytes of an exported-model fixture (see [`EXPORTED`]).
+///
+/// # Panics
+/// If the file is missing (test-support code: the fixtures are committed).
+pub fn exported(name: &str) -> Vec<u8> {
+    let path = exported_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! `mlp-trainer`: the federated-learning trainer for a dense MLP (world `trainer` of
 //! `edge:pipeline@0.1.0`, `modules/wit/trainer.wit`).
 //!
-//! The parameters are `(weight [inputs, outputs], bias [outputs])` pairs in layer order,
-//! matching an ONNX model built as `MatMul` + `Add` per layer with `Relu` between and
-//! `Softmax` at the end (`edge_testmodels::onnx_builder::mlp`). `train` reads the samples,
+//! The parameters are `(weight [inputs, outputs], bias [outputs])` pairs in layer order, with
+//! `Relu` between layers and softmax cross-entropy at the end. The agent finds the layers in
+//! the model's graph and converts exported layouts to these before the call and back after it
+//! (`edge_inference::dense`: torch's `Gemm` weights `[outputs, inputs]`, skl2onnx's `[1, n]`
+//! biases), so this module never sees initializer names or an exporter's layout. `train` reads the samples,
 //! runs minibatch SGD (optionally FedProx) for `epochs` and returns the new parameters;
 //! `evaluate` returns loss and accuracy over all samples. The math is in [`mlp`] and
 //! [`hyper`]; this file is the glue to the host's `samples` import.

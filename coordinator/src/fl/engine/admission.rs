@@ -9,7 +9,9 @@ use protocol::v1::fl::{self, CodecError, Update, codec};
 use super::{Engine, Fleet, Write};
 use crate::action::Action;
 use crate::event::Event;
-use crate::fl::state::{Phase, Reject, StoredUpdate};
+use std::collections::BTreeSet;
+
+use crate::fl::state::{DeviceFailure, Phase, Reject, StoredUpdate};
 
 impl Engine {
     /// An `fl/update` message from `device` (the topic's). Validates it against the round it
@@ -30,6 +32,9 @@ impl Engine {
         if envelope.device != device {
             let detail = format!("envelope from {} on the topic of {device}", envelope.device);
             return vec![self.reject(None, device, None, Reject::Malformed, detail)];
+        }
+        if envelope.kind == fl::FAILURE_KIND {
+            return self.on_failure(device, &envelope.body, now_ms, fleet);
         }
         if envelope.kind != fl::UPDATE_KIND {
             let detail = format!(
@@ -172,6 +177,63 @@ impl Engine {
         Ok((staleness, delta))
     }
 
+    /// A selected device's report that it could not train: recorded in the round's metrics
+    /// (one per device) and journaled; when every selected device has failed, the round ends.
+    fn on_failure(
+        &mut self,
+        device: &str,
+        body: &[u8],
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let f = match fl::TrainFailure::decode(body) {
+            Ok(f) => f,
+            Err(e) => {
+                return vec![self.reject(None, device, None, Reject::Malformed, e.to_string())];
+            }
+        };
+        let round = Some(f.round);
+        let Some(t) = self.tasks.get_mut(&f.task) else {
+            let detail = format!("failure report for no task {}", f.task);
+            return vec![self.reject(None, device, round, Reject::UnknownTask, detail)];
+        };
+        let id = f.task.clone();
+        let s = &mut t.state;
+        if matches!(s.phase, Phase::Finished { .. }) {
+            let detail = "failure report after the task finished".to_owned();
+            return vec![self.reject(Some(&id), device, round, Reject::TaskFinished, detail)];
+        }
+        let event = Action::Event(Event::FlTrainFailed {
+            task: id.clone(),
+            device: device.to_owned(),
+            round: f.round,
+            kind: f.kind.as_str(),
+            reason: f.reason.clone(),
+        });
+        // A report for an earlier round (sent late, or from the outbox after an outage) is
+        // journaled only: that round is over.
+        if f.round != s.round || !matches!(s.phase, Phase::Open) {
+            return vec![event];
+        }
+        if !s.selected.contains(device) {
+            let detail = "failure report from a device not selected".to_owned();
+            return vec![self.reject(Some(&id), device, round, Reject::NotSelected, detail)];
+        }
+        if s.current.failures.iter().any(|x| x.device == device) {
+            let detail = "second failure report for the round".to_owned();
+            return vec![self.reject(Some(&id), device, round, Reject::Duplicate, detail)];
+        }
+        s.current.failures.push(DeviceFailure {
+            device: device.to_owned(),
+            kind: f.kind.as_str().to_owned(),
+            reason: f.reason,
+        });
+        self.dirty.insert(id.clone());
+        let mut out = vec![event];
+        out.extend(self.check_settled(&id, now_ms, fleet));
+        out
+    }
+
     pub(super) fn reject(
         &mut self,
         task: Option<&str>,
@@ -270,6 +332,47 @@ impl Engine {
         if s.phase == Phase::Open && on_time >= s.spec.quorum_count(s.selected.len()) {
             return self.close(id, "quorum", now_ms, fleet);
         }
-        Vec::new()
+        self.check_settled(id, now_ms, fleet)
+    }
+
+    /// Once every selected device of the open round has either failed or sent an update for
+    /// it, nothing more will come: the round closes (`failures`) with `min_updates`, or fails.
+    pub(super) fn check_settled(
+        &mut self,
+        id: &str,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get(id) else {
+            return Vec::new();
+        };
+        let s = &t.state;
+        if s.phase != Phase::Open || s.current.failures.is_empty() {
+            return Vec::new();
+        }
+        let failed: BTreeSet<&str> = s
+            .current
+            .failures
+            .iter()
+            .map(|x| x.device.as_str())
+            .collect();
+        let trained: BTreeSet<&str> = t
+            .accepted
+            .keys()
+            .filter(|(_, r)| *r == s.round)
+            .map(|(d, _)| d.as_str())
+            .collect();
+        let settled = s
+            .selected
+            .iter()
+            .all(|d| failed.contains(d.as_str()) || trained.contains(d.as_str()));
+        if !settled {
+            return Vec::new();
+        }
+        if t.accepted.len() >= s.spec.min_updates as usize {
+            self.close(id, "failures", now_ms, fleet)
+        } else {
+            self.fail_round(id, "every selected device failed".into(), now_ms, fleet)
+        }
     }
 }

@@ -243,6 +243,7 @@ impl Engine {
             history: Vec::new(),
             evaluating: BTreeSet::new(),
             totals: Totals::default(),
+            failed_in_a_row: 0,
             started_ms: now_ms,
             finished_ms: None,
             spec,

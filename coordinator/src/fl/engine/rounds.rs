@@ -25,8 +25,18 @@ impl Engine {
             match &t.state.phase {
                 Phase::Waiting { .. } => out.extend(self.try_open(&id, now_ms, fleet)),
                 Phase::Open if now_ms >= t.state.deadline_ms => {
-                    if t.accepted.len() >= t.state.spec.min_updates as usize {
+                    let s = &t.state;
+                    if t.accepted.len() >= s.spec.min_updates as usize {
                         out.extend(self.close(&id, "deadline", now_ms, fleet));
+                    } else if s.current.extensions >= s.spec.max_extensions {
+                        let reason = format!(
+                            "{} of min_updates {} updates after {} deadlines of {} s",
+                            t.accepted.len(),
+                            s.spec.min_updates,
+                            s.current.extensions + 1,
+                            s.spec.round_timeout_s
+                        );
+                        out.extend(self.fail_round(&id, reason, now_ms, fleet));
                     } else {
                         out.extend(self.extend(&id, now_ms, fleet));
                     }
@@ -71,6 +81,7 @@ impl Engine {
             tracing::error!(task = %id, round = t.state.round, "aggregate overflowed; global model kept");
         }
         let s = &mut t.state;
+        s.failed_in_a_row = 0;
         let round_version = s.version;
         s.version += 1;
         let total: f64 = accepted.values().map(|u| f64::from(u.samples)).sum();
@@ -157,6 +168,87 @@ impl Engine {
         }
         if finished {
             out.extend(self.finish(id, "completed".into(), now_ms, fleet));
+        } else {
+            out.extend(self.try_open(id, now_ms, fleet));
+        }
+        out
+    }
+
+    /// Ends the current round without a new global version (`reason`: why), and opens the
+    /// next one, or stops the task once `max_failed_rounds` rounds in a row have failed.
+    pub(super) fn fail_round(
+        &mut self,
+        id: &str,
+        reason: String,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return Vec::new();
+        };
+        t.accepted.clear();
+        let s = &mut t.state;
+        s.failed_in_a_row += 1;
+        s.current.closed_ms = Some(now_ms);
+        s.current.close_reason = Some("failed".into());
+        s.current.failed = Some(reason.clone());
+        // Late updates for it still count later: the global version is unchanged.
+        s.recent.insert(
+            s.round,
+            RecentRound {
+                version: s.version,
+                selected: std::mem::take(&mut s.selected),
+                contributed: BTreeSet::new(),
+            },
+        );
+        let closed_round = s.round;
+        let next_round = s.round + 1;
+        let window = s.spec.max_staleness;
+        s.recent.retain(|&r, _| next_round - r <= window);
+        let metrics = std::mem::take(&mut s.current);
+        s.history.push(metrics.clone());
+        let summary = if metrics.failures.is_empty() {
+            reason.clone()
+        } else {
+            let devices: Vec<String> = metrics.failures.iter().map(ToString::to_string).collect();
+            format!("{reason}: {}", devices.join("; "))
+        };
+        let stop = s.failed_in_a_row >= s.spec.max_failed_rounds;
+        let last = s.round >= s.spec.rounds;
+        if !(stop || last) {
+            s.round = next_round;
+        }
+        s.not_before_ms = now_ms + u64::from(s.spec.round_interval_s) * 1000;
+        s.current = RoundMetrics {
+            round: s.round,
+            version: s.version,
+            ..RoundMetrics::default()
+        };
+        let in_a_row = s.failed_in_a_row;
+        self.writes.push(Write::ClearUpdates {
+            task: id.to_owned(),
+            round: closed_round,
+        });
+        self.dirty.insert(id.to_owned());
+        let mut out = vec![Action::Event(Event::FlRoundFailed {
+            task: id.to_owned(),
+            round: closed_round,
+            reason,
+            failures: metrics.failures,
+        })];
+        if stop {
+            let why = format!(
+                "failed: {in_a_row} rounds in a row failed (max_failed_rounds); round \
+                 {closed_round}: {summary}"
+            );
+            out.extend(self.finish(id, why, now_ms, fleet));
+        } else if last {
+            out.extend(self.finish(
+                id,
+                format!("completed; the last round failed: {summary}"),
+                now_ms,
+                fleet,
+            ));
         } else {
             out.extend(self.try_open(id, now_ms, fleet));
         }

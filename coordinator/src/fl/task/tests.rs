@@ -48,7 +48,7 @@ fn minimal_task_gets_defaults_and_every_f32_initializer() {
 fn full_task_parses() {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!(
-        "{BASE}params = [\"B\"]\nfraction = 0.5\nmin_clients = 2\nquorum = 0.7\nround_timeout_s = 9\nmax_staleness = 2\nseed = 7\n\
+        "{BASE}params = [\"B\", \"W\"]\nfraction = 0.5\nmin_clients = 2\nquorum = 0.7\nround_timeout_s = 9\nmax_staleness = 2\nseed = 7\n\
          [train]\nepochs = 5\nlr = 0.1\nbatch_size = 16\nmu = 0.01\ncodec = \"topk:0.1\"\nmax_samples = 100\n\
          [aggregate]\nrule = \"trimmed-mean\"\ntrim = 0.2\nserver_optimizer = \"fedadam\"\nbeta2 = 0.9\n\
          [eval]\nholdout = \"holdout.csv\"\n"
@@ -56,12 +56,19 @@ fn full_task_parses() {
     let t = load(&write_task(dir.path(), &toml)).expect("loads");
     assert_eq!(
         t.spec.params,
-        vec![ParamSpec {
-            name: "B".into(),
-            shape: vec![3]
-        }]
+        vec![
+            ParamSpec {
+                name: "W".into(),
+                shape: vec![4, 3]
+            },
+            ParamSpec {
+                name: "B".into(),
+                shape: vec![3]
+            }
+        ],
+        "listed in any order, sent in layer order"
     );
-    assert_eq!(t.initial, vec![0.1; 3]);
+    assert_eq!(&t.initial[12..], &[0.1; 3]);
     assert_eq!(t.spec.rule, Rule::TrimmedMean { trim: 0.2 });
     assert_eq!(
         t.spec.server_optimizer,
@@ -96,6 +103,8 @@ fn errors_name_the_file_and_key() {
         (format!("{BASE}min_clients = 0\n"), "min_clients"),
         (format!("{BASE}params = [\"nope\"]\n"), "params"),
         (format!("{BASE}params = [\"W\", \"W\"]\n"), "params"),
+        (format!("{BASE}params = [\"B\"]\n"), "params"),
+        (format!("{BASE}[eval]\noutput = \"nope\"\n"), "eval.output"),
         (format!("{BASE}devices = [\"a\"]\n"), "group"),
         (
             BASE.replace("group = \"fl\"\n", "devices = [\"a\"]\nmin_clients = 2\n"),
@@ -162,5 +171,83 @@ fn a_model_too_large_for_one_message_is_refused() {
     assert!(
         msg.contains("invalid initial") && msg.contains("over the protocol's limit"),
         "{msg}"
+    );
+}
+
+/// A task over each exporter's model (`inference/testmodels/exported/`) loads as exported:
+/// the params are each dense layer's weight and bias in layer order, found from the graph.
+#[test]
+fn exported_models_load_unchanged_and_unsupported_ones_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    type Params<'a> = &'a [(&'a str, &'a [u32])];
+    let cases: [(&str, Params); 4] = [
+        (
+            "sklearn_mlp.onnx",
+            &[
+                ("coefficient", &[64, 16]),
+                ("intercepts", &[1, 16]),
+                ("coefficient1", &[16, 10]),
+                ("intercepts1", &[1, 10]),
+            ],
+        ),
+        (
+            "sklearn_sgd.onnx",
+            &[("coef", &[64, 10]), ("intercept", &[10])],
+        ),
+        (
+            "torch_gemm.onnx",
+            &[
+                ("0.weight", &[16, 64]),
+                ("0.bias", &[16]),
+                ("2.weight", &[10, 16]),
+                ("2.bias", &[10]),
+            ],
+        ),
+        (
+            "torch_dynamo.onnx",
+            &[
+                ("0.weight", &[16, 64]),
+                ("0.bias", &[16]),
+                ("2.weight", &[10, 16]),
+                ("2.bias", &[10]),
+            ],
+        ),
+    ];
+    let path = dir.path().join("task.toml");
+    for (file, want) in cases {
+        std::fs::write(dir.path().join("m.onnx"), onnx_builder::exported(file)).expect("model");
+        std::fs::write(&path, BASE).expect("task");
+        let t = load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got: Vec<(&str, &[u32])> = t
+            .spec
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.as_slice()))
+            .collect();
+        assert_eq!(got, want, "{file}");
+        assert_eq!(t.initial.len(), t.spec.weight_count(), "{file}");
+    }
+    // skl2onnx's `label` is int64: naming it for evaluation is refused.
+    std::fs::write(
+        dir.path().join("m.onnx"),
+        onnx_builder::exported("sklearn_mlp.onnx"),
+    )
+    .expect("model");
+    std::fs::write(&path, format!("{BASE}[eval]\noutput = \"label\"\n")).expect("task");
+    let e = load(&path).expect_err("label is not scores").to_string();
+    assert!(
+        e.contains("eval.output") && e.contains("probabilities f32"),
+        "{e}"
+    );
+    std::fs::write(
+        dir.path().join("m.onnx"),
+        onnx_builder::exported("sklearn_logreg.onnx"),
+    )
+    .expect("model");
+    std::fs::write(&path, BASE).expect("task");
+    let e = load(&path).expect_err("linear classifier").to_string();
+    assert!(
+        e.contains("invalid initial") && e.contains("LinearClassifier"),
+        "{e}"
     );
 }

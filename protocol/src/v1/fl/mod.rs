@@ -389,6 +389,83 @@ impl Update {
     }
 }
 
+/// Binary envelope `kind` of a failure report: the device was selected but could not train.
+pub const FAILURE_KIND: &str = "fl-failure";
+
+/// Longest failure reason carried, in bytes (a longer one is cut at a char boundary).
+pub const MAX_FAILURE_REASON: usize = 1024;
+
+/// What a failed training step was up against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The model cannot be trained as given (unsupported layers, shapes the trainer refuses).
+    Model,
+    /// The device's data: no labeled samples, features that do not fit, labels out of range.
+    Data,
+    /// The sandbox ran out of memory, or the update could not be stored.
+    Resources,
+    /// The trainer ran past its time budget.
+    Timeout,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Model => "model",
+            FailureKind::Data => "data",
+            FailureKind::Resources => "resources",
+            FailureKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// A selected device's report that it could not train a round (JSON body of a binary
+/// envelope of kind [`FAILURE_KIND`], on the same `fl/update` topic and sealed like an update).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainFailure {
+    pub task: String,
+    pub round: u32,
+    /// Global version the device was to train from.
+    pub base_version: u32,
+    pub kind: FailureKind,
+    /// The device-side reason, as its log says it.
+    pub reason: String,
+}
+
+impl TrainFailure {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut f = self.clone();
+        if f.reason.len() > MAX_FAILURE_REASON {
+            let mut end = MAX_FAILURE_REASON;
+            while !f.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            f.reason.truncate(end);
+        }
+        serde_json::to_vec(&f).unwrap_or_default()
+    }
+
+    pub fn decode(body: &[u8]) -> Result<TrainFailure, FlError> {
+        let f: TrainFailure =
+            serde_json::from_slice(body).map_err(|e| FlError::Update(e.to_string()))?;
+        if validate_message_id(&f.task).is_err() || f.round == 0 {
+            return Err(FlError::Update(format!(
+                "failure report for task {:?} round {}",
+                f.task, f.round
+            )));
+        }
+        if f.reason.len() > MAX_FAILURE_REASON {
+            return Err(FlError::TooLarge {
+                what: "failure reason",
+                size: f.reason.len(),
+                limit: MAX_FAILURE_REASON,
+            });
+        }
+        Ok(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,5 +567,52 @@ mod tests {
         let mut zero = u.clone();
         zero.samples = 0;
         assert!(Update::decode(&zero.encode()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn failure_reports_round_trip_cut_long_reasons_and_refuse_bad_ones() {
+        let f = TrainFailure {
+            task: "digits".into(),
+            round: 3,
+            base_version: 2,
+            kind: FailureKind::Data,
+            reason: "sample 17: label 12 is outside 0..10".into(),
+        };
+        let body = f.encode();
+        assert_eq!(TrainFailure::decode(&body), Ok(f.clone()));
+        let text = String::from_utf8(body).expect("json");
+        assert!(text.contains("\"kind\":\"data\""), "{text}");
+        // A long reason is cut on a char boundary, not refused.
+        let long = TrainFailure {
+            reason: "é".repeat(MAX_FAILURE_REASON),
+            ..f.clone()
+        };
+        let back = TrainFailure::decode(&long.encode()).expect("decodes");
+        assert!(back.reason.len() <= MAX_FAILURE_REASON && back.reason.starts_with('é'));
+        for bad in [
+            TrainFailure {
+                round: 0,
+                ..f.clone()
+            },
+            TrainFailure {
+                task: "a b".into(),
+                ..f.clone()
+            },
+        ] {
+            let body = serde_json::to_vec(&bad).expect("json");
+            assert!(TrainFailure::decode(&body).is_err(), "{bad:?}");
+        }
+        assert!(TrainFailure::decode(b"{\"task\":\"t\"}").is_err());
+        assert!(
+            TrainFailure::decode(
+                br#"{"task":"t","round":1,"base_version":0,"kind":"disk","reason":""}"#
+            )
+            .is_err()
+        );
     }
 }

@@ -117,6 +117,9 @@ pub(super) fn spec() -> TaskSpec {
         rule: Rule::FedAvg,
         server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
         holdout: false,
+        max_failed_rounds: 3,
+        max_extensions: 10,
+        eval_output: None,
     }
 }
 

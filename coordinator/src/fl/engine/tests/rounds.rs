@@ -581,3 +581,218 @@ fn restore_reruns_the_current_evaluation_and_gives_up_older_ones() {
             .any(|e| matches!(e, Event::FlTaskFinished { .. }))
     );
 }
+
+fn failure_payload(device: &str, round: u32, kind: fl::FailureKind, reason: &str) -> Vec<u8> {
+    BinaryEnvelope {
+        id: message_id(2, u64::from(round)),
+        device: device.into(),
+        class: Class::Model,
+        seq: 2,
+        created_ms: 0,
+        kind: fl::FAILURE_KIND.into(),
+        body: fl::TrainFailure {
+            task: "t".into(),
+            round,
+            base_version: 0,
+            kind,
+            reason: reason.into(),
+        }
+        .encode(),
+    }
+    .encode()
+    .expect("encodes")
+}
+
+fn round_failed(actions: &[Action]) -> Option<(u32, String, usize)> {
+    events(actions).into_iter().find_map(|e| match e {
+        Event::FlRoundFailed {
+            round,
+            reason,
+            failures,
+            ..
+        } => Some((*round, reason.clone(), failures.len())),
+        _ => None,
+    })
+}
+
+/// Every selected device reports a failure: the round ends `failed` with their reasons (no
+/// new version), the next opens; after `max_failed_rounds` such rounds the task stops with
+/// an error that carries a device's reason.
+#[test]
+fn rounds_where_every_device_fails_end_failed_and_stop_the_task() {
+    let fleet = TestFleet::with(2);
+    let (mut e, _) = started(&fleet);
+    let reason = "model models/m.onnx: unsupported layer: node \"c\" (Conv) cannot be trained";
+    let mut now = 2_000;
+    for round in 1..=3u32 {
+        let a = e.on_update(
+            "d0",
+            &failure_payload("d0", round, fl::FailureKind::Model, reason),
+            now,
+            &fleet,
+        );
+        assert!(
+            round_failed(&a).is_none(),
+            "one of two failed: the round goes on"
+        );
+        assert_eq!(e.state("t").expect("task").current.failures.len(), 1);
+        // A second report from the same device is a duplicate, not a second failure.
+        let dup = e.on_update(
+            "d0",
+            &failure_payload("d0", round, fl::FailureKind::Model, reason),
+            now,
+            &fleet,
+        );
+        assert_eq!(rejected_reason(&dup), Some("duplicate"));
+        let a = e.on_update(
+            "d1",
+            &failure_payload(
+                "d1",
+                round,
+                fl::FailureKind::Data,
+                "sample 3: label 12 is outside 0..10",
+            ),
+            now,
+            &fleet,
+        );
+        let (r, why, n) = round_failed(&a).expect("round failed");
+        assert_eq!(
+            (r, why.as_str(), n),
+            (round, "every selected device failed", 2)
+        );
+        let s = e.state("t").expect("task");
+        let last = s.history.last().expect("history");
+        assert_eq!(last.close_reason.as_deref(), Some("failed"));
+        assert_eq!(last.new_version, None);
+        assert_eq!(s.version, 0, "no new global version");
+        assert_eq!(s.failed_in_a_row, round);
+        now += 1_000;
+    }
+    let s = e.state("t").expect("task");
+    let Phase::Finished { reason: why } = &s.phase else {
+        panic!("stopped after 3 failed rounds: {:?}", s.phase);
+    };
+    assert!(why.starts_with("failed: 3 rounds in a row failed"), "{why}");
+    assert!(
+        why.contains("d0 (model): model models/m.onnx: unsupported layer"),
+        "{why}"
+    );
+    assert!(why.contains("d1 (data): sample 3"), "{why}");
+    let text = crate::fl::status::render(s, now);
+    assert!(
+        text.contains("round 2 device d1 (data): sample 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("round 3 failed: every selected device failed"),
+        "{text}"
+    );
+}
+
+/// A failure from a device that was not selected, for an unknown task, or garbled, is
+/// refused by reason; one that names an old round is journaled and changes nothing.
+#[test]
+fn failure_reports_are_validated() {
+    let mut fleet = TestFleet::with(3);
+    fleet.0.insert("x".into(), (false, true));
+    let (mut e, _) = started(&fleet);
+    let a = e.on_update(
+        "x",
+        &failure_payload("x", 1, fl::FailureKind::Timeout, "t"),
+        2_000,
+        &fleet,
+    );
+    assert_eq!(rejected_reason(&a), Some("not_selected"));
+    let mut bad = failure_payload("d0", 1, fl::FailureKind::Timeout, "t");
+    let env = BinaryEnvelope::decode(&bad).expect("decodes");
+    bad = BinaryEnvelope {
+        body: b"{not json".to_vec(),
+        ..env
+    }
+    .encode()
+    .expect("encodes");
+    assert_eq!(
+        rejected_reason(&e.on_update("d0", &bad, 2_000, &fleet)),
+        Some("malformed")
+    );
+    let a = e.on_update(
+        "d0",
+        &failure_payload("d0", 7, fl::FailureKind::Timeout, "t"),
+        2_000,
+        &fleet,
+    );
+    assert!(rejected_reason(&a).is_none());
+    assert!(e.state("t").expect("task").current.failures.is_empty());
+}
+
+/// One device fails, the other's update is in: the round closes with the update (it met
+/// `min_updates`) as soon as every selected device has answered one way or the other.
+#[test]
+fn a_failure_with_enough_updates_closes_the_round_normally() {
+    let fleet = TestFleet::with(2);
+    let (mut e, _) = started(&fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[0.5; N]),
+        2_000,
+        &fleet,
+    );
+    let a = e.on_update(
+        "d1",
+        &failure_payload("d1", 1, fl::FailureKind::Resources, "memory limit"),
+        2_000,
+        &fleet,
+    );
+    let m = closed_metrics(&a).expect("closed");
+    assert_eq!(m.close_reason.as_deref(), Some("failures"));
+    assert_eq!(m.failures.len(), 1);
+    assert_eq!(e.state("t").expect("task").version, 1);
+    // The other way round: the failure first, then the last update closes the round.
+    let a = e.on_update(
+        "d0",
+        &failure_payload("d0", 2, fl::FailureKind::Data, "no labeled samples"),
+        3_000,
+        &fleet,
+    );
+    assert!(closed_metrics(&a).is_none());
+    let a = e.on_update(
+        "d1",
+        &update_payload("d1", 2, 1, 10, &[0.5; N]),
+        3_000,
+        &fleet,
+    );
+    let m = closed_metrics(&a).expect("closed");
+    assert_eq!((m.round, m.close_reason.as_deref()), (2, Some("failures")));
+}
+
+/// With no update at all the round is not extended for ever: after `max_extensions`
+/// deadlines it fails, saying so.
+#[test]
+fn a_round_without_updates_fails_after_max_extensions() {
+    let fleet = TestFleet::with(2);
+    let mut e = Engine::default();
+    let spec = TaskSpec {
+        max_extensions: 2,
+        max_failed_rounds: 1,
+        ..spec()
+    };
+    e.start(spec, key(), vec![0.0; N], 1_000, &fleet);
+    let mut now = 1_000;
+    let mut failed = None;
+    for _ in 0..5 {
+        now += 10_001;
+        let a = e.tick(now, &fleet);
+        if let Some(f) = round_failed(&a) {
+            failed = Some(f);
+            break;
+        }
+    }
+    let (round, why, _) = failed.expect("failed");
+    assert_eq!(round, 1);
+    assert_eq!(why, "0 of min_updates 1 updates after 3 deadlines of 10 s");
+    assert_eq!(e.state("t").expect("task").history[0].extensions, 2);
+    assert!(matches!(
+        &e.state("t").expect("task").phase,
+        Phase::Finished { reason } if reason.contains("1 rounds in a row failed")
+    ));
+}

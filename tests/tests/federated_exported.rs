@@ -1,0 +1,204 @@
+//! Federated learning with models as the exporters write them, and failures that surface at
+//! the coordinator: the real coordinator (embedded broker), three real agents serving and
+//! training scikit-learn's MLP exactly as `skl2onnx` exported it (`[1, n]` biases, int64
+//! `classes` and shape initializers, the int64 `label` output before the f32
+//! `probabilities`), with `mlp_trainer.wasm`.
+//!
+//! Task A trains that model unchanged; every round closes with a held-out accuracy (the
+//! evaluation found `probabilities`, not `label`). Task B starts from torch's export of
+//! another network, which the agents do not serve: every agent's training step fails, each
+//! reports why, every round fails, and the task stops with those reasons, in the journal and
+//! in `fl status`, instead of extending for ever. Task C: three new agents serve torch's export
+//! (`Gemm` with `transB=1`) and train it unchanged.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use edge_testmodels::onnx_builder;
+use edge_tests::digits::Split;
+use edge_tests::{
+    Agent, AgentOptions, Coordinator, FlTask, SigningKey, TestEnv, closed_rounds, federated_agent,
+    federated_agent_in, federated_data, fl_status, run_test, task_finished,
+};
+
+const AGENTS: usize = 3;
+const ROUNDS: u32 = 5;
+const WAIT: Duration = Duration::from_secs(90);
+
+fn device(i: usize) -> String {
+    format!("fx-{i:02}")
+}
+
+#[test]
+fn exported_models_train_unchanged_and_failures_stop_the_task_with_reasons() {
+    run_test("federated_exported", scenario);
+}
+
+fn scenario(env: &TestEnv) -> Result<()> {
+    let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+    let mut journal = coord.journal();
+    let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+
+    let task_dir = env.path("task");
+    let model = onnx_builder::exported("sklearn_mlp.onnx");
+    let (d, shards) = federated_data(&task_dir, AGENTS, Split::Iid, &model)?;
+    std::fs::write(
+        task_dir.join("torch.onnx"),
+        onnx_builder::exported("torch_gemm.onnx"),
+    )?;
+    let mut agents = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut o = AgentOptions::new(device(i), coord.url());
+        let dir = env.path(&format!("pipelines/{}", device(i)));
+        federated_agent(&mut o, &dir, &d, shard, &model, &key)?;
+        agents.push(Agent::start(&env.path(&device(i)), o)?);
+    }
+    for i in 0..AGENTS {
+        journal.wait_registered(&device(i), WAIT)?;
+    }
+
+    // Task A: the skl2onnx model as exported, params found from its graph.
+    FlTask::new("sk-a", ROUNDS, AGENTS).start(&coord, &task_dir, &key)?;
+    journal.wait_for("task sk-a finished", WAIT * 2, |j| task_finished(j, "sk-a"))?;
+    let events = journal.events();
+    let closed = closed_rounds(events, "sk-a");
+    ensure!(
+        closed.len() == ROUNDS as usize,
+        "rounds closed: {}",
+        closed.len()
+    );
+    for e in &closed {
+        ensure!(
+            e.str_field("eval_note").is_none() && e.f64_field("eval_accuracy").is_some(),
+            "round without evaluation: {:?}",
+            e.raw
+        );
+        // An agent whose dataset had not filled yet when round 1 opened reports that (kind
+        // data) instead of training; either way every agent answered every round.
+        let failed = e
+            .raw
+            .get("failures")
+            .and_then(|f| f.as_array())
+            .map_or(0, Vec::len);
+        ensure!(
+            e.f64_field("on_time").unwrap_or(0.0) as usize + failed == AGENTS
+                && e.str_field("close_reason") != Some("deadline"),
+            "every agent trained or said why not, before the deadline: {:?}",
+            e.raw
+        );
+    }
+    let first = closed[0].f64_field("eval_accuracy").unwrap_or(0.0);
+    let last = closed[closed.len() - 1]
+        .f64_field("eval_accuracy")
+        .unwrap_or(0.0);
+    ensure!(
+        last >= 0.8 && last > first,
+        "accuracy {first:.3} after round 1, {last:.3} after round {ROUNDS}"
+    );
+    eprintln!(
+        "sklearn MLP as exported: held-out accuracy {first:.4} after round 1, {last:.4} after round {ROUNDS}"
+    );
+
+    // Task B: the agents serve another model than the task's, so none can train it.
+    let b = FlTask {
+        initial: "torch.onnx".into(),
+        extra: "max_failed_rounds = 2\n".into(),
+        ..FlTask::new("tb", ROUNDS, AGENTS)
+    };
+    b.start(&coord, &task_dir, &key)?;
+    journal.wait_for("task tb finished", WAIT, |j| task_finished(j, "tb"))?;
+    let events = journal.events();
+    let failures: Vec<_> = events
+        .iter()
+        .filter(|e| e.is("fl_train_failed") && e.str_field("task") == Some("tb"))
+        .collect();
+    ensure!(
+        failures.len() >= 2 * AGENTS,
+        "failure reports: {:?}",
+        failures.iter().map(|e| &e.raw).collect::<Vec<_>>()
+    );
+    for f in &failures {
+        let reason = f.str_field("reason").unwrap_or("");
+        ensure!(
+            f.str_field("kind") == Some("model") && reason.contains("coefficient"),
+            "a failure names the model and the weights it lacks: {:?}",
+            f.raw
+        );
+    }
+    let failed_rounds = events
+        .iter()
+        .filter(|e| e.is("fl_round_failed") && e.str_field("task") == Some("tb"))
+        .count();
+    ensure!(failed_rounds == 2, "failed rounds: {failed_rounds}");
+    let finished = events
+        .iter()
+        .find(|e| e.is("fl_task_finished") && e.str_field("task") == Some("tb"))
+        .context("finished")?;
+    let why = finished.str_field("reason").unwrap_or("");
+    ensure!(
+        why.starts_with("failed: 2 rounds in a row failed") && why.contains("(model)"),
+        "task B's end: {why}"
+    );
+    let status = fl_status(&coord, "tb")?;
+    ensure!(
+        status.contains("round 1 failed: every selected device failed")
+            && status.contains(&format!("round 2 device {} (model)", device(0))),
+        "fl status tb:\n{status}"
+    );
+    eprintln!("{status}");
+    drop(agents);
+
+    // Task C: three new agents serve torch's export (Gemm, transB=1, weights [out, in]) and
+    // train it unchanged; they join their own group, the task's.
+    let torch = onnx_builder::exported("torch_gemm.onnx");
+    let mut agents = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = device(AGENTS + i);
+        let mut o = AgentOptions::new(name.clone(), coord.url());
+        let dir = env.path(&format!("pipelines/{name}"));
+        federated_agent_in(&mut o, &dir, &d, shard, &torch, &key, "torch")?;
+        agents.push(Agent::start(&env.path(&name), o)?);
+    }
+    for i in 0..AGENTS {
+        journal.wait_registered(&device(AGENTS + i), WAIT)?;
+    }
+    // Their shards replayed (telemetry counts the source's frames), so that round 1 finds data.
+    journal.wait_for("the new agents' shards replayed", WAIT, |j| {
+        shards.iter().enumerate().all(|(i, shard)| {
+            j.iter()
+                .rev()
+                .find(|e| e.is_for("telemetry", &device(AGENTS + i)))
+                .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|n| n >= shard.len() as u64)
+        })
+    })?;
+    let c = FlTask {
+        initial: "torch.onnx".into(),
+        group: "torch".into(),
+        ..FlTask::new("tc", ROUNDS, AGENTS)
+    };
+    c.start(&coord, &task_dir, &key)?;
+    journal.wait_for("task tc finished", WAIT * 2, |j| task_finished(j, "tc"))?;
+    let closed = closed_rounds(journal.events(), "tc");
+    ensure!(
+        closed.len() == ROUNDS as usize,
+        "rounds closed: {}",
+        closed.len()
+    );
+    let acc: Vec<f64> = closed
+        .iter()
+        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
+        .collect();
+    ensure!(
+        closed
+            .iter()
+            .all(|e| e.f64_field("on_time").unwrap_or(0.0) >= 1.0)
+            && acc[acc.len() - 1] >= 0.8
+            && acc[acc.len() - 1] > acc[0],
+        "torch Gemm model, held-out accuracy per round: {acc:?}"
+    );
+    eprintln!("torch Gemm stack as exported: held-out accuracy per round {acc:?}");
+    drop(agents);
+    Ok(())
+}
