@@ -25,7 +25,8 @@ use crate::provider::Provider;
 pub struct InferenceConfig {
     /// Path of `libonnxruntime.so`. When set, only this file is tried. When unset: the
     /// `ORT_DYLIB_PATH` environment variable, then `libonnxruntime.so` next to the agent's
-    /// executable, then the workspace's `target/ort/{triple}/` (development builds).
+    /// executable, then the workspace's `target/ort/{triple}/` (development builds). The agent
+    /// loads it with its first model, not at start.
     pub library: Option<PathBuf>,
     /// Execution providers in order of preference. Each model runs on the first one that takes
     /// it; `cpu` should normally come last. A provider the library was not built with is skipped
