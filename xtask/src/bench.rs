@@ -8,7 +8,8 @@
 //!   ahead); then a steady 1,000 msg/s through a link proxy for the downstream bytes per 1,000
 //!   messages (PUBACKs and end-to-end acks) and the outbox depth its telemetry reports;
 //! - rss: RSS and PSS of the agent with no pipeline, with the vibration pipeline (two WASM
-//!   stages) and with one small ONNX model, vs a bare tokio+rumqttc process connected to the
+//!   stages; compiled at that start, and again with the module cache warm) and with one small
+//!   ONNX model, vs a bare tokio+rumqttc process connected to the
 //!   same broker; optionally an older agent binary beside it (`--before`) and the stripped
 //!   size of the aarch64 release agent (`--aarch64-size`);
 //! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
@@ -404,19 +405,29 @@ pub struct RssOptions {
 enum Load {
     /// No pipeline: what a board waiting for its first deployment costs.
     Idle,
-    /// `config/pipelines/vibration.toml`: a synthetic source and two WASM stages.
+    /// `config/pipelines/vibration.toml`: a synthetic source and two WASM stages, compiled
+    /// at this start (a fresh module cache: a board's first start of a module).
     Vibration,
+    /// The same with the module cache the run before filled (every later start).
+    VibrationCached,
     /// A synthetic source into an inference stage running one small ONNX model.
     Model,
 }
 
 impl Load {
-    const ALL: [Load; 3] = [Load::Idle, Load::Vibration, Load::Model];
+    /// `VibrationCached` right after `Vibration`, whose cache it uses.
+    const ALL: [Load; 4] = [
+        Load::Idle,
+        Load::Vibration,
+        Load::VibrationCached,
+        Load::Model,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Load::Idle => "no pipeline",
-            Load::Vibration => "vibration pipeline (2 WASM stages)",
+            Load::Vibration => "vibration pipeline (2 WASM stages), compiled",
+            Load::VibrationCached => "vibration pipeline, module cache warm",
             Load::Model => "one small ONNX model (4x4 linear)",
         }
     }
@@ -508,7 +519,17 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
                     .insert("inference".into(), toml::Value::Table(inference));
                 let file = match load {
                     Load::Idle => None,
-                    Load::Vibration => Some(vibration.clone()),
+                    Load::Vibration | Load::VibrationCached => {
+                        let mut sandbox = toml::Table::new();
+                        let cache = dir.join(format!("rss-wasm-cache-{round}-{b}"));
+                        sandbox.insert(
+                            "cache_dir".into(),
+                            toml::Value::String(cache.display().to_string()),
+                        );
+                        o.extra
+                            .insert("sandbox".into(), toml::Value::Table(sandbox));
+                        Some(vibration.clone())
+                    }
                     Load::Model => Some(model_dir.join("pipeline.toml")),
                 };
                 if let Some(f) = file {
