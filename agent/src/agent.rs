@@ -4,7 +4,8 @@
 //! exchange, the session every message is sealed with), telemetry (sysinfo -> outbox), the
 //! local API (socket -> outbox), the deploy task (which pipeline and models run), the pipeline
 //! host (runs them) and federated learning (rounds -> local training -> outbox). ONNX Runtime
-//! is loaded once here, before any of them, and the identity files are opened (the boot epoch
+//! is only probed here (it loads with the first model, see `inference`), the WASM engine is
+//! built with the first module (see `sandbox`), and the identity files are opened (the boot epoch
 //! raised) before the uplink can seal anything. Each is spawned here, told to stop through one watch channel, and
 //! joined before the outbox is made durable for the last time. systemd hears about it all
 //! through [`sd_notify`](crate::sd_notify): ready, alive (watchdog), stopping.
@@ -85,16 +86,10 @@ pub async fn run(
     let outbox = Arc::new(outbox);
     let socket = cfg.socket_path();
     let listener = local_api::bind(&socket).await?;
-    // Loaded once, on a blocking thread (dlopen and the ort environment); without a library
-    // the agent goes on with WASM pipelines and says why in its registration and telemetry.
-    let inference = {
-        let icfg = cfg.inference.clone();
-        tokio::task::spawn_blocking(move || Inference::load(&icfg))
-            .await
-            .unwrap_or_else(|e| {
-                Inference::unavailable(format!("loading the runtime panicked: {e}"))
-            })
-    };
+    // Only probed here (the library file, not loaded): ONNX Runtime loads with the first
+    // model, so an agent without inference stages never maps it. Without a library the agent
+    // goes on with WASM pipelines and says why in its registration and telemetry.
+    let inference = Inference::new(&cfg.inference);
     // The identity files before anything can be sealed: the epoch is raised (durably) here.
     let enrolling = {
         let hardware = enrollment::hardware(AGENT_VERSION, inference.accelerators());
@@ -399,7 +394,7 @@ fn registration(inference: &Inference, boot_id: &str, groups: Vec<String>) -> Re
         started_ms: protocol::v1::now_ms(),
         capabilities,
         groups,
-        inference: inference.status().clone(),
+        inference: inference.status(),
     }
 }
 

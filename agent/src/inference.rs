@@ -1,19 +1,27 @@
-//! The agent's ONNX inference service: the runtime loaded once at start (or the reason it is
-//! unavailable), the registry of loaded models shared by every pipeline's inference stages
-//! and by model deployments, and per-model run statistics for telemetry.
+//! The agent's ONNX inference service: ONNX Runtime, loaded when the first model loads (or
+//! the reason it cannot be), the registry of loaded models shared by every pipeline's
+//! inference stages and by model deployments, and per-model run statistics for telemetry.
+//!
+//! An agent that runs no model never maps the library (about 20 MB of it): at start it only
+//! probes which file it would load ([`edge_inference::Runtime::probe`]) and reports that as
+//! available but not loaded yet. The first [`Inference::ensure`] or [`Inference::prepare`]
+//! loads it; if that fails, the status turns unavailable with the reason, which telemetry
+//! carries to the coordinator, and the next model load tries again. ONNX Runtime cannot be
+//! unloaded from a process (ort keeps it in a global), so it stays once loaded.
 //!
 //! Models are named as pipelines refer to them (`models/vad.onnx`); a version is the first 12
 //! hex digits of the model file's sha256, so the same bytes load once.
 //!
 //! **Invariant:** never panics and never touches ort without a loaded library (an unavailable
-//! runtime answers every call with [`InferenceError::Unavailable`] and its reason); a model
-//! deployment swaps a model only after it loaded, passed its probe and matches the inputs and
-//! outputs of the version it replaces. **Boundary:** built by `agent::run`; used by the
-//! pipeline's inference stages, `deploy::task` and telemetry.
+//! runtime answers every call with [`InferenceError::Unavailable`] and its reason); the status
+//! it reports is what is true now (probed, loaded, or why not); a model deployment swaps a
+//! model only after it loaded, passed its probe and matches the inputs and outputs of the
+//! version it replaces. **Boundary:** built by `agent::run`; used by the pipeline's inference
+//! stages, `deploy::task` and telemetry.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use edge_inference::{
@@ -23,6 +31,9 @@ use protocol::v1::{InferenceStatus, InferenceTelemetry, ModelTelemetry};
 use sha2::{Digest, Sha256};
 
 use crate::sandbox::LatencyHistogram;
+
+/// The status's `reason` while the library is found but not loaded yet.
+pub const NOT_LOADED: &str = "not loaded yet: the library was found and loads with the first model";
 
 /// Why a model could not be loaded, checked or run; every message names the model.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,8 +62,15 @@ struct ModelStats {
 }
 
 struct Inner {
-    status: InferenceStatus,
-    registry: Option<ModelRegistry>,
+    /// `None`: built by [`Inference::unavailable`], never loads.
+    config: Option<InferenceConfig>,
+    status: Mutex<InferenceStatus>,
+    /// Accelerators known from the probe (separate provider libraries), until loaded.
+    probed_accelerators: Vec<String>,
+    /// Set once, by the first successful load.
+    registry: OnceLock<ModelRegistry>,
+    /// One load attempt at a time.
+    loading: Mutex<()>,
     stats: Mutex<BTreeMap<String, Arc<ModelStats>>>,
 }
 
@@ -65,7 +83,7 @@ pub struct Inference {
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inference")
-            .field("status", &self.inner.status)
+            .field("status", &self.status())
             .finish_non_exhaustive()
     }
 }
@@ -76,72 +94,176 @@ pub fn version_of(bytes: &[u8]) -> String {
 }
 
 impl Inference {
-    /// Loads ONNX Runtime as `config` says. Blocking (dlopen, environment start): call from a
-    /// blocking thread. Without a usable library it logs WARN with every path tried and
-    /// returns a service that reports itself unavailable.
-    pub fn load(config: &InferenceConfig) -> Inference {
-        match Runtime::load(config) {
-            Ok(rt) => {
-                let status = InferenceStatus {
+    /// The service for `config`, without loading ONNX Runtime: probes the library file it
+    /// would load (exists, an ELF shared object for this machine) and reports it available
+    /// but [`NOT_LOADED`]; without one it logs WARN with every path tried and reports itself
+    /// unavailable (a later model load tries again). Cheap: a few `stat`s and one read.
+    pub fn new(config: &InferenceConfig) -> Inference {
+        let (status, accelerators) = match Runtime::probe(config) {
+            Ok(p) => (
+                InferenceStatus {
                     available: true,
-                    version: rt.version().to_owned(),
-                    library: rt.library().display().to_string(),
-                    reason: String::new(),
-                };
-                Inference::with(status, Some(ModelRegistry::new(rt)))
-            }
+                    version: p.version,
+                    library: p.library.display().to_string(),
+                    reason: if p.loaded {
+                        String::new()
+                    } else {
+                        NOT_LOADED.into()
+                    },
+                },
+                p.provider_libraries
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect(),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "onnx inference unavailable; WASM pipelines keep running, inference stages will not start");
-                Inference::unavailable(e.to_string())
+                (
+                    InferenceStatus {
+                        available: false,
+                        reason: e.to_string(),
+                        ..InferenceStatus::default()
+                    },
+                    Vec::new(),
+                )
             }
+        };
+        let inf = Inference::with(status, Some(config.clone()), accelerators);
+        if inf.status().available && inf.status().reason.is_empty() {
+            // Already loaded in this process (tests): share it now, nothing to save.
+            let _ = inf.loaded_registry("(already loaded)");
         }
+        inf
     }
 
-    /// A service without a runtime (tests, or a build that must not load one).
+    /// A service without a runtime that never loads one (tests, benchmarks).
     pub fn unavailable(reason: impl Into<String>) -> Inference {
         let status = InferenceStatus {
             available: false,
             reason: reason.into(),
             ..InferenceStatus::default()
         };
-        Inference::with(status, None)
+        Inference::with(status, None, Vec::new())
     }
 
-    fn with(status: InferenceStatus, registry: Option<ModelRegistry>) -> Inference {
+    fn with(
+        status: InferenceStatus,
+        config: Option<InferenceConfig>,
+        probed_accelerators: Vec<String>,
+    ) -> Inference {
         Inference {
             inner: Arc::new(Inner {
-                status,
-                registry,
+                config,
+                status: Mutex::new(status),
+                probed_accelerators,
+                registry: OnceLock::new(),
+                loading: Mutex::new(()),
                 stats: Mutex::default(),
             }),
         }
     }
 
-    pub fn status(&self) -> &InferenceStatus {
-        &self.inner.status
+    /// What is true now: available and loaded (empty `reason`), available and [`NOT_LOADED`],
+    /// or unavailable and why.
+    pub fn status(&self) -> InferenceStatus {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    /// The accelerator execution providers the loaded library was built with (`cuda`,
-    /// `xnnpack`, ...; not cpu), for the enrollment request's hardware facts. Built in, not
-    /// proven: the device or its libraries may still be missing. Empty without a runtime.
+    /// Whether ONNX Runtime is loaded in this process by this service.
+    pub fn is_loaded(&self) -> bool {
+        self.inner.registry.get().is_some()
+    }
+
+    /// The accelerator execution providers the library has (`cuda`, `xnnpack`, ...; not
+    /// cpu), for the enrollment request's hardware facts. Built in, not proven: the device or
+    /// its libraries may still be missing. Before the library loads, only those shipped as
+    /// separate provider libraries beside it are known. Empty without a runtime.
     pub fn accelerators(&self) -> Vec<String> {
-        self.inner.registry.as_ref().map_or_else(Vec::new, |r| {
-            r.runtime()
+        match self.inner.registry.get() {
+            Some(r) => r
+                .runtime()
                 .built_in_providers()
                 .iter()
                 .filter(|p| **p != edge_inference::Provider::Cpu)
                 .map(|p| p.as_str().to_owned())
-                .collect()
-        })
+                .collect(),
+            None => self.inner.probed_accelerators.clone(),
+        }
     }
 
+    /// The registry, loading ONNX Runtime first if no model has loaded it yet. Blocking.
+    fn loaded_registry(&self, model: &str) -> Result<&ModelRegistry, InferenceError> {
+        if let Some(r) = self.inner.registry.get() {
+            return Ok(r);
+        }
+        let unavailable = |reason: String| InferenceError::Unavailable {
+            model: model.to_owned(),
+            reason,
+        };
+        let Some(config) = &self.inner.config else {
+            return Err(unavailable(self.status().reason));
+        };
+        let _one = self
+            .inner
+            .loading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = self.inner.registry.get() {
+            return Ok(r);
+        }
+        let started = Instant::now();
+        let mut status = self
+            .inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match Runtime::load(config) {
+            Ok(rt) => {
+                *status = InferenceStatus {
+                    available: true,
+                    version: rt.version().to_owned(),
+                    library: rt.library().display().to_string(),
+                    reason: String::new(),
+                };
+                tracing::info!(
+                    model, library = %rt.library().display(), version = %rt.version(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "onnx runtime loaded for the first model"
+                );
+                let _ = self.inner.registry.set(ModelRegistry::new(rt));
+                drop(status);
+                self.inner
+                    .registry
+                    .get()
+                    .ok_or_else(|| unavailable("the loaded runtime was not kept".into()))
+            }
+            Err(e) => {
+                tracing::error!(model, error = %e, "onnx runtime failed to load; inference stages cannot start");
+                *status = InferenceStatus {
+                    available: false,
+                    reason: e.to_string(),
+                    ..InferenceStatus::default()
+                };
+                Err(unavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// The registry if the runtime is loaded; never loads it.
     fn registry(&self, model: &str) -> Result<&ModelRegistry, InferenceError> {
         self.inner
             .registry
-            .as_ref()
-            .ok_or_else(|| InferenceError::Unavailable {
-                model: model.to_owned(),
-                reason: self.inner.status.reason.clone(),
+            .get()
+            .ok_or_else(|| match self.status() {
+                s if s.available => InferenceError::NotLoaded(model.to_owned()),
+                s => InferenceError::Unavailable {
+                    model: model.to_owned(),
+                    reason: s.reason,
+                },
             })
     }
 
@@ -157,13 +279,13 @@ impl Inference {
 
     /// The version serving `name`, if loaded.
     pub fn model(&self, name: &str) -> Option<Arc<Model>> {
-        self.inner.registry.as_ref()?.get(name)
+        self.inner.registry.get()?.get(name)
     }
 
     /// Makes `bytes` the model serving `name` (loaded, health-checked with a zero probe);
     /// bytes already serving it are reused. Blocking.
     pub fn ensure(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
-        let registry = self.registry(name)?;
+        let registry = self.loaded_registry(name)?;
         let version = version_of(bytes);
         if let Some(m) = registry.get(name)
             && m.version() == version
@@ -181,7 +303,7 @@ impl Inference {
     /// it must load, pass its probe (finite outputs of the declared shapes) and take and give
     /// the same inputs and outputs as the version serving now. Blocking.
     pub fn prepare(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
-        let registry = self.registry(name)?;
+        let registry = self.loaded_registry(name)?;
         let old = registry
             .get(name)
             .ok_or_else(|| InferenceError::NotLoaded(name.to_owned()))?;
@@ -211,7 +333,7 @@ impl Inference {
     /// Swaps in a model [`Inference::prepare`] checked. Requests running on the old version
     /// finish on it; the next ones use the new one.
     pub fn commit(&self, model: Arc<Model>) {
-        if let Some(registry) = &self.inner.registry {
+        if let Some(registry) = self.inner.registry.get() {
             let name = model.name().to_owned();
             if registry.insert(model).replaced.is_some() {
                 self.stats(&name).swaps.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +343,7 @@ impl Inference {
 
     /// Unloads `name` (requests in flight finish first).
     pub fn remove(&self, name: &str) {
-        if let Some(r) = &self.inner.registry {
+        if let Some(r) = self.inner.registry.get() {
             r.remove(name);
         }
     }
@@ -248,7 +370,7 @@ impl Inference {
         let models = self
             .inner
             .registry
-            .as_ref()
+            .get()
             .map(ModelRegistry::models)
             .unwrap_or_default()
             .iter()
@@ -282,7 +404,7 @@ impl Inference {
             })
             .collect();
         InferenceTelemetry {
-            status: self.inner.status.clone(),
+            status: self.status(),
             models,
         }
     }
@@ -337,6 +459,30 @@ mod tests {
         assert!(inf.model("models/x.onnx").is_none());
         let t = inf.telemetry();
         assert!(!t.status.available && t.models.is_empty());
+    }
+
+    #[test]
+    fn a_missing_library_is_reported_at_start_and_at_the_first_model() {
+        let inf = Inference::new(&InferenceConfig {
+            library: Some("/nowhere/libonnxruntime.so".into()),
+            ..InferenceConfig::default()
+        });
+        let s = inf.status();
+        assert!(!s.available);
+        assert!(
+            s.reason.contains("/nowhere/libonnxruntime.so") && s.reason.contains("no such file"),
+            "{s:?}"
+        );
+        let e = inf
+            .ensure("models/x.onnx", b"bytes")
+            .expect_err("no runtime")
+            .to_string();
+        assert!(
+            e.contains("models/x.onnx") && e.contains("/nowhere/libonnxruntime.so"),
+            "{e}"
+        );
+        assert!(!inf.is_loaded());
+        assert!(!inf.telemetry().status.available);
     }
 
     #[test]

@@ -99,8 +99,21 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::GenerateConfig => print!("{DEFAULT_TOML}"),
         Cmd::CheckConfig { file } => {
-            Config::load(&file)?;
+            let cfg = Config::load(&file)?;
             println!("{}: ok", file.display());
+            // What the agent would report: the library probed, not loaded (as at start).
+            let status = edge_agent::inference::Inference::new(&cfg.inference).status();
+            if status.available {
+                println!(
+                    "inference: {} (onnx runtime {}), loads with the first model",
+                    status.library, status.version
+                );
+            } else {
+                println!(
+                    "inference: unavailable (WASM pipelines still run): {}",
+                    status.reason
+                );
+            }
         }
         Cmd::Identity { config } => {
             let cfg = match config {

@@ -22,7 +22,7 @@ struct Fixture {
 }
 
 fn inference() -> Inference {
-    let inf = Inference::load(&InferenceConfig {
+    let inf = Inference::new(&InferenceConfig {
         library: Some(common::ort_library()),
         providers: vec![Provider::Cpu],
         intra_threads: 1,

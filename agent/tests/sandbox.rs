@@ -482,7 +482,7 @@ fn compile_cache_hits_detects_corruption_and_is_keyed_by_engine() {
     let sandbox = Sandbox::new(&cfg, dir.path()).expect("sandbox");
     let first = sandbox.load("fx", &bytes).expect("compile");
     assert_eq!(first.source(), ModuleSource::Compiled);
-    let path = sandbox.cache_path(first.id().digest());
+    let path = sandbox.cache_path(first.id().digest()).expect("cache path");
     assert!(path.exists(), "artifact cached at {}", path.display());
     let second = sandbox.load("fx", &bytes).expect("cached");
     assert_eq!(second.source(), ModuleSource::Cache);
@@ -531,7 +531,10 @@ fn compile_cache_hits_detects_corruption_and_is_keyed_by_engine() {
         ..cfg.clone()
     };
     let other = Sandbox::new(&other_cfg, dir.path()).expect("sandbox");
-    assert_ne!(other.cache_path(first.id().digest()), path);
+    assert_ne!(
+        other.cache_path(first.id().digest()).expect("cache path"),
+        path
+    );
     assert_eq!(
         other.load("fx", &bytes).expect("load").source(),
         ModuleSource::Compiled

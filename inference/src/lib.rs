@@ -2,7 +2,8 @@
 //!
 //! The facade, in the order the agent uses it:
 //!
-//! 1. [`Runtime::load`] finds and loads `libonnxruntime.so` ([`InferenceConfig::library`],
+//! 1. [`Runtime::probe`] finds the library without loading it (what the agent reports until
+//!    its first model); [`Runtime::load`] finds and loads `libonnxruntime.so` ([`InferenceConfig::library`],
 //!    `ORT_DYLIB_PATH`, next to the executable, the workspace's `target/ort/`). Without it, a
 //!    typed [`RuntimeError::Unavailable`] lists every path tried; the agent keeps running WASM
 //!    pipelines and reports inference as unavailable.
@@ -33,5 +34,5 @@ pub use model::{IoInfo, Model, ModelError};
 pub use patch::{PatchError, patch_initializers, read_initializers};
 pub use provider::{Placement, Provider, ProviderReport, Skipped};
 pub use registry::{Installed, ModelRegistry, RegistryError};
-pub use runtime::{Attempt, InferenceConfig, Runtime, RuntimeError, workspace_library};
+pub use runtime::{Attempt, InferenceConfig, Probe, Runtime, RuntimeError, workspace_library};
 pub use tensor::{DType, Tensor, TensorError};

@@ -1,9 +1,15 @@
 //! Finding and loading the ONNX Runtime shared library, once per process, and the
 //! [`InferenceConfig`] that steers it.
 //!
+//! Loading the library maps about 20 MB into the process and starts its thread pools, so the
+//! agent does it only when its first model loads. Until then [`Runtime::probe`] says, without
+//! loading anything, which file would be loaded and whether it looks like a shared library
+//! for this machine.
+//!
 //! Invariant: no ort API is touched before a library has loaded ([`Runtime`] is the proof), so a
 //! missing or broken library is a typed [`RuntimeError::Unavailable`] listing every path tried,
-//! never a panic inside ort. The agent then keeps running WASM pipelines without inference.
+//! never a panic inside ort; [`Runtime::probe`] never calls the dynamic loader. The agent
+//! keeps running WASM pipelines without inference.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,7 +25,8 @@ use crate::provider::Provider;
 pub struct InferenceConfig {
     /// Path of `libonnxruntime.so`. When set, only this file is tried. When unset: the
     /// `ORT_DYLIB_PATH` environment variable, then `libonnxruntime.so` next to the agent's
-    /// executable, then the workspace's `target/ort/{triple}/` (development builds).
+    /// executable, then the workspace's `target/ort/{triple}/` (development builds). The agent
+    /// loads it with its first model, not at start.
     pub library: Option<PathBuf>,
     /// Execution providers in order of preference. Each model runs on the first one that takes
     /// it; `cpu` should normally come last. A provider the library was not built with is skipped
@@ -117,6 +124,85 @@ struct Loaded {
 }
 
 static LOADED: Mutex<Option<Arc<Loaded>>> = Mutex::new(None);
+
+/// What [`Runtime::probe`] found: the library [`Runtime::load`] would try first, not loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The file (symlinks resolved).
+    pub library: PathBuf,
+    /// Where its path came from (as in [`Attempt::source`]).
+    pub source: &'static str,
+    /// From the versioned file name (`libonnxruntime.so.1.32.0`), else `unknown`.
+    pub version: String,
+    /// Whether the library is already loaded in this process.
+    pub loaded: bool,
+    /// Accelerator providers shipped as separate provider libraries beside it
+    /// (`libonnxruntime_providers_cuda.so` and the like). Providers built into the main
+    /// library (xnnpack, acl, ...) show only once it is loaded.
+    pub provider_libraries: Vec<Provider>,
+}
+
+impl Runtime {
+    /// Finds the library [`Runtime::load`] would load first, without loading it: the first
+    /// candidate that exists and is an ELF shared object for this machine. The dynamic loader
+    /// may still refuse it (a missing dependency); that shows at the first load.
+    pub fn probe(config: &InferenceConfig) -> Result<Probe, RuntimeError> {
+        if let Some(l) = LOADED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && config
+                .library
+                .as_ref()
+                .is_none_or(|want| same_file(want, &l.library))
+        {
+            return Ok(Probe {
+                library: l.library.clone(),
+                source: "already loaded",
+                version: l.version.clone(),
+                loaded: true,
+                provider_libraries: provider_libraries(&l.library),
+            });
+        }
+        probe_candidates(candidates(config))
+    }
+}
+
+/// [`Runtime::probe`] over `candidates`, ignoring a library already loaded.
+fn probe_candidates(candidates: Vec<(&'static str, PathBuf)>) -> Result<Probe, RuntimeError> {
+    let mut tried = Vec::new();
+    for (source, path) in candidates {
+        let bare = path.parent().is_none_or(|p| p.as_os_str().is_empty());
+        if bare {
+            // Left to the loader's search path: only loading tells.
+            return Ok(Probe {
+                version: version_from_name(&path),
+                library: path,
+                source,
+                loaded: false,
+                provider_libraries: Vec::new(),
+            });
+        }
+        match check_elf(&path) {
+            Ok(()) => {
+                let library = path.canonicalize().unwrap_or(path);
+                return Ok(Probe {
+                    version: version_from_name(&library),
+                    provider_libraries: provider_libraries(&library),
+                    library,
+                    source,
+                    loaded: false,
+                });
+            }
+            Err(reason) => tried.push(Attempt {
+                source,
+                path,
+                reason,
+            }),
+        }
+    }
+    Err(RuntimeError::Unavailable { tried })
+}
 
 impl Runtime {
     /// Loads the library from the first candidate that works (see [`InferenceConfig::library`]).
@@ -281,6 +367,10 @@ fn version_of(library: &Path) -> String {
     {
         return v.to_owned();
     }
+    version_from_name(library)
+}
+
+fn version_from_name(library: &Path) -> String {
     library
         .file_name()
         .and_then(|n| n.to_str())
@@ -289,9 +379,121 @@ fn version_of(library: &Path) -> String {
         .to_owned()
 }
 
+/// ELF machine of the agent's own target (`e_machine`).
+const ELF_MACHINE: u16 = if cfg!(target_arch = "aarch64") {
+    183
+} else if cfg!(target_arch = "arm") {
+    40
+} else if cfg!(target_arch = "x86_64") {
+    62
+} else {
+    0
+};
+
+/// Reads the ELF header: a shared object of this machine's architecture and word size, or
+/// the reason it is not.
+fn check_elf(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let mut f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        _ => e.to_string(),
+    })?;
+    f.read_exact(&mut header)
+        .map_err(|_| "not an ELF file (too short)".to_owned())?;
+    if &header[..4] != b"\x7fELF" {
+        return Err("not an ELF file".into());
+    }
+    let class64 = header[4] == 2;
+    if class64 != cfg!(target_pointer_width = "64") {
+        return Err(format!(
+            "a {}-bit library, this agent is {}-bit",
+            if class64 { 64 } else { 32 },
+            if class64 { 32 } else { 64 }
+        ));
+    }
+    let little = header[5] == 1;
+    let read16 = |at: usize| {
+        let b = [header[at], header[at + 1]];
+        if little {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        }
+    };
+    if read16(16) != 3 {
+        return Err("not a shared library (ELF type is not ET_DYN)".into());
+    }
+    let machine = read16(18);
+    if ELF_MACHINE != 0 && machine != ELF_MACHINE {
+        return Err(format!(
+            "built for another architecture (ELF machine {machine}, this agent is {})",
+            std::env::consts::ARCH
+        ));
+    }
+    Ok(())
+}
+
+/// Providers whose separate provider library sits beside `library`.
+fn provider_libraries(library: &Path) -> Vec<Provider> {
+    let Some(dir) = library.parent() else {
+        return Vec::new();
+    };
+    Provider::ALL
+        .into_iter()
+        .filter(|p| *p != Provider::Cpu)
+        .filter(|p| {
+            dir.join(format!("libonnxruntime_providers_{}.so", p.as_str()))
+                .exists()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_names_what_is_wrong_with_a_file_without_loading_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Not `Runtime::probe`: another test of this process may have loaded a library.
+        let probe = |p: &Path| probe_candidates(vec![("inference.library", p.to_owned())]);
+        let missing = dir.path().join("libonnxruntime.so");
+        let e = probe(&missing).expect_err("missing").to_string();
+        assert!(
+            e.contains("no such file") && e.contains("inference.library"),
+            "{e}"
+        );
+        let text = dir.path().join("text.so");
+        std::fs::write(&text, b"not a library at all, just text").expect("write");
+        let e = probe(&text).expect_err("text").to_string();
+        assert!(e.contains("not an ELF file"), "{e}");
+        // Our own test binary is ELF for this machine but an executable (or PIE, which is
+        // ET_DYN too), so check the architecture test with a forged header instead.
+        let mut other = [0u8; 64];
+        other[..4].copy_from_slice(b"\x7fELF");
+        other[4] = if cfg!(target_pointer_width = "64") {
+            2
+        } else {
+            1
+        };
+        other[5] = 1;
+        other[16] = 3;
+        other[18] = 0x02; // SPARC
+        let foreign = dir.path().join("libonnxruntime.so.1.32.0");
+        std::fs::write(&foreign, other).expect("write");
+        let e = probe(&foreign).expect_err("foreign").to_string();
+        assert!(e.contains("another architecture"), "{e}");
+        other[18..20].copy_from_slice(&ELF_MACHINE.to_le_bytes());
+        std::fs::write(&foreign, other).expect("write");
+        let link = dir.path().join("libonnxruntime.so");
+        std::os::unix::fs::symlink(&foreign, &link).expect("symlink");
+        std::fs::write(dir.path().join("libonnxruntime_providers_cuda.so"), b"x").expect("write");
+        let p = probe(&link).expect("looks loadable");
+        assert_eq!(p.version, "1.32.0");
+        assert!(!p.loaded);
+        assert_eq!(p.provider_libraries, [Provider::Cuda]);
+    }
 
     #[test]
     fn config_parses_our_provider_names_and_rejects_unknown_keys() {

@@ -38,6 +38,9 @@ pub struct AgentOptions {
     /// Further keys, merged over the generated config (tables are merged key by key), e.g.
     /// `[outbox] ttl_results_s`.
     pub extra: toml::Table,
+    /// Another `edge-agent` binary than [`crate::bins::agent_bin`]'s, e.g. an older build
+    /// measured beside this one in a benchmark.
+    pub bin: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -55,6 +58,7 @@ impl AgentOptions {
             groups: Vec::new(),
             coordinator_key: None,
             extra: toml::Table::new(),
+            bin: None,
         }
     }
 
@@ -171,7 +175,10 @@ impl Agent {
         }
         let proc = ChildProc::new(
             format!("agent {}", opts.device_id),
-            crate::bins::agent_bin()?,
+            match &opts.bin {
+                Some(b) => b.clone(),
+                None => crate::bins::agent_bin()?,
+            },
             args,
             dir.join(format!("agent-{}.log", opts.device_id)),
         );

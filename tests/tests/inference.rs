@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use edge_testmodels::onnx_builder;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy,
@@ -66,12 +66,29 @@ fn pipeline_with_a_model_then_hot_swap_and_rollbacks() {
     run_test("inference_deploy", scenario);
 }
 
+/// Whether the process has the ONNX Runtime library mapped.
+fn maps_onnxruntime(agent: &Agent) -> Result<bool> {
+    let pid = agent.pid().context("agent pid")?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps.contains("libonnxruntime"))
+}
+
 fn scenario(env: &TestEnv) -> Result<()> {
     let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
     let mut journal = coord.journal();
     let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
-    let _agent = Agent::start(&env.path(DEVICE), agent_options(&coord, DEVICE, &key))?;
+    let agent = Agent::start(&env.path(DEVICE), agent_options(&coord, DEVICE, &key))?;
     journal.wait_registered(DEVICE, WAIT)?;
+    // Idle: registered (so start-up is over), nothing loaded yet.
+    ensure!(
+        !maps_onnxruntime(&agent)?,
+        "an agent without inference stages mapped ONNX Runtime"
+    );
+    let log = agent.log();
+    ensure!(
+        !log.contains("wasm sandbox ready") && !log.contains("onnx runtime loaded"),
+        "an agent running nothing built the sandbox or loaded ONNX Runtime:\n{log}"
+    );
     let target = ["--device", DEVICE];
     let wait_args = [
         "--health-messages",
@@ -97,6 +114,10 @@ fn scenario(env: &TestEnv) -> Result<()> {
     journal.wait_for("scores from the model", WAIT, |j| {
         scores_after(j, DEVICE, 0) >= 5
     })?;
+    ensure!(
+        maps_onnxruntime(&agent)?,
+        "the first model loaded ONNX Runtime"
+    );
     let v1_id = format!("{MODEL}@{}", &sha256_hex(&v1)[..12]);
     journal.wait_for("telemetry naming model v1", WAIT, |j| {
         served_model(j, DEVICE).as_deref() == Some(v1_id.as_str())

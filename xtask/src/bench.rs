@@ -7,7 +7,11 @@
 //!   message only on the coordinator's end-to-end ack, so at most `mqtt.max_unacked` run
 //!   ahead); then a steady 1,000 msg/s through a link proxy for the downstream bytes per 1,000
 //!   messages (PUBACKs and end-to-end acks) and the outbox depth its telemetry reports;
-//! - rss: idle RSS and PSS of the agent vs a bare tokio+rumqttc process connected to the same broker;
+//! - rss: RSS and PSS of the agent with no pipeline, with the vibration pipeline (two WASM
+//!   stages; compiled at that start, and again with the module cache warm) and with one small
+//!   ONNX model, vs a bare tokio+rumqttc process connected to the
+//!   same broker; optionally an older agent binary beside it (`--before`) and the stripped
+//!   size of the aarch64 release agent (`--aarch64-size`);
 //! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
 //! - fl-ack: the coordinator's telemetry latency while federated rounds close on a 10,000-row
 //!   hold-out, against an idle phase of the same run, optionally for a second binary
@@ -31,7 +35,7 @@ const E2E_MESSAGES: usize = 4000;
 const E2E_PAYLOAD: usize = 200;
 const ROUNDS: usize = 3;
 
-pub fn run(root: &Path, which: &str) -> Result<()> {
+pub fn run(root: &Path, which: &str, rss_opts: &RssOptions) -> Result<()> {
     let all = which == "all";
     if all || which == "outbox" {
         let mut bench = crate::cargo();
@@ -47,7 +51,7 @@ pub fn run(root: &Path, which: &str) -> Result<()> {
             e2e(root, dir.path())?;
         }
         if all || which == "rss" {
-            rss(root, dir.path())?;
+            rss(root, dir.path(), rss_opts)?;
         }
     }
     if !matches!(which, "all" | "outbox" | "e2e" | "rss") {
@@ -389,23 +393,175 @@ fn field_kb(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-fn rss(root: &Path, dir: &Path) -> Result<()> {
+/// What `cargo xtask bench rss` measures besides this build.
+#[derive(Debug, Clone, Default)]
+pub struct RssOptions {
+    /// Another `edge-agent` binary (e.g. built from main) measured in the same run.
+    pub before: Option<PathBuf>,
+    /// Also cross-build the aarch64 release agent and report its stripped size.
+    pub aarch64_size: bool,
+}
+
+/// What runs in the agent while it is sampled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// No pipeline: what a board waiting for its first deployment costs.
+    Idle,
+    /// `config/pipelines/vibration.toml`: a synthetic source and two WASM stages, compiled
+    /// at this start (a fresh module cache: a board's first start of a module).
+    Vibration,
+    /// The same with the module cache the run before filled (every later start).
+    VibrationCached,
+    /// A synthetic source into an inference stage running one small ONNX model.
+    Model,
+}
+
+impl Load {
+    /// `VibrationCached` right after `Vibration`, whose cache it uses.
+    const ALL: [Load; 4] = [
+        Load::Idle,
+        Load::Vibration,
+        Load::VibrationCached,
+        Load::Model,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Load::Idle => "no pipeline",
+            Load::Vibration => "vibration pipeline (2 WASM stages), compiled",
+            Load::VibrationCached => "vibration pipeline, module cache warm",
+            Load::Model => "one small ONNX model (4x4 linear)",
+        }
+    }
+}
+
+/// A local pipeline: a synthetic source into an inference stage running a 4x4 linear model.
+const MODEL_PIPELINE: &str = r#"
+name = "rss-model"
+[[source]]
+name = "imu"
+kind = "synthetic"
+rate_hz = 20
+window = 4
+[[stage]]
+name = "score"
+kind = "inference"
+model = "models/linear.onnx"
+input = "imu"
+[[sink]]
+kind = "outbox"
+input = "score"
+stream = "scores"
+"#;
+
+/// One sample of one agent process.
+struct Sample {
+    rss: u64,
+    pss: u64,
+    /// Whether `libonnxruntime` was mapped.
+    ort: bool,
+}
+
+fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
     const SETTLE: Duration = Duration::from_secs(5);
+    let library = crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
+    let vibration = root.join("config/pipelines/vibration.toml");
+    for module in ["feature_extractor", "anomaly_detector"] {
+        let wasm = root.join(format!(
+            "modules/target/wasm32-wasip2/release/{module}.wasm"
+        ));
+        if !wasm.is_file() {
+            bail!("{} is missing: run `cargo xtask modules`", wasm.display());
+        }
+    }
+    let model_dir = dir.join("rss-model");
+    std::fs::create_dir_all(model_dir.join("models"))?;
+    std::fs::write(model_dir.join("pipeline.toml"), MODEL_PIPELINE)?;
+    let mut w = vec![0.0; 16];
+    for i in 0..4 {
+        w[i * 4 + i] = 2.0;
+    }
+    std::fs::write(
+        model_dir.join("models/linear.onnx"),
+        edge_testmodels::onnx_builder::linear(4, 4, &w, &[1.0; 4]),
+    )?;
+
     let coord = Coordinator::start_embedded(&dir.join("rss-coordinator"))?;
     let port = coord.port().context("coordinator port")?;
     let mut journal = coord.journal();
-    let (mut ours, mut ours_pss, mut bare, mut bare_pss) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let ours = crate::root().join("target/release/edge-agent");
+    let ours = std::env::var_os("EDGE_AGENT_BIN").map_or(ours, PathBuf::from);
+    let mut builds = vec![("this build", ours)];
+    if let Some(b) = &opts.before {
+        let b = b
+            .canonicalize()
+            .with_context(|| format!("--before {}", b.display()))?;
+        builds.push(("before", b));
+    }
+    // (build, load) -> samples; rounds interleave everything so drift on a shared machine
+    // spreads over all of them.
+    let mut samples: Vec<Vec<Sample>> = (0..builds.len() * Load::ALL.len())
+        .map(|_| Vec::new())
+        .collect();
+    let (mut bare, mut bare_pss) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        let device = format!("rss-{round}");
-        let opts = AgentOptions::new(device.clone(), format!("mqtt://127.0.0.1:{port}"));
-        let agent = Agent::start(&dir.join(&device), opts)?;
-        journal.wait_registered(&device, Duration::from_secs(60))?;
-        std::thread::sleep(SETTLE); // idle time before sampling: this is the measurement, not a sync
-        let (r, p) = rss_of(agent.pid().context("agent pid")?)?;
-        ours.push(r as f64);
-        ours_pss.push(p as f64);
-        drop(agent);
+        for (b, (_, bin)) in builds.iter().enumerate() {
+            for (l, load) in Load::ALL.into_iter().enumerate() {
+                let device = format!("rss-{round}-{b}-{l}");
+                let mut o = AgentOptions::new(device.clone(), format!("mqtt://127.0.0.1:{port}"));
+                o.bin = Some(bin.clone());
+                // The same library for every build (one built elsewhere looks in its own
+                // workspace's target/ort).
+                let mut inference = toml::Table::new();
+                inference.insert(
+                    "library".into(),
+                    toml::Value::String(library.display().to_string()),
+                );
+                o.extra
+                    .insert("inference".into(), toml::Value::Table(inference));
+                let file = match load {
+                    Load::Idle => None,
+                    Load::Vibration | Load::VibrationCached => {
+                        let mut sandbox = toml::Table::new();
+                        let cache = dir.join(format!("rss-wasm-cache-{round}-{b}"));
+                        sandbox.insert(
+                            "cache_dir".into(),
+                            toml::Value::String(cache.display().to_string()),
+                        );
+                        o.extra
+                            .insert("sandbox".into(), toml::Value::Table(sandbox));
+                        Some(vibration.clone())
+                    }
+                    Load::Model => Some(model_dir.join("pipeline.toml")),
+                };
+                if let Some(f) = file {
+                    let mut pipeline = toml::Table::new();
+                    pipeline.insert("file".into(), toml::Value::String(f.display().to_string()));
+                    o.extra
+                        .insert("pipeline".into(), toml::Value::Table(pipeline));
+                }
+                let agent = Agent::start(&dir.join(&device), o)?;
+                journal.wait_registered(&device, Duration::from_secs(60))?;
+                if load != Load::Idle {
+                    // Running: its sink's first messages reached the coordinator.
+                    journal.wait_for(
+                        &format!("pipeline output from {device}"),
+                        Duration::from_secs(60),
+                        |events| events.iter().any(|e| e.is_for("data", &device)),
+                    )?;
+                }
+                std::thread::sleep(SETTLE); // running time before sampling: the measurement, not a sync
+                let pid = agent.pid().context("agent pid")?;
+                let (rss, pss) = rss_of(pid)?;
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+                samples[b * Load::ALL.len() + l].push(Sample {
+                    rss,
+                    pss,
+                    ort: maps.contains("libonnxruntime"),
+                });
+                drop(agent);
+            }
+        }
 
         let mut child = Command::new(bare_bin(root))
             .args(["idle", "127.0.0.1", &port.to_string()])
@@ -419,21 +575,44 @@ fn rss(root: &Path, dir: &Path) -> Result<()> {
         bare.push(r as f64);
         bare_pss.push(p as f64);
     }
-    let (o, op, b, bp) = (
-        median(ours),
-        median(ours_pss),
-        median(bare),
-        median(bare_pss),
-    );
+    let (b, bp) = (median(bare), median(bare_pss));
     println!(
-        "idle memory after {}s connected, median of {ROUNDS} processes (KiB)",
+        "agent memory {}s after start (a pipeline: after its first output reached the coordinator), connected to the embedded broker, median of {ROUNDS} processes (KiB; x: ratio to bare)",
         SETTLE.as_secs()
     );
-    println!("  bare tokio+rumqttc : RSS {b:>7.0}  PSS {bp:>7.0}");
-    println!(
-        "  edge-agent         : RSS {o:>7.0}  PSS {op:>7.0}  ratio RSS {:.2}x, PSS {:.2}x",
-        o / b,
-        op / bp
-    );
+    println!("  bare tokio+rumqttc, idle                         : RSS {b:>7.0}  PSS {bp:>7.0}");
+    for (bi, (name, bin)) in builds.iter().enumerate() {
+        println!("  edge-agent, {name} ({})", bin.display());
+        for (l, load) in Load::ALL.into_iter().enumerate() {
+            let s = &samples[bi * Load::ALL.len() + l];
+            let r = median(s.iter().map(|x| x.rss as f64).collect());
+            let p = median(s.iter().map(|x| x.pss as f64).collect());
+            let ort = s.iter().filter(|x| x.ort).count();
+            println!(
+                "    {:<44}: RSS {r:>7.0}  PSS {p:>7.0}  ({:.1}x, {:.1}x)  onnxruntime mapped in {ort}/{}",
+                load.label(),
+                r / b,
+                p / bp,
+                s.len()
+            );
+        }
+    }
+    if opts.aarch64_size {
+        let build = crate::cross::Build {
+            target: crate::cross::Target::load("aarch64-unknown-linux-gnu")?,
+            release: true,
+            coordinator: false,
+            target_cpu: None,
+        };
+        for bin in build.run()? {
+            let (built, stripped) = crate::cross::sizes(&build.target, &bin)?;
+            println!(
+                "aarch64 release {}: {:.2} MiB as built, {:.2} MiB stripped",
+                bin.display(),
+                crate::cross::mib(built),
+                crate::cross::mib(stripped)
+            );
+        }
+    }
     Ok(())
 }

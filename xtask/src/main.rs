@@ -201,8 +201,16 @@ enum Bench {
     },
     /// Publish rate through the agent's outbox vs a bare rumqttc client, same broker.
     E2e,
-    /// Idle RSS/PSS of the agent vs a bare tokio+rumqttc process.
-    Rss,
+    /// RSS/PSS of the agent (no pipeline, the vibration pipeline, one small model) vs a bare
+    /// tokio+rumqttc process.
+    Rss {
+        /// Another edge-agent binary (e.g. built from main) measured in the same run.
+        #[arg(long)]
+        before: Option<std::path::PathBuf>,
+        /// Also cross-build the aarch64 release agent and report its stripped size.
+        #[arg(long)]
+        aarch64_size: bool,
+    },
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
     Fl,
@@ -321,11 +329,28 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Some(Bench::FlAck { before }),
         } => bench::fl_ack(&root(), before.as_deref()),
+        Cmd::Bench {
+            which:
+                Some(Bench::Rss {
+                    before,
+                    aarch64_size,
+                }),
+        } => {
+            build_modules()?;
+            let opts = bench::RssOptions {
+                before,
+                aarch64_size,
+            };
+            bench::run(&root(), "rss", &opts)
+        }
         Cmd::Bench { which } => {
             let what = which
                 .map(|w| format!("{w:?}").to_lowercase())
                 .unwrap_or_else(|| "all".into());
-            bench::run(&root(), &what)
+            if what == "all" {
+                build_modules()?;
+            }
+            bench::run(&root(), &what, &bench::RssOptions::default())
         }
     }
 }

@@ -654,10 +654,11 @@ impl DeployTask {
                 if media != MediaType::Onnx {
                     return Err(ModelCheckError::NotOnnx(name));
                 }
-                if !inference.status().available {
+                let status = inference.status();
+                if !status.available {
                     return Err(ModelCheckError::Unavailable {
                         name,
-                        reason: inference.status().reason.clone(),
+                        reason: status.reason,
                     });
                 }
                 if inference.model(&name).is_none() {

@@ -29,7 +29,8 @@ pub struct SandboxConfig {
     /// fires between `call_timeout_ms` and `call_timeout_ms + epoch_tick_ms` after the call.
     pub epoch_tick_ms: u64,
     /// Instances that can exist at once, all stages together. Address space for all of them
-    /// is reserved at start-up (pooling allocator), so keep it small on 32-bit boards.
+    /// is reserved when the first module loads (pooling allocator), so keep it small on
+    /// 32-bit boards.
     pub max_instances: u32,
     /// Virtual address space reserved per linear memory, bytes. 0 chooses: 4 GiB on 64-bit
     /// targets (bounds checks compiled away, guard pages catch overruns), `max_memory_bytes`

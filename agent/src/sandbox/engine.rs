@@ -5,7 +5,8 @@
 //! - epoch interruption: every call gets a deadline in ticks; a thread bumps the epoch every
 //!   `epoch_tick_ms`, so a guest spinning without host calls still stops;
 //! - the pooling allocator, sized from `max_instances` and the per-component maxima below,
-//!   so all address space is reserved once at start-up and its total is known (and logged);
+//!   so all address space is reserved once, when the first module loads, and its total is
+//!   known (and logged);
 //! - linear memories reserve 4 GiB on 64-bit targets (bounds checks elided, guard pages) but
 //!   only `max_memory_bytes` on 32-bit ones, where 16 x 4 GiB cannot exist;
 //! - on 32-bit ARM Cranelift has no backend, so the engine targets the Pulley interpreter.

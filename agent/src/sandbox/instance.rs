@@ -106,7 +106,7 @@ impl StageInstance {
                 .saturating_add(2 * cfg.epoch_tick_ms)
                 .saturating_mul(1_000_000),
         };
-        let mut store = Store::new(sandbox.engine(), state);
+        let mut store = Store::new(module.pre().engine(), state);
         store.limiter(|s| &mut s.limits);
         let deadline_ticks = super::engine::deadline_ticks(cfg.call_timeout_ms, cfg.epoch_tick_ms);
         // Instantiation runs start functions: guest code, so it gets a deadline too.

@@ -1,10 +1,12 @@
 //! The WASM sandbox: runs pipeline-stage modules (components of the `stage` world in
 //! `modules/wit/`) under wasmtime with bounded memory, time, output and capabilities.
 //!
-//! [`Sandbox`] is built once at start-up: one [`wasmtime::Engine`] (epoch interruption,
-//! pooling allocator sized from [`SandboxConfig`], Cranelift, or Pulley on 32-bit ARM), one
-//! `Linker` with WASI p2 and our host imports, the compiled-module cache and the epoch
-//! ticker thread. [`Sandbox::load`] turns module bytes into a [`Module`]; a [`StageRunner`]
+//! [`Sandbox`] is created at start-up but builds its parts when the first module loads (an
+//! agent that runs no module never pays for them): one [`wasmtime::Engine`] (epoch
+//! interruption, pooling allocator sized from [`SandboxConfig`], Cranelift, or Pulley on
+//! 32-bit ARM), one `Linker` with WASI p2 and our host imports, the compiled-module cache and
+//! the epoch ticker thread. They are then kept for the agent's life and shared by every
+//! instantiation. [`Sandbox::load`] turns module bytes into a [`Module`]; a [`StageRunner`]
 //! (or, by hand, [`Sandbox::instantiate`] and [`StageInstance`]) runs it as a stage.
 //! Federated-learning trainers (world `trainer`) load with [`Sandbox::load_trainer`] and run
 //! one call per instance through [`Sandbox::train`] and [`Sandbox::evaluate`] ([`trainer`]).
@@ -40,7 +42,7 @@ pub mod trainer;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -226,17 +228,25 @@ pub struct Sandbox {
 
 struct Inner {
     cfg: SandboxConfig,
+    cache_dir: PathBuf,
+    /// Built by the first load ([`Sandbox::core`]), then kept.
+    core: OnceLock<Core>,
+    stats: Stats,
+    /// Set while a timed-out compilation is still running.
+    abandoned_compile: Arc<AtomicBool>,
+    /// One load at a time per digest is enough; serialising loads keeps two threads from
+    /// compiling the same module twice and bounds compile memory on small boards. Also
+    /// serialises building the core.
+    load_lock: Mutex<()>,
+}
+
+/// What the first module needs and every later one shares.
+struct Core {
     engine: Engine,
     linker: Linker<HostState>,
     /// The stage linker's imports plus `samples`, for `trainer` components only.
     trainer_linker: Linker<HostState>,
     cache: cache::Cache,
-    stats: Stats,
-    /// Set while a timed-out compilation is still running.
-    abandoned_compile: Arc<AtomicBool>,
-    /// One load at a time per digest is enough; serialising loads keeps two threads from
-    /// compiling the same module twice and bounds compile memory on small boards.
-    load_lock: Mutex<()>,
     // Last: stopped (joined) when the sandbox goes away.
     _ticker: engine::EpochTicker,
 }
@@ -244,25 +254,53 @@ struct Inner {
 impl fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sandbox")
-            .field("cache_dir", &self.inner.cache.dir())
+            .field("cache_dir", &self.inner.cache_dir)
+            .field("built", &self.is_built())
             .finish_non_exhaustive()
     }
 }
 
 impl Sandbox {
-    /// Builds the engine, linker, cache and epoch ticker. `state_dir` holds the cache unless
-    /// `cfg.cache_dir` names another directory.
+    /// Checks the config; the engine, linker, cache and epoch ticker are built by the first
+    /// load. `state_dir` holds the cache unless `cfg.cache_dir` names another directory.
     pub fn new(cfg: &SandboxConfig, state_dir: &Path) -> Result<Sandbox, SandboxError> {
         cfg.validate()
             .map_err(|e| SandboxError::Config(e.to_string()))?;
+        Ok(Sandbox {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                cache_dir: cfg.cache_dir_in(state_dir),
+                core: OnceLock::new(),
+                stats: Stats::default(),
+                abandoned_compile: Arc::new(AtomicBool::new(false)),
+                load_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Whether the engine has been built (a module was loaded, or [`Sandbox::cache_path`]
+    /// asked for it).
+    pub fn is_built(&self) -> bool {
+        self.inner.core.get().is_some()
+    }
+
+    /// The engine, linkers, cache and ticker, built now if this is the first call. Callers
+    /// that may race hold `load_lock`; a race without it only builds a second core that is
+    /// dropped (its ticker joined).
+    fn core(&self) -> Result<&Core, SandboxError> {
+        if let Some(c) = self.inner.core.get() {
+            return Ok(c);
+        }
+        let cfg = &self.inner.cfg;
+        let started = Instant::now();
         let (engine, plan) = engine::build(cfg)?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker)
             .map_err(|e| SandboxError::Engine(format!("adding host imports: {e:#}")))?;
         let trainer_linker = trainer::linker(&engine)?;
-        let cache_dir = cfg.cache_dir_in(state_dir);
+        let cache_dir = &self.inner.cache_dir;
         let cache =
-            cache::Cache::open(&cache_dir, cache::engine_key(&engine)).map_err(|source| {
+            cache::Cache::open(cache_dir, cache::engine_key(&engine)).map_err(|source| {
                 SandboxError::Cache {
                     path: cache_dir.clone(),
                     source,
@@ -277,39 +315,40 @@ impl Sandbox {
             memory_slots = plan.memories,
             reserved_mib = plan.reserved_bytes() >> 20,
             target = if cfg!(target_arch = "arm") { "pulley32" } else { "native" },
-            "wasm sandbox ready"
+            build_ms = started.elapsed().as_millis() as u64,
+            "wasm sandbox ready (first module)"
         );
-        Ok(Sandbox {
-            inner: Arc::new(Inner {
-                cfg: cfg.clone(),
-                engine,
-                linker,
-                trainer_linker,
-                cache,
-                stats: Stats::default(),
-                abandoned_compile: Arc::new(AtomicBool::new(false)),
-                load_lock: Mutex::new(()),
-                _ticker: ticker,
-            }),
-        })
+        let _ = self.inner.core.set(Core {
+            engine,
+            linker,
+            trainer_linker,
+            cache,
+            _ticker: ticker,
+        });
+        self.inner
+            .core
+            .get()
+            .ok_or_else(|| SandboxError::Engine("the built engine was not kept".into()))
     }
 
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.cfg
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.inner.engine
-    }
-
     /// The directory of compiled modules.
     pub fn cache_dir(&self) -> &Path {
-        self.inner.cache.dir()
+        &self.inner.cache_dir
     }
 
-    /// The cache file a module with `digest` has under this engine's settings.
-    pub fn cache_path(&self, digest: &[u8; 32]) -> PathBuf {
-        self.inner.cache.path(digest)
+    /// The cache file a module with `digest` has under this engine's settings (builds the
+    /// engine if no module has yet: the file name carries its compatibility key).
+    pub fn cache_path(&self, digest: &[u8; 32]) -> Result<PathBuf, SandboxError> {
+        let _serial = self
+            .inner
+            .load_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(self.core()?.cache.path(digest))
     }
 
     pub fn stats(&self) -> SandboxStats {
@@ -370,27 +409,30 @@ impl Sandbox {
             });
         }
         let _serial = inner.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let core = self.core()?;
         let cache_err = |source| SandboxError::Cache {
-            path: inner.cache.path(&digest),
+            path: core.cache.path(&digest),
             source,
         };
-        match inner.cache.read(&digest).map_err(cache_err)? {
-            cache::Lookup::Hit(artifact) => match self.deserialize_own(&artifact) {
+        match core.cache.read(&digest).map_err(cache_err)? {
+            cache::Lookup::Hit(artifact) => match Self::deserialize_own(core, &artifact) {
                 Ok(component) => {
                     inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(module = %id, "module loaded from cache");
                     return finish(id, component, ModuleSource::Cache, artifact.len());
                 }
-                Err(e) => self.reject_cached(&id, &format!("{e:#}"))?,
+                Err(e) => self.reject_cached(core, &id, &format!("{e:#}"))?,
             },
-            cache::Lookup::Corrupt(reason) => self.reject_cached(&id, &reason.to_string())?,
+            cache::Lookup::Corrupt(reason) => {
+                self.reject_cached(core, &id, &reason.to_string())?;
+            }
             cache::Lookup::Missing => {
                 inner.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
             }
         }
         let started = Instant::now();
         let compiled = compile::compile_bounded(
-            &inner.engine,
+            &core.engine,
             Arc::from(bytes),
             id.digest_hex(),
             Duration::from_millis(inner.cfg.compile_timeout_ms),
@@ -402,9 +444,9 @@ impl Sandbox {
             compile_ms = started.elapsed().as_millis() as u64,
             "module compiled"
         );
-        if let Err(e) = inner.cache.write(&digest, &compiled.artifact) {
+        if let Err(e) = core.cache.write(&digest, &compiled.artifact) {
             // The module still runs; only the next start pays for compiling again.
-            tracing::warn!(module = %id, dir = %inner.cache.dir().display(), error = %e, "writing module cache failed");
+            tracing::warn!(module = %id, dir = %core.cache.dir().display(), error = %e, "writing module cache failed");
         }
         let code = compiled.artifact.len();
         finish(id, compiled.component, ModuleSource::Compiled, code)
@@ -412,7 +454,7 @@ impl Sandbox {
 
     /// Deserializes an artifact read from our cache directory.
     #[allow(unsafe_code)]
-    fn deserialize_own(&self, artifact: &[u8]) -> wasmtime::Result<Component> {
+    fn deserialize_own(core: &Core, artifact: &[u8]) -> wasmtime::Result<Component> {
         // SAFETY: wasmtime requires that the bytes were produced by `serialize` of a
         // compatible engine and are not tampered with. `artifact` comes only from
         // `cache::Cache::read`, which returns files that `Cache::write` created in our
@@ -420,21 +462,22 @@ impl Sandbox {
         // compilation, and only after checking the module digest, this engine's
         // compatibility key and the artifact's sha256 recorded at write time. Bytes from
         // outside never reach this function (they are compiled by `load_inner`).
-        unsafe { Component::deserialize(&self.inner.engine, artifact) }
+        unsafe { Component::deserialize(&core.engine, artifact) }
     }
 
-    fn reject_cached(&self, id: &ModuleId, reason: &str) -> Result<(), SandboxError> {
-        let inner = &*self.inner;
-        inner.stats.cache_rejected.fetch_add(1, Ordering::Relaxed);
+    fn reject_cached(&self, core: &Core, id: &ModuleId, reason: &str) -> Result<(), SandboxError> {
+        self.inner
+            .stats
+            .cache_rejected
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
-            module = %id, path = %inner.cache.path(id.digest()).display(), reason = %reason,
+            module = %id, path = %core.cache.path(id.digest()).display(), reason = %reason,
             "cached module artifact unusable; deleting it and recompiling"
         );
-        inner
-            .cache
+        core.cache
             .remove(id.digest())
             .map_err(|source| SandboxError::Cache {
-                path: inner.cache.path(id.digest()),
+                path: core.cache.path(id.digest()),
                 source,
             })
     }
@@ -447,7 +490,7 @@ impl Sandbox {
         code_bytes: usize,
     ) -> Result<Module, SandboxError> {
         let pre = self
-            .inner
+            .core()?
             .linker
             .instantiate_pre(&component)
             .and_then(StagePre::new)

@@ -196,7 +196,7 @@ impl Sandbox {
         source: ModuleSource,
     ) -> Result<TrainerModule, SandboxError> {
         let pre = self
-            .inner
+            .core()?
             .trainer_linker
             .instantiate_pre(&component)
             .and_then(TrainerPre::new)
@@ -352,7 +352,7 @@ impl Call {
                 .saturating_add(2 * cfg.epoch_tick_ms)
                 .saturating_mul(1_000_000),
         };
-        let mut store = Store::new(sandbox.engine(), state);
+        let mut store = Store::new(module.inner.pre.engine(), state);
         store.limiter(|s| &mut s.limits);
         // One deadline covers instantiation (start functions) and the call.
         store.set_epoch_deadline(super::engine::deadline_ticks(
