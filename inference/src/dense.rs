@@ -141,7 +141,17 @@ pub fn dense_layers(model: &[u8]) -> Result<Vec<DenseLayer>, StructureError> {
     let mut value = input.to_owned();
     let mut layers: Vec<DenseLayer> = Vec::new();
     let mut used: HashSet<String> = HashSet::new();
+    // Each step moves to a node not visited before; a graph that loops back (invalid ONNX,
+    // but read here before ONNX Runtime has checked it) is refused, not walked for ever.
+    let mut visited: HashSet<*const NodeProto> = HashSet::new();
     while let Some(n) = only_consumer(&value) {
+        if !visited.insert(std::ptr::from_ref(n)) {
+            return Err(StructureError::Layer {
+                node: n.name.clone(),
+                op: n.op_type.clone(),
+                reason: "the graph loops back to this node".into(),
+            });
+        }
         let layer_err = |reason: String| StructureError::Layer {
             node: n.name.clone(),
             op: n.op_type.clone(),

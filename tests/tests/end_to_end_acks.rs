@@ -177,13 +177,6 @@ fn lost_acks_keep_messages_until_the_link_is_back() {
             duplicates > 0,
             "the device sent the unacknowledged messages again"
         );
-        // Each resend probes with the oldest message, and the ack of that duplicate reaches
-        // the class's chain head: the other 39 are not sent again.
-        anyhow::ensure!(
-            duplicates < 40,
-            "{duplicates} duplicates for 40 held messages: the resends were not probes, or the \
-             ack of a probe did not cover the messages after it"
-        );
         Ok(())
     });
 }

@@ -794,14 +794,26 @@ impl Outbox {
 
     /// The seq of the stored message of `key`'s class just before it: what the device still
     /// holds (unacknowledged) ahead of `key`. `None` when nothing earlier is stored.
-    pub fn prev_in_class(&self, key: Key) -> Option<u64> {
+    /// A read error is an error, never `None`: the coordinator takes an absent `prev` as
+    /// "nothing older held" and may acknowledge a range on that basis (`protocol::v1::ack`).
+    pub fn prev_in_class(&self, key: Key) -> Result<Option<u64>, OutboxError> {
         let start = Key {
             class: key.class,
             seq: 0,
         }
         .to_bytes();
-        let (k, _) = self.tree.range(start..key.to_bytes()).next_back()?.ok()?;
-        Key::from_bytes(&k).map(|k| k.seq)
+        match self.tree.range(start..key.to_bytes()).next_back() {
+            None => Ok(None),
+            Some(Err(e)) => Err(self.store_err(e)),
+            Some(Ok((k, _))) => {
+                Key::from_bytes(&k)
+                    .map(|k| Some(k.seq))
+                    .ok_or_else(|| OutboxError::Corrupted {
+                        path: self.path.clone(),
+                        reason: format!("malformed key {k:?}"),
+                    })
+            }
+        }
     }
 
     /// Removes a message the coordinator has committed (its end-to-end ack). Not fsync'd: if

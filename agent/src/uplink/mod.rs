@@ -560,7 +560,8 @@ impl Uplink {
                     break;
                 };
                 let key = stored.key;
-                match self.outgoing(&stored, session) {
+                let prev = self.outbox.prev_in_class(key)?;
+                match self.outgoing(&stored, prev, session) {
                     Some(payload) => {
                         client.try_publish(
                             &stored.record.topic,
@@ -587,13 +588,14 @@ impl Uplink {
 
     /// What goes on the wire for a stored message: its envelope, sealed (Rule::DeviceMac). The
     /// envelope stays within `MAX_PAYLOAD_BYTES`; the trailer comes on top.
-    fn outgoing(&self, s: &Stored, session: &Session) -> Option<Vec<u8>> {
-        let framed = self.frame(s)?;
+    fn outgoing(&self, s: &Stored, prev: Option<u64>, session: &Session) -> Option<Vec<u8>> {
+        let framed = self.frame(s, prev)?;
         Some(session.seal(&s.record.topic, &framed))
     }
 
-    /// Wraps a stored body in the wire envelope (binary bodies in the binary envelope).
-    fn frame(&self, s: &Stored) -> Option<Vec<u8>> {
+    /// Wraps a stored body in the wire envelope (binary bodies in the binary envelope), naming
+    /// `prev`, the previous message of its class still held.
+    fn frame(&self, s: &Stored, prev: Option<u64>) -> Option<Vec<u8>> {
         let id = v1::message_id(self.outbox.incarnation(), s.key.seq);
         if let Some((kind, bytes)) = crate::outbox::binary_body(&s.record.body) {
             let env = v1::binary::BinaryEnvelope {
@@ -633,7 +635,7 @@ impl Uplink {
             device: self.device.clone(),
             class: s.key.class,
             seq: s.key.seq,
-            prev: self.outbox.prev_in_class(s.key),
+            prev,
             created_ms: s.record.created_ms,
             body,
         };
@@ -713,10 +715,8 @@ impl Uplink {
             if from > to {
                 continue;
             }
-            for key in self.outbox.ack_range(class, from, to) {
-                window.committed(key);
-                committed += 1;
-            }
+            committed += self.outbox.ack_range(class, from, to).len() as u64;
+            window.committed_range(class, from, to);
         }
         self.stats.committed.fetch_add(committed, Ordering::Relaxed);
         let now = std::time::Instant::now();
@@ -1082,7 +1082,7 @@ mod tests {
             .next_in_class(Class::Results, None)
             .expect("reads")
             .expect("queued message");
-        let wire = up.outgoing(&stored, &session).expect("framed");
+        let wire = up.outgoing(&stored, None, &session).expect("framed");
 
         let keys = pair.coordinator_keys();
         let (payload, stamp) = keys
@@ -1099,7 +1099,7 @@ mod tests {
             }
         );
         // A resend is a new publish: a new counter, so the replay window takes it.
-        let again = up.outgoing(&stored, &session).expect("framed");
+        let again = up.outgoing(&stored, None, &session).expect("framed");
         assert_eq!(keys.up.open(&topic, &again).expect("verifies").1.counter, 2);
         // Moved to another topic, or checked with the other direction's key: refused.
         assert!(keys.up.open(&topics::telemetry("d1"), &wire).is_err());

@@ -12,13 +12,16 @@
 //!    duplicates by id) and the timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack
 //!    comes. A resend hint from the coordinator (it holds back a message for an earlier one
 //!    it lacks) rewinds that class at once, at most once per [`HINT_HOLDOFF`].
-//! 3. Probing: a new connection (a restart or a reconnect) and an ack timeout send each class
-//!    one message, its oldest, and no more until the coordinator acknowledges it. The messages
-//!    an earlier connection left in the broker's queue reach the coordinator before the probe
-//!    (brokers keep a publisher's order per topic), so by the time the probe's ack comes,
-//!    their acks have deleted them, and the rest of the class goes out without resending what
-//!    was only slow. Without this, a device restarting while the coordinator is behind resends
-//!    up to `max_unacked` per class each time, which puts the coordinator further behind.
+//! 3. Probing: a new connection (a restart or a reconnect) sends each class one message, its
+//!    oldest, and no more until the coordinator acknowledges it. The messages an earlier
+//!    connection left in the broker's queue mostly reach the coordinator before the probe (a
+//!    broker keeps a publisher's order per topic, and most of a class is one topic), and the
+//!    ack of the probe reaches the class's chain head (`protocol::v1::ack`), so the rest of the
+//!    class goes out without resending what was only slow. Without this, a device restarting
+//!    while the coordinator is behind resends up to `max_unacked` per class each time, which
+//!    puts the coordinator further behind. A probe unanswered for `ack_timeout` (the
+//!    coordinator is away, or far behind) ends probing: the class is sent as before, so new
+//!    messages still reach the broker while the coordinator is down.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -125,25 +128,41 @@ impl SendWindow {
 
     /// The broker acknowledged `pkid`: the outbox key, if it was ours. It now awaits the
     /// coordinator, unless `stored` says the outbox no longer holds it (the coordinator's
-    /// ack overtook the broker's).
+    /// ack overtook the broker's, or it expired or was evicted meanwhile: a probe gone that
+    /// way is no probe, and the class's next message becomes one).
     pub fn acked(&mut self, pkid: u16, now: Instant, stored: impl Fn(Key) -> bool) -> Option<Key> {
         let key = self.inflight.remove(&pkid)?;
         if stored(key) {
             self.awaiting.insert(key, now);
             self.order.push_back((now, key));
+        } else if self.probe[key.class.index()] == Some(key.seq) {
+            self.probe[key.class.index()] = None;
         }
         Some(key)
     }
 
     /// The coordinator committed `key`; an ack also resets the timeout's backoff.
-    /// The ack of a class's probe ends its probing.
+    /// The coordinator committed `key`; an ack also resets the timeout's backoff.
     pub fn committed(&mut self, key: Key) {
-        let i = key.class.index();
-        if self.probe[i] == Some(key.seq) {
+        self.committed_range(key.class, key.seq, key.seq);
+    }
+
+    /// The coordinator committed every message of `class` in `from..=to`, whether the outbox
+    /// still holds it or not. The ack of a class's probe ends its probing.
+    pub fn committed_range(&mut self, class: Class, from: u64, to: u64) {
+        let i = class.index();
+        if self.probe[i].is_some_and(|p| (from..=to).contains(&p)) {
             self.probing[i] = false;
             self.probe[i] = None;
         }
-        self.awaiting.remove(&key);
+        let done: Vec<Key> = self
+            .awaiting
+            .range(Key { class, seq: from }..=Key { class, seq: to })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in done {
+            self.awaiting.remove(&k);
+        }
         self.timeout = self.base_timeout;
     }
 
@@ -163,16 +182,16 @@ impl SendWindow {
         None
     }
 
-    /// Nothing was acknowledged in time: every class with waiting messages probes again from
-    /// its oldest (the coordinator may only be slow), and the timeout backs off. Returns how
-    /// many were waiting.
+    /// Nothing was acknowledged in time: every class with waiting messages is sent again from
+    /// its oldest, without probing (an unanswered probe ends it), and the timeout backs off.
+    /// Returns how many were waiting.
     pub fn timed_out(&mut self, now: Instant) -> usize {
         let waiting = self.awaiting.len();
         let mut classes: Vec<Class> = self.awaiting.keys().map(|k| k.class).collect();
         classes.dedup();
         for class in classes {
             self.rewind(class, now);
-            self.probing[class.index()] = true;
+            self.probing[class.index()] = false;
         }
         self.timeout = (self.timeout * 2).min(MAX_ACK_TIMEOUT.max(self.base_timeout));
         waiting
@@ -292,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_window_and_a_timeout_probe_each_class_with_one_message_until_it_is_acknowledged() {
+    fn a_new_window_probes_each_class_with_one_message_until_it_is_acknowledged() {
         let t0 = Instant::now();
         let mut w = SendWindow::new(8, 100, Duration::from_secs(10));
         let control = Key {
@@ -313,23 +332,35 @@ mod tests {
         // Acks for later messages (left in the broker by an earlier connection) do not end it.
         w.committed(k(4));
         assert!(!w.may_hand(Class::Results));
-        w.committed(k(3));
+        // A range reaching past the probe does, even for messages no longer stored.
+        w.committed_range(Class::Results, 3, 9);
         assert!(w.may_hand(Class::Results) && !w.probing(Class::Results));
-        w.handed(k(5));
-        w.handed(k(6));
+        assert_eq!(w.awaiting(), 0);
+        w.handed(k(10));
+        w.handed(k(11));
         assert!(w.may_hand(Class::Results), "the window is open");
         assert!(!w.may_hand(Class::Control));
-        // A timeout sends the oldest again as a new probe.
-        w.written(3);
-        w.written(4);
-        w.acked(3, t0, |_| true);
+        // A control probe the outbox dropped (expired, evicted) before its PUBACK: the next
+        // message becomes the probe.
+        assert_eq!(w.acked(2, t0, |_| false), Some(control));
+        assert!(w.may_hand(Class::Control) && w.probing(Class::Control));
+    }
+
+    #[test]
+    fn an_unanswered_probe_ends_probing_at_the_timeout() {
+        let t0 = Instant::now();
+        let mut w = SendWindow::new(8, 100, Duration::from_secs(10));
+        w.handed(k(5));
+        w.written(1);
+        w.acked(1, t0, |_| true);
+        assert!(!w.may_hand(Class::Results));
+        // The coordinator is away: the class is sent as before, from its oldest.
         w.timed_out(t0 + Duration::from_secs(10));
-        assert!(w.probing(Class::Results));
+        assert!(!w.probing(Class::Results));
         assert_eq!(w.cursor(Class::Results), None);
         w.handed(k(5));
-        assert!(!w.may_hand(Class::Results));
-        w.committed(k(5));
-        assert!(w.may_hand(Class::Results) && !w.probing(Class::Results));
+        w.handed(k(6));
+        assert!(w.may_hand(Class::Results));
     }
 
     #[test]
