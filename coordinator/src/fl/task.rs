@@ -95,6 +95,11 @@ pub enum WeightsError {
     Partial { missing: String, trainable: String },
     #[error("lists no initializer")]
     NoneListed,
+    #[error(
+        "the last layer ({weight}) has one output: the trainer fits a classifier with a softmax \
+         over two or more classes (export a binary classifier with two outputs)"
+    )]
+    SingleOutput { weight: String },
     #[error("{name} is listed twice")]
     Twice { name: String },
     #[error("the model has no initializer {name} (it has: {have})")]
@@ -383,6 +388,15 @@ pub fn initial_weights(
 ) -> Result<(Vec<ParamSpec>, Vec<f32>), WeightsError> {
     let inits = read_initializers(model).map_err(WeightsError::Read)?;
     let layers = edge_inference::dense_layers(model).map_err(WeightsError::Structure)?;
+    // The trainer's loss is softmax cross-entropy over the last layer's outputs: one output
+    // (a binary classifier exported with a sigmoid, a regressor) would fail every round.
+    if let Some(last) = layers.last()
+        && last.outputs < 2
+    {
+        return Err(WeightsError::SingleOutput {
+            weight: last.weight.clone(),
+        });
+    }
     let trainable = edge_inference::dense::trainable_names(&layers);
     if let Some(names) = names {
         if names.is_empty() {

@@ -198,6 +198,20 @@ impl Engine {
             return vec![self.reject(None, device, round, Reject::UnknownTask, detail)];
         };
         let id = f.task.clone();
+        // The reason goes to the journal, logs and `fl status` on an operator's terminal:
+        // control characters (escape sequences) from a device are shown, not obeyed.
+        let reason: String = f
+            .reason
+            .chars()
+            .flat_map(|c| {
+                let shown: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                shown
+            })
+            .collect();
         let s = &mut t.state;
         if matches!(s.phase, Phase::Finished { .. }) {
             let detail = "failure report after the task finished".to_owned();
@@ -208,7 +222,7 @@ impl Engine {
             device: device.to_owned(),
             round: f.round,
             kind: f.kind.as_str(),
-            reason: f.reason.clone(),
+            reason: reason.clone(),
         });
         // A report for an earlier round (sent late, or from the outbox after an outage) is
         // journaled only: that round is over.
@@ -226,7 +240,7 @@ impl Engine {
         s.current.failures.push(DeviceFailure {
             device: device.to_owned(),
             kind: f.kind.as_str().to_owned(),
-            reason: f.reason,
+            reason,
         });
         self.dirty.insert(id.clone());
         let mut out = vec![event];
