@@ -35,7 +35,9 @@
 //!   selected are refused `not_selected`. Once every selected device has either failed or
 //!   sent an update, the round closes (`failures`) if `min_updates` are in, and otherwise
 //!   **fails**: it ends without a new global version (`close_reason` `failed`, journaled as
-//!   `fl_round_failed` with every device's reason) and the next round opens. After
+//!   `fl_round_failed` with every device's reason) and the next round opens: at once if every
+//!   failure was of kind `model` (it will fail the same way), otherwise after a round timeout
+//!   (no labeled data yet, a busy board: causes that pass). After
 //!   `max_failed_rounds` failed rounds in a row the task finishes with `failed: ...` and the
 //!   reasons; a round that closes normally resets the count.
 //! - Validation, in order; a refused update is counted by reason in the round's metrics and

@@ -221,8 +221,8 @@ impl Engine {
         // A model no device can train fails again at once; anything else (no labeled data yet,
         // a busy board, a full outbox) may pass: the next round waits a round's timeout
         // first, so `max_failed_rounds` spans minutes, not the seconds of back-to-back tries.
-        let transient = metrics.failures.is_empty()
-            || metrics.failures.iter().any(|f| f.kind != "model");
+        let transient =
+            metrics.failures.is_empty() || metrics.failures.iter().any(|f| f.kind != "model");
         let pause_s = if transient {
             s.spec.round_interval_s.max(s.spec.round_timeout_s)
         } else {

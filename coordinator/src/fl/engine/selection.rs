@@ -45,7 +45,8 @@ impl Engine {
         };
         if now_ms < t.state.not_before_ms {
             let reason = format!(
-                "round_interval_s: the next round opens at {} ms",
+                "the next round opens at {} ms (round_interval_s, or a round timeout after a \
+                 round failed for a reason other than the model)",
                 t.state.not_before_ms
             );
             if t.state.phase
