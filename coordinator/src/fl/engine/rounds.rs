@@ -247,10 +247,13 @@ impl Engine {
             failures: metrics.failures,
         })];
         if stop {
-            let why = format!(
-                "failed: {in_a_row} rounds in a row failed (max_failed_rounds); round \
-                 {closed_round}: {summary}"
-            );
+            let rounds = if in_a_row == 1 {
+                "1 round failed".to_owned()
+            } else {
+                format!("{in_a_row} rounds in a row failed")
+            };
+            let why =
+                format!("failed: {rounds} (max_failed_rounds); round {closed_round}: {summary}");
             out.extend(self.finish(id, why, now_ms, fleet));
         } else if last {
             out.extend(self.finish(

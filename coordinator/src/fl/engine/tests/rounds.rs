@@ -801,6 +801,6 @@ fn a_round_without_updates_fails_after_max_extensions() {
     assert_eq!(e.state("t").expect("task").history[0].extensions, 2);
     assert!(matches!(
         &e.state("t").expect("task").phase,
-        Phase::Finished { reason } if reason.contains("1 rounds in a row failed")
+        Phase::Finished { reason } if reason.contains("failed: 1 round failed (max_failed_rounds)")
     ));
 }
