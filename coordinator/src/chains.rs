@@ -40,14 +40,6 @@ impl Chains {
         }
         head.map_or(h.seq, |w| w.max(h.seq))
     }
-
-    pub fn len(&self) -> usize {
-        self.heads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.heads.is_empty()
-    }
 }
 
 #[cfg(test)]

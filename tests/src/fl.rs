@@ -214,13 +214,7 @@ holdout = "holdout.csv"
         let path = dir.join(format!("{}.toml", self.id));
         std::fs::write(&path, self.to_toml())
             .with_context(|| format!("cannot write {}", path.display()))?;
-        let out = Command::new(coordinator_bin()?)
-            .args(["fl", "start"])
-            .arg(&path)
-            .arg("--state-dir")
-            .arg(coord.state_dir())
-            .output()
-            .context("cannot run edge-coordinator fl start")?;
+        let out = fl_command(coord, &["start".as_ref(), path.as_os_str()])?;
         ensure!(
             out.status.success(),
             "fl start {}: {}\n{}",
@@ -234,18 +228,30 @@ holdout = "holdout.csv"
 
 /// `edge-coordinator fl status TASK` against `coord`'s state dir: its output, or why it failed.
 pub fn fl_status(coord: &Coordinator, task: &str) -> Result<String> {
-    let out = Command::new(coordinator_bin()?)
-        .args(["fl", "status", task])
-        .arg("--state-dir")
-        .arg(coord.state_dir())
-        .output()
-        .context("cannot run edge-coordinator fl status")?;
+    let out = fl_command(coord, &["status".as_ref(), task.as_ref()])?;
     ensure!(
         out.status.success(),
         "fl status {task}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `edge-coordinator fl ARGS --state-dir` against `coord`'s state dir.
+fn fl_command(coord: &Coordinator, args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
+    Command::new(coordinator_bin()?)
+        .arg("fl")
+        .args(args)
+        .arg("--state-dir")
+        .arg(coord.state_dir())
+        .output()
+        .with_context(|| {
+            let sub = args
+                .first()
+                .map(|a| a.to_string_lossy())
+                .unwrap_or_default();
+            format!("cannot run edge-coordinator fl {sub}")
+        })
 }
 
 /// `fl_round_closed` events of `task`, in order.

@@ -141,14 +141,9 @@ impl SendWindow {
         Some(key)
     }
 
-    /// The coordinator committed `key`; an ack also resets the timeout's backoff.
-    /// The coordinator committed `key`; an ack also resets the timeout's backoff.
-    pub fn committed(&mut self, key: Key) {
-        self.committed_range(key.class, key.seq, key.seq);
-    }
-
     /// The coordinator committed every message of `class` in `from..=to`, whether the outbox
-    /// still holds it or not. The ack of a class's probe ends its probing.
+    /// still holds it or not. The ack of a class's probe ends its probing; an ack also resets
+    /// the timeout's backoff.
     pub fn committed_range(&mut self, class: Class, from: u64, to: u64) {
         let i = class.index();
         if self.probe[i].is_some_and(|p| (from..=to).contains(&p)) {
@@ -261,7 +256,7 @@ mod tests {
             w.acked(pkid, now, |_| true);
         }
         assert!(!w.has_room(), "two await the coordinator");
-        w.committed(k(1));
+        w.committed_range(Class::Results, 1, 1);
         assert!(w.has_room());
         // A PUBACK for a message the coordinator already acknowledged leaves nothing waiting.
         w.handed(k(3));
@@ -302,7 +297,7 @@ mod tests {
         );
         assert_eq!(w.deadline(), None);
         assert_eq!(w.ack_timeout(), Duration::from_secs(20));
-        w.committed(k(4));
+        w.committed_range(Class::Results, 4, 4);
         assert_eq!(w.ack_timeout(), Duration::from_secs(10));
         for _ in 0..20 {
             w.timed_out(t0);
@@ -330,7 +325,7 @@ mod tests {
         w.written(2);
         w.acked(1, t0, |_| true);
         // Acks for later messages (left in the broker by an earlier connection) do not end it.
-        w.committed(k(4));
+        w.committed_range(Class::Results, 4, 4);
         assert!(!w.may_hand(Class::Results));
         // A range reaching past the probe does, even for messages no longer stored.
         w.committed_range(Class::Results, 3, 9);
