@@ -34,6 +34,14 @@
 //! beta1 = 0.9                       # fedadam (default 0.9)
 //! beta2 = 0.99                      # fedadam (default 0.99)
 //! tau = 0.001                       # fedadam (default 0.001)
+//! clip = "auto"                     # update norms: auto (clip_multiplier x the round's
+//!                                   # median norm, the default) | a number (fixed L2 norm) | "off"
+//! clip_multiplier = 2.0             # auto (default 2.0)
+//! [privacy]                         # optional: Gaussian differential privacy (DP-FedAvg),
+//!                                   # needs rule = "fedavg" and a numeric clip; see fl::privacy
+//! noise_multiplier = 1.0            # noise deviation over the clip norm
+//! delta = 1e-5                      # default 1e-5
+//! max_epsilon = 8.0                 # optional: the task stops before a round would pass it
 //! [eval]
 //! holdout = "holdout.csv"           # optional: rows of features..., label
 //! output = "probabilities"          # optional: the class-scores output (default: the first
@@ -54,6 +62,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Rule, ServerOptimizer};
 use super::eval::Holdout;
+use super::privacy::{Clip, Privacy};
 
 /// Errors from reading and validating a task file; each names the file, and the key where
 /// one is at fault.
@@ -182,6 +191,12 @@ pub struct TaskSpec {
     pub train: TrainSpec,
     pub rule: Rule,
     pub server_optimizer: ServerOptimizer,
+    /// How update norms are bounded (tasks persisted before clipping existed: off).
+    #[serde(default = "clip_off")]
+    pub clip: Clip,
+    /// Gaussian differential privacy (`[privacy]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Privacy>,
     /// True when the task has a held-out set (`holdout.csv` beside it).
     pub holdout: bool,
     /// Rounds in a row that may fail (every selected device failed, or no update within
@@ -213,6 +228,10 @@ impl TaskSpec {
             .max(self.min_clients as usize)
             .min(online)
     }
+}
+
+fn clip_off() -> Clip {
+    Clip::Off
 }
 
 fn default_max_failed_rounds() -> u32 {
@@ -273,6 +292,23 @@ struct RawTask {
     aggregate: RawAggregate,
     #[serde(default)]
     eval: RawEval,
+    privacy: Option<RawPrivacy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    noise_multiplier: f32,
+    delta: Option<f64>,
+    max_epsilon: Option<f64>,
+}
+
+/// `clip = "auto" | "off" | 1.5`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawClip {
+    Word(String),
+    Norm(f32),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +333,8 @@ struct RawAggregate {
     beta1: Option<f32>,
     beta2: Option<f32>,
     tau: Option<f32>,
+    clip: Option<RawClip>,
+    clip_multiplier: Option<f32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -686,6 +724,86 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         }
     };
 
+    let clip = match &a.clip {
+        Some(RawClip::Norm(norm)) => Clip::Norm {
+            norm: in_range("aggregate.clip", *norm, *norm > 0.0, "> 0")?,
+        },
+        Some(RawClip::Word(w)) if w == "off" => Clip::Off,
+        Some(RawClip::Word(w)) if w != "auto" => {
+            return bad(
+                "aggregate.clip",
+                format!("unknown value {w:?}: use \"auto\", \"off\" or a norm (a number > 0)"),
+            );
+        }
+        _ => {
+            let multiplier = a.clip_multiplier.unwrap_or(2.0);
+            Clip::Auto {
+                multiplier: in_range(
+                    "aggregate.clip_multiplier",
+                    multiplier,
+                    multiplier >= 1.0,
+                    ">= 1 (below the median norm, most honest updates would be clipped)",
+                )?,
+            }
+        }
+    };
+    if a.clip_multiplier.is_some() && !matches!(clip, Clip::Auto { .. }) {
+        return bad(
+            "aggregate.clip_multiplier",
+            "only applies to clip = \"auto\"",
+        );
+    }
+    let privacy = match raw.privacy {
+        None => None,
+        Some(p) => {
+            if !matches!(clip, Clip::Norm { .. }) {
+                return bad(
+                    "aggregate.clip",
+                    format!(
+                        "is {clip}, but [privacy] needs a fixed norm (a number): the guarantee \
+                         rests on a bound that does not depend on the updates"
+                    ),
+                );
+            }
+            if rule != Rule::FedAvg {
+                return bad(
+                    "aggregate.rule",
+                    format!("is {rule}, but [privacy] works with \"fedavg\" only"),
+                );
+            }
+            let z = in_range(
+                "privacy.noise_multiplier",
+                p.noise_multiplier,
+                p.noise_multiplier > 0.0,
+                "> 0",
+            )?;
+            let delta = p.delta.unwrap_or(1e-5);
+            if !(delta > 0.0 && delta < 1.0) {
+                return bad("privacy.delta", format!("{delta} must be in (0, 1)"));
+            }
+            if let Some(max) = p.max_epsilon {
+                if !(max > 0.0 && max.is_finite()) {
+                    return bad("privacy.max_epsilon", format!("{max} must be > 0"));
+                }
+                let first = super::privacy::epsilon(1, f64::from(z), delta);
+                if first > max {
+                    return bad(
+                        "privacy.max_epsilon",
+                        format!(
+                            "{max} is below one round's epsilon ({first:.2} at noise_multiplier \
+                             {z}, delta {delta}): no round could run"
+                        ),
+                    );
+                }
+            }
+            Some(Privacy {
+                noise_multiplier: z,
+                delta,
+                max_epsilon: p.max_epsilon,
+            })
+        }
+    };
+
     Ok(TaskSpec {
         id: raw.id,
         model: raw.model,
@@ -710,6 +828,8 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         },
         rule,
         server_optimizer,
+        clip,
+        privacy,
         holdout,
         max_failed_rounds,
         max_extensions,
