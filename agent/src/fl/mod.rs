@@ -29,6 +29,7 @@
 //! **Boundary:** the pipeline publishes [`TrainingSetup`]; the coordinator decides selection,
 //! deadlines and what a late update is worth.
 
+mod frozen;
 pub mod state;
 
 use std::sync::Arc;
@@ -430,6 +431,18 @@ impl FlTask {
     /// Blocking part of a round: apply, train, encode, queue, commit.
     fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
         let h = &msg.header;
+        if let Some(want) = &h.frozen
+            && let Err(e) =
+                frozen::check(&setup.model, &setup.model_bytes, &msg.header.params, want)
+        {
+            // Neither served nor trained: a head over other features than the task's.
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task = %h.task, round = h.round, error = %e, "round refused: the frozen layers differ");
+            if h.train.is_some() && !h.done {
+                self.report_failure(h, &e);
+            }
+            return Err(e);
+        }
         self.apply(msg, setup);
         if h.done {
             self.d.state.finish(&h.task)?;
@@ -607,7 +620,32 @@ impl FlTask {
                 data: data.to_vec(),
             })
             .collect();
-        let weights: Vec<Param> = dense::to_trainer(&layers, &given)
+        // The round carries the trained layers: all of them, or the last ones (a head over
+        // frozen layers, `[train] trainable`), whose inputs are the frozen layers' outputs.
+        // None of them: `to_trainer` names the first layer the round lacks.
+        let trained_from = layers
+            .iter()
+            .position(|l| given.iter().any(|g| g.name == l.weight || g.name == l.bias))
+            .unwrap_or(0);
+        let (frozen, layers) = layers.split_at(trained_from);
+        if !frozen.is_empty() {
+            let prefix =
+                frozen::Frozen::from_model(&setup.model_bytes, frozen).map_err(model_err)?;
+            if let Some((x, _)) = labeled.iter().find(|(x, _)| x.len() != prefix.inputs()) {
+                return Err(RoundError::Dataset {
+                    dataset: setup.dataset.clone(),
+                    reason: format!(
+                        "a sample has {} features, the model takes {}",
+                        x.len(),
+                        prefix.inputs()
+                    ),
+                });
+            }
+            for (x, _) in &mut labeled {
+                *x = prefix.forward(x);
+            }
+        }
+        let weights: Vec<Param> = dense::to_trainer(layers, &given)
             .map_err(model_err)?
             .into_iter()
             .map(|w| Param {
@@ -634,7 +672,7 @@ impl FlTask {
         // The sandbox checked names, shapes and finiteness; back to the model's layout, then
         // flattened in the header's order.
         let trained = dense::from_trainer(
-            &layers,
+            layers,
             out.weights
                 .into_iter()
                 .map(|w| NamedWeights {
@@ -721,6 +759,7 @@ mod tests {
             issued_ms,
             train: None,
             done: false,
+            frozen: None,
         }
     }
 

@@ -237,6 +237,7 @@ mod tests {
                 },
                 rule: Rule::Median,
                 server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
+                frozen: None,
                 clip: crate::fl::privacy::Clip::default(),
                 privacy: None,
                 holdout: true,

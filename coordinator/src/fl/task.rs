@@ -4,8 +4,7 @@
 //! id = "digits"                     # task id (letters, digits, `-_.`), unique per coordinator
 //! model = "models/digits.onnx"      # the model's name in the devices' pipelines
 //! initial = "digits_mlp.onnx"       # ONNX file (relative to this file): initial global weights
-//! params = ["fc1.weight", "fc1.bias"]   # optional: every dense layer's weight and bias,
-//!                                   # found from the graph (the default); any order
+//! params = ["fc2.weight", "fc2.bias"]   # optional, the older spelling of train.trainable
 //! group = "fl"                      # members: a device group, or devices = ["a", "b"]
 //! rounds = 20
 //! fraction = 1.0                    # of the online members selected per round (default 1.0)
@@ -20,6 +19,10 @@
 //! max_extensions = 10               # deadlines without min_updates before a round fails (10)
 //! seed = 0                          # client selection and per-device training seeds (default 0)
 //! [train]                           # sent to the devices with each round
+//! trainable = ["fc2.weight", "fc2.bias"]  # optional: the layers to train, whole and the
+//!                                   # last ones (a head); the others stay frozen and are
+//!                                   # never sent. Default: every dense layer, found from the
+//!                                   # graph. Any order.
 //! epochs = 5                        # default 1
 //! lr = 0.1                          # default 0.05
 //! batch_size = 16                   # default 32
@@ -98,10 +101,16 @@ pub enum WeightsError {
     #[error("{name} is not the weight or bias of a dense layer (the trainable ones: {trainable})")]
     NotTrainable { name: String, trainable: String },
     #[error(
-        "the trainer trains every dense layer, but {missing} is not listed (list all of: \
-         {trainable}, or leave params out)"
+        "{missing} is not listed, but its layer's other half is: a layer is trained whole, \
+         weight and bias"
     )]
-    Partial { missing: String, trainable: String },
+    Partial { missing: String },
+    #[error(
+        "{first} is trained but {frozen}, a later layer, is not: only the last layers can be \
+         trained (a frozen feature extractor under a trained head), not a frozen layer \
+         between trained ones"
+    )]
+    NotSuffix { first: String, frozen: String },
     #[error("lists no initializer")]
     NoneListed,
     #[error(
@@ -191,6 +200,10 @@ pub struct TaskSpec {
     pub train: TrainSpec,
     pub rule: Rule,
     pub server_optimizer: ServerOptimizer,
+    /// With only the last layers trained: the digest of the frozen ones in front
+    /// ([`protocol::v1::fl::frozen_digest`]), which every round names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<String>,
     /// How update norms are bounded (tasks persisted before clipping existed: off).
     #[serde(default = "clip_off")]
     pub clip: Clip,
@@ -314,6 +327,7 @@ enum RawClip {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTrain {
+    trainable: Option<Vec<String>>,
     epochs: Option<u32>,
     lr: Option<f32>,
     batch_size: Option<u32>,
@@ -376,17 +390,19 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         })
     };
     let model_bytes = read("initial model", &raw.initial)?;
-    let (params, initial) =
-        initial_weights(&model_bytes, raw.params.as_deref()).map_err(|reason| {
-            invalid(
-                if raw.params.is_some() {
-                    "params"
-                } else {
-                    "initial"
-                },
-                reason.to_string(),
-            )
-        })?;
+    let (names, names_key) = match (&raw.params, &raw.train.trainable) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "train.trainable",
+                "and params both list the trained initializers; keep one (train.trainable)".into(),
+            ));
+        }
+        (Some(p), None) => (Some(p.as_slice()), "params"),
+        (None, Some(t)) => (Some(t.as_slice()), "train.trainable"),
+        (None, None) => (None, "initial"),
+    };
+    let (params, initial) = initial_weights(&model_bytes, names)
+        .map_err(|reason| invalid(names_key, reason.to_string()))?;
     check_output(&model_bytes, raw.eval.output.as_deref())
         .map_err(|(key, reason)| invalid(key, reason))?;
     let holdout_text = match &raw.eval.holdout {
@@ -405,8 +421,11 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         }
         None => None,
     };
-    let spec = validate(raw, params, holdout_text.is_some())
+    let frozen = frozen_layers_digest(&model_bytes, &params)
+        .map_err(|reason| invalid(names_key, reason.to_string()))?;
+    let mut spec = validate(raw, params, holdout_text.is_some())
         .map_err(|(key, reason)| invalid(key, reason))?;
+    spec.frozen = frozen;
     check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason.to_string()))?;
     Ok(LoadedTask {
         spec,
@@ -418,8 +437,9 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
 
 /// The trained params and their values, concatenated: the weight and bias of every dense
 /// layer in layer order, found from the graph's structure ([`edge_inference::dense_layers`]),
-/// whatever the exporter named them. `names`, when given, must list exactly those (in any
-/// order); the result is in layer order either way.
+/// whatever the exporter named them. `names`, when given, lists the layers to train (in any
+/// order): whole layers (weight and bias), the last ones of the model; the layers in front
+/// stay frozen, and are neither sent nor trained. The result is in layer order either way.
 pub fn initial_weights(
     model: &[u8],
     names: Option<&[String]>,
@@ -458,13 +478,38 @@ pub fn initial_weights(
                 });
             }
         }
-        if let Some(missing) = trainable.iter().find(|t| !names.iter().any(|n| n == *t)) {
-            return Err(WeightsError::Partial {
-                missing: (*missing).to_owned(),
-                trainable: trainable.join(", "),
-            });
+    }
+    // Listed (or, with no list, every) layer: trained. Layers are whole, and the trained ones
+    // are the last: the device runs the frozen ones in front of the trainer.
+    let listed = |name: &str| names.is_none_or(|names| names.iter().any(|n| n == name));
+    let mut trained_from = None;
+    for (i, l) in layers.iter().enumerate() {
+        match (listed(&l.weight), listed(&l.bias)) {
+            (true, true) => {
+                trained_from.get_or_insert(i);
+            }
+            (false, false) => {
+                if let Some(first) = trained_from {
+                    return Err(WeightsError::NotSuffix {
+                        first: layers[first].weight.clone(),
+                        frozen: l.weight.clone(),
+                    });
+                }
+            }
+            (true, false) => {
+                return Err(WeightsError::Partial {
+                    missing: l.bias.clone(),
+                });
+            }
+            (false, true) => {
+                return Err(WeightsError::Partial {
+                    missing: l.weight.clone(),
+                });
+            }
         }
     }
+    let trained_from = trained_from.unwrap_or(layers.len());
+    let trainable = edge_inference::dense::trainable_names(&layers[trained_from..]);
     let mut chosen: Vec<&(String, edge_inference::Tensor)> = Vec::with_capacity(trainable.len());
     for name in &trainable {
         let found = inits
@@ -508,6 +553,40 @@ pub fn initial_weights(
         weights.extend(values);
     }
     Ok((params, weights))
+}
+
+/// The digest of the dense layers in front of the first trained one (`None` when every layer
+/// is trained): weight then bias per layer, as the model stores them.
+pub fn frozen_layers_digest(
+    model: &[u8],
+    params: &[ParamSpec],
+) -> Result<Option<String>, WeightsError> {
+    let layers = edge_inference::dense_layers(model).map_err(WeightsError::Structure)?;
+    let first = layers
+        .iter()
+        .position(|l| params.iter().any(|p| p.name == l.weight))
+        .unwrap_or(0);
+    if first == 0 {
+        return Ok(None);
+    }
+    let inits = read_initializers(model).map_err(WeightsError::Read)?;
+    let mut values = Vec::with_capacity(first * 2);
+    for l in &layers[..first] {
+        for name in [&l.weight, &l.bias] {
+            let t = inits
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, t)| t.to_f32())
+                .ok_or_else(|| WeightsError::Missing {
+                    name: name.clone(),
+                    have: String::new(),
+                })?;
+            values.push(t);
+        }
+    }
+    Ok(Some(protocol::v1::fl::frozen_digest(
+        values.iter().map(Vec::as_slice),
+    )))
 }
 
 type Bad = (&'static str, String);
@@ -828,6 +907,7 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         },
         rule,
         server_optimizer,
+        frozen: None,
         clip,
         privacy,
         holdout,
@@ -848,6 +928,7 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
         model: spec.model.clone(),
         params: spec.params.clone(),
         issued_ms: u64::MAX,
+        frozen: spec.frozen.clone(),
         train: Some(TrainOrder {
             deadline_ms: u64::MAX,
             epochs: spec.train.epochs,

@@ -335,3 +335,53 @@ fn exported_models_load_unchanged_and_unsupported_ones_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn trainable_names_the_head_and_the_rest_stays_frozen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("task.toml");
+    std::fs::write(
+        dir.path().join("m.onnx"),
+        onnx_builder::exported("torch_gemm.onnx"),
+    )
+    .expect("model");
+    let with = |extra: &str| {
+        std::fs::write(&path, format!("{BASE}{extra}")).expect("task");
+        load(&path)
+    };
+    let t = with("[train]\ntrainable = [\"2.bias\", \"2.weight\"]\n").expect("a head");
+    let names: Vec<&str> = t.spec.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["2.weight", "2.bias"], "only the head is sent");
+    assert_eq!(t.initial.len(), 16 * 10 + 10);
+    let refused = |extra: &str, key: &str, words: &[&str]| {
+        let msg = with(extra).expect_err("refused").to_string();
+        assert!(msg.contains(&format!("invalid {key}:")), "{msg}");
+        for w in words {
+            assert!(msg.contains(w), "{w}: {msg}");
+        }
+    };
+    // a frozen head over a trained first layer
+    refused(
+        "[train]\ntrainable = [\"0.weight\", \"0.bias\"]\n",
+        "train.trainable",
+        &["0.weight is trained but 2.weight", "only the last layers"],
+    );
+    // half a layer
+    refused(
+        "[train]\ntrainable = [\"2.weight\"]\n",
+        "train.trainable",
+        &["2.bias is not listed"],
+    );
+    // a name the model does not have
+    refused(
+        "[train]\ntrainable = [\"head.weight\"]\n",
+        "train.trainable",
+        &["no initializer head.weight"],
+    );
+    // both spellings
+    refused(
+        "params = [\"2.weight\", \"2.bias\"]\n[train]\ntrainable = [\"2.weight\", \"2.bias\"]\n",
+        "train.trainable",
+        &["keep one"],
+    );
+}

@@ -117,6 +117,7 @@ pub(super) fn spec() -> TaskSpec {
         },
         rule: Rule::FedAvg,
         server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
+        frozen: None,
         clip: Clip::Off,
         privacy: None,
         holdout: false,
