@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use edge_coordinator::deploy::waves::{Amount, Strategy};
+
 use super::{PICKUP_TIMEOUT, PROGRESS_POLL, resolve_state_dir};
 
 #[derive(Debug, Args)]
@@ -63,6 +65,39 @@ pub(crate) struct DeployArgs {
     /// Configuration file to take state_dir from.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// `all`: every device of the target at once; `canary`: a group in waves (a canary, then
+    /// batches, each through a health gate and a soak), halted and rolled back past
+    /// --max-failures.
+    #[arg(long, value_enum, default_value_t = StrategyKind::All)]
+    strategy: StrategyKind,
+    /// Canary wave: N devices or P% of the group.
+    #[arg(long, default_value = "1", requires = "rollback_to")]
+    canary: Amount,
+    /// Each later wave: N devices or P% of the group.
+    #[arg(long, default_value = "25%", requires = "rollback_to")]
+    batch: Amount,
+    /// Seconds to wait after a wave passed its health gate before the next starts (failures
+    /// reported meanwhile still count).
+    #[arg(long, default_value_t = 60)]
+    soak_secs: u64,
+    /// A wave passes its gate when all its devices reported a final step, or after this many
+    /// seconds (silent devices are not failures; they keep their manifest).
+    #[arg(long, default_value_t = 600)]
+    wave_timeout_secs: u64,
+    /// Failures (rolled back, failed, rejected) allowed over the whole rollout: N devices or
+    /// P% of the group; one more halts it and rolls the updated devices back.
+    #[arg(long, default_value = "0")]
+    max_failures: Amount,
+    /// With --strategy canary: the pipeline the devices ran before, deployed (as version
+    /// --version + 1) to every updated device if the rollout halts.
+    #[arg(long)]
+    rollback_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StrategyKind {
+    All,
+    Canary,
 }
 
 pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
@@ -74,6 +109,25 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         (None, Some(g)) => Target::Group(g),
         (None, None) => anyhow::bail!("name a target with --device or --group"),
     };
+    if args.strategy == StrategyKind::Canary {
+        anyhow::ensure!(
+            matches!(target, Target::Group(_)),
+            "--strategy canary rolls out to a group: use --group"
+        );
+        anyhow::ensure!(
+            args.pipeline.is_some(),
+            "--strategy canary needs a pipeline deployment (model deployments roll out with --strategy all)"
+        );
+        anyhow::ensure!(
+            args.rollback_to.is_some(),
+            "--strategy canary needs --rollback-to PIPELINE: the pipeline the group runs now, deployed to the updated devices if the rollout halts"
+        );
+    } else {
+        anyhow::ensure!(
+            args.rollback_to.is_none(),
+            "--rollback-to is only used with --strategy canary"
+        );
+    }
     let key = load_signing_key(&args.key)?;
     let now_ms = protocol::v1::now_ms();
     let spec = PackageSpec {
@@ -91,6 +145,14 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
             messages: args.health_messages,
             seconds: args.health_seconds,
         },
+    };
+    let rollback_spec = PackageSpec {
+        deployment_id: format!("{}-rollback", spec.deployment_id),
+        version: spec
+            .version
+            .checked_add(1)
+            .context("--version is too large")?,
+        ..spec.clone()
     };
     let pkg = match &args.pipeline {
         Some(pipeline) => package::load(pipeline, spec, &key)
@@ -124,8 +186,33 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         return Ok(());
     }
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
-    let spooled = edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
-        .context("cannot spool the deployment")?;
+    let spooled = match &args.rollback_to {
+        None => edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg),
+        Some(previous) => {
+            let rollback = package::load(previous, rollback_spec, &key).with_context(|| {
+                format!("cannot build the rollback deployment from {}", previous.display())
+            })?;
+            let strategy = Strategy {
+                canary: args.canary,
+                batch: args.batch,
+                soak_ms: args.soak_secs.saturating_mul(1000),
+                wave_timeout_ms: args.wave_timeout_secs.saturating_mul(1000),
+                max_failures: args.max_failures,
+                rollback_id: rollback.manifest.deployment_id.clone(),
+            };
+            eprintln!(
+                "canary {} then batches of {}, soak {} s, at most {} failures; a halt rolls the updated devices back with deployment {} version {} (the next deployment needs a version above it)",
+                strategy.canary,
+                strategy.batch,
+                args.soak_secs,
+                strategy.max_failures,
+                rollback.manifest.deployment_id,
+                rollback.manifest.version
+            );
+            edge_coordinator::deploy::spool::write_spool_staged(&state_dir, &pkg, &strategy, &rollback)
+        }
+    }
+    .context("cannot spool the deployment")?;
     eprintln!("{plan}; spooled in {}", spooled.display());
     if args.no_wait {
         return Ok(());
@@ -250,9 +337,35 @@ pub(crate) fn watch(
             }
         }
     }
+    if let Some(waves) = &final_progress.waves {
+        for (i, wave) in waves.waves.iter().enumerate() {
+            let name = if i == 0 {
+                "canary".to_owned()
+            } else {
+                format!("wave {i}")
+            };
+            println!("{name}: {}", wave.join(", "));
+        }
+        if !waves.pending.is_empty() {
+            println!("not updated: {}", waves.pending.join(", "));
+        }
+        for (device, p) in &final_progress.rollback {
+            match outcome(p) {
+                Outcome::Healthy => println!("{device}: rolled back to the previous pipeline"),
+                Outcome::Failed(m) | Outcome::Pending(m) => {
+                    println!("{device}: rollback not confirmed ({m})")
+                }
+            }
+        }
+    }
     let reason = final_progress.finished.unwrap_or_default();
     if final_progress.devices.is_empty() {
         anyhow::bail!("deployment {id} ended without any target device: {reason}");
+    }
+    if let Some(w) = &final_progress.waves
+        && w.is_halted()
+    {
+        anyhow::bail!("deployment {id} halted: {reason}");
     }
     if not_healthy > 0 {
         anyhow::bail!(

@@ -13,7 +13,15 @@
 //!   [`MAX_RESEND_CHUNKS`] chunks; entries for unknown deployments, digests or indexes, and
 //!   any beyond the bound, are ignored and counted;
 //! - a rollout ends when every target device reported a final step, or when its manifest
-//!   expires.
+//!   expires;
+//! - a staged rollout (`--strategy canary`, rules in `waves.rs`) publishes the signed group
+//!   manifest retained on each launched device's own manifest topic instead of the group's,
+//!   broadcasts the chunks on the group chunk topic once per wave (devices without the
+//!   manifest ignore them), answers resends only for launched devices, and on a halt replaces
+//!   each updated device's manifest with the rollback deployment's (its own resends answered
+//!   from the rollback package). It ends when every wave passed its gate and soak and every
+//!   launched device is final, or, halted, when every device rolled back is final; then the
+//!   device topics it used are cleared.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
@@ -23,6 +31,7 @@ use protocol::v1::topics;
 use super::package::Package;
 use super::progress::{ProgressFile, step_name, step_reason};
 use super::rollout::{DeviceProgress, Rollout};
+use super::waves::{Decision, Phase, Strategy, Waves, is_failure};
 use crate::action::Action;
 use crate::event::Event;
 
@@ -51,6 +60,36 @@ struct Active {
     finished: Option<String>,
     /// Progress changed since the last [`Engine::take_dirty`].
     dirty: bool,
+    /// Set for a staged rollout.
+    staged: Option<Staged>,
+}
+
+/// A staged rollout's waves and its rollback deployment.
+struct Staged {
+    waves: Waves,
+    rollback: Package,
+    /// The rollback deployment's progress on the devices it was sent to.
+    rolled_back: Rollout,
+}
+
+/// An operator's request for a staged rollout (`edge-coordinator rollout ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// Why a control request was not applied; the text goes to the log and the journal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no active rollout {0}")]
+    Unknown(String),
+    #[error("rollout {0} was not started with --strategy canary")]
+    NotStaged(String),
+    #[error("rollout {0} is halted already")]
+    Halted(String),
 }
 
 /// Counts since start, for the stats line.
@@ -71,6 +110,8 @@ pub struct Engine {
     queued: HashSet<Queued>,
     /// Manifest topic -> the deployment whose manifest is retained there.
     retained: BTreeMap<String, String>,
+    /// Rollback deployment id -> the staged rollout it belongs to.
+    rollback_of: BTreeMap<String, String>,
     totals: EngineTotals,
 }
 
@@ -199,9 +240,302 @@ impl Engine {
                 resends_ignored,
                 finished: None,
                 dirty: true,
+                staged: None,
             },
         );
         out
+    }
+
+    /// Starts a staged rollout to a group: nothing is published to the group topic; the
+    /// canary wave gets the manifest on its devices' topics (see `waves.rs`).
+    pub fn start_staged(
+        &mut self,
+        package: Package,
+        rollback: Package,
+        strategy: Strategy,
+        members: Vec<String>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let waves = Waves::new(strategy, members, now_ms);
+        let rolled_back = Rollout::new(&rollback.manifest, std::iter::empty());
+        let rollout = Rollout::new(&package.manifest, std::iter::empty());
+        self.insert_staged(
+            package,
+            rollout,
+            waves,
+            rollback,
+            rolled_back,
+            0,
+            false,
+            now_ms,
+        )
+    }
+
+    /// Resumes a staged rollout after a restart: republishes what the devices still waiting
+    /// need (the embedded broker forgot its retained messages), then goes on deciding.
+    pub fn resume_staged(
+        &mut self,
+        package: Package,
+        rollback: Package,
+        progress: ProgressFile,
+        waves: Waves,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let rollout = Rollout::restore(&package.manifest, progress.devices);
+        let rolled_back = Rollout::restore(&rollback.manifest, progress.rollback);
+        self.insert_staged(
+            package,
+            rollout,
+            waves,
+            rollback,
+            rolled_back,
+            progress.resends_ignored,
+            true,
+            now_ms,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert_staged(
+        &mut self,
+        package: Package,
+        rollout: Rollout,
+        waves: Waves,
+        rollback: Package,
+        rolled_back: Rollout,
+        resends_ignored: u64,
+        resumed: bool,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let id = package.manifest.deployment_id.clone();
+        let Target::Group(group) = package.manifest.target.clone() else {
+            return Vec::new();
+        };
+        if self.active.contains_key(&id) {
+            return Vec::new();
+        }
+        let mut out = vec![Action::Event(Event::DeploymentStarted {
+            deployment_id: id.clone(),
+            version: package.manifest.version,
+            target: package.manifest.target.to_string(),
+            devices: waves
+                .waves
+                .iter()
+                .flatten()
+                .chain(&waves.pending)
+                .cloned()
+                .collect(),
+            resumed,
+        })];
+        if resumed {
+            // Devices still waiting get their manifest again: the new version before a halt,
+            // the rollback after one.
+            let (manifest, progress) = if waves.is_halted() {
+                (rollback.manifest_payload(), &rolled_back)
+            } else {
+                (package.manifest_payload(), &rollout)
+            };
+            for (d, p) in progress.devices() {
+                if !p.is_final() {
+                    out.push(Action::Publish {
+                        topic: topics::deploy_manifest(d),
+                        payload: manifest.clone(),
+                        retain: true,
+                    });
+                }
+            }
+        }
+        self.rollback_of
+            .insert(rollback.manifest.deployment_id.clone(), id.clone());
+        self.active.insert(
+            id.clone(),
+            Active {
+                manifest_topic: topics::group_deploy_manifest(&group),
+                package,
+                rollout,
+                group: Some(group),
+                resends_ignored,
+                finished: None,
+                dirty: true,
+                staged: Some(Staged {
+                    waves,
+                    rollback,
+                    rolled_back,
+                }),
+            },
+        );
+        out.extend(self.decide(&id, now_ms));
+        out.extend(self.check_expiry(&id, now_ms));
+        out
+    }
+
+    /// Runs a staged rollout's decisions and carries them out; ends it when it is done.
+    fn decide(&mut self, id: &str, now_ms: u64) -> Vec<Action> {
+        let Some(a) = self.active.get_mut(id).filter(|a| a.finished.is_none()) else {
+            return Vec::new();
+        };
+        let Some(st) = a.staged.as_mut() else {
+            return Vec::new();
+        };
+        let decisions = st.waves.step(&a.rollout, now_ms);
+        let mut out = Vec::new();
+        for d in decisions {
+            a.dirty = true;
+            match d {
+                Decision::Launch { wave, devices } => {
+                    for d in &devices {
+                        a.rollout.add_device(d.clone());
+                        out.push(Action::Publish {
+                            topic: topics::deploy_manifest(d),
+                            payload: a.package.manifest_payload(),
+                            retain: true,
+                        });
+                    }
+                    out.push(Action::Event(Event::RolloutDecision {
+                        deployment_id: id.to_owned(),
+                        decision: "launched",
+                        wave: Some(wave),
+                        devices,
+                        healthy: 0,
+                        failed: 0,
+                        reason: None,
+                    }));
+                    let group = a.group.clone().unwrap_or_default();
+                    let chunks: Vec<(String, u32)> = a
+                        .package
+                        .chunks()
+                        .map(|c| (c.sha256.clone(), c.index))
+                        .collect();
+                    for (sha256, index) in chunks {
+                        self.enqueue(
+                            false,
+                            Queued {
+                                deployment_id: id.to_owned(),
+                                topic: topics::group_deploy_chunk(&group),
+                                device: None,
+                                sha256,
+                                index,
+                            },
+                        );
+                    }
+                    // `self.enqueue` needed the engine; take the rollout again.
+                    return out.into_iter().chain(self.decide(id, now_ms)).collect();
+                }
+                Decision::GatePassed {
+                    wave,
+                    healthy,
+                    failed,
+                    silent,
+                } => {
+                    out.push(Action::Event(Event::RolloutDecision {
+                        deployment_id: id.to_owned(),
+                        decision: "gate_passed",
+                        wave: Some(wave),
+                        devices: st.waves.waves.get(wave).cloned().unwrap_or_default(),
+                        healthy,
+                        failed,
+                        reason: (silent > 0).then(|| {
+                            format!("{silent} devices silent at the wave timeout; still waiting for them")
+                        }),
+                    }));
+                }
+                Decision::Halt { reason, failures } => {
+                    out.extend(halt(id, a, reason, failures));
+                    self.drop_queued(id);
+                    break;
+                }
+            }
+        }
+        out.extend(self.check_done(id, now_ms));
+        out
+    }
+
+    /// Ends a staged rollout that is done: halted and every rolled-back device final, or
+    /// every wave through and every launched device final.
+    fn check_done(&mut self, id: &str, now_ms: u64) -> Vec<Action> {
+        let Some(a) = self.active.get(id).filter(|a| a.finished.is_none()) else {
+            return Vec::new();
+        };
+        let Some(st) = a.staged.as_ref() else {
+            return Vec::new();
+        };
+        let reason = match &st.waves.phase {
+            Phase::Halted { reason } if st.rolled_back.is_finished() => {
+                let s = st.rolled_back.summary();
+                format!(
+                    "halted: {reason}; rolled back {} of {} updated devices",
+                    s.healthy,
+                    s.healthy + s.failed
+                )
+            }
+            Phase::Running if st.waves.all_launched(now_ms) && a.rollout.is_finished() => {
+                format!(
+                    "every wave passed its health gate ({} waves)",
+                    st.waves.waves.len()
+                )
+            }
+            _ => return Vec::new(),
+        };
+        self.finish(id, reason)
+    }
+
+    /// Pause, resume or abort a staged rollout.
+    pub fn control(
+        &mut self,
+        id: &str,
+        control: Control,
+        now_ms: u64,
+    ) -> Result<Vec<Action>, ControlError> {
+        let a = self
+            .active
+            .get_mut(id)
+            .filter(|a| a.finished.is_none())
+            .ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
+        let st = a
+            .staged
+            .as_mut()
+            .ok_or_else(|| ControlError::NotStaged(id.to_owned()))?;
+        if st.waves.is_halted() {
+            return Err(ControlError::Halted(id.to_owned()));
+        }
+        a.dirty = true;
+        let event = |decision, reason: Option<String>| {
+            Action::Event(Event::RolloutDecision {
+                deployment_id: id.to_owned(),
+                decision,
+                wave: None,
+                devices: Vec::new(),
+                healthy: 0,
+                failed: 0,
+                reason,
+            })
+        };
+        match control {
+            Control::Pause => {
+                st.waves.paused = true;
+                Ok(vec![event("paused", None)])
+            }
+            Control::Resume => {
+                st.waves.paused = false;
+                let mut out = vec![event("resumed", None)];
+                out.extend(self.decide(id, now_ms));
+                Ok(out)
+            }
+            Control::Abort => {
+                let reason = "aborted by the operator".to_owned();
+                st.waves.halt(reason.clone());
+                let mut out = halt(id, a, reason, 0);
+                self.drop_queued(id);
+                out.extend(self.check_done(id, now_ms));
+                Ok(out)
+            }
+        }
+    }
+
+    fn drop_queued(&mut self, id: &str) {
+        self.resends.retain(|q| q.deployment_id != id);
+        self.initial.retain(|q| q.deployment_id != id);
+        self.queued.retain(|q| q.deployment_id != id);
     }
 
     /// A device registered with `groups`: it joins the active rollouts to those groups (its
@@ -212,8 +546,14 @@ impl Engine {
                 && a.group.as_ref().is_some_and(|g| groups.contains(g))
                 && !a.rollout.has_device(device)
             {
-                a.rollout.add_device(device.to_owned());
-                a.dirty = true;
+                match a.staged.as_mut() {
+                    // It waits for the next wave.
+                    Some(st) => a.dirty |= st.waves.join(device),
+                    None => {
+                        a.rollout.add_device(device.to_owned());
+                        a.dirty = true;
+                    }
+                }
             }
         }
     }
@@ -244,6 +584,21 @@ impl Engine {
             total,
             chunks_dropped: (status.chunks_dropped > 0).then_some(status.chunks_dropped),
         })];
+        if let Some(owner) = self.rollback_of.get(&status.deployment_id).cloned() {
+            if let Some(st) = self
+                .active
+                .get_mut(&owner)
+                .filter(|a| a.finished.is_none())
+                .and_then(|a| {
+                    a.dirty = true;
+                    a.staged.as_mut()
+                })
+            {
+                st.rolled_back.on_status(device, status);
+            }
+            out.extend(self.check_done(&owner, now_ms));
+            return out;
+        }
         let Some(a) = self
             .active
             .get_mut(&status.deployment_id)
@@ -251,11 +606,41 @@ impl Engine {
         else {
             return out;
         };
-        if a.group.is_some() && !a.rollout.has_device(device) {
+        if a.group.is_some() && a.staged.is_none() && !a.rollout.has_device(device) {
             a.rollout.add_device(device.to_owned());
         }
         if a.rollout.on_status(device, status) {
             a.dirty = true;
+        }
+        if let Some(st) = a.staged.as_mut() {
+            if st.waves.is_halted() && a.rollout.has_device(device) {
+                let rolled = st.rolled_back.progress(device).and_then(|p| p.last.clone());
+                match &status.step {
+                    // Updated after the halt (it was on its way, or refused the rollback as
+                    // busy in its health check): it gets the rollback now.
+                    protocol::v1::deploy::Step::Healthy
+                        if !matches!(rolled, Some(protocol::v1::deploy::Step::Healthy)) =>
+                    {
+                        st.rolled_back.remove_device(device);
+                        st.rolled_back.add_device(device.to_owned());
+                        out.push(Action::Publish {
+                            topic: topics::deploy_manifest(device),
+                            payload: st.rollback.manifest_payload(),
+                            retain: true,
+                        });
+                    }
+                    // It never took the new version: nothing to roll back.
+                    s if is_failure(Some(s)) && rolled.is_none() => {
+                        st.rolled_back.remove_device(device);
+                    }
+                    _ => {}
+                }
+            }
+            let id = status.deployment_id.clone();
+            out.extend(self.decide(&id, now_ms));
+            out.extend(self.check_done(&id, now_ms));
+            out.extend(self.check_expiry(&id, now_ms));
+            return out;
         }
         if a.rollout.is_finished() {
             out.extend(self.finish(&status.deployment_id, "every device is final".into()));
@@ -268,7 +653,17 @@ impl Engine {
     pub fn on_resend(&mut self, device: &str, request: &ResendRequest) -> Vec<Action> {
         let asked: usize = request.artifacts.iter().map(|m| m.indexes.len()).sum();
         let id = request.deployment_id.clone();
+        if let Some(owner) = self.rollback_of.get(&id).cloned() {
+            return self.on_rollback_resend(&owner, device, request, asked);
+        }
         let chunks = match self.active.get_mut(&id).filter(|a| a.finished.is_none()) {
+            Some(a)
+                if a.staged
+                    .as_ref()
+                    .is_some_and(|st| st.waves.is_halted() || !a.rollout.has_device(device)) =>
+            {
+                Vec::new()
+            }
             Some(a) if a.group.is_some() || a.rollout.has_device(device) => {
                 if !a.rollout.has_device(device) {
                     a.rollout.add_device(device.to_owned());
@@ -305,6 +700,48 @@ impl Engine {
         })]
     }
 
+    /// A resend request for a staged rollout's rollback deployment.
+    fn on_rollback_resend(
+        &mut self,
+        owner: &str,
+        device: &str,
+        request: &ResendRequest,
+        asked: usize,
+    ) -> Vec<Action> {
+        let chunks = match self
+            .active
+            .get_mut(owner)
+            .filter(|a| a.finished.is_none())
+            .and_then(|a| a.staged.as_mut())
+        {
+            Some(st) if st.rolled_back.has_device(device) => {
+                st.rolled_back.on_resend(device, request, MAX_RESEND_CHUNKS)
+            }
+            _ => Vec::new(),
+        };
+        let ignored = asked - chunks.len();
+        self.totals.resend_entries_ignored += ignored as u64;
+        let count = chunks.len();
+        for (sha256, index) in chunks {
+            self.enqueue(
+                true,
+                Queued {
+                    deployment_id: request.deployment_id.clone(),
+                    topic: topics::deploy_chunk(device),
+                    device: Some(device.to_owned()),
+                    sha256,
+                    index,
+                },
+            );
+        }
+        vec![Action::Event(Event::DeployResend {
+            device: device.to_owned(),
+            deployment_id: request.deployment_id.clone(),
+            chunks: count as u32,
+            ignored: ignored as u32,
+        })]
+    }
+
     fn enqueue(&mut self, resend: bool, q: Queued) {
         // Already waiting (a repeated request): one publish answers both.
         if self.queued.insert(q.clone()) {
@@ -321,6 +758,7 @@ impl Engine {
         let ids: Vec<String> = self.active.keys().cloned().collect();
         let mut out = Vec::new();
         for id in &ids {
+            out.extend(self.decide(id, now_ms));
             out.extend(self.check_expiry(id, now_ms));
         }
         let mut sent = 0;
@@ -333,6 +771,35 @@ impl Engine {
                 },
             };
             self.queued.remove(&q);
+            if let Some(owner) = self.rollback_of.get(&q.deployment_id) {
+                // A rollback chunk: always a resend to one device.
+                let Some(st) = self
+                    .active
+                    .get_mut(owner)
+                    .filter(|a| a.finished.is_none())
+                    .and_then(|a| a.staged.as_mut())
+                else {
+                    continue;
+                };
+                let Some(payload) = st
+                    .rollback
+                    .chunk(&q.sha256, q.index)
+                    .and_then(|c| c.encode().ok())
+                else {
+                    continue;
+                };
+                if let Some(d) = &q.device {
+                    st.rolled_back.on_chunk_sent(d, &q.sha256, q.index);
+                }
+                self.totals.chunks_resent += 1;
+                sent += 1;
+                out.push(Action::Publish {
+                    topic: q.topic,
+                    payload,
+                    retain: false,
+                });
+                continue;
+            }
             let Some(a) = self
                 .active
                 .get_mut(&q.deployment_id)
@@ -392,6 +859,16 @@ impl Engine {
         a.dirty = true;
         let summary = a.rollout.summary();
         let mut out = Vec::new();
+        if a.staged.is_some() {
+            // Every device topic it published a manifest on (new version or rollback).
+            for (d, _) in a.rollout.devices() {
+                out.push(Action::Publish {
+                    topic: topics::deploy_manifest(d),
+                    payload: Vec::new(),
+                    retain: true,
+                });
+            }
+        }
         if self.retained.get(&a.manifest_topic).map(String::as_str) == Some(id) {
             self.retained.remove(&a.manifest_topic);
             out.push(Action::Publish {
@@ -408,9 +885,14 @@ impl Engine {
             failed: summary.failed,
             in_progress: summary.in_progress,
         }));
-        self.resends.retain(|q| q.deployment_id != id);
-        self.initial.retain(|q| q.deployment_id != id);
-        self.queued.retain(|q| q.deployment_id != id);
+        let rollback = a
+            .staged
+            .as_ref()
+            .map(|st| st.rollback.manifest.deployment_id.clone());
+        self.drop_queued(id);
+        if let Some(rb) = rollback {
+            self.drop_queued(&rb);
+        }
         out
     }
 
@@ -423,8 +905,45 @@ impl Engine {
             out.push(progress_file(a, now_ms));
         }
         self.active.retain(|_, a| a.finished.is_none());
+        let active = &self.active;
+        self.rollback_of
+            .retain(|_, owner| active.contains_key(owner));
         out
     }
+}
+
+/// Halts a staged rollout: every launched device that took (or may still take) the new
+/// version gets the rollback deployment; those that refused or lost it are left alone.
+fn halt(id: &str, a: &mut Active, reason: String, failures: usize) -> Vec<Action> {
+    let Some(st) = a.staged.as_mut() else {
+        return Vec::new();
+    };
+    a.dirty = true;
+    let mut out = Vec::new();
+    let mut rolled = Vec::new();
+    for (d, p) in a.rollout.devices() {
+        if is_failure(p.last.as_ref()) {
+            continue;
+        }
+        st.rolled_back.add_device(d.to_owned());
+        rolled.push(d.to_owned());
+        out.push(Action::Publish {
+            topic: topics::deploy_manifest(d),
+            payload: st.rollback.manifest_payload(),
+            retain: true,
+        });
+    }
+    let s = a.rollout.summary();
+    out.push(Action::Event(Event::RolloutDecision {
+        deployment_id: id.to_owned(),
+        decision: "halted",
+        wave: st.waves.waves.len().checked_sub(1),
+        devices: rolled,
+        healthy: s.healthy,
+        failed: s.failed.max(failures),
+        reason: Some(reason),
+    }));
+    out
 }
 
 fn progress_file(a: &Active, now_ms: u64) -> ProgressFile {
@@ -444,6 +963,17 @@ fn progress_file(a: &Active, now_ms: u64) -> ProgressFile {
         resends_ignored: a.resends_ignored,
         finished: a.finished.clone(),
         updated_ms: now_ms,
+        waves: a.staged.as_ref().map(|st| st.waves.clone()),
+        rollback: a
+            .staged
+            .as_ref()
+            .map(|st| {
+                st.rolled_back
+                    .devices()
+                    .map(|(d, p)| (d.to_owned(), p.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
