@@ -1273,4 +1273,296 @@ mod tests {
         assert_eq!(chunk_indexes(&e.tick(3, 8)), vec![2, 3]);
         assert_eq!(e.take_dirty(4)[0].devices["d1"].chunks_sent, 4);
     }
+
+    fn staged_package(id: &str, version: u64) -> Package {
+        let bytes = if version == 2 {
+            BYTES.to_vec()
+        } else {
+            vec![3; 12]
+        };
+        Package::build(
+            PackageSpec {
+                deployment_id: id.into(),
+                target: Target::Group("lab".into()),
+                version,
+                now_ms: 0,
+                ttl_ms: 100_000,
+                kind: DeployKind::Pipeline,
+                pipeline_toml: Some(String::new()),
+                chunk_size: 10,
+                health: HealthCheck {
+                    messages: 0,
+                    seconds: 0,
+                },
+            },
+            vec![ArtifactFile {
+                name: "a.wasm".into(),
+                version: "0".into(),
+                bytes,
+            }],
+            &SigningKey::from_bytes(&[9; 32]),
+        )
+        .expect("builds")
+    }
+
+    fn strategy() -> Strategy {
+        Strategy {
+            canary: "1".parse().expect("amount"),
+            batch: "2".parse().expect("amount"),
+            soak_ms: 0,
+            wave_timeout_ms: 60_000,
+            max_failures: "0".parse().expect("amount"),
+            rollback_id: "dep-1-rollback".into(),
+        }
+    }
+
+    fn decisions(actions: &[Action]) -> Vec<(&'static str, Vec<String>)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event(Event::RolloutDecision {
+                    decision, devices, ..
+                }) => Some((*decision, devices.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn manifest_to(actions: &[Action], device: &str) -> Option<String> {
+        actions.iter().find_map(|a| match a {
+            Action::Publish {
+                topic,
+                payload,
+                retain: true,
+            } if *topic == topics::deploy_manifest(device) => Some(if payload.is_empty() {
+                "cleared".to_owned()
+            } else {
+                protocol::v1::deploy::SignedManifest::from_json(payload)
+                    .ok()
+                    .and_then(|s| s.peek_unverified())
+                    .map_or("?".into(), |m| m.deployment_id)
+            }),
+            _ => None,
+        })
+    }
+
+    fn members() -> Vec<String> {
+        (0..5).map(|i| format!("d{i}")).collect()
+    }
+
+    #[test]
+    fn staged_rollout_halts_on_a_failure_and_rolls_the_updated_devices_back() {
+        let mut e = Engine::default();
+        let out = e.start_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            strategy(),
+            members(),
+            0,
+        );
+        // Only the canary gets the manifest, on its own topic; nothing on the group's.
+        assert_eq!(manifest_to(&out, "d0").as_deref(), Some("dep-1"));
+        assert!(manifest_to(&out, "d1").is_none());
+        assert!(
+            !publishes(&out)
+                .iter()
+                .any(|(t, _, _)| *t == topics::group_deploy_manifest("lab"))
+        );
+        assert_eq!(decisions(&out), vec![("launched", vec!["d0".to_owned()])]);
+        assert_eq!(e.queued(), 4);
+        let chunks = e.tick(1, 8);
+        assert!(
+            publishes(&chunks)
+                .iter()
+                .all(|(t, _, _)| *t == topics::group_deploy_chunk("lab"))
+        );
+        // A device outside the launched waves is not answered.
+        let sha = sha256_hex(&BYTES);
+        assert!(matches!(
+            &e.on_resend("d3", &resend("dep-1", &sha, vec![0]))[..],
+            [Action::Event(Event::DeployResend { chunks: 0, .. })]
+        ));
+
+        let out = e.on_status("d0", "m1", &status("dep-1", Step::Healthy), 2);
+        let d = decisions(&out);
+        assert_eq!(d[0].0, "gate_passed");
+        assert_eq!(d[1], ("launched", vec!["d1".to_owned(), "d2".to_owned()]));
+        assert_eq!(manifest_to(&out, "d1").as_deref(), Some("dep-1"));
+        // d2 fails its health check: the budget of 0 is crossed; d0 (healthy) and d1 (on its
+        // way) get the rollback, d2 (already back) does not.
+        let out = e.on_status(
+            "d2",
+            "m2",
+            &status(
+                "dep-1",
+                Step::RolledBack {
+                    reason: "trap".into(),
+                },
+            ),
+            3,
+        );
+        let d = decisions(&out);
+        assert_eq!(d, vec![("halted", vec!["d0".to_owned(), "d1".to_owned()])]);
+        assert_eq!(manifest_to(&out, "d0").as_deref(), Some("dep-1-rollback"));
+        assert_eq!(manifest_to(&out, "d1").as_deref(), Some("dep-1-rollback"));
+        assert!(manifest_to(&out, "d2").is_none());
+        assert_eq!(e.queued(), 0, "no more chunks of the halted version");
+        // No wave starts again, whatever the time.
+        assert!(decisions(&e.tick(99_999, 8)).is_empty());
+
+        // d1 was in its health check and refused the rollback as busy, then committed: it
+        // gets the rollback again.
+        let rb = |step| DeployStatus {
+            deployment_id: "dep-1-rollback".into(),
+            version: 3,
+            step,
+            chunks_dropped: 0,
+        };
+        e.on_status(
+            "d1",
+            "m3",
+            &rb(Step::Rejected {
+                reason: "busy".into(),
+            }),
+            4,
+        );
+        let out = e.on_status("d1", "m4", &status("dep-1", Step::Healthy), 5);
+        assert_eq!(manifest_to(&out, "d1").as_deref(), Some("dep-1-rollback"));
+        let saved = e.take_dirty(5).remove(0);
+        assert!(saved.waves.as_ref().is_some_and(Waves::is_halted));
+        assert_eq!(saved.rollback.keys().collect::<Vec<_>>(), vec!["d0", "d1"]);
+
+        // Its rollback chunks are answered from the rollback package.
+        let rb_sha = sha256_hex(&[3; 12]);
+        e.on_resend("d0", &resend("dep-1-rollback", &rb_sha, vec![0]));
+        assert_eq!(chunk_indexes(&e.tick(6, 8)), vec![0]);
+
+        e.on_status("d0", "m5", &rb(Step::Healthy), 7);
+        let out = e.on_status("d1", "m6", &rb(Step::Healthy), 8);
+        match out.iter().find_map(|a| match a {
+            Action::Event(Event::DeploymentFinished { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        }) {
+            Some(reason) => assert!(
+                reason.starts_with("halted: 1 devices failed")
+                    && reason.contains("rolled back 2 of 2"),
+                "{reason}"
+            ),
+            None => panic!("not finished: {out:?}"),
+        }
+        for d in ["d0", "d1", "d2"] {
+            assert_eq!(manifest_to(&out, d).as_deref(), Some("cleared"), "{d}");
+        }
+        let last = e.take_dirty(9).remove(0);
+        assert!(last.finished.is_some());
+        assert!(!e.contains("dep-1"));
+    }
+
+    #[test]
+    fn staged_rollout_completes_pauses_takes_joiners_and_resumes_after_a_restart() {
+        let mut e = Engine::default();
+        e.start_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            strategy(),
+            members(),
+            0,
+        );
+        e.on_status("d0", "m1", &status("dep-1", Step::Healthy), 1);
+        e.on_status("d1", "m2", &status("dep-1", Step::Healthy), 2);
+        // Paused with d2 still on its way: its gate passes, nothing new starts.
+        let out = e.control("dep-1", Control::Pause, 3).expect("pauses");
+        assert_eq!(decisions(&out), vec![("paused", vec![])]);
+        let out = e.on_status("d2", "m3", &status("dep-1", Step::Healthy), 4);
+        assert_eq!(decisions(&out)[0].0, "gate_passed");
+        assert_eq!(decisions(&out).len(), 1);
+        e.on_registered("d9", &["lab".into()]);
+        assert!(matches!(
+            e.control("dep-x", Control::Pause, 4),
+            Err(ControlError::Unknown(_))
+        ));
+
+        // The coordinator restarts here.
+        let saved = e.take_dirty(5).remove(0);
+        let waves = saved.waves.clone().expect("staged");
+        assert_eq!(waves.pending, vec!["d3", "d4", "d9"]);
+        let mut e = Engine::default();
+        let out = e.resume_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            saved,
+            waves,
+            6,
+        );
+        // Everyone launched is final: nothing to republish, and still paused.
+        assert!(manifest_to(&out, "d0").is_none());
+        assert!(decisions(&out).is_empty());
+
+        let out = e.control("dep-1", Control::Resume, 7).expect("resumes");
+        assert_eq!(
+            decisions(&out),
+            vec![
+                ("resumed", vec![]),
+                ("launched", vec!["d3".to_owned(), "d4".to_owned()])
+            ]
+        );
+        e.on_status("d3", "m4", &status("dep-1", Step::Healthy), 8);
+        let out = e.on_status("d4", "m5", &status("dep-1", Step::Healthy), 9);
+        assert_eq!(decisions(&out)[1], ("launched", vec!["d9".to_owned()]));
+        let out = e.on_status("d9", "m6", &status("dep-1", Step::Healthy), 10);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event::DeploymentFinished { healthy: 6, failed: 0, reason, .. }) if reason.contains("every wave passed")
+        )));
+        assert!(matches!(
+            e.control("dep-1", Control::Abort, 11),
+            Err(ControlError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn abort_rolls_back_and_a_silent_device_does_not_hold_a_wave() {
+        let mut e = Engine::default();
+        e.start_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            strategy(),
+            members(),
+            0,
+        );
+        // d0 never answers: at the wave timeout the gate passes anyway.
+        let out = e.tick(60_000, 8);
+        let d = decisions(&out);
+        assert_eq!(d[0].0, "gate_passed");
+        assert_eq!(d[1], ("launched", vec!["d1".to_owned(), "d2".to_owned()]));
+        e.on_status("d1", "m1", &status("dep-1", Step::Healthy), 60_001);
+        let out = e.control("dep-1", Control::Abort, 60_002).expect("aborts");
+        assert_eq!(
+            decisions(&out),
+            vec![(
+                "halted",
+                vec!["d0".to_owned(), "d1".to_owned(), "d2".to_owned()]
+            )]
+        );
+        assert!(matches!(
+            e.control("dep-1", Control::Resume, 60_003),
+            Err(ControlError::Halted(_))
+        ));
+        // d2 then fails the new version on its own: nothing to roll back there.
+        e.on_status(
+            "d2",
+            "m2",
+            &status(
+                "dep-1",
+                Step::Failed {
+                    reason: "superseded".into(),
+                },
+            ),
+            60_004,
+        );
+        assert_eq!(
+            e.take_dirty(60_005)[0].rollback.keys().collect::<Vec<_>>(),
+            vec!["d0", "d1"]
+        );
+    }
 }
