@@ -351,9 +351,9 @@ pub(crate) fn watch(
         }
         for (device, p) in &final_progress.rollback {
             match outcome(p) {
-                Outcome::Healthy => println!("{device}: rolled back to the previous pipeline"),
+                Outcome::Healthy => println!("rollback {device}: back on the previous pipeline"),
                 Outcome::Failed(m) | Outcome::Pending(m) => {
-                    println!("{device}: rollback not confirmed ({m})")
+                    println!("rollback {device}: not confirmed ({m})")
                 }
             }
         }

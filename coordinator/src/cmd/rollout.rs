@@ -45,12 +45,26 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             Control::Abort => w.is_halted(),
         }
     };
-    let progress = spool::read_progress(&state_dir, &id)?.with_context(|| {
-        format!(
-            "no rollout {id} in {} (is the id right, and did serve pick it up?)",
-            state_dir.display()
-        )
-    })?;
+    // Just spooled (`deploy --no-wait`): give serve its pick-up time.
+    let spooled = spool::spool_dir(&state_dir).join(&id);
+    let start = std::time::Instant::now();
+    let progress = loop {
+        match spool::read_progress(&state_dir, &id)? {
+            Some(p) => break p,
+            None if spooled.exists() && start.elapsed() < PICKUP_TIMEOUT => {
+                std::thread::sleep(PROGRESS_POLL)
+            }
+            None if spooled.exists() => anyhow::bail!(
+                "rollout {id} is spooled but no coordinator picked it up within {} s; is `edge-coordinator serve` running with state_dir {}?",
+                PICKUP_TIMEOUT.as_secs(),
+                state_dir.display()
+            ),
+            None => anyhow::bail!(
+                "no rollout {id} in {} (is the id right?)",
+                state_dir.display()
+            ),
+        }
+    };
     if let Some(reason) = &progress.finished {
         anyhow::bail!("rollout {id} has finished: {reason}");
     }

@@ -585,16 +585,20 @@ impl Engine {
             chunks_dropped: (status.chunks_dropped > 0).then_some(status.chunks_dropped),
         })];
         if let Some(owner) = self.rollback_of.get(&status.deployment_id).cloned() {
-            if let Some(st) = self
-                .active
-                .get_mut(&owner)
-                .filter(|a| a.finished.is_none())
-                .and_then(|a| {
-                    a.dirty = true;
-                    a.staged.as_mut()
-                })
+            if let Some(a) = self.active.get_mut(&owner).filter(|a| a.finished.is_none())
+                && let Some(st) = a.staged.as_mut()
             {
-                st.rolled_back.on_status(device, status);
+                a.dirty = true;
+                let on_its_way = a.rollout.progress(device).is_some_and(|p| !p.is_final());
+                if on_its_way && matches!(status.step, protocol::v1::deploy::Step::Rejected { .. })
+                {
+                    // Refused while the new version is still in its health check (busy):
+                    // not final; its report on the new version decides (see below).
+                    st.rolled_back.remove_device(device);
+                    st.rolled_back.add_device(device.to_owned());
+                } else {
+                    st.rolled_back.on_status(device, status);
+                }
             }
             out.extend(self.check_done(&owner, now_ms));
             return out;
@@ -1444,7 +1448,7 @@ mod tests {
             _ => None,
         }) {
             Some(reason) => assert!(
-                reason.starts_with("halted: 1 devices failed")
+                reason.starts_with("halted: 1 of 5 devices failed")
                     && reason.contains("rolled back 2 of 2"),
                 "{reason}"
             ),

@@ -117,7 +117,7 @@ pub struct Waves {
     pub strategy: Strategy,
     /// Launched waves, in order; the last is the current one.
     pub waves: Vec<Vec<String>>,
-    /// Members not launched yet, in the order they will be.
+    /// Members not launched yet, in the order they would be (after a halt: never updated).
     pub pending: Vec<String>,
     /// Coordinator clock when the current wave started.
     pub wave_started_ms: u64,
@@ -204,7 +204,6 @@ impl Waves {
         self.phase = Phase::Halted {
             reason: reason.clone(),
         };
-        self.pending.clear();
         Some(Decision::Halt {
             reason,
             failures: 0,
@@ -221,13 +220,12 @@ impl Waves {
         let allowed = self.strategy.max_failures.allowed(self.total);
         if failures > allowed {
             let reason = format!(
-                "{failures} devices failed, over --max-failures {} ({allowed} of {} devices)",
-                self.strategy.max_failures, self.total
+                "{failures} of {} devices failed, over --max-failures {} ({allowed} allowed)",
+                self.total, self.strategy.max_failures
             );
             self.phase = Phase::Halted {
                 reason: reason.clone(),
             };
-            self.pending.clear();
             return vec![Decision::Halt { reason, failures }];
         }
         let mut out = Vec::new();
@@ -450,7 +448,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(w.is_halted());
-        assert!(w.pending.is_empty());
+        assert_eq!(w.pending.len(), 8, "the rest were never updated");
         // Halted for good: nothing launches, nobody joins, a second abort is a no-op.
         assert!(w.step(&r, 10_000).is_empty());
         assert!(!w.join("d11"));
