@@ -344,6 +344,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
     journal.wait_for("every device on v4", WAIT, |j| {
         DEVICES.iter().all(|d| telemetry_version(j, d) == Some(4))
     })?;
+    // A device that joins the group after the rollout gets the group's current version.
+    let mut o = AgentOptions::new("cn-late", coord.url());
+    o.telemetry_interval_s = 1;
+    o.trust_deployments(&key, &["lab"], 1000);
+    agents.push(Agent::start(&env.path("cn-late"), o)?);
+    journal.wait_for("the late device on v4", WAIT, |j| {
+        telemetry_version(j, "cn-late") == Some(4)
+    })?;
     drop(agents);
     Ok(())
 }

@@ -21,7 +21,12 @@
 //!   each updated device's manifest with the rollback deployment's (its own resends answered
 //!   from the rollback package). It ends when every wave passed its gate and soak and every
 //!   launched device is final, or, halted, when every device rolled back is final; then the
-//!   device topics it used are cleared.
+//!   device topics it used are cleared;
+//! - a group rollout that ends well (every device healthy; a staged one every wave through)
+//!   stays the group's *current version* until its manifest expires or a newer deployment to
+//!   the group replaces it: its manifest stays retained on the group topic and resends for it
+//!   are answered, so a device that joins the group later installs it (the signed manifest's
+//!   expiry, `deploy --ttl-secs`, bounds how long; serve cannot sign a new one).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
@@ -62,6 +67,16 @@ struct Active {
     dirty: bool,
     /// Set for a staged rollout.
     staged: Option<Staged>,
+    /// Finished, and served to joining devices (see [`Serving`]).
+    serving: bool,
+}
+
+/// A finished group rollout that is the group's current version (see the module docs).
+struct Serving {
+    package: Package,
+    manifest_topic: String,
+    /// Its final progress, written again with `serving: false` when serving ends.
+    progress: ProgressFile,
 }
 
 /// A staged rollout's waves and its rollback deployment.
@@ -112,6 +127,10 @@ pub struct Engine {
     retained: BTreeMap<String, String>,
     /// Rollback deployment id -> the staged rollout it belongs to.
     rollback_of: BTreeMap<String, String>,
+    /// Deployment id -> a finished group rollout still served to joining devices.
+    serving: BTreeMap<String, Serving>,
+    /// Progress files of rollouts that stopped being served, for [`Engine::take_dirty`].
+    served: Vec<ProgressFile>,
     totals: EngineTotals,
 }
 
@@ -216,6 +235,7 @@ impl Engine {
         if let Some(older) = self.retained.insert(manifest_topic.clone(), id.clone())
             && older != id
         {
+            self.end_serving(&older);
             out.extend(self.finish(&older, format!("superseded by deployment {id}")));
         }
         out.push(Action::Publish {
@@ -241,6 +261,7 @@ impl Engine {
                 finished: None,
                 dirty: true,
                 staged: None,
+                serving: false,
             },
         );
         out
@@ -362,6 +383,7 @@ impl Engine {
                     rollback,
                     rolled_back,
                 }),
+                serving: false,
             },
         );
         out.extend(self.decide(&id, now_ms));
@@ -459,6 +481,7 @@ impl Engine {
         let Some(st) = a.staged.as_ref() else {
             return Vec::new();
         };
+        let serve = !st.waves.is_halted();
         let reason = match &st.waves.phase {
             Phase::Halted { reason } if st.rolled_back.is_finished() => {
                 let s = st.rolled_back.summary();
@@ -476,7 +499,7 @@ impl Engine {
             }
             _ => return Vec::new(),
         };
-        self.finish(id, reason)
+        self.finish_serving(id, reason, serve)
     }
 
     /// Pause, resume or abort a staged rollout.
@@ -647,7 +670,13 @@ impl Engine {
             return out;
         }
         if a.rollout.is_finished() {
-            out.extend(self.finish(&status.deployment_id, "every device is final".into()));
+            let s = a.rollout.summary();
+            let serve = a.group.is_some() && s.failed == 0 && s.healthy > 0;
+            out.extend(self.finish_serving(
+                &status.deployment_id,
+                "every device is final".into(),
+                serve,
+            ));
         }
         out.extend(self.check_expiry(&status.deployment_id, now_ms));
         out
@@ -659,6 +688,12 @@ impl Engine {
         let id = request.deployment_id.clone();
         if let Some(owner) = self.rollback_of.get(&id).cloned() {
             return self.on_rollback_resend(&owner, device, request, asked);
+        }
+        if let Some(s) = self.serving.get(&id) {
+            // A device that joined the group after the rollout.
+            let mut r = Rollout::new(&s.package.manifest, [device.to_owned()]);
+            let chunks = r.on_resend(device, request, MAX_RESEND_CHUNKS);
+            return self.answer_resend(device, &id, chunks, asked);
         }
         let chunks = match self.active.get_mut(&id).filter(|a| a.finished.is_none()) {
             Some(a)
@@ -699,6 +734,36 @@ impl Engine {
         vec![Action::Event(Event::DeployResend {
             device: device.to_owned(),
             deployment_id: id,
+            chunks: count as u32,
+            ignored: ignored as u32,
+        })]
+    }
+
+    fn answer_resend(
+        &mut self,
+        device: &str,
+        id: &str,
+        chunks: Vec<(String, u32)>,
+        asked: usize,
+    ) -> Vec<Action> {
+        let ignored = asked - chunks.len();
+        self.totals.resend_entries_ignored += ignored as u64;
+        let count = chunks.len();
+        for (sha256, index) in chunks {
+            self.enqueue(
+                true,
+                Queued {
+                    deployment_id: id.to_owned(),
+                    topic: topics::deploy_chunk(device),
+                    device: Some(device.to_owned()),
+                    sha256,
+                    index,
+                },
+            );
+        }
+        vec![Action::Event(Event::DeployResend {
+            device: device.to_owned(),
+            deployment_id: id.to_owned(),
             chunks: count as u32,
             ignored: ignored as u32,
         })]
@@ -765,6 +830,26 @@ impl Engine {
             out.extend(self.decide(id, now_ms));
             out.extend(self.check_expiry(id, now_ms));
         }
+        let expired: Vec<String> = self
+            .serving
+            .iter()
+            .filter(|(_, s)| now_ms >= s.package.manifest.expires_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(s) = self.serving.get(&id)
+                && self.retained.get(&s.manifest_topic) == Some(&id)
+            {
+                self.retained.remove(&s.manifest_topic);
+                out.push(Action::Publish {
+                    topic: s.manifest_topic.clone(),
+                    payload: Vec::new(),
+                    retain: true,
+                });
+            }
+            tracing::info!(deployment_id = %id, "the group's current version expired; devices joining now get no deployment");
+            self.end_serving(&id);
+        }
         let mut sent = 0;
         while sent < budget {
             let (q, resend) = match self.resends.pop_front() {
@@ -775,6 +860,23 @@ impl Engine {
                 },
             };
             self.queued.remove(&q);
+            if let Some(s) = self.serving.get(&q.deployment_id) {
+                let Some(payload) = s
+                    .package
+                    .chunk(&q.sha256, q.index)
+                    .and_then(|c| c.encode().ok())
+                else {
+                    continue;
+                };
+                self.totals.chunks_resent += 1;
+                sent += 1;
+                out.push(Action::Publish {
+                    topic: q.topic,
+                    payload,
+                    retain: false,
+                });
+                continue;
+            }
             if let Some(owner) = self.rollback_of.get(&q.deployment_id) {
                 // A rollback chunk: always a resend to one device.
                 let Some(st) = self
@@ -856,6 +958,11 @@ impl Engine {
     }
 
     fn finish(&mut self, id: &str, reason: String) -> Vec<Action> {
+        self.finish_serving(id, reason, false)
+    }
+
+    /// Ends a rollout; with `serve`, it stays the group's current version (module docs).
+    fn finish_serving(&mut self, id: &str, reason: String, serve: bool) -> Vec<Action> {
         let Some(a) = self.active.get_mut(id).filter(|a| a.finished.is_none()) else {
             return Vec::new();
         };
@@ -863,6 +970,26 @@ impl Engine {
         a.dirty = true;
         let summary = a.rollout.summary();
         let mut out = Vec::new();
+        if serve {
+            a.serving = true;
+            if a.staged.is_some() {
+                out.push(Action::Publish {
+                    topic: a.manifest_topic.clone(),
+                    payload: a.package.manifest_payload(),
+                    retain: true,
+                });
+            }
+            let mut progress = progress_file(a, 0);
+            progress.serving = false;
+            self.serving.insert(
+                id.to_owned(),
+                Serving {
+                    package: a.package.clone(),
+                    manifest_topic: a.manifest_topic.clone(),
+                    progress,
+                },
+            );
+        }
         if a.staged.is_some() {
             // Every device topic it published a manifest on (new version or rollback).
             for (d, _) in a.rollout.devices() {
@@ -873,7 +1000,14 @@ impl Engine {
                 });
             }
         }
-        if self.retained.get(&a.manifest_topic).map(String::as_str) == Some(id) {
+        let mut replaced = None;
+        if serve {
+            // The group topic is ours now; the version it held before stops being served.
+            replaced = self
+                .retained
+                .insert(a.manifest_topic.clone(), id.to_owned())
+                .filter(|older| older != id);
+        } else if self.retained.get(&a.manifest_topic).map(String::as_str) == Some(id) {
             self.retained.remove(&a.manifest_topic);
             out.push(Action::Publish {
                 topic: a.manifest_topic.clone(),
@@ -893,17 +1027,77 @@ impl Engine {
             .staged
             .as_ref()
             .map(|st| st.rollback.manifest.deployment_id.clone());
-        self.drop_queued(id);
+        if !serve {
+            self.drop_queued(id);
+        }
         if let Some(rb) = rollback {
             self.drop_queued(&rb);
         }
+        if let Some(older) = replaced {
+            self.end_serving(&older);
+        }
         out
+    }
+
+    /// Stops serving a group's former current version (replaced, or expired).
+    fn end_serving(&mut self, id: &str) {
+        if let Some(s) = self.serving.remove(id) {
+            self.drop_queued(id);
+            self.served.push(s.progress);
+        }
+    }
+
+    /// Resumes serving a finished group rollout after a restart (its progress file says
+    /// `serving`): the retained manifest again, resends answered.
+    pub fn resume_serving(
+        &mut self,
+        package: Package,
+        mut progress: ProgressFile,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let id = package.manifest.deployment_id.clone();
+        let Target::Group(g) = &package.manifest.target else {
+            return Vec::new();
+        };
+        let topic = topics::group_deploy_manifest(g);
+        progress.serving = false;
+        if now_ms >= package.manifest.expires_ms {
+            self.served.push(progress);
+            return Vec::new();
+        }
+        let out = vec![Action::Publish {
+            topic: topic.clone(),
+            payload: package.manifest_payload(),
+            retain: true,
+        }];
+        self.retained.insert(topic.clone(), id.clone());
+        self.serving.insert(
+            id,
+            Serving {
+                package,
+                manifest_topic: topic,
+                progress,
+            },
+        );
+        out
+    }
+
+    /// Group rollouts served to joining devices.
+    pub fn serving_count(&self) -> usize {
+        self.serving.len()
     }
 
     /// Progress of every rollout that changed since the last call; finished rollouts are
     /// forgotten once returned here.
     pub fn take_dirty(&mut self, now_ms: u64) -> Vec<ProgressFile> {
-        let mut out = Vec::new();
+        let mut out: Vec<ProgressFile> = self
+            .served
+            .drain(..)
+            .map(|mut p| {
+                p.updated_ms = now_ms;
+                p
+            })
+            .collect();
         for a in self.active.values_mut().filter(|a| a.dirty) {
             a.dirty = false;
             out.push(progress_file(a, now_ms));
@@ -968,6 +1162,7 @@ fn progress_file(a: &Active, now_ms: u64) -> ProgressFile {
         finished: a.finished.clone(),
         updated_ms: now_ms,
         waves: a.staged.as_ref().map(|st| st.waves.clone()),
+        serving: a.serving,
         rollback: a
             .staged
             .as_ref()
@@ -1568,5 +1763,80 @@ mod tests {
             e.take_dirty(60_005)[0].rollback.keys().collect::<Vec<_>>(),
             vec!["d0", "d1"]
         );
+    }
+
+    #[test]
+    fn a_healthy_group_rollout_stays_the_groups_version_for_joiners_until_it_expires() {
+        let mut e = Engine::default();
+        let sha = sha256_hex(&BYTES);
+        e.start(
+            package("dep-1", Target::Group("lab".into())),
+            vec!["d1".into()],
+            0,
+        );
+        e.tick(1, 8);
+        let out = e.on_status("d1", "m1", &status("dep-1", Step::Healthy), 2);
+        // Finished, but the group manifest stays retained.
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event::DeploymentFinished { healthy: 1, .. })
+        )));
+        assert!(
+            publishes(&out).is_empty(),
+            "nothing cleared: {:?}",
+            publishes(&out)
+        );
+        assert_eq!(e.serving_count(), 1);
+        let saved = e.take_dirty(3).remove(0);
+        assert!(saved.serving && saved.finished.is_some());
+        // d9 joins the group later: its resends are answered on its own topic.
+        assert!(matches!(
+            &e.on_resend("d9", &resend("dep-1", &sha, vec![0, 3]))[..],
+            [Action::Event(Event::DeployResend { chunks: 2, .. })]
+        ));
+        let out = e.tick(4, 8);
+        assert_eq!(chunk_indexes(&out), vec![0, 3]);
+        assert!(
+            publishes(&out)
+                .iter()
+                .all(|(t, _, _)| *t == topics::deploy_chunk("d9"))
+        );
+
+        // After a restart it is served again, until the manifest expires.
+        let mut e = Engine::default();
+        let out = e.resume_serving(package("dep-1", Target::Group("lab".into())), saved, 5);
+        assert_eq!(publishes(&out).len(), 1);
+        assert!(publishes(&out)[0].2);
+        let out = e.tick(10_000, 8);
+        assert_eq!(
+            publishes(&out),
+            vec![(topics::group_deploy_manifest("lab"), 0, true)]
+        );
+        assert_eq!(e.serving_count(), 0);
+        let ended = e.take_dirty(10_001);
+        assert!(!ended[0].serving, "its artifacts may go now");
+        // A rollout with a failure is not served.
+        let mut e = Engine::default();
+        e.start(
+            package("dep-2", Target::Group("lab".into())),
+            vec!["d1".into()],
+            0,
+        );
+        let out = e.on_status(
+            "d1",
+            "m1",
+            &status(
+                "dep-2",
+                Step::RolledBack {
+                    reason: "trap".into(),
+                },
+            ),
+            1,
+        );
+        assert_eq!(
+            publishes(&out),
+            vec![(topics::group_deploy_manifest("lab"), 0, true)]
+        );
+        assert_eq!(e.serving_count(), 0);
     }
 }

@@ -66,7 +66,19 @@ impl DeployHost {
                     continue;
                 }
             };
-            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
+            if let Some(p) = progress.as_ref().filter(|p| p.finished.is_some()) {
+                // Still the group's current version: served to joining devices again.
+                if p.serving {
+                    let dir = spool::rollout_dir(&self.state_dir, &id);
+                    match spool::load_package(&dir) {
+                        Ok(package) => {
+                            out.extend(self.engine.resume_serving(package, p.clone(), now))
+                        }
+                        Err(e) => {
+                            tracing::warn!(deployment_id = %id, error = %e, "cannot load the group's current version; devices joining get no deployment")
+                        }
+                    }
+                }
                 continue;
             }
             let dir = spool::rollout_dir(&self.state_dir, &id);
@@ -223,6 +235,7 @@ impl DeployHost {
             finished: Some(reason.clone()),
             updated_ms: now,
             waves: None,
+            serving: false,
             rollback: Default::default(),
         };
         if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
@@ -239,14 +252,14 @@ impl DeployHost {
     }
 
     /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
-    /// copies are deleted once its final progress is on disk.
+    /// copies are deleted once its final progress is on disk and it is not served any more.
     pub fn write_progress(&mut self, now: u64) {
         for progress in self.engine.take_dirty(now) {
             if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
                 tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
                 continue;
             }
-            if progress.finished.is_some() {
+            if progress.finished.is_some() && !progress.serving {
                 let dir = spool::rollout_dir(&self.state_dir, &progress.deployment_id);
                 let rollback = dir.join("rollback");
                 for dir in std::iter::once(dir).chain(rollback.is_dir().then_some(rollback)) {

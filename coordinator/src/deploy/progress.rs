@@ -34,6 +34,10 @@ pub struct ProgressFile {
     /// A staged rollout's waves, phase and strategy (`None`: the whole target at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waves: Option<super::waves::Waves>,
+    /// Finished, and still the group's current version: its manifest stays retained and
+    /// joining devices get it until it expires or a newer deployment replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serving: bool,
     /// A halted staged rollout: the devices being rolled back, and how far.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rollback: BTreeMap<String, DeviceProgress>,

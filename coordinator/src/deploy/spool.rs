@@ -414,6 +414,7 @@ mod tests {
             finished: Some("expired".into()),
             updated_ms: 4,
             waves: None,
+            serving: false,
             rollback: BTreeMap::new(),
         };
         write_progress(state, &progress).expect("writes");
