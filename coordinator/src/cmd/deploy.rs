@@ -70,24 +70,24 @@ pub(crate) struct DeployArgs {
     /// --max-failures.
     #[arg(long, value_enum, default_value_t = StrategyKind::All)]
     strategy: StrategyKind,
-    /// Canary wave: N devices or P% of the group.
-    #[arg(long, default_value = "1", requires = "rollback_to")]
-    canary: Amount,
-    /// Each later wave: N devices or P% of the group.
-    #[arg(long, default_value = "25%", requires = "rollback_to")]
-    batch: Amount,
+    /// Canary wave: N devices or P% of the group [default: 1].
+    #[arg(long)]
+    canary: Option<Amount>,
+    /// Each later wave: N devices or P% of the group [default: 25%].
+    #[arg(long)]
+    batch: Option<Amount>,
     /// Seconds to wait after a wave passed its health gate before the next starts (failures
-    /// reported meanwhile still count).
-    #[arg(long, default_value_t = 60)]
-    soak_secs: u64,
+    /// reported meanwhile still count) [default: 60].
+    #[arg(long)]
+    soak_secs: Option<u64>,
     /// A wave passes its gate when all its devices reported a final step, or after this many
-    /// seconds (silent devices are not failures; they keep their manifest).
-    #[arg(long, default_value_t = 600)]
-    wave_timeout_secs: u64,
+    /// seconds (silent devices are not failures; they keep their manifest) [default: 600].
+    #[arg(long)]
+    wave_timeout_secs: Option<u64>,
     /// Failures (rolled back, failed, rejected) allowed over the whole rollout: N devices or
-    /// P% of the group; one more halts it and rolls the updated devices back.
-    #[arg(long, default_value = "0")]
-    max_failures: Amount,
+    /// P% of the group; one more halts it and rolls the updated devices back [default: 0].
+    #[arg(long)]
+    max_failures: Option<Amount>,
     /// With --strategy canary: the pipeline the devices ran before, deployed (as version
     /// --version + 1) to every updated device if the rollout halts.
     #[arg(long)]
@@ -123,10 +123,17 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
             "--strategy canary needs --rollback-to PIPELINE: the pipeline the group runs now, deployed to the updated devices if the rollout halts"
         );
     } else {
-        anyhow::ensure!(
-            args.rollback_to.is_none(),
-            "--rollback-to is only used with --strategy canary"
-        );
+        let staged_only = [
+            ("--rollback-to", args.rollback_to.is_some()),
+            ("--canary", args.canary.is_some()),
+            ("--batch", args.batch.is_some()),
+            ("--soak-secs", args.soak_secs.is_some()),
+            ("--wave-timeout-secs", args.wave_timeout_secs.is_some()),
+            ("--max-failures", args.max_failures.is_some()),
+        ];
+        if let Some((flag, _)) = staged_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} is only used with --strategy canary");
+        }
     }
     let key = load_signing_key(&args.key)?;
     let now_ms = protocol::v1::now_ms();
@@ -192,19 +199,20 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
             let rollback = package::load(previous, rollback_spec, &key).with_context(|| {
                 format!("cannot build the rollback deployment from {}", previous.display())
             })?;
+            let soak_secs = args.soak_secs.unwrap_or(60);
             let strategy = Strategy {
-                canary: args.canary,
-                batch: args.batch,
-                soak_ms: args.soak_secs.saturating_mul(1000),
-                wave_timeout_ms: args.wave_timeout_secs.saturating_mul(1000),
-                max_failures: args.max_failures,
+                canary: args.canary.unwrap_or(Amount::Count(1)),
+                batch: args.batch.unwrap_or(Amount::Percent(25.0)),
+                soak_ms: soak_secs.saturating_mul(1000),
+                wave_timeout_ms: args.wave_timeout_secs.unwrap_or(600).saturating_mul(1000),
+                max_failures: args.max_failures.unwrap_or(Amount::Count(0)),
                 rollback_id: rollback.manifest.deployment_id.clone(),
             };
             eprintln!(
                 "canary {} then batches of {}, soak {} s, at most {} failures; a halt rolls the updated devices back with deployment {} version {} (the next deployment needs a version above it)",
                 strategy.canary,
                 strategy.batch,
-                args.soak_secs,
+                soak_secs,
                 strategy.max_failures,
                 rollback.manifest.deployment_id,
                 rollback.manifest.version

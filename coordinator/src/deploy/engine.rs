@@ -1839,4 +1839,51 @@ mod tests {
         );
         assert_eq!(e.serving_count(), 0);
     }
+
+    #[test]
+    fn a_restart_mid_wave_republishes_what_waiting_devices_need() {
+        let mut e = Engine::default();
+        e.start_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            strategy(),
+            members(),
+            0,
+        );
+        // The canary has not answered when the coordinator stops.
+        let saved = e.take_dirty(1).remove(0);
+        let mut e = Engine::default();
+        let waves = saved.waves.clone().expect("staged");
+        let out = e.resume_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            saved,
+            waves,
+            2,
+        );
+        assert_eq!(manifest_to(&out, "d0").as_deref(), Some("dep-1"));
+        assert!(manifest_to(&out, "d1").is_none());
+        assert!(
+            decisions(&out).is_empty(),
+            "the canary is not launched twice"
+        );
+
+        // Halted with d0 not yet rolled back, then another restart: d0 gets the rollback.
+        e.control("dep-1", Control::Abort, 3).expect("aborts");
+        let saved = e.take_dirty(4).remove(0);
+        let mut e = Engine::default();
+        let waves = saved.waves.clone().expect("staged");
+        let out = e.resume_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            saved,
+            waves,
+            5,
+        );
+        assert_eq!(manifest_to(&out, "d0").as_deref(), Some("dep-1-rollback"));
+        assert!(matches!(
+            e.control("dep-1", Control::Resume, 6),
+            Err(ControlError::Halted(_))
+        ));
+    }
 }
