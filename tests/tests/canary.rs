@@ -6,9 +6,10 @@
 //! second wave allows only 16 MiB: its health check fails and it rolls itself back. That
 //! crosses `--max-failures 0`: the rollout halts in that wave, the devices already on v2 get
 //! the rollback deployment (v1's pipeline as version 3) and run it, and the devices of later
-//! waves never see v2. Then a second canary rollout is paused between waves (no wave starts
-//! while paused), survives a coordinator restart still paused, is resumed, and finishes with
-//! every device on the new version.
+//! waves never see v2. Then a second canary rollout (its rollback taken from the group's
+//! current version, v1) is paused between waves (no wave starts while paused), survives a
+//! coordinator restart still paused, is resumed, and finishes with every device on the new
+//! version; a device that joins the group afterwards installs it.
 
 use std::time::Duration;
 
@@ -263,12 +264,18 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "--id",
         "calm",
         "--no-wait",
-        "--rollback-to",
-        rollback_to.as_str(),
     ];
     args.extend(health);
     let run = deploy(&coord, &["--group", "lab"], &v4, &key, 4, &args)?;
     ensure!(run.success, "spooling failed:\n{}", run.stderr);
+    // Without --rollback-to the rollback is the group's current version: v1, still served
+    // because the halted rollout never replaced it.
+    ensure!(
+        run.stderr.contains("rollback: group lab's current version")
+            && run.stderr.contains("version 1"),
+        "{}",
+        run.stderr
+    );
     journal.wait_for("the calm canary launched", WAIT, |j| {
         !decisions(j, "calm").is_empty()
     })?;

@@ -89,7 +89,8 @@ pub(crate) struct DeployArgs {
     #[arg(long)]
     max_failures: Option<Amount>,
     /// With --strategy canary: the pipeline the devices ran before, deployed (as version
-    /// --version + 1) to every updated device if the rollout halts.
+    /// --version + 1) to every updated device if the rollout halts; defaults to the group's
+    /// current version (its last healthy group rollout, while its manifest has not expired).
     #[arg(long)]
     rollback_to: Option<PathBuf>,
 }
@@ -117,10 +118,6 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         anyhow::ensure!(
             args.pipeline.is_some(),
             "--strategy canary needs a pipeline deployment (model deployments roll out with --strategy all)"
-        );
-        anyhow::ensure!(
-            args.rollback_to.is_some(),
-            "--strategy canary needs --rollback-to PIPELINE: the pipeline the group runs now, deployed to the updated devices if the rollout halts"
         );
     } else {
         let staged_only = [
@@ -193,12 +190,17 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         return Ok(());
     }
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
-    let spooled = match &args.rollback_to {
-        None => edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg),
-        Some(previous) => {
-            let rollback = package::load(previous, rollback_spec, &key).with_context(|| {
-                format!("cannot build the rollback deployment from {}", previous.display())
-            })?;
+    let spooled = match (args.strategy, &pkg.manifest.target) {
+        (StrategyKind::All, _) | (_, Target::Device(_)) => {
+            edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
+        }
+        (StrategyKind::Canary, Target::Group(group)) => {
+            let rollback = match &args.rollback_to {
+                Some(previous) => package::load(previous, rollback_spec, &key).with_context(|| {
+                    format!("cannot build the rollback deployment from {}", previous.display())
+                })?,
+                None => current_version(&state_dir, group, rollback_spec, &key)?,
+            };
             let soak_secs = args.soak_secs.unwrap_or(60);
             let strategy = Strategy {
                 canary: args.canary.unwrap_or(Amount::Count(1)),
@@ -229,6 +231,70 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
     wait_for_pickup(&state_dir, id, &spooled)?;
     watch(&state_dir, id, deadline)
+}
+
+/// The rollback package when `--rollback-to` is not given: the group's current version (the
+/// last group rollout that ended healthy and is still served to joining devices, artifacts
+/// kept in its rollout directory), signed again as the rollback.
+fn current_version(
+    state_dir: &std::path::Path,
+    group: &str,
+    spec: edge_coordinator::deploy::PackageSpec,
+    key: &protocol::v1::deploy::SigningKey,
+) -> Result<edge_coordinator::deploy::Package> {
+    use edge_coordinator::deploy::{ArtifactFile, Package, spool};
+    use protocol::v1::deploy::{DeployKind, Target};
+    let mut best: Option<(u64, String)> = None;
+    for id in spool::rollouts(state_dir)? {
+        if let Ok(Some(p)) = spool::read_progress(state_dir, &id)
+            && p.serving
+            && p.target == Target::Group(group.to_owned())
+            && best.as_ref().is_none_or(|(v, _)| p.version > *v)
+        {
+            best = Some((p.version, id));
+        }
+    }
+    let Some((version, id)) = best else {
+        anyhow::bail!(
+            "group {group} has no current version in {} (no healthy group rollout is still served: none yet, or its manifest expired); name the pipeline the group runs now with --rollback-to",
+            state_dir.display()
+        );
+    };
+    let dir = spool::rollout_dir(state_dir, &id);
+    let current = spool::load_package(&dir)
+        .with_context(|| format!("cannot read group {group}'s current version {id}"))?;
+    anyhow::ensure!(
+        current.manifest.kind == DeployKind::Pipeline,
+        "group {group}'s current version {id} is a model deployment; name the pipeline the group runs with --rollback-to"
+    );
+    let blobs: std::collections::BTreeMap<&str, &[u8]> = current.blobs().collect();
+    let files = current
+        .manifest
+        .artifacts
+        .iter()
+        .map(|a| {
+            let bytes = blobs
+                .get(a.sha256.as_str())
+                .with_context(|| format!("{}: artifact {} is missing", dir.display(), a.name))?;
+            Ok(ArtifactFile {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                bytes: bytes.to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!("rollback: group {group}'s current version, deployment {id} version {version}");
+    Package::build(
+        edge_coordinator::deploy::PackageSpec {
+            kind: DeployKind::Pipeline,
+            pipeline_toml: current.manifest.pipeline_toml.clone(),
+            chunk_size: current.manifest.chunk_size,
+            ..spec
+        },
+        files,
+        key,
+    )
+    .with_context(|| format!("cannot sign group {group}'s current version {id} as the rollback"))
 }
 
 pub(crate) fn wait_for_pickup(
