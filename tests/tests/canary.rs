@@ -9,13 +9,15 @@
 //! waves never see v2. Then a second canary rollout (its rollback taken from the group's
 //! current version, v1) is paused between waves (no wave starts while paused), survives a
 //! coordinator restart still paused, is resumed, and finishes with every device on the new
-//! version; a device that joins the group afterwards installs it.
+//! version; a device that joins the group afterwards installs it. The halt and rollback run
+//! again through mosquitto (an external broker keeps the retained per-device manifests).
 
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy, run_test,
+    Agent, AgentOptions, Coordinator, Event, Journal, Mosquitto, PipelineDir, SigningKey, TestEnv,
+    deploy, run_test,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -107,13 +109,38 @@ fn rollout(coord: &Coordinator, action: &str, id: &str) -> Result<std::process::
         .output()?)
 }
 
-fn scenario(env: &TestEnv) -> Result<()> {
-    let mut coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+#[test]
+fn canary_halt_and_rollback_through_mosquitto() {
+    run_test("canary_mosquitto", |env| {
+        let broker = Mosquitto::start(&env.path("mosquitto"))?;
+        let coord = Coordinator::start_external(&env.path("coordinator"), &broker.url())?;
+        let (agents, _, _) = halt_and_rollback(env, &coord, &broker.url())?;
+        drop(agents);
+        Ok(())
+    });
+}
+
+const HEALTH: [&str; 6] = [
+    "--health-messages",
+    "3",
+    "--health-seconds",
+    "0",
+    "--timeout-s",
+    "180",
+];
+
+/// Five agents on v1, then v2 canary-first until the failing device halts it; checks the halt,
+/// the rollback and the untouched later waves. Returns the agents, the journal and the key.
+fn halt_and_rollback(
+    env: &TestEnv,
+    coord: &Coordinator,
+    broker_url: &str,
+) -> Result<(Vec<Agent>, Journal, SigningKey)> {
     let mut journal = coord.journal();
     let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
     let mut agents = Vec::new();
     for d in DEVICES {
-        let mut o = AgentOptions::new(d, coord.url());
+        let mut o = AgentOptions::new(d, broker_url);
         o.telemetry_interval_s = 1;
         o.trust_deployments(&key, &["lab"], 1000);
         if d == FAILING {
@@ -127,14 +154,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     for d in DEVICES {
         journal.wait_registered(d, WAIT)?;
     }
-    let health = [
-        "--health-messages",
-        "3",
-        "--health-seconds",
-        "0",
-        "--timeout-s",
-        "180",
-    ];
+    let health = HEALTH;
 
     // v1 to the whole group at once.
     let v1 = PipelineDir::create(
@@ -142,7 +162,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
         &features("features"),
         &[("feature_extractor", "modules/features.wasm")],
     )?;
-    let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &health)?;
+    let run = deploy(coord, &["--group", "lab"], &v1, &key, 1, &health)?;
     ensure!(
         run.success,
         "v1 rollout failed:\n{}\n{}",
@@ -175,7 +195,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let rollback_to = v1.toml.to_string_lossy().into_owned();
     args.extend(["--rollback-to", rollback_to.as_str()]);
     args.extend(health);
-    let run = deploy(&coord, &args[..4], &v2, &key, 2, &args[4..])?;
+    let run = deploy(coord, &args[..4], &v2, &key, 2, &args[4..])?;
     ensure!(
         !run.success,
         "a halted rollout must fail the command:\n{}",
@@ -242,6 +262,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
             "{d} is outside the launched waves and must never see v2"
         );
     }
+
+    Ok((agents, journal, key))
+}
+
+fn scenario(env: &TestEnv) -> Result<()> {
+    let mut coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+    let (mut agents, mut journal, key) = halt_and_rollback(env, &coord, &coord.url())?;
+    let health = HEALTH;
 
     // A canary rollout paused after its canary: no wave starts until it is resumed; then it
     // finishes with every device on v4.
