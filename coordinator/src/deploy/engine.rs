@@ -24,7 +24,7 @@
 //!   device topics it used are cleared;
 //! - a group rollout that ends well (every device healthy; a staged one every wave through)
 //!   stays the group's *current version* until its manifest expires or a newer deployment to
-//!   the group replaces it: its manifest stays retained on the group topic and resends for it
+//!   the group ends well (a newer one that fails hands the topic back to it): its manifest stays retained on the group topic and resends for it
 //!   are answered, so a device that joins the group later installs it (the signed manifest's
 //!   expiry, `deploy --ttl-secs`, bounds how long; serve cannot sign a new one).
 
@@ -131,6 +131,9 @@ pub struct Engine {
     serving: BTreeMap<String, Serving>,
     /// Progress files of rollouts that stopped being served, for [`Engine::take_dirty`].
     served: Vec<ProgressFile>,
+    /// Rollout that took a group topic -> the served version it replaced there, which becomes
+    /// the group's current version again if that rollout does not end well.
+    shadowed: BTreeMap<String, String>,
     totals: EngineTotals,
 }
 
@@ -235,7 +238,10 @@ impl Engine {
         if let Some(older) = self.retained.insert(manifest_topic.clone(), id.clone())
             && older != id
         {
-            self.end_serving(&older);
+            // A served current version stays the fallback until this one ends well.
+            if self.serving.contains_key(&older) {
+                self.shadowed.insert(id.clone(), older.clone());
+            }
             out.extend(self.finish(&older, format!("superseded by deployment {id}")));
         }
         out.push(Action::Publish {
@@ -1036,7 +1042,38 @@ impl Engine {
         if let Some(older) = replaced {
             self.end_serving(&older);
         }
+        if let Some(older) = self.shadowed.remove(id) {
+            out.extend(self.restore_serving(id, &older, serve));
+        }
         out
+    }
+
+    /// `id` ended; `older` is the served version it had replaced on the group topic: dropped if
+    /// `id` is the group's version now, passed on if a newer deployment holds the topic, else
+    /// the group's current version again (its manifest retained once more).
+    fn restore_serving(&mut self, id: &str, older: &str, serve: bool) -> Vec<Action> {
+        if serve {
+            self.end_serving(older);
+            return Vec::new();
+        }
+        let Some(s) = self.serving.get(older) else {
+            return Vec::new();
+        };
+        match self.retained.get(&s.manifest_topic).cloned() {
+            Some(newer) if newer != id => {
+                self.shadowed.insert(newer, older.to_owned());
+                Vec::new()
+            }
+            _ => {
+                self.retained
+                    .insert(s.manifest_topic.clone(), older.to_owned());
+                vec![Action::Publish {
+                    topic: s.manifest_topic.clone(),
+                    payload: s.package.manifest_payload(),
+                    retain: true,
+                }]
+            }
+        }
     }
 
     /// Stops serving a group's former current version (replaced, or expired).
@@ -1065,12 +1102,21 @@ impl Engine {
             self.served.push(progress);
             return Vec::new();
         }
-        let out = vec![Action::Publish {
-            topic: topic.clone(),
-            payload: package.manifest_payload(),
-            retain: true,
-        }];
-        self.retained.insert(topic.clone(), id.clone());
+        let out = match self.retained.get(&topic).cloned() {
+            // A rollout resumed before it holds the topic: this version waits behind it.
+            Some(newer) if newer != id => {
+                self.shadowed.insert(newer, id.clone());
+                Vec::new()
+            }
+            _ => {
+                self.retained.insert(topic.clone(), id.clone());
+                vec![Action::Publish {
+                    topic: topic.clone(),
+                    payload: package.manifest_payload(),
+                    retain: true,
+                }]
+            }
+        };
         self.serving.insert(
             id,
             Serving {
@@ -1885,5 +1931,57 @@ mod tests {
             e.control("dep-1", Control::Resume, 6),
             Err(ControlError::Halted(_))
         ));
+    }
+
+    #[test]
+    fn a_failed_rollout_gives_the_group_its_served_version_back() {
+        let mut e = Engine::default();
+        e.start(
+            package("dep-1", Target::Group("lab".into())),
+            vec!["d1".into()],
+            0,
+        );
+        e.on_status("d1", "m1", &status("dep-1", Step::Healthy), 1);
+        assert_eq!(e.serving_count(), 1);
+        e.start(
+            package("dep-2", Target::Group("lab".into())),
+            vec!["d1".into()],
+            2,
+        );
+        let out = e.on_status(
+            "d1",
+            "m2",
+            &status(
+                "dep-2",
+                Step::RolledBack {
+                    reason: "trap".into(),
+                },
+            ),
+            3,
+        );
+        // dep-2's manifest is cleared, then dep-1's retained again: the last one stays.
+        let p = publishes(&out);
+        let last = p.last().expect("publishes");
+        assert_eq!(
+            (&last.0, last.2),
+            (&topics::group_deploy_manifest("lab"), true)
+        );
+        assert!(last.1 > 0, "dep-1's manifest, not a clear");
+        assert_eq!(e.serving_count(), 1);
+        // A healthy dep-3 replaces it for good.
+        e.start(
+            package("dep-3", Target::Group("lab".into())),
+            vec!["d1".into()],
+            4,
+        );
+        e.on_status("d1", "m3", &status("dep-3", Step::Healthy), 5);
+        assert_eq!(e.serving_count(), 1);
+        let ended: Vec<String> = e
+            .take_dirty(6)
+            .into_iter()
+            .filter(|p| !p.serving && p.finished.is_some())
+            .map(|p| p.deployment_id)
+            .collect();
+        assert!(ended.contains(&"dep-1".to_owned()), "{ended:?}");
     }
 }
