@@ -6,7 +6,8 @@
 //! - the signed manifest is published retained on the device's (or group's) manifest topic,
 //!   so a device that connects later still gets it; a newer deployment on the same topic
 //!   replaces it (the older rollout ends as superseded), and when a rollout ends its manifest
-//!   is cleared (an empty retained message) unless a newer one took the topic;
+//!   is cleared (an empty retained message) unless a newer one took the topic or it stays the
+//!   group's current version (below);
 //! - chunks go out once, not retained, on the device's chunk topic (a group's: once on the
 //!   group chunk topic), at most `budget` per [`Engine::tick`], resends first;
 //! - a resend request is answered on the requesting device's chunk topic, with at most
@@ -24,9 +25,10 @@
 //!   device topics it used are cleared;
 //! - a group rollout that ends well (every device healthy; a staged one every wave through)
 //!   stays the group's *current version* until its manifest expires or a newer deployment to
-//!   the group ends well (a newer one that fails hands the topic back to it): its manifest stays retained on the group topic and resends for it
-//!   are answered, so a device that joins the group later installs it (the signed manifest's
-//!   expiry, `deploy --ttl-secs`, bounds how long; serve cannot sign a new one).
+//!   the group ends well (a newer one that fails hands the topic back to it): its manifest
+//!   stays retained on the group topic and resends for it are answered, so a device that joins
+//!   the group later installs it (the signed manifest's expiry, `deploy --ttl-secs`, bounds
+//!   how long; serve cannot sign a new one).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
