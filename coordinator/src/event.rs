@@ -133,6 +133,20 @@ pub enum Event {
         failed: usize,
         in_progress: usize,
     },
+    /// A staged rollout (`--strategy canary`) decided something: `launched` a wave (`devices`
+    /// got the manifest), a wave's `gate_passed` (its soak starts), `halted` (the updated
+    /// `devices` are being rolled back), `paused`, `resumed`.
+    RolloutDecision {
+        deployment_id: String,
+        decision: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        wave: Option<usize>,
+        devices: Vec<String>,
+        healthy: usize,
+        failed: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// A federated task was picked up from the spool (or resumed after a restart).
     FlTaskStarted {
         task: String,
@@ -417,6 +431,22 @@ impl Event {
                 in_progress,
             } => {
                 tracing::info!(%deployment_id, version, %reason, healthy, failed, in_progress, "deployment finished")
+            }
+            Event::RolloutDecision {
+                deployment_id,
+                decision,
+                wave,
+                devices,
+                healthy,
+                failed,
+                reason,
+            } => {
+                let wave = wave.map_or(-1, |w| w as i64);
+                if *decision == "halted" {
+                    tracing::warn!(%deployment_id, decision, wave, devices = devices.len(), healthy, failed, reason = reason.as_deref().unwrap_or("-"), "rollout halted; rolling back the updated devices")
+                } else {
+                    tracing::info!(%deployment_id, decision, wave, devices = devices.len(), healthy, failed, reason = reason.as_deref().unwrap_or("-"), "rollout decision")
+                }
             }
             Event::FlTaskStarted {
                 task,
