@@ -11,7 +11,8 @@
 //! and owns the rollout) and draws its progress from the rollout's progress file until every
 //! device is final; `deploy --dry-run` only prints the signed manifest. `fl start` validates a
 //! federated task and spools it for `serve` (which runs its rounds), `fl status` prints its
-//! rounds from the state directory (also while `serve` runs), `fl stop` ends it.
+//! rounds from the state directory (also while `serve` runs), `fl stop` ends it. `api-token`
+//! makes a bearer token for the HTTP API.
 
 mod cmd;
 
@@ -93,6 +94,34 @@ enum Command {
         #[command(subcommand)]
         command: FlCommand,
     },
+    /// Make a bearer token for the HTTP API: prints the token once (stderr says so) and the
+    /// `[[api.tokens]]` table holding only its sha256, for the config file.
+    ApiToken {
+        /// A name for the token, logged with admin requests.
+        #[arg(long)]
+        name: String,
+        /// What the token may do.
+        #[arg(long, value_enum, default_value = "read")]
+        scope: edge_coordinator::api::Scope,
+    },
+}
+
+fn api_token(name: &str, scope: edge_coordinator::api::Scope) -> anyhow::Result<()> {
+    use edge_coordinator::api::config::{new_token, token_digest};
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(['"', '\\', '\n']),
+        "invalid token name {name:?}: must be non-empty, without quotes, backslashes or newlines"
+    );
+    let token = new_token();
+    eprintln!("token (shown once; only its sha256 goes into the config):");
+    println!("{token}");
+    eprintln!("add to the coordinator's config and restart serve:");
+    println!(
+        "\n[[api.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscope = \"{}\"",
+        token_digest(&token),
+        scope.as_str()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -135,5 +164,6 @@ fn main() -> ExitCode {
         } => report(identity(state)),
         Command::Deploy(args) => report(deploy(args)),
         Command::Fl { command } => report(fl(command)),
+        Command::ApiToken { name, scope } => report(api_token(&name, scope)),
     }
 }
