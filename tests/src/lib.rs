@@ -25,6 +25,7 @@
 //! command lines, config files, sockets and journal (never links agent or coordinator code).
 
 mod agent;
+pub mod api;
 mod bins;
 mod coordinator;
 mod crash;

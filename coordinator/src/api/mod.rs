@@ -152,7 +152,12 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
-                let status = rejection.status();
+                // axum answers 422 for JSON of the wrong shape; to a client it is one more
+                // malformed body, so 400 like a syntax error (the message names the field).
+                let status = match rejection.status() {
+                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+                    s => s,
+                };
                 let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     "request body too large".to_owned()
                 } else {
