@@ -27,6 +27,7 @@
 mod agent;
 pub mod api;
 mod bins;
+pub mod browser;
 mod coordinator;
 mod crash;
 mod delivery;

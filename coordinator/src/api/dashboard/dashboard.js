@@ -23,7 +23,7 @@ function route() {
 }
 
 async function api(path) {
-  const r = await fetch(path, { headers: { Authorization: "Bearer " + token } });
+  const r = await fetch(path, { headers: token ? { Authorization: "Bearer " + token } : {} });
   const body = await r.json().catch(() => ({}));
   if (r.status === 401 || r.status === 403) {
     document.getElementById("login").hidden = false;
@@ -56,7 +56,11 @@ function chart(id, title, series, unit, opts) {
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs);
   const y0 = Math.min(0, ...ys), y1 = Math.max(...ys, y0 + 1e-9);
-  const sx = (x) => L + (x1 === x0 ? (W - L - R) / 2 : ((x - x0) / (x1 - x0)) * (W - L - R));
+  const bars = opts && opts.bars;
+  // Bars sit in bands (x values are whole rounds); lines span the axis.
+  const sx = bars
+    ? (x) => L + ((x - x0 + 0.5) / (x1 - x0 + 1)) * (W - L - R)
+    : (x) => L + (x1 === x0 ? (W - L - R) / 2 : ((x - x0) / (x1 - x0)) * (W - L - R));
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - B - T);
   const colors = ["#2f6fdb", "#d9480f", "#2b8a3e", "#862e9c"];
   svg += `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="#999"/>`;
@@ -68,8 +72,8 @@ function chart(id, title, series, unit, opts) {
   svg += `<text x="${W - R}" y="${H - 6}" font-size="10" text-anchor="end">${esc(xl(x1))}</text>`;
   series.forEach((s, i) => {
     const c = colors[i % colors.length];
-    if (opts && opts.bars) {
-      const w = Math.max(2, (W - L - R) / Math.max(1, s.points.length) - 2);
+    if (bars) {
+      const w = Math.max(2, (W - L - R) / (x1 - x0 + 1) - 4);
       s.points.forEach((p) => {
         svg += `<rect x="${sx(p[0]) - w / 2}" y="${sy(p[1])}" width="${w}" height="${H - B - sy(p[1])}" fill="${c}"><title>${esc(fmt(p[1]))}</title></rect>`;
       });
@@ -147,7 +151,9 @@ async function device(id) {
     h += `<p class="muted" id="no-pipeline">No pipeline runs on this device.</p>`;
   }
   const inf = t && t.inference;
-  if (inf) {
+  if (inf && !inf.models.length && !inf.status.reason) {
+    h += `<h2>Inference</h2><p class="muted" id="no-models">No ONNX model loaded.</p>`;
+  } else if (inf) {
     h += `<h2>Inference</h2>` + (inf.status.reason ? `<p class="warn">unavailable: ${esc(inf.status.reason)}</p>` : "") +
       `<table id="models"><tr><th>model</th><th>version</th><th>provider in use</th><th>placement</th><th>runs</th><th>p50 µs</th><th>p99 µs</th></tr>` +
       inf.models.map((m) => `<tr data-model="${esc(m.name)}"><td>${esc(m.name)}</td><td>${esc(m.version)}</td><td class="provider">${esc(m.provider)}</td><td>${esc(m.placement)}</td><td>${m.runs}</td><td>${m.p50_us}</td><td>${m.p99_us}</td></tr>`).join("") + "</table>";
