@@ -1,8 +1,8 @@
 //! `edge-coordinator`: the command line around the coordinator library.
 //!
 //! `serve` runs it (embedded broker by default, `--broker` for an external one);
-//! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
-//! registry while the coordinator is stopped; `devices pending|approve|reject|revoke` read and
+//! `generate-config` and `check-config` deal with the TOML file; `devices` prints the registry
+//! (from the running `serve`'s HTTP API, else from the stopped coordinator's database); `devices pending|approve|reject|revoke` read and
 //! decide enrollment requests through the running `serve`'s state directory; `identity` prints
 //! the coordinator's public identity (creating it if needed), `identity rotate [--finish]`
 //! replaces it through the running `serve` (devices are told with the old key). `keygen` creates a deployment or
@@ -52,8 +52,9 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
-    /// Print the persisted device registry with each device's enrollment (the coordinator
-    /// must not be running); or list and decide enrollment requests (while it runs).
+    /// Print the device registry with each device's enrollment (through the running `serve`'s
+    /// HTTP API, or from the database when it is stopped); or list and decide enrollment
+    /// requests (while it runs).
     #[command(args_conflicts_with_subcommands = true)]
     Devices {
         #[command(subcommand)]

@@ -33,6 +33,9 @@ use protocol::v1::{
 
 const TOKEN: &str = "edge_api_bench_token";
 
+/// The path of the i-th request of a line.
+type PathFn = Box<dyn Fn(usize) -> String>;
+
 fn main() -> Result<()> {
     let requests: usize = env_or("API_BENCH_REQUESTS", 300)?;
     let sizes: Vec<usize> = std::env::var("API_BENCH_SIZES")
@@ -109,7 +112,7 @@ fn run(n: usize, requests: usize) -> Result<()> {
                 "/api/fl/tasks".into()
             })?;
             print_line("floor: GET /api/fl/tasks (no data)", &floor, None);
-            let lines: [(&str, Box<dyn Fn(usize) -> String>); 4] = [
+            let lines: [(&str, PathFn); 4] = [
                 (
                     "GET /api/devices (first 100)",
                     Box::new(|_| "/api/devices?limit=100".into()),
@@ -299,9 +302,9 @@ fn record(i: usize, now: u64) -> DeviceRecord {
         first_seen_ms: now - 86_400_000,
         last_seen_ms: now - (i as u64 % 60) * 1000,
         // Half online; the offline half is what an operator filters for.
-        online: i % 2 == 0,
+        online: i.is_multiple_of(2),
         since_ms: now - 3_600_000,
-        agent_version: if i % 10 == 0 {
+        agent_version: if i.is_multiple_of(10) {
             "0.0.9".into()
         } else {
             "0.1.0".into()

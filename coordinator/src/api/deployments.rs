@@ -121,7 +121,7 @@ pub async fn list(State(state): State<Arc<ApiState>>) -> Result<Json<RolloutList
         Ok(out)
     })
     .await?;
-    rollouts.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms));
+    rollouts.sort_by_key(|r| std::cmp::Reverse(r.updated_ms));
     Ok(Json(RolloutList { rollouts }))
 }
 

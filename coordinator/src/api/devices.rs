@@ -104,38 +104,70 @@ pub struct DeviceDetail {
 
 /// Why a device needs an operator, from what the coordinator knows of it.
 pub fn attention(row: &Row, now_ms: u64) -> Vec<String> {
-    let r = &row.record;
     let mut why = Vec::new();
-    match row.state() {
-        "pending" => why.push("enrollment pending".to_owned()),
-        "accepted" if !r.online => why.push("offline".to_owned()),
-        _ => {}
+    check_attention(row, now_ms, &mut |reason| {
+        why.push(reason());
+        true
+    });
+    why
+}
+
+/// Whether [`attention`] would name anything, without formatting the reasons (the list
+/// checks every device of the fleet for its counts).
+pub fn needs_attention(row: &Row, now_ms: u64) -> bool {
+    let mut any = false;
+    check_attention(row, now_ms, &mut |_| {
+        any = true;
+        false
+    });
+    any
+}
+
+/// Calls `found` with each reason (made on demand) until it returns false.
+fn check_attention(row: &Row, now_ms: u64, found: &mut dyn FnMut(&dyn Fn() -> String) -> bool) {
+    let r = &row.record;
+    let state = match row.state() {
+        "pending" => Some("enrollment pending"),
+        "accepted" if !r.online => Some("offline"),
+        _ => None,
+    };
+    if let Some(why) = state
+        && !found(&|| why.to_owned())
+    {
+        return;
     }
     if let Some(t) = &r.telemetry {
         let b = &t.body;
-        if r.online && now_ms.saturating_sub(t.received_ms) > STALE_TELEMETRY_MS {
-            why.push("no telemetry for 5 min".to_owned());
+        if r.online
+            && now_ms.saturating_sub(t.received_ms) > STALE_TELEMETRY_MS
+            && !found(&|| "no telemetry for 5 min".to_owned())
+        {
+            return;
         }
-        if b.outbox.refused > 0 {
-            why.push(format!("outbox refused {} messages", b.outbox.refused));
+        if b.outbox.refused > 0
+            && !found(&|| format!("outbox refused {} messages", b.outbox.refused))
+        {
+            return;
         }
         if let Some(p) = &b.pipeline {
             for s in &p.stages {
-                if let Some(reason) = &s.failed {
-                    why.push(format!("stage {} failed: {reason}", s.name));
+                if let Some(reason) = &s.failed
+                    && !found(&|| format!("stage {} failed: {reason}", s.name))
+                {
+                    return;
                 }
             }
         }
         if let Some(i) = &b.inference
             && !i.status.reason.is_empty()
+            && !found(&|| format!("inference unavailable: {}", i.status.reason))
         {
-            why.push(format!("inference unavailable: {}", i.status.reason));
+            return;
         }
     }
     if r.counters.rejected > 0 {
-        why.push(format!("{} messages rejected", r.counters.rejected));
+        found(&|| format!("{} messages rejected", r.counters.rejected));
     }
-    why
 }
 
 fn summary(row: &Row, now_ms: u64) -> DeviceSummary {
@@ -207,7 +239,7 @@ pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, Ap
     let mut total = 0;
     let mut online = 0;
     let mut needing = 0;
-    let mut versions = std::collections::BTreeMap::new();
+    let mut versions: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     let mut devices = Vec::new();
     for row in rows {
         let r = &row.record;
@@ -222,15 +254,15 @@ pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, Ap
         {
             continue;
         }
-        // Computed for every match: the page's counts include it.
-        let why = attention(row, now_ms);
-        if q.attention.is_some_and(|a| a == why.is_empty()) {
+        // Checked for every match: the page's counts include it.
+        let needs = needs_attention(row, now_ms);
+        if q.attention.is_some_and(|a| a != needs) {
             continue;
         }
         total += 1;
         online += usize::from(r.online);
-        needing += usize::from(!why.is_empty());
-        *versions.entry(r.agent_version.clone()).or_insert(0) += 1;
+        needing += usize::from(needs);
+        *versions.entry(r.agent_version.as_str()).or_insert(0) += 1;
         if total > offset && devices.len() < limit {
             devices.push(summary(row, now_ms));
         }
@@ -241,7 +273,10 @@ pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, Ap
         limit,
         online,
         attention: needing,
-        versions,
+        versions: versions
+            .into_iter()
+            .map(|(v, n)| (v.to_owned(), n))
+            .collect(),
         devices,
     })
 }

@@ -67,14 +67,14 @@ fn read_files(dir: &std::path::Path) -> (Vec<ProgressFile>, Vec<TaskState>) {
             }
         })
         .collect();
-    rollouts.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms));
+    rollouts.sort_by_key(|r| std::cmp::Reverse(r.updated_ms));
     rollouts.truncate(MAX_ROLLOUTS);
     let mut tasks: Vec<TaskState> = files::tasks(dir)
         .unwrap_or_default()
         .iter()
         .filter_map(|id| files::read_state(dir, id).ok().flatten())
         .collect();
-    tasks.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.started_ms));
     tasks.truncate(MAX_TASKS);
     (rollouts, tasks)
 }

@@ -299,6 +299,7 @@ impl FleetView {
                 enrollment: state.enrollments.get(&d.record.device).cloned(),
             })
             .collect();
+        let before = rows.len();
         for (id, e) in &state.enrollments {
             if !state.devices.contains_key(id)
                 && matches!(e.state, Decision::Accepted | Decision::Revoked)
@@ -312,7 +313,11 @@ impl FleetView {
                 });
             }
         }
-        rows.sort_by(|a, b| a.record.device.cmp(&b.record.device));
+        // Registry records come in id order; only enrolled devices that sent nothing yet need
+        // merging in.
+        if rows.len() > before {
+            rows.sort_by(|a, b| a.record.device.cmp(&b.record.device));
+        }
         rows
     }
 
