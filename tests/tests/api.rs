@@ -167,6 +167,17 @@ fn scenario(env: &TestEnv) -> Result<()> {
         bad.status == 400 && bad.body.contains("/nonexistent/task.toml"),
         "missing task file: {bad:?}"
     );
+    // A file that is not a task file is named, but none of its lines comes back.
+    let secret = env.path("not-a-task.txt");
+    std::fs::write(&secret, "root:secret-hash:19000:0:99999:7:::\n")?;
+    let body = serde_json::json!({ "task_file": secret }).to_string();
+    let bad = client.post("/api/fl/tasks", Some(ADMIN), &body)?;
+    ensure!(
+        bad.status == 400
+            && bad.body.contains("not-a-task.txt")
+            && !bad.body.contains("secret-hash"),
+        "a non-task file through the API: {bad:?}"
+    );
 
     // An enrollment decision through the API, applied by serve.
     let revoke = client.post(

@@ -219,8 +219,16 @@ pub async fn start(
     }
     let dir = state.state_dir.clone();
     let id = blocking(move || {
-        let loaded =
-            fl_task::load(&body.task_file).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let loaded = fl_task::load(&body.task_file).map_err(|e| match e {
+            // The CLI prints toml's excerpt of the offending line; over HTTP that would hand a
+            // token holder lines of any file the coordinator can read, so only the message.
+            fl_task::TaskError::Parse { path, error } => ApiError::bad_request(format!(
+                "task_file: {} is not a valid task file: {}",
+                path.display(),
+                error.message()
+            )),
+            e => ApiError::bad_request(e.to_string()),
+        })?;
         match files::write_spool(&dir, &loaded) {
             Ok(_) => Ok(loaded.spec.id.clone()),
             Err(e @ files::FilesError::Exists { .. }) => {
