@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::api::config::ApiConfig;
 pub use crate::enrollment::config::{ClaimConfig, EnrollmentConfig, Mode as EnrollmentMode};
 
 /// The commented default configuration, printed by `edge-coordinator generate-config`.
@@ -70,6 +71,8 @@ pub struct Config {
     pub offload: OffloadConfig,
     /// Which devices may join, and in which groups (`crate::enrollment::config`).
     pub enrollment: EnrollmentConfig,
+    /// The HTTP API, `/metrics` and the dashboard (`crate::api::config`).
+    pub api: ApiConfig,
 }
 
 /// The embedded rumqttd broker.
@@ -186,6 +189,7 @@ impl Default for Config {
             journal: JournalConfig::default(),
             offload: OffloadConfig::default(),
             enrollment: EnrollmentConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -344,6 +348,7 @@ impl Config {
             return invalid("journal.max_bytes", "must be at least 4096");
         }
         self.enrollment.validate()?;
+        self.api.validate()?;
         self.validate_offload()
     }
 

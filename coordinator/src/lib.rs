@@ -50,6 +50,7 @@
 //! every line has `ts_ms`.
 
 pub mod action;
+pub mod api;
 pub mod chains;
 pub mod config;
 pub mod core;

@@ -1,8 +1,8 @@
 //! `edge-coordinator`: the command line around the coordinator library.
 //!
 //! `serve` runs it (embedded broker by default, `--broker` for an external one);
-//! `generate-config` and `check-config` deal with the TOML file; `devices` prints the persisted
-//! registry while the coordinator is stopped; `devices pending|approve|reject|revoke` read and
+//! `generate-config` and `check-config` deal with the TOML file; `devices` prints the registry
+//! (from the running `serve`'s HTTP API, else from the stopped coordinator's database); `devices pending|approve|reject|revoke` read and
 //! decide enrollment requests through the running `serve`'s state directory; `identity` prints
 //! the coordinator's public identity (creating it if needed), `identity rotate [--finish]`
 //! replaces it through the running `serve` (devices are told with the old key). `keygen` creates a deployment or
@@ -11,7 +11,8 @@
 //! and owns the rollout) and draws its progress from the rollout's progress file until every
 //! device is final; `deploy --dry-run` only prints the signed manifest. `fl start` validates a
 //! federated task and spools it for `serve` (which runs its rounds), `fl status` prints its
-//! rounds from the state directory (also while `serve` runs), `fl stop` ends it.
+//! rounds from the state directory (also while `serve` runs), `fl stop` ends it. `api-token`
+//! makes a bearer token for the HTTP API.
 
 mod cmd;
 
@@ -51,8 +52,9 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
-    /// Print the persisted device registry with each device's enrollment (the coordinator
-    /// must not be running); or list and decide enrollment requests (while it runs).
+    /// Print the device registry with each device's enrollment (through the running `serve`'s
+    /// HTTP API, or from the database when it is stopped); or list and decide enrollment
+    /// requests (while it runs).
     #[command(args_conflicts_with_subcommands = true)]
     Devices {
         #[command(subcommand)]
@@ -98,6 +100,34 @@ enum Command {
         #[command(subcommand)]
         command: cmd::rollout::RolloutCommand,
     },
+    /// Make a bearer token for the HTTP API: prints the token once (stderr says so) and the
+    /// `[[api.tokens]]` table holding only its sha256, for the config file.
+    ApiToken {
+        /// A name for the token, logged with admin requests.
+        #[arg(long)]
+        name: String,
+        /// What the token may do.
+        #[arg(long, value_enum, default_value = "read")]
+        scope: edge_coordinator::api::Scope,
+    },
+}
+
+fn api_token(name: &str, scope: edge_coordinator::api::Scope) -> anyhow::Result<()> {
+    use edge_coordinator::api::config::{new_token, token_digest};
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(['"', '\\', '\n']),
+        "invalid token name {name:?}: must be non-empty, without quotes, backslashes or newlines"
+    );
+    let token = new_token();
+    eprintln!("token (shown once; only its sha256 goes into the config):");
+    println!("{token}");
+    eprintln!("add to the coordinator's config and restart serve:");
+    println!(
+        "\n[[api.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscope = \"{}\"",
+        token_digest(&token),
+        scope.as_str()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -141,5 +171,6 @@ fn main() -> ExitCode {
         Command::Deploy(args) => report(deploy(args)),
         Command::Fl { command } => report(fl(command)),
         Command::Rollout { command } => report(cmd::rollout::rollout(command)),
+        Command::ApiToken { name, scope } => report(api_token(&name, scope)),
     }
 }

@@ -182,7 +182,8 @@ pub fn render_pending(records: &[EnrollmentRecord], now_ms: u64) -> String {
     columns(&rows)
 }
 
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+/// Aligns rows into columns (the first row is the header).
+pub fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     let widths: Vec<usize> = (0..N)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
@@ -199,7 +200,8 @@ fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-fn age(now_ms: u64, then_ms: u64) -> String {
+/// `12s ago`, `3m ago`, ..., `never` for 0.
+pub fn age(now_ms: u64, then_ms: u64) -> String {
     if then_ms == 0 {
         return "never".into();
     }
@@ -212,7 +214,8 @@ fn age(now_ms: u64, then_ms: u64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
+/// Bytes in MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
     format!("{:.1}MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 

@@ -42,6 +42,7 @@ use protocol::v1::{self, Envelope, Status, binary, topics};
 use tokio::sync::mpsc;
 
 use crate::action::Action;
+use crate::api::FleetView;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::host::DeployHost;
@@ -107,6 +108,8 @@ pub enum ServiceError {
     Offload(#[from] OffloadError),
     #[error("coordinator identity: {0}")]
     Identity(#[from] enrollment_files::FilesError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiStartError),
 }
 
 /// Runs the coordinator until `shutdown` resolves (then stops cleanly and returns `Ok`) or a
@@ -195,11 +198,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         last_ack_flush: std::time::Instant::now(),
         held_back: 0,
         chains: Default::default(),
+        view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
+        api: None,
     };
     service.recover_seen_ids()?;
     service.resume_rotation()?;
     service.prune()?;
     service.write_snapshot();
+    service.view.update_devices(service.core.devices());
+    service.view.set_enrollments(service.enrollments.records());
+    service.refresh_view();
+    if config.api.enabled {
+        service.api = Some(
+            crate::api::Server::start(
+                &config.api,
+                service.view.clone(),
+                &config.state_dir,
+                service.journal.path(),
+            )
+            .await?,
+        );
+    }
 
     let transport = match mode {
         BrokerMode::Embedded => {
@@ -259,6 +278,9 @@ struct Service {
     held_back: u64,
     /// How far a duplicate's ack may reach (`chains`).
     chains: crate::chains::Chains,
+    /// What the HTTP API reads (`crate::api`); refreshed after each batch.
+    view: std::sync::Arc<FleetView>,
+    api: Option<crate::api::Server>,
 }
 
 impl Service {
@@ -315,7 +337,10 @@ impl Service {
                     if let Err(e) = self.pickup(&mut transport).await { break Err(e) }
                     if let Err(e) = self.enrollment_commands(&mut transport).await { break Err(e) }
                 }
-                _ = progress.tick() => self.write_progress(),
+                _ = progress.tick() => {
+                    self.write_progress();
+                    self.refresh_view();
+                }
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
                 done = self.fl.next_evaluated() => if let Err(e) = self.fl_evaluated(vec![done], false) { break Err(e) },
                 Some((topic, payload)) = next_answer(&mut self.offload) => {
@@ -373,6 +398,9 @@ impl Service {
             .map_err(ServiceError::from)
             .and_then(|()| commit(&self.journal, &self.store, self.config.store.fsync));
         self.write_snapshot();
+        if let Some(api) = self.api.take() {
+            api.shutdown().await;
+        }
         transport.shutdown().await;
         result.and(committed)
     }
@@ -894,6 +922,7 @@ impl Service {
         if !self.snapshot_stale {
             return;
         }
+        self.view.set_enrollments(self.enrollments.records());
         match enrollment_files::write_snapshot(&self.config.state_dir, self.enrollments.records()) {
             Ok(()) => self.snapshot_stale = false,
             Err(e) => tracing::warn!(error = %e, "cannot write the enrollment snapshot"),
@@ -1037,6 +1066,7 @@ impl Service {
         for event in events {
             self.journal.append(now, &event)?;
             event.log();
+            self.view.count_events(std::slice::from_ref(&event));
         }
         Ok(())
     }
@@ -1163,6 +1193,19 @@ impl Service {
         self.deploy.write_progress(v1::now_ms());
     }
 
+    /// Figures the API shows that are not per message: the gate's drop totals, offload.
+    fn refresh_view(&self) {
+        self.view.set_auth_rejected(
+            self.gate
+                .drop_totals()
+                .iter()
+                .map(|(r, n)| ((*r).to_owned(), *n))
+                .collect(),
+        );
+        self.view
+            .set_offload(self.offload.as_ref().map(Offload::snapshot));
+    }
+
     /// Journals the events, then records the seen id and changed records (see crate docs for
     /// why in this order).
     fn apply(&mut self, out: Outcome, now: u64) -> Result<(), ServiceError> {
@@ -1182,6 +1225,8 @@ impl Service {
         if seen.is_some() || !records.is_empty() {
             self.store.record(seen, &records)?;
         }
+        self.view.update_devices(records.iter().copied());
+        self.view.count_events(&out.events);
         Ok(())
     }
 
@@ -1394,6 +1439,8 @@ mod tests {
             last_ack_flush: std::time::Instant::now(),
             held_back: 0,
             chains: Default::default(),
+            view: std::sync::Arc::new(FleetView::new(10, 0)),
+            api: None,
             config,
         }
     }

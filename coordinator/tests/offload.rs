@@ -277,6 +277,7 @@ fn missing_model_file_stops_serve_with_its_name() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-coordinator"))
         .args(["serve", "--config"])
         .arg(&config)
+        .env("EDGE_COORDINATOR_API_LISTEN", "127.0.0.1:0")
         .output()
         .expect("coordinator runs");
     assert!(!out.status.success());

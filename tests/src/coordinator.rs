@@ -126,7 +126,10 @@ impl Coordinator {
             crate::bins::coordinator_bin()?,
             args,
             dir.join("coordinator.log"),
-        );
+        )
+        // The HTTP API on a free port (a flag's env form: a `--before` binary from before the
+        // API ignores it); `api_url` reads where it went.
+        .with_env("EDGE_COORDINATOR_API_LISTEN", "127.0.0.1:0");
         let journal = Journal::open(&journal_path);
         Ok(Coordinator {
             dir: dir.to_owned(),
@@ -201,6 +204,20 @@ impl Coordinator {
     /// A fresh reader of the journal, from its first line.
     pub fn journal(&self) -> Journal {
         Journal::open(&self.journal_path)
+    }
+
+    /// The running coordinator's HTTP API (`http://127.0.0.1:PORT`), from the `api.json` it
+    /// writes at start.
+    pub fn api_url(&self) -> Result<String> {
+        let path = self.state_dir().join("api.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {} (is the API enabled?)", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        v.get("url")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .with_context(|| format!("{} has no url", path.display()))
     }
 
     /// The coordinator's state directory (`--state-dir`).

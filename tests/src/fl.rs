@@ -170,7 +170,8 @@ impl FlTask {
         }
     }
 
-    fn to_toml(&self) -> String {
+    /// The task file's text (`initial` and `holdout.csv` relative to where it is written).
+    pub fn to_toml(&self) -> String {
         format!(
             r#"
 id = "{id}"

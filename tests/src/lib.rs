@@ -25,7 +25,9 @@
 //! command lines, config files, sockets and journal (never links agent or coordinator code).
 
 mod agent;
+pub mod api;
 mod bins;
+pub mod browser;
 mod coordinator;
 mod crash;
 mod delivery;

@@ -64,6 +64,8 @@ pub struct ChildProc {
     log_path: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Environment variables set for the child, beside the inherited ones.
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl ChildProc {
@@ -81,7 +83,14 @@ impl ChildProc {
             log_path: log_path.into(),
             child: None,
             starts: 0,
+            envs: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for every start.
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -119,6 +128,7 @@ impl ChildProc {
         let stdout = log.try_clone().context("cannot clone log file handle")?;
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(log))

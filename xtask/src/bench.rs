@@ -106,6 +106,16 @@ pub fn offload(root: &Path) -> Result<()> {
     crate::run(bench).context("offload benchmark failed")
 }
 
+/// `cargo xtask bench api`: the HTTP API at 1,000 and 10,000 synthetic devices
+/// (`tests/benches/api.rs`), with the real coordinator binary. The dev profile, like the other
+/// coordinator benchmarks (`EDGE_COORDINATOR_BIN` names a release build to measure that).
+pub fn api() -> Result<()> {
+    crate::build_bins()?;
+    let mut bench = crate::cargo();
+    bench.args(["test", "-p", "edge-tests", "--bench", "api"]);
+    crate::run(bench).context("API benchmark failed")
+}
+
 /// `cargo xtask bench auth [--host-only]`: `protocol/benches/auth.rs` on this machine, then
 /// cross-built for aarch64 and run under qemu-user, whose figures are marked emulated (only the
 /// ratios between its lines mean anything).

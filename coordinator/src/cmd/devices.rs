@@ -91,6 +91,27 @@ pub(crate) fn devices(
     json: bool,
 ) -> Result<()> {
     let state_dir = resolve_state_dir(state_dir, config)?;
+    // A running coordinator holds the database: ask its API instead.
+    match from_api(&state_dir) {
+        Ok(Some(devices)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&devices).context("cannot encode devices")?
+                );
+            } else if devices.is_empty() {
+                println!("no devices registered in the running coordinator");
+            } else {
+                print!(
+                    "{}",
+                    edge_coordinator::api::devices::render_table(&devices, protocol::v1::now_ms())
+                );
+            }
+            return Ok(());
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: {e:#}; reading the state directory instead"),
+    }
     // A small cache: this is a one-shot read.
     let store = Store::open_existing(&config::db_path(&state_dir), 8 * 1024 * 1024)?;
     let records = store.load_devices()?;
@@ -129,6 +150,66 @@ pub(crate) fn devices(
         }
     }
     Ok(())
+}
+
+/// Every device from the running coordinator's API, page by page; `None` when no coordinator
+/// runs on this state directory (no `api.json`).
+fn from_api(
+    state_dir: &std::path::Path,
+) -> Result<Option<Vec<edge_coordinator::api::devices::DeviceSummary>>> {
+    use edge_coordinator::api::{self, devices::DeviceList};
+    let path = api::address_path(state_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let address: api::Address =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+    let token_path = api::local_token_path(state_dir);
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("cannot read the API token {}", token_path.display()))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut devices = Vec::new();
+    loop {
+        let url = format!(
+            "{}/api/devices?limit={}&offset={}",
+            address.url,
+            api::devices::MAX_LIMIT,
+            devices.len()
+        );
+        let mut response = agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {}", token.trim()))
+            .call()
+            .with_context(|| {
+                format!(
+                    "coordinator API {} (from {}) not reachable",
+                    address.url,
+                    path.display()
+                )
+            })?;
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("cannot read the answer from {url}"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{url} answered {}: {body}",
+            response.status()
+        );
+        let page: DeviceList =
+            serde_json::from_str(&body).with_context(|| format!("unexpected answer from {url}"))?;
+        let got = page.devices.len();
+        devices.extend(page.devices);
+        if got == 0 || devices.len() >= page.total {
+            return Ok(Some(devices));
+        }
+    }
 }
 
 fn pending(json: bool, state: StateArgs) -> Result<()> {

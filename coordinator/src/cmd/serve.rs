@@ -46,6 +46,9 @@ pub(crate) struct ServeArgs {
     /// Overrides `journal.path`.
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Overrides `api.listen` (HOST:PORT; port 0 picks a free one).
+    #[arg(long, env = "EDGE_COORDINATOR_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
     /// Overrides `log_format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -100,6 +103,9 @@ pub(crate) fn serve_config(args: ServeArgs) -> Result<Config> {
     }
     if let Some(v) = args.journal {
         config.journal.path = v;
+    }
+    if let Some(v) = args.api_listen {
+        config.api.listen = v;
     }
     if let Some(v) = args.log_format {
         config.log_format = v;

@@ -323,6 +323,31 @@ impl Offload {
         self.answers.recv().await
     }
 
+    /// The figures the API and `/metrics` show (`crate::api::view`).
+    pub fn snapshot(&self) -> crate::api::view::OffloadSnapshot {
+        let stats = self.shared.stats();
+        let c = stats.counters;
+        let percentiles = stats.percentiles_ms();
+        crate::api::view::OffloadSnapshot {
+            replica: self.replica.clone(),
+            workers: self.workers,
+            max_queue: self.max_queue,
+            queue_depth: self.shared.depth(),
+            models: self.models.clone(),
+            requests: c.requests,
+            ok: c.ok,
+            errors: c.errors,
+            overloaded: c.overloaded,
+            expired: c.expired,
+            unknown_model: c.unknown_model,
+            garbage: c.garbage,
+            probes: c.probes,
+            dropped: c.dropped,
+            compute_p50_ms: percentiles.map(|p| p.0),
+            compute_p99_ms: percentiles.map(|p| p.1),
+        }
+    }
+
     /// The periodic INFO line.
     pub fn log_stats(&self) {
         let stats = self.shared.stats();

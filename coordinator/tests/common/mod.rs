@@ -63,6 +63,8 @@ impl Coordinator {
         let child = Command::new(env!("CARGO_BIN_EXE_edge-coordinator"))
             .args(args)
             .env("RUST_LOG", "debug,rumqttd=warn,sled=info")
+            // The HTTP API on a free port: tests run coordinators side by side.
+            .env("EDGE_COORDINATOR_API_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
