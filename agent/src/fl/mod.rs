@@ -519,7 +519,7 @@ impl FlTask {
             let model = self
                 .d
                 .inference
-                .prepare(&setup.model, &bytes)
+                .prepare(&setup.model, &bytes, &edge_inference::DataFiles::new())
                 .map_err(|e| e.to_string())?;
             let version = model.version().to_owned();
             self.d.inference.commit(model);

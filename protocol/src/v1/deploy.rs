@@ -103,6 +103,10 @@ pub enum DeployKind {
 pub enum MediaType {
     WasmComponent,
     Onnx,
+    /// An ONNX external data file (weights a `.onnx` graph names by `location`). Its name is
+    /// the location joined to the folder of the model's name (`models/m.onnx` names
+    /// `m.onnx.data`: artifact `models/m.onnx.data`).
+    OnnxData,
 }
 
 /// One file a deployment needs, identified by content.
