@@ -126,7 +126,7 @@ pub trait Artifacts: Send + Sync {
         let graph = self.module(name)?;
         let mut data = edge_inference::DataFiles::new();
         for location in edge_inference::external::data_file_names(&graph)? {
-            let file = data_artifact_name(name, &location);
+            let file = protocol::v1::deploy::data_artifact_name(name, &location);
             let bytes = match self.module(&file) {
                 Ok(b) => b,
                 Err(ArtifactError::NotListed(_)) => {
@@ -150,18 +150,6 @@ pub trait Artifacts: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct LocalFiles {
     pub dir: PathBuf,
-}
-
-/// The artifact name of data file `location` of model `model`: the location joined to the
-/// model's folder, `.` parts dropped (locations are checked: no `..`, not absolute).
-pub fn data_artifact_name(model: &str, location: &str) -> String {
-    let folder = model.rsplit_once('/').map_or("", |(dir, _)| dir);
-    folder
-        .split('/')
-        .chain(location.split('/'))
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 impl Artifacts for LocalFiles {

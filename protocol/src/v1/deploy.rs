@@ -109,6 +109,20 @@ pub enum MediaType {
     OnnxData,
 }
 
+/// The artifact name of external data file `location` of the model named `model`: the
+/// location joined to the model's folder, `.` parts dropped (`models/m.onnx` and
+/// `m.onnx.data` give `models/m.onnx.data`). The coordinator names data artifacts so, and the
+/// agent finds them so. Locations are checked before (relative, no `..`).
+pub fn data_artifact_name(model: &str, location: &str) -> String {
+    let folder = model.rsplit_once('/').map_or("", |(dir, _)| dir);
+    folder
+        .split('/')
+        .chain(location.split('/'))
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// One file a deployment needs, identified by content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
