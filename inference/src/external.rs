@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::sync::Arc;
 
 use prost::Message;
@@ -335,9 +335,63 @@ fn read_data_file(folder: &Path, r: &DataRef) -> Result<Arc<[u8]>, ExternalError
     Ok(buf)
 }
 
-/// `folder/location`, for messages.
-pub fn data_path(model: &Path, location: &str) -> PathBuf {
-    model.parent().unwrap_or(Path::new(".")).join(location)
+/// The external initializers of `graph` as tensors, their bytes read from `data` (checked
+/// extents), in file order.
+pub fn external_tensors(
+    graph: &[u8],
+    data: &DataFiles,
+) -> Result<Vec<(DataRef, crate::Tensor)>, ExternalError> {
+    let refs = check(graph, data)?;
+    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })?;
+    let inits = model.graph.map(|g| g.initializer).unwrap_or_default();
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        let Some(init) = inits.iter().find(|t| t.name == r.initializer) else {
+            // A `Constant` node's external tensor: not an initializer, nothing to patch.
+            continue;
+        };
+        let bad = |detail: String| ExternalError::Entry {
+            initializer: r.initializer.clone(),
+            detail,
+        };
+        let bytes = data
+            .get(&r.location)
+            .ok_or_else(|| bad("data file vanished".into()))?;
+        let (start, end) = extent(&r).ok_or_else(|| bad("extent out of range".into()))?;
+        let inline = TensorProto {
+            raw_data: bytes[start..end].to_vec(),
+            external_data: Vec::new(),
+            data_location: 0,
+            ..init.clone()
+        };
+        let t = crate::Tensor::from_onnx(&inline).map_err(|e| bad(e.to_string()))?;
+        out.push((r, t));
+    }
+    Ok(out)
+}
+
+/// `offset..offset + length` as indices (checked against the file by [`check`] before).
+pub(crate) fn extent(r: &DataRef) -> Option<(usize, usize)> {
+    let start = usize::try_from(r.offset).ok()?;
+    let end = start.checked_add(usize::try_from(r.length).ok()?)?;
+    Some((start, end))
+}
+
+/// `graph` with every external initializer written inline: one self-contained model (the
+/// coordinator's evaluation copy of a federated task's model).
+pub fn inline(graph: &[u8], data: &DataFiles) -> Result<Vec<u8>, ExternalError> {
+    let tensors = external_tensors(graph, data)?;
+    let updates: Vec<(&str, crate::Tensor)> = tensors
+        .iter()
+        .map(|(r, t)| (r.initializer.as_str(), t.clone()))
+        .collect();
+    crate::patch_initializers(graph, &updates).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]

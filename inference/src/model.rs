@@ -152,7 +152,7 @@ pub struct Model {
     /// session, and ort 2.0.0-rc.15 drops them with the builder (`SessionBuilder::extras` in
     /// `session/builder/impl_commit.rs` keeps initializers but not these buffers). Declared
     /// after `session` so the session is dropped first.
-    _data: Vec<std::sync::Arc<[u8]>>,
+    data: DataFiles,
 }
 
 impl std::fmt::Debug for Model {
@@ -277,7 +277,7 @@ impl Model {
             report,
             reject_non_finite: rt.inner.config.reject_non_finite,
             size_bytes: bytes.len() + data.values().map(|d| d.len()).sum::<usize>(),
-            _data: data.values().cloned().collect(),
+            data: used,
         })
     }
 
@@ -305,6 +305,12 @@ impl Model {
     /// Which provider this model runs on, and why the preferred ones before it were skipped.
     pub fn provider_report(&self) -> &ProviderReport {
         &self.report
+    }
+
+    /// The external data files the session uses, by location (shared, not copied): the base
+    /// that new weights are patched into, keeping the model's layout.
+    pub fn data_files(&self) -> &DataFiles {
+        &self.data
     }
 
     /// Size of the model file it was loaded from, with its external data files.

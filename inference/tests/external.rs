@@ -175,3 +175,86 @@ fn a_symlink_out_of_the_folder_is_refused_and_one_inside_is_followed() {
     std::os::unix::fs::symlink("real.bin", &data).unwrap();
     load(&model).unwrap();
 }
+
+#[test]
+fn inlined_and_patched_models_keep_torchs_numbers_and_the_layout() {
+    let files = ModelFiles::read(&exported_path("torch_mlp.onnx")).unwrap();
+    let x = Tensor::from_f32(vec![1, 64], &digits_row0()).unwrap();
+    let want = torch_scores("torch_mlp");
+    let close = |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-4);
+
+    // Inline: one self-contained model, same numbers.
+    let inline = edge_inference::external::inline(&files.graph, &files.data).unwrap();
+    let m = Model::load(&runtime(), "inline", "1", &inline).unwrap();
+    let got = m.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(close(&got, &want), "{got:?} vs {want:?}");
+
+    // Patch every external initializer with itself doubled: the graph is untouched, the data
+    // file has the new values at the same offsets, the result is what the doubled net gives.
+    let ext = edge_inference::external::external_tensors(&files.graph, &files.data).unwrap();
+    assert_eq!(
+        ext.len(),
+        2,
+        "torch put both weight matrices in the data file"
+    );
+    let doubled: Vec<(String, Tensor)> = ext
+        .iter()
+        .map(|(r, t)| {
+            let v: Vec<f32> = t.to_f32().unwrap().iter().map(|v| v * 2.0).collect();
+            (
+                r.initializer.clone(),
+                Tensor::from_f32(t.shape().to_vec(), &v).unwrap(),
+            )
+        })
+        .collect();
+    let updates: Vec<(&str, Tensor)> = doubled
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    let (graph, data) =
+        edge_inference::patch_initializers_with_data(&files.graph, &files.data, &updates).unwrap();
+    assert_eq!(
+        graph, files.graph,
+        "the graph keeps pointing at the data file"
+    );
+    let new = &data["torch_mlp.onnx.data"];
+    let old = &files.data["torch_mlp.onnx.data"];
+    assert_eq!(new.len(), old.len());
+    for (r, t) in &ext {
+        let (s, e) = (r.offset as usize, (r.offset + r.length) as usize);
+        let before: Vec<f32> = old[s..e]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let after: Vec<f32> = new[s..e]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(before, t.to_f32().unwrap());
+        assert!(before.iter().zip(&after).all(|(b, a)| *a == b * 2.0));
+    }
+    let patched = Model::load_with_data(&runtime(), "p", "1", &graph, &data).unwrap();
+    let got = patched.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(!close(&got, &want), "new weights change the scores");
+
+    // The same updates on the inline copy give the same numbers.
+    let inline_patched = edge_inference::patch_initializers(&inline, &updates).unwrap();
+    let m = Model::load(&runtime(), "ip", "1", &inline_patched).unwrap();
+    let want2 = m.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(close(&got, &want2), "{got:?} vs {want2:?}");
+
+    // A wrong shape is refused and nothing is written.
+    let bad = Tensor::from_f32(vec![1], &[0.0]).unwrap();
+    let e = edge_inference::patch_initializers_with_data(
+        &files.graph,
+        &files.data,
+        &[(ext[0].0.initializer.as_str(), bad)],
+    );
+    assert!(e.is_err());
+}

@@ -63,6 +63,9 @@ pub struct TrainingSetup {
     pub model: String,
     /// The model's bytes as the pipeline loaded them (the base every patch starts from).
     pub model_bytes: Vec<u8>,
+    /// Its external data files, if any (shared with the session, not copied): global
+    /// weights go into copies of them at the same offsets, so the model keeps its layout.
+    pub model_data: edge_inference::DataFiles,
     pub trainer_name: String,
     pub trainer_bytes: Vec<u8>,
     pub dataset: String,
@@ -513,13 +516,14 @@ impl FlTask {
             })
             .collect();
         let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
-            edge_inference::patch_initializers(&setup.model_bytes, &t).map_err(|e| e.to_string())
+            edge_inference::patch_initializers_with_data(&setup.model_bytes, &setup.model_data, &t)
+                .map_err(|e| e.to_string())
         });
-        let result = patched.and_then(|bytes| {
+        let result = patched.and_then(|(bytes, data)| {
             let model = self
                 .d
                 .inference
-                .prepare(&setup.model, &bytes, &edge_inference::DataFiles::new())
+                .prepare(&setup.model, &bytes, &data)
                 .map_err(|e| e.to_string())?;
             let version = model.version().to_owned();
             self.d.inference.commit(model);
