@@ -323,6 +323,7 @@ fn read_data_file(folder: &Path, r: &DataRef) -> Result<Arc<[u8]>, ExternalError
     // Collecting a `repeat_n` (exact size) allocates the shared buffer once; the file is read
     // straight into it, so there is never a second copy of the weights on our side.
     let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+
     let Some(dst) = Arc::get_mut(&mut buf) else {
         return Err(read_err(std::io::Error::other("buffer is shared")));
     };

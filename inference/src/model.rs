@@ -147,12 +147,6 @@ pub struct Model {
     report: ProviderReport,
     reject_non_finite: bool,
     size_bytes: usize,
-    /// The external data files the session's initializers point into. ONNX Runtime uses
-    /// in-memory external data in place (no copy) on the CPU, so the bytes must outlive the
-    /// session, and ort 2.0.0-rc.15 drops them with the builder (`SessionBuilder::extras` in
-    /// `session/builder/impl_commit.rs` keeps initializers but not these buffers). Declared
-    /// after `session` so the session is dropped first.
-    data: DataFiles,
 }
 
 impl std::fmt::Debug for Model {
@@ -181,7 +175,10 @@ impl Model {
     /// holds each file's bytes by location as the graph writes it (read them with
     /// [`crate::ModelFiles::read`]). Every location and extent is checked first; ONNX Runtime
     /// gets the bytes by name and never opens a file, so nothing is resolved against the
-    /// working directory. The model keeps `data` (shared, not copied) as long as it lives.
+    /// working directory. ONNX Runtime copies the bytes into the session ("The data will be
+    /// copied into the graph ... The buffer can be freed after session creation",
+    /// `AddExternalInitializersFromFilesInMemory` in `onnxruntime_c_api.h`), so the model
+    /// keeps none of `data`: once the caller drops it, the weights are held once.
     pub fn load_with_data(
         rt: &Runtime,
         name: &str,
@@ -198,7 +195,7 @@ impl Model {
                 return Err(ModelError::ExternalData { model: id, source });
             }
         };
-        // Only the files the graph names go to the session (and stay alive with it).
+        // Only the files the graph names go to the session.
         let mut used = DataFiles::new();
         for r in &refs {
             if let Some(b) = data.get(&r.location) {
@@ -277,7 +274,6 @@ impl Model {
             report,
             reject_non_finite: rt.inner.config.reject_non_finite,
             size_bytes: bytes.len() + data.values().map(|d| d.len()).sum::<usize>(),
-            data: used,
         })
     }
 
@@ -305,12 +301,6 @@ impl Model {
     /// Which provider this model runs on, and why the preferred ones before it were skipped.
     pub fn provider_report(&self) -> &ProviderReport {
         &self.report
-    }
-
-    /// The external data files the session uses, by location (shared, not copied): the base
-    /// that new weights are patched into, keeping the model's layout.
-    pub fn data_files(&self) -> &DataFiles {
-        &self.data
     }
 
     /// Size of the model file it was loaded from, with its external data files.

@@ -442,7 +442,7 @@ impl Pipeline {
         }
         // Published only by a live pipeline: a candidate under check must not take rounds.
         let training = self
-            .training_setup(spec, artifacts, deps, &models)?
+            .training_setup(spec, artifacts, deps)?
             .filter(|_| !shadow);
         // One input channel per consumer; producers get a sender to each consumer.
         let mut outputs: BTreeMap<String, Outputs> = BTreeMap::new();
@@ -742,7 +742,6 @@ impl Pipeline {
         spec: &PipelineSpec,
         artifacts: &dyn Artifacts,
         deps: &Deps,
-        served: &BTreeMap<String, (String, Arc<edge_inference::Model>)>,
     ) -> Result<Option<Arc<TrainingSetup>>, PipelineError> {
         let Some(t) = &spec.training else {
             return Ok(None);
@@ -760,22 +759,13 @@ impl Pipeline {
         let model_bytes = artifacts
             .module(&t.model)
             .map_err(|e| fail(e.to_string()))?;
-        // The data files of the stage serving this model (shared with its session): read
-        // once, whatever the number of users.
-        let stage_model = spec
-            .stages
-            .iter()
-            .filter(|st| st.kind == StageKind::Inference && st.model == t.model)
-            .find_map(|st| served.get(&st.name));
-        let model_data = match stage_model {
-            Some((_, m)) => m.data_files().clone(),
-            None => {
-                artifacts
-                    .model(&t.model)
-                    .map_err(|e| fail(e.to_string()))?
-                    .data
-            }
-        };
+        // The base that global weights are patched into, in the model's layout. Only a
+        // pipeline that trains holds this copy of the data files (ONNX Runtime copies them
+        // into each session and keeps its own).
+        let model_data = artifacts
+            .model(&t.model)
+            .map_err(|e| fail(e.to_string()))?
+            .data;
         Ok(Some(Arc::new(TrainingSetup {
             pipeline: spec.name.clone(),
             model: t.model.clone(),

@@ -150,24 +150,19 @@ impl Offload {
         for _ in 0..config.workers {
             let mut set = BTreeMap::new();
             for (name, path, files) in &files {
-                let model = Model::load_with_data(
-                    &runtime,
-                    name,
-                    "offload",
-                    &files.graph,
-                    &files.data,
-                )
-                .map_err(|e| {
-                    OffloadError::Load {
-                        name: name.clone(),
-                        path: path.clone(),
-                        error: e.to_string(),
-                    }
-                })?;
+                let model =
+                    Model::load_with_data(&runtime, name, "offload", &files.graph, &files.data)
+                        .map_err(|e| OffloadError::Load {
+                            name: name.clone(),
+                            path: path.clone(),
+                            error: e.to_string(),
+                        })?;
                 set.insert(name.clone(), model);
             }
             sessions.push(set);
         }
+        // Every session holds its own copy of the weights; the bytes read go now.
+        drop(files);
 
         let replica = if config.replica.is_empty() {
             default_replica()
