@@ -48,7 +48,8 @@ pub enum PackageError {
     #[error("model {model}: {error}")]
     ModelData {
         model: String,
-        error: edge_inference::ExternalError,
+        /// Boxed: it is the largest variant by far, and every `Result` carries the size.
+        error: Box<edge_inference::ExternalError>,
     },
     #[error(
         "data file {file}: models {first} and {second} name it with different contents; \
@@ -336,7 +337,7 @@ impl ModelData {
             Err(error) => {
                 return Err(PackageError::ModelData {
                     model: name.to_owned(),
-                    error,
+                    error: Box::new(error),
                 });
             }
         };
