@@ -651,4 +651,49 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    #[test]
+    fn a_models_external_data_file_travels_beside_it_or_the_package_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("models")).expect("mkdir");
+        for f in ["torch_mlp.onnx", "torch_mlp.onnx.data"] {
+            std::fs::copy(
+                edge_testmodels::exported_path(f),
+                dir.path().join("models").join(f),
+            )
+            .expect("copy fixture");
+        }
+        let toml =
+            "[[stage]]\nname = \"m\"\nkind = \"inference\"\nmodel = \"models/torch_mlp.onnx\"\n";
+        let path = dir.path().join("pipeline.toml");
+        std::fs::write(&path, toml).expect("write");
+        let big_chunks = || PackageSpec {
+            chunk_size: 16 * 1024,
+            ..spec()
+        };
+        let p = load(&path, big_chunks(), &key()).expect("loads");
+        let listed: Vec<(&str, MediaType)> = p
+            .manifest
+            .artifacts
+            .iter()
+            .map(|a| (a.name.as_str(), a.media_type))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("models/torch_mlp.onnx", MediaType::Onnx),
+                ("models/torch_mlp.onnx.data", MediaType::OnnxData),
+            ]
+        );
+        let data = std::fs::read(dir.path().join("models/torch_mlp.onnx.data")).expect("read");
+        assert_eq!(p.manifest.artifacts[1].sha256, sha256_hex(&data));
+
+        std::fs::remove_file(dir.path().join("models/torch_mlp.onnx.data")).expect("rm");
+        let e = load(&path, big_chunks(), &key()).expect_err("data file missing");
+        assert!(
+            matches!(&e, PackageError::ModelData { model, .. } if model == "models/torch_mlp.onnx")
+                && e.to_string().contains("torch_mlp.onnx.data is missing"),
+            "{e}"
+        );
+    }
 }

@@ -942,4 +942,18 @@ mod tests {
         let target = serde_json::to_string(&Target::Group("lab".into())).expect("encodes");
         assert_eq!(target, "{\"group\":\"lab\"}");
     }
+
+    #[test]
+    fn data_artifacts_are_named_beside_their_model() {
+        assert_eq!(
+            data_artifact_name("models/m.onnx", "m.onnx.data"),
+            "models/m.onnx.data"
+        );
+        assert_eq!(data_artifact_name("m.onnx", "./w/a.bin"), "w/a.bin");
+        assert_eq!(data_artifact_name("a/b/m.onnx", "x.bin"), "a/b/x.bin");
+        assert_eq!(
+            serde_json::to_string(&MediaType::OnnxData).expect("json"),
+            "\"onnx-data\""
+        );
+    }
 }
