@@ -133,6 +133,20 @@ pub enum Event {
         failed: usize,
         in_progress: usize,
     },
+    /// A staged rollout (`--strategy canary`) decided something: `launched` a wave (`devices`
+    /// got the manifest), a wave's `gate_passed` (its soak starts), `halted` (the updated
+    /// `devices` are being rolled back), `paused`, `resumed`.
+    RolloutDecision {
+        deployment_id: String,
+        decision: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        wave: Option<usize>,
+        devices: Vec<String>,
+        healthy: usize,
+        failed: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// A federated task was picked up from the spool (or resumed after a restart).
     FlTaskStarted {
         task: String,
@@ -418,6 +432,22 @@ impl Event {
             } => {
                 tracing::info!(%deployment_id, version, %reason, healthy, failed, in_progress, "deployment finished")
             }
+            Event::RolloutDecision {
+                deployment_id,
+                decision,
+                wave,
+                devices,
+                healthy,
+                failed,
+                reason,
+            } => {
+                let wave = wave.map_or(-1, |w| w as i64);
+                if *decision == "halted" {
+                    tracing::warn!(%deployment_id, decision, wave, devices = devices.len(), healthy, failed, reason = reason.as_deref().unwrap_or("-"), "rollout halted; rolling back the updated devices")
+                } else {
+                    tracing::info!(%deployment_id, decision, wave, devices = devices.len(), healthy, failed, reason = reason.as_deref().unwrap_or("-"), "rollout decision")
+                }
+            }
             Event::FlTaskStarted {
                 task,
                 model,
@@ -507,6 +537,9 @@ impl Event {
                     bytes_in = m.bytes_in,
                     bytes_out = m.bytes_out,
                     train_loss = m.train_loss.map(f64::from),
+                    clip_threshold = m.clip_threshold.map(f64::from),
+                    clipped = m.clipped,
+                    epsilon = m.epsilon,
                     eval_accuracy = m.eval_accuracy.map(f64::from),
                     eval_loss = m.eval_loss.map(f64::from),
                     eval_note = m.eval_note.as_deref(),

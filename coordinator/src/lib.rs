@@ -27,6 +27,7 @@
 //! chunks_dropped?}`,
 //! `deploy_resend {device, deployment_id, chunks, ignored}`,
 //! `deployment_finished {deployment_id, version, reason, healthy, failed, in_progress}`,
+//! `rollout_decision {deployment_id, decision, wave?, devices, healthy, failed, reason?}`,
 //! `fl_task_started {task, model, members, rounds, weights, round, version, resumed}`,
 //! `fl_round_opened {task, round, version, selected, deadline_ms, members}`,
 //! `fl_round_waiting {task, round, reason}`,

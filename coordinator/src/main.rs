@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         command: FlCommand,
     },
+    /// Pause, resume or abort a staged rollout (`deploy --strategy canary`).
+    Rollout {
+        #[command(subcommand)]
+        command: cmd::rollout::RolloutCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,5 +140,6 @@ fn main() -> ExitCode {
         } => report(identity(state)),
         Command::Deploy(args) => report(deploy(args)),
         Command::Fl { command } => report(fl(command)),
+        Command::Rollout { command } => report(cmd::rollout::rollout(command)),
     }
 }

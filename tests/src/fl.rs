@@ -149,6 +149,8 @@ pub struct FlTask {
     pub extra: String,
     /// The members' group.
     pub group: String,
+    /// Keys added to the task's `[train]` section as they are (e.g. `trainable = [...]`).
+    pub train_extra: String,
 }
 
 impl FlTask {
@@ -164,6 +166,7 @@ impl FlTask {
             initial: "initial.onnx".into(),
             extra: String::new(),
             group: FL_GROUP.into(),
+            train_extra: String::new(),
         }
     }
 
@@ -188,6 +191,7 @@ epochs = 2
 lr = 0.1
 batch_size = 16
 codec = "{codec}"
+{train_extra}
 [aggregate]
 rule = "fedavg"
 server_optimizer = "sgd"
@@ -204,6 +208,7 @@ holdout = "holdout.csv"
             initial = self.initial,
             extra = self.extra,
             group = self.group,
+            train_extra = self.train_extra,
         )
     }
 

@@ -9,7 +9,9 @@
 //! another network, which the agents do not serve: every agent's training step fails, each
 //! reports why, every round fails, and the task stops with those reasons, in the journal and
 //! in `fl status`, instead of extending for ever. Task C: three new agents serve torch's export
-//! (`Gemm` with `transB=1`) and train it unchanged.
+//! (`Gemm` with `transB=1`) and train it unchanged. Task D fine-tunes only its head
+//! (`[train] trainable`), the first layer frozen on the devices and never sent; task E's initial
+//! model has another first layer than the agents serve, and they refuse to train its head.
 
 use std::time::Duration;
 
@@ -199,6 +201,89 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "torch Gemm model, held-out accuracy per round: {acc:?}"
     );
     eprintln!("torch Gemm stack as exported: held-out accuracy per round {acc:?}");
+
+    // Task D: the same agents fine-tune only the head (`[train] trainable`); the first layer
+    // stays frozen, is never sent, and runs on the device in front of the trainer.
+    let head = "trainable = [\"2.weight\", \"2.bias\"]".to_owned();
+    let dt = FlTask {
+        initial: "torch.onnx".into(),
+        group: "torch".into(),
+        train_extra: head.clone(),
+        ..FlTask::new("td", ROUNDS, AGENTS)
+    };
+    dt.start(&coord, &task_dir, &key)?;
+    journal.wait_for("task td finished", WAIT * 2, |j| task_finished(j, "td"))?;
+    let closed = closed_rounds(journal.events(), "td");
+    let acc: Vec<f64> = closed
+        .iter()
+        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
+        .collect();
+    // An update carries the head's 16 x 10 + 10 weights (fp32: 680 bytes and a header), not the
+    // whole model's 1,210 (4,840 bytes).
+    let bytes_per_update: Vec<f64> = closed
+        .iter()
+        .map(|e| e.f64_field("bytes_in").unwrap_or(0.0) / e.f64_field("on_time").unwrap_or(1.0))
+        .collect();
+    ensure!(
+        closed.len() == ROUNDS as usize
+            && closed
+                .iter()
+                .all(|e| e.f64_field("on_time").unwrap_or(0.0) >= 1.0)
+            && acc[acc.len() - 1] > acc[0]
+            && bytes_per_update.iter().all(|&b| b > 680.0 && b < 2_000.0),
+        "head only: accuracy per round {acc:?}, bytes per update {bytes_per_update:?}"
+    );
+    let status = fl_status(&coord, "td")?;
+    ensure!(
+        status.contains("2 params") || status.contains("170 weights"),
+        "{status}"
+    );
+    eprintln!(
+        "torch head only (first layer frozen): accuracy per round {acc:?}, bytes per update {bytes_per_update:?}"
+    );
+
+    // Task E: the task's initial model has another first layer than the agents serve; they
+    // refuse to train a head over features the coordinator would not evaluate, and say why.
+    let other = edge_inference::patch_initializers(
+        &torch,
+        &[(
+            "0.weight",
+            edge_inference::Tensor::from_f32(vec![16, 64], &[0.01; 16 * 64])?,
+        )],
+    )?;
+    std::fs::write(task_dir.join("torch_other.onnx"), other)?;
+    let et = FlTask {
+        initial: "torch_other.onnx".into(),
+        group: "torch".into(),
+        train_extra: head,
+        extra: "max_failed_rounds = 1\n".into(),
+        ..FlTask::new("te", ROUNDS, AGENTS)
+    };
+    // `fl start` waits for serve to take the task; the refusals may end it before that, and
+    // then `fl start` fails with them.
+    if let Err(e) = et.start(&coord, &task_dir, &key) {
+        ensure!(
+            format!("{e:#}").contains("frozen layers (0.weight)"),
+            "fl start te: {e:#}"
+        );
+    }
+    journal.wait_for("task te finished", WAIT, |j| task_finished(j, "te"))?;
+    let events = journal.events();
+    let refusals: Vec<_> = events
+        .iter()
+        .filter(|e| e.is("fl_train_failed") && e.str_field("task") == Some("te"))
+        .collect();
+    ensure!(
+        !refusals.is_empty()
+            && refusals.iter().all(|f| {
+                f.str_field("kind") == Some("model")
+                    && f.str_field("reason")
+                        .unwrap_or("")
+                        .contains("frozen layers (0.weight)")
+            }),
+        "agents refuse a head over other frozen layers: {:?}",
+        refusals.iter().map(|e| &e.raw).collect::<Vec<_>>()
+    );
     drop(agents);
     Ok(())
 }

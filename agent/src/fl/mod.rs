@@ -29,6 +29,7 @@
 //! **Boundary:** the pipeline publishes [`TrainingSetup`]; the coordinator decides selection,
 //! deadlines and what a late update is worth.
 
+mod frozen;
 pub mod state;
 
 use std::sync::Arc;
@@ -63,12 +64,25 @@ pub struct TrainingSetup {
     pub model: String,
     /// The model's bytes as the pipeline loaded them (the base every patch starts from).
     pub model_bytes: Vec<u8>,
-    /// Its external data files, if any (shared with the session, not copied): global
-    /// weights go into copies of them at the same offsets, so the model keeps its layout.
+    /// Its external data files, if any (the pipeline's copy, separate from the session's):
+    /// global weights go into copies of them at the same offsets, so the model keeps its layout.
     pub model_data: edge_inference::DataFiles,
     pub trainer_name: String,
     pub trainer_bytes: Vec<u8>,
     pub dataset: String,
+}
+
+impl TrainingSetup {
+    /// The model with every initializer's values in the graph, for code that reads weights
+    /// (the frozen layers): the bytes as loaded, or, with external data files, an inline copy.
+    fn readable_model(&self) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        if self.model_data.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(&self.model_bytes));
+        }
+        edge_inference::external::inline(&self.model_bytes, &self.model_data)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| format!("model {}: {e}", self.model))
+    }
 }
 
 /// The live pipeline's [`TrainingSetup`], watched by the federated-learning task.
@@ -433,6 +447,23 @@ impl FlTask {
     /// Blocking part of a round: apply, train, encode, queue, commit.
     fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
         let h = &msg.header;
+        if let Some(want) = &h.frozen
+            && let Err(e) = setup
+                .readable_model()
+                .map_err(|reason| RoundError::Model {
+                    model: setup.model.clone(),
+                    reason,
+                })
+                .and_then(|model| frozen::check(&setup.model, &model, &msg.header.params, want))
+        {
+            // Neither served nor trained: a head over other features than the task's.
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task = %h.task, round = h.round, error = %e, "round refused: the frozen layers differ");
+            if h.train.is_some() && !h.done {
+                self.report_failure(h, &e);
+            }
+            return Err(e);
+        }
         self.apply(msg, setup);
         if h.done {
             self.d.state.finish(&h.task)?;
@@ -611,7 +642,32 @@ impl FlTask {
                 data: data.to_vec(),
             })
             .collect();
-        let weights: Vec<Param> = dense::to_trainer(&layers, &given)
+        // The round carries the trained layers: all of them, or the last ones (a head over
+        // frozen layers, `[train] trainable`), whose inputs are the frozen layers' outputs.
+        // None of them: `to_trainer` names the first layer the round lacks.
+        let trained_from = layers
+            .iter()
+            .position(|l| given.iter().any(|g| g.name == l.weight || g.name == l.bias))
+            .unwrap_or(0);
+        let (frozen, layers) = layers.split_at(trained_from);
+        if !frozen.is_empty() {
+            let readable = setup.readable_model().map_err(model_err)?;
+            let prefix = frozen::Frozen::from_model(&readable, frozen).map_err(model_err)?;
+            if let Some((x, _)) = labeled.iter().find(|(x, _)| x.len() != prefix.inputs()) {
+                return Err(RoundError::Dataset {
+                    dataset: setup.dataset.clone(),
+                    reason: format!(
+                        "a sample has {} features, the model takes {}",
+                        x.len(),
+                        prefix.inputs()
+                    ),
+                });
+            }
+            for (x, _) in &mut labeled {
+                *x = prefix.forward(x);
+            }
+        }
+        let weights: Vec<Param> = dense::to_trainer(layers, &given)
             .map_err(model_err)?
             .into_iter()
             .map(|w| Param {
@@ -638,7 +694,7 @@ impl FlTask {
         // The sandbox checked names, shapes and finiteness; back to the model's layout, then
         // flattened in the header's order.
         let trained = dense::from_trainer(
-            &layers,
+            layers,
             out.weights
                 .into_iter()
                 .map(|w| NamedWeights {
@@ -725,6 +781,7 @@ mod tests {
             issued_ms,
             train: None,
             done: false,
+            frozen: None,
         }
     }
 

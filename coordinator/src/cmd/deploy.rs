@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use edge_coordinator::deploy::waves::{Amount, Strategy};
+
 use super::{PICKUP_TIMEOUT, PROGRESS_POLL, resolve_state_dir};
 
 #[derive(Debug, Args)]
@@ -63,6 +65,40 @@ pub(crate) struct DeployArgs {
     /// Configuration file to take state_dir from.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// `all`: every device of the target at once; `canary`: a group in waves (a canary, then
+    /// batches, each through a health gate and a soak), halted and rolled back past
+    /// --max-failures.
+    #[arg(long, value_enum, default_value_t = StrategyKind::All)]
+    strategy: StrategyKind,
+    /// Canary wave: N devices or P% of the group [default: 1].
+    #[arg(long)]
+    canary: Option<Amount>,
+    /// Each later wave: N devices or P% of the group [default: 25%].
+    #[arg(long)]
+    batch: Option<Amount>,
+    /// Seconds to wait after a wave passed its health gate before the next starts (failures
+    /// reported meanwhile still count) [default: 60].
+    #[arg(long)]
+    soak_secs: Option<u64>,
+    /// A wave passes its gate when all its devices reported a final step, or after this many
+    /// seconds (silent devices are not failures; they keep their manifest) [default: 600].
+    #[arg(long)]
+    wave_timeout_secs: Option<u64>,
+    /// Failures (rolled back, failed, rejected) allowed over the whole rollout: N devices or
+    /// P% of the group; one more halts it and rolls the updated devices back [default: 0].
+    #[arg(long)]
+    max_failures: Option<Amount>,
+    /// With --strategy canary: the pipeline the devices ran before, deployed (as version
+    /// --version + 1) to every updated device if the rollout halts; defaults to the group's
+    /// current version (its last healthy group rollout, while its manifest has not expired).
+    #[arg(long)]
+    rollback_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StrategyKind {
+    All,
+    Canary,
 }
 
 pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
@@ -74,6 +110,28 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         (None, Some(g)) => Target::Group(g),
         (None, None) => anyhow::bail!("name a target with --device or --group"),
     };
+    if args.strategy == StrategyKind::Canary {
+        anyhow::ensure!(
+            matches!(target, Target::Group(_)),
+            "--strategy canary rolls out to a group: use --group"
+        );
+        anyhow::ensure!(
+            args.pipeline.is_some(),
+            "--strategy canary needs a pipeline deployment (model deployments roll out with --strategy all)"
+        );
+    } else {
+        let staged_only = [
+            ("--rollback-to", args.rollback_to.is_some()),
+            ("--canary", args.canary.is_some()),
+            ("--batch", args.batch.is_some()),
+            ("--soak-secs", args.soak_secs.is_some()),
+            ("--wave-timeout-secs", args.wave_timeout_secs.is_some()),
+            ("--max-failures", args.max_failures.is_some()),
+        ];
+        if let Some((flag, _)) = staged_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} is only used with --strategy canary");
+        }
+    }
     let key = load_signing_key(&args.key)?;
     let now_ms = protocol::v1::now_ms();
     let spec = PackageSpec {
@@ -91,6 +149,14 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
             messages: args.health_messages,
             seconds: args.health_seconds,
         },
+    };
+    let rollback_spec = PackageSpec {
+        deployment_id: format!("{}-rollback", spec.deployment_id),
+        version: spec
+            .version
+            .checked_add(1)
+            .context("--version is too large")?,
+        ..spec.clone()
     };
     let pkg = match &args.pipeline {
         Some(pipeline) => package::load(pipeline, spec, &key)
@@ -124,8 +190,39 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         return Ok(());
     }
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
-    let spooled = edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
-        .context("cannot spool the deployment")?;
+    let spooled = match (args.strategy, &pkg.manifest.target) {
+        (StrategyKind::All, _) | (_, Target::Device(_)) => {
+            edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
+        }
+        (StrategyKind::Canary, Target::Group(group)) => {
+            let rollback = match &args.rollback_to {
+                Some(previous) => package::load(previous, rollback_spec, &key).with_context(|| {
+                    format!("cannot build the rollback deployment from {}", previous.display())
+                })?,
+                None => current_version(&state_dir, group, rollback_spec, &key)?,
+            };
+            let soak_secs = args.soak_secs.unwrap_or(60);
+            let strategy = Strategy {
+                canary: args.canary.unwrap_or(Amount::Count(1)),
+                batch: args.batch.unwrap_or(Amount::Percent(25.0)),
+                soak_ms: soak_secs.saturating_mul(1000),
+                wave_timeout_ms: args.wave_timeout_secs.unwrap_or(600).saturating_mul(1000),
+                max_failures: args.max_failures.unwrap_or(Amount::Count(0)),
+                rollback_id: rollback.manifest.deployment_id.clone(),
+            };
+            eprintln!(
+                "canary {} then batches of {}, soak {} s, at most {} failures; a halt rolls the updated devices back with deployment {} version {} (the next deployment needs a version above it)",
+                strategy.canary,
+                strategy.batch,
+                soak_secs,
+                strategy.max_failures,
+                rollback.manifest.deployment_id,
+                rollback.manifest.version
+            );
+            edge_coordinator::deploy::spool::write_spool_staged(&state_dir, &pkg, &strategy, &rollback)
+        }
+    }
+    .context("cannot spool the deployment")?;
     eprintln!("{plan}; spooled in {}", spooled.display());
     if args.no_wait {
         return Ok(());
@@ -134,6 +231,70 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
     wait_for_pickup(&state_dir, id, &spooled)?;
     watch(&state_dir, id, deadline)
+}
+
+/// The rollback package when `--rollback-to` is not given: the group's current version (the
+/// last group rollout that ended healthy and is still served to joining devices, artifacts
+/// kept in its rollout directory), signed again as the rollback.
+fn current_version(
+    state_dir: &std::path::Path,
+    group: &str,
+    spec: edge_coordinator::deploy::PackageSpec,
+    key: &protocol::v1::deploy::SigningKey,
+) -> Result<edge_coordinator::deploy::Package> {
+    use edge_coordinator::deploy::{ArtifactFile, Package, spool};
+    use protocol::v1::deploy::{DeployKind, Target};
+    let mut best: Option<(u64, String)> = None;
+    for id in spool::rollouts(state_dir)? {
+        if let Ok(Some(p)) = spool::read_progress(state_dir, &id)
+            && p.serving
+            && p.target == Target::Group(group.to_owned())
+            && best.as_ref().is_none_or(|(v, _)| p.version > *v)
+        {
+            best = Some((p.version, id));
+        }
+    }
+    let Some((version, id)) = best else {
+        anyhow::bail!(
+            "group {group} has no current version in {} (no healthy group rollout is still served: none yet, or its manifest expired); name the pipeline the group runs now with --rollback-to",
+            state_dir.display()
+        );
+    };
+    let dir = spool::rollout_dir(state_dir, &id);
+    let current = spool::load_package(&dir)
+        .with_context(|| format!("cannot read group {group}'s current version {id}"))?;
+    anyhow::ensure!(
+        current.manifest.kind == DeployKind::Pipeline,
+        "group {group}'s current version {id} is a model deployment; name the pipeline the group runs with --rollback-to"
+    );
+    let blobs: std::collections::BTreeMap<&str, &[u8]> = current.blobs().collect();
+    let files = current
+        .manifest
+        .artifacts
+        .iter()
+        .map(|a| {
+            let bytes = blobs
+                .get(a.sha256.as_str())
+                .with_context(|| format!("{}: artifact {} is missing", dir.display(), a.name))?;
+            Ok(ArtifactFile {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                bytes: bytes.to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!("rollback: group {group}'s current version, deployment {id} version {version}");
+    Package::build(
+        edge_coordinator::deploy::PackageSpec {
+            kind: DeployKind::Pipeline,
+            pipeline_toml: current.manifest.pipeline_toml.clone(),
+            chunk_size: current.manifest.chunk_size,
+            ..spec
+        },
+        files,
+        key,
+    )
+    .with_context(|| format!("cannot sign group {group}'s current version {id} as the rollback"))
 }
 
 pub(crate) fn wait_for_pickup(
@@ -250,9 +411,35 @@ pub(crate) fn watch(
             }
         }
     }
+    if let Some(waves) = &final_progress.waves {
+        for (i, wave) in waves.waves.iter().enumerate() {
+            let name = if i == 0 {
+                "canary".to_owned()
+            } else {
+                format!("wave {i}")
+            };
+            println!("{name}: {}", wave.join(", "));
+        }
+        if !waves.pending.is_empty() {
+            println!("not updated: {}", waves.pending.join(", "));
+        }
+        for (device, p) in &final_progress.rollback {
+            match outcome(p) {
+                Outcome::Healthy => println!("rollback {device}: back on the previous pipeline"),
+                Outcome::Failed(m) | Outcome::Pending(m) => {
+                    println!("rollback {device}: not confirmed ({m})")
+                }
+            }
+        }
+    }
     let reason = final_progress.finished.unwrap_or_default();
     if final_progress.devices.is_empty() {
         anyhow::bail!("deployment {id} ended without any target device: {reason}");
+    }
+    if let Some(w) = &final_progress.waves
+        && w.is_halted()
+    {
+        anyhow::bail!("deployment {id} halted: {reason}");
     }
     if not_healthy > 0 {
         anyhow::bail!(

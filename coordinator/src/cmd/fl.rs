@@ -77,6 +77,25 @@ pub(crate) fn fl_start(task: &std::path::Path, state: StateArgs, no_wait: bool) 
         spec.server_optimizer,
         spooled.display()
     );
+    eprintln!("  clip: {}", spec.clip);
+    if let Some(p) = &spec.privacy {
+        // What the operator commits to before any round runs.
+        let all = edge_coordinator::fl::privacy::epsilon(
+            spec.rounds,
+            f64::from(p.noise_multiplier),
+            p.delta,
+        );
+        eprintln!(
+            "  differential privacy: gaussian, noise_multiplier {}, delta {}: epsilon {:.2} after one round, {all:.2} after all {} rounds{}",
+            p.noise_multiplier,
+            p.delta,
+            edge_coordinator::fl::privacy::epsilon(1, f64::from(p.noise_multiplier), p.delta),
+            spec.rounds,
+            p.max_epsilon.map_or_else(String::new, |m| format!(
+                " (stops before passing max_epsilon {m})"
+            ))
+        );
+    }
     if no_wait {
         return Ok(());
     }

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use protocol::v1::deploy::{DeployStatus, ResendRequest, SignedManifest, Target};
 
+use super::Package;
 use super::engine::{Engine, EngineTotals};
 use super::progress::ProgressFile;
 use super::spool;
+use super::waves::Strategy;
 use crate::action::Action;
 use crate::enrollment::EnrolledFleet;
 use crate::event::Event;
@@ -64,18 +66,44 @@ impl DeployHost {
                     continue;
                 }
             };
-            if progress.as_ref().is_some_and(|p| p.finished.is_some()) {
+            if let Some(p) = progress.as_ref().filter(|p| p.finished.is_some()) {
+                // Still the group's current version: served to joining devices again.
+                if p.serving {
+                    let dir = spool::rollout_dir(&self.state_dir, &id);
+                    match spool::load_package(&dir) {
+                        Ok(package) => {
+                            out.extend(self.engine.resume_serving(package, p.clone(), now))
+                        }
+                        Err(e) => {
+                            tracing::warn!(deployment_id = %id, error = %e, "cannot load the group's current version; devices joining get no deployment")
+                        }
+                    }
+                }
                 continue;
             }
             let dir = spool::rollout_dir(&self.state_dir, &id);
-            match (spool::load_package(&dir), progress) {
-                (Ok(package), Some(progress)) => {
+            let loaded =
+                spool::load_package(&dir).and_then(|p| spool::load_staged(&dir).map(|s| (p, s)));
+            match (loaded, progress) {
+                (Ok((package, Some((_, rollback)))), Some(mut progress)) => {
+                    match progress.waves.take() {
+                        Some(waves) => out.extend(
+                            self.engine
+                                .resume_staged(package, rollback, progress, waves, now),
+                        ),
+                        None => out.push(self.invalid_package(
+                            &id,
+                            "a staged rollout's progress file has no waves",
+                            now,
+                        )),
+                    }
+                }
+                (Ok((package, None)), Some(progress)) => {
                     out.extend(self.engine.resume(package, progress, now));
                 }
                 // Taken from the spool but stopped before the first progress file: start over.
-                (Ok(package), None) => {
-                    let members = target_members(&package.manifest.target, fleet);
-                    out.extend(self.engine.start(package, members, now));
+                (Ok((package, staged)), None) => {
+                    out.extend(self.start(package, staged, fleet, now))
                 }
                 (Err(e), _) => out.push(self.invalid_package(&id, &e.to_string(), now)),
             }
@@ -106,12 +134,55 @@ impl DeployHost {
                     continue;
                 }
             };
-            match spool::load_package(&dir) {
-                Ok(package) => {
-                    let members = target_members(&package.manifest.target, fleet);
-                    out.extend(self.engine.start(package, members, now));
-                }
+            match spool::load_package(&dir).and_then(|p| spool::load_staged(&dir).map(|s| (p, s))) {
+                Ok((package, staged)) => out.extend(self.start(package, staged, fleet, now)),
                 Err(e) => out.push(self.invalid_package(&id, &e.to_string(), now)),
+            }
+        }
+        out.extend(self.controls(now));
+        out
+    }
+
+    fn start(
+        &mut self,
+        package: Package,
+        staged: Option<(Strategy, Package)>,
+        fleet: &EnrolledFleet<'_>,
+        now: u64,
+    ) -> Vec<Action> {
+        let members = target_members(&package.manifest.target, fleet);
+        match staged {
+            None => self.engine.start(package, members, now),
+            Some(_) if !matches!(package.manifest.target, Target::Group(_)) => {
+                let id = package.manifest.deployment_id.clone();
+                vec![self.invalid_package(&id, "a staged rollout needs a group target", now)]
+            }
+            Some((strategy, rollback)) => self
+                .engine
+                .start_staged(package, rollback, strategy, members, now),
+        }
+    }
+
+    /// Applies the spooled `rollout pause|resume|abort` requests; one that cannot apply is
+    /// logged and journaled as a rejected request.
+    fn controls(&mut self, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        for request in spool::take_controls(&self.state_dir) {
+            let result = request.map_err(|e| e.to_string()).and_then(|r| {
+                self.engine
+                    .control(&r.deployment_id, r.action, now)
+                    .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(actions) => out.extend(actions),
+                Err(reason) => {
+                    tracing::warn!(%reason, "rollout control request not applied");
+                    out.push(Action::Event(Event::Rejected {
+                        topic: "rollout control".into(),
+                        reason,
+                        device: None,
+                    }));
+                }
             }
         }
         out
@@ -163,6 +234,9 @@ impl DeployHost {
             resends_ignored: 0,
             finished: Some(reason.clone()),
             updated_ms: now,
+            waves: None,
+            serving: false,
+            rollback: Default::default(),
         };
         if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
             tracing::warn!(deployment_id = %id, error = %e, "cannot write rollout progress");
@@ -178,17 +252,20 @@ impl DeployHost {
     }
 
     /// Rewrites the progress files of rollouts that changed; a finished rollout's artifact
-    /// copies are deleted once its final progress is on disk.
+    /// copies are deleted once its final progress is on disk and it is not served any more.
     pub fn write_progress(&mut self, now: u64) {
         for progress in self.engine.take_dirty(now) {
             if let Err(e) = spool::write_progress(&self.state_dir, &progress) {
                 tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot write rollout progress");
                 continue;
             }
-            if progress.finished.is_some() {
+            if progress.finished.is_some() && !progress.serving {
                 let dir = spool::rollout_dir(&self.state_dir, &progress.deployment_id);
-                if let Err(e) = spool::remove_artifacts(&dir) {
-                    tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
+                let rollback = dir.join("rollback");
+                for dir in std::iter::once(dir).chain(rollback.is_dir().then_some(rollback)) {
+                    if let Err(e) = spool::remove_artifacts(&dir) {
+                        tracing::warn!(deployment_id = %progress.deployment_id, error = %e, "cannot delete the finished rollout's artifacts");
+                    }
                 }
             }
         }

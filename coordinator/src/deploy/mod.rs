@@ -25,6 +25,9 @@
 //! - `engine`: every active rollout, the paced chunk queue, resend and status handling; says
 //!   what to publish and journal. Invariant: no I/O, no clock; at most `MAX_RESEND_CHUNKS`
 //!   chunks per resend request; never sends for a finished rollout. Boundary: the host, tests.
+//! - `waves`: staged rollouts (`--strategy canary`): canary and batches, health gate, soak,
+//!   failure budget, halt. Invariant: no I/O, no clock; a halted rollout never launches a
+//!   wave again. Boundary: the engine, tests.
 //! - `host`: the service's glue (owns the engine, takes the spool, resumes rollouts, writes
 //!   progress files), mirroring `fl::host`. Boundary: the service.
 //! - `progress`: the progress file's shape (persisted rollout state, read by `deploy`).
@@ -38,6 +41,7 @@ pub mod package;
 pub mod progress;
 pub mod rollout;
 pub mod spool;
+pub mod waves;
 
 pub use package::{ArtifactFile, Package, PackageError, PackageSpec};
 pub use protocol::keyfile::{KeyError, generate_key_file, load_signing_key};

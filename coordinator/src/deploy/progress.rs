@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::rollout::DeviceProgress;
 
 /// `state_dir/deploy/rollouts/{id}/progress.json`, rewritten atomically by `serve`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressFile {
     pub deployment_id: String,
     pub version: u64,
@@ -31,6 +31,16 @@ pub struct ProgressFile {
     pub finished: Option<String>,
     /// Coordinator clock at the last rewrite.
     pub updated_ms: u64,
+    /// A staged rollout's waves, phase and strategy (`None`: the whole target at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<super::waves::Waves>,
+    /// Finished, and still the group's current version: its manifest stays retained and
+    /// joining devices get it until it expires or a newer deployment replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serving: bool,
+    /// A halted staged rollout: the devices being rolled back, and how far.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollback: BTreeMap<String, DeviceProgress>,
 }
 
 /// How one device ended, for the `deploy` command's summary.

@@ -114,6 +114,11 @@ impl Rollout {
             });
     }
 
+    /// Forgets a device (it left a staged rollout's rollback set).
+    pub fn remove_device(&mut self, device: &str) {
+        self.devices.remove(device);
+    }
+
     /// Records that chunk `index` of `sha256` went to `device`.
     pub fn on_chunk_sent(&mut self, device: &str, sha256: &str, index: u32) {
         if self.chunks.get(sha256).is_none_or(|&n| index >= n) {
@@ -203,14 +208,14 @@ impl Rollout {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::deploy::package::{ArtifactFile, Package, PackageSpec};
     use protocol::v1::deploy::{
         DeployKind, HealthCheck, MissingChunks, SigningKey, Target, sha256_hex,
     };
 
-    fn package() -> Package {
+    pub(crate) fn package() -> Package {
         Package::build(
             PackageSpec {
                 deployment_id: "dep-1".into(),

@@ -8,6 +8,11 @@
 //! state_dir/deploy/rollouts/{id}/           the spool entry, renamed when serve takes it
 //!     manifest.json, {sha256}
 //!     progress.json                         ProgressFile, rewritten atomically by serve
+//!     strategy.json, rollback/              a staged rollout (`--strategy canary`): its
+//!                                           Strategy, and the rollback package (manifest,
+//!                                           artifacts)
+//! state_dir/deploy/control/{ns}-{pid}.json  `rollout pause|resume|abort` requests, taken and
+//!                                           deleted by serve in name order
 //! ```
 //!
 //! Every write goes to a temporary name, is fsync'd and then renamed, so a reader (or a
@@ -19,11 +24,15 @@ use std::path::{Path, PathBuf};
 use protocol::v1::deploy::{SignedManifest, is_sha256_hex};
 use protocol::v1::validate_message_id;
 
+use super::engine::Control;
 use super::package::{Package, PackageError};
 use super::progress::ProgressFile;
+use super::waves::Strategy;
 
 const MANIFEST: &str = "manifest.json";
 const PROGRESS: &str = "progress.json";
+const STRATEGY: &str = "strategy.json";
+const ROLLBACK: &str = "rollback";
 
 /// Errors from the spool and rollout directories; each names the path.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +92,129 @@ pub fn write_spool(state_dir: &Path, package: &Package) -> Result<PathBuf, Spool
         }
         Ok(())
     })
+}
+
+/// Writes a staged rollout into the spool: the package, its strategy, and the rollback
+/// package in `rollback/`.
+pub fn write_spool_staged(
+    state_dir: &Path,
+    package: &Package,
+    strategy: &Strategy,
+    rollback: &Package,
+) -> Result<PathBuf, SpoolError> {
+    let id = &package.manifest.deployment_id;
+    validate_message_id(id).map_err(|_| SpoolError::Id(id.clone()))?;
+    crate::spooldir::write(&spool_dir(state_dir), &rollouts_dir(state_dir), id, |tmp| {
+        write_synced(&tmp.join(MANIFEST), &package.manifest_payload())?;
+        for (sha, bytes) in package.blobs() {
+            write_synced(&tmp.join(sha), bytes)?;
+        }
+        let json = serde_json::to_vec_pretty(strategy).map_err(|error| SpoolError::Manifest {
+            path: tmp.join(STRATEGY),
+            error: error.to_string(),
+        })?;
+        write_synced(&tmp.join(STRATEGY), &json)?;
+        let rb = tmp.join(ROLLBACK);
+        std::fs::create_dir(&rb).map_err(io(&rb))?;
+        write_synced(&rb.join(MANIFEST), &rollback.manifest_payload())?;
+        for (sha, bytes) in rollback.blobs() {
+            write_synced(&rb.join(sha), bytes)?;
+        }
+        crate::spooldir::sync_dir(&rb)?;
+        Ok(())
+    })
+}
+
+/// A rollout directory's strategy and rollback package; `None` for a whole-target rollout.
+pub fn load_staged(dir: &Path) -> Result<Option<(Strategy, Package)>, SpoolError> {
+    let path = dir.join(STRATEGY);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let strategy: Strategy =
+        serde_json::from_slice(&bytes).map_err(|error| SpoolError::Manifest {
+            path: path.clone(),
+            error: error.to_string(),
+        })?;
+    let rollback = load_package(&dir.join(ROLLBACK))?;
+    if rollback.manifest.deployment_id != strategy.rollback_id {
+        return Err(SpoolError::Manifest {
+            path,
+            error: format!(
+                "rollback_id {} does not match the rollback package's deployment {}",
+                strategy.rollback_id, rollback.manifest.deployment_id
+            ),
+        });
+    }
+    Ok(Some((strategy, rollback)))
+}
+
+pub fn control_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("deploy").join("control")
+}
+
+/// An operator's request for a staged rollout, as spooled by `rollout pause|resume|abort`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    pub deployment_id: String,
+    pub action: Control,
+}
+
+/// Spools a control request (whole, under a temporary name first).
+pub fn write_control(state_dir: &Path, request: &ControlRequest) -> Result<PathBuf, SpoolError> {
+    let dir = control_dir(state_dir);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let name = format!("{nanos:020}-{}.json", std::process::id());
+    let tmp = dir.join(format!(".{name}"));
+    let json = serde_json::to_vec(request).map_err(|error| SpoolError::Manifest {
+        path: tmp.clone(),
+        error: error.to_string(),
+    })?;
+    write_synced(&tmp, &json)?;
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crate::spooldir::sync_dir(&dir)?;
+    Ok(path)
+}
+
+/// Takes every spooled control request in order (each file is deleted once read); a file that
+/// does not parse is reported with its path and deleted.
+pub fn take_controls(state_dir: &Path) -> Vec<Result<ControlRequest, SpoolError>> {
+    let dir = control_dir(state_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.starts_with('.') && n.ends_with(".json"))
+        })
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|path| {
+            let read = std::fs::read(&path).map_err(io(&path)).and_then(|b| {
+                serde_json::from_slice(&b).map_err(|error| SpoolError::Manifest {
+                    path: path.clone(),
+                    error: error.to_string(),
+                })
+            });
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a taken rollout control request");
+            }
+            read
+        })
+        .collect()
 }
 
 /// Deployment ids waiting in the spool, oldest name first (temporary entries skipped).
@@ -281,6 +413,9 @@ mod tests {
             resends_ignored: 2,
             finished: Some("expired".into()),
             updated_ms: 4,
+            waves: None,
+            serving: false,
+            rollback: BTreeMap::new(),
         };
         write_progress(state, &progress).expect("writes");
         assert_eq!(

@@ -58,6 +58,12 @@
 //!   `r` and name `r`'s global version. Late updates count for `min_updates` at the deadline
 //!   but not for the quorum (which counts updates trained for the round itself). Older ones
 //!   are dropped and counted as `late_dropped`. `max_staleness = 0` drops every late update.
+//! - Clipping ([`privacy::clip`], before aggregation): each delta whose L2 norm exceeds the
+//!   round's threshold (`clip_multiplier` x the round's median norm by default, or a fixed
+//!   norm, or off) is scaled down to it; the threshold and the number clipped are reported per
+//!   round. With `[privacy]`, deltas are clipped to the fixed norm, summed unweighted, noised
+//!   and divided by their count ([`privacy::noisy_mean`]); the epsilon spent so far is reported
+//!   per round, and a task with `max_epsilon` finishes before a round that would pass it.
 //! - Aggregation ([`aggregate()`]): FedAvg weights each delta by `samples / (1 + staleness)`;
 //!   trimmed mean and median are unweighted, stale deltas scaled by `1 / (1 + staleness)`.
 //!   The server optimizer (SGD, FedAvgM, FedAdam) then moves the global weights; its state is
@@ -115,6 +121,7 @@ pub mod engine;
 pub mod eval;
 pub mod files;
 pub mod host;
+pub mod privacy;
 pub mod state;
 pub mod status;
 pub mod task;

@@ -74,6 +74,15 @@ pub struct RoundMetrics {
     pub train_loss: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_accuracy: Option<f32>,
+    /// The clipping threshold the round's updates were held to (L2 norm), when clipping is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_threshold: Option<f32>,
+    /// Updates scaled down to it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub clipped: u32,
+    /// With `[privacy]`: the epsilon spent by the task's released models, this one included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
     /// The new global model on the held-out set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_accuracy: Option<f32>,
@@ -90,6 +99,10 @@ pub struct RoundMetrics {
     /// Why the round failed (`close_reason` is then `failed` and there is no new version).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A device's report that it could not train a round.

@@ -15,8 +15,8 @@ fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-fn row(m: &RoundMetrics, state: String) -> [String; 13] {
-    [
+fn row(m: &RoundMetrics, state: String, privacy: bool) -> Vec<String> {
+    let mut r = vec![
         m.round.to_string(),
         m.selected.to_string(),
         m.received.to_string(),
@@ -33,8 +33,14 @@ fn row(m: &RoundMetrics, state: String) -> [String; 13] {
             (None, Some(_)) => "n/a".into(),
             (None, None) => "-".into(),
         },
-        state,
-    ]
+        // threshold (updates clipped)
+        opt(m.clip_threshold, |t| format!("{t:.3} ({})", m.clipped)),
+    ];
+    if privacy {
+        r.push(m.epsilon.map_or_else(|| "-".into(), |e| format!("{e:.2}")));
+    }
+    r.push(state);
+    r
 }
 
 /// Renders one task: a summary, then one line per round (closed rounds, then the current
@@ -74,24 +80,45 @@ pub fn render(s: &TaskState, now_ms: u64) -> String {
         spec.min_clients,
         spec.max_staleness
     );
-    let mut rows = vec![
-        [
-            "ROUND",
-            "SELECTED",
-            "RECEIVED",
-            "ON TIME",
-            "LATE",
-            "REJECTED",
-            "DUPS",
-            "BYTES IN",
-            "BYTES OUT",
-            "TRAIN LOSS",
-            "EVAL LOSS",
-            "ACCURACY",
-            "STATE",
-        ]
-        .map(str::to_owned),
+    let privacy = spec.privacy.is_some();
+    let _ = write!(out, "  clip {}", spec.clip);
+    if let Some(p) = &spec.privacy {
+        let spent = s
+            .history
+            .iter()
+            .rev()
+            .find_map(|m| m.epsilon)
+            .unwrap_or(0.0);
+        let _ = write!(
+            out,
+            "; differential privacy: gaussian, noise_multiplier {}, delta {}, epsilon spent {spent:.2}{}",
+            p.noise_multiplier,
+            p.delta,
+            p.max_epsilon
+                .map_or_else(String::new, |m| format!(" of max {m}"))
+        );
+    }
+    let _ = writeln!(out);
+    let mut header = vec![
+        "ROUND",
+        "SELECTED",
+        "RECEIVED",
+        "ON TIME",
+        "LATE",
+        "REJECTED",
+        "DUPS",
+        "BYTES IN",
+        "BYTES OUT",
+        "TRAIN LOSS",
+        "EVAL LOSS",
+        "ACCURACY",
+        "CLIP (N)",
     ];
+    if privacy {
+        header.push("EPSILON");
+    }
+    header.push("STATE");
+    let mut rows = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
     for m in &s.history {
         let evaluating = m.new_version.is_some_and(|v| s.evaluating.contains(&v));
         rows.push(row(
@@ -101,12 +128,14 @@ pub fn render(s: &TaskState, now_ms: u64) -> String {
                 m.close_reason.as_deref().unwrap_or("-"),
                 if evaluating { ", evaluating" } else { "" }
             ),
+            privacy,
         ));
     }
     if !matches!(s.phase, Phase::Finished { .. }) {
-        rows.push(row(&s.current, s.phase.name().to_owned()));
+        rows.push(row(&s.current, s.phase.name().to_owned(), privacy));
     }
-    let mut widths = [0usize; 13];
+    let columns = rows[0].len();
+    let mut widths = vec![0usize; columns];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
@@ -114,8 +143,8 @@ pub fn render(s: &TaskState, now_ms: u64) -> String {
     }
     for r in &rows {
         let mut line = String::new();
-        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
-            if i == 12 {
+        for (i, (c, &w)) in r.iter().zip(&widths).enumerate() {
+            if i == columns - 1 {
                 line.push_str(c);
             } else {
                 let _ = write!(line, "{c:<w$}  ");
@@ -176,6 +205,8 @@ mod tests {
             eval_accuracy: Some(0.875),
             eval_loss: Some(0.5),
             close_reason: Some("quorum".into()),
+            clip_threshold: Some(0.25),
+            clipped: 1,
             ..RoundMetrics::default()
         };
         let s = TaskState {
@@ -206,6 +237,9 @@ mod tests {
                 },
                 rule: Rule::Median,
                 server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
+                frozen: None,
+                clip: crate::fl::privacy::Clip::default(),
+                privacy: None,
                 holdout: true,
                 max_failed_rounds: 3,
                 max_extensions: 10,
@@ -241,12 +275,15 @@ mod tests {
         );
         assert!(text.contains("median + sgd(lr 1), codec int8"), "{text}");
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[2].starts_with("ROUND"), "{text}");
+        assert_eq!(lines[2], "  clip auto (2 x median norm)", "{text}");
+        assert!(lines[3].starts_with("ROUND"), "{text}");
         assert!(
-            lines[3].contains("87.5%") && lines[3].ends_with("closed (quorum)"),
+            lines[4].contains("87.5%")
+                && lines[4].contains("0.250 (1)")
+                && lines[4].ends_with("closed (quorum)"),
             "{text}"
         );
-        assert!(lines[4].ends_with("open"), "{text}");
+        assert!(lines[5].ends_with("open"), "{text}");
         assert!(
             text.contains("rejected updates: non_finite 2; duplicates 0"),
             "{text}"

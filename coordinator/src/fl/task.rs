@@ -4,8 +4,7 @@
 //! id = "digits"                     # task id (letters, digits, `-_.`), unique per coordinator
 //! model = "models/digits.onnx"      # the model's name in the devices' pipelines
 //! initial = "digits_mlp.onnx"       # ONNX file (relative to this file): initial global weights
-//! params = ["fc1.weight", "fc1.bias"]   # optional: every dense layer's weight and bias,
-//!                                   # found from the graph (the default); any order
+//! params = ["fc2.weight", "fc2.bias"]   # optional, the older spelling of train.trainable
 //! group = "fl"                      # members: a device group, or devices = ["a", "b"]
 //! rounds = 20
 //! fraction = 1.0                    # of the online members selected per round (default 1.0)
@@ -20,6 +19,10 @@
 //! max_extensions = 10               # deadlines without min_updates before a round fails (10)
 //! seed = 0                          # client selection and per-device training seeds (default 0)
 //! [train]                           # sent to the devices with each round
+//! trainable = ["fc2.weight", "fc2.bias"]  # optional: the layers to train, whole and the
+//!                                   # last ones (a head); the others stay frozen and are
+//!                                   # never sent. Default: every dense layer, found from the
+//!                                   # graph. Any order.
 //! epochs = 5                        # default 1
 //! lr = 0.1                          # default 0.05
 //! batch_size = 16                   # default 32
@@ -34,6 +37,14 @@
 //! beta1 = 0.9                       # fedadam (default 0.9)
 //! beta2 = 0.99                      # fedadam (default 0.99)
 //! tau = 0.001                       # fedadam (default 0.001)
+//! clip = "auto"                     # update norms: auto (clip_multiplier x the round's
+//!                                   # median norm, the default) | a number (fixed L2 norm) | "off"
+//! clip_multiplier = 2.0             # auto (default 2.0)
+//! [privacy]                         # optional: Gaussian differential privacy (DP-FedAvg),
+//!                                   # needs rule = "fedavg" and a numeric clip; see fl::privacy
+//! noise_multiplier = 1.0            # noise deviation over the clip norm
+//! delta = 1e-5                      # default 1e-5
+//! max_epsilon = 8.0                 # optional: the task stops before a round would pass it
 //! [eval]
 //! holdout = "holdout.csv"           # optional: rows of features..., label
 //! output = "probabilities"          # optional: the class-scores output (default: the first
@@ -54,6 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Rule, ServerOptimizer};
 use super::eval::Holdout;
+use super::privacy::{Clip, Privacy};
 
 /// Errors from reading and validating a task file; each names the file, and the key where
 /// one is at fault.
@@ -89,10 +101,16 @@ pub enum WeightsError {
     #[error("{name} is not the weight or bias of a dense layer (the trainable ones: {trainable})")]
     NotTrainable { name: String, trainable: String },
     #[error(
-        "the trainer trains every dense layer, but {missing} is not listed (list all of: \
-         {trainable}, or leave params out)"
+        "{missing} is not listed, but its layer's other half is: a layer is trained whole, \
+         weight and bias"
     )]
-    Partial { missing: String, trainable: String },
+    Partial { missing: String },
+    #[error(
+        "{first} is trained but {frozen}, a later layer, is not: only the last layers can be \
+         trained (a frozen feature extractor under a trained head), not a frozen layer \
+         between trained ones"
+    )]
+    NotSuffix { first: String, frozen: String },
     #[error("lists no initializer")]
     NoneListed,
     #[error(
@@ -182,6 +200,16 @@ pub struct TaskSpec {
     pub train: TrainSpec,
     pub rule: Rule,
     pub server_optimizer: ServerOptimizer,
+    /// With only the last layers trained: the digest of the frozen ones in front
+    /// ([`protocol::v1::fl::frozen_digest`]), which every round names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<String>,
+    /// How update norms are bounded (tasks persisted before clipping existed: off).
+    #[serde(default = "clip_off")]
+    pub clip: Clip,
+    /// Gaussian differential privacy (`[privacy]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Privacy>,
     /// True when the task has a held-out set (`holdout.csv` beside it).
     pub holdout: bool,
     /// Rounds in a row that may fail (every selected device failed, or no update within
@@ -213,6 +241,10 @@ impl TaskSpec {
             .max(self.min_clients as usize)
             .min(online)
     }
+}
+
+fn clip_off() -> Clip {
+    Clip::Off
 }
 
 fn default_max_failed_rounds() -> u32 {
@@ -273,11 +305,29 @@ struct RawTask {
     aggregate: RawAggregate,
     #[serde(default)]
     eval: RawEval,
+    privacy: Option<RawPrivacy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    noise_multiplier: f32,
+    delta: Option<f64>,
+    max_epsilon: Option<f64>,
+}
+
+/// `clip = "auto" | "off" | 1.5`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawClip {
+    Word(String),
+    Norm(f32),
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTrain {
+    trainable: Option<Vec<String>>,
     epochs: Option<u32>,
     lr: Option<f32>,
     batch_size: Option<u32>,
@@ -297,6 +347,8 @@ struct RawAggregate {
     beta1: Option<f32>,
     beta2: Option<f32>,
     tau: Option<f32>,
+    clip: Option<RawClip>,
+    clip_multiplier: Option<f32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,17 +407,19 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         let files = edge_inference::ModelFiles::read(&full).map_err(bad)?;
         model_bytes = edge_inference::external::inline(&files.graph, &files.data).map_err(bad)?;
     }
-    let (params, initial) =
-        initial_weights(&model_bytes, raw.params.as_deref()).map_err(|reason| {
-            invalid(
-                if raw.params.is_some() {
-                    "params"
-                } else {
-                    "initial"
-                },
-                reason.to_string(),
-            )
-        })?;
+    let (names, names_key) = match (&raw.params, &raw.train.trainable) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "train.trainable",
+                "and params both list the trained initializers; keep one (train.trainable)".into(),
+            ));
+        }
+        (Some(p), None) => (Some(p.as_slice()), "params"),
+        (None, Some(t)) => (Some(t.as_slice()), "train.trainable"),
+        (None, None) => (None, "initial"),
+    };
+    let (params, initial) = initial_weights(&model_bytes, names)
+        .map_err(|reason| invalid(names_key, reason.to_string()))?;
     check_output(&model_bytes, raw.eval.output.as_deref())
         .map_err(|(key, reason)| invalid(key, reason))?;
     let holdout_text = match &raw.eval.holdout {
@@ -384,8 +438,11 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         }
         None => None,
     };
-    let spec = validate(raw, params, holdout_text.is_some())
+    let frozen = frozen_layers_digest(&model_bytes, &params)
+        .map_err(|reason| invalid(names_key, reason.to_string()))?;
+    let mut spec = validate(raw, params, holdout_text.is_some())
         .map_err(|(key, reason)| invalid(key, reason))?;
+    spec.frozen = frozen;
     check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason.to_string()))?;
     Ok(LoadedTask {
         spec,
@@ -397,8 +454,9 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
 
 /// The trained params and their values, concatenated: the weight and bias of every dense
 /// layer in layer order, found from the graph's structure ([`edge_inference::dense_layers`]),
-/// whatever the exporter named them. `names`, when given, must list exactly those (in any
-/// order); the result is in layer order either way.
+/// whatever the exporter named them. `names`, when given, lists the layers to train (in any
+/// order): whole layers (weight and bias), the last ones of the model; the layers in front
+/// stay frozen, and are neither sent nor trained. The result is in layer order either way.
 pub fn initial_weights(
     model: &[u8],
     names: Option<&[String]>,
@@ -437,13 +495,38 @@ pub fn initial_weights(
                 });
             }
         }
-        if let Some(missing) = trainable.iter().find(|t| !names.iter().any(|n| n == *t)) {
-            return Err(WeightsError::Partial {
-                missing: (*missing).to_owned(),
-                trainable: trainable.join(", "),
-            });
+    }
+    // Listed (or, with no list, every) layer: trained. Layers are whole, and the trained ones
+    // are the last: the device runs the frozen ones in front of the trainer.
+    let listed = |name: &str| names.is_none_or(|names| names.iter().any(|n| n == name));
+    let mut trained_from = None;
+    for (i, l) in layers.iter().enumerate() {
+        match (listed(&l.weight), listed(&l.bias)) {
+            (true, true) => {
+                trained_from.get_or_insert(i);
+            }
+            (false, false) => {
+                if let Some(first) = trained_from {
+                    return Err(WeightsError::NotSuffix {
+                        first: layers[first].weight.clone(),
+                        frozen: l.weight.clone(),
+                    });
+                }
+            }
+            (true, false) => {
+                return Err(WeightsError::Partial {
+                    missing: l.bias.clone(),
+                });
+            }
+            (false, true) => {
+                return Err(WeightsError::Partial {
+                    missing: l.weight.clone(),
+                });
+            }
         }
     }
+    let trained_from = trained_from.unwrap_or(layers.len());
+    let trainable = edge_inference::dense::trainable_names(&layers[trained_from..]);
     let mut chosen: Vec<&(String, edge_inference::Tensor)> = Vec::with_capacity(trainable.len());
     for name in &trainable {
         let found = inits
@@ -487,6 +570,40 @@ pub fn initial_weights(
         weights.extend(values);
     }
     Ok((params, weights))
+}
+
+/// The digest of the dense layers in front of the first trained one (`None` when every layer
+/// is trained): weight then bias per layer, as the model stores them.
+pub fn frozen_layers_digest(
+    model: &[u8],
+    params: &[ParamSpec],
+) -> Result<Option<String>, WeightsError> {
+    let layers = edge_inference::dense_layers(model).map_err(WeightsError::Structure)?;
+    let first = layers
+        .iter()
+        .position(|l| params.iter().any(|p| p.name == l.weight))
+        .unwrap_or(0);
+    if first == 0 {
+        return Ok(None);
+    }
+    let inits = read_initializers(model).map_err(WeightsError::Read)?;
+    let mut values = Vec::with_capacity(first * 2);
+    for l in &layers[..first] {
+        for name in [&l.weight, &l.bias] {
+            let t = inits
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, t)| t.to_f32())
+                .ok_or_else(|| WeightsError::Missing {
+                    name: name.clone(),
+                    have: String::new(),
+                })?;
+            values.push(t);
+        }
+    }
+    Ok(Some(protocol::v1::fl::frozen_digest(
+        values.iter().map(Vec::as_slice),
+    )))
 }
 
 type Bad = (&'static str, String);
@@ -703,6 +820,86 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         }
     };
 
+    let clip = match &a.clip {
+        Some(RawClip::Norm(norm)) => Clip::Norm {
+            norm: in_range("aggregate.clip", *norm, *norm > 0.0, "> 0")?,
+        },
+        Some(RawClip::Word(w)) if w == "off" => Clip::Off,
+        Some(RawClip::Word(w)) if w != "auto" => {
+            return bad(
+                "aggregate.clip",
+                format!("unknown value {w:?}: use \"auto\", \"off\" or a norm (a number > 0)"),
+            );
+        }
+        _ => {
+            let multiplier = a.clip_multiplier.unwrap_or(2.0);
+            Clip::Auto {
+                multiplier: in_range(
+                    "aggregate.clip_multiplier",
+                    multiplier,
+                    multiplier >= 1.0,
+                    ">= 1 (below the median norm, most honest updates would be clipped)",
+                )?,
+            }
+        }
+    };
+    if a.clip_multiplier.is_some() && !matches!(clip, Clip::Auto { .. }) {
+        return bad(
+            "aggregate.clip_multiplier",
+            "only applies to clip = \"auto\"",
+        );
+    }
+    let privacy = match raw.privacy {
+        None => None,
+        Some(p) => {
+            if !matches!(clip, Clip::Norm { .. }) {
+                return bad(
+                    "aggregate.clip",
+                    format!(
+                        "is {clip}, but [privacy] needs a fixed norm (a number): the guarantee \
+                         rests on a bound that does not depend on the updates"
+                    ),
+                );
+            }
+            if rule != Rule::FedAvg {
+                return bad(
+                    "aggregate.rule",
+                    format!("is {rule}, but [privacy] works with \"fedavg\" only"),
+                );
+            }
+            let z = in_range(
+                "privacy.noise_multiplier",
+                p.noise_multiplier,
+                p.noise_multiplier > 0.0,
+                "> 0",
+            )?;
+            let delta = p.delta.unwrap_or(1e-5);
+            if !(delta > 0.0 && delta < 1.0) {
+                return bad("privacy.delta", format!("{delta} must be in (0, 1)"));
+            }
+            if let Some(max) = p.max_epsilon {
+                if !(max > 0.0 && max.is_finite()) {
+                    return bad("privacy.max_epsilon", format!("{max} must be > 0"));
+                }
+                let first = super::privacy::epsilon(1, f64::from(z), delta);
+                if first > max {
+                    return bad(
+                        "privacy.max_epsilon",
+                        format!(
+                            "{max} is below one round's epsilon ({first:.2} at noise_multiplier \
+                             {z}, delta {delta}): no round could run"
+                        ),
+                    );
+                }
+            }
+            Some(Privacy {
+                noise_multiplier: z,
+                delta,
+                max_epsilon: p.max_epsilon,
+            })
+        }
+    };
+
     Ok(TaskSpec {
         id: raw.id,
         model: raw.model,
@@ -727,6 +924,9 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
         },
         rule,
         server_optimizer,
+        frozen: None,
+        clip,
+        privacy,
         holdout,
         max_failed_rounds,
         max_extensions,
@@ -745,6 +945,7 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
         model: spec.model.clone(),
         params: spec.params.clone(),
         issued_ms: u64::MAX,
+        frozen: spec.frozen.clone(),
         train: Some(TrainOrder {
             deadline_ms: u64::MAX,
             epochs: spec.train.epochs,

@@ -104,5 +104,6 @@ pub(super) fn round_header(
         issued_ms: now_ms,
         train,
         done,
+        frozen: s.spec.frozen.clone(),
     }
 }

@@ -150,6 +150,17 @@ pub struct Engine {
     dirty: BTreeSet<String>,
     /// Rejections that name no known task, by reason.
     unattributed: BTreeMap<String, u64>,
+    noise: Noise,
+}
+
+/// Randomness for differential privacy's noise: from the OS, never the task's `seed` (the task
+/// file, and so anyone who reads it, knows that).
+struct Noise(rand::rngs::StdRng);
+
+impl Default for Noise {
+    fn default() -> Self {
+        Noise(rand::SeedableRng::from_entropy())
+    }
 }
 
 impl std::fmt::Debug for Engine {

@@ -11,6 +11,7 @@ use super::{Engine, EvalOutcome, EvalRequest, Fleet, KEEP_VERSIONS, Write};
 use crate::action::Action;
 use crate::event::Event;
 use crate::fl::aggregate::{ClientUpdate, aggregate};
+use crate::fl::privacy::{self, Clip};
 use crate::fl::state::{Phase, RecentRound, RoundMetrics, StoredUpdate};
 
 impl Engine {
@@ -60,7 +61,7 @@ impl Engine {
             return Vec::new();
         };
         let accepted = std::mem::take(&mut t.accepted);
-        let updates: Vec<ClientUpdate> = accepted
+        let mut updates: Vec<ClientUpdate> = accepted
             .values()
             .map(|u| ClientUpdate {
                 device: u.device.clone(),
@@ -69,7 +70,14 @@ impl Engine {
                 delta: u.delta.clone(),
             })
             .collect();
-        let combined = aggregate(&t.state.spec.rule, &updates);
+        let clipped = privacy::clip(&t.state.spec.clip, &mut updates);
+        let combined = match (&t.state.spec.privacy, t.state.spec.clip) {
+            (Some(p), Clip::Norm { norm }) => {
+                privacy::noisy_mean(&updates, norm, p.noise_multiplier, &mut self.noise.0)
+            }
+            _ => aggregate(&t.state.spec.rule, &updates),
+        };
+        drop(updates);
         let optimizer = t.state.spec.server_optimizer;
         let mut next = t.global.clone();
         t.server.apply(&optimizer, &mut next, &combined);
@@ -82,6 +90,28 @@ impl Engine {
         }
         let s = &mut t.state;
         s.failed_in_a_row = 0;
+        if let Some(c) = clipped {
+            s.current.clip_threshold = Some(c.threshold);
+            s.current.clipped = c.clipped;
+        }
+        // Models released so far, this one included: each cost one Gaussian mechanism.
+        let released = s.history.iter().filter(|m| m.new_version.is_some()).count() as u32 + 1;
+        let mut budget_spent = None;
+        if let Some(p) = s.spec.privacy {
+            let z = f64::from(p.noise_multiplier);
+            let spent = privacy::epsilon(released, z, p.delta);
+            s.current.epsilon = Some(spent);
+            if let Some(max) = p.max_epsilon {
+                let next = privacy::epsilon(released + 1, z, p.delta);
+                if next > max {
+                    budget_spent = Some(format!(
+                        "privacy budget: epsilon {spent:.2} spent, another round would reach \
+                         {next:.2} > max_epsilon {max} (delta {})",
+                        p.delta
+                    ));
+                }
+            }
+        }
         let round_version = s.version;
         s.version += 1;
         let total: f64 = accepted.values().map(|u| f64::from(u.samples)).sum();
@@ -128,7 +158,7 @@ impl Engine {
         let closed_round = s.round;
         let metrics = std::mem::take(&mut s.current);
         s.history.push(metrics.clone());
-        let finished = s.round >= s.spec.rounds;
+        let finished = s.round >= s.spec.rounds || budget_spent.is_some();
         s.round = if finished { s.round } else { next_round };
         s.not_before_ms = now_ms + u64::from(s.spec.round_interval_s) * 1000;
         s.current = RoundMetrics {
@@ -167,7 +197,8 @@ impl Engine {
             }));
         }
         if finished {
-            out.extend(self.finish(id, "completed".into(), now_ms, fleet));
+            let reason = budget_spent.unwrap_or_else(|| "completed".into());
+            out.extend(self.finish(id, reason, now_ms, fleet));
         } else {
             out.extend(self.try_open(id, now_ms, fleet));
         }

@@ -42,6 +42,46 @@ fn minimal_task_gets_defaults_and_every_f32_initializer() {
         (1.0, 1, 1)
     );
     assert!(!t.spec.holdout);
+    assert_eq!(
+        t.spec.clip,
+        Clip::Auto { multiplier: 2.0 },
+        "clipping is on by default"
+    );
+    assert_eq!(t.spec.privacy, None);
+}
+
+#[test]
+fn clipping_and_privacy_parse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = |extra: &str| {
+        load(&write_task(dir.path(), &format!("{BASE}{extra}")))
+            .expect("loads")
+            .spec
+    };
+    assert_eq!(t("[aggregate]\nclip = \"off\"\n").clip, Clip::Off);
+    assert_eq!(
+        t("[aggregate]\nclip_multiplier = 3.0\n").clip,
+        Clip::Auto { multiplier: 3.0 }
+    );
+    assert_eq!(
+        t("[aggregate]\nclip = 0.5\n").clip,
+        Clip::Norm { norm: 0.5 }
+    );
+    let spec =
+        t("[aggregate]\nclip = 0.5\n[privacy]\nnoise_multiplier = 1.1\nmax_epsilon = 20.0\n");
+    assert_eq!(
+        spec.privacy,
+        Some(Privacy {
+            noise_multiplier: 1.1,
+            delta: 1e-5,
+            max_epsilon: Some(20.0)
+        })
+    );
+    // A task persisted before clipping existed keeps running without it.
+    let mut old = serde_json::to_value(&spec).expect("json");
+    old.as_object_mut().expect("object").remove("clip");
+    let old: TaskSpec = serde_json::from_value(old).expect("reads");
+    assert_eq!(old.clip, Clip::Off);
 }
 
 #[test]
@@ -135,6 +175,50 @@ fn errors_name_the_file_and_key() {
         (
             format!("{BASE}[aggregate]\nserver_optimizer = \"adagrad\"\n"),
             "aggregate.server_optimizer",
+        ),
+        (
+            format!("{BASE}[aggregate]\nclip = \"median\"\n"),
+            "aggregate.clip",
+        ),
+        (
+            format!("{BASE}[aggregate]\nclip = -1.0\n"),
+            "aggregate.clip",
+        ),
+        (
+            format!("{BASE}[aggregate]\nclip = 1.0\nclip_multiplier = 3.0\n"),
+            "aggregate.clip_multiplier",
+        ),
+        (
+            format!("{BASE}[aggregate]\nclip_multiplier = 0.5\n"),
+            "aggregate.clip_multiplier",
+        ),
+        // DP needs a fixed norm, FedAvg, a positive multiplier and a delta in (0, 1)
+        (
+            format!("{BASE}[privacy]\nnoise_multiplier = 1.0\n"),
+            "aggregate.clip",
+        ),
+        (
+            format!(
+                "{BASE}[aggregate]\nclip = 1.0\nrule = \"median\"\n[privacy]\nnoise_multiplier = 1.0\n"
+            ),
+            "aggregate.rule",
+        ),
+        (
+            format!("{BASE}[aggregate]\nclip = 1.0\n[privacy]\nnoise_multiplier = 0.0\n"),
+            "privacy.noise_multiplier",
+        ),
+        (
+            format!(
+                "{BASE}[aggregate]\nclip = 1.0\n[privacy]\nnoise_multiplier = 1.0\ndelta = 1.0\n"
+            ),
+            "privacy.delta",
+        ),
+        // one round at z = 1 already costs about 4.7
+        (
+            format!(
+                "{BASE}[aggregate]\nclip = 1.0\n[privacy]\nnoise_multiplier = 1.0\nmax_epsilon = 1.0\n"
+            ),
+            "privacy.max_epsilon",
         ),
     ];
     for (toml, key) in cases {
@@ -249,5 +333,55 @@ fn exported_models_load_unchanged_and_unsupported_ones_are_named() {
     assert!(
         e.contains("invalid initial") && e.contains("LinearClassifier"),
         "{e}"
+    );
+}
+
+#[test]
+fn trainable_names_the_head_and_the_rest_stays_frozen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("task.toml");
+    std::fs::write(
+        dir.path().join("m.onnx"),
+        onnx_builder::exported("torch_gemm.onnx"),
+    )
+    .expect("model");
+    let with = |extra: &str| {
+        std::fs::write(&path, format!("{BASE}{extra}")).expect("task");
+        load(&path)
+    };
+    let t = with("[train]\ntrainable = [\"2.bias\", \"2.weight\"]\n").expect("a head");
+    let names: Vec<&str> = t.spec.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["2.weight", "2.bias"], "only the head is sent");
+    assert_eq!(t.initial.len(), 16 * 10 + 10);
+    let refused = |extra: &str, key: &str, words: &[&str]| {
+        let msg = with(extra).expect_err("refused").to_string();
+        assert!(msg.contains(&format!("invalid {key}:")), "{msg}");
+        for w in words {
+            assert!(msg.contains(w), "{w}: {msg}");
+        }
+    };
+    // a frozen head over a trained first layer
+    refused(
+        "[train]\ntrainable = [\"0.weight\", \"0.bias\"]\n",
+        "train.trainable",
+        &["0.weight is trained but 2.weight", "only the last layers"],
+    );
+    // half a layer
+    refused(
+        "[train]\ntrainable = [\"2.weight\"]\n",
+        "train.trainable",
+        &["2.bias is not listed"],
+    );
+    // a name the model does not have
+    refused(
+        "[train]\ntrainable = [\"head.weight\"]\n",
+        "train.trainable",
+        &["no initializer head.weight"],
+    );
+    // both spellings
+    refused(
+        "params = [\"2.weight\", \"2.bias\"]\n[train]\ntrainable = [\"2.weight\", \"2.bias\"]\n",
+        "train.trainable",
+        &["keep one"],
     );
 }

@@ -118,6 +118,25 @@ pub struct RoundHeader {
     /// The task has ended: apply these final weights and drop the task's local state.
     #[serde(default)]
     pub done: bool,
+    /// When the task trains only the model's last layers: [`frozen_digest`] of the layers in
+    /// front, as the task's initial model has them. A device whose model differs there would
+    /// train the head on other features than the coordinator evaluates, so it refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<String>,
+}
+
+/// SHA-256 (hex) over the frozen tensors' values in order, each as its length (u64 LE) and
+/// its f32s (LE): what a round names in [`RoundHeader::frozen`].
+pub fn frozen_digest<'a>(tensors: impl IntoIterator<Item = &'a [f32]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in tensors {
+        h.update((t.len() as u64).to_le_bytes());
+        for v in t {
+            h.update(v.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 impl RoundHeader {
@@ -503,6 +522,7 @@ mod tests {
                 max_samples: None,
             }),
             done: false,
+            frozen: Some(frozen_digest([[1.0f32, 2.0].as_slice()])),
         }
     }
 

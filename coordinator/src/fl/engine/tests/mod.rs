@@ -6,6 +6,7 @@
 use super::*;
 use crate::fl::aggregate::{Rule, ServerOptimizer};
 use crate::fl::eval::EvalMetrics;
+use crate::fl::privacy::{Clip, Privacy};
 use crate::fl::task::TrainSpec;
 use protocol::v1::binary::BinaryEnvelope;
 use protocol::v1::deploy::TrustedKeys;
@@ -116,6 +117,9 @@ pub(super) fn spec() -> TaskSpec {
         },
         rule: Rule::FedAvg,
         server_optimizer: ServerOptimizer::Sgd { lr: 1.0 },
+        frozen: None,
+        clip: Clip::Off,
+        privacy: None,
         holdout: false,
         max_failed_rounds: 3,
         max_extensions: 10,

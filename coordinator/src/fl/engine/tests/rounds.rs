@@ -98,6 +98,99 @@ fn quorum_closes_the_round_with_the_weighted_mean_and_opens_the_next() {
 }
 
 #[test]
+fn an_update_scaled_up_by_an_attacker_is_clipped_and_reported() {
+    let fleet = TestFleet::with(3);
+    let mut e = Engine::default();
+    let sp = TaskSpec {
+        clip: Clip::default(),
+        ..spec()
+    };
+    let _ = e.start(sp, key(), vec![0.0; N], 1_000, &fleet);
+    e.on_update(
+        "d0",
+        &update_payload("d0", 1, 0, 10, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    e.on_update(
+        "d1",
+        &update_payload("d1", 1, 0, 10, &[1.0; N]),
+        2_000,
+        &fleet,
+    );
+    // A thousand times an honest update, claiming most of the samples.
+    let out = e.on_update(
+        "d2",
+        &update_payload("d2", 1, 0, 1_000, &[1_000.0; N]),
+        2_000,
+        &fleet,
+    );
+    let closed = closed_metrics(&out).expect("closed");
+    let honest = (N as f32).sqrt();
+    assert!((closed.clip_threshold.expect("reported") - 2.0 * honest).abs() < 1e-4);
+    assert_eq!(closed.clipped, 1);
+    assert_eq!(closed.epsilon, None, "no privacy mode");
+    // Weighted mean of 1, 1 and the clipped 2: the model moved by at most 2 per weight,
+    // not by ~980 as it would have unclipped.
+    let g = e.global("t").expect("known");
+    assert!(g.iter().all(|&w| w > 1.0 && w <= 2.0 + 1e-4), "{g:?}");
+}
+
+#[test]
+fn privacy_mode_reports_epsilon_and_stops_before_the_budget_is_passed() {
+    let fleet = TestFleet::with(2);
+    let mut e = Engine::default();
+    let z = 2.0;
+    // Enough for two rounds but not three.
+    let max =
+        (crate::fl::privacy::epsilon(2, z, 1e-5) + crate::fl::privacy::epsilon(3, z, 1e-5)) / 2.0;
+    let sp = TaskSpec {
+        clip: Clip::Norm { norm: 1.0 },
+        privacy: Some(Privacy {
+            noise_multiplier: z as f32,
+            delta: 1e-5,
+            max_epsilon: Some(max),
+        }),
+        rounds: 10,
+        ..spec()
+    };
+    let _ = e.start(sp, key(), vec![0.0; N], 1_000, &fleet);
+    let mut epsilons = Vec::new();
+    for round in 1..=2 {
+        let mut out = Vec::new();
+        for d in ["d0", "d1"] {
+            out = e.on_update(
+                d,
+                &update_payload(d, round, round - 1, 10, &[5.0; N]),
+                2_000 * u64::from(round),
+                &fleet,
+            );
+        }
+        let closed = closed_metrics(&out).expect("closed");
+        assert_eq!((closed.clipped, closed.clip_threshold), (2, Some(1.0)));
+        epsilons.push(closed.epsilon.expect("epsilon reported"));
+        // Clipped to norm 1 each, so without noise each weight would move 1/sqrt(N); the noise
+        // (deviation z * C / 2 per weight) makes that differ.
+        let g = e.global("t").expect("known");
+        assert!(g.iter().all(|w| w.is_finite()));
+        assert!(
+            g.iter()
+                .any(|&w| (w - round as f32 / (N as f32).sqrt()).abs() > 1e-3)
+        );
+    }
+    assert!(epsilons[1] > epsilons[0]);
+    let s = e.state("t").expect("known");
+    match &s.phase {
+        Phase::Finished { reason } => assert!(
+            reason.starts_with("privacy budget: epsilon") && reason.contains("max_epsilon"),
+            "{reason}"
+        ),
+        other => panic!("still running: {other:?}"),
+    }
+    assert_eq!(s.history.len(), 2);
+}
+
+#[test]
 fn round_interval_holds_the_next_round_back() {
     let fleet = TestFleet::with(2);
     let mut e = Engine::default();
