@@ -400,7 +400,7 @@ fn registration(inference: &Inference, boot_id: &str, groups: Vec<String>) -> Re
 
 /// Reads and checks `[pipeline] file`, so a broken local pipeline stops the agent at start
 /// with the reason instead of leaving a device silently idle.
-fn local_pipeline(cfg: &Config) -> Result<Option<(PipelineSpec, LocalFiles)>, AgentError> {
+pub fn local_pipeline(cfg: &Config) -> Result<Option<(PipelineSpec, LocalFiles)>, AgentError> {
     let path = &cfg.pipeline.file;
     if path.as_os_str().is_empty() {
         return Ok(None);

@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use edge_inference::{
-    InferenceConfig, IoInfo, Model, ModelError, ModelRegistry, Placement, Runtime, Tensor,
+    DataFiles, InferenceConfig, IoInfo, Model, ModelError, ModelRegistry, Placement, Runtime,
+    Tensor,
 };
 use protocol::v1::{InferenceStatus, InferenceTelemetry, ModelTelemetry};
 use sha2::{Digest, Sha256};
@@ -91,6 +92,23 @@ impl std::fmt::Debug for Inference {
 /// A model's version: the first 12 hex digits of its file's sha256.
 pub fn version_of(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))[..12].to_owned()
+}
+
+/// The version of a model with external data files: the graph's digest alone when it has
+/// none (as [`version_of`]); otherwise the digest also covers each file's name and bytes, so
+/// new weights under the same graph are a new version.
+pub fn version_of_files(graph: &[u8], data: &DataFiles) -> String {
+    if data.is_empty() {
+        return version_of(graph);
+    }
+    let mut h = Sha256::new();
+    h.update(Sha256::digest(graph));
+    for (name, bytes) in data {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(Sha256::digest(bytes));
+    }
+    hex::encode(h.finalize())[..12].to_owned()
 }
 
 impl Inference {
@@ -284,15 +302,20 @@ impl Inference {
 
     /// Makes `bytes` the model serving `name` (loaded, health-checked with a zero probe);
     /// bytes already serving it are reused. Blocking.
-    pub fn ensure(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
+    pub fn ensure(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        data: &DataFiles,
+    ) -> Result<Arc<Model>, InferenceError> {
         let registry = self.loaded_registry(name)?;
-        let version = version_of(bytes);
+        let version = version_of_files(bytes, data);
         if let Some(m) = registry.get(name)
             && m.version() == version
         {
             return Ok(m);
         }
-        let installed = registry.install(name, &version, bytes, None)?;
+        let installed = registry.install_with_data(name, &version, bytes, data, None)?;
         if installed.replaced.is_some() {
             self.stats(name).swaps.fetch_add(1, Ordering::Relaxed);
         }
@@ -302,13 +325,18 @@ impl Inference {
     /// Loads and checks a new version of the loaded model `name` without swapping it in:
     /// it must load, pass its probe (finite outputs of the declared shapes) and take and give
     /// the same inputs and outputs as the version serving now. Blocking.
-    pub fn prepare(&self, name: &str, bytes: &[u8]) -> Result<Arc<Model>, InferenceError> {
+    pub fn prepare(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        data: &DataFiles,
+    ) -> Result<Arc<Model>, InferenceError> {
         let registry = self.loaded_registry(name)?;
         let old = registry
             .get(name)
             .ok_or_else(|| InferenceError::NotLoaded(name.to_owned()))?;
-        let version = version_of(bytes);
-        let model = Model::load(registry.runtime(), name, &version, bytes)?;
+        let version = version_of_files(bytes, data);
+        let model = Model::load_with_data(registry.runtime(), name, &version, bytes, data)?;
         model.health_check(None)?;
         let incompatible = |what: &str, old_io: &[IoInfo], new_io: &[IoInfo]| {
             if same_io(old_io, new_io) {
@@ -451,7 +479,7 @@ mod tests {
         let inf = Inference::unavailable("no library at /nowhere/libonnxruntime.so");
         assert!(!inf.status().available);
         let e = inf
-            .ensure("models/x.onnx", b"bytes")
+            .ensure("models/x.onnx", b"bytes", &DataFiles::new())
             .expect_err("no runtime");
         assert!(e.to_string().contains("models/x.onnx"), "{e}");
         assert!(e.to_string().contains("/nowhere"), "{e}");
@@ -474,7 +502,7 @@ mod tests {
             "{s:?}"
         );
         let e = inf
-            .ensure("models/x.onnx", b"bytes")
+            .ensure("models/x.onnx", b"bytes", &DataFiles::new())
             .expect_err("no runtime")
             .to_string();
         assert!(

@@ -100,9 +100,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::GenerateConfig => print!("{DEFAULT_TOML}"),
         Cmd::CheckConfig { file } => {
             let cfg = Config::load(&file)?;
-            println!("{}: ok", file.display());
             // What the agent would report: the library probed, not loaded (as at start).
-            let status = edge_agent::inference::Inference::new(&cfg.inference).status();
+            let inference = edge_agent::inference::Inference::new(&cfg.inference);
+            let status = inference.status();
             if status.available {
                 println!(
                     "inference: {} (onnx runtime {}), loads with the first model",
@@ -114,6 +114,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     status.reason
                 );
             }
+            // The dry run: the pipeline's models, modules and trainer, through the code the
+            // agent starts them with. Compiled modules go to a throwaway cache, so a check
+            // never writes into the agent's state directory.
+            if let Some((spec, files)) = edge_agent::agent::local_pipeline(&cfg)? {
+                let pipeline = cfg.pipeline.file.clone();
+                let cache = tempfile::tempdir().context("cannot make a temporary directory")?;
+                let mut sandbox_cfg = cfg.sandbox.clone();
+                sandbox_cfg.cache_dir = cache.path().to_owned();
+                let sandbox = edge_agent::sandbox::Sandbox::new(&sandbox_cfg, &cfg.state_dir)?;
+                let checked = tokio::task::spawn_blocking(move || {
+                    edge_agent::pipeline::dry_run(&spec, &files, &sandbox, &inference)
+                })
+                .await
+                .context("the pipeline check panicked")?
+                .with_context(|| format!("pipeline {} cannot start", pipeline.display()))?;
+                for line in checked {
+                    println!("{line}");
+                }
+                println!("pipeline {}: ok", pipeline.display());
+            }
+            println!("{}: ok", file.display());
         }
         Cmd::Identity { config } => {
             let cfg = match config {

@@ -71,13 +71,15 @@ fn write_task(dir: &Path, name: &str, extra: &str) -> PathBuf {
     )
     .expect("holdout");
     let path = dir.join(name);
+    // Clipping off: the expected global weights below are plain FedAvg of the deltas sent
+    // (clipping has its own tests in `fl::privacy` and the engine).
     std::fs::write(
         &path,
         format!(
             "id = \"{TASK}\"\nmodel = \"models/digits.onnx\"\ninitial = \"model.onnx\"\nparams = [\"W\", \"B\"]\n\
              group = \"fl\"\nrounds = 3\nfraction = 1.0\nmin_clients = 3\nquorum = 0.6\nround_timeout_s = 600\n\
              max_staleness = 1\n{extra}\n[train]\nepochs = 1\nlr = 0.1\nbatch_size = 4\n\
-             [aggregate]\nrule = \"fedavg\"\nserver_optimizer = \"sgd\"\n[eval]\nholdout = \"holdout.csv\"\n"
+             [aggregate]\nrule = \"fedavg\"\nserver_optimizer = \"sgd\"\nclip = \"off\"\n[eval]\nholdout = \"holdout.csv\"\n"
         ),
     )
     .expect("task file");

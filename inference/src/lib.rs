@@ -15,11 +15,15 @@
 //! 4. [`patch_initializers`] applies new weights (federated learning); [`read_initializers`]
 //!    reads them; [`dense_layers`] finds the layers a trainer trains from the graph's structure.
 //!
+//! Models with weights in external data files (torch's default export) load through
+//! [`ModelFiles::read`] and [`Model::load_with_data`] (see [`external`]).
+//!
 //! [`Batcher`] is the pure batching core of the pipeline's inference stage. Small models for
 //! tests and benchmarks come from the dev-only crate `edge-testmodels` (`inference/testmodels`).
 
 mod batcher;
 pub mod dense;
+pub mod external;
 mod model;
 pub mod onnx;
 mod patch;
@@ -30,8 +34,9 @@ mod tensor;
 
 pub use batcher::Batcher;
 pub use dense::{DenseLayer, Layout, NamedWeights, StructureError, dense_layers};
+pub use external::{DataFiles, ExternalError, ModelFiles};
 pub use model::{IoInfo, Model, ModelError};
-pub use patch::{PatchError, patch_initializers, read_initializers};
+pub use patch::{PatchError, patch_initializers, patch_initializers_with_data, read_initializers};
 pub use provider::{Placement, Provider, ProviderReport, Skipped};
 pub use registry::{Installed, ModelRegistry, RegistryError};
 pub use runtime::{Attempt, InferenceConfig, Probe, Runtime, RuntimeError, workspace_library};

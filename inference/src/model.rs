@@ -10,6 +10,7 @@ use std::sync::{Mutex, PoisonError};
 use ort::session::Session;
 use ort::value::{DynValue, ValueType};
 
+use crate::external::{DataFiles, ExternalError};
 use crate::provider::{Placement, Provider, ProviderReport, Skipped};
 use crate::runtime::Runtime;
 use crate::tensor::{DType, Tensor, TensorError};
@@ -75,6 +76,11 @@ pub enum ModelError {
     UnsupportedOperator { model: String, detail: String },
     #[error("model {model}: load failed: {detail}")]
     Load { model: String, detail: String },
+    #[error("model {model}: {source}")]
+    ExternalData {
+        model: String,
+        source: ExternalError,
+    },
     #[error("model {model}: no preferred execution provider took it: {}", skipped_text(.skipped))]
     NoProvider {
         model: String,
@@ -154,14 +160,49 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     /// Builds a session for `bytes` on the first preferred provider that takes it (see
-    /// [`crate::provider`]). Does not run it: see [`Model::health_check`].
+    /// [`crate::provider`]). Does not run it: see [`Model::health_check`]. A graph that keeps
+    /// weights in external data files is refused, naming the file: see [`Model::load_with_data`].
     pub fn load(
         rt: &Runtime,
         name: &str,
         version: &str,
         bytes: &[u8],
     ) -> Result<Model, ModelError> {
+        Model::load_with_data(rt, name, version, bytes, &DataFiles::new())
+    }
+
+    /// [`Model::load`] for a graph whose weights are (partly) in external data files: `data`
+    /// holds each file's bytes by location as the graph writes it (read them with
+    /// [`crate::ModelFiles::read`]). Every location and extent is checked first; ONNX Runtime
+    /// gets the bytes by name and never opens a file, so nothing is resolved against the
+    /// working directory. ONNX Runtime copies the bytes into the session ("The data will be
+    /// copied into the graph ... The buffer can be freed after session creation",
+    /// `AddExternalInitializersFromFilesInMemory` in `onnxruntime_c_api.h`), so the model
+    /// keeps none of `data`: once the caller drops it, the weights are held once.
+    pub fn load_with_data(
+        rt: &Runtime,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        data: &DataFiles,
+    ) -> Result<Model, ModelError> {
         let id = format!("{name}@{version}");
+        // A graph that does not decode is left to ONNX Runtime, whose message `classify` sorts.
+        let refs = match crate::external::check(bytes, data) {
+            Ok(refs) => refs,
+            Err(ExternalError::Graph { .. }) => Vec::new(),
+            Err(source) => {
+                return Err(ModelError::ExternalData { model: id, source });
+            }
+        };
+        // Only the files the graph names go to the session.
+        let mut used = DataFiles::new();
+        for r in &refs {
+            if let Some(b) = data.get(&r.location) {
+                used.insert(r.location.clone(), std::sync::Arc::clone(b));
+            }
+        }
+        let data = &used;
         let mut skipped = Vec::new();
         let mut chosen = None;
         for &p in &rt.inner.config.providers {
@@ -180,16 +221,17 @@ impl Model {
             }
             if p == Provider::Cpu {
                 // The last resort: a failure here is the model's, not the provider's.
-                let s = build(rt, None, false, bytes).map_err(|e| classify(&id, &e, bytes))?;
+                let s =
+                    build(rt, None, false, bytes, data).map_err(|e| classify(&id, &e, bytes))?;
                 chosen = Some((p, Placement::Full, s));
                 break;
             }
-            match build(rt, Some(p), true, bytes) {
+            match build(rt, Some(p), true, bytes, data) {
                 Ok(s) => {
                     chosen = Some((p, Placement::Full, s));
                     break;
                 }
-                Err(strict) => match build(rt, Some(p), false, bytes) {
+                Err(strict) => match build(rt, Some(p), false, bytes, data) {
                     Ok(s) => {
                         tracing::debug!(model = %id, provider = %p, error = %strict, "provider does not take every node");
                         chosen = Some((p, Placement::Partial, s));
@@ -231,7 +273,7 @@ impl Model {
             outputs,
             report,
             reject_non_finite: rt.inner.config.reject_non_finite,
-            size_bytes: bytes.len(),
+            size_bytes: bytes.len() + data.values().map(|d| d.len()).sum::<usize>(),
         })
     }
 
@@ -261,7 +303,7 @@ impl Model {
         &self.report
     }
 
-    /// Size of the model file it was loaded from.
+    /// Size of the model file it was loaded from, with its external data files.
     pub fn size_bytes(&self) -> usize {
         self.size_bytes
     }
@@ -408,8 +450,12 @@ fn build(
     ep: Option<Provider>,
     strict: bool,
     bytes: &[u8],
+    data: &DataFiles,
 ) -> Result<Session, ort::Error> {
     let mut b = Session::builder(&rt.inner.env)?;
+    for (location, d) in data {
+        b = b.with_external_initializer_file_in_memory(location, std::sync::Arc::clone(d))?;
+    }
     if rt.inner.config.intra_threads > 0 {
         b = b.with_intra_threads(rt.inner.config.intra_threads)?;
     }

@@ -6,6 +6,8 @@
 //! fields are decoded, and only those being replaced are re-encoded. Decoding the whole model
 //! through our partial prost structs would silently drop the fields they do not declare.
 //! Only the main graph's initializers are patchable (not those inside If/Loop subgraphs).
+//! A model with external data files keeps its layout ([`patch_initializers_with_data`]): new
+//! weights go into copies of the data files at the same offsets.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +40,8 @@ pub enum PatchError {
     },
     #[error("initializer {name}: {source}")]
     Tensor { name: String, source: TensorError },
+    #[error("external data: {detail}")]
+    External { detail: String },
 }
 
 fn decode_err(e: prost::DecodeError) -> PatchError {
@@ -100,6 +104,58 @@ pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Ve
         });
     }
     Ok(out)
+}
+
+/// [`patch_initializers`] for a model with external data files, keeping its layout: an
+/// initializer stored in a data file gets its new bytes at the same offset of a copy of that
+/// file (the graph keeps pointing there); an inline one is patched in the graph. Returns the
+/// graph and the data files (files without updates are shared, not copied).
+pub fn patch_initializers_with_data(
+    graph: &[u8],
+    data: &crate::DataFiles,
+    updates: &[(&str, Tensor)],
+) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
+    let external =
+        crate::external::external_tensors(graph, data).map_err(|e| PatchError::External {
+            detail: e.to_string(),
+        })?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut inline = Vec::new();
+    for (name, update) in updates {
+        let Some((r, old)) = external.iter().find(|(r, _)| r.initializer == *name) else {
+            inline.push((*name, update.clone()));
+            continue;
+        };
+        let as_proto = old.to_onnx(name);
+        check(&as_proto, update)?;
+        let bytes = update.data();
+        let (start, end) = crate::external::extent(r)
+            .filter(|(s, e)| e - s == bytes.len())
+            .ok_or_else(|| PatchError::External {
+                detail: format!(
+                    "initializer {name}: {} bytes do not fill its {} bytes in {}",
+                    bytes.len(),
+                    r.length,
+                    r.location
+                ),
+            })?;
+        let file = files.entry(r.location.clone()).or_insert_with(|| {
+            data.get(&r.location)
+                .map(|d| d.to_vec())
+                .unwrap_or_default()
+        });
+        file[start..end].copy_from_slice(bytes);
+    }
+    let graph = if inline.is_empty() {
+        graph.to_vec()
+    } else {
+        patch_initializers(graph, &inline)?
+    };
+    let mut out = data.clone();
+    for (location, bytes) in files {
+        out.insert(location, bytes.into());
+    }
+    Ok((graph, out))
 }
 
 fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {

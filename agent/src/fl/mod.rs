@@ -64,9 +64,25 @@ pub struct TrainingSetup {
     pub model: String,
     /// The model's bytes as the pipeline loaded them (the base every patch starts from).
     pub model_bytes: Vec<u8>,
+    /// Its external data files, if any (the pipeline's copy, separate from the session's):
+    /// global weights go into copies of them at the same offsets, so the model keeps its layout.
+    pub model_data: edge_inference::DataFiles,
     pub trainer_name: String,
     pub trainer_bytes: Vec<u8>,
     pub dataset: String,
+}
+
+impl TrainingSetup {
+    /// The model with every initializer's values in the graph, for code that reads weights
+    /// (the frozen layers): the bytes as loaded, or, with external data files, an inline copy.
+    fn readable_model(&self) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        if self.model_data.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(&self.model_bytes));
+        }
+        edge_inference::external::inline(&self.model_bytes, &self.model_data)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| format!("model {}: {e}", self.model))
+    }
 }
 
 /// The live pipeline's [`TrainingSetup`], watched by the federated-learning task.
@@ -432,8 +448,13 @@ impl FlTask {
     fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
         let h = &msg.header;
         if let Some(want) = &h.frozen
-            && let Err(e) =
-                frozen::check(&setup.model, &setup.model_bytes, &msg.header.params, want)
+            && let Err(e) = setup
+                .readable_model()
+                .map_err(|reason| RoundError::Model {
+                    model: setup.model.clone(),
+                    reason,
+                })
+                .and_then(|model| frozen::check(&setup.model, &model, &msg.header.params, want))
         {
             // Neither served nor trained: a head over other features than the task's.
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -526,13 +547,14 @@ impl FlTask {
             })
             .collect();
         let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
-            edge_inference::patch_initializers(&setup.model_bytes, &t).map_err(|e| e.to_string())
+            edge_inference::patch_initializers_with_data(&setup.model_bytes, &setup.model_data, &t)
+                .map_err(|e| e.to_string())
         });
-        let result = patched.and_then(|bytes| {
+        let result = patched.and_then(|(bytes, data)| {
             let model = self
                 .d
                 .inference
-                .prepare(&setup.model, &bytes)
+                .prepare(&setup.model, &bytes, &data)
                 .map_err(|e| e.to_string())?;
             let version = model.version().to_owned();
             self.d.inference.commit(model);
@@ -629,8 +651,8 @@ impl FlTask {
             .unwrap_or(0);
         let (frozen, layers) = layers.split_at(trained_from);
         if !frozen.is_empty() {
-            let prefix =
-                frozen::Frozen::from_model(&setup.model_bytes, frozen).map_err(model_err)?;
+            let readable = setup.readable_model().map_err(model_err)?;
+            let prefix = frozen::Frozen::from_model(&readable, frozen).map_err(model_err)?;
             if let Some((x, _)) = labeled.iter().find(|(x, _)| x.len() != prefix.inputs()) {
                 return Err(RoundError::Dataset {
                     dataset: setup.dataset.clone(),

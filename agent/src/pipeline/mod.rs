@@ -99,6 +99,12 @@ pub enum ArtifactError {
     },
     #[error("{0} is not an artifact of the deployment manifest")]
     NotListed(String),
+    #[error(
+        "model {model} names data file {file}, which is not an artifact of the deployment manifest"
+    )]
+    DataNotListed { model: String, file: String },
+    #[error(transparent)]
+    External(#[from] edge_inference::ExternalError),
     #[error("artifact {0} is missing from the store")]
     Missing(String),
     #[error("stored artifact {sha} is corrupted (sha256 {actual})")]
@@ -113,6 +119,28 @@ pub enum ArtifactError {
 pub trait Artifacts: Send + Sync {
     /// The bytes of the module (or model) the description names `name`.
     fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError>;
+    /// The model the description names `name`, with the external data files its graph names
+    /// (resolved against the model's folder, each location checked). Default: artifacts by
+    /// name, a data file's name being its location joined to the model's folder.
+    fn model(&self, name: &str) -> Result<edge_inference::ModelFiles, ArtifactError> {
+        let graph = self.module(name)?;
+        let mut data = edge_inference::DataFiles::new();
+        for location in edge_inference::external::data_file_names(&graph)? {
+            let file = protocol::v1::deploy::data_artifact_name(name, &location);
+            let bytes = match self.module(&file) {
+                Ok(b) => b,
+                Err(ArtifactError::NotListed(_)) => {
+                    return Err(ArtifactError::DataNotListed {
+                        model: name.to_owned(),
+                        file,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            data.insert(location, bytes.into());
+        }
+        Ok(edge_inference::ModelFiles { graph, data })
+    }
     /// Directory that relative file paths in the description are relative to (`None`:
     /// only absolute paths are allowed).
     fn base_dir(&self) -> Option<&Path>;
@@ -128,6 +156,10 @@ impl Artifacts for LocalFiles {
     fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
         let path = self.dir.join(name);
         std::fs::read(&path).map_err(|source| ArtifactError::Read { path, source })
+    }
+
+    fn model(&self, name: &str) -> Result<edge_inference::ModelFiles, ArtifactError> {
+        Ok(edge_inference::ModelFiles::read(&self.dir.join(name))?)
     }
 
     fn base_dir(&self) -> Option<&Path> {
@@ -727,10 +759,18 @@ impl Pipeline {
         let model_bytes = artifacts
             .module(&t.model)
             .map_err(|e| fail(e.to_string()))?;
+        // The base that global weights are patched into, in the model's layout. Only a
+        // pipeline that trains holds this copy of the data files (ONNX Runtime copies them
+        // into each session and keeps its own).
+        let model_data = artifacts
+            .model(&t.model)
+            .map_err(|e| fail(e.to_string()))?
+            .data;
         Ok(Some(Arc::new(TrainingSetup {
             pipeline: spec.name.clone(),
             model: t.model.clone(),
             model_bytes,
+            model_data,
             trainer_name: t.trainer.clone(),
             trainer_bytes,
             dataset: t.dataset.clone(),
@@ -755,43 +795,19 @@ impl Pipeline {
             Mode::Live => st.model.clone(),
             Mode::Shadow => format!("shadow/{}/{}", self.stats.name, st.model),
         };
-        let bytes = artifacts
-            .module(&st.model)
+        let files = artifacts
+            .model(&st.model)
             .map_err(|e| fail(e.to_string()))?;
         let model = deps
             .inference
-            .ensure(&registry_name, &bytes)
+            .ensure(&registry_name, &files.graph, &files.data)
             .map_err(|e| fail(e.to_string()))?;
+        // The session holds the data files; the graph's bytes go now.
+        drop(files);
         if !self.models.contains(&registry_name) {
             self.models.push(registry_name.clone());
         }
-        let inputs: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
-        match (&st.model_input, inputs.as_slice()) {
-            (None, [_]) => {}
-            (Some(want), [only]) if want == only => {}
-            (None, _) => {
-                return Err(fail(format!(
-                    "the model takes {} inputs ({}); an inference stage feeds exactly one",
-                    inputs.len(),
-                    inputs.join(", ")
-                )));
-            }
-            (Some(want), _) => {
-                return Err(fail(format!(
-                    "model_input {want:?}: the model's inputs are {}; an inference stage feeds a model with exactly one",
-                    inputs.join(", ")
-                )));
-            }
-        }
-        for o in &st.model_outputs {
-            if !model.outputs().iter().any(|m| &m.name == o) {
-                let names: Vec<&str> = model.outputs().iter().map(|m| m.name.as_str()).collect();
-                return Err(fail(format!(
-                    "model_outputs names {o:?}, which is not one of its outputs ({})",
-                    names.join(", ")
-                )));
-            }
-        }
+        check_model_io(st, &model)?;
         Ok((registry_name, model))
     }
 
@@ -860,6 +876,137 @@ impl Pipeline {
             self.inference.remove(&m);
         }
     }
+}
+
+/// The stage's `model_input` and `model_outputs` against what the model takes and gives.
+fn check_model_io(st: &StageSpec, model: &edge_inference::Model) -> Result<(), PipelineError> {
+    let fail = |reason: String| PipelineError::Model {
+        stage: st.name.clone(),
+        model: st.model.clone(),
+        reason,
+    };
+    let inputs: Vec<&str> = model.inputs().iter().map(|i| i.name.as_str()).collect();
+    match (&st.model_input, inputs.as_slice()) {
+        (None, [_]) => {}
+        (Some(want), [only]) if want == only => {}
+        (None, _) => {
+            return Err(fail(format!(
+                "the model takes {} inputs ({}); an inference stage feeds exactly one",
+                inputs.len(),
+                inputs.join(", ")
+            )));
+        }
+        (Some(want), _) => {
+            return Err(fail(format!(
+                "model_input {want:?}: the model's inputs are {}; an inference stage feeds a model with exactly one",
+                inputs.join(", ")
+            )));
+        }
+    }
+    for o in &st.model_outputs {
+        if !model.outputs().iter().any(|m| &m.name == o) {
+            let names: Vec<&str> = model.outputs().iter().map(|m| m.name.as_str()).collect();
+            return Err(fail(format!(
+                "model_outputs names {o:?}, which is not one of its outputs ({})",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What `edge-agent check-config` does with a pipeline: everything [`Pipeline::start`] does
+/// before data flows, through the same code, and nothing after: reads and loads every model
+/// (with its external data files; health-checked on a zero probe) and checks it against its
+/// stage, compiles every WASM module, loads the trainer and checks that the training model
+/// has layers it can train, and opens every replay file. Models load under `check/` names in
+/// `inference`, so a dry run never replaces what a pipeline runs. Returns one line per thing
+/// checked; the first failure is the error.
+pub fn dry_run(
+    spec: &PipelineSpec,
+    artifacts: &dyn Artifacts,
+    sandbox: &Sandbox,
+    inference: &Inference,
+) -> Result<Vec<String>, PipelineError> {
+    let mut done = Vec::new();
+    let mut load =
+        |stage: &str, model: &str| -> Result<Arc<edge_inference::Model>, PipelineError> {
+            let fail = |reason: String| PipelineError::Model {
+                stage: stage.to_owned(),
+                model: model.to_owned(),
+                reason,
+            };
+            let files = artifacts.model(model).map_err(|e| fail(e.to_string()))?;
+            let m = inference
+                .ensure(&format!("check/{model}"), &files.graph, &files.data)
+                .map_err(|e| fail(e.to_string()))?;
+            done.push(format!(
+                "model {model}: loads on {}, {} data file(s), health check passed",
+                m.provider_report().provider,
+                files.data.len()
+            ));
+            Ok(m)
+        };
+    for st in spec
+        .stages
+        .iter()
+        .filter(|s| s.kind == StageKind::Inference)
+    {
+        let m = load(&st.name, &st.model)?;
+        check_model_io(st, &m)?;
+    }
+    if let Some(t) = &spec.training {
+        let fail = |reason: String| PipelineError::Training {
+            module: t.trainer.clone(),
+            reason,
+        };
+        let trainer = artifacts
+            .module(&t.trainer)
+            .map_err(|e| fail(e.to_string()))?;
+        sandbox
+            .load_trainer(&t.trainer, &trainer)
+            .map_err(|e| fail(e.to_string()))?;
+        let m = load("training", &t.model)?;
+        let files = artifacts.model(&t.model).map_err(|e| fail(e.to_string()))?;
+        let layers = edge_inference::dense_layers(&files.graph)
+            .map_err(|e| fail(format!("training model {}: {e}", t.model)))?;
+        done.push(format!(
+            "training: trainer {} compiles; model {} ({}) has {} dense layer(s) it trains",
+            t.trainer,
+            t.model,
+            m.version(),
+            layers.len()
+        ));
+    }
+    for st in spec.stages.iter().filter(|s| s.kind == StageKind::Wasm) {
+        let bytes = artifacts
+            .module(&st.module)
+            .map_err(|e| PipelineError::Module {
+                stage: st.name.clone(),
+                module: st.module.clone(),
+                reason: e.to_string(),
+            })?;
+        sandbox
+            .load(&st.module, &bytes)
+            .map_err(|source| PipelineError::Stage {
+                stage: st.name.clone(),
+                source: Box::new(source),
+            })?;
+        done.push(format!("module {}: compiles", st.module));
+    }
+    for src in &spec.sources {
+        if let SourceSpec::File { path, .. } = src {
+            let fail = |reason: String| PipelineError::Source {
+                source_name: src.name().to_owned(),
+                reason,
+            };
+            let path = resolve(path, artifacts.base_dir()).map_err(|e| fail(e.to_string()))?;
+            std::fs::File::open(&path)
+                .map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
+            done.push(format!("replay file {}: opens", path.display()));
+        }
+    }
+    Ok(done)
 }
 
 /// A relative path against the description's directory; deployed descriptions (no

@@ -6,14 +6,17 @@
 //! [`Package::build`] is pure; [`load`] is the I/O around it: it reads the pipeline TOML, finds
 //! the artifacts it names (string values ending in `.wasm` or `.onnx`, relative to the TOML's
 //! directory), reads them and builds the package. [`load_models`] builds a model deployment
-//! (kind `model`): `.onnx` files under the names the running pipeline gives them.
+//! (kind `model`): `.onnx` files under the names the running pipeline gives them. Either way
+//! each model's external data files (`m.onnx.data`) go with it as artifacts of their own
+//! (media type `onnx-data`, [`ModelData`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use protocol::v1::deploy::{
     Artifact, Chunk, DeployError, DeployKind, HealthCheck, Manifest, MediaType, ResendRequest,
-    SignedManifest, SigningKey, Target, artifact_chunk, chunk_digests, sha256_hex, sign,
+    SignedManifest, SigningKey, Target, artifact_chunk, chunk_digests, data_artifact_name,
+    sha256_hex, sign,
 };
 use protocol::v1::{MAX_PAYLOAD_BYTES, VERSION};
 
@@ -42,6 +45,21 @@ pub enum PackageError {
     },
     #[error("model {name}: a model deployment carries .onnx files only")]
     NotAModel { name: String },
+    #[error("model {model}: {error}")]
+    ModelData {
+        model: String,
+        /// Boxed: it is the largest variant by far, and every `Result` carries the size.
+        error: Box<edge_inference::ExternalError>,
+    },
+    #[error(
+        "data file {file}: models {first} and {second} name it with different contents; \
+         save one of them under another file name"
+    )]
+    DataConflict {
+        file: String,
+        first: String,
+        second: String,
+    },
     #[error("invalid manifest: {0}")]
     Invalid(#[from] DeployError),
     #[error("artifact {name} ({sha256}): {reason}")]
@@ -105,12 +123,28 @@ impl Package {
         files: Vec<ArtifactFile>,
         key: &SigningKey,
     ) -> Result<Package, PackageError> {
+        Package::build_with_data(spec, files, Vec::new(), key)
+    }
+
+    /// [`Package::build`] with the external data files of its models (media type
+    /// `onnx-data`, named by [`data_artifact_name`]; see [`ModelData`]).
+    pub fn build_with_data(
+        spec: PackageSpec,
+        files: Vec<ArtifactFile>,
+        data: Vec<ArtifactFile>,
+        key: &SigningKey,
+    ) -> Result<Package, PackageError> {
         let mut blobs = BTreeMap::new();
-        let mut artifacts = Vec::with_capacity(files.len());
-        for f in files {
+        let mut artifacts = Vec::with_capacity(files.len() + data.len());
+        let typed = files
+            .into_iter()
+            .map(|f| Ok((media_type_for(&f.name)?, f)))
+            .chain(data.into_iter().map(|f| Ok((MediaType::OnnxData, f))))
+            .collect::<Result<Vec<_>, PackageError>>()?;
+        for (media_type, f) in typed {
             let sha256 = sha256_hex(&f.bytes);
             artifacts.push(Artifact {
-                media_type: media_type_for(&f.name)?,
+                media_type,
                 name: f.name,
                 sha256: sha256.clone(),
                 size: f.bytes.len() as u64,
@@ -283,6 +317,65 @@ fn collect_refs(v: &toml::Value, out: &mut Vec<String>) {
     }
 }
 
+/// The external data files of the models in a package, as artifacts: each model's files are
+/// read and checked beside it (locations, symlinks, extents) before anything is sent, so a
+/// model whose data file is missing or short is refused here, naming it.
+#[derive(Debug, Default)]
+pub struct ModelData {
+    /// Artifact name to (the model that first named it, the file).
+    files: BTreeMap<String, (String, ArtifactFile)>,
+}
+
+impl ModelData {
+    /// Adds the data files the model at `path` (named `name` in the package) names.
+    pub fn add(&mut self, name: &str, path: &Path) -> Result<(), PackageError> {
+        let model = match edge_inference::ModelFiles::read(path) {
+            Ok(m) => m,
+            // Not a model we can read: the agent refuses it with ONNX Runtime's reason (and
+            // a deployment of it rolls back), as for any broken model.
+            Err(edge_inference::ExternalError::Graph { .. }) => return Ok(()),
+            Err(error) => {
+                return Err(PackageError::ModelData {
+                    model: name.to_owned(),
+                    error: Box::new(error),
+                });
+            }
+        };
+        for (location, bytes) in model.data {
+            let file = data_artifact_name(name, &location);
+            if let Some((first, known)) = self.files.get(&file) {
+                if known.bytes[..] != bytes[..] {
+                    return Err(PackageError::DataConflict {
+                        file,
+                        first: first.clone(),
+                        second: name.to_owned(),
+                    });
+                }
+                continue;
+            }
+            let bytes = bytes.to_vec();
+            let version = sha256_hex(&bytes)[..12].to_owned();
+            self.files.insert(
+                file.clone(),
+                (
+                    name.to_owned(),
+                    ArtifactFile {
+                        name: file,
+                        version,
+                        bytes,
+                    },
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The data artifacts, by name.
+    pub fn into_files(self) -> Vec<ArtifactFile> {
+        self.files.into_values().map(|(_, f)| f).collect()
+    }
+}
+
 /// Reads `pipeline` and the artifacts it names (relative to its directory), then builds and
 /// signs the package. Artifact versions are their digests' first 12 hex digits.
 pub fn load(
@@ -306,8 +399,12 @@ pub fn load(
     })?;
     let base = pipeline.parent().unwrap_or(Path::new("."));
     let mut files = Vec::with_capacity(refs.len());
+    let mut data = ModelData::default();
     for name in refs {
         let bytes = read(&base.join(&name))?;
+        if media_type_for(&name)? == MediaType::Onnx {
+            data.add(&name, &base.join(&name))?;
+        }
         let version = sha256_hex(&bytes)[..12].to_owned();
         files.push(ArtifactFile {
             name,
@@ -316,7 +413,7 @@ pub fn load(
         });
     }
     spec.pipeline_toml = Some(text);
-    Package::build(spec, files, key)
+    Package::build_with_data(spec, files, data.into_files(), key)
 }
 
 /// Reads each `(name, file)` and builds a signed model deployment: the agent swaps model
@@ -328,10 +425,12 @@ pub fn load_models(
     key: &SigningKey,
 ) -> Result<Package, PackageError> {
     let mut files = Vec::with_capacity(models.len());
+    let mut data = ModelData::default();
     for (name, path) in models {
         if media_type_for(name).ok() != Some(MediaType::Onnx) {
             return Err(PackageError::NotAModel { name: name.clone() });
         }
+        data.add(name, path)?;
         let bytes = std::fs::read(path).map_err(|error| PackageError::Read {
             path: path.clone(),
             error,
@@ -344,7 +443,7 @@ pub fn load_models(
     }
     spec.kind = DeployKind::Model;
     spec.pipeline_toml = None;
-    Package::build(spec, files, key)
+    Package::build_with_data(spec, files, data.into_files(), key)
 }
 
 #[cfg(test)]
@@ -551,5 +650,50 @@ mod tests {
             Err(PackageError::Read { path, .. }) => assert!(path.ends_with("vad.onnx")),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_models_external_data_file_travels_beside_it_or_the_package_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("models")).expect("mkdir");
+        for f in ["torch_mlp.onnx", "torch_mlp.onnx.data"] {
+            std::fs::copy(
+                edge_testmodels::exported_path(f),
+                dir.path().join("models").join(f),
+            )
+            .expect("copy fixture");
+        }
+        let toml =
+            "[[stage]]\nname = \"m\"\nkind = \"inference\"\nmodel = \"models/torch_mlp.onnx\"\n";
+        let path = dir.path().join("pipeline.toml");
+        std::fs::write(&path, toml).expect("write");
+        let big_chunks = || PackageSpec {
+            chunk_size: 16 * 1024,
+            ..spec()
+        };
+        let p = load(&path, big_chunks(), &key()).expect("loads");
+        let listed: Vec<(&str, MediaType)> = p
+            .manifest
+            .artifacts
+            .iter()
+            .map(|a| (a.name.as_str(), a.media_type))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("models/torch_mlp.onnx", MediaType::Onnx),
+                ("models/torch_mlp.onnx.data", MediaType::OnnxData),
+            ]
+        );
+        let data = std::fs::read(dir.path().join("models/torch_mlp.onnx.data")).expect("read");
+        assert_eq!(p.manifest.artifacts[1].sha256, sha256_hex(&data));
+
+        std::fs::remove_file(dir.path().join("models/torch_mlp.onnx.data")).expect("rm");
+        let e = load(&path, big_chunks(), &key()).expect_err("data file missing");
+        assert!(
+            matches!(&e, PackageError::ModelData { model, .. } if model == "models/torch_mlp.onnx")
+                && e.to_string().contains("torch_mlp.onnx.data is missing"),
+            "{e}"
+        );
     }
 }

@@ -421,7 +421,13 @@ fn run_eval(
     };
     let mut outputs = Vec::with_capacity(t.holdout.rows() * 10);
     let f = t.holdout.features;
-    for rows in t.holdout.x.chunks(EVAL_BATCH * f) {
+    // A model exported with a fixed batch size (torch's default export fixes it to the
+    // example's, usually 1) gets batches of that size.
+    let batch = match input.shape.first() {
+        Some(Some(fixed)) => (*fixed as usize).max(1),
+        _ => EVAL_BATCH,
+    };
+    for rows in t.holdout.x.chunks(batch * f) {
         let n = (rows.len() / f) as u32;
         let mut shape = vec![n];
         shape.extend(&rest);

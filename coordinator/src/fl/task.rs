@@ -389,7 +389,24 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
             error,
         })
     };
-    let model_bytes = read("initial model", &raw.initial)?;
+    // A model with external data files (torch's default `m.onnx` + `m.onnx.data`): read
+    // beside the model file, checked, and written inline into the task's copy, so the
+    // evaluation and the spooled task hold one self-contained model. Devices keep their own
+    // layout (they patch their data files in place).
+    let mut model_bytes = read("initial model", &raw.initial)?;
+    let full = base.join(&raw.initial);
+    let bad =
+        |e: edge_inference::ExternalError| invalid("initial", format!("{}: {e}", full.display()));
+    let named = match edge_inference::external::data_file_names(&model_bytes) {
+        Ok(names) => names,
+        // Not a model: `initial_weights` says why, as for any broken file.
+        Err(edge_inference::ExternalError::Graph { .. }) => Vec::new(),
+        Err(e) => return Err(bad(e)),
+    };
+    if !named.is_empty() {
+        let files = edge_inference::ModelFiles::read(&full).map_err(bad)?;
+        model_bytes = edge_inference::external::inline(&files.graph, &files.data).map_err(bad)?;
+    }
     let (names, names_key) = match (&raw.params, &raw.train.trainable) {
         (Some(_), Some(_)) => {
             return Err(invalid(

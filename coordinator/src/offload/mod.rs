@@ -42,12 +42,6 @@ use stats::Stats;
 /// Errors that stop `serve` at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
-    #[error("offload model {name:?}: cannot read {path}: {error}")]
-    Read {
-        name: String,
-        path: PathBuf,
-        error: std::io::Error,
-    },
     #[error("offload model {name:?} from {path} does not load: {error}")]
     Load {
         name: String,
@@ -125,12 +119,14 @@ impl Offload {
     fn start_blocking(config: &OffloadConfig) -> Result<Option<Offload>, OffloadError> {
         let mut files = Vec::with_capacity(config.models.len());
         for (name, path) in &config.models {
-            let bytes = std::fs::read(path).map_err(|error| OffloadError::Read {
+            // With its external data files (torch's `m.onnx` + `m.onnx.data`), resolved
+            // beside the model file; read once and shared by every worker's session.
+            let model = edge_inference::ModelFiles::read(path).map_err(|e| OffloadError::Load {
                 name: name.clone(),
                 path: path.clone(),
-                error,
+                error: e.to_string(),
             })?;
-            files.push((name.clone(), path.clone(), bytes));
+            files.push((name.clone(), path.clone(), model));
         }
         // Workers provide the parallelism; one intra-op thread each keeps them from fighting
         // over cores.
@@ -153,18 +149,20 @@ impl Offload {
         let mut sessions: Vec<BTreeMap<String, Model>> = Vec::with_capacity(config.workers);
         for _ in 0..config.workers {
             let mut set = BTreeMap::new();
-            for (name, path, bytes) in &files {
-                let model = Model::load(&runtime, name, "offload", bytes).map_err(|e| {
-                    OffloadError::Load {
-                        name: name.clone(),
-                        path: path.clone(),
-                        error: e.to_string(),
-                    }
-                })?;
+            for (name, path, files) in &files {
+                let model =
+                    Model::load_with_data(&runtime, name, "offload", &files.graph, &files.data)
+                        .map_err(|e| OffloadError::Load {
+                            name: name.clone(),
+                            path: path.clone(),
+                            error: e.to_string(),
+                        })?;
                 set.insert(name.clone(), model);
             }
             sessions.push(set);
         }
+        // Every session holds its own copy of the weights; the bytes read go now.
+        drop(files);
 
         let replica = if config.replica.is_empty() {
             default_replica()

@@ -504,6 +504,20 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The external-data fixtures (`NAME.onnx` + `NAME.onnx.data`), made by torch's default export
+/// with `make_torch_external.py` there; `torch_external_layout.txt` records what torch wrote
+/// and torch's own scores for the first digits row.
+pub const EXPORTED_EXTERNAL: &[(&str, &str)] = &[
+    (
+        "torch_mlp.onnx",
+        "torch.onnx.export defaults of Linear(64,32), ReLU, Linear(32,10)",
+    ),
+    (
+        "torch_cnn.onnx",
+        "torch.onnx.export defaults of Conv2d(1,8,3), ReLU, Flatten, Linear(288,10)",
+    ),
+];
+
 /// The path of an exported-model fixture (see [`EXPORTED`]).
 pub fn exported_path(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

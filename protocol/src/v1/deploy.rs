@@ -103,6 +103,24 @@ pub enum DeployKind {
 pub enum MediaType {
     WasmComponent,
     Onnx,
+    /// An ONNX external data file (weights a `.onnx` graph names by `location`). Its name is
+    /// the location joined to the folder of the model's name (`models/m.onnx` names
+    /// `m.onnx.data`: artifact `models/m.onnx.data`).
+    OnnxData,
+}
+
+/// The artifact name of external data file `location` of the model named `model`: the
+/// location joined to the model's folder, `.` parts dropped (`models/m.onnx` and
+/// `m.onnx.data` give `models/m.onnx.data`). The coordinator names data artifacts so, and the
+/// agent finds them so. Locations are checked before (relative, no `..`).
+pub fn data_artifact_name(model: &str, location: &str) -> String {
+    let folder = model.rsplit_once('/').map_or("", |(dir, _)| dir);
+    folder
+        .split('/')
+        .chain(location.split('/'))
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// One file a deployment needs, identified by content.
@@ -923,5 +941,19 @@ mod tests {
         );
         let target = serde_json::to_string(&Target::Group("lab".into())).expect("encodes");
         assert_eq!(target, "{\"group\":\"lab\"}");
+    }
+
+    #[test]
+    fn data_artifacts_are_named_beside_their_model() {
+        assert_eq!(
+            data_artifact_name("models/m.onnx", "m.onnx.data"),
+            "models/m.onnx.data"
+        );
+        assert_eq!(data_artifact_name("m.onnx", "./w/a.bin"), "w/a.bin");
+        assert_eq!(data_artifact_name("a/b/m.onnx", "x.bin"), "a/b/x.bin");
+        assert_eq!(
+            serde_json::to_string(&MediaType::OnnxData).expect("json"),
+            "\"onnx-data\""
+        );
     }
 }

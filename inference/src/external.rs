@@ -1,0 +1,481 @@
+//! Models whose weights live in external data files: `m.onnx` holds the graph and `m.onnx.data`
+//! the weights, as torch (2.9 and later) writes by default and as ONNX does for any model over
+//! 2 GB. Finds the files a graph names, checks every location and extent, reads each file once,
+//! and keeps the bytes that ONNX Runtime is handed by name ([`DataFiles`]).
+//!
+//! Why not let ONNX Runtime find the files: loading from bytes, it resolves a location against
+//! the process's working directory, and loading from a path it trusts the location as written.
+//! We check first and then hand it the bytes (`AddExternalInitializersFromFilesInMemory`), so it
+//! never opens a file itself.
+//!
+//! The external-data keys (`location`, `offset`, `length`, `checksum`) and their meaning are
+//! those of the spec, <https://github.com/onnx/onnx/blob/main/docs/ExternalData.md>: `location`
+//! is relative to the model file's folder; `offset` defaults to 0; without `length` the
+//! tensor's own size is read.
+//!
+//! Invariant: never reads outside the model's folder (absolute locations, `..`, and symlinks
+//! that leave it are refused), and every error names the file and the cause.
+//! Boundary: [`crate::Model`] checks every graph against the data it is given; the agent,
+//! the coordinator and `check-config` read files through [`ModelFiles::read`].
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Component, Path};
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::onnx::{DATA_LOCATION_EXTERNAL, ModelProto, TensorProto, data_type};
+
+/// The bytes of a model's external data files, by location as the graph writes it.
+pub type DataFiles = BTreeMap<String, Arc<[u8]>>;
+
+/// One initializer stored outside the model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataRef {
+    pub initializer: String,
+    /// As written in the graph, relative to the model file's folder.
+    pub location: String,
+    pub offset: u64,
+    /// Bytes; from the entry, or the tensor's size when the entry has none.
+    pub length: u64,
+}
+
+/// Why a model's external data cannot be used. `file` is a path (files read from disk) or the
+/// location as the graph writes it (bytes from a deployment).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExternalError {
+    #[error("cannot read model file {file}: {detail}")]
+    ReadModel { file: String, detail: String },
+    #[error("model file {file} is not an onnx model: {detail}")]
+    Graph { file: String, detail: String },
+    #[error("initializer {initializer}: bad external data entry: {detail}")]
+    Entry { initializer: String, detail: String },
+    #[error("initializer {initializer}: external data location {location:?} is refused: {reason}")]
+    Location {
+        initializer: String,
+        location: String,
+        reason: String,
+    },
+    #[error("initializer {initializer}: data file {file} is missing: {detail}")]
+    Missing {
+        initializer: String,
+        file: String,
+        detail: String,
+    },
+    #[error("initializer {initializer}: cannot read data file {file}: {detail}")]
+    ReadData {
+        initializer: String,
+        file: String,
+        detail: String,
+    },
+    #[error(
+        "initializer {initializer}: data file {file} is truncated: it has {size} bytes, the \
+         initializer needs offset {offset} + length {length}"
+    )]
+    Truncated {
+        initializer: String,
+        file: String,
+        size: u64,
+        offset: u64,
+        length: u64,
+    },
+}
+
+/// A model read from disk: the graph's bytes and every data file it names.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub graph: Vec<u8>,
+    pub data: DataFiles,
+}
+
+impl ModelFiles {
+    /// A model without external data (or whose data the caller adds).
+    pub fn graph_only(graph: Vec<u8>) -> ModelFiles {
+        ModelFiles {
+            graph,
+            data: DataFiles::new(),
+        }
+    }
+
+    /// Reads the model at `path` and the data files its graph names, resolved against the
+    /// model's folder (never the working directory). Each data file is read once, straight
+    /// into the buffer that ONNX Runtime will use.
+    pub fn read(path: &Path) -> Result<ModelFiles, ExternalError> {
+        let shown = path.display().to_string();
+        let graph = std::fs::read(path).map_err(|e| ExternalError::ReadModel {
+            file: shown.clone(),
+            detail: e.to_string(),
+        })?;
+        let refs = data_refs(&graph).map_err(|e| match e {
+            ExternalError::Graph { detail, .. } => ExternalError::Graph {
+                file: shown.clone(),
+                detail,
+            },
+            other => other,
+        })?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut data = DataFiles::new();
+        for r in &refs {
+            if !data.contains_key(&r.location) {
+                let bytes = read_data_file(folder, r)?;
+                data.insert(r.location.clone(), bytes);
+            }
+        }
+        check_extents(&refs, &data, |loc| folder.join(loc).display().to_string())?;
+        Ok(ModelFiles { graph, data })
+    }
+}
+
+/// The initializers of `graph` stored in external data files, with each location checked.
+pub fn data_refs(graph: &[u8]) -> Result<Vec<DataRef>, ExternalError> {
+    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })?;
+    let Some(g) = model.graph else {
+        return Ok(Vec::new());
+    };
+    // Initializers, and tensors in the graph's node attributes (a `Constant` node's value may
+    // be stored outside too). Subgraphs are not decoded by our `onnx.proto` subset.
+    let tensors = g.initializer.iter().chain(
+        g.node
+            .iter()
+            .flat_map(|n| n.attribute.iter().filter_map(|a| a.t.as_ref())),
+    );
+    let mut out = Vec::new();
+    for t in tensors {
+        if t.data_location == DATA_LOCATION_EXTERNAL {
+            let r = data_ref(t)?;
+            check_location(&r)?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The data file names (`location`s) a graph refers to, sorted, without repeats.
+pub fn data_file_names(graph: &[u8]) -> Result<Vec<String>, ExternalError> {
+    let mut names: Vec<String> = data_refs(graph)?.into_iter().map(|r| r.location).collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Checks `graph`'s external data against `data` (the files as a deployment or the caller
+/// gives them, by location): every file named is there and long enough. Files nobody names
+/// are allowed (a package may carry a file two models share).
+pub fn check(graph: &[u8], data: &DataFiles) -> Result<Vec<DataRef>, ExternalError> {
+    let refs = data_refs(graph)?;
+    check_extents(&refs, data, str::to_owned)?;
+    Ok(refs)
+}
+
+fn check_extents(
+    refs: &[DataRef],
+    data: &DataFiles,
+    show: impl Fn(&str) -> String,
+) -> Result<(), ExternalError> {
+    for r in refs {
+        let Some(bytes) = data.get(&r.location) else {
+            return Err(ExternalError::Missing {
+                initializer: r.initializer.clone(),
+                file: show(&r.location),
+                detail: "not given with the model".into(),
+            });
+        };
+        let size = bytes.len() as u64;
+        if r.offset.checked_add(r.length).is_none_or(|end| end > size) {
+            return Err(ExternalError::Truncated {
+                initializer: r.initializer.clone(),
+                file: show(&r.location),
+                size,
+                offset: r.offset,
+                length: r.length,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn data_ref(t: &TensorProto) -> Result<DataRef, ExternalError> {
+    let bad = |detail: String| ExternalError::Entry {
+        initializer: t.name.clone(),
+        detail,
+    };
+    let mut location = None;
+    let mut offset = 0u64;
+    let mut length = None;
+    for e in &t.external_data {
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| bad(format!("{} {v:?} is not a byte count", e.key)))
+        };
+        match e.key.as_str() {
+            "location" => location = Some(e.value.clone()),
+            "offset" => offset = number(&e.value)?,
+            "length" => length = Some(number(&e.value)?),
+            // `checksum` (SHA-1, optional) and unknown keys: ONNX Runtime ignores them too.
+            _ => {}
+        }
+    }
+    let location = location.ok_or_else(|| bad("no location".into()))?;
+    let length = match length {
+        Some(l) => l,
+        None => tensor_bytes(t).ok_or_else(|| {
+            bad(format!(
+                "no length, and element type {} has no fixed size",
+                t.data_type
+            ))
+        })?,
+    };
+    Ok(DataRef {
+        initializer: t.name.clone(),
+        location,
+        offset,
+        length,
+    })
+}
+
+/// Bytes of a dense tensor of a fixed-size element type.
+fn tensor_bytes(t: &TensorProto) -> Option<u64> {
+    let elem: u64 = match t.data_type {
+        data_type::UINT8 | data_type::BOOL | 3 /* int8 */ => 1,
+        data_type::FLOAT16 | 4 /* uint16 */ | 5 /* int16 */ | 16 /* bfloat16 */ => 2,
+        data_type::FLOAT | data_type::INT32 | 12 /* uint32 */ => 4,
+        data_type::INT64 | 11 /* double */ | 13 /* uint64 */ => 8,
+        _ => return None,
+    };
+    t.dims
+        .iter()
+        .try_fold(elem, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?))
+}
+
+/// A location must be a plain relative path inside the model's folder.
+fn check_location(r: &DataRef) -> Result<(), ExternalError> {
+    let refuse = |reason: &str| {
+        Err(ExternalError::Location {
+            initializer: r.initializer.clone(),
+            location: r.location.clone(),
+            reason: reason.to_owned(),
+        })
+    };
+    let loc = r.location.as_str();
+    if loc.is_empty() {
+        return refuse("it is empty");
+    }
+    // Windows-style locations would mean something else on another host: refuse them here too.
+    if loc.starts_with('/') || loc.starts_with('\\') || loc.contains(':') {
+        return refuse("it is absolute; locations are relative to the model's folder");
+    }
+    if loc.contains('\\') || loc.contains('\0') {
+        return refuse("it contains a backslash or a nul byte");
+    }
+    for c in Path::new(loc).components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return refuse("it contains '..', leaving the model's folder"),
+            Component::RootDir | Component::Prefix(_) => {
+                return refuse("it is absolute; locations are relative to the model's folder");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens `folder/location` (refusing a symlink that leads out of `folder`) and reads it once.
+fn read_data_file(folder: &Path, r: &DataRef) -> Result<Arc<[u8]>, ExternalError> {
+    let path = folder.join(&r.location);
+    let file_name = path.display().to_string();
+    let missing = |e: std::io::Error| ExternalError::Missing {
+        initializer: r.initializer.clone(),
+        file: file_name.clone(),
+        detail: e.to_string(),
+    };
+    let real = std::fs::canonicalize(&path).map_err(missing)?;
+    let real_folder = std::fs::canonicalize(folder).map_err(missing)?;
+    if !real.starts_with(&real_folder) {
+        return Err(ExternalError::Location {
+            initializer: r.initializer.clone(),
+            location: r.location.clone(),
+            reason: format!(
+                "{file_name} resolves to {}, outside the model's folder {}",
+                real.display(),
+                real_folder.display()
+            ),
+        });
+    }
+    let read_err = |e: std::io::Error| ExternalError::ReadData {
+        initializer: r.initializer.clone(),
+        file: file_name.clone(),
+        detail: e.to_string(),
+    };
+    let mut file = std::fs::File::open(&real).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    let len = usize::try_from(meta.len()).map_err(|_| {
+        read_err(std::io::Error::other(
+            "larger than this machine's address space",
+        ))
+    })?;
+    // Collecting a `repeat_n` (exact size) allocates the shared buffer once; the file is read
+    // straight into it, so there is never a second copy of the weights on our side.
+    let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+
+    let Some(dst) = Arc::get_mut(&mut buf) else {
+        return Err(read_err(std::io::Error::other("buffer is shared")));
+    };
+    file.read_exact(dst).map_err(|e| {
+        read_err(std::io::Error::new(
+            e.kind(),
+            format!("{e} (the file changed while it was read)"),
+        ))
+    })?;
+    Ok(buf)
+}
+
+/// The external initializers of `graph` as tensors, their bytes read from `data` (checked
+/// extents), in file order.
+pub fn external_tensors(
+    graph: &[u8],
+    data: &DataFiles,
+) -> Result<Vec<(DataRef, crate::Tensor)>, ExternalError> {
+    let refs = check(graph, data)?;
+    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })?;
+    let inits = model.graph.map(|g| g.initializer).unwrap_or_default();
+    let mut out = Vec::with_capacity(refs.len());
+    for r in refs {
+        let Some(init) = inits.iter().find(|t| t.name == r.initializer) else {
+            // A `Constant` node's external tensor: not an initializer, nothing to patch.
+            continue;
+        };
+        let bad = |detail: String| ExternalError::Entry {
+            initializer: r.initializer.clone(),
+            detail,
+        };
+        let bytes = data
+            .get(&r.location)
+            .ok_or_else(|| bad("data file vanished".into()))?;
+        let (start, end) = extent(&r).ok_or_else(|| bad("extent out of range".into()))?;
+        let inline = TensorProto {
+            raw_data: bytes[start..end].to_vec(),
+            external_data: Vec::new(),
+            data_location: 0,
+            ..init.clone()
+        };
+        let t = crate::Tensor::from_onnx(&inline).map_err(|e| bad(e.to_string()))?;
+        out.push((r, t));
+    }
+    Ok(out)
+}
+
+/// `offset..offset + length` as indices (checked against the file by [`check`] before).
+pub(crate) fn extent(r: &DataRef) -> Option<(usize, usize)> {
+    let start = usize::try_from(r.offset).ok()?;
+    let end = start.checked_add(usize::try_from(r.length).ok()?)?;
+    Some((start, end))
+}
+
+/// `graph` with every external initializer written inline: one self-contained model (the
+/// coordinator's evaluation copy of a federated task's model).
+pub fn inline(graph: &[u8], data: &DataFiles) -> Result<Vec<u8>, ExternalError> {
+    let tensors = external_tensors(graph, data)?;
+    let updates: Vec<(&str, crate::Tensor)> = tensors
+        .iter()
+        .map(|(r, t)| (r.initializer.as_str(), t.clone()))
+        .collect();
+    crate::patch_initializers(graph, &updates).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{GraphProto, StringStringEntryProto};
+
+    fn graph_with(location: &str, offset: &str, length: Option<&str>) -> Vec<u8> {
+        let mut external = vec![
+            StringStringEntryProto {
+                key: "location".into(),
+                value: location.into(),
+            },
+            StringStringEntryProto {
+                key: "offset".into(),
+                value: offset.into(),
+            },
+        ];
+        if let Some(l) = length {
+            external.push(StringStringEntryProto {
+                key: "length".into(),
+                value: l.into(),
+            });
+        }
+        ModelProto {
+            ir_version: 8,
+            graph: Some(GraphProto {
+                initializer: vec![TensorProto {
+                    name: "w".into(),
+                    dims: vec![2, 3],
+                    data_type: data_type::FLOAT,
+                    external_data: external,
+                    data_location: DATA_LOCATION_EXTERNAL,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn refused(location: &str) -> String {
+        match data_refs(&graph_with(location, "0", Some("24"))) {
+            Err(e @ ExternalError::Location { .. }) => e.to_string(),
+            other => panic!("{location}: expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn locations_outside_the_folder_are_refused_with_the_reason() {
+        assert!(refused("../../etc/passwd").contains("'..'"));
+        assert!(refused("a/../../b").contains("'..'"));
+        assert!(refused("/etc/passwd").contains("absolute"));
+        assert!(refused("C:\\w.bin").contains("absolute"));
+        assert!(refused("").contains("empty"));
+        let ok = data_refs(&graph_with("sub/./w.bin", "0", Some("24"))).expect("a subfolder");
+        assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn extents_are_checked_against_the_given_bytes() {
+        let g = graph_with("w.bin", "8", None); // 2x3 f32: 24 bytes from offset 8
+        let mut data = DataFiles::new();
+        data.insert("w.bin".into(), Arc::from(vec![0u8; 32]));
+        let refs = check(&g, &data).expect("fits");
+        assert_eq!(refs[0].length, 24);
+        data.insert("w.bin".into(), Arc::from(vec![0u8; 31]));
+        let e = check(&g, &data).expect_err("one byte short").to_string();
+        assert!(e.contains("w.bin is truncated: it has 31 bytes"), "{e}");
+        let e = check(&g, &DataFiles::new())
+            .expect_err("no file")
+            .to_string();
+        assert!(e.contains("data file w.bin is missing"), "{e}");
+        let huge = graph_with("w.bin", &u64::MAX.to_string(), Some("24"));
+        assert!(matches!(
+            check(&huge, &data),
+            Err(ExternalError::Truncated { .. })
+        ));
+        let bad = graph_with("w.bin", "-1", None);
+        assert!(matches!(
+            check(&bad, &data),
+            Err(ExternalError::Entry { .. })
+        ));
+    }
+}

@@ -1,0 +1,260 @@
+//! Models with weights in external data files, as torch's default export writes them
+//! (`inference/testmodels/exported/torch_{mlp,cnn}.onnx` + `.onnx.data`), on the real ONNX
+//! Runtime: they load and give torch's own numbers, and every bad file layout a user can make
+//! is refused with an error naming the file and the cause.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::runtime;
+use edge_inference::{ExternalError, Model, ModelError, ModelFiles, Tensor};
+use edge_testmodels::exported_path;
+
+/// torch's scores for digits row 0, as `make_torch_external.py` recorded them.
+fn torch_scores(model: &str) -> Vec<f32> {
+    let text = std::fs::read_to_string(exported_path("torch_external_layout.txt")).unwrap();
+    let prefix = format!("{model} scores row 0: [");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .expect("scores line");
+    line.trim_end_matches(']')
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+/// Digits row 0 (pixel values / 16), from the committed data set.
+fn digits_row0() -> Vec<f32> {
+    let gz = std::fs::read(common::root().join("tests/data/digits.csv.gz")).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
+    let first = text.lines().next().unwrap();
+    first
+        .split(',')
+        .take(64)
+        .map(|v| v.parse::<f32>().unwrap() / 16.0)
+        .collect()
+}
+
+/// A folder holding a copy of one fixture pair, to break in the ways a user would.
+fn copy_pair(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join(name);
+    std::fs::copy(exported_path(name), &model).unwrap();
+    let data = format!("{name}.data");
+    std::fs::copy(exported_path(&data), dir.path().join(&data)).unwrap();
+    (dir, model)
+}
+
+fn load(path: &Path) -> Result<Model, String> {
+    let files = ModelFiles::read(path).map_err(|e| e.to_string())?;
+    Model::load_with_data(&runtime(), "m", "1", &files.graph, &files.data)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn torch_default_exports_load_and_give_torchs_numbers() {
+    let x = digits_row0();
+    for (name, shape) in [("torch_mlp", vec![1, 64]), ("torch_cnn", vec![1, 1, 8, 8])] {
+        // Loaded from another working directory's point of view: only the model's folder counts.
+        let m = load(&exported_path(&format!("{name}.onnx"))).unwrap();
+        let out = m.run(&[Tensor::from_f32(shape, &x).unwrap()]).unwrap();
+        let got = out[0].to_f32().unwrap();
+        let want = torch_scores(name);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{name}: {got:?} vs torch {want:?}");
+        }
+        assert!(
+            m.size_bytes()
+                > std::fs::metadata(exported_path(&format!("{name}.onnx.data")))
+                    .unwrap()
+                    .len() as usize
+        );
+    }
+}
+
+#[test]
+fn the_graph_alone_is_refused_naming_the_data_file() {
+    let bytes = std::fs::read(exported_path("torch_mlp.onnx")).unwrap();
+    let e = Model::load(&runtime(), "m", "1", &bytes).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ModelError::ExternalData {
+                source: ExternalError::Missing { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("data file torch_mlp.onnx.data is missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_data_file_is_named() {
+    let (dir, model) = copy_pair("torch_mlp.onnx");
+    std::fs::remove_file(dir.path().join("torch_mlp.onnx.data")).unwrap();
+    let e = load(&model).unwrap_err();
+    assert!(e.contains("torch_mlp.onnx.data is missing"), "{e}");
+    assert!(
+        e.contains(&dir.path().display().to_string()),
+        "names the path: {e}"
+    );
+}
+
+#[test]
+fn a_truncated_data_file_is_named_with_the_extent() {
+    let (dir, model) = copy_pair("torch_mlp.onnx");
+    let data = dir.path().join("torch_mlp.onnx.data");
+    let len = std::fs::metadata(&data).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(len - 4)
+        .unwrap();
+    let e = load(&model).unwrap_err();
+    assert!(e.contains("torch_mlp.onnx.data is truncated"), "{e}");
+    assert!(e.contains(&format!("it has {} bytes", len - 4)), "{e}");
+}
+
+/// Rewrites the location string in the graph to another of the same length (so the protobuf
+/// stays valid): what a hand-edited or hostile model file looks like.
+fn with_location(model: &Path, location: &str) {
+    let old = b"torch_mlp.onnx.data";
+    assert_eq!(location.len(), old.len());
+    let mut bytes = std::fs::read(model).unwrap();
+    let mut hits = 0;
+    let mut i = 0;
+    while i + old.len() <= bytes.len() {
+        if &bytes[i..i + old.len()] == old {
+            bytes[i..i + old.len()].copy_from_slice(location.as_bytes());
+            hits += 1;
+        }
+        i += 1;
+    }
+    assert!(hits > 0);
+    std::fs::write(model, bytes).unwrap();
+}
+
+#[test]
+fn locations_leaving_the_models_folder_are_refused() {
+    for (location, cause) in [
+        ("../../../etc/passwd", "'..'"),
+        ("/torch_mlp.onnx.dat", "absolute"),
+    ] {
+        let (_dir, model) = copy_pair("torch_mlp.onnx");
+        with_location(&model, location);
+        let e = load(&model).unwrap_err();
+        assert!(e.contains(location) && e.contains(cause), "{location}: {e}");
+    }
+}
+
+#[test]
+fn a_symlink_out_of_the_folder_is_refused_and_one_inside_is_followed() {
+    let (dir, model) = copy_pair("torch_mlp.onnx");
+    let data = dir.path().join("torch_mlp.onnx.data");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("weights.bin");
+    std::fs::rename(&data, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &data).unwrap();
+    let e = load(&model).unwrap_err();
+    assert!(e.contains("outside the model's folder"), "{e}");
+
+    std::fs::remove_file(&data).unwrap();
+    std::fs::rename(&outside, dir.path().join("real.bin")).unwrap();
+    std::os::unix::fs::symlink("real.bin", &data).unwrap();
+    load(&model).unwrap();
+}
+
+#[test]
+fn inlined_and_patched_models_keep_torchs_numbers_and_the_layout() {
+    let files = ModelFiles::read(&exported_path("torch_mlp.onnx")).unwrap();
+    let x = Tensor::from_f32(vec![1, 64], &digits_row0()).unwrap();
+    let want = torch_scores("torch_mlp");
+    let close = |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-4);
+
+    // Inline: one self-contained model, same numbers.
+    let inline = edge_inference::external::inline(&files.graph, &files.data).unwrap();
+    let m = Model::load(&runtime(), "inline", "1", &inline).unwrap();
+    let got = m.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(close(&got, &want), "{got:?} vs {want:?}");
+
+    // Patch every external initializer with itself doubled: the graph is untouched, the data
+    // file has the new values at the same offsets, the result is what the doubled net gives.
+    let ext = edge_inference::external::external_tensors(&files.graph, &files.data).unwrap();
+    assert_eq!(
+        ext.len(),
+        2,
+        "torch put both weight matrices in the data file"
+    );
+    let doubled: Vec<(String, Tensor)> = ext
+        .iter()
+        .map(|(r, t)| {
+            let v: Vec<f32> = t.to_f32().unwrap().iter().map(|v| v * 2.0).collect();
+            (
+                r.initializer.clone(),
+                Tensor::from_f32(t.shape().to_vec(), &v).unwrap(),
+            )
+        })
+        .collect();
+    let updates: Vec<(&str, Tensor)> = doubled
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    let (graph, data) =
+        edge_inference::patch_initializers_with_data(&files.graph, &files.data, &updates).unwrap();
+    assert_eq!(
+        graph, files.graph,
+        "the graph keeps pointing at the data file"
+    );
+    let new = &data["torch_mlp.onnx.data"];
+    let old = &files.data["torch_mlp.onnx.data"];
+    assert_eq!(new.len(), old.len());
+    for (r, t) in &ext {
+        let (s, e) = (r.offset as usize, (r.offset + r.length) as usize);
+        let before: Vec<f32> = old[s..e]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let after: Vec<f32> = new[s..e]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(before, t.to_f32().unwrap());
+        assert!(before.iter().zip(&after).all(|(b, a)| *a == b * 2.0));
+    }
+    let patched = Model::load_with_data(&runtime(), "p", "1", &graph, &data).unwrap();
+    let got = patched.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(!close(&got, &want), "new weights change the scores");
+
+    // The same updates on the inline copy give the same numbers.
+    let inline_patched = edge_inference::patch_initializers(&inline, &updates).unwrap();
+    let m = Model::load(&runtime(), "ip", "1", &inline_patched).unwrap();
+    let want2 = m.run(std::slice::from_ref(&x)).unwrap()[0]
+        .to_f32()
+        .unwrap();
+    assert!(close(&got, &want2), "{got:?} vs {want2:?}");
+
+    // A wrong shape is refused and nothing is written.
+    let bad = Tensor::from_f32(vec![1], &[0.0]).unwrap();
+    let e = edge_inference::patch_initializers_with_data(
+        &files.graph,
+        &files.data,
+        &[(ext[0].0.initializer.as_str(), bad)],
+    );
+    assert!(e.is_err());
+}
