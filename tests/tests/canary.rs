@@ -8,13 +8,14 @@
 //! the rollback deployment (v1's pipeline as version 3) and run it, and the devices of later
 //! waves never see v2. Then a second canary rollout (its rollback taken from the group's
 //! current version, v1) is paused between waves (no wave starts while paused), survives a
-//! coordinator restart still paused, is resumed, and finishes with every device on the new
+//! coordinator restart still paused, is resumed through the HTTP API, and finishes with every device on the new
 //! version; a device that joins the group afterwards installs it. The halt and rollback run
 //! again through mosquitto (an external broker keeps the retained per-device manifests).
 
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use edge_tests::api::{ApiClient, token_table};
 use edge_tests::{
     Agent, AgentOptions, Coordinator, Event, Journal, Mosquitto, PipelineDir, SigningKey, TestEnv,
     deploy, run_test,
@@ -266,8 +267,25 @@ fn halt_and_rollback(
     Ok((agents, journal, key))
 }
 
+/// An admin token for the HTTP API, which resumes the paused rollout below.
+const ADMIN: &str = "canary-admin-token-0123456789abcdef";
+
 fn scenario(env: &TestEnv) -> Result<()> {
-    let mut coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+    let coord_dir = env.path("coordinator");
+    std::fs::create_dir_all(&coord_dir)?;
+    let config = coord_dir.join("api-coordinator.toml");
+    let mut api = toml::Table::new();
+    api.insert(
+        "tokens".into(),
+        toml::Value::Array(vec![token_table("ops", ADMIN, "admin").into()]),
+    );
+    let mut root = toml::Table::new();
+    root.insert("api".into(), api.into());
+    std::fs::write(&config, toml::to_string(&root)?)?;
+    let mut coord = Coordinator::start_embedded_with_args(
+        &coord_dir,
+        vec!["--config".into(), config.display().to_string()],
+    )?;
     let (mut agents, mut journal, key) = halt_and_rollback(env, &coord, &coord.url())?;
     let health = HEALTH;
 
@@ -353,11 +371,18 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "an unknown id is refused: {}",
         String::from_utf8_lossy(&bad.stderr)
     );
-    let out = rollout(&coord, "resume", "calm")?;
+    // Resumed through the HTTP API: the same checks and control spool as the CLI; the
+    // coordinator's local read token may not, an unknown id is a 404.
+    let client = ApiClient::new(coord.api_url()?);
+    let local = std::fs::read_to_string(coord.state_dir().join("api.token"))?;
+    let read_only = client.post("/api/deployments/calm/resume", Some(local.trim()), "")?;
+    ensure!(read_only.status == 403, "read token resumed: {read_only:?}");
+    let unknown = client.post("/api/deployments/nope/resume", Some(ADMIN), "")?;
+    ensure!(unknown.status == 404, "unknown rollout: {unknown:?}");
+    let resumed = client.post("/api/deployments/calm/resume", Some(ADMIN), "")?;
     ensure!(
-        out.status.success(),
-        "resume failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        resumed.status == 200 && resumed.json()?["changed"] == true,
+        "resume through the API: {resumed:?}"
     );
     journal.wait_for("the calm rollout finished", Duration::from_secs(180), |j| {
         j.iter()

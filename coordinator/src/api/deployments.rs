@@ -1,14 +1,19 @@
 //! `GET /api/deployments` and `GET /api/deployments/{id}`: each rollout's status per device,
 //! from the progress files `serve` rewrites every 250 ms (the ones `deploy` draws its bars
-//! from). Read-only: creating, pausing and aborting rollouts stay with the CLI for now.
+//! from), and pausing, resuming and aborting staged rollouts (admin; the same control spool
+//! and checks as `edge-coordinator rollout`). Creating a rollout stays with the CLI (`deploy`
+//! signs with the offline deploy key, which serve does not hold).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde::Serialize;
 
 use super::{ApiError, ApiState, blocking};
+use crate::deploy::control::{self, ControlError};
+use crate::deploy::engine::Control;
 use crate::deploy::progress::{self, Outcome, ProgressFile};
 use crate::deploy::spool;
 
@@ -147,4 +152,93 @@ pub async fn detail(
     .await?
     .ok_or_else(|| ApiError::not_found(format!("no deployment {id:?}")))?;
     Ok(Json(rollout(&p, true)))
+}
+
+/// What a rollout control request did.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ControlResult {
+    pub deployment_id: String,
+    /// paused, resumed or halted.
+    pub state: String,
+    /// False when the rollout already was in that state (nothing was spooled).
+    pub changed: bool,
+    pub message: String,
+}
+
+/// Pause a staged rollout: no new wave starts; devices already updating go on, and failures
+/// still halt it. Spooled like `edge-coordinator rollout pause`; the answer waits for serve.
+#[utoipa::path(post, path = "/api/deployments/{id}/pause", tag = "deployments",
+    params(("id" = String, Path, description = "deployment id")),
+    responses((status = 200, body = ControlResult), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+        (status = 504, body = super::ErrorBody)))]
+pub async fn pause(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ControlResult>, ApiError> {
+    control(&state, id, Control::Pause).await
+}
+
+/// Start a paused staged rollout's waves again.
+#[utoipa::path(post, path = "/api/deployments/{id}/resume", tag = "deployments",
+    params(("id" = String, Path, description = "deployment id")),
+    responses((status = 200, body = ControlResult), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+        (status = 504, body = super::ErrorBody)))]
+pub async fn resume(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ControlResult>, ApiError> {
+    control(&state, id, Control::Resume).await
+}
+
+/// Halt a staged rollout and roll the devices already updated back.
+#[utoipa::path(post, path = "/api/deployments/{id}/abort", tag = "deployments",
+    params(("id" = String, Path, description = "deployment id")),
+    responses((status = 200, body = ControlResult), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody), (status = 403, body = super::ErrorBody),
+        (status = 504, body = super::ErrorBody)))]
+pub async fn abort(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ControlResult>, ApiError> {
+    control(&state, id, Control::Abort).await
+}
+
+async fn control(
+    state: &ApiState,
+    id: String,
+    action: Control,
+) -> Result<Json<ControlResult>, ApiError> {
+    if protocol::v1::validate_message_id(&id).is_err() || id.starts_with('.') {
+        return Err(ApiError::bad_request(format!(
+            "invalid deployment id {id:?}"
+        )));
+    }
+    let dir = state.state_dir.clone();
+    let key = id.clone();
+    let changed = blocking(move || {
+        control::apply(&dir, &key, action).map_err(|e| match e {
+            ControlError::Unknown { .. } => ApiError::not_found(e.to_string()),
+            ControlError::Refused(m) => ApiError::new(StatusCode::CONFLICT, m),
+            ControlError::NotApplied(m) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, m),
+            ControlError::Io(m) => ApiError::internal(m),
+        })
+    })
+    .await?;
+    Ok(Json(ControlResult {
+        deployment_id: id.clone(),
+        state: match action {
+            Control::Pause => "paused",
+            Control::Resume => "resumed",
+            Control::Abort => "halted",
+        }
+        .to_owned(),
+        changed,
+        message: format!(
+            "rollout {id}: {}{}",
+            if changed { "" } else { "already " },
+            control::done_word(action)
+        ),
+    }))
 }

@@ -217,6 +217,9 @@ pub async fn blocking<T: Send + 'static>(
         enrollment::revoke,
         deployments::list,
         deployments::detail,
+        deployments::pause,
+        deployments::resume,
+        deployments::abort,
         fl::list,
         fl::detail,
         fl::start,
@@ -287,6 +290,21 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
         "/api/deployments/{id}",
         &[Method::GET],
         get(deployments::detail),
+    );
+    mount(
+        "/api/deployments/{id}/pause",
+        &[Method::POST],
+        post(deployments::pause),
+    );
+    mount(
+        "/api/deployments/{id}/resume",
+        &[Method::POST],
+        post(deployments::resume),
+    );
+    mount(
+        "/api/deployments/{id}/abort",
+        &[Method::POST],
+        post(deployments::abort),
     );
     // One path, two methods: axum wants them in one MethodRouter.
     mount(

@@ -31,10 +31,13 @@
 //! - `host`: the service's glue (owns the engine, takes the spool, resumes rollouts, writes
 //!   progress files), mirroring `fl::host`. Boundary: the service.
 //! - `progress`: the progress file's shape (persisted rollout state, read by `deploy`).
+//! - `control`: pause/resume/abort from outside serve (the CLI and the HTTP API): checks the
+//!   progress file, spools the request, waits until serve applied it. Boundary: the binary, the API.
 //! - `spool`: the spool and rollout directories on disk. Invariant: every file appears whole
 //!   (temporary name, fsync, rename); a package is checked against its signed manifest when
 //!   read. Boundary: the binary (writes the spool, reads progress), the service.
 
+pub mod control;
 pub mod engine;
 pub mod host;
 pub mod package;
