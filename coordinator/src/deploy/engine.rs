@@ -664,7 +664,16 @@ impl Engine {
                             retain: true,
                         });
                     }
-                    // It never took the new version: nothing to roll back.
+                    // It never took the new version: nothing to roll back. Unless the
+                    // failure is the rollback itself replacing the new version mid-install
+                    // (the agent reports that before its first step on the rollback): then
+                    // the rollback's own steps are still to come and counted.
+                    protocol::v1::deploy::Step::Failed { reason }
+                        if rolled.is_none()
+                            && reason.starts_with(&format!(
+                                "superseded by deployment {} ",
+                                st.rollback.manifest.deployment_id
+                            )) => {}
                     s if is_failure(Some(s)) && rolled.is_none() => {
                         st.rolled_back.remove_device(device);
                     }
@@ -1595,6 +1604,67 @@ mod tests {
 
     fn members() -> Vec<String> {
         (0..5).map(|i| format!("d{i}")).collect()
+    }
+
+    #[test]
+    fn a_device_whose_install_the_rollback_supersedes_is_counted_as_rolled_back() {
+        let mut e = Engine::default();
+        e.start_staged(
+            staged_package("dep-1", 2),
+            staged_package("dep-1-rollback", 3),
+            strategy(),
+            members(),
+            0,
+        );
+        e.on_status("d0", "m1", &status("dep-1", Step::Healthy), 2);
+        // d2 fails while d1 is still installing: halt, d0 and d1 get the rollback.
+        let out = e.on_status(
+            "d2",
+            "m2",
+            &status(
+                "dep-1",
+                Step::RolledBack {
+                    reason: "trap".into(),
+                },
+            ),
+            3,
+        );
+        assert_eq!(
+            decisions(&out),
+            vec![("halted", vec!["d0".to_owned(), "d1".to_owned()])]
+        );
+        // d1's agent reports the new version replaced by the rollback before the rollback's
+        // first step (the order seen on a loaded CI machine).
+        e.on_status(
+            "d1",
+            "m3",
+            &status(
+                "dep-1",
+                Step::Failed {
+                    reason: "superseded by deployment dep-1-rollback version 3".into(),
+                },
+            ),
+            4,
+        );
+        let rb = |step| DeployStatus {
+            deployment_id: "dep-1-rollback".into(),
+            version: 3,
+            step,
+            chunks_dropped: 0,
+        };
+        e.on_status("d0", "m4", &rb(Step::Healthy), 5);
+        let out = e.on_status("d1", "m5", &rb(Step::Healthy), 6);
+        let finished = out
+            .iter()
+            .find_map(|a| match a {
+                Action::Event(Event::DeploymentFinished { reason, .. }) => Some(reason.clone()),
+                _ => None,
+            })
+            .expect("the rollout finishes once both rollbacks are healthy");
+        assert!(
+            finished.contains("rolled back 2 of 2 updated devices"),
+            "{finished}"
+        );
     }
 
     #[test]
