@@ -346,6 +346,15 @@ pub fn trainable_names(layers: &[DenseLayer]) -> Vec<&str> {
         .collect()
 }
 
+/// Index of the first layer whose weight or bias `named` names: where the trained layers
+/// start when a task trains only a model's last ones (the layers in front stay frozen).
+/// `None`: it names none of them.
+pub fn first_named(layers: &[DenseLayer], named: impl Fn(&str) -> bool) -> Option<usize> {
+    layers
+        .iter()
+        .position(|l| named(&l.weight) || named(&l.bias))
+}
+
 /// The trainer's parameters from the model's: `weights` holds every layer's weight and bias
 /// under their initializer names and shapes (any order); the result is `(weight [inputs,
 /// outputs], bias [outputs])` pairs in layer order, names kept.

@@ -4,44 +4,6 @@
 //! trained layers are the last ones and whole; the round carries only their weights.
 
 use edge_inference::dense::{self, DenseLayer, NamedWeights};
-use protocol::v1::fl::ParamSpec;
-
-use super::RoundError;
-
-/// Checks that `model`'s layers in front of the first one the round carries have the values
-/// whose digest the round names (those of the task's initial model).
-pub(crate) fn check(
-    name: &str,
-    model: &[u8],
-    params: &[ParamSpec],
-    want: &str,
-) -> Result<(), RoundError> {
-    let err = |reason: String| RoundError::Model {
-        model: name.to_owned(),
-        reason,
-    };
-    let layers = edge_inference::dense_layers(model).map_err(|e| err(e.to_string()))?;
-    // None of them: nothing frozen to compare here; training names the missing layer.
-    let first = layers
-        .iter()
-        .position(|l| params.iter().any(|p| p.name == l.weight))
-        .unwrap_or(0);
-    let values = frozen_values(model, &layers[..first]).map_err(err)?;
-    let have = protocol::v1::fl::frozen_digest(values.iter().map(|w| w.data.as_slice()));
-    if have != want {
-        return Err(err(format!(
-            "its frozen layers ({}) are not the task's (sha256 {have}, the task's {want}): the \
-             head would learn from other features than the coordinator evaluates; serve the \
-             task's initial model",
-            layers[..first]
-                .iter()
-                .map(|l| l.weight.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    Ok(())
-}
 
 /// The weight and bias of each of `layers`, as the model stores them.
 fn frozen_values(model: &[u8], layers: &[DenseLayer]) -> Result<Vec<NamedWeights>, String> {
@@ -65,22 +27,47 @@ fn frozen_values(model: &[u8], layers: &[DenseLayer]) -> Result<Vec<NamedWeights
     Ok(named)
 }
 
-/// The frozen layers, in the trainer's layout (`[inputs, outputs]` weights), ReLU after each
-/// (every layer but a model's last is followed by one, and the last is never frozen).
+/// The frozen layers, read once per round: their digest (what a round names in
+/// `RoundHeader::frozen`) and their weights in the trainer's layout (`[inputs, outputs]`),
+/// ReLU after each (every layer but a model's last is followed by one, and the last is never
+/// frozen).
 pub(crate) struct Frozen {
+    names: Vec<String>,
+    digest: String,
     layers: Vec<(NamedWeights, NamedWeights)>,
 }
 
 impl Frozen {
-    /// The weights of `layers` read from the model's initializers.
+    /// The weights of `layers` (the model's layers in front of the first trained one) read
+    /// from the model's initializers.
     pub(crate) fn from_model(model: &[u8], layers: &[DenseLayer]) -> Result<Frozen, String> {
         let named = frozen_values(model, layers)?;
+        let digest = protocol::v1::fl::frozen_digest(named.iter().map(|w| w.data.as_slice()));
         let mut trainer = dense::to_trainer(layers, &named)?.into_iter();
         let mut pairs = Vec::with_capacity(layers.len());
         while let (Some(w), Some(b)) = (trainer.next(), trainer.next()) {
             pairs.push((w, b));
         }
-        Ok(Frozen { layers: pairs })
+        Ok(Frozen {
+            names: layers.iter().map(|l| l.weight.clone()).collect(),
+            digest,
+            layers: pairs,
+        })
+    }
+
+    /// Refuses a round whose digest of the frozen layers (those of the task's initial model)
+    /// is not this model's.
+    pub(crate) fn check(&self, want: &str) -> Result<(), String> {
+        if self.digest == want {
+            return Ok(());
+        }
+        Err(format!(
+            "its frozen layers ({}) are not the task's (sha256 {}, the task's {want}): the head \
+             would learn from other features than the coordinator evaluates; serve the task's \
+             initial model",
+            self.names.join(", "),
+            self.digest
+        ))
     }
 
     /// Features a sample must have.

@@ -176,6 +176,46 @@ impl SampleSource for Samples {
     }
 }
 
+/// A model's dense layers split where the round's weights start: the trained ones, and the
+/// frozen ones in front (a task's `[train] trainable`), read once.
+struct Split {
+    trained: Vec<edge_inference::dense::DenseLayer>,
+    frozen: Option<frozen::Frozen>,
+}
+
+/// Splits `setup`'s model at the first layer the round carries (none: at 0, and `to_trainer`
+/// names the first layer the round lacks), and checks the frozen layers against the digest
+/// the round names.
+fn split_layers(msg: &RoundMessage, setup: &TrainingSetup) -> Result<Split, RoundError> {
+    let model_err = |reason: String| RoundError::Model {
+        model: setup.model.clone(),
+        reason,
+    };
+    let mut layers =
+        edge_inference::dense_layers(&setup.model_bytes).map_err(|e| model_err(e.to_string()))?;
+    let params = &msg.header.params;
+    let first = dense::first_named(&layers, |n| params.iter().any(|p| p.name == n)).unwrap_or(0);
+    let trained = layers.split_off(first);
+    let frozen = if layers.is_empty() {
+        None
+    } else {
+        let readable = setup.readable_model().map_err(model_err)?;
+        Some(frozen::Frozen::from_model(&readable, &layers).map_err(model_err)?)
+    };
+    if let Some(want) = &msg.header.frozen {
+        match &frozen {
+            Some(f) => f.check(want).map_err(model_err)?,
+            None => {
+                return Err(model_err(format!(
+                    "the round names frozen layers (sha256 {want}) in front of its weights, \
+                     and this model has none there: it is not the task's model"
+                )));
+            }
+        }
+    }
+    Ok(Split { trained, frozen })
+}
+
 /// Why a round did not produce an update.
 #[derive(Debug, thiserror::Error)]
 pub enum RoundError {
@@ -447,23 +487,22 @@ impl FlTask {
     /// Blocking part of a round: apply, train, encode, queue, commit.
     fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
         let h = &msg.header;
-        if let Some(want) = &h.frozen
-            && let Err(e) = setup
-                .readable_model()
-                .map_err(|reason| RoundError::Model {
-                    model: setup.model.clone(),
-                    reason,
-                })
-                .and_then(|model| frozen::check(&setup.model, &model, &msg.header.params, want))
-        {
-            // Neither served nor trained: a head over other features than the task's.
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task = %h.task, round = h.round, error = %e, "round refused: the frozen layers differ");
-            if h.train.is_some() && !h.done {
-                self.report_failure(h, &e);
-            }
-            return Err(e);
-        }
+        // A round over frozen layers is checked before anything is applied: neither served
+        // nor trained, a head over other features than the task's.
+        let split = match &h.frozen {
+            Some(_) => match split_layers(msg, setup) {
+                Ok(split) => Some(split),
+                Err(e) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(task = %h.task, round = h.round, error = %e, "round refused: the frozen layers differ");
+                    if h.train.is_some() && !h.done {
+                        self.report_failure(h, &e);
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         self.apply(msg, setup);
         if h.done {
             self.d.state.finish(&h.task)?;
@@ -482,7 +521,7 @@ impl FlTask {
             tracing::debug!(task = %h.task, round = h.round, "update for this round already queued");
             return Ok(());
         }
-        let result = self.train(msg, setup, order);
+        let result = self.train(msg, setup, order, split);
         if let Err(e) = &result {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(task = %h.task, round = h.round, kind = e.kind().as_str(), error = %e, "local training failed; no update for this round");
@@ -583,6 +622,7 @@ impl FlTask {
         msg: &RoundMessage,
         setup: &TrainingSetup,
         order: &fl::TrainOrder,
+        split: Option<Split>,
     ) -> Result<(), RoundError> {
         let h = &msg.header;
         let started = Instant::now();
@@ -631,8 +671,13 @@ impl FlTask {
             model: setup.model.clone(),
             reason,
         };
-        let layers = edge_inference::dense_layers(&setup.model_bytes)
-            .map_err(|e| model_err(e.to_string()))?;
+        let Split {
+            trained: layers,
+            frozen,
+        } = match split {
+            Some(split) => split,
+            None => split_layers(msg, setup)?,
+        };
         let given: Vec<NamedWeights> = msg
             .tensors()
             .into_iter()
@@ -642,17 +687,7 @@ impl FlTask {
                 data: data.to_vec(),
             })
             .collect();
-        // The round carries the trained layers: all of them, or the last ones (a head over
-        // frozen layers, `[train] trainable`), whose inputs are the frozen layers' outputs.
-        // None of them: `to_trainer` names the first layer the round lacks.
-        let trained_from = layers
-            .iter()
-            .position(|l| given.iter().any(|g| g.name == l.weight || g.name == l.bias))
-            .unwrap_or(0);
-        let (frozen, layers) = layers.split_at(trained_from);
-        if !frozen.is_empty() {
-            let readable = setup.readable_model().map_err(model_err)?;
-            let prefix = frozen::Frozen::from_model(&readable, frozen).map_err(model_err)?;
+        if let Some(prefix) = &frozen {
             if let Some((x, _)) = labeled.iter().find(|(x, _)| x.len() != prefix.inputs()) {
                 return Err(RoundError::Dataset {
                     dataset: setup.dataset.clone(),
@@ -667,7 +702,7 @@ impl FlTask {
                 *x = prefix.forward(x);
             }
         }
-        let weights: Vec<Param> = dense::to_trainer(layers, &given)
+        let weights: Vec<Param> = dense::to_trainer(&layers, &given)
             .map_err(model_err)?
             .into_iter()
             .map(|w| Param {
@@ -694,7 +729,7 @@ impl FlTask {
         // The sandbox checked names, shapes and finiteness; back to the model's layout, then
         // flattened in the header's order.
         let trained = dense::from_trainer(
-            layers,
+            &layers,
             out.weights
                 .into_iter()
                 .map(|w| NamedWeights {

@@ -579,9 +579,7 @@ pub fn frozen_layers_digest(
     params: &[ParamSpec],
 ) -> Result<Option<String>, WeightsError> {
     let layers = edge_inference::dense_layers(model).map_err(WeightsError::Structure)?;
-    let first = layers
-        .iter()
-        .position(|l| params.iter().any(|p| p.name == l.weight))
+    let first = edge_inference::dense::first_named(&layers, |n| params.iter().any(|p| p.name == n))
         .unwrap_or(0);
     if first == 0 {
         return Ok(None);
