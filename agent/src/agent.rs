@@ -193,7 +193,7 @@ pub async fn run(
         slot: training.clone(),
     });
     let fl_stats = fl_task.stats.clone();
-    let fl_sub = inbox.subscribe(&topics::fl_round(&device), crate::fl::INBOX_CAPACITY);
+    let fl_sub = inbox.subscribe_all(&crate::fl::topics(&device), crate::fl::INBOX_CAPACITY);
     // The host owns the pipelines and everything they run against; the deploy task holds
     // the only handle, so the host stops the pipelines (draining them) once that task ends.
     let (pipeline_host, host) = PipelineHost::new(deps, slot.clone());

@@ -29,6 +29,7 @@
 //! **Boundary:** the pipeline publishes [`TrainingSetup`]; the coordinator decides selection,
 //! deadlines and what a late update is worth.
 
+mod fetch;
 mod frozen;
 pub mod state;
 
@@ -53,8 +54,14 @@ use crate::sandbox::trainer::{Param, SampleSource, TrainError};
 pub use state::FlState;
 use state::{Admission, Mark, StateError};
 
-/// Round messages buffered between the uplink and this task (one per task is retained).
-pub const INBOX_CAPACITY: usize = 8;
+/// Round messages and weight chunks buffered between the uplink and this task (one round
+/// message per task is retained; chunks come in windows of 32).
+pub const INBOX_CAPACITY: usize = 64;
+
+/// What the task subscribes to: its round messages and the chunks of weights too big for them.
+pub fn topics(device: &str) -> [String; 2] {
+    [topics::fl_round(device), topics::fl_chunk(device)]
+}
 
 /// What the live pipeline can train, published when it starts.
 #[derive(Debug)]
@@ -233,6 +240,8 @@ pub enum RoundError {
     },
     #[error("cannot queue the update: {0}")]
     Outbox(String),
+    #[error("round weights not fetched: {0}")]
+    Fetch(String),
     #[error("{0}")]
     State(#[from] state::StateError),
 }
@@ -244,7 +253,9 @@ impl RoundError {
             RoundError::Dataset { .. } | RoundError::NoSamples { .. } => FailureKind::Data,
             RoundError::Model { .. } => FailureKind::Model,
             RoundError::Trainer { kind, .. } => *kind,
-            RoundError::Outbox(_) | RoundError::State(_) => FailureKind::Resources,
+            RoundError::Outbox(_) | RoundError::State(_) | RoundError::Fetch(_) => {
+                FailureKind::Resources
+            }
         }
     }
 }
@@ -370,14 +381,15 @@ impl FlTask {
         let mut sessions_open = true;
         // The newest round message that came before enrollment (nothing to verify it with).
         let mut waiting: Option<Vec<u8>> = None;
+        let round_topic = topics::fl_round(&self.d.device);
         let me = Arc::new(self);
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 msg = sub.rx.recv() => {
                     let Some(msg) = msg else { return };
-                    if msg.payload.is_empty() {
-                        continue; // a cleared retained message
+                    if msg.payload.is_empty() || msg.topic != round_topic {
+                        continue; // a cleared retained message, or a chunk no fetch waits for
                     }
                     me.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
                     let payload = msg.payload.to_vec();
@@ -388,9 +400,7 @@ impl FlTask {
                     }
                     // Newer than anything kept from before enrollment.
                     waiting = None;
-                    if let Err(e) = me.clone().handle(payload, true, &mut stop).await {
-                        tracing::warn!(error = %e, "federated round not completed");
-                    }
+                    me.handle_all(payload, true, &mut sub, &mut stop).await;
                 }
                 changed = sessions.changed(), if sessions_open => {
                     if changed.is_err() {
@@ -398,11 +408,8 @@ impl FlTask {
                         continue;
                     }
                     let enrolled = sessions.borrow_and_update().is_some();
-                    if enrolled
-                        && let Some(payload) = waiting.take()
-                        && let Err(e) = me.clone().handle(payload, true, &mut stop).await
-                    {
-                        tracing::warn!(error = %e, "federated round not completed");
+                    if enrolled && let Some(payload) = waiting.take() {
+                        me.handle_all(payload, true, &mut sub, &mut stop).await;
                     }
                 }
                 changed = setups.changed() => {
@@ -411,25 +418,48 @@ impl FlTask {
                     }
                     let model = setups.borrow_and_update().as_ref().map(|s| s.model.clone());
                     // A pipeline (re)started: give it the newest global weights back.
-                    if let Some(m) = model.and_then(|m| me.d.state.round(&m))
-                        && let Err(e) = me.clone().handle(m, false, &mut stop).await
-                    {
-                        tracing::warn!(error = %e, "stored federated round not completed");
+                    if let Some(m) = model.and_then(|m| me.d.state.round(&m)) {
+                        me.handle_all(m, false, &mut sub, &mut stop).await;
                     }
                 }
             }
         }
     }
 
-    /// Admits a round message ([`admit`]), applies its weights, trains if ordered. `fresh` is
-    /// false for the stored message replayed after a pipeline start (verified again, already
-    /// admitted).
+    /// [`FlTask::handle`], then each round message that came while it fetched weights.
+    async fn handle_all(
+        self: &Arc<Self>,
+        payload: Vec<u8>,
+        fresh: bool,
+        sub: &mut Subscription,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let mut next = Some((payload, fresh));
+        while let Some((payload, fresh)) = next.take() {
+            match self.clone().handle(payload, fresh, sub, stop).await {
+                Ok(newer) => {
+                    if newer.is_some() {
+                        self.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    next = newer.map(|p| (p, true));
+                }
+                Err(e) if fresh => tracing::warn!(error = %e, "federated round not completed"),
+                Err(e) => tracing::warn!(error = %e, "stored federated round not completed"),
+            }
+        }
+    }
+
+    /// Admits a round message ([`admit`]), fetches its weights if they travel in chunks,
+    /// applies them, trains if ordered. `fresh` is false for the stored message replayed after
+    /// a pipeline start (verified again, already admitted). Returns a round message that came
+    /// while the weights were fetched, to handle next.
     async fn handle(
         self: Arc<Self>,
         payload: Vec<u8>,
         fresh: bool,
+        sub: &mut Subscription,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), RoundError> {
+    ) -> Result<Option<Vec<u8>>, RoundError> {
         let key = self
             .d
             .session
@@ -438,7 +468,7 @@ impl FlTask {
             .map(|s| s.coordinator_key());
         let Some(key) = key else {
             tracing::info!("federated round message not handled: the device is not enrolled");
-            return Ok(());
+            return Ok(None);
         };
         let msg = if fresh {
             match admit(&payload, &self.d.device, key, &self.d.state)? {
@@ -446,7 +476,7 @@ impl FlTask {
                 Err(e) => {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "federated round message rejected");
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         } else {
@@ -455,7 +485,7 @@ impl FlTask {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "stored federated round message no longer verifies; waiting for the next one");
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         };
@@ -466,12 +496,17 @@ impl FlTask {
         }
         let Some(setup) = self.d.slot.get() else {
             tracing::info!(task = %h.task, model = %h.model, "no running pipeline trains this model yet; round kept for when one starts");
-            return Ok(());
+            return Ok(None);
         };
         if setup.model != h.model {
             tracing::info!(task = %h.task, model = %h.model, pipeline = %setup.pipeline, trains = %setup.model, "round is for a model the running pipeline does not train; kept");
-            return Ok(());
+            return Ok(None);
         }
+        let msg = match self.fetch(msg, sub, stop).await? {
+            fetch::Fetched::Done(msg) => *msg,
+            fetch::Fetched::Superseded(newer) => return Ok(Some(newer)),
+            fetch::Fetched::Stopped => return Ok(None),
+        };
         let msg = Arc::new(msg);
         let work = {
             let me = self.clone();
@@ -479,8 +514,8 @@ impl FlTask {
             tokio::task::spawn_blocking(move || me.work(&msg, &setup))
         };
         tokio::select! {
-            r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), kind: FailureKind::Model, reason: format!("training thread panicked: {e}") })),
-            _ = stop.changed() => Ok(()),
+            r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), kind: FailureKind::Model, reason: format!("training thread panicked: {e}") })).map(|()| None),
+            _ = stop.changed() => Ok(None),
         }
     }
 
@@ -771,24 +806,37 @@ impl FlTask {
             payload,
         };
         let body = update.encode();
-        let message = NewMessage::binary(
-            Class::Model,
-            topics::fl_update(&self.d.device),
-            fl::UPDATE_KIND,
-            &body,
-            Some(Duration::ZERO),
-        );
+        let topic = topics::fl_update(&self.d.device);
+        let binary = |kind: &str, b: &[u8]| {
+            NewMessage::binary(Class::Model, topic.clone(), kind, b, Some(Duration::ZERO))
+        };
+        // Over one message: in parts, queued together (one commit), put together by the
+        // coordinator.
+        let messages: Vec<NewMessage> = if body.len() <= fl::chunks::PART_BYTES {
+            vec![binary(fl::UPDATE_KIND, &body)]
+        } else {
+            fl::UpdatePart::split(&h.task, h.round, &body)
+                .iter()
+                .map(|p| binary(fl::chunks::PART_KIND, &p.encode()))
+                .collect()
+        };
+        let parts = messages.len();
         let outbox = self.d.outbox.clone();
         let queued = tokio::runtime::Handle::current()
-            .block_on(outbox.enqueue(message))
+            .block_on(outbox.enqueue_batch(messages))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RoundError::Outbox(e.to_string()))?;
+        let queued = queued
+            .last()
+            .ok_or_else(|| RoundError::Outbox("nothing queued".into()))?;
         self.d
             .state
             .commit_submitted(&h.task, h.round, residual.as_deref())?;
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             task = %h.task, round = h.round, samples = out.samples, loss = out.loss,
-            accuracy = out.accuracy, codec = %order.codec, bytes = body.len(), id = %queued.id,
+            accuracy = out.accuracy, codec = %order.codec, bytes = body.len(), parts, id = %queued.id,
             ms = started.elapsed().as_millis() as u64, "federated update queued"
         );
         Ok(())
@@ -817,6 +865,7 @@ mod tests {
             train: None,
             done: false,
             frozen: None,
+            blob: None,
         }
     }
 

@@ -11,6 +11,11 @@
 //! mark/{task}        the newest round message admitted for the task: version u32 BE, round
 //!                    u32 BE, issued_ms u64 BE, sha256 of the message (32 bytes); anything
 //!                    older is refused, also after a restart (see [`Mark::admits`])
+//! chunk/{task}/{version u32 BE}/{index u32 BE}
+//!                    a verified chunk of a model too big for its round message (the round's
+//!                    header names each chunk's digest): a fetch resumes where it stopped,
+//!                    and a restart puts the weights together without the network; only the
+//!                    newest version of a task is kept
 //! ```
 //!
 //! **Invariant:** `submitted` and `residual` change together in one sled transaction, after
@@ -184,6 +189,65 @@ impl FlState {
             .map_err(|e| err(format!("{e:?}")))?;
         self.tree.flush().map_err(err)?;
         Ok(())
+    }
+
+    fn chunk_prefix(task: &str, version: u32) -> Vec<u8> {
+        let mut k = format!("chunk/{task}/").into_bytes();
+        k.extend_from_slice(&version.to_be_bytes());
+        k.push(b'/');
+        k
+    }
+
+    /// The chunks of `task`'s weights at `version` held, by index.
+    pub fn chunk_indexes(&self, task: &str, version: u32) -> Result<Vec<u32>, StateError> {
+        let prefix = Self::chunk_prefix(task, version);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix).keys() {
+            let k = kv.map_err(err)?;
+            if let Ok(i) = <[u8; 4]>::try_from(&k[prefix.len()..]) {
+                out.push(u32::from_be_bytes(i));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn chunk(
+        &self,
+        task: &str,
+        version: u32,
+        index: u32,
+    ) -> Result<Option<sled::IVec>, StateError> {
+        let mut k = Self::chunk_prefix(task, version);
+        k.extend_from_slice(&index.to_be_bytes());
+        self.tree.get(k).map_err(err)
+    }
+
+    /// Keeps a verified chunk (flushed with the next round message, or by sled's own flush:
+    /// a chunk lost in a crash is fetched again).
+    pub fn put_chunk(
+        &self,
+        task: &str,
+        version: u32,
+        index: u32,
+        data: &[u8],
+    ) -> Result<(), StateError> {
+        let mut k = Self::chunk_prefix(task, version);
+        k.extend_from_slice(&index.to_be_bytes());
+        self.tree.insert(k, data).map_err(err)?;
+        Ok(())
+    }
+
+    /// Drops the chunks of every version of `task` but `keep` (`None`: all of them).
+    pub fn drop_chunks(&self, task: &str, keep: Option<u32>) -> Result<(), StateError> {
+        let keep = keep.map(|v| Self::chunk_prefix(task, v));
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.scan_prefix(format!("chunk/{task}/")).keys() {
+            let k = kv.map_err(err)?;
+            if keep.as_ref().is_none_or(|p| !k.starts_with(p)) {
+                batch.remove(k);
+            }
+        }
+        self.tree.apply_batch(batch).map_err(err)
     }
 
     /// Forgets a finished task's residual (its round message and submitted mark stay, so a

@@ -21,10 +21,13 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
+use protocol::v1::binary::BinaryEnvelope;
 use protocol::v1::deploy::SigningKey;
+use protocol::v1::fl;
 
 use super::engine::{Engine, EvalOutcome, EvalRequest, Fleet};
 use super::files::{self, FilesError};
+use super::parts::Parts;
 use super::task::{Members, initial_weights};
 use super::worker::{Evaluated, Worker, WorkerError};
 use crate::action::Action;
@@ -60,6 +63,8 @@ pub struct FlHost {
     /// instead of ending when no worker runs.
     results_tx: mpsc::UnboundedSender<Evaluated>,
     results: mpsc::UnboundedReceiver<Evaluated>,
+    /// Parts of updates too big for one message, on disk until whole.
+    parts: Parts,
 }
 
 impl std::fmt::Debug for FlHost {
@@ -86,6 +91,7 @@ impl FlHost {
             holdouts: BTreeSet::new(),
             results_tx,
             results,
+            parts: Parts::new(state_dir, fsync),
         }
     }
 
@@ -305,9 +311,45 @@ impl FlHost {
         now_ms: u64,
         fleet: &dyn Fleet,
     ) -> Vec<Action> {
-        let mut out = self.engine.on_update(device, payload, now_ms, fleet);
+        let mut out = match BinaryEnvelope::decode(payload) {
+            Ok(e) if e.kind == fl::chunks::PART_KIND && e.device == device => {
+                self.on_part(device, e, now_ms, fleet)
+            }
+            Ok(e) => self.engine.on_envelope(device, &e, now_ms, fleet),
+            // The engine counts and journals the refusal.
+            Err(_) => self.engine.on_update(device, payload, now_ms, fleet),
+        };
         out.extend(self.dispatch());
         out
+    }
+
+    /// One part of an update too big for one message: kept on disk; the update, once whole,
+    /// is admitted like any other (under the id of the part that completed it).
+    fn on_part(
+        &mut self,
+        device: &str,
+        mut envelope: BinaryEnvelope,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
+        match self.parts.add(device, &envelope.body) {
+            Ok(None) => Vec::new(),
+            Ok(Some(body)) => {
+                envelope.kind = fl::UPDATE_KIND.to_owned();
+                envelope.body = body;
+                self.engine.on_envelope(device, &envelope, now_ms, fleet)
+            }
+            Err(e) => {
+                let part = fl::UpdatePart::decode(&envelope.body).ok();
+                tracing::warn!(%device, error = %e, "federated update part refused");
+                vec![self.engine.refuse(
+                    part.as_ref().map(|p| p.task.as_str()),
+                    device,
+                    part.as_ref().map(|p| p.round),
+                    format!("update part: {e}"),
+                )]
+            }
+        }
     }
 
     /// A device registered (with these groups). Call [`FlHost::persist`] before publishing

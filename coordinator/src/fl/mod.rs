@@ -121,6 +121,7 @@ pub mod engine;
 pub mod eval;
 pub mod files;
 pub mod host;
+pub mod parts;
 pub mod privacy;
 pub mod state;
 pub mod status;

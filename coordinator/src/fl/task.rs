@@ -59,7 +59,9 @@ use std::str::FromStr;
 
 use edge_inference::{DType, read_initializers};
 use protocol::v1::deploy::SigningKey;
-use protocol::v1::fl::{Codec, ParamSpec, RoundHeader, TrainOrder, encode_round, weight_count};
+use protocol::v1::fl::{
+    Codec, ParamSpec, RoundHeader, TrainOrder, WeightsBlob, chunks, encode_round, weight_count,
+};
 use protocol::v1::{MAX_PAYLOAD_BYTES, validate_device_id, validate_message_id};
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +137,11 @@ pub enum WeightsError {
          {MAX_PAYLOAD_BYTES} bytes"
     )]
     TooLarge { weights: usize, size: usize },
+    #[error(
+        "{weights} weights: a task may have at most {} (32 MiB of f32)",
+        chunks::MAX_WEIGHTS
+    )]
+    TooMany { weights: usize },
     #[error(transparent)]
     Round(protocol::v1::fl::FlError),
 }
@@ -932,8 +939,16 @@ fn validate(raw: RawTask, params: Vec<ParamSpec>, holdout: bool) -> Result<TaskS
     })
 }
 
-/// Refuses a model whose round message would not fit one MQTT payload.
+/// Refuses a model with more weights than a task may have, or whose round message (with the
+/// weights inline, or the digests of their chunks) would not fit one MQTT payload.
 fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
+    if initial.len() > chunks::MAX_WEIGHTS {
+        return Err(WeightsError::TooMany {
+            weights: initial.len(),
+        });
+    }
+    let blob = (initial.len() > chunks::MAX_INLINE_WEIGHTS).then(|| WeightsBlob::of(initial));
+    let inline = if blob.is_some() { &[][..] } else { initial };
     let header = RoundHeader {
         task: spec.id.clone(),
         // The longest id a device may have.
@@ -955,8 +970,9 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
             max_samples: spec.train.max_samples,
         }),
         done: false,
+        blob,
     };
-    match encode_round(&header, initial, &SigningKey::from_bytes(&[0; 32])) {
+    match encode_round(&header, inline, &SigningKey::from_bytes(&[0; 32])) {
         Ok(_) => Ok(()),
         Err(protocol::v1::fl::FlError::TooLarge { size, .. }) => Err(WeightsError::TooLarge {
             weights: initial.len(),

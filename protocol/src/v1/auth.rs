@@ -558,7 +558,8 @@ impl super::topics::Topic {
                 | DeployTopic::GroupManifest { .. }
                 | DeployTopic::GroupChunk { .. },
             )
-            | Topic::FlRound { .. } => Rule::Embedded,
+            | Topic::FlRound { .. }
+            | Topic::FlChunk { .. } => Rule::Embedded,
         }
     }
 }

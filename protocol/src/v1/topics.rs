@@ -14,7 +14,9 @@
 //! edge/v1/group/{group}/deploy/manifest  SignedManifest for every member of a group
 //! edge/v1/group/{group}/deploy/chunk     chunks broadcast once to a group; resends go per device
 //! edge/v1/{device}/fl/round        retained signed fl::RoundMessage (global weights, train order)
-//! edge/v1/{device}/fl/update       BinaryEnvelope kind fl-update (compressed weight delta)
+//! edge/v1/{device}/fl/update       BinaryEnvelope kind fl-update (compressed weight delta), or
+//!                                  fl-part / fl-fetch / fl-failure (see v1::fl)
+//! edge/v1/{device}/fl/chunk        fl::WeightChunk (binary), coordinator -> device
 //! edge/v1/{device}/ack             v1::ack::Ack, coordinator -> device: what it committed
 //! ```
 //!
@@ -229,7 +231,14 @@ pub fn fl_round(device: &str) -> String {
     format!("{ROOT}/{device}/fl/round")
 }
 
-/// Compressed local updates, device -> coordinator (binary envelope, kind `fl-update`).
+/// Chunks of a round's global weights, coordinator -> device (not retained): the answer to a
+/// device's `fl-fetch` for a model too big for its round message.
+pub fn fl_chunk(device: &str) -> String {
+    format!("{ROOT}/{device}/fl/chunk")
+}
+
+/// Compressed local updates, device -> coordinator (binary envelope, kind `fl-update`; also
+/// `fl-failure`, `fl-part` and `fl-fetch`, see `v1::fl`).
 pub fn fl_update(device: &str) -> String {
     format!("{ROOT}/{device}/fl/update")
 }
@@ -436,6 +445,8 @@ pub enum Topic {
     Deploy(DeployTopic),
     /// Coordinator -> device: a signed round message.
     FlRound { device: String },
+    /// Coordinator -> device: a chunk of a round's weights (checked against the round's digests).
+    FlChunk { device: String },
     /// Device -> coordinator: a compressed update.
     FlUpdate { device: String },
     /// Device -> coordinator: an inference request to offload.
@@ -479,6 +490,9 @@ impl Topic {
         if let Some(device) = parse_device_suffix(topic, "/fl/round") {
             return Some(Topic::FlRound { device });
         }
+        if let Some(device) = parse_device_suffix(topic, "/fl/chunk") {
+            return Some(Topic::FlChunk { device });
+        }
         if let Some(device) = parse_offload_request(topic) {
             return Some(Topic::OffloadRequest { device });
         }
@@ -509,6 +523,7 @@ impl Topic {
                 | DeployTopic::GroupChunk { .. },
             )
             | Topic::FlRound { .. }
+            | Topic::FlChunk { .. }
             | Topic::OffloadResponse { .. }
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus
@@ -547,6 +562,7 @@ impl Topic {
                 | DeployTopic::Resend { device },
             )
             | Topic::FlRound { device }
+            | Topic::FlChunk { device }
             | Topic::FlUpdate { device }
             | Topic::OffloadRequest { device }
             | Topic::OffloadResponse { device }
@@ -574,6 +590,7 @@ impl Topic {
             Topic::Deploy(DeployTopic::GroupManifest { group }) => group_deploy_manifest(group),
             Topic::Deploy(DeployTopic::GroupChunk { group }) => group_deploy_chunk(group),
             Topic::FlRound { device } => fl_round(device),
+            Topic::FlChunk { device } => fl_chunk(device),
             Topic::FlUpdate { device } => fl_update(device),
             Topic::OffloadRequest { device } => offload_request(device),
             Topic::OffloadResponse { device } => offload_response(device),
@@ -615,6 +632,7 @@ mod topic_tests {
                 group: "lab".into(),
             }),
             Topic::FlRound { device: d() },
+            Topic::FlChunk { device: d() },
             Topic::FlUpdate { device: d() },
             Topic::OffloadRequest { device: d() },
             Topic::OffloadResponse { device: d() },

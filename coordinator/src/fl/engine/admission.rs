@@ -23,15 +23,40 @@ impl Engine {
         now_ms: u64,
         fleet: &dyn Fleet,
     ) -> Vec<Action> {
-        let envelope = match BinaryEnvelope::decode(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                return vec![self.reject(None, device, None, Reject::Malformed, e.to_string())];
-            }
-        };
+        match BinaryEnvelope::decode(payload) {
+            Ok(e) => self.on_envelope(device, &e, now_ms, fleet),
+            Err(e) => vec![self.reject(None, device, None, Reject::Malformed, e.to_string())],
+        }
+    }
+
+    /// A message that failed before it reached the engine (an update's parts that do not put
+    /// together): counted and journaled like a malformed update.
+    pub fn refuse(
+        &mut self,
+        task: Option<&str>,
+        device: &str,
+        round: Option<u32>,
+        detail: String,
+    ) -> Action {
+        let task = task.filter(|t| self.tasks.contains_key(*t));
+        self.reject(task, device, round, Reject::Malformed, detail)
+    }
+
+    /// [`Engine::on_update`] for a decoded envelope (an update put together from its parts
+    /// comes this way).
+    pub fn on_envelope(
+        &mut self,
+        device: &str,
+        envelope: &BinaryEnvelope,
+        now_ms: u64,
+        fleet: &dyn Fleet,
+    ) -> Vec<Action> {
         if envelope.device != device {
             let detail = format!("envelope from {} on the topic of {device}", envelope.device);
             return vec![self.reject(None, device, None, Reject::Malformed, detail)];
+        }
+        if envelope.kind == fl::chunks::FETCH_KIND {
+            return self.on_fetch(device, &envelope.body, fleet);
         }
         if envelope.kind == fl::FAILURE_KIND {
             return self.on_failure(device, &envelope.body, now_ms, fleet);

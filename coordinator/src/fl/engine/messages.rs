@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use protocol::v1::fl::{self, RoundHeader, TrainOrder};
+use protocol::v1::fl::{RoundHeader, TrainOrder};
 use protocol::v1::topics;
 
 use super::selection::{hash_str, mix};
@@ -62,7 +62,7 @@ impl Engine {
             max_samples: s.spec.train.max_samples,
         });
         let header = round_header(id, device, s, now_ms, train, false);
-        let payload = match fl::encode_round(&header, &t.global, &t.key) {
+        let payload = match t.encode_round(header) {
             Ok(p) => p,
             Err(e) => {
                 // Checked when the task was loaded (size) and kept finite by the optimizer;
@@ -105,5 +105,7 @@ pub(super) fn round_header(
         train,
         done,
         frozen: s.spec.frozen.clone(),
+        // Task::encode_round fills it for a model too big for the message.
+        blob: None,
     }
 }

@@ -30,6 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::v1::deploy::SigningKey;
+use protocol::v1::fl::{self, RoundHeader};
 
 use super::aggregate::ServerState;
 use super::eval::{EvalError, EvalMetrics};
@@ -39,6 +40,7 @@ use crate::action::Action;
 use crate::event::Event;
 
 mod admission;
+mod fetch;
 mod messages;
 mod rounds;
 mod selection;
@@ -139,6 +141,29 @@ struct Task {
     server: ServerState,
     /// Accepted updates of the current round by (device, origin round).
     accepted: BTreeMap<(String, u32), StoredUpdate>,
+    /// The chunk digests of `global` and the version they describe, for models too big for
+    /// a round message (computed once per version, not once per device).
+    blob: Option<(u32, fl::WeightsBlob)>,
+}
+
+impl Task {
+    /// A signed round message for `header` (its blob filled in when the weights travel in
+    /// chunks).
+    fn encode_round(&mut self, mut header: RoundHeader) -> Result<Vec<u8>, fl::FlError> {
+        if self.global.len() <= fl::chunks::MAX_INLINE_WEIGHTS {
+            return fl::encode_round(&header, &self.global, &self.key);
+        }
+        header.blob = Some(self.blob().clone());
+        fl::encode_round(&header, &[], &self.key)
+    }
+
+    fn blob(&mut self) -> &fl::WeightsBlob {
+        let version = self.state.version;
+        if self.blob.as_ref().is_none_or(|(v, _)| *v != version) {
+            self.blob = Some((version, fl::WeightsBlob::of(&self.global)));
+        }
+        &self.blob.as_ref().expect("just set").1
+    }
 }
 
 /// Every federated task the coordinator runs.
@@ -277,6 +302,7 @@ impl Engine {
                 global: initial,
                 server: ServerState::new(n),
                 accepted: BTreeMap::new(),
+                blob: None,
             },
         );
         self.dirty.insert(id.clone());
@@ -385,6 +411,7 @@ impl Engine {
                 global,
                 server,
                 accepted,
+                blob: None,
             },
         );
         let mut out: Vec<Action> = if finished {

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use protocol::v1::fl;
 use protocol::v1::topics;
 
 use super::{Engine, EvalOutcome, EvalRequest, Fleet, KEEP_VERSIONS, Write};
@@ -334,11 +333,11 @@ impl Engine {
             }));
         }
         // One message per member: each names its device, so none can be moved to another's topic.
-        for (device, _) in fleet.members(&s.spec.members) {
-            let header = super::messages::round_header(id, &device, s, now_ms, None, true);
-            match fl::encode_round(&header, &t.global, &t.key) {
+        for (device, _) in fleet.members(&t.state.spec.members) {
+            let header = super::messages::round_header(id, &device, &t.state, now_ms, None, true);
+            match t.encode_round(header) {
                 Ok(payload) => {
-                    s.totals.bytes_out += payload.len() as u64;
+                    t.state.totals.bytes_out += payload.len() as u64;
                     out.push(Action::Publish {
                         topic: topics::fl_round(&device),
                         payload,

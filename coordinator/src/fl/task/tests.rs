@@ -244,16 +244,23 @@ fn errors_name_the_file_and_key() {
 }
 
 #[test]
-fn a_model_too_large_for_one_message_is_refused() {
+fn models_past_one_message_load_and_past_the_task_limit_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("task.toml");
+    std::fs::write(&path, BASE.replace("m.onnx\"\ngroup", "big.onnx\"\ngroup")).expect("writes");
+    // 40,200 weights: over one round message, so they travel in chunks.
     let (i, o) = (200u32, 200u32);
     let model = onnx_builder::linear(i, o, &vec![0.0; (i * o) as usize], &vec![0.0; o as usize]);
     std::fs::write(dir.path().join("big.onnx"), model).expect("writes");
-    let path = dir.path().join("task.toml");
-    std::fs::write(&path, BASE.replace("m.onnx\"\ngroup", "big.onnx\"\ngroup")).expect("writes");
+    let task = load(&path).expect("loads");
+    assert_eq!(protocol::v1::fl::weight_count(&task.spec.params), 40_200);
+    // Past the limit (8,388,608 + 4,096 weights).
+    let (i, o) = (2048u32, 4096u32);
+    let model = onnx_builder::linear(i, o, &vec![0.0; (i * o) as usize], &vec![0.0; o as usize]);
+    std::fs::write(dir.path().join("big.onnx"), model).expect("writes");
     let msg = load(&path).expect_err("refused").to_string();
     assert!(
-        msg.contains("invalid initial") && msg.contains("over the protocol's limit"),
+        msg.contains("invalid initial") && msg.contains("a task may have at most"),
         "{msg}"
     );
 }

@@ -13,6 +13,7 @@
 //! signed (the broker's authentication names the device); the coordinator validates every one
 //! against the round it claims (task, round, length, finite values) before it counts.
 
+pub mod chunks;
 pub mod codec;
 
 use ed25519_dalek::{Signature, Signer};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::deploy::{SigningKey, TrustedKeys, key_id};
 use super::{MAX_PAYLOAD_BYTES, validate_message_id};
+pub use chunks::{FetchRequest, UpdatePart, WeightChunk, WeightsBlob};
 pub use codec::{Codec, CodecError};
 
 /// Binary envelope `kind` of an update.
@@ -40,6 +42,8 @@ pub enum FlError {
     BadSignature { key_id: String },
     #[error("malformed update: {0}")]
     Update(String),
+    #[error("weight chunk: {0}")]
+    Chunk(String),
     #[error("{what} of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
         what: &'static str,
@@ -123,6 +127,10 @@ pub struct RoundHeader {
     /// train the head on other features than the coordinator evaluates, so it refuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen: Option<String>,
+    /// Present when the weights are too many for the message ([`chunks::MAX_INLINE_WEIGHTS`]):
+    /// the message carries none, and the device fetches them in chunks this describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<WeightsBlob>,
 }
 
 /// SHA-256 (hex) over the frozen tensors' values in order, each as its length (u64 LE) and
@@ -156,6 +164,9 @@ impl RoundHeader {
                 return bad(format!("param {:?} has an empty name or shape", p.name));
             }
         }
+        if let Some(blob) = &self.blob {
+            blob.validate(weight_count(&self.params))?;
+        }
         if let Some(t) = &self.train {
             if t.epochs == 0 || t.batch_size == 0 || !(t.lr.is_finite() && t.lr > 0.0) {
                 return bad("train order needs epochs >= 1, batch_size >= 1 and lr > 0".into());
@@ -172,7 +183,8 @@ impl RoundHeader {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundMessage {
     pub header: RoundHeader,
-    /// All weights, `params` concatenated in order.
+    /// All weights, `params` concatenated in order. Empty as decoded when the header names a
+    /// blob: the device fills them from the fetched chunks.
     pub weights: Vec<f32>,
 }
 
@@ -191,14 +203,21 @@ impl RoundMessage {
 
 /// Serialises and signs a round message:
 /// `"FR" | format u8 | key_id_len u8 | key_id | header_len u32 | header JSON | n u32 | n x f32
-/// | ed25519 signature (64) over everything before it` (integers little-endian).
+/// | ed25519 signature (64) over everything before it` (integers little-endian). With a
+/// [`RoundHeader::blob`], `weights` must be empty (n = 0): they travel in chunks.
 pub fn encode_round(
     header: &RoundHeader,
     weights: &[f32],
     key: &SigningKey,
 ) -> Result<Vec<u8>, FlError> {
     header.validate()?;
-    if weight_count(&header.params) != weights.len() {
+    if header.blob.is_some() {
+        if !weights.is_empty() {
+            return Err(FlError::Round(
+                "a round message with a blob carries no weights".into(),
+            ));
+        }
+    } else if weight_count(&header.params) != weights.len() {
         return Err(FlError::Round(format!(
             "params declare {} weights, {} given",
             weight_count(&header.params),
@@ -304,10 +323,20 @@ pub fn decode_round(payload: &[u8], trusted: &TrustedKeys) -> Result<RoundMessag
         serde_json::from_slice(c.take(hlen, "header")?).map_err(|e| err(format!("header: {e}")))?;
     header.validate()?;
     let n = c.u32("weight count")? as usize;
-    if n != weight_count(&header.params) {
+    let inline = if header.blob.is_some() {
+        0
+    } else {
+        weight_count(&header.params)
+    };
+    if n != inline {
         return Err(err(format!(
-            "params declare {} weights, the message carries {n}",
-            weight_count(&header.params)
+            "the message carries {n} weights, expected {inline} (params declare {}{})",
+            weight_count(&header.params),
+            if header.blob.is_some() {
+                ", in chunks"
+            } else {
+                ""
+            }
         )));
     }
     let bytes = c.take(n * 4, "weights")?;
@@ -364,11 +393,11 @@ impl Update {
     /// round's weight count.
     pub fn decode(body: &[u8]) -> Result<Update, FlError> {
         let err = FlError::Update;
-        if body.len() > MAX_PAYLOAD_BYTES {
+        if body.len() > chunks::MAX_UPDATE_BYTES {
             return Err(FlError::TooLarge {
                 what: "update",
                 size: body.len(),
-                limit: MAX_PAYLOAD_BYTES,
+                limit: chunks::MAX_UPDATE_BYTES,
             });
         }
         if !body.starts_with(UPDATE_MAGIC) {
@@ -523,6 +552,7 @@ mod tests {
             }),
             done: false,
             frozen: Some(frozen_digest([[1.0f32, 2.0].as_slice()])),
+            blob: None,
         }
     }
 
@@ -537,6 +567,24 @@ mod tests {
         assert_eq!(m.weights, w);
         let t = m.tensors();
         assert_eq!(t[1].1, &[6.0, 7.0]);
+    }
+
+    #[test]
+    fn round_messages_with_a_blob_carry_no_weights() {
+        let k = key(1);
+        let trusted = TrustedKeys::new([k.verifying_key()]);
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut h = header();
+        h.blob = Some(WeightsBlob::of(&w));
+        assert!(encode_round(&h, &w, &k).is_err(), "weights beside a blob");
+        let bytes = encode_round(&h, &[], &k).expect("encodes");
+        let m = decode_round(&bytes, &trusted).expect("decodes");
+        assert!(m.weights.is_empty());
+        assert_eq!(m.header.blob, h.blob);
+        // A blob that does not fit the params is refused before anything else is read.
+        let mut wrong = h.clone();
+        wrong.blob = Some(WeightsBlob::of(&vec![0.0; 40_000]));
+        assert!(encode_round(&wrong, &[], &k).is_err());
     }
 
     #[test]

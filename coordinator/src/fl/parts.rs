@@ -1,0 +1,170 @@
+//! Updates too big for one message arrive in parts (`v1::fl::UpdatePart`, each its own outbox
+//! message, acknowledged end to end once committed). Each part is written to disk before the
+//! service acknowledges it, so a coordinator restart loses none; when the last one is in, the
+//! update is put together, checked against the digest the parts carry, and admitted like any
+//! other. Disk use is bounded: one update in progress per device and task (a part of a newer
+//! round or of another attempt replaces the older set).
+//!
+//! Layout: `STATE/fl/parts/{sha256(task, device)[..32]}/{round}-{digest[..16]}/{index}`; the
+//! ids are hashed so no device id (`..` is a valid one) names a path.
+
+use std::path::{Path, PathBuf};
+
+use protocol::v1::fl::{self, FlError, UpdatePart};
+use sha2::{Digest, Sha256};
+
+/// Why a part was not kept or its update not put together.
+#[derive(Debug, thiserror::Error)]
+pub enum PartsError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Part(#[from] FlError),
+}
+
+/// The parts directory of a state directory.
+pub struct Parts {
+    dir: PathBuf,
+    fsync: bool,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PartsError + '_ {
+    move |error| PartsError::Io {
+        path: path.to_owned(),
+        error,
+    }
+}
+
+impl Parts {
+    pub fn new(state_dir: &Path, fsync: bool) -> Parts {
+        Parts {
+            dir: super::files::fl_dir(state_dir).join("parts"),
+            fsync,
+        }
+    }
+
+    fn owner_dir(&self, task: &str, device: &str) -> PathBuf {
+        let mut h = Sha256::new();
+        h.update(task.as_bytes());
+        h.update([0]);
+        h.update(device.as_bytes());
+        self.dir.join(&hex::encode(h.finalize())[..32])
+    }
+
+    /// Keeps one part (the body of an `fl-part` envelope from `device`); the whole update once
+    /// every part is in (the parts are then removed).
+    pub fn add(&self, device: &str, body: &[u8]) -> Result<Option<Vec<u8>>, PartsError> {
+        let part = UpdatePart::decode(body)?;
+        let owner = self.owner_dir(&part.task, device);
+        let set = owner.join(format!(
+            "{}-{}",
+            part.round,
+            &hex::encode(part.sha256)[..16]
+        ));
+        // Older sets of this device and task (an earlier round, another attempt) go.
+        if let Ok(entries) = std::fs::read_dir(&owner) {
+            for e in entries.flatten() {
+                if e.path() != set {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        std::fs::create_dir_all(&set).map_err(io(&set))?;
+        let path = set.join(format!("{:05}", part.index));
+        crate::spooldir::replace_file(&path, body, self.fsync).map_err(io(&path))?;
+        let have = std::fs::read_dir(&set)
+            .map_err(io(&set))?
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 5))
+            .count();
+        if have < part.count as usize {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(part.count as usize);
+        for i in 0..part.count {
+            let p = set.join(format!("{i:05}"));
+            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            parts.push(UpdatePart::decode(&bytes)?);
+        }
+        // Whatever the outcome, this set is done: a bad one would only be refused again.
+        let whole = fl::chunks::assemble(&parts);
+        drop(parts);
+        let _ = std::fs::remove_dir_all(&set);
+        Ok(Some(whole?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_survive_a_restart_and_put_the_update_together() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let update: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let parts = UpdatePart::split("big", 4, &update);
+        assert_eq!(parts.len(), 4);
+        let first = Parts::new(dir.path(), false);
+        assert!(
+            first
+                .add("pi-1", &parts[2].encode())
+                .expect("kept")
+                .is_none()
+        );
+        assert!(
+            first
+                .add("pi-1", &parts[0].encode())
+                .expect("kept")
+                .is_none()
+        );
+        // Another device's parts of the same round are another set.
+        assert!(
+            first
+                .add("pi-2", &parts[1].encode())
+                .expect("kept")
+                .is_none()
+        );
+        let again = Parts::new(dir.path(), false);
+        assert!(
+            again
+                .add("pi-1", &parts[1].encode())
+                .expect("kept")
+                .is_none()
+        );
+        // A duplicate is harmless.
+        assert!(
+            again
+                .add("pi-1", &parts[1].encode())
+                .expect("kept")
+                .is_none()
+        );
+        let whole = again.add("pi-1", &parts[3].encode()).expect("kept");
+        assert_eq!(whole.as_deref(), Some(&update[..]));
+        // A device id that is a path component elsewhere names no path here.
+        assert!(again.add("..", &parts[0].encode()).expect("kept").is_none());
+        assert!(!dir.path().join("fl/big").exists());
+    }
+
+    #[test]
+    fn a_newer_round_replaces_an_unfinished_set_and_forged_parts_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = Parts::new(dir.path(), false);
+        let old = UpdatePart::split("big", 1, &vec![1u8; 100_000]);
+        let new = UpdatePart::split("big", 2, &vec![2u8; 100_000]);
+        assert!(p.add("pi-1", &old[0].encode()).expect("kept").is_none());
+        assert!(p.add("pi-1", &new[0].encode()).expect("kept").is_none());
+        let mut forged = new[1].clone();
+        forged.data[0] ^= 1;
+        assert!(
+            p.add("pi-1", &forged.encode()).is_err(),
+            "digest of the whole"
+        );
+        // The old set went when the newer round's first part came: its second part starts
+        // it again rather than completing it.
+        assert!(p.add("pi-1", &old[1].encode()).expect("kept").is_none());
+        assert!(p.add("pi-1", b"FPgarbage").is_err());
+    }
+}
