@@ -93,6 +93,18 @@ pub fn fl_ack(root: &Path, before: Option<&Path>) -> Result<()> {
     crate::run(bench).context("fl-ack benchmark failed")
 }
 
+/// `cargo xtask bench fl-large`: federated learning with 1M- and 5M-weight models through
+/// the real binaries (`tests/benches/fl_large.rs`). The dev profile: the training runs in the
+/// WASM module (Cranelift either way) and ONNX Runtime is prebuilt; what the debug build of
+/// the agent and coordinator adds shows in the round times, not in the memory figures.
+pub fn fl_large(root: &Path) -> Result<()> {
+    crate::ort::ensure_ort(root, crate::ort::host_triple(), false)?;
+    crate::build_bins()?;
+    let mut bench = crate::cargo();
+    bench.args(["test", "-p", "edge-tests", "--bench", "fl_large"]);
+    crate::run(bench).context("large-model federated-learning benchmark failed")
+}
+
 /// `cargo xtask bench offload`: offload decisions over a measured mixed trace
 /// (`tests/benches/offload.rs`), with the real coordinator binary. The dev profile, like `fl`:
 /// the local side's time is ONNX Runtime's own (a prebuilt library), and the calibration line

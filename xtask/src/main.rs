@@ -215,6 +215,9 @@ enum Bench {
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
     Fl,
+    /// Federated learning with 1M- and 5M-weight models end to end (chunked round messages,
+    /// updates in parts): round time, bytes, the agent's extra memory against the weights.
+    FlLarge,
     /// Telemetry latency in the coordinator while federated rounds close on a 10,000-row
     /// hold-out, against the same run's idle phase (p50, p99, ratios).
     FlAck {
@@ -326,6 +329,12 @@ fn main() -> Result<()> {
         } => {
             build_modules()?;
             bench::fl()
+        }
+        Cmd::Bench {
+            which: Some(Bench::FlLarge),
+        } => {
+            build_modules()?;
+            bench::fl_large(&root())
         }
         Cmd::Bench {
             which: Some(Bench::Offload),
