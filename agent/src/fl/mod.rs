@@ -791,10 +791,15 @@ impl FlTask {
                 msg.weights.len()
             )));
         }
-        let delta: Vec<f32> = local.iter().zip(&msg.weights).map(|(l, g)| l - g).collect();
+        // The delta in place of the local weights: one buffer the size of the model, not two.
+        let mut delta = local;
+        for (d, g) in delta.iter_mut().zip(&msg.weights) {
+            *d -= g;
+        }
         let ef = order.codec.uses_error_feedback();
         let mut residual = ef.then(|| self.d.state.residual(&h.task, delta.len()));
         let payload = codec::encode(order.codec, &delta, residual.as_deref_mut(), order.seed);
+        drop(delta);
         let update = Update {
             task: h.task.clone(),
             round: h.round,
@@ -806,6 +811,7 @@ impl FlTask {
             payload,
         };
         let body = update.encode();
+        drop(update);
         let topic = topics::fl_update(&self.d.device);
         let binary = |kind: &str, b: &[u8]| {
             NewMessage::binary(Class::Model, topic.clone(), kind, b, Some(Duration::ZERO))
@@ -816,11 +822,11 @@ impl FlTask {
             vec![binary(fl::UPDATE_KIND, &body)]
         } else {
             fl::UpdatePart::split(&h.task, h.round, &body)
-                .iter()
                 .map(|p| binary(fl::chunks::PART_KIND, &p.encode()))
                 .collect()
         };
-        let parts = messages.len();
+        let (bytes, parts) = (body.len(), messages.len());
+        drop(body);
         let outbox = self.d.outbox.clone();
         let queued = tokio::runtime::Handle::current()
             .block_on(outbox.enqueue_batch(messages))
@@ -836,7 +842,7 @@ impl FlTask {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             task = %h.task, round = h.round, samples = out.samples, loss = out.loss,
-            accuracy = out.accuracy, codec = %order.codec, bytes = body.len(), parts, id = %queued.id,
+            accuracy = out.accuracy, codec = %order.codec, bytes, parts, id = %queued.id,
             ms = started.elapsed().as_millis() as u64, "federated update queued"
         );
         Ok(())

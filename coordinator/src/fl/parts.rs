@@ -105,7 +105,7 @@ mod tests {
     fn parts_survive_a_restart_and_put_the_update_together() {
         let dir = tempfile::tempdir().expect("tmp");
         let update: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
-        let parts = UpdatePart::split("big", 4, &update);
+        let parts: Vec<UpdatePart> = UpdatePart::split("big", 4, &update).collect();
         assert_eq!(parts.len(), 4);
         let first = Parts::new(dir.path(), false);
         assert!(
@@ -152,8 +152,9 @@ mod tests {
     fn a_newer_round_replaces_an_unfinished_set_and_forged_parts_are_refused() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = Parts::new(dir.path(), false);
-        let old = UpdatePart::split("big", 1, &vec![1u8; 100_000]);
-        let new = UpdatePart::split("big", 2, &vec![2u8; 100_000]);
+        let (one, two) = (vec![1u8; 100_000], vec![2u8; 100_000]);
+        let old: Vec<UpdatePart> = UpdatePart::split("big", 1, &one).collect();
+        let new: Vec<UpdatePart> = UpdatePart::split("big", 2, &two).collect();
         assert!(p.add("pi-1", &old[0].encode()).expect("kept").is_none());
         assert!(p.add("pi-1", &new[0].encode()).expect("kept").is_none());
         let mut forged = new[1].clone();

@@ -255,25 +255,28 @@ pub struct UpdatePart {
 }
 
 impl UpdatePart {
-    /// Cuts an encoded [`super::Update`] into parts of [`PART_BYTES`].
-    pub fn split(task: &str, round: u32, update: &[u8]) -> Vec<UpdatePart> {
+    /// Cuts an encoded [`super::Update`] into parts of [`PART_BYTES`], one at a time (a
+    /// caller that encodes each and lets it go holds one part beside the update, not a copy).
+    pub fn split<'a>(
+        task: &'a str,
+        round: u32,
+        update: &'a [u8],
+    ) -> impl ExactSizeIterator<Item = UpdatePart> + 'a {
         let sha256: [u8; 32] = Sha256::digest(update).into();
         let count = update.len().div_ceil(PART_BYTES).max(1) as u32;
-        (0..count)
-            .map(|i| {
-                let start = i as usize * PART_BYTES;
-                let end = (start + PART_BYTES).min(update.len());
-                UpdatePart {
-                    task: task.to_owned(),
-                    round,
-                    index: i,
-                    count,
-                    total: update.len() as u32,
-                    sha256,
-                    data: update[start..end].to_vec(),
-                }
-            })
-            .collect()
+        (0..count).map(move |i| {
+            let start = i as usize * PART_BYTES;
+            let end = (start + PART_BYTES).min(update.len());
+            UpdatePart {
+                task: task.to_owned(),
+                round,
+                index: i,
+                count,
+                total: update.len() as u32,
+                sha256,
+                data: update[start..end].to_vec(),
+            }
+        })
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -442,7 +445,7 @@ mod tests {
     #[test]
     fn parts_split_assemble_and_refuse_what_does_not_fit() {
         let update: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
-        let parts = UpdatePart::split("big", 2, &update);
+        let parts: Vec<UpdatePart> = UpdatePart::split("big", 2, &update).collect();
         assert_eq!(parts.len(), 3);
         let mut decoded: Vec<UpdatePart> = parts
             .iter()
