@@ -38,8 +38,13 @@ struct MlpTrainer;
 impl bindings::Guest for MlpTrainer {
     fn train(weights: Vec<Param>, params: String) -> Result<TrainResult, String> {
         let hyper = Hyper::parse(&params)?;
-        let weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
+        let mut weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
         let mut model = Mlp::from_params(&weights)?;
+        // The model holds its own copy; keep only the names and shapes (a model of millions of
+        // weights would otherwise hold them twice in this instance's memory while it trains).
+        for w in &mut weights {
+            w.data = Vec::new();
+        }
         let total = samples::count().min(hyper.max_samples.unwrap_or(u32::MAX));
         if total == 0 {
             return Err("no samples to train on".into());
@@ -60,7 +65,11 @@ impl bindings::Guest for MlpTrainer {
             ),
         );
         Ok(TrainResult {
-            weights: model.to_params(&weights).into_iter().map(to_wit).collect(),
+            weights: model
+                .into_params(&weights)
+                .into_iter()
+                .map(to_wit)
+                .collect(),
             samples: total,
             loss: tally.mean_loss(),
             accuracy: tally.accuracy(),

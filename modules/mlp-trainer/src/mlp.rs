@@ -161,6 +161,27 @@ impl Mlp {
             .collect()
     }
 
+    /// [`Mlp::to_params`] that hands the weights over instead of copying them.
+    pub fn into_params(self, like: &[Param]) -> Vec<Param> {
+        like.chunks_exact(2)
+            .zip(self.layers)
+            .flat_map(|(pair, layer)| {
+                [
+                    Param {
+                        name: pair[0].name.clone(),
+                        shape: pair[0].shape.clone(),
+                        data: layer.w,
+                    },
+                    Param {
+                        name: pair[1].name.clone(),
+                        shape: pair[1].shape.clone(),
+                        data: layer.b,
+                    },
+                ]
+            })
+            .collect()
+    }
+
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
@@ -177,12 +198,15 @@ impl Mlp {
 
     /// The first non-finite value after training, as an error naming the parameter.
     pub fn check_finite(&self, like: &[Param]) -> Result<(), String> {
-        for p in self.to_params(like) {
-            if let Some(k) = p.data.iter().position(|v| !v.is_finite()) {
-                return Err(format!(
-                    "training diverged: {} value {k} became {} (lower lr)",
-                    p.name, p.data[k]
-                ));
+        // Layer by layer, without copying the weights: `like` names them in (weight, bias) pairs.
+        for (pair, layer) in like.chunks_exact(2).zip(&self.layers) {
+            for (p, data) in [(&pair[0], &layer.w), (&pair[1], &layer.b)] {
+                if let Some(k) = data.iter().position(|v| !v.is_finite()) {
+                    return Err(format!(
+                        "training diverged: {} value {k} became {} (lower lr)",
+                        p.name, data[k]
+                    ));
+                }
             }
         }
         Ok(())
@@ -406,7 +430,8 @@ impl Tally {
 /// loss and correctness of every sample as the model stood just before the step that
 /// used it.
 pub fn train(mlp: &mut Mlp, samples: &Samples, h: &Hyper) -> Tally {
-    let start = mlp.layers.clone();
+    // FedProx's anchor, only when it pulls (a copy of the weights otherwise unused).
+    let start = (h.mu > 0.0).then(|| mlp.layers.clone());
     let mut grads: Vec<Layer> = mlp.layers.iter().map(Layer::zeros_like).collect();
     let mut ws = Workspace::default();
     let mut order: Vec<u32> = (0..samples.len() as u32).collect();
@@ -426,19 +451,30 @@ pub fn train(mlp: &mut Mlp, samples: &Samples, h: &Hyper) -> Tally {
                 tally.add(loss, correct);
             }
             let scale = 1.0 / batch.len() as f32;
-            for ((layer, g), w0) in mlp.layers.iter_mut().zip(&grads).zip(&start) {
-                step(&mut layer.w, &g.w, &w0.w, scale, h.lr, h.mu);
-                step(&mut layer.b, &g.b, &w0.b, scale, h.lr, h.mu);
+            for (l, (layer, g)) in mlp.layers.iter_mut().zip(&grads).enumerate() {
+                let w0 = start.as_ref().map(|s| &s[l]);
+                step(&mut layer.w, &g.w, w0.map(|w| &w.w[..]), scale, h.lr, h.mu);
+                step(&mut layer.b, &g.b, w0.map(|w| &w.b[..]), scale, h.lr, h.mu);
             }
         }
     }
     tally
 }
 
-/// One SGD step: `w -= lr * (grad_sum * scale + mu * (w - w0))`.
-fn step(w: &mut [f32], grad_sum: &[f32], w0: &[f32], scale: f32, lr: f32, mu: f32) {
-    for ((w, &g), &w0) in w.iter_mut().zip(grad_sum).zip(w0) {
-        *w -= lr * (g * scale + mu * (*w - w0));
+/// One SGD step: `w -= lr * (grad_sum * scale + mu * (w - w0))` (no proximal term without
+/// an anchor `w0`, i.e. when `mu` is 0).
+fn step(w: &mut [f32], grad_sum: &[f32], w0: Option<&[f32]>, scale: f32, lr: f32, mu: f32) {
+    match w0 {
+        Some(w0) => {
+            for ((w, &g), &w0) in w.iter_mut().zip(grad_sum).zip(w0) {
+                *w -= lr * (g * scale + mu * (*w - w0));
+            }
+        }
+        None => {
+            for (w, &g) in w.iter_mut().zip(grad_sum) {
+                *w -= lr * g * scale;
+            }
+        }
     }
 }
 
@@ -597,7 +633,8 @@ mod tests {
         assert_eq!(last_epoch.samples, 90);
         assert!(last_epoch.accuracy() > 0.9, "{last_epoch:?}");
         mlp.check_finite(&p).unwrap();
-        let out = mlp.to_params(&p);
+        let out = mlp.clone().into_params(&p);
+        assert_eq!(out, mlp.to_params(&p));
         assert_eq!(
             out.iter().map(|q| (&q.name, &q.shape)).collect::<Vec<_>>(),
             p.iter().map(|q| (&q.name, &q.shape)).collect::<Vec<_>>()
@@ -658,12 +695,14 @@ mod tests {
     fn fedprox_step_by_hand() {
         // Zero gradient: the step only pulls towards w0.
         let mut w = [1.0f32, -2.0];
-        step(&mut w, &[0.0, 0.0], &[0.0, 0.0], 1.0, 0.5, 0.2);
+        step(&mut w, &[0.0, 0.0], Some(&[0.0, 0.0]), 1.0, 0.5, 0.2);
         assert_eq!(w, [0.9, -1.8]);
-        // Plain SGD on the mean gradient.
-        let mut w = [1.0f32];
-        step(&mut w, &[4.0], &[1.0], 0.25, 0.5, 0.0);
-        assert_eq!(w, [0.5]);
+        // Plain SGD on the mean gradient, with an anchor and mu 0 or without one.
+        for anchor in [Some(&[1.0f32][..]), None] {
+            let mut w = [1.0f32];
+            step(&mut w, &[4.0], anchor, 0.25, 0.5, 0.0);
+            assert_eq!(w, [0.5]);
+        }
     }
 
     #[test]
