@@ -9,7 +9,10 @@
 //! - the agent's extra memory while it fetches, trains and sends: its peak RSS during the
 //!   rounds (VmHWM, reset through /proc/PID/clear_refs once the pipeline runs) minus its RSS
 //!   before the task, as a multiple of the weights' size (the aim: at most one extra copy);
-//! - the coordinator's peak RSS during the task.
+//! - the coordinator's peak RSS during the task;
+//! - agent 0's peak RSS per phase of the rounds (fetching, applying, training, after queuing),
+//!   sampled every 50 ms and attributed by its log lines. Freed memory that the allocator keeps
+//!   counts in the phases after it, so only the first phase of the first round is clean.
 //!
 //! The trainer's sandbox gets `max_memory_bytes` 1 GiB and a 10-minute timeout here: the
 //! defaults (64 MiB, 60 s) fit boards, not a 20 MB model's gradients.
@@ -140,8 +143,23 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
     let started = Instant::now();
     let mut task = FlTask::new("big", ROUNDS, AGENTS);
     task.extra = "max_extensions = 30".into();
+    // Agent 0's RSS every 50 ms, attributed to the phase its log last announced.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, log) = (stop.clone(), agents[0].log_path().to_owned());
+        std::thread::spawn(move || sample_phases(pid, &log, &stop))
+    };
     task.start(&coord, &task_dir, &key)?;
     journal.wait_for("task big finished", WAIT, |j| task_finished(j, "big"))?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let phases = sampler.join().expect("sampler");
+    for (phase, kib) in &phases {
+        println!(
+            "  agent peak while {phase}: +{:.1} MiB over before ({:.2}x the weights)",
+            kib.saturating_sub(agent_before_kib) as f64 / 1024.0,
+            kib.saturating_sub(agent_before_kib) as f64 * 1024.0 / (weights as f64 * 4.0)
+        );
+    }
     let agent_peak_kib = status_kib(pid, "VmHWM:")?;
     let coord_peak_kib = status_kib(cpid, "VmHWM:")?;
     let events = journal.events();
@@ -173,4 +191,38 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
         coord_peak_kib,
         accuracy,
     })
+}
+
+/// The phases of a round as the agent's log announces them, in order.
+const PHASES: [(&str, &str); 4] = [
+    ("fetching the round's weights", "fetching chunks"),
+    (
+        "round weights complete",
+        "applying the weights (new ONNX Runtime session)",
+    ),
+    ("global weights applied", "training (trainer module)"),
+    ("federated update queued", "after queuing the update"),
+];
+
+/// Peak VmRSS (KiB) per phase until `stop`.
+fn sample_phases(
+    pid: u32,
+    log: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<(&'static str, u64)> {
+    let mut peaks: Vec<(&'static str, u64)> = PHASES.iter().map(|(_, p)| (*p, 0)).collect();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let phase = PHASES
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (marker, _))| text.rfind(marker).map(|at| (at, i)))
+            .max()
+            .map(|(_, i)| i);
+        if let (Some(i), Ok(kib)) = (phase, status_kib(pid, "VmRSS:")) {
+            peaks[i].1 = peaks[i].1.max(kib);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peaks
 }
