@@ -3,6 +3,7 @@
 //! Entry point is [`agent::run`]; the binary in `main.rs` only parses the command line.
 
 pub mod agent;
+pub mod command;
 pub mod config;
 pub mod dataset;
 pub mod deploy;
