@@ -52,6 +52,7 @@
 pub mod action;
 pub mod api;
 pub mod chains;
+pub mod commands;
 pub mod config;
 pub mod core;
 pub mod deploy;

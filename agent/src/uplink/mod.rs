@@ -477,14 +477,16 @@ impl Uplink {
                         });
                         let st = self.outbox.stats();
                         tracing::info!(broker = %self.cfg.url, code = ?ack.code, queued = st.depth.iter().sum::<u64>(), "uplink connected");
+                        // Subscribed before the online status goes out: the coordinator sends
+                        // queued commands as soon as it sees that status.
+                        let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(topics::ack(&self.device), QoS::AtLeastOnce);
                         if let Some(s) = &session {
                             let online = self.status(s, true, since_ms);
                             if client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, online).is_ok() {
                                 window.handed_other();
                             }
                         }
-                        let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
-                        let _ = client.try_subscribe(topics::ack(&self.device), QoS::AtLeastOnce);
                         self.sync_subscriptions(client, &mut subscribed);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.written(pkid),
