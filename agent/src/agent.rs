@@ -62,6 +62,8 @@ pub enum AgentError {
     LocalPipeline { path: String, reason: String },
     #[error("a task panicked: {0}")]
     Task(String),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(std::io::Error),
 }
 
 /// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
@@ -237,6 +239,19 @@ pub async fn run(
         cfg.local_api.max_message_bytes,
         stop_rx.clone(),
     ));
+    let metrics_listeners = crate::metrics::bind(&cfg.local_api)
+        .await
+        .map_err(AgentError::Metrics)?;
+    let metrics = (!metrics_listeners.is_empty()).then(|| {
+        let sources = crate::metrics::Sources {
+            outbox: outbox.clone(),
+            pipeline: slot.clone(),
+            inference: inference.clone(),
+            auth: auth.clone(),
+            commands: command_stats.clone(),
+        };
+        tokio::spawn(crate::metrics::run(metrics_listeners, sources, stop_rx.clone()))
+    });
     let telemetry = (cfg.telemetry.interval_s > 0).then(|| {
         tokio::spawn(telemetry::run(
             device.clone(),
@@ -288,6 +303,7 @@ pub async fn run(
                     ("pipeline-host", Some(&pipelines)),
                     ("federated-learning", Some(&fl)),
                     ("commands", Some(&commands)),
+                    ("metrics", metrics.as_ref()),
                     ("enrollment", Some(&enroll)),
                     ("offload", offload_router.as_ref()),
                     ("local-api", Some(&api)),
@@ -327,6 +343,7 @@ pub async fn run(
         ("pipeline-host", Some(pipelines)),
         ("federated-learning", Some(fl)),
         ("commands", Some(commands)),
+        ("metrics", metrics),
         ("enrollment", Some(enroll)),
         ("offload", offload_router),
         ("local-api", Some(api)),
