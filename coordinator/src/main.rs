@@ -123,8 +123,6 @@ enum Command {
         device: String,
         #[command(subcommand)]
         command: cmd::remote::CmdCommand,
-        #[command(flatten)]
-        remote: cmd::remote::RemoteArgs,
     },
     /// Make a bearer token for the HTTP API: prints the token once (stderr says so) and the
     /// `[[api.tokens]]` table holding only its sha256, for the config file.
@@ -205,10 +203,6 @@ fn main() -> ExitCode {
             for_s,
             remote,
         } => report(cmd::remote::logs(&device, follow, lines, for_s, remote)),
-        Command::Cmd {
-            device,
-            command,
-            remote,
-        } => report(cmd::remote::cmd(&device, command, remote)),
+        Command::Cmd { device, command } => report(cmd::remote::cmd(&device, command)),
     }
 }

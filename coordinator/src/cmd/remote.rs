@@ -41,16 +41,24 @@ pub(crate) struct RemoteArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum CmdCommand {
     /// Stop the device's live pipeline and start it again.
-    RestartPipeline,
+    RestartPipeline {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Set the agent's log filter (debug, trace, info,edge_agent=debug, ...) for a while.
     LogLevel {
         level: String,
         /// Seconds before the agent goes back to its start-up filter.
         #[arg(long = "for", value_name = "SECS")]
         for_s: u64,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Print the agent's effective configuration, secrets redacted.
-    Config,
+    Config {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 /// The running serve's API.
@@ -175,22 +183,27 @@ fn print_lines(out: &mut impl Write, lines: Option<&Value>) -> Result<()> {
 }
 
 /// `edge-coordinator cmd DEVICE ...`.
-pub(crate) fn cmd(device: &str, command: CmdCommand, args: RemoteArgs) -> Result<()> {
+pub(crate) fn cmd(device: &str, command: CmdCommand) -> Result<()> {
+    let (body, args) = match &command {
+        CmdCommand::RestartPipeline { remote } => (json!({"kind": "restart-pipeline"}), remote),
+        CmdCommand::LogLevel {
+            level,
+            for_s,
+            remote,
+        } => (
+            json!({"kind": "log-level", "level": level, "for_s": for_s}),
+            remote,
+        ),
+        CmdCommand::Config { remote } => (json!({"kind": "config"}), remote),
+    };
     let dir = resolve_state_dir(args.state.state_dir.clone(), args.state.config.clone())?;
     let client = Client::open(&dir, args.token.clone())?;
-    let body = match &command {
-        CmdCommand::RestartPipeline => json!({"kind": "restart-pipeline"}),
-        CmdCommand::LogLevel { level, for_s } => {
-            json!({"kind": "log-level", "level": level, "for_s": for_s})
-        }
-        CmdCommand::Config => json!({"kind": "config"}),
-    };
-    let id = client.submit(device, body, &args)?;
+    let id = client.submit(device, body, args)?;
     let record = client.finish(device, &id)?;
     let o = outcome(&record);
     let mut out = std::io::stdout().lock();
     match command {
-        CmdCommand::Config => {
+        CmdCommand::Config { .. } => {
             writeln!(
                 out,
                 "{}",
