@@ -250,7 +250,11 @@ pub async fn run(
             auth: auth.clone(),
             commands: command_stats.clone(),
         };
-        tokio::spawn(crate::metrics::run(metrics_listeners, sources, stop_rx.clone()))
+        tokio::spawn(crate::metrics::run(
+            metrics_listeners,
+            sources,
+            stop_rx.clone(),
+        ))
     });
     let telemetry = (cfg.telemetry.interval_s > 0).then(|| {
         tokio::spawn(telemetry::run(

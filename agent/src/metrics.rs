@@ -26,6 +26,9 @@ use crate::link::AuthStats;
 use crate::outbox::Outbox;
 use crate::pipeline::RunningSlot;
 
+/// One counter read off a stage's telemetry.
+type StageFigure = fn(&protocol::v1::StageTelemetry) -> u64;
+
 /// What the page is made from.
 #[derive(Clone)]
 pub struct Sources {
@@ -41,44 +44,103 @@ pub fn render(s: &Sources) -> String {
     let mut out = String::new();
     let st = s.outbox.stats();
     let name = "edge_agent_outbox_depth";
-    let _ = writeln!(out, "# HELP {name} Messages waiting in the outbox, by class.\n# TYPE {name} gauge");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Messages waiting in the outbox, by class.\n# TYPE {name} gauge"
+    );
     for (class, depth) in protocol::v1::Class::ALL.iter().zip(st.depth) {
         let _ = writeln!(out, "{name}{{class=\"{}\"}} {depth}", class.as_str());
     }
     for (name, help, v) in [
-        ("edge_agent_outbox_bytes", "Bytes the outbox holds.", st.depth_bytes),
-        ("edge_agent_outbox_awaiting_ack", "Messages the broker took that await the coordinator's ack.", st.awaiting_ack),
+        (
+            "edge_agent_outbox_bytes",
+            "Bytes the outbox holds.",
+            st.depth_bytes,
+        ),
+        (
+            "edge_agent_outbox_awaiting_ack",
+            "Messages the broker took that await the coordinator's ack.",
+            st.awaiting_ack,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     for (name, help, v) in [
-        ("edge_agent_outbox_delivered_total", "Messages the coordinator acknowledged as committed.", st.delivered),
-        ("edge_agent_outbox_expired_total", "Messages dropped because their TTL passed.", st.expired),
-        ("edge_agent_outbox_evicted_total", "Telemetry evicted to make room.", st.evicted),
-        ("edge_agent_outbox_refused_total", "Messages refused because the outbox was full.", st.refused),
+        (
+            "edge_agent_outbox_delivered_total",
+            "Messages the coordinator acknowledged as committed.",
+            st.delivered,
+        ),
+        (
+            "edge_agent_outbox_expired_total",
+            "Messages dropped because their TTL passed.",
+            st.expired,
+        ),
+        (
+            "edge_agent_outbox_evicted_total",
+            "Telemetry evicted to make room.",
+            st.evicted,
+        ),
+        (
+            "edge_agent_outbox_refused_total",
+            "Messages refused because the outbox was full.",
+            st.refused,
+        ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
     }
 
     if let Some(p) = s.pipeline.telemetry() {
         let pl = escape(&p.name);
         let stages = &p.stages;
-        let counters: [(&str, &str, fn(&protocol::v1::StageTelemetry) -> u64); 4] = [
-            ("edge_agent_stage_calls_total", "Stage process calls.", |t| t.calls),
-            ("edge_agent_stage_errors_total", "Stage calls that failed (errors, traps, timeouts).", |t| t.errors + t.traps + t.timeouts),
-            ("edge_agent_stage_frames_out_total", "Frames a stage emitted.", |t| t.frames_out),
-            ("edge_agent_stage_refused_total", "Frames refused while a stage restarted or after it failed.", |t| t.refused),
+        let counters: [(&str, &str, StageFigure); 4] = [
+            (
+                "edge_agent_stage_calls_total",
+                "Stage process calls.",
+                |t| t.calls,
+            ),
+            (
+                "edge_agent_stage_errors_total",
+                "Stage calls that failed (errors, traps, timeouts).",
+                |t| t.errors + t.traps + t.timeouts,
+            ),
+            (
+                "edge_agent_stage_frames_out_total",
+                "Frames a stage emitted.",
+                |t| t.frames_out,
+            ),
+            (
+                "edge_agent_stage_refused_total",
+                "Frames refused while a stage restarted or after it failed.",
+                |t| t.refused,
+            ),
         ];
         for (name, help, f) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for t in stages {
-                let _ = writeln!(out, "{name}{{pipeline=\"{pl}\",stage=\"{}\"}} {}", escape(&t.name), f(t));
+                let _ = writeln!(
+                    out,
+                    "{name}{{pipeline=\"{pl}\",stage=\"{}\"}} {}",
+                    escape(&t.name),
+                    f(t)
+                );
             }
         }
         let name = "edge_agent_stage_latency_seconds";
-        let _ = writeln!(out, "# HELP {name} Stage call latency percentiles.\n# TYPE {name} gauge");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Stage call latency percentiles.\n# TYPE {name} gauge"
+        );
         for t in stages {
-            for (q, us) in [("0.5", t.p50_us), ("0.95", t.p95_us), ("0.99", t.p99_us), ("1", t.max_us)] {
+            for (q, us) in [
+                ("0.5", t.p50_us),
+                ("0.95", t.p95_us),
+                ("0.99", t.p99_us),
+                ("1", t.max_us),
+            ] {
                 let _ = writeln!(
                     out,
                     "{name}{{pipeline=\"{pl}\",stage=\"{}\",quantile=\"{q}\"}} {}",
@@ -91,7 +153,10 @@ pub fn render(s: &Sources) -> String {
 
     let inf = s.inference.telemetry();
     let name = "edge_agent_inference_model_info";
-    let _ = writeln!(out, "# HELP {name} Models loaded and the execution provider each actually runs on.\n# TYPE {name} gauge");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Models loaded and the execution provider each actually runs on.\n# TYPE {name} gauge"
+    );
     for m in &inf.models {
         let _ = writeln!(
             out,
@@ -103,27 +168,40 @@ pub fn render(s: &Sources) -> String {
         );
     }
     let name = "edge_agent_inference_runs_total";
-    let _ = writeln!(out, "# HELP {name} Inference runs per model.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Inference runs per model.\n# TYPE {name} counter"
+    );
     for m in &inf.models {
         let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", escape(&m.name), m.runs);
     }
 
     let name = "edge_agent_auth_rejected_total";
-    let _ = writeln!(out, "# HELP {name} Incoming messages dropped because they did not authenticate, by reason.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Incoming messages dropped because they did not authenticate, by reason.\n# TYPE {name} counter"
+    );
     for (reason, v) in s.auth.rejected() {
         let _ = writeln!(out, "{name}{{reason=\"{}\"}} {v}", escape(&reason));
     }
 
     let c = &s.commands;
     let name = "edge_agent_commands_total";
-    let _ = writeln!(out, "# HELP {name} Remote commands, by outcome.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Remote commands, by outcome.\n# TYPE {name} counter"
+    );
     for (outcome, v) in [
         ("accepted", &c.accepted),
         ("malformed", &c.malformed),
         ("expired", &c.expired),
         ("duplicate", &c.duplicate),
     ] {
-        let _ = writeln!(out, "{name}{{outcome=\"{outcome}\"}} {}", v.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}{{outcome=\"{outcome}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
     }
     out
 }
@@ -147,7 +225,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, sources: &Sources)
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), read).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
         return;
     }
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
@@ -176,9 +257,14 @@ pub enum Listener {
 pub async fn bind(cfg: &crate::config::LocalApiConfig) -> std::io::Result<Vec<Listener>> {
     let mut out = Vec::new();
     if !cfg.metrics_listen.is_empty() {
-        let l = tokio::net::TcpListener::bind(&cfg.metrics_listen).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("local_api.metrics_listen {}: {e}", cfg.metrics_listen))
-        })?;
+        let l = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("local_api.metrics_listen {}: {e}", cfg.metrics_listen),
+                )
+            })?;
         out.push(Listener::Tcp(l));
     }
     if !cfg.metrics_socket.as_os_str().is_empty() {
@@ -186,7 +272,10 @@ pub async fn bind(cfg: &crate::config::LocalApiConfig) -> std::io::Result<Vec<Li
         // A socket file left by a previous run.
         let _ = std::fs::remove_file(&path);
         let l = tokio::net::UnixListener::bind(&path).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("local_api.metrics_socket {}: {e}", path.display()))
+            std::io::Error::new(
+                e.kind(),
+                format!("local_api.metrics_socket {}: {e}", path.display()),
+            )
         })?;
         out.push(Listener::Unix(l, path));
     }
@@ -241,7 +330,8 @@ mod tests {
     #[tokio::test]
     async fn the_page_has_every_family_and_answers_over_http() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let outbox = Outbox::open(dir.path(), &crate::outbox::OutboxConfig::default()).expect("outbox");
+        let outbox =
+            Outbox::open(dir.path(), &crate::outbox::OutboxConfig::default()).expect("outbox");
         let auth = Arc::new(AuthStats::default());
         auth.reject("replay");
         let commands = Arc::new(CommandStats::default());
@@ -265,7 +355,10 @@ mod tests {
         }
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let serving = tokio::spawn(async move { answer(server, &sources).await });
-        client.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
         let mut response = String::new();
         client.read_to_string(&mut response).await.expect("read");
         serving.await.expect("served");

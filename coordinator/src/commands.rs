@@ -413,22 +413,35 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].request.id, id);
         assert_eq!(sent[0].request.expires_ms, 13_000);
-        assert!(board.due(4000, |_| Presence::Online).is_empty(), "sent once");
+        assert!(
+            board.due(4000, |_| Presence::Online).is_empty(),
+            "sent once"
+        );
         let done = ReplyBody::Done {
             outcome: Outcome {
                 summary: "ok".into(),
                 ..Outcome::default()
             },
         };
-        board.on_reply("pi-1", &reply(&id, done.clone()), 5000).expect("taken");
+        board
+            .on_reply("pi-1", &reply(&id, done.clone()), 5000)
+            .expect("taken");
         let r = board.get(&id).expect("kept");
         assert_eq!(r.state, State::Done);
         assert_eq!(r.outcome.map(|o| o.summary), Some("ok".into()));
         // A second final reply, one from another device, one for an unknown id: not taken.
-        assert!(board.on_reply("pi-1", &reply(&id, done.clone()), 5000).is_err());
         assert!(
             board
-                .on_reply("pi-2", &Reply::new("pi-2", &id, done.clone()).to_json(), 5000)
+                .on_reply("pi-1", &reply(&id, done.clone()), 5000)
+                .is_err()
+        );
+        assert!(
+            board
+                .on_reply(
+                    "pi-2",
+                    &Reply::new("pi-2", &id, done.clone()).to_json(),
+                    5000
+                )
                 .is_err()
         );
         assert!(board.on_reply("pi-1", &reply("nope", done), 5000).is_err());
@@ -479,10 +492,17 @@ mod tests {
             lines: lines.iter().map(|l| (*l).to_owned()).collect(),
             dropped: 0,
         };
-        board.on_reply("pi-1", &reply(&id, chunk(0, &["a", "b"])), 1).expect("ok");
-        board.on_reply("pi-1", &reply(&id, chunk(2, &["c"])), 2).expect("ok");
+        board
+            .on_reply("pi-1", &reply(&id, chunk(0, &["a", "b"])), 1)
+            .expect("ok");
+        board
+            .on_reply("pi-1", &reply(&id, chunk(2, &["c"])), 2)
+            .expect("ok");
         let r = board.get(&id).expect("kept");
-        assert_eq!(r.lines_from(0, 10), (vec!["a".into(), "b".into(), "c".into()], 3));
+        assert_eq!(
+            r.lines_from(0, 10),
+            (vec!["a".into(), "b".into(), "c".into()], 3)
+        );
         assert_eq!(r.lines_from(2, 10), (vec!["c".into()], 3));
         assert_eq!(r.lines_from(3, 10), (vec![], 3));
         assert_eq!(r.lines_dropped, 1, "chunk 1 never came");

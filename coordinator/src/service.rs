@@ -44,7 +44,6 @@ use tokio::sync::mpsc;
 use crate::action::Action;
 use crate::api::FleetView;
 use crate::commands::{CommandBoard, Presence};
-use protocol::v1::enroll::Decision;
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::host::DeployHost;
@@ -60,6 +59,7 @@ use crate::store::{Store, StoreError};
 use crate::transport::embedded::Embedded;
 use crate::transport::external::External;
 use crate::transport::{AckToken, CHANNEL_CAPACITY, Inbound, Message, Transport, TransportError};
+use protocol::v1::enroll::Decision;
 
 /// Most messages processed before a group commit.
 const MAX_BATCH: usize = 256;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use edge_tests::api::{ApiClient, token_table};
-use edge_tests::{Agent, RawMqtt, AgentOptions, Coordinator, TestEnv, coordinator_bin, run_test};
+use edge_tests::{Agent, AgentOptions, Coordinator, RawMqtt, TestEnv, coordinator_bin, run_test};
 
 const WAIT: Duration = Duration::from_secs(60);
 const READ: &str = "edge_read_token_for_the_commands_test";
@@ -140,7 +140,8 @@ fn scenario(env: &TestEnv) -> Result<()> {
     // Recent lines from the agent's ring: the commands above were logged there.
     let out = cli.ok(&["logs", ONLINE, "--lines", "200"], None)?;
     ensure!(
-        out.contains("running remote command") && out.contains("pipeline restarted by a remote command"),
+        out.contains("running remote command")
+            && out.contains("pipeline restarted by a remote command"),
         "logs output: {out}"
     );
 
@@ -156,7 +157,11 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "edge_agent_outbox_depth{class=\"control\"} ",
         "edge_agent_commands_total{outcome=\"accepted\"} ",
     ] {
-        ensure!(page.body.contains(want), "agent /metrics lacks {want}: {}", page.body);
+        ensure!(
+            page.body.contains(want),
+            "agent /metrics lacks {want}: {}",
+            page.body
+        );
     }
 
     // Unknown device.
@@ -178,7 +183,11 @@ fn scenario(env: &TestEnv) -> Result<()> {
     );
 
     // Revoked.
-    let revoke = client.post(&format!("/api/enrollment/{OTHER}/revoke"), Some(ADMIN), "{}")?;
+    let revoke = client.post(
+        &format!("/api/enrollment/{OTHER}/revoke"),
+        Some(ADMIN),
+        "{}",
+    )?;
     ensure!(revoke.status == 200, "revoke: {revoke:?}");
     let revoked = cli.run(&["cmd", OTHER, "config"], None)?;
     ensure!(
@@ -239,7 +248,9 @@ fn follow(cli: &Cli, client: &ApiClient) -> Result<()> {
                     break;
                 }
                 match rx.recv_timeout(left) {
-                    Ok((at, line)) if line.contains(&id) && line.contains("running remote command") => {
+                    Ok((at, line))
+                        if line.contains(&id) && line.contains("running remote command") =>
+                    {
                         seen = Some((at, line));
                     }
                     Ok(_) => {}
@@ -284,7 +295,10 @@ fn follow(cli: &Cli, client: &ApiClient) -> Result<()> {
         let _ = e.read_to_string(&mut err);
     }
     let mut latencies = result?;
-    ensure!(status.success(), "logs --follow exited with {status}: {err}");
+    ensure!(
+        status.success(),
+        "logs --follow exited with {status}: {err}"
+    );
     latencies.sort_by(f64::total_cmp);
     println!(
         "log-follow latency, agent log line -> CLI output (cargo test -p edge-tests --test commands -- --nocapture): median {:.1} ms of {} lines (min {:.1}, max {:.1})",
@@ -323,11 +337,16 @@ fn forged_and_replayed(coord: &Coordinator, client: &ApiClient) -> Result<()> {
     spy.publish(&topic, made_up, WAIT)?;
     // Replayed: byte for byte what the coordinator sent.
     spy.publish(&topic, recorded, WAIT)?;
-    wait_until("the agent to count the forged and replayed commands", || {
-        let now = rejected(client)?;
-        let more = |reason: &str| now.get(reason).copied().unwrap_or(0) > before.get(reason).copied().unwrap_or(0);
-        Ok(more("no_trailer") && more("bad_mac") && more("replay"))
-    })?;
+    wait_until(
+        "the agent to count the forged and replayed commands",
+        || {
+            let now = rejected(client)?;
+            let more = |reason: &str| {
+                now.get(reason).copied().unwrap_or(0) > before.get(reason).copied().unwrap_or(0)
+            };
+            Ok(more("no_trailer") && more("bad_mac") && more("replay"))
+        },
+    )?;
     Ok(())
 }
 
@@ -407,7 +426,10 @@ fn line_time(line: &str) -> Option<f64> {
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
     let mut t = time.split(':');
-    let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
     let s: f64 = t.next()?.parse().ok()?;
     // Days from the civil date (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };

@@ -52,7 +52,10 @@ impl LogRing {
     /// them because the ring no longer holds them.
     pub fn last(&self, n: usize) -> (Vec<String>, u64) {
         let skip = self.lines.len().saturating_sub(n);
-        (self.lines.iter().skip(skip).cloned().collect(), self.evicted)
+        (
+            self.lines.iter().skip(skip).cloned().collect(),
+            self.evicted,
+        )
     }
 
     pub fn len(&self) -> usize {

@@ -291,8 +291,14 @@ async fn send(direct: &DirectSender, device: &str, id: &str, body: ReplyBody) {
         payload,
         expires: Instant::now() + REPLY_TTL,
     };
-    if tokio::time::timeout(REPLY_TTL, direct.send(d)).await.is_err() {
-        tracing::warn!(id, "command reply not sent: the uplink's direct path stayed full");
+    if tokio::time::timeout(REPLY_TTL, direct.send(d))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            id,
+            "command reply not sent: the uplink's direct path stayed full"
+        );
     }
 }
 

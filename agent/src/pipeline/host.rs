@@ -20,7 +20,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ArtifactError, Artifacts, Deps, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot};
+use super::{
+    ArtifactError, Artifacts, Deps, Mode, Origin, Pipeline, PipelineError, PipelineSpec,
+    RunningSlot,
+};
 
 /// Commands waiting for the host; the deploy task sends one at a time and waits.
 const COMMANDS: usize = 8;

@@ -157,13 +157,7 @@ pub async fn submit(
     }
     let board = &state.commands;
     let cid = board
-        .submit(
-            &id,
-            body.command,
-            timeout_s,
-            wait_s,
-            protocol::v1::now_ms(),
-        )
+        .submit(&id, body.command, timeout_s, wait_s, protocol::v1::now_ms())
         .map_err(board_error)?;
     tracing::info!(device = %id, command = %cid, token = %granted.token, "remote command queued");
     let record = board
@@ -173,11 +167,7 @@ pub async fn submit(
 }
 
 /// Waits on the board until `done` says so or `wait_s` passes.
-async fn wait_for(
-    state: &ApiState,
-    wait_s: Option<u64>,
-    mut done: impl FnMut(&ApiState) -> bool,
-) {
+async fn wait_for(state: &ApiState, wait_s: Option<u64>, mut done: impl FnMut(&ApiState) -> bool) {
     let wait = Duration::from_secs(wait_s.unwrap_or(0).min(MAX_WAIT_S));
     let mut changed = state.commands.changed();
     let until = tokio::time::Instant::now() + wait;

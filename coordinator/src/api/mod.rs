@@ -369,14 +369,12 @@ async fn authorize(
     let device_command = request.method() == Method::POST
         && path.starts_with("/api/devices/")
         && path.ends_with("/commands");
-    let needed = if request.method() == Method::GET
-        || request.method() == Method::HEAD
-        || device_command
-    {
-        Scope::Read
-    } else {
-        Scope::Admin
-    };
+    let needed =
+        if request.method() == Method::GET || request.method() == Method::HEAD || device_command {
+            Scope::Read
+        } else {
+            Scope::Admin
+        };
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

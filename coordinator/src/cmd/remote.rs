@@ -115,8 +115,12 @@ impl Client {
                 .send(b.to_string().as_bytes()),
             None => self.agent.get(&url).header("Authorization", &auth).call(),
         };
-        let mut response = response
-            .with_context(|| format!("coordinator API {} not reachable ({method} {path})", self.url))?;
+        let mut response = response.with_context(|| {
+            format!(
+                "coordinator API {} not reachable ({method} {path})",
+                self.url
+            )
+        })?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -137,7 +141,11 @@ impl Client {
     fn submit(&self, device: &str, command: Value, args: &RemoteArgs) -> Result<String> {
         let body = json!({"command": command, "timeout_s": args.timeout_s, "wait_s": args.wait_s});
         let answer = self
-            .call("POST", &format!("/api/devices/{device}/commands"), Some(body))
+            .call(
+                "POST",
+                &format!("/api/devices/{device}/commands"),
+                Some(body),
+            )
             .with_context(|| format!("device {device} refused the command"))?;
         answer
             .get("id")
@@ -151,10 +159,7 @@ impl Client {
         loop {
             let r = self.call(
                 "GET",
-                &format!(
-                    "/api/commands/{id}?wait_s={}",
-                    api::commands::MAX_WAIT_S
-                ),
+                &format!("/api/commands/{id}?wait_s={}", api::commands::MAX_WAIT_S),
                 None,
             )?;
             let state = r.get("state").and_then(Value::as_str).unwrap_or("");
@@ -162,7 +167,10 @@ impl Client {
                 "queued" | "sent" => continue,
                 "done" => return Ok(r),
                 other => {
-                    let error = r.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+                    let error = r
+                        .get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
                     bail!("command {id} to {device} {other}: {error}");
                 }
             }
@@ -257,8 +265,12 @@ pub(crate) fn logs(
     loop {
         if stop.load(Ordering::SeqCst) && !stopping {
             stopping = true;
-            if let Err(e) = client.submit(device, json!({"kind": "stop-follow", "follow": id}), &args) {
-                eprintln!("warning: cannot stop the follow on {device}: {e:#}; it ends on its own within {for_s} s");
+            if let Err(e) =
+                client.submit(device, json!({"kind": "stop-follow", "follow": id}), &args)
+            {
+                eprintln!(
+                    "warning: cannot stop the follow on {device}: {e:#}; it ends on its own within {for_s} s"
+                );
                 return Ok(());
             }
         }
@@ -279,7 +291,10 @@ pub(crate) fn logs(
             if state == "done" || stopping {
                 return Ok(());
             }
-            let error = page.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+            let error = page
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given");
             bail!("log follow {id} on {device} {state}: {error}");
         }
     }

@@ -77,7 +77,9 @@ impl CommandKind {
                 if !level.chars().all(|c| {
                     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '=' | ',' | '.')
                 }) {
-                    return bad(format!("level {level:?} is not a log filter (e.g. debug, info,edge_agent=trace)"));
+                    return bad(format!(
+                        "level {level:?} is not a log filter (e.g. debug, info,edge_agent=trace)"
+                    ));
                 }
                 check_duration("for_s", *for_s)
             }
@@ -124,7 +126,11 @@ impl Request {
 
     /// Decodes a request received on `cmd/{topic_name}` of `topic_device`; see the module docs
     /// for what it refuses.
-    pub fn from_json(payload: &[u8], topic_device: &str, topic_name: &str) -> Result<Request, Error> {
+    pub fn from_json(
+        payload: &[u8],
+        topic_device: &str,
+        topic_name: &str,
+    ) -> Result<Request, Error> {
         if payload.len() > MAX_PAYLOAD_BYTES {
             return Err(Error::TooLarge {
                 size: payload.len(),
@@ -316,7 +322,8 @@ mod tests {
                 "json",
             ),
             (
-                text.replace("\"kind\":\"logs\"", "\"kind\":\"exec\"").into_bytes(),
+                text.replace("\"kind\":\"logs\"", "\"kind\":\"exec\"")
+                    .into_bytes(),
                 "pi-1",
                 "logs",
                 "json",
