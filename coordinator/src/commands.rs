@@ -119,9 +119,21 @@ pub struct Totals {
     pub unknown_replies: u64,
 }
 
+/// A command that ended, for the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub device: String,
+    pub id: String,
+    pub kind: &'static str,
+    pub state: &'static str,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Default)]
 struct Board {
     records: BTreeMap<String, CommandRecord>,
+    /// Ended since the loop last took them (`take_finished`).
+    finished: Vec<Finished>,
     /// Ids in submission order, for forgetting the oldest finished ones.
     order: VecDeque<String>,
     next: u64,
@@ -236,6 +248,11 @@ impl CommandBoard {
         Ok(id)
     }
 
+    /// Commands that ended since the last call, for the journal.
+    pub fn take_finished(&self) -> Vec<Finished> {
+        std::mem::take(&mut self.lock().finished)
+    }
+
     pub fn get(&self, id: &str) -> Option<CommandRecord> {
         self.lock().records.get(id).cloned()
     }
@@ -256,33 +273,26 @@ impl CommandBoard {
         let mut changed = false;
         let mut b = self.lock();
         let Board {
-            records, totals, ..
+            records,
+            totals,
+            finished: ended,
+            ..
         } = &mut *b;
         for r in records.values_mut() {
             match r.state {
                 State::Queued => match presence(&r.device) {
                     Presence::NotEnrolled(state) => {
-                        finish(
-                            r,
-                            totals,
-                            State::Failed,
-                            format!("device {} is {state}", r.device),
-                            now_ms,
-                        );
+                        let error = format!("device {} is {state}", r.device);
+                        finish(r, totals, ended, State::Failed, Some(error), now_ms);
                         changed = true;
                     }
                     _ if now_ms > r.expires_ms => {
                         let waited = (now_ms - r.created_ms) / 1000;
-                        finish(
-                            r,
-                            totals,
-                            State::Expired,
-                            format!(
-                                "device {} was not online within {waited} s; the command expired unsent",
-                                r.device
-                            ),
-                            now_ms,
+                        let error = format!(
+                            "device {} was not online within {waited} s; the command expired unsent",
+                            r.device
                         );
+                        finish(r, totals, ended, State::Expired, Some(error), now_ms);
                         changed = true;
                     }
                     Presence::Online => {
@@ -310,7 +320,7 @@ impl CommandBoard {
                             r.device,
                             deadline_ms(r) / 1000
                         );
-                        finish(r, totals, State::TimedOut, error, now_ms);
+                        finish(r, totals, ended, State::TimedOut, Some(error), now_ms);
                         changed = true;
                     }
                 }
@@ -330,7 +340,10 @@ impl CommandBoard {
         let reply = Reply::from_json(payload, device).map_err(|e| e.to_string())?;
         let mut b = self.lock();
         let Board {
-            records, totals, ..
+            records,
+            totals,
+            finished: ended,
+            ..
         } = &mut *b;
         let Some(r) = records.get_mut(&reply.id).filter(|r| r.device == device) else {
             totals.unknown_replies += 1;
@@ -357,12 +370,10 @@ impl CommandBoard {
             }
             ReplyBody::Done { outcome } => {
                 r.outcome = Some(outcome);
-                r.state = State::Done;
-                r.finished_ms = Some(now_ms);
-                *totals.finished.entry("done").or_default() += 1;
+                finish(r, totals, ended, State::Done, None, now_ms);
             }
             ReplyBody::Failed { error } => {
-                finish(r, totals, State::Failed, error, now_ms);
+                finish(r, totals, ended, State::Failed, Some(error), now_ms);
             }
         }
         drop(b);
@@ -371,18 +382,38 @@ impl CommandBoard {
     }
 }
 
-fn finish(r: &mut CommandRecord, totals: &mut Totals, state: State, error: String, now_ms: u64) {
-    r.state = state;
-    r.error = Some(error);
-    r.finished_ms = Some(now_ms);
-    let name = match state {
+/// The stable name of a state (as the API and the journal write it).
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::Queued => "queued",
+        State::Sent => "sent",
         State::Done => "done",
         State::Failed => "failed",
         State::Expired => "expired",
         State::TimedOut => "timed-out",
-        State::Queued | State::Sent => "open",
-    };
+    }
+}
+
+fn finish(
+    r: &mut CommandRecord,
+    totals: &mut Totals,
+    ended: &mut Vec<Finished>,
+    state: State,
+    error: Option<String>,
+    now_ms: u64,
+) {
+    r.state = state;
+    r.error = error.clone();
+    r.finished_ms = Some(now_ms);
+    let name = state_name(state);
     *totals.finished.entry(name).or_default() += 1;
+    ended.push(Finished {
+        device: r.device.clone(),
+        id: r.id.clone(),
+        kind: r.command.name(),
+        state: name,
+        error,
+    });
 }
 
 /// How long after sending a final reply may come: the timeout, plus a follow's own time.
@@ -478,6 +509,20 @@ mod tests {
         board.due(11_001, presence);
         assert_eq!(board.get(&silent).expect("kept").state, State::TimedOut);
         assert!(!board.has_open());
+        let ended: Vec<(String, &str)> = board
+            .take_finished()
+            .into_iter()
+            .map(|f| (f.device, f.state))
+            .collect();
+        assert_eq!(
+            ended,
+            [
+                ("pi-3".to_owned(), "failed"),
+                ("pi-1".to_owned(), "expired"),
+                ("pi-2".to_owned(), "timed-out")
+            ]
+        );
+        assert!(board.take_finished().is_empty());
     }
 
     #[test]

@@ -576,7 +576,7 @@ impl Service {
                 if let Err(e) = self.commands.on_reply(&device, &message.payload, now) {
                     tracing::warn!(device = %device, error = %e, "command reply not taken");
                 }
-                Ok(())
+                self.journal_commands(now)
             }
             Some(Topic::OffloadRequest { device }) => {
                 if let Some(o) = &mut self.offload {
@@ -1135,8 +1135,15 @@ impl Service {
                 }
             })
         };
+        let now = v1::now_ms();
+        let sent = due.iter().map(|send| Event::CommandSent {
+            device: send.device.clone(),
+            command: send.request.id.clone(),
+            kind: send.request.command.name(),
+        });
+        self.journal_events(now, sent.collect::<Vec<_>>())?;
+        self.journal_commands(now)?;
         for send in due {
-            tracing::info!(device = %send.device, command = %send.request.id, kind = send.request.command.name(), "sending remote command");
             let out = Outgoing::Publish {
                 topic: topics::cmd(&send.device, send.request.command.name()),
                 payload: send.request.to_json(),
@@ -1145,6 +1152,22 @@ impl Service {
             self.publish(transport, out).await?;
         }
         Ok(())
+    }
+
+    /// Journals the remote commands that ended since the last call.
+    fn journal_commands(&mut self, now: u64) -> Result<(), ServiceError> {
+        let ended = self
+            .commands
+            .take_finished()
+            .into_iter()
+            .map(|f| Event::CommandFinished {
+                device: f.device,
+                command: f.id,
+                kind: f.kind,
+                state: f.state,
+                error: f.error,
+            });
+        self.journal_events(now, ended.collect::<Vec<_>>())
     }
 
     /// The one way out: seals `out` per its topic's rule (`Gate::seal`) and publishes it. A

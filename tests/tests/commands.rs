@@ -182,6 +182,20 @@ fn scenario(env: &TestEnv) -> Result<()> {
         stderr(&expired)
     );
 
+    // The journal keeps the operator's trail: what was sent, how each ended.
+    journal.wait_for("commands in the journal", WAIT, |events| {
+        let ended = |device: &str, state: &str| {
+            events.iter().any(|e| {
+                e.is_for("command_finished", device) && e.str_field("state") == Some(state)
+            })
+        };
+        ended(OTHER, "expired")
+            && ended(ONLINE, "done")
+            && events.iter().any(|e| {
+                e.is_for("command_sent", ONLINE) && e.str_field("kind") == Some("restart-pipeline")
+            })
+    })?;
+
     // Revoked.
     let revoke = client.post(
         &format!("/api/enrollment/{OTHER}/revoke"),

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::Scope;
 use super::{ApiError, ApiJson, ApiQuery, ApiState};
-use crate::commands::{CommandRecord, State as CommandState, SubmitError};
+use crate::commands::{CommandRecord, SubmitError};
 
 /// Longest a GET waits for a change.
 pub const MAX_WAIT_S: u64 = 30;
@@ -230,19 +230,8 @@ pub async fn lines(
         lines,
         next,
         dropped: r.lines_dropped,
-        state: state_name(r.state).to_owned(),
+        state: crate::commands::state_name(r.state).to_owned(),
         finished,
         error: r.error.clone(),
     }))
-}
-
-pub fn state_name(s: CommandState) -> &'static str {
-    match s {
-        CommandState::Queued => "queued",
-        CommandState::Sent => "sent",
-        CommandState::Done => "done",
-        CommandState::Failed => "failed",
-        CommandState::Expired => "expired",
-        CommandState::TimedOut => "timed-out",
-    }
 }
