@@ -62,6 +62,8 @@ pub enum AgentError {
     LocalPipeline { path: String, reason: String },
     #[error("a task panicked: {0}")]
     Task(String),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(std::io::Error),
 }
 
 /// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
@@ -124,12 +126,10 @@ pub async fn run(
     let auth = Arc::new(link::AuthStats::default());
     let answers = inbox.subscribe(&topics::enroll_answer(&device), enrollment::INBOX_CAPACITY);
     let offloading = cfg.offload.mode != crate::offload::policy::Mode::Local;
-    let (direct_tx, direct_rx) = if offloading {
-        let (tx, rx) = link::direct_path(crate::offload::client::DIRECT_CAPACITY);
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
+    // Command replies use the direct path too, so there always is one.
+    let (direct_all, direct_rx) = link::direct_path(crate::offload::client::DIRECT_CAPACITY);
+    let direct_tx = offloading.then(|| direct_all.clone());
+    let commands_sub = crate::command::CommandTask::subscribe(&inbox, &device);
     let uplink = uplink::Uplink::new(
         cfg.mqtt.clone(),
         device.clone(),
@@ -138,7 +138,7 @@ pub async fn run(
         uplink::Links {
             inbox: inbox.clone(),
             link: link_tx,
-            direct: direct_rx,
+            direct: Some(direct_rx),
             session: sessions.clone(),
             enroll: Some(enroll_rx),
             auth: auth.clone(),
@@ -197,6 +197,15 @@ pub async fn run(
     // The host owns the pipelines and everything they run against; the deploy task holds
     // the only handle, so the host stops the pipelines (draining them) once that task ends.
     let (pipeline_host, host) = PipelineHost::new(deps, slot.clone());
+    let command_stats = Arc::new(crate::command::CommandStats::default());
+    let commands = crate::command::CommandTask::new(crate::command::CommandDeps {
+        device: device.clone(),
+        direct: direct_all,
+        host: host.downgrade(),
+        logs: crate::command::logs::installed(),
+        config: crate::command::redacted_config(&cfg),
+        stats: command_stats.clone(),
+    });
     let deploy_task = DeployTask::new(
         deployer,
         store,
@@ -217,6 +226,7 @@ pub async fn run(
     let pipelines = tokio::spawn(pipeline_host.run());
     let deploy = tokio::spawn(deploy_task.run(restored, deploy_sub, stop_rx.clone()));
     let fl = tokio::spawn(fl_task.run(fl_sub, stop_rx.clone()));
+    let commands = tokio::spawn(commands.run(commands_sub, stop_rx.clone()));
     let enroll = tokio::spawn(enrolling.run(answers, link.clone(), enroll_tx, stop_rx.clone()));
     let offload_router = offload
         .clone()
@@ -229,6 +239,23 @@ pub async fn run(
         cfg.local_api.max_message_bytes,
         stop_rx.clone(),
     ));
+    let metrics_listeners = crate::metrics::bind(&cfg.local_api)
+        .await
+        .map_err(AgentError::Metrics)?;
+    let metrics = (!metrics_listeners.is_empty()).then(|| {
+        let sources = crate::metrics::Sources {
+            outbox: outbox.clone(),
+            pipeline: slot.clone(),
+            inference: inference.clone(),
+            auth: auth.clone(),
+            commands: command_stats.clone(),
+        };
+        tokio::spawn(crate::metrics::run(
+            metrics_listeners,
+            sources,
+            stop_rx.clone(),
+        ))
+    });
     let telemetry = (cfg.telemetry.interval_s > 0).then(|| {
         tokio::spawn(telemetry::run(
             device.clone(),
@@ -279,6 +306,8 @@ pub async fn run(
                     ("deploy", Some(&deploy)),
                     ("pipeline-host", Some(&pipelines)),
                     ("federated-learning", Some(&fl)),
+                    ("commands", Some(&commands)),
+                    ("metrics", metrics.as_ref()),
                     ("enrollment", Some(&enroll)),
                     ("offload", offload_router.as_ref()),
                     ("local-api", Some(&api)),
@@ -317,6 +346,8 @@ pub async fn run(
         ("deploy", Some(deploy)),
         ("pipeline-host", Some(pipelines)),
         ("federated-learning", Some(fl)),
+        ("commands", Some(commands)),
+        ("metrics", metrics),
         ("enrollment", Some(enroll)),
         ("offload", offload_router),
         ("local-api", Some(api)),

@@ -92,6 +92,11 @@ pub struct LocalApiConfig {
     pub socket: PathBuf,
     /// Largest payload accepted, bytes.
     pub max_message_bytes: usize,
+    /// Serve Prometheus `GET /metrics` on this local TCP address (`127.0.0.1:9464`); empty: not
+    /// on TCP.
+    pub metrics_listen: String,
+    /// Serve Prometheus `GET /metrics` (HTTP) on this Unix socket path; empty: not on a socket.
+    pub metrics_socket: PathBuf,
 }
 
 impl Default for Config {
@@ -125,6 +130,8 @@ impl Default for LocalApiConfig {
         LocalApiConfig {
             socket: PathBuf::new(),
             max_message_bytes: 65_536,
+            metrics_listen: String::new(),
+            metrics_socket: PathBuf::new(),
         }
     }
 }

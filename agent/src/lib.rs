@@ -3,6 +3,7 @@
 //! Entry point is [`agent::run`]; the binary in `main.rs` only parses the command line.
 
 pub mod agent;
+pub mod command;
 pub mod config;
 pub mod dataset;
 pub mod deploy;
@@ -14,6 +15,7 @@ pub mod inbox;
 pub mod inference;
 pub mod link;
 pub mod local_api;
+pub mod metrics;
 pub mod offload;
 pub mod outbox;
 pub mod pipeline;

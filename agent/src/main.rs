@@ -67,17 +67,11 @@ enum Cmd {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    // The capture behind remote log commands (`edge_agent::command::logs`).
+    edge_agent::command::logs::init(match format {
+        LogFormat::Human => edge_agent::command::logs::Format::Human,
+        LogFormat::Json => edge_agent::command::logs::Format::Json,
+    });
 }
 
 async fn shutdown_signal() {

@@ -274,6 +274,22 @@ pub enum Event {
         state: &'static str,
         hardware: protocol::v1::enroll::Hardware,
     },
+    /// A remote command went out to its device (`crate::commands`).
+    CommandSent {
+        device: String,
+        command: String,
+        kind: &'static str,
+    },
+    /// A remote command ended: `state` is done, failed, expired or timed-out; `error` says why
+    /// it did not succeed.
+    CommandFinished {
+        device: String,
+        command: String,
+        kind: &'static str,
+        state: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// An operator revoked a device: its messages are refused from now on.
     DeviceRevoked {
         device: String,
@@ -587,6 +603,23 @@ impl Event {
             Event::DeviceRevoked { device, key_id, .. } => {
                 tracing::warn!(%device, %key_id, "device revoked")
             }
+            Event::CommandSent {
+                device,
+                command,
+                kind,
+            } => tracing::info!(%device, %command, kind, "remote command sent"),
+            Event::CommandFinished {
+                device,
+                command,
+                kind,
+                state,
+                error,
+            } => match error {
+                None => tracing::info!(%device, %command, kind, state, "remote command finished"),
+                Some(error) => {
+                    tracing::warn!(%device, %command, kind, state, %error, "remote command did not succeed")
+                }
+            },
             Event::CoordinatorKeyRotated {
                 old_key_id,
                 new_key_id,

@@ -46,12 +46,16 @@
 //! `enrollment_rejected {device, key_id, by, reason}` (`by`: policy, operator),
 //! `enrollment_conflict {device, key_id, enrolled_key_id, state, hardware}`,
 //! `device_revoked {device, key_id, previous, groups}`,
+//! `command_sent {device, command, kind}`,
+//! `command_finished {device, command, kind, state, error?}` (`state`: done, failed, expired,
+//! timed-out),
 //! `auth_rejected {reasons {reason: n}, total, devices, since_ms}` (at most every 10 s);
 //! every line has `ts_ms`.
 
 pub mod action;
 pub mod api;
 pub mod chains;
+pub mod commands;
 pub mod config;
 pub mod core;
 pub mod deploy;

@@ -12,7 +12,8 @@
 //! device is final; `deploy --dry-run` only prints the signed manifest. `fl start` validates a
 //! federated task and spools it for `serve` (which runs its rounds), `fl status` prints its
 //! rounds from the state directory (also while `serve` runs), `fl stop` ends it. `api-token`
-//! makes a bearer token for the HTTP API.
+//! makes a bearer token for the HTTP API. `logs` and `cmd` send remote commands to a device
+//! through the running `serve`'s HTTP API.
 
 mod cmd;
 
@@ -100,6 +101,29 @@ enum Command {
         #[command(subcommand)]
         command: cmd::rollout::RolloutCommand,
     },
+    /// Print a device's recent log lines, or follow its log live (through the running
+    /// `serve`'s HTTP API; Ctrl-C ends the follow).
+    Logs {
+        device: String,
+        /// Follow new lines as the agent writes them.
+        #[arg(long)]
+        follow: bool,
+        /// Recent lines to print (default 100; with --follow, printed before following).
+        #[arg(long)]
+        lines: Option<u32>,
+        /// Longest the follow runs, seconds (at most 3600).
+        #[arg(long = "for", value_name = "SECS", default_value_t = 300)]
+        for_s: u64,
+        #[command(flatten)]
+        remote: cmd::remote::RemoteArgs,
+    },
+    /// Send a remote command to a device and print its result (through the running `serve`'s
+    /// HTTP API; restart-pipeline and log-level need an admin token).
+    Cmd {
+        device: String,
+        #[command(subcommand)]
+        command: cmd::remote::CmdCommand,
+    },
     /// Make a bearer token for the HTTP API: prints the token once (stderr says so) and the
     /// `[[api.tokens]]` table holding only its sha256, for the config file.
     ApiToken {
@@ -172,5 +196,13 @@ fn main() -> ExitCode {
         Command::Fl { command } => report(fl(command)),
         Command::Rollout { command } => report(cmd::rollout::rollout(command)),
         Command::ApiToken { name, scope } => report(api_token(&name, scope)),
+        Command::Logs {
+            device,
+            follow,
+            lines,
+            for_s,
+            remote,
+        } => report(cmd::remote::logs(&device, follow, lines, for_s, remote)),
+        Command::Cmd { device, command } => report(cmd::remote::cmd(&device, command)),
     }
 }

@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 
 use crate::action::Action;
 use crate::api::FleetView;
+use crate::commands::{CommandBoard, Presence};
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::host::DeployHost;
@@ -58,6 +59,7 @@ use crate::store::{Store, StoreError};
 use crate::transport::embedded::Embedded;
 use crate::transport::external::External;
 use crate::transport::{AckToken, CHANNEL_CAPACITY, Inbound, Message, Transport, TransportError};
+use protocol::v1::enroll::Decision;
 
 /// Most messages processed before a group commit.
 const MAX_BATCH: usize = 256;
@@ -81,6 +83,9 @@ const FL_TICK: Duration = Duration::from_millis(250);
 /// End-to-end acks wait at most this long after their commit, so that under load one ack
 /// covers the messages of several batches; an ack after a quiet spell goes out at once.
 const ACK_INTERVAL: Duration = Duration::from_millis(25);
+/// How often remote commands are checked: queued ones sent to devices now online, expiries
+/// and timeouts.
+const COMMAND_TICK: Duration = Duration::from_millis(50);
 /// How often dropped-message counts may be journaled (`auth_rejected`).
 const AUTH_SUMMARY: Duration = Duration::from_millis(crate::enrollment::gate::SUMMARY_INTERVAL_MS);
 
@@ -156,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .iter()
             .chain(topics::COORDINATOR_DEPLOY_FILTERS.iter())
             .chain(std::iter::once(&topics::COORDINATOR_FL_FILTER))
+            .chain(std::iter::once(&topics::COORDINATOR_REPLY_FILTER))
             .map(|f| (*f).to_owned())
             .collect()
     };
@@ -200,6 +206,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         chains: Default::default(),
         view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
         api: None,
+        commands: std::sync::Arc::new(CommandBoard::new(started_ms)),
     };
     service.recover_seen_ids()?;
     service.resume_rotation()?;
@@ -215,6 +222,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 service.view.clone(),
                 &config.state_dir,
                 service.journal.path(),
+                service.commands.clone(),
             )
             .await?,
         );
@@ -281,6 +289,8 @@ struct Service {
     /// What the HTTP API reads (`crate::api`); refreshed after each batch.
     view: std::sync::Arc<FleetView>,
     api: Option<crate::api::Server>,
+    /// Remote commands the API queued; sent, expired and answered here.
+    commands: std::sync::Arc<CommandBoard>,
 }
 
 impl Service {
@@ -307,6 +317,8 @@ impl Service {
         fl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ack_flush = tokio::time::interval(ACK_INTERVAL);
         ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut command_tick = tokio::time::interval(COMMAND_TICK);
+        command_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut auth_summary = tokio::time::interval(AUTH_SUMMARY);
         auth_summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let advert_every = self
@@ -351,6 +363,7 @@ impl Service {
                     let out = Outgoing::Publish { topic: o.advert_topic(), payload: o.advert(v1::now_ms()), retain: true };
                     if let Err(e) = self.publish(&mut transport, out).await { break Err(e) }
                 },
+                _ = command_tick.tick(), if self.commands.has_open() => if let Err(e) = self.command_tick(&mut transport).await { break Err(e) },
                 _ = auth_summary.tick() => if let Err(e) = self.auth_summary() { break Err(e) },
                 _ = stats.tick(), if self.config.stats_interval_s > 0 => self.log_stats(),
                 _ = prune.tick() => if let Err(e) = self.prune() { break Err(e) },
@@ -558,6 +571,12 @@ impl Service {
                 let fleet = EnrolledFleet::new(&self.core, &self.enrollments);
                 let actions = self.fl.on_update(&device, &message.payload, now, &fleet);
                 self.actions(actions, now)
+            }
+            Some(Topic::CommandReply { device }) => {
+                if let Err(e) = self.commands.on_reply(&device, &message.payload, now) {
+                    tracing::warn!(device = %device, error = %e, "command reply not taken");
+                }
+                self.journal_commands(now)
             }
             Some(Topic::OffloadRequest { device }) => {
                 if let Some(o) = &mut self.offload {
@@ -1097,6 +1116,60 @@ impl Service {
         Ok(())
     }
 
+    /// Sends the remote commands whose device is online, and lets the board expire and time
+    /// out the others (`crate::commands`).
+    async fn command_tick(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
+        let due = {
+            let (core, enrollments) = (&self.core, &self.enrollments);
+            self.commands.due(v1::now_ms(), |device| {
+                match enrollments.get(device).map(|r| r.state) {
+                    Some(Decision::Accepted) => {
+                        if core.device(device).is_some_and(|d| d.online) {
+                            Presence::Online
+                        } else {
+                            Presence::Offline
+                        }
+                    }
+                    Some(other) => Presence::NotEnrolled(other.as_str()),
+                    None => Presence::NotEnrolled("not enrolled"),
+                }
+            })
+        };
+        let now = v1::now_ms();
+        let sent = due.iter().map(|send| Event::CommandSent {
+            device: send.device.clone(),
+            command: send.request.id.clone(),
+            kind: send.request.command.name(),
+        });
+        self.journal_events(now, sent.collect::<Vec<_>>())?;
+        self.journal_commands(now)?;
+        for send in due {
+            let out = Outgoing::Publish {
+                topic: topics::cmd(&send.device, send.request.command.name()),
+                payload: send.request.to_json(),
+                retain: false,
+            };
+            self.publish(transport, out).await?;
+        }
+        Ok(())
+    }
+
+    /// Journals the remote commands that ended since the last call.
+    fn journal_commands(&mut self, now: u64) -> Result<(), ServiceError> {
+        let ended = self
+            .commands
+            .take_finished()
+            .into_iter()
+            .map(|f| Event::CommandFinished {
+                device: f.device,
+                command: f.id,
+                kind: f.kind,
+                state: f.state,
+                error: f.error,
+            });
+        self.journal_events(now, ended.collect::<Vec<_>>())
+    }
+
     /// The one way out: seals `out` per its topic's rule (`Gate::seal`) and publishes it. A
     /// message that cannot be sealed (no session with its device) is not sent, and logged.
     async fn publish(
@@ -1441,6 +1514,7 @@ mod tests {
             chains: Default::default(),
             view: std::sync::Arc::new(FleetView::new(10, 0)),
             api: None,
+            commands: std::sync::Arc::new(CommandBoard::new(0)),
             config,
         }
     }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! deploy task ──start/shadow/swap/discard/health──► host task ──► Pipeline (live), Pipeline (shadow)
-//!                                                      └─► RunningSlot (telemetry)
+//! remote commands ──restart (weak handle)──────────►     └─► RunningSlot (telemetry)
 //! ```
 //!
 //! Commands run one at a time, in order; a start (module compilation, `init`) runs on a
@@ -15,9 +15,15 @@
 //! **Invariant:** only a `swap` replaces the running pipeline; a failed start leaves what
 //! ran before running. **Boundary:** spawned by `agent::run`, driven by `deploy::task`.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Artifacts, Deps, Mode, Origin, Pipeline, PipelineError, PipelineSpec, RunningSlot};
+use super::{
+    ArtifactError, Artifacts, Deps, Mode, Origin, Pipeline, PipelineError, PipelineSpec,
+    RunningSlot,
+};
 
 /// Commands waiting for the host; the deploy task sends one at a time and waits.
 const COMMANDS: usize = 8;
@@ -66,6 +72,9 @@ enum Command {
     CandidateHealth(oneshot::Sender<Option<Health>>),
     /// Whether a pipeline runs live.
     IsRunning(oneshot::Sender<bool>),
+    /// Stop the live pipeline and start it again from the same description and artifacts;
+    /// `Ok(None)`: nothing runs live. On error nothing runs (as after a failed swap).
+    Restart(oneshot::Sender<Result<Option<String>, PipelineError>>),
 }
 
 /// Cheap to clone; the host stops its pipelines once the last handle is dropped.
@@ -112,6 +121,61 @@ impl HostHandle {
     pub async fn is_running(&self) -> Result<bool, HostError> {
         self.ask(Command::IsRunning).await
     }
+
+    /// Restarts the live pipeline; the name of the pipeline restarted, `None` if none runs.
+    pub async fn restart(&self) -> Result<Option<String>, HostError> {
+        Ok(self.ask(Command::Restart).await??)
+    }
+
+    /// A handle that does not keep the host running (the host still stops its pipelines
+    /// once the deploy task's handle is gone).
+    pub fn downgrade(&self) -> WeakHostHandle {
+        WeakHostHandle {
+            tx: self.tx.downgrade(),
+        }
+    }
+}
+
+/// See [`HostHandle::downgrade`].
+#[derive(Debug, Clone)]
+pub struct WeakHostHandle {
+    tx: mpsc::WeakSender<Command>,
+}
+
+impl WeakHostHandle {
+    /// A handle while the host runs.
+    pub fn upgrade(&self) -> Option<HostHandle> {
+        self.tx.upgrade().map(|tx| HostHandle { tx })
+    }
+
+    /// A handle to a host that has already stopped.
+    #[cfg(test)]
+    pub(crate) fn gone() -> WeakHostHandle {
+        let (tx, _) = mpsc::channel(1);
+        WeakHostHandle { tx: tx.downgrade() }
+    }
+}
+
+/// What the live pipeline was started from, for a restart.
+struct Relaunch {
+    spec: super::PipelineSpec,
+    artifacts: Arc<dyn Artifacts>,
+    origin: Origin,
+}
+
+/// One set of artifacts shared by the start and later restarts.
+struct Shared(Arc<dyn Artifacts>);
+
+impl Artifacts for Shared {
+    fn module(&self, name: &str) -> Result<Vec<u8>, ArtifactError> {
+        self.0.module(name)
+    }
+    fn model(&self, name: &str) -> Result<edge_inference::ModelFiles, ArtifactError> {
+        self.0.model(name)
+    }
+    fn base_dir(&self) -> Option<&Path> {
+        self.0.base_dir()
+    }
 }
 
 /// Owns the pipelines; see the module docs.
@@ -120,6 +184,8 @@ pub struct PipelineHost {
     /// Where telemetry finds the running pipeline's stats.
     slot: RunningSlot,
     running: Option<Pipeline>,
+    /// What `running` was started from.
+    live: Option<Relaunch>,
     candidate: Option<Pipeline>,
     rx: mpsc::Receiver<Command>,
 }
@@ -132,6 +198,7 @@ impl PipelineHost {
             deps,
             slot,
             running: None,
+            live: None,
             candidate: None,
             rx,
         };
@@ -184,6 +251,28 @@ impl PipelineHost {
                 Command::IsRunning(reply) => {
                     let _ = reply.send(self.running.is_some());
                 }
+                Command::Restart(reply) => {
+                    let result = match (self.running.take(), self.live.take()) {
+                        (Some(old), Some(live)) => {
+                            self.slot.set(None);
+                            stop(old).await;
+                            let name = live.spec.name.clone();
+                            self.go_live(Launch {
+                                spec: live.spec,
+                                artifacts: Box::new(Shared(live.artifacts)),
+                                origin: live.origin,
+                            })
+                            .await
+                            .map(|()| Some(name))
+                        }
+                        (running, live) => {
+                            self.running = running;
+                            self.live = live;
+                            Ok(None)
+                        }
+                    };
+                    let _ = reply.send(result);
+                }
             }
         }
         self.slot.set(None);
@@ -200,9 +289,21 @@ impl PipelineHost {
     }
 
     async fn go_live(&mut self, launch: Launch) -> Result<(), PipelineError> {
+        let artifacts: Arc<dyn Artifacts> = Arc::from(launch.artifacts);
+        let relaunch = Relaunch {
+            spec: launch.spec.clone(),
+            artifacts: artifacts.clone(),
+            origin: launch.origin.clone(),
+        };
+        let launch = Launch {
+            spec: launch.spec,
+            artifacts: Box::new(Shared(artifacts)),
+            origin: launch.origin,
+        };
         let p = start(launch, self.deps.clone(), Mode::Live).await?;
         self.slot.set(Some(p.stats()));
         self.running = Some(p);
+        self.live = Some(relaunch);
         Ok(())
     }
 }

@@ -477,14 +477,16 @@ impl Uplink {
                         });
                         let st = self.outbox.stats();
                         tracing::info!(broker = %self.cfg.url, code = ?ack.code, queued = st.depth.iter().sum::<u64>(), "uplink connected");
+                        // Subscribed before the online status goes out: the coordinator sends
+                        // queued commands as soon as it sees that status.
+                        let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
+                        let _ = client.try_subscribe(topics::ack(&self.device), QoS::AtLeastOnce);
                         if let Some(s) = &session {
                             let online = self.status(s, true, since_ms);
                             if client.try_publish(topics::status(&self.device), QoS::AtLeastOnce, true, online).is_ok() {
                                 window.handed_other();
                             }
                         }
-                        let _ = client.try_subscribe(topics::cmd(&self.device, "#"), QoS::AtLeastOnce);
-                        let _ = client.try_subscribe(topics::ack(&self.device), QoS::AtLeastOnce);
                         self.sync_subscriptions(client, &mut subscribed);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => window.written(pkid),
@@ -672,10 +674,6 @@ impl Uplink {
     ) -> Option<bytes::Bytes> {
         let topic = p.topic;
         let payload = ingress.check(&topic, p.payload, session, std::time::Instant::now())?;
-        if matches!(topics::parse(&topic), Some(topics::DeviceTopic::Cmd { .. })) {
-            self.on_command(&topic, &payload);
-            return None;
-        }
         if topic == topics::ack(&self.device) {
             return Some(payload);
         }
@@ -724,29 +722,6 @@ impl Uplink {
             if window.resend_hint(class, now) {
                 self.stats.resends.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(class = %class, waiting_for = seq, "the coordinator is missing an earlier message; sending the class again from its oldest");
-            }
-        }
-    }
-
-    fn on_command(&self, topic: &str, payload: &[u8]) {
-        let Some(topics::DeviceTopic::Cmd { name, .. }) = topics::parse(topic) else {
-            self.stats
-                .malformed_incoming
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(topic, "dropping message on an unexpected topic");
-            return;
-        };
-        match Envelope::<serde_json::Value>::from_json(payload, topics::COORDINATOR)
-            .or_else(|_| Envelope::<serde_json::Value>::from_json(payload, &self.device))
-        {
-            Ok(env) => {
-                tracing::info!(command = %name, id = %env.id, "command received; no handler in this version")
-            }
-            Err(e) => {
-                self.stats
-                    .malformed_incoming
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic, size = payload.len(), error = %e, "dropping malformed command");
             }
         }
     }

@@ -13,6 +13,7 @@
 //! ([`ApiDoc`]); [`router`] records each route it mounts, and a test checks that both lists
 //! agree.
 
+pub mod commands;
 pub mod config;
 pub mod dashboard;
 pub mod deployments;
@@ -84,6 +85,8 @@ pub struct ApiState {
     pub config: ApiConfig,
     /// sha256 of the local read token (`api.token`).
     pub local_token: String,
+    /// Remote commands (`crate::commands`), shared with the service loop.
+    pub commands: Arc<crate::commands::CommandBoard>,
 }
 
 /// An error answer: `{"error": "..."}` with a status.
@@ -215,6 +218,9 @@ pub async fn blocking<T: Send + 'static>(
         enrollment::approve,
         enrollment::reject,
         enrollment::revoke,
+        commands::submit,
+        commands::detail,
+        commands::lines,
         deployments::list,
         deployments::detail,
         deployments::pause,
@@ -285,6 +291,17 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
         &[Method::POST],
         post(enrollment::revoke),
     );
+    mount(
+        "/api/devices/{id}/commands",
+        &[Method::POST],
+        post(commands::submit),
+    );
+    mount("/api/commands/{id}", &[Method::GET], get(commands::detail));
+    mount(
+        "/api/commands/{id}/lines",
+        &[Method::GET],
+        get(commands::lines),
+    );
     mount("/api/deployments", &[Method::GET], get(deployments::list));
     mount(
         "/api/deployments/{id}",
@@ -347,11 +364,17 @@ async fn authorize(
     if path == "/metrics" && state.config.metrics_public {
         return Ok(next.run(request).await);
     }
-    let needed = if request.method() == Method::GET || request.method() == Method::HEAD {
-        Scope::Read
-    } else {
-        Scope::Admin
-    };
+    // A command that only reads from a device (logs, config) needs scope read; the handler
+    // checks admin for the ones that change it, from the scope granted here.
+    let device_command = request.method() == Method::POST
+        && path.starts_with("/api/devices/")
+        && path.ends_with("/commands");
+    let needed =
+        if request.method() == Method::GET || request.method() == Method::HEAD || device_command {
+            Scope::Read
+        } else {
+            Scope::Admin
+        };
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -398,6 +421,11 @@ async fn authorize(
     if needed == Scope::Admin {
         tracing::info!(token = name, method = %request.method(), path = %path, "API admin request");
     }
+    let mut request = request;
+    let token = name.to_owned();
+    request
+        .extensions_mut()
+        .insert(commands::Granted { scope, token });
     Ok(next.run(request).await)
 }
 
@@ -418,6 +446,7 @@ impl Server {
         view: Arc<FleetView>,
         state_dir: &Path,
         journal_path: &Path,
+        commands: Arc<crate::commands::CommandBoard>,
     ) -> Result<Server, ApiStartError> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -445,6 +474,7 @@ impl Server {
             journal_path: journal_path.to_owned(),
             config: config.clone(),
             local_token: config::token_digest(&local),
+            commands,
         });
         let (router, _) = router(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -523,6 +553,7 @@ mod tests {
             journal_path: PathBuf::from("/nonexistent/journal.jsonl"),
             config: ApiConfig::default(),
             local_token: String::new(),
+            commands: Arc::new(crate::commands::CommandBoard::new(0)),
         });
         let (_, mounted) = router(state);
         let mut mounted: Vec<(String, String)> = mounted

@@ -4,6 +4,7 @@
 pub(crate) mod deploy;
 pub(crate) mod devices;
 pub(crate) mod fl;
+pub(crate) mod remote;
 pub(crate) mod rollout;
 pub(crate) mod serve;
 

@@ -544,7 +544,8 @@ impl super::topics::Topic {
             )
             | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
             | Topic::FlUpdate { .. }
-            | Topic::OffloadRequest { .. } => Rule::DeviceMac,
+            | Topic::OffloadRequest { .. }
+            | Topic::CommandReply { .. } => Rule::DeviceMac,
             Topic::Enroll { .. } => Rule::Enrollment,
             Topic::Device(DeviceTopic::Cmd { .. })
             | Topic::OffloadResponse { .. }

@@ -7,6 +7,7 @@
 pub mod ack;
 pub mod auth;
 pub mod binary;
+pub mod command;
 pub mod deploy;
 pub mod enroll;
 pub mod fl;
@@ -52,6 +53,8 @@ pub enum Error {
     DeviceMismatch { envelope: String, topic: String },
     #[error("malformed acknowledgement: {0}")]
     Ack(&'static str),
+    #[error("malformed command: {0}")]
+    Command(String),
 }
 
 /// Delivery class of an outbound message; also its priority (control is sent first) and the

@@ -5,7 +5,8 @@
 //! edge/v1/{device}/register        Envelope<Registration>, class control, at every start
 //! edge/v1/{device}/telemetry       Envelope<Telemetry>, class telemetry, every N seconds
 //! edge/v1/{device}/data/{stream}   Envelope<Data>, application messages from the local API
-//! edge/v1/{device}/cmd/{name}      coordinator -> device commands (later protocol additions)
+//! edge/v1/{device}/cmd/{name}      command::Request, coordinator -> device (MAC'd)
+//! edge/v1/{device}/reply           command::Reply, device -> coordinator (MAC'd)
 //! edge/v1/coordinator/status       retained coordinator status
 //! edge/v1/{device}/deploy/manifest SignedManifest, coordinator -> device
 //! edge/v1/{device}/deploy/chunk    deploy::Chunk (binary), coordinator -> device (and resends)
@@ -49,6 +50,14 @@ pub fn data(device: &str, stream: &str) -> String {
 pub fn cmd(device: &str, name: &str) -> String {
     format!("{ROOT}/{device}/cmd/{name}")
 }
+
+/// Device -> coordinator: the replies to commands (`v1::command::Reply`), MAC'd.
+pub fn reply(device: &str) -> String {
+    format!("{ROOT}/{device}/reply")
+}
+
+/// What the coordinator subscribes to for command replies.
+pub const COORDINATOR_REPLY_FILTER: &str = "edge/v1/+/reply";
 
 /// Device -> coordinator: an enrollment request (`v1::enroll`).
 pub fn enroll(device: &str) -> String {
@@ -463,6 +472,8 @@ pub enum Topic {
     EnrollAnswer { device: String },
     /// Coordinator -> device: what it has durably committed (`v1::ack`).
     Ack { device: String },
+    /// Device -> coordinator: a command's reply (`v1::command`).
+    CommandReply { device: String },
 }
 
 impl Topic {
@@ -508,6 +519,9 @@ impl Topic {
         if let Some(device) = parse_device_suffix(topic, "/ack") {
             return Some(Topic::Ack { device });
         }
+        if let Some(device) = parse_device_suffix(topic, "/reply") {
+            return Some(Topic::CommandReply { device });
+        }
         parse(topic).map(Topic::Device)
     }
 
@@ -533,7 +547,8 @@ impl Topic {
             | Topic::Device(_)
             | Topic::Deploy(DeployTopic::Status { .. } | DeployTopic::Resend { .. })
             | Topic::FlUpdate { .. }
-            | Topic::OffloadRequest { .. } => false,
+            | Topic::OffloadRequest { .. }
+            | Topic::CommandReply { .. } => false,
         }
     }
 
@@ -568,7 +583,8 @@ impl Topic {
             | Topic::OffloadResponse { device }
             | Topic::Enroll { device }
             | Topic::EnrollAnswer { device }
-            | Topic::Ack { device } => Some(device),
+            | Topic::Ack { device }
+            | Topic::CommandReply { device } => Some(device),
             Topic::Deploy(DeployTopic::GroupManifest { .. } | DeployTopic::GroupChunk { .. })
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus => None,
@@ -599,6 +615,7 @@ impl Topic {
             Topic::Enroll { device } => enroll(device),
             Topic::EnrollAnswer { device } => enroll_answer(device),
             Topic::Ack { device } => ack(device),
+            Topic::CommandReply { device } => reply(device),
         }
     }
 }
@@ -643,6 +660,7 @@ mod topic_tests {
             Topic::Enroll { device: d() },
             Topic::EnrollAnswer { device: d() },
             Topic::Ack { device: d() },
+            Topic::CommandReply { device: d() },
         ]
     }
 
@@ -677,6 +695,7 @@ mod topic_tests {
                 "edge/v1/pi-1/fl/update",
                 "edge/v1/pi-1/offload/request",
                 "edge/v1/pi-1/enroll",
+                "edge/v1/pi-1/reply",
             ]
         );
     }
