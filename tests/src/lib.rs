@@ -34,6 +34,7 @@ mod delivery;
 mod deploy;
 pub mod digits;
 pub mod enroll;
+pub mod sim;
 mod env;
 mod fl;
 mod journal;
@@ -50,7 +51,7 @@ mod tmpfs;
 use std::time::Duration;
 
 pub use agent::{Agent, AgentOptions};
-pub use bins::{agent_bin, coordinator_bin};
+pub use bins::{agent_bin, coordinator_bin, sim_bin};
 pub use coordinator::Coordinator;
 pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};

@@ -1,0 +1,66 @@
+//! The fleet simulator (`edge-sim`) as a child process: writes a scenario and the claim keys
+//! it names, starts the simulator against a broker, and stops it (SIGTERM: it stops every
+//! device the way the agent shuts down and writes its results).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::ChildProc;
+
+/// A running simulator; dropped, it is killed (results are only written by [`Sim::stop`]).
+pub struct Sim {
+    proc: ChildProc,
+    out: PathBuf,
+}
+
+impl Sim {
+    /// Writes `scenario` to `dir/scenario.toml` and starts `edge-sim` on it against `mqtt_url`.
+    /// The scenario's groups name claim key files relative to `dir`; write them first
+    /// ([`crate::enroll::write_claim_key`]).
+    pub fn start(dir: &Path, scenario: &str, mqtt_url: &str) -> Result<Sim> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let file = dir.join("scenario.toml");
+        std::fs::write(&file, scenario)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        let out = dir.join("out");
+        let mut proc = ChildProc::new(
+            "edge-sim",
+            crate::bins::sim_bin()?,
+            [
+                file.into_os_string(),
+                "--out".into(),
+                out.clone().into_os_string(),
+                "--mqtt-url".into(),
+                mqtt_url.into(),
+            ],
+            dir.join("sim.log"),
+        );
+        proc.spawn()?;
+        Ok(Sim { proc, out })
+    }
+
+    /// Stops the simulator and returns the path of its `result.json`.
+    pub fn stop(&mut self, timeout: Duration) -> Result<PathBuf> {
+        let status = self.proc.terminate(timeout)?;
+        ensure!(
+            status.success(),
+            "edge-sim exited with {status}:\n{}",
+            self.proc.log_tail(40)
+        );
+        let result = self.out.join("result.json");
+        ensure!(result.is_file(), "edge-sim wrote no {}", result.display());
+        Ok(result)
+    }
+
+    /// Whether the simulator still runs (it exits on its own only after an error or its
+    /// scenario's duration).
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        self.proc.log_tail(n)
+    }
+}

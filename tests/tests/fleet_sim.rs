@@ -1,0 +1,354 @@
+//! Fleet-scale scenarios with the simulator (`edge-sim`): hundreds of simulated devices, each
+//! with its own MQTT connection and the agent library's own enrollment, outbox, uplink and
+//! deploy state machine, against the real coordinator (embedded broker). Only the pipelines are
+//! simulated: a candidate passes or fails its health check by the scenario's rule.
+//!
+//! - 500 devices take a canary rollout (canary 5%, then batches): it completes and every
+//!   device ends on the new version.
+//! - 200 devices on v1; v2 goes out canary-first and every tenth device fails its health
+//!   check: the rollout halts in the canary wave, the canary devices that took v2 get the
+//!   rollback, and at the end no device runs v2.
+//!
+//! Sized for CI on two cores; nothing here asserts a timing.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use edge_sim::Report;
+use edge_tests::sim::Sim;
+use edge_tests::{Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy, run_test};
+
+/// Enrolling and registering a few hundred devices on a loaded 2-core machine.
+const ENROLL_WAIT: Duration = Duration::from_secs(150);
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+fn features(name: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+[[source]]
+name = "imu"
+kind = "synthetic"
+stream = "imu"
+rate_hz = 40
+window = 64
+[[stage]]
+name = "features"
+module = "modules/features.wasm"
+input = "imu"
+config = {{ sample_rate_hz = 1000.0, bands = 4 }}
+[[sink]]
+kind = "outbox"
+input = "features"
+stream = "features"
+"#
+    )
+}
+
+/// The scenario: `devices` in group `lab` (its claim key in `claim-lab.key`), trusting `key`;
+/// `fail_fraction` of them fail the health check of pipeline `hungry`.
+fn scenario(devices: u32, key: &SigningKey, fail_fraction: f64) -> String {
+    format!(
+        r#"
+[fleet]
+telemetry_interval_s = 20
+start_per_second = 100
+
+[[fleet.group]]
+name = "lab"
+devices = {devices}
+claim_key_file = "claim-lab.key"
+
+[agent.mqtt]
+url = "mqtt://127.0.0.1:1"
+reconnect_min_ms = 200
+reconnect_max_ms = 2000
+
+[agent.enrollment]
+retry_ms = 2000
+
+[agent.deploy]
+trusted_keys = ["{key}"]
+resend_after_ms = 3000
+
+[health]
+fail_fraction = {fail_fraction}
+pipelines = ["hungry"]
+"#,
+        key = key.public_hex
+    )
+}
+
+fn ids(devices: u32) -> Vec<String> {
+    (0..devices).map(|i| format!("lab-{i:05}")).collect()
+}
+
+/// Starts the simulator and waits until every device registered with the coordinator.
+fn start_fleet(
+    env: &TestEnv,
+    coord: &Coordinator,
+    key: &SigningKey,
+    devices: u32,
+    fail_fraction: f64,
+) -> Result<Sim> {
+    let dir = env.path("sim");
+    std::fs::create_dir_all(&dir)?;
+    edge_tests::enroll::write_claim_key(&dir.join("claim-lab.key"), &["lab"])?;
+    let mut sim = Sim::start(&dir, &scenario(devices, key, fail_fraction), &coord.url())?;
+    let want: BTreeSet<String> = ids(devices).into_iter().collect();
+    let mut journal = coord.journal();
+    let waited = journal.wait_for("every simulated device registered", ENROLL_WAIT, |events| {
+        let seen: BTreeSet<&str> = events
+            .iter()
+            .filter(|e| e.is("registered"))
+            .filter_map(|e| e.str_field("device"))
+            .collect();
+        want.iter().all(|d| seen.contains(d.as_str()))
+    });
+    if let Err(e) = waited {
+        let running = sim.is_running();
+        return Err(e.context(format!(
+            "simulator running: {running}; its log:\n{}",
+            sim.log_tail(30)
+        )));
+    }
+    Ok(sim)
+}
+
+fn report(sim: &mut Sim) -> Result<Report> {
+    let path = sim.stop(STOP_WAIT)?;
+    let text = std::fs::read_to_string(&path)?;
+    serde_json::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
+}
+
+const HEALTH: [&str; 6] = [
+    "--health-messages",
+    "3",
+    "--health-seconds",
+    "0",
+    "--timeout-s",
+    "300",
+];
+
+fn decisions<'a>(events: &'a [Event], deployment: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| e.is("rollout_decision") && e.str_field("deployment_id") == Some(deployment))
+        .collect()
+}
+
+#[test]
+fn canary_rollout_to_500_simulated_devices_completes() {
+    run_test("fleet_sim_canary_500", |env| {
+        const N: u32 = 500;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        let mut sim = start_fleet(env, &coord, &key, N, 0.0)?;
+
+        let v1 = PipelineDir::create(
+            &env.path("v1"),
+            &features("vibration"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        let args = [
+            "--strategy",
+            "canary",
+            "--canary",
+            "5%",
+            "--batch",
+            "30%",
+            "--soak-secs",
+            "1",
+            "--max-failures",
+            "1%",
+            "--id",
+            "fleet-v1",
+        ];
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(HEALTH);
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &all)?;
+        ensure!(
+            run.success,
+            "the canary rollout failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        let healthy = ids(N)
+            .iter()
+            .filter(|d| run.outcome(d).is_some_and(|o| o.starts_with("healthy")))
+            .count();
+        ensure!(
+            healthy == N as usize,
+            "{healthy} of {N} devices reported healthy:\n{}",
+            run.stdout
+        );
+        let mut journal = coord.journal();
+        journal.refresh()?;
+        let d = decisions(journal.events(), "fleet-v1");
+        let launched = d
+            .iter()
+            .filter(|e| e.str_field("decision") == Some("launched"))
+            .count();
+        ensure!(
+            launched >= 3 && !d.iter().any(|e| e.str_field("decision") == Some("halted")),
+            "expected a canary and batches, no halt: {:?}",
+            d.iter()
+                .map(|e| e.str_field("decision"))
+                .collect::<Vec<_>>()
+        );
+
+        let r = report(&mut sim)?;
+        ensure!(r.devices.len() == N as usize, "{} devices reported", r.devices.len());
+        for dev in &r.devices {
+            ensure!(
+                dev.enrolled
+                    && dev.pipeline == "vibration"
+                    && dev.version == 1
+                    && dev.deployment_id == "fleet-v1",
+                "{} ends on {:?} v{} ({})",
+                dev.device,
+                dev.pipeline,
+                dev.version,
+                dev.deployment_id
+            );
+        }
+        ensure!(r.summary.versions.get("v1") == Some(&(N as usize)));
+        Ok(())
+    });
+}
+
+#[test]
+fn failing_health_halts_the_canary_wave_and_rolls_the_updated_back() {
+    run_test("fleet_sim_canary_halt", |env| {
+        const N: u32 = 200;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        // Every tenth device (lab-00009, lab-00019, ...) fails `hungry`'s health check.
+        let mut sim = start_fleet(env, &coord, &key, N, 0.1)?;
+
+        let v1 = PipelineDir::create(
+            &env.path("v1"),
+            &features("vibration"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
+        ensure!(run.success, "v1 rollout failed:\n{}\n{}", run.stdout, run.stderr);
+
+        // v2: the canary (10%: lab-00000..lab-00019, in id order) holds two failing devices.
+        let v2 = PipelineDir::create(
+            &env.path("v2"),
+            &features("hungry"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        let rollback_to = v1.toml.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--strategy",
+            "canary",
+            "--canary",
+            "10%",
+            "--batch",
+            "30%",
+            "--soak-secs",
+            "1",
+            "--max-failures",
+            "0",
+            "--id",
+            "hungry",
+            "--rollback-to",
+            rollback_to.as_str(),
+        ];
+        args.extend(HEALTH);
+        let run = deploy(&coord, &["--group", "lab"], &v2, &key, 2, &args)?;
+        ensure!(!run.success, "a halted rollout must fail:\n{}", run.stdout);
+        ensure!(
+            run.stderr.contains("halted"),
+            "the error names the halt:\n{}",
+            run.stderr
+        );
+
+        let mut journal = coord.journal();
+        journal.refresh()?;
+        let d = decisions(journal.events(), "hungry");
+        let summary: Vec<Option<&str>> = d.iter().map(|e| e.str_field("decision")).collect();
+        ensure!(
+            summary.first() == Some(&Some("launched"))
+                && summary.last() == Some(&Some("halted"))
+                && summary
+                    .iter()
+                    .filter(|s| **s == Some("launched"))
+                    .count()
+                    == 1,
+            "the rollout must halt in its canary wave: {summary:?}"
+        );
+        let canary: BTreeSet<String> = ids(N).into_iter().take(20).collect();
+        let launched: BTreeSet<String> = d[0]
+            .raw
+            .get("devices")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        ensure!(launched == canary, "the canary wave: {launched:?}");
+
+        // Wait until the rollback reached every canary device that took v2, as the coordinator
+        // sees it through their telemetry... the simulator's own record is the end state, so
+        // stop it once the coordinator has no device left on v2.
+        journal.wait_for("no device reports v2 any more", Duration::from_secs(120), |j| {
+            canary.iter().all(|dev| {
+                j.iter()
+                    .rev()
+                    .find(|e| e.is_for("telemetry", dev))
+                    .and_then(|e| e.raw.get("pipeline"))
+                    .and_then(|p| p.get("name"))
+                    .and_then(|n| n.as_str())
+                    == Some("vibration")
+            })
+        })?;
+
+        let r = report(&mut sim)?;
+        ensure!(r.devices.len() == N as usize);
+        let mut rolled_back = 0;
+        for dev in &r.devices {
+            ensure!(
+                dev.pipeline == "vibration",
+                "{} ends on {:?} v{}: every device must be back on (or never left) v1's pipeline",
+                dev.device,
+                dev.pipeline,
+                dev.version
+            );
+            let in_canary = canary.contains(&dev.device);
+            if !in_canary {
+                ensure!(
+                    dev.version == 1 && dev.candidates == 1,
+                    "{} is outside the canary and must never see v2 (v{}, {} candidates)",
+                    dev.device,
+                    dev.version,
+                    dev.candidates
+                );
+            } else if dev.fails_health {
+                ensure!(
+                    dev.version == 1 && dev.health_failed == 1 && dev.discarded == 1,
+                    "{} failed v2's health check and stays on v1: {dev:?}",
+                    dev.device
+                );
+            } else if dev.version == 3 {
+                rolled_back += 1;
+            }
+        }
+        // The healthy canary devices that committed v2 before the halt got the rollback
+        // (v1's pipeline as version 3); which of them committed first is up to timing.
+        let took_v2: BTreeSet<&str> = r
+            .timeline
+            .iter()
+            .filter(|e| e.event == "live" && e.detail.starts_with("hungry v2"))
+            .map(|e| e.device.as_str())
+            .collect();
+        ensure!(
+            took_v2.len() == rolled_back,
+            "{} devices took v2, {rolled_back} are on the rollback",
+            took_v2.len()
+        );
+        ensure!(took_v2.iter().all(|d| canary.contains(*d)));
+        Ok(())
+    });
+}
