@@ -188,7 +188,7 @@ pub async fn run(
         state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),
-        sandbox: deps.sandbox.clone(),
+        trainer: Arc::new(deps.sandbox.clone()),
         inference: inference.clone(),
         slot: training.clone(),
     });

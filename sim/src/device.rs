@@ -7,14 +7,18 @@
 //! library (sealed by its enrollment session, queued in its outbox); this file only wires and
 //! records. **Boundary:** started and stopped by [`crate::fleet`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use edge_agent::agent::{AGENT_VERSION, registration};
 use edge_agent::config::Config;
+use edge_agent::dataset::{Dataset, Sample};
 use edge_agent::deploy::task::{self, DeployParts, DeployTask};
 use edge_agent::enrollment::{self, Enrollment};
+use edge_agent::fl::{self, FlDeps, FlState, FlTask, LocalTrainer, RoundError, TrainingSetup};
+use edge_agent::sandbox::trainer::{Param, SampleSource, TrainResult};
 use edge_agent::inbox::Inbox;
 use edge_agent::inference::Inference;
 use edge_agent::link;
@@ -26,6 +30,7 @@ use protocol::v1::{Class, topics};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::scenario::FlRole;
 use crate::timeline::Timeline;
 
 /// What a device runs (live) or tries (candidate), as the results report it.
@@ -49,6 +54,8 @@ pub struct DeviceState {
     pub power_cuts: u32,
     pub delivered: u64,
     pub queued: u64,
+    /// Federated rounds this device trained (its update queued, or, for a dropout, never).
+    pub fl_trained: u32,
 }
 
 /// How one device is set up; cheap to clone for a restart.
@@ -59,6 +66,18 @@ pub struct DeviceSpec {
     pub config: Config,
     /// Candidates whose pipeline this rule names fail their health check.
     pub fails_health: Option<crate::scenario::HealthRule>,
+    /// Federated learning, if the scenario has it.
+    pub fl: Option<FlSpec>,
+}
+
+/// A device's part in federated learning.
+#[derive(Debug, Clone)]
+pub struct FlSpec {
+    pub section: crate::scenario::FlSection,
+    pub role: FlRole,
+    pub model_bytes: Arc<Vec<u8>>,
+    /// Set when the fleet stops: a dropout's endless training gives up.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// A started device; [`RunningDevice::stop`] drains it the way the agent shuts down.
@@ -161,6 +180,25 @@ impl RunningDevice {
         };
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        let fl_stats = Arc::default();
+        let fl_task = match &spec.fl {
+            Some(f) => Some(federated(
+                f,
+                &device,
+                &state,
+                cfg,
+                &outbox,
+                &sessions,
+                &inference,
+                &inbox,
+                shared.clone(),
+                timeline.clone(),
+            )?),
+            None => None,
+        };
+        let fl_stats = fl_task
+            .as_ref()
+            .map_or(fl_stats, |(t, _): &(FlTask, _)| t.stats.clone());
         let mut tasks = vec![
             ("pipeline-host", tokio::spawn(sim_host.run(commands))),
             (
@@ -182,6 +220,9 @@ impl RunningDevice {
                 )),
             ),
         ];
+        if let Some((t, sub)) = fl_task {
+            tasks.push(("federated-learning", tokio::spawn(t.run(sub, stop_rx.clone()))));
+        }
         if cfg.telemetry.interval_s > 0 {
             tasks.push((
                 "telemetry",
@@ -192,7 +233,7 @@ impl RunningDevice {
                         outbox: outbox.clone(),
                         pipeline: slot,
                         inference,
-                        fl: Arc::default(),
+                        fl: fl_stats,
                         offload: None,
                         auth,
                         session: sessions.clone(),
@@ -231,6 +272,133 @@ impl RunningDevice {
         self.outbox.close().await?;
         self.state.sync()?;
         Ok(())
+    }
+}
+
+/// The agent's federated-learning task for a device: its dataset filled with synthetic
+/// labeled samples, the scenario's model published as what the running pipeline trains, and
+/// the synthetic trainer in place of the WASM module.
+#[allow(clippy::too_many_arguments)]
+fn federated(
+    f: &FlSpec,
+    device: &str,
+    state: &StateDb,
+    cfg: &Config,
+    outbox: &Arc<Outbox>,
+    sessions: &enrollment::SessionWatch,
+    inference: &Inference,
+    inbox: &Inbox,
+    shared: Arc<Mutex<DeviceState>>,
+    timeline: Timeline,
+) -> Result<(FlTask, edge_agent::inbox::Subscription)> {
+    const DATASET: &str = "sim";
+    let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
+    let have = dataset.samples(DATASET)?.len();
+    for i in have..f.section.samples as usize {
+        dataset.append(
+            DATASET,
+            &Sample {
+                timestamp_ms: protocol::v1::now_ms(),
+                label: Some(i64::try_from(i % 10).unwrap_or(0)),
+                features: vec![0.0; f.section.inputs as usize],
+            },
+        )?;
+    }
+    let slot = fl::TrainingSlot::default();
+    slot.set(Some(Arc::new(TrainingSetup {
+        pipeline: "simulated".into(),
+        model: f.section.model.clone(),
+        model_bytes: f.model_bytes.to_vec(),
+        model_data: Default::default(),
+        trainer_name: "synthetic".into(),
+        trainer_bytes: Vec::new(),
+        dataset: DATASET.into(),
+    })));
+    let task = FlTask::new(FlDeps {
+        device: device.to_owned(),
+        session: sessions.clone(),
+        state: FlState::open(&state.db)?,
+        outbox: outbox.clone(),
+        dataset,
+        trainer: Arc::new(SyntheticTrainer {
+            device: device.to_owned(),
+            role: f.role,
+            delay: Duration::from_secs_f64(f.section.straggler_delay_s.max(0.0)),
+            stopping: f.stopping.clone(),
+            shared,
+            timeline,
+        }),
+        inference: inference.clone(),
+        slot,
+    });
+    let sub = inbox.subscribe(&protocol::v1::topics::fl_round(device), fl::INBOX_CAPACITY);
+    Ok((task, sub))
+}
+
+/// The simulator's trainer: moves every weight a little (a deterministic step scaled by the
+/// order's learning rate), so an update has the model's exact shapes and finite values and
+/// costs microseconds. Stragglers answer after a delay; dropouts never answer.
+struct SyntheticTrainer {
+    device: String,
+    role: FlRole,
+    delay: Duration,
+    stopping: Arc<AtomicBool>,
+    shared: Arc<Mutex<DeviceState>>,
+    timeline: Timeline,
+}
+
+impl LocalTrainer for SyntheticTrainer {
+    fn train(
+        &self,
+        setup: &TrainingSetup,
+        weights: Vec<Param>,
+        params_json: &str,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<TrainResult, RoundError> {
+        match self.role {
+            FlRole::Dropout => {
+                self.timeline.record(&self.device, "fl-dropout", "");
+                // Gone for the rest of the run: the round never hears from this device.
+                while !self.stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                return Err(RoundError::Trainer {
+                    module: setup.trainer_name.clone(),
+                    kind: protocol::v1::fl::FailureKind::Resources,
+                    reason: "simulated dropout: the simulator stopped".into(),
+                });
+            }
+            FlRole::Straggler => std::thread::sleep(self.delay),
+            FlRole::Prompt => {}
+        }
+        let lr = serde_json::from_str::<serde_json::Value>(params_json)
+            .ok()
+            .and_then(|v| v.get("lr").and_then(serde_json::Value::as_f64))
+            .unwrap_or(0.1) as f32;
+        let weights = weights
+            .into_iter()
+            .map(|mut p| {
+                for (i, w) in p.data.iter_mut().enumerate() {
+                    // Small, deterministic, finite.
+                    *w -= lr * 0.01 * ((i % 7) as f32 - 3.0) / 3.0;
+                }
+                p
+            })
+            .collect();
+        let n = samples.count();
+        let trained = {
+            let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            s.fl_trained += 1;
+            s.fl_trained
+        };
+        self.timeline
+            .record(&self.device, "fl-trained", &format!("{trained}"));
+        Ok(TrainResult {
+            weights,
+            samples: n,
+            loss: 1.0 / (1.0 + trained as f32),
+            accuracy: 1.0 - 1.0 / (1.0 + trained as f32),
+        })
     }
 }
 

@@ -124,6 +124,14 @@ pub async fn run(
 ) -> Result<Summary> {
     let root = state_root(&scenario)?;
     let timeline = Timeline::default();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let model_bytes = match &scenario.fl {
+        Some(f) => Arc::new(
+            std::fs::read(&f.model_file)
+                .with_context(|| format!("cannot read [fl] model_file {}", f.model_file.display()))?,
+        ),
+        None => Arc::default(),
+    };
     let mut slots = Vec::new();
     for (gi, index, id) in scenario.devices() {
         let config = device_config(&scenario, gi, &id, &root.path().join(&id))?;
@@ -134,6 +142,12 @@ pub async fn run(
                 group: scenario.fleet.group[gi].name.clone(),
                 config,
                 fails_health: fails.then(|| scenario.health.clone()),
+                fl: scenario.fl.as_ref().map(|f| crate::device::FlSpec {
+                    section: f.clone(),
+                    role: f.role(index),
+                    model_bytes: model_bytes.clone(),
+                    stopping: stopping.clone(),
+                }),
             },
             state: Arc::default(),
             running: None,
@@ -216,6 +230,7 @@ pub async fn run(
     let _ = churn_stop.send(true);
     let _ = churn.await;
     timeline.record("fleet", "stopping", "");
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     stop_all(&slots).await;
     timeline.record("fleet", "stopped", "");
 

@@ -34,6 +34,10 @@ pub struct DeviceEnd {
     pub delivered: u64,
     /// Messages left in its outbox at the end.
     pub queued: u64,
+    /// `prompt`, `straggler` or `dropout` with federated learning; empty without.
+    pub fl_role: String,
+    /// Federated rounds it trained.
+    pub fl_trained: u32,
 }
 
 impl DeviceEnd {
@@ -55,6 +59,12 @@ impl DeviceEnd {
             power_cuts: s.power_cuts,
             delivered: s.delivered,
             queued: s.queued,
+            fl_role: spec
+                .fl
+                .as_ref()
+                .map(|f| format!("{:?}", f.role).to_lowercase())
+                .unwrap_or_default(),
+            fl_trained: s.fl_trained,
         }
     }
 }
@@ -149,12 +159,12 @@ fn field(s: &str) -> String {
 pub fn devices_csv(devices: &[DeviceEnd]) -> String {
     let mut out = String::from(
         "device,group,fails_health,enrolled,pipeline,deployment_id,version,candidates,\
-         health_failed,committed,discarded,reboots,power_cuts,delivered,queued\n",
+         health_failed,committed,discarded,reboots,power_cuts,delivered,queued,fl_role,fl_trained\n",
     );
     for d in devices {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             field(&d.device),
             field(&d.group),
             d.fails_health,
@@ -169,7 +179,9 @@ pub fn devices_csv(devices: &[DeviceEnd]) -> String {
             d.reboots,
             d.power_cuts,
             d.delivered,
-            d.queued
+            d.queued,
+            d.fl_role,
+            d.fl_trained
         );
     }
     out

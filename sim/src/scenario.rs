@@ -44,6 +44,9 @@ pub struct Scenario {
     /// Devices restarting while the scenario runs.
     #[serde(default)]
     pub churn: Churn,
+    /// Federated learning: devices take part in rounds with a synthetic trainer.
+    #[serde(default)]
+    pub fl: Option<FlSection>,
     /// How long the run lasts and where its results go.
     #[serde(default)]
     pub run: RunSection,
@@ -106,6 +109,68 @@ impl HealthRule {
     }
 }
 
+/// Federated learning on simulated devices. Each device runs the agent's own round handling
+/// (admission, signature and replay checks, update encoding, outbox) with a synthetic trainer
+/// in place of the WASM module: it nudges the weights it is given and returns them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlSection {
+    /// The model's name as the task names it (`model = ...` in the coordinator's task file).
+    pub model: String,
+    /// The ONNX file the devices "serve" (the task's initial model); relative to the scenario.
+    pub model_file: PathBuf,
+    /// Synthetic labeled samples per device (features: `inputs` zeros, labels 0..10).
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+    /// Features per sample: the model's input width.
+    #[serde(default = "default_inputs")]
+    pub inputs: u32,
+    /// Fraction of devices that never answer a round (their training never finishes).
+    #[serde(default)]
+    pub dropout_fraction: f64,
+    /// Fraction of devices that answer late, after `straggler_delay_s`.
+    #[serde(default)]
+    pub straggler_fraction: f64,
+    #[serde(default = "default_straggler_delay")]
+    pub straggler_delay_s: f64,
+}
+
+/// What a device does when ordered to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlRole {
+    Prompt,
+    Straggler,
+    Dropout,
+}
+
+impl FlSection {
+    /// Dropouts are the first `dropout_fraction` of every hundred devices (by index), then the
+    /// stragglers: deterministic, so a test knows who answers.
+    pub fn role(&self, index: u32) -> FlRole {
+        let p = f64::from(index % 100) / 100.0;
+        if p < self.dropout_fraction {
+            FlRole::Dropout
+        } else if p < self.dropout_fraction + self.straggler_fraction {
+            FlRole::Straggler
+        } else {
+            FlRole::Prompt
+        }
+    }
+}
+
+fn default_samples() -> u32 {
+    32
+}
+
+fn default_inputs() -> u32 {
+    64
+}
+
+fn default_straggler_delay() -> f64 {
+    5.0
+}
+
 /// Restarts while the scenario runs, each on a device picked at random.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +229,11 @@ impl Scenario {
         })?;
         let mut s = Scenario::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(fl) = &mut s.fl
+            && fl.model_file.is_relative()
+        {
+            fl.model_file = base.join(&fl.model_file);
+        }
         for g in &mut s.fleet.group {
             if g.claim_key_file.is_relative() {
                 g.claim_key_file = base.join(&g.claim_key_file);
@@ -198,6 +268,15 @@ impl Scenario {
         }
         if s.churn.reboots_per_minute < 0.0 || s.churn.power_cuts_per_minute < 0.0 {
             return Err(invalid("churn", "rates are not negative"));
+        }
+        if let Some(fl) = &s.fl {
+            let (d, st) = (fl.dropout_fraction, fl.straggler_fraction);
+            if !(0.0..=1.0).contains(&d) || !(0.0..=1.0).contains(&st) || d + st > 1.0 {
+                return Err(invalid(
+                    "fl",
+                    "dropout_fraction and straggler_fraction are fractions adding up to at most 1",
+                ));
+            }
         }
         for key in ["state_dir", "device"] {
             if s.agent.contains_key(key) {
@@ -264,6 +343,13 @@ mod tests {
         assert!(Scenario::parse(base, p).is_ok());
         assert!(Scenario::parse(&format!("{base}[health]\nfraction = 0.1\n"), p).is_err());
         assert!(Scenario::parse(&format!("{base}[agent.device]\nid = \"x\"\n"), p).is_err());
+        let fl = format!("{base}[fl]\nmodel = \"m\"\nmodel_file = \"m.onnx\"\ndropout_fraction = 0.3\nstraggler_fraction = 0.2\n");
+        let s = Scenario::parse(&fl, p).expect("parses");
+        let f = s.fl.expect("fl section");
+        let roles: Vec<FlRole> = (0..100).map(|i| f.role(i)).collect();
+        assert_eq!(roles.iter().filter(|r| **r == FlRole::Dropout).count(), 30);
+        assert_eq!(roles.iter().filter(|r| **r == FlRole::Straggler).count(), 20);
+        assert_eq!(f.role(130), FlRole::Dropout);
         let ids = Scenario::parse(base, p).expect("parses").devices();
         assert_eq!(ids[1].2, "a-00001");
     }

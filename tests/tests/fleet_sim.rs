@@ -3,11 +3,14 @@
 //! deploy state machine, against the real coordinator (embedded broker). Only the pipelines are
 //! simulated: a candidate passes or fails its health check by the scenario's rule.
 //!
-//! - 500 devices take a canary rollout (canary 5%, then batches): it completes and every
-//!   device ends on the new version.
+//! - 500 devices on v1 take v2 as a canary rollout (canary 5%, then batches): it completes
+//!   and every device ends on v2.
 //! - 200 devices on v1; v2 goes out canary-first and every tenth device fails its health
 //!   check: the rollout halts in the canary wave, the canary devices that took v2 get the
 //!   rollback, and at the end no device runs v2.
+//!
+//! - 200 devices in a federated task, 15% of them dropping out (never answering) and 15%
+//!   straggling: every round closes by quorum, on the prompt devices' updates.
 //!
 //! Sized for CI on two cores; nothing here asserts a timing.
 
@@ -17,7 +20,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use edge_sim::Report;
 use edge_tests::sim::Sim;
-use edge_tests::{Coordinator, Event, PipelineDir, SigningKey, TestEnv, deploy, run_test};
+use edge_tests::digits::Split;
+use edge_tests::{
+    Coordinator, Event, FL_GROUP, FL_MODEL, FlTask, PipelineDir, SigningKey, TestEnv,
+    closed_rounds, deploy, federated_data, run_test, task_finished,
+};
+use edge_testmodels::onnx_builder;
 
 /// Enrolling and registering a few hundred devices on a loaded 2-core machine.
 const ENROLL_WAIT: Duration = Duration::from_secs(150);
@@ -46,9 +54,16 @@ stream = "features"
     )
 }
 
-/// The scenario: `devices` in group `lab` (its claim key in `claim-lab.key`), trusting `key`;
-/// `fail_fraction` of them fail the health check of pipeline `hungry`.
-fn scenario(devices: u32, key: &SigningKey, fail_fraction: f64) -> String {
+/// The scenario: `devices` in `group` (its claim key in `claim-GROUP.key`), trusting `key`,
+/// pinning the coordinator's identity (`pin`) as a provisioned fleet would; `extra` holds the
+/// scenario's `[health]` or `[fl]` section.
+fn scenario(
+    group: &str,
+    devices: u32,
+    key: &SigningKey,
+    pin: &protocol::v1::auth::PublicIdentity,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [fleet]
@@ -56,9 +71,9 @@ telemetry_interval_s = 20
 start_per_second = 100
 
 [[fleet.group]]
-name = "lab"
+name = "{group}"
 devices = {devices}
-claim_key_file = "claim-lab.key"
+claim_key_file = "claim-{group}.key"
 
 [agent.mqtt]
 url = "mqtt://127.0.0.1:1"
@@ -67,36 +82,53 @@ reconnect_max_ms = 2000
 
 [agent.enrollment]
 retry_ms = 2000
+coordinator = {{ sign = "{sign}", agree = "{agree}" }}
 
 [agent.deploy]
 trusted_keys = ["{key}"]
 resend_after_ms = 3000
 
-[health]
-fail_fraction = {fail_fraction}
-pipelines = ["hungry"]
+{extra}
 "#,
-        key = key.public_hex
+        key = key.public_hex,
+        sign = pin.sign,
+        agree = pin.agree,
     )
 }
 
 fn ids(devices: u32) -> Vec<String> {
-    (0..devices).map(|i| format!("lab-{i:05}")).collect()
+    group_ids("lab", devices)
 }
 
-/// Starts the simulator and waits until every device registered with the coordinator.
+fn group_ids(group: &str, devices: u32) -> Vec<String> {
+    (0..devices).map(|i| format!("{group}-{i:05}")).collect()
+}
+
+/// `fail_fraction` of the devices fail the health check of pipeline `hungry`.
+fn health(fail_fraction: f64) -> String {
+    format!("[health]\nfail_fraction = {fail_fraction}\npipelines = [\"hungry\"]\n")
+}
+
+/// Starts the simulator (its files in `env`'s `sim/`) and waits until every device registered
+/// with the coordinator.
 fn start_fleet(
     env: &TestEnv,
     coord: &Coordinator,
     key: &SigningKey,
+    group: &str,
     devices: u32,
-    fail_fraction: f64,
+    extra: &str,
 ) -> Result<Sim> {
     let dir = env.path("sim");
     std::fs::create_dir_all(&dir)?;
-    edge_tests::enroll::write_claim_key(&dir.join("claim-lab.key"), &["lab"])?;
-    let mut sim = Sim::start(&dir, &scenario(devices, key, fail_fraction), &coord.url())?;
-    let want: BTreeSet<String> = ids(devices).into_iter().collect();
+    edge_tests::enroll::write_claim_key(&dir.join(format!("claim-{group}.key")), &[group])?;
+    let pin = edge_tests::enroll::coordinator_identity(&coord.state_dir())?;
+    let mut sim = Sim::start(
+        &dir,
+        &scenario(group, devices, key, &pin, extra),
+        &coord.url(),
+    )?;
+    let want: BTreeSet<String> = group_ids(group, devices).into_iter().collect();
     let mut journal = coord.journal();
     let waited = journal.wait_for("every simulated device registered", ENROLL_WAIT, |events| {
         let seen: BTreeSet<&str> = events
@@ -144,11 +176,21 @@ fn canary_rollout_to_500_simulated_devices_completes() {
         const N: u32 = 500;
         let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
         let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
-        let mut sim = start_fleet(env, &coord, &key, N, 0.0)?;
+        let mut sim = start_fleet(env, &coord, &key, "lab", N, "")?;
 
+        // v1 to the whole group at once: the version a canary rolls back to.
         let v1 = PipelineDir::create(
             &env.path("v1"),
             &features("vibration"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
+        ensure!(run.success, "v1 rollout failed:\n{}\n{}", run.stdout, run.stderr);
+
+        // v2 canary-first: 5%, then batches of 30%, each gated on health.
+        let v2 = PipelineDir::create(
+            &env.path("v2"),
+            &features("vibration2"),
             &[("feature_extractor", "modules/features.wasm")],
         )?;
         let args = [
@@ -163,11 +205,11 @@ fn canary_rollout_to_500_simulated_devices_completes() {
             "--max-failures",
             "1%",
             "--id",
-            "fleet-v1",
+            "fleet-v2",
         ];
         let mut all: Vec<&str> = args.to_vec();
         all.extend(HEALTH);
-        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &all)?;
+        let run = deploy(&coord, &["--group", "lab"], &v2, &key, 2, &all)?;
         ensure!(
             run.success,
             "the canary rollout failed:\n{}\n{}",
@@ -185,7 +227,7 @@ fn canary_rollout_to_500_simulated_devices_completes() {
         );
         let mut journal = coord.journal();
         journal.refresh()?;
-        let d = decisions(journal.events(), "fleet-v1");
+        let d = decisions(journal.events(), "fleet-v2");
         let launched = d
             .iter()
             .filter(|e| e.str_field("decision") == Some("launched"))
@@ -203,9 +245,10 @@ fn canary_rollout_to_500_simulated_devices_completes() {
         for dev in &r.devices {
             ensure!(
                 dev.enrolled
-                    && dev.pipeline == "vibration"
-                    && dev.version == 1
-                    && dev.deployment_id == "fleet-v1",
+                    && dev.pipeline == "vibration2"
+                    && dev.version == 2
+                    && dev.deployment_id == "fleet-v2"
+                    && dev.committed == 2,
                 "{} ends on {:?} v{} ({})",
                 dev.device,
                 dev.pipeline,
@@ -213,7 +256,7 @@ fn canary_rollout_to_500_simulated_devices_completes() {
                 dev.deployment_id
             );
         }
-        ensure!(r.summary.versions.get("v1") == Some(&(N as usize)));
+        ensure!(r.summary.versions.get("v2") == Some(&(N as usize)));
         Ok(())
     });
 }
@@ -225,7 +268,7 @@ fn failing_health_halts_the_canary_wave_and_rolls_the_updated_back() {
         let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
         let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
         // Every tenth device (lab-00009, lab-00019, ...) fails `hungry`'s health check.
-        let mut sim = start_fleet(env, &coord, &key, N, 0.1)?;
+        let mut sim = start_fleet(env, &coord, &key, "lab", N, &health(0.1))?;
 
         let v1 = PipelineDir::create(
             &env.path("v1"),
@@ -349,6 +392,69 @@ fn failing_health_halts_the_canary_wave_and_rolls_the_updated_back() {
             took_v2.len()
         );
         ensure!(took_v2.iter().all(|d| canary.contains(*d)));
+        Ok(())
+    });
+}
+
+#[test]
+fn federated_rounds_with_200_simulated_clients_close_by_quorum() {
+    run_test("fleet_sim_fl_200", |env| {
+        const N: u32 = 200;
+        const ROUNDS: u32 = 3;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        let model = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 32, 10], 1));
+        let task_dir = env.path("task");
+        federated_data(&task_dir, 1, Split::Iid, &model)?;
+        std::fs::create_dir_all(env.path("sim"))?;
+        std::fs::write(env.path("sim").join("model.onnx"), &model)?;
+        // Devices 0-14 of every hundred never answer, 15-29 answer 3 s late.
+        let fl = format!(
+            "[fl]\nmodel = \"{FL_MODEL}\"\nmodel_file = \"model.onnx\"\n\
+             dropout_fraction = 0.15\nstraggler_fraction = 0.15\nstraggler_delay_s = 3\n"
+        );
+        let mut sim = start_fleet(env, &coord, &key, FL_GROUP, N, &fl)?;
+
+        let mut task = FlTask::new("simfl", ROUNDS, N as usize);
+        // 60% of the selected close a round: the prompt 70% suffice, dropouts never answer.
+        task.quorum = 0.6;
+        task.round_interval_s = 1;
+        task.start(&coord, &task_dir, &key)?;
+        let mut journal = coord.journal();
+        journal.wait_for("the federated task finished", Duration::from_secs(180), |e| {
+            task_finished(e, "simfl")
+        })?;
+        let closed = closed_rounds(journal.events(), "simfl");
+        ensure!(closed.len() == ROUNDS as usize, "{} rounds closed", closed.len());
+        for e in &closed {
+            let received = e.f64_field("received").unwrap_or(0.0);
+            ensure!(
+                e.str_field("close_reason") == Some("quorum"),
+                "a round closed by {:?}, not quorum: {:?}",
+                e.str_field("close_reason"),
+                e.raw
+            );
+            // Quorum is 120 of 200; the 30 dropouts never answer.
+            ensure!(
+                (120.0..=170.0).contains(&received),
+                "round received {received} updates: {:?}",
+                e.raw
+            );
+        }
+
+        let r = report(&mut sim)?;
+        for dev in &r.devices {
+            match dev.fl_role.as_str() {
+                "dropout" => ensure!(dev.fl_trained == 0, "{dev:?}"),
+                "prompt" => ensure!(dev.fl_trained >= 1, "{} never trained", dev.device),
+                "straggler" => {}
+                other => anyhow::bail!("{}: unexpected role {other:?}", dev.device),
+            }
+        }
+        ensure!(
+            r.devices.iter().filter(|d| d.fl_role == "dropout").count() == 30,
+            "30 dropouts expected"
+        );
         Ok(())
     });
 }
