@@ -18,12 +18,12 @@ use edge_agent::dataset::{Dataset, Sample};
 use edge_agent::deploy::task::{self, DeployParts, DeployTask};
 use edge_agent::enrollment::{self, Enrollment};
 use edge_agent::fl::{self, FlDeps, FlState, FlTask, LocalTrainer, RoundError, TrainingSetup};
-use edge_agent::sandbox::trainer::{Param, SampleSource, TrainResult};
 use edge_agent::inbox::Inbox;
 use edge_agent::inference::Inference;
 use edge_agent::link;
 use edge_agent::outbox::{NewMessage, Outbox};
 use edge_agent::pipeline::{Command, HostHandle, Origin, RunningSlot, Stats};
+use edge_agent::sandbox::trainer::{Param, SampleSource, TrainResult};
 use edge_agent::statedb::StateDb;
 use edge_agent::{telemetry, uplink};
 use protocol::v1::{Class, topics};
@@ -221,7 +221,10 @@ impl RunningDevice {
             ),
         ];
         if let Some((t, sub)) = fl_task {
-            tasks.push(("federated-learning", tokio::spawn(t.run(sub, stop_rx.clone()))));
+            tasks.push((
+                "federated-learning",
+                tokio::spawn(t.run(sub, stop_rx.clone())),
+            ));
         }
         if cfg.telemetry.interval_s > 0 {
             tasks.push((
@@ -448,6 +451,7 @@ struct Candidate {
     running: Running,
     frames: u64,
     failure_noted: bool,
+    started: std::time::Instant,
 }
 
 impl SimHost {
@@ -479,10 +483,7 @@ impl SimHost {
             "live",
             &format!("{} v{} ({})", r.pipeline, r.version, r.deployment_id),
         );
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .live = Some(r.clone());
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).live = Some(r.clone());
         self.live = Some(r);
     }
 
@@ -511,6 +512,7 @@ impl SimHost {
                     running: r,
                     frames: 0,
                     failure_noted: false,
+                    started: std::time::Instant::now(),
                 });
                 let _ = reply.send(Ok(()));
             }
@@ -534,21 +536,27 @@ impl SimHost {
             Command::CandidateHealth(reply) => {
                 let rule = self.rule.as_ref();
                 let health = self.candidate.as_mut().map(|c| {
-                    if rule.is_some_and(|rule| rule.applies_to(&c.running.pipeline)) {
-                        if !c.failure_noted {
-                            c.failure_noted = true;
-                            note(&|s| s.health_failed += 1);
-                            self.timeline.record(
-                                &self.device,
-                                "health-failed",
-                                &format!("{} v{}", c.running.pipeline, c.running.version),
-                            );
+                    let doomed = rule.filter(|r| r.applies_to(&c.running.pipeline));
+                    match doomed {
+                        // A failing candidate makes no progress until it fails.
+                        Some(r) if c.started.elapsed().as_secs_f64() < r.fail_after_s => (0, None),
+                        Some(_) => {
+                            if !c.failure_noted {
+                                c.failure_noted = true;
+                                note(&|s| s.health_failed += 1);
+                                self.timeline.record(
+                                    &self.device,
+                                    "health-failed",
+                                    &format!("{} v{}", c.running.pipeline, c.running.version),
+                                );
+                            }
+                            let reason = "simulated: the scenario's health rule fails this device";
+                            (0, Some(reason.to_owned()))
                         }
-                        let reason = "simulated: the scenario's health rule fails this device";
-                        (0, Some(reason.to_owned()))
-                    } else {
-                        c.frames += 1;
-                        (c.frames, None)
+                        None => {
+                            c.frames += 1;
+                            (c.frames, None)
+                        }
                     }
                 });
                 let _ = reply.send(health);

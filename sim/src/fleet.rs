@@ -73,12 +73,7 @@ fn state_root(s: &Scenario) -> Result<StateRoot> {
 
 /// The agent config of one device: the scenario's `[agent]` table with the per-device keys,
 /// parsed by the agent's own config parser (so its validation applies).
-pub fn device_config(
-    s: &Scenario,
-    group: usize,
-    id: &str,
-    state_dir: &Path,
-) -> Result<Config> {
+pub fn device_config(s: &Scenario, group: usize, id: &str, state_dir: &Path) -> Result<Config> {
     use toml::Value;
     let mut root = s.agent.clone();
     let path_str = |p: &Path| -> Result<Value> {
@@ -125,13 +120,13 @@ pub async fn run(
     let root = state_root(&scenario)?;
     let timeline = Timeline::default();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let model_bytes = match &scenario.fl {
-        Some(f) => Arc::new(
-            std::fs::read(&f.model_file)
-                .with_context(|| format!("cannot read [fl] model_file {}", f.model_file.display()))?,
-        ),
-        None => Arc::default(),
-    };
+    let model_bytes =
+        match &scenario.fl {
+            Some(f) => Arc::new(std::fs::read(&f.model_file).with_context(|| {
+                format!("cannot read [fl] model_file {}", f.model_file.display())
+            })?),
+            None => Arc::default(),
+        };
     let mut slots = Vec::new();
     for (gi, index, id) in scenario.devices() {
         let config = device_config(&scenario, gi, &id, &root.path().join(&id))?;
@@ -230,14 +225,21 @@ pub async fn run(
     let _ = churn_stop.send(true);
     let _ = churn.await;
     timeline.record("fleet", "stopping", "");
+    // A dropout's endless training ends now (its device is stopping: the agent's FL task no
+    // longer waits for it), so no blocking thread outlives the run.
     stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(devices = total, "stopping the simulated devices");
     stop_all(&slots).await;
+    tracing::info!("simulated devices stopped");
     timeline.record("fleet", "stopped", "");
 
     let mut ends = Vec::new();
     for slot in slots.iter() {
         let s = slot.lock().await;
-        ends.push(DeviceEnd::of(&s.spec, &s.state.lock().unwrap_or_else(|p| p.into_inner())));
+        ends.push(DeviceEnd::of(
+            &s.spec,
+            &s.state.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
     }
     let summary = results::write(out, &ends, &timeline.entries())?;
     drop(root);

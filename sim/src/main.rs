@@ -6,7 +6,11 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "edge-sim", version, about = "Runs a simulated fleet of edge agents against a real broker and coordinator")]
+#[command(
+    name = "edge-sim",
+    version,
+    about = "Runs a simulated fleet of edge agents against a real broker and coordinator"
+)]
 struct Cli {
     /// The scenario file (TOML; see sim/README.md).
     scenario: PathBuf,
@@ -48,10 +52,14 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         edge_sim::run(scenario, &out, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // Every device was stopped and joined; a blocking thread still running (a trainer that
+    // ignores the stop) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 /// SIGINT or SIGTERM.

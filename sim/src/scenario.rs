@@ -91,6 +91,10 @@ pub struct HealthRule {
     /// Pipeline names whose candidates fail on those devices; empty: every candidate.
     #[serde(default)]
     pub pipelines: Vec<String>,
+    /// Seconds a failing candidate runs (processing nothing) before it fails: a version that
+    /// hangs a while and then breaks, rather than at once.
+    #[serde(default)]
+    pub fail_after_s: f64,
 }
 
 impl HealthRule {
@@ -306,7 +310,7 @@ mod tests {
     fn failing_fraction_is_spread_evenly_and_exact() {
         let rule = HealthRule {
             fail_fraction: 0.1,
-            pipelines: vec![],
+            ..HealthRule::default()
         };
         let failing: Vec<u32> = (0..100).filter(|i| rule.fails(*i)).collect();
         assert_eq!(failing.len(), 10);
@@ -316,6 +320,7 @@ mod tests {
         let all = HealthRule {
             fail_fraction: 1.0,
             pipelines: vec!["bad".into()],
+            fail_after_s: 0.0,
         };
         assert!((0..10).all(|i| all.fails(i)));
         assert!(all.applies_to("bad") && !all.applies_to("good"));
@@ -343,13 +348,20 @@ mod tests {
         assert!(Scenario::parse(base, p).is_ok());
         assert!(Scenario::parse(&format!("{base}[health]\nfraction = 0.1\n"), p).is_err());
         assert!(Scenario::parse(&format!("{base}[agent.device]\nid = \"x\"\n"), p).is_err());
-        let fl = format!("{base}[fl]\nmodel = \"m\"\nmodel_file = \"m.onnx\"\ndropout_fraction = 0.3\nstraggler_fraction = 0.2\n");
+        let fl = format!(
+            "{base}[fl]\nmodel = \"m\"\nmodel_file = \"m.onnx\"\ndropout_fraction = 0.3\nstraggler_fraction = 0.2\n"
+        );
         let s = Scenario::parse(&fl, p).expect("parses");
         let f = s.fl.expect("fl section");
         let roles: Vec<FlRole> = (0..100).map(|i| f.role(i)).collect();
         assert_eq!(roles.iter().filter(|r| **r == FlRole::Dropout).count(), 30);
-        assert_eq!(roles.iter().filter(|r| **r == FlRole::Straggler).count(), 20);
-        assert_eq!(f.role(130), FlRole::Dropout);
+        assert_eq!(
+            roles.iter().filter(|r| **r == FlRole::Straggler).count(),
+            20
+        );
+        assert_eq!(f.role(129), FlRole::Dropout);
+        assert_eq!(f.role(130), FlRole::Straggler);
+        assert_eq!(f.role(150), FlRole::Prompt);
         let ids = Scenario::parse(base, p).expect("parses").devices();
         assert_eq!(ids[1].2, "a-00001");
     }

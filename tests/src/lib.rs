@@ -34,7 +34,6 @@ mod delivery;
 mod deploy;
 pub mod digits;
 pub mod enroll;
-pub mod sim;
 mod env;
 mod fl;
 mod journal;
@@ -45,6 +44,7 @@ mod offload;
 mod process;
 mod proxy;
 mod raw_mqtt;
+pub mod sim;
 mod tls;
 mod tmpfs;
 

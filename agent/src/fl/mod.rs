@@ -411,6 +411,11 @@ impl FlTask {
         let mut waiting: Option<Vec<u8>> = None;
         let me = Arc::new(self);
         loop {
+            // `handle` gives up on a round when told to stop and consumes that change: without
+            // this check the loop below would wait for a second one and shutdown would hang.
+            if *stop.borrow() {
+                return;
+            }
             tokio::select! {
                 _ = stop.changed() => return,
                 msg = sub.rx.recv() => {
