@@ -60,6 +60,10 @@ impl Sim {
         self.proc.is_running()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     pub fn log_tail(&self, n: usize) -> String {
         self.proc.log_tail(n)
     }
