@@ -264,7 +264,8 @@ async fn slots_states(slots: &Slots) -> Vec<(bool, Option<u64>, u32, u32)> {
 
 async fn stop_all(slots: &Slots) {
     let mut set = tokio::task::JoinSet::new();
-    for slot in slots.iter().cloned() {
+    for slot in slots.iter() {
+        let slot = Arc::clone(slot);
         if set.len() >= STOP_CONCURRENCY {
             set.join_next().await;
         }

@@ -98,7 +98,7 @@ fn raise_nofile() {
     let mut l = getrlimit(Resource::Nofile);
     if l.current != l.maximum {
         l.current = l.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, l.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
             println!("bench fleet: cannot raise the open-file limit: {e}");
         }
     }
@@ -234,7 +234,9 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     let mut sim = Sim::start(&sim_dir, &scenario(n, &key, &pin), &coord.url())?;
     let sim_pid = sim.pid().context("simulator pid")?;
     journal
-        .wait_for("every device registered", wait, |e| registered(e) >= n as usize)
+        .wait_for("every device registered", wait, |e| {
+            registered(e) >= n as usize
+        })
         .with_context(|| format!("simulator log:\n{}", sim.log_tail(20)))?;
     let enroll_s = started.elapsed().as_secs_f64();
     let sim_rss = proc_status_kib(sim_pid, "VmRSS:").unwrap_or(0);
@@ -315,15 +317,17 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     let result = sim.stop(Duration::from_secs(120 + u64::from(n) / 20))?;
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
     let devices = report["devices"].as_array().cloned().unwrap_or_default();
-    let delivered: u64 = devices
-        .iter()
-        .filter_map(|d| d["delivered"].as_u64())
-        .sum();
+    let delivered: u64 = devices.iter().filter_map(|d| d["delivered"].as_u64()).sum();
     let mut live: Vec<u64> = report["timeline"]
         .as_array()
         .map(|t| {
             t.iter()
-                .filter(|e| e["event"] == "live" && e["detail"].as_str().is_some_and(|d| d.starts_with("bench v1")))
+                .filter(|e| {
+                    e["event"] == "live"
+                        && e["detail"]
+                            .as_str()
+                            .is_some_and(|d| d.starts_with("bench v1"))
+                })
                 .filter_map(|e| e["unix_ms"].as_u64())
                 .collect()
         })
@@ -413,10 +417,16 @@ fn svg(rows: &[Row]) -> String {
         ("enroll + register (s)", |r| r.enroll_s),
         ("99% on a 400 KB pipeline (s)", |r| r.deploy_p99_s),
         ("FL round, up to 1,000 clients (s)", |r| r.fl_round_s),
-        ("coordinator CPU per device (ms)", |r| r.coord_cpu_ms_per_device),
-        ("coordinator RSS per device (KiB)", |r| r.coord_rss_kib_per_device),
+        ("coordinator CPU per device (ms)", |r| {
+            r.coord_cpu_ms_per_device
+        }),
+        ("coordinator RSS per device (KiB)", |r| {
+            r.coord_rss_kib_per_device
+        }),
         ("device messages/s via broker", |r| r.msgs_per_s),
-        ("simulator RSS per device (KiB)", |r| r.sim_rss_kib_per_device),
+        ("simulator RSS per device (KiB)", |r| {
+            r.sim_rss_kib_per_device
+        }),
         ("coordinator CPU total (s)", |r| r.coord_cpu_s),
     ];
     let (pw, ph, cols) = (300.0, 200.0, 4usize);
@@ -486,7 +496,10 @@ fn svg(rows: &[Row]) -> String {
                 path.join(" ")
             );
             for (x, y) in pts {
-                let _ = writeln!(s, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{color}\"/>");
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{color}\"/>"
+                );
             }
         }
     }
