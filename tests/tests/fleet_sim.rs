@@ -12,6 +12,11 @@
 //! - 200 devices in a federated task, 15% of them dropping out (never answering) and 15%
 //!   straggling: every round closes by quorum, on the prompt devices' updates.
 //!
+//! - 100 devices rebooting and losing power about three times a second across the fleet take
+//!   a deployment: every device comes back enrolled; those that report healthy run the new
+//!   version, and any that does not was restarted (one restarted during its health check
+//!   refuses that version from then on, by design).
+//!
 //! Sized for CI on two cores; nothing here asserts a timing.
 
 use std::collections::BTreeSet;
@@ -486,6 +491,75 @@ fn federated_rounds_with_200_simulated_clients_close_by_quorum() {
             r.devices.iter().filter(|d| d.fl_role == "dropout").count() == 30,
             "30 dropouts expected"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn churned_fleet_comes_back_and_only_restarted_devices_miss_the_deployment() {
+    run_test("fleet_sim_churn", |env| {
+        const N: u32 = 100;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        // About three restarts a second across the fleet, a third of them power cuts.
+        let churn =
+            "[churn]\nreboots_per_minute = 120\npower_cuts_per_minute = 60\ndown_s = 1\nseed = 7\n";
+        let mut sim = start_fleet(env, &coord, &key, "lab", N, churn)?;
+        let mut journal = coord.journal();
+        // A restarted device registers again: wait until the churn has restarted some.
+        journal.wait_for(
+            "devices registering again after restarts",
+            ENROLL_WAIT,
+            |e| e.iter().filter(|e| e.is("registered")).count() >= N as usize + 10,
+        )?;
+
+        let v1 = PipelineDir::create(
+            &env.path("v1"),
+            &features("vibration"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        // A device restarted in the middle of its health check counts that version as failed
+        // (the candidate may be what brought it down) and refuses it from then on, so under
+        // churn some devices may end without v1; each of them must have been restarted.
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
+
+        let r = report(&mut sim)?;
+        ensure!(
+            r.summary.reboots > 0 && r.summary.power_cuts > 0,
+            "no churn happened: {:?}",
+            r.summary
+        );
+        ensure!(
+            !r.timeline.iter().any(|e| e.event == "start-failed"),
+            "a device did not start again: {:?}",
+            r.timeline
+                .iter()
+                .filter(|e| e.event == "start-failed")
+                .collect::<Vec<_>>()
+        );
+        let mut healthy = 0;
+        for dev in &r.devices {
+            ensure!(dev.enrolled, "{} is not enrolled after churn", dev.device);
+            let outcome = run.outcome(&dev.device).unwrap_or("");
+            if outcome.starts_with("healthy") {
+                healthy += 1;
+                ensure!(
+                    dev.pipeline == "vibration" && dev.version == 1,
+                    "{} reported healthy but ends on {:?} v{}",
+                    dev.device,
+                    dev.pipeline,
+                    dev.version
+                );
+            } else {
+                ensure!(
+                    dev.reboots + dev.power_cuts > 0,
+                    "{} never restarted, yet its outcome is {outcome:?}:\n{}",
+                    dev.device,
+                    run.stdout
+                );
+            }
+        }
+        ensure!(healthy > 0, "no device took v1:\n{}", run.stdout);
         Ok(())
     });
 }
