@@ -410,6 +410,17 @@ fn csv(rows: &[Row]) -> String {
     s
 }
 
+/// An axis label that fits left of the axis.
+fn short(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 /// Small multiples: one panel per figure against fleet size (log scale), a line per broker.
 fn svg(rows: &[Row]) -> String {
     type Get = fn(&Row) -> f64;
@@ -453,12 +464,12 @@ fn svg(rows: &[Row]) -> String {
             .max(1e-9);
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\">{title}</text>\n<line x1=\"{l}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n<line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{b}\" stroke=\"black\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.3}</text>\n<text x=\"{}\" y=\"{b}\" text-anchor=\"end\">0</text>",
+            "<text x=\"{}\" y=\"{}\">{title}</text>\n<line x1=\"{l}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n<line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{b}\" stroke=\"black\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n<text x=\"{}\" y=\"{b}\" text-anchor=\"end\">0</text>",
             ox + 45.0,
             oy + 14.0,
             l - 3.0,
             t + 8.0,
-            ymax,
+            short(ymax),
             l - 3.0,
         );
         let px = |x: f64| {
