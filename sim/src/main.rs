@@ -20,6 +20,10 @@ struct Cli {
     /// Overrides `[agent.mqtt] url` (e.g. the coordinator's embedded broker in a test).
     #[arg(long)]
     mqtt_url: Option<String>,
+    /// Overrides `[run] state_dir`: where the devices keep their state (kept after the run;
+    /// whoever names it removes it).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -32,6 +36,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut scenario = edge_sim::Scenario::load(&cli.scenario)?;
+    if let Some(dir) = cli.state_dir {
+        scenario.run.state_dir = dir;
+    }
     if let Some(url) = cli.mqtt_url {
         let mqtt = scenario
             .agent

@@ -10,9 +10,13 @@ use anyhow::{Context, Result, ensure};
 use crate::ChildProc;
 
 /// A running simulator; dropped, it is killed (results are only written by [`Sim::stop`]).
+/// The devices' state lives in a tmpfs folder this handle owns, removed when it is dropped, so
+/// a killed simulator leaves nothing behind in `/dev/shm`.
 pub struct Sim {
     proc: ChildProc,
     out: PathBuf,
+    // Dropped after `proc` (fields drop in order): the process is gone before its files.
+    _state: tempfile::TempDir,
 }
 
 impl Sim {
@@ -25,6 +29,15 @@ impl Sim {
         std::fs::write(&file, scenario)
             .with_context(|| format!("cannot write {}", file.display()))?;
         let out = dir.join("out");
+        let tmpfs = Path::new("/dev/shm");
+        let mut b = tempfile::Builder::new();
+        b.prefix("edge-sim-test-");
+        let state = if tmpfs.is_dir() {
+            b.tempdir_in(tmpfs)
+        } else {
+            b.tempdir()
+        }
+        .context("cannot create the simulated devices' state folder")?;
         let mut proc = ChildProc::new(
             "edge-sim",
             crate::bins::sim_bin()?,
@@ -34,11 +47,17 @@ impl Sim {
                 out.clone().into_os_string(),
                 "--mqtt-url".into(),
                 mqtt_url.into(),
+                "--state-dir".into(),
+                state.path().as_os_str().to_owned(),
             ],
             dir.join("sim.log"),
         );
         proc.spawn()?;
-        Ok(Sim { proc, out })
+        Ok(Sim {
+            proc,
+            out,
+            _state: state,
+        })
     }
 
     /// Stops the simulator and returns the path of its `result.json`.
