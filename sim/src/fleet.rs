@@ -193,6 +193,7 @@ pub async fn run(
         }
     }
     timeline.record("fleet", "started", &format!("{total} devices"));
+    let rogues = tokio::spawn(crate::rogue::run_all(scenario.clone(), timeline.clone()));
 
     let (churn_stop, churn_rx) = tokio::sync::watch::channel(false);
     let churn = tokio::spawn(churn(
@@ -221,6 +222,8 @@ pub async fn run(
             );
         }
     }
+    rogues.abort();
+    let _ = rogues.await;
     // Churn finishes the restarts it began, so no device is left half-stopped.
     let _ = churn_stop.send(true);
     let _ = churn.await;

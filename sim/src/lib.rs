@@ -7,6 +7,7 @@
 pub mod device;
 pub mod fleet;
 pub mod results;
+pub mod rogue;
 pub mod scenario;
 pub mod timeline;
 

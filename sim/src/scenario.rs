@@ -47,6 +47,9 @@ pub struct Scenario {
     /// Federated learning: devices take part in rounds with a synthetic trainer.
     #[serde(default)]
     pub fl: Option<FlSection>,
+    /// Rogue clients on the same broker, run with the security tests' `edge-attacker`.
+    #[serde(default)]
+    pub rogue: Vec<Rogue>,
     /// How long the run lasts and where its results go.
     #[serde(default)]
     pub run: RunSection,
@@ -175,6 +178,20 @@ fn default_straggler_delay() -> f64 {
     5.0
 }
 
+/// One attack by a rogue client: `edge-attacker PORT ATTACK ARGS..` (the security tests'
+/// attacker: it holds none of the fleet's keys) once the whole fleet has started.
+/// Attacks: `impersonate DEVICE`, `flood DEVICE N`, `forge-status DEVICE ID VER`,
+/// `forge-chunk DEVICE N`, `forge-update DEVICE N`, `sybil N`, `enroll-as DEVICE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rogue {
+    /// The attack and its arguments, as `edge-attacker` takes them after the port.
+    pub attack: Vec<String>,
+    /// Seconds after the fleet started.
+    #[serde(default)]
+    pub at_s: f64,
+}
+
 /// Restarts while the scenario runs, each on a device picked at random.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +297,11 @@ impl Scenario {
                     "fl",
                     "dropout_fraction and straggler_fraction are fractions adding up to at most 1",
                 ));
+            }
+        }
+        for r in &s.rogue {
+            if r.attack.is_empty() {
+                return Err(invalid("rogue.attack", "an attack name and its arguments"));
             }
         }
         for key in ["state_dir", "device"] {

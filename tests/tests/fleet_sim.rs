@@ -16,6 +16,8 @@
 //!   a deployment: every device comes back enrolled; those that report healthy run the new
 //!   version, and any that does not was restarted (one restarted during its health check
 //!   refuses that version from then on, by design).
+//! - 50 devices beside rogue clients (`edge-attacker`: impersonation, a flood, a forged deploy
+//!   status, sybil enrollments) take a deployment; no rogue id registers.
 //!
 //! Sized for CI on two cores; nothing here asserts a timing.
 
@@ -560,6 +562,74 @@ fn churned_fleet_comes_back_and_only_restarted_devices_miss_the_deployment() {
             }
         }
         ensure!(healthy > 0, "no device took v1:\n{}", run.stdout);
+        Ok(())
+    });
+}
+
+#[test]
+fn rogue_clients_change_nothing_for_the_fleet() {
+    run_test("fleet_sim_rogue", |env| {
+        const N: u32 = 50;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        // The security tests' attacker, holding none of the fleet's keys.
+        let rogues = r#"
+[[rogue]]
+attack = ["impersonate", "lab-00001"]
+[[rogue]]
+attack = ["flood", "lab-00002", "300"]
+[[rogue]]
+attack = ["forge-status", "lab-00003", "forged", "1"]
+[[rogue]]
+attack = ["sybil", "20"]
+"#;
+        let mut sim = start_fleet(env, &coord, &key, "lab", N, rogues)?;
+        let mut journal = coord.journal();
+        journal.wait_for("the impersonation refused", ENROLL_WAIT, |e| {
+            e.iter().any(|e| e.is("auth_rejected"))
+        })?;
+
+        let v1 = PipelineDir::create(
+            &env.path("v1"),
+            &features("vibration"),
+            &[("feature_extractor", "modules/features.wasm")],
+        )?;
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
+        ensure!(
+            run.success,
+            "the rollout beside rogue clients failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        let r = report(&mut sim)?;
+        let ran: Vec<&str> = r
+            .timeline
+            .iter()
+            .filter(|e| e.event.starts_with("rogue"))
+            .map(|e| e.detail.as_str())
+            .collect();
+        ensure!(
+            r.timeline.iter().filter(|e| e.event == "rogue").count() == 4,
+            "every rogue attack ran: {ran:?}"
+        );
+        for dev in &r.devices {
+            ensure!(
+                dev.enrolled && dev.pipeline == "vibration" && dev.version == 1,
+                "{} beside rogue clients: {dev:?}",
+                dev.device
+            );
+        }
+        // No sybil id became a device: only the fleet's devices registered.
+        journal.refresh()?;
+        let fleet: BTreeSet<String> = ids(N).into_iter().collect();
+        let strangers: BTreeSet<&str> = journal
+            .events()
+            .iter()
+            .filter(|e| e.is("registered"))
+            .filter_map(|e| e.device.as_deref())
+            .filter(|d| !fleet.contains(*d))
+            .collect();
+        ensure!(strangers.is_empty(), "registered strangers: {strangers:?}");
         Ok(())
     });
 }
