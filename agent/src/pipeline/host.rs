@@ -57,8 +57,11 @@ pub enum HostError {
 /// failed for good.
 pub type Health = (u64, Option<String>);
 
-/// The host's closed set of events.
-enum Command {
+/// The host's closed set of events. Public so that another host can answer them: the fleet
+/// simulator (`sim/`) drives the agent's own deploy task against a host that starts nothing
+/// and reports health by a scenario rule.
+#[derive(Debug)]
+pub enum Command {
     /// Start live if nothing runs (the installed or local pipeline at start-up, or after a
     /// rollback left nothing running); `Ok(false)`: something already runs, nothing started.
     Start(Launch, oneshot::Sender<Result<bool, PipelineError>>),
@@ -84,6 +87,14 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
+    /// A handle and the receiving end of its commands, for a host other than
+    /// [`PipelineHost`] (the fleet simulator's). The handle behaves as `PipelineHost::new`'s:
+    /// dropping every clone ends the receiver.
+    pub fn channel() -> (HostHandle, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(COMMANDS);
+        (HostHandle { tx }, rx)
+    }
+
     async fn ask<T>(
         &self,
         cmd: impl FnOnce(oneshot::Sender<T>) -> Command,

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use protocol::v1::{NodeTelemetry, PipelineTelemetry, StageTelemetry};
 use tokio::sync::mpsc;
 
-pub use host::{HostError, HostHandle, Launch, PipelineHost, run_start};
+pub use host::{Command, HostError, HostHandle, Launch, PipelineHost, run_start};
 pub use nodes::{HealthCounters, NodeCounters};
 pub use spec::{PipelineSpec, SinkSpec, SourceSpec, SpecError, StageKind, StageSpec, TrainingSpec};
 
@@ -249,6 +249,20 @@ fn node(name: &str, c: &NodeCounters) -> NodeTelemetry {
 }
 
 impl Stats {
+    /// Figures of a pipeline that runs no nodes: only its name and origin reach telemetry.
+    /// The fleet simulator's devices report the version they run with it.
+    pub fn without_nodes(name: String, origin: Origin) -> Stats {
+        Stats {
+            name,
+            origin,
+            started_ms: protocol::v1::now_ms(),
+            sources: Vec::new(),
+            stages: Vec::new(),
+            sinks: Vec::new(),
+            health: Arc::default(),
+        }
+    }
+
     pub fn telemetry(&self) -> PipelineTelemetry {
         PipelineTelemetry {
             name: self.name.clone(),
