@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Cursor, FORMAT, FlError};
+use super::{FlError, begin, open};
 use crate::v1::validate_message_id;
 
 /// Binary envelope `kind` of a device's request for weight chunks (JSON [`FetchRequest`]).
@@ -165,12 +165,7 @@ pub struct WeightChunk {
 
 impl WeightChunk {
     pub fn encode(&self) -> Vec<u8> {
-        let task = &self.task.as_bytes()[..self.task.len().min(255)];
-        let mut out = Vec::with_capacity(12 + task.len() + self.data.len());
-        out.extend_from_slice(CHUNK_MAGIC);
-        out.push(FORMAT);
-        out.push(task.len() as u8);
-        out.extend_from_slice(task);
+        let mut out = begin(CHUNK_MAGIC, &self.task, 8 + self.data.len());
         out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&self.index.to_le_bytes());
         out.extend_from_slice(&self.data);
@@ -182,21 +177,7 @@ impl WeightChunk {
         if payload.len() > crate::v1::MAX_PAYLOAD_BYTES {
             return Err(err(format!("{} bytes", payload.len())));
         }
-        if !payload.starts_with(CHUNK_MAGIC) {
-            return Err(err("not a weight chunk".into()));
-        }
-        let mut c = Cursor {
-            buf: &payload[2..],
-            err,
-        };
-        if c.u8("format")? != FORMAT {
-            return Err(err("unsupported format".into()));
-        }
-        let tlen = c.u8("task length")? as usize;
-        let task = c.str(tlen, "task")?.to_owned();
-        if validate_message_id(&task).is_err() {
-            return Err(err(format!("invalid task id {task:?}")));
-        }
+        let (mut c, task) = open(payload, CHUNK_MAGIC, "a weight chunk", err)?;
         let version = c.u32("version")?;
         let index = c.u32("index")?;
         Ok(WeightChunk {
@@ -280,12 +261,7 @@ impl UpdatePart {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let task = &self.task.as_bytes()[..self.task.len().min(255)];
-        let mut out = Vec::with_capacity(52 + task.len() + self.data.len());
-        out.extend_from_slice(PART_MAGIC);
-        out.push(FORMAT);
-        out.push(task.len() as u8);
-        out.extend_from_slice(task);
+        let mut out = begin(PART_MAGIC, &self.task, 48 + self.data.len());
         for v in [self.round, self.index, self.count, self.total] {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -298,21 +274,7 @@ impl UpdatePart {
     /// [`MAX_UPDATE_BYTES`], this part's length what its index implies.
     pub fn decode(body: &[u8]) -> Result<UpdatePart, FlError> {
         let err = FlError::Update;
-        if !body.starts_with(PART_MAGIC) {
-            return Err(err("not an update part".into()));
-        }
-        let mut c = Cursor {
-            buf: &body[2..],
-            err,
-        };
-        if c.u8("format")? != FORMAT {
-            return Err(err("unsupported format".into()));
-        }
-        let tlen = c.u8("task length")? as usize;
-        let task = c.str(tlen, "task")?.to_owned();
-        if validate_message_id(&task).is_err() {
-            return Err(err(format!("invalid task id {task:?}")));
-        }
+        let (mut c, task) = open(body, PART_MAGIC, "an update part", err)?;
         let round = c.u32("round")?;
         let index = c.u32("index")?;
         let count = c.u32("count")?;

@@ -286,6 +286,44 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The start every binary FL body shares (updates, update parts, weight chunks):
+/// `magic (2) | format u8 | task_len u8 | task`.
+fn begin(magic: &[u8; 2], task: &str, capacity: usize) -> Vec<u8> {
+    let task = &task.as_bytes()[..task.len().min(255)];
+    let mut out = Vec::with_capacity(4 + task.len() + capacity);
+    out.extend_from_slice(magic);
+    out.push(FORMAT);
+    out.push(task.len() as u8);
+    out.extend_from_slice(task);
+    out
+}
+
+/// Reads what [`begin`] wrote: a cursor after it and the task id (checked), or `err` naming
+/// what is wrong (`what` is the format's name, e.g. "an update").
+fn open<'a>(
+    body: &'a [u8],
+    magic: &[u8; 2],
+    what: &str,
+    err: fn(String) -> FlError,
+) -> Result<(Cursor<'a>, String), FlError> {
+    if !body.starts_with(magic) {
+        return Err(err(format!("not {what}")));
+    }
+    let mut c = Cursor {
+        buf: &body[2..],
+        err,
+    };
+    if c.u8("format")? != FORMAT {
+        return Err(err("unsupported format".into()));
+    }
+    let tlen = c.u8("task length")? as usize;
+    let task = c.str(tlen, "task")?.to_owned();
+    if validate_message_id(&task).is_err() {
+        return Err(err(format!("invalid task id {task:?}")));
+    }
+    Ok((c, task))
+}
+
 /// Verifies a round message's signature against `trusted`, then its structure (the header's
 /// params must account for exactly the weights carried, all finite).
 pub fn decode_round(payload: &[u8], trusted: &TrustedKeys) -> Result<RoundMessage, FlError> {
@@ -374,11 +412,7 @@ impl Update {
     /// `"FU" | format u8 | task_len u8 | task | round u32 | base_version u32 | samples u32 |
     /// loss f32 | accuracy f32 | train_ms u32 | payload` (little-endian; 24 bytes + task id).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(28 + self.task.len() + self.payload.len());
-        out.extend_from_slice(UPDATE_MAGIC);
-        out.push(FORMAT);
-        out.push(self.task.len().min(255) as u8);
-        out.extend_from_slice(&self.task.as_bytes()[..self.task.len().min(255)]);
+        let mut out = begin(UPDATE_MAGIC, &self.task, 24 + self.payload.len());
         for v in [self.round, self.base_version, self.samples] {
             out.extend_from_slice(&v.to_le_bytes());
         }
@@ -400,21 +434,7 @@ impl Update {
                 limit: chunks::MAX_UPDATE_BYTES,
             });
         }
-        if !body.starts_with(UPDATE_MAGIC) {
-            return Err(err("not an update".into()));
-        }
-        let mut c = Cursor {
-            buf: &body[2..],
-            err,
-        };
-        if c.u8("format")? != FORMAT {
-            return Err(err("unsupported format".into()));
-        }
-        let tlen = c.u8("task length")? as usize;
-        let task = c.str(tlen, "task")?.to_owned();
-        if validate_message_id(&task).is_err() {
-            return Err(err(format!("invalid task id {task:?}")));
-        }
+        let (mut c, task) = open(body, UPDATE_MAGIC, "an update", err)?;
         let round = c.u32("round")?;
         let base_version = c.u32("base version")?;
         let samples = c.u32("samples")?;
