@@ -78,7 +78,11 @@ impl Fft {
             for (re_blk, im_blk) in re.chunks_exact_mut(size).zip(im.chunks_exact_mut(size)) {
                 let (re_a, re_b) = re_blk.split_at_mut(half);
                 let (im_a, im_b) = im_blk.split_at_mut(half);
-                let tw = self.tw_re.iter().step_by(step).zip(self.tw_im.iter().step_by(step));
+                let tw = self
+                    .tw_re
+                    .iter()
+                    .step_by(step)
+                    .zip(self.tw_im.iter().step_by(step));
                 for ((((ra, ia), rb), ib), (&wr, &wi)) in re_a
                     .iter_mut()
                     .zip(im_a.iter_mut())
