@@ -3,7 +3,11 @@
 //! - per-message overhead of a stage with instance reuse: a passthrough module on a tiny
 //!   frame (µs per call), against a native function call doing the same copy;
 //! - the feature extractor as a WASM stage against the same `dsp` code compiled natively
-//!   (extract + the same JSON output), on a 1024-sample window; ratio WASM / native;
+//!   (the stage's input checks, extract, the same JSON output and output frame), on a
+//!   1024-sample window; WASM and native rounds alternate, and the ratio is the median of the
+//!   per-round ratios (a shared machine's drift hits both sides of a round alike);
+//! - the component-model floor for that window: a passthrough stage given the same
+//!   1024-sample frame (the window copied into the guest and back out, no work);
 //! - throughput of that stage on one core (msgs/s);
 //! - pooled instantiation time (instance only, and instance + `init`);
 //! - memory per loaded module (compiled code size, RSS growth) and per live instance;
@@ -11,8 +15,9 @@
 //!   pipeline runtime (threads, bounded channels), against the same stage called in a loop.
 //!   Run under `taskset -c 0` for the one-core figure.
 //!
-//! Medians of several rounds. Needs the guest modules built (`cargo build --release
-//! --target wasm32-wasip2` in `modules/`). `cargo bench -p edge-agent --bench sandbox`.
+//! Medians of several rounds. Needs the guest modules built (`cargo xtask modules`).
+//! `cargo xtask bench sandbox` builds them and runs this (`cargo bench -p edge-agent --bench
+//! sandbox`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,6 +85,32 @@ fn per_call(n: usize, mut f: impl FnMut()) -> f64 {
             })
             .collect(),
     )
+}
+
+/// Alternating rounds of `n` calls of `a` and of `b`: median seconds per call of each and
+/// the median of the per-round ratios a/b.
+fn paired(n: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64, f64) {
+    for _ in 0..n / 10 + 1 {
+        a();
+        b();
+    }
+    let (mut ta, mut tb, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for _ in 0..n {
+            a();
+        }
+        let sa = t.elapsed().as_secs_f64() / n as f64;
+        let t = Instant::now();
+        for _ in 0..n {
+            b();
+        }
+        let sb = t.elapsed().as_secs_f64() / n as f64;
+        ta.push(sa);
+        tb.push(sb);
+        ratio.push(sa / sb);
+    }
+    (median(ta), median(tb), median(ratio))
 }
 
 #[derive(serde::Serialize)]
@@ -167,9 +198,6 @@ fn main() {
         .expect("instantiate");
     fx.init(fx_cfg).expect("init");
     let window = samples(1024);
-    let wasm_fx = per_call(2_000, || {
-        std::hint::black_box(fx.process(&window).expect("process"));
-    });
     let mut native = dsp::Extractor::new(dsp::ExtractorConfig {
         sample_rate_hz: 1000.0,
         bands: 8,
@@ -179,7 +207,12 @@ fn main() {
     let Payload::Samples(values) = &window.payload else {
         unreachable!()
     };
-    let native_fx = per_call(2_000, || {
+    let mut native_stage = |values: &[f32]| {
+        // The stage's input checks (modules/feature-extractor), so both sides do the same work.
+        assert!(!values.is_empty() && values.len() <= 65_536);
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            panic!("sample {i} is not finite");
+        }
         let f = native.extract(values);
         let doc = FeaturesJson {
             n: f.len,
@@ -197,6 +230,16 @@ fn main() {
             payload: Payload::Json(text),
             meta: window.meta.clone(),
         });
+    };
+    let (wasm_fx, native_fx, fx_ratio) = paired(
+        2_000,
+        || {
+            std::hint::black_box(fx.process(&window).expect("process"));
+        },
+        || native_stage(std::hint::black_box(values)),
+    );
+    let wasm_pass_window = per_call(2_000, || {
+        std::hint::black_box(pass.process(&window).expect("process"));
     });
     let tiny_fx = per_call(20_000, || {
         std::hint::black_box(fx.process(&tiny).expect("process"));
@@ -250,9 +293,16 @@ fn main() {
         us(wasm_fx)
     );
     println!(
-        "                                          native    : {:>8.2} us   wasm/native = {:.2}x",
+        "                                          native    : {:>8.2} us   wasm/native = {:.2}x \
+         (median of per-round ratios; ratio of medians {:.2}x)",
         us(native_fx),
+        fx_ratio,
         wasm_fx / native_fx
+    );
+    println!(
+        "  component-model floor: passthrough, same window   : {:>8.2} us  ({:.0}% of the wasm stage)",
+        us(wasm_pass_window),
+        100.0 * wasm_pass_window / wasm_fx
     );
     println!(
         "  throughput, 1 core, 1024-sample windows          : {:>8.0} msgs/s (native {:.0})",

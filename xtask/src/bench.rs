@@ -1,6 +1,8 @@
 //! `cargo xtask bench [outbox|e2e|rss|all]`: our code and a baseline, side by side in one run.
 //!
 //! - outbox: durable enqueue rate vs an append+fdatasync loop (`cargo bench -p edge-agent --bench outbox`);
+//! - sandbox: the WASM feature-extractor stage vs the same code compiled natively, per-message
+//!   overhead and the component-model copy floor ([`sandbox`]);
 //! - e2e: messages/s from the agent's local API through outbox, uplink, embedded broker and
 //!   coordinator, vs a bare rumqttc client publishing the same envelopes to the same broker,
 //!   both timed until the coordinator's journal holds every message (the agent deletes a
@@ -10,8 +12,9 @@
 //! - rss: RSS and PSS of the agent with no pipeline, with the vibration pipeline (two WASM
 //!   stages; compiled at that start, and again with the module cache warm) and with one small
 //!   ONNX model, vs a bare tokio+rumqttc process connected to the
-//!   same broker; optionally an older agent binary beside it (`--before`) and the stripped
-//!   size of the aarch64 release agent (`--aarch64-size`);
+//!   same broker; the size of the agent binary measured; optionally an older agent binary
+//!   beside it (`--before`) and the stripped sizes of the aarch64 and armv7 release agents
+//!   (`--arm-sizes`);
 //! - fl: federated learning on digits, every update codec against fp32 ([`fl`]);
 //! - fl-ack: the coordinator's telemetry latency while federated rounds close on a 10,000-row
 //!   hold-out, against an idle phase of the same run, optionally for a second binary
@@ -58,6 +61,14 @@ pub fn run(root: &Path, which: &str, rss_opts: &RssOptions) -> Result<()> {
         bail!("unknown benchmark {which:?}: use outbox, e2e, rss or all");
     }
     Ok(())
+}
+
+/// `cargo xtask bench sandbox`: `agent/benches/sandbox.rs` (release), the guest modules built
+/// first by the caller.
+pub fn sandbox() -> Result<()> {
+    let mut bench = crate::cargo();
+    bench.args(["bench", "-p", "edge-agent", "--bench", "sandbox"]);
+    crate::run(bench).context("sandbox benchmark failed")
 }
 
 /// `cargo xtask bench fl`: the federated-learning benchmark (`tests/benches/fl.rs`). Run
@@ -420,8 +431,8 @@ fn field_kb(text: &str, key: &str) -> Option<u64> {
 pub struct RssOptions {
     /// Another `edge-agent` binary (e.g. built from main) measured in the same run.
     pub before: Option<PathBuf>,
-    /// Also cross-build the aarch64 release agent and report its stripped size.
-    pub aarch64_size: bool,
+    /// Also cross-build the aarch64 and armv7 release agents and report their stripped sizes.
+    pub arm_sizes: bool,
 }
 
 /// What runs in the agent while it is sampled.
@@ -619,22 +630,75 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
             );
         }
     }
-    if opts.aarch64_size {
-        let build = crate::cross::Build {
-            target: crate::cross::Target::load("aarch64-unknown-linux-gnu")?,
-            release: true,
-            coordinator: false,
-            target_cpu: None,
-        };
-        for bin in build.run()? {
-            let (built, stripped) = crate::cross::sizes(&build.target, &bin)?;
-            println!(
-                "aarch64 release {}: {:.2} MiB as built, {:.2} MiB stripped",
-                bin.display(),
-                crate::cross::mib(built),
-                crate::cross::mib(stripped)
-            );
-        }
+    for (name, bin) in &builds {
+        let bytes = std::fs::metadata(bin)
+            .with_context(|| format!("cannot stat {}", bin.display()))?
+            .len();
+        println!(
+            "  binary size, {name}: {:.2} MiB ({})",
+            crate::cross::mib(bytes),
+            bin.display()
+        );
+    }
+    if opts.arm_sizes {
+        arm_sizes()?;
     }
     Ok(())
+}
+
+/// Targets whose release agent `bench rss --arm-sizes` cross-builds and sizes.
+const ARM_SIZE_TARGETS: [&str; 2] = ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"];
+
+/// Cross-builds the release agent for each of [`ARM_SIZE_TARGETS`] and prints its size as
+/// built and stripped. Every target is tried and printed before a failure is returned, so one
+/// broken toolchain does not hide the other's figure.
+fn arm_sizes() -> Result<()> {
+    let mut failed = Vec::new();
+    for triple in ARM_SIZE_TARGETS {
+        match arm_size(triple) {
+            Ok((bin, built, stripped)) => println!(
+                "  {triple} release agent: {:.2} MiB as built, {:.2} MiB stripped ({})",
+                crate::cross::mib(built),
+                crate::cross::mib(stripped),
+                bin.display()
+            ),
+            Err(e) => {
+                println!("  {triple} release agent: not built ({e:#})");
+                failed.push(triple);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("cross build for {} failed", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// The release agent for `triple`: path, size as built, size stripped.
+fn arm_size(triple: &str) -> Result<(PathBuf, u64, u64)> {
+    let build = crate::cross::Build {
+        target: crate::cross::Target::load(triple)?,
+        release: true,
+        coordinator: false,
+        target_cpu: None,
+    };
+    let bin = build
+        .run()?
+        .into_iter()
+        .next()
+        .context("the cross build named no agent binary")?;
+    let (built, stripped) = crate::cross::sizes(&build.target, &bin)?;
+    Ok((bin, built, stripped))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn arm_size_targets_have_cross_settings() {
+        for triple in super::ARM_SIZE_TARGETS {
+            let t =
+                crate::cross::Target::load(triple).unwrap_or_else(|e| panic!("{triple}: {e:#}"));
+            assert_eq!(t.triple, triple);
+        }
+    }
 }

@@ -203,15 +203,20 @@ enum Bench {
     },
     /// Publish rate through the agent's outbox vs a bare rumqttc client, same broker.
     E2e,
+    /// WASM sandbox costs: the feature extractor as a WASM stage vs the same code compiled
+    /// natively (alternating rounds, median ratio), per-message overhead, the component-model
+    /// copy floor, instantiation and memory (`agent/benches/sandbox.rs`).
+    Sandbox,
     /// RSS/PSS of the agent (no pipeline, the vibration pipeline, one small model) vs a bare
     /// tokio+rumqttc process.
     Rss {
         /// Another edge-agent binary (e.g. built from main) measured in the same run.
         #[arg(long)]
         before: Option<std::path::PathBuf>,
-        /// Also cross-build the aarch64 release agent and report its stripped size.
+        /// Also cross-build the aarch64 and armv7 release agents and report their stripped
+        /// sizes (slow: two release builds of the whole agent).
         #[arg(long)]
-        aarch64_size: bool,
+        arm_sizes: bool,
     },
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
@@ -374,20 +379,19 @@ fn main() -> Result<()> {
             which: Some(Bench::Auth { host_only }),
         } => bench::auth(host_only),
         Cmd::Bench {
+            which: Some(Bench::Sandbox),
+        } => {
+            build_modules()?;
+            bench::sandbox()
+        }
+        Cmd::Bench {
             which: Some(Bench::FlAck { before }),
         } => bench::fl_ack(&root(), before.as_deref()),
         Cmd::Bench {
-            which:
-                Some(Bench::Rss {
-                    before,
-                    aarch64_size,
-                }),
+            which: Some(Bench::Rss { before, arm_sizes }),
         } => {
             build_modules()?;
-            let opts = bench::RssOptions {
-                before,
-                aarch64_size,
-            };
+            let opts = bench::RssOptions { before, arm_sizes };
             bench::run(&root(), "rss", &opts)
         }
         Cmd::Bench { which } => {
