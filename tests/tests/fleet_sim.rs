@@ -61,6 +61,15 @@ stream = "features"
     )
 }
 
+/// A pipeline version in `env`'s folder `dir`: the features pipeline named `pipeline`.
+fn version(env: &TestEnv, dir: &str, pipeline: &str) -> Result<PipelineDir> {
+    PipelineDir::create(
+        &env.path(dir),
+        &features(pipeline),
+        &[("feature_extractor", "modules/features.wasm")],
+    )
+}
+
 /// The scenario: `devices` in `group` (its claim key in `claim-GROUP.key`), trusting `key`,
 /// pinning the coordinator's identity (`pin`) as a provisioned fleet would; `extra` holds the
 /// scenario's `[health]` or `[fl]` section.
@@ -190,11 +199,7 @@ fn canary_rollout_to_500_simulated_devices_completes() {
         let mut sim = start_fleet(env, &coord, &key, "lab", N, "")?;
 
         // v1 to the whole group at once: the version a canary rolls back to.
-        let v1 = PipelineDir::create(
-            &env.path("v1"),
-            &features("vibration"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v1 = version(env, "v1", "vibration")?;
         let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
         ensure!(
             run.success,
@@ -204,11 +209,7 @@ fn canary_rollout_to_500_simulated_devices_completes() {
         );
 
         // v2 canary-first: 5%, then batches of 30%, each gated on health.
-        let v2 = PipelineDir::create(
-            &env.path("v2"),
-            &features("vibration2"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v2 = version(env, "v2", "vibration2")?;
         let args = [
             "--strategy",
             "canary",
@@ -290,11 +291,7 @@ fn failing_health_halts_the_canary_wave_and_rolls_the_updated_back() {
         // Every tenth device (lab-00009, lab-00019, ...) fails `hungry`'s health check.
         let mut sim = start_fleet(env, &coord, &key, "lab", N, &health(0.1))?;
 
-        let v1 = PipelineDir::create(
-            &env.path("v1"),
-            &features("vibration"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v1 = version(env, "v1", "vibration")?;
         let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
         ensure!(
             run.success,
@@ -304,11 +301,7 @@ fn failing_health_halts_the_canary_wave_and_rolls_the_updated_back() {
         );
 
         // v2: the canary (10%: lab-00000..lab-00019, in id order) holds two failing devices.
-        let v2 = PipelineDir::create(
-            &env.path("v2"),
-            &features("hungry"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v2 = version(env, "v2", "hungry")?;
         let rollback_to = v1.toml.to_string_lossy().into_owned();
         let mut args = vec![
             "--strategy",
@@ -515,11 +508,7 @@ fn churned_fleet_comes_back_and_only_restarted_devices_miss_the_deployment() {
             |e| e.iter().filter(|e| e.is("registered")).count() >= N as usize + 10,
         )?;
 
-        let v1 = PipelineDir::create(
-            &env.path("v1"),
-            &features("vibration"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v1 = version(env, "v1", "vibration")?;
         // A device restarted in the middle of its health check counts that version as failed
         // (the candidate may be what brought it down) and refuses it from then on, so under
         // churn some devices may end without v1; each of them must have been restarted.
@@ -589,11 +578,7 @@ attack = ["sybil", "20"]
             e.iter().any(|e| e.is("auth_rejected"))
         })?;
 
-        let v1 = PipelineDir::create(
-            &env.path("v1"),
-            &features("vibration"),
-            &[("feature_extractor", "modules/features.wasm")],
-        )?;
+        let v1 = version(env, "v1", "vibration")?;
         let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
         ensure!(
             run.success,
