@@ -4,9 +4,12 @@
 //! checks against the signed round header; the fp32 updates (150 KiB) travel as parts through
 //! the outbox and are put together by the coordinator.
 //!
-//! Meanwhile an attacker on the same broker publishes forged chunks on every agent's chunk
-//! topic, and one agent is killed (SIGKILL) while it fetches and started again. Every round
-//! closes with all three updates, the forged chunks are dropped, and the model learns.
+//! Each agent reaches the broker through a proxy that delays everything by 300 ms each way, so
+//! every fetch waits at least 600 ms for its chunks; meanwhile an attacker on the same broker
+//! publishes forged chunks (right index and length, wrong bytes) on every agent's chunk topic
+//! every 50 ms, so forged chunks arrive during every fetch of the first version. One agent is
+//! killed (SIGKILL) while it fetches and started again. Every round closes with all three
+//! updates, the forged chunks are dropped, and the model learns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +19,8 @@ use anyhow::{Context, Result, ensure};
 use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, FlTask, RawMqtt, SigningKey, TestEnv, closed_rounds,
-    federated_agent, federated_data, run_test, task_finished,
+    Agent, AgentOptions, Coordinator, FlTask, Link, LinkProxy, RawMqtt, SigningKey, TestEnv,
+    closed_rounds, federated_agent, federated_data, run_test, task_finished,
 };
 use protocol::v1::fl::WeightChunk;
 use protocol::v1::topics;
@@ -25,6 +28,8 @@ use protocol::v1::topics;
 const AGENTS: usize = 3;
 const ROUNDS: u32 = 4;
 const WAIT: Duration = Duration::from_secs(120);
+/// The model's 38,410 weights as 64 KiB chunks of f32: two full ones and the rest.
+const CHUNK_LENS: [usize; 3] = [65_536, 65_536, 38_410 * 4 - 2 * 65_536];
 
 fn device(i: usize) -> String {
     format!("big-{i}")
@@ -45,8 +50,15 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let model = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 512, 10], 1));
     let (d, shards) = federated_data(&task_dir, AGENTS, Split::Iid, &model)?;
     let mut agents = Vec::new();
+    let mut proxies = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
-        let mut o = AgentOptions::new(device(i), coord.url());
+        let proxy = LinkProxy::to_port(port)?;
+        proxy.set(Link {
+            delay: Duration::from_millis(300),
+            ..Link::default()
+        });
+        let mut o = AgentOptions::new(device(i), proxy.url());
+        proxies.push(proxy);
         o.reconnect_max_ms = 500;
         let dir = env.path(&format!("pipelines/{}", device(i)));
         federated_agent(&mut o, &dir, &d, shard, &model, &key)?;
@@ -56,8 +68,8 @@ fn scenario(env: &TestEnv) -> Result<()> {
         journal.wait_registered(&device(i), WAIT)?;
     }
 
-    // The attacker: well-formed chunks with the wrong bytes, for every index, on every
-    // agent's chunk topic, until the task is over.
+    // The attacker: well-formed chunks of version 0 with the right lengths and the wrong bytes,
+    // for every index, on every agent's chunk topic, until the task is over.
     let done = Arc::new(AtomicBool::new(false));
     let forger = {
         let done = done.clone();
@@ -66,12 +78,12 @@ fn scenario(env: &TestEnv) -> Result<()> {
             let mut sent = 0u64;
             while !done.load(Ordering::Relaxed) {
                 for i in 0..AGENTS {
-                    for index in 0..3 {
+                    for (index, len) in CHUNK_LENS.iter().enumerate() {
                         let chunk = WeightChunk {
                             task: "big".into(),
                             version: 0,
-                            index,
-                            data: vec![0x41; 65_536],
+                            index: index as u32,
+                            data: vec![0x41; *len],
                         };
                         mqtt.publish(
                             &topics::fl_chunk(&device(i)),
@@ -81,7 +93,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
                         sent += 1;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(50));
             }
             Ok(sent)
         })
@@ -139,7 +151,11 @@ fn scenario(env: &TestEnv) -> Result<()> {
         .last()
         .and_then(|e| e.f64_field("eval_accuracy"))
         .unwrap_or(0.0);
-    ensure!(last > 0.8 && last >= first, "accuracy {first} -> {last}");
+    // The model learns (a round's accuracy may dip a little after an early high one).
+    ensure!(
+        last > 0.8 && last >= first - 0.03,
+        "accuracy {first} -> {last}"
+    );
     // The forged chunks reached the agents and were dropped.
     let dropped: usize = agents
         .iter()
