@@ -3,7 +3,7 @@
 //! against the digests of the signed round header. Only the current version is served (the
 //! only one in memory); a device asking for an older one has a newer round message waiting.
 
-use protocol::v1::fl::{FetchRequest, WeightChunk, chunks};
+use protocol::v1::fl::{FetchRequest, chunks};
 use protocol::v1::topics;
 
 use super::{Engine, Fleet};
@@ -36,23 +36,14 @@ impl Engine {
             return Vec::new();
         }
         let version = t.state.version;
-        t.blob();
-        let (Some((_, blob)), global) = (&t.blob, &t.global) else {
-            return Vec::new();
-        };
+        let blob = super::cached_blob(&mut t.blob, version, &t.global);
         let mut out = Vec::with_capacity(req.indexes.len());
         let mut bytes = 0u64;
         for &index in &req.indexes {
             if index as usize >= blob.chunks.len() {
                 continue;
             }
-            let payload = WeightChunk {
-                task: req.task.clone(),
-                version,
-                index,
-                data: chunks::chunk_bytes(global, blob, index),
-            }
-            .encode();
+            let payload = chunks::encode_chunk(&req.task, version, index, &t.global, blob);
             bytes += payload.len() as u64;
             out.push(Action::Publish {
                 topic: topics::fl_chunk(device),

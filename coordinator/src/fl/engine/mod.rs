@@ -153,17 +153,22 @@ impl Task {
         if self.global.len() <= fl::chunks::MAX_INLINE_WEIGHTS {
             return fl::encode_round(&header, &self.global, &self.key);
         }
-        header.blob = Some(self.blob().clone());
+        header.blob = Some(cached_blob(&mut self.blob, self.state.version, &self.global).clone());
         fl::encode_round(&header, &[], &self.key)
     }
+}
 
-    fn blob(&mut self) -> &fl::WeightsBlob {
-        let version = self.state.version;
-        if self.blob.as_ref().is_none_or(|(v, _)| *v != version) {
-            self.blob = Some((version, fl::WeightsBlob::of(&self.global)));
-        }
-        &self.blob.as_ref().expect("just set").1
+/// The blob of `global` at `version`, from `cache` or computed into it. A function of the
+/// fields it needs, not a method, so a caller can hold it and `global` at once.
+fn cached_blob<'a>(
+    cache: &'a mut Option<(u32, fl::WeightsBlob)>,
+    version: u32,
+    global: &[f32],
+) -> &'a fl::WeightsBlob {
+    if cache.as_ref().is_none_or(|(v, _)| *v != version) {
+        *cache = Some((version, fl::WeightsBlob::of(global)));
     }
+    &cache.as_ref().expect("just set").1
 }
 
 /// Every federated task the coordinator runs.

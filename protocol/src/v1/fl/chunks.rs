@@ -152,6 +152,28 @@ pub fn chunk_bytes(weights: &[f32], blob: &WeightsBlob, index: u32) -> Vec<u8> {
         .collect()
 }
 
+/// The encoded [`WeightChunk`] of chunk `index` of `weights`, written straight from the
+/// weights (no intermediate copy of the chunk's bytes: the coordinator sends one per request).
+pub fn encode_chunk(
+    task: &str,
+    version: u32,
+    index: u32,
+    weights: &[f32],
+    blob: &WeightsBlob,
+) -> Vec<u8> {
+    let range = blob.chunk_range(weights.len(), index);
+    let mut out = chunk_header(task, version, index, range.len() * 4);
+    out.extend(weights[range].iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+fn chunk_header(task: &str, version: u32, index: u32, data_len: usize) -> Vec<u8> {
+    let mut out = begin(CHUNK_MAGIC, task, 8 + data_len);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out
+}
+
 /// One chunk of a round's weights, coordinator -> device on `fl/chunk`:
 /// `"FC" | format u8 | task_len u8 | task | version u32 | index u32 | data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,9 +187,7 @@ pub struct WeightChunk {
 
 impl WeightChunk {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = begin(CHUNK_MAGIC, &self.task, 8 + self.data.len());
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&self.index.to_le_bytes());
+        let mut out = chunk_header(&self.task, self.version, self.index, self.data.len());
         out.extend_from_slice(&self.data);
         out
     }
@@ -363,6 +383,14 @@ mod tests {
             all.extend_from_slice(&c);
         }
         assert_eq!(hex::encode(Sha256::digest(&all)), blob.sha256);
+        let direct = encode_chunk("big", 2, 1, &w, &blob);
+        let via = WeightChunk {
+            task: "big".into(),
+            version: 2,
+            index: 1,
+            data: chunk_bytes(&w, &blob, 1),
+        };
+        assert_eq!(direct, via.encode());
         let mut bad = chunk_bytes(&w, &blob, 1);
         bad[7] ^= 1;
         assert!(blob.check_chunk(w.len(), 1, &bad).is_err());
