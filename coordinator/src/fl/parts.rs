@@ -29,6 +29,9 @@ pub enum PartsError {
 pub struct Parts {
     dir: PathBuf,
     fsync: bool,
+    /// The part indexes on disk per set this process has touched: counting them is not a
+    /// directory read per part.
+    held: std::collections::HashMap<PathBuf, std::collections::BTreeSet<u32>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PartsError + '_ {
@@ -43,6 +46,7 @@ impl Parts {
         Parts {
             dir: super::files::fl_dir(state_dir).join("parts"),
             fsync,
+            held: std::collections::HashMap::new(),
         }
     }
 
@@ -56,7 +60,7 @@ impl Parts {
 
     /// Keeps one part (the body of an `fl-part` envelope from `device`); the whole update once
     /// every part is in (the parts are then removed).
-    pub fn add(&self, device: &str, body: &[u8]) -> Result<Option<Vec<u8>>, PartsError> {
+    pub fn add(&mut self, device: &str, body: &[u8]) -> Result<Option<Vec<u8>>, PartsError> {
         let part = UpdatePart::decode(body)?;
         let owner = self.owner_dir(&part.task, device);
         let set = owner.join(format!(
@@ -64,25 +68,36 @@ impl Parts {
             part.round,
             &hex::encode(part.sha256)[..16]
         ));
-        // Older sets of this device and task (an earlier round, another attempt) go.
-        if let Ok(entries) = std::fs::read_dir(&owner) {
-            for e in entries.flatten() {
-                if e.path() != set {
-                    let _ = std::fs::remove_dir_all(e.path());
+        if !self.held.contains_key(&set) {
+            // A set this process has not seen: older sets of this device and task (an earlier
+            // round, another attempt) go, and the parts already on disk (from before a
+            // restart) count. Once per set, not once per part.
+            if let Ok(entries) = std::fs::read_dir(&owner) {
+                for e in entries.flatten() {
+                    if e.path() != set {
+                        self.held.remove(&e.path());
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
                 }
             }
+            std::fs::create_dir_all(&set).map_err(io(&set))?;
+            let on_disk = std::fs::read_dir(&set)
+                .map_err(io(&set))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+                .collect();
+            self.held.insert(set.clone(), on_disk);
         }
-        std::fs::create_dir_all(&set).map_err(io(&set))?;
         let path = set.join(format!("{:05}", part.index));
         crate::spooldir::replace_file(&path, body, self.fsync).map_err(io(&path))?;
-        let have = std::fs::read_dir(&set)
-            .map_err(io(&set))?
-            .flatten()
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 5))
-            .count();
-        if have < part.count as usize {
+        let have = self.held.get_mut(&set).map(|h| {
+            h.insert(part.index);
+            h.len()
+        });
+        if have.unwrap_or(0) < part.count as usize {
             return Ok(None);
         }
+        self.held.remove(&set);
         let mut parts = Vec::with_capacity(part.count as usize);
         for i in 0..part.count {
             let p = set.join(format!("{i:05}"));
@@ -107,7 +122,7 @@ mod tests {
         let update: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         let parts: Vec<UpdatePart> = UpdatePart::split("big", 4, &update).collect();
         assert_eq!(parts.len(), 4);
-        let first = Parts::new(dir.path(), false);
+        let mut first = Parts::new(dir.path(), false);
         assert!(
             first
                 .add("pi-1", &parts[2].encode())
@@ -127,7 +142,7 @@ mod tests {
                 .expect("kept")
                 .is_none()
         );
-        let again = Parts::new(dir.path(), false);
+        let mut again = Parts::new(dir.path(), false);
         assert!(
             again
                 .add("pi-1", &parts[1].encode())
@@ -151,7 +166,7 @@ mod tests {
     #[test]
     fn a_newer_round_replaces_an_unfinished_set_and_forged_parts_are_refused() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = Parts::new(dir.path(), false);
+        let mut p = Parts::new(dir.path(), false);
         let (one, two) = (vec![1u8; 100_000], vec![2u8; 100_000]);
         let old: Vec<UpdatePart> = UpdatePart::split("big", 1, &one).collect();
         let new: Vec<UpdatePart> = UpdatePart::split("big", 2, &two).collect();
