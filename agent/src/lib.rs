@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod inference;
 pub mod link;
 pub mod local_api;
+pub mod memory;
 pub mod metrics;
 pub mod offload;
 pub mod outbox;

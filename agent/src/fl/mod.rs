@@ -490,6 +490,8 @@ impl FlTask {
                 Err(e) if fresh => tracing::warn!(error = %e, "federated round not completed"),
                 Err(e) => tracing::warn!(error = %e, "stored federated round not completed"),
             }
+            // The round's weights, model copies and update are dropped by now.
+            crate::memory::release();
         }
     }
 
