@@ -222,6 +222,7 @@ pub async fn blocking<T: Send + 'static>(
         commands::detail,
         commands::lines,
         deployments::list,
+        deployments::create,
         deployments::detail,
         deployments::pause,
         deployments::resume,
@@ -302,7 +303,14 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
         &[Method::GET],
         get(commands::lines),
     );
-    mount("/api/deployments", &[Method::GET], get(deployments::list));
+    // Packages are larger than any JSON body: this route has its own limit.
+    mount(
+        "/api/deployments",
+        &[Method::GET, Method::POST],
+        get(deployments::list).post(deployments::create).layer(DefaultBodyLimit::max(
+            state.config.max_upload_bytes,
+        )),
+    );
     mount(
         "/api/deployments/{id}",
         &[Method::GET],

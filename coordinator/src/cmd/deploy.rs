@@ -55,6 +55,11 @@ pub(crate) struct DeployArgs {
     /// Spool the deployment for `serve` and exit without waiting for the devices.
     #[arg(long)]
     no_wait: bool,
+    /// Sign the deployment (and, with --strategy canary, its rollback) into one package file
+    /// instead of spooling it, for `POST /api/deployments` on a coordinator that holds no
+    /// signing key. Wave options are then given with the upload (query parameters).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["dry_run", "no_wait"])]
+    out: Option<PathBuf>,
     /// Give up waiting after this many seconds (the rollout goes on in `serve`).
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
@@ -190,17 +195,50 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         return Ok(());
     }
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
+    let rollback = |group: &str| match &args.rollback_to {
+        Some(previous) => package::load(previous, rollback_spec.clone(), &key).with_context(|| {
+            format!("cannot build the rollback deployment from {}", previous.display())
+        }),
+        None => current_version(&state_dir, group, rollback_spec.clone(), &key),
+    };
+    if let Some(out) = &args.out {
+        let waves = [
+            ("--canary", args.canary.is_some()),
+            ("--batch", args.batch.is_some()),
+            ("--soak-secs", args.soak_secs.is_some()),
+            ("--wave-timeout-secs", args.wave_timeout_secs.is_some()),
+            ("--max-failures", args.max_failures.is_some()),
+        ];
+        if let Some((flag, _)) = waves.iter().find(|(_, given)| *given) {
+            anyhow::bail!(
+                "{flag} is not signed into a package file: give it with the upload (query parameter {} of POST /api/deployments?strategy=canary)",
+                flag.trim_start_matches("--").replace('-', "_")
+            );
+        }
+        let rollback = match (args.strategy, &pkg.manifest.target) {
+            (StrategyKind::Canary, Target::Group(group)) => Some(rollback(group)?),
+            _ => None,
+        };
+        let bytes = edge_coordinator::deploy::file::encode(&pkg, rollback.as_ref());
+        write_new(out, &bytes)?;
+        eprintln!(
+            "{plan}; signed into {} ({} bytes{}): upload it with POST /api/deployments{}",
+            out.display(),
+            bytes.len(),
+            rollback
+                .as_ref()
+                .map(|r| format!(", rollback {} version {}", r.manifest.deployment_id, r.manifest.version))
+                .unwrap_or_default(),
+            if rollback.is_some() { "?strategy=canary" } else { "" }
+        );
+        return Ok(());
+    }
     let spooled = match (args.strategy, &pkg.manifest.target) {
         (StrategyKind::All, _) | (_, Target::Device(_)) => {
             edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
         }
         (StrategyKind::Canary, Target::Group(group)) => {
-            let rollback = match &args.rollback_to {
-                Some(previous) => package::load(previous, rollback_spec, &key).with_context(|| {
-                    format!("cannot build the rollback deployment from {}", previous.display())
-                })?,
-                None => current_version(&state_dir, group, rollback_spec, &key)?,
-            };
+            let rollback = rollback(group)?;
             let soak_secs = args.soak_secs.unwrap_or(60);
             let strategy = Strategy {
                 canary: args.canary.unwrap_or(Amount::Count(1)),
@@ -231,6 +269,31 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
     wait_for_pickup(&state_dir, id, &spooled)?;
     watch(&state_dir, id, deadline)
+}
+
+/// Writes a package file that must not exist yet (an operator's earlier package is never
+/// overwritten), whole: under a temporary name first, synced, then linked into place.
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .with_context(|| format!("--out {}: not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file = std::fs::File::create(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(file);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            anyhow::bail!("{} exists; choose another --out", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
 }
 
 /// The rollback package when `--rollback-to` is not given: the group's current version (the
