@@ -38,6 +38,8 @@ pub struct Rollout {
     pub healthy: usize,
     pub failed: usize,
     pub in_progress: usize,
+    /// A staged rollout that halted (and rolls its updated devices back).
+    pub halted: bool,
     /// Per device; only in the single-rollout answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceRollout>,
@@ -79,6 +81,7 @@ fn rollout(p: &ProgressFile, with_devices: bool) -> Rollout {
         healthy: 0,
         failed: 0,
         in_progress: 0,
+        halted: p.waves.as_ref().is_some_and(|w| w.is_halted()),
         devices: Vec::new(),
     };
     for (device, d) in &p.devices {
