@@ -4,7 +4,9 @@
 //! `GET /api/deployments/{id}` shows it. Refused, each with its cause named and nothing
 //! spooled: garbage, a truncated file, a tampered artifact, a broken signature, an unknown
 //! signer, an unknown target device, a body over `[api] max_upload_bytes` (413), a read token
-//! (403), canary without a rollback package, a second upload of the same id (409).
+//! (403), canary without a rollback package, a second upload of the same id (409). Then
+//! `edge-coordinator deploy --strategy canary` with an admin token uploads through the API
+//! itself and follows the rollout there (a read token is refused).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -208,6 +210,54 @@ fn scenario(env: &TestEnv) -> Result<()> {
                 == Some(1)
         })
     })?;
+
+    // `deploy` with an admin token goes through the API, here as a canary rollout (its
+    // rollback package signed into the upload), and follows it there to the end.
+    let v2 = PipelineDir::create(
+        &env.path("v2"),
+        &features_pipeline("uploaded-v2", "imu"),
+        &[FEATURES_MODULE],
+    )?;
+    let through_api = |token: &str| {
+        Command::new(coordinator_bin()?)
+            .args(["deploy", "--group", "lab"])
+            .arg(&v2.toml)
+            .arg("--key")
+            .arg(&key.path)
+            .args(["--version", "2", "--health-messages", "20", "--health-seconds", "0"])
+            .args(["--strategy", "canary", "--canary", "1", "--batch", "50%"])
+            .args(["--soak-secs", "0", "--timeout-s", "120", "--rollback-to"])
+            .arg(&v1.toml)
+            .arg("--state-dir")
+            .arg(coord.state_dir())
+            .env("EDGE_API_TOKEN", token)
+            .output()
+            .context("cannot run edge-coordinator deploy")
+    };
+    let run = through_api(READ)?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    ensure!(
+        !run.status.success() && stderr.contains("admin") && stderr.contains("403"),
+        "deploy with a read token: {stderr}"
+    );
+    let run = through_api(ADMIN)?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    ensure!(
+        run.status.success()
+            && stderr.contains("uploaded through the API")
+            && DEVICES
+                .iter()
+                .all(|d| stdout.contains(&format!("{d}: healthy"))),
+        "deploy through the API:\n{stdout}\n{stderr}"
+    );
+    ensure!(
+        entries(&spool)?.is_empty(),
+        "the API upload left the spool: {:?}",
+        entries(&spool)?
+    );
     drop(agents);
     Ok(())
 }
