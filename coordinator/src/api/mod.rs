@@ -20,6 +20,7 @@ pub mod deployments;
 pub mod devices;
 pub mod enrollment;
 pub mod fl;
+pub mod index;
 pub mod journal;
 pub mod metrics;
 pub mod offload;
