@@ -778,7 +778,11 @@ mod tests {
             outcome: Outcome::default(),
         };
         board
-            .on_reply("pi-3", &Reply::new("pi-3", &done, ok.clone()).to_json(), 2500)
+            .on_reply(
+                "pi-3",
+                &Reply::new("pi-3", &done, ok.clone()).to_json(),
+                2500,
+            )
             .expect("taken");
         assert!(file.save(&board).expect("saves"));
         assert!(!file.save(&board).expect("unchanged"), "written once");

@@ -183,7 +183,10 @@ fn scenario(env: &TestEnv) -> Result<()> {
             if v["healthy"] == 2 {
                 break v;
             }
-            ensure!(v["failed"] == 0, "a device failed the uploaded deployment: {v}");
+            ensure!(
+                v["failed"] == 0,
+                "a device failed the uploaded deployment: {v}"
+            );
         }
         if Instant::now() > deadline {
             bail!("deployment {id} not healthy on both devices: last answer {a:?}");
@@ -224,7 +227,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
             .arg(&v2.toml)
             .arg("--key")
             .arg(&key.path)
-            .args(["--version", "2", "--health-messages", "20", "--health-seconds", "0"])
+            .args([
+                "--version",
+                "2",
+                "--health-messages",
+                "20",
+                "--health-seconds",
+                "0",
+            ])
             .args(["--strategy", "canary", "--canary", "1", "--batch", "50%"])
             .args(["--soak-secs", "0", "--timeout-s", "120", "--rollback-to"])
             .arg(&v1.toml)
@@ -279,7 +289,14 @@ fn package(
         .arg(&pipeline.toml)
         .arg("--key")
         .arg(&key.path)
-        .args(["--version", "1", "--health-messages", "20", "--health-seconds", "0"])
+        .args([
+            "--version",
+            "1",
+            "--health-messages",
+            "20",
+            "--health-seconds",
+            "0",
+        ])
         .arg("--id")
         .arg(format!("upload-{name}"))
         .arg("--state-dir")

@@ -231,8 +231,13 @@ fn scenario(env: &TestEnv) -> Result<()> {
         r["state"] == "expired" && r["error"].as_str().is_some_and(|e| e.contains("expired")),
         "short command after the restart: {r}"
     );
-    let waiting = client.get(&format!("/api/commands/{long}"), Some(READ))?.json()?;
-    ensure!(waiting["state"] == "queued", "long command after the restart: {waiting}");
+    let waiting = client
+        .get(&format!("/api/commands/{long}"), Some(READ))?
+        .json()?;
+    ensure!(
+        waiting["state"] == "queued",
+        "long command after the restart: {waiting}"
+    );
     other.restart()?;
     let r = final_state(&long)?;
     ensure!(

@@ -350,10 +350,7 @@ pub async fn create(
         .to_owned(),
         artifacts: checked.package.manifest.artifacts.len(),
         total_bytes: checked.package.manifest.total_bytes(),
-        rollback_id: checked
-            .staged
-            .as_ref()
-            .map(|(s, _)| s.rollback_id.clone()),
+        rollback_id: checked.staged.as_ref().map(|(s, _)| s.rollback_id.clone()),
         picked_up: false,
     };
     let picked_up = blocking(move || {
@@ -478,13 +475,13 @@ fn check(state: &ApiState, body: &[u8], strategy: Option<Strategy>) -> Result<Ch
             manifest.deployment_id
         )));
     }
-    let rows = state.view.rows();
     match &manifest.target {
         Target::Device(d) => {
-            let row = rows
-                .iter()
-                .find(|r| &r.record.device == d)
-                .ok_or_else(|| unprocessable(format!("target device {d} is not known to this coordinator")))?;
+            let (row, _) = state.view.device(d).ok_or_else(|| {
+                unprocessable(format!(
+                    "target device {d} is not known to this coordinator"
+                ))
+            })?;
             if matches!(row.state(), "revoked" | "rejected") {
                 return Err(unprocessable(format!(
                     "target device {d} is {}",
@@ -502,7 +499,7 @@ fn check(state: &ApiState, body: &[u8], strategy: Option<Strategy>) -> Result<Ch
                         .as_ref()
                         .is_some_and(|reg| reg.groups.iter().any(|x| x == g))
             };
-            if !rows.iter().any(member) {
+            if !state.view.rows().iter().any(member) {
                 return Err(unprocessable(format!(
                     "target group {g} has no device known to this coordinator"
                 )));

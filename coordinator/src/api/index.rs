@@ -191,7 +191,8 @@ impl Index {
 
     /// Drops the emptied sets of a removed entry (the key space stays bounded by what exists).
     fn prune(&mut self, e: &Entry) {
-        self.by_version.retain(|v, s| v != &e.version || !s.is_empty());
+        self.by_version
+            .retain(|v, s| v != &e.version || !s.is_empty());
         self.by_group
             .retain(|g, s| !e.groups.contains(g) || !s.is_empty());
     }

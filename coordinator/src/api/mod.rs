@@ -308,9 +308,9 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
     mount(
         "/api/deployments",
         &[Method::GET, Method::POST],
-        get(deployments::list).post(deployments::create).layer(DefaultBodyLimit::max(
-            state.config.max_upload_bytes,
-        )),
+        get(deployments::list)
+            .post(deployments::create)
+            .layer(DefaultBodyLimit::max(state.config.max_upload_bytes)),
     );
     mount(
         "/api/deployments/{id}",

@@ -306,7 +306,8 @@ impl FleetView {
     ) -> Listing {
         let state = self.read();
         let sets = state.index.candidates(filter);
-        let rows = |ids: &[Arc<str>]| -> Vec<Row> { ids.iter().filter_map(|id| state.row(id)).collect() };
+        let rows =
+            |ids: &[Arc<str>]| -> Vec<Row> { ids.iter().filter_map(|id| state.row(id)).collect() };
         if scan || sets.len() > 1 {
             return Listing::Scan(rows(sets[0].ids()));
         }
@@ -552,9 +553,18 @@ mod tests {
         view.set_enrollments(enrollments.iter());
         let check = |now_ms: u64| {
             let queries = [
-                "", "group=g1", "state=accepted", "state=unenrolled", "version=1.0",
-                "version=2.0", "online=true", "online=false&version=1.0", "attention=true",
-                "group=g2&state=revoked", "offset=5&limit=3", "group=g0&offset=2&limit=4",
+                "",
+                "group=g1",
+                "state=accepted",
+                "state=unenrolled",
+                "version=1.0",
+                "version=2.0",
+                "online=true",
+                "online=false&version=1.0",
+                "attention=true",
+                "group=g2&state=revoked",
+                "offset=5&limit=3",
+                "group=g0&offset=2&limit=4",
                 "state=pending&offset=100",
             ];
             for query in queries {

@@ -202,7 +202,10 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
     let rollback = |group: &str| match &args.rollback_to {
         Some(previous) => package::load(previous, rollback_spec.clone(), &key).with_context(|| {
-            format!("cannot build the rollback deployment from {}", previous.display())
+            format!(
+                "cannot build the rollback deployment from {}",
+                previous.display()
+            )
         }),
         None => current_version(&state_dir, group, rollback_spec.clone(), &key),
     };
@@ -232,9 +235,16 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
             bytes.len(),
             rollback
                 .as_ref()
-                .map(|r| format!(", rollback {} version {}", r.manifest.deployment_id, r.manifest.version))
+                .map(|r| format!(
+                    ", rollback {} version {}",
+                    r.manifest.deployment_id, r.manifest.version
+                ))
                 .unwrap_or_default(),
-            if rollback.is_some() { "?strategy=canary" } else { "" }
+            if rollback.is_some() {
+                "?strategy=canary"
+            } else {
+                ""
+            }
         );
         return Ok(());
     }
@@ -314,11 +324,7 @@ fn encode_amount(a: Amount) -> String {
 
 /// [`watch`] through the API (`GET /api/deployments/{id}`): one line per device as its
 /// outcome changes, then each device's outcome. Fails unless every device ended healthy.
-fn watch_api(
-    client: &super::remote::Client,
-    id: &str,
-    deadline: std::time::Instant,
-) -> Result<()> {
+fn watch_api(client: &super::remote::Client, id: &str, deadline: std::time::Instant) -> Result<()> {
     use serde_json::Value;
     let path = format!("/api/deployments/{id}");
     let start = std::time::Instant::now();
@@ -353,9 +359,7 @@ fn watch_api(
             break r;
         }
         if std::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "timed out waiting for deployment {id} (the rollout goes on in `serve`)"
-            );
+            anyhow::bail!("timed out waiting for deployment {id} (the rollout goes on in `serve`)");
         }
         std::thread::sleep(PROGRESS_POLL);
     };
@@ -405,8 +409,8 @@ fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .with_context(|| format!("--out {}: not a file name", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let mut file = std::fs::File::create(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;

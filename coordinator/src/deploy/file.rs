@@ -31,16 +31,22 @@ const MAGIC: &[u8; 8] = b"EDGEPKG1";
 /// Why a package file cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("not a deployment package file (it does not start with \"EDGEPKG1\"; make one with `edge-coordinator deploy ... --out FILE`)")]
+    #[error(
+        "not a deployment package file (it does not start with \"EDGEPKG1\"; make one with `edge-coordinator deploy ... --out FILE`)"
+    )]
     Magic,
-    #[error("package file is truncated: {what} needs {needed} bytes at offset {offset}, {left} are left")]
+    #[error(
+        "package file is truncated: {what} needs {needed} bytes at offset {offset}, {left} are left"
+    )]
     Truncated {
         what: String,
         offset: usize,
         needed: u64,
         left: usize,
     },
-    #[error("package file holds {0} packages; expected 1 (a deployment) or 2 (a deployment and its rollback)")]
+    #[error(
+        "package file holds {0} packages; expected 1 (a deployment) or 2 (a deployment and its rollback)"
+    )]
     Count(u8),
     #[error("package {index}: signed manifest of {size} bytes is over the limit of {limit} bytes")]
     ManifestSize {
@@ -50,7 +56,9 @@ pub enum FileError {
     },
     #[error("package {index}: signed manifest: {error}")]
     Manifest { index: usize, error: String },
-    #[error("package {index}: artifact {name} is {actual} bytes in the file, the manifest says {signed}")]
+    #[error(
+        "package {index}: artifact {name} is {actual} bytes in the file, the manifest says {signed}"
+    )]
     Size {
         index: usize,
         name: String,
@@ -167,7 +175,9 @@ pub fn decode(bytes: &[u8]) -> Result<PackageFile, FileError> {
             if blobs.contains_key(&a.sha256) {
                 continue;
             }
-            let len = r.take(8, || format!("package {index}'s length of artifact {}", a.name))?;
+            let len = r.take(8, || {
+                format!("package {index}'s length of artifact {}", a.name)
+            })?;
             let mut be = [0u8; 8];
             be.copy_from_slice(len);
             let len = u64::from_be_bytes(be);
