@@ -535,9 +535,9 @@ mod tests {
         };
         let record = |i: usize, version: &str| {
             let mut r = with_sample(&format!("d{i:03}"), i as u64);
-            r.online = i % 2 == 0;
+            r.online = i.is_multiple_of(2);
             r.agent_version = version.into();
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 r.counters.rejected = 1;
             }
             r
