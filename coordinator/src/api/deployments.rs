@@ -10,8 +10,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -313,24 +311,9 @@ const PICKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn create(
     State(state): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<CreateQuery>,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "deployment package over the upload limit of {} bytes ([api] max_upload_bytes)",
-                    state.config.max_upload_bytes
-                ),
-            )
-        } else {
-            ApiError::bad_request(format!(
-                "cannot read the package body: {}",
-                rejection.body_text()
-            ))
-        }
-    })?;
+    let body = read_upload(body, state.config.max_upload_bytes).await?;
     let strategy = strategy(&q)?;
     let checked = {
         let state = state.clone();
@@ -387,6 +370,43 @@ pub async fn create(
             ..created
         }),
     ))
+}
+
+/// Reads an upload of at most `limit` bytes. A larger one is refused with 413 naming the
+/// limit, but only after reading up to another `limit` bytes of it: answering a client that is
+/// still sending would show it a broken pipe instead of the cause.
+async fn read_upload(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use axum::body::HttpBody;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while seen <= limit.saturating_mul(2) {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "cannot read the package body: {e}"
+                )));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "deployment package over the upload limit of {limit} bytes ([api] max_upload_bytes)"
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The staged strategy asked for, without its rollback id (known once the file is read);

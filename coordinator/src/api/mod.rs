@@ -304,13 +304,12 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
         &[Method::GET],
         get(commands::lines),
     );
-    // Packages are larger than any JSON body: this route has its own limit.
+    // Packages are larger than any JSON body: the upload reads its body itself, bounded by
+    // `max_upload_bytes` (`deployments::create`).
     mount(
         "/api/deployments",
         &[Method::GET, Method::POST],
-        get(deployments::list)
-            .post(deployments::create)
-            .layer(DefaultBodyLimit::max(state.config.max_upload_bytes)),
+        get(deployments::list).post(deployments::create),
     );
     mount(
         "/api/deployments/{id}",
@@ -373,6 +372,28 @@ async fn authorize(
     if path == "/metrics" && state.config.metrics_public {
         return Ok(next.run(request).await);
     }
+    match grant(&state, &request, &path) {
+        Ok(granted) => {
+            let mut request = request;
+            request.extensions_mut().insert(granted);
+            Ok(next.run(request).await)
+        }
+        Err(refusal) => {
+            // Read what the client is still sending (bounded by the largest body any route
+            // takes) before answering: closing on a client in the middle of an upload would
+            // show it a broken pipe instead of the 401/403 that names the cause.
+            let limit = state
+                .config
+                .max_body_bytes
+                .max(state.config.max_upload_bytes);
+            let _ = axum::body::to_bytes(request.into_body(), limit).await;
+            Err(refusal)
+        }
+    }
+}
+
+/// The token's name and scope, or why the request is refused.
+fn grant(state: &ApiState, request: &Request, path: &str) -> Result<commands::Granted, ApiError> {
     // A command that only reads from a device (logs, config) needs scope read; the handler
     // checks admin for the ones that change it, from the scope granted here.
     let device_command = request.method() == Method::POST
@@ -430,12 +451,10 @@ async fn authorize(
     if needed == Scope::Admin {
         tracing::info!(token = name, method = %request.method(), path = %path, "API admin request");
     }
-    let mut request = request;
-    let token = name.to_owned();
-    request
-        .extensions_mut()
-        .insert(commands::Granted { scope, token });
-    Ok(next.run(request).await)
+    Ok(commands::Granted {
+        scope,
+        token: name.to_owned(),
+    })
 }
 
 /// A running API server.
