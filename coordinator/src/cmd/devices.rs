@@ -15,7 +15,7 @@ use edge_coordinator::registry;
 use edge_coordinator::store::Store;
 use protocol::v1::enroll::Decision;
 
-use super::{PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
+use super::{LocalApi, PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
 
 /// Enrollment decisions; each takes effect in the running `serve` (answer published, the
 /// device's messages accepted or refused from then on).
@@ -151,71 +151,6 @@ pub(crate) fn devices(
         }
     }
     Ok(())
-}
-
-/// The running serve's API on a state directory, called with the local read token it wrote.
-struct LocalApi {
-    url: String,
-    token: String,
-    /// `api.json`, for errors.
-    address_file: PathBuf,
-    agent: ureq::Agent,
-}
-
-impl LocalApi {
-    /// `None` when no coordinator runs on this state directory (no `api.json`).
-    fn open(state_dir: &std::path::Path) -> Result<Option<LocalApi>> {
-        use edge_coordinator::api;
-        let path = api::address_path(state_dir);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        let address: api::Address = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid", path.display()))?;
-        let token_path = api::local_token_path(state_dir);
-        let token = std::fs::read_to_string(&token_path)
-            .with_context(|| format!("cannot read the API token {}", token_path.display()))?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(std::time::Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Ok(Some(LocalApi {
-            url: address.url,
-            token: token.trim().to_owned(),
-            address_file: path,
-            agent,
-        }))
-    }
-
-    /// GET `path`; the decoded answer of a 2xx, else an error with the status and body.
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let url = format!("{}{path}", self.url);
-        let mut response = self
-            .agent
-            .get(&url)
-            .header("Authorization", format!("Bearer {}", self.token))
-            .call()
-            .with_context(|| {
-                format!(
-                    "coordinator API {} (from {}) not reachable",
-                    self.url,
-                    self.address_file.display()
-                )
-            })?;
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .with_context(|| format!("cannot read the answer from {url}"))?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "{url} answered {}: {body}",
-            response.status()
-        );
-        serde_json::from_str(&body).with_context(|| format!("unexpected answer from {url}"))
-    }
 }
 
 /// Every device from the running coordinator's API, page by page; `None` when no coordinator
