@@ -13,8 +13,8 @@
 //!
 //! The board is in memory; its open commands (queued for an offline device, or sent and
 //! waiting for the reply) are also kept in `state_dir/commands.json` by [`CommandFile`], which
-//! the service loop rewrites whenever that set changed (at its next 50 ms tick after a submit,
-//! after each state change and reply), so a restarted `serve` puts them back on the board with
+//! the API saves before it answers a submit and the service loop whenever that set changed
+//! (after each state change and reply, and at shutdown), so a restarted `serve` puts them back on the board with
 //! their expiry: a command whose device comes online is sent then, one that waited past its
 //! expiry reports `expired`, and a sent one still takes its reply (or times out).
 //! Finished commands are not kept (their result was reported; the journal has it).

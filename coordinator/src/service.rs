@@ -207,7 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
         api: None,
         commands: std::sync::Arc::new(CommandBoard::new(started_ms)),
-        command_file: CommandFile::new(&config.state_dir),
+        command_file: std::sync::Arc::new(CommandFile::new(&config.state_dir)),
     };
     match service.command_file.load() {
         Ok(open) => {
@@ -235,6 +235,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 &config.state_dir,
                 service.journal.path(),
                 service.commands.clone(),
+                service.command_file.clone(),
             )
             .await?,
         );
@@ -304,7 +305,7 @@ struct Service {
     /// Remote commands the API queued; sent, expired and answered here.
     commands: std::sync::Arc<CommandBoard>,
     /// Where the open commands survive a restart (saved after each tick and reply).
-    command_file: CommandFile,
+    command_file: std::sync::Arc<CommandFile>,
 }
 
 impl Service {
@@ -1541,7 +1542,7 @@ mod tests {
             view: std::sync::Arc::new(FleetView::new(10, 0)),
             api: None,
             commands: std::sync::Arc::new(CommandBoard::new(0)),
-            command_file: CommandFile::new(&config.state_dir),
+            command_file: std::sync::Arc::new(CommandFile::new(&config.state_dir)),
             config,
         }
     }

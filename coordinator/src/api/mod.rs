@@ -88,6 +88,8 @@ pub struct ApiState {
     pub local_token: String,
     /// Remote commands (`crate::commands`), shared with the service loop.
     pub commands: Arc<crate::commands::CommandBoard>,
+    /// Where open commands are kept across restarts; a submit is saved before it is answered.
+    pub command_file: Option<Arc<crate::commands::CommandFile>>,
 }
 
 /// An error answer: `{"error": "..."}` with a status.
@@ -475,6 +477,7 @@ impl Server {
         state_dir: &Path,
         journal_path: &Path,
         commands: Arc<crate::commands::CommandBoard>,
+        command_file: Arc<crate::commands::CommandFile>,
     ) -> Result<Server, ApiStartError> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -503,6 +506,7 @@ impl Server {
             config: config.clone(),
             local_token: config::token_digest(&local),
             commands,
+            command_file: Some(command_file),
         });
         let (router, _) = router(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -582,6 +586,7 @@ mod tests {
             config: ApiConfig::default(),
             local_token: String::new(),
             commands: Arc::new(crate::commands::CommandBoard::new(0)),
+            command_file: None,
         });
         let (_, mounted) = router(state);
         let mut mounted: Vec<(String, String)> = mounted
