@@ -313,7 +313,13 @@ pub async fn create(
     ApiQuery(q): ApiQuery<CreateQuery>,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
-    let body = read_upload(body, state.config.max_upload_bytes).await?;
+    let limit = state.config.max_upload_bytes;
+    let body = super::read_body(body, limit, || {
+        format!(
+            "deployment package over the upload limit of {limit} bytes ([api] max_upload_bytes)"
+        )
+    })
+    .await?;
     let strategy = strategy(&q)?;
     let checked = {
         let state = state.clone();
@@ -370,43 +376,6 @@ pub async fn create(
             ..created
         }),
     ))
-}
-
-/// Reads an upload of at most `limit` bytes. A larger one is refused with 413 naming the
-/// limit, but only after reading up to another `limit` bytes of it: answering a client that is
-/// still sending would show it a broken pipe instead of the cause.
-async fn read_upload(mut body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    use axum::body::HttpBody;
-    let mut bytes = Vec::new();
-    let mut seen = 0usize;
-    while seen <= limit.saturating_mul(2) {
-        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
-        let data = match frame {
-            None => break,
-            Some(Err(e)) => {
-                return Err(ApiError::bad_request(format!(
-                    "cannot read the package body: {e}"
-                )));
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue,
-            },
-        };
-        seen = seen.saturating_add(data.len());
-        if seen <= limit {
-            bytes.extend_from_slice(&data);
-        }
-    }
-    if seen > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "deployment package over the upload limit of {limit} bytes ([api] max_upload_bytes)"
-            ),
-        ));
-    }
-    Ok(bytes)
 }
 
 /// The staged strategy asked for, without its rollback id (known once the file is read);

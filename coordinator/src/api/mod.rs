@@ -143,18 +143,25 @@ impl IntoResponse for ApiError {
 }
 
 /// `Json<T>` whose rejections are [`ApiError`]s: 400 naming the field serde could not take,
-/// 413 for a body over `max_body_bytes`, 415 without a JSON content type.
+/// 413 for a body over `max_body_bytes` (read to its end first, bounded, so the client sees
+/// the 413 and not a reset connection), 415 without a JSON content type.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-impl<T, S> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<Arc<ApiState>> for ApiJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
-    S: Send + Sync,
+    Json<T>: FromRequest<Arc<ApiState>, Rejection = axum::extract::rejection::JsonRejection>,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_body_bytes;
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body, limit, || {
+            format!("request body over the limit of {limit} bytes ([api] max_body_bytes)")
+        })
+        .await?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
@@ -164,15 +171,47 @@ where
                     StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
                     s => s,
                 };
-                let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "request body too large".to_owned()
-                } else {
-                    rejection.body_text()
-                };
-                Err(ApiError::new(status, message))
+                Err(ApiError::new(status, rejection.body_text()))
             }
         }
     }
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one is refused with 413 and
+/// `too_large()`'s message, but only after reading up to another `limit` bytes of it:
+/// answering a client that is still sending would show it a reset connection instead of the
+/// cause.
+pub async fn read_body(
+    mut body: axum::body::Body,
+    limit: usize,
+    too_large: impl FnOnce() -> String,
+) -> Result<Vec<u8>, ApiError> {
+    use axum::body::HttpBody;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while seen <= limit.saturating_mul(2) {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, too_large()));
+    }
+    Ok(bytes)
 }
 
 /// `Query<T>` whose rejections are 400s naming the parameter.
