@@ -11,19 +11,26 @@
 //! for a log follow the lines as they arrive. Handlers read the board and wait on its version
 //! ([`CommandBoard::changed`]) instead of polling.
 //!
-//! The board is in memory: commands waiting for an offline device do not survive a restart of
-//! the coordinator (they are operator actions that are retried by hand, not fleet state).
+//! The board is in memory; its open commands (queued for an offline device, or sent and
+//! waiting for the reply) are also kept in `state_dir/commands.json` by [`CommandFile`], which
+//! the API saves before it answers a submit and the service loop whenever that set changed
+//! (after each state change and reply, and at shutdown), so a restarted `serve` puts them back on the board with
+//! their expiry: a command whose device comes online is sent then, one that waited past its
+//! expiry reports `expired`, and a sent one still takes its reply (or times out).
+//! Finished commands are not kept (their result was reported; the journal has it).
 //!
 //! **Invariant:** every command ends in exactly one final state; the board holds at most
-//! [`MAX_COMMANDS`] commands and [`MAX_LINES`] lines per follow. No I/O. **Boundary:** the API
-//! submits and reads; the service loop sends, expires and records replies.
+//! [`MAX_COMMANDS`] commands and [`MAX_LINES`] lines per follow. The board does no I/O (only
+//! [`CommandFile`] does). **Boundary:** the API submits and reads; the service loop sends,
+//! expires, records replies and saves.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use protocol::v1::command::{CommandKind, Outcome, Reply, ReplyBody, Request};
 use protocol::v1::{self, VERSION};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Commands kept (finished ones are forgotten oldest first beyond this).
@@ -138,6 +145,23 @@ struct Board {
     order: VecDeque<String>,
     next: u64,
     totals: Totals,
+    /// Raised whenever the set of open commands or their states changes (what
+    /// [`CommandFile`] saves).
+    open_changes: u64,
+}
+
+/// A command not final yet, as [`CommandFile`] keeps it across restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenCommand {
+    pub id: String,
+    pub device: String,
+    pub command: CommandKind,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub timeout_s: u64,
+    /// When it was sent; absent while queued.
+    pub sent_ms: Option<u64>,
 }
 
 /// See the module docs.
@@ -230,6 +254,7 @@ impl CommandBoard {
         b.records.insert(id.clone(), record);
         b.order.push_back(id.clone());
         b.totals.submitted += 1;
+        b.open_changes += 1;
         while b.order.len() > MAX_COMMANDS {
             // Forget the oldest finished command; open ones stay (at most MAX_OPEN).
             let Some(pos) = b
@@ -327,11 +352,78 @@ impl CommandBoard {
                 _ => {}
             }
         }
+        if changed {
+            b.open_changes += 1;
+        }
         drop(b);
         if changed {
             self.bump();
         }
         out
+    }
+
+    /// Every open command and the change count they were taken at.
+    pub fn open_commands(&self) -> (u64, Vec<OpenCommand>) {
+        let b = self.lock();
+        let open = b
+            .order
+            .iter()
+            .filter_map(|id| b.records.get(id))
+            .filter(|r| !r.state.is_final())
+            .map(|r| OpenCommand {
+                id: r.id.clone(),
+                device: r.device.clone(),
+                command: r.command.clone(),
+                created_ms: r.created_ms,
+                expires_ms: r.expires_ms,
+                timeout_s: r.timeout_s,
+                sent_ms: r.sent_ms,
+            })
+            .collect();
+        (b.open_changes, open)
+    }
+
+    /// Puts back the open commands an earlier run kept (queued, or sent and waiting for the
+    /// reply), with their ids and expiry; the next [`CommandBoard::due`] sends, expires or
+    /// times them out as usual. Ids already on the board, and more than [`MAX_OPEN`], are
+    /// skipped.
+    pub fn restore(&self, open: Vec<OpenCommand>) -> usize {
+        let mut b = self.lock();
+        let mut restored = 0;
+        for c in open {
+            if b.records.contains_key(&c.id) || restored >= MAX_OPEN {
+                continue;
+            }
+            let record = CommandRecord {
+                id: c.id.clone(),
+                device: c.device,
+                command: c.command,
+                state: if c.sent_ms.is_some() {
+                    State::Sent
+                } else {
+                    State::Queued
+                },
+                created_ms: c.created_ms,
+                expires_ms: c.expires_ms,
+                timeout_s: c.timeout_s,
+                sent_ms: c.sent_ms,
+                finished_ms: None,
+                outcome: None,
+                error: None,
+                lines_total: 0,
+                lines_dropped: 0,
+                lines: VecDeque::new(),
+                next_chunk: 0,
+            };
+            b.records.insert(c.id.clone(), record);
+            b.order.push_back(c.id);
+            restored += 1;
+        }
+        drop(b);
+        if restored > 0 {
+            self.bump();
+        }
+        restored
     }
 
     /// Records a reply that passed the gate on `device`'s reply topic; `Err` says why it was
@@ -343,6 +435,7 @@ impl CommandBoard {
             records,
             totals,
             finished: ended,
+            open_changes,
             ..
         } = &mut *b;
         let Some(r) = records.get_mut(&reply.id).filter(|r| r.device == device) else {
@@ -371,14 +464,92 @@ impl CommandBoard {
             ReplyBody::Done { outcome } => {
                 r.outcome = Some(outcome);
                 finish(r, totals, ended, State::Done, None, now_ms);
+                *open_changes += 1;
             }
             ReplyBody::Failed { error } => {
                 finish(r, totals, ended, State::Failed, Some(error), now_ms);
+                *open_changes += 1;
             }
         }
         drop(b);
         self.bump();
         Ok(())
+    }
+}
+
+/// Why the open commands cannot be read or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandFileError {
+    #[error("remote commands file {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("remote commands file {path} is not valid: {error}")]
+    Parse {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+}
+
+/// The board's open commands on disk (`state_dir/commands.json`): a JSON list of
+/// [`OpenCommand`], replaced whole (temporary file, fsync, rename) when it changed.
+#[derive(Debug)]
+pub struct CommandFile {
+    path: PathBuf,
+    /// The board's change count at the last save.
+    saved: Mutex<Option<u64>>,
+}
+
+impl CommandFile {
+    pub fn new(state_dir: &Path) -> CommandFile {
+        CommandFile {
+            path: state_dir.join("commands.json"),
+            saved: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open commands an earlier run kept; none when there is no file.
+    pub fn load(&self) -> Result<Vec<OpenCommand>, CommandFileError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => {
+                return Err(CommandFileError::Io {
+                    path: self.path.clone(),
+                    error,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|error| CommandFileError::Parse {
+            path: self.path.clone(),
+            error,
+        })
+    }
+
+    /// Writes the board's open commands if they changed since the last save; whether it wrote.
+    pub fn save(&self, board: &CommandBoard) -> Result<bool, CommandFileError> {
+        let mut saved = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        let (changes, open) = board.open_commands();
+        if *saved == Some(changes) {
+            return Ok(false);
+        }
+        let json = serde_json::to_vec(&open).map_err(|error| CommandFileError::Parse {
+            path: self.path.clone(),
+            error,
+        })?;
+        crate::spooldir::replace_file(&self.path, &json, true).map_err(|error| {
+            CommandFileError::Io {
+                path: self.path.clone(),
+                error,
+            }
+        })?;
+        *saved = Some(changes);
+        Ok(true)
     }
 }
 
@@ -576,5 +747,63 @@ mod tests {
             board.submit("pi-1", CommandKind::Config, 10, 10, 0),
             Err(SubmitError::Full)
         );
+    }
+
+    /// Open commands saved by one board come back on the next with their expiry: a queued one
+    /// past it expires, a sent one still takes its reply; finished ones are not kept.
+    #[test]
+    fn open_commands_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = CommandFile::new(dir.path());
+        assert!(file.load().expect("no file yet").is_empty());
+        let board = CommandBoard::new(1);
+        let queued = board
+            .submit("pi-1", CommandKind::Config, 10, 5, 1000)
+            .expect("ok");
+        let later = board
+            .submit("pi-2", CommandKind::Config, 10, 600, 1000)
+            .expect("ok");
+        let done = board
+            .submit("pi-3", CommandKind::Config, 10, 600, 1000)
+            .expect("ok");
+        let sent = board.due(2000, |d| {
+            if d == "pi-1" {
+                Presence::Offline
+            } else {
+                Presence::Online
+            }
+        });
+        assert_eq!(sent.len(), 2);
+        let ok = ReplyBody::Done {
+            outcome: Outcome::default(),
+        };
+        board
+            .on_reply(
+                "pi-3",
+                &Reply::new("pi-3", &done, ok.clone()).to_json(),
+                2500,
+            )
+            .expect("taken");
+        assert!(file.save(&board).expect("saves"));
+        assert!(!file.save(&board).expect("unchanged"), "written once");
+
+        let restarted = CommandBoard::new(2);
+        assert_eq!(restarted.restore(file.load().expect("loads")), 2);
+        assert!(restarted.get(&done).is_none(), "finished ones are not kept");
+        assert_eq!(restarted.get(&later).map(|r| r.state), Some(State::Sent));
+        // Past its expiry (1000 + 5 s) and still offline: expired, named.
+        assert!(restarted.due(7000, |_| Presence::Offline).is_empty());
+        let r = restarted.get(&queued).expect("kept");
+        assert_eq!(r.state, State::Expired);
+        assert!(r.error.is_some_and(|e| e.contains("expired")));
+        restarted
+            .on_reply("pi-2", &Reply::new("pi-2", &later, ok).to_json(), 7100)
+            .expect("the sent one takes its reply");
+        assert_eq!(restarted.get(&later).map(|r| r.state), Some(State::Done));
+        assert!(file.save(&restarted).expect("saves"));
+        assert!(file.load().expect("loads").is_empty());
+        std::fs::write(file.path(), b"[{").expect("write");
+        let e = file.load().expect_err("garbage").to_string();
+        assert!(e.contains("commands.json"), "{e}");
     }
 }

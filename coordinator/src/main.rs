@@ -90,7 +90,7 @@ enum Command {
     },
     /// Build and sign a deployment of a pipeline description and the artifacts it names, or
     /// (`--model NAME=FILE`) of new versions of models in the running pipeline.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Federated learning: start a task, show its rounds, stop it.
     Fl {
         #[command(subcommand)]
@@ -192,7 +192,7 @@ fn main() -> ExitCode {
             command: None,
             state,
         } => report(identity(state)),
-        Command::Deploy(args) => report(deploy(args)),
+        Command::Deploy(args) => report(deploy(*args)),
         Command::Fl { command } => report(fl(command)),
         Command::Rollout { command } => report(cmd::rollout::rollout(command)),
         Command::ApiToken { name, scope } => report(api_token(&name, scope)),

@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 
 use crate::action::Action;
 use crate::api::FleetView;
-use crate::commands::{CommandBoard, Presence};
+use crate::commands::{CommandBoard, CommandFile, Presence};
 use crate::config::{BrokerMode, Config};
 use crate::core::{Core, Outcome, SeenIds};
 use crate::deploy::host::DeployHost;
@@ -207,7 +207,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
         api: None,
         commands: std::sync::Arc::new(CommandBoard::new(started_ms)),
+        command_file: std::sync::Arc::new(CommandFile::new(&config.state_dir)),
     };
+    match service.command_file.load() {
+        Ok(open) => {
+            let restored = service.commands.restore(open);
+            if restored > 0 {
+                tracing::info!(commands = restored, path = %service.command_file.path().display(), "remote commands from the last run put back");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "remote commands of the last run lost; starting without them")
+        }
+    }
     service.recover_seen_ids()?;
     service.resume_rotation()?;
     service.prune()?;
@@ -223,6 +235,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 &config.state_dir,
                 service.journal.path(),
                 service.commands.clone(),
+                service.command_file.clone(),
             )
             .await?,
         );
@@ -291,6 +304,8 @@ struct Service {
     api: Option<crate::api::Server>,
     /// Remote commands the API queued; sent, expired and answered here.
     commands: std::sync::Arc<CommandBoard>,
+    /// Where the open commands survive a restart (saved after each tick and reply).
+    command_file: std::sync::Arc<CommandFile>,
 }
 
 impl Service {
@@ -414,6 +429,8 @@ impl Service {
         if let Some(api) = self.api.take() {
             api.shutdown().await;
         }
+        // After the API stopped: commands submitted until then are kept too.
+        self.save_commands();
         transport.shutdown().await;
         result.and(committed)
     }
@@ -576,6 +593,7 @@ impl Service {
                 if let Err(e) = self.commands.on_reply(&device, &message.payload, now) {
                     tracing::warn!(device = %device, error = %e, "command reply not taken");
                 }
+                self.save_commands();
                 self.journal_commands(now)
             }
             Some(Topic::OffloadRequest { device }) => {
@@ -1143,6 +1161,7 @@ impl Service {
         });
         self.journal_events(now, sent.collect::<Vec<_>>())?;
         self.journal_commands(now)?;
+        self.save_commands();
         for send in due {
             let out = Outgoing::Publish {
                 topic: topics::cmd(&send.device, send.request.command.name()),
@@ -1152,6 +1171,14 @@ impl Service {
             self.publish(transport, out).await?;
         }
         Ok(())
+    }
+
+    /// Keeps the open remote commands on disk for a restart, if they changed. A failure loses
+    /// them only if serve stops before the next save succeeds.
+    fn save_commands(&self) {
+        if let Err(e) = self.command_file.save(&self.commands) {
+            tracing::error!(error = %e, "cannot keep the open remote commands for a restart");
+        }
     }
 
     /// Journals the remote commands that ended since the last call.
@@ -1515,6 +1542,7 @@ mod tests {
             view: std::sync::Arc::new(FleetView::new(10, 0)),
             api: None,
             commands: std::sync::Arc::new(CommandBoard::new(0)),
+            command_file: std::sync::Arc::new(CommandFile::new(&config.state_dir)),
             config,
         }
     }

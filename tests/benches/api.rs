@@ -112,10 +112,14 @@ fn run(n: usize, requests: usize) -> Result<()> {
                 "/api/fl/tasks".into()
             })?;
             print_line("floor: GET /api/fl/tasks (no data)", &floor, None);
-            let lines: [(&str, PathFn); 4] = [
+            let lines: [(&str, PathFn); 5] = [
                 (
                     "GET /api/devices (first 100)",
                     Box::new(|_| "/api/devices?limit=100".into()),
+                ),
+                (
+                    "GET /api/devices?group=site-3 (100)",
+                    Box::new(|_| "/api/devices?group=site-3&limit=100".into()),
                 ),
                 (
                     "GET /api/devices?online=false&version=0.1.0 (100)",

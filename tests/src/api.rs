@@ -68,6 +68,20 @@ impl ApiClient {
             .with_context(|| format!("POST {url}"))?;
         answer(response, &url)
     }
+
+    /// POST raw `body` (`application/octet-stream`, a deployment package file) to `path`.
+    pub fn post_bytes(&self, path: &str, token: Option<&str>, body: &[u8]) -> Result<Answer> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/octet-stream");
+        if let Some(t) = token {
+            request = request.header("Authorization", format!("Bearer {t}"));
+        }
+        let response = request.send(body).with_context(|| format!("POST {url}"))?;
+        answer(response, &url)
+    }
 }
 
 fn answer(mut response: ureq::http::Response<ureq::Body>, url: &str) -> Result<Answer> {

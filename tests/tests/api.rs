@@ -1,9 +1,9 @@
 //! The coordinator's HTTP API against a live coordinator with real agents: the device list
 //! (filters, pages) and detail (telemetry history), enrollment decisions through the API,
-//! `/metrics`, the journal query, `edge-coordinator devices` while `serve` runs, and what an
-//! outsider or a read-only operator gets: 401 without or with a wrong token, 403 for an admin
-//! route with a read token, 413 for an oversized body, 400 naming the bad field. Every
-//! operation in the live OpenAPI document answers (no "no such route", no 405).
+//! `/metrics`, the journal query, `edge-coordinator devices` and `devices pending` while `serve`
+//! runs, and what an outsider or a read-only operator gets: 401 without or with a wrong token,
+//! 403 for an admin route with a read token, 413 for an oversized body, 400 naming the bad
+//! field. Every operation in the live OpenAPI document answers (no "no such route", no 405).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -280,6 +280,20 @@ fn scenario(env: &TestEnv) -> Result<()> {
             && DEVICES.iter().all(|d| stdout.contains(d))
             && stdout.contains("revoked"),
         "devices while serve runs: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // So does `devices pending` (nothing pending: both devices enrolled by their claims).
+    let out = Command::new(coordinator_bin()?)
+        .args(["devices", "pending", "--state-dir"])
+        .arg(coord.state_dir())
+        .output()
+        .context("cannot run edge-coordinator devices pending")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success()
+            && stdout.contains("no enrollment requests pending in the running coordinator"),
+        "devices pending while serve runs: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
 

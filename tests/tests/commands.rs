@@ -3,7 +3,8 @@
 //! admin one), `cmd log-level` (and its return to the start-up level), `logs --lines`, `logs
 //! --follow` seeing new agent log lines and ended by the CLI (SIGINT); a command to an offline
 //! device expires, one to an unknown device and one to a revoked device are refused naming
-//! why; a forged command and a replayed one, published by a separate MQTT client, are refused
+//! why; commands queued for an offline device survive a restart of `serve` (one runs when the
+//! device comes back, one whose wait ran out reports expired); a forged command and a replayed one, published by a separate MQTT client, are refused
 //! by the agent and counted (its telemetry's authentication counts, through the API).
 //!
 //! Prints the log-follow latency (the agent's timestamp on a line to the moment the CLI printed
@@ -61,7 +62,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let mut root = toml::Table::new();
     root.insert("api".into(), api.into());
     std::fs::write(&config, toml::to_string(&root)?)?;
-    let coord = Coordinator::start_embedded_with_args(
+    let mut coord = Coordinator::start_embedded_with_args(
         &coord_dir,
         vec!["--config".into(), config.display().to_string()],
     )?;
@@ -195,6 +196,54 @@ fn scenario(env: &TestEnv) -> Result<()> {
                 e.is_for("command_sent", ONLINE) && e.str_field("kind") == Some("restart-pipeline")
             })
     })?;
+
+    // Commands waiting for an offline device survive a restart of serve: one still within
+    // its wait runs when the device comes back; one whose wait ran out reports expired.
+    let submit = |wait_s: u64| -> Result<String> {
+        let a = client.post(
+            &format!("/api/devices/{OTHER}/commands"),
+            Some(READ),
+            &format!(r#"{{"command": {{"kind": "config"}}, "timeout_s": 30, "wait_s": {wait_s}}}"#),
+        )?;
+        ensure!(a.status == 202, "submit for offline {OTHER}: {a:?}");
+        Ok(a.json()?["id"].as_str().context("command id")?.to_owned())
+    };
+    let short = submit(1)?;
+    let long = submit(300)?;
+    let kept = state_dir.join("commands.json");
+    wait_until("both commands kept in commands.json", || {
+        Ok(std::fs::read_to_string(&kept).is_ok_and(|t| t.contains(&short) && t.contains(&long)))
+    })?;
+    coord.restart()?;
+    let client = ApiClient::new(coord.api_url()?);
+    let final_state = |id: &str| -> Result<serde_json::Value> {
+        let mut last = serde_json::Value::Null;
+        wait_until(&format!("command {id} final after the restart"), || {
+            let a = client.get(&format!("/api/commands/{id}?wait_s=5"), Some(READ))?;
+            ensure!(a.status == 200, "command {id} after the restart: {a:?}");
+            last = a.json()?;
+            Ok(!matches!(last["state"].as_str(), Some("queued" | "sent")))
+        })?;
+        Ok(last)
+    };
+    let r = final_state(&short)?;
+    ensure!(
+        r["state"] == "expired" && r["error"].as_str().is_some_and(|e| e.contains("expired")),
+        "short command after the restart: {r}"
+    );
+    let waiting = client
+        .get(&format!("/api/commands/{long}"), Some(READ))?
+        .json()?;
+    ensure!(
+        waiting["state"] == "queued",
+        "long command after the restart: {waiting}"
+    );
+    other.restart()?;
+    let r = final_state(&long)?;
+    ensure!(
+        r["state"] == "done",
+        "long command once {OTHER} came back: {r}"
+    );
 
     // Revoked.
     let revoke = client.post(

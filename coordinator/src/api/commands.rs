@@ -16,7 +16,7 @@ use protocol::v1::enroll::Decision;
 use serde::{Deserialize, Serialize};
 
 use super::config::Scope;
-use super::{ApiError, ApiJson, ApiQuery, ApiState};
+use super::{ApiError, ApiJson, ApiQuery, ApiState, blocking};
 use crate::commands::{CommandRecord, SubmitError};
 
 /// Longest a GET waits for a change.
@@ -160,6 +160,18 @@ pub async fn submit(
         .submit(&id, body.command, timeout_s, wait_s, protocol::v1::now_ms())
         .map_err(board_error)?;
     tracing::info!(device = %id, command = %cid, token = %granted.token, "remote command queued");
+    // Kept on disk before the answer, so an accepted command survives a restart of serve.
+    if let Some(file) = state.command_file.clone() {
+        let board = state.commands.clone();
+        let saved = blocking(move || {
+            file.save(&board)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        })
+        .await;
+        if let Err(e) = saved {
+            tracing::error!(command = %cid, error = %e.message, "cannot keep the queued command for a restart");
+        }
+    }
     let record = board
         .get(&cid)
         .ok_or_else(|| ApiError::internal("the command left the board at once"))?;

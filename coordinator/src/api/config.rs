@@ -57,6 +57,12 @@ pub struct ApiConfig {
     pub metrics_max_devices: usize,
     /// Serve `/metrics` without a token (Prometheus scrapers often have none).
     pub metrics_public: bool,
+    /// Largest deployment package `POST /api/deployments` takes, bytes; larger ones get 413.
+    /// The whole package is held in memory while it is checked.
+    pub max_upload_bytes: usize,
+    /// Public keys (64 hex digits, as `keygen` prints them) whose signed deployments the API
+    /// accepts: the keys the devices trust (`[deploy] trusted_keys`). Empty: uploads refused.
+    pub deploy_keys: Vec<String>,
     /// Tokens (`[[api.tokens]]`).
     pub tokens: Vec<TokenConfig>,
 }
@@ -70,6 +76,8 @@ impl Default for ApiConfig {
             history_samples: 120,
             metrics_max_devices: 1000,
             metrics_public: false,
+            max_upload_bytes: 64 * 1024 * 1024,
+            deploy_keys: Vec::new(),
             tokens: Vec::new(),
         }
     }
@@ -83,6 +91,12 @@ impl ApiConfig {
         }
         if self.history_samples == 0 || self.history_samples > 100_000 {
             return invalid("api.history_samples", "must be 1 to 100000".into());
+        }
+        if self.max_upload_bytes < 1024 {
+            return invalid("api.max_upload_bytes", "must be at least 1024".into());
+        }
+        if let Err(e) = protocol::v1::deploy::TrustedKeys::from_hex(&self.deploy_keys) {
+            return invalid("api.deploy_keys", e.to_string());
         }
         for (i, t) in self.tokens.iter().enumerate() {
             if t.name.is_empty() {

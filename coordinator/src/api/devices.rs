@@ -14,7 +14,7 @@ use super::{ApiError, ApiQuery, ApiState};
 pub const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 /// Outbox refusals or telemetry older than this make a device "need attention".
-const STALE_TELEMETRY_MS: u64 = 5 * 60 * 1000;
+pub const STALE_TELEMETRY_MS: u64 = 5 * 60 * 1000;
 
 /// Filters and the page.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -123,8 +123,28 @@ pub fn needs_attention(row: &Row, now_ms: u64) -> bool {
     any
 }
 
-/// Calls `found` with each reason (made on demand) until it returns false.
+/// Whether [`attention`] names a reason that does not depend on the time (all but "no
+/// telemetry for 5 min"): what the list's index keeps per device.
+pub fn needs_static_attention(row: &Row) -> bool {
+    let mut any = false;
+    check_attention_at(row, None, &mut |_| {
+        any = true;
+        false
+    });
+    any
+}
+
 fn check_attention(row: &Row, now_ms: u64, found: &mut dyn FnMut(&dyn Fn() -> String) -> bool) {
+    check_attention_at(row, Some(now_ms), found)
+}
+
+/// Calls `found` with each reason (made on demand) until it returns false; without a time,
+/// the reason that depends on it is skipped.
+fn check_attention_at(
+    row: &Row,
+    now_ms: Option<u64>,
+    found: &mut dyn FnMut(&dyn Fn() -> String) -> bool,
+) {
     let r = &row.record;
     let state = match row.state() {
         "pending" => Some("enrollment pending"),
@@ -139,7 +159,7 @@ fn check_attention(row: &Row, now_ms: u64, found: &mut dyn FnMut(&dyn Fn() -> St
     if let Some(t) = &r.telemetry {
         let b = &t.body;
         if r.online
-            && now_ms.saturating_sub(t.received_ms) > STALE_TELEMETRY_MS
+            && now_ms.is_some_and(|now| now.saturating_sub(t.received_ms) > STALE_TELEMETRY_MS)
             && !found(&|| "no telemetry for 5 min".to_owned())
         {
             return;
@@ -216,11 +236,36 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<DeviceQuery>,
 ) -> Result<Json<DeviceList>, ApiError> {
-    Ok(Json(page(&state.view.rows(), &q, protocol::v1::now_ms())?))
+    let now_ms = protocol::v1::now_ms();
+    let (offset, limit) = check_query(&q)?;
+    let filter = super::index::Filter {
+        group: q.group.as_deref(),
+        state: q.state.as_deref(),
+        version: q.version.as_deref(),
+        online: q.online,
+    };
+    // The index answers a page of an unfiltered or one-filter list; several filters or
+    // `attention` take a pass over the smallest set they name.
+    let list = match state
+        .view
+        .list(&filter, q.attention.is_some(), offset, limit, now_ms)
+    {
+        super::view::Listing::Scan(rows) => page(&rows, &q, now_ms)?,
+        super::view::Listing::Indexed { counts, rows } => DeviceList {
+            total: counts.total,
+            offset,
+            limit,
+            online: counts.online,
+            attention: counts.attention,
+            versions: counts.versions,
+            devices: rows.iter().map(|r| summary(r, now_ms)).collect(),
+        },
+    };
+    Ok(Json(list))
 }
 
-/// Filters and pages `rows` (in id order).
-pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, ApiError> {
+/// The page and size asked for, checked, and the state filter's value.
+fn check_query(q: &DeviceQuery) -> Result<(usize, usize), ApiError> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!(
@@ -235,7 +280,12 @@ pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, Ap
             STATES.join(", ")
         )));
     }
-    let offset = q.offset.unwrap_or(0);
+    Ok((q.offset.unwrap_or(0), limit))
+}
+
+/// Filters and pages `rows` (in id order) in one pass over them.
+pub fn page(rows: &[Row], q: &DeviceQuery, now_ms: u64) -> Result<DeviceList, ApiError> {
+    let (offset, limit) = check_query(q)?;
     let mut total = 0;
     let mut online = 0;
     let mut needing = 0;

@@ -20,6 +20,7 @@ pub mod deployments;
 pub mod devices;
 pub mod enrollment;
 pub mod fl;
+pub mod index;
 pub mod journal;
 pub mod metrics;
 pub mod offload;
@@ -87,6 +88,8 @@ pub struct ApiState {
     pub local_token: String,
     /// Remote commands (`crate::commands`), shared with the service loop.
     pub commands: Arc<crate::commands::CommandBoard>,
+    /// Where open commands are kept across restarts; a submit is saved before it is answered.
+    pub command_file: Option<Arc<crate::commands::CommandFile>>,
 }
 
 /// An error answer: `{"error": "..."}` with a status.
@@ -140,18 +143,25 @@ impl IntoResponse for ApiError {
 }
 
 /// `Json<T>` whose rejections are [`ApiError`]s: 400 naming the field serde could not take,
-/// 413 for a body over `max_body_bytes`, 415 without a JSON content type.
+/// 413 for a body over `max_body_bytes` (read to its end first, bounded, so the client sees
+/// the 413 and not a reset connection), 415 without a JSON content type.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-impl<T, S> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<Arc<ApiState>> for ApiJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = axum::extract::rejection::JsonRejection>,
-    S: Send + Sync,
+    Json<T>: FromRequest<Arc<ApiState>, Rejection = axum::extract::rejection::JsonRejection>,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &Arc<ApiState>) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_body_bytes;
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body, limit, || {
+            format!("request body over the limit of {limit} bytes ([api] max_body_bytes)")
+        })
+        .await?;
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
@@ -161,15 +171,47 @@ where
                     StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
                     s => s,
                 };
-                let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "request body too large".to_owned()
-                } else {
-                    rejection.body_text()
-                };
-                Err(ApiError::new(status, message))
+                Err(ApiError::new(status, rejection.body_text()))
             }
         }
     }
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one is refused with 413 and
+/// `too_large()`'s message, but only after reading up to another `limit` bytes of it:
+/// answering a client that is still sending would show it a reset connection instead of the
+/// cause.
+pub async fn read_body(
+    mut body: axum::body::Body,
+    limit: usize,
+    too_large: impl FnOnce() -> String,
+) -> Result<Vec<u8>, ApiError> {
+    use axum::body::HttpBody;
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while seen <= limit.saturating_mul(2) {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(ApiError::bad_request(format!(
+                    "cannot read the request body: {e}"
+                )));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, too_large()));
+    }
+    Ok(bytes)
 }
 
 /// `Query<T>` whose rejections are 400s naming the parameter.
@@ -222,6 +264,7 @@ pub async fn blocking<T: Send + 'static>(
         commands::detail,
         commands::lines,
         deployments::list,
+        deployments::create,
         deployments::detail,
         deployments::pause,
         deployments::resume,
@@ -302,7 +345,13 @@ pub fn router(state: Arc<ApiState>) -> (Router, Vec<(Method, &'static str)>) {
         &[Method::GET],
         get(commands::lines),
     );
-    mount("/api/deployments", &[Method::GET], get(deployments::list));
+    // Packages are larger than any JSON body: the upload reads its body itself, bounded by
+    // `max_upload_bytes` (`deployments::create`).
+    mount(
+        "/api/deployments",
+        &[Method::GET, Method::POST],
+        get(deployments::list).post(deployments::create),
+    );
     mount(
         "/api/deployments/{id}",
         &[Method::GET],
@@ -364,6 +413,28 @@ async fn authorize(
     if path == "/metrics" && state.config.metrics_public {
         return Ok(next.run(request).await);
     }
+    match grant(&state, &request, &path) {
+        Ok(granted) => {
+            let mut request = request;
+            request.extensions_mut().insert(granted);
+            Ok(next.run(request).await)
+        }
+        Err(refusal) => {
+            // Read what the client is still sending (bounded by the largest body any route
+            // takes) before answering: closing on a client in the middle of an upload would
+            // show it a broken pipe instead of the 401/403 that names the cause.
+            let limit = state
+                .config
+                .max_body_bytes
+                .max(state.config.max_upload_bytes);
+            let _ = axum::body::to_bytes(request.into_body(), limit).await;
+            Err(refusal)
+        }
+    }
+}
+
+/// The token's name and scope, or why the request is refused.
+fn grant(state: &ApiState, request: &Request, path: &str) -> Result<commands::Granted, ApiError> {
     // A command that only reads from a device (logs, config) needs scope read; the handler
     // checks admin for the ones that change it, from the scope granted here.
     let device_command = request.method() == Method::POST
@@ -421,12 +492,10 @@ async fn authorize(
     if needed == Scope::Admin {
         tracing::info!(token = name, method = %request.method(), path = %path, "API admin request");
     }
-    let mut request = request;
-    let token = name.to_owned();
-    request
-        .extensions_mut()
-        .insert(commands::Granted { scope, token });
-    Ok(next.run(request).await)
+    Ok(commands::Granted {
+        scope,
+        token: name.to_owned(),
+    })
 }
 
 /// A running API server.
@@ -447,6 +516,7 @@ impl Server {
         state_dir: &Path,
         journal_path: &Path,
         commands: Arc<crate::commands::CommandBoard>,
+        command_file: Arc<crate::commands::CommandFile>,
     ) -> Result<Server, ApiStartError> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -475,6 +545,7 @@ impl Server {
             config: config.clone(),
             local_token: config::token_digest(&local),
             commands,
+            command_file: Some(command_file),
         });
         let (router, _) = router(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -554,6 +625,7 @@ mod tests {
             config: ApiConfig::default(),
             local_token: String::new(),
             commands: Arc::new(crate::commands::CommandBoard::new(0)),
+            command_file: None,
         });
         let (_, mounted) = router(state);
         let mut mounted: Vec<(String, String)> = mounted

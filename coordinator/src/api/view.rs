@@ -17,6 +17,8 @@ use crate::enrollment::EnrollmentRecord;
 use crate::event::Event;
 use crate::registry::DeviceRecord;
 
+use super::index::{self, Counts, Filter, Index};
+
 /// One telemetry sample, reduced to what charts plot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Sample {
@@ -125,6 +127,60 @@ struct State {
     counters: Counters,
     offload: Option<OffloadSnapshot>,
     started_ms: u64,
+    /// The device list's sets, kept with `devices` and `enrollments` in the same writes.
+    index: Index,
+}
+
+impl State {
+    /// The row `rows()` would list for `id`, if any.
+    fn row(&self, id: &str) -> Option<Row> {
+        let enrollment = self.enrollments.get(id).cloned();
+        match self.devices.get(id) {
+            Some(d) => Some(Row {
+                record: d.record.clone(),
+                enrollment,
+            }),
+            None => enrollment
+                .filter(|e| matches!(e.state, Decision::Accepted | Decision::Revoked))
+                .map(|e| Row {
+                    record: Arc::new(DeviceRecord {
+                        device: id.to_owned(),
+                        ..DeviceRecord::default()
+                    }),
+                    enrollment: Some(e),
+                }),
+        }
+    }
+
+    fn reindex(&mut self, id: &str) {
+        let entry = self.row(id).map(|row| index::Entry {
+            state: row.state(),
+            groups: row
+                .enrollment
+                .as_ref()
+                .map(|e| e.groups.clone())
+                .unwrap_or_default(),
+            version: row.record.agent_version.clone(),
+            online: row.record.online,
+            static_attention: super::devices::needs_static_attention(&row),
+            fresh_ms: match &row.record.telemetry {
+                Some(t) if row.record.online && !super::devices::needs_static_attention(&row) => {
+                    Some(t.received_ms)
+                }
+                _ => None,
+            },
+        });
+        self.index.set(id, entry);
+    }
+}
+
+/// A page of the device list from the index.
+#[derive(Debug)]
+pub enum Listing {
+    /// Unfiltered or one filter: the page's rows and the whole match's counts.
+    Indexed { counts: Counts, rows: Vec<Row> },
+    /// Several filters, or `attention`: every row of the smallest named set, for a full pass.
+    Scan(Vec<Row>),
 }
 
 /// Shared between the service loop (writer) and the HTTP handlers (readers).
@@ -206,7 +262,9 @@ impl FleetView {
                 }
                 entry.history.push_back(s);
             }
+            let id = record.device.clone();
             entry.record = record;
+            state.reindex(&id);
         }
     }
 
@@ -216,7 +274,47 @@ impl FleetView {
             .into_iter()
             .map(|r| (r.device.clone(), Arc::new(r.clone())))
             .collect();
-        self.write().enrollments = map;
+        let mut state = self.write();
+        let old = std::mem::replace(&mut state.enrollments, map);
+        // Only the devices whose enrollment changed move in the index.
+        let changed: Vec<String> = old
+            .iter()
+            .filter(|(id, e)| state.enrollments.get(*id).is_none_or(|n| n != *e))
+            .map(|(id, _)| id.clone())
+            .chain(
+                state
+                    .enrollments
+                    .keys()
+                    .filter(|id| !old.contains_key(*id))
+                    .cloned(),
+            )
+            .collect();
+        for id in changed {
+            state.reindex(&id);
+        }
+    }
+
+    /// A page of the device list through the index (see [`Listing`]); `scan` forces a full
+    /// pass over the smallest named set (a filter the index does not hold).
+    pub fn list(
+        &self,
+        filter: &Filter<'_>,
+        scan: bool,
+        offset: usize,
+        limit: usize,
+        now_ms: u64,
+    ) -> Listing {
+        let state = self.read();
+        let sets = state.index.candidates(filter);
+        let rows =
+            |ids: &[Arc<str>]| -> Vec<Row> { ids.iter().filter_map(|id| state.row(id)).collect() };
+        if scan || sets.len() > 1 {
+            return Listing::Scan(rows(sets[0].ids()));
+        }
+        Listing::Indexed {
+            counts: sets[0].counts(now_ms),
+            rows: rows(sets[0].page(offset, limit)),
+        }
     }
 
     /// Counts what the core decided about a message.
@@ -411,6 +509,123 @@ mod tests {
         let (_, history) = view.device("pi-1").expect("known");
         let cpu: Vec<f32> = history.iter().map(|s| s.cpu_percent).collect();
         assert_eq!(cpu, vec![2.0, 3.0, 4.0]);
+    }
+
+    /// The index's page and counts equal a full pass over `rows()` for every filter, through
+    /// record and enrollment changes and telemetry going stale.
+    #[test]
+    fn indexed_pages_equal_a_full_pass() {
+        use super::super::devices::{DeviceList, DeviceQuery, page};
+        let view = FleetView::new(2, 0);
+        let identity = protocol::v1::auth::Identity::generate().public();
+        let enrolled = |i: usize, state| EnrollmentRecord {
+            device: format!("d{i:03}"),
+            identity: identity.clone(),
+            state,
+            groups: vec![format!("g{}", i % 3)],
+            hardware: Default::default(),
+            by: "operator".into(),
+            claim: None,
+            reason: String::new(),
+            requested_ms: 1,
+            last_request_ms: 1,
+            decided_ms: 1,
+            coordinator_key: String::new(),
+            announced_key: String::new(),
+        };
+        let record = |i: usize, version: &str| {
+            let mut r = with_sample(&format!("d{i:03}"), i as u64);
+            r.online = i.is_multiple_of(2);
+            r.agent_version = version.into();
+            if i.is_multiple_of(7) {
+                r.counters.rejected = 1;
+            }
+            r
+        };
+        let records: Vec<DeviceRecord> = (0..40).map(|i| record(i, "1.0")).collect();
+        view.update_devices(records.iter());
+        let states = [Decision::Accepted, Decision::Pending, Decision::Revoked];
+        // d040..d044 are enrolled but never sent anything.
+        let enrollments: Vec<EnrollmentRecord> = (0..45)
+            .filter(|i| i % 5 != 4)
+            .map(|i| enrolled(i, states[i % 3]))
+            .collect();
+        view.set_enrollments(enrollments.iter());
+        let check = |now_ms: u64| {
+            let queries = [
+                "",
+                "group=g1",
+                "state=accepted",
+                "state=unenrolled",
+                "version=1.0",
+                "version=2.0",
+                "online=true",
+                "online=false&version=1.0",
+                "attention=true",
+                "group=g2&state=revoked",
+                "offset=5&limit=3",
+                "group=g0&offset=2&limit=4",
+                "state=pending&offset=100",
+            ];
+            for query in queries {
+                let q: DeviceQuery = serde_urlencoded_like(query);
+                let (offset, limit) = (q.offset.unwrap_or(0), q.limit.unwrap_or(100));
+                let filter = Filter {
+                    group: q.group.as_deref(),
+                    state: q.state.as_deref(),
+                    version: q.version.as_deref(),
+                    online: q.online,
+                };
+                let full = page(&view.rows(), &q, now_ms).expect("full pass");
+                let got = match view.list(&filter, q.attention.is_some(), offset, limit, now_ms) {
+                    Listing::Scan(rows) => page(&rows, &q, now_ms).expect("scan"),
+                    Listing::Indexed { counts, rows } => DeviceList {
+                        total: counts.total,
+                        offset,
+                        limit,
+                        online: counts.online,
+                        attention: counts.attention,
+                        versions: counts.versions,
+                        devices: page(&rows, &DeviceQuery { offset: None, ..q }, now_ms)
+                            .expect("page rows")
+                            .devices,
+                    },
+                };
+                assert_eq!(
+                    serde_json::to_value(&got).expect("json"),
+                    serde_json::to_value(&full).expect("json"),
+                    "query {query:?} at {now_ms}"
+                );
+            }
+        };
+        check(2_000);
+        // Telemetry of the online devices goes stale.
+        check(2_000 + super::super::devices::STALE_TELEMETRY_MS);
+        // Some devices upgrade and go offline, enrollments change.
+        let moved: Vec<DeviceRecord> = (0..40)
+            .filter(|i| i % 4 == 0)
+            .map(|i| {
+                let mut r = record(i, "2.0");
+                r.online = !r.online;
+                r
+            })
+            .collect();
+        view.update_devices(moved.iter());
+        let enrollments: Vec<EnrollmentRecord> = (0..45)
+            .filter(|i| i % 6 != 5)
+            .map(|i| enrolled(i, states[(i + 1) % 3]))
+            .collect();
+        view.set_enrollments(enrollments.iter());
+        check(2_000);
+        check(2_000 + super::super::devices::STALE_TELEMETRY_MS);
+    }
+
+    /// A query string as the API's extractor reads it.
+    fn serde_urlencoded_like<T: serde::de::DeserializeOwned>(query: &str) -> T {
+        let uri: axum::http::Uri = format!("/x?{query}").parse().expect("uri");
+        axum::extract::Query::<T>::try_from_uri(&uri)
+            .expect("query parses")
+            .0
     }
 
     #[test]

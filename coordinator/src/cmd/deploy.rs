@@ -55,6 +55,16 @@ pub(crate) struct DeployArgs {
     /// Spool the deployment for `serve` and exit without waiting for the devices.
     #[arg(long)]
     no_wait: bool,
+    /// Sign the deployment (and, with --strategy canary, its rollback) into one package file
+    /// instead of spooling it, for `POST /api/deployments` on a coordinator that holds no
+    /// signing key. Wave options are then given with the upload (query parameters).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["dry_run", "no_wait"])]
+    out: Option<PathBuf>,
+    /// Admin token for the running serve's API: with it the deployment is uploaded through
+    /// `POST /api/deployments` (checked against `[api] deploy_keys`) and followed through the
+    /// API; without it (or without a running serve) it is spooled in the state directory.
+    #[arg(long, env = "EDGE_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Give up waiting after this many seconds (the rollout goes on in `serve`).
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
@@ -190,17 +200,58 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
         return Ok(());
     }
     let state_dir = resolve_state_dir(args.state_dir, args.config)?;
-    let spooled = match (args.strategy, &pkg.manifest.target) {
-        (StrategyKind::All, _) | (_, Target::Device(_)) => {
-            edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg)
+    let rollback = |group: &str| match &args.rollback_to {
+        Some(previous) => package::load(previous, rollback_spec.clone(), &key).with_context(|| {
+            format!(
+                "cannot build the rollback deployment from {}",
+                previous.display()
+            )
+        }),
+        None => current_version(&state_dir, group, rollback_spec.clone(), &key),
+    };
+    if let Some(out) = &args.out {
+        let waves = [
+            ("--canary", args.canary.is_some()),
+            ("--batch", args.batch.is_some()),
+            ("--soak-secs", args.soak_secs.is_some()),
+            ("--wave-timeout-secs", args.wave_timeout_secs.is_some()),
+            ("--max-failures", args.max_failures.is_some()),
+        ];
+        if let Some((flag, _)) = waves.iter().find(|(_, given)| *given) {
+            anyhow::bail!(
+                "{flag} is not signed into a package file: give it with the upload (query parameter {} of POST /api/deployments?strategy=canary)",
+                flag.trim_start_matches("--").replace('-', "_")
+            );
         }
+        let rollback = match (args.strategy, &pkg.manifest.target) {
+            (StrategyKind::Canary, Target::Group(group)) => Some(rollback(group)?),
+            _ => None,
+        };
+        let bytes = edge_coordinator::deploy::file::encode(&pkg, rollback.as_ref());
+        write_new(out, &bytes)?;
+        eprintln!(
+            "{plan}; signed into {} ({} bytes{}): upload it with POST /api/deployments{}",
+            out.display(),
+            bytes.len(),
+            rollback
+                .as_ref()
+                .map(|r| format!(
+                    ", rollback {} version {}",
+                    r.manifest.deployment_id, r.manifest.version
+                ))
+                .unwrap_or_default(),
+            if rollback.is_some() {
+                "?strategy=canary"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+    let staged = match (args.strategy, &pkg.manifest.target) {
+        (StrategyKind::All, _) | (_, Target::Device(_)) => None,
         (StrategyKind::Canary, Target::Group(group)) => {
-            let rollback = match &args.rollback_to {
-                Some(previous) => package::load(previous, rollback_spec, &key).with_context(|| {
-                    format!("cannot build the rollback deployment from {}", previous.display())
-                })?,
-                None => current_version(&state_dir, group, rollback_spec, &key)?,
-            };
+            let rollback = rollback(group)?;
             let soak_secs = args.soak_secs.unwrap_or(60);
             let strategy = Strategy {
                 canary: args.canary.unwrap_or(Amount::Count(1)),
@@ -219,18 +270,160 @@ pub(crate) fn deploy(args: DeployArgs) -> Result<()> {
                 rollback.manifest.deployment_id,
                 rollback.manifest.version
             );
-            edge_coordinator::deploy::spool::write_spool_staged(&state_dir, &pkg, &strategy, &rollback)
+            Some((strategy, rollback))
         }
+    };
+    let id = &pkg.manifest.deployment_id;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
+    // With an admin token and a running serve, the deployment goes through its API (checked
+    // there against [api] deploy_keys); without one, through the spool as before.
+    if let Some(token) = args.token.clone()
+        && edge_coordinator::api::address_path(&state_dir).exists()
+    {
+        let client = super::remote::Client::open(&state_dir, Some(token))?;
+        let bytes = edge_coordinator::deploy::file::encode(&pkg, staged.as_ref().map(|(_, r)| r));
+        let query = match &staged {
+            None => String::new(),
+            Some((s, _)) => format!(
+                "?strategy=canary&canary={}&batch={}&soak_secs={}&wave_timeout_secs={}&max_failures={}",
+                encode_amount(s.canary),
+                encode_amount(s.batch),
+                s.soak_ms / 1000,
+                s.wave_timeout_ms / 1000,
+                encode_amount(s.max_failures)
+            ),
+        };
+        client
+            .post_bytes(&format!("/api/deployments{query}"), &bytes)
+            .with_context(|| format!("the coordinator's API refused deployment {id}"))?;
+        eprintln!("{plan}; uploaded through the API of the running serve");
+        if args.no_wait {
+            return Ok(());
+        }
+        return watch_api(&client, id, deadline);
+    }
+    let spooled = match &staged {
+        None => edge_coordinator::deploy::spool::write_spool(&state_dir, &pkg),
+        Some((strategy, rollback)) => edge_coordinator::deploy::spool::write_spool_staged(
+            &state_dir, &pkg, strategy, rollback,
+        ),
     }
     .context("cannot spool the deployment")?;
     eprintln!("{plan}; spooled in {}", spooled.display());
     if args.no_wait {
         return Ok(());
     }
-    let id = &pkg.manifest.deployment_id;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_s);
     wait_for_pickup(&state_dir, id, &spooled)?;
     watch(&state_dir, id, deadline)
+}
+
+/// An amount as a query value (`%` escaped).
+fn encode_amount(a: Amount) -> String {
+    a.to_string().replace('%', "%25")
+}
+
+/// [`watch`] through the API (`GET /api/deployments/{id}`): one line per device as its
+/// outcome changes, then each device's outcome. Fails unless every device ended healthy.
+fn watch_api(client: &super::remote::Client, id: &str, deadline: std::time::Instant) -> Result<()> {
+    use serde_json::Value;
+    let path = format!("/api/deployments/{id}");
+    let start = std::time::Instant::now();
+    let mut shown: std::collections::BTreeMap<String, String> = Default::default();
+    let rollout = loop {
+        let r = match client.call("GET", &path, None) {
+            Ok(r) => r,
+            // Not taken from the spool yet.
+            Err(e) if e.to_string().contains("HTTP 404") && start.elapsed() < PICKUP_TIMEOUT => {
+                std::thread::sleep(PROGRESS_POLL);
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot follow deployment {id}")),
+        };
+        let devices = r["devices"].as_array().cloned().unwrap_or_default();
+        for d in &devices {
+            let device = d["device"].as_str().unwrap_or("?").to_owned();
+            let line = match d["outcome"].as_str() {
+                Some("healthy") => "healthy".to_owned(),
+                _ => format!(
+                    "{} ({:.0}%)",
+                    d["detail"].as_str().unwrap_or(""),
+                    d["fraction"].as_f64().unwrap_or(0.0) * 100.0
+                ),
+            };
+            if shown.get(&device) != Some(&line) {
+                eprintln!("{device:>16} {line}");
+                shown.insert(device, line);
+            }
+        }
+        if !r["finished"].is_null() {
+            break r;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for deployment {id} (the rollout goes on in `serve`)");
+        }
+        std::thread::sleep(PROGRESS_POLL);
+    };
+    let devices = rollout["devices"].as_array().cloned().unwrap_or_default();
+    let mut not_healthy = 0;
+    for d in &devices {
+        let device = d["device"].as_str().unwrap_or("?");
+        let dropped = match d["chunks_dropped"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(" ({n} bad chunks dropped)"),
+        };
+        let detail = d["detail"].as_str().unwrap_or("");
+        match d["outcome"].as_str() {
+            Some("healthy") => println!("{device}: healthy{dropped}"),
+            Some("failed") => {
+                not_healthy += 1;
+                println!("{device}: {detail}{dropped}");
+            }
+            _ => {
+                not_healthy += 1;
+                println!("{device}: not finished ({detail})");
+            }
+        }
+    }
+    let reason = rollout["finished"].as_str().unwrap_or_default();
+    if devices.is_empty() {
+        anyhow::bail!("deployment {id} ended without any target device: {reason}");
+    }
+    if rollout["halted"] == Value::Bool(true) {
+        anyhow::bail!("deployment {id} halted: {reason}");
+    }
+    if not_healthy > 0 {
+        anyhow::bail!(
+            "deployment {id}: {not_healthy} of {} devices did not end healthy ({reason})",
+            devices.len()
+        );
+    }
+    eprintln!("deployment {id}: all {} devices healthy", devices.len());
+    Ok(())
+}
+
+/// Writes a package file that must not exist yet (an operator's earlier package is never
+/// overwritten), whole: under a temporary name first, synced, then linked into place.
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .with_context(|| format!("--out {}: not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(file);
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            anyhow::bail!("{} exists; choose another --out", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
 }
 
 /// The rollback package when `--rollback-to` is not given: the group's current version (the

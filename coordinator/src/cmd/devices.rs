@@ -1,6 +1,7 @@
 //! `edge-coordinator devices` (the persisted registry with each device's enrollment), its
 //! enrollment subcommands (`pending`, `approve`, `reject`, `revoke`, which reach a running
-//! `serve` through its state directory), `keygen` (a deployment or fleet claim key) and
+//! `serve` through its state directory; `devices` and `devices pending` ask its HTTP API while it
+//! runs, with the local read token, and read the state directory when none does), `keygen` (a deployment or fleet claim key) and
 //! `identity` (the coordinator's public identity).
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use edge_coordinator::registry;
 use edge_coordinator::store::Store;
 use protocol::v1::enroll::Decision;
 
-use super::{PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
+use super::{LocalApi, PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
 
 /// Enrollment decisions; each takes effect in the running `serve` (answer published, the
 /// device's messages accepted or refused from then on).
@@ -158,52 +159,16 @@ fn from_api(
     state_dir: &std::path::Path,
 ) -> Result<Option<Vec<edge_coordinator::api::devices::DeviceSummary>>> {
     use edge_coordinator::api::{self, devices::DeviceList};
-    let path = api::address_path(state_dir);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    let Some(local) = LocalApi::open(state_dir)? else {
+        return Ok(None);
     };
-    let address: api::Address =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
-    let token_path = api::local_token_path(state_dir);
-    let token = std::fs::read_to_string(&token_path)
-        .with_context(|| format!("cannot read the API token {}", token_path.display()))?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .into();
     let mut devices = Vec::new();
     loop {
-        let url = format!(
-            "{}/api/devices?limit={}&offset={}",
-            address.url,
+        let page: DeviceList = local.get(&format!(
+            "/api/devices?limit={}&offset={}",
             api::devices::MAX_LIMIT,
             devices.len()
-        );
-        let mut response = agent
-            .get(&url)
-            .header("Authorization", format!("Bearer {}", token.trim()))
-            .call()
-            .with_context(|| {
-                format!(
-                    "coordinator API {} (from {}) not reachable",
-                    address.url,
-                    path.display()
-                )
-            })?;
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .with_context(|| format!("cannot read the answer from {url}"))?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "{url} answered {}: {body}",
-            response.status()
-        );
-        let page: DeviceList =
-            serde_json::from_str(&body).with_context(|| format!("unexpected answer from {url}"))?;
+        ))?;
         let got = page.devices.len();
         devices.extend(page.devices);
         if got == 0 || devices.len() >= page.total {
@@ -212,19 +177,49 @@ fn from_api(
     }
 }
 
+/// Pending enrollment requests from the running coordinator's API (`GET /api/enrollment`);
+/// `None` when none runs on this state directory.
+fn pending_from_api(state_dir: &std::path::Path) -> Result<Option<Vec<EnrollmentRecord>>> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        records: Vec<EnrollmentRecord>,
+    }
+    let Some(local) = LocalApi::open(state_dir)? else {
+        return Ok(None);
+    };
+    let list: List = local.get("/api/enrollment?state=pending")?;
+    Ok(Some(list.records))
+}
+
 fn pending(json: bool, state: StateArgs) -> Result<()> {
     let state_dir = resolve_state_dir(state.state_dir, state.config)?;
-    let records: Vec<EnrollmentRecord> = files::read_snapshot(&state_dir)?
-        .into_iter()
-        .filter(|r| r.state == Decision::Pending)
-        .collect();
+    // A running coordinator answers from its live view; otherwise (or if its API fails) the
+    // snapshot it wrote last.
+    let from_api = match pending_from_api(&state_dir) {
+        Ok(records) => records,
+        Err(e) => {
+            eprintln!("warning: {e:#}; reading the state directory instead");
+            None
+        }
+    };
+    let source = match from_api {
+        Some(_) => "the running coordinator".to_owned(),
+        None => state_dir.display().to_string(),
+    };
+    let records: Vec<EnrollmentRecord> = match from_api {
+        Some(records) => records,
+        None => files::read_snapshot(&state_dir)?
+            .into_iter()
+            .filter(|r| r.state == Decision::Pending)
+            .collect(),
+    };
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&records).context("cannot encode records")?
         );
     } else if records.is_empty() {
-        println!("no enrollment requests pending in {}", state_dir.display());
+        println!("no enrollment requests pending in {source}");
     } else {
         print!(
             "{}",

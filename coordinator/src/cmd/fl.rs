@@ -127,22 +127,90 @@ pub(crate) fn fl_start(task: &std::path::Path, state: StateArgs, no_wait: bool) 
 }
 
 pub(crate) fn fl_status(task: Option<&str>, json: bool, state: StateArgs) -> Result<()> {
-    use edge_coordinator::fl::{files, status};
     let state_dir = resolve_state_dir(state.state_dir, state.config)?;
-    let ids = match task {
-        Some(id) if !edge_coordinator::fl::task::valid_task_id(id) => {
-            anyhow::bail!("invalid task id {id:?}")
+    if let Some(id) = task
+        && !edge_coordinator::fl::task::valid_task_id(id)
+    {
+        anyhow::bail!("invalid task id {id:?}")
+    }
+    // A running coordinator answers through its API; otherwise (or if its API fails) the
+    // state files it wrote.
+    let states = match states_from_api(&state_dir, task) {
+        Ok(Some(states)) => Some(states),
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("warning: {e:#}; reading the state directory instead");
+            None
         }
+    };
+    let states = match states {
+        Some(states) => states,
+        None => states_from_files(&state_dir, task)?,
+    };
+    render_status(&state_dir, task, json, &states)
+}
+
+/// Task states from the running serve's API (`GET /api/fl/tasks[/{id}]`, the `state` field);
+/// `None` when none runs, or for a named task it has not started (the files say why).
+fn states_from_api(
+    state_dir: &std::path::Path,
+    task: Option<&str>,
+) -> Result<Option<Vec<edge_coordinator::fl::state::TaskState>>> {
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        state: edge_coordinator::fl::state::TaskState,
+    }
+    #[derive(serde::Deserialize)]
+    struct Summary {
+        task: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct List {
+        tasks: Vec<Summary>,
+    }
+    let Some(api) = super::LocalApi::open(state_dir)? else {
+        return Ok(None);
+    };
+    let ids = match task {
         Some(id) => vec![id.to_owned()],
-        None => files::tasks(&state_dir)?,
+        None => {
+            let mut ids: Vec<String> = api
+                .get::<List>("/api/fl/tasks")?
+                .tasks
+                .into_iter()
+                .map(|t| t.task)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut states = Vec::new();
+    for id in ids {
+        match api.get_found::<Detail>(&format!("/api/fl/tasks/{id}"))? {
+            Some(d) => states.push(d.state),
+            None if task.is_some() => return Ok(None),
+            None => {}
+        }
+    }
+    Ok(Some(states))
+}
+
+fn states_from_files(
+    state_dir: &std::path::Path,
+    task: Option<&str>,
+) -> Result<Vec<edge_coordinator::fl::state::TaskState>> {
+    use edge_coordinator::fl::files;
+    let ids = match task {
+        Some(id) => vec![id.to_owned()],
+        None => files::tasks(state_dir)?,
     };
     let mut states = Vec::new();
     for id in &ids {
-        match files::read_state(&state_dir, id)? {
+        match files::read_state(state_dir, id)? {
             Some(s) => states.push(s),
             None if task.is_some() => {
-                if files::spool_dir(&state_dir).join(id).is_dir()
-                    || files::task_dir(&state_dir, id).is_dir()
+                if files::spool_dir(state_dir).join(id).is_dir()
+                    || files::task_dir(state_dir, id).is_dir()
                 {
                     anyhow::bail!("task {id} is spooled but no coordinator has started it yet");
                 }
@@ -151,6 +219,16 @@ pub(crate) fn fl_status(task: Option<&str>, json: bool, state: StateArgs) -> Res
             None => {}
         }
     }
+    Ok(states)
+}
+
+fn render_status(
+    state_dir: &std::path::Path,
+    task: Option<&str>,
+    json: bool,
+    states: &[edge_coordinator::fl::state::TaskState],
+) -> Result<()> {
+    use edge_coordinator::fl::status;
     if json {
         let text = match (task, states.first()) {
             (Some(_), Some(one)) => serde_json::to_string_pretty(one),

@@ -62,14 +62,14 @@ pub(crate) enum CmdCommand {
 }
 
 /// The running serve's API.
-struct Client {
+pub(crate) struct Client {
     url: String,
     token: String,
     agent: ureq::Agent,
 }
 
 impl Client {
-    fn open(state_dir: &Path, token: Option<String>) -> Result<Client> {
+    pub(crate) fn open(state_dir: &Path, token: Option<String>) -> Result<Client> {
         let path = api::address_path(state_dir);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -103,7 +103,7 @@ impl Client {
     }
 
     /// The JSON answer of a 2xx; otherwise the API's error message with the status.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    pub(crate) fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let url = format!("{}{path}", self.url);
         let auth = format!("Bearer {}", self.token);
         let response = match body {
@@ -115,6 +115,27 @@ impl Client {
                 .send(b.to_string().as_bytes()),
             None => self.agent.get(&url).header("Authorization", &auth).call(),
         };
+        self.answer(response, method, path)
+    }
+
+    /// POST raw bytes (a deployment package file) to `path`; the JSON answer of a 2xx.
+    pub(crate) fn post_bytes(&self, path: &str, bytes: &[u8]) -> Result<Value> {
+        let url = format!("{}{path}", self.url);
+        let response = self
+            .agent
+            .post(&url)
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .send(bytes);
+        self.answer(response, "POST", path)
+    }
+
+    fn answer(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        method: &str,
+        path: &str,
+    ) -> Result<Value> {
         let mut response = response.with_context(|| {
             format!(
                 "coordinator API {} not reachable ({method} {path})",

@@ -30,6 +30,9 @@
 //!   wave again. Boundary: the engine, tests.
 //! - `host`: the service's glue (owns the engine, takes the spool, resumes rollouts, writes
 //!   progress files), mirroring `fl::host`. Boundary: the service.
+//! - `file`: the one-file package format (`deploy --out`, `POST /api/deployments`).
+//!   Invariant: reads no length it has not checked against what is left; only parses (the
+//!   caller verifies the signature). Boundary: the binary, the API.
 //! - `progress`: the progress file's shape (persisted rollout state, read by `deploy`).
 //! - `control`: pause/resume/abort from outside serve (the CLI and the HTTP API): checks the
 //!   progress file, spools the request, waits until serve applied it. Boundary: the binary, the API.
@@ -39,6 +42,7 @@
 
 pub mod control;
 pub mod engine;
+pub mod file;
 pub mod host;
 pub mod package;
 pub mod progress;
