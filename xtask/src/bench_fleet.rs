@@ -53,6 +53,9 @@ struct Row {
     coord_rss_mib: f64,
     msgs_per_s: f64,
     sim_rss_kib_per_device: f64,
+    /// Open file descriptors and threads of the simulator once every device registered.
+    sim_fds: u64,
+    sim_threads: u64,
     error: String,
 }
 
@@ -82,6 +85,9 @@ pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind]) -> Result<()> {
             std::fs::write(out_dir.join("fleet.csv"), csv(&rows))?;
             std::fs::write(out_dir.join("fleet.svg"), svg(&rows))?;
         }
+    }
+    for line in ratios(&rows) {
+        println!("bench fleet: {line}");
     }
     println!(
         "bench fleet: {} and {}",
@@ -240,6 +246,8 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         .with_context(|| format!("simulator log:\n{}", sim.log_tail(20)))?;
     let enroll_s = started.elapsed().as_secs_f64();
     let sim_rss = proc_status_kib(sim_pid, "VmRSS:").unwrap_or(0);
+    let sim_threads = proc_status_kib(sim_pid, "Threads:").unwrap_or(0);
+    let sim_fds = std::fs::read_dir(format!("/proc/{sim_pid}/fd")).map_or(0, |d| d.count() as u64);
 
     // 2. A 400 KB pipeline to the whole group; 99% of the fleet live on it.
     let dir = env.path("pipeline");
@@ -353,8 +361,33 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         coord_rss_mib: coord_rss as f64 / 1024.0,
         msgs_per_s: delivered as f64 / sim_secs,
         sim_rss_kib_per_device: sim_rss as f64 / f64::from(n),
+        sim_fds,
+        sim_threads,
         error: String::new(),
     })
+}
+
+/// Per-device coordinator cost from each measured size to the next, per broker (the aim:
+/// at most 1.5x from 1,000 to 10,000 devices).
+fn ratios(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    for broker in ["embedded", "mosquitto"] {
+        let ok: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.broker == broker && r.error.is_empty())
+            .collect();
+        for w in ok.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            out.push(format!(
+                "{broker}: {} -> {} devices: coordinator CPU per device x{:.2}, RSS per device x{:.2}",
+                a.devices,
+                b.devices,
+                b.coord_cpu_ms_per_device / a.coord_cpu_ms_per_device,
+                b.coord_rss_kib_per_device / a.coord_rss_kib_per_device,
+            ));
+        }
+    }
+    out
 }
 
 fn print_row(r: &Row) {
@@ -364,7 +397,7 @@ fn print_row(r: &Row) {
     println!(
         "  {:>6} devices {:<9}  enroll+register {:>7.1} s  99% on the 400 KB pipeline {:>7.1} s ({} live)  \
          FL round ({} clients) {:>6.1} s  coordinator {:>6.1} CPU s ({:.2} ms/device), RSS {:.0} MiB ({:.1} KiB/device)  \
-         {:>7.0} device msgs/s  simulator {:.0} KiB/device",
+         {:>7.0} device msgs/s  simulator {:.0} KiB/device, {} fds, {} threads",
         r.devices,
         r.broker,
         r.enroll_s,
@@ -377,7 +410,9 @@ fn print_row(r: &Row) {
         r.coord_rss_mib,
         r.coord_rss_kib_per_device,
         r.msgs_per_s,
-        r.sim_rss_kib_per_device
+        r.sim_rss_kib_per_device,
+        r.sim_fds,
+        r.sim_threads
     );
 }
 
@@ -385,12 +420,13 @@ fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "devices,broker,enroll_register_s,deploy_400kb_p99_s,deployed,fl_clients,fl_round_s,\
          coordinator_cpu_s,coordinator_cpu_ms_per_device,coordinator_rss_mib,\
-         coordinator_rss_kib_per_device,device_msgs_per_s,sim_rss_kib_per_device,error\n",
+         coordinator_rss_kib_per_device,device_msgs_per_s,sim_rss_kib_per_device,sim_fds,\
+         sim_threads,error\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{}",
+            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{},{},{}",
             r.devices,
             r.broker,
             r.enroll_s,
@@ -404,6 +440,8 @@ fn csv(rows: &[Row]) -> String {
             r.coord_rss_kib_per_device,
             r.msgs_per_s,
             r.sim_rss_kib_per_device,
+            r.sim_fds,
+            r.sim_threads,
             r.error
         );
     }
