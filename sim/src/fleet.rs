@@ -222,9 +222,10 @@ pub async fn run(
     let mut until_end = std::pin::pin!(until_end);
 
     // Ramp: start devices at the scenario's rate, stopping early if told to.
+    let shards = scenario.run.shard.count;
     let gap = match scenario.fleet.start_per_second {
         0 => Duration::ZERO,
-        n => Duration::from_secs(1) / n,
+        n => Duration::from_secs(1) * shards / n,
     };
     let mut stopped_early = false;
     for slot in slots.iter() {
@@ -243,7 +244,10 @@ pub async fn run(
         }
     }
     timeline.record("fleet", "started", &format!("{total} devices"));
-    let rogues = tokio::spawn(crate::rogue::run_all(scenario.clone(), timeline.clone()));
+    let rogues = match scenario.run.shard.index {
+        0 => tokio::spawn(crate::rogue::run_all(scenario.clone(), timeline.clone())),
+        _ => tokio::spawn(async {}),
+    };
 
     let (churn_stop, churn_rx) = tokio::sync::watch::channel(false);
     let churn = tokio::spawn(churn(
@@ -351,7 +355,9 @@ async fn churn(
     timeline: Timeline,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let rate = s.churn.reboots_per_minute + s.churn.power_cuts_per_minute;
+    // Each shard churns its own devices at its share of the fleet's rate.
+    let total = s.churn.reboots_per_minute + s.churn.power_cuts_per_minute;
+    let rate = total / f64::from(s.run.shard.count);
     if rate <= 0.0 || slots.is_empty() {
         return;
     }
@@ -365,7 +371,7 @@ async fn churn(
             () = tokio::time::sleep(Duration::from_secs_f64(gap)) => {}
             _ = stop.changed() => break,
         }
-        let power_cut = rng.gen_bool((s.churn.power_cuts_per_minute / rate).clamp(0.0, 1.0));
+        let power_cut = rng.gen_bool((s.churn.power_cuts_per_minute / total).clamp(0.0, 1.0));
         let slot = slots[rng.gen_range(0..slots.len())].clone();
         let timeline = timeline.clone();
         restarts.spawn(async move {

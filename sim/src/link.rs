@@ -256,8 +256,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn outages_sit_at_the_end_of_each_period() {
+    #[test]
+    fn outages_sit_at_the_end_of_each_period() {
         let s = shaper(10.0, 2.0);
         let t0 = s.started;
         assert!(s.outage_until(t0).is_none());

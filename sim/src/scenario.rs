@@ -287,6 +287,42 @@ pub struct RunSection {
     /// Where the results go (`devices.csv`, `timeline.csv`, `result.json`); `--out` overrides.
     #[serde(default)]
     pub out_dir: PathBuf,
+    /// This process runs shard `.0` of `.1` (`edge-sim --shard I/N`): the devices whose
+    /// position in the fleet is I modulo N, at 1/N of the ramp and churn rates; rogues run in
+    /// shard 0 only. One process holds about two file descriptors per device (its MQTT socket
+    /// and its state database), so fleets beyond the open-file limit run as several shards.
+    #[serde(skip)]
+    pub shard: Shard,
+}
+
+/// Shard `index` of `count` (see [`RunSection::shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("shard {s:?}: expected I/N with I < N, e.g. 0/2");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 fn default_telemetry() -> u64 {
@@ -389,12 +425,18 @@ impl Scenario {
         Ok(s)
     }
 
-    /// All devices: (group index, index in the group, id).
+    /// The devices this process runs (all of them unless sharded): (group index, index in
+    /// the group, id).
     pub fn devices(&self) -> Vec<(usize, u32, String)> {
+        let Shard { index, count } = self.run.shard;
         let mut out = Vec::new();
+        let mut position = 0u32;
         for (gi, g) in self.fleet.group.iter().enumerate() {
             for i in 0..g.devices {
-                out.push((gi, i, format!("{}-{i:05}", g.name)));
+                if position % count == index {
+                    out.push((gi, i, format!("{}-{i:05}", g.name)));
+                }
+                position += 1;
             }
         }
         out
@@ -463,5 +505,10 @@ mod tests {
         assert_eq!(f.role(150), FlRole::Prompt);
         let ids = Scenario::parse(base, p).expect("parses").devices();
         assert_eq!(ids[1].2, "a-00001");
+        let mut sharded = Scenario::parse(base, p).expect("parses");
+        sharded.run.shard = "1/2".parse().expect("shard");
+        let ids: Vec<String> = sharded.devices().into_iter().map(|d| d.2).collect();
+        assert_eq!(ids, ["a-00001"]);
+        assert!("2/2".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
     }
 }

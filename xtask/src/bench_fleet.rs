@@ -21,6 +21,9 @@ const PIPELINE_BYTES: usize = 400 * 1024;
 /// Clients of the federated round (or the whole fleet, if smaller).
 const FL_CLIENTS: u32 = 1000;
 const FL_ROUNDS: u32 = 2;
+/// Most devices one simulator process runs: each holds about two file descriptors (its MQTT
+/// socket and its state database), against this machine's hard limit of 20,000 per process.
+const DEVICES_PER_SIM: u32 = 4000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -237,17 +240,28 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
 
     // 1. Enroll and register.
     let started = Instant::now();
-    let mut sim = Sim::start(&sim_dir, &scenario(n, &key, &pin), &coord.url())?;
-    let sim_pid = sim.pid().context("simulator pid")?;
+    let shards = n.div_ceil(DEVICES_PER_SIM);
+    let text = scenario(n, &key, &pin);
+    let mut sims = Vec::new();
+    for i in 0..shards {
+        let shard = (shards > 1).then_some((i, shards));
+        sims.push(Sim::start_shard(&sim_dir, &text, &coord.url(), shard)?);
+    }
+    let pids: Vec<u32> = sims
+        .iter()
+        .map(|s| s.pid().context("simulator pid"))
+        .collect::<Result<_>>()?;
     journal
         .wait_for("every device registered", wait, |e| {
             registered(e) >= n as usize
         })
-        .with_context(|| format!("simulator log:\n{}", sim.log_tail(20)))?;
+        .with_context(|| format!("simulator log:\n{}", sims[0].log_tail(20)))?;
     let enroll_s = started.elapsed().as_secs_f64();
-    let sim_rss = proc_status_kib(sim_pid, "VmRSS:").unwrap_or(0);
-    let sim_threads = proc_status_kib(sim_pid, "Threads:").unwrap_or(0);
-    let sim_fds = std::fs::read_dir(format!("/proc/{sim_pid}/fd")).map_or(0, |d| d.count() as u64);
+    let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|&p| f(p)).sum::<u64>();
+    let sim_rss = sum(&|p| proc_status_kib(p, "VmRSS:").unwrap_or(0));
+    let sim_threads = sum(&|p| proc_status_kib(p, "Threads:").unwrap_or(0));
+    let sim_fds =
+        sum(&|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count() as u64));
 
     // 2. A 400 KB pipeline to the whole group; 99% of the fleet live on it.
     let dir = env.path("pipeline");
@@ -322,24 +336,33 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     let coord_cpu = cpu_s(coord_pid).unwrap_or(0.0);
     let coord_rss = proc_status_kib(coord_pid, "VmRSS:").unwrap_or(0);
     let sim_secs = started.elapsed().as_secs_f64();
-    let result = sim.stop(Duration::from_secs(120 + u64::from(n) / 20))?;
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
-    let devices = report["devices"].as_array().cloned().unwrap_or_default();
-    let delivered: u64 = devices.iter().filter_map(|d| d["delivered"].as_u64()).sum();
-    let mut live: Vec<u64> = report["timeline"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .filter(|e| {
-                    e["event"] == "live"
-                        && e["detail"]
-                            .as_str()
-                            .is_some_and(|d| d.starts_with("bench v1"))
+    let mut delivered = 0u64;
+    let mut live: Vec<u64> = Vec::new();
+    for sim in &mut sims {
+        let result = sim.stop(Duration::from_secs(120 + u64::from(n) / 20))?;
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
+        let devices = report["devices"].as_array().cloned().unwrap_or_default();
+        delivered += devices
+            .iter()
+            .filter_map(|d| d["delivered"].as_u64())
+            .sum::<u64>();
+        live.extend(
+            report["timeline"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter(|e| {
+                            e["event"] == "live"
+                                && e["detail"]
+                                    .as_str()
+                                    .is_some_and(|d| d.starts_with("bench v1"))
+                        })
+                        .filter_map(|e| e["unix_ms"].as_u64())
+                        .collect::<Vec<_>>()
                 })
-                .filter_map(|e| e["unix_ms"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default();
+                .unwrap_or_default(),
+        );
+    }
     live.sort_unstable();
     let p99_index = ((f64::from(n) * 0.99).ceil() as usize).saturating_sub(1);
     let deploy_p99_s = live
