@@ -55,6 +55,9 @@ struct Row {
     coord_rss_kib_per_device: f64,
     coord_rss_mib: f64,
     msgs_per_s: f64,
+    /// Messages in and out of mosquitto per second (its `$SYS` counters over its lifetime);
+    /// NaN for the embedded broker, which has no such counters.
+    broker_msgs_per_s: f64,
     sim_rss_kib_per_device: f64,
     /// Open file descriptors and threads of the simulator once every device registered.
     sim_fds: u64,
@@ -220,6 +223,7 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         BrokerKind::Mosquitto => Some(Mosquitto::start(&env.path("mosquitto"))?),
         BrokerKind::Embedded => None,
     };
+    let broker_started = Instant::now();
     let coord = match &mosquitto {
         Some(m) => Coordinator::start_external(&env.path("coordinator"), &m.url())?,
         None => Coordinator::start_embedded(&env.path("coordinator"))?,
@@ -369,6 +373,16 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         .get(p99_index)
         .map(|t| t.saturating_sub(deploy_start_ms) as f64 / 1000.0)
         .unwrap_or(f64::NAN);
+    let broker_msgs_per_s = match &mosquitto {
+        Some(m) => match broker_messages(m.port()) {
+            Ok(total) => total as f64 / broker_started.elapsed().as_secs_f64(),
+            Err(e) => {
+                println!("bench fleet: mosquitto's message counters: {e:#}");
+                f64::NAN
+            }
+        },
+        None => f64::NAN,
+    };
     drop(mosquitto);
     Ok(Row {
         devices: n,
@@ -383,6 +397,7 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         coord_rss_kib_per_device: coord_rss as f64 / f64::from(n),
         coord_rss_mib: coord_rss as f64 / 1024.0,
         msgs_per_s: delivered as f64 / sim_secs,
+        broker_msgs_per_s,
         sim_rss_kib_per_device: sim_rss as f64 / f64::from(n),
         sim_fds,
         sim_threads,
@@ -413,6 +428,38 @@ fn ratios(rows: &[Row]) -> Vec<String> {
     out
 }
 
+/// Messages mosquitto received plus sent since it started, from its `$SYS` topics (published
+/// every 10 s by default, retained).
+fn broker_messages(port: u16) -> Result<u64> {
+    let out = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-C",
+            "2",
+            "-W",
+            "30",
+            "-v",
+        ])
+        .args(["-t", "$SYS/broker/messages/received"])
+        .args(["-t", "$SYS/broker/messages/sent"])
+        .output()
+        .context("cannot run mosquitto_sub (Debian package mosquitto-clients)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    ensure!(
+        counts.len() == 2,
+        "mosquitto_sub printed {text:?} ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(counts.iter().sum())
+}
+
 fn print_row(r: &Row) {
     if !r.error.is_empty() {
         return;
@@ -420,7 +467,7 @@ fn print_row(r: &Row) {
     println!(
         "  {:>6} devices {:<9}  enroll+register {:>7.1} s  99% on the 400 KB pipeline {:>7.1} s ({} live)  \
          FL round ({} clients) {:>6.1} s  coordinator {:>6.1} CPU s ({:.2} ms/device), RSS {:.0} MiB ({:.1} KiB/device)  \
-         {:>7.0} device msgs/s  simulator {:.0} KiB/device, {} fds, {} threads",
+         {:>7.0} device msgs/s, {:.0} broker msgs/s  simulator {:.0} KiB/device, {} fds, {} threads",
         r.devices,
         r.broker,
         r.enroll_s,
@@ -433,6 +480,7 @@ fn print_row(r: &Row) {
         r.coord_rss_mib,
         r.coord_rss_kib_per_device,
         r.msgs_per_s,
+        r.broker_msgs_per_s,
         r.sim_rss_kib_per_device,
         r.sim_fds,
         r.sim_threads
@@ -443,13 +491,13 @@ fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "devices,broker,enroll_register_s,deploy_400kb_p99_s,deployed,fl_clients,fl_round_s,\
          coordinator_cpu_s,coordinator_cpu_ms_per_device,coordinator_rss_mib,\
-         coordinator_rss_kib_per_device,device_msgs_per_s,sim_rss_kib_per_device,sim_fds,\
+         coordinator_rss_kib_per_device,device_msgs_per_s,broker_msgs_per_s,sim_rss_kib_per_device,sim_fds,\
          sim_threads,error\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{},{},{}",
+            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{:.1},{},{},{}",
             r.devices,
             r.broker,
             r.enroll_s,
@@ -462,6 +510,7 @@ fn csv(rows: &[Row]) -> String {
             r.coord_rss_mib,
             r.coord_rss_kib_per_device,
             r.msgs_per_s,
+            r.broker_msgs_per_s,
             r.sim_rss_kib_per_device,
             r.sim_fds,
             r.sim_threads,
@@ -485,7 +534,7 @@ fn short(v: f64) -> String {
 /// Small multiples: one panel per figure against fleet size (log scale), a line per broker.
 fn svg(rows: &[Row]) -> String {
     type Get = fn(&Row) -> f64;
-    let panels: [(&str, Get); 8] = [
+    let panels: [(&str, Get); 9] = [
         ("enroll + register (s)", |r| r.enroll_s),
         ("99% on a 400 KB pipeline (s)", |r| r.deploy_p99_s),
         ("FL round, up to 1,000 clients (s)", |r| r.fl_round_s),
@@ -496,6 +545,7 @@ fn svg(rows: &[Row]) -> String {
             r.coord_rss_kib_per_device
         }),
         ("device messages/s via broker", |r| r.msgs_per_s),
+        ("mosquitto messages/s in+out", |r| r.broker_msgs_per_s),
         ("simulator RSS per device (KiB)", |r| {
             r.sim_rss_kib_per_device
         }),
