@@ -65,11 +65,20 @@ struct Row {
     error: String,
 }
 
-pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind]) -> Result<()> {
+pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind], keep: bool) -> Result<()> {
     raise_nofile();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let mut rows = Vec::new();
+    if keep {
+        let earlier = std::fs::read_to_string(out_dir.join("fleet.csv")).unwrap_or_default();
+        rows = parse_csv(&earlier)
+            .into_iter()
+            .filter(|r| {
+                !(sizes.contains(&r.devices) && brokers.iter().any(|b| b.label() == r.broker))
+            })
+            .collect();
+    }
     for &n in sizes {
         for &b in brokers {
             println!("bench fleet: {n} devices, {} broker ...", b.label());
@@ -87,6 +96,7 @@ pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind]) -> Result<()> {
             };
             print_row(&row);
             rows.push(row);
+            rows.sort_by(|a, b| (a.devices, &a.broker).cmp(&(b.devices, &b.broker)));
             // Written after every run, so a later failure or a kill keeps what was measured.
             std::fs::write(out_dir.join("fleet.csv"), csv(&rows))?;
             std::fs::write(out_dir.join("fleet.svg"), svg(&rows))?;
@@ -523,6 +533,39 @@ fn csv(rows: &[Row]) -> String {
     s
 }
 
+/// Rows of a `fleet.csv` this bench wrote (lines it cannot read are skipped).
+fn parse_csv(text: &str) -> Vec<Row> {
+    let f = |v: &str| v.parse::<f64>().unwrap_or(f64::NAN);
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let c: Vec<&str> = line.split(',').collect();
+            if c.len() != 17 {
+                return None;
+            }
+            Some(Row {
+                devices: c[0].parse().ok()?,
+                broker: c[1].to_owned(),
+                enroll_s: f(c[2]),
+                deploy_p99_s: f(c[3]),
+                deployed: c[4].parse().ok()?,
+                fl_clients: c[5].parse().ok()?,
+                fl_round_s: f(c[6]),
+                coord_cpu_s: f(c[7]),
+                coord_cpu_ms_per_device: f(c[8]),
+                coord_rss_mib: f(c[9]),
+                coord_rss_kib_per_device: f(c[10]),
+                msgs_per_s: f(c[11]),
+                broker_msgs_per_s: f(c[12]),
+                sim_rss_kib_per_device: f(c[13]),
+                sim_fds: c[14].parse().ok()?,
+                sim_threads: c[15].parse().ok()?,
+                error: c[16].to_owned(),
+            })
+        })
+        .collect()
+}
+
 /// An axis label that fits left of the axis.
 fn short(v: f64) -> String {
     if v >= 100.0 {
@@ -653,6 +696,9 @@ mod tests {
             },
         ];
         assert_eq!(csv(&rows).lines().count(), 3);
+        let back = parse_csv(&csv(&rows));
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[1].devices, back[1].error.as_str()), (1000, "x"));
         let s = svg(&rows);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
     }
