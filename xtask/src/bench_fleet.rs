@@ -323,31 +323,45 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     edge_tests::federated_data(&task_dir, 1, edge_tests::digits::Split::Iid, &model)?;
     let task_file = task_dir.join("bench.toml");
     std::fs::write(&task_file, fl_task("bench", clients, n))?;
-    let out = std::process::Command::new(edge_tests::coordinator_bin()?)
-        .args(["fl", "start"])
-        .arg(&task_file)
-        .arg("--state-dir")
-        .arg(coord.state_dir())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "fl start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fl_start_ms = protocol::v1::now_ms();
-    journal.wait_for("the federated task finished", wait, |e| {
-        edge_tests::task_finished(e, "bench")
-    })?;
-    let closes: Vec<u64> = edge_tests::closed_rounds(journal.events(), "bench")
-        .iter()
-        .map(|e| e.ts_ms)
-        .collect();
-    let fl_round_s = match closes.as_slice() {
-        [first, ..] => {
-            let span = closes.last().copied().unwrap_or(*first) - fl_start_ms.min(*first);
-            span as f64 / 1000.0 / closes.len() as f64
+    // A failed round is reported in the row; the figures before and after it still count.
+    let mut fl = || -> Result<f64> {
+        let out = std::process::Command::new(edge_tests::coordinator_bin()?)
+            .args(["fl", "start"])
+            .arg(&task_file)
+            .arg("--state-dir")
+            .arg(coord.state_dir())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A busy coordinator takes the spooled task later than `fl start` waits (10 s).
+        let spooled = stderr.contains("no coordinator picked up task");
+        ensure!(out.status.success() || spooled, "fl start: {stderr}");
+        if spooled {
+            println!(
+                "bench fleet: fl start: the coordinator had not taken the task within 10 s; waiting for it"
+            );
         }
-        [] => bail!("no federated round closed"),
+        let fl_start_ms = protocol::v1::now_ms();
+        journal.wait_for("the federated task finished", wait, |e| {
+            edge_tests::task_finished(e, "bench")
+        })?;
+        let closes: Vec<u64> = edge_tests::closed_rounds(journal.events(), "bench")
+            .iter()
+            .map(|e| e.ts_ms)
+            .collect();
+        match closes.as_slice() {
+            [first, ..] => {
+                let span = closes.last().copied().unwrap_or(*first) - fl_start_ms.min(*first);
+                Ok(span as f64 / 1000.0 / closes.len() as f64)
+            }
+            [] => bail!("no federated round closed"),
+        }
+    };
+    let (fl_round_s, fl_error) = match fl() {
+        Ok(s) => (s, String::new()),
+        Err(e) => {
+            println!("bench fleet: {n} devices: federated round failed: {e:#}");
+            (f64::NAN, format!("fl: {e:#}").replace(['\n', ','], " "))
+        }
     };
 
     let coord_cpu = cpu_s(coord_pid).unwrap_or(0.0);
@@ -414,8 +428,15 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         sim_rss_kib_per_device: sim_rss as f64 / f64::from(n),
         sim_fds,
         sim_threads,
-        error: String::new(),
+        error: fl_error,
     })
+}
+
+impl Row {
+    /// Whether the run got as far as measuring (a failed federated round leaves the rest).
+    fn measured(&self) -> bool {
+        self.enroll_s > 0.0
+    }
 }
 
 /// Per-device coordinator cost from each measured size to the next, per broker (the aim:
@@ -425,7 +446,7 @@ fn ratios(rows: &[Row]) -> Vec<String> {
     for broker in ["embedded", "mosquitto"] {
         let ok: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.broker == broker && r.error.is_empty())
+            .filter(|r| r.broker == broker && r.measured())
             .collect();
         for w in ok.windows(2) {
             let (a, b) = (w[0], w[1]);
@@ -474,8 +495,11 @@ fn broker_messages(port: u16) -> Result<u64> {
 }
 
 fn print_row(r: &Row) {
-    if !r.error.is_empty() {
+    if !r.measured() {
         return;
+    }
+    if !r.error.is_empty() {
+        println!("  (partly measured: {})", r.error);
     }
     println!(
         "  {:>6} devices {:<9}  enroll+register {:>7.1} s  99% on the 400 KB pipeline {:>7.1} s ({} live)  \
@@ -604,7 +628,7 @@ fn svg(rows: &[Row]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"18\" font-size=\"13\">edge-sim fleet benchmark: blue embedded broker, orange mosquitto; x: devices (log)</text>\n"
     );
-    let ok: Vec<&Row> = rows.iter().filter(|r| r.error.is_empty()).collect();
+    let ok: Vec<&Row> = rows.iter().filter(|r| r.measured()).collect();
     let xs: Vec<f64> = ok.iter().map(|r| f64::from(r.devices).log10()).collect();
     let (xmin, xmax) = (
         xs.iter().copied().fold(f64::INFINITY, f64::min),
