@@ -76,7 +76,8 @@ fn version(env: &TestEnv, dir: &str, pipeline: &str) -> Result<PipelineDir> {
 
 /// The scenario: `devices` in `group` (its claim key in `claim-GROUP.key`), trusting `key`,
 /// pinning the coordinator's identity (`pin`) as a provisioned fleet would; `extra` holds the
-/// scenario's `[health]` or `[fl]` section.
+/// scenario's `[health]` or `[fl]` section; its lines before the first table header are keys of
+/// `[fleet]` (e.g. `outbox = "disk"`).
 fn scenario(
     group: &str,
     devices: u32,
@@ -84,11 +85,18 @@ fn scenario(
     pin: &protocol::v1::auth::PublicIdentity,
     extra: &str,
 ) -> String {
+    let split = extra
+        .lines()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(extra.lines().count());
+    let fleet_keys = extra.lines().take(split).collect::<Vec<_>>().join("\n");
+    let extra = extra.lines().skip(split).collect::<Vec<_>>().join("\n");
     format!(
         r#"
 [fleet]
 telemetry_interval_s = 20
 start_per_second = 100
+{fleet_keys}
 
 [[fleet.group]]
 name = "{group}"
@@ -565,8 +573,10 @@ fn rogue_clients_change_nothing_for_the_fleet() {
         const N: u32 = 50;
         let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
         let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
-        // The security tests' attacker, holding none of the fleet's keys.
-        let rogues = r#"
+        // The security tests' attacker, holding none of the fleet's keys. These devices keep
+        // their outboxes in the agent's own sled store and write-ahead log (on tmpfs), the
+        // other scenarios in memory.
+        let rogues = r#"outbox = "disk"
 [[rogue]]
 attack = ["impersonate", "lab-00001"]
 [[rogue]]
@@ -576,6 +586,10 @@ attack = ["forge-status", "lab-00003", "forged", "1"]
 [[rogue]]
 attack = ["sybil", "20"]
 "#;
+        let pin = edge_tests::enroll::coordinator_identity(&coord.state_dir())?;
+        let text = scenario("lab", N, &key, &pin, rogues);
+        let parsed = edge_sim::Scenario::parse(&text, std::path::Path::new("scenario.toml"))?;
+        ensure!(parsed.fleet.outbox == edge_sim::scenario::OutboxStore::Disk);
         let mut sim = start_fleet(env, &coord, &key, "lab", N, rogues)?;
         let mut journal = coord.journal();
         journal.wait_for("the impersonation refused", ENROLL_WAIT, |e| {
