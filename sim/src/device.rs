@@ -21,7 +21,7 @@ use edge_agent::fl::{self, FlDeps, FlState, FlTask, LocalTrainer, RoundError, Tr
 use edge_agent::inbox::Inbox;
 use edge_agent::inference::Inference;
 use edge_agent::link;
-use edge_agent::outbox::{NewMessage, Outbox};
+use edge_agent::outbox::{MemoryStore, NewMessage, Outbox};
 use edge_agent::pipeline::{Command, HostHandle, Origin, RunningSlot, Stats};
 use edge_agent::sandbox::trainer::{Param, SampleSource, TrainResult};
 use edge_agent::statedb::StateDb;
@@ -68,6 +68,25 @@ pub struct DeviceSpec {
     pub fails_health: Option<crate::scenario::HealthRule>,
     /// Federated learning, if the scenario has it.
     pub fl: Option<FlSpec>,
+    /// Where the outbox keeps its records (`[fleet] outbox`).
+    pub outbox: crate::scenario::OutboxStore,
+}
+
+/// Page cache of a simulated device's state database: it holds a few small trees.
+const STATE_CACHE_BYTES: u64 = 256 * 1024;
+
+/// The agent's state database for a simulated device: the same sled trees, without sled's
+/// flusher thread (one per database: 10,000 devices would mean 10,000 threads) and with a
+/// small cache. What the agent syncs is still synced ([`StateDb::sync`] at every step).
+fn open_state(state_dir: &std::path::Path) -> Result<StateDb> {
+    let dir = state_dir.join("state");
+    let db = sled::Config::new()
+        .path(&dir)
+        .cache_capacity(STATE_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| format!("cannot open the state database {}", dir.display()))?;
+    Ok(StateDb { db, dir })
 }
 
 /// A device's part in federated learning.
@@ -90,21 +109,29 @@ pub struct RunningDevice {
 }
 
 impl RunningDevice {
-    /// Starts the device's tasks. `shared` is where its state is recorded.
+    /// Starts the device's tasks. `shared` is where its state is recorded; `records` holds
+    /// its outbox when the scenario keeps outboxes in memory (the same records across a
+    /// reboot, fresh ones after a power cut).
     pub async fn start(
         spec: &DeviceSpec,
         shared: Arc<Mutex<DeviceState>>,
         timeline: Timeline,
+        records: &MemoryStore,
     ) -> Result<RunningDevice> {
         let cfg = &spec.config;
         let device = spec.id.clone();
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("cannot create {}", cfg.state_dir.display()))?;
-        let outbox = {
-            let (dir, ocfg) = (cfg.state_dir.clone(), cfg.outbox.clone());
-            tokio::task::spawn_blocking(move || Outbox::open(&dir, &ocfg))
-                .await
-                .context("outbox open task")??
+        let outbox = match spec.outbox {
+            crate::scenario::OutboxStore::Memory => {
+                Outbox::open_in_memory(&cfg.state_dir.join("outbox"), records.clone(), &cfg.outbox)?
+            }
+            crate::scenario::OutboxStore::Disk => {
+                let (dir, ocfg) = (cfg.state_dir.clone(), cfg.outbox.clone());
+                tokio::task::spawn_blocking(move || Outbox::open(&dir, &ocfg))
+                    .await
+                    .context("outbox open task")??
+            }
         };
         let outbox = Arc::new(outbox);
         let inference = Inference::unavailable("simulated device: no onnx runtime");
@@ -146,7 +173,7 @@ impl RunningDevice {
                 auth: auth.clone(),
             },
         )?;
-        let state = StateDb::open(&cfg.state_dir)?;
+        let state = open_state(&cfg.state_dir)?;
         let (deployer, store, restored) = task::open_deployer(&state, &device, cfg.deploy.clone())?;
         let deploy_sub = inbox.subscribe_all(
             &topics::agent_deploy_filters(&device, &[]),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use edge_agent::config::Config;
+use edge_agent::outbox::MemoryStore;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -31,6 +32,8 @@ struct Slot {
     spec: DeviceSpec,
     state: Arc<Mutex<DeviceState>>,
     running: Option<RunningDevice>,
+    /// The device's outbox records when kept in memory (what a power cut loses).
+    records: MemoryStore,
 }
 
 type Slots = Arc<Vec<Arc<AsyncMutex<Slot>>>>;
@@ -110,6 +113,31 @@ pub fn device_config(s: &Scenario, group: usize, id: &str, state_dir: &Path) -> 
     Config::parse(&text, Path::new("scenario [agent]")).map_err(Into::into)
 }
 
+/// The broker's address from `[agent.mqtt] url`, for link proxies (plain `mqtt://` only: a
+/// proxy on 127.0.0.1 would not match a TLS server name).
+fn broker_addr(s: &Scenario) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let url = s
+        .agent
+        .get("mqtt")
+        .and_then(|m| m.get("url"))
+        .and_then(|u| u.as_str())
+        .context("[[link]] profiles need [agent.mqtt] url (or --mqtt-url)")?;
+    let rest = url
+        .strip_prefix("mqtt://")
+        .with_context(|| format!("[[link]] profiles need a plain mqtt:// broker, not {url}"))?;
+    let host_port = if rest.contains(':') {
+        rest.to_owned()
+    } else {
+        format!("{rest}:1883")
+    };
+    host_port
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve the broker address in {url}"))?
+        .next()
+        .with_context(|| format!("no address for the broker in {url}"))
+}
+
 /// Runs `scenario` until its duration is over or `shutdown` resolves; writes the results to
 /// `out` and returns their summary.
 pub async fn run(
@@ -127,9 +155,29 @@ pub async fn run(
             })?),
             None => Arc::default(),
         };
+    let (links_stop, links_rx) = tokio::sync::watch::channel(false);
+    let upstream = match scenario.link.is_empty() {
+        true => None,
+        false => Some(broker_addr(&scenario)?),
+    };
+    let mut links = Vec::new();
     let mut slots = Vec::new();
     for (gi, index, id) in scenario.devices() {
-        let config = device_config(&scenario, gi, &id, &root.path().join(&id))?;
+        let mut config = device_config(&scenario, gi, &id, &root.path().join(&id))?;
+        let profile = scenario.link.iter().find(|l| l.applies(&id, index));
+        if let (Some(profile), Some(upstream)) = (profile, upstream) {
+            let link = crate::link::DeviceLink::start(
+                id.clone(),
+                profile.clone(),
+                upstream,
+                timeline.clone(),
+                links_rx.clone(),
+                scenario.churn.seed ^ u64::from(index) ^ ((gi as u64) << 32),
+            )
+            .await?;
+            config.mqtt.url = format!("mqtt://{}", link.addr);
+            links.push(link);
+        }
         let fails = scenario.health.fails(index);
         slots.push(Arc::new(AsyncMutex::new(Slot {
             spec: DeviceSpec {
@@ -143,9 +191,11 @@ pub async fn run(
                     model_bytes: model_bytes.clone(),
                     stopping: stopping.clone(),
                 }),
+                outbox: scenario.fleet.outbox,
             },
             state: Arc::default(),
             running: None,
+            records: MemoryStore::default(),
         })));
     }
     let slots: Slots = Arc::new(slots);
@@ -172,14 +222,15 @@ pub async fn run(
     let mut until_end = std::pin::pin!(until_end);
 
     // Ramp: start devices at the scenario's rate, stopping early if told to.
+    let shards = scenario.run.shard.count;
     let gap = match scenario.fleet.start_per_second {
         0 => Duration::ZERO,
-        n => Duration::from_secs(1) / n,
+        n => Duration::from_secs(1) * shards / n,
     };
     let mut stopped_early = false;
     for slot in slots.iter() {
         let mut s = slot.lock().await;
-        let started = RunningDevice::start(&s.spec, s.state.clone(), timeline.clone())
+        let started = RunningDevice::start(&s.spec, s.state.clone(), timeline.clone(), &s.records)
             .await
             .with_context(|| format!("cannot start simulated device {}", s.spec.id))?;
         s.running = Some(started);
@@ -193,7 +244,10 @@ pub async fn run(
         }
     }
     timeline.record("fleet", "started", &format!("{total} devices"));
-    let rogues = tokio::spawn(crate::rogue::run_all(scenario.clone(), timeline.clone()));
+    let rogues = match scenario.run.shard.index {
+        0 => tokio::spawn(crate::rogue::run_all(scenario.clone(), timeline.clone())),
+        _ => tokio::spawn(async {}),
+    };
 
     let (churn_stop, churn_rx) = tokio::sync::watch::channel(false);
     let churn = tokio::spawn(churn(
@@ -233,6 +287,10 @@ pub async fn run(
     stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(devices = total, "stopping the simulated devices");
     stop_all(&slots).await;
+    let _ = links_stop.send(true);
+    for link in links {
+        link.join().await;
+    }
     tracing::info!("simulated devices stopped");
     timeline.record("fleet", "stopped", "");
 
@@ -297,7 +355,9 @@ async fn churn(
     timeline: Timeline,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let rate = s.churn.reboots_per_minute + s.churn.power_cuts_per_minute;
+    // Each shard churns its own devices at its share of the fleet's rate.
+    let total = s.churn.reboots_per_minute + s.churn.power_cuts_per_minute;
+    let rate = total / f64::from(s.run.shard.count);
     if rate <= 0.0 || slots.is_empty() {
         return;
     }
@@ -311,7 +371,7 @@ async fn churn(
             () = tokio::time::sleep(Duration::from_secs_f64(gap)) => {}
             _ = stop.changed() => break,
         }
-        let power_cut = rng.gen_bool((s.churn.power_cuts_per_minute / rate).clamp(0.0, 1.0));
+        let power_cut = rng.gen_bool((s.churn.power_cuts_per_minute / total).clamp(0.0, 1.0));
         let slot = slots[rng.gen_range(0..slots.len())].clone();
         let timeline = timeline.clone();
         restarts.spawn(async move {
@@ -332,6 +392,7 @@ async fn churn(
                 }
             }
             if power_cut {
+                slot.records = MemoryStore::default();
                 for f in OUTBOX_FILES {
                     let p = slot.spec.config.state_dir.join(f);
                     let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
@@ -343,7 +404,7 @@ async fn churn(
                 "",
             );
             tokio::time::sleep(down).await;
-            match RunningDevice::start(&slot.spec, slot.state.clone(), timeline.clone()).await {
+            match RunningDevice::start(&slot.spec, slot.state.clone(), timeline.clone(), &slot.records).await {
                 Ok(d) => slot.running = Some(d),
                 Err(e) => {
                     tracing::error!(device = %slot.spec.id, error = %e, "simulated device did not start again");

@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod fleet;
+pub mod link;
 pub mod results;
 pub mod rogue;
 pub mod scenario;

@@ -24,6 +24,11 @@ struct Cli {
     /// whoever names it removes it).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Runs shard I of N (`--shard 0/2`): every Nth device of the fleet, at 1/N of the ramp
+    /// and churn rates, so a fleet larger than one process's open-file limit runs as N
+    /// processes. Rogues run in shard 0.
+    #[arg(long)]
+    shard: Option<edge_sim::scenario::Shard>,
 }
 
 fn main() -> Result<()> {
@@ -36,6 +41,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut scenario = edge_sim::Scenario::load(&cli.scenario)?;
+    if let Some(shard) = cli.shard {
+        scenario.run.shard = shard;
+    }
     if let Some(dir) = cli.state_dir {
         scenario.run.state_dir = dir;
     }

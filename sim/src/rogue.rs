@@ -1,6 +1,9 @@
-//! Rogue clients: the scenario's `[[rogue]]` attacks, each run with `edge-attacker` (the
-//! security tests' hostile client, `tests/src/bin/edge-attacker.rs`) against the scenario's
-//! broker at its time. What the attacker printed (what it sent, what the broker acked) goes
+//! Rogue clients: the scenario's `[[rogue]]` attacks at their times against the scenario's
+//! broker. `replay DEVICE` runs here: a plain MQTT client (no fleet keys) records one of the
+//! device's sealed messages off the broker and publishes it again unchanged, which the
+//! coordinator must drop as a replay (`auth_rejected` with reason `replay` in its journal).
+//! Every other attack runs `edge-attacker` (the security tests' hostile client,
+//! `tests/src/bin/edge-attacker.rs`). What the attacker printed (what it sent, what the broker acked) goes
 //! into the timeline; what the coordinator made of it is in its journal (`auth_rejected`, ...).
 //!
 //! **Boundary:** the attacker binary is found beside `edge-sim` (same build) or through
@@ -51,7 +54,17 @@ pub async fn run_all(s: Scenario, timeline: Timeline) {
     if s.rogue.is_empty() {
         return;
     }
-    let setup = broker_port(&s).and_then(|port| Ok((port, attacker_bin()?)));
+    let needs_attacker = s.rogue.iter().any(|r| r.attack[0] != "replay");
+    let setup = broker_port(&s).and_then(|port| {
+        Ok((
+            port,
+            if needs_attacker {
+                Some(attacker_bin()?)
+            } else {
+                None
+            },
+        ))
+    });
     let (port, bin) = match setup {
         Ok(x) => x,
         Err(e) => {
@@ -65,13 +78,27 @@ pub async fn run_all(s: Scenario, timeline: Timeline) {
     let start = tokio::time::Instant::now();
     for r in rogues {
         tokio::time::sleep_until(start + Duration::from_secs_f64(r.at_s.max(0.0))).await;
-        let out = tokio::process::Command::new(&bin)
+        let what = r.attack.join(" ");
+        if r.attack[0] == "replay" {
+            match replay(port, &r.attack[1]).await {
+                Ok(said) => {
+                    tracing::info!(attack = %what, result = %said, "rogue client ran");
+                    timeline.record("rogue", "rogue", &format!("{what}: {said}"));
+                }
+                Err(e) => {
+                    tracing::warn!(attack = %what, error = %format!("{e:#}"), "rogue client failed");
+                    timeline.record("rogue", "rogue-failed", &format!("{what}: {e:#}"));
+                }
+            }
+            continue;
+        }
+        let Some(bin) = &bin else { continue };
+        let out = tokio::process::Command::new(bin)
             .arg(port.to_string())
             .args(&r.attack)
             .kill_on_drop(true)
             .output()
             .await;
-        let what = r.attack.join(" ");
         match out {
             Ok(o) if o.status.success() => {
                 let said = String::from_utf8_lossy(&o.stdout).trim().to_owned();
@@ -88,4 +115,71 @@ pub async fn run_all(s: Scenario, timeline: Timeline) {
             }
         }
     }
+}
+
+/// How long a replay waits for the device to send something it can record.
+const REPLAY_WAIT: Duration = Duration::from_secs(120);
+
+/// Records one sealed message `device` sends (its telemetry or registration) and publishes it
+/// again, byte for byte, on the same topic. Returns what it replayed.
+async fn replay(port: u16, device: &str) -> Result<String> {
+    use protocol::v1::topics;
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let id = format!("edge-sim-replay-{:08x}", rand::random::<u32>());
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    let watched = [topics::telemetry(device), topics::register(device)];
+    for t in &watched {
+        client
+            .subscribe(t.as_str(), QoS::AtLeastOnce)
+            .await
+            .with_context(|| format!("cannot subscribe to {t}"))?;
+    }
+    let recorded = tokio::time::timeout(REPLAY_WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if watched.contains(&p.topic) => {
+                    return Ok::<_, anyhow::Error>(p);
+                }
+                Ok(_) => {}
+                Err(e) => bail!("broker connection: {e}"),
+            }
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "{device} sent nothing on {} within {} s",
+            watched.join(" or "),
+            REPLAY_WAIT.as_secs()
+        )
+    })??;
+    client
+        .publish(
+            recorded.topic.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            recorded.payload.to_vec(),
+        )
+        .await
+        .context("cannot publish the recorded message")?;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => bail!("broker connection: {e}"),
+            }
+        }
+    })
+    .await
+    .context("the broker did not acknowledge the replayed message")??;
+    let _ = client.disconnect().await;
+    Ok(format!(
+        "replayed a recorded message on {} ({} bytes), broker acked",
+        recorded.topic,
+        recorded.payload.len()
+    ))
 }

@@ -47,9 +47,13 @@ pub struct Scenario {
     /// Federated learning: devices take part in rounds with a synthetic trainer.
     #[serde(default)]
     pub fl: Option<FlSection>,
-    /// Rogue clients on the same broker, run with the security tests' `edge-attacker`.
+    /// Rogue clients on the same broker: `edge-attacker` attacks, and `replay`.
     #[serde(default)]
     pub rogue: Vec<Rogue>,
+    /// Link profiles: devices whose uplink goes through a shaping proxy. The first profile
+    /// naming a device applies to it.
+    #[serde(default)]
+    pub link: Vec<LinkProfile>,
     /// How long the run lasts and where its results go.
     #[serde(default)]
     pub run: RunSection,
@@ -67,6 +71,20 @@ pub struct Fleet {
     /// a fleet coming online rather than a synchronised burst; 0 starts all at once.
     #[serde(default = "default_ramp")]
     pub start_per_second: u32,
+    /// Where each device's outbox keeps its records: `memory` (the agent's outbox logic over
+    /// records in memory: no file, no thread; a reboot keeps them, a power cut loses them) or
+    /// `disk` (the agent's own sled store and write-ahead log under the device's state folder,
+    /// about 3 file descriptors and a thread per device).
+    #[serde(default)]
+    pub outbox: OutboxStore,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxStore {
+    #[default]
+    Memory,
+    Disk,
 }
 
 /// Devices enrolled with one claim key (the coordinator assigns the key's groups).
@@ -178,9 +196,10 @@ fn default_straggler_delay() -> f64 {
     5.0
 }
 
-/// One attack by a rogue client: `edge-attacker PORT ATTACK ARGS..` (the security tests'
-/// attacker: it holds none of the fleet's keys) once the whole fleet has started.
-/// Attacks: `impersonate DEVICE`, `flood DEVICE N`, `forge-status DEVICE ID VER`,
+/// One attack by a rogue client once the whole fleet has started: `replay DEVICE` (the
+/// simulator records one of the device's sealed messages off the broker and publishes it
+/// again), or `edge-attacker PORT ATTACK ARGS..` (the security tests' attacker: it holds none
+/// of the fleet's keys): `impersonate DEVICE`, `flood DEVICE N`, `forge-status DEVICE ID VER`,
 /// `forge-chunk DEVICE N`, `forge-update DEVICE N`, `sybil N`, `enroll-as DEVICE`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,6 +209,46 @@ pub struct Rogue {
     /// Seconds after the fleet started.
     #[serde(default)]
     pub at_s: f64,
+}
+
+/// A link profile (`[[link]]`): delay, bandwidth, outages and forced disconnects on the
+/// uplinks of the devices it names (see [`crate::link`]). Plain `mqtt://` brokers only.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkProfile {
+    /// Device ids this profile applies to.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// ... and this fraction of each group's devices, 0..=1, spread evenly as
+    /// `[health] fail_fraction` is (with 0.1: indices 9, 19, ...).
+    #[serde(default)]
+    pub fraction: f64,
+    /// One-way delay added to every byte, both directions, milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Bandwidth cap per direction, kilobits per second; 0: none.
+    #[serde(default)]
+    pub bandwidth_kbps: u64,
+    /// Period of the outages, seconds; 0: no outages.
+    #[serde(default)]
+    pub outage_every_s: f64,
+    /// Length of each outage (at the end of each period), seconds.
+    #[serde(default)]
+    pub outage_s: f64,
+    /// Forced disconnects of a live connection per minute (exponential gaps); 0: none.
+    #[serde(default)]
+    pub disconnects_per_minute: f64,
+}
+
+impl LinkProfile {
+    /// Whether the profile applies to device `id`, number `index` of its group.
+    pub fn applies(&self, id: &str, index: u32) -> bool {
+        let spread = HealthRule {
+            fail_fraction: self.fraction,
+            ..HealthRule::default()
+        };
+        self.devices.iter().any(|d| d == id) || spread.fails(index)
+    }
 }
 
 /// Restarts while the scenario runs, each on a device picked at random.
@@ -228,6 +287,42 @@ pub struct RunSection {
     /// Where the results go (`devices.csv`, `timeline.csv`, `result.json`); `--out` overrides.
     #[serde(default)]
     pub out_dir: PathBuf,
+    /// This process runs shard `.0` of `.1` (`edge-sim --shard I/N`): the devices whose
+    /// position in the fleet is I modulo N, at 1/N of the ramp and churn rates; rogues run in
+    /// shard 0 only. One process holds about two file descriptors per device (its MQTT socket
+    /// and its state database), so fleets beyond the open-file limit run as several shards.
+    #[serde(skip)]
+    pub shard: Shard,
+}
+
+/// Shard `index` of `count` (see [`RunSection::shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let bad = || format!("shard {s:?}: expected I/N with I < N, e.g. 0/2");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
 }
 
 fn default_telemetry() -> u64 {
@@ -303,6 +398,24 @@ impl Scenario {
             if r.attack.is_empty() {
                 return Err(invalid("rogue.attack", "an attack name and its arguments"));
             }
+            if r.attack[0] == "replay" && r.attack.len() != 2 {
+                return Err(invalid("rogue.attack", "replay takes one device id"));
+            }
+        }
+        for l in &s.link {
+            if !(0.0..=1.0).contains(&l.fraction) {
+                return Err(invalid("link.fraction", "between 0 and 1"));
+            }
+            if l.outage_every_s < 0.0
+                || l.outage_s < 0.0
+                || l.outage_s > l.outage_every_s
+                || l.disconnects_per_minute < 0.0
+            {
+                return Err(invalid(
+                    "link",
+                    "outage_s between 0 and outage_every_s, rates not negative",
+                ));
+            }
         }
         for key in ["state_dir", "device"] {
             if s.agent.contains_key(key) {
@@ -312,12 +425,18 @@ impl Scenario {
         Ok(s)
     }
 
-    /// All devices: (group index, index in the group, id).
+    /// The devices this process runs (all of them unless sharded): (group index, index in
+    /// the group, id).
     pub fn devices(&self) -> Vec<(usize, u32, String)> {
+        let Shard { index, count } = self.run.shard;
         let mut out = Vec::new();
+        let mut position = 0u32;
         for (gi, g) in self.fleet.group.iter().enumerate() {
             for i in 0..g.devices {
-                out.push((gi, i, format!("{}-{i:05}", g.name)));
+                if position % count == index {
+                    out.push((gi, i, format!("{}-{i:05}", g.name)));
+                }
+                position += 1;
             }
         }
         out
@@ -386,5 +505,10 @@ mod tests {
         assert_eq!(f.role(150), FlRole::Prompt);
         let ids = Scenario::parse(base, p).expect("parses").devices();
         assert_eq!(ids[1].2, "a-00001");
+        let mut sharded = Scenario::parse(base, p).expect("parses");
+        sharded.run.shard = "1/2".parse().expect("shard");
+        let ids: Vec<String> = sharded.devices().into_iter().map(|d| d.2).collect();
+        assert_eq!(ids, ["a-00001"]);
+        assert!("2/2".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
     }
 }

@@ -24,11 +24,28 @@ impl Sim {
     /// The scenario's groups name claim key files relative to `dir`; write them first
     /// ([`crate::enroll::write_claim_key`]).
     pub fn start(dir: &Path, scenario: &str, mqtt_url: &str) -> Result<Sim> {
+        Sim::start_shard(dir, scenario, mqtt_url, None)
+    }
+
+    /// As [`Sim::start`], running shard `(I, N)` of the fleet (`edge-sim --shard I/N`); its
+    /// results go to `dir/out-I` and its log to `dir/sim-I.log`.
+    pub fn start_shard(
+        dir: &Path,
+        scenario: &str,
+        mqtt_url: &str,
+        shard: Option<(u32, u32)>,
+    ) -> Result<Sim> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let file = dir.join("scenario.toml");
         std::fs::write(&file, scenario)
             .with_context(|| format!("cannot write {}", file.display()))?;
-        let out = dir.join("out");
+        let (out, log) = match shard {
+            Some((i, _)) => (
+                dir.join(format!("out-{i}")),
+                dir.join(format!("sim-{i}.log")),
+            ),
+            None => (dir.join("out"), dir.join("sim.log")),
+        };
         let tmpfs = Path::new("/dev/shm");
         let mut b = tempfile::Builder::new();
         b.prefix("edge-sim-test-");
@@ -38,20 +55,20 @@ impl Sim {
             b.tempdir()
         }
         .context("cannot create the simulated devices' state folder")?;
-        let mut proc = ChildProc::new(
-            "edge-sim",
-            crate::bins::sim_bin()?,
-            [
-                file.into_os_string(),
-                "--out".into(),
-                out.clone().into_os_string(),
-                "--mqtt-url".into(),
-                mqtt_url.into(),
-                "--state-dir".into(),
-                state.path().as_os_str().to_owned(),
-            ],
-            dir.join("sim.log"),
-        );
+        let mut args: Vec<std::ffi::OsString> = vec![
+            file.into_os_string(),
+            "--out".into(),
+            out.clone().into_os_string(),
+            "--mqtt-url".into(),
+            mqtt_url.into(),
+            "--state-dir".into(),
+            state.path().as_os_str().to_owned(),
+        ];
+        if let Some((i, n)) = shard {
+            args.push("--shard".into());
+            args.push(format!("{i}/{n}").into());
+        }
+        let mut proc = ChildProc::new("edge-sim", crate::bins::sim_bin()?, args, log);
         proc.spawn()?;
         Ok(Sim {
             proc,

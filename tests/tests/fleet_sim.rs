@@ -18,6 +18,10 @@
 //!   refuses that version from then on, by design).
 //! - 50 devices beside rogue clients (`edge-attacker`: impersonation, a flood, a forged deploy
 //!   status, sybil enrollments) take a deployment; no rogue id registers.
+//! - 30 devices, some behind shaped links (delay, a bandwidth cap and outages; forced
+//!   disconnects), beside a rogue client replaying one device's sealed message: the shaped
+//!   devices go offline and come back, the replay is dropped and counted by the coordinator,
+//!   and every device takes a deployment.
 //!
 //! Sized for CI on two cores; nothing here asserts a timing.
 
@@ -72,7 +76,8 @@ fn version(env: &TestEnv, dir: &str, pipeline: &str) -> Result<PipelineDir> {
 
 /// The scenario: `devices` in `group` (its claim key in `claim-GROUP.key`), trusting `key`,
 /// pinning the coordinator's identity (`pin`) as a provisioned fleet would; `extra` holds the
-/// scenario's `[health]` or `[fl]` section.
+/// scenario's `[health]` or `[fl]` section; its lines before the first table header are keys of
+/// `[fleet]` (e.g. `outbox = "disk"`).
 fn scenario(
     group: &str,
     devices: u32,
@@ -80,11 +85,18 @@ fn scenario(
     pin: &protocol::v1::auth::PublicIdentity,
     extra: &str,
 ) -> String {
+    let split = extra
+        .lines()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(extra.lines().count());
+    let fleet_keys = extra.lines().take(split).collect::<Vec<_>>().join("\n");
+    let extra = extra.lines().skip(split).collect::<Vec<_>>().join("\n");
     format!(
         r#"
 [fleet]
 telemetry_interval_s = 20
 start_per_second = 100
+{fleet_keys}
 
 [[fleet.group]]
 name = "{group}"
@@ -561,8 +573,10 @@ fn rogue_clients_change_nothing_for_the_fleet() {
         const N: u32 = 50;
         let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
         let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
-        // The security tests' attacker, holding none of the fleet's keys.
-        let rogues = r#"
+        // The security tests' attacker, holding none of the fleet's keys. These devices keep
+        // their outboxes in the agent's own sled store and write-ahead log (on tmpfs), the
+        // other scenarios in memory.
+        let rogues = r#"outbox = "disk"
 [[rogue]]
 attack = ["impersonate", "lab-00001"]
 [[rogue]]
@@ -572,6 +586,10 @@ attack = ["forge-status", "lab-00003", "forged", "1"]
 [[rogue]]
 attack = ["sybil", "20"]
 "#;
+        let pin = edge_tests::enroll::coordinator_identity(&coord.state_dir())?;
+        let text = scenario("lab", N, &key, &pin, rogues);
+        let parsed = edge_sim::Scenario::parse(&text, std::path::Path::new("scenario.toml"))?;
+        ensure!(parsed.fleet.outbox == edge_sim::scenario::OutboxStore::Disk);
         let mut sim = start_fleet(env, &coord, &key, "lab", N, rogues)?;
         let mut journal = coord.journal();
         journal.wait_for("the impersonation refused", ENROLL_WAIT, |e| {
@@ -617,4 +635,110 @@ attack = ["sybil", "20"]
         ensure!(strangers.is_empty(), "registered strangers: {strangers:?}");
         Ok(())
     });
+}
+
+#[test]
+fn shaped_links_and_a_replayed_message() {
+    run_test("fleet_sim_links", |env| {
+        const N: u32 = 30;
+        let coord = Coordinator::start_embedded(&env.path("coordinator"))?;
+        let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
+        // Profile 1 (lab-00000 and indices 3, 6, 9, ...): 100 ms each way, 1 Mbit/s, down 2 s
+        // of every 8. Profile 2 (indices 4, 14, 24; 9, 19, 29 match profile 1 first): forced
+        // disconnects about once a second. lab-00002 is unshaped; a rogue replays its message.
+        let extra = r#"
+[[link]]
+devices = ["lab-00000"]
+fraction = 0.3
+delay_ms = 100
+bandwidth_kbps = 1000
+outage_every_s = 8
+outage_s = 2
+
+[[link]]
+fraction = 0.2
+disconnects_per_minute = 60
+
+[[rogue]]
+attack = ["replay", "lab-00002"]
+"#;
+        let outaged = ["lab-00000", "lab-00003", "lab-00006"];
+        let disconnected = ["lab-00004", "lab-00014", "lab-00024"];
+        let mut sim = start_fleet(env, &coord, &key, "lab", N, extra)?;
+        let mut journal = coord.journal();
+        // The broker publishes a device's last will when its link drops it; the coordinator
+        // journals it as offline. Wait for both kinds of shaped device to have dropped once,
+        // and for the replay to have been dropped.
+        journal.wait_for(
+            "shaped devices offline and the replay dropped",
+            ENROLL_WAIT,
+            |events| {
+                let offline: BTreeSet<&str> = events
+                    .iter()
+                    .filter(|e| e.is("offline"))
+                    .filter_map(|e| e.str_field("device"))
+                    .collect();
+                outaged.iter().any(|d| offline.contains(d))
+                    && disconnected.iter().any(|d| offline.contains(d))
+                    && replays(events) >= 1
+            },
+        )?;
+        let v1 = version(env, "v1", "vibration")?;
+        let run = deploy(&coord, &["--group", "lab"], &v1, &key, 1, &HEALTH)?;
+        ensure!(
+            run.success,
+            "the rollout over shaped links failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        let r = report(&mut sim)?;
+        for dev in &r.devices {
+            ensure!(
+                dev.enrolled && dev.pipeline == "vibration" && dev.version == 1,
+                "{} over its link: {dev:?}",
+                dev.device
+            );
+        }
+        let linked = |event: &str| -> BTreeSet<&str> {
+            r.timeline
+                .iter()
+                .filter(|e| e.event == event)
+                .map(|e| e.device.as_str())
+                .collect()
+        };
+        let outages = linked("link-outage");
+        let disconnects = linked("link-disconnect");
+        ensure!(
+            outaged.iter().any(|d| outages.contains(d)),
+            "no outage on profile 1's devices: {outages:?}"
+        );
+        ensure!(
+            disconnects.iter().all(|d| disconnected.contains(d)),
+            "forced disconnects outside profile 2: {disconnects:?}"
+        );
+        ensure!(
+            !outages.contains("lab-00002") && !outages.iter().any(|d| disconnected.contains(d)),
+            "outages outside profile 1: {outages:?}"
+        );
+        let replayed: Vec<&str> = r
+            .timeline
+            .iter()
+            .filter(|e| e.event == "rogue")
+            .map(|e| e.detail.as_str())
+            .collect();
+        ensure!(
+            replayed.len() == 1 && replayed[0].contains("replayed a recorded message"),
+            "the replay did not run: {replayed:?}"
+        );
+        Ok(())
+    });
+}
+
+/// Messages the coordinator dropped as replays, from its `auth_rejected` events.
+fn replays(events: &[Event]) -> u64 {
+    events
+        .iter()
+        .filter(|e| e.is("auth_rejected"))
+        .filter_map(|e| e.raw.get("reasons")?.get("replay")?.as_u64())
+        .sum()
 }

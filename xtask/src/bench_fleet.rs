@@ -21,6 +21,9 @@ const PIPELINE_BYTES: usize = 400 * 1024;
 /// Clients of the federated round (or the whole fleet, if smaller).
 const FL_CLIENTS: u32 = 1000;
 const FL_ROUNDS: u32 = 2;
+/// Most devices one simulator process runs: each holds about two file descriptors (its MQTT
+/// socket and its state database), against this machine's hard limit of 20,000 per process.
+const DEVICES_PER_SIM: u32 = 4000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -52,15 +55,30 @@ struct Row {
     coord_rss_kib_per_device: f64,
     coord_rss_mib: f64,
     msgs_per_s: f64,
+    /// Messages in and out of mosquitto per second (its `$SYS` counters over its lifetime);
+    /// NaN for the embedded broker, which has no such counters.
+    broker_msgs_per_s: f64,
     sim_rss_kib_per_device: f64,
+    /// Open file descriptors and threads of the simulator once every device registered.
+    sim_fds: u64,
+    sim_threads: u64,
     error: String,
 }
 
-pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind]) -> Result<()> {
+pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind], keep: bool) -> Result<()> {
     raise_nofile();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let mut rows = Vec::new();
+    if keep {
+        let earlier = std::fs::read_to_string(out_dir.join("fleet.csv")).unwrap_or_default();
+        rows = parse_csv(&earlier)
+            .into_iter()
+            .filter(|r| {
+                !(sizes.contains(&r.devices) && brokers.iter().any(|b| b.label() == r.broker))
+            })
+            .collect();
+    }
     for &n in sizes {
         for &b in brokers {
             println!("bench fleet: {n} devices, {} broker ...", b.label());
@@ -78,10 +96,14 @@ pub fn run(root: &Path, sizes: &[u32], brokers: &[BrokerKind]) -> Result<()> {
             };
             print_row(&row);
             rows.push(row);
+            rows.sort_by(|a, b| (a.devices, &a.broker).cmp(&(b.devices, &b.broker)));
             // Written after every run, so a later failure or a kill keeps what was measured.
             std::fs::write(out_dir.join("fleet.csv"), csv(&rows))?;
             std::fs::write(out_dir.join("fleet.svg"), svg(&rows))?;
         }
+    }
+    for line in ratios(&rows) {
+        println!("bench fleet: {line}");
     }
     println!(
         "bench fleet: {} and {}",
@@ -208,9 +230,13 @@ fn registered(events: &[edge_tests::Event]) -> usize {
 fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     let env = TestEnv::new(&format!("bench-fleet-{n}-{}", broker.label()))?;
     let mosquitto = match broker {
-        BrokerKind::Mosquitto => Some(Mosquitto::start(&env.path("mosquitto"))?),
+        // Without persistence: the harness's persistent broker saves its whole database every
+        // second, which at 10,000 sessions (143 MB) stalled mosquitto for longer than the
+        // clients' keep-alive. What is measured here is the coordinator and the fleet.
+        BrokerKind::Mosquitto => Some(Mosquitto::start_volatile(&env.path("mosquitto"))?),
         BrokerKind::Embedded => None,
     };
+    let broker_started = Instant::now();
     let coord = match &mosquitto {
         Some(m) => Coordinator::start_external(&env.path("coordinator"), &m.url())?,
         None => Coordinator::start_embedded(&env.path("coordinator"))?,
@@ -231,15 +257,28 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
 
     // 1. Enroll and register.
     let started = Instant::now();
-    let mut sim = Sim::start(&sim_dir, &scenario(n, &key, &pin), &coord.url())?;
-    let sim_pid = sim.pid().context("simulator pid")?;
+    let shards = n.div_ceil(DEVICES_PER_SIM);
+    let text = scenario(n, &key, &pin);
+    let mut sims = Vec::new();
+    for i in 0..shards {
+        let shard = (shards > 1).then_some((i, shards));
+        sims.push(Sim::start_shard(&sim_dir, &text, &coord.url(), shard)?);
+    }
+    let pids: Vec<u32> = sims
+        .iter()
+        .map(|s| s.pid().context("simulator pid"))
+        .collect::<Result<_>>()?;
     journal
         .wait_for("every device registered", wait, |e| {
             registered(e) >= n as usize
         })
-        .with_context(|| format!("simulator log:\n{}", sim.log_tail(20)))?;
+        .with_context(|| format!("simulator log:\n{}", sims[0].log_tail(20)))?;
     let enroll_s = started.elapsed().as_secs_f64();
-    let sim_rss = proc_status_kib(sim_pid, "VmRSS:").unwrap_or(0);
+    let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|&p| f(p)).sum::<u64>();
+    let sim_rss = sum(&|p| proc_status_kib(p, "VmRSS:").unwrap_or(0));
+    let sim_threads = sum(&|p| proc_status_kib(p, "Threads:").unwrap_or(0));
+    let sim_fds =
+        sum(&|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |d| d.count() as u64));
 
     // 2. A 400 KB pipeline to the whole group; 99% of the fleet live on it.
     let dir = env.path("pipeline");
@@ -284,60 +323,93 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
     edge_tests::federated_data(&task_dir, 1, edge_tests::digits::Split::Iid, &model)?;
     let task_file = task_dir.join("bench.toml");
     std::fs::write(&task_file, fl_task("bench", clients, n))?;
-    let out = std::process::Command::new(edge_tests::coordinator_bin()?)
-        .args(["fl", "start"])
-        .arg(&task_file)
-        .arg("--state-dir")
-        .arg(coord.state_dir())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "fl start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fl_start_ms = protocol::v1::now_ms();
-    journal.wait_for("the federated task finished", wait, |e| {
-        edge_tests::task_finished(e, "bench")
-    })?;
-    let closes: Vec<u64> = edge_tests::closed_rounds(journal.events(), "bench")
-        .iter()
-        .map(|e| e.ts_ms)
-        .collect();
-    let fl_round_s = match closes.as_slice() {
-        [first, ..] => {
-            let span = closes.last().copied().unwrap_or(*first) - fl_start_ms.min(*first);
-            span as f64 / 1000.0 / closes.len() as f64
+    // A failed round is reported in the row; the figures before and after it still count.
+    let mut fl = || -> Result<f64> {
+        let out = std::process::Command::new(edge_tests::coordinator_bin()?)
+            .args(["fl", "start"])
+            .arg(&task_file)
+            .arg("--state-dir")
+            .arg(coord.state_dir())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A busy coordinator takes the spooled task later than `fl start` waits (10 s).
+        let spooled = stderr.contains("no coordinator picked up task");
+        ensure!(out.status.success() || spooled, "fl start: {stderr}");
+        if spooled {
+            println!(
+                "bench fleet: fl start: the coordinator had not taken the task within 10 s; waiting for it"
+            );
         }
-        [] => bail!("no federated round closed"),
+        let fl_start_ms = protocol::v1::now_ms();
+        journal.wait_for("the federated task finished", wait, |e| {
+            edge_tests::task_finished(e, "bench")
+        })?;
+        let closes: Vec<u64> = edge_tests::closed_rounds(journal.events(), "bench")
+            .iter()
+            .map(|e| e.ts_ms)
+            .collect();
+        match closes.as_slice() {
+            [first, ..] => {
+                let span = closes.last().copied().unwrap_or(*first) - fl_start_ms.min(*first);
+                Ok(span as f64 / 1000.0 / closes.len() as f64)
+            }
+            [] => bail!("no federated round closed"),
+        }
+    };
+    let (fl_round_s, fl_error) = match fl() {
+        Ok(s) => (s, String::new()),
+        Err(e) => {
+            println!("bench fleet: {n} devices: federated round failed: {e:#}");
+            (f64::NAN, format!("fl: {e:#}").replace(['\n', ','], " "))
+        }
     };
 
     let coord_cpu = cpu_s(coord_pid).unwrap_or(0.0);
     let coord_rss = proc_status_kib(coord_pid, "VmRSS:").unwrap_or(0);
     let sim_secs = started.elapsed().as_secs_f64();
-    let result = sim.stop(Duration::from_secs(120 + u64::from(n) / 20))?;
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
-    let devices = report["devices"].as_array().cloned().unwrap_or_default();
-    let delivered: u64 = devices.iter().filter_map(|d| d["delivered"].as_u64()).sum();
-    let mut live: Vec<u64> = report["timeline"]
-        .as_array()
-        .map(|t| {
-            t.iter()
-                .filter(|e| {
-                    e["event"] == "live"
-                        && e["detail"]
-                            .as_str()
-                            .is_some_and(|d| d.starts_with("bench v1"))
+    let mut delivered = 0u64;
+    let mut live: Vec<u64> = Vec::new();
+    for sim in &mut sims {
+        let result = sim.stop(Duration::from_secs(120 + u64::from(n) / 20))?;
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result)?)?;
+        let devices = report["devices"].as_array().cloned().unwrap_or_default();
+        delivered += devices
+            .iter()
+            .filter_map(|d| d["delivered"].as_u64())
+            .sum::<u64>();
+        live.extend(
+            report["timeline"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter(|e| {
+                            e["event"] == "live"
+                                && e["detail"]
+                                    .as_str()
+                                    .is_some_and(|d| d.starts_with("bench v1"))
+                        })
+                        .filter_map(|e| e["unix_ms"].as_u64())
+                        .collect::<Vec<_>>()
                 })
-                .filter_map(|e| e["unix_ms"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default();
+                .unwrap_or_default(),
+        );
+    }
     live.sort_unstable();
     let p99_index = ((f64::from(n) * 0.99).ceil() as usize).saturating_sub(1);
     let deploy_p99_s = live
         .get(p99_index)
         .map(|t| t.saturating_sub(deploy_start_ms) as f64 / 1000.0)
         .unwrap_or(f64::NAN);
+    let broker_msgs_per_s = match &mosquitto {
+        Some(m) => match broker_messages(m.port()) {
+            Ok(total) => total as f64 / broker_started.elapsed().as_secs_f64(),
+            Err(e) => {
+                println!("bench fleet: mosquitto's message counters: {e:#}");
+                f64::NAN
+            }
+        },
+        None => f64::NAN,
+    };
     drop(mosquitto);
     Ok(Row {
         devices: n,
@@ -352,19 +424,87 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         coord_rss_kib_per_device: coord_rss as f64 / f64::from(n),
         coord_rss_mib: coord_rss as f64 / 1024.0,
         msgs_per_s: delivered as f64 / sim_secs,
+        broker_msgs_per_s,
         sim_rss_kib_per_device: sim_rss as f64 / f64::from(n),
-        error: String::new(),
+        sim_fds,
+        sim_threads,
+        error: fl_error,
     })
 }
 
+impl Row {
+    /// Whether the run got as far as measuring (a failed federated round leaves the rest).
+    fn measured(&self) -> bool {
+        self.enroll_s > 0.0
+    }
+}
+
+/// Per-device coordinator cost from each measured size to the next, per broker (the aim:
+/// at most 1.5x from 1,000 to 10,000 devices).
+fn ratios(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    for broker in ["embedded", "mosquitto"] {
+        let ok: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.broker == broker && r.measured())
+            .collect();
+        for w in ok.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            out.push(format!(
+                "{broker}: {} -> {} devices: coordinator CPU per device x{:.2}, RSS per device x{:.2}",
+                a.devices,
+                b.devices,
+                b.coord_cpu_ms_per_device / a.coord_cpu_ms_per_device,
+                b.coord_rss_kib_per_device / a.coord_rss_kib_per_device,
+            ));
+        }
+    }
+    out
+}
+
+/// Messages mosquitto received plus sent since it started, from its `$SYS` topics (published
+/// every 10 s by default, retained).
+fn broker_messages(port: u16) -> Result<u64> {
+    let out = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-C",
+            "2",
+            "-W",
+            "30",
+            "-v",
+        ])
+        .args(["-t", "$SYS/broker/messages/received"])
+        .args(["-t", "$SYS/broker/messages/sent"])
+        .output()
+        .context("cannot run mosquitto_sub (Debian package mosquitto-clients)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    ensure!(
+        counts.len() == 2,
+        "mosquitto_sub printed {text:?} ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(counts.iter().sum())
+}
+
 fn print_row(r: &Row) {
-    if !r.error.is_empty() {
+    if !r.measured() {
         return;
+    }
+    if !r.error.is_empty() {
+        println!("  (partly measured: {})", r.error);
     }
     println!(
         "  {:>6} devices {:<9}  enroll+register {:>7.1} s  99% on the 400 KB pipeline {:>7.1} s ({} live)  \
          FL round ({} clients) {:>6.1} s  coordinator {:>6.1} CPU s ({:.2} ms/device), RSS {:.0} MiB ({:.1} KiB/device)  \
-         {:>7.0} device msgs/s  simulator {:.0} KiB/device",
+         {:>7.0} device msgs/s, {:.0} broker msgs/s  simulator {:.0} KiB/device, {} fds, {} threads",
         r.devices,
         r.broker,
         r.enroll_s,
@@ -377,7 +517,10 @@ fn print_row(r: &Row) {
         r.coord_rss_mib,
         r.coord_rss_kib_per_device,
         r.msgs_per_s,
-        r.sim_rss_kib_per_device
+        r.broker_msgs_per_s,
+        r.sim_rss_kib_per_device,
+        r.sim_fds,
+        r.sim_threads
     );
 }
 
@@ -385,12 +528,13 @@ fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "devices,broker,enroll_register_s,deploy_400kb_p99_s,deployed,fl_clients,fl_round_s,\
          coordinator_cpu_s,coordinator_cpu_ms_per_device,coordinator_rss_mib,\
-         coordinator_rss_kib_per_device,device_msgs_per_s,sim_rss_kib_per_device,error\n",
+         coordinator_rss_kib_per_device,device_msgs_per_s,broker_msgs_per_s,sim_rss_kib_per_device,sim_fds,\
+         sim_threads,error\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{}",
+            "{},{},{:.2},{:.2},{},{},{:.2},{:.2},{:.3},{:.1},{:.2},{:.1},{:.1},{:.1},{},{},{}",
             r.devices,
             r.broker,
             r.enroll_s,
@@ -403,11 +547,47 @@ fn csv(rows: &[Row]) -> String {
             r.coord_rss_mib,
             r.coord_rss_kib_per_device,
             r.msgs_per_s,
+            r.broker_msgs_per_s,
             r.sim_rss_kib_per_device,
+            r.sim_fds,
+            r.sim_threads,
             r.error
         );
     }
     s
+}
+
+/// Rows of a `fleet.csv` this bench wrote (lines it cannot read are skipped).
+fn parse_csv(text: &str) -> Vec<Row> {
+    let f = |v: &str| v.parse::<f64>().unwrap_or(f64::NAN);
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let c: Vec<&str> = line.split(',').collect();
+            if c.len() != 17 {
+                return None;
+            }
+            Some(Row {
+                devices: c[0].parse().ok()?,
+                broker: c[1].to_owned(),
+                enroll_s: f(c[2]),
+                deploy_p99_s: f(c[3]),
+                deployed: c[4].parse().ok()?,
+                fl_clients: c[5].parse().ok()?,
+                fl_round_s: f(c[6]),
+                coord_cpu_s: f(c[7]),
+                coord_cpu_ms_per_device: f(c[8]),
+                coord_rss_mib: f(c[9]),
+                coord_rss_kib_per_device: f(c[10]),
+                msgs_per_s: f(c[11]),
+                broker_msgs_per_s: f(c[12]),
+                sim_rss_kib_per_device: f(c[13]),
+                sim_fds: c[14].parse().ok()?,
+                sim_threads: c[15].parse().ok()?,
+                error: c[16].to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// An axis label that fits left of the axis.
@@ -424,7 +604,7 @@ fn short(v: f64) -> String {
 /// Small multiples: one panel per figure against fleet size (log scale), a line per broker.
 fn svg(rows: &[Row]) -> String {
     type Get = fn(&Row) -> f64;
-    let panels: [(&str, Get); 8] = [
+    let panels: [(&str, Get); 9] = [
         ("enroll + register (s)", |r| r.enroll_s),
         ("99% on a 400 KB pipeline (s)", |r| r.deploy_p99_s),
         ("FL round, up to 1,000 clients (s)", |r| r.fl_round_s),
@@ -435,6 +615,7 @@ fn svg(rows: &[Row]) -> String {
             r.coord_rss_kib_per_device
         }),
         ("device messages/s via broker", |r| r.msgs_per_s),
+        ("mosquitto messages/s in+out", |r| r.broker_msgs_per_s),
         ("simulator RSS per device (KiB)", |r| {
             r.sim_rss_kib_per_device
         }),
@@ -447,7 +628,7 @@ fn svg(rows: &[Row]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"10\" y=\"18\" font-size=\"13\">edge-sim fleet benchmark: blue embedded broker, orange mosquitto; x: devices (log)</text>\n"
     );
-    let ok: Vec<&Row> = rows.iter().filter(|r| r.error.is_empty()).collect();
+    let ok: Vec<&Row> = rows.iter().filter(|r| r.measured()).collect();
     let xs: Vec<f64> = ok.iter().map(|r| f64::from(r.devices).log10()).collect();
     let (xmin, xmax) = (
         xs.iter().copied().fold(f64::INFINITY, f64::min),
@@ -539,6 +720,9 @@ mod tests {
             },
         ];
         assert_eq!(csv(&rows).lines().count(), 3);
+        let back = parse_csv(&csv(&rows));
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[1].devices, back[1].error.as_str()), (1000, "x"));
         let s = svg(&rows);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
     }

@@ -249,6 +249,10 @@ enum Bench {
         /// Only this broker: `embedded` or `mosquitto` (default: both).
         #[arg(long)]
         broker: Option<String>,
+        /// Keep the rows of earlier runs in target/bench/fleet.csv (those this run does not
+        /// measure again), so sizes and brokers run separately end up in one table and plot.
+        #[arg(long)]
+        keep: bool,
     },
     /// Peak agent RSS while loading a 100 MB model with an external data file, against the
     /// weights' size, the same model inline and the agent with a tiny model.
@@ -364,7 +368,12 @@ fn main() -> Result<()> {
             which: Some(Bench::External),
         } => bench_external::run(&root()),
         Cmd::Bench {
-            which: Some(Bench::Fleet { sizes, broker }),
+            which:
+                Some(Bench::Fleet {
+                    sizes,
+                    broker,
+                    keep,
+                }),
         } => {
             use bench_fleet::BrokerKind;
             let brokers = match broker.as_deref() {
@@ -373,7 +382,7 @@ fn main() -> Result<()> {
                 Some("mosquitto") => vec![BrokerKind::Mosquitto],
                 Some(other) => bail!("--broker {other}: expected embedded or mosquitto"),
             };
-            bench_fleet::run(&root(), &sizes, &brokers)
+            bench_fleet::run(&root(), &sizes, &brokers, keep)
         }
         Cmd::Bench {
             which: Some(Bench::Auth { host_only }),

@@ -12,11 +12,16 @@
 //! new enqueues queue up and share the next sync, so throughput grows with concurrency. sled
 //! reaches the disk at checkpoints (flush + fsync of its files), after which the log is emptied;
 //! at open the log is replayed into sled.
+//!
+//! The records live behind a storage seam ([`store`]): the agent's store is the sled tree with
+//! its log; the fleet simulator keeps them in memory ([`Outbox::open_in_memory`]) and runs this
+//! same outbox logic with no file, no thread and no durability.
 
 pub mod accounting;
 mod commit;
 pub mod config;
 mod record;
+pub mod store;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +36,8 @@ use accounting::{Accounting, Admission, Refusal, Removal};
 use commit::Committer;
 pub use config::{OnCorruption, OutboxConfig};
 pub use record::Record;
+pub use store::MemoryStore;
+use store::{Disk, Store};
 
 /// Free disk space we never eat into: sled needs room to write segments and snapshots, and
 /// other processes on a small board need some too.
@@ -193,13 +200,10 @@ struct Inner {
 
 pub struct Outbox {
     path: PathBuf,
-    tree: sled::Db,
+    store: Store,
     cfg: OutboxConfig,
     incarnation: u64,
     inner: Mutex<Inner>,
-    /// Lock order: `inner` before `wal` wherever both are held.
-    wal: Mutex<wal::Wal>,
-    committer: Committer,
     notify: Arc<Notify>,
     commits: AtomicU64,
     /// Every seq below this is durable. Only those are handed to the uplink: a message sent
@@ -346,7 +350,7 @@ impl Outbox {
         };
 
         // Replay what was committed to the log since the last checkpoint.
-        let (mut wal, ops) = wal::Wal::open(&state_dir.join(WAL_FILE))?;
+        let (wal, ops) = wal::Wal::open(&state_dir.join(WAL_FILE))?;
         let replayed = ops.len();
         for op in ops {
             match op {
@@ -361,58 +365,90 @@ impl Outbox {
         }
         tree.insert(META_NEXT_SEQ, &next_seq.to_be_bytes())
             .map_err(store)?;
-
-        // Rebuild the accounting, and check every record decodes.
-        let mut acct = Accounting::new(cfg.max_bytes);
-        let mut earliest: Option<u64> = None;
-        let mut max_seq = None::<u64>;
-        for item in tree.range(..[0xF0u8].as_slice()) {
-            let (k, v) = item.map_err(store)?;
-            let key =
-                Key::from_bytes(&k).ok_or_else(|| corrupted(format!("malformed key {k:?}")))?;
-            let rec = Record::decode(&v)
-                .map_err(|e| corrupted(format!("record {}/{}: {e}", key.class, key.seq)))?;
-            acct.added(key.class, rec.charge(), rec.expires_ms);
-            if let Some(t) = rec.expires_ms {
-                earliest = Some(earliest.map_or(t, |e| e.min(t)));
-            }
-            max_seq = Some(max_seq.map_or(key.seq, |m| m.max(key.seq)));
-        }
-        acct.set_earliest_expiry(earliest);
-        if max_seq.is_some_and(|m| m >= next_seq) {
-            return Err(corrupted(format!(
-                "message seq {max_seq:?} is not below next_seq {next_seq}"
-            )));
-        }
+        let committer = Committer::start(wal.syncer().map_err(io)?).map_err(io)?;
+        let records = Store::Disk(Disk {
+            tree,
+            wal: Mutex::new(wal),
+            committer,
+        });
+        let acct = recount(&records, cfg, next_seq, &corrupted, &store)?;
 
         // Checkpoint: what sled recovered may include writes that reached the page cache but
         // were never fsync'd (a killed process, not a power cut); make it and the replayed log
         // durable before anything is sent, so a later power cut cannot take back a message
         // that already went out. Then the log starts empty.
-        tree.flush().map_err(store)?;
-        commit::sync_store(path).map_err(io)?;
-        wal.truncate().map_err(io)?;
-        if replayed > 0 {
-            tracing::info!(path = %wal.path().display(), operations = replayed, "outbox replayed its write-ahead log");
+        if let Store::Disk(d) = &records {
+            d.tree.flush().map_err(store)?;
+            commit::sync_store(path).map_err(io)?;
+            let mut wal = d.wal_lock();
+            wal.truncate().map_err(io)?;
+            if replayed > 0 {
+                tracing::info!(path = %wal.path().display(), operations = replayed, "outbox replayed its write-ahead log");
+            }
         }
-        let committer = Committer::start(wal.syncer().map_err(io)?).map_err(io)?;
         tracing::info!(
             path = %path.display(), messages = acct.depth(), bytes = acct.used(),
             incarnation = %format!("{incarnation:016x}"), "outbox opened"
         );
-        Ok(Outbox {
-            path: path.to_owned(),
-            tree,
+        Ok(Self::assemble(
+            path.to_owned(),
+            records,
+            cfg,
+            incarnation,
+            acct,
+            next_seq,
+        ))
+    }
+
+    /// An outbox over records kept in memory: the same admission, ordering, expiry and acks as
+    /// [`Outbox::open`], nothing durable, no file and no thread. For simulated devices; `label`
+    /// names it in errors and logs. Reopening over the same `records` (a clone) finds what was
+    /// left in it, as a reboot finds the disk store.
+    pub fn open_in_memory(
+        label: &Path,
+        records: MemoryStore,
+        cfg: &OutboxConfig,
+    ) -> Result<Outbox, OutboxError> {
+        let (incarnation, next_seq) = records.open();
+        let records = Store::Memory(records);
+        let corrupted = |reason: String| OutboxError::Corrupted {
+            path: label.to_owned(),
+            reason,
+        };
+        let store = |source| OutboxError::Store {
+            path: label.to_owned(),
+            source,
+        };
+        let acct = recount(&records, cfg, next_seq, &corrupted, &store)?;
+        Ok(Self::assemble(
+            label.to_owned(),
+            records,
+            cfg,
+            incarnation,
+            acct,
+            next_seq,
+        ))
+    }
+
+    fn assemble(
+        path: PathBuf,
+        store: Store,
+        cfg: &OutboxConfig,
+        incarnation: u64,
+        acct: Accounting,
+        next_seq: u64,
+    ) -> Outbox {
+        Outbox {
+            path,
+            store,
             cfg: cfg.clone(),
             incarnation,
             inner: Mutex::new(Inner { acct, next_seq }),
-            wal: Mutex::new(wal),
-            committer,
             notify: Arc::new(Notify::new()),
             commits: AtomicU64::new(0),
             durable_below: AtomicU64::new(next_seq),
             awaiting_ack: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -458,7 +494,7 @@ impl Outbox {
         if inserted.is_empty() {
             return results;
         }
-        if let Err(e) = self.committer.commit().await {
+        if let Err(e) = self.store.commit().await {
             // Not durable: undo what we can so the caller's "refused" is the truth, and report.
             let err_text = e.to_string();
             tracing::error!(path = %self.path.display(), error = %err_text, "outbox commit failed");
@@ -488,7 +524,8 @@ impl Outbox {
         }
         // notify_one stores a permit, so a commit that lands while the uplink is busy is not missed.
         self.notify.notify_one();
-        if self.wal_lock().len() > CHECKPOINT_BYTES
+        if let Store::Disk(d) = &self.store
+            && d.wal_lock().len() > CHECKPOINT_BYTES
             && let Err(e) = self.checkpoint()
         {
             // The log keeps growing and stays correct; only replay at start gets longer.
@@ -497,17 +534,16 @@ impl Outbox {
         results
     }
 
-    fn wal_lock(&self) -> MutexGuard<'_, wal::Wal> {
-        self.wal.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Brings sled to disk (flush + fsync) and empties the write-ahead log. Holds the outbox
     /// lock meanwhile so no insert lands in the log between the flush and the truncation; this
     /// pauses enqueues for one sled flush every few MiB of traffic.
     fn checkpoint(&self) -> Result<(), OutboxError> {
+        let Store::Disk(d) = &self.store else {
+            return Ok(());
+        };
         let _inner = self.lock();
-        let mut wal = self.wal_lock();
-        self.tree.flush().map_err(|e| self.store_err(e))?;
+        let mut wal = d.wal_lock();
+        d.tree.flush().map_err(|e| self.store_err(e))?;
         let io = |source| OutboxError::Io {
             path: self.path.clone(),
             source,
@@ -519,9 +555,12 @@ impl Outbox {
     /// Logs a removal so replay does not bring the message back. Not synced here: the next
     /// commit or checkpoint carries it, and a lost delete only means a resend.
     fn log_delete(&self, key: Key) {
+        if !self.store.logs() {
+            return;
+        }
         let mut frame = Vec::with_capacity(32);
         wal::encode(&wal::Op::Delete(key), &mut frame);
-        if let Err(e) = self.wal_lock().append(&frame) {
+        if let Err(e) = self.store.append_log(&frame) {
             tracing::warn!(class = %key.class, seq = key.seq, error = %e, "cannot log outbox removal; the message may be sent again after a restart");
         }
     }
@@ -539,8 +578,13 @@ impl Outbox {
             .iter()
             .map(|m| accounting::charge(m.topic.len(), m.body.len()))
             .sum();
-        match crate::fsutil::available_bytes(&self.path) {
-            Ok(avail) if avail < DISK_RESERVE_BYTES + batch_bytes => {
+        let free = match self.store {
+            Store::Disk(_) => Some(crate::fsutil::available_bytes(&self.path)),
+            Store::Memory(_) => None,
+        };
+        match free {
+            None => {}
+            Some(Ok(avail)) if avail < DISK_RESERVE_BYTES + batch_bytes => {
                 let mut inner = self.lock();
                 for _ in &msgs {
                     inner.acct.refused();
@@ -552,8 +596,8 @@ impl Outbox {
                 }
                 return (results, inserted);
             }
-            Ok(_) => {}
-            Err(e) => {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot read free disk space")
             }
         }
@@ -582,12 +626,14 @@ impl Outbox {
                 seq: inner.next_seq,
             };
             let encoded = rec.encode();
-            let mut batch = sled::Batch::default();
-            batch.insert(&key.to_bytes(), encoded.as_slice());
-            batch.insert(META_NEXT_SEQ, &(key.seq + 1).to_be_bytes());
-            match self.tree.apply_batch(batch) {
+            match self
+                .store
+                .insert(key.to_bytes(), &encoded, key.seq + 1, META_NEXT_SEQ)
+            {
                 Ok(()) => {
-                    wal::encode(&wal::Op::Insert(key, encoded), &mut frames);
+                    if self.store.logs() {
+                        wal::encode(&wal::Op::Insert(key, encoded), &mut frames);
+                    }
                     inner.next_seq += 1;
                     inner.acct.added(key.class, size, rec.expires_ms);
                     inserted.push((idx, key, size));
@@ -604,12 +650,12 @@ impl Outbox {
             }
         }
         if !frames.is_empty()
-            && let Err(e) = self.wal_lock().append(&frames)
+            && let Err(e) = self.store.append_log(&frames)
         {
             // Not in the log, so not durable: take the batch back and say why.
             tracing::error!(path = %self.path.display(), error = %e, "cannot append to the outbox write-ahead log");
             for (idx, key, size) in inserted.drain(..) {
-                let _ = self.tree.remove(key.to_bytes());
+                let _ = self.store.remove(&key.to_bytes());
                 inner.acct.removed(key.class, size, Removal::Undone);
                 inner.acct.refused();
                 results[idx] = Err(if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -662,29 +708,30 @@ impl Outbox {
 
     fn purge_expired(&self, inner: &mut Inner, now: u64) -> Result<(), OutboxError> {
         let mut earliest: Option<u64> = None;
-        let mut purged = 0u64;
-        for item in self.tree.range(..[0xF0u8].as_slice()) {
-            let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let (Some(key), Ok(rec)) = (Key::from_bytes(&k), Record::decode(&v)) else {
-                continue;
-            };
-            match rec.expires_ms {
-                Some(t)
-                    if t <= now
-                        && self
-                            .tree
-                            .remove(&k)
-                            .map_err(|e| self.store_err(e))?
-                            .is_some() =>
-                {
-                    self.log_delete(key);
-                    inner
-                        .acct
-                        .removed(key.class, rec.charge(), Removal::Expired);
-                    purged += 1;
+        let mut expired = Vec::new();
+        self.store
+            .scan(&[], &[0xF0], |k, v| {
+                if let (Some(key), Ok(rec)) = (Key::from_bytes(k), Record::decode(v)) {
+                    match rec.expires_ms {
+                        Some(t) if t <= now => expired.push((key, rec.charge())),
+                        Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+                        None => {}
+                    }
                 }
-                Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
-                None => {}
+                true
+            })
+            .map_err(|e| self.store_err(e))?;
+        let mut purged = 0u64;
+        for (key, charge) in expired {
+            if self
+                .store
+                .remove(&key.to_bytes())
+                .map_err(|e| self.store_err(e))?
+                .is_some()
+            {
+                self.log_delete(key);
+                inner.acct.removed(key.class, charge, Removal::Expired);
+                purged += 1;
             }
         }
         inner.acct.set_earliest_expiry(earliest);
@@ -694,34 +741,42 @@ impl Outbox {
         Ok(())
     }
 
-    fn evict_telemetry(&self, inner: &mut Inner, mut bytes: u64) -> Result<(), OutboxError> {
+    fn evict_telemetry(&self, inner: &mut Inner, bytes: u64) -> Result<(), OutboxError> {
         let start = Key {
             class: Class::Telemetry,
             seq: 0,
         }
         .to_bytes();
+        // The oldest telemetry until `bytes` are covered.
+        let mut victims = Vec::new();
+        let mut covered = 0u64;
+        self.store
+            .scan(&start, &[0xF0], |k, v| {
+                if covered >= bytes {
+                    return false;
+                }
+                let charge = Record::decode(v)
+                    .map(|r| r.charge())
+                    .unwrap_or(v.len() as u64);
+                if let Some(key) = Key::from_bytes(k) {
+                    victims.push((key, charge));
+                    covered = covered.saturating_add(charge);
+                }
+                true
+            })
+            .map_err(|e| self.store_err(e))?;
         let mut evicted = 0u64;
-        for item in self.tree.range(start.as_slice()..[0xF0u8].as_slice()) {
-            if bytes == 0 {
-                break;
-            }
-            let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let charge = Record::decode(&v)
-                .map(|r| r.charge())
-                .unwrap_or(v.len() as u64);
+        for (key, charge) in victims {
             if self
-                .tree
-                .remove(&k)
+                .store
+                .remove(&key.to_bytes())
                 .map_err(|e| self.store_err(e))?
                 .is_some()
             {
-                if let Some(key) = Key::from_bytes(&k) {
-                    self.log_delete(key);
-                }
+                self.log_delete(key);
                 inner
                     .acct
                     .removed(Class::Telemetry, charge, Removal::Evicted);
-                bytes = bytes.saturating_sub(charge);
                 evicted += 1;
             }
         }
@@ -739,14 +794,10 @@ impl Outbox {
         class: Class,
         after: Option<u64>,
     ) -> Result<Option<Stored>, OutboxError> {
-        let start = match after {
+        let mut from = match after {
             Some(seq) if seq == u64::MAX => return Ok(None),
-            Some(seq) => Key {
-                class,
-                seq: seq + 1,
-            }
-            .to_bytes(),
-            None => Key { class, seq: 0 }.to_bytes(),
+            Some(seq) => seq + 1,
+            None => 0,
         };
         let durable_below = self.durable_below.load(Ordering::Acquire);
         let end = Key {
@@ -755,11 +806,26 @@ impl Outbox {
         }
         .to_bytes();
         let now = protocol::v1::now_ms();
-        for item in self.tree.range(start..=end) {
-            let (k, v) = item.map_err(|e| self.store_err(e))?;
-            let Some(key) = Key::from_bytes(&k) else {
-                continue;
+        // One lookup per record looked at: a skipped record is removed before the next lookup.
+        loop {
+            let start = Key { class, seq: from }.to_bytes();
+            let Some((k, v)) = self
+                .store
+                .first_in(start, end)
+                .map_err(|e| self.store_err(e))?
+            else {
+                return Ok(None);
             };
+            let Some(key) = Key::from_bytes(&k) else {
+                return Err(OutboxError::Corrupted {
+                    path: self.path.clone(),
+                    reason: format!("malformed key {k:?}"),
+                });
+            };
+            if key.seq == u64::MAX {
+                return Ok(None);
+            }
+            from = key.seq + 1;
             if key.seq >= durable_below {
                 // Not committed yet; seqs only grow within a class, so nothing later is either.
                 return Ok(None);
@@ -779,12 +845,11 @@ impl Outbox {
             }
             return Ok(Some(Stored { key, record }));
         }
-        Ok(None)
     }
 
     /// Whether the message is still stored.
     pub fn holds(&self, key: Key) -> bool {
-        self.tree.contains_key(key.to_bytes()).unwrap_or(false)
+        self.store.contains(&key.to_bytes())
     }
 
     /// The seq the next accepted message gets.
@@ -802,10 +867,13 @@ impl Outbox {
             seq: 0,
         }
         .to_bytes();
-        match self.tree.range(start..key.to_bytes()).next_back() {
+        match self
+            .store
+            .last_key_before(start, key.to_bytes())
+            .map_err(|e| self.store_err(e))?
+        {
             None => Ok(None),
-            Some(Err(e)) => Err(self.store_err(e)),
-            Some(Ok((k, _))) => {
+            Some(k) => {
                 Key::from_bytes(&k)
                     .map(|k| Some(k.seq))
                     .ok_or_else(|| OutboxError::Corrupted {
@@ -829,10 +897,10 @@ impl Outbox {
     pub fn ack_range(&self, class: Class, from: u64, to: u64) -> Vec<Key> {
         let (start, end) = (Key { class, seq: from }, Key { class, seq: to });
         let keys: Vec<Key> = self
-            .tree
-            .range(start.to_bytes()..=end.to_bytes())
-            .keys()
-            .filter_map(|k| Key::from_bytes(&k.ok()?))
+            .store
+            .keys_in(start.to_bytes(), end.to_bytes())
+            .iter()
+            .filter_map(|k| Key::from_bytes(k))
             .collect();
         for &key in &keys {
             self.ack(key);
@@ -841,7 +909,7 @@ impl Outbox {
     }
 
     fn remove(&self, key: Key, why: Removal) {
-        match self.tree.remove(key.to_bytes()) {
+        match self.store.remove(&key.to_bytes()) {
             Ok(Some(v)) => {
                 self.log_delete(key);
                 let charge = Record::decode(&v)
@@ -880,12 +948,58 @@ impl Outbox {
 
     /// Makes everything (including acks) durable and checkpoints; call on shutdown.
     pub async fn close(&self) -> Result<(), OutboxError> {
-        self.committer.commit().await.map_err(|e| OutboxError::Io {
+        self.store.commit().await.map_err(|e| OutboxError::Io {
             path: self.path.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
         self.checkpoint()
     }
+}
+
+/// Rebuilds the accounting from the stored records at open, checking every record decodes and
+/// no seq reaches `next_seq`.
+fn recount(
+    records: &Store,
+    cfg: &OutboxConfig,
+    next_seq: u64,
+    corrupted: &dyn Fn(String) -> OutboxError,
+    store_err: &dyn Fn(sled::Error) -> OutboxError,
+) -> Result<Accounting, OutboxError> {
+    let mut acct = Accounting::new(cfg.max_bytes);
+    let mut earliest: Option<u64> = None;
+    let mut max_seq = None::<u64>;
+    let mut bad = None;
+    records
+        .scan(&[], &[0xF0], |k, v| {
+            let Some(key) = Key::from_bytes(k) else {
+                bad = Some(format!("malformed key {k:?}"));
+                return false;
+            };
+            let rec = match Record::decode(v) {
+                Ok(r) => r,
+                Err(e) => {
+                    bad = Some(format!("record {}/{}: {e}", key.class, key.seq));
+                    return false;
+                }
+            };
+            acct.added(key.class, rec.charge(), rec.expires_ms);
+            if let Some(t) = rec.expires_ms {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+            max_seq = Some(max_seq.map_or(key.seq, |m| m.max(key.seq)));
+            true
+        })
+        .map_err(store_err)?;
+    if let Some(reason) = bad {
+        return Err(corrupted(reason));
+    }
+    acct.set_earliest_expiry(earliest);
+    if max_seq.is_some_and(|m| m >= next_seq) {
+        return Err(corrupted(format!(
+            "message seq {max_seq:?} is not below next_seq {next_seq}"
+        )));
+    }
+    Ok(acct)
 }
 
 fn read_u64(v: &[u8]) -> Option<u64> {

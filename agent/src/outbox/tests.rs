@@ -1,4 +1,5 @@
-//! Outbox tests on a real sled store in a temp dir.
+//! Outbox tests on a real sled store in a temp dir, and the same logic over the in-memory
+//! store the fleet simulator uses.
 
 use super::*;
 
@@ -68,10 +69,86 @@ async fn priority_order_then_fifo_and_resume_after_reopen() {
     assert_eq!(ob.stats().delivered, 0, "counters are per process");
 }
 
+/// Where a test's outbox keeps its records.
+enum Backing {
+    Disk(tempfile::TempDir),
+    Memory(MemoryStore),
+}
+
+impl Backing {
+    fn both() -> [Backing; 2] {
+        [
+            Backing::Disk(tempfile::tempdir().expect("tempdir")),
+            Backing::Memory(MemoryStore::default()),
+        ]
+    }
+
+    fn open(&self) -> Outbox {
+        match self {
+            Backing::Disk(dir) => Outbox::open(dir.path(), &cfg()).expect("open"),
+            Backing::Memory(m) => {
+                Outbox::open_in_memory(Path::new("sim/outbox"), m.clone(), &cfg()).expect("open")
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn in_memory_store_orders_acks_and_survives_a_reopen_over_the_same_records() {
+    let records = MemoryStore::default();
+    let label = Path::new("dev-1/outbox");
+    let ob = Outbox::open_in_memory(label, records.clone(), &cfg()).expect("open");
+    let res = ob
+        .enqueue_batch(vec![
+            msg(Class::Telemetry, 1),
+            msg(Class::Results, 2),
+            msg(Class::Control, 3),
+            msg(Class::Results, 4),
+        ])
+        .await;
+    let ids: Vec<_> = res.into_iter().map(|r| r.expect("accepted").id).collect();
+    let order: Vec<_> = drain(&ob).into_iter().map(|(_, _, b)| b).collect();
+    assert_eq!(order, ["{\"n\":3}", "{\"n\":2}", "{\"n\":4}", "{\"n\":1}"]);
+    let first = Key {
+        class: Class::Results,
+        seq: 1,
+    };
+    assert_eq!(
+        ob.prev_in_class(Key { seq: 3, ..first }).expect("prev"),
+        Some(1)
+    );
+    assert_eq!(ob.ack_range(Class::Results, 0, 1), vec![first]);
+    assert!(!ob.holds(first));
+    assert_eq!(
+        ob.prev_in_class(Key { seq: 3, ..first }).expect("prev"),
+        None
+    );
+    ob.close().await.expect("close");
+    let incarnation = ob.incarnation();
+    drop(ob);
+    // A reboot that keeps the records: same incarnation, what was left, fresh seqs.
+    let ob = Outbox::open_in_memory(label, records.clone(), &cfg()).expect("reopen");
+    assert_eq!(ob.incarnation(), incarnation);
+    assert_eq!(ob.stats().depth, [1, 0, 1, 1]);
+    let next = ob.enqueue(msg(Class::Results, 5)).await.expect("accepted");
+    assert!(!ids.contains(&next.id));
+    assert_eq!(next.seq, 4);
+    assert_eq!(records.len(), 4);
+    // A power cut: fresh records, a new incarnation, so new ids.
+    let ob = Outbox::open_in_memory(label, MemoryStore::default(), &cfg()).expect("open");
+    assert_ne!(ob.incarnation(), incarnation);
+    assert!(drain(&ob).is_empty());
+    assert_eq!(ob.commits(), 0);
+}
+
 #[tokio::test]
 async fn full_outbox_evicts_telemetry_and_refuses_the_rest() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ob = Outbox::open(dir.path(), &cfg()).expect("open");
+    for backing in Backing::both() {
+        full_outbox_case(backing.open()).await;
+    }
+}
+
+async fn full_outbox_case(ob: Outbox) {
     let big = |class| NewMessage {
         class,
         topic: "t".into(),
@@ -129,8 +206,12 @@ async fn full_outbox_evicts_telemetry_and_refuses_the_rest() {
 
 #[tokio::test]
 async fn expired_messages_are_not_sent_and_free_room_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ob = Outbox::open(dir.path(), &cfg()).expect("open");
+    for backing in Backing::both() {
+        expired_case(backing.open()).await;
+    }
+}
+
+async fn expired_case(ob: Outbox) {
     let short = NewMessage {
         ttl: Some(Duration::from_millis(1)),
         ..msg(Class::Results, 1)
