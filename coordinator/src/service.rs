@@ -78,6 +78,9 @@ const CHUNKS_PER_TICK: usize = 8;
 const SPOOL_POLL: Duration = Duration::from_millis(500);
 /// How often changed rollout progress files are rewritten.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// The enrollment snapshot is rewritten at most once per this many times its last duration
+/// (at most about 1/10 of the service loop's time).
+const SNAPSHOT_DUTY: u32 = 10;
 /// How often federated tasks are checked: spool, stop requests, deadlines, waiting rounds.
 const FL_TICK: Duration = Duration::from_millis(250);
 /// End-to-end acks wait at most this long after their commit, so that under load one ack
@@ -200,6 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         enrollments,
         gate,
         snapshot_stale: true,
+        snapshot_last: None,
         acks: Default::default(),
         last_ack_flush: std::time::Instant::now(),
         held_back: 0,
@@ -291,6 +295,8 @@ struct Service {
     gate: Gate,
     /// The enrollment snapshot file lags the records.
     snapshot_stale: bool,
+    /// When the last snapshot was written and how long it took ([`Service::write_snapshot`]).
+    snapshot_last: Option<(std::time::Instant, Duration)>,
     /// Committed messages (and resend hints) per device not yet acknowledged: sent by
     /// `flush_acks` at most every [`ACK_INTERVAL`], never before their commit.
     acks: std::collections::HashMap<String, AckSet>,
@@ -366,6 +372,7 @@ impl Service {
                 }
                 _ = progress.tick() => {
                     self.write_progress();
+                    self.write_snapshot();
                     self.refresh_view();
                 }
                 _ = fl_tick.tick() => if let Err(e) = self.fl_tick(&mut transport).await { break Err(e) },
@@ -425,7 +432,7 @@ impl Service {
             .save_replay_windows(&self.gate.take_moved_windows())
             .map_err(ServiceError::from)
             .and_then(|()| commit(&self.journal, &self.store, self.config.store.fsync));
-        self.write_snapshot();
+        self.write_snapshot_now();
         if let Some(api) = self.api.take() {
             api.shutdown().await;
         }
@@ -778,7 +785,7 @@ impl Service {
         self.fl.persist()?;
         self.commit()?;
         self.flush_publishes(transport).await?;
-        self.write_snapshot();
+        self.write_snapshot_now();
         for (id, result) in results {
             if let Err(e) = enrollment_files::write_result(&state_dir, &id, &result) {
                 tracing::warn!(command = %id, error = %e, "cannot write the enrollment command's result");
@@ -954,16 +961,34 @@ impl Service {
         self.journal_events(v1::now_ms(), [event])
     }
 
-    /// Rewrites the enrollment snapshot (`devices pending` reads it) if records changed.
+    /// Rewrites the enrollment snapshot (`devices pending` reads it) and the API's copy of the
+    /// records if records changed, unless the last rewrite was too recent for its cost: both
+    /// take every record, so rewriting them after each batch is quadratic while a fleet
+    /// enrolls (10,000 simulated devices: the loop spent its time here and fell behind the
+    /// broker). The rewrite waits until [`SNAPSHOT_DUTY`] times its last duration has passed;
+    /// a small fleet's takes well under a millisecond, so it still follows every change. The
+    /// progress tick writes what is left stale.
     fn write_snapshot(&mut self) {
+        if let Some((at, took)) = self.snapshot_last
+            && at.elapsed() < took.saturating_mul(SNAPSHOT_DUTY)
+        {
+            return;
+        }
+        self.write_snapshot_now();
+    }
+
+    /// [`Service::write_snapshot`] without the wait (start, shutdown, enrollment decisions).
+    fn write_snapshot_now(&mut self) {
         if !self.snapshot_stale {
             return;
         }
+        let started = std::time::Instant::now();
         self.view.set_enrollments(self.enrollments.records());
         match enrollment_files::write_snapshot(&self.config.state_dir, self.enrollments.records()) {
             Ok(()) => self.snapshot_stale = false,
             Err(e) => tracing::warn!(error = %e, "cannot write the enrollment snapshot"),
         }
+        self.snapshot_last = Some((std::time::Instant::now(), started.elapsed()));
     }
 
     /// Journals the dropped-message counts if the last summary is old enough.
@@ -1535,6 +1560,7 @@ mod tests {
             publishes: Vec::new(),
             offload: None,
             snapshot_stale: false,
+            snapshot_last: None,
             acks: Default::default(),
             last_ack_flush: std::time::Instant::now(),
             held_back: 0,
