@@ -210,7 +210,7 @@ fn main() {
     let mut native_stage = |values: &[f32]| {
         // The stage's input checks (modules/feature-extractor), so both sides do the same work.
         assert!(!values.is_empty() && values.len() <= 65_536);
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        if let Some(i) = dsp::first_non_finite(values) {
             panic!("sample {i} is not finite");
         }
         let f = native.extract(values);

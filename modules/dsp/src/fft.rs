@@ -1,17 +1,28 @@
-//! In-place iterative radix-2 FFT with a precomputed plan.
+//! In-place iterative radix-2 FFT with a precomputed plan, and a real-input FFT built on it.
 //!
 //! Small on purpose (a few hundred bytes of wasm instead of a general FFT crate): sensor
 //! windows are zero-padded to a power of two, so radix-2 is all the feature extractor needs.
+//! Sensor samples are real, so [`RealFft`] transforms `n` of them with one complex FFT of
+//! `n/2` points and a split pass, half the butterflies of a complex FFT of the padded window.
 
 /// FFT plan for one power-of-two length: twiddle factors and the bit-reversal permutation.
 #[derive(Debug, Clone)]
 pub struct Fft {
     n: usize,
-    /// `exp(-2πik/n)` for `k in 0..n/2`, computed in f64 and rounded once.
+    /// Twiddles laid out per stage: the stage with butterflies of half-size `h` reads
+    /// `exp(-2πik/2h)` for `k in 0..h` at `[h..2h]`, so its inner loop walks contiguous slices
+    /// the compiler vectorises (in the wasm module too, with simd128). Index 0 is unused.
+    /// Computed in f64 and rounded once.
     tw_re: Vec<f32>,
     tw_im: Vec<f32>,
     /// Pairs `(i, j)`, `i < j`, to swap for the bit-reversed input order.
     swaps: Vec<(u32, u32)>,
+}
+
+/// `exp(-2πik/n)` computed in f64, rounded to f32.
+fn twiddle(k: usize, n: usize) -> (f32, f32) {
+    let angle = -2.0 * std::f64::consts::PI * k as f64 / n as f64;
+    (angle.cos() as f32, angle.sin() as f32)
 }
 
 impl Fft {
@@ -21,12 +32,13 @@ impl Fft {
     /// If `n` is not a power of two (callers zero-pad; see [`crate::next_pow2`]).
     pub fn new(n: usize) -> Self {
         assert!(n.is_power_of_two(), "fft length {n} is not a power of two");
-        let half = n / 2;
-        let (mut tw_re, mut tw_im) = (Vec::with_capacity(half), Vec::with_capacity(half));
-        for k in 0..half {
-            let angle = -2.0 * std::f64::consts::PI * k as f64 / n as f64;
-            tw_re.push(angle.cos() as f32);
-            tw_im.push(angle.sin() as f32);
+        let (mut tw_re, mut tw_im) = (vec![0.0; n], vec![0.0; n]);
+        let mut h = 1;
+        while h < n {
+            for k in 0..h {
+                (tw_re[h + k], tw_im[h + k]) = twiddle(k, 2 * h);
+            }
+            h *= 2;
         }
         let bits = n.trailing_zeros();
         let mut swaps = Vec::new();
@@ -69,26 +81,38 @@ impl Fft {
             re.swap(i as usize, j as usize);
             im.swap(i as usize, j as usize);
         }
-        // Iterators over split halves instead of indexing: no bounds check per butterfly
-        // (in the wasm module each one was a compare and branch in the hottest loop).
-        let mut size = 2;
-        while size <= self.n {
-            let half = size / 2;
-            let step = self.n / size;
-            for (re_blk, im_blk) in re.chunks_exact_mut(size).zip(im.chunks_exact_mut(size)) {
-                let (re_a, re_b) = re_blk.split_at_mut(half);
-                let (im_a, im_b) = im_blk.split_at_mut(half);
-                let tw = self
-                    .tw_re
-                    .iter()
-                    .step_by(step)
-                    .zip(self.tw_im.iter().step_by(step));
-                for ((((ra, ia), rb), ib), (&wr, &wi)) in re_a
+        // The first two stages have the trivial twiddles 1 and -i: no multiplies, and their
+        // blocks are too short for the general loop to vectorise.
+        if self.n >= 2 {
+            for (r, i) in re.chunks_exact_mut(2).zip(im.chunks_exact_mut(2)) {
+                let (r0, r1, i0, i1) = (r[0], r[1], i[0], i[1]);
+                (r[0], r[1], i[0], i[1]) = (r0 + r1, r0 - r1, i0 + i1, i0 - i1);
+            }
+        }
+        if self.n >= 4 {
+            for (r, i) in re.chunks_exact_mut(4).zip(im.chunks_exact_mut(4)) {
+                let (r0, r1, r2, r3) = (r[0], r[1], r[2], r[3]);
+                let (i0, i1, i2, i3) = (i[0], i[1], i[2], i[3]);
+                // k = 0: twiddle 1; k = 1: twiddle -i, so t = (i3, -r3).
+                (r[0], r[2], i[0], i[2]) = (r0 + r2, r0 - r2, i0 + i2, i0 - i2);
+                (r[1], r[3], i[1], i[3]) = (r1 + i3, r1 - i3, i1 - r3, i1 + r3);
+            }
+        }
+        // Iterators over split halves and the stage's twiddle slice instead of indexing: no
+        // bounds check per butterfly, and equal-length contiguous slices vectorise.
+        let mut h = 4;
+        while h < self.n {
+            let (tw_re, tw_im) = (&self.tw_re[h..2 * h], &self.tw_im[h..2 * h]);
+            for (re_blk, im_blk) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
+                let (re_a, re_b) = re_blk.split_at_mut(h);
+                let (im_a, im_b) = im_blk.split_at_mut(h);
+                for (((((ra, ia), rb), ib), &wr), &wi) in re_a
                     .iter_mut()
                     .zip(im_a.iter_mut())
                     .zip(re_b.iter_mut())
                     .zip(im_b.iter_mut())
-                    .zip(tw)
+                    .zip(tw_re)
+                    .zip(tw_im)
                 {
                     let tr = *rb * wr - *ib * wi;
                     let ti = *rb * wi + *ib * wr;
@@ -98,7 +122,87 @@ impl Fft {
                     *ia += ti;
                 }
             }
-            size *= 2;
+            h *= 2;
+        }
+    }
+}
+
+/// FFT plan for `n` real samples (`n` a power of two): the one-sided spectrum, bins
+/// `0..=n/2`, from one complex FFT of `n/2` points.
+#[derive(Debug, Clone)]
+pub struct RealFft {
+    n: usize,
+    half: Fft,
+    /// `exp(-2πik/n)` for `k in 0..n/2`: the split pass's twiddles.
+    tw_re: Vec<f32>,
+    tw_im: Vec<f32>,
+}
+
+impl RealFft {
+    /// Plans a real FFT of length `n`.
+    ///
+    /// # Panics
+    /// If `n` is not a power of two.
+    pub fn new(n: usize) -> Self {
+        assert!(n.is_power_of_two(), "fft length {n} is not a power of two");
+        let m = n / 2;
+        let (tw_re, tw_im) = (0..m).map(|k| twiddle(k, n)).unzip();
+        Self {
+            n,
+            half: Fft::new(m.max(1)),
+            tw_re,
+            tw_im,
+        }
+    }
+
+    /// The planned length (number of real samples).
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Always false: a plan has length at least 1.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// One-sided forward DFT of the real `x`: on return `re[k] + i·im[k] = X[k]` for
+    /// `k in 0..=n/2`, unnormalised (the other bins are the conjugate mirror).
+    ///
+    /// # Panics
+    /// If `x` is not the planned length or `re`/`im` are not `n/2 + 1` long.
+    pub fn process(&self, x: &[f32], re: &mut [f32], im: &mut [f32]) {
+        let m = self.n / 2;
+        assert!(
+            x.len() == self.n && re.len() == m + 1 && im.len() == m + 1,
+            "real fft buffer length mismatch"
+        );
+        if m == 0 {
+            (re[0], im[0]) = (x[0], 0.0);
+            return;
+        }
+        // Even samples as the real part, odd ones as the imaginary part of n/2 points.
+        for ((r, i), pair) in re.iter_mut().zip(im.iter_mut()).zip(x.chunks_exact(2)) {
+            (*r, *i) = (pair[0], pair[1]);
+        }
+        self.half.process(&mut re[..m], &mut im[..m]);
+        // Split: with Z the half-size transform, E[k] = (Z[k] + conj Z[m-k]) / 2 is the even
+        // samples' spectrum and O[k] = (Z[k] - conj Z[m-k]) / 2i the odd ones';
+        // X[k] = E[k] + W^k·O[k]. Bins k and m-k are computed together (each needs the
+        // other's input), from the outside in; Z[m] is Z[0].
+        let (z0r, z0i) = (re[0], im[0]);
+        (re[0], im[0]) = (z0r + z0i, 0.0);
+        (re[m], im[m]) = (z0r - z0i, 0.0);
+        for k in 1..=m / 2 {
+            let j = m - k;
+            let (ar, ai, br, bi) = (re[k], im[k], re[j], im[j]);
+            let (er, ei) = (0.5 * (ar + br), 0.5 * (ai - bi));
+            let (or, oi) = (0.5 * (ai + bi), -0.5 * (ar - br));
+            let (wr, wi) = (self.tw_re[k], self.tw_im[k]);
+            re[k] = er + wr * or - wi * oi;
+            im[k] = ei + wr * oi + wi * or;
+            // Bin j from the same inputs: E[j] = conj E[k], O[j] = conj O[k], W^j = -conj W^k.
+            re[j] = er - wr * or + wi * oi;
+            im[j] = -ei + wr * oi + wi * or;
         }
     }
 }
@@ -119,19 +223,57 @@ mod tests {
             .unzip()
     }
 
+    fn signal(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + 11) % 17) as f32 / 8.0 - 1.0)
+            .collect()
+    }
+
     #[test]
     fn matches_naive_dft() {
-        for n in [1usize, 2, 4, 16, 64] {
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 + 11) % 17) as f32 / 8.0 - 1.0)
-                .collect();
+        for n in [1usize, 2, 4, 8, 16, 64, 256] {
+            let x = signal(n);
             let (er, ei) = naive_dft(&x);
             let mut re = x.clone();
             let mut im = vec![0.0; n];
             Fft::new(n).process(&mut re, &mut im);
+            let tol = 1e-5 * n as f64;
             for k in 0..n {
-                assert!((f64::from(re[k]) - er[k]).abs() < 1e-4, "n={n} k={k}");
-                assert!((f64::from(im[k]) - ei[k]).abs() < 1e-4, "n={n} k={k}");
+                assert!((f64::from(re[k]) - er[k]).abs() < tol, "n={n} k={k}");
+                assert!((f64::from(im[k]) - ei[k]).abs() < tol, "n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn complex_input_matches_naive_dft() {
+        // Imaginary input exercises the im half of every butterfly (real input leaves it 0).
+        let n = 32;
+        let (xr, xi) = (signal(n), signal(n + 3)[3..].to_vec());
+        let mut re = xr.clone();
+        let mut im = xi.clone();
+        Fft::new(n).process(&mut re, &mut im);
+        // DFT(xr + i·xi) = DFT(xr) + i·DFT(xi).
+        let (ar, ai) = naive_dft(&xr);
+        let (br, bi) = naive_dft(&xi);
+        for k in 0..n {
+            assert!((f64::from(re[k]) - (ar[k] - bi[k])).abs() < 1e-4, "k={k}");
+            assert!((f64::from(im[k]) - (ai[k] + br[k])).abs() < 1e-4, "k={k}");
+        }
+    }
+
+    #[test]
+    fn real_fft_matches_naive_dft() {
+        for n in [1usize, 2, 4, 8, 16, 64, 1024] {
+            let x = signal(n);
+            let (er, ei) = naive_dft(&x);
+            let mut re = vec![0.0; n / 2 + 1];
+            let mut im = vec![0.0; n / 2 + 1];
+            RealFft::new(n).process(&x, &mut re, &mut im);
+            let tol = 1e-5 * n as f64;
+            for k in 0..=n / 2 {
+                assert!((f64::from(re[k]) - er[k]).abs() < tol, "n={n} k={k}");
+                assert!((f64::from(im[k]) - ei[k]).abs() < tol, "n={n} k={k}");
             }
         }
     }
@@ -150,5 +292,11 @@ mod tests {
     #[should_panic(expected = "not a power of two")]
     fn rejects_non_power_of_two() {
         let _ = Fft::new(12);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a power of two")]
+    fn real_fft_rejects_non_power_of_two() {
+        let _ = RealFft::new(12);
     }
 }

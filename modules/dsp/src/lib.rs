@@ -9,7 +9,7 @@
 
 mod fft;
 
-pub use fft::Fft;
+pub use fft::{Fft, RealFft};
 
 /// Window function applied before the FFT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,28 +36,51 @@ pub struct Stats {
     pub crest_factor: f32,
 }
 
+/// Lanes of the per-sample loops: independent accumulators the compiler turns into SIMD
+/// (LLVM may not reorder one float sum by itself). Four f64 lanes are two wasm `f64x2`
+/// vectors, so the module's loop runs a quarter of the iterations, each with one epoch
+/// check, instead of one check per sample.
+const LANES: usize = 4;
+
 /// Computes [`Stats`]; all zero for an empty window.
 pub fn stats(samples: &[f32]) -> Stats {
     if samples.is_empty() {
         return Stats::default();
     }
     // f64 accumulators: a long f32 window would otherwise lose precision in the sums.
-    let mut sum = 0.0f64;
-    let mut sum_sq = 0.0f64;
-    let mut peak = 0.0f32;
-    for &x in samples {
-        let xf = f64::from(x);
-        sum += xf;
-        sum_sq += xf * xf;
-        // Not `f32::max`: its NaN rule has no wasm instruction, so in the module it was a
-        // call to libm's `fmaxf` per sample (seen in a perf profile of the stage). A NaN
-        // sample is skipped here too (the comparison is false), the same as `max` does.
-        let a = x.abs();
-        if a > peak {
-            peak = a;
+    let mut sum = [0.0f64; LANES];
+    let mut sum_sq = [0.0f64; LANES];
+    let mut peak = [0.0f32; LANES];
+    let chunks = samples.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            let x = chunk[j];
+            let xf = f64::from(x);
+            sum[j] += xf;
+            sum_sq[j] += xf * xf;
+            // Not `f32::max`: its NaN rule has no wasm instruction, so in the module it was a
+            // call to libm's `fmaxf` per sample (seen in a perf profile of the stage). A NaN
+            // sample is skipped here too (the comparison is false), the same as `max` does.
+            let a = x.abs();
+            peak[j] = if a > peak[j] { a } else { peak[j] };
         }
     }
+    for (j, &x) in rest.iter().enumerate() {
+        let xf = f64::from(x);
+        sum[j] += xf;
+        sum_sq[j] += xf * xf;
+        let a = x.abs();
+        peak[j] = if a > peak[j] { a } else { peak[j] };
+    }
     let n = samples.len() as f64;
+    let (sum, sum_sq) = (
+        (sum[0] + sum[1]) + (sum[2] + sum[3]),
+        (sum_sq[0] + sum_sq[1]) + (sum_sq[2] + sum_sq[3]),
+    );
+    let peak = peak
+        .into_iter()
+        .fold(0.0f32, |p, a| if a > p { a } else { p });
     let rms = (sum_sq / n).sqrt() as f32;
     Stats {
         mean: (sum / n) as f32,
@@ -65,6 +88,25 @@ pub fn stats(samples: &[f32]) -> Stats {
         peak,
         crest_factor: if rms > 0.0 { peak / rms } else { 0.0 },
     }
+}
+
+/// Index of the first sample that is NaN or infinite, if any.
+///
+/// Checks blocks of samples without an early exit inside a block (a vectorisable OR of the
+/// exponent test), then finds the index in the one block that failed: a valid window, the
+/// common case, costs a fraction of a per-sample `position`.
+pub fn first_non_finite(samples: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 64;
+    samples
+        .chunks(BLOCK)
+        .position(|block| block.iter().fold(false, |bad, x| bad | !x.is_finite()))
+        .and_then(|b| {
+            let start = b * BLOCK;
+            samples[start..]
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| start + i)
+        })
 }
 
 /// Smallest power of two `>= n` (1 for 0).
@@ -129,11 +171,14 @@ impl Features {
 #[derive(Debug, Clone)]
 pub struct Extractor {
     config: ExtractorConfig,
-    fft: Option<Fft>,
+    fft: Option<RealFft>,
     /// Window coefficients for `window_len` samples, and their sum of squares.
     window_len: usize,
     window: Vec<f32>,
     window_power: f64,
+    /// The windowed, zero-padded input of the FFT (`n` samples).
+    padded: Vec<f32>,
+    /// One-sided spectrum, bins `0..=n/2`.
     re: Vec<f32>,
     im: Vec<f32>,
     /// Band accumulators (f64, so thousands of small bins add up without loss).
@@ -150,6 +195,7 @@ impl Extractor {
             window_len: 0,
             window: Vec::new(),
             window_power: 0.0,
+            padded: Vec::new(),
             re: Vec::new(),
             im: Vec::new(),
             acc: vec![0.0; config.bands],
@@ -175,7 +221,7 @@ impl Extractor {
             };
         }
         let dominant_bin = self.band_energies(samples, stats.mean, &mut bands);
-        let n = self.re.len();
+        let n = self.padded.len();
         Features {
             len: samples.len(),
             stats,
@@ -188,22 +234,22 @@ impl Extractor {
     fn band_energies(&mut self, samples: &[f32], mean: f32, bands: &mut [f32]) -> usize {
         let len = samples.len();
         let n = next_pow2(len);
-        if self.fft.as_ref().map(Fft::len) != Some(n) {
-            self.fft = Some(Fft::new(n));
-            self.re.resize(n, 0.0);
-            self.im.resize(n, 0.0);
+        if self.fft.as_ref().map(RealFft::len) != Some(n) {
+            self.fft = Some(RealFft::new(n));
+            self.padded.resize(n, 0.0);
+            self.re.resize(n / 2 + 1, 0.0);
+            self.im.resize(n / 2 + 1, 0.0);
         }
         if self.window_len != len {
             self.prepare_window(len);
         }
         let offset = if self.config.remove_dc { mean } else { 0.0 };
-        for ((dst, &x), &w) in self.re.iter_mut().zip(samples).zip(&self.window) {
+        for ((dst, &x), &w) in self.padded.iter_mut().zip(samples).zip(&self.window) {
             *dst = (x - offset) * w;
         }
-        self.re[len..].fill(0.0);
-        self.im.fill(0.0);
+        self.padded[len..].fill(0.0);
         if let Some(fft) = &self.fft {
-            fft.process(&mut self.re, &mut self.im);
+            fft.process(&self.padded, &mut self.re, &mut self.im);
         }
 
         // One-sided power spectrum: bins 1..n/2 stand for their negative-frequency mirror
@@ -216,16 +262,20 @@ impl Extractor {
         acc.clear();
         acc.resize(nbands, 0.0);
         let mut best = (0usize, -1.0f64);
-        for k in 0..=half {
-            let (re, im) = (f64::from(self.re[k]), f64::from(self.im[k]));
+        // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last
+        // (n = 1 has half = 0: its single bin goes to band 0). Walked incrementally: bin k is
+        // past band b's end once k * nbands >= (b + 1) * half, with no division per bin.
+        let mut band = 0usize;
+        for (k, (&re, &im)) in self.re.iter().zip(&self.im).enumerate() {
+            while half > 0 && band + 1 < nbands && k * nbands >= (band + 1) * half {
+                band += 1;
+            }
+            let (re, im) = (f64::from(re), f64::from(im));
             let power = re * re + im * im;
             let weight = if k == 0 || k == half { 1.0 } else { 2.0 };
-            // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last.
-            // (n = 1 has half = 0: its single bin goes to band 0.)
-            let band = (k * nbands)
-                .checked_div(half)
-                .map_or(0, |b| b.min(nbands - 1));
-            acc[band] += weight * power * norm;
+            if let Some(a) = acc.get_mut(band) {
+                *a += weight * power * norm;
+            }
             if k > 0 && power > best.1 {
                 best = (k, power);
             }
@@ -295,6 +345,33 @@ mod tests {
         assert!(close(s.mean, -2.0, 1e-6));
         assert!(close(s.rms, 2.0, 1e-6));
         assert!(close(s.peak, 2.0, 1e-6));
+    }
+
+    #[test]
+    fn stats_of_odd_lengths_use_every_sample() {
+        // Lengths that leave a remainder after the lanes: the remainder counts too.
+        for len in 1..=9usize {
+            let x: Vec<f32> = (0..len).map(|i| i as f32 - 3.0).collect();
+            let s = stats(&x);
+            let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / len as f64;
+            let peak = x.iter().fold(0.0f32, |p, v| p.max(v.abs()));
+            assert!(close(s.mean, mean as f32, 1e-6), "{len}");
+            assert_eq!(s.peak, peak, "{len}");
+        }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_bad_sample() {
+        let mut x = vec![0.5f32; 300];
+        assert_eq!(first_non_finite(&x), None);
+        assert_eq!(first_non_finite(&[]), None);
+        x[200] = f32::INFINITY;
+        x[250] = f32::NAN;
+        assert_eq!(first_non_finite(&x), Some(200));
+        x[3] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&x), Some(3));
+        assert_eq!(first_non_finite(&x[251..]), None);
+        assert_eq!(first_non_finite(&x[64..]), Some(136));
     }
 
     #[test]
@@ -392,6 +469,37 @@ mod tests {
                 "{len}: {:?}",
                 f.bands
             );
+        }
+    }
+
+    #[test]
+    fn one_sample_window_goes_to_the_first_band() {
+        let mut ex = Extractor::new(config(3, Window::Rect));
+        let f = ex.extract(&[2.0]);
+        assert_eq!(f.bands, vec![4.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn bins_land_in_the_band_the_division_rule_gives() {
+        // One bin at a time (a cosine exactly on bin k), against floor(k * bands / half)
+        // clamped, for band counts that do and do not divide the bin count.
+        let n = 64;
+        for nbands in [1usize, 3, 5, 8, 32, 100] {
+            let mut ex = Extractor::new(config(nbands, Window::Rect));
+            for k in 1..=n / 2 {
+                let x: Vec<f32> = (0..n)
+                    .map(|t| (2.0 * std::f64::consts::PI * (k * t) as f64 / n as f64).cos() as f32)
+                    .collect();
+                let f = ex.extract(&x);
+                let want = (k * nbands / (n / 2)).min(nbands - 1);
+                let got = f
+                    .bands
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i);
+                assert_eq!(got, Some(want), "bands={nbands} k={k}: {:?}", f.bands);
+            }
         }
     }
 

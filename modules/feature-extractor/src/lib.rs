@@ -153,7 +153,7 @@ impl Stage {
                 self.max_samples
             ));
         }
-        if let Some(i) = samples.iter().position(|x| !x.is_finite()) {
+        if let Some(i) = dsp::first_non_finite(samples) {
             return Err(format!(
                 "sample {i} is not a finite number ({})",
                 samples[i]
