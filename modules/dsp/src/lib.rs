@@ -90,6 +90,38 @@ pub fn stats(samples: &[f32]) -> Stats {
     }
 }
 
+/// Sum in [`LANES`] independent accumulators (vectorisable; see `stats`).
+fn sum(x: &[f64]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            acc[j] += chunk[j];
+        }
+    }
+    for (j, &v) in rest.iter().enumerate() {
+        acc[j] += v;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// Largest value, NaN skipped, in [`LANES`] lanes; 0 for an empty or all-negative slice.
+fn max(x: &[f64]) -> f64 {
+    let mut m = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            m[j] = if chunk[j] > m[j] { chunk[j] } else { m[j] };
+        }
+    }
+    for (j, &v) in rest.iter().enumerate() {
+        m[j] = if v > m[j] { v } else { m[j] };
+    }
+    m.into_iter().fold(0.0, |a, v| if v > a { v } else { a })
+}
+
 /// Index of the first sample that is NaN or infinite, if any.
 ///
 /// Checks blocks of samples without an early exit inside a block (a vectorisable OR of the
@@ -181,8 +213,9 @@ pub struct Extractor {
     /// One-sided spectrum, bins `0..=n/2`.
     re: Vec<f32>,
     im: Vec<f32>,
-    /// Band accumulators (f64, so thousands of small bins add up without loss).
-    acc: Vec<f64>,
+    /// Power per bin of the one-sided spectrum (f64, so thousands of small bins add up
+    /// without loss).
+    power: Vec<f64>,
 }
 
 impl Extractor {
@@ -198,7 +231,7 @@ impl Extractor {
             padded: Vec::new(),
             re: Vec::new(),
             im: Vec::new(),
-            acc: vec![0.0; config.bands],
+            power: Vec::new(),
         }
     }
 
@@ -257,33 +290,53 @@ impl Extractor {
         // total the (window-weighted) mean square of the input, by Parseval.
         let half = n / 2;
         let norm = 1.0 / (n as f64 * self.window_power.max(f64::MIN_POSITIVE));
+        // Power per bin first (one vectorisable pass), then per band a sum over its range of
+        // bins: no per-bin branch on the band, so both loops run as SIMD.
+        let power = &mut self.power;
+        power.clear();
+        power.extend(
+            self.re
+                .iter()
+                .zip(&self.im)
+                .map(|(&re, &im)| f64::from(re) * f64::from(re) + f64::from(im) * f64::from(im)),
+        );
+        // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last, so
+        // band b starts at the first k with k * nbands >= b * half. (n = 1 has half = 0: its
+        // single bin goes to band 0.)
         let nbands = bands.len();
-        let acc = &mut self.acc;
-        acc.clear();
-        acc.resize(nbands, 0.0);
-        let mut best = (0usize, -1.0f64);
-        // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last
-        // (n = 1 has half = 0: its single bin goes to band 0). Walked incrementally: bin k is
-        // past band b's end once k * nbands >= (b + 1) * half, with no division per bin.
-        let mut band = 0usize;
-        for (k, (&re, &im)) in self.re.iter().zip(&self.im).enumerate() {
-            while half > 0 && band + 1 < nbands && k * nbands >= (band + 1) * half {
-                band += 1;
+        let first_bin = |b: usize| match half {
+            0 => usize::from(b > 0),
+            _ => (b * half).div_ceil(nbands),
+        };
+        for (b, dst) in bands.iter_mut().enumerate() {
+            let lo = first_bin(b);
+            let hi = if b + 1 == nbands {
+                half + 1
+            } else {
+                first_bin(b + 1)
+            };
+            let Some(range) = power.get(lo..hi) else {
+                continue;
+            };
+            let mut energy = 2.0 * sum(range);
+            if lo == 0 {
+                energy -= power[0];
             }
-            let (re, im) = (f64::from(re), f64::from(im));
-            let power = re * re + im * im;
-            let weight = if k == 0 || k == half { 1.0 } else { 2.0 };
-            if let Some(a) = acc.get_mut(band) {
-                *a += weight * power * norm;
+            if hi == half + 1 && half > 0 {
+                energy -= power[half];
             }
-            if k > 0 && power > best.1 {
-                best = (k, power);
-            }
+            *dst = (energy * norm) as f32;
         }
-        for (dst, &e) in bands.iter_mut().zip(acc.iter()) {
-            *dst = e as f32;
+        // Strongest non-DC bin: the first with the largest power, none if all are 0.
+        let peak = power.get(1..).map_or(0.0, max);
+        if peak > 0.0 {
+            power[1..]
+                .iter()
+                .position(|&p| p == peak)
+                .map_or(0, |i| i + 1)
+        } else {
+            0
         }
-        if best.1 > 0.0 { best.0 } else { 0 }
     }
 
     fn prepare_window(&mut self, len: usize) {
