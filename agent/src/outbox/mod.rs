@@ -721,19 +721,7 @@ impl Outbox {
                 true
             })
             .map_err(|e| self.store_err(e))?;
-        let mut purged = 0u64;
-        for (key, charge) in expired {
-            if self
-                .store
-                .remove(&key.to_bytes())
-                .map_err(|e| self.store_err(e))?
-                .is_some()
-            {
-                self.log_delete(key);
-                inner.acct.removed(key.class, charge, Removal::Expired);
-                purged += 1;
-            }
-        }
+        let purged = self.remove_all(inner, expired, Removal::Expired)?;
         inner.acct.set_earliest_expiry(earliest);
         if purged > 0 {
             tracing::info!(purged, "outbox removed expired messages");
@@ -765,7 +753,23 @@ impl Outbox {
                 true
             })
             .map_err(|e| self.store_err(e))?;
-        let mut evicted = 0u64;
+        let evicted = self.remove_all(inner, victims, Removal::Evicted)?;
+        tracing::warn!(
+            evicted,
+            "outbox full: evicted oldest telemetry to make room"
+        );
+        Ok(())
+    }
+
+    /// Removes `victims` (key, charge) from the store and the accounts as `why`; returns how
+    /// many were still there.
+    fn remove_all(
+        &self,
+        inner: &mut Inner,
+        victims: Vec<(Key, u64)>,
+        why: Removal,
+    ) -> Result<u64, OutboxError> {
+        let mut removed = 0u64;
         for (key, charge) in victims {
             if self
                 .store
@@ -774,17 +778,11 @@ impl Outbox {
                 .is_some()
             {
                 self.log_delete(key);
-                inner
-                    .acct
-                    .removed(Class::Telemetry, charge, Removal::Evicted);
-                evicted += 1;
+                inner.acct.removed(key.class, charge, why);
+                removed += 1;
             }
         }
-        tracing::warn!(
-            evicted,
-            "outbox full: evicted oldest telemetry to make room"
-        );
-        Ok(())
+        Ok(removed)
     }
 
     /// The next message of `class` after `after` (or the first), skipping and removing
