@@ -85,28 +85,27 @@ struct Shaper {
 }
 
 impl Shaper {
-    /// When the outage in force at `now` ends, if one is.
-    fn outage_until(&self, now: Instant) -> Option<Instant> {
+    /// Where `now` falls in the outage cycle, if the profile has outages: the period, the time
+    /// into the current period and when in it the outage starts. Outages sit at the end of
+    /// each period, so a device starts on a working link.
+    fn cycle(&self, now: Instant) -> Option<(f64, f64, f64)> {
         let (every, len) = (self.profile.outage_every_s, self.profile.outage_s);
         if every <= 0.0 || len <= 0.0 {
             return None;
         }
-        let t = now.duration_since(self.started).as_secs_f64();
-        let phase = t % every;
-        // Outages sit at the end of each period, so a device starts on a working link.
-        let start = every - len.min(every);
+        let phase = now.duration_since(self.started).as_secs_f64() % every;
+        Some((every, phase, every - len.min(every)))
+    }
+
+    /// When the outage in force at `now` ends, if one is.
+    fn outage_until(&self, now: Instant) -> Option<Instant> {
+        let (every, phase, start) = self.cycle(now)?;
         (phase >= start).then(|| now + Duration::from_secs_f64(every - phase))
     }
 
     /// When the next outage starts, if the profile has outages.
     fn next_outage(&self, now: Instant) -> Option<Instant> {
-        let (every, len) = (self.profile.outage_every_s, self.profile.outage_s);
-        if every <= 0.0 || len <= 0.0 {
-            return None;
-        }
-        let t = now.duration_since(self.started).as_secs_f64();
-        let phase = t % every;
-        let start = every - len.min(every);
+        let (every, phase, start) = self.cycle(now)?;
         let wait = if phase < start {
             start - phase
         } else {
