@@ -236,8 +236,17 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     ApiQuery(q): ApiQuery<DeviceQuery>,
 ) -> Result<Json<DeviceList>, ApiError> {
-    let now_ms = protocol::v1::now_ms();
-    let (offset, limit) = check_query(&q)?;
+    Ok(Json(listing(&state.view, &q, protocol::v1::now_ms())?))
+}
+
+/// The device list for `q` at `now_ms`: the handler's answer (and what the view's test checks
+/// against a full pass).
+pub fn listing(
+    view: &super::view::FleetView,
+    q: &DeviceQuery,
+    now_ms: u64,
+) -> Result<DeviceList, ApiError> {
+    let (offset, limit) = check_query(q)?;
     let filter = super::index::Filter {
         group: q.group.as_deref(),
         state: q.state.as_deref(),
@@ -246,11 +255,8 @@ pub async fn list(
     };
     // The index answers a page of an unfiltered or one-filter list; several filters or
     // `attention` take a pass over the smallest set they name.
-    let list = match state
-        .view
-        .list(&filter, q.attention.is_some(), offset, limit, now_ms)
-    {
-        super::view::Listing::Scan(rows) => page(&rows, &q, now_ms)?,
+    let list = match view.list(&filter, q.attention.is_some(), offset, limit, now_ms) {
+        super::view::Listing::Scan(rows) => page(&rows, q, now_ms)?,
         super::view::Listing::Indexed { counts, rows } => DeviceList {
             total: counts.total,
             offset,
@@ -261,7 +267,7 @@ pub async fn list(
             devices: rows.iter().map(|r| summary(r, now_ms)).collect(),
         },
     };
-    Ok(Json(list))
+    Ok(list)
 }
 
 /// The page and size asked for, checked, and the state filter's value.
