@@ -345,7 +345,8 @@ pub fn write_snapshot<'a>(
         path: path.clone(),
         error: e.to_string(),
     })?;
-    // No fsync: a view of the store, rewritten at every start and change.
+    // No fsync: a view of the store, rewritten at start, shutdown and after changes (see
+    // `Service::write_snapshot` for how often).
     write_atomic(&path, &json, false)
 }
 
