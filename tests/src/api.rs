@@ -118,3 +118,33 @@ pub fn token_table(name: &str, token: &str, scope: &str) -> toml::Table {
     t.insert("scope".into(), scope.into());
     t
 }
+
+/// Starts a coordinator (embedded broker) in `dir` whose `[api]` section, written to
+/// `dir/config_name`, holds a read token `viewer` (`read`), an admin token `ops` (`admin`) and
+/// the `extra` keys.
+pub fn start_with_tokens(
+    dir: &std::path::Path,
+    config_name: &str,
+    read: &str,
+    admin: &str,
+    extra: toml::Table,
+) -> Result<crate::Coordinator> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = dir.join(config_name);
+    let mut api = extra;
+    api.insert(
+        "tokens".into(),
+        toml::Value::Array(vec![
+            token_table("viewer", read, "read").into(),
+            token_table("ops", admin, "admin").into(),
+        ]),
+    );
+    let mut root = toml::Table::new();
+    root.insert("api".into(), api.into());
+    std::fs::write(&config, toml::to_string(&root)?)
+        .with_context(|| format!("cannot write {}", config.display()))?;
+    crate::Coordinator::start_embedded_with_args(
+        dir,
+        vec!["--config".into(), config.display().to_string()],
+    )
+}

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use edge_tests::api::{Answer, ApiClient, token_table};
-use edge_tests::{Agent, AgentOptions, Coordinator, TestEnv, coordinator_bin, run_test};
+use edge_tests::api::{Answer, ApiClient, start_with_tokens};
+use edge_tests::{Agent, AgentOptions, TestEnv, coordinator_bin, run_test};
 
 const WAIT: Duration = Duration::from_secs(60);
 const DEVICES: [&str; 2] = ["api-a", "api-b"];
@@ -24,26 +24,11 @@ fn the_api_serves_the_fleet_and_refuses_what_it_should() {
 
 fn scenario(env: &TestEnv) -> Result<()> {
     let coord_dir = env.path("coordinator");
-    std::fs::create_dir_all(&coord_dir)?;
-    let config = coord_dir.join("api-coordinator.toml");
     let mut api = toml::Table::new();
-    api.insert(
-        "tokens".into(),
-        toml::Value::Array(vec![
-            token_table("viewer", READ, "read").into(),
-            token_table("ops", ADMIN, "admin").into(),
-        ]),
-    );
     api.insert("max_body_bytes".into(), 2048.into());
     // One device gets per-device series, the other is counted as omitted.
     api.insert("metrics_max_devices".into(), 1.into());
-    let mut root = toml::Table::new();
-    root.insert("api".into(), api.into());
-    std::fs::write(&config, toml::to_string(&root)?)?;
-    let coord = Coordinator::start_embedded_with_args(
-        &coord_dir,
-        vec!["--config".into(), config.display().to_string()],
-    )?;
+    let coord = start_with_tokens(&coord_dir, "api-coordinator.toml", READ, ADMIN, api)?;
     let client = ApiClient::new(coord.api_url()?);
 
     let mut agents = Vec::new();

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use edge_tests::api::{ApiClient, token_table};
+use edge_tests::api::{ApiClient, start_with_tokens};
 use edge_tests::{
     Agent, AgentOptions, Coordinator, FEATURES_MODULE, PipelineDir, SigningKey, TestEnv,
     coordinator_bin, features_pipeline, run_test,
@@ -35,28 +35,13 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let key = SigningKey::generate(&env.path("keys/deploy.key"))?;
     let stranger = SigningKey::generate(&env.path("keys/stranger.key"))?;
     let coord_dir = env.path("coordinator");
-    std::fs::create_dir_all(&coord_dir)?;
-    let config = coord_dir.join("upload-coordinator.toml");
     let mut api = toml::Table::new();
-    api.insert(
-        "tokens".into(),
-        toml::Value::Array(vec![
-            token_table("viewer", READ, "read").into(),
-            token_table("ops", ADMIN, "admin").into(),
-        ]),
-    );
     api.insert("max_upload_bytes".into(), MAX_UPLOAD.into());
     api.insert(
         "deploy_keys".into(),
         toml::Value::Array(vec![key.public_hex.clone().into()]),
     );
-    let mut root = toml::Table::new();
-    root.insert("api".into(), api.into());
-    std::fs::write(&config, toml::to_string(&root)?)?;
-    let coord = Coordinator::start_embedded_with_args(
-        &coord_dir,
-        vec!["--config".into(), config.display().to_string()],
-    )?;
+    let coord = start_with_tokens(&coord_dir, "upload-coordinator.toml", READ, ADMIN, api)?;
     let client = ApiClient::new(coord.api_url()?);
     let mut agents = Vec::new();
     for d in DEVICES {

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use edge_tests::api::{ApiClient, token_table};
+use edge_tests::api::{ApiClient, start_with_tokens};
 use edge_tests::{Agent, AgentOptions, Coordinator, RawMqtt, TestEnv, coordinator_bin, run_test};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -49,22 +49,12 @@ every = 1000
 
 fn scenario(env: &TestEnv) -> Result<()> {
     let coord_dir = env.path("coordinator");
-    std::fs::create_dir_all(&coord_dir)?;
-    let config = coord_dir.join("commands-coordinator.toml");
-    let mut api = toml::Table::new();
-    api.insert(
-        "tokens".into(),
-        toml::Value::Array(vec![
-            token_table("viewer", READ, "read").into(),
-            token_table("ops", ADMIN, "admin").into(),
-        ]),
-    );
-    let mut root = toml::Table::new();
-    root.insert("api".into(), api.into());
-    std::fs::write(&config, toml::to_string(&root)?)?;
-    let mut coord = Coordinator::start_embedded_with_args(
+    let mut coord = start_with_tokens(
         &coord_dir,
-        vec!["--config".into(), config.display().to_string()],
+        "commands-coordinator.toml",
+        READ,
+        ADMIN,
+        toml::Table::new(),
     )?;
     let client = ApiClient::new(coord.api_url()?);
     let state_dir = coord.state_dir();

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use edge_testmodels::onnx_builder;
-use edge_tests::api::{ApiClient, token_table};
+use edge_tests::api::{ApiClient, start_with_tokens};
 use edge_tests::browser::{Browser, screenshot_dir};
 use edge_tests::digits::Split;
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, FEATURES_MODULE, FL_GROUP, FlTask, PipelineDir, SigningKey,
-    TestEnv, deploy, features_pipeline, federated_agent, federated_data, run_test, task_finished,
+    Agent, AgentOptions, FEATURES_MODULE, FL_GROUP, FlTask, PipelineDir, SigningKey, TestEnv,
+    deploy, features_pipeline, federated_agent, federated_data, run_test, task_finished,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -30,22 +30,12 @@ fn the_dashboard_shows_the_fleet_in_a_browser() {
 
 fn scenario(env: &TestEnv) -> Result<()> {
     let coord_dir = env.path("coordinator");
-    std::fs::create_dir_all(&coord_dir)?;
-    let config = coord_dir.join("dashboard-coordinator.toml");
-    let mut api = toml::Table::new();
-    api.insert(
-        "tokens".into(),
-        toml::Value::Array(vec![
-            token_table("viewer", READ, "read").into(),
-            token_table("ops", ADMIN, "admin").into(),
-        ]),
-    );
-    let mut root = toml::Table::new();
-    root.insert("api".into(), api.into());
-    std::fs::write(&config, toml::to_string(&root)?)?;
-    let coord = Coordinator::start_embedded_with_args(
+    let coord = start_with_tokens(
         &coord_dir,
-        vec!["--config".into(), config.display().to_string()],
+        "dashboard-coordinator.toml",
+        READ,
+        ADMIN,
+        toml::Table::new(),
     )?;
     let base = coord.api_url()?;
     let client = ApiClient::new(&base);
