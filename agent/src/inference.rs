@@ -103,12 +103,24 @@ pub fn version_of_files(graph: &[u8], data: &DataFiles) -> String {
     }
     let mut h = Sha256::new();
     h.update(Sha256::digest(graph));
-    for (name, bytes) in data {
+    for (name, file) in data {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
-        h.update(Sha256::digest(bytes));
+        h.update(file_digest(file));
     }
     hex::encode(h.finalize())[..12].to_owned()
+}
+
+/// SHA-256 of a data file; one on disk is streamed through the hasher, never held whole. A
+/// file that cannot be read hashes its error, so its version differs from every readable one
+/// and loading it then fails with the reason.
+fn file_digest(file: &edge_inference::DataFile) -> impl AsRef<[u8]> {
+    let mut h = Sha256::new();
+    if let Err(e) = file.write_to(&mut h) {
+        h = Sha256::new();
+        h.update(format!("unreadable: {e}"));
+    }
+    h.finalize()
 }
 
 impl Inference {

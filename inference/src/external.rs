@@ -3,10 +3,13 @@
 //! 2 GB. Finds the files a graph names, checks every location and extent, reads each file once,
 //! and keeps the bytes that ONNX Runtime is handed by name ([`DataFiles`]).
 //!
-//! Why not let ONNX Runtime find the files: loading from bytes, it resolves a location against
-//! the process's working directory, and loading from a path it trusts the location as written.
-//! We check first and then hand it the bytes (`AddExternalInitializersFromFilesInMemory`), so it
-//! never opens a file itself.
+//! Why not let ONNX Runtime find the files on its own: loading from bytes, it resolves a
+//! location against the process's working directory, and loading from a path it trusts the
+//! location as written. We check every location first. Then either ONNX Runtime gets the
+//! checked folder to map the files from ([`DataFile::OnDisk`], what [`ModelFiles::open`]
+//! gives: the weights are held once, in ONNX Runtime's mapping), or the bytes by name
+//! ([`DataFile::Bytes`], `AddExternalInitializersFromFilesInMemory`: a deployment's artifacts,
+//! weights patched in by a federated round).
 //!
 //! The external-data keys (`location`, `offset`, `length`, `checksum`) and their meaning are
 //! those of the spec, <https://github.com/onnx/onnx/blob/main/docs/ExternalData.md>: `location`
@@ -15,20 +18,139 @@
 //!
 //! Invariant: never reads outside the model's folder (absolute locations, `..`, and symlinks
 //! that leave it are refused), and every error names the file and the cause.
-//! Boundary: [`crate::Model`] checks every graph against the data it is given; the agent,
-//! the coordinator and `check-config` read files through [`ModelFiles::read`].
+//! Boundary: [`crate::Model`] checks every graph against the data it is given; the agent and
+//! `check-config` open local files through [`ModelFiles::open`], the coordinator reads them
+//! through [`ModelFiles::read`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use prost::Message;
 
 use crate::onnx::{DATA_LOCATION_EXTERNAL, ModelProto, TensorProto, data_type};
 
-/// The bytes of a model's external data files, by location as the graph writes it.
-pub type DataFiles = BTreeMap<String, Arc<[u8]>>;
+/// A model's external data files, by location as the graph writes it.
+pub type DataFiles = BTreeMap<String, DataFile>;
+
+/// One external data file: its bytes, or a checked file on disk that is not read.
+#[derive(Clone)]
+pub enum DataFile {
+    /// The file's bytes (a deployment's artifact, weights patched in by a federated round).
+    Bytes(Arc<[u8]>),
+    /// `folder/location` on disk, checked when it was opened (inside the model's `folder`, a
+    /// regular file of `len` bytes) and not read: ONNX Runtime maps it when it builds the
+    /// session, so the weights are held once. `folder` is canonical.
+    OnDisk {
+        folder: PathBuf,
+        path: PathBuf,
+        len: u64,
+    },
+}
+
+impl std::fmt::Debug for DataFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataFile::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            DataFile::OnDisk { path, len, .. } => {
+                write!(f, "OnDisk({}, {len} bytes)", path.display())
+            }
+        }
+    }
+}
+
+impl From<Arc<[u8]>> for DataFile {
+    fn from(b: Arc<[u8]>) -> DataFile {
+        DataFile::Bytes(b)
+    }
+}
+
+impl From<Vec<u8>> for DataFile {
+    fn from(b: Vec<u8>) -> DataFile {
+        DataFile::Bytes(b.into())
+    }
+}
+
+impl DataFile {
+    /// Size in bytes (for a file on disk, as it was when opened).
+    pub fn len(&self) -> u64 {
+        match self {
+            DataFile::Bytes(b) => b.len() as u64,
+            DataFile::OnDisk { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole file's bytes (a file on disk is read now).
+    pub fn bytes(&self) -> std::io::Result<Arc<[u8]>> {
+        match self {
+            DataFile::Bytes(b) => Ok(Arc::clone(b)),
+            DataFile::OnDisk { path, len, .. } => {
+                let mut file = std::fs::File::open(path)?;
+                read_exactly(&mut file, *len)
+            }
+        }
+    }
+
+    /// [`DataFile::bytes`], an error naming the file (`location` as the graph writes it).
+    pub fn read_all(&self, location: &str) -> Result<Arc<[u8]>, ExternalError> {
+        self.bytes().map_err(|e| ExternalError::ReadFile {
+            file: match self {
+                DataFile::OnDisk { path, .. } => path.display().to_string(),
+                DataFile::Bytes(_) => location.to_owned(),
+            },
+            detail: e.to_string(),
+        })
+    }
+
+    /// Bytes `start..end` (a file on disk: only that range is read).
+    pub fn range(&self, start: usize, end: usize) -> std::io::Result<Cow<'_, [u8]>> {
+        let short = || std::io::Error::other(format!("range {start}..{end} is past the end"));
+        match self {
+            DataFile::Bytes(b) => b.get(start..end).map(Cow::Borrowed).ok_or_else(short),
+            DataFile::OnDisk { path, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; end.checked_sub(start).ok_or_else(short)?];
+                std::fs::File::open(path)?.read_exact_at(&mut buf, start as u64)?;
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// Feeds the file's bytes to `sink` (a hasher) without holding the whole file.
+    pub fn write_to(&self, sink: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            DataFile::Bytes(b) => sink.write_all(b),
+            DataFile::OnDisk { path, .. } => {
+                std::io::copy(&mut std::fs::File::open(path)?, sink).map(drop)
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes from `file` into one buffer allocated once: never a second copy.
+fn read_exactly(file: &mut std::fs::File, len: u64) -> std::io::Result<Arc<[u8]>> {
+    let len = usize::try_from(len)
+        .map_err(|_| std::io::Error::other("larger than this machine's address space"))?;
+    // Collecting a `repeat_n` (exact size) allocates the shared buffer once; the file is read
+    // straight into it.
+    let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+    let Some(dst) = Arc::get_mut(&mut buf) else {
+        return Err(std::io::Error::other("buffer is shared"));
+    };
+    file.read_exact(dst).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{e} (the file changed while it was read)"),
+        )
+    })?;
+    Ok(buf)
+}
 
 /// One initializer stored outside the model file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +191,8 @@ pub enum ExternalError {
         file: String,
         detail: String,
     },
+    #[error("cannot read data file {file}: {detail}")]
+    ReadFile { file: String, detail: String },
     #[error(
         "initializer {initializer}: data file {file} is truncated: it has {size} bytes, the \
          initializer needs offset {offset} + length {length}"
@@ -100,8 +224,21 @@ impl ModelFiles {
 
     /// Reads the model at `path` and the data files its graph names, resolved against the
     /// model's folder (never the working directory). Each data file is read once, straight
-    /// into the buffer that ONNX Runtime will use.
+    /// into the buffer that ONNX Runtime will use. See [`ModelFiles::open`] for a model that
+    /// is only to be loaded.
     pub fn read(path: &Path) -> Result<ModelFiles, ExternalError> {
+        ModelFiles::load(path, true)
+    }
+
+    /// [`ModelFiles::read`] without reading the data files: each is checked (location, inside
+    /// the model's folder, a regular file long enough for every initializer) and left on disk
+    /// ([`DataFile::OnDisk`]) for ONNX Runtime to map when the model is loaded, so loading a
+    /// model holds its weights once.
+    pub fn open(path: &Path) -> Result<ModelFiles, ExternalError> {
+        ModelFiles::load(path, false)
+    }
+
+    fn load(path: &Path, read: bool) -> Result<ModelFiles, ExternalError> {
         let shown = path.display().to_string();
         let graph = std::fs::read(path).map_err(|e| ExternalError::ReadModel {
             file: shown.clone(),
@@ -118,8 +255,8 @@ impl ModelFiles {
         let mut data = DataFiles::new();
         for r in &refs {
             if !data.contains_key(&r.location) {
-                let bytes = read_data_file(folder, r)?;
-                data.insert(r.location.clone(), bytes);
+                let file = open_data_file(folder, r, read)?;
+                data.insert(r.location.clone(), file);
             }
         }
         check_extents(&refs, &data, |loc| folder.join(loc).display().to_string())?;
@@ -184,7 +321,7 @@ fn check_extents(
                 detail: "not given with the model".into(),
             });
         };
-        let size = bytes.len() as u64;
+        let size = bytes.len();
         if r.offset.checked_add(r.length).is_none_or(|end| end > size) {
             return Err(ExternalError::Truncated {
                 initializer: r.initializer.clone(),
@@ -283,8 +420,9 @@ fn check_location(r: &DataRef) -> Result<(), ExternalError> {
     Ok(())
 }
 
-/// Opens `folder/location` (refusing a symlink that leads out of `folder`) and reads it once.
-fn read_data_file(folder: &Path, r: &DataRef) -> Result<Arc<[u8]>, ExternalError> {
+/// Opens `folder/location` (refusing a symlink that leads out of `folder`, and anything but a
+/// regular file); reads it once when `read`, else leaves it on disk ([`DataFile::OnDisk`]).
+fn open_data_file(folder: &Path, r: &DataRef, read: bool) -> Result<DataFile, ExternalError> {
     let path = folder.join(&r.location);
     let file_name = path.display().to_string();
     let missing = |e: std::io::Error| ExternalError::Missing {
@@ -315,25 +453,18 @@ fn read_data_file(folder: &Path, r: &DataRef) -> Result<Arc<[u8]>, ExternalError
     if !meta.is_file() {
         return Err(read_err(std::io::Error::other("not a regular file")));
     }
-    let len = usize::try_from(meta.len()).map_err(|_| {
-        read_err(std::io::Error::other(
-            "larger than this machine's address space",
-        ))
-    })?;
-    // Collecting a `repeat_n` (exact size) allocates the shared buffer once; the file is read
-    // straight into it, so there is never a second copy of the weights on our side.
-    let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
-
-    let Some(dst) = Arc::get_mut(&mut buf) else {
-        return Err(read_err(std::io::Error::other("buffer is shared")));
-    };
-    file.read_exact(dst).map_err(|e| {
-        read_err(std::io::Error::new(
-            e.kind(),
-            format!("{e} (the file changed while it was read)"),
-        ))
-    })?;
-    Ok(buf)
+    if read {
+        return read_exactly(&mut file, meta.len())
+            .map(DataFile::Bytes)
+            .map_err(read_err);
+    }
+    // ONNX Runtime opens `folder/location` itself; keep the checked folder, not `real`, so a
+    // symlink inside the folder resolves there the same way.
+    Ok(DataFile::OnDisk {
+        path: real_folder.join(&r.location),
+        folder: real_folder,
+        len: meta.len(),
+    })
 }
 
 /// The external initializers of `graph` as tensors, their bytes read from `data` (checked
@@ -358,12 +489,19 @@ pub fn external_tensors(
             initializer: r.initializer.clone(),
             detail,
         };
-        let bytes = data
+        let file = data
             .get(&r.location)
             .ok_or_else(|| bad("data file vanished".into()))?;
         let (start, end) = extent(&r).ok_or_else(|| bad("extent out of range".into()))?;
+        let raw = file
+            .range(start, end)
+            .map_err(|e| ExternalError::ReadData {
+                initializer: r.initializer.clone(),
+                file: r.location.clone(),
+                detail: e.to_string(),
+            })?;
         let inline = TensorProto {
-            raw_data: bytes[start..end].to_vec(),
+            raw_data: raw.into_owned(),
             external_data: Vec::new(),
             data_location: 0,
             ..init.clone()
@@ -457,10 +595,10 @@ mod tests {
     fn extents_are_checked_against_the_given_bytes() {
         let g = graph_with("w.bin", "8", None); // 2x3 f32: 24 bytes from offset 8
         let mut data = DataFiles::new();
-        data.insert("w.bin".into(), Arc::from(vec![0u8; 32]));
+        data.insert("w.bin".into(), DataFile::from(vec![0u8; 32]));
         let refs = check(&g, &data).expect("fits");
         assert_eq!(refs[0].length, 24);
-        data.insert("w.bin".into(), Arc::from(vec![0u8; 31]));
+        data.insert("w.bin".into(), DataFile::from(vec![0u8; 31]));
         let e = check(&g, &data).expect_err("one byte short").to_string();
         assert!(e.contains("w.bin is truncated: it has 31 bytes"), "{e}");
         let e = check(&g, &DataFiles::new())

@@ -34,7 +34,7 @@ mod tensor;
 
 pub use batcher::Batcher;
 pub use dense::{DenseLayer, Layout, NamedWeights, StructureError, dense_layers};
-pub use external::{DataFiles, ExternalError, ModelFiles};
+pub use external::{DataFile, DataFiles, ExternalError, ModelFiles};
 pub use model::{IoInfo, Model, ModelError};
 pub use patch::{PatchError, patch_initializers, patch_initializers_with_data, read_initializers};
 pub use provider::{Placement, Provider, ProviderReport, Skipped};

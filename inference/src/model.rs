@@ -8,9 +8,10 @@
 use std::sync::{Mutex, PoisonError};
 
 use ort::session::Session;
+use ort::session::builder::SessionBuilder;
 use ort::value::{DynValue, ValueType};
 
-use crate::external::{DataFiles, ExternalError};
+use crate::external::{DataFile, DataFiles, DataRef, ExternalError};
 use crate::provider::{Placement, Provider, ProviderReport, Skipped};
 use crate::runtime::Runtime;
 use crate::tensor::{DType, Tensor, TensorError};
@@ -195,14 +196,11 @@ impl Model {
                 return Err(ModelError::ExternalData { model: id, source });
             }
         };
-        // Only the files the graph names go to the session.
-        let mut used = DataFiles::new();
-        for r in &refs {
-            if let Some(b) = data.get(&r.location) {
-                used.insert(r.location.clone(), std::sync::Arc::clone(b));
-            }
-        }
-        let data = &used;
+        let data =
+            &Weights::for_session(&refs, data).map_err(|source| ModelError::ExternalData {
+                model: id.clone(),
+                source,
+            })?;
         let mut skipped = Vec::new();
         let mut chosen = None;
         for &p in &rt.inner.config.providers {
@@ -273,7 +271,7 @@ impl Model {
             outputs,
             report,
             reject_non_finite: rt.inner.config.reject_non_finite,
-            size_bytes: bytes.len() + data.values().map(|d| d.len()).sum::<usize>(),
+            size_bytes: bytes.len() + data.len(),
         })
     }
 
@@ -445,17 +443,93 @@ impl Model {
     }
 }
 
+/// How a session gets a model's external data files (only those its graph names).
+enum Weights {
+    /// In memory, by location: ONNX Runtime copies them into the session.
+    Memory(Vec<(String, std::sync::Arc<[u8]>)>),
+    /// Every file on disk in one checked folder: ONNX Runtime maps them from there, so they are
+    /// held once (the session's tensors are the mapping). Prepacking is off for such a session:
+    /// a packed copy of each weight matrix would hold them twice, and the original stays mapped
+    /// until every kernel has packed, so the load would peak at twice the weights.
+    Folder {
+        folder: std::path::PathBuf,
+        len: usize,
+    },
+}
+
+impl Weights {
+    fn for_session(refs: &[DataRef], data: &DataFiles) -> Result<Weights, ExternalError> {
+        let mut used: Vec<(&str, &DataFile)> = Vec::new();
+        for r in refs {
+            if let Some(d) = data.get(&r.location)
+                && !used.iter().any(|(l, _)| *l == r.location)
+            {
+                used.push((&r.location, d));
+            }
+        }
+        let len = used.iter().map(|(_, d)| d.len() as usize).sum();
+        let mut folders = used.iter().map(|(_, d)| match d {
+            DataFile::OnDisk { folder, .. } => Some(folder),
+            DataFile::Bytes(_) => None,
+        });
+        if let Some(Some(first)) = folders.next()
+            && folders.all(|f| f == Some(first))
+        {
+            return Ok(Weights::Folder {
+                folder: first.clone(),
+                len,
+            });
+        }
+        let mut memory = Vec::with_capacity(used.len());
+        for (location, d) in used {
+            memory.push((location.to_owned(), d.read_all(location)?));
+        }
+        Ok(Weights::Memory(memory))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Weights::Memory(m) => m.iter().map(|(_, b)| b.len()).sum(),
+            Weights::Folder { len, .. } => *len,
+        }
+    }
+
+    fn apply(&self, mut b: SessionBuilder) -> Result<SessionBuilder, ort::Error> {
+        match self {
+            Weights::Memory(files) => {
+                for (location, bytes) in files {
+                    b = b.with_external_initializer_file_in_memory(
+                        location,
+                        std::sync::Arc::clone(bytes),
+                    )?;
+                }
+                Ok(b)
+            }
+            Weights::Folder { folder, .. } => {
+                let folder = folder.to_str().ok_or_else(|| {
+                    ort::Error::new(format!("model folder {} is not UTF-8", folder.display()))
+                })?;
+                // ONNX Runtime's `kOrtSessionOptionsModelExternalInitializersFileFolderPath`
+                // (onnxruntime_session_options_config_keys.h): where the locations of a model
+                // loaded from bytes are resolved, instead of the working directory.
+                Ok(b.with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    folder,
+                )?
+                .with_prepacking(false)?)
+            }
+        }
+    }
+}
+
 fn build(
     rt: &Runtime,
     ep: Option<Provider>,
     strict: bool,
     bytes: &[u8],
-    data: &DataFiles,
+    data: &Weights,
 ) -> Result<Session, ort::Error> {
-    let mut b = Session::builder(&rt.inner.env)?;
-    for (location, d) in data {
-        b = b.with_external_initializer_file_in_memory(location, std::sync::Arc::clone(d))?;
-    }
+    let mut b = data.apply(Session::builder(&rt.inner.env)?)?;
     if rt.inner.config.intra_threads > 0 {
         b = b.with_intra_threads(rt.inner.config.intra_threads)?;
     }

@@ -139,11 +139,16 @@ pub fn patch_initializers_with_data(
                     r.location
                 ),
             })?;
-        let file = files.entry(r.location.clone()).or_insert_with(|| {
-            data.get(&r.location)
-                .map(|d| d.to_vec())
-                .unwrap_or_default()
-        });
+        let file = match files.entry(r.location.clone()) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let old = data.get(&r.location).map(|d| d.read_all(&r.location));
+                let old = old.transpose().map_err(|e| PatchError::External {
+                    detail: e.to_string(),
+                })?;
+                v.insert(old.map(|b| b.to_vec()).unwrap_or_default())
+            }
+        };
         file[start..end].copy_from_slice(bytes);
     }
     let graph = if inline.is_empty() {

@@ -50,10 +50,53 @@ fn copy_pair(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, model)
 }
 
-fn load(path: &Path) -> Result<Model, String> {
-    let files = ModelFiles::read(path).map_err(|e| e.to_string())?;
-    Model::load_with_data(&runtime(), "m", "1", &files.graph, &files.data)
-        .map_err(|e| e.to_string())
+/// Loads the model at `path` both ways: data files left on disk for ONNX Runtime to map
+/// (`ModelFiles::open`, the agent's local models) and read into memory (`ModelFiles::read`, the
+/// coordinator). The two must agree: both load (each is returned, mapped first), or both fail
+/// with the same error.
+fn load(path: &Path) -> Result<Vec<Model>, String> {
+    let each = [ModelFiles::open(path), ModelFiles::read(path)].map(|files| {
+        let files = files.map_err(|e| e.to_string())?;
+        Model::load_with_data(&runtime(), "m", "1", &files.graph, &files.data)
+            .map_err(|e| e.to_string())
+    });
+    match each {
+        [Ok(a), Ok(b)] => Ok(vec![a, b]),
+        [Err(a), Err(b)] => {
+            assert_eq!(a, b, "open and read fail alike");
+            Err(a)
+        }
+        [a, b] => panic!(
+            "open and read disagree: {:?} / {:?}",
+            a.map(drop),
+            b.map(drop)
+        ),
+    }
+}
+
+#[test]
+fn open_leaves_the_data_on_disk_and_read_reads_it() {
+    let path = exported_path("torch_mlp.onnx");
+    let opened = ModelFiles::open(&path).unwrap();
+    let read = ModelFiles::read(&path).unwrap();
+    let on_disk = &opened.data["torch_mlp.onnx.data"];
+    let in_memory = &read.data["torch_mlp.onnx.data"];
+    assert!(
+        matches!(on_disk, edge_inference::DataFile::OnDisk { .. }),
+        "{on_disk:?}"
+    );
+    assert!(
+        matches!(in_memory, edge_inference::DataFile::Bytes(_)),
+        "{in_memory:?}"
+    );
+    assert_eq!(on_disk.len(), in_memory.len());
+    assert_eq!(on_disk.bytes().unwrap()[..], in_memory.bytes().unwrap()[..]);
+    assert_eq!(
+        on_disk.range(8, 40).unwrap()[..],
+        in_memory.range(8, 40).unwrap()[..]
+    );
+    let end = on_disk.len() as usize;
+    assert!(on_disk.range(end - 4, end + 4).is_err(), "past the end");
 }
 
 #[test]
@@ -61,20 +104,23 @@ fn torch_default_exports_load_and_give_torchs_numbers() {
     let x = digits_row0();
     for (name, shape) in [("torch_mlp", vec![1, 64]), ("torch_cnn", vec![1, 1, 8, 8])] {
         // Loaded from another working directory's point of view: only the model's folder counts.
-        let m = load(&exported_path(&format!("{name}.onnx"))).unwrap();
-        let out = m.run(&[Tensor::from_f32(shape, &x).unwrap()]).unwrap();
-        let got = out[0].to_f32().unwrap();
-        let want = torch_scores(name);
-        assert_eq!(got.len(), want.len(), "{name}");
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4, "{name}: {got:?} vs torch {want:?}");
+        for m in load(&exported_path(&format!("{name}.onnx"))).unwrap() {
+            let out = m
+                .run(&[Tensor::from_f32(shape.clone(), &x).unwrap()])
+                .unwrap();
+            let got = out[0].to_f32().unwrap();
+            let want = torch_scores(name);
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{name}: {got:?} vs torch {want:?}");
+            }
+            assert!(
+                m.size_bytes()
+                    > std::fs::metadata(exported_path(&format!("{name}.onnx.data")))
+                        .unwrap()
+                        .len() as usize
+            );
         }
-        assert!(
-            m.size_bytes()
-                > std::fs::metadata(exported_path(&format!("{name}.onnx.data")))
-                    .unwrap()
-                    .len() as usize
-        );
     }
 }
 
@@ -224,11 +270,15 @@ fn inlined_and_patched_models_keep_torchs_numbers_and_the_layout() {
     assert_eq!(new.len(), old.len());
     for (r, t) in &ext {
         let (s, e) = (r.offset as usize, (r.offset + r.length) as usize);
-        let before: Vec<f32> = old[s..e]
+        let before: Vec<f32> = old
+            .range(s, e)
+            .unwrap()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let after: Vec<f32> = new[s..e]
+        let after: Vec<f32> = new
+            .range(s, e)
+            .unwrap()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();

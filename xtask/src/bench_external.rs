@@ -11,6 +11,11 @@
 //! No broker is needed: the agent runs its local pipeline while its uplink retries.
 //! Rounds interleave the cases; medians are printed. `EDGE_AGENT_BIN` picks the binary
 //! (default: the release build, built first).
+//!
+//! Then the price of holding the weights once: a model opened from disk is mapped by ONNX
+//! Runtime and not prepacked (see `edge_inference::external`), one read into memory is copied
+//! and prepacked. Both sessions of `big.onnx` run here in this process, one input at a time,
+//! interleaved; the median time per run of each is printed with their ratio.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -254,8 +259,51 @@ pub fn run(root: &Path) -> Result<()> {
             a as f64 / weights as f64
         );
     }
+    latency(&library, &dir.join("models/big.onnx"))?;
     if std::env::var_os("EXP_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Median time per run of `model` opened from disk (mapped, not prepacked) and read into
+/// memory (copied, prepacked), in this process, interleaved in blocks.
+fn latency(library: &Path, model: &Path) -> Result<()> {
+    use edge_inference::{InferenceConfig, Model, ModelFiles, Runtime, Tensor};
+    let rt = Runtime::load(&InferenceConfig {
+        library: Some(library.to_owned()),
+        intra_threads: 1,
+        ..InferenceConfig::default()
+    })?;
+    let mapped = ModelFiles::open(model)?;
+    let read = ModelFiles::read(model)?;
+    let sessions = [
+        (
+            "opened from disk: mapped, not prepacked",
+            Model::load_with_data(&rt, "big", "1", &mapped.graph, &mapped.data)?,
+        ),
+        (
+            "read into memory: copied, prepacked",
+            Model::load_with_data(&rt, "big", "1", &read.graph, &read.data)?,
+        ),
+    ];
+    drop(read);
+    let input = [Tensor::from_f32(vec![1, IN], &weights(IN as usize, 7))?];
+    let mut times: Vec<Vec<u64>> = vec![Vec::new(); sessions.len()];
+    for _ in 0..10 {
+        for (i, (_, m)) in sessions.iter().enumerate() {
+            for _ in 0..5 {
+                let t = Instant::now();
+                m.run(&input)?;
+                times[i].push(t.elapsed().as_micros() as u64);
+            }
+        }
+    }
+    println!("time per run of big.onnx (batch 1, one intra-op thread, median of 50, interleaved):");
+    let base = median(times[1].clone()) as f64;
+    for (i, (label, _)) in sessions.iter().enumerate() {
+        let m = median(times[i].clone());
+        println!("  {label:<44} {m:>7} us = {:.2}x", m as f64 / base);
     }
     Ok(())
 }

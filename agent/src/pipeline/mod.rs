@@ -158,8 +158,10 @@ impl Artifacts for LocalFiles {
         std::fs::read(&path).map_err(|source| ArtifactError::Read { path, source })
     }
 
+    /// The data files stay on disk (checked, not read): ONNX Runtime maps them, so a local
+    /// model's weights are held once.
     fn model(&self, name: &str) -> Result<edge_inference::ModelFiles, ArtifactError> {
-        Ok(edge_inference::ModelFiles::read(&self.dir.join(name))?)
+        Ok(edge_inference::ModelFiles::open(&self.dir.join(name))?)
     }
 
     fn base_dir(&self) -> Option<&Path> {

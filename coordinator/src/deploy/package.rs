@@ -341,8 +341,14 @@ impl ModelData {
                 });
             }
         };
-        for (location, bytes) in model.data {
+        for (location, data) in model.data {
             let file = data_artifact_name(name, &location);
+            let bytes = data
+                .read_all(&location)
+                .map_err(|error| PackageError::ModelData {
+                    model: name.to_owned(),
+                    error: Box::new(error),
+                })?;
             if let Some((first, known)) = self.files.get(&file) {
                 if known.bytes[..] != bytes[..] {
                     return Err(PackageError::DataConflict {
