@@ -238,20 +238,38 @@ impl ModelFiles {
         ModelFiles::load(path, false)
     }
 
+    /// [`ModelFiles::open`] for a graph that is not a file (a deployment's artifact, `shown`
+    /// in errors) whose data files lie in `folder` as it names them.
+    pub fn open_in(
+        graph: Vec<u8>,
+        shown: &str,
+        folder: &Path,
+    ) -> Result<ModelFiles, ExternalError> {
+        ModelFiles::with_data(graph, shown, folder, false)
+    }
+
     fn load(path: &Path, read: bool) -> Result<ModelFiles, ExternalError> {
         let shown = path.display().to_string();
         let graph = std::fs::read(path).map_err(|e| ExternalError::ReadModel {
             file: shown.clone(),
             detail: e.to_string(),
         })?;
+        ModelFiles::with_data(graph, &shown, path.parent().unwrap_or(Path::new(".")), read)
+    }
+
+    fn with_data(
+        graph: Vec<u8>,
+        shown: &str,
+        folder: &Path,
+        read: bool,
+    ) -> Result<ModelFiles, ExternalError> {
         let refs = data_refs(&graph).map_err(|e| match e {
             ExternalError::Graph { detail, .. } => ExternalError::Graph {
-                file: shown.clone(),
+                file: shown.to_owned(),
                 detail,
             },
             other => other,
         })?;
-        let folder = path.parent().unwrap_or(Path::new("."));
         let mut data = DataFiles::new();
         for r in &refs {
             if !data.contains_key(&r.location) {

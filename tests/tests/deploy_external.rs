@@ -37,6 +37,19 @@ input = "classify"
 stream = "scores"
 "#;
 
+/// The data files the agent wrote out of its artifact store for ONNX Runtime to map
+/// (`STATE/models/KEY/torch_mlp.onnx.data`).
+fn unpacked(state_dir: &std::path::Path) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(state_dir.join("models"))? {
+        let file = entry?.path().join("torch_mlp.onnx.data");
+        if file.is_file() {
+            out.push(std::fs::read(file)?);
+        }
+    }
+    Ok(out)
+}
+
 fn scores_after(events: &[Event], from: usize) -> usize {
     events[from.min(events.len())..]
         .iter()
@@ -56,7 +69,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     let mut o = AgentOptions::new(DEVICE, coord.url());
     o.telemetry_interval_s = 1;
     o.trust_deployments(&key, &[], 1000);
-    let _agent = Agent::start(&env.path(DEVICE), o)?;
+    let agent = Agent::start(&env.path(DEVICE), o)?;
     journal.wait_registered(DEVICE, WAIT)?;
     let target = ["--device", DEVICE];
     let wait_args = [
@@ -92,6 +105,12 @@ fn scenario(env: &TestEnv) -> Result<()> {
         v1.is_some()
     })?;
     let v1 = v1.unwrap_or_default();
+    // The model runs from its data file written out of the store, not from a copy in memory.
+    let data = exported("torch_mlp.onnx.data");
+    ensure!(
+        unpacked(agent.state_dir())? == vec![data.clone()],
+        "the data file is written out once, as deployed"
+    );
 
     // New weights under the same graph (every weight halved): a model deployment swaps them in.
     let halved: Vec<u8> = exported("torch_mlp.onnx.data")
@@ -123,6 +142,12 @@ fn scenario(env: &TestEnv) -> Result<()> {
     journal.wait_for("scores after the swap", WAIT, |j| {
         scores_after(j, mark) >= 5
     })?;
+    let files = unpacked(agent.state_dir())?;
+    ensure!(
+        files.contains(&halved) && files.len() <= 2,
+        "the new weights are written out beside the old ones (kept for a rollback): {} files",
+        files.len()
+    );
 
     // A model whose data file is not beside it: refused by deploy, naming the file.
     let lone = dir.write("lone/torch_mlp.onnx", &exported("torch_mlp.onnx"))?;

@@ -24,6 +24,9 @@
 //!   a rejection never emits Start, Commit or Rollback; a chunk is assembled only after it
 //!   matched its signed digest, and a bad chunk never ends a deployment. Boundary: the
 //!   agent's deploy task, tests.
+//! - `unpack`: a deployed model's data files written out of the store into
+//!   `STATE_DIR/models/` for ONNX Runtime to map. Invariant: a file is checked against its
+//!   digest before use and replaced only by a rename. Boundary: `task`.
 //! - `task`: the async task that decides which pipeline runs: MQTT messages in, actions
 //!   executed, candidates started in shadow, committed (swapped in) or rolled back (discarded)
 //!   by commands to the pipeline host, which owns the pipelines. Invariant: only a passed
@@ -38,6 +41,7 @@ pub mod config;
 mod machine;
 pub mod store;
 pub mod task;
+pub mod unpack;
 
 pub use config::{DeployConfig, TrustedKeyList};
 pub use machine::{Action, Deployer, DroppedChunk, Health, StateError};

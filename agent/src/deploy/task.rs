@@ -30,6 +30,7 @@ use protocol::v1::{Class, topics};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use super::unpack::Unpacked;
 use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
 use crate::enrollment::SessionWatch;
 use crate::inbox::{Inbox, Incoming, Subscription};
@@ -57,10 +58,11 @@ const RESEND_TTL: Duration = Duration::from_secs(60);
 struct Deployed {
     by_name: BTreeMap<String, String>,
     store: Arc<SledStore>,
+    unpacked: Unpacked,
 }
 
 impl Deployed {
-    fn new(m: &Manifest, store: Arc<SledStore>) -> Deployed {
+    fn new(m: &Manifest, store: Arc<SledStore>, unpacked: Unpacked) -> Deployed {
         Deployed {
             by_name: m
                 .artifacts
@@ -68,6 +70,7 @@ impl Deployed {
                 .map(|a| (a.name.clone(), a.sha256.clone()))
                 .collect(),
             store,
+            unpacked,
         }
     }
 }
@@ -101,6 +104,14 @@ impl Artifacts for Deployed {
     fn base_dir(&self) -> Option<&Path> {
         None
     }
+
+    fn digest(&self, name: &str) -> Option<String> {
+        self.by_name.get(name).cloned()
+    }
+
+    fn unpacked(&self) -> Option<&Unpacked> {
+        Some(&self.unpacked)
+    }
 }
 
 /// A pipeline's artifacts with the models committed by model deployments put in place.
@@ -120,6 +131,14 @@ impl Artifacts for WithModels {
 
     fn base_dir(&self) -> Option<&Path> {
         self.inner.base_dir()
+    }
+
+    fn digest(&self, name: &str) -> Option<String> {
+        (self.overrides.get(name).cloned()).or_else(|| self.inner.digest(name))
+    }
+
+    fn unpacked(&self) -> Option<&Unpacked> {
+        self.inner.unpacked()
     }
 }
 
@@ -147,6 +166,8 @@ pub struct DeployParts {
 pub struct DeployTask {
     deployer: Deployer,
     store: Arc<SledStore>,
+    /// Deployed models' data files, written out of `store` for ONNX Runtime to map.
+    unpacked: Unpacked,
     state: StateDb,
     outbox: Arc<Outbox>,
     device: String,
@@ -247,6 +268,7 @@ impl DeployTask {
         DeployTask {
             deployer,
             store,
+            unpacked: Unpacked::new(parts.state.dir.with_file_name("models")),
             state: parts.state,
             outbox: parts.outbox,
             device: parts.device,
@@ -529,7 +551,8 @@ impl DeployTask {
 
     /// Removes stored artifacts no manifest the deployer keeps refers to.
     fn collect_garbage(&self) {
-        let pinned = self.deployer.pinned_artifacts();
+        let pinned: std::collections::BTreeSet<String> =
+            self.deployer.pinned_artifacts().into_iter().collect();
         for d in self.store.digests() {
             if !pinned.contains(&d)
                 && let Err(e) = self.store.remove(&d)
@@ -537,6 +560,7 @@ impl DeployTask {
                 tracing::warn!(artifact = %d, error = %e, "cannot remove an unused artifact");
             }
         }
+        self.unpacked.collect_garbage(&pinned);
     }
 
     /// What the host needs to start a deployment's pipeline.
@@ -549,7 +573,11 @@ impl DeployTask {
             .clone()
             .ok_or(StartError::NoDescription)?;
         let spec = PipelineSpec::parse(&text).map_err(StartError::Description)?;
-        let artifacts = Box::new(Deployed::new(manifest, self.store.clone()));
+        let artifacts = Box::new(Deployed::new(
+            manifest,
+            self.store.clone(),
+            self.unpacked.clone(),
+        ));
         let origin = Origin {
             deployment_id: manifest.deployment_id.clone(),
             version: manifest.version,
@@ -642,7 +670,7 @@ impl DeployTask {
         manifest: &Manifest,
     ) -> Result<Vec<Arc<edge_inference::Model>>, ModelCheckError> {
         let inference = self.inference.clone();
-        let artifacts = Deployed::new(manifest, self.store.clone());
+        let artifacts = Deployed::new(manifest, self.store.clone(), self.unpacked.clone());
         let listed: Vec<(String, MediaType)> = manifest
             .artifacts
             .iter()

@@ -122,10 +122,40 @@ pub trait Artifacts: Send + Sync {
     /// The model the description names `name`, with the external data files its graph names
     /// (resolved against the model's folder, each location checked). Default: artifacts by
     /// name, a data file's name being its location joined to the model's folder.
+    /// Where the artifacts come from a store (see [`Artifacts::unpacked`]), the data files are
+    /// written out of it and left on disk for ONNX Runtime to map.
     fn model(&self, name: &str) -> Result<edge_inference::ModelFiles, ArtifactError> {
         let graph = self.module(name)?;
+        let locations = edge_inference::external::data_file_names(&graph)?;
+        if let (Some(unpacked), Some(graph_sha)) = (self.unpacked(), self.digest(name))
+            && !locations.is_empty()
+        {
+            let mut listed = Vec::with_capacity(locations.len());
+            for location in &locations {
+                let file = protocol::v1::deploy::data_artifact_name(name, location);
+                let sha = self
+                    .digest(&file)
+                    .ok_or_else(|| ArtifactError::DataNotListed {
+                        model: name.to_owned(),
+                        file: file.clone(),
+                    })?;
+                listed.push((location.as_str(), file, sha));
+            }
+            let files: Vec<crate::deploy::unpack::DataArtifact<'_>> = listed
+                .iter()
+                .map(
+                    |(location, file, sha)| crate::deploy::unpack::DataArtifact {
+                        location,
+                        name: file,
+                        sha256: sha,
+                    },
+                )
+                .collect();
+            let folder = unpacked.folder(&graph_sha, &files, |f| self.module(f.name))?;
+            return Ok(edge_inference::ModelFiles::open_in(graph, name, &folder)?);
+        }
         let mut data = edge_inference::DataFiles::new();
-        for location in edge_inference::external::data_file_names(&graph)? {
+        for location in locations {
             let file = protocol::v1::deploy::data_artifact_name(name, &location);
             let bytes = match self.module(&file) {
                 Ok(b) => b,
@@ -144,6 +174,14 @@ pub trait Artifacts: Send + Sync {
     /// Directory that relative file paths in the description are relative to (`None`:
     /// only absolute paths are allowed).
     fn base_dir(&self) -> Option<&Path>;
+    /// The sha256 of the artifact named `name`, when it comes from the artifact store.
+    fn digest(&self, _name: &str) -> Option<String> {
+        None
+    }
+    /// Where a stored model's data files are written out (`None`: handed over in memory).
+    fn unpacked(&self) -> Option<&crate::deploy::unpack::Unpacked> {
+        None
+    }
 }
 
 /// A pipeline from local files: modules and replay files relative to the description.
