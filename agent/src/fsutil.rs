@@ -3,6 +3,9 @@
 use std::io::Write;
 use std::path::Path;
 
+/// The two the sandbox's kv store needs live with it; the agent's other stores use them too.
+pub use edge_sandbox::fsutil::{sync_dir, sync_sled};
+
 /// Writes `bytes` to `path` so that after return the content survives a power cut: write to a
 /// temporary sibling, fsync it, rename over `path`, fsync the directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -19,28 +22,8 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// fsyncs a directory so entries created or renamed in it are durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
 pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// Makes what sled wrote to the database in `dir` power-safe: sled's `flush` only reaches
-/// the OS (`sync_file_range`), so fsync its data file and the blob files it writes large
-/// values to. Call after `flush`.
-pub fn sync_sled(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir.join("db")).and_then(|f| f.sync_data())?;
-    let blobs = dir.join("blobs");
-    if let Ok(entries) = std::fs::read_dir(&blobs) {
-        for entry in entries.flatten() {
-            std::fs::File::open(entry.path()).and_then(|f| f.sync_data())?;
-        }
-        sync_dir(&blobs)?;
-    }
-    Ok(())
 }

@@ -20,9 +20,10 @@ pub mod metrics;
 pub mod offload;
 pub mod outbox;
 pub mod pipeline;
-pub mod sandbox;
+/// The WASM sandbox, its own crate (`sandbox/`, shared with the coordinator's task checks).
+pub use edge_sandbox as sandbox;
 pub mod sd_notify;
-pub mod setting;
+pub use edge_sandbox::setting;
 pub mod statedb;
 pub mod telemetry;
 pub mod uplink;

@@ -151,6 +151,10 @@ pub struct FlTask {
     pub group: String,
     /// Keys added to the task's `[train]` section as they are (e.g. `trainable = [...]`).
     pub train_extra: String,
+    /// Local epochs per round (`[train] epochs`).
+    pub epochs: u32,
+    /// Tables added after the others as they are (e.g. `[device]`).
+    pub tail: String,
 }
 
 impl FlTask {
@@ -167,6 +171,8 @@ impl FlTask {
             extra: String::new(),
             group: FL_GROUP.into(),
             train_extra: String::new(),
+            epochs: 2,
+            tail: String::new(),
         }
     }
 
@@ -188,7 +194,7 @@ round_interval_s = {interval}
 max_staleness = {staleness}
 seed = 1
 [train]
-epochs = 2
+epochs = {epochs}
 lr = 0.1
 batch_size = 16
 codec = "{codec}"
@@ -198,6 +204,7 @@ rule = "fedavg"
 server_optimizer = "sgd"
 [eval]
 holdout = "holdout.csv"
+{tail}
 "#,
             id = self.id,
             rounds = self.rounds,
@@ -210,6 +217,8 @@ holdout = "holdout.csv"
             extra = self.extra,
             group = self.group,
             train_extra = self.train_extra,
+            epochs = self.epochs,
+            tail = self.tail,
         )
     }
 
@@ -217,10 +226,7 @@ holdout = "holdout.csv"
     /// `edge-coordinator fl start` against `coord`'s state dir. `_key` is no longer used: the
     /// coordinator signs rounds with its own identity (kept until the callers drop it).
     pub fn start(&self, coord: &Coordinator, dir: &Path, _key: &SigningKey) -> Result<()> {
-        let path = dir.join(format!("{}.toml", self.id));
-        std::fs::write(&path, self.to_toml())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        let out = fl_command(coord, &["start".as_ref(), path.as_os_str()])?;
+        let out = self.run_start(coord, dir)?;
         ensure!(
             out.status.success(),
             "fl start {}: {}\n{}",
@@ -229,6 +235,15 @@ holdout = "holdout.csv"
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(())
+    }
+
+    /// Writes the task file into `dir` and runs `edge-coordinator fl start`: its output,
+    /// whether it succeeded or not.
+    pub fn run_start(&self, coord: &Coordinator, dir: &Path) -> Result<std::process::Output> {
+        let path = dir.join(format!("{}.toml", self.id));
+        std::fs::write(&path, self.to_toml())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        fl_command(coord, &["start".as_ref(), path.as_os_str()])
     }
 }
 

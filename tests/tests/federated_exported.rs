@@ -20,12 +20,14 @@ use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
     Agent, AgentOptions, Coordinator, FlTask, SigningKey, TestEnv, closed_rounds, federated_agent,
-    federated_agent_in, federated_data, fl_status, run_test, task_finished,
+    federated_agent_in, federated_data, fl_status, run_test, task_finished, wasm_dir,
 };
 
 const AGENTS: usize = 3;
 const ROUNDS: u32 = 5;
 const WAIT: Duration = Duration::from_secs(90);
+
+const TRAINER: &str = "trainer = \"mlp_trainer.wasm\"\n";
 
 fn device(i: usize) -> String {
     format!("fx-{i:02}")
@@ -48,6 +50,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
         task_dir.join("torch.onnx"),
         onnx_builder::exported("torch_gemm.onnx"),
     )?;
+    for m in ["mlp_trainer", "encoder"] {
+        std::fs::copy(
+            wasm_dir().join(format!("{m}.wasm")),
+            task_dir.join(format!("{m}.wasm")),
+        )
+        .with_context(|| format!("{m}.wasm (build the modules: cargo xtask modules)"))?;
+    }
+    trainer_checks_refuse_what_no_device_could_train(&coord, &task_dir)?;
     let mut agents = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let mut o = AgentOptions::new(device(i), coord.url());
@@ -59,8 +69,20 @@ fn scenario(env: &TestEnv) -> Result<()> {
         journal.wait_registered(&device(i), WAIT)?;
     }
 
-    // Task A: the skl2onnx model as exported, params found from its graph.
-    FlTask::new("sk-a", ROUNDS, AGENTS).start(&coord, &task_dir, &key)?;
+    // Task A: the skl2onnx model as exported, params found from its graph; `fl start` runs
+    // the trainer once before it accepts the task.
+    let a = FlTask {
+        extra: TRAINER.into(),
+        ..FlTask::new("sk-a", ROUNDS, AGENTS)
+    };
+    let out = a.run_start(&coord, &task_dir)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success()
+            && said
+                .contains("trainer mlp_trainer.wasm: one step on a synthetic batch of 16 rows ok"),
+        "fl start sk-a: {said}"
+    );
     journal.wait_for("task sk-a finished", WAIT * 2, |j| task_finished(j, "sk-a"))?;
     let events = journal.events();
     let closed = closed_rounds(events, "sk-a");
@@ -285,5 +307,62 @@ fn scenario(env: &TestEnv) -> Result<()> {
         refusals.iter().map(|e| &e.raw).collect::<Vec<_>>()
     );
     drop(agents);
+    Ok(())
+}
+
+/// `fl start` runs the task's trainer once in the devices' sandbox and refuses, with the
+/// sandbox's or the trainer's reason, a module that is not a trainer, a model the device
+/// limits have no memory for, and hyperparameters the trainer refuses; none is spooled.
+fn trainer_checks_refuse_what_no_device_could_train(
+    coord: &Coordinator,
+    task_dir: &std::path::Path,
+) -> Result<()> {
+    // 76,810 weights: training needs more than 1.5 MiB of linear memory, the module itself
+    // about 1.1 MiB.
+    let big = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 1024, 10], 1));
+    std::fs::write(task_dir.join("big.onnx"), big)?;
+    let cases = [
+        (
+            FlTask {
+                extra: "trainer = \"encoder.wasm\"\n".into(),
+                ..FlTask::new("not-a-trainer", ROUNDS, AGENTS)
+            },
+            "the trainer encoder.wasm cannot train model initial.onnx",
+            "not a `trainer` component",
+        ),
+        (
+            FlTask {
+                extra: TRAINER.into(),
+                initial: "big.onnx".into(),
+                tail: "[device]\nmax_memory_bytes = 1572864\n".into(),
+                ..FlTask::new("too-big", ROUNDS, AGENTS)
+            },
+            "the trainer mlp_trainer.wasm cannot train model big.onnx on a device with max_memory_bytes=1572864",
+            "memory limit of 1572864 bytes",
+        ),
+        (
+            FlTask {
+                extra: TRAINER.into(),
+                epochs: 20_000,
+                ..FlTask::new("refused", ROUNDS, AGENTS)
+            },
+            "the trainer mlp_trainer.wasm cannot train model initial.onnx",
+            "refused to train: epochs",
+        ),
+    ];
+    for (task, what, reason) in cases {
+        let out = task.run_start(coord, task_dir)?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && said.contains(what) && said.contains(reason),
+            "fl start {} should be refused with {what:?}: {reason:?}: {said}",
+            task.id
+        );
+        ensure!(
+            !coord.state_dir().join("fl/spool").join(&task.id).exists(),
+            "refused task {} was spooled",
+            task.id
+        );
+    }
     Ok(())
 }

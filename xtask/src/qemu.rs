@@ -1,9 +1,9 @@
 //! `cargo xtask qemu-test --target TRIPLE`: the ARM build tested on the desktop under qemu-user.
 //!
 //! 1. Provisions the cross toolchain, qemu-user and (aarch64) the onnxruntime wheel's library.
-//! 2. Runs the tests of `edge-agent` and `edge-inference` built for the target, each test
-//!    binary under qemu-user (cargo's `CARGO_TARGET_{T}_RUNNER`); the inference tests run real
-//!    models on the aarch64 libonnxruntime.
+//! 2. Runs the tests of `edge-agent`, `edge-sandbox` and `edge-inference` built for the
+//!    target, each test binary under qemu-user (cargo's `CARGO_TARGET_{T}_RUNNER`); the
+//!    inference tests run real models on the aarch64 libonnxruntime.
 //! 3. End to end: the host coordinator with its embedded broker on loopback, the ARM agent
 //!    under qemu-user connecting to it, a signed WASM pipeline deployed over MQTT and its
 //!    output in the coordinator's journal; when the agent has inference stages, a second
@@ -226,7 +226,7 @@ pub fn run(triple: &str, e2e: bool, test_args: &[String]) -> Result<Report> {
     Ok(report)
 }
 
-/// `cargo test` of the agent and inference crates for the target, run under qemu-user. With
+/// `cargo test` of the agent, sandbox and inference crates for the target, run under qemu-user. With
 /// no onnxruntime for the target (and no packages named by the caller), the test targets and
 /// unit tests that load the library are left out. `no_run`: only build (`--no-run`, and
 /// nothing after the caller's `--`, which is for the test binaries).
@@ -240,7 +240,14 @@ fn test_cmd(
     cmd.args(["test", "--target", &target.triple]);
     let chosen = args.iter().any(|a| a == "-p" || a.starts_with("--package"));
     if !chosen {
-        cmd.args(["-p", "edge-agent", "-p", "edge-inference"]);
+        cmd.args([
+            "-p",
+            "edge-agent",
+            "-p",
+            "edge-sandbox",
+            "-p",
+            "edge-inference",
+        ]);
     }
     let without_ort = !target.onnxruntime && !chosen;
     if without_ort {

@@ -168,21 +168,6 @@ impl FlStats {
     }
 }
 
-/// Samples of one dataset, labeled ones only, as the trainer reads them.
-struct Samples(Vec<(Vec<f32>, i64)>);
-
-impl SampleSource for Samples {
-    fn count(&self) -> u32 {
-        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
-    }
-
-    fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)> {
-        let start = (start as usize).min(self.0.len());
-        let end = start.saturating_add(n as usize).min(self.0.len());
-        self.0[start..end].to_vec()
-    }
-}
-
 /// A model's dense layers split where the round's weights start: the trained ones, and the
 /// frozen ones in front (a task's `[train] trainable`), read once.
 struct Split {
@@ -783,18 +768,11 @@ impl FlTask {
             })
             .collect();
         drop(given);
-        let params = serde_json::json!({
-            "epochs": order.epochs,
-            "lr": order.lr,
-            "batch_size": order.batch_size,
-            "mu": order.mu,
-            "seed": order.seed,
-        })
-        .to_string();
+        let params = order.trainer_params();
         let out = self
             .d
             .trainer
-            .train(setup, weights, &params, Arc::new(Samples(labeled)))?;
+            .train(setup, weights, &params, Arc::new(labeled))?;
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
         // The sandbox checked names, shapes and finiteness; back to the model's layout, then
         // flattened in the header's order.

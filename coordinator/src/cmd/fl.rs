@@ -10,11 +10,12 @@ use super::{PICKUP_TIMEOUT, PROGRESS_POLL, StateArgs, resolve_state_dir};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum FlCommand {
-    /// Validate a task file (TOML), read its initial model, and spool it for the running
+    /// Validate a task file (TOML), read its initial model, run its trainer module once on a
+    /// synthetic batch in the devices' sandbox (when it names one), and spool it for the running
     /// `serve`, which runs its rounds (signing each round message with the coordinator's own
     /// identity, the key devices pinned when they enrolled).
     Start {
-        /// The task file; `initial` and `eval.holdout` paths are relative to it.
+        /// The task file; `initial`, `trainer` and `eval.holdout` paths are relative to it.
         task: PathBuf,
         #[command(flatten)]
         state: StateArgs,
@@ -78,6 +79,12 @@ pub(crate) fn fl_start(task: &std::path::Path, state: StateArgs, no_wait: bool) 
         spooled.display()
     );
     eprintln!("  clip: {}", spec.clip);
+    match &loaded.trainer {
+        Some(run) => eprintln!("  {run}"),
+        None => eprintln!(
+            "  trainer not checked: the task names no trainer (trainer = \"mlp_trainer.wasm\" runs it once on a synthetic batch before the task starts)"
+        ),
+    }
     if let Some(p) = &spec.privacy {
         // What the operator commits to before any round runs.
         let all = edge_coordinator::fl::privacy::epsilon(

@@ -100,6 +100,9 @@
 //!   never panics on mismatched lengths. Boundary: the engine, benchmarks.
 //! - `task`: the task file and its validation. Invariant: every error names the file and key.
 //!   Boundary: the binary (`fl start`), the host.
+//! - `trainer_check`: the task's trainer run once in the devices' sandbox (`edge-sandbox`)
+//!   under the task's device limits, on a synthetic batch. Invariant: writes nothing but a
+//!   throwaway cache. Boundary: `task`.
 //! - `engine`: rounds, selection, validation, aggregation, round messages, evaluation
 //!   requests and outcomes. Invariant: no I/O, no clock, no evaluation of its own; a refused
 //!   update never touches the aggregate; writes are handed out before the actions that depend
@@ -126,6 +129,7 @@ pub mod privacy;
 pub mod state;
 pub mod status;
 pub mod task;
+pub mod trainer_check;
 pub mod worker;
 
 pub use aggregate::{ClientUpdate, Rule, ServerOptimizer, ServerState, aggregate};

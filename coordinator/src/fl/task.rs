@@ -4,6 +4,9 @@
 //! id = "digits"                     # task id (letters, digits, `-_.`), unique per coordinator
 //! model = "models/digits.onnx"      # the model's name in the devices' pipelines
 //! initial = "digits_mlp.onnx"       # ONNX file (relative to this file): initial global weights
+//! trainer = "mlp_trainer.wasm"      # optional, relative to this file: the devices' trainer
+//!                                   # module, run once on a synthetic batch before the task
+//!                                   # is accepted (see fl::trainer_check)
 //! params = ["fc2.weight", "fc2.bias"]   # optional, the older spelling of train.trainable
 //! group = "fl"                      # members: a device group, or devices = ["a", "b"]
 //! rounds = 20
@@ -45,6 +48,10 @@
 //! noise_multiplier = 1.0            # noise deviation over the clip norm
 //! delta = 1e-5                      # default 1e-5
 //! max_epsilon = 8.0                 # optional: the task stops before a round would pass it
+//! [device]                          # optional, needs trainer: the limits the trainer is checked
+//!                                   # under; the agent's [sandbox] keys and defaults
+//! max_memory_bytes = 67108864       # default 64 MiB
+//! train_timeout_ms = 60000          # default 60000
 //! [eval]
 //! holdout = "holdout.csv"           # optional: rows of features..., label
 //! output = "probabilities"          # optional: the class-scores output (default: the first
@@ -65,9 +72,12 @@ use protocol::v1::fl::{
 use protocol::v1::{MAX_PAYLOAD_BYTES, validate_device_id, validate_message_id};
 use serde::{Deserialize, Serialize};
 
+use edge_sandbox::SandboxConfig;
+
 use super::aggregate::{Rule, ServerOptimizer};
 use super::eval::Holdout;
 use super::privacy::{Clip, Privacy};
+use super::trainer_check::{self, TrainerRun};
 
 /// Errors from reading and validating a task file; each names the file, and the key where
 /// one is at fault.
@@ -89,6 +99,20 @@ pub enum TaskError {
     Invalid {
         path: PathBuf,
         key: String,
+        reason: String,
+    },
+    /// The trainer module failed its one run in the sandbox ([`super::trainer_check`]); the
+    /// reason is the sandbox's or the trainer's, as a device would report it.
+    #[error(
+        "task file {path}: the trainer {trainer} cannot train model {model} on a device with \
+         max_memory_bytes={max_memory_bytes}, train_timeout_ms={train_timeout_ms}: {reason}"
+    )]
+    Trainer {
+        path: PathBuf,
+        trainer: String,
+        model: String,
+        max_memory_bytes: u64,
+        train_timeout_ms: u64,
         reason: String,
     },
 }
@@ -183,6 +207,22 @@ pub struct TrainSpec {
     pub mu: f32,
     pub codec: Codec,
     pub max_samples: Option<u32>,
+}
+
+impl TrainSpec {
+    /// The train order a selected device gets: these hyperparameters, its deadline and seed.
+    pub fn order(&self, deadline_ms: u64, seed: u64) -> TrainOrder {
+        TrainOrder {
+            deadline_ms,
+            epochs: self.epochs,
+            lr: self.lr,
+            batch_size: self.batch_size,
+            mu: self.mu,
+            codec: self.codec,
+            seed,
+            max_samples: self.max_samples,
+        }
+    }
 }
 
 /// A validated task: what `fl start` spools and `serve` runs.
@@ -284,6 +324,9 @@ pub struct LoadedTask {
     pub initial: Vec<f32>,
     /// The held-out set's text, as read (copied beside the task for `serve`).
     pub holdout_text: Option<String>,
+    /// The trainer's one run ([`super::trainer_check`]); `None` when the task names no
+    /// `trainer` (not checked).
+    pub trainer: Option<TrainerRun>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +335,9 @@ struct RawTask {
     id: String,
     model: String,
     initial: PathBuf,
+    trainer: Option<PathBuf>,
+    /// Deserialized as the agent's `[sandbox]` section: the same keys and defaults.
+    device: Option<SandboxConfig>,
     params: Option<Vec<String>>,
     group: Option<String>,
     devices: Option<Vec<String>>,
@@ -378,7 +424,7 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         path: path.to_owned(),
         error,
     })?;
-    let raw: RawTask = toml::from_str(&text).map_err(|error| TaskError::Parse {
+    let mut raw: RawTask = toml::from_str(&text).map_err(|error| TaskError::Parse {
         path: path.to_owned(),
         error,
     })?;
@@ -447,16 +493,77 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
     };
     let frozen = frozen_layers_digest(&model_bytes, &params)
         .map_err(|reason| invalid(names_key, reason.to_string()))?;
+    let trainer = raw.trainer.clone();
+    let limits = device_limits(raw.device.take(), trainer.is_some())
+        .map_err(|(key, reason)| invalid(key, reason))?;
+    let initial_file = raw.initial.clone();
     let mut spec = validate(raw, params, holdout_text.is_some())
         .map_err(|(key, reason)| invalid(key, reason))?;
     spec.frozen = frozen;
     check_fits(&spec, &initial).map_err(|reason| invalid("initial", reason.to_string()))?;
+    let trainer = match trainer {
+        Some(file) => {
+            let bytes = read("trainer module", &file)?;
+            let name = file_name(&file);
+            let trial = trainer_check::Trial {
+                trainer: &name,
+                trainer_bytes: &bytes,
+                limits: &limits,
+                model: &model_bytes,
+                params: &spec.params,
+                initial: &initial,
+                train: &spec.train,
+            };
+            let run = trainer_check::run(&trial).map_err(|reason| TaskError::Trainer {
+                path: path.to_owned(),
+                trainer: name.clone(),
+                model: file_name(&initial_file),
+                max_memory_bytes: limits.max_memory_bytes,
+                train_timeout_ms: limits.train_timeout_ms,
+                reason,
+            })?;
+            Some(run)
+        }
+        None => None,
+    };
     Ok(LoadedTask {
         spec,
         model_bytes,
         initial,
         holdout_text,
+        trainer,
     })
+}
+
+/// A file's last component, as messages name it.
+fn file_name(file: &Path) -> String {
+    file.file_name()
+        .unwrap_or(file.as_os_str())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The device limits the trainer is checked under: `[device]` (the agent's `[sandbox]` keys,
+/// its defaults for those not given), checked as the agent checks them. Limits with no
+/// trainer to check them against are refused rather than ignored.
+fn device_limits(device: Option<SandboxConfig>, trainer: bool) -> Result<SandboxConfig, Bad> {
+    let Some(limits) = device else {
+        return Ok(SandboxConfig::default());
+    };
+    if !trainer {
+        return Err((
+            "device",
+            "limits given, but no trainer to check them with: add trainer = \"...wasm\"".into(),
+        ));
+    }
+    if !limits.cache_dir.as_os_str().is_empty() {
+        return Err(("device.cache_dir", "is not a device limit".into()));
+    }
+    // The agent's messages name its section (`sandbox.KEY`); here the keys are `device.KEY`.
+    limits
+        .validate()
+        .map_err(|e| ("device", e.0.replace("sandbox.", "device.")))?;
+    Ok(limits)
 }
 
 /// The trained params and their values, concatenated: the weight and bias of every dense
@@ -959,16 +1066,7 @@ fn check_fits(spec: &TaskSpec, initial: &[f32]) -> Result<(), WeightsError> {
         params: spec.params.clone(),
         issued_ms: u64::MAX,
         frozen: spec.frozen.clone(),
-        train: Some(TrainOrder {
-            deadline_ms: u64::MAX,
-            epochs: spec.train.epochs,
-            lr: spec.train.lr,
-            batch_size: spec.train.batch_size,
-            mu: spec.train.mu,
-            codec: spec.train.codec,
-            seed: u64::MAX,
-            max_samples: spec.train.max_samples,
-        }),
+        train: Some(spec.train.order(u64::MAX, u64::MAX)),
         done: false,
         blob,
     };

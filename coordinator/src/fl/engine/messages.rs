@@ -51,15 +51,9 @@ impl Engine {
         let s = &t.state;
         let train = (s.selected.contains(device)
             && !t.accepted.contains_key(&(device.to_owned(), s.round)))
-        .then(|| TrainOrder {
-            deadline_ms: s.deadline_ms,
-            epochs: s.spec.train.epochs,
-            lr: s.spec.train.lr,
-            batch_size: s.spec.train.batch_size,
-            mu: s.spec.train.mu,
-            codec: s.spec.train.codec,
-            seed: mix(s.spec.seed ^ mix(u64::from(s.round)) ^ hash_str(device)),
-            max_samples: s.spec.train.max_samples,
+        .then(|| {
+            let seed = mix(s.spec.seed ^ mix(u64::from(s.round)) ^ hash_str(device));
+            s.spec.train.order(s.deadline_ms, seed)
         });
         let header = round_header(id, device, s, now_ms, train, false);
         let payload = match t.encode_round(header) {

@@ -392,3 +392,125 @@ fn trainable_names_the_head_and_the_rest_stays_frozen() {
         &["keep one"],
     );
 }
+
+/// The real trainer module (`cargo xtask modules` builds it), copied beside a task as `name`.
+fn trainer_beside(dir: &Path, module: &str, name: &str) {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../modules/target/wasm32-wasip2/release")
+        .join(format!("{module}.wasm"));
+    std::fs::copy(&built, dir.join(name)).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (build the modules: cargo xtask modules)",
+            built.display()
+        )
+    });
+}
+
+/// A task over the skl2onnx MLP as exported, with `extra` keys at the end.
+fn sklearn_task(dir: &Path, extra: &str) -> PathBuf {
+    let path = write_task(dir, &format!("{BASE}trainer = \"t.wasm\"\n{extra}"));
+    std::fs::write(
+        dir.join("m.onnx"),
+        onnx_builder::exported("sklearn_mlp.onnx"),
+    )
+    .expect("model");
+    path
+}
+
+#[test]
+fn the_trainer_runs_once_under_the_device_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    trainer_beside(dir.path(), "mlp_trainer", "t.wasm");
+    let t = load(&sklearn_task(
+        dir.path(),
+        "[train]\nbatch_size = 8\nepochs = 2\n",
+    ))
+    .expect("a real trainer trains the exported model");
+    let run = t.trainer.expect("checked");
+    assert_eq!((run.rows, run.epochs), (8, 2));
+    assert_eq!(
+        run.max_memory_bytes,
+        edge_sandbox::SandboxConfig::default().max_memory_bytes
+    );
+    assert!(
+        run.peak_memory_bytes > 0 && run.peak_memory_bytes <= run.max_memory_bytes,
+        "{run:?}"
+    );
+    assert!(
+        run.to_string()
+            .contains("t.wasm: one step on a synthetic batch of 8 rows ok")
+    );
+    // No trainer: not checked, and limits without one are refused rather than ignored.
+    let plain = load(&write_task(dir.path(), BASE)).expect("loads");
+    assert_eq!(plain.trainer, None);
+    let e = err(
+        dir.path(),
+        &format!("{BASE}[device]\nmax_memory_bytes = 65536\n"),
+    );
+    assert!(
+        e.contains("invalid device:") && e.contains("no trainer"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_trainer_that_cannot_train_the_task_refuses_it_with_the_sandbox_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let refused = |extra: &str| {
+        load(&sklearn_task(d, extra))
+            .expect_err("refused")
+            .to_string()
+    };
+    // A module of another world (a pipeline stage).
+    trainer_beside(d, "encoder", "t.wasm");
+    let e = refused("");
+    assert!(
+        e.contains("the trainer t.wasm cannot train model m.onnx")
+            && e.contains("not a `trainer` component"),
+        "{e}"
+    );
+    trainer_beside(d, "mlp_trainer", "t.wasm");
+    // The trainer's own refusal of the task's hyperparameters.
+    let e = refused("[train]\nepochs = 20000\n");
+    assert!(e.contains("refused to train: epochs"), "{e}");
+    // Device limits: a bad one names its key; memory too small for the module itself.
+    let e = refused("[device]\nmax_memory_bytes = 1\n");
+    assert!(e.contains("invalid device: device.max_memory_bytes"), "{e}");
+    let e = refused("[device]\nmax_memory_bytes = 65536\n");
+    assert!(
+        e.contains("max_memory_bytes=65536") && e.contains("memory"),
+        "{e}"
+    );
+    let e = refused("[device]\ncache_dir = \"/tmp\"\n");
+    assert!(e.contains("device.cache_dir"), "{e}");
+}
+
+#[test]
+fn a_model_too_large_for_the_device_memory_is_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    trainer_beside(d, "mlp_trainer", "t.wasm");
+    // 76,810 weights (300 KiB): the module starts in about 1.1 MiB, and training needs the
+    // weights, their gradients and copies in and out on top.
+    let model = onnx_builder::mlp(&onnx_builder::mlp_layers(&[64, 1024, 10], 1));
+    let task = |limit: u64| {
+        let path = write_task(
+            d,
+            &format!("{BASE}trainer = \"t.wasm\"\n[device]\nmax_memory_bytes = {limit}\n"),
+        );
+        std::fs::write(d.join("m.onnx"), &model).expect("model");
+        load(&path)
+    };
+    let limit = 24 * 65536;
+    let e = task(limit).expect_err("too small").to_string();
+    assert!(
+        e.contains(&format!("max_memory_bytes={limit}")) && e.contains("memory limit"),
+        "{e}"
+    );
+    let run = task(64 << 20)
+        .expect("fits in the default")
+        .trainer
+        .expect("ran");
+    assert!(run.peak_memory_bytes > limit, "{run:?}");
+}

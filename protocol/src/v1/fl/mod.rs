@@ -96,6 +96,21 @@ pub struct TrainOrder {
     pub max_samples: Option<u32>,
 }
 
+impl TrainOrder {
+    /// The hyperparameters a trainer module takes (the JSON object of the `trainer` world's
+    /// `train` call, `modules/wit/trainer.wit`).
+    pub fn trainer_params(&self) -> String {
+        serde_json::json!({
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "mu": self.mu,
+            "seed": self.seed,
+        })
+        .to_string()
+    }
+}
+
 /// The signed JSON header of a round message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

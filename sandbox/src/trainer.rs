@@ -10,8 +10,8 @@
 //! sees a malformed model from a module.
 //!
 //! **Invariant:** a [`TrainResult`] returned to the caller has exactly the input's parameter
-//! names, shapes and order, and only finite values. **Boundary:** federated learning
-//! (`crate::fl`) and tests.
+//! names, shapes and order, and only finite values. **Boundary:** the agent's federated
+//! learning (`edge_agent::fl`), the coordinator's task check (`fl start`) and tests.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,8 +32,8 @@ mod bindings {
         world: "trainer",
         path: "../modules/wit",
         with: {
-            "edge:pipeline/log": crate::sandbox::bindings::edge::pipeline::log,
-            "edge:pipeline/clock": crate::sandbox::bindings::edge::pipeline::clock,
+            "edge:pipeline/log": crate::bindings::edge::pipeline::log,
+            "edge:pipeline/clock": crate::bindings::edge::pipeline::clock,
         },
         // A read when the store has no sample source is a host bug; trap rather than lie.
         imports: { "edge:pipeline/samples": trappable },
@@ -59,6 +59,19 @@ const LOG_STAGE: &str = "trainer";
 pub trait SampleSource: Send + Sync {
     fn count(&self) -> u32;
     fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)>;
+}
+
+/// Samples held in memory (the agent's labeled dataset rows, a synthetic batch, tests).
+impl SampleSource for Vec<(Vec<f32>, i64)> {
+    fn count(&self) -> u32 {
+        u32::try_from(self.len()).unwrap_or(u32::MAX)
+    }
+
+    fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)> {
+        let start = (start as usize).min(self.len());
+        let end = start.saturating_add(n as usize).min(self.len());
+        self[start..end].to_vec()
+    }
 }
 
 /// Why a train or evaluate call produced nothing usable.
@@ -132,6 +145,15 @@ pub enum ParamError {
     Accuracy(f32),
     #[error("{samples} samples used, but only {count} were available")]
     Samples { samples: u32, count: u32 },
+}
+
+/// A train call's result and what it used.
+#[derive(Debug)]
+pub struct Trained {
+    pub result: TrainResult,
+    /// The largest linear memory the instance grew to, bytes (at most
+    /// `sandbox.max_memory_bytes`).
+    pub peak_memory_bytes: u64,
 }
 
 /// A compiled `trainer` component, ready to run; cheap to clone.
@@ -220,6 +242,18 @@ impl Sandbox {
         params_json: &str,
         samples: Arc<dyn SampleSource>,
     ) -> Result<TrainResult, TrainError> {
+        self.train_measured(module, weights, params_json, samples)
+            .map(|t| t.result)
+    }
+
+    /// [`Sandbox::train`], with what the call used.
+    pub fn train_measured(
+        &self,
+        module: &TrainerModule,
+        weights: Vec<Param>,
+        params_json: &str,
+        samples: Arc<dyn SampleSource>,
+    ) -> Result<Trained, TrainError> {
         let id = module.id();
         check_weights(&weights).map_err(|reason| TrainError::Input {
             module: id.clone(),
@@ -252,7 +286,10 @@ impl Sandbox {
             module = %id, samples = out.samples, loss = out.loss, accuracy = out.accuracy,
             ms = started.elapsed().as_millis() as u64, "trainer call done"
         );
-        Ok(out)
+        Ok(Trained {
+            result: out,
+            peak_memory_bytes: call.store.data().limits.peak(),
+        })
     }
 
     /// Loss and accuracy of `weights` over all of `samples`, computed by `module` in a fresh
@@ -568,7 +605,7 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::sandbox::SandboxConfig;
+    use crate::SandboxConfig;
 
     const BUILD_COMMAND: &str =
         "cargo build --release --target wasm32-wasip2 -p mlp-trainer (in modules/)";
@@ -622,20 +659,6 @@ mod tests {
         (dir, sandbox, module)
     }
 
-    struct VecSource(Vec<(Vec<f32>, i64)>);
-
-    impl SampleSource for VecSource {
-        fn count(&self) -> u32 {
-            self.0.len() as u32
-        }
-
-        fn read(&self, start: u32, n: u32) -> Vec<(Vec<f32>, i64)> {
-            let start = (start as usize).min(self.0.len());
-            let end = (start + n as usize).min(self.0.len());
-            self.0[start..end].to_vec()
-        }
-    }
-
     /// Deterministic weights of an MLP with layer sizes `dims`, named `fc{i}.weight/bias`.
     fn mlp_weights(dims: &[u32]) -> Vec<Param> {
         let wave = |n: u32, k: f32| -> Vec<f32> {
@@ -662,7 +685,7 @@ mod tests {
 
     /// `n` samples of `classes` separable clusters in `inputs` dimensions: class `c` has
     /// feature `c` high, every feature gets a small deterministic jitter.
-    fn clusters(n: usize, inputs: usize, classes: usize) -> Arc<VecSource> {
+    fn clusters(n: usize, inputs: usize, classes: usize) -> Arc<Vec<(Vec<f32>, i64)>> {
         let samples = (0..n)
             .map(|i| {
                 let c = i % classes;
@@ -675,7 +698,7 @@ mod tests {
                 (x, c as i64)
             })
             .collect();
-        Arc::new(VecSource(samples))
+        Arc::new(samples)
     }
 
     const PARAMS: &str = r#"{"epochs": 20, "lr": 0.1, "batch_size": 8, "mu": 0.0, "seed": 7}"#;
@@ -777,7 +800,7 @@ mod tests {
                 &module,
                 mlp_weights(&[4, 3]),
                 PARAMS,
-                Arc::new(VecSource(vec![])),
+                Arc::new(Vec::<(Vec<f32>, i64)>::new()),
             )
             .unwrap_err()
             .to_string();

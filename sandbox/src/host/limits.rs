@@ -9,6 +9,9 @@ pub(crate) struct Limits {
     max_memory: u64,
     /// The size a refused `memory.grow` asked for, since the last [`Limits::take_denied`].
     denied: Option<u64>,
+    /// The largest linear memory the store was allowed to grow to, bytes (never above
+    /// `max_memory`).
+    peak: u64,
 }
 
 impl Limits {
@@ -26,6 +29,7 @@ impl Limits {
             inner,
             max_memory,
             denied: None,
+            peak: 0,
         }
     }
 
@@ -41,6 +45,11 @@ impl Limits {
     pub(crate) fn take_denied(&mut self) -> Option<u64> {
         self.denied.take()
     }
+
+    /// The largest linear memory granted so far, bytes.
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak
+    }
 }
 
 impl ResourceLimiter for Limits {
@@ -51,7 +60,9 @@ impl ResourceLimiter for Limits {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let ok = self.inner.memory_growing(current, desired, maximum)?;
-        if !ok {
+        if ok {
+            self.peak = self.peak.max(desired as u64);
+        } else {
             self.denied = Some(desired as u64);
         }
         Ok(ok)

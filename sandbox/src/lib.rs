@@ -24,8 +24,10 @@
 //! cache directory written by [`cache::Cache::write`] from an artifact this engine compiled,
 //! checked against their sha256 before wasmtime sees them. A module gets no filesystem,
 //! network, environment or arguments; a trap fails one frame and poisons only its instance.
-//! **Boundary:** the pipeline runner (stages), deployment (loading modules) and federated
-//! learning (trainers).
+//! **Boundary:** the agent's pipeline runner (stages), deployment (loading modules) and
+//! federated learning (trainers); the coordinator's `fl start`, which runs a task's trainer
+//! once under a device's limits before accepting the task. Its own crate because both
+//! binaries use it; the agent re-exports it as `edge_agent::sandbox`.
 
 mod bindings;
 mod cache;
@@ -33,10 +35,12 @@ mod compile;
 mod config;
 mod engine;
 mod error;
+pub mod fsutil;
 mod host;
 mod instance;
 mod metrics;
 mod runner;
+pub mod setting;
 pub mod trainer;
 
 use std::fmt;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{HasData, Linker};
 
 use super::HostState;
-use crate::sandbox::bindings::edge::pipeline::kv as wit;
+use crate::bindings::edge::pipeline::kv as wit;
 
 /// Error of a [`KvStore`]; reaches the guest as `unavailable` with this message.
 #[derive(Debug, thiserror::Error)]

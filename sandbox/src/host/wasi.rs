@@ -28,7 +28,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use super::HostState;
 use super::log::{Level, LogSink};
-use crate::sandbox::{Grants, ModuleId, SandboxError};
+use crate::{Grants, ModuleId, SandboxError};
 
 /// Bytes of stderr remembered for trap reports.
 const STDERR_TAIL_BYTES: usize = 1024;

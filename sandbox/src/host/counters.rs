@@ -6,8 +6,8 @@ use std::sync::Arc;
 use wasmtime::component::{HasData, Linker};
 
 use super::HostState;
-use crate::sandbox::bindings::edge::pipeline::counters as wit;
-use crate::sandbox::metrics::StageMetrics;
+use crate::bindings::edge::pipeline::counters as wit;
+use crate::metrics::StageMetrics;
 
 pub(crate) struct CountersUnit {
     pub(crate) metrics: Arc<StageMetrics>,

@@ -1,6 +1,7 @@
-//! The error a config section's own check returns. Each part owns its section and its
-//! checks (see `crate::config`), so the type they share lives here, outside the root config,
-//! and the dependencies keep running one way.
+//! The error a config section's own check returns. Each part of the agent owns its section
+//! and its checks (see the agent's `config`), so the type they share lives here, outside the
+//! root config, and the dependencies keep running one way: the sandbox's `[sandbox]` check
+//! returns it too, and the agent re-exports it as `edge_agent::setting`.
 
 /// A setting out of range or inconsistent with another; the message names the key(s) as
 /// written in the file (`mqtt.keepalive_s must be at least 5`). The config loader adds the

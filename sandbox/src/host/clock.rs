@@ -5,7 +5,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::component::{HasData, Linker};
 
 use super::HostState;
-use crate::sandbox::bindings::edge::pipeline::clock as wit;
+use crate::bindings::edge::pipeline::clock as wit;
 
 pub(crate) struct ClockUnit {
     /// Origin of `monotonic-ns`: the WIT only promises differences within one instance.

@@ -9,8 +9,8 @@ use std::time::Instant;
 use wasmtime::component::{HasData, Linker};
 
 use super::HostState;
-use crate::sandbox::bindings::edge::pipeline::log as wit;
-use crate::sandbox::metrics::StageMetrics;
+use crate::bindings::edge::pipeline::log as wit;
+use crate::metrics::StageMetrics;
 
 /// Where a module's log lines go: tags, rate limit and truncation, shared by the `log`
 /// import and the captured stdout/stderr of one instance.
@@ -58,7 +58,7 @@ pub(crate) enum Level {
 impl LogSink {
     pub(crate) fn new(
         stage: &str,
-        module: &crate::sandbox::ModuleId,
+        module: &crate::ModuleId,
         lines_per_s: u32,
         burst: u32,
         max_line: usize,
