@@ -191,6 +191,7 @@ pub async fn run(
         trainer: Arc::new(deps.sandbox.clone()),
         inference: inference.clone(),
         slot: training.clone(),
+        weights_dir: Some(cfg.state_dir.join("fl-weights")),
     });
     let fl_stats = fl_task.stats.clone();
     let fl_sub = inbox.subscribe_all(&crate::fl::topics(&device), crate::fl::INBOX_CAPACITY);

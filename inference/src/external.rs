@@ -491,18 +491,9 @@ pub fn external_tensors(
     graph: &[u8],
     data: &DataFiles,
 ) -> Result<Vec<(DataRef, crate::Tensor)>, ExternalError> {
-    let refs = check(graph, data)?;
-    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
-        file: String::new(),
-        detail: e.to_string(),
-    })?;
-    let inits = model.graph.map(|g| g.initializer).unwrap_or_default();
-    let mut out = Vec::with_capacity(refs.len());
-    for r in refs {
-        let Some(init) = inits.iter().find(|t| t.name == r.initializer) else {
-            // A `Constant` node's external tensor: not an initializer, nothing to patch.
-            continue;
-        };
+    check(graph, data)?;
+    let mut out = Vec::new();
+    for (r, init) in external_entries(graph)? {
         let bad = |detail: String| ExternalError::Entry {
             initializer: r.initializer.clone(),
             detail,
@@ -522,12 +513,31 @@ pub fn external_tensors(
             raw_data: raw.into_owned(),
             external_data: Vec::new(),
             data_location: 0,
-            ..init.clone()
+            ..init
         };
         let t = crate::Tensor::from_onnx(&inline).map_err(|e| bad(e.to_string()))?;
         out.push((r, t));
     }
     Ok(out)
+}
+
+/// The initializers of `graph` stored in external data files, each with its entry as the
+/// graph has it (name, dtype, dims; no values). Reads no data file.
+pub fn external_entries(graph: &[u8]) -> Result<Vec<(DataRef, TensorProto)>, ExternalError> {
+    let refs = data_refs(graph)?;
+    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+        file: String::new(),
+        detail: e.to_string(),
+    })?;
+    let inits = model.graph.map(|g| g.initializer).unwrap_or_default();
+    Ok(refs
+        .into_iter()
+        .filter_map(|r| {
+            // A `Constant` node's external tensor is not an initializer: nothing to patch.
+            let init = inits.iter().find(|t| t.name == r.initializer)?;
+            Some((r, init.clone()))
+        })
+        .collect())
 }
 
 /// `offset..offset + length` as indices (checked against the file by [`check`] before).

@@ -106,30 +106,31 @@ pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Ve
     Ok(out)
 }
 
-/// [`patch_initializers`] for a model with external data files, keeping its layout: an
-/// initializer stored in a data file gets its new bytes at the same offset of a copy of that
-/// file (the graph keeps pointing there); an inline one is patched in the graph. Returns the
-/// graph and the data files (files without updates are shared, not copied).
-pub fn patch_initializers_with_data(
+/// The updates of a model with external data files, split: those whose initializer is in a
+/// data file (with its entry, the update's bytes checked to fill its extent exactly), and the
+/// inline ones. Reads no weights: dtypes and shapes come from the graph's entries.
+type Split<'u> = (
+    Vec<(crate::external::DataRef, &'u [u8])>,
+    Vec<(&'u str, Tensor)>,
+);
+
+fn split_updates<'u>(
     graph: &[u8],
-    data: &crate::DataFiles,
-    updates: &[(&str, Tensor)],
-) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
-    let external =
-        crate::external::external_tensors(graph, data).map_err(|e| PatchError::External {
-            detail: e.to_string(),
-        })?;
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    updates: &'u [(&'u str, Tensor)],
+) -> Result<Split<'u>, PatchError> {
+    let external = crate::external::external_entries(graph).map_err(|e| PatchError::External {
+        detail: e.to_string(),
+    })?;
+    let mut on_disk = Vec::new();
     let mut inline = Vec::new();
     for (name, update) in updates {
-        let Some((r, old)) = external.iter().find(|(r, _)| r.initializer == *name) else {
+        let Some((r, entry)) = external.iter().find(|(r, _)| r.initializer == *name) else {
             inline.push((*name, update.clone()));
             continue;
         };
-        let as_proto = old.to_onnx(name);
-        check(&as_proto, update)?;
+        check(entry, update)?;
         let bytes = update.data();
-        let (start, end) = crate::external::extent(r)
+        crate::external::extent(r)
             .filter(|(s, e)| e - s == bytes.len())
             .ok_or_else(|| PatchError::External {
                 detail: format!(
@@ -139,6 +140,24 @@ pub fn patch_initializers_with_data(
                     r.location
                 ),
             })?;
+        on_disk.push((r.clone(), bytes));
+    }
+    Ok((on_disk, inline))
+}
+
+/// [`patch_initializers`] for a model with external data files, keeping its layout: an
+/// initializer stored in a data file gets its new bytes at the same offset of a copy of that
+/// file (the graph keeps pointing there); an inline one is patched in the graph. Returns the
+/// graph and the data files (files without updates are shared, not copied).
+/// [`patch_initializers_to_disk`] writes the copies to files instead of memory.
+pub fn patch_initializers_with_data(
+    graph: &[u8],
+    data: &crate::DataFiles,
+    updates: &[(&str, Tensor)],
+) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
+    let (on_disk, inline) = split_updates(graph, updates)?;
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (r, bytes) in on_disk {
         let file = match files.entry(r.location.clone()) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
@@ -149,7 +168,12 @@ pub fn patch_initializers_with_data(
                 v.insert(old.map(|b| b.to_vec()).unwrap_or_default())
             }
         };
-        file[start..end].copy_from_slice(bytes);
+        let (start, end) = crate::external::extent(&r).unwrap_or_default();
+        file.get_mut(start..end)
+            .ok_or_else(|| PatchError::External {
+                detail: format!("{} is shorter than {}'s extent", r.location, r.initializer),
+            })?
+            .copy_from_slice(bytes);
     }
     let graph = if inline.is_empty() {
         graph.to_vec()
@@ -161,6 +185,68 @@ pub fn patch_initializers_with_data(
         out.insert(location, bytes.into());
     }
     Ok((graph, out))
+}
+
+/// [`patch_initializers_with_data`] with the new data files written into `folder` (each
+/// location the graph names: a copy of the given file, streamed, with the updates written at
+/// their offsets; then renamed into place, so a session mapping the previous file keeps it),
+/// returned as files on disk ([`crate::DataFile::OnDisk`]) for ONNX Runtime to map: the new
+/// weights are never held in memory as a whole file.
+pub fn patch_initializers_to_disk(
+    graph: &[u8],
+    data: &crate::DataFiles,
+    updates: &[(&str, Tensor)],
+    folder: &std::path::Path,
+) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
+    use std::os::unix::fs::FileExt;
+    let (on_disk, inline) = split_updates(graph, updates)?;
+    let io = |what: &str, e: std::io::Error| PatchError::External {
+        detail: format!("{what}: {e}"),
+    };
+    let names = crate::external::data_file_names(graph).map_err(|e| PatchError::External {
+        detail: e.to_string(),
+    })?;
+    for location in names {
+        let source = data.get(&location).ok_or_else(|| PatchError::External {
+            detail: format!("data file {location} is not given with the model"),
+        })?;
+        let target = folder.join(&location);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(&parent.display().to_string(), e))?;
+        }
+        let tmp = target.with_file_name(format!(
+            ".{}.{}.tmp",
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let shown = tmp.display().to_string();
+        let written = std::fs::File::create(&tmp).and_then(|mut file| {
+            source.write_to(&mut file)?;
+            for (r, bytes) in on_disk.iter().filter(|(r, _)| r.location == location) {
+                file.write_all_at(bytes, r.offset)?;
+            }
+            std::fs::rename(&tmp, &target)
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&shown, e));
+        }
+    }
+    let graph = if inline.is_empty() {
+        graph.to_vec()
+    } else {
+        patch_initializers(graph, &inline)?
+    };
+    let files =
+        crate::ModelFiles::open_in(graph, &folder.display().to_string(), folder).map_err(|e| {
+            PatchError::External {
+                detail: e.to_string(),
+            }
+        })?;
+    Ok((files.graph, files.data))
 }
 
 fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {

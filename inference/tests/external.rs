@@ -299,12 +299,59 @@ fn inlined_and_patched_models_keep_torchs_numbers_and_the_layout() {
         .unwrap();
     assert!(close(&got, &want2), "{got:?} vs {want2:?}");
 
+    // The same updates written to disk, from the data file left on disk: the same bytes, in a
+    // file of the given folder that ONNX Runtime maps, the same numbers; a second patch renames
+    // a new file over it, and a session on the first keeps its weights.
+    let opened = ModelFiles::open(&exported_path("torch_mlp.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (graph_d, data_d) = edge_inference::patch_initializers_to_disk(
+        &opened.graph,
+        &opened.data,
+        &updates,
+        dir.path(),
+    )
+    .unwrap();
+    assert_eq!(graph_d, files.graph);
+    let written = &data_d["torch_mlp.onnx.data"];
+    assert!(
+        matches!(written, edge_inference::DataFile::OnDisk { .. }),
+        "{written:?}"
+    );
+    assert_eq!(written.bytes().unwrap()[..], new.bytes().unwrap()[..]);
+    let on_disk = Model::load_with_data(&runtime(), "d", "1", &graph_d, &data_d).unwrap();
+    let run = |m: &Model| {
+        m.run(std::slice::from_ref(&x)).unwrap()[0]
+            .to_f32()
+            .unwrap()
+    };
+    assert!(close(&run(&on_disk), &got));
+    edge_inference::patch_initializers_to_disk(&opened.graph, &opened.data, &[], dir.path())
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("torch_mlp.onnx.data")).unwrap(),
+        std::fs::read(exported_path("torch_mlp.onnx.data")).unwrap(),
+        "no updates: a copy of the file"
+    );
+    assert!(
+        close(&run(&on_disk), &got),
+        "the first session kept its file"
+    );
+
     // A wrong shape is refused and nothing is written.
     let bad = Tensor::from_f32(vec![1], &[0.0]).unwrap();
     let e = edge_inference::patch_initializers_with_data(
         &files.graph,
         &files.data,
-        &[(ext[0].0.initializer.as_str(), bad)],
+        &[(ext[0].0.initializer.as_str(), bad.clone())],
     );
     assert!(e.is_err());
+    let empty = tempfile::tempdir().unwrap();
+    let e = edge_inference::patch_initializers_to_disk(
+        &opened.graph,
+        &opened.data,
+        &[(ext[0].0.initializer.as_str(), bad)],
+        empty.path(),
+    );
+    assert!(e.is_err());
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
 }

@@ -360,6 +360,8 @@ fn federated(
         }),
         inference: inference.clone(),
         slot,
+        // Simulated models have no external data files.
+        weights_dir: None,
     });
     let sub = inbox.subscribe_all(&fl::topics(device), fl::INBOX_CAPACITY);
     Ok((task, sub))

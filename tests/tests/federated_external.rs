@@ -154,6 +154,21 @@ fn scenario(env: &TestEnv) -> Result<()> {
                 .is_some_and(|n| n >= 1)
         })
     })?;
+    // ... written to disk beside their state (`fl-weights/MODEL/torch_mlp.onnx.data`, the data
+    // file's layout with the new values), for ONNX Runtime to map.
+    for agent in &agents {
+        let dir = agent.state_dir().join("fl-weights");
+        let written: Vec<u64> = std::fs::read_dir(&dir)
+            .with_context(|| format!("{}", dir.display()))?
+            .filter_map(|e| std::fs::metadata(e.ok()?.path().join("torch_mlp.onnx.data")).ok())
+            .map(|m| m.len())
+            .collect();
+        ensure!(
+            written == vec![data.len() as u64],
+            "{}: global weights written out once per model: {written:?}",
+            dir.display()
+        );
+    }
 
     let (train, test) = digits::holdout(&d, 0.2, 0);
     let central = f64::from(central_accuracy(env, &d, &train, &test).context("central training")?);

@@ -388,6 +388,10 @@ pub struct FlDeps {
     pub trainer: Arc<dyn LocalTrainer>,
     pub inference: Inference,
     pub slot: TrainingSlot,
+    /// Where the global weights of a model with external data files are written (its data
+    /// files, patched, for ONNX Runtime to map: the weights are not held in memory as a whole
+    /// file). `None`: patched in memory.
+    pub weights_dir: Option<std::path::PathBuf>,
 }
 
 impl FlTask {
@@ -652,8 +656,26 @@ impl FlTask {
             })
             .collect();
         let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
-            edge_inference::patch_initializers_with_data(&setup.model_bytes, &setup.model_data, &t)
-                .map_err(|e| e.to_string())
+            match self
+                .d
+                .weights_dir
+                .as_ref()
+                .filter(|_| !setup.model_data.is_empty())
+            {
+                // One folder per model: each round's files are renamed over the last ones.
+                Some(dir) => edge_inference::patch_initializers_to_disk(
+                    &setup.model_bytes,
+                    &setup.model_data,
+                    &t,
+                    &dir.join(crate::inference::version_of(setup.model.as_bytes())),
+                ),
+                None => edge_inference::patch_initializers_with_data(
+                    &setup.model_bytes,
+                    &setup.model_data,
+                    &t,
+                ),
+            }
+            .map_err(|e| e.to_string())
         });
         let result = patched.and_then(|(bytes, data)| {
             let model = self
