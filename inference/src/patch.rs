@@ -51,6 +51,20 @@ fn decode_err(e: prost::DecodeError) -> PatchError {
 /// Returns `model` with each named initializer replaced by its tensor. Names must exist, and
 /// dtype and shape must match the initializer being replaced; nothing is written on any error.
 pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Vec<u8>, PatchError> {
+    patch_with(
+        model,
+        updates,
+        |init, update| Ok(update.to_onnx(&init.name)),
+    )
+}
+
+/// [`patch_initializers`] with each replaced initializer encoded by `encode(old, update)`
+/// (after the dtype and shape checks).
+fn patch_with(
+    model: &[u8],
+    updates: &[(&str, Tensor)],
+    mut encode: impl FnMut(&TensorProto, &Tensor) -> Result<TensorProto, PatchError>,
+) -> Result<Vec<u8>, PatchError> {
     let mut pending: BTreeMap<&str, &Tensor> = BTreeMap::new();
     for (name, t) in updates {
         if pending.insert(name, t).is_some() {
@@ -81,7 +95,7 @@ pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Ve
                     onnx::put_len_field(
                         &mut graph,
                         GRAPH_INITIALIZER_FIELD,
-                        &update.to_onnx(&init.name).encode_to_vec(),
+                        &encode(&init, update)?.encode_to_vec(),
                     );
                 }
                 None => graph.extend_from_slice(g.bytes),
@@ -187,11 +201,14 @@ pub fn patch_initializers_with_data(
     Ok((graph, out))
 }
 
-/// [`patch_initializers_with_data`] with the new data files written into `folder` (each
-/// location the graph names: a copy of the given file, streamed, with the updates written at
-/// their offsets; then renamed into place, so a session mapping the previous file keeps it),
-/// returned as files on disk ([`crate::DataFile::OnDisk`]) for ONNX Runtime to map: the new
-/// weights are never held in memory as a whole file.
+/// [`patch_initializers_with_data`] with the new weights written into files of `folder`, and
+/// returned as files on disk ([`crate::DataFile::OnDisk`]) for ONNX Runtime to map: they are
+/// never held in memory as a whole file. Each data file the graph names becomes a copy of the
+/// given one (streamed) with the updates written at their offsets; updates of inline
+/// initializers go into one more file ([`WEIGHTS_FILE`], each at a page-aligned offset) that
+/// the graph then names, so a model without external data is served from a mapped file too.
+/// Every file is written under a temporary name and renamed into place, so a session mapping
+/// the previous one keeps it.
 pub fn patch_initializers_to_disk(
     graph: &[u8],
     data: &crate::DataFiles,
@@ -238,7 +255,7 @@ pub fn patch_initializers_to_disk(
     let graph = if inline.is_empty() {
         graph.to_vec()
     } else {
-        patch_initializers(graph, &inline)?
+        inline_to_file(graph, &inline, folder)?
     };
     let files =
         crate::ModelFiles::open_in(graph, &folder.display().to_string(), folder).map_err(|e| {
@@ -247,6 +264,66 @@ pub fn patch_initializers_to_disk(
             }
         })?;
     Ok((files.graph, files.data))
+}
+
+/// The file of [`patch_initializers_to_disk`] that holds the new values of inline initializers.
+pub const WEIGHTS_FILE: &str = "patched-weights.bin";
+
+/// `graph` with each inline update stored in `folder/WEIGHTS_FILE` (written by temporary name
+/// and rename) and its initializer pointing there.
+fn inline_to_file(
+    graph: &[u8],
+    updates: &[(&str, Tensor)],
+    folder: &std::path::Path,
+) -> Result<Vec<u8>, PatchError> {
+    use std::os::unix::fs::FileExt;
+    const ALIGN: u64 = 4096;
+    let names = crate::external::data_file_names(graph).map_err(|e| PatchError::External {
+        detail: e.to_string(),
+    })?;
+    if names.iter().any(|n| n == WEIGHTS_FILE) {
+        return Err(PatchError::External {
+            detail: format!("the model already names a data file {WEIGHTS_FILE}"),
+        });
+    }
+    let target = folder.join(WEIGHTS_FILE);
+    let tmp = folder.join(format!(".{WEIGHTS_FILE}.{}.tmp", std::process::id()));
+    let io = |e: std::io::Error| PatchError::External {
+        detail: format!("{}: {e}", tmp.display()),
+    };
+    std::fs::create_dir_all(folder).map_err(io)?;
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut offset = 0u64;
+    let patched = patch_with(graph, updates, |init, update| {
+        let bytes = update.data();
+        file.write_all_at(bytes, offset).map_err(io)?;
+        let entry = |key: &str, value: String| onnx::StringStringEntryProto {
+            key: key.into(),
+            value,
+        };
+        let proto = TensorProto {
+            name: init.name.clone(),
+            dims: init.dims.clone(),
+            data_type: init.data_type,
+            data_location: onnx::DATA_LOCATION_EXTERNAL,
+            external_data: vec![
+                entry("location", WEIGHTS_FILE.into()),
+                entry("offset", offset.to_string()),
+                entry("length", bytes.len().to_string()),
+            ],
+            ..Default::default()
+        };
+        offset = (offset + bytes.len() as u64).div_ceil(ALIGN) * ALIGN;
+        Ok(proto)
+    });
+    let done = patched.and_then(|g| {
+        std::fs::rename(&tmp, &target).map_err(io)?;
+        Ok(g)
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {

@@ -355,3 +355,52 @@ fn inlined_and_patched_models_keep_torchs_numbers_and_the_layout() {
     assert!(e.is_err());
     assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
 }
+
+/// A model without external data (torch's TorchScript export, weights inline): patched to
+/// disk, its new values go into one file the graph then names, mapped by ONNX Runtime; the
+/// numbers are those of the same patch made in memory.
+#[test]
+fn an_inline_model_patched_to_disk_gives_the_in_memory_patchs_numbers() {
+    let graph = edge_testmodels::exported("torch_gemm.onnx");
+    let halved: Vec<(String, Tensor)> = edge_inference::read_initializers(&graph)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(n, t)| {
+            let v: Vec<f32> = t.to_f32()?.iter().map(|v| v * 0.5).collect();
+            Some((n, Tensor::from_f32(t.shape().to_vec(), &v).unwrap()))
+        })
+        .collect();
+    assert!(halved.len() >= 2, "weights and biases");
+    let updates: Vec<(&str, Tensor)> = halved
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (g, data) = edge_inference::patch_initializers_to_disk(
+        &graph,
+        &edge_inference::DataFiles::new(),
+        &updates,
+        dir.path(),
+    )
+    .unwrap();
+    assert!(g.len() < graph.len(), "the values left the graph");
+    let file = &data[edge_inference::WEIGHTS_FILE];
+    assert!(
+        matches!(file, edge_inference::DataFile::OnDisk { .. }),
+        "{file:?}"
+    );
+    let in_memory = edge_inference::patch_initializers(&graph, &updates).unwrap();
+    let x = Tensor::from_f32(vec![1, 64], &digits_row0()).unwrap();
+    let run = |m: Model| {
+        m.run(std::slice::from_ref(&x)).unwrap()[0]
+            .to_f32()
+            .unwrap()
+    };
+    let want = run(Model::load(&runtime(), "mem", "1", &in_memory).unwrap());
+    let got = run(Model::load_with_data(&runtime(), "disk", "1", &g, &data).unwrap());
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{got:?} vs {want:?}"
+    );
+}

@@ -388,9 +388,9 @@ pub struct FlDeps {
     pub trainer: Arc<dyn LocalTrainer>,
     pub inference: Inference,
     pub slot: TrainingSlot,
-    /// Where the global weights of a model with external data files are written (its data
-    /// files, patched, for ONNX Runtime to map: the weights are not held in memory as a whole
-    /// file). `None`: patched in memory.
+    /// Where each round's global weights are written (the model's data files patched, or a
+    /// file of their own for a model without any) for ONNX Runtime to map: the weights are not
+    /// held in memory as a whole file. `None`: patched in memory.
     pub weights_dir: Option<std::path::PathBuf>,
 }
 
@@ -656,12 +656,7 @@ impl FlTask {
             })
             .collect();
         let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
-            match self
-                .d
-                .weights_dir
-                .as_ref()
-                .filter(|_| !setup.model_data.is_empty())
-            {
+            match &self.d.weights_dir {
                 // One folder per model: each round's files are renamed over the last ones.
                 Some(dir) => edge_inference::patch_initializers_to_disk(
                     &setup.model_bytes,
