@@ -207,6 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         acks: Default::default(),
         last_ack_flush: std::time::Instant::now(),
         held_back: 0,
+        batches: BatchStats::default(),
         chains: Default::default(),
         view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
         api: None,
@@ -303,6 +304,8 @@ struct Service {
     last_ack_flush: std::time::Instant,
     /// Messages held back for an earlier one of their class (a broker lost it), since start.
     held_back: u64,
+    /// Batch sizes and commit times since the last stats line.
+    batches: BatchStats,
     /// How far a duplicate's ack may reach (`chains`).
     chains: crate::chains::Chains,
     /// What the HTTP API reads (`crate::api`); refreshed after each batch.
@@ -491,7 +494,9 @@ impl Service {
             .save_replay_windows(&self.gate.take_moved_windows())?;
         // Federated state first: the acks and the round messages below depend on it.
         self.fl.persist()?;
+        let commit_started = std::time::Instant::now();
         self.commit()?;
+        self.batches.add(acks.len(), commit_started.elapsed());
         for ack in acks {
             transport.ack(ack);
         }
@@ -1444,8 +1449,9 @@ impl Service {
         Ok(())
     }
 
-    fn log_stats(&self) {
+    fn log_stats(&mut self) {
         let t = self.core.totals();
+        let batches = std::mem::take(&mut self.batches);
         tracing::info!(
             devices = self.core.devices().count(),
             devices_online = self.core.online_count(),
@@ -1455,6 +1461,10 @@ impl Service {
             ignored = t.ignored,
             seen_ids = self.store.seen_len(),
             held_back = self.held_back,
+            batches = batches.batches,
+            batch_mean = batches.mean_size(),
+            batch_max = batches.largest,
+            commit_ms_mean = batches.mean_commit_ms(),
             deployments = self.deploy.active_count(),
             fl_tasks = self.fl.active_count(),
             chunks_queued = self.deploy.queued(),
@@ -1480,6 +1490,33 @@ impl Service {
         if let Some(o) = &self.offload {
             o.log_stats();
         }
+    }
+}
+
+/// Batches since the last stats line: how many messages each group commit covered and how
+/// long the commits took (the service loop waits for them before it acknowledges).
+#[derive(Debug, Default)]
+struct BatchStats {
+    batches: u64,
+    messages: u64,
+    largest: usize,
+    commit: Duration,
+}
+
+impl BatchStats {
+    fn add(&mut self, messages: usize, commit: Duration) {
+        self.batches += 1;
+        self.messages += messages as u64;
+        self.largest = self.largest.max(messages);
+        self.commit += commit;
+    }
+
+    fn mean_size(&self) -> f64 {
+        self.messages as f64 / self.batches.max(1) as f64
+    }
+
+    fn mean_commit_ms(&self) -> f64 {
+        self.commit.as_secs_f64() * 1000.0 / self.batches.max(1) as f64
     }
 }
 
@@ -1564,6 +1601,7 @@ mod tests {
             acks: Default::default(),
             last_ack_flush: std::time::Instant::now(),
             held_back: 0,
+            batches: BatchStats::default(),
             chains: Default::default(),
             view: std::sync::Arc::new(FleetView::new(10, 0)),
             api: None,
