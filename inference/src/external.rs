@@ -1,7 +1,7 @@
 //! Models whose weights live in external data files: `m.onnx` holds the graph and `m.onnx.data`
 //! the weights, as torch (2.9 and later) writes by default and as ONNX does for any model over
-//! 2 GB. Finds the files a graph names, checks every location and extent, reads each file once,
-//! and keeps the bytes that ONNX Runtime is handed by name ([`DataFiles`]).
+//! 2 GB. Finds the files a graph names, checks every location and extent, and either leaves each
+//! file on disk for ONNX Runtime to map or reads it once ([`DataFiles`]).
 //!
 //! Why not let ONNX Runtime find the files on its own: loading from bytes, it resolves a
 //! location against the process's working directory, and loading from a path it trusts the
@@ -284,13 +284,53 @@ impl ModelFiles {
 
 /// The initializers of `graph` stored in external data files, with each location checked.
 pub fn data_refs(graph: &[u8]) -> Result<Vec<DataRef>, ExternalError> {
-    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
-        file: String::new(),
-        detail: e.to_string(),
-    })?;
-    let Some(g) = model.graph else {
-        return Ok(Vec::new());
-    };
+    ExternalLayout::of(graph).map(|l| l.refs)
+}
+
+/// A graph's external data, from one decode of the graph (which copies every inline value, so
+/// callers that need both parts take them from here rather than decoding twice).
+#[derive(Debug, Clone)]
+pub struct ExternalLayout {
+    /// Every tensor stored outside (initializers and `Constant` values), location checked.
+    pub refs: Vec<DataRef>,
+    /// The initializers among them, with their graph entries (name, dtype, dims; no values).
+    pub initializers: Vec<(DataRef, TensorProto)>,
+}
+
+impl ExternalLayout {
+    pub fn of(graph: &[u8]) -> Result<ExternalLayout, ExternalError> {
+        let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+            file: String::new(),
+            detail: e.to_string(),
+        })?;
+        let Some(g) = model.graph else {
+            return Ok(ExternalLayout {
+                refs: Vec::new(),
+                initializers: Vec::new(),
+            });
+        };
+        let refs = refs_in(&g)?;
+        let initializers = refs
+            .iter()
+            .filter_map(|r| {
+                // A `Constant` node's external tensor is not an initializer: nothing to patch.
+                let init = g.initializer.iter().find(|t| t.name == r.initializer)?;
+                Some((r.clone(), init.clone()))
+            })
+            .collect();
+        Ok(ExternalLayout { refs, initializers })
+    }
+
+    /// The data file names (`location`s), sorted, without repeats.
+    pub fn file_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.refs.iter().map(|r| r.location.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+fn refs_in(g: &crate::onnx::GraphProto) -> Result<Vec<DataRef>, ExternalError> {
     // Initializers, and tensors in the graph's node attributes (a `Constant` node's value may
     // be stored outside too). Subgraphs are not decoded by our `onnx.proto` subset.
     let tensors = g.initializer.iter().chain(
@@ -311,10 +351,7 @@ pub fn data_refs(graph: &[u8]) -> Result<Vec<DataRef>, ExternalError> {
 
 /// The data file names (`location`s) a graph refers to, sorted, without repeats.
 pub fn data_file_names(graph: &[u8]) -> Result<Vec<String>, ExternalError> {
-    let mut names: Vec<String> = data_refs(graph)?.into_iter().map(|r| r.location).collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
+    ExternalLayout::of(graph).map(|l| l.file_names())
 }
 
 /// Checks `graph`'s external data against `data` (the files as a deployment or the caller
@@ -491,9 +528,10 @@ pub fn external_tensors(
     graph: &[u8],
     data: &DataFiles,
 ) -> Result<Vec<(DataRef, crate::Tensor)>, ExternalError> {
-    check(graph, data)?;
+    let layout = ExternalLayout::of(graph)?;
+    check_extents(&layout.refs, data, str::to_owned)?;
     let mut out = Vec::new();
-    for (r, init) in external_entries(graph)? {
+    for (r, init) in layout.initializers {
         let bad = |detail: String| ExternalError::Entry {
             initializer: r.initializer.clone(),
             detail,
@@ -519,25 +557,6 @@ pub fn external_tensors(
         out.push((r, t));
     }
     Ok(out)
-}
-
-/// The initializers of `graph` stored in external data files, each with its entry as the
-/// graph has it (name, dtype, dims; no values). Reads no data file.
-pub fn external_entries(graph: &[u8]) -> Result<Vec<(DataRef, TensorProto)>, ExternalError> {
-    let refs = data_refs(graph)?;
-    let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
-        file: String::new(),
-        detail: e.to_string(),
-    })?;
-    let inits = model.graph.map(|g| g.initializer).unwrap_or_default();
-    Ok(refs
-        .into_iter()
-        .filter_map(|r| {
-            // A `Constant` node's external tensor is not an initializer: nothing to patch.
-            let init = inits.iter().find(|t| t.name == r.initializer)?;
-            Some((r, init.clone()))
-        })
-        .collect())
 }
 
 /// `offset..offset + length` as indices (checked against the file by [`check`] before).

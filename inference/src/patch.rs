@@ -129,12 +129,10 @@ type Split<'u> = (
 );
 
 fn split_updates<'u>(
-    graph: &[u8],
+    layout: &crate::external::ExternalLayout,
     updates: &'u [(&'u str, Tensor)],
 ) -> Result<Split<'u>, PatchError> {
-    let external = crate::external::external_entries(graph).map_err(|e| PatchError::External {
-        detail: e.to_string(),
-    })?;
+    let external = &layout.initializers;
     let mut on_disk = Vec::new();
     let mut inline = Vec::new();
     for (name, update) in updates {
@@ -169,7 +167,7 @@ pub fn patch_initializers_with_data(
     data: &crate::DataFiles,
     updates: &[(&str, Tensor)],
 ) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
-    let (on_disk, inline) = split_updates(graph, updates)?;
+    let (on_disk, inline) = split_updates(&layout(graph)?, updates)?;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (r, bytes) in on_disk {
         let file = match files.entry(r.location.clone()) {
@@ -216,18 +214,18 @@ pub fn patch_initializers_to_disk(
     folder: &std::path::Path,
 ) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
     use std::os::unix::fs::FileExt;
-    let (on_disk, inline) = split_updates(graph, updates)?;
+    // One decode of the graph for everything below (it copies every inline value).
+    let layout = layout(graph)?;
+    let (on_disk, inline) = split_updates(&layout, updates)?;
     let io = |what: &str, e: std::io::Error| PatchError::External {
         detail: format!("{what}: {e}"),
     };
-    let names = crate::external::data_file_names(graph).map_err(|e| PatchError::External {
-        detail: e.to_string(),
-    })?;
-    for location in names {
-        let source = data.get(&location).ok_or_else(|| PatchError::External {
+    let names = layout.file_names();
+    for location in &names {
+        let source = data.get(location).ok_or_else(|| PatchError::External {
             detail: format!("data file {location} is not given with the model"),
         })?;
-        let target = folder.join(&location);
+        let target = folder.join(location);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io(&parent.display().to_string(), e))?;
         }
@@ -242,7 +240,7 @@ pub fn patch_initializers_to_disk(
         let shown = tmp.display().to_string();
         let written = std::fs::File::create(&tmp).and_then(|mut file| {
             source.write_to(&mut file)?;
-            for (r, bytes) in on_disk.iter().filter(|(r, _)| r.location == location) {
+            for (r, bytes) in on_disk.iter().filter(|(r, _)| r.location == *location) {
                 file.write_all_at(bytes, r.offset)?;
             }
             std::fs::rename(&tmp, &target)
@@ -255,7 +253,7 @@ pub fn patch_initializers_to_disk(
     let graph = if inline.is_empty() {
         graph.to_vec()
     } else {
-        inline_to_file(graph, &inline, folder)?
+        inline_to_file(graph, &inline, folder, &names)?
     };
     let files =
         crate::ModelFiles::open_in(graph, &folder.display().to_string(), folder).map_err(|e| {
@@ -275,12 +273,10 @@ fn inline_to_file(
     graph: &[u8],
     updates: &[(&str, Tensor)],
     folder: &std::path::Path,
+    names: &[String],
 ) -> Result<Vec<u8>, PatchError> {
     use std::os::unix::fs::FileExt;
     const ALIGN: u64 = 4096;
-    let names = crate::external::data_file_names(graph).map_err(|e| PatchError::External {
-        detail: e.to_string(),
-    })?;
     if names.iter().any(|n| n == WEIGHTS_FILE) {
         return Err(PatchError::External {
             detail: format!("the model already names a data file {WEIGHTS_FILE}"),
@@ -324,6 +320,12 @@ fn inline_to_file(
         let _ = std::fs::remove_file(&tmp);
     }
     done
+}
+
+fn layout(graph: &[u8]) -> Result<crate::external::ExternalLayout, PatchError> {
+    crate::external::ExternalLayout::of(graph).map_err(|e| PatchError::External {
+        detail: e.to_string(),
+    })
 }
 
 fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {
