@@ -325,12 +325,13 @@ fn build_tarball(tree: &Path, tarball: &Path) -> Result<()> {
     crate::run(cmd).with_context(|| format!("tar could not write {}", tarball.display()))
 }
 
-/// The newest `GLIBC_2.x` symbol version the binary needs (for the .deb's Depends), from
-/// `PREFIX-objdump -T`.
+/// The newest `GLIBC_2.x` version the binary needs (for the .deb's Depends), from the
+/// version references `PREFIX-objdump -p` lists (every version a symbol needs, and
+/// `GLIBC_ABI_DT_RELR`, which names no symbol: see `agent/build.rs`).
 fn glibc_needed(target: &Target, bin: &Path) -> Result<String> {
     let tool = target.tool("objdump");
     let out = Command::new(&tool)
-        .arg("-T")
+        .arg("-p")
         .arg(bin)
         .output()
         .with_context(|| format!("cannot run {tool}"))?;
@@ -345,10 +346,14 @@ fn glibc_needed(target: &Target, bin: &Path) -> Result<String> {
     newest_glibc(&text).with_context(|| format!("{} needs no GLIBC symbol version", bin.display()))
 }
 
+/// glibc 2.36 is the first to load packed relative relocations (DT_RELR).
+const GLIBC_DT_RELR: &str = "2.36";
+
 fn newest_glibc(objdump: &str) -> Option<String> {
     objdump
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
         .filter_map(|w| w.strip_prefix("GLIBC_"))
+        .map(|v| if v == "ABI_DT_RELR" { GLIBC_DT_RELR } else { v })
         .filter_map(|v| {
             let parts: Option<Vec<u32>> = v.split('.').map(|p| p.parse().ok()).collect();
             parts.map(|p| (p, v.to_owned()))
@@ -921,6 +926,9 @@ mod tests {
                     0000 DF *UND* 0000 GLIBC_2.34 pthread_create\n0000 w D *UND* GLIBC_PRIVATE y\n";
         assert_eq!(newest_glibc(dump).as_deref(), Some("2.34"));
         assert_eq!(newest_glibc("nothing"), None);
+        let relr = "Version References:\n  required from libc.so.6:\n    0x0 0x00 04 GLIBC_ABI_DT_RELR\n\
+                    0x0 0x00 03 GLIBC_2.34\n";
+        assert_eq!(newest_glibc(relr).as_deref(), Some("2.36"));
     }
 
     #[test]
