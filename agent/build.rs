@@ -52,7 +52,10 @@ fn main() {
 fn toolchain_lld() -> Option<PathBuf> {
     let rustc = std::env::var_os("RUSTC")?;
     let host = std::env::var("HOST").ok()?;
-    let out = Command::new(rustc).args(["--print", "sysroot"]).output().ok()?;
+    let out = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
