@@ -6,6 +6,8 @@
 //! real agents run `ROUNDS` rounds with the fp32 codec, so every round message travels as
 //! chunks and every update as parts. Reported per size, each against the weights' own bytes:
 //! - round time (opened to closed, from the journal) and the bytes sent and received;
+//! - per round, the updates in (late ones: trained for the round before) of those selected,
+//!   and why it closed (`quorum`, or `deadline` with at least `min_updates`);
 //! - the agent's extra memory while it fetches, trains and sends: its peak RSS during the
 //!   rounds (VmHWM, reset through /proc/PID/clear_refs once the pipeline runs) minus its RSS
 //!   before the task, as a multiple of the weights' size (the aim: at most one extra copy);
@@ -64,6 +66,8 @@ fn reset_peak(pid: u32) -> Result<()> {
 struct Row {
     weights: usize,
     round_s: Vec<f64>,
+    /// Per round: updates in (of them late) of those selected, and why it closed.
+    updates: Vec<String>,
     bytes_out: u64,
     bytes_in: u64,
     agent_before_kib: u64,
@@ -87,15 +91,15 @@ fn bench(env: &TestEnv) -> Result<()> {
         agent_count()
     );
     println!(
-        "| weights | MiB of f32 | round s (each) | MiB out / in per round | agent RSS before MiB | agent extra peak MiB | extra / weights | coordinator peak MiB | accuracy |"
+        "| weights | MiB of f32 | round s (each) | updates in (late) / selected, close (each) | MiB out / in per round | agent RSS before MiB | agent extra peak MiB | extra / weights | coordinator peak MiB | accuracy |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let mib = |kib: u64| kib as f64 / 1024.0;
         let wmib = r.weights as f64 * 4.0 / 1048576.0;
         let extra = mib(r.agent_peak_kib.saturating_sub(r.agent_before_kib));
         println!(
-            "| {} | {:.1} | {} | {:.1} / {:.1} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.3} |",
+            "| {} | {:.1} | {} | {} | {:.1} / {:.1} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.3} |",
             r.weights,
             wmib,
             r.round_s
@@ -103,6 +107,7 @@ fn bench(env: &TestEnv) -> Result<()> {
                 .map(|s| format!("{s:.1}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            r.updates.join(", "),
             r.bytes_out as f64 / 1048576.0 / ROUNDS as f64,
             r.bytes_in as f64 / 1048576.0 / ROUNDS as f64,
             mib(r.agent_before_kib),
@@ -186,6 +191,18 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
         .iter()
         .map(|e| (f(e, "closed_ms") - f(e, "opened_ms")) / 1000.0)
         .collect();
+    let updates = closed
+        .iter()
+        .map(|e| {
+            format!(
+                "{} ({}) / {}, {}",
+                f(e, "received"),
+                f(e, "late"),
+                f(e, "selected"),
+                e.str_field("close_reason").unwrap_or("?")
+            )
+        })
+        .collect();
     let bytes_out = closed.iter().map(|e| f(e, "bytes_out") as u64).sum();
     let bytes_in = closed.iter().map(|e| f(e, "bytes_in") as u64).sum();
     let accuracy = closed.last().map(|e| f(e, "eval_accuracy")).unwrap_or(0.0);
@@ -196,6 +213,7 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
     Ok(Row {
         weights,
         round_s,
+        updates,
         bytes_out,
         bytes_in,
         agent_before_kib,

@@ -707,6 +707,7 @@ impl Uplink {
         }
         self.stats.acks.fetch_add(1, Ordering::Relaxed);
         let mut committed = 0u64;
+        let now = std::time::Instant::now();
         for &(class, from, to) in &ack.committed {
             // Only seqs this outbox has handed out; a range past them is not ours.
             let to = to.min(self.outbox.next_seq().saturating_sub(1));
@@ -714,10 +715,9 @@ impl Uplink {
                 continue;
             }
             committed += self.outbox.ack_range(class, from, to).len() as u64;
-            window.committed_range(class, from, to);
+            window.committed_range(class, from, to, now);
         }
         self.stats.committed.fetch_add(committed, Ordering::Relaxed);
-        let now = std::time::Instant::now();
         for &(class, seq) in &ack.resend {
             if window.resend_hint(class, now) {
                 self.stats.resends.fetch_add(1, Ordering::Relaxed);

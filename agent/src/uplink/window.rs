@@ -7,11 +7,16 @@
 //! 2. Outbox messages the broker took, until the coordinator's end-to-end ack
 //!    (`protocol::v1::ack`): only that ack lets the outbox delete a message, since a broker
 //!    that loses its sessions PUBACKs messages the coordinator never gets. At most
-//!    `max_unacked` wait at once; when the oldest has waited `ack_timeout`, every class with
-//!    waiting messages is sent again from its oldest stored message (the coordinator drops
-//!    duplicates by id) and the timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack
-//!    comes. A resend hint from the coordinator (it holds back a message for an earlier one
-//!    it lacks) rewinds that class at once, at most once per [`HINT_HOLDOFF`].
+//!    `max_unacked` wait at once; when a class's oldest has waited `ack_timeout` and the
+//!    coordinator has committed nothing of that class for `ack_timeout` either, the class is
+//!    sent again from its oldest stored message (the coordinator drops duplicates) and the
+//!    timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack comes. A class the coordinator
+//!    keeps committing is working through its backlog in order (the broker keeps a
+//!    publisher's order per topic): resending it would only queue every waiting message a
+//!    second time behind the first. (A device whose first message waits behind other devices'
+//!    backlog still times out: `bench fl-large` with 10 agents sending 20 MB updates at once.)
+//!    A resend hint from the coordinator (it holds back a message for an earlier one it
+//!    lacks) rewinds that class at once, at most once per [`HINT_HOLDOFF`].
 //! 3. Probing: a new connection (a restart or a reconnect) sends each class one message, its
 //!    oldest, and no more until the coordinator acknowledges it. The messages an earlier
 //!    connection left in the broker's queue mostly reach the coordinator before the probe (a
@@ -48,9 +53,11 @@ pub struct SendWindow {
     inflight: HashMap<u16, Key>,
     /// Outbox messages the broker acknowledged, awaiting the coordinator, with the PUBACK time.
     awaiting: BTreeMap<Key, Instant>,
-    /// `awaiting` in PUBACK order; entries no longer in `awaiting` (or with another time) are
-    /// stale and skipped.
-    order: VecDeque<(Instant, Key)>,
+    /// `awaiting` in PUBACK order per class; entries no longer in `awaiting` (or with another
+    /// time) are stale and skipped.
+    order: [VecDeque<(Instant, Key)>; 4],
+    /// When the coordinator last committed a message of each class.
+    progress: [Option<Instant>; 4],
     rewound: [Option<Instant>; 4],
     /// Classes that send one message until the coordinator acknowledges it.
     probing: [bool; 4],
@@ -69,7 +76,8 @@ impl SendWindow {
             unsent: VecDeque::new(),
             inflight: HashMap::new(),
             awaiting: BTreeMap::new(),
-            order: VecDeque::new(),
+            order: Default::default(),
+            progress: [None; 4],
             rewound: [None; 4],
             probing: [true; 4],
             probe: [None; 4],
@@ -134,18 +142,20 @@ impl SendWindow {
         let key = self.inflight.remove(&pkid)?;
         if stored(key) {
             self.awaiting.insert(key, now);
-            self.order.push_back((now, key));
+            self.order[key.class.index()].push_back((now, key));
         } else if self.probe[key.class.index()] == Some(key.seq) {
             self.probe[key.class.index()] = None;
         }
         Some(key)
     }
 
-    /// The coordinator committed every message of `class` in `from..=to`, whether the outbox
-    /// still holds it or not. The ack of a class's probe ends its probing; an ack also resets
-    /// the timeout's backoff.
-    pub fn committed_range(&mut self, class: Class, from: u64, to: u64) {
+    /// The coordinator committed every message of `class` in `from..=to` (at `now`), whether
+    /// the outbox still holds it or not. The ack of a class's probe ends its probing; an ack
+    /// also resets the timeout's backoff and puts off the class's timeout (see the module
+    /// docs).
+    pub fn committed_range(&mut self, class: Class, from: u64, to: u64, now: Instant) {
         let i = class.index();
+        self.progress[i] = Some(now);
         if self.probe[i].is_some_and(|p| (from..=to).contains(&p)) {
             self.probing[i] = false;
             self.probe[i] = None;
@@ -166,25 +176,38 @@ impl SendWindow {
         self.awaiting.len()
     }
 
-    /// When the oldest waiting message is overdue; `None` when nothing waits.
+    /// When the first class is overdue: its oldest waiting message has waited the timeout,
+    /// and so has its last commit; `None` when nothing waits.
     pub fn deadline(&mut self) -> Option<Instant> {
-        while let Some((t, k)) = self.order.front() {
+        Class::ALL
+            .into_iter()
+            .filter_map(|c| self.class_deadline(c))
+            .min()
+    }
+
+    fn class_deadline(&mut self, class: Class) -> Option<Instant> {
+        let i = class.index();
+        while let Some((t, k)) = self.order[i].front() {
             if self.awaiting.get(k) == Some(t) {
-                return Some(*t + self.timeout);
+                let since = self.progress[i].map_or(*t, |p| p.max(*t));
+                return Some(since + self.timeout);
             }
-            self.order.pop_front();
+            self.order[i].pop_front();
         }
         None
     }
 
-    /// Nothing was acknowledged in time: every class with waiting messages is sent again from
-    /// its oldest, without probing (an unanswered probe ends it), and the timeout backs off.
-    /// Returns how many were waiting.
+    /// Nothing was acknowledged in time: every overdue class ([`SendWindow::deadline`]) is
+    /// sent again from its oldest, without probing (an unanswered probe ends it), and the
+    /// timeout backs off. Returns how many of their messages were waiting.
     pub fn timed_out(&mut self, now: Instant) -> usize {
-        let waiting = self.awaiting.len();
-        let mut classes: Vec<Class> = self.awaiting.keys().map(|k| k.class).collect();
-        classes.dedup();
-        for class in classes {
+        let overdue: Vec<Class> = Class::ALL
+            .into_iter()
+            .filter(|&c| self.class_deadline(c).is_some_and(|d| d <= now))
+            .collect();
+        let mut waiting = 0;
+        for class in overdue {
+            waiting += self.awaiting.keys().filter(|k| k.class == class).count();
             self.rewind(class, now);
             self.probing[class.index()] = false;
         }
@@ -256,7 +279,7 @@ mod tests {
             w.acked(pkid, now, |_| true);
         }
         assert!(!w.has_room(), "two await the coordinator");
-        w.committed_range(Class::Results, 1, 1);
+        w.committed_range(Class::Results, 1, 1, now);
         assert!(w.has_room());
         // A PUBACK for a message the coordinator already acknowledged leaves nothing waiting.
         w.handed(k(3));
@@ -297,12 +320,46 @@ mod tests {
         );
         assert_eq!(w.deadline(), None);
         assert_eq!(w.ack_timeout(), Duration::from_secs(20));
-        w.committed_range(Class::Results, 4, 4);
+        w.committed_range(Class::Results, 4, 4, t0);
         assert_eq!(w.ack_timeout(), Duration::from_secs(10));
         for _ in 0..20 {
             w.timed_out(t0);
         }
         assert_eq!(w.ack_timeout(), MAX_ACK_TIMEOUT);
+    }
+
+    /// A coordinator working through a backlog commits a class's messages slowly but in
+    /// order: that class is not sent again while its commits keep coming, and a class with
+    /// none is.
+    #[test]
+    fn a_class_the_coordinator_keeps_committing_is_not_sent_again() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut w = SendWindow::new(8, 100, s(10));
+        let t = Key {
+            class: Class::Telemetry,
+            seq: 1,
+        };
+        for (pkid, key) in [(1, k(1)), (2, k(2)), (3, k(3)), (4, t)] {
+            w.handed(key);
+            w.written(pkid);
+            w.acked(pkid, t0, |_| true);
+        }
+        w.committed_range(Class::Results, 1, 1, t0 + s(8));
+        assert_eq!(w.deadline(), Some(t0 + s(10)), "telemetry has no commit");
+        assert_eq!(w.timed_out(t0 + s(10)), 1);
+        assert_eq!(w.cursor(Class::Telemetry), None, "telemetry sent again");
+        assert_eq!(
+            w.cursor(Class::Results),
+            Some(3),
+            "results still progressing"
+        );
+        w.committed_range(Class::Results, 2, 2, t0 + s(16));
+        assert_eq!(w.deadline(), Some(t0 + s(26)));
+        // Commits stop: the rest of the class goes again.
+        assert_eq!(w.timed_out(t0 + s(26)), 1);
+        assert_eq!(w.cursor(Class::Results), None);
+        assert_eq!(w.deadline(), None);
     }
 
     #[test]
@@ -325,10 +382,10 @@ mod tests {
         w.written(2);
         w.acked(1, t0, |_| true);
         // Acks for later messages (left in the broker by an earlier connection) do not end it.
-        w.committed_range(Class::Results, 4, 4);
+        w.committed_range(Class::Results, 4, 4, t0);
         assert!(!w.may_hand(Class::Results));
         // A range reaching past the probe does, even for messages no longer stored.
-        w.committed_range(Class::Results, 3, 9);
+        w.committed_range(Class::Results, 3, 9, t0);
         assert!(w.may_hand(Class::Results) && !w.probing(Class::Results));
         assert_eq!(w.awaiting(), 0);
         w.handed(k(10));
