@@ -433,6 +433,8 @@ pub struct RssOptions {
     pub before: Option<PathBuf>,
     /// Also cross-build the aarch64 and armv7 release agents and report their stripped sizes.
     pub arm_sizes: bool,
+    /// Also measure inside this board's image booted under qemu-system-aarch64.
+    pub image: Option<String>,
 }
 
 /// What runs in the agent while it is sampled.
@@ -642,6 +644,59 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
     }
     if opts.arm_sizes {
         arm_sizes()?;
+    }
+    if let Some(board) = &opts.image {
+        image_rss(board)?;
+    }
+    Ok(())
+}
+
+/// The idle agent and a bare tokio+rumqttc client inside `board`'s image booted under
+/// qemu-system-aarch64 (see `image_footprint`), medians of the probe's samples.
+fn image_rss(board: &str) -> Result<()> {
+    let target = crate::cross::Target::load(&crate::cross::Board::load(board)?.target)?;
+    target.prepare()?;
+    let mut cmd = crate::cargo();
+    cmd.args(["build", "--release", "--target", &target.triple]);
+    cmd.args(["-p", "edge-agent", "--example", "bare_mqtt"]);
+    target.cargo_env(&mut cmd);
+    crate::run(cmd).context("cross build of the bare_mqtt example failed")?;
+    let bare = target
+        .out_dir(&crate::cross::cargo_target_dir(), true)
+        .join("examples/bare_mqtt");
+    let opts = crate::image::Options {
+        board: board.to_owned(),
+        suite: "bookworm".into(),
+        mirror: "http://deb.debian.org/debian".into(),
+        mqtt_url: None,
+        smoke: true,
+    };
+    let probe = crate::image_footprint::Probe { bare };
+    let f = crate::image::build(&opts, &crate::dist::Enrollment::default(), Some(&probe))?
+        .context("the image's smoke boot measured nothing")?;
+    let med = |s: &[crate::image_footprint::Sample],
+               k: fn(&crate::image_footprint::Sample) -> u64| {
+        median(s.iter().map(|x| k(x) as f64).collect())
+    };
+    println!(
+        "inside the {board} image under qemu-system-aarch64 (kernel {}, page size {}), idle, connected to the host's embedded broker, median of {} samples (KiB)",
+        f.kernel,
+        f.page_size,
+        f.agent.len()
+    );
+    let bare_pss = med(f.bare.as_slice(), |x| x.pss);
+    for (name, s) in [
+        ("bare tokio+rumqttc", f.bare.as_slice()),
+        ("edge-agent, no pipeline", f.agent.as_slice()),
+    ] {
+        let pss = med(s, |x| x.pss);
+        println!(
+            "  {name:<24}: RSS {:>7.0}  PSS {pss:>7.0} (anon {:>6.0}, file {:>6.0})  ({:.1}x PSS of bare)",
+            med(s, |x| x.rss),
+            med(s, |x| x.pss_anon),
+            med(s, |x| x.pss_file),
+            pss / bare_pss
+        );
     }
     Ok(())
 }

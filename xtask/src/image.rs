@@ -42,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cross::{Board, Target, mib, override_config};
 use crate::dist::{CLAIM_KEY_PATH, Enrollment, SERVICE_USER, in_tree, with_enrollment};
+use crate::image_footprint::{GuestFootprint, Probe};
 
 /// Host tools: debootstrap, the static emulators and their binfmt files, filesystem makers.
 const HOST_PACKAGES: &[&str] = &[
@@ -84,6 +85,16 @@ pub struct Options {
 
 /// `cargo xtask image`, baking in `enrollment` (checked flags).
 pub fn run(opts: &Options, enrollment: &Enrollment) -> Result<()> {
+    build(opts, enrollment, None).map(|_| ())
+}
+
+/// Builds the image; with `opts.smoke` boots a copy, with `probe` in it, and returns what the
+/// probe measured (`cargo xtask bench rss --image`).
+pub fn build(
+    opts: &Options,
+    enrollment: &Enrollment,
+    probe: Option<&Probe>,
+) -> Result<Option<GuestFootprint>> {
     let board = Board::load(&opts.board)?;
     let image = board
         .image
@@ -151,9 +162,9 @@ pub fn run(opts: &Options, enrollment: &Enrollment) -> Result<()> {
         );
     }
     if opts.smoke {
-        smoke(&target, &rootfs, &work, &board, enrollment)?;
+        return smoke(&target, &rootfs, &work, &board, enrollment, probe);
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The service user's uid and the service group's gid in the image (the unit's `User=` and
@@ -549,14 +560,16 @@ fn make_partitions(rootfs: &Path, boot_tree: &Path, work: &Path, disk: &Path) ->
 }
 
 /// Boots a copy of the image (agent pointed at a coordinator on the host) under
-/// qemu-system-aarch64 and waits for the agent to enroll and register.
+/// qemu-system-aarch64 and waits for the agent to enroll and register; with `probe`, also
+/// for the probe's figures.
 fn smoke(
     target: &Target,
     rootfs: &Path,
     work: &Path,
     board: &Board,
     enrollment: &Enrollment,
-) -> Result<()> {
+    probe: Option<&Probe>,
+) -> Result<Option<GuestFootprint>> {
     ensure!(
         target.deb_arch == "arm64",
         "the smoke test boots arm64 images only (qemu-system-aarch64 virt)"
@@ -600,9 +613,13 @@ fn smoke(
     let claim_path = rootfs.join(in_tree(CLAIM_KEY_PATH));
     let harness_claim = enrollment.claim.is_none();
     let disk = work.join("smoke.img");
-    // The harness claim and the smoke config are for the copy only: the tree gets its own
-    // config back and loses the harness claim whatever happened.
+    let mut probed = Vec::new();
+    // The harness claim, the smoke config and the probe are for the copy only: the tree gets
+    // its own config back and loses the harness claim and the probe whatever happened.
     let made = (|| {
+        if let Some(p) = probe {
+            probed = p.install(rootfs, port)?;
+        }
         if harness_claim {
             edge_tests::enroll::write_claim_key(&claim_path, &[])?;
             let (uid, gid) = service_ids(rootfs)?;
@@ -619,9 +636,11 @@ fn smoke(
     } else {
         Ok(())
     };
+    let unprobed = Probe::remove(&probed);
     made?;
     restored?;
     removed?;
+    unprobed?;
 
     let kernel_version = newest_kernel(rootfs)?;
     let kernel = rootfs.join(format!("boot/vmlinuz-{kernel_version}"));
@@ -661,6 +680,10 @@ fn smoke(
         ev.iter().any(|e| e.event == "registered")
     });
     let elapsed = started.elapsed();
+    let measured = match (&registered, probe) {
+        (Ok(_), Some(_)) => Some(crate::image_footprint::collect(&console_log)),
+        _ => None,
+    };
     qemu.kill()?;
     if let Err(e) = registered {
         env.dump_logs();
@@ -682,7 +705,7 @@ fn smoke(
         elapsed.as_secs_f64()
     );
     fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
-    Ok(())
+    measured.transpose()
 }
 
 /// The smoke coordinator's config when the image has its own claim: claim mode, that claim

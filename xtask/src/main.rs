@@ -25,6 +25,7 @@ mod cross;
 mod demo;
 mod dist;
 mod image;
+mod image_footprint;
 mod ort;
 mod provision;
 mod qemu;
@@ -217,6 +218,11 @@ enum Bench {
         /// sizes (slow: two release builds of the whole agent).
         #[arg(long)]
         arm_sizes: bool,
+        /// Also build the board's image (root; cached under target/image/), boot it under
+        /// qemu-system-aarch64 and measure the idle agent and a bare tokio+rumqttc client
+        /// inside it: e.g. `--image rpi4`.
+        #[arg(long, value_name = "BOARD")]
+        image: Option<String>,
     },
     /// Federated learning on the digits data: accuracy and upload bytes per round of every
     /// update codec against fp32, three splits, several seeds (table, CSV and SVG plot).
@@ -397,10 +403,19 @@ fn main() -> Result<()> {
             which: Some(Bench::FlAck { before }),
         } => bench::fl_ack(&root(), before.as_deref()),
         Cmd::Bench {
-            which: Some(Bench::Rss { before, arm_sizes }),
+            which:
+                Some(Bench::Rss {
+                    before,
+                    arm_sizes,
+                    image,
+                }),
         } => {
             build_modules()?;
-            let opts = bench::RssOptions { before, arm_sizes };
+            let opts = bench::RssOptions {
+                before,
+                arm_sizes,
+                image,
+            };
             bench::run(&root(), "rss", &opts)
         }
         Cmd::Bench { which } => {

@@ -1,0 +1,261 @@
+//! `cargo xtask bench rss --image`: the idle agent's memory inside the flashed aarch64 image
+//! booted under qemu-system-aarch64, where the kernel's own accounting (`smaps_rollup` of a
+//! real arm64 kernel, its page size, its page cache) applies, unlike qemu-user's process.
+//!
+//! The image's smoke boot ([`crate::image`]) gets a probe in its copy (never in the image
+//! itself): a oneshot unit that waits for the agent to log that it enrolled, lets it settle,
+//! samples its `smaps_rollup` [`SAMPLES`] times, then runs a bare tokio+rumqttc client
+//! (`agent/examples/bare_mqtt.rs`, cross-built) against the same broker and samples that the
+//! same way. Each sample is one `EDGE-FOOTPRINT` line on the serial console, which the host
+//! reads from the console log.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// Samples per process, [`SAMPLE_GAP_S`] apart.
+const SAMPLES: usize = 3;
+const SAMPLE_GAP_S: u32 = 10;
+/// Running time before the first sample. Under TCG emulation the guest runs about 10-20x
+/// slower than the board, so this is longer than the host bench's 5 s.
+const SETTLE_S: u32 = 30;
+/// From the agent's registration to the probe's last line.
+const PROBE_WAIT: Duration = Duration::from_secs(420);
+const MARK: &str = "EDGE-FOOTPRINT";
+/// Where the probe's files go in the copy.
+const DIR: &str = "usr/local/lib/edge-footprint";
+const UNIT: &str = "etc/systemd/system/edge-footprint.service";
+const WANTS: &str = "etc/systemd/system/multi-user.target.wants/edge-footprint.service";
+
+/// The probe to put in the smoke copy: the bare client's aarch64 binary.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub bare: PathBuf,
+}
+
+/// One `smaps_rollup` sample, KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    pub rss: u64,
+    pub pss: u64,
+    pub pss_anon: u64,
+    pub pss_file: u64,
+}
+
+/// What the probe printed.
+#[derive(Debug, Clone, Default)]
+pub struct GuestFootprint {
+    pub agent: Vec<Sample>,
+    pub bare: Vec<Sample>,
+    /// `uname -r` and `getconf PAGESIZE` inside the guest.
+    pub kernel: String,
+    pub page_size: String,
+}
+
+impl Probe {
+    /// Writes the probe into `rootfs` (a tree about to become the smoke copy's disk), its
+    /// bare client pointed at the host's broker on `port`; returns the paths to remove once
+    /// the disk is made.
+    pub fn install(&self, rootfs: &Path, port: u16) -> Result<Vec<PathBuf>> {
+        let dir = rootfs.join(DIR);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let bare = dir.join("bare_mqtt");
+        fs::copy(&self.bare, &bare)
+            .with_context(|| format!("cannot copy {}", self.bare.display()))?;
+        let script = dir.join("probe.sh");
+        fs::write(&script, script_text(port))
+            .with_context(|| format!("cannot write {}", script.display()))?;
+        for f in [&bare, &script] {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(f, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot chmod {}", f.display()))?;
+        }
+        let unit = rootfs.join(UNIT);
+        fs::write(&unit, unit_text())
+            .with_context(|| format!("cannot write {}", unit.display()))?;
+        let wants = rootfs.join(WANTS);
+        std::os::unix::fs::symlink("../edge-footprint.service", &wants)
+            .with_context(|| format!("cannot link {}", wants.display()))?;
+        Ok(vec![wants, unit, dir])
+    }
+
+    /// Removes what [`Probe::install`] wrote.
+    pub fn remove(installed: &[PathBuf]) -> Result<()> {
+        for p in installed {
+            let meta = fs::symlink_metadata(p);
+            let gone = match meta {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+                Ok(_) => fs::remove_file(p),
+                Err(_) => Ok(()),
+            };
+            gone.with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the probe's last line in the console log and parses what it printed.
+pub fn collect(console_log: &Path) -> Result<GuestFootprint> {
+    let started = Instant::now();
+    loop {
+        let text = fs::read(console_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if text.contains(&format!("{MARK} done")) {
+            return parse(&text);
+        }
+        if started.elapsed() > PROBE_WAIT {
+            bail!(
+                "the image's footprint probe printed no `{MARK} done` within {} s (console log: {})",
+                PROBE_WAIT.as_secs(),
+                console_log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The probe's lines: `EDGE-FOOTPRINT agent|bare Rss: N kB Pss: N kB ...` and
+/// `EDGE-FOOTPRINT done kernel=K pagesize=P`; anything else on the console is skipped.
+fn parse(console: &str) -> Result<GuestFootprint> {
+    let mut out = GuestFootprint::default();
+    for line in console.lines() {
+        let Some(rest) = line.find(MARK).map(|i| &line[i + MARK.len()..]) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        match words.next() {
+            Some(who @ ("agent" | "bare")) => {
+                let fields: Vec<&str> = words.collect();
+                let field = |name: &str| -> Result<u64> {
+                    let i = fields
+                        .iter()
+                        .position(|w| *w == name)
+                        .with_context(|| format!("no {name} in the probe's line {line:?}"))?;
+                    fields
+                        .get(i + 1)
+                        .and_then(|v| v.parse().ok())
+                        .with_context(|| format!("bad {name} in the probe's line {line:?}"))
+                };
+                let sample = Sample {
+                    rss: field("Rss:")?,
+                    pss: field("Pss:")?,
+                    pss_anon: field("Pss_Anon:")?,
+                    pss_file: field("Pss_File:")?,
+                };
+                if who == "agent" {
+                    out.agent.push(sample);
+                } else {
+                    out.bare.push(sample);
+                }
+            }
+            Some("done") => {
+                for w in words {
+                    if let Some(k) = w.strip_prefix("kernel=") {
+                        out.kernel = k.to_owned();
+                    } else if let Some(p) = w.strip_prefix("pagesize=") {
+                        out.page_size = p.to_owned();
+                    }
+                }
+            }
+            Some("error") => bail!("the image's footprint probe failed: {}", rest.trim()),
+            _ => {}
+        }
+    }
+    ensure!(
+        !out.agent.is_empty() && !out.bare.is_empty(),
+        "the image's footprint probe printed {} agent and {} bare samples",
+        out.agent.len(),
+        out.bare.len()
+    );
+    Ok(out)
+}
+
+fn unit_text() -> String {
+    "[Unit]\n\
+     Description=edge footprint probe (cargo xtask bench rss --image)\n\
+     After=edge-agent.service\n\n\
+     [Service]\n\
+     Type=oneshot\n\
+     ExecStart=/usr/local/lib/edge-footprint/probe.sh\n\n\
+     [Install]\n\
+     WantedBy=multi-user.target\n"
+        .to_owned()
+}
+
+/// The guest's script. It prints to `/dev/console` (the serial port the host logs).
+fn script_text(port: u16) -> String {
+    format!(
+        r#"#!/bin/sh
+say() {{ echo "{MARK} $*" > /dev/console; }}
+sample() {{ say "$1" $(grep -E '^(Rss|Pss|Pss_Anon|Pss_File):' "/proc/$2/smaps_rollup" | tr '\n' ' '); }}
+until journalctl -u edge-agent --no-pager -q | grep -q 'enrolled: messages are sealed and sent'; do sleep 2; done
+sleep {SETTLE_S}
+agent=$(pidof edge-agent) || {{ say error "no edge-agent process"; exit 1; }}
+for i in $(seq {SAMPLES}); do sample agent "$agent"; sleep {SAMPLE_GAP_S}; done
+/{DIR}/bare_mqtt idle 10.0.2.2 {port} > /dev/null 2>&1 &
+bare=$!
+sleep {SETTLE_S}
+kill -0 "$bare" 2> /dev/null || {{ say error "bare_mqtt exited"; exit 1; }}
+for i in $(seq {SAMPLES}); do sample bare "$bare"; sleep {SAMPLE_GAP_S}; done
+kill "$bare"
+say done kernel=$(uname -r) pagesize=$(getconf PAGESIZE)
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_probes_lines_among_console_noise() {
+        let console = "[  12.1] systemd[1]: Started x\n\
+            EDGE-FOOTPRINT agent Rss: 9000 kB Pss: 8000 kB Pss_Anon: 2000 kB Pss_File: 6000 kB \n\
+            [  13.0] random: crng init done\n\
+            \x1b[0mEDGE-FOOTPRINT bare Rss: 3000 kB Pss: 1500 kB Pss_Anon: 700 kB Pss_File: 800 kB\n\
+            EDGE-FOOTPRINT done kernel=6.1.0-28-arm64 pagesize=4096\n";
+        let f = parse(console).expect("parses");
+        assert_eq!(
+            f.agent,
+            vec![Sample {
+                rss: 9000,
+                pss: 8000,
+                pss_anon: 2000,
+                pss_file: 6000
+            }]
+        );
+        assert_eq!(f.bare[0].pss, 1500);
+        assert_eq!(
+            (f.kernel.as_str(), f.page_size.as_str()),
+            ("6.1.0-28-arm64", "4096")
+        );
+    }
+
+    #[test]
+    fn a_probe_error_or_missing_samples_is_an_error() {
+        let err = parse("EDGE-FOOTPRINT error no edge-agent process\nEDGE-FOOTPRINT done\n")
+            .expect_err("error line");
+        assert!(format!("{err:#}").contains("no edge-agent process"));
+        let err = parse("EDGE-FOOTPRINT done kernel=k pagesize=4096\n").expect_err("no samples");
+        assert!(format!("{err:#}").contains("0 agent and 0 bare"));
+    }
+
+    #[test]
+    fn install_writes_and_remove_clears_the_probe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("rootfs");
+        fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants")).expect("tree");
+        let bare = dir.path().join("bare");
+        fs::write(&bare, b"\x7fELF").expect("bare");
+        let installed = Probe { bare }.install(&root, 4242).expect("installs");
+        let script = fs::read_to_string(root.join(DIR).join("probe.sh")).expect("script");
+        assert!(script.contains("bare_mqtt idle 10.0.2.2 4242"));
+        assert!(fs::symlink_metadata(root.join(WANTS)).is_ok());
+        Probe::remove(&installed).expect("removes");
+        assert!(!root.join(DIR).exists() && !root.join(UNIT).exists());
+        assert!(fs::symlink_metadata(root.join(WANTS)).is_err());
+    }
+}
