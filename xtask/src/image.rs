@@ -670,7 +670,9 @@ fn smoke(
             "-netdev".into(),
             "user,id=net0".into(),
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            // No option ROM: the virt machine boots the kernel directly, and Debian's
+            // qemu-system-arm without its recommended ipxe-qemu has no efi-virtio.rom.
+            "virtio-net-pci,netdev=net0,romfile=".into(),
         ],
         console_log.clone(),
     );
