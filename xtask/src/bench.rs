@@ -685,6 +685,9 @@ fn image_rss(board: &str) -> Result<()> {
         f.agent.len()
     );
     let bare_pss = med(f.bare.as_slice(), |x| x.pss);
+    for line in &f.notes {
+        println!("  agent, {line}");
+    }
     for (name, s) in [
         ("bare tokio+rumqttc", f.bare.as_slice()),
         ("edge-agent, no pipeline", f.agent.as_slice()),

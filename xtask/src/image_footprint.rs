@@ -7,7 +7,9 @@
 //! samples its `smaps_rollup` [`SAMPLES`] times, then runs a bare tokio+rumqttc client
 //! (`agent/examples/bare_mqtt.rs`, cross-built) against the same broker and samples that the
 //! same way. Each sample is one `EDGE-FOOTPRINT` line on the serial console, which the host
-//! reads from the console log.
+//! reads from the console log. After the agent's samples it also prints where the agent's
+//! memory is (`map` lines: the largest mappings by PSS; `where`: threads, whether ONNX Runtime
+//! is mapped), which the host prints as they are.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,8 @@ pub struct GuestFootprint {
     /// `uname -r` and `getconf PAGESIZE` inside the guest.
     pub kernel: String,
     pub page_size: String,
+    /// The probe's `where` and `map` lines about the agent, as printed.
+    pub notes: Vec<String>,
 }
 
 impl Probe {
@@ -160,6 +164,9 @@ fn parse(console: &str) -> Result<GuestFootprint> {
                     }
                 }
             }
+            Some(kind @ ("where" | "map")) => out
+                .notes
+                .push(format!("{kind} {}", words.collect::<Vec<_>>().join(" "))),
             Some("error") => bail!("the image's footprint probe failed: {}", rest.trim()),
             _ => {}
         }
@@ -195,6 +202,8 @@ until journalctl -u edge-agent --no-pager -q | grep -q 'enrolled: messages are s
 sleep {SETTLE_S}
 agent=$(pidof edge-agent) || {{ say error "no edge-agent process"; exit 1; }}
 for i in $(seq {SAMPLES}); do sample agent "$agent"; sleep {SAMPLE_GAP_S}; done
+say where threads=$(ls /proc/$agent/task | wc -l) onnxruntime=$(grep -c onnxruntime /proc/$agent/maps)
+awk '/^[0-9a-f]+-/{{m=$2" "$6}} /^Pss:/{{print $2, m}}' /proc/$agent/smaps | sort -rn | head -12 | while read -r l; do say map $l; done
 /{DIR}/bare_mqtt idle 10.0.2.2 {port} > /dev/null 2>&1 &
 bare=$!
 sleep {SETTLE_S}
@@ -216,6 +225,7 @@ mod tests {
             EDGE-FOOTPRINT agent Rss: 9000 kB Pss: 8000 kB Pss_Anon: 2000 kB Pss_File: 6000 kB \n\
             [  13.0] random: crng init done\n\
             \x1b[0mEDGE-FOOTPRINT bare Rss: 3000 kB Pss: 1500 kB Pss_Anon: 700 kB Pss_File: 800 kB\n\
+            EDGE-FOOTPRINT where threads=12 onnxruntime=0\n\
             EDGE-FOOTPRINT done kernel=6.1.0-28-arm64 pagesize=4096\n";
         let f = parse(console).expect("parses");
         assert_eq!(
@@ -228,6 +238,7 @@ mod tests {
             }]
         );
         assert_eq!(f.bare[0].pss, 1500);
+        assert_eq!(f.notes, vec!["where threads=12 onnxruntime=0".to_owned()]);
         assert_eq!(
             (f.kernel.as_str(), f.page_size.as_str()),
             ("6.1.0-28-arm64", "4096")
