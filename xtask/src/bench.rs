@@ -666,8 +666,8 @@ fn image_rss(board: &str) -> Result<()> {
         .join("examples/bare_mqtt");
     let opts = crate::image::Options {
         board: board.to_owned(),
-        suite: "bookworm".into(),
-        mirror: "http://deb.debian.org/debian".into(),
+        suite: crate::image::DEFAULT_SUITE.into(),
+        mirror: crate::image::DEFAULT_MIRROR.into(),
         mqtt_url: None,
         smoke: true,
     };

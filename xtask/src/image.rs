@@ -63,6 +63,9 @@ const BASE_PACKAGES: &[&str] = &[
     "netbase",
     "ca-certificates",
 ];
+/// The Debian suite and mirror an image is built from unless told otherwise.
+pub const DEFAULT_SUITE: &str = "bookworm";
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// Firmware partition size; raspi-firmware puts kernel, initrd, DTBs and the GPU blobs there.
 const BOOT_MIB: u64 = 256;
 /// Start of the first partition (1 MiB alignment and room for a bootloader).
@@ -825,18 +828,18 @@ fn run_with_stdin(mut cmd: Command, input: &str) -> Result<()> {
     Ok(())
 }
 
-fn mkdir(dir: &Path) -> Result<()> {
+pub(crate) fn mkdir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         mkdir(dir)?;
     }
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn chmod(path: &Path, mode: u32) -> Result<()> {
+pub(crate) fn chmod(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot chmod {}", path.display()))

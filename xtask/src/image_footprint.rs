@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::image::{chmod, mkdir, write};
+
 /// Samples per process, [`SAMPLE_GAP_S`] apart.
 const SAMPLES: usize = 3;
 const SAMPLE_GAP_S: u32 = 10;
@@ -64,25 +66,19 @@ impl Probe {
     /// the disk is made.
     pub fn install(&self, rootfs: &Path, port: u16) -> Result<Vec<PathBuf>> {
         let dir = rootfs.join(DIR);
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        mkdir(&dir)?;
         let bare = dir.join("bare_mqtt");
         fs::copy(&self.bare, &bare)
             .with_context(|| format!("cannot copy {}", self.bare.display()))?;
         let script = dir.join("probe.sh");
-        fs::write(&script, script_text(port))
-            .with_context(|| format!("cannot write {}", script.display()))?;
-        for f in [&bare, &script] {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(f, fs::Permissions::from_mode(0o755))
-                .with_context(|| format!("cannot chmod {}", f.display()))?;
-        }
-        let unit = rootfs.join(UNIT);
-        fs::write(&unit, unit_text())
-            .with_context(|| format!("cannot write {}", unit.display()))?;
+        write(&script, &script_text(port))?;
+        chmod(&bare, 0o755)?;
+        chmod(&script, 0o755)?;
+        write(&rootfs.join(UNIT), &unit_text())?;
         let wants = rootfs.join(WANTS);
         std::os::unix::fs::symlink("../edge-footprint.service", &wants)
             .with_context(|| format!("cannot link {}", wants.display()))?;
-        Ok(vec![wants, unit, dir])
+        Ok(vec![wants, rootfs.join(UNIT), dir])
     }
 
     /// Removes what [`Probe::install`] wrote.

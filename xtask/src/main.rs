@@ -135,9 +135,9 @@ enum Cmd {
         /// A board profile with an [image] section (cross/boards/): rpi4, rpi5, ...
         #[arg(long)]
         board: String,
-        #[arg(long, default_value = "bookworm")]
+        #[arg(long, default_value = image::DEFAULT_SUITE)]
         suite: String,
-        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        #[arg(long, default_value = image::DEFAULT_MIRROR)]
         mirror: String,
         /// Broker URL written into the image's agent config.
         #[arg(long)]
