@@ -495,6 +495,10 @@ struct Sample {
     pss: u64,
     /// Whether `libonnxruntime` was mapped.
     ort: bool,
+    /// From spawn to the local API accepting a connection (the agent is up), ms.
+    ready_ms: f64,
+    /// From spawn to its registration in the coordinator's journal, ms.
+    registered_ms: f64,
 }
 
 fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
@@ -575,8 +579,11 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
                     o.extra
                         .insert("pipeline".into(), toml::Value::Table(pipeline));
                 }
+                let spawned = Instant::now();
                 let agent = Agent::start(&dir.join(&device), o)?;
+                let ready_ms = spawned.elapsed().as_secs_f64() * 1e3;
                 journal.wait_registered(&device, Duration::from_secs(60))?;
+                let registered_ms = spawned.elapsed().as_secs_f64() * 1e3;
                 if load != Load::Idle {
                     // Running: its sink's first messages reached the coordinator.
                     journal.wait_for(
@@ -593,6 +600,8 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
                     rss,
                     pss,
                     ort: maps.contains("libonnxruntime"),
+                    ready_ms,
+                    registered_ms,
                 });
                 drop(agent);
             }
@@ -629,6 +638,20 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
                 r / b,
                 p / bp,
                 s.len()
+            );
+        }
+    }
+    println!(
+        "agent start-up, median of {ROUNDS} (ms): spawn to its local API up / to registered at the coordinator"
+    );
+    for (bi, (name, _)) in builds.iter().enumerate() {
+        for (l, load) in Load::ALL.into_iter().enumerate() {
+            let s = &samples[bi * Load::ALL.len() + l];
+            println!(
+                "  {name:<11} {:<44}: {:>6.0} / {:>6.0}",
+                load.label(),
+                median(s.iter().map(|x| x.ready_ms).collect()),
+                median(s.iter().map(|x| x.registered_ms).collect()),
             );
         }
     }

@@ -24,6 +24,7 @@ mod bench_fleet;
 mod cross;
 mod demo;
 mod dist;
+mod hot_text;
 mod image;
 mod image_footprint;
 mod ort;
@@ -147,6 +148,14 @@ enum Cmd {
         /// Boot the image and wait for its agent to register with a coordinator on the host.
         #[arg(long)]
         smoke: bool,
+    },
+    /// Profile the idle release agent under callgrind and write agent/hot-text.ld, the linker
+    /// script that lays the code it ran out together (fewer resident pages when idle).
+    HotText {
+        /// Rewrite the script from the last profile (target/hot-text/callgrind.out) without
+        /// building or profiling again.
+        #[arg(long)]
+        reuse: bool,
     },
     /// Benchmarks against a baseline measured in the same run.
     Bench {
@@ -352,6 +361,7 @@ fn main() -> Result<()> {
             },
             &enroll.check()?,
         ),
+        Cmd::HotText { reuse } => hot_text::run(&root(), reuse),
         Cmd::Bench {
             which: Some(Bench::Fl),
         } => {

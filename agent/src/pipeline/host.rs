@@ -332,7 +332,11 @@ pub async fn run_start(
     origin: Origin,
 ) -> Result<Pipeline, PipelineError> {
     tokio::task::spawn_blocking(move || {
-        Pipeline::start(&spec, artifacts.as_ref(), &deps, mode, origin)
+        let started = Pipeline::start(&spec, artifacts.as_ref(), &deps, mode, origin);
+        // Compiling modules (cranelift, on its own threads and arenas) and loading models free
+        // far more than a running pipeline keeps: hand it back to the kernel.
+        crate::memory::release();
+        started
     })
     .await
     .unwrap_or_else(|e| {
