@@ -231,8 +231,10 @@ fn linkable(name: &str) -> bool {
 /// The script's patterns for the functions that ran. A Rust name's hash is globbed (one
 /// pattern for every target and build) unless that would take in more than [`GLOB_SLACK`]
 /// bytes of code that did not run: a generic function's instantiations share the name
-/// without the hash (`<&T as Debug>::fmt` has 300 KB of them), and those are named exactly,
-/// which only the profiled target's build matches.
+/// without the hash (`<&T as Debug>::fmt` has 300 KB of them). Those are left out: the hash
+/// cannot name them instead, since it differs between the profiled (unstripped) build and a
+/// release build, and between targets. With v0 symbol mangling, whose names carry the
+/// generic arguments, they could be named exactly; that is the next step.
 fn patterns(functions: &[String], symbols: &HashMap<String, u64>) -> BTreeSet<String> {
     let stem = |name: &str| rust_hash_at(base(name)).map(|at| base(name)[..at].to_owned());
     let mut all: HashMap<String, u64> = HashMap::new();
@@ -250,9 +252,7 @@ fn patterns(functions: &[String], symbols: &HashMap<String, u64>) -> BTreeSet<St
     functions
         .iter()
         .filter_map(|f| match stem(f) {
-            Some(st) if all.get(&st).copied().unwrap_or(0) > ran[&st] + GLOB_SLACK => {
-                linkable(base(f)).then(|| exact(base(f)))
-            }
+            Some(st) if all.get(&st).copied().unwrap_or(0) > ran[&st] + GLOB_SLACK => None,
             _ => pattern(f),
         })
         .collect()
@@ -403,7 +403,7 @@ fn=(1)
     }
 
     #[test]
-    fn a_generic_name_with_much_code_that_did_not_run_is_named_exactly() {
+    fn a_generic_name_with_much_code_that_did_not_run_is_left_out() {
         let symbols: HashMap<String, u64> = [
             ("_ZN1a3fmt17h1111111111111111E", 100),
             ("_ZN1a3fmt17h2222222222222222E", 10_000),
@@ -418,13 +418,7 @@ fn=(1)
             "_ZN1b3run17h3333333333333333E".to_owned(),
         ];
         let p: Vec<String> = patterns(&ran, &symbols).into_iter().collect();
-        assert_eq!(
-            p,
-            vec![
-                ".text._ZN1a3fmt17h1111111111111111E .text._ZN1a3fmt17h1111111111111111E.llvm.*",
-                ".text._ZN1b3run17h*",
-            ]
-        );
+        assert_eq!(p, vec![".text._ZN1b3run17h*"]);
     }
 
     #[test]
