@@ -17,8 +17,10 @@
 //!
 //! Release builds also take `hot-text.ld` (written by `cargo xtask hot-text`), a linker script
 //! that puts the functions a connected, idle agent runs in one output section before `.text`,
-//! so that its code fills a few contiguous pages instead of touching some 130 of the binary's
-//! 64 KiB fault-around windows. `EDGE_LINK_NO_HOT_TEXT=1` links with the default layout.
+//! so that its code fills a few contiguous pages instead of fault-around windows all over the
+//! binary. It goes only to the LLD links above (it has been tried with LLD alone), so
+//! `EDGE_LINK_NO_RELR=1` or a missing `rust-lld` also leaves it out; `EDGE_LINK_NO_HOT_TEXT=1`
+//! leaves out only it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -55,8 +57,8 @@ fn main() {
     hot_text();
 }
 
-/// Release links of the bins take `hot-text.ld` where it exists (LLD and GNU ld both read a
-/// script of `SECTIONS { ... } INSERT BEFORE .text;` as an addition to their default layout).
+/// Release links of the bins take `hot-text.ld` where it exists (LLD reads a script of
+/// `SECTIONS { ... } INSERT BEFORE .text;` as an addition to its default layout).
 fn hot_text() {
     if std::env::var("PROFILE").as_deref() != Ok("release")
         || std::env::var_os("EDGE_LINK_NO_HOT_TEXT").is_some_and(|v| !v.is_empty())

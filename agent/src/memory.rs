@@ -52,14 +52,6 @@ fn turn_huge_pages_off() -> std::io::Result<()> {
     }
 }
 
-/// Whether transparent huge pages are off for this process (what [`tune`] sets).
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // as in `tune`
-pub fn huge_pages_off() -> bool {
-    // SAFETY: as in `tune`; the call only reads the flag.
-    unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
-}
-
 /// Returns the arenas' free memory to the kernel (after a round's big buffers are dropped).
 #[allow(unsafe_code)] // as in `tune`
 pub fn release() {
@@ -72,6 +64,13 @@ pub fn release() {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
+    /// Whether transparent huge pages are off for this process (what [`super::tune`] sets).
+    #[allow(unsafe_code)] // as in `tune`
+    fn huge_pages_off() -> bool {
+        // SAFETY: prctl with integer arguments; the call only reads the flag.
+        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
+    }
+
     #[test]
     fn tune_turns_huge_pages_off() {
         match super::turn_huge_pages_off() {
@@ -84,6 +83,6 @@ mod tests {
             Err(e) => panic!("prctl(PR_SET_THP_DISABLE): {e}"),
         }
         super::tune();
-        assert!(super::huge_pages_off());
+        assert!(huge_pages_off());
     }
 }

@@ -284,8 +284,10 @@ fn symbol_sizes(bin: &Path) -> Result<HashMap<String, u64>> {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, size, kind, name) = (f.next()?, f.next()?, f.next()?, f.next()?);
-            matches!(kind, "t" | "T" | "W" | "w" | "i")
-                .then(|| Some((name.to_owned(), u64::from_str_radix(size, 16).ok()?)))?
+            if !matches!(kind, "t" | "T" | "W" | "w" | "i") {
+                return None;
+            }
+            Some((name.to_owned(), u64::from_str_radix(size, 16).ok()?))
         })
         .collect())
 }
