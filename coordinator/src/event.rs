@@ -115,13 +115,26 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         chunks_dropped: Option<u64>,
     },
-    /// A device asked for chunks again: how many are being resent, how many asked-for entries
-    /// were ignored (unknown deployment, digest or index, or over the per-request bound).
+    /// A device asked for chunks again: how many are being resent to it, how many a group
+    /// broadcast answers (queued already, or a rebroadcast this request started), how many
+    /// asked-for entries were ignored (unknown deployment, digest or index, or over the
+    /// per-request bound).
     DeployResend {
         device: String,
         deployment_id: String,
         chunks: u32,
+        #[serde(default)]
+        rebroadcast: u32,
         ignored: u32,
+    },
+    /// So many devices of a group rollout waited for the same chunk that it goes out once
+    /// more on the group chunk topic instead of once per device.
+    DeployRebroadcast {
+        deployment_id: String,
+        /// The artifact's digest.
+        artifact: String,
+        index: u32,
+        devices: u32,
     },
     /// A deployment ended: every target device is final, the manifest expired, a newer
     /// deployment replaced it on the same topic, or its package was invalid.
@@ -430,13 +443,22 @@ impl Event {
                 device,
                 deployment_id,
                 chunks,
+                rebroadcast,
                 ignored,
             } => {
                 if *ignored > 0 {
-                    tracing::warn!(%device, %deployment_id, chunks, ignored, "resend request partly ignored")
+                    tracing::warn!(%device, %deployment_id, chunks, rebroadcast, ignored, "resend request partly ignored")
                 } else {
-                    tracing::debug!(%device, %deployment_id, chunks, "resending chunks")
+                    tracing::debug!(%device, %deployment_id, chunks, rebroadcast, "resending chunks")
                 }
+            }
+            Event::DeployRebroadcast {
+                deployment_id,
+                artifact,
+                index,
+                devices,
+            } => {
+                tracing::info!(%deployment_id, %artifact, index, devices, "many devices lack a chunk; broadcasting it to the group again")
             }
             Event::DeploymentFinished {
                 deployment_id,

@@ -28,7 +28,8 @@ pub struct DeployConfig {
     /// Largest sum of artifact sizes of one deployment, bytes; also bounds the memory a
     /// download holds.
     pub max_total_bytes: u64,
-    /// Ask the coordinator again for missing chunks after this long without one, ms.
+    /// Ask the coordinator again for missing chunks after this long without one, ms; each
+    /// next request waits twice as long, up to 8x.
     pub resend_after_ms: u64,
     /// Give a download up after this many resend requests in a row brought nothing.
     pub max_stalled_resends: u32,

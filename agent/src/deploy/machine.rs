@@ -35,6 +35,19 @@ const STATE_MAGIC: &[u8; 4] = b"EDS1";
 /// becomes at most one request a second (each index once), not one request per chunk.
 const REREQUEST_GAP_MS: u64 = 1_000;
 
+/// A stalled download waits `resend_after_ms` before its first resend request and twice as
+/// long before each next one, up to this many doublings (8x). When a whole fleet downloads at
+/// once, chunks are late because the broker and the coordinator are busy, not lost: requests
+/// at a fixed interval would add load exactly then (every device asking again for everything
+/// it lacks) and give up while the answers are still queued.
+const STALL_BACKOFF_DOUBLINGS: u32 = 3;
+
+/// How long a download waits without a chunk before its next resend request, after
+/// `stalled` requests that brought nothing.
+fn stall_wait_ms(resend_after_ms: u64, stalled: u32) -> u64 {
+    resend_after_ms.saturating_mul(1 << stalled.min(STALL_BACKOFF_DOUBLINGS))
+}
+
 /// Why a verified manifest is not for this device or over its limits; the text is the
 /// rejection reason the coordinator sees in the deployment status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -711,13 +724,15 @@ impl Deployer {
     }
 
     /// Time passes: asks again for dropped chunks held back by the gap, asks for missing
-    /// chunks after a stall (gives up after `max_stalled_resends`), and passes a health check
+    /// chunks after a stall, waiting longer before each next request ([`stall_wait_ms`];
+    /// gives up after `max_stalled_resends`), and passes a health check
     /// whose time window is over.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<Action> {
         match &mut self.state.phase {
             Phase::Idle => Vec::new(),
             Phase::Downloading(dl) => {
-                if now_ms.saturating_sub(dl.last_progress_ms) < self.config.resend_after_ms {
+                let wait = stall_wait_ms(self.config.resend_after_ms, dl.stalled_resends);
+                if now_ms.saturating_sub(dl.last_progress_ms) < wait {
                     return dl.rerequest_due(now_ms).into_iter().collect();
                 }
                 if dl.stalled_resends >= self.config.max_stalled_resends {

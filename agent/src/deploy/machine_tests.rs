@@ -588,12 +588,19 @@ fn a_transfer_that_stays_stalled_fails() {
     let m = deployment("dep-1", 1, &[("a.wasm", &a)]);
     let mut d = Deployer::new("d1", config());
     d.on_manifest(&sign(&m, &key()), NOW, &MemoryStore::default());
+    // Each request waits twice as long as the one before: 5, 10, 20 s; then 40 s more
+    // without a chunk and it gives up.
     let mut t = NOW;
-    for _ in 0..3 {
-        t += 5_000;
+    for wait in [5_000, 10_000, 20_000] {
+        assert!(
+            d.on_tick(t + wait - 1).is_empty(),
+            "too early at +{wait} ms"
+        );
+        t += wait;
         assert!(matches!(&d.on_tick(t)[..], [Action::RequestResend(_)]));
     }
-    let acts = d.on_tick(t + 5_000);
+    assert!(d.on_tick(t + 39_999).is_empty());
+    let acts = d.on_tick(t + 40_000);
     assert!(matches!(&statuses(&acts)[..], [Step::Failed { reason }]
         if reason.contains("transfer stalled")));
     assert!(d.in_progress().is_none());

@@ -13,6 +13,12 @@
 //! - a resend request is answered on the requesting device's chunk topic, with at most
 //!   [`MAX_RESEND_CHUNKS`] chunks; entries for unknown deployments, digests or indexes, and
 //!   any beyond the bound, are ignored and counted;
+//! - in a group rollout, a chunk whose broadcast is still queued answers a request for it,
+//!   and once [`rebroadcast_threshold`] devices wait for the same chunk their per-device
+//!   answers become one publish on the group chunk topic (*rebroadcast*, journaled): when a
+//!   whole fleet misses chunks at once (the broker or the devices were too busy to take a
+//!   fan-out of 10,000), per-device answers paced at a few hundred a second would take many
+//!   minutes, while one broadcast repairs them all;
 //! - a rollout ends when every target device reported a final step, or when its manifest
 //!   expires;
 //! - a staged rollout (`--strategy canary`, rules in `waves.rs`) publishes the signed group
@@ -30,7 +36,7 @@
 //!   the group later installs it (the signed manifest's expiry, `deploy --ttl-secs`, bounds
 //!   how long; serve cannot sign a new one).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use protocol::v1::deploy::{DeployStatus, ResendRequest, Target};
 use protocol::v1::topics;
@@ -45,6 +51,22 @@ use crate::event::Event;
 /// Most chunks one resend request makes us publish. A request may list up to
 /// `MAX_RESEND_INDEXES` (2048) indexes; the agent asks again for whatever is still missing.
 pub const MAX_RESEND_CHUNKS: usize = 256;
+
+/// A group rollout's per-device answers for one chunk become a rebroadcast once this many
+/// devices wait for it...
+const REBROADCAST_MIN_DEVICES: usize = 8;
+/// ...and at least this fraction (1/N) of the rollout's devices: a broadcast reaches every
+/// member, so one device's loss on a flaky link stays a per-device answer.
+const REBROADCAST_FRACTION: usize = 10;
+
+/// How many devices of a group rollout of `devices` must wait for the same chunk before it
+/// is rebroadcast.
+pub fn rebroadcast_threshold(devices: usize) -> usize {
+    REBROADCAST_MIN_DEVICES.max(devices / REBROADCAST_FRACTION)
+}
+
+/// `(deployment id, artifact digest, index)`.
+type ChunkRef = (String, String, u32);
 
 /// One chunk waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -114,6 +136,9 @@ pub enum ControlError {
 pub struct EngineTotals {
     pub chunks_sent: u64,
     pub chunks_resent: u64,
+    /// Resends published once on a group chunk topic for many devices (counted in
+    /// `chunks_resent` too).
+    pub chunks_rebroadcast: u64,
     pub resend_entries_ignored: u64,
 }
 
@@ -125,6 +150,8 @@ pub struct Engine {
     resends: VecDeque<Queued>,
     initial: VecDeque<Queued>,
     queued: HashSet<Queued>,
+    /// Per-device resend answers of group rollouts queued, per chunk (see the module docs).
+    waiting: HashMap<ChunkRef, usize>,
     /// Manifest topic -> the deployment whose manifest is retained there.
     retained: BTreeMap<String, String>,
     /// Rollback deployment id -> the staged rollout it belongs to.
@@ -564,6 +591,7 @@ impl Engine {
     }
 
     fn drop_queued(&mut self, id: &str) {
+        self.waiting.retain(|(d, _, _), _| d != id);
         self.resends.retain(|q| q.deployment_id != id);
         self.initial.retain(|q| q.deployment_id != id);
         self.queued.retain(|q| q.deployment_id != id);
@@ -699,26 +727,38 @@ impl Engine {
         out
     }
 
-    /// A resend request from `device`: queues the valid chunks (bounded) on its chunk topic.
+    /// A resend request from `device`: queues the valid chunks (bounded) on its chunk topic,
+    /// or, in a group rollout, on the group's when many devices lack them (module docs).
     pub fn on_resend(&mut self, device: &str, request: &ResendRequest) -> Vec<Action> {
         let asked: usize = request.artifacts.iter().map(|m| m.indexes.len()).sum();
         let id = request.deployment_id.clone();
         if let Some(owner) = self.rollback_of.get(&id).cloned() {
-            return self.on_rollback_resend(&owner, device, request, asked);
+            let chunks = match self
+                .active
+                .get_mut(&owner)
+                .filter(|a| a.finished.is_none())
+                .and_then(|a| a.staged.as_mut())
+            {
+                Some(st) if st.rolled_back.has_device(device) => {
+                    st.rolled_back.on_resend(device, request, MAX_RESEND_CHUNKS)
+                }
+                _ => Vec::new(),
+            };
+            return self.answer_resend(device, &id, chunks, asked, None);
         }
         if let Some(s) = self.serving.get(&id) {
             // A device that joined the group after the rollout.
             let mut r = Rollout::new(&s.package.manifest, [device.to_owned()]);
             let chunks = r.on_resend(device, request, MAX_RESEND_CHUNKS);
-            return self.answer_resend(device, &id, chunks, asked);
+            return self.answer_resend(device, &id, chunks, asked, None);
         }
-        let chunks = match self.active.get_mut(&id).filter(|a| a.finished.is_none()) {
+        let (chunks, group) = match self.active.get_mut(&id).filter(|a| a.finished.is_none()) {
             Some(a)
                 if a.staged
                     .as_ref()
                     .is_some_and(|st| st.waves.is_halted() || !a.rollout.has_device(device)) =>
             {
-                Vec::new()
+                (Vec::new(), None)
             }
             Some(a) if a.group.is_some() || a.rollout.has_device(device) => {
                 if !a.rollout.has_device(device) {
@@ -727,105 +767,101 @@ impl Engine {
                 let chunks = a.rollout.on_resend(device, request, MAX_RESEND_CHUNKS);
                 a.resends_ignored += (asked - chunks.len()) as u64;
                 a.dirty = true;
-                chunks
+                let group = a.group.as_ref().map(|g| {
+                    (
+                        topics::group_deploy_chunk(g),
+                        rebroadcast_threshold(a.rollout.device_count()),
+                    )
+                });
+                (chunks, group)
             }
             // Unknown or finished deployment, or a device that is not its target.
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
-        let ignored = asked - chunks.len();
-        self.totals.resend_entries_ignored += ignored as u64;
-        let topic = topics::deploy_chunk(device);
-        let count = chunks.len();
-        for (sha256, index) in chunks {
-            self.enqueue(
-                true,
-                Queued {
-                    deployment_id: id.clone(),
-                    topic: topic.clone(),
-                    device: Some(device.to_owned()),
-                    sha256,
-                    index,
-                },
-            );
-        }
-        vec![Action::Event(Event::DeployResend {
-            device: device.to_owned(),
-            deployment_id: id,
-            chunks: count as u32,
-            ignored: ignored as u32,
-        })]
+        self.answer_resend(device, &id, chunks, asked, group)
     }
 
+    /// Queues the answer to one resend request: on the device's chunk topic, or, given the
+    /// rollout's `(group chunk topic, rebroadcast threshold)`, covered by a queued broadcast
+    /// or turned into a rebroadcast once enough devices wait for the chunk.
     fn answer_resend(
         &mut self,
         device: &str,
         id: &str,
         chunks: Vec<(String, u32)>,
         asked: usize,
+        group: Option<(String, usize)>,
     ) -> Vec<Action> {
         let ignored = asked - chunks.len();
         self.totals.resend_entries_ignored += ignored as u64;
-        let count = chunks.len();
+        let mut out = Vec::new();
+        let (mut count, mut rebroadcast) = (0u32, 0u32);
         for (sha256, index) in chunks {
-            self.enqueue(
-                true,
-                Queued {
-                    deployment_id: id.to_owned(),
-                    topic: topics::deploy_chunk(device),
-                    device: Some(device.to_owned()),
-                    sha256,
-                    index,
-                },
-            );
-        }
-        vec![Action::Event(Event::DeployResend {
-            device: device.to_owned(),
-            deployment_id: id.to_owned(),
-            chunks: count as u32,
-            ignored: ignored as u32,
-        })]
-    }
-
-    /// A resend request for a staged rollout's rollback deployment.
-    fn on_rollback_resend(
-        &mut self,
-        owner: &str,
-        device: &str,
-        request: &ResendRequest,
-        asked: usize,
-    ) -> Vec<Action> {
-        let chunks = match self
-            .active
-            .get_mut(owner)
-            .filter(|a| a.finished.is_none())
-            .and_then(|a| a.staged.as_mut())
-        {
-            Some(st) if st.rolled_back.has_device(device) => {
-                st.rolled_back.on_resend(device, request, MAX_RESEND_CHUNKS)
+            let q = Queued {
+                deployment_id: id.to_owned(),
+                topic: topics::deploy_chunk(device),
+                device: Some(device.to_owned()),
+                sha256,
+                index,
+            };
+            let Some((topic, threshold)) = &group else {
+                count += 1;
+                self.enqueue(true, q);
+                continue;
+            };
+            let broadcast = Queued {
+                topic: topic.clone(),
+                device: None,
+                ..q.clone()
+            };
+            if self.queued.contains(&broadcast) {
+                // Its first broadcast or a rebroadcast is still queued: that answers it.
+                rebroadcast += 1;
+                continue;
             }
-            _ => Vec::new(),
-        };
-        let ignored = asked - chunks.len();
-        self.totals.resend_entries_ignored += ignored as u64;
-        let count = chunks.len();
-        for (sha256, index) in chunks {
-            self.enqueue(
-                true,
-                Queued {
-                    deployment_id: request.deployment_id.clone(),
-                    topic: topics::deploy_chunk(device),
-                    device: Some(device.to_owned()),
-                    sha256,
-                    index,
-                },
-            );
+            if self.queued.contains(&q) {
+                count += 1;
+                continue;
+            }
+            let key = (q.deployment_id.clone(), q.sha256.clone(), q.index);
+            let waiting = self.waiting.get(&key).copied().unwrap_or(0) + 1;
+            if waiting < *threshold {
+                self.waiting.insert(key, waiting);
+                count += 1;
+                self.enqueue(true, q);
+                continue;
+            }
+            // Enough devices lack it: one broadcast, first in line, instead of their answers.
+            self.waiting.remove(&key);
+            let same_chunk = |e: &Queued| {
+                e.device.is_some()
+                    && e.deployment_id == broadcast.deployment_id
+                    && e.sha256 == broadcast.sha256
+                    && e.index == broadcast.index
+            };
+            self.resends.retain(|e| !same_chunk(e));
+            self.queued.retain(|e| !same_chunk(e));
+            self.queued.insert(broadcast.clone());
+            out.push(Action::Event(Event::DeployRebroadcast {
+                deployment_id: id.to_owned(),
+                artifact: broadcast.sha256.clone(),
+                index: broadcast.index,
+                devices: waiting as u32,
+            }));
+            self.resends.push_front(broadcast);
+            rebroadcast += 1;
         }
-        vec![Action::Event(Event::DeployResend {
-            device: device.to_owned(),
-            deployment_id: request.deployment_id.clone(),
-            chunks: count as u32,
-            ignored: ignored as u32,
-        })]
+        out.insert(
+            0,
+            Action::Event(Event::DeployResend {
+                device: device.to_owned(),
+                deployment_id: id.to_owned(),
+                chunks: count,
+                rebroadcast,
+                ignored: ignored as u32,
+            }),
+        );
+        out
     }
 
     fn enqueue(&mut self, resend: bool, q: Queued) {
@@ -877,6 +913,15 @@ impl Engine {
                 },
             };
             self.queued.remove(&q);
+            if resend && q.device.is_some() {
+                let key = (q.deployment_id.clone(), q.sha256.clone(), q.index);
+                if let Some(n) = self.waiting.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.waiting.remove(&key);
+                    }
+                }
+            }
             if let Some(s) = self.serving.get(&q.deployment_id) {
                 let Some(payload) = s
                     .package
@@ -952,6 +997,9 @@ impl Engine {
             a.dirty = true;
             if resend {
                 self.totals.chunks_resent += 1;
+                if q.device.is_none() {
+                    self.totals.chunks_rebroadcast += 1;
+                }
             } else {
                 self.totals.chunks_sent += 1;
             }
@@ -1413,8 +1461,13 @@ mod tests {
             0,
         );
         // Group chunks go once to the group topic.
-        let out = e.tick(1, 1);
-        assert_eq!(publishes(&out)[0].0, topics::group_deploy_chunk("lab"));
+        let out = e.tick(1, 8);
+        assert_eq!(chunk_indexes(&out), vec![0, 1, 2, 3]);
+        assert!(
+            publishes(&out)
+                .iter()
+                .all(|(t, _, _)| *t == topics::group_deploy_chunk("lab"))
+        );
 
         let out = e.on_resend("d2", &resend("dep-1", &sha, vec![3, 1, 1, 99]));
         // d2 is not known yet but may be a group member; 99 and the repeat are ignored.
@@ -1462,6 +1515,108 @@ mod tests {
             vec!["d1", "d2"]
         );
         assert_eq!(e.totals().resend_entries_ignored, 2 + 2 + 4996);
+    }
+
+    #[test]
+    fn a_chunk_many_devices_lack_goes_once_to_the_group() {
+        let mut e = Engine::default();
+        let sha = sha256_hex(&BYTES);
+        let members: Vec<String> = (0..100).map(|i| format!("d{i:02}")).collect();
+        e.start(
+            package("dep-1", Target::Group("lab".into())),
+            members.clone(),
+            0,
+        );
+        assert_eq!(rebroadcast_threshold(100), 10);
+        assert_eq!(rebroadcast_threshold(3), 8);
+        assert_eq!(rebroadcast_threshold(10_000), 1_000);
+        // Asked for while the first broadcast is still queued: that broadcast answers it.
+        let out = e.on_resend("d00", &resend("dep-1", &sha, vec![2]));
+        assert!(matches!(
+            &out[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 0,
+                rebroadcast: 1,
+                ..
+            })]
+        ));
+        let out = e.tick(1, 8);
+        assert_eq!(chunk_indexes(&out), vec![0, 1, 2, 3]);
+
+        // Nine devices lack chunk 1: each gets its own answer (queued)...
+        for d in &members[..9] {
+            let out = e.on_resend(d, &resend("dep-1", &sha, vec![1]));
+            assert!(matches!(
+                &out[..],
+                [Action::Event(Event::DeployResend {
+                    chunks: 1,
+                    rebroadcast: 0,
+                    ..
+                })]
+            ));
+        }
+        // ... one of them repeats its request (still one answer for it), another lacks 3 too.
+        e.on_resend(&members[0], &resend("dep-1", &sha, vec![1]));
+        e.on_resend(&members[1], &resend("dep-1", &sha, vec![3]));
+        assert_eq!(e.queued(), 10);
+        // The tenth: the nine answers become one publish on the group topic, first in line.
+        let out = e.on_resend(&members[9], &resend("dep-1", &sha, vec![1]));
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event::DeployRebroadcast {
+                index: 1,
+                devices: 10,
+                ..
+            })
+        )));
+        assert_eq!(e.queued(), 2, "the rebroadcast and d01's chunk 3");
+        // Later requests for it, while queued, are answered by it.
+        let out = e.on_resend(&members[20], &resend("dep-1", &sha, vec![1]));
+        assert!(matches!(
+            &out[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 0,
+                rebroadcast: 1,
+                ..
+            })]
+        ));
+        let out = e.tick(2, 8);
+        let sent = publishes(&out);
+        assert_eq!(chunk_indexes(&out), vec![1, 3]);
+        assert_eq!(sent[0].0, topics::group_deploy_chunk("lab"));
+        assert_eq!(sent[1].0, topics::deploy_chunk(&members[1]));
+        assert_eq!(e.totals().chunks_rebroadcast, 1);
+        assert_eq!(e.totals().chunks_resent, 2);
+        // Published: the next device to lack it gets its own answer again.
+        let out = e.on_resend(&members[30], &resend("dep-1", &sha, vec![1]));
+        assert!(matches!(
+            &out[..],
+            [Action::Event(Event::DeployResend {
+                chunks: 1,
+                rebroadcast: 0,
+                ..
+            })]
+        ));
+    }
+
+    #[test]
+    fn a_device_rollout_never_rebroadcasts() {
+        let mut e = Engine::default();
+        let sha = sha256_hex(&BYTES);
+        e.start(package("dep-1", Target::Device("d1".into())), vec![], 0);
+        e.tick(1, 8);
+        for _ in 0..20 {
+            e.on_resend("d1", &resend("dep-1", &sha, vec![1]));
+        }
+        let out = e.tick(2, 8);
+        assert_eq!(
+            publishes(&out)
+                .iter()
+                .map(|(t, _, _)| t.clone())
+                .collect::<Vec<_>>(),
+            vec![topics::deploy_chunk("d1")]
+        );
+        assert_eq!(e.totals().chunks_rebroadcast, 0);
     }
 
     #[test]

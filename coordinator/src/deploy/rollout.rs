@@ -99,6 +99,11 @@ impl Rollout {
         self.devices.contains_key(device)
     }
 
+    /// Devices in the rollout (a staged rollout's: the launched ones).
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
     pub fn deployment_id(&self) -> &str {
         &self.deployment_id
     }

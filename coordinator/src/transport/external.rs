@@ -42,11 +42,23 @@ enum Deferred {
     },
 }
 
+impl Deferred {
+    /// About what it takes on the wire, bytes.
+    fn wire_bytes(&self) -> usize {
+        match self {
+            Deferred::Ack(_) => 4,
+            Deferred::Publish { topic, payload, .. } => 7 + topic.len() + payload.len(),
+        }
+    }
+}
+
 /// Connected (or reconnecting) client and its pump task.
 pub struct External {
     broker: String,
     client: AsyncClient,
     deferred: VecDeque<Deferred>,
+    /// The sum of `deferred`'s [`Deferred::wire_bytes`].
+    deferred_bytes: usize,
     stopping: Arc<AtomicBool>,
     pump: JoinHandle<()>,
 }
@@ -106,6 +118,7 @@ impl External {
             broker,
             client,
             deferred: VecDeque::new(),
+            deferred_bytes: 0,
             stopping,
             pump,
         })
@@ -118,7 +131,7 @@ impl External {
 
     /// Queues a QoS 1 publish (retained or not); deferred while the client's queue is full.
     pub fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        self.deferred.push_back(Deferred::Publish {
+        self.defer(Deferred::Publish {
             topic: topic.to_owned(),
             payload,
             retain,
@@ -127,17 +140,22 @@ impl External {
     }
 
     pub fn ack(&mut self, pkid: u16) {
-        self.deferred.push_back(Deferred::Ack(pkid));
+        self.defer(Deferred::Ack(pkid));
         self.retry_deferred();
+    }
+
+    fn defer(&mut self, request: Deferred) {
+        self.deferred_bytes += request.wire_bytes();
+        self.deferred.push_back(request);
     }
 
     pub fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()
     }
 
-    /// Requests waiting for room in the client's queue.
-    pub fn deferred_len(&self) -> usize {
-        self.deferred.len()
+    /// What the requests waiting for room in the client's queue take on the wire, bytes.
+    pub fn deferred_bytes(&self) -> usize {
+        self.deferred_bytes
     }
 
     /// Sends queued requests in order until the client's queue is full.
@@ -161,7 +179,7 @@ impl External {
                 ),
             };
             match sent {
-                Ok(()) => {}
+                Ok(()) => self.deferred_bytes -= request.wire_bytes(),
                 Err(ClientError::TryRequest(_)) => {
                     self.deferred.push_front(request);
                     return;

@@ -111,12 +111,13 @@ impl Transport {
         }
     }
 
-    /// Publishes waiting in this handle for the client's queue (0 for the embedded link, whose
-    /// `publish` waits instead). The deployment pacer sends no more chunks while any wait.
-    pub fn backlog(&self) -> usize {
+    /// Bytes of publishes and acks waiting in this handle for the client's queue (0 for the
+    /// embedded link, whose `publish` waits instead). The deployment pacer sends no more
+    /// chunks while over a bound.
+    pub fn backlog_bytes(&self) -> usize {
         match self {
             Transport::Embedded(_) => 0,
-            Transport::External(e) => e.deferred_len(),
+            Transport::External(e) => e.deferred_bytes(),
         }
     }
 
