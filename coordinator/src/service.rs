@@ -81,6 +81,9 @@ const CHUNKS_PER_TICK: usize = 8;
 /// join the same FIFO as the acks, so they go at the rate the broker takes them, and the
 /// bound keeps at most ~2 ticks of chunks (1 MiB) in memory here.
 const DEPLOY_BACKLOG_BYTES: usize = 1 << 20;
+/// Over [`DEPLOY_BACKLOG_BYTES`] and up to this, one chunk per tick still goes (64 KiB per
+/// 50 ms): a fleet's steady load can keep the queue over the first bound for minutes.
+const DEPLOY_BACKLOG_MAX_BYTES: usize = 16 << 20;
 /// How often the spool is checked for new deployments.
 const SPOOL_POLL: Duration = Duration::from_millis(500);
 /// How often changed rollout progress files are rewritten.
@@ -214,6 +217,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         acks: Default::default(),
         last_ack_flush: std::time::Instant::now(),
         held_back: 0,
+        backlog_peak: 0,
         batches: BatchStats::default(),
         chains: Default::default(),
         view: std::sync::Arc::new(FleetView::new(config.api.history_samples, started_ms)),
@@ -311,6 +315,8 @@ struct Service {
     last_ack_flush: std::time::Instant,
     /// Messages held back for an earlier one of their class (a broker lost it), since start.
     held_back: u64,
+    /// The most bytes seen waiting for the external client's queue since the last stats line.
+    backlog_peak: usize,
     /// Batch sizes and commit times since the last stats line.
     batches: BatchStats,
     /// How far a duplicate's ack may reach (`chains`).
@@ -1280,13 +1286,16 @@ impl Service {
         self.publish(transport, out).await
     }
 
-    /// Publishes the next paced chunks (none while an external client's queue is backed up
-    /// by over [`DEPLOY_BACKLOG_BYTES`]) and ends expired rollouts.
+    /// Publishes the next paced chunks (fewer, then none, while an external client's queue
+    /// is backed up: [`DEPLOY_BACKLOG_BYTES`], [`DEPLOY_BACKLOG_MAX_BYTES`]) and ends
+    /// expired rollouts.
     async fn deploy_tick(&mut self, transport: &mut Transport) -> Result<(), ServiceError> {
-        let budget = if transport.backlog_bytes() <= DEPLOY_BACKLOG_BYTES {
-            CHUNKS_PER_TICK
-        } else {
-            0
+        let backlog = transport.backlog_bytes();
+        self.backlog_peak = self.backlog_peak.max(backlog);
+        let budget = match backlog {
+            b if b <= DEPLOY_BACKLOG_BYTES => CHUNKS_PER_TICK,
+            b if b <= DEPLOY_BACKLOG_MAX_BYTES => 1,
+            _ => 0,
         };
         let now = v1::now_ms();
         let actions = self.deploy.tick(now, budget);
@@ -1478,6 +1487,7 @@ impl Service {
             chunks_sent = self.deploy.totals().chunks_sent,
             chunks_resent = self.deploy.totals().chunks_resent,
             chunks_rebroadcast = self.deploy.totals().chunks_rebroadcast,
+            broker_backlog_peak_bytes = std::mem::take(&mut self.backlog_peak),
             resend_entries_ignored = self.deploy.totals().resend_entries_ignored,
             enrolled = self.enrollments.count(protocol::v1::enroll::Decision::Accepted),
             enrollment_pending = self.enrollments.count(protocol::v1::enroll::Decision::Pending),
@@ -1609,6 +1619,7 @@ mod tests {
             acks: Default::default(),
             last_ack_flush: std::time::Instant::now(),
             held_back: 0,
+            backlog_peak: 0,
             batches: BatchStats::default(),
             chains: Default::default(),
             view: std::sync::Arc::new(FleetView::new(10, 0)),

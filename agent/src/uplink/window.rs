@@ -10,7 +10,12 @@
 //!    `max_unacked` wait at once; when a class's oldest has waited `ack_timeout` and the
 //!    coordinator has committed nothing of that class for `ack_timeout` either, the class is
 //!    sent again from its oldest stored message (the coordinator drops duplicates) and the
-//!    timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack comes. A class the coordinator
+//!    timeout doubles, up to [`MAX_ACK_TIMEOUT`], until an ack comes. An ack sets it back to
+//!    `ack_timeout` or [`RTT_FACTOR`] times the smoothed time acks have taken, whichever is
+//!    longer, up to [`RTT_CEILING`] times `ack_timeout`: a coordinator that is slow but
+//!    working (a fleet registering at once puts it 10 to 30 s behind) is not sent everything
+//!    again each time its acks come a little later than the configured timeout; the
+//!    smoothing rises at once with a slow ack and falls slowly. A class the coordinator
 //!    keeps committing is working through its backlog in order (the broker keeps a
 //!    publisher's order per topic): resending it would only queue every waiting message a
 //!    second time behind the first. (A device whose first message waits behind other devices'
@@ -37,6 +42,11 @@ use crate::outbox::Key;
 
 /// The longest the ack timeout backs off to while nothing is acknowledged.
 pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(300);
+/// After an ack, the timeout is at least this many times the smoothed ack time...
+pub const RTT_FACTOR: u32 = 3;
+/// ...and at most this many times the configured `ack_timeout` (an ack after an outage of
+/// the coordinator measures the outage, not how slow it is).
+pub const RTT_CEILING: u32 = 4;
 /// A class rewound less than this long ago ignores further resend hints: the messages the
 /// coordinator holds back were mostly sent before the rewind, and each would ask again.
 pub const HINT_HOLDOFF: Duration = Duration::from_secs(1);
@@ -65,6 +75,8 @@ pub struct SendWindow {
     probe: [Option<u64>; 4],
     base_timeout: Duration,
     timeout: Duration,
+    /// Smoothed time from the broker's PUBACK to the coordinator's ack (see the module docs).
+    srtt: Option<Duration>,
 }
 
 impl SendWindow {
@@ -83,6 +95,7 @@ impl SendWindow {
             probe: [None; 4],
             base_timeout: ack_timeout,
             timeout: ack_timeout,
+            srtt: None,
         }
     }
 
@@ -151,8 +164,8 @@ impl SendWindow {
 
     /// The coordinator committed every message of `class` in `from..=to` (at `now`), whether
     /// the outbox still holds it or not. The ack of a class's probe ends its probing; an ack
-    /// also resets the timeout's backoff and puts off the class's timeout (see the module
-    /// docs).
+    /// also resets the timeout's backoff (to what acks take lately) and puts off the class's
+    /// timeout (see the module docs).
     pub fn committed_range(&mut self, class: Class, from: u64, to: u64, now: Instant) {
         let i = class.index();
         self.progress[i] = Some(now);
@@ -160,15 +173,29 @@ impl SendWindow {
             self.probing[i] = false;
             self.probe[i] = None;
         }
-        let done: Vec<Key> = self
+        let done: Vec<(Key, Instant)> = self
             .awaiting
             .range(Key { class, seq: from }..=Key { class, seq: to })
-            .map(|(k, _)| *k)
+            .map(|(k, t)| (*k, *t))
             .collect();
-        for k in done {
+        // The longest any of them waited: the ack covers the oldest.
+        let mut sample = None;
+        for (k, t) in done {
             self.awaiting.remove(&k);
+            sample = sample.max(Some(now.saturating_duration_since(t)));
         }
-        self.timeout = self.base_timeout;
+        if let Some(s) = sample {
+            self.srtt = Some(match self.srtt {
+                Some(r) if s <= r => (r * 7 + s) / 8,
+                // Up at once: a coordinator falling behind must not be flooded meanwhile.
+                _ => s,
+            });
+        }
+        let ceiling = (self.base_timeout * RTT_CEILING)
+            .min(MAX_ACK_TIMEOUT)
+            .max(self.base_timeout);
+        let rtt = self.srtt.unwrap_or_default() * RTT_FACTOR;
+        self.timeout = rtt.clamp(self.base_timeout, ceiling);
     }
 
     /// Messages waiting for the coordinator.
@@ -328,6 +355,48 @@ mod tests {
         assert_eq!(w.ack_timeout(), MAX_ACK_TIMEOUT);
     }
 
+    /// Slow acks lengthen the timeout to three times what they take (at once), and faster
+    /// ones bring it back slowly, never under the base nor over four times it.
+    #[test]
+    fn the_timeout_follows_how_long_acks_take() {
+        let t0 = Instant::now();
+        let mut w = SendWindow::new(8, 64, Duration::from_secs(10));
+        let send = |w: &mut SendWindow, seq: u64, at: Instant| {
+            let key = Key {
+                class: Class::Telemetry,
+                seq,
+            };
+            w.handed(key);
+            w.written(seq as u16);
+            w.acked(seq as u16, at, |_| true);
+        };
+        send(&mut w, 1, t0);
+        w.committed_range(Class::Telemetry, 1, 1, t0 + Duration::from_secs(12));
+        assert_eq!(w.ack_timeout(), Duration::from_secs(36));
+        // A faster ack: an eighth of the way down.
+        let t1 = t0 + Duration::from_secs(20);
+        send(&mut w, 2, t1);
+        w.committed_range(Class::Telemetry, 2, 2, t1 + Duration::from_secs(4));
+        assert_eq!(w.ack_timeout(), Duration::from_secs(33));
+        // An ack with nothing waiting (a duplicate ack) changes nothing.
+        w.committed_range(Class::Telemetry, 2, 2, t1 + Duration::from_secs(60));
+        assert_eq!(w.ack_timeout(), Duration::from_secs(33));
+        // Many fast acks: back to the base, not under it.
+        for seq in 3..60 {
+            let t = t1 + Duration::from_secs(seq);
+            send(&mut w, seq, t);
+            w.committed_range(Class::Telemetry, seq, seq, t);
+        }
+        assert_eq!(w.ack_timeout(), Duration::from_secs(10));
+        // Backoff still doubles from there; an ack after a long outage sets four times the
+        // base, not what the outage took.
+        w.timed_out(t1);
+        assert_eq!(w.ack_timeout(), Duration::from_secs(20));
+        send(&mut w, 100, t1);
+        w.committed_range(Class::Telemetry, 100, 100, t1 + Duration::from_secs(1000));
+        assert_eq!(w.ack_timeout(), Duration::from_secs(40));
+    }
+
     /// A coordinator working through a backlog commits a class's messages slowly but in
     /// order: that class is not sent again while its commits keep coming, and a class with
     /// none is.
@@ -345,19 +414,22 @@ mod tests {
             w.written(pkid);
             w.acked(pkid, t0, |_| true);
         }
+        // An ack that took 8 s: the timeout is 24 s from now on (three times that).
         w.committed_range(Class::Results, 1, 1, t0 + s(8));
-        assert_eq!(w.deadline(), Some(t0 + s(10)), "telemetry has no commit");
-        assert_eq!(w.timed_out(t0 + s(10)), 1);
+        assert_eq!(w.ack_timeout(), s(24));
+        assert_eq!(w.deadline(), Some(t0 + s(24)), "telemetry has no commit");
+        assert_eq!(w.timed_out(t0 + s(24)), 1);
         assert_eq!(w.cursor(Class::Telemetry), None, "telemetry sent again");
         assert_eq!(
             w.cursor(Class::Results),
             Some(3),
             "results still progressing"
         );
-        w.committed_range(Class::Results, 2, 2, t0 + s(16));
-        assert_eq!(w.deadline(), Some(t0 + s(26)));
+        // One that took 30 s: 40 s (90 s, over four times the base).
+        w.committed_range(Class::Results, 2, 2, t0 + s(30));
+        assert_eq!(w.deadline(), Some(t0 + s(70)));
         // Commits stop: the rest of the class goes again.
-        assert_eq!(w.timed_out(t0 + s(26)), 1);
+        assert_eq!(w.timed_out(t0 + s(70)), 1);
         assert_eq!(w.cursor(Class::Results), None);
         assert_eq!(w.deadline(), None);
     }
