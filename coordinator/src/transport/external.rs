@@ -61,7 +61,12 @@ pub struct External {
     broker: String,
     client: AsyncClient,
     deferred: VecDeque<Deferred>,
-    /// The sum of `deferred`'s [`Deferred::wire_bytes`].
+    /// Broker acks for messages we processed, deferred too but sent before any publish: the
+    /// broker lets a subscriber have only so many unacknowledged messages (mosquitto: 20), so
+    /// an ack queued behind megabytes of publishes (acks to 10,000 devices, chunks) would
+    /// stop everything coming in, the end-to-end acks devices wait for included.
+    deferred_acks: VecDeque<u16>,
+    /// The sum of `deferred`'s [`Deferred::wire_bytes`] and 4 per deferred ack.
     deferred_bytes: usize,
     stopping: Arc<AtomicBool>,
     pump: JoinHandle<()>,
@@ -123,6 +128,7 @@ impl External {
             broker,
             client,
             deferred: VecDeque::new(),
+            deferred_acks: VecDeque::new(),
             deferred_bytes: 0,
             stopping,
             pump,
@@ -145,7 +151,8 @@ impl External {
     }
 
     pub fn ack(&mut self, pkid: u16) {
-        self.defer(Deferred::Ack(pkid));
+        self.deferred_bytes += Deferred::Ack(pkid).wire_bytes();
+        self.deferred_acks.push_back(pkid);
         self.retry_deferred();
     }
 
@@ -155,7 +162,7 @@ impl External {
     }
 
     pub fn has_deferred(&self) -> bool {
-        !self.deferred.is_empty()
+        !self.deferred.is_empty() || !self.deferred_acks.is_empty()
     }
 
     /// What the requests waiting for room in the client's queue take on the wire, bytes.
@@ -163,27 +170,22 @@ impl External {
         self.deferred_bytes
     }
 
-    /// Sends queued requests in order until the client's queue is full.
+    /// Sends queued requests until the client's queue is full: acks first, then publishes in
+    /// order.
     pub fn retry_deferred(&mut self) {
-        while let Some(request) = self.deferred.pop_front() {
-            let sent = match &request {
-                Deferred::Ack(pkid) => {
-                    let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
-                    publish.pkid = *pkid;
-                    self.client.try_ack(&publish)
+        while let Some(pkid) = self.deferred_acks.pop_front() {
+            let request = Deferred::Ack(pkid);
+            match self.send(&request) {
+                Ok(()) => self.deferred_bytes -= request.wire_bytes(),
+                Err(ClientError::TryRequest(_)) => {
+                    self.deferred_acks.push_front(pkid);
+                    return;
                 }
-                Deferred::Publish {
-                    topic,
-                    payload,
-                    retain,
-                } => self.client.try_publish(
-                    topic.as_str(),
-                    QoS::AtLeastOnce,
-                    *retain,
-                    payload.clone(),
-                ),
-            };
-            match sent {
+                Err(ClientError::Request(_)) => return,
+            }
+        }
+        while let Some(request) = self.deferred.pop_front() {
+            match self.send(&request) {
                 Ok(()) => self.deferred_bytes -= request.wire_bytes(),
                 Err(ClientError::TryRequest(_)) => {
                     self.deferred.push_front(request);
@@ -191,6 +193,24 @@ impl External {
                 }
                 // The event loop is gone (shutting down): nothing left to send to.
                 Err(ClientError::Request(_)) => return,
+            }
+        }
+    }
+
+    fn send(&self, request: &Deferred) -> Result<(), ClientError> {
+        match request {
+            Deferred::Ack(pkid) => {
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+                publish.pkid = *pkid;
+                self.client.try_ack(&publish)
+            }
+            Deferred::Publish {
+                topic,
+                payload,
+                retain,
+            } => {
+                self.client
+                    .try_publish(topic.as_str(), QoS::AtLeastOnce, *retain, payload.clone())
             }
         }
     }
