@@ -22,6 +22,7 @@ use protocol::v1::deploy::{
     Chunk, DeployKind, DeployStatus, HealthCheck, MissingChunks, ResendRequest, SignedManifest,
     SigningKey, Step, Target, sha256_hex,
 };
+use protocol::v1::topics::DeployTopic;
 use protocol::v1::{Class, Envelope, Registration, VERSION, message_id, topics};
 use rumqttc::{Client, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::Value;
@@ -260,6 +261,29 @@ impl Device {
         out
     }
 
+    /// The `n` chunks of one artifact from any of `topics` (a device's own and its group's
+    /// chunk topic), by index; repeats are skipped.
+    fn chunks_any(&self, topics: &[String], n: usize) -> BTreeMap<u32, Chunk> {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut out = BTreeMap::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(p) if topics.contains(&p.topic) => {
+                    let c = Chunk::decode(&p.payload).expect("chunk decodes");
+                    out.insert(c.index, c);
+                }
+                Ok(_) => {}
+                Err(e) => panic!(
+                    "{}: {} of {n} chunks on {topics:?}: {e}",
+                    self.id,
+                    out.len()
+                ),
+            }
+        }
+        out
+    }
+
     /// Chunk messages already received and not yet read.
     fn pending_chunks(&self) -> usize {
         self.rx
@@ -460,7 +484,8 @@ fn group_rollout_with_resends_duplicates_and_a_restart() {
 
 /// Plays a device through one deployment on its own thread: waits for the manifest on
 /// `manifest_topic`, asks for every chunk (so the outcome does not depend on when it
-/// subscribed), then reports `outcome`.
+/// subscribed; the answer to a chunk whose group broadcast is still queued is that
+/// broadcast), then reports `outcome`.
 fn fake_agent(
     mut device: Device,
     manifest_topic: String,
@@ -471,8 +496,11 @@ fn fake_agent(
         let sha = manifest.artifacts[0].sha256.clone();
         let n = manifest.chunk_count(manifest.artifacts[0].size);
         device.resend(&manifest.deployment_id, &sha, (0..n).collect());
-        let own = topics::deploy_chunk(&device.id);
-        let got = device.chunks(&own, n as usize);
+        let mut chunk_topics = vec![topics::deploy_chunk(&device.id)];
+        if let Some(DeployTopic::GroupManifest { group }) = topics::parse_deploy(&manifest_topic) {
+            chunk_topics.push(topics::group_deploy_chunk(&group));
+        }
+        let got = device.chunks_any(&chunk_topics, n as usize);
         let total: u64 = got.values().map(|c| c.data.len() as u64).sum();
         device.status(
             &manifest.deployment_id,
