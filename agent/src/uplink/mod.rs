@@ -81,7 +81,8 @@ pub struct MqttConfig {
     /// with its authentication trailer and the MQTT header (see [`MIN_PACKET_BYTES`]).
     pub max_packet_bytes: usize,
     /// Milliseconds a message the broker took may wait for the coordinator's end-to-end ack
-    /// before it is sent again (doubling while none comes, up to 5 minutes).
+    /// before it is sent again (doubling while none comes, up to 5 minutes; after an ack, 3x
+    /// the time acks have been taking, between this and 4x this).
     pub ack_timeout_ms: u64,
     /// Messages sent but not yet acknowledged by the coordinator, at most; at least `inflight`.
     pub max_unacked: u32,
