@@ -35,26 +35,23 @@ const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// How long a clean disconnect may take at shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A request the client's queue had no room for.
+/// A publish the client's queue had no room for.
 #[derive(Debug)]
-enum Deferred {
-    Ack(u16),
-    Publish {
-        topic: String,
-        payload: Vec<u8>,
-        retain: bool,
-    },
+struct Deferred {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
 }
 
 impl Deferred {
     /// About what it takes on the wire, bytes.
     fn wire_bytes(&self) -> usize {
-        match self {
-            Deferred::Ack(_) => 4,
-            Deferred::Publish { topic, payload, .. } => 7 + topic.len() + payload.len(),
-        }
+        7 + self.topic.len() + self.payload.len()
     }
 }
+
+/// What a broker ack (PUBACK) takes on the wire, bytes.
+const ACK_WIRE_BYTES: usize = 4;
 
 /// Connected (or reconnecting) client and its pump task.
 pub struct External {
@@ -66,7 +63,8 @@ pub struct External {
     /// an ack queued behind megabytes of publishes (acks to 10,000 devices, chunks) would
     /// stop everything coming in, the end-to-end acks devices wait for included.
     deferred_acks: VecDeque<u16>,
-    /// The sum of `deferred`'s [`Deferred::wire_bytes`] and 4 per deferred ack.
+    /// The sum of `deferred`'s [`Deferred::wire_bytes`] and [`ACK_WIRE_BYTES`] per deferred
+    /// ack.
     deferred_bytes: usize,
     stopping: Arc<AtomicBool>,
     pump: JoinHandle<()>,
@@ -142,23 +140,20 @@ impl External {
 
     /// Queues a QoS 1 publish (retained or not); deferred while the client's queue is full.
     pub fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) {
-        self.defer(Deferred::Publish {
+        let request = Deferred {
             topic: topic.to_owned(),
             payload,
             retain,
-        });
+        };
+        self.deferred_bytes += request.wire_bytes();
+        self.deferred.push_back(request);
         self.retry_deferred();
     }
 
     pub fn ack(&mut self, pkid: u16) {
-        self.deferred_bytes += Deferred::Ack(pkid).wire_bytes();
+        self.deferred_bytes += ACK_WIRE_BYTES;
         self.deferred_acks.push_back(pkid);
         self.retry_deferred();
-    }
-
-    fn defer(&mut self, request: Deferred) {
-        self.deferred_bytes += request.wire_bytes();
-        self.deferred.push_back(request);
     }
 
     pub fn has_deferred(&self) -> bool {
@@ -173,45 +168,27 @@ impl External {
     /// Sends queued requests until the client's queue is full: acks first, then publishes in
     /// order.
     pub fn retry_deferred(&mut self) {
-        while let Some(pkid) = self.deferred_acks.pop_front() {
-            let request = Deferred::Ack(pkid);
-            match self.send(&request) {
-                Ok(()) => self.deferred_bytes -= request.wire_bytes(),
-                Err(ClientError::TryRequest(_)) => {
-                    self.deferred_acks.push_front(pkid);
-                    return;
-                }
-                Err(ClientError::Request(_)) => return,
-            }
-        }
-        while let Some(request) = self.deferred.pop_front() {
-            match self.send(&request) {
-                Ok(()) => self.deferred_bytes -= request.wire_bytes(),
-                Err(ClientError::TryRequest(_)) => {
-                    self.deferred.push_front(request);
-                    return;
-                }
-                // The event loop is gone (shutting down): nothing left to send to.
-                Err(ClientError::Request(_)) => return,
-            }
-        }
-    }
-
-    fn send(&self, request: &Deferred) -> Result<(), ClientError> {
-        match request {
-            Deferred::Ack(pkid) => {
+        let client = &self.client;
+        let bytes = &mut self.deferred_bytes;
+        let acks_sent = drain(
+            &mut self.deferred_acks,
+            bytes,
+            |_| ACK_WIRE_BYTES,
+            |&pkid| {
                 let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
-                publish.pkid = *pkid;
-                self.client.try_ack(&publish)
-            }
-            Deferred::Publish {
-                topic,
-                payload,
-                retain,
-            } => {
-                self.client
-                    .try_publish(topic.as_str(), QoS::AtLeastOnce, *retain, payload.clone())
-            }
+                publish.pkid = pkid;
+                client.try_ack(&publish)
+            },
+        );
+        if acks_sent {
+            drain(&mut self.deferred, bytes, Deferred::wire_bytes, |r| {
+                client.try_publish(
+                    r.topic.as_str(),
+                    QoS::AtLeastOnce,
+                    r.retain,
+                    r.payload.clone(),
+                )
+            });
         }
     }
 
@@ -374,6 +351,25 @@ async fn pump(
             service_gone = tx.send(inbound).await.is_err();
         }
     }
+}
+
+/// Sends from the front of `queue`, taking each sent one's size off `bytes`, until it is empty
+/// (true) or the client's queue is full or gone (false; a full one is retried later, a gone
+/// one means shutting down: nothing left to send to).
+fn drain<T>(
+    queue: &mut VecDeque<T>,
+    bytes: &mut usize,
+    size: impl Fn(&T) -> usize,
+    send: impl Fn(&T) -> Result<(), ClientError>,
+) -> bool {
+    while let Some(request) = queue.front() {
+        if send(request).is_err() {
+            return false;
+        }
+        *bytes -= size(request);
+        queue.pop_front();
+    }
+    true
 }
 
 /// Between half and all of `d`, so coordinator replicas that lost the broker together do not
