@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rumqttc::{
@@ -284,6 +284,7 @@ async fn pump(
     // After the service has gone, keep polling only to flush the disconnect.
     let mut service_gone = false;
     let mut connects = 0u64;
+    let mut relay = Relay::start(tx);
     let filters: Vec<SubscribeFilter> = config
         .filters
         .iter()
@@ -348,9 +349,79 @@ async fn pump(
             }
         };
         if let Some(inbound) = inbound.filter(|_| !service_gone) {
-            service_gone = tx.send(inbound).await.is_err();
+            service_gone = relay.send(inbound).is_err();
         }
     }
+}
+
+/// The pump's side of the channel to the service. It never waits: while the pump waits,
+/// rumqttc's event loop is not polled, so nothing is written to or read from the socket, the
+/// broker's PINGRESP goes unread, and the connection drops on "Last pingreq isn't acked"
+/// (seen at 10,000 devices, with mosquitto then redelivering the whole session). What the
+/// service has not taken yet waits in a queue of its own, relayed by a task that does wait.
+///
+/// That queue is bounded by the broker for QoS 1: with manual acks it sends at most its
+/// in-flight window (mosquitto: 20) before we acknowledge. QoS 0 has no such bound, so beyond
+/// [`QOS0_BACKLOG`] waiting QoS 0 messages are dropped, which at most once allows.
+struct Relay {
+    tx: mpsc::UnboundedSender<Inbound>,
+    qos0_waiting: Arc<AtomicUsize>,
+    qos0_dropped: u64,
+}
+
+/// QoS 0 messages that may wait for the service before more are dropped.
+const QOS0_BACKLOG: usize = 4 * super::CHANNEL_CAPACITY;
+
+impl Relay {
+    fn start(service: mpsc::Sender<Inbound>) -> Relay {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
+        let qos0_waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = qos0_waiting.clone();
+        tokio::spawn(async move {
+            while let Some(inbound) = rx.recv().await {
+                if is_qos0(&inbound) {
+                    waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                if service.send(inbound).await.is_err() {
+                    return; // dropping `rx` tells the pump
+                }
+            }
+        });
+        Relay {
+            tx,
+            qos0_waiting,
+            qos0_dropped: 0,
+        }
+    }
+
+    /// Err when the service has gone.
+    fn send(&mut self, inbound: Inbound) -> Result<(), ()> {
+        if is_qos0(&inbound) {
+            if self.qos0_waiting.load(Ordering::Relaxed) >= QOS0_BACKLOG {
+                self.qos0_dropped += 1;
+                if self.qos0_dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = self.qos0_dropped,
+                        backlog = QOS0_BACKLOG,
+                        "service behind: QoS 0 messages dropped"
+                    );
+                }
+                return Ok(());
+            }
+            self.qos0_waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        self.tx.send(inbound).map_err(|_| ())
+    }
+}
+
+fn is_qos0(inbound: &Inbound) -> bool {
+    matches!(
+        inbound,
+        Inbound::Message(Message {
+            ack: AckToken::None,
+            ..
+        })
+    )
 }
 
 /// Sends from the front of `queue`, taking each sent one's size off `bytes`, until it is empty
@@ -393,6 +464,44 @@ mod tests {
             let j = jitter(d);
             assert!(j >= d / 2 && j <= d, "{j:?} for {d:?}");
         }
+    }
+
+    fn message(ack: AckToken) -> Inbound {
+        Inbound::Message(Message {
+            topic: "edge/v1/d1/telemetry".into(),
+            payload: Vec::new().into(),
+            ack,
+        })
+    }
+
+    /// The pump hands messages over without waiting for a service that is behind; what waits
+    /// is every QoS 1 message and at most QOS0_BACKLOG QoS 0 ones, each taken in order.
+    #[tokio::test]
+    async fn a_service_behind_never_stops_the_pump_and_loses_no_qos1() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut relay = Relay::start(tx);
+        let n = QOS0_BACKLOG + 500;
+        for pkid in 1..=n as u16 {
+            relay
+                .send(message(AckToken::Mqtt { pkid }))
+                .expect("service there");
+            relay.send(message(AckToken::None)).expect("service there");
+        }
+        // (The test's runtime runs the relay task only once this one waits.)
+        assert_eq!(relay.qos0_dropped, 500);
+        drop(relay);
+        let (mut pkids, mut qos0) = (Vec::new(), 0);
+        while let Some(inbound) = rx.recv().await {
+            match inbound {
+                Inbound::Message(Message {
+                    ack: AckToken::Mqtt { pkid },
+                    ..
+                }) => pkids.push(pkid),
+                _ => qos0 += 1,
+            }
+        }
+        assert_eq!(pkids, (1..=n as u16).collect::<Vec<_>>());
+        assert_eq!(qos0, QOS0_BACKLOG);
     }
 
     #[test]
