@@ -185,6 +185,7 @@ pub async fn run(
         // Round messages are signed by the coordinator's online identity, which the
         // enrollment session names (pinned or trusted at enrollment).
         session: sessions.clone(),
+        inbox: inbox.clone(),
         state: crate::fl::FlState::open(&state.db).map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),

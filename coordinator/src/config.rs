@@ -143,6 +143,10 @@ pub struct JournalConfig {
     pub path: PathBuf,
     /// Size at which the journal is rotated to `PATH.1`, bytes.
     pub max_bytes: u64,
+    /// Rotated journals kept, `PATH.1` (newest) to `PATH.{keep}`, 1 to 100. A 10,000-device
+    /// fleet writes 64 MiB of telemetry and duplicates in minutes, so one was too few to keep
+    /// a rollout's lines.
+    pub keep: u32,
 }
 
 /// The offload inference service (`crate::offload`).
@@ -241,6 +245,7 @@ impl Default for JournalConfig {
         JournalConfig {
             path: PathBuf::new(),
             max_bytes: 64 * 1024 * 1024,
+            keep: 4,
         }
     }
 }
@@ -346,6 +351,9 @@ impl Config {
         }
         if self.journal.max_bytes < 4096 {
             return invalid("journal.max_bytes", "must be at least 4096");
+        }
+        if !(1..=100).contains(&self.journal.keep) {
+            return invalid("journal.keep", "must be 1 to 100");
         }
         self.enrollment.validate()?;
         self.api.validate()?;

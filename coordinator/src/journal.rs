@@ -47,11 +47,14 @@ pub struct Journal {
     file: File,
     size: u64,
     max_bytes: u64,
+    /// Rotated files kept: `PATH.1` (newest) to `PATH.{keep}`.
+    keep: u32,
 }
 
 impl Journal {
-    /// Opens `path` for appending (creating it and its directory if needed).
-    pub fn open(path: &Path, max_bytes: u64) -> Result<Journal, JournalError> {
+    /// Opens `path` for appending (creating it and its directory if needed); at `max_bytes`
+    /// it is rotated, and `keep` (at least 1) rotated files are kept.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> Result<Journal, JournalError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|error| JournalError::Open {
                 path: path.to_owned(),
@@ -71,6 +74,7 @@ impl Journal {
             file,
             size,
             max_bytes,
+            keep: keep.max(1),
         })
     }
 
@@ -111,6 +115,16 @@ impl Journal {
             error,
         };
         self.file.sync_data().map_err(err)?;
+        // PATH.{keep} is replaced (dropped); each older one moves up by one.
+        for k in (1..self.keep).rev() {
+            match std::fs::rename(
+                numbered_path(&self.path, k),
+                numbered_path(&self.path, k + 1),
+            ) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+                _ => {}
+            }
+        }
         std::fs::rename(&self.path, &rotated).map_err(err)?;
         self.file = open_append(&self.path)?;
         self.size = 0;
@@ -177,8 +191,13 @@ fn read_tail(path: &Path, window: u64) -> Result<Vec<u8>, JournalError> {
 
 /// Where a full journal is moved: `PATH.1`.
 pub fn rotated_path(path: &Path) -> PathBuf {
+    numbered_path(path, 1)
+}
+
+/// `PATH.k`: the k-th newest rotated journal.
+fn numbered_path(path: &Path, k: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".1");
+    name.push(format!(".{k}"));
     PathBuf::from(name)
 }
 
@@ -209,7 +228,7 @@ mod tests {
     fn lines_have_the_contract_shape() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/journal.jsonl");
-        let mut j = Journal::open(&path, 1 << 20).expect("opens");
+        let mut j = Journal::open(&path, 1 << 20, 1).expect("opens");
         j.append(
             5,
             &Event::Ready {
@@ -240,7 +259,7 @@ mod tests {
         assert_eq!(got[2], serde_json::json!({"ts_ms":7,"event":"stopped"}));
         // Reopening appends.
         drop(j);
-        let mut j = Journal::open(&path, 1 << 20).expect("reopens");
+        let mut j = Journal::open(&path, 1 << 20, 1).expect("reopens");
         j.append(8, &Event::Stopped {}).expect("writes");
         assert_eq!(lines(&path).len(), 4);
     }
@@ -249,7 +268,7 @@ mod tests {
     fn tail_scan_finds_processed_ids_newest_first_across_rotation() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal.jsonl");
-        let mut j = Journal::open(&path, 4096).expect("opens");
+        let mut j = Journal::open(&path, 4096, 1).expect("opens");
         let data = |i: u64| Event::Data {
             device: "d1".into(),
             id: format!("m{i}"),
@@ -300,20 +319,28 @@ mod tests {
     fn rotates_at_the_cap() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal.jsonl");
-        let mut j = Journal::open(&path, 4096).expect("opens");
-        let ev = Event::Rejected {
+        let mut j = Journal::open(&path, 4096, 3).expect("opens");
+        let ev = |i: u64| Event::Rejected {
             topic: "t".repeat(100),
-            reason: "r".into(),
+            reason: format!("{i}"),
             device: None,
         };
         for i in 0..100 {
-            j.append(i, &ev).expect("writes");
+            j.append(i, &ev(i)).expect("writes");
         }
         let current = std::fs::metadata(&path).expect("exists").len();
-        let old = std::fs::metadata(rotated_path(&path))
-            .expect("rotated")
-            .len();
-        assert!(current <= 4096 && old <= 4096, "{current} {old}");
-        assert!(lines(&path).iter().all(|l| l["event"] == "rejected"));
+        assert!(current <= 4096, "{current}");
+        // Three rotated files, each older than the one before, and no fourth.
+        let mut newer = lines(&path)[0]["ts_ms"].as_u64().expect("ts");
+        for k in 1..=3 {
+            let rotated = numbered_path(&path, k);
+            assert!(std::fs::metadata(&rotated).expect("rotated").len() <= 4096);
+            let l = lines(&rotated);
+            assert!(l.iter().all(|l| l["event"] == "rejected"));
+            let last = l.last().expect("lines")["ts_ms"].as_u64().expect("ts");
+            assert_eq!(last + 1, newer, "PATH.{k} ends where the newer one starts");
+            newer = l[0]["ts_ms"].as_u64().expect("ts");
+        }
+        assert!(!numbered_path(&path, 4).exists());
     }
 }

@@ -154,7 +154,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let enrollments = Enrollments::new(policy, identity.public(), store.load_enrollments()?);
     let gate =
         Gate::new(identity.clone(), epoch, store.load_replay_windows()?).with_previous(previous);
-    let journal = Journal::open(&config.journal_path(), config.journal.max_bytes)?;
+    let journal = Journal::open(
+        &config.journal_path(),
+        config.journal.max_bytes,
+        config.journal.keep,
+    )?;
     tracing::info!(
         state_dir = %config.state_dir.display(),
         journal = %journal.path().display(),
@@ -1595,7 +1599,7 @@ mod tests {
         }];
         let identity = Identity::generate();
         let store = Store::open(&config.db_path(), 1 << 20).expect("store");
-        let journal = Journal::open(&config.journal_path(), 1 << 20).expect("journal");
+        let journal = Journal::open(&config.journal_path(), 1 << 20, 1).expect("journal");
         let (_tx, rx) = mpsc::channel(1);
         Service {
             enrollments: Enrollments::new(

@@ -347,6 +347,7 @@ fn federated(
     let task = FlTask::new(FlDeps {
         device: device.to_owned(),
         session: sessions.clone(),
+        inbox: inbox.clone(),
         state: FlState::open(&state.db)?,
         outbox: outbox.clone(),
         dataset,

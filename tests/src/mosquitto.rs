@@ -135,6 +135,8 @@ impl Mosquitto {
              # Saved at SIGTERM; every second too, so a killed broker loses little.\n\
              autosave_interval 1\n\
              max_packet_size {MAX_PACKET_SIZE}\n\
+             # $SYS counters every second (default 10), so a short run's are published.\n\
+             sys_interval 1\n\
              # Room for everything a test queues for a disconnected persistent session.\n\
              max_queued_messages 0\n\
              max_queued_bytes 0\n\

@@ -73,8 +73,15 @@ impl Sim {
     ) -> Result<Sim> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let file = dir.join("scenario.toml");
-        std::fs::write(&file, scenario)
-            .with_context(|| format!("cannot write {}", file.display()))?;
+        // Written whole under another name and renamed: shards started one after the other
+        // write the same file, and an earlier shard still reading it must never see it
+        // truncated (two of three 10,000-device shards once failed with "missing field
+        // `fleet`").
+        let part = dir.join(format!("scenario.toml.{}", shard.map_or(0, |(i, _)| i)));
+        std::fs::write(&part, scenario)
+            .with_context(|| format!("cannot write {}", part.display()))?;
+        std::fs::rename(&part, &file)
+            .with_context(|| format!("cannot rename {} to {}", part.display(), file.display()))?;
         let (out, log) = match shard {
             Some((i, _)) => (
                 dir.join(format!("out-{i}")),

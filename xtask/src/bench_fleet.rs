@@ -268,11 +268,20 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         .iter()
         .map(|s| s.pid().context("simulator pid"))
         .collect::<Result<_>>()?;
+    // A simulator that exits (a bad scenario, a crash) ends the wait: its devices never come.
+    let mut exited = None;
     journal
         .wait_for("every device registered", wait, |e| {
-            registered(e) >= n as usize
+            exited = sims.iter_mut().position(|s| !s.is_running());
+            exited.is_some() || registered(e) >= n as usize
         })
         .with_context(|| format!("simulator log:\n{}", sims[0].log_tail(20)))?;
+    if let Some(i) = exited {
+        bail!(
+            "simulator {i} of {shards} exited:\n{}",
+            sims[i].log_tail(20)
+        );
+    }
     let enroll_s = started.elapsed().as_secs_f64();
     let sum = |f: &dyn Fn(u32) -> u64| pids.iter().map(|&p| f(p)).sum::<u64>();
     let sim_rss = sum(&|p| proc_status_kib(p, "VmRSS:").unwrap_or(0));
@@ -462,8 +471,8 @@ fn ratios(rows: &[Row]) -> Vec<String> {
     out
 }
 
-/// Messages mosquitto received plus sent since it started, from its `$SYS` topics (published
-/// every 10 s by default, retained).
+/// Messages mosquitto received plus sent since it started, from its `$SYS` topics (retained,
+/// published every `sys_interval`: 1 s in the harness's configuration).
 fn broker_messages(port: u16) -> Result<u64> {
     let out = std::process::Command::new("mosquitto_sub")
         .args([

@@ -15,7 +15,9 @@
 //!
 //! Admission ([`admit`]): a round message must be signed by the coordinator key of the
 //! enrollment session (not the deploy keys: the coordinator's online identity signs rounds),
-//! name this device in its header, and be newer than the last one admitted for its task
+//! name this device in its header (or, on the round topic of a group of the session's, that
+//! group, with no train order: a large group's weights come once for all its members), and be
+//! newer than the last one admitted for its task
 //! ([`state::Mark`], persisted, so a replay of an older round is refused after a reboot too).
 //! Before enrollment there is no key to verify with: the newest message waits until a session
 //! exists.
@@ -45,7 +47,7 @@ use tokio::sync::watch;
 
 use crate::dataset::Dataset;
 use crate::enrollment::SessionWatch;
-use crate::inbox::Subscription;
+use crate::inbox::{Inbox, Incoming, Subscription};
 use crate::inference::Inference;
 use crate::outbox::{NewMessage, Outbox};
 use crate::sandbox::Sandbox;
@@ -269,6 +271,10 @@ pub enum Refusal {
     #[error("round message for device {0:?}, not this one")]
     OtherDevice(String),
     #[error(
+        "round message for group {0:?} orders training: a group's message carries weights only"
+    )]
+    GroupOrder(String),
+    #[error(
         "task {task} round {round} version {version} is not newer than the last one admitted (round {held_round} version {held_version}): a replay"
     )]
     Replay {
@@ -277,20 +283,42 @@ pub enum Refusal {
         version: u32,
         held_round: u32,
         held_version: u32,
+        /// A group's message: the one a selected member takes after its own newer train
+        /// order of the same round, so not a sign of an attack.
+        group: bool,
     },
 }
 
-/// Checks a round message's signature (the coordinator's key) and that it is for `device`.
+/// The next message on the group round topics; never, without a subscription.
+async fn next_group_message(sub: &mut Option<Subscription>) -> Option<Incoming> {
+    match sub {
+        Some(s) => s.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Checks a round message's signature (the coordinator's key) and that it is for `device`, or
+/// for one of its `groups` as a whole (weights only: a group's message never orders training).
 pub fn verify(
     payload: &[u8],
     device: &str,
+    groups: &[String],
     coordinator: VerifyingKey,
 ) -> Result<RoundMessage, Refusal> {
     let msg = fl::decode_round(payload, &TrustedKeys::new([coordinator]))?;
-    if msg.header.device != device {
-        return Err(Refusal::OtherDevice(msg.header.device));
+    let h = &msg.header;
+    if h.device == device {
+        return Ok(msg);
     }
-    Ok(msg)
+    match topics::recipient_group(&h.device) {
+        Some(g) if groups.iter().any(|x| x == g) => {
+            if h.train.is_some() {
+                return Err(Refusal::GroupOrder(g.to_owned()));
+            }
+            Ok(msg)
+        }
+        _ => Err(Refusal::OtherDevice(msg.header.device)),
+    }
 }
 
 /// [`verify`], then checks the message against its task's mark and, if it is newer, stores it
@@ -298,10 +326,11 @@ pub fn verify(
 pub fn admit(
     payload: &[u8],
     device: &str,
+    groups: &[String],
     coordinator: VerifyingKey,
     state: &FlState,
 ) -> Result<Result<(RoundMessage, Admission), Refusal>, StateError> {
-    let msg = match verify(payload, device, coordinator) {
+    let msg = match verify(payload, device, groups, coordinator) {
         Ok(m) => m,
         Err(e) => return Ok(Err(e)),
     };
@@ -318,6 +347,7 @@ pub fn admit(
                     version: h.version,
                     held_round: held.round,
                     held_version: held.version,
+                    group: h.device != device,
                 }));
             }
         },
@@ -381,6 +411,8 @@ pub struct FlDeps {
     pub device: String,
     /// The enrollment session: its coordinator key verifies round messages.
     pub session: SessionWatch,
+    /// Where the group round topics of the session's groups are subscribed.
+    pub inbox: Inbox,
     pub state: FlState,
     pub outbox: Arc<Outbox>,
     pub dataset: Arc<Dataset>,
@@ -410,6 +442,10 @@ impl FlTask {
         // The newest round message that came before enrollment (nothing to verify it with).
         let mut waiting: Option<Vec<u8>> = None;
         let round_topic = topics::fl_round(&self.d.device);
+        // The session's groups and the subscription to their round topics.
+        let mut groups: Vec<String> = Vec::new();
+        let mut group_sub: Option<Subscription> = None;
+        self.follow_groups(&mut sessions, &mut groups, &mut group_sub);
         let me = Arc::new(self);
         loop {
             // `handle` gives up on a round when told to stop and consumes that change: without
@@ -417,33 +453,24 @@ impl FlTask {
             if *stop.borrow() {
                 return;
             }
-            tokio::select! {
+            let msg = tokio::select! {
                 _ = stop.changed() => return,
                 msg = sub.rx.recv() => {
                     let Some(msg) = msg else { return };
-                    if msg.payload.is_empty() || msg.topic != round_topic {
-                        continue; // a cleared retained message, or a chunk no fetch waits for
-                    }
-                    me.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
-                    let payload = msg.payload.to_vec();
-                    if sessions.borrow_and_update().is_none() {
-                        tracing::info!("federated round message kept until the device is enrolled (no coordinator key to verify it yet)");
-                        waiting = Some(payload);
-                        continue;
-                    }
-                    // Newer than anything kept from before enrollment.
-                    waiting = None;
-                    me.handle_all(payload, true, &mut sub, &mut stop).await;
+                    msg
                 }
+                Some(msg) = next_group_message(&mut group_sub) => msg,
                 changed = sessions.changed(), if sessions_open => {
                     if changed.is_err() {
                         sessions_open = false;
                         continue;
                     }
-                    let enrolled = sessions.borrow_and_update().is_some();
+                    me.follow_groups(&mut sessions, &mut groups, &mut group_sub);
+                    let enrolled = sessions.borrow().is_some();
                     if enrolled && let Some(payload) = waiting.take() {
                         me.handle_all(payload, true, &mut sub, &mut stop).await;
                     }
+                    continue;
                 }
                 changed = setups.changed() => {
                     if changed.is_err() {
@@ -454,9 +481,50 @@ impl FlTask {
                     if let Some(m) = model.and_then(|m| me.d.state.round(&m)) {
                         me.handle_all(m, false, &mut sub, &mut stop).await;
                     }
+                    continue;
                 }
+            };
+            let group_topic = groups
+                .iter()
+                .any(|g| msg.topic == topics::group_fl_round(g));
+            if msg.payload.is_empty() || (msg.topic != round_topic && !group_topic) {
+                continue; // a cleared retained message, or a chunk no fetch waits for
             }
+            me.stats.rounds_received.fetch_add(1, Ordering::Relaxed);
+            let payload = msg.payload.to_vec();
+            // Not `borrow_and_update`: a change of session (groups) is the branch above's.
+            if sessions.borrow().is_none() {
+                tracing::info!(
+                    "federated round message kept until the device is enrolled (no coordinator key to verify it yet)"
+                );
+                waiting = Some(payload);
+                continue;
+            }
+            // Newer than anything kept from before enrollment.
+            waiting = None;
+            me.handle_all(payload, true, &mut sub, &mut stop).await;
         }
+    }
+
+    /// Takes the session's groups (none while not enrolled) and subscribes to their round
+    /// topics, anew only when they changed (the new routes before the old ones go).
+    fn follow_groups(
+        &self,
+        sessions: &mut SessionWatch,
+        groups: &mut Vec<String>,
+        sub: &mut Option<Subscription>,
+    ) {
+        let now: Vec<String> = sessions
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| s.groups().to_vec())
+            .unwrap_or_default();
+        if now == *groups {
+            return;
+        }
+        let filters: Vec<String> = now.iter().map(|g| topics::group_fl_round(g)).collect();
+        *sub = (!filters.is_empty()).then(|| self.d.inbox.subscribe_all(&filters, INBOX_CAPACITY));
+        *groups = now;
     }
 
     /// [`FlTask::handle`], then each round message that came while it fetched weights.
@@ -495,19 +563,23 @@ impl FlTask {
         sub: &mut Subscription,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<Vec<u8>>, RoundError> {
-        let key = self
+        let session = self
             .d
             .session
             .borrow()
             .as_ref()
-            .map(|s| s.coordinator_key());
-        let Some(key) = key else {
+            .map(|s| (s.coordinator_key(), s.groups().to_vec()));
+        let Some((key, groups)) = session else {
             tracing::info!("federated round message not handled: the device is not enrolled");
             return Ok(None);
         };
         let msg = if fresh {
-            match admit(&payload, &self.d.device, key, &self.d.state)? {
+            match admit(&payload, &self.d.device, &groups, key, &self.d.state)? {
                 Ok((m, _)) => m,
+                Err(e @ Refusal::Replay { group: true, .. }) => {
+                    tracing::debug!(error = %e, "group round message older than the one held");
+                    return Ok(None);
+                }
                 Err(e) => {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "federated round message rejected");
@@ -516,7 +588,7 @@ impl FlTask {
             }
         } else {
             // Our own stored newest message: verified again, already admitted.
-            match verify(&payload, &self.d.device, key) {
+            match verify(&payload, &self.d.device, &groups, key) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "stored federated round message no longer verifies; waiting for the next one");
@@ -922,16 +994,16 @@ mod tests {
             // Signed by someone else (the deploy key, a forger): refused.
             let forged = round(&Identity::generate(), &header("pi-1", 9, 9, 1));
             assert!(matches!(
-                admit(&forged, "pi-1", key, &state).expect("state"),
+                admit(&forged, "pi-1", &[], key, &state).expect("state"),
                 Err(Refusal::Message(fl::FlError::UnknownKey { .. }))
             ));
             // Another device's message moved to this one's topic: refused.
             let theirs = round(&coord, &header("pi-2", 9, 9, 1));
             assert!(matches!(
-                admit(&theirs, "pi-1", key, &state).expect("state"),
+                admit(&theirs, "pi-1", &[], key, &state).expect("state"),
                 Err(Refusal::OtherDevice(_))
             ));
-            let (m, a) = admit(&r3, "pi-1", key, &state)
+            let (m, a) = admit(&r3, "pi-1", &[], key, &state)
                 .expect("state")
                 .expect("admitted");
             assert_eq!((m.header.round, a), (3, Admission::New));
@@ -943,7 +1015,7 @@ mod tests {
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
         let state = FlState::open(&db).expect("state");
         assert!(matches!(
-            admit(&r2, "pi-1", key, &state).expect("state"),
+            admit(&r2, "pi-1", &[], key, &state).expect("state"),
             Err(Refusal::Replay { round: 2, .. })
         ));
         let twin = round(
@@ -954,11 +1026,11 @@ mod tests {
             },
         );
         assert!(matches!(
-            admit(&twin, "pi-1", key, &state).expect("state"),
+            admit(&twin, "pi-1", &[], key, &state).expect("state"),
             Err(Refusal::Replay { .. })
         ));
         assert_eq!(
-            admit(&r3, "pi-1", key, &state)
+            admit(&r3, "pi-1", &[], key, &state)
                 .expect("state")
                 .expect("again")
                 .1,
@@ -972,7 +1044,7 @@ mod tests {
             },
         );
         assert_eq!(
-            admit(&reissued, "pi-1", key, &state)
+            admit(&reissued, "pi-1", &[], key, &state)
                 .expect("state")
                 .expect("new")
                 .1,
@@ -980,8 +1052,80 @@ mod tests {
         );
         assert_eq!(state.round("models/digits.onnx"), Some(reissued));
         assert!(matches!(
-            admit(&r3, "pi-1", key, &state).expect("state"),
+            admit(&r3, "pi-1", &[], key, &state).expect("state"),
             Err(Refusal::Replay { .. })
+        ));
+    }
+
+    /// A group's round message is taken by its members (weights only), refused by others and
+    /// when it orders training; taken after a member's own newer train order of the same
+    /// round it is a quiet replay, and the train order after it is newer.
+    #[test]
+    fn a_group_message_is_for_its_members_and_orders_no_training() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let coord = Identity::generate();
+        let key = coord.public().verifying_key().expect("key");
+        let db = sled::open(dir.path()).expect("open");
+        let state = FlState::open(&db).expect("state");
+        let lab = vec!["lab".to_owned()];
+        let to_group = round(&coord, &header(&topics::group_recipient("lab"), 1, 0, 100));
+        assert!(matches!(
+            admit(&to_group, "pi-1", &[], key, &state).expect("state"),
+            Err(Refusal::OtherDevice(_))
+        ));
+        assert!(matches!(
+            admit(&to_group, "pi-1", &["other".to_owned()], key, &state).expect("state"),
+            Err(Refusal::OtherDevice(_))
+        ));
+        let ordering = round(
+            &coord,
+            &RoundHeader {
+                train: Some(fl::TrainOrder {
+                    deadline_ms: 1,
+                    epochs: 1,
+                    lr: 0.1,
+                    batch_size: 1,
+                    mu: 0.0,
+                    codec: codec::Codec::Fp32,
+                    seed: 1,
+                    max_samples: None,
+                }),
+                ..header(&topics::group_recipient("lab"), 1, 0, 100)
+            },
+        );
+        assert!(matches!(
+            admit(&ordering, "pi-1", &lab, key, &state).expect("state"),
+            Err(Refusal::GroupOrder(g)) if g == "lab"
+        ));
+        // The member's own train order, a millisecond after the group's message.
+        let own = round(&coord, &header("pi-1", 1, 0, 101));
+        assert_eq!(
+            admit(&own, "pi-1", &lab, key, &state)
+                .expect("state")
+                .expect("admitted")
+                .1,
+            Admission::New
+        );
+        assert!(matches!(
+            admit(&to_group, "pi-1", &lab, key, &state).expect("state"),
+            Err(Refusal::Replay { group: true, .. })
+        ));
+        assert!(matches!(
+            admit(&own, "pi-1", &lab, key, &state).expect("state"),
+            Ok((_, Admission::Again))
+        ));
+        // The next round's group message is newer.
+        let next = round(&coord, &header(&topics::group_recipient("lab"), 2, 1, 200));
+        assert_eq!(
+            admit(&next, "pi-1", &lab, key, &state)
+                .expect("state")
+                .expect("admitted")
+                .1,
+            Admission::New
+        );
+        assert!(matches!(
+            admit(&own, "pi-1", &lab, key, &state).expect("state"),
+            Err(Refusal::Replay { group: false, .. })
         ));
     }
 

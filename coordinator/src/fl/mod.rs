@@ -69,6 +69,9 @@
 //!   The server optimizer (SGD, FedAvgM, FedAdam) then moves the global weights; its state is
 //!   persisted with each version.
 //! - After the last round, or `fl stop`, every member gets the final weights with `done`.
+//! - A task over a group with at least 32 members to send weights only sends those once, on
+//!   the group's round topic, and a message on a device's own topic only to the selected
+//!   (`engine::messages`).
 //! - A device has one round topic, so a task whose members (registered devices, the same
 //!   group, or a shared listed device) overlap a running task's is refused when `serve`
 //!   takes it (it ends at once with the reason, publishing nothing); stop the other first.

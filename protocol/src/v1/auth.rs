@@ -560,6 +560,7 @@ impl super::topics::Topic {
                 | DeployTopic::GroupChunk { .. },
             )
             | Topic::FlRound { .. }
+            | Topic::GroupFlRound { .. }
             | Topic::FlChunk { .. } => Rule::Embedded,
         }
     }

@@ -240,6 +240,28 @@ pub fn fl_round(device: &str) -> String {
     format!("{ROOT}/{device}/fl/round")
 }
 
+/// A group's round message, coordinator -> every member of a task over that group (retained):
+/// the global weights once for the members not selected to train, instead of one message
+/// each. Its header names [`group_recipient`]`(group)` as its device and carries no train
+/// order; the selected get theirs on [`fl_round`].
+pub fn group_fl_round(group: &str) -> String {
+    format!("{ROOT}/{GROUP}/{group}/fl/round")
+}
+
+/// What a group round message's header names as its device: `group/{group}` (no device id
+/// has a `/`, so it is never a device's).
+pub fn group_recipient(group: &str) -> String {
+    format!("{GROUP}/{group}")
+}
+
+/// The group a round header's device field names, if it is a [`group_recipient`].
+pub fn recipient_group(device_field: &str) -> Option<&str> {
+    device_field
+        .strip_prefix(GROUP)?
+        .strip_prefix('/')
+        .filter(|g| validate_device_id(g).is_ok())
+}
+
 /// Chunks of a round's global weights, coordinator -> device (not retained): the answer to a
 /// device's `fl-fetch` for a model too big for its round message.
 pub fn fl_chunk(device: &str) -> String {
@@ -454,6 +476,8 @@ pub enum Topic {
     Deploy(DeployTopic),
     /// Coordinator -> device: a signed round message.
     FlRound { device: String },
+    /// Coordinator -> the members of a task over `group`: its weights-only round message.
+    GroupFlRound { group: String },
     /// Coordinator -> device: a chunk of a round's weights (checked against the round's digests).
     FlChunk { device: String },
     /// Device -> coordinator: a compressed update.
@@ -498,6 +522,17 @@ impl Topic {
         if let Some(device) = parse_fl_update(topic) {
             return Some(Topic::FlUpdate { device });
         }
+        if let Some(group) = topic
+            .strip_prefix(ROOT)
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_prefix(GROUP))
+            .and_then(|t| t.strip_prefix('/'))
+            .and_then(|t| t.strip_suffix("/fl/round"))
+        {
+            return (validate_device_id(group).is_ok()).then(|| Topic::GroupFlRound {
+                group: group.to_owned(),
+            });
+        }
         if let Some(device) = parse_device_suffix(topic, "/fl/round") {
             return Some(Topic::FlRound { device });
         }
@@ -537,6 +572,7 @@ impl Topic {
                 | DeployTopic::GroupChunk { .. },
             )
             | Topic::FlRound { .. }
+            | Topic::GroupFlRound { .. }
             | Topic::FlChunk { .. }
             | Topic::OffloadResponse { .. }
             | Topic::OffloadCapacity { .. }
@@ -586,6 +622,7 @@ impl Topic {
             | Topic::Ack { device }
             | Topic::CommandReply { device } => Some(device),
             Topic::Deploy(DeployTopic::GroupManifest { .. } | DeployTopic::GroupChunk { .. })
+            | Topic::GroupFlRound { .. }
             | Topic::OffloadCapacity { .. }
             | Topic::CoordinatorStatus => None,
         }
@@ -606,6 +643,7 @@ impl Topic {
             Topic::Deploy(DeployTopic::GroupManifest { group }) => group_deploy_manifest(group),
             Topic::Deploy(DeployTopic::GroupChunk { group }) => group_deploy_chunk(group),
             Topic::FlRound { device } => fl_round(device),
+            Topic::GroupFlRound { group } => group_fl_round(group),
             Topic::FlChunk { device } => fl_chunk(device),
             Topic::FlUpdate { device } => fl_update(device),
             Topic::OffloadRequest { device } => offload_request(device),
@@ -649,6 +687,9 @@ mod topic_tests {
                 group: "lab".into(),
             }),
             Topic::FlRound { device: d() },
+            Topic::GroupFlRound {
+                group: "lab".into(),
+            },
             Topic::FlChunk { device: d() },
             Topic::FlUpdate { device: d() },
             Topic::OffloadRequest { device: d() },
@@ -697,6 +738,20 @@ mod topic_tests {
                 "edge/v1/pi-1/enroll",
                 "edge/v1/pi-1/reply",
             ]
+        );
+    }
+
+    #[test]
+    fn a_group_recipient_is_never_a_device() {
+        assert_eq!(recipient_group(&group_recipient("lab")), Some("lab"));
+        assert!(validate_device_id(&group_recipient("lab")).is_err());
+        for field in ["lab", "group", "group/", "group/a/b", "groups/lab"] {
+            assert_eq!(recipient_group(field), None, "{field}");
+        }
+        assert_eq!(
+            Topic::parse("edge/v1/group/a/b/fl/round"),
+            None,
+            "an invalid group"
         );
     }
 

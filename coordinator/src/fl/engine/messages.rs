@@ -1,6 +1,18 @@
 //! Signed round messages: the current round to every registered member (a train order for
-//! the selected whose update is not in yet, weights only for the others). Each is retained
-//! on the device's round topic, so a device that reconnects finds the round it missed.
+//! the selected whose update is not in yet, weights only for the others). Each is retained,
+//! so a device that reconnects finds the round it missed.
+//!
+//! A task over a group with at least [`GROUP_BROADCAST_MIN`] members to send weights only
+//! sends those weights once, on the group's round topic (`topics::group_fl_round`, header
+//! device `group/{group}`), and a message on a device's own topic only to the selected: at
+//! 10,000 members and 1,000 selected, one message instead of 9,000 copies of the weights
+//! (100 MB a round for a 2,500-weight model, through the coordinator's one connection).
+//! A device's own topic then holds only its current train order: those of earlier rounds are
+//! cleared as each round opens (an empty retained message), so a reconnecting device is not
+//! handed an older round beside the group's newer one. The selected's train orders are
+//! issued a millisecond after the group message, so a device that takes the group's message
+//! first still admits its order as newer. Smaller groups and device lists get a message
+//! each, as before.
 
 use std::collections::BTreeSet;
 
@@ -11,6 +23,11 @@ use super::selection::{hash_str, mix};
 use super::{Engine, Fleet};
 use crate::action::Action;
 use crate::fl::state::TaskState;
+use crate::fl::task::Members;
+
+/// Members to send weights only from which a task over a group sends them once on the group's
+/// topic.
+pub const GROUP_BROADCAST_MIN: usize = 32;
 
 impl Engine {
     /// Publishes the current round's message to every registered member.
@@ -37,11 +54,87 @@ impl Engine {
             .map(|(d, _)| d.clone())
             .chain(t.state.selected.iter().cloned())
             .collect();
+        let training: BTreeSet<String> = t
+            .state
+            .selected
+            .iter()
+            .filter(|d| !t.accepted.contains_key(&((*d).clone(), t.state.round)))
+            .cloned()
+            .collect();
         let mut out = Vec::new();
-        for device in devices {
-            out.extend(self.publish_round(id, &device, now_ms));
+        let broadcast = self.broadcast_group(id, devices.len() - training.len());
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.broadcast = broadcast.is_some();
         }
+        let Some(group) = broadcast else {
+            for device in devices {
+                out.extend(self.publish_round(id, &device, now_ms));
+            }
+            return out;
+        };
+        out.extend(self.publish_group(id, &group, now_ms, false));
+        for device in &training {
+            out.extend(self.publish_round(id, device, now_ms + 1));
+        }
+        out.extend(self.clear_personal(id, &training));
         out
+    }
+
+    /// Task `id`'s current round, weights only (or its final weights, `done`), retained on
+    /// `group`'s round topic.
+    pub(super) fn publish_group(
+        &mut self,
+        id: &str,
+        group: &str,
+        now_ms: u64,
+        done: bool,
+    ) -> Option<Action> {
+        let t = self.tasks.get_mut(id)?;
+        let recipient = topics::group_recipient(group);
+        let header = round_header(id, &recipient, &t.state, now_ms, None, done);
+        let payload = match t.encode_round(header) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(task = %id, %group, error = %e, "cannot encode the group's round message");
+                return None;
+            }
+        };
+        let bytes = payload.len() as u64;
+        t.state.current.bytes_out += bytes;
+        t.state.totals.bytes_out += bytes;
+        self.dirty.insert(id.to_owned());
+        Some(Action::Publish {
+            topic: topics::group_fl_round(group),
+            payload,
+            retain: true,
+        })
+    }
+
+    /// Clears the own round topic of every device holding a message of task `id` except
+    /// `keep`'s (an empty retained message removes the retained one).
+    pub(super) fn clear_personal(&mut self, id: &str, keep: &BTreeSet<String>) -> Vec<Action> {
+        let Some(t) = self.tasks.get_mut(id) else {
+            return Vec::new();
+        };
+        let stale: Vec<String> = t.personal.difference(keep).cloned().collect();
+        t.personal.retain(|d| keep.contains(d));
+        stale
+            .iter()
+            .map(|device| Action::Publish {
+                topic: topics::fl_round(device),
+                payload: Vec::new(),
+                retain: true,
+            })
+            .collect()
+    }
+
+    /// The group task `id`'s weights-only messages for `recipients` devices go to, if they
+    /// go to one (see the module docs).
+    pub(super) fn broadcast_group(&self, id: &str, recipients: usize) -> Option<String> {
+        match &self.tasks.get(id)?.state.spec.members {
+            Members::Group(g) if recipients >= GROUP_BROADCAST_MIN => Some(g.clone()),
+            _ => None,
+        }
     }
 
     /// The current round's message for one device: a train order if it is selected and its
@@ -68,6 +161,7 @@ impl Engine {
         let bytes = payload.len() as u64;
         t.state.current.bytes_out += bytes;
         t.state.totals.bytes_out += bytes;
+        t.personal.insert(device.to_owned());
         self.dirty.insert(id.to_owned());
         Some(Action::Publish {
             topic: topics::fl_round(device),

@@ -144,6 +144,12 @@ struct Task {
     /// The chunk digests of `global` and the version they describe, for models too big for
     /// a round message (computed once per version, not once per device).
     blob: Option<(u32, fl::WeightsBlob)>,
+    /// Devices whose own round topic holds a message of this task (see `messages`): cleared
+    /// when the task's rounds go to its group's topic and they are not selected any more.
+    personal: BTreeSet<String>,
+    /// The last announcement went to the group's topic: a (re)registering member that is not
+    /// to train finds the round there.
+    broadcast: bool,
 }
 
 impl Task {
@@ -308,6 +314,8 @@ impl Engine {
                 server: ServerState::new(n),
                 accepted: BTreeMap::new(),
                 blob: None,
+                personal: BTreeSet::new(),
+                broadcast: false,
             },
         );
         self.dirty.insert(id.clone());
@@ -408,6 +416,9 @@ impl Engine {
         let finished = matches!(state.phase, Phase::Finished { .. });
         let pending: Vec<u32> = state.evaluating.iter().copied().collect();
         let current = state.version;
+        // Only the open round's selected can hold a message on their own topics once rounds
+        // go to the group's topic (earlier ones were cleared as each round opened).
+        let personal = state.selected.clone();
         self.tasks.insert(
             id.clone(),
             Task {
@@ -417,6 +428,8 @@ impl Engine {
                 server,
                 accepted,
                 blob: None,
+                personal,
+                broadcast: false,
             },
         );
         let mut out: Vec<Action> = if finished {
@@ -497,6 +510,8 @@ impl Engine {
             .filter(|(_, t)| {
                 t.state.phase == Phase::Open && t.state.spec.members.contains(device, groups)
             })
+            // Rounds on the group's topic: a member not selected finds its round there.
+            .filter(|(_, t)| !t.broadcast || t.state.selected.contains(device))
             .map(|(id, _)| id.clone())
             .collect();
         let mut out = Vec::new();

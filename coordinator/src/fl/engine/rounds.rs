@@ -332,8 +332,19 @@ impl Engine {
                 version: s.version,
             }));
         }
+        let members = fleet.members(&t.state.spec.members);
+        if let Some(group) = self.broadcast_group(id, members.len()) {
+            // Once on the group's topic, and the members' own topics cleared of this task's
+            // train orders (older than the final weights).
+            out.extend(self.publish_group(id, &group, now_ms, true));
+            out.extend(self.clear_personal(id, &BTreeSet::new()));
+            return out;
+        }
+        let Some(t) = self.tasks.get_mut(id) else {
+            return out;
+        };
         // One message per member: each names its device, so none can be moved to another's topic.
-        for (device, _) in fleet.members(&t.state.spec.members) {
+        for (device, _) in members {
             let header = super::messages::round_header(id, &device, &t.state, now_ms, None, true);
             match t.encode_round(header) {
                 Ok(payload) => {

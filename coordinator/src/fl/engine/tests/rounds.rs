@@ -1,6 +1,7 @@
 //! Closing rounds, late updates, deadlines, evaluation outcomes, finishing and restarts.
 
 use super::*;
+use protocol::v1::topics;
 
 #[test]
 fn quorum_closes_the_round_with_the_weighted_mean_and_opens_the_next() {
@@ -896,4 +897,107 @@ fn a_round_without_updates_fails_after_max_extensions() {
         &e.state("t").expect("task").phase,
         Phase::Finished { reason } if reason.contains("failed: 1 round failed (max_failed_rounds)")
     ));
+}
+
+/// What a group task's round publishes: (messages on the group's topic, train orders on
+/// devices' own topics, devices whose own topic is cleared).
+type Fanout = (
+    Vec<RoundHeader>,
+    BTreeMap<String, RoundHeader>,
+    BTreeSet<String>,
+);
+
+fn fanout(actions: &[Action]) -> Fanout {
+    let trusted = TrustedKeys::new([key().verifying_key()]);
+    let mut out = Fanout::default();
+    for a in actions {
+        let Action::Publish {
+            topic,
+            payload,
+            retain,
+        } = a
+        else {
+            continue;
+        };
+        assert!(*retain, "{topic}: round messages and clears are retained");
+        if payload.is_empty() {
+            let device = topic.split('/').nth(2).expect("device").to_owned();
+            out.2.insert(device);
+            continue;
+        }
+        let h = decode_round(payload, &trusted).expect("verifies").header;
+        if topic == &topics::group_fl_round("fl") {
+            out.0.push(h);
+        } else {
+            assert_eq!(topic, &topics::fl_round(&h.device));
+            out.1.insert(h.device.clone(), h);
+        }
+    }
+    out
+}
+
+/// A task over a group of 40: each round's weights go once on the group's topic, train
+/// orders (issued after it) to the selected only, the earlier selected's own topics are
+/// cleared, the final weights go to the group too, and a member that registers again while
+/// not selected is sent nothing (its group's message is retained).
+#[test]
+fn a_large_group_gets_the_weights_once_and_only_the_selected_get_messages() {
+    let fleet = TestFleet::with(40);
+    let mut e = Engine::default();
+    let s = TaskSpec {
+        fraction: 0.05,
+        rounds: 2,
+        ..spec()
+    };
+    let out = e.start(s, key(), vec![0.0; N], 1_000, &fleet);
+    let (group, own, cleared) = fanout(&out);
+    assert_eq!(group.len(), 1);
+    let g = &group[0];
+    assert_eq!(g.device, topics::group_recipient("fl"));
+    assert!(g.train.is_none() && !g.done);
+    assert_eq!((g.round, g.issued_ms), (1, 1_000));
+    let first: BTreeSet<String> = own.keys().cloned().collect();
+    assert_eq!(first, e.state("t").expect("known").selected);
+    assert_eq!(first.len(), 2);
+    assert!(
+        own.values()
+            .all(|h| h.train.is_some() && h.issued_ms == 1_001)
+    );
+    assert!(cleared.is_empty());
+    let idle = (0..40)
+        .map(|i| format!("d{i}"))
+        .find(|d| !first.contains(d))
+        .expect("a member not selected");
+    assert!(e.on_registered(&idle, &["fl".into()], 1_500).is_empty());
+    let selected = first.iter().next().expect("selected").clone();
+    let again = fanout(&e.on_registered(&selected, &["fl".into()], 1_500));
+    assert!(again.1[&selected].train.is_some(), "its train order again");
+
+    let mut out = Vec::new();
+    for d in &first {
+        out = e.on_update(d, &update_payload(d, 1, 0, 10, &[1.0; N]), 2_000, &fleet);
+    }
+    let (group, own, cleared) = fanout(&out);
+    assert_eq!(group.len(), 1);
+    assert_eq!((group[0].round, group[0].version), (2, 1));
+    let second: BTreeSet<String> = own.keys().cloned().collect();
+    assert_eq!(second, e.state("t").expect("known").selected);
+    assert_eq!(
+        cleared,
+        first.difference(&second).cloned().collect::<BTreeSet<_>>(),
+        "the first round's selected not selected again are cleared"
+    );
+
+    let mut out = Vec::new();
+    for d in &second {
+        out = e.on_update(d, &update_payload(d, 2, 1, 10, &[1.0; N]), 3_000, &fleet);
+    }
+    let (group, own, cleared) = fanout(&out);
+    assert_eq!(group.len(), 1);
+    assert!(group[0].done);
+    assert!(own.is_empty());
+    assert_eq!(
+        cleared, second,
+        "train orders are older than the final weights"
+    );
 }
