@@ -56,6 +56,10 @@ pub struct DeviceState {
     pub queued: u64,
     /// Federated rounds this device trained (its update queued, or, for a dropout, never).
     pub fl_trained: u32,
+    /// Global version of the newest round message it verified (0: none).
+    pub fl_version: u32,
+    /// Round messages it refused (forged, for another device, replayed), over its restarts.
+    pub fl_rejected: u64,
 }
 
 /// How one device is set up; cheap to clone for a restart.
@@ -106,6 +110,7 @@ pub struct RunningDevice {
     outbox: Arc<Outbox>,
     state: StateDb,
     sessions: enrollment::SessionWatch,
+    fl: Arc<edge_agent::fl::FlStats>,
 }
 
 impl RunningDevice {
@@ -263,7 +268,7 @@ impl RunningDevice {
                         outbox: outbox.clone(),
                         pipeline: slot,
                         inference,
-                        fl: fl_stats,
+                        fl: fl_stats.clone(),
                         offload: None,
                         auth,
                         session: sessions.clone(),
@@ -279,6 +284,7 @@ impl RunningDevice {
             outbox,
             state,
             sessions,
+            fl: fl_stats,
         })
     }
 
@@ -289,6 +295,14 @@ impl RunningDevice {
     pub fn outbox_figures(&self) -> (u64, u64) {
         let st = self.outbox.stats();
         (st.delivered, st.depth.iter().sum())
+    }
+
+    /// Adds what its federated-learning task saw since it started to `st`.
+    pub fn record_fl(&self, st: &mut DeviceState) {
+        if let Some(t) = self.fl.telemetry() {
+            st.fl_version = st.fl_version.max(t.version);
+            st.fl_rejected += t.rejected;
+        }
     }
 
     /// Stops every task (in the agent's order) and makes the outbox and state durable.

@@ -338,6 +338,7 @@ async fn stop_all(slots: &Slots) {
                     let mut st = s.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.delivered += delivered;
                     st.queued = queued;
+                    d.record_fl(&mut st);
                 }
                 if let Err(e) = d.stop().await {
                     tracing::error!(device = %s.spec.id, error = %e, "simulated device did not stop cleanly");
@@ -379,6 +380,10 @@ async fn churn(
             let slot = &mut *guard;
             let Some(d) = slot.running.take() else { return };
             let (delivered, _) = d.outbox_figures();
+            {
+                let mut st = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                d.record_fl(&mut st);
+            }
             if let Err(e) = d.stop().await {
                 tracing::warn!(device = %slot.spec.id, error = %e, "simulated device did not stop cleanly");
             }

@@ -38,6 +38,12 @@ pub struct DeviceEnd {
     pub fl_role: String,
     /// Federated rounds it trained.
     pub fl_trained: u32,
+    /// Global version of the newest round message it verified (0: none).
+    #[serde(default)]
+    pub fl_version: u32,
+    /// Round messages it refused, over its restarts.
+    #[serde(default)]
+    pub fl_rejected: u64,
 }
 
 impl DeviceEnd {
@@ -65,6 +71,8 @@ impl DeviceEnd {
                 .map(|f| format!("{:?}", f.role).to_lowercase())
                 .unwrap_or_default(),
             fl_trained: s.fl_trained,
+            fl_version: s.fl_version,
+            fl_rejected: s.fl_rejected,
         }
     }
 }
@@ -159,12 +167,13 @@ fn field(s: &str) -> String {
 pub fn devices_csv(devices: &[DeviceEnd]) -> String {
     let mut out = String::from(
         "device,group,fails_health,enrolled,pipeline,deployment_id,version,candidates,\
-         health_failed,committed,discarded,reboots,power_cuts,delivered,queued,fl_role,fl_trained\n",
+         health_failed,committed,discarded,reboots,power_cuts,delivered,queued,fl_role,fl_trained,\
+         fl_version,fl_rejected\n",
     );
     for d in devices {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             field(&d.device),
             field(&d.group),
             d.fails_health,
@@ -181,7 +190,9 @@ pub fn devices_csv(devices: &[DeviceEnd]) -> String {
             d.delivered,
             d.queued,
             d.fl_role,
-            d.fl_trained
+            d.fl_trained,
+            d.fl_version,
+            d.fl_rejected
         );
     }
     out

@@ -139,6 +139,8 @@ pub struct FlTask {
     pub clients: usize,
     /// 1.0 waits for every selected agent; 0.7 closes on the first 70%.
     pub quorum: f32,
+    /// Of the online members selected per round (at least `clients`).
+    pub fraction: f64,
     pub round_interval_s: u32,
     pub max_staleness: u32,
     /// `fp32`, `int8`, `topk:0.01`, ... (`protocol::v1::fl::codec`).
@@ -164,6 +166,7 @@ impl FlTask {
             rounds,
             clients,
             quorum: 1.0,
+            fraction: 1.0,
             round_interval_s: 2,
             max_staleness: 1,
             codec: "fp32".into(),
@@ -186,7 +189,7 @@ initial = "{initial}"
 {extra}
 group = "{group}"
 rounds = {rounds}
-fraction = 1.0
+fraction = {fraction}
 min_clients = {clients}
 quorum = {quorum}
 round_timeout_s = 60
@@ -210,6 +213,7 @@ holdout = "holdout.csv"
             rounds = self.rounds,
             clients = self.clients,
             quorum = self.quorum,
+            fraction = self.fraction,
             interval = self.round_interval_s,
             staleness = self.max_staleness,
             codec = self.codec,

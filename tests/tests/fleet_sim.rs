@@ -89,12 +89,14 @@ fn scenario(
         .lines()
         .position(|l| l.trim_start().starts_with('['))
         .unwrap_or(extra.lines().count());
-    let fleet_keys = extra.lines().take(split).collect::<Vec<_>>().join("\n");
+    let mut fleet_keys = extra.lines().take(split).collect::<Vec<_>>().join("\n");
+    if !fleet_keys.contains("telemetry_interval_s") {
+        fleet_keys.push_str("\ntelemetry_interval_s = 20");
+    }
     let extra = extra.lines().skip(split).collect::<Vec<_>>().join("\n");
     format!(
         r#"
 [fleet]
-telemetry_interval_s = 20
 start_per_second = 100
 {fleet_keys}
 
@@ -445,15 +447,19 @@ fn federated_rounds_with_200_simulated_clients_close_by_quorum() {
         federated_data(&task_dir, 1, Split::Iid, &model)?;
         std::fs::create_dir_all(env.path("sim"))?;
         std::fs::write(env.path("sim").join("model.onnx"), &model)?;
-        // Devices 0-14 of every hundred never answer, 15-29 answer 3 s late.
+        // Devices 0-14 of every hundred never answer, 15-29 answer 3 s late. Telemetry every
+        // 2 s: it tells when every member has the final weights.
         let fl = format!(
-            "[fl]\nmodel = \"{FL_MODEL}\"\nmodel_file = \"model.onnx\"\n\
+            "telemetry_interval_s = 2\n[fl]\nmodel = \"{FL_MODEL}\"\nmodel_file = \"model.onnx\"\n\
              dropout_fraction = 0.15\nstraggler_fraction = 0.15\nstraggler_delay_s = 3\n"
         );
         let mut sim = start_fleet(env, &coord, &key, FL_GROUP, N, &fl)?;
 
-        let mut task = FlTask::new("simfl", ROUNDS, N as usize);
-        // 60% of the selected close a round: the prompt 70% suffice, dropouts never answer.
+        let mut task = FlTask::new("simfl", ROUNDS, N as usize / 2);
+        // Half the members train each round: the other 100 get the weights once, on the
+        // group's round topic. 60% of the selected close a round: the prompt 70% suffice,
+        // dropouts never answer.
+        task.fraction = 0.5;
         task.quorum = 0.6;
         task.round_interval_s = 1;
         task.start(&coord, &task_dir, &key)?;
@@ -477,23 +483,67 @@ fn federated_rounds_with_200_simulated_clients_close_by_quorum() {
                 e.str_field("close_reason"),
                 e.raw
             );
-            // Quorum is 120 of 200; the 30 dropouts never answer.
+            // Quorum is 60 of 100 selected; their dropouts never answer.
             ensure!(
-                (120.0..=170.0).contains(&received),
+                (60.0..=85.0).contains(&received),
                 "round received {received} updates: {:?}",
                 e.raw
             );
         }
 
+        // Every member that answers (a dropout stays in the round it never finishes), selected
+        // or not, reports the final weights: the group's message reached them all.
+        let answering: Vec<String> = group_ids(FL_GROUP, N)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 100 >= 15)
+            .map(|(_, d)| d)
+            .collect();
+        journal.wait_for(
+            "every answering member's telemetry with the final version",
+            Duration::from_secs(60),
+            |events| {
+                let done: BTreeSet<&str> = events
+                    .iter()
+                    .filter(|e| e.is("telemetry"))
+                    .filter(|e| e.raw["fl"]["version"].as_u64() == Some(u64::from(ROUNDS)))
+                    .filter_map(|e| e.str_field("device"))
+                    .collect();
+                answering.iter().all(|d| done.contains(d.as_str()))
+            },
+        )?;
+
         let r = report(&mut sim)?;
         for dev in &r.devices {
             match dev.fl_role.as_str() {
                 "dropout" => ensure!(dev.fl_trained == 0, "{dev:?}"),
-                "prompt" => ensure!(dev.fl_trained >= 1, "{} never trained", dev.device),
-                "straggler" => {}
+                "prompt" | "straggler" => {
+                    ensure!(dev.fl_trained <= ROUNDS, "{dev:?}")
+                }
                 other => anyhow::bail!("{}: unexpected role {other:?}", dev.device),
             }
+            // Selected or not, every member that answers has the final weights (the group's
+            // message; a dropout stays in the round it never finishes), and no round message
+            // was refused (a member takes the group's message and its own train order of the
+            // same round without calling either a replay).
+            ensure!(
+                (dev.fl_role == "dropout" || dev.fl_version == ROUNDS) && dev.fl_rejected == 0,
+                "{}: version {}, {} refused",
+                dev.device,
+                dev.fl_version,
+                dev.fl_rejected
+            );
         }
+        let prompt_trained: u32 = r
+            .devices
+            .iter()
+            .filter(|d| d.fl_role == "prompt")
+            .map(|d| d.fl_trained)
+            .sum();
+        ensure!(
+            prompt_trained >= 60 * ROUNDS,
+            "prompt devices trained {prompt_trained} rounds in all"
+        );
         ensure!(
             r.devices.iter().filter(|d| d.fl_role == "dropout").count() == 30,
             "30 dropouts expected"

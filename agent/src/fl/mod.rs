@@ -453,7 +453,12 @@ impl FlTask {
             if *stop.borrow() {
                 return;
             }
+            // In order: the device's own messages before its groups'. The coordinator publishes
+            // them in round order, but the two topics reach this task through two queues, and
+            // a device busy training must not take round 3's group message before its own
+            // round 2 order (which would then be refused as older).
             let msg = tokio::select! {
+                biased;
                 _ = stop.changed() => return,
                 msg = sub.rx.recv() => {
                     let Some(msg) = msg else { return };
