@@ -269,17 +269,22 @@ fn one(n: u32, broker: BrokerKind) -> Result<Row> {
         .map(|s| s.pid().context("simulator pid"))
         .collect::<Result<_>>()?;
     // A simulator that exits (a bad scenario, a crash) ends the wait: its devices never come.
+    // The row's error says what happened; the logs go to stdout.
     let mut exited = None;
-    journal
-        .wait_for("every device registered", wait, |e| {
-            exited = sims.iter_mut().position(|s| !s.is_running());
-            exited.is_some() || registered(e) >= n as usize
-        })
-        .with_context(|| format!("simulator log:\n{}", sims[0].log_tail(20)))?;
+    let waited = journal.wait_for("every device registered", wait, |e| {
+        exited = sims.iter_mut().position(|s| !s.is_running());
+        exited.is_some() || registered(e) >= n as usize
+    });
     if let Some(i) = exited {
+        println!("bench fleet: simulator {i} log:\n{}", sims[i].log_tail(20));
+        bail!("simulator {i} of {shards} exited");
+    }
+    if waited.is_err() {
+        println!("bench fleet: simulator 0 log:\n{}", sims[0].log_tail(20));
         bail!(
-            "simulator {i} of {shards} exited:\n{}",
-            sims[i].log_tail(20)
+            "{} of {n} devices registered within {} s",
+            registered(journal.events()),
+            wait.as_secs()
         );
     }
     let enroll_s = started.elapsed().as_secs_f64();
