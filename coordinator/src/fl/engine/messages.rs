@@ -89,13 +89,28 @@ impl Engine {
         now_ms: u64,
         done: bool,
     ) -> Option<Action> {
+        let t = self.tasks.get(id)?;
+        let header = round_header(
+            id,
+            &topics::group_recipient(group),
+            &t.state,
+            now_ms,
+            None,
+            done,
+        );
+        self.signed(id, header, topics::group_fl_round(group))
+    }
+
+    /// Task `id`'s round message with `header`, signed and counted in the round's bytes out,
+    /// retained on `topic`.
+    fn signed(&mut self, id: &str, header: RoundHeader, topic: String) -> Option<Action> {
         let t = self.tasks.get_mut(id)?;
-        let recipient = topics::group_recipient(group);
-        let header = round_header(id, &recipient, &t.state, now_ms, None, done);
         let payload = match t.encode_round(header) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(task = %id, %group, error = %e, "cannot encode the group's round message");
+                // Checked when the task was loaded (size) and kept finite by the optimizer;
+                // a failure here is a bug, reported rather than sent malformed.
+                tracing::error!(task = %id, %topic, error = %e, "cannot encode round message");
                 return None;
             }
         };
@@ -104,7 +119,7 @@ impl Engine {
         t.state.totals.bytes_out += bytes;
         self.dirty.insert(id.to_owned());
         Some(Action::Publish {
-            topic: topics::group_fl_round(group),
+            topic,
             payload,
             retain: true,
         })
@@ -149,25 +164,8 @@ impl Engine {
             s.spec.train.order(s.deadline_ms, seed)
         });
         let header = round_header(id, device, s, now_ms, train, false);
-        let payload = match t.encode_round(header) {
-            Ok(p) => p,
-            Err(e) => {
-                // Checked when the task was loaded (size) and kept finite by the optimizer;
-                // a failure here is a bug, reported rather than sent malformed.
-                tracing::error!(task = %id, %device, error = %e, "cannot encode round message");
-                return None;
-            }
-        };
-        let bytes = payload.len() as u64;
-        t.state.current.bytes_out += bytes;
-        t.state.totals.bytes_out += bytes;
         t.personal.insert(device.to_owned());
-        self.dirty.insert(id.to_owned());
-        Some(Action::Publish {
-            topic: topics::fl_round(device),
-            payload,
-            retain: true,
-        })
+        self.signed(id, header, topics::fl_round(device))
     }
 }
 
