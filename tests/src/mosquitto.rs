@@ -57,31 +57,47 @@ pub struct Mosquitto {
     proc: ChildProc,
 }
 
+/// mosquitto's own default `max_inflight_messages`.
+const DEFAULT_INFLIGHT: u16 = 20;
+
 impl Mosquitto {
     /// Writes `DIR/mosquitto.conf` and starts the broker on a free port.
     pub fn start(dir: &Path) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None, true)
+        Mosquitto::start_with(dir, None, true, None)
     }
 
     /// Like [`Mosquitto::start`], without persistence: a restart loses every session and the
     /// messages queued for them.
     pub fn start_volatile(dir: &Path) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None, false)
+        Mosquitto::start_with(dir, None, false, None)
+    }
+
+    /// Like [`Mosquitto::start_volatile`], letting each client have `inflight` unacknowledged
+    /// QoS 1 messages (`max_inflight_messages`, default 20). The coordinator acknowledges
+    /// after its group commit, so this window bounds its batches: the fleet benchmark runs
+    /// with 256 (`MAX_BATCH`).
+    pub fn start_volatile_with_inflight(dir: &Path, inflight: u16) -> Result<Mosquitto> {
+        Mosquitto::start_with(dir, None, false, Some(inflight))
     }
 
     /// Like [`Mosquitto::start`], with a mutual-TLS listener: the server certificate from
     /// `tls`, and a client certificate signed by `tls`'s CA required of every client, whose
     /// common name becomes its username (anonymous clients are refused).
     pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, Some(tls), true)
+        Mosquitto::start_with(dir, Some(tls), true, None)
     }
 
-    fn start_with(dir: &Path, tls: Option<&TlsFiles>, persist: bool) -> Result<Mosquitto> {
+    fn start_with(
+        dir: &Path,
+        tls: Option<&TlsFiles>,
+        persist: bool,
+        inflight: Option<u16>,
+    ) -> Result<Mosquitto> {
         let bin = mosquitto_bin()?;
         ensure_dir(dir)?;
         let mut last_err = None;
         for _ in 0..5 {
-            let mut m = Mosquitto::new(dir, &bin, free_port()?, tls, persist)?;
+            let mut m = Mosquitto::new(dir, &bin, free_port()?, tls, persist, inflight)?;
             match m.start_once() {
                 Ok(()) => return Ok(m),
                 Err(e) if looks_like_port_collision(&m.proc.last_log()) => last_err = Some(e),
@@ -99,6 +115,7 @@ impl Mosquitto {
         port: u16,
         tls: Option<&TlsFiles>,
         persist: bool,
+        inflight: Option<u16>,
     ) -> Result<Mosquitto> {
         let conf_path = dir.join("mosquitto.conf");
         let persistence = dir.join("persistence");
@@ -126,11 +143,13 @@ impl Mosquitto {
                 )
             }
         };
+        let inflight = inflight.unwrap_or(DEFAULT_INFLIGHT);
         let conf = format!(
             "# Written by the edge-tests harness.\n\
              listener {port} 127.0.0.1\n\
              {security}\
              persistence {persist}\n\
+             max_inflight_messages {inflight}\n\
              persistence_location {persistence}/\n\
              # Saved at SIGTERM; every second too, so a killed broker loses little.\n\
              autosave_interval 1\n\
