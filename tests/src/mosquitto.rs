@@ -63,13 +63,13 @@ const DEFAULT_INFLIGHT: u16 = 20;
 impl Mosquitto {
     /// Writes `DIR/mosquitto.conf` and starts the broker on a free port.
     pub fn start(dir: &Path) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None, true, None)
+        Mosquitto::start_with(dir, None, true, DEFAULT_INFLIGHT)
     }
 
     /// Like [`Mosquitto::start`], without persistence: a restart loses every session and the
     /// messages queued for them.
     pub fn start_volatile(dir: &Path) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None, false, None)
+        Mosquitto::start_with(dir, None, false, DEFAULT_INFLIGHT)
     }
 
     /// Like [`Mosquitto::start_volatile`], letting each client have `inflight` unacknowledged
@@ -77,21 +77,21 @@ impl Mosquitto {
     /// after its group commit, so this window bounds its batches: the fleet benchmark runs
     /// with 256 (`MAX_BATCH`).
     pub fn start_volatile_with_inflight(dir: &Path, inflight: u16) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, None, false, Some(inflight))
+        Mosquitto::start_with(dir, None, false, inflight)
     }
 
     /// Like [`Mosquitto::start`], with a mutual-TLS listener: the server certificate from
     /// `tls`, and a client certificate signed by `tls`'s CA required of every client, whose
     /// common name becomes its username (anonymous clients are refused).
     pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Result<Mosquitto> {
-        Mosquitto::start_with(dir, Some(tls), true, None)
+        Mosquitto::start_with(dir, Some(tls), true, DEFAULT_INFLIGHT)
     }
 
     fn start_with(
         dir: &Path,
         tls: Option<&TlsFiles>,
         persist: bool,
-        inflight: Option<u16>,
+        inflight: u16,
     ) -> Result<Mosquitto> {
         let bin = mosquitto_bin()?;
         ensure_dir(dir)?;
@@ -115,7 +115,7 @@ impl Mosquitto {
         port: u16,
         tls: Option<&TlsFiles>,
         persist: bool,
-        inflight: Option<u16>,
+        inflight: u16,
     ) -> Result<Mosquitto> {
         let conf_path = dir.join("mosquitto.conf");
         let persistence = dir.join("persistence");
@@ -143,7 +143,6 @@ impl Mosquitto {
                 )
             }
         };
-        let inflight = inflight.unwrap_or(DEFAULT_INFLIGHT);
         let conf = format!(
             "# Written by the edge-tests harness.\n\
              listener {port} 127.0.0.1\n\

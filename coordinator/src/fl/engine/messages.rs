@@ -101,10 +101,17 @@ impl Engine {
         self.signed(id, header, topics::group_fl_round(group))
     }
 
-    /// Task `id`'s round message with `header`, signed and counted in the round's bytes out,
-    /// retained on `topic`.
-    fn signed(&mut self, id: &str, header: RoundHeader, topic: String) -> Option<Action> {
+    /// Task `id`'s round message with `header`, signed, retained on `topic`, and counted in
+    /// the task's bytes out (and the open round's, unless it is the final message: the last
+    /// round has closed by then).
+    pub(super) fn signed(
+        &mut self,
+        id: &str,
+        header: RoundHeader,
+        topic: String,
+    ) -> Option<Action> {
         let t = self.tasks.get_mut(id)?;
+        let done = header.done;
         let payload = match t.encode_round(header) {
             Ok(p) => p,
             Err(e) => {
@@ -115,7 +122,9 @@ impl Engine {
             }
         };
         let bytes = payload.len() as u64;
-        t.state.current.bytes_out += bytes;
+        if !done {
+            t.state.current.bytes_out += bytes;
+        }
         t.state.totals.bytes_out += bytes;
         self.dirty.insert(id.to_owned());
         Some(Action::Publish {

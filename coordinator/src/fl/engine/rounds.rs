@@ -340,25 +340,13 @@ impl Engine {
             out.extend(self.clear_personal(id, &BTreeSet::new()));
             return out;
         }
-        let Some(t) = self.tasks.get_mut(id) else {
-            return out;
-        };
         // One message per member: each names its device, so none can be moved to another's topic.
         for (device, _) in members {
+            let Some(t) = self.tasks.get(id) else {
+                break;
+            };
             let header = super::messages::round_header(id, &device, &t.state, now_ms, None, true);
-            match t.encode_round(header) {
-                Ok(payload) => {
-                    t.state.totals.bytes_out += payload.len() as u64;
-                    out.push(Action::Publish {
-                        topic: topics::fl_round(&device),
-                        payload,
-                        retain: true,
-                    });
-                }
-                Err(e) => tracing::error!(
-                    task = %id, %device, error = %e, "cannot encode the final round message"
-                ),
-            }
+            out.extend(self.signed(id, header, topics::fl_round(&device)));
         }
         out
     }
