@@ -29,6 +29,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=EDGE_LINK_NO_RELR");
     println!("cargo:rerun-if-env-changed=EDGE_LINK_NO_HOT_TEXT");
+    println!("cargo:rerun-if-env-changed=EDGE_LINK_MAP");
     println!("cargo:rerun-if-changed=hot-text.ld");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     if var("CARGO_CFG_TARGET_OS") != "linux" || var("CARGO_CFG_TARGET_ENV") != "gnu" {
@@ -55,6 +56,14 @@ fn main() {
     }
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     hot_text();
+    // The linker's map of the binary (every input section's name, address and size), which
+    // names the code of a stripped build: `cargo xtask hot-text` reads it.
+    if let Some(map) = std::env::var_os("EDGE_LINK_MAP").filter(|v| !v.is_empty()) {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,-Map={}",
+            PathBuf::from(map).display()
+        );
+    }
 }
 
 /// Release links of the bins take `hot-text.ld` where it exists (LLD reads a script of

@@ -252,7 +252,8 @@ impl Build {
             cmd.env("CARGO_TARGET_DIR", self.target_dir());
             cmd.env(
                 format!("CARGO_TARGET_{}_RUSTFLAGS", self.target.env_key()),
-                format!("-C target-cpu={cpu}"),
+                // Replaces .cargo/config.toml's `build.rustflags`: keep its mangling.
+                format!("-C target-cpu={cpu} -C symbol-mangling-version=v0"),
             );
         }
         self.target.cargo_env(&mut cmd);

@@ -6,19 +6,20 @@
 //! over the whole 20 MB text section: before this layout 6.3 MB of it was resident in an idle
 //! agent, for about 1,900 functions and 1.8 MB of code that ran (callgrind).
 //!
-//! This command profiles the release agent connected to an embedded coordinator under
-//! callgrind (an unstripped build in `target/hot-text/`), takes every function of the agent's
+//! This command profiles the release agent under callgrind (an unstripped build in
+//! `target/hot-text/`), connected to an embedded coordinator and then with the coordinator
+//! gone (a board on a flaky link idles offline too), takes every function of the agent's
 //! binary that ran, and writes `agent/hot-text.ld`: a linker script that puts those
 //! functions' sections first, in an output section of their own before `.text`
 //! (`INSERT BEFORE .text`, which keeps the linker's default layout for everything else).
 //! `agent/build.rs` passes it to release links. Rust names each function's section
-//! `.text.<mangled name>`; the script matches the name with its hash (`17h<16 hex>E`, which
-//! changes with the target, features, profile settings and compiler version) replaced by `*`,
-//! so one profile serves x86_64, aarch64 and armv7 and later commits; a generic function
-//! whose other instantiations would bring in much cold code is left out (see [`patterns`]).
-//! A function added since the profile is laid out as before; a renamed one falls back to the
-//! default layout. Rerun the command after large changes to what the agent does at start or
-//! when idle. `cargo xtask bench rss`: idle PSS 10.2 -> 9.4 MB with the committed script.
+//! `.text.<mangled name>`. The workspace uses v0 mangling (`.cargo/config.toml`), whose names
+//! spell a generic function's arguments; the script matches each name with what changes
+//! between builds globbed (see [`stem`]), so one profile serves x86_64, aarch64 and armv7 and
+//! later commits, although the unstripped profile build's crate hashes differ from the
+//! release build's. A function added since the profile is laid out as before; a renamed one
+//! falls back to the default layout. Rerun the command after large changes to what the agent
+//! does at start or when idle.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ use nix::sys::signal::Signal;
 /// How long the profiled agent idles after it registered. Under callgrind it runs some 50
 /// times slower, so this covers several telemetry intervals and MQTT keep-alives.
 const IDLE: Duration = Duration::from_secs(90);
+/// How long it then idles with its broker gone (a board on a flaky link: reconnect attempts,
+/// telemetry into the outbox).
+const IDLE_OFFLINE: Duration = Duration::from_secs(60);
 
 /// Bytes of code that did not run which one globbed name may bring into the hot section.
 const GLOB_SLACK: u64 = 4096;
@@ -85,7 +89,7 @@ fn profile(root: &Path, target_dir: &Path, agent_bin: &Path, out: &Path) -> Resu
     )?;
     crate::image::chmod(&wrapper, 0o755)?;
 
-    let coord = Coordinator::start_embedded(&dir.path().join("coordinator"))?;
+    let mut coord = Coordinator::start_embedded(&dir.path().join("coordinator"))?;
     let port = coord.port().context("coordinator port")?;
     let mut journal = coord.journal();
     let mut o = AgentOptions::new("hot-text", format!("mqtt://127.0.0.1:{port}"));
@@ -99,6 +103,12 @@ fn profile(root: &Path, target_dir: &Path, agent_bin: &Path, out: &Path) -> Resu
         IDLE.as_secs()
     );
     std::thread::sleep(IDLE); // the profile's length, not a sync
+    coord.stop()?;
+    println!(
+        "hot-text: the coordinator and its broker stopped; idling offline {} s",
+        IDLE_OFFLINE.as_secs()
+    );
+    std::thread::sleep(IDLE_OFFLINE); // as above
     agent.signal(Signal::SIGTERM)?;
     agent
         .wait_exit(Duration::from_secs(300))
@@ -191,27 +201,41 @@ fn compressed(value: &str) -> (&str, Option<&str>) {
     (value, Some(value))
 }
 
-/// The input-section patterns for a function: `.text.` and its name, a Rust hash
-/// (`17h` and 16 hex digits, then `E`) and anything after it (ThinLTO's `.llvm.N` suffix)
-/// globbed; v0-mangled names with their crate disambiguators globbed. `None` for what is not
-/// a linkable name (see [`linkable`]).
+/// The input-section patterns for a function: `.text.` and its [`stem`], and for a name
+/// with its build-specific parts exact, ThinLTO's `.llvm.N` suffix after it. `None` for what
+/// is not a linkable name (see [`linkable`]).
 fn pattern(name: &str) -> Option<String> {
     let name = base(name);
     if !linkable(name) {
         return None;
     }
-    Some(match rust_hash_at(name) {
-        Some(at) => format!(".text.{}*", &name[..at]),
-        // v0 mangling (the standard library's): crate disambiguators `Cs<base62>_` globbed.
-        None if name.starts_with("_R") => exact(&v0_globbed(name)),
-        // A C function (zstd, ring's glue).
-        None => exact(name),
+    let stem = stem(name);
+    Some(if name.starts_with("_ZN") && stem != name {
+        format!(".text.{stem} .text.unlikely.{stem}")
+    } else {
+        exact(&stem)
     })
 }
 
-/// `.text.NAME`, or with ThinLTO's `.llvm.N` suffix.
+/// A name without what differs between builds of the same code: a legacy-mangled Rust name's
+/// hash (`17h` and 16 hex digits, then `E`) and anything after it as `*`; a v0-mangled name
+/// (ours, `.cargo/config.toml`, and the standard library's) with its crate disambiguators
+/// (`Cs<base-62>_`, from the crate's metadata, which the target and profile change) and its
+/// back-references (`B<base-62>_`, offsets into the name, which move when a disambiguator's
+/// length does) as `*`; a C name as it is. v0 spells a generic function's arguments, so its
+/// stem still names one instantiation.
+fn stem(name: &str) -> String {
+    match rust_hash_at(name) {
+        Some(at) => format!("{}*", &name[..at]),
+        None if name.starts_with("_R") => v0_globbed(name),
+        None => name.to_owned(),
+    }
+}
+
+/// `.text.NAME`, or with ThinLTO's `.llvm.N` suffix, and both as `.text.unlikely.` (where
+/// LLVM puts a function it deems cold: one that runs only at start-up often is).
 fn exact(name: &str) -> String {
-    format!(".text.{name} .text.{name}.llvm.*")
+    format!(".text.{name} .text.{name}.llvm.* .text.unlikely.{name} .text.unlikely.{name}.llvm.*")
 }
 
 /// A name without ThinLTO's `.llvm.N` suffix or callgrind's `'N` (a recursion level).
@@ -230,33 +254,28 @@ fn linkable(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "_.$".contains(c))
 }
 
-/// The script's patterns for the functions that ran. A Rust name's hash is globbed (one
-/// pattern for every target and build) unless that would take in more than [`GLOB_SLACK`]
-/// bytes of code that did not run: a generic function's instantiations share the name
-/// without the hash (`<&T as Debug>::fmt` has 300 KB of them). Those are left out: the hash
-/// cannot name them instead, since it differs between the profiled (unstripped) build and a
-/// release build, and between targets. With v0 symbol mangling, whose names carry the
-/// generic arguments, they could be named exactly; that is the next step.
+/// The script's patterns for the functions that ran. A pattern is the name's [`stem`] (one
+/// pattern for every target and build), unless that would take in more than [`GLOB_SLACK`]
+/// bytes of code that did not run: a legacy-mangled generic function's instantiations share
+/// the name without the hash (`<&T as Debug>::fmt` had 300 KB of them), so those are left out.
+/// v0 names, which spell the generic arguments, rarely share a stem.
 fn patterns(functions: &[String], symbols: &HashMap<String, u64>) -> BTreeSet<String> {
-    let stem = |name: &str| rust_hash_at(base(name)).map(|at| base(name)[..at].to_owned());
     let mut all: HashMap<String, u64> = HashMap::new();
     for (name, size) in symbols {
-        if let Some(st) = stem(name) {
-            *all.entry(st).or_default() += size;
-        }
+        *all.entry(stem(base(name))).or_default() += size;
     }
     let mut ran: HashMap<String, u64> = HashMap::new();
     for f in functions {
-        if let Some(st) = stem(f) {
-            *ran.entry(st).or_default() += symbols.get(base_keep_llvm(f)).copied().unwrap_or(0);
-        }
+        *ran.entry(stem(base(f))).or_default() +=
+            symbols.get(base_keep_llvm(f)).copied().unwrap_or(0);
     }
     functions
         .iter()
-        .filter_map(|f| match stem(f) {
-            Some(st) if all.get(&st).copied().unwrap_or(0) > ran[&st] + GLOB_SLACK => None,
-            _ => pattern(f),
+        .filter(|f| {
+            let st = stem(base(f));
+            all.get(&st).copied().unwrap_or(0) <= ran[&st] + GLOB_SLACK
         })
+        .filter_map(|f| pattern(f))
         .collect()
 }
 
@@ -292,24 +311,87 @@ fn symbol_sizes(bin: &Path) -> Result<HashMap<String, u64>> {
         .collect())
 }
 
-/// A v0-mangled name with each crate disambiguator (`Cs`, base-62 digits, `_`) as `Cs*_`.
+/// A v0-mangled name with each crate disambiguator (`Cs`, base-62 digits, `_`) as `Cs*_` and
+/// each back-reference (`B`, base-62 digits or none, `_`) as `B*_`. Identifiers (a decimal
+/// length, an optional `_`, then that many bytes) and the other base-62 numbers (`s`: a
+/// disambiguator, `L`: a lifetime, `G`: a binder) are copied as they are, so a `B` or `Cs` in
+/// an identifier is never taken for one, nor are a number's digits for a length; anything the
+/// scan misreads stays exact, which only makes the pattern narrower.
 fn v0_globbed(name: &str) -> String {
+    let bytes = name.as_bytes();
+    // The base-62 digits then `_` from `at`: the index after the `_`.
+    let number_end = |at: usize| {
+        let digits = bytes[at.min(bytes.len())..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric())
+            .count();
+        (bytes.get(at + digits) == Some(&b'_')).then_some((digits, at + digits + 1))
+    };
     let mut out = String::with_capacity(name.len());
-    let mut rest = name;
-    while let Some(at) = rest.find("Cs") {
-        let after = &rest[at + 2..];
-        let digits = after.bytes().take_while(u8::is_ascii_alphanumeric).count();
-        if digits > 0 && after.as_bytes().get(digits) == Some(&b'_') {
-            out.push_str(&rest[..at]);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(b"Cs")
+            && let Some((digits, end)) = number_end(i + 2)
+            && digits > 0
+        {
             out.push_str("Cs*_");
-            rest = &after[digits + 1..];
+            i = end;
+        } else if bytes[i] == b'B'
+            && let Some((_, end)) = number_end(i + 1)
+        {
+            out.push_str("B*_");
+            i = end;
+        } else if matches!(bytes[i], b's' | b'L' | b'G')
+            && let Some((_, end)) = number_end(i + 1)
+        {
+            // A disambiguator within a path, a lifetime, a binder: as it is (its digits are
+            // not an identifier's length).
+            out.push_str(&name[i..end]);
+            i = end;
+        } else if bytes[i].is_ascii_digit()
+            && let Some(end) = const_data_end(bytes, i)
+        {
+            // An array length or a const generic argument: hex digits, not a length.
+            out.push_str(&name[i..end]);
+            i = end;
+        } else if bytes[i].is_ascii_digit() {
+            let digits = bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let len: usize = name[i..i + digits].parse().unwrap_or(0);
+            let mut end = i + digits;
+            if bytes.get(end) == Some(&b'_') {
+                end += 1;
+            }
+            let end = (end + len).min(bytes.len());
+            out.push_str(&name[i..end]);
+            i = end;
         } else {
-            out.push_str(&rest[..at + 2]);
-            rest = after;
+            out.push(bytes[i] as char);
+            i += 1;
         }
     }
-    out.push_str(rest);
     out
+}
+
+/// The end (after its `_`) of a v0 const's data starting at `at`, where the bytes before it
+/// read as one: `A` or `K`, then an integer type, or `A`, a basic element type and an integer
+/// type (`RAhj8_`: `&[u8; 8]`). Other consts (an array of a named type) are not recognised.
+fn const_data_end(bytes: &[u8], at: usize) -> Option<usize> {
+    const INTEGER: &[u8] = b"abchijlmnostxy";
+    const BASIC: &[u8] = b"abcdfhijlmnostxy";
+    let before = |k: usize| at.checked_sub(k).map(|i| bytes[i]);
+    let is_const = (matches!(before(2), Some(b'A' | b'K'))
+        && before(1).is_some_and(|b| INTEGER.contains(&b)))
+        || (before(3) == Some(b'A')
+            && before(2).is_some_and(|b| BASIC.contains(&b))
+            && before(1).is_some_and(|b| INTEGER.contains(&b)));
+    if !is_const {
+        return None;
+    }
+    let hex = bytes[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        .count();
+    (bytes.get(at + hex) == Some(&b'_')).then_some(at + hex + 1)
 }
 
 /// Where a legacy-mangled Rust name's hash starts: the byte after `17h` in `..17h<16 hex>E`.
@@ -345,22 +427,32 @@ mod tests {
     fn rust_names_lose_their_hash_and_c_names_stay_exact() {
         assert_eq!(
             pattern("_ZN10edge_agent6uplink3run17h0123456789abcdefE").as_deref(),
-            Some(".text._ZN10edge_agent6uplink3run17h*")
+            Some(
+                ".text._ZN10edge_agent6uplink3run17h* .text.unlikely._ZN10edge_agent6uplink3run17h*"
+            )
         );
         assert_eq!(
             pattern("_ZN4core3ptr13drop_in_place$LT$u8$GT$17hfedcba9876543210E.llvm.1234")
                 .as_deref(),
-            Some(".text._ZN4core3ptr13drop_in_place$LT$u8$GT$17h*")
+            Some(
+                ".text._ZN4core3ptr13drop_in_place$LT$u8$GT$17h* \
+                 .text.unlikely._ZN4core3ptr13drop_in_place$LT$u8$GT$17h*"
+            )
         );
         assert_eq!(
             pattern("ZSTD_compressBlock.llvm.77").as_deref(),
-            Some(".text.ZSTD_compressBlock .text.ZSTD_compressBlock.llvm.*")
+            Some(
+                ".text.ZSTD_compressBlock .text.ZSTD_compressBlock.llvm.* \
+                 .text.unlikely.ZSTD_compressBlock .text.unlikely.ZSTD_compressBlock.llvm.*"
+            )
         );
         assert_eq!(
             pattern("_RNvMsa_NtCsgEmfK2I1SDS_4core3fmtNtB5_9Formatter3pad").as_deref(),
             Some(
-                ".text._RNvMsa_NtCs*_4core3fmtNtB5_9Formatter3pad \
-                 .text._RNvMsa_NtCs*_4core3fmtNtB5_9Formatter3pad.llvm.*"
+                ".text._RNvMsa_NtCs*_4core3fmtNtB*_9Formatter3pad \
+                 .text._RNvMsa_NtCs*_4core3fmtNtB*_9Formatter3pad.llvm.* \
+                 .text.unlikely._RNvMsa_NtCs*_4core3fmtNtB*_9Formatter3pad \
+                 .text.unlikely._RNvMsa_NtCs*_4core3fmtNtB*_9Formatter3pad.llvm.*"
             )
         );
         assert_eq!(pattern("(below main)"), None);
@@ -422,7 +514,39 @@ fn=(1)
             "_ZN1b3run17h3333333333333333E".to_owned(),
         ];
         let p: Vec<String> = patterns(&ran, &symbols).into_iter().collect();
-        assert_eq!(p, vec![".text._ZN1b3run17h*"]);
+        assert_eq!(p, vec![".text._ZN1b3run17h* .text.unlikely._ZN1b3run17h*"]);
+    }
+
+    #[test]
+    fn v0_names_keep_their_generic_arguments_and_lose_what_a_build_changes() {
+        // `<u8 as Debug>::fmt`-like instantiations in two builds whose crate hashes differ in
+        // length, so the back-reference moves: one stem for both builds, one per argument.
+        let a = "_RINvNtCs1234567890a_4core3fmt3fmtNtCsAbc_5bytes4ByteEB4_";
+        let b = "_RINvNtCsZZ_4core3fmt3fmtNtCsXyz12_5bytes4ByteEB5_";
+        let other = "_RINvNtCs1234567890a_4core3fmt3fmtNtCsAbc_5bytes4WordEB4_";
+        assert_eq!(stem(a), stem(b));
+        assert_eq!(stem(a), "_RINvNtCs*_4core3fmt3fmtNtCs*_5bytes4ByteEB*_");
+        assert_ne!(stem(a), stem(other));
+        // Back-reference 0 (`B_`) too; an identifier's own characters stay.
+        assert_eq!(v0_globbed("_RNvB_3foo"), "_RNvB*_3foo");
+        assert_eq!(v0_globbed("_RNvCs_3Csv"), "_RNvCs_3Csv");
+        assert_eq!(v0_globbed("_RNvCsQ_7B_Cs12_3foo"), "_RNvCs*_7B_Cs12_3foo");
+        // An array's length is not an identifier's length either.
+        assert_eq!(
+            v0_globbed("_RINvMs4_NtCsAb_4sled4treeNtB6_4Tree6insertRShRAhj8_ECsQ_10edge_agent"),
+            "_RINvMs4_NtCs*_4sled4treeNtB*_4Tree6insertRShRAhj8_ECs*_10edge_agent"
+        );
+        // A disambiguator's digits (`Ms4_`) are not an identifier's length.
+        assert_eq!(
+            v0_globbed("_RINvMs4_NtCs9ag7LwNYl6E_4sled4treeNtB6_4Tree3getRShECsgpvq_10edge_agent"),
+            "_RINvMs4_NtCs*_4sled4treeNtB*_4Tree3getRShECs*_10edge_agent"
+        );
+        let symbols: HashMap<String, u64> = [(a, 100), (other, 10_000)]
+            .into_iter()
+            .map(|(n, s)| (n.to_owned(), s))
+            .collect();
+        let p: Vec<String> = patterns(&[a.to_owned()], &symbols).into_iter().collect();
+        assert_eq!(p, vec![exact(&stem(a))]);
     }
 
     #[test]
