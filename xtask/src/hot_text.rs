@@ -201,9 +201,9 @@ fn compressed(value: &str) -> (&str, Option<&str>) {
     (value, Some(value))
 }
 
-/// The input-section patterns for a function: `.text.` and its [`stem`], and for a name
-/// with its build-specific parts exact, ThinLTO's `.llvm.N` suffix after it. `None` for what
-/// is not a linkable name (see [`linkable`]).
+/// The input-section patterns for a function: `.text.` and `.text.unlikely.` with its
+/// [`stem`], and where the stem does not already end in `*`, the same with ThinLTO's
+/// `.llvm.N` suffix. `None` for what is not a linkable name (see [`linkable`]).
 fn pattern(name: &str) -> Option<String> {
     let name = base(name);
     if !linkable(name) {
@@ -227,7 +227,8 @@ fn pattern(name: &str) -> Option<String> {
 fn stem(name: &str) -> String {
     match rust_hash_at(name) {
         Some(at) => format!("{}*", &name[..at]),
-        None if name.starts_with("_R") => v0_globbed(name),
+        // (v0 names are ASCII; the scan slices by byte.)
+        None if name.starts_with("_R") && name.is_ascii() => v0_globbed(name),
         None => name.to_owned(),
     }
 }
