@@ -470,7 +470,8 @@ impl Load {
     }
 }
 
-/// A local pipeline: a synthetic source into an inference stage running a 4x4 linear model.
+/// A local pipeline: a synthetic source into an inference stage running a 4x4 linear model
+/// ([`small_model`]).
 const MODEL_PIPELINE: &str = r#"
 name = "rss-model"
 [[source]]
@@ -488,6 +489,15 @@ kind = "outbox"
 input = "score"
 stream = "scores"
 "#;
+
+/// The model [`MODEL_PIPELINE`] runs: 4x4 linear, `y = 2x + 1`.
+fn small_model() -> Vec<u8> {
+    let mut w = vec![0.0; 16];
+    for i in 0..4 {
+        w[i * 4 + i] = 2.0;
+    }
+    edge_testmodels::onnx_builder::linear(4, 4, &w, &[1.0; 4])
+}
 
 /// One sample of one agent process.
 struct Sample {
@@ -516,14 +526,7 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
     let model_dir = dir.join("rss-model");
     std::fs::create_dir_all(model_dir.join("models"))?;
     std::fs::write(model_dir.join("pipeline.toml"), MODEL_PIPELINE)?;
-    let mut w = vec![0.0; 16];
-    for i in 0..4 {
-        w[i * 4 + i] = 2.0;
-    }
-    std::fs::write(
-        model_dir.join("models/linear.onnx"),
-        edge_testmodels::onnx_builder::linear(4, 4, &w, &[1.0; 4]),
-    )?;
+    std::fs::write(model_dir.join("models/linear.onnx"), small_model())?;
 
     let coord = Coordinator::start_embedded(&dir.join("rss-coordinator"))?;
     let port = coord.port().context("coordinator port")?;
@@ -665,13 +668,14 @@ fn rss(root: &Path, dir: &Path, opts: &RssOptions) -> Result<()> {
             bin.display()
         );
     }
-    if opts.arm_sizes {
-        arm_sizes()?;
+    // Both run whatever the other did: a broken cross toolchain does not hide the image's
+    // figures (each failure is printed where it happens).
+    let sizes = if opts.arm_sizes { arm_sizes() } else { Ok(()) };
+    let image = opts.image.as_deref().map_or(Ok(()), image_rss);
+    if let (Err(_), Err(e)) = (&sizes, &image) {
+        eprintln!("bench rss --image failed too: {e:#}");
     }
-    if let Some(board) = &opts.image {
-        image_rss(board)?;
-    }
-    Ok(())
+    sizes.and(image)
 }
 
 /// The idle agent and a bare tokio+rumqttc client inside `board`'s image booted under
@@ -694,7 +698,14 @@ fn image_rss(board: &str) -> Result<()> {
         mqtt_url: None,
         smoke: true,
     };
-    let probe = crate::image_footprint::Probe { bare };
+    let root = crate::root();
+    let probe = crate::image_footprint::Probe {
+        bare,
+        vibration: root.join("config/pipelines/vibration.toml"),
+        modules: root.join("modules/target/wasm32-wasip2/release"),
+        model_pipeline: MODEL_PIPELINE.to_owned(),
+        model: small_model(),
+    };
     let f = crate::image::build(&opts, &crate::dist::Enrollment::default(), Some(&probe))?
         .context("the image's smoke boot measured nothing")?;
     let med = |s: &[crate::image_footprint::Sample],
@@ -702,22 +713,33 @@ fn image_rss(board: &str) -> Result<()> {
         median(s.iter().map(|x| k(x) as f64).collect())
     };
     println!(
-        "inside the {board} image under qemu-system-aarch64 (kernel {}, page size {}), idle, connected to the host's embedded broker, median of {} samples (KiB)",
+        "inside the {board} image under qemu-system-aarch64 (kernel {}, page size {}), connected to the host's embedded broker, {} s after start (a pipeline: after it started), median of {} samples per process (KiB)",
         f.kernel,
         f.page_size,
+        crate::image_footprint::SETTLE_S,
         f.agent.len()
     );
     let bare_pss = med(f.bare.as_slice(), |x| x.pss);
     for line in &f.notes {
         println!("  agent, {line}");
     }
-    for (name, s) in [
+    let mut rows = vec![
         ("bare tokio+rumqttc", f.bare.as_slice()),
         ("edge-agent, no pipeline", f.agent.as_slice()),
-    ] {
+    ];
+    for (label, _) in crate::image_footprint::LOADS {
+        let name = match label {
+            "vibration" => "edge-agent, vibration pipeline (2 WASM stages), compiled",
+            "vibration-warm" => "edge-agent, vibration pipeline, module cache warm",
+            "model" => "edge-agent, one small ONNX model (4x4 linear)",
+            other => other,
+        };
+        rows.push((name, f.loads.get(label).map_or(&[][..], Vec::as_slice)));
+    }
+    for (name, s) in rows {
         let pss = med(s, |x| x.pss);
         println!(
-            "  {name:<24}: RSS {:>7.0}  PSS {pss:>7.0} (anon {:>6.0}, file {:>6.0})  ({:.1}x PSS of bare)",
+            "  {name:<56}: RSS {:>7.0}  PSS {pss:>7.0} (anon {:>6.0}, file {:>6.0})  ({:.1}x PSS of bare)",
             med(s, |x| x.rss),
             med(s, |x| x.pss_anon),
             med(s, |x| x.pss_file),

@@ -621,7 +621,7 @@ fn smoke(
     // its own config back and loses the harness claim and the probe whatever happened.
     let made = (|| {
         if let Some(p) = probe {
-            probed = p.install(rootfs, port)?;
+            probed = p.install(rootfs, port, &config)?;
         }
         if harness_claim {
             edge_tests::enroll::write_claim_key(&claim_path, &[])?;
