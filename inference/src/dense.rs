@@ -90,6 +90,25 @@ pub struct NamedWeights {
     pub data: Vec<f32>,
 }
 
+/// A named tensor of weights held elsewhere (a round message's flat weights, a model's
+/// initializers): what [`to_trainer`] reads, so its caller needs no copy of its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightsRef<'a> {
+    pub name: &'a str,
+    pub shape: &'a [u32],
+    pub data: &'a [f32],
+}
+
+impl NamedWeights {
+    pub fn view(&self) -> WeightsRef<'_> {
+        WeightsRef {
+            name: &self.name,
+            shape: &self.shape,
+            data: &self.data,
+        }
+    }
+}
+
 /// Ops that only pass the features on before the first layer.
 const LEADING: &[&str] = &["Cast", "Identity", "Flatten"];
 
@@ -360,11 +379,11 @@ pub fn first_named(layers: &[DenseLayer], named: impl Fn(&str) -> bool) -> Optio
 /// outputs], bias [outputs])` pairs in layer order, names kept.
 pub fn to_trainer(
     layers: &[DenseLayer],
-    weights: &[NamedWeights],
+    weights: &[WeightsRef<'_>],
 ) -> Result<Vec<NamedWeights>, String> {
-    let find = |name: &str, shape: &[u32]| -> Result<&NamedWeights, String> {
+    let find = |name: &str, shape: &[u32]| -> Result<&WeightsRef<'_>, String> {
         let w = weights.iter().find(|w| w.name == name).ok_or_else(|| {
-            let carried: Vec<&str> = weights.iter().take(8).map(|w| w.name.as_str()).collect();
+            let carried: Vec<&str> = weights.iter().take(8).map(|w| w.name).collect();
             format!(
                 "the round carries no weights for {name}, a layer of this model (it carries: \
                      {}{}); is the task's model the one this device serves?",
@@ -385,8 +404,8 @@ pub fn to_trainer(
         let w = find(&l.weight, &l.weight_shape)?;
         let b = find(&l.bias, &l.bias_shape)?;
         let data = match l.layout {
-            Layout::InOut => w.data.clone(),
-            Layout::OutIn => transpose(&w.data, l.outputs as usize, l.inputs as usize),
+            Layout::InOut => w.data.to_vec(),
+            Layout::OutIn => transpose(w.data, l.outputs as usize, l.inputs as usize),
         };
         out.push(NamedWeights {
             name: l.weight.clone(),
@@ -396,13 +415,15 @@ pub fn to_trainer(
         out.push(NamedWeights {
             name: l.bias.clone(),
             shape: vec![l.outputs],
-            data: b.data.clone(),
+            data: b.data.to_vec(),
         });
     }
     Ok(out)
 }
 
 /// The inverse of [`to_trainer`]: the trainer's pairs back in the model's shapes and layouts.
+/// Each tensor moves across (a transposed weight is copied once, its source then dropped), so
+/// this holds no second copy of the weights.
 pub fn from_trainer(
     layers: &[DenseLayer],
     trained: Vec<NamedWeights>,
@@ -415,8 +436,11 @@ pub fn from_trainer(
         ));
     }
     let mut out = Vec::with_capacity(trained.len());
-    for (l, pair) in layers.iter().zip(trained.chunks_exact(2)) {
-        let (w, b) = (&pair[0], &pair[1]);
+    let mut trained = trained.into_iter();
+    for l in layers {
+        let (Some(w), Some(b)) = (trained.next(), trained.next()) else {
+            return Err(format!("the trainer returned no pair for {}", l.weight));
+        };
         if w.name != l.weight || b.name != l.bias {
             return Err(format!(
                 "the trainer returned {} and {} where {} and {} were given",
@@ -428,7 +452,7 @@ pub fn from_trainer(
             return Err(format!("the trainer changed the size of {}", l.weight));
         }
         let data = match l.layout {
-            Layout::InOut => w.data.clone(),
+            Layout::InOut => w.data,
             Layout::OutIn => transpose(&w.data, l.inputs as usize, l.outputs as usize),
         };
         out.push(NamedWeights {
@@ -439,7 +463,7 @@ pub fn from_trainer(
         out.push(NamedWeights {
             name: l.bias.clone(),
             shape: l.bias_shape.clone(),
-            data: b.data.clone(),
+            data: b.data,
         });
     }
     Ok(out)

@@ -86,7 +86,8 @@ fn to_trainer_and_back_is_the_identity_and_transposes_gemm_weights() {
             data: t.to_f32().expect("ok"),
         })
         .collect();
-    let trainer = to_trainer(&layers, &given).expect("ok");
+    let views: Vec<_> = given.iter().map(NamedWeights::view).collect();
+    let trainer = to_trainer(&layers, &views).expect("ok");
     assert_eq!(trainer[0].shape, [64, 16]);
     assert_eq!(trainer[1].shape, [16]);
     // W[o][i] of the model is W'[i][o] for the trainer.
@@ -108,12 +109,13 @@ fn to_trainer_names_a_missing_or_reshaped_tensor() {
     let layers = dense_layers(&exported("sklearn_mlp.onnx")).expect("ok");
     let err = to_trainer(&layers, &[]).expect_err("refused");
     assert!(err.contains("coefficient"), "{err}");
-    let wrong = vec![NamedWeights {
+    let wrong = [NamedWeights {
         name: "coefficient".into(),
         shape: vec![16, 64],
         data: vec![0.0; 1024],
     }];
-    let err = to_trainer(&layers, &wrong).expect_err("refused");
+    let views: Vec<_> = wrong.iter().map(NamedWeights::view).collect();
+    let err = to_trainer(&layers, &views).expect_err("refused");
     assert!(
         err.contains("[16, 64]") && err.contains("[64, 16]"),
         "{err}"

@@ -69,7 +69,8 @@ fn central_accuracy(env: &TestEnv, d: &Digits, train: &[usize], test: &[usize]) 
             })
         })
         .collect();
-    let weights: Vec<Param> = to_trainer(&layers, &given)
+    let views: Vec<_> = given.iter().map(NamedWeights::view).collect();
+    let weights: Vec<Param> = to_trainer(&layers, &views)
         .map_err(anyhow::Error::msg)?
         .into_iter()
         .map(|w| Param {

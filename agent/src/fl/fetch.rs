@@ -148,7 +148,7 @@ impl FlTask {
 
     /// The weights from the kept chunks, checked against the digest of the whole (a kept
     /// chunk damaged on disk is found here: the chunks are dropped and fetched again).
-    fn assemble(
+    pub(super) fn assemble(
         &self,
         task: &str,
         version: u32,

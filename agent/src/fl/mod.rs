@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edge_inference::dense::{self, NamedWeights};
+use edge_inference::dense::{self, NamedWeights, WeightsRef};
 use protocol::v1::deploy::{TrustedKeys, VerifyingKey};
 use protocol::v1::fl::{self, FailureKind, RoundMessage, TrainFailure, Update, codec};
 use protocol::v1::{Class, topics};
@@ -619,11 +619,15 @@ impl FlTask {
             fetch::Fetched::Superseded(newer) => return Ok(Some(newer)),
             fetch::Fetched::Stopped => return Ok(None),
         };
-        let msg = Arc::new(msg);
+        // The chunks' messages and copies are dropped; what the allocator keeps of them would
+        // otherwise add to every later phase of the round.
+        if msg.header.blob.is_some() {
+            crate::memory::release();
+        }
         let work = {
             let me = self.clone();
-            let (msg, setup) = (msg.clone(), setup.clone());
-            tokio::task::spawn_blocking(move || me.work(&msg, &setup))
+            let setup = setup.clone();
+            tokio::task::spawn_blocking(move || me.work(msg, &setup))
         };
         tokio::select! {
             r = work => r.unwrap_or_else(|e| Err(RoundError::Trainer { module: setup.trainer_name.clone(), kind: FailureKind::Model, reason: format!("training thread panicked: {e}") })).map(|()| None),
@@ -632,12 +636,12 @@ impl FlTask {
     }
 
     /// Blocking part of a round: apply, train, encode, queue, commit.
-    fn work(&self, msg: &RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
+    fn work(&self, msg: RoundMessage, setup: &TrainingSetup) -> Result<(), RoundError> {
         let h = &msg.header;
         // A round over frozen layers is checked before anything is applied: neither served
         // nor trained, a head over other features than the task's.
         let split = match &h.frozen {
-            Some(_) => match split_layers(msg, setup) {
+            Some(_) => match split_layers(&msg, setup) {
                 Ok(split) => Some(split),
                 Err(e) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -650,7 +654,7 @@ impl FlTask {
             },
             None => None,
         };
-        self.apply(msg, setup);
+        self.apply(&msg, setup);
         if h.done {
             self.d.state.finish(&h.task)?;
             tracing::info!(task = %h.task, version = h.version, "federated task finished; final weights applied");
@@ -668,11 +672,15 @@ impl FlTask {
             tracing::debug!(task = %h.task, round = h.round, "update for this round already queued");
             return Ok(());
         }
-        let result = self.train(msg, setup, order, split);
+        // The model's previous session and the patched copies are dropped (see above).
+        crate::memory::release();
+        let header = h.clone();
+        let order = order.clone();
+        let result = self.train(msg, setup, &order, split);
         if let Err(e) = &result {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task = %h.task, round = h.round, kind = e.kind().as_str(), error = %e, "local training failed; no update for this round");
-            self.report_failure(h, e);
+            tracing::warn!(task = %header.task, round = header.round, kind = e.kind().as_str(), error = %e, "local training failed; no update for this round");
+            self.report_failure(&header, e);
         }
         result
     }
@@ -779,12 +787,11 @@ impl FlTask {
 
     fn train(
         &self,
-        msg: &RoundMessage,
+        mut msg: RoundMessage,
         setup: &TrainingSetup,
         order: &fl::TrainOrder,
         split: Option<Split>,
     ) -> Result<(), RoundError> {
-        let h = &msg.header;
         let started = Instant::now();
         let samples = self
             .d
@@ -826,15 +833,16 @@ impl FlTask {
             frozen,
         } = match split {
             Some(split) => split,
-            None => split_layers(msg, setup)?,
+            None => split_layers(&msg, setup)?,
         };
-        let given: Vec<NamedWeights> = msg
+        // Views of the round's weights: the trainer's layout is the only copy made for it.
+        let given: Vec<WeightsRef<'_>> = msg
             .tensors()
             .into_iter()
-            .map(|(p, data)| NamedWeights {
-                name: p.name.clone(),
-                shape: p.shape.clone(),
-                data: data.to_vec(),
+            .map(|(p, data)| WeightsRef {
+                name: &p.name,
+                shape: &p.shape,
+                data,
             })
             .collect();
         if let Some(prefix) = &frozen {
@@ -862,15 +870,26 @@ impl FlTask {
             })
             .collect();
         drop(given);
+        // Weights that came in chunks are also in the state database: they leave memory while
+        // the trainer runs (it has its own copy) and are read back, checked, for the delta.
+        let kept = msg.header.blob.clone();
+        if kept.is_some() {
+            msg.weights = Vec::new();
+        }
         let params = order.trainer_params();
         let out = self
             .d
             .trainer
             .train(setup, weights, &params, Arc::new(labeled))?;
+        let h = &msg.header;
+        if let Some(blob) = &kept {
+            let n = fl::weight_count(&h.params);
+            msg.weights = self.assemble(&h.task, h.version, n, blob)?;
+        }
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
-        // The sandbox checked names, shapes and finiteness; back to the model's layout, then
-        // flattened in the header's order.
-        let trained = dense::from_trainer(
+        // The sandbox checked names, shapes and finiteness; back to the model's layout (moved,
+        // not copied), then the delta in the header's order.
+        let mut trained = dense::from_trainer(
             &layers,
             out.weights
                 .into_iter()
@@ -882,26 +901,37 @@ impl FlTask {
                 .collect(),
         )
         .map_err(trainer_err)?;
-        let mut local = Vec::with_capacity(msg.weights.len());
+        // Each trained tensor minus its global weights, its buffer dropped once read: the
+        // trained weights and the delta together are never more than the model's size.
+        let mut delta = Vec::with_capacity(msg.weights.len());
         for p in &h.params {
             let t = trained
-                .iter()
+                .iter_mut()
                 .find(|w| w.name == p.name)
                 .ok_or_else(|| trainer_err(format!("returned no tensor {}", p.name)))?;
-            local.extend_from_slice(&t.data);
+            let local = std::mem::take(&mut t.data);
+            let at = delta.len();
+            let global = msg
+                .weights
+                .get(at..at + p.len())
+                .filter(|_| local.len() == p.len())
+                .ok_or_else(|| {
+                    trainer_err(format!(
+                        "returned {} weights for {}, the model has {}",
+                        local.len(),
+                        p.name,
+                        p.len()
+                    ))
+                })?;
+            delta.extend(local.iter().zip(global).map(|(l, g)| l - g));
         }
         drop(trained);
-        if local.len() != msg.weights.len() {
+        if delta.len() != msg.weights.len() {
             return Err(trainer_err(format!(
                 "returned {} weights, the model has {}",
-                local.len(),
+                delta.len(),
                 msg.weights.len()
             )));
-        }
-        // The delta in place of the local weights: one buffer the size of the model, not two.
-        let mut delta = local;
-        for (d, g) in delta.iter_mut().zip(&msg.weights) {
-            *d -= g;
         }
         let ef = order.codec.uses_error_feedback();
         let mut residual = ef.then(|| self.d.state.residual(&h.task, delta.len()));

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use edge_inference::dense::{self, NamedWeights};
+use edge_inference::dense::{self, WeightsRef};
 use edge_sandbox::trainer::Param;
 use edge_sandbox::{Sandbox, SandboxConfig};
 use protocol::v1::fl::ParamSpec;
@@ -119,10 +119,10 @@ fn trainer_weights(
             .get(at..at + p.len())
             .ok_or_else(|| format!("the initial weights end before {}", p.name))?;
         at += p.len();
-        given.push(NamedWeights {
-            name: p.name.clone(),
-            shape: p.shape.clone(),
-            data: data.to_vec(),
+        given.push(WeightsRef {
+            name: &p.name,
+            shape: &p.shape,
+            data,
         });
     }
     Ok(dense::to_trainer(trained, &given)?
