@@ -6,6 +6,8 @@
 //!   (the stage's input checks, extract, the same JSON output and output frame), on a
 //!   1024-sample window; WASM and native rounds alternate, and the ratio is the median of the
 //!   per-round ratios (a shared machine's drift hits both sides of a round alike);
+//! - what the epoch checks that enforce the call deadline cost: that stage against the same
+//!   module compiled without them (a sandbox of its own, `epoch_checks: false`), alternating;
 //! - the component-model floor for that window: a passthrough stage given the same
 //!   1024-sample frame (the window copied into the guest and back out, no work);
 //! - throughput of that stage on one core (msgs/s);
@@ -238,6 +240,33 @@ fn main() {
         },
         || native_stage(std::hint::black_box(values)),
     );
+    // What the epoch checks (the call deadline) cost: the same module compiled without them,
+    // in a sandbox of its own whose calls have no deadline, against the stage above.
+    let unchecked_dir = tempfile::tempdir().expect("tempdir");
+    let unchecked = Sandbox::new(
+        &SandboxConfig {
+            epoch_checks: false,
+            ..cfg.clone()
+        },
+        unchecked_dir.path(),
+    )
+    .expect("sandbox without epoch checks");
+    let fx_unchecked_module = unchecked
+        .load("feature_extractor", &module("feature_extractor"))
+        .expect("compile without epoch checks");
+    let mut fx_unchecked = unchecked
+        .instantiate(&fx_unchecked_module, &ctx("fx-unchecked"))
+        .expect("instantiate");
+    fx_unchecked.init(fx_cfg).expect("init");
+    let (wasm_checked, wasm_unchecked, epoch_ratio) = paired(
+        2_000,
+        || {
+            std::hint::black_box(fx.process(&window).expect("process"));
+        },
+        || {
+            std::hint::black_box(fx_unchecked.process(&window).expect("process"));
+        },
+    );
     let wasm_pass_window = per_call(2_000, || {
         std::hint::black_box(pass.process(&window).expect("process"));
     });
@@ -298,6 +327,12 @@ fn main() {
         us(native_fx),
         fx_ratio,
         wasm_fx / native_fx
+    );
+    println!(
+        "  epoch checks: the stage with / without them       : {:>8.2} / {:.2} us = {:.3}x (median of per-round ratios)",
+        us(wasm_checked),
+        us(wasm_unchecked),
+        epoch_ratio
     );
     println!(
         "  component-model floor: passthrough, same window   : {:>8.2} us  ({:.0}% of the wasm stage)",

@@ -73,6 +73,13 @@ pub struct SandboxConfig {
     pub restart_backoff_min_ms: u64,
     /// Longest delay between restarts, milliseconds.
     pub restart_backoff_max_ms: u64,
+    /// Whether compiled code checks the epoch (at function entries and loop headers), which is
+    /// what enforces `call_timeout_ms` and `train_timeout_ms`. Always true from a config
+    /// file (not a key); only `cargo xtask bench sandbox` turns it off, in a sandbox of its
+    /// own, to measure what the checks cost. Without them a call that spins is never stopped.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub epoch_checks: bool,
 }
 
 impl Default for SandboxConfig {
@@ -102,6 +109,7 @@ impl Default for SandboxConfig {
             max_consecutive_traps: 5,
             restart_backoff_min_ms: 100,
             restart_backoff_max_ms: 30_000,
+            epoch_checks: true,
         }
     }
 }

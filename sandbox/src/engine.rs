@@ -27,6 +27,11 @@ pub(crate) const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 pub(crate) const MAX_MEMORIES_PER_COMPONENT: u32 = 2;
 /// Tables per component (Rust `wasm32-wasip2`: 2, the program's and a shim's).
 pub(crate) const MAX_TABLES_PER_COMPONENT: u32 = 8;
+/// Set (to anything) in the agent's environment, the engine writes a perf map of the code it
+/// compiles, so `perf record`/`perf report` of the agent name the guest's functions (modules
+/// built without `strip` keep their names). For profiling a stage on a device.
+pub(crate) const PERFMAP_ENV: &str = "EDGE_WASM_PERFMAP";
+
 /// Guard after each linear memory on 64-bit targets.
 const GUARD_BYTES_64: u64 = 32 * 1024 * 1024;
 
@@ -96,12 +101,16 @@ pub(crate) fn build(cfg: &SandboxConfig) -> Result<(Engine, PoolPlan), SandboxEr
 
     let mut c = Config::new();
     c.wasm_component_model(true)
-        .epoch_interruption(true)
+        .epoch_interruption(cfg.epoch_checks)
         .max_wasm_stack(to_usize(cfg.max_wasm_stack_bytes, "max_wasm_stack_bytes")?)
         .memory_reservation(plan.memory_reservation)
         .memory_guard_size(plan.memory_guard)
         .memory_reservation_for_growth(0)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    if std::env::var_os(PERFMAP_ENV).is_some() {
+        // `perf report` names the compiled guest functions (`/tmp/perf-PID.map`).
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     #[cfg(target_arch = "arm")]
     {
         // No Cranelift backend for 32-bit ARM: compile to Pulley bytecode and interpret it.
