@@ -3,6 +3,12 @@
 //! thread finishes in the background and its result is dropped. While one is still running,
 //! further compilations are refused, so a stream of pathological modules cannot pile up
 //! compiler threads.
+//!
+//! The compiling engine is the caller's throwaway one ([`crate::engine::compiler`]): wasmtime's
+//! compiler keeps its working buffers (Cranelift's contexts, sized by the largest function it
+//! compiled) for reuse for as long as its engine lives, and the agent's own engine lives for
+//! the agent's life. Only the serialized artifact comes back; the thread drops the compiled
+//! component and, with it, that engine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -13,42 +19,30 @@ use wasmtime::component::Component;
 
 use super::SandboxError;
 
-/// What a bounded compilation produced.
-pub(crate) struct Compiled {
-    pub component: Component,
-    /// The serialized artifact, for the cache.
-    pub artifact: Vec<u8>,
-}
-
-/// Compiles `bytes` on a separate thread, waiting at most `timeout`.
+/// Compiles `bytes` with `engine` on a separate thread, waiting at most `timeout`; returns the
+/// serialized artifact (what the cache keeps and the sandbox's engine deserializes).
 /// `abandoned` is set while a timed-out compilation is still running.
 pub(crate) fn compile_bounded(
-    engine: &Engine,
+    engine: Engine,
     bytes: Arc<[u8]>,
     digest: &str,
     timeout: Duration,
     abandoned: &Arc<AtomicBool>,
-) -> Result<Compiled, SandboxError> {
+) -> Result<Vec<u8>, SandboxError> {
     if abandoned.load(Ordering::Acquire) {
         return Err(SandboxError::CompilerBusy {
             digest: digest.to_owned(),
         });
     }
     let (tx, rx) = mpsc::sync_channel(1);
-    let engine = engine.clone();
     let flag = Arc::clone(abandoned);
     let done = Arc::new(AtomicBool::new(false));
     let done_in_thread = Arc::clone(&done);
     std::thread::Builder::new()
         .name("wasm-compile".into())
         .spawn(move || {
-            let result = Component::new(&engine, &bytes[..]).and_then(|component| {
-                let artifact = component.serialize()?;
-                Ok(Compiled {
-                    component,
-                    artifact,
-                })
-            });
+            let result = Component::new(&engine, &bytes[..]).and_then(|c| c.serialize());
+            drop(engine);
             done_in_thread.store(true, Ordering::Release);
             // If the caller gave up, it set the flag and nobody receives: clear the flag.
             if tx.send(result).is_err() {

@@ -78,13 +78,34 @@ impl PoolPlan {
 /// Builds the engine for `cfg`.
 pub(crate) fn build(cfg: &SandboxConfig) -> Result<(Engine, PoolPlan), SandboxError> {
     let plan = PoolPlan::new(cfg, cfg!(target_pointer_width = "64"));
-    let err = |e: wasmtime::Error| SandboxError::Engine(format!("{e:#}"));
-    let to_usize = |v: u64, key: &str| {
-        usize::try_from(v).map_err(|_| {
-            SandboxError::Config(format!("sandbox.{key} is too large for this target"))
-        })
-    };
+    let mut c = config(cfg, &plan)?;
+    c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(cfg, &plan)?));
+    if std::env::var_os(PERFMAP_ENV).is_some() {
+        // `perf report` names the compiled guest functions (`/tmp/perf-PID.map`).
+        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    let engine = Engine::new(&c).map_err(engine_err)?;
+    Ok((engine, plan))
+}
 
+/// An engine for one compilation: the sandbox engine's settings, so its artifacts deserialize
+/// there, without the instance pool (nothing runs in it). Dropped with the compiled component,
+/// it takes the compiler's working buffers with it (see `compile.rs`).
+pub(crate) fn compiler(cfg: &SandboxConfig) -> Result<Engine, SandboxError> {
+    let plan = PoolPlan::new(cfg, cfg!(target_pointer_width = "64"));
+    Engine::new(&config(cfg, &plan)?).map_err(engine_err)
+}
+
+fn engine_err(e: wasmtime::Error) -> SandboxError {
+    SandboxError::Engine(format!("{e:#}"))
+}
+
+fn to_usize(v: u64, key: &str) -> Result<usize, SandboxError> {
+    usize::try_from(v)
+        .map_err(|_| SandboxError::Config(format!("sandbox.{key} is too large for this target")))
+}
+
+fn pool(cfg: &SandboxConfig, plan: &PoolPlan) -> Result<PoolingAllocationConfig, SandboxError> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(plan.component_instances)
         .total_core_instances(plan.core_instances)
@@ -98,26 +119,25 @@ pub(crate) fn build(cfg: &SandboxConfig) -> Result<(Engine, PoolPlan), SandboxEr
         .max_memories_per_module(1)
         .max_memory_size(to_usize(cfg.max_memory_bytes, "max_memory_bytes")?)
         .table_elements(cfg.max_table_elements as usize);
+    Ok(pool)
+}
 
+/// Everything that decides how modules compile (what an artifact's compatibility is checked
+/// against), shared by the sandbox engine and the compiling ones.
+fn config(cfg: &SandboxConfig, plan: &PoolPlan) -> Result<Config, SandboxError> {
     let mut c = Config::new();
     c.wasm_component_model(true)
         .epoch_interruption(cfg.epoch_checks)
         .max_wasm_stack(to_usize(cfg.max_wasm_stack_bytes, "max_wasm_stack_bytes")?)
         .memory_reservation(plan.memory_reservation)
         .memory_guard_size(plan.memory_guard)
-        .memory_reservation_for_growth(0)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    if std::env::var_os(PERFMAP_ENV).is_some() {
-        // `perf report` names the compiled guest functions (`/tmp/perf-PID.map`).
-        c.profiler(wasmtime::ProfilingStrategy::PerfMap);
-    }
+        .memory_reservation_for_growth(0);
     #[cfg(target_arch = "arm")]
     {
         // No Cranelift backend for 32-bit ARM: compile to Pulley bytecode and interpret it.
-        c.target("pulley32").map_err(err)?;
+        c.target("pulley32").map_err(engine_err)?;
     }
-    let engine = Engine::new(&c).map_err(err)?;
-    Ok((engine, plan))
+    Ok(c)
 }
 
 /// Thread that increments the engine's epoch every tick; stops when dropped.

@@ -435,8 +435,10 @@ impl Sandbox {
             }
         }
         let started = Instant::now();
-        let compiled = compile::compile_bounded(
-            &core.engine,
+        // A throwaway engine compiles; the sandbox's engine loads the artifact, as it would from
+        // the cache (see compile.rs: the compiler's buffers go with the throwaway engine).
+        let artifact = compile::compile_bounded(
+            engine::compiler(&inner.cfg)?,
             Arc::from(bytes),
             id.digest_hex(),
             Duration::from_millis(inner.cfg.compile_timeout_ms),
@@ -444,28 +446,33 @@ impl Sandbox {
         )?;
         inner.stats.compiles.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
-            module = %id, bytes = bytes.len(), code_bytes = compiled.artifact.len(),
+            module = %id, bytes = bytes.len(), code_bytes = artifact.len(),
             compile_ms = started.elapsed().as_millis() as u64,
             "module compiled"
         );
-        if let Err(e) = core.cache.write(&digest, &compiled.artifact) {
+        if let Err(e) = core.cache.write(&digest, &artifact) {
             // The module still runs; only the next start pays for compiling again.
             tracing::warn!(module = %id, dir = %core.cache.dir().display(), error = %e, "writing module cache failed");
         }
-        let code = compiled.artifact.len();
-        finish(id, compiled.component, ModuleSource::Compiled, code)
+        let component = Self::deserialize_own(core, &artifact).map_err(|e| {
+            SandboxError::Engine(format!("loading module {id} just compiled: {e:#}"))
+        })?;
+        finish(id, component, ModuleSource::Compiled, artifact.len())
     }
 
-    /// Deserializes an artifact read from our cache directory.
+    /// Deserializes an artifact of our own: read from our cache directory, or just compiled.
     #[allow(unsafe_code)]
     fn deserialize_own(core: &Core, artifact: &[u8]) -> wasmtime::Result<Component> {
         // SAFETY: wasmtime requires that the bytes were produced by `serialize` of a
         // compatible engine and are not tampered with. `artifact` comes only from
+        // `compile::compile_bounded` in `load_inner` (this process's own compilation, by an
+        // engine with this engine's settings, `engine::compiler`), or from
         // `cache::Cache::read`, which returns files that `Cache::write` created in our
-        // private cache directory from `Component::serialize` of this engine's own
-        // compilation, and only after checking the module digest, this engine's
-        // compatibility key and the artifact's sha256 recorded at write time. Bytes from
-        // outside never reach this function (they are compiled by `load_inner`).
+        // private cache directory from such a compilation, and only after checking the
+        // module digest, this engine's compatibility key and the artifact's sha256 recorded
+        // at write time. Bytes from outside never reach this function (they are compiled by
+        // `load_inner`). wasmtime still checks the artifact's engine settings and refuses a
+        // mismatch.
         unsafe { Component::deserialize(&core.engine, artifact) }
     }
 
