@@ -14,19 +14,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::SandboxError;
+use super::{SandboxConfig, SandboxError};
 
-/// Compiles `bytes` with `engine` on a separate thread, waiting at most `timeout`; returns the
-/// serialized artifact (what the cache keeps and the sandbox's engine deserializes).
-/// `abandoned` is set while a timed-out compilation is still running.
+/// Compiles `bytes` on a separate thread with a throwaway engine of `cfg`'s settings, waiting at
+/// most `cfg.compile_timeout_ms`; returns the serialized artifact (what the cache keeps and the
+/// sandbox's engine deserializes). `abandoned` is set while a timed-out compilation is still
+/// running.
 pub(crate) fn compile_bounded(
-    engine: Engine,
+    cfg: &SandboxConfig,
     bytes: Arc<[u8]>,
     digest: &str,
-    timeout: Duration,
     abandoned: &Arc<AtomicBool>,
 ) -> Result<Vec<u8>, SandboxError> {
     if abandoned.load(Ordering::Acquire) {
@@ -34,6 +33,8 @@ pub(crate) fn compile_bounded(
             digest: digest.to_owned(),
         });
     }
+    let timeout = Duration::from_millis(cfg.compile_timeout_ms);
+    let engine = crate::engine::compiler(cfg)?;
     let (tx, rx) = mpsc::sync_channel(1);
     let flag = Arc::clone(abandoned);
     let done = Arc::new(AtomicBool::new(false));

@@ -438,10 +438,9 @@ impl Sandbox {
         // A throwaway engine compiles; the sandbox's engine loads the artifact, as it would from
         // the cache (see compile.rs: the compiler's buffers go with the throwaway engine).
         let artifact = compile::compile_bounded(
-            engine::compiler(&inner.cfg)?,
+            &inner.cfg,
             Arc::from(bytes),
             id.digest_hex(),
-            Duration::from_millis(inner.cfg.compile_timeout_ms),
             &inner.abandoned_compile,
         )?;
         inner.stats.compiles.fetch_add(1, Ordering::Relaxed);

@@ -724,17 +724,19 @@ fn image_rss(board: &str) -> Result<()> {
         println!("  agent, {line}");
     }
     let mut rows = vec![
-        ("bare tokio+rumqttc", f.bare.as_slice()),
-        ("edge-agent, no pipeline", f.agent.as_slice()),
+        ("bare tokio+rumqttc".to_owned(), f.bare.as_slice()),
+        (
+            format!("edge-agent, {}", Load::Idle.label()),
+            f.agent.as_slice(),
+        ),
     ];
     for (label, _) in crate::image_footprint::LOADS {
-        let name = match label {
-            "vibration" => "edge-agent, vibration pipeline (2 WASM stages), compiled",
-            "vibration-warm" => "edge-agent, vibration pipeline, module cache warm",
-            "model" => "edge-agent, one small ONNX model (4x4 linear)",
-            other => other,
-        };
-        rows.push((name, f.loads.get(label).map_or(&[][..], Vec::as_slice)));
+        let load = image_load(label)
+            .with_context(|| format!("the image probe's load {label} has no host bench load"))?;
+        rows.push((
+            format!("edge-agent, {}", load.label()),
+            f.loads.get(label).map_or(&[][..], Vec::as_slice),
+        ));
     }
     for (name, s) in rows {
         let pss = med(s, |x| x.pss);
@@ -747,6 +749,16 @@ fn image_rss(board: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The host bench's load that the image probe's `label` (`image_footprint::LOADS`) runs.
+fn image_load(label: &str) -> Option<Load> {
+    match label {
+        "vibration" => Some(Load::Vibration),
+        "vibration-warm" => Some(Load::VibrationCached),
+        "model" => Some(Load::Model),
+        _ => None,
+    }
 }
 
 /// Targets whose release agent `bench rss --arm-sizes` cross-builds and sizes.
@@ -796,6 +808,13 @@ fn arm_size(triple: &str) -> Result<(PathBuf, u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_image_probe_load_is_a_host_bench_load() {
+        for (label, _) in crate::image_footprint::LOADS {
+            assert!(super::image_load(label).is_some(), "{label}");
+        }
+    }
+
     #[test]
     fn arm_size_targets_have_cross_settings() {
         for triple in super::ARM_SIZE_TARGETS {
