@@ -1,7 +1,13 @@
 //! Federated-learning trainers: components of the `trainer` world (`modules/wit/trainer.wit`)
-//! that take model parameters and hyperparameters, read the device's labeled samples through
-//! the `samples` import, and return new parameters ([`Sandbox::train`]) or metrics
+//! that read model parameters through the `weights` import and the device's labeled samples
+//! through `samples`, and write new parameters back ([`Sandbox::train`]) or return metrics
 //! ([`Sandbox::evaluate`]).
+//!
+//! The weights cross the boundary one tensor at a time and change hands as they do: the host
+//! drops its copy of a tensor once the module has read it, and the module's writes are the
+//! result. A call never holds the model twice on both sides of the boundary (a 5-million-weight
+//! round would otherwise hold the host's input, the module's copy and the host's output at
+//! once).
 //!
 //! Same engine, cache, WASI denial, memory limit and epoch interruption as stages; what
 //! differs: every call gets a fresh instance that is dropped after it (a trainer keeps no
@@ -36,14 +42,38 @@ mod bindings {
             "edge:pipeline/clock": crate::bindings::edge::pipeline::clock,
         },
         // A read when the store has no sample source is a host bug; trap rather than lie.
-        imports: { "edge:pipeline/samples": trappable },
+        imports: { "edge:pipeline/samples": trappable, "edge:pipeline/weights": trappable },
         additional_derives: [PartialEq],
     });
 }
 
 use bindings::edge::pipeline::samples as wit_samples;
-pub use bindings::edge::pipeline::training::{EvalResult, Param, TrainResult};
+pub use bindings::edge::pipeline::training::EvalResult;
+use bindings::edge::pipeline::training::ParamInfo;
+use bindings::edge::pipeline::weights as wit_weights;
 use bindings::{Trainer, TrainerPre};
+
+/// One named parameter tensor, f32, row-major; `data.len()` is the product of `shape`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Param {
+    /// The ONNX initializer it replaces when trained weights are applied.
+    pub name: String,
+    pub shape: Vec<u32>,
+    pub data: Vec<f32>,
+}
+
+/// What [`Sandbox::train`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainResult {
+    /// The trained parameters: the input's names, shapes and order.
+    pub weights: Vec<Param>,
+    /// Samples trained on (per epoch).
+    pub samples: u32,
+    /// Mean training loss over the last epoch.
+    pub loss: f32,
+    /// Fraction of samples classified correctly during the last epoch, 0..1.
+    pub accuracy: f32,
+}
 
 /// Most samples one `samples.read` call returns (the WIT promises 1024).
 pub const MAX_READ_BATCH: u32 = 1024;
@@ -125,20 +155,8 @@ pub enum ParamError {
         index: usize,
         value: f32,
     },
-    #[error("{got} parameters, expected {expected}")]
-    Count { got: usize, expected: usize },
-    #[error("parameter {index} is {got:?}, expected {expected:?}")]
-    Name {
-        index: usize,
-        got: String,
-        expected: String,
-    },
-    #[error("{name}: shape {got:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        got: Vec<u32>,
-        expected: Vec<u32>,
-    },
+    #[error("{0}: never written back")]
+    NotWritten(String),
     #[error("loss is not finite ({0})")]
     Loss(f32),
     #[error("accuracy {0} is outside 0..1")]
@@ -189,13 +207,18 @@ impl TrainerModule {
 
 /// The linker for trainers: everything a stage gets (WASI denied, sleep cap, `log`,
 /// `clock`, `kv`, `counters`; the last two are not in the `trainer` world and so are never
-/// imported by a well-formed trainer) plus `samples`.
+/// imported by a well-formed trainer) plus `samples` and `weights`.
 pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>, SandboxError> {
     let mut linker = Linker::new(engine);
     super::host::add_to_linker(&mut linker)
         .and_then(|()| {
             wit_samples::add_to_linker::<HostState, HasSamples>(&mut linker, |s| SamplesView {
                 table: &s.table,
+            })
+        })
+        .and_then(|()| {
+            wit_weights::add_to_linker::<HostState, HasWeights>(&mut linker, |s| WeightsView {
+                table: &mut s.table,
             })
         })
         .map_err(|e| SandboxError::Engine(format!("adding trainer host imports: {e:#}")))?;
@@ -224,7 +247,11 @@ impl Sandbox {
             .and_then(TrainerPre::new)
             .map_err(|e| SandboxError::Instantiate {
                 module: id.clone(),
-                reason: format!("not a `trainer` component of edge:pipeline@0.1.0 or imports something this host lacks: {e:#}"),
+                reason: format!(
+                    "not a `trainer` component of edge:pipeline@0.1.0 (a trainer built before the \
+                     `weights` import took its weights as an argument: rebuild it against \
+                     modules/wit/trainer.wit) or imports something this host lacks: {e:#}"
+                ),
             })?;
         Ok(TrainerModule {
             inner: Arc::new(TrainerInner { id, pre, source }),
@@ -260,10 +287,8 @@ impl Sandbox {
             reason: Box::new(reason),
         })?;
         let started = Instant::now();
-        let mut call = Call::new(self, module, samples)?;
-        let result = call
-            .trainer
-            .call_train(&mut call.store, &weights, params_json);
+        let mut call = Call::new(self, module, samples, weights)?;
+        let result = call.trainer.call_train(&mut call.store, params_json);
         let out = match result {
             Ok(Ok(out)) => out,
             Ok(Err(message)) => {
@@ -280,14 +305,19 @@ impl Sandbox {
             call: "train",
             reason: Box::new(reason),
         };
-        check_same_params(&weights, &out.weights).map_err(invalid)?;
         check_metrics(out.loss, out.accuracy, out.samples, call.count).map_err(invalid)?;
+        let weights = call.written()?;
         tracing::debug!(
             module = %id, samples = out.samples, loss = out.loss, accuracy = out.accuracy,
             ms = started.elapsed().as_millis() as u64, "trainer call done"
         );
         Ok(Trained {
-            result: out,
+            result: TrainResult {
+                weights,
+                samples: out.samples,
+                loss: out.loss,
+                accuracy: out.accuracy,
+            },
             peak_memory_bytes: call.store.data().limits.peak(),
         })
     }
@@ -305,8 +335,8 @@ impl Sandbox {
             module: id.clone(),
             reason: Box::new(reason),
         })?;
-        let mut call = Call::new(self, module, samples)?;
-        let out = match call.trainer.call_evaluate(&mut call.store, &weights) {
+        let mut call = Call::new(self, module, samples, weights)?;
+        let out = match call.trainer.call_evaluate(&mut call.store) {
             Ok(Ok(out)) => out,
             Ok(Err(message)) => {
                 return Err(TrainError::Refused {
@@ -343,6 +373,7 @@ impl Call {
         sandbox: &Sandbox,
         module: &TrainerModule,
         samples: Arc<dyn SampleSource>,
+        weights: Vec<Param>,
     ) -> Result<Call, SandboxError> {
         let cfg = sandbox.config();
         let id = module.id().clone();
@@ -360,12 +391,20 @@ impl Call {
         let stderr = wasi::GuestOutput::stderr(Arc::clone(&sink), line_cap);
         let count = samples.count();
         let mut table = ResourceTable::new();
-        install_samples(
+        install(
             &mut table,
             SampleSlot {
                 source: samples,
                 count,
             },
+            SAMPLE_SLOT,
+            "sample source",
+        )?;
+        install(
+            &mut table,
+            WeightsSlot::new(weights),
+            WEIGHTS_SLOT,
+            "weights",
         )?;
         let state = HostState {
             wasi: wasi::context(&id, &Grants::default(), stdout, stderr.clone())?,
@@ -420,26 +459,49 @@ impl Call {
     fn trapped(&mut self, e: wasmtime::Error) -> SandboxError {
         classify(&mut self.store, &self.module, self.timeout_ms, e)
     }
+
+    /// The parameters the module wrote back, checked ([`take_written`]).
+    fn written(&mut self) -> Result<Vec<Param>, TrainError> {
+        let slot = self
+            .store
+            .data_mut()
+            .table
+            .delete(Resource::<WeightsSlot>::new_own(WEIGHTS_SLOT))
+            .map_err(|e| SandboxError::Engine(format!("taking the weights back: {e}")))?;
+        take_written(slot).map_err(|reason| TrainError::InvalidResult {
+            module: self.module.clone(),
+            call: "train",
+            reason: Box::new(reason),
+        })
+    }
 }
 
 /// The sample source of one call. It lives in the store's resource table rather than in
 /// [`HostState`] (shared with stages, which have no samples) at a fixed index: the first
-/// entry of the call's fresh table. The guest cannot reach it: it only holds handles the
-/// host gave it, and the host never hands this one out.
+/// entry of the call's fresh table (the weights, [`WeightsSlot`], are the second). The guest
+/// cannot reach either: it only holds handles the host gave it, and the host never hands
+/// these out.
 struct SampleSlot {
     source: Arc<dyn SampleSource>,
     count: u32,
 }
 
 const SAMPLE_SLOT: u32 = 0;
+const WEIGHTS_SLOT: u32 = 1;
 
-fn install_samples(table: &mut ResourceTable, slot: SampleSlot) -> Result<(), SandboxError> {
+/// Stores `slot` in a fresh call's table, where the imports look for it (`index`).
+fn install<T: Send + 'static>(
+    table: &mut ResourceTable,
+    slot: T,
+    index: u32,
+    what: &str,
+) -> Result<(), SandboxError> {
     let r = table
         .push(slot)
-        .map_err(|e| SandboxError::Engine(format!("storing the sample source: {e}")))?;
-    if r.rep() != SAMPLE_SLOT {
+        .map_err(|e| SandboxError::Engine(format!("storing the {what}: {e}")))?;
+    if r.rep() != index {
         return Err(SandboxError::Engine(format!(
-            "sample source stored at index {}, expected {SAMPLE_SLOT}",
+            "{what} stored at index {}, expected {index}",
             r.rep()
         )));
     }
@@ -485,6 +547,90 @@ struct HasSamples;
 
 impl HasData for HasSamples {
     type Data<'a> = SamplesView<'a>;
+}
+
+/// The parameters of one call: each tensor's values until the module reads them, and what
+/// it writes back.
+struct WeightsSlot {
+    /// Names, shapes and (until read) values, in order.
+    given: Vec<Param>,
+    read: Vec<bool>,
+    written: Vec<Option<Vec<f32>>>,
+}
+
+impl WeightsSlot {
+    fn new(given: Vec<Param>) -> WeightsSlot {
+        WeightsSlot {
+            read: vec![false; given.len()],
+            written: vec![None; given.len()],
+            given,
+        }
+    }
+}
+
+/// The `weights` import of one call.
+struct WeightsView<'a> {
+    table: &'a mut ResourceTable,
+}
+
+impl WeightsView<'_> {
+    fn slot(&mut self) -> wasmtime::Result<&mut WeightsSlot> {
+        self.table
+            .get_mut(&Resource::<WeightsSlot>::new_borrow(WEIGHTS_SLOT))
+            .map_err(|e| wasmtime::format_err!("weights: no weights in this store ({e})"))
+    }
+}
+
+fn out_of_range(index: u32, count: usize) -> wasmtime::Error {
+    wasmtime::format_err!("weights: parameter {index} does not exist (there are {count})")
+}
+
+impl wit_weights::Host for WeightsView<'_> {
+    fn describe(&mut self) -> wasmtime::Result<Vec<ParamInfo>> {
+        Ok(self
+            .slot()?
+            .given
+            .iter()
+            .map(|p| ParamInfo {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+            })
+            .collect())
+    }
+
+    fn read(&mut self, index: u32) -> wasmtime::Result<Vec<f32>> {
+        let slot = self.slot()?;
+        let count = slot.given.len();
+        let i = index as usize;
+        let (Some(p), Some(read)) = (slot.given.get_mut(i), slot.read.get_mut(i)) else {
+            return Err(out_of_range(index, count));
+        };
+        if std::mem::replace(read, true) {
+            return Err(wasmtime::format_err!(
+                "weights: parameter {index} ({}) read twice (each is handed over once)",
+                p.name
+            ));
+        }
+        // Handed over: the module's copy is the only one while it runs.
+        Ok(std::mem::take(&mut p.data))
+    }
+
+    fn write(&mut self, index: u32, data: Vec<f32>) -> wasmtime::Result<()> {
+        let slot = self.slot()?;
+        let count = slot.written.len();
+        let at = slot
+            .written
+            .get_mut(index as usize)
+            .ok_or_else(|| out_of_range(index, count))?;
+        *at = Some(data);
+        Ok(())
+    }
+}
+
+struct HasWeights;
+
+impl HasData for HasWeights {
+    type Data<'a> = WeightsView<'a>;
 }
 
 /// The `kv` a trainer's store must have but its world does not import: empty, refuses writes.
@@ -556,33 +702,19 @@ fn check_param(p: &Param) -> Result<(), ParamError> {
     Ok(())
 }
 
-/// Checks that a module returned the parameters it was given, in kind: same count, names,
-/// shapes and order; sound values.
-fn check_same_params(given: &[Param], got: &[Param]) -> Result<(), ParamError> {
-    if got.len() != given.len() {
-        return Err(ParamError::Count {
-            got: got.len(),
-            expected: given.len(),
-        });
-    }
-    for (i, (g, w)) in got.iter().zip(given).enumerate() {
-        if g.name != w.name {
-            return Err(ParamError::Name {
-                index: i,
-                got: g.name.clone(),
-                expected: w.name.clone(),
-            });
-        }
-        if g.shape != w.shape {
-            return Err(ParamError::Shape {
-                name: g.name.clone(),
-                got: g.shape.clone(),
-                expected: w.shape.clone(),
-            });
-        }
-        check_param(g)?;
-    }
-    Ok(())
+/// The parameters a module wrote back, under the names and shapes it was given: every one
+/// written, each filling its shape with finite values.
+fn take_written(slot: WeightsSlot) -> Result<Vec<Param>, ParamError> {
+    slot.given
+        .into_iter()
+        .zip(slot.written)
+        .map(|(p, data)| {
+            let data = data.ok_or_else(|| ParamError::NotWritten(p.name.clone()))?;
+            let p = Param { data, ..p };
+            check_param(&p)?;
+            Ok(p)
+        })
+        .collect()
 }
 
 fn check_metrics(loss: f32, accuracy: f32, samples: u32, count: u32) -> Result<(), ParamError> {
@@ -871,34 +1003,88 @@ mod tests {
         );
     }
 
+    /// Each tensor is handed over once (the host keeps no copy); indices out of range trap.
+    #[test]
+    fn weights_change_hands_once() {
+        use wit_weights::Host as _;
+        let given = mlp_weights(&[2, 3]);
+        let mut table = ResourceTable::new();
+        install(&mut table, 0u8, SAMPLE_SLOT, "placeholder").unwrap();
+        install(
+            &mut table,
+            WeightsSlot::new(given.clone()),
+            WEIGHTS_SLOT,
+            "weights",
+        )
+        .unwrap();
+        let mut view = WeightsView { table: &mut table };
+        let info = view.describe().unwrap();
+        assert_eq!(
+            info.iter()
+                .map(|p| (&p.name[..], &p.shape[..]))
+                .collect::<Vec<_>>(),
+            given
+                .iter()
+                .map(|p| (&p.name[..], &p.shape[..]))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(view.read(0).unwrap(), given[0].data);
+        assert!(
+            view.slot().unwrap().given[0].data.is_empty(),
+            "the host kept a copy"
+        );
+        let twice = view.read(0).unwrap_err().to_string();
+        assert!(
+            twice.contains("parameter 0 (fc0.weight) read twice"),
+            "{twice}"
+        );
+        let past = view.read(2).unwrap_err().to_string();
+        assert!(
+            past.contains("parameter 2 does not exist (there are 2)"),
+            "{past}"
+        );
+        assert!(view.write(2, vec![1.0]).is_err());
+        view.write(1, vec![9.0; 3]).unwrap();
+        view.write(1, given[1].data.clone()).unwrap();
+        view.write(0, given[0].data.clone()).unwrap();
+        let slot = table
+            .delete(Resource::<WeightsSlot>::new_own(WEIGHTS_SLOT))
+            .unwrap();
+        assert_eq!(take_written(slot).unwrap(), given, "a later write replaces");
+    }
+
     #[test]
     fn results_that_break_the_contract_are_named() {
         let given = mlp_weights(&[2, 2]);
-        let mut renamed = given.clone();
-        renamed[1].name = "other".into();
+        let written = |data: Vec<Option<Vec<f32>>>| {
+            let mut slot = WeightsSlot::new(given.clone());
+            slot.written = data;
+            take_written(slot)
+        };
+        let all: Vec<Option<Vec<f32>>> = given.iter().map(|p| Some(p.data.clone())).collect();
+        assert_eq!(written(all.clone()).unwrap(), given);
+        let mut missing = all.clone();
+        missing[1] = None;
+        assert_eq!(
+            written(missing).unwrap_err().to_string(),
+            "fc0.bias: never written back"
+        );
+        let mut short = all.clone();
+        short[0] = Some(vec![0.5; 3]);
         assert!(
-            check_same_params(&given, &renamed)
+            written(short)
                 .unwrap_err()
                 .to_string()
-                .contains("parameter 1 is \"other\", expected \"fc0.bias\"")
+                .contains("fc0.weight: 3 values do not fill shape [2, 2]")
         );
-        let mut reshaped = given.clone();
-        reshaped[0].shape = vec![4, 1];
+        let mut inf = all;
+        inf[0].as_mut().unwrap()[0] = f32::INFINITY;
         assert!(
-            check_same_params(&given, &reshaped)
-                .unwrap_err()
-                .to_string()
-                .contains("fc0.weight: shape [4, 1], expected [2, 2]")
-        );
-        let mut inf = given.clone();
-        inf[0].data[0] = f32::INFINITY;
-        assert!(
-            check_same_params(&given, &inf)
+            written(inf)
                 .unwrap_err()
                 .to_string()
                 .contains("value 0 is not finite")
         );
-        assert!(check_same_params(&given, &given[..1]).is_err());
         assert!(check_metrics(f32::NAN, 0.5, 1, 1).is_err());
         assert!(check_metrics(0.1, 1.5, 1, 1).is_err());
         assert!(check_metrics(0.1, 0.5, 2, 1).is_err());

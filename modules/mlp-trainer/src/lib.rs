@@ -5,10 +5,11 @@
 //! `Relu` between layers and softmax cross-entropy at the end. The agent finds the layers in
 //! the model's graph and converts exported layouts to these before the call and back after it
 //! (`edge_inference::dense`: torch's `Gemm` weights `[outputs, inputs]`, skl2onnx's `[1, n]`
-//! biases), so this module never sees initializer names or an exporter's layout. `train` reads the samples,
-//! runs minibatch SGD (optionally FedProx) for `epochs` and returns the new parameters;
+//! biases), so this module never sees initializer names or an exporter's layout. `train` reads
+//! the parameters (one tensor at a time, through the `weights` import) and the samples, runs
+//! minibatch SGD (optionally FedProx) for `epochs` and writes the new parameters back;
 //! `evaluate` returns loss and accuracy over all samples. The math is in [`mlp`] and
-//! [`hyper`]; this file is the glue to the host's `samples` import.
+//! [`hyper`]; this file is the glue to the host's `weights` and `samples` imports.
 
 pub mod hyper;
 pub mod mlp;
@@ -25,7 +26,8 @@ mod bindings {
 
 use bindings::edge::pipeline::log::{Level, log};
 use bindings::edge::pipeline::samples;
-use bindings::edge::pipeline::training::{EvalResult, Param, TrainResult};
+use bindings::edge::pipeline::training::{EvalResult, TrainResult};
+use bindings::edge::pipeline::weights;
 
 use hyper::Hyper;
 use mlp::{Mlp, Samples, Tally};
@@ -36,15 +38,12 @@ const READ_BATCH: u32 = 1024;
 struct MlpTrainer;
 
 impl bindings::Guest for MlpTrainer {
-    fn train(weights: Vec<Param>, params: String) -> Result<TrainResult, String> {
+    fn train(params: String) -> Result<TrainResult, String> {
         let hyper = Hyper::parse(&params)?;
-        let mut weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
-        let mut model = Mlp::from_params(&weights)?;
-        // The model holds its own copy; keep only the names and shapes (a model of millions of
-        // weights would otherwise hold them twice in this instance's memory while it trains).
-        for w in &mut weights {
-            w.data = Vec::new();
-        }
+        // The model takes the values over; `weights` keeps only the names and shapes, so this
+        // instance holds the model once while it trains.
+        let mut weights = read_weights();
+        let mut model = Mlp::take_params(&mut weights)?;
         let total = samples::count().min(hyper.max_samples.unwrap_or(u32::MAX));
         if total == 0 {
             return Err("no samples to train on".into());
@@ -64,21 +63,18 @@ impl bindings::Guest for MlpTrainer {
                 tally.accuracy()
             ),
         );
+        for (index, data) in model.tensors().enumerate() {
+            weights::write(index as u32, data);
+        }
         Ok(TrainResult {
-            weights: model
-                .into_params(&weights)
-                .into_iter()
-                .map(to_wit)
-                .collect(),
             samples: total,
             loss: tally.mean_loss(),
             accuracy: tally.accuracy(),
         })
     }
 
-    fn evaluate(weights: Vec<Param>) -> Result<EvalResult, String> {
-        let weights: Vec<mlp::Param> = weights.into_iter().map(from_wit).collect();
-        let model = Mlp::from_params(&weights)?;
+    fn evaluate() -> Result<EvalResult, String> {
+        let model = Mlp::take_params(&mut read_weights())?;
         let total = samples::count();
         if total == 0 {
             return Err("no samples to evaluate".into());
@@ -99,6 +95,20 @@ impl bindings::Guest for MlpTrainer {
             samples: total,
         })
     }
+}
+
+/// The call's parameters: names and shapes, and each tensor's values (the host hands each over
+/// once).
+fn read_weights() -> Vec<mlp::Param> {
+    weights::describe()
+        .into_iter()
+        .enumerate()
+        .map(|(index, p)| mlp::Param {
+            name: p.name,
+            shape: p.shape,
+            data: weights::read(index as u32),
+        })
+        .collect()
 }
 
 /// Calls `each` with every sample `0..total` and its index.
@@ -133,22 +143,6 @@ fn read_batches(
         start += n as u32;
     }
     Ok(())
-}
-
-fn from_wit(p: Param) -> mlp::Param {
-    mlp::Param {
-        name: p.name,
-        shape: p.shape,
-        data: p.data,
-    }
-}
-
-fn to_wit(p: mlp::Param) -> Param {
-    Param {
-        name: p.name,
-        shape: p.shape,
-        data: p.data,
-    }
 }
 
 bindings::export!(MlpTrainer with_types_in bindings);

@@ -29,6 +29,7 @@ pub struct Layer {
 }
 
 impl Layer {
+    #[cfg(test)]
     fn zeros_like(&self) -> Layer {
         Layer {
             inputs: self.inputs,
@@ -49,15 +50,22 @@ fn shape_text(p: &Param) -> String {
 }
 
 impl Mlp {
-    /// Builds the model from `(weight, bias)` pairs in order. The names are not interpreted;
-    /// every check names the parameter and shapes involved.
+    /// [`Mlp::take_params`] from a copy of `params`.
     pub fn from_params(params: &[Param]) -> Result<Mlp, String> {
+        Self::take_params(&mut params.to_vec())
+    }
+
+    /// Builds the model from `(weight, bias)` pairs in order, taking their values over (each
+    /// `data` is left empty; names and shapes stay, for [`Mlp::check_finite`]). Nothing is
+    /// taken when the params are refused. The names are not interpreted; every check names the
+    /// parameter and shapes involved.
+    pub fn take_params(params: &mut [Param]) -> Result<Mlp, String> {
         if params.is_empty() {
             return Err(
                 "no params: expected (weight [inputs, outputs], bias [outputs]) pairs".into(),
             );
         }
-        if params.len() % 2 != 0 {
+        if !params.len().is_multiple_of(2) {
             let last = &params[params.len() - 1];
             return Err(format!(
                 "expected (weight, bias) pairs, got {} params: {} {} has no bias after it",
@@ -89,7 +97,7 @@ impl Mlp {
                 ));
             }
         }
-        let mut layers: Vec<Layer> = Vec::with_capacity(params.len() / 2);
+        let mut dims: Vec<(usize, usize)> = Vec::with_capacity(params.len() / 2);
         let mut previous: Option<&Param> = None;
         for pair in params.chunks_exact(2) {
             let (w, b) = (&pair[0], &pair[1]);
@@ -116,8 +124,8 @@ impl Mlp {
                     shape_text(w)
                 ));
             }
-            if let (Some(prev), Some(last)) = (previous, layers.last())
-                && last.outputs != inputs as usize
+            if let (Some(prev), Some(&(_, last_outputs))) = (previous, dims.last())
+                && last_outputs != inputs as usize
             {
                 return Err(format!(
                     "{}: shape {} does not follow {} {}: expected {} inputs",
@@ -125,17 +133,22 @@ impl Mlp {
                     shape_text(w),
                     prev.name,
                     shape_text(prev),
-                    last.outputs
+                    last_outputs
                 ));
             }
-            layers.push(Layer {
-                inputs: inputs as usize,
-                outputs: outputs as usize,
-                w: w.data.clone(),
-                b: b.data.clone(),
-            });
+            dims.push((inputs as usize, outputs as usize));
             previous = Some(w);
         }
+        let layers = params
+            .chunks_exact_mut(2)
+            .zip(dims)
+            .map(|(pair, (inputs, outputs))| Layer {
+                inputs,
+                outputs,
+                w: std::mem::take(&mut pair[0].data),
+                b: std::mem::take(&mut pair[1].data),
+            })
+            .collect();
         Ok(Mlp { layers })
     }
 
@@ -161,25 +174,12 @@ impl Mlp {
             .collect()
     }
 
-    /// [`Mlp::to_params`] that hands the weights over instead of copying them.
-    pub fn into_params(self, like: &[Param]) -> Vec<Param> {
-        like.chunks_exact(2)
-            .zip(self.layers)
-            .flat_map(|(pair, layer)| {
-                [
-                    Param {
-                        name: pair[0].name.clone(),
-                        shape: pair[0].shape.clone(),
-                        data: layer.w,
-                    },
-                    Param {
-                        name: pair[1].name.clone(),
-                        shape: pair[1].shape.clone(),
-                        data: layer.b,
-                    },
-                ]
-            })
-            .collect()
+    /// The values of every parameter, in the order of the params the model was built from
+    /// (each layer's weight, then its bias).
+    pub fn tensors(&self) -> impl Iterator<Item = &[f32]> {
+        self.layers
+            .iter()
+            .flat_map(|layer| [&layer.w[..], &layer.b[..]])
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -247,51 +247,91 @@ impl Mlp {
         (loss, correct)
     }
 
-    /// Adds the gradient of one sample's loss to `grads`; returns its loss and whether it
-    /// was classified correctly (before this step).
-    pub fn accumulate(
-        &self,
-        x: &[f32],
-        label: usize,
-        ws: &mut Workspace,
-        grads: &mut [Layer],
-    ) -> (f32, bool) {
-        self.forward(x, &mut ws.acts);
+    /// One minibatch of SGD: runs every sample forward (adding its loss and correctness, before
+    /// the step, to `tally`), then goes back through the layers from the last. A layer's
+    /// weights are handed to `update` once the deltas for the layer below have been computed
+    /// from them, with the batch's gradient sum one weight row (`Part::Row`), then the bias, at a
+    /// time: no gradient buffer the size of the model is ever held.
+    pub fn batch<'s>(
+        &mut self,
+        batch: impl Iterator<Item = (&'s [f32], usize)>,
+        ws: &mut BatchWorkspace,
+        tally: &mut Tally,
+        mut update: impl FnMut(usize, Part, &mut [f32], &[f32]),
+    ) {
         let n = self.layers.len();
-        // ws.delta: dLoss/dz of the current layer, starting at the logits.
-        let (loss, correct) = cross_entropy(&ws.acts[n], label, &mut ws.delta);
-        for l in (0..n).rev() {
-            let layer = &self.layers[l];
-            let g = &mut grads[l];
-            let a = &ws.acts[l];
-            for (gb, &d) in g.b.iter_mut().zip(&ws.delta) {
-                *gb += d;
+        let mut count = 0;
+        for (s, (x, label)) in batch.enumerate() {
+            if ws.samples.len() <= s {
+                ws.samples.push(Workspace::default());
+                ws.next.push(Vec::new());
             }
-            for (i, &ai) in a.iter().enumerate() {
-                if ai == 0.0 {
-                    continue;
-                }
-                let row = &mut g.w[i * layer.outputs..(i + 1) * layer.outputs];
-                for (gw, &d) in row.iter_mut().zip(&ws.delta) {
-                    *gw += ai * d;
-                }
-            }
-            if l == 0 {
-                break;
-            }
-            // Back through W and the ReLU of the layer below (its output is `a`).
-            ws.next.clear();
-            ws.next.extend(a.iter().enumerate().map(|(i, &ai)| {
-                if ai <= 0.0 {
-                    return 0.0;
-                }
-                let row = &layer.w[i * layer.outputs..(i + 1) * layer.outputs];
-                row.iter().zip(&ws.delta).map(|(w, d)| w * d).sum()
-            }));
-            std::mem::swap(&mut ws.delta, &mut ws.next);
+            let sample = &mut ws.samples[s];
+            self.forward(x, &mut sample.acts);
+            let (loss, correct) = cross_entropy(&sample.acts[n], label, &mut sample.delta);
+            tally.add(loss, correct);
+            count = s + 1;
         }
-        (loss, correct)
+        let samples = &mut ws.samples[..count];
+        for l in (0..n).rev() {
+            let layer = &mut self.layers[l];
+            let outputs = layer.outputs;
+            if l > 0 {
+                // Back through W (before its update) and the ReLU of the layer below (its
+                // output is this layer's input).
+                for (sample, next) in samples.iter().zip(&mut ws.next) {
+                    next.clear();
+                    next.extend(sample.acts[l].iter().enumerate().map(|(i, &ai)| {
+                        if ai <= 0.0 {
+                            return 0.0;
+                        }
+                        let row = &layer.w[i * outputs..(i + 1) * outputs];
+                        row.iter().zip(&sample.delta).map(|(w, d)| w * d).sum()
+                    }));
+                }
+            }
+            ws.row.clear();
+            ws.row.resize(outputs, 0.0);
+            for i in 0..layer.inputs {
+                ws.row.fill(0.0);
+                for sample in samples.iter() {
+                    let ai = sample.acts[l][i];
+                    if ai == 0.0 {
+                        continue; // ReLU zeros add nothing
+                    }
+                    for (g, &d) in ws.row.iter_mut().zip(&sample.delta) {
+                        *g += ai * d;
+                    }
+                }
+                update(
+                    l,
+                    Part::Row(i),
+                    &mut layer.w[i * outputs..(i + 1) * outputs],
+                    &ws.row,
+                );
+            }
+            ws.row.fill(0.0);
+            for sample in samples.iter() {
+                for (g, &d) in ws.row.iter_mut().zip(&sample.delta) {
+                    *g += d;
+                }
+            }
+            update(l, Part::Bias, &mut layer.b, &ws.row);
+            if l > 0 {
+                for (sample, next) in samples.iter_mut().zip(&mut ws.next) {
+                    std::mem::swap(&mut sample.delta, next);
+                }
+            }
+        }
     }
+}
+
+/// Which part of a layer [`Mlp::batch`] hands to its `update`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Row `i` of the weight matrix: the weights from input `i` to every output.
+    Row(usize),
+    Bias,
 }
 
 /// Cross-entropy of softmax(`logits`) against `label`, computed stably (log-sum-exp);
@@ -312,12 +352,22 @@ fn cross_entropy(logits: &[f32], label: usize, grad: &mut Vec<f32>) -> (f32, boo
     (loss, predicted == label)
 }
 
-/// Scratch buffers reused across samples (no allocation per sample after the first).
+/// One sample's scratch buffers, reused (no allocation per sample after the first).
 #[derive(Debug, Default)]
 pub struct Workspace {
+    /// Every layer's input, then the logits.
     acts: Vec<Vec<f32>>,
+    /// dLoss/dz of the layer being gone back through.
     delta: Vec<f32>,
-    next: Vec<f32>,
+}
+
+/// A minibatch's scratch buffers for [`Mlp::batch`]: each sample's, the deltas for the layer
+/// below, and one gradient row.
+#[derive(Debug, Default)]
+pub struct BatchWorkspace {
+    samples: Vec<Workspace>,
+    next: Vec<Vec<f32>>,
+    row: Vec<f32>,
 }
 
 /// Samples checked against the model, stored flat: `x` is `[len, inputs]`.
@@ -432,8 +482,7 @@ impl Tally {
 pub fn train(mlp: &mut Mlp, samples: &Samples, h: &Hyper) -> Tally {
     // FedProx's anchor, only when it pulls (a copy of the weights otherwise unused).
     let start = (h.mu > 0.0).then(|| mlp.layers.clone());
-    let mut grads: Vec<Layer> = mlp.layers.iter().map(Layer::zeros_like).collect();
-    let mut ws = Workspace::default();
+    let mut ws = BatchWorkspace::default();
     let mut order: Vec<u32> = (0..samples.len() as u32).collect();
     let mut rng = SplitMix64::new(h.seed);
     let mut tally = Tally::default();
@@ -441,21 +490,15 @@ pub fn train(mlp: &mut Mlp, samples: &Samples, h: &Hyper) -> Tally {
         rng.shuffle(&mut order);
         tally = Tally::default();
         for batch in order.chunks(h.batch_size as usize) {
-            for g in &mut grads {
-                g.w.iter_mut().for_each(|v| *v = 0.0);
-                g.b.iter_mut().for_each(|v| *v = 0.0);
-            }
-            for &i in batch {
-                let (x, y) = samples.get(i as usize);
-                let (loss, correct) = mlp.accumulate(x, y, &mut ws, &mut grads);
-                tally.add(loss, correct);
-            }
             let scale = 1.0 / batch.len() as f32;
-            for (l, (layer, g)) in mlp.layers.iter_mut().zip(&grads).enumerate() {
-                let w0 = start.as_ref().map(|s| &s[l]);
-                step(&mut layer.w, &g.w, w0.map(|w| &w.w[..]), scale, h.lr, h.mu);
-                step(&mut layer.b, &g.b, w0.map(|w| &w.b[..]), scale, h.lr, h.mu);
-            }
+            let batch = batch.iter().map(|&i| samples.get(i as usize));
+            mlp.batch(batch, &mut ws, &mut tally, |l, part, w, grad_sum| {
+                let w0 = start.as_ref().map(|s| match part {
+                    Part::Row(i) => &s[l].w[i * s[l].outputs..(i + 1) * s[l].outputs],
+                    Part::Bias => &s[l].b[..],
+                });
+                step(w, grad_sum, w0, scale, h.lr, h.mu);
+            });
         }
     }
     tally
@@ -559,7 +602,24 @@ mod tests {
         let x = [0.3, -0.8, 0.5, 1.1, -0.2];
         let label = 2;
         let mut grads: Vec<Layer> = mlp.layers.iter().map(Layer::zeros_like).collect();
-        mlp.accumulate(&x, label, &mut Workspace::default(), &mut grads);
+        // A batch of one whose update only records the gradient: the weights stay.
+        let mut stepped = mlp.clone();
+        let mut tally = Tally::default();
+        let one = std::iter::once((&x[..], label));
+        stepped.batch(
+            one,
+            &mut BatchWorkspace::default(),
+            &mut tally,
+            |l, part, _, g| {
+                let at = match part {
+                    Part::Row(i) => &mut grads[l].w[i * g.len()..(i + 1) * g.len()],
+                    Part::Bias => &mut grads[l].b[..],
+                };
+                at.copy_from_slice(g);
+            },
+        );
+        assert_eq!(stepped, mlp);
+        assert_eq!(tally.samples, 1);
         let eps = 1e-3f32;
         let mut checked = 0;
         for (l, g) in grads.iter().enumerate() {
@@ -587,6 +647,48 @@ mod tests {
             }
         }
         assert_eq!(checked, 5 * 7 + 7 + 7 * 6 + 6 + 6 * 4 + 4);
+    }
+
+    /// The gradient a batch hands to `update` is the sum of its samples' own.
+    #[test]
+    fn a_batch_gradient_is_the_sum_of_its_samples() {
+        let p = params(&[5, 7, 4]);
+        let mlp = Mlp::from_params(&p).unwrap();
+        let set = blobs(&mlp, 3, 4);
+        let gradient = |idx: &[usize]| {
+            let mut grads: Vec<Layer> = mlp.layers.iter().map(Layer::zeros_like).collect();
+            let mut m = mlp.clone();
+            let batch = idx.iter().map(|&i| set.get(i));
+            m.batch(
+                batch,
+                &mut BatchWorkspace::default(),
+                &mut Tally::default(),
+                |l, part, _, g| {
+                    let at = match part {
+                        Part::Row(i) => &mut grads[l].w[i * g.len()..(i + 1) * g.len()],
+                        Part::Bias => &mut grads[l].b[..],
+                    };
+                    at.copy_from_slice(g);
+                },
+            );
+            grads
+        };
+        let all = gradient(&[0, 1, 2]);
+        let each: Vec<Vec<Layer>> = (0..3).map(|i| gradient(&[i])).collect();
+        for (l, layer) in all.iter().enumerate() {
+            let sum = |k: usize, bias: bool| -> f32 {
+                each.iter()
+                    .map(|g| if bias { g[l].b[k] } else { g[l].w[k] })
+                    .sum()
+            };
+            for (k, &v) in layer.w.iter().enumerate() {
+                assert!((v - sum(k, false)).abs() <= 1e-5, "layer {l} w {k}");
+            }
+            for (k, &v) in layer.b.iter().enumerate() {
+                assert!((v - sum(k, true)).abs() <= 1e-5, "layer {l} b {k}");
+            }
+        }
+        assert!(all[0].w.iter().any(|&v| v != 0.0));
     }
 
     #[test]
@@ -633,8 +735,8 @@ mod tests {
         assert_eq!(last_epoch.samples, 90);
         assert!(last_epoch.accuracy() > 0.9, "{last_epoch:?}");
         mlp.check_finite(&p).unwrap();
-        let out = mlp.clone().into_params(&p);
-        assert_eq!(out, mlp.to_params(&p));
+        let out = mlp.to_params(&p);
+        assert!(out.iter().map(|q| &q.data[..]).eq(mlp.tensors()));
         assert_eq!(
             out.iter().map(|q| (&q.name, &q.shape)).collect::<Vec<_>>(),
             p.iter().map(|q| (&q.name, &q.shape)).collect::<Vec<_>>()
