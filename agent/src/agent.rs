@@ -68,9 +68,11 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` resolves, then drains and makes the outbox durable.
 /// `notify` tells systemd when start-up is done, that the agent is alive, and when it stops
-/// ([`Notifier::disabled`] when not under systemd).
+/// ([`Notifier::disabled`] when not under systemd). `compiler`: where WASM modules compile
+/// (the binary: in a child process of itself, `edge_sandbox::Compiler::Process`).
 pub async fn run(
     cfg: Config,
+    compiler: crate::sandbox::Compiler,
     notify: Notifier,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -148,7 +150,7 @@ pub async fn run(
     let local = local_pipeline(&cfg)?;
     let state = StateDb::open(&cfg.state_dir)?;
     let dataset = Arc::new(Dataset::open(&state.db, &cfg.dataset)?);
-    let sandbox = Sandbox::new(&cfg.sandbox, &cfg.state_dir)?;
+    let sandbox = Sandbox::with_compiler(&cfg.sandbox, &cfg.state_dir, compiler)?;
     let (deployer, store, restored) = task::open_deployer(&state, &device, cfg.deploy.clone())?;
     // This device's own deploy topics; the deploy task follows the groups' from the session.
     let deploy_sub = inbox.subscribe_all(

@@ -159,7 +159,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
             let notify = edge_agent::sd_notify::Notifier::from_env();
-            edge_agent::agent::run(cfg, notify, shutdown_signal()).await?;
+            edge_agent::agent::run(cfg, compiler(), notify, shutdown_signal()).await?;
         }
         Cmd::Publish {
             socket,
@@ -195,7 +195,29 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Modules compile in a child process of this binary ([`edge_agent::sandbox::Compiler`]): the
+/// compiler's code and memory never stay in the agent.
+fn compiler() -> edge_agent::sandbox::Compiler {
+    match std::env::current_exe() {
+        Ok(program) => edge_agent::sandbox::Compiler::Process {
+            program,
+            args: vec![edge_agent::sandbox::COMPILE_COMMAND.into()],
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find this binary; WASM modules compile in this process");
+            edge_agent::sandbox::Compiler::Thread
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // The hidden command the sandbox's compiler process runs (before anything else: it reads a
+    // module on stdin and writes the compiled artifact to stdout).
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(edge_agent::sandbox::COMPILE_COMMAND))
+    {
+        return edge_agent::sandbox::compile_child_main();
+    }
     let cli = Cli::parse();
     edge_agent::memory::tune();
     init_logging(cli.log_format);

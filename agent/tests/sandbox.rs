@@ -622,3 +622,134 @@ fn flood_is_contained_by_quotas_and_limits() {
     assert!(!frames.is_failed() && frames.process(&f).is_err());
     assert_eq!(frames.metrics().snapshot().traps, 0);
 }
+
+/// The agent binary's hidden compile command, as `Sandbox::with_compiler` runs it, through `sh`
+/// so the test sees each start (a marker file per compile). Under `cargo xtask qemu-test` the
+/// binary is built for another architecture and runs through the same qemu-user runner as this
+/// test (`EDGE_TARGET_RUNNER`; a fresh machine has no binfmt_misc entry for it).
+fn compiler_process(marker_dir: &std::path::Path) -> edge_agent::sandbox::Compiler {
+    let runner = std::env::var_os("EDGE_TARGET_RUNNER");
+    let script = if runner.is_some() {
+        r#"touch "$1/started.$$" && exec "$3" "$0" "$2""#
+    } else {
+        r#"touch "$1/started.$$" && exec "$0" "$2""#
+    };
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-c".into(),
+        script.into(),
+        env!("CARGO_BIN_EXE_edge-agent").into(),
+        marker_dir.as_os_str().to_owned(),
+        edge_agent::sandbox::COMPILE_COMMAND.into(),
+    ];
+    args.extend(runner);
+    edge_agent::sandbox::Compiler::Process {
+        program: "/bin/sh".into(),
+        args,
+    }
+}
+
+fn starts(marker_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(marker_dir)
+        .map(|d| d.filter_map(Result::ok).count())
+        .unwrap_or(0)
+}
+
+/// Children of this process still running the compile command.
+fn compile_children() -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the fields after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(me)
+                && String::from_utf8_lossy(&cmdline).contains(edge_agent::sandbox::COMPILE_COMMAND)
+        })
+        .collect()
+}
+
+#[test]
+fn modules_compile_in_a_child_process_that_is_killed_at_the_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let markers = dir.path().join("markers");
+    std::fs::create_dir(&markers).expect("markers");
+    let bytes = module("feature_extractor");
+    let cfg = test_config();
+    let sandbox = Sandbox::with_compiler(&cfg, &dir.path().join("a"), compiler_process(&markers))
+        .expect("sandbox");
+    let compiled = sandbox.load("fx", &bytes).expect("compiled in the child");
+    assert_eq!(compiled.source(), ModuleSource::Compiled);
+    assert_eq!(starts(&markers), 1, "one compiler process");
+    // Its artifact runs and is cached like one compiled here.
+    let fx = fixture(cfg.clone());
+    let mut stage = StageRunner::start(
+        &sandbox,
+        &compiled,
+        fx.ctx("fx"),
+        r#"{"sample_rate_hz": 100}"#,
+    )
+    .expect("start");
+    assert!(stage.process(&samples(vec![1.0; 32])).is_ok());
+    assert_eq!(
+        sandbox.load("fx", &bytes).expect("cached").source(),
+        ModuleSource::Cache
+    );
+    assert_eq!(starts(&markers), 1, "a cache hit starts no compiler");
+
+    // The child's own error comes back, naming the module.
+    let garbage = b"definitely not a wasm component".to_vec();
+    let err = sandbox.load("junk", &garbage).expect_err("garbage");
+    assert!(matches!(err, SandboxError::Compile { .. }), "{err}");
+    assert!(err.to_string().contains("failed to parse"), "{err}");
+
+    // Past the timeout the child is killed, not left compiling.
+    let slow = Sandbox::with_compiler(
+        &SandboxConfig {
+            compile_timeout_ms: 1,
+            ..cfg.clone()
+        },
+        &dir.path().join("b"),
+        compiler_process(&markers),
+    )
+    .expect("sandbox");
+    let err = slow.load("fx", &bytes).expect_err("timeout");
+    assert!(matches!(err, SandboxError::CompileTimeout { .. }), "{err}");
+    assert_eq!(compile_children(), Vec::<u32>::new(), "killed and reaped");
+
+    // A compiler that cannot start: compiled in this process instead.
+    let fallback = Sandbox::with_compiler(
+        &cfg,
+        &dir.path().join("c"),
+        edge_agent::sandbox::Compiler::Process {
+            program: dir.path().join("no-such-binary"),
+            args: Vec::new(),
+        },
+    )
+    .expect("sandbox");
+    assert_eq!(
+        fallback.load("fx", &bytes).expect("compiled here").source(),
+        ModuleSource::Compiled
+    );
+    // A child that starts but never runs the compile command (qemu-user without binfmt_misc
+    // fails the exec inside the child, which exits 127): compiled in this process too.
+    let not_ours = Sandbox::with_compiler(
+        &cfg,
+        &dir.path().join("d"),
+        edge_agent::sandbox::Compiler::Process {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "exit 127".into()],
+        },
+    )
+    .expect("sandbox");
+    assert_eq!(
+        not_ours.load("fx", &bytes).expect("compiled here").source(),
+        ModuleSource::Compiled
+    );
+}

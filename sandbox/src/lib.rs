@@ -54,6 +54,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 pub use bindings::edge::pipeline::types::{Dtype, Frame, Payload, Tensor};
+pub use compile::{CHILD_COMMAND as COMPILE_COMMAND, Compiler, child_main as compile_child_main};
 pub use config::{Grants, SandboxConfig};
 pub use error::SandboxError;
 pub use host::kv::{KvStore, KvStoreError, SledKv};
@@ -236,7 +237,9 @@ struct Inner {
     /// Built by the first load ([`Sandbox::core`]), then kept.
     core: OnceLock<Core>,
     stats: Stats,
-    /// Set while a timed-out compilation is still running.
+    /// Where modules compile.
+    compiler: compile::Compiler,
+    /// Set while a timed-out compilation is still running (on a thread).
     abandoned_compile: Arc<AtomicBool>,
     /// One load at a time per digest is enough; serialising loads keeps two threads from
     /// compiling the same module twice and bounds compile memory on small boards. Also
@@ -268,6 +271,15 @@ impl Sandbox {
     /// Checks the config; the engine, linker, cache and epoch ticker are built by the first
     /// load. `state_dir` holds the cache unless `cfg.cache_dir` names another directory.
     pub fn new(cfg: &SandboxConfig, state_dir: &Path) -> Result<Sandbox, SandboxError> {
+        Self::with_compiler(cfg, state_dir, Compiler::Thread)
+    }
+
+    /// [`Sandbox::new`] that compiles modules with `compiler` (the agent: in a child process).
+    pub fn with_compiler(
+        cfg: &SandboxConfig,
+        state_dir: &Path,
+        compiler: Compiler,
+    ) -> Result<Sandbox, SandboxError> {
         cfg.validate()
             .map_err(|e| SandboxError::Config(e.to_string()))?;
         Ok(Sandbox {
@@ -276,6 +288,7 @@ impl Sandbox {
                 cache_dir: cfg.cache_dir_in(state_dir),
                 core: OnceLock::new(),
                 stats: Stats::default(),
+                compiler,
                 abandoned_compile: Arc::new(AtomicBool::new(false)),
                 load_lock: Mutex::new(()),
             }),
@@ -437,12 +450,50 @@ impl Sandbox {
         let started = Instant::now();
         // A throwaway engine compiles; the sandbox's engine loads the artifact, as it would from
         // the cache (see compile.rs: the compiler's buffers go with the throwaway engine).
-        let artifact = compile::compile_bounded(
-            &inner.cfg,
-            Arc::from(bytes),
-            id.digest_hex(),
-            &inner.abandoned_compile,
-        )?;
+        // Here, on a bounded thread, and loaded by the sandbox's engine.
+        let compile_here = || {
+            let artifact = compile::compile_bounded(
+                &inner.cfg,
+                Arc::from(bytes),
+                id.digest_hex(),
+                &inner.abandoned_compile,
+            )?;
+            let component = Self::deserialize_own(core, &artifact).map_err(|e| {
+                SandboxError::Engine(format!("loading module {id} just compiled: {e:#}"))
+            })?;
+            Ok::<_, SandboxError>((artifact, component))
+        };
+        let in_child = match &inner.compiler {
+            Compiler::Thread => None,
+            Compiler::Process { program, args } => {
+                match compile::compile_in_child(&inner.cfg, program, args, bytes, id.digest_hex()) {
+                    Ok(artifact) => Some(artifact),
+                    Err(compile::ChildError::Failed(e)) => return Err(e),
+                    Err(compile::ChildError::Spawn(e)) => {
+                        tracing::warn!(
+                            module = %id, program = %program.display(), error = %e,
+                            "cannot start the compiler process; compiling in this process"
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let (artifact, component) = match in_child {
+            Some(artifact) => match Self::deserialize_own(core, &artifact) {
+                Ok(component) => (artifact, component),
+                Err(e) => {
+                    // The binary on disk is not this process's any more (upgraded while
+                    // running): its artifacts do not fit this engine.
+                    tracing::warn!(
+                        module = %id, error = %format!("{e:#}"),
+                        "the compiler process's artifact does not load; compiling in this process"
+                    );
+                    compile_here()?
+                }
+            },
+            None => compile_here()?,
+        };
         inner.stats.compiles.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             module = %id, bytes = bytes.len(), code_bytes = artifact.len(),
@@ -453,9 +504,6 @@ impl Sandbox {
             // The module still runs; only the next start pays for compiling again.
             tracing::warn!(module = %id, dir = %core.cache.dir().display(), error = %e, "writing module cache failed");
         }
-        let component = Self::deserialize_own(core, &artifact).map_err(|e| {
-            SandboxError::Engine(format!("loading module {id} just compiled: {e:#}"))
-        })?;
         finish(id, component, ModuleSource::Compiled, artifact.len())
     }
 
@@ -465,7 +513,10 @@ impl Sandbox {
         // SAFETY: wasmtime requires that the bytes were produced by `serialize` of a
         // compatible engine and are not tampered with. `artifact` comes only from
         // `compile::compile_bounded` in `load_inner` (this process's own compilation, by an
-        // engine with this engine's settings, `engine::compiler`), or from
+        // engine with this engine's settings, `engine::compiler`), from
+        // `compile::compile_in_child` (the same compilation by a child process running this
+        // binary's `compile_child_main`, read from the pipe only it writes; the settings go to it
+        // in the request, and a child of another build is refused by wasmtime's check below), or from
         // `cache::Cache::read`, which returns files that `Cache::write` created in our
         // private cache directory from such a compilation, and only after checking the
         // module digest, this engine's compatibility key and the artifact's sha256 recorded
