@@ -51,6 +51,14 @@ fn decode_err(e: prost::DecodeError) -> PatchError {
 /// Returns `model` with each named initializer replaced by its tensor. Names must exist, and
 /// dtype and shape must match the initializer being replaced; nothing is written on any error.
 pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Vec<u8>, PatchError> {
+    patch_values(model, updates.iter().map(|(name, t)| (*name, t)))
+}
+
+/// [`patch_initializers`] over borrowed updates.
+fn patch_values<'u>(
+    model: &[u8],
+    updates: impl IntoIterator<Item = (&'u str, &'u Tensor)>,
+) -> Result<Vec<u8>, PatchError> {
     patch_with(
         model,
         updates,
@@ -60,16 +68,16 @@ pub fn patch_initializers(model: &[u8], updates: &[(&str, Tensor)]) -> Result<Ve
 
 /// [`patch_initializers`] with each replaced initializer encoded by `encode(old, update)`
 /// (after the dtype and shape checks).
-fn patch_with(
+fn patch_with<'u>(
     model: &[u8],
-    updates: &[(&str, Tensor)],
+    updates: impl IntoIterator<Item = (&'u str, &'u Tensor)>,
     mut encode: impl FnMut(&TensorProto, &Tensor) -> Result<TensorProto, PatchError>,
 ) -> Result<Vec<u8>, PatchError> {
     let mut pending: BTreeMap<&str, &Tensor> = BTreeMap::new();
     for (name, t) in updates {
         if pending.insert(name, t).is_some() {
             return Err(PatchError::Duplicate {
-                name: (*name).to_owned(),
+                name: name.to_owned(),
             });
         }
     }
@@ -123,9 +131,11 @@ fn patch_with(
 /// The updates of a model with external data files, split: those whose initializer is in a
 /// data file (with its entry, the update's bytes checked to fill its extent exactly), and the
 /// inline ones. Reads no weights: dtypes and shapes come from the graph's entries.
+/// The inline updates are borrowed, not copied: a model of millions of inline weights would
+/// otherwise be held once more while it is patched.
 type Split<'u> = (
     Vec<(crate::external::DataRef, &'u [u8])>,
-    Vec<(&'u str, Tensor)>,
+    Vec<(&'u str, &'u Tensor)>,
 );
 
 fn split_updates<'u>(
@@ -137,7 +147,7 @@ fn split_updates<'u>(
     let mut inline = Vec::new();
     for (name, update) in updates {
         let Some((r, entry)) = external.iter().find(|(r, _)| r.initializer == *name) else {
-            inline.push((*name, update.clone()));
+            inline.push((*name, update));
             continue;
         };
         check(entry, update)?;
@@ -190,7 +200,7 @@ pub fn patch_initializers_with_data(
     let graph = if inline.is_empty() {
         graph.to_vec()
     } else {
-        patch_initializers(graph, &inline)?
+        patch_values(graph, inline)?
     };
     let mut out = data.clone();
     for (location, bytes) in files {
@@ -271,7 +281,7 @@ pub const WEIGHTS_FILE: &str = "patched-weights.bin";
 /// and rename) and its initializer pointing there.
 fn inline_to_file(
     graph: &[u8],
-    updates: &[(&str, Tensor)],
+    updates: &[(&str, &Tensor)],
     folder: &std::path::Path,
     names: &[String],
 ) -> Result<Vec<u8>, PatchError> {
@@ -290,7 +300,7 @@ fn inline_to_file(
     std::fs::create_dir_all(folder).map_err(io)?;
     let file = std::fs::File::create(&tmp).map_err(io)?;
     let mut offset = 0u64;
-    let patched = patch_with(graph, updates, |init, update| {
+    let patched = patch_with(graph, updates.iter().copied(), |init, update| {
         let bytes = update.data();
         file.write_all_at(bytes, offset).map_err(io)?;
         let entry = |key: &str, value: String| onnx::StringStringEntryProto {
