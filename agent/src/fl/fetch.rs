@@ -4,6 +4,10 @@
 //! digest before it is kept in the state database, so a fetch resumes where it stopped, also
 //! after a reboot, and a forged or damaged chunk is dropped and asked for again.
 //!
+//! The weights stay there: applying them reads the kept chunks straight into the model's patch,
+//! training into the trainer's input ([`Kept`], which checks the whole against the round's
+//! digest as it goes), so a round never holds them whole beside their other copies.
+//!
 //! A newer round message arriving meanwhile ends the fetch: the caller handles that message
 //! instead (its chunks, if the version is the same, are already kept).
 
@@ -29,7 +33,8 @@ const MAX_STALLS: u32 = 12;
 
 /// How a fetch ended.
 pub(super) enum Fetched {
-    /// Every weight is in, checked against the header's digests.
+    /// Every chunk is in the state database, each checked against its digest (the whole is
+    /// checked as it is read: [`Kept`]); the message's `weights` stay empty.
     Done(Box<RoundMessage>),
     /// A round message came meanwhile: handle it instead.
     Superseded(Vec<u8>),
@@ -38,10 +43,11 @@ pub(super) enum Fetched {
 }
 
 impl FlTask {
-    /// Fills `msg`'s weights from its blob: the kept chunks, and the rest fetched.
+    /// Fetches the chunks of `msg`'s blob that are not kept yet (a message without a blob is
+    /// done as it is).
     pub(super) async fn fetch(
         &self,
-        mut msg: RoundMessage,
+        msg: RoundMessage,
         sub: &mut Subscription,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Fetched, RoundError> {
@@ -118,7 +124,9 @@ impl FlTask {
                 }
             }
         }
-        msg.weights = self.assemble(&task, version, n, &blob)?;
+        // The weights stay in the state database: applying reads them from there into the
+        // patch, training into the trainer's input, each checked against the whole's digest as
+        // it reads, so the round never holds them as a whole beside their other copies.
         tracing::info!(task = %task, version, chunks = total, dropped, ms = started.elapsed().as_millis() as u64, "round weights complete");
         Ok(Fetched::Done(Box::new(msg)))
     }
@@ -155,30 +163,222 @@ impl FlTask {
         n: usize,
         blob: &fl::WeightsBlob,
     ) -> Result<Vec<f32>, RoundError> {
-        let state = &self.d.state;
         let mut weights = Vec::with_capacity(n);
-        let mut whole = Sha256::new();
-        for i in 0..blob.chunks.len() as u32 {
-            let data = state.chunk(task, version, i)?.ok_or_else(|| {
-                RoundError::Fetch(format!(
-                    "chunk {i} of task {task} version {version} is gone"
-                ))
-            })?;
-            whole.update(&data);
+        let mut kept = self.kept(task, version, blob);
+        kept.read(n * 4, |bytes| {
             weights.extend(
-                data.chunks_exact(4)
+                bytes
+                    .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
-        }
-        if hex::encode(whole.finalize()) != blob.sha256 || weights.len() != n {
-            state.drop_chunks(task, None)?;
-            return Err(RoundError::Fetch(format!(
-                "task {task} version {version}: the kept chunks do not match the round's digest; dropped, fetched again with the next round message"
-            )));
-        }
-        if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
-            return Err(RoundError::Fetch(format!("non-finite weight at {i}")));
-        }
+        })?;
+        kept.finish(n)?;
         Ok(weights)
+    }
+
+    /// A reader of the kept chunks of `task`'s weights at `version`, in order.
+    pub(super) fn kept<'a>(
+        &'a self,
+        task: &'a str,
+        version: u32,
+        blob: &'a fl::WeightsBlob,
+    ) -> Kept<'a> {
+        Kept::new(&self.d.state, task, version, blob)
+    }
+}
+
+/// The kept chunks of a round's weights read in order ([`FlTask::kept`]); [`Kept::finish`] checks
+/// the whole against the round's digest and every value finite. What was read is only to be used
+/// once `finish` says so.
+pub(super) struct Kept<'a> {
+    state: &'a super::state::FlState,
+    task: &'a str,
+    version: u32,
+    blob: &'a fl::WeightsBlob,
+    /// The next chunk to read.
+    next: u32,
+    chunk: sled::IVec,
+    /// Bytes of `chunk` already read.
+    at: usize,
+    /// Bytes read in all.
+    read: usize,
+    whole: Sha256,
+    /// The first value read that is not finite.
+    non_finite: Option<usize>,
+}
+
+impl<'a> Kept<'a> {
+    fn new(
+        state: &'a super::state::FlState,
+        task: &'a str,
+        version: u32,
+        blob: &'a fl::WeightsBlob,
+    ) -> Kept<'a> {
+        Kept {
+            state,
+            task,
+            version,
+            blob,
+            next: 0,
+            chunk: sled::IVec::default(),
+            at: 0,
+            read: 0,
+            whole: Sha256::new(),
+            non_finite: None,
+        }
+    }
+
+    /// Hands the next `len` bytes (a whole number of f32 values) to `sink`, a piece at a time.
+    pub(super) fn read(
+        &mut self,
+        mut len: usize,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), RoundError> {
+        while len > 0 {
+            if self.at == self.chunk.len() {
+                let i = self.next;
+                if i as usize >= self.blob.chunks.len() {
+                    return Err(self.damaged());
+                }
+                self.chunk = self
+                    .state
+                    .chunk(self.task, self.version, i)?
+                    .ok_or_else(|| {
+                        RoundError::Fetch(format!(
+                            "chunk {i} of task {} version {} is gone",
+                            self.task, self.version
+                        ))
+                    })?;
+                if !self.chunk.len().is_multiple_of(4) {
+                    return Err(self.damaged());
+                }
+                self.whole.update(&self.chunk);
+                self.next += 1;
+                self.at = 0;
+            }
+            let take = len.min(self.chunk.len() - self.at);
+            let piece = &self.chunk[self.at..self.at + take];
+            if self.non_finite.is_none() {
+                self.non_finite = piece
+                    .chunks_exact(4)
+                    .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+                    .map(|k| self.read / 4 + k);
+            }
+            sink(piece);
+            self.at += take;
+            self.read += take;
+            len -= take;
+        }
+        Ok(())
+    }
+
+    /// Checks that the `n` weights read were all there is and match the round's digest (a kept
+    /// chunk damaged on disk is found here: the chunks are dropped and fetched again with the
+    /// next round message).
+    pub(super) fn finish(mut self, n: usize) -> Result<(), RoundError> {
+        if self.read != n * 4
+            || self.at != self.chunk.len()
+            || self.next as usize != self.blob.chunks.len()
+        {
+            return Err(self.damaged());
+        }
+        let digest = std::mem::take(&mut self.whole).finalize();
+        if hex::encode(digest) != self.blob.sha256 {
+            return Err(self.damaged());
+        }
+        match self.non_finite {
+            Some(i) => Err(RoundError::Fetch(format!("non-finite weight at {i}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn damaged(&self) -> RoundError {
+        if let Err(e) = self.state.drop_chunks(self.task, None) {
+            return e.into();
+        }
+        RoundError::Fetch(format!(
+            "task {} version {}: the kept chunks do not match the round's digest; dropped, fetched again with the next round message",
+            self.task, self.version
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::v1::fl::chunks::{WeightsBlob, chunk_bytes};
+
+    use super::*;
+    use crate::fl::state::FlState;
+
+    fn kept<'a>(state: &'a FlState, blob: &'a WeightsBlob) -> Kept<'a> {
+        Kept::new(state, "t", 3, blob)
+    }
+
+    /// Reads `n` weights in pieces of `each` values.
+    fn read_all(k: &mut Kept<'_>, n: usize, each: usize) -> Result<Vec<f32>, RoundError> {
+        let mut out = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let take = each.min(left);
+            k.read(take * 4, |b| {
+                out.extend(
+                    b.chunks_exact(4)
+                        .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
+                )
+            })?;
+            left -= take;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn kept_chunks_read_across_chunk_edges_and_check_the_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("open");
+        let state = FlState::open(&db).expect("state");
+        // Three chunks and a bit; read in pieces that straddle the chunk edges.
+        let n = 3 * (chunks::CHUNK_BYTES as usize / 4) + 100;
+        let weights: Vec<f32> = (0..n).map(|i| (i as f32 * 0.001).sin()).collect();
+        let blob = WeightsBlob::of(&weights);
+        let put = |i: u32, data: &[u8]| state.put_chunk("t", 3, i, data).expect("put");
+        for i in 0..blob.chunks.len() as u32 {
+            put(i, &chunk_bytes(&weights, &blob, i));
+        }
+        let mut k = kept(&state, &blob);
+        assert_eq!(read_all(&mut k, n, 7_777).expect("read"), weights);
+        k.finish(n).expect("whole");
+
+        // Stopping short of the end is not the whole.
+        let mut k = kept(&state, &blob);
+        read_all(&mut k, n - 1, 10_000).expect("read");
+        assert!(matches!(k.finish(n - 1), Err(RoundError::Fetch(_))));
+        // The state database holds the chunks again for what follows (finish dropped them).
+        for i in 0..blob.chunks.len() as u32 {
+            put(i, &chunk_bytes(&weights, &blob, i));
+        }
+
+        // A chunk damaged on disk: every value still reads, finish refuses and drops the chunks.
+        let mut bad = chunk_bytes(&weights, &blob, 1);
+        bad[8] ^= 0x40;
+        put(1, &bad);
+        let mut k = kept(&state, &blob);
+        read_all(&mut k, n, 50_000).expect("read");
+        let err = k.finish(n).expect_err("damaged");
+        assert!(
+            err.to_string().contains("do not match the round's digest"),
+            "{err}"
+        );
+        assert!(
+            state.chunk("t", 3, 0).expect("get").is_none(),
+            "chunks dropped"
+        );
+        // Gone: named.
+        let mut k = kept(&state, &blob);
+        let err = read_all(&mut k, n, n).expect_err("gone");
+        assert!(
+            err.to_string()
+                .contains("chunk 0 of task t version 3 is gone"),
+            "{err}"
+        );
     }
 }

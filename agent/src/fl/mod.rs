@@ -732,15 +732,20 @@ impl FlTask {
             tracing::warn!(model = %setup.model, reason = %self.d.inference.status().reason, "global weights not applied: onnx inference unavailable");
             return;
         }
-        let tensors: Result<Vec<(&str, edge_inference::Tensor)>, _> = msg
-            .tensors()
-            .into_iter()
-            .map(|(p, data)| {
-                edge_inference::Tensor::from_f32(p.shape.clone(), data)
-                    .map(|t| (p.name.as_str(), t))
-            })
-            .collect();
-        let patched = tensors.map_err(|e| e.to_string()).and_then(|t| {
+        let tensors = match &h.blob {
+            // In the state database only: read from the kept chunks straight into the patch.
+            Some(blob) if msg.weights.is_empty() => self.kept_tensors(msg, blob),
+            _ => msg
+                .tensors()
+                .into_iter()
+                .map(|(p, data)| {
+                    edge_inference::Tensor::from_f32(p.shape.clone(), data)
+                        .map(|t| (p.name.as_str(), t))
+                        .map_err(|e| e.to_string())
+                })
+                .collect(),
+        };
+        let patched = tensors.and_then(|t| {
             match &self.d.weights_dir {
                 // One folder per model: each round's files are renamed over the last ones.
                 Some(dir) => edge_inference::patch_initializers_to_disk(
@@ -783,6 +788,29 @@ impl FlTask {
                 tracing::warn!(task = %h.task, version = h.version, model = %setup.model, error = %e, "global weights not applied; the model keeps serving its previous weights");
             }
         }
+    }
+
+    /// The round's tensors read from its kept chunks, each as the bytes of its values (what the
+    /// patch writes), checked against the round's digest.
+    fn kept_tensors<'m>(
+        &self,
+        msg: &'m RoundMessage,
+        blob: &fl::WeightsBlob,
+    ) -> Result<Vec<(&'m str, edge_inference::Tensor)>, String> {
+        let h = &msg.header;
+        let mut kept = self.kept(&h.task, h.version, blob);
+        let mut out = Vec::with_capacity(h.params.len());
+        for p in &h.params {
+            let mut bytes = Vec::with_capacity(p.len() * 4);
+            kept.read(p.len() * 4, |piece| bytes.extend_from_slice(piece))
+                .map_err(|e| e.to_string())?;
+            let t = edge_inference::Tensor::new(edge_inference::DType::F32, p.shape.clone(), bytes)
+                .map_err(|e| e.to_string())?;
+            out.push((p.name.as_str(), t));
+        }
+        kept.finish(fl::weight_count(&h.params))
+            .map_err(|e| e.to_string())?;
+        Ok(out)
     }
 
     fn train(
@@ -835,6 +863,13 @@ impl FlTask {
             Some(split) => split,
             None => split_layers(&msg, setup)?,
         };
+        // Weights that came in chunks are read from the state database for the trainer's input.
+        if let Some(blob) = &msg.header.blob
+            && msg.weights.is_empty()
+        {
+            let h = &msg.header;
+            msg.weights = self.assemble(&h.task, h.version, fl::weight_count(&h.params), blob)?;
+        }
         // Views of the round's weights: the trainer's layout is the only copy made for it.
         let given: Vec<WeightsRef<'_>> = msg
             .tensors()
