@@ -91,7 +91,7 @@ pub struct NamedWeights {
 }
 
 /// A named tensor of weights held elsewhere (a round message's flat weights, a model's
-/// initializers): what [`to_trainer`] reads, so its caller needs no copy of its own.
+/// initializers): what [`to_trainer`] copies into the trainer's layout.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WeightsRef<'a> {
     pub name: &'a str,
@@ -376,21 +376,50 @@ pub fn first_named(layers: &[DenseLayer], named: impl Fn(&str) -> bool) -> Optio
 
 /// The trainer's parameters from the model's: `weights` holds every layer's weight and bias
 /// under their initializer names and shapes (any order); the result is `(weight [inputs,
-/// outputs], bias [outputs])` pairs in layer order, names kept.
+/// outputs], bias [outputs])` pairs in layer order, names kept. Copies the weights; a caller
+/// that owns them moves them with [`into_trainer`].
 pub fn to_trainer(
     layers: &[DenseLayer],
     weights: &[WeightsRef<'_>],
 ) -> Result<Vec<NamedWeights>, String> {
-    let find = |name: &str, shape: &[u32]| -> Result<&WeightsRef<'_>, String> {
-        let w = weights.iter().find(|w| w.name == name).ok_or_else(|| {
-            let carried: Vec<&str> = weights.iter().take(8).map(|w| w.name).collect();
+    into_trainer(
+        layers,
+        weights
+            .iter()
+            .map(|w| NamedWeights {
+                name: w.name.to_owned(),
+                shape: w.shape.to_vec(),
+                data: w.data.to_vec(),
+            })
+            .collect(),
+    )
+}
+
+/// [`to_trainer`] for weights the caller owns: each tensor moves across (a transposed weight
+/// is copied once, its source then dropped), so this holds no second copy of the weights.
+pub fn into_trainer(
+    layers: &[DenseLayer],
+    mut weights: Vec<NamedWeights>,
+) -> Result<Vec<NamedWeights>, String> {
+    // For the error only: what the round carries, before any tensor moves out.
+    let carried = format!(
+        "{}{}",
+        weights
+            .iter()
+            .take(8)
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if weights.len() > 8 { ", ..." } else { "" }
+    );
+    let mut take = |name: &str, shape: &[u32]| -> Result<NamedWeights, String> {
+        let i = weights.iter().position(|w| w.name == name).ok_or_else(|| {
             format!(
                 "the round carries no weights for {name}, a layer of this model (it carries: \
-                     {}{}); is the task's model the one this device serves?",
-                carried.join(", "),
-                if weights.len() > 8 { ", ..." } else { "" }
+                     {carried}); is the task's model the one this device serves?"
             )
         })?;
+        let w = weights.swap_remove(i);
         if w.shape != shape {
             return Err(format!(
                 "{name}: the round's shape {:?} is not the model's {shape:?}",
@@ -401,21 +430,21 @@ pub fn to_trainer(
     };
     let mut out = Vec::with_capacity(layers.len() * 2);
     for l in layers {
-        let w = find(&l.weight, &l.weight_shape)?;
-        let b = find(&l.bias, &l.bias_shape)?;
+        let w = take(&l.weight, &l.weight_shape)?;
+        let b = take(&l.bias, &l.bias_shape)?;
         let data = match l.layout {
-            Layout::InOut => w.data.to_vec(),
-            Layout::OutIn => transpose(w.data, l.outputs as usize, l.inputs as usize),
+            Layout::InOut => w.data,
+            Layout::OutIn => transpose(&w.data, l.outputs as usize, l.inputs as usize),
         };
         out.push(NamedWeights {
-            name: l.weight.clone(),
+            name: w.name,
             shape: vec![l.inputs, l.outputs],
             data,
         });
         out.push(NamedWeights {
-            name: l.bias.clone(),
+            name: b.name,
             shape: vec![l.outputs],
-            data: b.data.to_vec(),
+            data: b.data,
         });
     }
     Ok(out)

@@ -37,8 +37,9 @@ pub use dense::{DenseLayer, Layout, NamedWeights, StructureError, dense_layers};
 pub use external::{DataFile, DataFiles, ExternalError, ModelFiles};
 pub use model::{IoInfo, Model, ModelError};
 pub use patch::{
-    PatchError, WEIGHTS_FILE, patch_initializers, patch_initializers_to_disk,
-    patch_initializers_with_data, read_initializers,
+    PatchError, Sink, UpdateBytes, UpdateSpec, WEIGHTS_FILE, patch_initializers,
+    patch_initializers_to_disk, patch_initializers_to_disk_from, patch_initializers_with_data,
+    read_initializers,
 };
 pub use provider::{Placement, Provider, ProviderReport, Skipped};
 pub use registry::{Installed, ModelRegistry, RegistryError};

@@ -42,6 +42,8 @@ pub enum PatchError {
     Tensor { name: String, source: TensorError },
     #[error("external data: {detail}")]
     External { detail: String },
+    #[error("new weights for {name}: {detail}")]
+    Source { name: String, detail: String },
 }
 
 fn decode_err(e: prost::DecodeError) -> PatchError {
@@ -68,12 +70,12 @@ fn patch_values<'u>(
 
 /// [`patch_initializers`] with each replaced initializer encoded by `encode(old, update)`
 /// (after the dtype and shape checks).
-fn patch_with<'u>(
+fn patch_with<'u, U: Typed + 'u>(
     model: &[u8],
-    updates: impl IntoIterator<Item = (&'u str, &'u Tensor)>,
-    mut encode: impl FnMut(&TensorProto, &Tensor) -> Result<TensorProto, PatchError>,
+    updates: impl IntoIterator<Item = (&'u str, &'u U)>,
+    mut encode: impl FnMut(&TensorProto, &U) -> Result<TensorProto, PatchError>,
 ) -> Result<Vec<u8>, PatchError> {
-    let mut pending: BTreeMap<&str, &Tensor> = BTreeMap::new();
+    let mut pending: BTreeMap<&str, &U> = BTreeMap::new();
     for (name, t) in updates {
         if pending.insert(name, t).is_some() {
             return Err(PatchError::Duplicate {
@@ -223,48 +225,218 @@ pub fn patch_initializers_to_disk(
     updates: &[(&str, Tensor)],
     folder: &std::path::Path,
 ) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
-    use std::os::unix::fs::FileExt;
-    // One decode of the graph for everything below (it copies every inline value).
-    let layout = layout(graph)?;
-    let (on_disk, inline) = split_updates(&layout, updates)?;
-    let io = |what: &str, e: std::io::Error| PatchError::External {
-        detail: format!("{what}: {e}"),
-    };
-    let names = layout.file_names();
-    for location in &names {
-        let source = data.get(location).ok_or_else(|| PatchError::External {
-            detail: format!("data file {location} is not given with the model"),
-        })?;
-        let target = folder.join(location);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io(&parent.display().to_string(), e))?;
-        }
-        let tmp = target.with_file_name(format!(
-            ".{}.{}.tmp",
-            target
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let shown = tmp.display().to_string();
-        let written = std::fs::File::create(&tmp).and_then(|mut file| {
-            source.write_to(&mut file)?;
-            for (r, bytes) in on_disk.iter().filter(|(r, _)| r.location == *location) {
-                file.write_all_at(bytes, r.offset)?;
-            }
-            std::fs::rename(&tmp, &target)
-        });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(&shown, e));
+    struct Given<'a, 'u>(&'a [(&'u str, Tensor)]);
+    impl UpdateBytes for Given<'_, '_> {
+        fn write(&mut self, i: usize, sink: &mut Sink<'_>) -> Result<(), PatchError> {
+            sink(self.0[i].1.data())
         }
     }
+    let specs: Vec<UpdateSpec<'_>> = updates
+        .iter()
+        .map(|(name, t)| UpdateSpec {
+            name,
+            dtype: t.dtype(),
+            shape: t.shape(),
+        })
+        .collect();
+    patch_initializers_to_disk_from(graph, data, &specs, &mut Given(updates), folder)
+}
+
+/// An update of [`patch_initializers_to_disk_from`]: what it replaces and its element type and
+/// shape; its bytes come from the caller's [`UpdateBytes`].
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateSpec<'u> {
+    pub name: &'u str,
+    pub dtype: DType,
+    pub shape: &'u [u32],
+}
+
+impl UpdateSpec<'_> {
+    fn bytes(&self) -> Result<usize, PatchError> {
+        crate::tensor::element_count(self.shape)
+            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .ok_or_else(|| PatchError::Tensor {
+                name: self.name.to_owned(),
+                source: TensorError::TooLarge(self.shape.to_vec()),
+            })
+    }
+}
+
+/// Where [`UpdateBytes::write`] puts its pieces.
+pub type Sink<'s> = dyn FnMut(&[u8]) -> Result<(), PatchError> + 's;
+
+/// The bytes of [`patch_initializers_to_disk_from`]'s updates.
+pub trait UpdateBytes {
+    /// Hands update `i`'s bytes (little-endian, row-major) to `sink`, a piece at a time.
+    /// Called once per update, in the order given.
+    fn write(&mut self, i: usize, sink: &mut Sink<'_>) -> Result<(), PatchError>;
+
+    /// Called after the last update's bytes are written and before any file is put in place:
+    /// an error (the bytes did not check out as a whole) leaves the previous files as they were.
+    fn finish(&mut self) -> Result<(), PatchError> {
+        Ok(())
+    }
+}
+
+/// [`patch_initializers_to_disk`] with the updates' bytes streamed from `bytes`, each straight
+/// into its place in its file: the new weights are never in memory as a whole (a federated
+/// round's kept chunks are read into the files as they are). Dtypes, shapes and extents are
+/// checked before anything is written; each update must get exactly its size.
+pub fn patch_initializers_to_disk_from(
+    graph: &[u8],
+    data: &crate::DataFiles,
+    updates: &[UpdateSpec<'_>],
+    bytes: &mut dyn UpdateBytes,
+    folder: &std::path::Path,
+) -> Result<(Vec<u8>, crate::DataFiles), PatchError> {
+    use std::os::unix::fs::FileExt;
+    const ALIGN: u64 = 4096;
+    let external = |detail: String| PatchError::External { detail };
+    // One decode of the graph for everything below (it copies every inline value).
+    let layout = layout(graph)?;
+    let mut files = layout.file_names();
+    let data_files = files.len();
+    // Where each update's bytes go: (file index, offset, length).
+    let mut places = Vec::with_capacity(updates.len());
+    // Inline updates: their offsets in WEIGHTS_FILE, in the order given.
+    let mut inline: Vec<(&str, &UpdateSpec<'_>, u64)> = Vec::new();
+    let mut weights_end = 0u64;
+    for (i, u) in updates.iter().enumerate() {
+        if updates[..i].iter().any(|o| o.name == u.name) {
+            return Err(PatchError::Duplicate {
+                name: u.name.to_owned(),
+            });
+        }
+        let len = u.bytes()?;
+        match layout
+            .initializers
+            .iter()
+            .find(|(r, _)| r.initializer == u.name)
+        {
+            Some((r, entry)) => {
+                check(entry, u)?;
+                let file = files.iter().position(|f| *f == r.location);
+                let (Some(file), Some((start, _))) = (
+                    file,
+                    crate::external::extent(r).filter(|(s, e)| e - s == len),
+                ) else {
+                    return Err(external(format!(
+                        "initializer {}: {len} bytes do not fill its {} bytes in {}",
+                        u.name, r.length, r.location
+                    )));
+                };
+                places.push((file, start as u64, len));
+            }
+            None => {
+                inline.push((u.name, u, weights_end));
+                places.push((data_files, weights_end, len));
+                weights_end = (weights_end + len as u64).div_ceil(ALIGN) * ALIGN;
+            }
+        }
+    }
+    // The graph: each inline update's initializer now points into WEIGHTS_FILE (checked
+    // against it first, like the others).
     let graph = if inline.is_empty() {
         graph.to_vec()
     } else {
-        inline_to_file(graph, &inline, folder, &names)?
+        if files.iter().any(|n| n == WEIGHTS_FILE) {
+            return Err(external(format!(
+                "the model already names a data file {WEIGHTS_FILE}"
+            )));
+        }
+        files.push(WEIGHTS_FILE.to_owned());
+        patch_with(
+            graph,
+            inline.iter().map(|&(name, u, _)| (name, u)),
+            |init, u| {
+                let offset = inline
+                    .iter()
+                    .find(|(name, ..)| *name == init.name)
+                    .map_or(0, |&(.., offset)| offset);
+                let entry = |key: &str, value: String| onnx::StringStringEntryProto {
+                    key: key.into(),
+                    value,
+                };
+                Ok(TensorProto {
+                    name: init.name.clone(),
+                    dims: init.dims.clone(),
+                    data_type: init.data_type,
+                    data_location: onnx::DATA_LOCATION_EXTERNAL,
+                    external_data: vec![
+                        entry("location", WEIGHTS_FILE.into()),
+                        entry("offset", offset.to_string()),
+                        entry("length", u.bytes()?.to_string()),
+                    ],
+                    ..Default::default()
+                })
+            },
+        )?
     };
+    // Each file under a temporary name (a data file starts as a copy of the given one), the
+    // updates written into their places in the order given, then every file renamed into place.
+    let mut written: Vec<(std::path::PathBuf, std::path::PathBuf)> = Vec::new();
+    let result = (|| -> Result<(), PatchError> {
+        let mut open = Vec::with_capacity(files.len());
+        for (k, location) in files.iter().enumerate() {
+            let target = folder.join(location);
+            let tmp = target.with_file_name(format!(
+                ".{}.{}.tmp",
+                target
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default(),
+                std::process::id()
+            ));
+            let io = |e: std::io::Error| external(format!("{}: {e}", tmp.display()));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            written.push((tmp.clone(), target));
+            if k < data_files {
+                let source = data.get(location).ok_or_else(|| {
+                    external(format!("data file {location} is not given with the model"))
+                })?;
+                source.write_to(&mut file).map_err(io)?;
+            }
+            open.push(file);
+        }
+        for (i, &(file, offset, len)) in places.iter().enumerate() {
+            let (tmp, _) = &written[file];
+            let mut at = 0usize;
+            bytes.write(i, &mut |piece: &[u8]| {
+                if at + piece.len() > len {
+                    return Err(external(format!(
+                        "initializer {}: more than its {len} bytes given",
+                        updates[i].name
+                    )));
+                }
+                open[file]
+                    .write_all_at(piece, offset + at as u64)
+                    .map_err(|e| external(format!("{}: {e}", tmp.display())))?;
+                at += piece.len();
+                Ok(())
+            })?;
+            if at != len {
+                return Err(external(format!(
+                    "initializer {}: {at} of its {len} bytes given",
+                    updates[i].name
+                )));
+            }
+        }
+        bytes.finish()?;
+        for (tmp, target) in &written {
+            std::fs::rename(tmp, target)
+                .map_err(|e| external(format!("{}: {e}", target.display())))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for (tmp, _) in &written {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
+    }
     let files =
         crate::ModelFiles::open_in(graph, &folder.display().to_string(), folder).map_err(|e| {
             PatchError::External {
@@ -277,68 +449,37 @@ pub fn patch_initializers_to_disk(
 /// The file of [`patch_initializers_to_disk`] that holds the new values of inline initializers.
 pub const WEIGHTS_FILE: &str = "patched-weights.bin";
 
-/// `graph` with each inline update stored in `folder/WEIGHTS_FILE` (written by temporary name
-/// and rename) and its initializer pointing there.
-fn inline_to_file(
-    graph: &[u8],
-    updates: &[(&str, &Tensor)],
-    folder: &std::path::Path,
-    names: &[String],
-) -> Result<Vec<u8>, PatchError> {
-    use std::os::unix::fs::FileExt;
-    const ALIGN: u64 = 4096;
-    if names.iter().any(|n| n == WEIGHTS_FILE) {
-        return Err(PatchError::External {
-            detail: format!("the model already names a data file {WEIGHTS_FILE}"),
-        });
-    }
-    let target = folder.join(WEIGHTS_FILE);
-    let tmp = folder.join(format!(".{WEIGHTS_FILE}.{}.tmp", std::process::id()));
-    let io = |e: std::io::Error| PatchError::External {
-        detail: format!("{}: {e}", tmp.display()),
-    };
-    std::fs::create_dir_all(folder).map_err(io)?;
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut offset = 0u64;
-    let patched = patch_with(graph, updates.iter().copied(), |init, update| {
-        let bytes = update.data();
-        file.write_all_at(bytes, offset).map_err(io)?;
-        let entry = |key: &str, value: String| onnx::StringStringEntryProto {
-            key: key.into(),
-            value,
-        };
-        let proto = TensorProto {
-            name: init.name.clone(),
-            dims: init.dims.clone(),
-            data_type: init.data_type,
-            data_location: onnx::DATA_LOCATION_EXTERNAL,
-            external_data: vec![
-                entry("location", WEIGHTS_FILE.into()),
-                entry("offset", offset.to_string()),
-                entry("length", bytes.len().to_string()),
-            ],
-            ..Default::default()
-        };
-        offset = (offset + bytes.len() as u64).div_ceil(ALIGN) * ALIGN;
-        Ok(proto)
-    });
-    let done = patched.and_then(|g| {
-        std::fs::rename(&tmp, &target).map_err(io)?;
-        Ok(g)
-    });
-    if done.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    done
-}
-
 fn layout(graph: &[u8]) -> Result<crate::external::ExternalLayout, PatchError> {
     crate::external::ExternalLayout::of(graph).map_err(|e| PatchError::External {
         detail: e.to_string(),
     })
 }
 
-fn check(init: &TensorProto, update: &Tensor) -> Result<(), PatchError> {
+/// An update's element type and shape: what is checked against the initializer it replaces.
+trait Typed {
+    fn dtype(&self) -> DType;
+    fn shape(&self) -> &[u32];
+}
+
+impl Typed for Tensor {
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+    fn shape(&self) -> &[u32] {
+        Tensor::shape(self)
+    }
+}
+
+impl Typed for UpdateSpec<'_> {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> &[u32] {
+        self.shape
+    }
+}
+
+fn check(init: &TensorProto, update: &impl Typed) -> Result<(), PatchError> {
     if init.data_type != update.dtype().onnx_code() {
         return Err(PatchError::DType {
             name: init.name.clone(),

@@ -3,7 +3,8 @@
 
 use edge_inference::DType;
 use edge_inference::dense::{
-    DenseLayer, Layout, NamedWeights, dense_layers, from_trainer, to_trainer, trainable_names,
+    DenseLayer, Layout, NamedWeights, dense_layers, from_trainer, into_trainer, to_trainer,
+    trainable_names,
 };
 use edge_inference::onnx::GraphProto;
 use edge_inference::read_initializers;
@@ -102,6 +103,51 @@ fn to_trainer_and_back_is_the_identity_and_transposes_gemm_weights() {
         let g = given.iter().find(|w| w.name == b.name).expect("ok");
         assert_eq!((&b.shape, &b.data), (&g.shape, &g.data), "{}", b.name);
     }
+}
+
+/// The caller's own weights move into the trainer's layout: a tensor in that layout already
+/// keeps its buffer (no second copy of the model on a device), a transposed one gets a new one.
+#[test]
+fn into_trainer_moves_the_weights_it_need_not_transpose() {
+    let owned = |file: &str| {
+        let model = exported(file);
+        let given: Vec<NamedWeights> = read_initializers(&model)
+            .expect("ok")
+            .iter()
+            .filter_map(|(n, t)| {
+                Some(NamedWeights {
+                    name: n.clone(),
+                    shape: t.shape().to_vec(),
+                    data: t.to_f32()?,
+                })
+            })
+            .collect();
+        (dense_layers(&model).expect("ok"), given)
+    };
+    let (layers, given) = owned("sklearn_mlp.onnx");
+    let buffers: Vec<(String, *const f32)> = given
+        .iter()
+        .map(|w| (w.name.clone(), w.data.as_ptr()))
+        .collect();
+    let trainer = into_trainer(&layers, given).expect("ok");
+    assert_eq!(trainer.len(), 4);
+    for t in &trainer {
+        let (_, at) = buffers.iter().find(|(n, _)| *n == t.name).expect("given");
+        assert_eq!(t.data.as_ptr(), *at, "{} was copied", t.name);
+    }
+    // skl2onnx's [1, n] biases become [n] for the trainer.
+    assert_eq!(trainer[1].shape, [16]);
+
+    let (layers, given) = owned("torch_gemm.onnx");
+    let weight_at = given
+        .iter()
+        .find(|w| w.name == "0.weight")
+        .expect("ok")
+        .data
+        .as_ptr();
+    let trainer = into_trainer(&layers, given).expect("ok");
+    assert_ne!(trainer[0].data.as_ptr(), weight_at, "transposed");
+    assert_eq!(trainer[0].shape, [64, 16]);
 }
 
 #[test]

@@ -404,3 +404,156 @@ fn an_inline_model_patched_to_disk_gives_the_in_memory_patchs_numbers() {
         "{got:?} vs {want:?}"
     );
 }
+
+/// The bytes of each update handed over in pieces, as a federated round's kept chunks are;
+/// `short`/`long` give one update too few or too many bytes, `refuse` fails the final check.
+struct Pieces<'a> {
+    updates: &'a [(&'a str, Tensor)],
+    piece: usize,
+    short: bool,
+    long: bool,
+    refuse: bool,
+}
+
+impl<'a> Pieces<'a> {
+    fn of(updates: &'a [(&'a str, Tensor)]) -> Pieces<'a> {
+        Pieces {
+            updates,
+            piece: 1000,
+            short: false,
+            long: false,
+            refuse: false,
+        }
+    }
+}
+
+impl edge_inference::UpdateBytes for Pieces<'_> {
+    fn write(
+        &mut self,
+        i: usize,
+        sink: &mut edge_inference::Sink<'_>,
+    ) -> Result<(), edge_inference::PatchError> {
+        let data = self.updates[i].1.data();
+        let data = if self.short { &data[4..] } else { data };
+        for p in data.chunks(self.piece) {
+            sink(p)?;
+        }
+        if self.long {
+            sink(&[0; 4])?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), edge_inference::PatchError> {
+        if self.refuse {
+            return Err(edge_inference::PatchError::Source {
+                name: "all".into(),
+                detail: "the digest does not match".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn borrowed(u: &[(String, Tensor)]) -> Vec<(&str, Tensor)> {
+    u.iter().map(|(n, t)| (n.as_str(), t.clone())).collect()
+}
+
+fn files_in(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A patch streamed in pieces (how an agent applies a round's kept chunks) writes the same
+/// graph and files as the patch of whole tensors, for a model with a data file and for one with
+/// its weights inline; one that gets too few or too many bytes for an update, or whose source
+/// refuses the whole at the end, leaves the last patch's files in place and no temporary file.
+#[test]
+fn a_patch_streamed_in_pieces_writes_what_whole_tensors_do_or_nothing() {
+    for model in ["torch_mlp.onnx", "torch_gemm.onnx"] {
+        let opened = ModelFiles::open(&exported_path(model)).unwrap();
+        let all = edge_inference::external::inline(&opened.graph, &opened.data).unwrap();
+        let scaled = |k: f32| -> Vec<(String, Tensor)> {
+            edge_inference::read_initializers(&all)
+                .unwrap()
+                .into_iter()
+                .filter_map(|(n, t)| {
+                    let v: Vec<f32> = t.to_f32()?.iter().map(|v| v * k).collect();
+                    Some((n, Tensor::from_f32(t.shape().to_vec(), &v).unwrap()))
+                })
+                .collect()
+        };
+        let (doubled, zeroed) = (scaled(2.0), scaled(0.0));
+        let (doubled, zeroed) = (borrowed(&doubled), borrowed(&zeroed));
+        assert!(doubled.len() >= 4, "{model}: weights and biases");
+        let specs: Vec<edge_inference::UpdateSpec<'_>> = doubled
+            .iter()
+            .map(|(name, t)| edge_inference::UpdateSpec {
+                name,
+                dtype: t.dtype(),
+                shape: t.shape(),
+            })
+            .collect();
+        let whole = tempfile::tempdir().unwrap();
+        let (g1, _) = edge_inference::patch_initializers_to_disk(
+            &opened.graph,
+            &opened.data,
+            &doubled,
+            whole.path(),
+        )
+        .unwrap();
+        let streamed = tempfile::tempdir().unwrap();
+        let patch = |bytes: &mut Pieces<'_>| {
+            edge_inference::patch_initializers_to_disk_from(
+                &opened.graph,
+                &opened.data,
+                &specs,
+                bytes,
+                streamed.path(),
+            )
+        };
+        let (g2, _) = patch(&mut Pieces::of(&doubled)).unwrap();
+        assert_eq!(g1, g2, "{model}");
+        let patched = files_in(streamed.path());
+        assert_eq!(files_in(whole.path()), patched, "{model}");
+
+        for (what, mut bytes, says) in [
+            (
+                "short",
+                Pieces {
+                    short: true,
+                    ..Pieces::of(&zeroed)
+                },
+                "bytes given",
+            ),
+            (
+                "long",
+                Pieces {
+                    long: true,
+                    ..Pieces::of(&zeroed)
+                },
+                "more than its",
+            ),
+            (
+                "refused",
+                Pieces {
+                    refuse: true,
+                    ..Pieces::of(&zeroed)
+                },
+                "the digest does not match",
+            ),
+        ] {
+            let e = patch(&mut bytes).expect_err(what).to_string();
+            assert!(e.contains(says), "{model} {what}: {e}");
+            assert_eq!(files_in(streamed.path()), patched, "{model} {what}");
+        }
+    }
+}

@@ -154,28 +154,6 @@ impl FlTask {
             .map_err(|e| RoundError::Outbox(e.to_string()))
     }
 
-    /// The weights from the kept chunks, checked against the digest of the whole (a kept
-    /// chunk damaged on disk is found here: the chunks are dropped and fetched again).
-    pub(super) fn assemble(
-        &self,
-        task: &str,
-        version: u32,
-        n: usize,
-        blob: &fl::WeightsBlob,
-    ) -> Result<Vec<f32>, RoundError> {
-        let mut weights = Vec::with_capacity(n);
-        let mut kept = self.kept(task, version, blob);
-        kept.read(n * 4, |bytes| {
-            weights.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-        })?;
-        kept.finish(n)?;
-        Ok(weights)
-    }
-
     /// A reader of the kept chunks of `task`'s weights at `version`, in order.
     pub(super) fn kept<'a>(
         &'a self,
@@ -272,6 +250,21 @@ impl<'a> Kept<'a> {
         Ok(())
     }
 
+    /// Hands the next `n` values to `each` with their index among them.
+    pub(super) fn read_values(
+        &mut self,
+        n: usize,
+        mut each: impl FnMut(usize, f32),
+    ) -> Result<(), RoundError> {
+        let mut i = 0;
+        self.read(n * 4, |piece| {
+            for b in piece.chunks_exact(4) {
+                each(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                i += 1;
+            }
+        })
+    }
+
     /// Checks that the `n` weights read were all there is and match the round's digest (a kept
     /// chunk damaged on disk is found here: the chunks are dropped and fetched again with the
     /// next round message).
@@ -303,6 +296,63 @@ impl<'a> Kept<'a> {
     }
 }
 
+/// A round's kept chunks as the bytes of a patch
+/// ([`edge_inference::patch_initializers_to_disk_from`]): each param's values go straight from
+/// the state database into the patched files, and the whole is checked against the round's
+/// digest before the files are put in place.
+pub(super) struct KeptBytes<'a> {
+    kept: Option<Kept<'a>>,
+    params: &'a [fl::ParamSpec],
+}
+
+impl<'a> KeptBytes<'a> {
+    pub(super) fn new(kept: Kept<'a>, params: &'a [fl::ParamSpec]) -> KeptBytes<'a> {
+        KeptBytes {
+            kept: Some(kept),
+            params,
+        }
+    }
+}
+
+impl edge_inference::UpdateBytes for KeptBytes<'_> {
+    fn write(
+        &mut self,
+        i: usize,
+        sink: &mut edge_inference::Sink<'_>,
+    ) -> Result<(), edge_inference::PatchError> {
+        let p = &self.params[i];
+        let source = |detail: String| edge_inference::PatchError::Source {
+            name: p.name.clone(),
+            detail,
+        };
+        let kept = self
+            .kept
+            .as_mut()
+            .ok_or_else(|| source("the kept chunks were already read".into()))?;
+        let mut failed = None;
+        kept.read(p.len() * 4, |piece| {
+            if failed.is_none() {
+                failed = sink(piece).err();
+            }
+        })
+        .map_err(|e| source(e.to_string()))?;
+        failed.map_or(Ok(()), Err)
+    }
+
+    fn finish(&mut self) -> Result<(), edge_inference::PatchError> {
+        let n = fl::weight_count(self.params);
+        match self.kept.take() {
+            Some(kept) => kept
+                .finish(n)
+                .map_err(|e| edge_inference::PatchError::Source {
+                    name: format!("{} params", self.params.len()),
+                    detail: e.to_string(),
+                }),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use protocol::v1::fl::chunks::{WeightsBlob, chunk_bytes};
@@ -320,11 +370,10 @@ mod tests {
         let mut left = n;
         while left > 0 {
             let take = each.min(left);
-            k.read(take * 4, |b| {
-                out.extend(
-                    b.chunks_exact(4)
-                        .map(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]])),
-                )
+            let at = out.len();
+            k.read_values(take, |i, v| {
+                assert_eq!(i, out.len() - at, "values come in order");
+                out.push(v)
             })?;
             left -= take;
         }

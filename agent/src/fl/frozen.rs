@@ -43,8 +43,7 @@ impl Frozen {
     pub(crate) fn from_model(model: &[u8], layers: &[DenseLayer]) -> Result<Frozen, String> {
         let named = frozen_values(model, layers)?;
         let digest = protocol::v1::fl::frozen_digest(named.iter().map(|w| w.data.as_slice()));
-        let views: Vec<_> = named.iter().map(NamedWeights::view).collect();
-        let mut trainer = dense::to_trainer(layers, &views)?.into_iter();
+        let mut trainer = dense::into_trainer(layers, named)?.into_iter();
         let mut pairs = Vec::with_capacity(layers.len());
         while let (Some(w), Some(b)) = (trainer.next(), trainer.next()) {
             pairs.push((w, b));

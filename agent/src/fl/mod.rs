@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edge_inference::dense::{self, NamedWeights, WeightsRef};
+use edge_inference::dense::{self, NamedWeights};
 use protocol::v1::deploy::{TrustedKeys, VerifyingKey};
 use protocol::v1::fl::{self, FailureKind, RoundMessage, TrainFailure, Update, codec};
 use protocol::v1::{Class, topics};
@@ -732,36 +732,66 @@ impl FlTask {
             tracing::warn!(model = %setup.model, reason = %self.d.inference.status().reason, "global weights not applied: onnx inference unavailable");
             return;
         }
-        let tensors = match &h.blob {
-            // In the state database only: read from the kept chunks straight into the patch.
-            Some(blob) if msg.weights.is_empty() => self.kept_tensors(msg, blob),
-            _ => msg
-                .tensors()
-                .into_iter()
-                .map(|(p, data)| {
-                    edge_inference::Tensor::from_f32(p.shape.clone(), data)
-                        .map(|t| (p.name.as_str(), t))
-                        .map_err(|e| e.to_string())
-                })
-                .collect(),
-        };
-        let patched = tensors.and_then(|t| {
-            match &self.d.weights_dir {
-                // One folder per model: each round's files are renamed over the last ones.
-                Some(dir) => edge_inference::patch_initializers_to_disk(
+        // One folder per model: each round's files are renamed over the last ones.
+        let folder = self
+            .d
+            .weights_dir
+            .as_ref()
+            .map(|dir| dir.join(crate::inference::version_of(setup.model.as_bytes())));
+        let patched = match (&h.blob, &folder) {
+            // In the state database only: the kept chunks are read straight into the files.
+            (Some(blob), Some(folder)) if msg.weights.is_empty() => {
+                let specs: Vec<_> = h
+                    .params
+                    .iter()
+                    .map(|p| edge_inference::UpdateSpec {
+                        name: &p.name,
+                        dtype: edge_inference::DType::F32,
+                        shape: &p.shape,
+                    })
+                    .collect();
+                edge_inference::patch_initializers_to_disk_from(
                     &setup.model_bytes,
                     &setup.model_data,
-                    &t,
-                    &dir.join(crate::inference::version_of(setup.model.as_bytes())),
-                ),
-                None => edge_inference::patch_initializers_with_data(
-                    &setup.model_bytes,
-                    &setup.model_data,
-                    &t,
-                ),
+                    &specs,
+                    &mut fetch::KeptBytes::new(self.kept(&h.task, h.version, blob), &h.params),
+                    folder,
+                )
+                .map_err(|e| e.to_string())
             }
-            .map_err(|e| e.to_string())
-        });
+            _ => {
+                let tensors = match &h.blob {
+                    Some(blob) if msg.weights.is_empty() => {
+                        self.kept_tensors(h, blob).map_err(|e| e.to_string())
+                    }
+                    _ => msg
+                        .tensors()
+                        .into_iter()
+                        .map(|(p, data)| {
+                            edge_inference::Tensor::from_f32(p.shape.clone(), data)
+                                .map(|t| (p.name.as_str(), t))
+                                .map_err(|e| e.to_string())
+                        })
+                        .collect(),
+                };
+                tensors.and_then(|t| {
+                    match &folder {
+                        Some(folder) => edge_inference::patch_initializers_to_disk(
+                            &setup.model_bytes,
+                            &setup.model_data,
+                            &t,
+                            folder,
+                        ),
+                        None => edge_inference::patch_initializers_with_data(
+                            &setup.model_bytes,
+                            &setup.model_data,
+                            &t,
+                        ),
+                    }
+                    .map_err(|e| e.to_string())
+                })
+            }
+        };
         let result = patched.and_then(|(bytes, data)| {
             let model = self
                 .d
@@ -794,28 +824,57 @@ impl FlTask {
     /// patch writes), checked against the round's digest.
     fn kept_tensors<'m>(
         &self,
-        msg: &'m RoundMessage,
+        h: &'m fl::RoundHeader,
         blob: &fl::WeightsBlob,
-    ) -> Result<Vec<(&'m str, edge_inference::Tensor)>, String> {
-        let h = &msg.header;
-        let mut kept = self.kept(&h.task, h.version, blob);
-        let mut out = Vec::with_capacity(h.params.len());
-        for p in &h.params {
+    ) -> Result<Vec<(&'m str, edge_inference::Tensor)>, RoundError> {
+        self.kept_each(h, blob, |p, kept| {
             let mut bytes = Vec::with_capacity(p.len() * 4);
-            kept.read(p.len() * 4, |piece| bytes.extend_from_slice(piece))
-                .map_err(|e| e.to_string())?;
-            let t = edge_inference::Tensor::new(edge_inference::DType::F32, p.shape.clone(), bytes)
-                .map_err(|e| e.to_string())?;
-            out.push((p.name.as_str(), t));
-        }
-        kept.finish(fl::weight_count(&h.params))
-            .map_err(|e| e.to_string())?;
+            kept.read(p.len() * 4, |piece| bytes.extend_from_slice(piece))?;
+            edge_inference::Tensor::new(edge_inference::DType::F32, p.shape.clone(), bytes)
+                .map(|t| (p.name.as_str(), t))
+                .map_err(|e| RoundError::Fetch(format!("{}: {e}", p.name)))
+        })
+    }
+
+    /// The round's weights read from its kept chunks, a tensor each, checked against the
+    /// round's digest: the trainer's input.
+    fn kept_weights(
+        &self,
+        h: &fl::RoundHeader,
+        blob: &fl::WeightsBlob,
+    ) -> Result<Vec<NamedWeights>, RoundError> {
+        self.kept_each(h, blob, |p, kept| {
+            let mut data = Vec::with_capacity(p.len());
+            kept.read_values(p.len(), |_, v| data.push(v))?;
+            Ok(NamedWeights {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                data,
+            })
+        })
+    }
+
+    /// `one` for each of the round's params in order, reading its values from the kept
+    /// chunks; nothing is returned unless the whole matches the round's digest.
+    fn kept_each<'m, T>(
+        &self,
+        h: &'m fl::RoundHeader,
+        blob: &fl::WeightsBlob,
+        mut one: impl FnMut(&'m fl::ParamSpec, &mut fetch::Kept<'_>) -> Result<T, RoundError>,
+    ) -> Result<Vec<T>, RoundError> {
+        let mut kept = self.kept(&h.task, h.version, blob);
+        let out = h
+            .params
+            .iter()
+            .map(|p| one(p, &mut kept))
+            .collect::<Result<Vec<T>, RoundError>>()?;
+        kept.finish(fl::weight_count(&h.params))?;
         Ok(out)
     }
 
     fn train(
         &self,
-        mut msg: RoundMessage,
+        msg: RoundMessage,
         setup: &TrainingSetup,
         order: &fl::TrainOrder,
         split: Option<Split>,
@@ -863,23 +922,21 @@ impl FlTask {
             Some(split) => split,
             None => split_layers(&msg, setup)?,
         };
-        // Weights that came in chunks are read from the state database for the trainer's input.
-        if let Some(blob) = &msg.header.blob
-            && msg.weights.is_empty()
-        {
-            let h = &msg.header;
-            msg.weights = self.assemble(&h.task, h.version, fl::weight_count(&h.params), blob)?;
-        }
-        // Views of the round's weights: the trainer's layout is the only copy made for it.
-        let given: Vec<WeightsRef<'_>> = msg
-            .tensors()
-            .into_iter()
-            .map(|(p, data)| WeightsRef {
-                name: &p.name,
-                shape: &p.shape,
-                data,
-            })
-            .collect();
+        // The trainer's input, each tensor read once (from the kept chunks, whole and checked
+        // before the trainer sees any, or from the message) and moved into its layout: the
+        // trainer's copy is the only one.
+        let round_weights = match &msg.header.blob {
+            Some(blob) if msg.weights.is_empty() => self.kept_weights(&msg.header, blob)?,
+            _ => msg
+                .tensors()
+                .into_iter()
+                .map(|(p, data)| NamedWeights {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    data: data.to_vec(),
+                })
+                .collect(),
+        };
         if let Some(prefix) = &frozen {
             if let Some((x, _)) = labeled.iter().find(|(x, _)| x.len() != prefix.inputs()) {
                 return Err(RoundError::Dataset {
@@ -895,7 +952,7 @@ impl FlTask {
                 *x = prefix.forward(x);
             }
         }
-        let weights: Vec<Param> = dense::to_trainer(&layers, &given)
+        let weights: Vec<Param> = dense::into_trainer(&layers, round_weights)
             .map_err(model_err)?
             .into_iter()
             .map(|w| Param {
@@ -904,23 +961,12 @@ impl FlTask {
                 data: w.data,
             })
             .collect();
-        drop(given);
-        // Weights that came in chunks are also in the state database: they leave memory while
-        // the trainer runs (it has its own copy) and are read back, checked, for the delta.
-        let kept = msg.header.blob.clone();
-        if kept.is_some() {
-            msg.weights = Vec::new();
-        }
         let params = order.trainer_params();
         let out = self
             .d
             .trainer
             .train(setup, weights, &params, Arc::new(labeled))?;
         let h = &msg.header;
-        if let Some(blob) = &kept {
-            let n = fl::weight_count(&h.params);
-            msg.weights = self.assemble(&h.task, h.version, n, blob)?;
-        }
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
         // The sandbox checked names, shapes and finiteness; back to the model's layout (moved,
         // not copied), then the delta in the header's order.
@@ -936,37 +982,52 @@ impl FlTask {
                 .collect(),
         )
         .map_err(trainer_err)?;
-        // Each trained tensor minus its global weights, its buffer dropped once read: the
-        // trained weights and the delta together are never more than the model's size.
-        let mut delta = Vec::with_capacity(msg.weights.len());
+        // Each trained tensor less its global weights, in place and in the header's order (the
+        // global ones read again from the kept chunks, checked as a whole, or from the
+        // message); the delta grows as the trained tensors go, so the two together are never
+        // more than the model's size.
+        let n = fl::weight_count(&h.params);
+        let mut kept = match &h.blob {
+            Some(blob) if msg.weights.is_empty() => Some(self.kept(&h.task, h.version, blob)),
+            _ => None,
+        };
+        let mut delta = Vec::with_capacity(n);
         for p in &h.params {
             let t = trained
                 .iter_mut()
                 .find(|w| w.name == p.name)
                 .ok_or_else(|| trainer_err(format!("returned no tensor {}", p.name)))?;
-            let local = std::mem::take(&mut t.data);
+            let mut local = std::mem::take(&mut t.data);
+            if local.len() != p.len() {
+                return Err(trainer_err(format!(
+                    "returned {} weights for {}, the model has {}",
+                    local.len(),
+                    p.name,
+                    p.len()
+                )));
+            }
             let at = delta.len();
-            let global = msg
-                .weights
-                .get(at..at + p.len())
-                .filter(|_| local.len() == p.len())
-                .ok_or_else(|| {
-                    trainer_err(format!(
-                        "returned {} weights for {}, the model has {}",
-                        local.len(),
-                        p.name,
-                        p.len()
-                    ))
-                })?;
-            delta.extend(local.iter().zip(global).map(|(l, g)| l - g));
+            match &mut kept {
+                Some(kept) => kept.read_values(p.len(), |i, g| local[i] -= g)?,
+                None => {
+                    let global =
+                        msg.weights
+                            .get(at..at + p.len())
+                            .ok_or_else(|| RoundError::Model {
+                                model: setup.model.clone(),
+                                reason: format!(
+                                    "the round carries {} weights, its params {n}",
+                                    msg.weights.len()
+                                ),
+                            })?;
+                    local.iter_mut().zip(global).for_each(|(l, g)| *l -= g);
+                }
+            }
+            delta.extend_from_slice(&local);
         }
         drop(trained);
-        if delta.len() != msg.weights.len() {
-            return Err(trainer_err(format!(
-                "returned {} weights, the model has {}",
-                delta.len(),
-                msg.weights.len()
-            )));
+        if let Some(kept) = kept {
+            kept.finish(n)?;
         }
         let ef = order.codec.uses_error_feedback();
         let mut residual = ef.then(|| self.d.state.residual(&h.task, delta.len()));
