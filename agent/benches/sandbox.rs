@@ -115,17 +115,6 @@ fn paired(n: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f64, f64, f64)
     (median(ta), median(tb), median(ratio))
 }
 
-#[derive(serde::Serialize)]
-struct FeaturesJson<'a> {
-    n: usize,
-    mean: f32,
-    rms: f32,
-    peak: f32,
-    crest_factor: f32,
-    dominant_hz: f32,
-    bands: &'a [f32],
-}
-
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = SandboxConfig::default();
@@ -216,20 +205,10 @@ fn main() {
             panic!("sample {i} is not finite");
         }
         let f = native.extract(values);
-        let doc = FeaturesJson {
-            n: f.len,
-            mean: f.stats.mean,
-            rms: f.stats.rms,
-            peak: f.stats.peak,
-            crest_factor: f.stats.crest_factor,
-            dominant_hz: f.dominant_hz,
-            bands: &f.bands,
-        };
-        let text = serde_json::to_string(&doc).expect("json");
         std::hint::black_box(Frame {
             stream: window.stream.clone(),
             timestamp_ms: window.timestamp_ms,
-            payload: Payload::Json(text),
+            payload: Payload::Json(f.to_json()),
             meta: window.meta.clone(),
         });
     };

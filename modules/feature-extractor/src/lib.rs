@@ -7,7 +7,7 @@
 //! the `dsp` crate; this file is config, validation and frame plumbing.
 
 use edge_guest::{Frame, Payload, Tensor, config, payload_kind};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Stage configuration (JSON object text, see `modules/README.md`).
 #[derive(Debug, Deserialize)]
@@ -64,18 +64,6 @@ enum Output {
     Json,
     Tensor,
     Both,
-}
-
-/// The JSON document emitted per window.
-#[derive(Serialize)]
-struct FeaturesJson<'a> {
-    n: usize,
-    mean: f32,
-    rms: f32,
-    peak: f32,
-    crest_factor: f32,
-    dominant_hz: f32,
-    bands: &'a [f32],
 }
 
 /// A configured extractor: the stage's whole state.
@@ -164,21 +152,10 @@ impl Stage {
         let stream = self.stream.clone().unwrap_or_else(|| frame.stream.clone());
         let mut out = Vec::with_capacity(2);
         if matches!(self.output, Output::Json | Output::Both) {
-            let doc = FeaturesJson {
-                n: features.len,
-                mean: features.stats.mean,
-                rms: features.stats.rms,
-                peak: features.stats.peak,
-                crest_factor: features.stats.crest_factor,
-                dominant_hz: features.dominant_hz,
-                bands: &features.bands,
-            };
-            let text =
-                serde_json::to_string(&doc).map_err(|e| format!("encoding features: {e}"))?;
             out.push(Frame {
                 stream: stream.clone(),
                 timestamp_ms: frame.timestamp_ms,
-                payload: Payload::Json(text),
+                payload: Payload::Json(features.to_json()),
                 meta: frame.meta.clone(),
             });
         }
