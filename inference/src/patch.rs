@@ -144,29 +144,44 @@ fn split_updates<'u>(
     layout: &crate::external::ExternalLayout,
     updates: &'u [(&'u str, Tensor)],
 ) -> Result<Split<'u>, PatchError> {
-    let external = &layout.initializers;
     let mut on_disk = Vec::new();
     let mut inline = Vec::new();
     for (name, update) in updates {
-        let Some((r, entry)) = external.iter().find(|(r, _)| r.initializer == *name) else {
-            inline.push((*name, update));
-            continue;
-        };
-        check(entry, update)?;
         let bytes = update.data();
-        crate::external::extent(r)
-            .filter(|(s, e)| e - s == bytes.len())
-            .ok_or_else(|| PatchError::External {
-                detail: format!(
-                    "initializer {name}: {} bytes do not fill its {} bytes in {}",
-                    bytes.len(),
-                    r.length,
-                    r.location
-                ),
-            })?;
-        on_disk.push((r.clone(), bytes));
+        match in_data_file(layout, name, update, bytes.len())? {
+            Some((r, _)) => on_disk.push((r.clone(), bytes)),
+            None => inline.push((*name, update)),
+        }
     }
     Ok((on_disk, inline))
+}
+
+/// Where the update of initializer `name` goes when that initializer is stored in a data file:
+/// its entry and its extent's start, the update checked against the entry (dtype, shape) and its
+/// `len` bytes against the extent. `None`: the initializer is not in a data file.
+fn in_data_file<'l>(
+    layout: &'l crate::external::ExternalLayout,
+    name: &str,
+    update: &impl Typed,
+    len: usize,
+) -> Result<Option<(&'l crate::external::DataRef, usize)>, PatchError> {
+    let Some((r, entry)) = layout
+        .initializers
+        .iter()
+        .find(|(r, _)| r.initializer == name)
+    else {
+        return Ok(None);
+    };
+    check(entry, update)?;
+    let (start, _) = crate::external::extent(r)
+        .filter(|(s, e)| e - s == len)
+        .ok_or_else(|| PatchError::External {
+            detail: format!(
+                "initializer {name}: {len} bytes do not fill its {} bytes in {}",
+                r.length, r.location
+            ),
+        })?;
+    Ok(Some((r, start)))
 }
 
 /// [`patch_initializers`] for a model with external data files, keeping its layout: an
@@ -308,23 +323,13 @@ pub fn patch_initializers_to_disk_from(
             });
         }
         let len = u.bytes()?;
-        match layout
-            .initializers
-            .iter()
-            .find(|(r, _)| r.initializer == u.name)
-        {
-            Some((r, entry)) => {
-                check(entry, u)?;
-                let file = files.iter().position(|f| *f == r.location);
-                let (Some(file), Some((start, _))) = (
-                    file,
-                    crate::external::extent(r).filter(|(s, e)| e - s == len),
-                ) else {
-                    return Err(external(format!(
-                        "initializer {}: {len} bytes do not fill its {} bytes in {}",
-                        u.name, r.length, r.location
-                    )));
-                };
+        match in_data_file(&layout, u.name, u, len)? {
+            Some((r, start)) => {
+                // `files` lists every location the layout's entries name.
+                let file = files
+                    .iter()
+                    .position(|f| *f == r.location)
+                    .ok_or_else(|| external(format!("data file {} is not listed", r.location)))?;
                 places.push((file, start as u64, len));
             }
             None => {
