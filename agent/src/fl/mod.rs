@@ -358,6 +358,12 @@ pub fn admit(
     Ok(Ok((msg, admission)))
 }
 
+/// The blob of a round whose weights are only in the state database (its chunks, kept by the
+/// fetch); `None` for a round that carries its weights.
+fn kept_blob(msg: &RoundMessage) -> Option<&fl::WeightsBlob> {
+    msg.header.blob.as_ref().filter(|_| msg.weights.is_empty())
+}
+
 /// The task; see the module docs.
 pub struct FlTask {
     d: FlDeps,
@@ -738,9 +744,9 @@ impl FlTask {
             .weights_dir
             .as_ref()
             .map(|dir| dir.join(crate::inference::version_of(setup.model.as_bytes())));
-        let patched = match (&h.blob, &folder) {
+        let patched = match (kept_blob(msg), &folder) {
             // In the state database only: the kept chunks are read straight into the files.
-            (Some(blob), Some(folder)) if msg.weights.is_empty() => {
+            (Some(blob), Some(folder)) => {
                 let specs: Vec<_> = h
                     .params
                     .iter()
@@ -760,11 +766,9 @@ impl FlTask {
                 .map_err(|e| e.to_string())
             }
             _ => {
-                let tensors = match &h.blob {
-                    Some(blob) if msg.weights.is_empty() => {
-                        self.kept_tensors(h, blob).map_err(|e| e.to_string())
-                    }
-                    _ => msg
+                let tensors = match kept_blob(msg) {
+                    Some(blob) => self.kept_tensors(h, blob).map_err(|e| e.to_string()),
+                    None => msg
                         .tensors()
                         .into_iter()
                         .map(|(p, data)| {
@@ -925,9 +929,9 @@ impl FlTask {
         // The trainer's input, each tensor read once (from the kept chunks, whole and checked
         // before the trainer sees any, or from the message) and moved into its layout: the
         // trainer's copy is the only one.
-        let round_weights = match &msg.header.blob {
-            Some(blob) if msg.weights.is_empty() => self.kept_weights(&msg.header, blob)?,
-            _ => msg
+        let round_weights = match kept_blob(&msg) {
+            Some(blob) => self.kept_weights(&msg.header, blob)?,
+            None => msg
                 .tensors()
                 .into_iter()
                 .map(|(p, data)| NamedWeights {
@@ -987,10 +991,7 @@ impl FlTask {
         // message); the delta grows as the trained tensors go, so the two together are never
         // more than the model's size.
         let n = fl::weight_count(&h.params);
-        let mut kept = match &h.blob {
-            Some(blob) if msg.weights.is_empty() => Some(self.kept(&h.task, h.version, blob)),
-            _ => None,
-        };
+        let mut kept = kept_blob(&msg).map(|blob| self.kept(&h.task, h.version, blob));
         let mut delta = Vec::with_capacity(n);
         for p in &h.params {
             let t = trained
