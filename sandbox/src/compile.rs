@@ -269,16 +269,18 @@ pub(crate) fn compile_in_child(
     let message = err.join().unwrap_or_default();
     let status = status.map_err(ChildError::Failed)?;
     let artifact = match artifact {
-        Ok(Ok(a)) => match a.strip_prefix(STARTED) {
-            Some(rest) => Ok(rest.to_vec()),
-            None => {
-                return Err(ChildError::Spawn(std::io::Error::other(format!(
-                    "{} did not run the compile command ({status}{}{message})",
-                    program.display(),
-                    if message.is_empty() { "" } else { ": " }
-                ))));
-            }
-        },
+        // The artifact is what follows the STARTED line (dropped in place, not copied).
+        Ok(Ok(mut a)) if a.starts_with(STARTED) => {
+            a.drain(..STARTED.len());
+            Ok(a)
+        }
+        Ok(Ok(_)) => {
+            return Err(ChildError::Spawn(std::io::Error::other(format!(
+                "{} did not run the compile command ({status}{}{message})",
+                program.display(),
+                if message.is_empty() { "" } else { ": " }
+            ))));
+        }
         Ok(Err(e)) => Err(format!("reading the compiler process's artifact: {e}")),
         Err(_) => Err("the thread reading the compiler process's artifact panicked".to_owned()),
     };
