@@ -165,6 +165,26 @@ fn scenario(env: &TestEnv) -> Result<()> {
         forged > 0 && dropped > 0,
         "forged {forged}, dropped {dropped}"
     );
+    // The final weights stay kept for a restart, as files of the state directory: one version,
+    // every chunk at its length.
+    for a in &agents {
+        let task = a.state_dir().join("fl-chunks/big");
+        let versions: Vec<_> = std::fs::read_dir(&task)
+            .with_context(|| format!("{}", task.display()))?
+            .collect::<std::io::Result<_>>()?;
+        ensure!(versions.len() == 1, "{}: {versions:?}", task.display());
+        let mut lens: Vec<usize> = (0..CHUNK_LENS.len())
+            .map(|i| {
+                std::fs::metadata(versions[0].path().join(i.to_string())).map(|m| m.len() as usize)
+            })
+            .collect::<std::io::Result<_>>()?;
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        ensure!(
+            lens == CHUNK_LENS,
+            "{}: chunk lengths {lens:?}",
+            task.display()
+        );
+    }
     println!(
         "federated_large: {ROUNDS} rounds, accuracy {first:.3} -> {last:.3}, update bytes {:?}, forged chunks sent {forged}, dropped by agents {dropped}",
         updates.first()

@@ -1,7 +1,7 @@
 //! Weights too big for a round message: the header names a blob (the SHA-256 of every
 //! chunk), and the device pulls the chunks it lacks in windows over `fl-fetch` requests
 //! (through the outbox, sealed like an update). Each chunk is checked against the signed
-//! digest before it is kept in the state database, so a fetch resumes where it stopped, also
+//! digest before it is kept (in a file of the state directory), so a fetch resumes where it stopped, also
 //! after a reboot, and a forged or damaged chunk is dropped and asked for again.
 //!
 //! The weights stay there: applying them reads the kept chunks straight into the model's patch,
@@ -33,7 +33,7 @@ const MAX_STALLS: u32 = 12;
 
 /// How a fetch ended.
 pub(super) enum Fetched {
-    /// Every chunk is in the state database, each checked against its digest (the whole is
+    /// Every chunk is kept, each checked against its digest (the whole is
     /// checked as it is read: [`Kept`]); the message's `weights` stay empty.
     Done(Box<RoundMessage>),
     /// A round message came meanwhile: handle it instead.
@@ -124,7 +124,7 @@ impl FlTask {
                 }
             }
         }
-        // The weights stay in the state database: applying reads them from there into the
+        // The weights stay in their files: applying reads them from there into the
         // patch, training into the trainer's input, each checked against the whole's digest as
         // it reads, so the round never holds them as a whole beside their other copies.
         tracing::info!(task = %task, version, chunks = total, dropped, ms = started.elapsed().as_millis() as u64, "round weights complete");
@@ -175,7 +175,8 @@ pub(super) struct Kept<'a> {
     blob: &'a fl::WeightsBlob,
     /// The next chunk to read.
     next: u32,
-    chunk: sled::IVec,
+    /// The chunk being read (its buffer reused for the next).
+    chunk: Vec<u8>,
     /// Bytes of `chunk` already read.
     at: usize,
     /// Bytes read in all.
@@ -198,7 +199,7 @@ impl<'a> Kept<'a> {
             version,
             blob,
             next: 0,
-            chunk: sled::IVec::default(),
+            chunk: Vec::new(),
             at: 0,
             read: 0,
             whole: Sha256::new(),
@@ -218,15 +219,15 @@ impl<'a> Kept<'a> {
                 if i as usize >= self.blob.chunks.len() {
                     return Err(self.damaged());
                 }
-                self.chunk = self
+                if !self
                     .state
-                    .chunk(self.task, self.version, i)?
-                    .ok_or_else(|| {
-                        RoundError::Fetch(format!(
-                            "chunk {i} of task {} version {} is gone",
-                            self.task, self.version
-                        ))
-                    })?;
+                    .read_chunk(self.task, self.version, i, &mut self.chunk)?
+                {
+                    return Err(RoundError::Fetch(format!(
+                        "chunk {i} of task {} version {} is gone",
+                        self.task, self.version
+                    )));
+                }
                 if !self.chunk.len().is_multiple_of(4) {
                     return Err(self.damaged());
                 }
@@ -298,7 +299,7 @@ impl<'a> Kept<'a> {
 
 /// A round's kept chunks as the bytes of a patch
 /// ([`edge_inference::patch_initializers_to_disk_from`]): each param's values go straight from
-/// the state database into the patched files, and the whole is checked against the round's
+/// the kept chunk files into the patched files, and the whole is checked against the round's
 /// digest before the files are put in place.
 pub(super) struct KeptBytes<'a> {
     kept: Option<Kept<'a>>,
@@ -383,8 +384,8 @@ mod tests {
     #[test]
     fn kept_chunks_read_across_chunk_edges_and_check_the_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::open(dir.path()).expect("open");
-        let state = FlState::open(&db).expect("state");
+        let db = sled::open(dir.path().join("state")).expect("open");
+        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
         // Three chunks and a bit; read in pieces that straddle the chunk edges.
         let n = 3 * (chunks::CHUNK_BYTES as usize / 4) + 100;
         let weights: Vec<f32> = (0..n).map(|i| (i as f32 * 0.001).sin()).collect();
@@ -401,7 +402,7 @@ mod tests {
         let mut k = kept(&state, &blob);
         read_all(&mut k, n - 1, 10_000).expect("read");
         assert!(matches!(k.finish(n - 1), Err(RoundError::Fetch(_))));
-        // The state database holds the chunks again for what follows (finish dropped them).
+        // The folder holds the chunks again for what follows (finish dropped them).
         for i in 0..blob.chunks.len() as u32 {
             put(i, &chunk_bytes(&weights, &blob, i));
         }
@@ -418,7 +419,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            state.chunk("t", 3, 0).expect("get").is_none(),
+            !state.read_chunk("t", 3, 0, &mut Vec::new()).expect("get"),
             "chunks dropped"
         );
         // Gone: named.

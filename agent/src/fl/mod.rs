@@ -358,7 +358,7 @@ pub fn admit(
     Ok(Ok((msg, admission)))
 }
 
-/// The blob of a round whose weights are only in the state database (its chunks, kept by the
+/// The blob of a round whose weights are only in the state directory (its chunks, kept by the
 /// fetch); `None` for a round that carries its weights.
 fn kept_blob(msg: &RoundMessage) -> Option<&fl::WeightsBlob> {
     msg.header.blob.as_ref().filter(|_| msg.weights.is_empty())
@@ -745,7 +745,7 @@ impl FlTask {
             .as_ref()
             .map(|dir| dir.join(crate::inference::version_of(setup.model.as_bytes())));
         let patched = match (kept_blob(msg), &folder) {
-            // In the state database only: the kept chunks are read straight into the files.
+            // In the kept chunks only: the kept chunks are read straight into the files.
             (Some(blob), Some(folder)) => {
                 let specs: Vec<_> = h
                     .params
@@ -1122,7 +1122,7 @@ mod tests {
         let r2 = round(&coord, &header("pi-1", 2, 1, 50));
         {
             let db = sled::open(dir.path()).expect("open");
-            let state = FlState::open(&db).expect("state");
+            let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
             // Signed by someone else (the deploy key, a forger): refused.
             let forged = round(&Identity::generate(), &header("pi-1", 9, 9, 1));
             assert!(matches!(
@@ -1145,7 +1145,7 @@ mod tests {
         // After a restart: an older round is a replay, the held one comes back as `Again`, a
         // re-issue of the same round (later issued_ms) and the next round are new.
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
-        let state = FlState::open(&db).expect("state");
+        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
         assert!(matches!(
             admit(&r2, "pi-1", &[], key, &state).expect("state"),
             Err(Refusal::Replay { round: 2, .. })
@@ -1198,7 +1198,7 @@ mod tests {
         let coord = Identity::generate();
         let key = coord.public().verifying_key().expect("key");
         let db = sled::open(dir.path()).expect("open");
-        let state = FlState::open(&db).expect("state");
+        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
         let lab = vec!["lab".to_owned()];
         let to_group = round(&coord, &header(&topics::group_recipient("lab"), 1, 0, 100));
         assert!(matches!(

@@ -11,12 +11,13 @@
 //! mark/{task}        the newest round message admitted for the task: version u32 BE, round
 //!                    u32 BE, issued_ms u64 BE, sha256 of the message (32 bytes); anything
 //!                    older is refused, also after a restart (see [`Mark::admits`])
-//! chunk/{task}/{version u32 BE}/{index u32 BE}
-//!                    a verified chunk of a model too big for its round message (the round's
-//!                    header names each chunk's digest): a fetch resumes where it stopped,
-//!                    and a restart puts the weights together without the network; only the
-//!                    newest version of a task is kept
 //! ```
+//!
+//! The verified chunks of weights too big for a round message (the round's header names each
+//! chunk's digest) are files, `{chunks}/{task}/{version}/{index}`, not sled values: sled 0.34
+//! keeps every page it writes in memory whatever its cache size, so a 20 MB model's chunks would
+//! stay in the agent's memory between rounds. A fetch resumes where it stopped, and a restart
+//! applies the weights without the network; only the newest version of a task is kept.
 //!
 //! **Invariant:** `submitted` and `residual` change together in one sled transaction, after
 //! the update is durably in the outbox. A crash between the enqueue and that commit retrains
@@ -24,6 +25,8 @@
 //! a duplicate of (task, round, device): the residual stays consistent with what counted.
 //! A round message and its task's mark are stored together, in one transaction, and flushed
 //! before the message is acted on.
+
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use sled::Transactional;
@@ -36,6 +39,10 @@ pub struct StateError(String);
 
 fn err(e: impl std::fmt::Display) -> StateError {
     StateError(e.to_string())
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> StateError {
+    StateError(format!("{}: {e}", path.display()))
 }
 
 /// Where the newest admitted round message of a task stands.
@@ -107,13 +114,27 @@ impl Mark {
 #[derive(Debug, Clone)]
 pub struct FlState {
     tree: sled::Tree,
+    /// Where the chunks of weights too big for a round message are kept.
+    chunks: PathBuf,
 }
 
 impl FlState {
-    pub fn open(db: &sled::Db) -> Result<FlState, StateError> {
-        Ok(FlState {
-            tree: db.open_tree(TREE).map_err(err)?,
-        })
+    /// The `fl` tree of `db`, and the chunks in files under `chunks` (created when the first
+    /// is kept).
+    pub fn open(db: &sled::Db, chunks: PathBuf) -> Result<FlState, StateError> {
+        let tree = db.open_tree(TREE).map_err(err)?;
+        // Chunks kept in the tree by earlier agents: sled holds what it wrote in memory, so
+        // they moved to files (fetched again when next needed).
+        let mut old = sled::Batch::default();
+        let mut any = false;
+        for k in tree.scan_prefix("chunk/").keys() {
+            old.remove(k.map_err(err)?);
+            any = true;
+        }
+        if any {
+            tree.apply_batch(old).map_err(err)?;
+        }
+        Ok(FlState { tree, chunks })
     }
 
     /// The newest round message admitted for `task`. A mark that does not decode (damaged)
@@ -191,39 +212,70 @@ impl FlState {
         Ok(())
     }
 
-    fn chunk_prefix(task: &str, version: u32) -> Vec<u8> {
-        let mut k = format!("chunk/{task}/").into_bytes();
-        k.extend_from_slice(&version.to_be_bytes());
-        k.push(b'/');
-        k
+    /// The folder of `task`'s chunks at `version`: `{chunks}/{task}/{version}`, the task's name
+    /// as it is where it is a plain file name, else `#` and a hash of it.
+    fn task_dir(&self, task: &str) -> PathBuf {
+        let plain = !task.is_empty()
+            && task.len() <= 64
+            && !task.starts_with('.')
+            && task
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        self.chunks.join(if plain {
+            task.to_owned()
+        } else {
+            format!("#{}", &hex::encode(Sha256::digest(task.as_bytes()))[..32])
+        })
     }
 
-    /// The chunks of `task`'s weights at `version` held, by index.
+    fn version_dir(&self, task: &str, version: u32) -> PathBuf {
+        self.task_dir(task).join(version.to_string())
+    }
+
+    /// The chunks of `task`'s weights at `version` held, by index (unordered).
     pub fn chunk_indexes(&self, task: &str, version: u32) -> Result<Vec<u32>, StateError> {
-        let prefix = Self::chunk_prefix(task, version);
+        let dir = self.version_dir(task, version);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir, e)),
+        };
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix).keys() {
-            let k = kv.map_err(err)?;
-            if let Ok(i) = <[u8; 4]>::try_from(&k[prefix.len()..]) {
-                out.push(u32::from_be_bytes(i));
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            // `{index}.tmp` is a write a crash cut short: not held.
+            if let Some(i) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.push(i);
             }
         }
         Ok(out)
     }
 
-    pub fn chunk(
+    /// Reads chunk `index` of `task`'s weights at `version` into `buf` (cleared first); false
+    /// if it is not held. What it holds is only as good as the caller's digest check.
+    pub fn read_chunk(
         &self,
         task: &str,
         version: u32,
         index: u32,
-    ) -> Result<Option<sled::IVec>, StateError> {
-        let mut k = Self::chunk_prefix(task, version);
-        k.extend_from_slice(&index.to_be_bytes());
-        self.tree.get(k).map_err(err)
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, StateError> {
+        use std::io::Read;
+        buf.clear();
+        let path = self.version_dir(task, version).join(index.to_string());
+        match std::fs::File::open(&path) {
+            Ok(mut f) => {
+                f.read_to_end(buf).map_err(|e| io_err(&path, e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path, e)),
+        }
     }
 
-    /// Keeps a verified chunk (flushed with the next round message, or by sled's own flush:
-    /// a chunk lost in a crash is fetched again).
+    /// Keeps a verified chunk in its own file (written beside, then renamed in; not fsync'd:
+    /// every read checks it against the round's digest, so a chunk a power cut damaged is
+    /// dropped and fetched again, never used).
     pub fn put_chunk(
         &self,
         task: &str,
@@ -231,23 +283,37 @@ impl FlState {
         index: u32,
         data: &[u8],
     ) -> Result<(), StateError> {
-        let mut k = Self::chunk_prefix(task, version);
-        k.extend_from_slice(&index.to_be_bytes());
-        self.tree.insert(k, data).map_err(err)?;
-        Ok(())
+        let dir = self.version_dir(task, version);
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let path = dir.join(index.to_string());
+        let tmp = dir.join(format!("{index}.tmp"));
+        std::fs::write(&tmp, data).map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))
     }
 
     /// Drops the chunks of every version of `task` but `keep` (`None`: all of them).
     pub fn drop_chunks(&self, task: &str, keep: Option<u32>) -> Result<(), StateError> {
-        let keep = keep.map(|v| Self::chunk_prefix(task, v));
-        let mut batch = sled::Batch::default();
-        for kv in self.tree.scan_prefix(format!("chunk/{task}/")).keys() {
-            let k = kv.map_err(err)?;
-            if keep.as_ref().is_none_or(|p| !k.starts_with(p)) {
-                batch.remove(k);
+        let dir = self.task_dir(task);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        let keep = keep.map(|v| v.to_string());
+        let mut kept_any = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            if keep.as_deref() == entry.file_name().to_str() {
+                kept_any = true;
+                continue;
             }
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(|e| io_err(&path, e))?;
         }
-        self.tree.apply_batch(batch).map_err(err)
+        if !kept_any {
+            std::fs::remove_dir(&dir).map_err(|e| io_err(&dir, e))?;
+        }
+        Ok(())
     }
 
     /// Forgets a finished task's residual (its round message and submitted mark stay, so a
@@ -267,7 +333,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("open");
-            let s = FlState::open(&db).expect("state");
+            let s = FlState::open(&db, dir.path().join("chunks")).expect("state");
             assert_eq!(s.residual("t", 3), vec![0.0; 3]);
             assert_eq!(s.submitted("t"), None);
             s.commit_submitted("t", 4, Some(&[1.0, -2.0, 0.5]))
@@ -279,7 +345,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
-        let s = FlState::open(&db).expect("state");
+        let s = FlState::open(&db, dir.path().join("chunks")).expect("state");
         assert_eq!(s.submitted("t"), Some(4));
         assert_eq!(s.residual("t", 3), vec![1.0, -2.0, 0.5]);
         assert_eq!(
@@ -297,6 +363,67 @@ mod tests {
         assert_eq!(s.mark("other").expect("reads"), None);
         s.finish("t").expect("finish");
         assert_eq!(s.residual("t", 3), vec![0.0; 3]);
+    }
+
+    #[test]
+    fn chunks_are_files_per_task_and_version_and_old_sled_chunks_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path().join("db")).expect("open");
+        // An earlier agent kept its chunks in the tree.
+        let tree = db.open_tree(TREE).expect("tree");
+        tree.insert(b"chunk/t/\0\0\0\x01/\0\0\0\0", &[1u8; 8][..])
+            .expect("old chunk");
+        tree.insert(b"submitted/t", &7u32.to_be_bytes()[..])
+            .expect("submitted");
+        let chunks = dir.path().join("chunks");
+        let s = FlState::open(&db, chunks.clone()).expect("state");
+        assert_eq!(tree.scan_prefix("chunk/").count(), 0, "old chunks dropped");
+        assert_eq!(s.submitted("t"), Some(7), "the rest kept");
+
+        let mut buf = vec![9u8; 3];
+        assert!(!s.read_chunk("t", 1, 0, &mut buf).expect("read"));
+        assert!(buf.is_empty());
+        assert_eq!(s.chunk_indexes("t", 1).expect("indexes"), Vec::<u32>::new());
+        s.drop_chunks("t", None).expect("nothing to drop");
+
+        s.put_chunk("t", 1, 0, b"v1 c0").expect("put");
+        s.put_chunk("t", 1, 2, b"v1 c2").expect("put");
+        s.put_chunk("t", 2, 0, b"v2 c0").expect("put");
+        // A task name that is not a file name, and one that would climb out of the folder.
+        for odd in ["a/../../b", ".."] {
+            s.put_chunk(odd, 1, 0, odd.as_bytes()).expect("put");
+            assert!(s.read_chunk(odd, 1, 0, &mut buf).expect("read"));
+            assert_eq!(buf, odd.as_bytes());
+        }
+        // A write a crash cut short is not held.
+        std::fs::write(chunks.join("t/1/5.tmp"), b"torn").expect("tmp");
+        let mut held = s.chunk_indexes("t", 1).expect("indexes");
+        held.sort();
+        assert_eq!(held, vec![0, 2]);
+        assert!(s.read_chunk("t", 1, 2, &mut buf).expect("read"));
+        assert_eq!(buf, b"v1 c2");
+
+        s.drop_chunks("t", Some(2)).expect("drop v1");
+        assert_eq!(s.chunk_indexes("t", 1).expect("indexes"), Vec::<u32>::new());
+        assert_eq!(s.chunk_indexes("t", 2).expect("indexes"), vec![0]);
+        s.drop_chunks("t", None).expect("drop all");
+        assert!(
+            !chunks.join("t").exists(),
+            "the task's folder goes with its last chunk"
+        );
+        assert!(
+            s.read_chunk("a/../../b", 1, 0, &mut buf).expect("read"),
+            "other tasks stay"
+        );
+        let names: Vec<_> = std::fs::read_dir(&chunks)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "every task in a folder of its own: {names:?}"
+        );
     }
 
     #[test]
