@@ -4,8 +4,9 @@
 //! ([`Sandbox::evaluate`]).
 //!
 //! The weights cross the boundary one tensor at a time and change hands as they do: the host
-//! drops its copy of a tensor once the module has read it, and the module's writes are the
-//! result. A call never holds the model twice on both sides of the boundary (a 5-million-weight
+//! drops its copy of a tensor once the module has read it, and the tensors the module writes
+//! back wait in a spool file (no name, beside the module cache) until the instance, and the
+//! module's memory with it, is gone. A call never holds the model twice (a 5-million-weight
 //! round would otherwise hold the host's input, the module's copy and the host's output at
 //! once).
 //!
@@ -157,6 +158,8 @@ pub enum ParamError {
     },
     #[error("{0}: never written back")]
     NotWritten(String),
+    #[error("reading parameter {name} back from the spool file: {error}")]
+    Spool { name: String, error: String },
     #[error("loss is not finite ({0})")]
     Loss(f32),
     #[error("accuracy {0} is outside 0..1")]
@@ -306,7 +309,12 @@ impl Sandbox {
             reason: Box::new(reason),
         };
         check_metrics(out.loss, out.accuracy, out.samples, call.count).map_err(invalid)?;
-        let weights = call.written()?;
+        let slot = call.take_weights()?;
+        let peak_memory_bytes = call.store.data().limits.peak();
+        // The instance, and the module's memory with its copy of the model, go before the
+        // result is read back from the spool.
+        drop(call);
+        let weights = take_written(slot).map_err(invalid)?;
         tracing::debug!(
             module = %id, samples = out.samples, loss = out.loss, accuracy = out.accuracy,
             ms = started.elapsed().as_millis() as u64, "trainer call done"
@@ -318,7 +326,7 @@ impl Sandbox {
                 loss: out.loss,
                 accuracy: out.accuracy,
             },
-            peak_memory_bytes: call.store.data().limits.peak(),
+            peak_memory_bytes,
         })
     }
 
@@ -402,7 +410,7 @@ impl Call {
         )?;
         install(
             &mut table,
-            WeightsSlot::new(weights),
+            WeightsSlot::new(weights, Some(sandbox.cache_dir().to_path_buf())),
             WEIGHTS_SLOT,
             "weights",
         )?;
@@ -460,19 +468,13 @@ impl Call {
         classify(&mut self.store, &self.module, self.timeout_ms, e)
     }
 
-    /// The parameters the module wrote back, checked ([`take_written`]).
-    fn written(&mut self) -> Result<Vec<Param>, TrainError> {
-        let slot = self
-            .store
+    /// The call's weights, with what the module wrote back (checked by [`take_written`]).
+    fn take_weights(&mut self) -> Result<WeightsSlot, SandboxError> {
+        self.store
             .data_mut()
             .table
             .delete(Resource::<WeightsSlot>::new_own(WEIGHTS_SLOT))
-            .map_err(|e| SandboxError::Engine(format!("taking the weights back: {e}")))?;
-        take_written(slot).map_err(|reason| TrainError::InvalidResult {
-            module: self.module.clone(),
-            call: "train",
-            reason: Box::new(reason),
-        })
+            .map_err(|e| SandboxError::Engine(format!("taking the weights back: {e}")))
     }
 }
 
@@ -555,16 +557,134 @@ struct WeightsSlot {
     /// Names, shapes and (until read) values, in order.
     given: Vec<Param>,
     read: Vec<bool>,
-    written: Vec<Option<Vec<f32>>>,
+    written: Vec<Option<Written>>,
+    /// Where written tensors wait for the instance to go (made at the first write).
+    spool_dir: Option<std::path::PathBuf>,
+    spool: Option<Spool>,
+    /// Set once making or writing the spool failed: later tensors stay in memory.
+    spool_failed: bool,
+}
+
+/// A tensor the module wrote back.
+enum Written {
+    Memory(Vec<f32>),
+    /// In the spool at its parameter's offset, filling its shape.
+    Spooled,
 }
 
 impl WeightsSlot {
-    fn new(given: Vec<Param>) -> WeightsSlot {
+    fn new(given: Vec<Param>, spool_dir: Option<std::path::PathBuf>) -> WeightsSlot {
         WeightsSlot {
             read: vec![false; given.len()],
-            written: vec![None; given.len()],
+            written: (0..given.len()).map(|_| None).collect(),
             given,
+            spool_dir,
+            spool: None,
+            spool_failed: false,
         }
+    }
+
+    /// Values in parameter `i`'s shape.
+    fn elements(&self, i: usize) -> usize {
+        self.given[i]
+            .shape
+            .iter()
+            .map(|&d| d as usize)
+            .product::<usize>()
+    }
+
+    /// Keeps a written tensor: in the spool if it fills its shape and the spool works, else
+    /// in memory (a tensor of the wrong size is refused by [`take_written`] with the rest).
+    fn keep(&mut self, i: usize, data: Vec<f32>) {
+        if data.len() == self.elements(i) && !self.spool_failed {
+            if self.spool.is_none()
+                && let Some(dir) = &self.spool_dir
+            {
+                let sizes: Vec<usize> = (0..self.given.len()).map(|k| self.elements(k)).collect();
+                match Spool::new(dir, &sizes) {
+                    Ok(s) => self.spool = Some(s),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot make a spool file for trained weights; they stay in memory");
+                        self.spool_failed = true;
+                    }
+                }
+            }
+            if let Some(spool) = &self.spool {
+                match spool.put(i, &data) {
+                    Ok(()) => {
+                        self.written[i] = Some(Written::Spooled);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot spool trained weights; they stay in memory");
+                        self.spool_failed = true;
+                    }
+                }
+            }
+        }
+        self.written[i] = Some(Written::Memory(data));
+    }
+}
+
+/// The tensors a trainer writes back, kept in a file without a name beside the module cache
+/// until its instance is gone, so the module's memory (which holds its own copy of the model
+/// until the instance drops) and the result are never both in memory. Each parameter has a
+/// fixed place, so a module writing one tensor again and again does not grow the file; the
+/// file goes when its handle closes, also after a crash.
+struct Spool {
+    file: std::fs::File,
+    offsets: Vec<u64>,
+}
+
+/// Values converted at a time between the spool and memory (64 KiB).
+const SPOOL_BLOCK: usize = 16 * 1024;
+
+impl Spool {
+    fn new(dir: &std::path::Path, sizes: &[usize]) -> std::io::Result<Spool> {
+        let file = tempfile::tempfile_in(dir)?;
+        let mut at = 0u64;
+        let offsets = sizes
+            .iter()
+            .map(|&n| {
+                let o = at;
+                at += n as u64 * 4;
+                o
+            })
+            .collect();
+        Ok(Spool { file, offsets })
+    }
+
+    fn put(&self, i: usize, data: &[f32]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut at = self.offsets[i];
+        let mut buf = Vec::with_capacity(SPOOL_BLOCK * 4);
+        for block in data.chunks(SPOOL_BLOCK) {
+            buf.clear();
+            block
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+            self.file.write_all_at(&buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn get(&self, i: usize, n: usize) -> std::io::Result<Vec<f32>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::with_capacity(n);
+        let mut buf = vec![0u8; SPOOL_BLOCK * 4];
+        let mut at = self.offsets[i];
+        while out.len() < n {
+            let take = (n - out.len()).min(SPOOL_BLOCK) * 4;
+            self.file.read_exact_at(&mut buf[..take], at)?;
+            at += take as u64;
+            out.extend(
+                buf[..take]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -618,11 +738,10 @@ impl wit_weights::Host for WeightsView<'_> {
     fn write(&mut self, index: u32, data: Vec<f32>) -> wasmtime::Result<()> {
         let slot = self.slot()?;
         let count = slot.written.len();
-        let at = slot
-            .written
-            .get_mut(index as usize)
-            .ok_or_else(|| out_of_range(index, count))?;
-        *at = Some(data);
+        if index as usize >= count {
+            return Err(out_of_range(index, count));
+        }
+        slot.keep(index as usize, data);
         Ok(())
     }
 }
@@ -705,11 +824,25 @@ fn check_param(p: &Param) -> Result<(), ParamError> {
 /// The parameters a module wrote back, under the names and shapes it was given: every one
 /// written, each filling its shape with finite values.
 fn take_written(slot: WeightsSlot) -> Result<Vec<Param>, ParamError> {
+    let sizes: Vec<usize> = (0..slot.given.len()).map(|i| slot.elements(i)).collect();
+    let spool = slot.spool;
     slot.given
         .into_iter()
         .zip(slot.written)
-        .map(|(p, data)| {
-            let data = data.ok_or_else(|| ParamError::NotWritten(p.name.clone()))?;
+        .enumerate()
+        .map(|(i, (p, data))| {
+            let data = match data {
+                None => return Err(ParamError::NotWritten(p.name.clone())),
+                Some(Written::Memory(v)) => v,
+                Some(Written::Spooled) => spool
+                    .as_ref()
+                    .map(|s| s.get(i, sizes[i]))
+                    .unwrap_or_else(|| Err(std::io::ErrorKind::NotFound.into()))
+                    .map_err(|e| ParamError::Spool {
+                        name: p.name.clone(),
+                        error: e.to_string(),
+                    })?,
+            };
             let p = Param { data, ..p };
             check_param(&p)?;
             Ok(p)
@@ -1004,15 +1137,23 @@ mod tests {
     }
 
     /// Each tensor is handed over once (the host keeps no copy); indices out of range trap.
+    /// The same with the written tensors spooled to a file and kept in memory.
     #[test]
     fn weights_change_hands_once() {
+        let dir = tempfile::tempdir().unwrap();
+        weights_change_hands_once_with(Some(dir.path().to_path_buf()));
+        weights_change_hands_once_with(None);
+        weights_change_hands_once_with(Some(dir.path().join("missing")));
+    }
+
+    fn weights_change_hands_once_with(spool: Option<std::path::PathBuf>) {
         use wit_weights::Host as _;
         let given = mlp_weights(&[2, 3]);
         let mut table = ResourceTable::new();
         install(&mut table, 0u8, SAMPLE_SLOT, "placeholder").unwrap();
         install(
             &mut table,
-            WeightsSlot::new(given.clone()),
+            WeightsSlot::new(given.clone(), spool.clone()),
             WEIGHTS_SLOT,
             "weights",
         )
@@ -1050,15 +1191,32 @@ mod tests {
         let slot = table
             .delete(Resource::<WeightsSlot>::new_own(WEIGHTS_SLOT))
             .unwrap();
+        let spooled = slot.spool.is_some();
+        assert_eq!(
+            spooled,
+            spool.is_some_and(|d| d.exists()),
+            "spooled where the folder is"
+        );
+        assert!(
+            slot.written
+                .iter()
+                .all(|w| matches!(w, Some(Written::Spooled)) == spooled),
+            "every tensor in the spool, or none"
+        );
         assert_eq!(take_written(slot).unwrap(), given, "a later write replaces");
     }
 
     #[test]
     fn results_that_break_the_contract_are_named() {
         let given = mlp_weights(&[2, 2]);
+        let dir = tempfile::tempdir().unwrap();
         let written = |data: Vec<Option<Vec<f32>>>| {
-            let mut slot = WeightsSlot::new(given.clone());
-            slot.written = data;
+            let mut slot = WeightsSlot::new(given.clone(), Some(dir.path().to_path_buf()));
+            for (i, d) in data.into_iter().enumerate() {
+                if let Some(d) = d {
+                    slot.keep(i, d);
+                }
+            }
             take_written(slot)
         };
         let all: Vec<Option<Vec<f32>>> = given.iter().map(|p| Some(p.data.clone())).collect();

@@ -12,7 +12,7 @@
 //!   rounds (VmHWM, reset through /proc/PID/clear_refs once the pipeline runs) minus its RSS
 //!   before the task, as a multiple of the weights' size (the aim: at most one extra copy);
 //! - the coordinator's peak RSS during the task;
-//! - agent 0's peak RSS per phase of the rounds (fetching, applying, training, after queuing),
+//! - agent 0's peak RSS per phase of the rounds (fetching, applying, training, forming and queuing the update, after queuing),
 //!   sampled every 50 ms and attributed by its log lines. Freed memory that the allocator keeps
 //!   counts in the phases after it, so only the first phase of the first round is clean.
 //!
@@ -224,13 +224,17 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
 }
 
 /// The phases of a round as the agent's log announces them, in order.
-const PHASES: [(&str, &str); 4] = [
+const PHASES: [(&str, &str); 5] = [
     ("fetching the round's weights", "fetching chunks"),
     (
         "round weights complete",
         "applying the weights (new ONNX Runtime session)",
     ),
     ("global weights applied", "training (trainer module)"),
+    (
+        "round trained; forming the update",
+        "forming and queuing the update",
+    ),
     ("federated update queued", "after queuing the update"),
 ];
 

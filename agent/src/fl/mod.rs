@@ -972,6 +972,7 @@ impl FlTask {
             .train(setup, weights, &params, Arc::new(labeled))?;
         let h = &msg.header;
         self.stats.trained.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(task = %h.task, round = h.round, samples = out.samples, loss = out.loss, accuracy = out.accuracy, ms = started.elapsed().as_millis() as u64, "round trained; forming the update");
         // The sandbox checked names, shapes and finiteness; back to the model's layout (moved,
         // not copied), then the delta in the header's order.
         let mut trained = dense::from_trainer(
