@@ -603,8 +603,25 @@ impl Outbox {
         }
         let now = protocol::v1::now_ms();
         let mut inner = self.lock();
-        let mut frames = Vec::new();
+        // Each record's frame goes to the log as it is inserted, not gathered for the batch: a
+        // 20 MB update in parts would otherwise be in memory twice (the frames and sled's copy)
+        // at the end of the batch. An append that fails takes the whole batch back, the log's
+        // part of it included.
+        let log_start = self.store.log_len();
+        let mut frame = Vec::new();
+        let mut log_failed: Option<std::io::Error> = None;
+        // Messages refused because the log failed (before or at theirs).
+        let mut unlogged = Vec::new();
         for (idx, msg) in msgs.into_iter().enumerate() {
+            if log_failed.is_some() {
+                unlogged.push(idx);
+                results.push(Ok(Accepted {
+                    id: String::new(),
+                    seq: 0,
+                    class: msg.class,
+                }));
+                continue;
+            }
             let ttl = msg
                 .ttl
                 .or_else(|| self.cfg.ttl(msg.class))
@@ -615,7 +632,7 @@ impl Outbox {
                 topic: msg.topic,
                 body: msg.body,
             };
-            let size = rec.charge();
+            let (size, expires_ms) = (rec.charge(), rec.expires_ms);
             if let Err(e) = self.make_room(&mut inner, msg.class, size, now) {
                 inner.acct.refused();
                 results.push(Err(e));
@@ -626,22 +643,27 @@ impl Outbox {
                 seq: inner.next_seq,
             };
             let encoded = rec.encode();
+            drop(rec);
             match self
                 .store
                 .insert(key.to_bytes(), &encoded, key.seq + 1, META_NEXT_SEQ)
             {
                 Ok(()) => {
-                    if self.store.logs() {
-                        wal::encode(&wal::Op::Insert(key, encoded), &mut frames);
-                    }
                     inner.next_seq += 1;
-                    inner.acct.added(key.class, size, rec.expires_ms);
+                    inner.acct.added(key.class, size, expires_ms);
                     inserted.push((idx, key, size));
                     results.push(Ok(Accepted {
                         id: protocol::v1::message_id(self.incarnation, key.seq),
                         seq: key.seq,
                         class: key.class,
                     }));
+                    if self.store.logs() {
+                        frame.clear();
+                        wal::encode(&wal::Op::Insert(key, encoded), &mut frame);
+                        if let Err(e) = self.store.append_log(&frame) {
+                            log_failed = Some(e);
+                        }
+                    }
                 }
                 Err(e) => {
                     inner.acct.refused();
@@ -649,16 +671,16 @@ impl Outbox {
                 }
             }
         }
-        if !frames.is_empty()
-            && let Err(e) = self.store.append_log(&frames)
-        {
+        if let Some(e) = log_failed {
             // Not in the log, so not durable: take the batch back and say why.
             tracing::error!(path = %self.path.display(), error = %e, "cannot append to the outbox write-ahead log");
-            for (idx, key, size) in inserted.drain(..) {
-                let _ = self.store.remove(&key.to_bytes());
-                inner.acct.removed(key.class, size, Removal::Undone);
-                inner.acct.refused();
-                results[idx] = Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+            if let Some(start) = log_start
+                && let Err(cut) = self.store.cut_log(start)
+            {
+                tracing::error!(path = %self.path.display(), error = %cut, "cannot cut the failed batch off the outbox write-ahead log");
+            }
+            let refusal = || {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
                     OutboxError::DiskFull {
                         path: self.path.clone(),
                         available: crate::fsutil::available_bytes(&self.path).unwrap_or(0),
@@ -669,7 +691,17 @@ impl Outbox {
                         path: self.path.clone(),
                         source: std::io::Error::new(e.kind(), e.to_string()),
                     }
-                });
+                }
+            };
+            for (idx, key, size) in inserted.drain(..) {
+                let _ = self.store.remove(&key.to_bytes());
+                inner.acct.removed(key.class, size, Removal::Undone);
+                inner.acct.refused();
+                results[idx] = Err(refusal());
+            }
+            for idx in unlogged {
+                inner.acct.refused();
+                results[idx] = Err(refusal());
             }
         }
         (results, inserted)

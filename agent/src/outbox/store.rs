@@ -220,6 +220,22 @@ impl Store {
         }
     }
 
+    /// The log's length (disk), to cut a failed batch back to with [`Store::cut_log`].
+    pub fn log_len(&self) -> Option<u64> {
+        match self {
+            Store::Disk(d) => Some(d.wal_lock().len()),
+            Store::Memory(_) => None,
+        }
+    }
+
+    /// Cuts the log back to `len`, dropping frames appended since.
+    pub fn cut_log(&self, len: u64) -> std::io::Result<()> {
+        match self {
+            Store::Disk(d) => d.wal_lock().cut(len),
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
     /// Whether changes are logged (disk) and so worth encoding as frames.
     pub fn logs(&self) -> bool {
         matches!(self, Store::Disk(_))

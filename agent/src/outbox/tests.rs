@@ -338,3 +338,62 @@ async fn write_ahead_log_is_replayed_at_open() {
             > 0
     );
 }
+
+/// A batch whose log append fails part of the way (the disk fills between two parts of an
+/// update) is taken back whole: every message refused as a full disk, none left in the store
+/// or in the log, nothing back after a reopen; the next batch goes in.
+#[tokio::test]
+async fn a_batch_the_log_cannot_take_whole_is_taken_back_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let ob = Outbox::open(dir.path(), &cfg()).expect("open");
+        ob.enqueue(msg(Class::Results, 1)).await.expect("accepted");
+        let Store::Disk(d) = &ob.store else {
+            panic!("a disk outbox")
+        };
+        let before = d.wal_lock().len();
+        // Room for two of the five frames.
+        let mut one = Vec::new();
+        wal::encode(
+            &wal::Op::Insert(
+                Key {
+                    class: Class::Model,
+                    seq: 0,
+                },
+                vec![0; 40],
+            ),
+            &mut one,
+        );
+        d.wal_lock().full_at = Some(before + 2 * one.len() as u64 + 20);
+        let out = ob
+            .enqueue_batch((10..15).map(|n| msg(Class::Model, n)).collect())
+            .await;
+        assert_eq!(out.len(), 5);
+        for r in &out {
+            assert!(
+                matches!(r, Err(OutboxError::DiskFull { .. })),
+                "{:?}",
+                r.as_ref().map(|a| a.seq)
+            );
+        }
+        assert_eq!(d.wal_lock().len(), before, "the log cut back");
+        assert_eq!(
+            std::fs::metadata(dir.path().join(WAL_FILE))
+                .expect("log")
+                .len(),
+            before
+        );
+        let left: Vec<_> = drain(&ob).into_iter().map(|(_, _, b)| b).collect();
+        assert_eq!(left, ["{\"n\":1}"]);
+        d.wal_lock().full_at = None;
+        ob.close().await.expect("close");
+    }
+    let ob = Outbox::open(dir.path(), &cfg()).expect("reopen");
+    let left: Vec<_> = drain(&ob).into_iter().map(|(_, _, b)| b).collect();
+    assert_eq!(left, ["{\"n\":1}"], "nothing of the batch replayed");
+    let out = ob
+        .enqueue_batch(vec![msg(Class::Model, 20), msg(Class::Model, 21)])
+        .await;
+    assert!(out.iter().all(Result::is_ok));
+    assert_eq!(drain(&ob).len(), 3);
+}

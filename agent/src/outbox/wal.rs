@@ -53,6 +53,9 @@ pub struct Wal {
     path: PathBuf,
     file: File,
     len: u64,
+    /// Tests: appends that would take the log past this many bytes fail as on a full disk.
+    #[cfg(test)]
+    pub(super) full_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -173,6 +176,8 @@ impl Wal {
                 path: path.to_owned(),
                 file,
                 len: valid,
+                #[cfg(test)]
+                full_at: None,
             },
             ops,
         ))
@@ -188,12 +193,29 @@ impl Wal {
 
     /// Appends encoded frames (not yet durable: see [`Wal::syncer`]).
     pub fn append(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self
+            .full_at
+            .is_some_and(|at| self.len + frames.len() as u64 > at)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         if let Err(e) = self.file.write_all(frames) {
             // A short write leaves a partial frame; cut it so later frames stay parseable.
             let _ = self.file.set_len(self.len);
             return Err(e);
         }
         self.len += frames.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts the log back to `len` (not past its end), dropping what was appended since: a
+    /// batch whose later frames could not be appended.
+    pub fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        if len < self.len {
+            self.file.set_len(len)?;
+            self.len = len;
+        }
         Ok(())
     }
 
