@@ -987,13 +987,35 @@ impl FlTask {
                 .collect(),
         )
         .map_err(trainer_err)?;
-        // Each trained tensor less its global weights, in place and in the header's order (the
-        // global ones read again from the kept chunks, checked as a whole, or from the
-        // message); the delta grows as the trained tensors go, so the two together are never
-        // more than the model's size.
+        // The update's body is formed in place: its header, then the payload. Each trained
+        // tensor less its global weights, in place and in the header's order (the global ones
+        // read again from the kept chunks, checked as a whole, or from the message), goes
+        // straight into the payload for the codecs that encode each value on its own (fp32,
+        // fp16), else into the delta the codec takes whole; either grows as the trained
+        // tensors go, so the two together are never more than the model's size.
         let n = fl::weight_count(&h.params);
+        let mut body = Update {
+            task: h.task.clone(),
+            round: h.round,
+            base_version: h.version,
+            samples: out.samples,
+            loss: out.loss,
+            accuracy: out.accuracy,
+            train_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            payload: Vec::new(),
+        }
+        .encode();
+        let element_wise = codec::element_wise(order.codec, n);
+        let mut delta = Vec::new();
+        match &element_wise {
+            Some(e) => {
+                body.reserve_exact(e.len());
+                e.begin(&mut body);
+            }
+            None => delta.reserve_exact(n),
+        }
         let mut kept = kept_blob(&msg).map(|blob| self.kept(&h.task, h.version, blob));
-        let mut delta = Vec::with_capacity(n);
+        let mut at = 0;
         for p in &h.params {
             let t = trained
                 .iter_mut()
@@ -1008,7 +1030,6 @@ impl FlTask {
                     p.len()
                 )));
             }
-            let at = delta.len();
             match &mut kept {
                 Some(kept) => kept.read_values(p.len(), |i, g| local[i] -= g)?,
                 None => {
@@ -1025,42 +1046,45 @@ impl FlTask {
                     local.iter_mut().zip(global).for_each(|(l, g)| *l -= g);
                 }
             }
-            delta.extend_from_slice(&local);
+            at += p.len();
+            match &element_wise {
+                Some(e) => e.push(&local, &mut body),
+                None => delta.extend_from_slice(&local),
+            }
         }
         drop(trained);
         if let Some(kept) = kept {
             kept.finish(n)?;
         }
         let ef = order.codec.uses_error_feedback();
-        let mut residual = ef.then(|| self.d.state.residual(&h.task, delta.len()));
-        let payload = codec::encode(order.codec, &delta, residual.as_deref_mut(), order.seed);
-        drop(delta);
-        let update = Update {
-            task: h.task.clone(),
-            round: h.round,
-            base_version: h.version,
-            samples: out.samples,
-            loss: out.loss,
-            accuracy: out.accuracy,
-            train_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            payload,
-        };
-        let body = update.encode();
-        drop(update);
+        let mut residual = ef.then(|| self.d.state.residual(&h.task, n));
+        if element_wise.is_none() {
+            codec::encode_into(
+                order.codec,
+                &delta,
+                residual.as_deref_mut(),
+                order.seed,
+                &mut body,
+            );
+            drop(delta);
+        }
         let topic = topics::fl_update(&self.d.device);
         let binary = |kind: &str, b: &[u8]| {
             NewMessage::binary(Class::Model, topic.clone(), kind, b, Some(Duration::ZERO))
         };
         // Over one message: in parts, queued together (one commit), put together by the
-        // coordinator.
+        // coordinator. The parts are cut from the body's end as it shrinks, and each becomes
+        // its message as it goes, so the update is not held twice.
+        let bytes = body.len();
         let messages: Vec<NewMessage> = if body.len() <= fl::chunks::PART_BYTES {
             vec![binary(fl::UPDATE_KIND, &body)]
         } else {
-            fl::UpdatePart::split(&h.task, h.round, &body)
+            fl::UpdatePart::split_owned(&h.task, h.round, std::mem::take(&mut body))
+                .into_iter()
                 .map(|p| binary(fl::chunks::PART_KIND, &p.encode()))
                 .collect()
         };
-        let (bytes, parts) = (body.len(), messages.len());
+        let parts = messages.len();
         drop(body);
         let outbox = self.d.outbox.clone();
         let queued = tokio::runtime::Handle::current()

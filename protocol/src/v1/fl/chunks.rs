@@ -280,6 +280,33 @@ impl UpdatePart {
         })
     }
 
+    /// [`UpdatePart::split`] of an update it takes: the parts are cut from its end, and the
+    /// update shrinks as they are, so the parts and the update together are never much more
+    /// than the update (a sender that keeps every part until they are queued together).
+    pub fn split_owned(task: &str, round: u32, mut update: Vec<u8>) -> Vec<UpdatePart> {
+        let sha256: [u8; 32] = Sha256::digest(&update).into();
+        let total = update.len() as u32;
+        let count = update.len().div_ceil(PART_BYTES).max(1) as u32;
+        let mut parts: Vec<UpdatePart> = (0..count)
+            .rev()
+            .map(|i| {
+                let data = update.split_off(i as usize * PART_BYTES);
+                update.shrink_to_fit();
+                UpdatePart {
+                    task: task.to_owned(),
+                    round,
+                    index: i,
+                    count,
+                    total,
+                    sha256,
+                    data,
+                }
+            })
+            .collect();
+        parts.reverse();
+        parts
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = begin(PART_MAGIC, &self.task, 48 + self.data.len());
         for v in [self.round, self.index, self.count, self.total] {
@@ -369,6 +396,30 @@ pub fn assemble(parts: &[UpdatePart]) -> Result<Vec<u8>, FlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_split_whole_or_taken_gives_the_same_parts() {
+        for len in [
+            0,
+            1,
+            PART_BYTES - 1,
+            PART_BYTES,
+            PART_BYTES + 1,
+            3 * PART_BYTES + 17,
+        ] {
+            let update: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let whole: Vec<UpdatePart> = UpdatePart::split("t", 4, &update).collect();
+            let taken = UpdatePart::split_owned("t", 4, update.clone());
+            assert_eq!(taken, whole, "{len} bytes");
+            assert_eq!(
+                taken
+                    .iter()
+                    .flat_map(|p| p.data.clone())
+                    .collect::<Vec<_>>(),
+                update
+            );
+        }
+    }
 
     #[test]
     fn blobs_describe_chunks_that_check() {

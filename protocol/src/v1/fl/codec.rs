@@ -175,25 +175,83 @@ fn stochastic_round(x: f32, qmax: i32, rng: &mut SplitMix) -> i32 {
 /// Non-finite inputs are the caller's bug (training already refuses them); they are encoded
 /// as zero here so one bad weight cannot poison the residual forever.
 pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + delta.len() * 4);
+    encode_into(codec, delta, residual, seed, &mut out);
+    out
+}
+
+/// The bytes [`encode`] gives, of `n` values, for the codecs that encode each value on its own
+/// ([`Codec::Fp32`], [`Codec::Fp16`]; neither keeps a residual); `None` for the others. The
+/// payload is then [`ElementWise::begin`] and [`ElementWise::push`] of the values a piece at a
+/// time, so a sender need not hold the whole delta beside its encoding.
+pub fn element_wise(codec: Codec, n: usize) -> Option<ElementWise> {
+    let (tag, width) = match codec {
+        Codec::Fp32 => (TAG_FP32, 4),
+        Codec::Fp16 => (TAG_FP16, 2),
+        _ => return None,
+    };
+    Some(ElementWise { tag, width, n })
+}
+
+/// An encoder fed a piece at a time ([`element_wise`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ElementWise {
+    tag: u8,
+    width: usize,
+    n: usize,
+}
+
+impl ElementWise {
+    /// The payload's length.
+    pub fn len(&self) -> usize {
+        5 + self.n * self.width
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Appends the payload's header.
+    pub fn begin(&self, out: &mut Vec<u8>) {
+        out.push(self.tag);
+        out.extend_from_slice(&(self.n as u32).to_le_bytes());
+    }
+
+    /// Appends the next values (non-finite ones as zero, as [`encode`] does).
+    pub fn push(&self, values: &[f32], out: &mut Vec<u8>) {
+        let clean = |x: f32| if x.is_finite() { x } else { 0.0 };
+        if self.tag == TAG_FP32 {
+            for &x in values {
+                out.extend_from_slice(&clean(x).to_le_bytes());
+            }
+        } else {
+            for &x in values {
+                out.extend_from_slice(&to_f16(clean(x)).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// [`encode`], appending to `out`.
+pub fn encode_into(
+    codec: Codec,
+    delta: &[f32],
+    residual: Option<&mut [f32]>,
+    seed: u64,
+    out: &mut Vec<u8>,
+) {
     let n = delta.len();
     let clean = |x: f32| if x.is_finite() { x } else { 0.0 };
     let mut rng = SplitMix(seed);
-    let mut out = Vec::with_capacity(8 + n * 4);
     let push_header = |out: &mut Vec<u8>, tag: u8| {
         out.push(tag);
         out.extend_from_slice(&(n as u32).to_le_bytes());
     };
     match codec {
-        Codec::Fp32 => {
-            push_header(&mut out, TAG_FP32);
-            for &x in delta {
-                out.extend_from_slice(&clean(x).to_le_bytes());
-            }
-        }
-        Codec::Fp16 => {
-            push_header(&mut out, TAG_FP16);
-            for &x in delta {
-                out.extend_from_slice(&to_f16(clean(x)).to_le_bytes());
+        Codec::Fp32 | Codec::Fp16 => {
+            if let Some(e) = element_wise(codec, n) {
+                e.begin(out);
+                e.push(delta, out);
             }
         }
         Codec::Int8 | Codec::Int4 => {
@@ -202,7 +260,7 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
             } else {
                 (TAG_INT4, 7)
             };
-            push_header(&mut out, tag);
+            push_header(out, tag);
             for block in delta.chunks(BLOCK) {
                 let absmax = block.iter().map(|&x| clean(x).abs()).fold(0.0f32, f32::max);
                 let scale = if absmax > 0.0 {
@@ -241,7 +299,7 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
                 order.truncate(k);
             }
             order.sort_unstable();
-            push_header(&mut out, TAG_TOPK);
+            push_header(out, TAG_TOPK);
             out.extend_from_slice(&(order.len() as u32).to_le_bytes());
             for &i in &order {
                 if n <= 1 << 16 {
@@ -261,7 +319,7 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
         }
         Codec::Sign => {
             let mut acc = with_residual(delta, residual.as_deref(), clean);
-            push_header(&mut out, TAG_SIGN);
+            push_header(out, TAG_SIGN);
             for block in acc.chunks_mut(SIGN_BLOCK) {
                 let scale = block.iter().map(|x| x.abs()).sum::<f32>() / block.len() as f32;
                 out.extend_from_slice(&scale.to_le_bytes());
@@ -281,7 +339,6 @@ pub fn encode(codec: Codec, delta: &[f32], residual: Option<&mut [f32]>, seed: u
             }
         }
     }
-    out
 }
 
 fn with_residual(delta: &[f32], residual: Option<&[f32]>, clean: impl Fn(f32) -> f32) -> Vec<f32> {
@@ -452,6 +509,26 @@ mod tests {
         Codec::TopK { fraction: 0.05 },
         Codec::Sign,
     ];
+
+    #[test]
+    fn element_wise_codecs_encode_the_same_in_pieces() {
+        let mut delta = sample(10_007, 3);
+        delta[5] = f32::NAN;
+        delta[6] = f32::INFINITY;
+        for c in ALL {
+            let Some(e) = element_wise(c, delta.len()) else {
+                assert!(!matches!(c, Codec::Fp32 | Codec::Fp16), "{c}");
+                continue;
+            };
+            let mut out = b"head".to_vec();
+            e.begin(&mut out);
+            for piece in delta.chunks(999) {
+                e.push(piece, &mut out);
+            }
+            assert_eq!(out[4..], encode(c, &delta, None, 9)[..], "{c}");
+            assert_eq!(out.len() - 4, e.len(), "{c}");
+        }
+    }
 
     #[test]
     fn names_round_trip() {
