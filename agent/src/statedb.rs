@@ -1,6 +1,8 @@
 //! The agent's state database (`state_dir/state`): one sled database for everything that is
-//! not the outbox: stages' kv namespaces, deployment artifacts and deployer state, the
-//! dataset store. The outbox keeps its own database and write-ahead log.
+//! not the outbox: stages' kv namespaces, the deployer's state, the dataset store, federated
+//! learning's rounds and marks. The outbox keeps its own database and write-ahead log; what is
+//! large and written whole lives in files beside it (`state_dir/artifacts`, `fl-chunks`),
+//! because sled 0.34 keeps every page it writes in memory whatever its cache size.
 //!
 //! **Invariant:** anything the agent reports as stored (a deployment step, an installed
 //! pipeline) went through [`StateDb::sync`] first. **Boundary:** opened once by `agent::run`

@@ -45,4 +45,4 @@ pub mod unpack;
 
 pub use config::{DeployConfig, TrustedKeyList};
 pub use machine::{Action, Deployer, DroppedChunk, Health, StateError};
-pub use store::{ArtifactStore, MemoryStore, SledStore, StoreError};
+pub use store::{ArtifactStore, FileStore, MemoryStore, StoreError};

@@ -1,11 +1,10 @@
 //! Content-addressed artifact store: key = lowercase hex sha256 of the value, so a module used
 //! by two pipelines (or two versions of one) is stored once.
 //!
-//! The sled implementation does not make writes durable by itself (sled's `flush` is not
-//! power-safe, see PRODUCT.md): the caller checkpoints the database (flush + fsync) before it
-//! reports an artifact as stored, the same way the outbox does.
+//! The agent's implementation ([`FileStore`]) makes each artifact durable as it is put.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use protocol::v1::deploy::{is_sha256_hex, sha256_hex};
@@ -44,46 +43,87 @@ fn check(sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The agent's store: one sled tree (`artifacts`) of the agent database.
-pub struct SledStore {
-    tree: sled::Tree,
+/// The agent's store: one file per artifact, `{dir}/{sha256}` (`state_dir/artifacts`), written
+/// durably by `put` (fsync'd, renamed in, the folder fsync'd). Not sled values: sled 0.34 keeps
+/// every page it writes in memory whatever its cache size, so a deployed 20 MB model would stay
+/// in the agent's memory, beside the runtime's own copy, until a restart.
+pub struct FileStore {
+    dir: PathBuf,
 }
 
-impl std::fmt::Debug for SledStore {
+impl std::fmt::Debug for FileStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SledStore")
-            .field("artifacts", &self.tree.len())
-            .finish()
+        f.debug_struct("FileStore").field("dir", &self.dir).finish()
     }
 }
 
-impl SledStore {
-    /// Tree name inside the agent's sled database.
-    pub const TREE: &'static str = "artifacts";
+impl FileStore {
+    /// The tree of the state database where earlier agents kept artifacts.
+    const LEGACY_TREE: &'static str = "artifacts";
 
-    pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
-        let tree = db.open_tree(Self::TREE).map_err(|e| StoreError::Backend {
-            key: Self::TREE.to_owned(),
+    /// Opens (creates) `dir`, moving in any artifacts an earlier agent kept in `db`.
+    pub fn open(dir: PathBuf, db: &sled::Db) -> Result<Self, StoreError> {
+        let io = |e: std::io::Error| StoreError::Backend {
+            key: dir.display().to_string(),
             error: e.to_string(),
-        })?;
-        Ok(SledStore { tree })
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let store = FileStore { dir };
+        if db
+            .tree_names()
+            .iter()
+            .any(|n| &n[..] == Self::LEGACY_TREE.as_bytes())
+        {
+            store.move_in(db)?;
+        }
+        Ok(store)
+    }
+
+    /// Artifacts from the legacy tree into files (each checked against its digest; a damaged
+    /// one is left behind, to be fetched again by the deployment that needs it), then the tree
+    /// goes. A crash in between moves the rest at the next start.
+    fn move_in(&self, db: &sled::Db) -> Result<(), StoreError> {
+        let legacy = |e: sled::Error| backend(Self::LEGACY_TREE, e);
+        let tree = db.open_tree(Self::LEGACY_TREE).map_err(legacy)?;
+        let mut moved = 0;
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(legacy)?;
+            let sha = String::from_utf8_lossy(&k).into_owned();
+            match self.put(&sha, &v) {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    tracing::warn!(artifact = %sha, error = %e, "a stored artifact was damaged; left behind")
+                }
+            }
+        }
+        db.drop_tree(Self::LEGACY_TREE).map_err(legacy)?;
+        tracing::info!(artifacts = moved, dir = %self.dir.display(), "artifacts moved from the state database to files");
+        Ok(())
+    }
+
+    fn path(&self, sha256: &str) -> Result<PathBuf, StoreError> {
+        if !is_sha256_hex(sha256) {
+            return Err(StoreError::Key(sha256.to_owned()));
+        }
+        Ok(self.dir.join(sha256))
     }
 
     /// Digests of every stored artifact (for garbage collection against the pinned set).
     pub fn digests(&self) -> Vec<String> {
-        self.tree
-            .iter()
-            .keys()
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
             .filter_map(Result::ok)
-            .filter_map(|k| String::from_utf8(k.to_vec()).ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| is_sha256_hex(n))
             .collect()
     }
 
     pub fn remove(&self, sha256: &str) -> Result<(), StoreError> {
-        self.tree
-            .remove(sha256.as_bytes())
-            .map(drop)
-            .map_err(|e| backend(sha256, e))
+        match std::fs::remove_file(self.path(sha256)?) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_backend(sha256, e)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -94,11 +134,16 @@ fn backend(key: &str, e: sled::Error) -> StoreError {
     }
 }
 
-impl ArtifactStore for SledStore {
+fn io_backend(key: &str, e: std::io::Error) -> StoreError {
+    StoreError::Backend {
+        key: key.to_owned(),
+        error: e.to_string(),
+    }
+}
+
+impl ArtifactStore for FileStore {
     fn has(&self, sha256: &str) -> Result<bool, StoreError> {
-        self.tree
-            .contains_key(sha256.as_bytes())
-            .map_err(|e| backend(sha256, e))
+        Ok(self.path(sha256)?.is_file())
     }
 
     fn put(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {
@@ -106,17 +151,15 @@ impl ArtifactStore for SledStore {
         if self.has(sha256)? {
             return Ok(());
         }
-        self.tree
-            .insert(sha256.as_bytes(), bytes)
-            .map(drop)
-            .map_err(|e| backend(sha256, e))
+        crate::fsutil::write_durably(&self.path(sha256)?, bytes).map_err(|e| io_backend(sha256, e))
     }
 
     fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.tree
-            .get(sha256.as_bytes())
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(|e| backend(sha256, e))
+        match std::fs::read(self.path(sha256)?) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_backend(sha256, e)),
+        }
     }
 }
 
@@ -166,17 +209,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sled_store_is_content_addressed_and_dedupes() {
+    fn file_store_is_content_addressed_and_dedupes() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .cache_capacity(1 << 20)
-            .open()
-            .expect("opens");
-        let store = SledStore::open(&db).expect("tree");
+        let db = sled::open(dir.path().join("db")).expect("opens");
+        let store = FileStore::open(dir.path().join("artifacts"), &db).expect("store");
         let module = b"\0asm module bytes".to_vec();
         let sha = sha256_hex(&module);
         assert!(!store.has(&sha).expect("has"));
+        assert_eq!(store.get(&sha).expect("get"), None);
         store.put(&sha, &module).expect("put");
         // The same module deployed again (another pipeline, another version) is stored once.
         store.put(&sha, &module).expect("put again");
@@ -190,14 +230,42 @@ mod tests {
             store.put("not-a-digest", &module),
             Err(StoreError::Key(_))
         ));
+        assert!(matches!(store.get("../db"), Err(StoreError::Key(_))));
+        // A write a crash cut short is not an artifact.
+        std::fs::write(
+            dir.path().join("artifacts").join(format!("{sha}.tmp")),
+            b"x",
+        )
+        .expect("tmp");
+        assert_eq!(store.digests(), vec![sha.clone()]);
         drop(store);
-        drop(db);
         // Survives reopening.
-        let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path().join("db")));
-        let store = SledStore::open(&db).expect("tree");
+        let store = FileStore::open(dir.path().join("artifacts"), &db).expect("store");
         assert_eq!(store.get(&sha).expect("get"), Some(module));
         store.remove(&sha).expect("remove");
+        store.remove(&sha).expect("removing what is gone is fine");
         assert!(!store.has(&sha).expect("has"));
+    }
+
+    /// Artifacts an earlier agent kept in the state database move to files at open; a damaged
+    /// one stays behind; the tree goes.
+    #[test]
+    fn artifacts_kept_in_sled_move_to_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path().join("db")).expect("opens");
+        let (good, bad) = (b"module".to_vec(), b"model".to_vec());
+        let tree = db.open_tree("artifacts").expect("tree");
+        tree.insert(sha256_hex(&good), &good[..]).expect("insert");
+        tree.insert(sha256_hex(&bad), &b"damaged"[..])
+            .expect("insert");
+        drop(tree);
+        let store = FileStore::open(dir.path().join("artifacts"), &db).expect("store");
+        assert_eq!(store.get(&sha256_hex(&good)).expect("get"), Some(good));
+        assert!(!store.has(&sha256_hex(&bad)).expect("has"));
+        assert!(
+            !db.tree_names().iter().any(|n| &n[..] == b"artifacts"),
+            "the tree is gone"
+        );
     }
 
     #[test]

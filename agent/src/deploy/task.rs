@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::unpack::Unpacked;
-use super::{Action, ArtifactStore, DeployConfig, Deployer, Health, SledStore};
+use super::{Action, ArtifactStore, DeployConfig, Deployer, FileStore, Health};
 use crate::enrollment::SessionWatch;
 use crate::inbox::{Inbox, Incoming, Subscription};
 use crate::inference::Inference;
@@ -57,12 +57,12 @@ const RESEND_TTL: Duration = Duration::from_secs(60);
 /// A pipeline from a deployment: modules come from the artifact store by manifest name.
 struct Deployed {
     by_name: BTreeMap<String, String>,
-    store: Arc<SledStore>,
+    store: Arc<FileStore>,
     unpacked: Unpacked,
 }
 
 impl Deployed {
-    fn new(m: &Manifest, store: Arc<SledStore>, unpacked: Unpacked) -> Deployed {
+    fn new(m: &Manifest, store: Arc<FileStore>, unpacked: Unpacked) -> Deployed {
         Deployed {
             by_name: m
                 .artifacts
@@ -76,7 +76,7 @@ impl Deployed {
 }
 
 /// Bytes of a stored artifact, its digest checked again.
-fn read_artifact(store: &SledStore, sha: &str) -> Result<Vec<u8>, ArtifactError> {
+fn read_artifact(store: &FileStore, sha: &str) -> Result<Vec<u8>, ArtifactError> {
     let bytes = store
         .get(sha)
         .map_err(|e| ArtifactError::Store(Box::new(e)))?
@@ -118,7 +118,7 @@ impl Artifacts for Deployed {
 struct WithModels {
     inner: Box<dyn Artifacts>,
     overrides: BTreeMap<String, String>,
-    store: Arc<SledStore>,
+    store: Arc<FileStore>,
 }
 
 impl Artifacts for WithModels {
@@ -165,7 +165,7 @@ pub struct DeployParts {
 /// The deploy task; see the module docs.
 pub struct DeployTask {
     deployer: Deployer,
-    store: Arc<SledStore>,
+    store: Arc<FileStore>,
     /// Deployed models' data files, written out of `store` for ONNX Runtime to map.
     unpacked: Unpacked,
     state: StateDb,
@@ -243,12 +243,14 @@ pub fn open_deployer(
     state: &StateDb,
     device_id: &str,
     config: DeployConfig,
-) -> Result<(Deployer, Arc<SledStore>, bool), TaskError> {
+) -> Result<(Deployer, Arc<FileStore>, bool), TaskError> {
     let err = |reason: String| TaskError::State {
         path: state.dir.display().to_string(),
         reason,
     };
-    let store = SledStore::open(&state.db).map_err(|e| err(e.to_string()))?;
+    // `state_dir/artifacts`, beside the state database (`state_dir/state`).
+    let store = FileStore::open(state.dir.with_file_name("artifacts"), &state.db)
+        .map_err(|e| err(e.to_string()))?;
     let tree = state
         .db
         .open_tree(STATE_TREE)
@@ -264,7 +266,7 @@ pub fn open_deployer(
 }
 
 impl DeployTask {
-    pub fn new(deployer: Deployer, store: Arc<SledStore>, parts: DeployParts) -> DeployTask {
+    pub fn new(deployer: Deployer, store: Arc<FileStore>, parts: DeployParts) -> DeployTask {
         DeployTask {
             deployer,
             store,
