@@ -158,6 +158,14 @@ pub enum ParamError {
     },
     #[error("{0}: never written back")]
     NotWritten(String),
+    #[error(
+        "{name}: written in pieces that leave value {from} of {values} (and maybe more) unwritten"
+    )]
+    Uncovered {
+        name: String,
+        from: usize,
+        values: usize,
+    },
     #[error("reading parameter {name} back from the spool file: {error}")]
     Spool { name: String, error: String },
     #[error("loss is not finite ({0})")]
@@ -556,8 +564,12 @@ impl HasData for HasSamples {
 struct WeightsSlot {
     /// Names, shapes and (until read) values, in order.
     given: Vec<Param>,
+    /// Read whole or taken from.
     read: Vec<bool>,
     written: Vec<Option<Written>>,
+    /// Per parameter: `None` if written whole (or not at all), else the ranges its pieces
+    /// (`write-at`) covered since, merged where they touch.
+    pieces: Vec<Option<Vec<(usize, usize)>>>,
     /// Where written tensors wait for the instance to go (made at the first write).
     spool_dir: Option<std::path::PathBuf>,
     spool: Option<Spool>,
@@ -565,10 +577,15 @@ struct WeightsSlot {
     spool_failed: bool,
 }
 
+/// Most separate pieces one parameter may be written in (pieces that touch count as one).
+const MAX_PIECES: usize = 4096;
+
 /// A tensor the module wrote back.
 enum Written {
+    /// As written whole (of any length: [`take_written`] checks it), or put together from
+    /// pieces (its shape's length).
     Memory(Vec<f32>),
-    /// In the spool at its parameter's offset, filling its shape.
+    /// In the spool at its parameter's offset, its shape's length.
     Spooled,
 }
 
@@ -577,6 +594,7 @@ impl WeightsSlot {
         WeightsSlot {
             read: vec![false; given.len()],
             written: (0..given.len()).map(|_| None).collect(),
+            pieces: vec![None; given.len()],
             given,
             spool_dir,
             spool: None,
@@ -593,36 +611,91 @@ impl WeightsSlot {
             .product::<usize>()
     }
 
-    /// Keeps a written tensor: in the spool if it fills its shape and the spool works, else
-    /// in memory (a tensor of the wrong size is refused by [`take_written`] with the rest).
-    fn keep(&mut self, i: usize, data: Vec<f32>) {
-        if data.len() == self.elements(i) && !self.spool_failed {
-            if self.spool.is_none()
-                && let Some(dir) = &self.spool_dir
-            {
-                let sizes: Vec<usize> = (0..self.given.len()).map(|k| self.elements(k)).collect();
-                match Spool::new(dir, &sizes) {
-                    Ok(s) => self.spool = Some(s),
-                    Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot make a spool file for trained weights; they stay in memory");
-                        self.spool_failed = true;
-                    }
-                }
-            }
-            if let Some(spool) = &self.spool {
-                match spool.put(i, &data) {
-                    Ok(()) => {
-                        self.written[i] = Some(Written::Spooled);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot spool trained weights; they stay in memory");
-                        self.spool_failed = true;
-                    }
+    /// The spool, made at the first need; `None` once it failed or without a folder.
+    fn spool(&mut self) -> Option<&Spool> {
+        if self.spool.is_none()
+            && !self.spool_failed
+            && let Some(dir) = &self.spool_dir
+        {
+            let sizes: Vec<usize> = (0..self.given.len()).map(|k| self.elements(k)).collect();
+            match Spool::new(dir, &sizes) {
+                Ok(s) => self.spool = Some(s),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot make a spool file for trained weights; they stay in memory");
+                    self.spool_failed = true;
                 }
             }
         }
+        self.spool.as_ref().filter(|_| !self.spool_failed)
+    }
+
+    /// Keeps a written tensor: in the spool if it fills its shape and the spool works, else
+    /// in memory (a tensor of the wrong size is refused by [`take_written`] with the rest).
+    fn keep(&mut self, i: usize, data: Vec<f32>) {
+        self.pieces[i] = None;
+        if data.len() == self.elements(i)
+            && let Some(spool) = self.spool()
+        {
+            match spool.put(i, 0, &data) {
+                Ok(()) => {
+                    self.written[i] = Some(Written::Spooled);
+                    return;
+                }
+                Err(e) => self.spool_lost(e),
+            }
+        }
         self.written[i] = Some(Written::Memory(data));
+    }
+
+    /// Keeps a piece of a written tensor (`write-at`), `start..start + data.len()` within its
+    /// shape (the caller checked).
+    fn keep_at(&mut self, i: usize, start: usize, data: &[f32]) -> Result<(), String> {
+        let n = self.elements(i);
+        let end = start + data.len();
+        // Pieces after a whole write of the right length lay over it; else they start afresh.
+        let whole = self.pieces[i].is_none()
+            && match &self.written[i] {
+                Some(Written::Spooled) => true,
+                Some(Written::Memory(v)) => v.len() == n,
+                None => false,
+            };
+        if !whole && self.pieces[i].is_none() {
+            self.pieces[i] = Some(Vec::new());
+            self.written[i] = Some(if self.spool().is_some() {
+                Written::Spooled
+            } else {
+                Written::Memory(vec![0.0; n])
+            });
+        }
+        if let Some(Written::Spooled) = self.written[i] {
+            let put = self.spool.as_ref().map(|s| s.put(i, start, data));
+            if let Some(Err(e)) = put {
+                // The spool failed: this tensor's pieces so far to memory, the rest after it.
+                let held = self.spool.as_ref().map(|s| s.get(i, n));
+                self.spool_lost(e);
+                match held {
+                    Some(Ok(v)) => self.written[i] = Some(Written::Memory(v)),
+                    _ => return Err("cannot keep the trained values: the spool file failed".into()),
+                }
+            }
+        }
+        if let Some(Written::Memory(v)) = &mut self.written[i] {
+            v[start..end].copy_from_slice(data);
+        }
+        if let Some(ranges) = &mut self.pieces[i] {
+            let full = ranges.len() >= MAX_PIECES;
+            match ranges.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ if full => return Err(format!("over {MAX_PIECES} separate pieces")),
+                _ => ranges.push((start, end)),
+            }
+        }
+        Ok(())
+    }
+
+    fn spool_lost(&mut self, e: std::io::Error) {
+        tracing::warn!(error = %e, "cannot spool trained weights; they stay in memory");
+        self.spool_failed = true;
     }
 }
 
@@ -654,9 +727,10 @@ impl Spool {
         Ok(Spool { file, offsets })
     }
 
-    fn put(&self, i: usize, data: &[f32]) -> std::io::Result<()> {
+    /// Writes `data` as parameter `i`'s values from value `start` on.
+    fn put(&self, i: usize, start: usize, data: &[f32]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let mut at = self.offsets[i];
+        let mut at = self.offsets[i] + start as u64 * 4;
         let mut buf = Vec::with_capacity(SPOOL_BLOCK * 4);
         for block in data.chunks(SPOOL_BLOCK) {
             buf.clear();
@@ -735,6 +809,28 @@ impl wit_weights::Host for WeightsView<'_> {
         Ok(std::mem::take(&mut p.data))
     }
 
+    fn take(&mut self, index: u32, len: u32) -> wasmtime::Result<Vec<f32>> {
+        let slot = self.slot()?;
+        let count = slot.given.len();
+        let i = index as usize;
+        let (Some(p), Some(read)) = (slot.given.get_mut(i), slot.read.get_mut(i)) else {
+            return Err(out_of_range(index, count));
+        };
+        *read = true;
+        let left = p.data.len();
+        let Some(start) = left.checked_sub(len as usize) else {
+            return Err(wasmtime::format_err!(
+                "weights: took {len} values of parameter {index} ({}), {left} are left",
+                p.name
+            ));
+        };
+        // Handed over from the end: what the module has is no longer held here.
+        let piece = p.data[start..].to_vec();
+        p.data.truncate(start);
+        p.data.shrink_to_fit();
+        Ok(piece)
+    }
+
     fn write(&mut self, index: u32, data: Vec<f32>) -> wasmtime::Result<()> {
         let slot = self.slot()?;
         let count = slot.written.len();
@@ -743,6 +839,30 @@ impl wit_weights::Host for WeightsView<'_> {
         }
         slot.keep(index as usize, data);
         Ok(())
+    }
+
+    fn write_at(&mut self, index: u32, start: u32, data: Vec<f32>) -> wasmtime::Result<()> {
+        let slot = self.slot()?;
+        let count = slot.written.len();
+        let i = index as usize;
+        if i >= count {
+            return Err(out_of_range(index, count));
+        }
+        let n = slot.elements(i);
+        let start = start as usize;
+        if start + data.len() > n {
+            return Err(wasmtime::format_err!(
+                "weights: {} values at {start} run past the end of parameter {index} ({}, {n} values)",
+                data.len(),
+                slot.given[i].name
+            ));
+        }
+        slot.keep_at(i, start, &data).map_err(|reason| {
+            wasmtime::format_err!(
+                "weights: parameter {index} ({}): {reason}",
+                slot.given[i].name
+            )
+        })
     }
 }
 
@@ -825,12 +945,29 @@ fn check_param(p: &Param) -> Result<(), ParamError> {
 /// written, each filling its shape with finite values.
 fn take_written(slot: WeightsSlot) -> Result<Vec<Param>, ParamError> {
     let sizes: Vec<usize> = (0..slot.given.len()).map(|i| slot.elements(i)).collect();
-    let spool = slot.spool;
+    let (spool, mut pieces) = (slot.spool, slot.pieces);
     slot.given
         .into_iter()
         .zip(slot.written)
         .enumerate()
         .map(|(i, (p, data))| {
+            if let Some(ranges) = &mut pieces[i] {
+                ranges.sort_unstable();
+                let mut covered = 0;
+                for &(start, end) in ranges.iter() {
+                    if start > covered {
+                        break;
+                    }
+                    covered = covered.max(end);
+                }
+                if covered < sizes[i] {
+                    return Err(ParamError::Uncovered {
+                        name: p.name.clone(),
+                        from: covered,
+                        values: sizes[i],
+                    });
+                }
+            }
             let data = match data {
                 None => return Err(ParamError::NotWritten(p.name.clone())),
                 Some(Written::Memory(v)) => v,
@@ -1204,6 +1341,81 @@ mod tests {
             "every tensor in the spool, or none"
         );
         assert_eq!(take_written(slot).unwrap(), given, "a later write replaces");
+    }
+
+    /// `take` hands a parameter over from its end and the host lets go of what it handed;
+    /// `write-at` pieces put a parameter together, in the spool or in memory, later pieces
+    /// over earlier ones, and a gap or a piece past the end is named.
+    #[test]
+    fn weights_cross_in_pieces_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        for spool in [Some(dir.path().to_path_buf()), None] {
+            use wit_weights::Host as _;
+            let given = mlp_weights(&[4, 3]); // fc0.weight [4, 3], fc0.bias [3]
+            let mut table = ResourceTable::new();
+            install(&mut table, 0u8, SAMPLE_SLOT, "placeholder").unwrap();
+            install(
+                &mut table,
+                WeightsSlot::new(given.clone(), spool.clone()),
+                WEIGHTS_SLOT,
+                "weights",
+            )
+            .unwrap();
+            let mut view = WeightsView { table: &mut table };
+            let last = view.take(0, 5).unwrap();
+            assert_eq!(last, given[0].data[7..]);
+            assert_eq!(view.slot().unwrap().given[0].data, given[0].data[..7]);
+            let over = view.take(0, 8).unwrap_err().to_string();
+            assert!(
+                over.contains("took 8 values of parameter 0 (fc0.weight), 7 are left"),
+                "{over}"
+            );
+            assert_eq!(view.take(0, 7).unwrap(), given[0].data[..7]);
+            assert!(view.slot().unwrap().given[0].data.is_empty());
+            assert!(view.read(0).is_err(), "read after take");
+            assert!(view.take(2, 0).is_err(), "out of range");
+
+            // Pieces out of order and overlapping; the later one counts.
+            view.write_at(0, 6, vec![-1.0; 6]).unwrap();
+            view.write_at(0, 0, given[0].data[..8].to_vec()).unwrap();
+            view.write_at(0, 8, given[0].data[8..].to_vec()).unwrap();
+            let past = view.write_at(1, 2, vec![0.0; 2]).unwrap_err().to_string();
+            assert!(
+                past.contains("2 values at 2 run past the end of parameter 1 (fc0.bias, 3 values)"),
+                "{past}"
+            );
+            // A gap in the bias: named.
+            view.write_at(1, 0, vec![0.5]).unwrap();
+            view.write_at(1, 2, vec![0.5]).unwrap();
+            let slot = table
+                .delete(Resource::<WeightsSlot>::new_own(WEIGHTS_SLOT))
+                .unwrap();
+            assert_eq!(slot.spool.is_some(), spool.is_some());
+            let gap = take_written(slot).unwrap_err().to_string();
+            assert!(
+                gap.contains("fc0.bias: written in pieces that leave value 1 of 3"),
+                "{gap}"
+            );
+
+            // The same, the gap filled, and pieces over a whole write.
+            let mut slot = WeightsSlot::new(given.clone(), spool.clone());
+            slot.keep_at(0, 0, &given[0].data).unwrap();
+            slot.keep(1, vec![7.0; 3]);
+            slot.keep_at(1, 1, &given[1].data[1..]).unwrap();
+            slot.keep_at(1, 0, &given[1].data[..1]).unwrap();
+            assert_eq!(take_written(slot).unwrap(), given);
+        }
+        // Pieces that never touch are bounded.
+        let given = mlp_weights(&[2 * MAX_PIECES as u32 + 2, 1]);
+        let mut slot = WeightsSlot::new(given, None);
+        for k in 0..MAX_PIECES {
+            slot.keep_at(0, 2 * k, &[1.0]).unwrap();
+        }
+        assert!(
+            slot.keep_at(0, 2 * MAX_PIECES, &[1.0])
+                .unwrap_err()
+                .contains("separate pieces")
+        );
     }
 
     #[test]

@@ -63,8 +63,12 @@ impl bindings::Guest for MlpTrainer {
                 tally.accuracy()
             ),
         );
+        // In pieces: the host keeps each as it comes, and a large tensor never crosses whole
+        // (which would hold it once more on the host's side while this instance still has it).
         for (index, data) in model.tensors().enumerate() {
-            weights::write(index as u32, data);
+            for (k, piece) in data.chunks(PIECE).enumerate() {
+                weights::write_at(index as u32, (k * PIECE) as u32, piece);
+            }
         }
         Ok(TrainResult {
             samples: total,
@@ -97,16 +101,31 @@ impl bindings::Guest for MlpTrainer {
     }
 }
 
-/// The call's parameters: names and shapes, and each tensor's values (the host hands each over
-/// once).
+/// Values a weight tensor crosses the boundary in, either way (256 KiB).
+const PIECE: usize = 64 * 1024;
+
+/// The call's parameters: names and shapes, and each tensor's values, taken from the host
+/// piece by piece from the end (the host lets go of each piece as it hands it over, so a large
+/// tensor is not held on both sides at once).
 fn read_weights() -> Vec<mlp::Param> {
     weights::describe()
         .into_iter()
         .enumerate()
-        .map(|(index, p)| mlp::Param {
-            name: p.name,
-            shape: p.shape,
-            data: weights::read(index as u32),
+        .map(|(index, p)| {
+            let n = p.shape.iter().map(|&d| d as usize).product::<usize>();
+            let mut data = vec![0.0f32; n];
+            let mut end = n;
+            while end > 0 {
+                let len = end.min(PIECE);
+                let piece = weights::take(index as u32, len as u32);
+                data[end - len..end].copy_from_slice(&piece);
+                end -= len;
+            }
+            mlp::Param {
+                name: p.name,
+                shape: p.shape,
+                data,
+            }
         })
         .collect()
 }
