@@ -358,6 +358,23 @@ pub fn admit(
     Ok(Ok((msg, admission)))
 }
 
+/// Hands `tensors`, laid end to end, to `put` a piece at a time from the end (each piece with
+/// its offset among all the values), letting go of each piece as it goes.
+fn drain_from_the_end(tensors: &mut [Vec<f32>], mut put: impl FnMut(usize, &[f32])) {
+    /// Values let go at a time (256 KiB).
+    const PIECE: usize = 64 * 1024;
+    let mut end: usize = tensors.iter().map(Vec::len).sum();
+    for t in tensors.iter_mut().rev() {
+        while !t.is_empty() {
+            let start = t.len() - t.len().min(PIECE);
+            end -= t.len() - start;
+            put(end, &t[start..]);
+            t.truncate(start);
+            t.shrink_to_fit();
+        }
+    }
+}
+
 /// The blob of a round whose weights are only in the state directory (its chunks, kept by the
 /// fetch); `None` for a round that carries its weights.
 fn kept_blob(msg: &RoundMessage) -> Option<&fl::WeightsBlob> {
@@ -987,34 +1004,12 @@ impl FlTask {
                 .collect(),
         )
         .map_err(trainer_err)?;
-        // The update's body is formed in place: its header, then the payload. Each trained
-        // tensor less its global weights, in place and in the header's order (the global ones
-        // read again from the kept chunks, checked as a whole, or from the message), goes
-        // straight into the payload for the codecs that encode each value on its own (fp32,
-        // fp16), else into the delta the codec takes whole; either grows as the trained
-        // tensors go, so the two together are never more than the model's size.
+        // Each trained tensor less its global weights, in place and in the header's order (the
+        // global ones read again from the kept chunks, checked as a whole, or from the
+        // message).
         let n = fl::weight_count(&h.params);
-        let mut body = Update {
-            task: h.task.clone(),
-            round: h.round,
-            base_version: h.version,
-            samples: out.samples,
-            loss: out.loss,
-            accuracy: out.accuracy,
-            train_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
-            payload: Vec::new(),
-        }
-        .encode();
-        let element_wise = codec::element_wise(order.codec, n);
-        let mut delta = Vec::new();
-        match &element_wise {
-            Some(e) => {
-                body.reserve_exact(e.len());
-                e.begin(&mut body);
-            }
-            None => delta.reserve_exact(n),
-        }
         let mut kept = kept_blob(&msg).map(|blob| self.kept(&h.task, h.version, blob));
+        let mut locals: Vec<Vec<f32>> = Vec::with_capacity(h.params.len());
         let mut at = 0;
         for p in &h.params {
             let t = trained
@@ -1047,26 +1042,56 @@ impl FlTask {
                 }
             }
             at += p.len();
-            match &element_wise {
-                Some(e) => e.push(&local, &mut body),
-                None => delta.extend_from_slice(&local),
-            }
+            locals.push(local);
         }
         drop(trained);
         if let Some(kept) = kept {
             kept.finish(n)?;
         }
+        // The update's body: its header, then the payload. The codecs that encode each value
+        // on its own (fp32, fp16) write the deltas straight into it, the others take the delta
+        // whole. Either is filled from its end while the deltas are let go from theirs (a
+        // zeroed allocation this large is fresh pages, taken only as they are written), so
+        // the deltas and what they become are never both whole, also when one tensor is
+        // nearly all of the model.
+        let mut body = Update {
+            task: h.task.clone(),
+            round: h.round,
+            base_version: h.version,
+            samples: out.samples,
+            loss: out.loss,
+            accuracy: out.accuracy,
+            train_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            payload: Vec::new(),
+        }
+        .encode();
         let ef = order.codec.uses_error_feedback();
         let mut residual = ef.then(|| self.d.state.residual(&h.task, n));
-        if element_wise.is_none() {
-            codec::encode_into(
-                order.codec,
-                &delta,
-                residual.as_deref_mut(),
-                order.seed,
-                &mut body,
-            );
-            drop(delta);
+        match codec::element_wise(order.codec, n) {
+            Some(e) => {
+                let head = body.len();
+                let mut full = vec![0u8; head + e.len()];
+                full[..head].copy_from_slice(&body);
+                full[head..head + 5].copy_from_slice(&e.header());
+                body = full;
+                drain_from_the_end(&mut locals, |start, piece| {
+                    let at = head + 5 + start * e.width();
+                    e.write(piece, &mut body[at..at + piece.len() * e.width()]);
+                });
+            }
+            None => {
+                let mut delta = vec![0.0f32; n];
+                drain_from_the_end(&mut locals, |start, piece| {
+                    delta[start..start + piece.len()].copy_from_slice(piece);
+                });
+                codec::encode_into(
+                    order.codec,
+                    &delta,
+                    residual.as_deref_mut(),
+                    order.seed,
+                    &mut body,
+                );
+            }
         }
         let topic = topics::fl_update(&self.d.device);
         let binary = |kind: &str, b: &[u8]| {
@@ -1136,6 +1161,30 @@ mod tests {
 
     fn round(coord: &Identity, h: &RoundHeader) -> Vec<u8> {
         encode_round(h, &[0.5, -0.5], coord.signing_key()).expect("encodes")
+    }
+
+    #[test]
+    fn tensors_drained_from_the_end_land_where_they_were_laid() {
+        let sizes = [3, 64 * 1024 * 2 + 5, 0, 7];
+        let mut tensors: Vec<Vec<f32>> = Vec::new();
+        let mut all = Vec::new();
+        for n in sizes {
+            let t: Vec<f32> = (all.len()..all.len() + n).map(|i| i as f32).collect();
+            all.extend_from_slice(&t);
+            tensors.push(t);
+        }
+        let mut out = vec![f32::NAN; all.len()];
+        let mut ends = Vec::new();
+        super::drain_from_the_end(&mut tensors, |start, piece| {
+            out[start..start + piece.len()].copy_from_slice(piece);
+            ends.push(start + piece.len());
+        });
+        assert_eq!(out, all);
+        assert!(
+            ends.windows(2).all(|w| w[1] < w[0]),
+            "from the end: {ends:?}"
+        );
+        assert!(tensors.iter().all(|t| t.is_empty() && t.capacity() == 0));
     }
 
     #[test]

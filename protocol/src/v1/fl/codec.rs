@@ -211,22 +211,40 @@ impl ElementWise {
         false
     }
 
+    /// The payload's header (its first bytes).
+    pub fn header(&self) -> [u8; 5] {
+        let n = (self.n as u32).to_le_bytes();
+        [self.tag, n[0], n[1], n[2], n[3]]
+    }
+
+    /// Bytes per value.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// Appends the payload's header.
     pub fn begin(&self, out: &mut Vec<u8>) {
-        out.push(self.tag);
-        out.extend_from_slice(&(self.n as u32).to_le_bytes());
+        out.extend_from_slice(&self.header());
     }
 
     /// Appends the next values (non-finite ones as zero, as [`encode`] does).
     pub fn push(&self, values: &[f32], out: &mut Vec<u8>) {
+        let at = out.len();
+        out.resize(at + values.len() * self.width, 0);
+        self.write(values, &mut out[at..]);
+    }
+
+    /// Encodes `values` into `out` (`values.len()` times [`ElementWise::width`] bytes): where
+    /// they go in the payload is the caller's to say, so a payload can be filled in any order.
+    pub fn write(&self, values: &[f32], out: &mut [u8]) {
         let clean = |x: f32| if x.is_finite() { x } else { 0.0 };
         if self.tag == TAG_FP32 {
-            for &x in values {
-                out.extend_from_slice(&clean(x).to_le_bytes());
+            for (x, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&clean(*x).to_le_bytes());
             }
         } else {
-            for &x in values {
-                out.extend_from_slice(&to_f16(clean(x)).to_le_bytes());
+            for (x, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&to_f16(clean(*x)).to_le_bytes());
             }
         }
     }
