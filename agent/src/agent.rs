@@ -188,7 +188,7 @@ pub async fn run(
         // enrollment session names (pinned or trusted at enrollment).
         session: sessions.clone(),
         inbox: inbox.clone(),
-        state: crate::fl::FlState::open(&state.db, cfg.state_dir.join("fl-chunks"))
+        state: crate::fl::FlState::open(&state.db, cfg.state_dir.join("fl"))
             .map_err(|e| AgentError::Task(e.to_string()))?,
         outbox: outbox.clone(),
         dataset: deps.dataset.clone(),

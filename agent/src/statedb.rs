@@ -1,7 +1,7 @@
 //! The agent's state database (`state_dir/state`): one sled database for everything that is
 //! not the outbox: stages' kv namespaces, the deployer's state, the dataset store, federated
 //! learning's rounds and marks. The outbox keeps its own database and write-ahead log; what is
-//! large and written whole lives in files beside it (`state_dir/artifacts`, `fl-chunks`),
+//! large and written whole lives in files beside it (`state_dir/artifacts`, `state_dir/fl`),
 //! because sled 0.34 keeps every page it writes in memory whatever its cache size.
 //!
 //! **Invariant:** anything the agent reports as stored (a deployment step, an installed

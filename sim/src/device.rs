@@ -362,7 +362,7 @@ fn federated(
         device: device.to_owned(),
         session: sessions.clone(),
         inbox: inbox.clone(),
-        state: FlState::open(&state.db, cfg.state_dir.join("fl-chunks"))?,
+        state: FlState::open(&state.db, cfg.state_dir.join("fl"))?,
         outbox: outbox.clone(),
         dataset,
         trainer: Arc::new(SyntheticTrainer {

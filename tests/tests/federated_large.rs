@@ -168,7 +168,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     // The final weights stay kept for a restart, as files of the state directory: one version,
     // every chunk at its length.
     for a in &agents {
-        let task = a.state_dir().join("fl-chunks/big");
+        let task = a.state_dir().join("fl/chunks/big");
         let versions: Vec<_> = std::fs::read_dir(&task)
             .with_context(|| format!("{}", task.display()))?
             .collect::<std::io::Result<_>>()?;

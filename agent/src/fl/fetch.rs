@@ -385,7 +385,7 @@ mod tests {
     fn kept_chunks_read_across_chunk_edges_and_check_the_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path().join("state")).expect("open");
-        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
+        let state = FlState::open(&db, dir.path().join("fl")).expect("state");
         // Three chunks and a bit; read in pieces that straddle the chunk edges.
         let n = 3 * (chunks::CHUNK_BYTES as usize / 4) + 100;
         let weights: Vec<f32> = (0..n).map(|i| (i as f32 * 0.001).sin()).collect();

@@ -1098,22 +1098,29 @@ impl FlTask {
             NewMessage::binary(Class::Model, topic.clone(), kind, b, Some(Duration::ZERO))
         };
         // Over one message: in parts, queued together (one commit), put together by the
-        // coordinator. The parts are cut from the body's end as it shrinks, and each becomes
-        // its message as it goes, so the update is not held twice.
+        // coordinator (in any order). The parts are cut from the body's end as the outbox
+        // takes them, each made into its message when its turn comes, so the update is not
+        // held twice (nor in the small blocks the parts are, which would stay in malloc's
+        // arenas until the round's end).
         let bytes = body.len();
-        let messages: Vec<NewMessage> = if body.len() <= fl::chunks::PART_BYTES {
-            vec![binary(fl::UPDATE_KIND, &body)]
-        } else {
-            fl::UpdatePart::split_owned(&h.task, h.round, std::mem::take(&mut body))
-                .into_iter()
-                .map(|p| binary(fl::chunks::PART_KIND, &p.encode()))
-                .collect()
-        };
-        let parts = messages.len();
-        drop(body);
         let outbox = self.d.outbox.clone();
-        let queued = tokio::runtime::Handle::current()
-            .block_on(outbox.enqueue_batch(messages))
+        let (queued, parts) = if body.len() <= fl::chunks::PART_BYTES {
+            let queued = tokio::runtime::Handle::current()
+                .block_on(outbox.enqueue_batch(vec![binary(fl::UPDATE_KIND, &body)]));
+            (queued, 1)
+        } else {
+            let parts = fl::UpdatePart::from_the_end(&h.task, h.round, std::mem::take(&mut body));
+            let count = parts.len();
+            // Each part's body: the binary envelope, the part's header and at most PART_BYTES.
+            let charge = count as u64
+                * Outbox::charge(topic.len(), fl::chunks::PART_BYTES + 64 + 2 * h.task.len());
+            let messages = parts.map(|p| binary(fl::chunks::PART_KIND, &p.encode()));
+            let queued = tokio::runtime::Handle::current()
+                .block_on(outbox.enqueue_batch_from(messages, charge));
+            (queued, count)
+        };
+        drop(body);
+        let queued = queued
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RoundError::Outbox(e.to_string()))?;
@@ -1196,7 +1203,7 @@ mod tests {
         let r2 = round(&coord, &header("pi-1", 2, 1, 50));
         {
             let db = sled::open(dir.path()).expect("open");
-            let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
+            let state = FlState::open(&db, dir.path().join("fl")).expect("state");
             // Signed by someone else (the deploy key, a forger): refused.
             let forged = round(&Identity::generate(), &header("pi-1", 9, 9, 1));
             assert!(matches!(
@@ -1219,7 +1226,7 @@ mod tests {
         // After a restart: an older round is a replay, the held one comes back as `Again`, a
         // re-issue of the same round (later issued_ms) and the next round are new.
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
-        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
+        let state = FlState::open(&db, dir.path().join("fl")).expect("state");
         assert!(matches!(
             admit(&r2, "pi-1", &[], key, &state).expect("state"),
             Err(Refusal::Replay { round: 2, .. })
@@ -1272,7 +1279,7 @@ mod tests {
         let coord = Identity::generate();
         let key = coord.public().verifying_key().expect("key");
         let db = sled::open(dir.path()).expect("open");
-        let state = FlState::open(&db, dir.path().join("chunks")).expect("state");
+        let state = FlState::open(&db, dir.path().join("fl")).expect("state");
         let lab = vec!["lab".to_owned()];
         let to_group = round(&coord, &header(&topics::group_recipient("lab"), 1, 0, 100));
         assert!(matches!(

@@ -7,14 +7,16 @@
 //!                    global weights back without the network
 //! submitted/{task}   last round whose update is in the outbox (u32 BE): a round is trained
 //!                    and sent at most once, also across restarts
-//! residual/{task}    error-feedback residual, n x f32 LE
+//! residual/{task}    the round (u32 BE) whose error-feedback residual is current: the file
+//!                    `residual/{task}.{round}` (n x f32 LE); n x f32 LE itself from earlier
+//!                    agents
 //! mark/{task}        the newest round message admitted for the task: version u32 BE, round
 //!                    u32 BE, issued_ms u64 BE, sha256 of the message (32 bytes); anything
 //!                    older is refused, also after a restart (see [`Mark::admits`])
 //! ```
 //!
 //! The verified chunks of weights too big for a round message (the round's header names each
-//! chunk's digest) are files, `{chunks}/{task}/{version}/{index}`, not sled values: sled 0.34
+//! chunk's digest) are files, `chunks/{task}/{version}/{index}`, not sled values: sled 0.34
 //! keeps every page it writes in memory whatever its cache size, so a 20 MB model's chunks would
 //! stay in the agent's memory between rounds. A fetch resumes where it stopped, and a restart
 //! applies the weights without the network; only the newest version of a task is kept.
@@ -39,6 +41,21 @@ pub struct StateError(String);
 
 fn err(e: impl std::fmt::Display) -> StateError {
     StateError(e.to_string())
+}
+
+/// A task's name as a file name: itself where it is a plain one, else `#` and a hash of it.
+fn file_name(task: &str) -> String {
+    let plain = !task.is_empty()
+        && task.len() <= 64
+        && !task.starts_with('.')
+        && task
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if plain {
+        task.to_owned()
+    } else {
+        format!("#{}", &hex::encode(Sha256::digest(task.as_bytes()))[..32])
+    }
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> StateError {
@@ -116,12 +133,14 @@ pub struct FlState {
     tree: sled::Tree,
     /// Where the chunks of weights too big for a round message are kept.
     chunks: PathBuf,
+    /// Where error-feedback residuals are kept.
+    residuals: PathBuf,
 }
 
 impl FlState {
-    /// The `fl` tree of `db`, and the chunks in files under `chunks` (created when the first
-    /// is kept).
-    pub fn open(db: &sled::Db, chunks: PathBuf) -> Result<FlState, StateError> {
+    /// The `fl` tree of `db`, and the files under `dir` (`chunks/`, `residual/`; created when
+    /// the first is kept).
+    pub fn open(db: &sled::Db, dir: PathBuf) -> Result<FlState, StateError> {
         let tree = db.open_tree(TREE).map_err(err)?;
         // Chunks kept in the tree by earlier agents: sled holds what it wrote in memory, so
         // they moved to files (fetched again when next needed).
@@ -134,7 +153,11 @@ impl FlState {
         if any {
             tree.apply_batch(old).map_err(err)?;
         }
-        Ok(FlState { tree, chunks })
+        Ok(FlState {
+            tree,
+            chunks: dir.join("chunks"),
+            residuals: dir.join("residual"),
+        })
     }
 
     /// The newest round message admitted for `task`. A mark that does not decode (damaged)
@@ -180,52 +203,91 @@ impl FlState {
     /// The residual for `task` if it has `n` weights, else zeros (a new task, or a model whose
     /// shape changed).
     pub fn residual(&self, task: &str, n: usize) -> Vec<f32> {
-        match self.tree.get(format!("residual/{task}")) {
-            Ok(Some(v)) if v.len() == n * 4 => v
-                .chunks_exact(4)
+        let values = |b: &[u8]| {
+            b.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+                .collect()
+        };
+        match self.tree.get(format!("residual/{task}")) {
+            // The round whose residual file is current.
+            Ok(Some(v)) if v.len() == 4 => {
+                let round = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+                match std::fs::read(self.residual_path(task, round)) {
+                    Ok(b) if b.len() == n * 4 => values(&b),
+                    _ => vec![0.0; n],
+                }
+            }
+            // Kept in the tree by an earlier agent.
+            Ok(Some(v)) if v.len() == n * 4 => values(&v),
             _ => vec![0.0; n],
         }
     }
 
-    /// Records that `round`'s update is queued and stores the residual left after it, in one
-    /// transaction, then flushes.
+    fn residual_path(&self, task: &str, round: u32) -> PathBuf {
+        self.residuals.join(format!("{}.{round}", file_name(task)))
+    }
+
+    /// Removes `task`'s residual files but `keep`'s (best effort: one left behind is only
+    /// disk space, and goes at the next commit).
+    fn drop_residuals(&self, task: &str, keep: Option<u32>) {
+        let prefix = format!("{}.", file_name(task));
+        let keep = keep.map(|r| format!("{prefix}{r}"));
+        for entry in std::fs::read_dir(&self.residuals)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name
+                .strip_prefix(&prefix)
+                .is_some_and(|r| r.parse::<u32>().is_ok())
+                && keep.as_deref() != Some(name)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Records that `round`'s update is queued and stores the residual left after it: the
+    /// residual in a file of its own (`residual/{task}.{round}`, written durably first), then
+    /// `submitted` and the tree's pointer to that file in one transaction, flushed. A crash
+    /// before the transaction leaves a file nothing points to (overwritten if the round is
+    /// trained again, removed at the next commit). The residual is not a sled value: sled
+    /// 0.34 keeps every page it writes in memory, a model's size for every task with a
+    /// compressing codec.
     pub fn commit_submitted(
         &self,
         task: &str,
         round: u32,
         residual: Option<&[f32]>,
     ) -> Result<(), StateError> {
-        let bytes: Option<Vec<u8>> =
-            residual.map(|r| r.iter().flat_map(|x| x.to_le_bytes()).collect());
+        if let Some(r) = residual {
+            std::fs::create_dir_all(&self.residuals).map_err(|e| io_err(&self.residuals, e))?;
+            let path = self.residual_path(task, round);
+            let bytes: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
+            crate::fsutil::write_durably(&path, &bytes).map_err(|e| io_err(&path, e))?;
+        }
         (&self.tree,)
             .transaction(|(t,)| {
                 t.insert(format!("submitted/{task}").as_bytes(), &round.to_be_bytes())?;
-                if let Some(b) = &bytes {
-                    t.insert(format!("residual/{task}").as_bytes(), b.as_slice())?;
+                if residual.is_some() {
+                    t.insert(format!("residual/{task}").as_bytes(), &round.to_be_bytes())?;
                 }
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| err(format!("{e:?}")))?;
         self.tree.flush().map_err(err)?;
+        if residual.is_some() {
+            self.drop_residuals(task, Some(round));
+        }
         Ok(())
     }
 
     /// The folder of `task`'s chunks at `version`: `{chunks}/{task}/{version}`, the task's name
     /// as it is where it is a plain file name, else `#` and a hash of it.
     fn task_dir(&self, task: &str) -> PathBuf {
-        let plain = !task.is_empty()
-            && task.len() <= 64
-            && !task.starts_with('.')
-            && task
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        self.chunks.join(if plain {
-            task.to_owned()
-        } else {
-            format!("#{}", &hex::encode(Sha256::digest(task.as_bytes()))[..32])
-        })
+        self.chunks.join(file_name(task))
     }
 
     fn version_dir(&self, task: &str, version: u32) -> PathBuf {
@@ -320,6 +382,7 @@ impl FlState {
     /// replayed final message does nothing).
     pub fn finish(&self, task: &str) -> Result<(), StateError> {
         self.tree.remove(format!("residual/{task}")).map_err(err)?;
+        self.drop_residuals(task, None);
         Ok(())
     }
 }
@@ -333,7 +396,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("open");
-            let s = FlState::open(&db, dir.path().join("chunks")).expect("state");
+            let s = FlState::open(&db, dir.path().join("fl")).expect("state");
             assert_eq!(s.residual("t", 3), vec![0.0; 3]);
             assert_eq!(s.submitted("t"), None);
             s.commit_submitted("t", 4, Some(&[1.0, -2.0, 0.5]))
@@ -345,7 +408,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let db = crate::statedb::reopen_for_test(&sled::Config::new().path(dir.path()));
-        let s = FlState::open(&db, dir.path().join("chunks")).expect("state");
+        let s = FlState::open(&db, dir.path().join("fl")).expect("state");
         assert_eq!(s.submitted("t"), Some(4));
         assert_eq!(s.residual("t", 3), vec![1.0, -2.0, 0.5]);
         assert_eq!(
@@ -375,8 +438,8 @@ mod tests {
             .expect("old chunk");
         tree.insert(b"submitted/t", &7u32.to_be_bytes()[..])
             .expect("submitted");
-        let chunks = dir.path().join("chunks");
-        let s = FlState::open(&db, chunks.clone()).expect("state");
+        let s = FlState::open(&db, dir.path().join("fl")).expect("state");
+        let chunks = dir.path().join("fl/chunks");
         assert_eq!(tree.scan_prefix("chunk/").count(), 0, "old chunks dropped");
         assert_eq!(s.submitted("t"), Some(7), "the rest kept");
 
@@ -424,6 +487,66 @@ mod tests {
             2,
             "every task in a folder of its own: {names:?}"
         );
+    }
+
+    #[test]
+    fn residuals_are_files_the_tree_points_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path().join("db")).expect("open");
+        let files = dir.path().join("fl/residual");
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(&files)
+                .map(|d| {
+                    d.map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        // An earlier agent's residual, in the tree itself, still reads.
+        let tree = db.open_tree(TREE).expect("tree");
+        let legacy: Vec<u8> = [0.25f32, 0.5]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        tree.insert(b"residual/t", legacy).expect("legacy");
+        let s = FlState::open(&db, dir.path().join("fl")).expect("state");
+        assert_eq!(s.residual("t", 2), vec![0.25, 0.5]);
+
+        s.commit_submitted("t", 4, Some(&[1.0, 2.0]))
+            .expect("commit");
+        assert_eq!(names(), ["t.4"]);
+        assert_eq!(
+            tree.get(b"residual/t").expect("get").expect("set").len(),
+            4,
+            "a pointer"
+        );
+        assert_eq!(s.residual("t", 2), vec![1.0, 2.0]);
+        // A crash after the file, before the transaction: nothing points to it.
+        crate::fsutil::write_durably(&files.join("t.5"), &[0u8; 8]).expect("orphan");
+        assert_eq!(s.residual("t", 2), vec![1.0, 2.0]);
+        // A round without a residual (a codec without error feedback) keeps the file.
+        s.commit_submitted("t", 5, None).expect("commit");
+        assert_eq!(s.submitted("t"), Some(5));
+        assert_eq!(s.residual("t", 2), vec![1.0, 2.0]);
+        s.commit_submitted("t", 6, Some(&[3.0, 4.0]))
+            .expect("commit");
+        assert_eq!(names(), ["t.6"], "older files go");
+        assert_eq!(s.residual("t", 2), vec![3.0, 4.0]);
+        assert_eq!(
+            s.residual("t", 3),
+            vec![0.0; 3],
+            "another shape starts from zero"
+        );
+        // The file gone or damaged: zeros, as for a new task.
+        std::fs::write(files.join("t.6"), [1u8; 5]).expect("damage");
+        assert_eq!(s.residual("t", 2), vec![0.0; 2]);
+        s.commit_submitted("other", 1, Some(&[1.0]))
+            .expect("commit");
+        s.finish("t").expect("finish");
+        assert_eq!(names(), ["other.1"]);
+        assert_eq!(s.residual("t", 2), vec![0.0; 2]);
     }
 
     #[test]

@@ -490,7 +490,28 @@ impl Outbox {
     /// Stores messages durably with one group commit; one result per message, in order.
     /// An `Ok` means the message survives a crash or power cut and will be delivered.
     pub async fn enqueue_batch(&self, msgs: Vec<NewMessage>) -> Vec<Result<Accepted, OutboxError>> {
-        let (mut results, inserted) = self.insert_batch(msgs);
+        let charge = msgs
+            .iter()
+            .map(|m| accounting::charge(m.topic.len(), m.body.len()))
+            .sum();
+        self.enqueue_batch_from(msgs.into_iter(), charge).await
+    }
+
+    /// What a message of this topic and body length counts for against the outbox's room.
+    pub fn charge(topic_len: usize, body_len: usize) -> u64 {
+        accounting::charge(topic_len, body_len)
+    }
+
+    /// [`Outbox::enqueue_batch`] of messages made as their turn comes, so the caller need not
+    /// hold the whole batch at once (an update in parts is cut from its end as it goes);
+    /// `charge` is what they count for in all ([`Outbox::charge`]; an estimate over the truth
+    /// is fine), for the free-space check.
+    pub async fn enqueue_batch_from(
+        &self,
+        msgs: impl Iterator<Item = NewMessage> + Send,
+        charge: u64,
+    ) -> Vec<Result<Accepted, OutboxError>> {
+        let (mut results, inserted) = self.insert_batch(msgs, charge);
         if inserted.is_empty() {
             return results;
         }
@@ -570,14 +591,11 @@ impl Outbox {
     #[allow(clippy::type_complexity)]
     fn insert_batch(
         &self,
-        msgs: Vec<NewMessage>,
+        msgs: impl Iterator<Item = NewMessage>,
+        batch_bytes: u64,
     ) -> (Vec<Result<Accepted, OutboxError>>, Vec<(usize, Key, u64)>) {
-        let mut results = Vec::with_capacity(msgs.len());
+        let mut results = Vec::with_capacity(msgs.size_hint().0);
         let mut inserted = Vec::new();
-        let batch_bytes: u64 = msgs
-            .iter()
-            .map(|m| accounting::charge(m.topic.len(), m.body.len()))
-            .sum();
         let free = match self.store {
             Store::Disk(_) => Some(crate::fsutil::available_bytes(&self.path)),
             Store::Memory(_) => None,
@@ -586,7 +604,7 @@ impl Outbox {
             None => {}
             Some(Ok(avail)) if avail < DISK_RESERVE_BYTES + batch_bytes => {
                 let mut inner = self.lock();
-                for _ in &msgs {
+                for _ in msgs {
                     inner.acct.refused();
                     results.push(Err(OutboxError::DiskFull {
                         path: self.path.clone(),

@@ -280,31 +280,22 @@ impl UpdatePart {
         })
     }
 
-    /// [`UpdatePart::split`] of an update it takes: the parts are cut from its end, and the
-    /// update shrinks as they are, so the parts and the update together are never much more
-    /// than the update (a sender that keeps every part until they are queued together).
-    pub fn split_owned(task: &str, round: u32, mut update: Vec<u8>) -> Vec<UpdatePart> {
+    /// [`UpdatePart::split`] of an update it takes, last part first: each part is cut from
+    /// the update's end as it is asked for, and the update shrinks as it is (its pages go back
+    /// as it does), so the parts made and the update left are never much more than the update.
+    /// The receiver puts parts together in any order.
+    pub fn from_the_end(task: &str, round: u32, update: Vec<u8>) -> FromTheEnd {
         let sha256: [u8; 32] = Sha256::digest(&update).into();
-        let total = update.len() as u32;
         let count = update.len().div_ceil(PART_BYTES).max(1) as u32;
-        let mut parts: Vec<UpdatePart> = (0..count)
-            .rev()
-            .map(|i| {
-                let data = update.split_off(i as usize * PART_BYTES);
-                update.shrink_to_fit();
-                UpdatePart {
-                    task: task.to_owned(),
-                    round,
-                    index: i,
-                    count,
-                    total,
-                    sha256,
-                    data,
-                }
-            })
-            .collect();
-        parts.reverse();
-        parts
+        FromTheEnd {
+            task: task.to_owned(),
+            round,
+            sha256,
+            total: update.len() as u32,
+            count,
+            left: count,
+            update,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -393,6 +384,44 @@ pub fn assemble(parts: &[UpdatePart]) -> Result<Vec<u8>, FlError> {
     Ok(out)
 }
 
+/// The parts of an update, last first ([`UpdatePart::from_the_end`]).
+#[derive(Debug)]
+pub struct FromTheEnd {
+    task: String,
+    round: u32,
+    sha256: [u8; 32],
+    total: u32,
+    count: u32,
+    /// Parts not cut yet: `0..left`.
+    left: u32,
+    update: Vec<u8>,
+}
+
+impl Iterator for FromTheEnd {
+    type Item = UpdatePart;
+
+    fn next(&mut self) -> Option<UpdatePart> {
+        self.left = self.left.checked_sub(1)?;
+        let data = self.update.split_off(self.left as usize * PART_BYTES);
+        self.update.shrink_to_fit();
+        Some(UpdatePart {
+            task: self.task.clone(),
+            round: self.round,
+            index: self.left,
+            count: self.count,
+            total: self.total,
+            sha256: self.sha256,
+            data,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left as usize, Some(self.left as usize))
+    }
+}
+
+impl ExactSizeIterator for FromTheEnd {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +438,14 @@ mod tests {
         ] {
             let update: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let whole: Vec<UpdatePart> = UpdatePart::split("t", 4, &update).collect();
-            let taken = UpdatePart::split_owned("t", 4, update.clone());
+            let parts = UpdatePart::from_the_end("t", 4, update.clone());
+            assert_eq!(parts.len(), whole.len());
+            let mut taken: Vec<UpdatePart> = parts.collect();
+            assert!(
+                taken.windows(2).all(|w| w[0].index > w[1].index),
+                "last first"
+            );
+            taken.reverse();
             assert_eq!(taken, whole, "{len} bytes");
             assert_eq!(
                 taken
