@@ -1283,18 +1283,25 @@ mod tests {
         weights_change_hands_once_with(Some(dir.path().join("missing")));
     }
 
-    fn weights_change_hands_once_with(spool: Option<std::path::PathBuf>) {
-        use wit_weights::Host as _;
-        let given = mlp_weights(&[2, 3]);
+    /// A call's resource table as the host sets it up: a sample slot (a placeholder here) and
+    /// the weights `given`, spooled to `spool`.
+    fn weights_table(given: &[Param], spool: Option<std::path::PathBuf>) -> ResourceTable {
         let mut table = ResourceTable::new();
         install(&mut table, 0u8, SAMPLE_SLOT, "placeholder").unwrap();
         install(
             &mut table,
-            WeightsSlot::new(given.clone(), spool.clone()),
+            WeightsSlot::new(given.to_vec(), spool),
             WEIGHTS_SLOT,
             "weights",
         )
         .unwrap();
+        table
+    }
+
+    fn weights_change_hands_once_with(spool: Option<std::path::PathBuf>) {
+        use wit_weights::Host as _;
+        let given = mlp_weights(&[2, 3]);
+        let mut table = weights_table(&given, spool.clone());
         let mut view = WeightsView { table: &mut table };
         let info = view.describe().unwrap();
         assert_eq!(
@@ -1352,15 +1359,7 @@ mod tests {
         for spool in [Some(dir.path().to_path_buf()), None] {
             use wit_weights::Host as _;
             let given = mlp_weights(&[4, 3]); // fc0.weight [4, 3], fc0.bias [3]
-            let mut table = ResourceTable::new();
-            install(&mut table, 0u8, SAMPLE_SLOT, "placeholder").unwrap();
-            install(
-                &mut table,
-                WeightsSlot::new(given.clone(), spool.clone()),
-                WEIGHTS_SLOT,
-                "weights",
-            )
-            .unwrap();
+            let mut table = weights_table(&given, spool.clone());
             let mut view = WeightsView { table: &mut table };
             let last = view.take(0, 5).unwrap();
             assert_eq!(last, given[0].data[7..]);
