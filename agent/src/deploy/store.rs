@@ -68,6 +68,16 @@ impl FileStore {
             error: e.to_string(),
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        // Writes a crash cut short (`{sha256}.tmp`, see `fsutil::write_durably`).
+        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".tmp"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let store = FileStore { dir };
         if db
             .tree_names()
@@ -239,8 +249,14 @@ mod tests {
         .expect("tmp");
         assert_eq!(store.digests(), vec![sha.clone()]);
         drop(store);
-        // Survives reopening.
+        // Survives reopening; the cut-short write goes.
         let store = FileStore::open(dir.path().join("artifacts"), &db).expect("store");
+        assert!(
+            !dir.path()
+                .join("artifacts")
+                .join(format!("{sha}.tmp"))
+                .exists()
+        );
         assert_eq!(store.get(&sha).expect("get"), Some(module));
         store.remove(&sha).expect("remove");
         store.remove(&sha).expect("removing what is gone is fine");
