@@ -1,8 +1,8 @@
 //! Weights too big for a round message: the header names a blob (the SHA-256 of every
 //! chunk), and the device pulls the chunks it lacks in windows over `fl-fetch` requests
 //! (through the outbox, sealed like an update). Each chunk is checked against the signed
-//! digest before it is kept (in a file of the state directory), so a fetch resumes where it stopped, also
-//! after a reboot, and a forged or damaged chunk is dropped and asked for again.
+//! digest before it is kept (a file of the state directory), so a fetch resumes where it
+//! stopped, also after a reboot, and a forged or damaged chunk is dropped and asked for again.
 //!
 //! The weights stay there: applying them reads the kept chunks straight into the model's patch,
 //! training into the trainer's input ([`Kept`], which checks the whole against the round's
@@ -33,8 +33,8 @@ const MAX_STALLS: u32 = 12;
 
 /// How a fetch ended.
 pub(super) enum Fetched {
-    /// Every chunk is kept, each checked against its digest (the whole is
-    /// checked as it is read: [`Kept`]); the message's `weights` stay empty.
+    /// Every chunk is kept, each checked against its digest (the whole is checked as it is
+    /// read: [`Kept`]); the message's `weights` stay empty.
     Done(Box<RoundMessage>),
     /// A round message came meanwhile: handle it instead.
     Superseded(Vec<u8>),
@@ -124,9 +124,9 @@ impl FlTask {
                 }
             }
         }
-        // The weights stay in their files: applying reads them from there into the
-        // patch, training into the trainer's input, each checked against the whole's digest as
-        // it reads, so the round never holds them as a whole beside their other copies.
+        // The weights stay in their files: applying reads them from there into the patch,
+        // training into the trainer's input, each checked against the whole's digest as it
+        // reads, so the round never holds them as a whole beside their other copies.
         tracing::info!(task = %task, version, chunks = total, dropped, ms = started.elapsed().as_millis() as u64, "round weights complete");
         Ok(Fetched::Done(Box::new(msg)))
     }
