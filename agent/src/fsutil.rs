@@ -7,9 +7,12 @@ use std::path::Path;
 pub use edge_sandbox::fsutil::{sync_dir, sync_sled};
 
 /// Writes `bytes` to `path` so that after return the content survives a power cut: write to a
-/// temporary sibling, fsync it, rename over `path`, fsync the directory.
+/// temporary sibling (`path` with `.tmp` added), fsync it, rename over `path`, fsync the
+/// directory.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -241,7 +241,7 @@ impl FlState {
             let Some(name) = name.to_str() else { continue };
             if name
                 .strip_prefix(&prefix)
-                .is_some_and(|r| r.parse::<u32>().is_ok())
+                .is_some_and(|r| r.strip_suffix(".tmp").unwrap_or(r).parse::<u32>().is_ok())
                 && keep.as_deref() != Some(name)
             {
                 let _ = std::fs::remove_file(entry.path());
@@ -523,8 +523,10 @@ mod tests {
             "a pointer"
         );
         assert_eq!(s.residual("t", 2), vec![1.0, 2.0]);
-        // A crash after the file, before the transaction: nothing points to it.
+        // A crash after the file, before the transaction: nothing points to it; one during
+        // the write leaves its temporary.
         crate::fsutil::write_durably(&files.join("t.5"), &[0u8; 8]).expect("orphan");
+        std::fs::write(files.join("t.7.tmp"), [0u8; 3]).expect("cut short");
         assert_eq!(s.residual("t", 2), vec![1.0, 2.0]);
         // A round without a residual (a codec without error feedback) keeps the file.
         s.commit_submitted("t", 5, None).expect("commit");
