@@ -263,20 +263,11 @@ impl UpdatePart {
         round: u32,
         update: &'a [u8],
     ) -> impl ExactSizeIterator<Item = UpdatePart> + 'a {
-        let sha256: [u8; 32] = Sha256::digest(update).into();
-        let count = update.len().div_ceil(PART_BYTES).max(1) as u32;
-        (0..count).map(move |i| {
+        let parts = Parts::of(task, round, update);
+        (0..parts.count).map(move |i| {
             let start = i as usize * PART_BYTES;
             let end = (start + PART_BYTES).min(update.len());
-            UpdatePart {
-                task: task.to_owned(),
-                round,
-                index: i,
-                count,
-                total: update.len() as u32,
-                sha256,
-                data: update[start..end].to_vec(),
-            }
+            parts.part(i, update[start..end].to_vec())
         })
     }
 
@@ -285,15 +276,10 @@ impl UpdatePart {
     /// as it does), so the parts made and the update left are never much more than the update.
     /// The receiver puts parts together in any order.
     pub fn from_the_end(task: &str, round: u32, update: Vec<u8>) -> FromTheEnd {
-        let sha256: [u8; 32] = Sha256::digest(&update).into();
-        let count = update.len().div_ceil(PART_BYTES).max(1) as u32;
+        let parts = Parts::of(task, round, &update);
         FromTheEnd {
-            task: task.to_owned(),
-            round,
-            sha256,
-            total: update.len() as u32,
-            count,
-            left: count,
+            left: parts.count,
+            parts,
             update,
         }
     }
@@ -384,14 +370,44 @@ pub fn assemble(parts: &[UpdatePart]) -> Result<Vec<u8>, FlError> {
     Ok(out)
 }
 
-/// The parts of an update, last first ([`UpdatePart::from_the_end`]).
+/// What every part of one update carries ([`UpdatePart::split`], [`UpdatePart::from_the_end`]).
 #[derive(Debug)]
-pub struct FromTheEnd {
+struct Parts {
     task: String,
     round: u32,
     sha256: [u8; 32],
     total: u32,
     count: u32,
+}
+
+impl Parts {
+    fn of(task: &str, round: u32, update: &[u8]) -> Parts {
+        Parts {
+            task: task.to_owned(),
+            round,
+            sha256: Sha256::digest(update).into(),
+            total: update.len() as u32,
+            count: update.len().div_ceil(PART_BYTES).max(1) as u32,
+        }
+    }
+
+    fn part(&self, index: u32, data: Vec<u8>) -> UpdatePart {
+        UpdatePart {
+            task: self.task.clone(),
+            round: self.round,
+            index,
+            count: self.count,
+            total: self.total,
+            sha256: self.sha256,
+            data,
+        }
+    }
+}
+
+/// The parts of an update, last first ([`UpdatePart::from_the_end`]).
+#[derive(Debug)]
+pub struct FromTheEnd {
+    parts: Parts,
     /// Parts not cut yet: `0..left`.
     left: u32,
     update: Vec<u8>,
@@ -404,15 +420,7 @@ impl Iterator for FromTheEnd {
         self.left = self.left.checked_sub(1)?;
         let data = self.update.split_off(self.left as usize * PART_BYTES);
         self.update.shrink_to_fit();
-        Some(UpdatePart {
-            task: self.task.clone(),
-            round: self.round,
-            index: self.left,
-            count: self.count,
-            total: self.total,
-            sha256: self.sha256,
-            data,
-        })
+        Some(self.parts.part(self.left, data))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
