@@ -1072,11 +1072,11 @@ impl FlTask {
                 let head = body.len();
                 let mut full = vec![0u8; head + e.len()];
                 full[..head].copy_from_slice(&body);
-                full[head..head + 5].copy_from_slice(&e.header());
+                full[head..head + e.at(0)].copy_from_slice(&e.header());
                 body = full;
                 drain_from_the_end(&mut locals, |start, piece| {
-                    let at = head + 5 + start * e.width();
-                    e.write(piece, &mut body[at..at + piece.len() * e.width()]);
+                    let at = head + e.at(start)..head + e.at(start + piece.len());
+                    e.write(piece, &mut body[at]);
                 });
             }
             None => {

@@ -202,9 +202,17 @@ pub struct ElementWise {
 }
 
 impl ElementWise {
+    /// Bytes of the payload's header: the codec's tag and the value count.
+    const HEADER: usize = 5;
+
     /// The payload's length.
     pub fn len(&self) -> usize {
-        5 + self.n * self.width
+        self.at(self.n)
+    }
+
+    /// Where value `i` starts in the payload (`at(0)`: the header's length).
+    pub fn at(&self, i: usize) -> usize {
+        Self::HEADER + i * self.width
     }
 
     pub fn is_empty(&self) -> bool {
@@ -212,14 +220,9 @@ impl ElementWise {
     }
 
     /// The payload's header (its first bytes).
-    pub fn header(&self) -> [u8; 5] {
+    pub fn header(&self) -> [u8; Self::HEADER] {
         let n = (self.n as u32).to_le_bytes();
         [self.tag, n[0], n[1], n[2], n[3]]
-    }
-
-    /// Bytes per value.
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     /// Appends the payload's header.
@@ -234,7 +237,7 @@ impl ElementWise {
         self.write(values, &mut out[at..]);
     }
 
-    /// Encodes `values` into `out` (`values.len()` times [`ElementWise::width`] bytes): where
+    /// Encodes `values` into `out` (their bytes in the payload, see [`ElementWise::at`]): where
     /// they go in the payload is the caller's to say, so a payload can be filled in any order.
     pub fn write(&self, values: &[f32], out: &mut [u8]) {
         let clean = |x: f32| if x.is_finite() { x } else { 0.0 };
