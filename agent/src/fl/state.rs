@@ -62,6 +62,15 @@ fn io_err(path: &Path, e: std::io::Error) -> StateError {
     StateError(format!("{}: {e}", path.display()))
 }
 
+/// The entries of `dir`, none if it does not exist.
+fn entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StateError> {
+    match std::fs::read_dir(dir) {
+        Ok(d) => d.collect::<Result<_, _>>().map_err(|e| io_err(dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io_err(dir, e)),
+    }
+}
+
 /// Where the newest admitted round message of a task stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
@@ -232,11 +241,7 @@ impl FlState {
     fn drop_residuals(&self, task: &str, keep: Option<u32>) {
         let prefix = format!("{}.", file_name(task));
         let keep = keep.map(|r| format!("{prefix}{r}"));
-        for entry in std::fs::read_dir(&self.residuals)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for entry in entries(&self.residuals).unwrap_or_default() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name
@@ -284,33 +289,23 @@ impl FlState {
         Ok(())
     }
 
-    /// The folder of `task`'s chunks at `version`: `{chunks}/{task}/{version}`, the task's name
-    /// as it is where it is a plain file name, else `#` and a hash of it.
+    /// The folder of `task`'s chunks, `{chunks}/{task}` ([`file_name`]).
     fn task_dir(&self, task: &str) -> PathBuf {
         self.chunks.join(file_name(task))
     }
 
+    /// The folder of `task`'s chunks at `version`: `{chunks}/{task}/{version}`.
     fn version_dir(&self, task: &str, version: u32) -> PathBuf {
         self.task_dir(task).join(version.to_string())
     }
 
     /// The chunks of `task`'s weights at `version` held, by index (unordered).
     pub fn chunk_indexes(&self, task: &str, version: u32) -> Result<Vec<u32>, StateError> {
-        let dir = self.version_dir(task, version);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err(&dir, e)),
-        };
-        let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_err(&dir, e))?;
-            // `{index}.tmp` is a write a crash cut short: not held.
-            if let Some(i) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        // `{index}.tmp` is a write a crash cut short: not held.
+        Ok(entries(&self.version_dir(task, version))?
+            .iter()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect())
     }
 
     /// Reads chunk `index` of `task`'s weights at `version` into `buf` (cleared first); false
@@ -356,15 +351,9 @@ impl FlState {
     /// Drops the chunks of every version of `task` but `keep` (`None`: all of them).
     pub fn drop_chunks(&self, task: &str, keep: Option<u32>) -> Result<(), StateError> {
         let dir = self.task_dir(task);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&dir, e)),
-        };
         let keep = keep.map(|v| v.to_string());
         let mut kept_any = false;
-        for entry in entries {
-            let entry = entry.map_err(|e| io_err(&dir, e))?;
+        for entry in entries(&dir)? {
             if keep.as_deref() == entry.file_name().to_str() {
                 kept_any = true;
                 continue;
@@ -372,10 +361,13 @@ impl FlState {
             let path = entry.path();
             std::fs::remove_dir_all(&path).map_err(|e| io_err(&path, e))?;
         }
-        if !kept_any {
-            std::fs::remove_dir(&dir).map_err(|e| io_err(&dir, e))?;
+        if kept_any {
+            return Ok(());
         }
-        Ok(())
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&dir, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Forgets a finished task's residual (its round message and submitted mark stay, so a
