@@ -63,10 +63,7 @@ impl FileStore {
 
     /// Opens (creates) `dir`, moving in any artifacts an earlier agent kept in `db`.
     pub fn open(dir: PathBuf, db: &sled::Db) -> Result<Self, StoreError> {
-        let io = |e: std::io::Error| StoreError::Backend {
-            key: dir.display().to_string(),
-            error: e.to_string(),
-        };
+        let io = |e: std::io::Error| backend(&dir.display().to_string(), e);
         std::fs::create_dir_all(&dir).map_err(io)?;
         // Writes a crash cut short (`{sha256}.tmp`, see `fsutil::write_durably`).
         for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
@@ -131,20 +128,13 @@ impl FileStore {
 
     pub fn remove(&self, sha256: &str) -> Result<(), StoreError> {
         match std::fs::remove_file(self.path(sha256)?) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_backend(sha256, e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(backend(sha256, e)),
             _ => Ok(()),
         }
     }
 }
 
-fn backend(key: &str, e: sled::Error) -> StoreError {
-    StoreError::Backend {
-        key: key.to_owned(),
-        error: e.to_string(),
-    }
-}
-
-fn io_backend(key: &str, e: std::io::Error) -> StoreError {
+fn backend(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend {
         key: key.to_owned(),
         error: e.to_string(),
@@ -161,14 +151,14 @@ impl ArtifactStore for FileStore {
         if self.has(sha256)? {
             return Ok(());
         }
-        crate::fsutil::write_durably(&self.path(sha256)?, bytes).map_err(|e| io_backend(sha256, e))
+        crate::fsutil::write_durably(&self.path(sha256)?, bytes).map_err(|e| backend(sha256, e))
     }
 
     fn get(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match std::fs::read(self.path(sha256)?) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_backend(sha256, e)),
+            Err(e) => Err(backend(sha256, e)),
         }
     }
 }
