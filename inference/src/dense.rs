@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use prost::Message;
 
 use crate::DType;
-use crate::onnx::{self, ModelProto, NodeProto, data_type};
+use crate::onnx::{self, ModelHead, NodeProto, data_type};
 
 /// Why a model's dense layers cannot be found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,9 +114,10 @@ const LEADING: &[&str] = &["Cast", "Identity", "Flatten"];
 
 /// The model's dense layers in order from its input.
 pub fn dense_layers(model: &[u8]) -> Result<Vec<DenseLayer>, StructureError> {
-    let m = ModelProto::decode(model).map_err(|e| StructureError::Decode(e.to_string()))?;
+    // The structure only: inline weights are passed over, not copied.
+    let m = ModelHead::decode(model).map_err(|e| StructureError::Decode(e.to_string()))?;
     let g = m.graph.ok_or(StructureError::NoGraph)?;
-    let inits: HashMap<&str, &onnx::TensorProto> =
+    let inits: HashMap<&str, &onnx::TensorHead> =
         g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let inputs: Vec<&str> = g
         .input
@@ -342,7 +343,7 @@ fn dense<'a>(
 
 /// The graph's outputs: name and element type (`None` for types outside [`DType`]), in order.
 pub fn graph_outputs(model: &[u8]) -> Result<Vec<(String, Option<DType>)>, StructureError> {
-    let m = ModelProto::decode(model).map_err(|e| StructureError::Decode(e.to_string()))?;
+    let m = ModelHead::decode(model).map_err(|e| StructureError::Decode(e.to_string()))?;
     let g = m.graph.ok_or(StructureError::NoGraph)?;
     Ok(g.output
         .iter()

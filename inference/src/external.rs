@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use crate::onnx::{DATA_LOCATION_EXTERNAL, ModelProto, TensorProto, data_type};
+use crate::onnx::{DATA_LOCATION_EXTERNAL, ModelHead, TensorHead, TensorProto, data_type};
 
 /// A model's external data files, by location as the graph writes it.
 pub type DataFiles = BTreeMap<String, DataFile>;
@@ -287,19 +287,19 @@ pub fn data_refs(graph: &[u8]) -> Result<Vec<DataRef>, ExternalError> {
     ExternalLayout::of(graph).map(|l| l.refs)
 }
 
-/// A graph's external data, from one decode of the graph (which copies every inline value, so
-/// callers that need both parts take them from here rather than decoding twice).
+/// A graph's external data, from one decode of the graph's structure ([`ModelHead`]: inline
+/// values are passed over, not copied).
 #[derive(Debug, Clone)]
 pub struct ExternalLayout {
     /// Every tensor stored outside (initializers and `Constant` values), location checked.
     pub refs: Vec<DataRef>,
     /// The initializers among them, with their graph entries (name, dtype, dims; no values).
-    pub initializers: Vec<(DataRef, TensorProto)>,
+    pub initializers: Vec<(DataRef, TensorHead)>,
 }
 
 impl ExternalLayout {
     pub fn of(graph: &[u8]) -> Result<ExternalLayout, ExternalError> {
-        let model = ModelProto::decode(graph).map_err(|e| ExternalError::Graph {
+        let model = ModelHead::decode(graph).map_err(|e| ExternalError::Graph {
             file: String::new(),
             detail: e.to_string(),
         })?;
@@ -330,18 +330,18 @@ impl ExternalLayout {
     }
 }
 
-fn refs_in(g: &crate::onnx::GraphProto) -> Result<Vec<DataRef>, ExternalError> {
+fn refs_in(g: &crate::onnx::GraphHead) -> Result<Vec<DataRef>, ExternalError> {
     // Initializers, and tensors in the graph's node attributes (a `Constant` node's value may
     // be stored outside too). Subgraphs are not decoded by our `onnx.proto` subset.
-    let tensors = g.initializer.iter().chain(
-        g.node
-            .iter()
-            .flat_map(|n| n.attribute.iter().filter_map(|a| a.t.as_ref())),
-    );
+    let attributes = g
+        .node
+        .iter()
+        .flat_map(|n| n.attribute.iter().filter_map(|a| a.t.as_ref()))
+        .map(TensorProto::head);
     let mut out = Vec::new();
-    for t in tensors {
+    for t in g.initializer.iter().cloned().chain(attributes) {
         if t.data_location == DATA_LOCATION_EXTERNAL {
-            let r = data_ref(t)?;
+            let r = data_ref(&t)?;
             check_location(&r)?;
             out.push(r);
         }
@@ -390,7 +390,7 @@ fn check_extents(
     Ok(())
 }
 
-fn data_ref(t: &TensorProto) -> Result<DataRef, ExternalError> {
+fn data_ref(t: &TensorHead) -> Result<DataRef, ExternalError> {
     let bad = |detail: String| ExternalError::Entry {
         initializer: t.name.clone(),
         detail,
@@ -430,7 +430,7 @@ fn data_ref(t: &TensorProto) -> Result<DataRef, ExternalError> {
 }
 
 /// Bytes of a dense tensor of a fixed-size element type.
-fn tensor_bytes(t: &TensorProto) -> Option<u64> {
+fn tensor_bytes(t: &TensorHead) -> Option<u64> {
     let elem: u64 = match t.data_type {
         data_type::UINT8 | data_type::BOOL | 3 /* int8 */ => 1,
         data_type::FLOAT16 | 4 /* uint16 */ | 5 /* int16 */ | 16 /* bfloat16 */ => 2,
@@ -548,10 +548,11 @@ pub fn external_tensors(
                 detail: e.to_string(),
             })?;
         let inline = TensorProto {
+            dims: init.dims,
+            data_type: init.data_type,
+            name: init.name,
             raw_data: raw.into_owned(),
-            external_data: Vec::new(),
-            data_location: 0,
-            ..init
+            ..TensorProto::default()
         };
         let t = crate::Tensor::from_onnx(&inline).map_err(|e| bad(e.to_string()))?;
         out.push((r, t));
@@ -583,7 +584,7 @@ pub fn inline(graph: &[u8], data: &DataFiles) -> Result<Vec<u8>, ExternalError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::{GraphProto, StringStringEntryProto};
+    use crate::onnx::{GraphProto, ModelProto, StringStringEntryProto};
 
     fn graph_with(location: &str, offset: &str, length: Option<&str>) -> Vec<u8> {
         let mut external = vec![

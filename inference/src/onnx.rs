@@ -229,6 +229,58 @@ pub struct TensorProto {
     pub data_location: i32,
 }
 
+/// A `TensorProto`'s head: its name, element type, shape and where its values are, never the
+/// values. prost passes over the fields a message does not declare without copying them, so a
+/// model decoded as [`ModelHead`] costs its graph's structure, not its weights (a 5M-weight
+/// model with inline initializers would otherwise be copied whole to read its layout).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorHead {
+    #[prost(int64, repeated, tag = "1")]
+    pub dims: Vec<i64>,
+    #[prost(int32, tag = "2")]
+    pub data_type: i32,
+    #[prost(string, tag = "8")]
+    pub name: String,
+    #[prost(message, repeated, tag = "13")]
+    pub external_data: Vec<StringStringEntryProto>,
+    #[prost(int32, tag = "14")]
+    pub data_location: i32,
+}
+
+/// `ModelProto` down to its main graph's structure: nodes, inputs and outputs, and the
+/// initializers as [`TensorHead`]s (their values passed over, not copied).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelHead {
+    #[prost(message, optional, tag = "7")]
+    pub graph: Option<GraphHead>,
+}
+
+/// `GraphProto` with its initializers as heads (see [`ModelHead`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GraphHead {
+    #[prost(message, repeated, tag = "1")]
+    pub node: Vec<NodeProto>,
+    #[prost(message, repeated, tag = "5")]
+    pub initializer: Vec<TensorHead>,
+    #[prost(message, repeated, tag = "11")]
+    pub input: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "12")]
+    pub output: Vec<ValueInfoProto>,
+}
+
+impl TensorProto {
+    /// Its [`TensorHead`].
+    pub fn head(&self) -> TensorHead {
+        TensorHead {
+            dims: self.dims.clone(),
+            data_type: self.data_type,
+            name: self.name.clone(),
+            external_data: self.external_data.clone(),
+            data_location: self.data_location,
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StringStringEntryProto {
     #[prost(string, tag = "1")]
@@ -317,6 +369,59 @@ pub(crate) fn put_len_field(out: &mut Vec<u8>, number: u32, payload: &[u8]) {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn a_model_head_has_the_structure_and_no_values() {
+        let inline = TensorProto {
+            dims: vec![2, 3],
+            data_type: data_type::FLOAT,
+            name: "w".into(),
+            raw_data: vec![7; 24],
+            float_data: vec![1.0; 6],
+            ..Default::default()
+        };
+        let external = TensorProto {
+            dims: vec![3],
+            data_type: data_type::FLOAT,
+            name: "b".into(),
+            external_data: vec![StringStringEntryProto {
+                key: "location".into(),
+                value: "w.bin".into(),
+            }],
+            data_location: DATA_LOCATION_EXTERNAL,
+            ..Default::default()
+        };
+        let node = NodeProto {
+            op_type: "MatMul".into(),
+            input: vec!["x".into(), "w".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        let output = ValueInfoProto {
+            name: "y".into(),
+            ..Default::default()
+        };
+        let bytes = ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node.clone()],
+                initializer: vec![inline.clone(), external.clone()],
+                output: vec![output.clone()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let g = ModelHead::decode(bytes.as_slice())
+            .expect("head")
+            .graph
+            .expect("graph");
+        assert_eq!(g.initializer, vec![inline.head(), external.head()]);
+        assert_eq!((g.node, g.output), (vec![node], vec![output]));
+        // The head's encoding is its fields alone: the values were passed over.
+        let head = TensorHead::decode(inline.encode_to_vec().as_slice()).expect("head");
+        assert_eq!(head.encode_to_vec(), inline.head().encode_to_vec());
+        assert!(head.encoded_len() < 24);
+    }
 
     #[test]
     fn raw_fields_reassemble_to_the_same_bytes() {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
-use crate::onnx::{self, GRAPH_INITIALIZER_FIELD, MODEL_GRAPH_FIELD, TensorProto};
+use crate::onnx::{self, GRAPH_INITIALIZER_FIELD, MODEL_GRAPH_FIELD, TensorHead, TensorProto};
 use crate::tensor::{DType, Tensor, TensorError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,12 +68,12 @@ fn patch_values<'u>(
     )
 }
 
-/// [`patch_initializers`] with each replaced initializer encoded by `encode(old, update)`
+/// [`patch_initializers`] with each replaced initializer encoded by `encode(old head, update)`
 /// (after the dtype and shape checks).
 fn patch_with<'u, U: Typed + 'u>(
     model: &[u8],
     updates: impl IntoIterator<Item = (&'u str, &'u U)>,
-    mut encode: impl FnMut(&TensorProto, &U) -> Result<TensorProto, PatchError>,
+    mut encode: impl FnMut(&TensorHead, &U) -> Result<TensorProto, PatchError>,
 ) -> Result<Vec<u8>, PatchError> {
     let mut pending: BTreeMap<&str, &U> = BTreeMap::new();
     for (name, t) in updates {
@@ -98,7 +98,9 @@ fn patch_with<'u, U: Typed + 'u>(
                 graph.extend_from_slice(g.bytes);
                 continue;
             }
-            let init = TensorProto::decode(g.payload).map_err(decode_err)?;
+            // The head only: an initializer that is not replaced is copied as it is, and one
+            // that is replaced needs no more (its values are never decoded).
+            let init = TensorHead::decode(g.payload).map_err(decode_err)?;
             match pending.remove(init.name.as_str()) {
                 Some(update) => {
                     check(&init, update)?;
@@ -484,7 +486,7 @@ impl Typed for UpdateSpec<'_> {
     }
 }
 
-fn check(init: &TensorProto, update: &impl Typed) -> Result<(), PatchError> {
+fn check(init: &TensorHead, update: &impl Typed) -> Result<(), PatchError> {
     if init.data_type != update.dtype().onnx_code() {
         return Err(PatchError::DType {
             name: init.name.clone(),

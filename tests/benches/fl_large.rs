@@ -13,7 +13,7 @@
 //!   before the task, as a multiple of the weights' size (the aim: at most one extra copy);
 //! - the coordinator's peak RSS during the task;
 //! - agent 0's peak RSS per phase of the rounds (fetching, applying, training, forming and queuing the update, after queuing),
-//!   sampled every 50 ms and attributed by its log lines. Freed memory that the allocator keeps
+//!   sampled every 20 ms (RSS, and anonymous memory alone) and attributed by its log lines. Freed memory that the allocator keeps
 //!   counts in the phases after it, so only the first phase of the first round is clean.
 //!
 //! The trainer's sandbox gets `max_memory_bytes` 1 GiB and a 10-minute timeout here: the
@@ -72,6 +72,9 @@ struct Row {
     bytes_in: u64,
     agent_before_kib: u64,
     agent_peak_kib: u64,
+    /// Agent 0's anonymous memory (RssAnon) before the task, and its sampled peak.
+    agent_anon_before_kib: u64,
+    agent_anon_peak_kib: u64,
     coord_peak_kib: u64,
     accuracy: f64,
 }
@@ -91,15 +94,15 @@ fn bench(env: &TestEnv) -> Result<()> {
         agent_count()
     );
     println!(
-        "| weights | MiB of f32 | round s (each) | updates in (late) / selected, close (each) | MiB out / in per round | agent RSS before MiB | agent extra peak MiB | extra / weights | coordinator peak MiB | accuracy |"
+        "| weights | MiB of f32 | round s (each) | updates in (late) / selected, close (each) | MiB out / in per round | agent RSS before MiB | agent extra peak MiB (RSS) | extra / weights | extra anonymous peak / weights | coordinator peak MiB | accuracy |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let mib = |kib: u64| kib as f64 / 1024.0;
         let wmib = r.weights as f64 * 4.0 / 1048576.0;
         let extra = mib(r.agent_peak_kib.saturating_sub(r.agent_before_kib));
         println!(
-            "| {} | {:.1} | {} | {} | {:.1} / {:.1} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.3} |",
+            "| {} | {:.1} | {} | {} | {:.1} / {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x | {:.1} | {:.3} |",
             r.weights,
             wmib,
             r.round_s
@@ -113,6 +116,10 @@ fn bench(env: &TestEnv) -> Result<()> {
             mib(r.agent_before_kib),
             extra,
             extra / wmib,
+            mib(r
+                .agent_anon_peak_kib
+                .saturating_sub(r.agent_anon_before_kib))
+                / wmib,
             mib(r.coord_peak_kib),
             r.accuracy
         );
@@ -155,12 +162,13 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
     let pid = agents[0].pid().context("agent pid")?;
     let cpid = coord.pid().context("coordinator pid")?;
     let agent_before_kib = status_kib(pid, "VmRSS:")?;
+    let agent_anon_before_kib = status_kib(pid, "RssAnon:")?;
     reset_peak(pid)?;
     reset_peak(cpid)?;
     let started = Instant::now();
     let mut task = FlTask::new("big", ROUNDS, agent_count());
     task.extra = "max_extensions = 30".into();
-    // Agent 0's RSS every 50 ms, attributed to the phase its log last announced.
+    // Agent 0's RSS and anonymous memory every 20 ms, attributed to the phase its log last announced.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let (stop, log) = (stop.clone(), agents[0].log_path().to_owned());
@@ -170,13 +178,22 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
     journal.wait_for("task big finished", WAIT, |j| task_finished(j, "big"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let phases = sampler.join().expect("sampler");
-    for (phase, kib) in &phases {
+    let times = |kib: u64| kib as f64 * 1024.0 / (weights as f64 * 4.0);
+    for p in &phases {
+        let (rss, anon) = (
+            p.rss_kib.saturating_sub(agent_before_kib),
+            p.anon_kib.saturating_sub(agent_anon_before_kib),
+        );
         println!(
-            "  agent peak while {phase}: +{:.1} MiB over before ({:.2}x the weights)",
-            kib.saturating_sub(agent_before_kib) as f64 / 1024.0,
-            kib.saturating_sub(agent_before_kib) as f64 * 1024.0 / (weights as f64 * 4.0)
+            "  agent peak while {}: RSS +{:.1} MiB over before ({:.2}x the weights), anonymous +{:.1} MiB ({:.2}x)",
+            p.name,
+            rss as f64 / 1024.0,
+            times(rss),
+            anon as f64 / 1024.0,
+            times(anon),
         );
     }
+    let agent_anon_peak_kib = phases.iter().map(|p| p.anon_kib).max().unwrap_or(0);
     let agent_peak_kib = status_kib(pid, "VmHWM:")?;
     let coord_peak_kib = status_kib(cpid, "VmHWM:")?;
     let events = journal.events();
@@ -218,6 +235,8 @@ fn one(env: &TestEnv, h: u32) -> Result<Row> {
         bytes_in,
         agent_before_kib,
         agent_peak_kib,
+        agent_anon_before_kib,
+        agent_anon_peak_kib,
         coord_peak_kib,
         accuracy,
     })
@@ -238,13 +257,30 @@ const PHASES: [(&str, &str); 5] = [
     ("federated update queued", "after queuing the update"),
 ];
 
-/// Peak VmRSS (KiB) per phase until `stop`.
+/// A phase's peak memory, sampled.
+struct PhasePeak {
+    name: &'static str,
+    /// VmRSS: anonymous memory and the resident pages of mapped files (the model's data files
+    /// that ONNX Runtime maps: clean page cache, which the kernel can drop and read again).
+    rss_kib: u64,
+    /// RssAnon: the memory only the agent holds.
+    anon_kib: u64,
+}
+
+/// Peak VmRSS and RssAnon (KiB) per phase until `stop`, sampled every 20 ms.
 fn sample_phases(
     pid: u32,
     log: &std::path::Path,
     stop: &std::sync::atomic::AtomicBool,
-) -> Vec<(&'static str, u64)> {
-    let mut peaks: Vec<(&'static str, u64)> = PHASES.iter().map(|(_, p)| (*p, 0)).collect();
+) -> Vec<PhasePeak> {
+    let mut peaks: Vec<PhasePeak> = PHASES
+        .iter()
+        .map(|(_, name)| PhasePeak {
+            name,
+            rss_kib: 0,
+            anon_kib: 0,
+        })
+        .collect();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let phase = PHASES
@@ -253,10 +289,15 @@ fn sample_phases(
             .filter_map(|(i, (marker, _))| text.rfind(marker).map(|at| (at, i)))
             .max()
             .map(|(_, i)| i);
-        if let (Some(i), Ok(kib)) = (phase, status_kib(pid, "VmRSS:")) {
-            peaks[i].1 = peaks[i].1.max(kib);
+        if let (Some(i), Ok(rss), Ok(anon)) = (
+            phase,
+            status_kib(pid, "VmRSS:"),
+            status_kib(pid, "RssAnon:"),
+        ) {
+            peaks[i].rss_kib = peaks[i].rss_kib.max(rss);
+            peaks[i].anon_kib = peaks[i].anon_kib.max(anon);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     peaks
 }

@@ -113,14 +113,18 @@ fn read_weights() -> Vec<mlp::Param> {
         .enumerate()
         .map(|(index, p)| {
             let n = p.shape.iter().map(|&d| d as usize).product::<usize>();
-            let mut data = vec![0.0f32; n];
-            let mut end = n;
-            while end > 0 {
-                let len = end.min(PIECE);
+            // Filled back to front and turned round at the end, not zeroed first: a zeroed
+            // buffer (calloc clears what it hands out here) would touch all of its pages while
+            // the host still holds the values, two copies at once.
+            let mut data = Vec::with_capacity(n);
+            let mut left = n;
+            while left > 0 {
+                let len = left.min(PIECE);
                 let piece = weights::take(index as u32, len as u32);
-                data[end - len..end].copy_from_slice(&piece);
-                end -= len;
+                data.extend(piece.iter().rev());
+                left -= len;
             }
+            data.reverse();
             mlp::Param {
                 name: p.name,
                 shape: p.shape,
