@@ -151,8 +151,10 @@ pub fn dense_layers(model: &[u8]) -> Result<Vec<DenseLayer>, StructureError> {
         node: n.name.clone(),
         op: n.op_type.clone(),
         hint: if n.domain == "ai.onnx.ml" {
-            " (ai.onnx.ml operators keep their weights in attributes, not initializers: export \
-             as an MLPClassifier or SGDClassifier, or as a torch nn.Linear stack)"
+            " (ai.onnx.ml operators keep their weights in attributes, not initializers; of them \
+             only a LinearClassifier with a softmax over three or more int64 classes, a \
+             multinomial LogisticRegression, is rewritten for training: export as that, an \
+             MLPClassifier or SGDClassifier, or as a torch nn.Linear stack)"
         } else {
             ""
         },

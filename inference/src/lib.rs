@@ -13,7 +13,8 @@
 //! 3. [`ModelRegistry::run`] / [`Model::run`] take and return [`Tensor`]s, the WIT contract's
 //!    tensor record (`modules/wit/types.wit`).
 //! 4. [`patch_initializers`] applies new weights (federated learning); [`read_initializers`]
-//!    reads them; [`dense_layers`] finds the layers a trainer trains from the graph's structure.
+//!    reads them; [`dense_layers`] finds the layers a trainer trains from the graph's structure
+//!    ([`trainable_form`] first rewrites skl2onnx's `LinearClassifier` into such layers).
 //!
 //! Models with weights in external data files (torch's default export) load through
 //! [`ModelFiles::read`] and [`Model::load_with_data`] (see [`external`]).
@@ -24,6 +25,7 @@
 mod batcher;
 pub mod dense;
 pub mod external;
+mod linear;
 mod model;
 pub mod onnx;
 mod patch;
@@ -35,6 +37,7 @@ mod tensor;
 pub use batcher::Batcher;
 pub use dense::{DenseLayer, Layout, NamedWeights, StructureError, dense_layers};
 pub use external::{DataFile, DataFiles, ExternalError, ModelFiles};
+pub use linear::trainable_form;
 pub use model::{IoInfo, Model, ModelError};
 pub use patch::{
     PatchError, Sink, UpdateBytes, UpdateSpec, WEIGHTS_FILE, patch_initializers,

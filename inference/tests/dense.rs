@@ -64,8 +64,10 @@ fn torch_gemm_weights_are_out_in() {
     }
 }
 
+/// skl2onnx's LogisticRegression as exported, before `trainable_form` (tests/linear.rs)
+/// rewrites it: its weights are attributes, and the structure check says so.
 #[test]
-fn sklearn_logistic_regression_is_refused_naming_the_operator() {
+fn a_linear_classifier_as_exported_is_refused_naming_the_operator() {
     let err = dense_layers(&exported("sklearn_logreg.onnx")).expect_err("refused");
     let text = err.to_string();
     assert!(text.contains("LinearClassifier"), "{text}");

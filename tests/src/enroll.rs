@@ -17,7 +17,7 @@ use protocol::v1::deploy::{SigningKey, public_key_hex};
 use sha2::{Digest, Sha256};
 
 /// The group sets the harness's agents are enrolled into; each gets its own claim key.
-pub const GROUP_SETS: [&[&str]; 5] = [&[], &["lab"], &["fl"], &["demo"], &["torch"]];
+pub const GROUP_SETS: [&[&str]; 6] = [&[], &["lab"], &["fl"], &["demo"], &["torch"], &["logreg"]];
 
 fn claim_key(groups: &[&str]) -> Result<SigningKey> {
     ensure!(

@@ -12,6 +12,8 @@
 //! (`Gemm` with `transB=1`) and train it unchanged. Task D fine-tunes only its head
 //! (`[train] trainable`), the first layer frozen on the devices and never sent; task E's initial
 //! model has another first layer than the agents serve, and they refuse to train its head.
+//! Task F: three more agents serve scikit-learn's `LogisticRegression` as skl2onnx exported it
+//! (an `ai.onnx.ml` `LinearClassifier`) and train it unchanged.
 
 use std::time::Duration;
 
@@ -306,6 +308,61 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "agents refuse a head over other frozen layers: {:?}",
         refusals.iter().map(|e| &e.raw).collect::<Vec<_>>()
     );
+    drop(agents);
+
+    // Task F: three new agents serve scikit-learn's LogisticRegression as skl2onnx wrote it
+    // (a LinearClassifier, its weights in attributes). Coordinator and devices each rewrite it
+    // into a Gemm layer under the same names; `fl start` runs the trainer on that.
+    let logreg = onnx_builder::exported("sklearn_logreg.onnx");
+    std::fs::write(task_dir.join("logreg.onnx"), &logreg)?;
+    let mut agents = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let name = device(2 * AGENTS + i);
+        let mut o = AgentOptions::new(name.clone(), coord.url());
+        let dir = env.path(&format!("pipelines/{name}"));
+        federated_agent_in(&mut o, &dir, &d, shard, &logreg, &key, "logreg")?;
+        agents.push(Agent::start(&env.path(&name), o)?);
+    }
+    for i in 0..AGENTS {
+        journal.wait_registered(&device(2 * AGENTS + i), WAIT)?;
+    }
+    journal.wait_for("the logreg agents' shards replayed", WAIT, |j| {
+        shards.iter().enumerate().all(|(i, shard)| {
+            j.iter()
+                .rev()
+                .find(|e| e.is_for("telemetry", &device(2 * AGENTS + i)))
+                .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|n| n >= shard.len() as u64)
+        })
+    })?;
+    let f = FlTask {
+        initial: "logreg.onnx".into(),
+        group: "logreg".into(),
+        extra: TRAINER.into(),
+        ..FlTask::new("tf", ROUNDS, AGENTS)
+    };
+    let out = f.run_start(&coord, &task_dir)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && said.contains("one step on a synthetic batch"),
+        "fl start tf: {said}"
+    );
+    journal.wait_for("task tf finished", WAIT * 2, |j| task_finished(j, "tf"))?;
+    let closed = closed_rounds(journal.events(), "tf");
+    let acc: Vec<f64> = closed
+        .iter()
+        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
+        .collect();
+    ensure!(
+        closed.len() == ROUNDS as usize
+            && closed
+                .iter()
+                .all(|e| e.f64_field("on_time").unwrap_or(0.0) >= 1.0)
+            && acc.iter().all(|&a| a >= 0.8),
+        "LogisticRegression as exported, held-out accuracy per round: {acc:?}"
+    );
+    eprintln!("sklearn LogisticRegression as exported: held-out accuracy per round {acc:?}");
     drop(agents);
     Ok(())
 }

@@ -810,9 +810,15 @@ impl Pipeline {
         deps.sandbox
             .load_trainer(&t.trainer, &trainer_bytes)
             .map_err(|e| fail(e.to_string()))?;
-        let model_bytes = artifacts
+        let mut model_bytes = artifacts
             .module(&t.model)
             .map_err(|e| fail(e.to_string()))?;
+        // A LinearClassifier (skl2onnx's LogisticRegression) is trained as the Gemm layer the
+        // coordinator rewrote the task's model into, under the same initializer names; the
+        // first round's weights swap the rewritten model in (the same outputs).
+        if let Ok(Some(rewritten)) = edge_inference::trainable_form(&model_bytes) {
+            model_bytes = rewritten;
+        }
         // The base that global weights are patched into, in the model's layout. Only a
         // pipeline that trains holds this copy of the data files (ONNX Runtime copies them
         // into each session and keeps its own).

@@ -460,6 +460,13 @@ pub fn load(path: &Path) -> Result<LoadedTask, TaskError> {
         let files = edge_inference::ModelFiles::read(&full).map_err(bad)?;
         model_bytes = edge_inference::external::inline(&files.graph, &files.data).map_err(bad)?;
     }
+    // skl2onnx's LogisticRegression keeps its weights in a LinearClassifier's attributes: the
+    // task trains (and evaluates) the same model with them in initializers, as every device
+    // rewrites its own copy (`edge_inference::trainable_form`). A model that does not decode
+    // is named by the checks below.
+    if let Ok(Some(rewritten)) = edge_inference::trainable_form(&model_bytes) {
+        model_bytes = rewritten;
+    }
     let (names, names_key) = match (&raw.params, &raw.train.trainable) {
         (Some(_), Some(_)) => {
             return Err(invalid(

@@ -41,8 +41,9 @@ mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0).fit(X,
 save(to_onnx(mlp, X[:1], options=opts, target_opset=17), "sklearn_mlp.onnx")
 sgd = SGDClassifier(loss="log_loss", max_iter=3, tol=None, random_state=0).fit(X, y)
 save(to_onnx(sgd, X[:1], options=opts, target_opset=17), "sklearn_sgd.onnx")
-# skl2onnx writes LogisticRegression as ai.onnx.ml LinearClassifier (weights in attributes):
-# the fixture for the "unsupported layer" refusal.
+# skl2onnx writes LogisticRegression as ai.onnx.ml LinearClassifier (weights in attributes),
+# with a SOFTMAX post-transform for this multinomial fit: edge_inference::trainable_form
+# rewrites it into a Gemm layer for training.
 logreg = LogisticRegression(max_iter=20).fit(X, y)
 save(to_onnx(logreg, X[:1], options=opts, target_opset=17), "sklearn_logreg.onnx")
 
