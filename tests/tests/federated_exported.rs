@@ -177,28 +177,12 @@ fn scenario(env: &TestEnv) -> Result<()> {
     // Task C: three new agents serve torch's export (Gemm, transB=1, weights [out, in]) and
     // train it unchanged; they join their own group, the task's.
     let torch = onnx_builder::exported("torch_gemm.onnx");
-    let mut agents = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let name = device(AGENTS + i);
-        let mut o = AgentOptions::new(name.clone(), coord.url());
-        let dir = env.path(&format!("pipelines/{name}"));
-        federated_agent_in(&mut o, &dir, &d, shard, &torch, &key, "torch")?;
-        agents.push(Agent::start(&env.path(&name), o)?);
-    }
-    for i in 0..AGENTS {
-        journal.wait_registered(&device(AGENTS + i), WAIT)?;
-    }
-    // Their shards replayed (telemetry counts the source's frames), so that round 1 finds data.
-    journal.wait_for("the new agents' shards replayed", WAIT, |j| {
-        shards.iter().enumerate().all(|(i, shard)| {
-            j.iter()
-                .rev()
-                .find(|e| e.is_for("telemetry", &device(AGENTS + i)))
-                .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
-                .and_then(serde_json::Value::as_u64)
-                .is_some_and(|n| n >= shard.len() as u64)
-        })
-    })?;
+    let served = Served {
+        d: &d,
+        shards: &shards,
+        key: &key,
+    };
+    let agents = served.start(env, &coord, &mut journal, AGENTS, &torch, "torch")?;
     let c = FlTask {
         initial: "torch.onnx".into(),
         group: "torch".into(),
@@ -315,27 +299,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     // into a Gemm layer under the same names; `fl start` runs the trainer on that.
     let logreg = onnx_builder::exported("sklearn_logreg.onnx");
     std::fs::write(task_dir.join("logreg.onnx"), &logreg)?;
-    let mut agents = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let name = device(2 * AGENTS + i);
-        let mut o = AgentOptions::new(name.clone(), coord.url());
-        let dir = env.path(&format!("pipelines/{name}"));
-        federated_agent_in(&mut o, &dir, &d, shard, &logreg, &key, "logreg")?;
-        agents.push(Agent::start(&env.path(&name), o)?);
-    }
-    for i in 0..AGENTS {
-        journal.wait_registered(&device(2 * AGENTS + i), WAIT)?;
-    }
-    journal.wait_for("the logreg agents' shards replayed", WAIT, |j| {
-        shards.iter().enumerate().all(|(i, shard)| {
-            j.iter()
-                .rev()
-                .find(|e| e.is_for("telemetry", &device(2 * AGENTS + i)))
-                .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
-                .and_then(serde_json::Value::as_u64)
-                .is_some_and(|n| n >= shard.len() as u64)
-        })
-    })?;
+    let agents = served.start(env, &coord, &mut journal, 2 * AGENTS, &logreg, "logreg")?;
     let f = FlTask {
         initial: "logreg.onnx".into(),
         group: "logreg".into(),
@@ -365,6 +329,51 @@ fn scenario(env: &TestEnv) -> Result<()> {
     eprintln!("sklearn LogisticRegression as exported: held-out accuracy per round {acc:?}");
     drop(agents);
     Ok(())
+}
+
+/// What a new set of agents serves and trains on: the data, its shards and the signing key.
+struct Served<'a> {
+    d: &'a edge_tests::digits::Digits,
+    shards: &'a [Vec<usize>],
+    key: &'a SigningKey,
+}
+
+impl Served<'_> {
+    /// Starts one agent per shard (devices `first..`) serving and training `model` in `group`,
+    /// and waits until each has registered and replayed its shard (telemetry counts the
+    /// source's frames), so that round 1 finds data.
+    fn start(
+        &self,
+        env: &TestEnv,
+        coord: &Coordinator,
+        journal: &mut edge_tests::Journal,
+        first: usize,
+        model: &[u8],
+        group: &str,
+    ) -> Result<Vec<Agent>> {
+        let mut agents = Vec::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let name = device(first + i);
+            let mut o = AgentOptions::new(name.clone(), coord.url());
+            let dir = env.path(&format!("pipelines/{name}"));
+            federated_agent_in(&mut o, &dir, self.d, shard, model, self.key, group)?;
+            agents.push(Agent::start(&env.path(&name), o)?);
+        }
+        for i in 0..self.shards.len() {
+            journal.wait_registered(&device(first + i), WAIT)?;
+        }
+        journal.wait_for(&format!("the {group} agents' shards replayed"), WAIT, |j| {
+            self.shards.iter().enumerate().all(|(i, shard)| {
+                j.iter()
+                    .rev()
+                    .find(|e| e.is_for("telemetry", &device(first + i)))
+                    .and_then(|e| e.raw.pointer("/pipeline/sources/0/frames"))
+                    .and_then(serde_json::Value::as_u64)
+                    .is_some_and(|n| n >= shard.len() as u64)
+            })
+        })?;
+        Ok(agents)
+    }
 }
 
 /// `fl start` runs the task's trainer once in the devices' sandbox and refuses, with the
