@@ -15,10 +15,18 @@
 //! DP-FedAvg (`fl::privacy::noisy_mean`) at the noise multipliers in `FL_PRIVACY`, with the
 //! epsilon each one states after the run's rounds.
 //!
+//! A third table trains the models the common exporters wrote (`inference/testmodels/exported/`:
+//! skl2onnx MLP, SGD and LogisticRegression, torch's Gemm, dynamo and external-data exports) from
+//! their own weights, fp32, on the first split with seed 1, each read as a device reads it (layers
+//! from the graph, `trainable_form` for LogisticRegression), and reports the rounds each takes to
+//! come within one point of the reference MLP's fp32 accuracy in this run.
+//!
 //! Environment: `FL_ROUNDS` (default 100), `FL_SEEDS` (default 3), `FL_CODECS` (comma list),
 //! `FL_SPLITS` (comma list of iid, dirichlet, 2-class), `FL_PRIVACY` (comma list of `off`,
 //! `auto`, `dp:Z:C` (noise multiplier Z, clip norm C); default `off,auto,dp:0.5:1,dp:1:1`; empty:
-//! no privacy table), `FL_OUT` (directory for fl.csv and fl.svg; default target/bench).
+//! no privacy table), `FL_FIXTURES` (comma list of exported models; empty: no fixture table),
+//! `FL_FIXTURE_ROUNDS` (default 30), `FL_OUT` (directory for fl.csv and fl.svg; default
+//! target/bench).
 //!
 //! Prints per split and codec: final accuracy (mean and spread over seeds), difference to fp32,
 //! upload bytes per round and the ratio to fp32; then accuracy per round. Writes every round of
@@ -527,6 +535,23 @@ fn main() {
             }
         }
     }
+    if let (Some(split), Some(ci)) = (
+        splits.first(),
+        codecs.iter().position(|c| *c == Codec::Fp32),
+    ) {
+        let finals: Vec<f32> = results[&(0, ci)]
+            .iter()
+            .map(|r| r.last().map_or(0.0, |x| x.accuracy))
+            .collect();
+        let clients: Vec<Arc<Shard>> = digits::partition(&d, &train_idx, CLIENTS, *split, 1)
+            .iter()
+            .map(|p| shard(&d, p))
+            .collect();
+        let reference = mean_sd(&finals).0;
+        exported_models(
+            &sandbox, &module, &clients, &holdout, *split, reference, rounds,
+        );
+    }
     let svg = plot(&splits, &codecs, &results, rounds);
     std::fs::write(out_dir.join("fl.svg"), svg).expect("write fl.svg");
     println!();
@@ -536,6 +561,120 @@ fn main() {
         out_dir.join("fl.svg").display(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// An exported model's trainable weights in the trainer's layout, read as a device reads them:
+/// LogisticRegression's LinearClassifier rewritten, external data inlined, the layers from the
+/// graph, each tensor moved into `[in, out]` / `[out]`.
+fn exported_weights(name: &str) -> Result<Vec<Param>, String> {
+    let path = edge_testmodels::onnx_builder::exported_path(name);
+    let files = edge_inference::ModelFiles::read(&path).map_err(|e| e.to_string())?;
+    let mut model =
+        edge_inference::external::inline(&files.graph, &files.data).map_err(|e| e.to_string())?;
+    if let Some(rewritten) = edge_inference::trainable_form(&model).map_err(|e| e.to_string())? {
+        model = rewritten;
+    }
+    let layers = edge_inference::dense_layers(&model).map_err(|e| e.to_string())?;
+    let named = edge_inference::read_initializers(&model)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let data = t.to_f32()?;
+            Some(edge_inference::NamedWeights {
+                name,
+                shape: t.shape().to_vec(),
+                data,
+            })
+        })
+        .collect();
+    Ok(edge_inference::dense::into_trainer(&layers, named)?
+        .into_iter()
+        .map(|w| Param {
+            name: w.name,
+            shape: w.shape,
+            data: w.data,
+        })
+        .collect())
+}
+
+/// The third table: each exported model (`FL_FIXTURES`) trained from its own weights, fp32,
+/// and the rounds it takes to come within one point of `reference` (the reference MLP's mean
+/// fp32 accuracy after `reference_rounds` rounds on `split`).
+fn exported_models(
+    sandbox: &Sandbox,
+    module: &TrainerModule,
+    clients: &[Arc<Shard>],
+    holdout: &Arc<Shard>,
+    split: Split,
+    reference: f32,
+    reference_rounds: usize,
+) {
+    let fixtures = env_list(
+        "FL_FIXTURES",
+        "sklearn_mlp,sklearn_sgd,sklearn_logreg,torch_gemm,torch_dynamo,torch_mlp",
+    );
+    if fixtures.is_empty() {
+        return;
+    }
+    let rounds = env_num("FL_FIXTURE_ROUNDS", 30);
+    println!();
+    println!(
+        "exported models (inference/testmodels/exported), fp32, {split}, seed 1, {rounds} rounds; \
+         target: within 1 point of the reference MLP's fp32 accuracy ({:.2}% after \
+         {reference_rounds} rounds):",
+        reference * 100.0
+    );
+    println!(
+        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>10} {:>18}",
+        "model", "weights", "before r1", "r1", "r5", "final", "rounds to target"
+    );
+    for name in fixtures {
+        let weights = match exported_weights(&format!("{name}.onnx")) {
+            Ok(w) => w,
+            Err(e) => {
+                println!("{name:<16} not trainable: {e}");
+                continue;
+            }
+        };
+        let setup = Setup {
+            sandbox: sandbox.clone(),
+            module: module.clone(),
+            params: weights
+                .iter()
+                .map(|p| (p.name.clone(), p.shape.clone()))
+                .collect(),
+        };
+        let initial = flatten(&weights);
+        let before = sandbox
+            .evaluate(module, weights, holdout.clone())
+            .expect("evaluation")
+            .accuracy;
+        let recs = run(
+            &setup,
+            &initial,
+            clients,
+            holdout,
+            Codec::Fp32,
+            Combine::Clipped(Clip::default()),
+            rounds,
+            1,
+        );
+        let at = |r: usize| recs.get(r - 1).map_or(0.0, |x| x.accuracy * 100.0);
+        let reached = recs
+            .iter()
+            .position(|x| x.accuracy >= reference - 0.01)
+            .map_or_else(|| format!("not in {rounds}"), |r| (r + 1).to_string());
+        println!(
+            "{:<16} {:>8} {:>9.2}% {:>7.2}% {:>7.2}% {:>9.2}% {:>18}",
+            name,
+            initial.len(),
+            before * 100.0,
+            at(1),
+            at(5.min(rounds)),
+            at(rounds),
+            reached
+        );
+    }
 }
 
 /// Accuracy per round (mean over seeds), one panel per split, one line per codec.
