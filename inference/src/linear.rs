@@ -51,7 +51,7 @@ pub fn trainable_form(model: &[u8]) -> Result<Option<Vec<u8>>, PatchError> {
         return Ok(None);
     }
     let mut out = Vec::with_capacity(model.len());
-    let mut rewritten = 0;
+    let mut bases: Vec<String> = Vec::new();
     for field in fields {
         if field.number != MODEL_GRAPH_FIELD {
             out.extend_from_slice(field.bytes);
@@ -67,12 +67,22 @@ pub fn trainable_form(model: &[u8]) -> Result<Option<Vec<u8>>, PatchError> {
             let node = NodeProto::decode(g.payload).map_err(decode)?;
             match softmax_classifier(&node) {
                 Some(c) => {
-                    let (nodes, inits) = c.rewrite(&node);
+                    // The node's name, made unique among the rewritten ones (in graph order,
+                    // so the coordinator and every device name the weights alike).
+                    let mut base = if node.name.is_empty() {
+                        "LinearClassifier".to_owned()
+                    } else {
+                        node.name.clone()
+                    };
+                    if bases.contains(&base) {
+                        base = format!("{base}_{}", bases.len());
+                    }
+                    let (nodes, inits) = c.rewrite(&node, &base);
+                    bases.push(base);
                     for n in nodes {
                         onnx::put_len_field(&mut graph, GRAPH_NODE_FIELD, &n.encode_to_vec());
                     }
                     added.extend(inits);
-                    rewritten += 1;
                 }
                 None => graph.extend_from_slice(g.bytes),
             }
@@ -82,7 +92,7 @@ pub fn trainable_form(model: &[u8]) -> Result<Option<Vec<u8>>, PatchError> {
         }
         onnx::put_len_field(&mut out, MODEL_GRAPH_FIELD, &graph);
     }
-    Ok((rewritten > 0).then_some(out))
+    Ok((!bases.is_empty()).then_some(out))
 }
 
 /// A `LinearClassifier` with a softmax over three or more int64 classes.
@@ -114,12 +124,8 @@ fn softmax_classifier(node: &NodeProto) -> Option<SoftmaxClassifier<'_>> {
 }
 
 impl SoftmaxClassifier<'_> {
-    fn rewrite(&self, node: &NodeProto) -> (Vec<NodeProto>, Vec<TensorProto>) {
-        let base = if node.name.is_empty() {
-            "LinearClassifier"
-        } else {
-            node.name.as_str()
-        };
+    /// The nodes and initializers that replace `node`, named after `base`.
+    fn rewrite(&self, node: &NodeProto, base: &str) -> (Vec<NodeProto>, Vec<TensorProto>) {
         let name = |suffix: &str| format!("{base}.{suffix}");
         let (weight, bias, classes) = (name("coefficients"), name("intercepts"), name("classes"));
         let (scores, index) = (name("scores"), name("index"));

@@ -119,6 +119,37 @@ fn the_rewritten_model_gives_the_same_labels_and_probabilities() {
 }
 
 #[test]
+fn two_unnamed_classifiers_get_weights_of_their_own() {
+    let mut m = ModelProto::decode(exported("sklearn_logreg.onnx").as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let first = g
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "LinearClassifier")
+        .unwrap();
+    first.name.clear();
+    let mut second = first.clone();
+    second.output = vec!["label2".into(), "p2".into()];
+    g.node.push(second);
+    let model = trainable_form(&m.encode_to_vec())
+        .unwrap()
+        .expect("rewritten");
+    let names: Vec<String> = read_initializers(&model)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.ends_with("coefficients"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "LinearClassifier.coefficients",
+            "LinearClassifier_1.coefficients"
+        ]
+    );
+}
+
+#[test]
 fn forms_the_trainer_cannot_fit_are_left_for_the_structure_check_to_refuse() {
     // One-vs-rest (a sigmoid per class): not the softmax the trainer fits.
     let ovr = with_attribute("post_transform", |a| a.s = b"LOGISTIC".to_vec());
