@@ -47,7 +47,8 @@ pub fn trainable_form(model: &[u8]) -> Result<Option<Vec<u8>>, PatchError> {
         .filter(|f| f.number == MODEL_OPSET_FIELD)
         .filter_map(|f| OperatorSetIdProto::decode(f.payload).ok())
         .any(|o| (o.domain.is_empty() || o.domain == "ai.onnx") && o.version >= 13);
-    if !standard_opset {
+    if !standard_opset || !has_softmax_classifier(&fields)? {
+        // Most models: nothing to rewrite, and nothing copied.
         return Ok(None);
     }
     let mut out = Vec::with_capacity(model.len());
@@ -93,6 +94,23 @@ pub fn trainable_form(model: &[u8]) -> Result<Option<Vec<u8>>, PatchError> {
         onnx::put_len_field(&mut out, MODEL_GRAPH_FIELD, &graph);
     }
     Ok((!bases.is_empty()).then_some(out))
+}
+
+/// Whether the model's graph has a node [`trainable_form`] rewrites (nodes are small: a
+/// model's weights are in its initializers, passed over here).
+fn has_softmax_classifier(fields: &[onnx::RawField<'_>]) -> Result<bool, PatchError> {
+    for field in fields.iter().filter(|f| f.number == MODEL_GRAPH_FIELD) {
+        for g in onnx::raw_fields(field.payload).map_err(PatchError::Decode)? {
+            if g.number == GRAPH_NODE_FIELD {
+                let node =
+                    NodeProto::decode(g.payload).map_err(|e| PatchError::Decode(e.into()))?;
+                if softmax_classifier(&node).is_some() {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// A `LinearClassifier` with a softmax over three or more int64 classes.
