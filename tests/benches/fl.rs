@@ -563,9 +563,11 @@ fn main() {
     );
 }
 
-/// An exported model's trainable weights in the trainer's layout, read as a device reads them:
-/// LogisticRegression's LinearClassifier rewritten, external data inlined, the layers from the
-/// graph, each tensor moved into `[in, out]` / `[out]`.
+/// An exported model's trainable weights in the trainer's layout, read as `fl start` reads a
+/// task's initial model: external data inlined, LogisticRegression's LinearClassifier
+/// rewritten, the weights and layers found from the graph
+/// (`edge_coordinator::fl::task::initial_weights`), then moved into `[in, out]` / `[out]`
+/// (`trainer_check::trainer_weights`, what `fl start` hands the trainer).
 fn exported_weights(name: &str) -> Result<Vec<Param>, String> {
     let path = edge_testmodels::onnx_builder::exported_path(name);
     let files = edge_inference::ModelFiles::read(&path).map_err(|e| e.to_string())?;
@@ -574,27 +576,10 @@ fn exported_weights(name: &str) -> Result<Vec<Param>, String> {
     if let Some(rewritten) = edge_inference::trainable_form(&model).map_err(|e| e.to_string())? {
         model = rewritten;
     }
+    let (params, initial) =
+        edge_coordinator::fl::task::initial_weights(&model, None).map_err(|e| e.to_string())?;
     let layers = edge_inference::dense_layers(&model).map_err(|e| e.to_string())?;
-    let named = edge_inference::read_initializers(&model)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter_map(|(name, t)| {
-            let data = t.to_f32()?;
-            Some(edge_inference::NamedWeights {
-                name,
-                shape: t.shape().to_vec(),
-                data,
-            })
-        })
-        .collect();
-    Ok(edge_inference::dense::into_trainer(&layers, named)?
-        .into_iter()
-        .map(|w| Param {
-            name: w.name,
-            shape: w.shape,
-            data: w.data,
-        })
-        .collect())
+    edge_coordinator::fl::trainer_check::trainer_weights(&layers, &params, &initial)
 }
 
 /// The third table: each exported model (`FL_FIXTURES`) trained from its own weights, fp32,

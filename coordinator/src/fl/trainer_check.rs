@@ -106,8 +106,9 @@ pub fn run(t: &Trial<'_>) -> Result<TrainerRun, String> {
 }
 
 /// The initial weights in the trainer's layout: `(weight [inputs, outputs], bias [outputs])`
-/// per trained layer, found from the graph as the agent does.
-fn trainer_weights(
+/// per trained layer, found from the graph as the agent does (`params` and `initial` as
+/// [`super::task::initial_weights`] gives them; also the fl bench's exported models).
+pub fn trainer_weights(
     trained: &[dense::DenseLayer],
     params: &[ParamSpec],
     initial: &[f32],
