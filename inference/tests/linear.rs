@@ -8,7 +8,7 @@
 mod common;
 
 use common::{assert_close, runtime};
-use edge_inference::onnx::{ModelProto, OperatorSetIdProto};
+use edge_inference::onnx::{AttributeProto, ModelProto, NodeProto, OperatorSetIdProto};
 use edge_inference::{Layout, Model, Tensor, dense_layers, read_initializers, trainable_form};
 use edge_testmodels::onnx_builder::exported;
 use prost::Message;
@@ -29,32 +29,35 @@ fn digits(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The fixture's `LinearClassifier` attribute `name`, as floats.
-fn attribute(model: &[u8], name: &str) -> Vec<f32> {
-    let m = ModelProto::decode(model).unwrap();
-    let g = m.graph.unwrap();
-    let node = g
-        .node
-        .iter()
+/// The exported LogisticRegression, decoded.
+fn fixture() -> ModelProto {
+    ModelProto::decode(exported("sklearn_logreg.onnx").as_slice()).unwrap()
+}
+
+/// The model's (first) `LinearClassifier` node.
+fn classifier(m: &mut ModelProto) -> &mut NodeProto {
+    let g = m.graph.as_mut().unwrap();
+    g.node
+        .iter_mut()
         .find(|n| n.op_type == "LinearClassifier")
-        .unwrap();
-    let a = node.attribute.iter().find(|a| a.name == name).unwrap();
-    a.floats.clone()
+        .unwrap()
+}
+
+/// The fixture's classifier's attribute `name`, as floats.
+fn attribute(name: &str) -> Vec<f32> {
+    let mut m = fixture();
+    let a = classifier(&mut m).attribute.iter().find(|a| a.name == name);
+    a.unwrap().floats.clone()
 }
 
 /// The fixture with its classifier's attribute `name` changed by `change`.
-fn with_attribute(
-    name: &str,
-    change: impl Fn(&mut edge_inference::onnx::AttributeProto),
-) -> Vec<u8> {
-    let mut m = ModelProto::decode(exported("sklearn_logreg.onnx").as_slice()).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    let node = g
-        .node
+fn with_attribute(name: &str, change: impl Fn(&mut AttributeProto)) -> Vec<u8> {
+    let mut m = fixture();
+    let a = classifier(&mut m)
+        .attribute
         .iter_mut()
-        .find(|n| n.op_type == "LinearClassifier")
-        .unwrap();
-    change(node.attribute.iter_mut().find(|a| a.name == name).unwrap());
+        .find(|a| a.name == name);
+    change(a.unwrap());
     m.encode_to_vec()
 }
 
@@ -84,11 +87,11 @@ fn logistic_regression_becomes_one_gemm_layer_with_its_weights_in_initializers()
     };
     assert_eq!(
         value("LinearClassifier.coefficients"),
-        attribute(&original, "coefficients")
+        attribute("coefficients")
     );
     assert_eq!(
         value("LinearClassifier.intercepts"),
-        attribute(&original, "intercepts")
+        attribute("intercepts")
     );
     // Rewriting the rewritten model changes nothing more.
     assert_eq!(trainable_form(&model).unwrap(), None);
@@ -120,17 +123,12 @@ fn the_rewritten_model_gives_the_same_labels_and_probabilities() {
 
 #[test]
 fn two_unnamed_classifiers_get_weights_of_their_own() {
-    let mut m = ModelProto::decode(exported("sklearn_logreg.onnx").as_slice()).unwrap();
-    let g = m.graph.as_mut().unwrap();
-    let first = g
-        .node
-        .iter_mut()
-        .find(|n| n.op_type == "LinearClassifier")
-        .unwrap();
+    let mut m = fixture();
+    let first = classifier(&mut m);
     first.name.clear();
     let mut second = first.clone();
     second.output = vec!["label2".into(), "p2".into()];
-    g.node.push(second);
+    m.graph.as_mut().unwrap().node.push(second);
     let model = trainable_form(&m.encode_to_vec())
         .unwrap()
         .expect("rewritten");
@@ -165,7 +163,7 @@ fn forms_the_trainer_cannot_fit_are_left_for_the_structure_check_to_refuse() {
     });
     assert_eq!(trainable_form(&ragged).unwrap(), None);
     // No standard opset to write the new nodes in.
-    let mut m = ModelProto::decode(exported("sklearn_logreg.onnx").as_slice()).unwrap();
+    let mut m = fixture();
     m.opset_import = vec![OperatorSetIdProto {
         domain: "ai.onnx.ml".into(),
         version: 1,
