@@ -21,8 +21,9 @@ use anyhow::{Context, Result, ensure};
 use edge_testmodels::onnx_builder;
 use edge_tests::digits::Split;
 use edge_tests::{
-    Agent, AgentOptions, Coordinator, FlTask, SigningKey, TestEnv, closed_rounds, federated_agent,
-    federated_agent_in, federated_data, fl_status, run_test, task_finished, wasm_dir,
+    Agent, AgentOptions, Coordinator, Event, FlTask, SigningKey, TestEnv, closed_rounds,
+    federated_agent, federated_agent_in, federated_data, fl_status, run_test, task_finished,
+    wasm_dir,
 };
 
 const AGENTS: usize = 3;
@@ -196,10 +197,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
         "rounds closed: {}",
         closed.len()
     );
-    let acc: Vec<f64> = closed
-        .iter()
-        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
-        .collect();
+    let acc = accuracy_per_round(&closed);
     ensure!(
         closed
             .iter()
@@ -222,10 +220,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     dt.start(&coord, &task_dir, &key)?;
     journal.wait_for("task td finished", WAIT * 2, |j| task_finished(j, "td"))?;
     let closed = closed_rounds(journal.events(), "td");
-    let acc: Vec<f64> = closed
-        .iter()
-        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
-        .collect();
+    let acc = accuracy_per_round(&closed);
     // An update carries the head's 16 x 10 + 10 weights (fp32: 680 bytes and a header), not the
     // whole model's 1,210 (4,840 bytes).
     let bytes_per_update: Vec<f64> = closed
@@ -314,10 +309,7 @@ fn scenario(env: &TestEnv) -> Result<()> {
     );
     journal.wait_for("task tf finished", WAIT * 2, |j| task_finished(j, "tf"))?;
     let closed = closed_rounds(journal.events(), "tf");
-    let acc: Vec<f64> = closed
-        .iter()
-        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
-        .collect();
+    let acc = accuracy_per_round(&closed);
     ensure!(
         closed.len() == ROUNDS as usize
             && closed
@@ -329,6 +321,14 @@ fn scenario(env: &TestEnv) -> Result<()> {
     eprintln!("sklearn LogisticRegression as exported: held-out accuracy per round {acc:?}");
     drop(agents);
     Ok(())
+}
+
+/// The held-out accuracy each closed round reports (0 where it has none).
+fn accuracy_per_round(closed: &[&Event]) -> Vec<f64> {
+    closed
+        .iter()
+        .map(|e| e.f64_field("eval_accuracy").unwrap_or(0.0))
+        .collect()
 }
 
 /// What a new set of agents serves and trains on: the data, its shards and the signing key.
