@@ -15,8 +15,8 @@ pub struct Fft {
     /// Computed in f64 and rounded once.
     tw_re: Vec<f32>,
     tw_im: Vec<f32>,
-    /// Pairs `(i, j)`, `i < j`, to swap for the bit-reversed input order.
-    swaps: Vec<(u32, u32)>,
+    /// `rev[k]`: `k` with its `log2 n` bits reversed, the input order the butterflies need.
+    rev: Vec<u32>,
 }
 
 /// `exp(-2πik/n)` computed in f64, rounded to f32.
@@ -24,6 +24,15 @@ fn twiddle(k: usize, n: usize) -> (f32, f32) {
     let angle = -2.0 * std::f64::consts::PI * k as f64 / n as f64;
     (angle.cos() as f32, angle.sin() as f32)
 }
+
+// Speed notes (`cargo xtask bench sandbox` compares the WASM module with this code compiled
+// natively). In the module every loop iteration pays an epoch check (the call deadline), and
+// Cranelift allocates registers less well than LLVM in a large function: so the loops below
+// do more work per iteration (blocks of eight butterflies, three stages in the first pass,
+// four bins per split step), and each stage is a function of its own (`#[inline(never)]`),
+// where its pointers and the epoch counter stay in registers instead of being spilled around
+// a loop of the inlined whole. Natively the changes cost nothing: LLVM unrolls and
+// vectorises the same loops anyway.
 
 impl Fft {
     /// Plans an FFT of length `n`.
@@ -41,20 +50,17 @@ impl Fft {
             h *= 2;
         }
         let bits = n.trailing_zeros();
-        let mut swaps = Vec::new();
-        if bits > 0 {
-            for i in 0..n {
-                let j = i.reverse_bits() >> (usize::BITS - bits);
-                if i < j {
-                    swaps.push((i as u32, j as u32));
-                }
-            }
-        }
+        let rev = (0..n)
+            .map(|i| match bits {
+                0 => 0,
+                _ => (i.reverse_bits() >> (usize::BITS - bits)) as u32,
+            })
+            .collect();
         Self {
             n,
             tw_re,
             tw_im,
-            swaps,
+            rev,
         }
     }
 
@@ -77,70 +83,111 @@ impl Fft {
             re.len() == self.n && im.len() == self.n,
             "fft buffer length mismatch"
         );
-        for &(i, j) in &self.swaps {
-            re.swap(i as usize, j as usize);
-            im.swap(i as usize, j as usize);
-        }
-        // The first two stages have the trivial twiddles 1 and -i: no multiplies, and their
-        // blocks are too short for the general loop to vectorise. For n >= 4 both run in one
-        // pass over blocks of four (half the iterations: in the WASM module every loop
-        // iteration also pays an epoch check).
-        if self.n >= 4 {
-            for (r, i) in re.chunks_exact_mut(4).zip(im.chunks_exact_mut(4)) {
-                let (r0, r1, r2, r3) = (r[0] + r[1], r[0] - r[1], r[2] + r[3], r[2] - r[3]);
-                let (i0, i1, i2, i3) = (i[0] + i[1], i[0] - i[1], i[2] + i[3], i[2] - i[3]);
-                (r[0], r[2], i[0], i[2]) = (r0 + r2, r0 - r2, i0 + i2, i0 - i2);
-                (r[1], r[3], i[1], i[3]) = (r1 + i3, r1 - i3, i1 - r3, i1 + r3);
+        for (i, &j) in self.rev.iter().enumerate() {
+            let j = j as usize;
+            if i < j {
+                re.swap(i, j);
+                im.swap(i, j);
             }
-        } else if self.n == 2 {
-            let (r0, r1, i0, i1) = (re[0], re[1], im[0], im[1]);
-            (re[0], re[1], im[0], im[1]) = (r0 + r1, r0 - r1, i0 + i1, i0 - i1);
         }
-        // Iterators over split halves and the stage's twiddle slice instead of indexing: no
-        // bounds check per butterfly. Four butterflies per iteration (h is a multiple of 4
-        // from here on): a fixed-length inner loop the compiler turns into one SIMD operation
-        // per line (a per-butterfly loop over six zipped slices stayed scalar in the WASM
-        // module), and a quarter of the iterations, each of which pays the module's epoch
-        // check.
-        let mut h = 4;
-        while h < self.n {
-            let (tw_re, tw_im) = (&self.tw_re[h..2 * h], &self.tw_im[h..2 * h]);
-            for (re_blk, im_blk) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
-                let (re_a, re_b) = re_blk.split_at_mut(h);
-                let (im_a, im_b) = im_blk.split_at_mut(h);
-                // `as_chunks`: arrays of four, so no index is checked.
-                let (ra4, _) = re_a.as_chunks_mut::<4>();
-                let (ia4, _) = im_a.as_chunks_mut::<4>();
-                let (rb4, _) = re_b.as_chunks_mut::<4>();
-                let (ib4, _) = im_b.as_chunks_mut::<4>();
-                let (wr4, _) = tw_re.as_chunks::<4>();
-                let (wi4, _) = tw_im.as_chunks::<4>();
-                for (((((ra, ia), rb), ib), wr), wi) in ra4
-                    .iter_mut()
-                    .zip(ia4.iter_mut())
-                    .zip(rb4.iter_mut())
-                    .zip(ib4.iter_mut())
-                    .zip(wr4)
-                    .zip(wi4)
-                {
-                    // Read into locals first: the compiler cannot tell that the six chunks
-                    // do not overlap, and would keep each line scalar.
-                    let (xr, xi, yr, yi) = (*ra, *ia, *rb, *ib);
-                    let mut tr = [0.0f32; 4];
-                    let mut ti = [0.0f32; 4];
-                    for j in 0..4 {
-                        tr[j] = yr[j] * wr[j] - yi[j] * wi[j];
-                        ti[j] = yr[j] * wi[j] + yi[j] * wr[j];
-                    }
-                    for j in 0..4 {
-                        rb[j] = xr[j] - tr[j];
-                        ib[j] = xi[j] - ti[j];
-                        ra[j] = xr[j] + tr[j];
-                        ia[j] = xi[j] + ti[j];
-                    }
+        self.butterflies(re, im);
+    }
+
+    /// The butterfly stages, on input already in bit-reversed order.
+    fn butterflies(&self, re: &mut [f32], im: &mut [f32]) {
+        // The first three stages have the constant twiddles 1, -i and the eighth roots of
+        // unity: one pass over blocks of eight does them with no table and few multiplies.
+        match self.n {
+            8.. => first_three_stages(re, im),
+            4 => {
+                if let (Some(r), Some(i)) = (re.first_chunk_mut(), im.first_chunk_mut()) {
+                    radix4(r, i);
                 }
             }
+            2 => {
+                let (r0, r1, i0, i1) = (re[0], re[1], im[0], im[1]);
+                (re[0], re[1], im[0], im[1]) = (r0 + r1, r0 - r1, i0 + i1, i0 - i1);
+            }
+            _ => {}
+        }
+        let mut h = 8;
+        while h < self.n {
+            stage(re, im, &self.tw_re[h..2 * h], &self.tw_im[h..2 * h]);
             h *= 2;
+        }
+    }
+}
+
+/// Stages one and two (twiddles 1 and -i) on a block of four, in place.
+#[inline(always)]
+fn radix4(r: &mut [f32; 4], i: &mut [f32; 4]) {
+    let (r0, r1, r2, r3) = (r[0] + r[1], r[0] - r[1], r[2] + r[3], r[2] - r[3]);
+    let (i0, i1, i2, i3) = (i[0] + i[1], i[0] - i[1], i[2] + i[3], i[2] - i[3]);
+    (r[0], r[2], i[0], i[2]) = (r0 + r2, r0 - r2, i0 + i2, i0 - i2);
+    (r[1], r[3], i[1], i[3]) = (r1 + i3, r1 - i3, i1 - r3, i1 + r3);
+}
+
+/// Stages one to three over blocks of eight: two radix-4 halves, then the butterflies of
+/// half-size 4, whose twiddles are `exp(-2πik/8)`, `k in 0..4`: 1, `c - ic`, `-i`, `-c - ic`
+/// with `c = √½`.
+#[inline(never)]
+fn first_three_stages(re: &mut [f32], im: &mut [f32]) {
+    const C: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let (re8, _) = re.as_chunks_mut::<8>();
+    let (im8, _) = im.as_chunks_mut::<8>();
+    for (r, i) in re8.iter_mut().zip(im8) {
+        let (mut ar, mut br) = ([r[0], r[1], r[2], r[3]], [r[4], r[5], r[6], r[7]]);
+        let (mut ai, mut bi) = ([i[0], i[1], i[2], i[3]], [i[4], i[5], i[6], i[7]]);
+        radix4(&mut ar, &mut ai);
+        radix4(&mut br, &mut bi);
+        // t = b·w for the four twiddles above.
+        let tr = [br[0], C * (br[1] + bi[1]), bi[2], C * (bi[3] - br[3])];
+        let ti = [bi[0], C * (bi[1] - br[1]), -br[2], -C * (br[3] + bi[3])];
+        for j in 0..4 {
+            (r[j], r[j + 4]) = (ar[j] + tr[j], ar[j] - tr[j]);
+            (i[j], i[j + 4]) = (ai[j] + ti[j], ai[j] - ti[j]);
+        }
+    }
+}
+
+/// One stage of butterflies of half-size `h = tw_re.len()` (a multiple of 8) over blocks of
+/// `2h`, eight butterflies per iteration.
+#[inline(never)]
+fn stage(re: &mut [f32], im: &mut [f32], tw_re: &[f32], tw_im: &[f32]) {
+    let h = tw_re.len();
+    // `as_chunks`: arrays of eight, so no index is checked.
+    let (wr8, _) = tw_re.as_chunks::<8>();
+    let (wi8, _) = tw_im.as_chunks::<8>();
+    for (re_blk, im_blk) in re.chunks_exact_mut(2 * h).zip(im.chunks_exact_mut(2 * h)) {
+        let (re_a, re_b) = re_blk.split_at_mut(h);
+        let (im_a, im_b) = im_blk.split_at_mut(h);
+        let (ra8, _) = re_a.as_chunks_mut::<8>();
+        let (ia8, _) = im_a.as_chunks_mut::<8>();
+        let (rb8, _) = re_b.as_chunks_mut::<8>();
+        let (ib8, _) = im_b.as_chunks_mut::<8>();
+        for (((((ra, ia), rb), ib), wr), wi) in ra8
+            .iter_mut()
+            .zip(ia8.iter_mut())
+            .zip(rb8.iter_mut())
+            .zip(ib8.iter_mut())
+            .zip(wr8)
+            .zip(wi8)
+        {
+            // Read into locals first: the compiler cannot tell that the six chunks do not
+            // overlap, and would keep each line scalar.
+            let (xr, xi, yr, yi) = (*ra, *ia, *rb, *ib);
+            let mut tr = [0.0f32; 8];
+            let mut ti = [0.0f32; 8];
+            for j in 0..8 {
+                tr[j] = yr[j] * wr[j] - yi[j] * wi[j];
+                ti[j] = yr[j] * wi[j] + yi[j] * wr[j];
+            }
+            for j in 0..8 {
+                rb[j] = xr[j] - tr[j];
+                ib[j] = xi[j] - ti[j];
+                ra[j] = xr[j] + tr[j];
+                ia[j] = xi[j] + ti[j];
+            }
         }
     }
 }
@@ -198,31 +245,106 @@ impl RealFft {
             (re[0], im[0]) = (x[0], 0.0);
             return;
         }
-        // Even samples as the real part, odd ones as the imaginary part of n/2 points.
-        for ((r, i), pair) in re.iter_mut().zip(im.iter_mut()).zip(x.chunks_exact(2)) {
-            (*r, *i) = (pair[0], pair[1]);
-        }
-        self.half.process(&mut re[..m], &mut im[..m]);
-        // Split: with Z the half-size transform, E[k] = (Z[k] + conj Z[m-k]) / 2 is the even
-        // samples' spectrum and O[k] = (Z[k] - conj Z[m-k]) / 2i the odd ones';
-        // X[k] = E[k] + W^k·O[k]. Bins k and m-k are computed together (each needs the
-        // other's input), from the outside in; Z[m] is Z[0].
-        let (z0r, z0i) = (re[0], im[0]);
-        (re[0], im[0]) = (z0r + z0i, 0.0);
-        (re[m], im[m]) = (z0r - z0i, 0.0);
-        for k in 1..=m / 2 {
-            let j = m - k;
-            let (ar, ai, br, bi) = (re[k], im[k], re[j], im[j]);
-            let (er, ei) = (0.5 * (ar + br), 0.5 * (ai - bi));
-            let (or, oi) = (0.5 * (ai + bi), -0.5 * (ar - br));
-            let (wr, wi) = (self.tw_re[k], self.tw_im[k]);
-            re[k] = er + wr * or - wi * oi;
-            im[k] = ei + wr * oi + wi * or;
-            // Bin j from the same inputs: E[j] = conj E[k], O[j] = conj O[k], W^j = -conj W^k.
-            re[j] = er - wr * or + wi * oi;
-            im[j] = -ei + wr * oi + wi * or;
+        gather_pairs(x, &self.half.rev, &mut re[..m], &mut im[..m]);
+        self.half.butterflies(&mut re[..m], &mut im[..m]);
+        split(re, im, &self.tw_re, &self.tw_im);
+    }
+}
+
+/// Even samples as the real part, odd ones as the imaginary part of `n/2` points, read in
+/// the bit-reversed order `rev` (the copy does the permutation, so no swap pass follows).
+#[inline(never)]
+fn gather_pairs(x: &[f32], rev: &[u32], re: &mut [f32], im: &mut [f32]) {
+    let (pairs, _) = x.as_chunks::<2>();
+    let (rev4, rev_rest) = rev.as_chunks::<4>();
+    let (re4, re_rest) = re.as_chunks_mut::<4>();
+    let (im4, im_rest) = im.as_chunks_mut::<4>();
+    for ((r, i), p) in re4.iter_mut().zip(im4.iter_mut()).zip(rev4) {
+        for j in 0..4 {
+            [r[j], i[j]] = pairs[p[j] as usize];
         }
     }
+    for ((r, i), &p) in re_rest.iter_mut().zip(im_rest).zip(rev_rest) {
+        [*r, *i] = pairs[p as usize];
+    }
+}
+
+/// The split pass: with Z the half-size transform of `m` points in `re[..m]`/`im[..m]`,
+/// `E[k] = (Z[k] + conj Z[m-k]) / 2` is the even samples' spectrum and
+/// `O[k] = (Z[k] - conj Z[m-k]) / 2i` the odd ones'; `X[k] = E[k] + W^k·O[k]`. Bins `k` and
+/// `m-k` are computed together (each needs the other's input), four pairs per iteration;
+/// `Z[m]` is `Z[0]`, and the middle bin `m/2` pairs with itself: `X[m/2] = conj Z[m/2]`.
+#[inline(never)]
+fn split(re: &mut [f32], im: &mut [f32], tw_re: &[f32], tw_im: &[f32]) {
+    let m = re.len() - 1;
+    let (z0r, z0i) = (re[0], im[0]);
+    (re[0], im[0]) = (z0r + z0i, 0.0);
+    (re[m], im[m]) = (z0r - z0i, 0.0);
+    if m < 2 {
+        return;
+    }
+    let mid = m / 2;
+    im[mid] = -im[mid];
+    // Bins 1..mid (k, ascending) and mid+1..m (j = m - k, the same pairs read from the end).
+    let (re_lo, re_hi) = re[1..m].split_at_mut(mid - 1);
+    let (im_lo, im_hi) = im[1..m].split_at_mut(mid - 1);
+    let (re_hi, im_hi) = (&mut re_hi[1..], &mut im_hi[1..]);
+    let (wr, wi) = (&tw_re[1..mid], &tw_im[1..mid]);
+
+    let (rl4, rl_rest) = re_lo.as_chunks_mut::<4>();
+    let (il4, il_rest) = im_lo.as_chunks_mut::<4>();
+    let (wr4, wr_rest) = wr.as_chunks::<4>();
+    let (wi4, wi_rest) = wi.as_chunks::<4>();
+    // From the end, so the first chunk holds j = m-1 down to m-4 (read reversed).
+    let (rh_rest, rh4) = re_hi.as_rchunks_mut::<4>();
+    let (ih_rest, ih4) = im_hi.as_rchunks_mut::<4>();
+    for (((((rl, il), rh), ih), wr), wi) in rl4
+        .iter_mut()
+        .zip(il4.iter_mut())
+        .zip(rh4.iter_mut().rev())
+        .zip(ih4.iter_mut().rev())
+        .zip(wr4)
+        .zip(wi4)
+    {
+        let (ar, ai) = (*rl, *il);
+        let (br, bi) = ([rh[3], rh[2], rh[1], rh[0]], [ih[3], ih[2], ih[1], ih[0]]);
+        let mut out = [[0.0f32; 4]; 4];
+        for l in 0..4 {
+            let x = split_pair(ar[l], ai[l], br[l], bi[l], wr[l], wi[l]);
+            for (o, v) in out.iter_mut().zip(x) {
+                o[l] = v;
+            }
+        }
+        let [xr, xi, yr, yi] = out;
+        (*rl, *il) = (xr, xi);
+        *rh = [yr[3], yr[2], yr[1], yr[0]];
+        *ih = [yi[3], yi[2], yi[1], yi[0]];
+    }
+    for (((((rl, il), rh), ih), &wr), &wi) in rl_rest
+        .iter_mut()
+        .zip(il_rest.iter_mut())
+        .zip(rh_rest.iter_mut().rev())
+        .zip(ih_rest.iter_mut().rev())
+        .zip(wr_rest)
+        .zip(wi_rest)
+    {
+        [*rl, *il, *rh, *ih] = split_pair(*rl, *il, *rh, *ih, wr, wi);
+    }
+}
+
+/// `X[k]` and `X[m-k]` (real, imaginary of each) from `a = Z[k]`, `b = Z[m-k]` and
+/// `w = W^k`. Bin `m-k` uses `E[m-k] = conj E[k]`, `O[m-k] = conj O[k]` and
+/// `W^(m-k) = -conj W^k`.
+#[inline(always)]
+fn split_pair(ar: f32, ai: f32, br: f32, bi: f32, wr: f32, wi: f32) -> [f32; 4] {
+    let (er, ei) = (0.5 * (ar + br), 0.5 * (ai - bi));
+    let (or, oi) = (0.5 * (ai + bi), -0.5 * (ar - br));
+    [
+        er + wr * or - wi * oi,
+        ei + wr * oi + wi * or,
+        er - wr * or + wi * oi,
+        -ei + wr * oi + wi * or,
+    ]
 }
 
 #[cfg(test)]

@@ -37,48 +37,92 @@ pub struct Stats {
 }
 
 /// Lanes of the per-sample loops: independent accumulators the compiler turns into SIMD
-/// (LLVM may not reorder one float sum by itself). Four f64 lanes are two wasm `f64x2`
-/// vectors, so the module's loop runs a quarter of the iterations, each with one epoch
-/// check, instead of one check per sample.
-const LANES: usize = 4;
+/// (LLVM may not reorder one float sum by itself): two wasm `f32x4` vectors.
+const LANES: usize = 8;
+
+/// Samples per block of the per-sample loops. In the WASM module every loop iteration pays
+/// an epoch check (the call deadline), and Cranelift keeps a loop's vector accumulators in
+/// stack slots around it (the check's slow path is a call that may clobber every vector
+/// register): a block of 32 samples per iteration, its inner loop unrolled away, pays both
+/// once per 32 samples instead of once per four. (`cargo xtask bench sandbox`; natively
+/// LLVM unrolls the same loops anyway.)
+const BLOCK: usize = 32;
+
+/// f32 sums of one block in [`LANES`] lanes, then added into f64 accumulators: the f32
+/// partial sums of 4 values each lose nothing that matters, and the f64 totals keep a long
+/// window's sums exact enough. Converting every sample to f64 (as before) kept the module's
+/// loop scalar: LLVM does not vectorise the f32 -> f64 conversion for wasm.
+#[derive(Clone, Copy)]
+struct Acc {
+    sum: [f64; LANES],
+    sum_sq: [f64; LANES],
+    peak: [f32; LANES],
+}
+
+impl Acc {
+    fn new() -> Self {
+        Acc {
+            sum: [0.0; LANES],
+            sum_sq: [0.0; LANES],
+            peak: [0.0; LANES],
+        }
+    }
+
+    #[inline(always)]
+    fn block(&mut self, block: &[f32; BLOCK]) {
+        let (mut s, mut q) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let (chunks, _) = block.as_chunks::<LANES>();
+        for chunk in chunks {
+            for j in 0..LANES {
+                let x = chunk[j];
+                s[j] += x;
+                q[j] += x * x;
+                // Not `f32::max`: its NaN rule has no wasm instruction, so in the module it
+                // was a call to libm's `fmaxf` per sample (seen in a perf profile of the
+                // stage). A NaN sample is skipped here too (the comparison is false), the
+                // same as `max` does.
+                let a = x.abs();
+                self.peak[j] = if a > self.peak[j] { a } else { self.peak[j] };
+            }
+        }
+        for j in 0..LANES {
+            self.sum[j] += f64::from(s[j]);
+            self.sum_sq[j] += f64::from(q[j]);
+        }
+    }
+
+    fn one(&mut self, j: usize, x: f32) {
+        let xf = f64::from(x);
+        self.sum[j] += xf;
+        self.sum_sq[j] += xf * xf;
+        let a = x.abs();
+        self.peak[j] = if a > self.peak[j] { a } else { self.peak[j] };
+    }
+}
+
+/// Pairwise total of the lanes.
+fn total(x: [f64; LANES]) -> f64 {
+    ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+}
 
 /// Computes [`Stats`]; all zero for an empty window.
+#[inline(never)]
 pub fn stats(samples: &[f32]) -> Stats {
     if samples.is_empty() {
         return Stats::default();
     }
-    // f64 accumulators: a long f32 window would otherwise lose precision in the sums.
-    let mut sum = [0.0f64; LANES];
-    let mut sum_sq = [0.0f64; LANES];
-    let mut peak = [0.0f32; LANES];
-    let chunks = samples.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for j in 0..LANES {
-            let x = chunk[j];
-            let xf = f64::from(x);
-            sum[j] += xf;
-            sum_sq[j] += xf * xf;
-            // Not `f32::max`: its NaN rule has no wasm instruction, so in the module it was a
-            // call to libm's `fmaxf` per sample (seen in a perf profile of the stage). A NaN
-            // sample is skipped here too (the comparison is false), the same as `max` does.
-            let a = x.abs();
-            peak[j] = if a > peak[j] { a } else { peak[j] };
-        }
+    let mut acc = Acc::new();
+    let (blocks, rest) = samples.as_chunks::<BLOCK>();
+    for block in blocks {
+        acc.block(block);
     }
-    for (j, &x) in rest.iter().enumerate() {
-        let xf = f64::from(x);
-        sum[j] += xf;
-        sum_sq[j] += xf * xf;
-        let a = x.abs();
-        peak[j] = if a > peak[j] { a } else { peak[j] };
+    for (i, &x) in rest.iter().enumerate() {
+        acc.one(i % LANES, x);
     }
     let n = samples.len() as f64;
-    let (sum, sum_sq) = (
-        (sum[0] + sum[1]) + (sum[2] + sum[3]),
-        (sum_sq[0] + sum_sq[1]) + (sum_sq[2] + sum_sq[3]),
-    );
-    let peak = peak
+    let (sum, sum_sq) = (total(acc.sum), total(acc.sum_sq));
+    let peak = acc
+        .peak
         .into_iter()
         .fold(0.0f32, |p, a| if a > p { a } else { p });
     let rms = (sum_sq / n).sqrt() as f32;
@@ -90,36 +134,25 @@ pub fn stats(samples: &[f32]) -> Stats {
     }
 }
 
-/// Sum in [`LANES`] independent accumulators (vectorisable; see `stats`).
-fn sum(x: &[f64]) -> f64 {
+/// Sum of `x` in f32 blocks added into f64 lanes (see [`Acc`]).
+fn sum(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
+    let (blocks, rest) = x.as_chunks::<BLOCK>();
+    for block in blocks {
+        let mut s = [0.0f32; LANES];
+        for chunk in block.as_chunks::<LANES>().0 {
+            for j in 0..LANES {
+                s[j] += chunk[j];
+            }
+        }
         for j in 0..LANES {
-            acc[j] += chunk[j];
+            acc[j] += f64::from(s[j]);
         }
     }
-    for (j, &v) in rest.iter().enumerate() {
-        acc[j] += v;
+    for (i, &v) in rest.iter().enumerate() {
+        acc[i % LANES] += f64::from(v);
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
-}
-
-/// Largest value, NaN skipped, in [`LANES`] lanes; 0 for an empty or all-negative slice.
-fn max(x: &[f64]) -> f64 {
-    let mut m = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for j in 0..LANES {
-            m[j] = if chunk[j] > m[j] { chunk[j] } else { m[j] };
-        }
-    }
-    for (j, &v) in rest.iter().enumerate() {
-        m[j] = if v > m[j] { v } else { m[j] };
-    }
-    m.into_iter().fold(0.0, |a, v| if v > a { v } else { a })
+    total(acc)
 }
 
 /// Index of the first sample that is NaN or infinite, if any.
@@ -276,9 +309,9 @@ pub struct Extractor {
     /// One-sided spectrum, bins `0..=n/2`.
     re: Vec<f32>,
     im: Vec<f32>,
-    /// Power per bin of the one-sided spectrum (f64, so thousands of small bins add up
-    /// without loss).
-    power: Vec<f64>,
+    /// Power per bin of the one-sided spectrum (summed per band in f64, so thousands of
+    /// small bins add up without loss).
+    power: Vec<f32>,
 }
 
 impl Extractor {
@@ -340,9 +373,7 @@ impl Extractor {
             self.prepare_window(len);
         }
         let offset = if self.config.remove_dc { mean } else { 0.0 };
-        for ((dst, &x), &w) in self.padded.iter_mut().zip(samples).zip(&self.window) {
-            *dst = (x - offset) * w;
-        }
+        apply_window(&mut self.padded[..len], samples, &self.window, offset);
         self.padded[len..].fill(0.0);
         if let Some(fft) = &self.fft {
             fft.process(&self.padded, &mut self.re, &mut self.im);
@@ -353,16 +384,12 @@ impl Extractor {
         // total the (window-weighted) mean square of the input, by Parseval.
         let half = n / 2;
         let norm = 1.0 / (n as f64 * self.window_power.max(f64::MIN_POSITIVE));
-        // Power per bin first (one vectorisable pass), then per band a sum over its range of
-        // bins: no per-bin branch on the band, so both loops run as SIMD.
+        // Power per bin first (one vectorisable pass, which also finds the strongest non-DC
+        // bin's power), then per band a sum over its range of bins: no per-bin branch on the
+        // band, so both loops run as SIMD.
         let power = &mut self.power;
-        power.clear();
-        power.extend(
-            self.re
-                .iter()
-                .zip(&self.im)
-                .map(|(&re, &im)| f64::from(re) * f64::from(re) + f64::from(im) * f64::from(im)),
-        );
+        power.resize(half + 1, 0.0);
+        let peak = power_spectrum(&self.re, &self.im, power);
         // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last, so
         // band b starts at the first k with k * nbands >= b * half. (n = 1 has half = 0: its
         // single bin goes to band 0.)
@@ -383,15 +410,14 @@ impl Extractor {
             };
             let mut energy = 2.0 * sum(range);
             if lo == 0 {
-                energy -= power[0];
+                energy -= f64::from(power[0]);
             }
             if hi == half + 1 && half > 0 {
-                energy -= power[half];
+                energy -= f64::from(power[half]);
             }
             *dst = (energy * norm) as f32;
         }
         // Strongest non-DC bin: the first with the largest power, none if all are 0.
-        let peak = power.get(1..).map_or(0.0, max);
         if peak > 0.0 {
             power[1..]
                 .iter()
@@ -421,6 +447,48 @@ impl Extractor {
             .sum();
         self.window_len = len;
     }
+}
+
+/// `dst[i] = (x[i] - offset) * w[i]`, sixteen samples per iteration (see [`BLOCK`]).
+#[inline(never)]
+fn apply_window(dst: &mut [f32], x: &[f32], w: &[f32], offset: f32) {
+    let (d16, d_rest) = dst.as_chunks_mut::<16>();
+    let (x16, x_rest) = x.as_chunks::<16>();
+    let (w16, w_rest) = w.as_chunks::<16>();
+    for ((d, x), w) in d16.iter_mut().zip(x16).zip(w16) {
+        for j in 0..16 {
+            d[j] = (x[j] - offset) * w[j];
+        }
+    }
+    for ((d, &x), &w) in d_rest.iter_mut().zip(x_rest).zip(w_rest) {
+        *d = (x - offset) * w;
+    }
+}
+
+/// `power[k] = re[k]² + im[k]²`, sixteen bins per iteration; returns the largest power of
+/// the bins after the first (the DC bin), NaN skipped, 0 if there are none.
+#[inline(never)]
+fn power_spectrum(re: &[f32], im: &[f32], power: &mut [f32]) -> f32 {
+    let mut m = [0.0f32; 16];
+    let Some((dc, power)) = power.split_first_mut() else {
+        return 0.0;
+    };
+    *dc = re[0] * re[0] + im[0] * im[0];
+    let (re, im) = (&re[1..], &im[1..]);
+    let (p16, p_rest) = power.as_chunks_mut::<16>();
+    let (r16, r_rest) = re.as_chunks::<16>();
+    let (i16, i_rest) = im.as_chunks::<16>();
+    for ((p, r), i) in p16.iter_mut().zip(r16).zip(i16) {
+        for j in 0..16 {
+            p[j] = r[j] * r[j] + i[j] * i[j];
+            m[j] = if p[j] > m[j] { p[j] } else { m[j] };
+        }
+    }
+    for (((p, &r), &i), j) in p_rest.iter_mut().zip(r_rest).zip(i_rest).zip(0..) {
+        *p = r * r + i * i;
+        m[j] = if *p > m[j] { *p } else { m[j] };
+    }
+    m.into_iter().fold(0.0, |a, v| if v > a { v } else { a })
 }
 
 #[cfg(test)]
