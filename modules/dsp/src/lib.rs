@@ -119,6 +119,14 @@ pub fn stats(samples: &[f32]) -> Stats {
     for (i, &x) in rest.iter().enumerate() {
         acc.one(i % LANES, x);
     }
+    if !total(acc.sum_sq).is_finite() {
+        // A sample beyond about 1.8e19 overflowed its f32 square (the samples are finite):
+        // the window again with every sample in f64, where the sums stay finite.
+        acc = Acc::new();
+        for (i, &x) in samples.iter().enumerate() {
+            acc.one(i % LANES, x);
+        }
+    }
     let n = samples.len() as f64;
     let (sum, sum_sq) = (total(acc.sum), total(acc.sum_sq));
     let peak = acc
@@ -157,21 +165,21 @@ fn sum(x: &[f32]) -> f64 {
 
 /// Index of the first sample that is NaN or infinite, if any.
 ///
-/// Checks blocks of samples without an early exit inside a block (a vectorisable OR of the
-/// exponent test), then finds the index in the one block that failed: a valid window, the
-/// common case, costs a fraction of a per-sample `position`.
+/// Checks blocks of [`BLOCK`] samples without an early exit inside a block (a vectorisable
+/// OR of the exponent test), then finds the index in the one block that failed: a valid
+/// window, the common case, costs a fraction of a per-sample `position`.
+#[inline(never)]
 pub fn first_non_finite(samples: &[f32]) -> Option<usize> {
-    const BLOCK: usize = 64;
-    samples
-        .chunks(BLOCK)
+    let (blocks, _) = samples.as_chunks::<BLOCK>();
+    let start = blocks
+        .iter()
         .position(|block| block.iter().fold(false, |bad, x| bad | !x.is_finite()))
-        .and_then(|b| {
-            let start = b * BLOCK;
-            samples[start..]
-                .iter()
-                .position(|x| !x.is_finite())
-                .map(|i| start + i)
-        })
+        .unwrap_or(blocks.len())
+        * BLOCK;
+    samples[start..]
+        .iter()
+        .position(|x| !x.is_finite())
+        .map(|i| start + i)
 }
 
 /// Smallest power of two `>= n` (1 for 0).
@@ -349,7 +357,7 @@ impl Extractor {
                 bands,
             };
         }
-        let dominant_bin = self.band_energies(samples, stats.mean, &mut bands);
+        let dominant_bin = self.band_energies(samples, &stats, &mut bands);
         let n = self.padded.len();
         Features {
             len: samples.len(),
@@ -360,7 +368,7 @@ impl Extractor {
     }
 
     /// Fills `bands` with band energies and returns the strongest non-DC bin.
-    fn band_energies(&mut self, samples: &[f32], mean: f32, bands: &mut [f32]) -> usize {
+    fn band_energies(&mut self, samples: &[f32], stats: &Stats, bands: &mut [f32]) -> usize {
         let len = samples.len();
         let n = next_pow2(len);
         if self.fft.as_ref().map(RealFft::len) != Some(n) {
@@ -372,7 +380,7 @@ impl Extractor {
         if self.window_len != len {
             self.prepare_window(len);
         }
-        let offset = if self.config.remove_dc { mean } else { 0.0 };
+        let offset = if self.config.remove_dc { stats.mean } else { 0.0 };
         apply_window(&mut self.padded[..len], samples, &self.window, offset);
         self.padded[len..].fill(0.0);
         if let Some(fft) = &self.fft {
@@ -383,13 +391,29 @@ impl Extractor {
         // too, so they count twice; DC and Nyquist once. Dividing by n * sum(w²) makes the
         // total the (window-weighted) mean square of the input, by Parseval.
         let half = n / 2;
-        let norm = 1.0 / (n as f64 * self.window_power.max(f64::MIN_POSITIVE));
         // Power per bin first (one vectorisable pass, which also finds the strongest non-DC
         // bin's power), then per band a sum over its range of bins: no per-bin branch on the
         // band, so both loops run as SIMD.
         let power = &mut self.power;
         power.resize(half + 1, 0.0);
-        let peak = power_spectrum(&self.re, &self.im, power);
+        let mut peak = power_spectrum(&self.re, &self.im, power);
+        // The power per bin is an f32: a bin past about 1.8e19 (a loud window: a bin is at
+        // most n * 2 * peak) squares past its range. Then the spectrum is scaled down by a
+        // power of two, which is exact (nothing rounds differently), the powers computed
+        // again, and the band energies divided by the scale's square in f64.
+        let mut scale_exp = 0;
+        if !(peak.is_finite() && power[0].is_finite()) {
+            let bound = 2.0 * f64::from(stats.peak) * n as f64;
+            scale_exp = 60 - bound.log2().ceil() as i32;
+            let scale = 2f32.powi(scale_exp);
+            for v in self.re.iter_mut().chain(self.im.iter_mut()) {
+                *v *= scale;
+            }
+            peak = power_spectrum(&self.re, &self.im, power);
+        }
+        let norm = 1.0
+            / (n as f64 * self.window_power.max(f64::MIN_POSITIVE))
+            / 2f64.powi(2 * scale_exp);
         // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last, so
         // band b starts at the first k with k * nbands >= b * half. (n = 1 has half = 0: its
         // single bin goes to band 0.)
@@ -594,6 +618,44 @@ mod tests {
                 f.dominant_hz
             );
         }
+    }
+
+    #[test]
+    fn loud_and_long_windows_keep_their_precision() {
+        // Powers per bin are f32 and sums go through f32 blocks: a window whose bins would
+        // square past f32's range (scaled by a power of two), or whose samples square past it
+        // (those blocks summed in f64), gives the features of the unit window times the
+        // amplitude (squared for energies), as the f64 code before did.
+        let unit = sine(300.0, 1000.0, 1024, 1.0);
+        let base = Extractor::new(config(8, Window::Hann)).extract(&unit);
+        for amp in [1e17f32, 1e18] {
+            let loud: Vec<f32> = unit.iter().map(|&x| x * amp).collect();
+            let f = Extractor::new(config(8, Window::Hann)).extract(&loud);
+            assert_eq!(f.dominant_hz, base.dominant_hz, "{amp}");
+            assert!(close(f.stats.rms, base.stats.rms * amp, 1e-5), "{amp}");
+            let a2 = f64::from(amp) * f64::from(amp);
+            for (b, (&l, &u)) in f.bands.iter().zip(&base.bands).enumerate() {
+                let want = f64::from(u) * a2;
+                assert!(
+                    (f64::from(l) - want).abs() <= 1e-4 * want.max(1e-9 * a2),
+                    "{amp} band {b}: {l} vs {want}"
+                );
+            }
+        }
+        let huge = [3e19f32, -2e19, 1.0, 0.5];
+        let s = stats(&huge.repeat(16));
+        let rms = (huge.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / 4.0).sqrt();
+        assert!(close(s.rms, rms as f32, 1e-6), "{} vs {rms}", s.rms);
+        // A long window: mean and rms to f32 precision against an f64 reference.
+        let long: Vec<f32> = (0..1 << 16)
+            .map(|i| 9.81 + (i as f32 * 0.37).sin())
+            .collect();
+        let s = stats(&long);
+        let n = long.len() as f64;
+        let mean = long.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let rms = (long.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(close(s.mean, mean as f32, 1e-6), "{} vs {mean}", s.mean);
+        assert!(close(s.rms, rms as f32, 1e-6), "{} vs {rms}", s.rms);
     }
 
     #[test]

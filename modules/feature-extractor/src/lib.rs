@@ -125,10 +125,18 @@ impl Stage {
 
     /// Extracts features from one `samples` frame.
     pub fn process(&mut self, frame: Frame) -> Result<Vec<Frame>, String> {
-        let Payload::Samples(samples) = &frame.payload else {
+        // Taken apart so the output frames take the input's stream name and labels instead
+        // of copies (each copy is an allocation in the module).
+        let Frame {
+            stream,
+            timestamp_ms,
+            payload,
+            meta,
+        } = frame;
+        let Payload::Samples(samples) = &payload else {
             return Err(format!(
                 "expected a samples payload, got {}",
-                payload_kind(&frame.payload)
+                payload_kind(&payload)
             ));
         };
         if samples.is_empty() {
@@ -149,24 +157,37 @@ impl Stage {
         }
         let features = self.extractor.extract(samples);
 
-        let stream = self.stream.clone().unwrap_or_else(|| frame.stream.clone());
+        let stream = self.stream.clone().unwrap_or(stream);
+        let json = || Payload::Json(features.to_json());
+        let tensor = || {
+            let values = features.to_vec();
+            Payload::Tensor(Tensor::from_f32(vec![1, values.len() as u32], &values))
+        };
+        let (first, second) = match self.output {
+            Output::Json => (json(), None),
+            Output::Tensor => (tensor(), None),
+            Output::Both => (json(), Some(tensor())),
+        };
         let mut out = Vec::with_capacity(2);
-        if matches!(self.output, Output::Json | Output::Both) {
+        if let Some(payload) = second {
             out.push(Frame {
                 stream: stream.clone(),
-                timestamp_ms: frame.timestamp_ms,
-                payload: Payload::Json(features.to_json()),
-                meta: frame.meta.clone(),
+                timestamp_ms,
+                payload: first,
+                meta: meta.clone(),
             });
-        }
-        if matches!(self.output, Output::Tensor | Output::Both) {
-            let values = features.to_vec();
-            let tensor = Tensor::from_f32(vec![1, values.len() as u32], &values);
             out.push(Frame {
                 stream,
-                timestamp_ms: frame.timestamp_ms,
-                payload: Payload::Tensor(tensor),
-                meta: frame.meta,
+                timestamp_ms,
+                payload,
+                meta,
+            });
+        } else {
+            out.push(Frame {
+                stream,
+                timestamp_ms,
+                payload: first,
+                meta,
             });
         }
         Ok(out)
