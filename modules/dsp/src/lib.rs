@@ -380,7 +380,11 @@ impl Extractor {
         if self.window_len != len {
             self.prepare_window(len);
         }
-        let offset = if self.config.remove_dc { stats.mean } else { 0.0 };
+        let offset = if self.config.remove_dc {
+            stats.mean
+        } else {
+            0.0
+        };
         apply_window(&mut self.padded[..len], samples, &self.window, offset);
         self.padded[len..].fill(0.0);
         if let Some(fft) = &self.fft {
@@ -411,9 +415,8 @@ impl Extractor {
             }
             peak = power_spectrum(&self.re, &self.im, power);
         }
-        let norm = 1.0
-            / (n as f64 * self.window_power.max(f64::MIN_POSITIVE))
-            / 2f64.powi(2 * scale_exp);
+        let norm =
+            1.0 / (n as f64 * self.window_power.max(f64::MIN_POSITIVE)) / 2f64.powi(2 * scale_exp);
         // Band of bin k: floor(k / half * nbands), the Nyquist bin clamped into the last, so
         // band b starts at the first k with k * nbands >= b * half. (n = 1 has half = 0: its
         // single bin goes to band 0.)
