@@ -201,10 +201,9 @@ fn main() {
     let mut native_stage = |values: &[f32]| {
         // The stage's input checks (modules/feature-extractor), so both sides do the same work.
         assert!(!values.is_empty() && values.len() <= 65_536);
-        if let Some(i) = dsp::first_non_finite(values) {
-            panic!("sample {i} is not finite");
-        }
-        let f = native.extract(values);
+        let f = native
+            .extract_finite(values)
+            .unwrap_or_else(|i| panic!("sample {i} is not finite"));
         std::hint::black_box(Frame {
             stream: window.stream.clone(),
             timestamp_ms: window.timestamp_ms,

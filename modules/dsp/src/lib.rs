@@ -119,9 +119,10 @@ pub fn stats(samples: &[f32]) -> Stats {
     for (i, &x) in rest.iter().enumerate() {
         acc.one(i % LANES, x);
     }
-    if !total(acc.sum_sq).is_finite() {
-        // A sample beyond about 1.8e19 overflowed its f32 square (the samples are finite):
-        // the window again with every sample in f64, where the sums stay finite.
+    if !(total(acc.sum).is_finite() && total(acc.sum_sq).is_finite()) {
+        // A sample beyond about 1.8e19 overflowed its f32 square (or four huge ones their f32
+        // sum): the window again with every sample in f64, where the sums of finite samples
+        // stay finite (a NaN or infinite sample keeps them non-finite).
         acc = Acc::new();
         for (i, &x) in samples.iter().enumerate() {
             acc.one(i % LANES, x);
@@ -348,6 +349,24 @@ impl Extractor {
     /// the FFT). An empty window gives all-zero features.
     pub fn extract(&mut self, samples: &[f32]) -> Features {
         let stats = stats(samples);
+        self.extract_with(samples, stats)
+    }
+
+    /// [`Extractor::extract`] for a window that must hold only finite samples: the index of
+    /// the first NaN or infinite one is the error. The check rides on the statistics (a
+    /// non-finite sample makes the RMS non-finite), so a valid window is read once for both;
+    /// only a failed one is searched for the index.
+    pub fn extract_finite(&mut self, samples: &[f32]) -> Result<Features, usize> {
+        let stats = stats(samples);
+        if !stats.rms.is_finite()
+            && let Some(i) = first_non_finite(samples)
+        {
+            return Err(i);
+        }
+        Ok(self.extract_with(samples, stats))
+    }
+
+    fn extract_with(&mut self, samples: &[f32], stats: Stats) -> Features {
         let mut bands = vec![0.0f32; self.config.bands];
         if samples.is_empty() {
             return Features {
@@ -583,6 +602,32 @@ mod tests {
         assert_eq!(first_non_finite(&x), Some(3));
         assert_eq!(first_non_finite(&x[251..]), None);
         assert_eq!(first_non_finite(&x[64..]), Some(136));
+    }
+
+    #[test]
+    fn extract_finite_names_the_first_bad_sample() {
+        let mut ex = Extractor::new(config(8, Window::Hann));
+        let good = sine(50.0, 1000.0, 1000, 1.0);
+        assert_eq!(ex.extract_finite(&good), Ok(ex.clone().extract(&good)));
+        // In a block of 32 and in the remainder after the blocks (1000 = 31 * 32 + 8).
+        for (at, bad) in [
+            (0, f32::NAN),
+            (37, f32::INFINITY),
+            (995, f32::NEG_INFINITY),
+            (999, f32::NAN),
+        ] {
+            let mut x = good.clone();
+            x[at] = bad;
+            assert_eq!(ex.extract_finite(&x), Err(at), "{bad} at {at}");
+        }
+        let mut x = good.clone();
+        (x[600], x[700]) = (f32::INFINITY, f32::NEG_INFINITY);
+        assert_eq!(ex.extract_finite(&x), Err(600));
+        // Huge but finite samples are a window, not an error.
+        let huge = vec![f32::MAX, -f32::MAX, f32::MAX, f32::MAX];
+        let f = ex.extract_finite(&huge).expect("finite window");
+        assert_eq!(f.stats.peak, f32::MAX);
+        assert!(f.stats.rms.is_finite() && f.stats.mean.is_finite());
     }
 
     #[test]

@@ -149,13 +149,10 @@ impl Stage {
                 self.max_samples
             ));
         }
-        if let Some(i) = dsp::first_non_finite(samples) {
-            return Err(format!(
-                "sample {i} is not a finite number ({})",
-                samples[i]
-            ));
-        }
-        let features = self.extractor.extract(samples);
+        let features = self
+            .extractor
+            .extract_finite(samples)
+            .map_err(|i| format!("sample {i} is not a finite number ({})", samples[i]))?;
 
         let stream = self.stream.clone().unwrap_or(stream);
         let json = || Payload::Json(features.to_json());
