@@ -18,8 +18,9 @@
 //! A third table trains the models the common exporters wrote (`inference/testmodels/exported/`:
 //! skl2onnx MLP, SGD and LogisticRegression, torch's Gemm, dynamo and external-data exports) from
 //! their own weights, fp32, on the first split with seed 1, each read as `fl start` reads a task's
-//! initial model (layers from the graph, `trainable_form` for LogisticRegression), and reports the rounds each takes to
-//! come within one point of the reference MLP's fp32 accuracy in this run.
+//! initial model (layers from the graph, `trainable_form` for LogisticRegression), and reports
+//! the rounds each takes to come within one point of the reference MLP's fp32 accuracy in this
+//! run.
 //!
 //! Environment: `FL_ROUNDS` (default 100), `FL_SEEDS` (default 3), `FL_CODECS` (comma list),
 //! `FL_SPLITS` (comma list of iid, dirichlet, 2-class), `FL_PRIVACY` (comma list of `off`,

@@ -11,8 +11,9 @@ pub struct Fft {
     n: usize,
     /// Twiddles laid out per stage: the stage with butterflies of half-size `h` reads
     /// `exp(-2πik/2h)` for `k in 0..h` at `[h..2h]`, so its inner loop walks contiguous slices
-    /// the compiler vectorises (in the wasm module too, with simd128). Index 0 is unused.
-    /// Computed in f64 and rounded once.
+    /// the compiler vectorises (in the wasm module too, with simd128). Indices below 8 are
+    /// unused (zero): the first three stages' twiddles are constants. Computed in f64 and
+    /// rounded once.
     tw_re: Vec<f32>,
     tw_im: Vec<f32>,
     /// `rev[k]`: `k` with its `log2 n` bits reversed, the input order the butterflies need.
@@ -42,7 +43,7 @@ impl Fft {
     pub fn new(n: usize) -> Self {
         assert!(n.is_power_of_two(), "fft length {n} is not a power of two");
         let (mut tw_re, mut tw_im) = (vec![0.0; n], vec![0.0; n]);
-        let mut h = 1;
+        let mut h = 8;
         while h < n {
             for k in 0..h {
                 (tw_re[h + k], tw_im[h + k]) = twiddle(k, 2 * h);

@@ -77,12 +77,7 @@ impl Acc {
                 let x = chunk[j];
                 s[j] += x;
                 q[j] += x * x;
-                // Not `f32::max`: its NaN rule has no wasm instruction, so in the module it
-                // was a call to libm's `fmaxf` per sample (seen in a perf profile of the
-                // stage). A NaN sample is skipped here too (the comparison is false), the
-                // same as `max` does.
-                let a = x.abs();
-                self.peak[j] = if a > self.peak[j] { a } else { self.peak[j] };
+                self.peak[j] = larger(self.peak[j], x.abs());
             }
         }
         for j in 0..LANES {
@@ -95,9 +90,16 @@ impl Acc {
         let xf = f64::from(x);
         self.sum[j] += xf;
         self.sum_sq[j] += xf * xf;
-        let a = x.abs();
-        self.peak[j] = if a > self.peak[j] { a } else { self.peak[j] };
+        self.peak[j] = larger(self.peak[j], x.abs());
     }
+}
+
+/// The larger of `m` and `v`; `m` if `v` is NaN. Not `f32::max`: its NaN rule has no wasm
+/// instruction, so in the module it was a call to libm's `fmaxf` per sample (seen in a perf
+/// profile of the stage).
+#[inline(always)]
+fn larger(m: f32, v: f32) -> f32 {
+    if v > m { v } else { m }
 }
 
 /// Pairwise total of the lanes.
@@ -130,10 +132,7 @@ pub fn stats(samples: &[f32]) -> Stats {
     }
     let n = samples.len() as f64;
     let (sum, sum_sq) = (total(acc.sum), total(acc.sum_sq));
-    let peak = acc
-        .peak
-        .into_iter()
-        .fold(0.0f32, |p, a| if a > p { a } else { p });
+    let peak = acc.peak.into_iter().fold(0.0, larger);
     let rms = (sum_sq / n).sqrt() as f32;
     Stats {
         mean: (sum / n) as f32,
@@ -527,14 +526,14 @@ fn power_spectrum(re: &[f32], im: &[f32], power: &mut [f32]) -> f32 {
     for ((p, r), i) in p16.iter_mut().zip(r16).zip(i16) {
         for j in 0..16 {
             p[j] = r[j] * r[j] + i[j] * i[j];
-            m[j] = if p[j] > m[j] { p[j] } else { m[j] };
+            m[j] = larger(m[j], p[j]);
         }
     }
     for (((p, &r), &i), j) in p_rest.iter_mut().zip(r_rest).zip(i_rest).zip(0..) {
         *p = r * r + i * i;
-        m[j] = if *p > m[j] { *p } else { m[j] };
+        m[j] = larger(m[j], *p);
     }
-    m.into_iter().fold(0.0, |a, v| if v > a { v } else { a })
+    m.into_iter().fold(0.0, larger)
 }
 
 #[cfg(test)]
